@@ -1,0 +1,156 @@
+//! The core service: every semantic that must be the same for all protocols and all gateway
+//! instances. It knows no wire format; gateways reach it through the gRPC API in
+//! `tributary-proto`, over the network or in-process (see [`grpc::routes`]).
+//!
+//! Implemented here: namespaces, streams (partitions, configs, retention), dense offsets,
+//! batch append and long-polling fetch, committed group offsets, idempotent producers and
+//! the durable timer service. Queues, routing, group membership, sessions and transactions
+//! are in the API but answer UNIMPLEMENTED until their issues land.
+
+pub mod error;
+pub mod grpc;
+pub mod meta;
+pub mod producers;
+mod streams;
+mod timers;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use tributary_storage::{LogStore, MetaStore};
+
+pub use error::{CoreError, CoreResult};
+pub use meta::StreamDefaults;
+
+use meta::NamespaceRecord;
+use streams::StreamHandle;
+
+/// The namespace that exists from the start (Kafka topics, MQTT topics without a tenant).
+pub const DEFAULT_NAMESPACE: &str = "default";
+
+#[derive(Debug, Clone)]
+pub struct CoreConfig {
+    /// Partitions of an auto-created stream, and of a created one that asks for 0.
+    pub default_partitions: u32,
+    /// Whether `Append { auto_create: true }` may create a missing stream.
+    pub auto_create_streams: bool,
+    pub stream_defaults: StreamDefaults,
+    /// How often retention runs over every partition.
+    pub retention_check_interval: Duration,
+    /// Idle producers are forgotten after this (Kafka's producer.id.expiration.ms).
+    pub producer_expiration: Duration,
+    /// Write a producer-state snapshot once a partition has grown this many offsets past
+    /// the last one, bounding the replay after a crash.
+    pub producer_snapshot_every: i64,
+}
+
+impl Default for CoreConfig {
+    fn default() -> Self {
+        Self {
+            default_partitions: 1,
+            auto_create_streams: true,
+            stream_defaults: StreamDefaults::default(),
+            retention_check_interval: Duration::from_secs(300),
+            producer_expiration: Duration::from_secs(7 * 24 * 3600),
+            producer_snapshot_every: 50_000,
+        }
+    }
+}
+
+/// A handle on the running core. Cheap to clone.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    log: Arc<dyn LogStore>,
+    meta: Arc<dyn MetaStore>,
+    config: CoreConfig,
+    namespaces: RwLock<BTreeMap<String, NamespaceRecord>>,
+    streams: RwLock<BTreeMap<(String, String), Arc<StreamHandle>>>,
+    /// Serialises metadata changes (create/delete/alter) inside this process.
+    admin: tokio::sync::Mutex<()>,
+    timers_changed: Notify,
+    shutdown: watch::Sender<bool>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+}
+
+pub(crate) fn now_ms() -> i64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+impl Core {
+    /// Loads the metadata, recovers producer state and pending timers, and starts the
+    /// background tasks (timers, retention).
+    pub async fn open(
+        log: Arc<dyn LogStore>,
+        meta: Arc<dyn MetaStore>,
+        config: CoreConfig,
+    ) -> CoreResult<Self> {
+        if config.default_partitions == 0 {
+            return Err(CoreError::InvalidConfig("default_partitions must be at least 1".into()));
+        }
+        let core = Self {
+            inner: Arc::new(Inner {
+                log,
+                meta,
+                config,
+                namespaces: RwLock::new(BTreeMap::new()),
+                streams: RwLock::new(BTreeMap::new()),
+                admin: tokio::sync::Mutex::new(()),
+                timers_changed: Notify::new(),
+                shutdown: watch::channel(false).0,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        core.load_metadata().await?;
+        core.recover_timers().await?;
+        let timers = tokio::spawn(core.clone().run_timers());
+        let retention = tokio::spawn(core.clone().run_retention());
+        core.inner.tasks.lock().extend([timers, retention]);
+        info!(
+            namespaces = core.inner.namespaces.read().len(),
+            streams = core.inner.streams.read().len(),
+            "core ready"
+        );
+        Ok(core)
+    }
+
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+
+    /// Stops background work, snapshots producer state and closes storage durably.
+    pub async fn shutdown(&self) -> CoreResult<()> {
+        if self.inner.shutdown.send_replace(true) {
+            return Ok(());
+        }
+        for task in self.inner.tasks.lock().drain(..) {
+            task.abort();
+        }
+        let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        for stream in handles {
+            for part in stream.partitions() {
+                if let Err(e) = self.write_producer_snapshot(&part).await {
+                    warn!(partition = %part.key, error = %e, "could not snapshot producer state at shutdown");
+                }
+            }
+        }
+        self.inner.log.close().await?;
+        info!("core shut down");
+        Ok(())
+    }
+
+    fn check_running(&self) -> CoreResult<()> {
+        if *self.inner.shutdown.borrow() {
+            return Err(CoreError::ShuttingDown);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,8 @@
+//! Plumbing every gateway shares: the core client (over the network or in-process, one
+//! type either way), listeners that fail with a clear message, and connection metrics.
+
+pub mod client;
+pub mod listener;
+
+pub use client::{CoreClient, CoreTransport, error_code};
+pub use listener::{ConnectionGuard, ListenError, bind};

@@ -1,0 +1,129 @@
+//! The core's errors, each with the stable [`ErrorCode`] that gateways map to their protocol.
+
+use prost::Message;
+use tributary_proto::v1::{ErrorCode, ErrorDetail};
+use tributary_storage::StorageError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error("namespace '{0}' does not exist")]
+    NamespaceNotFound(String),
+    #[error("namespace '{0}' already exists")]
+    NamespaceExists(String),
+    #[error("stream '{0}' does not exist")]
+    StreamNotFound(String),
+    #[error("stream '{0}' already exists")]
+    StreamExists(String),
+    #[error("stream '{stream}' has no partition {partition} (it has {count})")]
+    PartitionNotFound { stream: String, partition: u32, count: u32 },
+    #[error("offset {requested} is out of range (readable {start}..{end})")]
+    OffsetOutOfRange { requested: i64, start: i64, end: i64 },
+    #[error("batch of {size} bytes exceeds max_message_bytes {limit}")]
+    RecordTooLarge { size: usize, limit: i64 },
+    #[error("producer {producer_id}: expected sequence {expected}, got {got}")]
+    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
+    #[error("producer {producer_id}: epoch {got} is fenced by epoch {current}")]
+    ProducerFenced { producer_id: i64, got: i32, current: i32 },
+    #[error("producer {0} is unknown on this partition and did not start at sequence 0")]
+    UnknownProducer(i64),
+    #[error("timer '{0}' does not exist")]
+    TimerNotFound(String),
+    #[error("group '{0}' does not exist")]
+    GroupNotFound(String),
+    #[error("conflicting concurrent change: {0}")]
+    Conflict(String),
+    #[error("{0} is not supported by this version of the core")]
+    Unsupported(String),
+    #[error("invalid config: {0}")]
+    InvalidConfig(String),
+    #[error("the core is shutting down")]
+    ShuttingDown,
+    #[error("corrupt data: {0}")]
+    Corrupt(String),
+    #[error("storage failure: {0}")]
+    Storage(#[source] StorageError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<StorageError> for CoreError {
+    fn from(e: StorageError) -> Self {
+        match e {
+            StorageError::OffsetOutOfRange { requested, start, end, .. } => {
+                Self::OffsetOutOfRange { requested, start, end }
+            }
+            StorageError::ShuttingDown => Self::ShuttingDown,
+            StorageError::Corrupt { .. } => Self::Corrupt(e.to_string()),
+            other => Self::Storage(other),
+        }
+    }
+}
+
+impl CoreError {
+    pub fn code(&self) -> ErrorCode {
+        match self {
+            Self::InvalidArgument(_) => ErrorCode::InvalidArgument,
+            Self::NamespaceNotFound(_) => ErrorCode::NamespaceNotFound,
+            Self::NamespaceExists(_) => ErrorCode::NamespaceExists,
+            Self::StreamNotFound(_) => ErrorCode::StreamNotFound,
+            Self::StreamExists(_) => ErrorCode::StreamExists,
+            Self::PartitionNotFound { .. } => ErrorCode::PartitionNotFound,
+            Self::OffsetOutOfRange { .. } => ErrorCode::OffsetOutOfRange,
+            Self::RecordTooLarge { .. } => ErrorCode::RecordTooLarge,
+            Self::OutOfOrderSequence { .. } => ErrorCode::OutOfOrderSequence,
+            Self::ProducerFenced { .. } => ErrorCode::ProducerFenced,
+            Self::UnknownProducer(_) => ErrorCode::UnknownProducer,
+            Self::TimerNotFound(_) => ErrorCode::TimerNotFound,
+            Self::GroupNotFound(_) => ErrorCode::GroupNotFound,
+            Self::Conflict(_) => ErrorCode::Conflict,
+            Self::Unsupported(_) => ErrorCode::Unsupported,
+            Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
+            Self::ShuttingDown => ErrorCode::ShuttingDown,
+            Self::Corrupt(_) => ErrorCode::CorruptData,
+            Self::Storage(_) => ErrorCode::StorageFailure,
+            Self::Internal(_) => ErrorCode::Internal,
+        }
+    }
+
+    fn grpc_code(&self) -> tonic::Code {
+        use tonic::Code;
+        match self {
+            Self::InvalidArgument(_) | Self::RecordTooLarge { .. } | Self::InvalidConfig(_) => {
+                Code::InvalidArgument
+            }
+            Self::NamespaceNotFound(_)
+            | Self::StreamNotFound(_)
+            | Self::PartitionNotFound { .. }
+            | Self::TimerNotFound(_)
+            | Self::GroupNotFound(_) => Code::NotFound,
+            Self::NamespaceExists(_) | Self::StreamExists(_) => Code::AlreadyExists,
+            Self::OffsetOutOfRange { .. } => Code::OutOfRange,
+            Self::OutOfOrderSequence { .. } | Self::ProducerFenced { .. } | Self::UnknownProducer(_) => {
+                Code::FailedPrecondition
+            }
+            Self::Conflict(_) => Code::Aborted,
+            Self::Unsupported(_) => Code::Unimplemented,
+            Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,
+            Self::Corrupt(_) => Code::DataLoss,
+            Self::Internal(_) => Code::Internal,
+        }
+    }
+}
+
+impl From<CoreError> for tonic::Status {
+    fn from(e: CoreError) -> Self {
+        let code = e.code();
+        let message = e.to_string();
+        let detail = ErrorDetail { code: code as i32, message: message.clone() };
+        let mut status =
+            tonic::Status::with_details(e.grpc_code(), message, detail.encode_to_vec().into());
+        if let Ok(v) = code.as_str_name().parse() {
+            status.metadata_mut().insert(tributary_proto::ERROR_CODE_METADATA, v);
+        }
+        status
+    }
+}
+
+pub type CoreResult<T> = Result<T, CoreError>;

@@ -1,0 +1,258 @@
+//! The gRPC face of the core: thin handlers that turn requests into [`Core`] calls.
+//!
+//! [`routes`] is the whole API as one tower service. The standalone server hands that same
+//! service to in-process clients as their transport, so gateways run identical code paths
+//! whether the core is across the network or in the same process.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+
+use futures::Stream;
+use tonic::service::Routes;
+use tonic::{Request, Response, Status, Streaming};
+use tributary_proto::v1::*;
+
+use crate::error::CoreError;
+use crate::meta::StreamSettings;
+use crate::Core;
+
+/// Largest gRPC message either way: big enough for a fetch of many partitions.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+#[derive(Clone)]
+pub struct CoreGrpc {
+    core: Core,
+}
+
+/// Every service of the API, ready to serve over HTTP/2 or to use in-process.
+pub fn routes(core: Core) -> Routes {
+    let svc = CoreGrpc { core };
+    macro_rules! server {
+        ($server:ty) => {
+            <$server>::new(svc.clone())
+                .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(MAX_MESSAGE_BYTES)
+        };
+    }
+    Routes::new(server!(admin_server::AdminServer<CoreGrpc>))
+        .add_service(server!(streams_server::StreamsServer<CoreGrpc>))
+        .add_service(server!(offsets_server::OffsetsServer<CoreGrpc>))
+        .add_service(server!(groups_server::GroupsServer<CoreGrpc>))
+        .add_service(server!(queues_server::QueuesServer<CoreGrpc>))
+        .add_service(server!(sessions_server::SessionsServer<CoreGrpc>))
+        .add_service(server!(timers_server::TimersServer<CoreGrpc>))
+        .add_service(server!(transactions_server::TransactionsServer<CoreGrpc>))
+}
+
+type GrpcResult<T> = Result<Response<T>, Status>;
+
+fn ok<T>(v: T) -> GrpcResult<T> {
+    Ok(Response::new(v))
+}
+
+fn unsupported<T>(what: &str) -> GrpcResult<T> {
+    Err(CoreError::Unsupported(what.into()).into())
+}
+
+fn required<T>(v: Option<T>, what: &str) -> Result<T, Status> {
+    v.ok_or_else(|| CoreError::InvalidArgument(format!("{what} is required")).into())
+}
+
+#[tonic::async_trait]
+impl admin_server::Admin for CoreGrpc {
+    async fn create_namespace(&self, r: Request<CreateNamespaceRequest>) -> GrpcResult<CreateNamespaceResponse> {
+        let r = r.into_inner();
+        let labels: BTreeMap<_, _> = r.labels.into_iter().collect();
+        let (ns, created) = self.core.create_namespace(&r.name, labels, r.if_not_exists).await?;
+        ok(CreateNamespaceResponse { namespace: Some(ns.to_proto()), created })
+    }
+    async fn delete_namespace(&self, r: Request<DeleteNamespaceRequest>) -> GrpcResult<DeleteNamespaceResponse> {
+        self.core.delete_namespace(&r.into_inner().name).await?;
+        ok(DeleteNamespaceResponse {})
+    }
+    async fn list_namespaces(&self, _: Request<ListNamespacesRequest>) -> GrpcResult<ListNamespacesResponse> {
+        ok(ListNamespacesResponse { namespaces: self.core.list_namespaces().iter().map(|n| n.to_proto()).collect() })
+    }
+    async fn create_stream(&self, r: Request<CreateStreamRequest>) -> GrpcResult<CreateStreamResponse> {
+        let r = r.into_inner();
+        let id = required(r.id, "id")?;
+        let settings = r.config.as_ref().map(StreamSettings::from_proto).unwrap_or_default();
+        let (stream, created) = self.core.create_stream(id, r.partitions, settings, r.if_not_exists, r.validate_only).await?;
+        ok(CreateStreamResponse { stream: Some(stream), created })
+    }
+    async fn delete_stream(&self, r: Request<DeleteStreamRequest>) -> GrpcResult<DeleteStreamResponse> {
+        self.core.delete_stream(&required(r.into_inner().id, "id")?).await?;
+        ok(DeleteStreamResponse {})
+    }
+    async fn list_streams(&self, r: Request<ListStreamsRequest>) -> GrpcResult<ListStreamsResponse> {
+        ok(ListStreamsResponse { streams: self.core.list_streams(&r.into_inner().namespace).await? })
+    }
+    async fn describe_stream(&self, r: Request<DescribeStreamRequest>) -> GrpcResult<DescribeStreamResponse> {
+        let stream = self.core.describe_stream(&required(r.into_inner().id, "id")?).await?;
+        ok(DescribeStreamResponse { stream: Some(stream) })
+    }
+    async fn create_partitions(&self, r: Request<CreatePartitionsRequest>) -> GrpcResult<CreatePartitionsResponse> {
+        let r = r.into_inner();
+        let stream = self.core.create_partitions(&required(r.id, "id")?, r.total_partitions, r.validate_only).await?;
+        ok(CreatePartitionsResponse { stream: Some(stream) })
+    }
+    async fn update_stream_config(&self, r: Request<UpdateStreamConfigRequest>) -> GrpcResult<UpdateStreamConfigResponse> {
+        let r = r.into_inner();
+        let set = r.set.as_ref().map(StreamSettings::from_proto).unwrap_or_default();
+        let stream = self.core.update_stream_config(&required(r.id, "id")?, set, &r.reset, r.validate_only).await?;
+        ok(UpdateStreamConfigResponse { stream: Some(stream) })
+    }
+    async fn delete_records(&self, r: Request<DeleteRecordsRequest>) -> GrpcResult<DeleteRecordsResponse> {
+        let r = r.into_inner();
+        let start = self.core.delete_records(&required(r.id, "id")?, r.partition, r.before_offset).await?;
+        ok(DeleteRecordsResponse { start_offset: start })
+    }
+    async fn declare_queue(&self, _: Request<DeclareQueueRequest>) -> GrpcResult<DeclareQueueResponse> {
+        unsupported("queues")
+    }
+    async fn delete_queue(&self, _: Request<DeleteQueueRequest>) -> GrpcResult<DeleteQueueResponse> {
+        unsupported("queues")
+    }
+    async fn purge_queue(&self, _: Request<PurgeQueueRequest>) -> GrpcResult<PurgeQueueResponse> {
+        unsupported("queues")
+    }
+    async fn list_queues(&self, _: Request<ListQueuesRequest>) -> GrpcResult<ListQueuesResponse> {
+        unsupported("queues")
+    }
+    async fn declare_address(&self, _: Request<DeclareAddressRequest>) -> GrpcResult<DeclareAddressResponse> {
+        unsupported("routing addresses")
+    }
+    async fn delete_address(&self, _: Request<DeleteAddressRequest>) -> GrpcResult<DeleteAddressResponse> {
+        unsupported("routing addresses")
+    }
+    async fn bind(&self, _: Request<BindRequest>) -> GrpcResult<BindResponse> {
+        unsupported("bindings")
+    }
+    async fn unbind(&self, _: Request<UnbindRequest>) -> GrpcResult<UnbindResponse> {
+        unsupported("bindings")
+    }
+    async fn list_bindings(&self, _: Request<ListBindingsRequest>) -> GrpcResult<ListBindingsResponse> {
+        unsupported("bindings")
+    }
+    async fn list_groups(&self, r: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
+        ok(ListGroupsResponse { groups: self.core.list_groups(&r.into_inner().namespace).await? })
+    }
+    async fn delete_group(&self, r: Request<DeleteGroupRequest>) -> GrpcResult<DeleteGroupResponse> {
+        let r = r.into_inner();
+        self.core.delete_group(&r.namespace, &r.group).await?;
+        ok(DeleteGroupResponse {})
+    }
+}
+
+#[tonic::async_trait]
+impl streams_server::Streams for CoreGrpc {
+    async fn append(&self, r: Request<AppendRequest>) -> GrpcResult<AppendResponse> {
+        let mut r = r.into_inner();
+        if let Some(b) = r.batch.as_mut() {
+            // Only the timer service may stamp a timer id (it proves a timer's delivery).
+            b.timer_id.clear();
+        }
+        ok(self.core.append(r).await?)
+    }
+    async fn fetch(&self, r: Request<FetchRequest>) -> GrpcResult<FetchResponse> {
+        ok(self.core.fetch(r.into_inner()).await?)
+    }
+    async fn list_offsets(&self, r: Request<ListOffsetsRequest>) -> GrpcResult<ListOffsetsResponse> {
+        ok(self.core.list_offsets(r.into_inner()).await?)
+    }
+    async fn init_producer(&self, r: Request<InitProducerRequest>) -> GrpcResult<InitProducerResponse> {
+        ok(self.core.init_producer(r.into_inner()).await?)
+    }
+    async fn publish(&self, _: Request<PublishRequest>) -> GrpcResult<PublishResponse> {
+        unsupported("publish through the router")
+    }
+}
+
+#[tonic::async_trait]
+impl offsets_server::Offsets for CoreGrpc {
+    async fn commit_offsets(&self, r: Request<CommitOffsetsRequest>) -> GrpcResult<CommitOffsetsResponse> {
+        self.core.commit_offsets(r.into_inner()).await?;
+        ok(CommitOffsetsResponse {})
+    }
+    async fn fetch_offsets(&self, r: Request<FetchOffsetsRequest>) -> GrpcResult<FetchOffsetsResponse> {
+        ok(FetchOffsetsResponse { offsets: self.core.fetch_offsets(r.into_inner()).await? })
+    }
+}
+
+#[tonic::async_trait]
+impl groups_server::Groups for CoreGrpc {
+    async fn join_group(&self, _: Request<JoinGroupRequest>) -> GrpcResult<JoinGroupResponse> {
+        unsupported("group membership")
+    }
+    async fn sync_group(&self, _: Request<SyncGroupRequest>) -> GrpcResult<SyncGroupResponse> {
+        unsupported("group membership")
+    }
+    async fn heartbeat(&self, _: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
+        unsupported("group membership")
+    }
+    async fn leave_group(&self, _: Request<LeaveGroupRequest>) -> GrpcResult<LeaveGroupResponse> {
+        unsupported("group membership")
+    }
+    async fn describe_group(&self, _: Request<DescribeGroupRequest>) -> GrpcResult<DescribeGroupResponse> {
+        unsupported("group membership")
+    }
+}
+
+type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl queues_server::Queues for CoreGrpc {
+    type SubscribeStream = SubscribeStream;
+    async fn receive(&self, _: Request<ReceiveRequest>) -> GrpcResult<ReceiveResponse> {
+        unsupported("queues")
+    }
+    async fn ack(&self, _: Request<AckRequest>) -> GrpcResult<AckResponse> {
+        unsupported("queues")
+    }
+    async fn nack(&self, _: Request<NackRequest>) -> GrpcResult<NackResponse> {
+        unsupported("queues")
+    }
+    async fn change_lease(&self, _: Request<ChangeLeaseRequest>) -> GrpcResult<ChangeLeaseResponse> {
+        unsupported("queues")
+    }
+    async fn subscribe(&self, _: Request<Streaming<SubscribeRequest>>) -> GrpcResult<SubscribeStream> {
+        unsupported("queue subscriptions")
+    }
+}
+
+#[tonic::async_trait]
+impl sessions_server::Sessions for CoreGrpc {
+    async fn open_session(&self, _: Request<OpenSessionRequest>) -> GrpcResult<OpenSessionResponse> {
+        unsupported("sessions")
+    }
+    async fn close_session(&self, _: Request<CloseSessionRequest>) -> GrpcResult<CloseSessionResponse> {
+        unsupported("sessions")
+    }
+}
+
+#[tonic::async_trait]
+impl timers_server::Timers for CoreGrpc {
+    async fn schedule_timer(&self, r: Request<ScheduleTimerRequest>) -> GrpcResult<ScheduleTimerResponse> {
+        let timer = required(r.into_inner().timer, "timer")?;
+        ok(ScheduleTimerResponse { id: self.core.schedule_timer(timer).await? })
+    }
+    async fn cancel_timer(&self, r: Request<CancelTimerRequest>) -> GrpcResult<CancelTimerResponse> {
+        let r = r.into_inner();
+        ok(CancelTimerResponse { cancelled: self.core.cancel_timer(&r.namespace, &r.id).await? })
+    }
+    async fn list_timers(&self, r: Request<ListTimersRequest>) -> GrpcResult<ListTimersResponse> {
+        let r = r.into_inner();
+        ok(ListTimersResponse { timers: self.core.list_timers(&r.namespace, r.limit as usize).await? })
+    }
+}
+
+#[tonic::async_trait]
+impl transactions_server::Transactions for CoreGrpc {
+    async fn begin_transaction(&self, _: Request<BeginTransactionRequest>) -> GrpcResult<BeginTransactionResponse> {
+        unsupported("transactions")
+    }
+    async fn end_transaction(&self, _: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
+        unsupported("transactions")
+    }
+}
+

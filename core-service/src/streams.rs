@@ -1,0 +1,1015 @@
+//! Namespaces, streams and their partitions: admin, append, fetch, offsets, producers.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::select_all;
+use parking_lot::RwLock;
+use prost::Message;
+use tracing::{info, instrument, warn};
+use tributary_proto::v1;
+use tributary_storage::{BatchToAppend, Check, Op, PartitionKey, RetentionPolicy};
+
+use crate::error::{CoreError, CoreResult};
+use crate::meta::{
+    self, EffectiveConfig, GroupRecord, NamespaceRecord, OffsetRecord, ProducerIdRecord,
+    StreamRecord, StreamSettings, from_json, to_json, validate_name,
+};
+use crate::producers::{ProducerSnapshot, ProducerTable, SequenceCheck};
+use crate::{Core, DEFAULT_NAMESPACE, now_ms};
+
+/// Most partitions one stream may have.
+pub const MAX_PARTITIONS: u32 = 10_000;
+/// Kafka's epochs are 16-bit; a producer id whose epoch would overflow gets a new id.
+const MAX_PRODUCER_EPOCH: i32 = i16::MAX as i32 - 1;
+const SCAN_ALL: usize = usize::MAX;
+
+pub(crate) struct StreamHandle {
+    pub record: RwLock<StreamRecord>,
+    partitions: RwLock<Vec<Arc<PartitionState>>>,
+}
+
+impl StreamHandle {
+    pub fn partitions(&self) -> Vec<Arc<PartitionState>> {
+        self.partitions.read().clone()
+    }
+
+    fn partition(&self, p: u32) -> CoreResult<Arc<PartitionState>> {
+        let parts = self.partitions.read();
+        parts.get(p as usize).cloned().ok_or_else(|| {
+            let r = self.record.read();
+            CoreError::PartitionNotFound {
+                stream: format!("{}/{}", r.namespace, r.name),
+                partition: p,
+                count: parts.len() as u32,
+            }
+        })
+    }
+}
+
+pub(crate) struct PartitionState {
+    pub key: PartitionKey,
+    /// Held from the sequence check to the end of the write, so that checks and appends of
+    /// idempotent batches happen in one order.
+    producers: tokio::sync::Mutex<ProducerTable>,
+    snapshot_offset: AtomicI64,
+}
+
+/// The header fields of a stored batch, decoded without its records: prost skips the
+/// fields this message does not name.
+#[derive(Clone, PartialEq, prost::Message)]
+struct StoredBatchHeader {
+    #[prost(int64, tag = "6")]
+    producer_id: i64,
+    #[prost(int32, tag = "7")]
+    producer_epoch: i32,
+    #[prost(int32, tag = "8")]
+    base_sequence: i32,
+    #[prost(int64, tag = "10")]
+    append_time_ms: i64,
+    #[prost(string, tag = "12")]
+    timer_id: String,
+}
+
+fn stream_label(id: &v1::StreamId) -> String {
+    format!("{}/{}", id.namespace, id.name)
+}
+
+fn namespace_or_default(ns: &str) -> &str {
+    if ns.is_empty() { DEFAULT_NAMESPACE } else { ns }
+}
+
+fn stream_key(id: &v1::StreamId) -> (String, String) {
+    (namespace_or_default(&id.namespace).to_string(), id.name.clone())
+}
+
+fn record_count(batch: &v1::RecordBatch) -> CoreResult<u32> {
+    match (batch.records.is_empty(), batch.opaque.is_empty()) {
+        (false, true) => u32::try_from(batch.records.len())
+            .map_err(|_| CoreError::InvalidArgument("too many records in one batch".into())),
+        (true, false) if batch.record_count > 0 => Ok(batch.record_count),
+        (true, false) => Err(CoreError::InvalidArgument("an opaque batch needs record_count > 0".into())),
+        (false, false) => Err(CoreError::InvalidArgument("a batch has either records or opaque, not both".into())),
+        (true, true) => Err(CoreError::InvalidArgument("empty batch".into())),
+    }
+}
+
+impl Core {
+    // ---------------------------------------------------------------------------------
+    // Start-up
+    // ---------------------------------------------------------------------------------
+
+    pub(crate) async fn load_metadata(&self) -> CoreResult<()> {
+        let meta = &self.inner.meta;
+        for (_, raw) in meta.scan_prefix(&meta::key(meta::NAMESPACE, &[]), SCAN_ALL).await? {
+            let ns: NamespaceRecord = from_json("namespace", &raw)?;
+            self.inner.namespaces.write().insert(ns.name.clone(), ns);
+        }
+        if !self.inner.namespaces.read().contains_key(DEFAULT_NAMESPACE) {
+            self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true).await?;
+        }
+        let mut known = HashSet::new();
+        for (_, raw) in meta.scan_prefix(&meta::key(meta::STREAM, &[]), SCAN_ALL).await? {
+            let record: StreamRecord = from_json("stream", &raw)?;
+            let handle = self.open_stream(record).await?;
+            for p in handle.partitions() {
+                known.insert(p.key);
+            }
+        }
+        // Partitions no stream claims are left over from a create or delete that a crash
+        // interrupted: the metadata is the truth, so they go.
+        for key in self.inner.log.list_partitions().await? {
+            if !known.contains(&key) {
+                warn!(partition = %key, "removing a partition that no stream owns (interrupted create or delete)");
+                self.inner.log.delete_partition(key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn open_stream(&self, record: StreamRecord) -> CoreResult<Arc<StreamHandle>> {
+        let mut parts = Vec::with_capacity(record.partitions as usize);
+        for p in 0..record.partitions {
+            parts.push(self.open_partition(PartitionKey::new(record.id, p)).await?);
+        }
+        let key = (record.namespace.clone(), record.name.clone());
+        let handle = Arc::new(StreamHandle { record: RwLock::new(record), partitions: RwLock::new(parts) });
+        self.inner.streams.write().insert(key, handle.clone());
+        Ok(handle)
+    }
+
+    /// Creates the partition in the log if needed and rebuilds its producer state.
+    async fn open_partition(&self, key: PartitionKey) -> CoreResult<Arc<PartitionState>> {
+        let log = &self.inner.log;
+        log.create_partition(key).await?;
+        let snapshot_key = producer_snapshot_key(key);
+        let snapshot: ProducerSnapshot = match self.inner.meta.get(&snapshot_key).await? {
+            Some(raw) => from_json("producer snapshot", &raw)?,
+            None => ProducerSnapshot::default(),
+        };
+        let bounds = log.bounds(key).await?;
+        let mut table = snapshot.table;
+        let mut at = snapshot.offset.max(bounds.start_offset);
+        let replay_from = at;
+        while at < bounds.end_offset {
+            let batches = log.read(key, at, 4 << 20).await?;
+            let Some(last) = batches.last() else { break };
+            at = last.next_offset();
+            for b in &batches {
+                let h = StoredBatchHeader::decode(b.payload.clone())
+                    .map_err(|e| CoreError::Corrupt(format!("undecodable batch at {key}@{}: {e}", b.base_offset)))?;
+                if h.producer_id > 0 {
+                    table.record(h.producer_id, h.producer_epoch, h.base_sequence, b.record_count, b.base_offset, h.append_time_ms);
+                }
+            }
+        }
+        let state = Arc::new(PartitionState {
+            key,
+            producers: tokio::sync::Mutex::new(table),
+            snapshot_offset: AtomicI64::new(snapshot.offset),
+        });
+        if bounds.end_offset - replay_from > self.inner.config.producer_snapshot_every {
+            self.write_producer_snapshot(&state).await?;
+        }
+        Ok(state)
+    }
+
+    pub(crate) async fn write_producer_snapshot(&self, part: &PartitionState) -> CoreResult<()> {
+        let mut table = part.producers.lock().await;
+        let offset = self.inner.log.bounds(part.key).await?.end_offset;
+        table.expire(now_ms(), self.inner.config.producer_expiration.as_millis() as i64);
+        let snapshot = ProducerSnapshot { offset, table: table.clone() };
+        drop(table);
+        self.inner.meta.put(&producer_snapshot_key(part.key), &to_json(&snapshot)).await?;
+        part.snapshot_offset.fetch_max(offset, Ordering::AcqRel);
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Namespaces
+    // ---------------------------------------------------------------------------------
+
+    pub async fn create_namespace(
+        &self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        if_not_exists: bool,
+    ) -> CoreResult<(NamespaceRecord, bool)> {
+        validate_name("namespace", name)?;
+        let _admin = self.inner.admin.lock().await;
+        if let Some(existing) = self.inner.namespaces.read().get(name) {
+            return if if_not_exists {
+                Ok((existing.clone(), false))
+            } else {
+                Err(CoreError::NamespaceExists(name.into()))
+            };
+        }
+        let record = NamespaceRecord { name: name.into(), labels, created_at_ms: now_ms() };
+        let key = meta::key(meta::NAMESPACE, &[name]);
+        if !self.inner.meta.compare_and_set(&key, None, Some(&to_json(&record))).await? {
+            return Err(CoreError::Conflict(format!("namespace '{name}' was created concurrently")));
+        }
+        self.inner.namespaces.write().insert(name.into(), record.clone());
+        Ok((record, true))
+    }
+
+    pub async fn delete_namespace(&self, name: &str) -> CoreResult<()> {
+        if name == DEFAULT_NAMESPACE {
+            return Err(CoreError::InvalidArgument("the default namespace cannot be deleted".into()));
+        }
+        let _admin = self.inner.admin.lock().await;
+        if !self.inner.namespaces.read().contains_key(name) {
+            return Err(CoreError::NamespaceNotFound(name.into()));
+        }
+        let streams = self.inner.streams.read().keys().filter(|(ns, _)| ns == name).count();
+        if streams > 0 {
+            return Err(CoreError::Conflict(format!("namespace '{name}' still has {streams} streams; delete them first")));
+        }
+        self.inner.meta.delete(&meta::key(meta::NAMESPACE, &[name])).await?;
+        self.inner.namespaces.write().remove(name);
+        Ok(())
+    }
+
+    pub fn list_namespaces(&self) -> Vec<NamespaceRecord> {
+        self.inner.namespaces.read().values().cloned().collect()
+    }
+
+    fn require_namespace(&self, ns: &str) -> CoreResult<()> {
+        if self.inner.namespaces.read().contains_key(ns) {
+            Ok(())
+        } else {
+            Err(CoreError::NamespaceNotFound(ns.into()))
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Streams
+    // ---------------------------------------------------------------------------------
+
+    fn stream(&self, id: &v1::StreamId) -> CoreResult<Arc<StreamHandle>> {
+        self.inner
+            .streams
+            .read()
+            .get(&stream_key(id))
+            .cloned()
+            .ok_or_else(|| CoreError::StreamNotFound(stream_label(id)))
+    }
+
+    /// Creates a stream. Returns its description and whether it was created now.
+    #[instrument(skip_all, fields(stream = %stream_label(&id)))]
+    pub async fn create_stream(
+        &self,
+        id: v1::StreamId,
+        partitions: u32,
+        settings: StreamSettings,
+        if_not_exists: bool,
+        validate_only: bool,
+    ) -> CoreResult<(v1::StreamInfo, bool)> {
+        self.check_running()?;
+        let (ns, name) = stream_key(&id);
+        validate_name("stream", &name)?;
+        self.require_namespace(&ns)?;
+        let partitions = if partitions == 0 { self.inner.config.default_partitions } else { partitions };
+        if partitions > MAX_PARTITIONS {
+            return Err(CoreError::InvalidArgument(format!("at most {MAX_PARTITIONS} partitions, got {partitions}")));
+        }
+        settings.validate()?;
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(existing) = self.stream(&id) {
+            return if if_not_exists {
+                Ok((self.describe_handle(&existing).await?, false))
+            } else {
+                Err(CoreError::StreamExists(stream_label(&id)))
+            };
+        }
+        if validate_only {
+            let record = StreamRecord {
+                namespace: ns,
+                name,
+                id: 0,
+                uuid: String::new(),
+                partitions,
+                settings,
+                created_at_ms: now_ms(),
+            };
+            return Ok((self.info_without_bounds(&record), false));
+        }
+        let stream_id = self.next_counter("stream_id").await?;
+        let record = StreamRecord {
+            namespace: ns.clone(),
+            name: name.clone(),
+            id: stream_id,
+            uuid: new_uuid(),
+            partitions,
+            settings,
+            created_at_ms: now_ms(),
+        };
+        // Partitions first, then the record: a crash in between leaves orphan partitions
+        // that the next start removes, never a stream without its partitions.
+        for p in 0..partitions {
+            self.inner.log.create_partition(PartitionKey::new(stream_id, p)).await?;
+        }
+        let key = meta::key(meta::STREAM, &[&ns, &name]);
+        if !self.inner.meta.compare_and_set(&key, None, Some(&to_json(&record))).await? {
+            return Err(CoreError::Conflict(format!("stream '{ns}/{name}' was created concurrently")));
+        }
+        let handle = self.open_stream(record).await?;
+        info!(partitions, "stream created");
+        Ok((self.describe_handle(&handle).await?, true))
+    }
+
+    #[instrument(skip_all, fields(stream = %stream_label(id)))]
+    pub async fn delete_stream(&self, id: &v1::StreamId) -> CoreResult<()> {
+        let _admin = self.inner.admin.lock().await;
+        let handle = self.stream(id)?;
+        let (ns, name) = stream_key(id);
+        self.inner.meta.delete(&meta::key(meta::STREAM, &[&ns, &name])).await?;
+        self.inner.streams.write().remove(&(ns, name));
+        for part in handle.partitions() {
+            self.inner.log.delete_partition(part.key).await?;
+            self.inner.meta.delete(&producer_snapshot_key(part.key)).await?;
+        }
+        info!("stream deleted");
+        Ok(())
+    }
+
+    pub async fn list_streams(&self, namespace: &str) -> CoreResult<Vec<v1::StreamInfo>> {
+        let ns = namespace_or_default(namespace);
+        self.require_namespace(ns)?;
+        let handles: Vec<_> = self
+            .inner
+            .streams
+            .read()
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, h)| h.clone())
+            .collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(self.describe_handle(&h).await?);
+        }
+        Ok(out)
+    }
+
+    /// Every stream of every namespace, for the admin API.
+    pub async fn list_all_streams(&self) -> CoreResult<Vec<v1::StreamInfo>> {
+        let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(self.describe_handle(&h).await?);
+        }
+        Ok(out)
+    }
+
+    pub async fn describe_stream(&self, id: &v1::StreamId) -> CoreResult<v1::StreamInfo> {
+        let handle = self.stream(id)?;
+        self.describe_handle(&handle).await
+    }
+
+    /// The configs in force for a stream, defaults filled in.
+    pub fn effective_config(&self, id: &v1::StreamId) -> CoreResult<EffectiveConfig> {
+        let handle = self.stream(id)?;
+        let settings = handle.record.read().settings.clone();
+        Ok(EffectiveConfig::resolve(&settings, &self.inner.config.stream_defaults))
+    }
+
+    fn info_without_bounds(&self, r: &StreamRecord) -> v1::StreamInfo {
+        let eff = EffectiveConfig::resolve(&r.settings, &self.inner.config.stream_defaults);
+        v1::StreamInfo {
+            id: Some(v1::StreamId::new(&r.namespace, &r.name)),
+            uuid: r.uuid.clone(),
+            partitions: r.partitions,
+            config: Some(v1::StreamConfig {
+                retention_ms: Some(eff.retention_ms),
+                retention_bytes: Some(eff.retention_bytes),
+                max_message_bytes: Some(eff.max_message_bytes),
+                cleanup_policy: Some(eff.cleanup_policy),
+                extra: r.settings.extra.clone().into_iter().collect(),
+            }),
+            created_at_ms: r.created_at_ms,
+            partition_info: Vec::new(),
+        }
+    }
+
+    async fn describe_handle(&self, handle: &StreamHandle) -> CoreResult<v1::StreamInfo> {
+        let record = handle.record.read().clone();
+        let mut info = self.info_without_bounds(&record);
+        for part in handle.partitions() {
+            let b = self.inner.log.bounds(part.key).await?;
+            info.partition_info.push(v1::PartitionInfo {
+                partition: part.key.partition,
+                start_offset: b.start_offset,
+                end_offset: b.end_offset,
+                size_bytes: b.size_bytes as i64,
+            });
+        }
+        Ok(info)
+    }
+
+    async fn save_stream_record(&self, old: &StreamRecord, new: &StreamRecord) -> CoreResult<()> {
+        let key = meta::key(meta::STREAM, &[&new.namespace, &new.name]);
+        if !self.inner.meta.compare_and_set(&key, Some(&to_json(old)), Some(&to_json(new))).await? {
+            return Err(CoreError::Conflict(format!("stream '{}/{}' changed concurrently", new.namespace, new.name)));
+        }
+        Ok(())
+    }
+
+    #[instrument(skip_all, fields(stream = %stream_label(id)))]
+    pub async fn create_partitions(&self, id: &v1::StreamId, total: u32, validate_only: bool) -> CoreResult<v1::StreamInfo> {
+        let _admin = self.inner.admin.lock().await;
+        let handle = self.stream(id)?;
+        let old = handle.record.read().clone();
+        if total <= old.partitions {
+            return Err(CoreError::InvalidArgument(format!(
+                "stream has {} partitions; the new count must be larger, got {total}",
+                old.partitions
+            )));
+        }
+        if total > MAX_PARTITIONS {
+            return Err(CoreError::InvalidArgument(format!("at most {MAX_PARTITIONS} partitions, got {total}")));
+        }
+        if validate_only {
+            return self.describe_handle(&handle).await;
+        }
+        let mut added = Vec::new();
+        for p in old.partitions..total {
+            added.push(self.open_partition(PartitionKey::new(old.id, p)).await?);
+        }
+        let new = StreamRecord { partitions: total, ..old.clone() };
+        self.save_stream_record(&old, &new).await?;
+        *handle.record.write() = new;
+        handle.partitions.write().extend(added);
+        self.describe_handle(&handle).await
+    }
+
+    #[instrument(skip_all, fields(stream = %stream_label(id)))]
+    pub async fn update_stream_config(
+        &self,
+        id: &v1::StreamId,
+        set: StreamSettings,
+        reset: &[String],
+        validate_only: bool,
+    ) -> CoreResult<v1::StreamInfo> {
+        let _admin = self.inner.admin.lock().await;
+        let handle = self.stream(id)?;
+        let old = handle.record.read().clone();
+        let mut settings = old.settings.clone();
+        for name in reset {
+            match name.as_str() {
+                "retention_ms" => settings.retention_ms = None,
+                "retention_bytes" => settings.retention_bytes = None,
+                "max_message_bytes" => settings.max_message_bytes = None,
+                "cleanup_policy" => settings.cleanup_policy = None,
+                other => match other.strip_prefix("extra.") {
+                    Some(k) => {
+                        settings.extra.remove(k);
+                    }
+                    None => return Err(CoreError::InvalidConfig(format!("unknown config '{other}' to reset"))),
+                },
+            }
+        }
+        settings.retention_ms = set.retention_ms.or(settings.retention_ms);
+        settings.retention_bytes = set.retention_bytes.or(settings.retention_bytes);
+        settings.max_message_bytes = set.max_message_bytes.or(settings.max_message_bytes);
+        settings.cleanup_policy = set.cleanup_policy.or(settings.cleanup_policy);
+        settings.extra.extend(set.extra);
+        settings.validate()?;
+        if validate_only {
+            let mut info = self.describe_handle(&handle).await?;
+            info.config = self.info_without_bounds(&StreamRecord { settings, ..old }).config;
+            return Ok(info);
+        }
+        let new = StreamRecord { settings, ..old.clone() };
+        self.save_stream_record(&old, &new).await?;
+        *handle.record.write() = new;
+        self.describe_handle(&handle).await
+    }
+
+    pub async fn delete_records(&self, id: &v1::StreamId, partition: u32, before: i64) -> CoreResult<i64> {
+        let part = self.stream(id)?.partition(partition)?;
+        let bounds = self.inner.log.bounds(part.key).await?;
+        // -1 means "up to the high watermark", as in Kafka's DeleteRecords.
+        let before = if before == -1 { bounds.end_offset } else { before };
+        if before < 0 || before > bounds.end_offset {
+            return Err(CoreError::OffsetOutOfRange { requested: before, start: bounds.start_offset, end: bounds.end_offset });
+        }
+        Ok(self.inner.log.truncate_prefix(part.key, before).await?)
+    }
+
+    async fn next_counter(&self, name: &str) -> CoreResult<u64> {
+        let key = meta::key(meta::COUNTER, &[name]);
+        loop {
+            let current = self.inner.meta.get(&key).await?;
+            let value = match &current {
+                Some(raw) => u64::from_le_bytes(
+                    raw[..].try_into().map_err(|_| CoreError::Corrupt(format!("counter '{name}'")))?,
+                ),
+                None => 0,
+            };
+            let next = value + 1;
+            if self
+                .inner
+                .meta
+                .compare_and_set(&key, current.as_deref(), Some(&next.to_le_bytes()))
+                .await?
+            {
+                return Ok(next);
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Append and fetch
+    // ---------------------------------------------------------------------------------
+
+    /// Appends one batch durably and returns where it landed.
+    #[instrument(skip_all, fields(stream = tracing::field::Empty, partition = req.partition))]
+    pub async fn append(&self, req: v1::AppendRequest) -> CoreResult<v1::AppendResponse> {
+        self.check_running()?;
+        let id = req.stream.ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+        tracing::Span::current().record("stream", stream_label(&id));
+        let mut batch = req.batch.ok_or_else(|| CoreError::InvalidArgument("batch is required".into()))?;
+        let count = record_count(&batch)?;
+        let handle = match self.stream(&id) {
+            Ok(h) => h,
+            Err(CoreError::StreamNotFound(_)) if req.auto_create && self.inner.config.auto_create_streams => {
+                self.create_stream(id.clone(), 0, StreamSettings::default(), true, false).await?;
+                self.stream(&id)?
+            }
+            Err(e) => return Err(e),
+        };
+        let part = handle.partition(req.partition)?;
+        let max_bytes = EffectiveConfig::resolve(&handle.record.read().settings, &self.inner.config.stream_defaults)
+            .max_message_bytes;
+
+        let now = now_ms();
+        for r in &mut batch.records {
+            if r.timestamp_ms == 0 {
+                r.timestamp_ms = now;
+            }
+        }
+        let max_ts = match batch.records.iter().map(|r| r.timestamp_ms).max() {
+            Some(ts) => ts,
+            None if batch.max_timestamp_ms > 0 => batch.max_timestamp_ms,
+            None => now,
+        };
+        batch.max_timestamp_ms = max_ts;
+        batch.append_time_ms = now;
+        batch.base_offset = 0;
+        batch.record_count = count;
+        // Producer ids start at 1, so the proto3 default 0 means "not idempotent".
+        let idempotent = batch.producer_id > 0;
+        let (pid, epoch, seq) = (batch.producer_id, batch.producer_epoch, batch.base_sequence);
+        let payload = Bytes::from(batch.encode_to_vec());
+        if payload.len() as i64 > max_bytes {
+            return Err(CoreError::RecordTooLarge { size: payload.len(), limit: max_bytes });
+        }
+        let bytes_in = payload.len();
+        let to_append = BatchToAppend { record_count: count, max_timestamp_ms: max_ts, payload };
+
+        let log = &self.inner.log;
+        let base = if idempotent {
+            let mut table = part.producers.lock().await;
+            match table.check(pid, epoch, seq, count)? {
+                SequenceCheck::Duplicate { base_offset, record_count } => {
+                    drop(table);
+                    log.wait_durable(part.key, base_offset + i64::from(record_count)).await?;
+                    let start = log.bounds(part.key).await?.start_offset;
+                    return Ok(v1::AppendResponse { base_offset, duplicate: true, append_time_ms: now, log_start_offset: start });
+                }
+                SequenceCheck::Accept => {
+                    let base = log.append(part.key, to_append).await?;
+                    table.record(pid, epoch, seq, count, base, now);
+                    base
+                }
+            }
+        } else {
+            log.append(part.key, to_append).await?
+        };
+        let end = base + i64::from(count);
+        log.wait_durable(part.key, end).await?;
+        metrics::counter!("tributary_records_in_total").increment(u64::from(count));
+        metrics::counter!("tributary_bytes_in_total").increment(bytes_in as u64);
+        if end - part.snapshot_offset.load(Ordering::Acquire) > self.inner.config.producer_snapshot_every {
+            // Bump first so that concurrent appends do not all start a snapshot.
+            part.snapshot_offset.store(end, Ordering::Release);
+            let core = self.clone();
+            let part = part.clone();
+            tokio::spawn(async move {
+                if let Err(e) = core.write_producer_snapshot(&part).await {
+                    warn!(partition = %part.key, error = %e, "producer snapshot failed");
+                }
+            });
+        }
+        let start = log.bounds(part.key).await?.start_offset;
+        Ok(v1::AppendResponse { base_offset: base, duplicate: false, append_time_ms: now, log_start_offset: start })
+    }
+
+    /// Reads from several partitions, waiting up to `max_wait_ms` for `min_bytes`.
+    #[instrument(skip_all, fields(partitions = req.partitions.len()))]
+    pub async fn fetch(&self, req: v1::FetchRequest) -> CoreResult<v1::FetchResponse> {
+        self.check_running()?;
+        if req.max_wait_ms < 0 || req.max_bytes < 0 || req.min_bytes < 0 {
+            return Err(CoreError::InvalidArgument("max_wait_ms, max_bytes and min_bytes must be >= 0".into()));
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms as u64);
+        let max_total = if req.max_bytes == 0 { 50 << 20 } else { req.max_bytes as usize };
+        let mut shutdown = self.inner.shutdown.subscribe();
+        // Subscribe before reading so that data arriving in between still wakes us.
+        let mut resolved = Vec::with_capacity(req.partitions.len());
+        let mut watches = Vec::new();
+        for fp in &req.partitions {
+            let target = fp
+                .stream
+                .as_ref()
+                .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))
+                .and_then(|id| self.stream(id))
+                .and_then(|h| h.partition(fp.partition));
+            if let Ok(part) = &target {
+                let mut rx = self.inner.log.watch_end(part.key)?;
+                rx.borrow_and_update();
+                watches.push(rx);
+            }
+            resolved.push(target);
+        }
+        loop {
+            let mut out = Vec::with_capacity(req.partitions.len());
+            let mut total = 0usize;
+            for (fp, target) in req.partitions.iter().zip(&resolved) {
+                let mut fetched = v1::FetchedPartition {
+                    stream: fp.stream.clone(),
+                    partition: fp.partition,
+                    ..Default::default()
+                };
+                match target {
+                    Err(e) => {
+                        fetched.error = e.code() as i32;
+                        fetched.error_message = e.to_string();
+                    }
+                    Ok(part) => {
+                        let limit = match fp.max_bytes {
+                            n if n > 0 => (n as usize).min(max_total.saturating_sub(total)),
+                            _ => max_total.saturating_sub(total),
+                        };
+                        match self.read_partition(part, fp.offset, limit, total == 0).await {
+                            Ok((bounds, batches)) => {
+                                fetched.start_offset = bounds.start_offset;
+                                fetched.end_offset = bounds.end_offset;
+                                total += batches.iter().map(|b| b.encoded_len()).sum::<usize>();
+                                fetched.batches = batches;
+                            }
+                            Err(e) => {
+                                let bounds = self.inner.log.bounds(part.key).await.unwrap_or_default();
+                                fetched.start_offset = bounds.start_offset;
+                                fetched.end_offset = bounds.end_offset;
+                                fetched.error = e.code() as i32;
+                                fetched.error_message = e.to_string();
+                            }
+                        }
+                    }
+                }
+                out.push(fetched);
+            }
+            let errors = out.iter().any(|p| p.error != 0);
+            if total >= req.min_bytes.max(1) as usize
+                || req.min_bytes == 0
+                || errors
+                || watches.is_empty()
+                || *self.inner.shutdown.borrow()
+                || tokio::time::Instant::now() >= deadline
+            {
+                let records: u64 = out.iter().flat_map(|p| &p.batches).map(|b| u64::from(b.record_count)).sum();
+                metrics::counter!("tributary_records_out_total").increment(records);
+                metrics::counter!("tributary_bytes_out_total").increment(total as u64);
+                return Ok(v1::FetchResponse { partitions: out });
+            }
+            let changed = select_all(watches.iter_mut().map(|rx| Box::pin(rx.changed())));
+            tokio::select! {
+                _ = changed => {}
+                _ = tokio::time::sleep_until(deadline) => {}
+                _ = shutdown.changed() => {}
+            }
+            for rx in &mut watches {
+                rx.borrow_and_update();
+            }
+        }
+    }
+
+    async fn read_partition(
+        &self,
+        part: &PartitionState,
+        offset: i64,
+        max_bytes: usize,
+        first: bool,
+    ) -> CoreResult<(tributary_storage::PartitionBounds, Vec<v1::RecordBatch>)> {
+        let log = &self.inner.log;
+        let bounds = log.bounds(part.key).await?;
+        if max_bytes == 0 && !first {
+            if offset < bounds.start_offset || offset > bounds.end_offset {
+                return Err(CoreError::OffsetOutOfRange { requested: offset, start: bounds.start_offset, end: bounds.end_offset });
+            }
+            return Ok((bounds, Vec::new()));
+        }
+        let stored = log.read(part.key, offset, max_bytes.max(1)).await?;
+        let mut batches = Vec::with_capacity(stored.len());
+        for s in stored {
+            let mut b = v1::RecordBatch::decode(s.payload)
+                .map_err(|e| CoreError::Corrupt(format!("undecodable batch at {}@{}: {e}", part.key, s.base_offset)))?;
+            b.base_offset = s.base_offset;
+            b.record_count = s.record_count;
+            batches.push(b);
+        }
+        Ok((bounds, batches))
+    }
+
+    pub async fn list_offsets(&self, req: v1::ListOffsetsRequest) -> CoreResult<v1::ListOffsetsResponse> {
+        let id = req.stream.ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+        let part = self.stream(&id)?.partition(req.partition)?;
+        let log = &self.inner.log;
+        let bounds = log.bounds(part.key).await?;
+        use v1::list_offsets_request::Spec;
+        match req.spec {
+            None | Some(Spec::Latest(_)) => Ok(v1::ListOffsetsResponse { offset: bounds.end_offset, timestamp_ms: -1 }),
+            Some(Spec::Earliest(_)) => Ok(v1::ListOffsetsResponse { offset: bounds.start_offset, timestamp_ms: -1 }),
+            Some(Spec::TimestampMs(ts)) => {
+                let Some(base) = log.offset_for_timestamp(part.key, ts).await? else {
+                    return Ok(v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 });
+                };
+                let (_, batches) = self.read_partition(&part, base, 1, true).await?;
+                let Some(batch) = batches.into_iter().next() else {
+                    return Ok(v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 });
+                };
+                // Envelope batches can be narrowed to the record; opaque ones answer with
+                // the batch and leave the rest to the gateway that understands them.
+                let hit = batch
+                    .records
+                    .iter()
+                    .enumerate()
+                    .find(|(i, r)| r.timestamp_ms >= ts && batch.base_offset + *i as i64 >= base);
+                Ok(match hit {
+                    Some((i, r)) => v1::ListOffsetsResponse { offset: batch.base_offset + i as i64, timestamp_ms: r.timestamp_ms },
+                    None if batch.records.is_empty() => {
+                        v1::ListOffsetsResponse { offset: batch.base_offset.max(base), timestamp_ms: batch.max_timestamp_ms }
+                    }
+                    None => v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 },
+                })
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Producers
+    // ---------------------------------------------------------------------------------
+
+    /// Allocates a producer id, or bumps the epoch of an existing one (fencing older epochs).
+    pub async fn init_producer(&self, req: v1::InitProducerRequest) -> CoreResult<v1::InitProducerResponse> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let meta = &self.inner.meta;
+        if !req.transactional_id.is_empty() {
+            validate_name("transactional id", &req.transactional_id)?;
+            let key = meta::key(meta::TRANSACTIONAL_ID, &[&ns, &req.transactional_id]);
+            loop {
+                let current = meta.get(&key).await?;
+                let next = match &current {
+                    Some(raw) => {
+                        let r: ProducerIdRecord = from_json("transactional id", raw)?;
+                        if req.producer_id > 0 && (req.producer_id != r.producer_id || req.producer_epoch != r.epoch) {
+                            return Err(CoreError::ProducerFenced { producer_id: req.producer_id, got: req.producer_epoch, current: r.epoch });
+                        }
+                        if r.epoch >= MAX_PRODUCER_EPOCH {
+                            ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 }
+                        } else {
+                            ProducerIdRecord { producer_id: r.producer_id, epoch: r.epoch + 1 }
+                        }
+                    }
+                    None => ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 },
+                };
+                if meta.compare_and_set(&key, current.as_deref(), Some(&to_json(&next))).await? {
+                    return Ok(v1::InitProducerResponse { producer_id: next.producer_id, producer_epoch: next.epoch });
+                }
+            }
+        }
+        if req.producer_id > 0 {
+            let key = meta::key(meta::PRODUCER_EPOCH, &[&req.producer_id.to_string()]);
+            let current = meta.get(&key).await?.ok_or(CoreError::UnknownProducer(req.producer_id))?;
+            let r: ProducerIdRecord = from_json("producer", &current)?;
+            if r.epoch != req.producer_epoch {
+                return Err(CoreError::ProducerFenced { producer_id: r.producer_id, got: req.producer_epoch, current: r.epoch });
+            }
+            let next = if r.epoch >= MAX_PRODUCER_EPOCH {
+                ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 }
+            } else {
+                ProducerIdRecord { producer_id: r.producer_id, epoch: r.epoch + 1 }
+            };
+            let next_key = meta::key(meta::PRODUCER_EPOCH, &[&next.producer_id.to_string()]);
+            if !meta.compare_and_set(&key, Some(&current), Some(&to_json(&next))).await? {
+                return Err(CoreError::Conflict(format!("producer {} re-initialised concurrently", r.producer_id)));
+            }
+            if next_key != key {
+                meta.put(&next_key, &to_json(&next)).await?;
+            }
+            return Ok(v1::InitProducerResponse { producer_id: next.producer_id, producer_epoch: next.epoch });
+        }
+        let pid = self.next_counter("producer_id").await? as i64;
+        let record = ProducerIdRecord { producer_id: pid, epoch: 0 };
+        meta.put(&meta::key(meta::PRODUCER_EPOCH, &[&pid.to_string()]), &to_json(&record)).await?;
+        Ok(v1::InitProducerResponse { producer_id: pid, producer_epoch: 0 })
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Committed offsets and groups
+    // ---------------------------------------------------------------------------------
+
+    #[instrument(skip_all, fields(group = %req.group))]
+    pub async fn commit_offsets(&self, req: v1::CommitOffsetsRequest) -> CoreResult<()> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace).to_string();
+        validate_name("group", &req.group)?;
+        self.require_namespace(&ns)?;
+        if req.generation.is_some() {
+            return Err(CoreError::Unsupported("generation-checked commits (group membership)".into()));
+        }
+        let now = now_ms();
+        let mut ops = Vec::with_capacity(req.offsets.len() + 1);
+        for c in &req.offsets {
+            let id = c.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+            validate_name("stream", &id.name)?;
+            if c.offset < -1 {
+                return Err(CoreError::InvalidArgument(format!("offset must be >= -1, got {}", c.offset)));
+            }
+            let record = OffsetRecord {
+                offset: c.offset,
+                metadata: c.metadata.clone(),
+                commit_time_ms: if c.commit_time_ms > 0 { c.commit_time_ms } else { now },
+                leader_epoch: c.leader_epoch,
+            };
+            ops.push(Op::Put { key: offset_key(&ns, &req.group, &id.name, c.partition), value: to_json(&record) });
+        }
+        let group_key = meta::key(meta::GROUP, &[&ns, &req.group]);
+        if self.inner.meta.get(&group_key).await?.is_none() {
+            let g = GroupRecord { created_at_ms: now, protocol_type: String::new() };
+            ops.push(Op::Put { key: group_key, value: to_json(&g) });
+        }
+        self.inner.meta.txn(Vec::<Check>::new(), ops).await?;
+        Ok(())
+    }
+
+    pub async fn fetch_offsets(&self, req: v1::FetchOffsetsRequest) -> CoreResult<Vec<v1::CommittedOffset>> {
+        let ns = namespace_or_default(&req.namespace).to_string();
+        validate_name("group", &req.group)?;
+        let mut out = Vec::new();
+        let to_proto = |stream: &str, partition: u32, r: OffsetRecord| v1::CommittedOffset {
+            stream: Some(v1::StreamId::new(&ns, stream)),
+            partition,
+            offset: r.offset,
+            metadata: r.metadata,
+            commit_time_ms: r.commit_time_ms,
+            leader_epoch: r.leader_epoch,
+        };
+        if req.partitions.is_empty() {
+            let prefix = meta::prefix(meta::OFFSET, &[&ns, &req.group]);
+            for (k, v) in self.inner.meta.scan_prefix(&prefix, SCAN_ALL).await? {
+                let parts = meta::parts(meta::OFFSET, &k);
+                let (Some(stream), Some(p)) = (parts.get(2), parts.get(3).and_then(|p| p.parse().ok())) else { continue };
+                out.push(to_proto(stream, p, from_json("offset", &v)?));
+            }
+        } else {
+            for fp in &req.partitions {
+                let id = fp.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+                let key = offset_key(&ns, &req.group, &id.name, fp.partition);
+                let record = match self.inner.meta.get(&key).await? {
+                    Some(raw) => from_json("offset", &raw)?,
+                    None => OffsetRecord { offset: -1, metadata: String::new(), commit_time_ms: -1, leader_epoch: -1 },
+                };
+                out.push(to_proto(&id.name, fp.partition, record));
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn list_groups(&self, namespace: &str) -> CoreResult<Vec<v1::GroupSummary>> {
+        let ns = namespace_or_default(namespace).to_string();
+        let mut out = Vec::new();
+        for (k, v) in self.inner.meta.scan_prefix(&meta::prefix(meta::GROUP, &[&ns]), SCAN_ALL).await? {
+            let parts = meta::parts(meta::GROUP, &k);
+            let Some(group) = parts.get(1) else { continue };
+            let record: GroupRecord = from_json("group", &v)?;
+            let committed = self
+                .inner
+                .meta
+                .scan_prefix(&meta::prefix(meta::OFFSET, &[&ns, group]), SCAN_ALL)
+                .await?
+                .len();
+            out.push(v1::GroupSummary {
+                namespace: ns.clone(),
+                group: group.clone(),
+                state: "Empty".into(),
+                protocol_type: record.protocol_type,
+                committed_partitions: committed as u32,
+            });
+        }
+        Ok(out)
+    }
+
+    pub async fn delete_group(&self, namespace: &str, group: &str) -> CoreResult<()> {
+        let ns = namespace_or_default(namespace).to_string();
+        let group_key = meta::key(meta::GROUP, &[&ns, group]);
+        if self.inner.meta.get(&group_key).await?.is_none() {
+            return Err(CoreError::GroupNotFound(group.into()));
+        }
+        let mut ops = vec![Op::Delete { key: group_key }];
+        for (k, _) in self.inner.meta.scan_prefix(&meta::prefix(meta::OFFSET, &[&ns, group]), SCAN_ALL).await? {
+            ops.push(Op::Delete { key: k });
+        }
+        self.inner.meta.txn(Vec::new(), ops).await?;
+        Ok(())
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Retention
+    // ---------------------------------------------------------------------------------
+
+    /// Applies every stream's retention once. Returns how many partitions moved their start.
+    pub async fn enforce_retention(&self) -> CoreResult<usize> {
+        let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        let mut moved = 0;
+        for h in handles {
+            let eff = EffectiveConfig::resolve(&h.record.read().settings, &self.inner.config.stream_defaults);
+            let policy = RetentionPolicy {
+                max_age_ms: (eff.retention_ms >= 0).then_some(eff.retention_ms),
+                max_bytes: (eff.retention_bytes >= 0).then_some(eff.retention_bytes as u64),
+                now_ms: now_ms(),
+            };
+            if policy.max_age_ms.is_none() && policy.max_bytes.is_none() {
+                continue;
+            }
+            for part in h.partitions() {
+                let before = self.inner.log.bounds(part.key).await?.start_offset;
+                let after = self.inner.log.apply_retention(part.key, policy).await?;
+                moved += usize::from(after > before);
+            }
+        }
+        Ok(moved)
+    }
+
+    pub(crate) async fn run_retention(self) {
+        let mut tick = tokio::time::interval(self.inner.config.retention_check_interval);
+        tick.tick().await;
+        loop {
+            tick.tick().await;
+            if let Err(e) = self.enforce_retention().await {
+                warn!(error = %e, "retention pass failed");
+            }
+        }
+    }
+
+    /// The log end offset of a partition, used by timers to bound their duplicate check.
+    pub(crate) async fn end_offset(&self, id: &v1::StreamId, partition: u32) -> CoreResult<Option<i64>> {
+        match self.stream(id).and_then(|h| h.partition(partition)) {
+            Ok(part) => Ok(Some(self.inner.log.bounds(part.key).await?.end_offset)),
+            Err(CoreError::StreamNotFound(_)) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether a batch appended by `timer_id` exists at or after `from` in the partition.
+    pub(crate) async fn timer_batch_exists(&self, id: &v1::StreamId, partition: u32, from: i64, timer_id: &str) -> CoreResult<bool> {
+        let Ok(part) = self.stream(id).and_then(|h| h.partition(partition)) else { return Ok(false) };
+        let log = &self.inner.log;
+        let bounds = log.bounds(part.key).await?;
+        let mut at = from.max(bounds.start_offset);
+        while at < bounds.end_offset {
+            let batches = log.read(part.key, at, 4 << 20).await?;
+            let Some(last) = batches.last() else { break };
+            at = last.next_offset();
+            for b in batches {
+                let h = StoredBatchHeader::decode(b.payload).map_err(|e| CoreError::Corrupt(e.to_string()))?;
+                if h.timer_id == timer_id {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
+
+fn producer_snapshot_key(key: PartitionKey) -> Vec<u8> {
+    meta::key(meta::PRODUCER_SNAPSHOT, &[&key.stream_id.to_string(), &key.partition.to_string()])
+}
+
+fn offset_key(ns: &str, group: &str, stream: &str, partition: u32) -> Vec<u8> {
+    meta::key(meta::OFFSET, &[ns, group, stream, &format!("{partition:010}")])
+}
+
+/// A random RFC 4122 version 4 UUID.
+fn new_uuid() -> String {
+    let mut b: [u8; 16] = rand::random();
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
+    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+}

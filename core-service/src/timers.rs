@@ -1,0 +1,227 @@
+//! The durable timer service: a deliver-at index in the metadata store.
+//!
+//! A timer lives under `timer/<due ms, 20 digits>\0<ns>\0<id>`, so a prefix scan yields the
+//! earliest first, plus `timerid/<ns>\0<id>` for cancel and list. Firing is exactly-once:
+//! the timer moves atomically to `timerfiring/` together with the target partition's end
+//! offset, then the append happens with the timer id stamped in the batch, then the firing
+//! entry goes. After a crash in between, a firing entry is finished by first looking for
+//! the stamped batch after the recorded offset, and appending only if it is not there.
+
+use std::time::Duration;
+
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, warn};
+use tributary_proto::v1;
+use tributary_storage::{Check, Op};
+
+use crate::error::{CoreError, CoreResult};
+use crate::meta::{self, from_json, to_json, validate_name};
+use crate::{Core, DEFAULT_NAMESPACE, now_ms};
+
+const FIRE_BATCH: usize = 256;
+
+#[derive(Serialize, Deserialize)]
+struct Firing {
+    /// The target partition's end offset before the append; `None` if the stream did not exist.
+    from_offset: Option<i64>,
+    timer: Vec<u8>,
+}
+
+fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
+    meta::key(meta::TIMER_DUE, &[&format!("{:020}", due.max(0)), ns, id])
+}
+
+fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
+    match &timer.action {
+        Some(v1::timer::Action::Append(a)) => Ok(a),
+        None => Err(CoreError::InvalidArgument("a timer needs an action".into())),
+    }
+}
+
+impl Core {
+    pub async fn schedule_timer(&self, mut timer: v1::Timer) -> CoreResult<String> {
+        self.check_running()?;
+        if timer.namespace.is_empty() {
+            timer.namespace = DEFAULT_NAMESPACE.into();
+        }
+        if timer.id.is_empty() {
+            timer.id = format!("t-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+        }
+        validate_name("timer id", &timer.id)?;
+        if timer.due_at_ms <= 0 {
+            return Err(CoreError::InvalidArgument("due_at_ms must be a positive time in ms since the Unix epoch".into()));
+        }
+        let append = append_target(&timer)?;
+        let stream = append.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a stream".into()))?;
+        validate_name("stream", &stream.name)?;
+        let batch = append.batch.as_ref().ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a batch".into()))?;
+        if batch.records.is_empty() && (batch.opaque.is_empty() || batch.record_count == 0) {
+            return Err(CoreError::InvalidArgument("the timer's batch is empty".into()));
+        }
+        let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
+        let by_id = meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]);
+        let applied = self
+            .inner
+            .meta
+            .txn(
+                vec![Check { key: by_id.clone(), value: None }],
+                vec![Op::Put { key: due.clone(), value: timer.encode_to_vec() }, Op::Put { key: by_id, value: due }],
+            )
+            .await?;
+        if !applied {
+            return Err(CoreError::Conflict(format!("timer '{}' already exists", timer.id)));
+        }
+        metrics::gauge!("tributary_timers_pending").increment(1.0);
+        self.inner.timers_changed.notify_one();
+        Ok(timer.id)
+    }
+
+    pub async fn cancel_timer(&self, namespace: &str, id: &str) -> CoreResult<bool> {
+        let ns = if namespace.is_empty() { DEFAULT_NAMESPACE } else { namespace };
+        let by_id = meta::key(meta::TIMER_BY_ID, &[ns, id]);
+        let Some(due) = self.inner.meta.get(&by_id).await? else { return Ok(false) };
+        let applied = self
+            .inner
+            .meta
+            .txn(
+                vec![Check { key: by_id.clone(), value: Some(due.to_vec()) }],
+                vec![Op::Delete { key: by_id }, Op::Delete { key: due.to_vec() }],
+            )
+            .await?;
+        if applied {
+            metrics::gauge!("tributary_timers_pending").decrement(1.0);
+        }
+        Ok(applied)
+    }
+
+    pub async fn list_timers(&self, namespace: &str, limit: usize) -> CoreResult<Vec<v1::Timer>> {
+        let ns = if namespace.is_empty() { DEFAULT_NAMESPACE } else { namespace };
+        let limit = if limit == 0 { 1000 } else { limit };
+        let mut out = Vec::new();
+        for (_, due) in self.inner.meta.scan_prefix(&meta::prefix(meta::TIMER_BY_ID, &[ns]), limit).await? {
+            if let Some(raw) = self.inner.meta.get(&due).await? {
+                out.push(v1::Timer::decode(raw).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Finishes timers that were firing when the previous process stopped.
+    pub(crate) async fn recover_timers(&self) -> CoreResult<()> {
+        let pending = self.inner.meta.scan_prefix(&meta::key(meta::TIMER_DUE, &[]), usize::MAX).await?.len();
+        metrics::gauge!("tributary_timers_pending").set(pending as f64);
+        for (key, raw) in self.inner.meta.scan_prefix(&meta::key(meta::TIMER_FIRING, &[]), usize::MAX).await? {
+            let firing: Firing = from_json("firing timer", &raw)?;
+            self.finish_firing(key, firing).await?;
+        }
+        Ok(())
+    }
+
+    pub(crate) async fn run_timers(self) {
+        let mut failed = false;
+        loop {
+            // After a failed pass a timer may be stuck half-fired: finish it first.
+            let pass = async {
+                if failed {
+                    self.recover_timers().await?;
+                }
+                self.fire_due_timers().await
+            };
+            let next = match pass.await {
+                Ok(next) => {
+                    failed = false;
+                    next
+                }
+                Err(e) => {
+                    warn!(error = %e, "timer pass failed; retrying in 1 s");
+                    failed = true;
+                    Some(now_ms() + 1000)
+                }
+            };
+            let wait = match next {
+                Some(due) => Duration::from_millis(due.saturating_sub(now_ms()).max(0) as u64),
+                None => Duration::from_secs(3600),
+            };
+            if wait.is_zero() {
+                continue;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.inner.timers_changed.notified() => {}
+            }
+        }
+    }
+
+    /// Fires every timer that is due. Returns the due time of the next one, if any.
+    async fn fire_due_timers(&self) -> CoreResult<Option<i64>> {
+        loop {
+            let batch = self.inner.meta.scan_prefix(&meta::key(meta::TIMER_DUE, &[]), FIRE_BATCH).await?;
+            let full = batch.len() == FIRE_BATCH;
+            let now = now_ms();
+            for (key, raw) in batch {
+                let parts = meta::parts(meta::TIMER_DUE, &key);
+                let due: i64 = parts.first().and_then(|d| d.parse().ok()).unwrap_or(0);
+                if due > now {
+                    return Ok(Some(due));
+                }
+                self.fire(key, raw.to_vec()).await?;
+            }
+            if !full {
+                return Ok(None);
+            }
+        }
+    }
+
+    async fn fire(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
+        let timer = v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        let append = append_target(&timer)?;
+        let stream = append.stream.clone().unwrap_or_default();
+        let from_offset = self.end_offset(&stream, append.partition).await.unwrap_or(None);
+        let firing = Firing { from_offset, timer: raw.clone() };
+        let firing_key = meta::key(meta::TIMER_FIRING, &[&timer.namespace, &timer.id]);
+        let applied = self
+            .inner
+            .meta
+            .txn(
+                vec![Check { key: due_key.clone(), value: Some(raw) }],
+                vec![
+                    Op::Delete { key: due_key },
+                    Op::Delete { key: meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]) },
+                    Op::Put { key: firing_key.clone(), value: to_json(&firing) },
+                ],
+            )
+            .await?;
+        if !applied {
+            return Ok(()); // cancelled meanwhile
+        }
+        metrics::gauge!("tributary_timers_pending").decrement(1.0);
+        self.finish_firing(firing_key, firing).await
+    }
+
+    async fn finish_firing(&self, firing_key: Vec<u8>, firing: Firing) -> CoreResult<()> {
+        let timer = v1::Timer::decode(&firing.timer[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        let mut append = append_target(&timer)?.clone();
+        let stream = append.stream.clone().unwrap_or_default();
+        let done = self
+            .timer_batch_exists(&stream, append.partition, firing.from_offset.unwrap_or(0), &timer.id)
+            .await?;
+        if !done {
+            if let Some(batch) = append.batch.as_mut() {
+                batch.timer_id = timer.id.clone();
+            }
+            match self.append(append).await {
+                Ok(r) => debug!(timer = %timer.id, offset = r.base_offset, "timer fired"),
+                Err(e @ (CoreError::ShuttingDown | CoreError::Storage(_))) => return Err(e),
+                Err(e) => {
+                    // The target is gone or refuses the batch: nothing to deliver to.
+                    warn!(timer = %timer.id, stream = %stream, error = %e, "timer could not deliver; dropping it");
+                    metrics::counter!("tributary_timers_dropped_total").increment(1);
+                }
+            }
+        }
+        self.inner.meta.delete(&firing_key).await?;
+        metrics::counter!("tributary_timers_fired_total").increment(1);
+        Ok(())
+    }
+}

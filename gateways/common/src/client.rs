@@ -1,0 +1,109 @@
+//! One client type for the core, whatever the transport.
+//!
+//! Over the network it is a tonic `Channel`; in the standalone server it is the core's own
+//! `Routes` service called directly, so requests take the same codec and handler path with
+//! no socket in between.
+
+use std::convert::Infallible;
+
+use prost::Message;
+use tonic::body::Body;
+use tonic::service::Routes;
+use tonic::transport::Endpoint;
+use tower::ServiceExt;
+use tower::util::BoxCloneSyncService;
+use tributary_proto::v1::{
+    ErrorCode, ErrorDetail, admin_client::AdminClient, groups_client::GroupsClient,
+    offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
+    streams_client::StreamsClient, timers_client::TimersClient,
+    transactions_client::TransactionsClient,
+};
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The transport under every core client.
+pub type CoreTransport = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
+
+/// Largest message either way; matches the core's limit.
+pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("invalid core address '{address}': {source}")]
+    InvalidAddress {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// Clients for every service of the core API, sharing one transport.
+#[derive(Clone)]
+pub struct CoreClient {
+    pub admin: AdminClient<CoreTransport>,
+    pub streams: StreamsClient<CoreTransport>,
+    pub offsets: OffsetsClient<CoreTransport>,
+    pub groups: GroupsClient<CoreTransport>,
+    pub queues: QueuesClient<CoreTransport>,
+    pub sessions: SessionsClient<CoreTransport>,
+    pub timers: TimersClient<CoreTransport>,
+    pub transactions: TransactionsClient<CoreTransport>,
+}
+
+macro_rules! client {
+    ($client:ident, $t:expr) => {
+        $client::new($t.clone())
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES)
+    };
+}
+
+impl CoreClient {
+    pub fn from_transport(t: CoreTransport) -> Self {
+        Self {
+            admin: client!(AdminClient, t),
+            streams: client!(StreamsClient, t),
+            offsets: client!(OffsetsClient, t),
+            groups: client!(GroupsClient, t),
+            queues: client!(QueuesClient, t),
+            sessions: client!(SessionsClient, t),
+            timers: client!(TimersClient, t),
+            transactions: client!(TransactionsClient, t),
+        }
+    }
+
+    /// A client that calls the core's services in this process.
+    pub fn in_process(routes: Routes) -> Self {
+        let svc = ServiceExt::<http::Request<Body>>::map_err(routes, |e: Infallible| -> BoxError {
+            match e {}
+        });
+        Self::from_transport(BoxCloneSyncService::new(svc))
+    }
+
+    /// A client for a core across the network (`http://host:7400`). Connects lazily and
+    /// reconnects on its own, so a gateway may start before its core.
+    pub fn connect_lazy(address: &str) -> Result<Self, ConnectError> {
+        let endpoint = Endpoint::from_shared(address.to_string())
+            .map_err(|source| ConnectError::InvalidAddress { address: address.into(), source })?
+            .tcp_nodelay(true)
+            .http2_adaptive_window(true);
+        let channel = endpoint.connect_lazy();
+        let svc = channel.map_err(|e| -> BoxError { Box::new(e) });
+        Ok(Self::from_transport(BoxCloneSyncService::new(svc)))
+    }
+}
+
+/// The stable error code of a failed core call (`Internal` if the status carries none,
+/// e.g. a transport failure).
+pub fn error_code(status: &tonic::Status) -> ErrorCode {
+    ErrorDetail::decode(status.details())
+        .ok()
+        .and_then(|d| ErrorCode::try_from(d.code).ok())
+        .filter(|c| *c != ErrorCode::Unspecified)
+        .unwrap_or(match status.code() {
+            tonic::Code::Unimplemented => ErrorCode::Unsupported,
+            tonic::Code::InvalidArgument => ErrorCode::InvalidArgument,
+            tonic::Code::Unavailable => ErrorCode::ShuttingDown,
+            _ => ErrorCode::Internal,
+        })
+}

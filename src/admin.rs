@@ -1,0 +1,149 @@
+//! The admin HTTP listener: health, Prometheus metrics and a small read-only JSON API.
+
+use std::sync::Arc;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tributary_core::{Core, CoreError};
+use tributary_proto::v1;
+
+#[derive(Clone)]
+pub struct AdminState {
+    pub core: Core,
+    pub ready: Arc<AtomicBool>,
+    pub prometheus: PrometheusHandle,
+}
+
+/// The process-wide Prometheus recorder. The `metrics` facade has exactly one recorder per
+/// process, so it is installed once and shared by every server started in it.
+pub fn prometheus() -> PrometheusHandle {
+    static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let recorder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Full("tributary_storage_fsync_seconds".into()),
+                    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+                )
+                .expect("bucket list is not empty")
+                .build_recorder();
+            let handle = recorder.handle();
+            // Fails only if another recorder is installed, in which case ours sees nothing;
+            // nothing in this binary installs one.
+            let _ = metrics::set_global_recorder(recorder);
+            handle
+        })
+        .clone()
+}
+
+pub fn router(state: AdminState) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/metrics", get(metrics_text))
+        .route("/api/v1/namespaces", get(namespaces))
+        .route("/api/v1/streams", get(streams))
+        .route("/api/v1/streams/{namespace}/{name}", get(stream))
+        .route("/api/v1/groups", get(groups))
+        .with_state(state)
+}
+
+async fn healthz(State(s): State<AdminState>) -> Response {
+    if s.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ok\n").into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()
+    }
+}
+
+async fn metrics_text(State(s): State<AdminState>) -> Response {
+    s.prometheus.run_upkeep();
+    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
+}
+
+fn error(e: CoreError) -> Response {
+    let status = match e.code() {
+        v1::ErrorCode::StreamNotFound | v1::ErrorCode::NamespaceNotFound | v1::ErrorCode::GroupNotFound => {
+            StatusCode::NOT_FOUND
+        }
+        v1::ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+        _ => StatusCode::INTERNAL_SERVER_ERROR,
+    };
+    (status, Json(json!({ "error": e.code().as_str_name(), "message": e.to_string() }))).into_response()
+}
+
+fn stream_json(s: &v1::StreamInfo) -> Value {
+    let id = s.id.clone().unwrap_or_default();
+    let c = s.config.clone().unwrap_or_default();
+    json!({
+        "namespace": id.namespace,
+        "name": id.name,
+        "uuid": s.uuid,
+        "partitions": s.partitions,
+        "created_at_ms": s.created_at_ms,
+        "config": {
+            "retention_ms": c.retention_ms,
+            "retention_bytes": c.retention_bytes,
+            "max_message_bytes": c.max_message_bytes,
+            "cleanup_policy": c.cleanup_policy,
+            "extra": c.extra,
+        },
+        "partition_info": s.partition_info.iter().map(|p| json!({
+            "partition": p.partition,
+            "start_offset": p.start_offset,
+            "end_offset": p.end_offset,
+            "size_bytes": p.size_bytes,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+async fn namespaces(State(s): State<AdminState>) -> Response {
+    let list: Vec<_> = s
+        .core
+        .list_namespaces()
+        .into_iter()
+        .map(|n| json!({ "name": n.name, "labels": n.labels, "created_at_ms": n.created_at_ms }))
+        .collect();
+    Json(json!({ "namespaces": list })).into_response()
+}
+
+async fn streams(State(s): State<AdminState>) -> Response {
+    match s.core.list_all_streams().await {
+        Ok(list) => Json(json!({ "streams": list.iter().map(stream_json).collect::<Vec<_>>() })).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+async fn stream(State(s): State<AdminState>, Path((namespace, name)): Path<(String, String)>) -> Response {
+    match s.core.describe_stream(&v1::StreamId::new(namespace, name)).await {
+        Ok(info) => Json(stream_json(&info)).into_response(),
+        Err(e) => error(e),
+    }
+}
+
+#[derive(Deserialize)]
+struct GroupQuery {
+    namespace: Option<String>,
+}
+
+async fn groups(State(s): State<AdminState>, Query(q): Query<GroupQuery>) -> Response {
+    match s.core.list_groups(q.namespace.as_deref().unwrap_or_default()).await {
+        Ok(list) => Json(json!({
+            "groups": list.iter().map(|g| json!({
+                "namespace": g.namespace,
+                "group": g.group,
+                "state": g.state,
+                "committed_partitions": g.committed_partitions,
+            })).collect::<Vec<_>>()
+        }))
+        .into_response(),
+        Err(e) => error(e),
+    }
+}

@@ -1,0 +1,387 @@
+//! Command line, environment and config file, resolved into one [`Settings`].
+//!
+//! Every setting has one name in three spellings: the flag `--some-name`, the environment
+//! variable `TRIBUTARY_SOME_NAME` and the config file key `some_name`. A flag beats the
+//! environment, which beats the file, which beats the default. Unknown file keys and bad
+//! values stop start-up with one line naming the setting.
+
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde::Deserialize;
+use tributary_storage::local::FsyncPolicy;
+
+#[derive(Debug, Parser)]
+#[command(name = "tributary", version, about = "Converged message queue: MQTT, Kafka, AMQP 0-9-1, RocketMQ and SQS over one core")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub options: Options,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// The core and every gateway in one process (the default).
+    Standalone,
+    /// The core alone, serving its gRPC API.
+    Core,
+    /// One protocol gateway in front of a core reached over gRPC.
+    Gateway {
+        /// kafka, mqtt, amqp, sqs or rocketmq.
+        protocol: String,
+    },
+}
+
+/// Every setting, as given on the command line or in the environment.
+#[derive(Debug, Default, Args)]
+pub struct Options {
+    /// TOML config file (see tributary.example.toml).
+    #[arg(long, env = "TRIBUTARY_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Where data lives.
+    #[arg(long, env = "TRIBUTARY_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// Core gRPC listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_CORE_LISTEN", global = true)]
+    pub core_listen: Option<String>,
+    /// Admin HTTP listener: health, metrics, JSON API (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_ADMIN_LISTEN", global = true)]
+    pub admin_listen: Option<String>,
+    /// Kafka gateway listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_KAFKA_LISTEN", global = true)]
+    pub kafka_listen: Option<String>,
+    /// MQTT over TCP listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_MQTT_LISTEN", global = true)]
+    pub mqtt_listen: Option<String>,
+    /// MQTT over WebSocket listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_MQTT_WS_LISTEN", global = true)]
+    pub mqtt_ws_listen: Option<String>,
+    /// AMQP 0-9-1 listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_AMQP_LISTEN", global = true)]
+    pub amqp_listen: Option<String>,
+    /// SQS-compatible HTTP listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_SQS_LISTEN", global = true)]
+    pub sqs_listen: Option<String>,
+    /// RocketMQ broker listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_ROCKETMQ_LISTEN", global = true)]
+    pub rocketmq_listen: Option<String>,
+    /// RocketMQ NameServer listener (HOST:PORT or off).
+    #[arg(long, env = "TRIBUTARY_NAMESRV_LISTEN", global = true)]
+    pub namesrv_listen: Option<String>,
+    /// Core address a standalone gateway connects to.
+    #[arg(long, env = "TRIBUTARY_CORE", global = true)]
+    pub core: Option<String>,
+    /// Storage adapter: local (on disk, the default) or memory (lost on exit).
+    #[arg(long, env = "TRIBUTARY_STORAGE", global = true)]
+    pub storage: Option<String>,
+    /// When the local log fsyncs: "always" (group commit) or an interval such as "5ms".
+    #[arg(long, env = "TRIBUTARY_FSYNC", global = true)]
+    pub fsync: Option<String>,
+    /// Size at which the local log starts a new segment file.
+    #[arg(long, env = "TRIBUTARY_SEGMENT_BYTES", global = true)]
+    pub segment_bytes: Option<u64>,
+    /// Partitions of a stream created without a count (and of auto-created ones).
+    #[arg(long, env = "TRIBUTARY_DEFAULT_PARTITIONS", global = true)]
+    pub default_partitions: Option<u32>,
+    /// Whether appending to a missing stream may create it (true/false).
+    #[arg(long, env = "TRIBUTARY_AUTO_CREATE_STREAMS", global = true)]
+    pub auto_create_streams: Option<bool>,
+    /// Default retention by age in ms (-1 = forever).
+    #[arg(long, env = "TRIBUTARY_RETENTION_MS", global = true, allow_negative_numbers = true)]
+    pub retention_ms: Option<i64>,
+    /// Default retention by size per partition in bytes (-1 = unlimited).
+    #[arg(long, env = "TRIBUTARY_RETENTION_BYTES", global = true, allow_negative_numbers = true)]
+    pub retention_bytes: Option<i64>,
+    /// Default largest batch a stream accepts, in bytes.
+    #[arg(long, env = "TRIBUTARY_MAX_MESSAGE_BYTES", global = true)]
+    pub max_message_bytes: Option<i64>,
+    /// How often retention runs, in ms.
+    #[arg(long, env = "TRIBUTARY_RETENTION_CHECK_INTERVAL_MS", global = true)]
+    pub retention_check_interval_ms: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tributary_core=debug".
+    #[arg(long, env = "TRIBUTARY_LOG", global = true)]
+    pub log: Option<String>,
+}
+
+/// The config file: the same keys as the flags, snake_case.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub data_dir: Option<PathBuf>,
+    pub core_listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub kafka_listen: Option<String>,
+    pub mqtt_listen: Option<String>,
+    pub mqtt_ws_listen: Option<String>,
+    pub amqp_listen: Option<String>,
+    pub sqs_listen: Option<String>,
+    pub rocketmq_listen: Option<String>,
+    pub namesrv_listen: Option<String>,
+    pub core: Option<String>,
+    pub storage: Option<String>,
+    pub fsync: Option<String>,
+    pub segment_bytes: Option<u64>,
+    pub default_partitions: Option<u32>,
+    pub auto_create_streams: Option<bool>,
+    pub retention_ms: Option<i64>,
+    pub retention_bytes: Option<i64>,
+    pub max_message_bytes: Option<i64>,
+    pub retention_check_interval_ms: Option<u64>,
+    pub log: Option<String>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; check the path given to --config")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid value '{value}' for {setting}: {reason}")]
+    Invalid { setting: String, value: String, reason: String },
+}
+
+/// A listener that is either off or bound to an address (port 0 = pick a free one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listen {
+    Off,
+    At(SocketAddr),
+}
+
+impl Listen {
+    pub fn addr(self) -> Option<SocketAddr> {
+        match self {
+            Listen::Off => None,
+            Listen::At(a) => Some(a),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StorageKind {
+    Local,
+    Memory,
+}
+
+/// Everything resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub data_dir: PathBuf,
+    pub core_listen: Listen,
+    pub admin_listen: Listen,
+    pub kafka_listen: Listen,
+    pub mqtt_listen: Listen,
+    pub mqtt_ws_listen: Listen,
+    pub amqp_listen: Listen,
+    pub sqs_listen: Listen,
+    pub rocketmq_listen: Listen,
+    pub namesrv_listen: Listen,
+    pub core: String,
+    pub storage: StorageKind,
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    pub default_partitions: u32,
+    pub auto_create_streams: bool,
+    pub retention_ms: i64,
+    pub retention_bytes: i64,
+    pub max_message_bytes: i64,
+    pub retention_check_interval: Duration,
+    pub log: String,
+}
+
+/// The name of a setting in all three spellings, for error messages.
+fn setting_name(key: &str) -> String {
+    format!("--{} / TRIBUTARY_{} / {key}", key.replace('_', "-"), key.to_uppercase())
+}
+
+fn invalid(key: &str, value: impl ToString, reason: impl ToString) -> ConfigError {
+    ConfigError::Invalid { setting: setting_name(key), value: value.to_string(), reason: reason.to_string() }
+}
+
+fn parse_listen(key: &str, value: &str) -> Result<Listen, ConfigError> {
+    if value.eq_ignore_ascii_case("off") {
+        return Ok(Listen::Off);
+    }
+    let mut addrs = value
+        .to_socket_addrs()
+        .map_err(|e| invalid(key, value, format!("expected HOST:PORT or off ({e})")))?;
+    addrs.next().map(Listen::At).ok_or_else(|| invalid(key, value, "the host resolves to no address"))
+}
+
+fn parse_fsync(value: &str) -> Result<FsyncPolicy, ConfigError> {
+    if value == "always" {
+        return Ok(FsyncPolicy::Always);
+    }
+    let ms = value
+        .strip_suffix("ms")
+        .and_then(|n| n.trim().parse::<u64>().ok())
+        .filter(|n| (1..=10_000).contains(n))
+        .ok_or_else(|| invalid("fsync", value, "expected \"always\" or an interval of 1ms to 10000ms such as \"5ms\""))?;
+    Ok(FsyncPolicy::Interval(Duration::from_millis(ms)))
+}
+
+impl Settings {
+    pub fn from_cli(options: &Options) -> Result<Self, ConfigError> {
+        let file = match &options.config {
+            Some(path) => load_file(path)?,
+            None => FileConfig::default(),
+        };
+        Self::resolve(options, &file)
+    }
+
+    pub fn resolve(o: &Options, f: &FileConfig) -> Result<Self, ConfigError> {
+        macro_rules! pick {
+            ($field:ident, $default:expr) => {
+                o.$field.clone().or_else(|| f.$field.clone()).unwrap_or_else(|| $default.into())
+            };
+        }
+        macro_rules! listen {
+            ($field:ident, $default:expr) => {
+                parse_listen(stringify!($field), &pick!($field, $default))?
+            };
+        }
+        let storage = match pick!(storage, "local").as_str() {
+            "local" => StorageKind::Local,
+            "memory" => StorageKind::Memory,
+            other => return Err(invalid("storage", other, "expected local or memory")),
+        };
+        let segment_bytes: u64 = pick!(segment_bytes, 1u64 << 30);
+        if !(1 << 20..=1 << 40).contains(&segment_bytes) {
+            return Err(invalid("segment_bytes", segment_bytes, "expected 1 MiB to 1 TiB"));
+        }
+        let default_partitions: u32 = pick!(default_partitions, 1u32);
+        if !(1..=10_000).contains(&default_partitions) {
+            return Err(invalid("default_partitions", default_partitions, "expected 1 to 10000"));
+        }
+        let retention_ms: i64 = pick!(retention_ms, 7 * 24 * 3600 * 1000i64);
+        if retention_ms < -1 {
+            return Err(invalid("retention_ms", retention_ms, "expected -1 (forever) or a number of ms"));
+        }
+        let retention_bytes: i64 = pick!(retention_bytes, -1i64);
+        if retention_bytes < -1 {
+            return Err(invalid("retention_bytes", retention_bytes, "expected -1 (unlimited) or a number of bytes"));
+        }
+        let max_message_bytes: i64 = pick!(max_message_bytes, 1_048_588i64);
+        if !(1..=1 << 30).contains(&max_message_bytes) {
+            return Err(invalid("max_message_bytes", max_message_bytes, "expected 1 to 1073741824"));
+        }
+        let check_ms: u64 = pick!(retention_check_interval_ms, 300_000u64);
+        if check_ms < 10 {
+            return Err(invalid("retention_check_interval_ms", check_ms, "expected at least 10"));
+        }
+        let core = pick!(core, "http://127.0.0.1:7400");
+        if !(core.starts_with("http://") || core.starts_with("https://")) {
+            return Err(invalid("core", &core, "expected a URL such as http://127.0.0.1:7400"));
+        }
+        Ok(Self {
+            data_dir: pick!(data_dir, PathBuf::from("./data")),
+            core_listen: listen!(core_listen, "0.0.0.0:7400"),
+            admin_listen: listen!(admin_listen, "0.0.0.0:7480"),
+            kafka_listen: listen!(kafka_listen, "0.0.0.0:9092"),
+            mqtt_listen: listen!(mqtt_listen, "0.0.0.0:1883"),
+            mqtt_ws_listen: listen!(mqtt_ws_listen, "0.0.0.0:8083"),
+            amqp_listen: listen!(amqp_listen, "0.0.0.0:5672"),
+            sqs_listen: listen!(sqs_listen, "0.0.0.0:9324"),
+            rocketmq_listen: listen!(rocketmq_listen, "0.0.0.0:10911"),
+            namesrv_listen: listen!(namesrv_listen, "0.0.0.0:9876"),
+            core,
+            storage,
+            fsync: parse_fsync(&pick!(fsync, "always"))?,
+            segment_bytes,
+            default_partitions,
+            auto_create_streams: pick!(auto_create_streams, true),
+            retention_ms,
+            retention_bytes,
+            max_message_bytes,
+            retention_check_interval: Duration::from_millis(check_ms),
+            log: pick!(log, "info"),
+        })
+    }
+
+    /// The gateway listeners, by protocol name and the flag that sets each.
+    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 7] {
+        [
+            ("kafka", "--kafka-listen", self.kafka_listen),
+            ("mqtt", "--mqtt-listen", self.mqtt_listen),
+            ("mqtt-ws", "--mqtt-ws-listen", self.mqtt_ws_listen),
+            ("amqp", "--amqp-listen", self.amqp_listen),
+            ("sqs", "--sqs-listen", self.sqs_listen),
+            ("rocketmq", "--rocketmq-listen", self.rocketmq_listen),
+            ("namesrv", "--namesrv-listen", self.namesrv_listen),
+        ]
+    }
+}
+
+fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.into(),
+        // toml's message names the key and line; keep it to one line.
+        message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" "),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn flag_beats_file_beats_default() {
+        let file = FileConfig { kafka_listen: Some("127.0.0.1:1".into()), mqtt_listen: Some("off".into()), ..Default::default() };
+        let opts = Options { kafka_listen: Some("127.0.0.1:2".into()), ..Default::default() };
+        let s = Settings::resolve(&opts, &file).unwrap();
+        assert_eq!(s.kafka_listen, Listen::At("127.0.0.1:2".parse().unwrap()));
+        assert_eq!(s.mqtt_listen, Listen::Off);
+        assert_eq!(s.amqp_listen, Listen::At("0.0.0.0:5672".parse().unwrap()));
+        assert_eq!(s.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn bad_values_name_the_setting() {
+        let opts = Options { fsync: Some("sometimes".into()), ..Default::default() };
+        let e = Settings::resolve(&opts, &FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("--fsync / TRIBUTARY_FSYNC / fsync"), "{e}");
+        let opts = Options { core_listen: Some("nonsense".into()), ..Default::default() };
+        let e = Settings::resolve(&opts, &FileConfig::default()).unwrap_err().to_string();
+        assert!(e.contains("--core-listen"), "{e}");
+        assert_eq!(parse_fsync("5ms").unwrap(), FsyncPolicy::Interval(Duration::from_millis(5)));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.toml");
+        std::fs::write(&path, "data_dir = \"x\"\nkafka_lisen = \"0.0.0.0:1\"\n").unwrap();
+        let e = load_file(&path).unwrap_err().to_string();
+        assert!(e.contains("kafka_lisen"), "{e}");
+        assert!(!e.contains('\n'));
+    }
+
+    #[test]
+    fn the_example_config_lists_every_key_with_its_default() {
+        let text = include_str!("../tributary.example.toml");
+        let uncommented: String = text
+            .lines()
+            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(l))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let file: FileConfig = toml::from_str(&uncommented).expect("example parses with every key uncommented");
+        let from_example = Settings::resolve(&Options::default(), &file).unwrap();
+        let defaults = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
+        assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
+        for key in [
+            "data_dir", "core_listen", "admin_listen", "kafka_listen", "mqtt_listen", "mqtt_ws_listen", "amqp_listen",
+            "sqs_listen", "rocketmq_listen", "namesrv_listen", "core", "storage", "fsync", "segment_bytes",
+            "default_partitions", "auto_create_streams", "retention_ms", "retention_bytes", "max_message_bytes",
+            "retention_check_interval_ms", "log",
+        ] {
+            assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");
+        }
+    }
+}

@@ -1,0 +1,6 @@
+//! The `tributary` binary's library: configuration, the admin HTTP API and process wiring.
+//! Integration tests drive the real binary; this library keeps `main.rs` small.
+
+pub mod admin;
+pub mod config;
+pub mod server;

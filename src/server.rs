@@ -1,0 +1,216 @@
+//! Starting and stopping the processes: standalone (core + gateways), core alone, one gateway.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{error, info, warn};
+use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
+use tributary_gateway_common::{ListenError, bind};
+use tributary_storage::local::{LocalLogConfig, LocalLogStore};
+use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
+use tributary_storage::redb_meta::RedbMetaStore;
+use tributary_storage::{LogStore, MetaStore, StorageError};
+
+use crate::admin::{self, AdminState};
+use crate::config::{Listen, Settings, StorageKind};
+
+/// Protocols whose gateway ships in this build. Empty until the gateway issues land.
+pub const AVAILABLE_GATEWAYS: &[&str] = &[];
+/// Protocols a gateway is planned for.
+pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot use data directory {path}: {source}; fix its permissions or choose another --data-dir")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Storage(#[from] StorageError),
+    #[error("{0}")]
+    Listen(#[from] ListenError),
+    #[error("{0}")]
+    Core(#[from] CoreError),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+/// Where a running server's listeners ended up (port 0 resolved).
+#[derive(Debug, Clone, Default)]
+pub struct Bound {
+    pub core: Option<SocketAddr>,
+    pub admin: Option<SocketAddr>,
+}
+
+/// What the process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Standalone,
+    CoreOnly,
+}
+
+/// A started server; [`Server::shutdown`] stops it cleanly.
+pub struct Server {
+    pub bound: Bound,
+    core: Core,
+    stop: watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn open_storage(settings: &Settings) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), StartError> {
+    match settings.storage {
+        StorageKind::Memory => Ok((Arc::new(MemoryLogStore::new()), Arc::new(MemoryMetaStore::new()))),
+        StorageKind::Local => {
+            let dir = &settings.data_dir;
+            std::fs::create_dir_all(dir)
+                .and_then(|_| std::fs::read_dir(dir).map(|_| ()))
+                .map_err(|source| StartError::DataDir { path: dir.display().to_string(), source })?;
+            let log = LocalLogStore::open(
+                dir.join("log"),
+                LocalLogConfig { segment_bytes: settings.segment_bytes, fsync: settings.fsync, ..Default::default() },
+            )?;
+            let meta = RedbMetaStore::open(dir.join("meta.redb"))?;
+            Ok((log, Arc::new(meta)))
+        }
+    }
+}
+
+async fn bind_listen(listen: Listen, what: &str, flag: &str) -> Result<Option<TcpListener>, StartError> {
+    match listen.addr() {
+        None => Ok(None),
+        Some(addr) => Ok(Some(bind(addr, what, flag).await?)),
+    }
+}
+
+impl Server {
+    /// Binds every listener first (so a port in use fails before any data is touched), then
+    /// opens storage and the core, then starts serving.
+    pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
+        let core_listener = bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
+        let admin_listener = bind_listen(settings.admin_listen, "the admin HTTP API", "--admin-listen").await?;
+        if mode == Mode::Standalone {
+            let missing: Vec<_> = settings
+                .gateway_listeners()
+                .into_iter()
+                .filter(|(protocol, _, listen)| *listen != Listen::Off && !AVAILABLE_GATEWAYS.contains(protocol))
+                .map(|(_, flag, _)| flag)
+                .collect();
+            if !missing.is_empty() {
+                info!("gateways not in this build yet, so these listeners are not opened: {}", missing.join(" "));
+            }
+        }
+
+        let (log, meta) = open_storage(settings)?;
+        let config = CoreConfig {
+            default_partitions: settings.default_partitions,
+            auto_create_streams: settings.auto_create_streams,
+            stream_defaults: StreamDefaults {
+                retention_ms: settings.retention_ms,
+                retention_bytes: settings.retention_bytes,
+                max_message_bytes: settings.max_message_bytes,
+            },
+            retention_check_interval: settings.retention_check_interval,
+            ..CoreConfig::default()
+        };
+        let core = Core::open(log, meta, config).await?;
+        let (stop, _) = watch::channel(false);
+        let ready = Arc::new(AtomicBool::new(false));
+        let mut tasks = Vec::new();
+        let mut bound = Bound::default();
+
+        if let Some(listener) = core_listener {
+            let addr = listener.local_addr().ok();
+            bound.core = addr;
+            let routes = tributary_core::grpc::routes(core.clone());
+            let mut stop_rx = stop.subscribe();
+            tasks.push(tokio::spawn(async move {
+                let incoming = TcpListenerStream::new(listener);
+                let server = tonic::transport::Server::builder()
+                    .tcp_nodelay(true)
+                    .http2_adaptive_window(Some(true))
+                    .add_routes(routes)
+                    .serve_with_incoming_shutdown(incoming, async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    });
+                if let Err(e) = server.await {
+                    error!(error = %e, "core gRPC server failed");
+                }
+            }));
+        }
+        if let Some(listener) = admin_listener {
+            bound.admin = listener.local_addr().ok();
+            let state = AdminState { core: core.clone(), ready: ready.clone(), prometheus: admin::prometheus() };
+            let mut stop_rx = stop.subscribe();
+            tasks.push(tokio::spawn(async move {
+                let served = axum::serve(listener, admin::router(state))
+                    .with_graceful_shutdown(async move {
+                        let _ = stop_rx.wait_for(|s| *s).await;
+                    })
+                    .await;
+                if let Err(e) = served {
+                    error!(error = %e, "admin HTTP server failed");
+                }
+            }));
+        }
+        // Every listener is bound and its accept loop is spawned: connections are queued by
+        // the kernel from bind on and served as soon as the loops run.
+        ready.store(true, Ordering::Release);
+        Ok(Self { bound, core, stop, tasks })
+    }
+
+    pub fn core(&self) -> &Core {
+        &self.core
+    }
+
+    /// Stops accepting, lets in-flight requests finish (bounded), then flushes and fsyncs
+    /// storage. Returns once the data directory is closed cleanly.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        self.stop.send_replace(true);
+        // Shutting the core down first wakes long-polling fetches so the servers can drain.
+        let closed = self.core.shutdown().await;
+        let drain = futures_join_all(self.tasks);
+        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+            warn!("some connections were still open after 5 s; closing them");
+        }
+        closed?;
+        Ok(())
+    }
+}
+
+async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+/// Waits for SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing a SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("installing a SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM received; shutting down"),
+        _ = int.recv() => info!("SIGINT received; shutting down"),
+    }
+}
+
+/// `tributary gateway <protocol>`: refused honestly until that gateway exists.
+pub fn gateway_unavailable(protocol: &str) -> StartError {
+    if KNOWN_GATEWAYS.contains(&protocol) {
+        StartError::Unavailable(format!(
+            "the {protocol} gateway is not part of this build yet; run `tributary standalone` or `tributary core` instead"
+        ))
+    } else {
+        StartError::Unavailable(format!(
+            "unknown protocol '{protocol}'; expected one of: {}",
+            KNOWN_GATEWAYS.join(", ")
+        ))
+    }
+}
