@@ -9,9 +9,11 @@ use std::convert::Infallible;
 use prost::Message;
 use tonic::body::Body;
 use tonic::service::Routes;
-use tonic::transport::Endpoint;
-use tower::ServiceExt;
-use tower::util::BoxCloneSyncService;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
     ErrorCode, ErrorDetail, admin_client::AdminClient, groups_client::GroupsClient,
     offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
@@ -21,8 +23,43 @@ use tributary_proto::v1::{
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// The transport under every core client.
-pub type CoreTransport = BoxCloneSyncService<http::Request<Body>, http::Response<Body>, BoxError>;
+/// The transport under every core client: a network channel or the core's own services.
+///
+/// A concrete enum rather than a boxed service: with a boxed `dyn Service`, futures of
+/// client calls stop being provably `Send` for every lifetime and cannot be spawned.
+#[derive(Clone)]
+pub enum CoreTransport {
+    Network(Channel),
+    InProcess(Routes),
+}
+
+impl tower::Service<http::Request<Body>> for CoreTransport {
+    type Response = http::Response<Body>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        match self {
+            Self::Network(c) => tower::Service::poll_ready(c, cx).map_err(Into::into),
+            Self::InProcess(r) => {
+                tower::Service::<http::Request<Body>>::poll_ready(r, cx).map_err(|e: Infallible| match e {})
+            }
+        }
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        match self {
+            Self::Network(c) => {
+                let fut = tower::Service::call(c, req);
+                Box::pin(async move { fut.await.map_err(Into::into) })
+            }
+            Self::InProcess(r) => {
+                let fut = tower::Service::call(r, req);
+                Box::pin(async move { fut.await.map_err(|e: Infallible| match e {}) })
+            }
+        }
+    }
+}
 
 /// Largest message either way; matches the core's limit.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -74,10 +111,7 @@ impl CoreClient {
 
     /// A client that calls the core's services in this process.
     pub fn in_process(routes: Routes) -> Self {
-        let svc = ServiceExt::<http::Request<Body>>::map_err(routes, |e: Infallible| -> BoxError {
-            match e {}
-        });
-        Self::from_transport(BoxCloneSyncService::new(svc))
+        Self::from_transport(CoreTransport::InProcess(routes))
     }
 
     /// A client for a core across the network (`http://host:7400`). Connects lazily and
@@ -87,9 +121,7 @@ impl CoreClient {
             .map_err(|source| ConnectError::InvalidAddress { address: address.into(), source })?
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
-        let channel = endpoint.connect_lazy();
-        let svc = channel.map_err(|e| -> BoxError { Box::new(e) });
-        Ok(Self::from_transport(BoxCloneSyncService::new(svc)))
+        Ok(Self::from_transport(CoreTransport::Network(endpoint.connect_lazy())))
     }
 }
 

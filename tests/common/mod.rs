@@ -1,0 +1,130 @@
+//! Starting the real `tributary` binary as a child process on free ports.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tributary_gateway_common::CoreClient;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
+
+/// Flags that put every listener on a free loopback port.
+pub fn free_port_args(data_dir: &Path) -> Vec<String> {
+    let mut args = vec!["--data-dir".to_string(), data_dir.display().to_string()];
+    for flag in ["--core-listen", "--admin-listen"] {
+        args.extend([flag.to_string(), "127.0.0.1:0".into()]);
+    }
+    for flag in [
+        "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen", "--amqp-listen", "--sqs-listen",
+        "--rocketmq-listen", "--namesrv-listen",
+    ] {
+        args.extend([flag.to_string(), "off".into()]);
+    }
+    args
+}
+
+pub struct Server {
+    pub child: Child,
+    pub core: SocketAddr,
+    pub admin: Option<SocketAddr>,
+}
+
+impl Server {
+    /// Starts the binary and waits (bounded) for its `ready` line.
+    pub fn start(args: &[String]) -> Server {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .env("TRIBUTARY_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn tributary");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                if tx.send(line).is_err() {
+                    return;
+                }
+            }
+        });
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let (mut core, mut admin) = (None, None);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = match rx.recv_timeout(left) {
+                Ok(line) => line,
+                Err(_) => {
+                    let _ = child.kill();
+                    panic!("tributary did not print 'ready' (status {:?})", child.wait().ok());
+                }
+            };
+            if let Some(a) = line.strip_prefix("listening core ") {
+                core = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("listening admin ") {
+                admin = Some(a.parse().unwrap());
+            } else if line == "ready" {
+                break;
+            }
+        }
+        Server { child, core: core.expect("core listener"), admin }
+    }
+
+    pub fn client(&self) -> CoreClient {
+        CoreClient::connect_lazy(&format!("http://{}", self.core)).unwrap()
+    }
+
+    pub fn kill9(mut self) {
+        self.child.kill().unwrap(); // SIGKILL
+        self.child.wait().unwrap();
+    }
+
+    /// Sends a signal by name and waits for the exit, failing after `limit`.
+    pub fn signal_and_wait(mut self, signal: &str, limit: Duration) -> ExitStatus {
+        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        assert!(status.success());
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!("tributary did not exit within {limit:?} of SIG{signal}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the binary to completion, expecting it to fail; returns (exit code, stderr).
+pub fn run_expect_failure(args: &[String]) -> (i32, String) {
+    let out = Command::new(BIN).args(args).env("TRIBUTARY_LOG", "warn").output().unwrap();
+    assert!(!out.status.success(), "expected failure, got success; stderr: {}", String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+/// A plain HTTP/1.0 GET, enough for the admin API. Returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    (status, body)
+}
