@@ -31,7 +31,10 @@ pub fn prometheus() -> PrometheusHandle {
             let recorder = PrometheusBuilder::new()
                 .set_buckets_for_metric(
                     Matcher::Full("tributary_storage_fsync_seconds".into()),
-                    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0],
+                    &[
+                        0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                        0.25, 1.0,
+                    ],
                 )
                 .expect("bucket list is not empty")
                 .build_recorder();
@@ -65,18 +68,26 @@ async fn healthz(State(s): State<AdminState>) -> Response {
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     s.prometheus.run_upkeep();
-    ([("content-type", "text/plain; version=0.0.4")], s.prometheus.render()).into_response()
+    (
+        [("content-type", "text/plain; version=0.0.4")],
+        s.prometheus.render(),
+    )
+        .into_response()
 }
 
 fn error(e: CoreError) -> Response {
     let status = match e.code() {
-        v1::ErrorCode::StreamNotFound | v1::ErrorCode::NamespaceNotFound | v1::ErrorCode::GroupNotFound => {
-            StatusCode::NOT_FOUND
-        }
+        v1::ErrorCode::StreamNotFound
+        | v1::ErrorCode::NamespaceNotFound
+        | v1::ErrorCode::GroupNotFound => StatusCode::NOT_FOUND,
         v1::ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
-    (status, Json(json!({ "error": e.code().as_str_name(), "message": e.to_string() }))).into_response()
+    (
+        status,
+        Json(json!({ "error": e.code().as_str_name(), "message": e.to_string() })),
+    )
+        .into_response()
 }
 
 fn stream_json(s: &v1::StreamInfo) -> Value {
@@ -116,13 +127,21 @@ async fn namespaces(State(s): State<AdminState>) -> Response {
 
 async fn streams(State(s): State<AdminState>) -> Response {
     match s.core.list_all_streams().await {
-        Ok(list) => Json(json!({ "streams": list.iter().map(stream_json).collect::<Vec<_>>() })).into_response(),
+        Ok(list) => Json(json!({ "streams": list.iter().map(stream_json).collect::<Vec<_>>() }))
+            .into_response(),
         Err(e) => error(e),
     }
 }
 
-async fn stream(State(s): State<AdminState>, Path((namespace, name)): Path<(String, String)>) -> Response {
-    match s.core.describe_stream(&v1::StreamId::new(namespace, name)).await {
+async fn stream(
+    State(s): State<AdminState>,
+    Path((namespace, name)): Path<(String, String)>,
+) -> Response {
+    match s
+        .core
+        .describe_stream(&v1::StreamId::new(namespace, name))
+        .await
+    {
         Ok(info) => Json(stream_json(&info)).into_response(),
         Err(e) => error(e),
     }
@@ -134,7 +153,11 @@ struct GroupQuery {
 }
 
 async fn groups(State(s): State<AdminState>, Query(q): Query<GroupQuery>) -> Response {
-    match s.core.list_groups(q.namespace.as_deref().unwrap_or_default()).await {
+    match s
+        .core
+        .list_groups(q.namespace.as_deref().unwrap_or_default())
+        .await
+    {
         Ok(list) => Json(json!({
             "groups": list.iter().map(|g| json!({
                 "namespace": g.namespace,

@@ -14,7 +14,11 @@ use serde::Deserialize;
 use tributary_storage::local::FsyncPolicy;
 
 #[derive(Debug, Parser)]
-#[command(name = "tributary", version, about = "Converged message queue: MQTT, Kafka, AMQP 0-9-1, RocketMQ and SQS over one core")]
+#[command(
+    name = "tributary",
+    version,
+    about = "Converged message queue: MQTT, Kafka, AMQP 0-9-1, RocketMQ and SQS over one core"
+)]
 pub struct Cli {
     #[command(subcommand)]
     pub command: Option<Command>,
@@ -90,10 +94,20 @@ pub struct Options {
     #[arg(long, env = "TRIBUTARY_AUTO_CREATE_STREAMS", global = true)]
     pub auto_create_streams: Option<bool>,
     /// Default retention by age in ms (-1 = forever).
-    #[arg(long, env = "TRIBUTARY_RETENTION_MS", global = true, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "TRIBUTARY_RETENTION_MS",
+        global = true,
+        allow_negative_numbers = true
+    )]
     pub retention_ms: Option<i64>,
     /// Default retention by size per partition in bytes (-1 = unlimited).
-    #[arg(long, env = "TRIBUTARY_RETENTION_BYTES", global = true, allow_negative_numbers = true)]
+    #[arg(
+        long,
+        env = "TRIBUTARY_RETENTION_BYTES",
+        global = true,
+        allow_negative_numbers = true
+    )]
     pub retention_bytes: Option<i64>,
     /// Default largest batch a stream accepts, in bytes.
     #[arg(long, env = "TRIBUTARY_MAX_MESSAGE_BYTES", global = true)]
@@ -144,7 +158,11 @@ pub enum ConfigError {
     #[error("config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid value '{value}' for {setting}: {reason}")]
-    Invalid { setting: String, value: String, reason: String },
+    Invalid {
+        setting: String,
+        value: String,
+        reason: String,
+    },
 }
 
 /// A listener that is either off or bound to an address (port 0 = pick a free one).
@@ -197,11 +215,19 @@ pub struct Settings {
 
 /// The name of a setting in all three spellings, for error messages.
 fn setting_name(key: &str) -> String {
-    format!("--{} / TRIBUTARY_{} / {key}", key.replace('_', "-"), key.to_uppercase())
+    format!(
+        "--{} / TRIBUTARY_{} / {key}",
+        key.replace('_', "-"),
+        key.to_uppercase()
+    )
 }
 
 fn invalid(key: &str, value: impl ToString, reason: impl ToString) -> ConfigError {
-    ConfigError::Invalid { setting: setting_name(key), value: value.to_string(), reason: reason.to_string() }
+    ConfigError::Invalid {
+        setting: setting_name(key),
+        value: value.to_string(),
+        reason: reason.to_string(),
+    }
 }
 
 fn parse_listen(key: &str, value: &str) -> Result<Listen, ConfigError> {
@@ -211,7 +237,10 @@ fn parse_listen(key: &str, value: &str) -> Result<Listen, ConfigError> {
     let mut addrs = value
         .to_socket_addrs()
         .map_err(|e| invalid(key, value, format!("expected HOST:PORT or off ({e})")))?;
-    addrs.next().map(Listen::At).ok_or_else(|| invalid(key, value, "the host resolves to no address"))
+    addrs
+        .next()
+        .map(Listen::At)
+        .ok_or_else(|| invalid(key, value, "the host resolves to no address"))
 }
 
 fn parse_fsync(value: &str) -> Result<FsyncPolicy, ConfigError> {
@@ -222,7 +251,13 @@ fn parse_fsync(value: &str) -> Result<FsyncPolicy, ConfigError> {
         .strip_suffix("ms")
         .and_then(|n| n.trim().parse::<u64>().ok())
         .filter(|n| (1..=10_000).contains(n))
-        .ok_or_else(|| invalid("fsync", value, "expected \"always\" or an interval of 1ms to 10000ms such as \"5ms\""))?;
+        .ok_or_else(|| {
+            invalid(
+                "fsync",
+                value,
+                "expected \"always\" or an interval of 1ms to 10000ms such as \"5ms\"",
+            )
+        })?;
     Ok(FsyncPolicy::Interval(Duration::from_millis(ms)))
 }
 
@@ -238,7 +273,10 @@ impl Settings {
     pub fn resolve(o: &Options, f: &FileConfig) -> Result<Self, ConfigError> {
         macro_rules! pick {
             ($field:ident, $default:expr) => {
-                o.$field.clone().or_else(|| f.$field.clone()).unwrap_or_else(|| $default.into())
+                o.$field
+                    .clone()
+                    .or_else(|| f.$field.clone())
+                    .unwrap_or_else(|| $default.into())
             };
         }
         macro_rules! listen {
@@ -253,31 +291,59 @@ impl Settings {
         };
         let segment_bytes: u64 = pick!(segment_bytes, 1u64 << 30);
         if !(1 << 20..=1 << 40).contains(&segment_bytes) {
-            return Err(invalid("segment_bytes", segment_bytes, "expected 1 MiB to 1 TiB"));
+            return Err(invalid(
+                "segment_bytes",
+                segment_bytes,
+                "expected 1 MiB to 1 TiB",
+            ));
         }
         let default_partitions: u32 = pick!(default_partitions, 1u32);
         if !(1..=10_000).contains(&default_partitions) {
-            return Err(invalid("default_partitions", default_partitions, "expected 1 to 10000"));
+            return Err(invalid(
+                "default_partitions",
+                default_partitions,
+                "expected 1 to 10000",
+            ));
         }
         let retention_ms: i64 = pick!(retention_ms, 7 * 24 * 3600 * 1000i64);
         if retention_ms < -1 {
-            return Err(invalid("retention_ms", retention_ms, "expected -1 (forever) or a number of ms"));
+            return Err(invalid(
+                "retention_ms",
+                retention_ms,
+                "expected -1 (forever) or a number of ms",
+            ));
         }
         let retention_bytes: i64 = pick!(retention_bytes, -1i64);
         if retention_bytes < -1 {
-            return Err(invalid("retention_bytes", retention_bytes, "expected -1 (unlimited) or a number of bytes"));
+            return Err(invalid(
+                "retention_bytes",
+                retention_bytes,
+                "expected -1 (unlimited) or a number of bytes",
+            ));
         }
         let max_message_bytes: i64 = pick!(max_message_bytes, 1_048_588i64);
         if !(1..=1 << 30).contains(&max_message_bytes) {
-            return Err(invalid("max_message_bytes", max_message_bytes, "expected 1 to 1073741824"));
+            return Err(invalid(
+                "max_message_bytes",
+                max_message_bytes,
+                "expected 1 to 1073741824",
+            ));
         }
         let check_ms: u64 = pick!(retention_check_interval_ms, 300_000u64);
         if check_ms < 10 {
-            return Err(invalid("retention_check_interval_ms", check_ms, "expected at least 10"));
+            return Err(invalid(
+                "retention_check_interval_ms",
+                check_ms,
+                "expected at least 10",
+            ));
         }
         let core = pick!(core, "http://127.0.0.1:7400");
         if !(core.starts_with("http://") || core.starts_with("https://")) {
-            return Err(invalid("core", &core, "expected a URL such as http://127.0.0.1:7400"));
+            return Err(invalid(
+                "core",
+                &core,
+                "expected a URL such as http://127.0.0.1:7400",
+            ));
         }
         Ok(Self {
             data_dir: pick!(data_dir, PathBuf::from("./data")),
@@ -319,11 +385,19 @@ impl Settings {
 }
 
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.into(),
+        source,
+    })?;
     toml::from_str(&text).map_err(|e| ConfigError::Parse {
         path: path.into(),
         // toml's message names the key and line; keep it to one line.
-        message: e.to_string().lines().filter(|l| !l.trim().is_empty()).collect::<Vec<_>>().join(" "),
+        message: e
+            .to_string()
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect::<Vec<_>>()
+            .join(" "),
     })
 }
 
@@ -333,8 +407,15 @@ mod tests {
 
     #[test]
     fn flag_beats_file_beats_default() {
-        let file = FileConfig { kafka_listen: Some("127.0.0.1:1".into()), mqtt_listen: Some("off".into()), ..Default::default() };
-        let opts = Options { kafka_listen: Some("127.0.0.1:2".into()), ..Default::default() };
+        let file = FileConfig {
+            kafka_listen: Some("127.0.0.1:1".into()),
+            mqtt_listen: Some("off".into()),
+            ..Default::default()
+        };
+        let opts = Options {
+            kafka_listen: Some("127.0.0.1:2".into()),
+            ..Default::default()
+        };
         let s = Settings::resolve(&opts, &file).unwrap();
         assert_eq!(s.kafka_listen, Listen::At("127.0.0.1:2".parse().unwrap()));
         assert_eq!(s.mqtt_listen, Listen::Off);
@@ -344,13 +425,26 @@ mod tests {
 
     #[test]
     fn bad_values_name_the_setting() {
-        let opts = Options { fsync: Some("sometimes".into()), ..Default::default() };
-        let e = Settings::resolve(&opts, &FileConfig::default()).unwrap_err().to_string();
+        let opts = Options {
+            fsync: Some("sometimes".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&opts, &FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--fsync / TRIBUTARY_FSYNC / fsync"), "{e}");
-        let opts = Options { core_listen: Some("nonsense".into()), ..Default::default() };
-        let e = Settings::resolve(&opts, &FileConfig::default()).unwrap_err().to_string();
+        let opts = Options {
+            core_listen: Some("nonsense".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&opts, &FileConfig::default())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("--core-listen"), "{e}");
-        assert_eq!(parse_fsync("5ms").unwrap(), FsyncPolicy::Interval(Duration::from_millis(5)));
+        assert_eq!(
+            parse_fsync("5ms").unwrap(),
+            FsyncPolicy::Interval(Duration::from_millis(5))
+        );
     }
 
     #[test]
@@ -368,18 +462,44 @@ mod tests {
         let text = include_str!("../tributary.example.toml");
         let uncommented: String = text
             .lines()
-            .map(|l| l.strip_prefix("# ").filter(|r| r.contains(" = ")).unwrap_or(l))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|r| {
+                        r.split_once(" = ").is_some_and(|(k, _)| {
+                            k.chars().all(|c| c.is_ascii_lowercase() || c == '_')
+                        })
+                    })
+                    .unwrap_or(l)
+            })
             .collect::<Vec<_>>()
             .join("\n");
-        let file: FileConfig = toml::from_str(&uncommented).expect("example parses with every key uncommented");
+        let file: FileConfig =
+            toml::from_str(&uncommented).expect("example parses with every key uncommented");
         let from_example = Settings::resolve(&Options::default(), &file).unwrap();
         let defaults = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
         assert_eq!(format!("{from_example:?}"), format!("{defaults:?}"));
         for key in [
-            "data_dir", "core_listen", "admin_listen", "kafka_listen", "mqtt_listen", "mqtt_ws_listen", "amqp_listen",
-            "sqs_listen", "rocketmq_listen", "namesrv_listen", "core", "storage", "fsync", "segment_bytes",
-            "default_partitions", "auto_create_streams", "retention_ms", "retention_bytes", "max_message_bytes",
-            "retention_check_interval_ms", "log",
+            "data_dir",
+            "core_listen",
+            "admin_listen",
+            "kafka_listen",
+            "mqtt_listen",
+            "mqtt_ws_listen",
+            "amqp_listen",
+            "sqs_listen",
+            "rocketmq_listen",
+            "namesrv_listen",
+            "core",
+            "storage",
+            "fsync",
+            "segment_bytes",
+            "default_partitions",
+            "auto_create_streams",
+            "retention_ms",
+            "retention_bytes",
+            "max_message_bytes",
+            "retention_check_interval_ms",
+            "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");
         }

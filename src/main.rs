@@ -17,7 +17,10 @@ fn main() -> ExitCode {
     let filter = match EnvFilter::try_new(&settings.log) {
         Ok(f) => f,
         Err(e) => {
-            eprintln!("error: invalid value '{}' for --log / TRIBUTARY_LOG / log: {e}", settings.log);
+            eprintln!(
+                "error: invalid value '{}' for --log / TRIBUTARY_LOG / log: {e}",
+                settings.log
+            );
             return ExitCode::from(2);
         }
     };
@@ -34,7 +37,10 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

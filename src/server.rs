@@ -26,7 +26,9 @@ pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot use data directory {path}: {source}; fix its permissions or choose another --data-dir")]
+    #[error(
+        "cannot use data directory {path}: {source}; fix its permissions or choose another --data-dir"
+    )]
     DataDir {
         path: String,
         #[source]
@@ -64,17 +66,30 @@ pub struct Server {
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
 
-fn open_storage(settings: &Settings) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), StartError> {
+/// The two stores the core runs on.
+type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
+
+fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
     match settings.storage {
-        StorageKind::Memory => Ok((Arc::new(MemoryLogStore::new()), Arc::new(MemoryMetaStore::new()))),
+        StorageKind::Memory => Ok((
+            Arc::new(MemoryLogStore::new()),
+            Arc::new(MemoryMetaStore::new()),
+        )),
         StorageKind::Local => {
             let dir = &settings.data_dir;
             std::fs::create_dir_all(dir)
                 .and_then(|_| std::fs::read_dir(dir).map(|_| ()))
-                .map_err(|source| StartError::DataDir { path: dir.display().to_string(), source })?;
+                .map_err(|source| StartError::DataDir {
+                    path: dir.display().to_string(),
+                    source,
+                })?;
             let log = LocalLogStore::open(
                 dir.join("log"),
-                LocalLogConfig { segment_bytes: settings.segment_bytes, fsync: settings.fsync, ..Default::default() },
+                LocalLogConfig {
+                    segment_bytes: settings.segment_bytes,
+                    fsync: settings.fsync,
+                    ..Default::default()
+                },
             )?;
             let meta = RedbMetaStore::open(dir.join("meta.redb"))?;
             Ok((log, Arc::new(meta)))
@@ -82,7 +97,11 @@ fn open_storage(settings: &Settings) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaS
     }
 }
 
-async fn bind_listen(listen: Listen, what: &str, flag: &str) -> Result<Option<TcpListener>, StartError> {
+async fn bind_listen(
+    listen: Listen,
+    what: &str,
+    flag: &str,
+) -> Result<Option<TcpListener>, StartError> {
     match listen.addr() {
         None => Ok(None),
         Some(addr) => Ok(Some(bind(addr, what, flag).await?)),
@@ -93,17 +112,28 @@ impl Server {
     /// Binds every listener first (so a port in use fails before any data is touched), then
     /// opens storage and the core, then starts serving.
     pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
-        let core_listener = bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
-        let admin_listener = bind_listen(settings.admin_listen, "the admin HTTP API", "--admin-listen").await?;
+        let core_listener =
+            bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
+        let admin_listener = bind_listen(
+            settings.admin_listen,
+            "the admin HTTP API",
+            "--admin-listen",
+        )
+        .await?;
         if mode == Mode::Standalone {
             let missing: Vec<_> = settings
                 .gateway_listeners()
                 .into_iter()
-                .filter(|(protocol, _, listen)| *listen != Listen::Off && !AVAILABLE_GATEWAYS.contains(protocol))
+                .filter(|(protocol, _, listen)| {
+                    *listen != Listen::Off && !AVAILABLE_GATEWAYS.contains(protocol)
+                })
                 .map(|(_, flag, _)| flag)
                 .collect();
             if !missing.is_empty() {
-                info!("gateways not in this build yet, so these listeners are not opened: {}", missing.join(" "));
+                info!(
+                    "gateways not in this build yet, so these listeners are not opened: {}",
+                    missing.join(" ")
+                );
             }
         }
 
@@ -146,7 +176,11 @@ impl Server {
         }
         if let Some(listener) = admin_listener {
             bound.admin = listener.local_addr().ok();
-            let state = AdminState { core: core.clone(), ready: ready.clone(), prometheus: admin::prometheus() };
+            let state = AdminState {
+                core: core.clone(),
+                ready: ready.clone(),
+                prometheus: admin::prometheus(),
+            };
             let mut stop_rx = stop.subscribe();
             tasks.push(tokio::spawn(async move {
                 let served = axum::serve(listener, admin::router(state))
@@ -162,7 +196,12 @@ impl Server {
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
-        Ok(Self { bound, core, stop, tasks })
+        Ok(Self {
+            bound,
+            core,
+            stop,
+            tasks,
+        })
     }
 
     pub fn core(&self) -> &Core {
@@ -176,7 +215,10 @@ impl Server {
         // Shutting the core down first wakes long-polling fetches so the servers can drain.
         let closed = self.core.shutdown().await;
         let drain = futures_join_all(self.tasks);
-        if tokio::time::timeout(Duration::from_secs(5), drain).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), drain)
+            .await
+            .is_err()
+        {
             warn!("some connections were still open after 5 s; closing them");
         }
         closed?;

@@ -44,7 +44,11 @@ async fn acknowledged_appends_survive_sigkill() {
             client
                 .admin
                 .clone()
-                .create_stream(v1::CreateStreamRequest { id: sid(), partitions: 1, ..Default::default() })
+                .create_stream(v1::CreateStreamRequest {
+                    id: sid(),
+                    partitions: 1,
+                    ..Default::default()
+                })
                 .await
                 .unwrap();
         }
@@ -62,12 +66,24 @@ async fn acknowledged_appends_survive_sigkill() {
                     let mut v = value(round, w, seq).into_bytes();
                     v.resize(size, b'.');
                     let batch = v1::RecordBatch {
-                        records: vec![v1::Record { value: Bytes::from(v), ..Default::default() }],
+                        records: vec![v1::Record {
+                            value: Bytes::from(v),
+                            ..Default::default()
+                        }],
                         ..Default::default()
                     };
-                    let req = v1::AppendRequest { stream: sid(), partition: 0, batch: Some(batch), auto_create: false };
+                    let req = v1::AppendRequest {
+                        stream: sid(),
+                        partition: 0,
+                        batch: Some(batch),
+                        auto_create: false,
+                    };
                     match streams.append(req).await {
-                        Ok(r) => acked.0.lock().unwrap().push((w, seq, r.into_inner().base_offset)),
+                        Ok(r) => acked
+                            .0
+                            .lock()
+                            .unwrap()
+                            .push((w, seq, r.into_inner().base_offset)),
                         Err(_) => return, // the server died under us
                     }
                 }
@@ -92,13 +108,24 @@ async fn acknowledged_appends_survive_sigkill() {
             per_writer.entry(*w).or_default().push((*seq, *off));
         }
         for list in per_writer.values() {
-            assert!(list.windows(2).all(|p| p[0].0 + 1 == p[1].0 && p[0].1 < p[1].1), "{list:?}");
+            assert!(
+                list.windows(2)
+                    .all(|p| p[0].0 + 1 == p[1].0 && p[0].1 < p[1].1),
+                "{list:?}"
+            );
         }
-        acked_total.extend(acked.into_iter().map(|(w, seq, off)| (value(round, w, seq), off)));
+        acked_total.extend(
+            acked
+                .into_iter()
+                .map(|(w, seq, off)| (value(round, w, seq), off)),
+        );
     }
     let server = Server::start(&args);
     verify(&server.client(), &acked_total).await;
-    assert!(acked_total.len() >= ROUNDS, "each round acknowledged something");
+    assert!(
+        acked_total.len() >= ROUNDS,
+        "each round acknowledged something"
+    );
 }
 
 /// Reads the whole partition and checks every acknowledged record is at its offset, and no
@@ -112,7 +139,12 @@ async fn verify(client: &tributary_gateway_common::CoreClient, acked: &[(String,
     loop {
         let resp = streams
             .fetch(v1::FetchRequest {
-                partitions: vec![v1::FetchPartition { stream: sid(), partition: 0, offset: at, max_bytes: 0 }],
+                partitions: vec![v1::FetchPartition {
+                    stream: sid(),
+                    partition: 0,
+                    offset: at,
+                    max_bytes: 0,
+                }],
                 max_bytes: 8 << 20,
                 min_bytes: 0,
                 max_wait_ms: 0,
@@ -140,6 +172,10 @@ async fn verify(client: &tributary_gateway_common::CoreClient, acked: &[(String,
         }
     }
     for (v, off) in acked {
-        assert_eq!(by_offset.get(off), Some(v), "acknowledged {v} missing at offset {off}");
+        assert_eq!(
+            by_offset.get(off),
+            Some(v),
+            "acknowledged {v} missing at offset {off}"
+        );
     }
 }

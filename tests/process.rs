@@ -16,31 +16,73 @@ async fn sigterm_and_sigint_shut_down_cleanly_and_keep_data() {
         let server = Server::start(&args);
         let mut c = server.client();
         let id = Some(v1::StreamId::new("default", signal));
-        c.admin.create_stream(v1::CreateStreamRequest { id: id.clone(), partitions: 1, ..Default::default() }).await.unwrap();
-        let batch = v1::RecordBatch { records: vec![v1::Record { value: "v".into(), ..Default::default() }], ..Default::default() };
-        c.streams.append(v1::AppendRequest { stream: id, partition: 0, batch: Some(batch), auto_create: false }).await.unwrap();
+        c.admin
+            .create_stream(v1::CreateStreamRequest {
+                id: id.clone(),
+                partitions: 1,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let batch = v1::RecordBatch {
+            records: vec![v1::Record {
+                value: "v".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        c.streams
+            .append(v1::AppendRequest {
+                stream: id,
+                partition: 0,
+                batch: Some(batch),
+                auto_create: false,
+            })
+            .await
+            .unwrap();
         // A long-poll in flight must not hold the shutdown up.
         let mut reader = c.clone();
         let parked = tokio::spawn(async move {
             let _ = reader
                 .streams
                 .fetch(v1::FetchRequest {
-                    partitions: vec![v1::FetchPartition { stream: Some(v1::StreamId::new("default", signal)), partition: 0, offset: 1, max_bytes: 0 }],
+                    partitions: vec![v1::FetchPartition {
+                        stream: Some(v1::StreamId::new("default", signal)),
+                        partition: 0,
+                        offset: 1,
+                        max_bytes: 0,
+                    }],
                     max_bytes: 1024,
                     min_bytes: 1,
                     max_wait_ms: 600_000,
                 })
                 .await;
         });
-        let status = tokio::task::spawn_blocking(move || server.signal_and_wait(signal, Duration::from_secs(10))).await.unwrap();
+        let status = tokio::task::spawn_blocking(move || {
+            server.signal_and_wait(signal, Duration::from_secs(10))
+        })
+        .await
+        .unwrap();
         assert!(status.success(), "SIG{signal}: exit {status:?}");
-        assert!(dir.path().join("log/.clean-shutdown").exists(), "clean marker after SIG{signal}");
+        assert!(
+            dir.path().join("log/.clean-shutdown").exists(),
+            "clean marker after SIG{signal}"
+        );
         parked.await.unwrap();
     }
     let server = Server::start(&args);
     let mut c = server.client();
-    let streams = c.admin.list_streams(v1::ListStreamsRequest::default()).await.unwrap().into_inner().streams;
-    let ends: Vec<_> = streams.iter().map(|s| s.partition_info[0].end_offset).collect();
+    let streams = c
+        .admin
+        .list_streams(v1::ListStreamsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .streams;
+    let ends: Vec<_> = streams
+        .iter()
+        .map(|s| s.partition_info[0].end_offset)
+        .collect();
     assert_eq!(ends, vec![1, 1]);
 }
 
@@ -54,8 +96,15 @@ fn a_port_in_use_fails_before_touching_data() {
     args[i + 1] = taken.local_addr().unwrap().to_string();
     let (code, stderr) = run_expect_failure(&args);
     assert_ne!(code, 0);
-    assert!(stderr.contains("in use") && stderr.contains("--core-listen"), "{stderr}");
-    assert_eq!(stderr.lines().filter(|l| l.starts_with("error:")).count(), 1, "{stderr}");
+    assert!(
+        stderr.contains("in use") && stderr.contains("--core-listen"),
+        "{stderr}"
+    );
+    assert_eq!(
+        stderr.lines().filter(|l| l.starts_with("error:")).count(),
+        1,
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
     assert!(!data.exists(), "the data directory was created");
 }
@@ -75,11 +124,17 @@ fn bad_config_is_refused_with_the_key_named() {
     args.extend(["--fsync".into(), "sometimes".into()]);
     let (code, stderr) = run_expect_failure(&args);
     assert_eq!(code, 2);
-    assert!(stderr.contains("--fsync") && stderr.contains("sometimes"), "{stderr}");
+    assert!(
+        stderr.contains("--fsync") && stderr.contains("sometimes"),
+        "{stderr}"
+    );
 
     let (code, stderr) = run_expect_failure(&["gateway".into(), "kafka".into()]);
     assert_eq!(code, 2);
-    assert!(stderr.contains("kafka gateway is not part of this build"), "{stderr}");
+    assert!(
+        stderr.contains("kafka gateway is not part of this build"),
+        "{stderr}"
+    );
     assert!(!dir.path().join("data").exists());
 }
 
@@ -90,7 +145,10 @@ fn an_unusable_data_dir_is_named() {
     std::fs::write(&file, "x").unwrap();
     let (code, stderr) = run_expect_failure(&free_port_args(&file));
     assert_ne!(code, 0);
-    assert!(stderr.contains("not-a-dir") && stderr.contains("--data-dir"), "{stderr}");
+    assert!(
+        stderr.contains("not-a-dir") && stderr.contains("--data-dir"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,12 +158,37 @@ async fn a_corrupt_segment_stops_start_up_without_changing_it() {
     let server = Server::start(&args);
     let mut c = server.client();
     let id = Some(v1::StreamId::new("default", "precious"));
-    c.admin.create_stream(v1::CreateStreamRequest { id: id.clone(), partitions: 1, ..Default::default() }).await.unwrap();
+    c.admin
+        .create_stream(v1::CreateStreamRequest {
+            id: id.clone(),
+            partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
     for i in 0..10 {
-        let batch = v1::RecordBatch { records: vec![v1::Record { value: format!("value {i}").into(), ..Default::default() }], ..Default::default() };
-        c.streams.append(v1::AppendRequest { stream: id.clone(), partition: 0, batch: Some(batch), auto_create: false }).await.unwrap();
+        let batch = v1::RecordBatch {
+            records: vec![v1::Record {
+                value: format!("value {i}").into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        c.streams
+            .append(v1::AppendRequest {
+                stream: id.clone(),
+                partition: 0,
+                batch: Some(batch),
+                auto_create: false,
+            })
+            .await
+            .unwrap();
     }
-    let status = tokio::task::spawn_blocking(move || server.signal_and_wait("TERM", Duration::from_secs(10))).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || {
+        server.signal_and_wait("TERM", Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
     assert!(status.success());
     let segment = std::fs::read_dir(dir.path().join("log"))
         .unwrap()
@@ -119,7 +202,14 @@ async fn a_corrupt_segment_stops_start_up_without_changing_it() {
     std::fs::write(&segment, &bytes).unwrap();
     let (code, stderr) = run_expect_failure(&args);
     assert_ne!(code, 0);
-    assert!(stderr.contains("corrupt") && stderr.contains("00000000000000000000.log"), "{stderr}");
+    assert!(
+        stderr.contains("corrupt") && stderr.contains("00000000000000000000.log"),
+        "{stderr}"
+    );
     assert!(!stderr.contains("panicked"), "{stderr}");
-    assert_eq!(std::fs::read(&segment).unwrap(), bytes, "the damaged segment was modified");
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        bytes,
+        "the damaged segment was modified"
+    );
 }

@@ -17,15 +17,31 @@ pub enum CoreError {
     #[error("stream '{0}' already exists")]
     StreamExists(String),
     #[error("stream '{stream}' has no partition {partition} (it has {count})")]
-    PartitionNotFound { stream: String, partition: u32, count: u32 },
+    PartitionNotFound {
+        stream: String,
+        partition: u32,
+        count: u32,
+    },
     #[error("offset {requested} is out of range (readable {start}..{end})")]
-    OffsetOutOfRange { requested: i64, start: i64, end: i64 },
+    OffsetOutOfRange {
+        requested: i64,
+        start: i64,
+        end: i64,
+    },
     #[error("batch of {size} bytes exceeds max_message_bytes {limit}")]
     RecordTooLarge { size: usize, limit: i64 },
     #[error("producer {producer_id}: expected sequence {expected}, got {got}")]
-    OutOfOrderSequence { producer_id: i64, expected: i32, got: i32 },
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
     #[error("producer {producer_id}: epoch {got} is fenced by epoch {current}")]
-    ProducerFenced { producer_id: i64, got: i32, current: i32 },
+    ProducerFenced {
+        producer_id: i64,
+        got: i32,
+        current: i32,
+    },
     #[error("producer {0} is unknown on this partition and did not start at sequence 0")]
     UnknownProducer(i64),
     #[error("timer '{0}' does not exist")]
@@ -51,9 +67,16 @@ pub enum CoreError {
 impl From<StorageError> for CoreError {
     fn from(e: StorageError) -> Self {
         match e {
-            StorageError::OffsetOutOfRange { requested, start, end, .. } => {
-                Self::OffsetOutOfRange { requested, start, end }
-            }
+            StorageError::OffsetOutOfRange {
+                requested,
+                start,
+                end,
+                ..
+            } => Self::OffsetOutOfRange {
+                requested,
+                start,
+                end,
+            },
             StorageError::ShuttingDown => Self::ShuttingDown,
             StorageError::Corrupt { .. } => Self::Corrupt(e.to_string()),
             other => Self::Storage(other),
@@ -100,9 +123,9 @@ impl CoreError {
             | Self::GroupNotFound(_) => Code::NotFound,
             Self::NamespaceExists(_) | Self::StreamExists(_) => Code::AlreadyExists,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
-            Self::OutOfOrderSequence { .. } | Self::ProducerFenced { .. } | Self::UnknownProducer(_) => {
-                Code::FailedPrecondition
-            }
+            Self::OutOfOrderSequence { .. }
+            | Self::ProducerFenced { .. }
+            | Self::UnknownProducer(_) => Code::FailedPrecondition,
             Self::Conflict(_) => Code::Aborted,
             Self::Unsupported(_) => Code::Unimplemented,
             Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,
@@ -116,11 +139,16 @@ impl From<CoreError> for tonic::Status {
     fn from(e: CoreError) -> Self {
         let code = e.code();
         let message = e.to_string();
-        let detail = ErrorDetail { code: code as i32, message: message.clone() };
+        let detail = ErrorDetail {
+            code: code as i32,
+            message: message.clone(),
+        };
         let mut status =
             tonic::Status::with_details(e.grpc_code(), message, detail.encode_to_vec().into());
         if let Ok(v) = code.as_str_name().parse() {
-            status.metadata_mut().insert(tributary_proto::ERROR_CODE_METADATA, v);
+            status
+                .metadata_mut()
+                .insert(tributary_proto::ERROR_CODE_METADATA, v);
         }
         status
     }

@@ -12,9 +12,9 @@ use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use tributary_proto::v1::*;
 
+use crate::Core;
 use crate::error::CoreError;
 use crate::meta::StreamSettings;
-use crate::Core;
 
 /// Largest gRPC message either way: big enough for a fetch of many partitions.
 pub const MAX_MESSAGE_BYTES: usize = 256 << 20;
@@ -60,57 +60,144 @@ fn required<T>(v: Option<T>, what: &str) -> Result<T, Status> {
 
 #[tonic::async_trait]
 impl admin_server::Admin for CoreGrpc {
-    async fn create_namespace(&self, r: Request<CreateNamespaceRequest>) -> GrpcResult<CreateNamespaceResponse> {
+    async fn create_namespace(
+        &self,
+        r: Request<CreateNamespaceRequest>,
+    ) -> GrpcResult<CreateNamespaceResponse> {
         let r = r.into_inner();
         let labels: BTreeMap<_, _> = r.labels.into_iter().collect();
-        let (ns, created) = self.core.create_namespace(&r.name, labels, r.if_not_exists).await?;
-        ok(CreateNamespaceResponse { namespace: Some(ns.to_proto()), created })
+        let (ns, created) = self
+            .core
+            .create_namespace(&r.name, labels, r.if_not_exists)
+            .await?;
+        ok(CreateNamespaceResponse {
+            namespace: Some(ns.to_proto()),
+            created,
+        })
     }
-    async fn delete_namespace(&self, r: Request<DeleteNamespaceRequest>) -> GrpcResult<DeleteNamespaceResponse> {
+    async fn delete_namespace(
+        &self,
+        r: Request<DeleteNamespaceRequest>,
+    ) -> GrpcResult<DeleteNamespaceResponse> {
         self.core.delete_namespace(&r.into_inner().name).await?;
         ok(DeleteNamespaceResponse {})
     }
-    async fn list_namespaces(&self, _: Request<ListNamespacesRequest>) -> GrpcResult<ListNamespacesResponse> {
-        ok(ListNamespacesResponse { namespaces: self.core.list_namespaces().iter().map(|n| n.to_proto()).collect() })
+    async fn list_namespaces(
+        &self,
+        _: Request<ListNamespacesRequest>,
+    ) -> GrpcResult<ListNamespacesResponse> {
+        ok(ListNamespacesResponse {
+            namespaces: self
+                .core
+                .list_namespaces()
+                .iter()
+                .map(|n| n.to_proto())
+                .collect(),
+        })
     }
-    async fn create_stream(&self, r: Request<CreateStreamRequest>) -> GrpcResult<CreateStreamResponse> {
+    async fn create_stream(
+        &self,
+        r: Request<CreateStreamRequest>,
+    ) -> GrpcResult<CreateStreamResponse> {
         let r = r.into_inner();
         let id = required(r.id, "id")?;
-        let settings = r.config.as_ref().map(StreamSettings::from_proto).unwrap_or_default();
-        let (stream, created) = self.core.create_stream(id, r.partitions, settings, r.if_not_exists, r.validate_only).await?;
-        ok(CreateStreamResponse { stream: Some(stream), created })
+        let settings = r
+            .config
+            .as_ref()
+            .map(StreamSettings::from_proto)
+            .unwrap_or_default();
+        let (stream, created) = self
+            .core
+            .create_stream(id, r.partitions, settings, r.if_not_exists, r.validate_only)
+            .await?;
+        ok(CreateStreamResponse {
+            stream: Some(stream),
+            created,
+        })
     }
-    async fn delete_stream(&self, r: Request<DeleteStreamRequest>) -> GrpcResult<DeleteStreamResponse> {
-        self.core.delete_stream(&required(r.into_inner().id, "id")?).await?;
+    async fn delete_stream(
+        &self,
+        r: Request<DeleteStreamRequest>,
+    ) -> GrpcResult<DeleteStreamResponse> {
+        self.core
+            .delete_stream(&required(r.into_inner().id, "id")?)
+            .await?;
         ok(DeleteStreamResponse {})
     }
-    async fn list_streams(&self, r: Request<ListStreamsRequest>) -> GrpcResult<ListStreamsResponse> {
-        ok(ListStreamsResponse { streams: self.core.list_streams(&r.into_inner().namespace).await? })
+    async fn list_streams(
+        &self,
+        r: Request<ListStreamsRequest>,
+    ) -> GrpcResult<ListStreamsResponse> {
+        ok(ListStreamsResponse {
+            streams: self.core.list_streams(&r.into_inner().namespace).await?,
+        })
     }
-    async fn describe_stream(&self, r: Request<DescribeStreamRequest>) -> GrpcResult<DescribeStreamResponse> {
-        let stream = self.core.describe_stream(&required(r.into_inner().id, "id")?).await?;
-        ok(DescribeStreamResponse { stream: Some(stream) })
+    async fn describe_stream(
+        &self,
+        r: Request<DescribeStreamRequest>,
+    ) -> GrpcResult<DescribeStreamResponse> {
+        let stream = self
+            .core
+            .describe_stream(&required(r.into_inner().id, "id")?)
+            .await?;
+        ok(DescribeStreamResponse {
+            stream: Some(stream),
+        })
     }
-    async fn create_partitions(&self, r: Request<CreatePartitionsRequest>) -> GrpcResult<CreatePartitionsResponse> {
+    async fn create_partitions(
+        &self,
+        r: Request<CreatePartitionsRequest>,
+    ) -> GrpcResult<CreatePartitionsResponse> {
         let r = r.into_inner();
-        let stream = self.core.create_partitions(&required(r.id, "id")?, r.total_partitions, r.validate_only).await?;
-        ok(CreatePartitionsResponse { stream: Some(stream) })
+        let stream = self
+            .core
+            .create_partitions(&required(r.id, "id")?, r.total_partitions, r.validate_only)
+            .await?;
+        ok(CreatePartitionsResponse {
+            stream: Some(stream),
+        })
     }
-    async fn update_stream_config(&self, r: Request<UpdateStreamConfigRequest>) -> GrpcResult<UpdateStreamConfigResponse> {
+    async fn update_stream_config(
+        &self,
+        r: Request<UpdateStreamConfigRequest>,
+    ) -> GrpcResult<UpdateStreamConfigResponse> {
         let r = r.into_inner();
-        let set = r.set.as_ref().map(StreamSettings::from_proto).unwrap_or_default();
-        let stream = self.core.update_stream_config(&required(r.id, "id")?, set, &r.reset, r.validate_only).await?;
-        ok(UpdateStreamConfigResponse { stream: Some(stream) })
+        let set = r
+            .set
+            .as_ref()
+            .map(StreamSettings::from_proto)
+            .unwrap_or_default();
+        let stream = self
+            .core
+            .update_stream_config(&required(r.id, "id")?, set, &r.reset, r.validate_only)
+            .await?;
+        ok(UpdateStreamConfigResponse {
+            stream: Some(stream),
+        })
     }
-    async fn delete_records(&self, r: Request<DeleteRecordsRequest>) -> GrpcResult<DeleteRecordsResponse> {
+    async fn delete_records(
+        &self,
+        r: Request<DeleteRecordsRequest>,
+    ) -> GrpcResult<DeleteRecordsResponse> {
         let r = r.into_inner();
-        let start = self.core.delete_records(&required(r.id, "id")?, r.partition, r.before_offset).await?;
-        ok(DeleteRecordsResponse { start_offset: start })
+        let start = self
+            .core
+            .delete_records(&required(r.id, "id")?, r.partition, r.before_offset)
+            .await?;
+        ok(DeleteRecordsResponse {
+            start_offset: start,
+        })
     }
-    async fn declare_queue(&self, _: Request<DeclareQueueRequest>) -> GrpcResult<DeclareQueueResponse> {
+    async fn declare_queue(
+        &self,
+        _: Request<DeclareQueueRequest>,
+    ) -> GrpcResult<DeclareQueueResponse> {
         unsupported("queues")
     }
-    async fn delete_queue(&self, _: Request<DeleteQueueRequest>) -> GrpcResult<DeleteQueueResponse> {
+    async fn delete_queue(
+        &self,
+        _: Request<DeleteQueueRequest>,
+    ) -> GrpcResult<DeleteQueueResponse> {
         unsupported("queues")
     }
     async fn purge_queue(&self, _: Request<PurgeQueueRequest>) -> GrpcResult<PurgeQueueResponse> {
@@ -119,10 +206,16 @@ impl admin_server::Admin for CoreGrpc {
     async fn list_queues(&self, _: Request<ListQueuesRequest>) -> GrpcResult<ListQueuesResponse> {
         unsupported("queues")
     }
-    async fn declare_address(&self, _: Request<DeclareAddressRequest>) -> GrpcResult<DeclareAddressResponse> {
+    async fn declare_address(
+        &self,
+        _: Request<DeclareAddressRequest>,
+    ) -> GrpcResult<DeclareAddressResponse> {
         unsupported("routing addresses")
     }
-    async fn delete_address(&self, _: Request<DeleteAddressRequest>) -> GrpcResult<DeleteAddressResponse> {
+    async fn delete_address(
+        &self,
+        _: Request<DeleteAddressRequest>,
+    ) -> GrpcResult<DeleteAddressResponse> {
         unsupported("routing addresses")
     }
     async fn bind(&self, _: Request<BindRequest>) -> GrpcResult<BindResponse> {
@@ -131,13 +224,21 @@ impl admin_server::Admin for CoreGrpc {
     async fn unbind(&self, _: Request<UnbindRequest>) -> GrpcResult<UnbindResponse> {
         unsupported("bindings")
     }
-    async fn list_bindings(&self, _: Request<ListBindingsRequest>) -> GrpcResult<ListBindingsResponse> {
+    async fn list_bindings(
+        &self,
+        _: Request<ListBindingsRequest>,
+    ) -> GrpcResult<ListBindingsResponse> {
         unsupported("bindings")
     }
     async fn list_groups(&self, r: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
-        ok(ListGroupsResponse { groups: self.core.list_groups(&r.into_inner().namespace).await? })
+        ok(ListGroupsResponse {
+            groups: self.core.list_groups(&r.into_inner().namespace).await?,
+        })
     }
-    async fn delete_group(&self, r: Request<DeleteGroupRequest>) -> GrpcResult<DeleteGroupResponse> {
+    async fn delete_group(
+        &self,
+        r: Request<DeleteGroupRequest>,
+    ) -> GrpcResult<DeleteGroupResponse> {
         let r = r.into_inner();
         self.core.delete_group(&r.namespace, &r.group).await?;
         ok(DeleteGroupResponse {})
@@ -157,10 +258,16 @@ impl streams_server::Streams for CoreGrpc {
     async fn fetch(&self, r: Request<FetchRequest>) -> GrpcResult<FetchResponse> {
         ok(self.core.fetch(r.into_inner()).await?)
     }
-    async fn list_offsets(&self, r: Request<ListOffsetsRequest>) -> GrpcResult<ListOffsetsResponse> {
+    async fn list_offsets(
+        &self,
+        r: Request<ListOffsetsRequest>,
+    ) -> GrpcResult<ListOffsetsResponse> {
         ok(self.core.list_offsets(r.into_inner()).await?)
     }
-    async fn init_producer(&self, r: Request<InitProducerRequest>) -> GrpcResult<InitProducerResponse> {
+    async fn init_producer(
+        &self,
+        r: Request<InitProducerRequest>,
+    ) -> GrpcResult<InitProducerResponse> {
         ok(self.core.init_producer(r.into_inner()).await?)
     }
     async fn publish(&self, _: Request<PublishRequest>) -> GrpcResult<PublishResponse> {
@@ -170,12 +277,20 @@ impl streams_server::Streams for CoreGrpc {
 
 #[tonic::async_trait]
 impl offsets_server::Offsets for CoreGrpc {
-    async fn commit_offsets(&self, r: Request<CommitOffsetsRequest>) -> GrpcResult<CommitOffsetsResponse> {
+    async fn commit_offsets(
+        &self,
+        r: Request<CommitOffsetsRequest>,
+    ) -> GrpcResult<CommitOffsetsResponse> {
         self.core.commit_offsets(r.into_inner()).await?;
         ok(CommitOffsetsResponse {})
     }
-    async fn fetch_offsets(&self, r: Request<FetchOffsetsRequest>) -> GrpcResult<FetchOffsetsResponse> {
-        ok(FetchOffsetsResponse { offsets: self.core.fetch_offsets(r.into_inner()).await? })
+    async fn fetch_offsets(
+        &self,
+        r: Request<FetchOffsetsRequest>,
+    ) -> GrpcResult<FetchOffsetsResponse> {
+        ok(FetchOffsetsResponse {
+            offsets: self.core.fetch_offsets(r.into_inner()).await?,
+        })
     }
 }
 
@@ -193,7 +308,10 @@ impl groups_server::Groups for CoreGrpc {
     async fn leave_group(&self, _: Request<LeaveGroupRequest>) -> GrpcResult<LeaveGroupResponse> {
         unsupported("group membership")
     }
-    async fn describe_group(&self, _: Request<DescribeGroupRequest>) -> GrpcResult<DescribeGroupResponse> {
+    async fn describe_group(
+        &self,
+        _: Request<DescribeGroupRequest>,
+    ) -> GrpcResult<DescribeGroupResponse> {
         unsupported("group membership")
     }
 }
@@ -212,47 +330,79 @@ impl queues_server::Queues for CoreGrpc {
     async fn nack(&self, _: Request<NackRequest>) -> GrpcResult<NackResponse> {
         unsupported("queues")
     }
-    async fn change_lease(&self, _: Request<ChangeLeaseRequest>) -> GrpcResult<ChangeLeaseResponse> {
+    async fn change_lease(
+        &self,
+        _: Request<ChangeLeaseRequest>,
+    ) -> GrpcResult<ChangeLeaseResponse> {
         unsupported("queues")
     }
-    async fn subscribe(&self, _: Request<Streaming<SubscribeRequest>>) -> GrpcResult<SubscribeStream> {
+    async fn subscribe(
+        &self,
+        _: Request<Streaming<SubscribeRequest>>,
+    ) -> GrpcResult<SubscribeStream> {
         unsupported("queue subscriptions")
     }
 }
 
 #[tonic::async_trait]
 impl sessions_server::Sessions for CoreGrpc {
-    async fn open_session(&self, _: Request<OpenSessionRequest>) -> GrpcResult<OpenSessionResponse> {
+    async fn open_session(
+        &self,
+        _: Request<OpenSessionRequest>,
+    ) -> GrpcResult<OpenSessionResponse> {
         unsupported("sessions")
     }
-    async fn close_session(&self, _: Request<CloseSessionRequest>) -> GrpcResult<CloseSessionResponse> {
+    async fn close_session(
+        &self,
+        _: Request<CloseSessionRequest>,
+    ) -> GrpcResult<CloseSessionResponse> {
         unsupported("sessions")
     }
 }
 
 #[tonic::async_trait]
 impl timers_server::Timers for CoreGrpc {
-    async fn schedule_timer(&self, r: Request<ScheduleTimerRequest>) -> GrpcResult<ScheduleTimerResponse> {
+    async fn schedule_timer(
+        &self,
+        r: Request<ScheduleTimerRequest>,
+    ) -> GrpcResult<ScheduleTimerResponse> {
         let timer = required(r.into_inner().timer, "timer")?;
-        ok(ScheduleTimerResponse { id: self.core.schedule_timer(timer).await? })
+        ok(ScheduleTimerResponse {
+            id: self.core.schedule_timer(timer).await?,
+        })
     }
-    async fn cancel_timer(&self, r: Request<CancelTimerRequest>) -> GrpcResult<CancelTimerResponse> {
+    async fn cancel_timer(
+        &self,
+        r: Request<CancelTimerRequest>,
+    ) -> GrpcResult<CancelTimerResponse> {
         let r = r.into_inner();
-        ok(CancelTimerResponse { cancelled: self.core.cancel_timer(&r.namespace, &r.id).await? })
+        ok(CancelTimerResponse {
+            cancelled: self.core.cancel_timer(&r.namespace, &r.id).await?,
+        })
     }
     async fn list_timers(&self, r: Request<ListTimersRequest>) -> GrpcResult<ListTimersResponse> {
         let r = r.into_inner();
-        ok(ListTimersResponse { timers: self.core.list_timers(&r.namespace, r.limit as usize).await? })
+        ok(ListTimersResponse {
+            timers: self
+                .core
+                .list_timers(&r.namespace, r.limit as usize)
+                .await?,
+        })
     }
 }
 
 #[tonic::async_trait]
 impl transactions_server::Transactions for CoreGrpc {
-    async fn begin_transaction(&self, _: Request<BeginTransactionRequest>) -> GrpcResult<BeginTransactionResponse> {
+    async fn begin_transaction(
+        &self,
+        _: Request<BeginTransactionRequest>,
+    ) -> GrpcResult<BeginTransactionResponse> {
         unsupported("transactions")
     }
-    async fn end_transaction(&self, _: Request<EndTransactionRequest>) -> GrpcResult<EndTransactionResponse> {
+    async fn end_transaction(
+        &self,
+        _: Request<EndTransactionRequest>,
+    ) -> GrpcResult<EndTransactionResponse> {
         unsupported("transactions")
     }
 }
-

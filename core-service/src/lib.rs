@@ -82,7 +82,9 @@ struct Inner {
 }
 
 pub(crate) fn now_ms() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 impl Core {
@@ -94,7 +96,9 @@ impl Core {
         config: CoreConfig,
     ) -> CoreResult<Self> {
         if config.default_partitions == 0 {
-            return Err(CoreError::InvalidConfig("default_partitions must be at least 1".into()));
+            return Err(CoreError::InvalidConfig(
+                "default_partitions must be at least 1".into(),
+            ));
         }
         let core = Self {
             inner: Arc::new(Inner {

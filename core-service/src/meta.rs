@@ -12,7 +12,8 @@ use tributary_proto::v1;
 use crate::error::{CoreError, CoreResult};
 
 pub fn key(kind: &str, parts: &[&str]) -> Vec<u8> {
-    let mut k = Vec::with_capacity(kind.len() + 1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
+    let mut k =
+        Vec::with_capacity(kind.len() + 1 + parts.iter().map(|p| p.len() + 1).sum::<usize>());
     k.extend_from_slice(kind.as_bytes());
     k.push(b'/');
     for (i, p) in parts.iter().enumerate() {
@@ -36,7 +37,9 @@ pub fn prefix(kind: &str, parts: &[&str]) -> Vec<u8> {
 /// Splits the name parts back out of a key.
 pub fn parts(kind: &str, key: &[u8]) -> Vec<String> {
     let rest = &key[kind.len() + 1..];
-    rest.split(|b| *b == 0).map(|p| String::from_utf8_lossy(p).into_owned()).collect()
+    rest.split(|b| *b == 0)
+        .map(|p| String::from_utf8_lossy(p).into_owned())
+        .collect()
 }
 
 pub const NAMESPACE: &str = "ns";
@@ -54,10 +57,16 @@ pub const COUNTER: &str = "counter";
 /// Checks a namespace, stream or group name.
 pub fn validate_name(what: &str, name: &str) -> CoreResult<()> {
     if name.is_empty() || name.len() > 255 {
-        return Err(CoreError::InvalidArgument(format!("{what} name must be 1 to 255 bytes, got {}", name.len())));
+        return Err(CoreError::InvalidArgument(format!(
+            "{what} name must be 1 to 255 bytes, got {}",
+            name.len()
+        )));
     }
     if name.chars().any(char::is_control) {
-        return Err(CoreError::InvalidArgument(format!("{what} name '{}' contains control characters", name.escape_debug())));
+        return Err(CoreError::InvalidArgument(format!(
+            "{what} name '{}' contains control characters",
+            name.escape_debug()
+        )));
     }
     Ok(())
 }
@@ -102,20 +111,31 @@ impl StreamSettings {
 
     pub fn validate(&self) -> CoreResult<()> {
         if let Some(v) = self.retention_ms.filter(|v| *v < -1) {
-            return Err(CoreError::InvalidConfig(format!("retention_ms must be -1 or >= 0, got {v}")));
+            return Err(CoreError::InvalidConfig(format!(
+                "retention_ms must be -1 or >= 0, got {v}"
+            )));
         }
         if let Some(v) = self.retention_bytes.filter(|v| *v < -1) {
-            return Err(CoreError::InvalidConfig(format!("retention_bytes must be -1 or >= 0, got {v}")));
+            return Err(CoreError::InvalidConfig(format!(
+                "retention_bytes must be -1 or >= 0, got {v}"
+            )));
         }
-        if let Some(v) = self.max_message_bytes.filter(|v| !(1..=(1 << 30)).contains(v)) {
-            return Err(CoreError::InvalidConfig(format!("max_message_bytes must be 1..=1073741824, got {v}")));
+        if let Some(v) = self
+            .max_message_bytes
+            .filter(|v| !(1..=(1 << 30)).contains(v))
+        {
+            return Err(CoreError::InvalidConfig(format!(
+                "max_message_bytes must be 1..=1073741824, got {v}"
+            )));
         }
         match self.cleanup_policy.as_deref() {
             None | Some("delete") => Ok(()),
-            Some("compact") | Some("compact,delete") | Some("delete,compact") => {
-                Err(CoreError::Unsupported("cleanup_policy 'compact' (log compaction)".into()))
-            }
-            Some(other) => Err(CoreError::InvalidConfig(format!("cleanup_policy must be 'delete', got '{other}'"))),
+            Some("compact") | Some("compact,delete") | Some("delete,compact") => Err(
+                CoreError::Unsupported("cleanup_policy 'compact' (log compaction)".into()),
+            ),
+            Some(other) => Err(CoreError::InvalidConfig(format!(
+                "cleanup_policy must be 'delete', got '{other}'"
+            ))),
         }
     }
 }
@@ -131,7 +151,11 @@ pub struct StreamDefaults {
 impl Default for StreamDefaults {
     fn default() -> Self {
         // Kafka's defaults: 7 days, unlimited size, 1 MiB + batch overhead.
-        Self { retention_ms: 7 * 24 * 3600 * 1000, retention_bytes: -1, max_message_bytes: 1_048_588 }
+        Self {
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            max_message_bytes: 1_048_588,
+        }
     }
 }
 
@@ -191,7 +215,8 @@ pub fn to_json<T: Serialize>(v: &T) -> Vec<u8> {
 }
 
 pub fn from_json<T: for<'de> Deserialize<'de>>(what: &str, raw: &[u8]) -> CoreResult<T> {
-    serde_json::from_slice(raw).map_err(|e| CoreError::Corrupt(format!("unreadable {what} record: {e}")))
+    serde_json::from_slice(raw)
+        .map_err(|e| CoreError::Corrupt(format!("unreadable {what} record: {e}")))
 }
 
 #[cfg(test)]

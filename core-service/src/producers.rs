@@ -54,38 +54,77 @@ pub fn last_seq(first_seq: i32, record_count: u32) -> i32 {
 }
 
 impl ProducerTable {
-    pub fn check(&self, pid: i64, epoch: i32, first_seq: i32, count: u32) -> CoreResult<SequenceCheck> {
+    pub fn check(
+        &self,
+        pid: i64,
+        epoch: i32,
+        first_seq: i32,
+        count: u32,
+    ) -> CoreResult<SequenceCheck> {
         if first_seq < 0 {
-            return Err(CoreError::InvalidArgument(format!("base_sequence {first_seq} is negative")));
+            return Err(CoreError::InvalidArgument(format!(
+                "base_sequence {first_seq} is negative"
+            )));
         }
         let last = last_seq(first_seq, count);
         let Some(entry) = self.producers.get(&pid) else {
-            return if first_seq == 0 { Ok(SequenceCheck::Accept) } else { Err(CoreError::UnknownProducer(pid)) };
+            return if first_seq == 0 {
+                Ok(SequenceCheck::Accept)
+            } else {
+                Err(CoreError::UnknownProducer(pid))
+            };
         };
         if epoch < entry.epoch {
-            return Err(CoreError::ProducerFenced { producer_id: pid, got: epoch, current: entry.epoch });
+            return Err(CoreError::ProducerFenced {
+                producer_id: pid,
+                got: epoch,
+                current: entry.epoch,
+            });
         }
         if epoch > entry.epoch {
             // A new epoch starts its sequences again from 0.
             return if first_seq == 0 {
                 Ok(SequenceCheck::Accept)
             } else {
-                Err(CoreError::OutOfOrderSequence { producer_id: pid, expected: 0, got: first_seq })
+                Err(CoreError::OutOfOrderSequence {
+                    producer_id: pid,
+                    expected: 0,
+                    got: first_seq,
+                })
             };
         }
-        if let Some(b) = entry.batches.iter().find(|b| b.first_seq == first_seq && b.last_seq == last) {
-            return Ok(SequenceCheck::Duplicate { base_offset: b.base_offset, record_count: b.record_count });
+        if let Some(b) = entry
+            .batches
+            .iter()
+            .find(|b| b.first_seq == first_seq && b.last_seq == last)
+        {
+            return Ok(SequenceCheck::Duplicate {
+                base_offset: b.base_offset,
+                record_count: b.record_count,
+            });
         }
         let expected = entry.batches.back().map_or(0, |b| next_seq(b.last_seq));
         if first_seq == expected {
             Ok(SequenceCheck::Accept)
         } else {
-            Err(CoreError::OutOfOrderSequence { producer_id: pid, expected, got: first_seq })
+            Err(CoreError::OutOfOrderSequence {
+                producer_id: pid,
+                expected,
+                got: first_seq,
+            })
         }
     }
 
     /// Records an appended batch (also used when replaying the log after a restart).
-    pub fn record(&mut self, pid: i64, epoch: i32, first_seq: i32, count: u32, base_offset: i64, now_ms: i64) {
+    pub fn record(
+        &mut self,
+        pid: i64,
+        epoch: i32,
+        first_seq: i32,
+        count: u32,
+        base_offset: i64,
+        now_ms: i64,
+    ) {
         let entry = self.producers.entry(pid).or_insert_with(|| ProducerEntry {
             epoch,
             batches: VecDeque::new(),
@@ -95,7 +134,12 @@ impl ProducerTable {
             entry.epoch = epoch;
             entry.batches.clear();
         }
-        entry.batches.push_back(BatchMark { first_seq, last_seq: last_seq(first_seq, count), base_offset, record_count: count });
+        entry.batches.push_back(BatchMark {
+            first_seq,
+            last_seq: last_seq(first_seq, count),
+            base_offset,
+            record_count: count,
+        });
         while entry.batches.len() > REMEMBERED_BATCHES {
             entry.batches.pop_front();
         }
@@ -104,7 +148,8 @@ impl ProducerTable {
 
     /// Forgets producers that have not written for `max_idle_ms` (Kafka's producer.id.expiration.ms).
     pub fn expire(&mut self, now_ms: i64, max_idle_ms: i64) {
-        self.producers.retain(|_, e| now_ms.saturating_sub(e.last_write_ms) <= max_idle_ms);
+        self.producers
+            .retain(|_, e| now_ms.saturating_sub(e.last_write_ms) <= max_idle_ms);
     }
 }
 
@@ -127,12 +172,27 @@ mod tests {
         t.record(1, 0, 0, 3, 100, 0);
         assert_eq!(t.check(1, 0, 3, 2).unwrap(), SequenceCheck::Accept);
         t.record(1, 0, 3, 2, 103, 0);
-        assert_eq!(t.check(1, 0, 0, 3).unwrap(), SequenceCheck::Duplicate { base_offset: 100, record_count: 3 });
-        assert!(matches!(t.check(1, 0, 7, 1), Err(CoreError::OutOfOrderSequence { expected: 5, .. })));
-        assert!(matches!(t.check(2, 0, 4, 1), Err(CoreError::UnknownProducer(2))));
+        assert_eq!(
+            t.check(1, 0, 0, 3).unwrap(),
+            SequenceCheck::Duplicate {
+                base_offset: 100,
+                record_count: 3
+            }
+        );
+        assert!(matches!(
+            t.check(1, 0, 7, 1),
+            Err(CoreError::OutOfOrderSequence { expected: 5, .. })
+        ));
+        assert!(matches!(
+            t.check(2, 0, 4, 1),
+            Err(CoreError::UnknownProducer(2))
+        ));
         assert_eq!(t.check(1, 1, 0, 1).unwrap(), SequenceCheck::Accept);
         t.record(1, 1, 0, 1, 105, 0);
-        assert!(matches!(t.check(1, 0, 5, 1), Err(CoreError::ProducerFenced { current: 1, .. })));
+        assert!(matches!(
+            t.check(1, 0, 5, 1),
+            Err(CoreError::ProducerFenced { current: 1, .. })
+        ));
     }
 
     #[test]
@@ -141,12 +201,24 @@ mod tests {
         for i in 0..7 {
             t.record(9, 0, i, 1, i64::from(i), 0);
         }
-        assert!(matches!(t.check(9, 0, 0, 1), Err(CoreError::OutOfOrderSequence { .. })));
-        assert!(matches!(t.check(9, 0, 2, 1), Ok(SequenceCheck::Duplicate { base_offset: 2, .. })));
+        assert!(matches!(
+            t.check(9, 0, 0, 1),
+            Err(CoreError::OutOfOrderSequence { .. })
+        ));
+        assert!(matches!(
+            t.check(9, 0, 2, 1),
+            Ok(SequenceCheck::Duplicate { base_offset: 2, .. })
+        ));
         let mut w = ProducerTable::default();
         w.record(5, 0, 0, 1, 0, 0);
-        w.producers.get_mut(&5).unwrap().batches.back_mut().unwrap().last_seq = i32::MAX - 1;
-        assert_eq!(w.check(5, 0, i32::MAX - 0, 2).unwrap(), SequenceCheck::Accept);
+        w.producers
+            .get_mut(&5)
+            .unwrap()
+            .batches
+            .back_mut()
+            .unwrap()
+            .last_seq = i32::MAX - 1;
+        assert_eq!(w.check(5, 0, i32::MAX, 2).unwrap(), SequenceCheck::Accept);
         assert_eq!(last_seq(i32::MAX, 2), 0);
     }
 }

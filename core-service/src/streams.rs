@@ -83,7 +83,10 @@ fn namespace_or_default(ns: &str) -> &str {
 }
 
 fn stream_key(id: &v1::StreamId) -> (String, String) {
-    (namespace_or_default(&id.namespace).to_string(), id.name.clone())
+    (
+        namespace_or_default(&id.namespace).to_string(),
+        id.name.clone(),
+    )
 }
 
 fn record_count(batch: &v1::RecordBatch) -> CoreResult<u32> {
@@ -91,8 +94,12 @@ fn record_count(batch: &v1::RecordBatch) -> CoreResult<u32> {
         (false, true) => u32::try_from(batch.records.len())
             .map_err(|_| CoreError::InvalidArgument("too many records in one batch".into())),
         (true, false) if batch.record_count > 0 => Ok(batch.record_count),
-        (true, false) => Err(CoreError::InvalidArgument("an opaque batch needs record_count > 0".into())),
-        (false, false) => Err(CoreError::InvalidArgument("a batch has either records or opaque, not both".into())),
+        (true, false) => Err(CoreError::InvalidArgument(
+            "an opaque batch needs record_count > 0".into(),
+        )),
+        (false, false) => Err(CoreError::InvalidArgument(
+            "a batch has either records or opaque, not both".into(),
+        )),
         (true, true) => Err(CoreError::InvalidArgument("empty batch".into())),
     }
 }
@@ -104,15 +111,22 @@ impl Core {
 
     pub(crate) async fn load_metadata(&self) -> CoreResult<()> {
         let meta = &self.inner.meta;
-        for (_, raw) in meta.scan_prefix(&meta::key(meta::NAMESPACE, &[]), SCAN_ALL).await? {
+        for (_, raw) in meta
+            .scan_prefix(&meta::key(meta::NAMESPACE, &[]), SCAN_ALL)
+            .await?
+        {
             let ns: NamespaceRecord = from_json("namespace", &raw)?;
             self.inner.namespaces.write().insert(ns.name.clone(), ns);
         }
         if !self.inner.namespaces.read().contains_key(DEFAULT_NAMESPACE) {
-            self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true).await?;
+            self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true)
+                .await?;
         }
         let mut known = HashSet::new();
-        for (_, raw) in meta.scan_prefix(&meta::key(meta::STREAM, &[]), SCAN_ALL).await? {
+        for (_, raw) in meta
+            .scan_prefix(&meta::key(meta::STREAM, &[]), SCAN_ALL)
+            .await?
+        {
             let record: StreamRecord = from_json("stream", &raw)?;
             let handle = self.open_stream(record).await?;
             for p in handle.partitions() {
@@ -136,7 +150,10 @@ impl Core {
             parts.push(self.open_partition(PartitionKey::new(record.id, p)).await?);
         }
         let key = (record.namespace.clone(), record.name.clone());
-        let handle = Arc::new(StreamHandle { record: RwLock::new(record), partitions: RwLock::new(parts) });
+        let handle = Arc::new(StreamHandle {
+            record: RwLock::new(record),
+            partitions: RwLock::new(parts),
+        });
         self.inner.streams.write().insert(key, handle.clone());
         Ok(handle)
     }
@@ -159,10 +176,18 @@ impl Core {
             let Some(last) = batches.last() else { break };
             at = last.next_offset();
             for b in &batches {
-                let h = StoredBatchHeader::decode(b.payload.clone())
-                    .map_err(|e| CoreError::Corrupt(format!("undecodable batch at {key}@{}: {e}", b.base_offset)))?;
+                let h = StoredBatchHeader::decode(b.payload.clone()).map_err(|e| {
+                    CoreError::Corrupt(format!("undecodable batch at {key}@{}: {e}", b.base_offset))
+                })?;
                 if h.producer_id > 0 {
-                    table.record(h.producer_id, h.producer_epoch, h.base_sequence, b.record_count, b.base_offset, h.append_time_ms);
+                    table.record(
+                        h.producer_id,
+                        h.producer_epoch,
+                        h.base_sequence,
+                        b.record_count,
+                        b.base_offset,
+                        h.append_time_ms,
+                    );
                 }
             }
         }
@@ -180,10 +205,19 @@ impl Core {
     pub(crate) async fn write_producer_snapshot(&self, part: &PartitionState) -> CoreResult<()> {
         let mut table = part.producers.lock().await;
         let offset = self.inner.log.bounds(part.key).await?.end_offset;
-        table.expire(now_ms(), self.inner.config.producer_expiration.as_millis() as i64);
-        let snapshot = ProducerSnapshot { offset, table: table.clone() };
+        table.expire(
+            now_ms(),
+            self.inner.config.producer_expiration.as_millis() as i64,
+        );
+        let snapshot = ProducerSnapshot {
+            offset,
+            table: table.clone(),
+        };
         drop(table);
-        self.inner.meta.put(&producer_snapshot_key(part.key), &to_json(&snapshot)).await?;
+        self.inner
+            .meta
+            .put(&producer_snapshot_key(part.key), &to_json(&snapshot))
+            .await?;
         part.snapshot_offset.fetch_max(offset, Ordering::AcqRel);
         Ok(())
     }
@@ -207,28 +241,55 @@ impl Core {
                 Err(CoreError::NamespaceExists(name.into()))
             };
         }
-        let record = NamespaceRecord { name: name.into(), labels, created_at_ms: now_ms() };
+        let record = NamespaceRecord {
+            name: name.into(),
+            labels,
+            created_at_ms: now_ms(),
+        };
         let key = meta::key(meta::NAMESPACE, &[name]);
-        if !self.inner.meta.compare_and_set(&key, None, Some(&to_json(&record))).await? {
-            return Err(CoreError::Conflict(format!("namespace '{name}' was created concurrently")));
+        if !self
+            .inner
+            .meta
+            .compare_and_set(&key, None, Some(&to_json(&record)))
+            .await?
+        {
+            return Err(CoreError::Conflict(format!(
+                "namespace '{name}' was created concurrently"
+            )));
         }
-        self.inner.namespaces.write().insert(name.into(), record.clone());
+        self.inner
+            .namespaces
+            .write()
+            .insert(name.into(), record.clone());
         Ok((record, true))
     }
 
     pub async fn delete_namespace(&self, name: &str) -> CoreResult<()> {
         if name == DEFAULT_NAMESPACE {
-            return Err(CoreError::InvalidArgument("the default namespace cannot be deleted".into()));
+            return Err(CoreError::InvalidArgument(
+                "the default namespace cannot be deleted".into(),
+            ));
         }
         let _admin = self.inner.admin.lock().await;
         if !self.inner.namespaces.read().contains_key(name) {
             return Err(CoreError::NamespaceNotFound(name.into()));
         }
-        let streams = self.inner.streams.read().keys().filter(|(ns, _)| ns == name).count();
+        let streams = self
+            .inner
+            .streams
+            .read()
+            .keys()
+            .filter(|(ns, _)| ns == name)
+            .count();
         if streams > 0 {
-            return Err(CoreError::Conflict(format!("namespace '{name}' still has {streams} streams; delete them first")));
+            return Err(CoreError::Conflict(format!(
+                "namespace '{name}' still has {streams} streams; delete them first"
+            )));
         }
-        self.inner.meta.delete(&meta::key(meta::NAMESPACE, &[name])).await?;
+        self.inner
+            .meta
+            .delete(&meta::key(meta::NAMESPACE, &[name]))
+            .await?;
         self.inner.namespaces.write().remove(name);
         Ok(())
     }
@@ -272,9 +333,15 @@ impl Core {
         let (ns, name) = stream_key(&id);
         validate_name("stream", &name)?;
         self.require_namespace(&ns)?;
-        let partitions = if partitions == 0 { self.inner.config.default_partitions } else { partitions };
+        let partitions = if partitions == 0 {
+            self.inner.config.default_partitions
+        } else {
+            partitions
+        };
         if partitions > MAX_PARTITIONS {
-            return Err(CoreError::InvalidArgument(format!("at most {MAX_PARTITIONS} partitions, got {partitions}")));
+            return Err(CoreError::InvalidArgument(format!(
+                "at most {MAX_PARTITIONS} partitions, got {partitions}"
+            )));
         }
         settings.validate()?;
         let _admin = self.inner.admin.lock().await;
@@ -310,11 +377,21 @@ impl Core {
         // Partitions first, then the record: a crash in between leaves orphan partitions
         // that the next start removes, never a stream without its partitions.
         for p in 0..partitions {
-            self.inner.log.create_partition(PartitionKey::new(stream_id, p)).await?;
+            self.inner
+                .log
+                .create_partition(PartitionKey::new(stream_id, p))
+                .await?;
         }
         let key = meta::key(meta::STREAM, &[&ns, &name]);
-        if !self.inner.meta.compare_and_set(&key, None, Some(&to_json(&record))).await? {
-            return Err(CoreError::Conflict(format!("stream '{ns}/{name}' was created concurrently")));
+        if !self
+            .inner
+            .meta
+            .compare_and_set(&key, None, Some(&to_json(&record)))
+            .await?
+        {
+            return Err(CoreError::Conflict(format!(
+                "stream '{ns}/{name}' was created concurrently"
+            )));
         }
         let handle = self.open_stream(record).await?;
         info!(partitions, "stream created");
@@ -326,11 +403,17 @@ impl Core {
         let _admin = self.inner.admin.lock().await;
         let handle = self.stream(id)?;
         let (ns, name) = stream_key(id);
-        self.inner.meta.delete(&meta::key(meta::STREAM, &[&ns, &name])).await?;
+        self.inner
+            .meta
+            .delete(&meta::key(meta::STREAM, &[&ns, &name]))
+            .await?;
         self.inner.streams.write().remove(&(ns, name));
         for part in handle.partitions() {
             self.inner.log.delete_partition(part.key).await?;
-            self.inner.meta.delete(&producer_snapshot_key(part.key)).await?;
+            self.inner
+                .meta
+                .delete(&producer_snapshot_key(part.key))
+                .await?;
         }
         info!("stream deleted");
         Ok(())
@@ -373,7 +456,10 @@ impl Core {
     pub fn effective_config(&self, id: &v1::StreamId) -> CoreResult<EffectiveConfig> {
         let handle = self.stream(id)?;
         let settings = handle.record.read().settings.clone();
-        Ok(EffectiveConfig::resolve(&settings, &self.inner.config.stream_defaults))
+        Ok(EffectiveConfig::resolve(
+            &settings,
+            &self.inner.config.stream_defaults,
+        ))
     }
 
     fn info_without_bounds(&self, r: &StreamRecord) -> v1::StreamInfo {
@@ -411,14 +497,27 @@ impl Core {
 
     async fn save_stream_record(&self, old: &StreamRecord, new: &StreamRecord) -> CoreResult<()> {
         let key = meta::key(meta::STREAM, &[&new.namespace, &new.name]);
-        if !self.inner.meta.compare_and_set(&key, Some(&to_json(old)), Some(&to_json(new))).await? {
-            return Err(CoreError::Conflict(format!("stream '{}/{}' changed concurrently", new.namespace, new.name)));
+        if !self
+            .inner
+            .meta
+            .compare_and_set(&key, Some(&to_json(old)), Some(&to_json(new)))
+            .await?
+        {
+            return Err(CoreError::Conflict(format!(
+                "stream '{}/{}' changed concurrently",
+                new.namespace, new.name
+            )));
         }
         Ok(())
     }
 
     #[instrument(skip_all, fields(stream = %stream_label(id)))]
-    pub async fn create_partitions(&self, id: &v1::StreamId, total: u32, validate_only: bool) -> CoreResult<v1::StreamInfo> {
+    pub async fn create_partitions(
+        &self,
+        id: &v1::StreamId,
+        total: u32,
+        validate_only: bool,
+    ) -> CoreResult<v1::StreamInfo> {
         let _admin = self.inner.admin.lock().await;
         let handle = self.stream(id)?;
         let old = handle.record.read().clone();
@@ -429,7 +528,9 @@ impl Core {
             )));
         }
         if total > MAX_PARTITIONS {
-            return Err(CoreError::InvalidArgument(format!("at most {MAX_PARTITIONS} partitions, got {total}")));
+            return Err(CoreError::InvalidArgument(format!(
+                "at most {MAX_PARTITIONS} partitions, got {total}"
+            )));
         }
         if validate_only {
             return self.describe_handle(&handle).await;
@@ -438,7 +539,10 @@ impl Core {
         for p in old.partitions..total {
             added.push(self.open_partition(PartitionKey::new(old.id, p)).await?);
         }
-        let new = StreamRecord { partitions: total, ..old.clone() };
+        let new = StreamRecord {
+            partitions: total,
+            ..old.clone()
+        };
         self.save_stream_record(&old, &new).await?;
         *handle.record.write() = new;
         handle.partitions.write().extend(added);
@@ -467,7 +571,11 @@ impl Core {
                     Some(k) => {
                         settings.extra.remove(k);
                     }
-                    None => return Err(CoreError::InvalidConfig(format!("unknown config '{other}' to reset"))),
+                    None => {
+                        return Err(CoreError::InvalidConfig(format!(
+                            "unknown config '{other}' to reset"
+                        )));
+                    }
                 },
             }
         }
@@ -479,22 +587,40 @@ impl Core {
         settings.validate()?;
         if validate_only {
             let mut info = self.describe_handle(&handle).await?;
-            info.config = self.info_without_bounds(&StreamRecord { settings, ..old }).config;
+            info.config = self
+                .info_without_bounds(&StreamRecord { settings, ..old })
+                .config;
             return Ok(info);
         }
-        let new = StreamRecord { settings, ..old.clone() };
+        let new = StreamRecord {
+            settings,
+            ..old.clone()
+        };
         self.save_stream_record(&old, &new).await?;
         *handle.record.write() = new;
         self.describe_handle(&handle).await
     }
 
-    pub async fn delete_records(&self, id: &v1::StreamId, partition: u32, before: i64) -> CoreResult<i64> {
+    pub async fn delete_records(
+        &self,
+        id: &v1::StreamId,
+        partition: u32,
+        before: i64,
+    ) -> CoreResult<i64> {
         let part = self.stream(id)?.partition(partition)?;
         let bounds = self.inner.log.bounds(part.key).await?;
         // -1 means "up to the high watermark", as in Kafka's DeleteRecords.
-        let before = if before == -1 { bounds.end_offset } else { before };
+        let before = if before == -1 {
+            bounds.end_offset
+        } else {
+            before
+        };
         if before < 0 || before > bounds.end_offset {
-            return Err(CoreError::OffsetOutOfRange { requested: before, start: bounds.start_offset, end: bounds.end_offset });
+            return Err(CoreError::OffsetOutOfRange {
+                requested: before,
+                start: bounds.start_offset,
+                end: bounds.end_offset,
+            });
         }
         Ok(self.inner.log.truncate_prefix(part.key, before).await?)
     }
@@ -505,7 +631,9 @@ impl Core {
             let current = self.inner.meta.get(&key).await?;
             let value = match &current {
                 Some(raw) => u64::from_le_bytes(
-                    raw[..].try_into().map_err(|_| CoreError::Corrupt(format!("counter '{name}'")))?,
+                    raw[..]
+                        .try_into()
+                        .map_err(|_| CoreError::Corrupt(format!("counter '{name}'")))?,
                 ),
                 None => 0,
             };
@@ -529,21 +657,31 @@ impl Core {
     #[instrument(skip_all, fields(stream = tracing::field::Empty, partition = req.partition))]
     pub async fn append(&self, req: v1::AppendRequest) -> CoreResult<v1::AppendResponse> {
         self.check_running()?;
-        let id = req.stream.ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+        let id = req
+            .stream
+            .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
         tracing::Span::current().record("stream", stream_label(&id));
-        let mut batch = req.batch.ok_or_else(|| CoreError::InvalidArgument("batch is required".into()))?;
+        let mut batch = req
+            .batch
+            .ok_or_else(|| CoreError::InvalidArgument("batch is required".into()))?;
         let count = record_count(&batch)?;
         let handle = match self.stream(&id) {
             Ok(h) => h,
-            Err(CoreError::StreamNotFound(_)) if req.auto_create && self.inner.config.auto_create_streams => {
-                self.create_stream(id.clone(), 0, StreamSettings::default(), true, false).await?;
+            Err(CoreError::StreamNotFound(_))
+                if req.auto_create && self.inner.config.auto_create_streams =>
+            {
+                self.create_stream(id.clone(), 0, StreamSettings::default(), true, false)
+                    .await?;
                 self.stream(&id)?
             }
             Err(e) => return Err(e),
         };
         let part = handle.partition(req.partition)?;
-        let max_bytes = EffectiveConfig::resolve(&handle.record.read().settings, &self.inner.config.stream_defaults)
-            .max_message_bytes;
+        let max_bytes = EffectiveConfig::resolve(
+            &handle.record.read().settings,
+            &self.inner.config.stream_defaults,
+        )
+        .max_message_bytes;
 
         let now = now_ms();
         for r in &mut batch.records {
@@ -565,20 +703,36 @@ impl Core {
         let (pid, epoch, seq) = (batch.producer_id, batch.producer_epoch, batch.base_sequence);
         let payload = Bytes::from(batch.encode_to_vec());
         if payload.len() as i64 > max_bytes {
-            return Err(CoreError::RecordTooLarge { size: payload.len(), limit: max_bytes });
+            return Err(CoreError::RecordTooLarge {
+                size: payload.len(),
+                limit: max_bytes,
+            });
         }
         let bytes_in = payload.len();
-        let to_append = BatchToAppend { record_count: count, max_timestamp_ms: max_ts, payload };
+        let to_append = BatchToAppend {
+            record_count: count,
+            max_timestamp_ms: max_ts,
+            payload,
+        };
 
         let log = &self.inner.log;
         let base = if idempotent {
             let mut table = part.producers.lock().await;
             match table.check(pid, epoch, seq, count)? {
-                SequenceCheck::Duplicate { base_offset, record_count } => {
+                SequenceCheck::Duplicate {
+                    base_offset,
+                    record_count,
+                } => {
                     drop(table);
-                    log.wait_durable(part.key, base_offset + i64::from(record_count)).await?;
+                    log.wait_durable(part.key, base_offset + i64::from(record_count))
+                        .await?;
                     let start = log.bounds(part.key).await?.start_offset;
-                    return Ok(v1::AppendResponse { base_offset, duplicate: true, append_time_ms: now, log_start_offset: start });
+                    return Ok(v1::AppendResponse {
+                        base_offset,
+                        duplicate: true,
+                        append_time_ms: now,
+                        log_start_offset: start,
+                    });
                 }
                 SequenceCheck::Accept => {
                     let base = log.append(part.key, to_append).await?;
@@ -593,7 +747,9 @@ impl Core {
         log.wait_durable(part.key, end).await?;
         metrics::counter!("tributary_records_in_total").increment(u64::from(count));
         metrics::counter!("tributary_bytes_in_total").increment(bytes_in as u64);
-        if end - part.snapshot_offset.load(Ordering::Acquire) > self.inner.config.producer_snapshot_every {
+        if end - part.snapshot_offset.load(Ordering::Acquire)
+            > self.inner.config.producer_snapshot_every
+        {
             // Bump first so that concurrent appends do not all start a snapshot.
             part.snapshot_offset.store(end, Ordering::Release);
             let core = self.clone();
@@ -605,7 +761,12 @@ impl Core {
             });
         }
         let start = log.bounds(part.key).await?.start_offset;
-        Ok(v1::AppendResponse { base_offset: base, duplicate: false, append_time_ms: now, log_start_offset: start })
+        Ok(v1::AppendResponse {
+            base_offset: base,
+            duplicate: false,
+            append_time_ms: now,
+            log_start_offset: start,
+        })
     }
 
     /// Reads from several partitions, waiting up to `max_wait_ms` for `min_bytes`.
@@ -613,10 +774,16 @@ impl Core {
     pub async fn fetch(&self, req: v1::FetchRequest) -> CoreResult<v1::FetchResponse> {
         self.check_running()?;
         if req.max_wait_ms < 0 || req.max_bytes < 0 || req.min_bytes < 0 {
-            return Err(CoreError::InvalidArgument("max_wait_ms, max_bytes and min_bytes must be >= 0".into()));
+            return Err(CoreError::InvalidArgument(
+                "max_wait_ms, max_bytes and min_bytes must be >= 0".into(),
+            ));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms as u64);
-        let max_total = if req.max_bytes == 0 { 50 << 20 } else { req.max_bytes as usize };
+        let max_total = if req.max_bytes == 0 {
+            50 << 20
+        } else {
+            req.max_bytes as usize
+        };
         let mut shutdown = self.inner.shutdown.subscribe();
         // Subscribe before reading so that data arriving in between still wakes us.
         let mut resolved = Vec::with_capacity(req.partitions.len());
@@ -654,7 +821,10 @@ impl Core {
                             n if n > 0 => (n as usize).min(max_total.saturating_sub(total)),
                             _ => max_total.saturating_sub(total),
                         };
-                        match self.read_partition(part, fp.offset, limit, total == 0).await {
+                        match self
+                            .read_partition(part, fp.offset, limit, total == 0)
+                            .await
+                        {
                             Ok((bounds, batches)) => {
                                 fetched.start_offset = bounds.start_offset;
                                 fetched.end_offset = bounds.end_offset;
@@ -662,7 +832,8 @@ impl Core {
                                 fetched.batches = batches;
                             }
                             Err(e) => {
-                                let bounds = self.inner.log.bounds(part.key).await.unwrap_or_default();
+                                let bounds =
+                                    self.inner.log.bounds(part.key).await.unwrap_or_default();
                                 fetched.start_offset = bounds.start_offset;
                                 fetched.end_offset = bounds.end_offset;
                                 fetched.error = e.code() as i32;
@@ -681,7 +852,11 @@ impl Core {
                 || *self.inner.shutdown.borrow()
                 || tokio::time::Instant::now() >= deadline
             {
-                let records: u64 = out.iter().flat_map(|p| &p.batches).map(|b| u64::from(b.record_count)).sum();
+                let records: u64 = out
+                    .iter()
+                    .flat_map(|p| &p.batches)
+                    .map(|b| u64::from(b.record_count))
+                    .sum();
                 metrics::counter!("tributary_records_out_total").increment(records);
                 metrics::counter!("tributary_bytes_out_total").increment(total as u64);
                 return Ok(v1::FetchResponse { partitions: out });
@@ -709,15 +884,23 @@ impl Core {
         let bounds = log.bounds(part.key).await?;
         if max_bytes == 0 && !first {
             if offset < bounds.start_offset || offset > bounds.end_offset {
-                return Err(CoreError::OffsetOutOfRange { requested: offset, start: bounds.start_offset, end: bounds.end_offset });
+                return Err(CoreError::OffsetOutOfRange {
+                    requested: offset,
+                    start: bounds.start_offset,
+                    end: bounds.end_offset,
+                });
             }
             return Ok((bounds, Vec::new()));
         }
         let stored = log.read(part.key, offset, max_bytes.max(1)).await?;
         let mut batches = Vec::with_capacity(stored.len());
         for s in stored {
-            let mut b = v1::RecordBatch::decode(s.payload)
-                .map_err(|e| CoreError::Corrupt(format!("undecodable batch at {}@{}: {e}", part.key, s.base_offset)))?;
+            let mut b = v1::RecordBatch::decode(s.payload).map_err(|e| {
+                CoreError::Corrupt(format!(
+                    "undecodable batch at {}@{}: {e}",
+                    part.key, s.base_offset
+                ))
+            })?;
             b.base_offset = s.base_offset;
             b.record_count = s.record_count;
             batches.push(b);
@@ -725,36 +908,59 @@ impl Core {
         Ok((bounds, batches))
     }
 
-    pub async fn list_offsets(&self, req: v1::ListOffsetsRequest) -> CoreResult<v1::ListOffsetsResponse> {
-        let id = req.stream.ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+    pub async fn list_offsets(
+        &self,
+        req: v1::ListOffsetsRequest,
+    ) -> CoreResult<v1::ListOffsetsResponse> {
+        let id = req
+            .stream
+            .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
         let part = self.stream(&id)?.partition(req.partition)?;
         let log = &self.inner.log;
         let bounds = log.bounds(part.key).await?;
         use v1::list_offsets_request::Spec;
         match req.spec {
-            None | Some(Spec::Latest(_)) => Ok(v1::ListOffsetsResponse { offset: bounds.end_offset, timestamp_ms: -1 }),
-            Some(Spec::Earliest(_)) => Ok(v1::ListOffsetsResponse { offset: bounds.start_offset, timestamp_ms: -1 }),
+            None | Some(Spec::Latest(_)) => Ok(v1::ListOffsetsResponse {
+                offset: bounds.end_offset,
+                timestamp_ms: -1,
+            }),
+            Some(Spec::Earliest(_)) => Ok(v1::ListOffsetsResponse {
+                offset: bounds.start_offset,
+                timestamp_ms: -1,
+            }),
             Some(Spec::TimestampMs(ts)) => {
                 let Some(base) = log.offset_for_timestamp(part.key, ts).await? else {
-                    return Ok(v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 });
+                    return Ok(v1::ListOffsetsResponse {
+                        offset: -1,
+                        timestamp_ms: -1,
+                    });
                 };
                 let (_, batches) = self.read_partition(&part, base, 1, true).await?;
                 let Some(batch) = batches.into_iter().next() else {
-                    return Ok(v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 });
+                    return Ok(v1::ListOffsetsResponse {
+                        offset: -1,
+                        timestamp_ms: -1,
+                    });
                 };
                 // Envelope batches can be narrowed to the record; opaque ones answer with
                 // the batch and leave the rest to the gateway that understands them.
-                let hit = batch
-                    .records
-                    .iter()
-                    .enumerate()
-                    .find(|(i, r)| r.timestamp_ms >= ts && batch.base_offset + *i as i64 >= base);
+                let hit =
+                    batch.records.iter().enumerate().find(|(i, r)| {
+                        r.timestamp_ms >= ts && batch.base_offset + *i as i64 >= base
+                    });
                 Ok(match hit {
-                    Some((i, r)) => v1::ListOffsetsResponse { offset: batch.base_offset + i as i64, timestamp_ms: r.timestamp_ms },
-                    None if batch.records.is_empty() => {
-                        v1::ListOffsetsResponse { offset: batch.base_offset.max(base), timestamp_ms: batch.max_timestamp_ms }
-                    }
-                    None => v1::ListOffsetsResponse { offset: -1, timestamp_ms: -1 },
+                    Some((i, r)) => v1::ListOffsetsResponse {
+                        offset: batch.base_offset + i as i64,
+                        timestamp_ms: r.timestamp_ms,
+                    },
+                    None if batch.records.is_empty() => v1::ListOffsetsResponse {
+                        offset: batch.base_offset.max(base),
+                        timestamp_ms: batch.max_timestamp_ms,
+                    },
+                    None => v1::ListOffsetsResponse {
+                        offset: -1,
+                        timestamp_ms: -1,
+                    },
                 })
             }
         }
@@ -765,7 +971,10 @@ impl Core {
     // ---------------------------------------------------------------------------------
 
     /// Allocates a producer id, or bumps the epoch of an existing one (fencing older epochs).
-    pub async fn init_producer(&self, req: v1::InitProducerRequest) -> CoreResult<v1::InitProducerResponse> {
+    pub async fn init_producer(
+        &self,
+        req: v1::InitProducerRequest,
+    ) -> CoreResult<v1::InitProducerResponse> {
         self.check_running()?;
         let ns = namespace_or_default(&req.namespace).to_string();
         let meta = &self.inner.meta;
@@ -777,47 +986,100 @@ impl Core {
                 let next = match &current {
                     Some(raw) => {
                         let r: ProducerIdRecord = from_json("transactional id", raw)?;
-                        if req.producer_id > 0 && (req.producer_id != r.producer_id || req.producer_epoch != r.epoch) {
-                            return Err(CoreError::ProducerFenced { producer_id: req.producer_id, got: req.producer_epoch, current: r.epoch });
+                        if req.producer_id > 0
+                            && (req.producer_id != r.producer_id || req.producer_epoch != r.epoch)
+                        {
+                            return Err(CoreError::ProducerFenced {
+                                producer_id: req.producer_id,
+                                got: req.producer_epoch,
+                                current: r.epoch,
+                            });
                         }
                         if r.epoch >= MAX_PRODUCER_EPOCH {
-                            ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 }
+                            ProducerIdRecord {
+                                producer_id: self.next_counter("producer_id").await? as i64,
+                                epoch: 0,
+                            }
                         } else {
-                            ProducerIdRecord { producer_id: r.producer_id, epoch: r.epoch + 1 }
+                            ProducerIdRecord {
+                                producer_id: r.producer_id,
+                                epoch: r.epoch + 1,
+                            }
                         }
                     }
-                    None => ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 },
+                    None => ProducerIdRecord {
+                        producer_id: self.next_counter("producer_id").await? as i64,
+                        epoch: 0,
+                    },
                 };
-                if meta.compare_and_set(&key, current.as_deref(), Some(&to_json(&next))).await? {
-                    return Ok(v1::InitProducerResponse { producer_id: next.producer_id, producer_epoch: next.epoch });
+                if meta
+                    .compare_and_set(&key, current.as_deref(), Some(&to_json(&next)))
+                    .await?
+                {
+                    return Ok(v1::InitProducerResponse {
+                        producer_id: next.producer_id,
+                        producer_epoch: next.epoch,
+                    });
                 }
             }
         }
         if req.producer_id > 0 {
             let key = meta::key(meta::PRODUCER_EPOCH, &[&req.producer_id.to_string()]);
-            let current = meta.get(&key).await?.ok_or(CoreError::UnknownProducer(req.producer_id))?;
+            let current = meta
+                .get(&key)
+                .await?
+                .ok_or(CoreError::UnknownProducer(req.producer_id))?;
             let r: ProducerIdRecord = from_json("producer", &current)?;
             if r.epoch != req.producer_epoch {
-                return Err(CoreError::ProducerFenced { producer_id: r.producer_id, got: req.producer_epoch, current: r.epoch });
+                return Err(CoreError::ProducerFenced {
+                    producer_id: r.producer_id,
+                    got: req.producer_epoch,
+                    current: r.epoch,
+                });
             }
             let next = if r.epoch >= MAX_PRODUCER_EPOCH {
-                ProducerIdRecord { producer_id: self.next_counter("producer_id").await? as i64, epoch: 0 }
+                ProducerIdRecord {
+                    producer_id: self.next_counter("producer_id").await? as i64,
+                    epoch: 0,
+                }
             } else {
-                ProducerIdRecord { producer_id: r.producer_id, epoch: r.epoch + 1 }
+                ProducerIdRecord {
+                    producer_id: r.producer_id,
+                    epoch: r.epoch + 1,
+                }
             };
             let next_key = meta::key(meta::PRODUCER_EPOCH, &[&next.producer_id.to_string()]);
-            if !meta.compare_and_set(&key, Some(&current), Some(&to_json(&next))).await? {
-                return Err(CoreError::Conflict(format!("producer {} re-initialised concurrently", r.producer_id)));
+            if !meta
+                .compare_and_set(&key, Some(&current), Some(&to_json(&next)))
+                .await?
+            {
+                return Err(CoreError::Conflict(format!(
+                    "producer {} re-initialised concurrently",
+                    r.producer_id
+                )));
             }
             if next_key != key {
                 meta.put(&next_key, &to_json(&next)).await?;
             }
-            return Ok(v1::InitProducerResponse { producer_id: next.producer_id, producer_epoch: next.epoch });
+            return Ok(v1::InitProducerResponse {
+                producer_id: next.producer_id,
+                producer_epoch: next.epoch,
+            });
         }
         let pid = self.next_counter("producer_id").await? as i64;
-        let record = ProducerIdRecord { producer_id: pid, epoch: 0 };
-        meta.put(&meta::key(meta::PRODUCER_EPOCH, &[&pid.to_string()]), &to_json(&record)).await?;
-        Ok(v1::InitProducerResponse { producer_id: pid, producer_epoch: 0 })
+        let record = ProducerIdRecord {
+            producer_id: pid,
+            epoch: 0,
+        };
+        meta.put(
+            &meta::key(meta::PRODUCER_EPOCH, &[&pid.to_string()]),
+            &to_json(&record),
+        )
+        .await?;
+        Ok(v1::InitProducerResponse {
+            producer_id: pid,
+            producer_epoch: 0,
+        })
     }
 
     // ---------------------------------------------------------------------------------
@@ -831,34 +1093,58 @@ impl Core {
         validate_name("group", &req.group)?;
         self.require_namespace(&ns)?;
         if req.generation.is_some() {
-            return Err(CoreError::Unsupported("generation-checked commits (group membership)".into()));
+            return Err(CoreError::Unsupported(
+                "generation-checked commits (group membership)".into(),
+            ));
         }
         let now = now_ms();
         let mut ops = Vec::with_capacity(req.offsets.len() + 1);
         for c in &req.offsets {
-            let id = c.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+            let id = c
+                .stream
+                .as_ref()
+                .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
             validate_name("stream", &id.name)?;
             if c.offset < -1 {
-                return Err(CoreError::InvalidArgument(format!("offset must be >= -1, got {}", c.offset)));
+                return Err(CoreError::InvalidArgument(format!(
+                    "offset must be >= -1, got {}",
+                    c.offset
+                )));
             }
             let record = OffsetRecord {
                 offset: c.offset,
                 metadata: c.metadata.clone(),
-                commit_time_ms: if c.commit_time_ms > 0 { c.commit_time_ms } else { now },
+                commit_time_ms: if c.commit_time_ms > 0 {
+                    c.commit_time_ms
+                } else {
+                    now
+                },
                 leader_epoch: c.leader_epoch,
             };
-            ops.push(Op::Put { key: offset_key(&ns, &req.group, &id.name, c.partition), value: to_json(&record) });
+            ops.push(Op::Put {
+                key: offset_key(&ns, &req.group, &id.name, c.partition),
+                value: to_json(&record),
+            });
         }
         let group_key = meta::key(meta::GROUP, &[&ns, &req.group]);
         if self.inner.meta.get(&group_key).await?.is_none() {
-            let g = GroupRecord { created_at_ms: now, protocol_type: String::new() };
-            ops.push(Op::Put { key: group_key, value: to_json(&g) });
+            let g = GroupRecord {
+                created_at_ms: now,
+                protocol_type: String::new(),
+            };
+            ops.push(Op::Put {
+                key: group_key,
+                value: to_json(&g),
+            });
         }
         self.inner.meta.txn(Vec::<Check>::new(), ops).await?;
         Ok(())
     }
 
-    pub async fn fetch_offsets(&self, req: v1::FetchOffsetsRequest) -> CoreResult<Vec<v1::CommittedOffset>> {
+    pub async fn fetch_offsets(
+        &self,
+        req: v1::FetchOffsetsRequest,
+    ) -> CoreResult<Vec<v1::CommittedOffset>> {
         let ns = namespace_or_default(&req.namespace).to_string();
         validate_name("group", &req.group)?;
         let mut out = Vec::new();
@@ -874,16 +1160,28 @@ impl Core {
             let prefix = meta::prefix(meta::OFFSET, &[&ns, &req.group]);
             for (k, v) in self.inner.meta.scan_prefix(&prefix, SCAN_ALL).await? {
                 let parts = meta::parts(meta::OFFSET, &k);
-                let (Some(stream), Some(p)) = (parts.get(2), parts.get(3).and_then(|p| p.parse().ok())) else { continue };
+                let (Some(stream), Some(p)) =
+                    (parts.get(2), parts.get(3).and_then(|p| p.parse().ok()))
+                else {
+                    continue;
+                };
                 out.push(to_proto(stream, p, from_json("offset", &v)?));
             }
         } else {
             for fp in &req.partitions {
-                let id = fp.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+                let id = fp
+                    .stream
+                    .as_ref()
+                    .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
                 let key = offset_key(&ns, &req.group, &id.name, fp.partition);
                 let record = match self.inner.meta.get(&key).await? {
                     Some(raw) => from_json("offset", &raw)?,
-                    None => OffsetRecord { offset: -1, metadata: String::new(), commit_time_ms: -1, leader_epoch: -1 },
+                    None => OffsetRecord {
+                        offset: -1,
+                        metadata: String::new(),
+                        commit_time_ms: -1,
+                        leader_epoch: -1,
+                    },
                 };
                 out.push(to_proto(&id.name, fp.partition, record));
             }
@@ -894,7 +1192,12 @@ impl Core {
     pub async fn list_groups(&self, namespace: &str) -> CoreResult<Vec<v1::GroupSummary>> {
         let ns = namespace_or_default(namespace).to_string();
         let mut out = Vec::new();
-        for (k, v) in self.inner.meta.scan_prefix(&meta::prefix(meta::GROUP, &[&ns]), SCAN_ALL).await? {
+        for (k, v) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::prefix(meta::GROUP, &[&ns]), SCAN_ALL)
+            .await?
+        {
             let parts = meta::parts(meta::GROUP, &k);
             let Some(group) = parts.get(1) else { continue };
             let record: GroupRecord = from_json("group", &v)?;
@@ -922,7 +1225,12 @@ impl Core {
             return Err(CoreError::GroupNotFound(group.into()));
         }
         let mut ops = vec![Op::Delete { key: group_key }];
-        for (k, _) in self.inner.meta.scan_prefix(&meta::prefix(meta::OFFSET, &[&ns, group]), SCAN_ALL).await? {
+        for (k, _) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::prefix(meta::OFFSET, &[&ns, group]), SCAN_ALL)
+            .await?
+        {
             ops.push(Op::Delete { key: k });
         }
         self.inner.meta.txn(Vec::new(), ops).await?;
@@ -938,7 +1246,10 @@ impl Core {
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         let mut moved = 0;
         for h in handles {
-            let eff = EffectiveConfig::resolve(&h.record.read().settings, &self.inner.config.stream_defaults);
+            let eff = EffectiveConfig::resolve(
+                &h.record.read().settings,
+                &self.inner.config.stream_defaults,
+            );
             let policy = RetentionPolicy {
                 max_age_ms: (eff.retention_ms >= 0).then_some(eff.retention_ms),
                 max_bytes: (eff.retention_bytes >= 0).then_some(eff.retention_bytes as u64),
@@ -968,7 +1279,11 @@ impl Core {
     }
 
     /// The log end offset of a partition, used by timers to bound their duplicate check.
-    pub(crate) async fn end_offset(&self, id: &v1::StreamId, partition: u32) -> CoreResult<Option<i64>> {
+    pub(crate) async fn end_offset(
+        &self,
+        id: &v1::StreamId,
+        partition: u32,
+    ) -> CoreResult<Option<i64>> {
         match self.stream(id).and_then(|h| h.partition(partition)) {
             Ok(part) => Ok(Some(self.inner.log.bounds(part.key).await?.end_offset)),
             Err(CoreError::StreamNotFound(_)) => Ok(None),
@@ -977,8 +1292,16 @@ impl Core {
     }
 
     /// Whether a batch appended by `timer_id` exists at or after `from` in the partition.
-    pub(crate) async fn timer_batch_exists(&self, id: &v1::StreamId, partition: u32, from: i64, timer_id: &str) -> CoreResult<bool> {
-        let Ok(part) = self.stream(id).and_then(|h| h.partition(partition)) else { return Ok(false) };
+    pub(crate) async fn timer_batch_exists(
+        &self,
+        id: &v1::StreamId,
+        partition: u32,
+        from: i64,
+        timer_id: &str,
+    ) -> CoreResult<bool> {
+        let Ok(part) = self.stream(id).and_then(|h| h.partition(partition)) else {
+            return Ok(false);
+        };
         let log = &self.inner.log;
         let bounds = log.bounds(part.key).await?;
         let mut at = from.max(bounds.start_offset);
@@ -987,7 +1310,8 @@ impl Core {
             let Some(last) = batches.last() else { break };
             at = last.next_offset();
             for b in batches {
-                let h = StoredBatchHeader::decode(b.payload).map_err(|e| CoreError::Corrupt(e.to_string()))?;
+                let h = StoredBatchHeader::decode(b.payload)
+                    .map_err(|e| CoreError::Corrupt(e.to_string()))?;
                 if h.timer_id == timer_id {
                     return Ok(true);
                 }
@@ -998,11 +1322,17 @@ impl Core {
 }
 
 fn producer_snapshot_key(key: PartitionKey) -> Vec<u8> {
-    meta::key(meta::PRODUCER_SNAPSHOT, &[&key.stream_id.to_string(), &key.partition.to_string()])
+    meta::key(
+        meta::PRODUCER_SNAPSHOT,
+        &[&key.stream_id.to_string(), &key.partition.to_string()],
+    )
 }
 
 fn offset_key(ns: &str, group: &str, stream: &str, partition: u32) -> Vec<u8> {
-    meta::key(meta::OFFSET, &[ns, group, stream, &format!("{partition:010}")])
+    meta::key(
+        meta::OFFSET,
+        &[ns, group, stream, &format!("{partition:010}")],
+    )
 }
 
 /// A random RFC 4122 version 4 UUID.
@@ -1011,5 +1341,12 @@ fn new_uuid() -> String {
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h: String = b.iter().map(|x| format!("{x:02x}")).collect();
-    format!("{}-{}-{}-{}-{}", &h[0..8], &h[8..12], &h[12..16], &h[16..20], &h[20..32])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[0..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..32]
+    )
 }

@@ -46,18 +46,31 @@ impl Core {
             timer.namespace = DEFAULT_NAMESPACE.into();
         }
         if timer.id.is_empty() {
-            timer.id = format!("t-{:016x}{:016x}", rand::random::<u64>(), rand::random::<u64>());
+            timer.id = format!(
+                "t-{:016x}{:016x}",
+                rand::random::<u64>(),
+                rand::random::<u64>()
+            );
         }
         validate_name("timer id", &timer.id)?;
         if timer.due_at_ms <= 0 {
-            return Err(CoreError::InvalidArgument("due_at_ms must be a positive time in ms since the Unix epoch".into()));
+            return Err(CoreError::InvalidArgument(
+                "due_at_ms must be a positive time in ms since the Unix epoch".into(),
+            ));
         }
         let append = append_target(&timer)?;
-        let stream = append.stream.as_ref().ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a stream".into()))?;
+        let stream = append.stream.as_ref().ok_or_else(|| {
+            CoreError::InvalidArgument("the timer's append needs a stream".into())
+        })?;
         validate_name("stream", &stream.name)?;
-        let batch = append.batch.as_ref().ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a batch".into()))?;
+        let batch = append
+            .batch
+            .as_ref()
+            .ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a batch".into()))?;
         if batch.records.is_empty() && (batch.opaque.is_empty() || batch.record_count == 0) {
-            return Err(CoreError::InvalidArgument("the timer's batch is empty".into()));
+            return Err(CoreError::InvalidArgument(
+                "the timer's batch is empty".into(),
+            ));
         }
         let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
         let by_id = meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]);
@@ -65,12 +78,27 @@ impl Core {
             .inner
             .meta
             .txn(
-                vec![Check { key: by_id.clone(), value: None }],
-                vec![Op::Put { key: due.clone(), value: timer.encode_to_vec() }, Op::Put { key: by_id, value: due }],
+                vec![Check {
+                    key: by_id.clone(),
+                    value: None,
+                }],
+                vec![
+                    Op::Put {
+                        key: due.clone(),
+                        value: timer.encode_to_vec(),
+                    },
+                    Op::Put {
+                        key: by_id,
+                        value: due,
+                    },
+                ],
             )
             .await?;
         if !applied {
-            return Err(CoreError::Conflict(format!("timer '{}' already exists", timer.id)));
+            return Err(CoreError::Conflict(format!(
+                "timer '{}' already exists",
+                timer.id
+            )));
         }
         metrics::gauge!("tributary_timers_pending").increment(1.0);
         self.inner.timers_changed.notify_one();
@@ -78,14 +106,23 @@ impl Core {
     }
 
     pub async fn cancel_timer(&self, namespace: &str, id: &str) -> CoreResult<bool> {
-        let ns = if namespace.is_empty() { DEFAULT_NAMESPACE } else { namespace };
+        let ns = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
         let by_id = meta::key(meta::TIMER_BY_ID, &[ns, id]);
-        let Some(due) = self.inner.meta.get(&by_id).await? else { return Ok(false) };
+        let Some(due) = self.inner.meta.get(&by_id).await? else {
+            return Ok(false);
+        };
         let applied = self
             .inner
             .meta
             .txn(
-                vec![Check { key: by_id.clone(), value: Some(due.to_vec()) }],
+                vec![Check {
+                    key: by_id.clone(),
+                    value: Some(due.to_vec()),
+                }],
                 vec![Op::Delete { key: by_id }, Op::Delete { key: due.to_vec() }],
             )
             .await?;
@@ -96,12 +133,24 @@ impl Core {
     }
 
     pub async fn list_timers(&self, namespace: &str, limit: usize) -> CoreResult<Vec<v1::Timer>> {
-        let ns = if namespace.is_empty() { DEFAULT_NAMESPACE } else { namespace };
+        let ns = if namespace.is_empty() {
+            DEFAULT_NAMESPACE
+        } else {
+            namespace
+        };
         let limit = if limit == 0 { 1000 } else { limit };
         let mut out = Vec::new();
-        for (_, due) in self.inner.meta.scan_prefix(&meta::prefix(meta::TIMER_BY_ID, &[ns]), limit).await? {
+        for (_, due) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::prefix(meta::TIMER_BY_ID, &[ns]), limit)
+            .await?
+        {
             if let Some(raw) = self.inner.meta.get(&due).await? {
-                out.push(v1::Timer::decode(raw).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?);
+                out.push(
+                    v1::Timer::decode(raw)
+                        .map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?,
+                );
             }
         }
         Ok(out)
@@ -109,9 +158,19 @@ impl Core {
 
     /// Finishes timers that were firing when the previous process stopped.
     pub(crate) async fn recover_timers(&self) -> CoreResult<()> {
-        let pending = self.inner.meta.scan_prefix(&meta::key(meta::TIMER_DUE, &[]), usize::MAX).await?.len();
+        let pending = self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(meta::TIMER_DUE, &[]), usize::MAX)
+            .await?
+            .len();
         metrics::gauge!("tributary_timers_pending").set(pending as f64);
-        for (key, raw) in self.inner.meta.scan_prefix(&meta::key(meta::TIMER_FIRING, &[]), usize::MAX).await? {
+        for (key, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(meta::TIMER_FIRING, &[]), usize::MAX)
+            .await?
+        {
             let firing: Firing = from_json("firing timer", &raw)?;
             self.finish_firing(key, firing).await?;
         }
@@ -156,7 +215,11 @@ impl Core {
     /// Fires every timer that is due. Returns the due time of the next one, if any.
     async fn fire_due_timers(&self) -> CoreResult<Option<i64>> {
         loop {
-            let batch = self.inner.meta.scan_prefix(&meta::key(meta::TIMER_DUE, &[]), FIRE_BATCH).await?;
+            let batch = self
+                .inner
+                .meta
+                .scan_prefix(&meta::key(meta::TIMER_DUE, &[]), FIRE_BATCH)
+                .await?;
             let full = batch.len() == FIRE_BATCH;
             let now = now_ms();
             for (key, raw) in batch {
@@ -174,21 +237,36 @@ impl Core {
     }
 
     async fn fire(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
-        let timer = v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        let timer =
+            v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         let append = append_target(&timer)?;
         let stream = append.stream.clone().unwrap_or_default();
-        let from_offset = self.end_offset(&stream, append.partition).await.unwrap_or(None);
-        let firing = Firing { from_offset, timer: raw.clone() };
+        let from_offset = self
+            .end_offset(&stream, append.partition)
+            .await
+            .unwrap_or(None);
+        let firing = Firing {
+            from_offset,
+            timer: raw.clone(),
+        };
         let firing_key = meta::key(meta::TIMER_FIRING, &[&timer.namespace, &timer.id]);
         let applied = self
             .inner
             .meta
             .txn(
-                vec![Check { key: due_key.clone(), value: Some(raw) }],
+                vec![Check {
+                    key: due_key.clone(),
+                    value: Some(raw),
+                }],
                 vec![
                     Op::Delete { key: due_key },
-                    Op::Delete { key: meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]) },
-                    Op::Put { key: firing_key.clone(), value: to_json(&firing) },
+                    Op::Delete {
+                        key: meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]),
+                    },
+                    Op::Put {
+                        key: firing_key.clone(),
+                        value: to_json(&firing),
+                    },
                 ],
             )
             .await?;
@@ -200,11 +278,17 @@ impl Core {
     }
 
     async fn finish_firing(&self, firing_key: Vec<u8>, firing: Firing) -> CoreResult<()> {
-        let timer = v1::Timer::decode(&firing.timer[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        let timer = v1::Timer::decode(&firing.timer[..])
+            .map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         let mut append = append_target(&timer)?.clone();
         let stream = append.stream.clone().unwrap_or_default();
         let done = self
-            .timer_batch_exists(&stream, append.partition, firing.from_offset.unwrap_or(0), &timer.id)
+            .timer_batch_exists(
+                &stream,
+                append.partition,
+                firing.from_offset.unwrap_or(0),
+                &timer.id,
+            )
             .await?;
         if !done {
             if let Some(batch) = append.batch.as_mut() {

@@ -13,7 +13,10 @@ pub const ERROR_CODE_METADATA: &str = "tributary-error-code";
 
 impl v1::StreamId {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
-        Self { namespace: namespace.into(), name: name.into() }
+        Self {
+            namespace: namespace.into(),
+            name: name.into(),
+        }
     }
 }
 

@@ -30,7 +30,10 @@ pub struct PartitionKey {
 
 impl PartitionKey {
     pub fn new(stream_id: u64, partition: u32) -> Self {
-        Self { stream_id, partition }
+        Self {
+            stream_id,
+            partition,
+        }
     }
 }
 
@@ -103,7 +106,9 @@ pub enum StorageError {
     },
     #[error("partition {0} does not exist")]
     PartitionNotFound(PartitionKey),
-    #[error("offset {requested} is out of range for partition {partition} (readable {start}..{end})")]
+    #[error(
+        "offset {requested} is out of range for partition {partition} (readable {start}..{end})"
+    )]
     OffsetOutOfRange {
         partition: PartitionKey,
         requested: i64,
@@ -112,7 +117,9 @@ pub enum StorageError {
     },
     #[error("batch of {size} bytes is larger than the storage limit of {limit} bytes")]
     BatchTooLarge { size: usize, limit: usize },
-    #[error("partition {0} stopped taking writes after an earlier storage failure; restart the server")]
+    #[error(
+        "partition {0} stopped taking writes after an earlier storage failure; restart the server"
+    )]
     Poisoned(PartitionKey),
     #[error(
         "data directory {path} is in use by another process (lock file {path}/.lock); stop that process or choose another --data-dir"
@@ -126,7 +133,10 @@ pub enum StorageError {
 
 impl StorageError {
     pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
-        Self::Io { context: context.into(), source }
+        Self::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -169,8 +179,11 @@ pub trait LogStore: Send + Sync + 'static {
     async fn truncate_prefix(&self, partition: PartitionKey, before_offset: i64) -> Result<i64>;
     /// Drops whole units of storage (segments, objects) that the policy no longer keeps.
     /// Returns the new start offset.
-    async fn apply_retention(&self, partition: PartitionKey, policy: RetentionPolicy)
-    -> Result<i64>;
+    async fn apply_retention(
+        &self,
+        partition: PartitionKey,
+        policy: RetentionPolicy,
+    ) -> Result<i64>;
     /// The base offset of the first batch whose max timestamp is >= `timestamp_ms`.
     async fn offset_for_timestamp(
         &self,
@@ -207,11 +220,19 @@ pub trait MetaStore: Send + Sync + 'static {
     async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<bool>;
 
     async fn put(&self, key: &[u8], value: &[u8]) -> Result<()> {
-        self.txn(vec![], vec![Op::Put { key: key.to_vec(), value: value.to_vec() }]).await?;
+        self.txn(
+            vec![],
+            vec![Op::Put {
+                key: key.to_vec(),
+                value: value.to_vec(),
+            }],
+        )
+        .await?;
         Ok(())
     }
     async fn delete(&self, key: &[u8]) -> Result<()> {
-        self.txn(vec![], vec![Op::Delete { key: key.to_vec() }]).await?;
+        self.txn(vec![], vec![Op::Delete { key: key.to_vec() }])
+            .await?;
         Ok(())
     }
     /// Sets `key` to `new` (`None` deletes) if it currently equals `expected`.
@@ -222,11 +243,20 @@ pub trait MetaStore: Send + Sync + 'static {
         new: Option<&[u8]>,
     ) -> Result<bool> {
         let op = match new {
-            Some(v) => Op::Put { key: key.to_vec(), value: v.to_vec() },
+            Some(v) => Op::Put {
+                key: key.to_vec(),
+                value: v.to_vec(),
+            },
             None => Op::Delete { key: key.to_vec() },
         };
-        self.txn(vec![Check { key: key.to_vec(), value: expected.map(<[u8]>::to_vec) }], vec![op])
-            .await
+        self.txn(
+            vec![Check {
+                key: key.to_vec(),
+                value: expected.map(<[u8]>::to_vec),
+            }],
+            vec![op],
+        )
+        .await
     }
     /// Every entry whose key starts with `prefix`.
     async fn scan_prefix(&self, prefix: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Bytes)>> {

@@ -21,7 +21,12 @@ struct MemPartition {
 
 impl MemPartition {
     fn new() -> Self {
-        Self { batches: Vec::new(), start_offset: 0, next_offset: 0, end_tx: watch::channel(0).0 }
+        Self {
+            batches: Vec::new(),
+            start_offset: 0,
+            next_offset: 0,
+            end_tx: watch::channel(0).0,
+        }
     }
     fn size(&self) -> u64 {
         self.batches.iter().map(|b| b.payload.len() as u64).sum()
@@ -39,9 +44,15 @@ impl MemoryLogStore {
         Self::default()
     }
 
-    fn with<T>(&self, key: PartitionKey, f: impl FnOnce(&mut MemPartition) -> Result<T>) -> Result<T> {
+    fn with<T>(
+        &self,
+        key: PartitionKey,
+        f: impl FnOnce(&mut MemPartition) -> Result<T>,
+    ) -> Result<T> {
         let mut parts = self.partitions.lock();
-        let part = parts.get_mut(&key).ok_or(StorageError::PartitionNotFound(key))?;
+        let part = parts
+            .get_mut(&key)
+            .ok_or(StorageError::PartitionNotFound(key))?;
         f(part)
     }
 }
@@ -49,7 +60,10 @@ impl MemoryLogStore {
 #[async_trait]
 impl LogStore for MemoryLogStore {
     async fn create_partition(&self, key: PartitionKey) -> Result<()> {
-        self.partitions.lock().entry(key).or_insert_with(MemPartition::new);
+        self.partitions
+            .lock()
+            .entry(key)
+            .or_insert_with(MemPartition::new);
         Ok(())
     }
 
@@ -66,7 +80,9 @@ impl LogStore for MemoryLogStore {
 
     async fn append(&self, key: PartitionKey, batch: BatchToAppend) -> Result<i64> {
         if batch.record_count == 0 {
-            return Err(StorageError::Meta("a batch must hold at least one record".into()));
+            return Err(StorageError::Meta(
+                "a batch must hold at least one record".into(),
+            ));
         }
         self.with(key, |p| {
             let base = p.next_offset;
@@ -86,7 +102,12 @@ impl LogStore for MemoryLogStore {
         self.with(key, |_| Ok(()))
     }
 
-    async fn read(&self, key: PartitionKey, from: i64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
+    async fn read(
+        &self,
+        key: PartitionKey,
+        from: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>> {
         self.with(key, |p| {
             if from < p.start_offset || from > p.next_offset {
                 return Err(StorageError::OffsetOutOfRange {
@@ -114,7 +135,11 @@ impl LogStore for MemoryLogStore {
 
     async fn bounds(&self, key: PartitionKey) -> Result<PartitionBounds> {
         self.with(key, |p| {
-            Ok(PartitionBounds { start_offset: p.start_offset, end_offset: p.next_offset, size_bytes: p.size() })
+            Ok(PartitionBounds {
+                start_offset: p.start_offset,
+                end_offset: p.next_offset,
+                size_bytes: p.size(),
+            })
         })
     }
 
@@ -140,7 +165,10 @@ impl LogStore for MemoryLogStore {
             let mut drop = 0;
             if let Some(age) = policy.max_age_ms.filter(|a| *a >= 0) {
                 let cutoff = policy.now_ms.saturating_sub(age);
-                drop = p.batches[..keep_last].iter().take_while(|b| b.max_timestamp_ms < cutoff).count();
+                drop = p.batches[..keep_last]
+                    .iter()
+                    .take_while(|b| b.max_timestamp_ms < cutoff)
+                    .count();
             }
             if let Some(max) = policy.max_bytes {
                 let mut total = p.size();
@@ -164,7 +192,10 @@ impl LogStore for MemoryLogStore {
 
     async fn offset_for_timestamp(&self, key: PartitionKey, ts: i64) -> Result<Option<i64>> {
         self.with(key, |p| {
-            Ok(p.batches.iter().find(|b| b.max_timestamp_ms >= ts).map(|b| b.base_offset.max(p.start_offset)))
+            Ok(p.batches
+                .iter()
+                .find(|b| b.max_timestamp_ms >= ts)
+                .map(|b| b.base_offset.max(p.start_offset)))
         })
     }
 
@@ -206,7 +237,10 @@ impl MetaStore for MemoryMetaStore {
 
     async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<bool> {
         let mut map = self.map.lock();
-        if !checks.iter().all(|c| map.get(&c.key).map(|v| &v[..]) == c.value.as_deref()) {
+        if !checks
+            .iter()
+            .all(|c| map.get(&c.key).map(|v| &v[..]) == c.value.as_deref())
+        {
             return Ok(false);
         }
         for op in ops {

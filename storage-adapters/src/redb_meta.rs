@@ -36,10 +36,17 @@ impl RedbMetaStore {
             },
             other => meta_err(&path, "cannot open the metadata database", other),
         })?;
-        let txn = db.begin_write().map_err(|e| meta_err(&path, "cannot begin", e))?;
-        txn.open_table(TABLE).map_err(|e| meta_err(&path, "cannot create table", e))?;
-        txn.commit().map_err(|e| meta_err(&path, "cannot commit", e))?;
-        Ok(Self { db: Arc::new(db), path })
+        let txn = db
+            .begin_write()
+            .map_err(|e| meta_err(&path, "cannot begin", e))?;
+        txn.open_table(TABLE)
+            .map_err(|e| meta_err(&path, "cannot create table", e))?;
+        txn.commit()
+            .map_err(|e| meta_err(&path, "cannot commit", e))?;
+        Ok(Self {
+            db: Arc::new(db),
+            path,
+        })
     }
 
     async fn blocking<T: Send + 'static>(
@@ -59,9 +66,15 @@ impl MetaStore for RedbMetaStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
         let key = key.to_vec();
         self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| meta_err(path, "cannot read", e))?;
-            let table = txn.open_table(TABLE).map_err(|e| meta_err(path, "cannot open table", e))?;
-            let v = table.get(&key[..]).map_err(|e| meta_err(path, "cannot get", e))?;
+            let txn = db
+                .begin_read()
+                .map_err(|e| meta_err(path, "cannot read", e))?;
+            let table = txn
+                .open_table(TABLE)
+                .map_err(|e| meta_err(path, "cannot open table", e))?;
+            let v = table
+                .get(&key[..])
+                .map_err(|e| meta_err(path, "cannot get", e))?;
             Ok(v.map(|v| Bytes::copy_from_slice(v.value())))
         })
         .await
@@ -73,8 +86,12 @@ impl MetaStore for RedbMetaStore {
         }
         let (start, end) = (start.to_vec(), end.to_vec());
         self.blocking(move |db, path| {
-            let txn = db.begin_read().map_err(|e| meta_err(path, "cannot read", e))?;
-            let table = txn.open_table(TABLE).map_err(|e| meta_err(path, "cannot open table", e))?;
+            let txn = db
+                .begin_read()
+                .map_err(|e| meta_err(path, "cannot read", e))?;
+            let table = txn
+                .open_table(TABLE)
+                .map_err(|e| meta_err(path, "cannot open table", e))?;
             let range = table
                 .range(&start[..]..&end[..])
                 .map_err(|e| meta_err(path, "cannot scan", e))?;
@@ -90,12 +107,17 @@ impl MetaStore for RedbMetaStore {
 
     async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> Result<bool> {
         self.blocking(move |db, path| {
-            let txn = db.begin_write().map_err(|e| meta_err(path, "cannot begin", e))?;
+            let txn = db
+                .begin_write()
+                .map_err(|e| meta_err(path, "cannot begin", e))?;
             {
-                let mut table =
-                    txn.open_table(TABLE).map_err(|e| meta_err(path, "cannot open table", e))?;
+                let mut table = txn
+                    .open_table(TABLE)
+                    .map_err(|e| meta_err(path, "cannot open table", e))?;
                 for check in &checks {
-                    let current = table.get(&check.key[..]).map_err(|e| meta_err(path, "cannot get", e))?;
+                    let current = table
+                        .get(&check.key[..])
+                        .map_err(|e| meta_err(path, "cannot get", e))?;
                     if current.as_ref().map(|v| v.value()) != check.value.as_deref() {
                         return Ok(false);
                     }
@@ -103,15 +125,20 @@ impl MetaStore for RedbMetaStore {
                 for op in &ops {
                     match op {
                         Op::Put { key, value } => {
-                            table.insert(&key[..], &value[..]).map_err(|e| meta_err(path, "cannot put", e))?;
+                            table
+                                .insert(&key[..], &value[..])
+                                .map_err(|e| meta_err(path, "cannot put", e))?;
                         }
                         Op::Delete { key } => {
-                            table.remove(&key[..]).map_err(|e| meta_err(path, "cannot delete", e))?;
+                            table
+                                .remove(&key[..])
+                                .map_err(|e| meta_err(path, "cannot delete", e))?;
                         }
                     }
                 }
             }
-            txn.commit().map_err(|e| meta_err(path, "cannot commit", e))?;
+            txn.commit()
+                .map_err(|e| meta_err(path, "cannot commit", e))?;
             Ok(true)
         })
         .await
@@ -130,7 +157,11 @@ mod tests {
             let db = RedbMetaStore::open(&path).unwrap();
             assert!(db.compare_and_set(b"a/1", None, Some(b"x")).await.unwrap());
             assert!(!db.compare_and_set(b"a/1", None, Some(b"y")).await.unwrap());
-            assert!(db.compare_and_set(b"a/1", Some(b"x"), Some(b"z")).await.unwrap());
+            assert!(
+                db.compare_and_set(b"a/1", Some(b"x"), Some(b"z"))
+                    .await
+                    .unwrap()
+            );
             db.put(b"a/2", b"two").await.unwrap();
             db.put(b"b/1", b"other").await.unwrap();
             let a = db.scan_prefix(b"a/", 100).await.unwrap();
@@ -139,8 +170,13 @@ mod tests {
             // A failed check applies none of the ops.
             let applied = db
                 .txn(
-                    vec![Check { key: b"a/2".to_vec(), value: Some(b"nope".to_vec()) }],
-                    vec![Op::Delete { key: b"b/1".to_vec() }],
+                    vec![Check {
+                        key: b"a/2".to_vec(),
+                        value: Some(b"nope".to_vec()),
+                    }],
+                    vec![Op::Delete {
+                        key: b"b/1".to_vec(),
+                    }],
                 )
                 .await
                 .unwrap();

@@ -19,8 +19,13 @@ pub fn free_port_args(data_dir: &Path) -> Vec<String> {
         args.extend([flag.to_string(), "127.0.0.1:0".into()]);
     }
     for flag in [
-        "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen", "--amqp-listen", "--sqs-listen",
-        "--rocketmq-listen", "--namesrv-listen",
+        "--kafka-listen",
+        "--mqtt-listen",
+        "--mqtt-ws-listen",
+        "--amqp-listen",
+        "--sqs-listen",
+        "--rocketmq-listen",
+        "--namesrv-listen",
     ] {
         args.extend([flag.to_string(), "off".into()]);
     }
@@ -61,7 +66,10 @@ impl Server {
                 Ok(line) => line,
                 Err(_) => {
                     let _ = child.kill();
-                    panic!("tributary did not print 'ready' (status {:?})", child.wait().ok());
+                    panic!(
+                        "tributary did not print 'ready' (status {:?})",
+                        child.wait().ok()
+                    );
                 }
             };
             if let Some(a) = line.strip_prefix("listening core ") {
@@ -72,7 +80,11 @@ impl Server {
                 break;
             }
         }
-        Server { child, core: core.expect("core listener"), admin }
+        Server {
+            child,
+            core: core.expect("core listener"),
+            admin,
+        }
     }
 
     pub fn client(&self) -> CoreClient {
@@ -86,7 +98,11 @@ impl Server {
 
     /// Sends a signal by name and waits for the exit, failing after `limit`.
     pub fn signal_and_wait(mut self, signal: &str, limit: Duration) -> ExitStatus {
-        let status = Command::new("kill").arg(format!("-{signal}")).arg(self.child.id().to_string()).status().unwrap();
+        let status = Command::new("kill")
+            .arg(format!("-{signal}"))
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
         assert!(status.success());
         let deadline = Instant::now() + limit;
         loop {
@@ -111,9 +127,20 @@ impl Drop for Server {
 
 /// Runs the binary to completion, expecting it to fail; returns (exit code, stderr).
 pub fn run_expect_failure(args: &[String]) -> (i32, String) {
-    let out = Command::new(BIN).args(args).env("TRIBUTARY_LOG", "warn").output().unwrap();
-    assert!(!out.status.success(), "expected failure, got success; stderr: {}", String::from_utf8_lossy(&out.stderr));
-    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(BIN)
+        .args(args)
+        .env("TRIBUTARY_LOG", "warn")
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 /// A plain HTTP/1.0 GET, enough for the admin API. Returns (status, body).
@@ -125,6 +152,9 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (status, body)
 }

@@ -7,11 +7,11 @@
 use std::convert::Infallible;
 
 use prost::Message;
-use tonic::body::Body;
-use tonic::service::Routes;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use tonic::body::Body;
+use tonic::service::Routes;
 
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
@@ -41,9 +41,8 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
             Self::Network(c) => tower::Service::poll_ready(c, cx).map_err(Into::into),
-            Self::InProcess(r) => {
-                tower::Service::<http::Request<Body>>::poll_ready(r, cx).map_err(|e: Infallible| match e {})
-            }
+            Self::InProcess(r) => tower::Service::<http::Request<Body>>::poll_ready(r, cx)
+                .map_err(|e: Infallible| match e {}),
         }
     }
 
@@ -118,10 +117,15 @@ impl CoreClient {
     /// reconnects on its own, so a gateway may start before its core.
     pub fn connect_lazy(address: &str) -> Result<Self, ConnectError> {
         let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| ConnectError::InvalidAddress { address: address.into(), source })?
+            .map_err(|source| ConnectError::InvalidAddress {
+                address: address.into(),
+                source,
+            })?
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
-        Ok(Self::from_transport(CoreTransport::Network(endpoint.connect_lazy())))
+        Ok(Self::from_transport(CoreTransport::Network(
+            endpoint.connect_lazy(),
+        )))
     }
 }
 

@@ -6,10 +6,22 @@ use tokio::net::TcpListener;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
-    #[error("cannot listen on {addr} for {what} ({flag}): the address is in use; stop the other process or pick another port with {flag}")]
-    InUse { addr: String, what: String, flag: String },
-    #[error("cannot listen on {addr} for {what} ({flag}): permission denied; use a port above 1023 or run with the needed privilege")]
-    Denied { addr: String, what: String, flag: String },
+    #[error(
+        "cannot listen on {addr} for {what} ({flag}): the address is in use; stop the other process or pick another port with {flag}"
+    )]
+    InUse {
+        addr: String,
+        what: String,
+        flag: String,
+    },
+    #[error(
+        "cannot listen on {addr} for {what} ({flag}): permission denied; use a port above 1023 or run with the needed privilege"
+    )]
+    Denied {
+        addr: String,
+        what: String,
+        flag: String,
+    },
     #[error("cannot listen on {addr} for {what} ({flag}): {source}")]
     Other {
         addr: String,
@@ -27,7 +39,12 @@ pub async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListene
         match source.kind() {
             std::io::ErrorKind::AddrInUse => ListenError::InUse { addr, what, flag },
             std::io::ErrorKind::PermissionDenied => ListenError::Denied { addr, what, flag },
-            _ => ListenError::Other { addr, what, flag, source },
+            _ => ListenError::Other {
+                addr,
+                what,
+                flag,
+                source,
+            },
         }
     })
 }
@@ -40,7 +57,8 @@ pub struct ConnectionGuard {
 impl ConnectionGuard {
     pub fn new(listener: &'static str) -> Self {
         metrics::gauge!("tributary_connections", "listener" => listener).increment(1.0);
-        metrics::counter!("tributary_connections_accepted_total", "listener" => listener).increment(1);
+        metrics::counter!("tributary_connections_accepted_total", "listener" => listener)
+            .increment(1);
         Self { listener }
     }
 }

@@ -123,14 +123,17 @@ impl LocalLogStore {
     /// With [`FsyncPolicy::Interval`] this must run inside a tokio runtime.
     pub fn open(root: impl Into<PathBuf>, config: LocalLogConfig) -> Result<Arc<Self>> {
         let root = root.into();
-        fs::create_dir_all(&root)
-            .map_err(|e| StorageError::io(format!("cannot create log directory {}", root.display()), e))?;
+        fs::create_dir_all(&root).map_err(|e| {
+            StorageError::io(format!("cannot create log directory {}", root.display()), e)
+        })?;
         let lock = OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
             .open(root.join(LOCK_FILE))
-            .map_err(|e| StorageError::io(format!("cannot open {}", root.join(LOCK_FILE).display()), e))?;
+            .map_err(|e| {
+                StorageError::io(format!("cannot open {}", root.join(LOCK_FILE).display()), e)
+            })?;
         fs2::FileExt::try_lock_exclusive(&lock)
             .map_err(|_| StorageError::Locked { path: root.clone() })?;
 
@@ -140,9 +143,12 @@ impl LocalLogStore {
         let entries = fs::read_dir(&root)
             .map_err(|e| StorageError::io(format!("cannot read {}", root.display()), e))?;
         for entry in entries {
-            let entry = entry.map_err(|e| StorageError::io(format!("cannot read {}", root.display()), e))?;
+            let entry = entry
+                .map_err(|e| StorageError::io(format!("cannot read {}", root.display()), e))?;
             let name = entry.file_name();
-            let Some(key) = name.to_str().and_then(parse_partition_dir) else { continue };
+            let Some(key) = name.to_str().and_then(parse_partition_dir) else {
+                continue;
+            };
             let part = PartitionLog::open(key, entry.path(), &config, clean)?;
             partitions.insert(key, Arc::new(part));
         }
@@ -195,7 +201,11 @@ impl LocalLogStore {
         if self.closed.load(Ordering::Acquire) {
             return Err(StorageError::ShuttingDown);
         }
-        self.partitions.read().get(&key).cloned().ok_or(StorageError::PartitionNotFound(key))
+        self.partitions
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or(StorageError::PartitionNotFound(key))
     }
 }
 
@@ -260,12 +270,18 @@ fn scan_segment(file: &File, path: &Path, base: i64, index_interval: u64) -> Res
             Ok((h, _)) if h.base_offset != scan.end_offset => {
                 scan.problem = Some((
                     pos,
-                    format!("frame at offset {} where {} was expected", h.base_offset, scan.end_offset),
+                    format!(
+                        "frame at offset {} where {} was expected",
+                        h.base_offset, scan.end_offset
+                    ),
                 ));
                 break;
             }
             Ok((h, _)) => {
-                if scan.last_indexed_pos.is_none_or(|p| pos - p >= index_interval) {
+                if scan
+                    .last_indexed_pos
+                    .is_none_or(|p| pos - p >= index_interval)
+                {
                     scan.index.push((h.base_offset, pos));
                     scan.last_indexed_pos = Some(pos);
                 }
@@ -282,7 +298,10 @@ fn scan_segment(file: &File, path: &Path, base: i64, index_interval: u64) -> Res
                 break;
             }
             Err(FrameProblem::Io(e)) => {
-                return Err(StorageError::io(format!("cannot read {}", path.display()), e));
+                return Err(StorageError::io(
+                    format!("cannot read {}", path.display()),
+                    e,
+                ));
             }
         }
     }
@@ -292,12 +311,20 @@ fn scan_segment(file: &File, path: &Path, base: i64, index_interval: u64) -> Res
 
 impl PartitionLog {
     fn open(key: PartitionKey, dir: PathBuf, config: &LocalLogConfig, clean: bool) -> Result<Self> {
-        let ctx = |e| StorageError::io(format!("cannot read partition directory {}", dir.display()), e);
+        let ctx = |e| {
+            StorageError::io(
+                format!("cannot read partition directory {}", dir.display()),
+                e,
+            )
+        };
         let mut bases = Vec::new();
         for entry in fs::read_dir(&dir).map_err(ctx)? {
             let name = entry.map_err(ctx)?.file_name();
             let Some(name) = name.to_str() else { continue };
-            if let Some(base) = name.strip_suffix(".log").and_then(|b| b.parse::<i64>().ok()) {
+            if let Some(base) = name
+                .strip_suffix(".log")
+                .and_then(|b| b.parse::<i64>().ok())
+            {
                 bases.push(base);
             }
         }
@@ -320,7 +347,10 @@ impl PartitionLog {
                 .map_err(|e| StorageError::io(format!("cannot stat {}", path.display()), e))?
                 .len();
             let sealed_index = if i < last {
-                fs::read(index_path(&dir, base)).ok().and_then(|raw| decode_index(&raw)).filter(|ix| ix.size == len)
+                fs::read(index_path(&dir, base))
+                    .ok()
+                    .and_then(|raw| decode_index(&raw))
+                    .filter(|ix| ix.size == len)
             } else {
                 None
             };
@@ -350,13 +380,15 @@ impl PartitionLog {
                             reason = %why,
                             "cutting off the torn tail of the active segment (unacknowledged writes from before a crash)"
                         );
-                        file.set_len(pos)
-                            .map_err(|e| StorageError::io(format!("cannot truncate {}", path.display()), e))?;
+                        file.set_len(pos).map_err(|e| {
+                            StorageError::io(format!("cannot truncate {}", path.display()), e)
+                        })?;
                     }
                     // Everything left on disk is now made durable, whatever fsyncs the
                     // previous process did or did not get to.
-                    file.sync_data()
-                        .map_err(|e| StorageError::io(format!("cannot fsync {}", path.display()), e))?;
+                    file.sync_data().map_err(|e| {
+                        StorageError::io(format!("cannot fsync {}", path.display()), e)
+                    })?;
                     Segment {
                         base,
                         path,
@@ -376,7 +408,10 @@ impl PartitionLog {
                     return Err(corrupt(
                         &seg.path,
                         0,
-                        format!("segment starts at offset {} but the previous one ends at {}", seg.base, prev.end_offset),
+                        format!(
+                            "segment starts at offset {} but the previous one ends at {}",
+                            seg.base, prev.end_offset
+                        ),
                     ));
                 }
             }
@@ -385,7 +420,10 @@ impl PartitionLog {
         }
         let next_offset = segments.last().map_or(0, |s| s.end_offset);
         let first_base = segments.first().map_or(0, |s| s.base);
-        let start_offset = persisted_start.unwrap_or(first_base).max(first_base).min(next_offset);
+        let start_offset = persisted_start
+            .unwrap_or(first_base)
+            .max(first_base)
+            .min(next_offset);
         let (durable_tx, _) = watch::channel(next_offset);
         Ok(Self {
             key,
@@ -419,36 +457,59 @@ impl PartitionLog {
     fn append(&self, batch: &BatchToAppend, config: &LocalLogConfig) -> Result<i64> {
         self.check_usable()?;
         if batch.record_count == 0 {
-            return Err(StorageError::Meta("a batch must hold at least one record".into()));
+            return Err(StorageError::Meta(
+                "a batch must hold at least one record".into(),
+            ));
         }
         let mut inner = self.inner.lock();
         if inner.deleted {
             return Err(StorageError::PartitionNotFound(self.key));
         }
         let base = inner.next_offset;
-        let frame = encode_frame(base, batch.record_count, batch.max_timestamp_ms, &batch.payload);
+        let frame = encode_frame(
+            base,
+            batch.record_count,
+            batch.max_timestamp_ms,
+            &batch.payload,
+        );
         if frame.len() > segment::MAX_FRAME {
-            return Err(StorageError::BatchTooLarge { size: frame.len(), limit: segment::MAX_FRAME });
+            return Err(StorageError::BatchTooLarge {
+                size: frame.len(),
+                limit: segment::MAX_FRAME,
+            });
         }
-        let active = inner.segments.last().expect("a partition always has a segment");
-        if active.size > 0 && active.size + frame.len() as u64 > config.segment_bytes {
-            if let Err(e) = self.roll(&mut inner, base) {
-                drop(inner);
-                self.poison();
-                return Err(e);
-            }
+        let active = inner
+            .segments
+            .last()
+            .expect("a partition always has a segment");
+        if active.size > 0
+            && active.size + frame.len() as u64 > config.segment_bytes
+            && let Err(e) = self.roll(&mut inner, base)
+        {
+            drop(inner);
+            self.poison();
+            return Err(e);
         }
-        let active = inner.segments.last_mut().expect("a partition always has a segment");
+        let active = inner
+            .segments
+            .last_mut()
+            .expect("a partition always has a segment");
         let pos = active.size;
         if let Err(e) = active.file.write_all_at(&frame, pos) {
             drop(inner);
             self.poison();
-            return Err(StorageError::io(format!("cannot write to {}", self.dir.display()), e));
+            return Err(StorageError::io(
+                format!("cannot write to {}", self.dir.display()),
+                e,
+            ));
         }
         active.size += frame.len() as u64;
         active.end_offset = base + i64::from(batch.record_count);
         active.max_ts = active.max_ts.max(batch.max_timestamp_ms);
-        if active.last_indexed_pos.is_none_or(|p| pos - p >= config.index_interval_bytes) {
+        if active
+            .last_indexed_pos
+            .is_none_or(|p| pos - p >= config.index_interval_bytes)
+        {
             active.index.push((base, pos));
             active.last_indexed_pos = Some(pos);
         }
@@ -459,7 +520,10 @@ impl PartitionLog {
     /// Seals the active segment (fsync + index file) and starts a new one at `base`.
     /// Rare (once per segment_bytes), so doing its I/O under the partition lock is fine.
     fn roll(&self, inner: &mut Inner, base: i64) -> Result<()> {
-        let old = inner.segments.last_mut().expect("a partition always has a segment");
+        let old = inner
+            .segments
+            .last_mut()
+            .expect("a partition always has a segment");
         old.file
             .sync_data()
             .map_err(|e| StorageError::io(format!("cannot fsync {}", old.path.display()), e))?;
@@ -505,16 +569,19 @@ impl PartitionLog {
         };
         let started = Instant::now();
         let to_sync: Vec<_> = files.iter().map(|(_, f, _)| f.clone()).collect();
-        let synced = tokio::task::spawn_blocking(move || {
-            to_sync.iter().try_for_each(|f| f.sync_data())
-        })
-        .await
-        .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())));
+        let synced =
+            tokio::task::spawn_blocking(move || to_sync.iter().try_for_each(|f| f.sync_data()))
+                .await
+                .unwrap_or_else(|join| Err(std::io::Error::other(join.to_string())));
         if let Err(e) = synced {
             self.poison();
-            return Err(StorageError::io(format!("fsync failed in {}", self.dir.display()), e));
+            return Err(StorageError::io(
+                format!("fsync failed in {}", self.dir.display()),
+                e,
+            ));
         }
-        metrics::histogram!("tributary_storage_fsync_seconds").record(started.elapsed().as_secs_f64());
+        metrics::histogram!("tributary_storage_fsync_seconds")
+            .record(started.elapsed().as_secs_f64());
         let mut inner = self.inner.lock();
         for (base, _, size) in files {
             if let Some(seg) = inner.segments.iter_mut().find(|s| s.base == base) {
@@ -578,7 +645,10 @@ impl PartitionLog {
             if from == inner.durable_offset {
                 return Ok(Vec::new());
             }
-            let first = inner.segments.partition_point(|s| s.base <= from).saturating_sub(1);
+            let first = inner
+                .segments
+                .partition_point(|s| s.base <= from)
+                .saturating_sub(1);
             let pieces: Vec<Piece> = inner.segments[first..]
                 .iter()
                 .enumerate()
@@ -656,9 +726,17 @@ impl PartitionLog {
             if new_start <= inner.start_offset {
                 return Ok(inner.start_offset);
             }
-            write_file_durably(&self.dir.join(START_OFFSET_FILE), &encode_start_offset(new_start))?;
+            write_file_durably(
+                &self.dir.join(START_OFFSET_FILE),
+                &encode_start_offset(new_start),
+            )?;
             inner.start_offset = new_start;
-            let whole = inner.segments.iter().skip(1).take_while(|s| s.base <= new_start).count();
+            let whole = inner
+                .segments
+                .iter()
+                .skip(1)
+                .take_while(|s| s.base <= new_start)
+                .count();
             let garbage = self.drop_leading_segments(&mut inner, whole);
             (inner.start_offset, garbage)
         };
@@ -676,7 +754,10 @@ impl PartitionLog {
             let mut drop = 0;
             if let Some(age) = policy.max_age_ms.filter(|a| *a >= 0) {
                 let cutoff = policy.now_ms.saturating_sub(age);
-                drop = inner.segments[..sealed].iter().take_while(|s| s.max_ts < cutoff).count();
+                drop = inner.segments[..sealed]
+                    .iter()
+                    .take_while(|s| s.max_ts < cutoff)
+                    .count();
             }
             if let Some(max) = policy.max_bytes {
                 let mut total: u64 = inner.segments.iter().map(|s| s.size).sum();
@@ -717,7 +798,8 @@ impl PartitionLog {
         for (file, path, limit) in candidates {
             let mut pos = 0;
             while pos < limit {
-                let h = read_header(&file, pos, limit).map_err(|p| problem_to_error(p, &path, pos))?;
+                let h =
+                    read_header(&file, pos, limit).map_err(|p| problem_to_error(p, &path, pos))?;
                 if h.base_offset >= durable {
                     return Ok(None);
                 }
@@ -741,10 +823,10 @@ fn problem_to_error(problem: FrameProblem, path: &Path, pos: u64) -> StorageErro
 
 fn remove_files(paths: &[PathBuf]) {
     for p in paths {
-        if let Err(e) = fs::remove_file(p) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                warn!(path = %p.display(), error = %e, "could not remove a deleted segment's file");
-            }
+        if let Err(e) = fs::remove_file(p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %p.display(), error = %e, "could not remove a deleted segment's file");
         }
     }
 }
@@ -763,7 +845,10 @@ fn read_start_offset(dir: &Path) -> Result<Option<i64>> {
         }
         Ok(_) => Err(corrupt(&path, 0, "bad start-offset file")),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(StorageError::io(format!("cannot read {}", path.display()), e)),
+        Err(e) => Err(StorageError::io(
+            format!("cannot read {}", path.display()),
+            e,
+        )),
     }
 }
 
@@ -787,7 +872,10 @@ impl LogStore for LocalLogStore {
         })
         .await
         .map_err(|e| StorageError::Meta(e.to_string()))??;
-        self.partitions.write().entry(key).or_insert_with(|| Arc::new(part));
+        self.partitions
+            .write()
+            .entry(key)
+            .or_insert_with(|| Arc::new(part));
         Ok(())
     }
 
@@ -819,10 +907,17 @@ impl LogStore for LocalLogStore {
     }
 
     async fn wait_durable(&self, key: PartitionKey, end_offset: i64) -> Result<()> {
-        self.partition(key)?.wait_durable(end_offset, self.config.fsync).await
+        self.partition(key)?
+            .wait_durable(end_offset, self.config.fsync)
+            .await
     }
 
-    async fn read(&self, key: PartitionKey, from: i64, max_bytes: usize) -> Result<Vec<StoredBatch>> {
+    async fn read(
+        &self,
+        key: PartitionKey,
+        from: i64,
+        max_bytes: usize,
+    ) -> Result<Vec<StoredBatch>> {
         let part = self.partition(key)?;
         tokio::task::spawn_blocking(move || part.read(from, max_bytes))
             .await
@@ -871,9 +966,11 @@ impl LogStore for LocalLogStore {
         }
         if !poisoned {
             let root = self.root.clone();
-            tokio::task::spawn_blocking(move || write_file_durably(&root.join(CLEAN_SHUTDOWN_MARKER), b"clean\n"))
-                .await
-                .map_err(|e| StorageError::Meta(e.to_string()))??;
+            tokio::task::spawn_blocking(move || {
+                write_file_durably(&root.join(CLEAN_SHUTDOWN_MARKER), b"clean\n")
+            })
+            .await
+            .map_err(|e| StorageError::Meta(e.to_string()))??;
         }
         info!(root = %self.root.display(), "local log closed cleanly");
         Ok(())

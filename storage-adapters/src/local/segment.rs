@@ -121,7 +121,8 @@ pub(crate) fn read_header(
         return Err(FrameProblem::Truncated);
     }
     let mut raw = [0u8; FRAME_HEADER];
-    file.read_exact_at(&mut raw, pos).map_err(FrameProblem::Io)?;
+    file.read_exact_at(&mut raw, pos)
+        .map_err(FrameProblem::Io)?;
     let header = parse_header(&raw).map_err(FrameProblem::Invalid)?;
     if pos + header.total_len() > file_len {
         return Err(FrameProblem::Truncated);
@@ -137,7 +138,8 @@ pub(crate) fn read_frame(
 ) -> Result<(FrameHeader, StoredBatch), FrameProblem> {
     let header = read_header(file, pos, file_len)?;
     let mut buf = vec![0u8; header.total_len() as usize - FRAME_PREFIX];
-    file.read_exact_at(&mut buf, pos + FRAME_PREFIX as u64).map_err(FrameProblem::Io)?;
+    file.read_exact_at(&mut buf, pos + FRAME_PREFIX as u64)
+        .map_err(FrameProblem::Io)?;
     let crc = crc32c::crc32c(&buf);
     if crc != header.crc {
         return Err(FrameProblem::Invalid(format!(
@@ -183,7 +185,7 @@ pub(crate) fn encode_index(index: &SealedIndex) -> Vec<u8> {
 }
 
 pub(crate) fn decode_index(raw: &[u8]) -> Option<SealedIndex> {
-    if raw.len() < 36 || &raw[..8] != INDEX_MAGIC || (raw.len() - 36) % 16 != 0 {
+    if raw.len() < 36 || &raw[..8] != INDEX_MAGIC || !(raw.len() - 36).is_multiple_of(16) {
         return None;
     }
     let crc = u32::from_le_bytes(raw[8..12].try_into().ok()?);
@@ -202,11 +204,20 @@ pub(crate) fn decode_index(raw: &[u8]) -> Option<SealedIndex> {
             )
         })
         .collect();
-    Some(SealedIndex { end_offset, max_ts, size, entries })
+    Some(SealedIndex {
+        end_offset,
+        max_ts,
+        size,
+        entries,
+    })
 }
 
 pub(crate) fn corrupt(path: &Path, position: u64, reason: impl Into<String>) -> StorageError {
-    StorageError::Corrupt { path: path.to_path_buf(), position, reason: reason.into() }
+    StorageError::Corrupt {
+        path: path.to_path_buf(),
+        position,
+        reason: reason.into(),
+    }
 }
 
 #[cfg(test)]
@@ -221,14 +232,20 @@ mod tests {
         std::fs::write(&path, &frame).unwrap();
         let file = File::open(&path).unwrap();
         let (h, b) = read_frame(&file, 0, frame.len() as u64).unwrap();
-        assert_eq!((h.base_offset, h.record_count, h.max_ts), (42, 3, 1_700_000_000_000));
+        assert_eq!(
+            (h.base_offset, h.record_count, h.max_ts),
+            (42, 3, 1_700_000_000_000)
+        );
         assert_eq!(&b.payload[..], b"hello");
         for i in 0..frame.len() {
             let mut bad = frame.to_vec();
             bad[i] ^= 0x40;
             std::fs::write(&path, &bad).unwrap();
             let file = File::open(&path).unwrap();
-            assert!(read_frame(&file, 0, bad.len() as u64).is_err(), "flip at byte {i} undetected");
+            assert!(
+                read_frame(&file, 0, bad.len() as u64).is_err(),
+                "flip at byte {i} undetected"
+            );
         }
         assert!(matches!(
             read_frame(&file, 0, frame.len() as u64 - 1),
@@ -238,7 +255,12 @@ mod tests {
 
     #[test]
     fn index_round_trip_and_rejects_damage() {
-        let idx = SealedIndex { end_offset: 10, max_ts: 5, size: 999, entries: vec![(0, 0), (4, 512)] };
+        let idx = SealedIndex {
+            end_offset: 10,
+            max_ts: 5,
+            size: 999,
+            entries: vec![(0, 0), (4, 512)],
+        };
         let raw = encode_index(&idx);
         assert_eq!(decode_index(&raw), Some(idx));
         let mut bad = raw.clone();

@@ -6,23 +6,40 @@ use proptest::prelude::*;
 use super::*;
 
 fn small_config() -> LocalLogConfig {
-    LocalLogConfig { segment_bytes: 300, fsync: FsyncPolicy::Always, index_interval_bytes: 64 }
+    LocalLogConfig {
+        segment_bytes: 300,
+        fsync: FsyncPolicy::Always,
+        index_interval_bytes: 64,
+    }
 }
 
 fn batch(count: u32, ts: i64, payload: &[u8]) -> BatchToAppend {
-    BatchToAppend { record_count: count, max_timestamp_ms: ts, payload: Bytes::copy_from_slice(payload) }
+    BatchToAppend {
+        record_count: count,
+        max_timestamp_ms: ts,
+        payload: Bytes::copy_from_slice(payload),
+    }
 }
 
-const P: PartitionKey = PartitionKey { stream_id: 7, partition: 3 };
+const P: PartitionKey = PartitionKey {
+    stream_id: 7,
+    partition: 3,
+};
 
 fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
 }
 
 async fn append_durable(store: &LocalLogStore, b: BatchToAppend) -> i64 {
     let count = b.record_count;
     let base = store.append(P, b).await.unwrap();
-    store.wait_durable(P, base + i64::from(count)).await.unwrap();
+    store
+        .wait_durable(P, base + i64::from(count))
+        .await
+        .unwrap();
     base
 }
 
@@ -161,9 +178,13 @@ fn appends_continue_after_torn_tail_and_offsets_stay_dense() {
         }
         drop(store);
         // Half a frame header, as a crash in the middle of a write leaves it.
-        let seg = dir.path().join(P.to_string()).join(format!("{:020}.log", 0));
+        let seg = dir
+            .path()
+            .join(P.to_string())
+            .join(format!("{:020}.log", 0));
         let mut f = OpenOptions::new().append(true).open(&seg).unwrap();
-        f.write_all(&encode_frame(20, 1, 0, b"never acknowledged")[..17]).unwrap();
+        f.write_all(&encode_frame(20, 1, 0, b"never acknowledged")[..17])
+            .unwrap();
         drop(f);
         let store = LocalLogStore::open(dir.path(), LocalLogConfig::default()).unwrap();
         assert_eq!(store.bounds(P).await.unwrap().end_offset, 20);
@@ -185,14 +206,22 @@ fn damage_after_clean_shutdown_is_reported_not_truncated() {
         }
         store.close().await.unwrap();
         drop(store);
-        let seg = dir.path().join(P.to_string()).join(format!("{:020}.log", 0));
+        let seg = dir
+            .path()
+            .join(P.to_string())
+            .join(format!("{:020}.log", 0));
         let mut bytes = fs::read(&seg).unwrap();
         let len = bytes.len();
         bytes[len - 2] ^= 0xff;
         fs::write(&seg, &bytes).unwrap();
-        let err = LocalLogStore::open(dir.path(), LocalLogConfig::default()).err().expect("must fail");
+        let err = LocalLogStore::open(dir.path(), LocalLogConfig::default())
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
-        assert!(err.to_string().contains("00000000000000000000.log"), "{err}");
+        assert!(
+            err.to_string().contains("00000000000000000000.log"),
+            "{err}"
+        );
         // Nothing was touched: the file is exactly as damaged as before.
         assert_eq!(fs::read(&seg).unwrap(), bytes);
     });
@@ -214,7 +243,9 @@ fn damage_in_a_sealed_segment_is_corruption_even_after_a_crash() {
         let mut bytes = fs::read(&seg).unwrap();
         bytes[40] ^= 0x01;
         fs::write(&seg, &bytes).unwrap();
-        let err = LocalLogStore::open(dir.path(), small_config()).err().expect("must fail");
+        let err = LocalLogStore::open(dir.path(), small_config())
+            .err()
+            .expect("must fail");
         assert!(matches!(err, StorageError::Corrupt { .. }), "{err}");
     });
 }
@@ -223,14 +254,20 @@ fn damage_in_a_sealed_segment_is_corruption_even_after_a_crash() {
 fn a_second_open_of_the_same_directory_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let _first = LocalLogStore::open(dir.path(), LocalLogConfig::default()).unwrap();
-    let err = LocalLogStore::open(dir.path(), LocalLogConfig::default()).err().expect("must fail");
+    let err = LocalLogStore::open(dir.path(), LocalLogConfig::default())
+        .err()
+        .expect("must fail");
     assert!(matches!(err, StorageError::Locked { .. }), "{err}");
 }
 
 #[test]
 fn concurrent_appends_share_fsyncs_and_wake_watchers() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let store = LocalLogStore::open(dir.path(), LocalLogConfig::default()).unwrap();
         store.create_partition(P).await.unwrap();
@@ -241,7 +278,10 @@ fn concurrent_appends_share_fsyncs_and_wake_watchers() {
             tasks.push(tokio::spawn(async move {
                 let mut bases = Vec::new();
                 for i in 0..50 {
-                    let base = store.append(P, batch(1, 0, &[t as u8, i as u8])).await.unwrap();
+                    let base = store
+                        .append(P, batch(1, 0, &[t as u8, i as u8]))
+                        .await
+                        .unwrap();
                     store.wait_durable(P, base + 1).await.unwrap();
                     bases.push(base);
                 }
@@ -262,9 +302,16 @@ fn concurrent_appends_share_fsyncs_and_wake_watchers() {
 #[test]
 fn interval_policy_acknowledges_after_the_periodic_fsync() {
     let dir = tempfile::tempdir().unwrap();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
-        let config = LocalLogConfig { fsync: FsyncPolicy::Interval(Duration::from_millis(5)), ..LocalLogConfig::default() };
+        let config = LocalLogConfig {
+            fsync: FsyncPolicy::Interval(Duration::from_millis(5)),
+            ..LocalLogConfig::default()
+        };
         let store = LocalLogStore::open(dir.path(), config).unwrap();
         store.create_partition(P).await.unwrap();
         let base = store.append(P, batch(3, 0, b"x")).await.unwrap();
@@ -284,11 +331,18 @@ fn time_lookup_and_time_retention() {
         }
         assert_eq!(store.offset_for_timestamp(P, 95).await.unwrap(), Some(10));
         assert_eq!(store.offset_for_timestamp(P, 10_000).await.unwrap(), None);
-        let policy = RetentionPolicy { max_age_ms: Some(100), max_bytes: None, now_ms: 300 };
+        let policy = RetentionPolicy {
+            max_age_ms: Some(100),
+            max_bytes: None,
+            now_ms: 300,
+        };
         let start = store.apply_retention(P, policy).await.unwrap();
         assert!(start > 0 && start <= 20, "start {start}");
         let first = store.read(P, start, 1).await.unwrap();
         assert_eq!(first[0].base_offset, start);
-        assert!(matches!(store.read(P, 0, 1).await, Err(StorageError::OffsetOutOfRange { .. })));
+        assert!(matches!(
+            store.read(P, 0, 1).await,
+            Err(StorageError::OffsetOutOfRange { .. })
+        ));
     });
 }

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# The project's test command (README.md "Run the tests"; .ci/run calls exactly this).
+# Needs only the Rust toolchain: every dependency is fetched by cargo.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== cargo test"
+cargo test --workspace --locked
