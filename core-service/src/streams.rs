@@ -204,6 +204,17 @@ impl Core {
 
     pub(crate) async fn write_producer_snapshot(&self, part: &PartitionState) -> CoreResult<()> {
         let mut table = part.producers.lock().await;
+        // The table records a batch as soon as it is written, before it is durable. A
+        // snapshot must not remember a batch a crash could still take back (a retry of it
+        // would be answered as a duplicate), so wait until everything it remembers is durable.
+        let written_end = table
+            .producers
+            .values()
+            .flat_map(|e| e.batches.iter())
+            .map(|b| b.base_offset + i64::from(b.record_count))
+            .max()
+            .unwrap_or(0);
+        self.inner.log.wait_durable(part.key, written_end).await?;
         let offset = self.inner.log.bounds(part.key).await?.end_offset;
         table.expire(
             now_ms(),
@@ -779,10 +790,10 @@ impl Core {
             ));
         }
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.max_wait_ms as u64);
-        let max_total = if req.max_bytes == 0 {
-            50 << 20
-        } else {
-            req.max_bytes as usize
+        // Bounded well under the gRPC message limit whatever the client asks for.
+        let max_total = match req.max_bytes {
+            0 => 50 << 20,
+            n => (n as usize).min(128 << 20),
         };
         let mut shutdown = self.inner.shutdown.subscribe();
         // Subscribe before reading so that data arriving in between still wakes us.
