@@ -233,6 +233,28 @@ impl Core {
         Ok(())
     }
 
+    /// Stores a record under a key that must not exist yet (another node may race us).
+    async fn insert_new<T: serde::Serialize>(
+        &self,
+        key: Vec<u8>,
+        record: &T,
+        what: impl FnOnce() -> String,
+    ) -> CoreResult<()> {
+        if self
+            .inner
+            .meta
+            .compare_and_set(&key, None, Some(&to_json(record)))
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(CoreError::Conflict(format!(
+                "{} was created concurrently",
+                what()
+            )))
+        }
+    }
+
     // ---------------------------------------------------------------------------------
     // Namespaces
     // ---------------------------------------------------------------------------------
@@ -257,17 +279,10 @@ impl Core {
             labels,
             created_at_ms: now_ms(),
         };
-        let key = meta::key(meta::NAMESPACE, &[name]);
-        if !self
-            .inner
-            .meta
-            .compare_and_set(&key, None, Some(&to_json(&record)))
-            .await?
-        {
-            return Err(CoreError::Conflict(format!(
-                "namespace '{name}' was created concurrently"
-            )));
-        }
+        self.insert_new(meta::key(meta::NAMESPACE, &[name]), &record, || {
+            format!("namespace '{name}'")
+        })
+        .await?;
         self.inner
             .namespaces
             .write()
@@ -393,17 +408,10 @@ impl Core {
                 .create_partition(PartitionKey::new(stream_id, p))
                 .await?;
         }
-        let key = meta::key(meta::STREAM, &[&ns, &name]);
-        if !self
-            .inner
-            .meta
-            .compare_and_set(&key, None, Some(&to_json(&record)))
-            .await?
-        {
-            return Err(CoreError::Conflict(format!(
-                "stream '{ns}/{name}' was created concurrently"
-            )));
-        }
+        self.insert_new(meta::key(meta::STREAM, &[&ns, &name]), &record, || {
+            format!("stream '{ns}/{name}'")
+        })
+        .await?;
         let handle = self.open_stream(record).await?;
         info!(partitions, "stream created");
         Ok((self.describe_handle(&handle).await?, true))

@@ -88,6 +88,31 @@ pub struct RetentionPolicy {
     pub now_ms: i64,
 }
 
+impl RetentionPolicy {
+    /// How many of the oldest units of storage (segments, objects) the policy drops.
+    /// `units` are `(max timestamp, bytes)`, oldest first, and hold every unit of the
+    /// partition; the last one (the one being written) is never dropped.
+    pub fn units_to_drop(&self, units: &[(i64, u64)]) -> usize {
+        let removable = &units[..units.len().saturating_sub(1)];
+        let by_age = self.max_age_ms.filter(|a| *a >= 0).map_or(0, |age| {
+            let cutoff = self.now_ms.saturating_sub(age);
+            removable.iter().take_while(|(ts, _)| *ts < cutoff).count()
+        });
+        let by_size = self.max_bytes.map_or(0, |max| {
+            let mut total: u64 = units.iter().map(|(_, size)| size).sum();
+            removable
+                .iter()
+                .take_while(|(_, size)| {
+                    let keep = total.saturating_sub(*size) >= max;
+                    total -= if keep { *size } else { 0 };
+                    keep
+                })
+                .count()
+        });
+        by_age.max(by_size)
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StorageError {
     #[error("{context}: {source}")]

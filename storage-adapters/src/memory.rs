@@ -160,28 +160,13 @@ impl LogStore for MemoryLogStore {
 
     async fn apply_retention(&self, key: PartitionKey, policy: RetentionPolicy) -> Result<i64> {
         self.with(key, |p| {
-            // Memory keeps batches as its unit; the last batch is kept like an active segment.
-            let keep_last = p.batches.len().saturating_sub(1);
-            let mut drop = 0;
-            if let Some(age) = policy.max_age_ms.filter(|a| *a >= 0) {
-                let cutoff = policy.now_ms.saturating_sub(age);
-                drop = p.batches[..keep_last]
-                    .iter()
-                    .take_while(|b| b.max_timestamp_ms < cutoff)
-                    .count();
-            }
-            if let Some(max) = policy.max_bytes {
-                let mut total = p.size();
-                let mut n = 0;
-                for b in &p.batches[..keep_last] {
-                    if total.saturating_sub(b.payload.len() as u64) < max {
-                        break;
-                    }
-                    total -= b.payload.len() as u64;
-                    n += 1;
-                }
-                drop = drop.max(n);
-            }
+            // Memory keeps batches as its unit; the last one is kept like an active segment.
+            let units: Vec<_> = p
+                .batches
+                .iter()
+                .map(|b| (b.max_timestamp_ms, b.payload.len() as u64))
+                .collect();
+            let drop = policy.units_to_drop(&units);
             let removed: Vec<_> = p.batches.drain(..drop).collect();
             if let Some(last) = removed.last() {
                 p.start_offset = p.start_offset.max(last.next_offset());

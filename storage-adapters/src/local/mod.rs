@@ -750,27 +750,8 @@ impl PartitionLog {
             if inner.deleted {
                 return Err(StorageError::PartitionNotFound(self.key));
             }
-            let sealed = inner.segments.len() - 1;
-            let mut drop = 0;
-            if let Some(age) = policy.max_age_ms.filter(|a| *a >= 0) {
-                let cutoff = policy.now_ms.saturating_sub(age);
-                drop = inner.segments[..sealed]
-                    .iter()
-                    .take_while(|s| s.max_ts < cutoff)
-                    .count();
-            }
-            if let Some(max) = policy.max_bytes {
-                let mut total: u64 = inner.segments.iter().map(|s| s.size).sum();
-                let mut by_size = 0;
-                for s in &inner.segments[..sealed] {
-                    if total.saturating_sub(s.size) < max {
-                        break;
-                    }
-                    total -= s.size;
-                    by_size += 1;
-                }
-                drop = drop.max(by_size);
-            }
+            let units: Vec<_> = inner.segments.iter().map(|s| (s.max_ts, s.size)).collect();
+            let drop = policy.units_to_drop(&units);
             let garbage = self.drop_leading_segments(&mut inner, drop);
             (inner.start_offset, garbage)
         };
