@@ -285,7 +285,11 @@ fn fsync_latency_report() {
         file.sync_all().expect("fsync");
         let mut lat = Vec::with_capacity(ITERS);
         for i in 0..ITERS {
-            let pos = if grow { ((i + 1) * block.len()) as u64 } else { 0 };
+            let pos = if grow {
+                ((i + 1) * block.len()) as u64
+            } else {
+                0
+            };
             let started = Instant::now();
             file.write_all_at(&block, pos).expect("write");
             file.sync_data().expect("fdatasync");
@@ -331,10 +335,7 @@ fn ack_latency_report(rt: &Runtime) {
             });
             let s = summarize(lat);
             let mib_s = (s.count * 16 * KIB) as f64 / MIB as f64 / RUN.as_secs_f64();
-            print_summary(
-                &format!("ack 16 KiB, {policy_name}, {tasks} appenders"),
-                &s,
-            );
+            print_summary(&format!("ack 16 KiB, {policy_name}, {tasks} appenders"), &s);
             println!("{:<44} ~{mib_s:.1} MiB/s acknowledged", "");
         }
     }
@@ -347,7 +348,10 @@ fn want_latency_report() -> bool {
         return false;
     }
     let filters = filters();
-    filters.is_empty() || filters.iter().any(|f| "latency_report".contains(f.as_str()))
+    filters.is_empty()
+        || filters
+            .iter()
+            .any(|f| "latency_report".contains(f.as_str()))
 }
 
 /// Positional (filter) arguments given to the bench binary.

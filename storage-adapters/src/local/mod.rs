@@ -607,11 +607,23 @@ impl PartitionLog {
             }
             match policy {
                 FsyncPolicy::Always => {
-                    let _turn = self.sync_lock.lock().await;
-                    if *self.durable_tx.borrow() >= end_offset {
-                        return Ok(());
+                    // Either take the sync turn, or learn that a running fsync finished: every
+                    // waiter it covered then leaves at once, instead of each passing through
+                    // the lock in turn before the next group's fsync can start.
+                    tokio::select! {
+                        biased;
+                        changed = rx.changed() => {
+                            if changed.is_err() {
+                                return Err(StorageError::ShuttingDown);
+                            }
+                        }
+                        _turn = self.sync_lock.lock() => {
+                            if *self.durable_tx.borrow() >= end_offset {
+                                return Ok(());
+                            }
+                            self.sync_now().await?;
+                        }
                     }
-                    self.sync_now().await?;
                 }
                 FsyncPolicy::Interval(_) => {
                     if rx.changed().await.is_err() {
