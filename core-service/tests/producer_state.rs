@@ -39,31 +39,29 @@ fn append_req(pid: i64, seq: i32) -> v1::AppendRequest {
     }
 }
 
-fn check_state(core: &Core, pid: i64, next_seq: i32) -> impl std::future::Future<Output = ()> + '_ {
-    async move {
-        // The last five batches are answered as duplicates with their first offsets.
-        for seq in next_seq - 5..next_seq {
-            let r = core.append(append_req(pid, seq)).await.unwrap();
-            assert_eq!(
-                (r.base_offset, r.duplicate),
-                (i64::from(seq), true),
-                "seq {seq}"
-            );
-        }
-        let older = core
-            .append(append_req(pid, next_seq - 6))
-            .await
-            .unwrap_err();
-        assert!(
-            matches!(older, CoreError::OutOfOrderSequence { .. }),
-            "{older}"
+async fn check_state(core: &Core, pid: i64, next_seq: i32) {
+    // The last five batches are answered as duplicates with their first offsets.
+    for seq in next_seq - 5..next_seq {
+        let r = core.append(append_req(pid, seq)).await.unwrap();
+        assert_eq!(
+            (r.base_offset, r.duplicate),
+            (i64::from(seq), true),
+            "seq {seq}"
         );
-        let gap = core
-            .append(append_req(pid, next_seq + 1))
-            .await
-            .unwrap_err();
-        assert!(matches!(gap, CoreError::OutOfOrderSequence { .. }), "{gap}");
     }
+    let older = core
+        .append(append_req(pid, next_seq - 6))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(older, CoreError::OutOfOrderSequence { .. }),
+        "{older}"
+    );
+    let gap = core
+        .append(append_req(pid, next_seq + 1))
+        .await
+        .unwrap_err();
+    assert!(matches!(gap, CoreError::OutOfOrderSequence { .. }), "{gap}");
 }
 
 #[test]
