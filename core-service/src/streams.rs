@@ -1014,17 +1014,7 @@ impl Core {
                                 current: r.epoch,
                             });
                         }
-                        if r.epoch >= MAX_PRODUCER_EPOCH {
-                            ProducerIdRecord {
-                                producer_id: self.next_counter("producer_id").await? as i64,
-                                epoch: 0,
-                            }
-                        } else {
-                            ProducerIdRecord {
-                                producer_id: r.producer_id,
-                                epoch: r.epoch + 1,
-                            }
-                        }
+                        self.next_epoch(r).await?
                     }
                     None => ProducerIdRecord {
                         producer_id: self.next_counter("producer_id").await? as i64,
@@ -1056,17 +1046,7 @@ impl Core {
                     current: r.epoch,
                 });
             }
-            let next = if r.epoch >= MAX_PRODUCER_EPOCH {
-                ProducerIdRecord {
-                    producer_id: self.next_counter("producer_id").await? as i64,
-                    epoch: 0,
-                }
-            } else {
-                ProducerIdRecord {
-                    producer_id: r.producer_id,
-                    epoch: r.epoch + 1,
-                }
-            };
+            let next = self.next_epoch(r).await?;
             let next_key = meta::key(meta::PRODUCER_EPOCH, &[&next.producer_id.to_string()]);
             if !meta
                 .compare_and_set(&key, Some(&current), Some(&to_json(&next)))
@@ -1098,6 +1078,21 @@ impl Core {
         Ok(v1::InitProducerResponse {
             producer_id: pid,
             producer_epoch: 0,
+        })
+    }
+
+    /// The producer's next epoch, or a new producer id once the epoch would overflow.
+    async fn next_epoch(&self, r: ProducerIdRecord) -> CoreResult<ProducerIdRecord> {
+        Ok(if r.epoch >= MAX_PRODUCER_EPOCH {
+            ProducerIdRecord {
+                producer_id: self.next_counter("producer_id").await? as i64,
+                epoch: 0,
+            }
+        } else {
+            ProducerIdRecord {
+                producer_id: r.producer_id,
+                epoch: r.epoch + 1,
+            }
         })
     }
 
