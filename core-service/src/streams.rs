@@ -169,28 +169,21 @@ impl Core {
         };
         let bounds = log.bounds(key).await?;
         let mut table = snapshot.table;
-        let mut at = snapshot.offset.max(bounds.start_offset);
-        let replay_from = at;
-        while at < bounds.end_offset {
-            let batches = log.read(key, at, 4 << 20).await?;
-            let Some(last) = batches.last() else { break };
-            at = last.next_offset();
-            for b in &batches {
-                let h = StoredBatchHeader::decode(b.payload.clone()).map_err(|e| {
-                    CoreError::Corrupt(format!("undecodable batch at {key}@{}: {e}", b.base_offset))
-                })?;
-                if h.producer_id > 0 {
-                    table.record(
-                        h.producer_id,
-                        h.producer_epoch,
-                        h.base_sequence,
-                        b.record_count,
-                        b.base_offset,
-                        h.append_time_ms,
-                    );
-                }
+        let replay_from = snapshot.offset.max(bounds.start_offset);
+        self.scan_batch_headers(key, replay_from, |h, base, count| {
+            if h.producer_id > 0 {
+                table.record(
+                    h.producer_id,
+                    h.producer_epoch,
+                    h.base_sequence,
+                    count,
+                    base,
+                    h.append_time_ms,
+                );
             }
-        }
+            true
+        })
+        .await?;
         let state = Arc::new(PartitionState {
             key,
             producers: tokio::sync::Mutex::new(table),
@@ -1316,22 +1309,40 @@ impl Core {
         let Ok(part) = self.stream(id).and_then(|h| h.partition(partition)) else {
             return Ok(false);
         };
+        let mut found = false;
+        self.scan_batch_headers(part.key, from, |h, _, _| {
+            found = h.timer_id == timer_id;
+            !found
+        })
+        .await?;
+        Ok(found)
+    }
+
+    /// Visits the header of every durable batch from `from` on (clamped to the start)
+    /// until `visit` returns false. Used by recovery paths, never on a hot path.
+    async fn scan_batch_headers(
+        &self,
+        key: PartitionKey,
+        from: i64,
+        mut visit: impl FnMut(&StoredBatchHeader, i64, u32) -> bool,
+    ) -> CoreResult<()> {
         let log = &self.inner.log;
-        let bounds = log.bounds(part.key).await?;
+        let bounds = log.bounds(key).await?;
         let mut at = from.max(bounds.start_offset);
         while at < bounds.end_offset {
-            let batches = log.read(part.key, at, 4 << 20).await?;
+            let batches = log.read(key, at, 4 << 20).await?;
             let Some(last) = batches.last() else { break };
             at = last.next_offset();
             for b in batches {
-                let h = StoredBatchHeader::decode(b.payload)
-                    .map_err(|e| CoreError::Corrupt(e.to_string()))?;
-                if h.timer_id == timer_id {
-                    return Ok(true);
+                let h = StoredBatchHeader::decode(b.payload).map_err(|e| {
+                    CoreError::Corrupt(format!("undecodable batch at {key}@{}: {e}", b.base_offset))
+                })?;
+                if !visit(&h, b.base_offset, b.record_count) {
+                    return Ok(());
                 }
             }
         }
-        Ok(false)
+        Ok(())
     }
 }
 

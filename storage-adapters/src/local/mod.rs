@@ -214,6 +214,16 @@ fn parse_partition_dir(name: &str) -> Option<PartitionKey> {
     Some(PartitionKey::new(s.parse().ok()?, p.parse().ok()?))
 }
 
+/// Runs file-system work off the async workers; a panic in it is reported, not propagated.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        StorageError::io(
+            "storage worker failed",
+            std::io::Error::other(e.to_string()),
+        )
+    })?
+}
+
 fn sync_dir(dir: &Path) -> Result<()> {
     File::open(dir)
         .and_then(|d| d.sync_all())
@@ -857,14 +867,13 @@ impl LogStore for LocalLogStore {
         let dir = self.root.join(key.to_string());
         let root = self.root.clone();
         let config = self.config.clone();
-        let part = tokio::task::spawn_blocking(move || -> Result<PartitionLog> {
+        let part = blocking(move || -> Result<PartitionLog> {
             fs::create_dir_all(&dir)
                 .map_err(|e| StorageError::io(format!("cannot create {}", dir.display()), e))?;
             sync_dir(&root)?;
             PartitionLog::open(key, dir, &config, false)
         })
-        .await
-        .map_err(|e| StorageError::Meta(e.to_string()))??;
+        .await?;
         self.partitions
             .write()
             .entry(key)
@@ -880,13 +889,12 @@ impl LogStore for LocalLogStore {
         part.durable_tx.send_modify(|_| {});
         let dir = part.dir.clone();
         let root = self.root.clone();
-        tokio::task::spawn_blocking(move || -> Result<()> {
+        blocking(move || -> Result<()> {
             fs::remove_dir_all(&dir)
                 .map_err(|e| StorageError::io(format!("cannot remove {}", dir.display()), e))?;
             sync_dir(&root)
         })
         .await
-        .map_err(|e| StorageError::Meta(e.to_string()))?
     }
 
     async fn list_partitions(&self) -> Result<Vec<PartitionKey>> {
@@ -912,9 +920,7 @@ impl LogStore for LocalLogStore {
         max_bytes: usize,
     ) -> Result<Vec<StoredBatch>> {
         let part = self.partition(key)?;
-        tokio::task::spawn_blocking(move || part.read(from, max_bytes))
-            .await
-            .map_err(|e| StorageError::Meta(e.to_string()))?
+        blocking(move || part.read(from, max_bytes)).await
     }
 
     async fn bounds(&self, key: PartitionKey) -> Result<PartitionBounds> {
@@ -927,23 +933,17 @@ impl LogStore for LocalLogStore {
 
     async fn truncate_prefix(&self, key: PartitionKey, before: i64) -> Result<i64> {
         let part = self.partition(key)?;
-        tokio::task::spawn_blocking(move || part.truncate_prefix(before))
-            .await
-            .map_err(|e| StorageError::Meta(e.to_string()))?
+        blocking(move || part.truncate_prefix(before)).await
     }
 
     async fn apply_retention(&self, key: PartitionKey, policy: RetentionPolicy) -> Result<i64> {
         let part = self.partition(key)?;
-        tokio::task::spawn_blocking(move || part.apply_retention(policy))
-            .await
-            .map_err(|e| StorageError::Meta(e.to_string()))?
+        blocking(move || part.apply_retention(policy)).await
     }
 
     async fn offset_for_timestamp(&self, key: PartitionKey, ts: i64) -> Result<Option<i64>> {
         let part = self.partition(key)?;
-        tokio::task::spawn_blocking(move || part.offset_for_timestamp(ts))
-            .await
-            .map_err(|e| StorageError::Meta(e.to_string()))?
+        blocking(move || part.offset_for_timestamp(ts)).await
     }
 
     async fn close(&self) -> Result<()> {
@@ -959,11 +959,8 @@ impl LogStore for LocalLogStore {
         }
         if !poisoned {
             let root = self.root.clone();
-            tokio::task::spawn_blocking(move || {
-                write_file_durably(&root.join(CLEAN_SHUTDOWN_MARKER), b"clean\n")
-            })
-            .await
-            .map_err(|e| StorageError::Meta(e.to_string()))??;
+            blocking(move || write_file_durably(&root.join(CLEAN_SHUTDOWN_MARKER), b"clean\n"))
+                .await?;
         }
         info!(root = %self.root.display(), "local log closed cleanly");
         Ok(())
