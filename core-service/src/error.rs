@@ -48,6 +48,16 @@ pub enum CoreError {
     TimerNotFound(String),
     #[error("group '{0}' does not exist")]
     GroupNotFound(String),
+    #[error("member '{0}' is not in the group")]
+    UnknownMember(String),
+    #[error("generation {got} is not the group's current generation {current}")]
+    IllegalGeneration { got: i32, current: i32 },
+    #[error("the group is rebalancing: rejoin")]
+    RebalanceInProgress,
+    #[error("inconsistent group protocol: {0}")]
+    InconsistentGroupProtocol(String),
+    #[error("group '{0}' still has members")]
+    GroupNotEmpty(String),
     #[error("conflicting concurrent change: {0}")]
     Conflict(String),
     #[error("{0} is not supported by this version of the core")]
@@ -100,6 +110,11 @@ impl CoreError {
             Self::UnknownProducer(_) => ErrorCode::UnknownProducer,
             Self::TimerNotFound(_) => ErrorCode::TimerNotFound,
             Self::GroupNotFound(_) => ErrorCode::GroupNotFound,
+            Self::UnknownMember(_) => ErrorCode::UnknownMember,
+            Self::IllegalGeneration { .. } => ErrorCode::IllegalGeneration,
+            Self::RebalanceInProgress => ErrorCode::RebalanceInProgress,
+            Self::InconsistentGroupProtocol(_) => ErrorCode::InconsistentGroupProtocol,
+            Self::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unsupported(_) => ErrorCode::Unsupported,
             Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
@@ -125,7 +140,12 @@ impl CoreError {
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::OutOfOrderSequence { .. }
             | Self::ProducerFenced { .. }
-            | Self::UnknownProducer(_) => Code::FailedPrecondition,
+            | Self::UnknownProducer(_)
+            | Self::UnknownMember(_)
+            | Self::IllegalGeneration { .. }
+            | Self::RebalanceInProgress
+            | Self::InconsistentGroupProtocol(_)
+            | Self::GroupNotEmpty(_) => Code::FailedPrecondition,
             Self::Conflict(_) => Code::Aborted,
             Self::Unsupported(_) => Code::Unimplemented,
             Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,

@@ -296,23 +296,24 @@ impl offsets_server::Offsets for CoreGrpc {
 
 #[tonic::async_trait]
 impl groups_server::Groups for CoreGrpc {
-    async fn join_group(&self, _: Request<JoinGroupRequest>) -> GrpcResult<JoinGroupResponse> {
-        unsupported("group membership")
+    async fn join_group(&self, r: Request<JoinGroupRequest>) -> GrpcResult<JoinGroupResponse> {
+        ok(self.core.join_group(r.into_inner()).await?)
     }
-    async fn sync_group(&self, _: Request<SyncGroupRequest>) -> GrpcResult<SyncGroupResponse> {
-        unsupported("group membership")
+    async fn sync_group(&self, r: Request<SyncGroupRequest>) -> GrpcResult<SyncGroupResponse> {
+        ok(self.core.sync_group(r.into_inner()).await?)
     }
-    async fn heartbeat(&self, _: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
-        unsupported("group membership")
+    async fn heartbeat(&self, r: Request<HeartbeatRequest>) -> GrpcResult<HeartbeatResponse> {
+        ok(self.core.heartbeat(r.get_ref())?)
     }
-    async fn leave_group(&self, _: Request<LeaveGroupRequest>) -> GrpcResult<LeaveGroupResponse> {
-        unsupported("group membership")
+    async fn leave_group(&self, r: Request<LeaveGroupRequest>) -> GrpcResult<LeaveGroupResponse> {
+        ok(self.core.leave_group(r.get_ref()))
     }
     async fn describe_group(
         &self,
-        _: Request<DescribeGroupRequest>,
+        r: Request<DescribeGroupRequest>,
     ) -> GrpcResult<DescribeGroupResponse> {
-        unsupported("group membership")
+        let r = r.into_inner();
+        ok(self.core.describe_group(&r.namespace, &r.group).await?)
     }
 }
 

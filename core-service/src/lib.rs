@@ -4,10 +4,11 @@
 //!
 //! Implemented here: namespaces, streams (partitions, configs, retention), dense offsets,
 //! batch append and long-polling fetch, committed group offsets, idempotent producers and
-//! the durable timer service. Queues, routing, group membership, sessions and transactions
-//! are in the API but answer UNIMPLEMENTED until their issues land.
+//! the durable timer service, group membership (Kafka's classic protocol). Queues, routing,
+//! sessions and transactions are in the API but answer UNIMPLEMENTED until their issues land.
 
 pub mod error;
+mod groups;
 pub mod grpc;
 pub mod meta;
 pub mod producers;
@@ -47,6 +48,9 @@ pub struct CoreConfig {
     /// Write a producer-state snapshot once a partition has grown this many offsets past
     /// the last one, bounding the replay after a crash.
     pub producer_snapshot_every: i64,
+    /// A rebalance of an empty group waits this long for more members before the first
+    /// generation (Kafka's group.initial.rebalance.delay.ms).
+    pub group_initial_rebalance_delay: Duration,
 }
 
 impl Default for CoreConfig {
@@ -58,6 +62,7 @@ impl Default for CoreConfig {
             retention_check_interval: Duration::from_secs(300),
             producer_expiration: Duration::from_secs(7 * 24 * 3600),
             producer_snapshot_every: 50_000,
+            group_initial_rebalance_delay: Duration::from_secs(3),
         }
     }
 }
@@ -76,6 +81,7 @@ struct Inner {
     streams: RwLock<BTreeMap<(String, String), Arc<StreamHandle>>>,
     /// Serialises metadata changes (create/delete/alter) inside this process.
     admin: tokio::sync::Mutex<()>,
+    groups: groups::GroupTable,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -104,6 +110,7 @@ impl Core {
             inner: Arc::new(Inner {
                 log,
                 meta,
+                groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -117,7 +124,8 @@ impl Core {
         core.recover_timers().await?;
         let timers = tokio::spawn(core.clone().run_timers());
         let retention = tokio::spawn(core.clone().run_retention());
-        core.inner.tasks.lock().extend([timers, retention]);
+        let groups = tokio::spawn(core.clone().run_group_timeouts());
+        core.inner.tasks.lock().extend([timers, retention, groups]);
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),

@@ -14,6 +14,7 @@ use tributary_proto::v1;
 use tributary_storage::{BatchToAppend, Check, Op, PartitionKey, RetentionPolicy};
 
 use crate::error::{CoreError, CoreResult};
+use crate::groups::CommitCheck;
 use crate::meta::{
     self, EffectiveConfig, GroupRecord, NamespaceRecord, OffsetRecord, ProducerIdRecord,
     StreamRecord, StreamSettings, from_json, to_json, validate_name,
@@ -1099,10 +1100,13 @@ impl Core {
         let ns = namespace_or_default(&req.namespace).to_string();
         validate_name("group", &req.group)?;
         self.require_namespace(&ns)?;
-        if req.generation.is_some() {
-            return Err(CoreError::Unsupported(
-                "generation-checked commits (group membership)".into(),
-            ));
+        if let Some(generation) = req.generation
+            && let CommitCheck::Refuse(e) =
+                self.inner
+                    .groups
+                    .check_commit(&ns, &req.group, &req.member_id, generation)
+        {
+            return Err(e);
         }
         let now = now_ms();
         let mut ops = Vec::with_capacity(req.offsets.len() + 1);
@@ -1222,14 +1226,35 @@ impl Core {
                 committed_partitions: committed as u32,
             });
         }
+        for (group, state, protocol_type) in self.inner.groups.list(&ns) {
+            match out.iter_mut().find(|s| s.group == group) {
+                Some(s) => {
+                    s.state = state.name().into();
+                    s.protocol_type = protocol_type;
+                }
+                None => out.push(v1::GroupSummary {
+                    namespace: ns.clone(),
+                    group,
+                    state: state.name().into(),
+                    protocol_type,
+                    committed_partitions: 0,
+                }),
+            }
+        }
+        out.sort_by(|a, b| a.group.cmp(&b.group));
         Ok(out)
     }
 
     pub async fn delete_group(&self, namespace: &str, group: &str) -> CoreResult<()> {
         let ns = namespace_or_default(namespace).to_string();
         let group_key = meta::key(meta::GROUP, &[&ns, group]);
+        let had_members = self.inner.groups.remove_if_empty(&ns, group)?;
         if self.inner.meta.get(&group_key).await?.is_none() {
-            return Err(CoreError::GroupNotFound(group.into()));
+            return if had_members {
+                Ok(())
+            } else {
+                Err(CoreError::GroupNotFound(group.into()))
+            };
         }
         let mut ops = vec![Op::Delete { key: group_key }];
         for (k, _) in self
@@ -1272,6 +1297,79 @@ impl Core {
             }
         }
         Ok(moved)
+    }
+
+    // ---------------------------------------------------------------------------------
+    // Group membership (state in groups.rs; here the namespace checks)
+    // ---------------------------------------------------------------------------------
+
+    #[instrument(skip_all, fields(group = %req.group, member = %req.member_id))]
+    pub async fn join_group(&self, req: v1::JoinGroupRequest) -> CoreResult<v1::JoinGroupResponse> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace).to_string();
+        validate_name("group", &req.group)?;
+        self.require_namespace(&ns)?;
+        self.inner.groups.join(&ns, req).await
+    }
+
+    #[instrument(skip_all, fields(group = %req.group, member = %req.member_id))]
+    pub async fn sync_group(&self, req: v1::SyncGroupRequest) -> CoreResult<v1::SyncGroupResponse> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace).to_string();
+        self.inner.groups.sync(&ns, req).await
+    }
+
+    pub fn heartbeat(&self, req: &v1::HeartbeatRequest) -> CoreResult<v1::HeartbeatResponse> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace);
+        self.inner.groups.heartbeat(ns, req)
+    }
+
+    pub fn leave_group(&self, req: &v1::LeaveGroupRequest) -> v1::LeaveGroupResponse {
+        let ns = namespace_or_default(&req.namespace);
+        v1::LeaveGroupResponse {
+            unknown_member_ids: self.inner.groups.leave(ns, &req.group, &req.member_ids),
+        }
+    }
+
+    /// Live membership if any; else "Empty" for a group with committed offsets, or "Dead".
+    pub async fn describe_group(
+        &self,
+        namespace: &str,
+        group: &str,
+    ) -> CoreResult<v1::DescribeGroupResponse> {
+        let ns = namespace_or_default(namespace).to_string();
+        if let Some(d) = self.inner.groups.describe(&ns, group) {
+            return Ok(d);
+        }
+        let known = self
+            .inner
+            .meta
+            .get(&meta::key(meta::GROUP, &[&ns, group]))
+            .await?;
+        let protocol_type = match known {
+            Some(raw) => from_json::<GroupRecord>("group", &raw)?.protocol_type,
+            None => {
+                return Ok(v1::DescribeGroupResponse {
+                    state: "Dead".into(),
+                    ..Default::default()
+                });
+            }
+        };
+        Ok(v1::DescribeGroupResponse {
+            state: "Empty".into(),
+            protocol_type,
+            ..Default::default()
+        })
+    }
+
+    pub(crate) async fn run_group_timeouts(self) {
+        let mut tick = tokio::time::interval(crate::groups::GROUP_TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.inner.groups.tick();
+        }
     }
 
     pub(crate) async fn run_retention(self) {
