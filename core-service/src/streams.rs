@@ -490,6 +490,16 @@ impl Core {
             }),
             created_at_ms: r.created_at_ms,
             partition_info: Vec::new(),
+            explicit_configs: [
+                ("retention_ms", r.settings.retention_ms.is_some()),
+                ("retention_bytes", r.settings.retention_bytes.is_some()),
+                ("max_message_bytes", r.settings.max_message_bytes.is_some()),
+                ("cleanup_policy", r.settings.cleanup_policy.is_some()),
+            ]
+            .into_iter()
+            .filter(|(_, set)| *set)
+            .map(|(k, _)| k.to_string())
+            .collect(),
         }
     }
 

@@ -1,0 +1,393 @@
+"""Fixtures that run the tributary binary for the Kafka compatibility scenarios.
+
+The binary comes from the environment variable TRIBUTARY_BIN (scripts/compat.sh sets it).
+Each deployment runs on free loopback ports in its own data directory:
+
+* ``standalone``: one process, core + Kafka gateway.
+* ``split``: ``tributary core`` plus one ``tributary gateway kafka --core http://ADDR``.
+* ``split-2gw``: one core fronted by two Kafka gateways (only where a test asks for it).
+
+``cluster`` is shared by the tests of one mode (topics and groups get unique names);
+``fresh_cluster`` is a private deployment for tests that restart or kill the server.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import queue
+import re
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+
+from kafkacompat import MODES
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+LOG_TAIL_LINES = 80
+
+_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
+_live_processes: list["ServerProcess"] = []
+
+
+try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
+
+
+def tributary_bin() -> str:
+    path = os.environ.get("TRIBUTARY_BIN")
+    if not path:
+        pytest.fail(
+            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
+            "(scripts/compat.sh does this)",
+            pytrace=False,
+        )
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
+    return os.path.abspath(path)
+
+
+class ServerProcess:
+    """One tributary process: started, read until `ready`, stdout drained forever after."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.listeners: dict[str, str] = {}
+        self._lines: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
+        # Only the server's own settings: TRIBUTARY_BIN / TRIBUTARY_VENV are the scripts'.
+        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
+        # Kafka's group.initial.rebalance.delay.ms (3 s by default) only slows tests down.
+        # Standalone also gets the flag; the environment spelling reaches `core` in split mode.
+        env.setdefault("TRIBUTARY_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
+        env.setdefault("TRIBUTARY_LOG", "info")
+        self._lines = queue.Queue()
+        self._ready.clear()
+        self.listeners = {}
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,  # the child writes its log (stderr) straight into the file
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        _live_processes.append(self)
+        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise RuntimeError(
+                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
+                )
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:  # stdout closed: the process exited
+                try:
+                    rc = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    rc = "?"
+                raise RuntimeError(
+                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
+                )
+            m = _LISTEN_RE.match(line)
+            if m:
+                self.listeners[m.group(1)] = m.group(2)
+            elif line.strip() == "ready":
+                self._ready.set()
+                return self.listeners
+
+    def _pump(self, proc: subprocess.Popen):
+        # Keeps reading stdout so the server never blocks on a full pipe.
+        assert proc.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for raw in proc.stdout:
+                log.write(b"[stdout] " + raw)
+                log.flush()
+                if not self._ready.is_set():
+                    self._lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        self._lines.put(None)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"{self.name} did not exit within {timeout:.0f}s of "
+                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
+                )
+        if self in _live_processes:
+            _live_processes.remove(self)
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self in _live_processes:
+            _live_processes.remove(self)
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        try:
+            lines = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return f"({self.log_path} unreadable)"
+        return f"--- last {min(n, len(lines))} lines of {self.log_path}:\n" + "\n".join(lines[-n:])
+
+
+class Deployment:
+    """A tributary deployment in one of MODES, on one data directory."""
+
+    def __init__(self, mode: str, workdir: pathlib.Path, extra_args: list[str] | None = None):
+        assert mode in ("standalone", "split", "split-2gw"), mode
+        self.mode = mode
+        self.bin = tributary_bin()
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.extra_args = list(extra_args or [])
+        self.processes: list[ServerProcess] = []
+        self.bootstraps: list[str] = []
+        self.core_addr: str | None = None
+        self.starts = 0
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> "Deployment":
+        self.starts += 1
+        n = self.starts
+        self.processes = []
+        self.bootstraps = []
+        if self.mode == "standalone":
+            p = ServerProcess(
+                "tributary standalone",
+                [
+                    self.bin,
+                    "--data-dir", str(self.data_dir),
+                    "--core-listen", "127.0.0.1:0",
+                    "--admin-listen", "127.0.0.1:0",
+                    "--kafka-listen", "127.0.0.1:0",
+                    "--mqtt-listen", "off",
+                    "--mqtt-ws-listen", "off",
+                    "--amqp-listen", "off",
+                    "--sqs-listen", "off",
+                    "--rocketmq-listen", "off",
+                    "--namesrv-listen", "off",
+                    "--group-initial-rebalance-delay-ms", "0",
+                    *self.extra_args,
+                ],
+                self.workdir / "standalone.log",
+            )
+            self.processes.append(p)
+            listeners = p.start()
+            self._need(listeners, "kafka", p)
+            self.core_addr = listeners.get("core")
+            self.bootstraps = [listeners["kafka"]]
+        else:
+            core = ServerProcess(
+                "tributary core",
+                [
+                    self.bin, "core",
+                    "--data-dir", str(self.data_dir),
+                    "--core-listen", "127.0.0.1:0",
+                    "--admin-listen", "127.0.0.1:0",
+                ],
+                self.workdir / "core.log",
+            )
+            self.processes.append(core)
+            listeners = core.start()
+            self._need(listeners, "core", core)
+            self.core_addr = listeners["core"]
+            for i in range(2 if self.mode == "split-2gw" else 1):
+                gw = ServerProcess(
+                    f"tributary gateway kafka #{i}",
+                    [
+                        self.bin, "gateway", "kafka",
+                        "--core", f"http://{self.core_addr}",
+                        "--kafka-listen", "127.0.0.1:0",
+                        *self.extra_args,
+                    ],
+                    self.workdir / f"gateway{i}.log",
+                )
+                self.processes.append(gw)
+                gl = gw.start()
+                self._need(gl, "kafka", gw)
+                self.bootstraps.append(gl["kafka"])
+        for p in self.processes:
+            with open(p.log_path, "ab") as log:
+                log.write(f"=== start #{n} ready: kafka {self.bootstraps}\n".encode())
+        return self
+
+    @staticmethod
+    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
+        if name not in listeners:
+            p.kill()
+            raise RuntimeError(
+                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
+            )
+
+    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
+        """Stops gateways first, then the core. Returns each process's exit code."""
+        codes = {}
+        for p in reversed(self.processes):
+            codes[p.name] = p.stop(sig)
+        return codes
+
+    def stop_clean(self):
+        """SIGTERM; every process must exit 0 (the documented graceful stop)."""
+        codes = self.stop(signal.SIGTERM)
+        bad = {k: v for k, v in codes.items() if v not in (0, None)}
+        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
+
+    def restart(self, sig: int = signal.SIGTERM) -> "Deployment":
+        if sig == signal.SIGTERM:
+            self.stop_clean()
+        else:
+            self.stop(sig)
+        return self.start()
+
+    def restart_gateways(self, sig: int = signal.SIGKILL) -> "Deployment":
+        """Split modes only: restart the gateway processes, the core keeps running."""
+        assert self.mode != "standalone"
+        gateways = self.processes[1:]
+        for gw in gateways:
+            gw.stop(sig)
+        self.bootstraps = []
+        for gw in gateways:
+            self.bootstraps.append(gw.start()["kafka"])
+        return self
+
+    def dead_processes(self) -> list[ServerProcess]:
+        return [p for p in self.processes if not p.alive()]
+
+    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(p.log_tail(n) for p in self.processes)
+
+    # -- addresses -----------------------------------------------------------------------
+
+    @property
+    def bootstrap(self) -> str:
+        """The first gateway's Kafka address."""
+        return self.bootstraps[0]
+
+    def bootstrap_for(self, i: int) -> str:
+        """Client number i's bootstrap: clients are spread over the gateways."""
+        return self.bootstraps[i % len(self.bootstraps)]
+
+    def __repr__(self):
+        return f"Deployment({self.mode}, kafka={self.bootstraps})"
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session", params=MODES)
+def shared_cluster(request, tmp_path_factory):
+    """One deployment per mode, shared by the tests of that mode."""
+    d = Deployment(request.param, tmp_path_factory.mktemp(f"shared-{request.param}"))
+    d.start()
+    yield d
+    if not d.dead_processes():
+        d.stop_clean()
+    else:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture
+def cluster(shared_cluster: Deployment, request):
+    """The shared deployment of this test's mode, checked alive before and after the test."""
+    dead = shared_cluster.dead_processes()
+    if dead:
+        # A previous test crashed the server: restart so later tests run, and fail this one.
+        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
+        tails = shared_cluster.log_tails()
+        shared_cluster.stop(signal.SIGKILL)
+        shared_cluster.start()
+        pytest.fail(f"server died before this test: {info}\n{tails}", pytrace=False)
+    request.node._tributary_deployments = [shared_cluster]
+    yield shared_cluster
+    dead = shared_cluster.dead_processes()
+    if dead:
+        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
+        pytest.fail(f"server process died during the test: {info}\n{shared_cluster.log_tails()}",
+                    pytrace=False)
+
+
+@pytest.fixture(params=["standalone", "split"])
+def fresh_cluster(request, tmp_path):
+    """A private deployment (own data dir) for tests that restart or kill it."""
+    d = Deployment(request.param, tmp_path)
+    request.node._tributary_deployments = [d]
+    d.start()
+    yield d
+    if d.dead_processes() and any(p.proc.returncode not in (0, -9) for p in d.dead_processes()):
+        codes = {p.name: p.proc.returncode for p in d.dead_processes()}
+        d.stop(signal.SIGKILL)
+        pytest.fail(f"server process died during the test: {codes}\n{d.log_tails()}",
+                    pytrace=False)
+    d.stop_clean()
+
+
+@pytest.fixture
+def make_deployment(tmp_path, request):
+    """Factory for deployments with extra arguments (e.g. SASL); stopped after the test."""
+    made: list[Deployment] = []
+    request.node._tributary_deployments = made
+
+    def make(mode: str = "standalone", extra_args: list[str] | None = None) -> Deployment:
+        d = Deployment(mode, tmp_path / f"d{len(made)}", extra_args)
+        made.append(d)
+        return d.start()
+
+    yield make
+    for d in made:
+        d.stop(signal.SIGTERM)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for d in getattr(item, "_tributary_deployments", []):
+            for p in d.processes:
+                report.sections.append((f"server log {p.name}", p.log_tail()))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    for p in list(_live_processes):
+        p.kill()

@@ -1,0 +1,236 @@
+//! Users and their credentials, shared by every gateway that authenticates.
+//!
+//! Passwords are never stored: each user has salted SCRAM credentials (RFC 5802/7677), written
+//! as `SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>` (base64 parts, the format
+//! PostgreSQL uses). The same credential checks a plain password (SASL PLAIN, MQTT and AMQP
+//! passwords) by deriving the StoredKey again, and drives a SCRAM exchange without ever
+//! knowing the password. `tributary passwd` prints credentials for a password.
+
+use std::collections::HashMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use hmac::{Hmac, KeyInit, Mac};
+use sha2::{Digest, Sha256, Sha512};
+
+/// Iterations for new credentials (Kafka's default for SCRAM is 4096; more costs each login).
+pub const DEFAULT_ITERATIONS: u32 = 4096;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ScramHash {
+    Sha256,
+    Sha512,
+}
+
+impl ScramHash {
+    pub fn mechanism(self) -> &'static str {
+        match self {
+            Self::Sha256 => "SCRAM-SHA-256",
+            Self::Sha512 => "SCRAM-SHA-512",
+        }
+    }
+
+    pub fn from_mechanism(m: &str) -> Option<Self> {
+        match m {
+            "SCRAM-SHA-256" => Some(Self::Sha256),
+            "SCRAM-SHA-512" => Some(Self::Sha512),
+            _ => None,
+        }
+    }
+
+    pub fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
+        match self {
+            Self::Sha256 => {
+                let mut m = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes any key length");
+                m.update(data);
+                m.finalize().into_bytes().to_vec()
+            }
+            Self::Sha512 => {
+                let mut m = Hmac::<Sha512>::new_from_slice(key).expect("HMAC takes any key length");
+                m.update(data);
+                m.finalize().into_bytes().to_vec()
+            }
+        }
+    }
+
+    pub fn hash(self, data: &[u8]) -> Vec<u8> {
+        match self {
+            Self::Sha256 => Sha256::digest(data).to_vec(),
+            Self::Sha512 => Sha512::digest(data).to_vec(),
+        }
+    }
+
+    /// PBKDF2 of the password: the client's SaltedPassword.
+    pub fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
+        match self {
+            Self::Sha256 => {
+                let mut out = [0u8; 32];
+                pbkdf2::pbkdf2_hmac::<Sha256>(password, salt, iterations, &mut out);
+                out.to_vec()
+            }
+            Self::Sha512 => {
+                let mut out = [0u8; 64];
+                pbkdf2::pbkdf2_hmac::<Sha512>(password, salt, iterations, &mut out);
+                out.to_vec()
+            }
+        }
+    }
+}
+
+/// One stored SCRAM credential.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScramCredential {
+    pub hash: ScramHash,
+    pub iterations: u32,
+    pub salt: Vec<u8>,
+    pub stored_key: Vec<u8>,
+    pub server_key: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error(
+    "invalid credential '{text}': {why} (expected SCRAM-SHA-256$<iterations>:<salt>$<StoredKey>:<ServerKey>, as printed by `tributary passwd`)"
+)]
+pub struct CredentialError {
+    text: String,
+    why: String,
+}
+
+impl ScramCredential {
+    /// Derives a credential from a password with a fresh random salt.
+    pub fn derive(hash: ScramHash, password: &str, iterations: u32) -> Self {
+        let salt: [u8; 16] = rand::random();
+        Self::derive_with_salt(hash, password, &salt, iterations)
+    }
+
+    pub fn derive_with_salt(hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Self {
+        let salted = hash.salted_password(password.as_bytes(), salt, iterations);
+        let client_key = hash.hmac(&salted, b"Client Key");
+        Self {
+            hash,
+            iterations,
+            salt: salt.to_vec(),
+            stored_key: hash.hash(&client_key),
+            server_key: hash.hmac(&salted, b"Server Key"),
+        }
+    }
+
+    /// Whether `password` is the one this credential was derived from.
+    pub fn verify_password(&self, password: &str) -> bool {
+        let again = Self::derive_with_salt(self.hash, password, &self.salt, self.iterations);
+        constant_time_eq(&again.stored_key, &self.stored_key)
+    }
+
+    pub fn parse(text: &str) -> Result<Self, CredentialError> {
+        let err = |why: &str| CredentialError {
+            text: text.chars().take(40).collect(),
+            why: why.into(),
+        };
+        let mut parts = text.split('$');
+        let (Some(mech), Some(params), Some(keys), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(err("wrong number of '$'-separated parts"));
+        };
+        let hash = ScramHash::from_mechanism(mech).ok_or_else(|| err("unknown mechanism"))?;
+        let (iter, salt) = params
+            .split_once(':')
+            .ok_or_else(|| err("no ':' in parameters"))?;
+        let (stored, server) = keys.split_once(':').ok_or_else(|| err("no ':' in keys"))?;
+        let iterations: u32 = iter
+            .parse()
+            .map_err(|_| err("iterations is not a number"))?;
+        if iterations < 4096 {
+            return Err(err("iterations must be at least 4096"));
+        }
+        let b64 = |v: &str| B64.decode(v).map_err(|_| err("bad base64"));
+        Ok(Self {
+            hash,
+            iterations,
+            salt: b64(salt)?,
+            stored_key: b64(stored)?,
+            server_key: b64(server)?,
+        })
+    }
+
+    pub fn to_text(&self) -> String {
+        format!(
+            "{}${}:{}${}:{}",
+            self.hash.mechanism(),
+            self.iterations,
+            B64.encode(&self.salt),
+            B64.encode(&self.stored_key),
+            B64.encode(&self.server_key)
+        )
+    }
+}
+
+/// Compares without an early exit, so timing does not tell how much matched.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The configured users.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    users: HashMap<String, Vec<ScramCredential>>,
+}
+
+impl Users {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn add(&mut self, name: &str, credentials: Vec<ScramCredential>) {
+        self.users.insert(name.to_string(), credentials);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.users.is_empty()
+    }
+
+    pub fn credential(&self, user: &str, hash: ScramHash) -> Option<&ScramCredential> {
+        self.users.get(user)?.iter().find(|c| c.hash == hash)
+    }
+
+    /// Checks a user name and plain password against any of the user's credentials.
+    pub fn verify_password(&self, user: &str, password: &str) -> bool {
+        self.users
+            .get(user)
+            .and_then(|creds| creds.first())
+            .is_some_and(|c| c.verify_password(password))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_round_trip_and_check_passwords() {
+        let c = ScramCredential::derive(ScramHash::Sha256, "s3cret", 4096);
+        let parsed = ScramCredential::parse(&c.to_text()).unwrap();
+        assert_eq!(parsed, c);
+        assert!(parsed.verify_password("s3cret"));
+        assert!(!parsed.verify_password("s3cret "));
+        assert!(ScramCredential::parse("SCRAM-SHA-1$4096:AA==$AA==:AA==").is_err());
+        assert!(ScramCredential::parse("SCRAM-SHA-256$10:AA==$AA==:AA==").is_err());
+        assert!(ScramCredential::parse("plain").is_err());
+    }
+
+    #[test]
+    fn rfc7677_test_vector() {
+        // RFC 7677 section 3: user "user", password "pencil", 4096 iterations.
+        let salt = B64.decode("W22ZaJ0SNY7soEsUEjb6gQ==").unwrap();
+        let c = ScramCredential::derive_with_salt(ScramHash::Sha256, "pencil", &salt, 4096);
+        let salted = ScramHash::Sha256.salted_password(b"pencil", &salt, 4096);
+        let server_key = ScramHash::Sha256.hmac(&salted, b"Server Key");
+        assert_eq!(c.server_key, server_key);
+        let auth_message = "n=user,r=rOprNGfwEbeRWgbNEkqO,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096,c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0";
+        let server_signature = ScramHash::Sha256.hmac(&c.server_key, auth_message.as_bytes());
+        assert_eq!(
+            B64.encode(server_signature),
+            "6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
+    }
+}

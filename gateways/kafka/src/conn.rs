@@ -1,0 +1,343 @@
+//! One client connection: size-prefixed frames in, responses out, in request order.
+//!
+//! Requests are served one at a time per connection, as Kafka's broker does (it mutes a
+//! channel while a request is in flight), so responses keep the order clients rely on.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind, SaslAuthenticateResponse,
+    SaslHandshakeResponse,
+};
+use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tributary_gateway_common::ConnectionGuard;
+
+use crate::Gateway;
+use crate::errors::ConnectionError;
+use crate::sasl::{Conversation, Step};
+use crate::versions;
+
+/// What the gateway knows about the connection's client.
+pub(crate) struct Session {
+    pub peer: SocketAddr,
+    pub client_id: String,
+    /// SASL progress; `None` once authenticated (or when SASL is off).
+    sasl: Option<SaslProgress>,
+    pub principal: Option<String>,
+}
+
+enum SaslProgress {
+    AwaitingHandshake,
+    Mechanism(Conversation),
+}
+
+pub(crate) async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let _guard = ConnectionGuard::new("kafka");
+    let span = info_span!("kafka_conn", %peer);
+    async move {
+        let _ = socket.set_nodelay(true);
+        let (rd, wr) = socket.into_split();
+        let mut rd = BufReader::with_capacity(64 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+        let mut session = Session {
+            peer,
+            client_id: String::new(),
+            sasl: gateway
+                .config
+                .sasl
+                .as_ref()
+                .map(|_| SaslProgress::AwaitingHandshake),
+            principal: None,
+        };
+        let result = tokio::select! {
+            r = serve(&mut rd, &mut wr, &gateway, &mut session) => r,
+            _ = stop.wait_for(|s| *s) => Ok(()),
+        };
+        match result {
+            Ok(()) => debug!("connection closed"),
+            Err(ConnectionError::Io(e))
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                ) =>
+            {
+                debug!("connection reset by the client")
+            }
+            // One line per bad connection; everyone else keeps being served.
+            Err(e) => warn!(client_id = %session.client_id, "closing kafka connection: {e}"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+async fn serve(
+    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
+    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+    gateway: &Gateway,
+    session: &mut Session,
+) -> Result<(), ConnectionError> {
+    let mut out = BytesMut::with_capacity(64 * 1024);
+    loop {
+        let size = match rd.read_i32().await {
+            Ok(s) => s,
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+            Err(e) => return Err(e.into()),
+        };
+        if size < 0 || size as usize > gateway.config.max_request_bytes {
+            return Err(ConnectionError::TooLarge {
+                size: size as i64,
+                limit: gateway.config.max_request_bytes,
+            });
+        }
+        let mut frame = BytesMut::zeroed(size as usize);
+        rd.read_exact(&mut frame).await?;
+        let Some(response) = handle_frame(frame.freeze(), gateway, session).await? else {
+            continue;
+        };
+        out.clear();
+        out.put_i32(0);
+        out.extend_from_slice(&response);
+        let len = (out.len() - 4) as i32;
+        out[..4].copy_from_slice(&len.to_be_bytes());
+        wr.write_all(&out).await?;
+        // Flush only when no further request is already buffered: pipelined requests are
+        // answered with one write.
+        if rd.buffer().is_empty() {
+            wr.flush().await?;
+        }
+    }
+}
+
+/// Decodes one request frame, serves it and returns the encoded response (header + body),
+/// or `None` when the protocol wants no response (Produce with acks=0).
+pub async fn handle_frame(
+    frame: Bytes,
+    gateway: &Gateway,
+    session: &mut Session,
+) -> Result<Option<Bytes>, ConnectionError> {
+    let (api, version, mut body, header) = decode_request(frame)?;
+    if let Some(id) = header.client_id.as_ref() {
+        if session.client_id != id.as_str() {
+            session.client_id = id.to_string();
+        }
+    }
+    let correlation_id = header.correlation_id;
+    let span = tracing::debug_span!("kafka_request", api = ?api, version, correlation_id);
+    let response = async {
+        if !versions::supports(api, version) {
+            if api == ApiKey::ApiVersions {
+                // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our ranges.
+                return Ok(Some((
+                    ResponseKind::ApiVersions(versions::api_versions(35)),
+                    0,
+                )));
+            }
+            return Err(ConnectionError::UnsupportedVersion { api, version });
+        }
+        let request =
+            RequestKind::decode(api, &mut body, version).map_err(|e| ConnectionError::Decode {
+                api,
+                version,
+                reason: e.to_string(),
+            })?;
+        if session.sasl.is_some() {
+            return sasl_gate(gateway, session, request, version).map(|r| r.map(|r| (r, version)));
+        }
+        Ok(crate::dispatch(gateway, session, &header, request, version)
+            .await
+            .map(|r| (r, version)))
+    }
+    .instrument(span)
+    .await?;
+    let Some((response, version)) = response else {
+        return Ok(None);
+    };
+    encode_response(api, version, correlation_id, &response).map(Some)
+}
+
+/// Splits a frame into (api, version, body, header); checks lengths before reading.
+pub fn decode_request(
+    mut frame: Bytes,
+) -> Result<(ApiKey, i16, Bytes, RequestHeader), ConnectionError> {
+    if frame.len() < 8 {
+        return Err(ConnectionError::ShortFrame(frame.len()));
+    }
+    let raw_key = (&frame[0..2]).get_i16();
+    let version = (&frame[2..4]).get_i16();
+    let api = ApiKey::try_from(raw_key).map_err(|_| ConnectionError::UnknownApiKey(raw_key))?;
+    // An ApiVersions request of a version we do not know still has a v2-style header (KIP-511).
+    let header_version = if api == ApiKey::ApiVersions && !versions::supports(api, version) {
+        1
+    } else if (api.valid_versions().min..=api.valid_versions().max).contains(&version) {
+        api.request_header_version(version)
+    } else {
+        return Err(ConnectionError::UnsupportedVersion { api, version });
+    };
+    let header =
+        RequestHeader::decode(&mut frame, header_version).map_err(|e| ConnectionError::Decode {
+            api,
+            version,
+            reason: format!("request header: {e}"),
+        })?;
+    Ok((api, version, frame, header))
+}
+
+pub fn encode_response(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    response: &ResponseKind,
+) -> Result<Bytes, ConnectionError> {
+    let mut buf = BytesMut::new();
+    let encode_err = |e: anyhow_like::Error| ConnectionError::Encode {
+        api,
+        version,
+        reason: e.0,
+    };
+    // ApiVersions responses always use header v0 so any client can read them.
+    let header_version = if api == ApiKey::ApiVersions {
+        0
+    } else {
+        response.header_version(version)
+    };
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut buf, header_version)
+        .map_err(|e| encode_err(anyhow_like::Error(e.to_string())))?;
+    response
+        .encode(&mut buf, version)
+        .map_err(|e| encode_err(anyhow_like::Error(e.to_string())))?;
+    Ok(buf.freeze())
+}
+
+/// Keeps `anyhow` out of our error types: its errors are carried as text.
+mod anyhow_like {
+    pub struct Error(pub String);
+}
+
+/// Before authentication only ApiVersions, SaslHandshake and SaslAuthenticate are served;
+/// anything else closes the connection, as Kafka's broker does.
+fn sasl_gate(
+    gateway: &Gateway,
+    session: &mut Session,
+    request: RequestKind,
+    version: i16,
+) -> Result<Option<ResponseKind>, ConnectionError> {
+    let users = gateway
+        .config
+        .sasl
+        .as_ref()
+        .expect("SASL progress implies SASL is configured");
+    match request {
+        RequestKind::ApiVersions(_) => {
+            Ok(Some(ResponseKind::ApiVersions(versions::api_versions(0))))
+        }
+        RequestKind::SaslHandshake(req) => {
+            let mechanism = req.mechanism.as_str();
+            let enabled: Vec<StrBytes> = crate::sasl::MECHANISMS
+                .iter()
+                .map(|m| StrBytes::from_static_str(m))
+                .collect();
+            match Conversation::start(mechanism, users.clone()) {
+                Some(c) => {
+                    session.sasl = Some(SaslProgress::Mechanism(c));
+                    Ok(Some(ResponseKind::SaslHandshake(
+                        SaslHandshakeResponse::default().with_mechanisms(enabled),
+                    )))
+                }
+                None => Ok(Some(ResponseKind::SaslHandshake(
+                    SaslHandshakeResponse::default()
+                        .with_error_code(33) // UNSUPPORTED_SASL_MECHANISM
+                        .with_mechanisms(enabled),
+                ))),
+            }
+        }
+        RequestKind::SaslAuthenticate(req) => {
+            let Some(SaslProgress::Mechanism(conversation)) = session.sasl.as_mut() else {
+                return Ok(Some(ResponseKind::SaslAuthenticate(
+                    SaslAuthenticateResponse::default()
+                        .with_error_code(34) // ILLEGAL_SASL_STATE
+                        .with_error_message(Some(StrBytes::from_static_str(
+                            "SaslHandshake must come first",
+                        ))),
+                )));
+            };
+            match conversation.step(&req.auth_bytes) {
+                Step::Continue(reply) => Ok(Some(ResponseKind::SaslAuthenticate(
+                    SaslAuthenticateResponse::default().with_auth_bytes(reply),
+                ))),
+                Step::Done { reply, user } => {
+                    info!(user = %user, "SASL authentication succeeded");
+                    session.principal = Some(user);
+                    session.sasl = None;
+                    Ok(Some(ResponseKind::SaslAuthenticate(
+                        SaslAuthenticateResponse::default().with_auth_bytes(reply),
+                    )))
+                }
+                Step::Failed(why) => {
+                    warn!(client_id = %session.client_id, "SASL authentication failed: {why}");
+                    // The client gets the error, then the connection closes (the next
+                    // request, if any, is refused by this gate).
+                    session.sasl = Some(SaslProgress::AwaitingHandshake);
+                    let _ = version;
+                    Ok(Some(ResponseKind::SaslAuthenticate(
+                        SaslAuthenticateResponse::default()
+                            .with_error_code(58) // SASL_AUTHENTICATION_FAILED
+                            .with_error_message(Some(StrBytes::from_static_str(
+                                "Authentication failed: invalid credentials",
+                            ))),
+                    )))
+                }
+            }
+        }
+        other => Err(ConnectionError::Unauthenticated(api_of(&other))),
+    }
+}
+
+fn api_of(r: &RequestKind) -> ApiKey {
+    macro_rules! keys {
+        ($($v:ident),*) => {
+            match r {
+                $(RequestKind::$v(_) => ApiKey::$v,)*
+                _ => ApiKey::ApiVersions,
+            }
+        };
+    }
+    keys!(
+        Produce,
+        Fetch,
+        ListOffsets,
+        Metadata,
+        OffsetCommit,
+        OffsetFetch,
+        FindCoordinator,
+        JoinGroup,
+        Heartbeat,
+        LeaveGroup,
+        SyncGroup,
+        DescribeGroups,
+        ListGroups,
+        CreateTopics,
+        DeleteTopics,
+        DeleteRecords,
+        InitProducerId,
+        DescribeConfigs,
+        AlterConfigs,
+        CreatePartitions,
+        DeleteGroups,
+        IncrementalAlterConfigs,
+        DescribeCluster
+    )
+}

@@ -1,0 +1,385 @@
+//! Produce, Fetch, ListOffsets and InitProducerId: the data path.
+
+use bytes::BytesMut;
+use futures::future::join_all;
+use kafka_protocol::error::ResponseError as K;
+use kafka_protocol::messages::fetch_request::FetchRequest;
+use kafka_protocol::messages::fetch_response::{
+    FetchResponse, FetchableTopicResponse, PartitionData,
+};
+use kafka_protocol::messages::init_producer_id_request::InitProducerIdRequest;
+use kafka_protocol::messages::init_producer_id_response::InitProducerIdResponse;
+use kafka_protocol::messages::list_offsets_request::ListOffsetsRequest;
+use kafka_protocol::messages::list_offsets_response::{
+    ListOffsetsPartitionResponse, ListOffsetsResponse, ListOffsetsTopicResponse,
+};
+use kafka_protocol::messages::produce_request::{PartitionProduceData, ProduceRequest};
+use kafka_protocol::messages::produce_response::{
+    PartitionProduceResponse, ProduceResponse, TopicProduceResponse,
+};
+use kafka_protocol::messages::{ProducerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tracing::debug;
+use tributary_proto::v1;
+
+use crate::Gateway;
+use crate::batch::{self, BatchError, OPAQUE_FORMAT};
+use crate::errors::{Context, kafka_code, kafka_error};
+
+pub(crate) async fn produce(
+    gw: &Gateway,
+    req: ProduceRequest,
+    version: i16,
+) -> Option<ProduceResponse> {
+    let acks = req.acks;
+    let transactional = req.transactional_id.is_some();
+    let mut work = Vec::new();
+    for topic in req.topic_data {
+        for p in topic.partition_data {
+            work.push((topic.name.clone(), p));
+        }
+    }
+    let results = join_all(work.into_iter().map(|(name, p)| async move {
+        let r = if !matches!(acks, -1..=1) {
+            error_partition(
+                p.index,
+                K::InvalidRequiredAcks.code(),
+                "acks must be -1, 0 or 1",
+            )
+        } else if transactional {
+            error_partition(
+                p.index,
+                K::InvalidTxnState.code(),
+                "transactions are not supported by this gateway yet",
+            )
+        } else {
+            produce_partition(gw, &name, p).await
+        };
+        (name, r)
+    }))
+    .await;
+    if acks == 0 {
+        return None;
+    }
+    let mut topics: Vec<TopicProduceResponse> = Vec::new();
+    for (name, r) in results {
+        match topics.iter_mut().find(|t| t.name == name) {
+            Some(t) => t.partition_responses.push(r),
+            None => topics.push(
+                TopicProduceResponse::default()
+                    .with_name(name)
+                    .with_partition_responses(vec![r]),
+            ),
+        }
+    }
+    let _ = version;
+    Some(ProduceResponse::default().with_responses(topics))
+}
+
+fn error_partition(index: i32, code: i16, message: &str) -> PartitionProduceResponse {
+    PartitionProduceResponse::default()
+        .with_index(index)
+        .with_error_code(code)
+        .with_base_offset(-1)
+        .with_log_append_time_ms(-1)
+        .with_log_start_offset(-1)
+        .with_error_message(Some(StrBytes::from_string(message.to_string())))
+}
+
+async fn produce_partition(
+    gw: &Gateway,
+    topic: &TopicName,
+    p: PartitionProduceData,
+) -> PartitionProduceResponse {
+    let Some(records) = p.records else {
+        return error_partition(p.index, K::InvalidRecord.code(), "no records");
+    };
+    let batches = match batch::split_batches(records) {
+        Ok(b) => b,
+        Err(e @ BatchError::UnsupportedMagic(_)) => {
+            return error_partition(
+                p.index,
+                K::UnsupportedForMessageFormat.code(),
+                &e.to_string(),
+            );
+        }
+        Err(e) => return error_partition(p.index, K::CorruptMessage.code(), &e.to_string()),
+    };
+    // Kafka (produce v3+) takes exactly one batch per partition and so does the gateway.
+    if batches.len() != 1 {
+        return error_partition(
+            p.index,
+            K::InvalidRecord.code(),
+            "a produce request must hold exactly one record batch per partition",
+        );
+    }
+    let Some((header, bytes)) = batches.into_iter().next() else {
+        unreachable!("length checked above")
+    };
+    if header.control {
+        return error_partition(
+            p.index,
+            K::InvalidRecord.code(),
+            "control batches cannot be produced",
+        );
+    }
+    if header.transactional {
+        return error_partition(
+            p.index,
+            K::InvalidTxnState.code(),
+            "transactions are not supported by this gateway yet",
+        );
+    }
+    let size = bytes.len();
+    let request = v1::AppendRequest {
+        stream: Some(v1::StreamId {
+            namespace: gw.config.namespace.clone(),
+            name: topic.to_string(),
+        }),
+        partition: match u32::try_from(p.index) {
+            Ok(i) => i,
+            Err(_) => {
+                return error_partition(
+                    p.index,
+                    K::UnknownTopicOrPartition.code(),
+                    "negative partition",
+                );
+            }
+        },
+        batch: Some(v1::RecordBatch {
+            opaque: bytes,
+            opaque_format: OPAQUE_FORMAT.into(),
+            record_count: header.record_count,
+            max_timestamp_ms: header.max_timestamp_ms.max(0),
+            producer_id: header.producer_id.max(0),
+            producer_epoch: i32::from(header.producer_epoch),
+            base_sequence: header.base_sequence,
+            ..Default::default()
+        }),
+        auto_create: false,
+    };
+    match gw.core.streams.clone().append(request).await {
+        Ok(r) => {
+            let r = r.into_inner();
+            metrics::counter!("tributary_kafka_produced_bytes_total").increment(size as u64);
+            PartitionProduceResponse::default()
+                .with_index(p.index)
+                .with_base_offset(r.base_offset)
+                .with_log_append_time_ms(-1)
+                .with_log_start_offset(r.log_start_offset)
+        }
+        Err(status) => {
+            debug!(topic = %topic.as_str(), partition = p.index, error = %status.message(), "produce refused");
+            error_partition(
+                p.index,
+                kafka_error(&status, Context::Produce),
+                status.message(),
+            )
+        }
+    }
+}
+
+pub(crate) async fn fetch(gw: &Gateway, req: FetchRequest, version: i16) -> FetchResponse {
+    let mut wanted = Vec::new(); // (topic name, topic id, partition, offset, max bytes)
+    let mut unknown_ids = Vec::new();
+    for t in &req.topics {
+        let name = if version >= 13 {
+            match gw.topic_name(t.topic_id).await {
+                Some(n) => n,
+                None => {
+                    unknown_ids.push(t);
+                    continue;
+                }
+            }
+        } else {
+            t.topic.to_string()
+        };
+        for p in &t.partitions {
+            wanted.push((
+                name.clone(),
+                t.topic_id,
+                p.partition,
+                p.fetch_offset,
+                p.partition_max_bytes,
+            ));
+        }
+    }
+    let core_req = v1::FetchRequest {
+        partitions: wanted
+            .iter()
+            .map(|(name, _, partition, offset, max)| v1::FetchPartition {
+                stream: Some(v1::StreamId {
+                    namespace: gw.config.namespace.clone(),
+                    name: name.clone(),
+                }),
+                partition: (*partition).max(0) as u32,
+                offset: *offset,
+                max_bytes: *max,
+            })
+            .collect(),
+        max_bytes: req.max_bytes.max(0),
+        min_bytes: req.min_bytes.max(0),
+        max_wait_ms: req.max_wait_ms.max(0),
+    };
+    let mut topics: Vec<FetchableTopicResponse> = Vec::new();
+    let mut push = |name: &str, id, pd: PartitionData| match topics.iter_mut().find(|t| {
+        if version >= 13 {
+            t.topic_id == id
+        } else {
+            t.topic.as_str() == name
+        }
+    }) {
+        Some(t) => t.partitions.push(pd),
+        None => topics.push(
+            FetchableTopicResponse::default()
+                .with_topic(TopicName(StrBytes::from_string(name.to_string())))
+                .with_topic_id(id)
+                .with_partitions(vec![pd]),
+        ),
+    };
+    for t in unknown_ids {
+        for p in &t.partitions {
+            push(
+                "",
+                t.topic_id,
+                empty_partition(p.partition, K::UnknownTopicId.code()),
+            );
+        }
+    }
+    if wanted.is_empty() {
+        return FetchResponse::default().with_responses(topics);
+    }
+    match gw.core.streams.clone().fetch(core_req).await {
+        Ok(r) => {
+            for (fp, (name, id, partition, _, _)) in
+                r.into_inner().partitions.into_iter().zip(&wanted)
+            {
+                let code = v1::ErrorCode::try_from(fp.error).unwrap_or(v1::ErrorCode::Internal);
+                let mut pd = empty_partition(*partition, kafka_code(code, Context::Fetch))
+                    .with_high_watermark(fp.end_offset)
+                    .with_last_stable_offset(fp.end_offset)
+                    .with_log_start_offset(fp.start_offset);
+                if code == v1::ErrorCode::Unspecified {
+                    let mut records = BytesMut::new();
+                    for b in &fp.batches {
+                        if b.opaque_format == OPAQUE_FORMAT {
+                            batch::append_stored(&mut records, &b.opaque, b.base_offset);
+                        } else if b.opaque.is_empty() {
+                            if let Err(e) = batch::encode_envelope(&mut records, b) {
+                                tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
+                            }
+                        }
+                        // Batches in other opaque formats are not readable by Kafka clients.
+                    }
+                    pd = pd.with_records(Some(records.freeze()));
+                } else if version < 13 && code == v1::ErrorCode::StreamNotFound {
+                    pd = pd.with_error_code(K::UnknownTopicOrPartition.code());
+                }
+                push(name, *id, pd);
+            }
+        }
+        Err(status) => {
+            let code = kafka_error(&status, Context::Fetch);
+            for (name, id, partition, _, _) in &wanted {
+                push(name, *id, empty_partition(*partition, code));
+            }
+        }
+    }
+    FetchResponse::default().with_responses(topics)
+}
+
+fn empty_partition(partition: i32, code: i16) -> PartitionData {
+    PartitionData::default()
+        .with_partition_index(partition)
+        .with_error_code(code)
+        .with_high_watermark(-1)
+        .with_last_stable_offset(-1)
+        .with_log_start_offset(-1)
+        .with_preferred_read_replica(kafka_protocol::messages::BrokerId(-1))
+        .with_records(Some(bytes::Bytes::new()))
+}
+
+pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListOffsetsResponse {
+    let mut topics = Vec::new();
+    for t in req.topics {
+        let mut partitions = Vec::new();
+        for p in t.partitions {
+            let spec = match p.timestamp {
+                -1 => Some(v1::list_offsets_request::Spec::Latest(true)),
+                -2 => Some(v1::list_offsets_request::Spec::Earliest(true)),
+                ts if ts >= 0 => Some(v1::list_offsets_request::Spec::TimestampMs(ts)),
+                _ => None,
+            };
+            let base = ListOffsetsPartitionResponse::default()
+                .with_partition_index(p.partition_index)
+                .with_timestamp(-1)
+                .with_offset(-1)
+                .with_leader_epoch(-1);
+            let Some(spec) = spec else {
+                partitions.push(base.with_error_code(K::InvalidRequest.code()));
+                continue;
+            };
+            let r = gw
+                .core
+                .streams
+                .clone()
+                .list_offsets(v1::ListOffsetsRequest {
+                    stream: Some(v1::StreamId {
+                        namespace: gw.config.namespace.clone(),
+                        name: t.name.to_string(),
+                    }),
+                    partition: p.partition_index.max(0) as u32,
+                    spec: Some(spec),
+                })
+                .await;
+            partitions.push(match r {
+                Ok(r) => {
+                    let r = r.into_inner();
+                    base.with_offset(r.offset).with_timestamp(r.timestamp_ms)
+                }
+                Err(status) => base.with_error_code(kafka_error(&status, Context::Fetch)),
+            });
+        }
+        topics.push(
+            ListOffsetsTopicResponse::default()
+                .with_name(t.name)
+                .with_partitions(partitions),
+        );
+    }
+    ListOffsetsResponse::default().with_topics(topics)
+}
+
+pub(crate) async fn init_producer_id(
+    gw: &Gateway,
+    req: InitProducerIdRequest,
+    version: i16,
+) -> InitProducerIdResponse {
+    let r = gw
+        .core
+        .streams
+        .clone()
+        .init_producer(v1::InitProducerRequest {
+            namespace: gw.config.namespace.clone(),
+            transactional_id: req
+                .transactional_id
+                .as_ref()
+                .map(|t| t.to_string())
+                .unwrap_or_default(),
+            producer_id: req.producer_id.0,
+            producer_epoch: i32::from(req.producer_epoch),
+            transaction_timeout_ms: req.transaction_timeout_ms,
+        })
+        .await;
+    match r {
+        Ok(r) => {
+            let r = r.into_inner();
+            InitProducerIdResponse::default()
+                .with_producer_id(ProducerId(r.producer_id))
+                .with_producer_epoch(r.producer_epoch as i16)
+        }
+        Err(status) => InitProducerIdResponse::default()
+            .with_error_code(kafka_error(&status, Context::InitProducer { version }))
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1),
+    }
+}

@@ -1,0 +1,566 @@
+//! Consumer groups (classic protocol) and committed offsets. Membership, generations and
+//! assignments live in the core; the gateway translates. The assignment itself is computed by
+//! the group leader (a client), so every client-side assignor works.
+
+use bytes::Bytes;
+use kafka_protocol::error::ResponseError as K;
+use kafka_protocol::messages::delete_groups_request::DeleteGroupsRequest;
+use kafka_protocol::messages::delete_groups_response::{
+    DeletableGroupResult, DeleteGroupsResponse,
+};
+use kafka_protocol::messages::describe_groups_request::DescribeGroupsRequest;
+use kafka_protocol::messages::describe_groups_response::{
+    DescribeGroupsResponse, DescribedGroup, DescribedGroupMember,
+};
+use kafka_protocol::messages::heartbeat_request::HeartbeatRequest;
+use kafka_protocol::messages::heartbeat_response::HeartbeatResponse;
+use kafka_protocol::messages::join_group_request::JoinGroupRequest;
+use kafka_protocol::messages::join_group_response::{JoinGroupResponse, JoinGroupResponseMember};
+use kafka_protocol::messages::leave_group_request::LeaveGroupRequest;
+use kafka_protocol::messages::leave_group_response::{LeaveGroupResponse, MemberResponse};
+use kafka_protocol::messages::list_groups_request::ListGroupsRequest;
+use kafka_protocol::messages::list_groups_response::{ListGroupsResponse, ListedGroup};
+use kafka_protocol::messages::offset_commit_request::OffsetCommitRequest;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponse, OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
+use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequest;
+use kafka_protocol::messages::offset_fetch_response::{
+    OffsetFetchResponse, OffsetFetchResponseGroup, OffsetFetchResponsePartition,
+    OffsetFetchResponsePartitions, OffsetFetchResponseTopic, OffsetFetchResponseTopics,
+};
+use kafka_protocol::messages::sync_group_request::SyncGroupRequest;
+use kafka_protocol::messages::sync_group_response::SyncGroupResponse;
+use kafka_protocol::messages::{GroupId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tributary_proto::v1;
+
+use crate::Gateway;
+use crate::conn::Session;
+use crate::errors::{Context, kafka_code, kafka_error};
+
+/// Kafka's offset.metadata.max.bytes default.
+const MAX_OFFSET_METADATA: usize = 4096;
+
+fn s(v: impl Into<String>) -> StrBytes {
+    StrBytes::from_string(v.into())
+}
+
+pub(crate) async fn join(
+    gw: &Gateway,
+    session: &Session,
+    req: JoinGroupRequest,
+    version: i16,
+) -> JoinGroupResponse {
+    let fail = |code: i16, member: &str| {
+        JoinGroupResponse::default()
+            .with_error_code(code)
+            .with_generation_id(-1)
+            .with_member_id(s(member))
+            .with_protocol_name(if version >= 7 {
+                None
+            } else {
+                Some(StrBytes::default())
+            })
+    };
+    if req.group_id.is_empty() {
+        return fail(K::InvalidGroupId.code(), "");
+    }
+    // KIP-394: a new member first gets an id and must rejoin with it.
+    if req.member_id.is_empty() && version >= 4 {
+        let id = format!(
+            "{}-{:032x}",
+            if session.client_id.is_empty() {
+                "consumer"
+            } else {
+                &session.client_id
+            },
+            rand::random::<u128>()
+        );
+        return fail(K::MemberIdRequired.code(), &id);
+    }
+    let rebalance_timeout = if version >= 1 {
+        req.rebalance_timeout_ms
+    } else {
+        req.session_timeout_ms
+    };
+    let r = gw
+        .core
+        .groups
+        .clone()
+        .join_group(v1::JoinGroupRequest {
+            namespace: gw.config.namespace.clone(),
+            group: req.group_id.to_string(),
+            member_id: req.member_id.to_string(),
+            group_instance_id: req
+                .group_instance_id
+                .as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_default(),
+            protocol_type: req.protocol_type.to_string(),
+            protocols: req
+                .protocols
+                .iter()
+                .map(|p| v1::Header {
+                    name: p.name.to_string(),
+                    value: p.metadata.clone(),
+                })
+                .collect(),
+            session_timeout_ms: req.session_timeout_ms,
+            rebalance_timeout_ms: rebalance_timeout,
+            client_id: session.client_id.clone(),
+            client_host: format!("/{}", session.peer.ip()),
+        })
+        .await;
+    match r {
+        Ok(r) => {
+            let r = r.into_inner();
+            JoinGroupResponse::default()
+                .with_generation_id(r.generation)
+                .with_protocol_type(Some(req.protocol_type.clone()))
+                .with_protocol_name(Some(s(r.protocol_name)))
+                .with_leader(s(r.leader))
+                .with_member_id(s(r.member_id))
+                .with_members(
+                    r.members
+                        .into_iter()
+                        .map(|m| {
+                            JoinGroupResponseMember::default()
+                                .with_member_id(s(m.member_id))
+                                .with_group_instance_id(
+                                    (!m.group_instance_id.is_empty())
+                                        .then(|| s(m.group_instance_id)),
+                                )
+                                .with_metadata(m.metadata)
+                        })
+                        .collect(),
+                )
+        }
+        Err(status) => fail(kafka_error(&status, Context::Group), req.member_id.as_str()),
+    }
+}
+
+pub(crate) async fn sync(gw: &Gateway, req: SyncGroupRequest) -> SyncGroupResponse {
+    let r = gw
+        .core
+        .groups
+        .clone()
+        .sync_group(v1::SyncGroupRequest {
+            namespace: gw.config.namespace.clone(),
+            group: req.group_id.to_string(),
+            member_id: req.member_id.to_string(),
+            generation: req.generation_id,
+            assignments: req
+                .assignments
+                .iter()
+                .map(|a| v1::GroupMember {
+                    member_id: a.member_id.to_string(),
+                    assignment: a.assignment.clone(),
+                    ..Default::default()
+                })
+                .collect(),
+        })
+        .await;
+    match r {
+        Ok(r) => {
+            let r = r.into_inner();
+            SyncGroupResponse::default()
+                .with_assignment(r.assignment)
+                .with_protocol_type(req.protocol_type.clone())
+                .with_protocol_name(Some(s(r.protocol_name)))
+        }
+        Err(status) => SyncGroupResponse::default()
+            .with_error_code(kafka_error(&status, Context::Group))
+            .with_assignment(Bytes::new()),
+    }
+}
+
+pub(crate) async fn heartbeat(gw: &Gateway, req: HeartbeatRequest) -> HeartbeatResponse {
+    let r = gw
+        .core
+        .groups
+        .clone()
+        .heartbeat(v1::HeartbeatRequest {
+            namespace: gw.config.namespace.clone(),
+            group: req.group_id.to_string(),
+            member_id: req.member_id.to_string(),
+            generation: req.generation_id,
+        })
+        .await;
+    let code = match r {
+        Ok(r) if r.get_ref().rebalance_in_progress => K::RebalanceInProgress.code(),
+        Ok(_) => 0,
+        Err(status) => kafka_error(&status, Context::Group),
+    };
+    HeartbeatResponse::default().with_error_code(code)
+}
+
+pub(crate) async fn leave(
+    gw: &Gateway,
+    req: LeaveGroupRequest,
+    version: i16,
+) -> LeaveGroupResponse {
+    let members: Vec<(String, Option<StrBytes>)> = if version >= 3 {
+        req.members
+            .iter()
+            .map(|m| (m.member_id.to_string(), m.group_instance_id.clone()))
+            .collect()
+    } else {
+        vec![(req.member_id.to_string(), None)]
+    };
+    let r = gw
+        .core
+        .groups
+        .clone()
+        .leave_group(v1::LeaveGroupRequest {
+            namespace: gw.config.namespace.clone(),
+            group: req.group_id.to_string(),
+            member_ids: members.iter().map(|(m, _)| m.clone()).collect(),
+        })
+        .await;
+    match r {
+        Ok(r) => {
+            let unknown = r.into_inner().unknown_member_ids;
+            let code_of = |m: &String| {
+                if unknown.contains(m) {
+                    K::UnknownMemberId.code()
+                } else {
+                    0
+                }
+            };
+            if version >= 3 {
+                LeaveGroupResponse::default().with_members(
+                    members
+                        .iter()
+                        .map(|(m, inst)| {
+                            MemberResponse::default()
+                                .with_member_id(s(m.clone()))
+                                .with_group_instance_id(inst.clone())
+                                .with_error_code(code_of(m))
+                        })
+                        .collect(),
+                )
+            } else {
+                LeaveGroupResponse::default().with_error_code(code_of(&members[0].0))
+            }
+        }
+        Err(status) => {
+            LeaveGroupResponse::default().with_error_code(kafka_error(&status, Context::Group))
+        }
+    }
+}
+
+pub(crate) async fn offset_commit(gw: &Gateway, req: OffsetCommitRequest) -> OffsetCommitResponse {
+    let partition_codes = |code_for: &dyn Fn(&str, i32, Option<&StrBytes>) -> i16| {
+        req.topics
+            .iter()
+            .map(|t| {
+                OffsetCommitResponseTopic::default()
+                    .with_name(t.name.clone())
+                    .with_topic_id(t.topic_id)
+                    .with_partitions(
+                        t.partitions
+                            .iter()
+                            .map(|p| {
+                                OffsetCommitResponsePartition::default()
+                                    .with_partition_index(p.partition_index)
+                                    .with_error_code(code_for(
+                                        t.name.as_str(),
+                                        p.partition_index,
+                                        p.committed_metadata.as_ref(),
+                                    ))
+                            })
+                            .collect(),
+                    )
+            })
+            .collect::<Vec<_>>()
+    };
+    if req.group_id.is_empty() {
+        return OffsetCommitResponse::default()
+            .with_topics(partition_codes(&|_, _, _| K::InvalidGroupId.code()));
+    }
+    let too_large = |m: Option<&StrBytes>| m.is_some_and(|m| m.len() > MAX_OFFSET_METADATA);
+    let mut offsets = Vec::new();
+    for t in &req.topics {
+        for p in &t.partitions {
+            if too_large(p.committed_metadata.as_ref()) || p.partition_index < 0 {
+                continue;
+            }
+            offsets.push(v1::CommittedOffset {
+                stream: Some(gw.stream_id(t.name.as_str())),
+                partition: p.partition_index as u32,
+                offset: p.committed_offset,
+                metadata: p
+                    .committed_metadata
+                    .as_ref()
+                    .map(|m| m.to_string())
+                    .unwrap_or_default(),
+                commit_time_ms: 0,
+                leader_epoch: p.committed_leader_epoch,
+            });
+        }
+    }
+    let r = gw
+        .core
+        .offsets
+        .clone()
+        .commit_offsets(v1::CommitOffsetsRequest {
+            namespace: gw.config.namespace.clone(),
+            group: req.group_id.to_string(),
+            offsets,
+            generation: Some(req.generation_id_or_member_epoch),
+            member_id: req.member_id.to_string(),
+        })
+        .await;
+    let code = match &r {
+        Ok(_) => 0,
+        Err(status) => kafka_error(status, Context::Group),
+    };
+    OffsetCommitResponse::default().with_topics(partition_codes(&|_, index, metadata| {
+        if too_large(metadata) {
+            K::OffsetMetadataTooLarge.code()
+        } else if index < 0 {
+            K::UnknownTopicOrPartition.code()
+        } else {
+            code
+        }
+    }))
+}
+
+/// (topic, partitions) asked for; `None` = every committed partition of the group.
+type WantedTopics = Option<Vec<(TopicName, Vec<i32>)>>;
+
+async fn fetch_group_offsets(
+    gw: &Gateway,
+    group: &str,
+    wanted: WantedTopics,
+) -> Result<Vec<(TopicName, Vec<v1::CommittedOffset>)>, i16> {
+    let partitions = match &wanted {
+        None => Vec::new(),
+        Some(topics) => topics
+            .iter()
+            .flat_map(|(t, ps)| {
+                ps.iter().map(move |p| v1::FetchPartition {
+                    stream: Some(gw.stream_id(t.as_str())),
+                    partition: (*p).max(0) as u32,
+                    ..Default::default()
+                })
+            })
+            .collect(),
+    };
+    if wanted.as_ref().is_some_and(|w| w.is_empty()) {
+        return Ok(Vec::new());
+    }
+    let r = gw
+        .core
+        .offsets
+        .clone()
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            namespace: gw.config.namespace.clone(),
+            group: group.to_string(),
+            partitions,
+        })
+        .await
+        .map_err(|status| kafka_error(&status, Context::Group))?;
+    let mut out: Vec<(TopicName, Vec<v1::CommittedOffset>)> = Vec::new();
+    for c in r.into_inner().offsets {
+        let name = c
+            .stream
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        match out.iter_mut().find(|(t, _)| t.as_str() == name) {
+            Some((_, v)) => v.push(c),
+            None => out.push((TopicName(s(name)), vec![c])),
+        }
+    }
+    Ok(out)
+}
+
+fn metadata_of(c: &v1::CommittedOffset) -> Option<StrBytes> {
+    Some(s(c.metadata.clone()))
+}
+
+pub(crate) async fn offset_fetch(
+    gw: &Gateway,
+    req: OffsetFetchRequest,
+    version: i16,
+) -> OffsetFetchResponse {
+    if version >= 8 {
+        let mut groups = Vec::new();
+        for g in &req.groups {
+            let wanted = g.topics.as_ref().map(|ts| {
+                ts.iter()
+                    .map(|t| (t.name.clone(), t.partition_indexes.clone()))
+                    .collect()
+            });
+            let group = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
+            groups.push(
+                match fetch_group_offsets(gw, g.group_id.as_str(), wanted).await {
+                    Ok(topics) => group.with_topics(
+                        topics
+                            .into_iter()
+                            .map(|(name, offsets)| {
+                                OffsetFetchResponseTopics::default()
+                                    .with_name(name)
+                                    .with_partitions(
+                                        offsets
+                                            .iter()
+                                            .map(|c| {
+                                                OffsetFetchResponsePartitions::default()
+                                                    .with_partition_index(c.partition as i32)
+                                                    .with_committed_offset(c.offset)
+                                                    .with_committed_leader_epoch(-1)
+                                                    .with_metadata(metadata_of(c))
+                                            })
+                                            .collect(),
+                                    )
+                            })
+                            .collect(),
+                    ),
+                    Err(code) => group.with_error_code(code),
+                },
+            );
+        }
+        return OffsetFetchResponse::default().with_groups(groups);
+    }
+    let wanted = req.topics.as_ref().map(|ts| {
+        ts.iter()
+            .map(|t| (t.name.clone(), t.partition_indexes.clone()))
+            .collect()
+    });
+    match fetch_group_offsets(gw, req.group_id.as_str(), wanted).await {
+        Ok(topics) => OffsetFetchResponse::default().with_topics(
+            topics
+                .into_iter()
+                .map(|(name, offsets)| {
+                    OffsetFetchResponseTopic::default()
+                        .with_name(name)
+                        .with_partitions(
+                            offsets
+                                .iter()
+                                .map(|c| {
+                                    OffsetFetchResponsePartition::default()
+                                        .with_partition_index(c.partition as i32)
+                                        .with_committed_offset(c.offset)
+                                        .with_committed_leader_epoch(-1)
+                                        .with_metadata(metadata_of(c))
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        ),
+        Err(code) => OffsetFetchResponse::default().with_error_code(code),
+    }
+}
+
+pub(crate) async fn describe_groups(
+    gw: &Gateway,
+    req: DescribeGroupsRequest,
+) -> DescribeGroupsResponse {
+    let mut out = Vec::new();
+    for g in req.groups {
+        let r = gw
+            .core
+            .groups
+            .clone()
+            .describe_group(v1::DescribeGroupRequest {
+                namespace: gw.config.namespace.clone(),
+                group: g.to_string(),
+            })
+            .await;
+        let base = DescribedGroup::default()
+            .with_group_id(g)
+            .with_authorized_operations(i32::MIN);
+        out.push(match r {
+            Ok(r) => {
+                let r = r.into_inner();
+                base.with_group_state(s(r.state))
+                    .with_protocol_type(s(r.protocol_type))
+                    .with_protocol_data(s(r.protocol_name))
+                    .with_members(
+                        r.members
+                            .into_iter()
+                            .map(|m| {
+                                DescribedGroupMember::default()
+                                    .with_member_id(s(m.member_id))
+                                    .with_group_instance_id(
+                                        (!m.group_instance_id.is_empty())
+                                            .then(|| s(m.group_instance_id)),
+                                    )
+                                    .with_client_id(s(m.client_id))
+                                    .with_client_host(s(m.client_host))
+                                    .with_member_metadata(m.metadata)
+                                    .with_member_assignment(m.assignment)
+                            })
+                            .collect(),
+                    )
+            }
+            Err(status) => base.with_error_code(kafka_error(&status, Context::Group)),
+        });
+    }
+    DescribeGroupsResponse::default().with_groups(out)
+}
+
+pub(crate) async fn list_groups(gw: &Gateway, req: ListGroupsRequest) -> ListGroupsResponse {
+    let r = gw
+        .core
+        .admin
+        .clone()
+        .list_groups(v1::ListGroupsRequest {
+            namespace: gw.config.namespace.clone(),
+        })
+        .await;
+    match r {
+        Ok(r) => ListGroupsResponse::default().with_groups(
+            r.into_inner()
+                .groups
+                .into_iter()
+                .filter(|g| {
+                    req.states_filter.is_empty()
+                        || req
+                            .states_filter
+                            .iter()
+                            .any(|f| f.as_str().eq_ignore_ascii_case(&g.state))
+                })
+                .map(|g| {
+                    ListedGroup::default()
+                        .with_group_id(GroupId(s(g.group)))
+                        .with_protocol_type(s(g.protocol_type))
+                        .with_group_state(s(g.state))
+                        .with_group_type(s("classic"))
+                })
+                .collect(),
+        ),
+        Err(status) => {
+            ListGroupsResponse::default().with_error_code(kafka_error(&status, Context::Group))
+        }
+    }
+}
+
+pub(crate) async fn delete_groups(gw: &Gateway, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+    let mut results = Vec::new();
+    for g in req.groups_names {
+        let r = gw
+            .core
+            .admin
+            .clone()
+            .delete_group(v1::DeleteGroupRequest {
+                namespace: gw.config.namespace.clone(),
+                group: g.to_string(),
+            })
+            .await;
+        let code = match r {
+            Ok(_) => 0,
+            Err(status) => kafka_error(&status, Context::Group),
+        };
+        results.push(
+            DeletableGroupResult::default()
+                .with_group_id(g)
+                .with_error_code(code),
+        );
+    }
+    let _ = kafka_code;
+    DeleteGroupsResponse::default().with_results(results)
+}

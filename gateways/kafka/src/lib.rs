@@ -1,0 +1,193 @@
+//! The Kafka gateway: speaks the Kafka wire protocol to unmodified Kafka clients and turns
+//! each request into calls on the core. It keeps no state of its own beyond a connection's
+//! SASL progress: topics are streams, consumer groups and committed offsets live in the core,
+//! so any number of gateway instances can front one core.
+//!
+//! To clients the gateway is a one-broker cluster (node 0 at the advertised address) that
+//! leads every partition and coordinates every group.
+
+mod admin;
+pub mod batch;
+mod conn;
+mod data;
+pub mod errors;
+mod groups;
+mod metadata;
+pub mod sasl;
+pub mod versions;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tributary_gateway_common::CoreClient;
+
+pub use conn::decode_request;
+pub use sasl::{SaslUsers, ScramCredential};
+
+/// Kafka's socket.request.max.bytes default.
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 100 * 1024 * 1024;
+
+/// Everything the gateway is told at start-up.
+#[derive(Debug, Clone)]
+pub struct KafkaConfig {
+    /// Host and port given to clients as the broker's address.
+    pub advertised_host: String,
+    pub advertised_port: u16,
+    /// Namespace in the core that holds the Kafka topics.
+    pub namespace: String,
+    /// Create unknown topics on Metadata requests that allow it (auto.create.topics.enable).
+    pub auto_create_topics: bool,
+    /// Frames above this close the connection (socket.request.max.bytes).
+    pub max_request_bytes: usize,
+    /// Reported as the cluster id.
+    pub cluster_id: String,
+    /// SASL users; `None` = SASL off, every connection is served unauthenticated.
+    pub sasl: Option<Arc<SaslUsers>>,
+}
+
+impl KafkaConfig {
+    /// Defaults for a gateway listening on `listen`, advertising that same address.
+    pub fn new(listen: SocketAddr) -> Self {
+        Self {
+            advertised_host: listen.ip().to_string(),
+            advertised_port: listen.port(),
+            namespace: "default".into(),
+            auto_create_topics: true,
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
+            cluster_id: "tributary-kafka-cluster".into(),
+            sasl: None,
+        }
+    }
+}
+
+pub(crate) struct Gateway {
+    pub(crate) config: KafkaConfig,
+    pub(crate) core: CoreClient,
+    /// Topic id -> name, for requests that name topics by id; refreshed on a miss.
+    pub(crate) topic_ids: parking_lot::RwLock<std::collections::HashMap<uuid::Uuid, String>>,
+}
+
+/// Accepts connections until `stop` turns true; each connection runs in its own task and is
+/// closed when `stop` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    core: CoreClient,
+    config: KafkaConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    let gateway = Arc::new(Gateway {
+        config,
+        core,
+        topic_ids: Default::default(),
+    });
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let gateway = gateway.clone();
+                let stop = stop.clone();
+                tokio::spawn(conn::serve_connection(socket, peer, gateway, stop));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: keep serving the others.
+                warn!(error = %e, "kafka: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    info!("kafka gateway stopped accepting");
+}
+
+/// Serves one decoded request. `None` = no response (Produce with acks=0).
+pub(crate) async fn dispatch(
+    gw: &Gateway,
+    session: &conn::Session,
+    _header: &RequestHeader,
+    request: RequestKind,
+    version: i16,
+) -> Option<ResponseKind> {
+    Some(match request {
+        RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(versions::api_versions(0)),
+        RequestKind::Metadata(r) => {
+            ResponseKind::Metadata(metadata::metadata(gw, r, version).await)
+        }
+        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, r, version).await?),
+        RequestKind::Fetch(r) => ResponseKind::Fetch(data::fetch(gw, r, version).await),
+        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(data::list_offsets(gw, r).await),
+        RequestKind::InitProducerId(r) => {
+            ResponseKind::InitProducerId(data::init_producer_id(gw, r, version).await)
+        }
+        RequestKind::FindCoordinator(r) => {
+            ResponseKind::FindCoordinator(metadata::find_coordinator(gw, r, version))
+        }
+        RequestKind::DescribeCluster(_) => {
+            ResponseKind::DescribeCluster(metadata::describe_cluster(gw))
+        }
+        RequestKind::JoinGroup(r) => {
+            ResponseKind::JoinGroup(groups::join(gw, session, r, version).await)
+        }
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync(gw, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(gw, r).await),
+        RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(groups::leave(gw, r, version).await),
+        RequestKind::OffsetCommit(r) => {
+            ResponseKind::OffsetCommit(groups::offset_commit(gw, r).await)
+        }
+        RequestKind::OffsetFetch(r) => {
+            ResponseKind::OffsetFetch(groups::offset_fetch(gw, r, version).await)
+        }
+        RequestKind::DescribeGroups(r) => {
+            ResponseKind::DescribeGroups(groups::describe_groups(gw, r).await)
+        }
+        RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(gw, r).await),
+        RequestKind::DeleteGroups(r) => {
+            ResponseKind::DeleteGroups(groups::delete_groups(gw, r).await)
+        }
+        RequestKind::CreateTopics(r) => {
+            ResponseKind::CreateTopics(admin::create_topics(gw, r, version).await)
+        }
+        RequestKind::DeleteTopics(r) => {
+            ResponseKind::DeleteTopics(admin::delete_topics(gw, r, version).await)
+        }
+        RequestKind::CreatePartitions(r) => {
+            ResponseKind::CreatePartitions(admin::create_partitions(gw, r).await)
+        }
+        RequestKind::DeleteRecords(r) => {
+            ResponseKind::DeleteRecords(admin::delete_records(gw, r).await)
+        }
+        RequestKind::DescribeConfigs(r) => {
+            ResponseKind::DescribeConfigs(admin::describe_configs(gw, r).await)
+        }
+        RequestKind::AlterConfigs(r) => {
+            ResponseKind::AlterConfigs(admin::alter_configs(gw, r).await)
+        }
+        RequestKind::IncrementalAlterConfigs(r) => {
+            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(gw, r).await)
+        }
+        // SASL is off (the gate in conn.rs serves it when on): refuse like Kafka does.
+        RequestKind::SaslHandshake(_) => ResponseKind::SaslHandshake(
+            kafka_protocol::messages::SaslHandshakeResponse::default().with_error_code(
+                kafka_protocol::error::ResponseError::UnsupportedSaslMechanism.code(),
+            ),
+        ),
+        RequestKind::SaslAuthenticate(_) => ResponseKind::SaslAuthenticate(
+            kafka_protocol::messages::SaslAuthenticateResponse::default()
+                .with_error_code(kafka_protocol::error::ResponseError::IllegalSaslState.code())
+                .with_error_message(Some(kafka_protocol::protocol::StrBytes::from_static_str(
+                    "SASL is not enabled on this listener",
+                ))),
+        ),
+        // Not advertised, so a client that sends it anyway is out of protocol; versions::supports
+        // already closed the connection before decoding reaches here.
+        other => {
+            tracing::warn!(request = ?std::mem::discriminant(&other), "unserved request");
+            return None;
+        }
+    })
+}

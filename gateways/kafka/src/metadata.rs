@@ -1,0 +1,289 @@
+//! Metadata, FindCoordinator and DescribeCluster: the gateway presents itself as a one-broker
+//! cluster that leads every partition and coordinates every group.
+
+use kafka_protocol::error::ResponseError as K;
+use kafka_protocol::messages::describe_cluster_response::{
+    DescribeClusterBroker, DescribeClusterResponse,
+};
+use kafka_protocol::messages::find_coordinator_request::FindCoordinatorRequest;
+use kafka_protocol::messages::find_coordinator_response::{Coordinator, FindCoordinatorResponse};
+use kafka_protocol::messages::metadata_request::MetadataRequest;
+use kafka_protocol::messages::metadata_response::{
+    MetadataResponse, MetadataResponseBroker, MetadataResponsePartition, MetadataResponseTopic,
+};
+use kafka_protocol::messages::{BrokerId, TopicName};
+use kafka_protocol::protocol::StrBytes;
+use tributary_gateway_common::client::error_code;
+use tributary_proto::v1;
+
+use crate::Gateway;
+use crate::errors::{Context, kafka_code};
+
+/// The broker id the gateway answers as.
+pub(crate) const NODE_ID: i32 = 0;
+/// "Not provided" for authorized-operations fields.
+const NO_OPERATIONS: i32 = i32::MIN;
+
+/// Kafka's topic name rule: 1..=249 of [a-zA-Z0-9._-], not "." or "..".
+pub(crate) fn valid_topic_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 249
+        && name != "."
+        && name != ".."
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+pub(crate) fn topic_uuid(info: &v1::StreamInfo) -> uuid::Uuid {
+    uuid::Uuid::parse_str(&info.uuid).unwrap_or_default()
+}
+
+impl Gateway {
+    pub(crate) fn stream_id(&self, topic: &str) -> v1::StreamId {
+        v1::StreamId {
+            namespace: self.config.namespace.clone(),
+            name: topic.to_string(),
+        }
+    }
+
+    pub(crate) async fn describe_topic(
+        &self,
+        topic: &str,
+    ) -> Result<v1::StreamInfo, tonic::Status> {
+        Ok(self
+            .core
+            .admin
+            .clone()
+            .describe_stream(v1::DescribeStreamRequest {
+                id: Some(self.stream_id(topic)),
+            })
+            .await?
+            .into_inner()
+            .stream
+            .unwrap_or_default())
+    }
+
+    pub(crate) async fn list_topics(&self) -> Result<Vec<v1::StreamInfo>, tonic::Status> {
+        Ok(self
+            .core
+            .admin
+            .clone()
+            .list_streams(v1::ListStreamsRequest {
+                namespace: self.config.namespace.clone(),
+            })
+            .await?
+            .into_inner()
+            .streams)
+    }
+
+    /// The topic with this id (Fetch v13+, Metadata v10+, DeleteTopics v6).
+    pub(crate) async fn topic_name(&self, id: uuid::Uuid) -> Option<String> {
+        if let Some(name) = self.topic_ids.read().get(&id) {
+            return Some(name.clone());
+        }
+        let topics = self.list_topics().await.ok()?;
+        let mut cache = self.topic_ids.write();
+        cache.clear();
+        for t in &topics {
+            if let Some(sid) = &t.id {
+                cache.insert(topic_uuid(t), sid.name.clone());
+            }
+        }
+        cache.get(&id).cloned()
+    }
+
+    fn broker(&self) -> MetadataResponseBroker {
+        MetadataResponseBroker::default()
+            .with_node_id(BrokerId(NODE_ID))
+            .with_host(StrBytes::from_string(self.config.advertised_host.clone()))
+            .with_port(i32::from(self.config.advertised_port))
+    }
+}
+
+fn topic_response(info: &v1::StreamInfo) -> MetadataResponseTopic {
+    let name = info.id.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+    MetadataResponseTopic::default()
+        .with_name(Some(TopicName(StrBytes::from_string(name))))
+        .with_topic_id(topic_uuid(info))
+        .with_topic_authorized_operations(NO_OPERATIONS)
+        .with_partitions(
+            (0..info.partitions as i32)
+                .map(|p| {
+                    MetadataResponsePartition::default()
+                        .with_partition_index(p)
+                        .with_leader_id(BrokerId(NODE_ID))
+                        // No leader epochs: clients then skip OffsetForLeaderEpoch validation,
+                        // which the gateway does not serve.
+                        .with_leader_epoch(-1)
+                        .with_replica_nodes(vec![BrokerId(NODE_ID)])
+                        .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                })
+                .collect(),
+        )
+}
+
+fn topic_error(name: Option<TopicName>, id: uuid::Uuid, code: i16) -> MetadataResponseTopic {
+    MetadataResponseTopic::default()
+        .with_name(name)
+        .with_topic_id(id)
+        .with_error_code(code)
+        .with_topic_authorized_operations(NO_OPERATIONS)
+}
+
+pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -> MetadataResponse {
+    // v0: an empty list means every topic; v1+: null means every topic.
+    let requested = match req.topics {
+        Some(t) if !(version == 0 && t.is_empty()) => Some(t),
+        _ => None,
+    };
+    let allow_create =
+        gw.config.auto_create_topics && (version < 4 || req.allow_auto_topic_creation);
+    let mut topics = Vec::new();
+    match requested {
+        None => match gw.list_topics().await {
+            Ok(all) => topics.extend(all.iter().map(topic_response)),
+            Err(status) => {
+                tracing::warn!(error = %status.message(), "metadata: cannot list topics");
+            }
+        },
+        Some(wanted) => {
+            for t in wanted {
+                let name = match t.name {
+                    Some(n) => n.to_string(),
+                    None => match gw.topic_name(t.topic_id).await {
+                        Some(n) => n,
+                        None => {
+                            topics.push(topic_error(None, t.topic_id, K::UnknownTopicId.code()));
+                            continue;
+                        }
+                    },
+                };
+                let tname = Some(TopicName(StrBytes::from_string(name.clone())));
+                if !valid_topic_name(&name) {
+                    topics.push(topic_error(
+                        tname,
+                        uuid::Uuid::nil(),
+                        K::InvalidTopicException.code(),
+                    ));
+                    continue;
+                }
+                match gw.describe_topic(&name).await {
+                    Ok(info) => topics.push(topic_response(&info)),
+                    Err(s) if error_code(&s) == v1::ErrorCode::StreamNotFound && allow_create => {
+                        let created = gw
+                            .core
+                            .admin
+                            .clone()
+                            .create_stream(v1::CreateStreamRequest {
+                                id: Some(gw.stream_id(&name)),
+                                partitions: 0,
+                                if_not_exists: true,
+                                ..Default::default()
+                            })
+                            .await;
+                        match created {
+                            Ok(r) => {
+                                tracing::info!(topic = %name, "topic auto-created");
+                                topics.push(topic_response(
+                                    &r.into_inner().stream.unwrap_or_default(),
+                                ))
+                            }
+                            Err(s) => topics.push(topic_error(
+                                tname,
+                                uuid::Uuid::nil(),
+                                kafka_code(error_code(&s), Context::Admin),
+                            )),
+                        }
+                    }
+                    Err(s) => topics.push(topic_error(
+                        tname,
+                        uuid::Uuid::nil(),
+                        kafka_code(error_code(&s), Context::Admin),
+                    )),
+                }
+            }
+        }
+    }
+    MetadataResponse::default()
+        .with_brokers(vec![gw.broker()])
+        .with_cluster_id(Some(StrBytes::from_string(gw.config.cluster_id.clone())))
+        .with_controller_id(BrokerId(NODE_ID))
+        .with_topics(topics)
+        .with_cluster_authorized_operations(NO_OPERATIONS)
+}
+
+pub(crate) fn find_coordinator(
+    gw: &Gateway,
+    req: FindCoordinatorRequest,
+    version: i16,
+) -> FindCoordinatorResponse {
+    let host = StrBytes::from_string(gw.config.advertised_host.clone());
+    let port = i32::from(gw.config.advertised_port);
+    // Key type 1 = transaction coordinator: transactions are not served yet.
+    let refused = req.key_type != 0;
+    let (code, message) = if refused {
+        (
+            K::InvalidRequest.code(),
+            Some(StrBytes::from_static_str(
+                "transactions are not supported by this gateway yet",
+            )),
+        )
+    } else {
+        (0, None)
+    };
+    if version >= 4 {
+        let coordinators = req
+            .coordinator_keys
+            .into_iter()
+            .map(|key| {
+                Coordinator::default()
+                    .with_key(key)
+                    .with_node_id(BrokerId(if refused { -1 } else { NODE_ID }))
+                    .with_host(if refused {
+                        StrBytes::default()
+                    } else {
+                        host.clone()
+                    })
+                    .with_port(if refused { -1 } else { port })
+                    .with_error_code(code)
+                    .with_error_message(message.clone())
+            })
+            .collect();
+        return FindCoordinatorResponse::default().with_coordinators(coordinators);
+    }
+    FindCoordinatorResponse::default()
+        .with_error_code(code)
+        .with_error_message(message)
+        .with_node_id(BrokerId(if refused { -1 } else { NODE_ID }))
+        .with_host(if refused { StrBytes::default() } else { host })
+        .with_port(if refused { -1 } else { port })
+}
+
+pub(crate) fn describe_cluster(gw: &Gateway) -> DescribeClusterResponse {
+    DescribeClusterResponse::default()
+        .with_cluster_id(StrBytes::from_string(gw.config.cluster_id.clone()))
+        .with_controller_id(BrokerId(NODE_ID))
+        .with_endpoint_type(1)
+        .with_cluster_authorized_operations(NO_OPERATIONS)
+        .with_brokers(vec![
+            DescribeClusterBroker::default()
+                .with_broker_id(BrokerId(NODE_ID))
+                .with_host(StrBytes::from_string(gw.config.advertised_host.clone()))
+                .with_port(i32::from(gw.config.advertised_port)),
+        ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::valid_topic_name;
+
+    #[test]
+    fn topic_names_follow_kafkas_rule() {
+        assert!(valid_topic_name("orders.v1_x-y"));
+        assert!(!valid_topic_name(""));
+        assert!(!valid_topic_name(".."));
+        assert!(!valid_topic_name("a/b"));
+        assert!(!valid_topic_name(&"x".repeat(250)));
+    }
+}

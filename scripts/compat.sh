@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Protocol compatibility tests with the clients users run (compat-tests/).
+#
+#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka] [PYTEST ARGS...]
+#   scripts/compat.sh --setup-only        # only create/refresh the venv
+#
+# Creates a Python venv at ${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv} when missing and
+# installs compat-tests/requirements.txt into it whenever that file changed since the last
+# install (a sha256 stamp is kept inside the venv). Then runs pytest on compat-tests/<protocol>
+# against the binary named by TRIBUTARY_BIN (required; the tests start it themselves on free
+# loopback ports). Needs only python3 (3.11) with venv + pip; the client wheels come from PyPI.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root="$(pwd)"
+
+venv="${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}"
+requirements="$root/compat-tests/requirements.txt"
+python="${PYTHON:-python3}"
+
+setup_only=0
+protocol=kafka
+if [[ $# -gt 0 ]]; then
+    case "$1" in
+        --setup-only) setup_only=1; shift ;;
+        kafka) protocol="$1"; shift ;;
+        -*) ;; # pytest arguments; protocol stays kafka
+        *) echo "compat.sh: unknown protocol '$1' (known: kafka)" >&2; exit 2 ;;
+    esac
+fi
+
+setup_venv() {
+    if [[ ! -x "$venv/bin/python" ]]; then
+        if ! "$python" -c 'import venv, ensurepip' >/dev/null 2>&1; then
+            echo "compat.sh: $python cannot create a venv (python3-venv missing?); installing it" >&2
+            if command -v apt-get >/dev/null 2>&1; then
+                apt-get update -qq && apt-get install -y -qq python3-venv >/dev/null
+            fi
+        fi
+        echo "== creating venv $venv"
+        mkdir -p "$(dirname "$venv")"
+        "$python" -m venv "$venv"
+    fi
+    local want have stamp="$venv/.tributary-requirements.sha256"
+    want="$(sha256sum "$requirements" | cut -d' ' -f1)"
+    have="$(cat "$stamp" 2>/dev/null || true)"
+    if [[ "$want" != "$have" ]]; then
+        echo "== pip install -r compat-tests/requirements.txt"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+        echo "$want" >"$stamp"
+    fi
+}
+
+setup_venv
+if [[ $setup_only -eq 1 ]]; then
+    echo "== venv ready: $venv"
+    exit 0
+fi
+
+if [[ -z "${TRIBUTARY_BIN:-}" ]]; then
+    echo "compat.sh: set TRIBUTARY_BIN to a built tributary binary (e.g. cargo build --release; TRIBUTARY_BIN=target/release/tributary)" >&2
+    exit 2
+fi
+if [[ ! -f "$TRIBUTARY_BIN" || ! -x "$TRIBUTARY_BIN" ]]; then
+    echo "compat.sh: TRIBUTARY_BIN=$TRIBUTARY_BIN is not an executable file" >&2
+    exit 2
+fi
+TRIBUTARY_BIN="$(cd "$(dirname "$TRIBUTARY_BIN")" && pwd)/$(basename "$TRIBUTARY_BIN")"
+export TRIBUTARY_BIN
+
+echo "== pytest compat-tests/$protocol ($TRIBUTARY_BIN)"
+exec "$venv/bin/python" -m pytest -q "compat-tests/$protocol" "$@"
