@@ -37,6 +37,8 @@ pub enum Command {
         /// kafka, mqtt, amqp, sqs or rocketmq.
         protocol: String,
     },
+    /// Reads a password on stdin and prints the salted credentials for a `[[users]]` entry.
+    Passwd,
 }
 
 /// Every setting, as given on the command line or in the environment.
@@ -115,9 +117,35 @@ pub struct Options {
     /// How often retention runs, in ms.
     #[arg(long, env = "TRIBUTARY_RETENTION_CHECK_INTERVAL_MS", global = true)]
     pub retention_check_interval_ms: Option<u64>,
+    /// Address given to Kafka clients as the broker (HOST:PORT; default: the Kafka listen
+    /// address, with 0.0.0.0 advertised as 127.0.0.1).
+    #[arg(long, env = "TRIBUTARY_KAFKA_ADVERTISED", global = true)]
+    pub kafka_advertised: Option<String>,
+    /// Require SASL (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512) from Kafka clients, against [[users]].
+    #[arg(long, env = "TRIBUTARY_KAFKA_SASL", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub kafka_sasl: Option<bool>,
+    /// Create unknown topics when a Kafka client asks for their metadata (true/false).
+    #[arg(long, env = "TRIBUTARY_KAFKA_AUTO_CREATE_TOPICS", global = true)]
+    pub kafka_auto_create_topics: Option<bool>,
+    /// How long the first rebalance of an empty consumer group waits for more members, in ms.
+    #[arg(
+        long,
+        env = "TRIBUTARY_GROUP_INITIAL_REBALANCE_DELAY_MS",
+        global = true
+    )]
+    pub group_initial_rebalance_delay_ms: Option<u64>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tributary_core=debug".
     #[arg(long, env = "TRIBUTARY_LOG", global = true)]
     pub log: Option<String>,
+}
+
+/// A `[[users]]` entry of the config file: a name and its salted credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserEntry {
+    pub name: String,
+    /// As printed by `tributary passwd`.
+    pub credentials: Vec<String>,
 }
 
 /// The config file: the same keys as the flags, snake_case.
@@ -144,7 +172,14 @@ pub struct FileConfig {
     pub retention_bytes: Option<i64>,
     pub max_message_bytes: Option<i64>,
     pub retention_check_interval_ms: Option<u64>,
+    pub kafka_advertised: Option<String>,
+    pub kafka_sasl: Option<bool>,
+    pub kafka_auto_create_topics: Option<bool>,
+    pub group_initial_rebalance_delay_ms: Option<u64>,
     pub log: Option<String>,
+    /// Users for SASL and password logins (file only: a list does not fit a flag).
+    #[serde(default)]
+    pub users: Vec<UserEntry>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +245,12 @@ pub struct Settings {
     pub retention_bytes: i64,
     pub max_message_bytes: i64,
     pub retention_check_interval: Duration,
+    pub kafka_advertised: Option<(String, u16)>,
+    pub kafka_sasl: bool,
+    pub kafka_auto_create_topics: bool,
+    pub group_initial_rebalance_delay: Duration,
     pub log: String,
+    pub users: tributary_gateway_common::auth::Users,
 }
 
 /// The name of a setting in all three spellings, for error messages.
@@ -345,7 +385,67 @@ impl Settings {
                 "expected a URL such as http://127.0.0.1:7400",
             ));
         }
+        let kafka_advertised = match o
+            .kafka_advertised
+            .clone()
+            .or_else(|| f.kafka_advertised.clone())
+            .filter(|v| !v.is_empty())
+        {
+            None => None,
+            Some(v) => {
+                let (host, port) = v
+                    .rsplit_once(':')
+                    .and_then(|(h, p)| {
+                        Some((
+                            h.trim_matches(|c| c == '[' || c == ']'),
+                            p.parse::<u16>().ok()?,
+                        ))
+                    })
+                    .filter(|(h, p)| !h.is_empty() && *p != 0)
+                    .ok_or_else(|| {
+                        invalid(
+                            "kafka_advertised",
+                            &v,
+                            "expected HOST:PORT with a non-zero port",
+                        )
+                    })?;
+                Some((host.to_string(), port))
+            }
+        };
+        let mut users = tributary_gateway_common::auth::Users::new();
+        for u in &f.users {
+            if u.name.is_empty() || u.credentials.is_empty() {
+                return Err(invalid(
+                    "users",
+                    &u.name,
+                    "each [[users]] entry needs a name and credentials",
+                ));
+            }
+            let creds = u
+                .credentials
+                .iter()
+                .map(|c| tributary_gateway_common::auth::ScramCredential::parse(c))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid("users", &u.name, e))?;
+            users.add(&u.name, creds);
+        }
+        let kafka_sasl = pick!(kafka_sasl, false);
+        if kafka_sasl && users.is_empty() {
+            return Err(invalid(
+                "kafka_sasl",
+                "true",
+                "SASL needs at least one [[users]] entry in the config file (see `tributary passwd`)",
+            ));
+        }
         Ok(Self {
+            kafka_advertised,
+            kafka_sasl,
+            kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
+            group_initial_rebalance_delay: Duration::from_millis(pick!(
+                group_initial_rebalance_delay_ms,
+                3000u64
+            )),
+            users,
             data_dir: pick!(data_dir, PathBuf::from("./data")),
             core_listen: listen!(core_listen, "0.0.0.0:7400"),
             admin_listen: listen!(admin_listen, "0.0.0.0:7480"),
@@ -499,6 +599,10 @@ mod tests {
             "retention_bytes",
             "max_message_bytes",
             "retention_check_interval_ms",
+            "kafka_advertised",
+            "kafka_sasl",
+            "kafka_auto_create_topics",
+            "group_initial_rebalance_delay_ms",
             "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");

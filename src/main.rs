@@ -33,9 +33,13 @@ fn main() -> ExitCode {
         Command::Standalone => Mode::Standalone,
         Command::Core => Mode::CoreOnly,
         Command::Gateway { protocol } => {
-            eprintln!("error: {}", server::gateway_unavailable(&protocol));
-            return ExitCode::from(2);
+            if !server::AVAILABLE_GATEWAYS.contains(&protocol.as_str()) {
+                eprintln!("error: {}", server::gateway_unavailable(&protocol));
+                return ExitCode::from(2);
+            }
+            Mode::Gateway(protocol)
         }
+        Command::Passwd => return passwd(),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -65,6 +69,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.admin {
         println!("listening admin {a}");
     }
+    if let Some(a) = server.bound.kafka {
+        println!("listening kafka {a}");
+    }
     println!("ready");
     server::shutdown_signal().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;
@@ -79,4 +86,32 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tributary passwd`: one password on stdin, the `credentials = [...]` line on stdout.
+fn passwd() -> ExitCode {
+    use tributary_gateway_common::auth::{DEFAULT_ITERATIONS, ScramCredential, ScramHash};
+    let mut line = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut line) {
+        eprintln!("error: cannot read the password from stdin: {e}");
+        return ExitCode::FAILURE;
+    }
+    let password = line.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        eprintln!(
+            "error: empty password (give it on stdin, e.g. `echo secret | tributary passwd`)"
+        );
+        return ExitCode::from(2);
+    }
+    let creds: Vec<String> = [ScramHash::Sha256, ScramHash::Sha512]
+        .into_iter()
+        .map(|h| {
+            format!(
+                "\"{}\"",
+                ScramCredential::derive(h, password, DEFAULT_ITERATIONS).to_text()
+            )
+        })
+        .collect();
+    println!("credentials = [{}]", creds.join(", "));
+    ExitCode::SUCCESS
 }

@@ -10,7 +10,8 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
-use tributary_gateway_common::{ListenError, bind};
+use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
+use tributary_gateway_kafka::KafkaConfig;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::redb_meta::RedbMetaStore;
@@ -19,8 +20,8 @@ use tributary_storage::{LogStore, MetaStore, StorageError};
 use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
-/// Protocols whose gateway ships in this build. Empty until the gateway issues land.
-pub const AVAILABLE_GATEWAYS: &[&str] = &[];
+/// Protocols whose gateway ships in this build.
+pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -42,6 +43,8 @@ pub enum StartError {
     Core(#[from] CoreError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    Connect(#[from] ConnectError),
 }
 
 /// Where a running server's listeners ended up (port 0 resolved).
@@ -49,19 +52,23 @@ pub enum StartError {
 pub struct Bound {
     pub core: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
+    pub kafka: Option<SocketAddr>,
 }
 
 /// What the process runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     Standalone,
     CoreOnly,
+    /// One gateway in front of the core at `--core`.
+    Gateway(String),
 }
 
 /// A started server; [`Server::shutdown`] stops it cleanly.
 pub struct Server {
     pub bound: Bound,
-    core: Core,
+    /// `None` for a gateway process: its core is elsewhere.
+    core: Option<Core>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -112,6 +119,9 @@ impl Server {
     /// Binds every listener first (so a port in use fails before any data is touched), then
     /// opens storage and the core, then starts serving.
     pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
+        if let Mode::Gateway(protocol) = &mode {
+            return Self::start_gateway(settings, protocol).await;
+        }
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
         let admin_listener = bind_listen(
@@ -137,6 +147,12 @@ impl Server {
             }
         }
 
+        let kafka_listener = match mode {
+            Mode::Standalone => {
+                bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen").await?
+            }
+            _ => None,
+        };
         let (log, meta) = open_storage(settings)?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
@@ -147,6 +163,7 @@ impl Server {
                 max_message_bytes: settings.max_message_bytes,
             },
             retention_check_interval: settings.retention_check_interval,
+            group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
             ..CoreConfig::default()
         };
         let core = Core::open(log, meta, config).await?;
@@ -193,19 +210,51 @@ impl Server {
                 }
             }));
         }
+        if let Some(listener) = kafka_listener {
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
+        }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
         Ok(Self {
             bound,
-            core,
+            core: Some(core),
             stop,
             tasks,
         })
     }
 
-    pub fn core(&self) -> &Core {
-        &self.core
+    /// `tributary gateway <protocol>`: the gateway alone, its core reached over gRPC.
+    async fn start_gateway(settings: &Settings, protocol: &str) -> Result<Self, StartError> {
+        if protocol != "kafka" {
+            return Err(gateway_unavailable(protocol));
+        }
+        let listener = bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen")
+            .await?
+            .ok_or_else(|| {
+                StartError::Unavailable(
+                    "the Kafka listener is off: give --kafka-listen HOST:PORT".into(),
+                )
+            })?;
+        let client = CoreClient::connect_lazy(&settings.core)?;
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let kafka = spawn_kafka(settings, listener, client, &stop, &mut tasks)?;
+        info!(core = %settings.core, "kafka gateway started");
+        Ok(Self {
+            bound: Bound {
+                kafka: Some(kafka),
+                ..Bound::default()
+            },
+            core: None,
+            stop,
+            tasks,
+        })
+    }
+
+    pub fn core(&self) -> Option<&Core> {
+        self.core.as_ref()
     }
 
     /// Stops accepting, lets in-flight requests finish (bounded), then flushes and fsyncs
@@ -213,7 +262,10 @@ impl Server {
     pub async fn shutdown(self) -> Result<(), StartError> {
         self.stop.send_replace(true);
         // Shutting the core down first wakes long-polling fetches so the servers can drain.
-        let closed = self.core.shutdown().await;
+        let closed = match &self.core {
+            Some(core) => core.shutdown().await,
+            None => Ok(()),
+        };
         let drain = futures_join_all(self.tasks);
         if tokio::time::timeout(Duration::from_secs(5), drain)
             .await
@@ -224,6 +276,50 @@ impl Server {
         closed?;
         Ok(())
     }
+}
+
+/// Starts the Kafka gateway on a bound listener; returns the address it serves.
+fn spawn_kafka(
+    settings: &Settings,
+    listener: TcpListener,
+    client: CoreClient,
+    stop: &watch::Sender<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    let addr = listener.local_addr().map_err(|source| {
+        StartError::Listen(ListenError::Other {
+            addr: "kafka".into(),
+            what: "the Kafka gateway".into(),
+            flag: "--kafka-listen".into(),
+            source,
+        })
+    })?;
+    let mut config = KafkaConfig::new(addr);
+    match &settings.kafka_advertised {
+        Some((host, port)) => {
+            config.advertised_host = host.clone();
+            config.advertised_port = *port;
+        }
+        None if addr.ip().is_unspecified() => {
+            config.advertised_host = "127.0.0.1".into();
+            warn!(
+                "kafka: listening on {addr} but advertising 127.0.0.1:{}; set --kafka-advertised for clients on other machines",
+                addr.port()
+            );
+        }
+        None => {}
+    }
+    config.auto_create_topics = settings.kafka_auto_create_topics;
+    if settings.kafka_sasl {
+        config.sasl = Some(Arc::new(settings.users.clone()));
+    }
+    tasks.push(tokio::spawn(tributary_gateway_kafka::serve(
+        listener,
+        client,
+        config,
+        stop.subscribe(),
+    )));
+    Ok(addr)
 }
 
 async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {

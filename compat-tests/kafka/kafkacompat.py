@@ -403,8 +403,9 @@ class GroupLog:
     """What each member of a consumer group saw, for the group scenarios."""
     views: dict = field(default_factory=lambda: defaultdict(list))
 
+    # list(...) copies under the GIL: members add their first record from other threads.
     def union(self) -> set:
-        return {(g.key, _seq_of(g)) for v in self.views.values() for g in v}
+        return {(g.key, _seq_of(g)) for v in list(self.views.values()) for g in list(v)}
 
     def total(self) -> int:
-        return sum(len(v) for v in self.views.values())
+        return sum(len(v) for v in list(self.views.values()))

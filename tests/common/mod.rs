@@ -34,8 +34,10 @@ pub fn free_port_args(data_dir: &Path) -> Vec<String> {
 
 pub struct Server {
     pub child: Child,
+    /// The core listener; 0.0.0.0:0 for a gateway process, which has none.
     pub core: SocketAddr,
     pub admin: Option<SocketAddr>,
+    pub kafka: Option<SocketAddr>,
 }
 
 impl Server {
@@ -59,7 +61,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut core, mut admin) = (None, None);
+        let (mut core, mut admin, mut kafka) = (None, None, None);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -76,14 +78,17 @@ impl Server {
                 core = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("listening admin ") {
                 admin = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("listening kafka ") {
+                kafka = Some(a.parse().unwrap());
             } else if line == "ready" {
                 break;
             }
         }
         Server {
             child,
-            core: core.expect("core listener"),
+            core: core.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             admin,
+            kafka,
         }
     }
 

@@ -5,5 +5,5 @@ pub mod auth;
 pub mod client;
 pub mod listener;
 
-pub use client::{CoreClient, CoreTransport, error_code};
+pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
 pub use listener::{ConnectionGuard, ListenError, bind};
