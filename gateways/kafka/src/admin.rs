@@ -536,7 +536,7 @@ pub(crate) async fn describe_configs(
             .filter(|c| {
                 r.configuration_keys
                     .as_ref()
-                    .is_none_or(|keys| keys.iter().any(|k| *k == c.name))
+                    .is_none_or(|keys| keys.contains(&c.name))
             })
             .map(|c| {
                 if req.include_synonyms {

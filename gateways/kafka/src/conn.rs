@@ -128,10 +128,10 @@ pub async fn handle_frame(
     session: &mut Session,
 ) -> Result<Option<Bytes>, ConnectionError> {
     let (api, version, mut body, header) = decode_request(frame)?;
-    if let Some(id) = header.client_id.as_ref() {
-        if session.client_id != id.as_str() {
-            session.client_id = id.to_string();
-        }
+    if let Some(id) = header.client_id.as_ref()
+        && session.client_id != id.as_str()
+    {
+        session.client_id = id.to_string();
     }
     let correlation_id = header.correlation_id;
     let span = tracing::debug_span!("kafka_request", api = ?api, version, correlation_id);
@@ -165,6 +165,22 @@ pub async fn handle_frame(
         return Ok(None);
     };
     encode_response(api, version, correlation_id, &response).map(Some)
+}
+
+/// Decodes a whole request frame as the connection loop does: header, version check, body.
+/// The fuzz target drives this with arbitrary bytes.
+pub fn decode_frame(frame: Bytes) -> Result<(RequestHeader, RequestKind), ConnectionError> {
+    let (api, version, mut body, header) = decode_request(frame)?;
+    if !versions::supports(api, version) {
+        return Err(ConnectionError::UnsupportedVersion { api, version });
+    }
+    let request =
+        RequestKind::decode(api, &mut body, version).map_err(|e| ConnectionError::Decode {
+            api,
+            version,
+            reason: e.to_string(),
+        })?;
+    Ok((header, request))
 }
 
 /// Splits a frame into (api, version, body, header); checks lengths before reading.

@@ -264,10 +264,10 @@ pub(crate) async fn fetch(gw: &Gateway, req: FetchRequest, version: i16) -> Fetc
                     for b in &fp.batches {
                         if b.opaque_format == OPAQUE_FORMAT {
                             batch::append_stored(&mut records, &b.opaque, b.base_offset);
-                        } else if b.opaque.is_empty() {
-                            if let Err(e) = batch::encode_envelope(&mut records, b) {
-                                tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
-                            }
+                        } else if b.opaque.is_empty()
+                            && let Err(e) = batch::encode_envelope(&mut records, b)
+                        {
+                            tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
                         }
                         // Batches in other opaque formats are not readable by Kafka clients.
                     }
