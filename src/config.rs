@@ -39,6 +39,46 @@ pub enum Command {
     },
     /// Reads a password on stdin and prints the salted credentials for a `[[users]]` entry.
     Passwd,
+    /// Load generator with a real client library, for Tributary or any other broker.
+    Bench(BenchArgs),
+}
+
+/// `tributary bench <protocol> [options]`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// kafka (mqtt and amqp come with their gateways).
+    pub protocol: String,
+    /// Broker address, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:9092")]
+    pub target: String,
+    #[arg(long, default_value_t = 1)]
+    pub producers: usize,
+    #[arg(long, default_value_t = 1)]
+    pub consumers: usize,
+    /// Message size in bytes.
+    #[arg(long, default_value_t = 1024)]
+    pub size: usize,
+    /// Seconds of measured traffic.
+    #[arg(long, default_value_t = 10)]
+    pub duration: u64,
+    /// Seconds of traffic before the measured part.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: u64,
+    /// Messages per second over all producers (default: as fast as possible).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Kafka acks: all, 1 or 0.
+    #[arg(long, default_value = "all")]
+    pub acks: String,
+    /// Partitions of the bench topic.
+    #[arg(long, default_value_t = 6)]
+    pub partitions: i32,
+    /// Kafka compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, default_value = "none")]
+    pub compression: String,
+    /// Print the report as one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Every setting, as given on the command line or in the environment.

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tributary::config::{Cli, Command, Settings};
+use tributary::config::{BenchArgs, Cli, Command, Settings};
 use tributary::server::{self, Mode, Server};
 
 fn main() -> ExitCode {
@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Mode::Gateway(protocol)
         }
         Command::Passwd => return passwd(),
+        Command::Bench(args) => return bench(args),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -114,4 +115,56 @@ fn passwd() -> ExitCode {
         .collect();
     println!("credentials = [{}]", creds.join(", "));
     ExitCode::SUCCESS
+}
+
+/// `tributary bench <protocol>`: one line and a non-zero exit on any failure, never a hang.
+fn bench(args: BenchArgs) -> ExitCode {
+    use std::io::IsTerminal;
+    let opts = tributary_bench::BenchOptions {
+        target: args.target.clone(),
+        producers: args.producers,
+        consumers: args.consumers,
+        size: args.size,
+        duration: std::time::Duration::from_secs(args.duration),
+        rate: args.rate,
+        acks: args.acks.clone(),
+        partitions: args.partitions,
+        compression: args.compression.clone(),
+        warmup: std::time::Duration::from_secs(args.warmup),
+        progress: !args.json && std::io::stderr().is_terminal(),
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match args.protocol.as_str() {
+        "kafka" => runtime.block_on(tributary_bench::kafka::run(&opts)),
+        other => {
+            eprintln!("error: no bench for '{other}' in this build (available: kafka)");
+            return ExitCode::from(2);
+        }
+    };
+    match result {
+        Ok(report) if args.json => {
+            println!(
+                "{}",
+                serde_json::to_string(&report).expect("report serialises")
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(report) => {
+            println!("{}", report.table());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: bench failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }

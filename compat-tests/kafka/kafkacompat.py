@@ -230,7 +230,8 @@ def ck_admin(bootstrap: str, **conf):
 def ck_create_topic(bootstrap: str, topic: str, partitions: int, config: dict | None = None,
                     admin=None):
     from confluent_kafka.admin import NewTopic
-    admin = admin or ck_admin(bootstrap)
+    if admin is None:  # not `admin or ...`: an AdminClient with an empty queue is falsy
+        admin = ck_admin(bootstrap)
     fs = admin.create_topics(
         [NewTopic(topic, num_partitions=partitions, replication_factor=1, config=config or {})],
         request_timeout=30,
@@ -247,6 +248,17 @@ def ck_wait_topic(admin, topic: str, partitions: int, timeout: float = 20):
         return (t is not None and t.error is None and len(t.partitions) == partitions
                 and all(p.leader >= 0 for p in t.partitions.values()))
     wait_until(ready, timeout, f"topic {topic} with {partitions} partitions in metadata")
+
+
+def ck_high_watermarks(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
+    """Latest offsets through a fresh AdminClient (ListOffsets, own connection)."""
+    from confluent_kafka import TopicPartition
+    from confluent_kafka.admin import OffsetSpec
+    admin = ck_admin(bootstrap)  # must outlive the futures: a destroyed client never answers
+    fs = admin.list_offsets(
+        {TopicPartition(topic, p): OffsetSpec.latest() for p in range(partitions)},
+        request_timeout=20)
+    return {tp.partition: f.result(timeout=30).offset for tp, f in fs.items()}
 
 
 def ck_producer(bootstrap: str, **conf):

@@ -19,6 +19,7 @@ import pytest
 
 from kafkacompat import (
     ALL_MODES_WITH_TWO_GATEWAYS, GroupLog, Got, async_wait_until, ck_admin, ck_create_topic,
+    ck_high_watermarks,
     ck_producer, group_order_violations, make_records, norm_headers, unique, wait_until,
 )
 
@@ -179,14 +180,12 @@ def test_confluent_group_join_leave(cluster, strategy):
 
         # Committed offsets = high watermarks: every member committed what it processed.
         from confluent_kafka import TopicPartition
-        probe = members[1].consumer
 
         def committed_at_end():
             tps = [TopicPartition(topic, p) for p in range(PARTITIONS)]
             committed = {tp.partition: tp.offset for tp in
                          ck_admin_committed(cluster.bootstrap, group, tps)}
-            highs = {p: probe.get_watermark_offsets(TopicPartition(topic, p), timeout=5)[1]
-                     for p in range(PARTITIONS)}
+            highs = ck_high_watermarks(cluster.bootstrap, topic, PARTITIONS)
             return committed == highs and (committed, highs)
         wait_until(committed_at_end, 30, "committed offsets to reach the high watermarks",
                    interval=0.2)

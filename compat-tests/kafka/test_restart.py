@@ -15,7 +15,7 @@ import time
 import pytest
 
 from kafkacompat import (
-    Got, ck_admin, ck_create_topic, ck_consumer, ck_producer, ck_produce, ck_read_all,
+    Got, ck_admin, ck_create_topic, ck_high_watermarks, ck_consumer, ck_producer, ck_produce, ck_read_all,
     make_records, norm_headers, unique, verify_exactly_once,
 )
 
@@ -65,12 +65,7 @@ def _consume_group(bootstrap, group, topic, limit: int | None, timeout=60) -> tu
 
 
 def _highs(bootstrap, topic):
-    from confluent_kafka.admin import OffsetSpec
-    from confluent_kafka import TopicPartition
-    admin = ck_admin(bootstrap)
-    fs = admin.list_offsets({TopicPartition(topic, p): OffsetSpec.latest()
-                             for p in range(PARTITIONS)}, request_timeout=20)
-    return {tp.partition: f.result(timeout=20).offset for tp, f in fs.items()}
+    return ck_high_watermarks(bootstrap, topic, PARTITIONS)
 
 
 def _restart_and_resume(d, sig, restart):
@@ -99,7 +94,8 @@ def _restart_and_resume(d, sig, restart):
 
     # Committed offsets survived.
     from confluent_kafka import ConsumerGroupTopicPartitions, TopicPartition
-    res = ck_admin(d.bootstrap).list_consumer_group_offsets(
+    admin = ck_admin(d.bootstrap)  # kept alive until the future resolves
+    res = admin.list_consumer_group_offsets(
         [ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(PARTITIONS)])])
     after = {tp.partition: tp.offset for tp in res[group].result(timeout=20).topic_partitions}
     for p, o in expect_committed.items():

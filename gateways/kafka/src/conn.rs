@@ -357,3 +357,22 @@ fn api_of(r: &RequestKind) -> ApiKey {
         DescribeCluster
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_huge_array_count_in_a_tiny_frame_is_an_error_not_an_allocation() {
+        // Found by fuzz/fuzz_targets/kafka_request.rs: DescribeGroups v0 claiming 2^31-ish
+        // groups in 14 bytes made the codec ask for tens of GiB and abort the process.
+        let frame = Bytes::from_static(&[
+            0x00, 0x0f, 0x00, 0x00, 0x00, 0x00, 0xff, 0xff, 0xff, 0xff, 0x75, 0x74, 0x00, 0x74,
+        ]);
+        assert!(decode_frame(frame).is_err());
+        // Metadata v0 with 54 million topics in 5 bytes (upstream PR #152's reproducer).
+        let frame =
+            Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 3, 0x3c, 0x0c, 0, 0xb6]);
+        assert!(decode_frame(frame).is_err());
+    }
+}
