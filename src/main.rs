@@ -63,6 +63,13 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let signals = match server::ShutdownSignals::install() {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot install signal handlers: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     // Machine-readable lines on stdout, so scripts and tests learn ports picked with port 0.
     if let Some(a) = server.bound.core {
         println!("listening core {a}");
@@ -74,7 +81,7 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
         println!("listening kafka {a}");
     }
     println!("ready");
-    server::shutdown_signal().await;
+    signals.wait().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;
     match stopping {
         Ok(Ok(())) => ExitCode::SUCCESS,

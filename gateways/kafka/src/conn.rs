@@ -30,6 +30,9 @@ pub(crate) struct Session {
     /// SASL progress; `None` once authenticated (or when SASL is off).
     sasl: Option<SaslProgress>,
     pub principal: Option<String>,
+    /// Set when the connection must close once the current response is written (failed
+    /// authentication, as Kafka's broker does).
+    close_after: Option<String>,
 }
 
 enum SaslProgress {
@@ -59,6 +62,7 @@ pub(crate) async fn serve_connection(
                 .as_ref()
                 .map(|_| SaslProgress::AwaitingHandshake),
             principal: None,
+            close_after: None,
         };
         let result = tokio::select! {
             r = serve(&mut rd, &mut wr, &gateway, &mut session) => r,
@@ -116,6 +120,10 @@ async fn serve(
         // answered with one write.
         if rd.buffer().is_empty() {
             wr.flush().await?;
+        }
+        if let Some(why) = session.close_after.take() {
+            wr.flush().await?;
+            return Err(ConnectionError::AuthenticationFailed(why));
         }
     }
 }
@@ -303,10 +311,9 @@ fn sasl_gate(
                     )))
                 }
                 Step::Failed(why) => {
-                    warn!(client_id = %session.client_id, "SASL authentication failed: {why}");
-                    // The client gets the error, then the connection closes (the next
-                    // request, if any, is refused by this gate).
+                    // The client gets the error, then the connection closes.
                     session.sasl = Some(SaslProgress::AwaitingHandshake);
+                    session.close_after = Some(why);
                     let _ = version;
                     Ok(Some(ResponseKind::SaslAuthenticate(
                         SaslAuthenticateResponse::default()

@@ -316,7 +316,8 @@ pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListO
                 .with_offset(-1)
                 .with_leader_epoch(-1);
             let Some(spec) = spec else {
-                partitions.push(base.with_error_code(K::InvalidRequest.code()));
+                // -3 (max timestamp, KIP-734) and later specs need versions not advertised.
+                partitions.push(base.with_error_code(K::UnsupportedVersion.code()));
                 continue;
             };
             let r = gw
@@ -333,6 +334,22 @@ pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListO
                 })
                 .await;
             partitions.push(match r {
+                Ok(r) if p.timestamp >= 0 && r.get_ref().offset >= 0 => {
+                    // The core finds the batch; the record inside it is Kafka-specific.
+                    let r = r.into_inner();
+                    match first_record_at_or_after(
+                        gw,
+                        &t.name,
+                        p.partition_index,
+                        r.offset,
+                        p.timestamp,
+                    )
+                    .await
+                    {
+                        Some((offset, ts)) => base.with_offset(offset).with_timestamp(ts),
+                        None => base.with_offset(r.offset).with_timestamp(r.timestamp_ms),
+                    }
+                }
                 Ok(r) => {
                     let r = r.into_inner();
                     base.with_offset(r.offset).with_timestamp(r.timestamp_ms)
@@ -347,6 +364,55 @@ pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListO
         );
     }
     ListOffsetsResponse::default().with_topics(topics)
+}
+
+/// Within the batch stored at `offset`, the first record whose timestamp is >= `target`
+/// (Kafka's rule for ListOffsets by time). `None` when the batch cannot be read here.
+async fn first_record_at_or_after(
+    gw: &Gateway,
+    topic: &TopicName,
+    partition: i32,
+    offset: i64,
+    target: i64,
+) -> Option<(i64, i64)> {
+    let r = gw
+        .core
+        .streams
+        .clone()
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(gw.stream_id(topic.as_str())),
+                partition: partition.max(0) as u32,
+                offset,
+                max_bytes: 1,
+            }],
+            max_bytes: 1,
+            min_bytes: 0,
+            max_wait_ms: 0,
+        })
+        .await
+        .ok()?
+        .into_inner();
+    let batch = r
+        .partitions
+        .into_iter()
+        .next()?
+        .batches
+        .into_iter()
+        .next()?;
+    let mut bytes = BytesMut::new();
+    if batch.opaque_format == OPAQUE_FORMAT {
+        batch::append_stored(&mut bytes, &batch.opaque, batch.base_offset);
+    } else if batch.opaque.is_empty() {
+        batch::encode_envelope(&mut bytes, &batch).ok()?;
+    } else {
+        return None;
+    }
+    let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes.freeze()).ok()?;
+    set.records
+        .iter()
+        .find(|rec| rec.offset >= offset && rec.timestamp >= target)
+        .map(|rec| (rec.offset, rec.timestamp))
 }
 
 pub(crate) async fn init_producer_id(
