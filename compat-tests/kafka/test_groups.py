@@ -97,10 +97,13 @@ class CkMember:
     def _run(self):
         from confluent_kafka import KafkaError, KafkaException, TopicPartition
         c = self.consumer
+        # Positions processed but not yet committed. A refused commit (racing a rebalance)
+        # is retried on the next round: with cooperative-sticky the partition usually stays
+        # with this member, which keeps its position, so nothing would redeliver and commit it.
+        positions = {}
         try:
             while not self.stop.is_set():
                 msgs = c.consume(num_messages=500, timeout=0.2)
-                positions = {}
                 for m in msgs:
                     if m.error():
                         if m.error().code() == KafkaError._PARTITION_EOF:
@@ -111,10 +114,13 @@ class CkMember:
                         Got(m.partition(), m.offset(), m.key(), m.value(),
                             norm_headers(m.headers())))
                     positions[(m.topic(), m.partition())] = m.offset() + 1
+                # Only partitions still ours: another member may have committed further since.
+                positions = {k: o for k, o in positions.items() if k[1] in self.assigned}
                 if positions:
                     try:
                         c.commit(offsets=[TopicPartition(t, p, o) for (t, p), o in positions.items()],
                                  asynchronous=False)
+                        positions = {}
                     except KafkaException as e:
                         # A commit racing a rebalance may be refused (the records are then
                         # redelivered): allowed by at-least-once, so only remember it.

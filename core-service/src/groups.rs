@@ -100,6 +100,21 @@ impl Group {
         }
     }
 
+    /// Every member with its metadata for `protocol`: what the leader assigns over.
+    fn member_list(&self, protocol: &str) -> Vec<v1::GroupMember> {
+        self.members
+            .iter()
+            .map(|m| v1::GroupMember {
+                member_id: m.id.clone(),
+                group_instance_id: m.instance_id.clone(),
+                client_id: m.client_id.clone(),
+                client_host: m.client_host.clone(),
+                metadata: m.metadata_for(protocol),
+                assignment: Bytes::new(),
+            })
+            .collect()
+    }
+
     fn member(&mut self, id: &str) -> Option<&mut Member> {
         self.members.iter_mut().find(|m| m.id == id)
     }
@@ -200,18 +215,7 @@ impl Group {
         }
         let leader = self.leader.clone().unwrap_or_default();
         self.state = GroupState::CompletingRebalance;
-        let all: Vec<v1::GroupMember> = self
-            .members
-            .iter()
-            .map(|m| v1::GroupMember {
-                member_id: m.id.clone(),
-                group_instance_id: m.instance_id.clone(),
-                client_id: m.client_id.clone(),
-                client_host: m.client_host.clone(),
-                metadata: m.metadata_for(&protocol),
-                assignment: Bytes::new(),
-            })
-            .collect();
+        let all = self.member_list(&protocol);
         let generation = self.generation;
         for m in &mut self.members {
             m.last_seen = now;
@@ -359,14 +363,20 @@ impl GroupTable {
                         && m.protocols == protocols =>
                 {
                     // Same member, same metadata, nothing to rebalance: tell it the current
-                    // generation again (the leader gets the member list only in a new one).
+                    // generation again, the leader with the member list it must assign.
                     m.last_seen = now;
+                    let protocol = current_protocol.unwrap_or_default();
+                    let members = if is_leader {
+                        group.member_list(&protocol)
+                    } else {
+                        Vec::new()
+                    };
                     return Ok(v1::JoinGroupResponse {
                         generation,
-                        protocol_name: current_protocol.unwrap_or_default(),
+                        protocol_name: protocol,
                         leader,
                         member_id,
-                        members: Vec::new(),
+                        members,
                     });
                 }
                 Some(m) => {
