@@ -218,7 +218,6 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     for t in tasks {
         let _ = t.await;
     }
-    let send_secs = start.elapsed().as_secs_f64();
     let total_sent = sent.load(Ordering::Acquire);
     let drain_deadline = Instant::now() + DRAIN_WAIT;
     while received.load(Ordering::Acquire) < total_sent && Instant::now() < drain_deadline {
@@ -252,7 +251,6 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     }
     let lat = latency.lock();
     let acks = acks_hist.lock();
-    let _ = send_secs;
     Ok(Report {
         protocol: "kafka".into(),
         target: opts.target.clone(),

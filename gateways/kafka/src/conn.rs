@@ -161,7 +161,7 @@ pub async fn handle_frame(
                 reason: e.to_string(),
             })?;
         if session.sasl.is_some() {
-            return sasl_gate(gateway, session, request, version).map(|r| r.map(|r| (r, version)));
+            return sasl_gate(gateway, session, request).map(|r| r.map(|r| (r, version)));
         }
         Ok(crate::dispatch(gateway, session, &header, request, version)
             .await
@@ -257,7 +257,6 @@ fn sasl_gate(
     gateway: &Gateway,
     session: &mut Session,
     request: RequestKind,
-    version: i16,
 ) -> Result<Option<ResponseKind>, ConnectionError> {
     let users = gateway
         .config
@@ -314,7 +313,6 @@ fn sasl_gate(
                     // The client gets the error, then the connection closes.
                     session.sasl = Some(SaslProgress::AwaitingHandshake);
                     session.close_after = Some(why);
-                    let _ = version;
                     Ok(Some(ResponseKind::SaslAuthenticate(
                         SaslAuthenticateResponse::default()
                             .with_error_code(58) // SASL_AUTHENTICATION_FAILED

@@ -26,11 +26,7 @@ use crate::Gateway;
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
 
-pub(crate) async fn produce(
-    gw: &Gateway,
-    req: ProduceRequest,
-    version: i16,
-) -> Option<ProduceResponse> {
+pub(crate) async fn produce(gw: &Gateway, req: ProduceRequest) -> Option<ProduceResponse> {
     let acks = req.acks;
     let transactional = req.transactional_id.is_some();
     let mut work = Vec::new();
@@ -72,7 +68,6 @@ pub(crate) async fn produce(
             ),
         }
     }
-    let _ = version;
     Some(ProduceResponse::default().with_responses(topics))
 }
 

@@ -37,7 +37,7 @@ use tributary_proto::v1;
 
 use crate::Gateway;
 use crate::conn::Session;
-use crate::errors::{Context, kafka_code, kafka_error};
+use crate::errors::{Context, kafka_error};
 
 /// Kafka's offset.metadata.max.bytes default.
 const MAX_OFFSET_METADATA: usize = 4096;
@@ -565,6 +565,5 @@ pub(crate) async fn delete_groups(gw: &Gateway, req: DeleteGroupsRequest) -> Del
                 .with_error_code(code),
         );
     }
-    let _ = kafka_code;
     DeleteGroupsResponse::default().with_results(results)
 }

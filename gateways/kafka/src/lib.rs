@@ -118,7 +118,7 @@ pub(crate) async fn dispatch(
         RequestKind::Metadata(r) => {
             ResponseKind::Metadata(metadata::metadata(gw, r, version).await)
         }
-        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, r, version).await?),
+        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, r).await?),
         RequestKind::Fetch(r) => ResponseKind::Fetch(data::fetch(gw, r, version).await),
         RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(data::list_offsets(gw, r).await),
         RequestKind::InitProducerId(r) => {
