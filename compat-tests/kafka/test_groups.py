@@ -234,6 +234,14 @@ class KpMember:
             enable_auto_commit=False, auto_offset_reset="earliest",
             session_timeout_ms=10000, heartbeat_interval_ms=500)
         self.consumer.subscribe([topic], listener=Listener())
+        # Load the topic's metadata after subscribing and before the first poll() joins.
+        # kafka-python 3.0.12 loses a join that it started only because the leader's metadata
+        # snapshot changed (its first assignment ran before the topic's metadata arrived) when
+        # poll()'s timeout expires while that JoinGroup/SyncGroup is in flight: on the next poll
+        # need_rejoin() is already False, so the assignment is never applied and heartbeats stay
+        # off until the session times out. Seen with the client's debug log; it happens against
+        # any broker. topics() fetches metadata synchronously and updates the snapshot.
+        assert topic in self.consumer.topics(), f"no metadata for {topic}"
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
