@@ -39,46 +39,109 @@ pub enum Command {
     },
     /// Reads a password on stdin and prints the salted credentials for a `[[users]]` entry.
     Passwd,
-    /// Load generator with a real client library, for Tributary or any other broker.
-    Bench(BenchArgs),
+    /// Load generators with real client libraries, for Tributary or any other broker.
+    Bench {
+        #[command(subcommand)]
+        what: BenchCommand,
+    },
 }
 
-/// `tributary bench <protocol> [options]`.
+/// `tributary bench <what>`.
+#[derive(Debug, Clone, Subcommand)]
+pub enum BenchCommand {
+    /// Kafka producers and a consumer group (librdkafka); default target 127.0.0.1:9092.
+    Kafka(LoadArgs),
+    /// MQTT publishers and subscribers (rumqttc); default target 127.0.0.1:1883.
+    Mqtt(LoadArgs),
+    /// AMQP 0-9-1 publishers and consumers (lapin); default target 127.0.0.1:5672.
+    Amqp(LoadArgs),
+    /// Medians and ratios of `--json` results (one per line) and a chart of them.
+    Report(ReportArgs),
+}
+
+/// What a load run does. The first flags are the same for every protocol.
 #[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// kafka (mqtt and amqp come with their gateways).
-    pub protocol: String,
-    /// Broker address, HOST:PORT.
-    #[arg(long, default_value = "127.0.0.1:9092")]
-    pub target: String,
+pub struct LoadArgs {
+    /// Broker address, HOST:PORT (default: the protocol's standard port on 127.0.0.1).
+    #[arg(long)]
+    pub target: Option<String>,
+    /// Producers / publishers, one connection each.
     #[arg(long, default_value_t = 1)]
     pub producers: usize,
+    /// Consumers / subscribers, one connection each (Kafka: members of one group).
     #[arg(long, default_value_t = 1)]
     pub consumers: usize,
-    /// Message size in bytes.
+    /// Message size in bytes (at least 20: the stamp).
     #[arg(long, default_value_t = 1024)]
     pub size: usize,
     /// Seconds of measured traffic.
     #[arg(long, default_value_t = 10)]
     pub duration: u64,
+    /// Stop after this many messages in all (the duration still bounds the run).
+    #[arg(long)]
+    pub count: Option<u64>,
     /// Seconds of traffic before the measured part.
     #[arg(long, default_value_t = 0)]
     pub warmup: u64,
     /// Messages per second over all producers (default: as fast as possible).
     #[arg(long)]
     pub rate: Option<u64>,
+    /// MQTT QoS 0/1/2; AMQP 1 = publisher confirms + manual acks, 0 = neither.
+    #[arg(long, default_value_t = 1)]
+    pub qos: u8,
+    /// MQTT topics / AMQP queues; producer i sends to i % topics, consumer j reads j % topics.
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Extra idle connections held open for the whole run (MQTT, AMQP).
+    #[arg(long, default_value_t = 0)]
+    pub connections: usize,
+    /// AMQP prefetch per consumer.
+    #[arg(long, default_value_t = 100)]
+    pub prefetch: u16,
+    /// AMQP: transient queues and messages instead of durable queues and persistent messages.
+    #[arg(long)]
+    pub transient: bool,
     /// Kafka acks: all, 1 or 0.
     #[arg(long, default_value = "all")]
     pub acks: String,
-    /// Partitions of the bench topic.
+    /// Kafka partitions of the bench topic.
     #[arg(long, default_value_t = 6)]
     pub partitions: i32,
     /// Kafka compression: none, gzip, snappy, lz4, zstd.
     #[arg(long, default_value = "none")]
     pub compression: String,
+    /// Kafka: produce first, then measure a consumer group reading from the start.
+    #[arg(long)]
+    pub from_start: bool,
+    /// Process id of the broker (same machine): report its resident memory per connection.
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Name of the broker under test, copied into the report (for `bench report`).
+    #[arg(long, default_value = "")]
+    pub broker: String,
+    /// Name of the workload, copied into the report (for `bench report`).
+    #[arg(long, default_value = "")]
+    pub label: String,
     /// Print the report as one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,
+}
+
+/// `tributary bench report`.
+#[derive(Debug, Clone, Args)]
+pub struct ReportArgs {
+    /// Files of `--json` reports, one per line (`-` = stdin).
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
+    /// The broker the others are compared with (ratios are SUBJECT / other).
+    #[arg(long, default_value = "tributary")]
+    pub subject: String,
+    /// Write a chart of throughput and p99 latency per workload (SVG).
+    #[arg(long)]
+    pub svg: Option<PathBuf>,
+    /// Print the table as Markdown.
+    #[arg(long)]
+    pub markdown: bool,
 }
 
 /// Every setting, as given on the command line or in the environment.

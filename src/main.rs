@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tributary::config::{BenchArgs, Cli, Command, Settings};
+use tributary::config::{BenchCommand, Cli, Command, ReportArgs, Settings};
 use tributary::server::{self, Mode, Server};
 
 fn main() -> ExitCode {
@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             Mode::Gateway(protocol)
         }
         Command::Passwd => return passwd(),
-        Command::Bench(args) => return bench(args),
+        Command::Bench { what } => return bench(what),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -124,21 +124,40 @@ fn passwd() -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// `tributary bench <protocol>`: one line and a non-zero exit on any failure, never a hang.
-fn bench(args: BenchArgs) -> ExitCode {
+/// `tributary bench <what>`: one line and a non-zero exit on any failure, never a hang.
+fn bench(what: BenchCommand) -> ExitCode {
     use std::io::IsTerminal;
+    let (protocol, args) = match what {
+        BenchCommand::Kafka(a) => ("kafka", a),
+        BenchCommand::Mqtt(a) => ("mqtt", a),
+        BenchCommand::Amqp(a) => ("amqp", a),
+        BenchCommand::Report(r) => return bench_report(&r),
+    };
+    let default_target = match protocol {
+        "kafka" => "127.0.0.1:9092",
+        "mqtt" => "127.0.0.1:1883",
+        _ => "127.0.0.1:5672",
+    };
     let opts = tributary_bench::BenchOptions {
-        target: args.target.clone(),
+        target: args.target.unwrap_or_else(|| default_target.to_string()),
         producers: args.producers,
         consumers: args.consumers,
         size: args.size,
         duration: std::time::Duration::from_secs(args.duration),
+        count: args.count,
         rate: args.rate,
+        warmup: std::time::Duration::from_secs(args.warmup),
+        progress: !args.json && std::io::stderr().is_terminal(),
         acks: args.acks.clone(),
         partitions: args.partitions,
         compression: args.compression.clone(),
-        warmup: std::time::Duration::from_secs(args.warmup),
-        progress: !args.json && std::io::stderr().is_terminal(),
+        from_start: args.from_start,
+        qos: args.qos,
+        topics: args.topics,
+        idle_connections: args.connections,
+        prefetch: args.prefetch,
+        durable: !args.transient,
+        broker_pid: args.broker_pid,
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -150,28 +169,77 @@ fn bench(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = match args.protocol.as_str() {
-        "kafka" => runtime.block_on(tributary_bench::kafka::run(&opts)),
-        other => {
-            eprintln!("error: no bench for '{other}' in this build (available: kafka)");
-            return ExitCode::from(2);
+    let result = runtime.block_on(async {
+        match protocol {
+            "kafka" => tributary_bench::kafka::run(&opts).await,
+            "mqtt" => tributary_bench::mqtt::run(&opts).await,
+            _ => tributary_bench::amqp::run(&opts).await,
         }
-    };
+    });
+    // librdkafka and lapin threads may still be winding down; the verdict is already known.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
-        Ok(report) if args.json => {
-            println!(
-                "{}",
-                serde_json::to_string(&report).expect("report serialises")
-            );
-            ExitCode::SUCCESS
-        }
-        Ok(report) => {
-            println!("{}", report.table());
+        Ok(mut report) => {
+            report.broker = args.broker;
+            report.label = args.label;
+            if args.json {
+                println!(
+                    "{}",
+                    serde_json::to_string(&report).expect("report serialises")
+                );
+            } else {
+                println!("{}", report.table());
+            }
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: bench failed: {e}");
+            eprintln!("error: {protocol} bench against {}: {e}", opts.target);
             ExitCode::FAILURE
         }
     }
+}
+
+/// `tributary bench report`: the comparison table (and chart) of saved `--json` results.
+fn bench_report(args: &ReportArgs) -> ExitCode {
+    let mut reports = Vec::new();
+    for path in &args.inputs {
+        let text = if path.as_os_str() == "-" {
+            let mut s = String::new();
+            match std::io::Read::read_to_string(&mut std::io::stdin(), &mut s) {
+                Ok(_) => s,
+                Err(e) => {
+                    eprintln!("error: cannot read stdin: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        } else {
+            match std::fs::read_to_string(path) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: cannot read {}: {e}", path.display());
+                    return ExitCode::FAILURE;
+                }
+            }
+        };
+        match tributary_bench::report::parse_lines(&text) {
+            Ok(mut r) => reports.append(&mut r),
+            Err(e) => {
+                eprintln!("error: {}: {e}", path.display());
+                return ExitCode::from(2);
+            }
+        }
+    }
+    let summary = tributary_bench::report::Summary::new(&reports, &args.subject);
+    if args.markdown {
+        print!("{}", summary.markdown());
+    } else {
+        print!("{}", summary.table());
+    }
+    if let Some(svg) = &args.svg
+        && let Err(e) = summary.chart(svg)
+    {
+        eprintln!("error: cannot write {}: {e}", svg.display());
+        return ExitCode::FAILURE;
+    }
+    ExitCode::SUCCESS
 }

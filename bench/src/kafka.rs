@@ -6,7 +6,6 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
-use hdrhistogram::Histogram;
 use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -15,134 +14,53 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-use crate::{BenchError, BenchOptions, Report, histogram, ms, now_ns, read_stamp, stamp};
+use crate::tally::Sink;
+use crate::{
+    BenchError, BenchOptions, Report, Tally, note_rss, now_ns, pace, progress_bar, rss_kib, stamp,
+};
 
 /// How long to wait for the broker at start and for stragglers at the end.
 const CONNECT_WAIT: Duration = Duration::from_secs(20);
 const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// Sends in flight per producer before it waits for acks.
-const MAX_IN_FLIGHT: usize = 20_000;
-
-/// Per-producer receive state: next expected sequence, counts of anomalies.
-#[derive(Default)]
-struct Seen {
-    next: Vec<u64>,
-    duplicates: u64,
-    out_of_order: u64,
-}
+const MAX_IN_FLIGHT: usize = 1_000;
 
 pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
-    if opts.size < crate::STAMP {
-        return Err(BenchError::Invalid(format!(
-            "--size must be at least {} bytes (the stamp)",
-            crate::STAMP
-        )));
-    }
-    if opts.producers == 0 || opts.consumers == 0 {
-        return Err(BenchError::Invalid(
-            "--producers and --consumers must be at least 1".into(),
-        ));
-    }
+    opts.validate()?;
     let suffix: u32 = rand::random();
     let topic = format!("tributary-bench-{suffix:08x}");
     let group = format!("tributary-bench-{suffix:08x}");
+    let rss_before = opts.broker_pid.and_then(rss_kib);
     create_topic(opts, &topic).await?;
-
-    // Consumers first, so they are assigned before the first message is sent.
+    let tally = Arc::new(Tally::new(opts.producers));
+    // One consumer group: every message is due once, whichever member gets it.
+    let sink = Arc::new(Mutex::new(tally.sink()));
     let stop = Arc::new(AtomicBool::new(false));
-    let received = Arc::new(AtomicU64::new(0));
-    let seen = Arc::new(Mutex::new(Seen {
-        next: vec![0; opts.producers],
+    let mut report = Report {
+        protocol: "kafka".into(),
+        qos: u8::from(opts.acks != "0"),
         ..Default::default()
-    }));
-    let latency = Arc::new(Mutex::new(histogram()));
-    let assigned = Arc::new(AtomicU64::new(0));
+    };
+
     let mut consumers = Vec::new();
-    for _ in 0..opts.consumers {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &opts.target)
-            .set("group.id", &group)
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .set("fetch.wait.max.ms", "100")
-            .create()
-            .map_err(|e| BenchError::Refused(e.to_string()))?;
-        consumer
-            .subscribe(&[&topic])
-            .map_err(|e| BenchError::Refused(e.to_string()))?;
-        let (stop, received, seen, latency, assigned) = (
-            stop.clone(),
-            received.clone(),
-            seen.clone(),
-            latency.clone(),
-            assigned.clone(),
-        );
-        consumers.push(std::thread::spawn(move || {
-            let mut counted_assignment = 0u64;
-            while !stop.load(Ordering::Acquire) {
-                let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
-                    let now = consumer.assignment().map(|a| a.count() as u64).unwrap_or(0);
-                    if now != counted_assignment {
-                        assigned.fetch_add(now.wrapping_sub(counted_assignment), Ordering::AcqRel);
-                        counted_assignment = now;
-                    }
-                    continue;
-                };
-                let Ok(msg) = msg else { continue };
-                let Some((producer, seq, sent_ns)) = msg.payload().and_then(read_stamp) else {
-                    continue;
-                };
-                let lat_us = now_ns().saturating_sub(sent_ns) / 1000;
-                let _ = latency.lock().record(lat_us.max(1));
-                let mut guard = seen.lock();
-                let s = &mut *guard;
-                if let Some(next) = s.next.get_mut(producer as usize) {
-                    if seq == *next {
-                        *next += 1;
-                        received.fetch_add(1, Ordering::AcqRel);
-                    } else if seq < *next {
-                        s.duplicates += 1;
-                    } else {
-                        s.out_of_order += 1;
-                        *next = seq + 1;
-                        received.fetch_add(1, Ordering::AcqRel);
-                    }
-                }
-            }
-            consumer.unsubscribe();
-        }));
+    if !opts.from_start {
+        // Consumers first, so they are assigned before the first message is sent.
+        consumers = start_consumers(opts, &topic, &group, &tally, &sink, &stop)?;
+        wait_assigned(opts, &consumers, &stop).await?;
     }
-    let deadline = Instant::now() + CONNECT_WAIT;
-    while assigned.load(Ordering::Acquire) < opts.partitions as u64 {
-        if Instant::now() > deadline {
-            stop.store(true, Ordering::Release);
-            return Err(BenchError::Refused(format!(
-                "the consumer group was not assigned all {} partitions within {} s",
-                opts.partitions,
-                CONNECT_WAIT.as_secs()
-            )));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
+    note_rss(&mut report, opts, rss_before);
+
+    let progress = progress_bar(opts);
+    if opts.warmup.is_zero() {
+        tally.start_measuring();
     }
-
-    let progress = opts.progress.then(|| {
-        let bar = indicatif::ProgressBar::new(opts.duration.as_secs().max(1));
-        bar.set_style(
-            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s  {msg}")
-                .expect("valid template"),
-        );
-        bar
-    });
-
-    // Producers: each key is its producer, so its messages keep one partition and one order.
-    let acks_hist = Arc::new(Mutex::new(histogram()));
-    let sent = Arc::new(AtomicU64::new(0));
-    let errors = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let end_at = start + opts.warmup + opts.duration;
+    let remaining = Arc::new(AtomicU64::new(opts.count.unwrap_or(u64::MAX)));
     let per_producer_rate = opts
         .rate
         .map(|r| (r as f64 / opts.producers as f64).max(1.0));
+    let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for p in 0..opts.producers {
         let producer: FutureProducer = ClientConfig::new()
@@ -157,11 +75,11 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             .set("queue.buffering.max.messages", "1000000")
             .create()
             .map_err(|e| BenchError::Refused(e.to_string()))?;
-        let (topic, acks_hist, sent, errors) = (
+        let (topic, tally, errors, remaining) = (
             topic.clone(),
-            acks_hist.clone(),
-            sent.clone(),
+            tally.clone(),
             errors.clone(),
+            remaining.clone(),
         );
         let size = opts.size;
         tasks.push(tokio::spawn(async move {
@@ -170,119 +88,205 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             let mut in_flight = FuturesUnordered::new();
             let mut seq = 0u64;
             let begun = Instant::now();
-            while Instant::now() < end_at {
-                if let Some(rate) = per_producer_rate {
-                    let due = begun + Duration::from_secs_f64(seq as f64 / rate);
-                    if due > Instant::now() {
-                        tokio::time::sleep_until(due.into()).await;
-                    }
-                }
+            while Instant::now() < end_at && take_one(&remaining) {
+                pace(begun, seq, per_producer_rate).await;
                 stamp(&mut payload, p as u32, seq, now_ns());
-                let record = FutureRecord::to(&topic).key(&key).payload(&payload);
-                match producer.send_result(record) {
-                    Ok(fut) => {
-                        let t = Instant::now();
-                        in_flight.push(async move { (fut.await, t) });
-                        seq += 1;
-                    }
-                    Err(_) => {
-                        // Queue full: wait for some acks.
-                        if let Some((r, t)) = in_flight.next().await {
-                            note_ack(r, t, &acks_hist, &sent, &errors);
+                loop {
+                    let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                    match producer.send_result(record) {
+                        Ok(fut) => {
+                            let t = Instant::now();
+                            in_flight.push(async move { (fut.await, t) });
+                            seq += 1;
+                            break;
                         }
-                        continue;
+                        Err(_) => {
+                            // librdkafka's queue is full: wait for an ack, then try again.
+                            match in_flight.next().await {
+                                Some((r, t)) => note_ack(r, t, &tally, &errors),
+                                None => tokio::time::sleep(Duration::from_millis(1)).await,
+                            }
+                        }
                     }
                 }
                 while in_flight.len() >= MAX_IN_FLIGHT {
                     if let Some((r, t)) = in_flight.next().await {
-                        note_ack(r, t, &acks_hist, &sent, &errors);
+                        note_ack(r, t, &tally, &errors);
                     }
                 }
             }
             while let Some((r, t)) = in_flight.next().await {
-                note_ack(r, t, &acks_hist, &sent, &errors);
+                note_ack(r, t, &tally, &errors);
             }
         }));
     }
-    if let Some(bar) = &progress {
-        while Instant::now() < end_at {
-            tokio::time::sleep(Duration::from_millis(250)).await;
+    let mut warm = opts.warmup.is_zero();
+    let mut all_done = futures::future::join_all(tasks);
+    loop {
+        tokio::select! {
+            _ = &mut all_done => break,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        if !warm && start.elapsed() >= opts.warmup {
+            tally.start_measuring();
+            warm = true;
+        }
+        if let Some(bar) = &progress {
             bar.set_position(start.elapsed().as_secs().min(bar.length().unwrap_or(0)));
             bar.set_message(format!(
                 "{} sent, {} received",
-                sent.load(Ordering::Relaxed),
-                received.load(Ordering::Relaxed)
+                tally.sent_count(),
+                tally.received_count()
             ));
         }
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    let total_sent = sent.load(Ordering::Acquire);
-    let drain_deadline = Instant::now() + DRAIN_WAIT;
-    while received.load(Ordering::Acquire) < total_sent && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let total_secs = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Release);
-    for c in consumers {
-        let _ = c.join();
-    }
+    let send_seconds = start.elapsed().as_secs_f64();
     if let Some(bar) = progress {
         bar.finish_and_clear();
     }
-    let got = received.load(Ordering::Acquire);
     let failed = errors.load(Ordering::Acquire);
     if failed > 0 {
+        stop.store(true, Ordering::Release);
         return Err(BenchError::Refused(format!(
             "{failed} sends were not acknowledged"
         )));
     }
-    if got < total_sent {
-        return Err(BenchError::Lost {
-            sent: total_sent,
-            lost: total_sent - got,
-            secs: DRAIN_WAIT.as_secs(),
+
+    let consume_start = Instant::now();
+    if opts.from_start {
+        consumers = start_consumers(opts, &topic, &group, &tally, &sink, &stop)?;
+    }
+    let drain_deadline = Instant::now() + DRAIN_WAIT;
+    while !tally.complete() && Instant::now() < drain_deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let consume_seconds = consume_start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Release);
+    for c in consumers {
+        let _ = c.join();
+    }
+    tally.absorb(&sink.lock());
+    let totals = tally.totals();
+    totals.check(DRAIN_WAIT, true)?;
+    let seconds = if opts.from_start {
+        consume_seconds
+    } else {
+        match tally.measured() {
+            (n, secs) if n > 0 && secs > 0.0 => secs,
+            _ => start.elapsed().as_secs_f64(),
+        }
+    };
+    report.finish(opts, &tally, seconds, send_seconds);
+    if opts.from_start {
+        // Every message was produced before the consumers started: all of them count.
+        report.msgs_per_sec = totals.received as f64 / seconds.max(1e-9);
+        report.mb_per_sec = report.msgs_per_sec * opts.size as f64 / 1e6;
+    }
+    Ok(report)
+}
+
+/// Claims one message from the `--count` budget.
+fn take_one(remaining: &AtomicU64) -> bool {
+    remaining
+        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// A consumer thread and how many partitions it holds.
+struct Member {
+    thread: std::thread::JoinHandle<()>,
+    assigned: Arc<AtomicU64>,
+}
+
+impl Member {
+    fn join(self) -> std::thread::Result<()> {
+        self.thread.join()
+    }
+}
+
+fn start_consumers(
+    opts: &BenchOptions,
+    topic: &str,
+    group: &str,
+    tally: &Arc<Tally>,
+    sink: &Arc<Mutex<Sink>>,
+    stop: &Arc<AtomicBool>,
+) -> Result<Vec<Member>, BenchError> {
+    let mut members = Vec::new();
+    for _ in 0..opts.consumers {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", &opts.target)
+            .set("group.id", group)
+            .set("auto.offset.reset", "earliest")
+            // Committed offsets keep a rebalance from re-reading the topic from the start.
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", "1000")
+            .set("fetch.wait.max.ms", "100")
+            .create()
+            .map_err(|e| BenchError::Refused(e.to_string()))?;
+        consumer
+            .subscribe(&[topic])
+            .map_err(|e| BenchError::Refused(e.to_string()))?;
+        let (stop, tally, sink) = (stop.clone(), tally.clone(), sink.clone());
+        let assigned = Arc::new(AtomicU64::new(0));
+        let held = assigned.clone();
+        let thread = std::thread::spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+                    let now = consumer.assignment().map(|a| a.count() as u64).unwrap_or(0);
+                    held.store(now, Ordering::Release);
+                    continue;
+                };
+                let Ok(msg) = msg else { continue };
+                if let Some(payload) = msg.payload() {
+                    sink.lock().record(&tally, payload);
+                }
+            }
+            consumer.unsubscribe();
         });
+        members.push(Member { thread, assigned });
     }
-    let seen = seen.lock();
-    if seen.out_of_order > 0 {
-        return Err(BenchError::Disorder(seen.out_of_order));
+    Ok(members)
+}
+
+/// Waits (bounded) until the group holds every partition.
+async fn wait_assigned(
+    opts: &BenchOptions,
+    members: &[Member],
+    stop: &AtomicBool,
+) -> Result<(), BenchError> {
+    let deadline = Instant::now() + CONNECT_WAIT;
+    loop {
+        let held: u64 = members
+            .iter()
+            .map(|m| m.assigned.load(Ordering::Acquire))
+            .sum();
+        if held >= opts.partitions as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            stop.store(true, Ordering::Release);
+            return Err(BenchError::Refused(format!(
+                "the consumer group was not assigned all {} partitions within {} s",
+                opts.partitions,
+                CONNECT_WAIT.as_secs()
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let lat = latency.lock();
-    let acks = acks_hist.lock();
-    Ok(Report {
-        protocol: "kafka".into(),
-        target: opts.target.clone(),
-        sent: total_sent,
-        received: got,
-        duplicates: seen.duplicates,
-        out_of_order: seen.out_of_order,
-        size: opts.size,
-        seconds: total_secs,
-        msgs_per_sec: got as f64 / total_secs,
-        mb_per_sec: (got as f64 * opts.size as f64) / total_secs / 1e6,
-        p50_ms: ms(&lat, 0.5),
-        p90_ms: ms(&lat, 0.9),
-        p99_ms: ms(&lat, 0.99),
-        p999_ms: ms(&lat, 0.999),
-        max_ms: lat.max() as f64 / 1000.0,
-        ack_p50_ms: ms(&acks, 0.5),
-        ack_p99_ms: ms(&acks, 0.99),
-    })
 }
 
 fn note_ack<T, E>(
     r: Result<Result<T, E>, futures::channel::oneshot::Canceled>,
     t: Instant,
-    hist: &Mutex<Histogram<u64>>,
-    sent: &AtomicU64,
+    tally: &Tally,
     errors: &AtomicU64,
 ) {
     match r {
         Ok(Ok(_)) => {
-            let _ = hist.lock().record((t.elapsed().as_micros() as u64).max(1));
-            sent.fetch_add(1, Ordering::AcqRel);
+            tally.ack_latency(t);
+            // A consumer group receives each message once.
+            tally.sent(1);
         }
         _ => {
             errors.fetch_add(1, Ordering::AcqRel);

@@ -6,34 +6,133 @@
 //! arrives exactly once and in order per producer, and measure end-to-end latency. A run that
 //! loses messages reports the loss and fails: it never reports throughput for lost messages.
 
+pub mod amqp;
 pub mod kafka;
+pub mod mqtt;
+pub mod report;
+mod tally;
+mod traffic;
 
-use std::time::Duration;
+pub use tally::Tally;
+
+use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-/// Options common to every protocol's bench.
+/// Options common to every protocol's bench. Protocol-specific ones say which protocol reads them.
 #[derive(Debug, Clone)]
 pub struct BenchOptions {
     /// HOST:PORT of the broker.
     pub target: String,
+    /// Kafka producers, MQTT publishers, AMQP publishers (one connection each).
     pub producers: usize,
+    /// Kafka group members, MQTT subscribers, AMQP consumers (one connection each).
     pub consumers: usize,
     /// Message size in bytes (at least the 20-byte stamp).
     pub size: usize,
+    /// Measured traffic time; the run also stops early once `count` messages were sent.
     pub duration: Duration,
+    /// Total messages to send over all producers (after the warm-up); `None` = until `duration`.
+    pub count: Option<u64>,
     /// Total messages per second over all producers; `None` = as fast as possible.
     pub rate: Option<u64>,
-    /// Kafka acks: "all", "1" or "0".
-    pub acks: String,
-    pub partitions: i32,
-    /// Kafka compression codec: none, gzip, snappy, lz4, zstd.
-    pub compression: String,
-    /// Traffic before measuring starts (warms caches, JITs nothing, settles groups).
+    /// Traffic before measuring starts (settles groups, fills caches).
     pub warmup: Duration,
     /// Show a progress bar (only when stderr is a terminal).
     pub progress: bool,
+    /// Kafka acks: "all", "1" or "0".
+    pub acks: String,
+    /// Kafka partitions of the bench topic.
+    pub partitions: i32,
+    /// Kafka compression codec: none, gzip, snappy, lz4, zstd.
+    pub compression: String,
+    /// Kafka: produce everything first, then measure consumers reading from the start.
+    pub from_start: bool,
+    /// MQTT QoS 0/1/2. AMQP: 0 = no confirms and automatic acks, 1 = publisher confirms and
+    /// manual acks (2 is refused).
+    pub qos: u8,
+    /// MQTT topics / AMQP queues. Producer i publishes to topic i % topics, consumer j listens to
+    /// topic j % topics: 100 producers, 100 consumers, 100 topics = 100 pairs; 1 producer,
+    /// 1,000 consumers, 1 topic = fan-out to 1,000.
+    pub topics: usize,
+    /// Extra connections that only connect and stay idle (MQTT, AMQP).
+    pub idle_connections: usize,
+    /// AMQP prefetch (basic.qos) per consumer.
+    pub prefetch: u16,
+    /// AMQP: durable queues and persistent (delivery-mode 2) messages.
+    pub durable: bool,
+    /// Process id of the broker on this machine: its resident memory is read from /proc before
+    /// and after the connections open.
+    pub broker_pid: Option<u32>,
+}
+
+impl Default for BenchOptions {
+    fn default() -> Self {
+        Self {
+            target: "127.0.0.1:9092".into(),
+            producers: 1,
+            consumers: 1,
+            size: 1024,
+            duration: Duration::from_secs(10),
+            count: None,
+            rate: None,
+            warmup: Duration::ZERO,
+            progress: false,
+            acks: "all".into(),
+            partitions: 6,
+            compression: "none".into(),
+            from_start: false,
+            qos: 1,
+            topics: 1,
+            idle_connections: 0,
+            prefetch: 100,
+            durable: true,
+            broker_pid: None,
+        }
+    }
+}
+
+impl BenchOptions {
+    /// Checks shared by every protocol.
+    pub fn validate(&self) -> Result<(), BenchError> {
+        if self.size < STAMP {
+            return Err(BenchError::Invalid(format!(
+                "--size must be at least {STAMP} bytes (the stamp)"
+            )));
+        }
+        if self.producers == 0 || self.consumers == 0 {
+            return Err(BenchError::Invalid(
+                "--producers and --consumers must be at least 1".into(),
+            ));
+        }
+        if self.topics == 0 {
+            return Err(BenchError::Invalid("--topics must be at least 1".into()));
+        }
+        if self.rate == Some(0) {
+            return Err(BenchError::Invalid("--rate must be at least 1".into()));
+        }
+        if self.qos > 2 {
+            return Err(BenchError::Invalid(format!(
+                "--qos must be 0, 1 or 2, got {}",
+                self.qos
+            )));
+        }
+        if self.producers > u32::MAX as usize {
+            return Err(BenchError::Invalid("too many producers".into()));
+        }
+        Ok(())
+    }
+
+    /// Consumers listening to topic `t` (consumer j listens to topic j % topics).
+    pub fn consumers_of_topic(&self, t: usize) -> usize {
+        (0..self.consumers).filter(|j| j % self.topics == t).count()
+    }
+
+    /// Copies of producer `p`'s messages that must arrive (one per consumer of its topic).
+    pub fn copies_for_producer(&self, p: usize) -> u64 {
+        self.consumers_of_topic(p % self.topics) as u64
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -46,51 +145,91 @@ pub enum BenchError {
     },
     #[error("the broker refused: {0}")]
     Refused(String),
-    #[error("{lost} of {sent} messages were never received (waited {secs} s after the last send)")]
-    Lost { sent: u64, lost: u64, secs: u64 },
-    #[error("{0} messages arrived more than once or out of order")]
+    #[error(
+        "{lost} of {expected} expected deliveries never arrived (waited {secs} s after the last send)"
+    )]
+    Lost { expected: u64, lost: u64, secs: u64 },
+    #[error("{0} messages arrived out of order")]
     Disorder(u64),
     #[error("invalid option: {0}")]
     Invalid(String),
+    #[error("{0}")]
+    Io(String),
 }
 
 /// What a run measured. Field names are fixed: scripts read the JSON.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Report {
     pub protocol: String,
     pub target: String,
+    /// Name of the broker under test (`--broker`), for comparisons.
+    pub broker: String,
+    /// Name of the workload (`--label`), for comparisons.
+    pub label: String,
+    pub producers: usize,
+    pub consumers: usize,
+    pub idle_connections: usize,
+    /// MQTT QoS / AMQP confirms (1) or not (0); Kafka: 1 for acks=1/all, 0 for acks=0.
+    pub qos: u8,
+    /// Messages acknowledged by the broker (or written, where nothing acknowledges).
     pub sent: u64,
+    /// Distinct deliveries (a fan-out to N consumers counts N per message).
     pub received: u64,
+    /// Deliveries expected: `sent` times the consumers of each message's topic.
+    pub expected: u64,
     pub duplicates: u64,
     pub out_of_order: u64,
     pub size: usize,
+    /// Seconds from the first send to the last delivery.
     pub seconds: f64,
+    /// Deliveries per second.
     pub msgs_per_sec: f64,
     pub mb_per_sec: f64,
+    /// Sends per second (acknowledged), over the sending time only.
+    pub sent_per_sec: f64,
     /// End-to-end latency (send to receive), milliseconds.
     pub p50_ms: f64,
     pub p90_ms: f64,
     pub p99_ms: f64,
     pub p999_ms: f64,
     pub max_ms: f64,
-    /// Send to acknowledgement, milliseconds.
+    /// Send to acknowledgement, milliseconds (0 when nothing acknowledges).
     pub ack_p50_ms: f64,
     pub ack_p99_ms: f64,
+    /// Broker resident memory (KiB) before the bench connected and with every connection open,
+    /// when `--broker-pid` was given.
+    pub rss_kib_before: Option<u64>,
+    pub rss_kib_connected: Option<u64>,
+    /// (connected - before) per 1,000 connections, KiB.
+    pub rss_kib_per_1000_conn: Option<f64>,
 }
 
 impl Report {
     pub fn table(&self) -> String {
-        format!(
-            "{} bench against {}\n\
-             sent        {:>12}\n\
-             received    {:>12}  (duplicates {}, out of order {})\n\
+        let mut t = format!(
+            "{} bench against {}{}\n\
+             clients     {} producers, {} consumers, {} idle connections, qos {}\n\
+             sent        {:>12}  ({:.0}/s)\n\
+             received    {:>12}  of {} expected (duplicates {}, out of order {})\n\
              throughput  {:>12.0} msg/s  {:>8.1} MB/s  ({} B messages, {:.1} s)\n\
              end-to-end  p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  p99.9 {:.2} ms  max {:.2} ms\n\
              ack         p50 {:.2} ms  p99 {:.2} ms",
             self.protocol,
             self.target,
+            if self.label.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", self.label)
+            },
+            self.producers,
+            self.consumers,
+            self.idle_connections,
+            self.qos,
             self.sent,
+            self.sent_per_sec,
             self.received,
+            self.expected,
             self.duplicates,
             self.out_of_order,
             self.msgs_per_sec,
@@ -104,7 +243,124 @@ impl Report {
             self.max_ms,
             self.ack_p50_ms,
             self.ack_p99_ms
-        )
+        );
+        if let (Some(b), Some(c)) = (self.rss_kib_before, self.rss_kib_connected) {
+            t.push_str(&format!(
+                "\nbroker rss  {b} KiB before, {c} KiB connected, {:.0} KiB per 1,000 connections",
+                self.rss_kib_per_1000_conn.unwrap_or(0.0)
+            ));
+        }
+        t
+    }
+
+    /// Fills counts, throughput and latency from the tally. Throughput counts only deliveries
+    /// of messages sent after the warm-up, over `seconds` (the measured window).
+    pub(crate) fn finish(
+        &mut self,
+        opts: &BenchOptions,
+        tally: &Tally,
+        seconds: f64,
+        send_seconds: f64,
+    ) {
+        let totals = tally.totals();
+        let (measured, _) = tally.measured();
+        let latency = tally.latency();
+        let acks = tally.acks();
+        self.target = opts.target.clone();
+        self.producers = opts.producers;
+        self.consumers = opts.consumers;
+        self.idle_connections = opts.idle_connections;
+        self.size = opts.size;
+        self.sent = totals.sent;
+        self.received = totals.received;
+        self.expected = totals.expected;
+        self.duplicates = totals.duplicates;
+        self.out_of_order = totals.out_of_order;
+        self.seconds = seconds;
+        self.msgs_per_sec = measured as f64 / seconds.max(1e-9);
+        self.mb_per_sec = self.msgs_per_sec * opts.size as f64 / 1e6;
+        self.sent_per_sec = totals.sent as f64 / send_seconds.max(1e-9);
+        self.p50_ms = ms(&latency, 0.5);
+        self.p90_ms = ms(&latency, 0.9);
+        self.p99_ms = ms(&latency, 0.99);
+        self.p999_ms = ms(&latency, 0.999);
+        self.max_ms = latency.max() as f64 / 1000.0;
+        self.ack_p50_ms = ms(&acks, 0.5);
+        self.ack_p99_ms = ms(&acks, 0.99);
+    }
+}
+
+/// Counts a run ends with (see [`Tally::totals`]).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct TallyTotals {
+    pub sent: u64,
+    pub expected: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub out_of_order: u64,
+}
+
+impl TallyTotals {
+    /// The verdict every bench gives: loss and disorder fail the run.
+    pub fn check(&self, drain: Duration, ordered: bool) -> Result<(), BenchError> {
+        if self.received < self.expected {
+            return Err(BenchError::Lost {
+                expected: self.expected,
+                lost: self.expected - self.received,
+                secs: drain.as_secs(),
+            });
+        }
+        if ordered && self.out_of_order > 0 {
+            return Err(BenchError::Disorder(self.out_of_order));
+        }
+        Ok(())
+    }
+}
+
+/// Resident set size of a process, KiB, from /proc (Linux); `None` elsewhere or when gone.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Records broker memory around the connection phase.
+pub(crate) fn note_rss(report: &mut Report, opts: &BenchOptions, before: Option<u64>) {
+    let Some(pid) = opts.broker_pid else { return };
+    let connected = rss_kib(pid);
+    report.rss_kib_before = before;
+    report.rss_kib_connected = connected;
+    let conns = opts.producers + opts.consumers + opts.idle_connections;
+    // Below a hundred connections the difference is mostly buffers and topic state.
+    if let (Some(b), Some(c)) = (before, connected)
+        && conns >= 100
+    {
+        report.rss_kib_per_1000_conn = Some((c as f64 - b as f64) * 1000.0 / conns as f64);
+    }
+}
+
+/// A progress bar over the measured seconds; `None` when progress is off.
+pub(crate) fn progress_bar(opts: &BenchOptions) -> Option<indicatif::ProgressBar> {
+    opts.progress.then(|| {
+        let secs = (opts.warmup + opts.duration).as_secs().max(1);
+        let bar = indicatif::ProgressBar::new(secs);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} s  {msg}")
+                .expect("valid template"),
+        );
+        bar
+    })
+}
+
+/// Paces one producer: when the next send of `seq` is due under `rate` msgs/s per producer.
+pub(crate) async fn pace(begun: Instant, seq: u64, rate: Option<f64>) {
+    if let Some(rate) = rate {
+        let due = begun + Duration::from_secs_f64(seq as f64 / rate);
+        if due > Instant::now() {
+            tokio::time::sleep_until(due.into()).await;
+        }
     }
 }
 

@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 use tributary_gateway_common::CoreClient;
 
-pub use conn::{decode_frame, decode_request};
+pub use conn::{decode_frame, decode_request, encode_response};
 pub use sasl::{SaslUsers, ScramCredential};
 
 /// Kafka's socket.request.max.bytes default.
