@@ -38,7 +38,18 @@ results="$out/results.jsonl"
 failures="$out/failures.txt"
 : > "$results"
 : > "$failures"
+# shellcheck source=scripts/brokers.sh
+source "$root/scripts/brokers.sh"
 work="$(mktemp -d /tmp/tributary-compare.XXXXXX)"
+brokers_init "$work"
+t_pid=""
+cleanup() {
+    set +e
+    brokers_stop
+    if [[ -n "$t_pid" ]]; then kill "$t_pid" 2>/dev/null; wait "$t_pid" 2>/dev/null; fi
+    rm -rf "$work"
+}
+trap cleanup EXIT INT TERM
 
 # 1,000 idle connections per workload plus the active ones, for the bench and every broker.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -48,53 +59,10 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tributary/target}"
 cargo build --release --locked --bin tributary >/dev/null
 bin="$CARGO_TARGET_DIR/release/tributary"
 
-as_root() { if [[ $(id -u) -eq 0 ]]; then "$@"; else sudo "$@"; fi; }
-need_pkgs=()
-if wants mqtt && ! command -v mosquitto >/dev/null && [[ ! -x /usr/sbin/mosquitto ]]; then
-    need_pkgs+=(mosquitto)
-fi
-if wants amqp && [[ ! -x /usr/sbin/rabbitmq-server ]]; then need_pkgs+=(rabbitmq-server); fi
-if [[ ${#need_pkgs[@]} -gt 0 ]]; then
-    echo "== installing ${need_pkgs[*]} from Debian"
-    as_root apt-get update -qq
-    # The packages' own services are not wanted: this script starts its own instances.
-    as_root env DEBIAN_FRONTEND=noninteractive RUNLEVEL=1 apt-get install -y -qq \
-        --no-install-recommends "${need_pkgs[@]}" >/dev/null
-    for svc in mosquitto rabbitmq-server; do
-        as_root service "$svc" stop >/dev/null 2>&1 || true
-    done
-fi
-mosquitto_bin="$(command -v mosquitto || echo /usr/sbin/mosquitto)"
-
-free_port() {
-    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-pids=()
-rabbit_node=""
-rabbit_env=()
-cleanup() {
-    set +e
-    if [[ -n "$rabbit_node" ]]; then
-        env "${rabbit_env[@]}" timeout 60 rabbitmqctl -n "$rabbit_node" stop >/dev/null 2>&1
-    fi
-    for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-    for p in "${pids[@]}"; do wait "$p" 2>/dev/null; done
-    # epmd is started by RabbitMQ on demand (on its own port here) and outlives it.
-    if [[ -n "$rabbit_node" ]]; then
-        env "${rabbit_env[@]}" epmd -kill >/dev/null 2>&1
-    fi
-    rm -rf "$work"
-}
-trap cleanup EXIT INT TERM
-
-wait_port() { # host port seconds
-    local deadline=$((SECONDS + $3))
-    until python3 -c "import socket,sys; socket.create_connection(('$1', $2), 1)" 2>/dev/null; do
-        if (( SECONDS > deadline )); then return 1; fi
-        sleep 0.2
-    done
-}
+pkgs=()
+if wants mqtt; then pkgs+=(mosquitto); fi
+if wants amqp; then pkgs+=(rabbitmq-server); fi
+if [[ ${#pkgs[@]} -gt 0 ]]; then brokers_install "${pkgs[@]}"; fi
 
 echo "== disk: fsync'd sequential write bandwidth (dd, 512 MiB, conv=fdatasync)"
 disk_mb=$(dd if=/dev/zero of="$work/dd.bin" bs=1M count=512 conv=fdatasync 2>&1 \
@@ -111,62 +79,14 @@ t_kafka=$(free_port); t_mqtt=$(free_port); t_amqp=$(free_port)
     --amqp-listen "127.0.0.1:$t_amqp" --log warn \
     > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
 t_pid=$!
-pids+=("$t_pid")
 for _ in $(seq 100); do grep -qx ready "$work/tributary/stdout" 2>/dev/null && break; sleep 0.1; done
 grep -qx ready "$work/tributary/stdout" || { cat "$work/tributary/stderr" >&2; exit 1; }
 has_gateway() { grep -q "^listening $1 " "$work/tributary/stdout"; }
 
-# --- Mosquitto ----------------------------------------------------------------------------
-if wants mqtt; then
-    echo "== starting mosquitto"
-    m_port=$(free_port)
-    mkdir -p "$work/mosquitto"
-    # The bench fails on any lost message. Mosquitto's defaults drop under a max-rate run:
-    # max_queued_messages 1000 drops for a subscriber that falls behind (even at QoS 1), and
-    # max_inflight_messages 20 also bounds incoming QoS 2 (more in flight are dropped).
-    cat > "$work/mosquitto/mosquitto.conf" <<EOF
-listener $m_port 127.0.0.1
-allow_anonymous true
-max_queued_messages 0
-max_inflight_messages 1000
-max_connections -1
-persistence false
-log_dest stderr
-log_type error
-log_type warning
-EOF
-    "$mosquitto_bin" -c "$work/mosquitto/mosquitto.conf" 2> "$work/mosquitto/stderr" &
-    m_pid=$!
-    pids+=("$m_pid")
-    wait_port 127.0.0.1 "$m_port" 20 || { cat "$work/mosquitto/stderr" >&2; exit 1; }
-fi
-
-# --- RabbitMQ -----------------------------------------------------------------------------
+# --- RabbitMQ (Mosquitto is started fresh for every run, below) ----------------------------
 if wants amqp; then
     echo "== starting rabbitmq-server"
-    r_port=$(free_port)
-    rabbit_node="compare-$$@localhost"
-    rd="$work/rabbitmq"
-    mkdir -p "$rd"/{mnesia,log,home}
-    printf 'listeners.tcp.1 = 127.0.0.1:%s\nloopback_users.guest = true\n' "$r_port" > "$rd/rabbitmq.conf"
-    echo '[].' > "$rd/enabled_plugins"
-    # Everything in the work dir, its own epmd port: nothing touches a system RabbitMQ.
-    # /usr/lib/rabbitmq/bin/rabbitmq-server runs as the caller (the /usr/sbin wrapper switches
-    # to the rabbitmq user when run as root).
-    rabbit_env=(HOME="$rd/home" RABBITMQ_NODENAME="$rabbit_node"
-        RABBITMQ_NODE_IP_ADDRESS=127.0.0.1 RABBITMQ_NODE_PORT="$r_port"
-        RABBITMQ_DIST_PORT="$(free_port)" ERL_EPMD_PORT="$(free_port)"
-        RABBITMQ_MNESIA_BASE="$rd/mnesia" RABBITMQ_LOG_BASE="$rd/log"
-        RABBITMQ_CONFIG_FILE="$rd/rabbitmq.conf"
-        RABBITMQ_ENABLED_PLUGINS_FILE="$rd/enabled_plugins" RABBITMQ_PID_FILE="$rd/rabbit.pid")
-    env "${rabbit_env[@]}" /usr/lib/rabbitmq/bin/rabbitmq-server > "$rd/stdout" 2>&1 &
-    pids+=("$!")
-    if ! env "${rabbit_env[@]}" timeout 120 rabbitmqctl -n "$rabbit_node" await_startup \
-            >/dev/null 2>&1; then
-        tail -20 "$rd/stdout" >&2
-        exit 1
-    fi
-    r_pid=$(cat "$rd/rabbit.pid")
+    rabbitmq_start
 fi
 
 # --- Workloads ----------------------------------------------------------------------------
@@ -187,6 +107,7 @@ if wants amqp; then
 fi
 if wants kafka; then
     workloads+=("kafka-acks-all|kafka|--producers 4 --consumers 2 --acks all")
+    workloads+=("kafka-acks-all-20k/s|kafka|--producers 4 --consumers 2 --acks all --rate 20000")
     workloads+=("kafka-consume-from-start|kafka|--producers 4 --consumers 2 --acks all --from-start")
 fi
 
@@ -216,6 +137,9 @@ for round in $(seq "$rounds"); do
                 elif (( round == 1 )); then
                     echo "$label on tributary: no MQTT gateway in this build" | tee -a "$failures" >&2
                 fi
+                # A fresh Mosquitto for every run: it keeps the memory it once used, so a
+                # reused broker reports nothing for the next run's connections.
+                mosquitto_start
                 run_one "$label" mqtt mosquitto "127.0.0.1:$m_port" "$m_pid" $flags ;;
             amqp)
                 if has_gateway amqp; then
@@ -245,5 +169,5 @@ if [[ -s "$failures" ]]; then
 fi
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
-    "$(uname -sr); mosquitto $("$mosquitto_bin" -h 2>/dev/null | awk 'NR==1 {print $3}')," \
+    "$(uname -sr); mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | awk 'NR==1 {print $3}')," \
     "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')"

@@ -42,7 +42,7 @@ pub enum Command {
     /// Load generators with real client libraries, for Tributary or any other broker.
     Bench {
         #[command(subcommand)]
-        what: BenchCommand,
+        what: Box<BenchCommand>,
     },
 }
 
@@ -95,6 +95,9 @@ pub struct LoadArgs {
     /// Extra idle connections held open for the whole run (MQTT, AMQP).
     #[arg(long, default_value_t = 0)]
     pub connections: usize,
+    /// Unacknowledged messages per producer (default: Kafka 1000, MQTT 100, AMQP 100).
+    #[arg(long)]
+    pub inflight: Option<usize>,
     /// AMQP prefetch per consumer.
     #[arg(long, default_value_t = 100)]
     pub prefetch: u16,

@@ -40,7 +40,7 @@ fn main() -> ExitCode {
             Mode::Gateway(protocol)
         }
         Command::Passwd => return passwd(),
-        Command::Bench { what } => return bench(what),
+        Command::Bench { what } => return bench(*what),
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -155,6 +155,7 @@ fn bench(what: BenchCommand) -> ExitCode {
         qos: args.qos,
         topics: args.topics,
         idle_connections: args.connections,
+        inflight: args.inflight,
         prefetch: args.prefetch,
         durable: !args.transient,
         broker_pid: args.broker_pid,

@@ -32,7 +32,8 @@ use crate::traffic::{
 use crate::{BenchError, BenchOptions, Report, Tally, note_rss, now_ns, rss_kib, stamp};
 
 /// Publishes a publisher keeps unconfirmed before it waits for confirms.
-const CONFIRM_WINDOW: usize = 1000;
+/// Default of `--inflight`.
+const CONFIRM_WINDOW: usize = 100;
 /// A consumer acknowledges at least this often when messages are pending (and otherwise every
 /// half prefetch), so the broker's window never closes.
 const ACK_EVERY: Duration = Duration::from_millis(5);
@@ -279,6 +280,7 @@ async fn traffic(
             size: opts.size,
             // Consumers of one queue compete: each message reaches one of them, once.
             copies: opts.copies_for_producer(p).min(1),
+            window: opts.inflight.unwrap_or(CONFIRM_WINDOW),
             tally: tally.clone(),
         };
         let (schedule, failure) = (schedule.clone(), failure.clone());
@@ -407,11 +409,13 @@ struct Publisher {
     size: usize,
     /// Deliveries each message must make: 1, or 0 when no consumer reads its queue.
     copies: u64,
+    /// Unconfirmed publishes allowed before waiting for confirms.
+    window: usize,
     tally: Arc<Tally>,
 }
 
 impl Publisher {
-    /// Publishes on the schedule; with confirms, keeps up to [`CONFIRM_WINDOW`] unconfirmed
+    /// Publishes on the schedule; with confirms, keeps up to `window` unconfirmed
     /// and then waits (bounded) for the rest.
     async fn run(&self, schedule: &Schedule) -> Result<(), BenchError> {
         let p = self.p;
@@ -458,7 +462,7 @@ impl Publisher {
                 self.settle(confirmation, at)?;
             }
             // ...and wait only when the window is full.
-            while unconfirmed.len() >= CONFIRM_WINDOW {
+            while unconfirmed.len() >= self.window {
                 match tokio::time::timeout(DRAIN_WAIT, unconfirmed.next()).await {
                     Ok(Some((confirmation, at))) => self.settle(confirmation, at)?,
                     Ok(None) => break,

@@ -58,6 +58,10 @@ pub struct BenchOptions {
     pub topics: usize,
     /// Extra connections that only connect and stay idle (MQTT, AMQP).
     pub idle_connections: usize,
+    /// Messages a producer keeps unacknowledged (Kafka sends, MQTT QoS 1/2 publishes, AMQP
+    /// unconfirmed publishes); `None` = the protocol's default. A deeper window raises
+    /// throughput at maximum rate and, with it, the time messages spend queued.
+    pub inflight: Option<usize>,
     /// AMQP prefetch (basic.qos) per consumer.
     pub prefetch: u16,
     /// AMQP: durable queues and persistent (delivery-mode 2) messages.
@@ -86,6 +90,7 @@ impl Default for BenchOptions {
             qos: 1,
             topics: 1,
             idle_connections: 0,
+            inflight: None,
             prefetch: 100,
             durable: true,
             broker_pid: None,
@@ -108,6 +113,9 @@ impl BenchOptions {
         }
         if self.topics == 0 {
             return Err(BenchError::Invalid("--topics must be at least 1".into()));
+        }
+        if self.inflight == Some(0) {
+            return Err(BenchError::Invalid("--inflight must be at least 1".into()));
         }
         if self.rate == Some(0) {
             return Err(BenchError::Invalid("--rate must be at least 1".into()));

@@ -29,7 +29,8 @@ use crate::{BenchError, BenchOptions, Report, Tally, note_rss, now_ns, rss_kib, 
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// QoS 1/2 publishes a publisher keeps unacknowledged; rumqttc stops reading its request queue
 /// when they are all out.
-const INFLIGHT: u16 = 1000;
+/// Default of `--inflight`.
+const INFLIGHT: u16 = 100;
 /// Publishes queued in a client ahead of its event loop: enough that the loop never waits for
 /// its producer (which refills within a millisecond), few enough that the queue does not add
 /// much to the measured latency. Also bounded in bytes over all publishers, so 100 publishers
@@ -51,11 +52,15 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let topics: Vec<String> = (0..opts.topics)
         .map(|t| format!("tributary-bench/{suffix}/{t}"))
         .collect();
+    let inflight = u16::try_from(opts.inflight.unwrap_or(INFLIGHT.into())).map_err(|_| {
+        BenchError::Invalid("--inflight is at most 65535 for MQTT (packet ids)".into())
+    })?;
     let opener = Opener {
         opts,
         host: &host,
         port,
         suffix: &suffix,
+        inflight,
     };
     let tally = Arc::new(Tally::new(opts.producers));
     let failure = Arc::new(Failure::default());
@@ -115,7 +120,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     }
     drop(subscribers);
 
-    let queue = (QUEUE_BYTES / opts.producers / opts.size).clamp(16, MAX_QUEUE);
+    let queue = (QUEUE_BYTES / opts.producers / opts.size)
+        .clamp(16, MAX_QUEUE.min(inflight.into()).max(16));
     // `buffered` keeps publisher p at index p.
     let opened: Vec<_> = stream::iter(0..opts.producers)
         .map(|p| opener.open(format!("p{p}"), format!("publisher {p}"), queue))
@@ -139,7 +145,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             tally: tally.clone(),
             copies: opts.copies_for_producer(p),
             qos,
-            sent_at: vec![VecDeque::new(); INFLIGHT as usize + 1],
+            sent_at: vec![VecDeque::new(); inflight as usize + 1],
         };
         loops.spawn(link.pump(stop.clone(), failure.clone(), move |event| {
             state.on_event(event)
@@ -192,6 +198,8 @@ struct Opener<'a> {
     host: &'a str,
     port: u16,
     suffix: &'a str,
+    /// QoS 1/2 publishes unacknowledged per connection (rumqttc's window and packet ids).
+    inflight: u16,
 }
 
 impl Opener<'_> {
@@ -207,7 +215,7 @@ impl Opener<'_> {
             .set_keep_alive(KEEP_ALIVE)
             .set_clean_session(true)
             .set_max_packet_size(max_packet, max_packet)
-            .set_inflight(INFLIGHT);
+            .set_inflight(self.inflight);
         let (client, mut eventloop) = AsyncClient::new(options, queue);
         let mut network = NetworkOptions::new();
         // Latency is measured per message: do not let Nagle hold small publishes back.
@@ -356,7 +364,7 @@ struct Publisher {
     tally: Arc<Tally>,
     copies: u64,
     qos: QoS,
-    /// Send times of the unacknowledged publishes of each packet id (ids run 1..=INFLIGHT),
+    /// Send times of the unacknowledged publishes of each packet id (ids run 1..=inflight),
     /// oldest first. At QoS 2 rumqttc frees an id at PUBREC and may reuse it before the
     /// PUBCOMP of its previous use arrives; acks of one id come back in the order it was used.
     sent_at: Vec<VecDeque<Instant>>,

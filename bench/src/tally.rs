@@ -27,6 +27,9 @@ pub struct Tally {
     measure_from_ns: AtomicU64,
     /// Last measured delivery, as ns since epoch.
     last_delivery_ns: AtomicU64,
+    /// First and last delivery of any message (ns since epoch; first starts at u64::MAX).
+    first_any_ns: AtomicU64,
+    last_any_ns: AtomicU64,
     latency: Mutex<Histogram<u64>>,
     acks: Mutex<Histogram<u64>>,
 }
@@ -43,6 +46,8 @@ impl Tally {
             measured: AtomicU64::new(0),
             measure_from_ns: AtomicU64::new(0),
             last_delivery_ns: AtomicU64::new(0),
+            first_any_ns: AtomicU64::new(u64::MAX),
+            last_any_ns: AtomicU64::new(0),
             latency: Mutex::new(histogram()),
             acks: Mutex::new(histogram()),
         }
@@ -126,6 +131,13 @@ impl Tally {
         )
     }
 
+    /// Seconds from the first delivery to the last, of any message (0 before two arrived).
+    pub fn delivery_span(&self) -> f64 {
+        let first = self.first_any_ns.load(Ordering::Acquire);
+        let last = self.last_any_ns.load(Ordering::Acquire);
+        last.saturating_sub(first) as f64 / 1e9
+    }
+
     pub fn latency(&self) -> Histogram<u64> {
         self.latency.lock().clone()
     }
@@ -196,8 +208,10 @@ impl Sink {
             Delivery::New
         };
         tally.received.fetch_add(1, Ordering::AcqRel);
+        let now = now_ns();
+        tally.first_any_ns.fetch_min(now, Ordering::AcqRel);
+        tally.last_any_ns.fetch_max(now, Ordering::AcqRel);
         if sent_ns >= tally.measure_from_ns() {
-            let now = now_ns();
             let _ = self
                 .latency
                 .record((now.saturating_sub(sent_ns) / 1000).max(1));
