@@ -92,7 +92,7 @@ pub struct LoadArgs {
     /// MQTT topics / AMQP queues; producer i sends to i % topics, consumer j reads j % topics.
     #[arg(long, default_value_t = 1)]
     pub topics: usize,
-    /// Extra idle connections held open for the whole run (MQTT, AMQP).
+    /// Extra idle connections held open for the whole run.
     #[arg(long, default_value_t = 0)]
     pub connections: usize,
     /// Unacknowledged messages per producer (default: Kafka 1000, MQTT 100, AMQP 100).

@@ -4,8 +4,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
@@ -13,10 +13,12 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::tally::Sink;
 use crate::{
-    BenchError, BenchOptions, Report, Tally, note_rss, now_ns, pace, progress_bar, rss_kib, stamp,
+    BenchError, BenchOptions, Report, Tally, note_rss, now_ns, progress_bar, rss_kib, stamp,
 };
 
 /// How long to wait for the broker at start and for stragglers at the end.
@@ -30,8 +32,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let suffix: u32 = rand::random();
     let topic = format!("tributary-bench-{suffix:08x}");
     let group = format!("tributary-bench-{suffix:08x}");
-    let rss_before = opts.broker_pid.and_then(rss_kib);
     create_topic(opts, &topic).await?;
+    let rss_before = opts.broker_pid.and_then(rss_kib);
+    let idle = open_idle(opts).await?;
     let tally = Arc::new(Tally::new(opts.producers));
     // One consumer group: every message is due once, whichever member gets it.
     let sink = Arc::new(Mutex::new(tally.sink()));
@@ -49,6 +52,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         wait_assigned(opts, &consumers, &stop).await?;
     }
     note_rss(&mut report, opts, rss_before);
+    report.idle_connections = idle.len();
 
     let progress = progress_bar(opts);
     if opts.warmup.is_zero() {
@@ -90,7 +94,25 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             let mut seq = 0u64;
             let begun = Instant::now();
             while Instant::now() < end_at && take_one(&remaining) {
-                pace(begun, seq, per_producer_rate).await;
+                // Acks are taken as they come while waiting for the next send, so paced runs
+                // time them when they arrive, not when the window fills.
+                if let Some(rate) = per_producer_rate {
+                    let due = begun + Duration::from_secs_f64(seq as f64 / rate);
+                    let sleep = tokio::time::sleep_until(due.into());
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            Some((r, t)) = in_flight.next(), if !in_flight.is_empty() => {
+                                note_ack(r, t, &tally, &errors);
+                            }
+                            _ = &mut sleep => break,
+                        }
+                    }
+                }
+                while let Some(Some((r, t))) = in_flight.next().now_or_never() {
+                    note_ack(r, t, &tally, &errors);
+                }
                 stamp(&mut payload, p as u32, seq, now_ns());
                 loop {
                     let record = FutureRecord::to(&topic).key(&key).payload(&payload);
@@ -182,8 +204,60 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         // Every message was produced before the consumers started: all of them count.
         report.msgs_per_sec = totals.received as f64 / seconds.max(1e-9);
         report.mb_per_sec = report.msgs_per_sec * opts.size as f64 / 1e6;
+        // Send-to-receive time here is the messages' age when read, not a latency.
+        (
+            report.p50_ms,
+            report.p90_ms,
+            report.p99_ms,
+            report.p999_ms,
+            report.max_ms,
+        ) = (0.0, 0.0, 0.0, 0.0, 0.0);
     }
+    drop(idle);
     Ok(report)
+}
+
+/// Opens `--connections` plain Kafka connections that each negotiate ApiVersions and then
+/// stay idle until the run ends (librdkafka clients would bring threads of their own).
+async fn open_idle(opts: &BenchOptions) -> Result<Vec<TcpStream>, BenchError> {
+    // ApiVersions v0: size, api key 18, version 0, correlation id, null client id.
+    const API_VERSIONS_V0: [u8; 14] = [0, 0, 0, 10, 0, 18, 0, 0, 0, 0, 0, 1, 0xff, 0xff];
+    let target = opts.target.clone();
+    let opened: Vec<Result<TcpStream, String>> = futures::stream::iter(0..opts.idle_connections)
+        .map(|_| {
+            let target = target.clone();
+            async move {
+                let handshake = async {
+                    let mut s = TcpStream::connect(&target).await?;
+                    s.write_all(&API_VERSIONS_V0).await?;
+                    let len = s.read_i32().await?;
+                    let mut body = vec![0u8; usize::try_from(len).unwrap_or(0).min(1 << 20)];
+                    s.read_exact(&mut body).await?;
+                    Ok::<_, std::io::Error>(s)
+                };
+                match tokio::time::timeout(CONNECT_WAIT, handshake).await {
+                    Ok(Ok(s)) => Ok(s),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!(
+                        "no ApiVersions answer within {} s",
+                        CONNECT_WAIT.as_secs()
+                    )),
+                }
+            }
+        })
+        .buffer_unordered(64)
+        .collect()
+        .await;
+    opened
+        .into_iter()
+        .map(|r| {
+            r.map_err(|detail| BenchError::Unreachable {
+                target: opts.target.clone(),
+                secs: CONNECT_WAIT.as_secs(),
+                detail: format!("idle connection: {detail}"),
+            })
+        })
+        .collect()
 }
 
 /// Claims one message from the `--count` budget.

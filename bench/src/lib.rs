@@ -56,7 +56,7 @@ pub struct BenchOptions {
     /// topic j % topics: 100 producers, 100 consumers, 100 topics = 100 pairs; 1 producer,
     /// 1,000 consumers, 1 topic = fan-out to 1,000.
     pub topics: usize,
-    /// Extra connections that only connect and stay idle (MQTT, AMQP).
+    /// Extra connections that only connect (Kafka: and negotiate ApiVersions) and stay idle.
     pub idle_connections: usize,
     /// Messages a producer keeps unacknowledged (Kafka sends, MQTT QoS 1/2 publishes, AMQP
     /// unconfirmed publishes); `None` = the protocol's default. A deeper window raises

@@ -259,34 +259,33 @@ impl Summary {
         out
     }
 
-    /// Two bar charts side by side (log scale): MB/s and p99 latency per workload and broker.
+    /// Two horizontal bar charts, one above the other (log scale): MB/s and p99 latency per
+    /// workload, one bar per broker.
     pub fn chart(&self, path: &Path) -> Result<(), ReportError> {
-        let workloads: Vec<String> = {
-            let mut seen: Vec<String> = Vec::new();
-            for r in &self.rows {
-                if !seen.contains(&r.workload) {
-                    seen.push(r.workload.clone());
-                }
+        let mut workloads: Vec<String> = Vec::new();
+        let mut brokers: Vec<String> = Vec::new();
+        for r in &self.rows {
+            if !workloads.contains(&r.workload) {
+                workloads.push(r.workload.clone());
             }
-            seen
-        };
-        let brokers: Vec<String> = {
-            let mut seen: Vec<String> = Vec::new();
-            for r in &self.rows {
-                if !seen.contains(&r.broker) {
-                    seen.push(r.broker.clone());
-                }
+            if !brokers.contains(&r.broker) {
+                brokers.push(r.broker.clone());
             }
-            seen
-        };
-        let width = 360 + 150 * workloads.len() as u32;
-        let root = SVGBackend::new(path, (width.max(900), 520)).into_drawing_area();
+        }
+        let n = workloads.len().max(1);
+        let panel_height = 90 + 46 * n as u32;
+        let root = SVGBackend::new(path, (1100, panel_height * 2)).into_drawing_area();
         let chart_err = |e: &dyn std::fmt::Display| ReportError::Chart(e.to_string());
         root.fill(&WHITE).map_err(|e| chart_err(&e))?;
-        let panels = root.split_evenly((1, 2));
+        let panels = root.split_evenly((2, 1));
         let metrics: [(&str, Metric); 2] = [
-            ("throughput, MB/s (higher is better)", |r| r.mb_per_sec),
-            ("p99 end-to-end latency, ms (lower is better)", |r| r.p99_ms),
+            ("throughput, MB/s (log scale, longer is better)", |r| {
+                r.mb_per_sec
+            }),
+            (
+                "p99 end-to-end latency, ms (log scale, shorter is better)",
+                |r| r.p99_ms,
+            ),
         ];
         for (panel, (title, value)) in panels.iter().zip(metrics) {
             let values: Vec<f64> = self.rows.iter().map(value).filter(|v| *v > 0.0).collect();
@@ -297,30 +296,31 @@ impl Summary {
             } else {
                 (lo / 2.0, hi * 2.0)
             };
-            let n = workloads.len().max(1);
             let mut chart = ChartBuilder::on(panel)
-                .caption(title, ("sans-serif", 16))
-                .margin(12)
-                .x_label_area_size(60)
-                .y_label_area_size(60)
-                .build_cartesian_2d(0f64..n as f64, (lo..hi).log_scale())
+                .caption(title, ("sans-serif", 18))
+                .margin(14)
+                .x_label_area_size(30)
+                .y_label_area_size(210)
+                .build_cartesian_2d((lo..hi).log_scale(), 0f64..n as f64)
                 .map_err(|e| chart_err(&e))?;
+            // Workload i occupies y in [n-1-i, n-i): the first one on top.
             let names = workloads.clone();
             chart
                 .configure_mesh()
-                .disable_x_mesh()
-                .x_labels(n * 2 + 1)
-                .x_label_formatter(&move |x| {
-                    let i = x.floor() as usize;
-                    if (x - i as f64 - 0.5).abs() < 0.01 {
+                .disable_y_mesh()
+                .y_labels(n * 2 + 1)
+                .y_label_formatter(&move |y| {
+                    let slot = y.floor();
+                    if (y - slot - 0.5).abs() < 0.01 && slot >= 0.0 {
+                        let i = n - 1 - slot as usize;
                         names.get(i).cloned().unwrap_or_default()
                     } else {
                         String::new()
                     }
                 })
+                .label_style(("sans-serif", 13))
                 .draw()
                 .map_err(|e| chart_err(&e))?;
-            let slot = 0.8 / brokers.len().max(1) as f64;
             for (b, broker) in brokers.iter().enumerate() {
                 let color = Palette99::pick(b).to_rgba();
                 let bars: Vec<Rectangle<(f64, f64)>> = self
@@ -328,10 +328,21 @@ impl Summary {
                     .iter()
                     .filter(|r| r.broker == *broker && value(r) > 0.0)
                     .filter_map(|r| {
-                        let w = workloads.iter().position(|x| *x == r.workload)? as f64;
-                        let x0 = w + 0.1 + slot * b as f64;
+                        let i = workloads.iter().position(|x| *x == r.workload)?;
+                        // Bars of the brokers that ran this workload share its slot.
+                        let here: Vec<&String> = brokers
+                            .iter()
+                            .filter(|b| {
+                                self.rows.iter().any(|x| {
+                                    x.workload == r.workload && x.broker == **b && value(x) > 0.0
+                                })
+                            })
+                            .collect();
+                        let k = here.iter().position(|b| *b == broker)?;
+                        let slot = 0.8 / here.len() as f64;
+                        let y0 = (n - 1 - i) as f64 + 0.1 + slot * k as f64;
                         Some(Rectangle::new(
-                            [(x0, lo), (x0 + slot * 0.9, value(r))],
+                            [(lo, y0), (value(r), y0 + slot * 0.9)],
                             color.filled(),
                         ))
                     })
@@ -346,8 +357,10 @@ impl Summary {
             }
             chart
                 .configure_series_labels()
-                .background_style(WHITE.mix(0.8))
+                .position(SeriesLabelPosition::LowerRight)
+                .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
+                .label_font(("sans-serif", 13))
                 .draw()
                 .map_err(|e| chart_err(&e))?;
         }

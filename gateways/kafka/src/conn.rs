@@ -51,8 +51,10 @@ pub(crate) async fn serve_connection(
     async move {
         let _ = socket.set_nodelay(true);
         let (rd, wr) = socket.into_split();
-        let mut rd = BufReader::with_capacity(64 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(64 * 1024, wr);
+        // Idle connections cost their buffers: 16 KiB each way, a large Produce frame is read
+        // straight into its own buffer and a large Fetch response written past the buffer.
+        let mut rd = BufReader::with_capacity(16 * 1024, rd);
+        let mut wr = BufWriter::with_capacity(16 * 1024, wr);
         let mut session = Session {
             peer,
             client_id: String::new(),
@@ -92,7 +94,8 @@ async fn serve(
     gateway: &Gateway,
     session: &mut Session,
 ) -> Result<(), ConnectionError> {
-    let mut out = BytesMut::with_capacity(64 * 1024);
+    // Grows to the largest response this connection has sent, and no further.
+    let mut out = BytesMut::new();
     loop {
         let size = match rd.read_i32().await {
             Ok(s) => s,
