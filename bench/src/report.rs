@@ -291,10 +291,11 @@ impl Summary {
             let values: Vec<f64> = self.rows.iter().map(value).filter(|v| *v > 0.0).collect();
             let lo = values.iter().copied().fold(f64::INFINITY, f64::min);
             let hi = values.iter().copied().fold(0.0, f64::max);
+            // Headroom on the right keeps the legend clear of the longest bar.
             let (lo, hi) = if values.is_empty() {
                 (0.1, 10.0)
             } else {
-                (lo / 2.0, hi * 2.0)
+                (lo / 2.0, hi * 10.0)
             };
             let mut chart = ChartBuilder::on(panel)
                 .caption(title, ("sans-serif", 18))
@@ -357,7 +358,7 @@ impl Summary {
             }
             chart
                 .configure_series_labels()
-                .position(SeriesLabelPosition::LowerRight)
+                .position(SeriesLabelPosition::UpperRight)
                 .background_style(WHITE.mix(0.9))
                 .border_style(BLACK)
                 .label_font(("sans-serif", 13))
