@@ -18,12 +18,12 @@ use tokio::net::TcpStream;
 
 use crate::tally::Sink;
 use crate::{
-    BenchError, BenchOptions, Report, Tally, note_rss, now_ns, progress_bar, rss_kib, stamp,
+    BenchError, BenchOptions, DRAIN_IDLE, Report, Tally, drain_deliveries, note_rss, now_ns,
+    progress_bar, rss_kib, stamp,
 };
 
-/// How long to wait for the broker at start and for stragglers at the end.
+/// How long to wait for the broker at start.
 const CONNECT_WAIT: Duration = Duration::from_secs(20);
-const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// Sends in flight per producer before it waits for acks (default of `--inflight`).
 const MAX_IN_FLIGHT: usize = 1_000;
 
@@ -178,17 +178,14 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     if opts.from_start {
         consumers = start_consumers(opts, &topic, &group, &tally, &sink, &stop)?;
     }
-    let drain_deadline = Instant::now() + DRAIN_WAIT;
-    while !tally.complete() && Instant::now() < drain_deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    drain_deliveries(&tally, || false, |_| {}).await;
     stop.store(true, Ordering::Release);
     for c in consumers {
         let _ = c.join();
     }
     tally.absorb(&sink.lock());
     let totals = tally.totals();
-    totals.check(DRAIN_WAIT, true)?;
+    totals.check(DRAIN_IDLE, true)?;
     // Reading from the start is timed from the first delivery to the last, so the group's
     // join (and its initial rebalance delay) is not counted as reading time.
     let seconds = if opts.from_start {

@@ -151,10 +151,12 @@ pub enum BenchError {
         secs: u64,
         detail: String,
     },
-    #[error("the broker refused: {0}")]
+    /// The broker refused, failed or dropped a connection (the message says which and where).
+    #[error("broker error: {0}")]
     Refused(String),
     #[error(
-        "{lost} of {expected} expected deliveries never arrived (waited {secs} s after the last send)"
+        "{lost} of {expected} expected deliveries never arrived (none arrived in the last {secs} s \
+         of waiting after the last send)"
     )]
     Lost { expected: u64, lost: u64, secs: u64 },
     #[error("{0} messages arrived out of order")]
@@ -322,6 +324,40 @@ impl TallyTotals {
             return Err(BenchError::Disorder(self.out_of_order));
         }
         Ok(())
+    }
+}
+
+/// After the last send, deliveries are awaited as long as they keep coming: a run gives up
+/// when none arrived for `DRAIN_IDLE`, or after `DRAIN_MAX` in all. A slow broker is told
+/// apart from one that lost messages, and nothing waits forever.
+pub(crate) const DRAIN_IDLE: Duration = Duration::from_secs(10);
+pub(crate) const DRAIN_MAX: Duration = Duration::from_secs(120);
+
+/// Waits until every expected delivery arrived, `give_up()` says so, or deliveries stopped
+/// coming (see [`DRAIN_IDLE`]). `tick` runs every 250 ms (progress display).
+pub(crate) async fn drain_deliveries(
+    tally: &Tally,
+    give_up: impl Fn() -> bool,
+    mut tick: impl FnMut(&Tally),
+) {
+    let start = Instant::now();
+    let mut seen = tally.received_count();
+    let mut progressed = Instant::now();
+    let mut shown = Instant::now();
+    while !tally.complete() && !give_up() {
+        if progressed.elapsed() >= DRAIN_IDLE || start.elapsed() >= DRAIN_MAX {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = tally.received_count();
+        if now != seen {
+            seen = now;
+            progressed = Instant::now();
+        }
+        if shown.elapsed() >= Duration::from_millis(250) {
+            shown = Instant::now();
+            tick(tally);
+        }
     }
 }
 

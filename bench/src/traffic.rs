@@ -8,11 +8,13 @@ use std::time::{Duration, Instant};
 use parking_lot::Mutex;
 use tokio::task::JoinSet;
 
-use crate::{BenchError, BenchOptions, Report, Tally, pace, progress_bar};
+use crate::{
+    BenchError, BenchOptions, DRAIN_IDLE, Report, Tally, drain_deliveries, pace, progress_bar,
+};
 
 /// Bound on opening one connection (and its subscription) and on each setup step.
 pub(crate) const CONNECT_WAIT: Duration = Duration::from_secs(20);
-/// Bound on waiting for acknowledgements and deliveries after the last send.
+/// Bound on waiting for outstanding acknowledgements (confirms, PUBACKs) after the last send.
 pub(crate) const DRAIN_WAIT: Duration = Duration::from_secs(30);
 /// Connections opened at once: enough to open thousands quickly, few enough not to overflow a
 /// broker's listen backlog (a dropped SYN costs a 1 s retransmit).
@@ -152,23 +154,23 @@ impl Schedule {
     }
 }
 
-/// Waits (bounded by [`DRAIN_WAIT`]) until every expected delivery arrived or the run failed.
+/// Waits (bounded, see [`crate::DRAIN_IDLE`]) until every expected delivery arrived or the run
+/// failed.
 pub(crate) async fn drain(tally: &Tally, failure: &Failure, bar: Option<&indicatif::ProgressBar>) {
-    let deadline = Instant::now() + DRAIN_WAIT;
-    let mut shown = Instant::now();
-    while !tally.complete() && !failure.is_set() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-        if let Some(bar) = bar
-            && shown.elapsed() >= Duration::from_millis(250)
-        {
-            shown = Instant::now();
-            bar.set_message(format!(
-                "draining: {} of {} deliveries",
-                tally.received_count(),
-                tally.expected_count()
-            ));
-        }
-    }
+    drain_deliveries(
+        tally,
+        || failure.is_set(),
+        |t| {
+            if let Some(bar) = bar {
+                bar.set_message(format!(
+                    "draining: {} of {} deliveries",
+                    t.received_count(),
+                    t.expected_count()
+                ));
+            }
+        },
+    )
+    .await;
 }
 
 /// Fills the report and gives the verdict: the first failure, else loss or disorder.
@@ -193,7 +195,7 @@ pub(crate) fn conclude(
         elapsed.as_secs_f64()
     };
     report.finish(opts, tally, seconds, send_seconds);
-    totals.check(DRAIN_WAIT, ordered)?;
+    totals.check(DRAIN_IDLE, ordered)?;
     Ok(report)
 }
 

@@ -6,7 +6,7 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use kafka_protocol::messages::{
     ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind, SaslAuthenticateResponse,
     SaslHandshakeResponse,
@@ -94,8 +94,6 @@ async fn serve(
     gateway: &Gateway,
     session: &mut Session,
 ) -> Result<(), ConnectionError> {
-    // Grows to the largest response this connection has sent, and no further.
-    let mut out = BytesMut::new();
     loop {
         let size = match rd.read_i32().await {
             Ok(s) => s,
@@ -113,12 +111,10 @@ async fn serve(
         let Some(response) = handle_frame(frame.freeze(), gateway, session).await? else {
             continue;
         };
-        out.clear();
-        out.put_i32(0);
-        out.extend_from_slice(&response);
-        let len = (out.len() - 4) as i32;
-        out[..4].copy_from_slice(&len.to_be_bytes());
-        wr.write_all(&out).await?;
+        // Size prefix and body go to the writer separately: a body larger than its buffer is
+        // written straight to the socket instead of being copied once more.
+        wr.write_all(&(response.len() as i32).to_be_bytes()).await?;
+        wr.write_all(&response).await?;
         // Flush only when no further request is already buffered: pipelined requests are
         // answered with one write.
         if rd.buffer().is_empty() {
@@ -227,7 +223,18 @@ pub fn encode_response(
     correlation_id: i32,
     response: &ResponseKind,
 ) -> Result<Bytes, ConnectionError> {
-    let mut buf = BytesMut::new();
+    // A Fetch response is mostly its record batches: size the buffer for them up front instead
+    // of growing (and copying) it several times on the way to a megabyte.
+    let records: usize = match response {
+        ResponseKind::Fetch(f) => f
+            .responses
+            .iter()
+            .flat_map(|t| &t.partitions)
+            .map(|p| p.records.as_ref().map_or(0, |r| r.len()))
+            .sum(),
+        _ => 0,
+    };
+    let mut buf = BytesMut::with_capacity(records + 512);
     let encode_err = |e: anyhow_like::Error| ConnectionError::Encode {
         api,
         version,
