@@ -75,11 +75,6 @@ impl Tally {
         let _ = self.acks.lock().record(us);
     }
 
-    /// Merges a batch of acknowledgement latencies (for producers that keep their own).
-    pub fn merge_acks(&self, h: &Histogram<u64>) {
-        let _ = self.acks.lock().add(h);
-    }
-
     pub fn sent_count(&self) -> u64 {
         self.sent.load(Ordering::Acquire)
     }

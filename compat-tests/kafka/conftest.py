@@ -78,8 +78,10 @@ class ServerProcess:
         # Standalone also gets the flag; the environment spelling reaches `core` in split mode.
         env.setdefault("TRIBUTARY_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
         env.setdefault("TRIBUTARY_LOG", "info")
+        # A fresh queue and event per start: the previous process's stdout pump may still be
+        # draining (and then reporting EOF) after a restart, and must not reach this start.
         self._lines = queue.Queue()
-        self._ready.clear()
+        self._ready = threading.Event()
         self.listeners = {}
         with open(self.log_path, "ab") as log:
             log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
@@ -93,7 +95,9 @@ class ServerProcess:
                 preexec_fn=_die_with_parent,
             )
         _live_processes.append(self)
-        threading.Thread(target=self._pump, args=(self.proc,), daemon=True).start()
+        threading.Thread(
+            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
+        ).start()
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -121,16 +125,16 @@ class ServerProcess:
                 self._ready.set()
                 return self.listeners
 
-    def _pump(self, proc: subprocess.Popen):
+    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
         # Keeps reading stdout so the server never blocks on a full pipe.
         assert proc.stdout is not None
         with open(self.log_path, "ab") as log:
             for raw in proc.stdout:
                 log.write(b"[stdout] " + raw)
                 log.flush()
-                if not self._ready.is_set():
-                    self._lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        self._lines.put(None)
+                if not ready.is_set():
+                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        lines.put(None)
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
