@@ -42,17 +42,24 @@ fn main() -> ExitCode {
         Command::Passwd => return passwd(),
         Command::Bench { what } => return bench(*what),
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(run(settings, mode))
+}
+
+/// The multi-threaded tokio runtime; on failure, says why on stderr.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
-        Ok(rt) => rt,
+        Ok(rt) => Some(rt),
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            None
         }
-    };
-    runtime.block_on(run(settings, mode))
+    }
 }
 
 async fn run(settings: Settings, mode: Mode) -> ExitCode {
@@ -160,15 +167,8 @@ fn bench(what: BenchCommand) -> ExitCode {
         durable: !args.transient,
         broker_pid: args.broker_pid,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result = runtime.block_on(async {
         match protocol {
