@@ -152,25 +152,23 @@ for round in $(seq "$rounds"); do
     for w in "${workloads[@]}"; do
         IFS='|' read -r label protocol flags <<< "$w"
         case "$protocol" in
-            mqtt)
-                if has_gateway mqtt; then
+            mqtt|amqp)
+                if has_gateway "$protocol"; then
                     tributary_start
-                    run_one "$label" mqtt tributary "127.0.0.1:$t_mqtt" "$t_pid" $flags
+                    port_var="t_$protocol"
+                    run_one "$label" "$protocol" tributary "127.0.0.1:${!port_var}" "$t_pid" $flags
                 elif (( round == 1 )); then
-                    echo "$label on tributary: no MQTT gateway in this build" | tee -a "$failures" >&2
+                    echo "$label on tributary: no ${protocol^^} gateway in this build" \
+                        | tee -a "$failures" >&2
                 fi
-                # A fresh Mosquitto for every run: it keeps the memory it once used, so a
-                # reused broker reports nothing for the next run's connections.
-                mosquitto_start
-                run_one "$label" mqtt mosquitto "127.0.0.1:$m_port" "$m_pid" $flags ;;
-            amqp)
-                if has_gateway amqp; then
-                    tributary_start
-                    run_one "$label" amqp tributary "127.0.0.1:$t_amqp" "$t_pid" $flags
-                elif (( round == 1 )); then
-                    echo "$label on tributary: no AMQP gateway in this build" | tee -a "$failures" >&2
-                fi
-                run_one "$label" amqp rabbitmq "127.0.0.1:$r_port" "${r_pid:-0}" $flags ;;
+                if [[ "$protocol" == mqtt ]]; then
+                    # A fresh Mosquitto for every run: it keeps the memory it once used, so a
+                    # reused broker reports nothing for the next run's connections.
+                    mosquitto_start
+                    run_one "$label" mqtt mosquitto "127.0.0.1:$m_port" "$m_pid" $flags
+                else
+                    run_one "$label" amqp rabbitmq "127.0.0.1:$r_port" "${r_pid:-0}" $flags
+                fi ;;
             kafka)
                 tributary_start
                 run_one "$label" kafka tributary "127.0.0.1:$t_kafka" "$t_pid" $flags

@@ -511,17 +511,23 @@ mod tests {
         assert!(split_target("host:99999").is_err());
     }
 
-    #[test]
-    fn qos0_counts_a_publish_once_written() {
+    /// A publisher's event state with `copies` deliveries due per message.
+    fn publisher(qos: QoS, copies: u64) -> (Arc<Tally>, Arc<Acks>, Publisher) {
         let tally = Arc::new(Tally::new(1));
         let acks = Arc::new(Acks::default());
-        let mut state = Publisher {
+        let state = Publisher {
             acks: acks.clone(),
             tally: tally.clone(),
-            copies: 3,
-            qos: QoS::AtMostOnce,
+            copies,
+            qos,
             sent_at: vec![VecDeque::new(); INFLIGHT as usize + 1],
         };
+        (tally, acks, state)
+    }
+
+    #[test]
+    fn qos0_counts_a_publish_once_written() {
+        let (tally, acks, mut state) = publisher(QoS::AtMostOnce, 3);
         acks.queued.lock().push_back(Instant::now());
         state
             .on_event(Event::Outgoing(Outgoing::Publish(0)))
@@ -532,15 +538,7 @@ mod tests {
 
     #[test]
     fn qos1_counts_a_publish_when_acknowledged() {
-        let tally = Arc::new(Tally::new(1));
-        let acks = Arc::new(Acks::default());
-        let mut state = Publisher {
-            acks: acks.clone(),
-            tally: tally.clone(),
-            copies: 1,
-            qos: QoS::AtLeastOnce,
-            sent_at: vec![VecDeque::new(); INFLIGHT as usize + 1],
-        };
+        let (tally, acks, mut state) = publisher(QoS::AtLeastOnce, 1);
         acks.queued.lock().extend([Instant::now(), Instant::now()]);
         state
             .on_event(Event::Outgoing(Outgoing::Publish(1)))
@@ -567,15 +565,7 @@ mod tests {
 
     #[test]
     fn qos2_settles_a_reused_packet_id_once_per_use() {
-        let tally = Arc::new(Tally::new(1));
-        let acks = Arc::new(Acks::default());
-        let mut state = Publisher {
-            acks: acks.clone(),
-            tally: tally.clone(),
-            copies: 1,
-            qos: QoS::ExactlyOnce,
-            sent_at: vec![VecDeque::new(); INFLIGHT as usize + 1],
-        };
+        let (tally, acks, mut state) = publisher(QoS::ExactlyOnce, 1);
         acks.queued.lock().extend([Instant::now(), Instant::now()]);
         // Id 5 is reused after its PUBREC, before its PUBCOMP.
         state

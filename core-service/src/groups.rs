@@ -61,6 +61,18 @@ struct Member {
 }
 
 impl Member {
+    /// The member as the API shows it, with its metadata for `protocol`.
+    fn to_api(&self, protocol: &str, assignment: Bytes) -> v1::GroupMember {
+        v1::GroupMember {
+            member_id: self.id.clone(),
+            group_instance_id: self.instance_id.clone(),
+            client_id: self.client_id.clone(),
+            client_host: self.client_host.clone(),
+            metadata: self.metadata_for(protocol),
+            assignment,
+        }
+    }
+
     fn metadata_for(&self, protocol: &str) -> Bytes {
         self.protocols
             .iter()
@@ -104,14 +116,7 @@ impl Group {
     fn member_list(&self, protocol: &str) -> Vec<v1::GroupMember> {
         self.members
             .iter()
-            .map(|m| v1::GroupMember {
-                member_id: m.id.clone(),
-                group_instance_id: m.instance_id.clone(),
-                client_id: m.client_id.clone(),
-                client_host: m.client_host.clone(),
-                metadata: m.metadata_for(protocol),
-                assignment: Bytes::new(),
-            })
+            .map(|m| m.to_api(protocol, Bytes::new()))
             .collect()
     }
 
@@ -578,14 +583,7 @@ impl GroupTable {
             members: g
                 .members
                 .iter()
-                .map(|m| v1::GroupMember {
-                    member_id: m.id.clone(),
-                    group_instance_id: m.instance_id.clone(),
-                    client_id: m.client_id.clone(),
-                    client_host: m.client_host.clone(),
-                    metadata: m.metadata_for(&protocol),
-                    assignment: m.assignment.clone(),
-                })
+                .map(|m| m.to_api(&protocol, m.assignment.clone()))
                 .collect(),
         })
     }
