@@ -233,6 +233,13 @@ pub struct Options {
     /// Create unknown topics when a Kafka client asks for their metadata (true/false).
     #[arg(long, env = "TRIBUTARY_KAFKA_AUTO_CREATE_TOPICS", global = true)]
     pub kafka_auto_create_topics: Option<bool>,
+    /// Accept MQTT clients that give no user name (true/false).
+    #[arg(long, env = "TRIBUTARY_MQTT_ALLOW_ANONYMOUS", global = true)]
+    pub mqtt_allow_anonymous: Option<bool>,
+    /// QoS 1/2 messages one MQTT session may hold (queued plus in flight); newer ones are
+    /// dropped beyond it.
+    #[arg(long, env = "TRIBUTARY_MQTT_MAX_QUEUED", global = true)]
+    pub mqtt_max_queued: Option<usize>,
     /// How long the first rebalance of an empty consumer group waits for more members, in ms.
     #[arg(
         long,
@@ -252,6 +259,20 @@ pub struct UserEntry {
     pub name: String,
     /// As printed by `tributary passwd`.
     pub credentials: Vec<String>,
+}
+
+/// A `[[mqtt_acl]]` entry: allow or deny publish/subscribe on a filter, for a user, a
+/// client id or everyone; `%u` and `%c` in the filter stand for the user and client id.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AclEntry {
+    pub user: Option<String>,
+    pub client: Option<String>,
+    /// publish, subscribe or all.
+    pub action: String,
+    pub filter: String,
+    /// allow or deny.
+    pub permission: String,
 }
 
 /// The config file: the same keys as the flags, snake_case.
@@ -282,7 +303,12 @@ pub struct FileConfig {
     pub kafka_sasl: Option<bool>,
     pub kafka_auto_create_topics: Option<bool>,
     pub group_initial_rebalance_delay_ms: Option<u64>,
+    pub mqtt_allow_anonymous: Option<bool>,
+    pub mqtt_max_queued: Option<usize>,
     pub log: Option<String>,
+    /// MQTT topic access rules, first match wins (file only).
+    #[serde(default)]
+    pub mqtt_acl: Vec<AclEntry>,
     /// Users for SASL and password logins (file only: a list does not fit a flag).
     #[serde(default)]
     pub users: Vec<UserEntry>,
@@ -355,6 +381,9 @@ pub struct Settings {
     pub kafka_sasl: bool,
     pub kafka_auto_create_topics: bool,
     pub group_initial_rebalance_delay: Duration,
+    pub mqtt_allow_anonymous: bool,
+    pub mqtt_max_queued: usize,
+    pub mqtt_acl: tributary_gateway_mqtt::Acl,
     pub log: String,
     pub users: tributary_gateway_common::auth::Users,
 }
@@ -543,7 +572,63 @@ impl Settings {
                 "SASL needs at least one [[users]] entry in the config file (see `tributary passwd`)",
             ));
         }
+        let mut mqtt_acl = tributary_gateway_mqtt::Acl::default();
+        for (i, a) in f.mqtt_acl.iter().enumerate() {
+            let what = format!("entry {}", i + 1);
+            let action = match a.action.as_str() {
+                "publish" => tributary_gateway_mqtt::Action::Publish,
+                "subscribe" => tributary_gateway_mqtt::Action::Subscribe,
+                "all" => tributary_gateway_mqtt::Action::Both,
+                other => {
+                    return Err(invalid(
+                        "mqtt_acl",
+                        format!("{what}: action {other}"),
+                        "expected publish, subscribe or all",
+                    ));
+                }
+            };
+            let allow = match a.permission.as_str() {
+                "allow" => true,
+                "deny" => false,
+                other => {
+                    return Err(invalid(
+                        "mqtt_acl",
+                        format!("{what}: permission {other}"),
+                        "expected allow or deny",
+                    ));
+                }
+            };
+            if !tributary_gateway_mqtt::topic::valid_filter(&a.filter) {
+                return Err(invalid(
+                    "mqtt_acl",
+                    format!("{what}: filter {}", a.filter),
+                    "expected a topic filter such as sensors/%u/#",
+                ));
+            }
+            mqtt_acl.rules.push(tributary_gateway_mqtt::AclRule {
+                user: a.user.clone(),
+                client: a.client.clone(),
+                action,
+                filter: a.filter.clone(),
+                allow,
+            });
+        }
+        let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
+        if !mqtt_allow_anonymous && users.is_empty() {
+            return Err(invalid(
+                "mqtt_allow_anonymous",
+                "false",
+                "without anonymous access MQTT clients need [[users]] entries in the config file (see `tributary passwd`)",
+            ));
+        }
+        let mqtt_max_queued: usize = pick!(mqtt_max_queued, 100_000usize);
+        if mqtt_max_queued == 0 {
+            return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
+        }
         Ok(Self {
+            mqtt_allow_anonymous,
+            mqtt_max_queued,
+            mqtt_acl,
             kafka_advertised,
             kafka_sasl,
             kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
@@ -709,6 +794,8 @@ mod tests {
             "kafka_sasl",
             "kafka_auto_create_topics",
             "group_initial_rebalance_delay_ms",
+            "mqtt_allow_anonymous",
+            "mqtt_max_queued",
             "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");

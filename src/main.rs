@@ -87,6 +87,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.kafka {
         println!("listening kafka {a}");
     }
+    if let Some(a) = server.bound.mqtt {
+        println!("listening mqtt {a}");
+    }
     println!("ready");
     signals.wait().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;

@@ -12,6 +12,7 @@ use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
 use tributary_gateway_kafka::KafkaConfig;
+use tributary_gateway_mqtt::MqttConfig;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::redb_meta::RedbMetaStore;
@@ -21,7 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka"];
+pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -53,6 +54,7 @@ pub struct Bound {
     pub core: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub kafka: Option<SocketAddr>,
+    pub mqtt: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -153,6 +155,12 @@ impl Server {
             }
             _ => None,
         };
+        let mqtt_listener = match mode {
+            Mode::Standalone => {
+                bind_listen(settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen").await?
+            }
+            _ => None,
+        };
         let (log, meta) = open_storage(settings)?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
@@ -164,6 +172,7 @@ impl Server {
             },
             retention_check_interval: settings.retention_check_interval,
             group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
+            session_max_queued: settings.mqtt_max_queued,
             ..CoreConfig::default()
         };
         let core = Core::open(log, meta, config).await?;
@@ -214,6 +223,10 @@ impl Server {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
             bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
         }
+        if let Some(listener) = mqtt_listener {
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            bound.mqtt = Some(spawn_mqtt(settings, listener, client, &stop, &mut tasks)?);
+        }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
@@ -227,26 +240,28 @@ impl Server {
 
     /// `tributary gateway <protocol>`: the gateway alone, its core reached over gRPC.
     async fn start_gateway(settings: &Settings, protocol: &str) -> Result<Self, StartError> {
-        if protocol != "kafka" {
-            return Err(gateway_unavailable(protocol));
-        }
-        let listener = bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen")
-            .await?
-            .ok_or_else(|| {
-                StartError::Unavailable(
-                    "the Kafka listener is off: give --kafka-listen HOST:PORT".into(),
-                )
-            })?;
+        let (listen, what, flag) = match protocol {
+            "kafka" => (settings.kafka_listen, "the Kafka gateway", "--kafka-listen"),
+            "mqtt" => (settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen"),
+            _ => return Err(gateway_unavailable(protocol)),
+        };
+        let listener = bind_listen(listen, what, flag).await?.ok_or_else(|| {
+            StartError::Unavailable(format!(
+                "the {protocol} listener is off: give {flag} HOST:PORT"
+            ))
+        })?;
         let client = CoreClient::connect_lazy(&settings.core)?;
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
-        let kafka = spawn_kafka(settings, listener, client, &stop, &mut tasks)?;
-        info!(core = %settings.core, "kafka gateway started");
+        let mut bound = Bound::default();
+        if protocol == "kafka" {
+            bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
+        } else {
+            bound.mqtt = Some(spawn_mqtt(settings, listener, client, &stop, &mut tasks)?);
+        }
+        info!(core = %settings.core, "{protocol} gateway started");
         Ok(Self {
-            bound: Bound {
-                kafka: Some(kafka),
-                ..Bound::default()
-            },
+            bound,
             core: None,
             stop,
             tasks,
@@ -314,6 +329,38 @@ fn spawn_kafka(
         config.sasl = Some(Arc::new(settings.users.clone()));
     }
     tasks.push(tokio::spawn(tributary_gateway_kafka::serve(
+        listener,
+        client,
+        config,
+        stop.subscribe(),
+    )));
+    Ok(addr)
+}
+
+/// Starts the MQTT gateway on a bound listener; returns the address it serves.
+fn spawn_mqtt(
+    settings: &Settings,
+    listener: TcpListener,
+    client: CoreClient,
+    stop: &watch::Sender<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<SocketAddr, StartError> {
+    let addr = listener.local_addr().map_err(|source| {
+        StartError::Listen(ListenError::Other {
+            addr: "mqtt".into(),
+            what: "the MQTT gateway".into(),
+            flag: "--mqtt-listen".into(),
+            source,
+        })
+    })?;
+    let config = MqttConfig {
+        allow_anonymous: settings.mqtt_allow_anonymous,
+        users: Arc::new(settings.users.clone()),
+        acl: Arc::new(settings.mqtt_acl.clone()),
+        instance: format!("mqtt@{addr}"),
+        ..MqttConfig::default()
+    };
+    tasks.push(tokio::spawn(tributary_gateway_mqtt::serve(
         listener,
         client,
         config,

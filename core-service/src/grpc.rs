@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use tonic::service::Routes;
 use tonic::{Request, Response, Status, Streaming};
 use tributary_proto::v1::*;
@@ -345,19 +345,17 @@ impl queues_server::Queues for CoreGrpc {
     }
 }
 
+type AttachStream = Pin<Box<dyn Stream<Item = Result<SessionEvent, Status>> + Send>>;
+
 #[tonic::async_trait]
 impl sessions_server::Sessions for CoreGrpc {
-    async fn open_session(
-        &self,
-        _: Request<OpenSessionRequest>,
-    ) -> GrpcResult<OpenSessionResponse> {
-        unsupported("sessions")
-    }
-    async fn close_session(
-        &self,
-        _: Request<CloseSessionRequest>,
-    ) -> GrpcResult<CloseSessionResponse> {
-        unsupported("sessions")
+    type AttachStream = AttachStream;
+
+    async fn attach(&self, req: Request<Streaming<SessionCommand>>) -> GrpcResult<AttachStream> {
+        let events = self.core.attach_session(req.into_inner());
+        ok(Box::pin(
+            tokio_stream::wrappers::UnboundedReceiverStream::new(events).map(Ok),
+        ))
     }
 }
 

@@ -4,16 +4,19 @@
 //!
 //! Implemented here: namespaces, streams (partitions, configs, retention), dense offsets,
 //! batch append and long-polling fetch, committed group offsets, idempotent producers and
-//! the durable timer service, group membership (Kafka's classic protocol). Queues, routing,
-//! sessions and transactions are in the API but answer UNIMPLEMENTED until their issues land.
+//! the durable timer service, group membership (Kafka's classic protocol), client sessions
+//! with topic routing and retained messages (MQTT). Queues and transactions are in the API
+//! but answer UNIMPLEMENTED until their issues land.
 
 pub mod error;
 mod groups;
 pub mod grpc;
 pub mod meta;
 pub mod producers;
+mod sessions;
 mod streams;
 mod timers;
+pub mod topics;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -51,6 +54,9 @@ pub struct CoreConfig {
     /// A rebalance of an empty group waits this long for more members before the first
     /// generation (Kafka's group.initial.rebalance.delay.ms).
     pub group_initial_rebalance_delay: Duration,
+    /// QoS 1/2 messages a session may hold (queued plus in flight); beyond it new ones
+    /// are dropped.
+    pub session_max_queued: usize,
 }
 
 impl Default for CoreConfig {
@@ -63,6 +69,7 @@ impl Default for CoreConfig {
             producer_expiration: Duration::from_secs(7 * 24 * 3600),
             producer_snapshot_every: 50_000,
             group_initial_rebalance_delay: Duration::from_secs(3),
+            session_max_queued: sessions::DEFAULT_MAX_QUEUED,
         }
     }
 }
@@ -82,6 +89,7 @@ struct Inner {
     /// Serialises metadata changes (create/delete/alter) inside this process.
     admin: tokio::sync::Mutex<()>,
     groups: groups::GroupTable,
+    broker: sessions::Broker,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -111,6 +119,7 @@ impl Core {
                 log,
                 meta,
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
+                broker: sessions::Broker::new(config.session_max_queued),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -122,10 +131,15 @@ impl Core {
         };
         core.load_metadata().await?;
         core.recover_timers().await?;
+        core.recover_sessions().await?;
         let timers = tokio::spawn(core.clone().run_timers());
+        let sys = tokio::spawn(core.clone().run_sys_topics());
         let retention = tokio::spawn(core.clone().run_retention());
         let groups = tokio::spawn(core.clone().run_group_timeouts());
-        core.inner.tasks.lock().extend([timers, retention, groups]);
+        core.inner
+            .tasks
+            .lock()
+            .extend([timers, retention, groups, sys]);
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),

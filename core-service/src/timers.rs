@@ -35,7 +35,9 @@ fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
 fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
     match &timer.action {
         Some(v1::timer::Action::Append(a)) => Ok(a),
-        None => Err(CoreError::InvalidArgument("a timer needs an action".into())),
+        Some(v1::timer::Action::Route(_)) | None => {
+            Err(CoreError::InvalidArgument("a timer needs an action".into()))
+        }
     }
 }
 
@@ -58,19 +60,32 @@ impl Core {
                 "due_at_ms must be a positive time in ms since the Unix epoch".into(),
             ));
         }
-        let append = append_target(&timer)?;
-        let stream = append.stream.as_ref().ok_or_else(|| {
-            CoreError::InvalidArgument("the timer's append needs a stream".into())
-        })?;
-        validate_name("stream", &stream.name)?;
-        let batch = append
-            .batch
-            .as_ref()
-            .ok_or_else(|| CoreError::InvalidArgument("the timer's append needs a batch".into()))?;
-        if batch.records.is_empty() && (batch.opaque.is_empty() || batch.record_count == 0) {
-            return Err(CoreError::InvalidArgument(
-                "the timer's batch is empty".into(),
-            ));
+        match &timer.action {
+            Some(v1::timer::Action::Route(m)) => {
+                let topic = m
+                    .record
+                    .as_ref()
+                    .and_then(|r| r.properties.as_ref())
+                    .map_or("", |p| p.address.as_str());
+                crate::topics::validate_name(topic)
+                    .map_err(|e| CoreError::InvalidArgument(format!("the timer's topic: {e}")))?;
+            }
+            _ => {
+                let append = append_target(&timer)?;
+                let stream = append.stream.as_ref().ok_or_else(|| {
+                    CoreError::InvalidArgument("the timer's append needs a stream".into())
+                })?;
+                validate_name("stream", &stream.name)?;
+                let batch = append.batch.as_ref().ok_or_else(|| {
+                    CoreError::InvalidArgument("the timer's append needs a batch".into())
+                })?;
+                if batch.records.is_empty() && (batch.opaque.is_empty() || batch.record_count == 0)
+                {
+                    return Err(CoreError::InvalidArgument(
+                        "the timer's batch is empty".into(),
+                    ));
+                }
+            }
         }
         let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
         let by_id = meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]);
@@ -239,6 +254,11 @@ impl Core {
     async fn fire(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
         let timer =
             v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        if let Some(v1::timer::Action::Route(message)) = &timer.action {
+            return self
+                .fire_route(due_key, raw.clone(), &timer, message.clone())
+                .await;
+        }
         let append = append_target(&timer)?;
         let stream = append.stream.clone().unwrap_or_default();
         let from_offset = self
@@ -275,6 +295,39 @@ impl Core {
         }
         metrics::gauge!("tributary_timers_pending").decrement(1.0);
         self.finish_firing(firing_key, firing).await
+    }
+
+    /// A delayed publish: routed, then forgotten. At least once: a crash between the two
+    /// routes it again after the restart.
+    async fn fire_route(
+        &self,
+        due_key: Vec<u8>,
+        raw: Vec<u8>,
+        timer: &v1::Timer,
+        message: v1::RoutedMessage,
+    ) -> CoreResult<()> {
+        self.route(&timer.namespace, message, None, true).await;
+        let applied = self
+            .inner
+            .meta
+            .txn(
+                vec![Check {
+                    key: due_key.clone(),
+                    value: Some(raw),
+                }],
+                vec![
+                    Op::Delete { key: due_key },
+                    Op::Delete {
+                        key: meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]),
+                    },
+                ],
+            )
+            .await?;
+        if applied {
+            metrics::gauge!("tributary_timers_pending").decrement(1.0);
+            metrics::counter!("tributary_timers_fired_total").increment(1);
+        }
+        Ok(())
     }
 
     async fn finish_firing(&self, firing_key: Vec<u8>, firing: Firing) -> CoreResult<()> {

@@ -1,0 +1,1386 @@
+//! Client sessions and topic routing (MQTT), owned by the core so that a client finds its
+//! session through any gateway instance.
+//!
+//! A gateway attaches one command/event stream per client connection ([`Core::run_session`]).
+//! The core keeps, per session: subscriptions, QoS 1/2 messages queued or in flight with
+//! their packet ids, QoS 2 packet ids received and not yet released, and the will of the
+//! connected client. Routing walks the namespace's [`SubscriptionTree`] once per message;
+//! a message is one `Bytes` payload shared by every session it is queued for.
+//!
+//! Durability: sessions that outlive their connection (expiry != 0) have their record,
+//! their queued QoS 1/2 messages and their released QoS 2 ids in the metadata store, written
+//! before the PUBACK / SUBACK / PUBREL that depends on them. Sessions that end with their
+//! connection never touch the disk, so QoS 0 and clean-session traffic do not wait for it.
+//! Retained messages are stored too (except `$SYS/`).
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::{Stream, StreamExt};
+use parking_lot::Mutex;
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+use tributary_proto::v1::{
+    self, ErrorCode, ErrorDetail, session_command::Command, session_event::Event,
+};
+use tributary_storage::Op;
+
+use crate::error::{CoreError, CoreResult};
+use crate::meta::{self, from_json, to_json};
+use crate::topics::{self, Entry, SubscriptionTree};
+use crate::{Core, now_ms};
+
+pub(crate) type EventSender = mpsc::UnboundedSender<v1::SessionEvent>;
+
+/// Messages per session (queued plus in flight) beyond which new QoS 1/2 messages for it
+/// are dropped, counted in `tributary_session_dropped_total`.
+pub const DEFAULT_MAX_QUEUED: usize = 100_000;
+
+const SESSION_KEY: &str = "mqttsession";
+const PENDING_KEY: &str = "mqttpending";
+const RETAINED_KEY: &str = "mqttretained";
+/// How often `$SYS/` topics are refreshed.
+const SYS_INTERVAL: Duration = Duration::from_secs(10);
+
+type SessionId = (String, String);
+
+#[derive(Default)]
+struct Stats {
+    messages_in: AtomicU64,
+    messages_out: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+}
+
+pub(crate) struct Broker {
+    state: Mutex<State>,
+    started: Instant,
+    stats: Stats,
+    max_queued: usize,
+}
+
+#[derive(Default)]
+struct State {
+    sessions: HashMap<SessionId, Session>,
+    trees: HashMap<String, SubscriptionTree>,
+    retained: HashMap<String, BTreeMap<String, v1::RoutedMessage>>,
+    /// Round-robin position per (namespace, share group, filter).
+    share_cursor: HashMap<(String, Arc<str>, Arc<str>), usize>,
+    /// Source of fencing epochs; every open gets a new one.
+    epoch: i64,
+}
+
+struct Session {
+    epoch: i64,
+    conn: Option<Conn>,
+    subs: BTreeMap<String, v1::SessionSubscription>,
+    /// 0 = ends with the connection, -1 = never expires.
+    expiry_ms: i64,
+    inflight: BTreeMap<u16, Pending>,
+    queue: VecDeque<Pending>,
+    next_packet_id: u16,
+    incoming_qos2: HashSet<u16>,
+    next_seq: u64,
+}
+
+impl Session {
+    fn new(epoch: i64, expiry_ms: i64) -> Self {
+        Self {
+            epoch,
+            conn: None,
+            subs: BTreeMap::new(),
+            expiry_ms,
+            inflight: BTreeMap::new(),
+            queue: VecDeque::new(),
+            next_packet_id: 1,
+            incoming_qos2: HashSet::new(),
+            next_seq: 1,
+        }
+    }
+
+    fn persistent(&self) -> bool {
+        self.expiry_ms != 0
+    }
+
+    fn record(&self) -> SessionRecord {
+        SessionRecord {
+            expiry_ms: self.expiry_ms,
+            subs: self.subs.values().map(|s| s.encode_to_vec()).collect(),
+            incoming_qos2: self.incoming_qos2.iter().copied().collect(),
+            disconnected_at_ms: self.conn.is_none().then(now_ms),
+        }
+    }
+
+    fn allocate_packet_id(&mut self) -> u16 {
+        loop {
+            let id = self.next_packet_id;
+            self.next_packet_id = if id == u16::MAX { 1 } else { id + 1 };
+            if !self.inflight.contains_key(&id) {
+                return id;
+            }
+        }
+    }
+}
+
+struct Conn {
+    tx: EventSender,
+    receive_max: usize,
+    will: Option<v1::RoutedMessage>,
+    will_delay_ms: i64,
+}
+
+#[derive(Clone)]
+struct Pending {
+    seq: u64,
+    message: v1::RoutedMessage,
+    sub_ids: Vec<u32>,
+    released: bool,
+    /// Sent at least once: a resend carries DUP.
+    sent: bool,
+    persisted: bool,
+    /// The shared subscription it came through, for redelivery to another member.
+    share: Option<(Arc<str>, Arc<str>)>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct SessionRecord {
+    expiry_ms: i64,
+    /// Each a protobuf `SessionSubscription`.
+    subs: Vec<Vec<u8>>,
+    incoming_qos2: Vec<u16>,
+    disconnected_at_ms: Option<i64>,
+}
+
+fn session_key(id: &SessionId) -> Vec<u8> {
+    meta::key(SESSION_KEY, &[&id.0, &id.1])
+}
+
+fn pending_key(id: &SessionId, seq: u64) -> Vec<u8> {
+    meta::key(PENDING_KEY, &[&id.0, &id.1, &format!("{seq:020}")])
+}
+
+fn retained_key(ns: &str, topic: &str) -> Vec<u8> {
+    meta::key(RETAINED_KEY, &[ns, topic])
+}
+
+fn pending_value(p: &Pending, packet_id: u16) -> Vec<u8> {
+    v1::PendingDelivery {
+        message: Some(p.message.clone()),
+        subscription_ids: p.sub_ids.clone(),
+        released: p.released,
+        packet_id: packet_id.into(),
+    }
+    .encode_to_vec()
+}
+
+fn topic_of(m: &v1::RoutedMessage) -> &str {
+    m.record
+        .as_ref()
+        .and_then(|r| r.properties.as_ref())
+        .map_or("", |p| p.address.as_str())
+}
+
+fn payload_len(m: &v1::RoutedMessage) -> usize {
+    m.record.as_ref().map_or(0, |r| r.value.len())
+}
+
+fn expired(m: &v1::RoutedMessage, now: i64) -> bool {
+    m.record
+        .as_ref()
+        .and_then(|r| r.properties.as_ref())
+        .is_some_and(|p| p.expires_at_ms > 0 && p.expires_at_ms <= now)
+}
+
+fn with_delivery_flags(m: &v1::RoutedMessage, qos: u32, retain: bool) -> v1::RoutedMessage {
+    let mut m = m.clone();
+    m.qos = qos;
+    m.retain = retain;
+    m
+}
+
+fn event(request_id: u64, e: Event) -> v1::SessionEvent {
+    v1::SessionEvent {
+        request_id,
+        event: Some(e),
+    }
+}
+
+fn error_detail(e: &CoreError) -> ErrorDetail {
+    ErrorDetail {
+        code: e.code() as i32,
+        message: e.to_string(),
+    }
+}
+
+/// Where one routed message goes: per session, the copy to queue.
+struct Target {
+    session: SessionId,
+    pending: Pending,
+    persistent: bool,
+}
+
+impl Broker {
+    pub(crate) fn new(max_queued: usize) -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            started: Instant::now(),
+            stats: Stats::default(),
+            max_queued: max_queued.max(1),
+        }
+    }
+}
+
+impl State {
+    fn next_epoch(&mut self) -> i64 {
+        self.epoch += 1;
+        self.epoch
+    }
+
+    /// Works out every session a message goes to, with the QoS, retain flag and
+    /// subscription ids of its copy.
+    fn targets(
+        &mut self,
+        ns: &str,
+        msg: &v1::RoutedMessage,
+        publisher: Option<&str>,
+    ) -> Vec<Target> {
+        let topic = topic_of(msg);
+        let Some(tree) = self.trees.get(ns) else {
+            return Vec::new();
+        };
+        let mut direct: HashMap<Arc<str>, (u32, bool, Vec<u32>)> = HashMap::new();
+        let mut shared: BTreeMap<(Arc<str>, Arc<str>), Vec<Arc<str>>> = BTreeMap::new();
+        tree.for_each_match(topic, |e: &Entry| match &e.group {
+            Some(g) => shared
+                .entry((g.clone(), e.raw_filter.clone()))
+                .or_default()
+                .push(e.client.clone()),
+            None => {
+                let Some(session) = self.sessions.get(&(ns.to_string(), e.client.to_string()))
+                else {
+                    return;
+                };
+                let Some(sub) = session.subs.get(&*e.raw_filter) else {
+                    return;
+                };
+                if sub.no_local && publisher == Some(&*e.client) {
+                    return;
+                }
+                let slot = direct
+                    .entry(e.client.clone())
+                    .or_insert((0, false, Vec::new()));
+                slot.0 = slot.0.max(sub.qos.min(msg.qos));
+                slot.1 |= sub.retain_as_published && msg.retain;
+                if sub.subscription_id > 0 {
+                    slot.2.push(sub.subscription_id);
+                }
+            }
+        });
+        let mut out = Vec::with_capacity(direct.len() + shared.len());
+        for (client, (qos, retain, ids)) in direct {
+            let id = (ns.to_string(), client.to_string());
+            let persistent = self.sessions.get(&id).is_some_and(Session::persistent);
+            out.push(Target {
+                session: id,
+                pending: Pending {
+                    seq: 0,
+                    message: with_delivery_flags(msg, qos, retain),
+                    sub_ids: ids,
+                    released: false,
+                    sent: false,
+                    persisted: false,
+                    share: None,
+                },
+                persistent,
+            });
+        }
+        for ((group, raw), mut members) in shared {
+            members.sort();
+            members.dedup();
+            if let Some(t) = self.pick_member(ns, &group, &raw, &members, msg, None) {
+                out.push(t);
+            }
+        }
+        out
+    }
+
+    /// One member of a share group for a message: round-robin over the connected members
+    /// with room in their window, else over the connected ones, else over all of them.
+    fn pick_member(
+        &mut self,
+        ns: &str,
+        group: &Arc<str>,
+        raw: &Arc<str>,
+        members: &[Arc<str>],
+        msg: &v1::RoutedMessage,
+        exclude: Option<&str>,
+    ) -> Option<Target> {
+        let candidates: Vec<&Arc<str>> =
+            members.iter().filter(|m| Some(&***m) != exclude).collect();
+        if candidates.is_empty() {
+            return None;
+        }
+        let cursor = self
+            .share_cursor
+            .entry((ns.to_string(), group.clone(), raw.clone()))
+            .or_insert(0);
+        let start = *cursor;
+        let sessions = &self.sessions;
+        let session_of = |m: &Arc<str>| sessions.get(&(ns.to_string(), m.to_string()));
+        let ready = |m: &Arc<str>| {
+            session_of(m).is_some_and(|s| {
+                s.conn
+                    .as_ref()
+                    .is_some_and(|c| s.inflight.len() + s.queue.len() < c.receive_max)
+            })
+        };
+        let online = |m: &Arc<str>| session_of(m).is_some_and(|s| s.conn.is_some());
+        let n = candidates.len();
+        let pick = (0..n)
+            .map(|i| (start + i) % n)
+            .find(|i| ready(candidates[*i]))
+            .or_else(|| {
+                (0..n)
+                    .map(|i| (start + i) % n)
+                    .find(|i| online(candidates[*i]))
+            })
+            .unwrap_or(start % n);
+        *cursor = pick + 1;
+        let client = candidates[pick];
+        let id = (ns.to_string(), client.to_string());
+        let session = self.sessions.get(&id)?;
+        let sub = session.subs.get(&**raw)?;
+        Some(Target {
+            persistent: session.persistent(),
+            session: id,
+            pending: Pending {
+                seq: 0,
+                message: with_delivery_flags(msg, sub.qos.min(msg.qos), false),
+                sub_ids: (sub.subscription_id > 0)
+                    .then_some(sub.subscription_id)
+                    .into_iter()
+                    .collect(),
+                released: false,
+                sent: false,
+                persisted: false,
+                share: Some((group.clone(), raw.clone())),
+            },
+        })
+    }
+
+    /// Members of a share group other than `leaving`.
+    fn share_members(&self, ns: &str, group: &str, raw: &str) -> Vec<Arc<str>> {
+        let mut out: Vec<Arc<str>> = self
+            .sessions
+            .iter()
+            .filter(|((n, _), s)| n == ns && s.subs.contains_key(raw))
+            .map(|((_, c), _)| Arc::from(c.as_str()))
+            .collect();
+        out.sort();
+        let _ = group;
+        out
+    }
+}
+
+impl Broker {
+    /// Queues a copy for its session and sends what the window allows. Returns the key of a
+    /// persisted copy that was dropped, to delete.
+    fn enqueue(&self, st: &mut State, target: Target) -> Option<Vec<u8>> {
+        let Target {
+            session: id,
+            mut pending,
+            ..
+        } = target;
+        let session = st.sessions.get_mut(&id)?;
+        if pending.message.qos == 0 {
+            if let Some(conn) = &session.conn {
+                self.send_delivery(conn, 0, &pending, false);
+            }
+            return None;
+        }
+        if session.queue.len() + session.inflight.len() >= self.max_queued {
+            metrics::counter!("tributary_session_dropped_total").increment(1);
+            debug!(client = %id.1, "session queue full; message dropped");
+            return pending.persisted.then(|| pending_key(&id, pending.seq));
+        }
+        if pending.seq == 0 {
+            pending.seq = session.next_seq;
+            session.next_seq += 1;
+        }
+        session.queue.push_back(pending);
+        self.pump(&id, session)
+    }
+
+    /// Moves queued messages into flight while the client's window has room. Returns the
+    /// key of an expired persisted message to delete (at most one per call is enough:
+    /// expired ones are rare and the rest are dropped when reached again).
+    fn pump(&self, id: &SessionId, session: &mut Session) -> Option<Vec<u8>> {
+        let mut dead = None;
+        let Some(window) = session.conn.as_ref().map(|c| c.receive_max) else {
+            return None;
+        };
+        let now = now_ms();
+        while session.inflight.len() < window {
+            let Some(mut p) = session.queue.pop_front() else {
+                break;
+            };
+            if expired(&p.message, now) {
+                if p.persisted {
+                    dead = Some(pending_key(id, p.seq));
+                }
+                continue;
+            }
+            let packet_id = session.allocate_packet_id();
+            if let Some(conn) = &session.conn {
+                self.send_delivery(conn, packet_id, &p, p.sent);
+            }
+            p.sent = true;
+            session.inflight.insert(packet_id, p);
+        }
+        dead
+    }
+
+    fn send_delivery(&self, conn: &Conn, packet_id: u16, p: &Pending, dup: bool) {
+        self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .bytes_out
+            .fetch_add(payload_len(&p.message) as u64, Ordering::Relaxed);
+        let _ = conn.tx.send(event(
+            0,
+            Event::Delivery(v1::SessionDelivery {
+                packet_id: packet_id.into(),
+                message: Some(p.message.clone()),
+                dup,
+                subscription_ids: p.sub_ids.clone(),
+                release_only: false,
+            }),
+        ));
+    }
+}
+
+fn release_event(packet_id: u16) -> v1::SessionEvent {
+    event(
+        0,
+        Event::Delivery(v1::SessionDelivery {
+            packet_id: packet_id.into(),
+            release_only: true,
+            ..Default::default()
+        }),
+    )
+}
+
+/// What a connection's command loop needs to know about its session.
+struct Attached {
+    id: SessionId,
+    epoch: i64,
+}
+
+impl Core {
+    fn broker(&self) -> &Broker {
+        &self.inner.broker
+    }
+
+    /// Serves one attached connection: reads commands until the gateway closes the stream.
+    pub fn attach_session(
+        &self,
+        mut commands: impl Stream<Item = Result<v1::SessionCommand, tonic::Status>>
+        + Send
+        + Unpin
+        + 'static,
+    ) -> mpsc::UnboundedReceiver<v1::SessionEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let core = self.clone();
+        tokio::spawn(async move {
+            let mut attached: Option<Attached> = None;
+            let mut closed = false;
+            while let Some(Ok(cmd)) = commands.next().await {
+                let rid = cmd.request_id;
+                let Some(command) = cmd.command else { continue };
+                let result = match (command, &attached) {
+                    (Command::Open(open), None) => match core.session_open(open, &tx, rid).await {
+                        Ok(a) => {
+                            attached = Some(a);
+                            Ok(())
+                        }
+                        Err(e) => Err(e),
+                    },
+                    (Command::Open(_), Some(_)) => Err(CoreError::InvalidArgument(
+                        "the session is already open on this stream".into(),
+                    )),
+                    (_, None) => Err(CoreError::InvalidArgument("open the session first".into())),
+                    (Command::Close(c), Some(a)) => {
+                        closed = true;
+                        let expiry = c.set_expiry.then_some(c.expiry_interval_ms);
+                        core.session_detach(a, c.publish_will, expiry).await;
+                        let _ = tx.send(event(rid, Event::Closed(true)));
+                        Ok(())
+                    }
+                    (_, Some(_)) if closed => {
+                        Err(CoreError::InvalidArgument("the session is closed".into()))
+                    }
+                    (Command::Subscribe(s), Some(a)) => {
+                        core.session_subscribe(a, s, &tx, rid).await
+                    }
+                    (Command::Unsubscribe(u), Some(a)) => {
+                        core.session_unsubscribe(a, u, &tx, rid).await
+                    }
+                    (Command::Publish(p), Some(a)) => core.session_publish(a, p, &tx, rid).await,
+                    (Command::Release(r), Some(a)) => core.session_release(a, r.packet_id).await,
+                    (Command::Ack(k), Some(a)) => core.session_ack(a, k, &tx).await,
+                };
+                if let Err(e) = result {
+                    let _ = tx.send(event(rid, Event::Error(error_detail(&e))));
+                }
+            }
+            if let (Some(a), false) = (&attached, closed) {
+                core.session_detach(a, true, None).await;
+            }
+        });
+        rx
+    }
+
+    async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
+        if ops.is_empty() {
+            return Ok(());
+        }
+        self.inner.meta.txn(Vec::new(), ops).await?;
+        Ok(())
+    }
+
+    async fn session_open(
+        &self,
+        open: v1::SessionOpen,
+        tx: &EventSender,
+        rid: u64,
+    ) -> CoreResult<Attached> {
+        self.check_running()?;
+        if open.client_id.is_empty() {
+            return Err(CoreError::InvalidArgument("client id is required".into()));
+        }
+        let ns = if open.namespace.is_empty() {
+            crate::DEFAULT_NAMESPACE.to_string()
+        } else {
+            open.namespace.clone()
+        };
+        let id: SessionId = (ns.clone(), open.client_id.clone());
+        let broker = self.broker();
+        let mut ops = Vec::new();
+        let mut wills = Vec::new();
+        let (epoch, present, record) = {
+            let mut st = broker.state.lock();
+            let epoch = st.next_epoch();
+            if let Some(old) = st.sessions.get_mut(&id)
+                && let Some(conn) = old.conn.take()
+            {
+                let _ = conn.tx.send(event(
+                    0,
+                    Event::TakenOver(ErrorDetail {
+                        code: ErrorCode::Conflict as i32,
+                        message: "session taken over by another connection".into(),
+                    }),
+                ));
+                // A new connection cancels a delayed will; an immediate one still goes.
+                if let Some(w) = conn.will
+                    && conn.will_delay_ms <= 0
+                {
+                    wills.push(w);
+                }
+            }
+            let present = if open.clean_start {
+                if let Some(old) = st.sessions.remove(&id) {
+                    discard_subscriptions(&mut st, &id, &old);
+                    if old.persistent() {
+                        ops.extend(delete_session_ops(&id, &old));
+                    }
+                }
+                false
+            } else {
+                st.sessions.contains_key(&id)
+            };
+            let session = st
+                .sessions
+                .entry(id.clone())
+                .or_insert_with(|| Session::new(epoch, open.expiry_interval_ms));
+            session.epoch = epoch;
+            session.expiry_ms = open.expiry_interval_ms;
+            session.conn = Some(Conn {
+                tx: tx.clone(),
+                receive_max: (open.receive_maximum.clamp(1, 65_535)) as usize,
+                will: open.will.clone(),
+                will_delay_ms: open.will_delay_ms,
+            });
+            let record = session.persistent().then(|| session.record());
+            (epoch, present, record)
+        };
+        if let Some(r) = record {
+            ops.push(Op::Put {
+                key: session_key(&id),
+                value: to_json(&r),
+            });
+        }
+        self.persist(ops).await?;
+        for w in wills {
+            self.route(&ns, w, None, true).await;
+        }
+        // Opened first, then whatever was in flight (with DUP) and what the window allows.
+        let mut dead = None;
+        {
+            let mut st = broker.state.lock();
+            if let Some(session) = st.sessions.get_mut(&id)
+                && session.epoch == epoch
+            {
+                let _ = tx.send(event(
+                    rid,
+                    Event::Opened(v1::SessionOpened {
+                        session_present: present,
+                        fencing_epoch: epoch,
+                    }),
+                ));
+                if let Some(conn) = &session.conn {
+                    for (packet_id, p) in &session.inflight {
+                        if p.released {
+                            let _ = conn.tx.send(release_event(*packet_id));
+                        } else {
+                            broker.send_delivery(conn, *packet_id, p, p.sent);
+                        }
+                    }
+                }
+                for p in session.inflight.values_mut() {
+                    p.sent = true;
+                }
+                dead = broker.pump(&id, session);
+            }
+        }
+        if let Some(k) = dead {
+            let _ = self.persist(vec![Op::Delete { key: k }]).await;
+        }
+        debug!(client = %id.1, epoch, present, "session opened");
+        Ok(Attached { id, epoch })
+    }
+
+    /// The connection is gone. Publishes the will if it ended abnormally, and ends the
+    /// session now or arms its expiry.
+    async fn session_detach(&self, a: &Attached, abnormal: bool, expiry: Option<i64>) {
+        let broker = self.broker();
+        let mut will = None;
+        let mut ops = Vec::new();
+        let mut redeliver = Vec::new();
+        let expiry_ms;
+        {
+            let mut st = broker.state.lock();
+            let Some(session) = st.sessions.get_mut(&a.id) else {
+                return;
+            };
+            if session.epoch != a.epoch {
+                return; // taken over
+            }
+            let Some(conn) = session.conn.take() else {
+                return;
+            };
+            if let Some(e) = expiry {
+                session.expiry_ms = e;
+            }
+            expiry_ms = session.expiry_ms;
+            if abnormal {
+                will = conn.will.map(|w| (w, conn.will_delay_ms));
+            }
+            if session.persistent() {
+                ops.push(Op::Put {
+                    key: session_key(&a.id),
+                    value: to_json(&session.record()),
+                });
+            } else if let Some(old) = st.sessions.remove(&a.id) {
+                discard_subscriptions(&mut st, &a.id, &old);
+                // QoS 1/2 messages of a shared subscription go to another member.
+                for p in old.inflight.into_values().chain(old.queue) {
+                    if let Some((group, raw)) = &p.share
+                        && p.message.qos > 0
+                    {
+                        redeliver.push((group.clone(), raw.clone(), p));
+                    }
+                }
+            }
+        }
+        for (group, raw, p) in redeliver {
+            let mut st = broker.state.lock();
+            let members = st.share_members(&a.id.0, &group, &raw);
+            // Not written for a persistent member: it was not durable for the leaver either.
+            if let Some(t) =
+                st.pick_member(&a.id.0, &group, &raw, &members, &p.message, Some(&a.id.1))
+            {
+                broker.enqueue(&mut st, t);
+            }
+        }
+        if let Err(e) = self.persist(ops).await {
+            warn!(client = %a.id.1, error = %e, "could not record the session's disconnect");
+        }
+        if let Some((will, delay)) = will {
+            let delay = if expiry_ms > 0 {
+                delay.min(expiry_ms)
+            } else if expiry_ms == 0 {
+                0
+            } else {
+                delay
+            };
+            if delay <= 0 {
+                self.route(&a.id.0, will, None, true).await;
+            } else {
+                let core = self.clone();
+                let (id, epoch) = (a.id.clone(), a.epoch);
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+                    let reconnected = {
+                        let st = core.broker().state.lock();
+                        st.sessions.get(&id).is_some_and(|s| s.epoch != epoch)
+                    };
+                    if !reconnected {
+                        core.route(&id.0, will, None, true).await;
+                    }
+                });
+            }
+        }
+        if expiry_ms > 0 {
+            let core = self.clone();
+            let (id, epoch) = (a.id.clone(), a.epoch);
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(expiry_ms as u64)).await;
+                core.expire_session(&id, epoch).await;
+            });
+        }
+    }
+
+    async fn expire_session(&self, id: &SessionId, epoch: i64) {
+        let ops = {
+            let mut st = self.broker().state.lock();
+            match st.sessions.get(id) {
+                Some(s) if s.epoch == epoch && s.conn.is_none() => {}
+                _ => return,
+            }
+            let Some(old) = st.sessions.remove(id) else {
+                return;
+            };
+            discard_subscriptions(&mut st, id, &old);
+            delete_session_ops(id, &old)
+        };
+        debug!(client = %id.1, "session expired");
+        if let Err(e) = self.persist(ops).await {
+            warn!(client = %id.1, error = %e, "could not delete an expired session");
+        }
+    }
+
+    fn check_epoch<'a>(st: &'a mut State, a: &Attached) -> CoreResult<&'a mut Session> {
+        match st.sessions.get_mut(&a.id) {
+            Some(s) if s.epoch == a.epoch && s.conn.is_some() => Ok(s),
+            _ => Err(CoreError::Conflict("the session was taken over".into())),
+        }
+    }
+
+    async fn session_subscribe(
+        &self,
+        a: &Attached,
+        req: v1::SessionSubscribe,
+        tx: &EventSender,
+        rid: u64,
+    ) -> CoreResult<()> {
+        let broker = self.broker();
+        let mut codes = Vec::with_capacity(req.subscriptions.len());
+        let mut retained_for = Vec::new();
+        let record = {
+            let mut st = broker.state.lock();
+            let ns = a.id.0.clone();
+            let session = Self::check_epoch(&mut st, a)?;
+            let mut added = Vec::new();
+            for sub in req.subscriptions {
+                let parsed = match topics::parse_filter(&sub.filter) {
+                    Ok(p) => (p.group.map(Arc::<str>::from), p.filter.to_string()),
+                    Err(_) => {
+                        codes.push(0x8F);
+                        continue;
+                    }
+                };
+                let mut sub = sub;
+                sub.qos = sub.qos.min(2);
+                codes.push(sub.qos);
+                let existed = session
+                    .subs
+                    .insert(sub.filter.clone(), sub.clone())
+                    .is_some();
+                if parsed.0.is_none()
+                    && (sub.retain_handling == 0 || (sub.retain_handling == 1 && !existed))
+                {
+                    retained_for.push(sub.clone());
+                }
+                added.push((parsed, sub.filter));
+            }
+            let record = session.persistent().then(|| session.record());
+            let tree = st.trees.entry(ns).or_default();
+            for ((group, filter), raw) in added {
+                tree.insert(
+                    &filter,
+                    Entry {
+                        client: Arc::from(a.id.1.as_str()),
+                        raw_filter: Arc::from(raw.as_str()),
+                        group,
+                    },
+                );
+            }
+            record
+        };
+        if let Some(r) = record {
+            self.persist(vec![Op::Put {
+                key: session_key(&a.id),
+                value: to_json(&r),
+            }])
+            .await?;
+        }
+        let _ = tx.send(event(rid, Event::Subscribed(v1::SubscribeResult { codes })));
+        if retained_for.is_empty() {
+            return Ok(());
+        }
+        let mut st = broker.state.lock();
+        let now = now_ms();
+        let mut copies = Vec::new();
+        if let Some(retained) = st.retained.get(&a.id.0) {
+            for sub in &retained_for {
+                for (topic, m) in retained {
+                    if topics::matches(&sub.filter, topic) && !expired(m, now) {
+                        copies.push(Target {
+                            session: a.id.clone(),
+                            persistent: false,
+                            pending: Pending {
+                                seq: 0,
+                                message: with_delivery_flags(m, m.qos.min(sub.qos), true),
+                                sub_ids: (sub.subscription_id > 0)
+                                    .then_some(sub.subscription_id)
+                                    .into_iter()
+                                    .collect(),
+                                released: false,
+                                sent: false,
+                                persisted: false,
+                                share: None,
+                            },
+                        });
+                    }
+                }
+            }
+        }
+        for t in copies {
+            if Self::check_epoch(&mut st, a).is_err() {
+                break;
+            }
+            broker.enqueue(&mut st, t);
+        }
+        Ok(())
+    }
+
+    async fn session_unsubscribe(
+        &self,
+        a: &Attached,
+        req: v1::SessionUnsubscribe,
+        tx: &EventSender,
+        rid: u64,
+    ) -> CoreResult<()> {
+        let broker = self.broker();
+        let mut existed = Vec::new();
+        let record = {
+            let mut st = broker.state.lock();
+            let session = Self::check_epoch(&mut st, a)?;
+            let mut removed = Vec::new();
+            for raw in req.filters {
+                let was = session.subs.remove(&raw).is_some();
+                existed.push(was);
+                if was {
+                    removed.push(raw);
+                }
+            }
+            let record = session.persistent().then(|| session.record());
+            if let Some(tree) = st.trees.get_mut(&a.id.0) {
+                for raw in removed {
+                    if let Ok(p) = topics::parse_filter(&raw) {
+                        tree.remove(p.filter, &a.id.1, &raw);
+                    }
+                }
+            }
+            record
+        };
+        if let Some(r) = record {
+            self.persist(vec![Op::Put {
+                key: session_key(&a.id),
+                value: to_json(&r),
+            }])
+            .await?;
+        }
+        let _ = tx.send(event(
+            rid,
+            Event::Unsubscribed(v1::UnsubscribeResult { existed }),
+        ));
+        Ok(())
+    }
+
+    async fn session_publish(
+        &self,
+        a: &Attached,
+        req: v1::SessionPublish,
+        tx: &EventSender,
+        rid: u64,
+    ) -> CoreResult<()> {
+        let mut message = req
+            .message
+            .ok_or_else(|| CoreError::InvalidArgument("publish needs a message".into()))?;
+        let topic = topic_of(&message).to_string();
+        topics::validate_name(&topic).map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+        if req.packet_id > 0 {
+            let packet_id = req.packet_id as u16;
+            let record = {
+                let mut st = self.broker().state.lock();
+                let session = Self::check_epoch(&mut st, a)?;
+                if !session.incoming_qos2.insert(packet_id) {
+                    let _ = tx.send(event(
+                        rid,
+                        Event::Published(v1::PublishResult {
+                            matched: 0,
+                            duplicate: true,
+                        }),
+                    ));
+                    return Ok(());
+                }
+                session.persistent().then(|| session.record())
+            };
+            if let Some(r) = record {
+                self.persist(vec![Op::Put {
+                    key: session_key(&a.id),
+                    value: to_json(&r),
+                }])
+                .await?;
+            }
+        }
+        let broker = self.broker();
+        broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
+        broker
+            .stats
+            .bytes_in
+            .fetch_add(payload_len(&message) as u64, Ordering::Relaxed);
+        let matched = if let Some((delay_s, real)) = delayed_topic(&topic) {
+            if let Some(p) = message.record.as_mut().and_then(|r| r.properties.as_mut()) {
+                p.address = real.to_string();
+            }
+            self.schedule_timer(v1::Timer {
+                id: String::new(),
+                due_at_ms: now_ms() + (delay_s as i64) * 1000,
+                action: Some(v1::timer::Action::Route(message)),
+                namespace: a.id.0.clone(),
+            })
+            .await?;
+            1
+        } else {
+            self.route_checked(&a.id.0, message, Some(&a.id.1), true)
+                .await?
+        };
+        // Request id 0 asks for no answer (QoS 0).
+        if rid != 0 {
+            let _ = tx.send(event(
+                rid,
+                Event::Published(v1::PublishResult {
+                    matched,
+                    duplicate: false,
+                }),
+            ));
+        }
+        Ok(())
+    }
+
+    async fn session_release(&self, a: &Attached, packet_id: u32) -> CoreResult<()> {
+        let record = {
+            let mut st = self.broker().state.lock();
+            let session = Self::check_epoch(&mut st, a)?;
+            let was = session.incoming_qos2.remove(&(packet_id as u16));
+            (was && session.persistent()).then(|| session.record())
+        };
+        if let Some(r) = record {
+            self.persist(vec![Op::Put {
+                key: session_key(&a.id),
+                value: to_json(&r),
+            }])
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn session_ack(
+        &self,
+        a: &Attached,
+        ack: v1::SessionAck,
+        tx: &EventSender,
+    ) -> CoreResult<()> {
+        let broker = self.broker();
+        let mut ops = Vec::new();
+        let mut releases = Vec::new();
+        {
+            let mut st = broker.state.lock();
+            let session = Self::check_epoch(&mut st, a)?;
+            for id in ack.packet_ids {
+                let id = id as u16;
+                if ack.received_only {
+                    if let Some(p) = session.inflight.get_mut(&id)
+                        && p.message.qos == 2
+                    {
+                        p.released = true;
+                        if p.persisted {
+                            ops.push(Op::Put {
+                                key: pending_key(&a.id, p.seq),
+                                value: pending_value(p, id),
+                            });
+                        }
+                    }
+                    releases.push(id);
+                } else if let Some(p) = session.inflight.remove(&id)
+                    && p.persisted
+                {
+                    ops.push(Op::Delete {
+                        key: pending_key(&a.id, p.seq),
+                    });
+                }
+            }
+            if let Some(k) = broker.pump(&a.id, session) {
+                ops.push(Op::Delete { key: k });
+            }
+        }
+        // PUBREL only once "released" is durable: after a crash the client must get PUBREL,
+        // never the PUBLISH again.
+        self.persist(ops).await?;
+        for id in releases {
+            let _ = tx.send(release_event(id));
+        }
+        Ok(())
+    }
+
+    /// Routes a message published outside a session (will, timer, `$SYS`).
+    pub(crate) async fn route(
+        &self,
+        ns: &str,
+        message: v1::RoutedMessage,
+        publisher: Option<&str>,
+        persist_retained: bool,
+    ) -> u32 {
+        match self
+            .route_checked(ns, message, publisher, persist_retained)
+            .await
+        {
+            Ok(n) => n,
+            Err(e) => {
+                warn!(namespace = ns, error = %e, "could not route a message");
+                0
+            }
+        }
+    }
+
+    /// Routes a message: updates the retained store, then queues a copy for every matching
+    /// session. Copies for persistent sessions are written before they are queued.
+    async fn route_checked(
+        &self,
+        ns: &str,
+        message: v1::RoutedMessage,
+        publisher: Option<&str>,
+        persist_retained: bool,
+    ) -> CoreResult<u32> {
+        let broker = self.broker();
+        let topic = topic_of(&message).to_string();
+        let mut ops = Vec::new();
+        let (now, mut later) = {
+            let mut st = broker.state.lock();
+            if message.retain {
+                let store = st.retained.entry(ns.to_string()).or_default();
+                if payload_len(&message) == 0 {
+                    if store.remove(&topic).is_some() && persist_retained {
+                        ops.push(Op::Delete {
+                            key: retained_key(ns, &topic),
+                        });
+                    }
+                } else {
+                    store.insert(topic.clone(), message.clone());
+                    if persist_retained {
+                        ops.push(Op::Put {
+                            key: retained_key(ns, &topic),
+                            value: message.encode_to_vec(),
+                        });
+                    }
+                }
+            }
+            let targets = st.targets(ns, &message, publisher);
+            let (later, now): (Vec<Target>, Vec<Target>) = targets
+                .into_iter()
+                .partition(|t| t.persistent && t.pending.message.qos > 0);
+            let count = now.len() as u32;
+            for t in now {
+                if let Some(key) = broker.enqueue(&mut st, t) {
+                    ops.push(Op::Delete { key });
+                }
+            }
+            (count, later)
+        };
+        if later.is_empty() {
+            self.persist(ops).await?;
+            return Ok(now);
+        }
+        {
+            let mut st = broker.state.lock();
+            for t in &mut later {
+                if let Some(s) = st.sessions.get_mut(&t.session) {
+                    t.pending.seq = s.next_seq;
+                    s.next_seq += 1;
+                    t.pending.persisted = true;
+                    ops.push(Op::Put {
+                        key: pending_key(&t.session, t.pending.seq),
+                        value: pending_value(&t.pending, 0),
+                    });
+                }
+            }
+        }
+        self.persist(ops).await?;
+        let matched = now + later.len() as u32;
+        let mut dead = Vec::new();
+        {
+            let mut st = broker.state.lock();
+            for t in later {
+                if let Some(k) = broker.enqueue(&mut st, t) {
+                    dead.push(Op::Delete { key: k });
+                }
+            }
+        }
+        self.persist(dead).await?;
+        Ok(matched)
+    }
+
+    /// Loads retained messages and persistent sessions with their queued messages.
+    pub(crate) async fn recover_sessions(&self) -> CoreResult<()> {
+        let meta = &self.inner.meta;
+        let broker = self.broker();
+        let retained = meta
+            .scan_prefix(&meta::key(RETAINED_KEY, &[]), usize::MAX)
+            .await?;
+        let sessions = meta
+            .scan_prefix(&meta::key(SESSION_KEY, &[]), usize::MAX)
+            .await?;
+        let pending = meta
+            .scan_prefix(&meta::key(PENDING_KEY, &[]), usize::MAX)
+            .await?;
+        let now = now_ms();
+        let mut stale = Vec::new();
+        let mut expiries = Vec::new();
+        let counts;
+        {
+            let mut st = broker.state.lock();
+            for (k, v) in &retained {
+                let parts = meta::parts(RETAINED_KEY, k);
+                let [ns, topic] = &parts[..] else { continue };
+                match v1::RoutedMessage::decode(&v[..]) {
+                    Ok(m) => {
+                        st.retained
+                            .entry(ns.clone())
+                            .or_default()
+                            .insert(topic.clone(), m);
+                    }
+                    Err(e) => {
+                        warn!(topic = %topic, error = %e, "skipping an unreadable retained message")
+                    }
+                }
+            }
+            for (k, v) in &sessions {
+                let parts = meta::parts(SESSION_KEY, k);
+                let [ns, client] = &parts[..] else { continue };
+                let id: SessionId = (ns.clone(), client.clone());
+                let record: SessionRecord = from_json("session", v)?;
+                let since = record.disconnected_at_ms.unwrap_or(now);
+                if record.expiry_ms > 0 && since + record.expiry_ms <= now {
+                    stale.push(Op::Delete { key: k.clone() });
+                    continue;
+                }
+                let epoch = st.next_epoch();
+                let mut s = Session::new(epoch, record.expiry_ms);
+                s.incoming_qos2 = record.incoming_qos2.into_iter().collect();
+                for raw in &record.subs {
+                    let Ok(sub) = v1::SessionSubscription::decode(&raw[..]) else {
+                        continue;
+                    };
+                    if let Ok(p) = topics::parse_filter(&sub.filter) {
+                        st.trees.entry(ns.clone()).or_default().insert(
+                            p.filter,
+                            Entry {
+                                client: Arc::from(client.as_str()),
+                                raw_filter: Arc::from(sub.filter.as_str()),
+                                group: p.group.map(Arc::from),
+                            },
+                        );
+                    }
+                    s.subs.insert(sub.filter.clone(), sub);
+                }
+                if record.expiry_ms > 0 {
+                    expiries.push((id.clone(), epoch, (since + record.expiry_ms - now).max(0)));
+                }
+                st.sessions.insert(id, s);
+            }
+            for (k, v) in &pending {
+                let parts = meta::parts(PENDING_KEY, k);
+                let [ns, client, seq] = &parts[..] else {
+                    continue;
+                };
+                let id: SessionId = (ns.clone(), client.clone());
+                let (Some(s), Ok(d), Ok(seq)) = (
+                    st.sessions.get_mut(&id),
+                    v1::PendingDelivery::decode(&v[..]),
+                    seq.parse::<u64>(),
+                ) else {
+                    stale.push(Op::Delete { key: k.clone() });
+                    continue;
+                };
+                let p = Pending {
+                    seq,
+                    message: d.message.unwrap_or_default(),
+                    sub_ids: d.subscription_ids,
+                    released: d.released,
+                    sent: d.released,
+                    persisted: true,
+                    share: None,
+                };
+                s.next_seq = s.next_seq.max(seq + 1);
+                if d.released && d.packet_id > 0 {
+                    s.inflight.insert(d.packet_id as u16, p);
+                } else {
+                    s.queue.push_back(p);
+                }
+            }
+            counts = (st.sessions.len(), retained.len(), pending.len());
+        }
+        self.persist(stale).await?;
+        for (id, epoch, left) in expiries {
+            let core = self.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(left as u64)).await;
+                core.expire_session(&id, epoch).await;
+            });
+        }
+        if counts != (0, 0, 0) {
+            info!(
+                sessions = counts.0,
+                retained = counts.1,
+                queued = counts.2,
+                "sessions recovered"
+            );
+        }
+        Ok(())
+    }
+
+    /// Publishes broker statistics under `$SYS/broker/` in every namespace with sessions,
+    /// retained, every 10 s.
+    pub(crate) async fn run_sys_topics(self) {
+        let mut tick = tokio::time::interval(SYS_INTERVAL);
+        loop {
+            tick.tick().await;
+            let broker = self.broker();
+            let (namespaces, connected, total) = {
+                let st = broker.state.lock();
+                let mut ns: HashSet<String> = st.sessions.keys().map(|(n, _)| n.clone()).collect();
+                ns.extend(st.trees.keys().cloned());
+                let connected = st.sessions.values().filter(|s| s.conn.is_some()).count();
+                (ns, connected, st.sessions.len())
+            };
+            let s = &broker.stats;
+            let values = [
+                (
+                    "uptime",
+                    format!("{} seconds", broker.started.elapsed().as_secs()),
+                ),
+                (
+                    "version",
+                    format!("tributary {}", env!("CARGO_PKG_VERSION")),
+                ),
+                ("clients/connected", connected.to_string()),
+                ("clients/total", total.to_string()),
+                (
+                    "messages/received",
+                    s.messages_in.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "messages/sent",
+                    s.messages_out.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "bytes/received",
+                    s.bytes_in.load(Ordering::Relaxed).to_string(),
+                ),
+                (
+                    "bytes/sent",
+                    s.bytes_out.load(Ordering::Relaxed).to_string(),
+                ),
+            ];
+            for ns in namespaces {
+                for (name, value) in &values {
+                    let msg = v1::RoutedMessage {
+                        record: Some(v1::Record {
+                            value: value.clone().into(),
+                            properties: Some(v1::SystemProperties {
+                                address: format!("$SYS/broker/{name}"),
+                                origin_protocol: "core".into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        }),
+                        qos: 0,
+                        retain: true,
+                    };
+                    self.route(&ns, msg, None, false).await;
+                }
+            }
+        }
+    }
+}
+
+/// `$delayed/{seconds}/{topic}` (EMQX's delayed publish) -> (seconds, topic).
+pub fn delayed_topic(topic: &str) -> Option<(u32, &str)> {
+    let rest = topic.strip_prefix("$delayed/")?;
+    let (secs, real) = rest.split_once('/')?;
+    let secs: u32 = secs.parse().ok()?;
+    (!real.is_empty()).then_some((secs, real))
+}
+
+/// Takes a session's subscriptions out of its namespace's tree.
+fn discard_subscriptions(st: &mut State, id: &SessionId, session: &Session) {
+    if let Some(tree) = st.trees.get_mut(&id.0) {
+        for raw in session.subs.keys() {
+            if let Ok(p) = topics::parse_filter(raw) {
+                tree.remove(p.filter, &id.1, raw);
+            }
+        }
+    }
+}
+
+fn delete_session_ops(id: &SessionId, session: &Session) -> Vec<Op> {
+    let mut ops = vec![Op::Delete {
+        key: session_key(id),
+    }];
+    for p in session.inflight.values().chain(session.queue.iter()) {
+        if p.persisted {
+            ops.push(Op::Delete {
+                key: pending_key(id, p.seq),
+            });
+        }
+    }
+    ops
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delayed_topics_parse() {
+        assert_eq!(delayed_topic("$delayed/10/a/b"), Some((10, "a/b")));
+        assert_eq!(delayed_topic("$delayed/x/a"), None);
+        assert_eq!(delayed_topic("$delayed/10/"), None);
+        assert_eq!(delayed_topic("a/b"), None);
+    }
+}

@@ -1,0 +1,1254 @@
+//! One client connection: CONNECT, then packets in and core events out until either side
+//! ends it.
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::num::{NonZeroU16, NonZeroU32};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use bytestring::ByteString;
+use futures::{FutureExt, StreamExt};
+use rmqtt_codec::error::{DecodeError, EncodeError};
+use rmqtt_codec::types::QoS;
+use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
+use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_util::codec::{Decoder, Encoder, FramedRead};
+use tracing::{Instrument, debug, info, info_span};
+use tributary_gateway_common::ConnectionGuard;
+use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
+
+use crate::Gateway;
+use crate::topic;
+
+/// How long a client has to send CONNECT after the TCP connection opens.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Session expiry meaning "never" (MQTT 5: 0xFFFFFFFF).
+const NEVER: u32 = u32::MAX;
+
+#[derive(Debug, thiserror::Error)]
+enum ConnError {
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    #[error("protocol error: {0}")]
+    Protocol(&'static str),
+    #[error("{0}")]
+    Refused(&'static str, u8),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+    #[error("core: {0}")]
+    Core(String),
+    #[error("keep-alive expired")]
+    KeepAlive,
+    #[error("session taken over")]
+    TakenOver,
+    #[error("client went away")]
+    Eof,
+}
+
+impl ConnError {
+    /// The MQTT 5 DISCONNECT reason for closing with this error, if one is sent.
+    fn reason(&self) -> Option<u8> {
+        match self {
+            Self::Malformed(_) => Some(0x81),
+            Self::Protocol(_) => Some(0x82),
+            Self::Refused(_, code) => Some(*code),
+            Self::Core(_) => Some(0x83),
+            Self::KeepAlive => Some(0x8D),
+            Self::TakenOver => Some(0x8E),
+            Self::Io(_) | Self::Eof => None,
+        }
+    }
+}
+
+fn decode_error(e: DecodeError) -> ConnError {
+    match e {
+        DecodeError::MaxSizeExceeded { .. } => ConnError::Refused("packet too large", 0x95),
+        DecodeError::Io(_) => ConnError::Eof,
+        e => ConnError::Malformed(e.to_string()),
+    }
+}
+
+/// Decodes a byte stream as a client would send it (CONNECT first), for fuzzing: returns
+/// how many packets decoded before the end or the first error. Never panics.
+pub fn decode_stream(data: &[u8]) -> usize {
+    let mut buf = BytesMut::from(data);
+    let mut codec = MqttCodec::Version(VersionCodec);
+    let mut n = 0;
+    loop {
+        match codec.decode(&mut buf) {
+            Ok(Some((MqttPacket::Version(v), _))) => {
+                codec = match v {
+                    ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(1 << 20)),
+                    ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(1 << 20, 1 << 20)),
+                };
+            }
+            Ok(Some(_)) => n += 1,
+            Ok(None) | Err(_) => return n,
+        }
+    }
+}
+
+/// Properties of a message that only MQTT 5 carries on the wire.
+fn record_from_publish(
+    topic: &str,
+    payload: Bytes,
+    props: Option<&v5::PublishProperties>,
+    now_ms: i64,
+) -> v1::Record {
+    let mut p = v1::SystemProperties {
+        address: topic.to_string(),
+        origin_protocol: "mqtt".into(),
+        ..Default::default()
+    };
+    let mut headers = Vec::new();
+    if let Some(props) = props {
+        if let Some(ct) = &props.content_type {
+            p.content_type = ct.to_string();
+        }
+        if let Some(c) = &props.correlation_data {
+            p.correlation_id = c.clone();
+        }
+        if let Some(r) = &props.response_topic {
+            p.reply_to = r.to_string();
+        }
+        if let Some(e) = props.message_expiry_interval {
+            p.expires_at_ms = now_ms + i64::from(e.get()) * 1000;
+        }
+        p.payload_format = u32::from(props.is_utf8_payload);
+        headers = props
+            .user_properties
+            .iter()
+            .map(|(k, v)| v1::Header {
+                name: k.to_string(),
+                value: Bytes::copy_from_slice(v.as_bytes()),
+            })
+            .collect();
+    }
+    v1::Record {
+        key: Bytes::new(),
+        value: payload,
+        headers,
+        timestamp_ms: now_ms,
+        properties: Some(p),
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn qos_of(q: u32) -> QoS {
+    match q {
+        0 => QoS::AtMostOnce,
+        1 => QoS::AtLeastOnce,
+        _ => QoS::ExactlyOnce,
+    }
+}
+
+fn nz(id: u16) -> NonZeroU16 {
+    NonZeroU16::new(id).unwrap_or(NonZeroU16::MIN)
+}
+
+/// What a core answer with a request id turns into.
+enum Reply {
+    /// Packet id, and per filter whether the ACL denied it (not sent to the core).
+    SubAck(u16, Vec<bool>),
+    UnsubAck(u16),
+    PubAck(u16),
+    PubRec(u16),
+    Close,
+}
+
+/// The state of one connected client.
+struct Client {
+    gw: Arc<Gateway>,
+    v5: bool,
+    client_id: String,
+    user: Option<String>,
+    codec: MqttCodec,
+    out: BytesMut,
+    writer: OwnedWriteHalf,
+    commands: mpsc::UnboundedSender<SessionCommand>,
+    next_rid: u64,
+    replies: HashMap<u64, Reply>,
+    /// Inbound QoS 1/2 publishes not yet acknowledged to the client (Receive Maximum).
+    inbound_unacked: usize,
+    /// Inbound QoS 2 ids between PUBREC and PUBREL.
+    awaiting_rel: HashSet<u16>,
+    aliases_in: HashMap<u16, String>,
+    aliases_out: HashMap<String, u16>,
+    client_alias_max: u16,
+    session_expiry: u32,
+}
+
+impl Client {
+    fn request(&mut self, command: Command, reply: Option<Reply>) -> Result<(), ConnError> {
+        let request_id = match reply {
+            Some(r) => {
+                self.next_rid += 1;
+                self.replies.insert(self.next_rid, r);
+                self.next_rid
+            }
+            None => 0,
+        };
+        self.commands
+            .send(SessionCommand {
+                request_id,
+                command: Some(command),
+            })
+            .map_err(|_| ConnError::Core("the core stream closed".into()))
+    }
+
+    fn encode3(&mut self, p: v3::Packet) -> Result<(), ConnError> {
+        let MqttCodec::V3(c) = &mut self.codec else {
+            return Err(ConnError::Protocol("codec mismatch"));
+        };
+        c.encode(p, &mut self.out)
+            .map_err(|e| ConnError::Core(format!("encode: {e}")))
+    }
+
+    /// Encodes a 5.0 packet; `Ok(false)` when it exceeds the client's Maximum Packet Size.
+    fn encode5(&mut self, p: v5::Packet) -> Result<bool, ConnError> {
+        let MqttCodec::V5(c) = &mut self.codec else {
+            return Err(ConnError::Protocol("codec mismatch"));
+        };
+        match c.encode(p, &mut self.out) {
+            Ok(()) => Ok(true),
+            Err(EncodeError::OverMaxPacketSize { .. }) => Ok(false),
+            Err(e) => Err(ConnError::Core(format!("encode: {e}"))),
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), ConnError> {
+        if !self.out.is_empty() {
+            self.writer.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    fn ack(&mut self, kind: u8, id: u16, reason: u8) -> Result<(), ConnError> {
+        if self.v5 {
+            let pa = v5::PublishAck {
+                packet_id: nz(id),
+                reason_code: v5::PublishAckReason::try_from(reason)
+                    .unwrap_or(v5::PublishAckReason::Success),
+                properties: Vec::new(),
+                reason_string: None,
+            };
+            let pa2 = v5::PublishAck2 {
+                packet_id: nz(id),
+                reason_code: v5::PublishAck2Reason::try_from(reason)
+                    .unwrap_or(v5::PublishAck2Reason::Success),
+                properties: Vec::new(),
+                reason_string: None,
+            };
+            let p = match kind {
+                4 => v5::Packet::PublishAck(pa),
+                5 => v5::Packet::PublishReceived(pa),
+                6 => v5::Packet::PublishRelease(pa2),
+                _ => v5::Packet::PublishComplete(pa2),
+            };
+            self.encode5(p).map(|_| ())
+        } else {
+            let packet_id = nz(id);
+            self.encode3(match kind {
+                4 => v3::Packet::PublishAck { packet_id },
+                5 => v3::Packet::PublishReceived { packet_id },
+                6 => v3::Packet::PublishRelease { packet_id },
+                _ => v3::Packet::PublishComplete { packet_id },
+            })
+        }
+    }
+
+    fn disconnect5(&mut self, reason: u8) {
+        if self.v5 {
+            let code = v5::DisconnectReasonCode::try_from(reason)
+                .unwrap_or(v5::DisconnectReasonCode::UnspecifiedError);
+            let _ = self.encode5(v5::Packet::Disconnect(v5::Disconnect::new(code)));
+        }
+    }
+
+    /// Turns a core delivery into PUBLISH (or PUBREL).
+    fn deliver(&mut self, d: v1::SessionDelivery) -> Result<(), ConnError> {
+        let id = d.packet_id as u16;
+        if d.release_only {
+            return self.ack(6, id, 0);
+        }
+        let m = d.message.unwrap_or_default();
+        let record = m.record.unwrap_or_default();
+        let props = record.properties.unwrap_or_default();
+        let qos = qos_of(m.qos);
+        let packet_id = (m.qos > 0).then(|| nz(id));
+        if !self.v5 {
+            return self.encode3(v3::Packet::Publish(Box::new(v3_publish(
+                d.dup,
+                m.retain,
+                qos,
+                props.address.into(),
+                packet_id,
+                record.value,
+            ))));
+        }
+        let now = now_ms();
+        let expiry = (props.expires_at_ms > 0)
+            .then(|| ((props.expires_at_ms - now).max(1) + 999) / 1000)
+            .and_then(|s| NonZeroU32::new(s as u32));
+        let mut topic_name: ByteString = props.address.clone().into();
+        let mut alias = None;
+        if self.client_alias_max > 0 {
+            if let Some(a) = self.aliases_out.get(&props.address) {
+                alias = NonZeroU16::new(*a);
+                topic_name = ByteString::new();
+            } else if self.aliases_out.len() < self.client_alias_max as usize {
+                let a = self.aliases_out.len() as u16 + 1;
+                self.aliases_out.insert(props.address.clone(), a);
+                alias = NonZeroU16::new(a);
+            }
+        }
+        let publish = rmqtt_codec::types::Publish {
+            dup: d.dup,
+            retain: m.retain,
+            qos,
+            topic: topic_name,
+            packet_id,
+            payload: record.value,
+            properties: Some(v5::PublishProperties {
+                topic_alias: alias,
+                correlation_data: (!props.correlation_id.is_empty())
+                    .then_some(props.correlation_id),
+                message_expiry_interval: expiry,
+                content_type: (!props.content_type.is_empty()).then(|| props.content_type.into()),
+                user_properties: record
+                    .headers
+                    .into_iter()
+                    .map(|h| {
+                        (
+                            h.name.into(),
+                            String::from_utf8_lossy(&h.value).into_owned().into(),
+                        )
+                    })
+                    .collect(),
+                is_utf8_payload: props.payload_format == 1,
+                response_topic: (!props.reply_to.is_empty()).then(|| props.reply_to.into()),
+                subscription_ids: d
+                    .subscription_ids
+                    .iter()
+                    .filter_map(|i| NonZeroU32::new(*i))
+                    .collect(),
+            }),
+        };
+        if !self.encode5(v5::Packet::Publish(Box::new(publish)))? {
+            // Larger than the client accepts: discarded as if delivered (MQTT-3.1.2-25).
+            debug!(client = %self.client_id, "delivery over the client's maximum packet size dropped");
+            if m.qos > 0 {
+                self.request(
+                    Command::Ack(v1::SessionAck {
+                        packet_ids: vec![id.into()],
+                        received_only: false,
+                    }),
+                    None,
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Answers a core event. `Ok(false)` = the session was closed normally.
+    fn on_event(&mut self, e: v1::SessionEvent) -> Result<bool, ConnError> {
+        let reply = self.replies.remove(&e.request_id);
+        match (e.event, reply) {
+            (Some(Event::Delivery(d)), _) => self.deliver(d)?,
+            (Some(Event::Subscribed(r)), Some(Reply::SubAck(id, denied))) => {
+                self.suback(id, &denied, &r.codes)?;
+            }
+            (Some(Event::Unsubscribed(r)), Some(Reply::UnsubAck(id))) => {
+                if self.v5 {
+                    let status = r
+                        .existed
+                        .iter()
+                        .map(|e| {
+                            if *e {
+                                v5::UnsubscribeAckReason::Success
+                            } else {
+                                v5::UnsubscribeAckReason::NoSubscriptionExisted
+                            }
+                        })
+                        .collect();
+                    self.encode5(v5::Packet::UnsubscribeAck(v5::UnsubscribeAck {
+                        packet_id: nz(id),
+                        properties: Vec::new(),
+                        reason_string: None,
+                        status,
+                    }))?;
+                } else {
+                    self.encode3(v3::Packet::UnsubscribeAck { packet_id: nz(id) })?;
+                }
+            }
+            (Some(Event::Published(r)), Some(Reply::PubAck(id))) => {
+                self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+                self.ack(4, id, if r.matched == 0 { 0x10 } else { 0 })?;
+            }
+            (Some(Event::Published(r)), Some(Reply::PubRec(id))) => {
+                self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
+                self.awaiting_rel.insert(id);
+                self.ack(
+                    5,
+                    id,
+                    if r.matched == 0 && !r.duplicate {
+                        0x10
+                    } else {
+                        0
+                    },
+                )?;
+            }
+            (Some(Event::Closed(_)), _) => return Ok(false),
+            (Some(Event::TakenOver(_)), _) => return Err(ConnError::TakenOver),
+            (Some(Event::Error(err)), reply) => {
+                let what = match reply {
+                    Some(Reply::PubAck(_) | Reply::PubRec(_)) => "publish",
+                    Some(Reply::SubAck(..)) => "subscribe",
+                    Some(Reply::UnsubAck(_)) => "unsubscribe",
+                    Some(Reply::Close) => "close",
+                    None => "request",
+                };
+                return Err(ConnError::Core(format!("{what}: {}", err.message)));
+            }
+            (Some(Event::Opened(_)), _) | (None, _) => {}
+            (Some(_), _) => {}
+        }
+        Ok(true)
+    }
+
+    /// Handles one packet from the client. `Ok(false)` = DISCONNECT.
+    fn on_packet(&mut self, p: MqttPacket) -> Result<bool, ConnError> {
+        match p {
+            MqttPacket::V3(p) => self.on_v3(p),
+            MqttPacket::V5(p) => self.on_v5(p),
+            MqttPacket::Version(_) => Err(ConnError::Protocol("a second CONNECT")),
+        }
+    }
+
+    fn on_v3(&mut self, p: v3::Packet) -> Result<bool, ConnError> {
+        use v3::Packet as P;
+        match p {
+            P::Publish(p) => {
+                let p = *p;
+                let id = p.packet_id.map_or(0, NonZeroU16::get);
+                self.publish(p.topic.to_string(), p.qos, p.retain, id, p.payload, None)?;
+            }
+            P::PublishAck { packet_id } | P::PublishComplete { packet_id } => {
+                self.complete(packet_id.get(), false)?
+            }
+            P::PublishReceived { packet_id } => self.complete(packet_id.get(), true)?,
+            P::PublishRelease { packet_id } => self.release(packet_id.get())?,
+            P::Subscribe {
+                packet_id,
+                topic_filters,
+            } => {
+                let subs = topic_filters
+                    .into_iter()
+                    .map(|(f, q)| (f.to_string(), q, false, false, 0))
+                    .collect();
+                self.subscribe(packet_id.get(), subs, 0)?;
+            }
+            P::Unsubscribe {
+                packet_id,
+                topic_filters,
+            } => self.unsubscribe(
+                packet_id.get(),
+                topic_filters.into_iter().map(|f| f.to_string()).collect(),
+            )?,
+            P::PingRequest => self.encode3(P::PingResponse)?,
+            P::Disconnect => {
+                self.request(
+                    Command::Close(v1::SessionClose {
+                        publish_will: false,
+                        ..Default::default()
+                    }),
+                    Some(Reply::Close),
+                )?;
+                return Ok(false);
+            }
+            P::Connect(_) => return Err(ConnError::Protocol("a second CONNECT")),
+            _ => return Err(ConnError::Protocol("a packet only a server sends")),
+        }
+        Ok(true)
+    }
+
+    fn on_v5(&mut self, p: v5::Packet) -> Result<bool, ConnError> {
+        use v5::Packet as P;
+        match p {
+            P::Publish(p) => {
+                let p = *p;
+                let id = p.packet_id.map_or(0, NonZeroU16::get);
+                let props = p.properties.unwrap_or_default();
+                let mut topic = p.topic.to_string();
+                if let Some(alias) = props.topic_alias {
+                    if alias.get() > self.gw.config.topic_alias_maximum {
+                        return Err(ConnError::Refused("topic alias out of range", 0x94));
+                    }
+                    if topic.is_empty() {
+                        topic = self
+                            .aliases_in
+                            .get(&alias.get())
+                            .cloned()
+                            .ok_or(ConnError::Protocol("unknown topic alias"))?;
+                    } else {
+                        self.aliases_in.insert(alias.get(), topic.clone());
+                    }
+                } else if topic.is_empty() {
+                    return Err(ConnError::Protocol("empty topic without an alias"));
+                }
+                if !props.subscription_ids.is_empty() {
+                    return Err(ConnError::Protocol(
+                        "subscription identifier in a client PUBLISH",
+                    ));
+                }
+                if props.is_utf8_payload && std::str::from_utf8(&p.payload).is_err() {
+                    if p.qos == QoS::AtMostOnce {
+                        return Ok(true);
+                    }
+                    let kind = if p.qos == QoS::AtLeastOnce { 4 } else { 5 };
+                    self.ack(kind, id, 0x99)?;
+                    return Ok(true);
+                }
+                self.publish(topic, p.qos, p.retain, id, p.payload, Some(props))?;
+            }
+            P::PublishAck(a) => self.complete(a.packet_id.get(), false)?,
+            P::PublishComplete(a) => self.complete(a.packet_id.get(), false)?,
+            P::PublishReceived(a) => {
+                // A PUBREC with an error code ends the exchange (no PUBREL).
+                let failed = u8::from(a.reason_code) >= 0x80;
+                self.complete(a.packet_id.get(), !failed)?
+            }
+            P::PublishRelease(a) => self.release(a.packet_id.get())?,
+            P::Subscribe(s) => {
+                let sub_id = s.id.map_or(0, NonZeroU32::get);
+                let mut subs = Vec::with_capacity(s.topic_filters.len());
+                for (f, o) in s.topic_filters {
+                    let f = f.to_string();
+                    if o.no_local && topic::is_shared(&f) {
+                        return Err(ConnError::Protocol("No Local on a shared subscription"));
+                    }
+                    subs.push((
+                        f,
+                        o.qos,
+                        o.no_local,
+                        o.retain_as_published,
+                        u8::from(o.retain_handling) as u32,
+                    ));
+                }
+                self.subscribe(s.packet_id.get(), subs, sub_id)?;
+            }
+            P::Unsubscribe(u) => self.unsubscribe(
+                u.packet_id.get(),
+                u.topic_filters.into_iter().map(|f| f.to_string()).collect(),
+            )?,
+            P::PingRequest => {
+                self.encode5(P::PingResponse)?;
+            }
+            P::Disconnect(d) => {
+                let mut close = v1::SessionClose {
+                    publish_will: u8::from(d.reason_code) == 0x04,
+                    ..Default::default()
+                };
+                if let Some(e) = d.session_expiry_interval_secs {
+                    if self.session_expiry == 0 && e != 0 {
+                        return Err(ConnError::Protocol(
+                            "session expiry set on DISCONNECT after 0 on CONNECT",
+                        ));
+                    }
+                    close.set_expiry = true;
+                    close.expiry_interval_ms = expiry_ms(e);
+                }
+                self.request(Command::Close(close), Some(Reply::Close))?;
+                return Ok(false);
+            }
+            P::Auth(_) => return Err(ConnError::Protocol("AUTH without an authentication method")),
+            P::Connect(_) => return Err(ConnError::Protocol("a second CONNECT")),
+            _ => return Err(ConnError::Protocol("a packet only a server sends")),
+        }
+        Ok(true)
+    }
+
+    fn publish(
+        &mut self,
+        topic: String,
+        qos: QoS,
+        retain: bool,
+        packet_id: u16,
+        payload: Bytes,
+        props: Option<v5::PublishProperties>,
+    ) -> Result<(), ConnError> {
+        if !topic::valid_name(&topic) {
+            return Err(ConnError::Refused("invalid topic name in PUBLISH", 0x90));
+        }
+        if qos != QoS::AtMostOnce {
+            if self.inbound_unacked >= self.gw.config.receive_maximum as usize {
+                return Err(ConnError::Refused("receive maximum exceeded", 0x93));
+            }
+            if qos == QoS::ExactlyOnce && self.awaiting_rel.len() >= 65_535 {
+                return Err(ConnError::Refused("receive maximum exceeded", 0x93));
+            }
+        }
+        if !self
+            .gw
+            .config
+            .acl
+            .may_publish(self.user.as_deref(), &self.client_id, &topic)
+        {
+            info!(client = %self.client_id, topic = %topic, "publish denied by the ACL");
+            // 3.1.1 has no way to say no: acknowledge and drop, as Mosquitto does.
+            match qos {
+                QoS::AtMostOnce => {}
+                QoS::AtLeastOnce => self.ack(4, packet_id, 0x87)?,
+                QoS::ExactlyOnce => {
+                    if !self.v5 {
+                        self.awaiting_rel.insert(packet_id);
+                    }
+                    self.ack(5, packet_id, 0x87)?
+                }
+            }
+            return Ok(());
+        }
+        let record = record_from_publish(&topic, payload, props.as_ref(), now_ms());
+        let message = v1::RoutedMessage {
+            record: Some(record),
+            qos: u32::from(qos.value()),
+            retain,
+        };
+        let (reply, qos2_id) = match qos {
+            QoS::AtMostOnce => (None, 0),
+            QoS::AtLeastOnce => (Some(Reply::PubAck(packet_id)), 0),
+            QoS::ExactlyOnce => (Some(Reply::PubRec(packet_id)), u32::from(packet_id)),
+        };
+        if reply.is_some() {
+            self.inbound_unacked += 1;
+        }
+        self.request(
+            Command::Publish(v1::SessionPublish {
+                message: Some(message),
+                packet_id: qos2_id,
+            }),
+            reply,
+        )
+    }
+
+    /// PUBACK / PUBCOMP (`received_only` false) or PUBREC (true) from the client.
+    fn complete(&mut self, id: u16, received_only: bool) -> Result<(), ConnError> {
+        self.request(
+            Command::Ack(v1::SessionAck {
+                packet_ids: vec![id.into()],
+                received_only,
+            }),
+            None,
+        )
+    }
+
+    fn release(&mut self, id: u16) -> Result<(), ConnError> {
+        let known = self.awaiting_rel.remove(&id);
+        self.request(
+            Command::Release(v1::SessionRelease {
+                packet_id: id.into(),
+            }),
+            None,
+        )?;
+        self.ack(7, id, if known || !self.v5 { 0 } else { 0x92 })
+    }
+
+    fn subscribe(
+        &mut self,
+        packet_id: u16,
+        subs: Vec<(String, QoS, bool, bool, u32)>,
+        sub_id: u32,
+    ) -> Result<(), ConnError> {
+        let mut allowed = Vec::with_capacity(subs.len());
+        let mut denied = Vec::with_capacity(subs.len());
+        for (filter, qos, no_local, rap, rh) in subs {
+            // Invalid filters go to the core, which answers 0x8F for them in place.
+            let plain = filter
+                .strip_prefix("$share/")
+                .and_then(|r| r.split_once('/').map(|x| x.1))
+                .unwrap_or(&filter);
+            let no = topic::valid_filter(&filter)
+                && !self
+                    .gw
+                    .config
+                    .acl
+                    .may_subscribe(self.user.as_deref(), &self.client_id, plain);
+            if no {
+                info!(client = %self.client_id, filter = %filter, "subscription denied by the ACL");
+            } else {
+                allowed.push(v1::SessionSubscription {
+                    filter,
+                    qos: u32::from(qos.value()),
+                    no_local,
+                    retain_as_published: rap,
+                    retain_handling: rh,
+                    subscription_id: sub_id,
+                });
+            }
+            denied.push(no);
+        }
+        if allowed.is_empty() {
+            return self.suback(packet_id, &denied, &[]);
+        }
+        self.request(
+            Command::Subscribe(v1::SessionSubscribe {
+                subscriptions: allowed,
+            }),
+            Some(Reply::SubAck(packet_id, denied)),
+        )
+    }
+
+    /// SUBACK with one code per filter: 0x87 where the ACL said no, the core's code elsewhere.
+    fn suback(&mut self, id: u16, denied: &[bool], core_codes: &[u32]) -> Result<(), ConnError> {
+        let mut next = core_codes.iter();
+        let codes: Vec<u32> = denied
+            .iter()
+            .map(|d| {
+                if *d {
+                    0x87
+                } else {
+                    next.next().copied().unwrap_or(0x80)
+                }
+            })
+            .collect();
+        if self.v5 {
+            let status = codes
+                .iter()
+                .map(|c| {
+                    v5::SubscribeAckReason::try_from(*c as u8)
+                        .unwrap_or(v5::SubscribeAckReason::UnspecifiedError)
+                })
+                .collect();
+            self.encode5(v5::Packet::SubscribeAck(v5::SubscribeAck {
+                packet_id: nz(id),
+                properties: Vec::new(),
+                reason_string: None,
+                status,
+            }))?;
+        } else {
+            let status = codes
+                .iter()
+                .map(|c| {
+                    if *c >= 0x80 {
+                        v3::SubscribeReturnCode::Failure
+                    } else {
+                        v3::SubscribeReturnCode::Success(qos_of(*c))
+                    }
+                })
+                .collect();
+            self.encode3(v3::Packet::SubscribeAck {
+                packet_id: nz(id),
+                status,
+            })?;
+        }
+        Ok(())
+    }
+
+    fn unsubscribe(&mut self, packet_id: u16, filters: Vec<String>) -> Result<(), ConnError> {
+        self.request(
+            Command::Unsubscribe(v1::SessionUnsubscribe { filters }),
+            Some(Reply::UnsubAck(packet_id)),
+        )
+    }
+}
+
+fn v3_publish(
+    dup: bool,
+    retain: bool,
+    qos: QoS,
+    topic: ByteString,
+    packet_id: Option<NonZeroU16>,
+    payload: Bytes,
+) -> rmqtt_codec::types::Publish {
+    rmqtt_codec::types::Publish {
+        dup,
+        retain,
+        qos,
+        topic,
+        packet_id,
+        payload,
+        properties: None,
+    }
+}
+
+fn expiry_ms(secs: u32) -> i64 {
+    if secs == NEVER {
+        -1
+    } else {
+        i64::from(secs) * 1000
+    }
+}
+
+/// Serves one TCP connection to its end; one log line when it ends with an error.
+pub(crate) async fn serve_connection(
+    socket: TcpStream,
+    peer: SocketAddr,
+    gw: Arc<Gateway>,
+    stop: watch::Receiver<bool>,
+) {
+    let _guard = ConnectionGuard::new("mqtt");
+    let _ = socket.set_nodelay(true);
+    let span = info_span!("mqtt_conn", %peer);
+    async move {
+        match run(socket, gw, stop).await {
+            Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
+            Err(e @ (ConnError::TakenOver | ConnError::Io(_))) => {
+                debug!(reason = %e, "connection closed")
+            }
+            Err(e) => info!(reason = %e, "connection closed by the gateway"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// What CONNECT asked for, in one shape for every protocol level.
+struct ConnectInfo {
+    v5: bool,
+    level: u8,
+    clean_start: bool,
+    keep_alive: u16,
+    session_expiry: u32,
+    client_id: String,
+    user: Option<String>,
+    password: Option<Bytes>,
+    will: Option<(v1::RoutedMessage, u32)>,
+    receive_max: u16,
+    max_packet: Option<u32>,
+    alias_max: u16,
+    auth_method: bool,
+}
+
+fn connect_info(p: MqttPacket) -> Result<ConnectInfo, ConnError> {
+    let now = now_ms();
+    match p {
+        MqttPacket::V3(v3::Packet::Connect(c)) => {
+            let c = *c;
+            let will = c.last_will.map(|w| {
+                let record = record_from_publish(&w.topic, w.message, None, now);
+                (
+                    v1::RoutedMessage {
+                        record: Some(record),
+                        qos: u32::from(w.qos.value()),
+                        retain: w.retain,
+                    },
+                    0,
+                )
+            });
+            Ok(ConnectInfo {
+                v5: false,
+                level: c.protocol.level(),
+                clean_start: c.clean_session,
+                keep_alive: c.keep_alive,
+                session_expiry: if c.clean_session { 0 } else { NEVER },
+                client_id: c.client_id.to_string(),
+                user: c.username.map(|u| u.to_string()),
+                password: c.password,
+                will,
+                receive_max: 0,
+                max_packet: None,
+                alias_max: 0,
+                auth_method: false,
+            })
+        }
+        MqttPacket::V5(v5::Packet::Connect(c)) => {
+            let c = *c;
+            let will = c.last_will.map(|w| {
+                let props = v5::PublishProperties {
+                    correlation_data: w.correlation_data,
+                    message_expiry_interval: w.message_expiry_interval,
+                    content_type: w.content_type,
+                    user_properties: w.user_properties,
+                    is_utf8_payload: w.is_utf8_payload.unwrap_or(false),
+                    response_topic: w.response_topic,
+                    ..Default::default()
+                };
+                let record = record_from_publish(&w.topic, w.message, Some(&props), now);
+                (
+                    v1::RoutedMessage {
+                        record: Some(record),
+                        qos: u32::from(w.qos.value()),
+                        retain: w.retain,
+                    },
+                    w.will_delay_interval_sec.unwrap_or(0),
+                )
+            });
+            Ok(ConnectInfo {
+                v5: true,
+                level: 5,
+                clean_start: c.clean_start,
+                keep_alive: c.keep_alive,
+                session_expiry: c.session_expiry_interval_secs,
+                client_id: c.client_id.to_string(),
+                user: c.username.map(|u| u.to_string()),
+                password: c.password,
+                will,
+                receive_max: c.receive_max.map_or(65_535, NonZeroU16::get),
+                max_packet: c.max_packet_size.map(NonZeroU32::get),
+                alias_max: c.topic_alias_max,
+                auth_method: c.auth_method.is_some(),
+            })
+        }
+        _ => Err(ConnError::Protocol("the first packet must be CONNECT")),
+    }
+}
+
+/// Writes a refusing CONNACK (v3 return code, v5 reason code) and gives the error back.
+async fn refuse(
+    writer: &mut OwnedWriteHalf,
+    v5: bool,
+    v3_code: u8,
+    v5_code: u8,
+    why: &'static str,
+) -> ConnError {
+    let mut out = BytesMut::new();
+    if v5 {
+        let ack = v5::ConnectAck {
+            reason_code: v5::ConnectAckReason::try_from(v5_code)
+                .unwrap_or(v5::ConnectAckReason::UnspecifiedError),
+            ..Default::default()
+        };
+        let _ = v5::Codec::new(0, 0).encode(v5::Packet::ConnectAck(Box::new(ack)), &mut out);
+    } else {
+        out.extend_from_slice(&[0x20, 0x02, 0x00, v3_code]);
+    }
+    let _ = writer.write_all(&out).await;
+    ConnError::Refused(why, v5_code)
+}
+
+async fn run(
+    socket: TcpStream,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let (rd, mut writer) = socket.into_split();
+    let mut reader = FramedRead::with_capacity(rd, MqttCodec::Version(VersionCodec), 8 * 1024);
+    let version = match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
+        Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
+        Ok(None) => return Err(ConnError::Eof),
+        Ok(Some(Ok((MqttPacket::Version(v), _)))) => v,
+        Ok(Some(Ok(_))) => return Err(ConnError::Protocol("the first packet must be CONNECT")),
+        Ok(Some(Err(DecodeError::InvalidProtocol))) => {
+            // A known protocol name with an unknown level gets CONNACK 0x01 (MQTT-3.1.2-2).
+            let buf = reader.read_buffer();
+            if buf.windows(4).any(|w| w == b"MQTT") || buf.windows(6).any(|w| w == b"MQIsdp") {
+                return Err(
+                    refuse(&mut writer, false, 0x01, 0x84, "unsupported protocol level").await,
+                );
+            }
+            return Err(ConnError::Malformed("not an MQTT CONNECT".into()));
+        }
+        Ok(Some(Err(e))) => return Err(decode_error(e)),
+    };
+    let max_in = gw.config.max_packet_size;
+    *reader.decoder_mut() = match version {
+        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(max_in)),
+        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(max_in, 0)),
+    };
+    let is_v5 = version == ProtocolVersion::MQTT5;
+    let first = match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
+        Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
+        Ok(None) => return Err(ConnError::Eof),
+        Ok(Some(Ok((p, _)))) => p,
+        Ok(Some(Err(DecodeError::InvalidClientId))) => {
+            return Err(refuse(&mut writer, is_v5, 0x02, 0x85, "client id not valid").await);
+        }
+        Ok(Some(Err(DecodeError::MaxSizeExceeded { .. }))) => {
+            return Err(refuse(&mut writer, is_v5, 0x03, 0x95, "CONNECT too large").await);
+        }
+        Ok(Some(Err(e))) => {
+            if is_v5 {
+                return Err(refuse(&mut writer, true, 0, 0x81, "malformed CONNECT").await);
+            }
+            return Err(decode_error(e));
+        }
+    };
+    let mut c = connect_info(first)?;
+    let cfg = &gw.config;
+    if c.auth_method {
+        return Err(refuse(
+            &mut writer,
+            true,
+            0,
+            0x8C,
+            "no enhanced authentication method is configured",
+        )
+        .await);
+    }
+    let mut assigned = None;
+    if c.client_id.is_empty() {
+        if !c.clean_start && !c.v5 || c.level == 3 {
+            return Err(refuse(
+                &mut writer,
+                c.v5,
+                0x02,
+                0x85,
+                "empty client id needs a clean session",
+            )
+            .await);
+        }
+        let id = format!("auto-{:016x}", rand::random::<u64>());
+        c.client_id = id.clone();
+        if c.v5 {
+            assigned = Some(id);
+        }
+    }
+    // Authentication: a named user must be known and give its password, unless no users
+    // are configured and anonymous access is on (then names are taken as given).
+    match &c.user {
+        None if !cfg.allow_anonymous => {
+            return Err(refuse(
+                &mut writer,
+                c.v5,
+                0x05,
+                0x87,
+                "anonymous clients are not allowed",
+            )
+            .await);
+        }
+        Some(u) if !(cfg.users.is_empty() && cfg.allow_anonymous) => {
+            let password = c
+                .password
+                .as_ref()
+                .and_then(|p| std::str::from_utf8(p).ok())
+                .unwrap_or("");
+            if !cfg.users.verify_password(u, password) {
+                return Err(
+                    refuse(&mut writer, c.v5, 0x04, 0x86, "bad user name or password").await,
+                );
+            }
+        }
+        _ => {}
+    }
+    if let Some((w, _)) = &c.will {
+        let t = w
+            .record
+            .as_ref()
+            .and_then(|r| r.properties.as_ref())
+            .map_or("", |p| p.address.as_str());
+        if !topic::valid_name(t) {
+            return Err(refuse(&mut writer, c.v5, 0x02, 0x90, "invalid will topic").await);
+        }
+        if !cfg.acl.may_publish(c.user.as_deref(), &c.client_id, t) {
+            return Err(refuse(
+                &mut writer,
+                c.v5,
+                0x05,
+                0x87,
+                "will topic denied by the ACL",
+            )
+            .await);
+        }
+    }
+    tracing::Span::current().record("client", c.client_id.as_str());
+    let mut keep_alive = c.keep_alive;
+    let mut server_keep_alive = None;
+    if cfg.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > cfg.max_keep_alive) {
+        keep_alive = cfg.max_keep_alive;
+        if c.v5 {
+            server_keep_alive = Some(keep_alive);
+        }
+    }
+
+    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (will, will_delay) = match c.will.take() {
+        Some((w, d)) => (Some(w), i64::from(d) * 1000),
+        None => (None, 0),
+    };
+    let receive_max = if c.v5 {
+        c.receive_max
+    } else {
+        cfg.max_inflight_v3
+    };
+    let open = SessionCommand {
+        request_id: 1,
+        command: Some(Command::Open(v1::SessionOpen {
+            namespace: cfg.namespace.clone(),
+            client_id: c.client_id.clone(),
+            clean_start: c.clean_start,
+            expiry_interval_ms: expiry_ms(c.session_expiry),
+            will,
+            will_delay_ms: will_delay,
+            receive_maximum: receive_max.into(),
+            gateway_instance: cfg.instance.clone(),
+        })),
+    };
+    let _ = commands.send(open);
+    let mut sessions = gw.core.sessions.clone();
+    let mut events = match sessions
+        .attach(UnboundedReceiverStream::new(command_rx))
+        .await
+    {
+        Ok(r) => r.into_inner(),
+        Err(status) => {
+            let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
+            return Err(ConnError::Core(status.message().to_string()));
+        }
+    };
+    let opened = loop {
+        match tokio::time::timeout(CONNECT_TIMEOUT, events.message()).await {
+            Ok(Ok(Some(v1::SessionEvent {
+                event: Some(Event::Opened(o)),
+                ..
+            }))) => break o,
+            Ok(Ok(Some(v1::SessionEvent {
+                event: Some(Event::Error(e)),
+                ..
+            }))) => {
+                let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core refused the session").await;
+                return Err(ConnError::Core(e.message));
+            }
+            Ok(Ok(Some(_))) => continue,
+            _ => {
+                let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
+                return Err(ConnError::Core("no answer to the session open".into()));
+            }
+        }
+    };
+
+    let codec = if c.v5 {
+        MqttCodec::V5(v5::Codec::new(max_in, c.max_packet.unwrap_or(0)))
+    } else {
+        MqttCodec::V3(v3::Codec::new(max_in))
+    };
+    let mut client = Client {
+        gw: gw.clone(),
+        v5: c.v5,
+        client_id: c.client_id.clone(),
+        user: c.user.clone(),
+        codec,
+        out: BytesMut::with_capacity(8 * 1024),
+        writer,
+        commands,
+        next_rid: 1,
+        replies: HashMap::new(),
+        inbound_unacked: 0,
+        awaiting_rel: HashSet::new(),
+        aliases_in: HashMap::new(),
+        aliases_out: HashMap::new(),
+        client_alias_max: c.alias_max,
+        session_expiry: c.session_expiry,
+    };
+    if c.v5 {
+        client.encode5(v5::Packet::ConnectAck(Box::new(v5::ConnectAck {
+            session_present: opened.session_present,
+            reason_code: v5::ConnectAckReason::Success,
+            receive_max: NonZeroU16::new(cfg.receive_maximum).unwrap_or(NonZeroU16::MAX),
+            max_packet_size: Some(max_in),
+            assigned_client_id: assigned.map(Into::into),
+            topic_alias_max: cfg.topic_alias_maximum,
+            server_keepalive_sec: server_keep_alive,
+            ..Default::default()
+        })))?;
+    } else {
+        client.encode3(v3::Packet::ConnectAck(v3::ConnectAck {
+            return_code: v3::ConnectAckReason::ConnectionAccepted,
+            session_present: opened.session_present,
+        }))?;
+    }
+    client.flush().await?;
+    debug!(
+        v5 = c.v5,
+        present = opened.session_present,
+        keep_alive,
+        "connected"
+    );
+
+    let result = session_loop(&mut client, &mut reader, &mut events, keep_alive, &mut stop).await;
+    if let Err(e) = &result
+        && let Some(reason) = e.reason()
+        && !matches!(e, ConnError::Eof | ConnError::Io(_))
+    {
+        client.out.clear();
+        client.disconnect5(reason);
+        let _ = client.flush().await;
+    }
+    result
+}
+
+async fn session_loop(
+    client: &mut Client,
+    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, MqttCodec>,
+    events: &mut tonic::Streaming<v1::SessionEvent>,
+    keep_alive: u16,
+    stop: &mut watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    let keep = Duration::from_millis(u64::from(keep_alive) * 1500);
+    let mut deadline = Instant::now() + keep;
+    loop {
+        tokio::select! {
+            ev = events.message() => {
+                let e = ev.map_err(|s| ConnError::Core(s.message().to_string()))?
+                    .ok_or_else(|| ConnError::Core("the core ended the session stream".into()))?;
+                client.on_event(e)?;
+                // Batch whatever else is ready into the same write.
+                for _ in 0..256 {
+                    match events.message().now_or_never() {
+                        Some(Ok(Some(e))) => { client.on_event(e)?; }
+                        _ => break,
+                    }
+                }
+                client.flush().await?;
+            }
+            pkt = reader.next() => {
+                let mut pkt = pkt;
+                let mut go_on = true;
+                for _ in 0..64 {
+                    match pkt {
+                        Some(Ok((p, _))) => {
+                            deadline = Instant::now() + keep;
+                            if !client.on_packet(p)? {
+                                go_on = false;
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => return Err(decode_error(e)),
+                        None => return Err(ConnError::Eof),
+                    }
+                    match reader.next().now_or_never() {
+                        Some(p) => pkt = p,
+                        None => break,
+                    }
+                }
+                client.flush().await?;
+                if !go_on {
+                    // DISCONNECT: wait until the core has closed the session.
+                    let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                        while let Ok(Some(e)) = events.message().await {
+                            if let Some(Event::Closed(_)) = e.event {
+                                break;
+                            }
+                        }
+                    })
+                    .await;
+                    return Ok(());
+                }
+            }
+            _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
+                return Err(ConnError::KeepAlive);
+            }
+            _ = stopped(stop) => {
+                return Err(ConnError::Refused("server shutting down", 0x8B));
+            }
+        }
+    }
+}
+
+/// Resolves when the gateway is told to stop (holds no borrow of the flag afterwards).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

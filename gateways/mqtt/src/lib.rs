@@ -1,0 +1,107 @@
+//! The MQTT gateway: MQTT 3.1 ("MQIsdp"), 3.1.1 and 5.0 over TCP.
+//!
+//! The gateway runs each connection's protocol state machine: CONNECT checks, authentication,
+//! the topic ACL, keep-alive, topic aliases, packet sizes and the packet-id handshakes. It
+//! keeps nothing that must outlive the connection: the session (subscriptions, queued and
+//! in-flight QoS 1/2 messages with their packet ids, QoS 2 ids awaiting PUBREL, the will) and
+//! the retained messages live in the core, reached over one command/event stream per
+//! connection, so a client that reconnects through another gateway finds its session.
+
+pub mod acl;
+mod conn;
+pub mod topic;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use tributary_gateway_common::CoreClient;
+use tributary_gateway_common::auth::Users;
+
+pub use acl::{Acl, AclRule, Action};
+pub use conn::decode_stream;
+
+/// Everything the gateway is told at start-up.
+#[derive(Debug, Clone)]
+pub struct MqttConfig {
+    /// Namespace in the core that holds sessions and topics.
+    pub namespace: String,
+    /// Accept clients that give no user name.
+    pub allow_anonymous: bool,
+    /// Users with salted credentials; a client naming a user must give its password.
+    pub users: Arc<Users>,
+    pub acl: Arc<Acl>,
+    /// Largest packet accepted from a client (and announced as Maximum Packet Size).
+    pub max_packet_size: u32,
+    /// QoS 1/2 publishes a client may have unacknowledged (announced as Receive Maximum).
+    pub receive_maximum: u16,
+    /// Unacknowledged QoS 1/2 deliveries to a 3.1/3.1.1 client (5.0 clients say their own).
+    pub max_inflight_v3: u16,
+    /// Topic aliases a 5.0 client may use towards the gateway.
+    pub topic_alias_maximum: u16,
+    /// Keep-alive above this (or 0) is replaced by it and announced (5.0); 0 = no cap.
+    pub max_keep_alive: u16,
+    /// Names this gateway instance in the core's session records.
+    pub instance: String,
+}
+
+impl Default for MqttConfig {
+    fn default() -> Self {
+        Self {
+            namespace: "default".into(),
+            allow_anonymous: true,
+            users: Arc::new(Users::new()),
+            acl: Arc::new(Acl::default()),
+            max_packet_size: 16 << 20,
+            receive_maximum: 1024,
+            max_inflight_v3: 1000,
+            topic_alias_maximum: 64,
+            max_keep_alive: 0,
+            instance: "mqtt".into(),
+        }
+    }
+}
+
+pub(crate) struct Gateway {
+    pub(crate) config: MqttConfig,
+    pub(crate) core: CoreClient,
+}
+
+/// Accepts connections until `stop` turns true; each connection runs in its own task.
+pub async fn serve(
+    listener: TcpListener,
+    core: CoreClient,
+    config: MqttConfig,
+    mut stop: watch::Receiver<bool>,
+) {
+    if config.allow_anonymous
+        && listener
+            .local_addr()
+            .is_ok_and(|a: SocketAddr| !a.ip().is_loopback())
+    {
+        warn!(
+            "mqtt: anonymous clients are allowed on a listener beyond loopback; set mqtt_allow_anonymous = false and add [[users]] to require a password"
+        );
+    }
+    let gateway = Arc::new(Gateway { config, core });
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        match accepted {
+            Ok((socket, peer)) => {
+                let gateway = gateway.clone();
+                let stop = stop.clone();
+                tokio::spawn(conn::serve_connection(socket, peer, gateway, stop));
+            }
+            Err(e) => {
+                warn!(error = %e, "mqtt: accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+            }
+        }
+    }
+    info!("mqtt gateway stopped accepting");
+}
