@@ -38,6 +38,7 @@ pub struct Server {
     pub core: SocketAddr,
     pub admin: Option<SocketAddr>,
     pub kafka: Option<SocketAddr>,
+    pub mqtt: Option<SocketAddr>,
 }
 
 impl Server {
@@ -61,7 +62,7 @@ impl Server {
             }
         });
         let deadline = Instant::now() + Duration::from_secs(60);
-        let (mut core, mut admin, mut kafka) = (None, None, None);
+        let (mut core, mut admin, mut kafka, mut mqtt) = (None, None, None, None);
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -80,6 +81,8 @@ impl Server {
                 admin = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("listening kafka ") {
                 kafka = Some(a.parse().unwrap());
+            } else if let Some(a) = line.strip_prefix("listening mqtt ") {
+                mqtt = Some(a.parse().unwrap());
             } else if line == "ready" {
                 break;
             }
@@ -89,6 +92,7 @@ impl Server {
             core: core.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0))),
             admin,
             kafka,
+            mqtt,
         }
     }
 
