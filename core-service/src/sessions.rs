@@ -34,7 +34,14 @@ use crate::meta::{self, from_json, to_json};
 use crate::topics::{self, Entry, SubscriptionTree};
 use crate::{Core, now_ms};
 
-pub(crate) type EventSender = mpsc::UnboundedSender<v1::SessionEvent>;
+pub(crate) type EventSender = mpsc::Sender<v1::SessionEvent>;
+
+/// QoS 0 deliveries waiting for a slow connection beyond which new ones are dropped
+/// (QoS 0 may be lost; memory must stay bounded).
+const QOS0_BACKLOG: usize = 10_000;
+/// Room for everything else: QoS 1/2 deliveries are bounded by the client's window
+/// (at most 65,535), answers by the commands in flight.
+const EVENT_CAPACITY: usize = QOS0_BACKLOG + 65_535 + 4_096;
 
 /// Messages per session (queued plus in flight) beyond which new QoS 1/2 messages for it
 /// are dropped, counted in `tributary_session_dropped_total`.
@@ -398,7 +405,12 @@ impl Broker {
         let session = st.sessions.get_mut(&id)?;
         if pending.message.qos == 0 {
             if let Some(conn) = &session.conn {
-                self.send_delivery(conn, 0, &pending, false);
+                let backlog = conn.tx.max_capacity() - conn.tx.capacity();
+                if backlog < QOS0_BACKLOG {
+                    self.send_delivery(conn, 0, &pending, false);
+                } else {
+                    metrics::counter!("tributary_session_dropped_total").increment(1);
+                }
             }
             return None;
         }
@@ -449,7 +461,7 @@ impl Broker {
         self.stats
             .bytes_out
             .fetch_add(payload_len(&p.message) as u64, Ordering::Relaxed);
-        let _ = conn.tx.send(event(
+        let _ = conn.tx.try_send(event(
             0,
             Event::Delivery(v1::SessionDelivery {
                 packet_id: packet_id.into(),
@@ -491,8 +503,8 @@ impl Core {
         + Send
         + Unpin
         + 'static,
-    ) -> mpsc::UnboundedReceiver<v1::SessionEvent> {
-        let (tx, rx) = mpsc::unbounded_channel();
+    ) -> mpsc::Receiver<v1::SessionEvent> {
+        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
         let core = self.clone();
         tokio::spawn(async move {
             let mut attached: Option<Attached> = None;
@@ -516,7 +528,7 @@ impl Core {
                         closed = true;
                         let expiry = c.set_expiry.then_some(c.expiry_interval_ms);
                         core.session_detach(a, c.publish_will, expiry).await;
-                        let _ = tx.send(event(rid, Event::Closed(true)));
+                        let _ = tx.try_send(event(rid, Event::Closed(true)));
                         Ok(())
                     }
                     (_, Some(_)) if closed => {
@@ -533,7 +545,7 @@ impl Core {
                     (Command::Ack(k), Some(a)) => core.session_ack(a, k, &tx).await,
                 };
                 if let Err(e) = result {
-                    let _ = tx.send(event(rid, Event::Error(error_detail(&e))));
+                    let _ = tx.try_send(event(rid, Event::Error(error_detail(&e))));
                 }
             }
             if let (Some(a), false) = (&attached, closed) {
@@ -576,7 +588,7 @@ impl Core {
             if let Some(old) = st.sessions.get_mut(&id)
                 && let Some(conn) = old.conn.take()
             {
-                let _ = conn.tx.send(event(
+                let _ = conn.tx.try_send(event(
                     0,
                     Event::TakenOver(ErrorDetail {
                         code: ErrorCode::Conflict as i32,
@@ -633,7 +645,7 @@ impl Core {
             if let Some(session) = st.sessions.get_mut(&id)
                 && session.epoch == epoch
             {
-                let _ = tx.send(event(
+                let _ = tx.try_send(event(
                     rid,
                     Event::Opened(v1::SessionOpened {
                         session_present: present,
@@ -643,7 +655,7 @@ impl Core {
                 if let Some(conn) = &session.conn {
                     for (packet_id, p) in &session.inflight {
                         if p.released {
-                            let _ = conn.tx.send(release_event(*packet_id));
+                            let _ = conn.tx.try_send(release_event(*packet_id));
                         } else {
                             broker.send_delivery(conn, *packet_id, p, p.sent);
                         }
@@ -837,7 +849,7 @@ impl Core {
             }])
             .await?;
         }
-        let _ = tx.send(event(rid, Event::Subscribed(v1::SubscribeResult { codes })));
+        let _ = tx.try_send(event(rid, Event::Subscribed(v1::SubscribeResult { codes })));
         if retained_for.is_empty() {
             return Ok(());
         }
@@ -914,7 +926,7 @@ impl Core {
             }])
             .await?;
         }
-        let _ = tx.send(event(
+        let _ = tx.try_send(event(
             rid,
             Event::Unsubscribed(v1::UnsubscribeResult { existed }),
         ));
@@ -939,7 +951,7 @@ impl Core {
                 let mut st = self.broker().state.lock();
                 let session = Self::check_epoch(&mut st, a)?;
                 if !session.incoming_qos2.insert(packet_id) {
-                    let _ = tx.send(event(
+                    let _ = tx.try_send(event(
                         rid,
                         Event::Published(v1::PublishResult {
                             matched: 0,
@@ -982,7 +994,7 @@ impl Core {
         };
         // Request id 0 asks for no answer (QoS 0).
         if rid != 0 {
-            let _ = tx.send(event(
+            let _ = tx.try_send(event(
                 rid,
                 Event::Published(v1::PublishResult {
                     matched,
@@ -1053,7 +1065,7 @@ impl Core {
         // never the PUBLISH again.
         self.persist(ops).await?;
         for id in releases {
-            let _ = tx.send(release_event(id));
+            let _ = tx.try_send(release_event(id));
         }
         Ok(())
     }
