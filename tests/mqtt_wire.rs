@@ -126,7 +126,11 @@ impl Probe {
         let suback = read_exact(&mut sub, 5);
         assert_eq!(suback, [0x90, 3, 0, 1, 0]);
         let publisher = connected(addr, 4, "probe-pub");
-        Probe { sub, publisher, n: 0 }
+        Probe {
+            sub,
+            publisher,
+            n: 0,
+        }
     }
 
     fn check(&mut self) {

@@ -1205,10 +1205,12 @@ async fn session_loop(
                 client.flush().await?;
             }
             pkt = reader.next() => {
-                let mut pkt = pkt;
+                let mut pkt = Some(pkt);
                 let mut go_on = true;
-                for _ in 0..64 {
-                    match pkt {
+                let mut handled = 0;
+                // Handle what is already decoded before writing the answers in one go.
+                while let Some(next) = pkt.take() {
+                    match next {
                         Some(Ok((p, _))) => {
                             deadline = Instant::now() + keep;
                             if !client.on_packet(p)? {
@@ -1219,9 +1221,9 @@ async fn session_loop(
                         Some(Err(e)) => return Err(decode_error(e)),
                         None => return Err(ConnError::Eof),
                     }
-                    match reader.next().now_or_never() {
-                        Some(p) => pkt = p,
-                        None => break,
+                    handled += 1;
+                    if handled < 64 {
+                        pkt = reader.next().now_or_never();
                     }
                 }
                 client.flush().await?;
