@@ -83,7 +83,7 @@ tributary_start() {
     t_kafka=$(free_port); t_mqtt=$(free_port); t_amqp=$(free_port)
     "$bin" --data-dir "$work/tributary/data" --core-listen 127.0.0.1:0 \
         --admin-listen 127.0.0.1:0 --kafka-listen "127.0.0.1:$t_kafka" \
-        --mqtt-listen "127.0.0.1:$t_mqtt" --amqp-listen "127.0.0.1:$t_amqp" --log warn \
+        --mqtt-listen "127.0.0.1:$t_mqtt" --mqtt-ws-listen off --amqp-listen "127.0.0.1:$t_amqp" --log warn \
         > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
     t_pid=$!
     # `ready` is printed once every listener is bound.

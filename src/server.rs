@@ -22,7 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt"];
+pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -55,6 +55,7 @@ pub struct Bound {
     pub admin: Option<SocketAddr>,
     pub kafka: Option<SocketAddr>,
     pub mqtt: Option<SocketAddr>,
+    pub mqtt_ws: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -155,11 +156,9 @@ impl Server {
             }
             _ => None,
         };
-        let mqtt_listener = match mode {
-            Mode::Standalone => {
-                bind_listen(settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen").await?
-            }
-            _ => None,
+        let (mqtt_listener, mqtt_ws_listener) = match mode {
+            Mode::Standalone => bind_mqtt(settings).await?,
+            _ => (None, None),
         };
         let (log, meta) = open_storage(settings)?;
         let config = CoreConfig {
@@ -223,9 +222,16 @@ impl Server {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
             bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
         }
-        if let Some(listener) = mqtt_listener {
+        if mqtt_listener.is_some() || mqtt_ws_listener.is_some() {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
-            bound.mqtt = Some(spawn_mqtt(settings, listener, client, &stop, &mut tasks)?);
+            (bound.mqtt, bound.mqtt_ws) = spawn_mqtt(
+                settings,
+                mqtt_listener,
+                mqtt_ws_listener,
+                client,
+                &stop,
+                &mut tasks,
+            );
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
@@ -240,24 +246,33 @@ impl Server {
 
     /// `tributary gateway <protocol>`: the gateway alone, its core reached over gRPC.
     async fn start_gateway(settings: &Settings, protocol: &str) -> Result<Self, StartError> {
-        let (listen, what, flag) = match protocol {
-            "kafka" => (settings.kafka_listen, "the Kafka gateway", "--kafka-listen"),
-            "mqtt" => (settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen"),
-            _ => return Err(gateway_unavailable(protocol)),
-        };
-        let listener = bind_listen(listen, what, flag).await?.ok_or_else(|| {
-            StartError::Unavailable(format!(
-                "the {protocol} listener is off: give {flag} HOST:PORT"
-            ))
-        })?;
         let client = CoreClient::connect_lazy(&settings.core)?;
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
-        if protocol == "kafka" {
-            bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
-        } else {
-            bound.mqtt = Some(spawn_mqtt(settings, listener, client, &stop, &mut tasks)?);
+        match protocol {
+            "kafka" => {
+                let listener =
+                    bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen")
+                        .await?
+                        .ok_or_else(|| {
+                            StartError::Unavailable(
+                                "the Kafka listener is off: give --kafka-listen HOST:PORT".into(),
+                            )
+                        })?;
+                bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
+            }
+            "mqtt" => {
+                let (tcp, ws) = bind_mqtt(settings).await?;
+                if tcp.is_none() && ws.is_none() {
+                    return Err(StartError::Unavailable(
+                        "both MQTT listeners are off: give --mqtt-listen or --mqtt-ws-listen HOST:PORT".into(),
+                    ));
+                }
+                (bound.mqtt, bound.mqtt_ws) =
+                    spawn_mqtt(settings, tcp, ws, client, &stop, &mut tasks);
+            }
+            _ => return Err(gateway_unavailable(protocol)),
         }
         info!(core = %settings.core, "{protocol} gateway started");
         Ok(Self {
@@ -337,36 +352,51 @@ fn spawn_kafka(
     Ok(addr)
 }
 
-/// Starts the MQTT gateway on a bound listener; returns the address it serves.
+async fn bind_mqtt(
+    settings: &Settings,
+) -> Result<(Option<TcpListener>, Option<TcpListener>), StartError> {
+    let tcp = bind_listen(settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen").await?;
+    let ws = bind_listen(
+        settings.mqtt_ws_listen,
+        "the MQTT WebSocket gateway",
+        "--mqtt-ws-listen",
+    )
+    .await?;
+    Ok((tcp, ws))
+}
+
+/// Starts the MQTT gateway on its bound listeners; returns the addresses it serves.
 fn spawn_mqtt(
     settings: &Settings,
-    listener: TcpListener,
+    tcp: Option<TcpListener>,
+    ws: Option<TcpListener>,
     client: CoreClient,
     stop: &watch::Sender<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<SocketAddr, StartError> {
-    let addr = listener.local_addr().map_err(|source| {
-        StartError::Listen(ListenError::Other {
-            addr: "mqtt".into(),
-            what: "the MQTT gateway".into(),
-            flag: "--mqtt-listen".into(),
-            source,
-        })
-    })?;
+) -> (Option<SocketAddr>, Option<SocketAddr>) {
+    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
     let config = MqttConfig {
         allow_anonymous: settings.mqtt_allow_anonymous,
         users: Arc::new(settings.users.clone()),
         acl: Arc::new(settings.mqtt_acl.clone()),
-        instance: format!("mqtt@{addr}"),
+        instance: format!(
+            "mqtt@{}",
+            tcp_addr
+                .or(ws_addr)
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        ),
         ..MqttConfig::default()
     };
-    tasks.push(tokio::spawn(tributary_gateway_mqtt::serve(
-        listener,
+    tasks.push(tokio::spawn(tributary_gateway_mqtt::serve_listeners(
+        tcp,
+        ws,
         client,
         config,
         stop.subscribe(),
     )));
-    Ok(addr)
+    (tcp_addr, ws_addr)
 }
 
 async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {

@@ -14,9 +14,7 @@ use rmqtt_codec::error::{DecodeError, EncodeError};
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -27,6 +25,10 @@ use tributary_proto::v1::{self, SessionCommand, session_command::Command, sessio
 
 use crate::Gateway;
 use crate::topic;
+
+/// The two halves of whatever carries the bytes (TCP, or a WebSocket bridged to a pipe).
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// How long a client has to send CONNECT after the TCP connection opens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -177,7 +179,7 @@ struct Client {
     user: Option<String>,
     codec: MqttCodec,
     out: BytesMut,
-    writer: OwnedWriteHalf,
+    writer: Writer,
     commands: mpsc::UnboundedSender<SessionCommand>,
     next_rid: u64,
     replies: HashMap<u64, Reply>,
@@ -793,18 +795,21 @@ fn expiry_ms(secs: u32) -> i64 {
     }
 }
 
-/// Serves one TCP connection to its end; one log line when it ends with an error.
-pub(crate) async fn serve_connection(
-    socket: TcpStream,
+/// Serves one connection to its end; one log line when it ends with an error.
+pub(crate) async fn serve_connection<S>(
+    socket: S,
     peer: SocketAddr,
+    listener: &'static str,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
-) {
-    let _guard = ConnectionGuard::new("mqtt");
-    let _ = socket.set_nodelay(true);
-    let span = info_span!("mqtt_conn", %peer);
+) where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    let _guard = ConnectionGuard::new(listener);
+    let span = info_span!("mqtt_conn", %peer, listener);
+    let (rd, wr) = tokio::io::split(socket);
     async move {
-        match run(socket, gw, stop).await {
+        match run(Box::new(rd), Box::new(wr), gw, stop).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
             Err(e @ (ConnError::TakenOver | ConnError::Io(_))) => {
                 debug!(reason = %e, "connection closed")
@@ -909,7 +914,7 @@ fn connect_info(p: MqttPacket) -> Result<ConnectInfo, ConnError> {
 
 /// Writes a refusing CONNACK (v3 return code, v5 reason code) and gives the error back.
 async fn refuse(
-    writer: &mut OwnedWriteHalf,
+    writer: &mut Writer,
     v5: bool,
     v3_code: u8,
     v5_code: u8,
@@ -931,11 +936,11 @@ async fn refuse(
 }
 
 async fn run(
-    socket: TcpStream,
+    rd: Reader,
+    mut writer: Writer,
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let (rd, mut writer) = socket.into_split();
     let mut reader = FramedRead::with_capacity(rd, MqttCodec::Version(VersionCodec), 8 * 1024);
     let version = match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
         Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
@@ -1182,7 +1187,7 @@ async fn run(
 
 async fn session_loop(
     client: &mut Client,
-    reader: &mut FramedRead<tokio::net::tcp::OwnedReadHalf, MqttCodec>,
+    reader: &mut FramedRead<Reader, MqttCodec>,
     events: &mut tonic::Streaming<v1::SessionEvent>,
     keep_alive: u16,
     stop: &mut watch::Receiver<bool>,

@@ -10,6 +10,7 @@
 pub mod acl;
 mod conn;
 pub mod topic;
+mod ws;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -69,23 +70,65 @@ pub(crate) struct Gateway {
     pub(crate) core: CoreClient,
 }
 
-/// Accepts connections until `stop` turns true; each connection runs in its own task.
+/// Accepts MQTT-over-TCP connections until `stop` turns true; each runs in its own task.
 pub async fn serve(
     listener: TcpListener,
     core: CoreClient,
     config: MqttConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    if config.allow_anonymous
-        && listener
-            .local_addr()
-            .is_ok_and(|a: SocketAddr| !a.ip().is_loopback())
-    {
+    serve_listeners(Some(listener), None, core, config, stop).await
+}
+
+/// Accepts on the TCP listener and the WebSocket listener (either may be absent), with one
+/// gateway state shared by both.
+pub async fn serve_listeners(
+    tcp: Option<TcpListener>,
+    ws: Option<TcpListener>,
+    core: CoreClient,
+    config: MqttConfig,
+    stop: watch::Receiver<bool>,
+) {
+    let beyond_loopback = |l: &Option<TcpListener>| {
+        l.as_ref()
+            .and_then(|l| l.local_addr().ok())
+            .is_some_and(|a: SocketAddr| !a.ip().is_loopback())
+    };
+    if config.allow_anonymous && (beyond_loopback(&tcp) || beyond_loopback(&ws)) {
         warn!(
             "mqtt: anonymous clients are allowed on a listener beyond loopback; set mqtt_allow_anonymous = false and add [[users]] to require a password"
         );
     }
     let gateway = Arc::new(Gateway { config, core });
+    let mut tasks = Vec::new();
+    if let Some(l) = tcp {
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            false,
+            gateway.clone(),
+            stop.clone(),
+        )));
+    }
+    if let Some(l) = ws {
+        tasks.push(tokio::spawn(accept_loop(
+            l,
+            true,
+            gateway.clone(),
+            stop.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+    info!("mqtt gateway stopped accepting");
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    websocket: bool,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -93,9 +136,14 @@ pub async fn serve(
         };
         match accepted {
             Ok((socket, peer)) => {
+                let _ = socket.set_nodelay(true);
                 let gateway = gateway.clone();
                 let stop = stop.clone();
-                tokio::spawn(conn::serve_connection(socket, peer, gateway, stop));
+                if websocket {
+                    tokio::spawn(ws::serve_websocket(socket, peer, gateway, stop));
+                } else {
+                    tokio::spawn(conn::serve_connection(socket, peer, "mqtt", gateway, stop));
+                }
             }
             Err(e) => {
                 warn!(error = %e, "mqtt: accept failed");
@@ -103,5 +151,4 @@ pub async fn serve(
             }
         }
     }
-    info!("mqtt gateway stopped accepting");
 }

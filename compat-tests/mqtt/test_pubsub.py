@@ -1,0 +1,92 @@
+"""Publish/subscribe at QoS 0, 1 and 2: exactly-once delivery, per-publisher order, the
+granted QoS, unsubscribe, and one larger QoS 1 count."""
+
+import pytest
+
+from mqttcompat import MQTTv31, MQTTv311, MQTTv5
+
+N = 20
+
+
+@pytest.mark.parametrize("protocol", [MQTTv31, MQTTv311, MQTTv5])
+def test_qos_matrix(broker, mq, uid, protocol):
+    """Subscribers at QoS 0/1/2 each get every message of publishes at QoS 0/1/2 once, in
+    order, at min(publish QoS, subscription QoS)."""
+    subs = {}
+    for sq in (0, 1, 2):
+        s = mq(broker, f"{uid}-s{sq}", protocol)
+        s.connect()
+        assert s.subscribe(f"{uid}/q/+", sq) == [sq], "SUBACK must grant the requested QoS"
+        subs[sq] = s
+    pub = mq(broker, f"{uid}-p", protocol)
+    pub.connect()
+    for pq in (0, 1, 2):
+        for i in range(N):
+            pub.publish(f"{uid}/q/{pq}", f"{pq}-{i}".encode(), qos=pq, wait=False)
+    # QoS 1/2 publishes are acknowledged; QoS 0 ones were written in order before them.
+    pub.publish(f"{uid}/q/end", b"end", qos=1)
+    for sq, s in subs.items():
+        s.wait_messages(1, topic=f"{uid}/q/end")
+        msgs = s.wait_messages(3 * N + 1)
+        for pq in (0, 1, 2):
+            got = [m for m in msgs if m.topic == f"{uid}/q/{pq}"]
+            assert [m.payload.decode() for m in got] == [f"{pq}-{i}" for i in range(N)], (
+                f"sub QoS {sq}, pub QoS {pq}: lost, duplicated or reordered"
+            )
+            assert {m.qos for m in got} == {min(pq, sq)}
+            assert not any(m.retain for m in got)
+        assert len(msgs) == 3 * N + 1, f"extra deliveries: {[m.topic for m in msgs]}"
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_order_kept_per_publisher(broker, mq, uid, protocol):
+    sub = mq(broker, f"{uid}-s", protocol)
+    sub.connect()
+    sub.subscribe(f"{uid}/o", 2)
+    pubs = [mq(broker, f"{uid}-p{i}", protocol) for i in range(2)]
+    for p in pubs:
+        p.connect()
+    # One QoS per publisher: MQTT orders messages per topic and QoS level (4.6).
+    infos = []
+    for i in range(100):
+        for n, p in enumerate(pubs):
+            infos.append((p, p.publish(f"{uid}/o", f"{n}:{i}".encode(), qos=1 + n, wait=False)))
+    for p in pubs:
+        p.wait_published([info for q, info in infos if q is p])
+    msgs = sub.wait_messages(200)
+    assert len(msgs) == 200
+    for n in range(2):
+        seq = [int(m.payload.split(b":")[1]) for m in msgs if m.payload.startswith(f"{n}:".encode())]
+        assert seq == list(range(100)), f"publisher {n}: order not kept"
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_unsubscribe_stops_delivery(broker, mq, uid, protocol):
+    c = mq(broker, f"{uid}-c", protocol)
+    c.connect()
+    c.subscribe(f"{uid}/u", 1)
+    c.subscribe(f"{uid}/keep", 1)
+    c.publish(f"{uid}/u", b"before", qos=1)
+    c.wait_messages(1, topic=f"{uid}/u")
+    c.unsubscribe(f"{uid}/u")
+    c.publish(f"{uid}/u", b"after", qos=1)
+    # A later message on a topic still subscribed: once it is here, "after" would be too.
+    c.publish(f"{uid}/keep", b"barrier", qos=1)
+    c.wait_messages(1, topic=f"{uid}/keep")
+    assert [m.payload for m in c.received(f"{uid}/u")] == [b"before"]
+
+
+def test_10k_qos1_messages_counted(broker, mq, uid):
+    total = 10_000
+    sub = mq(broker, f"{uid}-s", MQTTv311)
+    sub.connect()
+    sub.subscribe(f"{uid}/bulk", 1)
+    pub = mq(broker, f"{uid}-p", MQTTv311, max_inflight=200)
+    pub.connect()
+    infos = [pub.publish(f"{uid}/bulk", str(i).encode(), qos=1, wait=False) for i in range(total)]
+    codes = pub.wait_published(infos, timeout=90)
+    assert set(codes) == {0}
+    msgs = sub.wait_messages(total, timeout=90)
+    got = [int(m.payload) for m in msgs]
+    assert len(got) == total and len(set(got)) == total, "lost or duplicated messages"
+    assert got == sorted(got), "order not kept"
