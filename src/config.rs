@@ -171,6 +171,15 @@ pub struct Options {
     /// MQTT over WebSocket listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_MQTT_WS_LISTEN", global = true)]
     pub mqtt_ws_listen: Option<String>,
+    /// MQTT over TLS listener (HOST:PORT or off; default 0.0.0.0:8883 when --tls-cert is set).
+    #[arg(long, env = "TRIBUTARY_MQTT_TLS_LISTEN", global = true)]
+    pub mqtt_tls_listen: Option<String>,
+    /// PEM certificate chain for the TLS listeners.
+    #[arg(long, env = "TRIBUTARY_TLS_CERT", global = true)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of that certificate.
+    #[arg(long, env = "TRIBUTARY_TLS_KEY", global = true)]
+    pub tls_key: Option<PathBuf>,
     /// AMQP 0-9-1 listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_AMQP_LISTEN", global = true)]
     pub amqp_listen: Option<String>,
@@ -285,6 +294,9 @@ pub struct FileConfig {
     pub kafka_listen: Option<String>,
     pub mqtt_listen: Option<String>,
     pub mqtt_ws_listen: Option<String>,
+    pub mqtt_tls_listen: Option<String>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
     pub amqp_listen: Option<String>,
     pub sqs_listen: Option<String>,
     pub rocketmq_listen: Option<String>,
@@ -363,6 +375,9 @@ pub struct Settings {
     pub kafka_listen: Listen,
     pub mqtt_listen: Listen,
     pub mqtt_ws_listen: Listen,
+    pub mqtt_tls_listen: Listen,
+    /// Certificate chain and key (PEM) for the TLS listeners.
+    pub tls: Option<(PathBuf, PathBuf)>,
     pub amqp_listen: Listen,
     pub sqs_listen: Listen,
     pub rocketmq_listen: Listen,
@@ -613,6 +628,44 @@ impl Settings {
                 allow,
             });
         }
+        let non_empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let tls = match (
+            non_empty(o.tls_cert.clone().or_else(|| f.tls_cert.clone())),
+            non_empty(o.tls_key.clone().or_else(|| f.tls_key.clone())),
+        ) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(invalid(
+                    "tls_key",
+                    "",
+                    "tls_cert is set: give its private key too",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(invalid(
+                    "tls_cert",
+                    "",
+                    "tls_key is set: give the certificate too",
+                ));
+            }
+        };
+        let tls_listen = pick!(mqtt_tls_listen, "");
+        let mqtt_tls_listen = match (tls_listen.as_str(), &tls) {
+            ("", Some(_)) => parse_listen("mqtt_tls_listen", "0.0.0.0:8883")?,
+            ("", None) => Listen::Off,
+            (v, tls) => {
+                let l = parse_listen("mqtt_tls_listen", v)?;
+                if l != Listen::Off && tls.is_none() {
+                    return Err(invalid(
+                        "mqtt_tls_listen",
+                        v,
+                        "a TLS listener needs tls_cert and tls_key (PEM files)",
+                    ));
+                }
+                l
+            }
+        };
         let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
         if !mqtt_allow_anonymous && users.is_empty() {
             return Err(invalid(
@@ -626,6 +679,8 @@ impl Settings {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
         }
         Ok(Self {
+            mqtt_tls_listen,
+            tls,
             mqtt_allow_anonymous,
             mqtt_max_queued,
             mqtt_acl,
@@ -662,11 +717,12 @@ impl Settings {
     }
 
     /// The gateway listeners, by protocol name and the flag that sets each.
-    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 7] {
+    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 8] {
         [
             ("kafka", "--kafka-listen", self.kafka_listen),
             ("mqtt", "--mqtt-listen", self.mqtt_listen),
             ("mqtt-ws", "--mqtt-ws-listen", self.mqtt_ws_listen),
+            ("mqtt-tls", "--mqtt-tls-listen", self.mqtt_tls_listen),
             ("amqp", "--amqp-listen", self.amqp_listen),
             ("sqs", "--sqs-listen", self.sqs_listen),
             ("rocketmq", "--rocketmq-listen", self.rocketmq_listen),
@@ -776,6 +832,9 @@ mod tests {
             "kafka_listen",
             "mqtt_listen",
             "mqtt_ws_listen",
+            "mqtt_tls_listen",
+            "tls_cert",
+            "tls_key",
             "amqp_listen",
             "sqs_listen",
             "rocketmq_listen",

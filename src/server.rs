@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
 use tributary_gateway_kafka::KafkaConfig;
-use tributary_gateway_mqtt::MqttConfig;
+use tributary_gateway_mqtt::{Listeners as MqttListeners, MqttConfig};
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::redb_meta::RedbMetaStore;
@@ -22,7 +22,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws"];
+pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws", "mqtt-tls"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -46,6 +46,8 @@ pub enum StartError {
     Unavailable(String),
     #[error("{0}")]
     Connect(#[from] ConnectError),
+    #[error("{0}")]
+    Tls(#[from] tributary_gateway_common::tls::TlsError),
 }
 
 /// Where a running server's listeners ended up (port 0 resolved).
@@ -56,6 +58,7 @@ pub struct Bound {
     pub kafka: Option<SocketAddr>,
     pub mqtt: Option<SocketAddr>,
     pub mqtt_ws: Option<SocketAddr>,
+    pub mqtt_tls: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -156,9 +159,9 @@ impl Server {
             }
             _ => None,
         };
-        let (mqtt_listener, mqtt_ws_listener) = match mode {
-            Mode::Standalone => bind_mqtt(settings).await?,
-            _ => (None, None),
+        let mqtt_listeners = match mode {
+            Mode::Standalone => Some(bind_mqtt(settings).await?),
+            _ => None,
         };
         let (log, meta) = open_storage(settings)?;
         let config = CoreConfig {
@@ -222,16 +225,11 @@ impl Server {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
             bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
         }
-        if mqtt_listener.is_some() || mqtt_ws_listener.is_some() {
+        if let Some(listeners) = mqtt_listeners
+            && (listeners.tcp.is_some() || listeners.ws.is_some() || listeners.tls.is_some())
+        {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
-            (bound.mqtt, bound.mqtt_ws) = spawn_mqtt(
-                settings,
-                mqtt_listener,
-                mqtt_ws_listener,
-                client,
-                &stop,
-                &mut tasks,
-            );
+            spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
@@ -263,14 +261,13 @@ impl Server {
                 bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
             }
             "mqtt" => {
-                let (tcp, ws) = bind_mqtt(settings).await?;
-                if tcp.is_none() && ws.is_none() {
+                let listeners = bind_mqtt(settings).await?;
+                if listeners.tcp.is_none() && listeners.ws.is_none() && listeners.tls.is_none() {
                     return Err(StartError::Unavailable(
-                        "both MQTT listeners are off: give --mqtt-listen or --mqtt-ws-listen HOST:PORT".into(),
+                        "every MQTT listener is off: give --mqtt-listen, --mqtt-ws-listen or --mqtt-tls-listen HOST:PORT".into(),
                     ));
                 }
-                (bound.mqtt, bound.mqtt_ws) =
-                    spawn_mqtt(settings, tcp, ws, client, &stop, &mut tasks);
+                spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
             }
             _ => return Err(gateway_unavailable(protocol)),
         }
@@ -352,9 +349,8 @@ fn spawn_kafka(
     Ok(addr)
 }
 
-async fn bind_mqtt(
-    settings: &Settings,
-) -> Result<(Option<TcpListener>, Option<TcpListener>), StartError> {
+/// Binds the MQTT listeners that are on and loads the TLS certificate if one is needed.
+async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
     let tcp = bind_listen(settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen").await?;
     let ws = bind_listen(
         settings.mqtt_ws_listen,
@@ -362,41 +358,54 @@ async fn bind_mqtt(
         "--mqtt-ws-listen",
     )
     .await?;
-    Ok((tcp, ws))
+    let tls = match (
+        bind_listen(
+            settings.mqtt_tls_listen,
+            "the MQTT TLS gateway",
+            "--mqtt-tls-listen",
+        )
+        .await?,
+        &settings.tls,
+    ) {
+        (Some(listener), Some((cert, key))) => Some((
+            listener,
+            tributary_gateway_common::tls::acceptor(cert, key)?,
+        )),
+        _ => None,
+    };
+    Ok(MqttListeners { tcp, ws, tls })
 }
 
-/// Starts the MQTT gateway on its bound listeners; returns the addresses it serves.
+/// Starts the MQTT gateway on its bound listeners and records their addresses.
 fn spawn_mqtt(
     settings: &Settings,
-    tcp: Option<TcpListener>,
-    ws: Option<TcpListener>,
+    listeners: MqttListeners,
     client: CoreClient,
     stop: &watch::Sender<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> (Option<SocketAddr>, Option<SocketAddr>) {
-    let tcp_addr = tcp.as_ref().and_then(|l| l.local_addr().ok());
-    let ws_addr = ws.as_ref().and_then(|l| l.local_addr().ok());
+    bound: &mut Bound,
+) {
+    let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
+    bound.mqtt = addr(&listeners.tcp);
+    bound.mqtt_ws = addr(&listeners.ws);
+    bound.mqtt_tls = listeners
+        .tls
+        .as_ref()
+        .and_then(|(l, _)| l.local_addr().ok());
+    let first = bound.mqtt.or(bound.mqtt_ws).or(bound.mqtt_tls);
     let config = MqttConfig {
         allow_anonymous: settings.mqtt_allow_anonymous,
         users: Arc::new(settings.users.clone()),
         acl: Arc::new(settings.mqtt_acl.clone()),
-        instance: format!(
-            "mqtt@{}",
-            tcp_addr
-                .or(ws_addr)
-                .map(|a| a.to_string())
-                .unwrap_or_default()
-        ),
+        instance: format!("mqtt@{}", first.map(|a| a.to_string()).unwrap_or_default()),
         ..MqttConfig::default()
     };
     tasks.push(tokio::spawn(tributary_gateway_mqtt::serve_listeners(
-        tcp,
-        ws,
+        listeners,
         client,
         config,
         stop.subscribe(),
     )));
-    (tcp_addr, ws_addr)
 }
 
 async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {

@@ -22,6 +22,7 @@ pub fn free_port_args(data_dir: &Path) -> Vec<String> {
         "--kafka-listen",
         "--mqtt-listen",
         "--mqtt-ws-listen",
+        "--mqtt-tls-listen",
         "--amqp-listen",
         "--sqs-listen",
         "--rocketmq-listen",

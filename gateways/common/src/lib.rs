@@ -4,6 +4,7 @@
 pub mod auth;
 pub mod client;
 pub mod listener;
+pub mod tls;
 
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
 pub use listener::{ConnectionGuard, ListenError, bind};

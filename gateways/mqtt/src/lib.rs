@@ -17,9 +17,10 @@ use std::sync::Arc;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use tributary_gateway_common::CoreClient;
 use tributary_gateway_common::auth::Users;
+pub use tributary_gateway_common::tls::TlsAcceptor;
 
 pub use acl::{Acl, AclRule, Action};
 pub use conn::decode_stream;
@@ -77,14 +78,38 @@ pub async fn serve(
     config: MqttConfig,
     stop: watch::Receiver<bool>,
 ) {
-    serve_listeners(Some(listener), None, core, config, stop).await
+    serve_listeners(
+        Listeners {
+            tcp: Some(listener),
+            ..Listeners::default()
+        },
+        core,
+        config,
+        stop,
+    )
+    .await
+}
+
+/// The listeners one MQTT gateway serves; any may be absent.
+#[derive(Default)]
+pub struct Listeners {
+    pub tcp: Option<TcpListener>,
+    pub ws: Option<TcpListener>,
+    /// MQTT over TLS, with the acceptor holding the certificate.
+    pub tls: Option<(TcpListener, TlsAcceptor)>,
+}
+
+#[derive(Clone, Copy)]
+enum Transport {
+    Tcp,
+    WebSocket,
+    Tls,
 }
 
 /// Accepts on the TCP listener and the WebSocket listener (either may be absent), with one
 /// gateway state shared by both.
 pub async fn serve_listeners(
-    tcp: Option<TcpListener>,
-    ws: Option<TcpListener>,
+    listeners: Listeners,
     core: CoreClient,
     config: MqttConfig,
     stop: watch::Receiver<bool>,
@@ -94,28 +119,34 @@ pub async fn serve_listeners(
             .and_then(|l| l.local_addr().ok())
             .is_some_and(|a: SocketAddr| !a.ip().is_loopback())
     };
-    if config.allow_anonymous && (beyond_loopback(&tcp) || beyond_loopback(&ws)) {
+    let Listeners { tcp, ws, tls } = listeners;
+    let (tls, acceptor) = match tls {
+        Some((l, a)) => (Some(l), Some(a)),
+        None => (None, None),
+    };
+    if config.allow_anonymous
+        && (beyond_loopback(&tcp) || beyond_loopback(&ws) || beyond_loopback(&tls))
+    {
         warn!(
             "mqtt: anonymous clients are allowed on a listener beyond loopback; set mqtt_allow_anonymous = false and add [[users]] to require a password"
         );
     }
     let gateway = Arc::new(Gateway { config, core });
     let mut tasks = Vec::new();
-    if let Some(l) = tcp {
-        tasks.push(tokio::spawn(accept_loop(
-            l,
-            false,
-            gateway.clone(),
-            stop.clone(),
-        )));
-    }
-    if let Some(l) = ws {
-        tasks.push(tokio::spawn(accept_loop(
-            l,
-            true,
-            gateway.clone(),
-            stop.clone(),
-        )));
+    for (listener, transport) in [
+        (tcp, Transport::Tcp),
+        (ws, Transport::WebSocket),
+        (tls, Transport::Tls),
+    ] {
+        if let Some(l) = listener {
+            tasks.push(tokio::spawn(accept_loop(
+                l,
+                transport,
+                acceptor.clone(),
+                gateway.clone(),
+                stop.clone(),
+            )));
+        }
     }
     for t in tasks {
         let _ = t.await;
@@ -125,7 +156,8 @@ pub async fn serve_listeners(
 
 async fn accept_loop(
     listener: TcpListener,
-    websocket: bool,
+    transport: Transport,
+    acceptor: Option<TlsAcceptor>,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -139,10 +171,33 @@ async fn accept_loop(
                 let _ = socket.set_nodelay(true);
                 let gateway = gateway.clone();
                 let stop = stop.clone();
-                if websocket {
-                    tokio::spawn(ws::serve_websocket(socket, peer, gateway, stop));
-                } else {
-                    tokio::spawn(conn::serve_connection(socket, peer, "mqtt", gateway, stop));
+                match (transport, &acceptor) {
+                    (Transport::WebSocket, _) => {
+                        tokio::spawn(ws::serve_websocket(socket, peer, gateway, stop));
+                    }
+                    (Transport::Tls, Some(acceptor)) => {
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            // The handshake runs in the connection's task, bounded like CONNECT.
+                            let handshake = tokio::time::timeout(
+                                std::time::Duration::from_secs(10),
+                                acceptor.accept(socket),
+                            );
+                            match handshake.await {
+                                Ok(Ok(tls)) => {
+                                    conn::serve_connection(tls, peer, "mqtt-tls", gateway, stop)
+                                        .await
+                                }
+                                Ok(Err(e)) => {
+                                    debug!(%peer, error = %e, "mqtt: TLS handshake failed")
+                                }
+                                Err(_) => debug!(%peer, "mqtt: TLS handshake timed out"),
+                            }
+                        });
+                    }
+                    _ => {
+                        tokio::spawn(conn::serve_connection(socket, peer, "mqtt", gateway, stop));
+                    }
                 }
             }
             Err(e) => {
