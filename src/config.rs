@@ -249,6 +249,10 @@ pub struct Options {
     /// dropped beyond it.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_QUEUED", global = true)]
     pub mqtt_max_queued: Option<usize>,
+    /// Longest MQTT keep-alive in seconds: a client asking for more (or for none) gets this
+    /// one (announced as Server Keep Alive to 5.0 clients); 0 = take the client's.
+    #[arg(long, env = "TRIBUTARY_MQTT_MAX_KEEP_ALIVE", global = true)]
+    pub mqtt_max_keep_alive: Option<u16>,
     /// How long the first rebalance of an empty consumer group waits for more members, in ms.
     #[arg(
         long,
@@ -317,6 +321,7 @@ pub struct FileConfig {
     pub group_initial_rebalance_delay_ms: Option<u64>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
+    pub mqtt_max_keep_alive: Option<u16>,
     pub log: Option<String>,
     /// MQTT topic access rules, first match wins (file only).
     #[serde(default)]
@@ -398,6 +403,7 @@ pub struct Settings {
     pub group_initial_rebalance_delay: Duration,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
+    pub mqtt_max_keep_alive: u16,
     pub mqtt_acl: tributary_gateway_mqtt::Acl,
     pub log: String,
     pub users: tributary_gateway_common::auth::Users,
@@ -679,6 +685,7 @@ impl Settings {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
         }
         Ok(Self {
+            mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
             mqtt_tls_listen,
             tls,
             mqtt_allow_anonymous,
@@ -855,6 +862,7 @@ mod tests {
             "group_initial_rebalance_delay_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",
+            "mqtt_max_keep_alive",
             "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");

@@ -395,6 +395,7 @@ fn spawn_mqtt(
     let first = bound.mqtt.or(bound.mqtt_ws).or(bound.mqtt_tls);
     let config = MqttConfig {
         allow_anonymous: settings.mqtt_allow_anonymous,
+        max_keep_alive: settings.mqtt_max_keep_alive,
         users: Arc::new(settings.users.clone()),
         acl: Arc::new(settings.mqtt_acl.clone()),
         instance: format!("mqtt@{}", first.map(|a| a.to_string()).unwrap_or_default()),

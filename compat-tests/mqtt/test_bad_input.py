@@ -72,8 +72,6 @@ def test_publish_to_wildcard_topic(broker, bystander, raw_clients, uid, level, t
     [
         # A remaining length that never ends (five continuation bytes).
         bytes([0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F]),
-        # PINGREQ with a body (its remaining length must be 0).
-        bytes([0xC0, 0x01, 0x00]),
         # SUBSCRIBE with a packet id and no filter at all.
         bytes([0x82, 0x02, 0x00, 0x01]),
         # SUBSCRIBE with the reserved flags wrong (must be 0b0010).
@@ -83,7 +81,7 @@ def test_publish_to_wildcard_topic(broker, bystander, raw_clients, uid, level, t
         # A PUBLISH whose topic length runs past the packet.
         bytes([0x30, 0x04, 0x00, 0x10, 0x61, 0x62]),
     ],
-    ids=["endless-length", "pingreq-body", "subscribe-empty", "subscribe-flags",
+    ids=["endless-length", "subscribe-empty", "subscribe-flags",
          "reserved-type", "topic-overrun"],
 )
 def test_malformed_packet_after_connect(broker, bystander, raw_clients, uid, garbage):
@@ -104,9 +102,14 @@ def test_truncated_packet_then_eof(broker, bystander, raw_clients, uid):
     "first",
     [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",
-        bytes([0x10, 0x05]) + b"\x00\x03ABC",  # unknown protocol name, cut short
+        # A whole CONNECT naming an unknown protocol.
+        mqttraw.packet(mqttraw.CONNECT, 0,
+                       mqttraw.mqtt_str("ABCD") + b"\x04\x02\x00\x3c" + mqttraw.mqtt_str("x")),
+        # A complete CONNECT packet too short to hold its variable header (remaining
+        # length 5): malformed as it stands, nothing more belongs to it.
+        bytes([0x10, 0x05]) + b"\x00\x03ABC",
     ],
-    ids=["http", "bad-protocol-name"],
+    ids=["http", "unknown-protocol-name", "short-connect"],
 )
 def test_garbage_instead_of_connect(broker, bystander, raw_clients, first):
     r = broker.raw()
