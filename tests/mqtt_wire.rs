@@ -249,3 +249,26 @@ fn keep_alive_is_enforced_at_one_and_a_half_times() {
         "closed after {waited:?}, before 1.5 x keep-alive"
     );
 }
+
+#[test]
+fn enhanced_authentication_is_refused_with_its_reason_codes() {
+    let (server, _dir) = start();
+    let addr = server.mqtt.unwrap();
+    // CONNECT 5.0 with Authentication Method "SCRAM-SHA-1": CONNACK 0x8C, then closed.
+    let mut body = string("MQTT");
+    body.extend([5, 0x02, 0, 60]);
+    let method = string("SCRAM-SHA-1");
+    body.push(1 + method.len() as u8);
+    body.push(0x15);
+    body.extend(method);
+    body.extend(string("auth"));
+    let mut s = open(addr);
+    s.write_all(&packet(0x10, &body)).unwrap();
+    let got = read_until_closed(&mut s);
+    assert!(got.len() >= 4 && got[0] == 0x20 && got[3] == 0x8C, "{got:02x?}");
+
+    // AUTH on a connection that did not ask for it: DISCONNECT 0x82 (protocol error).
+    let mut s = connected(addr, 5, "auth2");
+    s.write_all(&packet(0xF0, &[0x18, 0])).unwrap();
+    assert_eq!(read_until_closed(&mut s), [0xE0, 2, 0x82, 0]);
+}

@@ -588,13 +588,13 @@ def pytest_collection_modifyitems(config, items):
             broker = m.kwargs.get("broker", m.args[0] if m.args else None)
             reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
             protocol = m.kwargs.get("protocol")
-            if params.get("broker") != broker:
+            if params.get("broker", params.get("restartable")) != broker:
                 continue
             if protocol is not None and params.get("protocol") != protocol:
                 continue
             item.add_marker(pytest.mark.xfail(strict=True, reason=f"{broker} differs: {reason}"))
         for m in item.iter_markers("tributary_only"):
-            if "broker" in params:
+            if "broker" in params or "restartable" in params:
                 raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
 
 
