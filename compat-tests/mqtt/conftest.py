@@ -300,18 +300,22 @@ class TributaryDeployment:
         """SIGKILL of the process that holds the data (standalone: the only one)."""
         self.core.stop(signal.SIGKILL)
 
-    def restart_core(self):
-        """Starts the core (or the standalone process) again on the same data directory.
-
-        Split modes: the gateways stay up and reconnect to the core on its new port only if
-        they are restarted too, so they are (the core's port is picked afresh)."""
+    def restart_core(self, sig: int = signal.SIGKILL):
+        """Stops the process holding the data with `sig` and starts it again on the same
+        data directory. Standalone: a new process on a new MQTT port. Split modes: the
+        core comes back on the same gRPC address and the gateways keep running."""
         if self.mode == "standalone":
-            self.stop(signal.SIGKILL)
+            self.stop(sig)
             return self.start()
-        for gw in self.gateways:
-            gw.stop(signal.SIGTERM)
-        self.core.stop(signal.SIGKILL)
-        return self.start()
+        core = self.core
+        core.stop(sig)
+        argv = list(core.argv)
+        argv[argv.index("--core-listen") + 1] = self.core_addr  # same address for gateways
+        core.argv = argv
+        listeners = core.start()
+        self._need(listeners, "core", core)
+        assert listeners["core"] == self.core_addr, listeners
+        return self
 
     def broker(self, i: int = 0) -> Broker:
         host, port = _split_addr(self.mqtt[i])
