@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Short `tributary bench mqtt|amqp` runs against the reference brokers (Mosquitto, RabbitMQ,
-# installed from Debian when missing), checking that every expected delivery arrived. The
-# Kafka bench is covered against Tributary itself by tests/bench_cli.rs.
+# installed from Debian when missing) and the MQTT ones against Tributary's own gateway,
+# checking that every expected delivery arrived. The Kafka bench is covered against
+# Tributary itself by tests/bench_cli.rs.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/bench-smoke.sh
 set -euo pipefail
@@ -13,8 +14,10 @@ bin="${TRIBUTARY_BIN:?set TRIBUTARY_BIN to the tributary binary}"
 source "$root/scripts/brokers.sh"
 work="$(mktemp -d /tmp/tributary-bench-smoke.XXXXXX)"
 brokers_init "$work"
+t_pid=""
 cleanup() {
     set +e
+    [[ -n "$t_pid" ]] && kill "$t_pid" 2>/dev/null && wait "$t_pid" 2>/dev/null
     brokers_stop
     rm -rf "$work"
 }
@@ -51,12 +54,32 @@ EOF
     fi
 }
 
+# Tributary standalone with only its MQTT listener, on a free port.
+t_port=$(free_port)
+mkdir -p "$work/tributary"
+"$bin" --data-dir "$work/tributary/data" --core-listen off --admin-listen off \
+    --kafka-listen off --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off --log warn \
+    > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
+t_pid=$!
+deadline=$((SECONDS + 60))
+until grep -qx ready "$work/tributary/stdout" 2>/dev/null; do
+    if ((SECONDS > deadline)) || ! kill -0 "$t_pid" 2>/dev/null; then
+        echo "FAIL tributary did not start:"; cat "$work/tributary/stderr"; exit 1
+    fi
+    sleep 0.1
+done
+
 m="127.0.0.1:$m_port"
 r="127.0.0.1:$r_port"
-check "mqtt qos0 4x4 on 2 topics" mqtt "$m" --producers 4 --consumers 4 --topics 2 --qos 0 --duration 2 --rate 2000
-check "mqtt qos1 4x4 on 2 topics" mqtt "$m" --producers 4 --consumers 4 --topics 2 --qos 1 --duration 2
-check "mqtt qos2 2x2" mqtt "$m" --producers 2 --consumers 2 --topics 2 --qos 2 --duration 2
-check "mqtt fan-out 1x50 + 50 idle" mqtt "$m" --producers 1 --consumers 50 --qos 1 --rate 100 --duration 2 --connections 50
+t="127.0.0.1:$t_port"
+for target in "$m" "$t"; do
+    name=mosquitto
+    [[ "$target" == "$t" ]] && name=tributary
+    check "$name mqtt qos0 4x4 on 2 topics" mqtt "$target" --producers 4 --consumers 4 --topics 2 --qos 0 --duration 2 --rate 2000
+    check "$name mqtt qos1 4x4 on 2 topics" mqtt "$target" --producers 4 --consumers 4 --topics 2 --qos 1 --duration 2
+    check "$name mqtt qos2 2x2" mqtt "$target" --producers 2 --consumers 2 --topics 2 --qos 2 --duration 2
+    check "$name mqtt fan-out 1x50 + 50 idle" mqtt "$target" --producers 1 --consumers 50 --qos 1 --rate 100 --duration 2 --connections 50
+done
 check "amqp confirms 2x2 durable" amqp "$r" --producers 2 --consumers 2 --topics 2 --qos 1 --duration 2
 check "amqp no confirms transient 2x1" amqp "$r" --producers 2 --consumers 1 --qos 0 --transient --duration 2
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README.md "Run the tests"; .ci/run calls exactly this).
 # Needs the Rust toolchain and python3; cargo fetches the crates, scripts/compat.sh the Python
-# clients (venv), scripts/bench-smoke.sh installs mosquitto and rabbitmq-server from Debian.
+# clients (venv); mosquitto (the MQTT reference broker) and rabbitmq-server come from Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -14,5 +14,8 @@ cargo test --workspace --locked
 echo "== protocol compatibility scenarios (real client libraries)"
 cargo build --locked --bin tributary
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh kafka
+# The MQTT scenarios also run against Mosquitto (installed from Debian when missing).
+(source scripts/brokers.sh && brokers_install mosquitto)
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mqtt
 echo "== tributary bench mqtt|amqp against Mosquitto and RabbitMQ (installed from Debian if missing)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/bench-smoke.sh
