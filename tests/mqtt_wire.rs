@@ -265,7 +265,10 @@ fn enhanced_authentication_is_refused_with_its_reason_codes() {
     let mut s = open(addr);
     s.write_all(&packet(0x10, &body)).unwrap();
     let got = read_until_closed(&mut s);
-    assert!(got.len() >= 4 && got[0] == 0x20 && got[3] == 0x8C, "{got:02x?}");
+    assert!(
+        got.len() >= 4 && got[0] == 0x20 && got[3] == 0x8C,
+        "{got:02x?}"
+    );
 
     // AUTH on a connection that did not ask for it: DISCONNECT 0x82 (protocol error).
     let mut s = connected(addr, 5, "auth2");

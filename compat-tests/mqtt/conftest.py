@@ -184,6 +184,26 @@ class ServerProcess:
         return _log_tail(self.log_path, n)
 
 
+_flags_cache: dict[str, set[str]] = {}
+
+# Every listener flag a build may have; each one not wanted is turned off, so no test server
+# ever opens a default port (e.g. MQTT over WebSocket on 0.0.0.0:8083).
+LISTENER_FLAGS = [
+    "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
+    "--mqtt-tls-listen", "--amqp-listen", "--sqs-listen", "--rocketmq-listen",
+    "--namesrv-listen",
+]
+
+
+def _listeners_off(binary: str, *keep: str) -> list[str]:
+    """`--X off` for every listener flag of this binary except `keep`."""
+    if binary not in _flags_cache:
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+        _flags_cache[binary] = set(re.findall(r"--[a-z0-9-]+", out.stdout))
+    known = _flags_cache[binary]
+    return [a for f in LISTENER_FLAGS if f in known and f not in keep for a in (f, "off")]
+
+
 def _split_addr(addr: str) -> tuple[str, int]:
     host, port = addr.rsplit(":", 1)
     return host, int(port)
@@ -218,9 +238,7 @@ class TributaryDeployment:
                 [
                     self.bin, *self._config_args(),
                     "--data-dir", str(self.data_dir),
-                    "--kafka-listen", "off",
-                    "--core-listen", "off",
-                    "--admin-listen", "off",
+                    *_listeners_off(self.bin, "--mqtt-listen"),
                     "--mqtt-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "standalone.log",
@@ -235,10 +253,8 @@ class TributaryDeployment:
                 [
                     self.bin, "core", *self._config_args(),
                     "--data-dir", str(self.data_dir),
+                    *_listeners_off(self.bin, "--core-listen"),
                     "--core-listen", "127.0.0.1:0",
-                    "--admin-listen", "off",
-                    "--kafka-listen", "off",
-                    "--mqtt-listen", "off",
                 ],
                 self.workdir / "core.log",
             )
@@ -258,6 +274,7 @@ class TributaryDeployment:
             [
                 self.bin, "gateway", "mqtt", *self._config_args(),
                 "--core", f"http://{self.core_addr}",
+                *_listeners_off(self.bin, "--mqtt-listen", "--core-listen"),
                 "--mqtt-listen", "127.0.0.1:0",
             ],
             self.workdir / f"gateway{i}.log",
@@ -547,6 +564,26 @@ def make_tributary(tmp_path, request):
         d = TributaryDeployment(mode, wd, cfg)
         made.append(d)
         servers.append(d)
+        return d.start()
+
+    yield make
+    for d in made:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def make_module_tributary(tmp_path_factory):
+    """Like make_tributary, for servers shared by the tests of one module (e.g. a config)."""
+    made: list[TributaryDeployment] = []
+
+    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
+        wd = tmp_path_factory.mktemp("tributary-module")
+        cfg = None
+        if config is not None:
+            cfg = wd / "tributary.toml"
+            cfg.write_text(config)
+        d = TributaryDeployment(mode, wd, cfg)
+        made.append(d)
         return d.start()
 
     yield make

@@ -693,6 +693,7 @@ impl Core {
             let Some(conn) = session.conn.take() else {
                 return;
             };
+            let was_persistent = session.persistent();
             if let Some(e) = expiry {
                 session.expiry_ms = e;
             }
@@ -707,6 +708,10 @@ impl Core {
                 });
             } else if let Some(old) = st.sessions.remove(&a.id) {
                 discard_subscriptions(&mut st, &a.id, &old);
+                // Expiry set to 0 on DISCONNECT: what was stored for it goes too.
+                if was_persistent {
+                    ops.extend(delete_session_ops(&a.id, &old));
+                }
                 // QoS 1/2 messages of a shared subscription go to another member.
                 for p in old.inflight.into_values().chain(old.queue) {
                     if let Some((group, raw)) = &p.share
