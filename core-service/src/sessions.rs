@@ -54,6 +54,8 @@ const RETAINED_KEY: &str = "mqttretained";
 const SYS_INTERVAL: Duration = Duration::from_secs(10);
 
 type SessionId = (String, String);
+/// A share group and the filter string it subscribed with.
+type ShareKey = (Arc<str>, Arc<str>);
 
 #[derive(Default)]
 struct Stats {
@@ -260,7 +262,7 @@ impl State {
             return Vec::new();
         };
         let mut direct: HashMap<Arc<str>, (u32, bool, Vec<u32>)> = HashMap::new();
-        let mut shared: BTreeMap<(Arc<str>, Arc<str>), Vec<Arc<str>>> = BTreeMap::new();
+        let mut shared: BTreeMap<ShareKey, Vec<Arc<str>>> = BTreeMap::new();
         tree.for_each_match(topic, |e: &Entry| match &e.group {
             Some(g) => shared
                 .entry((g.clone(), e.raw_filter.clone()))
@@ -432,9 +434,7 @@ impl Broker {
     /// expired ones are rare and the rest are dropped when reached again).
     fn pump(&self, id: &SessionId, session: &mut Session) -> Option<Vec<u8>> {
         let mut dead = None;
-        let Some(window) = session.conn.as_ref().map(|c| c.receive_max) else {
-            return None;
-        };
+        let window = session.conn.as_ref().map(|c| c.receive_max)?;
         let now = now_ms();
         while session.inflight.len() < window {
             let Some(mut p) = session.queue.pop_front() else {

@@ -66,16 +66,14 @@ pub(crate) async fn serve_websocket(
     // WebSocket -> pipe: payloads of binary messages, in order.
     let inbound = tokio::spawn(async move {
         while let Some(Ok(msg)) = ws_rx.next().await {
-            match msg {
-                Message::Binary(data) => {
-                    if pipe_wr.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                Message::Close(_) => break,
+            let data = match msg {
+                Message::Binary(data) => data,
                 // Text frames are not MQTT (MQTT-6.0.0-1): close.
-                Message::Text(_) => break,
-                _ => {}
+                Message::Close(_) | Message::Text(_) => break,
+                _ => continue,
+            };
+            if pipe_wr.write_all(&data).await.is_err() {
+                break;
             }
         }
         let _ = pipe_wr.shutdown().await;
