@@ -8,7 +8,10 @@ its own directory.
   each per test session, shared by the tests (topics and client ids get unique prefixes).
 * ``make_tributary``: a private Tributary deployment (``standalone``, ``split`` = core + one
   MQTT gateway, ``split-2gw`` = core + two gateways), for restarts, kills and configs.
+* ``make_module_tributary``: the same, shared by the tests of one module (a config file).
 * ``make_mosquitto``: a private Mosquitto, for restarts.
+* ``mq``: paho clients (mqttcompat.Client) closed after the test; ``raw_clients``: sockets
+  speaking hand-made packets (mqttraw), for what a client library refuses to send.
 
 Markers:
 
@@ -396,6 +399,12 @@ class MosquittoProcess:
         return path
 
     def start(self, timeout: float = 20.0) -> "MosquittoProcess":
+        if not (os.path.isfile(MOSQUITTO_BIN) and os.access(MOSQUITTO_BIN, os.X_OK)):
+            pytest.fail(
+                f"Mosquitto, the reference broker, is not at {MOSQUITTO_BIN}: install it "
+                "(apt-get install mosquitto) or set MOSQUITTO_BIN",
+                pytrace=False,
+            )
         if self.port is None:
             self.port = free_port()  # kept across restarts (clients reconnect to it)
         conf = self._write_config()
@@ -491,16 +500,21 @@ def mosquitto_server(tmp_path_factory):
     m.stop()
 
 
+def _servers(request) -> list:
+    """The servers a test uses; their logs are attached to its report when it fails."""
+    node = request.node
+    if not hasattr(node, "_mqtt_servers"):
+        node._mqtt_servers = []
+    return node._mqtt_servers
+
+
 def _check_alive(server, when: str):
     dead = [p for p in server.processes if not p.alive()]
     if dead:
         info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
         tails = "\n".join(p.log_tail() for p in server.processes)
         # Restart so later tests run, and fail this one.
-        if isinstance(server, TributaryDeployment):
-            server.stop(signal.SIGKILL)
-        else:
-            server.stop(signal.SIGKILL)
+        server.stop(signal.SIGKILL)
         server.start()
         pytest.fail(f"server died {when}: {info}\n{tails}", pytrace=False)
 
@@ -510,9 +524,8 @@ def broker(request) -> Broker:
     """The shared server of this test's broker kind, checked alive before and after."""
     server = request.getfixturevalue(f"{request.param}_server")
     _check_alive(server, "before this test")
-    request.node._mqtt_servers = [server]
-    b = server.broker()
-    yield b
+    _servers(request).append(server)
+    yield server.broker()
     _check_alive(server, "during this test")
 
 
@@ -551,8 +564,7 @@ def raw_clients():
 def make_tributary(tmp_path, request):
     """Factory for private Tributary deployments; stopped after the test."""
     made: list[TributaryDeployment] = []
-    servers = getattr(request.node, "_mqtt_servers", [])
-    request.node._mqtt_servers = servers
+    servers = _servers(request)
 
     def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
         wd = tmp_path / f"tributary{len(made)}"
@@ -594,8 +606,7 @@ def make_module_tributary(tmp_path_factory):
 @pytest.fixture
 def make_mosquitto(tmp_path, request):
     made: list[MosquittoProcess] = []
-    servers = getattr(request.node, "_mqtt_servers", [])
-    request.node._mqtt_servers = servers
+    servers = _servers(request)
 
     def make(persistence: bool = False) -> MosquittoProcess:
         m = MosquittoProcess(tmp_path / f"mosquitto{len(made)}", persistence)

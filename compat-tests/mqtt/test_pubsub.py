@@ -1,8 +1,10 @@
 """Publish/subscribe at QoS 0, 1 and 2: exactly-once delivery, per-publisher order, the
-granted QoS, unsubscribe, and one larger QoS 1 count."""
+granted QoS, unsubscribe, payloads and topic names, pipelined bursts and one larger QoS 1
+count."""
 
 import pytest
 
+import mqttraw
 from mqttcompat import MQTTv31, MQTTv311, MQTTv5
 
 N = 20
@@ -90,3 +92,60 @@ def test_10k_qos1_messages_counted(broker, mq, uid):
     got = [int(m.payload) for m in msgs]
     assert len(got) == total and len(set(got)) == total, "lost or duplicated messages"
     assert got == sorted(got), "order not kept"
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_payloads_and_topic_names(broker, mq, uid, protocol):
+    """Empty and 1 MiB payloads, binary bytes, UTF-8 topic names, empty topic levels."""
+    c = mq(broker, f"{uid}-c", protocol)
+    c.connect()
+    c.subscribe(f"{uid}/#", 1)
+    c.subscribe(f"+/{uid}/+", 1)
+    cases = [
+        (f"{uid}/empty", b""),
+        (f"{uid}/big", bytes(range(256)) * 4096),
+        (f"{uid}/ünïcødé/✓", b"\x00\xff\x00"),
+        (f"{uid}//double", b"a"),
+        (f"{uid}/trailing/", b"b"),
+        (f"/{uid}/leading", b"c"),
+    ]
+    for topic, payload in cases:
+        c.publish(topic, payload, qos=1)
+    msgs = c.wait_messages(len(cases))
+    assert [(m.topic, m.payload) for m in msgs] == cases
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_resubscribe_replaces_subscription(broker, mq, uid, protocol):
+    """SUBSCRIBE to a filter already subscribed replaces it (MQTT-3.8.4-3): one copy per
+    message, at the new QoS."""
+    c = mq(broker, f"{uid}-c", protocol)
+    c.connect()
+    assert c.subscribe(f"{uid}/r", 0) == [0]
+    assert c.subscribe(f"{uid}/r", 2) == [2]
+    c.subscribe(f"{uid}/end", 1)
+    c.publish(f"{uid}/r", b"1", qos=2)
+    c.publish(f"{uid}/end", b"end", qos=1)
+    c.wait_messages(1, topic=f"{uid}/end")
+    c.wait_messages(1, topic=f"{uid}/r")
+    assert [(m.payload, m.qos) for m in c.received(f"{uid}/r")] == [(b"1", 2)]
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["v311", "v5"])
+def test_pipelined_burst_of_publishes(broker, mq, raw_clients, uid, level):
+    """300 QoS 1 PUBLISH packets written in one go (many packets per TCP read): every one is
+    acknowledged and routed once, in order."""
+    n = 300
+    s = mq(broker, f"{uid}-s", MQTTv311)
+    s.connect()
+    s.subscribe(f"{uid}/burst", 1)
+    r = broker.raw()
+    raw_clients.append(r)
+    r.send(mqttraw.connect(f"{uid}-raw", level=level))
+    assert r.connack()[1] == 0
+    r.send(b"".join(mqttraw.publish(f"{uid}/burst", b"%d" % i, qos=1, packet_id=i + 1,
+                                    v5=level == 5) for i in range(n)))
+    acked = [int.from_bytes(r.read().body[:2], "big") for _ in range(n)]
+    assert sorted(acked) == list(range(1, n + 1))
+    msgs = s.wait_messages(n)
+    assert [int(m.payload) for m in msgs] == list(range(n))

@@ -5,6 +5,7 @@ import signal
 
 import pytest
 
+import mqttraw
 from mqttcompat import BROKERS, MQTTv311, MQTTv5, wait_until
 
 
@@ -103,11 +104,59 @@ def test_session_and_retained_survive_kill_9(make_tributary, mq, uid, mode):
     per_qos = 100  # 200 messages
     d = make_tributary(mode)
     cid = offline_session_with_messages(d.broker(), mq, uid, MQTTv311, per_qos)
+    p = mq(d.broker(), f"{uid}-clr", MQTTv311)
+    p.connect()
+    p.publish(f"{uid}/cleared", b"old", qos=1, retain=True)
+    p.publish(f"{uid}/cleared", b"", qos=1, retain=True)
     d.restart_core(signal.SIGKILL)
     if mode == "split":
         # The gateway stayed up and reaches the restarted core on the same address.
         assert all(gw.alive() for gw in d.gateways)
-    check_session_resumed(d.broker(), mq, uid, MQTTv311, cid, per_qos)
+    c = check_session_resumed(d.broker(), mq, uid, MQTTv311, cid, per_qos)
+    # A cleared retained message stays cleared.
+    c.subscribe(f"{uid}/cleared", 1)
+    c.subscribe(f"{uid}/barrier", 1)
+    c.publish(f"{uid}/barrier", b"b", qos=1)
+    c.wait_messages(1, topic=f"{uid}/barrier")
+    assert c.received(f"{uid}/cleared") == []
+
+
+@pytest.mark.tributary_only(reason="kill -9 of the process holding the data; see above")
+@pytest.mark.parametrize("mode", ["standalone", "split"])
+def test_inbound_qos2_exactly_once_across_kill_9(make_tributary, mq, raw_clients, uid, mode):
+    """PUBLISH QoS 2 -> PUBREC, then the server dies before PUBREL. After the restart the
+    publisher (persistent session) sends PUBREL and gets PUBCOMP; the message, routed once,
+    reaches the persistent subscriber exactly once."""
+    d = make_tributary(mode)
+    sub = mq(d.broker(), f"{uid}-sub", MQTTv311, clean=False)
+    sub.connect()
+    sub.subscribe(f"{uid}/q2", 2)
+    sub.disconnect()
+    r = d.broker().raw()
+    raw_clients.append(r)
+    r.send(mqttraw.connect(f"{uid}-pub", level=4, clean=False))
+    assert r.connack()[1] == 0
+    r.send(mqttraw.publish(f"{uid}/q2", b"exactly-once", qos=2, packet_id=9))
+    assert r.read().type == mqttraw.PUBREC
+    d.restart_core(signal.SIGKILL)
+    r2 = d.broker().raw()
+    raw_clients.append(r2)
+    r2.send(mqttraw.connect(f"{uid}-pub", level=4, clean=False))
+    assert r2.connack()[:2] == (True, 0)
+    r2.send(mqttraw.packet(mqttraw.PUBREL, 0x02, mqttraw.u16(9)))
+    p = r2.read()
+    assert (p.type, p.body) == (mqttraw.PUBCOMP, mqttraw.u16(9))
+    sub2 = mq(d.broker(), f"{uid}-sub", MQTTv311, clean=False)
+    assert sub2.connect().session_present
+    sub2.wait_messages(1, topic=f"{uid}/q2")
+    # A QoS 2 barrier: a second copy would have been handed over before it.
+    sub2.subscribe(f"{uid}/barrier", 2)
+    r2.send(mqttraw.publish(f"{uid}/barrier", b"b", qos=2, packet_id=10))
+    assert r2.read().type == mqttraw.PUBREC
+    r2.send(mqttraw.packet(mqttraw.PUBREL, 0x02, mqttraw.u16(10)))
+    assert r2.read().type == mqttraw.PUBCOMP
+    sub2.wait_messages(1, topic=f"{uid}/barrier")
+    assert [m.payload for m in sub2.received(f"{uid}/q2")] == [b"exactly-once"]
 
 
 @pytest.mark.tributary_only(reason="kill -9 of the process holding the data; see above")

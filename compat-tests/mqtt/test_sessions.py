@@ -132,3 +132,46 @@ def test_unacknowledged_delivery_resent_after_reconnect(broker, mq, uid, protoco
     assert p.type == mqttraw.PUBLISH, p
     assert p.flags & 0x08, "redelivery without DUP"
     assert b"once" in p.body
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_takeover_resends_unacknowledged_deliveries(broker, mq, uid, protocol, raw_clients):
+    """A second connection takes over a persistent session while the first holds an
+    unacknowledged QoS 1 delivery: the new connection gets it (DUP) and later messages."""
+    cid = f"{uid}-raw"
+    level = 5 if protocol == MQTTv5 else 4
+    session = mqttraw.props((mqttraw.PROP_SESSION_EXPIRY, mqttraw.u32(300))) if level == 5 else None
+    r = broker.raw()
+    raw_clients.append(r)
+    r.send(mqttraw.connect(cid, level=level, clean=level == 5, connect_props=session))
+    assert r.connack()[1] == 0
+    r.send(mqttraw.subscribe(1, [(f"{uid}/t", 1)], v5=level == 5))
+    assert r.read().type == mqttraw.SUBACK
+    pub = mq(broker, f"{uid}-pub", protocol)
+    pub.connect()
+    pub.publish(f"{uid}/t", b"first", qos=1)
+    assert r.read().type == mqttraw.PUBLISH  # never acknowledged
+    c = mq(broker, cid, protocol, clean=False)
+    assert c.connect(session_expiry=300 if level == 5 else None).session_present is True
+    r.wait_closed()
+    pub.publish(f"{uid}/t", b"second", qos=1)
+    msgs = c.wait_messages(2)
+    assert [(m.payload, m.dup) for m in msgs] == [(b"first", True), (b"second", False)]
+
+
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_unsubscribe_persists_in_session(broker, mq, uid, protocol):
+    cid = f"{uid}-per"
+    c, _ = persistent(broker, mq, cid, protocol, clean=protocol == MQTTv5)
+    c.subscribe(f"{uid}/gone", 1)
+    c.subscribe(f"{uid}/kept", 1)
+    c.unsubscribe(f"{uid}/gone")
+    c.disconnect()
+    pub = mq(broker, f"{uid}-pub", protocol)
+    pub.connect()
+    pub.publish(f"{uid}/gone", b"no", qos=1)
+    pub.publish(f"{uid}/kept", b"yes", qos=1)
+    c, ack = persistent(broker, mq, cid, protocol)
+    assert ack.session_present
+    c.wait_messages(1, topic=f"{uid}/kept")
+    assert c.received(f"{uid}/gone") == []

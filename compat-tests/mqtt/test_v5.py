@@ -6,7 +6,7 @@ import time
 import pytest
 
 import mqttraw
-from mqttcompat import MQTTv311, MQTTv5, PacketTypes, props
+from mqttcompat import QUIET_S, MQTTv5, PacketTypes, props
 
 
 def client(broker, mq, client_id, **kw):
@@ -196,3 +196,130 @@ def test_invalid_filter_refused_either_way(broker, raw_clients, uid, level, bad)
         r.wait_closed()
         return
     assert suback_codes(p, v5)[0] >= 0x80
+
+
+def v5_raw_subscriber(broker, raw_clients, client_id, filter_, *connect_props):
+    r = broker.raw()
+    raw_clients.append(r)
+    r.send(mqttraw.connect(client_id, level=5, connect_props=mqttraw.props(*connect_props)))
+    assert r.connack()[1] == 0
+    r.send(mqttraw.subscribe(1, [(filter_, 1)], v5=True))
+    assert suback_codes(r.read(), True) == [1]
+    return r
+
+
+def publish_packet_id(p: mqttraw.Packet) -> int:
+    n = int.from_bytes(p.body[:2], "big")
+    return int.from_bytes(p.body[2 + n:4 + n], "big")
+
+
+def test_receive_maximum_respected(broker, mq, raw_clients, uid):
+    """A client announcing Receive Maximum 2 has at most 2 unacknowledged QoS 1 deliveries;
+    each PUBACK lets one more through."""
+    topic = f"{uid}/rm"
+    r = v5_raw_subscriber(broker, raw_clients, f"{uid}-r", topic,
+                          (0x21, mqttraw.u16(2)))
+    p = mq(broker, f"{uid}-p", MQTTv5)
+    p.connect()
+    for i in range(5):
+        p.publish(topic, b"m%d" % i, qos=1)
+    first = [r.read(), r.read()]
+    assert all(x.type == mqttraw.PUBLISH for x in first)
+    with pytest.raises(TimeoutError):
+        r.read(timeout=QUIET_S)  # proving that a third one is held back
+    got = list(first)
+    for acked in range(3):
+        r.send(mqttraw.packet(mqttraw.PUBACK, 0, mqttraw.u16(publish_packet_id(got[acked]))))
+        got.append(r.read())
+    assert [x.body.endswith(b"m%d" % i) for i, x in enumerate(got)] == [True] * 5
+
+
+def test_maximum_packet_size_of_client(broker, mq, raw_clients, uid):
+    """A message larger than the client's Maximum Packet Size is not sent to it
+    (MQTT-3.1.2-25); smaller ones are."""
+    topic = f"{uid}/mps"
+    r = v5_raw_subscriber(broker, raw_clients, f"{uid}-r", topic,
+                          (0x27, mqttraw.u32(200)))
+    p = mq(broker, f"{uid}-p", MQTTv5)
+    p.connect()
+    p.publish(topic, b"x" * 500, qos=1)
+    p.publish(topic, b"small", qos=1)
+    got = r.read()
+    assert got.type == mqttraw.PUBLISH and got.body.endswith(b"small"), got
+
+
+def test_qos2_duplicate_publish_routed_once(broker, mq, raw_clients, uid):
+    """A QoS 2 PUBLISH sent again (DUP) before PUBREL is one message (exactly once)."""
+    topic = f"{uid}/q2"
+    s = mq(broker, f"{uid}-s", MQTTv5)
+    s.connect()
+    s.subscribe(topic, 2)
+    r = broker.raw()
+    raw_clients.append(r)
+    r.send(mqttraw.connect(f"{uid}-raw", level=5))
+    assert r.connack()[1] == 0
+    pub = mqttraw.publish(topic, b"once", qos=2, packet_id=7, v5=True)
+    r.send(pub)
+    assert r.read().type == mqttraw.PUBREC
+    r.send(bytes([pub[0] | 0x08]) + pub[1:])  # the same PUBLISH with DUP set
+    assert r.read().type == mqttraw.PUBREC
+    r.send(mqttraw.packet(mqttraw.PUBREL, 0x02, mqttraw.u16(7)))
+    assert r.read().type == mqttraw.PUBCOMP
+    r.send(mqttraw.publish(topic, b"next", qos=1, packet_id=8, v5=True))
+    assert r.read().type == mqttraw.PUBACK
+    # (paho hands a QoS 2 message over at PUBREL, so "next" may come first)
+    s.wait_messages(2)
+    time.sleep(QUIET_S)  # only to show that no second copy of "once" follows
+    assert sorted(m.payload for m in s.received()) == [b"next", b"once"]
+
+
+@pytest.mark.differs(
+    "mosquitto",
+    reason="Mosquitto 2.0.11 does not check payloads against the Payload Format Indicator "
+    "(a MAY in MQTT 5 3.3.2.3.2): it acknowledges 0x00 and routes the message",
+)
+def test_payload_format_invalid(broker, mq, uid):
+    """Payload Format Indicator 1 with a payload that is not UTF-8: PUBACK 0x99 (Payload
+    format invalid, MQTT 5 3.3.2.3.2) and nothing routed."""
+    s = mq(broker, f"{uid}-s", MQTTv5)
+    s.connect()
+    s.subscribe(f"{uid}/pf", 1)
+    p = mq(broker, f"{uid}-p", MQTTv5)
+    p.connect()
+    rc = p.publish(f"{uid}/pf", b"\xff\xfe", qos=1, properties=props(PayloadFormatIndicator=1))
+    assert rc == 0x99, f"PUBACK reason {rc:#x}"
+    p.publish(f"{uid}/pf", "ok é".encode(), qos=1, properties=props(PayloadFormatIndicator=1))
+    [m] = s.wait_messages(1)
+    assert m.payload == "ok é".encode()
+
+
+def test_topic_aliases_towards_client(broker, mq, raw_clients, uid):
+    """A client announcing Topic Alias Maximum 2 may get aliases (the broker chooses): every
+    PUBLISH must resolve to its real topic, with alias numbers within 1..2."""
+    topics = [f"{uid}/ta/{i}" for i in range(3)]
+    r = v5_raw_subscriber(broker, raw_clients, f"{uid}-r", f"{uid}/ta/+",
+                          (mqttraw.PROP_TOPIC_ALIAS_MAX, mqttraw.u16(2)))
+    p = mq(broker, f"{uid}-p", MQTTv5)
+    p.connect()
+    sent = [topics[i % 3] for i in range(9)]
+    for n, t in enumerate(sent):
+        p.publish(t, b"%d" % n, qos=0)
+    aliases: dict[int, str] = {}
+    resolved = []
+    for n in range(len(sent)):
+        pk = r.read()
+        assert pk.type == mqttraw.PUBLISH, pk
+        tlen = int.from_bytes(pk.body[:2], "big")
+        topic = pk.body[2:2 + tlen].decode()
+        pr, end = mqttraw.parse_props(pk.body, 2 + tlen)  # QoS 0: no packet id
+        alias = pr.get(0x23)
+        if alias is not None:
+            assert 1 <= alias <= 2, f"alias {alias} beyond the client's maximum"
+            if topic:
+                aliases[alias] = topic
+            else:
+                assert alias in aliases, f"alias {alias} used before it was set"
+                topic = aliases[alias]
+        assert topic, "empty topic without an alias"
+        resolved.append((topic, pk.body[end:]))
+    assert resolved == [(t, b"%d" % n) for n, t in enumerate(sent)]

@@ -12,7 +12,6 @@ use bytestring::ByteString;
 use futures::{FutureExt, StreamExt};
 use rmqtt_codec::error::{DecodeError, EncodeError};
 use rmqtt_codec::types::QoS;
-use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
@@ -78,24 +77,46 @@ fn decode_error(e: DecodeError) -> ConnError {
     }
 }
 
-/// Decodes a byte stream as a client would send it (CONNECT first), for fuzzing: returns
-/// how many packets decoded before the end or the first error. Never panics.
+/// Decodes a byte stream as a client would send it (CONNECT first) along the gateway's own
+/// path, for fuzzing: returns how many packets decoded before the end or the first error.
+/// Never panics.
 pub fn decode_stream(data: &[u8]) -> usize {
-    let mut buf = BytesMut::from(data);
-    let mut codec = MqttCodec::Version(VersionCodec);
-    let mut n = 0;
-    loop {
-        match codec.decode(&mut buf) {
-            Ok(Some((MqttPacket::Version(v), _))) => {
-                codec = match v {
-                    ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(1 << 20)),
-                    ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(1 << 20, 1 << 20)),
-                };
-            }
-            Ok(Some(_)) => n += 1,
-            Ok(None) | Err(_) => return n,
+    // Frame the first packet as `read_packet` does.
+    if data.is_empty() {
+        return 0;
+    }
+    let mut len = 0usize;
+    let mut header = 1;
+    for i in 0..4 {
+        let Some(&b) = data.get(1 + i) else { return 0 };
+        header += 1;
+        len |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i == 3 {
+            return 0;
         }
     }
+    let Some(connect) = data.get(..header + len) else {
+        return 0;
+    };
+    let mut packet = BytesMut::from(connect);
+    let mut codec = match inspect_connect(&mut packet) {
+        Hello::V3 => MqttCodec::V3(v3::Codec::new(1 << 20)),
+        Hello::V5 { .. } => MqttCodec::V5(v5::Codec::new(1 << 20, 1 << 20)),
+        _ => return 0,
+    };
+    let mut n = 0;
+    if !matches!(codec.decode(&mut packet), Ok(Some(_))) {
+        return 0;
+    }
+    n += 1;
+    let mut rest = BytesMut::from(&data[header + len..]);
+    while let Ok(Some(_)) = codec.decode(&mut rest) {
+        n += 1;
+    }
+    n
 }
 
 /// Properties of a message that only MQTT 5 carries on the wire.
@@ -821,6 +842,85 @@ pub(crate) async fn serve_connection<S>(
     .await
 }
 
+/// The first packet, read whole by the gateway before any codec sees it: the codec's own
+/// version detection waits for more bytes on a CONNECT shorter than its header instead of
+/// refusing it, and refuses a 5.0 CONNECT with an empty client id and Clean Start 0, which
+/// MQTT 5 allows (the server assigns an id).
+async fn read_packet(rd: &mut Reader, max: u32) -> Result<BytesMut, ConnError> {
+    use tokio::io::AsyncReadExt;
+    let mut head = vec![rd.read_u8().await.map_err(|_| ConnError::Eof)?];
+    // Anything but CONNECT is refused at once, before waiting for a body it may not have.
+    if head[0] != 0x10 {
+        return Err(ConnError::Protocol("the first packet must be CONNECT"));
+    }
+    let mut len: u32 = 0;
+    for i in 0..4 {
+        let b = rd.read_u8().await.map_err(|_| ConnError::Eof)?;
+        head.push(b);
+        len |= u32::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            break;
+        }
+        if i == 3 {
+            return Err(ConnError::Malformed("remaining length over 4 bytes".into()));
+        }
+    }
+    if len > max {
+        return Err(ConnError::Refused("packet too large", 0x95));
+    }
+    let mut packet = BytesMut::with_capacity(head.len() + len as usize);
+    packet.extend_from_slice(&head);
+    packet.resize(head.len() + len as usize, 0);
+    rd.read_exact(&mut packet[head.len()..])
+        .await
+        .map_err(|_| ConnError::Eof)?;
+    Ok(packet)
+}
+
+enum Hello {
+    NotConnect,
+    NotMqtt,
+    UnknownLevel,
+    V3,
+    V5 { clean_start: bool },
+}
+
+/// Which protocol a whole first packet speaks. For 5.0 it reports Clean Start and sets the
+/// bit in the packet, so that the codec accepts an empty client id whatever Clean Start says.
+fn inspect_connect(packet: &mut BytesMut) -> Hello {
+    if packet.first() != Some(&0x10) {
+        return Hello::NotConnect;
+    }
+    let header = 1
+        + packet[1..]
+            .iter()
+            .take(4)
+            .take_while(|b| *b & 0x80 != 0)
+            .count()
+        + 1;
+    let body = &packet[header.min(packet.len())..];
+    if body.len() < 2 {
+        return Hello::NotMqtt;
+    }
+    let name_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+    // Name, level, flags and keep-alive must be there, and a client id length after them.
+    if body.len() < 2 + name_len + 1 + 1 + 2 + 2 {
+        return Hello::NotMqtt;
+    }
+    let level = body[2 + name_len];
+    match (&body[2..2 + name_len], level) {
+        (b"MQTT", 4) | (b"MQIsdp", 3) => Hello::V3,
+        (b"MQTT", 5) => {
+            let flags = header + 2 + name_len + 1;
+            let clean_start = packet[flags] & 0x02 != 0;
+            packet[flags] |= 0x02;
+            Hello::V5 { clean_start }
+        }
+        (b"MQTT" | b"MQIsdp", _) => Hello::UnknownLevel,
+        _ => Hello::NotMqtt,
+    }
+}
+
 /// What CONNECT asked for, in one shape for every protocol level.
 struct ConnectInfo {
     v5: bool,
@@ -941,48 +1041,50 @@ async fn run(
     gw: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
-    let mut reader = FramedRead::with_capacity(rd, MqttCodec::Version(VersionCodec), 8 * 1024);
-    let version = match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
-        Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
-        Ok(None) => return Err(ConnError::Eof),
-        Ok(Some(Ok((MqttPacket::Version(v), _)))) => v,
-        Ok(Some(Ok(_))) => return Err(ConnError::Protocol("the first packet must be CONNECT")),
-        Ok(Some(Err(DecodeError::InvalidProtocol))) => {
-            // A known protocol name with an unknown level gets CONNACK 0x01 (MQTT-3.1.2-2).
-            let buf = reader.read_buffer();
-            if buf.windows(4).any(|w| w == b"MQTT") || buf.windows(6).any(|w| w == b"MQIsdp") {
-                return Err(
-                    refuse(&mut writer, false, 0x01, 0x84, "unsupported protocol level").await,
-                );
-            }
-            return Err(ConnError::Malformed("not an MQTT CONNECT".into()));
-        }
-        Ok(Some(Err(e))) => return Err(decode_error(e)),
-    };
     let max_in = gw.config.max_packet_size;
-    *reader.decoder_mut() = match version {
-        ProtocolVersion::MQTT3 => MqttCodec::V3(v3::Codec::new(max_in)),
-        ProtocolVersion::MQTT5 => MqttCodec::V5(v5::Codec::new(max_in, 0)),
-    };
-    let is_v5 = version == ProtocolVersion::MQTT5;
-    let first = match tokio::time::timeout(CONNECT_TIMEOUT, reader.next()).await {
+    let mut rd = rd;
+    let mut packet = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut rd, max_in)).await
+    {
         Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
-        Ok(None) => return Err(ConnError::Eof),
-        Ok(Some(Ok((p, _)))) => p,
-        Ok(Some(Err(DecodeError::InvalidClientId))) => {
+        Ok(r) => r?,
+    };
+    let (mut codec, v5_clean_start) = match inspect_connect(&mut packet) {
+        Hello::NotConnect => return Err(ConnError::Protocol("the first packet must be CONNECT")),
+        Hello::NotMqtt => return Err(ConnError::Malformed("not an MQTT CONNECT".into())),
+        Hello::UnknownLevel => {
+            // A known protocol name with an unknown level gets CONNACK 0x01 (MQTT-3.1.2-2).
+            return Err(refuse(&mut writer, false, 0x01, 0x84, "unsupported protocol level").await);
+        }
+        Hello::V3 => (MqttCodec::V3(v3::Codec::new(max_in)), None),
+        Hello::V5 { clean_start } => (MqttCodec::V5(v5::Codec::new(max_in, 0)), Some(clean_start)),
+    };
+    let is_v5 = v5_clean_start.is_some();
+    let first = match codec.decode(&mut packet) {
+        Ok(Some((p, _))) => p,
+        Ok(None) => {
+            // The codec wants more than the packet's remaining length: it is too short.
+            if is_v5 {
+                return Err(refuse(&mut writer, true, 0, 0x81, "malformed CONNECT").await);
+            }
+            return Err(ConnError::Malformed(
+                "CONNECT shorter than its contents".into(),
+            ));
+        }
+        Err(DecodeError::InvalidClientId) => {
             return Err(refuse(&mut writer, is_v5, 0x02, 0x85, "client id not valid").await);
         }
-        Ok(Some(Err(DecodeError::MaxSizeExceeded { .. }))) => {
-            return Err(refuse(&mut writer, is_v5, 0x03, 0x95, "CONNECT too large").await);
-        }
-        Ok(Some(Err(e))) => {
+        Err(e) => {
             if is_v5 {
                 return Err(refuse(&mut writer, true, 0, 0x81, "malformed CONNECT").await);
             }
             return Err(decode_error(e));
         }
     };
+    let mut reader = FramedRead::with_capacity(rd, codec, 8 * 1024);
     let mut c = connect_info(first)?;
+    if let Some(clean_start) = v5_clean_start {
+        c.clean_start = clean_start;
+    }
     let cfg = &gw.config;
     if c.auth_method {
         return Err(refuse(
