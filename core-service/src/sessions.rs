@@ -36,9 +36,14 @@ use crate::{Core, now_ms};
 
 pub(crate) type EventSender = mpsc::Sender<v1::SessionEvent>;
 
-/// QoS 0 deliveries waiting for a slow connection beyond which new ones are dropped
-/// (QoS 0 may be lost; memory must stay bounded).
-const QOS0_BACKLOG: usize = 10_000;
+/// QoS 0 deliveries waiting for a slow connection beyond which the publisher waits for it
+/// (backpressure, as RabbitMQ's flow control), up to [`SLOW_SUBSCRIBER_WAIT`] per publish;
+/// after that the delivery is dropped (QoS 0 may be lost; memory must stay bounded).
+const QOS0_BACKLOG: usize = 1_000;
+const SLOW_SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
+
+/// QoS 0 deliveries to connections over their backlog: sent with waiting, outside the lock.
+type SlowSends = Vec<(EventSender, v1::SessionEvent)>;
 /// Room for everything else: QoS 1/2 deliveries are bounded by the client's window
 /// (at most 65,535), answers by the commands in flight.
 const EVENT_CAPACITY: usize = QOS0_BACKLOG + 65_535 + 4_096;
@@ -398,7 +403,7 @@ impl State {
 impl Broker {
     /// Queues a copy for its session and sends what the window allows. Returns the key of a
     /// persisted copy that was dropped, to delete.
-    fn enqueue(&self, st: &mut State, target: Target) -> Option<Vec<u8>> {
+    fn enqueue(&self, st: &mut State, target: Target, slow: &mut SlowSends) -> Option<Vec<u8>> {
         let Target {
             session: id,
             mut pending,
@@ -411,7 +416,7 @@ impl Broker {
                 if backlog < QOS0_BACKLOG {
                     self.send_delivery(conn, 0, &pending, false);
                 } else {
-                    metrics::counter!("tributary_session_dropped_total").increment(1);
+                    slow.push((conn.tx.clone(), delivery_event(0, &pending, false)));
                 }
             }
             return None;
@@ -457,21 +462,44 @@ impl Broker {
     }
 
     fn send_delivery(&self, conn: &Conn, packet_id: u16, p: &Pending, dup: bool) {
+        self.count_out(&p.message);
+        let _ = conn.tx.try_send(delivery_event(packet_id, p, dup));
+    }
+
+    fn count_out(&self, m: &v1::RoutedMessage) {
         self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
         self.stats
             .bytes_out
-            .fetch_add(payload_len(&p.message) as u64, Ordering::Relaxed);
-        let _ = conn.tx.try_send(event(
-            0,
-            Event::Delivery(v1::SessionDelivery {
-                packet_id: packet_id.into(),
-                message: Some(p.message.clone()),
-                dup,
-                subscription_ids: p.sub_ids.clone(),
-                release_only: false,
-            }),
-        ));
+            .fetch_add(payload_len(m) as u64, Ordering::Relaxed);
     }
+
+    /// Waits (bounded) for slow connections to take their QoS 0 deliveries: the publisher's
+    /// stream is held meanwhile, so a fast publisher slows to its slowest subscriber.
+    async fn send_slow(&self, slow: SlowSends) {
+        let deadline = tokio::time::Instant::now() + SLOW_SUBSCRIBER_WAIT;
+        for (tx, ev) in slow {
+            match tokio::time::timeout_at(deadline, tx.send(ev)).await {
+                Ok(Ok(())) => self.stats.messages_out.fetch_add(1, Ordering::Relaxed),
+                _ => {
+                    metrics::counter!("tributary_session_dropped_total").increment(1);
+                    0
+                }
+            };
+        }
+    }
+}
+
+fn delivery_event(packet_id: u16, p: &Pending, dup: bool) -> v1::SessionEvent {
+    event(
+        0,
+        Event::Delivery(v1::SessionDelivery {
+            packet_id: packet_id.into(),
+            message: Some(p.message.clone()),
+            dup,
+            subscription_ids: p.sub_ids.clone(),
+            release_only: false,
+        }),
+    )
 }
 
 fn release_event(packet_id: u16) -> v1::SessionEvent {
@@ -729,7 +757,7 @@ impl Core {
             if let Some(t) =
                 st.pick_member(&a.id.0, &group, &raw, &members, &p.message, Some(&a.id.1))
             {
-                broker.enqueue(&mut st, t);
+                broker.enqueue(&mut st, t, &mut Vec::new());
             }
         }
         if let Err(e) = self.persist(ops).await {
@@ -858,39 +886,44 @@ impl Core {
         if retained_for.is_empty() {
             return Ok(());
         }
-        let mut st = broker.state.lock();
-        let now = now_ms();
-        let mut copies = Vec::new();
-        if let Some(retained) = st.retained.get(&a.id.0) {
-            for sub in &retained_for {
-                for (topic, m) in retained {
-                    if topics::matches(&sub.filter, topic) && !expired(m, now) {
-                        copies.push(Target {
-                            session: a.id.clone(),
-                            persistent: false,
-                            pending: Pending {
-                                seq: 0,
-                                message: with_delivery_flags(m, m.qos.min(sub.qos), true),
-                                sub_ids: (sub.subscription_id > 0)
-                                    .then_some(sub.subscription_id)
-                                    .into_iter()
-                                    .collect(),
-                                released: false,
-                                sent: false,
-                                persisted: false,
-                                share: None,
-                            },
-                        });
+        let slow = {
+            let mut st = broker.state.lock();
+            let now = now_ms();
+            let mut copies = Vec::new();
+            if let Some(retained) = st.retained.get(&a.id.0) {
+                for sub in &retained_for {
+                    for (topic, m) in retained {
+                        if topics::matches(&sub.filter, topic) && !expired(m, now) {
+                            copies.push(Target {
+                                session: a.id.clone(),
+                                persistent: false,
+                                pending: Pending {
+                                    seq: 0,
+                                    message: with_delivery_flags(m, m.qos.min(sub.qos), true),
+                                    sub_ids: (sub.subscription_id > 0)
+                                        .then_some(sub.subscription_id)
+                                        .into_iter()
+                                        .collect(),
+                                    released: false,
+                                    sent: false,
+                                    persisted: false,
+                                    share: None,
+                                },
+                            });
+                        }
                     }
                 }
             }
-        }
-        for t in copies {
-            if Self::check_epoch(&mut st, a).is_err() {
-                break;
+            let mut slow = Vec::new();
+            for t in copies {
+                if Self::check_epoch(&mut st, a).is_err() {
+                    break;
+                }
+                broker.enqueue(&mut st, t, &mut slow);
             }
-            broker.enqueue(&mut st, t);
-        }
+            slow
+        };
+        broker.send_slow(slow).await;
         Ok(())
     }
 
@@ -1107,6 +1140,7 @@ impl Core {
         let broker = self.broker();
         let topic = topic_of(&message).to_string();
         let mut ops = Vec::new();
+        let mut slow = Vec::new();
         let (now, mut later) = {
             let mut st = broker.state.lock();
             if message.retain {
@@ -1133,12 +1167,13 @@ impl Core {
                 .partition(|t| t.persistent && t.pending.message.qos > 0);
             let count = now.len() as u32;
             for t in now {
-                if let Some(key) = broker.enqueue(&mut st, t) {
+                if let Some(key) = broker.enqueue(&mut st, t, &mut slow) {
                     ops.push(Op::Delete { key });
                 }
             }
             (count, later)
         };
+        broker.send_slow(slow).await;
         if later.is_empty() {
             self.persist(ops).await?;
             return Ok(now);
@@ -1163,7 +1198,7 @@ impl Core {
         {
             let mut st = broker.state.lock();
             for t in later {
-                if let Some(k) = broker.enqueue(&mut st, t) {
+                if let Some(k) = broker.enqueue(&mut st, t, &mut Vec::new()) {
                     dead.push(Op::Delete { key: k });
                 }
             }

@@ -16,7 +16,7 @@ use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tokio_stream::wrappers::UnboundedReceiverStream;
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span};
 use tributary_gateway_common::ConnectionGuard;
@@ -28,6 +28,13 @@ use crate::topic;
 /// The two halves of whatever carries the bytes (TCP, or a WebSocket bridged to a pipe).
 type Reader = Box<dyn AsyncRead + Send + Unpin>;
 type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+
+/// Commands on their way to the core per connection. The socket is read only while at
+/// least [`READ_ROOM`] are free, so a core that falls behind (a slow subscriber holding a
+/// QoS 0 publisher back) slows the client through TCP instead of growing a queue here.
+const COMMAND_WINDOW: usize = 4096;
+/// One read batch (64 packets) plus one event batch (256) can each add a command.
+const READ_ROOM: usize = 512;
 
 /// How long a client has to send CONNECT after the TCP connection opens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -201,7 +208,7 @@ struct Client {
     codec: MqttCodec,
     out: BytesMut,
     writer: Writer,
-    commands: mpsc::UnboundedSender<SessionCommand>,
+    commands: mpsc::Sender<SessionCommand>,
     next_rid: u64,
     replies: HashMap<u64, Reply>,
     /// Inbound QoS 1/2 publishes not yet acknowledged to the client (Receive Maximum).
@@ -224,12 +231,21 @@ impl Client {
             }
             None => 0,
         };
+        // Room is made before packets are read (see `session_loop`), so a full window here
+        // means the core stopped taking commands.
         self.commands
-            .send(SessionCommand {
+            .try_send(SessionCommand {
                 request_id,
                 command: Some(command),
             })
-            .map_err(|_| ConnError::Core("the core stream closed".into()))
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => {
+                    ConnError::Core("the core is not taking commands".into())
+                }
+                mpsc::error::TrySendError::Closed(_) => {
+                    ConnError::Core("the core stream closed".into())
+                }
+            })
     }
 
     fn encode3(&mut self, p: v3::Packet) -> Result<(), ConnError> {
@@ -1171,7 +1187,7 @@ async fn run(
         }
     }
 
-    let (commands, command_rx) = mpsc::unbounded_channel();
+    let (commands, command_rx) = mpsc::channel(COMMAND_WINDOW);
     let (will, will_delay) = match c.will.take() {
         Some((w, d)) => (Some(w), i64::from(d) * 1000),
         None => (None, 0),
@@ -1194,12 +1210,9 @@ async fn run(
             gateway_instance: cfg.instance.clone(),
         })),
     };
-    let _ = commands.send(open);
+    let _ = commands.try_send(open);
     let mut sessions = gw.core.sessions.clone();
-    let mut events = match sessions
-        .attach(UnboundedReceiverStream::new(command_rx))
-        .await
-    {
+    let mut events = match sessions.attach(ReceiverStream::new(command_rx)).await {
         Ok(r) => r.into_inner(),
         Err(status) => {
             let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
@@ -1296,6 +1309,8 @@ async fn session_loop(
 ) -> Result<(), ConnError> {
     let keep = Duration::from_millis(u64::from(keep_alive) * 1500);
     let mut deadline = Instant::now() + keep;
+    // The same channel as `client.commands`, to watch its room while `client` is borrowed.
+    let gate = client.commands.clone();
     loop {
         tokio::select! {
             ev = events.message() => {
@@ -1311,7 +1326,13 @@ async fn session_loop(
                 }
                 client.flush().await?;
             }
-            pkt = reader.next() => {
+            permits = gate.reserve_many(READ_ROOM), if gate.capacity() < READ_ROOM => {
+                // Room again; the permits go straight back. The client's packets waited
+                // unread meanwhile, so its keep-alive restarts now.
+                drop(permits.map_err(|_| ConnError::Core("the core stream closed".into()))?);
+                deadline = Instant::now() + keep;
+            }
+            pkt = reader.next(), if gate.capacity() >= READ_ROOM => {
                 let mut pkt = Some(pkt);
                 let mut go_on = true;
                 let mut handled = 0;
