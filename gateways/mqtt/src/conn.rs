@@ -36,6 +36,10 @@ const COMMAND_WINDOW: usize = 4096;
 /// One read batch (64 packets) plus one event batch (256) can each add a command.
 const READ_ROOM: usize = 512;
 
+/// Starting size of a connection's read and write buffers; they grow with the packets.
+/// Small, because most of 1,000s of connections are idle most of the time.
+const IDLE_BUFFER: usize = 2 * 1024;
+
 /// How long a client has to send CONNECT after the TCP connection opens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Session expiry meaning "never" (MQTT 5: 0xFFFFFFFF).
@@ -1096,7 +1100,7 @@ async fn run(
             return Err(decode_error(e));
         }
     };
-    let mut reader = FramedRead::with_capacity(rd, codec, 8 * 1024);
+    let mut reader = FramedRead::with_capacity(rd, codec, IDLE_BUFFER);
     let mut c = connect_info(first)?;
     if let Some(clean_start) = v5_clean_start {
         c.clean_start = clean_start;
@@ -1251,7 +1255,7 @@ async fn run(
         client_id: c.client_id.clone(),
         user: c.user.clone(),
         codec,
-        out: BytesMut::with_capacity(8 * 1024),
+        out: BytesMut::with_capacity(IDLE_BUFFER),
         writer,
         commands,
         next_rid: 1,
