@@ -228,7 +228,8 @@ impl Server {
         if let Some(listeners) = mqtt_listeners
             && (listeners.tcp.is_some() || listeners.ws.is_some() || listeners.tls.is_some())
         {
-            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
+                .with_local_sessions(Arc::new(CoreSessions(core.clone())));
             spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
@@ -407,6 +408,20 @@ fn spawn_mqtt(
         config,
         stop.subscribe(),
     )));
+}
+
+/// `Sessions.Attach` on the core in this process, without the gRPC encoding.
+struct CoreSessions(Core);
+
+impl tributary_gateway_common::client::LocalSessions for CoreSessions {
+    fn attach(
+        &self,
+        commands: tributary_gateway_common::client::SessionCommands,
+    ) -> tributary_gateway_common::client::SessionEvents {
+        use tokio_stream::StreamExt;
+        let events = self.0.attach_session(commands.map(Ok));
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(events).map(Ok))
+    }
 }
 
 async fn futures_join_all(tasks: Vec<tokio::task::JoinHandle<()>>) {

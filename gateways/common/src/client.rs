@@ -13,11 +13,12 @@ use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::service::Routes;
 
+use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
-    ErrorCode, ErrorDetail, admin_client::AdminClient, groups_client::GroupsClient,
-    offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
-    streams_client::StreamsClient, timers_client::TimersClient,
+    ErrorCode, ErrorDetail, SessionCommand, SessionEvent, admin_client::AdminClient,
+    groups_client::GroupsClient, offsets_client::OffsetsClient, queues_client::QueuesClient,
+    sessions_client::SessionsClient, streams_client::StreamsClient, timers_client::TimersClient,
     transactions_client::TransactionsClient,
 };
 
@@ -73,6 +74,21 @@ pub enum ConnectError {
     },
 }
 
+/// The events of one attached session, whatever the transport.
+pub type SessionEvents =
+    Pin<Box<dyn futures::Stream<Item = Result<SessionEvent, tonic::Status>> + Send>>;
+/// The commands of one attached session.
+pub type SessionCommands = Pin<Box<dyn futures::Stream<Item = SessionCommand> + Send>>;
+
+/// `Sessions.Attach` served by a core in this process without the gRPC encoding: one
+/// session stream per client connection carries every delivery, and encoding each one into
+/// protobuf and an HTTP body only to decode it again in the same process was most of the
+/// cost of an MQTT fan-out and of a connection's memory. Same messages, same semantics; the
+/// network transport still goes through gRPC.
+pub trait LocalSessions: Send + Sync {
+    fn attach(&self, commands: SessionCommands) -> SessionEvents;
+}
+
 /// Clients for every service of the core API, sharing one transport.
 #[derive(Clone)]
 pub struct CoreClient {
@@ -84,6 +100,8 @@ pub struct CoreClient {
     pub sessions: SessionsClient<CoreTransport>,
     pub timers: TimersClient<CoreTransport>,
     pub transactions: TransactionsClient<CoreTransport>,
+    /// Set for a core in this process: session streams skip the gRPC encoding.
+    local_sessions: Option<Arc<dyn LocalSessions>>,
 }
 
 macro_rules! client {
@@ -105,7 +123,26 @@ impl CoreClient {
             sessions: client!(SessionsClient, t),
             timers: client!(TimersClient, t),
             transactions: client!(TransactionsClient, t),
+            local_sessions: None,
         }
+    }
+
+    /// Session streams go straight to `local` (a core in this process).
+    pub fn with_local_sessions(mut self, local: Arc<dyn LocalSessions>) -> Self {
+        self.local_sessions = Some(local);
+        self
+    }
+
+    /// Attaches a session stream (`Sessions.Attach`): commands in, events out.
+    pub async fn attach_session(
+        &self,
+        commands: impl futures::Stream<Item = SessionCommand> + Send + 'static,
+    ) -> Result<SessionEvents, tonic::Status> {
+        if let Some(local) = &self.local_sessions {
+            return Ok(local.attach(Box::pin(commands)));
+        }
+        let events = self.sessions.clone().attach(commands).await?.into_inner();
+        Ok(Box::pin(events))
     }
 
     /// A client that calls the core's services in this process.

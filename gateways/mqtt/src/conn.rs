@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span};
 use tributary_gateway_common::ConnectionGuard;
+use tributary_gateway_common::client::SessionEvents;
 use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
 
 use crate::Gateway;
@@ -1215,28 +1216,31 @@ async fn run(
         })),
     };
     let _ = commands.try_send(open);
-    let mut sessions = gw.core.sessions.clone();
-    let mut events = match sessions.attach(ReceiverStream::new(command_rx)).await {
-        Ok(r) => r.into_inner(),
+    let mut events = match gw
+        .core
+        .attach_session(ReceiverStream::new(command_rx))
+        .await
+    {
+        Ok(events) => events,
         Err(status) => {
             let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
             return Err(ConnError::Core(status.message().to_string()));
         }
     };
     let opened = loop {
-        match tokio::time::timeout(CONNECT_TIMEOUT, events.message()).await {
-            Ok(Ok(Some(v1::SessionEvent {
+        match tokio::time::timeout(CONNECT_TIMEOUT, events.next()).await {
+            Ok(Some(Ok(v1::SessionEvent {
                 event: Some(Event::Opened(o)),
                 ..
             }))) => break o,
-            Ok(Ok(Some(v1::SessionEvent {
+            Ok(Some(Ok(v1::SessionEvent {
                 event: Some(Event::Error(e)),
                 ..
             }))) => {
                 let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core refused the session").await;
                 return Err(ConnError::Core(e.message));
             }
-            Ok(Ok(Some(_))) => continue,
+            Ok(Some(Ok(_))) => continue,
             _ => {
                 let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
                 return Err(ConnError::Core("no answer to the session open".into()));
@@ -1307,7 +1311,7 @@ async fn run(
 async fn session_loop(
     client: &mut Client,
     reader: &mut FramedRead<Reader, MqttCodec>,
-    events: &mut tonic::Streaming<v1::SessionEvent>,
+    events: &mut SessionEvents,
     keep_alive: u16,
     stop: &mut watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
@@ -1317,14 +1321,15 @@ async fn session_loop(
     let gate = client.commands.clone();
     loop {
         tokio::select! {
-            ev = events.message() => {
-                let e = ev.map_err(|s| ConnError::Core(s.message().to_string()))?
-                    .ok_or_else(|| ConnError::Core("the core ended the session stream".into()))?;
+            ev = events.next() => {
+                let e = ev
+                    .ok_or_else(|| ConnError::Core("the core ended the session stream".into()))?
+                    .map_err(|s| ConnError::Core(s.message().to_string()))?;
                 client.on_event(e)?;
                 // Batch whatever else is ready into the same write.
                 for _ in 0..256 {
-                    match events.message().now_or_never() {
-                        Some(Ok(Some(e))) => { client.on_event(e)?; }
+                    match events.next().now_or_never() {
+                        Some(Some(Ok(e))) => { client.on_event(e)?; }
                         _ => break,
                     }
                 }
@@ -1362,7 +1367,7 @@ async fn session_loop(
                 if !go_on {
                     // DISCONNECT: wait until the core has closed the session.
                     let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
-                        while let Ok(Some(e)) = events.message().await {
+                        while let Some(Ok(e)) = events.next().await {
                             if let Some(Event::Closed(_)) = e.event {
                                 break;
                             }
