@@ -160,6 +160,29 @@ struct Pending {
     share: Option<(Arc<str>, Arc<str>)>,
 }
 
+impl Pending {
+    /// A copy not yet queued, sent or stored.
+    fn new(message: v1::RoutedMessage, sub_ids: Vec<u32>, share: Option<ShareKey>) -> Self {
+        Self {
+            seq: 0,
+            message,
+            sub_ids,
+            released: false,
+            sent: false,
+            persisted: false,
+            share,
+        }
+    }
+}
+
+/// The subscription identifier a delivery through `sub` carries (none for 0).
+fn sub_ids(sub: &v1::SessionSubscription) -> Vec<u32> {
+    (sub.subscription_id > 0)
+        .then_some(sub.subscription_id)
+        .into_iter()
+        .collect()
+}
+
 #[derive(Serialize, Deserialize)]
 struct SessionRecord {
     expiry_ms: i64,
@@ -300,15 +323,7 @@ impl State {
             let persistent = self.sessions.get(&id).is_some_and(Session::persistent);
             out.push(Target {
                 session: id,
-                pending: Pending {
-                    seq: 0,
-                    message: with_delivery_flags(msg, qos, retain),
-                    sub_ids: ids,
-                    released: false,
-                    sent: false,
-                    persisted: false,
-                    share: None,
-                },
+                pending: Pending::new(with_delivery_flags(msg, qos, retain), ids, None),
                 persistent,
             });
         }
@@ -371,18 +386,11 @@ impl State {
         Some(Target {
             persistent: session.persistent(),
             session: id,
-            pending: Pending {
-                seq: 0,
-                message: with_delivery_flags(msg, sub.qos.min(msg.qos), false),
-                sub_ids: (sub.subscription_id > 0)
-                    .then_some(sub.subscription_id)
-                    .into_iter()
-                    .collect(),
-                released: false,
-                sent: false,
-                persisted: false,
-                share: Some((group.clone(), raw.clone())),
-            },
+            pending: Pending::new(
+                with_delivery_flags(msg, sub.qos.min(msg.qos), false),
+                sub_ids(sub),
+                Some((group.clone(), raw.clone())),
+            ),
         })
     }
 
@@ -897,18 +905,11 @@ impl Core {
                             copies.push(Target {
                                 session: a.id.clone(),
                                 persistent: false,
-                                pending: Pending {
-                                    seq: 0,
-                                    message: with_delivery_flags(m, m.qos.min(sub.qos), true),
-                                    sub_ids: (sub.subscription_id > 0)
-                                        .then_some(sub.subscription_id)
-                                        .into_iter()
-                                        .collect(),
-                                    released: false,
-                                    sent: false,
-                                    persisted: false,
-                                    share: None,
-                                },
+                                pending: Pending::new(
+                                    with_delivery_flags(m, m.qos.min(sub.qos), true),
+                                    sub_ids(sub),
+                                    None,
+                                ),
                             });
                         }
                     }
