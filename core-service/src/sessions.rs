@@ -616,6 +616,21 @@ impl Core {
         };
         let id: SessionId = (ns.clone(), open.client_id.clone());
         let broker = self.broker();
+        // A client that sends DISCONNECT and connects again at once reaches the core on two
+        // streams; give the old one a moment to finish closing before this counts as a
+        // takeover, so the answer does not depend on which stream is served first.
+        for _ in 0..10 {
+            let attached = broker
+                .state
+                .lock()
+                .sessions
+                .get(&id)
+                .is_some_and(|s| s.conn.is_some());
+            if !attached {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
         let mut ops = Vec::new();
         let mut wills = Vec::new();
         let (epoch, present, record) = {
@@ -638,7 +653,11 @@ impl Core {
                     wills.push(w);
                 }
             }
-            let present = if open.clean_start {
+            // A session with expiry 0 ends when its connection closes, and a takeover closes
+            // it (MQTT 5 3.1.2.11.2): the new connection starts afresh. This also makes a
+            // quick DISCONNECT-then-CONNECT answer the same whichever reaches the core first.
+            let ended = st.sessions.get(&id).is_some_and(|s| !s.persistent());
+            let present = if open.clean_start || ended {
                 if let Some(old) = st.sessions.remove(&id) {
                     discard_subscriptions(&mut st, &id, &old);
                     if old.persistent() {
