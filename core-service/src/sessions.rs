@@ -599,6 +599,24 @@ impl Core {
         Ok(())
     }
 
+    /// Writes a persistent session's record (`None`: the session is not persistent).
+    async fn persist_record(
+        &self,
+        id: &SessionId,
+        record: Option<SessionRecord>,
+    ) -> CoreResult<()> {
+        match record {
+            Some(r) => {
+                self.persist(vec![Op::Put {
+                    key: session_key(id),
+                    value: to_json(&r),
+                }])
+                .await
+            }
+            None => Ok(()),
+        }
+    }
+
     async fn session_open(
         &self,
         open: v1::SessionOpen,
@@ -902,13 +920,7 @@ impl Core {
             }
             record
         };
-        if let Some(r) = record {
-            self.persist(vec![Op::Put {
-                key: session_key(&a.id),
-                value: to_json(&r),
-            }])
-            .await?;
-        }
+        self.persist_record(&a.id, record).await?;
         let _ = tx.try_send(event(rid, Event::Subscribed(v1::SubscribeResult { codes })));
         if retained_for.is_empty() {
             return Ok(());
@@ -977,13 +989,7 @@ impl Core {
             }
             record
         };
-        if let Some(r) = record {
-            self.persist(vec![Op::Put {
-                key: session_key(&a.id),
-                value: to_json(&r),
-            }])
-            .await?;
-        }
+        self.persist_record(&a.id, record).await?;
         let _ = tx.try_send(event(
             rid,
             Event::Unsubscribed(v1::UnsubscribeResult { existed }),
@@ -1020,13 +1026,7 @@ impl Core {
                 }
                 session.persistent().then(|| session.record())
             };
-            if let Some(r) = record {
-                self.persist(vec![Op::Put {
-                    key: session_key(&a.id),
-                    value: to_json(&r),
-                }])
-                .await?;
-            }
+            self.persist_record(&a.id, record).await?;
         }
         let broker = self.broker();
         broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
@@ -1070,13 +1070,7 @@ impl Core {
             let was = session.incoming_qos2.remove(&(packet_id as u16));
             (was && session.persistent()).then(|| session.record())
         };
-        if let Some(r) = record {
-            self.persist(vec![Op::Put {
-                key: session_key(&a.id),
-                value: to_json(&r),
-            }])
-            .await?;
-        }
+        self.persist_record(&a.id, record).await?;
         Ok(())
     }
 
