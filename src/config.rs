@@ -288,6 +288,15 @@ pub struct AclEntry {
     pub permission: String,
 }
 
+/// An `[[amqp_permissions]]` entry: a user may open a vhost (configure, write and read in
+/// it). A user without an entry may open "/".
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AmqpPermissionEntry {
+    pub user: String,
+    pub vhost: String,
+}
+
 /// The config file: the same keys as the flags, snake_case.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -326,6 +335,11 @@ pub struct FileConfig {
     /// MQTT topic access rules, first match wins (file only).
     #[serde(default)]
     pub mqtt_acl: Vec<AclEntry>,
+    /// AMQP vhosts clients may open (file only); default ["/"].
+    pub amqp_vhosts: Option<Vec<String>>,
+    /// Which user may open which AMQP vhost (file only).
+    #[serde(default)]
+    pub amqp_permissions: Vec<AmqpPermissionEntry>,
     /// Users for SASL and password logins (file only: a list does not fit a flag).
     #[serde(default)]
     pub users: Vec<UserEntry>,
@@ -384,6 +398,8 @@ pub struct Settings {
     /// Certificate chain and key (PEM) for the TLS listeners.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub amqp_listen: Listen,
+    pub amqp_vhosts: Vec<String>,
+    pub amqp_permissions: Vec<tributary_gateway_amqp::Permission>,
     pub sqs_listen: Listen,
     pub rocketmq_listen: Listen,
     pub namesrv_listen: Listen,
@@ -672,6 +688,24 @@ impl Settings {
                 l
             }
         };
+        let amqp_vhosts = f.amqp_vhosts.clone().unwrap_or_else(|| vec!["/".into()]);
+        if let Some(v) = amqp_vhosts.iter().find(|v| v.is_empty() || v.len() > 255) {
+            return Err(invalid("amqp_vhosts", v, "a vhost name is 1 to 255 bytes"));
+        }
+        let mut amqp_permissions = Vec::new();
+        for p in &f.amqp_permissions {
+            if !amqp_vhosts.contains(&p.vhost) {
+                return Err(invalid(
+                    "amqp_permissions",
+                    &p.vhost,
+                    "the vhost is not listed in amqp_vhosts",
+                ));
+            }
+            amqp_permissions.push(tributary_gateway_amqp::Permission {
+                user: p.user.clone(),
+                vhost: p.vhost.clone(),
+            });
+        }
         let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
         if !mqtt_allow_anonymous && users.is_empty() {
             return Err(invalid(
@@ -699,6 +733,8 @@ impl Settings {
                 3000u64
             )),
             users,
+            amqp_vhosts,
+            amqp_permissions,
             data_dir: pick!(data_dir, PathBuf::from("./data")),
             core_listen: listen!(core_listen, "0.0.0.0:7400"),
             admin_listen: listen!(admin_listen, "0.0.0.0:7480"),

@@ -96,6 +96,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.mqtt_tls {
         println!("listening mqtt-tls {a}");
     }
+    if let Some(a) = server.bound.amqp {
+        println!("listening amqp {a}");
+    }
     println!("ready");
     signals.wait().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;

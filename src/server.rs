@@ -10,6 +10,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
+use tributary_gateway_amqp::AmqpConfig;
 use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
 use tributary_gateway_kafka::KafkaConfig;
 use tributary_gateway_mqtt::{Listeners as MqttListeners, MqttConfig};
@@ -22,7 +23,7 @@ use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws", "mqtt-tls"];
+pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws", "mqtt-tls", "amqp"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -59,6 +60,7 @@ pub struct Bound {
     pub mqtt: Option<SocketAddr>,
     pub mqtt_ws: Option<SocketAddr>,
     pub mqtt_tls: Option<SocketAddr>,
+    pub amqp: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -163,6 +165,12 @@ impl Server {
             Mode::Standalone => Some(bind_mqtt(settings).await?),
             _ => None,
         };
+        let amqp_listener = match mode {
+            Mode::Standalone => {
+                bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen").await?
+            }
+            _ => None,
+        };
         let (log, meta) = open_storage(settings)?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
@@ -232,6 +240,11 @@ impl Server {
                 .with_local_sessions(Arc::new(CoreSessions(core.clone())));
             spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
+        if let Some(listener) = amqp_listener {
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
+                .with_local_channels(Arc::new(CoreChannels(core.clone())));
+            bound.amqp = Some(spawn_amqp(settings, listener, client, &stop, &mut tasks));
+        }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
@@ -269,6 +282,17 @@ impl Server {
                     ));
                 }
                 spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
+            }
+            "amqp" => {
+                let listener =
+                    bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen")
+                        .await?
+                        .ok_or_else(|| {
+                            StartError::Unavailable(
+                                "the AMQP listener is off: give --amqp-listen HOST:PORT".into(),
+                            )
+                        })?;
+                bound.amqp = Some(spawn_amqp(settings, listener, client, &stop, &mut tasks));
             }
             _ => return Err(gateway_unavailable(protocol)),
         }
@@ -408,6 +432,45 @@ fn spawn_mqtt(
         config,
         stop.subscribe(),
     )));
+}
+
+/// Starts the AMQP gateway on its bound listener and returns the address.
+fn spawn_amqp(
+    settings: &Settings,
+    listener: TcpListener,
+    client: CoreClient,
+    stop: &watch::Sender<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> SocketAddr {
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let config = AmqpConfig {
+        users: Arc::new(settings.users.clone()),
+        vhosts: settings.amqp_vhosts.clone(),
+        permissions: settings.amqp_permissions.clone(),
+        ..AmqpConfig::default()
+    };
+    tasks.push(tokio::spawn(tributary_gateway_amqp::serve(
+        listener,
+        client,
+        config,
+        stop.subscribe(),
+    )));
+    addr
+}
+
+/// `Channels.Attach` on the core in this process, without the gRPC encoding.
+struct CoreChannels(Core);
+
+impl tributary_gateway_common::client::LocalChannels for CoreChannels {
+    fn attach(
+        &self,
+        commands: tributary_gateway_common::client::ChannelCommands,
+    ) -> tributary_gateway_common::client::ChannelEvents {
+        use tokio_stream::StreamExt;
+        Box::pin(self.0.attach_channels(commands.map(Ok)).map(Ok))
+    }
 }
 
 /// `Sessions.Attach` on the core in this process, without the gRPC encoding.

@@ -5,9 +5,11 @@
 //! Implemented here: namespaces, streams (partitions, configs, retention), dense offsets,
 //! batch append and long-polling fetch, committed group offsets, idempotent producers and
 //! the durable timer service, group membership (Kafka's classic protocol), client sessions
-//! with topic routing and retained messages (MQTT). Queues and transactions are in the API
-//! but answer UNIMPLEMENTED until their issues land.
+//! with topic routing and retained messages (MQTT), AMQP 0-9-1 channels over queues and
+//! exchanges. The unary queue RPCs and transactions are in the API but answer
+//! UNIMPLEMENTED until their issues land.
 
+mod channels;
 pub mod error;
 mod groups;
 pub mod grpc;
@@ -28,6 +30,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use tributary_storage::{LogStore, MetaStore};
 
+pub use channels::ChannelEvents;
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
 
@@ -90,6 +93,7 @@ struct Inner {
     admin: tokio::sync::Mutex<()>,
     groups: groups::GroupTable,
     broker: sessions::Broker,
+    channels: channels::ChannelBroker,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -120,6 +124,7 @@ impl Core {
                 meta,
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
                 broker: sessions::Broker::new(config.session_max_queued),
+                channels: channels::ChannelBroker::new(),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -132,14 +137,16 @@ impl Core {
         core.load_metadata().await?;
         core.recover_timers().await?;
         core.recover_sessions().await?;
+        core.recover_channels().await?;
         let timers = tokio::spawn(core.clone().run_timers());
         let sys = tokio::spawn(core.clone().run_sys_topics());
         let retention = tokio::spawn(core.clone().run_retention());
         let groups = tokio::spawn(core.clone().run_group_timeouts());
+        let channel_timers = tokio::spawn(core.clone().run_channel_timers());
         core.inner
             .tasks
             .lock()
-            .extend([timers, retention, groups, sys]);
+            .extend([timers, retention, groups, sys, channel_timers]);
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),

@@ -648,7 +648,7 @@ impl Core {
         Ok(self.inner.log.truncate_prefix(part.key, before).await?)
     }
 
-    async fn next_counter(&self, name: &str) -> CoreResult<u64> {
+    pub(crate) async fn next_counter(&self, name: &str) -> CoreResult<u64> {
         let key = meta::key(meta::COUNTER, &[name]);
         loop {
             let current = self.inner.meta.get(&key).await?;
