@@ -134,6 +134,8 @@ impl Core {
                 known.insert(p.key);
             }
         }
+        // Durable AMQP queues journal into partitions of their own.
+        known.extend(self.queue_journal_partitions().await?);
         // Partitions no stream claims are left over from a create or delete that a crash
         // interrupted: the metadata is the truth, so they go.
         for key in self.inner.log.list_partitions().await? {

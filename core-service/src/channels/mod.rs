@@ -1570,6 +1570,21 @@ impl Core {
         }
     }
 
+    /// The log partitions that durable queues journal into.
+    pub(crate) async fn queue_journal_partitions(&self) -> CoreResult<Vec<PartitionKey>> {
+        let queues = self
+            .inner
+            .meta
+            .scan_prefix(&meta::prefix(QUEUE_KEY, &[]), usize::MAX)
+            .await?;
+        let mut out = Vec::new();
+        for (_, v) in queues {
+            let rec: QueueRecord = from_json("amqp queue", &v)?;
+            out.push(PartitionKey::new(rec.log_id, 0));
+        }
+        Ok(out)
+    }
+
     /// Loads durable exchanges, queues (replaying their journals) and bindings.
     pub(crate) async fn recover_channels(&self) -> CoreResult<()> {
         let exchanges = self

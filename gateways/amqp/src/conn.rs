@@ -770,8 +770,8 @@ impl Session {
             let known = matches!(ids.0, 10 | 20 | 30 | 40 | 50 | 60 | 85 | 90);
             return Err(if known {
                 fatal(
-                    SYNTAX_ERROR,
-                    format!("SYNTAX_ERROR - malformed method {}.{}", ids.0, ids.1),
+                    FRAME_ERROR,
+                    format!("FRAME_ERROR - cannot decode method {}.{}", ids.0, ids.1),
                     ids,
                 )
             } else {

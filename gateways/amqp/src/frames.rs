@@ -19,7 +19,6 @@ pub const HEADER_LEN: usize = 7;
 pub const PROTOCOL_HEADER: &[u8; 8] = b"AMQP\x00\x00\x09\x01";
 
 pub const FRAME_ERROR: u16 = 501;
-pub const SYNTAX_ERROR: u16 = 502;
 pub const COMMAND_INVALID: u16 = 503;
 pub const CHANNEL_ERROR: u16 = 504;
 pub const UNEXPECTED_FRAME: u16 = 505;

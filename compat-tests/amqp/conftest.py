@@ -1,0 +1,790 @@
+"""Fixtures that run the AMQP 0-9-1 brokers under test: Tributary and the reference, RabbitMQ.
+
+Tributary's binary comes from TRIBUTARY_BIN (scripts/compat.sh sets it); RabbitMQ from
+RABBITMQ_SERVER_BIN (default /usr/lib/rabbitmq/bin/rabbitmq-server, rabbitmqctl next to it).
+Every server listens on a free loopback port in its own directory. RabbitMQ takes up to a
+minute to boot: one node serves the whole session, booted in the background as soon as the
+collection shows a scenario that needs it. AMQP_REFERENCE=off skips every RabbitMQ case (a
+quick run against Tributary alone).
+
+* ``broker``: parametrised over ``tributary`` (standalone) and ``rabbitmq``; one server of
+  each per test session, shared by the tests (queues and exchanges get unique names from
+  ``uid``), checked alive before and after each test.
+* ``amqp``: factory ``amqp(broker, **kw)`` for pika BlockingConnections (keywords go to
+  ``Broker.params``), all closed after the test.
+* ``raw_clients``: amqpraw connections (hand-made frames) opened by a test, closed after it.
+* ``make_tributary``: a private Tributary deployment (``standalone``, or ``split`` = core +
+  one AMQP gateway), for restarts, kills and configs.
+* ``make_module_tributary``: the same, shared by the tests of one module (a config file).
+* ``rabbitmq_server``: the session's RabbitMQ node; ``.ctl(*args)`` runs rabbitmqctl
+  against it (users, vhosts, permissions).
+
+Markers:
+
+* ``differs(broker, reason)``: the scenario documents behaviour that the named broker does
+  not share (allowed by the specification); it is expected to fail there, strictly (xfail
+  strict), and only there.
+* ``tributary_only(reason)``: the scenario exercises something RabbitMQ has no equivalent for
+  (restarts after kill -9, split deployments, Tributary's config file); it runs on Tributary.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pathlib
+import queue
+import re
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import uuid
+
+import pytest
+
+from amqpcompat import BROKERS, Broker
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 10.0
+RABBITMQ_BOOT_TIMEOUT_S = 150.0
+LOG_TAIL_LINES = 80
+RABBITMQ_SERVER_BIN = os.environ.get(
+    "RABBITMQ_SERVER_BIN", "/usr/lib/rabbitmq/bin/rabbitmq-server")
+RABBITMQCTL_BIN = os.path.join(os.path.dirname(RABBITMQ_SERVER_BIN), "rabbitmqctl")
+
+
+def reference_enabled() -> bool:
+    return os.environ.get("AMQP_REFERENCE", "").lower() not in ("off", "0", "false", "no")
+
+
+_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
+_live_processes: list = []
+
+
+try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
+    _prctl = ctypes.CDLL(None, use_errno=True).prctl
+except (OSError, AttributeError):
+    _prctl = None
+
+
+def _die_with_parent():  # runs in the child between fork and exec
+    if _prctl is not None:
+        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
+
+
+def tributary_bin() -> str:
+    path = os.environ.get("TRIBUTARY_BIN")
+    if not path:
+        pytest.fail(
+            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
+            "(scripts/compat.sh does this)",
+            pytrace=False,
+        )
+    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
+        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
+    return os.path.abspath(path)
+
+
+def tributary_credentials(password: str) -> str:
+    """The `credentials = [...]` line `tributary passwd` prints for `password`."""
+    out = subprocess.run([tributary_bin(), "passwd"], input=password + "\n",
+                         capture_output=True, text=True, timeout=60, check=True)
+    line = out.stdout.strip()
+    assert line.startswith("credentials = ["), line
+    return line
+
+
+def _log_tail(path: pathlib.Path, n: int = LOG_TAIL_LINES) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} unreadable)"
+    return f"--- last {min(n, len(lines))} lines of {path}:\n" + "\n".join(lines[-n:])
+
+
+class ServerProcess:
+    """One tributary process: started, read until `ready`, stdout drained forever after."""
+
+    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
+        self.name = name
+        self.argv = argv
+        self.log_path = log_path
+        self.proc: subprocess.Popen | None = None
+        self.listeners: dict[str, str] = {}
+        self._lines: queue.Queue = queue.Queue()
+        self._ready = threading.Event()
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
+        env.setdefault("TRIBUTARY_LOG", "info")
+        # A fresh queue and event per start: the previous process's stdout pump may still be
+        # draining (and then reporting EOF) after a restart, and must not reach this start.
+        self._lines = queue.Queue()
+        self._ready = threading.Event()
+        self.listeners = {}
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=log,  # the child writes its log (stderr) straight into the file
+                env=env,
+                preexec_fn=_die_with_parent,
+            )
+        _live_processes.append(self)
+        threading.Thread(
+            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
+        ).start()
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise RuntimeError(
+                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
+                )
+            try:
+                line = self._lines.get(timeout=min(remaining, 0.5))
+            except queue.Empty:
+                continue
+            if line is None:  # stdout closed: the process exited
+                try:
+                    rc = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    rc = "?"
+                raise RuntimeError(
+                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
+                )
+            m = _LISTEN_RE.match(line)
+            if m:
+                self.listeners[m.group(1)] = m.group(2)
+            elif line.strip() == "ready":
+                self._ready.set()
+                return self.listeners
+
+    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
+        # Keeps reading stdout so the server never blocks on a full pipe.
+        assert proc.stdout is not None
+        with open(self.log_path, "ab") as log:
+            for raw in proc.stdout:
+                log.write(b"[stdout] " + raw)
+                log.flush()
+                if not ready.is_set():
+                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
+        lines.put(None)
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
+        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+                raise AssertionError(
+                    f"{self.name} did not exit within {timeout:.0f}s of "
+                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
+                )
+        if self in _live_processes:
+            _live_processes.remove(self)
+        return self.proc.returncode
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self in _live_processes:
+            _live_processes.remove(self)
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        return _log_tail(self.log_path, n)
+
+
+_flags_cache: dict[str, set[str]] = {}
+
+# Every listener flag a build may have; each one not wanted is turned off, so no test server
+# ever opens a default port.
+LISTENER_FLAGS = [
+    "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
+    "--mqtt-tls-listen", "--amqp-listen", "--sqs-listen", "--rocketmq-listen",
+    "--namesrv-listen",
+]
+
+
+def _listeners_off(binary: str, *keep: str) -> list[str]:
+    """`--X off` for every listener flag of this binary except `keep`."""
+    if binary not in _flags_cache:
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
+        _flags_cache[binary] = set(re.findall(r"--[a-z0-9-]+", out.stdout))
+    known = _flags_cache[binary]
+    return [a for f in LISTENER_FLAGS if f in known and f not in keep for a in (f, "off")]
+
+
+def _split_addr(addr: str) -> tuple[str, int]:
+    host, port = addr.rsplit(":", 1)
+    return host, int(port)
+
+
+class TributaryDeployment:
+    """Tributary serving AMQP 0-9-1: standalone or split (core + 1 AMQP gateway)."""
+
+    def __init__(self, mode: str, workdir: pathlib.Path, config: pathlib.Path | None = None):
+        assert mode in ("standalone", "split"), mode
+        self.mode = mode
+        self.bin = tributary_bin()
+        self.workdir = workdir
+        self.data_dir = workdir / "data"
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.processes: list[ServerProcess] = []
+        self.amqp: list[str] = []
+        self.core_addr: str | None = None
+        self.starts = 0
+
+    def _config_args(self) -> list[str]:
+        return ["--config", str(self.config)] if self.config else []
+
+    def start(self) -> "TributaryDeployment":
+        self.starts += 1
+        self.processes = []
+        self.amqp = []
+        if self.mode == "standalone":
+            p = ServerProcess(
+                "tributary standalone",
+                [
+                    self.bin, *self._config_args(),
+                    "--data-dir", str(self.data_dir),
+                    *_listeners_off(self.bin, "--amqp-listen"),
+                    "--amqp-listen", "127.0.0.1:0",
+                ],
+                self.workdir / "standalone.log",
+            )
+            self.processes.append(p)
+            listeners = p.start()
+            self._need(listeners, "amqp", p)
+            self.amqp = [listeners["amqp"]]
+        else:
+            core = ServerProcess(
+                "tributary core",
+                [
+                    self.bin, "core", *self._config_args(),
+                    "--data-dir", str(self.data_dir),
+                    *_listeners_off(self.bin, "--core-listen"),
+                    "--core-listen", "127.0.0.1:0",
+                ],
+                self.workdir / "core.log",
+            )
+            self.processes.append(core)
+            listeners = core.start()
+            self._need(listeners, "core", core)
+            self.core_addr = listeners["core"]
+            gw = self._gateway(0)
+            self.processes.append(gw)
+            self.amqp.append(self._start_gateway(gw))
+        return self
+
+    def _gateway(self, i: int) -> ServerProcess:
+        return ServerProcess(
+            f"tributary gateway amqp #{i}",
+            [
+                self.bin, "gateway", "amqp", *self._config_args(),
+                "--core", f"http://{self.core_addr}",
+                *_listeners_off(self.bin, "--amqp-listen", "--core-listen"),
+                "--amqp-listen", "127.0.0.1:0",
+            ],
+            self.workdir / f"gateway{i}.log",
+        )
+
+    def _start_gateway(self, gw: ServerProcess) -> str:
+        gl = gw.start()
+        self._need(gl, "amqp", gw)
+        return gl["amqp"]
+
+    @staticmethod
+    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
+        if name not in listeners:
+            p.kill()
+            raise RuntimeError(
+                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
+            )
+
+    @property
+    def core(self) -> ServerProcess:
+        return self.processes[0]
+
+    @property
+    def gateways(self) -> list[ServerProcess]:
+        return self.processes if self.mode == "standalone" else self.processes[1:]
+
+    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
+        """Stops gateways first, then the core. Returns each process's exit code."""
+        codes = {}
+        for p in reversed(self.processes):
+            codes[p.name] = p.stop(sig)
+        return codes
+
+    def stop_clean(self):
+        codes = self.stop(signal.SIGTERM)
+        bad = {k: v for k, v in codes.items() if v not in (0, None)}
+        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
+
+    def kill_core(self):
+        """SIGKILL of the process that holds the data (standalone: the only one)."""
+        self.core.stop(signal.SIGKILL)
+
+    def restart_core(self, sig: int = signal.SIGKILL) -> "TributaryDeployment":
+        """Stops the process holding the data with `sig` and starts it again on the same
+        data directory. Standalone: a new process on a new AMQP port (`.amqp` and
+        `.broker()` give the new one). Split: the core comes back on the same gRPC address
+        and the gateway keeps running (same AMQP port)."""
+        if self.mode == "standalone":
+            self.stop(sig)
+            return self.start()
+        core = self.core
+        core.stop(sig)
+        argv = list(core.argv)
+        argv[argv.index("--core-listen") + 1] = self.core_addr  # same address for gateways
+        core.argv = argv
+        listeners = core.start()
+        self._need(listeners, "core", core)
+        assert listeners["core"] == self.core_addr, listeners
+        return self
+
+    def broker(self, i: int = 0) -> Broker:
+        host, port = _split_addr(self.amqp[i])
+        return Broker("tributary", host, port, self)
+
+    def dead_processes(self) -> list[ServerProcess]:
+        return [p for p in self.processes if not p.alive()]
+
+    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
+        return "\n".join(p.log_tail(n) for p in self.processes)
+
+    def __repr__(self):
+        return f"TributaryDeployment({self.mode}, amqp={self.amqp})"
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RabbitMQProcess:
+    """A RabbitMQ node on a free loopback port, with its own node name, epmd port, Erlang
+    distribution port, Mnesia/log directories and config (as scripts/brokers.sh starts it)."""
+
+    def __init__(self, workdir: pathlib.Path):
+        self.workdir = workdir
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for sub in ("mnesia", "log", "home"):
+            (self.workdir / sub).mkdir(exist_ok=True)
+        self.port: int | None = None
+        self.node = f"tributary-compat-{os.getpid()}-{uuid.uuid4().hex[:6]}@localhost"
+        self.proc: subprocess.Popen | None = None
+        self.log_path = workdir / "stdout.log"
+        self.pid_file = workdir / "rabbit.pid"
+        self.name = "rabbitmq"
+        self.env: dict[str, str] = {}
+
+    def _write_config(self):
+        (self.workdir / "rabbitmq.conf").write_text(
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users.guest = true\n")
+        (self.workdir / "enabled_plugins").write_text("[].\n")
+
+    def start(self, timeout: float = RABBITMQ_BOOT_TIMEOUT_S) -> "RabbitMQProcess":
+        self.launch()
+        return self.wait_ready(timeout)
+
+    def launch(self):
+        """Starts the node (call from the main thread: PR_SET_PDEATHSIG follows the thread
+        that forks); wait_ready() waits for it to boot."""
+        if not (os.path.isfile(RABBITMQ_SERVER_BIN) and os.access(RABBITMQ_SERVER_BIN, os.X_OK)):
+            raise RuntimeError(
+                f"RabbitMQ, the reference broker, is not at {RABBITMQ_SERVER_BIN}: install it "
+                "(apt-get install rabbitmq-server), set RABBITMQ_SERVER_BIN, or run with "
+                "AMQP_REFERENCE=off")
+        if self.port is None:  # kept across restarts, like the node name
+            self.port = free_port()
+            d = self.workdir
+            self.env = dict(
+                os.environ,
+                HOME=str(d / "home"),
+                RABBITMQ_NODENAME=self.node,
+                RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+                RABBITMQ_NODE_PORT=str(self.port),
+                RABBITMQ_DIST_PORT=str(free_port()),
+                ERL_EPMD_PORT=str(free_port()),
+                RABBITMQ_MNESIA_BASE=str(d / "mnesia"),
+                RABBITMQ_LOG_BASE=str(d / "log"),
+                RABBITMQ_CONFIG_FILE=str(d / "rabbitmq.conf"),
+                RABBITMQ_ENABLED_PLUGINS_FILE=str(d / "enabled_plugins"),
+                RABBITMQ_PID_FILE=str(self.pid_file),
+                # The script then execs the Erlang VM itself (no wrapper shell): the VM is our
+                # child, with PDEATHSIG, and it reads stdin, a pipe only this process holds:
+                # the VM halts on its EOF, so no node outlives pytest however pytest ends.
+                RABBITMQ_ALLOW_INPUT="1",
+            )
+        self._write_config()
+        try:
+            self.pid_file.unlink()
+        except FileNotFoundError:
+            pass
+        with open(self.log_path, "ab") as log:
+            log.write(f"=== {time.strftime('%H:%M:%S')} start on port {self.port}\n".encode())
+            log.flush()
+            self.proc = subprocess.Popen(
+                [RABBITMQ_SERVER_BIN],
+                stdin=subprocess.PIPE,  # never written; closing it stops the node
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd=self.workdir,
+                preexec_fn=_die_with_parent,
+            )
+        _live_processes.append(self)
+
+    def wait_ready(self, timeout: float = RABBITMQ_BOOT_TIMEOUT_S) -> "RabbitMQProcess":
+        # `wait` returns once the pid file exists and the rabbit application has started.
+        try:
+            r = self.ctl("wait", str(self.pid_file), "--timeout", str(int(timeout)),
+                         timeout=timeout + 30, check=False)
+        except subprocess.TimeoutExpired:
+            r = None
+        if r is None or r.returncode != 0 or not self.alive():
+            out = "" if r is None else (r.stdout + r.stderr)
+            self.kill()
+            raise RuntimeError(f"RabbitMQ did not start within {timeout:.0f}s\n{out}\n"
+                               f"{self.log_tail()}")
+        return self
+
+    def ctl(self, *args: str, timeout: float = 60.0, check: bool = True
+            ) -> subprocess.CompletedProcess:
+        """Runs `rabbitmqctl -n NODE ARGS...` against this node (add_user, add_vhost,
+        set_permissions, list_queues ...)."""
+        r = subprocess.run([RABBITMQCTL_BIN, "-n", self.node, *args], env=self.env,
+                           capture_output=True, text=True, timeout=timeout,
+                           stdin=subprocess.DEVNULL)
+        if check and r.returncode != 0:
+            raise AssertionError(
+                f"rabbitmqctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+        return r
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def _epmd_kill(self):
+        # epmd is started by the node on demand (on its own port here) and outlives it.
+        try:
+            subprocess.run(["epmd", "-kill"], env=self.env, capture_output=True, timeout=10,
+                           stdin=subprocess.DEVNULL)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+
+    def _kill_vm(self):
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            try:
+                self.proc.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                pass
+            if self.proc.stdin is not None:
+                try:
+                    self.proc.stdin.close()
+                except OSError:
+                    pass
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        """SIGTERM (default): `rabbitmqctl stop`, a clean shutdown. Any other signal: SIGKILL
+        of the VM. Returns the VM's exit code."""
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            if sig == signal.SIGTERM:
+                try:
+                    self.ctl("stop", timeout=timeout, check=False)
+                except subprocess.TimeoutExpired:
+                    pass
+                try:
+                    self.proc.wait(timeout=timeout)
+                except subprocess.TimeoutExpired:
+                    pass
+            self._kill_vm()
+        self._epmd_kill()
+        if self in _live_processes:
+            _live_processes.remove(self)
+        return self.proc.returncode
+
+    def kill(self):
+        self._kill_vm()
+        self._epmd_kill()
+        if self in _live_processes:
+            _live_processes.remove(self)
+
+    def restart(self) -> "RabbitMQProcess":
+        self.stop(signal.SIGTERM)
+        return self.start()
+
+    def broker(self) -> Broker:
+        return Broker("rabbitmq", "127.0.0.1", self.port, self)
+
+    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
+        parts = [_log_tail(self.log_path, n)]
+        logs = sorted((self.workdir / "log").glob("*.log"))
+        parts += [_log_tail(p, n) for p in logs[:1]]
+        return "\n".join(parts)
+
+    @property
+    def processes(self):
+        return [self]
+
+
+# -- the session's RabbitMQ, booted in the background ---------------------------------------
+
+
+class _RabbitBoot:
+    """Boots the session's RabbitMQ node in a thread so that Tributary's scenarios run
+    meanwhile; `get()` waits for it (or raises the boot's error)."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+        self.server: RabbitMQProcess | None = None
+        self.error: BaseException | None = None
+        self.lock = threading.Lock()
+
+    def begin(self, workdir: pathlib.Path):
+        with self.lock:
+            if self.thread is not None:
+                return
+            self.server = RabbitMQProcess(workdir)
+            try:
+                self.server.launch()  # in the calling (main) thread, see launch()
+            except BaseException as e:
+                self.error = e
+            self.thread = threading.Thread(target=self._run, daemon=True,
+                                           name="rabbitmq-boot")
+            self.thread.start()
+
+    def _run(self):
+        if self.error is not None:
+            return
+        try:
+            self.server.wait_ready()
+        except BaseException as e:  # reported to the first scenario that needs the node
+            self.error = e
+
+    def get(self) -> RabbitMQProcess:
+        assert self.thread is not None
+        self.thread.join(RABBITMQ_BOOT_TIMEOUT_S + 60)
+        if self.error is not None:
+            raise RuntimeError(f"the reference RabbitMQ failed to boot: {self.error}")
+        if self.thread.is_alive():
+            raise RuntimeError("the reference RabbitMQ is still booting")
+        return self.server
+
+
+_rabbit_boot = _RabbitBoot()
+
+
+def _rabbit_workdir(config) -> pathlib.Path:
+    factory = getattr(config, "_tmp_path_factory", None)
+    if factory is not None:
+        return factory.mktemp("rabbitmq-shared")
+    return pathlib.Path(tempfile.mkdtemp(prefix="rabbitmq-shared-"))
+
+
+# -- fixtures ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tributary_server(tmp_path_factory):
+    d = TributaryDeployment("standalone", tmp_path_factory.mktemp("tributary-shared"))
+    d.start()
+    yield d
+    if not d.dead_processes():
+        d.stop_clean()
+    else:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_server(request) -> RabbitMQProcess:
+    if not reference_enabled():
+        pytest.skip("AMQP_REFERENCE=off: RabbitMQ is not run")
+    _rabbit_boot.begin(_rabbit_workdir(request.config))  # no-op when already booting
+    server = _rabbit_boot.get()
+    yield server
+    server.stop(signal.SIGTERM)
+
+
+def _servers(request) -> list:
+    """The servers a test uses; their logs are attached to its report when it fails."""
+    node = request.node
+    if not hasattr(node, "_amqp_servers"):
+        node._amqp_servers = []
+    return node._amqp_servers
+
+
+def _check_alive(server, when: str):
+    dead = [p for p in server.processes if not p.alive()]
+    if dead:
+        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
+        tails = "\n".join(p.log_tail() for p in server.processes)
+        # Restart so later tests run, and fail this one.
+        server.stop(signal.SIGKILL)
+        server.start()
+        pytest.fail(f"server died {when}: {info}\n{tails}", pytrace=False)
+
+
+@pytest.fixture(params=BROKERS)
+def broker(request) -> Broker:
+    """The shared server of this test's broker kind, checked alive before and after."""
+    if request.param == "rabbitmq" and not reference_enabled():
+        pytest.skip("AMQP_REFERENCE=off: RabbitMQ is not run")
+    server = request.getfixturevalue(f"{request.param}_server")
+    _check_alive(server, "before this test")
+    _servers(request).append(server)
+    yield server.broker()
+    _check_alive(server, "during this test")
+
+
+@pytest.fixture
+def uid(request) -> str:
+    """A short unique prefix for queue and exchange names."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+@pytest.fixture
+def amqp(request):
+    """Factory for pika BlockingConnections; every connection is closed after the test."""
+    made: list = []
+
+    def make(broker: Broker, **kw):
+        c = broker.connect(**kw)
+        made.append(c)
+        return c
+
+    yield make
+    for c in made:
+        try:
+            if c.is_open:
+                c.close()
+        except Exception:  # already closed by the broker, socket gone, ...
+            pass
+
+
+@pytest.fixture
+def raw_clients():
+    """amqpraw connections opened by a test (append them), closed after it."""
+    made: list = []
+    yield made
+    for r in made:
+        try:
+            r.close()
+        except Exception:
+            pass
+
+
+@pytest.fixture
+def make_tributary(tmp_path, request):
+    """Factory for private Tributary deployments; killed after the test."""
+    made: list[TributaryDeployment] = []
+    servers = _servers(request)
+
+    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
+        wd = tmp_path / f"tributary{len(made)}"
+        wd.mkdir()
+        cfg = None
+        if config is not None:
+            cfg = wd / "tributary.toml"
+            cfg.write_text(config)
+        d = TributaryDeployment(mode, wd, cfg)
+        made.append(d)
+        servers.append(d)
+        return d.start()
+
+    yield make
+    for d in made:
+        d.stop(signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def make_module_tributary(tmp_path_factory):
+    """Like make_tributary, for servers shared by the tests of one module (e.g. a config)."""
+    made: list[TributaryDeployment] = []
+
+    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
+        wd = tmp_path_factory.mktemp("tributary-module")
+        cfg = None
+        if config is not None:
+            cfg = wd / "tributary.toml"
+            cfg.write_text(config)
+        d = TributaryDeployment(mode, wd, cfg)
+        made.append(d)
+        return d.start()
+
+    yield make
+    for d in made:
+        d.stop(signal.SIGKILL)
+
+
+# -- markers -------------------------------------------------------------------------------
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "differs(broker, reason): documented difference; strict xfail on that broker only",
+    )
+    config.addinivalue_line(
+        "markers", "tributary_only(reason): a Tributary feature RabbitMQ has no equivalent for"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    needs_rabbit = False
+    for item in items:
+        params = getattr(getattr(item, "callspec", None), "params", {})
+        if "rabbitmq" in params.values() or "rabbitmq_server" in getattr(
+                item, "fixturenames", ()):
+            needs_rabbit = True
+        for m in item.iter_markers("differs"):
+            broker = m.kwargs.get("broker", m.args[0] if m.args else None)
+            reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
+            if params.get("broker") != broker:
+                continue
+            item.add_marker(pytest.mark.xfail(strict=True, reason=f"{broker} differs: {reason}"))
+        for m in item.iter_markers("tributary_only"):
+            if "broker" in params:
+                raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
+    if needs_rabbit and reference_enabled() and not config.option.collectonly:
+        _rabbit_boot.begin(_rabbit_workdir(config))  # boots while Tributary's cases run
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        for s in getattr(item, "_amqp_servers", []):
+            for p in s.processes:
+                report.sections.append((f"server log {p.name}", p.log_tail()))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _rabbit_boot.thread is not None and _rabbit_boot.thread.is_alive():
+        _rabbit_boot.thread.join(RABBITMQ_BOOT_TIMEOUT_S + 60)  # then killed below
+    for p in list(_live_processes):
+        p.kill()

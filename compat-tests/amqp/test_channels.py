@@ -1,0 +1,281 @@
+"""Channels: open and close, many on one connection, channel.flow, and the channel errors
+that close one channel (404, 406, 403, 405) while the connection and its other channels
+keep working, next to the ones that close the whole connection (504, 503, 540)."""
+
+from __future__ import annotations
+
+import pika
+import pika.exceptions
+import pytest
+
+from amqpcompat import (ACCESS_REFUSED, CHANNEL_ERROR, COMMAND_INVALID, NOT_FOUND,
+                        NOT_IMPLEMENTED, PRECONDITION_FAILED, RESOURCE_LOCKED, get_message,
+                        wait_count)
+
+
+def _still_works(conn: pika.BlockingConnection, uid: str, other=None):
+    """The connection is open and a channel (`other`, or a new one) still round-trips."""
+    assert conn.is_open, "the channel error closed the connection"
+    ch = other or conn.channel()
+    q = ch.queue_declare(f"{uid}-alive", auto_delete=True).method.queue
+    ch.basic_publish("", q, b"alive")
+    assert get_message(ch, q)[2] == b"alive"
+
+
+def _channel_error(fn) -> pika.exceptions.ChannelClosedByBroker:
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as e:
+        fn()
+    return e.value
+
+
+# -- open / close ----------------------------------------------------------------------------
+
+
+def test_open_close_channel(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    assert ch.is_open
+    ch.close()
+    assert ch.is_closed
+    _still_works(conn, uid)
+
+
+def test_many_channels(broker, amqp, uid):
+    conn = amqp(broker)
+    chans = [conn.channel() for _ in range(60)]
+    assert len({c.channel_number for c in chans}) == 60
+    q = conn.channel().queue_declare(f"{uid}-many", auto_delete=False).method.queue
+    for i, c in enumerate(chans):
+        c.basic_publish("", q, str(i).encode())
+    for c in chans[::2]:
+        c.close()
+    for c in chans[1::2]:
+        assert c.is_open
+    check = chans[1]
+    wait_count(check, q, 60)
+    bodies = sorted(int(get_message(check, q)[2]) for _ in range(60))
+    assert bodies == list(range(60))
+    check.queue_delete(q)
+
+
+def test_raw_channel_reopen_after_close(broker, raw_clients):
+    r = broker.raw()
+    raw_clients.append(r)
+    r.handshake()
+    r.open_channel(1)
+    r.open_channel(7)
+    r.send_method(1, "channel.close", reply_code=200, reply_text="done")
+    assert r.expect("channel.close-ok", 1).channel == 1
+    r.open_channel(1)  # the number is free again
+    r.send_method(7, "queue.declare", queue="", exclusive=True)
+    assert r.expect("queue.declare-ok", 7).queue.startswith("amq.gen-")
+
+
+def test_double_channel_open_is_connection_error_504(broker, raw_clients, amqp, uid):
+    r = broker.raw()
+    raw_clients.append(r)
+    r.handshake()
+    r.open_channel(1)
+    r.send_method(1, "channel.open")
+    closing = r.read_until_close()
+    assert closing is not None and closing.reply_code == CHANNEL_ERROR, closing
+    _still_works(amqp(broker), uid)
+
+
+# -- flow ------------------------------------------------------------------------------------
+
+
+def test_flow_active_true(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    assert ch.flow(True) is True
+    _still_works(conn, uid, ch)
+
+
+def test_flow_active_false_not_implemented(broker, amqp, uid):
+    # RabbitMQ 3.10 does not stop publishers on a client's request: channel.flow
+    # active=false closes the *connection* with 540 NOT_IMPLEMENTED.
+    conn = amqp(broker)
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
+        ch.flow(False)
+    assert e.value.reply_code == NOT_IMPLEMENTED
+    _still_works(amqp(broker), uid)
+
+
+# -- channel errors: only the channel closes -------------------------------------------------
+
+
+def test_passive_declare_missing_queue_404(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_declare(f"{uid}-missing", passive=True))
+    assert e.reply_code == NOT_FOUND
+    assert ch.is_closed and other.is_open
+    _still_works(conn, uid, other)
+
+
+def test_passive_declare_missing_exchange_404(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_declare(f"{uid}-missing", passive=True))
+    assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid, other)
+
+
+def test_publish_to_missing_exchange_404(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+
+    def publish_then_sync():
+        ch.basic_publish(f"{uid}-missing", "rk", b"lost")
+        ch.queue_declare("", exclusive=True)  # a round trip that sees the channel.close
+
+    e = _channel_error(publish_then_sync)
+    assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid, other)
+
+
+def test_consume_from_missing_queue_404(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.basic_consume(f"{uid}-missing", lambda *a: None))
+    assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid, other)
+
+
+def test_bind_missing_queue_or_exchange_404(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    other.queue_declare(f"{uid}-q", auto_delete=True)
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_bind(f"{uid}-missing", "amq.direct", "k"))
+    assert e.reply_code == NOT_FOUND
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_bind(f"{uid}-q", f"{uid}-missing-x", "k"))
+    assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid, other)
+
+
+def test_purge_missing_queue_404(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_purge(f"{uid}-missing"))
+    assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid)
+
+
+@pytest.mark.parametrize("first,second", [
+    ({"durable": False}, {"durable": True}),
+    ({"durable": True}, {"durable": False}),
+    ({"auto_delete": False}, {"auto_delete": True}),
+    ({}, {"arguments": {"x-max-length": 5}}),
+    ({"arguments": {"x-message-ttl": 1000}}, {"arguments": {"x-message-ttl": 2000}}),
+], ids=["durable", "not-durable", "auto-delete", "args-added", "args-changed"])
+def test_redeclare_queue_differently_406(broker, amqp, uid, first, second):
+    conn = amqp(broker)
+    other = conn.channel()
+    q = f"{uid}-redecl"
+    other.queue_declare(q, **first)
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_declare(q, **second))
+    assert e.reply_code == PRECONDITION_FAILED
+    assert other.queue_declare(q, passive=True).method.queue == q  # unchanged, still there
+    other.queue_delete(q)
+    _still_works(conn, uid, other)
+
+
+def test_ack_unknown_delivery_tag_406(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+
+    def ack_then_sync():
+        ch.basic_ack(12345)
+        ch.queue_declare("", exclusive=True)
+
+    e = _channel_error(ack_then_sync)
+    assert e.reply_code == PRECONDITION_FAILED
+    _still_works(conn, uid, other)
+
+
+def test_redeclare_exchange_with_other_type_406(broker, amqp, uid):
+    # The spec's exchange.declare rule names 530 NOT_ALLOWED for a different type; RabbitMQ
+    # answers 406 PRECONDITION_FAILED ("inequivalent arg 'type'"), as for every other
+    # inequivalent property.
+    conn = amqp(broker)
+    other = conn.channel()
+    x = f"{uid}-x"
+    other.exchange_declare(x, "direct", auto_delete=False)
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_declare(x, "fanout"))
+    assert e.reply_code == PRECONDITION_FAILED
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_declare(x, "direct", durable=True))
+    assert e.reply_code == PRECONDITION_FAILED
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_declare("amq.direct", "topic", durable=True))
+    assert e.reply_code == PRECONDITION_FAILED
+    other.exchange_delete(x)
+    _still_works(conn, uid, other)
+
+
+def test_unknown_exchange_type_is_connection_error_503(broker, amqp, uid):
+    # RabbitMQ closes the connection, not the channel, for an unknown exchange type.
+    conn = amqp(broker)
+    ch = conn.channel()
+    with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
+        ch.exchange_declare(f"{uid}-x", "no-such-type")
+    assert e.value.reply_code == COMMAND_INVALID
+    _still_works(amqp(broker), uid)
+
+
+def test_reserved_names_403(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_declare(f"amq.{uid}", "direct"))
+    assert e.reply_code == ACCESS_REFUSED
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.queue_declare(f"amq.{uid}"))
+    assert e.reply_code == ACCESS_REFUSED
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_delete("amq.direct"))
+    assert e.reply_code == ACCESS_REFUSED
+    ch = conn.channel()
+    e = _channel_error(lambda: ch.exchange_delete(""))
+    assert e.reply_code == ACCESS_REFUSED
+    ch = conn.channel()
+    q = other.queue_declare(f"{uid}-q", auto_delete=True).method.queue
+    e = _channel_error(lambda: ch.queue_bind(q, "", "k"))  # the default exchange
+    assert e.reply_code == ACCESS_REFUSED
+    # the predeclared exchanges are still there and passive-declarable
+    for x in ("amq.direct", "amq.fanout", "amq.topic", "amq.headers", "amq.match"):
+        other.exchange_declare(x, passive=True)
+    _still_works(conn, uid, other)
+
+
+@pytest.mark.parametrize("op", ["passive", "declare", "consume", "delete", "purge", "bind"])
+def test_exclusive_queue_of_another_connection_405(broker, amqp, uid, op):
+    owner = amqp(broker).channel()
+    q = f"{uid}-excl"
+    owner.queue_declare(q, exclusive=True)
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    action = {
+        "passive": lambda: ch.queue_declare(q, passive=True),
+        "declare": lambda: ch.queue_declare(q),
+        "consume": lambda: ch.basic_consume(q, lambda *a: None),
+        "delete": lambda: ch.queue_delete(q),
+        "purge": lambda: ch.queue_purge(q),
+        "bind": lambda: ch.queue_bind(q, "amq.fanout"),
+    }[op]
+    e = _channel_error(action)
+    assert e.reply_code == RESOURCE_LOCKED
+    assert owner.queue_declare(q, passive=True).method.queue == q  # still the owner's
+    _still_works(conn, uid, other)

@@ -1,0 +1,124 @@
+"""Transactions (tx class): publishes and acks made in a transaction take effect on
+tx.commit and are discarded by tx.rollback; commit and rollback need tx.select first."""
+
+import pika
+
+from amqpcompat import PRECONDITION_FAILED, queue_count, wait_count
+from amqphelpers import channel_error, declare, get_all, get, publish
+
+
+def test_publishes_visible_only_after_commit(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    watcher = amqp(broker).channel()
+    ch.tx_select()
+    publish(ch, q, ["a", "b", "c"])
+    # A synchronous method on the tx channel: the broker has read the publishes before it.
+    ch.queue_declare(q, passive=True)
+    assert queue_count(watcher, q) == 0, "uncommitted publishes are not in the queue"
+    assert get(watcher, q) is None
+    ch.tx_commit()
+    assert queue_count(watcher, q) == 3, "all visible once commit-ok arrived"
+    # The channel stays transactional: the next batch waits for the next commit.
+    publish(ch, q, ["d"])
+    ch.queue_declare(q, passive=True)
+    assert queue_count(watcher, q) == 3
+    ch.tx_commit()
+    assert [m.body for m in get_all(watcher, q)] == [b"a", b"b", b"c", b"d"]
+
+
+def test_rollback_discards_publishes(broker, amqp, uid):
+    ch = amqp(broker).channel()
+    q = declare(ch, f"{uid}-q")
+    ch.tx_select()
+    publish(ch, q, ["x1", "x2", "x3"])
+    ch.tx_rollback()
+    ch.tx_commit()  # an empty transaction
+    assert queue_count(ch, q) == 0
+    publish(ch, q, ["kept"])
+    ch.tx_commit()
+    assert [m.body for m in get_all(ch, q)] == [b"kept"]
+
+
+def test_acks_applied_on_commit(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, ["m1", "m2", "m3"])
+    wait_count(ch, q, 3)
+    ch.tx_select()
+    got = [get(ch, q) for _ in range(3)]
+    ch.basic_ack(got[0].tag)
+    ch.basic_ack(got[1].tag)
+    ch.tx_commit()
+    ch.close()  # m3 was never acked and comes back
+    left = get_all(conn.channel(), q)
+    assert [(m.body, m.redelivered) for m in left] == [(b"m3", True)]
+
+
+def test_acks_undone_by_rollback(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, ["m1", "m2"])
+    wait_count(ch, q, 2)
+    ch.tx_select()
+    got = [get(ch, q) for _ in range(2)]
+    ch.basic_ack(got[1].tag, multiple=True)
+    ch.tx_rollback()
+    # Still unacked (not in the queue, not gone) until the channel closes.
+    assert queue_count(ch, q) == 0
+    ch.close()
+    left = get_all(conn.channel(), q)
+    assert [(m.body, m.redelivered) for m in left] == [(b"m1", True), (b"m2", True)]
+
+
+def test_reject_in_transaction_applied_on_commit(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, ["drop", "requeue"])
+    wait_count(ch, q, 2)
+    ch.tx_select()
+    drop, requeue = get(ch, q), get(ch, q)
+    ch.basic_reject(drop.tag, requeue=False)
+    ch.basic_nack(requeue.tag, requeue=True)
+    ch.queue_declare(q, passive=True)
+    assert queue_count(ch, q) == 0, "nothing requeued before commit"
+    ch.tx_commit()
+    m = get(ch, q, auto_ack=True)
+    assert (m.body, m.redelivered) == (b"requeue", True)
+    assert get(ch, q) is None, "the rejected one is gone"
+
+
+def test_publish_and_ack_in_one_transaction(broker, amqp, uid):
+    """A consume-transform-produce step: the ack of the input and the publish of the
+    output are committed together."""
+    conn = amqp(broker)
+    ch = conn.channel()
+    qin, qout = declare(ch, f"{uid}-in"), declare(ch, f"{uid}-out")
+    publish(ch, qin, ["job"])
+    wait_count(ch, qin, 1)
+    ch.tx_select()
+    job = get(ch, qin)
+    ch.basic_publish("", qout, b"result of " + job.body,
+                     properties=pika.BasicProperties(correlation_id="1"))
+    ch.basic_ack(job.tag)
+    ch.tx_commit()
+    ch.close()
+    ch2 = conn.channel()
+    assert queue_count(ch2, qin) == 0
+    assert [m.body for m in get_all(ch2, qout)] == [b"result of job"]
+
+
+def test_commit_without_select_fails(broker, amqp, uid):
+    ch = amqp(broker).channel()
+    with channel_error(PRECONDITION_FAILED):
+        ch.tx_commit()
+
+
+def test_rollback_without_select_fails(broker, amqp, uid):
+    ch = amqp(broker).channel()
+    with channel_error(PRECONDITION_FAILED):
+        ch.tx_rollback()
