@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Protocol compatibility tests with the clients users run (compat-tests/).
 #
-#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt] [PYTEST ARGS...]
+#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp] [PYTEST ARGS...]
 #   scripts/compat.sh --setup-only        # only create/refresh the venv
 #
 # Creates a Python venv at ${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv} when missing and
@@ -10,7 +10,10 @@
 # against the binary named by TRIBUTARY_BIN (required; the tests start it themselves on free
 # loopback ports). Needs only python3 (3.11) with venv + pip; the client wheels come from PyPI.
 # `mqtt` also runs every scenario against Mosquitto, the reference broker (MOSQUITTO_BIN,
-# default /usr/sbin/mosquitto; Debian/Ubuntu: apt-get install mosquitto).
+# default /usr/sbin/mosquitto; Debian/Ubuntu: apt-get install mosquitto). `amqp` runs every
+# scenario against RabbitMQ too (RABBITMQ_SERVER_BIN, default
+# /usr/lib/rabbitmq/bin/rabbitmq-server; apt-get install rabbitmq-server; AMQP_REFERENCE=off
+# skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -24,9 +27,9 @@ protocol=kafka
 if [[ $# -gt 0 ]]; then
     case "$1" in
         --setup-only) setup_only=1; shift ;;
-        kafka|mqtt) protocol="$1"; shift ;;
+        kafka|mqtt|amqp) protocol="$1"; shift ;;
         -*) ;; # pytest arguments; protocol stays kafka
-        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt)" >&2; exit 2 ;;
+        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp)" >&2; exit 2 ;;
     esac
 fi
 

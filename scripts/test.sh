@@ -17,5 +17,8 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh ka
 # The MQTT scenarios also run against Mosquitto (installed from Debian when missing).
 (source scripts/brokers.sh && brokers_install mosquitto)
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mqtt
+# The AMQP scenarios also run against RabbitMQ (installed from Debian when missing).
+(source scripts/brokers.sh && brokers_install rabbitmq-server)
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh amqp
 echo "== tributary bench mqtt|amqp against Mosquitto and RabbitMQ (installed from Debian if missing)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/bench-smoke.sh

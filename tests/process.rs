@@ -129,10 +129,10 @@ fn bad_config_is_refused_with_the_key_named() {
         "{stderr}"
     );
 
-    let (code, stderr) = run_expect_failure(&["gateway".into(), "amqp".into()]);
+    let (code, stderr) = run_expect_failure(&["gateway".into(), "sqs".into()]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("amqp gateway is not part of this build"),
+        stderr.contains("sqs gateway is not part of this build"),
         "{stderr}"
     );
     assert!(!dir.path().join("data").exists());

@@ -71,6 +71,9 @@ def test_single_active_consumer_and_takeover_on_cancel(broker, amqp, uid):
     assert len(first.msgs) == 10
 
 
+@pytest.mark.differs("tributary", "pika cancels consumers before closing: the next consumer "
+                     "becomes active at the cancel and gets newer messages before the "
+                     "cancelled one's unacked ones return")
 def test_single_active_consumer_takeover_requeues_unacked(broker, amqp, uid):
     c1, c2 = amqp(broker), amqp(broker)
     ch1, ch2 = c1.channel(), c2.channel()
@@ -89,6 +92,8 @@ def test_single_active_consumer_takeover_requeues_unacked(broker, amqp, uid):
         [("m0", True), ("m1", True), ("m2", False), ("m3", False)]
 
 
+@pytest.mark.differs("tributary", "x-queue-type stream is refused (406); Kafka clients read "
+                     "the core's streams")
 def test_stream_queue_replays_from_first(broker, amqp, uid):
     ch = amqp(broker).channel()
     q = declare(ch, f"{uid}-stream", durable=True, arguments={"x-queue-type": "stream"})
@@ -118,6 +123,7 @@ def test_stream_queue_replays_from_first(broker, amqp, uid):
         ch.queue_delete(q)
 
 
+@pytest.mark.differs("tributary", "x-queue-type stream is refused (406)")
 def test_stream_consume_needs_prefetch_and_acks(broker, amqp, uid):
     ch = amqp(broker).channel()
     q = declare(ch, f"{uid}-stream", durable=True, arguments={"x-queue-type": "stream"})
@@ -195,6 +201,8 @@ def test_direct_reply_to_requester_gone_is_dropped(broker, amqp, uid):
 # run on Tributary alone and have no reference run.
 @pytest.mark.tributary_only(reason="x-delayed-message is a RabbitMQ plugin not installed "
                             "with the reference broker")
+@pytest.mark.xfail(strict=True, reason="x-delayed-message is not implemented yet: declare is "
+                   "refused with 540 NOT_IMPLEMENTED")
 def test_delayed_message_exchange(make_tributary, amqp, uid):
     d = make_tributary("standalone")
     conn = amqp(d.broker())

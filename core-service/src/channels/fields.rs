@@ -14,7 +14,7 @@ pub fn decode_table(raw: &[u8]) -> Result<FieldTable, String> {
         return Ok(FieldTable::default());
     }
     match parse_field_table(raw) {
-        Ok((rest, t)) if rest.is_empty() => Ok(t),
+        Ok(([], t)) => Ok(t),
         Ok(_) => Err("trailing bytes after a field table".into()),
         Err(e) => Err(format!("malformed field table: {e}")),
     }

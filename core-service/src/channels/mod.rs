@@ -505,8 +505,8 @@ impl Conn {
 struct State {
     vhosts: HashMap<String, Vhost>,
     conns: HashMap<u64, Conn>,
-    /// Direct reply-to names -> (connection, channel).
-    reply_to: HashMap<String, (u64, u32)>,
+    /// Direct reply-to names -> (connection, channel, consumer tag).
+    reply_to: HashMap<String, (u64, u32, String)>,
 }
 
 /// Work that follows a change: queues that may deliver, messages to dead-letter.
@@ -579,9 +579,15 @@ pub(crate) fn topic_matches(pattern: &str, key: &str) -> bool {
             },
         }
     }
-    let p: Vec<&str> = pattern.split('.').collect();
-    let k: Vec<&str> = key.split('.').collect();
-    go(&p, &k)
+    // An empty key or pattern has no words (RabbitMQ), not one empty word.
+    fn words(s: &str) -> Vec<&str> {
+        if s.is_empty() {
+            Vec::new()
+        } else {
+            s.split('.').collect()
+        }
+    }
+    go(&words(pattern), &words(key))
 }
 
 /// The queues a message published to `exchange` with `key` reaches (through exchange
@@ -1842,8 +1848,8 @@ fn publish(
     };
     // Direct reply-to: straight to the requester's channel, no queue.
     if exchange.is_empty() && p.routing_key.starts_with(REPLY_TO) {
-        let target = st.reply_to.get(&p.routing_key).copied();
-        let Some((rc, rch)) = target else {
+        let target = st.reply_to.get(&p.routing_key).cloned();
+        let Some((rc, rch, rtag)) = target else {
             if p.mandatory
                 && let Some(c) = st.conns.get(&conn)
             {
@@ -1863,7 +1869,7 @@ fn publish(
             c.send(
                 rch,
                 Event::Deliver(v1::ChannelDelivery {
-                    consumer_tag: REPLY_TO.into(),
+                    consumer_tag: rtag,
                     delivery_tag: tag,
                     exchange: String::new(),
                     routing_key: p.routing_key.clone(),
@@ -2293,7 +2299,7 @@ fn bind(
     if source.is_empty() {
         return Err(refuse(
             ACCESS_REFUSED,
-            format!("operation not permitted on the default exchange"),
+            "operation not permitted on the default exchange".to_string(),
         ));
     }
     let dest_durable = match &b.dest {
@@ -2347,8 +2353,7 @@ fn bind(
                     dest: b.dest.clone(),
                     key: b.key.clone(),
                     args: b.args.clone(),
-                })
-                .into(),
+                }),
             });
         }
         ex.bindings.push(b);
@@ -2445,8 +2450,7 @@ fn exchange_declare(
                 auto_delete: d.auto_delete,
                 internal: d.internal,
                 args: d.arguments.to_vec(),
-            })
-            .into(),
+            }),
         });
     }
     vh.exchanges.insert(
@@ -2626,8 +2630,7 @@ fn queue_declare(
                 auto_delete: d.auto_delete,
                 args: d.arguments.to_vec(),
                 log_id: id,
-            })
-            .into(),
+            }),
         });
         after_writes = true;
     } else if let Some(id) = log_id {
@@ -2655,14 +2658,14 @@ fn consume(
             ));
         }
         let name = b.queue.clone();
-        let c = st.conns.get_mut(&conn).expect("checked");
-        c.reply_to.insert(channel, name.clone());
-        st.reply_to.insert(name, (conn, channel));
         let tag = if b.consumer_tag.is_empty() {
             REPLY_TO.to_owned()
         } else {
             b.consumer_tag
         };
+        let c = st.conns.get_mut(&conn).expect("checked");
+        c.reply_to.insert(channel, name.clone());
+        st.reply_to.insert(name, (conn, channel, tag.clone()));
         let c = st.conns.get(&conn).expect("checked");
         c.send(
             channel,

@@ -166,9 +166,10 @@ async fn refuse_connection(
     buf: &mut BytesMut,
     code: u16,
     text: &str,
+    (class_id, method_id): (u16, u16),
 ) -> Result<(), ConnError> {
     let mut out = BytesMut::new();
-    put_method(&mut out, 0, close_method(code, text, 0, 0));
+    put_method(&mut out, 0, close_method(code, text, class_id, method_id));
     write(sock, &mut out).await?;
     let _ = tokio::time::timeout(Duration::from_secs(1), read_method(sock, buf)).await;
     Ok(())
@@ -179,7 +180,7 @@ fn authenticate(
     peer: &SocketAddr,
     mechanism: &str,
     response: &[u8],
-) -> Result<String, String> {
+) -> Result<(String, bool), String> {
     let (user, password) = match mechanism {
         "PLAIN" => {
             let mut parts = response.split(|b| *b == 0);
@@ -221,11 +222,11 @@ fn authenticate(
             .is_some();
     if configured {
         if gw.config.users.verify_password(&user, &password) {
-            return Ok(user);
+            return Ok((user, false));
         }
     } else if gw.config.default_guest && user == "guest" && password == "guest" {
         if is_loopback(peer) {
-            return Ok(user);
+            return Ok((user, true));
         }
         return Err("user 'guest' can only connect via localhost".into());
     }
@@ -326,7 +327,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Resul
     else {
         return Err(ConnError::Protocol("expected connection.start-ok".into()));
     };
-    let user = match authenticate(
+    let (user, default_guest) = match authenticate(
         &gw,
         &peer,
         start_ok.mechanism.as_str(),
@@ -340,6 +341,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Resul
                 &mut buf,
                 ACCESS_REFUSED,
                 &format!("ACCESS_REFUSED - {why}"),
+                (10, 11),
             )
             .await?;
             return Ok(());
@@ -361,9 +363,17 @@ async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Resul
     else {
         return Err(ConnError::Protocol("expected connection.tune-ok".into()));
     };
+    if tune.frame_max != 0 && tune.frame_max < 4096 {
+        // Below the spec's minimum frame size: RabbitMQ drops such a peer too.
+        info!(
+            frame_max = tune.frame_max,
+            "amqp: tune-ok frame_max below 4096, closing"
+        );
+        return Ok(());
+    }
     let frame_max = match tune.frame_max {
         0 => cfg.frame_max,
-        n => n.min(cfg.frame_max).max(4096),
+        n => n.min(cfg.frame_max),
     } as usize;
     let channel_max = match tune.channel_max {
         0 => cfg.channel_max,
@@ -376,13 +386,14 @@ async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Resul
         return Err(ConnError::Protocol("expected connection.open".into()));
     };
     let vhost = open.virtual_host.as_str().to_owned();
-    if !cfg.may_open(&user, &vhost) {
+    if !cfg.may_open(&user, &vhost, default_guest) {
         info!(%user, %vhost, "amqp: vhost refused");
         refuse_connection(
             &mut sock,
             &mut buf,
             NOT_ALLOWED,
             &format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'"),
+            (10, 40),
         )
         .await?;
         return Ok(());
@@ -420,7 +431,8 @@ async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Resul
         done: false,
     };
     let hb = (heartbeat > 0).then(|| Duration::from_secs(heartbeat as u64));
-    let mut tick = tokio::time::interval(hb.map_or(Duration::from_secs(3600), |h| h / 2));
+    let period = hb.map_or(Duration::from_secs(3600), |h| h / 2);
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_read = Instant::now();
     let mut closing_since: Option<Instant> = None;
@@ -571,8 +583,8 @@ impl Session {
             FRAME_HEARTBEAT => {
                 if f.channel != 0 {
                     return Err(fatal(
-                        FRAME_ERROR,
-                        "FRAME_ERROR - heartbeat frame on a non-zero channel",
+                        UNEXPECTED_FRAME,
+                        "UNEXPECTED_FRAME - heartbeat frame on a non-zero channel",
                         (0, 0),
                     ));
                 }
@@ -614,8 +626,8 @@ impl Session {
         };
         if h.class_id != 60 {
             return Err(fatal(
-                FRAME_ERROR,
-                format!("FRAME_ERROR - content header for class {}", h.class_id),
+                UNEXPECTED_FRAME,
+                format!("UNEXPECTED_FRAME - content header for class {}", h.class_id),
                 (60, 40),
             ));
         }
@@ -767,7 +779,7 @@ impl Session {
     fn on_method(&mut self, channel: u16, payload: &Bytes) -> Result<(), Fatal> {
         let ids = frames::method_ids(payload);
         let Some(method) = parse_method(payload) else {
-            let known = matches!(ids.0, 10 | 20 | 30 | 40 | 50 | 60 | 85 | 90);
+            let known = known_method(ids);
             return Err(if known {
                 fatal(
                     FRAME_ERROR,
@@ -807,16 +819,16 @@ impl Session {
                     ids,
                 )),
                 _ => Err(fatal(
-                    COMMAND_INVALID,
-                    format!("COMMAND_INVALID - method {}.{} on channel 0", ids.0, ids.1),
+                    CHANNEL_ERROR,
+                    format!("CHANNEL_ERROR - method {}.{} on channel 0", ids.0, ids.1),
                     ids,
                 )),
             };
         }
         if let AMQPClass::Connection(_) = method {
             return Err(fatal(
-                CHANNEL_ERROR,
-                format!("CHANNEL_ERROR - connection method on channel {channel}"),
+                COMMAND_INVALID,
+                format!("COMMAND_INVALID - connection method on channel {channel}"),
                 ids,
             ));
         }
@@ -892,6 +904,15 @@ impl Session {
                 }
                 chan::AMQPMethod::CloseOk(_) => {}
                 chan::AMQPMethod::Flow(f) => {
+                    if !f.active {
+                        // As RabbitMQ: a client may not stop the server's deliveries this way
+                        // (basic.qos and basic.cancel do it); refused, not half-honoured.
+                        return Err(fatal(
+                            NOT_IMPLEMENTED,
+                            "NOT_IMPLEMENTED - active=false",
+                            ids,
+                        ));
+                    }
                     self.expect_answer(channel, false);
                     self.command(channel, Command::Flow(f.active));
                 }
@@ -1327,6 +1348,25 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// Whether (class, method) names a method of AMQP 0-9-1 (whose arguments then failed to
+/// decode: a frame error) rather than an unknown one (not implemented).
+fn known_method((class, method): (u16, u16)) -> bool {
+    let methods: &[u16] = match class {
+        10 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61],
+        20 => &[10, 11, 20, 21, 40, 41],
+        30 => &[10, 11],
+        40 => &[10, 11, 20, 21, 30, 31, 40, 51],
+        50 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51],
+        60 => &[
+            10, 11, 20, 21, 30, 31, 40, 50, 60, 70, 71, 72, 80, 90, 100, 110, 111, 120,
+        ],
+        85 => &[10, 11],
+        90 => &[10, 11, 20, 21, 30, 31],
+        _ => &[],
+    };
+    methods.contains(&method)
 }
 
 fn reply_token() -> String {

@@ -81,7 +81,7 @@ pub fn take_frame(buf: &mut BytesMut, frame_max: usize) -> Result<Option<RawFram
 
 pub fn parse_method(payload: &[u8]) -> Option<AMQPClass> {
     match parse_class(payload) {
-        Ok((rest, m)) if rest.is_empty() => Some(m),
+        Ok(([], m)) => Some(m),
         _ => None,
     }
 }
@@ -214,10 +214,7 @@ mod tests {
     #[test]
     fn bad_end_oversized_and_unknown_type_are_errors() {
         let mut b = frame(FRAME_METHOD, 1, &[0, 10, 0, 10], 0x00);
-        assert_eq!(
-            take_frame(&mut b, 4096),
-            Err(FrameError::BadEnd(0)).map(|_: ()| None)
-        );
+        assert_eq!(take_frame(&mut b, 4096).err(), Some(FrameError::BadEnd(0)));
         let mut b = frame(FRAME_BODY, 1, &[0u8; 5000], FRAME_END);
         assert!(matches!(
             take_frame(&mut b, 4096),

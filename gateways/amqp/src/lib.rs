@@ -35,7 +35,7 @@ pub struct AmqpConfig {
     pub users: Arc<Users>,
     /// Vhosts clients may open.
     pub vhosts: Vec<String>,
-    /// Which user may open which vhost. A user with no entry may open "/".
+    /// Which user may open which vhost (the default guest user may open "/").
     pub permissions: Vec<Permission>,
     /// guest/guest, from loopback only (RabbitMQ's default), unless `[[users]]` names guest.
     pub default_guest: bool,
@@ -60,20 +60,17 @@ impl Default for AmqpConfig {
 }
 
 impl AmqpConfig {
-    /// Whether `user` (authenticated) may open `vhost`.
-    pub fn may_open(&self, user: &str, vhost: &str) -> bool {
+    /// Whether `user` (authenticated; `default_guest` for the built-in guest) may open
+    /// `vhost`.
+    pub fn may_open(&self, user: &str, vhost: &str, default_guest: bool) -> bool {
         if !self.vhosts.iter().any(|v| v == vhost) {
             return false;
         }
-        let mut own = self
-            .permissions
-            .iter()
-            .filter(|p| p.user == user)
-            .peekable();
-        if own.peek().is_none() {
-            return vhost == "/";
-        }
-        own.any(|p| p.vhost == vhost)
+        (default_guest && vhost == "/")
+            || self
+                .permissions
+                .iter()
+                .any(|p| p.user == user && p.vhost == vhost)
     }
 }
 
