@@ -399,8 +399,12 @@ class RabbitMQProcess:
         self.env: dict[str, str] = {}
 
     def _write_config(self):
+        # A nearly full disk on the test host (a build linking next to the run) must not
+        # raise RabbitMQ's disk alarm, which blocks every publisher: the limit is 1 MB, not
+        # the default 50 MB.
         (self.workdir / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users.guest = true\n")
+            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users.guest = true\n"
+            "disk_free_limit.absolute = 1MB\n")
         (self.workdir / "enabled_plugins").write_text("[].\n")
 
     def start(self, timeout: float = RABBITMQ_BOOT_TIMEOUT_S) -> "RabbitMQProcess":
@@ -753,6 +757,7 @@ def pytest_configure(config):
     )
 
 
+@pytest.hookimpl(trylast=True)  # after -k/-m deselection: boot RabbitMQ only when needed
 def pytest_collection_modifyitems(config, items):
     needs_rabbit = False
     for item in items:

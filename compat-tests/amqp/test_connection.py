@@ -237,7 +237,7 @@ def test_silent_client_disconnected_after_two_heartbeats(broker, raw_clients):
             closed = time.monotonic() - t0
             break
     assert closed is not None, "server kept a silent client with heartbeat 1 s for 8 s"
-    assert 1.5 <= closed <= 4.5, f"closed after {closed:.1f}s (heartbeat 1 s)"
+    assert 1.5 <= closed <= 5.0, f"closed after {closed:.1f}s (heartbeat 1 s)"
     assert heartbeats >= 1, "server sent no heartbeat with a 1 s interval"
 
 

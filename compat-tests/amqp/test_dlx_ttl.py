@@ -317,8 +317,6 @@ def test_quorum_queue_delivery_limit(broker, amqp, uid):
         ch.queue_delete(q)
 
 
-@pytest.mark.differs("tributary", "the x-delivery-count header of quorum queues is not "
-                     "added yet (the limit itself is enforced)")
 def test_quorum_queue_delivery_count_header(broker, amqp, uid):
     ch = amqp(broker).channel()
     q = declare(ch, f"{uid}-qq", durable=True, arguments={**QUORUM, "x-delivery-limit": 5})

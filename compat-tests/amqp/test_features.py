@@ -201,8 +201,6 @@ def test_direct_reply_to_requester_gone_is_dropped(broker, amqp, uid):
 # run on Tributary alone and have no reference run.
 @pytest.mark.tributary_only(reason="x-delayed-message is a RabbitMQ plugin not installed "
                             "with the reference broker")
-@pytest.mark.xfail(strict=True, reason="x-delayed-message is not implemented yet: declare is "
-                   "refused with 540 NOT_IMPLEMENTED")
 def test_delayed_message_exchange(make_tributary, amqp, uid):
     d = make_tributary("standalone")
     conn = amqp(d.broker())

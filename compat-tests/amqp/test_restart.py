@@ -180,3 +180,29 @@ def test_every_confirmed_publish_survives_kill_during_stream(make_tributary, amq
     missing = sorted({t - 1 for t in acked} - set(present))  # tag n is message n - 1
     assert not missing, f"{len(missing)} confirmed messages lost, first {missing[:10]}"
     assert len(present) <= sent
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_confirmed_delayed_message_survives_kill_9(make_tributary, amqp, uid, mode):
+    # x-delayed-message: a confirmed delayed publish is a durable timer, so it is delivered
+    # after a kill -9 that happens before it is due.
+    d = make_tributary(mode)
+    ch = amqp(d.broker()).channel()
+    ex = f"{uid}-delayed"
+    ch.exchange_declare(ex, "x-delayed-message", durable=True,
+                        arguments={"x-delayed-type": "direct"})
+    q = declare(ch, f"{uid}-q", durable=True)
+    ch.queue_bind(q, ex, "k")
+    ch.confirm_delivery()
+    ch.basic_publish(ex, "k", b"later", properties=pika.BasicProperties(
+        delivery_mode=2, headers={"x-delay": 1500}))
+    restart(d, mode)
+    ch = reconnect(d, amqp, q).channel()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        method, _props, body = ch.basic_get(q, auto_ack=True)
+        if method is not None:
+            assert body == b"later"
+            return
+        time.sleep(0.05)  # polling interval, bounded by the deadline
+    raise AssertionError(f"the delayed message never arrived\n{d.log_tails()}")

@@ -35,7 +35,7 @@ fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
 fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
     match &timer.action {
         Some(v1::timer::Action::Append(a)) => Ok(a),
-        Some(v1::timer::Action::Route(_)) | None => {
+        Some(v1::timer::Action::Route(_)) | Some(v1::timer::Action::AmqpPublish(_)) | None => {
             Err(CoreError::InvalidArgument("a timer needs an action".into()))
         }
     }
@@ -69,6 +69,9 @@ impl Core {
                     .map_or("", |p| p.address.as_str());
                 crate::topics::validate_name(topic)
                     .map_err(|e| CoreError::InvalidArgument(format!("the timer's topic: {e}")))?;
+            }
+            Some(v1::timer::Action::AmqpPublish(p)) => {
+                validate_name("exchange", &p.exchange)?;
             }
             _ => {
                 let append = append_target(&timer)?;
@@ -254,10 +257,11 @@ impl Core {
     async fn fire(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
         let timer =
             v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
-        if let Some(v1::timer::Action::Route(message)) = &timer.action {
-            return self
-                .fire_route(due_key, raw.clone(), &timer, message.clone())
-                .await;
+        if matches!(
+            &timer.action,
+            Some(v1::timer::Action::Route(_)) | Some(v1::timer::Action::AmqpPublish(_))
+        ) {
+            return self.fire_route(due_key, raw.clone(), &timer).await;
         }
         let append = append_target(&timer)?;
         let stream = append.stream.clone().unwrap_or_default();
@@ -297,16 +301,24 @@ impl Core {
         self.finish_firing(firing_key, firing).await
     }
 
-    /// A delayed publish: routed, then forgotten. At least once: a crash between the two
-    /// routes it again after the restart.
+    /// A delayed publish (MQTT topic or AMQP exchange): routed, then forgotten. At least
+    /// once: a crash between the two routes it again after the restart.
     async fn fire_route(
         &self,
         due_key: Vec<u8>,
         raw: Vec<u8>,
         timer: &v1::Timer,
-        message: v1::RoutedMessage,
     ) -> CoreResult<()> {
-        self.route(&timer.namespace, message, None, true).await;
+        match &timer.action {
+            Some(v1::timer::Action::Route(message)) => {
+                self.route(&timer.namespace, message.clone(), None, true)
+                    .await;
+            }
+            Some(v1::timer::Action::AmqpPublish(p)) => {
+                self.publish_delayed(&timer.namespace, p.clone());
+            }
+            _ => {}
+        }
         let applied = self
             .inner
             .meta

@@ -33,6 +33,16 @@ pub fn encode_properties(p: &BasicProperties) -> Bytes {
         .unwrap_or_default()
 }
 
+/// The properties with one header set (quorum queues' `x-delivery-count`).
+pub fn with_header(props: &Bytes, key: &str, value: AMQPValue) -> Bytes {
+    let Some(p) = decode_properties(props) else {
+        return props.clone();
+    };
+    let mut headers = p.headers().clone().unwrap_or_default();
+    headers.insert(ShortString::from(key), value);
+    encode_properties(&p.with_headers(headers))
+}
+
 /// An integer argument of any AMQP integer width.
 pub fn as_i64(v: &AMQPValue) -> Option<i64> {
     Some(match v {

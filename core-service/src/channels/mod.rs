@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use amq_protocol::types::FieldTable;
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
@@ -47,6 +47,8 @@ pub(crate) type EventTx = mpsc::UnboundedSender<v1::ChannelEvent>;
 const OUTSTANDING_LIMIT: usize = 4096;
 /// How often message TTLs and queue expiry are checked.
 const TICK: Duration = Duration::from_millis(25);
+/// Publishes and acks of one connection applied under one lock at most.
+const FAST_BATCH: usize = 256;
 
 const EXCHANGE_KEY: &str = "amqpexchange";
 const QUEUE_KEY: &str = "amqpqueue";
@@ -656,6 +658,18 @@ fn delivery(tag: &str, dtag: u64, m: &Msg) -> v1::ChannelDelivery {
     }
 }
 
+/// Quorum queues tell a consumer how often a message was delivered before
+/// (`x-delivery-count`, from the first redelivery on).
+fn count_redelivery(quorum: bool, m: &Msg, ev: &mut v1::ChannelDelivery) {
+    if quorum && m.deliveries > 1 {
+        ev.properties = fields::with_header(
+            &ev.properties,
+            "x-delivery-count",
+            amq_protocol::types::AMQPValue::LongLongInt(m.deliveries as i64 - 1),
+        );
+    }
+}
+
 /// Delivers ready messages of one queue to its consumers with credit, round-robin; drops
 /// expired messages met at the head.
 fn dispatch(
@@ -719,7 +733,8 @@ fn dispatch(
         let tag = ch.next_tag;
         ch.next_tag += 1;
         let cons = ch.consumers.get_mut(&ctag).expect("checked");
-        let ev = delivery(&ctag, tag, &m);
+        let mut ev = delivery(&ctag, tag, &m);
+        count_redelivery(q.args.quorum, &m, &mut ev);
         if cons.no_ack {
             q.forget(&m, &mut removed);
         } else {
@@ -1011,6 +1026,9 @@ fn random_name(prefix: &str) -> String {
 #[derive(Default)]
 struct Writes {
     ops: Vec<Op>,
+    /// Publishes to x-delayed-message exchanges, to hand to the durable timers (vhost,
+    /// publish, due time, the confirm waiting for it).
+    delayed: Vec<(String, v1::BasicPublish, i64, Option<Arc<Completion>>)>,
     /// A durable queue's journal partition to delete.
     drop_logs: Vec<u64>,
 }
@@ -1083,6 +1101,34 @@ impl Core {
                     continue;
                 }
                 let channel = cmd.channel;
+                if is_fast(&command) {
+                    // Publishes and acks need no await: the ones already waiting are applied
+                    // under one lock, with one round of deliveries after them.
+                    let mut batch = vec![(channel, command)];
+                    let mut next = None;
+                    while batch.len() < FAST_BATCH {
+                        match commands.next().now_or_never() {
+                            Some(Some(Ok(c))) => match c.command {
+                                Some(cmd) if is_fast(&cmd) => batch.push((c.channel, cmd)),
+                                Some(cmd) => {
+                                    next = Some((c.channel, cmd));
+                                    break;
+                                }
+                                None => {}
+                            },
+                            _ => break,
+                        }
+                    }
+                    core.fast_commands(id, batch);
+                    let Some((channel, command)) = next else {
+                        continue;
+                    };
+                    let ids = method_ids(&command);
+                    if let Err(r) = core.channel_command(id, channel, command).await {
+                        core.fail_channel(id, channel, r, ids);
+                    }
+                    continue;
+                }
                 let ids = method_ids(&command);
                 if let Err(r) = core.channel_command(id, channel, command).await {
                     core.fail_channel(id, channel, r, ids);
@@ -1095,35 +1141,46 @@ impl Core {
         events
     }
 
-    fn fail_channel(&self, conn: u64, channel: u32, r: Refusal, (class_id, method_id): (u32, u32)) {
+    /// Publishes and acks of one connection, applied under one lock.
+    fn fast_commands(&self, conn: u64, batch: Vec<(u32, Command)>) {
+        let now = now_ms();
+        let mut writes = Writes::default();
+        {
+            let mut st = self.inner.channels.state.lock();
+            let mut fx = Effects::default();
+            for (channel, command) in batch {
+                let ids = method_ids(&command);
+                if let Err(r) = self.apply(
+                    &mut st,
+                    conn,
+                    channel,
+                    command,
+                    None,
+                    &mut writes,
+                    &mut fx,
+                    now,
+                ) {
+                    fail_locked(&mut st, conn, channel, r, ids, &mut fx, &mut writes);
+                }
+            }
+            settle_effects(&mut st, fx, now);
+        }
+        self.spawn_writes(writes);
+    }
+
+    fn fail_channel(&self, conn: u64, channel: u32, r: Refusal, ids: (u32, u32)) {
         let now = now_ms();
         let mut st = self.inner.channels.state.lock();
-        let err = v1::ChannelError {
-            code: r.code,
-            text: r.text,
-            class_id,
-            method_id,
-        };
-        if let Some(c) = st.conns.get(&conn) {
-            c.send(
-                channel,
-                if r.connection || channel == 0 {
-                    Event::ConnectionError(err)
-                } else {
-                    Event::ChannelError(err)
-                },
-            );
-        }
         let mut fx = Effects::default();
         let mut writes = Writes::default();
-        close_channel(&mut st, conn, channel, &mut fx, &mut writes);
+        fail_locked(&mut st, conn, channel, r, ids, &mut fx, &mut writes);
         settle_effects(&mut st, fx, now);
         drop(st);
         self.spawn_writes(writes);
     }
 
     fn spawn_writes(&self, writes: Writes) {
-        if writes.ops.is_empty() && writes.drop_logs.is_empty() {
+        if writes.ops.is_empty() && writes.drop_logs.is_empty() && writes.delayed.is_empty() {
             return;
         }
         let core = self.clone();
@@ -1135,6 +1192,24 @@ impl Core {
     }
 
     async fn apply_writes(&self, writes: Writes) -> CoreResult<()> {
+        for (vhost, publish, due, confirm) in writes.delayed {
+            let timer = v1::Timer {
+                id: String::new(),
+                due_at_ms: due,
+                namespace: vhost,
+                action: Some(v1::timer::Action::AmqpPublish(publish)),
+            };
+            let ok = match self.schedule_timer(timer).await {
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(error = %e, "could not schedule a delayed AMQP message");
+                    false
+                }
+            };
+            if let Some(c) = confirm {
+                c.done(ok);
+            }
+        }
         if !writes.ops.is_empty() {
             self.inner.meta.txn(vec![], writes.ops).await?;
         }
@@ -1407,9 +1482,18 @@ impl Core {
                 }
                 for op in ops {
                     match op {
-                        TxOp::Publish(p) => {
-                            publish(st, conn, channel, &vhost, &user, p, Some(&done), fx, now)?
-                        }
+                        TxOp::Publish(p) => publish(
+                            st,
+                            conn,
+                            channel,
+                            &vhost,
+                            &user,
+                            p,
+                            Some(&done),
+                            fx,
+                            writes,
+                            now,
+                        )?,
                         TxOp::Settle(s) => settle(st, conn, channel, &vhost, s, fx)?,
                     }
                 }
@@ -1445,6 +1529,7 @@ impl Core {
                     p,
                     confirm.as_ref(),
                     fx,
+                    writes,
                     now,
                 );
                 if let Some(done) = confirm {
@@ -1574,6 +1659,21 @@ impl Core {
                 )))
             }
         }
+    }
+
+    /// A delayed message is due: routed by its exchange's x-delayed-type.
+    pub(crate) fn publish_delayed(&self, vhost: &str, p: v1::BasicPublish) {
+        let now = now_ms();
+        let mut st = self.inner.channels.state.lock();
+        if !st.vhosts.contains_key(vhost) {
+            return;
+        }
+        let mut fx = Effects::default();
+        let mut writes = Writes::default();
+        if let Err(r) = publish(&mut st, 0, 0, vhost, "", p, None, &mut fx, &mut writes, now) {
+            warn!(text = %r.text, "a delayed AMQP message could not be routed; dropped");
+        }
+        settle_effects(&mut st, fx, now);
     }
 
     /// The log partitions that durable queues journal into.
@@ -1769,6 +1869,41 @@ impl Core {
     }
 }
 
+/// Commands with no durable write before their effect: batched by the attach loop.
+fn is_fast(c: &Command) -> bool {
+    matches!(c, Command::Publish(_) | Command::Settle(_))
+}
+
+/// Sends the error and closes the channel (the connection, for connection-level codes, is
+/// closed by the gateway when it sees the error).
+fn fail_locked(
+    st: &mut State,
+    conn: u64,
+    channel: u32,
+    r: Refusal,
+    (class_id, method_id): (u32, u32),
+    fx: &mut Effects,
+    writes: &mut Writes,
+) {
+    let err = v1::ChannelError {
+        code: r.code,
+        text: r.text,
+        class_id,
+        method_id,
+    };
+    if let Some(c) = st.conns.get(&conn) {
+        c.send(
+            channel,
+            if r.connection || channel == 0 {
+                Event::ConnectionError(err)
+            } else {
+                Event::ChannelError(err)
+            },
+        );
+    }
+    close_channel(st, conn, channel, fx, writes);
+}
+
 fn emit(tx: &EventTx, channel: u32, event: Event) {
     let _ = tx.send(v1::ChannelEvent {
         channel,
@@ -1836,15 +1971,16 @@ fn publish(
     channel: u32,
     vhost: &str,
     _user: &str,
-    p: v1::BasicPublish,
+    mut p: v1::BasicPublish,
     confirm: Option<&Arc<Completion>>,
     fx: &mut Effects,
+    writes: &mut Writes,
     now: i64,
 ) -> Res<()> {
     let exchange = if p.exchange == "amq.default" {
         String::new()
     } else {
-        p.exchange
+        std::mem::take(&mut p.exchange)
     };
     // Direct reply-to: straight to the requester's channel, no queue.
     if exchange.is_empty() && p.routing_key.starts_with(REPLY_TO) {
@@ -1894,11 +2030,25 @@ fn publish(
             format!("cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"),
         ));
     }
-    if ex.delayed {
-        return Err(refuse(
-            NOT_IMPLEMENTED,
-            "x-delayed-message exchanges are not supported yet",
-        ));
+    // conn 0 is the timer service handing a due message back.
+    if ex.delayed && conn != 0 {
+        let delay = fields::decode_properties(&p.properties)
+            .and_then(|pr| pr.headers().clone())
+            .and_then(|h| h.inner().get("x-delay").and_then(fields::as_i64))
+            .unwrap_or(0);
+        if delay > 0 {
+            if let Some(c) = confirm {
+                c.hold();
+            }
+            p.exchange = exchange;
+            writes.delayed.push((
+                vhost.to_owned(),
+                p,
+                now.saturating_add(delay),
+                confirm.cloned(),
+            ));
+            return Ok(());
+        }
     }
     let targets = route(vh, &exchange, &p.routing_key, &p.properties);
     if targets.is_empty() {
@@ -2435,12 +2585,6 @@ fn exchange_declare(
             "operation not permitted on the default exchange",
         ));
     }
-    if delayed {
-        return Err(refuse(
-            NOT_IMPLEMENTED,
-            "x-delayed-message exchanges are not supported yet",
-        ));
-    }
     if d.durable {
         writes.ops.push(Op::Put {
             key: meta::key(EXCHANGE_KEY, &[vhost, &d.name]),
@@ -2765,6 +2909,7 @@ fn basic_get(
         break;
     }
     let left = q.ready.len as u64;
+    let quorum = q.args.quorum;
     q.flush_removed(removed);
     let c = st.conns.get_mut(&conn).expect("checked");
     let Some(m) = got else {
@@ -2775,6 +2920,7 @@ fn basic_get(
     let tag = ch.next_tag;
     ch.next_tag += 1;
     let mut ev = delivery("", tag, &m);
+    count_redelivery(quorum, &m, &mut ev);
     ev.message_count = left;
     if !g.no_ack {
         ch.unacked.insert(
