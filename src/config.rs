@@ -174,6 +174,9 @@ pub struct Options {
     /// MQTT over TLS listener (HOST:PORT or off; default 0.0.0.0:8883 when --tls-cert is set).
     #[arg(long, env = "TRIBUTARY_MQTT_TLS_LISTEN", global = true)]
     pub mqtt_tls_listen: Option<String>,
+    /// AMQP over TLS listener (HOST:PORT or off; default 0.0.0.0:5671 when --tls-cert is set).
+    #[arg(long, env = "TRIBUTARY_AMQP_TLS_LISTEN", global = true)]
+    pub amqp_tls_listen: Option<String>,
     /// PEM certificate chain for the TLS listeners.
     #[arg(long, env = "TRIBUTARY_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
@@ -308,6 +311,7 @@ pub struct FileConfig {
     pub mqtt_listen: Option<String>,
     pub mqtt_ws_listen: Option<String>,
     pub mqtt_tls_listen: Option<String>,
+    pub amqp_tls_listen: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub amqp_listen: Option<String>,
@@ -398,6 +402,7 @@ pub struct Settings {
     /// Certificate chain and key (PEM) for the TLS listeners.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub amqp_listen: Listen,
+    pub amqp_tls_listen: Listen,
     pub amqp_vhosts: Vec<String>,
     pub amqp_permissions: Vec<tributary_gateway_amqp::Permission>,
     pub sqs_listen: Listen,
@@ -672,22 +677,35 @@ impl Settings {
                 ));
             }
         };
-        let tls_listen = pick!(mqtt_tls_listen, "");
-        let mqtt_tls_listen = match (tls_listen.as_str(), &tls) {
-            ("", Some(_)) => parse_listen("mqtt_tls_listen", "0.0.0.0:8883")?,
-            ("", None) => Listen::Off,
-            (v, tls) => {
-                let l = parse_listen("mqtt_tls_listen", v)?;
-                if l != Listen::Off && tls.is_none() {
-                    return Err(invalid(
-                        "mqtt_tls_listen",
-                        v,
-                        "a TLS listener needs tls_cert and tls_key (PEM files)",
-                    ));
+        // A TLS listener is on by default once a certificate is given, and refused without one.
+        let tls_listener =
+            |key: &str, given: String, default: &str| -> Result<Listen, ConfigError> {
+                match (given.as_str(), &tls) {
+                    ("", Some(_)) => parse_listen(key, default),
+                    ("", None) => Ok(Listen::Off),
+                    (v, tls) => {
+                        let l = parse_listen(key, v)?;
+                        if l != Listen::Off && tls.is_none() {
+                            return Err(invalid(
+                                key,
+                                v,
+                                "a TLS listener needs tls_cert and tls_key (PEM files)",
+                            ));
+                        }
+                        Ok(l)
+                    }
                 }
-                l
-            }
-        };
+            };
+        let mqtt_tls_listen = tls_listener(
+            "mqtt_tls_listen",
+            pick!(mqtt_tls_listen, ""),
+            "0.0.0.0:8883",
+        )?;
+        let amqp_tls_listen = tls_listener(
+            "amqp_tls_listen",
+            pick!(amqp_tls_listen, ""),
+            "0.0.0.0:5671",
+        )?;
         let amqp_vhosts = f.amqp_vhosts.clone().unwrap_or_else(|| vec!["/".into()]);
         if let Some(v) = amqp_vhosts.iter().find(|v| v.is_empty() || v.len() > 255) {
             return Err(invalid("amqp_vhosts", v, "a vhost name is 1 to 255 bytes"));
@@ -735,6 +753,7 @@ impl Settings {
             users,
             amqp_vhosts,
             amqp_permissions,
+            amqp_tls_listen,
             data_dir: pick!(data_dir, PathBuf::from("./data")),
             core_listen: listen!(core_listen, "0.0.0.0:7400"),
             admin_listen: listen!(admin_listen, "0.0.0.0:7480"),
@@ -760,13 +779,14 @@ impl Settings {
     }
 
     /// The gateway listeners, by protocol name and the flag that sets each.
-    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 8] {
+    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 9] {
         [
             ("kafka", "--kafka-listen", self.kafka_listen),
             ("mqtt", "--mqtt-listen", self.mqtt_listen),
             ("mqtt-ws", "--mqtt-ws-listen", self.mqtt_ws_listen),
             ("mqtt-tls", "--mqtt-tls-listen", self.mqtt_tls_listen),
             ("amqp", "--amqp-listen", self.amqp_listen),
+            ("amqp-tls", "--amqp-tls-listen", self.amqp_tls_listen),
             ("sqs", "--sqs-listen", self.sqs_listen),
             ("rocketmq", "--rocketmq-listen", self.rocketmq_listen),
             ("namesrv", "--namesrv-listen", self.namesrv_listen),
@@ -879,6 +899,7 @@ mod tests {
             "tls_cert",
             "tls_key",
             "amqp_listen",
+            "amqp_tls_listen",
             "sqs_listen",
             "rocketmq_listen",
             "namesrv_listen",

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
-use tributary_gateway_amqp::AmqpConfig;
+use tributary_gateway_amqp::{AmqpConfig, TlsAcceptor};
 use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
 use tributary_gateway_kafka::KafkaConfig;
 use tributary_gateway_mqtt::{Listeners as MqttListeners, MqttConfig};
@@ -23,7 +23,8 @@ use crate::admin::{self, AdminState};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] = &["kafka", "mqtt", "mqtt-ws", "mqtt-tls", "amqp"];
+pub const AVAILABLE_GATEWAYS: &[&str] =
+    &["kafka", "mqtt", "mqtt-ws", "mqtt-tls", "amqp", "amqp-tls"];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -61,6 +62,7 @@ pub struct Bound {
     pub mqtt_ws: Option<SocketAddr>,
     pub mqtt_tls: Option<SocketAddr>,
     pub amqp: Option<SocketAddr>,
+    pub amqp_tls: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -165,10 +167,8 @@ impl Server {
             Mode::Standalone => Some(bind_mqtt(settings).await?),
             _ => None,
         };
-        let amqp_listener = match mode {
-            Mode::Standalone => {
-                bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen").await?
-            }
+        let amqp_listeners = match mode {
+            Mode::Standalone => Some(bind_amqp(settings).await?),
             _ => None,
         };
         let (log, meta) = open_storage(settings)?;
@@ -240,10 +240,12 @@ impl Server {
                 .with_local_sessions(Arc::new(CoreSessions(core.clone())));
             spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
-        if let Some(listener) = amqp_listener {
+        if let Some(listeners) = amqp_listeners
+            && (listeners.0.is_some() || listeners.1.is_some())
+        {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
                 .with_local_channels(Arc::new(CoreChannels(core.clone())));
-            bound.amqp = Some(spawn_amqp(settings, listener, client, &stop, &mut tasks));
+            spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
@@ -284,15 +286,13 @@ impl Server {
                 spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
             }
             "amqp" => {
-                let listener =
-                    bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen")
-                        .await?
-                        .ok_or_else(|| {
-                            StartError::Unavailable(
-                                "the AMQP listener is off: give --amqp-listen HOST:PORT".into(),
-                            )
-                        })?;
-                bound.amqp = Some(spawn_amqp(settings, listener, client, &stop, &mut tasks));
+                let listeners = bind_amqp(settings).await?;
+                if listeners.0.is_none() && listeners.1.is_none() {
+                    return Err(StartError::Unavailable(
+                        "every AMQP listener is off: give --amqp-listen or --amqp-tls-listen HOST:PORT".into(),
+                    ));
+                }
+                spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
             }
             _ => return Err(gateway_unavailable(protocol)),
         }
@@ -434,30 +434,53 @@ fn spawn_mqtt(
     )));
 }
 
-/// Starts the AMQP gateway on its bound listener and returns the address.
+type AmqpListeners = (Option<TcpListener>, Option<(TcpListener, TlsAcceptor)>);
+
+/// Binds the AMQP listeners that are on and loads the TLS certificate if one is needed.
+async fn bind_amqp(settings: &Settings) -> Result<AmqpListeners, StartError> {
+    let tcp = bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen").await?;
+    let tls = match (
+        bind_listen(
+            settings.amqp_tls_listen,
+            "the AMQP TLS gateway",
+            "--amqp-tls-listen",
+        )
+        .await?,
+        &settings.tls,
+    ) {
+        (Some(listener), Some((cert, key))) => Some((
+            listener,
+            tributary_gateway_common::tls::acceptor(cert, key)?,
+        )),
+        _ => None,
+    };
+    Ok((tcp, tls))
+}
+
+/// Starts the AMQP gateway on its bound listeners and records their addresses.
 fn spawn_amqp(
     settings: &Settings,
-    listener: TcpListener,
+    (tcp, tls): AmqpListeners,
     client: CoreClient,
     stop: &watch::Sender<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> SocketAddr {
-    let addr = listener
-        .local_addr()
-        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    bound: &mut Bound,
+) {
+    bound.amqp = tcp.as_ref().and_then(|l| l.local_addr().ok());
+    bound.amqp_tls = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let config = AmqpConfig {
         users: Arc::new(settings.users.clone()),
         vhosts: settings.amqp_vhosts.clone(),
         permissions: settings.amqp_permissions.clone(),
         ..AmqpConfig::default()
     };
-    tasks.push(tokio::spawn(tributary_gateway_amqp::serve(
-        listener,
+    tasks.push(tokio::spawn(tributary_gateway_amqp::serve_listeners(
+        tcp,
+        tls,
         client,
         config,
         stop.subscribe(),
     )));
-    addr
 }
 
 /// `Channels.Attach` on the core in this process, without the gRPC encoding.

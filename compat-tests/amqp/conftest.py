@@ -217,7 +217,7 @@ _flags_cache: dict[str, set[str]] = {}
 # ever opens a default port.
 LISTENER_FLAGS = [
     "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
-    "--mqtt-tls-listen", "--amqp-listen", "--sqs-listen", "--rocketmq-listen",
+    "--mqtt-tls-listen", "--amqp-listen", "--amqp-tls-listen", "--sqs-listen", "--rocketmq-listen",
     "--namesrv-listen",
 ]
 

@@ -193,7 +193,7 @@ _flags_cache: dict[str, set[str]] = {}
 # ever opens a default port (e.g. MQTT over WebSocket on 0.0.0.0:8083).
 LISTENER_FLAGS = [
     "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
-    "--mqtt-tls-listen", "--amqp-listen", "--sqs-listen", "--rocketmq-listen",
+    "--mqtt-tls-listen", "--amqp-listen", "--amqp-tls-listen", "--sqs-listen", "--rocketmq-listen",
     "--namesrv-listen",
 ]
 

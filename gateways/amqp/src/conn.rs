@@ -15,8 +15,7 @@ use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
 use futures::{FutureExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
@@ -52,7 +51,11 @@ enum ConnError {
     Protocol(String),
 }
 
-pub(crate) async fn run(gw: Arc<Gateway>, socket: TcpStream, peer: SocketAddr) {
+/// A client's byte stream: plain TCP or TLS.
+pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
+
+pub(crate) async fn run(gw: Arc<Gateway>, socket: impl Socket, peer: SocketAddr) {
     let span = info_span!("amqp_conn", %peer);
     async move {
         match serve(gw, socket, peer).await {
@@ -105,7 +108,7 @@ fn encode_table(t: &FieldTable) -> Bytes {
         .unwrap_or_default()
 }
 
-async fn write(sock: &mut TcpStream, out: &mut BytesMut) -> Result<(), ConnError> {
+async fn write(sock: &mut impl Socket, out: &mut BytesMut) -> Result<(), ConnError> {
     if !out.is_empty() {
         sock.write_all(out).await?;
         out.clear();
@@ -114,7 +117,7 @@ async fn write(sock: &mut TcpStream, out: &mut BytesMut) -> Result<(), ConnError
 }
 
 /// Reads frames until a method on channel 0 arrives (handshake only).
-async fn read_method(sock: &mut TcpStream, buf: &mut BytesMut) -> Result<AMQPClass, ConnError> {
+async fn read_method(sock: &mut impl Socket, buf: &mut BytesMut) -> Result<AMQPClass, ConnError> {
     loop {
         match take_frame(buf, HANDSHAKE_FRAME_MAX) {
             Ok(Some(f)) if f.kind == FRAME_HEARTBEAT => continue,
@@ -162,7 +165,7 @@ fn truncate(s: &str) -> String {
 
 /// Sends connection.close and waits briefly for close-ok.
 async fn refuse_connection(
-    sock: &mut TcpStream,
+    sock: &mut impl Socket,
     buf: &mut BytesMut,
     code: u16,
     text: &str,
@@ -299,7 +302,7 @@ fn fatal(code: u16, text: impl Into<String>, (class_id, method_id): (u16, u16)) 
     }
 }
 
-async fn serve(gw: Arc<Gateway>, mut sock: TcpStream, peer: SocketAddr) -> Result<(), ConnError> {
+async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Result<(), ConnError> {
     let mut hdr = [0u8; 8];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.read_exact(&mut hdr))
         .await

@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use tracing::{debug, warn};
 use tributary_gateway_common::CoreClient;
 use tributary_gateway_common::auth::Users;
+pub use tributary_gateway_common::tls::TlsAcceptor;
 
 pub use frames::decode_stream;
 
@@ -79,22 +80,78 @@ pub(crate) struct Gateway {
     pub(crate) core: CoreClient,
 }
 
-/// Accepts AMQP connections until `stop` turns true; each runs in its own task.
+/// Accepts AMQP connections until `stop` turns true; each runs in its own task. With an
+/// acceptor, every connection starts with a TLS handshake (AMQPS).
 pub async fn serve(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     core: CoreClient,
     config: AmqpConfig,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+) {
+    serve_shared(listener, tls, Arc::new(Gateway { config, core }), stop).await
+}
+
+/// The TCP and TLS listeners of one gateway (either may be absent), sharing its state.
+pub async fn serve_listeners(
+    tcp: Option<TcpListener>,
+    tls: Option<(TcpListener, TlsAcceptor)>,
+    core: CoreClient,
+    config: AmqpConfig,
+    stop: watch::Receiver<bool>,
 ) {
     let gateway = Arc::new(Gateway { config, core });
+    let mut tasks = Vec::new();
+    if let Some(l) = tcp {
+        tasks.push(tokio::spawn(serve_shared(
+            l,
+            None,
+            gateway.clone(),
+            stop.clone(),
+        )));
+    }
+    if let Some((l, a)) = tls {
+        tasks.push(tokio::spawn(serve_shared(
+            l,
+            Some(a),
+            gateway.clone(),
+            stop.clone(),
+        )));
+    }
+    for t in tasks {
+        let _ = t.await;
+    }
+}
+
+async fn serve_shared(
+    listener: TcpListener,
+    tls: Option<TlsAcceptor>,
+    gateway: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+) {
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((socket, peer)) => {
                     let _ = socket.set_nodelay(true);
                     let gw = gateway.clone();
+                    let tls = tls.clone();
                     tokio::spawn(async move {
-                        conn::run(gw, socket, peer).await;
+                        match tls {
+                            None => conn::run(gw, socket, peer).await,
+                            Some(acceptor) => {
+                                let handshake = tokio::time::timeout(
+                                    std::time::Duration::from_secs(10),
+                                    acceptor.accept(socket),
+                                )
+                                .await;
+                                match handshake {
+                                    Ok(Ok(stream)) => conn::run(gw, stream, peer).await,
+                                    Ok(Err(e)) => debug!(%peer, error = %e, "amqps: TLS handshake failed"),
+                                    Err(_) => debug!(%peer, "amqps: TLS handshake timed out"),
+                                }
+                            }
+                        }
                     });
                 }
                 Err(e) => {
