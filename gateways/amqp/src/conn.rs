@@ -1,7 +1,7 @@
 //! One AMQP connection: handshake, then frames in and core events out until either side
 //! closes.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -270,11 +270,19 @@ struct Chan {
     pending: Option<Pending>,
     confirm: bool,
     next_seq: u64,
+    /// The lowest publish sequence number not yet confirmed to the client.
+    confirm_low: u64,
+    /// Confirms sent one by one above `confirm_low`.
+    confirm_ahead: BTreeSet<u64>,
+    /// Confirms from the core not yet written (seq, ack): coalesced per write.
+    confirm_batch: Vec<(u64, bool)>,
     reply_to: Option<String>,
 }
 
 struct Session {
     user: String,
+    /// Channels with confirms waiting in `confirm_batch`.
+    confirm_dirty: Vec<u16>,
     frame_max: usize,
     channel_max: u16,
     channels: HashMap<u16, Chan>,
@@ -425,6 +433,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
 
     let mut s = Session {
         user,
+        confirm_dirty: Vec::new(),
         frame_max,
         channel_max,
         channels: HashMap::new(),
@@ -506,6 +515,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
                 }
             }
         }
+        s.flush_confirms();
         if s.closing && closing_since.is_none() {
             closing_since = Some(Instant::now());
         }
@@ -856,6 +866,9 @@ impl Session {
                         pending: None,
                         confirm: false,
                         next_seq: 1,
+                        confirm_low: 1,
+                        confirm_ahead: BTreeSet::new(),
+                        confirm_batch: Vec::new(),
                         reply_to: None,
                     },
                 );
@@ -1197,6 +1210,63 @@ impl Session {
         Ok(())
     }
 
+    /// Writes the confirms gathered since the last write: a run that starts at the lowest
+    /// unconfirmed number becomes one basic.ack with multiple set (as RabbitMQ sends them),
+    /// the rest go one by one.
+    fn flush_confirms(&mut self) {
+        for channel in std::mem::take(&mut self.confirm_dirty) {
+            let Some(c) = self.channels.get_mut(&channel) else {
+                continue;
+            };
+            let mut batch = std::mem::take(&mut c.confirm_batch);
+            if c.state != ChanState::Open {
+                continue;
+            }
+            batch.sort_unstable();
+            // Written in sequence order, so a multiple ack never covers a nack before it.
+            let mut out = Vec::new();
+            let mut run_end = None;
+            for (seq, ack) in batch {
+                let at_low = seq == c.confirm_low;
+                if ack && at_low {
+                    run_end = Some(seq);
+                } else {
+                    if let Some(end) = run_end.take() {
+                        out.push((end, true, true));
+                    }
+                    out.push((seq, ack, false));
+                    if !at_low && seq > c.confirm_low {
+                        c.confirm_ahead.insert(seq);
+                    }
+                }
+                if at_low {
+                    c.confirm_low += 1;
+                    while c.confirm_ahead.remove(&c.confirm_low) {
+                        c.confirm_low += 1;
+                    }
+                }
+            }
+            if let Some(end) = run_end {
+                out.push((end, true, true));
+            }
+            for (seq, ack, multiple) in out {
+                let m = if ack {
+                    basic::AMQPMethod::Ack(basic::Ack {
+                        delivery_tag: seq,
+                        multiple,
+                    })
+                } else {
+                    basic::AMQPMethod::Nack(basic::Nack {
+                        delivery_tag: seq,
+                        multiple: false,
+                        requeue: false,
+                    })
+                };
+                put_method(&mut self.out, channel, AMQPClass::Basic(m));
+            }
+        }
+    }
+
     fn put_close_ok(&mut self, channel: u16) {
         put_method(
             &mut self.out,
@@ -1246,16 +1316,14 @@ impl Session {
                 }
             }
             Event::Deliver(d) if c.state == ChanState::Open => {
-                put_method(
+                frames::put_deliver(
                     &mut self.out,
                     channel,
-                    AMQPClass::Basic(basic::AMQPMethod::Deliver(basic::Deliver {
-                        consumer_tag: d.consumer_tag.into(),
-                        delivery_tag: d.delivery_tag,
-                        redelivered: d.redelivered,
-                        exchange: d.exchange.into(),
-                        routing_key: d.routing_key.into(),
-                    })),
+                    &d.consumer_tag,
+                    d.delivery_tag,
+                    d.redelivered,
+                    &d.exchange,
+                    &d.routing_key,
                 );
                 put_content(
                     &mut self.out,
@@ -1310,19 +1378,10 @@ impl Session {
                 );
             }
             Event::Confirm(cf) if c.state == ChanState::Open => {
-                let m = if cf.ack {
-                    basic::AMQPMethod::Ack(basic::Ack {
-                        delivery_tag: cf.seq,
-                        multiple: false,
-                    })
-                } else {
-                    basic::AMQPMethod::Nack(basic::Nack {
-                        delivery_tag: cf.seq,
-                        multiple: false,
-                        requeue: false,
-                    })
-                };
-                put_method(&mut self.out, channel, AMQPClass::Basic(m));
+                if c.confirm_batch.is_empty() {
+                    self.confirm_dirty.push(channel);
+                }
+                c.confirm_batch.push((cf.seq, cf.ack));
             }
             Event::Cancelled(tag) if c.state == ChanState::Open => put_method(
                 &mut self.out,
