@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Short `tributary bench mqtt|amqp` runs against the reference brokers (Mosquitto, RabbitMQ,
-# installed from Debian when missing) and the MQTT ones against Tributary's own gateway,
+# installed from Debian when missing) and against Tributary's own MQTT and AMQP gateways,
 # checking that every expected delivery arrived. The Kafka bench is covered against
 # Tributary itself by tests/bench_cli.rs.
 #
@@ -54,11 +54,13 @@ EOF
     fi
 }
 
-# Tributary standalone with only its MQTT listener, on a free port.
+# Tributary standalone with only its MQTT and AMQP listeners, on free ports.
 t_port=$(free_port)
+ta_port=$(free_port)
 mkdir -p "$work/tributary"
 "$bin" --data-dir "$work/tributary/data" --core-listen off --admin-listen off \
-    --kafka-listen off --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off --log warn \
+    --kafka-listen off --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off \
+    --amqp-listen "127.0.0.1:$ta_port" --log warn \
     > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
 t_pid=$!
 deadline=$((SECONDS + 60))
@@ -80,8 +82,13 @@ for target in "$m" "$t"; do
     check "$name mqtt qos2 2x2" mqtt "$target" --producers 2 --consumers 2 --topics 2 --qos 2 --duration 2
     check "$name mqtt fan-out 1x50 + 50 idle" mqtt "$target" --producers 1 --consumers 50 --qos 1 --rate 100 --duration 2 --connections 50
 done
-check "amqp confirms 2x2 durable" amqp "$r" --producers 2 --consumers 2 --topics 2 --qos 1 --duration 2
-check "amqp no confirms transient 2x1" amqp "$r" --producers 2 --consumers 1 --qos 0 --transient --duration 2
+ta="127.0.0.1:$ta_port"
+for target in "$r" "$ta"; do
+    name=rabbitmq
+    [[ "$target" == "$ta" ]] && name=tributary
+    check "$name amqp confirms 2x2 durable" amqp "$target" --producers 2 --consumers 2 --topics 2 --qos 1 --duration 2
+    check "$name amqp no confirms transient 2x1" amqp "$target" --producers 2 --consumers 1 --qos 0 --transient --duration 2
+done
 
 # A broker that goes away mid-run: one error line and a non-zero exit, never a hang.
 mosquitto_start
