@@ -240,7 +240,7 @@ class TributaryDeployment:
     """Tributary serving AMQP 0-9-1: standalone or split (core + 1 AMQP gateway)."""
 
     def __init__(self, mode: str, workdir: pathlib.Path, config: pathlib.Path | None = None):
-        assert mode in ("standalone", "split"), mode
+        assert mode in ("standalone", "split", "split-2gw"), mode
         self.mode = mode
         self.bin = tributary_bin()
         self.workdir = workdir
@@ -289,9 +289,10 @@ class TributaryDeployment:
             listeners = core.start()
             self._need(listeners, "core", core)
             self.core_addr = listeners["core"]
-            gw = self._gateway(0)
-            self.processes.append(gw)
-            self.amqp.append(self._start_gateway(gw))
+            for i in range(2 if self.mode == "split-2gw" else 1):
+                gw = self._gateway(i)
+                self.processes.append(gw)
+                self.amqp.append(self._start_gateway(gw))
         return self
 
     def _gateway(self, i: int) -> ServerProcess:
