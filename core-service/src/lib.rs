@@ -60,6 +60,9 @@ pub struct CoreConfig {
     /// QoS 1/2 messages a session may hold (queued plus in flight); beyond it new ones
     /// are dropped.
     pub session_max_queued: usize,
+    /// A live message this many batches behind the end of the durable queues' journal is
+    /// copied forward, so that the prefix it pinned can be truncated.
+    pub queue_journal_compact_after: i64,
 }
 
 impl Default for CoreConfig {
@@ -73,6 +76,7 @@ impl Default for CoreConfig {
             producer_snapshot_every: 50_000,
             group_initial_rebalance_delay: Duration::from_secs(3),
             session_max_queued: sessions::DEFAULT_MAX_QUEUED,
+            queue_journal_compact_after: 16_384,
         }
     }
 }

@@ -10,14 +10,14 @@
 //!
 //! Durability: durable exchanges, queues and bindings are records in the metadata store,
 //! written before the *-ok. Persistent messages (delivery-mode 2) in durable queues go to
-//! the queue's journal ([`journal`]); a publisher confirm or a tx.commit-ok waits until they
-//! are durable. Acknowledgements are journaled without waiting, so a crash may redeliver a
-//! message acknowledged just before it (flagged redelivered), never lose one.
+//! the journal all durable queues share ([`journal`]); a publisher confirm or a tx.commit-ok
+//! waits until they are durable. Acknowledgements are journaled without waiting, so a crash
+//! may redeliver a message acknowledged just before it (flagged redelivered), never lose one.
 
 mod fields;
 mod journal;
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -38,6 +38,8 @@ use crate::{Core, now_ms};
 
 pub(crate) use fields::DeathReason;
 use journal::{Completion, Journal};
+
+const JOURNAL_KEY: &str = "amqpjournal";
 
 pub(crate) type EventTx = mpsc::UnboundedSender<v1::ChannelEvent>;
 
@@ -346,8 +348,6 @@ struct Queue {
     next_consumer: usize,
     next_seq: u64,
     journal: Option<Journal>,
-    /// Persisted messages still in the queue (ready or unacked).
-    live: BTreeSet<u64>,
     last_used_ms: i64,
     had_consumer: bool,
 }
@@ -373,7 +373,6 @@ impl Queue {
             next_consumer: 0,
             next_seq: 1,
             journal: None,
-            live: BTreeSet::new(),
             last_used_ms: now_ms(),
             had_consumer: false,
         }
@@ -382,17 +381,13 @@ impl Queue {
     /// The message left the queue for good: its journal entry can go.
     fn forget(&mut self, m: &Msg, removed: &mut Vec<u64>) {
         if m.persisted {
-            self.live.remove(&m.seq);
             removed.push(m.seq);
         }
     }
 
     fn flush_removed(&mut self, removed: Vec<u64>) {
         if let Some(j) = &self.journal {
-            if !removed.is_empty() {
-                j.removed(removed);
-            }
-            j.set_min_live(self.live.first().copied().unwrap_or(self.next_seq));
+            j.removed(removed);
         }
     }
 }
@@ -509,6 +504,8 @@ struct State {
     conns: HashMap<u64, Conn>,
     /// Direct reply-to names -> (connection, channel, consumer tag).
     reply_to: HashMap<String, (u64, u32, String)>,
+    /// The journal of every durable queue (set by recovery at start-up).
+    journal: Option<journal::SharedJournal>,
 }
 
 /// Work that follows a change: queues that may deliver, messages to dead-letter.
@@ -903,7 +900,6 @@ fn enqueue(
     };
     if let (Some(j), true) = (&q.journal, m.data.persistent) {
         m.persisted = true;
-        q.live.insert(seq);
         j.message(
             v1::JournaledMessage {
                 seq,
@@ -914,6 +910,8 @@ fn enqueue(
                 expires_at_ms: m.expires_at,
                 priority: m.data.priority as u32,
                 delivery_count: 0,
+                // Set by the queue's journal handle.
+                queue: 0,
             },
             completion,
         );
@@ -1029,8 +1027,6 @@ struct Writes {
     /// Publishes to x-delayed-message exchanges, to hand to the durable timers (vhost,
     /// publish, due time, the confirm waiting for it).
     delayed: Vec<(String, v1::BasicPublish, i64, Option<Arc<Completion>>)>,
-    /// A durable queue's journal partition to delete.
-    drop_logs: Vec<u64>,
 }
 
 impl Core {
@@ -1180,7 +1176,7 @@ impl Core {
     }
 
     fn spawn_writes(&self, writes: Writes) {
-        if writes.ops.is_empty() && writes.drop_logs.is_empty() && writes.delayed.is_empty() {
+        if writes.ops.is_empty() && writes.delayed.is_empty() {
             return;
         }
         let core = self.clone();
@@ -1212,15 +1208,6 @@ impl Core {
         }
         if !writes.ops.is_empty() {
             self.inner.meta.txn(vec![], writes.ops).await?;
-        }
-        for id in writes.drop_logs {
-            // The journal writer deletes the partition; this covers a queue whose writer
-            // never started.
-            let _ = self
-                .inner
-                .log
-                .delete_partition(PartitionKey::new(id, 0))
-                .await;
         }
         Ok(())
     }
@@ -1295,13 +1282,9 @@ impl Core {
                     .is_some_and(|vh| vh.queues.contains_key(&d.name))
             };
             if !exists {
+                // The queue's id in the shared journal (unused when another declare wins).
                 let id = self
                     .next_counter("stream_id")
-                    .await
-                    .map_err(|e| refuse(INTERNAL_ERROR, e.to_string()))?;
-                self.inner
-                    .log
-                    .create_partition(PartitionKey::new(id, 0))
                     .await
                     .map_err(|e| refuse(INTERNAL_ERROR, e.to_string()))?;
                 log_id = Some(id);
@@ -1322,11 +1305,6 @@ impl Core {
                 now,
             );
             settle_effects(&mut st, fx, now);
-            if r.is_err()
-                && let Some(id) = log_id
-            {
-                writes.drop_logs.push(id);
-            }
             r?
         };
         if let Some((ev, send_after_writes)) = reply {
@@ -1605,9 +1583,7 @@ impl Core {
                     true,
                 )))
             }
-            Command::QueueDeclare(d) => {
-                queue_declare(self, st, conn, &vhost, d, log_id, writes, now)
-            }
+            Command::QueueDeclare(d) => queue_declare(st, conn, &vhost, d, log_id, writes, now),
             Command::QueuePurge(name) => {
                 let q = queue_for(st, conn, &vhost, &name)?;
                 let msgs = q.ready.drain();
@@ -1676,22 +1652,38 @@ impl Core {
         settle_effects(&mut st, fx, now);
     }
 
-    /// The log partitions that durable queues journal into.
+    /// The log partition that durable queues journal into, if one was made.
     pub(crate) async fn queue_journal_partitions(&self) -> CoreResult<Vec<PartitionKey>> {
-        let queues = self
+        Ok(self
             .inner
             .meta
-            .scan_prefix(&meta::prefix(QUEUE_KEY, &[]), usize::MAX)
-            .await?;
-        let mut out = Vec::new();
-        for (_, v) in queues {
-            let rec: QueueRecord = from_json("amqp queue", &v)?;
-            out.push(PartitionKey::new(rec.log_id, 0));
-        }
-        Ok(out)
+            .get(&meta::key(JOURNAL_KEY, &[]))
+            .await?
+            .and_then(|raw| raw[..].try_into().ok().map(u64::from_le_bytes))
+            .map(|id| PartitionKey::new(id, 0))
+            .into_iter()
+            .collect())
     }
 
-    /// Loads durable exchanges, queues (replaying their journals) and bindings.
+    /// The journal's partition: the recorded one, or a new one (first start).
+    async fn journal_partition(&self) -> CoreResult<PartitionKey> {
+        if let Some(key) = self.queue_journal_partitions().await?.into_iter().next() {
+            if self.inner.log.bounds(key).await.is_err() {
+                self.inner.log.create_partition(key).await?;
+            }
+            return Ok(key);
+        }
+        let id = self.next_counter("stream_id").await?;
+        let key = PartitionKey::new(id, 0);
+        self.inner.log.create_partition(key).await?;
+        self.inner
+            .meta
+            .put(&meta::key(JOURNAL_KEY, &[]), &id.to_le_bytes())
+            .await?;
+        Ok(key)
+    }
+
+    /// Loads durable exchanges, queues (replaying the journal) and bindings.
     pub(crate) async fn recover_channels(&self) -> CoreResult<()> {
         let exchanges = self
             .inner
@@ -1713,21 +1705,21 @@ impl Core {
             let parts = meta::parts(QUEUE_KEY, k);
             let [vhost, name] = &parts[..] else { continue };
             let rec: QueueRecord = from_json("amqp queue", v)?;
-            let key = PartitionKey::new(rec.log_id, 0);
-            let mut replayed = match journal::replay(&self.inner.log, key).await {
-                Ok(r) => r,
-                Err(e) => {
-                    warn!(queue = %name, vhost = %vhost, error = %e, "queue journal unreadable; the queue starts empty");
-                    let _ = self.inner.log.create_partition(key).await;
-                    journal::Replayed::empty()
-                }
-            };
-            recovered_queues.push((vhost.clone(), name.clone(), rec, {
-                let msgs = std::mem::take(&mut replayed.messages);
-                (msgs, replayed)
-            }));
+            recovered_queues.push((vhost.clone(), name.clone(), rec));
         }
+        let key = self.journal_partition().await?;
+        let known: HashSet<u64> = recovered_queues.iter().map(|q| q.2.log_id).collect();
+        let mut replayed = journal::replay(&self.inner.log, key, &known)
+            .await
+            .map_err(|e| crate::CoreError::Corrupt(format!("the AMQP queue journal: {e}")))?;
+        let shared = journal::start(
+            self.inner.log.clone(),
+            key,
+            &mut replayed,
+            self.inner.config.queue_journal_compact_after,
+        );
         let mut st = self.inner.channels.state.lock();
+        st.journal = Some(shared.clone());
         let now = now_ms();
         for (k, v) in &exchanges {
             let parts = meta::parts(EXCHANGE_KEY, k);
@@ -1753,10 +1745,11 @@ impl Core {
                 );
         }
         let mut messages = 0usize;
-        for (vhost, name, rec, (msgs, mut replayed)) in recovered_queues {
+        for (vhost, name, rec) in recovered_queues {
             let args = QueueArgs::parse(&rec.args).unwrap_or_default();
             let mut q = Queue::new(true, None, rec.auto_delete, rec.args.clone(), args);
-            q.next_seq = replayed.next_seq;
+            let msgs = replayed.queues.remove(&rec.log_id).unwrap_or_default();
+            q.next_seq = msgs.keys().next_back().map_or(1, |s| s + 1);
             for (seq, m) in msgs {
                 let data = Arc::new(MsgData {
                     exchange: m.exchange,
@@ -1766,7 +1759,6 @@ impl Core {
                     persistent: true,
                     priority: m.priority.min(255) as u8,
                 });
-                q.live.insert(seq);
                 q.ready.push_back(Msg {
                     seq,
                     data,
@@ -1778,14 +1770,7 @@ impl Core {
                 });
                 messages += 1;
             }
-            let j = journal::start(
-                self.inner.log.clone(),
-                rec.log_id,
-                Some(&mut replayed),
-                q.next_seq,
-            );
-            j.set_min_live(q.live.first().copied().unwrap_or(q.next_seq));
-            q.journal = Some(j);
+            q.journal = Some(shared.for_queue(rec.log_id));
             q.last_used_ms = now;
             st.vhosts
                 .entry(vhost)
@@ -2643,7 +2628,6 @@ fn exchange_delete(
 
 #[allow(clippy::too_many_arguments)]
 fn queue_declare(
-    core: &Core,
     st: &mut State,
     conn: u64,
     vhost: &str,
@@ -2668,15 +2652,13 @@ fn queue_declare(
             false,
         ))
     };
+    let st_journal = st.journal.clone();
     let vh = st.vhosts.get_mut(vhost).expect("vhost exists");
     if let Some(q) = vh.queues.get_mut(&name) {
         if let Some(owner) = q.exclusive
             && owner != conn
         {
             return Err(locked(&name, vhost));
-        }
-        if let Some(id) = log_id {
-            writes.drop_logs.push(id);
         }
         if !d.passive {
             let check = |what: &str, got: bool, have: bool| -> Res<()> {
@@ -2764,10 +2746,12 @@ fn queue_declare(
     if d.durable && !d.exclusive {
         let id = match log_id {
             Some(id) => id,
-            // Named by the server after the existence check: make the partition now.
-            None => return Err(refuse(INTERNAL_ERROR, "no journal for a durable queue")),
+            None => return Err(refuse(INTERNAL_ERROR, "no journal id for a durable queue")),
         };
-        q.journal = Some(journal::start(core.inner.log.clone(), id, None, 1));
+        let Some(shared) = &st_journal else {
+            return Err(refuse(INTERNAL_ERROR, "the queue journal is not open"));
+        };
+        q.journal = Some(shared.for_queue(id));
         writes.ops.push(Op::Put {
             key: meta::key(QUEUE_KEY, &[vhost, &name]),
             value: to_json(&QueueRecord {
@@ -2777,8 +2761,6 @@ fn queue_declare(
             }),
         });
         after_writes = true;
-    } else if let Some(id) = log_id {
-        writes.drop_logs.push(id);
     }
     let reply = declared(&q).map(|(e, _)| (e, after_writes));
     vh.queues.insert(name, q);
