@@ -171,6 +171,7 @@ impl Core {
         for task in self.inner.tasks.lock().drain(..) {
             task.abort();
         }
+        self.close_channels().await;
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         for stream in handles {
             for part in stream.partitions() {

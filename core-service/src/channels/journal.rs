@@ -90,15 +90,27 @@ enum Op {
     Entry(v1::QueueJournalEntry, Option<Arc<Completion>>),
     /// A queue was deleted: its messages stop pinning the journal.
     Drop(u64),
+    /// The core is shutting down: write what is queued, then stop.
+    Close,
 }
 
 /// The writer's input, shared by every durable queue.
 #[derive(Clone)]
 pub(crate) struct SharedJournal {
     tx: mpsc::UnboundedSender<Op>,
+    writer: Arc<parking_lot::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl SharedJournal {
+    /// Stops the writer once what is queued is written, and waits for it.
+    pub async fn close(&self) {
+        let _ = self.tx.send(Op::Close);
+        let handle = self.writer.lock().take();
+        if let Some(h) = handle {
+            let _ = h.await;
+        }
+    }
+
     pub fn for_queue(&self, queue: u64) -> Journal {
         Journal {
             tx: self.tx.clone(),
@@ -201,6 +213,17 @@ pub(crate) struct Replayed {
     end: i64,
 }
 
+impl Replayed {
+    /// A journal with nothing in it (just made).
+    pub fn empty() -> Self {
+        Self {
+            queues: HashMap::new(),
+            live: Live::default(),
+            end: 0,
+        }
+    }
+}
+
 /// Reads the whole journal. Entries of queues not in `known` (deleted ones) are skipped.
 pub(crate) async fn replay(
     log: &Arc<dyn LogStore>,
@@ -266,8 +289,11 @@ pub(crate) fn start(
 ) -> SharedJournal {
     let (tx, rx) = mpsc::unbounded_channel();
     let live = std::mem::take(&mut replayed.live);
-    tokio::spawn(write(log, key, rx, live, replayed.end, compact_after));
-    SharedJournal { tx }
+    let writer = tokio::spawn(write(log, key, rx, live, replayed.end, compact_after));
+    SharedJournal {
+        tx,
+        writer: Arc::new(parking_lot::Mutex::new(Some(writer))),
+    }
 }
 
 async fn write(
@@ -284,6 +310,7 @@ async fn write(
         let mut entries = Vec::new();
         let mut completions = Vec::new();
         let mut bytes = 0usize;
+        let mut closing = false;
         let mut next = Some(first);
         while let Some(op) = next.take() {
             match op {
@@ -295,6 +322,10 @@ async fn write(
                     completions.extend(c);
                 }
                 Op::Drop(queue) => live.drop_queue(queue),
+                Op::Close => {
+                    closing = true;
+                    break;
+                }
             }
             if entries.len() < MAX_BATCH_ENTRIES && bytes < MAX_BATCH_BYTES {
                 next = rx.try_recv().ok();
@@ -327,6 +358,9 @@ async fn write(
                     }
                 }
             }
+        }
+        if closing {
+            return;
         }
         if last_maintenance.elapsed() >= MAINTAIN_EVERY {
             last_maintenance = Instant::now();

@@ -1282,6 +1282,9 @@ impl Core {
                     .is_some_and(|vh| vh.queues.contains_key(&d.name))
             };
             if !exists {
+                self.ensure_journal()
+                    .await
+                    .map_err(|e| refuse(INTERNAL_ERROR, e.to_string()))?;
                 // The queue's id in the shared journal (unused when another declare wins).
                 let id = self
                     .next_counter("stream_id")
@@ -1683,6 +1686,35 @@ impl Core {
         Ok(key)
     }
 
+    /// Stops the durable queues' journal writer (at shutdown, before the log closes).
+    pub(crate) async fn close_channels(&self) {
+        let journal = self.inner.channels.state.lock().journal.clone();
+        if let Some(j) = journal {
+            j.close().await;
+        }
+    }
+
+    /// Opens the durable queues' journal on the first durable queue.
+    async fn ensure_journal(&self) -> CoreResult<()> {
+        if self.inner.channels.state.lock().journal.is_some() {
+            return Ok(());
+        }
+        let _admin = self.inner.admin.lock().await;
+        if self.inner.channels.state.lock().journal.is_some() {
+            return Ok(());
+        }
+        let key = self.journal_partition().await?;
+        let mut replayed = journal::Replayed::empty();
+        let shared = journal::start(
+            self.inner.log.clone(),
+            key,
+            &mut replayed,
+            self.inner.config.queue_journal_compact_after,
+        );
+        self.inner.channels.state.lock().journal = Some(shared);
+        Ok(())
+    }
+
     /// Loads durable exchanges, queues (replaying the journal) and bindings.
     pub(crate) async fn recover_channels(&self) -> CoreResult<()> {
         let exchanges = self
@@ -1707,19 +1739,27 @@ impl Core {
             let rec: QueueRecord = from_json("amqp queue", v)?;
             recovered_queues.push((vhost.clone(), name.clone(), rec));
         }
-        let key = self.journal_partition().await?;
-        let known: HashSet<u64> = recovered_queues.iter().map(|q| q.2.log_id).collect();
-        let mut replayed = journal::replay(&self.inner.log, key, &known)
-            .await
-            .map_err(|e| crate::CoreError::Corrupt(format!("the AMQP queue journal: {e}")))?;
-        let shared = journal::start(
-            self.inner.log.clone(),
-            key,
-            &mut replayed,
-            self.inner.config.queue_journal_compact_after,
-        );
+        // The journal exists once a durable queue was declared; a server that never had
+        // one has no partition for it.
+        let recorded = !self.queue_journal_partitions().await?.is_empty();
+        let (shared, mut replayed) = if recorded || !recovered_queues.is_empty() {
+            let key = self.journal_partition().await?;
+            let known: HashSet<u64> = recovered_queues.iter().map(|q| q.2.log_id).collect();
+            let mut replayed = journal::replay(&self.inner.log, key, &known)
+                .await
+                .map_err(|e| crate::CoreError::Corrupt(format!("the AMQP queue journal: {e}")))?;
+            let shared = journal::start(
+                self.inner.log.clone(),
+                key,
+                &mut replayed,
+                self.inner.config.queue_journal_compact_after,
+            );
+            (Some(shared), replayed)
+        } else {
+            (None, journal::Replayed::empty())
+        };
         let mut st = self.inner.channels.state.lock();
-        st.journal = Some(shared.clone());
+        st.journal = shared.clone();
         let now = now_ms();
         for (k, v) in &exchanges {
             let parts = meta::parts(EXCHANGE_KEY, k);
@@ -1770,7 +1810,7 @@ impl Core {
                 });
                 messages += 1;
             }
-            q.journal = Some(shared.for_queue(rec.log_id));
+            q.journal = shared.as_ref().map(|j| j.for_queue(rec.log_id));
             q.last_used_ms = now;
             st.vhosts
                 .entry(vhost)
