@@ -610,18 +610,30 @@ impl Session {
         }
     }
 
-    fn on_header(&mut self, channel: u16, payload: &Bytes) -> Result<(), Fatal> {
-        let Some(c) = self.channels.get_mut(&channel) else {
+    /// The channel a content frame belongs to, checked: open, and with a publish waiting
+    /// for a header (`header_seen` false) or for body (`header_seen` true). `None`: the
+    /// channel is closing and the frame is dropped.
+    fn content_channel<'a>(
+        channels: &'a mut HashMap<u16, Chan>,
+        channel: u16,
+        what: &str,
+        header_seen: bool,
+    ) -> Result<Option<&'a mut Chan>, Fatal> {
+        let Some(c) = channels.get_mut(&channel) else {
             return Err(fatal(
                 CHANNEL_ERROR,
-                format!("CHANNEL_ERROR - content header on channel {channel}, which is not open"),
+                format!("CHANNEL_ERROR - content {what} on channel {channel}, which is not open"),
                 (60, 40),
             ));
         };
         if c.state == ChanState::Closing {
-            return Ok(());
+            return Ok(None);
         }
-        let Some(p) = c.pending.as_mut().filter(|p| p.header.is_none()) else {
+        let waiting = c
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.header.is_some() == header_seen);
+        if !waiting {
             return Err(fatal(
                 UNEXPECTED_FRAME,
                 format!(
@@ -629,7 +641,15 @@ impl Session {
                 ),
                 (60, 40),
             ));
+        }
+        Ok(Some(c))
+    }
+
+    fn on_header(&mut self, channel: u16, payload: &Bytes) -> Result<(), Fatal> {
+        let Some(c) = Self::content_channel(&mut self.channels, channel, "header", false)? else {
+            return Ok(());
         };
+        let p = c.pending.as_mut().expect("checked");
         let Some(h) = frames::parse_content_header(payload) else {
             return Err(fatal(
                 FRAME_ERROR,
@@ -720,25 +740,10 @@ impl Session {
     }
 
     fn on_body(&mut self, channel: u16, payload: &Bytes) -> Result<(), Fatal> {
-        let Some(c) = self.channels.get_mut(&channel) else {
-            return Err(fatal(
-                CHANNEL_ERROR,
-                format!("CHANNEL_ERROR - content body on channel {channel}, which is not open"),
-                (60, 40),
-            ));
-        };
-        if c.state == ChanState::Closing {
+        let Some(c) = Self::content_channel(&mut self.channels, channel, "body", true)? else {
             return Ok(());
-        }
-        let Some(p) = c.pending.as_mut().filter(|p| p.header.is_some()) else {
-            return Err(fatal(
-                UNEXPECTED_FRAME,
-                format!(
-                    "UNEXPECTED_FRAME - expected method frame, got non method frame instead on channel {channel}"
-                ),
-                (60, 40),
-            ));
         };
+        let p = c.pending.as_mut().expect("checked");
         let size = p.header.as_ref().map_or(0, |h| h.body_size);
         if p.body.len() as u64 + payload.len() as u64 > size {
             return Err(fatal(
