@@ -38,8 +38,11 @@ def test_silent_clients_disconnected_after_one_and_a_half_keep_alives(broker, mq
     for level in (4, 5):
         assert isinstance(results.get(level), tuple), f"level {level}: {results.get(level)}"
         elapsed, packets = results[level]
-        # MQTT-3.1.2-24: disconnect once 1.5 x keep-alive passed without a packet.
-        assert elapsed >= 1.4, f"level {level}: closed after {elapsed:.2f}s, before 1.5 x 1 s"
+        # MQTT-3.1.2-24: disconnect once 1.5 x keep-alive passed without a packet. Mosquitto
+        # keeps last-activity times in whole seconds, so it was once seen closing after 1.31 s
+        # of our clock; it gets a lower bound of one keep-alive.
+        lower = 1.4 if broker.is_tributary else 1.0
+        assert elapsed >= lower, f"level {level}: closed after {elapsed:.2f}s, before 1.5 x 1 s"
         # Documented difference, not an xfail because it is not deterministic: Mosquitto
         # 2.0.11 checks keep-alives on a coarse timer and closed such connections after 1.9
         # to 6.0 s (measured), so it only gets a loose bound. Tributary has a timer per
