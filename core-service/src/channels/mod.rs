@@ -28,7 +28,7 @@ use futures::{FutureExt, Stream, StreamExt};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Notify, mpsc};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use tributary_proto::v1::{self, channel_command::Command, channel_event::Event};
 use tributary_storage::{Op, PartitionKey};
 
@@ -473,7 +473,6 @@ impl Chan {
 
 struct Conn {
     vhost: String,
-    user: String,
     tx: EventTx,
     outstanding: Arc<AtomicUsize>,
     blocked: Arc<AtomicBool>,
@@ -758,33 +757,22 @@ fn settle_effects(st: &mut State, mut fx: Effects, now: i64) {
         if fx.dispatch.is_empty() && fx.dead.is_empty() {
             return;
         }
-        let dispatch = std::mem::take(&mut fx.dispatch);
+        let queues = std::mem::take(&mut fx.dispatch);
         let dead = std::mem::take(&mut fx.dead);
         let mut seen = HashSet::new();
-        for (vh, q) in dispatch {
+        for (vh, q) in queues {
             if !seen.insert((vh.clone(), q.clone())) {
                 continue;
             }
             let State { vhosts, conns, .. } = st;
             if let Some(queue) = vhosts.get_mut(&vh).and_then(|v| v.queues.get_mut(&q)) {
-                dispatch_one(queue, &vh, &q, conns, now, &mut fx);
+                dispatch(queue, &vh, &q, conns, now, &mut fx);
             }
         }
         for (vh, q, m, reason) in dead {
             dead_letter(st, &vh, &q, m, reason, now, &mut fx);
         }
     }
-}
-
-fn dispatch_one(
-    q: &mut Queue,
-    vh: &str,
-    name: &str,
-    conns: &mut HashMap<u64, Conn>,
-    now: i64,
-    fx: &mut Effects,
-) {
-    dispatch(q, vh, name, conns, now, fx);
 }
 
 /// Republishes a message that left `queue` through the queue's dead-letter exchange.
@@ -1075,6 +1063,7 @@ impl Core {
                         continue;
                     }
                     opened = true;
+                    debug!(conn = id, vhost = %open.vhost, user = %open.user, peer = %open.peer, "amqp connection attached");
                     let mut st = core.inner.channels.state.lock();
                     st.vhosts
                         .entry(open.vhost.clone())
@@ -1083,7 +1072,6 @@ impl Core {
                         id,
                         Conn {
                             vhost: open.vhost.clone(),
-                            user: open.user.clone(),
                             tx: tx.clone(),
                             outstanding: outstanding.clone(),
                             blocked: blocked.clone(),
@@ -1310,25 +1298,21 @@ impl Core {
             settle_effects(&mut st, fx, now);
             r?
         };
-        if let Some((ev, send_after_writes)) = reply {
-            if send_after_writes {
-                self.apply_writes(writes)
-                    .await
-                    .map_err(|e| refuse(INTERNAL_ERROR, e.to_string()))?;
-                let st = self.inner.channels.state.lock();
-                if let Some(c) = st.conns.get(&conn) {
-                    c.send(channel, ev);
-                }
-            } else {
-                let st = self.inner.channels.state.lock();
-                if let Some(c) = st.conns.get(&conn) {
-                    c.send(channel, ev);
-                }
-                drop(st);
-                self.spawn_writes(writes);
-            }
+        let (event, after_writes) = match reply {
+            Some((ev, wait)) => (Some(ev), wait),
+            None => (None, false),
+        };
+        if after_writes {
+            self.apply_writes(writes)
+                .await
+                .map_err(|e| refuse(INTERNAL_ERROR, e.to_string()))?;
         } else {
             self.spawn_writes(writes);
+        }
+        if let Some(ev) = event
+            && let Some(c) = self.inner.channels.state.lock().conns.get(&conn)
+        {
+            c.send(channel, ev);
         }
         Ok(())
     }
@@ -1351,7 +1335,6 @@ impl Core {
             return Ok(None);
         };
         let vhost = c.vhost.clone();
-        let user = c.user.clone();
         let open = c.channels.contains_key(&channel);
         match &command {
             Command::ChannelOpen(_) => {
@@ -1463,18 +1446,9 @@ impl Core {
                 }
                 for op in ops {
                     match op {
-                        TxOp::Publish(p) => publish(
-                            st,
-                            conn,
-                            channel,
-                            &vhost,
-                            &user,
-                            p,
-                            Some(&done),
-                            fx,
-                            writes,
-                            now,
-                        )?,
+                        TxOp::Publish(p) => {
+                            publish(st, conn, channel, &vhost, p, Some(&done), fx, writes, now)?
+                        }
                         TxOp::Settle(s) => settle(st, conn, channel, &vhost, s, fx)?,
                     }
                 }
@@ -1506,7 +1480,6 @@ impl Core {
                     conn,
                     channel,
                     &vhost,
-                    &user,
                     p,
                     confirm.as_ref(),
                     fx,
@@ -1649,7 +1622,7 @@ impl Core {
         }
         let mut fx = Effects::default();
         let mut writes = Writes::default();
-        if let Err(r) = publish(&mut st, 0, 0, vhost, "", p, None, &mut fx, &mut writes, now) {
+        if let Err(r) = publish(&mut st, 0, 0, vhost, p, None, &mut fx, &mut writes, now) {
             warn!(text = %r.text, "a delayed AMQP message could not be routed; dropped");
         }
         settle_effects(&mut st, fx, now);
@@ -1983,7 +1956,7 @@ fn check_exchange_for_publish(vh: &Vhost, vhost: &str, exchange: &str) -> Res<()
     if ex.internal {
         return Err(refuse(
             ACCESS_REFUSED,
-            format!("cannot publish to internal exchange '{exchange}'"),
+            format!("cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"),
         ));
     }
     Ok(())
@@ -1995,7 +1968,6 @@ fn publish(
     conn: u64,
     channel: u32,
     vhost: &str,
-    _user: &str,
     mut p: v1::BasicPublish,
     confirm: Option<&Arc<Completion>>,
     fx: &mut Effects,
@@ -2011,14 +1983,7 @@ fn publish(
     if exchange.is_empty() && p.routing_key.starts_with(REPLY_TO) {
         let target = st.reply_to.get(&p.routing_key).cloned();
         let Some((rc, rch, rtag)) = target else {
-            if p.mandatory
-                && let Some(c) = st.conns.get(&conn)
-            {
-                c.send(
-                    channel,
-                    returned(&exchange, &p.routing_key, &p.properties, &p.body),
-                );
-            }
+            return_unroutable(st, conn, channel, &exchange, &p);
             return Ok(());
         };
         if let Some(c) = st.conns.get_mut(&rc)
@@ -2046,15 +2011,8 @@ fn publish(
         .vhosts
         .get_mut(vhost)
         .expect("the vhost of a connection exists");
-    let Some(ex) = vh.exchanges.get(&exchange) else {
-        return Err(no_exchange(&exchange, vhost));
-    };
-    if ex.internal {
-        return Err(refuse(
-            ACCESS_REFUSED,
-            format!("cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"),
-        ));
-    }
+    check_exchange_for_publish(vh, vhost, &exchange)?;
+    let ex = &vh.exchanges[&exchange];
     // conn 0 is the timer service handing a due message back.
     if ex.delayed && conn != 0 {
         let delay = fields::decode_properties(&p.properties)
@@ -2077,14 +2035,7 @@ fn publish(
     }
     let targets = route(vh, &exchange, &p.routing_key, &p.properties);
     if targets.is_empty() {
-        if p.mandatory
-            && let Some(c) = st.conns.get(&conn)
-        {
-            c.send(
-                channel,
-                returned(&exchange, &p.routing_key, &p.properties, &p.body),
-            );
-        }
+        return_unroutable(st, conn, channel, &exchange, &p);
         return Ok(());
     }
     let data = Arc::new(MsgData {
@@ -2115,20 +2066,28 @@ fn publish(
         c.hold();
         c.done(false);
     }
-    let _ = channel;
     Ok(())
 }
 
-fn returned(exchange: &str, key: &str, props: &Bytes, body: &Bytes) -> Event {
-    Event::Returned(v1::ChannelDelivery {
-        exchange: exchange.to_owned(),
-        routing_key: key.to_owned(),
-        properties: props.clone(),
-        body: body.clone(),
-        reply_code: NO_ROUTE,
-        reply_text: "NO_ROUTE".into(),
-        ..Default::default()
-    })
+/// A message that reached no queue goes back to a mandatory publisher (basic.return).
+fn return_unroutable(st: &State, conn: u64, channel: u32, exchange: &str, p: &v1::BasicPublish) {
+    if !p.mandatory {
+        return;
+    }
+    if let Some(c) = st.conns.get(&conn) {
+        c.send(
+            channel,
+            Event::Returned(v1::ChannelDelivery {
+                exchange: exchange.to_owned(),
+                routing_key: p.routing_key.clone(),
+                properties: p.properties.clone(),
+                body: p.body.clone(),
+                reply_code: NO_ROUTE,
+                reply_text: "NO_ROUTE".into(),
+                ..Default::default()
+            }),
+        );
+    }
 }
 
 fn check_settle(st: &State, conn: u64, channel: u32, s: &v1::BasicSettle) -> Res<()> {

@@ -981,27 +981,25 @@ impl Session {
                 }
                 exchange::AMQPMethod::Bind(b) => {
                     self.expect_answer(channel, b.nowait);
+                    let bind =
+                        exchange_bind(&b.destination, &b.source, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
                         Command::ExchangeBind(v1::ExchangeBind {
-                            destination: b.destination.as_str().into(),
-                            source: b.source.as_str().into(),
-                            routing_key: b.routing_key.as_str().into(),
-                            arguments: encode_table(&b.arguments),
                             unbind: false,
+                            ..bind
                         }),
                     );
                 }
                 exchange::AMQPMethod::Unbind(b) => {
                     self.expect_answer(channel, b.nowait);
+                    let bind =
+                        exchange_bind(&b.destination, &b.source, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
                         Command::ExchangeBind(v1::ExchangeBind {
-                            destination: b.destination.as_str().into(),
-                            source: b.source.as_str().into(),
-                            routing_key: b.routing_key.as_str().into(),
-                            arguments: encode_table(&b.arguments),
                             unbind: true,
+                            ..bind
                         }),
                     );
                 }
@@ -1030,27 +1028,17 @@ impl Session {
                 }
                 queue::AMQPMethod::Bind(b) => {
                     self.expect_answer(channel, b.nowait);
-                    self.command(
-                        channel,
-                        Command::QueueBind(v1::QueueBind {
-                            queue: b.queue.as_str().into(),
-                            exchange: b.exchange.as_str().into(),
-                            routing_key: b.routing_key.as_str().into(),
-                            arguments: encode_table(&b.arguments),
-                            unbind: false,
-                        }),
-                    );
+                    let bind = queue_bind(&b.queue, &b.exchange, &b.routing_key, &b.arguments);
+                    self.command(channel, Command::QueueBind(bind));
                 }
                 queue::AMQPMethod::Unbind(b) => {
                     self.expect_answer(channel, false);
+                    let bind = queue_bind(&b.queue, &b.exchange, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
                         Command::QueueBind(v1::QueueBind {
-                            queue: b.queue.as_str().into(),
-                            exchange: b.exchange.as_str().into(),
-                            routing_key: b.routing_key.as_str().into(),
-                            arguments: encode_table(&b.arguments),
                             unbind: true,
+                            ..bind
                         }),
                     );
                 }
@@ -1414,6 +1402,38 @@ impl Session {
             }
             _ => {}
         }
+    }
+}
+
+/// exchange.bind / exchange.unbind as a core command (the caller sets `unbind`).
+fn exchange_bind(
+    destination: &ShortString,
+    source: &ShortString,
+    routing_key: &ShortString,
+    arguments: &FieldTable,
+) -> v1::ExchangeBind {
+    v1::ExchangeBind {
+        destination: destination.as_str().into(),
+        source: source.as_str().into(),
+        routing_key: routing_key.as_str().into(),
+        arguments: encode_table(arguments),
+        unbind: false,
+    }
+}
+
+/// queue.bind / queue.unbind as a core command (the caller sets `unbind`).
+fn queue_bind(
+    queue: &ShortString,
+    exchange: &ShortString,
+    routing_key: &ShortString,
+    arguments: &FieldTable,
+) -> v1::QueueBind {
+    v1::QueueBind {
+        queue: queue.as_str().into(),
+        exchange: exchange.as_str().into(),
+        routing_key: routing_key.as_str().into(),
+        arguments: encode_table(arguments),
+        unbind: false,
     }
 }
 

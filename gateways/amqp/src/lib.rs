@@ -80,18 +80,6 @@ pub(crate) struct Gateway {
     pub(crate) core: CoreClient,
 }
 
-/// Accepts AMQP connections until `stop` turns true; each runs in its own task. With an
-/// acceptor, every connection starts with a TLS handshake (AMQPS).
-pub async fn serve(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    core: CoreClient,
-    config: AmqpConfig,
-    stop: watch::Receiver<bool>,
-) {
-    serve_shared(listener, tls, Arc::new(Gateway { config, core }), stop).await
-}
-
 /// The TCP and TLS listeners of one gateway (either may be absent), sharing its state.
 pub async fn serve_listeners(
     tcp: Option<TcpListener>,
@@ -123,6 +111,8 @@ pub async fn serve_listeners(
     }
 }
 
+/// Accepts on one listener until `stop` turns true, each connection in its own task; with
+/// an acceptor, every connection starts with a TLS handshake (AMQPS).
 async fn serve_shared(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
