@@ -58,6 +58,14 @@ pub enum CoreError {
     InconsistentGroupProtocol(String),
     #[error("group '{0}' still has members")]
     GroupNotEmpty(String),
+    #[error("queue '{0}' does not exist")]
+    QueueNotFound(String),
+    #[error("queue '{0}' already exists with a different configuration")]
+    QueueExists(String),
+    #[error("lease '{0}' has expired or was replaced")]
+    LeaseExpired(String),
+    #[error("queue '{0}' is full (max_length reached, overflow reject-publish)")]
+    QueueFull(String),
     #[error("conflicting concurrent change: {0}")]
     Conflict(String),
     #[error("{0} is not supported by this version of the core")]
@@ -115,6 +123,10 @@ impl CoreError {
             Self::RebalanceInProgress => ErrorCode::RebalanceInProgress,
             Self::InconsistentGroupProtocol(_) => ErrorCode::InconsistentGroupProtocol,
             Self::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
+            Self::QueueNotFound(_) => ErrorCode::QueueNotFound,
+            Self::QueueExists(_) => ErrorCode::QueueExists,
+            Self::LeaseExpired(_) => ErrorCode::LeaseExpired,
+            Self::QueueFull(_) => ErrorCode::QueueFull,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unsupported(_) => ErrorCode::Unsupported,
             Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
@@ -135,8 +147,13 @@ impl CoreError {
             | Self::StreamNotFound(_)
             | Self::PartitionNotFound { .. }
             | Self::TimerNotFound(_)
-            | Self::GroupNotFound(_) => Code::NotFound,
-            Self::NamespaceExists(_) | Self::StreamExists(_) => Code::AlreadyExists,
+            | Self::GroupNotFound(_)
+            | Self::QueueNotFound(_) => Code::NotFound,
+            Self::NamespaceExists(_) | Self::StreamExists(_) | Self::QueueExists(_) => {
+                Code::AlreadyExists
+            }
+            Self::LeaseExpired(_) => Code::FailedPrecondition,
+            Self::QueueFull(_) => Code::ResourceExhausted,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::OutOfOrderSequence { .. }
             | Self::ProducerFenced { .. }

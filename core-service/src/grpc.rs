@@ -191,21 +191,32 @@ impl admin_server::Admin for CoreGrpc {
     }
     async fn declare_queue(
         &self,
-        _: Request<DeclareQueueRequest>,
+        r: Request<DeclareQueueRequest>,
     ) -> GrpcResult<DeclareQueueResponse> {
-        unsupported("queues")
+        let (queue, created) = self.core.declare_queue(r.into_inner()).await?;
+        ok(DeclareQueueResponse {
+            queue: Some(queue),
+            created,
+        })
     }
     async fn delete_queue(
         &self,
-        _: Request<DeleteQueueRequest>,
+        r: Request<DeleteQueueRequest>,
     ) -> GrpcResult<DeleteQueueResponse> {
-        unsupported("queues")
+        ok(DeleteQueueResponse {
+            messages_deleted: self.core.delete_queue(r.into_inner()).await?,
+        })
     }
-    async fn purge_queue(&self, _: Request<PurgeQueueRequest>) -> GrpcResult<PurgeQueueResponse> {
-        unsupported("queues")
+    async fn purge_queue(&self, r: Request<PurgeQueueRequest>) -> GrpcResult<PurgeQueueResponse> {
+        let id = required(r.into_inner().id, "id")?;
+        ok(PurgeQueueResponse {
+            messages_purged: self.core.purge_queue(&id).await?,
+        })
     }
-    async fn list_queues(&self, _: Request<ListQueuesRequest>) -> GrpcResult<ListQueuesResponse> {
-        unsupported("queues")
+    async fn list_queues(&self, r: Request<ListQueuesRequest>) -> GrpcResult<ListQueuesResponse> {
+        ok(ListQueuesResponse {
+            queues: self.core.list_queues(&r.into_inner().namespace).await?,
+        })
     }
     async fn declare_address(
         &self,
@@ -271,8 +282,8 @@ impl streams_server::Streams for CoreGrpc {
     ) -> GrpcResult<InitProducerResponse> {
         ok(self.core.init_producer(r.into_inner()).await?)
     }
-    async fn publish(&self, _: Request<PublishRequest>) -> GrpcResult<PublishResponse> {
-        unsupported("publish through the router")
+    async fn publish(&self, r: Request<PublishRequest>) -> GrpcResult<PublishResponse> {
+        ok(self.core.publish(r.into_inner()).await?)
     }
 }
 
@@ -323,20 +334,63 @@ type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>>
 #[tonic::async_trait]
 impl queues_server::Queues for CoreGrpc {
     type SubscribeStream = SubscribeStream;
-    async fn receive(&self, _: Request<ReceiveRequest>) -> GrpcResult<ReceiveResponse> {
-        unsupported("queues")
+    async fn receive(&self, r: Request<ReceiveRequest>) -> GrpcResult<ReceiveResponse> {
+        ok(ReceiveResponse {
+            messages: self.core.receive(r.into_inner()).await?,
+        })
     }
-    async fn ack(&self, _: Request<AckRequest>) -> GrpcResult<AckResponse> {
-        unsupported("queues")
+    async fn ack(&self, r: Request<AckRequest>) -> GrpcResult<AckResponse> {
+        let r = r.into_inner();
+        let queue = required(r.queue, "queue")?;
+        ok(AckResponse {
+            expired: self.core.ack(&queue, &r.lease_ids).await?,
+        })
     }
-    async fn nack(&self, _: Request<NackRequest>) -> GrpcResult<NackResponse> {
-        unsupported("queues")
+    async fn nack(&self, r: Request<NackRequest>) -> GrpcResult<NackResponse> {
+        let r = r.into_inner();
+        let queue = required(r.queue, "queue")?;
+        self.core
+            .nack(&queue, &r.lease_ids, r.requeue, r.delay_ms)
+            .await?;
+        ok(NackResponse {})
     }
     async fn change_lease(
         &self,
-        _: Request<ChangeLeaseRequest>,
+        r: Request<ChangeLeaseRequest>,
     ) -> GrpcResult<ChangeLeaseResponse> {
-        unsupported("queues")
+        let r = r.into_inner();
+        let queue = required(r.queue, "queue")?;
+        self.core
+            .change_lease(&queue, &r.lease_ids, r.visibility_timeout_ms)
+            .await?;
+        ok(ChangeLeaseResponse {})
+    }
+    async fn enqueue(&self, r: Request<EnqueueRequest>) -> GrpcResult<EnqueueResponse> {
+        ok(self.core.enqueue(r.into_inner()).await?)
+    }
+    async fn start_redrive(
+        &self,
+        r: Request<StartRedriveRequest>,
+    ) -> GrpcResult<StartRedriveResponse> {
+        ok(StartRedriveResponse {
+            task_id: self.core.start_redrive(r.into_inner()).await?,
+        })
+    }
+    async fn list_redrives(
+        &self,
+        r: Request<ListRedrivesRequest>,
+    ) -> GrpcResult<ListRedrivesResponse> {
+        ok(ListRedrivesResponse {
+            tasks: self.core.list_redrives(r.into_inner().source.as_ref()),
+        })
+    }
+    async fn cancel_redrive(
+        &self,
+        r: Request<CancelRedriveRequest>,
+    ) -> GrpcResult<CancelRedriveResponse> {
+        ok(CancelRedriveResponse {
+            task: Some(self.core.cancel_redrive(&r.into_inner().task_id)?),
+        })
     }
     async fn subscribe(
         &self,

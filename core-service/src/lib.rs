@@ -6,8 +6,9 @@
 //! batch append and long-polling fetch, committed group offsets, idempotent producers and
 //! the durable timer service, group membership (Kafka's classic protocol), client sessions
 //! with topic routing and retained messages (MQTT), AMQP 0-9-1 channels over queues and
-//! exchanges. The unary queue RPCs and transactions are in the API but answer
-//! UNIMPLEMENTED until their issues land.
+//! exchanges, and the protocol-neutral queue engine (`queues`: leases with deadlines, FIFO
+//! groups, dedup, delays, dead letters and redrive). Transactions are in the API but answer
+//! UNIMPLEMENTED until their issue lands.
 
 mod channels;
 pub mod error;
@@ -15,6 +16,8 @@ mod groups;
 pub mod grpc;
 pub mod meta;
 pub mod producers;
+mod queues;
+mod router;
 mod sessions;
 mod streams;
 mod timers;
@@ -98,6 +101,7 @@ struct Inner {
     groups: groups::GroupTable,
     broker: sessions::Broker,
     channels: channels::ChannelBroker,
+    queues: queues::QueueTable,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -129,6 +133,7 @@ impl Core {
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
                 broker: sessions::Broker::new(config.session_max_queued),
                 channels: channels::ChannelBroker::new(),
+                queues: queues::QueueTable::default(),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -139,6 +144,7 @@ impl Core {
             }),
         };
         core.load_metadata().await?;
+        core.recover_queues().await?;
         core.recover_timers().await?;
         core.recover_sessions().await?;
         core.recover_channels().await?;

@@ -79,7 +79,7 @@ fn stream_label(id: &v1::StreamId) -> String {
     format!("{}/{}", id.namespace, id.name)
 }
 
-fn namespace_or_default(ns: &str) -> &str {
+pub(crate) fn namespace_or_default(ns: &str) -> &str {
     if ns.is_empty() { DEFAULT_NAMESPACE } else { ns }
 }
 
@@ -136,6 +136,8 @@ impl Core {
         }
         // Durable AMQP queues journal into partitions of their own.
         known.extend(self.queue_journal_partitions().await?);
+        // Queues of the queue engine own two partitions each.
+        known.extend(self.queue_partitions().await?);
         // Partitions no stream claims are left over from a create or delete that a crash
         // interrupted: the metadata is the truth, so they go.
         for key in self.inner.log.list_partitions().await? {
@@ -308,6 +310,12 @@ impl Core {
                 "namespace '{name}' still has {streams} streams; delete them first"
             )));
         }
+        let queues = self.queue_names(name).len();
+        if queues > 0 {
+            return Err(CoreError::Conflict(format!(
+                "namespace '{name}' still has {queues} queues; delete them first"
+            )));
+        }
         self.inner
             .meta
             .delete(&meta::key(meta::NAMESPACE, &[name]))
@@ -320,7 +328,7 @@ impl Core {
         self.inner.namespaces.read().values().cloned().collect()
     }
 
-    fn require_namespace(&self, ns: &str) -> CoreResult<()> {
+    pub(crate) fn require_namespace(&self, ns: &str) -> CoreResult<()> {
         if self.inner.namespaces.read().contains_key(ns) {
             Ok(())
         } else {

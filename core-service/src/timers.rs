@@ -35,9 +35,12 @@ fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
 fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
     match &timer.action {
         Some(v1::timer::Action::Append(a)) => Ok(a),
-        Some(v1::timer::Action::Route(_)) | Some(v1::timer::Action::AmqpPublish(_)) | None => {
-            Err(CoreError::InvalidArgument("a timer needs an action".into()))
-        }
+        Some(
+            v1::timer::Action::Route(_)
+            | v1::timer::Action::AmqpPublish(_)
+            | v1::timer::Action::Enqueue(_),
+        )
+        | None => Err(CoreError::InvalidArgument("a timer needs an action".into())),
     }
 }
 
@@ -72,6 +75,17 @@ impl Core {
             }
             Some(v1::timer::Action::AmqpPublish(p)) => {
                 validate_name("exchange", &p.exchange)?;
+            }
+            Some(v1::timer::Action::Enqueue(e)) => {
+                let queue = e.queue.as_ref().ok_or_else(|| {
+                    CoreError::InvalidArgument("the timer's enqueue needs a queue".into())
+                })?;
+                validate_name("queue", &queue.name)?;
+                if e.records.is_empty() {
+                    return Err(CoreError::InvalidArgument(
+                        "the timer's enqueue has no records".into(),
+                    ));
+                }
             }
             _ => {
                 let append = append_target(&timer)?;
@@ -263,12 +277,18 @@ impl Core {
         ) {
             return self.fire_route(due_key, raw.clone(), &timer).await;
         }
-        let append = append_target(&timer)?;
-        let stream = append.stream.clone().unwrap_or_default();
-        let from_offset = self
-            .end_offset(&stream, append.partition)
-            .await
-            .unwrap_or(None);
+        let from_offset = match &timer.action {
+            Some(v1::timer::Action::Enqueue(e)) => {
+                self.queue_data_end(&e.queue.clone().unwrap_or_default())
+            }
+            _ => {
+                let append = append_target(&timer)?;
+                let stream = append.stream.clone().unwrap_or_default();
+                self.end_offset(&stream, append.partition)
+                    .await
+                    .unwrap_or(None)
+            }
+        };
         let firing = Firing {
             from_offset,
             timer: raw.clone(),
@@ -345,6 +365,29 @@ impl Core {
     async fn finish_firing(&self, firing_key: Vec<u8>, firing: Firing) -> CoreResult<()> {
         let timer = v1::Timer::decode(&firing.timer[..])
             .map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
+        if let Some(v1::timer::Action::Enqueue(e)) = &timer.action {
+            let queue = e.queue.clone().unwrap_or_default();
+            let done = match firing.from_offset {
+                Some(from) => {
+                    self.queue_timer_batch_exists(&queue, from, &timer.id)
+                        .await?
+                }
+                None => false,
+            };
+            if !done {
+                match self.enqueue_from_timer(e, &timer.id).await {
+                    Ok(()) => debug!(timer = %timer.id, queue = %queue.name, "timer fired"),
+                    Err(e @ (CoreError::ShuttingDown | CoreError::Storage(_))) => return Err(e),
+                    Err(e) => {
+                        warn!(timer = %timer.id, queue = %queue.name, error = %e, "timer could not enqueue; dropping it");
+                        metrics::counter!("tributary_timers_dropped_total").increment(1);
+                    }
+                }
+            }
+            self.inner.meta.delete(&firing_key).await?;
+            metrics::counter!("tributary_timers_fired_total").increment(1);
+            return Ok(());
+        }
         let mut append = append_target(&timer)?.clone();
         let stream = append.stream.clone().unwrap_or_default();
         let done = self

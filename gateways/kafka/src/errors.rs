@@ -94,6 +94,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::QueueExists
         | ErrorCode::TimerNotFound
         | ErrorCode::LeaseExpired
+        | ErrorCode::QueueFull
         | ErrorCode::SessionTakenOver
         | ErrorCode::TransactionNotFound
         | ErrorCode::BindingNotFound

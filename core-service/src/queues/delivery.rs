@@ -1,0 +1,619 @@
+//! Moving messages through a queue: enqueue, receive (lease), ack, nack, change-lease, and
+//! dead letters.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::future::BoxFuture;
+use prost::Message;
+use tracing::{debug, warn};
+use tributary_proto::v1;
+use tributary_storage::BatchToAppend;
+
+use super::settings::{MAX_DEDUP_ID, MAX_VISIBILITY_MS, Overflow};
+use super::state::{DeadLetter, Leased};
+use super::{Guarded, QueueHandle, decode_batch};
+use crate::error::{CoreError, CoreResult};
+use crate::{Core, now_ms};
+
+/// Ready messages kept loaded when the log has them: deliveries come from memory.
+const WINDOW: usize = 1024;
+/// Live messages (ready, leased, delayed) loaded at most per queue; beyond it receives
+/// wait until some settle.
+const MAX_LOADED: usize = 262_144;
+/// Bytes read from the log per window refill.
+const FILL_CHUNK: usize = 1 << 20;
+const MAX_RECEIVE: u32 = 1000;
+const MAX_WAIT_MS: i32 = 60_000;
+const MAX_ENQUEUE: usize = 10_000;
+
+/// How an enqueue treats its records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum EnqueueMode {
+    /// From a client: dedup window, delays and overflow apply.
+    Client,
+    /// Moved by the core (dead letters, redrive, a timer that fired): already checked.
+    Internal,
+}
+
+/// `<queue id>-<offset>-<lease seq>`, all hex: names one lease of one message of one
+/// incarnation of a queue, from any connection or gateway.
+pub(crate) fn lease_id(queue: u64, offset: i64, seq: u64) -> String {
+    format!("{queue:x}-{offset:x}-{seq:x}")
+}
+
+fn parse_lease_id(id: &str) -> CoreResult<(u64, i64, u64)> {
+    let bad = || CoreError::InvalidArgument(format!("'{}' is not a lease id", id.escape_debug()));
+    let mut parts = id.split('-');
+    let (Some(q), Some(o), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let q = u64::from_str_radix(q, 16).map_err(|_| bad())?;
+    let o = i64::from_str_radix(o, 16).map_err(|_| bad())?;
+    let s = u64::from_str_radix(s, 16).map_err(|_| bad())?;
+    Ok((q, o, s))
+}
+
+fn check_ms(what: &str, v: i64, max: i64) -> CoreResult<()> {
+    if !(0..=max).contains(&v) {
+        return Err(CoreError::InvalidArgument(format!(
+            "{what} must be 0..={max} ms, got {v}"
+        )));
+    }
+    Ok(())
+}
+
+impl Core {
+    pub async fn enqueue(&self, req: v1::EnqueueRequest) -> CoreResult<v1::EnqueueResponse> {
+        self.check_running()?;
+        let id = req
+            .queue
+            .ok_or_else(|| CoreError::InvalidArgument("queue is required".into()))?;
+        let h = self.queue(&id)?;
+        self.enqueue_records(&h, req.records, EnqueueMode::Client, None)
+            .await
+    }
+
+    /// Enqueues a batch of records into `h`. Records due later go to the timer service
+    /// (client mode); the rest are appended as one batch and answered once durable.
+    pub(crate) async fn enqueue_records(
+        &self,
+        h: &Arc<QueueHandle>,
+        mut records: Vec<v1::Record>,
+        mode: EnqueueMode,
+        timer_id: Option<&str>,
+    ) -> CoreResult<v1::EnqueueResponse> {
+        h.check_live()?;
+        if records.is_empty() || records.len() > MAX_ENQUEUE {
+            return Err(CoreError::InvalidArgument(format!(
+                "an enqueue takes 1..={MAX_ENQUEUE} records, got {}",
+                records.len()
+            )));
+        }
+        let settings = &h.record.settings;
+        let now = now_ms();
+        let window = settings.dedup_window_ms();
+        let delay = settings.delivery_delay_ms.unwrap_or(0);
+        let mut resp = v1::EnqueueResponse {
+            message_ids: vec![-1; records.len()],
+            duplicate: vec![false; records.len()],
+        };
+        for r in &mut records {
+            if r.timestamp_ms <= 0 {
+                r.timestamp_ms = now;
+            }
+            if let Some(p) = &r.properties
+                && (p.dedup_id.len() > MAX_DEDUP_ID || p.dedup_id.chars().any(char::is_control))
+            {
+                return Err(CoreError::InvalidArgument(format!(
+                    "a dedup id is 1..={MAX_DEDUP_ID} printable characters"
+                )));
+            }
+        }
+        // Which records go now, which wait for a timer, which are duplicates.
+        let mut now_idx = Vec::new();
+        let mut later = Vec::new();
+        let mut inserted = Vec::new();
+        {
+            let mut g = h.guarded.lock().await;
+            for (i, r) in records.iter().enumerate() {
+                if mode == EnqueueMode::Client && window > 0 {
+                    let dedup = r.properties.as_ref().map_or("", |p| p.dedup_id.as_str());
+                    if !dedup.is_empty() {
+                        if !g.dedup.insert(now, dedup, r.timestamp_ms + window) {
+                            resp.duplicate[i] = true;
+                            continue;
+                        }
+                        inserted.push(dedup.to_string());
+                    }
+                }
+                let deliver_at = r.properties.as_ref().map_or(0, |p| p.deliver_at_ms);
+                let due = deliver_at.max(if delay > 0 { now + delay } else { 0 });
+                if mode == EnqueueMode::Client && due > now {
+                    later.push((i, due));
+                } else {
+                    now_idx.push(i);
+                }
+            }
+            if mode == EnqueueMode::Client
+                && let (Some(max), Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)) =
+                    (settings.max_length, settings.overflow)
+            {
+                let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
+                if ready + now_idx.len() as i64 > max {
+                    for d in &inserted {
+                        g.dedup.forget(d);
+                    }
+                    return Err(CoreError::QueueFull(h.record.name.clone()));
+                }
+            }
+        }
+        let forget = |inserted: Vec<String>| async move {
+            let mut g = h.guarded.lock().await;
+            for d in &inserted {
+                g.dedup.forget(d);
+            }
+        };
+        if !now_idx.is_empty() {
+            let batch = v1::QueueMessageBatch {
+                records: now_idx.iter().map(|i| records[*i].clone()).collect(),
+                timer_id: timer_id.unwrap_or_default().to_string(),
+            };
+            let n = batch.records.len() as i64;
+            let appended = async {
+                let base = self
+                    .inner
+                    .log
+                    .append(
+                        h.data,
+                        BatchToAppend {
+                            record_count: n as u32,
+                            max_timestamp_ms: now,
+                            payload: Bytes::from(batch.encode_to_vec()),
+                        },
+                    )
+                    .await?;
+                self.inner.log.wait_durable(h.data, base + n).await?;
+                CoreResult::Ok(base)
+            }
+            .await;
+            let base = match appended {
+                Ok(base) => base,
+                Err(e) => {
+                    forget(inserted).await;
+                    return Err(e);
+                }
+            };
+            for (k, i) in now_idx.iter().enumerate() {
+                resp.message_ids[*i] = base + k as i64;
+            }
+            metrics::counter!("tributary_queue_enqueued_total").increment(n as u64);
+            h.ready.notify_waiters();
+        }
+        for (i, due) in later {
+            let mut r = records[i].clone();
+            if let Some(p) = r.properties.as_mut() {
+                p.deliver_at_ms = 0;
+            }
+            let timer = v1::Timer {
+                id: String::new(),
+                due_at_ms: due,
+                namespace: h.record.namespace.clone(),
+                action: Some(v1::timer::Action::Enqueue(v1::EnqueueRequest {
+                    queue: Some(v1::QueueId {
+                        namespace: h.record.namespace.clone(),
+                        name: h.record.name.clone(),
+                    }),
+                    records: vec![r],
+                })),
+            };
+            self.schedule_timer(timer).await?;
+        }
+        if mode == EnqueueMode::Client
+            && let (Some(max), Some(Overflow::DropHead)) = (settings.max_length, settings.overflow)
+        {
+            self.drop_head(h, max).await?;
+        }
+        Ok(resp)
+    }
+
+    /// Overflow drop-head: the oldest ready messages beyond `max` become dead letters.
+    async fn drop_head(&self, h: &Arc<QueueHandle>, max: i64) -> CoreResult<()> {
+        let dead = {
+            let mut g = h.guarded.lock().await;
+            let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
+            let excess = (ready - max).max(0) as usize;
+            if excess == 0 {
+                return Ok(());
+            }
+            self.fill_window(h, &mut g, excess).await?;
+            g.st.drop_head(excess)
+        };
+        self.move_dead_letters(h, dead).await
+    }
+
+    /// Loads messages from the log until `want` are ready in memory (or the log is done).
+    async fn fill_window(&self, h: &QueueHandle, g: &mut Guarded, want: usize) -> CoreResult<()> {
+        let end = h.durable_end();
+        let want = want.max(WINDOW);
+        while g.st.ready_loaded() < want && g.st.cursor() < end && g.st.loaded() < MAX_LOADED {
+            let batches = self
+                .inner
+                .log
+                .read(h.data, g.st.cursor(), FILL_CHUNK)
+                .await?;
+            if batches.is_empty() {
+                break;
+            }
+            for b in batches {
+                let batch = decode_batch(&b.payload)?;
+                for (i, r) in batch.records.into_iter().enumerate() {
+                    let o = b.base_offset + i as i64;
+                    if o < g.st.cursor() {
+                        continue;
+                    }
+                    if o >= end {
+                        break;
+                    }
+                    g.st.load(o, Arc::new(r));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub async fn receive(&self, req: v1::ReceiveRequest) -> CoreResult<Vec<v1::LeasedMessage>> {
+        self.check_running()?;
+        let id = req
+            .queue
+            .ok_or_else(|| CoreError::InvalidArgument("queue is required".into()))?;
+        let h = self.queue(&id)?;
+        let max = req.max_messages.clamp(1, MAX_RECEIVE) as usize;
+        let vis = if req.visibility_timeout_ms == 0 {
+            h.record.settings.visibility_ms()
+        } else {
+            req.visibility_timeout_ms
+        };
+        check_ms("visibility_timeout_ms", vis, MAX_VISIBILITY_MS)?;
+        if !(0..=MAX_WAIT_MS).contains(&req.wait_time_ms) {
+            return Err(CoreError::InvalidArgument(format!(
+                "wait_time_ms must be 0..={MAX_WAIT_MS}, got {}",
+                req.wait_time_ms
+            )));
+        }
+        h.touch();
+        let _consumer = Self::consumer_guard(&h);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_time_ms as u64);
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            let notified = h.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            h.check_live()?;
+            let (leased, dead) = self.lease_some(&h, max, vis).await?;
+            let had_dead = !dead.is_empty();
+            self.move_dead_letters(&h, dead).await?;
+            if !leased.is_empty() {
+                h.wake.notify_one();
+                return Ok(leased
+                    .into_iter()
+                    .map(|l| to_leased_message(h.record.id, l))
+                    .collect());
+            }
+            if had_dead {
+                continue;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(deadline) => return Ok(Vec::new()),
+                _ = shutdown.changed() => return Err(CoreError::ShuttingDown),
+            }
+        }
+    }
+
+    /// One attempt at leasing up to `max` messages, durable before it returns.
+    async fn lease_some(
+        &self,
+        h: &QueueHandle,
+        max: usize,
+        vis: i64,
+    ) -> CoreResult<(Vec<Leased>, Vec<DeadLetter>)> {
+        let (leased, dead, end) = {
+            let mut g = h.guarded.lock().await;
+            let now = now_ms();
+            let mut ops = Vec::new();
+            self.fill_window(h, &mut g, max).await?;
+            let (mut leased, mut dead) = g.st.lease(now, max, vis, &mut ops);
+            // FIFO groups may hold back every loaded message: look further into the log.
+            while leased.len() < max
+                && g.st.cursor() < h.durable_end()
+                && g.st.loaded() < MAX_LOADED
+            {
+                let want = g.st.ready_loaded() + WINDOW;
+                self.fill_window(h, &mut g, want).await?;
+                let (more, more_dead) = g.st.lease(now, max - leased.len(), vis, &mut ops);
+                leased.extend(more);
+                dead.extend(more_dead);
+            }
+            let end = self.write_ops(h, &mut g, ops).await?;
+            (leased, dead, end)
+        };
+        self.journal_durable(h, end).await?;
+        Ok((leased, dead))
+    }
+
+    /// Lease ids of this queue, parsed; ids of another queue (or an older incarnation of
+    /// this one) are `None`.
+    fn parse_leases(h: &QueueHandle, ids: &[String]) -> CoreResult<Vec<Option<(i64, u64)>>> {
+        ids.iter()
+            .map(|id| {
+                let (q, o, s) = parse_lease_id(id)?;
+                Ok((q == h.record.id).then_some((o, s)))
+            })
+            .collect()
+    }
+
+    /// Settles leased messages. Returns the lease ids that no longer held their message
+    /// (expired, replaced or already settled): those messages were not acknowledged.
+    pub async fn ack(&self, queue: &v1::QueueId, lease_ids: &[String]) -> CoreResult<Vec<String>> {
+        let h = self.queue(queue)?;
+        let parsed = Self::parse_leases(&h, lease_ids)?;
+        let mut expired = Vec::new();
+        let end = {
+            let mut g = h.guarded.lock().await;
+            let now = now_ms();
+            let mut ops = Vec::new();
+            for (id, p) in lease_ids.iter().zip(parsed) {
+                let ok = p.is_some_and(|(o, s)| g.st.ack(now, o, s, &mut ops).is_ok());
+                if !ok {
+                    expired.push(id.clone());
+                }
+            }
+            self.write_ops(&h, &mut g, ops).await?
+        };
+        self.journal_durable(&h, end).await?;
+        Ok(expired)
+    }
+
+    /// Gives leased messages back (ready again after `delay_ms`) or, without requeue,
+    /// dead-letters them (reason "rejected"). Stale lease ids are skipped.
+    pub async fn nack(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+        requeue: bool,
+        delay_ms: i64,
+    ) -> CoreResult<()> {
+        check_ms("delay_ms", delay_ms, MAX_VISIBILITY_MS)?;
+        let h = self.queue(queue)?;
+        let parsed = Self::parse_leases(&h, lease_ids)?;
+        let mut dead = Vec::new();
+        let end = {
+            let mut g = h.guarded.lock().await;
+            let now = now_ms();
+            let mut ops = Vec::new();
+            for (o, s) in parsed.into_iter().flatten() {
+                if let Ok(Some(d)) = g.st.nack(now, o, s, requeue, delay_ms, &mut ops) {
+                    dead.push(d);
+                }
+            }
+            self.write_ops(&h, &mut g, ops).await?
+        };
+        self.journal_durable(&h, end).await?;
+        h.ready.notify_waiters();
+        h.wake.notify_one();
+        self.move_dead_letters(&h, dead).await
+    }
+
+    /// Extends (or, with 0, ends) leases. All or nothing: if any lease id is stale, none
+    /// changes and the call fails with LEASE_EXPIRED.
+    pub async fn change_lease(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+        visibility_ms: i64,
+    ) -> CoreResult<()> {
+        check_ms("visibility_timeout_ms", visibility_ms, MAX_VISIBILITY_MS)?;
+        let h = self.queue(queue)?;
+        let parsed = Self::parse_leases(&h, lease_ids)?;
+        let end = {
+            let mut g = h.guarded.lock().await;
+            let now = now_ms();
+            g.st.tick(now);
+            for (id, p) in lease_ids.iter().zip(&parsed) {
+                if !p.is_some_and(|(o, s)| g.st.holds(now, o, s)) {
+                    return Err(CoreError::LeaseExpired(id.clone()));
+                }
+            }
+            let mut ops = Vec::new();
+            for (o, s) in parsed.into_iter().flatten() {
+                g.st.change_lease(now, o, s, visibility_ms, &mut ops)
+                    .map_err(|_| CoreError::Internal("a checked lease went stale".into()))?;
+            }
+            self.write_ops(&h, &mut g, ops).await?
+        };
+        self.journal_durable(&h, end).await?;
+        h.wake.notify_one();
+        if visibility_ms == 0 {
+            h.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// Sends dead letters to the queue's dead-letter queue (or drops them, counted, when it
+    /// has none), then settles them here. The target gets them first: a crash in between
+    /// leaves a copy in both, never in neither.
+    ///
+    /// Boxed: moving enqueues, and an enqueue may dead-letter (drop-head).
+    pub(crate) fn move_dead_letters<'a>(
+        &'a self,
+        h: &'a Arc<QueueHandle>,
+        dead: Vec<DeadLetter>,
+    ) -> BoxFuture<'a, CoreResult<()>> {
+        Box::pin(self.move_dead_letters_now(h, dead))
+    }
+
+    async fn move_dead_letters_now(
+        &self,
+        h: &Arc<QueueHandle>,
+        dead: Vec<DeadLetter>,
+    ) -> CoreResult<()> {
+        if dead.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        for d in &dead {
+            metrics::counter!("tributary_queue_dead_lettered_total", "reason" => d.reason)
+                .increment(1);
+        }
+        let target = h
+            .record
+            .settings
+            .dead_letter_address
+            .as_ref()
+            .map(|name| v1::QueueId {
+                namespace: h.record.namespace.clone(),
+                name: name.clone(),
+            });
+        let settle = match target {
+            None => {
+                debug!(queue = %h.label(), count = dead.len(), "dead letters discarded (the queue has no dead-letter queue)");
+                metrics::counter!("tributary_queue_discarded_total").increment(dead.len() as u64);
+                true
+            }
+            Some(t) => {
+                let records = dead
+                    .iter()
+                    .map(|d| {
+                        let mut r = (*d.record).clone();
+                        let p = r.properties.get_or_insert_default();
+                        p.dead_letter_reason = d.reason.to_string();
+                        p.dead_letter_queue = h.record.name.clone();
+                        p.dead_lettered_at_ms = now;
+                        p.dead_letter_delivery_count = d.delivery_count;
+                        // A message does not carry its old expiry into the dead letters.
+                        p.expires_at_ms = 0;
+                        r
+                    })
+                    .collect();
+                let moved = match self.queue(&t) {
+                    Ok(dlq) => {
+                        self.enqueue_records(&dlq, records, EnqueueMode::Internal, None)
+                            .await
+                    }
+                    Err(e) => Err(e),
+                };
+                match moved {
+                    Ok(_) => true,
+                    Err(CoreError::QueueNotFound(name)) => {
+                        warn!(queue = %h.label(), dead_letter_queue = %name, count = dead.len(), "the dead-letter queue does not exist; messages dropped");
+                        metrics::counter!("tributary_queue_discarded_total")
+                            .increment(dead.len() as u64);
+                        true
+                    }
+                    Err(e) => {
+                        warn!(queue = %h.label(), error = %e, "dead letters could not be moved; they stay in the queue");
+                        false
+                    }
+                }
+            }
+        };
+        let end = {
+            let mut g = h.guarded.lock().await;
+            let mut ops = Vec::new();
+            for d in &dead {
+                if settle {
+                    g.st.settle_moved(d.offset, &mut ops);
+                } else {
+                    g.st.unmove(d.offset);
+                }
+            }
+            self.write_ops(h, &mut g, ops).await?
+        };
+        self.journal_durable(h, end).await?;
+        if !settle {
+            h.ready.notify_waiters();
+        }
+        Ok(())
+    }
+
+    /// A delayed enqueue whose timer fired: appended with the timer's id, so that a crash
+    /// before the timer is gone does not enqueue it twice (see the timer service).
+    pub(crate) async fn enqueue_from_timer(
+        &self,
+        req: &v1::EnqueueRequest,
+        timer_id: &str,
+    ) -> CoreResult<()> {
+        let id = req.queue.clone().unwrap_or_default();
+        let h = self.queue(&id)?;
+        self.enqueue_records(
+            &h,
+            req.records.clone(),
+            EnqueueMode::Internal,
+            Some(timer_id),
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// The end of a queue's messages log (where a timer's batch will land).
+    pub(crate) fn queue_data_end(&self, id: &v1::QueueId) -> Option<i64> {
+        self.queue(id).ok().map(|h| h.durable_end())
+    }
+
+    /// Whether a batch stamped with this timer id is in the queue's log from `from` on.
+    pub(crate) async fn queue_timer_batch_exists(
+        &self,
+        id: &v1::QueueId,
+        from: i64,
+        timer_id: &str,
+    ) -> CoreResult<bool> {
+        let Ok(h) = self.queue(id) else {
+            return Ok(false);
+        };
+        let mut at = from.max(self.inner.log.bounds(h.data).await?.start_offset);
+        let end = h.durable_end();
+        while at < end {
+            let batches = self.inner.log.read(h.data, at, FILL_CHUNK).await?;
+            let Some(last) = batches.last() else { break };
+            at = last.next_offset();
+            for b in batches {
+                if decode_batch(&b.payload)?.timer_id == timer_id {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+
+    /// Counts a consumer of the queue while the guard lives.
+    pub(crate) fn consumer_guard(h: &Arc<QueueHandle>) -> ConsumerGuard {
+        h.consumers.fetch_add(1, Ordering::AcqRel);
+        ConsumerGuard(h.clone())
+    }
+}
+
+pub(crate) struct ConsumerGuard(Arc<QueueHandle>);
+
+impl Drop for ConsumerGuard {
+    fn drop(&mut self) {
+        self.0.consumers.fetch_sub(1, Ordering::AcqRel);
+        self.0.touch();
+        self.0.wake.notify_one();
+    }
+}
+
+fn to_leased_message(queue: u64, l: Leased) -> v1::LeasedMessage {
+    v1::LeasedMessage {
+        lease_id: lease_id(queue, l.offset, l.seq),
+        message_id: l.offset,
+        record: Some((*l.record).clone()),
+        delivery_count: l.delivery_count,
+        lease_expires_at_ms: l.deadline,
+        redelivered: l.delivery_count > 1,
+    }
+}

@@ -1,0 +1,616 @@
+//! The queue engine: competing-consumer queues with per-message state, shared by every
+//! protocol (SQS queues, AMQP queues, MQTT persistent sessions and RocketMQ POP build on it).
+//!
+//! A queue is two log partitions, the model of Kafka share groups and Pulsar subscriptions:
+//! its messages (a message's id is its offset) and its state journal (leases, releases,
+//! settlements, snapshots). In memory a queue holds only a window of the log ([`state`]):
+//! a backlog stays on disk until consumers get near it.
+//!
+//! Each queue is its own unit: its own lock, its own owner task that sleeps until the
+//! queue's next deadline (a lease expiring, a delay ending, the queue expiring). There is no
+//! lock over all queues beyond the name table, and no periodic scan of every queue.
+//!
+//! Durability: an enqueue answers once its batch is durable; a lease, ack, nack or change
+//! answers once its journal entry is. Delayed messages wait in the durable timer service.
+//! Dead letters are enqueued to their target before they leave the source, so a crash in
+//! between may leave a copy in both (at least once), never in neither.
+
+mod delivery;
+mod redrive;
+pub(crate) mod settings;
+pub(crate) mod state;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Notify, watch};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+use tributary_proto::v1;
+use tributary_storage::{BatchToAppend, PartitionKey};
+
+use crate::error::{CoreError, CoreResult};
+use crate::meta::{self, from_json, to_json, validate_name};
+use crate::{Core, now_ms};
+
+pub(crate) use delivery::EnqueueMode;
+use settings::QueueSettings;
+use state::{QueueState, Replay};
+
+const QUEUE_KEY: &str = "queue";
+/// Journal ops written between two snapshots at most.
+const SNAPSHOT_EVERY_OPS: usize = 8192;
+/// Messages enqueued between two snapshots of a queue that dedupes (bounds the rescan of
+/// dedup ids after a restart).
+const SNAPSHOT_EVERY_ENQUEUED: i64 = 16_384;
+const READ_CHUNK: usize = 4 << 20;
+
+/// A queue as the metadata store keeps it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub(crate) struct QueueRecord {
+    pub namespace: String,
+    pub name: String,
+    /// Names its two log partitions; a recreated queue gets a new one, so lease ids of the
+    /// old queue never match the new one.
+    pub id: u64,
+    pub settings: QueueSettings,
+    pub durable: bool,
+    pub exclusive: bool,
+    pub auto_delete: bool,
+    pub owner: String,
+    pub created_at_ms: i64,
+}
+
+/// Dedup ids seen inside the queue's window.
+#[derive(Debug, Default)]
+pub(crate) struct Dedup {
+    seen: HashMap<String, i64>,
+    by_expiry: VecDeque<(i64, String)>,
+}
+
+impl Dedup {
+    fn prune(&mut self, now: i64) {
+        while let Some((t, _)) = self.by_expiry.front() {
+            if *t > now {
+                break;
+            }
+            let (t, id) = self.by_expiry.pop_front().expect("front exists");
+            if self.seen.get(&id) == Some(&t) {
+                self.seen.remove(&id);
+            }
+        }
+    }
+    /// Records the id unless it is already in the window; returns whether it was new.
+    fn insert(&mut self, now: i64, id: &str, expires_at: i64) -> bool {
+        self.prune(now);
+        if self.seen.contains_key(id) {
+            return false;
+        }
+        self.seen.insert(id.to_string(), expires_at);
+        self.by_expiry.push_back((expires_at, id.to_string()));
+        true
+    }
+    fn forget(&mut self, id: &str) {
+        self.seen.remove(id);
+    }
+    fn entries(&self) -> Vec<v1::QueueDedupEntry> {
+        self.seen
+            .iter()
+            .map(|(id, t)| v1::QueueDedupEntry {
+                dedup_id: id.clone(),
+                expires_at_ms: *t,
+                offset: -1,
+            })
+            .collect()
+    }
+}
+
+/// What one queue's lock guards.
+pub(crate) struct Guarded {
+    pub st: QueueState,
+    pub dedup: Dedup,
+    ops_since_snapshot: usize,
+    data_end_at_snapshot: i64,
+}
+
+pub(crate) struct QueueHandle {
+    pub record: QueueRecord,
+    data: PartitionKey,
+    journal: PartitionKey,
+    guarded: tokio::sync::Mutex<Guarded>,
+    /// Wakes receivers: messages may be ready.
+    ready: Notify,
+    /// Wakes the owner task: a deadline may have moved.
+    wake: Notify,
+    data_end: watch::Receiver<i64>,
+    deleted: AtomicBool,
+    consumers: AtomicU32,
+    last_used_ms: AtomicI64,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl QueueHandle {
+    fn label(&self) -> String {
+        format!("{}/{}", self.record.namespace, self.record.name)
+    }
+    fn durable_end(&self) -> i64 {
+        *self.data_end.borrow()
+    }
+    fn check_live(&self) -> CoreResult<()> {
+        if self.deleted.load(Ordering::Acquire) {
+            return Err(CoreError::QueueNotFound(self.record.name.clone()));
+        }
+        Ok(())
+    }
+    fn touch(&self) {
+        self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct QueueTable {
+    queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
+    redrives: Mutex<HashMap<String, Arc<redrive::Task>>>,
+}
+
+fn queue_key(ns: &str, name: &str) -> Vec<u8> {
+    meta::key(QUEUE_KEY, &[ns, name])
+}
+
+pub(crate) fn decode_batch(payload: &[u8]) -> CoreResult<v1::QueueMessageBatch> {
+    v1::QueueMessageBatch::decode(payload)
+        .map_err(|e| CoreError::Corrupt(format!("queue message batch: {e}")))
+}
+
+impl Core {
+    fn queue_ns(&self, id: &v1::QueueId) -> CoreResult<(String, String)> {
+        let ns = crate::streams::namespace_or_default(&id.namespace).to_string();
+        validate_name("queue", &id.name)?;
+        Ok((ns, id.name.clone()))
+    }
+
+    pub(crate) fn queue(&self, id: &v1::QueueId) -> CoreResult<Arc<QueueHandle>> {
+        let (ns, name) = self.queue_ns(id)?;
+        self.inner
+            .queues
+            .queues
+            .read()
+            .get(&(ns, name.clone()))
+            .cloned()
+            .ok_or(CoreError::QueueNotFound(name))
+    }
+
+    pub async fn declare_queue(
+        &self,
+        req: v1::DeclareQueueRequest,
+    ) -> CoreResult<(v1::QueueInfo, bool)> {
+        self.check_running()?;
+        let id = req
+            .id
+            .ok_or_else(|| CoreError::InvalidArgument("queue id is required".into()))?;
+        let (ns, name) = self.queue_ns(&id)?;
+        self.require_namespace(&ns)?;
+        let settings = QueueSettings::from_proto(&req.config.unwrap_or_default())?;
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(h) = self.queue(&id) {
+            let r = &h.record;
+            if r.exclusive && r.owner != req.owner {
+                return Err(CoreError::Conflict(format!(
+                    "queue '{name}' is exclusive to another connection"
+                )));
+            }
+            if !req.passive
+                && (r.settings != settings
+                    || r.durable != req.durable
+                    || r.exclusive != req.exclusive
+                    || r.auto_delete != req.auto_delete)
+            {
+                return Err(CoreError::QueueExists(name));
+            }
+            h.touch();
+            return Ok((self.queue_info(&h).await, false));
+        }
+        if req.passive {
+            return Err(CoreError::QueueNotFound(name));
+        }
+        if let Some(dl) = &settings.dead_letter_address {
+            validate_name("dead-letter queue", dl)?;
+        }
+        let record = QueueRecord {
+            namespace: ns.clone(),
+            name: name.clone(),
+            id: self.next_counter("stream_id").await?,
+            settings,
+            durable: req.durable,
+            exclusive: req.exclusive,
+            auto_delete: req.auto_delete,
+            owner: req.owner,
+            created_at_ms: now_ms(),
+        };
+        // Partitions first, then the record: a crash in between leaves orphan partitions,
+        // which the next start removes.
+        let (data, journal) = partitions_of(record.id);
+        self.inner.log.create_partition(data).await?;
+        self.inner.log.create_partition(journal).await?;
+        self.inner
+            .meta
+            .put(&queue_key(&ns, &name), &to_json(&record))
+            .await?;
+        let h = self.open_queue(record).await?;
+        info!(queue = %h.label(), "queue declared");
+        Ok((self.queue_info(&h).await, true))
+    }
+
+    pub async fn delete_queue(&self, req: v1::DeleteQueueRequest) -> CoreResult<i64> {
+        let id = req
+            .id
+            .ok_or_else(|| CoreError::InvalidArgument("queue id is required".into()))?;
+        let _admin = self.inner.admin.lock().await;
+        let h = self.queue(&id)?;
+        let count = {
+            let g = h.guarded.lock().await;
+            g.st.ready_loaded() as i64
+                + g.st.leased_count() as i64
+                + g.st.delayed_count() as i64
+                + (h.durable_end() - g.st.cursor()).max(0)
+        };
+        if req.if_unused && h.consumers.load(Ordering::Acquire) > 0 {
+            return Err(CoreError::Conflict(format!(
+                "queue '{}' has consumers",
+                id.name
+            )));
+        }
+        if req.if_empty && count > 0 {
+            return Err(CoreError::Conflict(format!(
+                "queue '{}' is not empty",
+                id.name
+            )));
+        }
+        self.remove_queue(&h).await?;
+        Ok(count)
+    }
+
+    async fn remove_queue(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
+        let r = &h.record;
+        self.inner
+            .meta
+            .delete(&queue_key(&r.namespace, &r.name))
+            .await?;
+        self.inner
+            .queues
+            .queues
+            .write()
+            .remove(&(r.namespace.clone(), r.name.clone()));
+        h.deleted.store(true, Ordering::Release);
+        h.ready.notify_waiters();
+        if let Some(t) = h.task.lock().take() {
+            t.abort();
+        }
+        self.inner.log.delete_partition(h.data).await?;
+        self.inner.log.delete_partition(h.journal).await?;
+        info!(queue = %h.label(), "queue deleted");
+        Ok(())
+    }
+
+    pub async fn purge_queue(&self, id: &v1::QueueId) -> CoreResult<i64> {
+        let h = self.queue(id)?;
+        let mut ops = Vec::new();
+        let (n, end) = {
+            let mut g = h.guarded.lock().await;
+            g.st.tick(now_ms());
+            let n = g.st.purge(h.durable_end(), &mut ops);
+            (n, self.write_ops(&h, &mut g, ops).await?)
+        };
+        self.journal_durable(&h, end).await?;
+        Ok(n as i64)
+    }
+
+    pub async fn list_queues(&self, namespace: &str) -> CoreResult<Vec<v1::QueueInfo>> {
+        let ns = crate::streams::namespace_or_default(namespace);
+        let mut handles: Vec<_> = self
+            .inner
+            .queues
+            .queues
+            .read()
+            .values()
+            .filter(|h| h.record.namespace == ns)
+            .cloned()
+            .collect();
+        handles.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        let mut out = Vec::with_capacity(handles.len());
+        for h in handles {
+            out.push(self.queue_info(&h).await);
+        }
+        Ok(out)
+    }
+
+    async fn queue_info(&self, h: &QueueHandle) -> v1::QueueInfo {
+        let g = h.guarded.lock().await;
+        let unloaded = (h.durable_end() - g.st.cursor()).max(0);
+        let r = &h.record;
+        v1::QueueInfo {
+            id: Some(v1::QueueId {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+            }),
+            config: Some(r.settings.to_proto()),
+            durable: r.durable,
+            exclusive: r.exclusive,
+            auto_delete: r.auto_delete,
+            messages_ready: g.st.ready_loaded() as i64 + unloaded,
+            messages_leased: g.st.leased_count() as i64,
+            consumers: h.consumers.load(Ordering::Acquire),
+            messages_delayed: g.st.delayed_count() as i64,
+            created_at_ms: r.created_at_ms,
+        }
+    }
+
+    /// The log partitions every recorded queue owns (so start-up does not take them for
+    /// orphans).
+    pub(crate) async fn queue_partitions(&self) -> CoreResult<Vec<PartitionKey>> {
+        let mut out = Vec::new();
+        for (_, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(QUEUE_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let r: QueueRecord = from_json("queue", &raw)?;
+            let (a, b) = partitions_of(r.id);
+            out.extend([a, b]);
+        }
+        Ok(out)
+    }
+
+    /// Opens every durable queue from its journal; non-durable queues end with the process
+    /// that had them.
+    pub(crate) async fn recover_queues(&self) -> CoreResult<()> {
+        for (key, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(QUEUE_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let record: QueueRecord = from_json("queue", &raw)?;
+            if !record.durable {
+                let (a, b) = partitions_of(record.id);
+                self.inner.meta.delete(&key).await?;
+                self.inner.log.delete_partition(a).await?;
+                self.inner.log.delete_partition(b).await?;
+                continue;
+            }
+            self.open_queue(record).await?;
+        }
+        Ok(())
+    }
+
+    /// Builds a queue's handle from its journal and starts its owner task.
+    async fn open_queue(&self, record: QueueRecord) -> CoreResult<Arc<QueueHandle>> {
+        let log = &self.inner.log;
+        let (data, journal) = partitions_of(record.id);
+        log.create_partition(data).await?;
+        log.create_partition(journal).await?;
+        let data_bounds = log.bounds(data).await?;
+        let mut replay = Replay::new(data_bounds.start_offset);
+        let jb = log.bounds(journal).await?;
+        let mut at = jb.start_offset;
+        while at < jb.end_offset {
+            let batches = log.read(journal, at, READ_CHUNK).await?;
+            let Some(last) = batches.last() else { break };
+            at = last.next_offset();
+            for b in batches {
+                let batch = v1::QueueStateBatch::decode(&b.payload[..])
+                    .map_err(|e| CoreError::Corrupt(format!("queue journal: {e}")))?;
+                for op in batch.ops.iter().filter_map(|o| o.op.as_ref()) {
+                    replay.apply(op);
+                }
+            }
+        }
+        replay.cursor = replay.cursor.max(data_bounds.start_offset);
+        // The records of the live messages, read back batch by batch.
+        let mut records: HashMap<i64, Arc<v1::Record>> = HashMap::new();
+        let mut cached: Option<(i64, i64)> = None;
+        for offset in replay.live.keys().copied() {
+            if offset < data_bounds.start_offset || offset >= data_bounds.end_offset {
+                continue;
+            }
+            if cached.is_some_and(|(from, to)| (from..to).contains(&offset)) {
+                continue;
+            }
+            for b in log.read(data, offset, 1).await? {
+                let batch = decode_batch(&b.payload)?;
+                cached = Some((b.base_offset, b.next_offset()));
+                for (i, r) in batch.records.into_iter().enumerate() {
+                    records.insert(b.base_offset + i as i64, Arc::new(r));
+                }
+            }
+        }
+        let st = QueueState::from_replay(record.settings.policy(), &replay, |o| {
+            records.get(&o).cloned()
+        });
+        let now = now_ms();
+        let mut dedup = Dedup::default();
+        let window = record.settings.dedup_window_ms();
+        if window > 0 {
+            for e in &replay.dedup {
+                if e.expires_at_ms > now {
+                    dedup.insert(now, &e.dedup_id, e.expires_at_ms);
+                }
+            }
+            // Dedup ids enqueued after the last snapshot are in the log only.
+            let mut at = replay.data_end.max(data_bounds.start_offset);
+            while at < data_bounds.end_offset {
+                let batches = log.read(data, at, READ_CHUNK).await?;
+                let Some(last) = batches.last() else { break };
+                at = last.next_offset();
+                for b in batches {
+                    for r in decode_batch(&b.payload)?.records {
+                        if let Some(p) = r.properties.as_ref().filter(|p| !p.dedup_id.is_empty()) {
+                            let expires = r.timestamp_ms.saturating_add(window);
+                            if expires > now {
+                                dedup.insert(now, &p.dedup_id, expires);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        let handle = Arc::new(QueueHandle {
+            data,
+            journal,
+            guarded: tokio::sync::Mutex::new(Guarded {
+                st,
+                dedup,
+                ops_since_snapshot: 0,
+                data_end_at_snapshot: replay.data_end,
+            }),
+            ready: Notify::new(),
+            wake: Notify::new(),
+            data_end: log.watch_end(data)?,
+            deleted: AtomicBool::new(false),
+            consumers: AtomicU32::new(0),
+            last_used_ms: AtomicI64::new(now),
+            task: Mutex::new(None),
+            record,
+        });
+        self.inner.queues.queues.write().insert(
+            (handle.record.namespace.clone(), handle.record.name.clone()),
+            handle.clone(),
+        );
+        let task = tokio::spawn(self.clone().run_queue_owner(handle.clone()));
+        *handle.task.lock() = Some(task);
+        Ok(handle)
+    }
+
+    /// The queue's owner: sleeps until its next deadline, then lets time pass in its state
+    /// (expired leases and ended delays make messages ready) and wakes receivers. It also
+    /// deletes the queue once it has been unused for its `expires_ms`.
+    async fn run_queue_owner(self, h: Arc<QueueHandle>) {
+        let mut shutdown = self.inner.shutdown.subscribe();
+        loop {
+            let woken = h.wake.notified();
+            let now = now_ms();
+            let (next, dead) = {
+                let mut g = h.guarded.lock().await;
+                if g.st.tick(now) {
+                    h.ready.notify_waiters();
+                }
+                (g.st.next_deadline(), g.st.take_exhausted())
+            };
+            if let Err(e) = self.move_dead_letters(&h, dead).await {
+                warn!(queue = %h.label(), error = %e, "could not move dead letters");
+            }
+            let expires_at = h.record.settings.expires_ms.and_then(|ms| {
+                (h.consumers.load(Ordering::Acquire) == 0)
+                    .then(|| h.last_used_ms.load(Ordering::Relaxed).saturating_add(ms))
+            });
+            if expires_at.is_some_and(|t| t <= now) {
+                let _admin = self.inner.admin.lock().await;
+                if !h.deleted.load(Ordering::Acquire) {
+                    info!(queue = %h.label(), "queue unused for its expiry time; deleting it");
+                    if let Err(e) = self.remove_queue(&h).await {
+                        warn!(queue = %h.label(), error = %e, "could not delete an expired queue");
+                    }
+                }
+                return;
+            }
+            let due = [next, expires_at].into_iter().flatten().min();
+            let wait = due.map_or(Duration::from_secs(3600), |t| {
+                Duration::from_millis((t - now).clamp(1, 3_600_000) as u64)
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = woken => {}
+                _ = shutdown.changed() => return,
+            }
+        }
+    }
+
+    /// Appends journal ops (under the queue's lock, so the journal's order is the state's
+    /// order), snapshotting when enough have piled up. Returns the journal end to wait for.
+    async fn write_ops(
+        &self,
+        h: &QueueHandle,
+        g: &mut Guarded,
+        mut ops: Vec<v1::queue_state_op::Op>,
+    ) -> CoreResult<Option<i64>> {
+        if g.st.has_exhausted() {
+            h.wake.notify_one();
+        }
+        g.ops_since_snapshot += ops.len();
+        let data_end = h.durable_end();
+        let snapshot = g.ops_since_snapshot >= SNAPSHOT_EVERY_OPS
+            || (h.record.settings.dedup_window_ms() > 0
+                && data_end - g.data_end_at_snapshot >= SNAPSHOT_EVERY_ENQUEUED);
+        if snapshot {
+            ops.push(v1::queue_state_op::Op::Snapshot(
+                g.st.snapshot(data_end, g.dedup.entries()),
+            ));
+        }
+        if ops.is_empty() {
+            return Ok(None);
+        }
+        let batch = v1::QueueStateBatch {
+            ops: ops
+                .into_iter()
+                .map(|op| v1::QueueStateOp { op: Some(op) })
+                .collect(),
+        };
+        let base = self
+            .inner
+            .log
+            .append(
+                h.journal,
+                BatchToAppend {
+                    record_count: 1,
+                    max_timestamp_ms: now_ms(),
+                    payload: Bytes::from(batch.encode_to_vec()),
+                },
+            )
+            .await?;
+        if snapshot {
+            g.ops_since_snapshot = 0;
+            g.data_end_at_snapshot = data_end;
+            // Everything before the snapshot is no longer needed once it is durable; the
+            // messages before the floor were all settled.
+            let (log, journal, data, floor) =
+                (self.inner.log.clone(), h.journal, h.data, g.st.floor());
+            tokio::spawn(async move {
+                if log.wait_durable(journal, base + 1).await.is_ok() {
+                    let _ = log.truncate_prefix(journal, base).await;
+                    let _ = log.truncate_prefix(data, floor).await;
+                }
+            });
+        }
+        Ok(Some(base + 1))
+    }
+
+    async fn journal_durable(&self, h: &QueueHandle, end: Option<i64>) -> CoreResult<()> {
+        if let Some(end) = end {
+            self.inner.log.wait_durable(h.journal, end).await?;
+        }
+        Ok(())
+    }
+
+    /// Queue names of a namespace (for namespace deletion checks and the admin API).
+    pub(crate) fn queue_names(&self, ns: &str) -> HashSet<String> {
+        self.inner
+            .queues
+            .queues
+            .read()
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .map(|(_, q)| q.clone())
+            .collect()
+    }
+}
+
+fn partitions_of(id: u64) -> (PartitionKey, PartitionKey) {
+    (PartitionKey::new(id, 0), PartitionKey::new(id, 1))
+}

@@ -1,0 +1,680 @@
+//! One queue's message states, as a pure state machine: no I/O, no clock of its own. The
+//! caller ([`super`]) feeds it records read from the queue's log, the current time, and
+//! requests; it answers with what changed and the journal ops that make the change durable.
+//! Replaying those ops over the same log rebuilds the same state ([`Replay`]), which the
+//! property test in `tests` checks against a model.
+//!
+//! The log holds every message; this state holds only a window of it: messages from the
+//! `floor` (everything before it is settled) to the `cursor` (everything from it on is
+//! available and not yet loaded). A backlog larger than memory stays in the log.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use tributary_proto::v1::{self, queue_state_op::Op};
+
+/// Where one loaded message is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Ready,
+    Leased {
+        seq: u64,
+        deadline: i64,
+    },
+    /// Not available before `until` (a nack with a delay).
+    Delayed {
+        until: i64,
+    },
+    /// Being dead-lettered: out of reach until [`QueueState::settle_moved`] or
+    /// [`QueueState::unmove`].
+    Moving,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Msg {
+    pub record: Arc<v1::Record>,
+    pub delivery_count: u32,
+    pub phase: Phase,
+    priority: u8,
+    group: Option<Arc<str>>,
+    /// 0 = never.
+    expires_at: i64,
+}
+
+/// What a queue's configuration means to its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Policy {
+    pub fifo: bool,
+    /// Order ready messages by priority (0-255) before offset.
+    pub priorities: bool,
+    pub message_ttl_ms: Option<i64>,
+    /// Dead-letter (or drop) a message instead of delivering it a (n+1)th time.
+    pub max_deliveries: Option<u32>,
+}
+
+/// A message handed to a consumer.
+#[derive(Debug, Clone)]
+pub(crate) struct Leased {
+    pub offset: i64,
+    pub seq: u64,
+    pub deadline: i64,
+    pub delivery_count: u32,
+    pub record: Arc<v1::Record>,
+}
+
+/// A message that must go to the dead-letter target before it leaves this queue.
+#[derive(Debug, Clone)]
+pub(crate) struct DeadLetter {
+    pub offset: i64,
+    pub reason: &'static str,
+    pub delivery_count: u32,
+    pub record: Arc<v1::Record>,
+}
+
+/// Why a lease id no longer names a lease.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum LeaseError {
+    /// The message was settled, or the lease expired, or a newer lease replaced it.
+    Stale,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct QueueState {
+    pub policy: Policy,
+    floor: i64,
+    cursor: i64,
+    msgs: BTreeMap<i64, Msg>,
+    /// Ready messages in delivery order: (priority, descending) then offset.
+    ready: BTreeSet<(Reverse<u8>, i64)>,
+    /// Leased and delayed messages by the time they change: (time, offset).
+    timed: BTreeSet<(i64, i64)>,
+    /// FIFO: messages per group that are live but not ready (leased, delayed, moving); a
+    /// group with any is blocked so that its messages go out one at a time, in order.
+    busy_groups: HashMap<Arc<str>, usize>,
+    next_lease_seq: u64,
+    leased: usize,
+    delayed: usize,
+    /// Messages that became ready with their delivery limit reached: dead letters to be.
+    exhausted: Vec<i64>,
+}
+
+fn group_of(policy: &Policy, r: &v1::Record) -> Option<Arc<str>> {
+    if !policy.fifo {
+        return None;
+    }
+    let g = r
+        .properties
+        .as_ref()
+        .map_or("", |p| p.message_group.as_str());
+    Some(Arc::from(g))
+}
+
+fn expiry_of(policy: &Policy, r: &v1::Record) -> i64 {
+    let explicit = r.properties.as_ref().map_or(0, |p| p.expires_at_ms);
+    let by_ttl = policy
+        .message_ttl_ms
+        .map_or(0, |ttl| r.timestamp_ms.saturating_add(ttl));
+    match (explicit, by_ttl) {
+        (0, t) | (t, 0) => t,
+        (a, b) => a.min(b),
+    }
+}
+
+impl QueueState {
+    pub fn new(policy: Policy, start: i64) -> Self {
+        Self {
+            policy,
+            floor: start,
+            cursor: start,
+            next_lease_seq: 1,
+            ..Self::default()
+        }
+    }
+
+    /// Offset of the first message that is not settled.
+    pub fn floor(&self) -> i64 {
+        self.floor
+    }
+    /// Offset of the first message not loaded yet.
+    pub fn cursor(&self) -> i64 {
+        self.cursor
+    }
+    pub fn loaded(&self) -> usize {
+        self.msgs.len()
+    }
+    pub fn ready_loaded(&self) -> usize {
+        self.ready.len()
+    }
+    pub fn leased_count(&self) -> usize {
+        self.leased
+    }
+    pub fn delayed_count(&self) -> usize {
+        self.delayed
+    }
+    /// The next time something changes by itself (a lease expires, a delay ends).
+    pub fn next_deadline(&self) -> Option<i64> {
+        self.timed.first().map(|(t, _)| *t)
+    }
+
+    fn refloor(&mut self) {
+        self.floor = self.msgs.keys().next().copied().unwrap_or(self.cursor);
+    }
+
+    fn busy(&mut self, group: &Option<Arc<str>>, delta: isize) {
+        if let Some(g) = group {
+            let n = self.busy_groups.entry(g.clone()).or_insert(0);
+            *n = n.saturating_add_signed(delta);
+            if *n == 0 {
+                self.busy_groups.remove(g);
+            }
+        }
+    }
+
+    /// Takes the message out of whichever index its phase puts it in.
+    fn unindex(&mut self, offset: i64) {
+        let Some(m) = self.msgs.get(&offset) else {
+            return;
+        };
+        let (phase, priority, group) = (m.phase, m.priority, m.group.clone());
+        match phase {
+            Phase::Ready => {
+                self.ready.remove(&(Reverse(priority), offset));
+            }
+            Phase::Leased { deadline, .. } => {
+                self.timed.remove(&(deadline, offset));
+                self.leased -= 1;
+                self.busy(&group, -1);
+            }
+            Phase::Delayed { until } => {
+                self.timed.remove(&(until, offset));
+                self.delayed -= 1;
+                self.busy(&group, -1);
+            }
+            Phase::Moving => self.busy(&group, -1),
+        }
+    }
+
+    fn set_phase(&mut self, offset: i64, phase: Phase) {
+        self.unindex(offset);
+        let Some(m) = self.msgs.get_mut(&offset) else {
+            return;
+        };
+        m.phase = phase;
+        let (priority, group) = (m.priority, m.group.clone());
+        match phase {
+            Phase::Ready => {
+                self.ready.insert((Reverse(priority), offset));
+            }
+            Phase::Leased { deadline, .. } => {
+                self.timed.insert((deadline, offset));
+                self.leased += 1;
+                self.busy(&group, 1);
+            }
+            Phase::Delayed { until } => {
+                self.timed.insert((until, offset));
+                self.delayed += 1;
+                self.busy(&group, 1);
+            }
+            Phase::Moving => self.busy(&group, 1),
+        }
+    }
+
+    fn remove(&mut self, offset: i64) -> Option<Msg> {
+        self.unindex(offset);
+        let m = self.msgs.remove(&offset);
+        self.refloor();
+        m
+    }
+
+    /// Adds messages read from the log at `cursor` onwards (in order, no gaps).
+    pub fn load(&mut self, offset: i64, record: Arc<v1::Record>) {
+        debug_assert_eq!(offset, self.cursor);
+        self.insert(offset, record, 0, Phase::Ready);
+        self.cursor = offset + 1;
+    }
+
+    fn insert(&mut self, offset: i64, record: Arc<v1::Record>, delivery_count: u32, phase: Phase) {
+        let priority = if self.policy.priorities {
+            record
+                .properties
+                .as_ref()
+                .map_or(0, |p| p.priority.min(255) as u8)
+        } else {
+            0
+        };
+        let msg = Msg {
+            group: group_of(&self.policy, &record),
+            expires_at: expiry_of(&self.policy, &record),
+            record,
+            delivery_count,
+            phase: Phase::Moving,
+            priority,
+        };
+        self.msgs.insert(offset, msg);
+        // Counted as Moving by the insert above; set_phase moves it to its real index.
+        let group = self.msgs[&offset].group.clone();
+        self.busy(&group, 1);
+        self.set_phase(offset, phase);
+        self.refloor();
+    }
+
+    /// Lets time pass: expired leases and finished delays make messages ready again.
+    pub fn tick(&mut self, now: i64) -> bool {
+        let mut changed = false;
+        while let Some(&(t, offset)) = self.timed.first() {
+            if t > now {
+                break;
+            }
+            self.set_phase(offset, Phase::Ready);
+            self.note_if_exhausted(offset);
+            changed = true;
+        }
+        changed
+    }
+
+    fn note_if_exhausted(&mut self, offset: i64) {
+        if let (Some(limit), Some(m)) = (self.policy.max_deliveries, self.msgs.get(&offset))
+            && m.delivery_count >= limit
+        {
+            self.exhausted.push(offset);
+        }
+    }
+
+    pub fn has_exhausted(&self) -> bool {
+        !self.exhausted.is_empty()
+    }
+
+    /// Ready messages past their delivery limit, taken out as dead letters at once (rather
+    /// than on the next receive), as a quorum queue does on requeue.
+    pub fn take_exhausted(&mut self) -> Vec<DeadLetter> {
+        let offsets = std::mem::take(&mut self.exhausted);
+        let mut out = Vec::new();
+        for o in offsets {
+            if matches!(self.msgs.get(&o).map(|m| m.phase), Some(Phase::Ready)) {
+                out.push(self.start_move(o, "max-deliveries"));
+            }
+        }
+        out
+    }
+
+    /// Leases up to `max` ready messages until `now + visibility_ms`. Messages past their
+    /// expiry or their delivery limit are not leased; they come back as dead letters (the
+    /// caller moves or drops them, then settles them).
+    pub fn lease(
+        &mut self,
+        now: i64,
+        max: usize,
+        visibility_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> (Vec<Leased>, Vec<DeadLetter>) {
+        self.tick(now);
+        let mut out = Vec::new();
+        let mut dead = Vec::new();
+        let mut taken_groups: Vec<Arc<str>> = Vec::new();
+        let candidates: Vec<(Reverse<u8>, i64)> = self.ready.iter().copied().collect();
+        for (_, offset) in candidates {
+            if out.len() >= max {
+                break;
+            }
+            let m = &self.msgs[&offset];
+            if let Some(g) = &m.group
+                && (self.busy_groups.contains_key(g) || taken_groups.contains(g))
+            {
+                continue;
+            }
+            if m.expires_at > 0 && m.expires_at <= now {
+                dead.push(self.start_move(offset, "expired"));
+                continue;
+            }
+            if self
+                .policy
+                .max_deliveries
+                .is_some_and(|limit| m.delivery_count >= limit)
+            {
+                dead.push(self.start_move(offset, "max-deliveries"));
+                continue;
+            }
+            let seq = self.next_lease_seq;
+            self.next_lease_seq += 1;
+            let deadline = now.saturating_add(visibility_ms);
+            let m = self
+                .msgs
+                .get_mut(&offset)
+                .expect("ready messages are loaded");
+            m.delivery_count += 1;
+            let delivery_count = m.delivery_count;
+            let record = m.record.clone();
+            if let Some(g) = &m.group {
+                taken_groups.push(g.clone());
+            }
+            self.set_phase(offset, Phase::Leased { seq, deadline });
+            ops.push(Op::Lease(v1::QueueLeaseOp {
+                offset,
+                lease_seq: seq,
+                deadline_ms: deadline,
+                delivery_count,
+            }));
+            out.push(Leased {
+                offset,
+                seq,
+                deadline,
+                delivery_count,
+                record,
+            });
+        }
+        (out, dead)
+    }
+
+    fn start_move(&mut self, offset: i64, reason: &'static str) -> DeadLetter {
+        self.set_phase(offset, Phase::Moving);
+        let m = &self.msgs[&offset];
+        DeadLetter {
+            offset,
+            reason,
+            delivery_count: m.delivery_count,
+            record: m.record.clone(),
+        }
+    }
+
+    fn check_lease(&self, now: i64, offset: i64, seq: u64) -> Result<(), LeaseError> {
+        match self.msgs.get(&offset).map(|m| m.phase) {
+            Some(Phase::Leased { seq: s, deadline }) if s == seq && deadline > now => Ok(()),
+            _ => Err(LeaseError::Stale),
+        }
+    }
+
+    /// Whether the lease still holds its message.
+    pub fn holds(&self, now: i64, offset: i64, seq: u64) -> bool {
+        self.check_lease(now, offset, seq).is_ok()
+    }
+
+    /// Settles a leased message (an ack).
+    pub fn ack(
+        &mut self,
+        now: i64,
+        offset: i64,
+        seq: u64,
+        ops: &mut Vec<Op>,
+    ) -> Result<(), LeaseError> {
+        self.tick(now);
+        self.check_lease(now, offset, seq)?;
+        self.remove(offset);
+        push_settle(ops, offset);
+        Ok(())
+    }
+
+    /// Gives a leased message back: ready again after `delay_ms`, or (no requeue) a dead
+    /// letter with reason "rejected".
+    pub fn nack(
+        &mut self,
+        now: i64,
+        offset: i64,
+        seq: u64,
+        requeue: bool,
+        delay_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> Result<Option<DeadLetter>, LeaseError> {
+        self.tick(now);
+        self.check_lease(now, offset, seq)?;
+        if !requeue {
+            return Ok(Some(self.start_move(offset, "rejected")));
+        }
+        let until = now.saturating_add(delay_ms.max(0));
+        self.release_at(offset, until, now);
+        if until <= now {
+            self.note_if_exhausted(offset);
+        }
+        ops.push(Op::Release(v1::QueueReleaseOp {
+            offset,
+            available_at_ms: until,
+        }));
+        Ok(None)
+    }
+
+    fn release_at(&mut self, offset: i64, until: i64, now: i64) {
+        let phase = if until > now {
+            Phase::Delayed { until }
+        } else {
+            Phase::Ready
+        };
+        self.set_phase(offset, phase);
+    }
+
+    /// Moves a lease's deadline to `now + visibility_ms`; 0 releases it at once.
+    pub fn change_lease(
+        &mut self,
+        now: i64,
+        offset: i64,
+        seq: u64,
+        visibility_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> Result<i64, LeaseError> {
+        self.tick(now);
+        self.check_lease(now, offset, seq)?;
+        if visibility_ms <= 0 {
+            self.set_phase(offset, Phase::Ready);
+            self.note_if_exhausted(offset);
+            ops.push(Op::Release(v1::QueueReleaseOp {
+                offset,
+                available_at_ms: now,
+            }));
+            return Ok(now);
+        }
+        let deadline = now.saturating_add(visibility_ms);
+        self.set_phase(offset, Phase::Leased { seq, deadline });
+        let delivery_count = self.msgs[&offset].delivery_count;
+        ops.push(Op::Lease(v1::QueueLeaseOp {
+            offset,
+            lease_seq: seq,
+            deadline_ms: deadline,
+            delivery_count,
+        }));
+        Ok(deadline)
+    }
+
+    /// The dead letter reached its target (or was dropped): it leaves the queue.
+    pub fn settle_moved(&mut self, offset: i64, ops: &mut Vec<Op>) {
+        if matches!(self.msgs.get(&offset).map(|m| m.phase), Some(Phase::Moving)) {
+            self.remove(offset);
+            push_settle(ops, offset);
+        }
+    }
+
+    /// The dead letter could not be moved: it stays, ready again.
+    pub fn unmove(&mut self, offset: i64) {
+        if matches!(self.msgs.get(&offset).map(|m| m.phase), Some(Phase::Moving)) {
+            self.set_phase(offset, Phase::Ready);
+        }
+    }
+
+    /// Takes the oldest ready messages out (overflow drop-head): they become dead letters
+    /// with reason "max-length". Only loaded messages are considered.
+    pub fn drop_head(&mut self, n: usize) -> Vec<DeadLetter> {
+        let oldest: Vec<i64> = {
+            let mut by_offset: Vec<i64> = self.ready.iter().map(|(_, o)| *o).collect();
+            by_offset.sort_unstable();
+            by_offset.truncate(n);
+            by_offset
+        };
+        oldest
+            .into_iter()
+            .map(|o| self.start_move(o, "max-length"))
+            .collect()
+    }
+
+    /// Removes every ready or delayed message, loaded or not (up to `end`); leased ones
+    /// stay. Returns how many went.
+    pub fn purge(&mut self, end: i64, ops: &mut Vec<Op>) -> u64 {
+        let gone: Vec<i64> = self
+            .msgs
+            .iter()
+            .filter(|(_, m)| matches!(m.phase, Phase::Ready | Phase::Delayed { .. }))
+            .map(|(o, _)| *o)
+            .collect();
+        let mut count = gone.len() as u64;
+        for o in &gone {
+            self.remove(*o);
+        }
+        if !gone.is_empty() {
+            ops.push(Op::Settle(v1::QueueSettleOp { offsets: gone }));
+        }
+        if end > self.cursor {
+            count += (end - self.cursor) as u64;
+            self.cursor = end;
+            ops.push(Op::PurgeBefore(end));
+            self.refloor();
+        }
+        count
+    }
+
+    /// The state as one journal entry, from which [`Replay`] starts.
+    pub fn snapshot(&self, data_end: i64, dedup: Vec<v1::QueueDedupEntry>) -> v1::QueueSnapshot {
+        v1::QueueSnapshot {
+            floor: self.floor,
+            cursor: self.cursor,
+            data_end,
+            live: self
+                .msgs
+                .iter()
+                .map(|(offset, m)| {
+                    let (lease_seq, lease_deadline_ms, available_at_ms) = match m.phase {
+                        Phase::Leased { seq, deadline } => (seq, deadline, 0),
+                        Phase::Delayed { until } => (0, 0, until),
+                        Phase::Ready | Phase::Moving => (0, 0, 0),
+                    };
+                    v1::QueueLiveEntry {
+                        offset: *offset,
+                        delivery_count: m.delivery_count,
+                        lease_seq,
+                        lease_deadline_ms,
+                        available_at_ms,
+                    }
+                })
+                .collect(),
+            dedup,
+            next_lease_seq: self.next_lease_seq,
+        }
+    }
+
+    /// Rebuilds the state from a replayed journal; `records` gives each live message's
+    /// record (read back from the log).
+    pub fn from_replay(
+        policy: Policy,
+        replay: &Replay,
+        mut records: impl FnMut(i64) -> Option<Arc<v1::Record>>,
+    ) -> Self {
+        let mut st = Self::new(policy, replay.cursor);
+        st.next_lease_seq = replay.next_lease_seq.max(1);
+        for (offset, e) in &replay.live {
+            // A live entry whose record is gone was cut away by retention: nothing to keep.
+            let Some(record) = records(*offset) else {
+                continue;
+            };
+            let phase = if e.lease_deadline_ms > 0 {
+                Phase::Leased {
+                    seq: e.lease_seq,
+                    deadline: e.lease_deadline_ms,
+                }
+            } else if e.available_at_ms > 0 {
+                Phase::Delayed {
+                    until: e.available_at_ms,
+                }
+            } else {
+                Phase::Ready
+            };
+            st.insert(*offset, record, e.delivery_count, phase);
+        }
+        st.refloor();
+        st
+    }
+}
+
+fn push_settle(ops: &mut Vec<Op>, offset: i64) {
+    if let Some(Op::Settle(s)) = ops.last_mut() {
+        s.offsets.push(offset);
+    } else {
+        ops.push(Op::Settle(v1::QueueSettleOp {
+            offsets: vec![offset],
+        }));
+    }
+}
+
+/// A queue's journal read back: which loaded messages were live and in which phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Replay {
+    pub cursor: i64,
+    pub live: BTreeMap<i64, v1::QueueLiveEntry>,
+    pub next_lease_seq: u64,
+    /// The messages log's end at the last snapshot (dedup ids after it are rescanned).
+    pub data_end: i64,
+    pub dedup: Vec<v1::QueueDedupEntry>,
+}
+
+impl Replay {
+    pub fn new(start: i64) -> Self {
+        Self {
+            cursor: start,
+            next_lease_seq: 1,
+            data_end: start,
+            ..Self::default()
+        }
+    }
+
+    /// Ops name only loaded messages, and the live loop loads in order: an op beyond the
+    /// cursor means everything up to it was loaded (and is live unless settled).
+    fn reach(&mut self, offset: i64) {
+        while self.cursor <= offset {
+            self.live.insert(
+                self.cursor,
+                v1::QueueLiveEntry {
+                    offset: self.cursor,
+                    ..Default::default()
+                },
+            );
+            self.cursor += 1;
+        }
+    }
+
+    pub fn apply(&mut self, op: &Op) {
+        match op {
+            Op::Snapshot(s) => {
+                self.cursor = s.cursor;
+                self.live = s.live.iter().map(|e| (e.offset, *e)).collect();
+                self.next_lease_seq = s.next_lease_seq;
+                self.data_end = s.data_end;
+                self.dedup = s.dedup.clone();
+            }
+            Op::Lease(l) => {
+                self.reach(l.offset);
+                if let Some(e) = self.live.get_mut(&l.offset) {
+                    e.lease_seq = l.lease_seq;
+                    e.lease_deadline_ms = l.deadline_ms;
+                    e.delivery_count = l.delivery_count;
+                    e.available_at_ms = 0;
+                }
+                self.next_lease_seq = self.next_lease_seq.max(l.lease_seq + 1);
+            }
+            Op::Release(r) => {
+                self.reach(r.offset);
+                if let Some(e) = self.live.get_mut(&r.offset) {
+                    e.lease_seq = 0;
+                    e.lease_deadline_ms = 0;
+                    e.available_at_ms = r.available_at_ms;
+                }
+            }
+            Op::Settle(s) => {
+                for o in &s.offsets {
+                    self.reach(*o);
+                    self.live.remove(o);
+                }
+            }
+            Op::PurgeBefore(end) => {
+                self.cursor = self.cursor.max(*end);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

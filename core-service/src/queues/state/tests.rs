@@ -1,0 +1,386 @@
+//! The queue state against a model: random enqueue, lease, ack, nack, change-lease, time
+//! passing, snapshots and restarts (a replay of every journal op written so far).
+
+use std::collections::BTreeMap;
+
+use proptest::prelude::*;
+
+use super::*;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ModelPhase {
+    Ready,
+    Leased { seq: u64, deadline: i64 },
+    Delayed { until: i64 },
+    Done,
+}
+
+#[derive(Debug, Default)]
+struct Model {
+    msgs: BTreeMap<i64, (ModelPhase, u32)>,
+    next_seq: u64,
+}
+
+impl Model {
+    fn tick(&mut self, now: i64) {
+        for (phase, _) in self.msgs.values_mut() {
+            match *phase {
+                ModelPhase::Leased { deadline, .. } if deadline <= now => {
+                    *phase = ModelPhase::Ready
+                }
+                ModelPhase::Delayed { until } if until <= now => *phase = ModelPhase::Ready,
+                _ => {}
+            }
+        }
+    }
+    fn lease(&mut self, now: i64, max: usize, vis: i64) -> Vec<(i64, u64, u32)> {
+        self.tick(now);
+        let mut out = Vec::new();
+        for (offset, (phase, count)) in self.msgs.iter_mut() {
+            if out.len() >= max {
+                break;
+            }
+            if *phase == ModelPhase::Ready {
+                self.next_seq += 1;
+                *count += 1;
+                *phase = ModelPhase::Leased {
+                    seq: self.next_seq,
+                    deadline: now + vis,
+                };
+                out.push((*offset, self.next_seq, *count));
+            }
+        }
+        out
+    }
+    fn holds(&self, now: i64, offset: i64, seq: u64) -> bool {
+        matches!(self.msgs.get(&offset), Some((ModelPhase::Leased { seq: s, deadline }, _)) if *s == seq && *deadline > now)
+    }
+    fn counts(&self) -> (usize, usize, usize) {
+        let mut c = (0, 0, 0);
+        for (p, _) in self.msgs.values() {
+            match p {
+                ModelPhase::Ready => c.0 += 1,
+                ModelPhase::Leased { .. } => c.1 += 1,
+                ModelPhase::Delayed { .. } => c.2 += 1,
+                ModelPhase::Done => {}
+            }
+        }
+        c
+    }
+}
+
+#[derive(Debug, Clone)]
+enum Step {
+    Enqueue(u8),
+    Lease(u8, u16),
+    Ack(u8),
+    Nack(u8, bool, u16),
+    Change(u8, u16),
+    Advance(u16),
+    Purge,
+    Snapshot,
+    Restart,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    prop_oneof![
+        3 => (1u8..6).prop_map(Step::Enqueue),
+        3 => (1u8..5, 1u16..400).prop_map(|(n, v)| Step::Lease(n, v)),
+        3 => any::<u8>().prop_map(Step::Ack),
+        2 => (any::<u8>(), any::<bool>(), 0u16..300).prop_map(|(i, r, d)| Step::Nack(i, r, d)),
+        1 => (any::<u8>(), 0u16..400).prop_map(|(i, v)| Step::Change(i, v)),
+        2 => (1u16..500).prop_map(Step::Advance),
+        1 => Just(Step::Purge),
+        1 => Just(Step::Snapshot),
+        1 => Just(Step::Restart),
+    ]
+}
+
+struct Harness {
+    state: QueueState,
+    model: Model,
+    /// The messages log.
+    data: Vec<Arc<v1::Record>>,
+    /// The journal.
+    journal: Vec<Op>,
+    now: i64,
+    /// Leases handed out, to pick from (some stale on purpose).
+    leases: Vec<(i64, u64)>,
+}
+
+impl Harness {
+    fn new() -> Self {
+        Self {
+            state: QueueState::new(Policy::default(), 0),
+            model: Model::default(),
+            data: Vec::new(),
+            journal: Vec::new(),
+            now: 1_000,
+            leases: Vec::new(),
+        }
+    }
+
+    fn fill(&mut self, want: usize) {
+        while self.state.ready_loaded() < want && (self.state.cursor() as usize) < self.data.len() {
+            let o = self.state.cursor();
+            self.state.load(o, self.data[o as usize].clone());
+        }
+    }
+
+    fn pick(&self, i: u8) -> Option<(i64, u64)> {
+        if self.leases.is_empty() {
+            None
+        } else {
+            Some(self.leases[i as usize % self.leases.len()])
+        }
+    }
+
+    fn check_counts(&mut self) {
+        self.state.tick(self.now);
+        self.model.tick(self.now);
+        let (ready, leased, delayed) = self.model.counts();
+        assert_eq!(self.state.leased_count(), leased, "leased");
+        assert_eq!(self.state.delayed_count(), delayed, "delayed");
+        let unloaded = self.data.len() as i64 - self.state.cursor();
+        assert_eq!(
+            self.state.ready_loaded() as i64 + unloaded,
+            ready as i64,
+            "ready"
+        );
+        let model_floor = self
+            .model
+            .msgs
+            .iter()
+            .find(|(_, (p, _))| *p != ModelPhase::Done)
+            .map_or(self.data.len() as i64, |(o, _)| *o);
+        assert_eq!(self.state.floor(), model_floor.min(self.state.cursor()));
+    }
+
+    fn run(&mut self, s: Step) {
+        let mut ops = Vec::new();
+        match s {
+            Step::Enqueue(n) => {
+                for _ in 0..n {
+                    let o = self.data.len() as i64;
+                    self.data.push(Arc::new(v1::Record {
+                        value: o.to_le_bytes().to_vec().into(),
+                        ..Default::default()
+                    }));
+                    self.model.msgs.insert(o, (ModelPhase::Ready, 0));
+                }
+            }
+            Step::Lease(n, vis) => {
+                self.state.tick(self.now);
+                self.fill(n as usize);
+                let (got, dead) = self
+                    .state
+                    .lease(self.now, n as usize, i64::from(vis), &mut ops);
+                assert!(dead.is_empty());
+                let want = self.model.lease(self.now, n as usize, i64::from(vis));
+                let got: Vec<_> = got
+                    .iter()
+                    .map(|l| (l.offset, l.seq, l.delivery_count))
+                    .collect();
+                assert_eq!(got, want);
+                self.leases.extend(got.iter().map(|(o, s, _)| (*o, *s)));
+            }
+            Step::Ack(i) => {
+                if let Some((o, seq)) = self.pick(i) {
+                    let ok = self.model.holds(self.now, o, seq);
+                    assert_eq!(self.state.ack(self.now, o, seq, &mut ops).is_ok(), ok);
+                    if ok {
+                        self.model.msgs.get_mut(&o).unwrap().0 = ModelPhase::Done;
+                    }
+                }
+            }
+            Step::Nack(i, requeue, delay) => {
+                if let Some((o, seq)) = self.pick(i) {
+                    let ok = self.model.holds(self.now, o, seq);
+                    let r = self
+                        .state
+                        .nack(self.now, o, seq, requeue, i64::from(delay), &mut ops);
+                    assert_eq!(r.is_ok(), ok);
+                    if ok {
+                        let m = self.model.msgs.get_mut(&o).unwrap();
+                        if requeue {
+                            m.0 = if delay > 0 {
+                                ModelPhase::Delayed {
+                                    until: self.now + i64::from(delay),
+                                }
+                            } else {
+                                ModelPhase::Ready
+                            };
+                        } else {
+                            // A dead letter that reached its target.
+                            let dl = r.unwrap().expect("a dead letter");
+                            self.state.settle_moved(dl.offset, &mut ops);
+                            m.0 = ModelPhase::Done;
+                        }
+                    }
+                }
+            }
+            Step::Change(i, vis) => {
+                if let Some((o, seq)) = self.pick(i) {
+                    let ok = self.model.holds(self.now, o, seq);
+                    let r = self
+                        .state
+                        .change_lease(self.now, o, seq, i64::from(vis), &mut ops);
+                    assert_eq!(r.is_ok(), ok);
+                    if ok {
+                        self.model.msgs.get_mut(&o).unwrap().0 = if vis == 0 {
+                            ModelPhase::Ready
+                        } else {
+                            ModelPhase::Leased {
+                                seq,
+                                deadline: self.now + i64::from(vis),
+                            }
+                        };
+                    }
+                }
+            }
+            Step::Advance(ms) => self.now += i64::from(ms),
+            Step::Purge => {
+                self.state.tick(self.now);
+                self.model.tick(self.now);
+                let n = self.state.purge(self.data.len() as i64, &mut ops);
+                let mut expected = 0;
+                for (p, _) in self.model.msgs.values_mut() {
+                    if matches!(p, ModelPhase::Ready | ModelPhase::Delayed { .. }) {
+                        *p = ModelPhase::Done;
+                        expected += 1;
+                    }
+                }
+                assert_eq!(n, expected);
+            }
+            Step::Snapshot => {
+                let snap = self.state.snapshot(self.data.len() as i64, Vec::new());
+                // The journal is truncated before a snapshot.
+                self.journal = vec![Op::Snapshot(snap)];
+            }
+            Step::Restart => {
+                let mut replay = Replay::new(0);
+                for op in &self.journal {
+                    replay.apply(op);
+                }
+                let data = self.data.clone();
+                self.state = QueueState::from_replay(Policy::default(), &replay, |o| {
+                    data.get(o as usize).cloned()
+                });
+            }
+        }
+        self.journal.extend(ops);
+        self.check_counts();
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    #[test]
+    fn queue_state_matches_the_model(steps in proptest::collection::vec(step(), 1..120)) {
+        let mut h = Harness::new();
+        for s in steps {
+            h.run(s);
+        }
+    }
+}
+
+fn rec(group: &str, priority: u32) -> Arc<v1::Record> {
+    Arc::new(v1::Record {
+        properties: Some(v1::SystemProperties {
+            message_group: group.into(),
+            priority,
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+}
+
+#[test]
+fn fifo_groups_lease_one_at_a_time_in_order() {
+    let mut st = QueueState::new(
+        Policy {
+            fifo: true,
+            ..Policy::default()
+        },
+        0,
+    );
+    for (i, g) in ["a", "a", "b", "a", "b"].iter().enumerate() {
+        st.load(i as i64, rec(g, 0));
+    }
+    let mut ops = Vec::new();
+    let (got, _) = st.lease(0, 10, 100, &mut ops);
+    let offsets: Vec<i64> = got.iter().map(|l| l.offset).collect();
+    assert_eq!(offsets, vec![0, 2], "one per group, the oldest");
+    let (got, _) = st.lease(0, 10, 100, &mut ops);
+    assert!(got.is_empty(), "both groups busy");
+    st.ack(0, 0, 1, &mut ops).unwrap();
+    let (got, _) = st.lease(0, 10, 100, &mut ops);
+    assert_eq!(got.iter().map(|l| l.offset).collect::<Vec<_>>(), vec![1]);
+    // Group b's lease expires: its first message comes back before its second.
+    let (got, _) = st.lease(150, 10, 100, &mut ops);
+    let offsets: Vec<i64> = got.iter().map(|l| l.offset).collect();
+    assert_eq!(offsets, vec![1, 2]);
+    assert_eq!(got[1].delivery_count, 2);
+}
+
+#[test]
+fn priorities_order_the_window_and_limits_dead_letter() {
+    let mut st = QueueState::new(
+        Policy {
+            priorities: true,
+            max_deliveries: Some(1),
+            ..Policy::default()
+        },
+        0,
+    );
+    st.load(0, rec("", 1));
+    st.load(1, rec("", 9));
+    st.load(2, rec("", 5));
+    let mut ops = Vec::new();
+    let (got, _) = st.lease(0, 3, 10, &mut ops);
+    assert_eq!(
+        got.iter().map(|l| l.offset).collect::<Vec<_>>(),
+        vec![1, 2, 0]
+    );
+    // All three leases expire; the limit of one delivery sends them to the dead letters.
+    let (got, dead) = st.lease(20, 3, 10, &mut ops);
+    assert!(got.is_empty());
+    assert_eq!(dead.len(), 3);
+    assert!(dead.iter().all(|d| d.reason == "max-deliveries"));
+    for d in dead {
+        st.settle_moved(d.offset, &mut ops);
+    }
+    assert_eq!(st.loaded(), 0);
+    assert_eq!(st.floor(), 3);
+}
+
+#[test]
+fn expired_messages_are_dead_letters() {
+    let mut st = QueueState::new(
+        Policy {
+            message_ttl_ms: Some(100),
+            ..Policy::default()
+        },
+        0,
+    );
+    st.load(
+        0,
+        Arc::new(v1::Record {
+            timestamp_ms: 1000,
+            ..Default::default()
+        }),
+    );
+    st.load(
+        1,
+        Arc::new(v1::Record {
+            timestamp_ms: 1050,
+            ..Default::default()
+        }),
+    );
+    let mut ops = Vec::new();
+    let (got, dead) = st.lease(1120, 5, 10, &mut ops);
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].offset, 1);
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].reason, "expired");
+}
