@@ -66,6 +66,8 @@ pub enum CoreError {
     LeaseExpired(String),
     #[error("queue '{0}' is full (max_length reached, overflow reject-publish)")]
     QueueFull(String),
+    #[error("address '{0}' does not exist")]
+    AddressNotFound(String),
     #[error("conflicting concurrent change: {0}")]
     Conflict(String),
     #[error("{0} is not supported by this version of the core")]
@@ -127,6 +129,7 @@ impl CoreError {
             Self::QueueExists(_) => ErrorCode::QueueExists,
             Self::LeaseExpired(_) => ErrorCode::LeaseExpired,
             Self::QueueFull(_) => ErrorCode::QueueFull,
+            Self::AddressNotFound(_) => ErrorCode::AddressNotFound,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unsupported(_) => ErrorCode::Unsupported,
             Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
@@ -148,7 +151,8 @@ impl CoreError {
             | Self::PartitionNotFound { .. }
             | Self::TimerNotFound(_)
             | Self::GroupNotFound(_)
-            | Self::QueueNotFound(_) => Code::NotFound,
+            | Self::QueueNotFound(_)
+            | Self::AddressNotFound(_) => Code::NotFound,
             Self::NamespaceExists(_) | Self::StreamExists(_) | Self::QueueExists(_) => {
                 Code::AlreadyExists
             }

@@ -220,27 +220,40 @@ impl admin_server::Admin for CoreGrpc {
     }
     async fn declare_address(
         &self,
-        _: Request<DeclareAddressRequest>,
+        r: Request<DeclareAddressRequest>,
     ) -> GrpcResult<DeclareAddressResponse> {
-        unsupported("routing addresses")
+        ok(DeclareAddressResponse {
+            created: self.core.declare_address(r.into_inner()).await?,
+        })
     }
     async fn delete_address(
         &self,
-        _: Request<DeleteAddressRequest>,
+        r: Request<DeleteAddressRequest>,
     ) -> GrpcResult<DeleteAddressResponse> {
-        unsupported("routing addresses")
+        let r = r.into_inner();
+        self.core
+            .delete_address(&r.namespace, &r.name, r.if_unused)
+            .await?;
+        ok(DeleteAddressResponse {})
     }
-    async fn bind(&self, _: Request<BindRequest>) -> GrpcResult<BindResponse> {
-        unsupported("bindings")
+    async fn bind(&self, r: Request<BindRequest>) -> GrpcResult<BindResponse> {
+        let binding = required(r.into_inner().binding, "binding")?;
+        self.core.bind(binding).await?;
+        ok(BindResponse {})
     }
-    async fn unbind(&self, _: Request<UnbindRequest>) -> GrpcResult<UnbindResponse> {
-        unsupported("bindings")
+    async fn unbind(&self, r: Request<UnbindRequest>) -> GrpcResult<UnbindResponse> {
+        let binding = required(r.into_inner().binding, "binding")?;
+        self.core.unbind(binding).await?;
+        ok(UnbindResponse {})
     }
     async fn list_bindings(
         &self,
-        _: Request<ListBindingsRequest>,
+        r: Request<ListBindingsRequest>,
     ) -> GrpcResult<ListBindingsResponse> {
-        unsupported("bindings")
+        let r = r.into_inner();
+        ok(ListBindingsResponse {
+            bindings: self.core.list_bindings(&r.namespace, &r.source_address),
+        })
     }
     async fn list_groups(&self, r: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
         ok(ListGroupsResponse {

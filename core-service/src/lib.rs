@@ -102,6 +102,7 @@ struct Inner {
     broker: sessions::Broker,
     channels: channels::ChannelBroker,
     queues: queues::QueueTable,
+    router: router::RouterTable,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -134,6 +135,7 @@ impl Core {
                 broker: sessions::Broker::new(config.session_max_queued),
                 channels: channels::ChannelBroker::new(),
                 queues: queues::QueueTable::default(),
+                router: router::RouterTable::default(),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -145,6 +147,7 @@ impl Core {
         };
         core.load_metadata().await?;
         core.recover_queues().await?;
+        core.recover_router().await?;
         core.recover_timers().await?;
         core.recover_sessions().await?;
         core.recover_channels().await?;

@@ -311,9 +311,10 @@ impl Core {
             )));
         }
         let queues = self.queue_names(name).len();
-        if queues > 0 {
+        let addresses = self.address_count(name);
+        if queues + addresses > 0 {
             return Err(CoreError::Conflict(format!(
-                "namespace '{name}' still has {queues} queues; delete them first"
+                "namespace '{name}' still has {queues} queues and {addresses} addresses; delete them first"
             )));
         }
         self.inner
@@ -340,7 +341,7 @@ impl Core {
     // Streams
     // ---------------------------------------------------------------------------------
 
-    fn stream(&self, id: &v1::StreamId) -> CoreResult<Arc<StreamHandle>> {
+    pub(crate) fn stream(&self, id: &v1::StreamId) -> CoreResult<Arc<StreamHandle>> {
         self.inner
             .streams
             .read()
@@ -429,6 +430,8 @@ impl Core {
         self.inner
             .meta
             .delete(&meta::key(meta::STREAM, &[&ns, &name]))
+            .await?;
+        self.forget_target(&ns, &crate::router::Target::Stream(name.clone()))
             .await?;
         self.inner.streams.write().remove(&(ns, name));
         for part in handle.partitions() {

@@ -287,6 +287,8 @@ impl Core {
             .queues
             .write()
             .remove(&(r.namespace.clone(), r.name.clone()));
+        self.forget_target(&r.namespace, &crate::router::Target::Queue(r.name.clone()))
+            .await?;
         h.deleted.store(true, Ordering::Release);
         h.ready.notify_waiters();
         if let Some(t) = h.task.lock().take() {

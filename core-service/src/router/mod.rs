@@ -1,15 +1,533 @@
-//! The router: publishes to an address reach the queues and streams bound to it.
+//! The router: named addresses with bindings to queues, streams and other addresses, and
+//! publishing through them.
+//!
+//! Address kinds: direct (the routing key equals the binding's pattern), fanout (every
+//! binding), topic (AMQP patterns: `.`, `*`, `#`), headers (the record's headers against
+//! the binding's arguments, `x-match` all/any) and mqtt-topic (MQTT filters: `/`, `+`,
+//! `#`). Topic and mqtt-topic bindings share one matching structure ([`pattern`]). An
+//! address bound to an address routes on through it, each address at most once per publish.
 //!
 //! The default address (the empty name) routes by routing key to the queue of that name,
 //! as AMQP's default exchange and SQS's queue URLs do.
+//!
+//! Each address has its own lock; addresses, bindings and their kinds are in the metadata
+//! store, written before the call answers.
 
-use tributary_proto::v1;
+mod pattern;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use parking_lot::RwLock;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info};
+use tributary_proto::v1::{self, AddressKind, binding::Destination};
 
 use crate::error::{CoreError, CoreResult};
+use crate::meta::{self, from_json, to_json, validate_name};
 use crate::queues::EnqueueMode;
-use crate::{Core, streams::namespace_or_default};
+use crate::{Core, now_ms, streams::namespace_or_default};
+
+use pattern::{AMQP_TOPIC, MQTT_TOPIC, PatternTrie};
+
+const ADDRESS_KEY: &str = "address";
+const BINDING_KEY: &str = "binding";
+/// Addresses one publish may pass through at most (exchange-to-exchange chains).
+const MAX_HOPS: usize = 64;
+
+/// Where a binding leads.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub(crate) enum Target {
+    Queue(String),
+    Stream(String),
+    Address(String),
+}
+
+impl Target {
+    fn from_proto(d: &Option<Destination>) -> CoreResult<Self> {
+        let t = match d {
+            Some(Destination::Queue(q)) => Self::Queue(q.clone()),
+            Some(Destination::Stream(s)) => Self::Stream(s.clone()),
+            Some(Destination::Address(a)) => Self::Address(a.clone()),
+            None => {
+                return Err(CoreError::InvalidArgument(
+                    "a binding needs a destination".into(),
+                ));
+            }
+        };
+        let (Self::Queue(n) | Self::Stream(n) | Self::Address(n)) = &t;
+        validate_name("binding destination", n)?;
+        Ok(t)
+    }
+    fn to_proto(&self) -> Destination {
+        match self {
+            Self::Queue(q) => Destination::Queue(q.clone()),
+            Self::Stream(s) => Destination::Stream(s.clone()),
+            Self::Address(a) => Destination::Address(a.clone()),
+        }
+    }
+    fn kind_and_name(&self) -> (&'static str, &str) {
+        match self {
+            Self::Queue(n) => ("queue", n),
+            Self::Stream(n) => ("stream", n),
+            Self::Address(n) => ("address", n),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct AddressRecord {
+    kind: i32,
+    durable: bool,
+    auto_delete: bool,
+    internal: bool,
+    arguments: Vec<(String, String)>,
+    created_at_ms: i64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct BindingRecord {
+    source: String,
+    target: Target,
+    pattern: String,
+    arguments: Vec<(String, Vec<u8>)>,
+}
+
+impl BindingRecord {
+    fn to_proto(&self, ns: &str) -> v1::Binding {
+        v1::Binding {
+            namespace: ns.to_string(),
+            source_address: self.source.clone(),
+            destination: Some(self.target.to_proto()),
+            pattern: self.pattern.clone(),
+            arguments: self
+                .arguments
+                .iter()
+                .map(|(n, v)| v1::Header {
+                    name: n.clone(),
+                    value: v.clone().into(),
+                })
+                .collect(),
+        }
+    }
+    fn key(&self, ns: &str) -> Vec<u8> {
+        let (kind, name) = self.target.kind_and_name();
+        let args = serde_json::to_string(&self.arguments).unwrap_or_default();
+        meta::key(
+            BINDING_KEY,
+            &[ns, &self.source, kind, name, &self.pattern, &args],
+        )
+    }
+}
+
+/// How a headers binding matches (`x-match`).
+fn headers_match(args: &[(String, Vec<u8>)], headers: &[v1::Header]) -> bool {
+    let mode = args
+        .iter()
+        .find(|(n, _)| n == "x-match")
+        .map_or("all", |(_, v)| std::str::from_utf8(v).unwrap_or("all"));
+    let with_x = mode.ends_with("-with-x");
+    let wanted = args
+        .iter()
+        .filter(|(n, _)| n != "x-match" && (with_x || !n.starts_with("x-")));
+    let has = |(n, v): &(String, Vec<u8>)| {
+        headers
+            .iter()
+            .any(|h| &h.name == n && (v.is_empty() || h.value[..] == v[..]))
+    };
+    if mode.starts_with("any") {
+        wanted.clone().any(has)
+    } else {
+        wanted.clone().all(has)
+    }
+}
+
+/// One address with its bindings: its own lock, its own matching structure.
+struct Address {
+    record: AddressRecord,
+    bindings: RwLock<Bindings>,
+}
+
+struct Bindings {
+    all: Vec<BindingRecord>,
+    /// Direct: routing key -> targets.
+    direct: HashMap<String, Vec<Target>>,
+    /// Topic and MQTT-topic: pattern -> targets.
+    trie: Option<PatternTrie<Target>>,
+}
+
+impl Bindings {
+    fn new(kind: AddressKind) -> Self {
+        let syntax = match kind {
+            AddressKind::Topic => Some(AMQP_TOPIC),
+            AddressKind::MqttTopic => Some(MQTT_TOPIC),
+            _ => None,
+        };
+        Self {
+            all: Vec::new(),
+            direct: HashMap::new(),
+            trie: syntax.map(PatternTrie::new),
+        }
+    }
+
+    fn add(&mut self, b: BindingRecord) {
+        let targets = self.direct.entry(b.pattern.clone()).or_default();
+        if !targets.contains(&b.target) {
+            targets.push(b.target.clone());
+        }
+        if let Some(t) = &mut self.trie {
+            t.insert(&b.pattern, b.target.clone());
+        }
+        self.all.push(b);
+    }
+
+    fn remove(&mut self, b: &BindingRecord) -> bool {
+        let before = self.all.len();
+        self.all.retain(|r| r != b);
+        if self.all.len() == before {
+            return false;
+        }
+        // Another binding (other arguments) may still tie this pattern to this target.
+        if self
+            .all
+            .iter()
+            .any(|r| r.pattern == b.pattern && r.target == b.target)
+        {
+            return true;
+        }
+        if let Some(targets) = self.direct.get_mut(&b.pattern) {
+            targets.retain(|t| t != &b.target);
+            if targets.is_empty() {
+                self.direct.remove(&b.pattern);
+            }
+        }
+        if let Some(t) = &mut self.trie {
+            t.remove(&b.pattern, &b.target);
+        }
+        true
+    }
+}
+
+#[derive(Default)]
+pub(crate) struct RouterTable {
+    addresses: RwLock<HashMap<(String, String), Arc<Address>>>,
+}
+
+fn kind_of(raw: i32) -> CoreResult<AddressKind> {
+    match AddressKind::try_from(raw) {
+        Ok(AddressKind::Unspecified) | Err(_) => Err(CoreError::InvalidArgument(
+            "an address needs a kind: direct, fanout, topic, headers or mqtt-topic".into(),
+        )),
+        Ok(k) => Ok(k),
+    }
+}
 
 impl Core {
+    fn address(&self, ns: &str, name: &str) -> CoreResult<Arc<Address>> {
+        self.inner
+            .router
+            .addresses
+            .read()
+            .get(&(ns.to_string(), name.to_string()))
+            .cloned()
+            .ok_or_else(|| CoreError::AddressNotFound(name.to_string()))
+    }
+
+    pub async fn declare_address(&self, req: v1::DeclareAddressRequest) -> CoreResult<bool> {
+        self.check_running()?;
+        let ns = namespace_or_default(&req.namespace).to_string();
+        self.require_namespace(&ns)?;
+        validate_name("address", &req.name)?;
+        let _admin = self.inner.admin.lock().await;
+        if let Ok(a) = self.address(&ns, &req.name) {
+            if !req.passive && a.record.kind != req.kind {
+                return Err(CoreError::Conflict(format!(
+                    "address '{}' exists with another kind",
+                    req.name
+                )));
+            }
+            return Ok(false);
+        }
+        if req.passive {
+            return Err(CoreError::AddressNotFound(req.name));
+        }
+        kind_of(req.kind)?;
+        let mut arguments: Vec<(String, String)> = req.arguments.into_iter().collect();
+        arguments.sort();
+        let record = AddressRecord {
+            kind: req.kind,
+            durable: req.durable,
+            auto_delete: req.auto_delete,
+            internal: req.internal,
+            arguments,
+            created_at_ms: now_ms(),
+        };
+        self.inner
+            .meta
+            .put(
+                &meta::key(ADDRESS_KEY, &[&ns, &req.name]),
+                &to_json(&record),
+            )
+            .await?;
+        self.open_address(&ns, &req.name, record, Vec::new())?;
+        info!(namespace = %ns, address = %req.name, "address declared");
+        Ok(true)
+    }
+
+    fn open_address(
+        &self,
+        ns: &str,
+        name: &str,
+        record: AddressRecord,
+        bindings: Vec<BindingRecord>,
+    ) -> CoreResult<()> {
+        let mut b = Bindings::new(kind_of(record.kind)?);
+        for binding in bindings {
+            b.add(binding);
+        }
+        self.inner.router.addresses.write().insert(
+            (ns.to_string(), name.to_string()),
+            Arc::new(Address {
+                record,
+                bindings: RwLock::new(b),
+            }),
+        );
+        Ok(())
+    }
+
+    pub async fn delete_address(
+        &self,
+        namespace: &str,
+        name: &str,
+        if_unused: bool,
+    ) -> CoreResult<()> {
+        let ns = namespace_or_default(namespace).to_string();
+        let _admin = self.inner.admin.lock().await;
+        let a = self.address(&ns, name)?;
+        let bindings = a.bindings.read().all.clone();
+        if if_unused && !bindings.is_empty() {
+            return Err(CoreError::Conflict(format!(
+                "address '{name}' has bindings"
+            )));
+        }
+        for b in &bindings {
+            self.inner.meta.delete(&b.key(&ns)).await?;
+        }
+        // Bindings that lead to it go too.
+        self.forget_target(&ns, &Target::Address(name.to_string()))
+            .await?;
+        self.inner
+            .meta
+            .delete(&meta::key(ADDRESS_KEY, &[&ns, name]))
+            .await?;
+        self.inner
+            .router
+            .addresses
+            .write()
+            .remove(&(ns.clone(), name.to_string()));
+        Ok(())
+    }
+
+    /// Removes every binding that leads to `target` (a deleted queue, stream or address).
+    pub(crate) async fn forget_target(&self, ns: &str, target: &Target) -> CoreResult<()> {
+        let addresses: Vec<_> = self
+            .inner
+            .router
+            .addresses
+            .read()
+            .iter()
+            .filter(|((n, _), _)| n == ns)
+            .map(|(_, a)| a.clone())
+            .collect();
+        for a in addresses {
+            let gone: Vec<BindingRecord> = {
+                let mut b = a.bindings.write();
+                let gone: Vec<_> = b
+                    .all
+                    .iter()
+                    .filter(|r| &r.target == target)
+                    .cloned()
+                    .collect();
+                for g in &gone {
+                    b.remove(g);
+                }
+                gone
+            };
+            for g in gone {
+                self.inner.meta.delete(&g.key(ns)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn binding_from(&self, b: v1::Binding) -> CoreResult<(String, BindingRecord)> {
+        let ns = namespace_or_default(&b.namespace).to_string();
+        let mut arguments: Vec<(String, Vec<u8>)> = b
+            .arguments
+            .into_iter()
+            .map(|h| (h.name, h.value.to_vec()))
+            .collect();
+        arguments.sort();
+        let record = BindingRecord {
+            source: b.source_address,
+            target: Target::from_proto(&b.destination)?,
+            pattern: b.pattern,
+            arguments,
+        };
+        Ok((ns, record))
+    }
+
+    pub async fn bind(&self, binding: v1::Binding) -> CoreResult<()> {
+        self.check_running()?;
+        let (ns, record) = self.binding_from(binding)?;
+        let _admin = self.inner.admin.lock().await;
+        let a = self.address(&ns, &record.source)?;
+        match &record.target {
+            Target::Queue(q) => {
+                self.queue(&v1::QueueId {
+                    namespace: ns.clone(),
+                    name: q.clone(),
+                })?;
+            }
+            Target::Stream(s) => {
+                self.stream(&v1::StreamId::new(ns.clone(), s.clone()))?;
+            }
+            Target::Address(d) => {
+                self.address(&ns, d)?;
+            }
+        }
+        if let Some(t) = &a.bindings.read().trie {
+            t.validate(&record.pattern)
+                .map_err(|e| CoreError::InvalidArgument(format!("binding pattern: {e}")))?;
+        }
+        if a.bindings.read().all.contains(&record) {
+            return Ok(());
+        }
+        self.inner
+            .meta
+            .put(&record.key(&ns), &to_json(&record))
+            .await?;
+        a.bindings.write().add(record);
+        Ok(())
+    }
+
+    /// Removes a binding. Unbinding what is not bound (or a source or destination that is
+    /// gone) succeeds, as RabbitMQ's unbind does.
+    pub async fn unbind(&self, binding: v1::Binding) -> CoreResult<()> {
+        let (ns, record) = self.binding_from(binding)?;
+        let _admin = self.inner.admin.lock().await;
+        let Ok(a) = self.address(&ns, &record.source) else {
+            return Ok(());
+        };
+        let had = a.bindings.write().remove(&record);
+        if had {
+            self.inner.meta.delete(&record.key(&ns)).await?;
+        }
+        Ok(())
+    }
+
+    pub fn list_bindings(&self, namespace: &str, source: &str) -> Vec<v1::Binding> {
+        let ns = namespace_or_default(namespace);
+        let addresses = self.inner.router.addresses.read();
+        let mut out: Vec<v1::Binding> = addresses
+            .iter()
+            .filter(|((n, name), _)| n == ns && (source.is_empty() || name == source))
+            .flat_map(|(_, a)| {
+                a.bindings
+                    .read()
+                    .all
+                    .iter()
+                    .map(|b| b.to_proto(ns))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.source_address, &a.pattern).cmp(&(&b.source_address, &b.pattern)));
+        out
+    }
+
+    /// Loads addresses and bindings at start-up.
+    pub(crate) async fn recover_router(&self) -> CoreResult<()> {
+        let mut bindings: HashMap<(String, String), Vec<BindingRecord>> = HashMap::new();
+        for (key, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(BINDING_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let parts = meta::parts(BINDING_KEY, &key);
+            let b: BindingRecord = from_json("binding", &raw)?;
+            bindings
+                .entry((parts[0].clone(), b.source.clone()))
+                .or_default()
+                .push(b);
+        }
+        for (key, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(ADDRESS_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let parts = meta::parts(ADDRESS_KEY, &key);
+            let record: AddressRecord = from_json("address", &raw)?;
+            let bs = bindings
+                .remove(&(parts[0].clone(), parts[1].clone()))
+                .unwrap_or_default();
+            self.open_address(&parts[0], &parts[1], record, bs)?;
+        }
+        Ok(())
+    }
+
+    /// Where a record published to `address` with `key` goes: the queues and streams at the
+    /// end of every matching binding, each once.
+    fn resolve(
+        &self,
+        ns: &str,
+        address: &str,
+        key: &str,
+        headers: &[v1::Header],
+        out: &mut BTreeSet<Target>,
+    ) -> CoreResult<()> {
+        let mut todo = vec![address.to_string()];
+        let mut seen = BTreeSet::new();
+        while let Some(name) = todo.pop() {
+            if !seen.insert(name.clone()) || seen.len() > MAX_HOPS {
+                continue;
+            }
+            let Ok(a) = self.address(ns, &name) else {
+                continue;
+            };
+            let b = a.bindings.read();
+            let mut hit = |t: &Target| match t {
+                Target::Address(next) => todo.push(next.clone()),
+                t => {
+                    out.insert(t.clone());
+                }
+            };
+            match kind_of(a.record.kind)? {
+                AddressKind::Fanout => b.all.iter().for_each(|r| hit(&r.target)),
+                AddressKind::Direct => {
+                    if let Some(ts) = b.direct.get(key) {
+                        ts.iter().for_each(&mut hit);
+                    }
+                }
+                AddressKind::Topic | AddressKind::MqttTopic => {
+                    if let Some(t) = &b.trie {
+                        t.for_each_match(key, &mut hit);
+                    }
+                }
+                AddressKind::Headers => {
+                    for r in &b.all {
+                        if headers_match(&r.arguments, headers) {
+                            hit(&r.target);
+                        }
+                    }
+                }
+                AddressKind::Unspecified => {}
+            }
+        }
+        Ok(())
+    }
+
     pub async fn publish(&self, req: v1::PublishRequest) -> CoreResult<v1::PublishResponse> {
         self.check_running()?;
         if !req.transaction_id.is_empty() {
@@ -20,28 +538,128 @@ impl Core {
         }
         let ns = namespace_or_default(&req.namespace).to_string();
         self.require_namespace(&ns)?;
-        if !req.address.is_empty() {
-            return Err(CoreError::Unsupported(format!(
-                "publishing to address '{}' (only the default address \"\" routes yet)",
-                req.address.escape_debug()
-            )));
-        }
-        let n = req.records.len();
-        let queue = v1::QueueId {
-            namespace: ns,
-            name: req.routing_key.clone(),
-        };
-        let Ok(h) = self.queue(&queue) else {
-            if req.mandatory {
-                return Err(CoreError::QueueNotFound(req.routing_key));
+        let mut routed = vec![0u32; req.records.len()];
+        // Records that go to the same destinations travel together.
+        let mut groups: Vec<(BTreeSet<Target>, Vec<usize>)> = Vec::new();
+        if req.address.is_empty() {
+            let all = (0..req.records.len()).collect();
+            groups.push((
+                BTreeSet::from([Target::Queue(req.routing_key.clone())]),
+                all,
+            ));
+        } else {
+            let a = self.address(&ns, &req.address)?;
+            let per_record = kind_of(a.record.kind)? == AddressKind::Headers;
+            for (i, r) in req.records.iter().enumerate() {
+                if i > 0 && !per_record {
+                    groups[0].1.push(i);
+                    continue;
+                }
+                let mut targets = BTreeSet::new();
+                self.resolve(
+                    &ns,
+                    &req.address,
+                    &req.routing_key,
+                    &r.headers,
+                    &mut targets,
+                )?;
+                match groups.iter_mut().find(|(t, _)| *t == targets) {
+                    Some(g) => g.1.push(i),
+                    None => groups.push((targets, vec![i])),
+                }
             }
-            return Ok(v1::PublishResponse { routed: vec![0; n] });
-        };
-        let resp = self
-            .enqueue_records(&h, req.records, EnqueueMode::Client, None)
-            .await?;
-        Ok(v1::PublishResponse {
-            routed: resp.duplicate.iter().map(|d| u32::from(!d)).collect(),
-        })
+        }
+        for (targets, idx) in groups {
+            for t in targets {
+                let records: Vec<v1::Record> =
+                    idx.iter().map(|i| req.records[*i].clone()).collect();
+                let took = self.deliver_to(&ns, &t, records).await?;
+                for (k, i) in idx.iter().enumerate() {
+                    routed[*i] += u32::from(took[k]);
+                }
+            }
+        }
+        if req.mandatory && routed.contains(&0) {
+            debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
+        }
+        Ok(v1::PublishResponse { routed })
     }
+
+    /// Hands records to one destination; per record, whether it took it.
+    async fn deliver_to(
+        &self,
+        ns: &str,
+        target: &Target,
+        records: Vec<v1::Record>,
+    ) -> CoreResult<Vec<bool>> {
+        let n = records.len();
+        match target {
+            Target::Queue(q) => {
+                let Ok(h) = self.queue(&v1::QueueId {
+                    namespace: ns.to_string(),
+                    name: q.clone(),
+                }) else {
+                    return Ok(vec![false; n]);
+                };
+                let resp = self
+                    .enqueue_records(&h, records, EnqueueMode::Client, None)
+                    .await?;
+                Ok(resp.duplicate.iter().map(|d| !d).collect())
+            }
+            Target::Stream(s) => {
+                let id = v1::StreamId::new(ns.to_string(), s.clone());
+                let Ok(handle) = self.stream(&id) else {
+                    return Ok(vec![false; n]);
+                };
+                let partitions = handle.partitions().len().max(1) as u64;
+                // Records with a key go to the partition their key hashes to; records
+                // without one to partition 0, in publish order.
+                let mut by_partition: HashMap<u32, Vec<v1::Record>> = HashMap::new();
+                for r in records {
+                    let p = if r.key.is_empty() {
+                        0
+                    } else {
+                        (fnv1a(&r.key) % partitions) as u32
+                    };
+                    by_partition.entry(p).or_default().push(r);
+                }
+                for (partition, records) in by_partition {
+                    self.append(v1::AppendRequest {
+                        stream: Some(id.clone()),
+                        partition,
+                        batch: Some(v1::RecordBatch {
+                            records,
+                            ..Default::default()
+                        }),
+                        auto_create: false,
+                    })
+                    .await?;
+                }
+                Ok(vec![true; n])
+            }
+            Target::Address(_) => Ok(vec![false; n]),
+        }
+    }
+
+    /// How many addresses a namespace has (a namespace is deleted only when it has none).
+    pub(crate) fn address_count(&self, ns: &str) -> usize {
+        self.inner
+            .router
+            .addresses
+            .read()
+            .keys()
+            .filter(|(n, _)| n == ns)
+            .count()
+    }
+}
+
+/// A stable hash (FNV-1a, 64 bits) for key-to-partition placement: the same key lands on
+/// the same partition across restarts and versions.
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
 }

@@ -95,6 +95,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::TimerNotFound
         | ErrorCode::LeaseExpired
         | ErrorCode::QueueFull
+        | ErrorCode::AddressNotFound
         | ErrorCode::SessionTakenOver
         | ErrorCode::TransactionNotFound
         | ErrorCode::BindingNotFound

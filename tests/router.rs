@@ -1,0 +1,390 @@
+//! The router through the gRPC `Admin` and `Streams.Publish` APIs, from a plain tonic
+//! client: fanout, direct, topic (AMQP), MQTT-topic and headers addresses, address-to-address
+//! bindings (cycles included), bindings to streams, bad input, and bindings across `kill -9`.
+
+mod common;
+
+use bytes::Bytes;
+use common::{Server, free_port_args};
+use tonic::transport::Channel;
+use tributary_gateway_common::error_code;
+use tributary_proto::v1::{
+    self, AddressKind, ErrorCode, admin_client::AdminClient, binding::Destination,
+    queues_client::QueuesClient, streams_client::StreamsClient,
+};
+
+struct Api {
+    admin: AdminClient<Channel>,
+    queues: QueuesClient<Channel>,
+    streams: StreamsClient<Channel>,
+}
+
+async fn api(server: &Server) -> Api {
+    let channel = Channel::from_shared(format!("http://{}", server.core))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    Api {
+        admin: AdminClient::new(channel.clone()),
+        queues: QueuesClient::new(channel.clone()),
+        streams: StreamsClient::new(channel),
+    }
+}
+
+fn qid(name: &str) -> Option<v1::QueueId> {
+    Some(v1::QueueId {
+        namespace: "default".into(),
+        name: name.into(),
+    })
+}
+
+impl Api {
+    async fn queue(&mut self, name: &str) {
+        self.admin
+            .declare_queue(v1::DeclareQueueRequest {
+                id: qid(name),
+                durable: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn address(&mut self, name: &str, kind: AddressKind) {
+        let created = self
+            .admin
+            .declare_address(v1::DeclareAddressRequest {
+                namespace: "default".into(),
+                name: name.into(),
+                kind: kind as i32,
+                durable: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .created;
+        assert!(created);
+    }
+
+    async fn bind(&mut self, source: &str, dest: Destination, pattern: &str) {
+        self.bind_args(source, dest, pattern, &[]).await;
+    }
+
+    async fn bind_args(
+        &mut self,
+        source: &str,
+        dest: Destination,
+        pattern: &str,
+        args: &[(&str, &str)],
+    ) {
+        self.admin
+            .bind(v1::BindRequest {
+                binding: Some(binding(source, dest, pattern, args)),
+            })
+            .await
+            .unwrap();
+    }
+
+    async fn publish(&mut self, address: &str, key: &str, headers: &[(&str, &str)]) -> u32 {
+        let routed = self
+            .streams
+            .publish(v1::PublishRequest {
+                namespace: "default".into(),
+                address: address.into(),
+                routing_key: key.into(),
+                records: vec![v1::Record {
+                    value: Bytes::from(format!("{address}:{key}")),
+                    headers: headers
+                        .iter()
+                        .map(|(n, v)| v1::Header {
+                            name: n.to_string(),
+                            value: Bytes::from(v.to_string()),
+                        })
+                        .collect(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .routed;
+        routed[0]
+    }
+
+    /// Everything ready in the queue now (acked), as text.
+    async fn drain(&mut self, queue: &str) -> Vec<String> {
+        let got = self
+            .queues
+            .receive(v1::ReceiveRequest {
+                queue: qid(queue),
+                max_messages: 100,
+                visibility_timeout_ms: 30_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .messages;
+        if !got.is_empty() {
+            self.queues
+                .ack(v1::AckRequest {
+                    queue: qid(queue),
+                    lease_ids: got.iter().map(|m| m.lease_id.clone()).collect(),
+                })
+                .await
+                .unwrap();
+        }
+        got.iter()
+            .map(|m| String::from_utf8(m.record.as_ref().unwrap().value.to_vec()).unwrap())
+            .collect()
+    }
+}
+
+fn binding(source: &str, dest: Destination, pattern: &str, args: &[(&str, &str)]) -> v1::Binding {
+    v1::Binding {
+        namespace: "default".into(),
+        source_address: source.into(),
+        destination: Some(dest),
+        pattern: pattern.into(),
+        arguments: args
+            .iter()
+            .map(|(n, v)| v1::Header {
+                name: n.to_string(),
+                value: Bytes::from(v.to_string()),
+            })
+            .collect(),
+    }
+}
+
+fn q(name: &str) -> Destination {
+    Destination::Queue(name.into())
+}
+
+#[tokio::test]
+async fn fanout_reaches_every_queue_and_a_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    for name in ["f1", "f2", "f3"] {
+        a.queue(name).await;
+    }
+    a.admin
+        .create_stream(v1::CreateStreamRequest {
+            id: Some(v1::StreamId::new("default", "audit")),
+            partitions: 1,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.address("events", AddressKind::Fanout).await;
+    for name in ["f1", "f2", "f3"] {
+        a.bind("events", q(name), "").await;
+    }
+    a.bind("events", Destination::Stream("audit".into()), "")
+        .await;
+    assert_eq!(a.publish("events", "any", &[]).await, 4);
+    for name in ["f1", "f2", "f3"] {
+        assert_eq!(a.drain(name).await, vec!["events:any"]);
+    }
+    let fetched = a
+        .streams
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(v1::StreamId::new("default", "audit")),
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let records: Vec<_> = fetched.partitions[0]
+        .batches
+        .iter()
+        .flat_map(|b| b.records.iter())
+        .collect();
+    assert_eq!(records.len(), 1);
+    assert_eq!(&records[0].value[..], b"events:any");
+}
+
+#[tokio::test]
+async fn direct_topic_mqtt_and_headers_addresses_match_their_patterns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    for name in ["d", "t1", "t2", "m1", "m2", "hall", "hany"] {
+        a.queue(name).await;
+    }
+    a.address("dx", AddressKind::Direct).await;
+    a.bind("dx", q("d"), "red").await;
+    assert_eq!(a.publish("dx", "red", &[]).await, 1);
+    assert_eq!(a.publish("dx", "blue", &[]).await, 0);
+    assert_eq!(a.drain("d").await, vec!["dx:red"]);
+
+    a.address("tx", AddressKind::Topic).await;
+    a.bind("tx", q("t1"), "stock.*.nyse").await;
+    a.bind("tx", q("t2"), "stock.#").await;
+    assert_eq!(a.publish("tx", "stock.ibm.nyse", &[]).await, 2);
+    assert_eq!(a.publish("tx", "stock", &[]).await, 1);
+    assert_eq!(a.publish("tx", "bond.x", &[]).await, 0);
+    assert_eq!(a.drain("t1").await, vec!["tx:stock.ibm.nyse"]);
+    assert_eq!(a.drain("t2").await, vec!["tx:stock.ibm.nyse", "tx:stock"]);
+
+    a.address("mx", AddressKind::MqttTopic).await;
+    a.bind("mx", q("m1"), "sensors/+/temp").await;
+    a.bind("mx", q("m2"), "#").await;
+    assert_eq!(a.publish("mx", "sensors/k1/temp", &[]).await, 2);
+    assert_eq!(a.publish("mx", "$SYS/uptime", &[]).await, 0);
+    assert_eq!(a.drain("m1").await, vec!["mx:sensors/k1/temp"]);
+    assert_eq!(a.drain("m2").await, vec!["mx:sensors/k1/temp"]);
+    // MQTT filters are checked: '#' only last.
+    let bad = a
+        .admin
+        .bind(v1::BindRequest {
+            binding: Some(binding("mx", q("m1"), "a/#/b", &[])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&bad), ErrorCode::InvalidArgument);
+
+    a.address("hx", AddressKind::Headers).await;
+    a.bind_args(
+        "hx",
+        q("hall"),
+        "",
+        &[("x-match", "all"), ("format", "pdf"), ("type", "report")],
+    )
+    .await;
+    a.bind_args(
+        "hx",
+        q("hany"),
+        "",
+        &[("x-match", "any"), ("format", "pdf"), ("type", "report")],
+    )
+    .await;
+    assert_eq!(
+        a.publish("hx", "", &[("format", "pdf"), ("type", "report")])
+            .await,
+        2
+    );
+    assert_eq!(a.publish("hx", "", &[("format", "pdf")]).await, 1);
+    assert_eq!(a.publish("hx", "", &[("format", "zip")]).await, 0);
+    assert_eq!(a.drain("hall").await.len(), 1);
+    assert_eq!(a.drain("hany").await.len(), 2);
+}
+
+#[tokio::test]
+async fn addresses_bound_to_addresses_route_once_even_in_a_cycle() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.queue("end").await;
+    a.address("a", AddressKind::Fanout).await;
+    a.address("b", AddressKind::Fanout).await;
+    a.bind("a", Destination::Address("b".into()), "").await;
+    a.bind("b", Destination::Address("a".into()), "").await;
+    a.bind("a", q("end"), "").await;
+    a.bind("b", q("end"), "").await;
+    assert_eq!(a.publish("b", "k", &[]).await, 1);
+    assert_eq!(a.drain("end").await, vec!["b:k"]);
+}
+
+#[tokio::test]
+async fn bad_bindings_and_unbinds() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.address("x", AddressKind::Direct).await;
+    let missing_queue = a
+        .admin
+        .bind(v1::BindRequest {
+            binding: Some(binding("x", q("nope"), "k", &[])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&missing_queue), ErrorCode::QueueNotFound);
+    let missing_source = a
+        .admin
+        .bind(v1::BindRequest {
+            binding: Some(binding("nope", q("nope"), "k", &[])),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&missing_source), ErrorCode::AddressNotFound);
+    let publish_missing = a
+        .streams
+        .publish(v1::PublishRequest {
+            namespace: "default".into(),
+            address: "nope".into(),
+            routing_key: "k".into(),
+            records: vec![v1::Record::default()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&publish_missing), ErrorCode::AddressNotFound);
+    // Unbinding what is not there (even from a missing address) succeeds, as in RabbitMQ.
+    for source in ["x", "nope"] {
+        a.admin
+            .unbind(v1::UnbindRequest {
+                binding: Some(binding(source, q("nope"), "k", &[])),
+            })
+            .await
+            .unwrap();
+    }
+    let no_kind = a
+        .admin
+        .declare_address(v1::DeclareAddressRequest {
+            namespace: "default".into(),
+            name: "y".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&no_kind), ErrorCode::InvalidArgument);
+}
+
+#[tokio::test]
+async fn bindings_survive_kill_9_and_go_with_their_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.queue("keep").await;
+    a.queue("drop").await;
+    a.address("t", AddressKind::Topic).await;
+    a.bind("t", q("keep"), "a.*").await;
+    a.bind("t", q("drop"), "a.#").await;
+    drop(a);
+    server.kill9();
+
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    assert_eq!(a.publish("t", "a.b", &[]).await, 2);
+    a.admin
+        .delete_queue(v1::DeleteQueueRequest {
+            id: qid("drop"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let bindings = a
+        .admin
+        .list_bindings(v1::ListBindingsRequest {
+            namespace: "default".into(),
+            source_address: "t".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .bindings;
+    assert_eq!(bindings.len(), 1);
+    assert_eq!(bindings[0].pattern, "a.*");
+    assert_eq!(a.publish("t", "a.b", &[]).await, 1);
+    assert_eq!(a.drain("keep").await, vec!["t:a.b", "t:a.b"]);
+}
