@@ -812,3 +812,166 @@ async fn a_lease_expires_after_kill_9_with_its_count() {
         vec![first[0].lease_id.clone()]
     );
 }
+
+fn subscribe_start(
+    queue: &str,
+    credit: u32,
+    auto_ack: bool,
+    exclusive: bool,
+) -> v1::SubscribeRequest {
+    v1::SubscribeRequest {
+        item: Some(v1::subscribe_request::Item::Start(v1::SubscribeStart {
+            source: Some(v1::subscribe_start::Source::Queue(qid(queue).unwrap())),
+            consumer: "test".into(),
+            initial_credit: credit,
+            auto_ack,
+            exclusive,
+            visibility_timeout_ms: 0,
+            release_on_close: true,
+        })),
+    }
+}
+
+async fn next_message(events: &mut tonic::Streaming<v1::SubscribeEvent>) -> v1::LeasedMessage {
+    let event = tokio::time::timeout(Duration::from_secs(20), events.message())
+        .await
+        .expect("a message within 20 s")
+        .unwrap()
+        .expect("the stream is open");
+    match event.event {
+        Some(v1::subscribe_event::Event::Message(m)) => m,
+        other => panic!("expected a message, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn subscriptions_push_within_credit_and_release_on_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("push", v1::QueueConfig::default()).await;
+    a.send("push", (0..5).map(|i| rec(&format!("p{i}"))).collect())
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe_start("push", 2, false, true))
+        .await
+        .unwrap();
+    let mut events = a
+        .queues
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let m0 = next_message(&mut events).await;
+    let m1 = next_message(&mut events).await;
+    assert_eq!((text(&m0), text(&m1)), ("p0".into(), "p1".into()));
+    // Out of credit: the rest stay ready (and an exclusive subscription keeps others out).
+    let mut other = api(&server).await;
+    let refused = other
+        .queues
+        .receive(v1::ReceiveRequest {
+            queue: qid("push"),
+            max_messages: 10,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&refused), ErrorCode::Conflict);
+    assert_eq!(a.info("push").await.messages_ready, 3);
+    // Settled from another connection; more credit brings the next ones.
+    assert!(other.ack("push", &[&m0]).await.is_empty());
+    tx.send(v1::SubscribeRequest {
+        item: Some(v1::subscribe_request::Item::Credit(2)),
+    })
+    .await
+    .unwrap();
+    let m2 = next_message(&mut events).await;
+    let m3 = next_message(&mut events).await;
+    assert_eq!((text(&m2), text(&m3)), ("p2".into(), "p3".into()));
+    // The consumer goes away: its unsettled leases (p1, p2, p3) are released at once.
+    drop(tx);
+    drop(events);
+    let back = a
+        .receive_n("push", 4, 30_000, Duration::from_secs(20))
+        .await;
+    let mut texts: Vec<String> = back.iter().map(text).collect();
+    texts.sort();
+    assert_eq!(texts, vec!["p1", "p2", "p3", "p4"]);
+    assert!(
+        back.iter()
+            .filter(|m| text(m) != "p4")
+            .all(|m| m.delivery_count == 2)
+    );
+}
+
+#[tokio::test]
+async fn auto_ack_subscriptions_settle_as_they_send() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("noack", v1::QueueConfig::default()).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe_start("noack", 100, true, false))
+        .await
+        .unwrap();
+    let mut events = a
+        .queues
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Sent after the subscription is waiting: the enqueue wakes it.
+    a.send("noack", vec![rec("a"), rec("b")]).await;
+    assert_eq!(text(&next_message(&mut events).await), "a");
+    assert_eq!(text(&next_message(&mut events).await), "b");
+    let info = a.info("noack").await;
+    assert_eq!((info.messages_ready, info.messages_leased), (0, 0));
+    // Deleting the queue cancels the subscription.
+    a.admin
+        .delete_queue(v1::DeleteQueueRequest {
+            id: qid("noack"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(20), events.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(matches!(
+        event.event,
+        Some(v1::subscribe_event::Event::Cancelled(_))
+    ));
+    drop(tx);
+}
+
+/// A lease held by a subscription (no deadline of its own) ends with the core that held it:
+/// after `kill -9` the message is ready again at once.
+#[tokio::test]
+async fn held_leases_end_with_the_core() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("held", v1::QueueConfig::default()).await;
+    a.send("held", vec![rec("h")]).await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe_start("held", 1, false, false))
+        .await
+        .unwrap();
+    let mut events = a
+        .queues
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let m = next_message(&mut events).await;
+    assert_eq!(m.delivery_count, 1);
+    drop((a, tx, events));
+    server.kill9();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    let again = a.receive("held", 1, 30_000, 0).await;
+    assert_eq!(again.len(), 1, "ready at once after the restart");
+    assert_eq!(again[0].delivery_count, 2);
+}

@@ -407,9 +407,13 @@ impl queues_server::Queues for CoreGrpc {
     }
     async fn subscribe(
         &self,
-        _: Request<Streaming<SubscribeRequest>>,
+        r: Request<Streaming<SubscribeRequest>>,
     ) -> GrpcResult<SubscribeStream> {
-        unsupported("queue subscriptions")
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let core = self.core.clone();
+        let requests = r.into_inner();
+        tokio::spawn(async move { core.run_subscription(requests, tx).await });
+        ok(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx)))
     }
 }
 

@@ -285,6 +285,12 @@ impl Core {
                 req.wait_time_ms
             )));
         }
+        if h.exclusive.load(Ordering::Acquire) {
+            return Err(CoreError::Conflict(format!(
+                "queue '{}' has an exclusive consumer",
+                h.record.name
+            )));
+        }
         h.touch();
         let _consumer = Self::consumer_guard(&h);
         let deadline = tokio::time::Instant::now() + Duration::from_millis(req.wait_time_ms as u64);
@@ -316,7 +322,7 @@ impl Core {
     }
 
     /// One attempt at leasing up to `max` messages, durable before it returns.
-    async fn lease_some(
+    pub(super) async fn lease_some(
         &self,
         h: &QueueHandle,
         max: usize,
@@ -607,7 +613,7 @@ impl Drop for ConsumerGuard {
     }
 }
 
-fn to_leased_message(queue: u64, l: Leased) -> v1::LeasedMessage {
+pub(super) fn to_leased_message(queue: u64, l: Leased) -> v1::LeasedMessage {
     v1::LeasedMessage {
         lease_id: lease_id(queue, l.offset, l.seq),
         message_id: l.offset,

@@ -19,6 +19,7 @@ mod delivery;
 mod redrive;
 pub(crate) mod settings;
 pub(crate) mod state;
+mod subscription;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
@@ -131,6 +132,8 @@ pub(crate) struct QueueHandle {
     data_end: watch::Receiver<i64>,
     deleted: AtomicBool,
     consumers: AtomicU32,
+    /// An exclusive subscription holds the queue.
+    exclusive: AtomicBool,
     last_used_ms: AtomicI64,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -477,6 +480,7 @@ impl Core {
             data_end: log.watch_end(data)?,
             deleted: AtomicBool::new(false),
             consumers: AtomicU32::new(0),
+            exclusive: AtomicBool::new(false),
             last_used_ms: AtomicI64::new(now),
             task: Mutex::new(None),
             record,

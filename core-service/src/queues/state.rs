@@ -14,6 +14,10 @@ use std::sync::Arc;
 
 use tributary_proto::v1::{self, queue_state_op::Op};
 
+/// Lease deadlines from here on mean "held by a subscription while it lasts": no process
+/// holds them after a restart, so a replay makes their messages ready.
+pub(crate) const HELD_AT_MS: i64 = 1 << 62;
+
 /// Where one loaded message is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -571,7 +575,9 @@ impl QueueState {
             let Some(record) = records(*offset) else {
                 continue;
             };
-            let phase = if e.lease_deadline_ms > 0 {
+            let phase = if e.lease_deadline_ms >= HELD_AT_MS {
+                Phase::Ready
+            } else if e.lease_deadline_ms > 0 {
                 Phase::Leased {
                     seq: e.lease_seq,
                     deadline: e.lease_deadline_ms,

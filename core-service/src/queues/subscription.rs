@@ -1,0 +1,201 @@
+//! Push consumption: a subscription leases messages as they become ready, within the
+//! credit its consumer grants (AMQP's prefetch, a push consumer's window), and sends them
+//! down one stream. Settling goes through the ordinary Ack / Nack / ChangeLease calls, from
+//! any connection.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tracing::debug;
+use tributary_proto::v1::{self, subscribe_event::Event, subscribe_request::Item};
+
+use super::QueueHandle;
+use super::delivery::lease_id;
+use super::settings::MAX_VISIBILITY_MS;
+use super::state::HELD_AT_MS;
+use crate::error::{CoreError, CoreResult};
+use crate::{Core, now_ms};
+
+/// Messages leased per round at most, however much credit there is.
+const ROUND: usize = 256;
+/// Leases remembered for release-on-close before the settled ones are pruned.
+const PRUNE_AT: usize = 4096;
+
+impl Core {
+    /// Serves one subscription until its consumer goes away, the queue is deleted or the
+    /// core stops. The first request must be a start.
+    pub async fn run_subscription(
+        &self,
+        mut requests: impl Stream<Item = Result<v1::SubscribeRequest, tonic::Status>> + Unpin,
+        events: mpsc::Sender<Result<v1::SubscribeEvent, tonic::Status>>,
+    ) {
+        let start = match requests.next().await {
+            Some(Ok(v1::SubscribeRequest {
+                item: Some(Item::Start(s)),
+            })) => s,
+            Some(Err(_)) | None => return,
+            Some(Ok(_)) => {
+                let e = CoreError::InvalidArgument("a subscription begins with a start".into());
+                let _ = events.send(Err(e.into())).await;
+                return;
+            }
+        };
+        if let Err(e) = self.subscribe_loop(start, requests, &events).await {
+            let _ = events.send(Err(e.into())).await;
+        }
+    }
+
+    async fn subscribe_loop(
+        &self,
+        start: v1::SubscribeStart,
+        mut requests: impl Stream<Item = Result<v1::SubscribeRequest, tonic::Status>> + Unpin,
+        events: &mpsc::Sender<Result<v1::SubscribeEvent, tonic::Status>>,
+    ) -> CoreResult<()> {
+        self.check_running()?;
+        let queue = match start.source {
+            Some(v1::subscribe_start::Source::Queue(q)) => q,
+            Some(v1::subscribe_start::Source::SessionId(_)) => {
+                return Err(CoreError::Unsupported(
+                    "subscribing to a session (MQTT sessions are reached through Sessions.Attach)"
+                        .into(),
+                ));
+            }
+            None => {
+                return Err(CoreError::InvalidArgument(
+                    "a subscription needs a queue".into(),
+                ));
+            }
+        };
+        let h = self.queue(&queue)?;
+        if !(0..=MAX_VISIBILITY_MS).contains(&start.visibility_timeout_ms) {
+            return Err(CoreError::InvalidArgument(format!(
+                "visibility_timeout_ms must be 0..={MAX_VISIBILITY_MS}"
+            )));
+        }
+        if start.exclusive {
+            if h.consumers.load(Ordering::Acquire) > 0 {
+                return Err(CoreError::Conflict(format!(
+                    "queue '{}' has consumers; an exclusive subscription needs it to itself",
+                    queue.name
+                )));
+            }
+            h.exclusive.store(true, Ordering::Release);
+        } else if h.exclusive.load(Ordering::Acquire) {
+            return Err(CoreError::Conflict(format!(
+                "queue '{}' has an exclusive consumer",
+                queue.name
+            )));
+        }
+        let _consumer = Self::consumer_guard(&h);
+        let _exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
+        h.touch();
+        let mut credit = u64::from(start.initial_credit);
+        let mut held: VecDeque<(i64, u64)> = VecDeque::new();
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let outcome = loop {
+            let notified = h.ready.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if h.check_live().is_err() {
+                let cancelled = v1::SubscribeEvent {
+                    event: Some(Event::Cancelled(v1::ErrorDetail {
+                        code: v1::ErrorCode::QueueNotFound as i32,
+                        message: format!("queue '{}' was deleted", queue.name),
+                    })),
+                };
+                let _ = events.send(Ok(cancelled)).await;
+                break Ok(());
+            }
+            if credit > 0 {
+                let vis = match start.visibility_timeout_ms {
+                    0 => HELD_AT_MS - now_ms(),
+                    v => v,
+                };
+                let max = credit.min(ROUND as u64) as usize;
+                let (leased, dead) = self.lease_some(&h, max, vis).await?;
+                let had_dead = !dead.is_empty();
+                self.move_dead_letters(&h, dead).await?;
+                if !leased.is_empty() {
+                    credit -= leased.len() as u64;
+                    h.wake.notify_one();
+                    let ids: Vec<String> = leased
+                        .iter()
+                        .map(|l| lease_id(h.record.id, l.offset, l.seq))
+                        .collect();
+                    if start.auto_ack {
+                        self.ack(&queue, &ids).await?;
+                    } else if start.release_on_close {
+                        held.extend(leased.iter().map(|l| (l.offset, l.seq)));
+                        if held.len() > PRUNE_AT {
+                            prune(&h, &mut held).await;
+                        }
+                    }
+                    let mut gone = false;
+                    for l in leased {
+                        let event = v1::SubscribeEvent {
+                            event: Some(Event::Message(super::delivery::to_leased_message(
+                                h.record.id,
+                                l,
+                            ))),
+                        };
+                        if events.send(Ok(event)).await.is_err() {
+                            gone = true;
+                            break;
+                        }
+                    }
+                    if gone {
+                        break Ok(());
+                    }
+                    continue;
+                }
+                if had_dead {
+                    continue;
+                }
+            }
+            tokio::select! {
+                _ = notified => {}
+                r = requests.next() => match r {
+                    Some(Ok(v1::SubscribeRequest { item: Some(Item::Credit(n)) })) => {
+                        credit = credit.saturating_add(u64::from(n));
+                    }
+                    Some(Ok(_)) => break Err(CoreError::InvalidArgument(
+                        "a subscription takes one start, then credit".into(),
+                    )),
+                    Some(Err(_)) | None => break Ok(()),
+                },
+                _ = events.closed() => break Ok(()),
+                _ = shutdown.changed() => break Ok(()),
+            }
+        };
+        if start.release_on_close && !held.is_empty() {
+            let ids: Vec<String> = held
+                .iter()
+                .map(|(o, s)| lease_id(h.record.id, *o, *s))
+                .collect();
+            debug!(queue = %h.label(), count = ids.len(), "subscription ended; releasing its leases");
+            // Leases settled meanwhile are skipped by nack.
+            if let Err(e) = self.nack(&queue, &ids, true, 0).await {
+                debug!(queue = %h.label(), error = %e, "could not release a closed subscription's leases");
+            }
+        }
+        outcome
+    }
+}
+
+/// Forgets remembered leases that no longer hold their message (settled or expired).
+async fn prune(h: &QueueHandle, held: &mut VecDeque<(i64, u64)>) {
+    let g = h.guarded.lock().await;
+    let now = now_ms();
+    held.retain(|(o, s)| g.st.holds(now, *o, *s));
+}
+
+struct ExclusiveGuard(Arc<QueueHandle>);
+
+impl Drop for ExclusiveGuard {
+    fn drop(&mut self) {
+        self.0.exclusive.store(false, Ordering::Release);
+    }
+}
