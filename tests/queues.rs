@@ -407,7 +407,7 @@ async fn dead_letters_after_max_deliveries_with_reason_and_redrive_back() {
         "jobs",
         v1::QueueConfig {
             max_delivery_count: Some(2),
-            dead_letter_address: Some("jobs-dlq".into()),
+            dead_letter_queue: Some("jobs-dlq".into()),
             ..Default::default()
         },
     )
@@ -701,7 +701,7 @@ async fn the_queue_engine_survives_kill_9() {
         "k",
         v1::QueueConfig {
             max_delivery_count: Some(1),
-            dead_letter_address: Some("k-dlq".into()),
+            dead_letter_queue: Some("k-dlq".into()),
             dedup_window_ms: Some(600_000),
             ..Default::default()
         },
@@ -891,6 +891,16 @@ async fn subscriptions_push_within_credit_and_release_on_close() {
     // The consumer goes away: its unsettled leases (p1, p2, p3) are released at once.
     drop(tx);
     drop(events);
+    // The core notices the end of the stream on its own time: wait for that (bounded).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let info = a.info("push").await;
+        if info.consumers == 0 && info.messages_leased == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the subscription never ended");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let back = a
         .receive_n("push", 4, 30_000, Duration::from_secs(20))
         .await;
@@ -974,4 +984,140 @@ async fn held_leases_end_with_the_core() {
     let again = a.receive("held", 1, 30_000, 0).await;
     assert_eq!(again.len(), 1, "ready at once after the restart");
     assert_eq!(again[0].delivery_count, 2);
+}
+
+/// A queue with a TTL and a dead-letter queue is a delay line: messages expire at the head
+/// with no consumer attached and move on with reason "expired".
+#[tokio::test]
+async fn expired_messages_move_on_without_a_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("ready-later", v1::QueueConfig::default()).await;
+    a.declare(
+        "waiting",
+        v1::QueueConfig {
+            message_ttl_ms: Some(500),
+            dead_letter_queue: Some("ready-later".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let sent_at = now_ms();
+    a.send("waiting", vec![rec("w1"), rec("w2")]).await;
+    let got = a
+        .receive_n("ready-later", 2, 30_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(got.iter().map(text).collect::<Vec<_>>(), vec!["w1", "w2"]);
+    assert!(now_ms() >= sent_at + 500);
+    let p = got[0].record.as_ref().unwrap().properties.clone().unwrap();
+    assert_eq!(p.dead_letter_reason, "expired");
+    assert_eq!(p.dead_letter_delivery_count, 0);
+    assert_eq!(a.info("waiting").await.messages_ready, 0);
+}
+
+async fn subscribe(
+    a: &mut Api,
+    queue: &str,
+    credit: u32,
+) -> (
+    tokio::sync::mpsc::Sender<v1::SubscribeRequest>,
+    tonic::Streaming<v1::SubscribeEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe_start(queue, credit, false, false))
+        .await
+        .unwrap();
+    let events = a
+        .queues
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, events)
+}
+
+#[tokio::test]
+async fn single_active_consumer_takes_turns() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "sac",
+        v1::QueueConfig {
+            single_active_consumer: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let (first_tx, mut first) = subscribe(&mut a, "sac", 10).await;
+    // The first subscription holds the turn once it is counted.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.info("sac").await.consumers < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut b = api(&server).await;
+    let (_second_tx, mut second) = subscribe(&mut b, "sac", 10).await;
+    while a.info("sac").await.consumers < 2 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.send("sac", vec![rec("s1"), rec("s2"), rec("s3")]).await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(text(&next_message(&mut first).await));
+    }
+    assert_eq!(got, vec!["s1", "s2", "s3"]);
+    // The active one leaves: its leases are released and the other takes over, in order.
+    drop((first_tx, first));
+    let mut again = Vec::new();
+    for _ in 0..3 {
+        let m = next_message(&mut second).await;
+        assert_eq!(m.delivery_count, 2, "the second never had these before");
+        again.push(text(&m));
+    }
+    assert_eq!(again, vec!["s1", "s2", "s3"]);
+}
+
+#[tokio::test]
+async fn an_auto_delete_queue_goes_with_its_last_consumer() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.admin
+        .declare_queue(v1::DeclareQueueRequest {
+            id: qid("temp"),
+            auto_delete: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let (tx, events) = subscribe(&mut a, "temp", 1).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while a.info("temp").await.consumers < 1 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    drop((tx, events));
+    loop {
+        let r = a
+            .admin
+            .declare_queue(v1::DeclareQueueRequest {
+                id: qid("temp"),
+                passive: true,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Err(e) => {
+                assert_eq!(error_code(&e), ErrorCode::QueueNotFound);
+                break;
+            }
+            Ok(_) => {
+                assert!(Instant::now() < deadline, "the queue stayed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }

@@ -388,3 +388,75 @@ async fn bindings_survive_kill_9_and_go_with_their_queue() {
     assert_eq!(a.publish("t", "a.b", &[]).await, 1);
     assert_eq!(a.drain("keep").await, vec!["t:a.b", "t:a.b"]);
 }
+
+#[tokio::test]
+async fn dead_letters_route_through_an_address_with_their_original_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.queue("dead-orders").await;
+    a.address("dlx", AddressKind::Topic).await;
+    a.bind("dlx", q("dead-orders"), "orders.#").await;
+    a.address("in", AddressKind::Direct).await;
+    a.admin
+        .declare_queue(v1::DeclareQueueRequest {
+            id: qid("work"),
+            durable: true,
+            config: Some(v1::QueueConfig {
+                dead_letter_address: Some("dlx".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.bind("in", q("work"), "orders.eu").await;
+    assert_eq!(a.publish("in", "orders.eu", &[]).await, 1);
+    let got = a
+        .queues
+        .receive(v1::ReceiveRequest {
+            queue: qid("work"),
+            max_messages: 1,
+            visibility_timeout_ms: 30_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    let p = got[0].record.as_ref().unwrap().properties.clone().unwrap();
+    assert_eq!(
+        (p.publish_address.as_str(), p.address.as_str()),
+        ("in", "orders.eu")
+    );
+    a.queues
+        .nack(v1::NackRequest {
+            queue: qid("work"),
+            lease_ids: vec![got[0].lease_id.clone()],
+            requeue: false,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let dead = a
+        .queues
+        .receive(v1::ReceiveRequest {
+            queue: qid("dead-orders"),
+            max_messages: 1,
+            visibility_timeout_ms: 30_000,
+            wait_time_ms: 10_000,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .messages;
+    assert_eq!(dead.len(), 1);
+    let p = dead[0].record.as_ref().unwrap().properties.clone().unwrap();
+    assert_eq!(p.dead_letter_reason, "rejected");
+    assert_eq!(p.dead_letter_queue, "work");
+    assert_eq!(p.publish_address, "dlx");
+    assert_eq!(p.address, "orders.eu");
+    assert_eq!(p.dead_letter_original_address, "in");
+    assert_eq!(p.dead_letter_original_key, "orders.eu");
+}

@@ -193,6 +193,8 @@ impl Core {
             }
             metrics::counter!("tributary_queue_enqueued_total").increment(n as u64);
             h.ready.notify_waiters();
+            // The owner watches the head's expiry.
+            h.wake.notify_one();
         }
         for (i, due) in later {
             let mut r = records[i].clone();
@@ -237,9 +239,13 @@ impl Core {
     }
 
     /// Loads messages from the log until `want` are ready in memory (or the log is done).
-    async fn fill_window(&self, h: &QueueHandle, g: &mut Guarded, want: usize) -> CoreResult<()> {
+    pub(super) async fn fill_window(
+        &self,
+        h: &QueueHandle,
+        g: &mut Guarded,
+        want: usize,
+    ) -> CoreResult<()> {
         let end = h.durable_end();
-        let want = want.max(WINDOW);
         while g.st.ready_loaded() < want && g.st.cursor() < end && g.st.loaded() < MAX_LOADED {
             let batches = self
                 .inner
@@ -256,7 +262,7 @@ impl Core {
                     if o < g.st.cursor() {
                         continue;
                     }
-                    if o >= end {
+                    if o >= end || g.st.ready_loaded() >= want {
                         break;
                     }
                     g.st.load(o, Arc::new(r));
@@ -332,7 +338,7 @@ impl Core {
             let mut g = h.guarded.lock().await;
             let now = now_ms();
             let mut ops = Vec::new();
-            self.fill_window(h, &mut g, max).await?;
+            self.fill_window(h, &mut g, max.max(WINDOW)).await?;
             let (mut leased, mut dead) = g.st.lease(now, max, vis, &mut ops);
             // FIFO groups may hold back every loaded message: look further into the log.
             while leased.len() < max
@@ -476,56 +482,58 @@ impl Core {
             metrics::counter!("tributary_queue_dead_lettered_total", "reason" => d.reason)
                 .increment(1);
         }
-        let target = h
-            .record
-            .settings
-            .dead_letter_address
-            .as_ref()
-            .map(|name| v1::QueueId {
+        let settings = &h.record.settings;
+        let records: Vec<v1::Record> = dead
+            .iter()
+            .map(|d| {
+                let mut r = (*d.record).clone();
+                let p = r.properties.get_or_insert_default();
+                p.dead_letter_reason = d.reason.to_string();
+                p.dead_letter_queue = h.record.name.clone();
+                p.dead_lettered_at_ms = now;
+                p.dead_letter_delivery_count = d.delivery_count;
+                p.dead_letter_original_address = p.publish_address.clone();
+                p.dead_letter_original_key = p.address.clone();
+                // A message does not carry its old expiry into the dead letters.
+                p.expires_at_ms = 0;
+                r
+            })
+            .collect();
+        let moved = if let Some(q) = &settings.dead_letter_queue {
+            let target = v1::QueueId {
                 namespace: h.record.namespace.clone(),
-                name: name.clone(),
-            });
-        let settle = match target {
-            None => {
-                debug!(queue = %h.label(), count = dead.len(), "dead letters discarded (the queue has no dead-letter queue)");
+                name: q.clone(),
+            };
+            match self.queue(&target) {
+                Ok(dlq) => self
+                    .enqueue_records(&dlq, records, EnqueueMode::Internal, None)
+                    .await
+                    .map(|_| ()),
+                Err(e) => Err(e),
+            }
+        } else if let Some(address) = &settings.dead_letter_address {
+            self.route_dead_letters(
+                &h.record.namespace,
+                address,
+                settings.dead_letter_routing_key.as_deref(),
+                records,
+            )
+            .await
+        } else {
+            debug!(queue = %h.label(), count = dead.len(), "dead letters discarded (the queue has no dead-letter target)");
+            metrics::counter!("tributary_queue_discarded_total").increment(dead.len() as u64);
+            Ok(())
+        };
+        let settle = match moved {
+            Ok(()) => true,
+            Err(e @ (CoreError::QueueNotFound(_) | CoreError::AddressNotFound(_))) => {
+                warn!(queue = %h.label(), error = %e, count = dead.len(), "the dead-letter target does not exist; messages dropped");
                 metrics::counter!("tributary_queue_discarded_total").increment(dead.len() as u64);
                 true
             }
-            Some(t) => {
-                let records = dead
-                    .iter()
-                    .map(|d| {
-                        let mut r = (*d.record).clone();
-                        let p = r.properties.get_or_insert_default();
-                        p.dead_letter_reason = d.reason.to_string();
-                        p.dead_letter_queue = h.record.name.clone();
-                        p.dead_lettered_at_ms = now;
-                        p.dead_letter_delivery_count = d.delivery_count;
-                        // A message does not carry its old expiry into the dead letters.
-                        p.expires_at_ms = 0;
-                        r
-                    })
-                    .collect();
-                let moved = match self.queue(&t) {
-                    Ok(dlq) => {
-                        self.enqueue_records(&dlq, records, EnqueueMode::Internal, None)
-                            .await
-                    }
-                    Err(e) => Err(e),
-                };
-                match moved {
-                    Ok(_) => true,
-                    Err(CoreError::QueueNotFound(name)) => {
-                        warn!(queue = %h.label(), dead_letter_queue = %name, count = dead.len(), "the dead-letter queue does not exist; messages dropped");
-                        metrics::counter!("tributary_queue_discarded_total")
-                            .increment(dead.len() as u64);
-                        true
-                    }
-                    Err(e) => {
-                        warn!(queue = %h.label(), error = %e, "dead letters could not be moved; they stay in the queue");
-                        false
-                    }
-                }
+            Err(e) => {
+                warn!(queue = %h.label(), error = %e, "dead letters could not be moved; they stay in the queue");
+                false
             }
         };
         let end = {

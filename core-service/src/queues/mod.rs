@@ -23,7 +23,7 @@ mod subscription;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -51,6 +51,8 @@ const SNAPSHOT_EVERY_OPS: usize = 8192;
 /// dedup ids after a restart).
 const SNAPSHOT_EVERY_ENQUEUED: i64 = 16_384;
 const READ_CHUNK: usize = 4 << 20;
+/// Messages the owner task keeps loaded at the head of a backlog nobody consumes.
+const HEAD_WINDOW: usize = 16;
 
 /// A queue as the metadata store keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -134,6 +136,9 @@ pub(crate) struct QueueHandle {
     consumers: AtomicU32,
     /// An exclusive subscription holds the queue.
     exclusive: AtomicBool,
+    /// Single active consumer: the subscription whose turn it is (0 = nobody's).
+    active_subscriber: AtomicU64,
+    next_subscriber: AtomicU64,
     last_used_ms: AtomicI64,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -222,7 +227,7 @@ impl Core {
         if req.passive {
             return Err(CoreError::QueueNotFound(name));
         }
-        if let Some(dl) = &settings.dead_letter_address {
+        if let Some(dl) = &settings.dead_letter_queue {
             validate_name("dead-letter queue", dl)?;
         }
         let record = QueueRecord {
@@ -279,7 +284,7 @@ impl Core {
         Ok(count)
     }
 
-    async fn remove_queue(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
+    pub(super) async fn remove_queue(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
         let r = &h.record;
         self.inner
             .meta
@@ -481,6 +486,8 @@ impl Core {
             deleted: AtomicBool::new(false),
             consumers: AtomicU32::new(0),
             exclusive: AtomicBool::new(false),
+            active_subscriber: AtomicU64::new(0),
+            next_subscriber: AtomicU64::new(0),
             last_used_ms: AtomicI64::new(now),
             task: Mutex::new(None),
             record,
@@ -507,7 +514,21 @@ impl Core {
                 if g.st.tick(now) {
                     h.ready.notify_waiters();
                 }
-                (g.st.next_deadline(), g.st.take_exhausted())
+                // The head of a backlog is loaded, so that its expiry is seen without a
+                // consumer (a queue with a TTL and a dead-letter target is a delay line).
+                if g.st.ready_loaded() == 0
+                    && g.st.cursor() < h.durable_end()
+                    && let Err(e) = self.fill_window(&h, &mut g, HEAD_WINDOW).await
+                {
+                    warn!(queue = %h.label(), error = %e, "could not read the queue's head");
+                }
+                let mut dead = g.st.take_exhausted();
+                dead.extend(g.st.expire_head(now));
+                let next = [g.st.next_deadline(), g.st.head_expiry()]
+                    .into_iter()
+                    .flatten()
+                    .min();
+                (next, dead)
             };
             if let Err(e) = self.move_dead_letters(&h, dead).await {
                 warn!(queue = %h.label(), error = %e, "could not move dead letters");

@@ -492,6 +492,27 @@ impl QueueState {
         }
     }
 
+    /// When the message at the head of the ready messages expires, if it does. As in
+    /// RabbitMQ, expiry is checked at the head: a message behind an unexpired one waits.
+    pub fn head_expiry(&self) -> Option<i64> {
+        let (_, offset) = self.ready.first()?;
+        let t = self.msgs[offset].expires_at;
+        (t > 0).then_some(t)
+    }
+
+    /// Takes expired messages off the head of the ready messages: dead letters ("expired").
+    pub fn expire_head(&mut self, now: i64) -> Vec<DeadLetter> {
+        let mut out = Vec::new();
+        while let Some(&(_, offset)) = self.ready.first() {
+            let t = self.msgs[&offset].expires_at;
+            if t == 0 || t > now {
+                break;
+            }
+            out.push(self.start_move(offset, "expired"));
+        }
+        out
+    }
+
     /// Takes the oldest ready messages out (overflow drop-head): they become dead letters
     /// with reason "max-length". Only loaded messages are considered.
     pub fn drop_head(&mut self, n: usize) -> Vec<DeadLetter> {

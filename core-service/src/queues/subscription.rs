@@ -89,8 +89,11 @@ impl Core {
                 queue.name
             )));
         }
-        let _consumer = Self::consumer_guard(&h);
-        let _exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
+        let consumer = Self::consumer_guard(&h);
+        let exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
+        let single_active = h.record.settings.single_active_consumer == Some(true);
+        let me = h.next_subscriber.fetch_add(1, Ordering::Relaxed) + 1;
+        let active = single_active.then(|| ActiveGuard(h.clone(), me));
         h.touch();
         let mut credit = u64::from(start.initial_credit);
         let mut held: VecDeque<(i64, u64)> = VecDeque::new();
@@ -109,7 +112,13 @@ impl Core {
                 let _ = events.send(Ok(cancelled)).await;
                 break Ok(());
             }
-            if credit > 0 {
+            // Single active consumer: only the subscription that holds the queue's turn
+            // leases; the others wait for it to end.
+            let my_turn = !single_active
+                || h.active_subscriber
+                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
+                    .map_or_else(|holder| holder == me, |_| true);
+            if credit > 0 && my_turn {
                 let vis = match start.visibility_timeout_ms {
                     0 => HELD_AT_MS - now_ms(),
                     v => v,
@@ -181,7 +190,34 @@ impl Core {
                 debug!(queue = %h.label(), error = %e, "could not release a closed subscription's leases");
             }
         }
+        drop((active, exclusive, consumer));
+        // An auto-delete queue goes when its last consumer does (one that never had a
+        // consumer stays, as in AMQP).
+        if h.record.auto_delete && h.consumers.load(Ordering::Acquire) == 0 {
+            let _admin = self.inner.admin.lock().await;
+            if h.consumers.load(Ordering::Acquire) == 0 && h.check_live().is_ok() {
+                debug!(queue = %h.label(), "auto-delete queue lost its last consumer; deleting it");
+                self.remove_queue(&h).await?;
+            }
+        }
         outcome
+    }
+}
+
+/// Gives up the single-active-consumer turn, if this subscription had it, and wakes the
+/// waiting ones.
+struct ActiveGuard(Arc<QueueHandle>, u64);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        if self
+            .0
+            .active_subscriber
+            .compare_exchange(self.1, 0, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            self.0.ready.notify_waiters();
+        }
     }
 }
 

@@ -538,31 +538,87 @@ impl Core {
         }
         let ns = namespace_or_default(&req.namespace).to_string();
         self.require_namespace(&ns)?;
-        let mut routed = vec![0u32; req.records.len()];
+        let routed = self
+            .route_records(
+                &ns,
+                &req.address,
+                &req.routing_key,
+                req.records,
+                EnqueueMode::Client,
+            )
+            .await?;
+        if req.mandatory && routed.contains(&0) {
+            debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
+        }
+        Ok(v1::PublishResponse { routed })
+    }
+
+    /// Dead letters of a queue, published to its dead-letter address: with `key`, or else
+    /// each with the key it was first published with. Unroutable ones are dropped (and
+    /// counted), as RabbitMQ drops dead letters its DLX cannot route.
+    pub(crate) async fn route_dead_letters(
+        &self,
+        ns: &str,
+        address: &str,
+        key: Option<&str>,
+        records: Vec<v1::Record>,
+    ) -> CoreResult<()> {
+        let mut by_key: Vec<(String, Vec<v1::Record>)> = Vec::new();
+        for r in records {
+            let k = key.map(str::to_string).unwrap_or_else(|| {
+                r.properties
+                    .as_ref()
+                    .map_or(String::new(), |p| p.dead_letter_original_key.clone())
+            });
+            match by_key.iter_mut().find(|(kk, _)| *kk == k) {
+                Some((_, rs)) => rs.push(r),
+                None => by_key.push((k, vec![r])),
+            }
+        }
+        for (k, records) in by_key {
+            let routed = self
+                .route_records(ns, address, &k, records, EnqueueMode::Internal)
+                .await?;
+            let lost = routed.iter().filter(|n| **n == 0).count();
+            if lost > 0 {
+                debug!(namespace = %ns, address = %address, key = %k, lost, "dead letters unroutable; dropped");
+                metrics::counter!("tributary_queue_discarded_total").increment(lost as u64);
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes records published to `address` with `key`; per record, how many destinations
+    /// took it. Each record is stamped with the address and key it was published with.
+    async fn route_records(
+        &self,
+        ns: &str,
+        address: &str,
+        key: &str,
+        mut records: Vec<v1::Record>,
+        mode: EnqueueMode,
+    ) -> CoreResult<Vec<u32>> {
+        for r in &mut records {
+            let p = r.properties.get_or_insert_default();
+            p.publish_address = address.to_string();
+            p.address = key.to_string();
+        }
+        let mut routed = vec![0u32; records.len()];
         // Records that go to the same destinations travel together.
         let mut groups: Vec<(BTreeSet<Target>, Vec<usize>)> = Vec::new();
-        if req.address.is_empty() {
-            let all = (0..req.records.len()).collect();
-            groups.push((
-                BTreeSet::from([Target::Queue(req.routing_key.clone())]),
-                all,
-            ));
+        if address.is_empty() {
+            let all = (0..records.len()).collect();
+            groups.push((BTreeSet::from([Target::Queue(key.to_string())]), all));
         } else {
-            let a = self.address(&ns, &req.address)?;
+            let a = self.address(ns, address)?;
             let per_record = kind_of(a.record.kind)? == AddressKind::Headers;
-            for (i, r) in req.records.iter().enumerate() {
+            for (i, r) in records.iter().enumerate() {
                 if i > 0 && !per_record {
                     groups[0].1.push(i);
                     continue;
                 }
                 let mut targets = BTreeSet::new();
-                self.resolve(
-                    &ns,
-                    &req.address,
-                    &req.routing_key,
-                    &r.headers,
-                    &mut targets,
-                )?;
+                self.resolve(ns, address, key, &r.headers, &mut targets)?;
                 match groups.iter_mut().find(|(t, _)| *t == targets) {
                     Some(g) => g.1.push(i),
                     None => groups.push((targets, vec![i])),
@@ -571,18 +627,14 @@ impl Core {
         }
         for (targets, idx) in groups {
             for t in targets {
-                let records: Vec<v1::Record> =
-                    idx.iter().map(|i| req.records[*i].clone()).collect();
-                let took = self.deliver_to(&ns, &t, records).await?;
+                let batch: Vec<v1::Record> = idx.iter().map(|i| records[*i].clone()).collect();
+                let took = self.deliver_to(ns, &t, batch, mode).await?;
                 for (k, i) in idx.iter().enumerate() {
                     routed[*i] += u32::from(took[k]);
                 }
             }
         }
-        if req.mandatory && routed.contains(&0) {
-            debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
-        }
-        Ok(v1::PublishResponse { routed })
+        Ok(routed)
     }
 
     /// Hands records to one destination; per record, whether it took it.
@@ -591,6 +643,7 @@ impl Core {
         ns: &str,
         target: &Target,
         records: Vec<v1::Record>,
+        mode: EnqueueMode,
     ) -> CoreResult<Vec<bool>> {
         let n = records.len();
         match target {
@@ -601,9 +654,7 @@ impl Core {
                 }) else {
                     return Ok(vec![false; n]);
                 };
-                let resp = self
-                    .enqueue_records(&h, records, EnqueueMode::Client, None)
-                    .await?;
+                let resp = self.enqueue_records(&h, records, mode, None).await?;
                 Ok(resp.duplicate.iter().map(|d| !d).collect())
             }
             Target::Stream(s) => {
