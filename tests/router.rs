@@ -460,3 +460,147 @@ async fn dead_letters_route_through_an_address_with_their_original_key() {
     assert_eq!(p.dead_letter_original_address, "in");
     assert_eq!(p.dead_letter_original_key, "orders.eu");
 }
+
+/// Total bytes of the log files under a data directory.
+fn log_bytes(dir: &std::path::Path) -> u64 {
+    fn walk(p: &std::path::Path) -> u64 {
+        let Ok(entries) = std::fs::read_dir(p) else {
+            return 0;
+        };
+        entries
+            .flatten()
+            .map(|e| {
+                let path = e.path();
+                if path.is_dir() {
+                    walk(&path)
+                } else if path.extension().is_some_and(|x| x == "log") {
+                    e.metadata().map_or(0, |m| m.len())
+                } else {
+                    0
+                }
+            })
+            .sum()
+    }
+    walk(&dir.join("log"))
+}
+
+/// A publish routed to several queues is stored once: the bytes on disk grow by about one
+/// copy, every queue reads it, it survives kill -9, and the shared copy is cut once every
+/// queue has settled it.
+#[tokio::test]
+async fn fan_out_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(dir.path());
+    args.extend(["--segment-bytes".into(), "1048576".into()]);
+    let server = Server::start(&args);
+    let mut a = api(&server).await;
+    for name in ["s1", "s2", "s3"] {
+        a.queue(name).await;
+    }
+    a.address("fan", AddressKind::Fanout).await;
+    for name in ["s1", "s2", "s3"] {
+        a.bind("fan", q(name), "").await;
+    }
+    let before = log_bytes(dir.path());
+    const N: usize = 40;
+    const SIZE: usize = 100 * 1024;
+    for i in 0..N {
+        let mut v = format!("m{i:02}:").into_bytes();
+        v.resize(SIZE, b'.');
+        let routed = a
+            .streams
+            .publish(v1::PublishRequest {
+                namespace: "default".into(),
+                address: "fan".into(),
+                records: vec![v1::Record {
+                    value: Bytes::from(v),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .routed;
+        assert_eq!(routed, vec![3]);
+    }
+    let grown = log_bytes(dir.path()) - before;
+    let one_copy = (N * SIZE) as u64;
+    assert!(
+        grown >= one_copy && grown < one_copy * 3 / 2,
+        "{grown} bytes written for {one_copy} bytes of records sent to 3 queues"
+    );
+    let prefix = |m: &v1::LeasedMessage| {
+        String::from_utf8_lossy(&m.record.as_ref().unwrap().value[..4]).into_owned()
+    };
+    // s1 reads everything now; s2 half; s3 nothing yet.
+    let all: Vec<String> = receive_all(&mut a, "s1", N)
+        .await
+        .iter()
+        .map(prefix)
+        .collect();
+    assert_eq!(all, (0..N).map(|i| format!("m{i:02}:")).collect::<Vec<_>>());
+    let half: Vec<String> = receive_all(&mut a, "s2", N / 2)
+        .await
+        .iter()
+        .map(prefix)
+        .collect();
+    assert_eq!(half.len(), N / 2);
+    drop(a);
+    server.kill9();
+
+    let server = Server::start(&args);
+    let mut a = api(&server).await;
+    let rest2 = receive_all(&mut a, "s2", N / 2).await;
+    assert_eq!(prefix(&rest2[0]), format!("m{:02}:", N / 2));
+    let all3 = receive_all(&mut a, "s3", N).await;
+    assert_eq!(all3.len(), N);
+    assert_eq!(prefix(&all3[N - 1]), format!("m{:02}:", N - 1));
+    // Everything is settled: the shared copy goes (the collector runs every few seconds).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while log_bytes(dir.path()) > before + one_copy / 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the shared bodies stayed: {} bytes",
+            log_bytes(dir.path())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Receives and acks exactly `n` messages (long polls; fails after 20 s).
+async fn receive_all(a: &mut Api, queue: &str, n: usize) -> Vec<v1::LeasedMessage> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut out = Vec::new();
+    while out.len() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "only {} of {n}",
+            out.len()
+        );
+        let got = a
+            .queues
+            .receive(v1::ReceiveRequest {
+                queue: qid(queue),
+                max_messages: (n - out.len()) as u32,
+                visibility_timeout_ms: 60_000,
+                wait_time_ms: 2_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .messages;
+        if !got.is_empty() {
+            a.queues
+                .ack(v1::AckRequest {
+                    queue: qid(queue),
+                    lease_ids: got.iter().map(|m| m.lease_id.clone()).collect(),
+                })
+                .await
+                .unwrap();
+        }
+        out.extend(got);
+    }
+    out
+}

@@ -13,6 +13,7 @@ use tributary_proto::v1;
 use tributary_storage::BatchToAppend;
 
 use super::settings::{MAX_DEDUP_ID, MAX_VISIBILITY_MS, Overflow};
+use super::shared::Body;
 use super::state::{DeadLetter, Leased};
 use super::{Guarded, QueueHandle, decode_batch};
 use crate::error::{CoreError, CoreResult};
@@ -28,6 +29,19 @@ const FILL_CHUNK: usize = 1 << 20;
 const MAX_RECEIVE: u32 = 1000;
 const MAX_WAIT_MS: i32 = 60_000;
 const MAX_ENQUEUE: usize = 10_000;
+
+/// An enqueue appended and not yet durable (see [`Core::enqueue_append`]).
+pub(crate) struct PendingEnqueue {
+    h: Arc<QueueHandle>,
+    records: Vec<v1::Record>,
+    mode: EnqueueMode,
+    resp: v1::EnqueueResponse,
+    now_idx: Vec<usize>,
+    later: Vec<(usize, i64)>,
+    inserted: Vec<String>,
+    /// Base offset and count of the appended batch.
+    appended: Option<(i64, i64)>,
+}
 
 /// How an enqueue treats its records.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,10 +97,28 @@ impl Core {
     pub(crate) async fn enqueue_records(
         &self,
         h: &Arc<QueueHandle>,
-        mut records: Vec<v1::Record>,
+        records: Vec<v1::Record>,
         mode: EnqueueMode,
         timer_id: Option<&str>,
     ) -> CoreResult<v1::EnqueueResponse> {
+        let pending = self
+            .enqueue_append(h, records, mode, timer_id, None)
+            .await?;
+        self.enqueue_finish(pending).await
+    }
+
+    /// The first half of an enqueue: checks (dedup, overflow) and the append of what goes
+    /// now, without waiting for it to be durable. With `shared`, the records are already
+    /// in the namespace's shared body log and the queue gets a reference to them (when all
+    /// of them go now; otherwise the ones that do are copied).
+    pub(crate) async fn enqueue_append(
+        &self,
+        h: &Arc<QueueHandle>,
+        mut records: Vec<v1::Record>,
+        mode: EnqueueMode,
+        timer_id: Option<&str>,
+        shared: Option<&v1::SharedBatchRef>,
+    ) -> CoreResult<PendingEnqueue> {
         h.check_live()?;
         if records.is_empty() || records.len() > MAX_ENQUEUE {
             return Err(CoreError::InvalidArgument(format!(
@@ -118,76 +150,113 @@ impl Core {
         let mut now_idx = Vec::new();
         let mut later = Vec::new();
         let mut inserted = Vec::new();
-        {
-            let mut g = h.guarded.lock().await;
-            for (i, r) in records.iter().enumerate() {
-                if mode == EnqueueMode::Client && window > 0 {
-                    let dedup = r.properties.as_ref().map_or("", |p| p.dedup_id.as_str());
-                    if !dedup.is_empty() {
-                        if !g.dedup.insert(now, dedup, r.timestamp_ms + window) {
-                            resp.duplicate[i] = true;
-                            continue;
-                        }
-                        inserted.push(dedup.to_string());
+        let mut g = h.guarded.lock().await;
+        for (i, r) in records.iter().enumerate() {
+            if mode == EnqueueMode::Client && window > 0 {
+                let dedup = r.properties.as_ref().map_or("", |p| p.dedup_id.as_str());
+                if !dedup.is_empty() {
+                    if !g.dedup.insert(now, dedup, r.timestamp_ms + window) {
+                        resp.duplicate[i] = true;
+                        continue;
                     }
-                }
-                let deliver_at = r.properties.as_ref().map_or(0, |p| p.deliver_at_ms);
-                let due = deliver_at.max(if delay > 0 { now + delay } else { 0 });
-                if mode == EnqueueMode::Client && due > now {
-                    later.push((i, due));
-                } else {
-                    now_idx.push(i);
+                    inserted.push(dedup.to_string());
                 }
             }
-            if mode == EnqueueMode::Client
-                && let (Some(max), Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)) =
-                    (settings.max_length, settings.overflow)
-            {
-                let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
-                if ready + now_idx.len() as i64 > max {
+            let deliver_at = r.properties.as_ref().map_or(0, |p| p.deliver_at_ms);
+            let due = deliver_at.max(if delay > 0 { now + delay } else { 0 });
+            if mode == EnqueueMode::Client && due > now {
+                later.push((i, due));
+            } else {
+                now_idx.push(i);
+            }
+        }
+        if mode == EnqueueMode::Client
+            && let (Some(max), Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)) =
+                (settings.max_length, settings.overflow)
+        {
+            let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
+            if ready + now_idx.len() as i64 > max {
+                for d in &inserted {
+                    g.dedup.forget(d);
+                }
+                return Err(CoreError::QueueFull(h.record.name.clone()));
+            }
+        }
+        let mut appended = None;
+        if !now_idx.is_empty() {
+            let n = now_idx.len() as i64;
+            let batch = match shared {
+                Some(r) if now_idx.len() == records.len() => v1::QueueMessageBatch {
+                    shared: Some(*r),
+                    ..Default::default()
+                },
+                _ => v1::QueueMessageBatch {
+                    records: now_idx.iter().map(|i| records[*i].clone()).collect(),
+                    timer_id: timer_id.unwrap_or_default().to_string(),
+                    shared: None,
+                },
+            };
+            // Appended under the queue's lock: a fan-out holds its namespace's order lock
+            // around these appends, so references in every queue follow the body log.
+            let base = self
+                .inner
+                .log
+                .append(
+                    h.data,
+                    BatchToAppend {
+                        record_count: n as u32,
+                        max_timestamp_ms: now,
+                        payload: Bytes::from(batch.encode_to_vec()),
+                    },
+                )
+                .await;
+            match base {
+                Ok(base) => appended = Some((base, n)),
+                Err(e) => {
                     for d in &inserted {
                         g.dedup.forget(d);
                     }
-                    return Err(CoreError::QueueFull(h.record.name.clone()));
+                    return Err(e.into());
                 }
             }
         }
-        let forget = |inserted: Vec<String>| async move {
-            let mut g = h.guarded.lock().await;
-            for d in &inserted {
-                g.dedup.forget(d);
-            }
-        };
-        if !now_idx.is_empty() {
-            let batch = v1::QueueMessageBatch {
-                records: now_idx.iter().map(|i| records[*i].clone()).collect(),
-                timer_id: timer_id.unwrap_or_default().to_string(),
-            };
-            let n = batch.records.len() as i64;
-            let appended = async {
-                let base = self
-                    .inner
-                    .log
-                    .append(
-                        h.data,
-                        BatchToAppend {
-                            record_count: n as u32,
-                            max_timestamp_ms: now,
-                            payload: Bytes::from(batch.encode_to_vec()),
-                        },
-                    )
-                    .await?;
-                self.inner.log.wait_durable(h.data, base + n).await?;
-                CoreResult::Ok(base)
-            }
-            .await;
-            let base = match appended {
-                Ok(base) => base,
-                Err(e) => {
-                    forget(inserted).await;
-                    return Err(e);
+        drop(g);
+        Ok(PendingEnqueue {
+            h: h.clone(),
+            records,
+            mode,
+            resp,
+            now_idx,
+            later,
+            inserted,
+            appended,
+        })
+    }
+
+    /// The second half of an enqueue: waits until the batch is durable, then hands delayed
+    /// records to the timer service and applies drop-head overflow.
+    pub(crate) async fn enqueue_finish(
+        &self,
+        p: PendingEnqueue,
+    ) -> CoreResult<v1::EnqueueResponse> {
+        let PendingEnqueue {
+            h,
+            records,
+            mode,
+            mut resp,
+            now_idx,
+            later,
+            inserted,
+            appended,
+        } = p;
+        if let Some((base, n)) = appended {
+            if let Err(e) = self.inner.log.wait_durable(h.data, base + n).await {
+                let mut g = h.guarded.lock().await;
+                for d in &inserted {
+                    g.dedup.forget(d);
                 }
-            };
+                return Err(e.into());
+            }
             for (k, i) in now_idx.iter().enumerate() {
                 resp.message_ids[*i] = base + k as i64;
             }
@@ -215,10 +284,11 @@ impl Core {
             };
             self.schedule_timer(timer).await?;
         }
+        let settings = &h.record.settings;
         if mode == EnqueueMode::Client
             && let (Some(max), Some(Overflow::DropHead)) = (settings.max_length, settings.overflow)
         {
-            self.drop_head(h, max).await?;
+            self.drop_head(&h, max).await?;
         }
         Ok(resp)
     }
@@ -257,7 +327,26 @@ impl Core {
             }
             for b in batches {
                 let batch = decode_batch(&b.payload)?;
-                for (i, r) in batch.records.into_iter().enumerate() {
+                let records = match batch.shared {
+                    None => Arc::new(batch.records),
+                    Some(r) => {
+                        let before_open = b.base_offset < h.data_end_at_open;
+                        match self
+                            .read_shared(&h.record.namespace, &r, before_open)
+                            .await?
+                        {
+                            Body::Ready(records) => records,
+                            // Its publish is still finishing; it wakes the readers.
+                            Body::Pending => return Ok(()),
+                            Body::Lost => {
+                                warn!(queue = %h.label(), offset = b.base_offset, count = r.count, "skipping messages whose shared body was lost in a crash before their publish was acknowledged");
+                                g.st.skip_to(b.next_offset());
+                                continue;
+                            }
+                        }
+                    }
+                };
+                for (i, r) in records.iter().enumerate() {
                     let o = b.base_offset + i as i64;
                     if o < g.st.cursor() {
                         continue;
@@ -265,7 +354,7 @@ impl Core {
                     if o >= end || g.st.ready_loaded() >= want {
                         break;
                     }
-                    g.st.load(o, Arc::new(r));
+                    g.st.load(o, Arc::new(r.clone()));
                 }
             }
         }

@@ -18,6 +18,7 @@
 mod delivery;
 mod redrive;
 pub(crate) mod settings;
+mod shared;
 pub(crate) mod state;
 mod subscription;
 
@@ -124,6 +125,10 @@ pub(crate) struct Guarded {
 
 pub(crate) struct QueueHandle {
     pub record: QueueRecord,
+    /// The messages log's end when the queue was opened (see [`shared`]).
+    data_end_at_open: i64,
+    /// Where the search for the oldest shared body this queue needs stands.
+    ref_scan: Mutex<shared::RefScan>,
     data: PartitionKey,
     journal: PartitionKey,
     guarded: tokio::sync::Mutex<Guarded>,
@@ -164,6 +169,8 @@ impl QueueHandle {
 #[derive(Default)]
 pub(crate) struct QueueTable {
     queues: RwLock<HashMap<(String, String), Arc<QueueHandle>>>,
+    /// Per namespace: the log that fan-outs store their records in once.
+    shared: RwLock<HashMap<String, Arc<shared::SharedBodies>>>,
     redrives: Mutex<HashMap<String, Arc<redrive::Task>>>,
 }
 
@@ -375,12 +382,32 @@ impl Core {
             let (a, b) = partitions_of(r.id);
             out.extend([a, b]);
         }
+        out.extend(self.shared_body_partitions().await?);
         Ok(out)
+    }
+
+    /// The records a messages-log batch holds: its own, or the shared body it references
+    /// (none if that body was lost in a crash, or is not durable yet and `!at_open`).
+    pub(crate) async fn batch_records(
+        &self,
+        ns: &str,
+        payload: &[u8],
+        at_open: bool,
+    ) -> CoreResult<Arc<Vec<v1::Record>>> {
+        let batch = decode_batch(payload)?;
+        match batch.shared {
+            None => Ok(Arc::new(batch.records)),
+            Some(r) => match self.read_shared(ns, &r, at_open).await? {
+                shared::Body::Ready(records) => Ok(records),
+                shared::Body::Pending | shared::Body::Lost => Ok(Arc::new(Vec::new())),
+            },
+        }
     }
 
     /// Opens every durable queue from its journal; non-durable queues end with the process
     /// that had them.
     pub(crate) async fn recover_queues(&self) -> CoreResult<()> {
+        self.recover_shared_bodies().await?;
         for (key, raw) in self
             .inner
             .meta
@@ -434,10 +461,14 @@ impl Core {
                 continue;
             }
             for b in log.read(data, offset, 1).await? {
-                let batch = decode_batch(&b.payload)?;
                 cached = Some((b.base_offset, b.next_offset()));
-                for (i, r) in batch.records.into_iter().enumerate() {
-                    records.insert(b.base_offset + i as i64, Arc::new(r));
+                for (i, r) in self
+                    .batch_records(&record.namespace, &b.payload, true)
+                    .await?
+                    .iter()
+                    .enumerate()
+                {
+                    records.insert(b.base_offset + i as i64, Arc::new(r.clone()));
                 }
             }
         }
@@ -460,7 +491,11 @@ impl Core {
                 let Some(last) = batches.last() else { break };
                 at = last.next_offset();
                 for b in batches {
-                    for r in decode_batch(&b.payload)?.records {
+                    for r in self
+                        .batch_records(&record.namespace, &b.payload, true)
+                        .await?
+                        .iter()
+                    {
                         if let Some(p) = r.properties.as_ref().filter(|p| !p.dedup_id.is_empty()) {
                             let expires = r.timestamp_ms.saturating_add(window);
                             if expires > now {
@@ -472,6 +507,8 @@ impl Core {
             }
         }
         let handle = Arc::new(QueueHandle {
+            data_end_at_open: data_bounds.end_offset,
+            ref_scan: Mutex::new(shared::RefScan::default()),
             data,
             journal,
             guarded: tokio::sync::Mutex::new(Guarded {

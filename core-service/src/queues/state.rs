@@ -263,6 +263,15 @@ impl QueueState {
         self.refloor();
     }
 
+    /// Passes over messages that cannot be loaded (a shared body lost in a crash before its
+    /// publish was acknowledged): they were never in the queue.
+    pub fn skip_to(&mut self, end: i64) {
+        if end > self.cursor {
+            self.cursor = end;
+            self.refloor();
+        }
+    }
+
     /// Lets time pass: expired leases and finished delays make messages ready again.
     pub fn tick(&mut self, now: i64) -> bool {
         let mut changed = false;

@@ -626,9 +626,43 @@ impl Core {
             }
         }
         for (targets, idx) in groups {
+            let batch = || -> Vec<v1::Record> { idx.iter().map(|i| records[*i].clone()).collect() };
+            // Queues that get the same records share one stored copy of them.
+            let queues: Vec<_> = targets
+                .iter()
+                .filter_map(|t| match t {
+                    Target::Queue(q) => self
+                        .queue(&v1::QueueId {
+                            namespace: ns.to_string(),
+                            name: q.clone(),
+                        })
+                        .ok(),
+                    _ => None,
+                })
+                .collect();
+            if queues.len() >= 2 {
+                let mut first_error = None;
+                for r in self.enqueue_shared(ns, &queues, batch(), mode).await? {
+                    match r {
+                        Ok(resp) => {
+                            for (k, i) in idx.iter().enumerate() {
+                                routed[*i] += u32::from(!resp.duplicate[k]);
+                            }
+                        }
+                        Err(e) => {
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+                if let Some(e) = first_error {
+                    return Err(e);
+                }
+            }
             for t in targets {
-                let batch: Vec<v1::Record> = idx.iter().map(|i| records[*i].clone()).collect();
-                let took = self.deliver_to(ns, &t, batch, mode).await?;
+                if queues.len() >= 2 && matches!(t, Target::Queue(_)) {
+                    continue;
+                }
+                let took = self.deliver_to(ns, &t, batch(), mode).await?;
                 for (k, i) in idx.iter().enumerate() {
                     routed[*i] += u32::from(took[k]);
                 }
