@@ -53,6 +53,8 @@ METHODS: dict[tuple[int, int], tuple[str, list[tuple[str, str]]]] = {
     (10, 51): ("connection.close-ok", []),
     (10, 60): ("connection.blocked", [("reason", "shortstr")]),
     (10, 61): ("connection.unblocked", []),
+    (10, 70): ("connection.update-secret", [("new_secret", "longstr"), ("reason", "shortstr")]),
+    (10, 71): ("connection.update-secret-ok", []),
     (20, 10): ("channel.open", [("reserved_1", "shortstr")]),
     (20, 11): ("channel.open-ok", [("reserved_1", "longstr")]),
     (20, 20): ("channel.flow", [("active", "bit")]),

@@ -1,7 +1,7 @@
 """Connection set-up and life: protocol header negotiation, PLAIN and AMQPLAIN logins,
 refusals (403 on a bad password, 530 on a vhost), the capabilities in connection.start,
-tune negotiation (a lower client frame_max), heartbeats, clean close, and users, vhosts and
-permissions (Tributary's config file; rabbitmqctl on RabbitMQ)."""
+tune negotiation (a lower client frame_max), heartbeats, clean close, update-secret, and users,
+vhosts and permissions (Tributary's config file; rabbitmqctl on RabbitMQ)."""
 
 from __future__ import annotations
 
@@ -304,6 +304,45 @@ def test_pika_close_then_reconnect(broker, uid):
         assert _roundtrip(conn2, uid) == b"ping"
     finally:
         conn2.close()
+
+
+# -- update-secret ---------------------------------------------------------------------------
+
+
+def test_update_secret_pika(broker, uid):
+    """connection.update-secret (a client refreshing an expiring credential) is answered with
+    update-secret-ok; the connection and its channels keep working."""
+    conn = broker.connect()
+    try:
+        ch = conn.channel()
+        q = ch.queue_declare(f"{uid}-q", auto_delete=True).method.queue
+        conn.update_secret("guest", "rotated")  # blocks until update-secret-ok
+        assert conn.is_open and ch.is_open
+        ch.basic_publish("", q, b"after")
+        assert get_message(ch, q)[2] == b"after"
+        assert _roundtrip(conn, uid) == b"ping"
+    finally:
+        if conn.is_open:
+            conn.close()
+
+
+def test_update_secret_raw(broker, raw_clients):
+    """The exact answer on channel 0 is update-secret-ok (10, 71). RabbitMQ's internal user
+    backend keeps nothing to refresh and takes any new secret (the password was checked
+    when the connection opened): so does Tributary. Then a second one, and the channel
+    opened before still works."""
+    r = broker.raw()
+    raw_clients.append(r)
+    r.handshake()
+    r.open_channel(1)
+    r.send_method(0, "connection.update-secret", new_secret=b"guest", reason="token refresh")
+    ok = r.expect("connection.update-secret-ok", 0)
+    assert (ok.class_id, ok.method_id) == (10, 71)
+    r.send_method(0, "connection.update-secret", new_secret=b"another-token", reason="again")
+    r.expect("connection.update-secret-ok", 0)
+    r.send_method(1, "queue.declare", exclusive=True)
+    assert r.expect("queue.declare-ok", 1).queue
+    assert r.close_connection().name == "connection.close-ok"
 
 
 # -- users, vhosts, permissions --------------------------------------------------------------

@@ -831,6 +831,21 @@ impl Session {
                 }
                 AMQPClass::Connection(connection::AMQPMethod::Blocked(_))
                 | AMQPClass::Connection(connection::AMQPMethod::Unblocked(_)) => Ok(()),
+                AMQPClass::Connection(connection::AMQPMethod::UpdateSecret(u)) => {
+                    // A client refreshing its credential (e.g. an expiring token). As
+                    // RabbitMQ's internal backend, which has nothing to refresh: accepted
+                    // as given. The password was checked at connection.start-ok, and the
+                    // connection's rights do not change with the secret.
+                    debug!(user = %self.user, reason = %u.reason.as_str(), "amqp: update-secret");
+                    put_method(
+                        &mut self.out,
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::UpdateSecretOk(
+                            connection::UpdateSecretOk {},
+                        )),
+                    );
+                    Ok(())
+                }
                 AMQPClass::Connection(_) => Err(fatal(
                     COMMAND_INVALID,
                     "COMMAND_INVALID - connection method out of sequence",
@@ -1441,7 +1456,7 @@ fn queue_bind(
 /// decode: a frame error) rather than an unknown one (not implemented).
 fn known_method((class, method): (u16, u16)) -> bool {
     let methods: &[u16] = match class {
-        10 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61],
+        10 => &[10, 11, 20, 21, 30, 31, 40, 41, 50, 51, 60, 61, 70, 71],
         20 => &[10, 11, 20, 21, 40, 41],
         30 => &[10, 11],
         40 => &[10, 11, 20, 21, 30, 31, 40, 51],
