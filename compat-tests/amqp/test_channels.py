@@ -1,6 +1,7 @@
 """Channels: open and close, many on one connection, channel.flow, and the channel errors
 that close one channel (404, 406, 403, 405) while the connection and its other channels
-keep working, next to the ones that close the whole connection (504, 503, 540)."""
+keep working, next to the ones that close the whole connection (504, 503, 540), and unbinds
+of what is not bound (unbind-ok)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from amqpcompat import (ACCESS_REFUSED, CHANNEL_ERROR, COMMAND_INVALID, NOT_FOUND,
                         NOT_IMPLEMENTED, PRECONDITION_FAILED, RESOURCE_LOCKED, get_message,
-                        wait_count)
+                        queue_count, wait_count)
 
 
 def _still_works(conn: pika.BlockingConnection, uid: str, other=None):
@@ -158,6 +159,116 @@ def test_bind_missing_queue_or_exchange_404(broker, amqp, uid):
     ch = conn.channel()
     e = _channel_error(lambda: ch.queue_bind(f"{uid}-q", f"{uid}-missing-x", "k"))
     assert e.reply_code == NOT_FOUND
+    _still_works(conn, uid, other)
+
+
+# -- unbind: nothing to remove is not an error -----------------------------------------------
+
+# What RabbitMQ 3.x answers to an unbind whose binding is not there: unbind-ok, whether the
+# queue, the exchange (source or destination) or only the binding is missing, and whether it
+# never existed or was deleted. The channel stays open.
+UNBIND_NOTHING = {
+    "queue.unbind missing queue":
+        lambda ch, u: ch.queue_unbind(f"{u}-nq", f"{u}-x", "k"),
+    "queue.unbind missing exchange":
+        lambda ch, u: ch.queue_unbind(f"{u}-q", f"{u}-nx", "k"),
+    "queue.unbind both missing":
+        lambda ch, u: ch.queue_unbind(f"{u}-nq", f"{u}-nx", "k"),
+    "queue.unbind no such binding":
+        lambda ch, u: ch.queue_unbind(f"{u}-q", f"{u}-x", "other-key"),
+    "queue.unbind twice":
+        lambda ch, u: (ch.queue_unbind(f"{u}-q", f"{u}-x", "k"),
+                       ch.queue_unbind(f"{u}-q", f"{u}-x", "k")),
+    "queue.unbind after queue.delete":
+        lambda ch, u: (ch.queue_delete(f"{u}-q"), ch.queue_unbind(f"{u}-q", f"{u}-x", "k")),
+    "queue.unbind after exchange.delete":
+        lambda ch, u: (ch.exchange_delete(f"{u}-x"), ch.queue_unbind(f"{u}-q", f"{u}-x", "k")),
+    "exchange.unbind missing destination":
+        lambda ch, u: ch.exchange_unbind(f"{u}-ny", f"{u}-x", "k"),
+    "exchange.unbind missing source":
+        lambda ch, u: ch.exchange_unbind(f"{u}-y", f"{u}-nx", "k"),
+    "exchange.unbind both missing":
+        lambda ch, u: ch.exchange_unbind(f"{u}-ny", f"{u}-nx", "k"),
+    "exchange.unbind no such binding":
+        lambda ch, u: ch.exchange_unbind(f"{u}-y", f"{u}-x", "other-key"),
+    "exchange.unbind after destination deleted":
+        lambda ch, u: (ch.exchange_delete(f"{u}-y"), ch.exchange_unbind(f"{u}-y", f"{u}-x", "k")),
+    "exchange.unbind after source deleted":
+        lambda ch, u: (ch.exchange_delete(f"{u}-x"), ch.exchange_unbind(f"{u}-y", f"{u}-x", "k")),
+}
+
+
+@pytest.mark.parametrize("case", list(UNBIND_NOTHING))
+def test_unbind_of_missing_binding_is_ok(broker, amqp, uid, case):
+    conn = amqp(broker)
+    ch = conn.channel()
+    # Queue q and exchange y both bound to exchange x with key "k".
+    ch.exchange_declare(f"{uid}-x", "direct")
+    ch.exchange_declare(f"{uid}-y", "fanout")
+    ch.queue_declare(f"{uid}-q")
+    ch.queue_bind(f"{uid}-q", f"{uid}-x", "k")
+    ch.exchange_bind(f"{uid}-y", f"{uid}-x", "k")
+    try:
+        UNBIND_NOTHING[case](ch, uid)  # pika raises ChannelClosedByBroker on an error
+        assert ch.is_open
+        _still_works(conn, uid, ch)
+    finally:
+        for x in ("x", "y"):
+            ch.exchange_delete(f"{uid}-{x}")
+        ch.queue_delete(f"{uid}-q")
+
+
+def test_unbind_removes_the_binding(broker, amqp, uid):
+    conn = amqp(broker)
+    ch = conn.channel()
+    ch.confirm_delivery()
+    x = f"{uid}-x"
+    ch.exchange_declare(x, "direct", auto_delete=True)
+    q = ch.queue_declare(f"{uid}-q", exclusive=True).method.queue
+    ch.queue_bind(q, x, "k")
+    ch.queue_bind(q, x, "keep")  # keeps the auto-delete exchange alive
+    ch.basic_publish(x, "k", b"bound")
+    assert get_message(ch, q)[2] == b"bound"
+    ch.queue_unbind(q, x, "k")
+    ch.basic_publish(x, "k", b"unbound")  # confirmed: routed to nobody
+    ch.basic_publish(x, "keep", b"still")
+    assert get_message(ch, q)[2] == b"still"
+    assert queue_count(ch, q) == 0
+
+
+def test_unbind_exclusive_queue_of_another_connection(broker, amqp, uid):
+    """Another connection's exclusive queue: an unbind with nothing to remove is still ok, one
+    that would remove a binding is refused with 405 RESOURCE_LOCKED."""
+    owner = amqp(broker).channel()
+    q = f"{uid}-excl"
+    owner.queue_declare(q, exclusive=True)
+    owner.queue_bind(q, "amq.direct", f"{uid}-k")
+    conn = amqp(broker)
+    other = conn.channel()
+    ch = conn.channel()
+    ch.queue_unbind(q, "amq.direct", f"{uid}-other")
+    assert ch.is_open
+    e = _channel_error(lambda: ch.queue_unbind(q, "amq.direct", f"{uid}-k"))
+    assert e.reply_code == RESOURCE_LOCKED
+    owner.confirm_delivery()
+    owner.basic_publish("amq.direct", f"{uid}-k", b"still bound")
+    assert get_message(owner, q)[2] == b"still bound"
+    _still_works(conn, uid, other)
+
+
+def test_unbind_default_exchange_403(broker, amqp, uid):
+    conn = amqp(broker)
+    other = conn.channel()
+    q = other.queue_declare(f"{uid}-q", exclusive=True).method.queue
+    for action in (
+        lambda ch: ch.queue_unbind(q, "", q),
+        lambda ch: ch.queue_unbind(f"{uid}-missing", "", "k"),
+        lambda ch: ch.exchange_unbind("amq.direct", "", "k"),
+        lambda ch: ch.exchange_unbind("", "amq.direct", "k"),
+    ):
+        ch = conn.channel()
+        e = _channel_error(lambda: action(ch))
+        assert e.reply_code == ACCESS_REFUSED
     _still_works(conn, uid, other)
 
 

@@ -1544,7 +1544,11 @@ impl Core {
                     &b.routing_key,
                     &b.arguments,
                 )?;
-                bind(st, conn, &vhost, &b.source, binding, b.unbind, writes)?;
+                if b.unbind {
+                    unbind(st, conn, &vhost, &b.source, binding, writes)?;
+                } else {
+                    bind(st, conn, &vhost, &b.source, binding, writes)?;
+                }
                 Ok(Some((
                     Event::Ok(ok(40, if b.unbind { 51 } else { 31 })),
                     true,
@@ -1553,7 +1557,11 @@ impl Core {
             Command::QueueBind(b) => {
                 let binding =
                     make_binding(Dest::Queue(b.queue.clone()), &b.routing_key, &b.arguments)?;
-                bind(st, conn, &vhost, &b.exchange, binding, b.unbind, writes)?;
+                if b.unbind {
+                    unbind(st, conn, &vhost, &b.exchange, binding, writes)?;
+                } else {
+                    bind(st, conn, &vhost, &b.exchange, binding, writes)?;
+                }
                 Ok(Some((
                     Event::Ok(ok(50, if b.unbind { 51 } else { 21 })),
                     true,
@@ -2421,33 +2429,32 @@ fn make_binding(dest: Dest, key: &str, args: &[u8]) -> Res<Binding> {
     })
 }
 
+/// Neither end of a binding may be the default exchange.
+fn check_not_default(source: &str, dest: &Dest) -> Res<()> {
+    if source.is_empty() || *dest == Dest::Exchange(String::new()) {
+        return Err(refuse(
+            ACCESS_REFUSED,
+            "operation not permitted on the default exchange",
+        ));
+    }
+    Ok(())
+}
+
 fn bind(
     st: &mut State,
     conn: u64,
     vhost: &str,
     source: &str,
     b: Binding,
-    unbind: bool,
     writes: &mut Writes,
 ) -> Res<()> {
-    if source.is_empty() {
-        return Err(refuse(
-            ACCESS_REFUSED,
-            "operation not permitted on the default exchange".to_string(),
-        ));
-    }
+    check_not_default(source, &b.dest)?;
     let dest_durable = match &b.dest {
         Dest::Queue(q) => {
             let q = queue_for(st, conn, vhost, q)?;
             q.durable
         }
         Dest::Exchange(x) => {
-            if x.is_empty() {
-                return Err(refuse(
-                    ACCESS_REFUSED,
-                    "operation not permitted on the default exchange",
-                ));
-            }
             let vh = st.vhosts.get(vhost).expect("vhost exists");
             vh.exchanges
                 .get(x)
@@ -2459,27 +2466,12 @@ fn bind(
     let Some(ex) = vh.exchanges.get_mut(source) else {
         return Err(no_exchange(source, vhost));
     };
-    let durable = ex.durable && dest_durable;
-    let pos = ex
+    let exists = ex
         .bindings
         .iter()
-        .position(|x| x.dest == b.dest && x.key == b.key && x.args == b.args);
-    if unbind {
-        if let Some(i) = pos {
-            let old = ex.bindings.remove(i);
-            if durable {
-                writes.ops.push(Op::Delete {
-                    key: binding_key(vhost, source, &old),
-                });
-            }
-            if ex.auto_delete && ex.bindings.is_empty() {
-                remove_exchange(vh, vhost, source, writes);
-            }
-        }
-        return Ok(());
-    }
-    if pos.is_none() {
-        if durable {
+        .any(|x| x.dest == b.dest && x.key == b.key && x.args == b.args);
+    if !exists {
+        if ex.durable && dest_durable {
             writes.ops.push(Op::Put {
                 key: binding_key(vhost, source, &b),
                 value: to_json(&BindingRecord {
@@ -2491,6 +2483,57 @@ fn bind(
             });
         }
         ex.bindings.push(b);
+    }
+    Ok(())
+}
+
+/// queue.unbind / exchange.unbind. As RabbitMQ 3.x: removing a binding that is not there,
+/// because it never was or because its source or destination is gone (deleted or never
+/// declared), is answered unbind-ok; another connection's exclusive queue is refused (405)
+/// only when there is a binding of it to remove.
+fn unbind(
+    st: &mut State,
+    conn: u64,
+    vhost: &str,
+    source: &str,
+    b: Binding,
+    writes: &mut Writes,
+) -> Res<()> {
+    check_not_default(source, &b.dest)?;
+    let vh = st.vhosts.get_mut(vhost).expect("vhost exists");
+    let (dest_durable, owner) = match &b.dest {
+        Dest::Queue(q) => match vh.queues.get(q) {
+            Some(q) => (q.durable, q.exclusive),
+            None => return Ok(()),
+        },
+        Dest::Exchange(x) => match vh.exchanges.get(x) {
+            Some(x) => (x.durable, None),
+            None => return Ok(()),
+        },
+    };
+    let Some(ex) = vh.exchanges.get_mut(source) else {
+        return Ok(());
+    };
+    let Some(i) = ex
+        .bindings
+        .iter()
+        .position(|x| x.dest == b.dest && x.key == b.key && x.args == b.args)
+    else {
+        return Ok(());
+    };
+    if let (Dest::Queue(q), Some(owner)) = (&b.dest, owner)
+        && owner != conn
+    {
+        return Err(locked(q, vhost));
+    }
+    let old = ex.bindings.remove(i);
+    if ex.durable && dest_durable {
+        writes.ops.push(Op::Delete {
+            key: binding_key(vhost, source, &old),
+        });
+    }
+    if ex.auto_delete && ex.bindings.is_empty() {
+        remove_exchange(vh, vhost, source, writes);
     }
     Ok(())
 }
