@@ -300,6 +300,70 @@ def test_reject_requeue_goes_back_to_head(broker, amqp, uid):
     assert [(x.text, x.redelivered) for x in rest] == [("second", False), ("third", False)]
 
 
+@pytest.mark.parametrize("how", ["reject", "nack"])
+def test_requeued_one_at_a_time_return_to_their_places(broker, amqp, uid, how):
+    """Messages requeued one at a time, in any order, go back to where they were in the queue
+    (ordered by original position, ahead of the messages published after them), not each in
+    front of the previous one (RabbitMQ classic queues)."""
+    ch = amqp(broker).channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, [str(i) for i in range(1, 11)])
+    wait_count(ch, q, 10)
+    got = [get(ch, q) for _ in range(5)]
+    assert [m.text for m in got] == ["1", "2", "3", "4", "5"]
+    for i in (3, 1, 2):  # one at a time, out of order
+        if how == "reject":
+            ch.basic_reject(got[i - 1].tag, requeue=True)
+        else:
+            ch.basic_nack(got[i - 1].tag, multiple=False, requeue=True)
+    ch.basic_nack(got[4].tag, multiple=True, requeue=True)  # the rest: 4 and 5
+    left = get_all(ch, q)
+    assert [(m.text, m.redelivered) for m in left] == \
+        [(str(i), True) for i in range(1, 6)] + [(str(i), False) for i in range(6, 11)]
+
+
+def test_rejected_one_at_a_time_consumed_again_in_order(broker, amqp, uid):
+    """Delivered 1..5 to a consumer (prefetch 5) that is then cancelled; 1, 2, 3 rejected one
+    at a time with requeue; a new consumer gets 1, 2, 3 in that order (4 and 5 are still
+    unacked on the channel)."""
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, [str(i) for i in range(1, 6)])
+    ch.basic_qos(prefetch_count=5)
+    first = Inbox(ch, q)
+    msgs = first.wait(5)
+    assert [m.text for m in msgs] == ["1", "2", "3", "4", "5"]
+    first.cancel()
+    for m in msgs[:3]:
+        ch.basic_reject(m.tag, requeue=True)
+    second = Inbox(ch, q)
+    second.wait(3)
+    assert [(m.text, m.redelivered) for m in second.quiet()] == \
+        [("1", True), ("2", True), ("3", True)]
+    ch.basic_ack(0, multiple=True)
+
+
+def test_rejected_one_at_a_time_while_consuming(broker, amqp, uid):
+    """The consumer stays: 1, 2, 3 rejected one at a time come back to it in that order,
+    before 6 and 7, which were waiting behind them in the queue."""
+    conn = amqp(broker)
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    publish(ch, q, [str(i) for i in range(1, 8)])
+    wait_count(ch, q, 7)
+    ch.basic_qos(prefetch_count=5)
+    inbox = Inbox(ch, q)
+    msgs = inbox.wait(5)
+    for m in msgs[:3]:
+        ch.basic_reject(m.tag, requeue=True)
+    inbox.wait(8)
+    assert [(m.text, m.redelivered) for m in inbox.quiet()[5:]] == \
+        [("1", True), ("2", True), ("3", True)]
+    ch.basic_ack(0, multiple=True)
+    assert [m.text for m in inbox.wait(10)[8:]] == ["6", "7"]
+
+
 @pytest.mark.parametrize("closing", ["channel", "connection"])
 def test_unacked_requeued_on_close(broker, amqp, uid, closing):
     conn = amqp(broker)

@@ -307,11 +307,16 @@ impl Ready {
         self.bytes += m.size();
         self.levels[l].push_back(m);
     }
-    fn push_front(&mut self, m: Msg) {
+    /// Puts a message that was delivered back at its place among the ready ones: each level
+    /// is in queue order (`seq`), so a message requeued alone, or several requeued one at a
+    /// time in any order, line up as they were published (as RabbitMQ's classic queues).
+    fn requeue(&mut self, m: Msg) {
         let l = self.level(&m);
         self.len += 1;
         self.bytes += m.size();
-        self.levels[l].push_front(m);
+        let level = &mut self.levels[l];
+        let at = level.partition_point(|x| x.seq < m.seq);
+        level.insert(at, m);
     }
     fn front(&self) -> Option<&Msg> {
         self.levels.iter().rev().find_map(|l| l.front())
@@ -2190,7 +2195,8 @@ fn settle(
     Ok(())
 }
 
-/// Puts unacked messages of a channel back at the head of their queues, redelivered.
+/// Puts unacked messages of a channel back in their queues, each at its place by original
+/// position (ahead of everything published after it), redelivered.
 fn requeue_tags(
     st: &mut State,
     conn: u64,
@@ -2227,11 +2233,10 @@ fn requeue_msgs(
     let Some(vh) = st.vhosts.get_mut(vhost) else {
         return;
     };
-    for (qname, mut msgs) in by_queue {
+    for (qname, msgs) in by_queue {
         let Some(q) = vh.queues.get_mut(&qname) else {
             continue;
         };
-        msgs.sort_by_key(|m| std::cmp::Reverse(m.seq));
         let mut removed = Vec::new();
         for mut m in msgs {
             q.unacked = q.unacked.saturating_sub(1);
@@ -2248,7 +2253,7 @@ fn requeue_msgs(
                 continue;
             }
             m.redelivered = true;
-            q.ready.push_front(m);
+            q.ready.requeue(m);
         }
         q.flush_removed(removed);
         fx.dispatch.push((vhost.to_owned(), qname));
@@ -2958,4 +2963,57 @@ fn basic_get(
     }
     c.send(channel, Event::GetOk(ev));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(seq: u64, priority: u8) -> Msg {
+        Msg {
+            seq,
+            data: Arc::new(MsgData {
+                exchange: String::new(),
+                routing_key: String::new(),
+                properties: Bytes::new(),
+                body: Bytes::from_static(b"x"),
+                persistent: false,
+                priority,
+            }),
+            expires_at: i64::MAX,
+            redelivered: false,
+            deliveries: 0,
+            persisted: false,
+        }
+    }
+
+    fn drain_seqs(r: &mut Ready) -> Vec<u64> {
+        std::iter::from_fn(|| r.pop()).map(|m| m.seq).collect()
+    }
+
+    #[test]
+    fn requeued_messages_go_back_to_their_places() {
+        let mut r = Ready::new(None);
+        for seq in 6..=8 {
+            r.push_back(msg(seq, 0));
+        }
+        // One at a time, in any order: each lands at its original position.
+        for seq in [3, 1, 2, 5, 4] {
+            r.requeue(msg(seq, 0));
+        }
+        assert_eq!((r.len, r.bytes), (8, 8));
+        assert_eq!(drain_seqs(&mut r), (1..=8).collect::<Vec<_>>());
+        assert_eq!((r.len, r.bytes), (0, 0));
+    }
+
+    #[test]
+    fn requeue_keeps_to_the_message_priority_level() {
+        let mut r = Ready::new(Some(2));
+        r.push_back(msg(4, 0));
+        r.push_back(msg(5, 2));
+        for (seq, priority) in [(3, 0), (1, 2), (2, 0)] {
+            r.requeue(msg(seq, priority));
+        }
+        assert_eq!(drain_seqs(&mut r), vec![1, 5, 2, 3, 4]);
+    }
 }
