@@ -1,7 +1,7 @@
 """Channels: open and close, many on one connection, channel.flow, and the channel errors
 that close one channel (404, 406, 403, 405) while the connection and its other channels
-keep working, next to the ones that close the whole connection (504, 503, 540), and unbinds
-of what is not bound (unbind-ok)."""
+keep working, next to the ones that close the whole connection (504, 503, 540, among them
+basic.publish with immediate=true), and unbinds of what is not bound (unbind-ok)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pika.exceptions
 import pytest
 
 from amqpcompat import (ACCESS_REFUSED, CHANNEL_ERROR, COMMAND_INVALID, NOT_FOUND,
-                        NOT_IMPLEMENTED, PRECONDITION_FAILED, RESOURCE_LOCKED, get_message,
-                        queue_count, wait_count)
+                        NOT_IMPLEMENTED, PRECONDITION_FAILED, QUIET_S, RESOURCE_LOCKED,
+                        get_message, queue_count, wait_count)
 
 
 def _still_works(conn: pika.BlockingConnection, uid: str, other=None):
@@ -101,6 +101,35 @@ def test_flow_active_false_not_implemented(broker, amqp, uid):
     with pytest.raises(pika.exceptions.ConnectionClosedByBroker) as e:
         ch.flow(False)
     assert e.value.reply_code == NOT_IMPLEMENTED
+    _still_works(amqp(broker), uid)
+
+
+# -- basic.publish immediate=true ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("exchange", ["default", "missing"])
+def test_publish_immediate_closes_connection_540(broker, raw_clients, amqp, uid, exchange):
+    """RabbitMQ 3.x does not implement immediate=true: once the publish's content is in, it
+    closes the *connection* with 540 NOT_IMPLEMENTED for basic.publish (60, 40), before
+    looking at the exchange (a missing one gives 540 too, not 404). Nothing is routed."""
+    ch = amqp(broker).channel()
+    q = ch.queue_declare(f"{uid}-q", exclusive=True).method.queue
+    r = broker.raw()
+    raw_clients.append(r)
+    r.handshake()
+    r.open_channel(1)
+    name = "" if exchange == "default" else f"{uid}-missing"
+    r.send_method(1, "basic.publish", exchange=name, routing_key=q, immediate=True)
+    with pytest.raises(TimeoutError):  # the method alone: the broker waits for the content
+        r.recv_frame(QUIET_S)
+    r.send_content(1, b"now", {"delivery_mode": 2})
+    closing = r.read_until_close()
+    assert closing is not None, "socket closed without connection.close"
+    assert (closing.reply_code, closing.args["class_id"], closing.args["method_id"]) == \
+        (NOT_IMPLEMENTED, 60, 40)
+    assert "immediate=true" in closing.reply_text
+    assert r.wait_eof(), "the socket stays open after close-ok"
+    assert queue_count(ch, q) == 0
     _still_works(amqp(broker), uid)
 
 

@@ -251,8 +251,13 @@ struct Pending {
     exchange: String,
     routing_key: String,
     mandatory: bool,
+    /// basic.publish with immediate=true: its content is read (and dropped), then the
+    /// connection is closed with 540, as RabbitMQ 3.x does.
+    immediate: bool,
     header: Option<Header>,
     body: BytesMut,
+    /// Body bytes received so far (kept in `body`, except for an immediate publish).
+    received: u64,
 }
 
 struct Header {
@@ -664,6 +669,21 @@ impl Session {
                 (60, 40),
             ));
         }
+        if p.immediate {
+            // Refused whatever the content says, once it is all in (RabbitMQ answers the
+            // assembled publish); nothing of it is kept meanwhile.
+            p.header = Some(Header {
+                body_size: h.body_size,
+                properties: Bytes::new(),
+                persistent: false,
+                expiration_ms: -1,
+                priority: 0,
+            });
+            if h.body_size == 0 {
+                return Err(immediate_refused());
+            }
+            return Ok(());
+        }
         let Ok((rest, props)) = parse_properties(&h.properties[..]) else {
             return Err(fatal(
                 FRAME_ERROR,
@@ -745,15 +765,22 @@ impl Session {
         };
         let p = c.pending.as_mut().expect("checked");
         let size = p.header.as_ref().map_or(0, |h| h.body_size);
-        if p.body.len() as u64 + payload.len() as u64 > size {
+        if p.received + payload.len() as u64 > size {
             return Err(fatal(
                 FRAME_ERROR,
                 format!("FRAME_ERROR - content body exceeds the declared size {size}"),
                 (60, 40),
             ));
         }
+        p.received += payload.len() as u64;
+        if p.immediate {
+            if p.received == size {
+                return Err(immediate_refused());
+            }
+            return Ok(());
+        }
         p.body.extend_from_slice(payload);
-        if p.body.len() as u64 == size {
+        if p.received == size {
             self.complete_publish(channel);
         }
         Ok(())
@@ -1087,8 +1114,10 @@ impl Session {
                         exchange: p.exchange.as_str().into(),
                         routing_key: p.routing_key.as_str().into(),
                         mandatory: p.mandatory,
+                        immediate: p.immediate,
                         header: None,
                         body: BytesMut::new(),
+                        received: 0,
                     });
                 }
                 basic::AMQPMethod::Qos(q) => {
@@ -1418,6 +1447,16 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// basic.publish with immediate=true, once its content is in: RabbitMQ 3.x does not
+/// implement it and closes the connection (540, for class 60 method 40).
+fn immediate_refused() -> Fatal {
+    fatal(
+        NOT_IMPLEMENTED,
+        "NOT_IMPLEMENTED - immediate=true",
+        (60, 40),
+    )
 }
 
 /// exchange.bind / exchange.unbind as a core command (the caller sets `unbind`).
