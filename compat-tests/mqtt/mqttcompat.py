@@ -349,7 +349,11 @@ class Client:
             self._loop = False
 
     def close(self):
-        """Teardown: disconnect if still connected, stop the network thread."""
+        """Teardown: disconnect if still connected, stop the network thread, and release the
+        client's sockets. paho keeps its wake-up socket pair until the object is garbage
+        collected; with hundreds of clients in a run, descriptor numbers pass 1023, where
+        the select() in paho's network thread fails and the client silently stops reading
+        (a CONNACK that never arrives)."""
         try:
             if self.c.is_connected():
                 self.c.disconnect()
@@ -360,3 +364,43 @@ class Client:
             self.stop()
         except Exception:
             pass
+        try:
+            self.c._reset_sockets()
+        except Exception:
+            pass
+
+
+# Rounds of the subscribe-then-publish scenarios.
+ROUNDS = 50
+
+
+def subscribe_then_publish(sub_broker: Broker, pub_broker: Broker, mq, uid: str, publisher: str,
+                           protocol: int = MQTTv311):
+    """ROUNDS times: a new client subscribes; once its SUBACK is in, another client publishes
+    (QoS 0) on its own connection; the subscriber must get that message. The publisher is
+    one client that stays connected, or a new one per round that DISCONNECTs, or goes away
+    without DISCONNECT, right after its PUBLISH."""
+    steady = None
+    if publisher == "connected":
+        steady = mq(pub_broker, f"{uid}-p", protocol)
+        steady.connect()
+    for i in range(ROUNDS):
+        topic = f"{uid}/r/{i}"
+        sub = mq(sub_broker, f"{uid}-s{i}", protocol)
+        sub.connect()
+        assert sub.subscribe(topic, 0) == [0]
+        pub = steady
+        if pub is None:
+            pub = mq(pub_broker, f"{uid}-p{i}", protocol)
+            pub.connect()
+        pub.publish(topic, b"%d" % i, qos=0)  # returns once written to the socket
+        if publisher == "disconnects":
+            pub.disconnect()
+        elif publisher == "drops":
+            pub.drop()
+        msgs = sub.wait_messages(1, topic=topic)
+        assert [m.payload for m in msgs] == [b"%d" % i], f"round {i}"
+        sub.disconnect()
+        sub.close()
+        if pub is not steady:
+            pub.close()

@@ -1,11 +1,11 @@
 """Publish/subscribe at QoS 0, 1 and 2: exactly-once delivery, per-publisher order, the
-granted QoS, unsubscribe, payloads and topic names, pipelined bursts and one larger QoS 1
-count."""
+granted QoS, a subscription in place once its SUBACK is out (and before a PUBLISH read after
+it), unsubscribe, payloads and topic names, pipelined bursts and one larger QoS 1 count."""
 
 import pytest
 
 import mqttraw
-from mqttcompat import MQTTv31, MQTTv311, MQTTv5
+from mqttcompat import ROUNDS, MQTTv31, MQTTv311, MQTTv5, subscribe_then_publish
 
 N = 20
 
@@ -60,6 +60,36 @@ def test_order_kept_per_publisher(broker, mq, uid, protocol):
     for n in range(2):
         seq = [int(m.payload.split(b":")[1]) for m in msgs if m.payload.startswith(f"{n}:".encode())]
         assert seq == list(range(100)), f"publisher {n}: order not kept"
+
+
+@pytest.mark.parametrize("publisher", ["connected", "disconnects", "drops"])
+@pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])
+def test_subscribe_then_publish_from_another_client(broker, mq, uid, publisher, protocol):
+    """A SUBACK means the subscription is in the router: a message another client publishes
+    right after it is delivered, every round, however the publisher's connection ends (a
+    PUBLISH read just before the connection ended is routed, as Mosquitto does)."""
+    subscribe_then_publish(broker, broker, mq, uid, publisher, protocol)
+
+
+@pytest.mark.parametrize("level", [4, 5], ids=["v311", "v5"])
+def test_subscribe_and_publish_pipelined_on_one_connection(broker, raw_clients, uid, level):
+    """SUBSCRIBE and a PUBLISH to the same topic written in one go, without waiting for the
+    SUBACK: the subscription is in place before the PUBLISH is routed, so the client gets
+    SUBACK and then its own message, every round."""
+    r = broker.raw()
+    raw_clients.append(r)
+    v5 = level == 5
+    r.send(mqttraw.connect(f"{uid}-pipe", level=level))
+    assert r.connack()[1] == 0
+    for i in range(ROUNDS):
+        topic = f"{uid}/pipe/{i}"
+        r.send(mqttraw.subscribe(i + 1, [(topic, 0)], v5=v5)
+               + mqttraw.publish(topic, b"%d" % i, v5=v5))
+        suback, msg = r.read(), r.read()
+        assert suback.type == mqttraw.SUBACK, f"round {i}: {suback!r}"
+        assert suback.body[:2] == (i + 1).to_bytes(2, "big")
+        assert msg.type == mqttraw.PUBLISH, f"round {i}: {msg!r}"
+        assert msg.body.endswith(b"%d" % i) and topic.encode() in msg.body, f"round {i}"
 
 
 @pytest.mark.parametrize("protocol", [MQTTv311, MQTTv5])

@@ -3,7 +3,7 @@ a client finds its session, its queued messages and its takeover through either 
 
 import pytest
 
-from mqttcompat import MQTTv311, MQTTv5
+from mqttcompat import MQTTv311, MQTTv5, subscribe_then_publish
 
 pytestmark = pytest.mark.tributary_only(
     reason="split deployments (core + gateways) are Tributary's architecture")
@@ -69,3 +69,13 @@ def test_retained_and_will_across_gateways(two_gateways, mq, uid):
     w.subscribe(f"{uid}/ret", 1)
     [m] = w.wait_messages(1, topic=f"{uid}/ret")
     assert (m.payload, m.retain) == (b"kept", True)
+
+
+@pytest.mark.parametrize("publisher", ["connected", "disconnects", "drops"])
+def test_subscribe_on_one_gateway_publish_through_the_other(two_gateways, mq, uid, publisher):
+    """The subscriber's SUBACK comes through gateway A, the message through gateway B, whose
+    publisher may go away right after its QoS 0 PUBLISH (DISCONNECT or not): the PUBLISH still
+    reaches the core (a gateway ends its core stream only once the core has taken every
+    command of the connection)."""
+    a, b = two_gateways
+    subscribe_then_publish(a, b, mq, uid, publisher)

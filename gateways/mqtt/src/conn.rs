@@ -43,6 +43,8 @@ const IDLE_BUFFER: usize = 2 * 1024;
 
 /// How long a client has to send CONNECT after the TCP connection opens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that ended waits for the core to finish its commands.
+const STREAM_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// Session expiry meaning "never" (MQTT 5: 0xFFFFFFFF).
 const NEVER: u32 = u32::MAX;
 
@@ -1305,7 +1307,27 @@ async fn run(
         client.disconnect5(reason);
         let _ = client.flush().await;
     }
+    // The client is done: its socket closes now (both halves dropped). Then the
+    // command stream ends, and the core's event stream is awaited to its end before it is
+    // dropped: the core takes every command sent so far (a QoS 0 PUBLISH read just before
+    // the client went away) and then ends the session's stream. Dropping the event stream
+    // first would cancel the whole stream on the network transport (split deployments),
+    // losing the commands still on their way to the core.
+    drop(client);
+    drop(reader);
+    end_core_stream(events).await;
     result
+}
+
+/// Waits (bounded) until the core ends a session stream whose commands have ended.
+async fn end_core_stream(mut events: SessionEvents) {
+    let ended = tokio::time::timeout(STREAM_END_TIMEOUT, async {
+        while events.next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        debug!("the core did not end the session stream in time");
+    }
 }
 
 async fn session_loop(
