@@ -4,7 +4,7 @@ the same way (Tributary only: a RabbitMQ cluster is not what these scenarios are
 
 import pytest
 
-from amqpcompat import RESOURCE_LOCKED
+from amqpcompat import RESOURCE_LOCKED, queue_count, wait_count
 from amqphelpers import PERSISTENT, Inbox, channel_error, declare, get_all, pump, quiet
 
 pytestmark = pytest.mark.tributary_only(reason="split deployment with two gateways")
@@ -73,3 +73,28 @@ def test_unacked_on_one_gateway_requeued_to_the_other_when_it_closes(two_gateway
     got = get_all(ch_b, q)
     assert [m.body for m in got] == [b"u0", b"u1", b"u2"]
     assert all(m.redelivered for m in got)
+
+
+@pytest.mark.parametrize("ending", ["close", "socket"])
+def test_publishes_just_before_the_connection_ends_are_routed(two_gateways, amqp, uid, ending):
+    """A publish (no confirms) written just before the client ends its connection through one
+    gateway reaches the queue: the gateway ends its stream to the core only once the core has
+    taken every command of the connection. With connection.close, close-ok comes once that is
+    done, so the message is already in the queue when the client sees it."""
+    d = two_gateways
+    ch_b = amqp(d.broker(1)).channel()
+    q = declare(ch_b, f"{uid}-q")
+    rounds = 30
+    for i in range(rounds):
+        r = d.broker(0).raw()
+        try:
+            r.handshake()
+            r.open_channel(1)
+            r.publish(1, "", q, b"%d" % i)
+            if ending == "close":
+                assert r.close_connection().name == "connection.close-ok"
+                assert queue_count(ch_b, q) == i + 1, f"round {i}"
+        finally:
+            r.close()  # "socket": gone without connection.close
+    wait_count(ch_b, q, rounds)
+    assert sorted(int(m.body) for m in get_all(ch_b, q)) == list(range(rounds))

@@ -19,12 +19,15 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
+use tributary_gateway_common::client::ChannelEvents;
 use tributary_proto::v1::{self, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
 use crate::{Gateway, is_loopback};
 
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a connection that ended waits for the core to finish its commands.
+const STREAM_END_TIMEOUT: Duration = Duration::from_secs(10);
 /// Frames during the handshake, before tune-ok sets the limit (the spec's minimum).
 const HANDSHAKE_FRAME_MAX: usize = 4096 * 32;
 /// Commands to the core in flight; reading from the socket waits beyond it.
@@ -295,6 +298,9 @@ struct Session {
     commands: Vec<v1::ChannelCommand>,
     /// Set once the server sent connection.close.
     closing: bool,
+    /// The client sent connection.close: close-ok goes out once the core is done with the
+    /// connection.
+    close_ok_pending: bool,
     done: bool,
 }
 
@@ -445,8 +451,43 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
         out,
         commands: Vec::new(),
         closing: false,
+        close_ok_pending: false,
         done: false,
     };
+    let result = session_loop(&mut s, &mut sock, &mut buf, &cmd_tx, &mut events, heartbeat).await;
+    // The command stream ends here; the core then finishes the connection's commands (a
+    // publish read just before the end), closes its channels (unacked messages back to their
+    // queues) and ends the event stream, which is awaited before it is dropped: dropping it
+    // first would cancel the whole stream on the network transport (split deployments) and
+    // lose the commands still on their way. A client's connection.close is answered once
+    // that is done, as RabbitMQ answers it once the connection's channels are closed.
+    drop(cmd_tx);
+    if s.close_ok_pending && result.is_ok() {
+        end_core_stream(events).await;
+        put_method(
+            &mut s.out,
+            0,
+            AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+        );
+        let _ = write(&mut sock, &mut s.out).await;
+        let _ = sock.shutdown().await;
+    } else {
+        let _ = sock.shutdown().await;
+        drop(sock);
+        end_core_stream(events).await;
+    }
+    result
+}
+
+/// Frames in and core events out until either side ends the connection.
+async fn session_loop(
+    s: &mut Session,
+    sock: &mut impl Socket,
+    buf: &mut BytesMut,
+    cmd_tx: &mpsc::Sender<v1::ChannelCommand>,
+    events: &mut ChannelEvents,
+    heartbeat: u16,
+) -> Result<(), ConnError> {
     let hb = (heartbeat > 0).then(|| Duration::from_secs(heartbeat as u64));
     let period = hb.map_or(Duration::from_secs(3600), |h| h / 2);
     let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -455,14 +496,14 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
     let mut closing_since: Option<Instant> = None;
     loop {
         tokio::select! {
-            n = sock.read_buf(&mut buf) => {
+            n = sock.read_buf(buf) => {
                 let n = n?;
                 if n == 0 {
                     break;
                 }
                 last_read = Instant::now();
                 loop {
-                    match take_frame(&mut buf, s.frame_max) {
+                    match take_frame(buf, s.frame_max) {
                         Ok(Some(f)) => {
                             if let Err(f) = s.on_frame(f) {
                                 s.close_connection(f);
@@ -511,7 +552,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
                     put_heartbeat(&mut s.out);
                     if last_read.elapsed() > h * 2 {
                         info!("amqp: missed heartbeats from client, closing");
-                        write(&mut sock, &mut s.out).await?;
+                        write(sock, &mut s.out).await?;
                         return Ok(());
                     }
                 }
@@ -524,13 +565,23 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
         if s.closing && closing_since.is_none() {
             closing_since = Some(Instant::now());
         }
-        write(&mut sock, &mut s.out).await?;
+        write(sock, &mut s.out).await?;
         if s.done {
             break;
         }
     }
-    let _ = sock.shutdown().await;
     Ok(())
+}
+
+/// Waits (bounded) until the core ends a connection's event stream once its commands ended.
+async fn end_core_stream(mut events: ChannelEvents) {
+    let ended = tokio::time::timeout(STREAM_END_TIMEOUT, async {
+        while events.next().await.is_some() {}
+    })
+    .await;
+    if ended.is_err() {
+        debug!("the core did not end the connection's stream in time");
+    }
 }
 
 impl Session {
@@ -842,13 +893,8 @@ impl Session {
         if channel == 0 {
             return match method {
                 AMQPClass::Connection(connection::AMQPMethod::Close(_)) => {
-                    put_method(
-                        &mut self.out,
-                        0,
-                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(
-                            connection::CloseOk {},
-                        )),
-                    );
+                    // Answered after the loop, once the core has closed the connection.
+                    self.close_ok_pending = true;
                     self.done = true;
                     Ok(())
                 }
