@@ -40,6 +40,12 @@ pub use meta::StreamDefaults;
 use meta::NamespaceRecord;
 use streams::StreamHandle;
 
+/// Entry points for the fuzz targets in `fuzz/`; not an API.
+#[doc(hidden)]
+pub mod fuzzing {
+    pub use crate::queues::state::fuzz_replay as queue_journal;
+}
+
 /// The namespace that exists from the start (Kafka topics, MQTT topics without a tenant).
 pub const DEFAULT_NAMESPACE: &str = "default";
 

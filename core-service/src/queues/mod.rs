@@ -434,7 +434,7 @@ impl Core {
         log.create_partition(data).await?;
         log.create_partition(journal).await?;
         let data_bounds = log.bounds(data).await?;
-        let mut replay = Replay::new(data_bounds.start_offset);
+        let mut replay = Replay::new(data_bounds.start_offset, data_bounds.end_offset);
         let jb = log.bounds(journal).await?;
         let mut at = jb.start_offset;
         while at < jb.end_offset {
@@ -445,7 +445,12 @@ impl Core {
                 let batch = v1::QueueStateBatch::decode(&b.payload[..])
                     .map_err(|e| CoreError::Corrupt(format!("queue journal: {e}")))?;
                 for op in batch.ops.iter().filter_map(|o| o.op.as_ref()) {
-                    replay.apply(op);
+                    replay.apply(op).map_err(|e| {
+                        CoreError::Corrupt(format!(
+                            "queue '{}/{}' journal (partition {journal}): {e}",
+                            record.namespace, record.name
+                        ))
+                    })?;
                 }
             }
         }

@@ -639,6 +639,8 @@ fn push_settle(ops: &mut Vec<Op>, offset: i64) {
 /// A queue's journal read back: which loaded messages were live and in which phase.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Replay {
+    /// The messages log's end: no op may name a message at or past it.
+    limit: i64,
     pub cursor: i64,
     pub live: BTreeMap<i64, v1::QueueLiveEntry>,
     pub next_lease_seq: u64,
@@ -648,8 +650,9 @@ pub(crate) struct Replay {
 }
 
 impl Replay {
-    pub fn new(start: i64) -> Self {
+    pub fn new(start: i64, end: i64) -> Self {
         Self {
+            limit: end,
             cursor: start,
             next_lease_seq: 1,
             data_end: start,
@@ -659,7 +662,13 @@ impl Replay {
 
     /// Ops name only loaded messages, and the live loop loads in order: an op beyond the
     /// cursor means everything up to it was loaded (and is live unless settled).
-    fn reach(&mut self, offset: i64) {
+    fn reach(&mut self, offset: i64) -> Result<(), String> {
+        if offset < 0 || offset >= self.limit {
+            return Err(format!(
+                "the journal names message {offset}, outside the log (0..{})",
+                self.limit
+            ));
+        }
         while self.cursor <= offset {
             self.live.insert(
                 self.cursor,
@@ -670,11 +679,17 @@ impl Replay {
             );
             self.cursor += 1;
         }
+        Ok(())
     }
 
-    pub fn apply(&mut self, op: &Op) {
+    /// Applies one journal op; an op that cannot have been written (it names a message
+    /// outside the log) is corruption.
+    pub fn apply(&mut self, op: &Op) -> Result<(), String> {
         match op {
             Op::Snapshot(s) => {
+                if s.cursor > self.limit || s.live.iter().any(|e| e.offset >= self.limit) {
+                    return Err("a snapshot names messages past the end of the log".into());
+                }
                 self.cursor = s.cursor;
                 self.live = s.live.iter().map(|e| (e.offset, *e)).collect();
                 self.next_lease_seq = s.next_lease_seq;
@@ -682,7 +697,7 @@ impl Replay {
                 self.dedup = s.dedup.clone();
             }
             Op::Lease(l) => {
-                self.reach(l.offset);
+                self.reach(l.offset)?;
                 if let Some(e) = self.live.get_mut(&l.offset) {
                     e.lease_seq = l.lease_seq;
                     e.lease_deadline_ms = l.deadline_ms;
@@ -692,7 +707,7 @@ impl Replay {
                 self.next_lease_seq = self.next_lease_seq.max(l.lease_seq + 1);
             }
             Op::Release(r) => {
-                self.reach(r.offset);
+                self.reach(r.offset)?;
                 if let Some(e) = self.live.get_mut(&r.offset) {
                     e.lease_seq = 0;
                     e.lease_deadline_ms = 0;
@@ -701,14 +716,60 @@ impl Replay {
             }
             Op::Settle(s) => {
                 for o in &s.offsets {
-                    self.reach(*o);
+                    self.reach(*o)?;
                     self.live.remove(o);
                 }
             }
             Op::PurgeBefore(end) => {
+                if *end > self.limit {
+                    return Err(format!("a purge past the end of the log ({end})"));
+                }
                 self.cursor = self.cursor.max(*end);
             }
         }
+        Ok(())
+    }
+}
+
+/// Replays arbitrary bytes as a queue journal, as a restart does, then uses the state: the
+/// fuzz target `queue_journal` runs it. Never panics, never hangs, whatever the bytes.
+pub fn fuzz_replay(data: &[u8]) {
+    use prost::Message;
+    let Some((head, mut rest)) = data.split_first_chunk::<2>() else {
+        return;
+    };
+    let limit = i64::from(u16::from_le_bytes(*head));
+    let mut replay = Replay::new(0, limit);
+    while let Some((len, tail)) = rest.split_first_chunk::<2>() {
+        let len = usize::from(u16::from_le_bytes(*len)).min(tail.len());
+        let (frame, next) = tail.split_at(len);
+        rest = next;
+        let Ok(batch) = v1::QueueStateBatch::decode(frame) else {
+            return;
+        };
+        for op in batch.ops.iter().filter_map(|o| o.op.as_ref()) {
+            if replay.apply(op).is_err() {
+                return;
+            }
+        }
+    }
+    let policy = Policy {
+        fifo: limit % 2 == 0,
+        priorities: limit % 3 == 0,
+        message_ttl_ms: Some(1_000),
+        max_deliveries: Some(3),
+    };
+    let record = Arc::new(v1::Record::default());
+    let mut st = QueueState::from_replay(policy, &replay, |_| Some(record.clone()));
+    let mut ops = Vec::new();
+    for now in [0, 1_000, i64::MAX / 8] {
+        st.tick(now);
+        let (leased, _) = st.lease(now, 16, 100, &mut ops);
+        for l in leased {
+            let _ = st.ack(now, l.offset, l.seq, &mut ops);
+        }
+        let _ = st.take_exhausted();
+        let _ = st.expire_head(now);
     }
 }
 

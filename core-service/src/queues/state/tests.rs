@@ -258,9 +258,9 @@ impl Harness {
                 self.journal = vec![Op::Snapshot(snap)];
             }
             Step::Restart => {
-                let mut replay = Replay::new(0);
+                let mut replay = Replay::new(0, self.data.len() as i64);
                 for op in &self.journal {
-                    replay.apply(op);
+                    replay.apply(op).unwrap();
                 }
                 let data = self.data.clone();
                 self.state = QueueState::from_replay(Policy::default(), &replay, |o| {
@@ -383,4 +383,91 @@ fn expired_messages_are_dead_letters() {
     assert_eq!(got[0].offset, 1);
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].reason, "expired");
+}
+
+#[test]
+fn a_journal_naming_messages_past_the_log_is_corruption_not_a_hang() {
+    let mut replay = Replay::new(0, 10);
+    assert!(
+        replay
+            .apply(&Op::Lease(v1::QueueLeaseOp {
+                offset: i64::MAX - 1,
+                lease_seq: 1,
+                deadline_ms: 1,
+                delivery_count: 1,
+            }))
+            .is_err()
+    );
+    assert!(replay.apply(&Op::PurgeBefore(11)).is_err());
+    assert!(
+        replay
+            .apply(&Op::Settle(v1::QueueSettleOp { offsets: vec![-1] }))
+            .is_err()
+    );
+    assert!(
+        replay
+            .apply(&Op::Settle(v1::QueueSettleOp { offsets: vec![9] }))
+            .is_ok()
+    );
+    assert_eq!(replay.cursor, 10);
+}
+
+fn any_op(limit: i64) -> impl Strategy<Value = Op> {
+    let offset = -2..limit + 3;
+    prop_oneof![
+        (offset.clone(), 0u64..50, any::<i64>(), 0u32..6).prop_map(|(offset, seq, d, c)| {
+            Op::Lease(v1::QueueLeaseOp {
+                offset,
+                lease_seq: seq,
+                deadline_ms: d,
+                delivery_count: c,
+            })
+        }),
+        (offset.clone(), any::<i64>()).prop_map(|(offset, t)| Op::Release(v1::QueueReleaseOp {
+            offset,
+            available_at_ms: t,
+        })),
+        proptest::collection::vec(offset.clone(), 0..5)
+            .prop_map(|offsets| Op::Settle(v1::QueueSettleOp { offsets })),
+        offset.clone().prop_map(Op::PurgeBefore),
+        (offset.clone(), proptest::collection::vec(offset, 0..5)).prop_map(|(cursor, live)| {
+            Op::Snapshot(v1::QueueSnapshot {
+                floor: 0,
+                cursor,
+                data_end: cursor,
+                live: live
+                    .into_iter()
+                    .map(|offset| v1::QueueLiveEntry {
+                        offset,
+                        lease_deadline_ms: offset * 7,
+                        ..Default::default()
+                    })
+                    .collect(),
+                dedup: Vec::new(),
+                next_lease_seq: 3,
+            })
+        }),
+    ]
+}
+
+proptest! {
+    /// What the fuzz target `queue_journal` does, on journals made of plausible ops and on
+    /// raw bytes: replay ends, never panics.
+    #[test]
+    fn journal_replay_survives_any_journal(
+        limit in 0u16..40,
+        ops in proptest::collection::vec(any_op(40), 0..40),
+        raw in proptest::collection::vec(any::<u8>(), 0..256),
+    ) {
+        use prost::Message;
+        let batch = v1::QueueStateBatch {
+            ops: ops.into_iter().map(|op| v1::QueueStateOp { op: Some(op) }).collect(),
+        }
+        .encode_to_vec();
+        let mut data = limit.to_le_bytes().to_vec();
+        data.extend((batch.len() as u16).to_le_bytes());
+        data.extend(batch);
+        super::fuzz_replay(&data);
+        super::fuzz_replay(&raw);
+    }
 }
