@@ -6,6 +6,7 @@
 //! values stop start-up with one line naming the setting.
 
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -195,6 +196,10 @@ pub struct Options {
     /// RocketMQ NameServer listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_NAMESRV_LISTEN", global = true)]
     pub namesrv_listen: Option<String>,
+    /// Connections each gateway listener serves at once; more are closed as they are
+    /// accepted (0 = no limit).
+    #[arg(long, env = "TRIBUTARY_MAX_CONNECTIONS", global = true)]
+    pub max_connections: Option<usize>,
     /// Core address a standalone gateway connects to.
     #[arg(long, env = "TRIBUTARY_CORE", global = true)]
     pub core: Option<String>,
@@ -318,6 +323,7 @@ pub struct FileConfig {
     pub sqs_listen: Option<String>,
     pub rocketmq_listen: Option<String>,
     pub namesrv_listen: Option<String>,
+    pub max_connections: Option<usize>,
     pub core: Option<String>,
     pub storage: Option<String>,
     pub fsync: Option<String>,
@@ -408,6 +414,8 @@ pub struct Settings {
     pub sqs_listen: Listen,
     pub rocketmq_listen: Listen,
     pub namesrv_listen: Listen,
+    /// Connections each gateway listener serves at once; `None`: no limit.
+    pub max_connections: Option<NonZeroUsize>,
     pub core: String,
     pub storage: StorageKind,
     pub fsync: FsyncPolicy,
@@ -764,6 +772,7 @@ impl Settings {
             sqs_listen: listen!(sqs_listen, "0.0.0.0:9324"),
             rocketmq_listen: listen!(rocketmq_listen, "0.0.0.0:10911"),
             namesrv_listen: listen!(namesrv_listen, "0.0.0.0:9876"),
+            max_connections: NonZeroUsize::new(pick!(max_connections, 0usize)),
             core,
             storage,
             fsync: parse_fsync(&pick!(fsync, "always"))?,
@@ -903,6 +912,7 @@ mod tests {
             "sqs_listen",
             "rocketmq_listen",
             "namesrv_listen",
+            "max_connections",
             "core",
             "storage",
             "fsync",

@@ -10,10 +10,13 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
-use tributary_gateway_amqp::{AmqpConfig, TlsAcceptor};
-use tributary_gateway_common::{ConnectError, CoreClient, ListenError, bind};
+use tributary_gateway_amqp::AmqpConfig;
+use tributary_gateway_common::tls::TlsAcceptor;
+use tributary_gateway_common::{
+    ConnectError, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
+};
 use tributary_gateway_kafka::KafkaConfig;
-use tributary_gateway_mqtt::{Listeners as MqttListeners, MqttConfig};
+use tributary_gateway_mqtt::MqttConfig;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::redb_meta::RedbMetaStore;
@@ -241,7 +244,7 @@ impl Server {
             spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         if let Some(listeners) = amqp_listeners
-            && (listeners.0.is_some() || listeners.1.is_some())
+            && (listeners.tcp.is_some() || listeners.tls.is_some())
         {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
                 .with_local_channels(Arc::new(CoreChannels(core.clone())));
@@ -287,7 +290,7 @@ impl Server {
             }
             "amqp" => {
                 let listeners = bind_amqp(settings).await?;
-                if listeners.0.is_none() && listeners.1.is_none() {
+                if listeners.tcp.is_none() && listeners.tls.is_none() {
                     return Err(StartError::Unavailable(
                         "every AMQP listener is off: give --amqp-listen or --amqp-tls-listen HOST:PORT".into(),
                     ));
@@ -318,16 +321,46 @@ impl Server {
             Some(core) => core.shutdown().await,
             None => Ok(()),
         };
+        let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
         let drain = futures_join_all(self.tasks);
         if tokio::time::timeout(Duration::from_secs(5), drain)
             .await
             .is_err()
         {
             warn!("some connections were still open after 5 s; closing them");
+            // An aborted accept loop aborts the connection tasks it holds, closing them.
+            for t in aborts {
+                t.abort();
+            }
         }
         closed?;
         Ok(())
     }
+}
+
+/// Serves one bound gateway listener with the shared accept loop, as `name` (its metrics
+/// label), until `stop`.
+fn spawn_listener<H, G>(
+    settings: &Settings,
+    socket: TcpListener,
+    name: &'static str,
+    handshake: H,
+    gateway: Arc<G>,
+    stop: &watch::Sender<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) where
+    H: Handshake,
+    G: Gateway<H::Stream>,
+{
+    let listener = Listener {
+        max_connections: settings.max_connections,
+        ..Listener::new(socket, name, handshake)
+    };
+    tasks.push(tokio::spawn(tributary_gateway_common::serve(
+        listener,
+        gateway,
+        stop.subscribe(),
+    )));
 }
 
 /// Starts the Kafka gateway on a bound listener; returns the address it serves.
@@ -365,13 +398,36 @@ fn spawn_kafka(
     if settings.kafka_sasl {
         config.sasl = Some(Arc::new(settings.users.clone()));
     }
-    tasks.push(tokio::spawn(tributary_gateway_kafka::serve(
-        listener,
-        client,
-        config,
-        stop.subscribe(),
-    )));
+    let gateway = tributary_gateway_kafka::Gateway::new(client, config);
+    spawn_listener(settings, listener, "kafka", Plain, gateway, stop, tasks);
     Ok(addr)
+}
+
+/// A bound TLS listener and the acceptor holding its certificate.
+type TlsListener = (TcpListener, TlsAcceptor);
+
+/// Binds a TLS listener if it is on; the configuration checked that a certificate is given
+/// for every TLS listener that is on.
+async fn bind_tls_listen(
+    settings: &Settings,
+    listen: Listen,
+    what: &str,
+    flag: &str,
+) -> Result<Option<TlsListener>, StartError> {
+    match (bind_listen(listen, what, flag).await?, &settings.tls) {
+        (Some(listener), Some((cert, key))) => Ok(Some((
+            listener,
+            tributary_gateway_common::tls::acceptor(cert, key)?,
+        ))),
+        _ => Ok(None),
+    }
+}
+
+/// The MQTT listeners that are on.
+struct MqttListeners {
+    tcp: Option<TcpListener>,
+    ws: Option<TcpListener>,
+    tls: Option<TlsListener>,
 }
 
 /// Binds the MQTT listeners that are on and loads the TLS certificate if one is needed.
@@ -383,21 +439,13 @@ async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
         "--mqtt-ws-listen",
     )
     .await?;
-    let tls = match (
-        bind_listen(
-            settings.mqtt_tls_listen,
-            "the MQTT TLS gateway",
-            "--mqtt-tls-listen",
-        )
-        .await?,
-        &settings.tls,
-    ) {
-        (Some(listener), Some((cert, key))) => Some((
-            listener,
-            tributary_gateway_common::tls::acceptor(cert, key)?,
-        )),
-        _ => None,
-    };
+    let tls = bind_tls_listen(
+        settings,
+        settings.mqtt_tls_listen,
+        "the MQTT TLS gateway",
+        "--mqtt-tls-listen",
+    )
+    .await?;
     Ok(MqttListeners { tcp, ws, tls })
 }
 
@@ -426,41 +474,55 @@ fn spawn_mqtt(
         instance: format!("mqtt@{}", first.map(|a| a.to_string()).unwrap_or_default()),
         ..MqttConfig::default()
     };
-    tasks.push(tokio::spawn(tributary_gateway_mqtt::serve_listeners(
-        listeners,
-        client,
-        config,
-        stop.subscribe(),
-    )));
+    let listening: Vec<_> = [bound.mqtt, bound.mqtt_ws, bound.mqtt_tls]
+        .into_iter()
+        .flatten()
+        .collect();
+    config.warn_if_anonymous_beyond_loopback(&listening);
+    let gateway = tributary_gateway_mqtt::Gateway::new(client, config);
+    let MqttListeners { tcp, ws, tls } = listeners;
+    if let Some(l) = tcp {
+        spawn_listener(settings, l, "mqtt", Plain, gateway.clone(), stop, tasks);
+    }
+    if let Some(l) = ws {
+        spawn_listener(
+            settings,
+            l,
+            "mqtt-ws",
+            Plain,
+            gateway.websocket(),
+            stop,
+            tasks,
+        );
+    }
+    if let Some((l, acceptor)) = tls {
+        spawn_listener(settings, l, "mqtt-tls", acceptor, gateway, stop, tasks);
+    }
 }
 
-type AmqpListeners = (Option<TcpListener>, Option<(TcpListener, TlsAcceptor)>);
+/// The AMQP listeners that are on.
+struct AmqpListeners {
+    tcp: Option<TcpListener>,
+    tls: Option<TlsListener>,
+}
 
 /// Binds the AMQP listeners that are on and loads the TLS certificate if one is needed.
 async fn bind_amqp(settings: &Settings) -> Result<AmqpListeners, StartError> {
     let tcp = bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen").await?;
-    let tls = match (
-        bind_listen(
-            settings.amqp_tls_listen,
-            "the AMQP TLS gateway",
-            "--amqp-tls-listen",
-        )
-        .await?,
-        &settings.tls,
-    ) {
-        (Some(listener), Some((cert, key))) => Some((
-            listener,
-            tributary_gateway_common::tls::acceptor(cert, key)?,
-        )),
-        _ => None,
-    };
-    Ok((tcp, tls))
+    let tls = bind_tls_listen(
+        settings,
+        settings.amqp_tls_listen,
+        "the AMQP TLS gateway",
+        "--amqp-tls-listen",
+    )
+    .await?;
+    Ok(AmqpListeners { tcp, tls })
 }
 
 /// Starts the AMQP gateway on its bound listeners and records their addresses.
 fn spawn_amqp(
     settings: &Settings,
-    (tcp, tls): AmqpListeners,
+    AmqpListeners { tcp, tls }: AmqpListeners,
     client: CoreClient,
     stop: &watch::Sender<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
@@ -474,13 +536,13 @@ fn spawn_amqp(
         permissions: settings.amqp_permissions.clone(),
         ..AmqpConfig::default()
     };
-    tasks.push(tokio::spawn(tributary_gateway_amqp::serve_listeners(
-        tcp,
-        tls,
-        client,
-        config,
-        stop.subscribe(),
-    )));
+    let gateway = tributary_gateway_amqp::Gateway::new(client, config);
+    if let Some(l) = tcp {
+        spawn_listener(settings, l, "amqp", Plain, gateway.clone(), stop, tasks);
+    }
+    if let Some((l, acceptor)) = tls {
+        spawn_listener(settings, l, "amqp-tls", acceptor, gateway, stop, tasks);
+    }
 }
 
 /// `Channels.Attach` on the core in this process, without the gRPC encoding.

@@ -13,12 +13,11 @@ mod frames;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tracing::{debug, warn};
-use tributary_gateway_common::CoreClient;
+use tracing::debug;
 use tributary_gateway_common::auth::Users;
-pub use tributary_gateway_common::tls::TlsAcceptor;
+use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use frames::decode_stream;
 
@@ -75,86 +74,30 @@ impl AmqpConfig {
     }
 }
 
-pub(crate) struct Gateway {
+/// The AMQP gateway, one state for its TCP and TLS listeners: served by the shared accept
+/// loop (`tributary_gateway_common::serve`).
+pub struct Gateway {
     pub(crate) config: AmqpConfig,
     pub(crate) core: CoreClient,
 }
 
-/// The TCP and TLS listeners of one gateway (either may be absent), sharing its state.
-pub async fn serve_listeners(
-    tcp: Option<TcpListener>,
-    tls: Option<(TcpListener, TlsAcceptor)>,
-    core: CoreClient,
-    config: AmqpConfig,
-    stop: watch::Receiver<bool>,
-) {
-    let gateway = Arc::new(Gateway { config, core });
-    let mut tasks = Vec::new();
-    if let Some(l) = tcp {
-        tasks.push(tokio::spawn(serve_shared(
-            l,
-            None,
-            gateway.clone(),
-            stop.clone(),
-        )));
-    }
-    if let Some((l, a)) = tls {
-        tasks.push(tokio::spawn(serve_shared(
-            l,
-            Some(a),
-            gateway.clone(),
-            stop.clone(),
-        )));
-    }
-    for t in tasks {
-        let _ = t.await;
+impl Gateway {
+    pub fn new(core: CoreClient, config: AmqpConfig) -> Arc<Self> {
+        Arc::new(Self { config, core })
     }
 }
 
-/// Accepts on one listener until `stop` turns true, each connection in its own task; with
-/// an acceptor, every connection starts with a TLS handshake (AMQPS).
-async fn serve_shared(
-    listener: TcpListener,
-    tls: Option<TlsAcceptor>,
-    gateway: Arc<Gateway>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
+impl<S> tributary_gateway_common::Gateway<S> for Gateway
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, mut stop: watch::Receiver<bool>) {
+        // `conn::run` does not watch the stop, and the accept loop waits for its connections
+        // (up to its drain timeout): cut the connection here at once, as the process's exit
+        // used to. RabbitMQ sends connection.close 320 first; that belongs in `conn::run`.
         tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((socket, peer)) => {
-                    let _ = socket.set_nodelay(true);
-                    let gw = gateway.clone();
-                    let tls = tls.clone();
-                    tokio::spawn(async move {
-                        match tls {
-                            None => conn::run(gw, socket, peer).await,
-                            Some(acceptor) => {
-                                let handshake = tokio::time::timeout(
-                                    std::time::Duration::from_secs(10),
-                                    acceptor.accept(socket),
-                                )
-                                .await;
-                                match handshake {
-                                    Ok(Ok(stream)) => conn::run(gw, stream, peer).await,
-                                    Ok(Err(e)) => debug!(%peer, error = %e, "amqps: TLS handshake failed"),
-                                    Err(_) => debug!(%peer, "amqps: TLS handshake timed out"),
-                                }
-                            }
-                        }
-                    });
-                }
-                Err(e) => {
-                    warn!(error = %e, "amqp: accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            },
-            _ = stop.changed() => {
-                if *stop.borrow() {
-                    debug!("amqp: listener stopping");
-                    return;
-                }
-            }
+            () = conn::run(self, conn.stream, conn.peer) => {}
+            _ = stop.wait_for(|s| *s) => debug!("amqp: connection closed, the gateway stops"),
         }
     }
 }

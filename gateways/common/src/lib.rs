@@ -1,10 +1,20 @@
 //! Plumbing every gateway shares: the core client (over the network or in-process, one
-//! type either way), listeners that fail with a clear message, and connection metrics.
+//! type either way), listeners that fail with a clear message, the accept loop every
+//! listener runs ([`serve`]: handshake, limit, metrics, stop) and the [`Gateway`] trait a
+//! protocol implements to be served by it.
 
+mod accounting;
 pub mod auth;
 pub mod client;
+pub mod gateway;
+pub mod handshake;
 pub mod listener;
+pub mod serve;
 pub mod tls;
 
+pub use accounting::ConnectionGuard;
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
-pub use listener::{ConnectionGuard, ListenError, bind};
+pub use gateway::{Accepted, Gateway};
+pub use handshake::{Handshake, Plain};
+pub use listener::{ListenError, Listener, bind};
+pub use serve::serve;

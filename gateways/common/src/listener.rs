@@ -1,6 +1,9 @@
-//! Binding listeners with errors a person can act on, and connection accounting.
+//! Listeners: binding with errors a person can act on, and what the shared accept loop needs
+//! to know about a bound one.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::time::Duration;
 
 use tokio::net::TcpListener;
 
@@ -49,22 +52,44 @@ pub async fn bind(addr: SocketAddr, what: &str, flag: &str) -> Result<TcpListene
     })
 }
 
-/// Counts a live connection in `tributary_connections{listener=...}` until dropped.
-pub struct ConnectionGuard {
-    listener: &'static str,
+/// How long a connection's handshake (TLS) may take. The same bound the protocols put on
+/// their own opening (MQTT's CONNECT, AMQP's connection handshake): a client that opens a
+/// TLS connection and says nothing must not hold a socket, and a place under the connection
+/// limit, for ever.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a stopping listener waits for its connections to close themselves before it
+/// closes them: long enough for a protocol's goodbye (MQTT's DISCONNECT and the session's
+/// hand-back to the core), short enough that a connection which does not watch the stop
+/// (one still in its opening) does not hold the process up for long.
+pub const DEFAULT_DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A bound listener and how [`crate::serve`] accepts on it.
+pub struct Listener<H> {
+    pub socket: TcpListener,
+    /// The listener's name in metrics (the `listener` label) and logs, e.g. `mqtt-tls`.
+    pub name: &'static str,
+    /// What each accepted connection goes through before its gateway sees it.
+    pub handshake: H,
+    /// A handshake unfinished after this is dropped, and counted.
+    pub handshake_timeout: Duration,
+    /// Connections served at once; one more is closed as soon as it is accepted, and
+    /// counted. `None`: no limit.
+    pub max_connections: Option<NonZeroUsize>,
+    /// On stop, connections still open after this are closed.
+    pub drain_timeout: Duration,
 }
 
-impl ConnectionGuard {
-    pub fn new(listener: &'static str) -> Self {
-        metrics::gauge!("tributary_connections", "listener" => listener).increment(1.0);
-        metrics::counter!("tributary_connections_accepted_total", "listener" => listener)
-            .increment(1);
-        Self { listener }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        metrics::gauge!("tributary_connections", "listener" => self.listener).decrement(1.0);
+impl<H> Listener<H> {
+    /// A listener with the default timeouts and no connection limit.
+    pub fn new(socket: TcpListener, name: &'static str, handshake: H) -> Self {
+        Self {
+            socket,
+            name,
+            handshake,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
+            max_connections: None,
+            drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+        }
     }
 }

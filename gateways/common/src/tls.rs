@@ -1,13 +1,19 @@
 //! TLS for gateway listeners: a certificate chain and key from PEM files, served by rustls
-//! (ring provider: no cmake or system OpenSSL needed to build).
+//! (ring provider: no cmake or system OpenSSL needed to build), as the handshake of a TLS
+//! listener.
 
+use std::future::Future;
 use std::path::Path;
 use std::sync::Arc;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpStream;
 pub use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
+pub use tokio_rustls::server::TlsStream;
+
+use crate::handshake::Handshake;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
@@ -45,4 +51,17 @@ pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Config(e.to_string()))?;
     Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TLS listener's connections start with the TLS handshake; its gateway gets the stream
+/// of plaintext on top of it.
+impl Handshake for TlsAcceptor {
+    type Stream = TlsStream<TcpStream>;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl Future<Output = std::io::Result<Self::Stream>> + Send {
+        self.accept(tcp)
+    }
 }

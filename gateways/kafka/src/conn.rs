@@ -16,7 +16,6 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tributary_gateway_common::ConnectionGuard;
 
 use crate::Gateway;
 use crate::errors::ConnectionError;
@@ -46,7 +45,6 @@ pub(crate) async fn serve_connection(
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let _guard = ConnectionGuard::new("kafka");
     let span = info_span!("kafka_conn", %peer);
     async move {
         let _ = socket.set_nodelay(true);

@@ -20,10 +20,9 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
-use tokio::net::TcpListener;
+use tokio::net::TcpStream;
 use tokio::sync::watch;
-use tracing::{info, warn};
-use tributary_gateway_common::CoreClient;
+use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use conn::{decode_frame, decode_request, encode_response};
 pub use sasl::{SaslUsers, ScramCredential};
@@ -64,45 +63,35 @@ impl KafkaConfig {
     }
 }
 
-pub(crate) struct Gateway {
+/// The Kafka gateway: served by the shared accept loop (`tributary_gateway_common::serve`),
+/// on plain TCP only (no TLS listener for Kafka yet).
+pub struct Gateway {
     pub(crate) config: KafkaConfig,
     pub(crate) core: CoreClient,
     /// Topic id -> name, for requests that name topics by id; refreshed on a miss.
     pub(crate) topic_ids: parking_lot::RwLock<std::collections::HashMap<uuid::Uuid, String>>,
 }
 
-/// Accepts connections until `stop` turns true; each connection runs in its own task and is
-/// closed when `stop` turns true.
-pub async fn serve(
-    listener: TcpListener,
-    core: CoreClient,
-    config: KafkaConfig,
-    mut stop: watch::Receiver<bool>,
-) {
-    let gateway = Arc::new(Gateway {
-        config,
-        core,
-        topic_ids: Default::default(),
-    });
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        match accepted {
-            Ok((socket, peer)) => {
-                let gateway = gateway.clone();
-                let stop = stop.clone();
-                tokio::spawn(conn::serve_connection(socket, peer, gateway, stop));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: keep serving the others.
-                warn!(error = %e, "kafka: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+impl Gateway {
+    pub fn new(core: CoreClient, config: KafkaConfig) -> Arc<Self> {
+        Arc::new(Self {
+            config,
+            core,
+            topic_ids: Default::default(),
+        })
     }
-    info!("kafka gateway stopped accepting");
+}
+
+impl tributary_gateway_common::Gateway<TcpStream> for Gateway {
+    /// One connection: requests served in order until the client leaves or `stop` turns
+    /// true.
+    async fn serve_connection(
+        self: Arc<Self>,
+        conn: Accepted<TcpStream>,
+        stop: watch::Receiver<bool>,
+    ) {
+        conn::serve_connection(conn.stream, conn.peer, self, stop).await
+    }
 }
 
 /// Serves one decoded request. `None` = no response (Produce with acks=0).

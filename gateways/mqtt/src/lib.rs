@@ -1,4 +1,4 @@
-//! The MQTT gateway: MQTT 3.1 ("MQIsdp"), 3.1.1 and 5.0 over TCP.
+//! The MQTT gateway: MQTT 3.1 ("MQIsdp"), 3.1.1 and 5.0 over TCP, WebSocket and TLS.
 //!
 //! The gateway runs each connection's protocol state machine: CONNECT checks, authentication,
 //! the topic ACL, keep-alive, topic aliases, packet sizes and the packet-id handshakes. It
@@ -15,12 +15,11 @@ mod ws;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
-use tributary_gateway_common::CoreClient;
+use tracing::warn;
 use tributary_gateway_common::auth::Users;
-pub use tributary_gateway_common::tls::TlsAcceptor;
+use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use acl::{Acl, AclRule, Action};
 pub use conn::decode_stream;
@@ -66,144 +65,63 @@ impl Default for MqttConfig {
     }
 }
 
-pub(crate) struct Gateway {
+impl MqttConfig {
+    /// Warns once when anonymous clients are allowed on a listener beyond loopback: anyone
+    /// who can reach it may then publish and subscribe.
+    pub fn warn_if_anonymous_beyond_loopback(&self, listening: &[SocketAddr]) {
+        if self.allow_anonymous && listening.iter().any(|a| !a.ip().is_loopback()) {
+            warn!(
+                "mqtt: anonymous clients are allowed on a listener beyond loopback; set mqtt_allow_anonymous = false and add [[users]] to require a password"
+            );
+        }
+    }
+}
+
+/// The MQTT gateway, one state for all its listeners: served by the shared accept loop
+/// (`tributary_gateway_common::serve`) as it is on the TCP and TLS listeners, and through
+/// [`Gateway::websocket`] on the WebSocket one.
+pub struct Gateway {
     pub(crate) config: MqttConfig,
     pub(crate) core: CoreClient,
 }
 
-/// Accepts MQTT-over-TCP connections until `stop` turns true; each runs in its own task.
-pub async fn serve(
-    listener: TcpListener,
-    core: CoreClient,
-    config: MqttConfig,
-    stop: watch::Receiver<bool>,
-) {
-    serve_listeners(
-        Listeners {
-            tcp: Some(listener),
-            ..Listeners::default()
-        },
-        core,
-        config,
-        stop,
-    )
-    .await
-}
-
-/// The listeners one MQTT gateway serves; any may be absent.
-#[derive(Default)]
-pub struct Listeners {
-    pub tcp: Option<TcpListener>,
-    pub ws: Option<TcpListener>,
-    /// MQTT over TLS, with the acceptor holding the certificate.
-    pub tls: Option<(TcpListener, TlsAcceptor)>,
-}
-
-#[derive(Clone, Copy)]
-enum Transport {
-    Tcp,
-    WebSocket,
-    Tls,
-}
-
-/// Accepts on the TCP listener and the WebSocket listener (either may be absent), with one
-/// gateway state shared by both.
-pub async fn serve_listeners(
-    listeners: Listeners,
-    core: CoreClient,
-    config: MqttConfig,
-    stop: watch::Receiver<bool>,
-) {
-    let beyond_loopback = |l: &Option<TcpListener>| {
-        l.as_ref()
-            .and_then(|l| l.local_addr().ok())
-            .is_some_and(|a: SocketAddr| !a.ip().is_loopback())
-    };
-    let Listeners { tcp, ws, tls } = listeners;
-    let (tls, acceptor) = match tls {
-        Some((l, a)) => (Some(l), Some(a)),
-        None => (None, None),
-    };
-    if config.allow_anonymous
-        && (beyond_loopback(&tcp) || beyond_loopback(&ws) || beyond_loopback(&tls))
-    {
-        warn!(
-            "mqtt: anonymous clients are allowed on a listener beyond loopback; set mqtt_allow_anonymous = false and add [[users]] to require a password"
-        );
+impl Gateway {
+    pub fn new(core: CoreClient, config: MqttConfig) -> Arc<Self> {
+        Arc::new(Self { config, core })
     }
-    let gateway = Arc::new(Gateway { config, core });
-    let mut tasks = Vec::new();
-    for (listener, transport) in [
-        (tcp, Transport::Tcp),
-        (ws, Transport::WebSocket),
-        (tls, Transport::Tls),
-    ] {
-        if let Some(l) = listener {
-            tasks.push(tokio::spawn(accept_loop(
-                l,
-                transport,
-                acceptor.clone(),
-                gateway.clone(),
-                stop.clone(),
-            )));
-        }
+
+    /// This gateway behind a WebSocket upgrade, for the WebSocket listener.
+    pub fn websocket(self: &Arc<Self>) -> Arc<WebSocket> {
+        Arc::new(WebSocket(self.clone()))
     }
-    for t in tasks {
-        let _ = t.await;
-    }
-    info!("mqtt gateway stopped accepting");
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    transport: Transport,
-    acceptor: Option<TlsAcceptor>,
-    gateway: Arc<Gateway>,
-    mut stop: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = stop.wait_for(|s| *s) => break,
-        };
-        match accepted {
-            Ok((socket, peer)) => {
-                let _ = socket.set_nodelay(true);
-                let gateway = gateway.clone();
-                let stop = stop.clone();
-                match (transport, &acceptor) {
-                    (Transport::WebSocket, _) => {
-                        tokio::spawn(ws::serve_websocket(socket, peer, gateway, stop));
-                    }
-                    (Transport::Tls, Some(acceptor)) => {
-                        let acceptor = acceptor.clone();
-                        tokio::spawn(async move {
-                            // The handshake runs in the connection's task, bounded like CONNECT.
-                            let handshake = tokio::time::timeout(
-                                std::time::Duration::from_secs(10),
-                                acceptor.accept(socket),
-                            );
-                            match handshake.await {
-                                Ok(Ok(tls)) => {
-                                    conn::serve_connection(tls, peer, "mqtt-tls", gateway, stop)
-                                        .await
-                                }
-                                Ok(Err(e)) => {
-                                    debug!(%peer, error = %e, "mqtt: TLS handshake failed")
-                                }
-                                Err(_) => debug!(%peer, "mqtt: TLS handshake timed out"),
-                            }
-                        });
-                    }
-                    _ => {
-                        tokio::spawn(conn::serve_connection(socket, peer, "mqtt", gateway, stop));
-                    }
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "mqtt: accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-            }
-        }
+impl<S> tributary_gateway_common::Gateway<S> for Gateway
+where
+    S: AsyncRead + AsyncWrite + Send + 'static,
+{
+    /// Transitional: `conn::serve_connection` still makes its own `ConnectionGuard` (from
+    /// the end of the TLS or WebSocket handshake on). Once it no longer does, this goes and
+    /// the accept loop counts MQTT connections from accept on, like the others.
+    const COUNTS_ITSELF: bool = true;
+
+    async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
+        conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
+    }
+}
+
+/// The MQTT gateway over WebSocket (subprotocol `mqtt`): the upgrade, then the same
+/// connection code as over TCP.
+pub struct WebSocket(Arc<Gateway>);
+
+impl<S> tributary_gateway_common::Gateway<S> for WebSocket
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    /// As for [`Gateway`]: counted by `conn::serve_connection`.
+    const COUNTS_ITSELF: bool = true;
+
+    async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
+        ws::serve_websocket(conn.stream, conn.peer, conn.listener, self.0.clone(), stop).await
     }
 }

@@ -6,8 +6,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -47,12 +46,17 @@ fn choose_subprotocol(req: &Request, mut resp: Response) -> Result<Response, Err
     }
 }
 
-pub(crate) async fn serve_websocket(
-    socket: TcpStream,
+/// Upgrades `socket` (plain TCP today; a TLS stream would do as well) and serves MQTT over
+/// it as `listener`.
+pub(crate) async fn serve_websocket<S>(
+    socket: S,
     peer: SocketAddr,
+    listener: &'static str,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let ws = match tokio_tungstenite::accept_hdr_async(socket, choose_subprotocol).await {
         Ok(ws) => ws,
         Err(e) => {
@@ -97,7 +101,7 @@ pub(crate) async fn serve_websocket(
         }
         let _ = ws_tx.close().await;
     });
-    conn::serve_connection(theirs, peer, "mqtt-ws", gw, stop).await;
+    conn::serve_connection(theirs, peer, listener, gw, stop).await;
     inbound.abort();
     let _ = outbound.await;
 }

@@ -1,0 +1,37 @@
+//! What a protocol gateway gives the shared accept loop ([`crate::serve`]): the code that
+//! serves one connection. Listeners, handshakes, limits, metrics and stopping are the loop's.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+/// One accepted connection, its handshake done.
+pub struct Accepted<S> {
+    pub stream: S,
+    pub peer: SocketAddr,
+    /// The listener's name (its metrics label), e.g. `mqtt-ws`.
+    pub listener: &'static str,
+}
+
+/// A protocol gateway serving connections whose stream is `S`: a `TcpStream` from a plain
+/// listener, a TLS stream from a TLS one. A gateway that can serve either implements both
+/// (usually with one generic impl); one that cannot is refused at compile time.
+pub trait Gateway<S>: Send + Sync + 'static {
+    /// Whether [`Gateway::serve_connection`] still counts its connection itself with a
+    /// [`crate::ConnectionGuard`], so the accept loop must not count it again. Transitional:
+    /// the accept loop counts every connection from accept on (a handshake in progress holds
+    /// a socket too); a gateway whose connection code predates it says `true` here until
+    /// that code drops its own guard.
+    const COUNTS_ITSELF: bool = false;
+
+    /// Serves one connection to its end, in its own task. `stop` turns true when the
+    /// gateway stops: the connection should then close promptly (with the protocol's
+    /// goodbye if it has one), because the accept loop waits for every connection to end.
+    fn serve_connection(
+        self: Arc<Self>,
+        conn: Accepted<S>,
+        stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send;
+}

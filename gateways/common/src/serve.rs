@@ -1,0 +1,202 @@
+//! The accept loop every gateway listener runs: accept, refuse beyond the connection limit,
+//! run the handshake (bounded), then hand the connection to the gateway in a task of its
+//! own. On stop it accepts no more, and waits (bounded) for the open connections to end.
+
+use std::net::SocketAddr;
+use std::num::NonZeroUsize;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::task::{JoinError, JoinSet};
+use tracing::{Instrument, debug, error, info, info_span, warn};
+
+use crate::accounting::{ConnectionGuard, count_dropped};
+use crate::gateway::{Accepted, Gateway};
+use crate::handshake::Handshake;
+use crate::listener::Listener;
+
+/// Pause after a failed accept (out of file descriptors and the like), so that the loop
+/// does not spin while the open connections go on being served and some may close.
+const ACCEPT_RETRY: Duration = Duration::from_millis(50);
+
+/// Why the accept loop closed a connection before its gateway saw it.
+#[derive(Debug, thiserror::Error)]
+enum Dropped {
+    #[error("the listener already serves its limit of {0} connections")]
+    Limit(NonZeroUsize),
+    #[error("the handshake did not finish within {0:?}")]
+    HandshakeTimeout(Duration),
+    #[error("the handshake failed: {0}")]
+    HandshakeFailed(#[source] std::io::Error),
+}
+
+impl Dropped {
+    /// The `reason` label of `tributary_connections_dropped_total`.
+    fn reason(&self) -> &'static str {
+        match self {
+            Dropped::Limit(_) => "limit",
+            Dropped::HandshakeTimeout(_) => "handshake_timeout",
+            Dropped::HandshakeFailed(_) => "handshake_failed",
+        }
+    }
+
+    /// Counts and logs it, inside the connection's span. A refusal at the limit is the
+    /// operator's business (info); handshakes that fail or stall are what port scanners and
+    /// load-balancer probes do all day (debug).
+    fn record(self, listener: &'static str) {
+        count_dropped(listener, self.reason());
+        match self {
+            Dropped::Limit(_) => info!(reason = %self, "connection refused"),
+            _ => debug!(reason = %self, "connection dropped"),
+        }
+    }
+}
+
+/// Serves `listener` with `gateway` until `stop` turns true (or its sender is dropped), then
+/// closes the listening socket and returns once every connection has ended: connections are
+/// told through the `stop` they are given, and those still open after the listener's drain
+/// timeout are closed. Dropping this future closes them all at once.
+pub async fn serve<H, G>(listener: Listener<H>, gateway: Arc<G>, mut stop: watch::Receiver<bool>)
+where
+    H: Handshake,
+    G: Gateway<H::Stream>,
+{
+    let Listener {
+        socket,
+        name,
+        handshake,
+        handshake_timeout,
+        max_connections,
+        drain_timeout,
+    } = listener;
+    let handshake = Arc::new(handshake);
+    let slots = max_connections.map(|max| (max, Arc::new(Semaphore::new(max.get()))));
+    let mut connections = JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            accepted = socket.accept() => accepted,
+            // Reaps ended connections as they go, or the set would keep every one's result.
+            Some(ended) = connections.join_next() => {
+                reap(name, ended);
+                continue;
+            }
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                warn!(listener = name, error = %e, "accept failed");
+                tokio::time::sleep(ACCEPT_RETRY).await;
+                continue;
+            }
+        };
+        let span = info_span!("conn", listener = name, %peer);
+        // The slot is taken before the handshake: a handshake holds a socket and memory too.
+        let slot = match &slots {
+            None => None,
+            Some((max, slots)) => match slots.clone().try_acquire_owned() {
+                Ok(slot) => Some(slot),
+                Err(_) => {
+                    // Closed at once rather than left in the kernel's backlog: the client
+                    // learns now, and the refusal is counted.
+                    span.in_scope(|| Dropped::Limit(*max).record(name));
+                    drop(tcp);
+                    continue;
+                }
+            },
+        };
+        // Every protocol here is request/response: small writes must not wait for Nagle.
+        let _ = tcp.set_nodelay(true);
+        let connection = Connection {
+            tcp,
+            peer,
+            listener: name,
+            handshake_timeout,
+            _slot: slot,
+        };
+        connections.spawn(
+            connection
+                .run(handshake.clone(), gateway.clone(), stop.clone())
+                .instrument(span),
+        );
+    }
+    // Refuse new clients from here instead of letting them queue unanswered.
+    drop(socket);
+    info!(
+        listener = name,
+        open = connections.len(),
+        "stopped accepting; waiting for the open connections"
+    );
+    let drained = tokio::time::timeout(drain_timeout, async {
+        while let Some(ended) = connections.join_next().await {
+            reap(name, ended);
+        }
+    })
+    .await;
+    if drained.is_err() {
+        info!(
+            listener = name,
+            open = connections.len(),
+            "closing the connections still open after {drain_timeout:?}"
+        );
+        connections.shutdown().await;
+    }
+    debug!(listener = name, "every connection ended");
+}
+
+/// An accepted connection on its way to its gateway.
+struct Connection {
+    tcp: TcpStream,
+    peer: SocketAddr,
+    listener: &'static str,
+    handshake_timeout: Duration,
+    /// Its place under the connection limit, given back when the connection ends.
+    _slot: Option<OwnedSemaphorePermit>,
+}
+
+impl Connection {
+    async fn run<H, G>(self, handshake: Arc<H>, gateway: Arc<G>, mut stop: watch::Receiver<bool>)
+    where
+        H: Handshake,
+        G: Gateway<H::Stream>,
+    {
+        let Connection {
+            tcp,
+            peer,
+            listener,
+            handshake_timeout,
+            _slot,
+        } = self;
+        let _counted = (!G::COUNTS_ITSELF).then(|| ConnectionGuard::new(listener));
+        let stream = tokio::select! {
+            done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
+                Ok(Ok(stream)) => stream,
+                Ok(Err(e)) => return Dropped::HandshakeFailed(e).record(listener),
+                Err(_) => return Dropped::HandshakeTimeout(handshake_timeout).record(listener),
+            },
+            // A half-done handshake is not worth holding the stop up for.
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let accepted = Accepted {
+            stream,
+            peer,
+            listener,
+        };
+        gateway.serve_connection(accepted, stop).await;
+    }
+}
+
+/// A connection task that panicked is logged (the panic message went to stderr); the
+/// listener and the other connections go on.
+fn reap(listener: &'static str, ended: Result<(), JoinError>) {
+    if let Err(e) = ended
+        && e.is_panic()
+    {
+        error!(listener, "a connection task panicked");
+    }
+}
+
+#[cfg(test)]
+mod tests;
