@@ -6,7 +6,7 @@ import signal
 import pytest
 
 import mqttraw
-from mqttcompat import BROKERS, MQTTv311, MQTTv5, wait_until
+from mqttcompat import BROKERS, MQTTv311, MQTTv5, PacketTypes, props, wait_until
 
 
 class Restartable:
@@ -189,3 +189,27 @@ def test_kill_9_with_deliveries_in_flight(make_tributary, mq, uid, mode):
     wait_until(lambda: any(m.payload == b"after" for m in c2.received()), what="'after'")
     again = [m.payload for m in c2.received() if m.payload != b"after"]
     assert not [p for p in again if p.startswith(b"2-")], f"QoS 2 redelivered: {again}"
+
+
+@pytest.mark.tributary_only(reason="kill -9 of the process holding the data; see above")
+def test_v5_delayed_will_survives_kill_9(make_tributary, mq, uid):
+    """A will waiting for its Will Delay Interval is in the durable timer service: a kill -9
+    of the core during the delay does not lose it; it comes after the restart."""
+    d = make_tributary("standalone")
+    topic = f"{uid}/will"
+    # The watcher's session outlives the restart, so the will finds it afterwards.
+    w = mq(d.broker(), f"{uid}-w", MQTTv5, clean=False)
+    w.connect(session_expiry=3600)
+    assert w.subscribe(topic, 1) == [1]
+    w.disconnect()
+    c = mq(d.broker(), f"{uid}-c", MQTTv5, clean=True)
+    c.connect(session_expiry=60, will=(topic, b"late", 1, False),
+              will_properties=props(PacketTypes.WILLMESSAGE, WillDelayInterval=2))
+    c.drop()
+    log = d.core.log_path
+    wait_until(lambda: "delayed will scheduled" in log.read_text(), what="the will's timer")
+    d.restart_core(signal.SIGKILL)
+    w = mq(d.broker(), f"{uid}-w", MQTTv5, clean=False)
+    assert w.connect(session_expiry=3600).session_present is True
+    [m] = w.wait_messages(1, timeout=15)
+    assert m.payload == b"late"

@@ -54,6 +54,17 @@ pub const TIMER_BY_ID: &str = "timerid";
 pub const TIMER_FIRING: &str = "timerfiring";
 pub const COUNTER: &str = "counter";
 
+/// A stable 64-bit hash (FNV-1a): the same bytes give the same value across restarts and
+/// versions (key-to-partition placement, timer ids derived from names).
+pub fn stable_hash(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in bytes {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
 /// Checks a namespace, stream or group name.
 pub fn validate_name(what: &str, name: &str) -> CoreResult<()> {
     if name.is_empty() || name.len() > 255 {

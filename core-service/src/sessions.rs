@@ -53,6 +53,22 @@ const EVENT_CAPACITY: usize = QOS0_BACKLOG + 65_535 + 4_096;
 pub const DEFAULT_MAX_QUEUED: usize = 100_000;
 
 const SESSION_KEY: &str = "mqttsession";
+/// Kinds of session timers in the durable timer service.
+const WILL_TIMER: &str = "will";
+const EXPIRY_TIMER: &str = "expiry";
+
+/// The id of a session's timer of one kind: derived from the session's name (client ids
+/// may hold anything, timer ids may not), so a reconnect finds and cancels it.
+fn session_timer_id(kind: &str, id: &SessionId) -> String {
+    let mut name = id.0.as_bytes().to_vec();
+    name.push(0);
+    name.extend_from_slice(id.1.as_bytes());
+    format!(
+        "mqtt-{kind}-{:016x}{:016x}",
+        meta::stable_hash(&name),
+        meta::stable_hash(id.1.as_bytes())
+    )
+}
 const PENDING_KEY: &str = "mqttpending";
 const RETAINED_KEY: &str = "mqttretained";
 /// How often `$SYS/` topics are refreshed.
@@ -708,6 +724,12 @@ impl Core {
             });
         }
         self.persist(ops).await?;
+        // A reconnect cancels a delayed will and the session's expiry.
+        for kind in [WILL_TIMER, EXPIRY_TIMER] {
+            if let Err(e) = self.cancel_timer(&ns, &session_timer_id(kind, &id)).await {
+                warn!(client = %id.1, error = %e, "could not cancel a session timer");
+            }
+        }
         for w in wills {
             self.route(&ns, w, None, true).await;
         }
@@ -819,28 +841,75 @@ impl Core {
             if delay <= 0 {
                 self.route(&a.id.0, will, None, true).await;
             } else {
-                let core = self.clone();
-                let (id, epoch) = (a.id.clone(), a.epoch);
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(delay as u64)).await;
-                    let reconnected = {
-                        let st = core.broker().state.lock();
-                        st.sessions.get(&id).is_some_and(|s| s.epoch != epoch)
-                    };
-                    if !reconnected {
-                        core.route(&id.0, will, None, true).await;
-                    }
-                });
+                // In the durable timer service, so that a restart does not lose it; a
+                // reconnect cancels it.
+                let timer = v1::timer::Action::Route(will);
+                self.schedule_session_timer(&a.id, WILL_TIMER, now_ms() + delay, timer)
+                    .await;
+                info!(client = %a.id.1, delay_ms = delay, "delayed will scheduled");
             }
         }
         if expiry_ms > 0 {
-            let core = self.clone();
-            let (id, epoch) = (a.id.clone(), a.epoch);
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(expiry_ms as u64)).await;
-                core.expire_session(&id, epoch).await;
+            let action = v1::timer::Action::SessionExpiry(v1::SessionExpiry {
+                client_id: a.id.1.clone(),
             });
+            self.schedule_session_timer(&a.id, EXPIRY_TIMER, now_ms() + expiry_ms, action)
+                .await;
         }
+        // A reconnect that came in meanwhile attached before it cancelled the timers, so
+        // either it cancelled the ones just scheduled or it is seen here.
+        let back = {
+            let st = broker.state.lock();
+            st.sessions
+                .get(&a.id)
+                .is_some_and(|s| s.epoch != a.epoch || s.conn.is_some())
+        };
+        if back {
+            for kind in [WILL_TIMER, EXPIRY_TIMER] {
+                let _ = self
+                    .cancel_timer(&a.id.0, &session_timer_id(kind, &a.id))
+                    .await;
+            }
+        }
+    }
+
+    /// Schedules (or replaces) one of a session's timers.
+    async fn schedule_session_timer(
+        &self,
+        id: &SessionId,
+        kind: &str,
+        due_at_ms: i64,
+        action: v1::timer::Action,
+    ) {
+        let timer = v1::Timer {
+            id: session_timer_id(kind, id),
+            due_at_ms: due_at_ms.max(1),
+            namespace: id.0.clone(),
+            action: Some(action),
+        };
+        let scheduled = match self.schedule_timer(timer.clone()).await {
+            Err(CoreError::Conflict(_)) => {
+                let _ = self.cancel_timer(&id.0, &timer.id).await;
+                self.schedule_timer(timer).await
+            }
+            other => other,
+        };
+        if let Err(e) = scheduled {
+            warn!(client = %id.1, kind, error = %e, "could not schedule a session timer");
+        }
+    }
+
+    /// A session's expiry timer fired: the session ends if it is still disconnected.
+    pub(crate) async fn expire_disconnected_session(&self, ns: &str, client: &str) {
+        let id: SessionId = (ns.to_string(), client.to_string());
+        let epoch = {
+            let st = self.broker().state.lock();
+            match st.sessions.get(&id) {
+                Some(s) if s.conn.is_none() => s.epoch,
+                _ => return,
+            }
+        };
+        self.expire_session(&id, epoch).await;
     }
 
     async fn expire_session(&self, id: &SessionId, epoch: i64) {
@@ -1322,12 +1391,23 @@ impl Core {
             counts = (st.sessions.len(), retained.len(), pending.len());
         }
         self.persist(stale).await?;
-        for (id, epoch, left) in expiries {
-            let core = self.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(left as u64)).await;
-                core.expire_session(&id, epoch).await;
-            });
+        // Each disconnected session has its expiry in the timer service (a session stored
+        // before timers kept expiries gets one now; an existing one is left as it is).
+        for (id, _epoch, left) in expiries {
+            let timer = v1::Timer {
+                id: session_timer_id(EXPIRY_TIMER, &id),
+                due_at_ms: (now + left).max(1),
+                namespace: id.0.clone(),
+                action: Some(v1::timer::Action::SessionExpiry(v1::SessionExpiry {
+                    client_id: id.1.clone(),
+                })),
+            };
+            match self.schedule_timer(timer).await {
+                Ok(_) | Err(CoreError::Conflict(_)) => {}
+                Err(e) => {
+                    warn!(client = %id.1, error = %e, "could not schedule a session's expiry")
+                }
+            }
         }
         if counts != (0, 0, 0) {
             info!(

@@ -38,7 +38,8 @@ fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
         Some(
             v1::timer::Action::Route(_)
             | v1::timer::Action::AmqpPublish(_)
-            | v1::timer::Action::Enqueue(_),
+            | v1::timer::Action::Enqueue(_)
+            | v1::timer::Action::SessionExpiry(_),
         )
         | None => Err(CoreError::InvalidArgument("a timer needs an action".into())),
     }
@@ -75,6 +76,13 @@ impl Core {
             }
             Some(v1::timer::Action::AmqpPublish(p)) => {
                 validate_name("exchange", &p.exchange)?;
+            }
+            Some(v1::timer::Action::SessionExpiry(e)) => {
+                if e.client_id.is_empty() {
+                    return Err(CoreError::InvalidArgument(
+                        "a session expiry names a client".into(),
+                    ));
+                }
             }
             Some(v1::timer::Action::Enqueue(e)) => {
                 let queue = e.queue.as_ref().ok_or_else(|| {
@@ -273,7 +281,11 @@ impl Core {
             v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         if matches!(
             &timer.action,
-            Some(v1::timer::Action::Route(_)) | Some(v1::timer::Action::AmqpPublish(_))
+            Some(
+                v1::timer::Action::Route(_)
+                    | v1::timer::Action::AmqpPublish(_)
+                    | v1::timer::Action::SessionExpiry(_)
+            )
         ) {
             return self.fire_route(due_key, raw.clone(), &timer).await;
         }
@@ -321,8 +333,8 @@ impl Core {
         self.finish_firing(firing_key, firing).await
     }
 
-    /// A delayed publish (MQTT topic or AMQP exchange): routed, then forgotten. At least
-    /// once: a crash between the two routes it again after the restart.
+    /// A delayed publish (MQTT topic or AMQP exchange) or a session expiry: done, then
+    /// forgotten. At least once: a crash between the two does it again after the restart.
     async fn fire_route(
         &self,
         due_key: Vec<u8>,
@@ -336,6 +348,10 @@ impl Core {
             }
             Some(v1::timer::Action::AmqpPublish(p)) => {
                 self.publish_delayed(&timer.namespace, p.clone());
+            }
+            Some(v1::timer::Action::SessionExpiry(e)) => {
+                self.expire_disconnected_session(&timer.namespace, &e.client_id)
+                    .await;
             }
             _ => {}
         }

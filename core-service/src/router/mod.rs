@@ -704,7 +704,7 @@ impl Core {
                     let p = if r.key.is_empty() {
                         0
                     } else {
-                        (fnv1a(&r.key) % partitions) as u32
+                        (meta::stable_hash(&r.key) % partitions) as u32
                     };
                     by_partition.entry(p).or_default().push(r);
                 }
@@ -736,15 +736,4 @@ impl Core {
             .filter(|(n, _)| n == ns)
             .count()
     }
-}
-
-/// A stable hash (FNV-1a, 64 bits) for key-to-partition placement: the same key lands on
-/// the same partition across restarts and versions.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
