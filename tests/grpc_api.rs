@@ -421,13 +421,13 @@ async fn bad_arguments_get_invalid_argument_with_a_reason() {
         );
     }
     // What this build does not implement says so, with a stable code.
-    let q = c
-        .queues
-        .receive(v1::ReceiveRequest::default())
+    let t = c
+        .transactions
+        .begin_transaction(v1::BeginTransactionRequest::default())
         .await
         .unwrap_err();
-    assert_eq!(q.code(), tonic::Code::Unimplemented);
-    assert_eq!(error_code(&q), ErrorCode::Unsupported);
+    assert_eq!(t.code(), tonic::Code::Unimplemented);
+    assert_eq!(error_code(&t), ErrorCode::Unsupported);
     // The server is still fine.
     create(&mut c, "still-fine", 1).await;
 }

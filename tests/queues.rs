@@ -8,45 +8,16 @@ mod common;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
+use common::queue_api::{Api, api, qid, text};
 use common::{Server, free_port_args};
-use tonic::transport::Channel;
 use tributary_gateway_common::error_code;
-use tributary_proto::v1::{
-    self, ErrorCode, admin_client::AdminClient, queues_client::QueuesClient,
-    streams_client::StreamsClient,
-};
-
-struct Api {
-    admin: AdminClient<Channel>,
-    queues: QueuesClient<Channel>,
-    streams: StreamsClient<Channel>,
-}
-
-async fn api(server: &Server) -> Api {
-    let channel = Channel::from_shared(format!("http://{}", server.core))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Api {
-        admin: AdminClient::new(channel.clone()),
-        queues: QueuesClient::new(channel.clone()),
-        streams: StreamsClient::new(channel),
-    }
-}
+use tributary_proto::v1::{self, ErrorCode};
 
 fn now_ms() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
-}
-
-fn qid(name: &str) -> Option<v1::QueueId> {
-    Some(v1::QueueId {
-        namespace: "default".into(),
-        name: name.into(),
-    })
 }
 
 fn rec(value: &str) -> v1::Record {
@@ -60,104 +31,6 @@ fn rec_with(value: &str, props: v1::SystemProperties) -> v1::Record {
     v1::Record {
         properties: Some(props),
         ..rec(value)
-    }
-}
-
-fn text(m: &v1::LeasedMessage) -> String {
-    String::from_utf8(m.record.as_ref().unwrap().value.to_vec()).unwrap()
-}
-
-impl Api {
-    async fn declare(&mut self, name: &str, config: v1::QueueConfig) -> v1::QueueInfo {
-        self.admin
-            .declare_queue(v1::DeclareQueueRequest {
-                id: qid(name),
-                config: Some(config),
-                durable: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .queue
-            .unwrap()
-    }
-
-    async fn info(&mut self, name: &str) -> v1::QueueInfo {
-        self.admin
-            .declare_queue(v1::DeclareQueueRequest {
-                id: qid(name),
-                passive: true,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .queue
-            .unwrap()
-    }
-
-    async fn send(&mut self, queue: &str, records: Vec<v1::Record>) -> v1::EnqueueResponse {
-        self.queues
-            .enqueue(v1::EnqueueRequest {
-                queue: qid(queue),
-                records,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-    }
-
-    async fn receive(
-        &mut self,
-        queue: &str,
-        max: u32,
-        visibility_ms: i64,
-        wait_ms: i32,
-    ) -> Vec<v1::LeasedMessage> {
-        self.queues
-            .receive(v1::ReceiveRequest {
-                queue: qid(queue),
-                max_messages: max,
-                visibility_timeout_ms: visibility_ms,
-                wait_time_ms: wait_ms,
-                consumer: String::new(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .messages
-    }
-
-    async fn ack(&mut self, queue: &str, leases: &[&v1::LeasedMessage]) -> Vec<String> {
-        self.queues
-            .ack(v1::AckRequest {
-                queue: qid(queue),
-                lease_ids: leases.iter().map(|m| m.lease_id.clone()).collect(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .expired
-    }
-
-    /// Receives until `n` messages came or `limit` passed (long polls, no sleeps).
-    async fn receive_n(
-        &mut self,
-        queue: &str,
-        n: usize,
-        visibility_ms: i64,
-        limit: Duration,
-    ) -> Vec<v1::LeasedMessage> {
-        let deadline = Instant::now() + limit;
-        let mut out = Vec::new();
-        while out.len() < n && Instant::now() < deadline {
-            out.extend(
-                self.receive(queue, (n - out.len()) as u32, visibility_ms, 2_000)
-                    .await,
-            );
-        }
-        out
     }
 }
 
@@ -892,15 +765,10 @@ async fn subscriptions_push_within_credit_and_release_on_close() {
     drop(tx);
     drop(events);
     // The core notices the end of the stream on its own time: wait for that (bounded).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let info = a.info("push").await;
-        if info.consumers == 0 && info.messages_leased == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the subscription never ended");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    a.wait_info("push", "the end of the subscription", |i| {
+        i.consumers == 0 && i.messages_leased == 0
+    })
+    .await;
     let back = a
         .receive_n("push", 4, 30_000, Duration::from_secs(20))
         .await;
@@ -1052,17 +920,12 @@ async fn single_active_consumer_takes_turns() {
     .await;
     let (first_tx, mut first) = subscribe(&mut a, "sac", 10).await;
     // The first subscription holds the turn once it is counted.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while a.info("sac").await.consumers < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    a.wait_info("sac", "the first consumer", |i| i.consumers == 1)
+        .await;
     let mut b = api(&server).await;
     let (_second_tx, mut second) = subscribe(&mut b, "sac", 10).await;
-    while a.info("sac").await.consumers < 2 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    a.wait_info("sac", "the second consumer", |i| i.consumers == 2)
+        .await;
     a.send("sac", vec![rec("s1"), rec("s2"), rec("s3")]).await;
     let mut got = Vec::new();
     for _ in 0..3 {
@@ -1094,11 +957,9 @@ async fn an_auto_delete_queue_goes_with_its_last_consumer() {
         .await
         .unwrap();
     let (tx, events) = subscribe(&mut a, "temp", 1).await;
+    a.wait_info("temp", "the consumer", |i| i.consumers == 1)
+        .await;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while a.info("temp").await.consumers < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     drop((tx, events));
     loop {
         let r = a

@@ -5,39 +5,10 @@
 mod common;
 
 use bytes::Bytes;
+use common::queue_api::{Api, api, qid};
 use common::{Server, free_port_args};
-use tonic::transport::Channel;
 use tributary_gateway_common::error_code;
-use tributary_proto::v1::{
-    self, AddressKind, ErrorCode, admin_client::AdminClient, binding::Destination,
-    queues_client::QueuesClient, streams_client::StreamsClient,
-};
-
-struct Api {
-    admin: AdminClient<Channel>,
-    queues: QueuesClient<Channel>,
-    streams: StreamsClient<Channel>,
-}
-
-async fn api(server: &Server) -> Api {
-    let channel = Channel::from_shared(format!("http://{}", server.core))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    Api {
-        admin: AdminClient::new(channel.clone()),
-        queues: QueuesClient::new(channel.clone()),
-        streams: StreamsClient::new(channel),
-    }
-}
-
-fn qid(name: &str) -> Option<v1::QueueId> {
-    Some(v1::QueueId {
-        namespace: "default".into(),
-        name: name.into(),
-    })
-}
+use tributary_proto::v1::{self, AddressKind, ErrorCode, binding::Destination};
 
 impl Api {
     async fn queue(&mut self, name: &str) {
@@ -112,34 +83,6 @@ impl Api {
             .into_inner()
             .routed;
         routed[0]
-    }
-
-    /// Everything ready in the queue now (acked), as text.
-    async fn drain(&mut self, queue: &str) -> Vec<String> {
-        let got = self
-            .queues
-            .receive(v1::ReceiveRequest {
-                queue: qid(queue),
-                max_messages: 100,
-                visibility_timeout_ms: 30_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .messages;
-        if !got.is_empty() {
-            self.queues
-                .ack(v1::AckRequest {
-                    queue: qid(queue),
-                    lease_ids: got.iter().map(|m| m.lease_id.clone()).collect(),
-                })
-                .await
-                .unwrap();
-        }
-        got.iter()
-            .map(|m| String::from_utf8(m.record.as_ref().unwrap().value.to_vec()).unwrap())
-            .collect()
     }
 }
 
@@ -534,13 +477,10 @@ async fn fan_out_is_stored_once() {
         String::from_utf8_lossy(&m.record.as_ref().unwrap().value[..4]).into_owned()
     };
     // s1 reads everything now; s2 half; s3 nothing yet.
-    let all: Vec<String> = receive_all(&mut a, "s1", N)
-        .await
-        .iter()
-        .map(prefix)
-        .collect();
+    let all: Vec<String> = a.receive_all("s1", N).await.iter().map(prefix).collect();
     assert_eq!(all, (0..N).map(|i| format!("m{i:02}:")).collect::<Vec<_>>());
-    let half: Vec<String> = receive_all(&mut a, "s2", N / 2)
+    let half: Vec<String> = a
+        .receive_all("s2", N / 2)
         .await
         .iter()
         .map(prefix)
@@ -551,9 +491,9 @@ async fn fan_out_is_stored_once() {
 
     let server = Server::start(&args);
     let mut a = api(&server).await;
-    let rest2 = receive_all(&mut a, "s2", N / 2).await;
+    let rest2 = a.receive_all("s2", N / 2).await;
     assert_eq!(prefix(&rest2[0]), format!("m{:02}:", N / 2));
-    let all3 = receive_all(&mut a, "s3", N).await;
+    let all3 = a.receive_all("s3", N).await;
     assert_eq!(all3.len(), N);
     assert_eq!(prefix(&all3[N - 1]), format!("m{:02}:", N - 1));
     // Everything is settled: the shared copy goes (the collector runs every few seconds).
@@ -566,41 +506,4 @@ async fn fan_out_is_stored_once() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
-}
-
-/// Receives and acks exactly `n` messages (long polls; fails after 20 s).
-async fn receive_all(a: &mut Api, queue: &str, n: usize) -> Vec<v1::LeasedMessage> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    let mut out = Vec::new();
-    while out.len() < n {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "only {} of {n}",
-            out.len()
-        );
-        let got = a
-            .queues
-            .receive(v1::ReceiveRequest {
-                queue: qid(queue),
-                max_messages: (n - out.len()) as u32,
-                visibility_timeout_ms: 60_000,
-                wait_time_ms: 2_000,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .messages;
-        if !got.is_empty() {
-            a.queues
-                .ack(v1::AckRequest {
-                    queue: qid(queue),
-                    lease_ids: got.iter().map(|m| m.lease_id.clone()).collect(),
-                })
-                .await
-                .unwrap();
-        }
-        out.extend(got);
-    }
-    out
 }

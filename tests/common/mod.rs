@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 
 use tributary_gateway_common::CoreClient;
 
+pub mod queue_api;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
 
 /// Flags that put every listener on a free loopback port.

@@ -328,17 +328,21 @@ impl Core {
         Ok(n as i64)
     }
 
-    pub async fn list_queues(&self, namespace: &str) -> CoreResult<Vec<v1::QueueInfo>> {
-        let ns = crate::streams::namespace_or_default(namespace);
-        let mut handles: Vec<_> = self
-            .inner
+    /// The queues of a namespace.
+    pub(crate) fn queues_of(&self, ns: &str) -> Vec<Arc<QueueHandle>> {
+        self.inner
             .queues
             .queues
             .read()
             .values()
             .filter(|h| h.record.namespace == ns)
             .cloned()
-            .collect();
+            .collect()
+    }
+
+    pub async fn list_queues(&self, namespace: &str) -> CoreResult<Vec<v1::QueueInfo>> {
+        let ns = crate::streams::namespace_or_default(namespace);
+        let mut handles = self.queues_of(ns);
         handles.sort_by(|a, b| a.record.name.cmp(&b.record.name));
         let mut out = Vec::with_capacity(handles.len());
         for h in handles {

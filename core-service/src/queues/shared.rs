@@ -287,16 +287,7 @@ impl Core {
             let in_flight = shared.in_flight.lock().first().copied();
             in_flight.map_or(end, |b| b.min(end))
         };
-        let queues: Vec<Arc<QueueHandle>> = self
-            .inner
-            .queues
-            .queues
-            .read()
-            .values()
-            .filter(|h| h.record.namespace == ns)
-            .cloned()
-            .collect();
-        for h in queues {
+        for h in self.queues_of(ns) {
             if let Some(oldest) = self.oldest_reference(&h).await? {
                 limit = limit.min(oldest);
             }
