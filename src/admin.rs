@@ -1,11 +1,15 @@
 //! The admin HTTP listener: health, Prometheus metrics and a small read-only JSON API.
+//!
+//! Bound beyond loopback, every request but `GET /healthz` needs `Authorization: Bearer
+//! <core_token>` (see [`crate::auth`]); on loopback it is open.
 
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::StatusCode;
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
@@ -14,6 +18,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_core::{Core, CoreError};
 use tributary_proto::v1;
+
+use crate::auth::Guard;
 
 #[derive(Clone)]
 pub struct AdminState {
@@ -47,15 +53,52 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-pub fn router(state: AdminState) -> Router {
-    Router::new()
+/// The admin routes; with a `guard`, every request but the health check needs its token.
+pub fn router(state: AdminState, guard: Option<Arc<Guard>>) -> Router {
+    let router = Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
         .route("/api/v1/namespaces", get(namespaces))
         .route("/api/v1/streams", get(streams))
         .route("/api/v1/streams/{namespace}/{name}", get(stream))
         .route("/api/v1/groups", get(groups))
-        .with_state(state)
+        .with_state(state);
+    match guard {
+        Some(guard) => router.layer(middleware::from_fn_with_state(guard, require_token)),
+        None => router,
+    }
+}
+
+/// `401` unless the request carries the token; the health check is always answered, so
+/// load balancers and orchestrators need no secret.
+async fn require_token(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
+    let health = req.uri().path() == "/healthz"
+        && matches!(
+            *req.method(),
+            axum::http::Method::GET | axum::http::Method::HEAD
+        );
+    if health {
+        return next.run(req).await;
+    }
+    let peer = req
+        .extensions()
+        .get::<ConnectInfo<std::net::SocketAddr>>()
+        .map(|c| c.0);
+    match guard.check(req.headers(), peer, req.uri().path()) {
+        Ok(()) => next.run(req).await,
+        Err(reason) => (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Bearer")],
+            Json(json!({
+                "error": v1::ErrorCode::Unauthenticated.as_str_name(),
+                "message": format!(
+                    "the admin API beyond loopback requires `Authorization: Bearer <core_token>` ({})",
+                    reason.as_str()
+                ),
+            })),
+        )
+            .into_response(),
+    }
 }
 
 async fn healthz(State(s): State<AdminState>) -> Response {

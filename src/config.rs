@@ -157,10 +157,22 @@ pub struct Options {
     /// Where data lives.
     #[arg(long, env = "TRIBUTARY_DATA_DIR", global = true)]
     pub data_dir: Option<PathBuf>,
-    /// Core gRPC listener (HOST:PORT or off).
+    /// Core gRPC listener (HOST:PORT or off; default 127.0.0.1:7400, 0.0.0.0:7400 for
+    /// `tributary core`).
     #[arg(long, env = "TRIBUTARY_CORE_LISTEN", global = true)]
     pub core_listen: Option<String>,
-    /// Admin HTTP listener: health, metrics, JSON API (HOST:PORT or off).
+    /// Shared secret of the core gRPC API: the core requires it (`authorization: Bearer`)
+    /// and gateways send it. Prefer --core-token-file: a flag shows in the process list.
+    #[arg(long, env = "TRIBUTARY_CORE_TOKEN", global = true)]
+    pub core_token: Option<String>,
+    /// File holding the core token (one line).
+    #[arg(long, env = "TRIBUTARY_CORE_TOKEN_FILE", global = true)]
+    pub core_token_file: Option<PathBuf>,
+    /// Let the core and admin APIs listen beyond loopback without a token (true/false).
+    #[arg(long, env = "TRIBUTARY_CORE_INSECURE", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub core_insecure: Option<bool>,
+    /// Admin HTTP listener: health, metrics, JSON API (HOST:PORT or off; default
+    /// 127.0.0.1:7480, 0.0.0.0:7480 for `tributary core`).
     #[arg(long, env = "TRIBUTARY_ADMIN_LISTEN", global = true)]
     pub admin_listen: Option<String>,
     /// Kafka gateway listener (HOST:PORT or off).
@@ -311,6 +323,9 @@ pub struct AmqpPermissionEntry {
 pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     pub core_listen: Option<String>,
+    pub core_token: Option<String>,
+    pub core_token_file: Option<PathBuf>,
+    pub core_insecure: Option<bool>,
     pub admin_listen: Option<String>,
     pub kafka_listen: Option<String>,
     pub mqtt_listen: Option<String>,
@@ -389,6 +404,17 @@ impl Listen {
     }
 }
 
+/// Which process the settings are for: the core and admin listeners default to loopback
+/// in the standalone server (its gateways reach the core in-process) and to every
+/// interface for `tributary core`, which serves gateways on other machines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Role {
+    #[default]
+    Standalone,
+    Core,
+    Gateway,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StorageKind {
     Local,
@@ -400,6 +426,10 @@ pub enum StorageKind {
 pub struct Settings {
     pub data_dir: PathBuf,
     pub core_listen: Listen,
+    /// The shared secret of the core API (`core_token` or the file `core_token_file`).
+    pub core_token: Option<crate::auth::CoreToken>,
+    /// The core and admin APIs may listen beyond loopback without a token.
+    pub core_insecure: bool,
     pub admin_listen: Listen,
     pub kafka_listen: Listen,
     pub mqtt_listen: Listen,
@@ -487,15 +517,20 @@ fn parse_fsync(value: &str) -> Result<FsyncPolicy, ConfigError> {
 }
 
 impl Settings {
-    pub fn from_cli(options: &Options) -> Result<Self, ConfigError> {
+    pub fn from_cli(options: &Options, role: Role) -> Result<Self, ConfigError> {
         let file = match &options.config {
             Some(path) => load_file(path)?,
             None => FileConfig::default(),
         };
-        Self::resolve(options, &file)
+        Self::resolve_for(options, &file, role)
     }
 
+    /// The settings of the standalone server.
     pub fn resolve(o: &Options, f: &FileConfig) -> Result<Self, ConfigError> {
+        Self::resolve_for(o, f, Role::Standalone)
+    }
+
+    pub fn resolve_for(o: &Options, f: &FileConfig, role: Role) -> Result<Self, ConfigError> {
         macro_rules! pick {
             ($field:ident, $default:expr) => {
                 o.$field
@@ -562,6 +597,11 @@ impl Settings {
                 "expected at least 10",
             ));
         }
+        let core_token = resolve_core_token(o, f)?;
+        let (core_listen_default, admin_listen_default) = match role {
+            Role::Core => ("0.0.0.0:7400", "0.0.0.0:7480"),
+            Role::Standalone | Role::Gateway => ("127.0.0.1:7400", "127.0.0.1:7480"),
+        };
         let core = pick!(core, "http://127.0.0.1:7400");
         if !(core.starts_with("http://") || core.starts_with("https://")) {
             return Err(invalid(
@@ -763,8 +803,10 @@ impl Settings {
             amqp_permissions,
             amqp_tls_listen,
             data_dir: pick!(data_dir, PathBuf::from("./data")),
-            core_listen: listen!(core_listen, "0.0.0.0:7400"),
-            admin_listen: listen!(admin_listen, "0.0.0.0:7480"),
+            core_listen: listen!(core_listen, core_listen_default),
+            core_token,
+            core_insecure: pick!(core_insecure, false),
+            admin_listen: listen!(admin_listen, admin_listen_default),
             kafka_listen: listen!(kafka_listen, "0.0.0.0:9092"),
             mqtt_listen: listen!(mqtt_listen, "0.0.0.0:1883"),
             mqtt_ws_listen: listen!(mqtt_ws_listen, "0.0.0.0:8083"),
@@ -803,6 +845,44 @@ impl Settings {
     }
 }
 
+/// `core_token`, or the first line of the file `core_token_file` (not both).
+fn resolve_core_token(
+    o: &Options,
+    f: &FileConfig,
+) -> Result<Option<crate::auth::CoreToken>, ConfigError> {
+    let token = o
+        .core_token
+        .clone()
+        .or_else(|| f.core_token.clone())
+        .filter(|t| !t.is_empty());
+    let file = o
+        .core_token_file
+        .clone()
+        .or_else(|| f.core_token_file.clone())
+        .filter(|p| !p.as_os_str().is_empty());
+    let (key, text) = match (token, file) {
+        (None, None) => return Ok(None),
+        (Some(_), Some(p)) => {
+            return Err(invalid(
+                "core_token_file",
+                p.display(),
+                "core_token is set too: give one of them",
+            ));
+        }
+        (Some(t), None) => ("core_token", t),
+        (None, Some(p)) => {
+            let text = std::fs::read_to_string(&p)
+                .map_err(|e| invalid("core_token_file", p.display(), e))?;
+            let first = text.lines().next().unwrap_or_default().trim().to_string();
+            ("core_token_file", first)
+        }
+    };
+    // Never echo the secret in the error.
+    crate::auth::CoreToken::new(&text)
+        .map(Some)
+        .map_err(|reason| invalid(key, "<redacted>", reason))
+}
+
 fn load_file(path: &Path) -> Result<FileConfig, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.into(),
@@ -836,6 +916,11 @@ mod tests {
             ..Default::default()
         };
         let s = Settings::resolve(&opts, &file).unwrap();
+        assert_eq!(s.core_listen, Listen::At("127.0.0.1:7400".parse().unwrap()));
+        assert_eq!(
+            s.admin_listen,
+            Listen::At("127.0.0.1:7480".parse().unwrap())
+        );
         assert_eq!(s.kafka_listen, Listen::At("127.0.0.1:2".parse().unwrap()));
         assert_eq!(s.mqtt_listen, Listen::Off);
         assert_eq!(s.amqp_listen, Listen::At("0.0.0.0:5672".parse().unwrap()));
@@ -864,6 +949,49 @@ mod tests {
             parse_fsync("5ms").unwrap(),
             FsyncPolicy::Interval(Duration::from_millis(5))
         );
+    }
+
+    #[test]
+    fn the_split_core_listens_on_every_interface_by_default() {
+        let s =
+            Settings::resolve_for(&Options::default(), &FileConfig::default(), Role::Core).unwrap();
+        assert_eq!(s.core_listen, Listen::At("0.0.0.0:7400".parse().unwrap()));
+        assert_eq!(s.admin_listen, Listen::At("0.0.0.0:7480".parse().unwrap()));
+        assert!(s.core_token.is_none() && !s.core_insecure);
+    }
+
+    #[test]
+    fn the_core_token_comes_from_a_value_or_a_file_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        std::fs::write(&path, "0123456789abcdef0123\n").unwrap();
+        let opts = Options {
+            core_token_file: Some(path.clone()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&opts, &FileConfig::default()).unwrap();
+        assert_eq!(s.core_token.unwrap().expose(), "0123456789abcdef0123");
+        let file = FileConfig {
+            core_token: Some("0123456789abcdef0123".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&opts, &file).unwrap_err().to_string();
+        assert!(
+            e.contains("core_token_file") && e.contains("one of them"),
+            "{e}"
+        );
+        let opts = Options {
+            core_token: Some("tooshort".into()),
+            ..Default::default()
+        };
+        let e = Settings::resolve(&opts, &FileConfig::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("--core-token / TRIBUTARY_CORE_TOKEN / core_token"),
+            "{e}"
+        );
+        assert!(!e.contains("tooshort"), "the secret is not echoed: {e}");
     }
 
     #[test]
@@ -900,6 +1028,9 @@ mod tests {
         for key in [
             "data_dir",
             "core_listen",
+            "core_token",
+            "core_token_file",
+            "core_insecure",
             "admin_listen",
             "kafka_listen",
             "mqtt_listen",

@@ -2,5 +2,6 @@
 //! Integration tests drive the real binary; this library keeps `main.rs` small.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod server;

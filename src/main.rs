@@ -2,12 +2,17 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tributary::config::{BenchCommand, Cli, Command, ReportArgs, Settings};
+use tributary::config::{BenchCommand, Cli, Command, ReportArgs, Role, Settings};
 use tributary::server::{self, Mode, Server};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let settings = match Settings::from_cli(&cli.options) {
+    let role = match &cli.command {
+        Some(Command::Core) => Role::Core,
+        Some(Command::Gateway { .. }) => Role::Gateway,
+        _ => Role::Standalone,
+    };
+    let settings = match Settings::from_cli(&cli.options, role) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");

@@ -23,6 +23,7 @@ use tributary_storage::redb_meta::RedbMetaStore;
 use tributary_storage::{LogStore, MetaStore, StorageError};
 
 use crate::admin::{self, AdminState};
+use crate::auth::{CoreAuthLayer, Guard, beyond_loopback};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
@@ -53,6 +54,9 @@ pub enum StartError {
     Connect(#[from] ConnectError),
     #[error("{0}")]
     Tls(#[from] tributary_gateway_common::tls::TlsError),
+    /// A listener beyond loopback without authentication, or a core that refused us.
+    #[error("{0}")]
+    Unauthenticated(String),
 }
 
 /// Where a running server's listeners ended up (port 0 resolved).
@@ -135,6 +139,7 @@ impl Server {
         if let Mode::Gateway(protocol) = &mode {
             return Self::start_gateway(settings, protocol).await;
         }
+        check_exposure(settings)?;
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
         let admin_listener = bind_listen(
@@ -198,12 +203,21 @@ impl Server {
             let addr = listener.local_addr().ok();
             bound.core = addr;
             let routes = tributary_core::grpc::routes(core.clone());
+            // Only this network listener checks the token: the in-process clients of the
+            // standalone gateways are the server itself.
+            let auth = CoreAuthLayer(
+                settings
+                    .core_token
+                    .clone()
+                    .map(|token| Guard::new("core", token)),
+            );
             let mut stop_rx = stop.subscribe();
             tasks.push(tokio::spawn(async move {
                 let incoming = TcpListenerStream::new(listener);
                 let server = tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .http2_adaptive_window(Some(true))
+                    .layer(auth)
                     .add_routes(routes)
                     .serve_with_incoming_shutdown(incoming, async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
@@ -220,9 +234,19 @@ impl Server {
                 ready: ready.clone(),
                 prometheus: admin::prometheus(),
             };
+            // Beyond loopback, everything but the health check needs the token (without
+            // one, check_exposure let it start only with core_insecure).
+            let guard = match (settings.admin_listen.addr(), &settings.core_token) {
+                (Some(a), Some(token)) if beyond_loopback(a) => {
+                    Some(Guard::new("admin", token.clone()))
+                }
+                _ => None,
+            };
+            let app =
+                admin::router(state, guard).into_make_service_with_connect_info::<SocketAddr>();
             let mut stop_rx = stop.subscribe();
             tasks.push(tokio::spawn(async move {
-                let served = axum::serve(listener, admin::router(state))
+                let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async move {
                         let _ = stop_rx.wait_for(|s| *s).await;
                     })
@@ -263,7 +287,11 @@ impl Server {
 
     /// `tributary gateway <protocol>`: the gateway alone, its core reached over gRPC.
     async fn start_gateway(settings: &Settings, protocol: &str) -> Result<Self, StartError> {
-        let client = CoreClient::connect_lazy(&settings.core)?;
+        let client = CoreClient::connect_lazy_with_token(
+            &settings.core,
+            settings.core_token.as_ref().map(|t| t.expose()),
+        )?;
+        probe_core(settings, &client).await?;
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
@@ -335,6 +363,67 @@ impl Server {
         }
         closed?;
         Ok(())
+    }
+}
+
+/// Refuses a core or admin listener beyond loopback without a token, unless
+/// `core_insecure` accepts the risk (then warns).
+fn check_exposure(settings: &Settings) -> Result<(), StartError> {
+    let exposed: Vec<String> = [
+        ("the core gRPC API", "core_listen", settings.core_listen),
+        ("the admin HTTP API", "admin_listen", settings.admin_listen),
+    ]
+    .into_iter()
+    .filter_map(|(what, key, listen)| {
+        listen
+            .addr()
+            .filter(|a| beyond_loopback(*a))
+            .map(|a| format!("{what} ({key} = {a})"))
+    })
+    .collect();
+    if exposed.is_empty() || settings.core_token.is_some() {
+        return Ok(());
+    }
+    let list = exposed.join(" and ");
+    if settings.core_insecure {
+        warn!(
+            "core_insecure is set: {list} accepts anyone who reaches it, without authentication (they can read, write and delete every stream, queue and session); set core_token instead"
+        );
+        return Ok(());
+    }
+    Err(StartError::Unauthenticated(format!(
+        "{list} would listen beyond loopback without authentication: set core_token (--core-token-file FILE, TRIBUTARY_CORE_TOKEN, or core_token / core_token_file in the config file), listen on loopback (e.g. --core-listen 127.0.0.1:7400 --admin-listen 127.0.0.1:7480), or accept the risk with --core-insecure (core_insecure = true)"
+    )))
+}
+
+/// A gateway asks its core one cheap question before it starts: a core that refuses its
+/// token (or its lack of one) stops the gateway with one clear line. A core that does not
+/// answer yet is fine: the client connects lazily and keeps trying.
+async fn probe_core(settings: &Settings, client: &CoreClient) -> Result<(), StartError> {
+    let mut admin = client.admin.clone();
+    let call = admin.list_namespaces(tributary_proto::v1::ListNamespacesRequest {});
+    match tokio::time::timeout(Duration::from_secs(3), call).await {
+        Ok(Err(status)) if status.code() == tonic::Code::Unauthenticated => {
+            let given = if settings.core_token.is_some() {
+                "the token this gateway sent is not the core's"
+            } else {
+                "this gateway sent no token"
+            };
+            Err(StartError::Unauthenticated(format!(
+                "the core at {} refused this gateway (UNAUTHENTICATED, {given}): {}",
+                settings.core,
+                status.message()
+            )))
+        }
+        Ok(Err(status)) => {
+            warn!(core = %settings.core, error = %status.message(), "the core did not answer yet; the gateway keeps trying");
+            Ok(())
+        }
+        Ok(Ok(_)) => Ok(()),
+        Err(_) => {
+            warn!(core = %settings.core, "the core did not answer within 3 s; the gateway keeps trying");
+            Ok(())
+        }
     }
 }
 

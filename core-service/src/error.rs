@@ -82,6 +82,8 @@ pub enum CoreError {
     Storage(#[source] StorageError),
     #[error("internal error: {0}")]
     Internal(String),
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
 }
 
 impl From<StorageError> for CoreError {
@@ -137,6 +139,7 @@ impl CoreError {
             Self::Corrupt(_) => ErrorCode::CorruptData,
             Self::Storage(_) => ErrorCode::StorageFailure,
             Self::Internal(_) => ErrorCode::Internal,
+            Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
         }
     }
 
@@ -172,6 +175,7 @@ impl CoreError {
             Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,
             Self::Corrupt(_) => Code::DataLoss,
             Self::Internal(_) => Code::Internal,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
         }
     }
 }

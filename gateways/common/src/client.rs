@@ -31,7 +31,11 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// client calls stop being provably `Send` for every lifetime and cannot be spawned.
 #[derive(Clone)]
 pub enum CoreTransport {
-    Network(Channel),
+    /// A core across the network; `authorization` (`Bearer <core_token>`) goes on every call.
+    Network {
+        channel: Channel,
+        authorization: Option<http::HeaderValue>,
+    },
     InProcess(Routes),
 }
 
@@ -42,16 +46,25 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
-            Self::Network(c) => tower::Service::poll_ready(c, cx).map_err(Into::into),
+            Self::Network { channel, .. } => {
+                tower::Service::poll_ready(channel, cx).map_err(Into::into)
+            }
             Self::InProcess(r) => tower::Service::<http::Request<Body>>::poll_ready(r, cx)
                 .map_err(|e: Infallible| match e {}),
         }
     }
 
-    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+    fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         match self {
-            Self::Network(c) => {
-                let fut = tower::Service::call(c, req);
+            Self::Network {
+                channel,
+                authorization,
+            } => {
+                if let Some(v) = authorization {
+                    req.headers_mut()
+                        .insert(http::header::AUTHORIZATION, v.clone());
+                }
+                let fut = tower::Service::call(channel, req);
                 Box::pin(async move { fut.await.map_err(Into::into) })
             }
             Self::InProcess(r) => {
@@ -73,6 +86,10 @@ pub enum ConnectError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(
+        "invalid core_token: it must be printable ASCII without spaces (it goes in an HTTP header)"
+    )]
+    InvalidToken,
 }
 
 /// The events of one attached session, whatever the transport.
@@ -188,6 +205,23 @@ impl CoreClient {
     /// A client for a core across the network (`http://host:7400`). Connects lazily and
     /// reconnects on its own, so a gateway may start before its core.
     pub fn connect_lazy(address: &str) -> Result<Self, ConnectError> {
+        Self::connect_lazy_with_token(address, None)
+    }
+
+    /// [`CoreClient::connect_lazy`], sending `authorization: Bearer <token>` on every call
+    /// when a token is given (a core with `core_token` set refuses calls without it).
+    pub fn connect_lazy_with_token(
+        address: &str,
+        token: Option<&str>,
+    ) -> Result<Self, ConnectError> {
+        let authorization = token
+            .map(|t| {
+                let mut v = http::HeaderValue::from_str(&format!("Bearer {t}"))
+                    .map_err(|_| ConnectError::InvalidToken)?;
+                v.set_sensitive(true);
+                Ok(v)
+            })
+            .transpose()?;
         let endpoint = Endpoint::from_shared(address.to_string())
             .map_err(|source| ConnectError::InvalidAddress {
                 address: address.into(),
@@ -195,9 +229,10 @@ impl CoreClient {
             })?
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
-        Ok(Self::from_transport(CoreTransport::Network(
-            endpoint.connect_lazy(),
-        )))
+        Ok(Self::from_transport(CoreTransport::Network {
+            channel: endpoint.connect_lazy(),
+            authorization,
+        }))
     }
 }
 
@@ -212,6 +247,7 @@ pub fn error_code(status: &tonic::Status) -> ErrorCode {
             tonic::Code::Unimplemented => ErrorCode::Unsupported,
             tonic::Code::InvalidArgument => ErrorCode::InvalidArgument,
             tonic::Code::Unavailable => ErrorCode::ShuttingDown,
+            tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
             _ => ErrorCode::Internal,
         })
 }

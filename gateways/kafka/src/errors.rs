@@ -99,6 +99,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::SessionTakenOver
         | ErrorCode::TransactionNotFound
         | ErrorCode::BindingNotFound
+        | ErrorCode::Unauthenticated
         | ErrorCode::Internal => K::UnknownServerError,
     };
     e.code()
