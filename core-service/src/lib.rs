@@ -154,6 +154,8 @@ impl Core {
         core.load_metadata().await?;
         core.recover_queues().await?;
         core.recover_router().await?;
+        // Only now: an owner task may dead-letter into any queue or address.
+        core.start_queue_tasks();
         core.recover_timers().await?;
         core.recover_sessions().await?;
         core.recover_channels().await?;

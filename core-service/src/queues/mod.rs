@@ -258,6 +258,7 @@ impl Core {
             .put(&queue_key(&ns, &name), &to_json(&record))
             .await?;
         let h = self.open_queue(record).await?;
+        self.start_queue_owner(&h);
         info!(queue = %h.label(), "queue declared");
         Ok((self.queue_info(&h).await, true))
     }
@@ -409,7 +410,10 @@ impl Core {
     }
 
     /// Opens every durable queue from its journal; non-durable queues end with the process
-    /// that had them.
+    /// that had them. Their owner tasks and the shared body collectors start later, in
+    /// [`Core::start_queue_tasks`], once every queue and the router are loaded: an owner
+    /// moves dead letters (to queues and addresses that must be there to take them), and a
+    /// collector cuts bodies below what the queues it sees need.
     pub(crate) async fn recover_queues(&self) -> CoreResult<()> {
         self.recover_shared_bodies().await?;
         for (key, raw) in self
@@ -431,7 +435,27 @@ impl Core {
         Ok(())
     }
 
-    /// Builds a queue's handle from its journal and starts its owner task.
+    /// Starts the owner tasks of the recovered queues and the shared body collectors; called
+    /// once recovery has loaded every queue and the router.
+    pub(crate) fn start_queue_tasks(&self) {
+        let handles: Vec<_> = self.inner.queues.queues.read().values().cloned().collect();
+        for h in &handles {
+            self.start_queue_owner(h);
+        }
+        let namespaces: Vec<String> = self.inner.queues.shared.read().keys().cloned().collect();
+        for ns in namespaces {
+            self.start_shared_body_collector(&ns);
+        }
+    }
+
+    fn start_queue_owner(&self, h: &Arc<QueueHandle>) {
+        let mut task = h.task.lock();
+        if task.is_none() {
+            *task = Some(tokio::spawn(self.clone().run_queue_owner(h.clone())));
+        }
+    }
+
+    /// Builds a queue's handle from its journal (its owner task is started by the caller).
     async fn open_queue(&self, record: QueueRecord) -> CoreResult<Arc<QueueHandle>> {
         let log = &self.inner.log;
         let (data, journal) = partitions_of(record.id);
@@ -542,8 +566,6 @@ impl Core {
             (handle.record.namespace.clone(), handle.record.name.clone()),
             handle.clone(),
         );
-        let task = tokio::spawn(self.clone().run_queue_owner(handle.clone()));
-        *handle.task.lock() = Some(task);
         Ok(handle)
     }
 

@@ -86,7 +86,9 @@ impl Core {
             .meta
             .put(&meta::key(SHARED_KEY, &[ns]), &id.to_le_bytes())
             .await?;
-        Ok(self.open_shared_bodies(ns, key, 0))
+        let s = self.open_shared_bodies(ns, key, 0);
+        self.start_shared_body_collector(ns);
+        Ok(s)
     }
 
     fn open_shared_bodies(&self, ns: &str, key: PartitionKey, end: i64) -> Arc<SharedBodies> {
@@ -102,6 +104,12 @@ impl Core {
             .shared
             .write()
             .insert(ns.to_string(), s.clone());
+        s
+    }
+
+    /// Starts the task that cuts the namespace's body log every [`COLLECT_EVERY`]. Not
+    /// before every queue is open: a queue it does not see keeps no body from being cut.
+    pub(super) fn start_shared_body_collector(&self, ns: &str) {
         let core = self.clone();
         let ns = ns.to_string();
         let task = tokio::spawn(async move {
@@ -117,10 +125,10 @@ impl Core {
             }
         });
         self.inner.tasks.lock().push(task);
-        s
     }
 
-    /// The shared body logs of every namespace, at start-up.
+    /// The shared body logs of every namespace, at start-up (their collectors start with
+    /// the queues' owner tasks, see [`Core::start_queue_tasks`]).
     pub(crate) async fn recover_shared_bodies(&self) -> CoreResult<()> {
         for (key, raw) in self
             .inner
