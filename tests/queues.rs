@@ -1065,3 +1065,27 @@ async fn messages_expired_during_a_restart_reach_their_dead_letter_targets() {
     assert_eq!(a.info("aa-to-queue").await.messages_ready, 0);
     assert_eq!(a.info("aa-to-address").await.messages_ready, 0);
 }
+
+/// A lease id named twice in one ChangeLease changes its lease once: releasing it (0) is
+/// not reported as a failure after it took effect.
+#[tokio::test]
+async fn change_lease_takes_a_lease_named_twice_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("twice", v1::QueueConfig::default()).await;
+    a.send("twice", vec![rec("t")]).await;
+    let got = a.receive("twice", 1, 600_000, 0).await;
+    assert_eq!(got.len(), 1);
+    a.queues
+        .change_lease(v1::ChangeLeaseRequest {
+            queue: qid("twice"),
+            lease_ids: vec![got[0].lease_id.clone(), got[0].lease_id.clone()],
+            visibility_timeout_ms: 0,
+        })
+        .await
+        .unwrap();
+    let again = a.receive("twice", 1, 600_000, 0).await;
+    assert_eq!(again.iter().map(text).collect::<Vec<_>>(), vec!["t"]);
+    assert_eq!(again[0].delivery_count, 2);
+}

@@ -531,7 +531,10 @@ impl Core {
                 }
             }
             let mut ops = Vec::new();
-            for (o, s) in parsed.into_iter().flatten() {
+            // A lease named twice changes once (a release would make its second change
+            // stale, after the first had already changed the state).
+            let mut seen = std::collections::HashSet::new();
+            for (o, s) in parsed.into_iter().flatten().filter(|l| seen.insert(*l)) {
                 g.st.change_lease(now, o, s, visibility_ms, &mut ops)
                     .map_err(|_| CoreError::Internal("a checked lease went stale".into()))?;
             }
