@@ -24,6 +24,8 @@ const WINDOW: usize = 1024;
 /// Live messages (ready, leased, delayed) loaded at most per queue; beyond it receives
 /// wait until some settle.
 const MAX_LOADED: usize = 262_144;
+/// Live messages loaded at most while looking past FIFO groups that are busy.
+const FIFO_LOOKAHEAD: usize = 16_384;
 /// Bytes read from the log per window refill.
 const FILL_CHUNK: usize = 1 << 20;
 const MAX_RECEIVE: u32 = 1000;
@@ -429,13 +431,19 @@ impl Core {
             let mut ops = Vec::new();
             self.fill_window(h, &mut g, max.max(WINDOW)).await?;
             let (mut leased, mut dead) = g.st.lease(now, max, vis, &mut ops);
-            // FIFO groups may hold back every loaded message: look further into the log.
+            // FIFO groups may hold back every loaded message: look further into the log,
+            // up to a bound (a backlog of one busy group stays on disk), and only while the
+            // log gives more (a shared body not yet durable gives nothing for now).
             while leased.len() < max
                 && g.st.cursor() < h.durable_end()
-                && g.st.loaded() < MAX_LOADED
+                && g.st.loaded() < FIFO_LOOKAHEAD
             {
+                let before = (g.st.cursor(), g.st.loaded());
                 let want = g.st.ready_loaded() + WINDOW;
                 self.fill_window(h, &mut g, want).await?;
+                if (g.st.cursor(), g.st.loaded()) == before {
+                    break;
+                }
                 let (more, more_dead) = g.st.lease(now, max - leased.len(), vis, &mut ops);
                 leased.extend(more);
                 dead.extend(more_dead);

@@ -307,12 +307,14 @@ impl Core {
             .await?;
         h.deleted.store(true, Ordering::Release);
         h.ready.notify_waiters();
-        if let Some(t) = h.task.lock().take() {
-            t.abort();
-        }
         self.inner.log.delete_partition(h.data).await?;
         self.inner.log.delete_partition(h.journal).await?;
         info!(queue = %h.label(), "queue deleted");
+        // Last: the owner task may be the caller (an expired queue deletes itself), and an
+        // abort ends it at its next await.
+        if let Some(t) = h.task.lock().take() {
+            t.abort();
+        }
         Ok(())
     }
 
@@ -579,7 +581,8 @@ impl Core {
             let now = now_ms();
             let (next, dead) = {
                 let mut g = h.guarded.lock().await;
-                if g.st.tick(now) {
+                g.st.tick(now);
+                if g.st.take_woke() {
                     h.ready.notify_waiters();
                 }
                 // The head of a backlog is loaded, so that its expiry is seen without a
@@ -637,6 +640,11 @@ impl Core {
     ) -> CoreResult<Option<i64>> {
         if g.st.has_exhausted() {
             h.wake.notify_one();
+        }
+        // A lease that expired under this call made messages ready: wake their consumers
+        // (the owner task's own tick would not see it any more).
+        if g.st.take_woke() {
+            h.ready.notify_waiters();
         }
         g.ops_since_snapshot += ops.len();
         let data_end = h.durable_end();

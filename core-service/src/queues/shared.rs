@@ -30,8 +30,10 @@ use crate::meta;
 use crate::{Core, now_ms};
 
 const SHARED_KEY: &str = "sharedbodies";
-/// Decoded body batches kept for the other queues of a fan-out, which read them soon after.
+/// Decoded body batches kept for the other queues of a fan-out, which read them soon after:
+/// at most this many, and at most this many bytes of values.
 const CACHE_BATCHES: usize = 512;
+const CACHE_BYTES: usize = 64 << 20;
 /// How often the body log is cut behind the oldest body any queue still needs.
 const COLLECT_EVERY: Duration = Duration::from_secs(5);
 
@@ -48,8 +50,37 @@ pub(crate) struct SharedBodies {
     cache: Mutex<BodyCache>,
 }
 
-/// Decoded bodies by body offset, oldest first out.
-type BodyCache = (HashMap<i64, Arc<Vec<v1::Record>>>, VecDeque<i64>);
+/// Decoded bodies by body offset, oldest first out, with their size.
+#[derive(Default)]
+struct BodyCache {
+    bodies: HashMap<i64, (Arc<Vec<v1::Record>>, usize)>,
+    order: VecDeque<i64>,
+    bytes: usize,
+}
+
+impl BodyCache {
+    fn get(&self, offset: i64) -> Option<Arc<Vec<v1::Record>>> {
+        self.bodies.get(&offset).map(|(b, _)| b.clone())
+    }
+
+    fn insert(&mut self, offset: i64, records: Arc<Vec<v1::Record>>) {
+        let size: usize = records.iter().map(|r| r.value.len() + r.key.len()).sum();
+        if size > CACHE_BYTES || self.bodies.contains_key(&offset) {
+            return;
+        }
+        while self.order.len() >= CACHE_BATCHES || self.bytes + size > CACHE_BYTES {
+            let Some(old) = self.order.pop_front() else {
+                break;
+            };
+            if let Some((_, n)) = self.bodies.remove(&old) {
+                self.bytes -= n;
+            }
+        }
+        self.bodies.insert(offset, (records, size));
+        self.order.push_back(offset);
+        self.bytes += size;
+    }
+}
 
 /// Where a queue's search for its oldest body reference stands.
 #[derive(Debug, Default, Clone, Copy)]
@@ -97,7 +128,7 @@ impl Core {
             order: tokio::sync::Mutex::new(()),
             in_flight: Mutex::new(BTreeSet::new()),
             end_at_open: end,
-            cache: Mutex::new((HashMap::new(), VecDeque::new())),
+            cache: Mutex::new(BodyCache::default()),
         });
         self.inner
             .queues
@@ -250,8 +281,8 @@ impl Core {
         if shared.key.stream_id != r.log_id {
             return Ok(Body::Lost);
         }
-        if let Some(b) = shared.cache.lock().0.get(&r.offset) {
-            return Ok(Body::Ready(b.clone()));
+        if let Some(b) = shared.cache.lock().get(r.offset) {
+            return Ok(Body::Ready(b));
         }
         let end = self.inner.log.bounds(shared.key).await?.end_offset;
         if r.offset >= end {
@@ -266,14 +297,7 @@ impl Core {
             return Ok(Body::Lost);
         };
         let records = Arc::new(decode_batch(&b.payload)?.records);
-        let mut cache = shared.cache.lock();
-        if cache.1.len() >= CACHE_BATCHES
-            && let Some(old) = cache.1.pop_front()
-        {
-            cache.0.remove(&old);
-        }
-        cache.0.insert(r.offset, records.clone());
-        cache.1.push_back(r.offset);
+        shared.cache.lock().insert(r.offset, records.clone());
         Ok(Body::Ready(records))
     }
 

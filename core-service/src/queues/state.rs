@@ -10,6 +10,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::ops::Bound;
 use std::sync::Arc;
 
 use tributary_proto::v1::{self, queue_state_op::Op};
@@ -99,6 +100,9 @@ pub(crate) struct QueueState {
     next_lease_seq: u64,
     leased: usize,
     delayed: usize,
+    /// Time made messages ready since the last [`QueueState::take_woke`]: waiting
+    /// consumers are to be woken.
+    woke: bool,
     /// Messages that became ready with their delivery limit reached: dead letters to be.
     exhausted: Vec<i64>,
 }
@@ -283,7 +287,13 @@ impl QueueState {
             self.note_if_exhausted(offset);
             changed = true;
         }
+        self.woke |= changed;
         changed
+    }
+
+    /// Whether time made messages ready since the last call (whoever let time pass).
+    pub fn take_woke(&mut self) -> bool {
+        std::mem::take(&mut self.woke)
     }
 
     fn note_if_exhausted(&mut self, offset: i64) {
@@ -325,11 +335,18 @@ impl QueueState {
         let mut out = Vec::new();
         let mut dead = Vec::new();
         let mut taken_groups: Vec<Arc<str>> = Vec::new();
-        let candidates: Vec<(Reverse<u8>, i64)> = self.ready.iter().copied().collect();
-        for (_, offset) in candidates {
+        // Walked by key rather than copied: the ready set may be large (a FIFO backlog).
+        let mut next = self.ready.first().copied();
+        while let Some(key) = next {
             if out.len() >= max {
                 break;
             }
+            next = self
+                .ready
+                .range((Bound::Excluded(key), Bound::Unbounded))
+                .next()
+                .copied();
+            let offset = key.1;
             let m = &self.msgs[&offset];
             if let Some(g) = &m.group
                 && (self.busy_groups.contains_key(g) || taken_groups.contains(g))

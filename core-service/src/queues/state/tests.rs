@@ -471,3 +471,21 @@ proptest! {
         super::fuzz_replay(&raw);
     }
 }
+
+#[test]
+fn time_passing_under_any_call_is_reported_for_wake_ups() {
+    let mut st = QueueState::new(Policy::default(), 0);
+    st.load(0, rec("", 0));
+    st.load(1, rec("", 0));
+    let mut ops = Vec::new();
+    let (got, _) = st.lease(0, 1, 10, &mut ops);
+    assert!(!st.take_woke());
+    // An ack of another message lets time pass: message 0's lease ended under it.
+    assert!(st.ack(20, 1, 99, &mut ops).is_err());
+    assert!(
+        st.take_woke(),
+        "the expiry seen by an unrelated call must wake consumers"
+    );
+    assert!(!st.take_woke());
+    assert_eq!(got[0].offset, 0);
+}
