@@ -1089,3 +1089,29 @@ async fn change_lease_takes_a_lease_named_twice_once() {
     assert_eq!(again.iter().map(text).collect::<Vec<_>>(), vec!["t"]);
     assert_eq!(again[0].delivery_count, 2);
 }
+
+/// The dedup id of a record that waits for its delay is remembered across kill -9 (it is
+/// not in the messages log until the delay ends).
+#[tokio::test]
+async fn dedup_ids_of_delayed_records_survive_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "dd-later",
+        v1::QueueConfig {
+            dedup_window_ms: Some(600_000),
+            delivery_delay_ms: Some(600_000),
+            ..Default::default()
+        },
+    )
+    .await;
+    let first = a.send("dd-later", vec![dedup("x", "id-x")]).await;
+    assert_eq!((first.message_ids[0], first.duplicate[0]), (-1, false));
+    drop(a);
+    server.kill9();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    let again = a.send("dd-later", vec![dedup("x", "id-x")]).await;
+    assert_eq!(again.duplicate, vec![true]);
+}

@@ -43,6 +43,8 @@ pub(crate) struct PendingEnqueue {
     inserted: Vec<String>,
     /// Base offset and count of the appended batch.
     appended: Option<(i64, i64)>,
+    /// The journal's end once the dedup ids of delayed records are in it.
+    dedup_end: Option<i64>,
 }
 
 /// How an enqueue treats its records.
@@ -222,6 +224,22 @@ impl Core {
                 }
             }
         }
+        // Dedup ids of records that wait for a timer are not in the messages log until
+        // then: the journal keeps them, so a restart still knows them.
+        let mut dedup_ops = Vec::new();
+        if window > 0 {
+            for (i, _) in &later {
+                let r = &records[*i];
+                if let Some(p) = r.properties.as_ref().filter(|p| !p.dedup_id.is_empty()) {
+                    dedup_ops.push(v1::queue_state_op::Op::Dedup(v1::QueueDedupEntry {
+                        dedup_id: p.dedup_id.clone(),
+                        expires_at_ms: r.timestamp_ms + window,
+                        offset: -1,
+                    }));
+                }
+            }
+        }
+        let dedup_end = self.write_ops(h, &mut g, dedup_ops).await?;
         drop(g);
         Ok(PendingEnqueue {
             h: h.clone(),
@@ -232,6 +250,7 @@ impl Core {
             later,
             inserted,
             appended,
+            dedup_end,
         })
     }
 
@@ -250,7 +269,9 @@ impl Core {
             later,
             inserted,
             appended,
+            dedup_end,
         } = p;
+        self.journal_durable(&h, dedup_end).await?;
         if let Some((base, n)) = appended {
             if let Err(e) = self.inner.log.wait_durable(h.data, base + n).await {
                 let mut g = h.guarded.lock().await;

@@ -737,6 +737,7 @@ impl Replay {
                     self.live.remove(o);
                 }
             }
+            Op::Dedup(d) => self.dedup.push(d.clone()),
             Op::PurgeBefore(end) => {
                 if *end > self.limit {
                     return Err(format!("a purge past the end of the log ({end})"));
