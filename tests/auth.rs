@@ -4,11 +4,12 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use common::{Server, free_port_args, run_expect_failure};
+use common::mqtt_raw::{packet, read_exact, string};
+use common::{Server, free_port_args, http_get_with, run_expect_failure};
 use tributary_gateway_common::{CoreClient, error_code};
 use tributary_proto::v1::{ErrorCode, ListNamespacesRequest};
 
@@ -41,26 +42,6 @@ fn client(core: SocketAddr, token: Option<&str>) -> CoreClient {
     CoreClient::connect_lazy_with_token(&format!("http://{core}"), token).unwrap()
 }
 
-/// A GET with optional headers over HTTP/1.0. Returns (status, body).
-fn http_get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    let mut s = TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
-}
-
 #[tokio::test]
 async fn a_core_with_a_token_refuses_calls_without_it_and_serves_calls_with_it() {
     let (_dir, core) = core_with_token();
@@ -82,7 +63,7 @@ async fn a_core_with_a_token_refuses_calls_without_it_and_serves_calls_with_it()
     assert!(ok.namespaces.iter().any(|n| n.name == "default"));
 
     // Refusals are counted by reason; the admin API on loopback needs no token.
-    let (status, metrics) = http_get(core.admin.unwrap(), "/metrics", &[]);
+    let (status, metrics) = http_get_with(core.admin.unwrap(), "/metrics", &[]);
     assert_eq!(status, 200);
     for reason in ["missing_token", "wrong_token"] {
         let line =
@@ -92,40 +73,6 @@ async fn a_core_with_a_token_refuses_calls_without_it_and_serves_calls_with_it()
 }
 
 // --- MQTT 3.1.1 on a raw socket, enough for one round trip ---
-
-fn remaining_length(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    p.extend(remaining_length(body.len()));
-    p.extend_from_slice(body);
-    p
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0; n];
-    s.read_exact(&mut buf).unwrap();
-    buf
-}
 
 #[test]
 fn a_split_gateway_with_the_token_serves_a_round_trip_and_one_without_it_stops() {
@@ -232,23 +179,23 @@ fn the_admin_api_beyond_loopback_wants_the_token_except_for_the_health_check() {
     // Beyond loopback is about the bind address: reached through 127.0.0.1, still guarded.
     let admin = SocketAddr::from(([127, 0, 0, 1], server.admin.unwrap().port()));
     let bearer = format!("Bearer {TOKEN}");
-    let (status, body) = http_get(admin, "/healthz", &[]);
+    let (status, body) = http_get_with(admin, "/healthz", &[]);
     assert_eq!((status, body.as_str()), (200, "ok\n"));
     for path in ["/metrics", "/api/v1/streams", "/api/v1/namespaces", "/nope"] {
-        let (status, body) = http_get(admin, path, &[]);
+        let (status, body) = http_get_with(admin, path, &[]);
         assert_eq!(status, 401, "{path}: {body}");
         assert!(body.contains("UNAUTHENTICATED"), "{body}");
-        let (status, _) = http_get(
+        let (status, _) = http_get_with(
             admin,
             path,
             &[("Authorization", "Bearer wrong-token-0123456789")],
         );
         assert_eq!(status, 401, "{path}");
     }
-    let (status, body) = http_get(admin, "/api/v1/namespaces", &[("Authorization", &bearer)]);
+    let (status, body) = http_get_with(admin, "/api/v1/namespaces", &[("Authorization", &bearer)]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("default"), "{body}");
-    let (status, metrics) = http_get(admin, "/metrics", &[("Authorization", &bearer)]);
+    let (status, metrics) = http_get_with(admin, "/metrics", &[("Authorization", &bearer)]);
     assert_eq!(status, 200);
     for (reason, n) in [("missing_token", 4), ("wrong_token", 4)] {
         let line =

@@ -8,6 +8,7 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::{Duration, Instant};
 
+use common::mqtt_raw::{packet, read_exact, remaining_length, string};
 use common::{Server, free_port_args};
 
 fn start() -> (Server, tempfile::TempDir) {
@@ -20,35 +21,6 @@ fn start() -> (Server, tempfile::TempDir) {
     (server, dir)
 }
 
-fn remaining_length(mut n: usize) -> Vec<u8> {
-    let mut out = Vec::new();
-    loop {
-        let mut b = (n % 128) as u8;
-        n /= 128;
-        if n > 0 {
-            b |= 0x80;
-        }
-        out.push(b);
-        if n == 0 {
-            return out;
-        }
-    }
-}
-
-fn packet(first: u8, body: &[u8]) -> Vec<u8> {
-    let mut p = vec![first];
-    p.extend(remaining_length(body.len()));
-    p.extend_from_slice(body);
-    p
-}
-
-fn string(s: &str) -> Vec<u8> {
-    let mut v = (s.len() as u16).to_be_bytes().to_vec();
-    v.extend_from_slice(s.as_bytes());
-    v
-}
-
-/// CONNECT with a clean session, keep-alive 60 s, at protocol level 4 or 5.
 fn connect(level: u8, client_id: &str) -> Vec<u8> {
     let mut body = string("MQTT");
     body.extend([level, 0x02, 0, 60]);
@@ -91,12 +63,6 @@ fn read_until_closed(s: &mut TcpStream) -> Vec<u8> {
             Err(e) => panic!("read: {e}"),
         }
     }
-}
-
-fn read_exact(s: &mut TcpStream, n: usize) -> Vec<u8> {
-    let mut buf = vec![0u8; n];
-    s.read_exact(&mut buf).unwrap();
-    buf
 }
 
 fn connected(addr: SocketAddr, level: u8, id: &str) -> TcpStream {

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use tributary_gateway_common::CoreClient;
 
+pub mod mqtt_raw;
 pub mod queue_api;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_tributary");
@@ -157,10 +158,20 @@ pub fn run_expect_failure(args: &[String]) -> (i32, String) {
 
 /// A plain HTTP/1.0 GET, enough for the admin API. Returns (status, body).
 pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    http_get_with(addr, path, &[])
+}
+
+/// A GET with extra headers over HTTP/1.0. Returns (status, body).
+pub fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
     let mut raw = String::new();
     s.read_to_string(&mut raw).unwrap();
     let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
