@@ -19,13 +19,6 @@ pub struct Accepted<S> {
 /// listener, a TLS stream from a TLS one. A gateway that can serve either implements both
 /// (usually with one generic impl); one that cannot is refused at compile time.
 pub trait Gateway<S>: Send + Sync + 'static {
-    /// Whether [`Gateway::serve_connection`] still counts its connection itself with a
-    /// [`crate::ConnectionGuard`], so the accept loop must not count it again. Transitional:
-    /// the accept loop counts every connection from accept on (a handshake in progress holds
-    /// a socket too); a gateway whose connection code predates it says `true` here until
-    /// that code drops its own guard.
-    const COUNTS_ITSELF: bool = false;
-
     /// Serves one connection to its end, in its own task. `stop` turns true when the
     /// gateway stops: the connection should then close promptly (with the protocol's
     /// goodbye if it has one), because the accept loop waits for every connection to end.

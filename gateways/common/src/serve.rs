@@ -169,7 +169,8 @@ impl Connection {
             handshake_timeout,
             _slot,
         } = self;
-        let _counted = (!G::COUNTS_ITSELF).then(|| ConnectionGuard::new(listener));
+        // Counted from accept on: a handshake in progress holds a socket too.
+        let _counted = ConnectionGuard::new(listener);
         let stream = tokio::select! {
             done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
                 Ok(Ok(stream)) => stream,

@@ -19,7 +19,6 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span};
-use tributary_gateway_common::ConnectionGuard;
 use tributary_gateway_common::client::SessionEvents;
 use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
 
@@ -849,7 +848,6 @@ pub(crate) async fn serve_connection<S>(
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let _guard = ConnectionGuard::new(listener);
     let span = info_span!("mqtt_conn", %peer, listener);
     let (rd, wr) = tokio::io::split(socket);
     async move {

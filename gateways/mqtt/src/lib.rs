@@ -100,11 +100,6 @@ impl<S> tributary_gateway_common::Gateway<S> for Gateway
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    /// Transitional: `conn::serve_connection` still makes its own `ConnectionGuard` (from
-    /// the end of the TLS or WebSocket handshake on). Once it no longer does, this goes and
-    /// the accept loop counts MQTT connections from accept on, like the others.
-    const COUNTS_ITSELF: bool = true;
-
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
         conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
     }
@@ -118,9 +113,6 @@ impl<S> tributary_gateway_common::Gateway<S> for WebSocket
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    /// As for [`Gateway`]: counted by `conn::serve_connection`.
-    const COUNTS_ITSELF: bool = true;
-
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
         ws::serve_websocket(conn.stream, conn.peer, conn.listener, self.0.clone(), stop).await
     }
