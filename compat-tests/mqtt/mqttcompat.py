@@ -306,13 +306,15 @@ class Client:
                   progress=lambda: sum(m in self._pubacks for m in mids))
         return [self._pubacks.pop(m) for m in mids]
 
-    def wait_messages(self, n: int, timeout: float = WAIT_S, topic: str | None = None):
-        """Waits until at least n messages (on `topic`, if given) arrived; returns them all."""
+    def wait_messages(self, n: int, timeout: float = WAIT_S, topic: str | None = None,
+                      stall: float = STALL_S):
+        """Waits until at least n messages (on `topic`, if given) arrived; returns them all.
+        Gives up early when nothing arrives for `stall` seconds."""
         def picked():
             return [m for m in self.messages if topic is None or m.topic == topic]
         self.wait(lambda: len(picked()) >= n, timeout,
                   f"{n} messages{' on ' + topic if topic else ''} (have {len(picked())})",
-                  progress=lambda: len(self.messages))
+                  progress=lambda: len(self.messages), stall=stall)
         with self.cond:
             return picked()
 

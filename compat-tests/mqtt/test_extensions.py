@@ -35,7 +35,8 @@ def test_sys_topics_retained(broker, mq, uid, topic):
     s = mq(broker, f"{uid}-s", MQTTv311)
     s.connect()
     s.subscribe(topic, 0)
-    [m, *_] = s.wait_messages(1, timeout=15)
+    # Nothing may arrive for up to one refresh period: no early give-up before the timeout.
+    [m, *_] = s.wait_messages(1, timeout=15, stall=15)
     assert m.topic == topic and m.payload
     if topic.endswith("uptime"):
         assert m.payload.decode().endswith(" seconds"), m.payload
