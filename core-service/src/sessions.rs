@@ -667,7 +667,7 @@ impl Core {
         }
         let mut ops = Vec::new();
         let mut wills = Vec::new();
-        let (epoch, present, record) = {
+        let (epoch, present, record, had_timers) = {
             let mut st = broker.state.lock();
             let epoch = st.next_epoch();
             if let Some(old) = st.sessions.get_mut(&id)
@@ -690,6 +690,8 @@ impl Core {
             // A session with expiry 0 ends when its connection closes, and a takeover closes
             // it (MQTT 5 3.1.2.11.2): the new connection starts afresh. This also makes a
             // quick DISCONNECT-then-CONNECT answer the same whichever reaches the core first.
+            // Only a session that outlives its connection can have a will or expiry timer.
+            let had_timers = st.sessions.get(&id).is_some_and(Session::persistent);
             let ended = st.sessions.get(&id).is_some_and(|s| !s.persistent());
             let present = if open.clean_start || ended {
                 if let Some(old) = st.sessions.remove(&id) {
@@ -715,7 +717,7 @@ impl Core {
                 will_delay_ms: open.will_delay_ms,
             });
             let record = session.persistent().then(|| session.record());
-            (epoch, present, record)
+            (epoch, present, record, had_timers)
         };
         if let Some(r) = record {
             ops.push(Op::Put {
@@ -724,10 +726,13 @@ impl Core {
             });
         }
         self.persist(ops).await?;
-        // A reconnect cancels a delayed will and the session's expiry.
-        for kind in [WILL_TIMER, EXPIRY_TIMER] {
-            if let Err(e) = self.cancel_timer(&ns, &session_timer_id(kind, &id)).await {
-                warn!(client = %id.1, error = %e, "could not cancel a session timer");
+        // A reconnect cancels a delayed will and the session's expiry (a fresh client's
+        // connect does no metadata reads for it).
+        if had_timers {
+            for kind in [WILL_TIMER, EXPIRY_TIMER] {
+                if let Err(e) = self.cancel_timer(&ns, &session_timer_id(kind, &id)).await {
+                    warn!(client = %id.1, error = %e, "could not cancel a session timer");
+                }
             }
         }
         for w in wills {

@@ -310,7 +310,7 @@ impl Core {
                 "namespace '{name}' still has {streams} streams; delete them first"
             )));
         }
-        let queues = self.queue_names(name).len();
+        let queues = self.queues_of(name).len();
         let addresses = self.address_count(name);
         if queues + addresses > 0 {
             return Err(CoreError::Conflict(format!(

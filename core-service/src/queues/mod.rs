@@ -22,7 +22,7 @@ mod shared;
 pub(crate) mod state;
 mod subscription;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
@@ -699,18 +699,6 @@ impl Core {
             self.inner.log.wait_durable(h.journal, end).await?;
         }
         Ok(())
-    }
-
-    /// Queue names of a namespace (for namespace deletion checks and the admin API).
-    pub(crate) fn queue_names(&self, ns: &str) -> HashSet<String> {
-        self.inner
-            .queues
-            .queues
-            .read()
-            .keys()
-            .filter(|(n, _)| n == ns)
-            .map(|(_, q)| q.clone())
-            .collect()
     }
 }
 
