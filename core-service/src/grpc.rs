@@ -224,6 +224,7 @@ impl admin_server::Admin for CoreGrpc {
     ) -> GrpcResult<DeclareAddressResponse> {
         ok(DeclareAddressResponse {
             created: self.core.declare_address(r.into_inner()).await?,
+            ..Default::default()
         })
     }
     async fn delete_address(

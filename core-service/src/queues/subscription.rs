@@ -95,6 +95,14 @@ impl Core {
         let me = h.next_subscriber.fetch_add(1, Ordering::Relaxed) + 1;
         let active = single_active.then(|| ActiveGuard(h.clone(), me));
         h.touch();
+        if start.announce_start {
+            let started = v1::SubscribeEvent {
+                event: Some(Event::Started(true)),
+            };
+            if events.send(Ok(started)).await.is_err() {
+                return Ok(());
+            }
+        }
         let mut credit = u64::from(start.initial_credit);
         let mut held: VecDeque<(i64, u64)> = VecDeque::new();
         let mut shutdown = self.inner.shutdown.subscribe();
