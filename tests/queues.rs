@@ -701,6 +701,7 @@ fn subscribe_start(
             exclusive,
             visibility_timeout_ms: 0,
             release_on_close: true,
+            ..Default::default()
         })),
     }
 }
@@ -1114,4 +1115,49 @@ async fn dedup_ids_of_delayed_records_survive_kill_9() {
     let mut a = api(&server).await;
     let again = a.send("dd-later", vec![dedup("x", "id-x")]).await;
     assert_eq!(again.duplicate, vec![true]);
+}
+
+/// Another owner's declare of an exclusive queue, passive or not, is RESOURCE_LOCKED
+/// (AMQP's 405), not a conflict; its owner still reaches it.
+#[tokio::test]
+async fn an_exclusive_queue_is_locked_to_its_owner() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    let declare = |owner: &str, passive: bool| v1::DeclareQueueRequest {
+        id: qid("mine"),
+        exclusive: true,
+        owner: owner.into(),
+        passive,
+        ..Default::default()
+    };
+    let created = a
+        .admin
+        .declare_queue(declare("conn-a", false))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(created.created);
+    for passive in [false, true] {
+        let e = a
+            .admin
+            .declare_queue(declare("conn-b", passive))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            error_code(&e),
+            ErrorCode::ResourceLocked,
+            "passive {passive}"
+        );
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+    }
+    for passive in [false, true] {
+        let again = a
+            .admin
+            .declare_queue(declare("conn-a", passive))
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!again.created);
+    }
 }

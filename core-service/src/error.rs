@@ -68,6 +68,8 @@ pub enum CoreError {
     QueueFull(String),
     #[error("address '{0}' does not exist")]
     AddressNotFound(String),
+    #[error("{0}")]
+    ResourceLocked(String),
     #[error("conflicting concurrent change: {0}")]
     Conflict(String),
     #[error("{0} is not supported by this version of the core")]
@@ -132,6 +134,7 @@ impl CoreError {
             Self::LeaseExpired(_) => ErrorCode::LeaseExpired,
             Self::QueueFull(_) => ErrorCode::QueueFull,
             Self::AddressNotFound(_) => ErrorCode::AddressNotFound,
+            Self::ResourceLocked(_) => ErrorCode::ResourceLocked,
             Self::Conflict(_) => ErrorCode::Conflict,
             Self::Unsupported(_) => ErrorCode::Unsupported,
             Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
@@ -159,7 +162,7 @@ impl CoreError {
             Self::NamespaceExists(_) | Self::StreamExists(_) | Self::QueueExists(_) => {
                 Code::AlreadyExists
             }
-            Self::LeaseExpired(_) => Code::FailedPrecondition,
+            Self::LeaseExpired(_) | Self::ResourceLocked(_) => Code::FailedPrecondition,
             Self::QueueFull(_) => Code::ResourceExhausted,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::OutOfOrderSequence { .. }

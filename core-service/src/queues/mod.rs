@@ -216,7 +216,7 @@ impl Core {
         if let Ok(h) = self.queue(&id) {
             let r = &h.record;
             if r.exclusive && r.owner != req.owner {
-                return Err(CoreError::Conflict(format!(
+                return Err(CoreError::ResourceLocked(format!(
                     "queue '{name}' is exclusive to another connection"
                 )));
             }

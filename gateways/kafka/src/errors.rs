@@ -100,6 +100,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::TransactionNotFound
         | ErrorCode::BindingNotFound
         | ErrorCode::Unauthenticated
+        | ErrorCode::ResourceLocked
         | ErrorCode::Internal => K::UnknownServerError,
     };
     e.code()
