@@ -507,3 +507,67 @@ async fn fan_out_is_stored_once() {
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }
+
+/// A declare describes the address, new or existing: a passive declare (no kind given) is
+/// how a gateway learns an address's kind, flags and arguments.
+#[tokio::test]
+async fn a_declare_describes_the_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    let arguments: std::collections::HashMap<String, String> =
+        [("alternate-exchange".to_string(), "ae".to_string())].into();
+    let declare = |passive: bool, kind: AddressKind| v1::DeclareAddressRequest {
+        namespace: "default".into(),
+        name: "described".into(),
+        kind: kind as i32,
+        durable: true,
+        auto_delete: false,
+        internal: true,
+        passive,
+        arguments: arguments.clone(),
+    };
+    let created = a
+        .admin
+        .declare_address(declare(false, AddressKind::Headers))
+        .await
+        .unwrap()
+        .into_inner();
+    let expected = v1::DeclareAddressResponse {
+        created: true,
+        kind: AddressKind::Headers as i32,
+        durable: true,
+        auto_delete: false,
+        internal: true,
+        arguments: arguments.clone(),
+    };
+    assert_eq!(created, expected);
+    let existing = v1::DeclareAddressResponse {
+        created: false,
+        ..expected
+    };
+    for (passive, kind) in [
+        (true, AddressKind::Unspecified),
+        (false, AddressKind::Headers),
+    ] {
+        let again = a
+            .admin
+            .declare_address(declare(passive, kind))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again, existing, "passive {passive}");
+    }
+    // The description survives a restart.
+    drop(a);
+    server.kill9();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    let after = a
+        .admin
+        .declare_address(declare(true, AddressKind::Unspecified))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(after, existing);
+}

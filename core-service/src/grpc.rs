@@ -222,10 +222,7 @@ impl admin_server::Admin for CoreGrpc {
         &self,
         r: Request<DeclareAddressRequest>,
     ) -> GrpcResult<DeclareAddressResponse> {
-        ok(DeclareAddressResponse {
-            created: self.core.declare_address(r.into_inner()).await?,
-            ..Default::default()
-        })
+        ok(self.core.declare_address(r.into_inner()).await?)
     }
     async fn delete_address(
         &self,

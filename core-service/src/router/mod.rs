@@ -85,6 +85,19 @@ struct AddressRecord {
     created_at_ms: i64,
 }
 
+impl AddressRecord {
+    fn describe(&self, created: bool) -> v1::DeclareAddressResponse {
+        v1::DeclareAddressResponse {
+            created,
+            kind: self.kind,
+            durable: self.durable,
+            auto_delete: self.auto_delete,
+            internal: self.internal,
+            arguments: self.arguments.iter().cloned().collect(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct BindingRecord {
     source: String,
@@ -233,7 +246,12 @@ impl Core {
             .ok_or_else(|| CoreError::AddressNotFound(name.to_string()))
     }
 
-    pub async fn declare_address(&self, req: v1::DeclareAddressRequest) -> CoreResult<bool> {
+    /// Declares an address (or, passive, looks one up); the answer describes the address,
+    /// new or existing, so that a passive declare tells a gateway its kind and arguments.
+    pub async fn declare_address(
+        &self,
+        req: v1::DeclareAddressRequest,
+    ) -> CoreResult<v1::DeclareAddressResponse> {
         self.check_running()?;
         let ns = namespace_or_default(&req.namespace).to_string();
         self.require_namespace(&ns)?;
@@ -246,7 +264,7 @@ impl Core {
                     req.name
                 )));
             }
-            return Ok(false);
+            return Ok(a.record.describe(false));
         }
         if req.passive {
             return Err(CoreError::AddressNotFound(req.name));
@@ -269,9 +287,10 @@ impl Core {
                 &to_json(&record),
             )
             .await?;
+        let described = record.describe(true);
         self.open_address(&ns, &req.name, record, Vec::new())?;
         info!(namespace = %ns, address = %req.name, "address declared");
-        Ok(true)
+        Ok(described)
     }
 
     fn open_address(
