@@ -571,3 +571,104 @@ async fn a_declare_describes_the_address() {
         .into_inner();
     assert_eq!(after, existing);
 }
+
+impl Api {
+    async fn auto_delete_address(&mut self, name: &str, kind: AddressKind) {
+        self.admin
+            .declare_address(v1::DeclareAddressRequest {
+                namespace: "default".into(),
+                name: name.into(),
+                kind: kind as i32,
+                durable: true,
+                auto_delete: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+
+    /// Whether a passive declare finds the address.
+    async fn address_exists(&mut self, name: &str) -> bool {
+        let r = self
+            .admin
+            .declare_address(v1::DeclareAddressRequest {
+                namespace: "default".into(),
+                name: name.into(),
+                passive: true,
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(d) => {
+                assert!(d.into_inner().auto_delete);
+                true
+            }
+            Err(e) => {
+                assert_eq!(error_code(&e), ErrorCode::AddressNotFound);
+                false
+            }
+        }
+    }
+}
+
+/// RabbitMQ's auto-delete exchanges: an auto-delete address goes (with its stored record)
+/// when its last binding as source goes, by an unbind or because the binding's destination
+/// was deleted, down a chain of addresses; one that never had a binding stays.
+#[tokio::test]
+async fn auto_delete_addresses_go_with_their_last_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.auto_delete_address("fresh", AddressKind::Fanout).await;
+    // By unbind: not before the last binding goes.
+    for q in ["q1", "q2", "q3", "q4"] {
+        a.queue(q).await;
+    }
+    a.auto_delete_address("ad", AddressKind::Direct).await;
+    a.bind("ad", q("q1"), "k").await;
+    a.bind("ad", q("q2"), "k").await;
+    let unbind = |dest: &str| v1::UnbindRequest {
+        binding: Some(binding("ad", q(dest), "k", &[])),
+    };
+    a.admin.unbind(unbind("q1")).await.unwrap();
+    assert!(a.address_exists("ad").await);
+    assert_eq!(a.publish("ad", "k", &[]).await, 1);
+    a.admin.unbind(unbind("q2")).await.unwrap();
+    assert!(!a.address_exists("ad").await);
+    // By the deletion of the destination, down a chain: up -> mid -> q3.
+    a.auto_delete_address("up", AddressKind::Fanout).await;
+    a.auto_delete_address("mid", AddressKind::Fanout).await;
+    a.bind("up", Destination::Address("mid".into()), "").await;
+    a.bind("mid", q("q3"), "").await;
+    // An address with another binding left stays.
+    a.auto_delete_address("side", AddressKind::Fanout).await;
+    a.bind("side", q("q3"), "").await;
+    a.bind("side", q("q4"), "").await;
+    assert_eq!(a.publish("up", "", &[]).await, 1);
+    a.admin
+        .delete_queue(v1::DeleteQueueRequest {
+            id: qid("q3"),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(!a.address_exists("mid").await);
+    assert!(!a.address_exists("up").await);
+    assert!(a.address_exists("side").await);
+    assert!(a.address_exists("fresh").await);
+    // Gone from the metadata store too.
+    drop(a);
+    server.kill9();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    for (name, exists) in [
+        ("ad", false),
+        ("mid", false),
+        ("up", false),
+        ("side", true),
+        ("fresh", true),
+    ] {
+        assert_eq!(a.address_exists(name).await, exists, "{name}");
+    }
+    assert_eq!(a.publish("side", "", &[]).await, 1);
+}

@@ -323,57 +323,78 @@ impl Core {
         let ns = namespace_or_default(namespace).to_string();
         let _admin = self.inner.admin.lock().await;
         let a = self.address(&ns, name)?;
-        let bindings = a.bindings.read().all.clone();
-        if if_unused && !bindings.is_empty() {
+        if if_unused && !a.bindings.read().all.is_empty() {
             return Err(CoreError::Conflict(format!(
                 "address '{name}' has bindings"
             )));
         }
-        for b in &bindings {
-            self.inner.meta.delete(&b.key(&ns)).await?;
-        }
+        self.drop_address(&ns, name).await?;
         // Bindings that lead to it go too.
         self.forget_target(&ns, &Target::Address(name.to_string()))
-            .await?;
+            .await
+    }
+
+    /// Removes an address and the bindings it is the source of (the caller holds the admin
+    /// lock, and then forgets the bindings that lead to it). False if it was gone already.
+    async fn drop_address(&self, ns: &str, name: &str) -> CoreResult<bool> {
+        let Ok(a) = self.address(ns, name) else {
+            return Ok(false);
+        };
+        let bindings = a.bindings.read().all.clone();
+        for b in &bindings {
+            self.inner.meta.delete(&b.key(ns)).await?;
+        }
         self.inner
             .meta
-            .delete(&meta::key(ADDRESS_KEY, &[&ns, name]))
+            .delete(&meta::key(ADDRESS_KEY, &[ns, name]))
             .await?;
         self.inner
             .router
             .addresses
             .write()
-            .remove(&(ns.clone(), name.to_string()));
-        Ok(())
+            .remove(&(ns.to_string(), name.to_string()));
+        Ok(true)
     }
 
     /// Removes every binding that leads to `target` (a deleted queue, stream or address).
+    /// An auto-delete address that loses its last binding that way goes too, and so on
+    /// down the chain (as RabbitMQ's auto-delete exchanges do).
     pub(crate) async fn forget_target(&self, ns: &str, target: &Target) -> CoreResult<()> {
-        let addresses: Vec<_> = self
-            .inner
-            .router
-            .addresses
-            .read()
-            .iter()
-            .filter(|((n, _), _)| n == ns)
-            .map(|(_, a)| a.clone())
-            .collect();
-        for a in addresses {
-            let gone: Vec<BindingRecord> = {
-                let mut b = a.bindings.write();
-                let gone: Vec<_> = b
-                    .all
-                    .iter()
-                    .filter(|r| &r.target == target)
-                    .cloned()
-                    .collect();
-                for g in &gone {
-                    b.remove(g);
+        let mut todo = vec![target.clone()];
+        while let Some(target) = todo.pop() {
+            let addresses: Vec<_> = self
+                .inner
+                .router
+                .addresses
+                .read()
+                .iter()
+                .filter(|((n, _), _)| n == ns)
+                .map(|((_, name), a)| (name.clone(), a.clone()))
+                .collect();
+            for (name, a) in addresses {
+                let (gone, emptied) = {
+                    let mut b = a.bindings.write();
+                    let gone: Vec<_> = b
+                        .all
+                        .iter()
+                        .filter(|r| r.target == target)
+                        .cloned()
+                        .collect();
+                    for g in &gone {
+                        b.remove(g);
+                    }
+                    (gone, b.all.is_empty())
+                };
+                if gone.is_empty() {
+                    continue;
                 }
-                gone
-            };
-            for g in gone {
-                self.inner.meta.delete(&g.key(ns)).await?;
+                for g in &gone {
+                    self.inner.meta.delete(&g.key(ns)).await?;
+                }
+                if emptied && a.record.auto_delete && self.drop_address(ns, &name).await? {
+                    info!(namespace = %ns, address = %name, "auto-delete address lost its last binding; deleted");
+                    todo.push(Target::Address(name));
+                }
             }
         }
         Ok(())
@@ -438,9 +459,19 @@ impl Core {
         let Ok(a) = self.address(&ns, &record.source) else {
             return Ok(());
         };
-        let had = a.bindings.write().remove(&record);
+        let (had, emptied) = {
+            let mut b = a.bindings.write();
+            (b.remove(&record), b.all.is_empty())
+        };
         if had {
             self.inner.meta.delete(&record.key(&ns)).await?;
+            // An auto-delete address goes with its last binding (one that never had a
+            // binding stays).
+            if emptied && a.record.auto_delete && self.drop_address(&ns, &record.source).await? {
+                info!(namespace = %ns, address = %record.source, "auto-delete address lost its last binding; deleted");
+                self.forget_target(&ns, &Target::Address(record.source.clone()))
+                    .await?;
+            }
         }
         Ok(())
     }
