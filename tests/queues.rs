@@ -1161,3 +1161,48 @@ async fn an_exclusive_queue_is_locked_to_its_owner() {
         assert!(!again.created);
     }
 }
+
+/// A nack with requeue puts the message back where it was, ahead of the later ones, and
+/// its next lease says it is redelivered, with its delivery count up by one.
+#[tokio::test]
+async fn a_requeued_message_keeps_its_place_and_is_marked_redelivered() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("order", v1::QueueConfig::default()).await;
+    a.send("order", vec![rec("m1"), rec("m2"), rec("m3"), rec("m4")])
+        .await;
+    let first = a.receive("order", 2, 60_000, 0).await;
+    assert_eq!(first.iter().map(text).collect::<Vec<_>>(), vec!["m1", "m2"]);
+    assert!(
+        first
+            .iter()
+            .all(|m| !m.redelivered && m.delivery_count == 1)
+    );
+    a.queues
+        .nack(v1::NackRequest {
+            queue: qid("order"),
+            lease_ids: vec![first[0].lease_id.clone()],
+            requeue: true,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let next = a.receive("order", 10, 60_000, 0).await;
+    assert_eq!(
+        next.iter().map(text).collect::<Vec<_>>(),
+        vec!["m1", "m3", "m4"],
+        "m1 comes back ahead of the messages after it"
+    );
+    assert!(next[0].redelivered);
+    assert_eq!(next[0].delivery_count, 2);
+    assert_eq!(next[0].message_id, first[0].message_id);
+    assert!(
+        next[1..]
+            .iter()
+            .all(|m| !m.redelivered && m.delivery_count == 1)
+    );
+    // m2's lease was not touched.
+    let leases: Vec<&v1::LeasedMessage> = next.iter().chain(&first[1..]).collect();
+    assert!(a.ack("order", &leases).await.is_empty());
+}
