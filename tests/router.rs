@@ -672,3 +672,152 @@ async fn auto_delete_addresses_go_with_their_last_binding() {
     }
     assert_eq!(a.publish("side", "", &[]).await, 1);
 }
+
+/// Receives one message from `queue` (long poll) and nacks it without requeue.
+async fn reject_one(a: &mut Api, queue: &str) -> v1::LeasedMessage {
+    let got = a
+        .receive_n(queue, 1, 60_000, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(got.len(), 1, "nothing came to {queue}");
+    a.queues
+        .nack(v1::NackRequest {
+            queue: qid(queue),
+            lease_ids: vec![got[0].lease_id.clone()],
+            requeue: false,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    got.into_iter().next().unwrap()
+}
+
+fn history(m: &v1::LeasedMessage) -> Vec<(String, String, u64, String, String)> {
+    let p = m.record.as_ref().unwrap().properties.clone().unwrap();
+    for e in &p.dead_letter_history {
+        assert!(0 < e.first_at_ms && e.first_at_ms <= e.last_at_ms, "{e:?}");
+    }
+    p.dead_letter_history
+        .into_iter()
+        .map(|e| {
+            (
+                e.queue,
+                e.reason,
+                e.count,
+                e.original_address,
+                e.original_key,
+            )
+        })
+        .collect()
+}
+
+fn h(
+    q: &str,
+    reason: &str,
+    count: u64,
+    address: &str,
+    key: &str,
+) -> (String, String, u64, String, String) {
+    (q.into(), reason.into(), count, address.into(), key.into())
+}
+
+/// Every dead-lettering counts in the record's history (AMQP's x-death): one entry per
+/// (queue, reason), most recent first, keeping where the record had been published before
+/// its first death there; through a dead-letter address and a dead-letter queue, by
+/// rejection and by expiry.
+#[tokio::test]
+async fn dead_letter_history_counts_each_queue_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    a.address("in", AddressKind::Direct).await;
+    a.address("dlx", AddressKind::Fanout).await;
+    let declare = |name: &str, config: v1::QueueConfig| v1::DeclareQueueRequest {
+        id: qid(name),
+        durable: true,
+        config: Some(config),
+        ..Default::default()
+    };
+    a.admin
+        .declare_queue(declare(
+            "work",
+            v1::QueueConfig {
+                dead_letter_address: Some("dlx".into()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    // parking sends its dead letters back to work: a retry loop.
+    a.admin
+        .declare_queue(declare(
+            "parking",
+            v1::QueueConfig {
+                dead_letter_queue: Some("work".into()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    a.bind("in", q("work"), "job").await;
+    a.bind("dlx", q("parking"), "").await;
+    assert_eq!(a.publish("in", "job", &[]).await, 1);
+
+    let m = reject_one(&mut a, "work").await;
+    assert!(history(&m).is_empty());
+    let m = reject_one(&mut a, "parking").await;
+    assert_eq!(history(&m), vec![h("work", "rejected", 1, "in", "job")]);
+    let m = reject_one(&mut a, "work").await;
+    assert_eq!(
+        history(&m),
+        vec![
+            h("parking", "rejected", 1, "dlx", "job"),
+            h("work", "rejected", 1, "in", "job"),
+        ]
+    );
+    let m = a
+        .receive_n("parking", 1, 60_000, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        history(&m[0]),
+        vec![
+            h("work", "rejected", 2, "in", "job"),
+            h("parking", "rejected", 1, "dlx", "job"),
+        ],
+        "the work entry counts twice, comes first again and keeps its first origin"
+    );
+    let p = m[0].record.as_ref().unwrap().properties.clone().unwrap();
+    assert_eq!(
+        (p.dead_letter_reason.as_str(), p.dead_letter_queue.as_str()),
+        ("rejected", "work")
+    );
+    assert!(a.ack("parking", &[&m[0]]).await.is_empty());
+
+    // Expiry, through a dead-letter queue, of a record enqueued directly.
+    a.admin
+        .declare_queue(declare("expired", v1::QueueConfig::default()))
+        .await
+        .unwrap();
+    a.admin
+        .declare_queue(declare(
+            "short",
+            v1::QueueConfig {
+                message_ttl_ms: Some(50),
+                dead_letter_queue: Some("expired".into()),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap();
+    a.send(
+        "short",
+        vec![v1::Record {
+            value: Bytes::from_static(b"brief"),
+            ..Default::default()
+        }],
+    )
+    .await;
+    let m = a
+        .receive_n("expired", 1, 60_000, std::time::Duration::from_secs(20))
+        .await;
+    assert_eq!(history(&m[0]), vec![h("short", "expired", 1, "", "")]);
+}

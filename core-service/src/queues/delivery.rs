@@ -615,6 +615,7 @@ impl Core {
                 p.dead_letter_delivery_count = d.delivery_count;
                 p.dead_letter_original_address = p.publish_address.clone();
                 p.dead_letter_original_key = p.address.clone();
+                note_dead_letter(p, &h.record.name, d.reason, now);
                 // A message does not carry its old expiry into the dead letters.
                 p.expires_at_ms = 0;
                 r
@@ -742,6 +743,31 @@ impl Drop for ConsumerGuard {
     }
 }
 
+/// Counts a dead-lettering in the record's history: the entry for (queue, reason) goes up
+/// by one, or is added, and moves to the front (most recent first, as AMQP's x-death is
+/// ordered). A new entry keeps where the record had been published until then.
+pub(crate) fn note_dead_letter(p: &mut v1::SystemProperties, queue: &str, reason: &str, now: i64) {
+    let history = &mut p.dead_letter_history;
+    let mut entry = match history
+        .iter()
+        .position(|e| e.queue == queue && e.reason == reason)
+    {
+        Some(i) => history.remove(i),
+        None => v1::DeadLetterCount {
+            queue: queue.to_string(),
+            reason: reason.to_string(),
+            count: 0,
+            first_at_ms: now,
+            last_at_ms: now,
+            original_address: p.publish_address.clone(),
+            original_key: p.address.clone(),
+        },
+    };
+    entry.count += 1;
+    entry.last_at_ms = now;
+    p.dead_letter_history.insert(0, entry);
+}
+
 pub(super) fn to_leased_message(queue: u64, l: Leased) -> v1::LeasedMessage {
     v1::LeasedMessage {
         lease_id: lease_id(queue, l.offset, l.seq),
@@ -750,5 +776,45 @@ pub(super) fn to_leased_message(queue: u64, l: Leased) -> v1::LeasedMessage {
         delivery_count: l.delivery_count,
         lease_expires_at_ms: l.deadline,
         redelivered: l.delivery_count > 1,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dead_letter_history_counts_per_queue_and_reason_most_recent_first() {
+        let mut p = v1::SystemProperties {
+            publish_address: "in".into(),
+            address: "job".into(),
+            ..Default::default()
+        };
+        note_dead_letter(&mut p, "work", "rejected", 10);
+        p.publish_address = "dlx".into();
+        note_dead_letter(&mut p, "parking", "expired", 20);
+        note_dead_letter(&mut p, "work", "rejected", 30);
+        let h: Vec<_> = p
+            .dead_letter_history
+            .iter()
+            .map(|e| {
+                (
+                    e.queue.as_str(),
+                    e.reason.as_str(),
+                    e.count,
+                    e.first_at_ms,
+                    e.last_at_ms,
+                    e.original_address.as_str(),
+                    e.original_key.as_str(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            h,
+            vec![
+                ("work", "rejected", 2, 10, 30, "in", "job"),
+                ("parking", "expired", 1, 20, 20, "dlx", "job"),
+            ]
+        );
     }
 }
