@@ -1206,3 +1206,232 @@ async fn a_requeued_message_keeps_its_place_and_is_marked_redelivered() {
     let leases: Vec<&v1::LeasedMessage> = next.iter().chain(&first[1..]).collect();
     assert!(a.ack("order", &leases).await.is_empty());
 }
+
+/// Sends records one request each; per record, QUEUE_FULL or not.
+async fn send_each(a: &mut Api, queue: &str, values: &[&str]) -> Vec<bool> {
+    let mut full = Vec::new();
+    for v in values {
+        let r = a
+            .queues
+            .enqueue(v1::EnqueueRequest {
+                queue: qid(queue),
+                records: vec![rec(v)],
+            })
+            .await;
+        full.push(match r {
+            Ok(_) => false,
+            Err(e) => {
+                assert_eq!(error_code(&e), ErrorCode::QueueFull, "{v}");
+                true
+            }
+        });
+    }
+    full
+}
+
+fn reason_and_history(m: &v1::LeasedMessage) -> (String, Vec<(String, String, u64)>) {
+    let p = m.record.as_ref().unwrap().properties.clone().unwrap();
+    let history = p
+        .dead_letter_history
+        .iter()
+        .map(|e| (e.queue.clone(), e.reason.clone(), e.count))
+        .collect();
+    (p.dead_letter_reason, history)
+}
+
+/// max_length_bytes with drop-head, as RabbitMQ's x-max-length-bytes: the value bytes of
+/// the ready messages stay under the limit by dropping the oldest (dead letters, reason
+/// max-length); a message larger than the limit goes in and out with everything before it;
+/// leased messages do not count.
+#[tokio::test]
+async fn max_length_bytes_drops_the_oldest() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("bytes-dlq", v1::QueueConfig::default()).await;
+    a.declare(
+        "bytes-head",
+        v1::QueueConfig {
+            max_length_bytes: Some(10),
+            overflow: Some("drop-head".into()),
+            dead_letter_queue: Some("bytes-dlq".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let echo = a.info("bytes-head").await.config.unwrap();
+    assert_eq!(echo.max_length_bytes, Some(10));
+    assert_eq!(
+        send_each(&mut a, "bytes-head", &["aaaaaa", "bbbbbb", "cccccc"]).await,
+        vec![false; 3]
+    );
+    assert_eq!(a.info("bytes-head").await.messages_ready, 1);
+    // Larger than the limit: in, then out with everything before it.
+    send_each(&mut a, "bytes-head", &["xxxxxxxxxxx"]).await;
+    assert_eq!(a.info("bytes-head").await.messages_ready, 0);
+    let dead = a
+        .receive_n("bytes-dlq", 4, 60_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        dead.iter().map(text).collect::<Vec<_>>(),
+        vec!["aaaaaa", "bbbbbb", "cccccc", "xxxxxxxxxxx"]
+    );
+    for m in &dead {
+        assert_eq!(
+            reason_and_history(m),
+            (
+                "max-length".to_string(),
+                vec![("bytes-head".to_string(), "max-length".to_string(), 1)]
+            )
+        );
+    }
+    // A batch over the limit keeps its newest records that fit.
+    a.send("bytes-head", vec![rec("1111"), rec("2222"), rec("3333")])
+        .await;
+    assert_eq!(a.info("bytes-head").await.messages_ready, 2);
+    assert_eq!(a.drain("bytes-head").await, vec!["2222", "3333"]);
+    // Leased messages do not count.
+    send_each(&mut a, "bytes-head", &["ffffff"]).await;
+    let leased = a.receive("bytes-head", 1, 60_000, 0).await;
+    send_each(&mut a, "bytes-head", &["gggggg"]).await;
+    let info = a.info("bytes-head").await;
+    assert_eq!((info.messages_ready, info.messages_leased), (1, 1));
+    assert!(a.ack("bytes-head", &[&leased[0]]).await.is_empty());
+    assert_eq!(a.drain("bytes-head").await, vec!["gggggg"]);
+}
+
+/// max_length_bytes with reject-publish refuses a request that would take the ready bytes
+/// over the limit (all of it); reject-publish-dlx also dead-letters what it refuses, for
+/// max_length and max_length_bytes alike.
+#[tokio::test]
+async fn max_length_bytes_rejects_and_reject_publish_dlx_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "bytes-reject",
+        v1::QueueConfig {
+            max_length_bytes: Some(10),
+            overflow: Some("reject-publish".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        send_each(&mut a, "bytes-reject", &["666666", "666666", "4444"]).await,
+        vec![false, true, false]
+    );
+    let batch = a
+        .queues
+        .enqueue(v1::EnqueueRequest {
+            queue: qid("bytes-reject"),
+            records: vec![rec("")],
+        })
+        .await;
+    assert!(batch.is_ok(), "an empty value takes no bytes");
+    let leased = a.receive("bytes-reject", 1, 60_000, 0).await;
+    assert_eq!(text(&leased[0]), "666666");
+    assert_eq!(
+        send_each(&mut a, "bytes-reject", &["7777777", "666666"]).await,
+        vec![true, false]
+    );
+    assert_eq!(a.info("bytes-reject").await.messages_ready, 3);
+
+    a.declare("refused", v1::QueueConfig::default()).await;
+    for (name, config) in [
+        (
+            "count-dlx",
+            v1::QueueConfig {
+                max_length: Some(1),
+                ..Default::default()
+            },
+        ),
+        (
+            "bytes-dlx",
+            v1::QueueConfig {
+                max_length_bytes: Some(3),
+                ..Default::default()
+            },
+        ),
+    ] {
+        a.declare(
+            name,
+            v1::QueueConfig {
+                overflow: Some("reject-publish-dlx".into()),
+                dead_letter_queue: Some("refused".into()),
+                ..config
+            },
+        )
+        .await;
+        assert_eq!(
+            send_each(&mut a, name, &["one", "two"]).await,
+            vec![false, true]
+        );
+        let dead = a
+            .receive_n("refused", 1, 60_000, Duration::from_secs(20))
+            .await;
+        assert_eq!(text(&dead[0]), "two");
+        assert_eq!(
+            reason_and_history(&dead[0]),
+            (
+                "max-length".to_string(),
+                vec![(name.to_string(), "max-length".to_string(), 1)]
+            )
+        );
+        assert!(a.ack("refused", &[&dead[0]]).await.is_empty());
+        assert_eq!(a.drain(name).await, vec!["one"]);
+    }
+}
+
+/// The ready bytes a max_length_bytes queue counts are exact after kill -9, also when the
+/// restart finds its window's edge inside a batch.
+#[tokio::test]
+async fn max_length_bytes_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "big-batch",
+        v1::QueueConfig {
+            max_length_bytes: Some(2000),
+            overflow: Some("reject-publish".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    a.send("big-batch", (0..2000).map(|_| rec("x")).collect())
+        .await;
+    assert_eq!(send_each(&mut a, "big-batch", &["y"]).await, vec![true]);
+    let leased = a.receive("big-batch", 1, 600_000, 0).await;
+    assert_eq!(leased.len(), 1);
+    a.declare(
+        "small-head",
+        v1::QueueConfig {
+            max_length_bytes: Some(10),
+            overflow: Some("drop-head".into()),
+            ..Default::default()
+        },
+    )
+    .await;
+    send_each(&mut a, "small-head", &["aaaa", "bbbb"]).await;
+    drop(a);
+    server.kill9();
+
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    let info = a.info("big-batch").await;
+    assert_eq!((info.messages_ready, info.messages_leased), (1999, 1));
+    assert_eq!(
+        send_each(&mut a, "big-batch", &["y", "z"]).await,
+        vec![false, true]
+    );
+    // Settling the leased message frees nothing: it was not ready.
+    assert!(a.ack("big-batch", &[&leased[0]]).await.is_empty());
+    assert_eq!(send_each(&mut a, "big-batch", &["z"]).await, vec![true]);
+    let one = a.receive("big-batch", 1, 600_000, 0).await;
+    assert_eq!(one.len(), 1);
+    assert_eq!(send_each(&mut a, "big-batch", &["z"]).await, vec![false]);
+
+    send_each(&mut a, "small-head", &["cccc"]).await;
+    assert_eq!(a.drain("small-head").await, vec!["bbbb", "cccc"]);
+}

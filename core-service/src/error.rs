@@ -64,7 +64,9 @@ pub enum CoreError {
     QueueExists(String),
     #[error("lease '{0}' has expired or was replaced")]
     LeaseExpired(String),
-    #[error("queue '{0}' is full (max_length reached, overflow reject-publish)")]
+    #[error(
+        "queue '{0}' is full (a max_length or max_length_bytes limit, overflow reject-publish)"
+    )]
     QueueFull(String),
     #[error("address '{0}' does not exist")]
     AddressNotFound(String),

@@ -15,7 +15,7 @@ use tributary_storage::BatchToAppend;
 use super::settings::{MAX_DEDUP_ID, MAX_VISIBILITY_MS, Overflow};
 use super::shared::Body;
 use super::state::{DeadLetter, Leased};
-use super::{Guarded, QueueHandle, decode_batch};
+use super::{ByteTally, Guarded, QueueHandle, decode_batch};
 use crate::error::{CoreError, CoreResult};
 use crate::{Core, now_ms};
 
@@ -174,14 +174,43 @@ impl Core {
                 now_idx.push(i);
             }
         }
+        let new_bytes: u64 = now_idx.iter().map(|i| records[*i].value.len() as u64).sum();
         if mode == EnqueueMode::Client
-            && let (Some(max), Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)) =
-                (settings.max_length, settings.overflow)
+            && matches!(
+                settings.overflow,
+                Some(Overflow::RejectPublish | Overflow::RejectPublishDlx)
+            )
         {
-            let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
-            if ready + now_idx.len() as i64 > max {
+            // Refused when the ready messages with these would be over a limit (RabbitMQ's
+            // check); all of the request or none.
+            let over_count = settings.max_length.is_some_and(|max| {
+                let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
+                ready + now_idx.len() as i64 > max
+            });
+            let over_bytes = match (settings.max_length_bytes, &g.bytes) {
+                (Some(max), Some(b)) => {
+                    g.st.ready_bytes() + b.unloaded() + new_bytes > max.max(0) as u64
+                }
+                _ => false,
+            };
+            if over_count || over_bytes {
                 for d in &inserted {
                     g.dedup.forget(d);
+                }
+                drop(g);
+                if settings.overflow == Some(Overflow::RejectPublishDlx) {
+                    let refused = records
+                        .into_iter()
+                        .zip(&resp.duplicate)
+                        .filter(|(_, dup)| !**dup)
+                        .map(|(r, _)| DeadLetter {
+                            offset: -1,
+                            reason: "max-length",
+                            delivery_count: 0,
+                            record: Arc::new(r),
+                        })
+                        .collect();
+                    self.move_dead_letters(h, refused).await?;
                 }
                 return Err(CoreError::QueueFull(h.record.name.clone()));
             }
@@ -189,15 +218,26 @@ impl Core {
         let mut appended = None;
         if !now_idx.is_empty() {
             let n = now_idx.len() as i64;
+            let (value_bytes_before, value_bytes) = match &mut g.bytes {
+                Some(b) => {
+                    b.durable_at(h.durable_end());
+                    (Some(b.appended()), new_bytes)
+                }
+                None => (None, 0),
+            };
             let batch = match shared {
                 Some(r) if now_idx.len() == records.len() => v1::QueueMessageBatch {
                     shared: Some(*r),
+                    value_bytes_before,
+                    value_bytes,
                     ..Default::default()
                 },
                 _ => v1::QueueMessageBatch {
                     records: now_idx.iter().map(|i| records[*i].clone()).collect(),
                     timer_id: timer_id.unwrap_or_default().to_string(),
                     shared: None,
+                    value_bytes_before,
+                    value_bytes,
                 },
             };
             // Appended under the queue's lock: a fan-out holds its namespace's order lock
@@ -215,7 +255,12 @@ impl Core {
                 )
                 .await;
             match base {
-                Ok(base) => appended = Some((base, n)),
+                Ok(base) => {
+                    appended = Some((base, n));
+                    if let Some(b) = &mut g.bytes {
+                        b.append(base + n, new_bytes);
+                    }
+                }
                 Err(e) => {
                     for d in &inserted {
                         g.dedup.forget(d);
@@ -309,24 +354,48 @@ impl Core {
         }
         let settings = &h.record.settings;
         if mode == EnqueueMode::Client
-            && let (Some(max), Some(Overflow::DropHead)) = (settings.max_length, settings.overflow)
+            && settings.overflow == Some(Overflow::DropHead)
+            && (settings.max_length.is_some() || settings.max_length_bytes.is_some())
         {
-            self.drop_head(&h, max).await?;
+            self.drop_head(&h).await?;
         }
         Ok(resp)
     }
 
-    /// Overflow drop-head: the oldest ready messages beyond `max` become dead letters.
-    async fn drop_head(&self, h: &Arc<QueueHandle>, max: i64) -> CoreResult<()> {
+    /// Overflow drop-head: the oldest ready messages beyond `max_length`, then beyond
+    /// `max_length_bytes`, become dead letters. As in RabbitMQ, a message larger than the
+    /// byte limit went in and goes out with everything before it.
+    async fn drop_head(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
+        let settings = &h.record.settings;
         let dead = {
             let mut g = h.guarded.lock().await;
-            let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
-            let excess = (ready - max).max(0) as usize;
-            if excess == 0 {
-                return Ok(());
+            let mut dead = Vec::new();
+            if let Some(max) = settings.max_length {
+                let ready = g.st.ready_loaded() as i64 + (h.durable_end() - g.st.cursor()).max(0);
+                let excess = (ready - max).max(0) as usize;
+                if excess > 0 {
+                    self.fill_window(h, &mut g, excess).await?;
+                    dead = g.st.drop_head(excess);
+                }
             }
-            self.fill_window(h, &mut g, excess).await?;
-            g.st.drop_head(excess)
+            if let Some(max) = settings.max_length_bytes {
+                let max = max.max(0) as u64;
+                loop {
+                    let unloaded = g.bytes.as_ref().map_or(0, ByteTally::unloaded);
+                    if g.st.ready_bytes() + unloaded <= max {
+                        break;
+                    }
+                    // Loaded messages are older than those not loaded yet.
+                    if g.st.ready_loaded() == 0 {
+                        self.fill_window(h, &mut g, WINDOW).await?;
+                    }
+                    match g.st.drop_oldest() {
+                        Some(d) => dead.push(d),
+                        None => break,
+                    }
+                }
+            }
+            dead
         };
         self.move_dead_letters(h, dead).await
     }
@@ -363,6 +432,11 @@ impl Core {
                             Body::Pending => return Ok(()),
                             Body::Lost => {
                                 warn!(queue = %h.label(), offset = b.base_offset, count = r.count, "skipping messages whose shared body was lost in a crash before their publish was acknowledged");
+                                if b.base_offset >= g.st.cursor()
+                                    && let Some(t) = &mut g.bytes
+                                {
+                                    t.advance(batch.value_bytes);
+                                }
                                 g.st.skip_to(b.next_offset());
                                 continue;
                             }
@@ -376,6 +450,9 @@ impl Core {
                     }
                     if o >= end || g.st.ready_loaded() >= want {
                         break;
+                    }
+                    if let Some(t) = &mut g.bytes {
+                        t.advance(r.value.len() as u64);
                     }
                     g.st.load(o, Arc::new(r.clone()));
                 }

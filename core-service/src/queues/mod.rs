@@ -115,10 +115,61 @@ impl Dedup {
     }
 }
 
+/// Value bytes in a queue's messages log, for `max_length_bytes`: running totals of what
+/// was appended and of what lies before the state's cursor (loaded, skipped or purged).
+/// The ready messages not loaded hold the difference. Each appended batch carries the
+/// total before it (`value_bytes_before`), from which a restart takes both back.
+#[derive(Debug, Default)]
+pub(crate) struct ByteTally {
+    appended: u64,
+    cursor: u64,
+    /// Appends perhaps not durable yet: (log end after each, running total after each).
+    pending: VecDeque<(i64, u64)>,
+    /// The running total at the durable end last seen.
+    durable: u64,
+}
+
+impl ByteTally {
+    /// Value bytes of the ready messages not loaded (appends not yet durable included).
+    pub fn unloaded(&self) -> u64 {
+        self.appended.saturating_sub(self.cursor)
+    }
+    /// The running total before the next append.
+    pub fn appended(&self) -> u64 {
+        self.appended
+    }
+    /// A batch of `bytes` was appended, ending the log at `end`.
+    pub fn append(&mut self, end: i64, bytes: u64) {
+        self.appended += bytes;
+        self.pending.push_back((end, self.appended));
+    }
+    /// The running total at `durable_end` (a durable end: appends are whole batches).
+    pub fn durable_at(&mut self, durable_end: i64) -> u64 {
+        while let Some(&(end, total)) = self.pending.front() {
+            if end > durable_end {
+                break;
+            }
+            self.durable = total;
+            self.pending.pop_front();
+        }
+        self.durable
+    }
+    /// Messages of `bytes` passed the cursor.
+    pub fn advance(&mut self, bytes: u64) {
+        self.cursor += bytes;
+    }
+    /// The cursor moved to `durable_end` (a purge).
+    pub fn advance_to(&mut self, durable_end: i64) {
+        self.cursor = self.cursor.max(self.durable_at(durable_end));
+    }
+}
+
 /// What one queue's lock guards.
 pub(crate) struct Guarded {
     pub st: QueueState,
     pub dedup: Dedup,
+    /// Kept for queues with `max_length_bytes` only.
+    pub bytes: Option<ByteTally>,
     ops_since_snapshot: usize,
     data_end_at_snapshot: i64,
 }
@@ -324,7 +375,11 @@ impl Core {
         let (n, end) = {
             let mut g = h.guarded.lock().await;
             g.st.tick(now_ms());
-            let n = g.st.purge(h.durable_end(), &mut ops);
+            let end = h.durable_end();
+            let n = g.st.purge(end, &mut ops);
+            if let Some(b) = &mut g.bytes {
+                b.advance_to(end);
+            }
             (n, self.write_ops(&h, &mut g, ops).await?)
         };
         self.journal_durable(&h, end).await?;
@@ -510,6 +565,13 @@ impl Core {
         let st = QueueState::from_replay(record.settings.policy(), &replay, |o| {
             records.get(&o).cloned()
         });
+        let bytes = match record.settings.max_length_bytes {
+            Some(_) => Some(
+                self.restore_byte_tally(&record.namespace, data, replay.cursor)
+                    .await?,
+            ),
+            None => None,
+        };
         let now = now_ms();
         let mut dedup = Dedup::default();
         let window = record.settings.dedup_window_ms();
@@ -549,6 +611,7 @@ impl Core {
             guarded: tokio::sync::Mutex::new(Guarded {
                 st,
                 dedup,
+                bytes,
                 ops_since_snapshot: 0,
                 data_end_at_snapshot: replay.data_end,
             }),
@@ -569,6 +632,54 @@ impl Core {
             handle.clone(),
         );
         Ok(handle)
+    }
+
+    /// A queue's byte totals after a restart: the running total after the log's last batch,
+    /// and at `cursor` (the total before the batch that holds it plus the records of that
+    /// batch before it). Two batch reads, however long the backlog.
+    async fn restore_byte_tally(
+        &self,
+        ns: &str,
+        data: PartitionKey,
+        cursor: i64,
+    ) -> CoreResult<ByteTally> {
+        let log = &self.inner.log;
+        let bounds = log.bounds(data).await?;
+        if bounds.start_offset >= bounds.end_offset {
+            return Ok(ByteTally::default());
+        }
+        let appended = match log.read(data, bounds.end_offset - 1, 1).await?.first() {
+            Some(b) => {
+                let batch = decode_batch(&b.payload)?;
+                batch.value_bytes_before.unwrap_or(0) + batch.value_bytes
+            }
+            None => 0,
+        };
+        let cursor = cursor.max(bounds.start_offset);
+        let at_cursor = if cursor >= bounds.end_offset {
+            appended
+        } else {
+            match log.read(data, cursor, 1).await?.first() {
+                Some(b) => {
+                    let before = decode_batch(&b.payload)?.value_bytes_before.unwrap_or(0);
+                    let records = self.batch_records(ns, &b.payload, true).await?;
+                    let passed = (cursor - b.base_offset).max(0) as usize;
+                    before
+                        + records
+                            .iter()
+                            .take(passed)
+                            .map(|r| r.value.len() as u64)
+                            .sum::<u64>()
+                }
+                None => appended,
+            }
+        };
+        Ok(ByteTally {
+            appended,
+            cursor: at_cursor.min(appended),
+            pending: VecDeque::new(),
+            durable: appended,
+        })
     }
 
     /// The queue's owner: sleeps until its next deadline, then lets time pass in its state

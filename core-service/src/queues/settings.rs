@@ -31,6 +31,10 @@ pub struct QueueSettings {
     pub message_ttl_ms: Option<i64>,
     pub expires_ms: Option<i64>,
     pub max_length: Option<i64>,
+    /// Value bytes of the ready messages at most (a queue record written before this field
+    /// existed has none).
+    #[serde(default)]
+    pub max_length_bytes: Option<i64>,
     pub overflow: Option<Overflow>,
     pub dead_letter_queue: Option<String>,
     pub dead_letter_address: Option<String>,
@@ -56,11 +60,6 @@ fn at_least(what: &str, v: Option<i64>, min: i64, max: i64) -> CoreResult<()> {
 
 impl QueueSettings {
     pub fn from_proto(c: &v1::QueueConfig) -> CoreResult<Self> {
-        if c.max_length_bytes.is_some() {
-            return Err(CoreError::Unsupported(
-                "max_length_bytes on queues (the queue engine bounds queues by count only)".into(),
-            ));
-        }
         let overflow = match c.overflow.as_deref() {
             None => None,
             Some("drop-head") => Some(Overflow::DropHead),
@@ -76,6 +75,7 @@ impl QueueSettings {
             message_ttl_ms: c.message_ttl_ms,
             expires_ms: c.expires_ms,
             max_length: c.max_length,
+            max_length_bytes: c.max_length_bytes,
             overflow,
             dead_letter_queue: c.dead_letter_queue.clone().filter(|q| !q.is_empty()),
             dead_letter_address: c.dead_letter_address.clone(),
@@ -97,6 +97,7 @@ impl QueueSettings {
         at_least("message_ttl_ms", self.message_ttl_ms, 0, i64::MAX / 4)?;
         at_least("expires_ms", self.expires_ms, 1, i64::MAX / 4)?;
         at_least("max_length", self.max_length, 0, i64::MAX)?;
+        at_least("max_length_bytes", self.max_length_bytes, 0, i64::MAX)?;
         at_least(
             "visibility_timeout_ms",
             self.visibility_timeout_ms,
@@ -133,7 +134,7 @@ impl QueueSettings {
             message_ttl_ms: self.message_ttl_ms,
             expires_ms: self.expires_ms,
             max_length: self.max_length,
-            max_length_bytes: None,
+            max_length_bytes: self.max_length_bytes,
             overflow: self.overflow.map(|o| {
                 match o {
                     Overflow::DropHead => "drop-head",

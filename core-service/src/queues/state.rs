@@ -45,6 +45,8 @@ pub(crate) struct Msg {
     group: Option<Arc<str>>,
     /// 0 = never.
     expires_at: i64,
+    /// Value bytes (what max_length_bytes counts).
+    size: u64,
 }
 
 /// What a queue's configuration means to its state.
@@ -100,6 +102,8 @@ pub(crate) struct QueueState {
     next_lease_seq: u64,
     leased: usize,
     delayed: usize,
+    /// Value bytes of the ready messages loaded.
+    ready_bytes: u64,
     /// Time made messages ready since the last [`QueueState::take_woke`]: waiting
     /// consumers are to be woken.
     woke: bool,
@@ -154,6 +158,10 @@ impl QueueState {
     pub fn ready_loaded(&self) -> usize {
         self.ready.len()
     }
+    /// Value bytes of the ready messages loaded.
+    pub fn ready_bytes(&self) -> u64 {
+        self.ready_bytes
+    }
     pub fn leased_count(&self) -> usize {
         self.leased
     }
@@ -184,10 +192,12 @@ impl QueueState {
         let Some(m) = self.msgs.get(&offset) else {
             return;
         };
-        let (phase, priority, group) = (m.phase, m.priority, m.group.clone());
+        let (phase, priority, group, size) = (m.phase, m.priority, m.group.clone(), m.size);
         match phase {
             Phase::Ready => {
-                self.ready.remove(&(Reverse(priority), offset));
+                if self.ready.remove(&(Reverse(priority), offset)) {
+                    self.ready_bytes -= size;
+                }
             }
             Phase::Leased { deadline, .. } => {
                 self.timed.remove(&(deadline, offset));
@@ -209,10 +219,12 @@ impl QueueState {
             return;
         };
         m.phase = phase;
-        let (priority, group) = (m.priority, m.group.clone());
+        let (priority, group, size) = (m.priority, m.group.clone(), m.size);
         match phase {
             Phase::Ready => {
-                self.ready.insert((Reverse(priority), offset));
+                if self.ready.insert((Reverse(priority), offset)) {
+                    self.ready_bytes += size;
+                }
             }
             Phase::Leased { deadline, .. } => {
                 self.timed.insert((deadline, offset));
@@ -254,6 +266,7 @@ impl QueueState {
         let msg = Msg {
             group: group_of(&self.policy, &record),
             expires_at: expiry_of(&self.policy, &record),
+            size: record.value.len() as u64,
             record,
             delivery_count,
             phase: Phase::Moving,
@@ -552,6 +565,17 @@ impl QueueState {
             .into_iter()
             .map(|o| self.start_move(o, "max-length"))
             .collect()
+    }
+
+    /// Takes the oldest ready message out (overflow drop-head by bytes): a dead letter with
+    /// reason "max-length". Only loaded messages are considered.
+    pub fn drop_oldest(&mut self) -> Option<DeadLetter> {
+        let oldest = if self.policy.priorities {
+            self.ready.iter().map(|(_, o)| *o).min()
+        } else {
+            self.ready.first().map(|(_, o)| *o)
+        }?;
+        Some(self.start_move(oldest, "max-length"))
     }
 
     /// Removes every ready or delayed message, loaded or not (up to `end`); leased ones

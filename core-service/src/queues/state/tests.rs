@@ -147,6 +147,12 @@ impl Harness {
             ready as i64,
             "ready"
         );
+        // Every record's value is 8 bytes.
+        assert_eq!(
+            self.state.ready_bytes(),
+            8 * self.state.ready_loaded() as u64,
+            "ready bytes"
+        );
         let model_floor = self
             .model
             .msgs
