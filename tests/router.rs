@@ -821,3 +821,65 @@ async fn dead_letter_history_counts_each_queue_and_reason() {
         .await;
     assert_eq!(history(&m[0]), vec![h("short", "expired", 1, "", "")]);
 }
+
+/// A fan-out that reaches a full reject-publish-dlx queue: that queue refuses (the publish
+/// fails with QUEUE_FULL, as a publisher confirm would be a nack), the others take the
+/// record, and the refused copy is dead-lettered through an address to several queues.
+#[tokio::test]
+async fn a_fan_out_to_a_full_reject_publish_dlx_queue_dead_letters_its_copy() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(dir.path()));
+    let mut a = api(&server).await;
+    for name in ["open", "dl-a", "dl-b"] {
+        a.queue(name).await;
+    }
+    a.address("dlx", AddressKind::Fanout).await;
+    a.bind("dlx", q("dl-a"), "").await;
+    a.bind("dlx", q("dl-b"), "").await;
+    a.admin
+        .declare_queue(v1::DeclareQueueRequest {
+            id: qid("full"),
+            durable: true,
+            config: Some(v1::QueueConfig {
+                max_length: Some(0),
+                overflow: Some("reject-publish-dlx".into()),
+                dead_letter_address: Some("dlx".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    a.address("fan", AddressKind::Fanout).await;
+    a.bind("fan", q("full"), "").await;
+    a.bind("fan", q("open"), "").await;
+    let publish = a.streams.publish(v1::PublishRequest {
+        namespace: "default".into(),
+        address: "fan".into(),
+        routing_key: "k".into(),
+        records: vec![v1::Record {
+            value: Bytes::from_static(b"m"),
+            ..Default::default()
+        }],
+        ..Default::default()
+    });
+    let e = tokio::time::timeout(std::time::Duration::from_secs(20), publish)
+        .await
+        .expect("the publish never answered")
+        .unwrap_err();
+    assert_eq!(error_code(&e), ErrorCode::QueueFull);
+    assert_eq!(a.drain("open").await, vec!["m"]);
+    for dl in ["dl-a", "dl-b"] {
+        let got = a
+            .receive_n(dl, 1, 60_000, std::time::Duration::from_secs(20))
+            .await;
+        assert_eq!(got.len(), 1, "{dl}");
+        let p = got[0].record.as_ref().unwrap().properties.clone().unwrap();
+        assert_eq!(
+            (p.dead_letter_reason.as_str(), p.dead_letter_queue.as_str()),
+            ("max-length", "full")
+        );
+        assert_eq!(p.dead_letter_original_address, "fan");
+    }
+    assert_eq!(a.drain("full").await, Vec::<String>::new());
+}

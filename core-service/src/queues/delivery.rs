@@ -45,6 +45,9 @@ pub(crate) struct PendingEnqueue {
     appended: Option<(i64, i64)>,
     /// The journal's end once the dedup ids of delayed records are in it.
     dedup_end: Option<i64>,
+    /// Overflow reject-publish-dlx refused the records: these dead letters go, then the
+    /// enqueue fails with QUEUE_FULL.
+    refused: Option<Vec<DeadLetter>>,
 }
 
 /// How an enqueue treats its records.
@@ -197,22 +200,36 @@ impl Core {
                 for d in &inserted {
                     g.dedup.forget(d);
                 }
-                drop(g);
-                if settings.overflow == Some(Overflow::RejectPublishDlx) {
-                    let refused = records
-                        .into_iter()
-                        .zip(&resp.duplicate)
-                        .filter(|(_, dup)| !**dup)
-                        .map(|(r, _)| DeadLetter {
-                            offset: -1,
-                            reason: "max-length",
-                            delivery_count: 0,
-                            record: Arc::new(r),
-                        })
-                        .collect();
-                    self.move_dead_letters(h, refused).await?;
+                if settings.overflow != Some(Overflow::RejectPublishDlx) {
+                    return Err(CoreError::QueueFull(h.record.name.clone()));
                 }
-                return Err(CoreError::QueueFull(h.record.name.clone()));
+                drop(g);
+                // Dead-lettered by the second half, out of every lock the caller may hold
+                // (a fan-out holds its namespace's order lock, which a dead-letter route to
+                // several queues takes again).
+                let refused = records
+                    .iter()
+                    .zip(&resp.duplicate)
+                    .filter(|(_, dup)| !**dup)
+                    .map(|(r, _)| DeadLetter {
+                        offset: -1,
+                        reason: "max-length",
+                        delivery_count: 0,
+                        record: Arc::new(r.clone()),
+                    })
+                    .collect();
+                return Ok(PendingEnqueue {
+                    h: h.clone(),
+                    records,
+                    mode,
+                    resp,
+                    now_idx: Vec::new(),
+                    later: Vec::new(),
+                    inserted: Vec::new(),
+                    appended: None,
+                    dedup_end: None,
+                    refused: Some(refused),
+                });
             }
         }
         let mut appended = None;
@@ -296,6 +313,7 @@ impl Core {
             inserted,
             appended,
             dedup_end,
+            refused: None,
         })
     }
 
@@ -315,7 +333,12 @@ impl Core {
             inserted,
             appended,
             dedup_end,
+            refused,
         } = p;
+        if let Some(refused) = refused {
+            self.move_dead_letters(&h, refused).await?;
+            return Err(CoreError::QueueFull(h.record.name.clone()));
+        }
         self.journal_durable(&h, dedup_end).await?;
         if let Some((base, n)) = appended {
             if let Err(e) = self.inner.log.wait_durable(h.data, base + n).await {
@@ -731,7 +754,7 @@ impl Core {
                 true
             }
             Err(e) => {
-                warn!(queue = %h.label(), error = %e, "dead letters could not be moved; they stay in the queue");
+                warn!(queue = %h.label(), error = %e, "dead letters could not be moved; they stay in the queue (records refused by reject-publish-dlx are lost)");
                 false
             }
         };
