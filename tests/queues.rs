@@ -1435,3 +1435,165 @@ async fn max_length_bytes_survives_kill_9() {
     send_each(&mut a, "small-head", &["cccc"]).await;
     assert_eq!(a.drain("small-head").await, vec!["bbbb", "cccc"]);
 }
+
+fn with_mode(value: &str, delivery_mode: u32) -> v1::Record {
+    rec_with(
+        value,
+        v1::SystemProperties {
+            delivery_mode,
+            ..Default::default()
+        },
+    )
+}
+
+/// Transient records (delivery_mode 1, AMQP's non-persistent) do not outlive a restart of
+/// the core, by kill -9 or by a clean stop, whether they were ready, leased or behind a
+/// long backlog: never delivered again, out of `messages_ready` once the queue has looked
+/// at them. Persistent (2) and unset (0) records stay, in order; a transient record sent
+/// after the restart is delivered until the next one.
+#[tokio::test]
+async fn transient_messages_do_not_outlive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("mixed", v1::QueueConfig::default()).await;
+    a.send(
+        "mixed",
+        vec![
+            with_mode("t1", 1),
+            with_mode("p1", 2),
+            with_mode("u1", 0),
+            with_mode("t2", 1),
+            with_mode("p2", 2),
+        ],
+    )
+    .await;
+    // t1 is leased at the kill (live in the journal, not only in the log).
+    let leased = a.receive("mixed", 1, 600_000, 0).await;
+    assert_eq!(leased.iter().map(text).collect::<Vec<_>>(), vec!["t1"]);
+    // A backlog of transient records longer than what a queue looks at when it opens.
+    a.declare("backlog", v1::QueueConfig::default()).await;
+    a.send(
+        "backlog",
+        (0..6000).map(|i| with_mode(&format!("t{i}"), 1)).collect(),
+    )
+    .await;
+    a.send("backlog", vec![with_mode("kept", 2)]).await;
+    drop(a);
+    server.kill9();
+
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    let info = a.info("mixed").await;
+    assert_eq!(
+        (info.messages_ready, info.messages_leased),
+        (3, 0),
+        "t1 and t2 are gone, the others counted"
+    );
+    assert_eq!(
+        a.ack("mixed", &[&leased[0]]).await,
+        vec![leased[0].lease_id.clone()],
+        "t1's lease went with it"
+    );
+    assert_eq!(a.drain("mixed").await, vec!["p1", "u1", "p2"]);
+    let got = a.receive_all("backlog", 1).await;
+    assert_eq!(text(&got[0]), "kept");
+    let info = a.info("backlog").await;
+    assert_eq!(
+        info.messages_ready, 0,
+        "the window passed every transient one"
+    );
+
+    // Sent after the restart: delivered while this process lives, gone after a clean stop.
+    a.send("mixed", vec![with_mode("t3", 1), with_mode("p3", 2)])
+        .await;
+    assert_eq!(a.info("mixed").await.messages_ready, 2);
+    let got = a.receive("mixed", 1, 60_000, 0).await;
+    assert_eq!(text(&got[0]), "t3");
+    a.queues
+        .nack(v1::NackRequest {
+            queue: qid("mixed"),
+            lease_ids: vec![got[0].lease_id.clone()],
+            requeue: true,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    a.send("mixed", vec![with_mode("t4", 1)]).await;
+    drop(a);
+    let status = tokio::task::spawn_blocking(move || {
+        server.signal_and_wait("TERM", Duration::from_secs(10))
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    assert_eq!(a.info("mixed").await.messages_ready, 1);
+    assert_eq!(a.drain("mixed").await, vec!["p3"]);
+    assert!(a.receive("backlog", 10, 60_000, 0).await.is_empty());
+}
+
+fn with_priority(value: &str, priority: u32) -> v1::Record {
+    rec_with(
+        value,
+        v1::SystemProperties {
+            priority,
+            ..Default::default()
+        },
+    )
+}
+
+/// Priorities 3, 2 and 9, one request each.
+async fn publish_3_2_9(a: &mut Api) {
+    for (v, p) in [("p3", 3), ("p2", 2), ("p9", 9)] {
+        a.send("prio", vec![with_priority(v, p)]).await;
+    }
+}
+
+/// As in RabbitMQ, a priority above the queue's `max_priority` counts as `max_priority`:
+/// with 3, priorities 3, 2, 9 published in that order come out 3, 9 (the same level, in
+/// publish order), 2; the record keeps its own priority. The same after kill -9.
+#[tokio::test]
+async fn a_priority_above_max_priority_counts_as_max_priority() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "prio",
+        v1::QueueConfig {
+            max_priority: Some(3),
+            ..Default::default()
+        },
+    )
+    .await;
+    let check = |got: &[v1::LeasedMessage]| {
+        assert_eq!(
+            got.iter().map(text).collect::<Vec<_>>(),
+            vec!["p3", "p9", "p2"]
+        );
+        let priorities: Vec<u32> = got
+            .iter()
+            .map(|m| {
+                m.record
+                    .as_ref()
+                    .unwrap()
+                    .properties
+                    .as_ref()
+                    .unwrap()
+                    .priority
+            })
+            .collect();
+        assert_eq!(priorities, vec![3, 9, 2], "records keep their own priority");
+    };
+    publish_3_2_9(&mut a).await;
+    check(&a.receive_all("prio", 3).await);
+    publish_3_2_9(&mut a).await;
+    drop(a);
+    server.kill9();
+
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    check(&a.receive_all("prio", 3).await);
+}

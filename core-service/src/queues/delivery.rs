@@ -14,7 +14,7 @@ use tributary_storage::BatchToAppend;
 
 use super::settings::{MAX_DEDUP_ID, MAX_VISIBILITY_MS, Overflow};
 use super::shared::Body;
-use super::state::{DeadLetter, Leased};
+use super::state::{DeadLetter, Leased, is_transient};
 use super::{ByteTally, Guarded, QueueHandle, decode_batch};
 use crate::error::{CoreError, CoreResult};
 use crate::{Core, now_ms};
@@ -430,7 +430,45 @@ impl Core {
         g: &mut Guarded,
         want: usize,
     ) -> CoreResult<()> {
-        let end = h.durable_end();
+        self.fill_window_to(h, g, want, h.durable_end()).await
+    }
+
+    /// [`Core::fill_window`], reading no further than `end`. Transient messages from before
+    /// the queue opened (a restart) are passed over and settled, not loaded: their
+    /// settlement is journalled here (not awaited: a crash before it is durable leaves them
+    /// to be dropped again at the next open).
+    pub(super) async fn fill_window_to(
+        &self,
+        h: &QueueHandle,
+        g: &mut Guarded,
+        want: usize,
+        end: i64,
+    ) -> CoreResult<()> {
+        let mut ops = Vec::new();
+        let filled = self.fill_window_ops(h, g, want, end, &mut ops).await;
+        if !ops.is_empty() {
+            let passed: usize = ops
+                .iter()
+                .map(|op| match op {
+                    v1::queue_state_op::Op::Settle(s) => s.offsets.len(),
+                    _ => 0,
+                })
+                .sum();
+            debug!(queue = %h.label(), count = passed, "transient messages from before the restart dropped");
+            metrics::counter!("tributary_queue_transient_dropped_total").increment(passed as u64);
+            self.write_ops(h, g, ops).await?;
+        }
+        filled
+    }
+
+    async fn fill_window_ops(
+        &self,
+        h: &QueueHandle,
+        g: &mut Guarded,
+        want: usize,
+        end: i64,
+        ops: &mut Vec<v1::queue_state_op::Op>,
+    ) -> CoreResult<()> {
         while g.st.ready_loaded() < want && g.st.cursor() < end && g.st.loaded() < MAX_LOADED {
             let batches = self
                 .inner
@@ -477,7 +515,11 @@ impl Core {
                     if let Some(t) = &mut g.bytes {
                         t.advance(r.value.len() as u64);
                     }
-                    g.st.load(o, Arc::new(r.clone()));
+                    if o < h.data_end_at_open && is_transient(r) {
+                        g.st.pass(o, ops);
+                    } else {
+                        g.st.load(o, Arc::new(r.clone()));
+                    }
                 }
             }
         }

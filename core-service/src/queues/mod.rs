@@ -54,6 +54,8 @@ const SNAPSHOT_EVERY_ENQUEUED: i64 = 16_384;
 const READ_CHUNK: usize = 4 << 20;
 /// Messages the owner task keeps loaded at the head of a backlog nobody consumes.
 const HEAD_WINDOW: usize = 16;
+/// Messages a queue looks at, at most, when it opens (for transient messages to drop).
+const OPEN_LOOK_AHEAD: i64 = 4096;
 
 /// A queue as the metadata store keeps it.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -562,9 +564,13 @@ impl Core {
                 }
             }
         }
-        let st = QueueState::from_replay(record.settings.policy(), &replay, |o| {
+        let mut st = QueueState::from_replay(record.settings.policy(), &replay, |o| {
             records.get(&o).cloned()
         });
+        // Transient messages do not outlive a restart: those the journal had loaded go now
+        // (whatever their phase), the others as the window reaches them.
+        let mut open_ops = Vec::new();
+        let dropped = st.drop_transient(&mut open_ops);
         let bytes = match record.settings.max_length_bytes {
             Some(_) => Some(
                 self.restore_byte_tally(&record.namespace, data, replay.cursor)
@@ -627,6 +633,22 @@ impl Core {
             task: Mutex::new(None),
             record,
         });
+        {
+            // The head of the backlog is looked at before anyone asks: the transient
+            // messages there are dropped and out of the counts (a bounded read; the rest
+            // are dropped as the window reaches them).
+            let mut g = handle.guarded.lock().await;
+            if dropped > 0 {
+                metrics::counter!("tributary_queue_transient_dropped_total")
+                    .increment(dropped as u64);
+            }
+            self.write_ops(&handle, &mut g, open_ops).await?;
+            let end = handle
+                .durable_end()
+                .min(g.st.cursor().saturating_add(OPEN_LOOK_AHEAD));
+            self.fill_window_to(&handle, &mut g, HEAD_WINDOW, end)
+                .await?;
+        }
         self.inner.queues.queues.write().insert(
             (handle.record.namespace.clone(), handle.record.name.clone()),
             handle.clone(),

@@ -160,7 +160,7 @@ impl QueueSettings {
     pub(crate) fn policy(&self) -> Policy {
         Policy {
             fifo: self.fifo == Some(true),
-            priorities: self.max_priority.is_some_and(|p| p > 0),
+            max_priority: self.max_priority.unwrap_or(0).min(255) as u8,
             message_ttl_ms: self.message_ttl_ms,
             max_deliveries: self.max_delivery_count,
         }

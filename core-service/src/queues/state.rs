@@ -53,8 +53,9 @@ pub(crate) struct Msg {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct Policy {
     pub fifo: bool,
-    /// Order ready messages by priority (0-255) before offset.
-    pub priorities: bool,
+    /// Order ready messages by priority before offset, a priority above this counting as
+    /// this (RabbitMQ's `x-max-priority`); 0 = no priorities.
+    pub max_priority: u8,
     pub message_ttl_ms: Option<i64>,
     /// Dead-letter (or drop) a message instead of delivering it a (n+1)th time.
     pub max_deliveries: Option<u32>,
@@ -120,6 +121,12 @@ fn group_of(policy: &Policy, r: &v1::Record) -> Option<Arc<str>> {
         .as_ref()
         .map_or("", |p| p.message_group.as_str());
     Some(Arc::from(g))
+}
+
+/// Whether the record is transient (AMQP delivery mode 1, non-persistent): it does not
+/// outlive a restart of the core. 0 (unset, what other protocols send) and 2 are kept.
+pub(crate) fn is_transient(r: &v1::Record) -> bool {
+    r.properties.as_ref().is_some_and(|p| p.delivery_mode == 1)
 }
 
 fn expiry_of(policy: &Policy, r: &v1::Record) -> i64 {
@@ -247,6 +254,32 @@ impl QueueState {
         m
     }
 
+    /// Passes over the message at the cursor without loading it, settled at once (a
+    /// transient message from before a restart: it is dropped, not delivered).
+    pub fn pass(&mut self, offset: i64, ops: &mut Vec<Op>) {
+        debug_assert_eq!(offset, self.cursor);
+        self.cursor = offset + 1;
+        self.refloor();
+        push_settle(ops, offset);
+    }
+
+    /// Settles every loaded transient message, whatever its phase: what a queue does when
+    /// it opens after a restart, for the messages its journal had loaded. Returns how many
+    /// went.
+    pub fn drop_transient(&mut self, ops: &mut Vec<Op>) -> usize {
+        let gone: Vec<i64> = self
+            .msgs
+            .iter()
+            .filter(|(_, m)| is_transient(&m.record))
+            .map(|(o, _)| *o)
+            .collect();
+        for o in &gone {
+            self.remove(*o);
+            push_settle(ops, *o);
+        }
+        gone.len()
+    }
+
     /// Adds messages read from the log at `cursor` onwards (in order, no gaps).
     pub fn load(&mut self, offset: i64, record: Arc<v1::Record>) {
         debug_assert_eq!(offset, self.cursor);
@@ -255,14 +288,11 @@ impl QueueState {
     }
 
     fn insert(&mut self, offset: i64, record: Arc<v1::Record>, delivery_count: u32, phase: Phase) {
-        let priority = if self.policy.priorities {
-            record
-                .properties
-                .as_ref()
-                .map_or(0, |p| p.priority.min(255) as u8)
-        } else {
-            0
-        };
+        // Only the order uses the level (clamped to the queue's maximum); the record keeps
+        // its own priority.
+        let priority = record.properties.as_ref().map_or(0, |p| {
+            p.priority.min(u32::from(self.policy.max_priority)) as u8
+        });
         let msg = Msg {
             group: group_of(&self.policy, &record),
             expires_at: expiry_of(&self.policy, &record),
@@ -570,7 +600,7 @@ impl QueueState {
     /// Takes the oldest ready message out (overflow drop-head by bytes): a dead letter with
     /// reason "max-length". Only loaded messages are considered.
     pub fn drop_oldest(&mut self) -> Option<DeadLetter> {
-        let oldest = if self.policy.priorities {
+        let oldest = if self.policy.max_priority > 0 {
             self.ready.iter().map(|(_, o)| *o).min()
         } else {
             self.ready.first().map(|(_, o)| *o)
@@ -797,7 +827,7 @@ pub fn fuzz_replay(data: &[u8]) {
     }
     let policy = Policy {
         fifo: limit % 2 == 0,
-        priorities: limit % 3 == 0,
+        max_priority: if limit % 3 == 0 { 9 } else { 0 },
         message_ttl_ms: Some(1_000),
         max_deliveries: Some(3),
     };

@@ -1,7 +1,9 @@
-//! The queue state against a model: random enqueue, lease, ack, nack, change-lease, time
-//! passing, snapshots and restarts (a replay of every journal op written so far).
+//! The queue state against a model: random enqueue (with priorities, some above the
+//! queue's maximum, and transient records), lease, ack, nack, change-lease, time passing,
+//! snapshots and restarts (a replay of every journal op written so far, after which the
+//! transient messages are gone).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use proptest::prelude::*;
 
@@ -18,6 +20,10 @@ enum ModelPhase {
 #[derive(Debug, Default)]
 struct Model {
     msgs: BTreeMap<i64, (ModelPhase, u32)>,
+    /// Each message's level: its priority clamped to the queue's maximum (0 without
+    /// priorities).
+    level: BTreeMap<i64, u8>,
+    transient: BTreeSet<i64>,
     next_seq: u64,
 }
 
@@ -33,24 +39,36 @@ impl Model {
             }
         }
     }
+    /// Ready messages go out by level (highest first), then by offset.
     fn lease(&mut self, now: i64, max: usize, vis: i64) -> Vec<(i64, u64, u32)> {
         self.tick(now);
+        let mut ready: Vec<(Reverse<u8>, i64)> = self
+            .msgs
+            .iter()
+            .filter(|(_, (p, _))| *p == ModelPhase::Ready)
+            .map(|(o, _)| (Reverse(self.level[o]), *o))
+            .collect();
+        ready.sort_unstable();
         let mut out = Vec::new();
-        for (offset, (phase, count)) in self.msgs.iter_mut() {
-            if out.len() >= max {
-                break;
-            }
-            if *phase == ModelPhase::Ready {
-                self.next_seq += 1;
-                *count += 1;
-                *phase = ModelPhase::Leased {
-                    seq: self.next_seq,
-                    deadline: now + vis,
-                };
-                out.push((*offset, self.next_seq, *count));
-            }
+        for (_, offset) in ready.into_iter().take(max) {
+            let (phase, count) = self.msgs.get_mut(&offset).unwrap();
+            self.next_seq += 1;
+            *count += 1;
+            *phase = ModelPhase::Leased {
+                seq: self.next_seq,
+                deadline: now + vis,
+            };
+            out.push((offset, self.next_seq, *count));
         }
         out
+    }
+    /// A restart: every transient message not yet settled is gone.
+    fn restart(&mut self) {
+        for o in &self.transient {
+            if let Some((p, _)) = self.msgs.get_mut(o) {
+                *p = ModelPhase::Done;
+            }
+        }
     }
     fn holds(&self, now: i64, offset: i64, seq: u64) -> bool {
         matches!(self.msgs.get(&offset), Some((ModelPhase::Leased { seq: s, deadline }, _)) if *s == seq && *deadline > now)
@@ -71,7 +89,8 @@ impl Model {
 
 #[derive(Debug, Clone)]
 enum Step {
-    Enqueue(u8),
+    /// Records as (priority, delivery mode).
+    Enqueue(Vec<(u32, u32)>),
     Lease(u8, u16),
     Ack(u8),
     Nack(u8, bool, u16),
@@ -84,7 +103,7 @@ enum Step {
 
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
-        3 => (1u8..6).prop_map(Step::Enqueue),
+        3 => proptest::collection::vec((0u32..6, 0u32..3), 1..6).prop_map(Step::Enqueue),
         3 => (1u8..5, 1u16..400).prop_map(|(n, v)| Step::Lease(n, v)),
         3 => any::<u8>().prop_map(Step::Ack),
         2 => (any::<u8>(), any::<bool>(), 0u16..300).prop_map(|(i, r, d)| Step::Nack(i, r, d)),
@@ -97,6 +116,7 @@ fn step() -> impl Strategy<Value = Step> {
 }
 
 struct Harness {
+    policy: Policy,
     state: QueueState,
     model: Model,
     /// The messages log.
@@ -106,25 +126,54 @@ struct Harness {
     now: i64,
     /// Leases handed out, to pick from (some stale on purpose).
     leases: Vec<(i64, u64)>,
+    /// The log's end at the last restart: transient messages before it are dropped.
+    open_end: i64,
 }
 
 impl Harness {
-    fn new() -> Self {
+    fn new(max_priority: u8) -> Self {
+        let policy = Policy {
+            max_priority,
+            ..Policy::default()
+        };
         Self {
-            state: QueueState::new(Policy::default(), 0),
+            state: QueueState::new(policy.clone(), 0),
+            policy,
             model: Model::default(),
             data: Vec::new(),
             journal: Vec::new(),
             now: 1_000,
             leases: Vec::new(),
+            open_end: 0,
         }
     }
 
-    fn fill(&mut self, want: usize) {
+    /// Loads the window as the core does: until `want` are ready, passing over transient
+    /// messages from before the last restart. With priorities the whole log is loaded, so
+    /// that the window's order is the model's.
+    fn fill(&mut self, want: usize, ops: &mut Vec<Op>) {
+        let want = if self.policy.max_priority > 0 {
+            usize::MAX
+        } else {
+            want
+        };
         while self.state.ready_loaded() < want && (self.state.cursor() as usize) < self.data.len() {
             let o = self.state.cursor();
-            self.state.load(o, self.data[o as usize].clone());
+            let r = self.data[o as usize].clone();
+            if o < self.open_end && is_transient(&r) {
+                self.state.pass(o, ops);
+            } else {
+                self.state.load(o, r);
+            }
         }
+    }
+
+    /// Messages not loaded yet that are still to be delivered (the transient ones from
+    /// before the restart are not, though the state counts them until it reaches them).
+    fn unseen_dropped(&self) -> i64 {
+        (self.state.cursor()..self.open_end)
+            .filter(|o| is_transient(&self.data[*o as usize]))
+            .count() as i64
     }
 
     fn pick(&self, i: u8) -> Option<(i64, u64)> {
@@ -141,7 +190,7 @@ impl Harness {
         let (ready, leased, delayed) = self.model.counts();
         assert_eq!(self.state.leased_count(), leased, "leased");
         assert_eq!(self.state.delayed_count(), delayed, "delayed");
-        let unloaded = self.data.len() as i64 - self.state.cursor();
+        let unloaded = self.data.len() as i64 - self.state.cursor() - self.unseen_dropped();
         assert_eq!(
             self.state.ready_loaded() as i64 + unloaded,
             ready as i64,
@@ -165,19 +214,29 @@ impl Harness {
     fn run(&mut self, s: Step) {
         let mut ops = Vec::new();
         match s {
-            Step::Enqueue(n) => {
-                for _ in 0..n {
+            Step::Enqueue(records) => {
+                for (priority, delivery_mode) in records {
                     let o = self.data.len() as i64;
                     self.data.push(Arc::new(v1::Record {
                         value: o.to_le_bytes().to_vec().into(),
+                        properties: Some(v1::SystemProperties {
+                            priority,
+                            delivery_mode,
+                            ..Default::default()
+                        }),
                         ..Default::default()
                     }));
                     self.model.msgs.insert(o, (ModelPhase::Ready, 0));
+                    let level = priority.min(u32::from(self.policy.max_priority)) as u8;
+                    self.model.level.insert(o, level);
+                    if delivery_mode == 1 {
+                        self.model.transient.insert(o);
+                    }
                 }
             }
             Step::Lease(n, vis) => {
                 self.state.tick(self.now);
-                self.fill(n as usize);
+                self.fill(n as usize, &mut ops);
                 let (got, dead) = self
                     .state
                     .lease(self.now, n as usize, i64::from(vis), &mut ops);
@@ -248,8 +307,9 @@ impl Harness {
             Step::Purge => {
                 self.state.tick(self.now);
                 self.model.tick(self.now);
+                // The count includes transient messages not reached yet.
+                let mut expected = self.unseen_dropped() as u64;
                 let n = self.state.purge(self.data.len() as i64, &mut ops);
-                let mut expected = 0;
                 for (p, _) in self.model.msgs.values_mut() {
                     if matches!(p, ModelPhase::Ready | ModelPhase::Delayed { .. }) {
                         *p = ModelPhase::Done;
@@ -269,9 +329,12 @@ impl Harness {
                     replay.apply(op).unwrap();
                 }
                 let data = self.data.clone();
-                self.state = QueueState::from_replay(Policy::default(), &replay, |o| {
+                self.state = QueueState::from_replay(self.policy.clone(), &replay, |o| {
                     data.get(o as usize).cloned()
                 });
+                self.state.drop_transient(&mut ops);
+                self.open_end = self.data.len() as i64;
+                self.model.restart();
             }
         }
         self.journal.extend(ops);
@@ -282,8 +345,11 @@ impl Harness {
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(300))]
     #[test]
-    fn queue_state_matches_the_model(steps in proptest::collection::vec(step(), 1..120)) {
-        let mut h = Harness::new();
+    fn queue_state_matches_the_model(
+        max_priority in prop_oneof![Just(0u8), Just(3u8)],
+        steps in proptest::collection::vec(step(), 1..120),
+    ) {
+        let mut h = Harness::new(max_priority);
         for s in steps {
             h.run(s);
         }
@@ -333,7 +399,7 @@ fn fifo_groups_lease_one_at_a_time_in_order() {
 fn priorities_order_the_window_and_limits_dead_letter() {
     let mut st = QueueState::new(
         Policy {
-            priorities: true,
+            max_priority: 255,
             max_deliveries: Some(1),
             ..Policy::default()
         },
@@ -358,6 +424,29 @@ fn priorities_order_the_window_and_limits_dead_letter() {
     }
     assert_eq!(st.loaded(), 0);
     assert_eq!(st.floor(), 3);
+}
+
+/// RabbitMQ: a priority above the queue's maximum counts as the maximum; the record keeps
+/// its own.
+#[test]
+fn a_priority_above_the_maximum_counts_as_the_maximum() {
+    let mut st = QueueState::new(
+        Policy {
+            max_priority: 3,
+            ..Policy::default()
+        },
+        0,
+    );
+    st.load(0, rec("", 3));
+    st.load(1, rec("", 2));
+    st.load(2, rec("", 9));
+    let mut ops = Vec::new();
+    let (got, _) = st.lease(0, 3, 10, &mut ops);
+    assert_eq!(
+        got.iter().map(|l| l.offset).collect::<Vec<_>>(),
+        vec![0, 2, 1]
+    );
+    assert_eq!(got[1].record.properties.as_ref().unwrap().priority, 9);
 }
 
 #[test]
