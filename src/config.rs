@@ -105,6 +105,10 @@ pub struct LoadArgs {
     /// AMQP: transient queues and messages instead of durable queues and persistent messages.
     #[arg(long)]
     pub transient: bool,
+    /// AMQP: publish to a fanout exchange bound to N queues (instead of --topics queues on the
+    /// default exchange); consumer j reads queue j % N, so --consumers must be at least N.
+    #[arg(long, default_value_t = 0)]
+    pub fanout: usize,
     /// Kafka acks: all, 1 or 0.
     #[arg(long, default_value = "all")]
     pub acks: String,

@@ -185,6 +185,7 @@ fn bench(what: BenchCommand) -> ExitCode {
         inflight: args.inflight,
         prefetch: args.prefetch,
         durable: !args.transient,
+        fanout: args.fanout,
         broker_pid: args.broker_pid,
     };
     let Some(runtime) = runtime() else {

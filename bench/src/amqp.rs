@@ -1,10 +1,13 @@
 //! `tributary bench amqp`: lapin publishers and consumers (AMQP 0-9-1).
 //!
 //! The bench declares one queue per topic, publishes to the default exchange with the queue
-//! name as routing key, and deletes the queues at the end. At `--qos 1` publishers use
-//! publisher confirms and consumers acknowledge manually (batched with `multiple`); at
-//! `--qos 0` neither confirms nor acks exist, so a message counts as sent once lapin wrote it.
-//! lapin runs one I/O thread per connection.
+//! name as routing key, and deletes the queues at the end. With `--fanout N` it declares a
+//! fanout exchange and N queues bound to it instead, every publisher publishes to the exchange,
+//! and each publish is due once in every queue: the report's `sent` counts publishes and
+//! `received` deliveries (N per publish). At `--qos 1` publishers use publisher confirms and
+//! consumers acknowledge manually (batched with `multiple`); at `--qos 0` neither confirms nor
+//! acks exist, so a message counts as sent once lapin wrote it. lapin runs one I/O thread per
+//! connection.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -14,11 +17,13 @@ use futures::stream::{self, FuturesUnordered};
 use futures::{FutureExt, StreamExt};
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+    QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{
     BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
+    ExchangeKind,
 };
 use parking_lot::Mutex;
 use tokio::sync::watch;
@@ -42,7 +47,64 @@ const UNLIMITED_PREFETCH_BATCH: u64 = 256;
 
 type Sinks = Vec<Arc<Mutex<Sink>>>;
 
-pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+/// What a run declares, and where publishers publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Plan {
+    queues: Vec<String>,
+    /// The fanout exchange the queues are bound to (`--fanout`); `None` = the default exchange,
+    /// publisher p publishing to queue p % queues with the queue name as routing key.
+    exchange: Option<String>,
+}
+
+impl Plan {
+    fn new(opts: &BenchOptions, suffix: &str) -> Self {
+        let queues = if opts.fanout > 0 {
+            opts.fanout
+        } else {
+            opts.topics
+        };
+        Self {
+            queues: (0..queues)
+                .map(|q| format!("tributary-bench-{suffix}-{q}"))
+                .collect(),
+            exchange: (opts.fanout > 0).then(|| format!("tributary-bench-{suffix}-fanout")),
+        }
+    }
+
+    /// Exchange and routing key of publisher `p`.
+    fn target(&self, p: usize) -> (String, String) {
+        match &self.exchange {
+            Some(exchange) => (exchange.clone(), String::new()),
+            None => (String::new(), self.queues[p % self.queues.len()].clone()),
+        }
+    }
+
+    /// Queue consumer `j` reads (and whose sink it records into).
+    fn queue_of_consumer(&self, j: usize) -> usize {
+        j % self.queues.len()
+    }
+
+    /// Consumers reading queue `q`.
+    fn consumers_of_queue(&self, opts: &BenchOptions, q: usize) -> usize {
+        (0..opts.consumers)
+            .filter(|&j| self.queue_of_consumer(j) == q)
+            .count()
+    }
+
+    /// Deliveries each of publisher `p`'s messages must make. Consumers of one queue compete:
+    /// each message reaches one of them, once; a fanout exchange puts it in every queue.
+    fn copies(&self, opts: &BenchOptions, p: usize) -> u64 {
+        match &self.exchange {
+            Some(_) => (0..self.queues.len())
+                .filter(|&q| self.consumers_of_queue(opts, q) > 0)
+                .count() as u64,
+            None => opts.copies_for_producer(p).min(1),
+        }
+    }
+}
+
+/// Checks of the AMQP bench's own options.
+fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
     opts.validate()?;
     if opts.qos > 1 {
         return Err(BenchError::Invalid(
@@ -51,23 +113,40 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
                 .into(),
         ));
     }
+    if opts.fanout > 0 {
+        if opts.topics != 1 {
+            return Err(BenchError::Invalid(
+                "--fanout N declares N queues on one fanout exchange: leave --topics at 1".into(),
+            ));
+        }
+        // A queue nobody reads would only grow: every queue gets a consumer.
+        if opts.consumers < opts.fanout {
+            return Err(BenchError::Invalid(format!(
+                "--fanout {} needs at least one consumer per queue: --consumers {} or more",
+                opts.fanout, opts.fanout
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
+    validate(opts)?;
     let uri = amqp_uri(&opts.target);
     let suffix = run_suffix();
-    let queues: Vec<String> = (0..opts.topics)
-        .map(|t| format!("tributary-bench-{suffix}-{t}"))
-        .collect();
+    let plan = Plan::new(opts, &suffix);
 
     // The queues are declared before the broker's memory is first read, and by a connection
     // opened before then too, so the per-connection figure covers connections only.
     let admin = connect(opts, &uri).await?;
     let outcome = async {
         let channel = step("channel.open", admin.create_channel()).await?;
-        let declared = declare(opts, &channel, &queues).await;
+        let declared = declare(opts, &channel, &plan).await;
         let outcome = match declared {
-            Ok(()) => bench(opts, &uri, &queues, &suffix).await,
+            Ok(()) => bench(opts, &uri, &plan, &suffix).await,
             Err(e) => Err(e),
         };
-        delete(opts, &uri, &channel, &queues).await;
+        delete(opts, &uri, &channel, &plan).await;
         outcome
     }
     .await;
@@ -75,21 +154,18 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     outcome
 }
 
-/// Deletes the run's queues, best effort and bounded: the names are unique, so a leftover
-/// queue only costs the broker memory (and disk, when durable). When the run's failure took
-/// the admin channel down too (a broker closing every connection), a fresh connection does it.
-async fn delete(opts: &BenchOptions, uri: &str, channel: &Channel, queues: &[String]) {
+/// Deletes the run's queues and exchange, best effort and bounded: the names are unique, so a
+/// leftover only costs the broker memory (and disk, when durable). When the run's failure (or
+/// a failed deletion, which closes the channel) took the admin channel down, a fresh
+/// connection does the rest.
+async fn delete(opts: &BenchOptions, uri: &str, channel: &Channel, plan: &Plan) {
+    // Queues first: their bindings go with them, and the exchange is then unused.
+    let mut all: Vec<(bool, &str)> = plan.queues.iter().map(|q| (true, q.as_str())).collect();
+    if let Some(exchange) = &plan.exchange {
+        all.push((false, exchange.as_str()));
+    }
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        let mut left = queues;
-        while let Some((queue, rest)) = left.split_first() {
-            let deleted = channel
-                .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                .await;
-            if deleted.is_err() {
-                break;
-            }
-            left = rest;
-        }
+        let left = delete_on(channel, &all).await;
         if left.is_empty() {
             return;
         }
@@ -97,35 +173,77 @@ async fn delete(opts: &BenchOptions, uri: &str, channel: &Channel, queues: &[Str
             return;
         };
         if let Ok(channel) = connection.create_channel().await {
-            for queue in left {
-                let deleted = channel
-                    .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
-                    .await;
-                if deleted.is_err() {
-                    break;
-                }
-            }
+            delete_on(&channel, left).await;
         }
         let _ = connection.close(200, "OK".into()).await;
     })
     .await;
 }
 
-async fn declare(
-    opts: &BenchOptions,
+/// Deletes (is a queue, name) in order until one fails; returns what is left, that one first.
+async fn delete_on<'a>(
     channel: &Channel,
-    queues: &[String],
-) -> Result<(), BenchError> {
+    mut left: &'a [(bool, &'a str)],
+) -> &'a [(bool, &'a str)] {
+    while let Some(((queue, name), rest)) = left.split_first() {
+        let deleted = if *queue {
+            channel
+                .queue_delete((*name).into(), QueueDeleteOptions::default())
+                .await
+                .map(|_| ())
+        } else {
+            channel
+                .exchange_delete((*name).into(), ExchangeDeleteOptions::default())
+                .await
+        };
+        if deleted.is_err() {
+            break;
+        }
+        left = rest;
+    }
+    left
+}
+
+async fn declare(opts: &BenchOptions, channel: &Channel, plan: &Plan) -> Result<(), BenchError> {
+    if let Some(exchange) = &plan.exchange {
+        let options = ExchangeDeclareOptions {
+            durable: opts.durable,
+            ..Default::default()
+        };
+        step(
+            "exchange.declare",
+            channel.exchange_declare(
+                exchange.as_str().into(),
+                ExchangeKind::Fanout,
+                options,
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    }
     let options = QueueDeclareOptions {
         durable: opts.durable,
         ..Default::default()
     };
-    for queue in queues {
+    for queue in &plan.queues {
         step(
             "queue.declare",
             channel.queue_declare(queue.as_str().into(), options, FieldTable::default()),
         )
         .await?;
+        if let Some(exchange) = &plan.exchange {
+            step(
+                "queue.bind",
+                channel.queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                ),
+            )
+            .await?;
+        }
     }
     Ok(())
 }
@@ -135,11 +253,11 @@ async fn declare(
 async fn bench(
     opts: &BenchOptions,
     uri: &str,
-    queues: &[String],
+    plan: &Plan,
     suffix: &str,
 ) -> Result<Report, BenchError> {
     let mut connections: Vec<Connection> = Vec::new();
-    let outcome = traffic(opts, uri, queues, suffix, &mut connections).await;
+    let outcome = traffic(opts, uri, plan, suffix, &mut connections).await;
     let _ = tokio::time::timeout(
         CLOSE_WAIT,
         futures::future::join_all(connections.iter().map(|c| c.close(200, "OK".into()))),
@@ -151,7 +269,7 @@ async fn bench(
 async fn traffic(
     opts: &BenchOptions,
     uri: &str,
-    queues: &[String],
+    plan: &Plan,
     suffix: &str,
     connections: &mut Vec<Connection>,
 ) -> Result<Report, BenchError> {
@@ -177,6 +295,7 @@ async fn traffic(
 
     // Consumers are all registered (basic.consume-ok) before the first publish. Queues hold
     // messages anyway, but this keeps the measured latency free of a start-up backlog.
+    let queues = &plan.queues;
     let sinks: Sinks = (0..queues.len())
         .map(|_| Arc::new(Mutex::new(tally.sink())))
         .collect();
@@ -187,7 +306,7 @@ async fn traffic(
     let mut consumers: JoinSet<()> = JoinSet::new();
     let mut opened = stream::iter(0..opts.consumers)
         .map(|j| {
-            let queue = &queues[j % queues.len()];
+            let queue = &queues[plan.queue_of_consumer(j)];
             async move {
                 let connection = connect(opts, uri).await?;
                 let consumer = async {
@@ -230,7 +349,7 @@ async fn traffic(
             j,
             consumer,
             channel,
-            sinks[j % queues.len()].clone(),
+            sinks[plan.queue_of_consumer(j)].clone(),
             tally.clone(),
             confirms.then_some(batch),
             stop.clone(),
@@ -271,15 +390,16 @@ async fn traffic(
     let schedule = Arc::new(Schedule::new(opts, &tally, failure.clone()));
     let mut producers = JoinSet::new();
     for (p, channel) in channels.into_iter().enumerate() {
+        let (exchange, routing_key) = plan.target(p);
         let publisher = Publisher {
             p,
             channel,
-            queue: queues[p % queues.len()].clone(),
+            exchange,
+            routing_key,
             confirms,
             persistent: opts.durable,
             size: opts.size,
-            // Consumers of one queue compete: each message reaches one of them, once.
-            copies: opts.copies_for_producer(p).min(1),
+            copies: plan.copies(opts, p),
             window: opts.inflight.unwrap_or(CONFIRM_WINDOW),
             tally: tally.clone(),
         };
@@ -321,7 +441,7 @@ async fn traffic(
 
     // A queue with a single consumer delivers in publish order (per publisher); competing
     // consumers interleave, so order cannot be checked across them.
-    let ordered = (0..opts.topics).all(|t| opts.consumers_of_topic(t) <= 1);
+    let ordered = (0..queues.len()).all(|q| plan.consumers_of_queue(opts, q) <= 1);
     conclude(
         report,
         opts,
@@ -403,11 +523,15 @@ async fn ack(channel: &Channel, tag: u64) -> Result<(), BenchError> {
 struct Publisher {
     p: usize,
     channel: Channel,
-    queue: String,
+    /// Where it publishes: "" and a queue name (the default exchange), or the fanout exchange
+    /// and "".
+    exchange: String,
+    routing_key: String,
     confirms: bool,
     persistent: bool,
     size: usize,
-    /// Deliveries each message must make: 1, or 0 when no consumer reads its queue.
+    /// Deliveries each message must make: 1, or 0 when no consumer reads its queue; with
+    /// `--fanout`, one per queue.
     copies: u64,
     /// Unconfirmed publishes allowed before waiting for confirms.
     window: usize,
@@ -435,8 +559,8 @@ impl Publisher {
             let confirm = tokio::time::timeout(
                 CONNECT_WAIT,
                 self.channel.basic_publish(
-                    "".into(),
-                    self.queue.as_str().into(),
+                    self.exchange.as_str().into(),
+                    self.routing_key.as_str().into(),
                     BasicPublishOptions::default(),
                     &payload,
                     properties.clone(),
@@ -583,5 +707,67 @@ mod tests {
             ..Default::default()
         };
         assert!(matches!(run(&opts).await, Err(BenchError::Invalid(_))));
+    }
+
+    #[test]
+    fn queues_on_the_default_exchange() {
+        let opts = BenchOptions {
+            producers: 4,
+            consumers: 4,
+            topics: 4,
+            ..Default::default()
+        };
+        let plan = Plan::new(&opts, "s");
+        assert_eq!(plan.queues.len(), 4);
+        assert_eq!(plan.exchange, None);
+        assert_eq!(
+            plan.target(5),
+            (String::new(), "tributary-bench-s-1".into())
+        );
+        assert_eq!(plan.copies(&opts, 0), 1);
+        assert_eq!(plan.consumers_of_queue(&opts, 3), 1);
+    }
+
+    #[test]
+    fn fanout_publishes_to_the_exchange_and_counts_a_delivery_per_queue() {
+        let opts = BenchOptions {
+            producers: 2,
+            consumers: 20,
+            fanout: 10,
+            ..Default::default()
+        };
+        validate(&opts).unwrap();
+        let plan = Plan::new(&opts, "s");
+        assert_eq!(plan.queues.len(), 10);
+        assert_eq!(plan.exchange.as_deref(), Some("tributary-bench-s-fanout"));
+        assert!(
+            !plan
+                .queues
+                .contains(&"tributary-bench-s-fanout".to_string())
+        );
+        assert_eq!(
+            plan.target(1),
+            ("tributary-bench-s-fanout".into(), String::new())
+        );
+        // Two competing consumers per queue still make one delivery per queue.
+        assert_eq!(plan.consumers_of_queue(&opts, 9), 2);
+        assert_eq!(plan.copies(&opts, 1), 10);
+    }
+
+    #[test]
+    fn fanout_needs_a_consumer_per_queue_and_no_topics() {
+        let base = BenchOptions {
+            consumers: 10,
+            fanout: 10,
+            ..Default::default()
+        };
+        validate(&base).unwrap();
+        let few = BenchOptions {
+            consumers: 9,
+            ..base.clone()
+        };
+        assert!(matches!(validate(&few), Err(BenchError::Invalid(_))));
+        let topics = BenchOptions { topics: 2, ..base };
+        assert!(matches!(validate(&topics), Err(BenchError::Invalid(_))));
     }
 }

@@ -66,6 +66,11 @@ pub struct BenchOptions {
     pub prefetch: u16,
     /// AMQP: durable queues and persistent (delivery-mode 2) messages.
     pub durable: bool,
+    /// AMQP fan-out: when not 0, the bench declares a fanout exchange with this many queues
+    /// bound to it (in place of `topics` queues on the default exchange), every publisher
+    /// publishes to the exchange, and consumer j reads queue j % fanout. Each publish makes
+    /// `fanout` deliveries: `sent` counts publishes, `received` deliveries.
+    pub fanout: usize,
     /// Process id of the broker on this machine: its resident memory is read from /proc before
     /// and after the connections open.
     pub broker_pid: Option<u32>,
@@ -93,6 +98,7 @@ impl Default for BenchOptions {
             inflight: None,
             prefetch: 100,
             durable: true,
+            fanout: 0,
             broker_pid: None,
         }
     }
