@@ -125,6 +125,9 @@ if wants mqtt; then
 fi
 if wants amqp; then
     workloads+=("amqp-confirms-4x4|amqp|--producers 4 --consumers 4 --topics 4 --qos 1 --prefetch 100")
+    # 1 publisher -> durable fanout exchange -> 10 durable queues, one consumer each: msg/s
+    # counts deliveries (10 per publish); the JSON's sent_per_sec has the publishes.
+    workloads+=("amqp-fanout-1x10|amqp|--producers 1 --consumers 10 --fanout 10 --qos 1 --prefetch 100")
 fi
 if wants kafka; then
     workloads+=("kafka-acks-all|kafka|--producers 4 --consumers 2 --acks all")
