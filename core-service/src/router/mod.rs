@@ -15,13 +15,14 @@
 
 mod pattern;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info};
 use tributary_proto::v1::{self, AddressKind, binding::Destination};
+use tributary_storage::Op;
 
 use crate::error::{CoreError, CoreResult};
 use crate::meta::{self, from_json, to_json, validate_name};
@@ -496,7 +497,30 @@ impl Core {
     }
 
     /// Loads addresses and bindings at start-up.
+    /// Loads the durable addresses and their bindings (after the queues: a binding to a
+    /// queue that did not survive the restart goes). A non-durable address, and every
+    /// binding from or to one, ends with the process that declared it.
     pub(crate) async fn recover_router(&self) -> CoreResult<()> {
+        let mut addresses: Vec<(String, String, AddressRecord)> = Vec::new();
+        let mut gone: Vec<Vec<u8>> = Vec::new();
+        for (key, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&meta::key(ADDRESS_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let parts = meta::parts(ADDRESS_KEY, &key);
+            let record: AddressRecord = from_json("address", &raw)?;
+            if record.durable {
+                addresses.push((parts[0].clone(), parts[1].clone(), record));
+            } else {
+                gone.push(key);
+            }
+        }
+        let durable: HashSet<(String, String)> = addresses
+            .iter()
+            .map(|(ns, name, _)| (ns.clone(), name.clone()))
+            .collect();
         let mut bindings: HashMap<(String, String), Vec<BindingRecord>> = HashMap::new();
         for (key, raw) in self
             .inner
@@ -506,23 +530,41 @@ impl Core {
         {
             let parts = meta::parts(BINDING_KEY, &key);
             let b: BindingRecord = from_json("binding", &raw)?;
+            let ns = &parts[0];
+            let target_lives = match &b.target {
+                Target::Queue(q) => self
+                    .queue(&v1::QueueId {
+                        namespace: ns.clone(),
+                        name: q.clone(),
+                    })
+                    .is_ok(),
+                Target::Stream(st) => self
+                    .stream(&v1::StreamId::new(ns.clone(), st.clone()))
+                    .is_ok(),
+                Target::Address(a) => durable.contains(&(ns.clone(), a.clone())),
+            };
+            if !target_lives || !durable.contains(&(ns.clone(), b.source.clone())) {
+                gone.push(key);
+                continue;
+            }
             bindings
-                .entry((parts[0].clone(), b.source.clone()))
+                .entry((ns.clone(), b.source.clone()))
                 .or_default()
                 .push(b);
         }
-        for (key, raw) in self
-            .inner
-            .meta
-            .scan_prefix(&meta::key(ADDRESS_KEY, &[]), usize::MAX)
-            .await?
-        {
-            let parts = meta::parts(ADDRESS_KEY, &key);
-            let record: AddressRecord = from_json("address", &raw)?;
+        if !gone.is_empty() {
+            debug!(
+                count = gone.len(),
+                "removing non-durable addresses and bindings left by the last run"
+            );
+            let ops = gone.into_iter().map(|key| Op::Delete { key }).collect();
+            self.inner.meta.txn(vec![], ops).await?;
+        }
+        for (ns, name, record) in addresses {
             let bs = bindings
-                .remove(&(parts[0].clone(), parts[1].clone()))
+                .remove(&(ns.clone(), name.clone()))
                 .unwrap_or_default();
-            self.open_address(&parts[0], &parts[1], record, bs)?;
+            self.open_address(&ns, &name, record, bs)?;
         }
         Ok(())
     }

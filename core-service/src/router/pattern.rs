@@ -17,6 +17,16 @@ pub(crate) struct Syntax {
     pub dollar_is_system: bool,
     /// MQTT: `#` only as the last level.
     pub many_last_only: bool,
+    /// An empty key or pattern has no levels (AMQP: `*` does not match the empty routing
+    /// key, `#` does), rather than one empty level (MQTT).
+    pub empty_has_no_levels: bool,
+}
+
+impl Syntax {
+    fn levels<'a>(&self, s: &'a str) -> impl Iterator<Item = &'a str> + use<'a> {
+        let none = self.empty_has_no_levels && s.is_empty();
+        s.split(self.separator).filter(move |_| !none)
+    }
 }
 
 pub(crate) const AMQP_TOPIC: Syntax = Syntax {
@@ -25,6 +35,7 @@ pub(crate) const AMQP_TOPIC: Syntax = Syntax {
     many: "#",
     dollar_is_system: false,
     many_last_only: false,
+    empty_has_no_levels: true,
 };
 
 pub(crate) const MQTT_TOPIC: Syntax = Syntax {
@@ -33,6 +44,7 @@ pub(crate) const MQTT_TOPIC: Syntax = Syntax {
     many: "#",
     dollar_is_system: true,
     many_last_only: true,
+    empty_has_no_levels: false,
 };
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -101,7 +113,7 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
     pub fn insert(&mut self, pattern: &str, value: V) {
         let s = self.syntax;
         let mut node = &mut self.root;
-        for level in pattern.split(s.separator) {
+        for level in s.levels(pattern) {
             node = if level == s.one {
                 node.one.get_or_insert_with(Box::default)
             } else if level == s.many {
@@ -117,7 +129,7 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
 
     /// Removes the value bound with this pattern; returns whether it was there.
     pub fn remove(&mut self, pattern: &str, value: &V) -> bool {
-        let levels: Vec<&str> = pattern.split(self.syntax.separator).collect();
+        let levels: Vec<&str> = self.syntax.levels(pattern).collect();
         Self::remove_at(&mut self.root, self.syntax, &levels, value)
     }
 
@@ -160,8 +172,9 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
     /// Calls `found` for every value whose pattern matches `key` (a value bound by several
     /// matching patterns is reported once per pattern).
     pub fn for_each_match(&self, key: &str, mut found: impl FnMut(&V)) {
-        let levels: Vec<&str> = key.split(self.syntax.separator).collect();
-        let system = self.syntax.dollar_is_system && levels[0].starts_with('$');
+        let levels: Vec<&str> = self.syntax.levels(key).collect();
+        let system =
+            self.syntax.dollar_is_system && levels.first().is_some_and(|l| l.starts_with('$'));
         self.walk(&self.root, &levels, 0, system, &mut found);
     }
 
@@ -205,6 +218,10 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
         for j in i..=levels.len() {
             if j == levels.len() {
                 many.values.iter().for_each(&mut *found);
+                // "#.#" matches zero levels too.
+                if let Some(m) = &many.many {
+                    self.walk_many(m, levels, j, found);
+                }
                 continue;
             }
             if let Some(child) = many.exact.get(levels[j]) {
@@ -230,6 +247,17 @@ mod tests {
         let mut hit = false;
         t.for_each_match(key, |_| hit = true);
         hit
+    }
+
+    #[test]
+    fn amqp_empty_key_has_no_words() {
+        assert!(!matches(AMQP_TOPIC, "*", ""));
+        assert!(matches(AMQP_TOPIC, "#", ""));
+        assert!(matches(AMQP_TOPIC, "#.#", ""));
+        assert!(matches(AMQP_TOPIC, "#.#", "a"));
+        assert!(matches(AMQP_TOPIC, "", ""));
+        assert!(!matches(AMQP_TOPIC, "", "a"));
+        assert!(matches(MQTT_TOPIC, "+", ""));
     }
 
     #[test]
