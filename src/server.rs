@@ -270,8 +270,7 @@ impl Server {
         if let Some(listeners) = amqp_listeners
             && (listeners.tcp.is_some() || listeners.tls.is_some())
         {
-            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
-                .with_local_channels(Arc::new(CoreChannels(core.clone())));
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
             spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
@@ -631,19 +630,6 @@ fn spawn_amqp(
     }
     if let Some((l, acceptor)) = tls {
         spawn_listener(settings, l, "amqp-tls", acceptor, gateway, stop, tasks);
-    }
-}
-
-/// `Channels.Attach` on the core in this process, without the gRPC encoding.
-struct CoreChannels(Core);
-
-impl tributary_gateway_common::client::LocalChannels for CoreChannels {
-    fn attach(
-        &self,
-        commands: tributary_gateway_common::client::ChannelCommands,
-    ) -> tributary_gateway_common::client::ChannelEvents {
-        use tokio_stream::StreamExt;
-        Box::pin(self.0.attach_channels(commands.map(Ok)).map(Ok))
     }
 }
 

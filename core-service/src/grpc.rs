@@ -40,7 +40,6 @@ pub fn routes(core: Core) -> Routes {
         .add_service(server!(groups_server::GroupsServer<CoreGrpc>))
         .add_service(server!(queues_server::QueuesServer<CoreGrpc>))
         .add_service(server!(sessions_server::SessionsServer<CoreGrpc>))
-        .add_service(server!(channels_server::ChannelsServer<CoreGrpc>))
         .add_service(server!(timers_server::TimersServer<CoreGrpc>))
         .add_service(server!(transactions_server::TransactionsServer<CoreGrpc>))
 }
@@ -426,18 +425,6 @@ impl sessions_server::Sessions for CoreGrpc {
         ok(Box::pin(
             tokio_stream::wrappers::ReceiverStream::new(events).map(Ok),
         ))
-    }
-}
-
-type ChannelStream = Pin<Box<dyn Stream<Item = Result<ChannelEvent, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl channels_server::Channels for CoreGrpc {
-    type AttachStream = ChannelStream;
-
-    async fn attach(&self, req: Request<Streaming<ChannelCommand>>) -> GrpcResult<ChannelStream> {
-        let events = self.core.attach_channels(req.into_inner());
-        ok(Box::pin(events.map(Ok)))
     }
 }
 

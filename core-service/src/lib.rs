@@ -5,12 +5,12 @@
 //! Implemented here: namespaces, streams (partitions, configs, retention), dense offsets,
 //! batch append and long-polling fetch, committed group offsets, idempotent producers and
 //! the durable timer service, group membership (Kafka's classic protocol), client sessions
-//! with topic routing and retained messages (MQTT), AMQP 0-9-1 channels over queues and
-//! exchanges, and the protocol-neutral queue engine (`queues`: leases with deadlines, FIFO
-//! groups, dedup, delays, dead letters and redrive). Transactions are in the API but answer
-//! UNIMPLEMENTED until their issue lands.
+//! with topic routing and retained messages (MQTT), the router (`router`: addresses with
+//! direct, fanout, topic, headers and MQTT-topic bindings to queues, streams and addresses)
+//! and the protocol-neutral queue engine (`queues`: leases with deadlines, FIFO groups,
+//! dedup, delays, dead letters and redrive), on which the AMQP gateway keeps its channels.
+//! Transactions are in the API but answer UNIMPLEMENTED until their issue lands.
 
-mod channels;
 pub mod error;
 mod groups;
 pub mod grpc;
@@ -33,7 +33,6 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use tributary_storage::{LogStore, MetaStore};
 
-pub use channels::ChannelEvents;
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
 
@@ -106,7 +105,6 @@ struct Inner {
     admin: tokio::sync::Mutex<()>,
     groups: groups::GroupTable,
     broker: sessions::Broker,
-    channels: channels::ChannelBroker,
     queues: queues::QueueTable,
     router: router::RouterTable,
     timers_changed: Notify,
@@ -139,7 +137,6 @@ impl Core {
                 meta,
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
                 broker: sessions::Broker::new(config.session_max_queued),
-                channels: channels::ChannelBroker::new(),
                 queues: queues::QueueTable::default(),
                 router: router::RouterTable::default(),
                 config,
@@ -158,16 +155,14 @@ impl Core {
         core.start_queue_tasks();
         core.recover_timers().await?;
         core.recover_sessions().await?;
-        core.recover_channels().await?;
         let timers = tokio::spawn(core.clone().run_timers());
         let sys = tokio::spawn(core.clone().run_sys_topics());
         let retention = tokio::spawn(core.clone().run_retention());
         let groups = tokio::spawn(core.clone().run_group_timeouts());
-        let channel_timers = tokio::spawn(core.clone().run_channel_timers());
         core.inner
             .tasks
             .lock()
-            .extend([timers, retention, groups, sys, channel_timers]);
+            .extend([timers, retention, groups, sys]);
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),
@@ -188,7 +183,6 @@ impl Core {
         for task in self.inner.tasks.lock().drain(..) {
             task.abort();
         }
-        self.close_channels().await;
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         for stream in handles {
             for part in stream.partitions() {

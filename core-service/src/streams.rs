@@ -123,6 +123,15 @@ impl Core {
             self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true)
                 .await?;
         }
+        // The core's own AMQP store of earlier versions: not migrated, said so once.
+        for kind in ["amqpexchange", "amqpqueue", "amqpbinding", "amqpjournal"] {
+            if !meta.scan_prefix(&meta::key(kind, &[]), 1).await?.is_empty() {
+                warn!(
+                    kind,
+                    "AMQP definitions stored by an earlier version are ignored (not migrated): declare the exchanges, queues and bindings again"
+                );
+            }
+        }
         let mut known = HashSet::new();
         for (_, raw) in meta
             .scan_prefix(&meta::key(meta::STREAM, &[]), SCAN_ALL)
@@ -134,8 +143,6 @@ impl Core {
                 known.insert(p.key);
             }
         }
-        // Durable AMQP queues journal into partitions of their own.
-        known.extend(self.queue_journal_partitions().await?);
         // Queues of the queue engine own two partitions each.
         known.extend(self.queue_partitions().await?);
         // Partitions no stream claims are left over from a create or delete that a crash

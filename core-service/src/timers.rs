@@ -37,7 +37,6 @@ fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
         Some(v1::timer::Action::Append(a)) => Ok(a),
         Some(
             v1::timer::Action::Route(_)
-            | v1::timer::Action::AmqpPublish(_)
             | v1::timer::Action::Enqueue(_)
             | v1::timer::Action::SessionExpiry(_),
         )
@@ -73,9 +72,6 @@ impl Core {
                     .map_or("", |p| p.address.as_str());
                 crate::topics::validate_name(topic)
                     .map_err(|e| CoreError::InvalidArgument(format!("the timer's topic: {e}")))?;
-            }
-            Some(v1::timer::Action::AmqpPublish(p)) => {
-                validate_name("exchange", &p.exchange)?;
             }
             Some(v1::timer::Action::SessionExpiry(e)) => {
                 if e.client_id.is_empty() {
@@ -281,11 +277,7 @@ impl Core {
             v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         if matches!(
             &timer.action,
-            Some(
-                v1::timer::Action::Route(_)
-                    | v1::timer::Action::AmqpPublish(_)
-                    | v1::timer::Action::SessionExpiry(_)
-            )
+            Some(v1::timer::Action::Route(_) | v1::timer::Action::SessionExpiry(_))
         ) {
             return self.fire_route(due_key, raw.clone(), &timer).await;
         }
@@ -345,9 +337,6 @@ impl Core {
             Some(v1::timer::Action::Route(message)) => {
                 self.route(&timer.namespace, message.clone(), None, true)
                     .await;
-            }
-            Some(v1::timer::Action::AmqpPublish(p)) => {
-                self.publish_delayed(&timer.namespace, p.clone());
             }
             Some(v1::timer::Action::SessionExpiry(e)) => {
                 self.expire_disconnected_session(&timer.namespace, &e.client_id)

@@ -8,6 +8,13 @@ pub mod v1 {
     tonic::include_proto!("tributary.core.v1");
 }
 
+/// The AMQP gateway's own command and event messages between its transport and its broker
+/// (package `tributary.amqp.link.v1`): not part of the core API, never on a network.
+#[allow(clippy::all, clippy::pedantic, missing_docs)]
+pub mod amqp_link {
+    tonic::include_proto!("tributary.amqp.link.v1");
+}
+
 /// Metadata key that carries the stable error code (the `ErrorCode` name) on every failed call.
 pub const ERROR_CODE_METADATA: &str = "tributary-error-code";
 

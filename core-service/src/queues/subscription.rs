@@ -106,6 +106,8 @@ impl Core {
         let mut credit = u64::from(start.initial_credit);
         let mut held: VecDeque<(i64, u64)> = VecDeque::new();
         let mut shutdown = self.inner.shutdown.subscribe();
+        // Ended by the consumer's `end`: its leases stay with it.
+        let mut ended_by_consumer = false;
         let outcome = loop {
             let notified = h.ready.notified();
             tokio::pin!(notified);
@@ -178,6 +180,10 @@ impl Core {
                     Some(Ok(v1::SubscribeRequest { item: Some(Item::Credit(n)) })) => {
                         credit = credit.saturating_add(u64::from(n));
                     }
+                    Some(Ok(v1::SubscribeRequest { item: Some(Item::End(_)) })) => {
+                        ended_by_consumer = true;
+                        break Ok(());
+                    }
                     Some(Ok(_)) => break Err(CoreError::InvalidArgument(
                         "a subscription takes one start, then credit".into(),
                     )),
@@ -187,7 +193,7 @@ impl Core {
                 _ = shutdown.changed() => break Ok(()),
             }
         };
-        if start.release_on_close && !held.is_empty() {
+        if start.release_on_close && !ended_by_consumer && !held.is_empty() {
             let ids: Vec<String> = held
                 .iter()
                 .map(|(o, s)| lease_id(h.record.id, *o, *s))

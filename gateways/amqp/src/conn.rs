@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::broker::ChannelEvents;
 use amq_protocol::protocol::basic::parse_properties;
 use amq_protocol::protocol::{
     AMQPClass, access, basic, channel as chan, confirm, connection, exchange, queue, tx,
 };
-use amq_protocol::types::generation::gen_field_table;
 use amq_protocol::types::parsing::parse_field_table;
 use amq_protocol::types::{AMQPValue, FieldTable, LongString, ShortString};
 use bytes::{Bytes, BytesMut};
@@ -19,8 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tributary_gateway_common::client::ChannelEvents;
-use tributary_proto::v1::{self, channel_command::Command, channel_event::Event};
+use tributary_proto::amqp_link::{self as link, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
 use crate::{Gateway, is_loopback};
@@ -102,14 +101,7 @@ fn server_properties() -> FieldTable {
     t
 }
 
-fn encode_table(t: &FieldTable) -> Bytes {
-    if t.inner().is_empty() {
-        return Bytes::new();
-    }
-    cookie_factory::r#gen(gen_field_table(t), Vec::new())
-        .map(|(v, _)| Bytes::from(v))
-        .unwrap_or_default()
-}
+use crate::broker::fields::encode_table;
 
 async fn write(sock: &mut impl Socket, out: &mut BytesMut) -> Result<(), ConnError> {
     if !out.is_empty() {
@@ -295,7 +287,7 @@ struct Session {
     channel_max: u16,
     channels: HashMap<u16, Chan>,
     out: BytesMut,
-    commands: Vec<v1::ChannelCommand>,
+    commands: Vec<link::ChannelCommand>,
     /// Set once the server sent connection.close.
     closing: bool,
     /// The client sent connection.close: close-ok goes out once the core is done with the
@@ -428,11 +420,11 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
     write(&mut sock, &mut out).await?;
 
     let (cmd_tx, cmd_rx) = mpsc::channel(COMMAND_WINDOW);
-    let mut events = gw.core.attach_channels(ReceiverStream::new(cmd_rx)).await?;
+    let mut events = gw.broker.attach(ReceiverStream::new(cmd_rx));
     cmd_tx
-        .send(v1::ChannelCommand {
+        .send(link::ChannelCommand {
             channel: 0,
-            command: Some(Command::LinkOpen(v1::LinkOpen {
+            command: Some(Command::LinkOpen(link::LinkOpen {
                 vhost: vhost.clone(),
                 user: user.clone(),
                 peer: peer.to_string(),
@@ -484,7 +476,7 @@ async fn session_loop(
     s: &mut Session,
     sock: &mut impl Socket,
     buf: &mut BytesMut,
-    cmd_tx: &mpsc::Sender<v1::ChannelCommand>,
+    cmd_tx: &mpsc::Sender<link::ChannelCommand>,
     events: &mut ChannelEvents,
     heartbeat: u16,
 ) -> Result<(), ConnError> {
@@ -586,7 +578,7 @@ async fn end_core_stream(mut events: ChannelEvents) {
 
 impl Session {
     fn command(&mut self, channel: u16, command: Command) {
-        self.commands.push(v1::ChannelCommand {
+        self.commands.push(link::ChannelCommand {
             channel: channel as u32,
             command: Some(command),
         });
@@ -852,7 +844,7 @@ impl Session {
         };
         self.command(
             channel,
-            Command::Publish(v1::BasicPublish {
+            Command::Publish(link::BasicPublish {
                 exchange: p.exchange,
                 routing_key: p.routing_key,
                 mandatory: p.mandatory,
@@ -1046,7 +1038,7 @@ impl Session {
                     self.expect_answer(channel, d.nowait);
                     self.command(
                         channel,
-                        Command::ExchangeDeclare(v1::ExchangeDeclare {
+                        Command::ExchangeDeclare(link::ExchangeDeclare {
                             name: d.exchange.as_str().into(),
                             kind: d.kind.as_str().into(),
                             passive: d.passive,
@@ -1061,7 +1053,7 @@ impl Session {
                     self.expect_answer(channel, d.nowait);
                     self.command(
                         channel,
-                        Command::ExchangeDelete(v1::ExchangeDelete {
+                        Command::ExchangeDelete(link::ExchangeDelete {
                             name: d.exchange.as_str().into(),
                             if_unused: d.if_unused,
                         }),
@@ -1073,7 +1065,7 @@ impl Session {
                         exchange_bind(&b.destination, &b.source, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
-                        Command::ExchangeBind(v1::ExchangeBind {
+                        Command::ExchangeBind(link::ExchangeBind {
                             unbind: false,
                             ..bind
                         }),
@@ -1085,7 +1077,7 @@ impl Session {
                         exchange_bind(&b.destination, &b.source, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
-                        Command::ExchangeBind(v1::ExchangeBind {
+                        Command::ExchangeBind(link::ExchangeBind {
                             unbind: true,
                             ..bind
                         }),
@@ -1104,7 +1096,7 @@ impl Session {
                     self.expect_answer(channel, d.nowait);
                     self.command(
                         channel,
-                        Command::QueueDeclare(v1::QueueDeclare {
+                        Command::QueueDeclare(link::QueueDeclare {
                             name: d.queue.as_str().into(),
                             passive: d.passive,
                             durable: d.durable,
@@ -1124,7 +1116,7 @@ impl Session {
                     let bind = queue_bind(&b.queue, &b.exchange, &b.routing_key, &b.arguments);
                     self.command(
                         channel,
-                        Command::QueueBind(v1::QueueBind {
+                        Command::QueueBind(link::QueueBind {
                             unbind: true,
                             ..bind
                         }),
@@ -1138,7 +1130,7 @@ impl Session {
                     self.expect_answer(channel, d.nowait);
                     self.command(
                         channel,
-                        Command::QueueDelete(v1::QueueDelete {
+                        Command::QueueDelete(link::QueueDelete {
                             queue: d.queue.as_str().into(),
                             if_unused: d.if_unused,
                             if_empty: d.if_empty,
@@ -1170,7 +1162,7 @@ impl Session {
                     self.expect_answer(channel, false);
                     self.command(
                         channel,
-                        Command::Qos(v1::BasicQos {
+                        Command::Qos(link::BasicQos {
                             prefetch_count: q.prefetch_count as u32,
                             global: q.global,
                         }),
@@ -1189,7 +1181,7 @@ impl Session {
                     self.expect_answer(channel, b.nowait);
                     self.command(
                         channel,
-                        Command::Consume(v1::BasicConsume {
+                        Command::Consume(link::BasicConsume {
                             queue,
                             consumer_tag: b.consumer_tag.as_str().into(),
                             no_ack: b.no_ack,
@@ -1205,7 +1197,7 @@ impl Session {
                 basic::AMQPMethod::Get(g) => {
                     self.command(
                         channel,
-                        Command::Get(v1::BasicGet {
+                        Command::Get(link::BasicGet {
                             queue: g.queue.as_str().into(),
                             no_ack: g.no_ack,
                         }),
@@ -1213,8 +1205,8 @@ impl Session {
                 }
                 basic::AMQPMethod::Ack(a) => self.command(
                     channel,
-                    Command::Settle(v1::BasicSettle {
-                        kind: v1::SettleKind::SettleAck as i32,
+                    Command::Settle(link::BasicSettle {
+                        kind: link::SettleKind::SettleAck as i32,
                         delivery_tag: a.delivery_tag,
                         multiple: a.multiple,
                         requeue: false,
@@ -1222,8 +1214,8 @@ impl Session {
                 ),
                 basic::AMQPMethod::Nack(a) => self.command(
                     channel,
-                    Command::Settle(v1::BasicSettle {
-                        kind: v1::SettleKind::SettleNack as i32,
+                    Command::Settle(link::BasicSettle {
+                        kind: link::SettleKind::SettleNack as i32,
                         delivery_tag: a.delivery_tag,
                         multiple: a.multiple,
                         requeue: a.requeue,
@@ -1231,8 +1223,8 @@ impl Session {
                 ),
                 basic::AMQPMethod::Reject(a) => self.command(
                     channel,
-                    Command::Settle(v1::BasicSettle {
-                        kind: v1::SettleKind::SettleReject as i32,
+                    Command::Settle(link::BasicSettle {
+                        kind: link::SettleKind::SettleReject as i32,
                         delivery_tag: a.delivery_tag,
                         multiple: false,
                         requeue: a.requeue,
@@ -1358,7 +1350,7 @@ impl Session {
         );
     }
 
-    fn on_event(&mut self, ev: v1::ChannelEvent) {
+    fn on_event(&mut self, ev: link::ChannelEvent) {
         let channel = ev.channel as u16;
         let Some(event) = ev.event else { return };
         if let Event::ConnectionError(e) = event {
@@ -1511,8 +1503,8 @@ fn exchange_bind(
     source: &ShortString,
     routing_key: &ShortString,
     arguments: &FieldTable,
-) -> v1::ExchangeBind {
-    v1::ExchangeBind {
+) -> link::ExchangeBind {
+    link::ExchangeBind {
         destination: destination.as_str().into(),
         source: source.as_str().into(),
         routing_key: routing_key.as_str().into(),
@@ -1527,8 +1519,8 @@ fn queue_bind(
     exchange: &ShortString,
     routing_key: &ShortString,
     arguments: &FieldTable,
-) -> v1::QueueBind {
-    v1::QueueBind {
+) -> link::QueueBind {
+    link::QueueBind {
         queue: queue.as_str().into(),
         exchange: exchange.as_str().into(),
         routing_key: routing_key.as_str().into(),
@@ -1565,7 +1557,7 @@ fn reply_token() -> String {
     format!("g1h2AA{:x}{:x}", t, NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
-fn ok_method(ok: &v1::MethodOk) -> Option<AMQPClass> {
+fn ok_method(ok: &link::MethodOk) -> Option<AMQPClass> {
     Some(match (ok.class_id, ok.method_id) {
         (20, 21) => {
             AMQPClass::Channel(chan::AMQPMethod::FlowOk(chan::FlowOk { active: ok.active }))

@@ -2,11 +2,14 @@
 //!
 //! The gateway speaks the wire format: the protocol header, the connection handshake with
 //! PLAIN / AMQPLAIN authentication and vhost permissions, tuning, heartbeats, frame limits,
-//! and the assembly of publishes from method, header and body frames. Everything with state
-//! that outlives a frame (exchanges, bindings, queues, consumers, delivery tags, unacked
-//! messages, confirms, transactions) is in the core, reached over one command/event stream
-//! per connection, so every gateway instance routes and redelivers the same way.
+//! and the assembly of publishes from method, header and body frames ([`conn`]). What is
+//! AMQP but lives only as long as a connection (channels, delivery tags, prefetch, consumer
+//! tags, confirms, transactions, reply codes, x-arguments) is in [`broker`]; what outlives
+//! a connection is in the core's neutral model (namespaces, addresses, bindings, queues,
+//! leases), so every gateway instance routes and redelivers the same way and other
+//! protocols reach the same queues.
 
+mod broker;
 mod conn;
 mod frames;
 
@@ -78,12 +81,15 @@ impl AmqpConfig {
 /// loop (`tributary_gateway_common::serve`).
 pub struct Gateway {
     pub(crate) config: AmqpConfig,
-    pub(crate) core: CoreClient,
+    pub(crate) broker: Arc<broker::Broker>,
 }
 
 impl Gateway {
     pub fn new(core: CoreClient, config: AmqpConfig) -> Arc<Self> {
-        Arc::new(Self { config, core })
+        Arc::new(Self {
+            config,
+            broker: broker::Broker::new(core),
+        })
     }
 }
 

@@ -16,10 +16,9 @@ use tonic::service::Routes;
 use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
-    ChannelCommand, ChannelEvent, ErrorCode, ErrorDetail, SessionCommand, SessionEvent,
-    admin_client::AdminClient, channels_client::ChannelsClient, groups_client::GroupsClient,
-    offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
-    streams_client::StreamsClient, timers_client::TimersClient,
+    ErrorCode, ErrorDetail, SessionCommand, SessionEvent, admin_client::AdminClient,
+    groups_client::GroupsClient, offsets_client::OffsetsClient, queues_client::QueuesClient,
+    sessions_client::SessionsClient, streams_client::StreamsClient, timers_client::TimersClient,
     transactions_client::TransactionsClient,
 };
 
@@ -98,18 +97,6 @@ pub type SessionEvents =
 /// The commands of one attached session.
 pub type SessionCommands = Pin<Box<dyn futures::Stream<Item = SessionCommand> + Send>>;
 
-/// The events of one attached AMQP connection, whatever the transport.
-pub type ChannelEvents =
-    Pin<Box<dyn futures::Stream<Item = Result<ChannelEvent, tonic::Status>> + Send>>;
-/// The commands of one attached AMQP connection.
-pub type ChannelCommands = Pin<Box<dyn futures::Stream<Item = ChannelCommand> + Send>>;
-
-/// `Channels.Attach` served by a core in this process, without the gRPC encoding (every
-/// delivery of a connection goes through it, as for sessions).
-pub trait LocalChannels: Send + Sync {
-    fn attach(&self, commands: ChannelCommands) -> ChannelEvents;
-}
-
 /// `Sessions.Attach` served by a core in this process without the gRPC encoding: one
 /// session stream per client connection carries every delivery, and encoding each one into
 /// protobuf and an HTTP body only to decode it again in the same process was most of the
@@ -130,10 +117,8 @@ pub struct CoreClient {
     pub sessions: SessionsClient<CoreTransport>,
     pub timers: TimersClient<CoreTransport>,
     pub transactions: TransactionsClient<CoreTransport>,
-    pub channels: ChannelsClient<CoreTransport>,
     /// Set for a core in this process: session streams skip the gRPC encoding.
     local_sessions: Option<Arc<dyn LocalSessions>>,
-    local_channels: Option<Arc<dyn LocalChannels>>,
 }
 
 macro_rules! client {
@@ -153,11 +138,9 @@ impl CoreClient {
             groups: client!(GroupsClient, t),
             queues: client!(QueuesClient, t),
             sessions: client!(SessionsClient, t),
-            channels: client!(ChannelsClient, t),
             timers: client!(TimersClient, t),
             transactions: client!(TransactionsClient, t),
             local_sessions: None,
-            local_channels: None,
         }
     }
 
@@ -165,24 +148,6 @@ impl CoreClient {
     pub fn with_local_sessions(mut self, local: Arc<dyn LocalSessions>) -> Self {
         self.local_sessions = Some(local);
         self
-    }
-
-    /// AMQP channel streams go straight to `local` (a core in this process).
-    pub fn with_local_channels(mut self, local: Arc<dyn LocalChannels>) -> Self {
-        self.local_channels = Some(local);
-        self
-    }
-
-    /// Attaches an AMQP connection's stream (`Channels.Attach`): commands in, events out.
-    pub async fn attach_channels(
-        &self,
-        commands: impl futures::Stream<Item = ChannelCommand> + Send + 'static,
-    ) -> Result<ChannelEvents, tonic::Status> {
-        if let Some(local) = &self.local_channels {
-            return Ok(local.attach(Box::pin(commands)));
-        }
-        let events = self.channels.clone().attach(commands).await?.into_inner();
-        Ok(Box::pin(events))
     }
 
     /// Attaches a session stream (`Sessions.Attach`): commands in, events out.
