@@ -614,7 +614,12 @@ impl Core {
             let end = self.write_ops(h, &mut g, ops).await?;
             (leased, dead, end)
         };
-        self.journal_durable(h, end).await?;
+        // A lease held for a subscription's life does not outlive a restart anyway: its
+        // journal entry (which only tells a restart the message was delivered) need not be
+        // on disk before the message goes out. A lease with a deadline must be.
+        if vis <= MAX_VISIBILITY_MS {
+            self.journal_durable(h, end).await?;
+        }
         Ok((leased, dead))
     }
 
@@ -632,6 +637,18 @@ impl Core {
     /// Settles leased messages. Returns the lease ids that no longer held their message
     /// (expired, replaced or already settled): those messages were not acknowledged.
     pub async fn ack(&self, queue: &v1::QueueId, lease_ids: &[String]) -> CoreResult<Vec<String>> {
+        self.settle_leases(queue, lease_ids, true).await
+    }
+
+    /// [`Core::ack`]; `durable`: answers once the acks are on disk. An auto-ack
+    /// subscription does not wait: a crash before then delivers the message again, never
+    /// loses it.
+    pub(crate) async fn settle_leases(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+        durable: bool,
+    ) -> CoreResult<Vec<String>> {
         let h = self.queue(queue)?;
         let parsed = Self::parse_leases(&h, lease_ids)?;
         let mut expired = Vec::new();
@@ -647,7 +664,9 @@ impl Core {
             }
             self.write_ops(&h, &mut g, ops).await?
         };
-        self.journal_durable(&h, end).await?;
+        if durable {
+            self.journal_durable(&h, end).await?;
+        }
         Ok(expired)
     }
 

@@ -145,7 +145,7 @@ impl Core {
                         .map(|l| lease_id(h.record.id, l.offset, l.seq))
                         .collect();
                     if start.auto_ack {
-                        self.ack(&queue, &ids).await?;
+                        self.settle_leases(&queue, &ids, false).await?;
                     } else if start.release_on_close {
                         held.extend(leased.iter().map(|l| (l.offset, l.seq)));
                         if held.len() > PRUNE_AT {
