@@ -35,6 +35,7 @@ use tributary_storage::{LogStore, MetaStore};
 
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
+pub use router::StagedPublish;
 
 use meta::NamespaceRecord;
 use streams::StreamHandle;

@@ -41,8 +41,9 @@ use crate::error::{CoreError, CoreResult};
 use crate::meta::{self, from_json, to_json, validate_name};
 use crate::{Core, now_ms};
 
-pub(crate) use delivery::EnqueueMode;
+pub(crate) use delivery::{EnqueueMode, PendingEnqueue};
 use settings::QueueSettings;
+pub(crate) use shared::SharedPending;
 use state::{QueueState, Replay};
 
 const QUEUE_KEY: &str = "queue";

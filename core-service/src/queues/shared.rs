@@ -82,6 +82,15 @@ impl BodyCache {
     }
 }
 
+/// A shared enqueue appended and not yet durable (see [`Core::enqueue_shared_append`]).
+pub(crate) struct SharedPending {
+    shared: Arc<SharedBodies>,
+    queues: Vec<Arc<QueueHandle>>,
+    base: i64,
+    n: i64,
+    pending: Vec<CoreResult<PendingEnqueue>>,
+}
+
 /// Where a queue's search for its oldest body reference stands.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct RefScan {
@@ -198,15 +207,16 @@ impl Core {
         Ok(out)
     }
 
-    /// Enqueues the same records into several queues, storing them once. Per queue, the
-    /// enqueue's answer or its error.
-    pub(crate) async fn enqueue_shared(
+    /// Enqueues the same records into several queues, storing them once; first half: the
+    /// body and every queue's reference appended, in order, nothing waited for
+    /// ([`Core::enqueue_shared_finish`] gives, per queue, the enqueue's answer or its error).
+    pub(crate) async fn enqueue_shared_append(
         &self,
         ns: &str,
         queues: &[Arc<QueueHandle>],
         mut records: Vec<v1::Record>,
         mode: EnqueueMode,
-    ) -> CoreResult<Vec<CoreResult<v1::EnqueueResponse>>> {
+    ) -> CoreResult<SharedPending> {
         let now = now_ms();
         for r in &mut records {
             if r.timestamp_ms <= 0 {
@@ -248,6 +258,27 @@ impl Core {
             }
             base
         };
+        Ok(SharedPending {
+            shared,
+            queues: queues.to_vec(),
+            base,
+            n,
+            pending,
+        })
+    }
+
+    /// The second half: waits until the body and the references are durable.
+    pub(crate) async fn enqueue_shared_finish(
+        &self,
+        p: SharedPending,
+    ) -> CoreResult<Vec<CoreResult<v1::EnqueueResponse>>> {
+        let SharedPending {
+            shared,
+            queues,
+            base,
+            n,
+            pending,
+        } = p;
         let body_durable = self.inner.log.wait_durable(shared.key, base + n).await;
         let mut out = Vec::with_capacity(pending.len());
         for p in pending {
@@ -261,7 +292,7 @@ impl Core {
         }
         shared.in_flight.lock().remove(&base);
         // Readers that met a reference before its body was durable wait for this.
-        for h in queues {
+        for h in &queues {
             h.ready.notify_waiters();
         }
         body_durable?;

@@ -26,7 +26,7 @@ use tributary_storage::Op;
 
 use crate::error::{CoreError, CoreResult};
 use crate::meta::{self, from_json, to_json, validate_name};
-use crate::queues::EnqueueMode;
+use crate::queues::{EnqueueMode, PendingEnqueue, SharedPending};
 use crate::{Core, now_ms, streams::namespace_or_default};
 
 use pattern::{AMQP_TOPIC, MQTT_TOPIC, PatternTrie};
@@ -225,6 +225,75 @@ impl Bindings {
 #[derive(Default)]
 pub(crate) struct RouterTable {
     addresses: RwLock<HashMap<(String, String), Arc<Address>>>,
+}
+
+/// A publish routed and appended, not yet durable ([`Core::publish_staged`]).
+pub struct StagedPublish {
+    core: Core,
+    /// Destinations that took each record so far (streams; queues count when durable).
+    routed: Vec<u32>,
+    parts: Vec<StagedPart>,
+}
+
+enum StagedPart {
+    /// Records (by index) stored once for several queues.
+    Shared(Vec<usize>, SharedPending),
+    Queue(Vec<usize>, PendingEnqueue),
+}
+
+impl StagedPublish {
+    /// Per record, how many destinations took it; routed counts stand before the fsync.
+    pub fn routed(&self) -> &[u32] {
+        &self.routed
+    }
+
+    /// Waits until every destination has the records on disk.
+    pub async fn finish(self) -> CoreResult<v1::PublishResponse> {
+        let Self {
+            core,
+            mut routed,
+            parts,
+        } = self;
+        let mut first_error = None;
+        for part in parts {
+            match part {
+                StagedPart::Shared(idx, pending) => match core.enqueue_shared_finish(pending).await
+                {
+                    Ok(answers) => {
+                        for r in answers {
+                            match r {
+                                Ok(resp) => {
+                                    for (k, i) in idx.iter().enumerate() {
+                                        routed[*i] += u32::from(!resp.duplicate[k]);
+                                    }
+                                }
+                                Err(e) => {
+                                    first_error.get_or_insert(e);
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+                StagedPart::Queue(idx, pending) => match core.enqueue_finish(pending).await {
+                    Ok(resp) => {
+                        for (k, i) in idx.iter().enumerate() {
+                            routed[*i] += u32::from(!resp.duplicate[k]);
+                        }
+                    }
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                    }
+                },
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(v1::PublishResponse { routed }),
+        }
+    }
 }
 
 fn kind_of(raw: i32) -> CoreResult<AddressKind> {
@@ -628,10 +697,25 @@ impl Core {
         if req.records.is_empty() {
             return Err(CoreError::InvalidArgument("a publish needs records".into()));
         }
+        self.publish_staged(req).await?.finish().await
+    }
+
+    /// The first half of a publish: routed and appended to every destination in the order
+    /// of the calls, not yet durable. A gateway that must keep its publishes in order but
+    /// not wait for each one's fsync before the next (an AMQP channel with confirms) stages
+    /// them one after the other and finishes them concurrently.
+    pub async fn publish_staged(&self, req: v1::PublishRequest) -> CoreResult<StagedPublish> {
+        self.check_running()?;
+        if !req.transaction_id.is_empty() {
+            return Err(CoreError::Unsupported("transactional publish".into()));
+        }
+        if req.records.is_empty() {
+            return Err(CoreError::InvalidArgument("a publish needs records".into()));
+        }
         let ns = namespace_or_default(&req.namespace).to_string();
         self.require_namespace(&ns)?;
-        let routed = self
-            .route_records(
+        let staged = self
+            .stage_records(
                 &ns,
                 &req.address,
                 &req.routing_key,
@@ -639,10 +723,10 @@ impl Core {
                 EnqueueMode::Client,
             )
             .await?;
-        if req.mandatory && routed.contains(&0) {
+        if req.mandatory && staged.routed.contains(&0) {
             debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
         }
-        Ok(v1::PublishResponse { routed })
+        Ok(staged)
     }
 
     /// Dead letters of a queue, published to its dead-letter address: with `key`, or else
@@ -687,9 +771,22 @@ impl Core {
         ns: &str,
         address: &str,
         key: &str,
-        mut records: Vec<v1::Record>,
+        records: Vec<v1::Record>,
         mode: EnqueueMode,
     ) -> CoreResult<Vec<u32>> {
+        let staged = self.stage_records(ns, address, key, records, mode).await?;
+        Ok(staged.finish().await?.routed)
+    }
+
+    /// [`Core::route_records`] up to the appends (see [`Core::publish_staged`]).
+    async fn stage_records(
+        &self,
+        ns: &str,
+        address: &str,
+        key: &str,
+        mut records: Vec<v1::Record>,
+        mode: EnqueueMode,
+    ) -> CoreResult<StagedPublish> {
         for r in &mut records {
             let p = r.properties.get_or_insert_default();
             p.publish_address = address.to_string();
@@ -717,6 +814,7 @@ impl Core {
                 }
             }
         }
+        let mut parts = Vec::new();
         for (targets, idx) in groups {
             let batch = || -> Vec<v1::Record> { idx.iter().map(|i| records[*i].clone()).collect() };
             // Queues that get the same records share one stored copy of them.
@@ -733,34 +831,38 @@ impl Core {
                 })
                 .collect();
             if queues.len() >= 2 {
-                let mut first_error = None;
-                for r in self.enqueue_shared(ns, &queues, batch(), mode).await? {
-                    match r {
-                        Ok(resp) => {
-                            for (k, i) in idx.iter().enumerate() {
-                                routed[*i] += u32::from(!resp.duplicate[k]);
-                            }
-                        }
-                        Err(e) => {
-                            first_error.get_or_insert(e);
+                let pending = self
+                    .enqueue_shared_append(ns, &queues, batch(), mode)
+                    .await?;
+                parts.push(StagedPart::Shared(idx.clone(), pending));
+            }
+            for t in targets {
+                match &t {
+                    Target::Queue(_) if queues.len() >= 2 => {}
+                    Target::Queue(q) => {
+                        let Ok(h) = self.queue(&v1::QueueId {
+                            namespace: ns.to_string(),
+                            name: q.clone(),
+                        }) else {
+                            continue;
+                        };
+                        let pending = self.enqueue_append(&h, batch(), mode, None, None).await?;
+                        parts.push(StagedPart::Queue(idx.clone(), pending));
+                    }
+                    _ => {
+                        let took = self.deliver_to(ns, &t, batch(), mode).await?;
+                        for (k, i) in idx.iter().enumerate() {
+                            routed[*i] += u32::from(took[k]);
                         }
                     }
                 }
-                if let Some(e) = first_error {
-                    return Err(e);
-                }
-            }
-            for t in targets {
-                if queues.len() >= 2 && matches!(t, Target::Queue(_)) {
-                    continue;
-                }
-                let took = self.deliver_to(ns, &t, batch(), mode).await?;
-                for (k, i) in idx.iter().enumerate() {
-                    routed[*i] += u32::from(took[k]);
-                }
             }
         }
-        Ok(routed)
+        Ok(StagedPublish {
+            core: self.clone(),
+            routed,
+            parts,
+        })
     }
 
     /// Hands records to one destination; per record, whether it took it.
