@@ -11,12 +11,14 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
+use tributary_gateway_common::client::LocalCall;
 use tributary_gateway_common::tls::TlsAcceptor;
 use tributary_gateway_common::{
     ConnectError, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
 };
 use tributary_gateway_kafka::KafkaConfig;
 use tributary_gateway_mqtt::MqttConfig;
+use tributary_proto::v1;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::redb_meta::RedbMetaStore;
@@ -270,7 +272,8 @@ impl Server {
         if let Some(listeners) = amqp_listeners
             && (listeners.tcp.is_some() || listeners.tls.is_some())
         {
-            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
+                .with_local_queues(Arc::new(CoreQueues(core.clone())));
             spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
@@ -644,6 +647,53 @@ impl tributary_gateway_common::client::LocalSessions for CoreSessions {
         use tokio_stream::StreamExt;
         let events = self.0.attach_session(commands.map(Ok));
         Box::pin(tokio_stream::wrappers::ReceiverStream::new(events).map(Ok))
+    }
+}
+
+/// The queue engine's per-message calls on the core in this process, without the gRPC
+/// encoding.
+struct CoreQueues(Core);
+
+impl tributary_gateway_common::client::LocalQueues for CoreQueues {
+    fn publish(&self, req: v1::PublishRequest) -> LocalCall<v1::PublishResponse> {
+        let core = self.0.clone();
+        Box::pin(async move { core.publish(req).await.map_err(Into::into) })
+    }
+    fn publish_staged(&self, req: v1::PublishRequest) -> LocalCall<LocalCall<v1::PublishResponse>> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let staged = core.publish_staged(req).await?;
+            let finish: LocalCall<v1::PublishResponse> =
+                Box::pin(async move { staged.finish().await.map_err(Into::into) });
+            Ok(finish)
+        })
+    }
+    fn ack(&self, req: v1::AckRequest) -> LocalCall<v1::AckResponse> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let queue = req.queue.unwrap_or_default();
+            let expired = core.ack(&queue, &req.lease_ids).await?;
+            Ok(v1::AckResponse { expired })
+        })
+    }
+    fn nack(&self, req: v1::NackRequest) -> LocalCall<v1::NackResponse> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let queue = req.queue.unwrap_or_default();
+            core.nack(&queue, &req.lease_ids, req.requeue, req.delay_ms)
+                .await?;
+            Ok(v1::NackResponse {})
+        })
+    }
+    fn subscribe(
+        &self,
+        requests: tributary_gateway_common::client::SubscribeRequests,
+    ) -> tributary_gateway_common::client::SubscribeEvents {
+        use tokio_stream::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let core = self.0.clone();
+        tokio::spawn(async move { core.run_subscription(requests.map(Ok), tx).await });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }
 

@@ -16,10 +16,11 @@ use tonic::service::Routes;
 use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
-    ErrorCode, ErrorDetail, SessionCommand, SessionEvent, admin_client::AdminClient,
-    groups_client::GroupsClient, offsets_client::OffsetsClient, queues_client::QueuesClient,
-    sessions_client::SessionsClient, streams_client::StreamsClient, timers_client::TimersClient,
-    transactions_client::TransactionsClient,
+    AckRequest, AckResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
+    PublishResponse, SessionCommand, SessionEvent, SubscribeEvent, SubscribeRequest,
+    admin_client::AdminClient, groups_client::GroupsClient, offsets_client::OffsetsClient,
+    queues_client::QueuesClient, sessions_client::SessionsClient, streams_client::StreamsClient,
+    timers_client::TimersClient, transactions_client::TransactionsClient,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -106,6 +107,28 @@ pub trait LocalSessions: Send + Sync {
     fn attach(&self, commands: SessionCommands) -> SessionEvents;
 }
 
+/// Boxed future of a local call.
+pub type LocalCall<T> = Pin<Box<dyn Future<Output = Result<T, tonic::Status>> + Send>>;
+/// A subscription's requests (start, then credit) and its events.
+pub type SubscribeRequests = Pin<Box<dyn futures::Stream<Item = SubscribeRequest> + Send>>;
+pub type SubscribeEvents =
+    Pin<Box<dyn futures::Stream<Item = Result<SubscribeEvent, tonic::Status>> + Send>>;
+
+/// The queue engine's per-message calls served by a core in this process without the
+/// gRPC encoding: every publish, delivery and ack of an AMQP connection goes through them,
+/// and encoding each into protobuf and an HTTP body only to decode it again in the same
+/// process cost as much CPU as the work itself. Same messages, same semantics; over the
+/// network they are the `Streams.Publish`, `Queues.Ack`/`Nack`/`Subscribe` RPCs.
+pub trait LocalQueues: Send + Sync {
+    fn publish(&self, req: PublishRequest) -> LocalCall<PublishResponse>;
+    /// A publish in two halves: the outer call routes and appends (calls made one after
+    /// the other keep their order), the inner one waits until the records are durable.
+    fn publish_staged(&self, req: PublishRequest) -> LocalCall<LocalCall<PublishResponse>>;
+    fn ack(&self, req: AckRequest) -> LocalCall<AckResponse>;
+    fn nack(&self, req: NackRequest) -> LocalCall<NackResponse>;
+    fn subscribe(&self, requests: SubscribeRequests) -> SubscribeEvents;
+}
+
 /// Clients for every service of the core API, sharing one transport.
 #[derive(Clone)]
 pub struct CoreClient {
@@ -119,6 +142,7 @@ pub struct CoreClient {
     pub transactions: TransactionsClient<CoreTransport>,
     /// Set for a core in this process: session streams skip the gRPC encoding.
     local_sessions: Option<Arc<dyn LocalSessions>>,
+    local_queues: Option<Arc<dyn LocalQueues>>,
 }
 
 macro_rules! client {
@@ -141,6 +165,7 @@ impl CoreClient {
             timers: client!(TimersClient, t),
             transactions: client!(TransactionsClient, t),
             local_sessions: None,
+            local_queues: None,
         }
     }
 
@@ -148,6 +173,64 @@ impl CoreClient {
     pub fn with_local_sessions(mut self, local: Arc<dyn LocalSessions>) -> Self {
         self.local_sessions = Some(local);
         self
+    }
+
+    /// Publishes, acks, nacks and subscriptions go straight to `local` (a core in this
+    /// process).
+    pub fn with_local_queues(mut self, local: Arc<dyn LocalQueues>) -> Self {
+        self.local_queues = Some(local);
+        self
+    }
+
+    /// `Streams.Publish`.
+    pub async fn publish(&self, req: PublishRequest) -> Result<PublishResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.publish(req).await,
+            None => Ok(self.streams.clone().publish(req).await?.into_inner()),
+        }
+    }
+
+    /// `Streams.Publish` in two halves (see [`LocalQueues::publish_staged`]). Across the
+    /// network the whole call is the first half: the answer is in when it returns.
+    pub async fn publish_staged(
+        &self,
+        req: PublishRequest,
+    ) -> Result<LocalCall<PublishResponse>, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.publish_staged(req).await,
+            None => {
+                let answer = self.streams.clone().publish(req).await?.into_inner();
+                Ok(Box::pin(async move { Ok(answer) }))
+            }
+        }
+    }
+
+    /// `Queues.Ack`.
+    pub async fn ack(&self, req: AckRequest) -> Result<AckResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.ack(req).await,
+            None => Ok(self.queues.clone().ack(req).await?.into_inner()),
+        }
+    }
+
+    /// `Queues.Nack`.
+    pub async fn nack(&self, req: NackRequest) -> Result<NackResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.nack(req).await,
+            None => Ok(self.queues.clone().nack(req).await?.into_inner()),
+        }
+    }
+
+    /// `Queues.Subscribe`: the start, then credit, in; messages out.
+    pub async fn subscribe(
+        &self,
+        requests: impl futures::Stream<Item = SubscribeRequest> + Send + 'static,
+    ) -> Result<SubscribeEvents, tonic::Status> {
+        if let Some(local) = &self.local_queues {
+            return Ok(local.subscribe(Box::pin(requests)));
+        }
+        let events = self.queues.clone().subscribe(requests).await?.into_inner();
+        Ok(Box::pin(events))
     }
 
     /// Attaches a session stream (`Sessions.Attach`): commands in, events out.

@@ -49,6 +49,10 @@ const UNLIMITED_WINDOW: u32 = 1024;
 const CREDIT_CHUNK: u32 = 128;
 /// Publishes and acks applied together at most (what is already waiting, not more).
 const FAST_BATCH: usize = 256;
+/// Publish calls one connection has waiting for their fsync at most.
+const PUBLISHES_IN_FLIGHT: usize = 32;
+/// Ack and reject calls one connection has on their way to the core at most.
+const SETTLES_IN_FLIGHT: usize = 64;
 /// How long a cancel waits for the core to end the consumer's subscription.
 const CANCEL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// How long a basic.get lease lasts unsettled: RabbitMQ's default consumer_timeout.
@@ -120,6 +124,8 @@ impl Broker {
                 exchanges: HashMap::new(),
                 queues: HashMap::new(),
                 exclusive: Vec::new(),
+                settling: Arc::new(tokio::sync::Semaphore::new(SETTLES_IN_FLIGHT)),
+                publishing: futures::stream::FuturesOrdered::new(),
             };
             driver.run(commands).await;
         });
@@ -244,6 +250,22 @@ fn is_fast(c: &Command) -> bool {
     matches!(c, Command::Publish(_) | Command::Settle(_))
 }
 
+/// What a publish needs once it is durable: its confirm, and for a mandatory one what to
+/// return if nothing took it.
+struct Published {
+    confirm_seq: u64,
+    mandatory: Option<(String, bytes::Bytes, bytes::Bytes)>,
+}
+
+struct PublishDone {
+    channel: u32,
+    exchange: String,
+    items: Vec<Published>,
+    answer: Result<v1::PublishResponse, tonic::Status>,
+}
+
+type PublishFuture = Pin<Box<dyn std::future::Future<Output = PublishDone> + Send>>;
+
 type SubKey = (u32, String);
 type SubStream = Pin<Box<dyn Stream<Item = SubItem> + Send>>;
 
@@ -263,6 +285,10 @@ struct Driver {
     exchanges: HashMap<String, ExchangeInfo>,
     queues: HashMap<String, QueueMeta>,
     exclusive: Vec<String>,
+    /// Acks and rejects on their way to the core (they have no answer to wait for).
+    settling: Arc<tokio::sync::Semaphore>,
+    /// Publishes appended and waiting to be durable, in publish order.
+    publishing: futures::stream::FuturesOrdered<PublishFuture>,
 }
 
 impl Driver {
@@ -296,9 +322,13 @@ impl Driver {
                     Some((key, item)) = self.subs.next(), if !self.subs.is_empty() => {
                         self.on_subscription(key, item).await;
                     }
+                    Some(done) = self.publishing.next(), if !self.publishing.is_empty() => {
+                        self.on_published(done).await;
+                    }
                     _ = self.room.notified() => self.give_owed_credit(),
                 }
             }
+            self.published_all().await;
             self.close_connection().await;
         }
         .instrument(span)
@@ -432,6 +462,9 @@ impl Driver {
     }
 
     async fn command(&mut self, channel: u32, command: Command) {
+        // Anything but a publish or an ack sees the publishes before it in their queues
+        // (RabbitMQ's order within a channel), and their confirms go out first.
+        self.published_all().await;
         let ids = method_ids(&command);
         if let Err(r) = self.apply(channel, command).await {
             self.fail(channel, r, ids).await;
@@ -725,7 +758,10 @@ impl Driver {
     }
 
     /// Publishes through the router, one call per run of publishes of one channel to the
-    /// same exchange and routing key; then returns and confirms, in publish order.
+    /// same exchange and routing key. Each call's first half (routing and appends) is
+    /// awaited here, so the runs reach their queues in publish order; its second half (the
+    /// fsync) is awaited in the background, several at a time, and its returns and confirms
+    /// go out when it is done ([`Driver::on_published`]).
     async fn send_publishes(&mut self, ready: Vec<(u32, String, bool, link::BasicPublish)>) {
         let now = now_ms();
         let mut i = 0;
@@ -746,11 +782,9 @@ impl Driver {
                     message::to_record(&p.properties, p.body.clone(), p.expiration_ms, *d, now)
                 })
                 .collect();
-            let answer = self
+            let staged = self
                 .core
-                .streams
-                .clone()
-                .publish(v1::PublishRequest {
+                .publish_staged(v1::PublishRequest {
                     namespace: self.ns.clone(),
                     address: exchange.clone(),
                     routing_key: first.routing_key.clone(),
@@ -759,46 +793,100 @@ impl Driver {
                 })
                 .await;
             let channel = *channel;
-            match answer {
-                Ok(a) => {
-                    let routed = a.into_inner().routed;
-                    for (k, (_, exchange, _, p)) in run.iter().enumerate() {
-                        if routed.get(k).copied().unwrap_or(0) == 0 && p.mandatory {
-                            self.emit(
-                                channel,
-                                Event::Returned(link::ChannelDelivery {
-                                    exchange: exchange.clone(),
-                                    routing_key: p.routing_key.clone(),
-                                    properties: p.properties.clone(),
-                                    body: p.body.clone(),
-                                    reply_code: NO_ROUTE,
-                                    reply_text: "NO_ROUTE".into(),
-                                    ..Default::default()
-                                }),
-                            );
-                        }
-                        self.confirm(channel, p.confirm_seq, true);
+            let items: Vec<Published> = run
+                .iter()
+                .map(|(_, _, _, p)| Published {
+                    confirm_seq: p.confirm_seq,
+                    mandatory: p
+                        .mandatory
+                        .then(|| (p.routing_key.clone(), p.properties.clone(), p.body.clone())),
+                })
+                .collect();
+            match staged {
+                Ok(finish) => {
+                    if self.publishing.len() >= PUBLISHES_IN_FLIGHT
+                        && let Some(done) = self.publishing.next().await
+                    {
+                        self.on_published(done).await;
                     }
+                    let exchange = exchange.clone();
+                    self.publishing.push_back(Box::pin(async move {
+                        PublishDone {
+                            channel,
+                            exchange,
+                            items,
+                            answer: finish.await,
+                        }
+                    }));
                 }
                 Err(s) => {
-                    let code = error_code(&s);
-                    if code == v1::ErrorCode::AddressNotFound {
-                        self.exchanges.remove(exchange);
-                        let r = no_exchange(exchange, &self.vhost);
-                        self.fail(channel, r, (60, 40)).await;
-                    } else {
-                        // A queue refused (x-overflow reject-publish) or the core failed:
-                        // the publisher learns it by a nack.
-                        if code != v1::ErrorCode::QueueFull {
-                            warn!(error = %s, "amqp: a publish failed in the core");
-                        }
-                        for (_, _, _, p) in run {
-                            self.confirm(channel, p.confirm_seq, false);
-                        }
-                    }
+                    self.on_published(PublishDone {
+                        channel,
+                        exchange: exchange.clone(),
+                        items,
+                        answer: Err(s),
+                    })
+                    .await;
                 }
             }
             i = j;
+        }
+    }
+
+    /// A publish call is done: returns for mandatory publishes nothing took, then confirms.
+    async fn on_published(&mut self, done: PublishDone) {
+        let PublishDone {
+            channel,
+            exchange,
+            items,
+            answer,
+        } = done;
+        match answer {
+            Ok(a) => {
+                for (k, p) in items.into_iter().enumerate() {
+                    if let Some((routing_key, properties, body)) = p.mandatory
+                        && a.routed.get(k).copied().unwrap_or(0) == 0
+                    {
+                        self.emit(
+                            channel,
+                            Event::Returned(link::ChannelDelivery {
+                                exchange: exchange.clone(),
+                                routing_key,
+                                properties,
+                                body,
+                                reply_code: NO_ROUTE,
+                                reply_text: "NO_ROUTE".into(),
+                                ..Default::default()
+                            }),
+                        );
+                    }
+                    self.confirm(channel, p.confirm_seq, true);
+                }
+            }
+            Err(s) => {
+                let code = error_code(&s);
+                if code == v1::ErrorCode::AddressNotFound {
+                    self.exchanges.remove(&exchange);
+                    let r = no_exchange(&exchange, &self.vhost);
+                    self.fail(channel, r, (60, 40)).await;
+                } else {
+                    // A queue refused (x-overflow reject-publish) or the core failed: the
+                    // publisher learns it by a nack.
+                    if code != v1::ErrorCode::QueueFull {
+                        warn!(error = %s, "amqp: a publish failed in the core");
+                    }
+                    for p in items {
+                        self.confirm(channel, p.confirm_seq, false);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Waits for every publish on its way: what follows sees them in their queues.
+    async fn published_all(&mut self) {
+        while let Some(done) = self.publishing.next().await {
+            self.on_published(done).await;
         }
     }
 
@@ -831,6 +919,7 @@ impl Driver {
             }
         }
         self.send_publishes(publishes).await;
+        self.published_all().await;
         for s in settles {
             self.settle(channel, s).await;
         }
@@ -872,29 +961,31 @@ impl Driver {
             return;
         }
         let (taken, credit) = self.take_unacked(channel, &tags);
+        // An AMQP ack has no answer: the driver goes on (deliveries keep flowing) while the
+        // core journals it; the credit comes back at once, the deliveries being settled as
+        // far as the client is concerned. Bounded per connection.
         for (queue, leases) in by_queue(taken) {
             let id = self.queue_id(&queue);
-            let r = if ack {
-                self.core
-                    .queues
-                    .clone()
-                    .ack(v1::AckRequest {
+            let Ok(permit) = self.settling.clone().acquire_owned().await else {
+                return;
+            };
+            let core = self.core.clone();
+            tokio::spawn(async move {
+                let r = if ack {
+                    core.ack(v1::AckRequest {
                         queue: Some(id),
                         lease_ids: leases,
                     })
                     .await
                     .map(|a| {
-                        let expired = a.into_inner().expired;
-                        if !expired.is_empty() {
-                            debug!(queue = %queue, count = expired.len(), "acks of leases the core no longer held");
-                        }
-                    })
-            } else {
-                // Rejected: dead-lettered by the queue's policy, or dropped.
-                self.core
-                    .queues
-                    .clone()
-                    .nack(v1::NackRequest {
+                        let expired = a.expired;
+                            if !expired.is_empty() {
+                                debug!(queue = %queue, count = expired.len(), "acks of leases the core no longer held");
+                            }
+                        })
+                } else {
+                    // Rejected: dead-lettered by the queue's policy, or dropped.
+                    core.nack(v1::NackRequest {
                         queue: Some(id),
                         lease_ids: leases,
                         requeue: false,
@@ -902,10 +993,12 @@ impl Driver {
                     })
                     .await
                     .map(|_| ())
-            };
-            if let Err(e) = r {
-                debug!(queue = %queue, error = %e, "amqp: settle failed in the core");
-            }
+                };
+                if let Err(e) = r {
+                    debug!(queue = %queue, error = %e, "amqp: settle failed in the core");
+                }
+                drop(permit);
+            });
         }
         self.give_back(channel, credit);
         self.release_held(channel);
@@ -917,8 +1010,6 @@ impl Driver {
         for (queue, leases) in by_queue(taken) {
             let r = self
                 .core
-                .queues
-                .clone()
                 .nack(v1::NackRequest {
                     queue: Some(self.queue_id(&queue)),
                     lease_ids: leases,
@@ -1044,14 +1135,11 @@ impl Driver {
         });
         let mut stream = self
             .core
-            .queues
-            .clone()
             .subscribe(tokio_stream::wrappers::UnboundedReceiverStream::new(
                 credit_rx,
             ))
             .await
-            .map_err(|s| self.queue_status(&b.queue, &s))?
-            .into_inner();
+            .map_err(|s| self.queue_status(&b.queue, &s))?;
         match stream.next().await {
             Some(Ok(v1::SubscribeEvent {
                 event: Some(v1::subscribe_event::Event::Started(_)),
@@ -1156,8 +1244,6 @@ impl Driver {
         }
         let r = self
             .core
-            .queues
-            .clone()
             .nack(v1::NackRequest {
                 queue: Some(self.queue_id(queue)),
                 lease_ids: leases,
