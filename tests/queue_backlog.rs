@@ -170,6 +170,7 @@ async fn a_backlog_larger_than_memory_stays_on_disk_and_drains_in_order() {
             .ack(v1::AckRequest {
                 queue: qid(),
                 lease_ids: got.iter().map(|m| m.lease_id.clone()).collect(),
+                ..Default::default()
             })
             .await
             .unwrap()

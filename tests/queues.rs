@@ -385,6 +385,7 @@ async fn bad_input_gets_typed_errors() {
         .ack(v1::AckRequest {
             queue: qid("q"),
             lease_ids: vec!["not-a-lease".into()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -517,6 +518,7 @@ async fn overflow_purge_list_and_delete() {
         .ack(v1::AckRequest {
             queue: qid("head"),
             lease_ids: vec![got[0].lease_id.clone()],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -781,6 +783,53 @@ async fn subscriptions_push_within_credit_and_release_on_close() {
             .filter(|m| text(m) != "p4")
             .all(|m| m.delivery_count == 2)
     );
+}
+
+#[tokio::test]
+async fn a_subscription_ended_by_its_consumer_keeps_its_leases_and_announces_its_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("keep", v1::QueueConfig::default()).await;
+    a.send("keep", (0..3).map(|i| rec(&format!("k{i}"))).collect())
+        .await;
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut start = subscribe_start("keep", 2, false, false);
+    if let Some(v1::subscribe_request::Item::Start(s)) = start.item.as_mut() {
+        s.announce_start = true;
+    }
+    tx.send(start).await.unwrap();
+    let mut events = a
+        .queues
+        .subscribe(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    let first = events.message().await.unwrap().expect("an event");
+    assert_eq!(first.event, Some(v1::subscribe_event::Event::Started(true)));
+    let m0 = next_message(&mut events).await;
+    let m1 = next_message(&mut events).await;
+    // The consumer ends the subscription itself (AMQP basic.cancel): the stream ends and
+    // its two leases stay with it, unlike a subscription that just drops (released).
+    tx.send(v1::SubscribeRequest {
+        item: Some(v1::subscribe_request::Item::End(true)),
+    })
+    .await
+    .unwrap();
+    let end = tokio::time::timeout(Duration::from_secs(20), events.message())
+        .await
+        .expect("the stream ends within 20 s")
+        .unwrap();
+    assert!(end.is_none(), "no more events after the end");
+    a.wait_info("keep", "the end of the subscription", |i| i.consumers == 0)
+        .await;
+    let info = a.info("keep").await;
+    assert_eq!((info.messages_leased, info.messages_ready), (2, 1));
+    assert!(
+        a.ack("keep", &[&m0, &m1]).await.is_empty(),
+        "both leases still hold"
+    );
+    assert_eq!(a.info("keep").await.messages_leased, 0);
 }
 
 #[tokio::test]

@@ -108,6 +108,7 @@ impl Api {
             .ack(v1::AckRequest {
                 queue: qid(queue),
                 lease_ids: leases.iter().map(|m| m.lease_id.clone()).collect(),
+                ..Default::default()
             })
             .await
             .unwrap()
