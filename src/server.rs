@@ -672,7 +672,9 @@ impl tributary_gateway_common::client::LocalQueues for CoreQueues {
         let core = self.0.clone();
         Box::pin(async move {
             let queue = req.queue.unwrap_or_default();
-            let expired = core.ack(&queue, &req.lease_ids).await?;
+            let expired = core
+                .settle_leases(&queue, &req.lease_ids, !req.no_wait_durable)
+                .await?;
             Ok(v1::AckResponse { expired })
         })
     }

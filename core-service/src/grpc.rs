@@ -353,7 +353,10 @@ impl queues_server::Queues for CoreGrpc {
         let r = r.into_inner();
         let queue = required(r.queue, "queue")?;
         ok(AckResponse {
-            expired: self.core.ack(&queue, &r.lease_ids).await?,
+            expired: self
+                .core
+                .settle_leases(&queue, &r.lease_ids, !r.no_wait_durable)
+                .await?,
         })
     }
     async fn nack(&self, r: Request<NackRequest>) -> GrpcResult<NackResponse> {

@@ -643,7 +643,7 @@ impl Core {
     /// [`Core::ack`]; `durable`: answers once the acks are on disk. An auto-ack
     /// subscription does not wait: a crash before then delivers the message again, never
     /// loses it.
-    pub(crate) async fn settle_leases(
+    pub async fn settle_leases(
         &self,
         queue: &v1::QueueId,
         lease_ids: &[String],

@@ -975,6 +975,8 @@ impl Driver {
                     core.ack(v1::AckRequest {
                         queue: Some(id),
                         lease_ids: leases,
+                        // An AMQP ack has no answer: not waited on for the disk.
+                        no_wait_durable: true,
                     })
                     .await
                     .map(|a| {
@@ -1395,6 +1397,7 @@ impl Driver {
                 .ack(v1::AckRequest {
                     queue: Some(self.queue_id(&g.queue)),
                     lease_ids: vec![m.lease_id.clone()],
+                    ..Default::default()
                 })
                 .await
                 .map_err(|s| self.queue_status(&g.queue, &s))?;
