@@ -24,6 +24,13 @@ use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use frames::decode_stream;
 
+/// Arbitrary bytes as what a client's methods carry to the broker: queue x-arguments,
+/// exchange arguments, binding arguments and message properties, parsed and mapped onto
+/// the core's model. Never panics, whatever the bytes (fuzz target `amqp_arguments`).
+pub fn decode_arguments(data: &[u8]) {
+    broker::fuzz_arguments(data);
+}
+
 /// A vhost a user may use (full configure, write and read rights inside it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Permission {

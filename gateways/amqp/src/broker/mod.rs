@@ -68,6 +68,25 @@ const PREDECLARED: &[(&str, v1::AddressKind)] = &[
     ("amq.match", v1::AddressKind::Headers),
 ];
 
+/// See [`crate::decode_arguments`].
+pub fn fuzz_arguments(data: &[u8]) {
+    let _ = args::QueueArgs::parse(data);
+    let _ = ExchangeType::parse("x-delayed-message", data);
+    if let Ok(table) = fields::decode_table(data) {
+        for v in table.inner().values() {
+            let _ = fields::header_bytes(v);
+        }
+    }
+    let properties = bytes::Bytes::copy_from_slice(data);
+    let record = message::to_record(&properties, bytes::Bytes::new(), 1_000, true, 0);
+    let leased = v1::LeasedMessage {
+        record: Some(record),
+        delivery_count: 3,
+        ..Default::default()
+    };
+    let _ = message::delivered(&leased, true);
+}
+
 /// The namespace of a vhost: "/" is the core's default namespace (shared with Kafka and
 /// MQTT); another vhost is the namespace of its name.
 pub fn namespace_of(vhost: &str) -> String {
