@@ -47,7 +47,9 @@ pub fn prometheus() -> PrometheusHandle {
             let handle = recorder.handle();
             // Fails only if another recorder is installed, in which case ours sees nothing;
             // nothing in this binary installs one.
-            let _ = metrics::set_global_recorder(recorder);
+            if metrics::set_global_recorder(recorder).is_ok() {
+                crate::metrics_catalog::register();
+            }
             handle
         })
         .clone()

@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod metrics_catalog;
 pub mod server;

@@ -15,7 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -42,15 +42,21 @@ pub(crate) type EventSender = mpsc::Sender<v1::SessionEvent>;
 const QOS0_BACKLOG: usize = 1_000;
 const SLOW_SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
 
-/// QoS 0 deliveries to connections over their backlog: sent with waiting, outside the lock.
-type SlowSends = Vec<(EventSender, v1::SessionEvent)>;
+/// QoS 0 deliveries to connections over their backlog: sent with waiting, outside the lock
+/// (with the session they are for, to name it if the delivery is dropped).
+type SlowSends = Vec<(EventSender, v1::SessionEvent, SessionId)>;
 /// Room for everything else: QoS 1/2 deliveries are bounded by the client's window
 /// (at most 65,535), answers by the commands in flight.
 const EVENT_CAPACITY: usize = QOS0_BACKLOG + 65_535 + 4_096;
 
 /// Messages per session (queued plus in flight) beyond which new QoS 1/2 messages for it
-/// are dropped, counted in `tributary_session_dropped_total`.
+/// are dropped, counted in `tributary_session_dropped_total{reason="queue_full"}` and logged
+/// (at most one WARN per session every [`DROP_LOG_INTERVAL_MS`]).
 pub const DEFAULT_MAX_QUEUED: usize = 100_000;
+
+/// Drops are logged at most once per this many milliseconds: per session for a full queue,
+/// per broker for slow QoS 0 subscribers; each line carries the count since the last one.
+const DROP_LOG_INTERVAL_MS: i64 = 10_000;
 
 const SESSION_KEY: &str = "mqttsession";
 /// Kinds of session timers in the durable timer service.
@@ -91,6 +97,9 @@ pub(crate) struct Broker {
     started: Instant,
     stats: Stats,
     max_queued: usize,
+    /// When a slow QoS 0 subscriber's drop was last logged (ms), and drops since then.
+    slow_drop_logged_ms: AtomicI64,
+    slow_drops_unlogged: AtomicU64,
 }
 
 #[derive(Default)]
@@ -115,6 +124,9 @@ struct Session {
     next_packet_id: u16,
     incoming_qos2: HashSet<u16>,
     next_seq: u64,
+    /// When a full-queue drop was last logged (ms; 0 = never), and drops since then.
+    drop_logged_ms: i64,
+    drops_unlogged: u64,
 }
 
 impl Session {
@@ -129,6 +141,8 @@ impl Session {
             next_packet_id: 1,
             incoming_qos2: HashSet::new(),
             next_seq: 1,
+            drop_logged_ms: 0,
+            drops_unlogged: 0,
         }
     }
 
@@ -283,6 +297,8 @@ impl Broker {
             started: Instant::now(),
             stats: Stats::default(),
             max_queued: max_queued.max(1),
+            slow_drop_logged_ms: AtomicI64::new(0),
+            slow_drops_unlogged: AtomicU64::new(0),
         }
     }
 }
@@ -440,14 +456,29 @@ impl Broker {
                 if backlog < QOS0_BACKLOG {
                     self.send_delivery(conn, 0, &pending, false);
                 } else {
-                    slow.push((conn.tx.clone(), delivery_event(0, &pending, false)));
+                    slow.push((conn.tx.clone(), delivery_event(0, &pending, false), id));
                 }
             }
             return None;
         }
         if session.queue.len() + session.inflight.len() >= self.max_queued {
-            metrics::counter!("tributary_session_dropped_total").increment(1);
-            debug!(client = %id.1, "session queue full; message dropped");
+            metrics::counter!("tributary_session_dropped_total", "reason" => "queue_full")
+                .increment(1);
+            session.drops_unlogged += 1;
+            let now = now_ms();
+            if now - session.drop_logged_ms >= DROP_LOG_INTERVAL_MS {
+                warn!(
+                    namespace = %id.0,
+                    client = %id.1,
+                    reason = "queue_full",
+                    max_queued = self.max_queued,
+                    dropped = session.drops_unlogged,
+                    "session queue full (mqtt_max_queued); QoS 1/2 messages dropped (at most one line per session every {} s; every drop is counted in tributary_session_dropped_total)",
+                    DROP_LOG_INTERVAL_MS / 1000
+                );
+                session.drop_logged_ms = now;
+                session.drops_unlogged = 0;
+            }
             return pending.persisted.then(|| pending_key(&id, pending.seq));
         }
         if pending.seq == 0 {
@@ -501,14 +532,41 @@ impl Broker {
     /// stream is held meanwhile, so a fast publisher slows to its slowest subscriber.
     async fn send_slow(&self, slow: SlowSends) {
         let deadline = tokio::time::Instant::now() + SLOW_SUBSCRIBER_WAIT;
-        for (tx, ev) in slow {
+        for (tx, ev, id) in slow {
             match tokio::time::timeout_at(deadline, tx.send(ev)).await {
                 Ok(Ok(())) => self.stats.messages_out.fetch_add(1, Ordering::Relaxed),
                 _ => {
-                    metrics::counter!("tributary_session_dropped_total").increment(1);
+                    self.slow_dropped(&id);
                     0
                 }
             };
+        }
+    }
+
+    /// Counts a QoS 0 delivery dropped for a slow subscriber; logs at most one line every
+    /// [`DROP_LOG_INTERVAL_MS`] (for the whole broker), with the drops since the last.
+    fn slow_dropped(&self, id: &SessionId) {
+        metrics::counter!("tributary_session_dropped_total", "reason" => "slow_subscriber")
+            .increment(1);
+        self.slow_drops_unlogged.fetch_add(1, Ordering::Relaxed);
+        let now = now_ms();
+        let last = self.slow_drop_logged_ms.load(Ordering::Relaxed);
+        if now - last >= DROP_LOG_INTERVAL_MS
+            && self
+                .slow_drop_logged_ms
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            let dropped = self.slow_drops_unlogged.swap(0, Ordering::Relaxed);
+            warn!(
+                namespace = %id.0,
+                client = %id.1,
+                reason = "slow_subscriber",
+                dropped,
+                "QoS 0 messages dropped for a subscriber that took nothing for {} s (at most one line every {} s; every drop is counted in tributary_session_dropped_total)",
+                SLOW_SUBSCRIBER_WAIT.as_secs(),
+                DROP_LOG_INTERVAL_MS / 1000
+            );
         }
     }
 }

@@ -1,0 +1,171 @@
+//! Every metric the process exports, in one list: name, type and help text.
+//!
+//! [`register`] describes each one (`# HELP` / `# TYPE`) and creates its series at zero when
+//! the Prometheus recorder is installed, so the first scrape of `/metrics` lists every metric,
+//! before any traffic. A metric whose labels take a fixed set of values starts with one series
+//! per value; one whose label values are only known at run time (listener names, queue
+//! reasons) starts with a single unlabeled zero series, which sums away.
+//!
+//! `tests/metrics.rs` greps the workspace for `metrics::counter!` / `gauge!` / `histogram!`
+//! names and fails on any that is not in this list (and so not described).
+
+/// The kind of a metric, as Prometheus types it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// One exported metric.
+pub struct Metric {
+    pub name: &'static str,
+    pub kind: Kind,
+    pub help: &'static str,
+    /// Label sets to create at start; empty = one unlabeled series.
+    pub series: &'static [&'static [(&'static str, &'static str)]],
+}
+
+const fn m(name: &'static str, kind: Kind, help: &'static str) -> Metric {
+    Metric {
+        name,
+        kind,
+        help,
+        series: &[],
+    }
+}
+
+/// Every metric any crate in the workspace records.
+pub const METRICS: &[Metric] = &[
+    // Streams (Kafka and the core's stream API).
+    m(
+        "tributary_records_in_total",
+        Kind::Counter,
+        "Records appended to streams.",
+    ),
+    m(
+        "tributary_bytes_in_total",
+        Kind::Counter,
+        "Bytes of records appended to streams.",
+    ),
+    m(
+        "tributary_records_out_total",
+        Kind::Counter,
+        "Records read from streams.",
+    ),
+    m(
+        "tributary_bytes_out_total",
+        Kind::Counter,
+        "Bytes of records read from streams.",
+    ),
+    m(
+        "tributary_kafka_produced_bytes_total",
+        Kind::Counter,
+        "Bytes of record batches produced through the Kafka gateway.",
+    ),
+    // Storage.
+    m(
+        "tributary_storage_fsync_seconds",
+        Kind::Histogram,
+        "Time one fsync of the local storage took, in seconds.",
+    ),
+    // Gateway listeners.
+    m(
+        "tributary_connections",
+        Kind::Gauge,
+        "Open gateway connections, per listener.",
+    ),
+    m(
+        "tributary_connections_accepted_total",
+        Kind::Counter,
+        "Gateway connections accepted, per listener.",
+    ),
+    m(
+        "tributary_connections_dropped_total",
+        Kind::Counter,
+        "Gateway connections closed before a gateway served them, per listener and reason (limit, handshake_timeout, handshake_failed).",
+    ),
+    m(
+        "tributary_auth_refusals_total",
+        Kind::Counter,
+        "Requests refused for a missing, malformed or wrong core token, per listener and reason.",
+    ),
+    // Timers.
+    m(
+        "tributary_timers_pending",
+        Kind::Gauge,
+        "Durable timers scheduled and not yet fired.",
+    ),
+    m(
+        "tributary_timers_fired_total",
+        Kind::Counter,
+        "Durable timers fired.",
+    ),
+    m(
+        "tributary_timers_dropped_total",
+        Kind::Counter,
+        "Durable timers dropped when fired because their message could not be enqueued.",
+    ),
+    // MQTT sessions.
+    Metric {
+        name: "tributary_session_dropped_total",
+        kind: Kind::Counter,
+        help: "MQTT messages dropped, per reason: queue_full (a session over mqtt_max_queued), slow_subscriber (a QoS 0 subscriber that took nothing for a second).",
+        series: &[
+            &[("reason", "queue_full")],
+            &[("reason", "slow_subscriber")],
+        ],
+    },
+    // Queues (AMQP and the queue API).
+    m(
+        "tributary_queue_enqueued_total",
+        Kind::Counter,
+        "Messages enqueued on queues.",
+    ),
+    m(
+        "tributary_queue_transient_dropped_total",
+        Kind::Counter,
+        "Transient (non-durable) queue messages dropped because the process restarted.",
+    ),
+    m(
+        "tributary_queue_dead_lettered_total",
+        Kind::Counter,
+        "Queue messages dead-lettered, per reason.",
+    ),
+    m(
+        "tributary_queue_discarded_total",
+        Kind::Counter,
+        "Dead-lettered queue messages discarded: no dead-letter target, or it does not exist or routes nowhere.",
+    ),
+];
+
+/// Describes every metric in [`METRICS`] and creates its series, on the installed recorder.
+pub fn register() {
+    for metric in METRICS {
+        let name = metric.name;
+        let help = metric.help;
+        match metric.kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+        let unlabeled: &[&[(&str, &str)]] = &[&[]];
+        let series = if metric.series.is_empty() {
+            unlabeled
+        } else {
+            metric.series
+        };
+        for labels in series {
+            let labels: Vec<metrics::Label> = labels
+                .iter()
+                .map(|(k, v)| metrics::Label::new(*k, *v))
+                .collect();
+            // Touching a handle registers the series (at zero) without changing it.
+            match metric.kind {
+                Kind::Counter => drop(metrics::counter!(name, labels)),
+                Kind::Gauge => drop(metrics::gauge!(name, labels)),
+                Kind::Histogram => drop(metrics::histogram!(name, labels)),
+            }
+        }
+    }
+}
