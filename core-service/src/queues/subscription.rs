@@ -135,6 +135,11 @@ impl Core {
                 };
                 let max = credit.min(ROUND as u64) as usize;
                 let (leased, dead) = self.lease_some(&h, max, vis).await?;
+                // Remembered before anything below can fail: a subscription that ends on an
+                // error still releases what it leased.
+                if start.release_on_close || start.auto_ack {
+                    held.extend(leased.iter().map(|l| (l.offset, l.seq)));
+                }
                 let had_dead = !dead.is_empty();
                 self.move_dead_letters(&h, dead).await?;
                 if !leased.is_empty() {
@@ -146,11 +151,9 @@ impl Core {
                         .collect();
                     if start.auto_ack {
                         self.settle_leases(&queue, &ids, false).await?;
-                    } else if start.release_on_close {
-                        held.extend(leased.iter().map(|l| (l.offset, l.seq)));
-                        if held.len() > PRUNE_AT {
-                            prune(&h, &mut held).await;
-                        }
+                    }
+                    if held.len() > PRUNE_AT {
+                        prune(&h, &mut held).await;
                     }
                     let mut gone = false;
                     for l in leased {
@@ -193,7 +196,9 @@ impl Core {
                 _ = shutdown.changed() => break Ok(()),
             }
         };
-        if start.release_on_close && !ended_by_consumer && !held.is_empty() {
+        // Auto-ack leases are settled as they go out: held only until then, so one left
+        // here failed before it was settled and goes back.
+        if (start.release_on_close || start.auto_ack) && !ended_by_consumer && !held.is_empty() {
             let ids: Vec<String> = held
                 .iter()
                 .map(|(o, s)| lease_id(h.record.id, *o, *s))

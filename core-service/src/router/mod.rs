@@ -815,7 +815,10 @@ impl Core {
             }
         }
         let mut parts = Vec::new();
-        for (targets, idx) in groups {
+        // A destination that fails stops the routing; what is staged by then is finished
+        // (made durable, its shared body released) before the error goes back.
+        let mut failed = None;
+        'groups: for (targets, idx) in groups {
             let batch = || -> Vec<v1::Record> { idx.iter().map(|i| records[*i].clone()).collect() };
             // Queues that get the same records share one stored copy of them.
             let queues: Vec<_> = targets
@@ -831,10 +834,13 @@ impl Core {
                 })
                 .collect();
             if queues.len() >= 2 {
-                let pending = self
-                    .enqueue_shared_append(ns, &queues, batch(), mode)
-                    .await?;
-                parts.push(StagedPart::Shared(idx.clone(), pending));
+                match self.enqueue_shared_append(ns, &queues, batch(), mode).await {
+                    Ok(pending) => parts.push(StagedPart::Shared(idx.clone(), pending)),
+                    Err(e) => {
+                        failed = Some(e);
+                        break 'groups;
+                    }
+                }
             }
             for t in targets {
                 match &t {
@@ -846,23 +852,40 @@ impl Core {
                         }) else {
                             continue;
                         };
-                        let pending = self.enqueue_append(&h, batch(), mode, None, None).await?;
-                        parts.push(StagedPart::Queue(idx.clone(), pending));
-                    }
-                    _ => {
-                        let took = self.deliver_to(ns, &t, batch(), mode).await?;
-                        for (k, i) in idx.iter().enumerate() {
-                            routed[*i] += u32::from(took[k]);
+                        match self.enqueue_append(&h, batch(), mode, None, None).await {
+                            Ok(pending) => parts.push(StagedPart::Queue(idx.clone(), pending)),
+                            Err(e) => {
+                                failed = Some(e);
+                                break 'groups;
+                            }
                         }
                     }
+                    _ => match self.deliver_to(ns, &t, batch(), mode).await {
+                        Ok(took) => {
+                            for (k, i) in idx.iter().enumerate() {
+                                routed[*i] += u32::from(took[k]);
+                            }
+                        }
+                        Err(e) => {
+                            failed = Some(e);
+                            break 'groups;
+                        }
+                    },
                 }
             }
         }
-        Ok(StagedPublish {
+        let staged = StagedPublish {
             core: self.clone(),
             routed,
             parts,
-        })
+        };
+        if let Some(e) = failed {
+            if let Err(also) = staged.finish().await {
+                debug!(error = %also, "finishing the destinations staged before a failed one");
+            }
+            return Err(e);
+        }
+        Ok(staged)
     }
 
     /// Hands records to one destination; per record, whether it took it.

@@ -1415,8 +1415,8 @@ impl Session {
                     AMQPClass::Basic(basic::AMQPMethod::GetOk(basic::GetOk {
                         delivery_tag: d.delivery_tag,
                         redelivered: d.redelivered,
-                        exchange: d.exchange.into(),
-                        routing_key: d.routing_key.into(),
+                        exchange: truncate(&d.exchange).into(),
+                        routing_key: truncate(&d.routing_key).into(),
                         message_count: d.message_count.min(u32::MAX as u64) as u32,
                     })),
                 );
@@ -1439,9 +1439,9 @@ impl Session {
                     channel,
                     AMQPClass::Basic(basic::AMQPMethod::Return(basic::Return {
                         reply_code: d.reply_code as u16,
-                        reply_text: d.reply_text.into(),
-                        exchange: d.exchange.into(),
-                        routing_key: d.routing_key.into(),
+                        reply_text: truncate(&d.reply_text).into(),
+                        exchange: truncate(&d.exchange).into(),
+                        routing_key: truncate(&d.routing_key).into(),
                     })),
                 );
                 put_content(
@@ -1466,7 +1466,9 @@ impl Session {
                     nowait: true,
                 })),
             ),
-            Event::ChannelError(e) if c.state != ChanState::Closing => {
+            // Only for the channel it was raised on: a channel closed and reopened under the
+            // same number meanwhile is a new one.
+            Event::ChannelError(e) if c.state == ChanState::Open => {
                 c.state = ChanState::Closing;
                 c.pending = None;
                 c.nowait.clear();

@@ -61,6 +61,8 @@ pub struct Chan {
     pub global_prefetch: u32,
     pub confirm: bool,
     pub tx: Option<Vec<TxOp>>,
+    /// Delivery tags the open transaction settles (a second settle of one is refused).
+    pub tx_settled: std::collections::BTreeSet<u64>,
     /// Deliveries leased for this channel but held back by `global_prefetch`.
     pub held: VecDeque<(String, v1::LeasedMessage)>,
 }
@@ -75,6 +77,7 @@ impl Chan {
             global_prefetch: 0,
             confirm: false,
             tx: None,
+            tx_settled: std::collections::BTreeSet::new(),
             held: VecDeque::new(),
         }
     }
@@ -84,10 +87,11 @@ impl Chan {
         if s.multiple && s.delivery_tag == 0 {
             return Ok(());
         }
+        let open = |t: &u64| !self.tx_settled.contains(t);
         let known = if s.multiple {
-            self.unacked.range(..=s.delivery_tag).next().is_some()
+            self.unacked.range(..=s.delivery_tag).any(|(t, _)| open(t))
         } else {
-            self.unacked.contains_key(&s.delivery_tag)
+            self.unacked.contains_key(&s.delivery_tag) && open(&s.delivery_tag)
         };
         if known {
             Ok(())

@@ -137,7 +137,15 @@ pub fn delivered(m: &v1::LeasedMessage, quorum: bool) -> Delivered {
 /// headers as long strings.
 fn from_envelope(r: &v1::Record, sp: &v1::SystemProperties) -> BasicProperties {
     let mut p = BasicProperties::default();
-    let short = |s: &str| ShortString::from(s.to_string());
+    // AMQP short strings end at 255 bytes: a longer value (possible from other protocols)
+    // is cut at a character boundary rather than written with a wrong length.
+    let short = |s: &str| {
+        let mut end = s.len().min(255);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        ShortString::from(s[..end].to_string())
+    };
     if !sp.content_type.is_empty() {
         p = p.with_content_type(short(&sp.content_type));
     }
@@ -145,7 +153,7 @@ fn from_envelope(r: &v1::Record, sp: &v1::SystemProperties) -> BasicProperties {
         p = p.with_content_encoding(short(&sp.content_encoding));
     }
     let mut table = FieldTable::default();
-    for h in &r.headers {
+    for h in r.headers.iter().filter(|h| h.name.len() <= 255) {
         table.insert(
             ShortString::from(h.name.clone()),
             AMQPValue::LongString(LongString::from(h.value.to_vec())),
@@ -256,6 +264,9 @@ fn amend(p: BasicProperties, sp: &v1::SystemProperties, redeliveries: Option<i64
     }
     if let Some(n) = redeliveries {
         headers.insert("x-delivery-count".into(), AMQPValue::LongLongInt(n));
+    }
+    if headers.inner().is_empty() {
+        return encode_properties(&p);
     }
     encode_properties(&p.with_headers(headers))
 }
@@ -410,6 +421,25 @@ mod tests {
         let h = p.headers().clone().unwrap();
         assert_eq!(h.inner().get("x-delivery-count").and_then(as_i64), Some(2));
         assert_eq!(delivered(&leased(r, 1), true).properties, props());
+    }
+
+    #[test]
+    fn long_strings_of_other_protocols_stay_within_short_strings() {
+        let r = v1::Record {
+            headers: vec![v1::Header {
+                name: "n".repeat(300),
+                value: Bytes::from_static(b"v"),
+            }],
+            properties: Some(v1::SystemProperties {
+                content_type: "é".repeat(200),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let d = delivered(&leased(r, 1), false);
+        let p = decode_properties(&d.properties).expect("valid properties");
+        assert!(p.content_type().as_ref().unwrap().as_str().len() <= 255);
+        assert!(p.headers().is_none());
     }
 
     #[test]

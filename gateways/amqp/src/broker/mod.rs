@@ -49,6 +49,8 @@ const UNLIMITED_WINDOW: u32 = 1024;
 const CREDIT_CHUNK: u32 = 128;
 /// Publishes and acks applied together at most (what is already waiting, not more).
 const FAST_BATCH: usize = 256;
+/// Body bytes of one publish call at most (the network transport takes 256 MiB a message).
+const PUBLISH_CALL_BYTES: usize = 64 << 20;
 /// Publish calls one connection has waiting for their fsync at most.
 const PUBLISHES_IN_FLIGHT: usize = 32;
 /// Ack and reject calls one connection has on their way to the core at most.
@@ -557,10 +559,12 @@ impl Driver {
                 self.emit(channel, Event::Ok(ok(90, 11)));
             }
             Command::TxRollback(_) => {
-                let Some(t) = self.chan(channel).tx.as_mut() else {
+                let ch = self.chan(channel);
+                let Some(t) = ch.tx.as_mut() else {
                     return Err(refuse(PRECONDITION_FAILED, "channel is not transactional"));
                 };
                 t.clear();
+                ch.tx_settled.clear();
                 self.emit(channel, Event::Ok(ok(90, 31)));
             }
             Command::TxCommit(_) => self.tx_commit(channel).await?,
@@ -593,7 +597,10 @@ impl Driver {
             Command::ExchangeDelete(d) => self.exchange_delete(channel, d).await?,
             Command::ExchangeBind(b) => {
                 let destination = v1::binding::Destination::Address(b.destination.clone());
-                self.bind(
+                let class = 40;
+                self.bind_command(
+                    channel,
+                    class,
                     &b.source,
                     destination,
                     &b.routing_key,
@@ -601,11 +608,13 @@ impl Driver {
                     b.unbind,
                 )
                 .await?;
-                self.emit(channel, Event::Ok(ok(40, if b.unbind { 51 } else { 31 })));
             }
             Command::QueueBind(b) => {
                 let destination = v1::binding::Destination::Queue(b.queue.clone());
-                self.bind(
+                let class = 50;
+                self.bind_command(
+                    channel,
+                    class,
                     &b.exchange,
                     destination,
                     &b.routing_key,
@@ -613,7 +622,6 @@ impl Driver {
                     b.unbind,
                 )
                 .await?;
-                self.emit(channel, Event::Ok(ok(50, if b.unbind { 51 } else { 21 })));
             }
             Command::QueueDeclare(d) => self.queue_declare(channel, d).await?,
             Command::QueuePurge(name) => {
@@ -787,14 +795,23 @@ impl Driver {
         while i < ready.len() {
             let (channel, exchange, _, first) = &ready[i];
             let mut j = i + 1;
+            let mut bytes = first.body.len();
             while j < ready.len()
                 && ready[j].0 == *channel
                 && ready[j].1 == *exchange
                 && ready[j].3.routing_key == first.routing_key
+                && bytes + ready[j].3.body.len() <= PUBLISH_CALL_BYTES
             {
+                bytes += ready[j].3.body.len();
                 j += 1;
             }
             let run = &ready[i..j];
+            if !self.channels.contains_key(channel) {
+                // The channel closed on an error meanwhile: the rest of its publishes go
+                // nowhere, as RabbitMQ drops what follows a channel error.
+                i = j;
+                continue;
+            }
             let records = run
                 .iter()
                 .map(|(_, _, d, p)| {
@@ -838,7 +855,7 @@ impl Driver {
                         }
                     }));
                 }
-                Err(s) => {
+                Err(s) if error_code(&s) == v1::ErrorCode::AddressNotFound => {
                     self.on_published(PublishDone {
                         channel,
                         exchange: exchange.clone(),
@@ -846,6 +863,17 @@ impl Driver {
                         answer: Err(s),
                     })
                     .await;
+                }
+                Err(s) => {
+                    // Nacked after the confirms of the publishes before it.
+                    let done = PublishDone {
+                        channel,
+                        exchange: exchange.clone(),
+                        items,
+                        answer: Err(s),
+                    };
+                    self.publishing
+                        .push_back(Box::pin(futures::future::ready(done)));
                 }
             }
             i = j;
@@ -920,6 +948,7 @@ impl Driver {
             return Err(refuse(PRECONDITION_FAILED, "channel is not transactional"));
         };
         let ops = std::mem::take(t);
+        self.chan(channel).tx_settled.clear();
         // Acks are checked before anything applies: a bad one fails the commit whole.
         for op in &ops {
             if let TxOp::Settle(s) = op {
@@ -960,8 +989,12 @@ impl Driver {
                 self.fail(channel, r, ids).await;
                 continue;
             }
-            if let Some(t) = ch.tx.as_mut() {
-                t.push(TxOp::Settle(s));
+            if ch.tx.is_some() {
+                let tags = ch.tags_of(&s);
+                ch.tx_settled.extend(tags);
+                if let Some(t) = ch.tx.as_mut() {
+                    t.push(TxOp::Settle(s));
+                }
                 continue;
             }
             self.settle(channel, s).await;
@@ -1214,48 +1247,78 @@ impl Driver {
         Ok(())
     }
 
-    /// Stops a consumer. Its unacked deliveries stay with the channel (they may still be
-    /// acked); deliveries on their way or held back for it go back to the queue. Answered
-    /// once the core has ended the subscription (an auto-delete queue is gone by then, the
-    /// next single active consumer has its turn).
+    /// Stops a consumer. What the core had already sent it is delivered first (as RabbitMQ
+    /// delivers what is on its way before cancel-ok); its unacked deliveries stay with the
+    /// channel (they may still be acked); deliveries held back for it go back to the queue.
+    /// Answered once the core has ended the subscription (an auto-delete queue is gone by
+    /// then, the next single active consumer has its turn).
     async fn cancel(&mut self, channel: u32, tag: &str) {
-        let stream = self.subs.remove(&(channel, tag.to_string()));
-        let Some(ch) = self.channels.get_mut(&channel) else {
+        let key = (channel, tag.to_string());
+        let stream = self.subs.remove(&key);
+        let Some(c) = self
+            .channels
+            .get(&channel)
+            .and_then(|ch| ch.consumers.get(tag))
+        else {
             return;
         };
-        let Some(c) = ch.consumers.remove(tag) else {
-            return;
-        };
-        for u in ch.unacked.values_mut() {
-            if u.consumer.as_deref() == Some(tag) {
-                u.consumer = None;
-            }
-        }
-        let mut back: Vec<String> = ch.take_held(tag).into_iter().map(|m| m.lease_id).collect();
         let _ = c.credit.send(v1::SubscribeRequest {
             item: Some(v1::subscribe_request::Item::End(true)),
         });
+        let (queue, no_ack) = (c.queue.clone(), c.no_ack);
         if let Some(mut stream) = stream {
             let drained = tokio::time::timeout(CANCEL_TIMEOUT, async {
                 while let Some(item) = stream.next().await {
                     match item {
                         SubItem::Event(ev) => {
                             if let Some(v1::subscribe_event::Event::Message(m)) = ev.event {
-                                back.push(m.lease_id);
+                                self.send_delivery(channel, tag, m);
                             }
                         }
-                        SubItem::End => break,
+                        SubItem::End => return true,
                         SubItem::Failed(_) => {}
                     }
                 }
+                true
             })
             .await;
             if drained.is_err() {
+                // The core is slow to end it: the rest goes back to the queue from a task of
+                // its own (no-ack ones were settled by the core when it sent them).
                 debug!(consumer = %tag, "the core did not end a cancelled subscription in time");
+                let core = self.core.clone();
+                let id = self.queue_id(&queue);
+                tokio::spawn(async move {
+                    while let Some(item) = stream.next().await {
+                        if let SubItem::Event(ev) = item
+                            && let Some(v1::subscribe_event::Event::Message(m)) = ev.event
+                            && !no_ack
+                        {
+                            let _ = core
+                                .nack(v1::NackRequest {
+                                    queue: Some(id.clone()),
+                                    lease_ids: vec![m.lease_id],
+                                    requeue: true,
+                                    delay_ms: 0,
+                                })
+                                .await;
+                        }
+                    }
+                });
             }
         }
-        if !c.no_ack {
-            self.release_leases(&c.queue, back).await;
+        let Some(ch) = self.channels.get_mut(&channel) else {
+            return;
+        };
+        ch.consumers.remove(tag);
+        for u in ch.unacked.values_mut() {
+            if u.consumer.as_deref() == Some(tag) {
+                u.consumer = None;
+            }
+        }
+        let back: Vec<String> = ch.take_held(tag).into_iter().map(|m| m.lease_id).collect();
+        if !no_ack {
+            self.release_leases(&queue, back).await;
         }
     }
 
@@ -1465,6 +1528,12 @@ impl Driver {
         let Some(mut ch) = self.channels.remove(&channel) else {
             return;
         };
+        // Acks and rejects on their way land first: dropping a subscription releases the
+        // leases it still holds, and an acked message must not come back.
+        if !ch.consumers.is_empty() {
+            let all = SETTLES_IN_FLIGHT as u32;
+            drop(self.settling.clone().acquire_many_owned(all).await);
+        }
         let tags: Vec<String> = ch.consumers.keys().cloned().collect();
         for tag in &tags {
             self.subs.remove(&(channel, tag.clone()));
@@ -1632,6 +1701,30 @@ impl Driver {
             },
         }
         self.emit(channel, Event::Ok(ok(40, 21)));
+        Ok(())
+    }
+
+    /// Binds or unbinds, then answers with the class's bind-ok (x.31 / queue 50.21) or
+    /// unbind-ok (x.51).
+    #[allow(clippy::too_many_arguments)]
+    async fn bind_command(
+        &mut self,
+        channel: u32,
+        class: u32,
+        source: &str,
+        destination: v1::binding::Destination,
+        key: &str,
+        arguments: &[u8],
+        unbind: bool,
+    ) -> Res<()> {
+        self.bind(source, destination, key, arguments, unbind)
+            .await?;
+        let method = match (class, unbind) {
+            (_, true) => 51,
+            (40, false) => 31,
+            _ => 21,
+        };
+        self.emit(channel, Event::Ok(ok(class, method)));
         Ok(())
     }
 

@@ -42,7 +42,7 @@ pub fn refuse(code: u32, text: impl Into<String>) -> Refusal {
         text: format!("{name} - {}", text.into()),
         connection: matches!(
             code,
-            COMMAND_INVALID | CHANNEL_ERROR | NOT_ALLOWED | INTERNAL_ERROR
+            COMMAND_INVALID | CHANNEL_ERROR | NOT_ALLOWED | NOT_IMPLEMENTED | INTERNAL_ERROR
         ),
     }
 }
