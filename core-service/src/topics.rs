@@ -4,7 +4,7 @@
 //! times the few branches (`+`, `#`, the exact level) at each step, not the number of
 //! subscriptions.
 
-use std::collections::HashMap;
+use crate::router::pattern::{MQTT_TOPIC, PatternTrie};
 use std::sync::Arc;
 
 /// Why a topic name or filter is refused.
@@ -112,23 +112,21 @@ pub struct Entry {
     pub group: Option<Arc<str>>,
 }
 
-#[derive(Default, Debug)]
-struct Node {
-    children: HashMap<String, Node>,
-    entries: Vec<Entry>,
-}
-
-impl Node {
-    fn is_empty(&self) -> bool {
-        self.children.is_empty() && self.entries.is_empty()
-    }
-}
-
-/// Subscriptions of one namespace, indexed by filter level.
-#[derive(Default, Debug)]
+/// Subscriptions of one namespace, indexed by filter level: the router's pattern trie with
+/// the MQTT syntax (one matching structure for AMQP topic bindings and MQTT filters).
+#[derive(Debug)]
 pub struct SubscriptionTree {
-    root: Node,
+    trie: PatternTrie<Entry>,
     len: usize,
+}
+
+impl Default for SubscriptionTree {
+    fn default() -> Self {
+        Self {
+            trie: PatternTrie::new(MQTT_TOPIC),
+            len: 0,
+        }
+    }
 }
 
 impl SubscriptionTree {
@@ -142,44 +140,23 @@ impl SubscriptionTree {
 
     /// Adds or keeps the subscription of `entry.client` through `entry.raw_filter`.
     pub fn insert(&mut self, filter: &str, entry: Entry) {
-        let mut node = &mut self.root;
-        for level in filter.split('/') {
-            node = node.children.entry(level.to_string()).or_default();
-        }
-        if !node
-            .entries
-            .iter()
-            .any(|e| e.client == entry.client && e.raw_filter == entry.raw_filter)
-        {
-            node.entries.push(entry);
+        if self.trie.insert(filter, entry) {
             self.len += 1;
         }
     }
 
     /// Removes a subscription; returns whether it was there.
     pub fn remove(&mut self, filter: &str, client: &str, raw_filter: &str) -> bool {
-        fn walk(node: &mut Node, levels: &[&str], client: &str, raw: &str) -> bool {
-            match levels.split_first() {
-                None => {
-                    let before = node.entries.len();
-                    node.entries
-                        .retain(|e| !(&*e.client == client && &*e.raw_filter == raw));
-                    before != node.entries.len()
-                }
-                Some((first, rest)) => {
-                    let Some(child) = node.children.get_mut(*first) else {
-                        return false;
-                    };
-                    let removed = walk(child, rest, client, raw);
-                    if child.is_empty() {
-                        node.children.remove(*first);
-                    }
-                    removed
-                }
-            }
-        }
-        let levels: Vec<&str> = filter.split('/').collect();
-        let removed = walk(&mut self.root, &levels, client, raw_filter);
+        let group = parse_filter(raw_filter)
+            .ok()
+            .and_then(|p| p.group)
+            .map(Arc::from);
+        let entry = Entry {
+            client: Arc::from(client),
+            raw_filter: Arc::from(raw_filter),
+            group,
+        };
+        let removed = self.trie.remove(filter, &entry);
         if removed {
             self.len -= 1;
         }
@@ -187,38 +164,8 @@ impl SubscriptionTree {
     }
 
     /// Calls `found` for every subscription whose filter matches `topic`.
-    pub fn for_each_match(&self, topic: &str, mut found: impl FnMut(&Entry)) {
-        fn walk(
-            node: &Node,
-            levels: &[&str],
-            first: bool,
-            dollar: bool,
-            found: &mut dyn FnMut(&Entry),
-        ) {
-            let wild_ok = !(first && dollar);
-            if wild_ok && let Some(hash) = node.children.get("#") {
-                hash.entries.iter().for_each(&mut *found);
-            }
-            match levels.split_first() {
-                None => node.entries.iter().for_each(found),
-                Some((level, rest)) => {
-                    if let Some(child) = node.children.get(*level) {
-                        walk(child, rest, false, dollar, found);
-                    }
-                    if wild_ok && let Some(plus) = node.children.get("+") {
-                        walk(plus, rest, false, dollar, found);
-                    }
-                }
-            }
-        }
-        let levels: Vec<&str> = topic.split('/').collect();
-        walk(
-            &self.root,
-            &levels,
-            true,
-            topic.starts_with('$'),
-            &mut found,
-        );
+    pub fn for_each_match(&self, topic: &str, found: impl FnMut(&Entry)) {
+        self.trie.for_each_match(topic, found);
     }
 }
 
@@ -296,6 +243,6 @@ mod tests {
             assert!(tree.remove(f, "c", f));
         }
         assert!(tree.is_empty());
-        assert!(tree.root.is_empty());
+        assert!(tree.trie.is_empty());
     }
 }

@@ -13,7 +13,7 @@
 //! Each address has its own lock; addresses, bindings and their kinds are in the metadata
 //! store, written before the call answers.
 
-mod pattern;
+pub(crate) mod pattern;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;

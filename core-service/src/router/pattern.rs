@@ -110,7 +110,8 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
         Ok(())
     }
 
-    pub fn insert(&mut self, pattern: &str, value: V) {
+    /// Binds `value` with `pattern`; false when that value was bound with it already.
+    pub fn insert(&mut self, pattern: &str, value: V) -> bool {
         let s = self.syntax;
         let mut node = &mut self.root;
         for level in s.levels(pattern) {
@@ -122,9 +123,17 @@ impl<V: PartialEq + Clone> PatternTrie<V> {
                 node.exact.entry(level.into()).or_default()
             };
         }
-        if !node.values.contains(&value) {
-            node.values.push(value);
+        if node.values.contains(&value) {
+            return false;
         }
+        node.values.push(value);
+        true
+    }
+
+    /// True when nothing is bound (removals prune the nodes they empty).
+    #[cfg(test)]
+    pub fn is_empty(&self) -> bool {
+        self.root.is_empty()
     }
 
     /// Removes the value bound with this pattern; returns whether it was there.
