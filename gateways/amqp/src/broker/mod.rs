@@ -47,6 +47,8 @@ const OUTSTANDING_LIMIT: usize = 4096;
 const UNLIMITED_WINDOW: u32 = 1024;
 /// Credit given back to such a consumer at least this many at a time.
 const CREDIT_CHUNK: u32 = 128;
+/// Subscription events handled in one turn of the connection's loop at most.
+const SUBSCRIPTION_BATCH: usize = 256;
 /// Publishes and acks applied together at most (what is already waiting, not more).
 const FAST_BATCH: usize = 256;
 /// Body bytes of one publish call at most (the network transport takes 256 MiB a message).
@@ -342,6 +344,13 @@ impl Driver {
                     }
                     Some((key, item)) = self.subs.next(), if !self.subs.is_empty() => {
                         self.on_subscription(key, item).await;
+                        // What the consumers already have waiting goes out in the same turn.
+                        for _ in 0..SUBSCRIPTION_BATCH {
+                            match self.subs.next().now_or_never() {
+                                Some(Some((key, item))) => self.on_subscription(key, item).await,
+                                _ => break,
+                            }
+                        }
                     }
                     Some(done) = self.publishing.next(), if !self.publishing.is_empty() => {
                         self.on_published(done).await;
@@ -828,6 +837,19 @@ impl Driver {
                     ..Default::default()
                 })
                 .await;
+            if let Err(s) = &staged
+                && run.len() > 1
+                && error_code(s) == v1::ErrorCode::QueueFull
+            {
+                // x-overflow reject-publish refused the run as a whole: one at a time, the
+                // ones that fit go in and only the others are nacked (as RabbitMQ decides
+                // per message).
+                for one in run.to_vec() {
+                    Box::pin(self.send_publishes(vec![one])).await;
+                }
+                i = j;
+                continue;
+            }
             let channel = *channel;
             let items: Vec<Published> = run
                 .iter()
