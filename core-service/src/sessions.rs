@@ -7,6 +7,12 @@
 //! connected client. Routing walks the namespace's [`SubscriptionTree`] once per message;
 //! a message is one `Bytes` payload shared by every session it is queued for.
 //!
+//! State is owned per unit: each session has its own lock, each namespace its own
+//! subscription tree and retained store; the maps that find them are locked only to look
+//! one up, add or remove it. A session's lock may be taken before its namespace's tree
+//! lock, never the other way round (routing reads the tree, lets it go, then visits the
+//! sessions it matched).
+//!
 //! Durability: sessions that outlive their connection (expiry != 0) have their record,
 //! their queued QoS 1/2 messages and their released QoS 2 ids in the metadata store, written
 //! before the PUBACK / SUBACK / PUBREL that depends on them. Sessions that end with their
@@ -19,7 +25,7 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 use prost::Message;
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
@@ -93,7 +99,11 @@ struct Stats {
 }
 
 pub(crate) struct Broker {
-    state: Mutex<State>,
+    /// Sessions by (namespace, client id).
+    sessions: RwLock<HashMap<SessionId, Arc<SessionCell>>>,
+    namespaces: RwLock<HashMap<String, Arc<Namespace>>>,
+    /// Source of fencing epochs; every open gets a new one.
+    epoch: AtomicI64,
     started: Instant,
     stats: Stats,
     max_queued: usize,
@@ -102,18 +112,20 @@ pub(crate) struct Broker {
     slow_drops_unlogged: AtomicU64,
 }
 
+type SessionCell = Mutex<Session>;
+
+/// What one namespace shares between its sessions.
 #[derive(Default)]
-struct State {
-    sessions: HashMap<SessionId, Session>,
-    trees: HashMap<String, SubscriptionTree>,
-    retained: HashMap<String, BTreeMap<String, v1::RoutedMessage>>,
-    /// Round-robin position per (namespace, share group, filter).
-    share_cursor: HashMap<(String, Arc<str>, Arc<str>), usize>,
-    /// Source of fencing epochs; every open gets a new one.
-    epoch: i64,
+struct Namespace {
+    tree: RwLock<SubscriptionTree>,
+    retained: Mutex<BTreeMap<String, v1::RoutedMessage>>,
+    /// Round-robin position per (share group, filter).
+    share_cursor: Mutex<HashMap<ShareKey, usize>>,
 }
 
 struct Session {
+    /// Taken out of the broker's map (ended): whoever still holds it leaves it alone.
+    removed: bool,
     epoch: i64,
     conn: Option<Conn>,
     subs: BTreeMap<String, v1::SessionSubscription>,
@@ -132,6 +144,7 @@ struct Session {
 impl Session {
     fn new(epoch: i64, expiry_ms: i64) -> Self {
         Self {
+            removed: false,
             epoch,
             conn: None,
             subs: BTreeMap::new(),
@@ -286,6 +299,7 @@ fn error_detail(e: &CoreError) -> ErrorDetail {
 /// Where one routed message goes: per session, the copy to queue.
 struct Target {
     session: SessionId,
+    cell: Arc<SessionCell>,
     pending: Pending,
     persistent: bool,
 }
@@ -293,7 +307,9 @@ struct Target {
 impl Broker {
     pub(crate) fn new(max_queued: usize) -> Self {
         Self {
-            state: Mutex::new(State::default()),
+            sessions: RwLock::new(HashMap::new()),
+            namespaces: RwLock::new(HashMap::new()),
+            epoch: AtomicI64::new(0),
             started: Instant::now(),
             stats: Stats::default(),
             max_queued: max_queued.max(1),
@@ -303,58 +319,109 @@ impl Broker {
     }
 }
 
-impl State {
-    fn next_epoch(&mut self) -> i64 {
-        self.epoch += 1;
-        self.epoch
+impl Broker {
+    fn next_epoch(&self) -> i64 {
+        self.epoch.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    fn session(&self, id: &SessionId) -> Option<Arc<SessionCell>> {
+        self.sessions.read().get(id).cloned()
+    }
+
+    /// The session's cell, made with `make` when there is none; true when it was made.
+    fn session_or_insert(
+        &self,
+        id: &SessionId,
+        make: impl FnOnce() -> Session,
+    ) -> (Arc<SessionCell>, bool) {
+        let mut map = self.sessions.write();
+        let mut created = false;
+        let cell = map.entry(id.clone()).or_insert_with(|| {
+            created = true;
+            Arc::new(Mutex::new(make()))
+        });
+        (cell.clone(), created)
+    }
+
+    /// Takes an ended session out of the map (if it is still the one there). Its lock was
+    /// held when it was marked `removed`.
+    fn forget_session(&self, id: &SessionId, cell: &Arc<SessionCell>) {
+        let mut map = self.sessions.write();
+        if map.get(id).is_some_and(|c| Arc::ptr_eq(c, cell)) {
+            map.remove(id);
+        }
+    }
+
+    fn namespace(&self, ns: &str) -> Arc<Namespace> {
+        if let Some(n) = self.namespaces.read().get(ns) {
+            return n.clone();
+        }
+        self.namespaces
+            .write()
+            .entry(ns.to_string())
+            .or_default()
+            .clone()
+    }
+
+    fn existing_namespace(&self, ns: &str) -> Option<Arc<Namespace>> {
+        self.namespaces.read().get(ns).cloned()
     }
 
     /// Works out every session a message goes to, with the QoS, retain flag and
     /// subscription ids of its copy.
-    fn targets(
-        &mut self,
-        ns: &str,
-        msg: &v1::RoutedMessage,
-        publisher: Option<&str>,
-    ) -> Vec<Target> {
+    fn targets(&self, ns: &str, msg: &v1::RoutedMessage, publisher: Option<&str>) -> Vec<Target> {
         let topic = topic_of(msg);
-        let Some(tree) = self.trees.get(ns) else {
+        let Some(space) = self.existing_namespace(ns) else {
             return Vec::new();
         };
-        let mut direct: HashMap<Arc<str>, (u32, bool, Vec<u32>)> = HashMap::new();
+        let mut direct: HashMap<Arc<str>, Vec<Arc<str>>> = HashMap::new();
         let mut shared: BTreeMap<ShareKey, Vec<Arc<str>>> = BTreeMap::new();
-        tree.for_each_match(topic, |e: &Entry| match &e.group {
-            Some(g) => shared
-                .entry((g.clone(), e.raw_filter.clone()))
-                .or_default()
-                .push(e.client.clone()),
-            None => {
-                let Some(session) = self.sessions.get(&(ns.to_string(), e.client.to_string()))
-                else {
-                    return;
-                };
-                let Some(sub) = session.subs.get(&*e.raw_filter) else {
-                    return;
-                };
-                if sub.no_local && publisher == Some(&*e.client) {
-                    return;
-                }
-                let slot = direct
+        space
+            .tree
+            .read()
+            .for_each_match(topic, |e: &Entry| match &e.group {
+                Some(g) => shared
+                    .entry((g.clone(), e.raw_filter.clone()))
+                    .or_default()
+                    .push(e.client.clone()),
+                None => direct
                     .entry(e.client.clone())
-                    .or_insert((0, false, Vec::new()));
+                    .or_default()
+                    .push(e.raw_filter.clone()),
+            });
+        let mut out = Vec::with_capacity(direct.len() + shared.len());
+        for (client, filters) in direct {
+            let id = (ns.to_string(), client.to_string());
+            let Some(cell) = self.session(&id) else {
+                continue;
+            };
+            let session = cell.lock();
+            if session.removed {
+                continue;
+            }
+            let mut slot: Option<(u32, bool, Vec<u32>)> = None;
+            for raw in &filters {
+                let Some(sub) = session.subs.get(&**raw) else {
+                    continue;
+                };
+                if sub.no_local && publisher == Some(&*client) {
+                    continue;
+                }
+                let slot = slot.get_or_insert((0, false, Vec::new()));
                 slot.0 = slot.0.max(sub.qos.min(msg.qos));
                 slot.1 |= sub.retain_as_published && msg.retain;
                 if sub.subscription_id > 0 {
                     slot.2.push(sub.subscription_id);
                 }
             }
-        });
-        let mut out = Vec::with_capacity(direct.len() + shared.len());
-        for (client, (qos, retain, ids)) in direct {
-            let id = (ns.to_string(), client.to_string());
-            let persistent = self.sessions.get(&id).is_some_and(Session::persistent);
+            let Some((qos, retain, ids)) = slot else {
+                continue;
+            };
+            let persistent = session.persistent();
+            drop(session);
             out.push(Target {
                 session: id,
+                cell,
                 pending: Pending::new(with_delivery_flags(msg, qos, retain), ids, None),
                 persistent,
             });
@@ -362,7 +429,7 @@ impl State {
         for ((group, raw), mut members) in shared {
             members.sort();
             members.dedup();
-            if let Some(t) = self.pick_member(ns, &group, &raw, &members, msg, None) {
+            if let Some(t) = self.pick_member(ns, &space, &group, &raw, &members, msg, None) {
                 out.push(t);
             }
         }
@@ -371,53 +438,60 @@ impl State {
 
     /// One member of a share group for a message: round-robin over the connected members
     /// with room in their window, else over the connected ones, else over all of them.
+    #[allow(clippy::too_many_arguments)]
     fn pick_member(
-        &mut self,
+        &self,
         ns: &str,
+        space: &Namespace,
         group: &Arc<str>,
         raw: &Arc<str>,
         members: &[Arc<str>],
         msg: &v1::RoutedMessage,
         exclude: Option<&str>,
     ) -> Option<Target> {
-        let candidates: Vec<&Arc<str>> =
-            members.iter().filter(|m| Some(&***m) != exclude).collect();
+        // Each member's cell with (ready, online), looked at one at a time.
+        let candidates: Vec<(Arc<str>, Arc<SessionCell>, bool, bool)> = members
+            .iter()
+            .filter(|m| Some(&***m) != exclude)
+            .filter_map(|m| {
+                let cell = self.session(&(ns.to_string(), m.to_string()))?;
+                let (ready, online) = {
+                    let s = cell.lock();
+                    if s.removed {
+                        return None;
+                    }
+                    let ready = s
+                        .conn
+                        .as_ref()
+                        .is_some_and(|c| s.inflight.len() + s.queue.len() < c.receive_max);
+                    (ready, s.conn.is_some())
+                };
+                Some((m.clone(), cell, ready, online))
+            })
+            .collect();
         if candidates.is_empty() {
             return None;
         }
-        let cursor = self
-            .share_cursor
-            .entry((ns.to_string(), group.clone(), raw.clone()))
-            .or_insert(0);
-        let start = *cursor;
-        let sessions = &self.sessions;
-        let session_of = |m: &Arc<str>| sessions.get(&(ns.to_string(), m.to_string()));
-        let ready = |m: &Arc<str>| {
-            session_of(m).is_some_and(|s| {
-                s.conn
-                    .as_ref()
-                    .is_some_and(|c| s.inflight.len() + s.queue.len() < c.receive_max)
-            })
+        let pick = {
+            let mut cursors = space.share_cursor.lock();
+            let cursor = cursors.entry((group.clone(), raw.clone())).or_insert(0);
+            let start = *cursor;
+            let n = candidates.len();
+            let pick = (0..n)
+                .map(|i| (start + i) % n)
+                .find(|i| candidates[*i].2)
+                .or_else(|| (0..n).map(|i| (start + i) % n).find(|i| candidates[*i].3))
+                .unwrap_or(start % n);
+            *cursor = pick + 1;
+            pick
         };
-        let online = |m: &Arc<str>| session_of(m).is_some_and(|s| s.conn.is_some());
-        let n = candidates.len();
-        let pick = (0..n)
-            .map(|i| (start + i) % n)
-            .find(|i| ready(candidates[*i]))
-            .or_else(|| {
-                (0..n)
-                    .map(|i| (start + i) % n)
-                    .find(|i| online(candidates[*i]))
-            })
-            .unwrap_or(start % n);
-        *cursor = pick + 1;
-        let client = candidates[pick];
-        let id = (ns.to_string(), client.to_string());
-        let session = self.sessions.get(&id)?;
+        let (client, cell, _, _) = &candidates[pick];
+        let session = cell.lock();
         let sub = session.subs.get(&**raw)?;
         Some(Target {
             persistent: session.persistent(),
-            session: id,
+            session: (ns.to_string(), client.to_string()),
+            cell: cell.clone(),
             pending: Pending::new(
                 with_delivery_flags(msg, sub.qos.min(msg.qos), false),
                 sub_ids(sub),
@@ -426,30 +500,71 @@ impl State {
         })
     }
 
-    /// Members of a share group other than `leaving`.
-    fn share_members(&self, ns: &str, group: &str, raw: &str) -> Vec<Arc<str>> {
-        let mut out: Vec<Arc<str>> = self
+    /// Members of a share group (the sessions of `ns` subscribed with `raw`).
+    fn share_members(&self, ns: &str, raw: &str) -> Vec<Arc<str>> {
+        let cells: Vec<(String, Arc<SessionCell>)> = self
             .sessions
+            .read()
             .iter()
-            .filter(|((n, _), s)| n == ns && s.subs.contains_key(raw))
-            .map(|((_, c), _)| Arc::from(c.as_str()))
+            .filter(|((n, _), _)| n == ns)
+            .map(|((_, c), cell)| (c.clone(), cell.clone()))
+            .collect();
+        let mut out: Vec<Arc<str>> = cells
+            .into_iter()
+            .filter(|(_, cell)| {
+                let s = cell.lock();
+                !s.removed && s.subs.contains_key(raw)
+            })
+            .map(|(c, _)| Arc::from(c.as_str()))
             .collect();
         out.sort();
-        let _ = group;
         out
+    }
+
+    /// Takes a session's subscriptions out of its namespace's tree.
+    fn discard_subscriptions<'a>(&self, id: &SessionId, filters: impl Iterator<Item = &'a String>) {
+        let Some(space) = self.existing_namespace(&id.0) else {
+            return;
+        };
+        let mut tree = space.tree.write();
+        for raw in filters {
+            if let Ok(p) = topics::parse_filter(raw) {
+                tree.remove(p.filter, &id.1, raw);
+            }
+        }
+    }
+
+    /// Runs `f` on the session of an attached connection, unless another took it over.
+    fn with_attached<R>(&self, a: &Attached, f: impl FnOnce(&mut Session) -> R) -> CoreResult<R> {
+        let taken = || CoreError::Conflict("the session was taken over".into());
+        let cell = self.session(&a.id).ok_or_else(taken)?;
+        let mut s = cell.lock();
+        if s.removed || s.epoch != a.epoch || s.conn.is_none() {
+            return Err(taken());
+        }
+        Ok(f(&mut s))
     }
 }
 
 impl Broker {
     /// Queues a copy for its session and sends what the window allows. Returns the key of a
     /// persisted copy that was dropped, to delete.
-    fn enqueue(&self, st: &mut State, target: Target, slow: &mut SlowSends) -> Option<Vec<u8>> {
-        let Target {
-            session: id,
-            mut pending,
-            ..
-        } = target;
-        let session = st.sessions.get_mut(&id)?;
+    fn enqueue(&self, target: Target, slow: &mut SlowSends) -> Option<Vec<u8>> {
+        let mut session = target.cell.lock();
+        if session.removed {
+            return None;
+        }
+        self.enqueue_into(target.session, &mut session, target.pending, slow)
+    }
+
+    /// [`Self::enqueue`] into a session already locked.
+    fn enqueue_into(
+        &self,
+        id: SessionId,
+        session: &mut Session,
+        mut pending: Pending,
+        slow: &mut SlowSends,
+    ) -> Option<Vec<u8>> {
         if pending.message.qos == 0 {
             if let Some(conn) = &session.conn {
                 let backlog = conn.tx.max_capacity() - conn.tx.capacity();
@@ -712,12 +827,7 @@ impl Core {
         // streams; give the old one a moment to finish closing before this counts as a
         // takeover, so the answer does not depend on which stream is served first.
         for _ in 0..10 {
-            let attached = broker
-                .state
-                .lock()
-                .sessions
-                .get(&id)
-                .is_some_and(|s| s.conn.is_some());
+            let attached = broker.session(&id).is_some_and(|c| c.lock().conn.is_some());
             if !attached {
                 break;
             }
@@ -725,12 +835,19 @@ impl Core {
         }
         let mut ops = Vec::new();
         let mut wills = Vec::new();
-        let (epoch, present, record, had_timers) = {
-            let mut st = broker.state.lock();
-            let epoch = st.next_epoch();
-            if let Some(old) = st.sessions.get_mut(&id)
-                && let Some(conn) = old.conn.take()
-            {
+        let epoch = broker.next_epoch();
+        let fresh = || Session::new(epoch, open.expiry_interval_ms);
+        let (cell, present, record, had_timers) = loop {
+            let (cell, created) = broker.session_or_insert(&id, fresh);
+            let mut session = cell.lock();
+            if session.removed {
+                // Ended by another task between the lookup and the lock: it takes it out
+                // of the map right after; a fresh one goes in its place.
+                drop(session);
+                broker.forget_session(&id, &cell);
+                continue;
+            }
+            if let Some(conn) = session.conn.take() {
                 let _ = conn.tx.try_send(event(
                     0,
                     Event::TakenOver(ErrorDetail {
@@ -749,23 +866,21 @@ impl Core {
             // it (MQTT 5 3.1.2.11.2): the new connection starts afresh. This also makes a
             // quick DISCONNECT-then-CONNECT answer the same whichever reaches the core first.
             // Only a session that outlives its connection can have a will or expiry timer.
-            let had_timers = st.sessions.get(&id).is_some_and(Session::persistent);
-            let ended = st.sessions.get(&id).is_some_and(|s| !s.persistent());
-            let present = if open.clean_start || ended {
-                if let Some(old) = st.sessions.remove(&id) {
-                    discard_subscriptions(&mut st, &id, &old);
-                    if old.persistent() {
-                        ops.extend(delete_session_ops(&id, &old));
-                    }
+            let had_timers = !created && session.persistent();
+            let present = if created {
+                false
+            } else if open.clean_start || !session.persistent() {
+                // Started afresh in place (the cell stays, so routing that holds it finds
+                // the new, empty subscriptions).
+                let old = std::mem::replace(&mut *session, fresh());
+                broker.discard_subscriptions(&id, old.subs.keys());
+                if old.persistent() {
+                    ops.extend(delete_session_ops(&id, &old));
                 }
                 false
             } else {
-                st.sessions.contains_key(&id)
+                true
             };
-            let session = st
-                .sessions
-                .entry(id.clone())
-                .or_insert_with(|| Session::new(epoch, open.expiry_interval_ms));
             session.epoch = epoch;
             session.expiry_ms = open.expiry_interval_ms;
             session.conn = Some(Conn {
@@ -775,7 +890,8 @@ impl Core {
                 will_delay_ms: open.will_delay_ms,
             });
             let record = session.persistent().then(|| session.record());
-            (epoch, present, record, had_timers)
+            drop(session);
+            break (cell, present, record, had_timers);
         };
         if let Some(r) = record {
             ops.push(Op::Put {
@@ -799,10 +915,9 @@ impl Core {
         // Opened first, then whatever was in flight (with DUP) and what the window allows.
         let mut dead = None;
         {
-            let mut st = broker.state.lock();
-            if let Some(session) = st.sessions.get_mut(&id)
-                && session.epoch == epoch
-            {
+            let mut guard = cell.lock();
+            let session = &mut *guard;
+            if !session.removed && session.epoch == epoch {
                 let _ = tx.try_send(event(
                     rid,
                     Event::Opened(v1::SessionOpened {
@@ -840,12 +955,12 @@ impl Core {
         let mut ops = Vec::new();
         let mut redeliver = Vec::new();
         let expiry_ms;
+        let Some(cell) = broker.session(&a.id) else {
+            return;
+        };
         {
-            let mut st = broker.state.lock();
-            let Some(session) = st.sessions.get_mut(&a.id) else {
-                return;
-            };
-            if session.epoch != a.epoch {
+            let mut session = cell.lock();
+            if session.removed || session.epoch != a.epoch {
                 return; // taken over
             }
             let Some(conn) = session.conn.take() else {
@@ -864,8 +979,12 @@ impl Core {
                     key: session_key(&a.id),
                     value: to_json(&session.record()),
                 });
-            } else if let Some(old) = st.sessions.remove(&a.id) {
-                discard_subscriptions(&mut st, &a.id, &old);
+            } else {
+                let old = std::mem::replace(&mut *session, Session::new(a.epoch, 0));
+                session.removed = true;
+                drop(session);
+                broker.forget_session(&a.id, &cell);
+                broker.discard_subscriptions(&a.id, old.subs.keys());
                 // Expiry set to 0 on DISCONNECT: what was stored for it goes too.
                 if was_persistent {
                     ops.extend(delete_session_ops(&a.id, &old));
@@ -880,14 +999,22 @@ impl Core {
                 }
             }
         }
-        for (group, raw, p) in redeliver {
-            let mut st = broker.state.lock();
-            let members = st.share_members(&a.id.0, &group, &raw);
-            // Not written for a persistent member: it was not durable for the leaver either.
-            if let Some(t) =
-                st.pick_member(&a.id.0, &group, &raw, &members, &p.message, Some(&a.id.1))
-            {
-                broker.enqueue(&mut st, t, &mut Vec::new());
+        if !redeliver.is_empty() {
+            let space = broker.namespace(&a.id.0);
+            for (group, raw, p) in redeliver {
+                let members = broker.share_members(&a.id.0, &raw);
+                // Not written for a persistent member: it was not durable for the leaver either.
+                if let Some(t) = broker.pick_member(
+                    &a.id.0,
+                    &space,
+                    &group,
+                    &raw,
+                    &members,
+                    &p.message,
+                    Some(&a.id.1),
+                ) {
+                    broker.enqueue(t, &mut Vec::new());
+                }
             }
         }
         if let Err(e) = self.persist(ops).await {
@@ -921,12 +1048,10 @@ impl Core {
         }
         // A reconnect that came in meanwhile attached before it cancelled the timers, so
         // either it cancelled the ones just scheduled or it is seen here.
-        let back = {
-            let st = broker.state.lock();
-            st.sessions
-                .get(&a.id)
-                .is_some_and(|s| s.epoch != a.epoch || s.conn.is_some())
-        };
+        let back = broker.session(&a.id).is_some_and(|c| {
+            let s = c.lock();
+            s.epoch != a.epoch || s.conn.is_some()
+        });
         if back {
             for kind in [WILL_TIMER, EXPIRY_TIMER] {
                 let _ = self
@@ -965,39 +1090,35 @@ impl Core {
     /// A session's expiry timer fired: the session ends if it is still disconnected.
     pub(crate) async fn expire_disconnected_session(&self, ns: &str, client: &str) {
         let id: SessionId = (ns.to_string(), client.to_string());
-        let epoch = {
-            let st = self.broker().state.lock();
-            match st.sessions.get(&id) {
-                Some(s) if s.conn.is_none() => s.epoch,
-                _ => return,
-            }
+        let Some(epoch) = self.broker().session(&id).and_then(|c| {
+            let s = c.lock();
+            (!s.removed && s.conn.is_none()).then_some(s.epoch)
+        }) else {
+            return;
         };
         self.expire_session(&id, epoch).await;
     }
 
     async fn expire_session(&self, id: &SessionId, epoch: i64) {
-        let ops = {
-            let mut st = self.broker().state.lock();
-            match st.sessions.get(id) {
-                Some(s) if s.epoch == epoch && s.conn.is_none() => {}
-                _ => return,
-            }
-            let Some(old) = st.sessions.remove(id) else {
-                return;
-            };
-            discard_subscriptions(&mut st, id, &old);
-            delete_session_ops(id, &old)
+        let broker = self.broker();
+        let Some(cell) = broker.session(id) else {
+            return;
         };
+        let old = {
+            let mut session = cell.lock();
+            if session.removed || session.epoch != epoch || session.conn.is_some() {
+                return;
+            }
+            let old = std::mem::replace(&mut *session, Session::new(epoch, 0));
+            session.removed = true;
+            old
+        };
+        broker.forget_session(id, &cell);
+        broker.discard_subscriptions(id, old.subs.keys());
+        let ops = delete_session_ops(id, &old);
         debug!(client = %id.1, "session expired");
         if let Err(e) = self.persist(ops).await {
             warn!(client = %id.1, error = %e, "could not delete an expired session");
-        }
-    }
-
-    fn check_epoch<'a>(st: &'a mut State, a: &Attached) -> CoreResult<&'a mut Session> {
-        match st.sessions.get_mut(&a.id) {
-            Some(s) if s.epoch == a.epoch && s.conn.is_some() => Ok(s),
-            _ => Err(CoreError::Conflict("the session was taken over".into())),
         }
     }
 
@@ -1011,10 +1132,8 @@ impl Core {
         let broker = self.broker();
         let mut codes = Vec::with_capacity(req.subscriptions.len());
         let mut retained_for = Vec::new();
-        let record = {
-            let mut st = broker.state.lock();
-            let ns = a.id.0.clone();
-            let session = Self::check_epoch(&mut st, a)?;
+        let space = broker.namespace(&a.id.0);
+        let record = broker.with_attached(a, |session| {
             let mut added = Vec::new();
             for sub in req.subscriptions {
                 let parsed = match topics::parse_filter(&sub.filter) {
@@ -1038,8 +1157,9 @@ impl Core {
                 }
                 added.push((parsed, sub.filter));
             }
-            let record = session.persistent().then(|| session.record());
-            let tree = st.trees.entry(ns).or_default();
+            // In the tree while the session is still locked, so a concurrent unsubscribe
+            // or session end cannot interleave between the two.
+            let mut tree = space.tree.write();
             for ((group, filter), raw) in added {
                 tree.insert(
                     &filter,
@@ -1050,43 +1170,35 @@ impl Core {
                     },
                 );
             }
-            record
-        };
+            session.persistent().then(|| session.record())
+        })?;
         self.persist_record(&a.id, record).await?;
         let _ = tx.try_send(event(rid, Event::Subscribed(v1::SubscribeResult { codes })));
         if retained_for.is_empty() {
             return Ok(());
         }
-        let slow = {
-            let mut st = broker.state.lock();
-            let now = now_ms();
-            let mut copies = Vec::new();
-            if let Some(retained) = st.retained.get(&a.id.0) {
-                for sub in &retained_for {
-                    for (topic, m) in retained {
-                        if topics::matches(&sub.filter, topic) && !expired(m, now) {
-                            copies.push(Target {
-                                session: a.id.clone(),
-                                persistent: false,
-                                pending: Pending::new(
-                                    with_delivery_flags(m, m.qos.min(sub.qos), true),
-                                    sub_ids(sub),
-                                    None,
-                                ),
-                            });
-                        }
+        let now = now_ms();
+        let mut copies = Vec::new();
+        {
+            let retained = space.retained.lock();
+            for sub in &retained_for {
+                for (topic, m) in retained.iter() {
+                    if topics::matches(&sub.filter, topic) && !expired(m, now) {
+                        copies.push(Pending::new(
+                            with_delivery_flags(m, m.qos.min(sub.qos), true),
+                            sub_ids(sub),
+                            None,
+                        ));
                     }
                 }
             }
-            let mut slow = Vec::new();
-            for t in copies {
-                if Self::check_epoch(&mut st, a).is_err() {
-                    break;
-                }
-                broker.enqueue(&mut st, t, &mut slow);
+        }
+        let mut slow = Vec::new();
+        let _ = broker.with_attached(a, |session| {
+            for p in copies {
+                broker.enqueue_into(a.id.clone(), session, p, &mut slow);
             }
-            slow
-        };
+        });
         broker.send_slow(slow).await;
         Ok(())
     }
@@ -1100,9 +1212,7 @@ impl Core {
     ) -> CoreResult<()> {
         let broker = self.broker();
         let mut existed = Vec::new();
-        let record = {
-            let mut st = broker.state.lock();
-            let session = Self::check_epoch(&mut st, a)?;
+        let record = broker.with_attached(a, |session| {
             let mut removed = Vec::new();
             for raw in req.filters {
                 let was = session.subs.remove(&raw).is_some();
@@ -1111,16 +1221,9 @@ impl Core {
                     removed.push(raw);
                 }
             }
-            let record = session.persistent().then(|| session.record());
-            if let Some(tree) = st.trees.get_mut(&a.id.0) {
-                for raw in removed {
-                    if let Ok(p) = topics::parse_filter(&raw) {
-                        tree.remove(p.filter, &a.id.1, &raw);
-                    }
-                }
-            }
-            record
-        };
+            broker.discard_subscriptions(&a.id, removed.iter());
+            session.persistent().then(|| session.record())
+        })?;
         self.persist_record(&a.id, record).await?;
         let _ = tx.try_send(event(
             rid,
@@ -1143,20 +1246,21 @@ impl Core {
         topics::validate_name(&topic).map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         if req.packet_id > 0 {
             let packet_id = req.packet_id as u16;
-            let record = {
-                let mut st = self.broker().state.lock();
-                let session = Self::check_epoch(&mut st, a)?;
-                if !session.incoming_qos2.insert(packet_id) {
-                    let _ = tx.try_send(event(
-                        rid,
-                        Event::Published(v1::PublishResult {
-                            matched: 0,
-                            duplicate: true,
-                        }),
-                    ));
-                    return Ok(());
-                }
-                session.persistent().then(|| session.record())
+            let first = self.broker().with_attached(a, |session| {
+                session
+                    .incoming_qos2
+                    .insert(packet_id)
+                    .then(|| session.persistent().then(|| session.record()))
+            })?;
+            let Some(record) = first else {
+                let _ = tx.try_send(event(
+                    rid,
+                    Event::Published(v1::PublishResult {
+                        matched: 0,
+                        duplicate: true,
+                    }),
+                ));
+                return Ok(());
             };
             self.persist_record(&a.id, record).await?;
         }
@@ -1196,12 +1300,10 @@ impl Core {
     }
 
     async fn session_release(&self, a: &Attached, packet_id: u32) -> CoreResult<()> {
-        let record = {
-            let mut st = self.broker().state.lock();
-            let session = Self::check_epoch(&mut st, a)?;
+        let record = self.broker().with_attached(a, |session| {
             let was = session.incoming_qos2.remove(&(packet_id as u16));
             (was && session.persistent()).then(|| session.record())
-        };
+        })?;
         self.persist_record(&a.id, record).await?;
         Ok(())
     }
@@ -1215,9 +1317,7 @@ impl Core {
         let broker = self.broker();
         let mut ops = Vec::new();
         let mut releases = Vec::new();
-        {
-            let mut st = broker.state.lock();
-            let session = Self::check_epoch(&mut st, a)?;
+        broker.with_attached(a, |session| {
             for id in ack.packet_ids {
                 let id = id as u16;
                 if ack.received_only {
@@ -1244,7 +1344,7 @@ impl Core {
             if let Some(k) = broker.pump(&a.id, session) {
                 ops.push(Op::Delete { key: k });
             }
-        }
+        })?;
         // PUBREL only once "released" is durable: after a crash the client must get PUBREL,
         // never the PUBLISH again.
         self.persist(ops).await?;
@@ -1287,66 +1387,59 @@ impl Core {
         let topic = topic_of(&message).to_string();
         let mut ops = Vec::new();
         let mut slow = Vec::new();
-        let (now, mut later) = {
-            let mut st = broker.state.lock();
-            if message.retain {
-                let store = st.retained.entry(ns.to_string()).or_default();
-                if payload_len(&message) == 0 {
-                    if store.remove(&topic).is_some() && persist_retained {
-                        ops.push(Op::Delete {
-                            key: retained_key(ns, &topic),
-                        });
-                    }
-                } else {
-                    store.insert(topic.clone(), message.clone());
-                    if persist_retained {
-                        ops.push(Op::Put {
-                            key: retained_key(ns, &topic),
-                            value: message.encode_to_vec(),
-                        });
-                    }
+        if message.retain {
+            let space = broker.namespace(ns);
+            let mut store = space.retained.lock();
+            if payload_len(&message) == 0 {
+                if store.remove(&topic).is_some() && persist_retained {
+                    ops.push(Op::Delete {
+                        key: retained_key(ns, &topic),
+                    });
                 }
-            }
-            let targets = st.targets(ns, &message, publisher);
-            let (later, now): (Vec<Target>, Vec<Target>) = targets
-                .into_iter()
-                .partition(|t| t.persistent && t.pending.message.qos > 0);
-            let count = now.len() as u32;
-            for t in now {
-                if let Some(key) = broker.enqueue(&mut st, t, &mut slow) {
-                    ops.push(Op::Delete { key });
-                }
-            }
-            (count, later)
-        };
-        broker.send_slow(slow).await;
-        if later.is_empty() {
-            self.persist(ops).await?;
-            return Ok(now);
-        }
-        {
-            let mut st = broker.state.lock();
-            for t in &mut later {
-                if let Some(s) = st.sessions.get_mut(&t.session) {
-                    t.pending.seq = s.next_seq;
-                    s.next_seq += 1;
-                    t.pending.persisted = true;
+            } else {
+                store.insert(topic.clone(), message.clone());
+                if persist_retained {
                     ops.push(Op::Put {
-                        key: pending_key(&t.session, t.pending.seq),
-                        value: pending_value(&t.pending, 0),
+                        key: retained_key(ns, &topic),
+                        value: message.encode_to_vec(),
                     });
                 }
             }
         }
+        let targets = broker.targets(ns, &message, publisher);
+        let (mut later, now): (Vec<Target>, Vec<Target>) = targets
+            .into_iter()
+            .partition(|t| t.persistent && t.pending.message.qos > 0);
+        let now_count = now.len() as u32;
+        for t in now {
+            if let Some(key) = broker.enqueue(t, &mut slow) {
+                ops.push(Op::Delete { key });
+            }
+        }
+        broker.send_slow(slow).await;
+        if later.is_empty() {
+            self.persist(ops).await?;
+            return Ok(now_count);
+        }
+        for t in &mut later {
+            let mut s = t.cell.lock();
+            if s.removed {
+                continue;
+            }
+            t.pending.seq = s.next_seq;
+            s.next_seq += 1;
+            t.pending.persisted = true;
+            ops.push(Op::Put {
+                key: pending_key(&t.session, t.pending.seq),
+                value: pending_value(&t.pending, 0),
+            });
+        }
         self.persist(ops).await?;
-        let matched = now + later.len() as u32;
+        let matched = now_count + later.len() as u32;
         let mut dead = Vec::new();
-        {
-            let mut st = broker.state.lock();
-            for t in later {
-                if let Some(k) = broker.enqueue(&mut st, t, &mut Vec::new()) {
-                    dead.push(Op::Delete { key: k });
-                }
+        for t in later {
+            if let Some(k) = broker.enqueue(t, &mut Vec::new()) {
+                dead.push(Op::Delete { key: k });
             }
         }
         self.persist(dead).await?;
@@ -1369,17 +1462,17 @@ impl Core {
         let now = now_ms();
         let mut stale = Vec::new();
         let mut expiries = Vec::new();
-        let counts;
+        let mut recovered: HashMap<SessionId, Session> = HashMap::new();
         {
-            let mut st = broker.state.lock();
             for (k, v) in &retained {
                 let parts = meta::parts(RETAINED_KEY, k);
                 let [ns, topic] = &parts[..] else { continue };
                 match v1::RoutedMessage::decode(&v[..]) {
                     Ok(m) => {
-                        st.retained
-                            .entry(ns.clone())
-                            .or_default()
+                        broker
+                            .namespace(ns)
+                            .retained
+                            .lock()
                             .insert(topic.clone(), m);
                     }
                     Err(e) => {
@@ -1397,7 +1490,7 @@ impl Core {
                     stale.push(Op::Delete { key: k.clone() });
                     continue;
                 }
-                let epoch = st.next_epoch();
+                let epoch = broker.next_epoch();
                 let mut s = Session::new(epoch, record.expiry_ms);
                 s.incoming_qos2 = record.incoming_qos2.into_iter().collect();
                 for raw in &record.subs {
@@ -1405,7 +1498,7 @@ impl Core {
                         continue;
                     };
                     if let Ok(p) = topics::parse_filter(&sub.filter) {
-                        st.trees.entry(ns.clone()).or_default().insert(
+                        broker.namespace(ns).tree.write().insert(
                             p.filter,
                             Entry {
                                 client: Arc::from(client.as_str()),
@@ -1419,7 +1512,7 @@ impl Core {
                 if record.expiry_ms > 0 {
                     expiries.push((id.clone(), epoch, (since + record.expiry_ms - now).max(0)));
                 }
-                st.sessions.insert(id, s);
+                recovered.insert(id, s);
             }
             for (k, v) in &pending {
                 let parts = meta::parts(PENDING_KEY, k);
@@ -1428,7 +1521,7 @@ impl Core {
                 };
                 let id: SessionId = (ns.clone(), client.clone());
                 let (Some(s), Ok(d), Ok(seq)) = (
-                    st.sessions.get_mut(&id),
+                    recovered.get_mut(&id),
                     v1::PendingDelivery::decode(&v[..]),
                     seq.parse::<u64>(),
                 ) else {
@@ -1451,8 +1544,13 @@ impl Core {
                     s.queue.push_back(p);
                 }
             }
-            counts = (st.sessions.len(), retained.len(), pending.len());
         }
+        let counts = (recovered.len(), retained.len(), pending.len());
+        broker.sessions.write().extend(
+            recovered
+                .into_iter()
+                .map(|(id, s)| (id, Arc::new(Mutex::new(s)))),
+        );
         self.persist(stale).await?;
         // Each disconnected session has its expiry in the timer service (a session stored
         // before timers kept expiries gets one now; an existing one is left as it is).
@@ -1491,11 +1589,19 @@ impl Core {
             tick.tick().await;
             let broker = self.broker();
             let (namespaces, connected, total) = {
-                let st = broker.state.lock();
-                let mut ns: HashSet<String> = st.sessions.keys().map(|(n, _)| n.clone()).collect();
-                ns.extend(st.trees.keys().cloned());
-                let connected = st.sessions.values().filter(|s| s.conn.is_some()).count();
-                (ns, connected, st.sessions.len())
+                let cells: Vec<(String, Arc<SessionCell>)> = broker
+                    .sessions
+                    .read()
+                    .iter()
+                    .map(|((n, _), c)| (n.clone(), c.clone()))
+                    .collect();
+                let mut ns: HashSet<String> = cells.iter().map(|(n, _)| n.clone()).collect();
+                ns.extend(broker.namespaces.read().keys().cloned());
+                let connected = cells
+                    .iter()
+                    .filter(|(_, c)| c.lock().conn.is_some())
+                    .count();
+                (ns, connected, cells.len())
             };
             let s = &broker.stats;
             let values = [
@@ -1554,17 +1660,6 @@ pub fn delayed_topic(topic: &str) -> Option<(u32, &str)> {
     let (secs, real) = rest.split_once('/')?;
     let secs: u32 = secs.parse().ok()?;
     (!real.is_empty()).then_some((secs, real))
-}
-
-/// Takes a session's subscriptions out of its namespace's tree.
-fn discard_subscriptions(st: &mut State, id: &SessionId, session: &Session) {
-    if let Some(tree) = st.trees.get_mut(&id.0) {
-        for raw in session.subs.keys() {
-            if let Ok(p) = topics::parse_filter(raw) {
-                tree.remove(p.filter, &id.1, raw);
-            }
-        }
-    }
 }
 
 fn delete_session_ops(id: &SessionId, session: &Session) -> Vec<Op> {

@@ -208,3 +208,81 @@ async fn a_persistent_session_and_retained_messages_survive_a_reopen() {
     assert!(d.message.unwrap().retain);
     core.shutdown().await.unwrap();
 }
+
+/// Sessions have their own locks: publishers, subscribers and sessions that come and go
+/// run on several threads at once, and every subscriber still gets each publisher's QoS 1
+/// messages once each, in the order they were published.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_sessions_keep_every_publishers_order() {
+    const PUBLISHERS: usize = 4;
+    const PER_PUBLISHER: usize = 100;
+    const SUBSCRIBERS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+
+    let mut subscribers = Vec::new();
+    for i in 0..SUBSCRIBERS {
+        // Two of them outlive their connection, so their copies are written first.
+        let expiry = if i < 2 { -1 } else { 0 };
+        let (mut c, _) = Conn::open(&core, &format!("sub{i}"), true, expiry).await;
+        c.subscribe("load/#", 1).await;
+        subscribers.push(tokio::spawn(async move {
+            let mut got: Vec<Vec<usize>> = vec![Vec::new(); PUBLISHERS];
+            for _ in 0..PUBLISHERS * PER_PUBLISHER {
+                let d = c.delivery().await;
+                let text = payload(&d);
+                let (p, n) = text.split_once(':').unwrap();
+                got[p.parse::<usize>().unwrap()].push(n.parse().unwrap());
+                c.send(Command::Ack(v1::SessionAck {
+                    packet_ids: vec![d.packet_id],
+                    received_only: false,
+                }));
+            }
+            got
+        }));
+    }
+    // Sessions subscribing, unsubscribing and ending meanwhile, on other threads.
+    let churn = {
+        let core = core.clone();
+        tokio::spawn(async move {
+            for round in 0..20 {
+                let (mut c, _) = Conn::open(&core, &format!("churn{}", round % 3), true, 0).await;
+                c.subscribe("load/+", 1).await;
+                c.send(Command::Unsubscribe(v1::SessionUnsubscribe {
+                    filters: vec!["load/+".into()],
+                }));
+                loop {
+                    if let Event::Unsubscribed(_) = c.next().await {
+                        break;
+                    }
+                }
+                c.send(Command::Close(v1::SessionClose::default()));
+            }
+        })
+    };
+    let mut publishers = Vec::new();
+    for p in 0..PUBLISHERS {
+        let core = core.clone();
+        publishers.push(tokio::spawn(async move {
+            let (mut c, _) = Conn::open(&core, &format!("pub{p}"), true, 0).await;
+            for n in 0..PER_PUBLISHER {
+                let r = c
+                    .publish(&format!("load/{p}"), &format!("{p}:{n}"), 1, false, 0)
+                    .await;
+                assert!(r.matched >= SUBSCRIBERS as u32, "matched {}", r.matched);
+            }
+        }));
+    }
+    for p in publishers {
+        p.await.unwrap();
+    }
+    churn.await.unwrap();
+    let want: Vec<usize> = (0..PER_PUBLISHER).collect();
+    for (i, s) in subscribers.into_iter().enumerate() {
+        let got = s.await.unwrap();
+        for (p, seq) in got.iter().enumerate() {
+            assert_eq!(seq, &want, "subscriber {i}, publisher {p}");
+        }
+    }
+    core.shutdown().await.unwrap();
+}
