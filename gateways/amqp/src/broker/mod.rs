@@ -844,7 +844,7 @@ impl Driver {
                 // x-overflow reject-publish refused the run as a whole: one at a time, the
                 // ones that fit go in and only the others are nacked (as RabbitMQ decides
                 // per message).
-                for one in run.to_vec() {
+                for one in run.iter().cloned() {
                     Box::pin(self.send_publishes(vec![one])).await;
                 }
                 i = j;
