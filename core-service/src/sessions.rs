@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -82,6 +82,8 @@ fn session_timer_id(kind: &str, id: &SessionId) -> String {
     )
 }
 const PENDING_KEY: &str = "mqttpending";
+/// A message queued for several persistent sessions: stored once, referenced by each copy.
+const BODY_KEY: &str = "mqttbody";
 const RETAINED_KEY: &str = "mqttretained";
 /// How often `$SYS/` topics are refreshed.
 const SYS_INTERVAL: Duration = Duration::from_secs(10);
@@ -104,6 +106,9 @@ pub(crate) struct Broker {
     namespaces: RwLock<HashMap<String, Arc<Namespace>>>,
     /// Source of fencing epochs; every open gets a new one.
     epoch: AtomicI64,
+    /// Source of ids for messages stored once for several sessions (past the highest
+    /// recovered one).
+    next_body_id: AtomicU64,
     started: Instant,
     stats: Stats,
     max_queued: usize,
@@ -199,8 +204,35 @@ struct Pending {
     /// Sent at least once: a resend carries DUP.
     sent: bool,
     persisted: bool,
+    /// The stored message this persisted copy references (None: stored inline).
+    body: Option<Arc<StoredBody>>,
     /// The shared subscription it came through, for redelivery to another member.
     share: Option<(Arc<str>, Arc<str>)>,
+}
+
+/// A message stored once for the persistent sessions it was queued for; deleted with the
+/// last copy that references it.
+#[derive(Debug)]
+struct StoredBody {
+    key: Vec<u8>,
+    id: u64,
+    refs: AtomicUsize,
+}
+
+/// The deletes that forget a persisted copy: its own entry, and the stored message when it
+/// was the last copy referencing it.
+fn forget_persisted(id: &SessionId, p: &Pending, ops: &mut Vec<Op>) {
+    if !p.persisted {
+        return;
+    }
+    ops.push(Op::Delete {
+        key: pending_key(id, p.seq),
+    });
+    if let Some(b) = &p.body
+        && b.refs.fetch_sub(1, Ordering::AcqRel) == 1
+    {
+        ops.push(Op::Delete { key: b.key.clone() });
+    }
 }
 
 impl Pending {
@@ -213,6 +245,7 @@ impl Pending {
             released: false,
             sent: false,
             persisted: false,
+            body: None,
             share,
         }
     }
@@ -247,12 +280,28 @@ fn retained_key(ns: &str, topic: &str) -> Vec<u8> {
     meta::key(RETAINED_KEY, &[ns, topic])
 }
 
+fn body_key(ns: &str, body_id: u64) -> Vec<u8> {
+    meta::key(BODY_KEY, &[ns, &format!("{body_id:020}")])
+}
+
 fn pending_value(p: &Pending, packet_id: u16) -> Vec<u8> {
+    let (message, body_id) = match &p.body {
+        // The record is in the stored message; the copy keeps its own flags.
+        Some(b) => (
+            v1::RoutedMessage {
+                record: None,
+                ..p.message.clone()
+            },
+            b.id,
+        ),
+        None => (p.message.clone(), 0),
+    };
     v1::PendingDelivery {
-        message: Some(p.message.clone()),
+        message: Some(message),
         subscription_ids: p.sub_ids.clone(),
         released: p.released,
         packet_id: packet_id.into(),
+        body_id,
     }
     .encode_to_vec()
 }
@@ -310,6 +359,7 @@ impl Broker {
             sessions: RwLock::new(HashMap::new()),
             namespaces: RwLock::new(HashMap::new()),
             epoch: AtomicI64::new(0),
+            next_body_id: AtomicU64::new(1),
             started: Instant::now(),
             stats: Stats::default(),
             max_queued: max_queued.max(1),
@@ -547,12 +597,12 @@ impl Broker {
 }
 
 impl Broker {
-    /// Queues a copy for its session and sends what the window allows. Returns the key of a
-    /// persisted copy that was dropped, to delete.
-    fn enqueue(&self, target: Target, slow: &mut SlowSends) -> Option<Vec<u8>> {
+    /// Queues a copy for its session and sends what the window allows. Returns the deletes
+    /// of persisted copies that were dropped.
+    fn enqueue(&self, target: Target, slow: &mut SlowSends) -> Vec<Op> {
         let mut session = target.cell.lock();
         if session.removed {
-            return None;
+            return Vec::new();
         }
         self.enqueue_into(target.session, &mut session, target.pending, slow)
     }
@@ -564,7 +614,7 @@ impl Broker {
         session: &mut Session,
         mut pending: Pending,
         slow: &mut SlowSends,
-    ) -> Option<Vec<u8>> {
+    ) -> Vec<Op> {
         if pending.message.qos == 0 {
             if let Some(conn) = &session.conn {
                 let backlog = conn.tx.max_capacity() - conn.tx.capacity();
@@ -574,7 +624,7 @@ impl Broker {
                     slow.push((conn.tx.clone(), delivery_event(0, &pending, false), id));
                 }
             }
-            return None;
+            return Vec::new();
         }
         if session.queue.len() + session.inflight.len() >= self.max_queued {
             metrics::counter!("tributary_session_dropped_total", "reason" => "queue_full")
@@ -594,7 +644,9 @@ impl Broker {
                 session.drop_logged_ms = now;
                 session.drops_unlogged = 0;
             }
-            return pending.persisted.then(|| pending_key(&id, pending.seq));
+            let mut ops = Vec::new();
+            forget_persisted(&id, &pending, &mut ops);
+            return ops;
         }
         if pending.seq == 0 {
             pending.seq = session.next_seq;
@@ -605,20 +657,19 @@ impl Broker {
     }
 
     /// Moves queued messages into flight while the client's window has room. Returns the
-    /// key of an expired persisted message to delete (at most one per call is enough:
-    /// expired ones are rare and the rest are dropped when reached again).
-    fn pump(&self, id: &SessionId, session: &mut Session) -> Option<Vec<u8>> {
-        let mut dead = None;
-        let window = session.conn.as_ref().map(|c| c.receive_max)?;
+    /// deletes of the expired persisted messages it dropped on the way.
+    fn pump(&self, id: &SessionId, session: &mut Session) -> Vec<Op> {
+        let mut dead = Vec::new();
+        let Some(window) = session.conn.as_ref().map(|c| c.receive_max) else {
+            return dead;
+        };
         let now = now_ms();
         while session.inflight.len() < window {
             let Some(mut p) = session.queue.pop_front() else {
                 break;
             };
             if expired(&p.message, now) {
-                if p.persisted {
-                    dead = Some(pending_key(id, p.seq));
-                }
+                forget_persisted(id, &p, &mut dead);
                 continue;
             }
             let packet_id = session.allocate_packet_id();
@@ -913,7 +964,7 @@ impl Core {
             self.route(&ns, w, None, true).await;
         }
         // Opened first, then whatever was in flight (with DUP) and what the window allows.
-        let mut dead = None;
+        let mut dead = Vec::new();
         {
             let mut guard = cell.lock();
             let session = &mut *guard;
@@ -940,8 +991,8 @@ impl Core {
                 dead = broker.pump(&id, session);
             }
         }
-        if let Some(k) = dead {
-            let _ = self.persist(vec![Op::Delete { key: k }]).await;
+        if !dead.is_empty() {
+            let _ = self.persist(dead).await;
         }
         debug!(client = %id.1, epoch, present, "session opened");
         Ok(Attached { id, epoch })
@@ -1333,17 +1384,11 @@ impl Core {
                         }
                     }
                     releases.push(id);
-                } else if let Some(p) = session.inflight.remove(&id)
-                    && p.persisted
-                {
-                    ops.push(Op::Delete {
-                        key: pending_key(&a.id, p.seq),
-                    });
+                } else if let Some(p) = session.inflight.remove(&id) {
+                    forget_persisted(&a.id, &p, &mut ops);
                 }
             }
-            if let Some(k) = broker.pump(&a.id, session) {
-                ops.push(Op::Delete { key: k });
-            }
+            ops.extend(broker.pump(&a.id, session));
         })?;
         // PUBREL only once "released" is durable: after a crash the client must get PUBREL,
         // never the PUBLISH again.
@@ -1412,15 +1457,28 @@ impl Core {
             .partition(|t| t.persistent && t.pending.message.qos > 0);
         let now_count = now.len() as u32;
         for t in now {
-            if let Some(key) = broker.enqueue(t, &mut slow) {
-                ops.push(Op::Delete { key });
-            }
+            ops.extend(broker.enqueue(t, &mut slow));
         }
         broker.send_slow(slow).await;
         if later.is_empty() {
             self.persist(ops).await?;
             return Ok(now_count);
         }
+        // Queued for several persistent sessions: the record is written once and each
+        // copy references it.
+        let body = (later.len() > 1).then(|| {
+            let id = broker.next_body_id.fetch_add(1, Ordering::Relaxed);
+            let key = body_key(ns, id);
+            ops.push(Op::Put {
+                key: key.clone(),
+                value: message.encode_to_vec(),
+            });
+            Arc::new(StoredBody {
+                key,
+                id,
+                refs: AtomicUsize::new(0),
+            })
+        });
         for t in &mut later {
             let mut s = t.cell.lock();
             if s.removed {
@@ -1429,6 +1487,10 @@ impl Core {
             t.pending.seq = s.next_seq;
             s.next_seq += 1;
             t.pending.persisted = true;
+            if let Some(b) = &body {
+                b.refs.fetch_add(1, Ordering::AcqRel);
+                t.pending.body = Some(b.clone());
+            }
             ops.push(Op::Put {
                 key: pending_key(&t.session, t.pending.seq),
                 value: pending_value(&t.pending, 0),
@@ -1438,9 +1500,7 @@ impl Core {
         let matched = now_count + later.len() as u32;
         let mut dead = Vec::new();
         for t in later {
-            if let Some(k) = broker.enqueue(t, &mut Vec::new()) {
-                dead.push(Op::Delete { key: k });
-            }
+            dead.extend(broker.enqueue(t, &mut Vec::new()));
         }
         self.persist(dead).await?;
         Ok(matched)
@@ -1459,8 +1519,32 @@ impl Core {
         let pending = meta
             .scan_prefix(&meta::key(PENDING_KEY, &[]), usize::MAX)
             .await?;
-        let now = now_ms();
         let mut stale = Vec::new();
+        // Messages stored once for several sessions, by (namespace, id).
+        let mut bodies: HashMap<(String, u64), (Arc<StoredBody>, v1::RoutedMessage)> =
+            HashMap::new();
+        for (k, v) in meta
+            .scan_prefix(&meta::key(BODY_KEY, &[]), usize::MAX)
+            .await?
+        {
+            let parts = meta::parts(BODY_KEY, &k);
+            let (Some(ns), Some(Ok(id)), Ok(m)) = (
+                parts.first(),
+                parts.get(1).map(|i| i.parse::<u64>()),
+                v1::RoutedMessage::decode(&v[..]),
+            ) else {
+                stale.push(Op::Delete { key: k });
+                continue;
+            };
+            broker.next_body_id.fetch_max(id + 1, Ordering::Relaxed);
+            let body = Arc::new(StoredBody {
+                key: k,
+                id,
+                refs: AtomicUsize::new(0),
+            });
+            bodies.insert((ns.clone(), id), (body, m));
+        }
+        let now = now_ms();
         let mut expiries = Vec::new();
         let mut recovered: HashMap<SessionId, Session> = HashMap::new();
         {
@@ -1528,13 +1612,26 @@ impl Core {
                     stale.push(Op::Delete { key: k.clone() });
                     continue;
                 };
+                let mut message = d.message.unwrap_or_default();
+                let body = if d.body_id == 0 {
+                    None
+                } else if let Some((b, stored)) = bodies.get(&(ns.clone(), d.body_id)) {
+                    b.refs.fetch_add(1, Ordering::AcqRel);
+                    message.record = stored.record.clone();
+                    Some(b.clone())
+                } else {
+                    warn!(client = %client, body_id = d.body_id, "a queued message's stored body is missing; dropping it");
+                    stale.push(Op::Delete { key: k.clone() });
+                    continue;
+                };
                 let p = Pending {
                     seq,
-                    message: d.message.unwrap_or_default(),
+                    message,
                     sub_ids: d.subscription_ids,
                     released: d.released,
                     sent: d.released,
                     persisted: true,
+                    body,
                     share: None,
                 };
                 s.next_seq = s.next_seq.max(seq + 1);
@@ -1543,6 +1640,14 @@ impl Core {
                 } else {
                     s.queue.push_back(p);
                 }
+            }
+        }
+        // Stored messages no queued copy references any more (a crash between the last
+        // copy's delete and theirs cannot happen: they go in one write; this is for
+        // sessions that expired while the process was down).
+        for (b, _) in bodies.into_values() {
+            if b.refs.load(Ordering::Acquire) == 0 {
+                stale.push(Op::Delete { key: b.key.clone() });
             }
         }
         let counts = (recovered.len(), retained.len(), pending.len());
@@ -1667,11 +1772,7 @@ fn delete_session_ops(id: &SessionId, session: &Session) -> Vec<Op> {
         key: session_key(id),
     }];
     for p in session.inflight.values().chain(session.queue.iter()) {
-        if p.persisted {
-            ops.push(Op::Delete {
-                key: pending_key(id, p.seq),
-            });
-        }
+        forget_persisted(id, p, &mut ops);
     }
     ops
 }

@@ -286,3 +286,80 @@ async fn concurrent_sessions_keep_every_publishers_order() {
     }
     core.shutdown().await.unwrap();
 }
+
+/// A core and its metadata store, to look at what the core wrote.
+async fn open_with_meta(dir: &Path) -> (Core, Arc<RedbMetaStore>) {
+    let log = LocalLogStore::open(dir.join("log"), LocalLogConfig::default()).unwrap();
+    let meta = Arc::new(RedbMetaStore::open(dir.join("meta.redb")).unwrap());
+    let core = Core::open(log, meta.clone(), CoreConfig::default())
+        .await
+        .unwrap();
+    (core, meta)
+}
+
+/// Keys of one kind in a metadata store.
+async fn stored(meta: &RedbMetaStore, kind: &str) -> usize {
+    use tributary_storage::MetaStore;
+    let mut prefix = kind.as_bytes().to_vec();
+    prefix.push(b'/');
+    meta.scan_prefix(&prefix, usize::MAX).await.unwrap().len()
+}
+
+/// A QoS 1 message queued for several persistent sessions is written once (each session
+/// keeps a reference), comes back whole after a restart, and is deleted with its last copy.
+#[tokio::test]
+async fn a_message_for_several_persistent_sessions_is_stored_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let clients = ["keep0", "keep1", "keep2"];
+    let body = |i: usize| format!("m{i}-{}", "x".repeat(1024));
+    {
+        let (core, meta) = open_with_meta(dir.path()).await;
+        for client in clients {
+            let (mut c, _) = Conn::open(&core, client, true, -1).await;
+            c.subscribe("once/#", 1).await;
+            c.send(Command::Close(v1::SessionClose::default()));
+            assert!(matches!(c.next().await, Event::Closed(true)));
+        }
+        let (mut p, _) = Conn::open(&core, "producer", true, 0).await;
+        for i in 0..3 {
+            assert_eq!(p.publish("once/a", &body(i), 1, false, 0).await.matched, 3);
+        }
+        // Written before the publishes were answered.
+        assert_eq!(stored(&meta, "mqttbody").await, 3, "one body per message");
+        assert_eq!(
+            stored(&meta, "mqttpending").await,
+            9,
+            "one reference per copy"
+        );
+        drop((p, meta));
+        core.shutdown().await.unwrap();
+        drop(core);
+    }
+    let (core, meta) = open_with_meta(dir.path()).await;
+    for (n, client) in clients.iter().enumerate() {
+        let (mut c, present) = Conn::open(&core, client, false, -1).await;
+        assert!(present);
+        for i in 0..3 {
+            let d = c.delivery().await;
+            assert_eq!(payload(&d), body(i), "{client} after the restart");
+            assert_eq!(d.message.as_ref().unwrap().qos, 1);
+            c.send(Command::Ack(v1::SessionAck {
+                packet_ids: vec![d.packet_id],
+                received_only: false,
+            }));
+        }
+        // Commands are served in order: this answer comes after the acks were written.
+        c.send(Command::Unsubscribe(v1::SessionUnsubscribe {
+            filters: vec!["none".into()],
+        }));
+        assert!(matches!(c.next().await, Event::Unsubscribed(_)));
+        assert_eq!(stored(&meta, "mqttpending").await, 6 - 3 * n.min(2));
+        let bodies = if n < 2 { 3 } else { 0 };
+        assert_eq!(
+            stored(&meta, "mqttbody").await,
+            bodies,
+            "after {client}'s acks"
+        );
+    }
+    core.shutdown().await.unwrap();
+}
