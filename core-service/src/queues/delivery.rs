@@ -15,6 +15,7 @@ use tributary_storage::BatchToAppend;
 use super::settings::{MAX_DEDUP_ID, MAX_VISIBILITY_MS, Overflow};
 use super::shared::Body;
 use super::state::{DeadLetter, Leased, is_transient};
+use super::tail::TailBatch;
 use super::{ByteTally, Guarded, QueueHandle, decode_batch};
 use crate::error::{CoreError, CoreResult};
 use crate::{Core, now_ms};
@@ -242,7 +243,7 @@ impl Core {
                 }
                 None => (None, 0),
             };
-            let batch = match shared {
+            let mut batch = match shared {
                 Some(r) if now_idx.len() == records.len() => v1::QueueMessageBatch {
                     shared: Some(*r),
                     value_bytes_before,
@@ -257,6 +258,12 @@ impl Core {
                     value_bytes,
                 },
             };
+            let payload = Bytes::from(batch.encode_to_vec());
+            // Kept for the consumers as appended (see [`super::tail`]).
+            let for_tail = (h.consumers.load(Ordering::Acquire) > 0).then(|| match batch.shared {
+                Some(r) => TailBatch::Shared(r),
+                None => TailBatch::Records(Arc::new(std::mem::take(&mut batch.records))),
+            });
             // Appended under the queue's lock: a fan-out holds its namespace's order lock
             // around these appends, so references in every queue follow the body log.
             let base = self
@@ -267,13 +274,16 @@ impl Core {
                     BatchToAppend {
                         record_count: n as u32,
                         max_timestamp_ms: now,
-                        payload: Bytes::from(batch.encode_to_vec()),
+                        payload,
                     },
                 )
                 .await;
             match base {
                 Ok(base) => {
                     appended = Some((base, n));
+                    if let Some(t) = for_tail {
+                        g.tail.push(base, n, new_bytes as usize, t);
+                    }
                     if let Some(b) = &mut g.bytes {
                         b.append(base + n, new_bytes);
                     }
@@ -470,20 +480,35 @@ impl Core {
         ops: &mut Vec<v1::queue_state_op::Op>,
     ) -> CoreResult<()> {
         while g.st.ready_loaded() < want && g.st.cursor() < end && g.st.loaded() < MAX_LOADED {
-            let batches = self
-                .inner
-                .log
-                .read(h.data, g.st.cursor(), FILL_CHUNK)
-                .await?;
+            // What was just appended is taken as it was appended; the rest from the log.
+            let batches: Vec<(i64, TailBatch, u64)> = match g.tail.at(g.st.cursor()) {
+                Some(kept) => vec![kept],
+                None => {
+                    let read = self
+                        .inner
+                        .log
+                        .read(h.data, g.st.cursor(), FILL_CHUNK)
+                        .await?;
+                    let mut decoded = Vec::with_capacity(read.len());
+                    for b in read {
+                        let batch = decode_batch(&b.payload)?;
+                        let kind = match batch.shared {
+                            Some(r) => TailBatch::Shared(r),
+                            None => TailBatch::Records(Arc::new(batch.records)),
+                        };
+                        decoded.push((b.base_offset, kind, batch.value_bytes));
+                    }
+                    decoded
+                }
+            };
             if batches.is_empty() {
                 break;
             }
-            for b in batches {
-                let batch = decode_batch(&b.payload)?;
-                let records = match batch.shared {
-                    None => Arc::new(batch.records),
-                    Some(r) => {
-                        let before_open = b.base_offset < h.data_end_at_open;
+            for (base_offset, kind, value_bytes) in batches {
+                let records = match kind {
+                    TailBatch::Records(records) => records,
+                    TailBatch::Shared(r) => {
+                        let before_open = base_offset < h.data_end_at_open;
                         match self
                             .read_shared(&h.record.namespace, &r, before_open)
                             .await?
@@ -492,20 +517,20 @@ impl Core {
                             // Its publish is still finishing; it wakes the readers.
                             Body::Pending => return Ok(()),
                             Body::Lost => {
-                                warn!(queue = %h.label(), offset = b.base_offset, count = r.count, "skipping messages whose shared body was lost in a crash before their publish was acknowledged");
-                                if b.base_offset >= g.st.cursor()
+                                warn!(queue = %h.label(), offset = base_offset, count = r.count, "skipping messages whose shared body was lost in a crash before their publish was acknowledged");
+                                if base_offset >= g.st.cursor()
                                     && let Some(t) = &mut g.bytes
                                 {
-                                    t.advance(batch.value_bytes);
+                                    t.advance(value_bytes);
                                 }
-                                g.st.skip_to(b.next_offset());
+                                g.st.skip_to(base_offset + i64::from(r.count));
                                 continue;
                             }
                         }
                     }
                 };
                 for (i, r) in records.iter().enumerate() {
-                    let o = b.base_offset + i as i64;
+                    let o = base_offset + i as i64;
                     if o < g.st.cursor() {
                         continue;
                     }

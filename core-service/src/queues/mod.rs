@@ -21,6 +21,7 @@ pub(crate) mod settings;
 mod shared;
 pub(crate) mod state;
 mod subscription;
+mod tail;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -173,6 +174,8 @@ pub(crate) struct Guarded {
     pub dedup: Dedup,
     /// Kept for queues with `max_length_bytes` only.
     pub bytes: Option<ByteTally>,
+    /// The last appended batches, while the queue has consumers.
+    pub tail: tail::Tail,
     ops_since_snapshot: usize,
     data_end_at_snapshot: i64,
 }
@@ -226,6 +229,8 @@ pub(crate) struct QueueTable {
     /// Per namespace: the log that fan-outs store their records in once.
     shared: RwLock<HashMap<String, Arc<shared::SharedBodies>>>,
     redrives: Mutex<HashMap<String, Arc<redrive::Task>>>,
+    /// The byte budget every queue's [`tail::Tail`] shares.
+    tail_budget: tail::TailBudget,
 }
 
 fn queue_key(ns: &str, name: &str) -> Vec<u8> {
@@ -380,6 +385,7 @@ impl Core {
             g.st.tick(now_ms());
             let end = h.durable_end();
             let n = g.st.purge(end, &mut ops);
+            g.tail.clear();
             if let Some(b) = &mut g.bytes {
                 b.advance_to(end);
             }
@@ -619,6 +625,7 @@ impl Core {
                 st,
                 dedup,
                 bytes,
+                tail: tail::Tail::new(self.inner.queues.tail_budget.clone()),
                 ops_since_snapshot: 0,
                 data_end_at_snapshot: replay.data_end,
             }),
