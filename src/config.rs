@@ -784,6 +784,19 @@ impl Settings {
                 "without anonymous access MQTT clients need [[users]] entries in the config file (see `tributary passwd`)",
             ));
         }
+        // Secure by default: a protocol that lets clients in without credentials listens on
+        // loopback unless told otherwise (Mosquitto 2 does the same); with authentication on,
+        // on every interface, as the protocol's own brokers do.
+        let open_or_local = |authenticated: bool, port: u16| {
+            if authenticated {
+                format!("0.0.0.0:{port}")
+            } else {
+                format!("127.0.0.1:{port}")
+            }
+        };
+        let kafka_listen_default = open_or_local(kafka_sasl, 9092);
+        let mqtt_listen_default = open_or_local(!mqtt_allow_anonymous, 1883);
+        let mqtt_ws_listen_default = open_or_local(!mqtt_allow_anonymous, 8083);
         let mqtt_max_queued: usize = pick!(mqtt_max_queued, 100_000usize);
         if mqtt_max_queued == 0 {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
@@ -811,9 +824,9 @@ impl Settings {
             core_token,
             core_insecure: pick!(core_insecure, false),
             admin_listen: listen!(admin_listen, admin_listen_default),
-            kafka_listen: listen!(kafka_listen, "0.0.0.0:9092"),
-            mqtt_listen: listen!(mqtt_listen, "0.0.0.0:1883"),
-            mqtt_ws_listen: listen!(mqtt_ws_listen, "0.0.0.0:8083"),
+            kafka_listen: listen!(kafka_listen, kafka_listen_default.as_str()),
+            mqtt_listen: listen!(mqtt_listen, mqtt_listen_default.as_str()),
+            mqtt_ws_listen: listen!(mqtt_ws_listen, mqtt_ws_listen_default.as_str()),
             amqp_listen: listen!(amqp_listen, "0.0.0.0:5672"),
             sqs_listen: listen!(sqs_listen, "0.0.0.0:9324"),
             rocketmq_listen: listen!(rocketmq_listen, "0.0.0.0:10911"),
@@ -929,6 +942,44 @@ mod tests {
         assert_eq!(s.mqtt_listen, Listen::Off);
         assert_eq!(s.amqp_listen, Listen::At("0.0.0.0:5672".parse().unwrap()));
         assert_eq!(s.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn protocols_without_client_authentication_default_to_loopback() {
+        let s = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
+        assert_eq!(
+            s.kafka_listen,
+            Listen::At("127.0.0.1:9092".parse().unwrap())
+        );
+        assert_eq!(s.mqtt_listen, Listen::At("127.0.0.1:1883".parse().unwrap()));
+        assert_eq!(
+            s.mqtt_ws_listen,
+            Listen::At("127.0.0.1:8083".parse().unwrap())
+        );
+        // AMQP always authenticates (guest only from loopback).
+        assert_eq!(s.amqp_listen, Listen::At("0.0.0.0:5672".parse().unwrap()));
+
+        use tributary_gateway_common::auth::{ScramCredential, ScramHash};
+        let credential = ScramCredential::derive(ScramHash::Sha256, "secret", 4096).to_text();
+        let file: FileConfig = toml::from_str(&format!(
+            "kafka_sasl = true\nmqtt_allow_anonymous = false\n\
+             [[users]]\nname = \"app\"\ncredentials = [\"{credential}\"]\n"
+        ))
+        .unwrap();
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        assert_eq!(s.kafka_listen, Listen::At("0.0.0.0:9092".parse().unwrap()));
+        assert_eq!(s.mqtt_listen, Listen::At("0.0.0.0:1883".parse().unwrap()));
+        assert_eq!(
+            s.mqtt_ws_listen,
+            Listen::At("0.0.0.0:8083".parse().unwrap())
+        );
+        // Asked for explicitly: taken as asked.
+        let opts = Options {
+            kafka_listen: Some("0.0.0.0:9093".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&opts, &FileConfig::default()).unwrap();
+        assert_eq!(s.kafka_listen, Listen::At("0.0.0.0:9093".parse().unwrap()));
     }
 
     #[test]

@@ -138,6 +138,11 @@ impl Server {
     /// Binds every listener first (so a port in use fails before any data is touched), then
     /// opens storage and the core, then starts serving.
     pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
+        match &mode {
+            Mode::Standalone => warn_open_listeners(settings, &["kafka"]),
+            Mode::Gateway(protocol) => warn_open_listeners(settings, &[protocol.as_str()]),
+            Mode::CoreOnly => {}
+        }
         if let Mode::Gateway(protocol) = &mode {
             return Self::start_gateway(settings, protocol).await;
         }
@@ -365,6 +370,23 @@ impl Server {
         }
         closed?;
         Ok(())
+    }
+}
+
+/// A Kafka listener that lets clients in without SASL and was asked to listen beyond
+/// loopback (its default is loopback then): one WARN naming the way out. MQTT warns for
+/// its anonymous listeners itself ([`MqttConfig::warn_if_anonymous_beyond_loopback`]); AMQP
+/// always authenticates (its guest user only from loopback, as RabbitMQ).
+fn warn_open_listeners(settings: &Settings, protocols: &[&str]) {
+    if settings.kafka_sasl || !protocols.contains(&"kafka") {
+        return;
+    }
+    if let Some(addr) = settings.kafka_listen.addr().filter(|a| beyond_loopback(*a)) {
+        warn!(
+            listener = "kafka_listen",
+            %addr,
+            "kafka_listen = {addr} lets anyone who reaches it in without credentials: set kafka_sasl = true with [[users]], or listen on loopback"
+        );
     }
 }
 
