@@ -10,6 +10,10 @@
 # writes DIR/results.jsonl (one `tributary bench --json` report per line), DIR/failures.txt,
 # DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>). A workload whose
 # gateway Tributary does not have yet is run against the reference only and marked so.
+# The table also has each broker's CPU time per delivered message (read from /proc for the
+# --broker-pid process, for RabbitMQ the Erlang VM from its pid file) and its ratio to
+# Tributary's: where the load generator shares the machine's cores, throughput ratios are
+# bounded by the generator's own CPU, while CPU per message compares the brokers' cost directly.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -26,7 +30,7 @@ while [[ $# -gt 0 ]]; do
         --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quick) quick=1; rounds=1; duration=3; shift ;;
-        -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done

@@ -34,7 +34,9 @@ use crate::traffic::{
     CLOSE_WAIT, CONNECT_PARALLEL, CONNECT_WAIT, DRAIN_WAIT, Failure, Schedule, conclude, drain,
     run_suffix, unreachable,
 };
-use crate::{BenchError, BenchOptions, Report, Tally, note_rss, now_ns, rss_kib, stamp};
+use crate::{
+    BenchError, BenchOptions, Report, Tally, cpu_ticks, note_cpu, note_rss, now_ns, rss_kib, stamp,
+};
 
 /// Publishes a publisher keeps unconfirmed before it waits for confirms.
 /// Default of `--inflight`.
@@ -285,6 +287,7 @@ async fn traffic(
     };
 
     let before = opts.broker_pid.and_then(rss_kib);
+    let cpu_before = opts.broker_pid.and_then(cpu_ticks);
     let mut idle = stream::iter(0..opts.idle_connections)
         .map(|_| connect(opts, uri))
         .buffer_unordered(CONNECT_PARALLEL);
@@ -442,7 +445,7 @@ async fn traffic(
     // A queue with a single consumer delivers in publish order (per publisher); competing
     // consumers interleave, so order cannot be checked across them.
     let ordered = (0..queues.len()).all(|q| plan.consumers_of_queue(opts, q) <= 1);
-    conclude(
+    let mut report = conclude(
         report,
         opts,
         &tally,
@@ -450,7 +453,9 @@ async fn traffic(
         elapsed,
         send_seconds,
         ordered,
-    )
+    )?;
+    note_cpu(&mut report, opts, cpu_before);
+    Ok(report)
 }
 
 /// Records deliveries into its queue's sink until the run stops. With `ack_batch`, acks

@@ -18,8 +18,8 @@ use tokio::net::TcpStream;
 
 use crate::tally::Sink;
 use crate::{
-    BenchError, BenchOptions, DRAIN_IDLE, Report, Tally, drain_deliveries, note_rss, now_ns,
-    progress_bar, rss_kib, stamp,
+    BenchError, BenchOptions, DRAIN_IDLE, Report, Tally, cpu_ticks, drain_deliveries, note_cpu,
+    note_rss, now_ns, progress_bar, rss_kib, stamp,
 };
 
 /// How long to wait for the broker at start.
@@ -34,6 +34,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let group = format!("tributary-bench-{suffix:08x}");
     create_topic(opts, &topic).await?;
     let rss_before = opts.broker_pid.and_then(rss_kib);
+    let cpu_before = opts.broker_pid.and_then(cpu_ticks);
     let idle = open_idle(opts).await?;
     let tally = Arc::new(Tally::new(opts.producers));
     // One consumer group: every message is due once, whichever member gets it.
@@ -210,6 +211,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             report.max_ms,
         ) = (0.0, 0.0, 0.0, 0.0, 0.0);
     }
+    note_cpu(&mut report, opts, cpu_before);
     drop(idle);
     Ok(report)
 }

@@ -72,7 +72,8 @@ pub struct BenchOptions {
     /// `fanout` deliveries: `sent` counts publishes, `received` deliveries.
     pub fanout: usize,
     /// Process id of the broker on this machine: its resident memory is read from /proc before
-    /// and after the connections open.
+    /// and after the connections open, its CPU time before the connections open and after the
+    /// run.
     pub broker_pid: Option<u32>,
 }
 
@@ -219,6 +220,11 @@ pub struct Report {
     pub rss_kib_connected: Option<u64>,
     /// (connected - before) per 1,000 connections, KiB.
     pub rss_kib_per_1000_conn: Option<f64>,
+    /// Broker CPU time (user + system, all its threads) from before the bench connected to the
+    /// end of the run, divided by `received`: microseconds per delivered message, when
+    /// `--broker-pid` was given. Covers connection set-up, warm-up and draining too; /proc
+    /// counts in 10 ms ticks, so short runs are coarse.
+    pub broker_cpu_us_per_msg: Option<f64>,
 }
 
 impl Report {
@@ -265,6 +271,9 @@ impl Report {
                 "\nbroker rss  {b} KiB before, {c} KiB connected, {:.0} KiB per 1,000 connections",
                 self.rss_kib_per_1000_conn.unwrap_or(0.0)
             ));
+        }
+        if let Some(us) = self.broker_cpu_us_per_msg {
+            t.push_str(&format!("\nbroker cpu  {us:.1} µs per delivered message"));
         }
         t
     }
@@ -391,6 +400,46 @@ pub(crate) fn note_rss(report: &mut Report, opts: &BenchOptions, before: Option<
     }
 }
 
+/// Clock ticks per second of the CPU times in /proc/<pid>/stat: USER_HZ, which is 100 on Linux
+/// (`getconf CLK_TCK` shows it) whatever the kernel's internal HZ.
+const USER_HZ: u64 = 100;
+
+/// CPU time a process has used, user + system over all its threads, in clock ticks
+/// ([`USER_HZ`] a second), from /proc/<pid>/stat; `None` elsewhere than Linux or when gone.
+pub fn cpu_ticks(pid: u32) -> Option<u64> {
+    if !cfg!(target_os = "linux") {
+        return None;
+    }
+    parse_cpu_ticks(&std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+/// utime + stime (fields 14 and 15) of a /proc/<pid>/stat line. Field 2, the command name, is
+/// in parentheses and may itself hold spaces and ')', so fields are counted from after the
+/// last ')': field 3 (the state) comes first there.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some(utime + stime)
+}
+
+/// Microseconds of CPU per delivered message between two [`cpu_ticks`] readings; `None` when
+/// a reading failed or nothing was delivered.
+fn cpu_us_per_msg(before: Option<u64>, after: Option<u64>, received: u64) -> Option<f64> {
+    let (before, after) = (before?, after?);
+    (received > 0).then(|| {
+        after.saturating_sub(before) as f64 * (1_000_000 / USER_HZ) as f64 / received as f64
+    })
+}
+
+/// Records the broker's CPU per delivered message, once `report` is finished; `before` is
+/// [`cpu_ticks`] read where the memory before is read.
+pub(crate) fn note_cpu(report: &mut Report, opts: &BenchOptions, before: Option<u64>) {
+    let Some(pid) = opts.broker_pid else { return };
+    report.broker_cpu_us_per_msg = cpu_us_per_msg(before, cpu_ticks(pid), report.received);
+}
+
 /// A progress bar over the measured seconds; `None` when progress is off.
 pub(crate) fn progress_bar(opts: &BenchOptions) -> Option<indicatif::ProgressBar> {
     opts.progress.then(|| {
@@ -462,5 +511,45 @@ mod tests {
         stamp(&mut b, 7, 99, 123_456);
         assert_eq!(read_stamp(&b), Some((7, 99, 123_456)));
         assert_eq!(read_stamp(&b[..10]), None);
+    }
+
+    #[test]
+    fn cpu_ticks_from_proc_stat() {
+        // The command name holds spaces and a ')': fields count from after the last ')'.
+        let line = "4242 (my (broker) x) S 1 4242 4242 0 -1 4194560 9182 0 12 0 \
+                    1234 567 0 0 20 0 9 0 31337 1048576000 20480 18446744073709551615 \
+                    1 1 0 0 0 0 0 4096 17987 0 0 0 17 1 0 0 0 0 0\n";
+        assert_eq!(parse_cpu_ticks(line), Some(1234 + 567));
+        assert_eq!(parse_cpu_ticks("4242 (cut short) S 1 2 3"), None);
+        assert_eq!(parse_cpu_ticks("no parentheses at all"), None);
+        // This process: running these tests took some CPU, and the file parses.
+        if cfg!(target_os = "linux") {
+            assert!(cpu_ticks(std::process::id()).is_some());
+        }
+    }
+
+    #[test]
+    fn cpu_per_delivered_message() {
+        // 250 ticks = 2.5 s of CPU over 100,000 deliveries = 25 µs each.
+        assert_eq!(cpu_us_per_msg(Some(1000), Some(1250), 100_000), Some(25.0));
+        assert_eq!(cpu_us_per_msg(None, Some(1250), 100_000), None);
+        assert_eq!(cpu_us_per_msg(Some(1000), None, 100_000), None);
+        assert_eq!(cpu_us_per_msg(Some(1000), Some(1250), 0), None);
+    }
+
+    #[test]
+    fn reads_reports_without_the_cpu_field() {
+        let r: Report = serde_json::from_str(r#"{"protocol":"mqtt","received":5}"#).unwrap();
+        assert_eq!((r.received, r.broker_cpu_us_per_msg), (5, None));
+        let r = Report {
+            broker_cpu_us_per_msg: Some(12.34),
+            ..r
+        };
+        assert!(
+            r.table()
+                .contains("broker cpu  12.3 µs per delivered message")
+        );
+        let back: Report = serde_json::from_str(&serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(back.broker_cpu_us_per_msg, Some(12.34));
     }
 }

@@ -24,7 +24,9 @@ use crate::traffic::{
     CLOSE_WAIT, CONNECT_PARALLEL, CONNECT_WAIT, DRAIN_WAIT, Failure, Schedule, conclude, drain,
     run_suffix, unreachable,
 };
-use crate::{BenchError, BenchOptions, Report, Tally, note_rss, now_ns, rss_kib, stamp};
+use crate::{
+    BenchError, BenchOptions, Report, Tally, cpu_ticks, note_cpu, note_rss, now_ns, rss_kib, stamp,
+};
 
 const KEEP_ALIVE: Duration = Duration::from_secs(30);
 /// QoS 1/2 publishes a publisher keeps unacknowledged; rumqttc stops reading its request queue
@@ -76,6 +78,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     };
 
     let before = opts.broker_pid.and_then(rss_kib);
+    let cpu_before = opts.broker_pid.and_then(cpu_ticks);
     let mut idle = stream::iter(0..opts.idle_connections)
         .map(|i| {
             opener.open(
@@ -181,7 +184,7 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 
     // MQTT orders QoS 1 and 2 messages per publisher and topic; QoS 0 promises nothing, but
     // loss still fails the run: a broker that drops messages has not delivered the workload.
-    conclude(
+    let mut report = conclude(
         report,
         opts,
         &tally,
@@ -189,7 +192,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         elapsed,
         send_seconds,
         opts.qos >= 1,
-    )
+    )?;
+    note_cpu(&mut report, opts, cpu_before);
+    Ok(report)
 }
 
 /// Opens connections for one run.

@@ -54,6 +54,10 @@ pub struct Row {
     pub throughput_ratio: Option<f64>,
     /// subject / this broker, p99 latency (below 1 = the subject is faster).
     pub p99_ratio: Option<f64>,
+    /// Broker CPU time per delivered message, microseconds (rounds that measured it).
+    pub broker_cpu_us_per_msg: Option<f64>,
+    /// this broker / subject, CPU per delivered message (above 1 = the subject uses less).
+    pub cpu_ratio: Option<f64>,
 }
 
 /// Every workload with its brokers' medians, in the order the workloads first appear.
@@ -62,6 +66,9 @@ pub struct Summary {
     pub subject: String,
     pub rows: Vec<Row>,
 }
+
+/// Columns of the text and Markdown tables.
+const COLUMNS: usize = 12;
 
 fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() {
@@ -106,6 +113,7 @@ impl Summary {
             .map(|key| {
                 let rs = &groups[key];
                 let rss: Vec<f64> = rs.iter().filter_map(|r| r.rss_kib_per_1000_conn).collect();
+                let cpu: Vec<f64> = rs.iter().filter_map(|r| r.broker_cpu_us_per_msg).collect();
                 Row {
                     workload: key.0.clone(),
                     broker: key.1.clone(),
@@ -117,6 +125,8 @@ impl Summary {
                     rss_kib_per_1000_conn: (!rss.is_empty()).then(|| median(rss)),
                     throughput_ratio: None,
                     p99_ratio: None,
+                    broker_cpu_us_per_msg: (!cpu.is_empty()).then(|| median(cpu)),
+                    cpu_ratio: None,
                 }
             })
             .collect();
@@ -136,15 +146,22 @@ impl Summary {
                 r.broker != subject,
             )
         });
-        let subjects: BTreeMap<String, (f64, f64)> = rows
+        let subjects: BTreeMap<String, (f64, f64, Option<f64>)> = rows
             .iter()
             .filter(|r| r.broker == subject)
-            .map(|r| (r.workload.clone(), (r.mb_per_sec, r.p99_ms)))
+            .map(|r| {
+                let values = (r.mb_per_sec, r.p99_ms, r.broker_cpu_us_per_msg);
+                (r.workload.clone(), values)
+            })
             .collect();
         for r in rows.iter_mut().filter(|r| r.broker != subject) {
-            if let Some(&(mb, p99)) = subjects.get(&r.workload) {
+            if let Some(&(mb, p99, cpu)) = subjects.get(&r.workload) {
                 r.throughput_ratio = ratio(mb, r.mb_per_sec);
                 r.p99_ratio = ratio(p99, r.p99_ms);
+                r.cpu_ratio = r
+                    .broker_cpu_us_per_msg
+                    .zip(cpu)
+                    .and_then(|(it, s)| ratio(it, s));
             }
         }
         Self {
@@ -153,7 +170,7 @@ impl Summary {
         }
     }
 
-    fn cells(&self) -> Vec<[String; 10]> {
+    fn cells(&self) -> Vec<[String; COLUMNS]> {
         let opt = |v: Option<f64>, digits: usize| {
             v.map_or_else(|| "-".to_string(), |x| format!("{x:.digits$}"))
         };
@@ -181,14 +198,16 @@ impl Summary {
                         "-".into()
                     },
                     opt(r.rss_kib_per_1000_conn, 0),
+                    opt(r.broker_cpu_us_per_msg, 1),
                     opt(r.throughput_ratio, 2),
                     opt(r.p99_ratio, 2),
+                    opt(r.cpu_ratio, 2),
                 ]
             })
             .collect()
     }
 
-    fn header(&self) -> [String; 10] {
+    fn header(&self) -> [String; COLUMNS] {
         [
             "workload".into(),
             "broker".into(),
@@ -198,8 +217,10 @@ impl Summary {
             "p50 ms".into(),
             "p99 ms".into(),
             "KiB/1k conn".into(),
+            "cpu µs/msg".into(),
             format!("{} / it (MB/s)", self.subject),
             format!("{} / it (p99)", self.subject),
+            format!("it / {} (CPU)", self.subject),
         ]
     }
 
@@ -207,17 +228,18 @@ impl Summary {
     pub fn table(&self) -> String {
         let header = self.header();
         let cells = self.cells();
+        // Characters, not bytes: `{:>w$}` pads to characters and the CPU header has a 'µ'.
         let widths: Vec<usize> = (0..header.len())
             .map(|i| {
                 cells
                     .iter()
-                    .map(|c| c[i].len())
-                    .chain([header[i].len()])
+                    .map(|c| c[i].chars().count())
+                    .chain([header[i].chars().count()])
                     .max()
                     .unwrap_or(0)
             })
             .collect();
-        let line = |c: &[String; 10]| {
+        let line = |c: &[String; COLUMNS]| {
             c.iter()
                 .zip(&widths)
                 .enumerate()
@@ -410,6 +432,47 @@ mod tests {
         assert_eq!(s.rows[2].throughput_ratio, None);
         assert!(s.table().contains("fanout"));
         assert!(s.markdown().starts_with("| workload |"));
+    }
+
+    #[test]
+    fn cpu_per_message_median_and_ratio() {
+        let cpu = |label: &str, broker: &str, us: Option<f64>| Report {
+            broker_cpu_us_per_msg: us,
+            ..report(label, broker, 10.0, 1.0)
+        };
+        let rs = vec![
+            cpu("qos1", "tributary", Some(10.0)),
+            cpu("qos1", "mosquitto", Some(30.0)),
+            cpu("qos1", "tributary", Some(14.0)),
+            cpu("qos1", "mosquitto", Some(50.0)),
+            // A round without the reading does not count towards the median.
+            cpu("qos1", "mosquitto", None),
+            cpu("amqp", "tributary", None),
+            cpu("amqp", "rabbitmq", Some(20.0)),
+        ];
+        let s = Summary::new(&rs, "tributary");
+        let (t, m) = (&s.rows[0], &s.rows[1]);
+        assert_eq!((t.broker_cpu_us_per_msg, t.cpu_ratio), (Some(12.0), None));
+        assert_eq!(m.broker_cpu_us_per_msg, Some(40.0));
+        // mosquitto uses 40 µs per message, tributary 12: 3.33, above 1 = tributary uses less.
+        assert_eq!(m.cpu_ratio, Some(40.0 / 12.0));
+        // No ratio without the subject's reading.
+        assert_eq!(s.rows[3].broker, "rabbitmq");
+        assert_eq!(s.rows[3].cpu_ratio, None);
+
+        let table = s.table();
+        let header = table.lines().next().unwrap();
+        assert!(header.ends_with("it / tributary (CPU)"), "{header}");
+        let mosquitto = table.lines().nth(2).unwrap();
+        assert!(
+            mosquitto.contains(" 40.0 ") && mosquitto.ends_with(" 3.33"),
+            "{mosquitto}"
+        );
+        // Every line of the markdown table has the same number of cells as the header.
+        let md = s.markdown();
+        let counts: Vec<usize> = md.lines().map(|l| l.matches('|').count()).collect();
+        assert!(counts.iter().all(|&c| c == COLUMNS + 1), "{md}");
+        assert!(md.contains("| cpu µs/msg |") && md.contains("| it / tributary (CPU) |"));
     }
 
     #[test]
