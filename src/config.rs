@@ -194,6 +194,16 @@ pub struct Options {
     /// AMQP over TLS listener (HOST:PORT or off; default 0.0.0.0:5671 when --tls-cert is set).
     #[arg(long, env = "TRIBUTARY_AMQP_TLS_LISTEN", global = true)]
     pub amqp_tls_listen: Option<String>,
+    /// Kafka over TLS listener (security.protocol SSL, or SASL_SSL with --kafka-sasl;
+    /// HOST:PORT or off; when --tls-cert is set the default is 127.0.0.1:9093, 0.0.0.0:9093
+    /// with --kafka-sasl).
+    #[arg(long, env = "TRIBUTARY_KAFKA_TLS_LISTEN", global = true)]
+    pub kafka_tls_listen: Option<String>,
+    /// Address given to Kafka clients of the TLS listener (HOST:PORT; default: that listen
+    /// address, with 0.0.0.0 advertised as 127.0.0.1). Its host is what clients check the
+    /// certificate against.
+    #[arg(long, env = "TRIBUTARY_KAFKA_TLS_ADVERTISED", global = true)]
+    pub kafka_tls_advertised: Option<String>,
     /// PEM certificate chain for the TLS listeners.
     #[arg(long, env = "TRIBUTARY_TLS_CERT", global = true)]
     pub tls_cert: Option<PathBuf>,
@@ -336,6 +346,8 @@ pub struct FileConfig {
     pub mqtt_ws_listen: Option<String>,
     pub mqtt_tls_listen: Option<String>,
     pub amqp_tls_listen: Option<String>,
+    pub kafka_tls_listen: Option<String>,
+    pub kafka_tls_advertised: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
     pub amqp_listen: Option<String>,
@@ -461,6 +473,9 @@ pub struct Settings {
     pub max_message_bytes: i64,
     pub retention_check_interval: Duration,
     pub kafka_advertised: Option<(String, u16)>,
+    /// Kafka over TLS (`kafka_tls_listen`) and the address its clients are given.
+    pub kafka_tls_listen: Listen,
+    pub kafka_tls_advertised: Option<(String, u16)>,
     pub kafka_sasl: bool,
     pub kafka_auto_create_topics: bool,
     pub group_initial_rebalance_delay: Duration,
@@ -614,14 +629,11 @@ impl Settings {
                 "expected a URL such as http://127.0.0.1:7400",
             ));
         }
-        let kafka_advertised = match o
-            .kafka_advertised
-            .clone()
-            .or_else(|| f.kafka_advertised.clone())
-            .filter(|v| !v.is_empty())
-        {
-            None => None,
-            Some(v) => {
+        let advertised = |key: &str, given: Option<String>| -> Result<_, ConfigError> {
+            let Some(v) = given.filter(|v| !v.is_empty()) else {
+                return Ok(None);
+            };
+            {
                 let (host, port) = v
                     .rsplit_once(':')
                     .and_then(|(h, p)| {
@@ -631,16 +643,22 @@ impl Settings {
                         ))
                     })
                     .filter(|(h, p)| !h.is_empty() && *p != 0)
-                    .ok_or_else(|| {
-                        invalid(
-                            "kafka_advertised",
-                            &v,
-                            "expected HOST:PORT with a non-zero port",
-                        )
-                    })?;
-                Some((host.to_string(), port))
+                    .ok_or_else(|| invalid(key, &v, "expected HOST:PORT with a non-zero port"))?;
+                Ok(Some((host.to_string(), port)))
             }
         };
+        let kafka_advertised = advertised(
+            "kafka_advertised",
+            o.kafka_advertised
+                .clone()
+                .or_else(|| f.kafka_advertised.clone()),
+        )?;
+        let kafka_tls_advertised = advertised(
+            "kafka_tls_advertised",
+            o.kafka_tls_advertised
+                .clone()
+                .or_else(|| f.kafka_tls_advertised.clone()),
+        )?;
         let mut users = tributary_gateway_common::auth::Users::new();
         for u in &f.users {
             if u.name.is_empty() || u.credentials.is_empty() {
@@ -758,6 +776,16 @@ impl Settings {
             pick!(amqp_tls_listen, ""),
             "0.0.0.0:5671",
         )?;
+        // Encrypted but not authenticated without SASL: loopback then, as the plain listener.
+        let kafka_tls_listen = tls_listener(
+            "kafka_tls_listen",
+            pick!(kafka_tls_listen, ""),
+            if kafka_sasl {
+                "0.0.0.0:9093"
+            } else {
+                "127.0.0.1:9093"
+            },
+        )?;
         let amqp_vhosts = f.amqp_vhosts.clone().unwrap_or_else(|| vec!["/".into()]);
         if let Some(v) = amqp_vhosts.iter().find(|v| v.is_empty() || v.len() > 255) {
             return Err(invalid("amqp_vhosts", v, "a vhost name is 1 to 255 bytes"));
@@ -809,6 +837,8 @@ impl Settings {
             mqtt_max_queued,
             mqtt_acl,
             kafka_advertised,
+            kafka_tls_listen,
+            kafka_tls_advertised,
             kafka_sasl,
             kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
             group_initial_rebalance_delay: Duration::from_millis(pick!(
@@ -847,9 +877,10 @@ impl Settings {
     }
 
     /// The gateway listeners, by protocol name and the flag that sets each.
-    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 9] {
+    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 10] {
         [
             ("kafka", "--kafka-listen", self.kafka_listen),
+            ("kafka-tls", "--kafka-tls-listen", self.kafka_tls_listen),
             ("mqtt", "--mqtt-listen", self.mqtt_listen),
             ("mqtt-ws", "--mqtt-ws-listen", self.mqtt_ws_listen),
             ("mqtt-tls", "--mqtt-tls-listen", self.mqtt_tls_listen),
@@ -1095,6 +1126,8 @@ mod tests {
             "tls_key",
             "amqp_listen",
             "amqp_tls_listen",
+            "kafka_tls_listen",
+            "kafka_tls_advertised",
             "sqs_listen",
             "rocketmq_listen",
             "namesrv_listen",

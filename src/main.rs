@@ -98,6 +98,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.kafka {
         println!("listening kafka {a}");
     }
+    if let Some(a) = server.bound.kafka_tls {
+        println!("listening kafka-tls {a}");
+    }
     if let Some(a) = server.bound.mqtt {
         println!("listening mqtt {a}");
     }

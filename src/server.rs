@@ -29,8 +29,15 @@ use crate::auth::{CoreAuthLayer, Guard, beyond_loopback};
 use crate::config::{Listen, Settings, StorageKind};
 
 /// Protocols whose gateway ships in this build.
-pub const AVAILABLE_GATEWAYS: &[&str] =
-    &["kafka", "mqtt", "mqtt-ws", "mqtt-tls", "amqp", "amqp-tls"];
+pub const AVAILABLE_GATEWAYS: &[&str] = &[
+    "kafka",
+    "kafka-tls",
+    "mqtt",
+    "mqtt-ws",
+    "mqtt-tls",
+    "amqp",
+    "amqp-tls",
+];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
 
@@ -67,6 +74,7 @@ pub struct Bound {
     pub core: Option<SocketAddr>,
     pub admin: Option<SocketAddr>,
     pub kafka: Option<SocketAddr>,
+    pub kafka_tls: Option<SocketAddr>,
     pub mqtt: Option<SocketAddr>,
     pub mqtt_ws: Option<SocketAddr>,
     pub mqtt_tls: Option<SocketAddr>,
@@ -172,10 +180,8 @@ impl Server {
             }
         }
 
-        let kafka_listener = match mode {
-            Mode::Standalone => {
-                bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen").await?
-            }
+        let kafka_listeners = match mode {
+            Mode::Standalone => Some(bind_kafka(settings).await?),
             _ => None,
         };
         let mqtt_listeners = match mode {
@@ -263,9 +269,11 @@ impl Server {
                 }
             }));
         }
-        if let Some(listener) = kafka_listener {
+        if let Some(listeners) = kafka_listeners
+            && (listeners.tcp.is_some() || listeners.tls.is_some())
+        {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
-            bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
+            spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
         }
         if let Some(listeners) = mqtt_listeners
             && (listeners.tcp.is_some() || listeners.ws.is_some() || listeners.tls.is_some())
@@ -304,15 +312,13 @@ impl Server {
         let mut bound = Bound::default();
         match protocol {
             "kafka" => {
-                let listener =
-                    bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen")
-                        .await?
-                        .ok_or_else(|| {
-                            StartError::Unavailable(
-                                "the Kafka listener is off: give --kafka-listen HOST:PORT".into(),
-                            )
-                        })?;
-                bound.kafka = Some(spawn_kafka(settings, listener, client, &stop, &mut tasks)?);
+                let listeners = bind_kafka(settings).await?;
+                if listeners.tcp.is_none() && listeners.tls.is_none() {
+                    return Err(StartError::Unavailable(
+                        "every Kafka listener is off: give --kafka-listen or --kafka-tls-listen HOST:PORT".into(),
+                    ));
+                }
+                spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
             }
             "mqtt" => {
                 let listeners = bind_mqtt(settings).await?;
@@ -381,12 +387,17 @@ fn warn_open_listeners(settings: &Settings, protocols: &[&str]) {
     if settings.kafka_sasl || !protocols.contains(&"kafka") {
         return;
     }
-    if let Some(addr) = settings.kafka_listen.addr().filter(|a| beyond_loopback(*a)) {
-        warn!(
-            listener = "kafka_listen",
-            %addr,
-            "kafka_listen = {addr} lets anyone who reaches it in without credentials: set kafka_sasl = true with [[users]], or listen on loopback"
-        );
+    for (key, listen) in [
+        ("kafka_listen", settings.kafka_listen),
+        ("kafka_tls_listen", settings.kafka_tls_listen),
+    ] {
+        if let Some(addr) = listen.addr().filter(|a| beyond_loopback(*a)) {
+            warn!(
+                listener = key,
+                %addr,
+                "{key} = {addr} lets anyone who reaches it in without credentials: set kafka_sasl = true with [[users]], or listen on loopback"
+            );
+        }
     }
 }
 
@@ -477,43 +488,99 @@ fn spawn_listener<H, G>(
 }
 
 /// Starts the Kafka gateway on a bound listener; returns the address it serves.
+/// The Kafka listeners that are on.
+struct KafkaListeners {
+    tcp: Option<TcpListener>,
+    tls: Option<TlsListener>,
+}
+
+/// Binds the Kafka listeners that are on and loads the TLS certificate if one is needed.
+async fn bind_kafka(settings: &Settings) -> Result<KafkaListeners, StartError> {
+    let tcp = bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen").await?;
+    let tls = bind_tls_listen(
+        settings,
+        settings.kafka_tls_listen,
+        "the Kafka TLS gateway",
+        "--kafka-tls-listen",
+    )
+    .await?;
+    Ok(KafkaListeners { tcp, tls })
+}
+
+/// Starts the Kafka gateway on its bound listeners and records their addresses. Each
+/// listener has its own gateway, so its clients are given its own address as the broker's
+/// (a client that bootstrapped over TLS stays on TLS); groups and offsets are the core's.
 fn spawn_kafka(
     settings: &Settings,
-    listener: TcpListener,
+    KafkaListeners { tcp, tls }: KafkaListeners,
     client: CoreClient,
     stop: &watch::Sender<bool>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Result<SocketAddr, StartError> {
-    let addr = listener.local_addr().map_err(|source| {
-        StartError::Listen(ListenError::Other {
-            addr: "kafka".into(),
-            what: "the Kafka gateway".into(),
-            flag: "--kafka-listen".into(),
-            source,
+    bound: &mut Bound,
+) -> Result<(), StartError> {
+    let local = |l: &TcpListener, flag: &str| {
+        l.local_addr().map_err(|source| {
+            StartError::Listen(ListenError::Other {
+                addr: "kafka".into(),
+                what: "the Kafka gateway".into(),
+                flag: flag.into(),
+                source,
+            })
         })
-    })?;
-    let mut config = KafkaConfig::new(addr);
-    match &settings.kafka_advertised {
-        Some((host, port)) => {
-            config.advertised_host = host.clone();
-            config.advertised_port = *port;
+    };
+    let config = |addr: SocketAddr, advertised: &Option<(String, u16)>, flag: &str| {
+        let mut config = KafkaConfig::new(addr);
+        match advertised {
+            Some((host, port)) => {
+                config.advertised_host = host.clone();
+                config.advertised_port = *port;
+            }
+            None if addr.ip().is_unspecified() => {
+                config.advertised_host = "127.0.0.1".into();
+                warn!(
+                    "kafka: listening on {addr} but advertising 127.0.0.1:{}; set {flag} for clients on other machines",
+                    addr.port()
+                );
+            }
+            None => {}
         }
-        None if addr.ip().is_unspecified() => {
-            config.advertised_host = "127.0.0.1".into();
-            warn!(
-                "kafka: listening on {addr} but advertising 127.0.0.1:{}; set --kafka-advertised for clients on other machines",
-                addr.port()
-            );
+        config.auto_create_topics = settings.kafka_auto_create_topics;
+        if settings.kafka_sasl {
+            config.sasl = Some(Arc::new(settings.users.clone()));
         }
-        None => {}
+        config
+    };
+    if let Some(listener) = tcp {
+        let addr = local(&listener, "--kafka-listen")?;
+        let gateway = tributary_gateway_kafka::Gateway::new(
+            client.clone(),
+            config(addr, &settings.kafka_advertised, "--kafka-advertised"),
+        );
+        spawn_listener(settings, listener, "kafka", Plain, gateway, stop, tasks);
+        bound.kafka = Some(addr);
     }
-    config.auto_create_topics = settings.kafka_auto_create_topics;
-    if settings.kafka_sasl {
-        config.sasl = Some(Arc::new(settings.users.clone()));
+    if let Some((listener, acceptor)) = tls {
+        let addr = local(&listener, "--kafka-tls-listen")?;
+        let gateway = tributary_gateway_kafka::Gateway::new(
+            client,
+            config(
+                addr,
+                &settings.kafka_tls_advertised,
+                "--kafka-tls-advertised",
+            ),
+        );
+        spawn_listener(
+            settings,
+            listener,
+            "kafka-tls",
+            acceptor,
+            gateway,
+            stop,
+            tasks,
+        );
+        bound.kafka_tls = Some(addr);
     }
-    let gateway = tributary_gateway_kafka::Gateway::new(client, config);
-    spawn_listener(settings, listener, "kafka", Plain, gateway, stop, tasks);
-    Ok(addr)
+    Ok(())
 }
 
 /// A bound TLS listener and the acceptor holding its certificate.

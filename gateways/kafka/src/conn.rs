@@ -12,8 +12,7 @@ use kafka_protocol::messages::{
     SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufReader, BufWriter};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -39,16 +38,18 @@ enum SaslProgress {
     Mechanism(Conversation),
 }
 
-pub(crate) async fn serve_connection(
-    socket: TcpStream,
+pub(crate) async fn serve_connection<S>(
+    socket: S,
     peer: SocketAddr,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
-) {
+) where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let span = info_span!("kafka_conn", %peer);
     async move {
-        let _ = socket.set_nodelay(true);
-        let (rd, wr) = socket.into_split();
+        // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
+        let (rd, wr) = tokio::io::split(socket);
         // Idle connections cost their buffers: 16 KiB each way, a large Produce frame is read
         // straight into its own buffer and a large Fetch response written past the buffer.
         let mut rd = BufReader::with_capacity(16 * 1024, rd);
@@ -86,12 +87,16 @@ pub(crate) async fn serve_connection(
     .await
 }
 
-async fn serve(
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut BufWriter<tokio::net::tcp::OwnedWriteHalf>,
+async fn serve<R, W>(
+    rd: &mut BufReader<R>,
+    wr: &mut BufWriter<W>,
     gateway: &Gateway,
     session: &mut Session,
-) -> Result<(), ConnectionError> {
+) -> Result<(), ConnectionError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
     loop {
         let size = match rd.read_i32().await {
             Ok(s) => s,

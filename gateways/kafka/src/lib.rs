@@ -20,7 +20,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tributary_gateway_common::{Accepted, CoreClient};
 
@@ -82,14 +82,15 @@ impl Gateway {
     }
 }
 
-impl tributary_gateway_common::Gateway<TcpStream> for Gateway {
+/// Over plain TCP or inside a TLS session (`kafka_tls_listen`: the clients' SSL and
+/// SASL_SSL security protocols).
+impl<S> tributary_gateway_common::Gateway<S> for Gateway
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     /// One connection: requests served in order until the client leaves or `stop` turns
     /// true.
-    async fn serve_connection(
-        self: Arc<Self>,
-        conn: Accepted<TcpStream>,
-        stop: watch::Receiver<bool>,
-    ) {
+    async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
         conn::serve_connection(conn.stream, conn.peer, self, stop).await
     }
 }

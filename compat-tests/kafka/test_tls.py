@@ -1,0 +1,164 @@
+"""Kafka over TLS (`--kafka-tls-listen` with `--tls-cert` / `--tls-key`): the clients'
+`security.protocol` SSL, and SASL_SSL when `--kafka-sasl` is on. The TLS listener has its own
+advertised address, so a client that bootstrapped over TLS is sent to the TLS port and stays
+encrypted. Checked with librdkafka (confluent-kafka) and kafka-python.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import socket
+import struct
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from kafkacompat import (ck_create_topic, ck_producer, ck_produce, ck_read_all, make_records,
+                         unique)
+from test_sasl import USERS, write_sasl_config
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for localhost / 127.0.0.1, as PEM files (cert, key)."""
+    d = tmp_path_factory.mktemp("kafka-tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = d / "cert.pem", d / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def _tls_args(certificate) -> list[str]:
+    cert, key = certificate
+    return ["--kafka-tls-listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key]
+
+
+def _tls_bootstrap(deployment) -> str:
+    listeners = deployment.processes[0].listeners
+    assert "kafka-tls" in listeners, f"no `listening kafka-tls` line: {listeners}"
+    return listeners["kafka-tls"]
+
+
+@pytest.fixture
+def tls_cluster(make_deployment, certificate):
+    return make_deployment("standalone", _tls_args(certificate))
+
+
+@pytest.fixture
+def sasl_tls_cluster(make_deployment, certificate, tmp_path):
+    cfg = write_sasl_config(tmp_path / "sasl.toml", USERS)
+    return make_deployment("standalone",
+                           ["--kafka-sasl", "--config", str(cfg), *_tls_args(certificate)])
+
+
+def test_confluent_ssl_round_trip_stays_on_the_tls_port(tls_cluster, certificate):
+    from confluent_kafka.admin import AdminClient
+    b = _tls_bootstrap(tls_cluster)
+    conf = {"security.protocol": "SSL", "ssl.ca.location": certificate[0]}
+    admin = AdminClient({"bootstrap.servers": b, **conf})
+    # The broker the client is sent to is the TLS listener, not the plain one.
+    brokers = admin.list_topics(timeout=30).brokers
+    assert [f"{m.host}:{m.port}" for m in brokers.values()] == [b]
+    assert b != tls_cluster.bootstrap
+    t = unique("tls")
+    ck_create_topic(b, t, 2, admin=admin)
+    recs = make_records(300, n_keys=10, value_size=100)
+    delivered = ck_produce(ck_producer(b, **conf), t, recs)
+    got = ck_read_all(b, t, 2, **conf)
+    assert len(delivered) == len(recs)
+    assert sorted((g.key, g.value) for g in got) == sorted((r.key, r.value) for r in recs)
+    # The same topic through the plain listener: one broker, two ways in.
+    assert len(ck_read_all(tls_cluster.bootstrap, t, 2)) == len(recs)
+
+
+def test_kafka_python_ssl_round_trip(tls_cluster, certificate):
+    from kafka import KafkaConsumer, KafkaProducer, TopicPartition
+    b = _tls_bootstrap(tls_cluster)
+    ssl = {"security_protocol": "SSL", "ssl_cafile": certificate[0]}
+    t = unique("tls-kp")
+    producer = KafkaProducer(bootstrap_servers=b, **ssl)
+    for i in range(50):
+        producer.send(t, key=b"k", value=f"v{i}".encode()).get(timeout=30)
+    producer.close()
+    consumer = KafkaConsumer(bootstrap_servers=b, enable_auto_commit=False,
+                             consumer_timeout_ms=10_000, **ssl)
+    tp = TopicPartition(t, 0)
+    consumer.assign([tp])
+    consumer.seek_to_beginning(tp)
+    values = [m.value for m in consumer]
+    consumer.close()
+    assert values == [f"v{i}".encode() for i in range(50)]
+
+
+def test_unverified_certificate_is_refused_by_the_client(tls_cluster):
+    """Without the CA the client must not talk to the broker (a real handshake happens)."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    admin = AdminClient({"bootstrap.servers": _tls_bootstrap(tls_cluster),
+                         "security.protocol": "SSL", "error_cb": lambda e: None})
+    with pytest.raises(KafkaException):
+        admin.list_topics(timeout=5)
+
+
+def test_plaintext_request_on_the_tls_port_gets_no_kafka_answer(tls_cluster):
+    """A Kafka request sent in clear to the TLS port is not served: the connection closes
+    (the bytes are not a TLS ClientHello), and the listener keeps serving TLS clients."""
+    host, port = _tls_bootstrap(tls_cluster).rsplit(":", 1)
+    body = struct.pack(">hhih", 18, 0, 1, 4) + b"test"  # ApiVersions v0, client id "test"
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(struct.pack(">i", len(body)) + body)
+        s.settimeout(10)
+        data = b""
+        try:
+            while chunk := s.recv(4096):
+                data += chunk
+        except ConnectionResetError:
+            pass
+    # A Kafka answer is a size, then the request's correlation id (1); a TLS alert starts 0x15.
+    assert data[4:8] != struct.pack(">i", 1), f"answered a plaintext Kafka request: {data[:16]!r}"
+    assert data == b"" or data[0] == 0x15, data[:16]
+
+
+@pytest.mark.parametrize("mech", ["PLAIN", "SCRAM-SHA-512"])
+def test_confluent_sasl_ssl(sasl_tls_cluster, certificate, mech):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    b = _tls_bootstrap(sasl_tls_cluster)
+    conf = {"security.protocol": "SASL_SSL", "ssl.ca.location": certificate[0],
+            "sasl.mechanism": mech, "sasl.username": "alice", "sasl.password": USERS["alice"]}
+    t = unique(f"sasl-ssl-{mech.lower()}")
+    admin = AdminClient({"bootstrap.servers": b, **conf})
+    ck_create_topic(b, t, 1, admin=admin)
+    recs = make_records(100, n_keys=5, value_size=50)
+    ck_produce(ck_producer(b, **conf), t, recs)
+    assert len(ck_read_all(b, t, 1, **conf)) == len(recs)
+    wrong = AdminClient({"bootstrap.servers": b, **conf, "sasl.password": "wrong",
+                         "error_cb": lambda e: None})
+    with pytest.raises(KafkaException):
+        wrong.list_topics(timeout=5)
