@@ -6,17 +6,12 @@ encrypted. Checked with librdkafka (confluent-kafka) and kafka-python.
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import socket
 import struct
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tlscert import write_self_signed
 from kafkacompat import (ck_create_topic, ck_producer, ck_produce, ck_read_all, make_records,
                          unique)
 from test_sasl import USERS, write_sasl_config
@@ -24,34 +19,9 @@ from test_sasl import USERS, write_sasl_config
 
 @pytest.fixture(scope="module")
 def certificate(tmp_path_factory):
-    """A self-signed certificate for localhost / 127.0.0.1, as PEM files (cert, key)."""
-    d = tmp_path_factory.mktemp("kafka-tls")
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path, key_path = d / "cert.pem", d / "key.pem"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return str(cert_path), str(key_path)
+    """A self-signed certificate for localhost / 127.0.0.1: (cert.pem, key.pem)."""
+    cert, key = write_self_signed(tmp_path_factory.mktemp("kafka-tls"))
+    return str(cert), str(key)
 
 
 def _tls_args(certificate) -> list[str]:
