@@ -5,12 +5,6 @@ use tracing_subscriber::EnvFilter;
 use tributary::config::{BenchCommand, Cli, Command, ReportArgs, Role, Settings};
 use tributary::server::{self, Mode, Server};
 
-// Every message passes through several short-lived allocations (frames, records, events);
-// glibc's malloc spent about 14 % of the AMQP confirms workload's CPU in them
-// (`perf record`, docs/benchmarks.md). mimalloc's thread-local free lists make those cheap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let role = match &cli.command {
