@@ -20,5 +20,8 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mq
 # The AMQP scenarios also run against RabbitMQ (installed from Debian when missing).
 (source scripts/brokers.sh && brokers_install rabbitmq-server)
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh amqp
+# The Java clients (kafka-clients, amqp-client, Paho MQTT; java 17 and mvn, ~/.m2 from Maven
+# Central), AMQP and MQTT also against RabbitMQ and Mosquitto (started by the script).
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
 echo "== tributary bench mqtt|amqp against Mosquitto and RabbitMQ (installed from Debian if missing)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/bench-smoke.sh
