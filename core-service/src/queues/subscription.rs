@@ -198,16 +198,8 @@ impl Core {
         };
         // Auto-ack leases are settled as they go out: held only until then, so one left
         // here failed before it was settled and goes back.
-        if (start.release_on_close || start.auto_ack) && !ended_by_consumer && !held.is_empty() {
-            let ids: Vec<String> = held
-                .iter()
-                .map(|(o, s)| lease_id(h.record.id, *o, *s))
-                .collect();
-            debug!(queue = %h.label(), count = ids.len(), "subscription ended; releasing its leases");
-            // Leases settled meanwhile are skipped by nack.
-            if let Err(e) = self.nack(&queue, &ids, true, 0).await {
-                debug!(queue = %h.label(), error = %e, "could not release a closed subscription's leases");
-            }
+        if (start.release_on_close || start.auto_ack) && !ended_by_consumer {
+            self.release_held(&h, &queue, &held).await;
         }
         drop((active, exclusive, consumer));
         // An auto-delete queue goes when its last consumer does (one that never had a
@@ -219,7 +211,53 @@ impl Core {
                 self.remove_queue(&h).await?;
             }
         }
+        if ended_by_consumer && outcome.is_ok() {
+            // No longer a consumer (the next single active one has its turn, an auto-delete
+            // queue went above), but its leases stay with it while it keeps the stream open;
+            // what it has not settled when the stream closes, or drops with a killed
+            // gateway, goes back.
+            let ended = v1::SubscribeEvent {
+                event: Some(Event::Ended(true)),
+            };
+            if events.send(Ok(ended)).await.is_ok() {
+                loop {
+                    tokio::select! {
+                        r = requests.next() => match r {
+                            // Credit after the end means nothing.
+                            Some(Ok(_)) => {}
+                            Some(Err(_)) | None => break,
+                        },
+                        _ = events.closed() => break,
+                        _ = shutdown.changed() => break,
+                    }
+                }
+            }
+            if start.release_on_close {
+                self.release_held(&h, &queue, &held).await;
+            }
+        }
         outcome
+    }
+
+    /// Puts back the leases a subscription took and did not see settled (nack skips the
+    /// ones settled meanwhile).
+    async fn release_held(
+        &self,
+        h: &QueueHandle,
+        queue: &v1::QueueId,
+        held: &VecDeque<(i64, u64)>,
+    ) {
+        if held.is_empty() {
+            return;
+        }
+        let ids: Vec<String> = held
+            .iter()
+            .map(|(o, s)| lease_id(h.record.id, *o, *s))
+            .collect();
+        debug!(queue = %h.label(), count = ids.len(), "subscription closed; releasing its leases");
+        if let Err(e) = self.nack(queue, &ids, true, 0).await {
+            debug!(queue = %h.label(), error = %e, "could not release a closed subscription's leases");
+        }
     }
 }
 

@@ -65,6 +65,10 @@ pub struct Chan {
     pub tx_settled: std::collections::BTreeSet<u64>,
     /// Deliveries leased for this channel but held back by `global_prefetch`.
     pub held: VecDeque<(String, v1::LeasedMessage)>,
+    /// Cancelled consumers' subscriptions (their credit sender and event stream), kept
+    /// open while the channel is: the core keeps their unsettled leases until they close,
+    /// then returns them (so do a closed channel and a killed gateway).
+    pub ended: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl Chan {
@@ -79,6 +83,7 @@ impl Chan {
             tx: None,
             tx_settled: std::collections::BTreeSet::new(),
             held: VecDeque::new(),
+            ended: Vec::new(),
         }
     }
 

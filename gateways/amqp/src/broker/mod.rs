@@ -1288,15 +1288,19 @@ impl Driver {
             item: Some(v1::subscribe_request::Item::End(true)),
         });
         let (queue, no_ack) = (c.queue.clone(), c.no_ack);
+        // Kept open until the channel closes (see `Chan::ended`).
+        let mut keep: Option<Box<dyn std::any::Any + Send>> = None;
         if let Some(mut stream) = stream {
             let drained = tokio::time::timeout(CANCEL_TIMEOUT, async {
                 while let Some(item) = stream.next().await {
                     match item {
-                        SubItem::Event(ev) => {
-                            if let Some(v1::subscribe_event::Event::Message(m)) = ev.event {
+                        SubItem::Event(ev) => match ev.event {
+                            Some(v1::subscribe_event::Event::Message(m)) => {
                                 self.send_delivery(channel, tag, m);
                             }
-                        }
+                            Some(v1::subscribe_event::Event::Ended(_)) => return true,
+                            _ => {}
+                        },
                         SubItem::End => return true,
                         SubItem::Failed(_) => {}
                     }
@@ -1306,33 +1310,45 @@ impl Driver {
             .await;
             if drained.is_err() {
                 // The core is slow to end it: the rest goes back to the queue from a task of
-                // its own (no-ack ones were settled by the core when it sent them).
+                // its own (no-ack ones were settled by the core when it sent them), which
+                // keeps the stream open until the channel closes.
                 debug!(consumer = %tag, "the core did not end a cancelled subscription in time");
                 let core = self.core.clone();
                 let id = self.queue_id(&queue);
+                let (closed_tx, closed_rx) = tokio::sync::oneshot::channel::<()>();
+                keep = Some(Box::new(closed_tx));
                 tokio::spawn(async move {
                     while let Some(item) = stream.next().await {
-                        if let SubItem::Event(ev) = item
-                            && let Some(v1::subscribe_event::Event::Message(m)) = ev.event
-                            && !no_ack
-                        {
-                            let _ = core
-                                .nack(v1::NackRequest {
-                                    queue: Some(id.clone()),
-                                    lease_ids: vec![m.lease_id],
-                                    requeue: true,
-                                    delay_ms: 0,
-                                })
-                                .await;
+                        let SubItem::Event(ev) = item else { continue };
+                        match ev.event {
+                            Some(v1::subscribe_event::Event::Message(m)) if !no_ack => {
+                                let _ = core
+                                    .nack(v1::NackRequest {
+                                        queue: Some(id.clone()),
+                                        lease_ids: vec![m.lease_id],
+                                        requeue: true,
+                                        delay_ms: 0,
+                                    })
+                                    .await;
+                            }
+                            Some(v1::subscribe_event::Event::Ended(_)) => break,
+                            _ => {}
                         }
                     }
+                    let _ = closed_rx.await;
+                    drop(stream);
                 });
+            } else {
+                keep = Some(Box::new(stream));
             }
         }
         let Some(ch) = self.channels.get_mut(&channel) else {
             return;
         };
-        ch.consumers.remove(tag);
+        if let Some(c) = ch.consumers.remove(tag) {
+            ch.ended.push(Box::new(c.credit));
+            ch.ended.extend(keep);
+        }
         for u in ch.unacked.values_mut() {
             if u.consumer.as_deref() == Some(tag) {
                 u.consumer = None;
