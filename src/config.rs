@@ -188,9 +188,15 @@ pub struct Options {
     /// MQTT over WebSocket listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_MQTT_WS_LISTEN", global = true)]
     pub mqtt_ws_listen: Option<String>,
-    /// MQTT over TLS listener (HOST:PORT or off; default 0.0.0.0:8883 when --tls-cert is set).
+    /// MQTT over TLS listener (HOST:PORT or off; when --tls-cert is set the default is
+    /// 127.0.0.1:8883, 0.0.0.0:8883 without anonymous clients).
     #[arg(long, env = "TRIBUTARY_MQTT_TLS_LISTEN", global = true)]
     pub mqtt_tls_listen: Option<String>,
+    /// MQTT over secure WebSocket listener (wss://HOST:PORT/mqtt; HOST:PORT or off; when
+    /// --tls-cert is set the default is 127.0.0.1:8084, 0.0.0.0:8084 without anonymous
+    /// clients).
+    #[arg(long, env = "TRIBUTARY_MQTT_WSS_LISTEN", global = true)]
+    pub mqtt_wss_listen: Option<String>,
     /// AMQP over TLS listener (HOST:PORT or off; default 0.0.0.0:5671 when --tls-cert is set).
     #[arg(long, env = "TRIBUTARY_AMQP_TLS_LISTEN", global = true)]
     pub amqp_tls_listen: Option<String>,
@@ -345,6 +351,7 @@ pub struct FileConfig {
     pub mqtt_listen: Option<String>,
     pub mqtt_ws_listen: Option<String>,
     pub mqtt_tls_listen: Option<String>,
+    pub mqtt_wss_listen: Option<String>,
     pub amqp_tls_listen: Option<String>,
     pub kafka_tls_listen: Option<String>,
     pub kafka_tls_advertised: Option<String>,
@@ -451,6 +458,8 @@ pub struct Settings {
     pub mqtt_listen: Listen,
     pub mqtt_ws_listen: Listen,
     pub mqtt_tls_listen: Listen,
+    /// MQTT over WebSocket inside TLS (`wss://`).
+    pub mqtt_wss_listen: Listen,
     /// Certificate chain and key (PEM) for the TLS listeners.
     pub tls: Option<(PathBuf, PathBuf)>,
     pub amqp_listen: Listen,
@@ -766,10 +775,25 @@ impl Settings {
                     }
                 }
             };
+        let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
+        // Anonymous clients are let in on loopback only unless an address is given (TLS
+        // encrypts, it does not authenticate them).
+        let mqtt_open = |port: u16| {
+            if mqtt_allow_anonymous {
+                format!("127.0.0.1:{port}")
+            } else {
+                format!("0.0.0.0:{port}")
+            }
+        };
         let mqtt_tls_listen = tls_listener(
             "mqtt_tls_listen",
             pick!(mqtt_tls_listen, ""),
-            "0.0.0.0:8883",
+            &mqtt_open(8883),
+        )?;
+        let mqtt_wss_listen = tls_listener(
+            "mqtt_wss_listen",
+            pick!(mqtt_wss_listen, ""),
+            &mqtt_open(8084),
         )?;
         let amqp_tls_listen = tls_listener(
             "amqp_tls_listen",
@@ -804,7 +828,6 @@ impl Settings {
                 vhost: p.vhost.clone(),
             });
         }
-        let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
         if !mqtt_allow_anonymous && users.is_empty() {
             return Err(invalid(
                 "mqtt_allow_anonymous",
@@ -832,6 +855,7 @@ impl Settings {
         Ok(Self {
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
             mqtt_tls_listen,
+            mqtt_wss_listen,
             tls,
             mqtt_allow_anonymous,
             mqtt_max_queued,
@@ -877,13 +901,14 @@ impl Settings {
     }
 
     /// The gateway listeners, by protocol name and the flag that sets each.
-    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 10] {
+    pub fn gateway_listeners(&self) -> [(&'static str, &'static str, Listen); 11] {
         [
             ("kafka", "--kafka-listen", self.kafka_listen),
             ("kafka-tls", "--kafka-tls-listen", self.kafka_tls_listen),
             ("mqtt", "--mqtt-listen", self.mqtt_listen),
             ("mqtt-ws", "--mqtt-ws-listen", self.mqtt_ws_listen),
             ("mqtt-tls", "--mqtt-tls-listen", self.mqtt_tls_listen),
+            ("mqtt-wss", "--mqtt-wss-listen", self.mqtt_wss_listen),
             ("amqp", "--amqp-listen", self.amqp_listen),
             ("amqp-tls", "--amqp-tls-listen", self.amqp_tls_listen),
             ("sqs", "--sqs-listen", self.sqs_listen),
@@ -1122,6 +1147,7 @@ mod tests {
             "mqtt_listen",
             "mqtt_ws_listen",
             "mqtt_tls_listen",
+            "mqtt_wss_listen",
             "tls_cert",
             "tls_key",
             "amqp_listen",

@@ -104,6 +104,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.mqtt_tls {
         println!("listening mqtt-tls {a}");
     }
+    if let Some(a) = server.bound.mqtt_wss {
+        println!("listening mqtt-wss {a}");
+    }
     if let Some(a) = server.bound.amqp {
         println!("listening amqp {a}");
     }

@@ -35,6 +35,7 @@ pub const AVAILABLE_GATEWAYS: &[&str] = &[
     "mqtt",
     "mqtt-ws",
     "mqtt-tls",
+    "mqtt-wss",
     "amqp",
     "amqp-tls",
 ];
@@ -78,6 +79,7 @@ pub struct Bound {
     pub mqtt: Option<SocketAddr>,
     pub mqtt_ws: Option<SocketAddr>,
     pub mqtt_tls: Option<SocketAddr>,
+    pub mqtt_wss: Option<SocketAddr>,
     pub amqp: Option<SocketAddr>,
     pub amqp_tls: Option<SocketAddr>,
 }
@@ -276,7 +278,10 @@ impl Server {
             spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
         }
         if let Some(listeners) = mqtt_listeners
-            && (listeners.tcp.is_some() || listeners.ws.is_some() || listeners.tls.is_some())
+            && (listeners.tcp.is_some()
+                || listeners.ws.is_some()
+                || listeners.tls.is_some()
+                || listeners.wss.is_some())
         {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
                 .with_local_sessions(Arc::new(CoreSessions(core.clone())));
@@ -322,9 +327,13 @@ impl Server {
             }
             "mqtt" => {
                 let listeners = bind_mqtt(settings).await?;
-                if listeners.tcp.is_none() && listeners.ws.is_none() && listeners.tls.is_none() {
+                if listeners.tcp.is_none()
+                    && listeners.ws.is_none()
+                    && listeners.tls.is_none()
+                    && listeners.wss.is_none()
+                {
                     return Err(StartError::Unavailable(
-                        "every MQTT listener is off: give --mqtt-listen, --mqtt-ws-listen or --mqtt-tls-listen HOST:PORT".into(),
+                        "every MQTT listener is off: give --mqtt-listen, --mqtt-ws-listen, --mqtt-tls-listen or --mqtt-wss-listen HOST:PORT".into(),
                     ));
                 }
                 spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
@@ -608,6 +617,7 @@ struct MqttListeners {
     tcp: Option<TcpListener>,
     ws: Option<TcpListener>,
     tls: Option<TlsListener>,
+    wss: Option<TlsListener>,
 }
 
 /// Binds the MQTT listeners that are on and loads the TLS certificate if one is needed.
@@ -626,7 +636,14 @@ async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
         "--mqtt-tls-listen",
     )
     .await?;
-    Ok(MqttListeners { tcp, ws, tls })
+    let wss = bind_tls_listen(
+        settings,
+        settings.mqtt_wss_listen,
+        "the MQTT secure WebSocket gateway",
+        "--mqtt-wss-listen",
+    )
+    .await?;
+    Ok(MqttListeners { tcp, ws, tls, wss })
 }
 
 /// Starts the MQTT gateway on its bound listeners and records their addresses.
@@ -641,11 +658,14 @@ fn spawn_mqtt(
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
     bound.mqtt = addr(&listeners.tcp);
     bound.mqtt_ws = addr(&listeners.ws);
-    bound.mqtt_tls = listeners
-        .tls
-        .as_ref()
-        .and_then(|(l, _)| l.local_addr().ok());
-    let first = bound.mqtt.or(bound.mqtt_ws).or(bound.mqtt_tls);
+    let tls_addr = |l: &Option<TlsListener>| l.as_ref().and_then(|(l, _)| l.local_addr().ok());
+    bound.mqtt_tls = tls_addr(&listeners.tls);
+    bound.mqtt_wss = tls_addr(&listeners.wss);
+    let first = bound
+        .mqtt
+        .or(bound.mqtt_ws)
+        .or(bound.mqtt_tls)
+        .or(bound.mqtt_wss);
     let config = MqttConfig {
         allow_anonymous: settings.mqtt_allow_anonymous,
         max_keep_alive: settings.mqtt_max_keep_alive,
@@ -654,13 +674,13 @@ fn spawn_mqtt(
         instance: format!("mqtt@{}", first.map(|a| a.to_string()).unwrap_or_default()),
         ..MqttConfig::default()
     };
-    let listening: Vec<_> = [bound.mqtt, bound.mqtt_ws, bound.mqtt_tls]
+    let listening: Vec<_> = [bound.mqtt, bound.mqtt_ws, bound.mqtt_tls, bound.mqtt_wss]
         .into_iter()
         .flatten()
         .collect();
     config.warn_if_anonymous_beyond_loopback(&listening);
     let gateway = tributary_gateway_mqtt::Gateway::new(client, config);
-    let MqttListeners { tcp, ws, tls } = listeners;
+    let MqttListeners { tcp, ws, tls, wss } = listeners;
     if let Some(l) = tcp {
         spawn_listener(settings, l, "mqtt", Plain, gateway.clone(), stop, tasks);
     }
@@ -670,6 +690,17 @@ fn spawn_mqtt(
             l,
             "mqtt-ws",
             Plain,
+            gateway.websocket(),
+            stop,
+            tasks,
+        );
+    }
+    if let Some((l, acceptor)) = wss {
+        spawn_listener(
+            settings,
+            l,
+            "mqtt-wss",
+            acceptor,
             gateway.websocket(),
             stop,
             tasks,

@@ -1,5 +1,6 @@
-"""MQTT over WebSocket (subprotocol "mqtt") and over TLS, against Tributary and Mosquitto:
-a subscriber on each transport gets what a TCP publisher sends, large payloads included,
+"""MQTT over WebSocket (subprotocol "mqtt"), over TLS and over secure WebSocket (wss), against
+Tributary and Mosquitto: a subscriber on each transport gets what a TCP publisher sends, large
+payloads included,
 and a plaintext client on the TLS port gets nowhere."""
 
 from __future__ import annotations
@@ -48,12 +49,12 @@ def _wait_port(port: int, proc: subprocess.Popen, log) -> None:
 
 @pytest.fixture(scope="module", params=["tributary", "mosquitto"])
 def endpoints(request, tmp_path_factory, certificate):
-    """{"tcp": port, "ws": port, "tls": port} of a broker serving all three."""
+    """{"tcp": port, "ws": port, "tls": port, "wss": port} of a broker serving all four."""
     cert, key = certificate
     wd = tmp_path_factory.mktemp(f"transports-{request.param}")
     if request.param == "tributary":
         binary = tributary_bin()
-        keep = ("--mqtt-listen", "--mqtt-ws-listen", "--mqtt-tls-listen")
+        keep = ("--mqtt-listen", "--mqtt-ws-listen", "--mqtt-tls-listen", "--mqtt-wss-listen")
         p = ServerProcess(
             "tributary transports",
             [
@@ -62,21 +63,25 @@ def endpoints(request, tmp_path_factory, certificate):
                 "--mqtt-listen", "127.0.0.1:0",
                 "--mqtt-ws-listen", "127.0.0.1:0",
                 "--mqtt-tls-listen", "127.0.0.1:0",
+                "--mqtt-wss-listen", "127.0.0.1:0",
                 "--tls-cert", str(cert), "--tls-key", str(key),
             ],
             wd / "tributary.log",
         )
         listeners = p.start()
         port = lambda name: int(listeners[name].rsplit(":", 1)[1])  # noqa: E731
-        yield {"tcp": port("mqtt"), "ws": port("mqtt-ws"), "tls": port("mqtt-tls")}
+        yield {"tcp": port("mqtt"), "ws": port("mqtt-ws"), "tls": port("mqtt-tls"),
+               "wss": port("mqtt-wss")}
         p.kill()
         return
-    tcp, ws, tls = free_port(), free_port(), free_port()
+    tcp, ws, tls, wss = free_port(), free_port(), free_port(), free_port()
     conf = wd / "mosquitto.conf"
     lines = [
         f"listener {tcp} 127.0.0.1",
         f"listener {ws} 127.0.0.1", "protocol websockets",
         f"listener {tls} 127.0.0.1", f"certfile {cert}", f"keyfile {key}",
+        f"listener {wss} 127.0.0.1", "protocol websockets",
+        f"certfile {cert}", f"keyfile {key}",
         "allow_anonymous true", "persistence false", "log_dest stderr",
     ]
     if os.geteuid() == 0:
@@ -86,17 +91,18 @@ def endpoints(request, tmp_path_factory, certificate):
     with open(log, "wb") as out:
         proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdout=out, stderr=out,
                                 stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
-    for port in (tcp, ws, tls):
+    for port in (tcp, ws, tls, wss):
         _wait_port(port, proc, log)
-    yield {"tcp": tcp, "ws": ws, "tls": tls}
+    yield {"tcp": tcp, "ws": ws, "tls": tls, "wss": wss}
     proc.kill()
     proc.wait()
 
 
 def _client(cid: str, protocol, transport: str = "tcp", ca: str | None = None) -> mqtt.Client:
+    web = transport in ("ws", "wss")
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=cid, protocol=protocol,
-                    transport="websockets" if transport == "ws" else "tcp")
-    if transport == "ws":
+                    transport="websockets" if web else "tcp")
+    if web:
         c.ws_set_options(path="/mqtt")
     if ca:
         c.tls_set(ca_certs=ca, cert_reqs=ssl.CERT_REQUIRED)
@@ -118,11 +124,11 @@ def _connect(c: mqtt.Client, port: int) -> None:
     assert not result["rc"].is_failure, result["rc"]
 
 
-@pytest.mark.parametrize("transport", ["ws", "tls"])
+@pytest.mark.parametrize("transport", ["ws", "tls", "wss"])
 @pytest.mark.parametrize("protocol", [mqtt.MQTTv311, mqtt.MQTTv5], ids=["v311", "v5"])
 def test_subscriber_on_transport_gets_everything(endpoints, certificate, transport, protocol):
     tag = f"tr-{transport}-{protocol}-{time.monotonic_ns()}"
-    ca = str(certificate[0]) if transport == "tls" else None
+    ca = str(certificate[0]) if transport in ("tls", "wss") else None
     got: list[bytes] = []
     all_in = threading.Event()
     payloads = [f"m{i}".encode() for i in range(99)] + [os.urandom(200_000)]
