@@ -776,39 +776,25 @@ impl Settings {
                 }
             };
         let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
-        // Anonymous clients are let in on loopback only unless an address is given (TLS
-        // encrypts, it does not authenticate them).
-        let mqtt_open = |port: u16| {
-            if mqtt_allow_anonymous {
-                format!("127.0.0.1:{port}")
-            } else {
-                format!("0.0.0.0:{port}")
-            }
-        };
         let mqtt_tls_listen = tls_listener(
             "mqtt_tls_listen",
             pick!(mqtt_tls_listen, ""),
-            &mqtt_open(8883),
+            &default_listen(!mqtt_allow_anonymous, 8883),
         )?;
         let mqtt_wss_listen = tls_listener(
             "mqtt_wss_listen",
             pick!(mqtt_wss_listen, ""),
-            &mqtt_open(8084),
+            &default_listen(!mqtt_allow_anonymous, 8084),
         )?;
         let amqp_tls_listen = tls_listener(
             "amqp_tls_listen",
             pick!(amqp_tls_listen, ""),
             "0.0.0.0:5671",
         )?;
-        // Encrypted but not authenticated without SASL: loopback then, as the plain listener.
         let kafka_tls_listen = tls_listener(
             "kafka_tls_listen",
             pick!(kafka_tls_listen, ""),
-            if kafka_sasl {
-                "0.0.0.0:9093"
-            } else {
-                "127.0.0.1:9093"
-            },
+            &default_listen(kafka_sasl, 9093),
         )?;
         let amqp_vhosts = f.amqp_vhosts.clone().unwrap_or_else(|| vec!["/".into()]);
         if let Some(v) = amqp_vhosts.iter().find(|v| v.is_empty() || v.len() > 255) {
@@ -835,19 +821,9 @@ impl Settings {
                 "without anonymous access MQTT clients need [[users]] entries in the config file (see `tributary passwd`)",
             ));
         }
-        // Secure by default: a protocol that lets clients in without credentials listens on
-        // loopback unless told otherwise (Mosquitto 2 does the same); with authentication on,
-        // on every interface, as the protocol's own brokers do.
-        let open_or_local = |authenticated: bool, port: u16| {
-            if authenticated {
-                format!("0.0.0.0:{port}")
-            } else {
-                format!("127.0.0.1:{port}")
-            }
-        };
-        let kafka_listen_default = open_or_local(kafka_sasl, 9092);
-        let mqtt_listen_default = open_or_local(!mqtt_allow_anonymous, 1883);
-        let mqtt_ws_listen_default = open_or_local(!mqtt_allow_anonymous, 8083);
+        let kafka_listen_default = default_listen(kafka_sasl, 9092);
+        let mqtt_listen_default = default_listen(!mqtt_allow_anonymous, 1883);
+        let mqtt_ws_listen_default = default_listen(!mqtt_allow_anonymous, 8083);
         let mqtt_max_queued: usize = pick!(mqtt_max_queued, 100_000usize);
         if mqtt_max_queued == 0 {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
@@ -915,6 +891,18 @@ impl Settings {
             ("rocketmq", "--rocketmq-listen", self.rocketmq_listen),
             ("namesrv", "--namesrv-listen", self.namesrv_listen),
         ]
+    }
+}
+
+/// Secure by default: the default address of a protocol listener is loopback while the
+/// protocol lets clients in without credentials (Mosquitto 2 does the same; TLS encrypts,
+/// it does not authenticate), every interface once they must authenticate, as the
+/// protocol's own brokers do. An address given explicitly is used as given.
+fn default_listen(authenticated: bool, port: u16) -> String {
+    if authenticated {
+        format!("0.0.0.0:{port}")
+    } else {
+        format!("127.0.0.1:{port}")
     }
 }
 

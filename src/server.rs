@@ -149,9 +149,9 @@ impl Server {
     /// opens storage and the core, then starts serving.
     pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
         match &mode {
-            Mode::Standalone => warn_open_listeners(settings, &["kafka"]),
-            Mode::Gateway(protocol) => warn_open_listeners(settings, &[protocol.as_str()]),
-            Mode::CoreOnly => {}
+            Mode::Standalone => warn_open_kafka(settings),
+            Mode::Gateway(protocol) if protocol == "kafka" => warn_open_kafka(settings),
+            Mode::Gateway(_) | Mode::CoreOnly => {}
         }
         if let Mode::Gateway(protocol) = &mode {
             return Self::start_gateway(settings, protocol).await;
@@ -392,8 +392,8 @@ impl Server {
 /// loopback (its default is loopback then): one WARN naming the way out. MQTT warns for
 /// its anonymous listeners itself ([`MqttConfig::warn_if_anonymous_beyond_loopback`]); AMQP
 /// always authenticates (its guest user only from loopback, as RabbitMQ).
-fn warn_open_listeners(settings: &Settings, protocols: &[&str]) {
-    if settings.kafka_sasl || !protocols.contains(&"kafka") {
+fn warn_open_kafka(settings: &Settings) {
+    if settings.kafka_sasl {
         return;
     }
     for (key, listen) in [

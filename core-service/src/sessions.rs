@@ -1050,8 +1050,8 @@ impl Core {
                 }
             }
         }
-        if !redeliver.is_empty() {
-            let space = broker.namespace(&a.id.0);
+        // The leaver's subscriptions were in its namespace, so the namespace is there.
+        if let Some(space) = broker.existing_namespace(&a.id.0) {
             for (group, raw, p) in redeliver {
                 let members = broker.share_members(&a.id.0, &raw);
                 // Not written for a persistent member: it was not durable for the leaver either.
