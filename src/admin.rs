@@ -1,4 +1,5 @@
-//! The admin HTTP listener: health, Prometheus metrics and a small read-only JSON API.
+//! The admin HTTP listener: health, Prometheus metrics and a small read-only JSON API, over
+//! plain HTTP or, with `admin_tls`, HTTPS.
 //!
 //! Bound beyond loopback, every request but `GET /healthz` needs `Authorization: Bearer
 //! <core_token>` (see [`crate::auth`]); on loopback it is open.
@@ -18,6 +19,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use tributary_core::{Core, CoreError};
 use tributary_proto::v1;
+
+use tributary_gateway_common::tls;
 
 use crate::auth::Guard;
 
@@ -215,3 +218,53 @@ async fn groups(State(s): State<AdminState>, Query(q): Query<GroupQuery>) -> Res
         Err(e) => error(e),
     }
 }
+
+/// Serves the admin routes over TLS until `stop`. axum's `serve` speaks plain TCP only, so
+/// the TLS connections come from [`tls::incoming`] and hyper serves each (HTTP/1.1 or h2, as
+/// ALPN chose), with the peer address where the token check looks for it.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    acceptor: tls::TlsAcceptor,
+    router: Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    use futures::StreamExt;
+    let incoming = tls::incoming(listener, acceptor, TLS_HANDSHAKE, "admin-tls");
+    let mut incoming = std::pin::pin!(incoming);
+    loop {
+        let stream = tokio::select! {
+            _ = stop.wait_for(|s| *s) => return,
+            next = incoming.next() => match next {
+                Some(Ok(stream)) => stream,
+                Some(Err(_)) => continue,
+                None => return,
+            },
+        };
+        let peer = stream.get_ref().0.peer_addr().ok();
+        let router = router.clone();
+        let service = tower::ServiceExt::map_request(
+            router,
+            move |mut req: axum::http::Request<hyper::body::Incoming>| {
+                if let Some(peer) = peer {
+                    req.extensions_mut().insert(ConnectInfo(peer));
+                }
+                req
+            },
+        );
+        tokio::spawn(async move {
+            let served =
+                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .serve_connection(
+                        hyper_util::rt::TokioIo::new(stream),
+                        hyper_util::service::TowerToHyperService::new(service),
+                    )
+                    .await;
+            if let Err(e) = served {
+                tracing::debug!(error = %e, "admin HTTPS connection ended with an error");
+            }
+        });
+    }
+}
+
+/// How long an admin HTTPS client has for its TLS handshake.
+const TLS_HANDSHAKE: std::time::Duration = std::time::Duration::from_secs(10);

@@ -286,10 +286,17 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if let Some(guard) = &self.guard {
-            let peer = req
-                .extensions()
+            let extensions = req.extensions();
+            let peer = extensions
                 .get::<tonic::transport::server::TcpConnectInfo>()
-                .and_then(|i| i.remote_addr());
+                .and_then(|i| i.remote_addr())
+                .or_else(|| {
+                    extensions
+                        .get::<tonic::transport::server::TlsConnectInfo<
+                            tonic::transport::server::TcpConnectInfo,
+                        >>()
+                        .and_then(|i| i.get_ref().remote_addr())
+                });
             if let Err(reason) = guard.check(req.headers(), peer, req.uri().path()) {
                 let status = tonic::Status::from(tributary_core::CoreError::Unauthenticated(
                     reason.message().into(),

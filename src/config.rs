@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use serde::Deserialize;
+use tributary_gateway_common::tls::ClientCerts;
 use tributary_storage::local::FsyncPolicy;
 
 #[derive(Debug, Parser)]
@@ -54,7 +55,7 @@ pub enum BenchCommand {
     Kafka(LoadArgs),
     /// MQTT publishers and subscribers (rumqttc); default target 127.0.0.1:1883.
     Mqtt(LoadArgs),
-    /// AMQP 0-9-1 publishers and consumers (lapin); default target 127.0.0.1:5672.
+    /// AMQP 0-9-1 publishers and consumers (amq-protocol frames); default target 127.0.0.1:5672.
     Amqp(LoadArgs),
     /// Medians and ratios of `--json` results (one per line) and a chart of them.
     Report(ReportArgs),
@@ -216,6 +217,39 @@ pub struct Options {
     /// PEM private key of that certificate.
     #[arg(long, env = "TRIBUTARY_TLS_KEY", global = true)]
     pub tls_key: Option<PathBuf>,
+    /// PEM file of the CAs that sign client certificates, for --tls-client-auth.
+    #[arg(long, env = "TRIBUTARY_TLS_CLIENT_CA", global = true)]
+    pub tls_client_ca: Option<PathBuf>,
+    /// Client certificates on the protocol TLS listeners: none (the default), requested
+    /// (verified when sent; clients without one authenticate otherwise) or required (mutual
+    /// TLS). Kafka's ssl.client.auth, with the same words.
+    #[arg(long, env = "TRIBUTARY_TLS_CLIENT_AUTH", global = true)]
+    pub tls_client_auth: Option<String>,
+    /// How often the certificate files are checked for a change, in ms (0: only on SIGHUP).
+    /// A changed certificate is served to new connections without a restart.
+    #[arg(long, env = "TRIBUTARY_TLS_RELOAD_INTERVAL_MS", global = true)]
+    pub tls_reload_interval_ms: Option<u64>,
+    /// Serve the core gRPC API over TLS with --tls-cert (gateways then use https://).
+    #[arg(long, env = "TRIBUTARY_CORE_TLS", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub core_tls: Option<bool>,
+    /// With --core-tls: require client certificates signed by the CAs in this PEM file on
+    /// the core gRPC API (mutual TLS); a verified client needs no core token.
+    #[arg(long, env = "TRIBUTARY_CORE_TLS_CLIENT_CA", global = true)]
+    pub core_tls_client_ca: Option<PathBuf>,
+    /// Serve the admin HTTP API over TLS (https://) with --tls-cert.
+    #[arg(long, env = "TRIBUTARY_ADMIN_TLS", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub admin_tls: Option<bool>,
+    /// For a gateway reaching its core at https://: the PEM CAs that sign the core's
+    /// certificate (default: the core's certificate is checked against nothing else).
+    #[arg(long, env = "TRIBUTARY_CORE_CA", global = true)]
+    pub core_ca: Option<PathBuf>,
+    /// For a gateway reaching a core that requires client certificates: its certificate
+    /// chain (PEM).
+    #[arg(long, env = "TRIBUTARY_CORE_CLIENT_CERT", global = true)]
+    pub core_client_cert: Option<PathBuf>,
+    /// The private key of --core-client-cert (PEM).
+    #[arg(long, env = "TRIBUTARY_CORE_CLIENT_KEY", global = true)]
+    pub core_client_key: Option<PathBuf>,
     /// AMQP 0-9-1 listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_AMQP_LISTEN", global = true)]
     pub amqp_listen: Option<String>,
@@ -357,6 +391,15 @@ pub struct FileConfig {
     pub kafka_tls_advertised: Option<String>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub tls_client_auth: Option<String>,
+    pub tls_reload_interval_ms: Option<u64>,
+    pub core_tls: Option<bool>,
+    pub core_tls_client_ca: Option<PathBuf>,
+    pub admin_tls: Option<bool>,
+    pub core_ca: Option<PathBuf>,
+    pub core_client_cert: Option<PathBuf>,
+    pub core_client_key: Option<PathBuf>,
     pub amqp_listen: Option<String>,
     pub sqs_listen: Option<String>,
     pub rocketmq_listen: Option<String>,
@@ -444,6 +487,15 @@ pub enum StorageKind {
     Memory,
 }
 
+/// How a gateway process reaches its core at an `https://` address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CoreClientTls {
+    /// PEM CAs the core's certificate is checked against.
+    pub ca: Option<PathBuf>,
+    /// Client certificate chain and key (PEM), for a core that requires one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
 /// Everything resolved and checked.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -462,6 +514,17 @@ pub struct Settings {
     pub mqtt_wss_listen: Listen,
     /// Certificate chain and key (PEM) for the TLS listeners.
     pub tls: Option<(PathBuf, PathBuf)>,
+    /// Client certificates asked for on the protocol TLS listeners.
+    pub tls_clients: ClientCerts,
+    /// How often the certificate files are checked for a change (`None`: SIGHUP only).
+    pub tls_reload_interval: Option<Duration>,
+    /// The core gRPC API over TLS, and the CAs of the client certificates it then requires.
+    pub core_tls: bool,
+    pub core_tls_client_ca: Option<PathBuf>,
+    /// The admin HTTP API over TLS.
+    pub admin_tls: bool,
+    /// How a gateway process reaches its core over TLS.
+    pub core_client_tls: CoreClientTls,
     pub amqp_listen: Listen,
     pub amqp_tls_listen: Listen,
     pub amqp_vhosts: Vec<String>,
@@ -775,6 +838,78 @@ impl Settings {
                     }
                 }
             };
+        let tls_client_ca = non_empty(o.tls_client_ca.clone().or_else(|| f.tls_client_ca.clone()));
+        let tls_clients = match (pick!(tls_client_auth, "none").as_str(), tls_client_ca) {
+            ("none", _) => ClientCerts::None,
+            ("requested", Some(ca)) => ClientCerts::Optional(ca),
+            ("required", Some(ca)) => ClientCerts::Required(ca),
+            (v @ ("requested" | "required"), None) => {
+                return Err(invalid(
+                    "tls_client_auth",
+                    v,
+                    "client certificates are verified against tls_client_ca: give that PEM file",
+                ));
+            }
+            (v, _) => {
+                return Err(invalid(
+                    "tls_client_auth",
+                    v,
+                    "expected none, requested or required",
+                ));
+            }
+        };
+        let needs_cert = |key: &str, on: bool| -> Result<(), ConfigError> {
+            if on && tls.is_none() {
+                return Err(invalid(
+                    key,
+                    "true",
+                    "TLS needs tls_cert and tls_key (PEM files)",
+                ));
+            }
+            Ok(())
+        };
+        let core_tls = pick!(core_tls, false);
+        needs_cert("core_tls", core_tls)?;
+        let admin_tls = pick!(admin_tls, false);
+        needs_cert("admin_tls", admin_tls)?;
+        let core_tls_client_ca = non_empty(
+            o.core_tls_client_ca
+                .clone()
+                .or_else(|| f.core_tls_client_ca.clone()),
+        );
+        if core_tls_client_ca.is_some() && !core_tls {
+            return Err(invalid(
+                "core_tls_client_ca",
+                "",
+                "client certificates need the core API over TLS: set core_tls too",
+            ));
+        }
+        let reload_ms: u64 = pick!(tls_reload_interval_ms, 10_000u64);
+        let core_client_tls = CoreClientTls {
+            ca: non_empty(o.core_ca.clone().or_else(|| f.core_ca.clone())),
+            identity: match (
+                non_empty(
+                    o.core_client_cert
+                        .clone()
+                        .or_else(|| f.core_client_cert.clone()),
+                ),
+                non_empty(
+                    o.core_client_key
+                        .clone()
+                        .or_else(|| f.core_client_key.clone()),
+                ),
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                (None, None) => None,
+                _ => {
+                    return Err(invalid(
+                        "core_client_cert",
+                        "",
+                        "give both core_client_cert and core_client_key, or neither",
+                    ));
+                }
+            },
+        };
         let mqtt_allow_anonymous = pick!(mqtt_allow_anonymous, true);
         let mqtt_tls_listen = tls_listener(
             "mqtt_tls_listen",
@@ -833,6 +968,12 @@ impl Settings {
             mqtt_tls_listen,
             mqtt_wss_listen,
             tls,
+            tls_clients,
+            tls_reload_interval: (reload_ms > 0).then(|| Duration::from_millis(reload_ms)),
+            core_tls,
+            core_tls_client_ca,
+            admin_tls,
+            core_client_tls,
             mqtt_allow_anonymous,
             mqtt_max_queued,
             mqtt_acl,

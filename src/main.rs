@@ -204,7 +204,7 @@ fn bench(what: BenchCommand) -> ExitCode {
             _ => tributary_bench::amqp::run(&opts).await,
         }
     });
-    // librdkafka and lapin threads may still be winding down; the verdict is already known.
+    // librdkafka's threads may still be winding down; the verdict is already known.
     runtime.shutdown_timeout(std::time::Duration::from_secs(2));
     match result {
         Ok(mut report) => {

@@ -90,6 +90,11 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "Requests refused for a missing, malformed or wrong core token, per listener and reason.",
     ),
+    m(
+        "tributary_tls_reloads_total",
+        Kind::Counter,
+        "Reloads of the TLS certificate (on SIGHUP or a change of its files), per result (ok, error: the certificate in use stays).",
+    ),
     // Timers.
     m(
         "tributary_timers_pending",

@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
 use tributary_gateway_common::client::LocalCall;
-use tributary_gateway_common::tls::TlsAcceptor;
+use tributary_gateway_common::tls::{self, CertSource, ClientCerts, TlsAcceptor};
 use tributary_gateway_common::{
     ConnectError, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
 };
@@ -157,6 +157,7 @@ impl Server {
             return Self::start_gateway(settings, protocol).await;
         }
         check_exposure(settings)?;
+        let certs = load_certs(settings)?;
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
         let admin_listener = bind_listen(
@@ -183,15 +184,15 @@ impl Server {
         }
 
         let kafka_listeners = match mode {
-            Mode::Standalone => Some(bind_kafka(settings).await?),
+            Mode::Standalone => Some(bind_kafka(settings, certs.as_ref()).await?),
             _ => None,
         };
         let mqtt_listeners = match mode {
-            Mode::Standalone => Some(bind_mqtt(settings).await?),
+            Mode::Standalone => Some(bind_mqtt(settings, certs.as_ref()).await?),
             _ => None,
         };
         let amqp_listeners = match mode {
-            Mode::Standalone => Some(bind_amqp(settings).await?),
+            Mode::Standalone => Some(bind_amqp(settings, certs.as_ref()).await?),
             _ => None,
         };
         let (log, meta) = open_storage(settings)?;
@@ -213,6 +214,9 @@ impl Server {
         let ready = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
+        if let Some(certs) = &certs {
+            tasks.push(spawn_cert_reload(settings, certs.clone(), &stop));
+        }
 
         if let Some(listener) = core_listener {
             let addr = listener.local_addr().ok();
@@ -226,18 +230,49 @@ impl Server {
                     .clone()
                     .map(|token| Guard::new("core", token)),
             );
+            let core_tls = match (&certs, settings.core_tls) {
+                (Some(certs), true) => {
+                    let clients = match &settings.core_tls_client_ca {
+                        Some(ca) => ClientCerts::Required(ca.clone()),
+                        None => ClientCerts::None,
+                    };
+                    Some(tls::acceptor_for(certs, &clients, &[b"h2"])?)
+                }
+                _ => None,
+            };
+            // With client certificates required, the TLS handshake has authenticated every
+            // caller: the token is not asked for on top.
+            let auth = if settings.core_tls_client_ca.is_some() {
+                CoreAuthLayer(None)
+            } else {
+                auth
+            };
             let mut stop_rx = stop.subscribe();
             tasks.push(tokio::spawn(async move {
-                let incoming = TcpListenerStream::new(listener);
                 let server = tonic::transport::Server::builder()
                     .tcp_nodelay(true)
                     .http2_adaptive_window(Some(true))
                     .layer(auth)
-                    .add_routes(routes)
-                    .serve_with_incoming_shutdown(incoming, async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    });
-                if let Err(e) = server.await {
+                    .add_routes(routes);
+                let shutdown = async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                };
+                let served = match core_tls {
+                    Some(acceptor) => {
+                        let incoming =
+                            tls::incoming(listener, acceptor, CORE_TLS_HANDSHAKE, "core-tls");
+                        server
+                            .serve_with_incoming_shutdown(incoming, shutdown)
+                            .await
+                    }
+                    None => {
+                        let incoming = TcpListenerStream::new(listener);
+                        server
+                            .serve_with_incoming_shutdown(incoming, shutdown)
+                            .await
+                    }
+                };
+                if let Err(e) = served {
                     error!(error = %e, "core gRPC server failed");
                 }
             }));
@@ -257,19 +292,29 @@ impl Server {
                 }
                 _ => None,
             };
-            let app =
-                admin::router(state, guard).into_make_service_with_connect_info::<SocketAddr>();
-            let mut stop_rx = stop.subscribe();
-            tasks.push(tokio::spawn(async move {
-                let served = axum::serve(listener, app)
-                    .with_graceful_shutdown(async move {
-                        let _ = stop_rx.wait_for(|s| *s).await;
-                    })
-                    .await;
-                if let Err(e) = served {
-                    error!(error = %e, "admin HTTP server failed");
-                }
-            }));
+            let router = admin::router(state, guard);
+            if let (Some(certs), true) = (&certs, settings.admin_tls) {
+                let acceptor = tls::acceptor_for(certs, &ClientCerts::None, &[b"h2", b"http/1.1"])?;
+                tasks.push(tokio::spawn(admin::serve_tls(
+                    listener,
+                    acceptor,
+                    router,
+                    stop.subscribe(),
+                )));
+            } else {
+                let app = router.into_make_service_with_connect_info::<SocketAddr>();
+                let mut stop_rx = stop.subscribe();
+                tasks.push(tokio::spawn(async move {
+                    let served = axum::serve(listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = stop_rx.wait_for(|s| *s).await;
+                        })
+                        .await;
+                    if let Err(e) = served {
+                        error!(error = %e, "admin HTTP server failed");
+                    }
+                }));
+            }
         }
         if let Some(listeners) = kafka_listeners
             && (listeners.tcp.is_some() || listeners.tls.is_some())
@@ -307,17 +352,22 @@ impl Server {
 
     /// `tributary gateway <protocol>`: the gateway alone, its core reached over gRPC.
     async fn start_gateway(settings: &Settings, protocol: &str) -> Result<Self, StartError> {
-        let client = CoreClient::connect_lazy_with_token(
+        let client = CoreClient::connect_lazy_with(
             &settings.core,
             settings.core_token.as_ref().map(|t| t.expose()),
+            core_client_tls(settings)?.as_ref(),
         )?;
         probe_core(settings, &client).await?;
+        let certs = load_certs(settings)?;
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
+        if let Some(certs) = &certs {
+            tasks.push(spawn_cert_reload(settings, certs.clone(), &stop));
+        }
         match protocol {
             "kafka" => {
-                let listeners = bind_kafka(settings).await?;
+                let listeners = bind_kafka(settings, certs.as_ref()).await?;
                 if listeners.tcp.is_none() && listeners.tls.is_none() {
                     return Err(StartError::Unavailable(
                         "every Kafka listener is off: give --kafka-listen or --kafka-tls-listen HOST:PORT".into(),
@@ -326,7 +376,7 @@ impl Server {
                 spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
             }
             "mqtt" => {
-                let listeners = bind_mqtt(settings).await?;
+                let listeners = bind_mqtt(settings, certs.as_ref()).await?;
                 if listeners.tcp.is_none()
                     && listeners.ws.is_none()
                     && listeners.tls.is_none()
@@ -339,7 +389,7 @@ impl Server {
                 spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
             }
             "amqp" => {
-                let listeners = bind_amqp(settings).await?;
+                let listeners = bind_amqp(settings, certs.as_ref()).await?;
                 if listeners.tcp.is_none() && listeners.tls.is_none() {
                     return Err(StartError::Unavailable(
                         "every AMQP listener is off: give --amqp-listen or --amqp-tls-listen HOST:PORT".into(),
@@ -410,6 +460,100 @@ fn warn_open_kafka(settings: &Settings) {
     }
 }
 
+/// How long a client of the core's TLS listener has for its handshake.
+const CORE_TLS_HANDSHAKE: Duration = Duration::from_secs(10);
+
+/// The certificate every TLS listener of the process serves, if one is configured.
+fn load_certs(settings: &Settings) -> Result<Option<Arc<CertSource>>, StartError> {
+    match &settings.tls {
+        Some((cert, key)) => Ok(Some(CertSource::load(cert, key)?)),
+        None => Ok(None),
+    }
+}
+
+/// Reloads the certificate on SIGHUP, and when its files change (checked every
+/// `tls_reload_interval`): new handshakes on every TLS listener get the new one, open
+/// connections keep theirs. A certificate that fails to load is logged and counted, and the
+/// one in use stays.
+fn spawn_cert_reload(
+    settings: &Settings,
+    certs: Arc<CertSource>,
+    stop: &watch::Sender<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let interval = settings.tls_reload_interval;
+    let mut stop_rx = stop.subscribe();
+    tokio::spawn(async move {
+        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        {
+            Ok(signal) => Some(signal),
+            Err(e) => {
+                warn!(error = %e, "cannot listen for SIGHUP; the TLS certificate reloads only when its files change");
+                None
+            }
+        };
+        let mut tick = interval.map(|every| {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            tick
+        });
+        loop {
+            let reloaded = tokio::select! {
+                _ = stop_rx.wait_for(|s| *s) => return,
+                Some(()) = async {
+                    match hangup.as_mut() {
+                        Some(h) => h.recv().await,
+                        None => std::future::pending().await,
+                    }
+                } => certs.reload().map(|()| Some("SIGHUP")),
+                _ = async {
+                    match tick.as_mut() {
+                        Some(t) => t.tick().await,
+                        None => std::future::pending().await,
+                    }
+                } => certs.reload_if_changed().map(|changed| changed.then_some("file change")),
+            };
+            let (cert, _) = certs.paths();
+            match reloaded {
+                Ok(None) => {}
+                Ok(Some(why)) => {
+                    metrics::counter!("tributary_tls_reloads_total", "result" => "ok").increment(1);
+                    info!(cert = %cert.display(), "TLS certificate reloaded ({why})");
+                }
+                Err(e) => {
+                    metrics::counter!("tributary_tls_reloads_total", "result" => "error")
+                        .increment(1);
+                    error!(error = %e, "TLS certificate not reloaded; the one in use stays");
+                }
+            }
+        }
+    })
+}
+
+/// The TLS a gateway process uses to reach a core at an `https://` address.
+fn core_client_tls(
+    settings: &Settings,
+) -> Result<Option<tributary_gateway_common::client::CoreTls>, StartError> {
+    if !settings.core.starts_with("https://") {
+        return Ok(None);
+    }
+    let read = |what: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            StartError::Unavailable(format!("cannot read {what} {}: {e}", path.display()))
+        })
+    };
+    let tls = &settings.core_client_tls;
+    Ok(Some(tributary_gateway_common::client::CoreTls {
+        ca_pem: tls.ca.as_deref().map(|p| read("core_ca", p)).transpose()?,
+        identity_pem: match &tls.identity {
+            Some((cert, key)) => Some((
+                read("core_client_cert", cert)?,
+                read("core_client_key", key)?,
+            )),
+            None => None,
+        },
+    }))
+}
+
 /// Refuses a core or admin listener beyond loopback without a token, unless
 /// `core_insecure` accepts the risk (then warns).
 fn check_exposure(settings: &Settings) -> Result<(), StartError> {
@@ -418,6 +562,8 @@ fn check_exposure(settings: &Settings) -> Result<(), StartError> {
         ("the admin HTTP API", "admin_listen", settings.admin_listen),
     ]
     .into_iter()
+    // The core authenticates by client certificate as well as by token.
+    .filter(|(_, key, _)| !(*key == "core_listen" && settings.core_tls_client_ca.is_some()))
     .filter_map(|(what, key, listen)| {
         listen
             .addr()
@@ -504,10 +650,14 @@ struct KafkaListeners {
 }
 
 /// Binds the Kafka listeners that are on and loads the TLS certificate if one is needed.
-async fn bind_kafka(settings: &Settings) -> Result<KafkaListeners, StartError> {
+async fn bind_kafka(
+    settings: &Settings,
+    certs: Option<&Arc<CertSource>>,
+) -> Result<KafkaListeners, StartError> {
     let tcp = bind_listen(settings.kafka_listen, "the Kafka gateway", "--kafka-listen").await?;
     let tls = bind_tls_listen(
         settings,
+        certs,
         settings.kafka_tls_listen,
         "the Kafka TLS gateway",
         "--kafka-tls-listen",
@@ -599,14 +749,15 @@ type TlsListener = (TcpListener, TlsAcceptor);
 /// for every TLS listener that is on.
 async fn bind_tls_listen(
     settings: &Settings,
+    certs: Option<&Arc<CertSource>>,
     listen: Listen,
     what: &str,
     flag: &str,
 ) -> Result<Option<TlsListener>, StartError> {
-    match (bind_listen(listen, what, flag).await?, &settings.tls) {
-        (Some(listener), Some((cert, key))) => Ok(Some((
+    match (bind_listen(listen, what, flag).await?, certs) {
+        (Some(listener), Some(certs)) => Ok(Some((
             listener,
-            tributary_gateway_common::tls::acceptor(cert, key)?,
+            tls::acceptor_for(certs, &settings.tls_clients, &[])?,
         ))),
         _ => Ok(None),
     }
@@ -621,7 +772,10 @@ struct MqttListeners {
 }
 
 /// Binds the MQTT listeners that are on and loads the TLS certificate if one is needed.
-async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
+async fn bind_mqtt(
+    settings: &Settings,
+    certs: Option<&Arc<CertSource>>,
+) -> Result<MqttListeners, StartError> {
     let tcp = bind_listen(settings.mqtt_listen, "the MQTT gateway", "--mqtt-listen").await?;
     let ws = bind_listen(
         settings.mqtt_ws_listen,
@@ -631,6 +785,7 @@ async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
     .await?;
     let tls = bind_tls_listen(
         settings,
+        certs,
         settings.mqtt_tls_listen,
         "the MQTT TLS gateway",
         "--mqtt-tls-listen",
@@ -638,6 +793,7 @@ async fn bind_mqtt(settings: &Settings) -> Result<MqttListeners, StartError> {
     .await?;
     let wss = bind_tls_listen(
         settings,
+        certs,
         settings.mqtt_wss_listen,
         "the MQTT secure WebSocket gateway",
         "--mqtt-wss-listen",
@@ -718,10 +874,14 @@ struct AmqpListeners {
 }
 
 /// Binds the AMQP listeners that are on and loads the TLS certificate if one is needed.
-async fn bind_amqp(settings: &Settings) -> Result<AmqpListeners, StartError> {
+async fn bind_amqp(
+    settings: &Settings,
+    certs: Option<&Arc<CertSource>>,
+) -> Result<AmqpListeners, StartError> {
     let tcp = bind_listen(settings.amqp_listen, "the AMQP gateway", "--amqp-listen").await?;
     let tls = bind_tls_listen(
         settings,
+        certs,
         settings.amqp_tls_listen,
         "the AMQP TLS gateway",
         "--amqp-tls-listen",

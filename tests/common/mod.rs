@@ -43,6 +43,8 @@ pub struct Server {
     pub admin: Option<SocketAddr>,
     pub kafka: Option<SocketAddr>,
     pub mqtt: Option<SocketAddr>,
+    /// Every `listening NAME ADDR` line, by NAME (amqp, kafka-tls, ...).
+    pub listening: std::collections::HashMap<String, SocketAddr>,
 }
 
 impl Server {
@@ -67,6 +69,7 @@ impl Server {
         });
         let deadline = Instant::now() + Duration::from_secs(60);
         let (mut core, mut admin, mut kafka, mut mqtt) = (None, None, None, None);
+        let mut listening = std::collections::HashMap::new();
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let line = match rx.recv_timeout(left) {
@@ -79,6 +82,13 @@ impl Server {
                     );
                 }
             };
+            if let Some((name, addr)) = line
+                .strip_prefix("listening ")
+                .and_then(|rest| rest.split_once(' '))
+                && let Ok(addr) = addr.parse()
+            {
+                listening.insert(name.to_string(), addr);
+            }
             if let Some(a) = line.strip_prefix("listening core ") {
                 core = Some(a.parse().unwrap());
             } else if let Some(a) = line.strip_prefix("listening admin ") {
@@ -97,6 +107,7 @@ impl Server {
             admin,
             kafka,
             mqtt,
+            listening,
         }
     }
 

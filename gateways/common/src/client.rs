@@ -90,6 +90,21 @@ pub enum ConnectError {
         "invalid core_token: it must be printable ASCII without spaces (it goes in an HTTP header)"
     )]
     InvalidToken,
+    #[error("TLS to the core at '{address}': {source}")]
+    Tls {
+        address: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+}
+
+/// TLS towards a core at an `https://` address.
+#[derive(Debug, Clone, Default)]
+pub struct CoreTls {
+    /// PEM CAs the core's certificate is checked against; without them, the system's.
+    pub ca_pem: Option<Vec<u8>>,
+    /// A client certificate chain and key (PEM), for a core that requires one.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
 /// The events of one attached session, whatever the transport.
@@ -262,6 +277,16 @@ impl CoreClient {
         address: &str,
         token: Option<&str>,
     ) -> Result<Self, ConnectError> {
+        Self::connect_lazy_with(address, token, None)
+    }
+
+    /// [`CoreClient::connect_lazy_with_token`], over TLS when `tls` is given (the address is
+    /// then `https://`).
+    pub fn connect_lazy_with(
+        address: &str,
+        token: Option<&str>,
+        tls: Option<&CoreTls>,
+    ) -> Result<Self, ConnectError> {
         let authorization = token
             .map(|t| {
                 let mut v = http::HeaderValue::from_str(&format!("Bearer {t}"))
@@ -277,6 +302,25 @@ impl CoreClient {
             })?
             .tcp_nodelay(true)
             .http2_adaptive_window(true);
+        let endpoint = match tls {
+            None => endpoint,
+            Some(tls) => {
+                let mut config = tonic::transport::ClientTlsConfig::new();
+                config = match &tls.ca_pem {
+                    Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                    None => config.with_native_roots(),
+                };
+                if let Some((cert, key)) = &tls.identity_pem {
+                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+                }
+                endpoint
+                    .tls_config(config)
+                    .map_err(|source| ConnectError::Tls {
+                        address: address.into(),
+                        source,
+                    })?
+            }
+        };
         Ok(Self::from_transport(CoreTransport::Network {
             channel: endpoint.connect_lazy(),
             authorization,

@@ -1,4 +1,4 @@
-//! `tributary bench amqp`: lapin publishers and consumers (AMQP 0-9-1).
+//! `tributary bench amqp`: AMQP 0-9-1 publishers and consumers, one connection each.
 //!
 //! The bench declares one queue per topic, publishes to the default exchange with the queue
 //! name as routing key, and deletes the queues at the end. With `--fanout N` it declares a
@@ -6,25 +6,18 @@
 //! and each publish is due once in every queue: the report's `sent` counts publishes and
 //! `received` deliveries (N per publish). At `--qos 1` publishers use publisher confirms and
 //! consumers acknowledge manually (batched with `multiple`); at `--qos 0` neither confirms nor
-//! acks exist, so a message counts as sent once lapin wrote it. lapin runs one I/O thread per
-//! connection.
+//! acks exist, so a message counts as sent once it is written to the socket. Each connection
+//! is driven by the task that uses it ([`wire`] says why this is not lapin).
 
-use std::future::Future;
+mod wire;
+
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::stream::{self, FuturesUnordered};
-use futures::{FutureExt, StreamExt};
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
-    QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::FieldTable;
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, Consumer, ErrorKind,
-    ExchangeKind,
-};
+use amq_protocol::protocol::{AMQPClass, basic};
+use futures::StreamExt;
+use futures::stream;
 use parking_lot::Mutex;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
@@ -37,6 +30,7 @@ use crate::traffic::{
 use crate::{
     BenchError, BenchOptions, Report, Tally, cpu_ticks, note_cpu, note_rss, now_ns, rss_kib, stamp,
 };
+use wire::{Connection, Event, Target};
 
 /// Publishes a publisher keeps unconfirmed before it waits for confirms.
 /// Default of `--inflight`.
@@ -134,69 +128,57 @@ fn validate(opts: &BenchOptions) -> Result<(), BenchError> {
 
 pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     validate(opts)?;
-    let uri = amqp_uri(&opts.target);
+    let target = Target::parse(&opts.target)?;
     let suffix = run_suffix();
     let plan = Plan::new(opts, &suffix);
 
     // The queues are declared before the broker's memory is first read, and by a connection
     // opened before then too, so the per-connection figure covers connections only.
-    let admin = connect(opts, &uri).await?;
-    let outcome = async {
-        let channel = step("channel.open", admin.create_channel()).await?;
-        let declared = declare(opts, &channel, &plan).await;
-        let outcome = match declared {
-            Ok(()) => bench(opts, &uri, &plan, &suffix).await,
-            Err(e) => Err(e),
-        };
-        delete(opts, &uri, &channel, &plan).await;
-        outcome
-    }
-    .await;
-    let _ = tokio::time::timeout(CLOSE_WAIT, admin.close(200, "OK".into())).await;
+    let mut admin = connect(opts, &target).await?;
+    let declared = declare(&mut admin, opts, &plan).await;
+    let outcome = match declared {
+        Ok(()) => bench(opts, &target, &plan, &suffix).await,
+        Err(e) => Err(e),
+    };
+    delete(opts, &target, admin, &plan).await;
     outcome
 }
 
 /// Deletes the run's queues and exchange, best effort and bounded: the names are unique, so a
 /// leftover only costs the broker memory (and disk, when durable). When the run's failure (or
-/// a failed deletion, which closes the channel) took the admin channel down, a fresh
+/// a failed deletion, which closes the channel) took the admin connection down, a fresh
 /// connection does the rest.
-async fn delete(opts: &BenchOptions, uri: &str, channel: &Channel, plan: &Plan) {
+async fn delete(opts: &BenchOptions, target: &Target, mut admin: Connection, plan: &Plan) {
     // Queues first: their bindings go with them, and the exchange is then unused.
     let mut all: Vec<(bool, &str)> = plan.queues.iter().map(|q| (true, q.as_str())).collect();
     if let Some(exchange) = &plan.exchange {
         all.push((false, exchange.as_str()));
     }
     let _ = tokio::time::timeout(CLOSE_WAIT, async {
-        let left = delete_on(channel, &all).await;
+        let left = delete_on(&mut admin, &all).await;
+        admin.close().await;
         if left.is_empty() {
             return;
         }
-        let Ok(connection) = connect(opts, uri).await else {
+        let Ok(mut connection) = connect(opts, target).await else {
             return;
         };
-        if let Ok(channel) = connection.create_channel().await {
-            delete_on(&channel, left).await;
-        }
-        let _ = connection.close(200, "OK".into()).await;
+        delete_on(&mut connection, left).await;
+        connection.close().await;
     })
     .await;
 }
 
 /// Deletes (is a queue, name) in order until one fails; returns what is left, that one first.
 async fn delete_on<'a>(
-    channel: &Channel,
+    connection: &mut Connection,
     mut left: &'a [(bool, &'a str)],
 ) -> &'a [(bool, &'a str)] {
     while let Some(((queue, name), rest)) = left.split_first() {
         let deleted = if *queue {
-            channel
-                .queue_delete((*name).into(), QueueDeleteOptions::default())
-                .await
-                .map(|_| ())
+            connection.delete_queue(name).await
         } else {
-            channel
-                .exchange_delete((*name).into(), ExchangeDeleteOptions::default())
-                .await
+            connection.delete_exchange(name).await
         };
         if deleted.is_err() {
             break;
@@ -206,45 +188,22 @@ async fn delete_on<'a>(
     left
 }
 
-async fn declare(opts: &BenchOptions, channel: &Channel, plan: &Plan) -> Result<(), BenchError> {
+async fn declare(
+    admin: &mut Connection,
+    opts: &BenchOptions,
+    plan: &Plan,
+) -> Result<(), BenchError> {
     if let Some(exchange) = &plan.exchange {
-        let options = ExchangeDeclareOptions {
-            durable: opts.durable,
-            ..Default::default()
-        };
         step(
             "exchange.declare",
-            channel.exchange_declare(
-                exchange.as_str().into(),
-                ExchangeKind::Fanout,
-                options,
-                FieldTable::default(),
-            ),
+            admin.declare_fanout(exchange, opts.durable),
         )
         .await?;
     }
-    let options = QueueDeclareOptions {
-        durable: opts.durable,
-        ..Default::default()
-    };
     for queue in &plan.queues {
-        step(
-            "queue.declare",
-            channel.queue_declare(queue.as_str().into(), options, FieldTable::default()),
-        )
-        .await?;
+        step("queue.declare", admin.declare_queue(queue, opts.durable)).await?;
         if let Some(exchange) = &plan.exchange {
-            step(
-                "queue.bind",
-                channel.queue_bind(
-                    queue.as_str().into(),
-                    exchange.as_str().into(),
-                    "".into(),
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                ),
-            )
-            .await?;
+            step("queue.bind", admin.bind_queue(queue, exchange)).await?;
         }
     }
     Ok(())
@@ -254,15 +213,15 @@ async fn declare(opts: &BenchOptions, channel: &Channel, plan: &Plan) -> Result<
 /// it opened is closed before it returns.
 async fn bench(
     opts: &BenchOptions,
-    uri: &str,
+    target: &Target,
     plan: &Plan,
     suffix: &str,
 ) -> Result<Report, BenchError> {
-    let mut connections: Vec<Connection> = Vec::new();
-    let outcome = traffic(opts, uri, plan, suffix, &mut connections).await;
+    let mut idle: Vec<Connection> = Vec::new();
+    let outcome = traffic(opts, target, plan, suffix, &mut idle).await;
     let _ = tokio::time::timeout(
         CLOSE_WAIT,
-        futures::future::join_all(connections.iter().map(|c| c.close(200, "OK".into()))),
+        futures::future::join_all(idle.into_iter().map(Connection::close)),
     )
     .await;
     outcome
@@ -270,10 +229,10 @@ async fn bench(
 
 async fn traffic(
     opts: &BenchOptions,
-    uri: &str,
+    target: &Target,
     plan: &Plan,
     suffix: &str,
-    connections: &mut Vec<Connection>,
+    idle: &mut Vec<Connection>,
 ) -> Result<Report, BenchError> {
     let confirms = opts.qos >= 1;
     let tally = Arc::new(Tally::new(opts.producers));
@@ -288,13 +247,13 @@ async fn traffic(
 
     let before = opts.broker_pid.and_then(rss_kib);
     let cpu_before = opts.broker_pid.and_then(cpu_ticks);
-    let mut idle = stream::iter(0..opts.idle_connections)
-        .map(|_| connect(opts, uri))
+    let mut opening = stream::iter(0..opts.idle_connections)
+        .map(|_| connect(opts, target))
         .buffer_unordered(CONNECT_PARALLEL);
-    while let Some(opened) = idle.next().await {
-        connections.push(opened?);
+    while let Some(opened) = opening.next().await {
+        idle.push(opened?);
     }
-    drop(idle);
+    drop(opening);
 
     // Consumers are all registered (basic.consume-ok) before the first publish. Queues hold
     // messages anyway, but this keeps the measured latency free of a start-up backlog.
@@ -311,47 +270,30 @@ async fn traffic(
         .map(|j| {
             let queue = &queues[plan.queue_of_consumer(j)];
             async move {
-                let connection = connect(opts, uri).await?;
-                let consumer = async {
-                    let channel = step("channel.open", connection.create_channel()).await?;
+                let mut connection = connect(opts, target).await?;
+                let registered = async {
                     if confirms {
-                        step(
-                            "basic.qos",
-                            channel.basic_qos(opts.prefetch, BasicQosOptions::default()),
-                        )
-                        .await?;
+                        step("basic.qos", connection.qos(opts.prefetch)).await?;
                     }
-                    let options = BasicConsumeOptions {
-                        no_ack: !confirms,
-                        ..Default::default()
-                    };
                     let tag = format!("tributary-bench-{suffix}-c{j}");
-                    let consumer = step(
-                        "basic.consume",
-                        channel.basic_consume(
-                            queue.as_str().into(),
-                            tag.into(),
-                            options,
-                            FieldTable::default(),
-                        ),
-                    )
-                    .await?;
-                    Ok((channel, consumer))
+                    step("basic.consume", connection.consume(queue, &tag, !confirms)).await
                 }
                 .await;
-                // The connection comes back even when the consumer failed, to be closed.
-                Ok::<_, BenchError>((j, connection, consumer))
+                match registered {
+                    Ok(()) => Ok((j, connection)),
+                    Err(e) => {
+                        let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
+                        Err(e)
+                    }
+                }
             }
         })
         .buffer_unordered(CONNECT_PARALLEL);
     while let Some(next) = opened.next().await {
-        let (j, connection, consumer) = next?;
-        connections.push(connection);
-        let (channel, consumer) = consumer?;
+        let (j, connection) = next?;
         consumers.spawn(consume(
             j,
-            consumer,
-            channel,
+            connection,
             sinks[plan.queue_of_consumer(j)].clone(),
             tally.clone(),
             confirms.then_some(batch),
@@ -364,43 +306,42 @@ async fn traffic(
     // `buffered` keeps publisher p at index p.
     let opened: Vec<_> = stream::iter(0..opts.producers)
         .map(|_| async {
-            let connection = connect(opts, uri).await?;
-            let channel = async {
-                let channel = step("channel.open", connection.create_channel()).await?;
-                if confirms {
-                    step(
-                        "confirm.select",
-                        channel.confirm_select(ConfirmSelectOptions::default()),
-                    )
-                    .await?;
-                }
-                Ok(channel)
+            let mut connection = connect(opts, target).await?;
+            if confirms && let Err(e) = step("confirm.select", connection.confirm_select()).await {
+                let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
+                return Err(e);
             }
-            .await;
-            Ok::<_, BenchError>((connection, channel))
+            Ok::<_, BenchError>(connection)
         })
         .buffered(CONNECT_PARALLEL)
         .collect()
         .await;
-    let mut channels = Vec::with_capacity(opts.producers);
+    let mut connections = Vec::with_capacity(opts.producers);
+    let mut opening_failed = None;
     for next in opened {
-        let (connection, channel) = next?;
-        connections.push(connection);
-        channels.push(channel?);
+        match next {
+            Ok(connection) => connections.push(connection),
+            Err(e) => opening_failed = opening_failed.or(Some(e)),
+        }
+    }
+    if let Some(e) = opening_failed {
+        let _ = stop_tx.send(true);
+        for connection in connections {
+            let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
+        }
+        while consumers.join_next().await.is_some() {}
+        return Err(e);
     }
     note_rss(&mut report, opts, before);
 
     let schedule = Arc::new(Schedule::new(opts, &tally, failure.clone()));
     let mut producers = JoinSet::new();
-    for (p, channel) in channels.into_iter().enumerate() {
+    for (p, connection) in connections.into_iter().enumerate() {
         let (exchange, routing_key) = plan.target(p);
         let publisher = Publisher {
             p,
-            channel,
-            exchange,
-            routing_key,
+            prelude: wire::publish_prelude(&exchange, &routing_key, opts.size, opts.durable),
             confirms,
-            persistent: opts.durable,
             size: opts.size,
             copies: plan.copies(opts, p),
             window: opts.inflight.unwrap_or(CONFIRM_WINDOW),
@@ -408,33 +349,24 @@ async fn traffic(
         };
         let (schedule, failure) = (schedule.clone(), failure.clone());
         producers.spawn(async move {
-            if let Err(e) = publisher.run(&schedule).await {
+            let mut connection = connection;
+            if let Err(e) = publisher.run(&mut connection, &schedule).await {
                 failure.set(e);
             }
+            let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
         });
     }
     let bar = schedule.drive(opts, &tally, &mut producers).await;
     let send_seconds = schedule.start.elapsed().as_secs_f64();
     drain(&tally, &failure, bar.as_ref()).await;
     let elapsed = schedule.start.elapsed();
-    // lapin reports a lost connection only to whoever uses it next; idle ones nobody uses.
-    let lost = connections
-        .iter()
-        .filter(|c| !c.status().connected())
-        .count();
-    if lost > 0 {
-        failure.set(BenchError::Refused(format!(
-            "{lost} of {} connections closed during the run",
-            connections.len()
-        )));
-    }
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
 
-    // Consumers return at once when told to stop; the bound only guards against surprises.
+    // Consumers stop at once when told to, and close their connections.
     let _ = stop_tx.send(true);
-    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+    let _ = tokio::time::timeout(CLOSE_WAIT * 2, async {
         while consumers.join_next().await.is_some() {}
     })
     .await;
@@ -458,13 +390,12 @@ async fn traffic(
     Ok(report)
 }
 
-/// Records deliveries into its queue's sink until the run stops. With `ack_batch`, acks
-/// manually: one `multiple` ack per batch or every [`ACK_EVERY`], whichever comes first.
-#[allow(clippy::too_many_arguments)]
+/// Records deliveries into its queue's sink until the run stops, then closes the connection.
+/// With `ack_batch`, acks manually: one `multiple` ack per batch or every [`ACK_EVERY`],
+/// whichever comes first.
 async fn consume(
     j: usize,
-    mut consumer: Consumer,
-    channel: Channel,
+    mut connection: Connection,
     sink: Arc<Mutex<Sink>>,
     tally: Arc<Tally>,
     ack_batch: Option<u64>,
@@ -475,33 +406,69 @@ async fn consume(
     let mut last_tag = 0;
     let mut tick = tokio::time::interval(ACK_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The delivery being assembled: its tag, the body size announced, the body so far.
+    let mut tag = None;
+    let mut expected = 0u64;
+    let mut body: Vec<u8> = Vec::new();
     let result: Result<(), BenchError> = async {
         loop {
             tokio::select! {
                 // Once the run is over, deliveries no longer matter.
                 biased;
                 _ = stop.changed() => return Ok(()),
-                delivery = consumer.next() => match delivery {
-                    Some(Ok(delivery)) => {
-                        sink.lock().record(&tally, &delivery.data);
-                        if let Some(batch) = ack_batch {
-                            last_tag = delivery.delivery_tag;
-                            unacked += 1;
-                            if unacked >= batch {
-                                ack(&channel, last_tag).await?;
-                                unacked = 0;
+                frame = connection.reader.next() => {
+                    let complete = match frame?.event()? {
+                        Event::Method(method) => {
+                            if let Some(error) = connection.closed_by_broker(&method).await {
+                                return Err(error);
+                            }
+                            match *method {
+                                AMQPClass::Basic(basic::AMQPMethod::Deliver(d)) => {
+                                    tag = Some(d.delivery_tag);
+                                    body.clear();
+                                    None
+                                }
+                                AMQPClass::Basic(basic::AMQPMethod::Cancel(_)) => {
+                                    return Err(BenchError::Refused(format!(
+                                        "consumer {j}: the broker cancelled the consumer"
+                                    )));
+                                }
+                                _ => None,
                             }
                         }
+                        Event::Header(size) => {
+                            expected = size;
+                            // An empty body has no body frame: the header completes it.
+                            (size == 0).then(bytes::Bytes::new)
+                        }
+                        Event::Body(part) if body.is_empty() && part.len() as u64 == expected => {
+                            Some(part)
+                        }
+                        Event::Body(part) => {
+                            body.extend_from_slice(&part);
+                            (body.len() as u64 >= expected)
+                                .then(|| bytes::Bytes::from(std::mem::take(&mut body)))
+                        }
+                        Event::Heartbeat => None,
+                    };
+                    let (Some(payload), Some(delivery_tag)) = (complete, tag) else {
+                        continue;
+                    };
+                    tag = None;
+                    sink.lock().record(&tally, &payload);
+                    if let Some(batch) = ack_batch {
+                        last_tag = delivery_tag;
+                        unacked += 1;
+                        if unacked >= batch {
+                            connection.writer.ack_up_to(last_tag);
+                            connection.writer.flush().await?;
+                            unacked = 0;
+                        }
                     }
-                    Some(Err(e)) => return Err(BenchError::Refused(format!("consumer {j}: {e}"))),
-                    None => {
-                        return Err(BenchError::Refused(format!(
-                            "consumer {j}: the broker cancelled the consumer"
-                        )));
-                    }
-                },
+                }
                 _ = tick.tick(), if unacked > 0 => {
-                    ack(&channel, last_tag).await?;
+                    connection.writer.ack_up_to(last_tag);
+                    connection.writer.flush().await?;
                     unacked = 0;
                 }
             }
@@ -511,29 +478,17 @@ async fn consume(
     if let Err(e) = result
         && !*stop.borrow()
     {
-        failure.set(e);
+        failure.set(BenchError::Refused(format!("consumer {j}: {e}")));
     }
-}
-
-/// Acknowledges every delivery up to `tag` on the channel.
-async fn ack(channel: &Channel, tag: u64) -> Result<(), BenchError> {
-    step(
-        "basic.ack",
-        channel.basic_ack(tag, BasicAckOptions { multiple: true }),
-    )
-    .await
+    let _ = tokio::time::timeout(CLOSE_WAIT, connection.close()).await;
 }
 
 /// One publisher's sending side.
 struct Publisher {
     p: usize,
-    channel: Channel,
-    /// Where it publishes: "" and a queue name (the default exchange), or the fanout exchange
-    /// and "".
-    exchange: String,
-    routing_key: String,
+    /// basic.publish and the content header, the same for every message.
+    prelude: Vec<u8>,
     confirms: bool,
-    persistent: bool,
     size: usize,
     /// Deliveries each message must make: 1, or 0 when no consumer reads its queue; with
     /// `--fanout`, one per queue.
@@ -544,76 +499,113 @@ struct Publisher {
 }
 
 impl Publisher {
-    /// Publishes on the schedule; with confirms, keeps up to `window` unconfirmed
-    /// and then waits (bounded) for the rest.
-    async fn run(&self, schedule: &Schedule) -> Result<(), BenchError> {
+    /// Publishes on the schedule; with confirms, keeps up to `window` unconfirmed, reads the
+    /// broker's acks between publishes, and at the end waits (bounded) for the rest.
+    async fn run(
+        &self,
+        connection: &mut Connection,
+        schedule: &Schedule,
+    ) -> Result<(), BenchError> {
         let p = self.p;
-        let properties = if self.persistent {
-            BasicProperties::default().with_delivery_mode(2)
-        } else {
-            BasicProperties::default()
-        };
         let mut payload = vec![0u8; self.size];
-        let mut unconfirmed = FuturesUnordered::new();
+        // Send times of the publishes from delivery tag `first_tag` on (confirm mode numbers
+        // publishes from 1), `None` once confirmed.
+        let mut unconfirmed: VecDeque<Option<Instant>> = VecDeque::with_capacity(self.window);
+        let mut first_tag = 1u64;
+        // Slots of `unconfirmed` still waiting for their confirm.
+        let mut outstanding = 0usize;
         let mut seq = 0u64;
-        while schedule.next(seq).await {
-            stamp(&mut payload, p as u32, seq, now_ns());
-            let at = Instant::now();
-            // lapin returns once the frames are written; a broker that stops reading (RabbitMQ
-            // blocks publishers on a memory alarm) must not hold the run forever.
-            let confirm = tokio::time::timeout(
-                CONNECT_WAIT,
-                self.channel.basic_publish(
-                    self.exchange.as_str().into(),
-                    self.routing_key.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &payload,
-                    properties.clone(),
-                ),
-            )
-            .await
-            .map_err(|_| {
-                BenchError::Refused(format!(
-                    "publisher {p}: a publish was not written within {} s (is the broker \
-                     blocking publishers?)",
-                    CONNECT_WAIT.as_secs()
-                ))
-            })?
-            .map_err(|e| BenchError::Refused(format!("publisher {p}: basic.publish: {e}")))?;
-            seq += 1;
-            if !self.confirms {
-                self.tally.sent(self.copies);
-                continue;
-            }
-            unconfirmed.push(confirm.map(move |c| (c, at)));
-            // Settle what is already confirmed without waiting...
-            while let Some(Some((confirmation, at))) = unconfirmed.next().now_or_never() {
-                self.settle(confirmation, at)?;
-            }
-            // ...and wait only when the window is full.
-            while unconfirmed.len() >= self.window {
-                match tokio::time::timeout(DRAIN_WAIT, unconfirmed.next()).await {
-                    Ok(Some((confirmation, at))) => self.settle(confirmation, at)?,
-                    Ok(None) => break,
-                    Err(_) => {
+        let mut sending = true;
+        // Bounds the wait for the last confirms, from the last send.
+        let mut deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+        let mut stalled = tokio::time::Instant::now() + DRAIN_WAIT;
+        while sending || outstanding > 0 {
+            let room = outstanding < self.window;
+            tokio::select! {
+                biased;
+                frame = connection.reader.next(), if self.confirms => {
+                    let Event::Method(method) = frame?.event()? else { continue };
+                    if let Some(error) = connection.closed_by_broker(&method).await {
+                        return Err(BenchError::Refused(format!("publisher {p}: {error}")));
+                    }
+                    let (tag, multiple) = match *method {
+                        AMQPClass::Basic(basic::AMQPMethod::Ack(a)) => (a.delivery_tag, a.multiple),
+                        AMQPClass::Basic(basic::AMQPMethod::Nack(_)) => {
+                            return Err(BenchError::Refused(format!(
+                                "publisher {p}: the broker nacked a message"
+                            )));
+                        }
+                        AMQPClass::Basic(basic::AMQPMethod::Return(r)) => {
+                            return Err(BenchError::Refused(format!(
+                                "publisher {p}: message returned: {} {}",
+                                r.reply_code, r.reply_text
+                            )));
+                        }
+                        _ => continue,
+                    };
+                    let end = first_tag + unconfirmed.len() as u64;
+                    if tag < first_tag || tag >= end {
                         return Err(BenchError::Refused(format!(
-                            "publisher {p}: no confirm for {} s",
-                            DRAIN_WAIT.as_secs()
+                            "publisher {p}: confirm of unknown delivery tag {tag}"
                         )));
                     }
+                    // Confirms may come out of order: a single one settles its slot, a
+                    // `multiple` one every slot up to its tag.
+                    let from = if multiple { first_tag } else { tag };
+                    for t in from..=tag {
+                        if let Some(at) = unconfirmed[(t - first_tag) as usize].take() {
+                            outstanding -= 1;
+                            self.tally.sent(self.copies);
+                            self.tally.ack_latency(at);
+                        }
+                    }
+                    while unconfirmed.front().is_some_and(Option::is_none) {
+                        unconfirmed.pop_front();
+                        first_tag += 1;
+                    }
+                    stalled = tokio::time::Instant::now() + DRAIN_WAIT;
                 }
-            }
-        }
-        let deadline = tokio::time::Instant::now() + DRAIN_WAIT;
-        while !unconfirmed.is_empty() {
-            match tokio::time::timeout_at(deadline, unconfirmed.next()).await {
-                Ok(Some((confirmation, at))) => self.settle(confirmation, at)?,
-                Ok(None) => break,
-                Err(_) => {
+                go = schedule.next(seq), if sending && room => {
+                    if !go {
+                        sending = false;
+                        deadline = tokio::time::Instant::now() + DRAIN_WAIT;
+                        continue;
+                    }
+                    stamp(&mut payload, p as u32, seq, now_ns());
+                    connection.writer.publish(&self.prelude, &payload);
+                    // A broker that stops reading (RabbitMQ blocks publishers on a memory
+                    // alarm) must not hold the run forever.
+                    tokio::time::timeout(CONNECT_WAIT, connection.writer.flush())
+                        .await
+                        .map_err(|_| {
+                            BenchError::Refused(format!(
+                                "publisher {p}: a publish was not written within {} s (is the \
+                                 broker blocking publishers?)",
+                                CONNECT_WAIT.as_secs()
+                            ))
+                        })??;
+                    seq += 1;
+                    if self.confirms {
+                        if outstanding == 0 {
+                            stalled = tokio::time::Instant::now() + DRAIN_WAIT;
+                        }
+                        unconfirmed.push_back(Some(Instant::now()));
+                        outstanding += 1;
+                    } else {
+                        self.tally.sent(self.copies);
+                    }
+                }
+                _ = tokio::time::sleep_until(stalled), if outstanding > 0 => {
+                    return Err(BenchError::Refused(format!(
+                        "publisher {p}: no confirm for {} s",
+                        DRAIN_WAIT.as_secs()
+                    )));
+                }
+                _ = tokio::time::sleep_until(deadline), if !sending => {
                     return Err(BenchError::Refused(format!(
                         "publisher {p}: {} of {seq} publishes unconfirmed {} s after its last \
                          send",
-                        unconfirmed.len(),
+                        outstanding,
                         DRAIN_WAIT.as_secs()
                     )));
                 }
@@ -621,56 +613,23 @@ impl Publisher {
         }
         Ok(())
     }
-
-    /// Counts a confirmed message; anything but a plain ack fails the run.
-    fn settle(
-        &self,
-        confirmation: lapin::Result<Confirmation>,
-        at: Instant,
-    ) -> Result<(), BenchError> {
-        let p = self.p;
-        match confirmation {
-            Ok(Confirmation::Ack(None)) => {
-                self.tally.sent(self.copies);
-                self.tally.ack_latency(at);
-                Ok(())
-            }
-            Ok(Confirmation::Ack(Some(returned))) => Err(BenchError::Refused(format!(
-                "publisher {p}: message returned: {} {}",
-                returned.reply_code, returned.reply_text
-            ))),
-            Ok(Confirmation::Nack(_)) => Err(BenchError::Refused(format!(
-                "publisher {p}: the broker nacked a message"
-            ))),
-            Ok(Confirmation::NotRequested) => Err(BenchError::Refused(format!(
-                "publisher {p}: publisher confirms are not on"
-            ))),
-            Err(e) => Err(BenchError::Refused(format!("publisher {p}: confirm: {e}"))),
-        }
-    }
 }
 
-/// Opens a connection (connection.open-ok), bounded by [`CONNECT_WAIT`].
-async fn connect(opts: &BenchOptions, uri: &str) -> Result<Connection, BenchError> {
-    match tokio::time::timeout(
-        CONNECT_WAIT,
-        Connection::connect(uri, ConnectionProperties::default()),
-    )
-    .await
-    {
+/// Opens a connection and its channel, bounded by [`CONNECT_WAIT`].
+async fn connect(opts: &BenchOptions, target: &Target) -> Result<Connection, BenchError> {
+    match tokio::time::timeout(CONNECT_WAIT, Connection::open(target)).await {
         Err(_) => Err(unreachable(opts, "no connection.open-ok")),
         Ok(Ok(connection)) => Ok(connection),
-        Ok(Err(e)) => Err(match e.kind() {
-            ErrorKind::IOError(io) => unreachable(opts, io),
-            _ => BenchError::Refused(format!("connection: {e}")),
-        }),
+        Ok(Err(BenchError::Io(io))) => Err(unreachable(opts, io)),
+        Ok(Err(BenchError::Refused(why))) => Err(BenchError::Refused(format!("connection: {why}"))),
+        Ok(Err(e)) => Err(e),
     }
 }
 
 /// One AMQP request, bounded by [`CONNECT_WAIT`]; an error or no answer fails the run.
 async fn step<T>(
     what: &str,
-    request: impl Future<Output = lapin::Result<T>>,
+    request: impl std::future::Future<Output = Result<T, BenchError>>,
 ) -> Result<T, BenchError> {
     match tokio::time::timeout(CONNECT_WAIT, request).await {
         Ok(Ok(value)) => Ok(value),
@@ -682,28 +641,9 @@ async fn step<T>(
     }
 }
 
-/// `--target` HOST:PORT as an AMQP URI on the default vhost with RabbitMQ's default
-/// guest/guest user; a full `amqp://` URI is taken as given (other users, vhosts).
-fn amqp_uri(target: &str) -> String {
-    if target.contains("://") {
-        target.to_string()
-    } else {
-        format!("amqp://guest:guest@{target}/%2f")
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn targets_become_uris() {
-        assert_eq!(
-            amqp_uri("127.0.0.1:5672"),
-            "amqp://guest:guest@127.0.0.1:5672/%2f"
-        );
-        assert_eq!(amqp_uri("amqp://u:p@h:1/v"), "amqp://u:p@h:1/v");
-    }
 
     #[tokio::test]
     async fn qos_2_is_refused() {
