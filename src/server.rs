@@ -482,15 +482,16 @@ fn spawn_cert_reload(
 ) -> tokio::task::JoinHandle<()> {
     let interval = settings.tls_reload_interval;
     let mut stop_rx = stop.subscribe();
+    // Registered before the server reports ready, not in the task: a SIGHUP that came before
+    // the handler would end the process (the signal's default action).
+    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(e) => {
+            warn!(error = %e, "cannot listen for SIGHUP; the TLS certificate reloads only when its files change");
+            None
+        }
+    };
     tokio::spawn(async move {
-        let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
-        {
-            Ok(signal) => Some(signal),
-            Err(e) => {
-                warn!(error = %e, "cannot listen for SIGHUP; the TLS certificate reloads only when its files change");
-                None
-            }
-        };
         let mut tick = interval.map(|every| {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

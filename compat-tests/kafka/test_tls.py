@@ -132,3 +132,47 @@ def test_confluent_sasl_ssl(sasl_tls_cluster, certificate, mech):
                          "error_cb": lambda e: None})
     with pytest.raises(KafkaException):
         wrong.list_topics(timeout=5)
+
+
+@pytest.fixture
+def mtls_cluster(make_deployment, certificate):
+    """Client certificates required on the TLS listener, signed by the test CA (the server's
+    own self-signed certificate)."""
+    return make_deployment("standalone", [*_tls_args(certificate), "--tls-client-auth",
+                                          "required", "--tls-client-ca", certificate[0]])
+
+
+def test_confluent_with_a_client_certificate_when_the_listener_requires_one(
+        mtls_cluster, certificate, tmp_path):
+    """`ssl.client.auth=required`'s equivalent: librdkafka with `ssl.certificate.location`
+    and `ssl.key.location` signed by the CA produces and consumes; without a certificate,
+    or with one from another CA, it never gets metadata."""
+    import pathlib
+
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    from tlscert import write_signed_client
+    b = _tls_bootstrap(mtls_cluster)
+    cert, key = write_signed_client(tmp_path, pathlib.Path(certificate[0]),
+                                    pathlib.Path(certificate[1]))
+    conf = {"security.protocol": "SSL", "ssl.ca.location": certificate[0],
+            "ssl.certificate.location": str(cert), "ssl.key.location": str(key)}
+    t = unique("mtls")
+    ck_create_topic(b, t, 1, admin=AdminClient({"bootstrap.servers": b, **conf}))
+    recs = make_records(20, n_keys=2, value_size=50)
+    assert len(ck_produce(ck_producer(b, **conf), t, recs)) == len(recs)
+    assert len(ck_read_all(b, t, 1, **conf)) == len(recs)
+
+    other_dir = tmp_path / "other"
+    other_dir.mkdir()
+    other_ca, other_ca_key = write_self_signed(other_dir)
+    stranger = write_signed_client(other_dir, other_ca, other_ca_key, "stranger")
+    for what, extra in [
+        ("no client certificate", {}),
+        ("a certificate from another CA",
+         {"ssl.certificate.location": str(stranger[0]), "ssl.key.location": str(stranger[1])}),
+    ]:
+        admin = AdminClient({"bootstrap.servers": b, "security.protocol": "SSL",
+                             "ssl.ca.location": certificate[0], **extra})
+        with pytest.raises(KafkaException):
+            admin.list_topics(timeout=5)

@@ -47,3 +47,36 @@ def write_self_signed(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pa
         )
     )
     return cert_path, key_path
+
+
+def write_signed_client(directory: pathlib.Path, ca_cert: pathlib.Path, ca_key: pathlib.Path,
+                        name: str = "client") -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes NAME.pem and NAME-key.pem into `directory`: a client certificate (CN=NAME,
+    clientAuth) signed by the certificate and key of `write_self_signed`, which is its own
+    CA. Returns (cert path, key path)."""
+    issuer = x509.load_pem_x509_certificate(ca_cert.read_bytes())
+    issuer_key = serialization.load_pem_private_key(ca_key.read_bytes(), password=None)
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.CLIENT_AUTH]),
+                       critical=False)
+        .sign(issuer_key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
