@@ -60,7 +60,7 @@ ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 
 echo "== building release"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tributary/target}"
-cargo build --release --locked --bin tributary >/dev/null
+cargo build --release --locked --bin tributary --features bench >/dev/null
 bin="$CARGO_TARGET_DIR/release/tributary"
 
 pkgs=()

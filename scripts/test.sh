@@ -8,11 +8,13 @@ cd "$(dirname "$0")/.."
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy -D warnings"
-cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked --features bench -- -D warnings
+# The server without the load generators (what `cargo run --release` builds) must stay clean too.
+cargo clippy --locked --bin tributary -- -D warnings
 echo "== cargo test"
-cargo test --workspace --locked
+cargo test --workspace --locked --features bench
 echo "== protocol compatibility scenarios (real client libraries)"
-cargo build --locked --bin tributary
+cargo build --locked --bin tributary --features bench
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh kafka
 # The MQTT scenarios also run against Mosquitto (installed from Debian when missing).
 (source scripts/brokers.sh && brokers_install mosquitto)

@@ -2,7 +2,9 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
-use tributary::config::{BenchCommand, Cli, Command, ReportArgs, Role, Settings};
+#[cfg(feature = "bench")]
+use tributary::config::ReportArgs;
+use tributary::config::{BenchCommand, Cli, Command, Role, Settings};
 use tributary::server::{self, Mode, Server};
 
 fn main() -> ExitCode {
@@ -157,7 +159,19 @@ fn passwd() -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `tributary bench` in a build without the load generators: the server binary does not link
+/// librdkafka and the bench's other clients unless asked to.
+#[cfg(not(feature = "bench"))]
+fn bench(_what: BenchCommand) -> ExitCode {
+    eprintln!(
+        "error: this build has no load generators: build with `--features bench` (e.g. \
+         `cargo run --release --features bench -- bench ...`)"
+    );
+    ExitCode::from(2)
+}
+
 /// `tributary bench <what>`: one line and a non-zero exit on any failure, never a hang.
+#[cfg(feature = "bench")]
 fn bench(what: BenchCommand) -> ExitCode {
     use std::io::IsTerminal;
     let (protocol, args) = match what {
@@ -228,6 +242,7 @@ fn bench(what: BenchCommand) -> ExitCode {
 }
 
 /// `tributary bench report`: the comparison table (and chart) of saved `--json` results.
+#[cfg(feature = "bench")]
 fn bench_report(args: &ReportArgs) -> ExitCode {
     let mut reports = Vec::new();
     for path in &args.inputs {
