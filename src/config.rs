@@ -41,6 +41,22 @@ pub enum Command {
     },
     /// Reads a password on stdin and prints the salted credentials for a `[[users]]` entry.
     Passwd,
+    /// Streams (Kafka topics) of a running server: list, describe, create, delete, produce,
+    /// consume. Reaches the core at --core with its token and TLS settings.
+    Streams {
+        #[command(subcommand)]
+        what: crate::cli::StreamsCommand,
+    },
+    /// Consumer groups: list, describe with lag, reset offsets.
+    Groups {
+        #[command(subcommand)]
+        what: crate::cli::GroupsCommand,
+    },
+    /// Queues: list, declare, purge, redrive dead letters.
+    Queues {
+        #[command(subcommand)]
+        what: crate::cli::QueuesCommand,
+    },
     /// Load generators with real client libraries, for Tributary or any other broker.
     Bench {
         #[command(subcommand)]

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cli;
 pub mod config;
 pub mod metrics_catalog;
 pub mod server;

@@ -2,6 +2,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use tracing_subscriber::EnvFilter;
+use tributary::cli::{self, AdminCommand};
 #[cfg(feature = "bench")]
 use tributary::config::ReportArgs;
 use tributary::config::{BenchCommand, Cli, Command, Role, Settings};
@@ -47,6 +48,9 @@ fn main() -> ExitCode {
             Mode::Gateway(protocol)
         }
         Command::Passwd => return passwd(),
+        Command::Streams { what } => return cli::run(&settings, AdminCommand::Streams(what)),
+        Command::Groups { what } => return cli::run(&settings, AdminCommand::Groups(what)),
+        Command::Queues { what } => return cli::run(&settings, AdminCommand::Queues(what)),
         Command::Bench { what } => return bench(*what),
     };
     let Some(runtime) = runtime() else {

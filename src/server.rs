@@ -531,7 +531,7 @@ fn spawn_cert_reload(
 }
 
 /// The TLS a gateway process uses to reach a core at an `https://` address.
-fn core_client_tls(
+pub fn core_client_tls(
     settings: &Settings,
 ) -> Result<Option<tributary_gateway_common::client::CoreTls>, StartError> {
     if !settings.core.starts_with("https://") {

@@ -1,0 +1,177 @@
+//! The admin subcommands' arguments (`tributary streams|groups|queues ...`).
+
+use clap::{Args, Subcommand};
+
+/// What every admin subcommand shares.
+#[derive(Debug, Clone, Args)]
+pub struct Common {
+    /// Namespace (the Kafka gateway's and MQTT's is `default`; an AMQP vhost is its own).
+    #[arg(long, short = 'n', default_value = "default")]
+    pub namespace: String,
+    /// One JSON document on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum StreamsCommand {
+    /// Every stream of the namespace with its partitions and offsets.
+    List(Common),
+    /// One stream: configs and per-partition offsets and sizes.
+    Describe {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Creates a stream.
+    Create {
+        name: String,
+        #[arg(long, short = 'p', default_value_t = 1)]
+        partitions: u32,
+        /// A stream config, KEY=VALUE (retention.ms, retention.bytes, max.message.bytes,
+        /// cleanup.policy); repeatable.
+        #[arg(long = "topic-config", short = 'c')]
+        configs: Vec<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Deletes a stream and its data.
+    Delete {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Appends records: each VALUE given, or each line of stdin when none is.
+    Produce {
+        name: String,
+        values: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        partition: u32,
+        /// The key of every record.
+        #[arg(long, short = 'k')]
+        key: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Reads records of one partition, from `--offset` (earliest, latest or a number), until
+    /// `--count` records or the end of the partition.
+    Consume {
+        name: String,
+        #[arg(long, default_value_t = 0)]
+        partition: u32,
+        #[arg(long, short = 'o', default_value = "earliest")]
+        offset: String,
+        #[arg(long, default_value_t = 10)]
+        count: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum GroupsCommand {
+    /// Every consumer group of the namespace.
+    List(Common),
+    /// A group's state and members, and per partition its committed offset, the end offset
+    /// and the lag between them.
+    Describe {
+        group: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Moves a group's committed offsets on one stream (the group must have no members, as
+    /// with kafka-consumer-groups --reset-offsets).
+    ResetOffsets {
+        group: String,
+        #[arg(long)]
+        stream: String,
+        /// earliest, latest, timestamp:MILLISECONDS or offset:N.
+        #[arg(long)]
+        to: String,
+        /// Shows what would change without committing it.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum QueuesCommand {
+    /// Every queue of the namespace with its depth, leased and delayed messages and consumers.
+    List(Common),
+    /// Declares a durable queue (an existing one with the same settings is left as it is).
+    Declare {
+        name: String,
+        /// Lost at restart (transient) rather than durable.
+        #[arg(long)]
+        transient: bool,
+        /// Dead-letter queue for messages over --max-deliveries.
+        #[arg(long)]
+        dead_letter_queue: Option<String>,
+        #[arg(long)]
+        max_deliveries: Option<u32>,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Removes every ready message of a queue.
+    Purge {
+        name: String,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Moves the messages of a dead-letter queue back to where they died (or to --to), and
+    /// waits for the move to finish.
+    Redrive {
+        name: String,
+        /// Destination queue; default: each message's source.
+        #[arg(long)]
+        to: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+impl StreamsCommand {
+    pub fn common(&self) -> &Common {
+        match self {
+            StreamsCommand::List(common) => common,
+            StreamsCommand::Describe { common, .. }
+            | StreamsCommand::Create { common, .. }
+            | StreamsCommand::Delete { common, .. }
+            | StreamsCommand::Produce { common, .. }
+            | StreamsCommand::Consume { common, .. } => common,
+        }
+    }
+}
+
+impl GroupsCommand {
+    pub fn common(&self) -> &Common {
+        match self {
+            GroupsCommand::List(common) => common,
+            GroupsCommand::Describe { common, .. } | GroupsCommand::ResetOffsets { common, .. } => {
+                common
+            }
+        }
+    }
+}
+
+impl QueuesCommand {
+    pub fn common(&self) -> &Common {
+        match self {
+            QueuesCommand::List(common) => common,
+            QueuesCommand::Declare { common, .. }
+            | QueuesCommand::Purge { common, .. }
+            | QueuesCommand::Redrive { common, .. } => common,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_command_line_is_consistent() {
+        // clap checks names and shorts across the subcommands and the global options.
+        <crate::config::Cli as clap::CommandFactory>::command().debug_assert();
+    }
+}

@@ -1,0 +1,151 @@
+//! `tributary streams|groups|queues ...`: the admin CLI, in the style of rpk and
+//! rabbitmqadmin, against the core gRPC API of a local or remote server (`--core URL`, with
+//! the core token and TLS settings a split gateway uses).
+//!
+//! Output: an aligned table for people, or one JSON document with `--json`. Exit codes: 0 done,
+//! 1 the core refused or failed the request (the message says why), 2 a bad argument, 3 the
+//! core could not be reached, 4 the core refused the credentials.
+
+pub mod args;
+mod groups;
+mod queues;
+mod records;
+mod streams;
+mod table;
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+use tributary_gateway_common::{CoreClient, error_code};
+use tributary_proto::v1::ErrorCode;
+
+use crate::config::Settings;
+pub use args::{Common, GroupsCommand, QueuesCommand, StreamsCommand};
+
+/// Why a command failed, and the exit code that says so.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    #[error("{0}")]
+    Usage(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("cannot reach the core at {core}: {message}")]
+    Unreachable { core: String, message: String },
+    #[error(
+        "the core refused the credentials: {0} (give --core-token-file, or the core's client certificate)"
+    )]
+    Unauthenticated(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(match self {
+            CliError::Refused(_) => 1,
+            CliError::Usage(_) => 2,
+            CliError::Unreachable { .. } => 3,
+            CliError::Unauthenticated(_) => 4,
+        })
+    }
+
+    /// The error of a failed core call, by its stable error code.
+    fn from_status(core: &str, status: tonic::Status) -> Self {
+        match error_code(&status) {
+            ErrorCode::Unauthenticated => CliError::Unauthenticated(status.message().into()),
+            _ if status.code() == tonic::Code::Unavailable
+                || status.code() == tonic::Code::Unknown
+                    && status.message().contains("transport") =>
+            {
+                CliError::Unreachable {
+                    core: core.into(),
+                    message: status.message().into(),
+                }
+            }
+            code => CliError::Refused(format!("{}: {}", code.as_str_name(), status.message())),
+        }
+    }
+}
+
+/// What a command prints: a table (header, rows) and the same as JSON.
+pub struct Output {
+    pub table: table::Table,
+    pub json: Value,
+}
+
+/// A connected client and the address it reaches, for error messages.
+pub struct Ctx {
+    pub client: CoreClient,
+    pub core: String,
+}
+
+impl Ctx {
+    pub fn status(&self, status: tonic::Status) -> CliError {
+        CliError::from_status(&self.core, status)
+    }
+}
+
+/// Which admin command to run.
+pub enum AdminCommand {
+    Streams(StreamsCommand),
+    Groups(GroupsCommand),
+    Queues(QueuesCommand),
+}
+
+/// Runs one admin command to completion and prints its result.
+pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcome = runtime.block_on(async {
+        let ctx = connect(settings)?;
+        let json = match &command {
+            AdminCommand::Streams(c) => c.common().json,
+            AdminCommand::Groups(c) => c.common().json,
+            AdminCommand::Queues(c) => c.common().json,
+        };
+        let out = match command {
+            AdminCommand::Streams(c) => streams::run(&ctx, c).await?,
+            AdminCommand::Groups(c) => groups::run(&ctx, c).await?,
+            AdminCommand::Queues(c) => queues::run(&ctx, c).await?,
+        };
+        Ok::<_, CliError>((json, out))
+    });
+    match outcome {
+        Ok((true, out)) => {
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&out.json).unwrap_or_default()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok((false, out)) => {
+            print!("{}", out.table.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+fn connect(settings: &Settings) -> Result<Ctx, CliError> {
+    let tls =
+        crate::server::core_client_tls(settings).map_err(|e| CliError::Usage(e.to_string()))?;
+    let client = CoreClient::connect_lazy_with(
+        &settings.core,
+        settings.core_token.as_ref().map(|t| t.expose()),
+        tls.as_ref(),
+    )
+    .map_err(|e| CliError::Usage(e.to_string()))?;
+    Ok(Ctx {
+        client,
+        core: settings.core.clone(),
+    })
+}

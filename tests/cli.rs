@@ -1,0 +1,259 @@
+//! The admin CLI (`tributary streams|groups|queues`) against a running server through the
+//! core gRPC API: tables and `--json`, and its exit codes (1 refused, 2 usage, 3 unreachable,
+//! 4 unauthenticated).
+
+mod common;
+
+use std::process::{Command, Output};
+
+use common::queue_api::api;
+use common::{BIN, Server, free_port_args};
+use serde_json::Value;
+use tributary_proto::v1;
+
+fn cli(server_core: &str, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--core", server_core])
+        .env("TRIBUTARY_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// Runs a command that must succeed with `--json`, and returns its document.
+fn json(core: &str, args: &[&str]) -> Value {
+    let mut all = args.to_vec();
+    all.push("--json");
+    let out = cli(core, &all);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn start() -> (tempfile::TempDir, Server, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&free_port_args(&dir.path().join("data")));
+    let core = format!("http://{}", server.core);
+    (dir, server, core)
+}
+
+#[test]
+fn streams_produce_consume_and_describe() {
+    let (_dir, _server, core) = start();
+    let created = json(
+        &core,
+        &[
+            "streams",
+            "create",
+            "orders",
+            "-p",
+            "2",
+            "-c",
+            "retention.ms=60000",
+        ],
+    );
+    assert_eq!(created["partitions"], 2);
+    assert_eq!(created["config"]["retention.ms"], 60000);
+    let produced = json(
+        &core,
+        &["streams", "produce", "orders", "a", "b", "c", "-k", "key"],
+    );
+    assert_eq!(produced["records"], 3);
+    assert_eq!(produced["base_offset"], 0);
+    let read = json(&core, &["streams", "consume", "orders", "--count", "10"]);
+    let records = read["records"].as_array().unwrap();
+    let values: Vec<_> = records
+        .iter()
+        .map(|r| r["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["a", "b", "c"]);
+    assert_eq!(records[2]["offset"], 2);
+    assert_eq!(records[0]["key"], "key");
+    // From an offset, and no more than asked.
+    let one = json(
+        &core,
+        &["streams", "consume", "orders", "-o", "1", "--count", "1"],
+    );
+    assert_eq!(one["records"].as_array().unwrap().len(), 1);
+    assert_eq!(one["records"][0]["value"], "b");
+
+    let listed = json(&core, &["streams", "list"]);
+    let orders = listed["streams"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "orders")
+        .expect("orders listed");
+    assert_eq!(orders["partition_info"][0]["end_offset"], 3);
+    // The table has a header and the stream.
+    let table = cli(&core, &["streams", "list"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.starts_with("NAME"), "{text}");
+    assert!(text.lines().any(|l| l.starts_with("orders ")), "{text}");
+
+    let missing = cli(&core, &["streams", "describe", "nosuch"]);
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("nosuch"));
+    let bad = cli(
+        &core,
+        &["streams", "create", "x", "-c", "retention.ms=soon"],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+    json(&core, &["streams", "delete", "orders"]);
+    assert_eq!(
+        cli(&core, &["streams", "describe", "orders"]).status.code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn groups_reset_offsets_with_a_dry_run_and_show_lag() {
+    let (_dir, _server, core) = start();
+    json(&core, &["streams", "create", "events", "-p", "2"]);
+    json(&core, &["streams", "produce", "events", "1", "2", "3"]);
+    let dry = json(
+        &core,
+        &[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--stream",
+            "events",
+            "--to",
+            "latest",
+            "--dry-run",
+        ],
+    );
+    assert_eq!(dry["offsets"][0]["offset"], 3);
+    assert_eq!(dry["offsets"][1]["offset"], 0);
+    // A dry run commits nothing.
+    let before = json(&core, &["groups", "describe", "g"]);
+    assert!(
+        before["partitions"].as_array().unwrap().is_empty(),
+        "{before}"
+    );
+    json(
+        &core,
+        &[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--stream",
+            "events",
+            "--to",
+            "offset:1",
+        ],
+    );
+    let after = json(&core, &["groups", "describe", "g"]);
+    let p0 = after["partitions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["partition"] == 0)
+        .unwrap()
+        .clone();
+    assert_eq!(p0["committed"], 1);
+    assert_eq!(p0["end"], 3);
+    assert_eq!(p0["lag"], 2);
+    let listed = json(&core, &["groups", "list"]);
+    assert!(
+        listed["groups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["group"] == "g")
+    );
+    let bad = cli(
+        &core,
+        &[
+            "groups",
+            "reset-offsets",
+            "g",
+            "--stream",
+            "events",
+            "--to",
+            "yesterday",
+        ],
+    );
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[tokio::test]
+async fn queues_declare_list_purge_and_redrive() {
+    let (_dir, server, core) = start();
+    let core2 = core.clone();
+    let run = move |args: Vec<&'static str>| {
+        let core = core2.clone();
+        async move {
+            tokio::task::spawn_blocking(move || json(&core, &args))
+                .await
+                .unwrap()
+        }
+    };
+    run(vec!["queues", "declare", "parked"]).await;
+    run(vec!["queues", "declare", "work"]).await;
+    let mut a = api(&server).await;
+    let rec = |v: &str| v1::Record {
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    a.send("parked", vec![rec("1"), rec("2"), rec("3")]).await;
+    let listed = run(vec!["queues", "list"]).await;
+    let parked = listed["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "parked")
+        .unwrap()
+        .clone();
+    assert_eq!(parked["ready"], 3);
+    let moved = run(vec!["queues", "redrive", "parked", "--to", "work"]).await;
+    assert_eq!(moved["status"], "COMPLETED", "{moved}");
+    assert_eq!(moved["moved"], 3);
+    assert_eq!(a.info("work").await.messages_ready, 3);
+    let purged = run(vec!["queues", "purge", "work"]).await;
+    assert_eq!(purged["purged"], 3);
+    assert_eq!(a.info("work").await.messages_ready, 0);
+}
+
+#[test]
+fn exit_codes_for_an_unreachable_core_and_refused_credentials() {
+    let unreachable = cli("http://127.0.0.1:1", &["streams", "list"]);
+    assert_eq!(
+        unreachable.status.code(),
+        Some(3),
+        "{}",
+        String::from_utf8_lossy(&unreachable.stderr)
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = vec!["core".to_string()];
+    args.extend(free_port_args(&dir.path().join("data")));
+    args.extend(["--core-token".into(), "cli-test-token-0123456789".into()]);
+    let server = Server::start(&args);
+    let core = format!("http://{}", server.core);
+    let refused = cli(&core, &["streams", "list"]);
+    assert_eq!(
+        refused.status.code(),
+        Some(4),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    let with_token = Command::new(BIN)
+        .args([
+            "streams",
+            "list",
+            "--json",
+            "--core",
+            &core,
+            "--core-token",
+            "cli-test-token-0123456789",
+        ])
+        .output()
+        .unwrap();
+    assert!(with_token.status.success());
+    let version = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&version.stdout).starts_with("tributary "));
+}
