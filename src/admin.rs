@@ -116,11 +116,9 @@ async fn healthz(State(s): State<AdminState>) -> Response {
 
 async fn metrics_text(State(s): State<AdminState>) -> Response {
     s.prometheus.run_upkeep();
-    (
-        [("content-type", "text/plain; version=0.0.4")],
-        s.prometheus.render(),
-    )
-        .into_response()
+    let mut text = s.prometheus.render();
+    text.push_str(&crate::metrics_units::render(&s.core).await);
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
 }
 
 fn error(e: CoreError) -> Response {

@@ -6,4 +6,5 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod metrics_catalog;
+pub mod metrics_units;
 pub mod server;

@@ -91,6 +91,26 @@ pub const METRICS: &[Metric] = &[
         "Requests refused for a missing, malformed or wrong core token, per listener and reason.",
     ),
     m(
+        "tributary_messages_in_total",
+        Kind::Counter,
+        "Messages received from clients, per listener and protocol (Kafka records produced, MQTT PUBLISH, AMQP basic.publish).",
+    ),
+    m(
+        "tributary_message_bytes_in_total",
+        Kind::Counter,
+        "Payload bytes of the messages received from clients, per listener and protocol.",
+    ),
+    m(
+        "tributary_messages_out_total",
+        Kind::Counter,
+        "Messages sent to clients, per listener and protocol (Kafka records fetched, MQTT PUBLISH, AMQP deliveries and basic.get-ok).",
+    ),
+    m(
+        "tributary_message_bytes_out_total",
+        Kind::Counter,
+        "Payload bytes of the messages sent to clients, per listener and protocol.",
+    ),
+    m(
         "tributary_tls_reloads_total",
         Kind::Counter,
         "Reloads of the TLS certificate (on SIGHUP or a change of its files), per result (ok, error: the certificate in use stays).",

@@ -167,3 +167,195 @@ fn messages_beyond_a_full_session_queue_are_counted_as_dropped() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Polls until `series` reads `want`, failing after 10 s.
+fn wait_metric(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(admin, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} = {got:?}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn traffic_per_listener_queue_depths_and_group_lag_are_exported() {
+    use tributary_proto::v1;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(dir.path());
+    let i = args.iter().position(|a| a == "--mqtt-listen").unwrap();
+    args[i + 1] = "127.0.0.1:0".into();
+    let server = Server::start(&args);
+    let (mqtt, admin) = (server.mqtt.unwrap(), server.admin.unwrap());
+
+    // MQTT: one PUBLISH in (5 payload bytes), delivered once to a subscriber.
+    tokio::task::spawn_blocking(move || {
+        let mut sub = connected(mqtt, "m-sub", true);
+        let mut body = vec![0, 1];
+        body.extend(string("m/#"));
+        body.push(1);
+        sub.write_all(&packet(0x82, &body)).unwrap();
+        assert_eq!(read_exact(&mut sub, 5), [0x90, 3, 0, 1, 1]);
+        let mut publisher = connected(mqtt, "m-pub", true);
+        let mut body = string("m/x");
+        body.extend([0, 1]);
+        body.extend_from_slice(b"hello");
+        publisher.write_all(&packet(0x32, &body)).unwrap();
+        assert_eq!(read_exact(&mut publisher, 4), [0x40, 2, 0, 1]);
+        // The delivery: PUBLISH QoS 1 with topic m/x, packet id, payload.
+        let delivery = read_exact(&mut sub, 2 + 2 + 3 + 2 + 5);
+        assert_eq!(&delivery[delivery.len() - 5..], b"hello");
+    })
+    .await
+    .unwrap();
+    let labels = "{listener=\"mqtt\",protocol=\"mqtt\"}";
+    wait_metric(admin, &format!("tributary_messages_in_total{labels}"), 1.0);
+    wait_metric(
+        admin,
+        &format!("tributary_message_bytes_in_total{labels}"),
+        5.0,
+    );
+    wait_metric(admin, &format!("tributary_messages_out_total{labels}"), 1.0);
+
+    // A queue with two ready messages, and a group one record behind on a stream of three.
+    let client = server.client();
+    client
+        .admin
+        .clone()
+        .declare_queue(v1::DeclareQueueRequest {
+            id: Some(v1::QueueId {
+                namespace: "default".into(),
+                name: "jobs".into(),
+            }),
+            durable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let rec = |v: &str| v1::Record {
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    client
+        .queues
+        .clone()
+        .enqueue(v1::EnqueueRequest {
+            queue: Some(v1::QueueId {
+                namespace: "default".into(),
+                name: "jobs".into(),
+            }),
+            records: vec![rec("a"), rec("b")],
+        })
+        .await
+        .unwrap();
+    let stream = v1::StreamId {
+        namespace: "default".into(),
+        name: "events".into(),
+    };
+    client
+        .streams
+        .clone()
+        .append(v1::AppendRequest {
+            stream: Some(stream.clone()),
+            partition: 0,
+            batch: Some(v1::RecordBatch {
+                records: vec![rec("1"), rec("2"), rec("3")],
+                record_count: 3,
+                ..Default::default()
+            }),
+            auto_create: true,
+        })
+        .await
+        .unwrap();
+    client
+        .offsets
+        .clone()
+        .commit_offsets(v1::CommitOffsetsRequest {
+            namespace: "default".into(),
+            group: "readers".into(),
+            offsets: vec![v1::CommittedOffset {
+                stream: Some(stream),
+                partition: 0,
+                offset: 2,
+                ..Default::default()
+            }],
+            generation: None,
+            member_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let (admin2, ready, lag) = (
+        admin,
+        "tributary_queue_messages{namespace=\"default\",queue=\"jobs\",state=\"ready\"}",
+        "tributary_group_lag{namespace=\"default\",group=\"readers\",stream=\"events\",partition=\"0\"}",
+    );
+    tokio::task::spawn_blocking(move || {
+        wait_metric(admin2, ready, 2.0);
+        wait_metric(admin2, lag, 1.0);
+    })
+    .await
+    .unwrap();
+}
+
+/// Every metric the Grafana dashboard in the repository queries is one the process exports.
+#[test]
+fn the_grafana_dashboard_names_only_exported_metrics() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(root.join("docs/grafana/tributary.json")).unwrap();
+    let dashboard: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    fn walk(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(serde_json::Value::String(e)) = m.get("expr") {
+                    out.push(e.clone());
+                }
+                m.values().for_each(|v| walk(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| walk(v, out)),
+            _ => {}
+        }
+    }
+    walk(&dashboard, &mut exprs);
+    assert!(
+        exprs.len() >= 8,
+        "the dashboard has {} queries",
+        exprs.len()
+    );
+    let known: BTreeSet<&str> = METRICS
+        .iter()
+        .map(|m| m.name)
+        .chain(tributary::metrics_units::FAMILIES.iter().map(|(n, _)| *n))
+        .collect();
+    for expr in &exprs {
+        let mut rest = expr.as_str();
+        while let Some(at) = rest.find("tributary_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let base = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name);
+            assert!(
+                known.contains(base),
+                "the dashboard queries {name}, which the process does not export (in: {expr})"
+            );
+        }
+    }
+}

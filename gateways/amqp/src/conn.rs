@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
+use tributary_gateway_common::Traffic;
 use tributary_proto::amqp_link::{self as link, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
@@ -57,10 +58,15 @@ enum ConnError {
 pub(crate) trait Socket: AsyncRead + AsyncWrite + Unpin + Send {}
 impl<T: AsyncRead + AsyncWrite + Unpin + Send> Socket for T {}
 
-pub(crate) async fn run(gw: Arc<Gateway>, socket: impl Socket, peer: SocketAddr) {
-    let span = info_span!("amqp_conn", %peer);
+pub(crate) async fn run(
+    gw: Arc<Gateway>,
+    socket: impl Socket,
+    peer: SocketAddr,
+    listener: &'static str,
+) {
+    let span = info_span!("amqp_conn", %peer, listener);
     async move {
-        match serve(gw, socket, peer).await {
+        match serve(gw, socket, peer, Traffic::new(listener)).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection ended"),
             Err(e) => debug!(error = %e, "connection ended"),
         }
@@ -281,6 +287,8 @@ struct Chan {
 
 struct Session {
     user: String,
+    /// Messages in and out of this connection, in the listener's traffic metrics.
+    traffic: Traffic,
     /// Channels with confirms waiting in `confirm_batch`.
     confirm_dirty: Vec<u16>,
     frame_max: usize,
@@ -313,7 +321,12 @@ fn fatal(code: u16, text: impl Into<String>, (class_id, method_id): (u16, u16)) 
     }
 }
 
-async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Result<(), ConnError> {
+async fn serve(
+    gw: Arc<Gateway>,
+    mut sock: impl Socket,
+    peer: SocketAddr,
+    traffic: Traffic,
+) -> Result<(), ConnError> {
     let mut hdr = [0u8; 8];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.read_exact(&mut hdr))
         .await
@@ -436,6 +449,7 @@ async fn serve(gw: Arc<Gateway>, mut sock: impl Socket, peer: SocketAddr) -> Res
 
     let mut s = Session {
         user,
+        traffic,
         confirm_dirty: Vec::new(),
         frame_max,
         channel_max,
@@ -842,6 +856,7 @@ impl Session {
         } else {
             0
         };
+        self.traffic.received(1, p.body.len());
         self.command(
             channel,
             Command::Publish(link::BasicPublish {
@@ -1391,6 +1406,7 @@ impl Session {
                 }
             }
             Event::Deliver(d) if c.state == ChanState::Open => {
+                self.traffic.sent(1, d.body.len());
                 frames::put_deliver(
                     &mut self.out,
                     channel,
@@ -1409,6 +1425,7 @@ impl Session {
                 );
             }
             Event::GetOk(d) if c.state == ChanState::Open => {
+                self.traffic.sent(1, d.body.len());
                 put_method(
                     &mut self.out,
                     channel,

@@ -31,3 +31,45 @@ pub(crate) fn count_dropped(listener: &'static str, reason: &'static str) {
     )
     .increment(1);
 }
+
+/// Messages and payload bytes a connection takes in and hands out, per listener (and its
+/// protocol), in `tributary_messages_{in,out}_total` and `tributary_message_bytes_{in,out}_total`.
+/// The counters are looked up once per connection: counting a message is an atomic add.
+#[derive(Clone)]
+pub struct Traffic {
+    messages_in: metrics::Counter,
+    bytes_in: metrics::Counter,
+    messages_out: metrics::Counter,
+    bytes_out: metrics::Counter,
+}
+
+impl Traffic {
+    /// The counters of `listener` (its protocol is the name up to the first `-`: `mqtt-ws`
+    /// counts for `mqtt`).
+    pub fn new(listener: &'static str) -> Self {
+        let protocol = protocol_of(listener);
+        Self {
+            messages_in: metrics::counter!("tributary_messages_in_total", "listener" => listener, "protocol" => protocol),
+            bytes_in: metrics::counter!("tributary_message_bytes_in_total", "listener" => listener, "protocol" => protocol),
+            messages_out: metrics::counter!("tributary_messages_out_total", "listener" => listener, "protocol" => protocol),
+            bytes_out: metrics::counter!("tributary_message_bytes_out_total", "listener" => listener, "protocol" => protocol),
+        }
+    }
+
+    /// `n` messages of `bytes` payload bytes in all, received from the client.
+    pub fn received(&self, n: u64, bytes: usize) {
+        self.messages_in.increment(n);
+        self.bytes_in.increment(bytes as u64);
+    }
+
+    /// `n` messages of `bytes` payload bytes in all, sent to the client.
+    pub fn sent(&self, n: u64, bytes: usize) {
+        self.messages_out.increment(n);
+        self.bytes_out.increment(bytes as u64);
+    }
+}
+
+/// The protocol of a listener name (`kafka-tls` -> `kafka`).
+pub fn protocol_of(listener: &'static str) -> &'static str {
+    listener.split('-').next().unwrap_or(listener)
+}

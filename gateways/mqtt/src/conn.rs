@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span};
+use tributary_gateway_common::Traffic;
 use tributary_gateway_common::client::SessionEvents;
 use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
 
@@ -208,6 +209,8 @@ enum Reply {
 /// The state of one connected client.
 struct Client {
     gw: Arc<Gateway>,
+    /// Messages in and out of this connection, in the listener's traffic metrics.
+    traffic: Traffic,
     v5: bool,
     client_id: String,
     user: Option<String>,
@@ -332,6 +335,7 @@ impl Client {
         }
         let m = d.message.unwrap_or_default();
         let record = m.record.unwrap_or_default();
+        self.traffic.sent(1, record.value.len());
         let props = record.properties.unwrap_or_default();
         let qos = qos_of(m.qos);
         let packet_id = (m.qos > 0).then(|| nz(id));
@@ -667,6 +671,7 @@ impl Client {
             }
             return Ok(());
         }
+        self.traffic.received(1, payload.len());
         let record = record_from_publish(&topic, payload, props.as_ref(), now_ms());
         let message = v1::RoutedMessage {
             record: Some(record),
@@ -851,7 +856,7 @@ pub(crate) async fn serve_connection<S>(
     let span = info_span!("mqtt_conn", %peer, listener);
     let (rd, wr) = tokio::io::split(socket);
     async move {
-        match run(Box::new(rd), Box::new(wr), gw, stop).await {
+        match run(Box::new(rd), Box::new(wr), gw, Traffic::new(listener), stop).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
             Err(e @ (ConnError::TakenOver | ConnError::Io(_))) => {
                 debug!(reason = %e, "connection closed")
@@ -1060,6 +1065,7 @@ async fn run(
     rd: Reader,
     mut writer: Writer,
     gw: Arc<Gateway>,
+    traffic: Traffic,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let max_in = gw.config.max_packet_size;
@@ -1255,6 +1261,7 @@ async fn run(
     };
     let mut client = Client {
         gw: gw.clone(),
+        traffic,
         v5: c.v5,
         client_id: c.client_id.clone(),
         user: c.user.clone(),
