@@ -57,6 +57,11 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::QueuesCommand,
     },
+    /// Imports another broker's definitions (RabbitMQ's definitions.json).
+    Import {
+        #[command(subcommand)]
+        what: crate::cli::ImportCommand,
+    },
     /// Load generators with real client libraries, for Tributary or any other broker.
     Bench {
         #[command(subcommand)]
@@ -756,13 +761,23 @@ impl Settings {
                     "each [[users]] entry needs a name and credentials",
                 ));
             }
-            let creds = u
-                .credentials
-                .iter()
-                .map(|c| tributary_gateway_common::auth::ScramCredential::parse(c))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| invalid("users", &u.name, e))?;
+            // SCRAM credentials (`tributary passwd`) and, from `tributary import rabbitmq`,
+            // RabbitMQ password hashes (plain-password logins only).
+            let mut creds = Vec::new();
+            let mut hash = None;
+            for c in &u.credentials {
+                match tributary_gateway_common::auth::PasswordHash::parse(c) {
+                    Some(parsed) => hash = Some(parsed.map_err(|e| invalid("users", &u.name, e))?),
+                    None => creds.push(
+                        tributary_gateway_common::auth::ScramCredential::parse(c)
+                            .map_err(|e| invalid("users", &u.name, e))?,
+                    ),
+                }
+            }
             users.add(&u.name, creds);
+            if let Some(hash) = hash {
+                users.add_password_hash(&u.name, hash);
+            }
         }
         let kafka_sasl = pick!(kafka_sasl, false);
         if kafka_sasl && users.is_empty() {

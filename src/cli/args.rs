@@ -97,6 +97,26 @@ pub enum GroupsCommand {
 }
 
 #[derive(Debug, Clone, Subcommand)]
+pub enum ImportCommand {
+    /// RabbitMQ definitions (`rabbitmqctl export_definitions FILE`, or the management API's
+    /// GET /api/definitions): vhosts, exchanges, queues with their arguments and bindings into
+    /// the core; users with their password hashes, vhost access and the vhost list as a
+    /// config snippet; a report of everything, including what is not carried.
+    Rabbitmq {
+        file: std::path::PathBuf,
+        /// Checks every definition and reports what would be created; changes nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Where to write the config snippet (users, amqp_permissions, amqp_vhosts); it is
+        /// also in the `--json` report.
+        #[arg(long)]
+        config_out: Option<std::path::PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum QueuesCommand {
     /// Every queue of the namespace with its depth, leased and delayed messages and consumers.
     List(Common),

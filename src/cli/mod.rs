@@ -1,4 +1,4 @@
-//! `tributary streams|groups|queues ...`: the admin CLI, in the style of rpk and
+//! `tributary streams|groups|queues|import ...`: the admin CLI, in the style of rpk and
 //! rabbitmqadmin, against the core gRPC API of a local or remote server (`--core URL`, with
 //! the core token and TLS settings a split gateway uses).
 //!
@@ -8,6 +8,7 @@
 
 pub mod args;
 mod groups;
+mod import;
 mod queues;
 mod records;
 mod streams;
@@ -20,7 +21,7 @@ use tributary_gateway_common::{CoreClient, error_code};
 use tributary_proto::v1::ErrorCode;
 
 use crate::config::Settings;
-pub use args::{Common, GroupsCommand, QueuesCommand, StreamsCommand};
+pub use args::{Common, GroupsCommand, ImportCommand, QueuesCommand, StreamsCommand};
 
 /// Why a command failed, and the exit code that says so.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +89,7 @@ pub enum AdminCommand {
     Streams(StreamsCommand),
     Groups(GroupsCommand),
     Queues(QueuesCommand),
+    Import(ImportCommand),
 }
 
 /// Runs one admin command to completion and prints its result.
@@ -103,16 +105,30 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
         }
     };
     let outcome = runtime.block_on(async {
-        let ctx = connect(settings)?;
         let json = match &command {
             AdminCommand::Streams(c) => c.common().json,
             AdminCommand::Groups(c) => c.common().json,
             AdminCommand::Queues(c) => c.common().json,
+            AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
         };
         let out = match command {
-            AdminCommand::Streams(c) => streams::run(&ctx, c).await?,
-            AdminCommand::Groups(c) => groups::run(&ctx, c).await?,
-            AdminCommand::Queues(c) => queues::run(&ctx, c).await?,
+            AdminCommand::Streams(c) => streams::run(&connect(settings)?, c).await?,
+            AdminCommand::Groups(c) => groups::run(&connect(settings)?, c).await?,
+            AdminCommand::Queues(c) => queues::run(&connect(settings)?, c).await?,
+            AdminCommand::Import(ImportCommand::Rabbitmq {
+                file,
+                dry_run,
+                config_out,
+                ..
+            }) => {
+                // A dry run needs no server.
+                let ctx = if dry_run {
+                    None
+                } else {
+                    Some(connect(settings)?)
+                };
+                import::rabbitmq(ctx.as_ref(), &file, dry_run, config_out.as_deref()).await?
+            }
         };
         Ok::<_, CliError>((json, out))
     });

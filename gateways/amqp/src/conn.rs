@@ -214,16 +214,7 @@ fn authenticate(
         }
         other => return Err(format!("unsupported mechanism '{other}'")),
     };
-    let configured = gw
-        .config
-        .users
-        .credential(&user, tributary_gateway_common::auth::ScramHash::Sha256)
-        .is_some()
-        || gw
-            .config
-            .users
-            .credential(&user, tributary_gateway_common::auth::ScramHash::Sha512)
-            .is_some();
+    let configured = gw.config.users.contains(&user);
     if configured {
         if gw.config.users.verify_password(&user, &password) {
             return Ok((user, false));

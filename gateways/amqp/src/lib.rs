@@ -22,6 +22,7 @@ use tracing::debug;
 use tributary_gateway_common::auth::Users;
 use tributary_gateway_common::{Accepted, CoreClient};
 
+pub use broker::definitions;
 pub use frames::decode_stream;
 
 /// Arbitrary bytes as what a client's methods carry to the broker: queue x-arguments,

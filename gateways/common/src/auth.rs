@@ -170,10 +170,97 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// A password hash imported from RabbitMQ (`rabbit_password_hashing_sha256` / `_sha512`):
+/// base64 of a 4-byte salt followed by hash(salt ++ password). It checks plain-password
+/// logins (AMQP PLAIN, MQTT, Kafka SASL/PLAIN), so users keep their passwords across a
+/// migration; SCRAM needs a SCRAM credential (`tributary passwd`), which cannot be derived
+/// from this hash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PasswordHash {
+    pub sha512: bool,
+    pub salt: [u8; 4],
+    pub hash: Vec<u8>,
+}
+
+impl PasswordHash {
+    /// The config-file prefixes of the two algorithms.
+    pub const SHA256_PREFIX: &'static str = "RABBITMQ-SHA-256$";
+    pub const SHA512_PREFIX: &'static str = "RABBITMQ-SHA-512$";
+
+    /// From RabbitMQ's `password_hash` (base64) and `hashing_algorithm`.
+    pub fn from_rabbitmq(password_hash: &str, algorithm: &str) -> Result<Self, String> {
+        let sha512 = match algorithm {
+            "rabbit_password_hashing_sha256" | "" => false,
+            "rabbit_password_hashing_sha512" => true,
+            other => {
+                return Err(format!(
+                    "hashing algorithm {other} is not supported (sha256 and sha512 are)"
+                ));
+            }
+        };
+        let raw = B64
+            .decode(password_hash)
+            .map_err(|_| "password_hash is not base64".to_string())?;
+        let want = if sha512 { 64 } else { 32 };
+        if raw.len() != 4 + want {
+            return Err(format!(
+                "password_hash has {} bytes, expected a 4-byte salt and a {want}-byte hash",
+                raw.len()
+            ));
+        }
+        Ok(Self {
+            sha512,
+            salt: raw[..4].try_into().expect("4 bytes"),
+            hash: raw[4..].to_vec(),
+        })
+    }
+
+    /// From its config-file text (`RABBITMQ-SHA-256$<base64>`), `None` if it is not one.
+    pub fn parse(text: &str) -> Option<Result<Self, String>> {
+        let (algorithm, b64) = if let Some(b) = text.strip_prefix(Self::SHA256_PREFIX) {
+            ("rabbit_password_hashing_sha256", b)
+        } else if let Some(b) = text.strip_prefix(Self::SHA512_PREFIX) {
+            ("rabbit_password_hashing_sha512", b)
+        } else {
+            return None;
+        };
+        Some(Self::from_rabbitmq(b64, algorithm))
+    }
+
+    pub fn to_text(&self) -> String {
+        let mut raw = self.salt.to_vec();
+        raw.extend_from_slice(&self.hash);
+        let prefix = if self.sha512 {
+            Self::SHA512_PREFIX
+        } else {
+            Self::SHA256_PREFIX
+        };
+        format!("{prefix}{}", B64.encode(raw))
+    }
+
+    pub fn verify_password(&self, password: &str) -> bool {
+        use sha2::Digest;
+        let computed = if self.sha512 {
+            let mut h = sha2::Sha512::new();
+            h.update(self.salt);
+            h.update(password.as_bytes());
+            h.finalize().to_vec()
+        } else {
+            let mut h = sha2::Sha256::new();
+            h.update(self.salt);
+            h.update(password.as_bytes());
+            h.finalize().to_vec()
+        };
+        constant_time_eq(&computed, &self.hash)
+    }
+}
+
 /// The configured users.
 #[derive(Debug, Clone, Default)]
 pub struct Users {
     users: HashMap<String, Vec<ScramCredential>>,
+    /// Imported password hashes, checked for plain-password logins.
+    hashes: HashMap<String, PasswordHash>,
 }
 
 impl Users {
@@ -185,8 +272,19 @@ impl Users {
         self.users.insert(name.to_string(), credentials);
     }
 
+    /// Adds (or replaces) a user's imported password hash.
+    pub fn add_password_hash(&mut self, name: &str, hash: PasswordHash) {
+        self.users.entry(name.to_string()).or_default();
+        self.hashes.insert(name.to_string(), hash);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
+    }
+
+    /// Whether `user` is configured (with SCRAM credentials, an imported hash, or both).
+    pub fn contains(&self, user: &str) -> bool {
+        self.users.contains_key(user)
     }
 
     pub fn credential(&self, user: &str, hash: ScramHash) -> Option<&ScramCredential> {
@@ -199,12 +297,40 @@ impl Users {
             .get(user)
             .and_then(|creds| creds.first())
             .is_some_and(|c| c.verify_password(password))
+            || self
+                .hashes
+                .get(user)
+                .is_some_and(|h| h.verify_password(password))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rabbitmq_password_hashes_check_plain_passwords() {
+        // RabbitMQ's scheme: base64(salt ++ sha256(salt ++ password)), salt 4 bytes.
+        use sha2::Digest;
+        let salt = [1u8, 2, 3, 4];
+        let mut h = sha2::Sha256::new();
+        h.update(salt);
+        h.update(b"guest2");
+        let mut raw = salt.to_vec();
+        raw.extend_from_slice(&h.finalize());
+        let text = B64.encode(&raw);
+        let hash = PasswordHash::from_rabbitmq(&text, "rabbit_password_hashing_sha256").unwrap();
+        assert!(hash.verify_password("guest2"));
+        assert!(!hash.verify_password("guest"));
+        assert_eq!(PasswordHash::parse(&hash.to_text()).unwrap().unwrap(), hash);
+        assert!(PasswordHash::from_rabbitmq(&text, "rabbit_password_hashing_md5").is_err());
+        assert!(PasswordHash::from_rabbitmq("AAAA", "").is_err());
+        let mut users = Users::new();
+        users.add_password_hash("u", hash);
+        assert!(users.verify_password("u", "guest2"));
+        assert!(!users.verify_password("u", "nope"));
+        assert!(users.credential("u", ScramHash::Sha256).is_none());
+    }
 
     #[test]
     fn credentials_round_trip_and_check_passwords() {

@@ -12,6 +12,7 @@
 
 mod args;
 mod channel;
+pub mod definitions;
 pub(crate) mod fields;
 mod message;
 mod refusal;
