@@ -90,6 +90,11 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "Requests refused for a missing, malformed or wrong core token, per listener and reason.",
     ),
+    m(
+        "tributary_kafka_authorization_denied_total",
+        Kind::Counter,
+        "Kafka requests (or parts of one: a topic, a group) refused by the ACL authorizer, per resource type and operation.",
+    ),
     // Timers.
     m(
         "tributary_timers_pending",

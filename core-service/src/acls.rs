@@ -138,11 +138,7 @@ fn check_count(n: usize) -> CoreResult<()> {
 
 impl Core {
     async fn access_version(&self, ns: &str) -> CoreResult<(u64, Option<Vec<u8>>)> {
-        let raw = self
-            .inner
-            .meta
-            .get(&meta::key(ACL_VERSION, &[ns]))
-            .await?;
+        let raw = self.inner.meta.get(&meta::key(ACL_VERSION, &[ns])).await?;
         match raw {
             None => Ok((0, None)),
             Some(raw) => Ok((from_json("access rule version", &raw)?, Some(raw.to_vec()))),

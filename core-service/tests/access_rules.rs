@@ -82,6 +82,14 @@ async fn rules_are_versioned_deduplicated_and_durable() {
     assert_eq!(v, 3);
     assert_eq!(rules.unwrap(), vec![rule("b", "write", true)]);
     // Namespaces do not see each other's rules.
-    assert_eq!(core.list_access_rules("other", 0).await.unwrap().1.unwrap().len(), 0);
+    assert_eq!(
+        core.list_access_rules("other", 0)
+            .await
+            .unwrap()
+            .1
+            .unwrap()
+            .len(),
+        0
+    );
     core.shutdown().await.unwrap();
 }
