@@ -581,8 +581,8 @@ impl Authorizer {
 
 /// The authorizer as one request sees it: who asks, and a snapshot of the ACLs.
 pub(crate) struct Authz<'a> {
-    authorizer: Option<(&'a Authorizer, Arc<AclSet>)>,
-    who: Requester,
+    /// `None` = authorizer off (nothing to allocate per request then).
+    authorizer: Option<(&'a Authorizer, Arc<AclSet>, Requester)>,
     peer: SocketAddr,
 }
 
@@ -591,15 +591,13 @@ impl<'a> Authz<'a> {
     pub fn open(peer: SocketAddr) -> Self {
         Self {
             authorizer: None,
-            who: Requester::new("ANONYMOUS", peer.ip()),
             peer,
         }
     }
 
     pub fn new(authorizer: &'a Authorizer, set: Arc<AclSet>, user: &str, peer: SocketAddr) -> Self {
         Self {
-            authorizer: Some((authorizer, set)),
-            who: Requester::new(user, peer.ip()),
+            authorizer: Some((authorizer, set, Requester::new(user, peer.ip()))),
             peer,
         }
     }
@@ -613,7 +611,7 @@ impl<'a> Authz<'a> {
     pub fn allowed(&self, op: Operation, rt: ResourceType, name: &str) -> bool {
         match &self.authorizer {
             None => true,
-            Some((a, set)) => set.authorize(&a.policy, &self.who, op, rt, name).is_ok(),
+            Some((a, set, who)) => set.authorize(&a.policy, who, op, rt, name).is_ok(),
         }
     }
 
@@ -621,10 +619,10 @@ impl<'a> Authz<'a> {
     pub fn check(&self, op: Operation, rt: ResourceType, name: &str) -> bool {
         match &self.authorizer {
             None => true,
-            Some((a, set)) => match set.authorize(&a.policy, &self.who, op, rt, name) {
+            Some((a, set, who)) => match set.authorize(&a.policy, who, op, rt, name) {
                 Ok(()) => true,
                 Err(why) => {
-                    a.log_refusal(self.peer, &self.who, op, rt, name, why);
+                    a.log_refusal(self.peer, who, op, rt, name, why);
                     false
                 }
             },
@@ -639,10 +637,10 @@ impl<'a> Authz<'a> {
     pub fn check_any(&self, op: Operation, rt: ResourceType) -> bool {
         match &self.authorizer {
             None => true,
-            Some((a, set)) => {
-                let ok = set.authorize_any(&a.policy, &self.who, op, rt);
+            Some((a, set, who)) => {
+                let ok = set.authorize_any(&a.policy, who, op, rt);
                 if !ok {
-                    a.log_refusal(self.peer, &self.who, op, rt, "*", Denial::NoAllowAcl);
+                    a.log_refusal(self.peer, who, op, rt, "*", Denial::NoAllowAcl);
                 }
                 ok
             }
@@ -653,7 +651,7 @@ impl<'a> Authz<'a> {
     pub fn operations(&self, rt: ResourceType, name: &str) -> i32 {
         match &self.authorizer {
             None => NO_OPERATIONS,
-            Some((a, set)) => set.authorized_operations(&a.policy, &self.who, rt, name),
+            Some((a, set, who)) => set.authorized_operations(&a.policy, who, rt, name),
         }
     }
 }
