@@ -411,3 +411,21 @@ def test_refusals_are_counted_and_logged(acl_cluster):
     lines = [ln for ln in log.splitlines() if "refused by the ACLs" in ln]
     assert lines and "User:alice" in lines[0] and f"topic:{t}" in lines[0], lines
     assert "peer=" in lines[0] and "operation=" in lines[0] and "reason=" in lines[0]
+
+
+def test_authorized_operations_are_reported(acl_cluster):
+    """Metadata (describe_topics) and DescribeCluster report the operations the user may do
+    when asked, with the implied DESCRIBE."""
+    from confluent_kafka import TopicCollection
+    from confluent_kafka.admin import AclOperation
+    b = acl_cluster.bootstrap
+    t = unique("ops")
+    ck_create_topic(b, t, 1, admin=_ck_admin(b, "admin"))
+    grant(b, acl("User:alice", "TOPIC", t, "READ"),
+          acl("User:alice", "CLUSTER", "kafka-cluster", "DESCRIBE"))
+    alice = _ck_admin(b, "alice")
+    desc = alice.describe_topics(TopicCollection([t]), include_authorized_operations=True)
+    ops = set(desc[t].result(timeout=15).authorized_operations)
+    assert ops == {AclOperation.READ, AclOperation.DESCRIBE}, ops
+    cluster = alice.describe_cluster(include_authorized_operations=True).result(timeout=15)
+    assert set(cluster.authorized_operations) == {AclOperation.DESCRIBE}, cluster
