@@ -7,24 +7,17 @@
 //! counted in `tributary_auth_refusals_total{listener,reason}` and logged with the peer, the
 //! path and the reason, at most once per peer per [`REFUSAL_LOG_INTERVAL`].
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::http::{self, HeaderValue};
 use tracing::warn;
 
-/// At most one log line per peer and listener in this long; the refusals in between are
-/// counted and the count is given with the next line.
-pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
-
-/// Peers remembered by the rate limiter; beyond it, new peers share one slot (so a flood
-/// from many addresses still logs a bounded number of lines and uses bounded memory).
-const MAX_TRACKED_PEERS: usize = 4096;
+pub use tributary_gateway_common::auth::{MAX_TRACKED_PEERS, REFUSAL_LOG_INTERVAL, RefusalLimiter};
 
 /// The shared secret. Its `Debug` never shows it, so settings can be printed safely.
 #[derive(Clone, PartialEq, Eq)]
@@ -117,65 +110,6 @@ impl Reason {
             }
             Reason::Malformed => "the authorization header is not `Bearer <core_token>`",
             Reason::Wrong => "the bearer token is not this server's core_token",
-        }
-    }
-}
-
-/// Per-peer state of the rate limiter.
-struct PeerState {
-    logged_at: Instant,
-    suppressed: u64,
-}
-
-/// Rate limiter for refusal log lines: one line per peer per interval.
-pub struct RefusalLimiter {
-    interval: Duration,
-    capacity: usize,
-    peers: Mutex<HashMap<Option<IpAddr>, PeerState>>,
-}
-
-impl RefusalLimiter {
-    pub fn new(interval: Duration, capacity: usize) -> Self {
-        Self {
-            interval,
-            capacity,
-            peers: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Notes one refusal from `peer` at `now`. `Some(n)`: log a line now, `n` refusals from
-    /// this peer went unlogged since its last line. `None`: stay quiet (counted for later).
-    pub fn admit(&self, peer: Option<IpAddr>, now: Instant) -> Option<u64> {
-        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        let mut key = peer;
-        if !peers.contains_key(&key) && peers.len() >= self.capacity {
-            let interval = self.interval;
-            peers.retain(|_, s| now.duration_since(s.logged_at) < interval);
-            if peers.len() >= self.capacity {
-                // Full of peers seen in this interval: newcomers share the `None` slot.
-                key = None;
-            }
-        }
-        match peers.get_mut(&key) {
-            Some(s) if now.duration_since(s.logged_at) < self.interval => {
-                s.suppressed += 1;
-                None
-            }
-            Some(s) => {
-                let suppressed = std::mem::take(&mut s.suppressed);
-                s.logged_at = now;
-                Some(suppressed)
-            }
-            None => {
-                peers.insert(
-                    key,
-                    PeerState {
-                        logged_at: now,
-                        suppressed: 0,
-                    },
-                );
-                Some(0)
-            }
         }
     }
 }
@@ -316,6 +250,8 @@ pub fn beyond_loopback(addr: SocketAddr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::IpAddr;
+    use std::time::Duration;
 
     #[test]
     fn constant_time_eq_is_equality() {
@@ -376,7 +312,7 @@ mod tests {
             .count();
         // Four tracked peers plus the shared slot for everyone else.
         assert_eq!(lines, 5);
-        assert!(l.peers.lock().unwrap().len() <= 5);
+        assert!(l.tracked() <= 5);
         // Once the interval has passed, old peers make room for new ones.
         let later = t0 + Duration::from_secs(10);
         assert_eq!(l.admit(Some(IpAddr::from([192, 0, 2, 1])), later), Some(0));

@@ -337,6 +337,21 @@ pub struct Options {
     /// Create unknown topics when a Kafka client asks for their metadata (true/false).
     #[arg(long, env = "TRIBUTARY_KAFKA_AUTO_CREATE_TOPICS", global = true)]
     pub kafka_auto_create_topics: Option<bool>,
+    /// Enforce Kafka ACLs (CreateAcls/DescribeAcls/DeleteAcls) on every Kafka request;
+    /// needs --kafka-sasl.
+    #[arg(long, env = "TRIBUTARY_KAFKA_AUTHORIZER", global = true, num_args = 0..=1, default_missing_value = "true")]
+    pub kafka_authorizer: Option<bool>,
+    /// [[users]] names allowed everything by the Kafka authorizer (comma-separated).
+    #[arg(
+        long,
+        env = "TRIBUTARY_KAFKA_SUPER_USERS",
+        global = true,
+        value_delimiter = ','
+    )]
+    pub kafka_super_users: Option<Vec<String>>,
+    /// Let everyone use a Kafka resource no ACL covers (allow.everyone.if.no.acl.found).
+    #[arg(long, env = "TRIBUTARY_KAFKA_ALLOW_IF_NO_ACL", global = true)]
+    pub kafka_allow_if_no_acl: Option<bool>,
     /// Accept MQTT clients that give no user name (true/false).
     #[arg(long, env = "TRIBUTARY_MQTT_ALLOW_ANONYMOUS", global = true)]
     pub mqtt_allow_anonymous: Option<bool>,
@@ -439,6 +454,9 @@ pub struct FileConfig {
     pub kafka_advertised: Option<String>,
     pub kafka_sasl: Option<bool>,
     pub kafka_auto_create_topics: Option<bool>,
+    pub kafka_authorizer: Option<bool>,
+    pub kafka_super_users: Option<Vec<String>>,
+    pub kafka_allow_if_no_acl: Option<bool>,
     pub group_initial_rebalance_delay_ms: Option<u64>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
@@ -571,6 +589,8 @@ pub struct Settings {
     pub kafka_tls_advertised: Option<(String, u16)>,
     pub kafka_sasl: bool,
     pub kafka_auto_create_topics: bool,
+    /// The Kafka ACL authorizer; `None` = off.
+    pub kafka_authorizer: Option<tributary_gateway_kafka::acl::AuthorizerConfig>,
     pub group_initial_rebalance_delay: Duration,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
@@ -787,6 +807,33 @@ impl Settings {
                 "SASL needs at least one [[users]] entry in the config file (see `tributary passwd`)",
             ));
         }
+        let kafka_authorizer = if pick!(kafka_authorizer, false) {
+            if !kafka_sasl {
+                return Err(invalid(
+                    "kafka_authorizer",
+                    "true",
+                    "Kafka ACLs are per SASL user: set kafka_sasl = true (with [[users]]) too",
+                ));
+            }
+            let super_users: Vec<String> = pick!(kafka_super_users, Vec::<String>::new())
+                .into_iter()
+                .map(|u| u.trim().to_string())
+                .filter(|u| !u.is_empty())
+                .collect();
+            if let Some(unknown) = super_users.iter().find(|u| !users.contains(u)) {
+                return Err(invalid(
+                    "kafka_super_users",
+                    unknown,
+                    "not a [[users]] name",
+                ));
+            }
+            Some(tributary_gateway_kafka::acl::AuthorizerConfig::new(
+                super_users,
+                pick!(kafka_allow_if_no_acl, false),
+            ))
+        } else {
+            None
+        };
         let mut mqtt_acl = tributary_gateway_mqtt::Acl::default();
         for (i, a) in f.mqtt_acl.iter().enumerate() {
             let what = format!("entry {}", i + 1);
@@ -1013,6 +1060,7 @@ impl Settings {
             kafka_tls_advertised,
             kafka_sasl,
             kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
+            kafka_authorizer,
             group_initial_rebalance_delay: Duration::from_millis(pick!(
                 group_initial_rebalance_delay_ms,
                 3000u64
@@ -1158,6 +1206,41 @@ mod tests {
         assert_eq!(s.mqtt_listen, Listen::Off);
         assert_eq!(s.amqp_listen, Listen::At("0.0.0.0:5672".parse().unwrap()));
         assert_eq!(s.fsync, FsyncPolicy::Always);
+    }
+
+    #[test]
+    fn the_kafka_authorizer_needs_sasl_and_known_super_users() {
+        use tributary_gateway_common::auth::{ScramCredential, ScramHash};
+        let credential = ScramCredential::derive(ScramHash::Sha256, "secret", 4096).to_text();
+        let users = format!("[[users]]\nname = \"admin\"\ncredentials = [\"{credential}\"]\n");
+        let file: FileConfig =
+            toml::from_str(&format!("kafka_authorizer = true\n{users}")).unwrap();
+        let e = Settings::resolve(&Options::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("kafka_authorizer") && e.contains("kafka_sasl"),
+            "{e}"
+        );
+        let file: FileConfig = toml::from_str(&format!(
+            "kafka_sasl = true\nkafka_authorizer = true\nkafka_super_users = [\"root\"]\n{users}"
+        ))
+        .unwrap();
+        let e = Settings::resolve(&Options::default(), &file)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("kafka_super_users") && e.contains("root"), "{e}");
+        let file: FileConfig = toml::from_str(&format!(
+            "kafka_sasl = true\nkafka_authorizer = true\nkafka_super_users = [\"admin\"]\n{users}"
+        ))
+        .unwrap();
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        let a = s.kafka_authorizer.expect("authorizer on");
+        assert_eq!(a.super_users, vec!["admin".to_string()]);
+        assert!(!a.allow_if_no_acl);
+        // Off by default, so existing deployments keep working.
+        let s = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
+        assert!(s.kafka_authorizer.is_none());
     }
 
     #[test]
@@ -1331,6 +1414,9 @@ mod tests {
             "kafka_advertised",
             "kafka_sasl",
             "kafka_auto_create_topics",
+            "kafka_authorizer",
+            "kafka_super_users",
+            "kafka_allow_if_no_acl",
             "group_initial_rebalance_delay_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",

@@ -115,6 +115,11 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "Reloads of the TLS certificate (on SIGHUP or a change of its files), per result (ok, error: the certificate in use stays).",
     ),
+    m(
+        "tributary_kafka_authorization_denied_total",
+        Kind::Counter,
+        "Kafka requests (or parts of one: a topic, a group) refused by the ACL authorizer, per resource type and operation.",
+    ),
     // Timers.
     m(
         "tributary_timers_pending",

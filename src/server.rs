@@ -708,6 +708,7 @@ fn spawn_kafka(
         if settings.kafka_sasl {
             config.sasl = Some(Arc::new(settings.users.clone()));
         }
+        config.authorizer = settings.kafka_authorizer.clone();
         config
     };
     if let Some(listener) = tcp {

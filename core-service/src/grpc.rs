@@ -265,6 +265,43 @@ impl admin_server::Admin for CoreGrpc {
         self.core.delete_group(&r.namespace, &r.group).await?;
         ok(DeleteGroupResponse {})
     }
+    async fn create_access_rules(
+        &self,
+        r: Request<CreateAccessRulesRequest>,
+    ) -> GrpcResult<CreateAccessRulesResponse> {
+        let r = r.into_inner();
+        let (version, created) = self
+            .core
+            .create_access_rules(&r.namespace, &r.rules)
+            .await?;
+        ok(CreateAccessRulesResponse { version, created })
+    }
+    async fn delete_access_rules(
+        &self,
+        r: Request<DeleteAccessRulesRequest>,
+    ) -> GrpcResult<DeleteAccessRulesResponse> {
+        let r = r.into_inner();
+        let (deleted, version) = self
+            .core
+            .delete_access_rules(&r.namespace, &r.rules)
+            .await?;
+        ok(DeleteAccessRulesResponse { deleted, version })
+    }
+    async fn list_access_rules(
+        &self,
+        r: Request<ListAccessRulesRequest>,
+    ) -> GrpcResult<ListAccessRulesResponse> {
+        let r = r.into_inner();
+        let (version, rules) = self
+            .core
+            .list_access_rules(&r.namespace, r.known_version)
+            .await?;
+        ok(ListAccessRulesResponse {
+            version,
+            unchanged: rules.is_none(),
+            rules: rules.unwrap_or_default(),
+        })
+    }
 }
 
 #[tonic::async_trait]

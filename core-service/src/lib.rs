@@ -11,6 +11,7 @@
 //! dedup, delays, dead letters and redrive), on which the AMQP gateway keeps its channels.
 //! Transactions are in the API but answer UNIMPLEMENTED until their issue lands.
 
+mod acls;
 pub mod error;
 mod groups;
 pub mod grpc;

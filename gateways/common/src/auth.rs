@@ -7,6 +7,8 @@
 //! knowing the password. `tributary passwd` prints credentials for a password.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
+use std::time::{Duration, Instant};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
@@ -301,6 +303,82 @@ impl Users {
                 .hashes
                 .get(user)
                 .is_some_and(|h| h.verify_password(password))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Rate limit of refusal log lines (core token, admin API, Kafka ACLs)
+// ---------------------------------------------------------------------------------------
+
+/// At most one refusal log line per peer (and listener) in this long; the refusals in
+/// between are counted and the count is given with the next line.
+pub const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// Peers remembered by the rate limiter; beyond it, new peers share one slot (so a flood
+/// from many addresses still logs a bounded number of lines and uses bounded memory).
+pub const MAX_TRACKED_PEERS: usize = 4096;
+
+/// Per-peer state of the rate limiter.
+struct PeerState {
+    logged_at: Instant,
+    suppressed: u64,
+}
+
+/// Rate limiter for refusal log lines: one line per peer per interval.
+pub struct RefusalLimiter {
+    interval: Duration,
+    capacity: usize,
+    peers: std::sync::Mutex<HashMap<Option<IpAddr>, PeerState>>,
+}
+
+impl RefusalLimiter {
+    pub fn new(interval: Duration, capacity: usize) -> Self {
+        Self {
+            interval,
+            capacity,
+            peers: std::sync::Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Peers remembered now (bounded by the capacity plus the shared slot).
+    pub fn tracked(&self) -> usize {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).len()
+    }
+
+    /// Notes one refusal from `peer` at `now`. `Some(n)`: log a line now, `n` refusals from
+    /// this peer went unlogged since its last line. `None`: stay quiet (counted for later).
+    pub fn admit(&self, peer: Option<IpAddr>, now: Instant) -> Option<u64> {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let mut key = peer;
+        if !peers.contains_key(&key) && peers.len() >= self.capacity {
+            let interval = self.interval;
+            peers.retain(|_, s| now.duration_since(s.logged_at) < interval);
+            if peers.len() >= self.capacity {
+                // Full of peers seen in this interval: newcomers share the `None` slot.
+                key = None;
+            }
+        }
+        match peers.get_mut(&key) {
+            Some(s) if now.duration_since(s.logged_at) < self.interval => {
+                s.suppressed += 1;
+                None
+            }
+            Some(s) => {
+                let suppressed = std::mem::take(&mut s.suppressed);
+                s.logged_at = now;
+                Some(suppressed)
+            }
+            None => {
+                peers.insert(
+                    key,
+                    PeerState {
+                        logged_at: now,
+                        suppressed: 0,
+                    },
+                );
+                Some(0)
+            }
+        }
     }
 }
 

@@ -45,6 +45,7 @@ use tributary_gateway_common::client::error_code;
 use tributary_proto::v1;
 
 use crate::Gateway;
+use crate::acl::{Authz, CLUSTER_NAME, Operation, ResourceType};
 use crate::errors::{Context, kafka_code, kafka_error};
 use crate::metadata::{topic_uuid, valid_topic_name};
 
@@ -161,11 +162,15 @@ fn apply_config(cfg: &mut v1::StreamConfig, name: &str, value: &str) -> Result<(
     Ok(())
 }
 
+/// CREATE on the cluster or on each topic (TOPIC_AUTHORIZATION_FAILED); the configs in the
+/// answer need DESCRIBE_CONFIGS on the topic.
 pub(crate) async fn create_topics(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: CreateTopicsRequest,
     version: i16,
 ) -> CreateTopicsResponse {
+    let cluster_create = az.allowed(Operation::Create, ResourceType::Cluster, CLUSTER_NAME);
     let mut results = Vec::new();
     for t in req.topics {
         let name = t.name.to_string();
@@ -179,6 +184,13 @@ pub(crate) async fn create_topics(
                 .with_error_code(code)
                 .with_error_message(Some(s(msg)))
         };
+        if !cluster_create && !az.check(Operation::Create, ResourceType::Topic, &name) {
+            results.push(fail(
+                K::TopicAuthorizationFailed.code(),
+                format!("CREATE on topic '{name}' (or on the cluster) is not allowed"),
+            ));
+            continue;
+        }
         if !valid_topic_name(&name) {
             results.push(fail(
                 K::InvalidTopicException.code(),
@@ -252,7 +264,11 @@ pub(crate) async fn create_topics(
                     .with_topic_id(topic_uuid(&info))
                     .with_num_partitions(info.partitions as i32)
                     .with_replication_factor(1);
-                if version >= 5 {
+                if version >= 5
+                    && !az.allowed(Operation::DescribeConfigs, ResourceType::Topic, &name)
+                {
+                    ok = ok.with_topic_config_error_code(K::TopicAuthorizationFailed.code());
+                } else if version >= 5 {
                     ok = ok.with_configs(Some(
                         topic_configs(&info)
                             .into_iter()
@@ -283,8 +299,10 @@ pub(crate) async fn create_topics(
     CreateTopicsResponse::default().with_topics(results)
 }
 
+/// DELETE on each topic (TOPIC_AUTHORIZATION_FAILED).
 pub(crate) async fn delete_topics(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: DeleteTopicsRequest,
     version: i16,
 ) -> DeleteTopicsResponse {
@@ -312,6 +330,10 @@ pub(crate) async fn delete_topics(
             out.push(result.with_error_code(K::UnknownTopicId.code()));
             continue;
         };
+        if !az.check(Operation::Delete, ResourceType::Topic, &name) {
+            out.push(result.with_error_code(K::TopicAuthorizationFailed.code()));
+            continue;
+        }
         let r = gw
             .core
             .admin
@@ -334,13 +356,19 @@ pub(crate) async fn delete_topics(
     DeleteTopicsResponse::default().with_responses(out)
 }
 
+/// ALTER on each topic (TOPIC_AUTHORIZATION_FAILED).
 pub(crate) async fn create_partitions(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: CreatePartitionsRequest,
 ) -> CreatePartitionsResponse {
     let mut out = Vec::new();
     for t in req.topics {
         let result = CreatePartitionsTopicResult::default().with_name(t.name.clone());
+        if !az.check(Operation::Alter, ResourceType::Topic, t.name.as_str()) {
+            out.push(result.with_error_code(K::TopicAuthorizationFailed.code()));
+            continue;
+        }
         if t.count <= 0 {
             out.push(result.with_error_code(K::InvalidPartitions.code()));
             continue;
@@ -371,17 +399,24 @@ pub(crate) async fn create_partitions(
     CreatePartitionsResponse::default().with_results(out)
 }
 
+/// DELETE on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
 pub(crate) async fn delete_records(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: DeleteRecordsRequest,
 ) -> DeleteRecordsResponse {
     let mut topics = Vec::new();
     for t in req.topics {
         let mut partitions = Vec::new();
+        let denied = !az.check(Operation::Delete, ResourceType::Topic, t.name.as_str());
         for p in t.partitions {
             let result = DeleteRecordsPartitionResult::default()
                 .with_partition_index(p.partition_index)
                 .with_low_watermark(-1);
+            if denied {
+                partitions.push(result.with_error_code(K::TopicAuthorizationFailed.code()));
+                continue;
+            }
             let before = if p.offset == -1 {
                 // -1 = up to the high watermark.
                 match gw.describe_topic(t.name.as_str()).await {
@@ -498,8 +533,30 @@ fn broker_configs(gw: &Gateway) -> Vec<DescribeConfigsResourceResult> {
     ]
 }
 
+/// DESCRIBE_CONFIGS on the topic (TOPIC_AUTHORIZATION_FAILED) or on the cluster for the
+/// broker (CLUSTER_AUTHORIZATION_FAILED); ALTER_CONFIGS likewise to change them.
+fn configs_denied(
+    az: &Authz<'_>,
+    op: Operation,
+    resource_type: i8,
+    name: &str,
+) -> Option<(i16, String)> {
+    match resource_type {
+        RESOURCE_TOPIC if !az.check(op, ResourceType::Topic, name) => Some((
+            K::TopicAuthorizationFailed.code(),
+            format!("{} on topic '{name}' is not allowed", op.word()),
+        )),
+        RESOURCE_BROKER if !az.check(op, ResourceType::Cluster, CLUSTER_NAME) => Some((
+            K::ClusterAuthorizationFailed.code(),
+            format!("{} on the cluster is not allowed", op.word()),
+        )),
+        _ => None,
+    }
+}
+
 pub(crate) async fn describe_configs(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: DescribeConfigsRequest,
 ) -> DescribeConfigsResponse {
     let mut results = Vec::new();
@@ -507,6 +564,19 @@ pub(crate) async fn describe_configs(
         let result = DescribeConfigsResult::default()
             .with_resource_type(r.resource_type)
             .with_resource_name(r.resource_name.clone());
+        if let Some((code, msg)) = configs_denied(
+            az,
+            Operation::DescribeConfigs,
+            r.resource_type,
+            r.resource_name.as_str(),
+        ) {
+            results.push(
+                result
+                    .with_error_code(code)
+                    .with_error_message(Some(s(msg))),
+            );
+            continue;
+        }
         let configs = match r.resource_type {
             RESOURCE_TOPIC => match gw.describe_topic(r.resource_name.as_str()).await {
                 Ok(info) => topic_configs(&info),
@@ -618,10 +688,21 @@ fn refuse_broker() -> (i16, String) {
     )
 }
 
-pub(crate) async fn alter_configs(gw: &Gateway, req: AlterConfigsRequest) -> AlterConfigsResponse {
+pub(crate) async fn alter_configs(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: AlterConfigsRequest,
+) -> AlterConfigsResponse {
     let mut out = Vec::new();
     for r in req.resources {
+        let denied = configs_denied(
+            az,
+            Operation::AlterConfigs,
+            r.resource_type,
+            r.resource_name.as_str(),
+        );
         let result = match r.resource_type {
+            _ if let Some(d) = denied => Err(d),
             RESOURCE_TOPIC => {
                 // AlterConfigs replaces the whole set: every config not named goes back to
                 // its default.
@@ -660,11 +741,19 @@ pub(crate) async fn alter_configs(gw: &Gateway, req: AlterConfigsRequest) -> Alt
 
 pub(crate) async fn incremental_alter_configs(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: IncrementalAlterConfigsRequest,
 ) -> IncrementalAlterConfigsResponse {
     let mut out = Vec::new();
     for r in req.resources {
+        let denied = configs_denied(
+            az,
+            Operation::AlterConfigs,
+            r.resource_type,
+            r.resource_name.as_str(),
+        );
         let result = match r.resource_type {
+            _ if let Some(d) = denied => Err(d),
             RESOURCE_TOPIC => {
                 let mut changes = Vec::new();
                 let mut error = None;

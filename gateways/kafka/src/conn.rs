@@ -372,7 +372,10 @@ fn api_of(r: &RequestKind) -> ApiKey {
         CreatePartitions,
         DeleteGroups,
         IncrementalAlterConfigs,
-        DescribeCluster
+        DescribeCluster,
+        CreateAcls,
+        DescribeAcls,
+        DeleteAcls
     )
 }
 

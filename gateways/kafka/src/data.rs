@@ -23,20 +23,45 @@ use tracing::debug;
 use tributary_proto::v1;
 
 use crate::Gateway;
+use crate::acl::{Authz, Operation, ResourceType};
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
 
-pub(crate) async fn produce(gw: &Gateway, req: ProduceRequest) -> Option<ProduceResponse> {
+/// WRITE on the transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED for every
+/// partition) and on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
+pub(crate) async fn produce(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: ProduceRequest,
+) -> Option<ProduceResponse> {
     let acks = req.acks;
     let transactional = req.transactional_id.is_some();
+    let txn_denied = req
+        .transactional_id
+        .as_ref()
+        .is_some_and(|id| !az.check(Operation::Write, ResourceType::TransactionalId, id.as_str()));
     let mut work = Vec::new();
     for topic in req.topic_data {
+        let denied =
+            !txn_denied && !az.check(Operation::Write, ResourceType::Topic, topic.name.as_str());
         for p in topic.partition_data {
-            work.push((topic.name.clone(), p));
+            work.push((topic.name.clone(), p, denied));
         }
     }
-    let results = join_all(work.into_iter().map(|(name, p)| async move {
-        let r = if !matches!(acks, -1..=1) {
+    let results = join_all(work.into_iter().map(|(name, p, denied)| async move {
+        let r = if txn_denied {
+            error_partition(
+                p.index,
+                K::TransactionalIdAuthorizationFailed.code(),
+                "WRITE on the transactional id is not allowed",
+            )
+        } else if denied {
+            error_partition(
+                p.index,
+                K::TopicAuthorizationFailed.code(),
+                "WRITE on the topic is not allowed",
+            )
+        } else if !matches!(acks, -1..=1) {
             error_partition(
                 p.index,
                 K::InvalidRequiredAcks.code(),
@@ -174,9 +199,16 @@ async fn produce_partition(
     }
 }
 
-pub(crate) async fn fetch(gw: &Gateway, req: FetchRequest, version: i16) -> FetchResponse {
+/// READ on each topic; the others' partitions answer TOPIC_AUTHORIZATION_FAILED.
+pub(crate) async fn fetch(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: FetchRequest,
+    version: i16,
+) -> FetchResponse {
     let mut wanted = Vec::new(); // (topic name, topic id, partition, offset, max bytes)
     let mut unknown_ids = Vec::new();
+    let mut denied = Vec::new();
     for t in &req.topics {
         let name = if version >= 13 {
             match gw.topic_name(t.topic_id).await {
@@ -189,6 +221,10 @@ pub(crate) async fn fetch(gw: &Gateway, req: FetchRequest, version: i16) -> Fetc
         } else {
             t.topic.to_string()
         };
+        if !az.check(Operation::Read, ResourceType::Topic, &name) {
+            denied.push((name, t));
+            continue;
+        }
         for p in &t.partitions {
             wanted.push((
                 name.clone(),
@@ -238,6 +274,15 @@ pub(crate) async fn fetch(gw: &Gateway, req: FetchRequest, version: i16) -> Fetc
                 "",
                 t.topic_id,
                 empty_partition(p.partition, K::UnknownTopicId.code()),
+            );
+        }
+    }
+    for (name, t) in denied {
+        for p in &t.partitions {
+            push(
+                &name,
+                t.topic_id,
+                empty_partition(p.partition, K::TopicAuthorizationFailed.code()),
             );
         }
     }
@@ -294,10 +339,16 @@ fn empty_partition(partition: i32, code: i16) -> PartitionData {
         .with_records(Some(bytes::Bytes::new()))
 }
 
-pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListOffsetsResponse {
+/// DESCRIBE on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
+pub(crate) async fn list_offsets(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: ListOffsetsRequest,
+) -> ListOffsetsResponse {
     let mut topics = Vec::new();
     for t in req.topics {
         let mut partitions = Vec::new();
+        let denied = !az.check(Operation::Describe, ResourceType::Topic, t.name.as_str());
         for p in t.partitions {
             let spec = match p.timestamp {
                 -1 => Some(v1::list_offsets_request::Spec::Latest(true)),
@@ -310,6 +361,10 @@ pub(crate) async fn list_offsets(gw: &Gateway, req: ListOffsetsRequest) -> ListO
                 .with_timestamp(-1)
                 .with_offset(-1)
                 .with_leader_epoch(-1);
+            if denied {
+                partitions.push(base.with_error_code(K::TopicAuthorizationFailed.code()));
+                continue;
+            }
             let Some(spec) = spec else {
                 // -3 (max timestamp, KIP-734) and later specs need versions not advertised.
                 partitions.push(base.with_error_code(K::UnsupportedVersion.code()));
@@ -410,11 +465,36 @@ async fn first_record_at_or_after(
         .map(|rec| (rec.offset, rec.timestamp))
 }
 
+/// A transactional producer needs WRITE on its transactional id
+/// (TRANSACTIONAL_ID_AUTHORIZATION_FAILED); an idempotent one IDEMPOTENT_WRITE on the
+/// cluster or WRITE on some topic (KIP-679; CLUSTER_AUTHORIZATION_FAILED).
 pub(crate) async fn init_producer_id(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: InitProducerIdRequest,
     version: i16,
 ) -> InitProducerIdResponse {
+    let refused = match req.transactional_id.as_ref().filter(|t| !t.is_empty()) {
+        Some(id) if !az.check(Operation::Write, ResourceType::TransactionalId, id.as_str()) => {
+            Some(K::TransactionalIdAuthorizationFailed.code())
+        }
+        Some(_) => None,
+        None if !az.allowed(
+            Operation::IdempotentWrite,
+            ResourceType::Cluster,
+            crate::acl::CLUSTER_NAME,
+        ) && !az.check_any(Operation::Write, ResourceType::Topic) =>
+        {
+            Some(K::ClusterAuthorizationFailed.code())
+        }
+        None => None,
+    };
+    if let Some(code) = refused {
+        return InitProducerIdResponse::default()
+            .with_error_code(code)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+    }
     let r = gw
         .core
         .streams

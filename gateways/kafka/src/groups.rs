@@ -36,6 +36,7 @@ use kafka_protocol::protocol::StrBytes;
 use tributary_proto::v1;
 
 use crate::Gateway;
+use crate::acl::{Authz, CLUSTER_NAME, Operation, ResourceType};
 use crate::conn::Session;
 use crate::errors::{Context, kafka_error};
 
@@ -46,8 +47,14 @@ fn s(v: impl Into<String>) -> StrBytes {
     StrBytes::from_string(v.into())
 }
 
+/// Joining, syncing, heartbeating and leaving need READ on the group.
+fn group_read(az: &Authz<'_>, group: &str) -> bool {
+    az.check(Operation::Read, ResourceType::Group, group)
+}
+
 pub(crate) async fn join(
     gw: &Gateway,
+    az: &Authz<'_>,
     session: &Session,
     req: JoinGroupRequest,
     version: i16,
@@ -63,6 +70,9 @@ pub(crate) async fn join(
                 Some(StrBytes::default())
             })
     };
+    if !group_read(az, req.group_id.as_str()) {
+        return fail(K::GroupAuthorizationFailed.code(), req.member_id.as_str());
+    }
     if req.group_id.is_empty() {
         return fail(K::InvalidGroupId.code(), "");
     }
@@ -144,7 +154,12 @@ pub(crate) async fn join(
     }
 }
 
-pub(crate) async fn sync(gw: &Gateway, req: SyncGroupRequest) -> SyncGroupResponse {
+pub(crate) async fn sync(gw: &Gateway, az: &Authz<'_>, req: SyncGroupRequest) -> SyncGroupResponse {
+    if !group_read(az, req.group_id.as_str()) {
+        return SyncGroupResponse::default()
+            .with_error_code(K::GroupAuthorizationFailed.code())
+            .with_assignment(Bytes::new());
+    }
     let r = gw
         .core
         .groups
@@ -179,7 +194,14 @@ pub(crate) async fn sync(gw: &Gateway, req: SyncGroupRequest) -> SyncGroupRespon
     }
 }
 
-pub(crate) async fn heartbeat(gw: &Gateway, req: HeartbeatRequest) -> HeartbeatResponse {
+pub(crate) async fn heartbeat(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: HeartbeatRequest,
+) -> HeartbeatResponse {
+    if !group_read(az, req.group_id.as_str()) {
+        return HeartbeatResponse::default().with_error_code(K::GroupAuthorizationFailed.code());
+    }
     let r = gw
         .core
         .groups
@@ -201,9 +223,13 @@ pub(crate) async fn heartbeat(gw: &Gateway, req: HeartbeatRequest) -> HeartbeatR
 
 pub(crate) async fn leave(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: LeaveGroupRequest,
     version: i16,
 ) -> LeaveGroupResponse {
+    if !group_read(az, req.group_id.as_str()) {
+        return LeaveGroupResponse::default().with_error_code(K::GroupAuthorizationFailed.code());
+    }
     let members: Vec<(String, Option<StrBytes>)> = if version >= 3 {
         req.members
             .iter()
@@ -254,7 +280,13 @@ pub(crate) async fn leave(
     }
 }
 
-pub(crate) async fn offset_commit(gw: &Gateway, req: OffsetCommitRequest) -> OffsetCommitResponse {
+/// READ on the group (GROUP_AUTHORIZATION_FAILED everywhere) and on each topic
+/// (TOPIC_AUTHORIZATION_FAILED for its partitions, which are not committed).
+pub(crate) async fn offset_commit(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: OffsetCommitRequest,
+) -> OffsetCommitResponse {
     let partition_codes = |code_for: &dyn Fn(&str, i32, Option<&StrBytes>) -> i16| {
         req.topics
             .iter()
@@ -279,13 +311,27 @@ pub(crate) async fn offset_commit(gw: &Gateway, req: OffsetCommitRequest) -> Off
             })
             .collect::<Vec<_>>()
     };
+    if !group_read(az, req.group_id.as_str()) {
+        return OffsetCommitResponse::default().with_topics(partition_codes(&|_, _, _| {
+            K::GroupAuthorizationFailed.code()
+        }));
+    }
     if req.group_id.is_empty() {
         return OffsetCommitResponse::default()
             .with_topics(partition_codes(&|_, _, _| K::InvalidGroupId.code()));
     }
+    let denied_topics: Vec<&str> = req
+        .topics
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|t| !az.check(Operation::Read, ResourceType::Topic, t))
+        .collect();
     let too_large = |m: Option<&StrBytes>| m.is_some_and(|m| m.len() > MAX_OFFSET_METADATA);
     let mut offsets = Vec::new();
     for t in &req.topics {
+        if denied_topics.contains(&t.name.as_str()) {
+            continue;
+        }
         for p in &t.partitions {
             if too_large(p.committed_metadata.as_ref()) || p.partition_index < 0 {
                 continue;
@@ -320,8 +366,10 @@ pub(crate) async fn offset_commit(gw: &Gateway, req: OffsetCommitRequest) -> Off
         Ok(_) => 0,
         Err(status) => kafka_error(status, Context::Group),
     };
-    OffsetCommitResponse::default().with_topics(partition_codes(&|_, index, metadata| {
-        if too_large(metadata) {
+    OffsetCommitResponse::default().with_topics(partition_codes(&|topic, index, metadata| {
+        if denied_topics.contains(&topic) {
+            K::TopicAuthorizationFailed.code()
+        } else if too_large(metadata) {
             K::OffsetMetadataTooLarge.code()
         } else if index < 0 {
             K::UnknownTopicOrPartition.code()
@@ -334,11 +382,46 @@ pub(crate) async fn offset_commit(gw: &Gateway, req: OffsetCommitRequest) -> Off
 /// (topic, partitions) asked for; `None` = every committed partition of the group.
 type WantedTopics = Option<Vec<(TopicName, Vec<i32>)>>;
 
+/// Committed offsets by topic, each with the error code of all its partitions (0, or
+/// TOPIC_AUTHORIZATION_FAILED for a topic asked for without DESCRIBE on it; topics listed
+/// without being asked for are left out when not described-authorized, as in Kafka).
+type TopicOffsets = Vec<(TopicName, Vec<v1::CommittedOffset>, i16)>;
+
 async fn fetch_group_offsets(
     gw: &Gateway,
+    az: &Authz<'_>,
     group: &str,
     wanted: WantedTopics,
-) -> Result<Vec<(TopicName, Vec<v1::CommittedOffset>)>, i16> {
+) -> Result<TopicOffsets, i16> {
+    if !az.check(Operation::Describe, ResourceType::Group, group) {
+        return Err(K::GroupAuthorizationFailed.code());
+    }
+    let mut denied: Vec<(TopicName, Vec<i32>)> = Vec::new();
+    let wanted = wanted.map(|topics| {
+        let (ok, no): (Vec<_>, Vec<_>) = topics
+            .into_iter()
+            .partition(|(t, _)| az.check(Operation::Describe, ResourceType::Topic, t.as_str()));
+        denied = no;
+        ok
+    });
+    let denied_out = || {
+        denied
+            .iter()
+            .map(|(t, ps)| {
+                (
+                    t.clone(),
+                    ps.iter()
+                        .map(|p| v1::CommittedOffset {
+                            partition: (*p).max(0) as u32,
+                            offset: -1,
+                            ..Default::default()
+                        })
+                        .collect(),
+                    K::TopicAuthorizationFailed.code(),
+                )
+            })
+            .collect::<TopicOffsets>()
+    };
     let partitions = match &wanted {
         None => Vec::new(),
         Some(topics) => topics
@@ -353,7 +436,7 @@ async fn fetch_group_offsets(
             .collect(),
     };
     if wanted.as_ref().is_some_and(|w| w.is_empty()) {
-        return Ok(Vec::new());
+        return Ok(denied_out());
     }
     let r = gw
         .core
@@ -366,18 +449,22 @@ async fn fetch_group_offsets(
         })
         .await
         .map_err(|status| kafka_error(&status, Context::Group))?;
-    let mut out: Vec<(TopicName, Vec<v1::CommittedOffset>)> = Vec::new();
+    let mut out: TopicOffsets = Vec::new();
     for c in r.into_inner().offsets {
         let name = c
             .stream
             .as_ref()
             .map(|s| s.name.clone())
             .unwrap_or_default();
-        match out.iter_mut().find(|(t, _)| t.as_str() == name) {
-            Some((_, v)) => v.push(c),
-            None => out.push((TopicName(s(name)), vec![c])),
+        if wanted.is_none() && !az.allowed(Operation::Describe, ResourceType::Topic, &name) {
+            continue;
+        }
+        match out.iter_mut().find(|(t, _, _)| t.as_str() == name) {
+            Some((_, v, _)) => v.push(c),
+            None => out.push((TopicName(s(name)), vec![c], 0)),
         }
     }
+    out.extend(denied_out());
     Ok(out)
 }
 
@@ -387,6 +474,7 @@ fn metadata_of(c: &v1::CommittedOffset) -> Option<StrBytes> {
 
 pub(crate) async fn offset_fetch(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: OffsetFetchRequest,
     version: i16,
 ) -> OffsetFetchResponse {
@@ -400,11 +488,11 @@ pub(crate) async fn offset_fetch(
             });
             let group = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
             groups.push(
-                match fetch_group_offsets(gw, g.group_id.as_str(), wanted).await {
+                match fetch_group_offsets(gw, az, g.group_id.as_str(), wanted).await {
                     Ok(topics) => group.with_topics(
                         topics
                             .into_iter()
-                            .map(|(name, offsets)| {
+                            .map(|(name, offsets, code)| {
                                 OffsetFetchResponseTopics::default()
                                     .with_name(name)
                                     .with_partitions(
@@ -412,6 +500,7 @@ pub(crate) async fn offset_fetch(
                                             .iter()
                                             .map(|c| {
                                                 OffsetFetchResponsePartitions::default()
+                                                    .with_error_code(code)
                                                     .with_partition_index(c.partition as i32)
                                                     .with_committed_offset(c.offset)
                                                     .with_committed_leader_epoch(-1)
@@ -433,11 +522,11 @@ pub(crate) async fn offset_fetch(
             .map(|t| (t.name.clone(), t.partition_indexes.clone()))
             .collect()
     });
-    match fetch_group_offsets(gw, req.group_id.as_str(), wanted).await {
+    match fetch_group_offsets(gw, az, req.group_id.as_str(), wanted).await {
         Ok(topics) => OffsetFetchResponse::default().with_topics(
             topics
                 .into_iter()
-                .map(|(name, offsets)| {
+                .map(|(name, offsets, code)| {
                     OffsetFetchResponseTopic::default()
                         .with_name(name)
                         .with_partitions(
@@ -445,6 +534,7 @@ pub(crate) async fn offset_fetch(
                                 .iter()
                                 .map(|c| {
                                     OffsetFetchResponsePartition::default()
+                                        .with_error_code(code)
                                         .with_partition_index(c.partition as i32)
                                         .with_committed_offset(c.offset)
                                         .with_committed_leader_epoch(-1)
@@ -459,12 +549,28 @@ pub(crate) async fn offset_fetch(
     }
 }
 
+/// DESCRIBE on each group (GROUP_AUTHORIZATION_FAILED).
 pub(crate) async fn describe_groups(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: DescribeGroupsRequest,
 ) -> DescribeGroupsResponse {
     let mut out = Vec::new();
     for g in req.groups {
+        if !az.check(Operation::Describe, ResourceType::Group, g.as_str()) {
+            out.push(
+                DescribedGroup::default()
+                    .with_group_id(g)
+                    .with_error_code(K::GroupAuthorizationFailed.code())
+                    .with_authorized_operations(i32::MIN),
+            );
+            continue;
+        }
+        let ops = if req.include_authorized_operations {
+            az.operations(ResourceType::Group, g.as_str())
+        } else {
+            i32::MIN
+        };
         let r = gw
             .core
             .groups
@@ -476,7 +582,7 @@ pub(crate) async fn describe_groups(
             .await;
         let base = DescribedGroup::default()
             .with_group_id(g)
-            .with_authorized_operations(i32::MIN);
+            .with_authorized_operations(ops);
         out.push(match r {
             Ok(r) => {
                 let r = r.into_inner();
@@ -507,7 +613,13 @@ pub(crate) async fn describe_groups(
     DescribeGroupsResponse::default().with_groups(out)
 }
 
-pub(crate) async fn list_groups(gw: &Gateway, req: ListGroupsRequest) -> ListGroupsResponse {
+/// Every group with DESCRIBE on the cluster; otherwise the groups the client may DESCRIBE.
+pub(crate) async fn list_groups(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: ListGroupsRequest,
+) -> ListGroupsResponse {
+    let all = az.allowed(Operation::Describe, ResourceType::Cluster, CLUSTER_NAME);
     let r = gw
         .core
         .admin
@@ -521,6 +633,7 @@ pub(crate) async fn list_groups(gw: &Gateway, req: ListGroupsRequest) -> ListGro
             r.into_inner()
                 .groups
                 .into_iter()
+                .filter(|g| all || az.allowed(Operation::Describe, ResourceType::Group, &g.group))
                 .filter(|g| {
                     req.states_filter.is_empty()
                         || req
@@ -543,9 +656,22 @@ pub(crate) async fn list_groups(gw: &Gateway, req: ListGroupsRequest) -> ListGro
     }
 }
 
-pub(crate) async fn delete_groups(gw: &Gateway, req: DeleteGroupsRequest) -> DeleteGroupsResponse {
+/// DELETE on each group (GROUP_AUTHORIZATION_FAILED).
+pub(crate) async fn delete_groups(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: DeleteGroupsRequest,
+) -> DeleteGroupsResponse {
     let mut results = Vec::new();
     for g in req.groups_names {
+        if !az.check(Operation::Delete, ResourceType::Group, g.as_str()) {
+            results.push(
+                DeletableGroupResult::default()
+                    .with_group_id(g)
+                    .with_error_code(K::GroupAuthorizationFailed.code()),
+            );
+            continue;
+        }
         let r = gw
             .core
             .admin

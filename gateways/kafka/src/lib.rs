@@ -6,6 +6,8 @@
 //! To clients the gateway is a one-broker cluster (node 0 at the advertised address) that
 //! leads every partition and coordinates every group.
 
+pub mod acl;
+mod acl_api;
 mod admin;
 pub mod batch;
 mod conn;
@@ -46,6 +48,9 @@ pub struct KafkaConfig {
     pub cluster_id: String,
     /// SASL users; `None` = SASL off, every connection is served unauthenticated.
     pub sasl: Option<Arc<SaslUsers>>,
+    /// The ACL authorizer; `None` = off: every authenticated client may do everything, and
+    /// the ACL APIs answer SECURITY_DISABLED. Needs SASL.
+    pub authorizer: Option<acl::AuthorizerConfig>,
 }
 
 impl KafkaConfig {
@@ -59,6 +64,7 @@ impl KafkaConfig {
             max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
             cluster_id: "tributary-kafka-cluster".into(),
             sasl: None,
+            authorizer: None,
         }
     }
 }
@@ -70,15 +76,36 @@ pub struct Gateway {
     pub(crate) core: CoreClient,
     /// Topic id -> name, for requests that name topics by id; refreshed on a miss.
     pub(crate) topic_ids: parking_lot::RwLock<std::collections::HashMap<uuid::Uuid, String>>,
+    /// ACLs and their cache, when the authorizer is on.
+    pub(crate) authorizer: Option<acl::Authorizer>,
 }
 
 impl Gateway {
     pub fn new(core: CoreClient, config: KafkaConfig) -> Arc<Self> {
+        let authorizer = config
+            .authorizer
+            .as_ref()
+            .map(|a| acl::Authorizer::new(a, &config.namespace));
         Arc::new(Self {
             config,
             core,
             topic_ids: Default::default(),
+            authorizer,
         })
+    }
+
+    /// The authorizer as this request sees it (checks the ACL cache's freshness first).
+    pub(crate) async fn authz(&self, session: &conn::Session) -> acl::Authz<'_> {
+        match &self.authorizer {
+            None => acl::Authz::open(session.peer),
+            Some(a) => {
+                let set = a.snapshot(&self.core).await;
+                // SASL is required with the authorizer, so every served request has a user;
+                // Kafka's name for none is ANONYMOUS.
+                let user = session.principal.as_deref().unwrap_or("ANONYMOUS");
+                acl::Authz::new(a, set, user, session.peer)
+            }
+        }
     }
 }
 
@@ -103,62 +130,89 @@ pub(crate) async fn dispatch(
     request: RequestKind,
     version: i16,
 ) -> Option<ResponseKind> {
+    let needs_authz = !matches!(
+        request,
+        RequestKind::ApiVersions(_)
+            | RequestKind::SaslHandshake(_)
+            | RequestKind::SaslAuthenticate(_)
+    );
+    let authz = if needs_authz {
+        gw.authz(session).await
+    } else {
+        acl::Authz::open(session.peer)
+    };
+    let az = &authz;
     Some(match request {
         RequestKind::ApiVersions(_) => ResponseKind::ApiVersions(versions::api_versions(0)),
         RequestKind::Metadata(r) => {
-            ResponseKind::Metadata(metadata::metadata(gw, r, version).await)
+            ResponseKind::Metadata(metadata::metadata(gw, az, r, version).await)
         }
-        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, r).await?),
-        RequestKind::Fetch(r) => ResponseKind::Fetch(data::fetch(gw, r, version).await),
-        RequestKind::ListOffsets(r) => ResponseKind::ListOffsets(data::list_offsets(gw, r).await),
+        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, az, r).await?),
+        RequestKind::Fetch(r) => ResponseKind::Fetch(data::fetch(gw, az, r, version).await),
+        RequestKind::ListOffsets(r) => {
+            ResponseKind::ListOffsets(data::list_offsets(gw, az, r).await)
+        }
         RequestKind::InitProducerId(r) => {
-            ResponseKind::InitProducerId(data::init_producer_id(gw, r, version).await)
+            ResponseKind::InitProducerId(data::init_producer_id(gw, az, r, version).await)
         }
         RequestKind::FindCoordinator(r) => {
-            ResponseKind::FindCoordinator(metadata::find_coordinator(gw, r, version))
+            ResponseKind::FindCoordinator(metadata::find_coordinator(gw, az, r, version))
         }
-        RequestKind::DescribeCluster(_) => {
-            ResponseKind::DescribeCluster(metadata::describe_cluster(gw))
+        RequestKind::DescribeCluster(r) => {
+            ResponseKind::DescribeCluster(metadata::describe_cluster(gw, az, r))
         }
         RequestKind::JoinGroup(r) => {
-            ResponseKind::JoinGroup(groups::join(gw, session, r, version).await)
+            ResponseKind::JoinGroup(groups::join(gw, az, session, r, version).await)
         }
-        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync(gw, r).await),
-        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(gw, r).await),
-        RequestKind::LeaveGroup(r) => ResponseKind::LeaveGroup(groups::leave(gw, r, version).await),
+        RequestKind::SyncGroup(r) => ResponseKind::SyncGroup(groups::sync(gw, az, r).await),
+        RequestKind::Heartbeat(r) => ResponseKind::Heartbeat(groups::heartbeat(gw, az, r).await),
+        RequestKind::LeaveGroup(r) => {
+            ResponseKind::LeaveGroup(groups::leave(gw, az, r, version).await)
+        }
         RequestKind::OffsetCommit(r) => {
-            ResponseKind::OffsetCommit(groups::offset_commit(gw, r).await)
+            ResponseKind::OffsetCommit(groups::offset_commit(gw, az, r).await)
         }
         RequestKind::OffsetFetch(r) => {
-            ResponseKind::OffsetFetch(groups::offset_fetch(gw, r, version).await)
+            ResponseKind::OffsetFetch(groups::offset_fetch(gw, az, r, version).await)
         }
         RequestKind::DescribeGroups(r) => {
-            ResponseKind::DescribeGroups(groups::describe_groups(gw, r).await)
+            ResponseKind::DescribeGroups(groups::describe_groups(gw, az, r).await)
         }
-        RequestKind::ListGroups(r) => ResponseKind::ListGroups(groups::list_groups(gw, r).await),
+        RequestKind::ListGroups(r) => {
+            ResponseKind::ListGroups(groups::list_groups(gw, az, r).await)
+        }
         RequestKind::DeleteGroups(r) => {
-            ResponseKind::DeleteGroups(groups::delete_groups(gw, r).await)
+            ResponseKind::DeleteGroups(groups::delete_groups(gw, az, r).await)
         }
         RequestKind::CreateTopics(r) => {
-            ResponseKind::CreateTopics(admin::create_topics(gw, r, version).await)
+            ResponseKind::CreateTopics(admin::create_topics(gw, az, r, version).await)
         }
         RequestKind::DeleteTopics(r) => {
-            ResponseKind::DeleteTopics(admin::delete_topics(gw, r, version).await)
+            ResponseKind::DeleteTopics(admin::delete_topics(gw, az, r, version).await)
         }
         RequestKind::CreatePartitions(r) => {
-            ResponseKind::CreatePartitions(admin::create_partitions(gw, r).await)
+            ResponseKind::CreatePartitions(admin::create_partitions(gw, az, r).await)
         }
         RequestKind::DeleteRecords(r) => {
-            ResponseKind::DeleteRecords(admin::delete_records(gw, r).await)
+            ResponseKind::DeleteRecords(admin::delete_records(gw, az, r).await)
         }
         RequestKind::DescribeConfigs(r) => {
-            ResponseKind::DescribeConfigs(admin::describe_configs(gw, r).await)
+            ResponseKind::DescribeConfigs(admin::describe_configs(gw, az, r).await)
         }
         RequestKind::AlterConfigs(r) => {
-            ResponseKind::AlterConfigs(admin::alter_configs(gw, r).await)
+            ResponseKind::AlterConfigs(admin::alter_configs(gw, az, r).await)
         }
         RequestKind::IncrementalAlterConfigs(r) => {
-            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(gw, r).await)
+            ResponseKind::IncrementalAlterConfigs(admin::incremental_alter_configs(gw, az, r).await)
+        }
+        RequestKind::CreateAcls(r) => {
+            ResponseKind::CreateAcls(acl_api::create_acls(gw, az, r).await)
+        }
+        RequestKind::DescribeAcls(r) => {
+            ResponseKind::DescribeAcls(acl_api::describe_acls(gw, az, r).await)
+        }
+        RequestKind::DeleteAcls(r) => {
+            ResponseKind::DeleteAcls(acl_api::delete_acls(gw, az, r).await)
         }
         // SASL is off (the gate in conn.rs serves it when on): refuse like Kafka does.
         RequestKind::SaslHandshake(_) => ResponseKind::SaslHandshake(

@@ -2,6 +2,7 @@
 //! cluster that leads every partition and coordinates every group.
 
 use kafka_protocol::error::ResponseError as K;
+use kafka_protocol::messages::describe_cluster_request::DescribeClusterRequest;
 use kafka_protocol::messages::describe_cluster_response::{
     DescribeClusterBroker, DescribeClusterResponse,
 };
@@ -17,12 +18,12 @@ use tributary_gateway_common::client::error_code;
 use tributary_proto::v1;
 
 use crate::Gateway;
+use crate::acl::{Authz, Operation, ResourceType};
 use crate::errors::{Context, kafka_code};
 
 /// The broker id the gateway answers as.
 pub(crate) const NODE_ID: i32 = 0;
-/// "Not provided" for authorized-operations fields.
-const NO_OPERATIONS: i32 = i32::MIN;
+use crate::acl::NO_OPERATIONS;
 
 /// Kafka's topic name rule: 1..=249 of [a-zA-Z0-9._-], not "." or "..".
 pub(crate) fn valid_topic_name(name: &str) -> bool {
@@ -101,12 +102,12 @@ impl Gateway {
     }
 }
 
-fn topic_response(info: &v1::StreamInfo) -> MetadataResponseTopic {
+fn topic_response(info: &v1::StreamInfo, operations: i32) -> MetadataResponseTopic {
     let name = info.id.as_ref().map(|i| i.name.clone()).unwrap_or_default();
     MetadataResponseTopic::default()
         .with_name(Some(TopicName(StrBytes::from_string(name))))
         .with_topic_id(topic_uuid(info))
-        .with_topic_authorized_operations(NO_OPERATIONS)
+        .with_topic_authorized_operations(operations)
         .with_partitions(
             (0..info.partitions as i32)
                 .map(|p| {
@@ -131,7 +132,27 @@ fn topic_error(name: Option<TopicName>, id: uuid::Uuid, code: i16) -> MetadataRe
         .with_topic_authorized_operations(NO_OPERATIONS)
 }
 
-pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -> MetadataResponse {
+fn stream_name(info: &v1::StreamInfo) -> &str {
+    info.id.as_ref().map_or("", |i| i.name.as_str())
+}
+
+/// Kafka's rules: listing every topic leaves out those the client may not DESCRIBE; a topic
+/// asked for by name answers TOPIC_AUTHORIZATION_FAILED (by id: without its name); creating
+/// a missing one needs CREATE on the cluster or on the topic.
+pub(crate) async fn metadata(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: MetadataRequest,
+    version: i16,
+) -> MetadataResponse {
+    let with_ops = version >= 8 && req.include_topic_authorized_operations;
+    let ops = |name: &str| {
+        if with_ops {
+            az.operations(ResourceType::Topic, name)
+        } else {
+            NO_OPERATIONS
+        }
+    };
     // v0: an empty list means every topic; v1+: null means every topic.
     let requested = match req.topics {
         Some(t) if !(version == 0 && t.is_empty()) => Some(t),
@@ -142,13 +163,20 @@ pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -
     let mut topics = Vec::new();
     match requested {
         None => match gw.list_topics().await {
-            Ok(all) => topics.extend(all.iter().map(topic_response)),
+            Ok(all) => topics.extend(
+                all.iter()
+                    .filter(|t| {
+                        az.allowed(Operation::Describe, ResourceType::Topic, stream_name(t))
+                    })
+                    .map(|t| topic_response(t, ops(stream_name(t)))),
+            ),
             Err(status) => {
                 tracing::warn!(error = %status.message(), "metadata: cannot list topics");
             }
         },
         Some(wanted) => {
             for t in wanted {
+                let by_id = t.name.is_none();
                 let name = match t.name {
                     Some(n) => n.to_string(),
                     None => match gw.topic_name(t.topic_id).await {
@@ -159,6 +187,18 @@ pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -
                         }
                     },
                 };
+                if !az.check(Operation::Describe, ResourceType::Topic, &name) {
+                    topics.push(if by_id {
+                        topic_error(None, t.topic_id, K::TopicAuthorizationFailed.code())
+                    } else {
+                        topic_error(
+                            Some(TopicName(StrBytes::from_string(name))),
+                            uuid::Uuid::nil(),
+                            K::TopicAuthorizationFailed.code(),
+                        )
+                    });
+                    continue;
+                }
                 let tname = Some(TopicName(StrBytes::from_string(name.clone())));
                 if !valid_topic_name(&name) {
                     topics.push(topic_error(
@@ -169,7 +209,23 @@ pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -
                     continue;
                 }
                 match gw.describe_topic(&name).await {
-                    Ok(info) => topics.push(topic_response(&info)),
+                    Ok(info) => topics.push(topic_response(&info, ops(&name))),
+                    Err(s)
+                        if error_code(&s) == v1::ErrorCode::StreamNotFound
+                            && allow_create
+                            && !az.allowed(
+                                Operation::Create,
+                                ResourceType::Cluster,
+                                crate::acl::CLUSTER_NAME,
+                            )
+                            && !az.check(Operation::Create, ResourceType::Topic, &name) =>
+                    {
+                        topics.push(topic_error(
+                            tname,
+                            uuid::Uuid::nil(),
+                            K::TopicAuthorizationFailed.code(),
+                        ))
+                    }
                     Err(s) if error_code(&s) == v1::ErrorCode::StreamNotFound && allow_create => {
                         let created = gw
                             .core
@@ -187,6 +243,7 @@ pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -
                                 tracing::info!(topic = %name, "topic auto-created");
                                 topics.push(topic_response(
                                     &r.into_inner().stream.unwrap_or_default(),
+                                    ops(&name),
                                 ))
                             }
                             Err(s) => topics.push(topic_error(
@@ -210,14 +267,49 @@ pub(crate) async fn metadata(gw: &Gateway, req: MetadataRequest, version: i16) -
         .with_cluster_id(Some(StrBytes::from_string(gw.config.cluster_id.clone())))
         .with_controller_id(BrokerId(NODE_ID))
         .with_topics(topics)
-        .with_cluster_authorized_operations(NO_OPERATIONS)
+        .with_cluster_authorized_operations(
+            if (8..=10).contains(&version) && req.include_cluster_authorized_operations {
+                cluster_operations(az)
+            } else {
+                NO_OPERATIONS
+            },
+        )
 }
 
+/// The cluster's authorized operations: 0 without DESCRIBE on it, as Kafka answers.
+fn cluster_operations(az: &Authz<'_>) -> i32 {
+    if !az.enabled() {
+        NO_OPERATIONS
+    } else if az.allowed(
+        Operation::Describe,
+        ResourceType::Cluster,
+        crate::acl::CLUSTER_NAME,
+    ) {
+        az.operations(ResourceType::Cluster, crate::acl::CLUSTER_NAME)
+    } else {
+        0
+    }
+}
+
+/// DESCRIBE on the group (GROUP_AUTHORIZATION_FAILED) or on the transactional id
+/// (TRANSACTIONAL_ID_AUTHORIZATION_FAILED) comes before anything else, as in Kafka.
 pub(crate) fn find_coordinator(
     gw: &Gateway,
+    az: &Authz<'_>,
     req: FindCoordinatorRequest,
     version: i16,
 ) -> FindCoordinatorResponse {
+    let denied = |key: &str| -> Option<i16> {
+        match req.key_type {
+            0 if !az.check(Operation::Describe, ResourceType::Group, key) => {
+                Some(K::GroupAuthorizationFailed.code())
+            }
+            1 if !az.check(Operation::Describe, ResourceType::TransactionalId, key) => {
+                Some(K::TransactionalIdAuthorizationFailed.code())
+            }
+            _ => None,
+        }
+    };
     let host = StrBytes::from_string(gw.config.advertised_host.clone());
     let port = i32::from(gw.config.advertised_port);
     // Key type 1 = transaction coordinator: transactions are not served yet.
@@ -237,6 +329,14 @@ pub(crate) fn find_coordinator(
             .coordinator_keys
             .into_iter()
             .map(|key| {
+                if let Some(code) = denied(key.as_str()) {
+                    return Coordinator::default()
+                        .with_key(key)
+                        .with_node_id(BrokerId(-1))
+                        .with_host(StrBytes::default())
+                        .with_port(-1)
+                        .with_error_code(code);
+                }
                 Coordinator::default()
                     .with_key(key)
                     .with_node_id(BrokerId(if refused { -1 } else { NODE_ID }))
@@ -252,6 +352,13 @@ pub(crate) fn find_coordinator(
             .collect();
         return FindCoordinatorResponse::default().with_coordinators(coordinators);
     }
+    if let Some(code) = denied(req.key.as_str()) {
+        return FindCoordinatorResponse::default()
+            .with_error_code(code)
+            .with_node_id(BrokerId(-1))
+            .with_host(StrBytes::default())
+            .with_port(-1);
+    }
     FindCoordinatorResponse::default()
         .with_error_code(code)
         .with_error_message(message)
@@ -260,12 +367,20 @@ pub(crate) fn find_coordinator(
         .with_port(if refused { -1 } else { port })
 }
 
-pub(crate) fn describe_cluster(gw: &Gateway) -> DescribeClusterResponse {
+pub(crate) fn describe_cluster(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    req: DescribeClusterRequest,
+) -> DescribeClusterResponse {
     DescribeClusterResponse::default()
         .with_cluster_id(StrBytes::from_string(gw.config.cluster_id.clone()))
         .with_controller_id(BrokerId(NODE_ID))
         .with_endpoint_type(1)
-        .with_cluster_authorized_operations(NO_OPERATIONS)
+        .with_cluster_authorized_operations(if req.include_cluster_authorized_operations {
+            cluster_operations(az)
+        } else {
+            NO_OPERATIONS
+        })
         .with_brokers(vec![
             DescribeClusterBroker::default()
                 .with_broker_id(BrokerId(NODE_ID))

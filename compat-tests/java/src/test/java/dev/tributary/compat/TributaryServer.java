@@ -57,6 +57,7 @@ public final class TributaryServer implements AutoCloseable {
     private final String name;
     private final Path binary;
     private final List<String> listen;
+    private final List<String> extraArgs;
     private final Path logFile;
     private Path dataDir;
     private Process process;
@@ -68,9 +69,17 @@ public final class TributaryServer implements AutoCloseable {
      *     other listener flag the binary knows is set to {@code off}
      */
     public TributaryServer(String name, List<String> listen) {
+        this(name, listen, List.of());
+    }
+
+    /**
+     * @param extraArgs further arguments for the server (e.g. {@code --kafka-sasl --config F})
+     */
+    public TributaryServer(String name, List<String> listen, List<String> extraArgs) {
         this.name = name;
         this.binary = binary();
         this.listen = List.copyOf(listen);
+        this.extraArgs = List.copyOf(extraArgs);
         String logs = System.getProperty("tributary.logs", "");
         Path dir = Path.of(logs.isBlank() ? "target/tributary-logs" : logs);
         this.logFile = dir.resolve(name + ".log").toAbsolutePath();
@@ -131,6 +140,7 @@ public final class TributaryServer implements AutoCloseable {
         if (known.contains("--group-initial-rebalance-delay-ms")) {
             argv.addAll(List.of("--group-initial-rebalance-delay-ms", "0"));
         }
+        argv.addAll(extraArgs);
         appendLog("=== " + LocalTime.now() + " start: " + String.join(" ", argv) + "\n");
 
         ProcessBuilder pb = new ProcessBuilder(argv)
