@@ -88,7 +88,7 @@ pub const METRICS: &[Metric] = &[
     m(
         "tributary_auth_refusals_total",
         Kind::Counter,
-        "Requests refused for a missing, malformed or wrong core token, per listener and reason.",
+        "Authentication refusals, per listener and reason: core and admin API calls without the right token (missing_token, malformed_header, wrong_token, no_core_token), and protocol logins (bad_credentials, anonymous, mechanism, malformed, guest_remote, vhost).",
     ),
     m(
         "tributary_messages_in_total",

@@ -143,3 +143,41 @@ async fn lapin_publishes_with_confirms_and_consumes_with_acks() {
     assert_eq!(deleted, 0);
     connection.close(200, "OK".into()).await.unwrap();
 }
+
+#[tokio::test]
+async fn a_refused_login_is_counted_per_listener_and_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--amqp-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    let server = Server::start(&args);
+    let addr = server.listening["amqp"];
+    let admin = server.admin.unwrap();
+    for _ in 0..3 {
+        let refused = Connection::connect(
+            &format!("amqp://guest:wrong@{addr}/%2f"),
+            ConnectionProperties::default(),
+        )
+        .await;
+        assert!(refused.is_err(), "a wrong password was let in");
+    }
+    let series = "tributary_auth_refusals_total{listener=\"amqp\",reason=\"bad_credentials\"} ";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = tokio::task::spawn_blocking(move || common::http_get(admin, "/metrics").1)
+            .await
+            .unwrap();
+        let n: Option<u64> = body
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .map(|v| v.trim().parse().unwrap());
+        if n == Some(3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series}= {n:?}, expected 3"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

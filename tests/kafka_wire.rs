@@ -516,3 +516,44 @@ async fn two_gateway_processes_serve_one_group_through_one_core() {
     assert_eq!(d.groups[0].group_state.as_str(), "Stable");
     assert_eq!(d.groups[0].members.len(), 2);
 }
+
+#[tokio::test]
+async fn produced_records_are_counted_in_the_listener_traffic_metrics() {
+    let (_dir, server) = standalone();
+    let admin = server.admin.unwrap();
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    create_topic(&mut c, "counted", &[]).await;
+    let init = c
+        .call(
+            &InitProducerIdRequest::default().with_transaction_timeout_ms(60_000),
+            4,
+        )
+        .await;
+    let pid = (init.producer_id.0, init.producer_epoch);
+    let r = c
+        .call(
+            &produce_request("counted", batch(pid, 0, &["a", "b", "c"]), -1),
+            9,
+        )
+        .await;
+    assert_eq!(partition_result(&r).error_code, 0);
+    let series = "tributary_messages_in_total{listener=\"kafka\",protocol=\"kafka\"} ";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let body = tokio::task::spawn_blocking(move || common::http_get(admin, "/metrics").1)
+            .await
+            .unwrap();
+        let n: Option<u64> = body
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .map(|v| v.trim().parse().unwrap());
+        if n == Some(3) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{series}= {n:?}, expected 3"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

@@ -66,7 +66,7 @@ pub(crate) async fn run(
 ) {
     let span = info_span!("amqp_conn", %peer, listener);
     async move {
-        match serve(gw, socket, peer, Traffic::new(listener)).await {
+        match serve(gw, socket, peer, listener).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection ended"),
             Err(e) => debug!(error = %e, "connection ended"),
         }
@@ -179,12 +179,15 @@ async fn refuse_connection(
     Ok(())
 }
 
+/// A refused login: the reason label for the metric, the user named, what the client is told.
+type LoginError = (&'static str, String, String);
+
 fn authenticate(
     gw: &Gateway,
     peer: &SocketAddr,
     mechanism: &str,
     response: &[u8],
-) -> Result<(String, bool), String> {
+) -> Result<(String, bool), LoginError> {
     let (user, password) = match mechanism {
         "PLAIN" => {
             let mut parts = response.split(|b| *b == 0);
@@ -200,9 +203,13 @@ fn authenticate(
             // The response is a field table's entries without the length prefix.
             let mut raw = (response.len() as u32).to_be_bytes().to_vec();
             raw.extend_from_slice(response);
-            let t = parse_field_table(&raw[..])
-                .map(|(_, t)| t)
-                .map_err(|_| "malformed AMQPLAIN response".to_string())?;
+            let t = parse_field_table(&raw[..]).map(|(_, t)| t).map_err(|_| {
+                (
+                    "malformed",
+                    String::new(),
+                    "malformed AMQPLAIN response".to_string(),
+                )
+            })?;
             let get = |k: &str| match t.inner().get(k) {
                 Some(AMQPValue::LongString(s)) => {
                     String::from_utf8_lossy(s.as_bytes()).into_owned()
@@ -212,7 +219,13 @@ fn authenticate(
             };
             (get("LOGIN"), get("PASSWORD"))
         }
-        other => return Err(format!("unsupported mechanism '{other}'")),
+        other => {
+            return Err((
+                "mechanism",
+                String::new(),
+                format!("unsupported mechanism '{other}'"),
+            ));
+        }
     };
     let configured = gw.config.users.contains(&user);
     if configured {
@@ -223,10 +236,18 @@ fn authenticate(
         if is_loopback(peer) {
             return Ok((user, true));
         }
-        return Err("user 'guest' can only connect via localhost".into());
+        return Err((
+            "guest_remote",
+            user,
+            "user 'guest' can only connect via localhost".into(),
+        ));
     }
-    Err(format!(
-        "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+    Err((
+        "bad_credentials",
+        user,
+        format!(
+            "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+        ),
     ))
 }
 
@@ -316,8 +337,9 @@ async fn serve(
     gw: Arc<Gateway>,
     mut sock: impl Socket,
     peer: SocketAddr,
-    traffic: Traffic,
+    listener: &'static str,
 ) -> Result<(), ConnError> {
+    let traffic = Traffic::new(listener);
     let mut hdr = [0u8; 8];
     tokio::time::timeout(HANDSHAKE_TIMEOUT, sock.read_exact(&mut hdr))
         .await
@@ -352,8 +374,8 @@ async fn serve(
         start_ok.response.as_bytes(),
     ) {
         Ok(u) => u,
-        Err(why) => {
-            info!(reason = %why, "amqp: authentication refused");
+        Err((reason, user, why)) => {
+            gw.logins.refused(listener, peer, &user, reason, &why);
             refuse_connection(
                 &mut sock,
                 &mut buf,
@@ -405,15 +427,9 @@ async fn serve(
     };
     let vhost = open.virtual_host.as_str().to_owned();
     if !cfg.may_open(&user, &vhost, default_guest) {
-        info!(%user, %vhost, "amqp: vhost refused");
-        refuse_connection(
-            &mut sock,
-            &mut buf,
-            NOT_ALLOWED,
-            &format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'"),
-            (10, 40),
-        )
-        .await?;
+        let why = format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'");
+        gw.logins.refused(listener, peer, &user, "vhost", &why);
+        refuse_connection(&mut sock, &mut buf, NOT_ALLOWED, &why, (10, 40)).await?;
         return Ok(());
     }
     put_method(

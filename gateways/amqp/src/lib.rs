@@ -90,6 +90,8 @@ impl AmqpConfig {
 pub struct Gateway {
     pub(crate) config: AmqpConfig,
     pub(crate) broker: Arc<broker::Broker>,
+    /// Refused logins, counted and (rate-limited) logged.
+    pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
 }
 
 impl Gateway {
@@ -97,6 +99,7 @@ impl Gateway {
         Arc::new(Self {
             config,
             broker: broker::Broker::new(core),
+            logins: Default::default(),
         })
     }
 }

@@ -382,6 +382,62 @@ impl RefusalLimiter {
     }
 }
 
+/// Protocol logins refused (a wrong password, an unknown user, an anonymous client where
+/// none is allowed, a vhost the user may not open): each counted in
+/// `tributary_auth_refusals_total{listener,reason}` and logged at WARN with the peer, the
+/// user and the reason, at most once per peer address per [`REFUSAL_LOG_INTERVAL`] (the
+/// line says how many it stood for). One per gateway.
+pub struct LoginRefusals {
+    limiter: RefusalLimiter,
+}
+
+impl Default for LoginRefusals {
+    fn default() -> Self {
+        Self {
+            limiter: RefusalLimiter::new(REFUSAL_LOG_INTERVAL, MAX_TRACKED_PEERS),
+        }
+    }
+}
+
+impl std::fmt::Debug for LoginRefusals {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LoginRefusals").finish_non_exhaustive()
+    }
+}
+
+impl LoginRefusals {
+    /// Counts and (rate-limited) logs one refused login. `reason` is a short label
+    /// (`bad_credentials`, `anonymous`, `mechanism`, `guest_remote`, `vhost`); `detail` is
+    /// what the client was told.
+    pub fn refused(
+        &self,
+        listener: &'static str,
+        peer: std::net::SocketAddr,
+        user: &str,
+        reason: &'static str,
+        detail: &str,
+    ) {
+        metrics::counter!(
+            "tributary_auth_refusals_total",
+            "listener" => listener,
+            "reason" => reason
+        )
+        .increment(1);
+        if let Some(suppressed) = self.limiter.admit(Some(peer.ip()), Instant::now()) {
+            tracing::warn!(
+                listener,
+                %peer,
+                user,
+                reason,
+                detail,
+                suppressed_since_last_line = suppressed,
+                "login refused (at most one line per peer every {} s; every refusal is counted in tributary_auth_refusals_total)",
+                REFUSAL_LOG_INTERVAL.as_secs()
+            );
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

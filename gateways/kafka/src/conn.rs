@@ -20,10 +20,15 @@ use crate::Gateway;
 use crate::errors::ConnectionError;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
+use tributary_gateway_common::Traffic;
 
 /// What the gateway knows about the connection's client.
 pub(crate) struct Session {
     pub peer: SocketAddr,
+    /// The listener's name (its metrics label).
+    pub listener: &'static str,
+    /// Records in and out of this connection, in the listener's traffic metrics.
+    pub traffic: Traffic,
     pub client_id: String,
     /// SASL progress; `None` once authenticated (or when SASL is off).
     sasl: Option<SaslProgress>,
@@ -41,12 +46,13 @@ enum SaslProgress {
 pub(crate) async fn serve_connection<S>(
     socket: S,
     peer: SocketAddr,
+    listener: &'static str,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let span = info_span!("kafka_conn", %peer);
+    let span = info_span!("kafka_conn", %peer, listener);
     async move {
         // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
         let (rd, wr) = tokio::io::split(socket);
@@ -56,6 +62,8 @@ pub(crate) async fn serve_connection<S>(
         let mut wr = BufWriter::with_capacity(16 * 1024, wr);
         let mut session = Session {
             peer,
+            listener,
+            traffic: Traffic::new(listener),
             client_id: String::new(),
             sasl: gateway
                 .config
@@ -323,6 +331,13 @@ fn sasl_gate(
                     )))
                 }
                 Step::Failed(why) => {
+                    gateway.logins.refused(
+                        session.listener,
+                        session.peer,
+                        "",
+                        "bad_credentials",
+                        &why,
+                    );
                     // The client gets the error, then the connection closes.
                     session.sasl = Some(SaslProgress::AwaitingHandshake);
                     session.close_after = Some(why);

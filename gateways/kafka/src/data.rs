@@ -26,12 +26,14 @@ use crate::Gateway;
 use crate::acl::{Authz, Operation, ResourceType};
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
+use tributary_gateway_common::Traffic;
 
 /// WRITE on the transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED for every
 /// partition) and on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
 pub(crate) async fn produce(
     gw: &Gateway,
     az: &Authz<'_>,
+    traffic: &Traffic,
     req: ProduceRequest,
 ) -> Option<ProduceResponse> {
     let acks = req.acks;
@@ -74,7 +76,7 @@ pub(crate) async fn produce(
                 "transactions are not supported by this gateway yet",
             )
         } else {
-            produce_partition(gw, &name, p).await
+            produce_partition(gw, traffic, &name, p).await
         };
         (name, r)
     }))
@@ -108,6 +110,7 @@ fn error_partition(index: i32, code: i16, message: &str) -> PartitionProduceResp
 
 async fn produce_partition(
     gw: &Gateway,
+    traffic: &Traffic,
     topic: &TopicName,
     p: PartitionProduceData,
 ) -> PartitionProduceResponse {
@@ -151,6 +154,7 @@ async fn produce_partition(
         );
     }
     let size = bytes.len();
+    let record_count = header.record_count;
     let request = v1::AppendRequest {
         stream: Some(v1::StreamId {
             namespace: gw.config.namespace.clone(),
@@ -169,7 +173,7 @@ async fn produce_partition(
         batch: Some(v1::RecordBatch {
             opaque: bytes,
             opaque_format: OPAQUE_FORMAT.into(),
-            record_count: header.record_count,
+            record_count,
             max_timestamp_ms: header.max_timestamp_ms.max(0),
             producer_id: header.producer_id.max(0),
             producer_epoch: i32::from(header.producer_epoch),
@@ -182,6 +186,7 @@ async fn produce_partition(
         Ok(r) => {
             let r = r.into_inner();
             metrics::counter!("tributary_kafka_produced_bytes_total").increment(size as u64);
+            traffic.received(u64::from(record_count), size);
             PartitionProduceResponse::default()
                 .with_index(p.index)
                 .with_base_offset(r.base_offset)
@@ -203,6 +208,7 @@ async fn produce_partition(
 pub(crate) async fn fetch(
     gw: &Gateway,
     az: &Authz<'_>,
+    traffic: &Traffic,
     req: FetchRequest,
     version: i16,
 ) -> FetchResponse {
@@ -302,6 +308,12 @@ pub(crate) async fn fetch(
                 if code == v1::ErrorCode::Unspecified {
                     let mut records = BytesMut::new();
                     for b in &fp.batches {
+                        let count = if b.opaque.is_empty() {
+                            b.records.len() as u64
+                        } else {
+                            u64::from(b.record_count)
+                        };
+                        let before = records.len();
                         if b.opaque_format == OPAQUE_FORMAT {
                             batch::append_stored(&mut records, &b.opaque, b.base_offset);
                         } else if b.opaque.is_empty()
@@ -310,6 +322,9 @@ pub(crate) async fn fetch(
                             tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
                         }
                         // Batches in other opaque formats are not readable by Kafka clients.
+                        if records.len() > before {
+                            traffic.sent(count, records.len() - before);
+                        }
                     }
                     pd = pd.with_records(Some(records.freeze()));
                 } else if version < 13 && code == v1::ErrorCode::StreamNotFound {

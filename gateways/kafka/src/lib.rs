@@ -78,6 +78,8 @@ pub struct Gateway {
     pub(crate) topic_ids: parking_lot::RwLock<std::collections::HashMap<uuid::Uuid, String>>,
     /// ACLs and their cache, when the authorizer is on.
     pub(crate) authorizer: Option<acl::Authorizer>,
+    /// Refused SASL logins, counted and (rate-limited) logged.
+    pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
 }
 
 impl Gateway {
@@ -91,6 +93,7 @@ impl Gateway {
             core,
             topic_ids: Default::default(),
             authorizer,
+            logins: Default::default(),
         })
     }
 
@@ -118,7 +121,7 @@ where
     /// One connection: requests served in order until the client leaves or `stop` turns
     /// true.
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
-        conn::serve_connection(conn.stream, conn.peer, self, stop).await
+        conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
     }
 }
 
@@ -147,8 +150,12 @@ pub(crate) async fn dispatch(
         RequestKind::Metadata(r) => {
             ResponseKind::Metadata(metadata::metadata(gw, az, r, version).await)
         }
-        RequestKind::Produce(r) => ResponseKind::Produce(data::produce(gw, az, r).await?),
-        RequestKind::Fetch(r) => ResponseKind::Fetch(data::fetch(gw, az, r, version).await),
+        RequestKind::Produce(r) => {
+            ResponseKind::Produce(data::produce(gw, az, &session.traffic, r).await?)
+        }
+        RequestKind::Fetch(r) => {
+            ResponseKind::Fetch(data::fetch(gw, az, &session.traffic, r, version).await)
+        }
         RequestKind::ListOffsets(r) => {
             ResponseKind::ListOffsets(data::list_offsets(gw, az, r).await)
         }

@@ -856,7 +856,7 @@ pub(crate) async fn serve_connection<S>(
     let span = info_span!("mqtt_conn", %peer, listener);
     let (rd, wr) = tokio::io::split(socket);
     async move {
-        match run(Box::new(rd), Box::new(wr), gw, Traffic::new(listener), stop).await {
+        match run(Box::new(rd), Box::new(wr), gw, peer, listener, stop).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
             Err(e @ (ConnError::TakenOver | ConnError::Io(_))) => {
                 debug!(reason = %e, "connection closed")
@@ -1065,9 +1065,11 @@ async fn run(
     rd: Reader,
     mut writer: Writer,
     gw: Arc<Gateway>,
-    traffic: Traffic,
+    peer: SocketAddr,
+    listener: &'static str,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
+    let traffic = Traffic::new(listener);
     let max_in = gw.config.max_packet_size;
     let mut rd = rd;
     let mut packet = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut rd, max_in)).await
@@ -1145,6 +1147,13 @@ async fn run(
     // are configured and anonymous access is on (then names are taken as given).
     match &c.user {
         None if !cfg.allow_anonymous => {
+            gw.logins.refused(
+                listener,
+                peer,
+                "",
+                "anonymous",
+                "anonymous clients are not allowed",
+            );
             return Err(refuse(
                 &mut writer,
                 c.v5,
@@ -1161,6 +1170,13 @@ async fn run(
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .unwrap_or("");
             if !cfg.users.verify_password(u, password) {
+                gw.logins.refused(
+                    listener,
+                    peer,
+                    u,
+                    "bad_credentials",
+                    "bad user name or password",
+                );
                 return Err(
                     refuse(&mut writer, c.v5, 0x04, 0x86, "bad user name or password").await,
                 );

@@ -83,11 +83,17 @@ impl MqttConfig {
 pub struct Gateway {
     pub(crate) config: MqttConfig,
     pub(crate) core: CoreClient,
+    /// Refused logins, counted and (rate-limited) logged.
+    pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
 }
 
 impl Gateway {
     pub fn new(core: CoreClient, config: MqttConfig) -> Arc<Self> {
-        Arc::new(Self { config, core })
+        Arc::new(Self {
+            config,
+            core,
+            logins: Default::default(),
+        })
     }
 
     /// This gateway behind a WebSocket upgrade, for the WebSocket listener.
