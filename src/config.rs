@@ -62,6 +62,12 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::ImportCommand,
     },
+    /// Exports definitions in another broker's format (Kafka topics as kafka-topics.sh
+    /// --describe text).
+    Export {
+        #[command(subcommand)]
+        what: crate::cli::ExportCommand,
+    },
     /// Load generators with real client libraries, for Tributary or any other broker.
     Bench {
         #[command(subcommand)]

@@ -257,3 +257,57 @@ fn exit_codes_for_an_unreachable_core_and_refused_credentials() {
     let version = Command::new(BIN).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&version.stdout).starts_with("tributary "));
 }
+
+/// What `kafka-topics.sh --describe` prints (Apache Kafka 3.x), with a config Tributary
+/// does not know.
+const DESCRIBE: &str = "Topic: orders\tTopicId: 3Hx1\tPartitionCount: 3\tReplicationFactor: 1\tConfigs: cleanup.policy=delete,retention.ms=86400000,some.unknown.config=1\n\tTopic: orders\tPartition: 0\tLeader: 1\tReplicas: 1\tIsr: 1\n\tTopic: orders\tPartition: 1\tLeader: 1\tReplicas: 1\tIsr: 1\n\tTopic: orders\tPartition: 2\tLeader: 1\tReplicas: 1\tIsr: 1\nTopic: logs\tTopicId: 9aZ\tPartitionCount: 1\tReplicationFactor: 3\tConfigs: \n\tTopic: logs\tPartition: 0\tLeader: 2\tReplicas: 2,3,1\tIsr: 2,3,1\n";
+
+#[test]
+fn kafka_topics_import_from_describe_output_and_export_round_trips() {
+    let (dir, _server, core) = start();
+    let file = dir.path().join("topics.txt");
+    std::fs::write(&file, DESCRIBE).unwrap();
+    let path = file.to_str().unwrap();
+    let dry = json(&core, &["import", "kafka", path, "--dry-run"]);
+    assert_eq!(dry["topics"][0]["outcome"], "would create");
+    assert!(
+        json(&core, &["streams", "list"])["streams"]
+            .as_array()
+            .unwrap()
+            .is_empty(),
+        "a dry run created something"
+    );
+    let done = json(&core, &["import", "kafka", path]);
+    assert_eq!(done["topics"][0]["outcome"], "created");
+    assert!(
+        done["topics"][0]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("some.unknown.config"),
+        "{done}"
+    );
+    let orders = json(&core, &["streams", "describe", "orders"]);
+    assert_eq!(orders["partitions"], 3);
+    assert_eq!(orders["config"]["retention.ms"], 86_400_000);
+    assert_eq!(
+        json(&core, &["streams", "describe", "logs"])["partitions"],
+        1
+    );
+    // Again: left as it is.
+    let again = json(&core, &["import", "kafka", path]);
+    assert_eq!(again["topics"][0]["outcome"], "exists");
+
+    // Exported and imported into another server: the same topics.
+    let exported = cli(&core, &["export", "kafka"]);
+    assert!(exported.status.success());
+    let text = String::from_utf8(exported.stdout).unwrap();
+    assert!(text.contains("Topic: orders\t"), "{text}");
+    let copy = dir.path().join("export.txt");
+    std::fs::write(&copy, &text).unwrap();
+    let (_dir2, _server2, core2) = start();
+    json(&core2, &["import", "kafka", copy.to_str().unwrap()]);
+    let other = json(&core2, &["streams", "describe", "orders"]);
+    assert_eq!(other["partitions"], 3);
+    assert_eq!(other["config"]["retention.ms"], 86_400_000);
+    assert_eq!(other["config"]["cleanup.policy"], "delete");
+}

@@ -114,6 +114,25 @@ pub enum ImportCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Kafka topics with their partition counts and configs, from what
+    /// `kafka-topics.sh --describe --bootstrap-server HOST:9092` prints (or
+    /// `tributary export kafka` writes). A topic that exists is left as it is; configs with no
+    /// meaning here are reported as not carried.
+    Kafka {
+        file: std::path::PathBuf,
+        /// Checks every topic and config and reports what would be created.
+        #[arg(long)]
+        dry_run: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ExportCommand {
+    /// The namespace's streams as `kafka-topics.sh --describe` text (what `tributary import
+    /// kafka` reads), or JSON with --json.
+    Kafka(Common),
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -1,4 +1,4 @@
-//! `tributary streams|groups|queues|import ...`: the admin CLI, in the style of rpk and
+//! `tributary streams|groups|queues|import|export ...`: the admin CLI, in the style of rpk and
 //! rabbitmqadmin, against the core gRPC API of a local or remote server (`--core URL`, with
 //! the core token and TLS settings a split gateway uses).
 //!
@@ -9,6 +9,7 @@
 pub mod args;
 mod groups;
 mod import;
+mod kafka_topics;
 mod queues;
 mod records;
 mod streams;
@@ -21,7 +22,9 @@ use tributary_gateway_common::{CoreClient, error_code};
 use tributary_proto::v1::ErrorCode;
 
 use crate::config::Settings;
-pub use args::{Common, GroupsCommand, ImportCommand, QueuesCommand, StreamsCommand};
+pub use args::{
+    Common, ExportCommand, GroupsCommand, ImportCommand, QueuesCommand, StreamsCommand,
+};
 
 /// Why a command failed, and the exit code that says so.
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,7 @@ pub enum AdminCommand {
     Groups(GroupsCommand),
     Queues(QueuesCommand),
     Import(ImportCommand),
+    Export(ExportCommand),
 }
 
 /// Runs one admin command to completion and prints its result.
@@ -110,6 +114,8 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Groups(c) => c.common().json,
             AdminCommand::Queues(c) => c.common().json,
             AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
+            AdminCommand::Import(ImportCommand::Kafka { common, .. }) => common.json,
+            AdminCommand::Export(ExportCommand::Kafka(common)) => common.json,
         };
         let out = match command {
             AdminCommand::Streams(c) => streams::run(&connect(settings)?, c).await?,
@@ -128,6 +134,26 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
                     Some(connect(settings)?)
                 };
                 import::rabbitmq(ctx.as_ref(), &file, dry_run, config_out.as_deref()).await?
+            }
+            AdminCommand::Import(ImportCommand::Kafka {
+                file,
+                dry_run,
+                common,
+            }) => {
+                let ctx = if dry_run {
+                    None
+                } else {
+                    Some(connect(settings)?)
+                };
+                kafka_topics::import(ctx.as_ref(), &file, &common.namespace).await?
+            }
+            AdminCommand::Export(ExportCommand::Kafka(common)) => {
+                let (text, json) =
+                    kafka_topics::export(&connect(settings)?, &common.namespace).await?;
+                Output {
+                    table: table::Table::text(text),
+                    json,
+                }
             }
         };
         Ok::<_, CliError>((json, out))

@@ -27,6 +27,14 @@ impl Table {
         }
     }
 
+    /// Text printed as it is (for commands whose output is a file format).
+    pub fn text(text: String) -> Self {
+        Self {
+            header: Vec::new(),
+            rows: vec![vec![text.trim_end_matches('\n').to_string()]],
+        }
+    }
+
     pub fn render(&self) -> String {
         let columns = self
             .rows

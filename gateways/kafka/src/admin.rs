@@ -123,6 +123,16 @@ fn s(v: impl Into<String>) -> StrBytes {
 #[derive(Debug)]
 struct ConfigError(String);
 
+/// Folds one Kafka topic config into a stream config exactly as CreateTopics does (for
+/// `tributary import kafka`); the error is CreateTopics' INVALID_CONFIG message.
+pub fn apply_topic_config(
+    cfg: &mut v1::StreamConfig,
+    name: &str,
+    value: &str,
+) -> Result<(), String> {
+    apply_config(cfg, name, value).map_err(|ConfigError(e)| e)
+}
+
 /// Folds one Kafka config into the core's stream config.
 fn apply_config(cfg: &mut v1::StreamConfig, name: &str, value: &str) -> Result<(), ConfigError> {
     let long = |v: &str| {

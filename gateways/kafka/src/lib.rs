@@ -9,6 +9,7 @@
 pub mod acl;
 mod acl_api;
 mod admin;
+pub use admin::apply_topic_config;
 pub mod batch;
 mod conn;
 mod data;
