@@ -161,23 +161,8 @@ async fn a_refused_login_is_counted_per_listener_and_reason() {
         .await;
         assert!(refused.is_err(), "a wrong password was let in");
     }
-    let series = "tributary_auth_refusals_total{listener=\"amqp\",reason=\"bad_credentials\"} ";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let body = tokio::task::spawn_blocking(move || common::http_get(admin, "/metrics").1)
-            .await
-            .unwrap();
-        let n: Option<u64> = body
-            .lines()
-            .find_map(|l| l.strip_prefix(series))
-            .map(|v| v.trim().parse().unwrap());
-        if n == Some(3) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series}= {n:?}, expected 3"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let series = "tributary_auth_refusals_total{listener=\"amqp\",reason=\"bad_credentials\"}";
+    tokio::task::spawn_blocking(move || common::wait_metric(admin, series, 3.0))
+        .await
+        .unwrap();
 }

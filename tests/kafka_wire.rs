@@ -537,23 +537,8 @@ async fn produced_records_are_counted_in_the_listener_traffic_metrics() {
         )
         .await;
     assert_eq!(partition_result(&r).error_code, 0);
-    let series = "tributary_messages_in_total{listener=\"kafka\",protocol=\"kafka\"} ";
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    loop {
-        let body = tokio::task::spawn_blocking(move || common::http_get(admin, "/metrics").1)
-            .await
-            .unwrap();
-        let n: Option<u64> = body
-            .lines()
-            .find_map(|l| l.strip_prefix(series))
-            .map(|v| v.trim().parse().unwrap());
-        if n == Some(3) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{series}= {n:?}, expected 3"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let series = "tributary_messages_in_total{listener=\"kafka\",protocol=\"kafka\"}";
+    tokio::task::spawn_blocking(move || common::wait_metric(admin, series, 3.0))
+        .await
+        .unwrap();
 }

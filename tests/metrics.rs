@@ -10,7 +10,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::mqtt_raw::{packet, read_exact, string};
-use common::{Server, free_port_args, http_get};
+use common::{Server, free_port_args, http_get, wait_metric};
 use tributary::metrics_catalog::{Kind, METRICS};
 
 /// Every metric name recorded with a `metrics::counter!` / `gauge!` / `histogram!` macro in
@@ -164,29 +164,6 @@ fn messages_beyond_a_full_session_queue_are_counted_as_dropped() {
             break;
         }
         assert!(Instant::now() < deadline, "dropped count {n:?}, expected 3");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
-    let (_, body) = http_get(admin, "/metrics");
-    body.lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
-        .map(|v| v.trim().parse().unwrap())
-}
-
-/// Polls until `series` reads `want`, failing after 10 s.
-fn wait_metric(admin: SocketAddr, series: &str, want: f64) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let got = metric(admin, series);
-        if got == Some(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{series} = {got:?}, expected {want}"
-        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -81,6 +81,32 @@ fn s(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// `--tls-cert` and `--tls-key` for `leaf`, written into `dir` as NAME.pem and NAME.key.
+fn cert_flags(dir: &Path, name: &str, leaf: &Leaf) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        s(&write(dir, &format!("{name}.pem"), &leaf.cert_pem)),
+        "--tls-key".into(),
+        s(&write(dir, &format!("{name}.key"), &leaf.key_pem)),
+    ]
+}
+
+/// An MQTT 3.1.1 CONNECT with a clean session.
+fn mqtt_connect(client_id: &str) -> Vec<u8> {
+    let mut body = string("MQTT");
+    body.extend([4, 0x02, 0, 30]);
+    body.extend(string(client_id));
+    packet(0x10, &body)
+}
+
+fn sighup(server: &Server) {
+    let sent = std::process::Command::new("kill")
+        .args(["-HUP", &server.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// Every listener off but the ones `on` names (at 127.0.0.1:0), then `extra` flags.
 fn args(mode: &str, dir: &Path, on: &[&str], extra: &[String]) -> Vec<String> {
     // `gateway` is the MQTT gateway alone (`tributary gateway mqtt`).
@@ -241,10 +267,7 @@ async fn the_core_over_tls_serves_verified_clients_only() {
     let mqtt = gw.mqtt.expect("the gateway's MQTT listener");
     let mut conn = tokio::net::TcpStream::connect(mqtt).await.unwrap();
     // CONNECT v3.1.1, clean session, client id "tls-gw": the session lives in the core.
-    let mut body = string("MQTT");
-    body.extend([4, 0x02, 0, 30]);
-    body.extend(string("tls-gw"));
-    conn.write_all(&packet(0x10, &body)).await.unwrap();
+    conn.write_all(&mqtt_connect("tls-gw")).await.unwrap();
     let mut connack = [0u8; 4];
     tokio::time::timeout(Duration::from_secs(10), conn.read_exact(&mut connack))
         .await
@@ -360,13 +383,7 @@ async fn a_renewed_certificate_is_served_after_sighup_and_after_a_file_change() 
     // A key that does not belong to the certificate: refused, the first one stays.
     let second = ca.leaf("second");
     write(d, "s.pem", &second.cert_pem);
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &node.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sighup(&node);
     let admin = node.admin.unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
     while !http_get(admin, "/metrics").1.lines().any(|l| {
@@ -382,13 +399,7 @@ async fn a_renewed_certificate_is_served_after_sighup_and_after_a_file_change() 
 
     // The matching key: SIGHUP serves the second certificate.
     write(d, "s.key", &second.key_pem);
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &node.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
+    sighup(&node);
     wait_for_certificate(addr, &ca.pem(), &second.der).await;
 
     // A third pair written to the files: picked up without a signal.
@@ -417,21 +428,18 @@ async fn a_protocol_listener_can_require_client_certificates() {
         d,
         &["--mqtt-tls-listen"],
         &[
-            "--tls-cert".into(),
-            s(&write(d, "s.pem", &server.cert_pem)),
-            "--tls-key".into(),
-            s(&write(d, "s.key", &server.key_pem)),
-            "--tls-client-ca".into(),
-            s(&write(d, "ca.pem", &ca.pem())),
-            "--tls-client-auth".into(),
-            "required".into(),
-        ],
+            cert_flags(d, "s", &server),
+            vec![
+                "--tls-client-ca".into(),
+                s(&write(d, "ca.pem", &ca.pem())),
+                "--tls-client-auth".into(),
+                "required".into(),
+            ],
+        ]
+        .concat(),
     ));
     let addr = node.listening["mqtt-tls"];
-    let mut body = string("MQTT");
-    body.extend([4, 0x02, 0, 30]);
-    body.extend(string("mtls"));
-    let connect = packet(0x10, &body);
+    let connect = mqtt_connect("mtls");
 
     // With a certificate from the CA: CONNACK.
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();

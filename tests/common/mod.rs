@@ -195,3 +195,28 @@ pub fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> 
         .unwrap_or_default();
     (status, body)
 }
+
+/// The value of one series (`name{labels}`) in the admin listener's `/metrics`.
+pub fn metric(admin: SocketAddr, series: &str) -> Option<f64> {
+    let (_, body) = http_get(admin, "/metrics");
+    body.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .map(|v| v.trim().parse().unwrap())
+}
+
+/// Polls `/metrics` until `series` reads `want`, failing after 10 s. Blocking: from async
+/// tests, call it in `spawn_blocking`.
+pub fn wait_metric(admin: SocketAddr, series: &str, want: f64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let got = metric(admin, series);
+        if got == Some(want) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{series} = {got:?}, expected {want}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
