@@ -15,6 +15,7 @@ mod acls;
 pub mod error;
 mod groups;
 pub mod grpc;
+pub mod inspect;
 pub mod meta;
 pub mod producers;
 mod queues;

@@ -1759,6 +1759,47 @@ impl Core {
     }
 }
 
+impl Core {
+    /// Every MQTT session, sorted by namespace and client id (for operators: the admin API).
+    pub fn list_sessions(&self) -> Vec<crate::inspect::SessionSummary> {
+        let cells: Vec<(SessionId, Arc<SessionCell>)> = self
+            .broker()
+            .sessions
+            .read()
+            .iter()
+            .map(|(id, c)| (id.clone(), c.clone()))
+            .collect();
+        let mut out: Vec<_> = cells
+            .into_iter()
+            .map(|((namespace, client_id), cell)| {
+                let s = cell.lock();
+                crate::inspect::SessionSummary {
+                    namespace,
+                    client_id,
+                    connected: s.conn.is_some(),
+                    expiry_ms: s.expiry_ms,
+                    subscriptions: s.subs.values().cloned().collect(),
+                    inflight: s.inflight.len(),
+                    queued: s.queue.len(),
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.client_id).cmp(&(&b.namespace, &b.client_id)));
+        out
+    }
+
+    /// Messages and bytes the session broker took in and sent out since start.
+    pub fn session_totals(&self) -> crate::inspect::SessionTotals {
+        let s = &self.broker().stats;
+        crate::inspect::SessionTotals {
+            messages_in: s.messages_in.load(Ordering::Relaxed),
+            messages_out: s.messages_out.load(Ordering::Relaxed),
+            bytes_in: s.bytes_in.load(Ordering::Relaxed),
+            bytes_out: s.bytes_out.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// `$delayed/{seconds}/{topic}` (EMQX's delayed publish) -> (seconds, topic).
 pub fn delayed_topic(topic: &str) -> Option<(u32, &str)> {
     let rest = topic.strip_prefix("$delayed/")?;

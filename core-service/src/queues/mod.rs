@@ -395,6 +395,36 @@ impl Core {
         Ok(n as i64)
     }
 
+    /// Up to `max` messages of a queue from its oldest unsettled one, without leasing any
+    /// (an operator browsing it). Ready messages not in memory yet are loaded first, as a
+    /// receive would, so a queue nobody consumes still shows its head.
+    pub async fn peek_queue(
+        &self,
+        id: &v1::QueueId,
+        max: usize,
+    ) -> CoreResult<Vec<crate::inspect::PeekedMessage>> {
+        let h = self.queue(id)?;
+        let peeked = {
+            let mut g = h.guarded.lock().await;
+            self.fill_window(&h, &mut g, max).await?;
+            g.st.peek(max)
+        };
+        // Loading may have brought in messages whose time has passed (an expiry): the
+        // owner task deals with them as it does after any fill.
+        h.wake.notify_one();
+        Ok(peeked
+            .into_iter()
+            .map(
+                |(offset, state, delivery_count, record)| crate::inspect::PeekedMessage {
+                    offset,
+                    state,
+                    delivery_count,
+                    record,
+                },
+            )
+            .collect())
+    }
+
     /// The queues of a namespace.
     pub(crate) fn queues_of(&self, ns: &str) -> Vec<Arc<QueueHandle>> {
         self.inner

@@ -175,6 +175,23 @@ impl QueueState {
     pub fn delayed_count(&self) -> usize {
         self.delayed
     }
+    /// Up to `max` loaded messages from the oldest, in log order, with their phase name:
+    /// what an operator browsing the queue sees (nothing changes).
+    pub fn peek(&self, max: usize) -> Vec<(i64, &'static str, u32, Arc<v1::Record>)> {
+        self.msgs
+            .iter()
+            .take(max)
+            .map(|(o, m)| {
+                let phase = match m.phase {
+                    Phase::Ready => "ready",
+                    Phase::Leased { .. } => "leased",
+                    Phase::Delayed { .. } => "delayed",
+                    Phase::Moving => "moving",
+                };
+                (*o, phase, m.delivery_count, m.record.clone())
+            })
+            .collect()
+    }
     /// The next time something changes by itself (a lease expires, a delay ends).
     pub fn next_deadline(&self) -> Option<i64> {
         self.timed.first().map(|(t, _)| *t)

@@ -546,6 +546,27 @@ impl Core {
         Ok(())
     }
 
+    /// The addresses of a namespace (every namespace for ""), sorted by namespace and name.
+    pub fn list_addresses(&self, namespace: &str) -> Vec<crate::inspect::AddressSummary> {
+        let addresses = self.inner.router.addresses.read();
+        let mut out: Vec<_> = addresses
+            .iter()
+            .filter(|((n, _), _)| namespace.is_empty() || n == namespace)
+            .map(|((n, name), a)| crate::inspect::AddressSummary {
+                namespace: n.clone(),
+                name: name.clone(),
+                kind: v1::AddressKind::try_from(a.record.kind).unwrap_or_default(),
+                durable: a.record.durable,
+                auto_delete: a.record.auto_delete,
+                internal: a.record.internal,
+                arguments: a.record.arguments.clone(),
+                bindings: a.bindings.read().all.len(),
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        out
+    }
+
     pub fn list_bindings(&self, namespace: &str, source: &str) -> Vec<v1::Binding> {
         let ns = namespace_or_default(namespace);
         let addresses = self.inner.router.addresses.read();

@@ -289,6 +289,13 @@ impl Users {
         self.users.contains_key(user)
     }
 
+    /// The user names, sorted (for listings: never the credentials).
+    pub fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.users.keys().cloned().collect();
+        names.sort();
+        names
+    }
+
     pub fn credential(&self, user: &str, hash: ScramHash) -> Option<&ScramCredential> {
         self.users.get(user)?.iter().find(|c| c.hash == hash)
     }
