@@ -91,6 +91,9 @@ pub enum Reason {
     Malformed,
     /// A bearer token that is not the configured one.
     Wrong,
+    /// A request that always needs credentials (an admin write) to a server that has no
+    /// `core_token` to check them against.
+    NoTokenConfigured,
 }
 
 impl Reason {
@@ -99,6 +102,7 @@ impl Reason {
             Reason::Missing => "missing_token",
             Reason::Malformed => "malformed_header",
             Reason::Wrong => "wrong_token",
+            Reason::NoTokenConfigured => "no_core_token",
         }
     }
 
@@ -110,6 +114,9 @@ impl Reason {
             }
             Reason::Malformed => "the authorization header is not `Bearer <core_token>`",
             Reason::Wrong => "the bearer token is not this server's core_token",
+            Reason::NoTokenConfigured => {
+                "this server has no core_token to check credentials against; set core_token (--core-token-file, TRIBUTARY_CORE_TOKEN or core_token)"
+            }
         }
     }
 }

@@ -283,16 +283,15 @@ impl Server {
                 core: core.clone(),
                 ready: ready.clone(),
                 prometheus: admin::prometheus(),
+                users: Arc::new(settings.users.names()),
             };
-            // Beyond loopback, everything but the health check needs the token (without
-            // one, check_exposure let it start only with core_insecure).
-            let guard = match (settings.admin_listen.addr(), &settings.core_token) {
-                (Some(a), Some(token)) if beyond_loopback(a) => {
-                    Some(Guard::new("admin", token.clone()))
-                }
-                _ => None,
-            };
-            let router = admin::router(state, guard);
+            // Beyond loopback, reads need the token too (without one, check_exposure let
+            // it start only with core_insecure, and then reads stay open); writes always
+            // need it.
+            let reads_need_token = settings.core_token.is_some()
+                && settings.admin_listen.addr().is_some_and(beyond_loopback);
+            let auth = admin::AdminAuth::new(settings.core_token.clone(), reads_need_token);
+            let router = admin::router(state, auth);
             if let (Some(certs), true) = (&certs, settings.admin_tls) {
                 let acceptor = tls::acceptor_for(certs, &ClientCerts::None, &[b"h2", b"http/1.1"])?;
                 tasks.push(tokio::spawn(admin::serve_tls(

@@ -1,34 +1,43 @@
-//! The admin HTTP listener: health, Prometheus metrics and a small read-only JSON API, over
-//! plain HTTP or, with `admin_tls`, HTTPS.
+//! The admin HTTP listener: health, Prometheus metrics, a JSON API (read: streams, groups
+//! with lag, queues and their messages, addresses and bindings, MQTT sessions, users;
+//! write: purge and redrive a queue) and the web console that uses it, over plain HTTP or,
+//! with `admin_tls`, HTTPS.
 //!
-//! Bound beyond loopback, every request but `GET /healthz` needs `Authorization: Bearer
-//! <core_token>` (see [`crate::auth`]); on loopback it is open.
+//! Who may call what is [`auth`]'s: reads are open on loopback and need `Authorization:
+//! Bearer <core_token>` beyond it; writes always need it.
+
+mod api;
+pub mod auth;
+mod console;
+mod overview;
+mod write;
 
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{ConnectInfo, Path, Query, Request, State};
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
-use axum::middleware::{self, Next};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
 use tributary_core::{Core, CoreError};
 use tributary_proto::v1;
 
 use tributary_gateway_common::tls;
 
-use crate::auth::Guard;
+pub use auth::AdminAuth;
 
 #[derive(Clone)]
 pub struct AdminState {
     pub core: Core,
     pub ready: Arc<AtomicBool>,
     pub prometheus: PrometheusHandle,
+    /// The configured users' names (the console lists them; credentials stay out).
+    pub users: Arc<Vec<String>>,
 }
 
 /// The process-wide Prometheus recorder. The `metrics` facade has exactly one recorder per
@@ -58,52 +67,33 @@ pub fn prometheus() -> PrometheusHandle {
         .clone()
 }
 
-/// The admin routes; with a `guard`, every request but the health check needs its token.
-pub fn router(state: AdminState, guard: Option<Arc<Guard>>) -> Router {
-    let router = Router::new()
+/// The admin routes, every request checked by `auth` first.
+pub fn router(state: AdminState, auth: Arc<AdminAuth>) -> Router {
+    Router::new()
         .route("/healthz", get(healthz))
         .route("/metrics", get(metrics_text))
-        .route("/api/v1/namespaces", get(namespaces))
-        .route("/api/v1/streams", get(streams))
-        .route("/api/v1/streams/{namespace}/{name}", get(stream))
-        .route("/api/v1/groups", get(groups))
-        .with_state(state);
-    match guard {
-        Some(guard) => router.layer(middleware::from_fn_with_state(guard, require_token)),
-        None => router,
-    }
-}
-
-/// `401` unless the request carries the token; the health check is always answered, so
-/// load balancers and orchestrators need no secret.
-async fn require_token(State(guard): State<Arc<Guard>>, req: Request, next: Next) -> Response {
-    let health = req.uri().path() == "/healthz"
-        && matches!(
-            *req.method(),
-            axum::http::Method::GET | axum::http::Method::HEAD
-        );
-    if health {
-        return next.run(req).await;
-    }
-    let peer = req
-        .extensions()
-        .get::<ConnectInfo<std::net::SocketAddr>>()
-        .map(|c| c.0);
-    match guard.check(req.headers(), peer, req.uri().path()) {
-        Ok(()) => next.run(req).await,
-        Err(reason) => (
-            StatusCode::UNAUTHORIZED,
-            [("www-authenticate", "Bearer")],
-            Json(json!({
-                "error": v1::ErrorCode::Unauthenticated.as_str_name(),
-                "message": format!(
-                    "the admin API beyond loopback requires `Authorization: Bearer <core_token>` ({})",
-                    reason.as_str()
-                ),
-            })),
+        .route("/api/v1/overview", get(overview::overview))
+        .route("/api/v1/namespaces", get(api::namespaces))
+        .route("/api/v1/streams", get(api::streams))
+        .route("/api/v1/streams/{namespace}/{name}", get(api::stream))
+        .route("/api/v1/groups", get(api::groups))
+        .route("/api/v1/queues", get(api::queues))
+        .route("/api/v1/queues/{namespace}/{name}/messages", get(api::peek))
+        .route(
+            "/api/v1/queues/{namespace}/{name}/purge",
+            post(write::purge),
         )
-            .into_response(),
-    }
+        .route(
+            "/api/v1/queues/{namespace}/{name}/redrive",
+            post(write::redrive),
+        )
+        .route("/api/v1/redrives", get(api::redrives))
+        .route("/api/v1/addresses", get(api::addresses))
+        .route("/api/v1/sessions", get(api::sessions))
+        .route("/api/v1/users", get(api::users))
+        .merge(console::routes())
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(auth, auth::require))
 }
 
 async fn healthz(State(s): State<AdminState>) -> Response {
@@ -125,8 +115,12 @@ fn error(e: CoreError) -> Response {
     let status = match e.code() {
         v1::ErrorCode::StreamNotFound
         | v1::ErrorCode::NamespaceNotFound
-        | v1::ErrorCode::GroupNotFound => StatusCode::NOT_FOUND,
-        v1::ErrorCode::InvalidArgument => StatusCode::BAD_REQUEST,
+        | v1::ErrorCode::GroupNotFound
+        | v1::ErrorCode::QueueNotFound
+        | v1::ErrorCode::AddressNotFound => StatusCode::NOT_FOUND,
+        v1::ErrorCode::InvalidArgument | v1::ErrorCode::InvalidConfig => StatusCode::BAD_REQUEST,
+        v1::ErrorCode::Conflict | v1::ErrorCode::ResourceLocked => StatusCode::CONFLICT,
+        v1::ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     };
     (
@@ -134,87 +128,6 @@ fn error(e: CoreError) -> Response {
         Json(json!({ "error": e.code().as_str_name(), "message": e.to_string() })),
     )
         .into_response()
-}
-
-fn stream_json(s: &v1::StreamInfo) -> Value {
-    let id = s.id.clone().unwrap_or_default();
-    let c = s.config.clone().unwrap_or_default();
-    json!({
-        "namespace": id.namespace,
-        "name": id.name,
-        "uuid": s.uuid,
-        "partitions": s.partitions,
-        "created_at_ms": s.created_at_ms,
-        "config": {
-            "retention_ms": c.retention_ms,
-            "retention_bytes": c.retention_bytes,
-            "max_message_bytes": c.max_message_bytes,
-            "cleanup_policy": c.cleanup_policy,
-            "extra": c.extra,
-        },
-        "partition_info": s.partition_info.iter().map(|p| json!({
-            "partition": p.partition,
-            "start_offset": p.start_offset,
-            "end_offset": p.end_offset,
-            "size_bytes": p.size_bytes,
-        })).collect::<Vec<_>>(),
-    })
-}
-
-async fn namespaces(State(s): State<AdminState>) -> Response {
-    let list: Vec<_> = s
-        .core
-        .list_namespaces()
-        .into_iter()
-        .map(|n| json!({ "name": n.name, "labels": n.labels, "created_at_ms": n.created_at_ms }))
-        .collect();
-    Json(json!({ "namespaces": list })).into_response()
-}
-
-async fn streams(State(s): State<AdminState>) -> Response {
-    match s.core.list_all_streams().await {
-        Ok(list) => Json(json!({ "streams": list.iter().map(stream_json).collect::<Vec<_>>() }))
-            .into_response(),
-        Err(e) => error(e),
-    }
-}
-
-async fn stream(
-    State(s): State<AdminState>,
-    Path((namespace, name)): Path<(String, String)>,
-) -> Response {
-    match s
-        .core
-        .describe_stream(&v1::StreamId::new(namespace, name))
-        .await
-    {
-        Ok(info) => Json(stream_json(&info)).into_response(),
-        Err(e) => error(e),
-    }
-}
-
-#[derive(Deserialize)]
-struct GroupQuery {
-    namespace: Option<String>,
-}
-
-async fn groups(State(s): State<AdminState>, Query(q): Query<GroupQuery>) -> Response {
-    match s
-        .core
-        .list_groups(q.namespace.as_deref().unwrap_or_default())
-        .await
-    {
-        Ok(list) => Json(json!({
-            "groups": list.iter().map(|g| json!({
-                "namespace": g.namespace,
-                "group": g.group,
-                "state": g.state,
-                "committed_partitions": g.committed_partitions,
-            })).collect::<Vec<_>>()
-        }))
-        .into_response(),
-        Err(e) => error(e),
-    }
 }
 
 /// Serves the admin routes over TLS until `stop`. axum's `serve` speaks plain TCP only, so
