@@ -2,6 +2,7 @@
 # Sourced, not run: `source scripts/brokers.sh`, then
 #
 #   brokers_install mosquitto rabbitmq-server   # apt-get when missing (root or sudo)
+#   brokers_install chromium                    # the browser of scripts/console-test.sh
 #   brokers_init "$workdir"                     # where configs, data and logs go
 #   mosquitto_start                             # sets m_port, m_pid (restarts if running)
 #   rabbitmq_start                              # sets r_port, r_pid; up to ~2 min to boot
@@ -30,6 +31,8 @@ brokers_install() { # package...
         case "$pkg" in
             mosquitto) [[ -x /usr/sbin/mosquitto ]] || need+=(mosquitto) ;;
             rabbitmq-server) [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || need+=(rabbitmq-server) ;;
+            # Not a broker: the headless browser the console's end-to-end tests drive.
+            chromium) [[ -x /usr/bin/chromium ]] || need+=(chromium) ;;
             *) echo "brokers_install: unknown package $pkg" >&2; return 2 ;;
         esac
     done

@@ -68,9 +68,9 @@ impl AdminAuth {
     }
 }
 
-/// Paths anyone may read: the health check and the console's static files.
+/// Paths anyone may read: the health check and the console's static files (and icon).
 fn is_public(path: &str) -> bool {
-    path == "/healthz" || path == "/" || path == "/console" || path.starts_with("/console/")
+    matches!(path, "/healthz" | "/" | "/console" | "/favicon.ico") || path.starts_with("/console/")
 }
 
 /// The middleware: `401` for missing or wrong credentials, `403` for a write to a server
