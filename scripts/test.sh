@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The project's test command (README.md "Run the tests"; .ci/run calls exactly this).
 # Needs the Rust toolchain and python3; cargo fetches the crates, scripts/compat.sh the Python
-# clients (venv); mosquitto (the MQTT reference broker) and rabbitmq-server come from Debian.
+# clients (venv); mosquitto (the MQTT reference broker), rabbitmq-server and chromium (the
+# console's end-to-end tests) come from Debian, playwright-core from npm (cache in ~/.npm).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,5 +26,7 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh am
 # The Java clients (kafka-clients, amqp-client, Paho MQTT; java 17 and mvn, ~/.m2 from Maven
 # Central), AMQP and MQTT also against RabbitMQ and Mosquitto (started by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
+echo "== web console end to end in headless Chromium (chromium from Debian, playwright-core from npm)"
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/console-test.sh
 echo "== tributary bench mqtt|amqp against Mosquitto and RabbitMQ (installed from Debian if missing)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/bench-smoke.sh
