@@ -5,6 +5,7 @@
 
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import { chromium } from 'playwright-core';
 
@@ -65,6 +66,15 @@ test('the overview loads without console errors and charts the rates', async () 
   // (Attached, not visible: at rest the rate is 0 and the line is flat.)
   await page.waitForSelector('[data-testid="chart-messages"] polyline', { state: 'attached' });
   await page.waitForSelector('[data-testid="chart-bytes"] polyline', { state: 'attached' });
+  // Live: MQTT messages published while the page polls show as a rate above zero.
+  const [cmd, ...args] = process.env.CONSOLE_BURST.split(' ');
+  const burst = spawn(cmd, args, { stdio: 'inherit' });
+  const exited = new Promise((resolve) => burst.on('exit', resolve));
+  try {
+    await waitText('[data-testid="chart-messages"] .legend span', /^in: [1-9]/);
+  } finally {
+    assert.equal(await exited, 0, 'the MQTT burst failed');
+  }
   const listeners = await page.$$('[data-testid="listeners"] tbody tr');
   assert.ok(listeners.length >= 3, `one row per protocol listener, got ${listeners.length}`);
   assert.deepEqual(consoleErrors, []);

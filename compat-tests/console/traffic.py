@@ -12,6 +12,10 @@ venv), against a running Tributary:
   in the dead-letter queue.
 
 Writes what it did (names and counts) as JSON to --out, for the browser test to check.
+
+With --burst HOST:PORT instead, it publishes MQTT QoS 0 messages to a topic nobody
+subscribes for a few seconds (BURST_S), steadily, so that a page polling every second sees
+a rate above zero.
 """
 
 from __future__ import annotations
@@ -110,14 +114,40 @@ def amqp(host: str, port: int) -> dict:
             "ready": READY, "dead_letter_body": body.decode()}
 
 
+BURST_S = 4.0
+BURST_PER_S = 200
+
+
+def burst(host: str, port: int) -> None:
+    c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="console-burst")
+    c.connect(host, port)
+    c.loop_start()
+    started = time.monotonic()
+    sent = 0
+    while (elapsed := time.monotonic() - started) < BURST_S:
+        # Pacing, not synchronisation: hold the rate at BURST_PER_S.
+        while sent < elapsed * BURST_PER_S:
+            c.publish("burst/load", b"x" * 64, qos=0)
+            sent += 1
+        time.sleep(0.01)
+    c.disconnect()
+    c.loop_stop()
+
+
 def main() -> None:
     a = argparse.ArgumentParser(description=__doc__)
-    a.add_argument("--kafka", required=True, help="HOST:PORT")
-    a.add_argument("--mqtt", required=True, help="HOST:PORT")
-    a.add_argument("--amqp", required=True, help="HOST:PORT")
-    a.add_argument("--out", required=True)
+    a.add_argument("--burst", help="HOST:PORT of MQTT: only publish steadily for a while")
+    a.add_argument("--kafka", help="HOST:PORT")
+    a.add_argument("--mqtt", help="HOST:PORT")
+    a.add_argument("--amqp", help="HOST:PORT")
+    a.add_argument("--out")
     args = a.parse_args()
     split = lambda hp: (hp.rsplit(":", 1)[0], int(hp.rsplit(":", 1)[1]))  # noqa: E731
+    if args.burst:
+        burst(*split(args.burst))
+        return
+    if not (args.kafka and args.mqtt and args.amqp and args.out):
+        a.error("--kafka, --mqtt, --amqp and --out are required without --burst")
     done = {
         "kafka": kafka(args.kafka),
         "mqtt": mqtt_session(*split(args.mqtt)),
