@@ -1,6 +1,7 @@
 //! The shared core token, through the real binary: the core's gRPC API refuses calls without
 //! it, a split gateway sends it, the core will not listen beyond loopback without one, and
-//! the admin API bound beyond loopback wants it for everything but the health check.
+//! the admin API bound beyond loopback wants it for everything but the health check and the
+//! console's files, and its writes want it everywhere.
 
 mod common;
 
@@ -9,7 +10,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use common::mqtt_raw::{packet, read_exact, string};
-use common::{Server, free_port_args, http_get_with, run_expect_failure};
+use common::{Server, free_port_args, http_get_with, http_request, run_expect_failure};
 use tributary_gateway_common::{CoreClient, error_code};
 use tributary_proto::v1::{ErrorCode, ListNamespacesRequest};
 
@@ -169,7 +170,7 @@ fn the_core_will_not_listen_beyond_loopback_without_a_token_unless_told_to() {
 }
 
 #[test]
-fn the_admin_api_beyond_loopback_wants_the_token_except_for_the_health_check() {
+fn the_admin_api_beyond_loopback_wants_the_token_except_for_health_and_console_files() {
     let dir = tempfile::tempdir().unwrap();
     let server = Server::start(&args(
         "core",
@@ -181,7 +182,18 @@ fn the_admin_api_beyond_loopback_wants_the_token_except_for_the_health_check() {
     let bearer = format!("Bearer {TOKEN}");
     let (status, body) = http_get_with(admin, "/healthz", &[]);
     assert_eq!((status, body.as_str()), (200, "ok\n"));
-    for path in ["/metrics", "/api/v1/streams", "/api/v1/namespaces", "/nope"] {
+    // The console's files hold no data: served without the token (the console then asks
+    // for it when the API answers 401).
+    for path in ["/", "/console/app.js", "/favicon.ico"] {
+        assert_eq!(http_get_with(admin, path, &[]).0, 200, "{path}");
+    }
+    for path in [
+        "/metrics",
+        "/api/v1/streams",
+        "/api/v1/namespaces",
+        "/api/v1/queues",
+        "/nope",
+    ] {
         let (status, body) = http_get_with(admin, path, &[]);
         assert_eq!(status, 401, "{path}: {body}");
         assert!(body.contains("UNAUTHENTICATED"), "{body}");
@@ -195,9 +207,14 @@ fn the_admin_api_beyond_loopback_wants_the_token_except_for_the_health_check() {
     let (status, body) = http_get_with(admin, "/api/v1/namespaces", &[("Authorization", &bearer)]);
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("default"), "{body}");
+    // A write: refused without the token, let through (to a 404 here) with it.
+    let purge = "/api/v1/queues/default/nope/purge";
+    assert_eq!(http_request(admin, "POST", purge, &[], "").0, 401);
+    let (status, body) = http_request(admin, "POST", purge, &[("Authorization", &bearer)], "");
+    assert_eq!(status, 404, "{body}");
     let (status, metrics) = http_get_with(admin, "/metrics", &[("Authorization", &bearer)]);
     assert_eq!(status, 200);
-    for (reason, n) in [("missing_token", 4), ("wrong_token", 4)] {
+    for (reason, n) in [("missing_token", 6), ("wrong_token", 5)] {
         let line =
             format!("tributary_auth_refusals_total{{listener=\"admin\",reason=\"{reason}\"}} {n}");
         assert!(metrics.contains(&line), "no {line} in:\n{metrics}");
