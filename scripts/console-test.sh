@@ -28,6 +28,12 @@ if ! command -v npm >/dev/null 2>&1; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nodejs npm >/dev/null
 fi
+# playwright-core 1.65 wants Node.js 20 or later (Debian 12's own nodejs is 18).
+node_major="$(node -p 'process.versions.node.split(".")[0]')"
+if ((node_major < 20)); then
+    echo "console-test.sh: Node.js $(node --version) is too old for playwright-core 1.65; install Node.js 20 or later" >&2
+    exit 1
+fi
 scripts/compat.sh --setup-only >/dev/null
 venv="${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv}"
 

@@ -584,3 +584,26 @@ fn time_passing_under_any_call_is_reported_for_wake_ups() {
     assert!(!st.take_woke());
     assert_eq!(got[0].offset, 0);
 }
+
+#[test]
+fn peek_shows_the_window_in_log_order_and_changes_nothing() {
+    let mut st = QueueState::new(Policy::default(), 0);
+    for i in 0..4 {
+        st.load(i, rec("", 0));
+    }
+    let mut ops = Vec::new();
+    let (got, _) = st.lease(0, 1, 100, &mut ops);
+    assert_eq!(got[0].offset, 0);
+    let peeked = st.peek(3);
+    let seen: Vec<(i64, &str, u32)> = peeked.iter().map(|(o, s, d, _)| (*o, *s, *d)).collect();
+    assert_eq!(
+        seen,
+        vec![(0, "leased", 1), (1, "ready", 0), (2, "ready", 0)]
+    );
+    // Nothing leased, no journal op, the same counts.
+    assert_eq!((st.ready_loaded(), st.leased_count()), (3, 1));
+    let before = ops.len();
+    assert_eq!(st.peek(10).len(), 4);
+    assert_eq!(ops.len(), before);
+    assert_eq!((st.ready_loaded(), st.leased_count()), (3, 1));
+}
