@@ -358,6 +358,14 @@ async fn groups_show_committed_offsets_and_lag() {
     let overview = get(admin, "/api/v1/overview");
     assert!(overview["totals"]["stream_records_in"].as_u64().unwrap() >= 8);
     assert_eq!(overview["counts"]["streams"], 1);
+    // Kafka's row comes from the streams' counters (the gateway does not count per listener).
+    let kafka = overview["protocols"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["protocol"] == "kafka")
+        .unwrap_or_else(|| panic!("{overview}"));
+    assert!(kafka["messages_in"].as_u64().unwrap() >= 8, "{kafka}");
     assert!(overview["storage_bytes"].as_i64().unwrap() > 0);
     for key in [
         "stream_bytes_in",

@@ -75,6 +75,10 @@ test('the overview loads without console errors and charts the rates', async () 
   } finally {
     assert.equal(await exited, 0, 'the MQTT burst failed');
   }
+  // Each protocol the traffic used has its row, with the messages clients sent.
+  for (const protocol of ['kafka', 'mqtt', 'amqp']) {
+    await waitText(`[data-testid="protocols"] tr[data-protocol="${protocol}"] td.messages-in`, /^[1-9]/);
+  }
   const listeners = await page.$$('[data-testid="listeners"] tbody tr');
   assert.ok(listeners.length >= 3, `one row per protocol listener, got ${listeners.length}`);
   assert.deepEqual(consoleErrors, []);

@@ -1,6 +1,7 @@
 //! `GET /api/v1/overview`: the totals the console charts. The counters are the ones the
 //! process already exports on `/metrics` (read back from the same Prometheus recorder, so
-//! the two never disagree), plus the MQTT broker's own totals and a count of each kind of
+//! the two never disagree: messages and bytes per protocol, stream records, queue and
+//! connection counters), plus the MQTT broker's own totals and a count of each kind of
 //! object. Rates are the client's business: it polls and takes differences.
 
 use std::collections::BTreeMap;
@@ -66,14 +67,24 @@ fn parse_labels(s: &str) -> Option<Vec<(&str, String)>> {
     Some(out)
 }
 
-/// What the overview reads from the metrics: totals of a few counters and, per listener,
-/// open and accepted connections.
+/// What the overview reads from the metrics: totals of a few counters; per listener, open
+/// and accepted connections; per protocol, messages and payload bytes in and out.
 #[derive(Debug, Default, PartialEq)]
 struct FromMetrics {
     totals: BTreeMap<&'static str, f64>,
     /// listener -> (open, accepted)
     listeners: BTreeMap<String, (f64, f64)>,
+    /// protocol -> [messages in, bytes in, messages out, bytes out]
+    protocols: BTreeMap<String, [f64; 4]>,
 }
+
+/// The per-protocol counters the gateways keep, in the order of [`FromMetrics::protocols`].
+const PER_PROTOCOL: [&str; 4] = [
+    "tributary_messages_in_total",
+    "tributary_message_bytes_in_total",
+    "tributary_messages_out_total",
+    "tributary_message_bytes_out_total",
+];
 
 /// The counters summed into `totals`, by the name the overview gives them.
 const TOTALS: &[(&str, &str)] = &[
@@ -96,6 +107,13 @@ fn from_metrics(text: &str) -> FromMetrics {
             *out.totals.entry(key).or_default() += s.value;
             continue;
         }
+        if let Some(i) = PER_PROTOCOL.iter().position(|name| *name == s.name) {
+            // The unlabeled zero series made at start sums away here too.
+            if let Some((_, protocol)) = s.labels.iter().find(|(k, _)| *k == "protocol") {
+                out.protocols.entry(protocol.clone()).or_default()[i] += s.value;
+            }
+            continue;
+        }
         let open = s.name == "tributary_connections";
         if !open && s.name != "tributary_connections_accepted_total" {
             continue;
@@ -116,7 +134,19 @@ fn from_metrics(text: &str) -> FromMetrics {
 
 pub(super) async fn overview(State(s): State<AdminState>) -> Response {
     s.prometheus.run_upkeep();
-    let m = from_metrics(&s.prometheus.render());
+    let mut m = from_metrics(&s.prometheus.render());
+    // The Kafka gateway does not count per listener (yet): its traffic is what the streams
+    // took in and handed out (which also counts the core API's own appends and fetches).
+    if !m.protocols.contains_key("kafka") {
+        let t = |k: &str| m.totals.get(k).copied().unwrap_or(0.0);
+        let streams = [
+            t("stream_records_in"),
+            t("stream_bytes_in"),
+            t("stream_records_out"),
+            t("stream_bytes_out"),
+        ];
+        m.protocols.insert("kafka".into(), streams);
+    }
     let mqtt = s.core.session_totals();
     let sessions = s.core.list_sessions();
     let namespaces = s.core.list_namespaces();
@@ -156,6 +186,13 @@ pub(super) async fn overview(State(s): State<AdminState>) -> Response {
         "time_ms": now_ms,
         "version": env!("CARGO_PKG_VERSION"),
         "totals": totals,
+        "protocols": m.protocols.iter().map(|(name, v)| json!({
+            "protocol": name,
+            "messages_in": v[0] as u64,
+            "bytes_in": v[1] as u64,
+            "messages_out": v[2] as u64,
+            "bytes_out": v[3] as u64,
+        })).collect::<Vec<_>>(),
         "listeners": m.listeners.iter().map(|(name, (open, accepted))| json!({
             "listener": name,
             "connections": *open as u64,
@@ -192,6 +229,10 @@ tributary_connections{listener=\"amqp\"} 3
 tributary_connections_accepted_total{listener=\"amqp\"} 5
 tributary_connections_accepted_total{listener=\"we \\\"ird\\\",x\"} 1
 tributary_auth_refusals_total{listener=\"admin\",reason=\"missing_token\"} 4
+tributary_messages_in_total 0
+tributary_messages_in_total{listener=\"amqp\",protocol=\"amqp\"} 6
+tributary_messages_in_total{listener=\"amqp-tls\",protocol=\"amqp\"} 1
+tributary_message_bytes_out_total{listener=\"mqtt\",protocol=\"mqtt\"} 99
 garbage line
 ";
         let m = from_metrics(text);
@@ -202,6 +243,9 @@ garbage line
         assert_eq!(m.listeners["amqp"], (3.0, 5.0));
         assert_eq!(m.listeners["we \"ird\",x"], (0.0, 1.0));
         assert_eq!(m.listeners.len(), 2);
+        assert_eq!(m.protocols["amqp"], [7.0, 0.0, 0.0, 0.0]);
+        assert_eq!(m.protocols["mqtt"], [0.0, 0.0, 0.0, 99.0]);
+        assert_eq!(m.protocols.len(), 2);
     }
 
     #[test]

@@ -121,24 +121,32 @@ async function withToken(path, options) {
 // ---- pages -------------------------------------------------------------------------------
 
 const state = {
-  samples: [], // overview polls: { t, totals }
+  samples: [], // overview polls: { t, protocols: { name: { messages_in, ... } } }
   browse: null, // { namespace, name, messages } of the queue being browsed
 };
 
+// Per second between consecutive polls: messages and bytes from and to clients, summed over
+// the protocols, and per protocol ({ protocol: { messages_in, ... } }). A counter that went
+// down (a restart) counts as 0.
 function rates() {
   const out = [];
   const s = state.samples;
+  const keys = ['messages_in', 'bytes_in', 'messages_out', 'bytes_out'];
   for (let i = 1; i < s.length; i++) {
     const dt = (s[i].t - s[i - 1].t) / 1000;
     if (dt <= 0) continue;
-    const d = (k) => Math.max(0, (s[i].totals[k] - s[i - 1].totals[k]) / dt);
-    out.push({
-      t: s[i].t,
-      msgIn: d('stream_records_in') + d('mqtt_messages_in') + d('queue_enqueued'),
-      msgOut: d('stream_records_out') + d('mqtt_messages_out'),
-      bytesIn: d('stream_bytes_in') + d('mqtt_bytes_in'),
-      bytesOut: d('stream_bytes_out') + d('mqtt_bytes_out'),
-    });
+    const per = {};
+    const sum = { msgIn: 0, bytesIn: 0, msgOut: 0, bytesOut: 0 };
+    for (const [name, now] of Object.entries(s[i].protocols)) {
+      const before = s[i - 1].protocols[name] || {};
+      per[name] = {};
+      for (const k of keys) per[name][k] = Math.max(0, (now[k] - (before[k] || 0)) / dt);
+      sum.msgIn += per[name].messages_in;
+      sum.bytesIn += per[name].bytes_in;
+      sum.msgOut += per[name].messages_out;
+      sum.bytesOut += per[name].bytes_out;
+    }
+    out.push({ t: s[i].t, per, ...sum });
   }
   return out;
 }
@@ -170,9 +178,10 @@ function chart(testid, title, points, series, unit) {
 async function overviewPage() {
   const o = await api('/api/v1/overview');
   document.getElementById('version').textContent = `v${o.version}`;
-  state.samples.push({ t: o.time_ms, totals: o.totals });
+  state.samples.push({ t: o.time_ms, protocols: Object.fromEntries(o.protocols.map((p) => [p.protocol, p])) });
   if (state.samples.length > HISTORY) state.samples.shift();
   const r = rates();
+  const last = r[r.length - 1];
   const card = (k, v) => h('div', { class: 'card', 'data-testid': `count-${k}` }, h('div', { class: 'v' }, fmt(v)), h('div', { class: 'k' }, k.replace('_', ' ')));
   const t = o.totals;
   return [
@@ -188,13 +197,15 @@ async function overviewPage() {
         { key: 'bytesIn', label: 'in', color: 'c3' },
         { key: 'bytesOut', label: 'out', color: 'c4' },
       ], 'B/s')),
-    h('h2', {}, 'Totals since start'),
-    table('totals', [['Protocol'], ['Messages in', 1], ['Messages out', 1], ['Bytes in', 1], ['Bytes out', 1]], [
-      h('tr', {}, h('td', {}, 'Streams (Kafka)'), num(t.stream_records_in), num(t.stream_records_out), num(t.stream_bytes_in), num(t.stream_bytes_out)),
-      h('tr', {}, h('td', {}, 'MQTT'), num(t.mqtt_messages_in), num(t.mqtt_messages_out), num(t.mqtt_bytes_in), num(t.mqtt_bytes_out)),
-      h('tr', {}, h('td', {}, 'Queues (AMQP)'), num(t.queue_enqueued), num(null), num(null), num(null)),
-    ]),
-    h('p', { class: 'muted' }, `Dead-lettered: ${fmt(t.queue_dead_lettered)} · refused requests: ${fmt(t.auth_refusals)}`),
+    h('h2', {}, 'Per protocol'),
+    table('protocols', [['Protocol'], ['In now (msg/s)', 1], ['Out now (msg/s)', 1], ['Messages in', 1], ['Messages out', 1], ['Bytes in', 1], ['Bytes out', 1]],
+      o.protocols.map((p) => {
+        const now = last && last.per[p.protocol];
+        return h('tr', { 'data-protocol': p.protocol }, h('td', {}, p.protocol),
+          num(now ? Math.round(now.messages_in) : null), num(now ? Math.round(now.messages_out) : null),
+          num(p.messages_in, 'messages-in'), num(p.messages_out, 'messages-out'), num(p.bytes_in), num(p.bytes_out));
+      })),
+    h('p', { class: 'muted' }, `Since start: stream records in ${fmt(t.stream_records_in)}, out ${fmt(t.stream_records_out)} · queue messages enqueued ${fmt(t.queue_enqueued)}, dead-lettered ${fmt(t.queue_dead_lettered)} · refused requests ${fmt(t.auth_refusals)}`),
     h('h2', {}, 'Connections per listener'),
     table('listeners', [['Listener'], ['Open', 1], ['Accepted', 1]],
       o.listeners.map((l) => h('tr', {}, h('td', {}, l.listener), num(l.connections), num(l.accepted)))),
