@@ -28,8 +28,8 @@ pub(super) fn redrive_json(t: &v1::RedriveTask) -> Value {
     })
 }
 
-/// Drops every ready message of the queue (leased ones stay with their consumers, as in
-/// AMQP's queue.purge); answers how many went.
+/// Drops every ready and delayed message of the queue (leased ones stay with their
+/// consumers, as in AMQP's queue.purge); answers how many went.
 pub(super) async fn purge(
     State(s): State<AdminState>,
     Path((namespace, name)): Path<(String, String)>,
