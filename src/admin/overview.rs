@@ -135,8 +135,9 @@ fn from_metrics(text: &str) -> FromMetrics {
 pub(super) async fn overview(State(s): State<AdminState>) -> Response {
     s.prometheus.run_upkeep();
     let mut m = from_metrics(&s.prometheus.render());
-    // The Kafka gateway does not count per listener (yet): its traffic is what the streams
-    // took in and handed out (which also counts the core API's own appends and fetches).
+    // No Kafka listener in this process has counted anything (none served a client yet, or
+    // this is a split deployment's core, whose gateways count in their own processes): the
+    // streams' counters stand for Kafka (they also count the core API's appends and fetches).
     if !m.protocols.contains_key("kafka") {
         let t = |k: &str| m.totals.get(k).copied().unwrap_or(0.0);
         let streams = [
