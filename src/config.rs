@@ -57,6 +57,11 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::QueuesCommand,
     },
+    /// MQTT sessions: list, kick.
+    Sessions {
+        #[command(subcommand)]
+        what: crate::cli::SessionsCommand,
+    },
     /// Imports another broker's definitions (RabbitMQ's definitions.json).
     Import {
         #[command(subcommand)]

@@ -311,3 +311,68 @@ fn kafka_topics_import_from_describe_output_and_export_round_trips() {
     assert_eq!(other["config"]["retention.ms"], 86_400_000);
     assert_eq!(other["config"]["cleanup.policy"], "delete");
 }
+
+#[test]
+fn sessions_are_listed_and_a_kick_closes_the_connection_with_0x98() {
+    use common::mqtt_raw::{packet, read_exact, string};
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--mqtt-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    let server = Server::start(&args);
+    let core = format!("http://{}", server.core);
+    // An MQTT 5 client with a session that outlives its connection (expiry 300 s).
+    let mut s = std::net::TcpStream::connect(server.mqtt.unwrap()).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut body = string("MQTT");
+    body.extend([5, 0x00, 0, 60]);
+    body.extend([5, 0x11, 0, 0, 1, 0x2c]); // properties: Session Expiry Interval 300
+    body.extend(string("kick-me"));
+    s.write_all(&packet(0x10, &body)).unwrap();
+    let head = read_exact(&mut s, 2);
+    assert_eq!(head[0], 0x20, "CONNACK");
+    let connack = read_exact(&mut s, head[1] as usize);
+    assert_eq!(connack[1], 0, "accepted");
+
+    let listed = json(&core, &["sessions", "list"]);
+    let me = listed["sessions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["client_id"] == "kick-me")
+        .expect("the session is listed")
+        .clone();
+    assert_eq!(me["connected"], true);
+    assert_eq!(me["expiry_ms"], 300_000);
+
+    let kicked = json(&core, &["sessions", "kick", "kick-me"]);
+    assert_eq!(kicked["was_connected"], true);
+    let disconnect = read_exact(&mut s, 3);
+    assert_eq!(disconnect[0], 0xE0, "DISCONNECT from the server");
+    assert_eq!(disconnect[2], 0x98, "reason: administrative action");
+    // The session stays (expiry 300 s), now without a connection.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let listed = json(&core, &["sessions", "list"]);
+        let me = listed["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["client_id"] == "kick-me")
+            .cloned();
+        if me.as_ref().is_some_and(|m| m["connected"] == false) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still connected: {me:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let again = json(&core, &["sessions", "kick", "kick-me"]);
+    assert_eq!(again["was_connected"], false);
+    let unknown = cli(&core, &["sessions", "kick", "nobody"]);
+    assert_eq!(unknown.status.code(), Some(1));
+}

@@ -60,6 +60,8 @@ pub enum CoreError {
     GroupNotEmpty(String),
     #[error("queue '{0}' does not exist")]
     QueueNotFound(String),
+    #[error("session not found: {0}")]
+    SessionNotFound(String),
     #[error("queue '{0}' already exists with a different configuration")]
     QueueExists(String),
     #[error("lease '{0}' has expired or was replaced")]
@@ -132,6 +134,7 @@ impl CoreError {
             Self::InconsistentGroupProtocol(_) => ErrorCode::InconsistentGroupProtocol,
             Self::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
             Self::QueueNotFound(_) => ErrorCode::QueueNotFound,
+            Self::SessionNotFound(_) => ErrorCode::SessionNotFound,
             Self::QueueExists(_) => ErrorCode::QueueExists,
             Self::LeaseExpired(_) => ErrorCode::LeaseExpired,
             Self::QueueFull(_) => ErrorCode::QueueFull,
@@ -160,6 +163,7 @@ impl CoreError {
             | Self::TimerNotFound(_)
             | Self::GroupNotFound(_)
             | Self::QueueNotFound(_)
+            | Self::SessionNotFound(_)
             | Self::AddressNotFound(_) => Code::NotFound,
             Self::NamespaceExists(_) | Self::StreamExists(_) | Self::QueueExists(_) => {
                 Code::AlreadyExists

@@ -287,6 +287,38 @@ impl admin_server::Admin for CoreGrpc {
             .await?;
         ok(DeleteAccessRulesResponse { deleted, version })
     }
+    async fn list_sessions(
+        &self,
+        r: Request<ListSessionsRequest>,
+    ) -> GrpcResult<ListSessionsResponse> {
+        let ns = r.into_inner().namespace;
+        let sessions = self
+            .core
+            .list_sessions()
+            .into_iter()
+            .filter(|s| ns.is_empty() || s.namespace == ns)
+            .map(|s| SessionInfo {
+                namespace: s.namespace,
+                client_id: s.client_id,
+                connected: s.connected,
+                expiry_ms: s.expiry_ms,
+                subscriptions: s.subscriptions,
+                inflight: s.inflight as u64,
+                queued: s.queued as u64,
+            })
+            .collect();
+        ok(ListSessionsResponse { sessions })
+    }
+
+    async fn kick_session(
+        &self,
+        r: Request<KickSessionRequest>,
+    ) -> GrpcResult<KickSessionResponse> {
+        let r = r.into_inner();
+        let was_connected = self.core.kick_session(&r.namespace, &r.client_id)?;
+        ok(KickSessionResponse { was_connected })
+    }
+
     async fn list_access_rules(
         &self,
         r: Request<ListAccessRulesRequest>,

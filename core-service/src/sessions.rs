@@ -1788,6 +1788,32 @@ impl Core {
         out
     }
 
+    /// Closes a session's connection for an operator (Admin.KickSession): the gateway gets
+    /// the same event as a takeover, with ADMINISTRATIVE_ACTION, and closes the connection
+    /// (MQTT 5: DISCONNECT 0x98). The session stays; its connection's end is handled as any
+    /// connection the server closes (will, expiry). Returns whether a connection was there.
+    pub fn kick_session(&self, namespace: &str, client_id: &str) -> CoreResult<bool> {
+        let ns = crate::streams::namespace_or_default(namespace).to_string();
+        let id = (ns.clone(), client_id.to_string());
+        let cell = self
+            .broker()
+            .session(&id)
+            .ok_or_else(|| CoreError::SessionNotFound(format!("{ns}/{client_id}")))?;
+        let s = cell.lock();
+        let Some(conn) = &s.conn else {
+            return Ok(false);
+        };
+        let _ = conn.tx.try_send(event(
+            0,
+            Event::TakenOver(ErrorDetail {
+                code: ErrorCode::AdministrativeAction as i32,
+                message: "connection closed by an operator".into(),
+            }),
+        ));
+        info!(namespace = %ns, client = %client_id, "session's connection closed by an operator");
+        Ok(true)
+    }
+
     /// Messages and bytes the session broker took in and sent out since start.
     pub fn session_totals(&self) -> crate::inspect::SessionTotals {
         let s = &self.broker().stats;

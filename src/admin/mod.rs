@@ -90,6 +90,10 @@ pub fn router(state: AdminState, auth: Arc<AdminAuth>) -> Router {
         .route("/api/v1/redrives", get(api::redrives))
         .route("/api/v1/addresses", get(api::addresses))
         .route("/api/v1/sessions", get(api::sessions))
+        .route(
+            "/api/v1/sessions/{namespace}/{client_id}/kick",
+            post(write::kick),
+        )
         .route("/api/v1/users", get(api::users))
         .merge(console::routes())
         .with_state(state)
@@ -117,7 +121,8 @@ fn error(e: CoreError) -> Response {
         | v1::ErrorCode::NamespaceNotFound
         | v1::ErrorCode::GroupNotFound
         | v1::ErrorCode::QueueNotFound
-        | v1::ErrorCode::AddressNotFound => StatusCode::NOT_FOUND,
+        | v1::ErrorCode::AddressNotFound
+        | v1::ErrorCode::SessionNotFound => StatusCode::NOT_FOUND,
         v1::ErrorCode::InvalidArgument | v1::ErrorCode::InvalidConfig => StatusCode::BAD_REQUEST,
         v1::ErrorCode::Conflict | v1::ErrorCode::ResourceLocked => StatusCode::CONFLICT,
         v1::ErrorCode::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,

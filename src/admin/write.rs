@@ -1,5 +1,6 @@
-//! The admin API's write endpoints: purge a queue, redrive a (dead-letter) queue. They run
-//! the same `Core` functions as the core's gRPC `PurgeQueue` and `StartRedrive`, in process.
+//! The admin API's write endpoints: purge a queue, redrive a (dead-letter) queue, close an
+//! MQTT session's connection. They run the same `Core` functions as the core's gRPC
+//! `PurgeQueue`, `StartRedrive` and `KickSession`, in process.
 //! [`super::auth`] lets them through only with the token.
 
 use axum::Json;
@@ -102,6 +103,21 @@ pub(super) async fn redrive(
                 None => json!({ "task_id": task_id }),
             };
             (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
+        Err(e) => error(e),
+    }
+}
+
+/// Closes an MQTT session's connection (the session stays as its expiry says); answers
+/// whether a connection was attached.
+pub(super) async fn kick(
+    State(s): State<AdminState>,
+    Path((namespace, client_id)): Path<(String, String)>,
+) -> Response {
+    match s.core.kick_session(&namespace, &client_id) {
+        Ok(was_connected) => {
+            info!(%namespace, client = %client_id, was_connected, "session kicked through the admin API");
+            Json(json!({ "was_connected": was_connected })).into_response()
         }
         Err(e) => error(e),
     }

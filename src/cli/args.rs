@@ -136,6 +136,19 @@ pub enum ExportCommand {
 }
 
 #[derive(Debug, Clone, Subcommand)]
+pub enum SessionsCommand {
+    /// MQTT sessions: connected or not, expiry, subscriptions, in-flight and queued messages.
+    List(Common),
+    /// Closes a session's connection (MQTT 5 clients get DISCONNECT 0x98); the session stays
+    /// as its expiry says. Exit code 1 for an unknown client id.
+    Kick {
+        client_id: String,
+        #[command(flatten)]
+        common: Common,
+    },
+}
+
+#[derive(Debug, Clone, Subcommand)]
 pub enum QueuesCommand {
     /// Every queue of the namespace with its depth, leased and delayed messages and consumers.
     List(Common),
@@ -191,6 +204,14 @@ impl GroupsCommand {
             GroupsCommand::Describe { common, .. } | GroupsCommand::ResetOffsets { common, .. } => {
                 common
             }
+        }
+    }
+}
+
+impl SessionsCommand {
+    pub fn common(&self) -> &Common {
+        match self {
+            SessionsCommand::List(common) | SessionsCommand::Kick { common, .. } => common,
         }
     }
 }

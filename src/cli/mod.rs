@@ -1,4 +1,4 @@
-//! `tributary streams|groups|queues|import|export ...`: the admin CLI, in the style of rpk and
+//! `tributary streams|groups|queues|sessions|import|export ...`: the admin CLI, in the style of rpk and
 //! rabbitmqadmin, against the core gRPC API of a local or remote server (`--core URL`, with
 //! the core token and TLS settings a split gateway uses).
 //!
@@ -12,6 +12,7 @@ mod import;
 mod kafka_topics;
 mod queues;
 mod records;
+mod sessions;
 mod streams;
 mod table;
 
@@ -23,7 +24,8 @@ use tributary_proto::v1::ErrorCode;
 
 use crate::config::Settings;
 pub use args::{
-    Common, ExportCommand, GroupsCommand, ImportCommand, QueuesCommand, StreamsCommand,
+    Common, ExportCommand, GroupsCommand, ImportCommand, QueuesCommand, SessionsCommand,
+    StreamsCommand,
 };
 
 /// Why a command failed, and the exit code that says so.
@@ -92,6 +94,7 @@ pub enum AdminCommand {
     Streams(StreamsCommand),
     Groups(GroupsCommand),
     Queues(QueuesCommand),
+    Sessions(SessionsCommand),
     Import(ImportCommand),
     Export(ExportCommand),
 }
@@ -113,6 +116,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Streams(c) => c.common().json,
             AdminCommand::Groups(c) => c.common().json,
             AdminCommand::Queues(c) => c.common().json,
+            AdminCommand::Sessions(c) => c.common().json,
             AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
             AdminCommand::Import(ImportCommand::Kafka { common, .. }) => common.json,
             AdminCommand::Export(ExportCommand::Kafka(common)) => common.json,
@@ -121,6 +125,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Streams(c) => streams::run(&connect(settings)?, c).await?,
             AdminCommand::Groups(c) => groups::run(&connect(settings)?, c).await?,
             AdminCommand::Queues(c) => queues::run(&connect(settings)?, c).await?,
+            AdminCommand::Sessions(c) => sessions::run(&connect(settings)?, c).await?,
             AdminCommand::Import(ImportCommand::Rabbitmq {
                 file,
                 dry_run,

@@ -101,6 +101,8 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::BindingNotFound
         | ErrorCode::Unauthenticated
         | ErrorCode::ResourceLocked
+        | ErrorCode::AdministrativeAction
+        | ErrorCode::SessionNotFound
         | ErrorCode::Internal => K::UnknownServerError,
     };
     e.code()

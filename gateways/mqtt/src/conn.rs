@@ -64,6 +64,8 @@ enum ConnError {
     KeepAlive,
     #[error("session taken over")]
     TakenOver,
+    #[error("connection closed by an operator")]
+    Kicked,
     #[error("client went away")]
     Eof,
 }
@@ -78,6 +80,7 @@ impl ConnError {
             Self::Core(_) => Some(0x83),
             Self::KeepAlive => Some(0x8D),
             Self::TakenOver => Some(0x8E),
+            Self::Kicked => Some(0x98),
             Self::Io(_) | Self::Eof => None,
         }
     }
@@ -462,7 +465,13 @@ impl Client {
                 )?;
             }
             (Some(Event::Closed(_)), _) => return Ok(false),
-            (Some(Event::TakenOver(_)), _) => return Err(ConnError::TakenOver),
+            (Some(Event::TakenOver(why)), _) => {
+                return Err(if why.code == v1::ErrorCode::AdministrativeAction as i32 {
+                    ConnError::Kicked
+                } else {
+                    ConnError::TakenOver
+                });
+            }
             (Some(Event::Error(err)), reply) => {
                 let what = match reply {
                     Some(Reply::PubAck(_) | Reply::PubRec(_)) => "publish",
@@ -858,7 +867,7 @@ pub(crate) async fn serve_connection<S>(
     async move {
         match run(Box::new(rd), Box::new(wr), gw, peer, listener, stop).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
-            Err(e @ (ConnError::TakenOver | ConnError::Io(_))) => {
+            Err(e @ (ConnError::TakenOver | ConnError::Kicked | ConnError::Io(_))) => {
                 debug!(reason = %e, "connection closed")
             }
             Err(e) => info!(reason = %e, "connection closed by the gateway"),
