@@ -124,18 +124,15 @@ pub async fn render(core: &Core) -> String {
                         .unwrap_or_default();
                     ends.insert(key.clone(), info);
                 }
-                let Some(end) = ends[&key]
+                let Some((start, end)) = ends[&key]
                     .iter()
                     .find(|p| p.partition == c.partition)
-                    .map(|p| p.end_offset)
+                    .map(|p| (p.start_offset, p.end_offset))
                 else {
                     continue;
                 };
-                let lag = if c.offset < 0 {
-                    end
-                } else {
-                    (end - c.offset).max(0)
-                };
+                // Nothing committed: everything still in the log is to read.
+                let lag = (end - if c.offset < 0 { start } else { c.offset }).max(0);
                 let _ = writeln!(
                     out,
                     "tributary_group_lag{{namespace=\"{}\",group=\"{}\",stream=\"{}\",partition=\"{}\"}} {lag}",

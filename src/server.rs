@@ -240,13 +240,9 @@ impl Server {
                 }
                 _ => None,
             };
-            // With client certificates required, the TLS handshake has authenticated every
-            // caller: the token is not asked for on top.
-            let auth = if settings.core_tls_client_ca.is_some() {
-                CoreAuthLayer(None)
-            } else {
-                auth
-            };
+            // With client certificates required the TLS handshake authenticates every
+            // caller; a token, when one is configured too, is still required on top (both
+            // must hold), so adding mTLS never weakens a token deployment.
             let mut stop_rx = stop.subscribe();
             tasks.push(tokio::spawn(async move {
                 let server = tonic::transport::Server::builder()
@@ -534,6 +530,10 @@ pub fn core_client_tls(
     settings: &Settings,
 ) -> Result<Option<tributary_gateway_common::client::CoreTls>, StartError> {
     if !settings.core.starts_with("https://") {
+        let tls = &settings.core_client_tls;
+        if tls.ca.is_some() || tls.identity.is_some() {
+            warn!(core = %settings.core, "core_ca / core_client_cert are set but the core address is http://: they are not used and the core token travels in clear text; use https://");
+        }
         return Ok(None);
     }
     let read = |what: &str, path: &std::path::Path| {

@@ -74,6 +74,9 @@ def test_definitions_exported_by_rabbitmq_import_and_work(rabbitmq_server, make_
     assert rows[("policy", vhost, "imp-limit")]["outcome"] == "not carried"
     assert "imp.q" in rows[("policy", vhost, "imp-limit")]["detail"]
     assert rows[("user", "", user)]["outcome"] == "config"
+    # RabbitMQ's default guest/guest is not carried (it would log in from anywhere).
+    assert rows[("user", "", "guest")]["outcome"] == "not carried"
+    assert '"guest"' not in d.config.read_text()
     # Importing again changes nothing.
     again = _import(d.core_addr, defs, d.config)
     assert all(r["outcome"] != "created" or r["kind"] == "binding" for r in again["rows"])

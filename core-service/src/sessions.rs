@@ -1803,13 +1803,24 @@ impl Core {
         let Some(conn) = &s.conn else {
             return Ok(false);
         };
-        let _ = conn.tx.try_send(event(
-            0,
-            Event::TakenOver(ErrorDetail {
-                code: ErrorCode::AdministrativeAction as i32,
-                message: "connection closed by an operator".into(),
-            }),
-        ));
+        // The close travels in order with the connection's events: a connection that is not
+        // reading them (its event channel full) cannot be told, and the kick says so rather
+        // than report a close that will not happen.
+        if conn
+            .tx
+            .try_send(event(
+                0,
+                Event::TakenOver(ErrorDetail {
+                    code: ErrorCode::AdministrativeAction as i32,
+                    message: "connection closed by an operator".into(),
+                }),
+            ))
+            .is_err()
+        {
+            return Err(CoreError::Conflict(format!(
+                "the connection of {ns}/{client_id} is not reading its events (its queue is full); it could not be told to close"
+            )));
+        }
         info!(namespace = %ns, client = %client_id, "session's connection closed by an operator");
         Ok(true)
     }

@@ -54,7 +54,11 @@ impl AdminAuth {
         peer: Option<SocketAddr>,
     ) -> Result<(), Reason> {
         let read = matches!(*method, Method::GET | Method::HEAD);
-        if read && (is_public(path) || !self.reads_need_token) {
+        // Open reads on a loopback listener are for local tools and this machine's browser,
+        // so the Host must name loopback too: a page from another site that rebinds its DNS
+        // name to 127.0.0.1 reaches the port with its own name as Host (DNS rebinding) and
+        // is asked for the token like a remote caller.
+        if read && (is_public(path) || (!self.reads_need_token && loopback_host(headers))) {
             return Ok(());
         }
         let result = match &self.token {
@@ -66,6 +70,25 @@ impl AdminAuth {
         }
         result
     }
+}
+
+/// Whether the request's Host names this machine's loopback (or is absent, as from HTTP/1.0
+/// tools: browsers always send one).
+fn loopback_host(headers: &axum::http::HeaderMap) -> bool {
+    let Some(host) = headers.get(axum::http::header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.rsplit_once(':').map_or(host, |(h, _)| h),
+    };
+    matches!(
+        name.to_ascii_lowercase().as_str(),
+        "localhost" | "127.0.0.1" | "::1"
+    )
 }
 
 /// Paths anyone may read: the health check and the console's static files (and icon).
@@ -148,6 +171,50 @@ mod tests {
         assert_eq!(
             auth.check(&Method::POST, "/console/", &none, None),
             Err(Reason::Missing)
+        );
+    }
+
+    #[test]
+    fn open_loopback_reads_want_a_loopback_host_against_dns_rebinding() {
+        let auth = AdminAuth::new(Some(CoreToken::new(TOKEN).unwrap()), false);
+        let host = |h: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(axum::http::header::HOST, HeaderValue::from_str(h).unwrap());
+            m
+        };
+        for ok in [
+            "localhost:7480",
+            "127.0.0.1:7480",
+            "[::1]:7480",
+            "LOCALHOST",
+        ] {
+            assert_eq!(
+                auth.check(&Method::GET, "/api/v1/queues", &host(ok), None),
+                Ok(()),
+                "{ok}"
+            );
+        }
+        for rebound in [
+            "evil.example:7480",
+            "evil.example",
+            "127.0.0.1.evil.example",
+        ] {
+            assert_eq!(
+                auth.check(&Method::GET, "/api/v1/queues", &host(rebound), None),
+                Err(Reason::Missing),
+                "{rebound}"
+            );
+        }
+        let mut with_token = host("evil.example:7480");
+        with_token.extend(bearer(TOKEN));
+        assert_eq!(
+            auth.check(&Method::GET, "/api/v1/queues", &with_token, None),
+            Ok(())
+        );
+        // The console's files stay public whatever the Host (they hold no data).
+        assert_eq!(
+            auth.check(&Method::GET, "/console/", &host("evil.example"), None),
+            Ok(())
         );
     }
 

@@ -82,11 +82,13 @@ pub async fn run(ctx: &Ctx, command: GroupsCommand) -> Result<Output, CliError> 
             for c in &committed {
                 let Some(stream) = &c.stream else { continue };
                 let end = resolve_offset(ctx, stream, c.partition, "latest").await?;
-                let lag = if c.offset < 0 {
-                    end
+                // Nothing committed: everything still in the log is to read.
+                let from = if c.offset < 0 {
+                    resolve_offset(ctx, stream, c.partition, "earliest").await?
                 } else {
-                    (end - c.offset).max(0)
+                    c.offset
                 };
+                let lag = (end - from).max(0);
                 table.row(vec![
                     stream.name.clone(),
                     c.partition.to_string(),

@@ -389,17 +389,27 @@ pub async fn rabbitmq(
         "amqp_vhosts = [{}]\n",
         vhosts
             .iter()
-            .map(|v| format!("{v:?}"))
+            .map(|v| toml_string(v))
             .collect::<Vec<_>>()
             .join(", ")
     ));
     for u in &defs.users {
         match PasswordHash::from_rabbitmq(&u.password_hash, &u.hashing_algorithm) {
+            // RabbitMQ's default user: carried, it would become a guest/guest login from
+            // anywhere on every protocol. Tributary's AMQP gateway has its own guest/guest,
+            // loopback only, as RabbitMQ's.
+            Ok(hash) if u.name == "guest" && hash.verify_password("guest") => rows.push(Row {
+                kind: "user",
+                vhost: String::new(),
+                name: u.name.clone(),
+                outcome: "not carried",
+                detail: "RabbitMQ's default guest/guest: Tributary's own guest user (AMQP, loopback only) stands in for it".into(),
+            }),
             Ok(hash) => {
                 snippet.push_str(&format!(
-                    "\n[[users]]\nname = {:?}\ncredentials = [{:?}]\n",
-                    u.name,
-                    hash.to_text()
+                    "\n[[users]]\nname = {}\ncredentials = [{}]\n",
+                    toml_string(&u.name),
+                    toml_string(&hash.to_text())
                 ));
                 rows.push(Row {
                     kind: "user",
@@ -418,27 +428,65 @@ pub async fn rabbitmq(
             }),
         }
     }
+    let skipped_users: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.kind == "user" && r.outcome == "not carried")
+        .map(|r| r.name.as_str())
+        .collect::<Vec<_>>();
+    let skipped_users: std::collections::HashSet<String> =
+        skipped_users.into_iter().map(str::to_string).collect();
     for p in &defs.permissions {
-        snippet.push_str(&format!(
-            "\n[[amqp_permissions]]\nuser = {:?}\nvhost = {:?}\n",
-            p.user, p.vhost
-        ));
-        let full = [&p.configure, &p.write, &p.read]
-            .iter()
-            .all(|r| r.as_str() == ".*");
+        if skipped_users.contains(&p.user) {
+            rows.push(Row {
+                kind: "permission",
+                vhost: p.vhost.clone(),
+                name: p.user.clone(),
+                outcome: "not carried",
+                detail: "its user is not carried".into(),
+            });
+            continue;
+        }
+        let patterns = [&p.configure, &p.write, &p.read];
+        let full = patterns.iter().all(|r| r.as_str() == ".*");
+        let none = patterns.iter().all(|r| r.is_empty());
+        let (outcome, detail) = if none {
+            // Empty patterns grant nothing in RabbitMQ: no entry, no access.
+            (
+                "not carried",
+                "grants nothing in RabbitMQ (empty patterns): no access given".to_string(),
+            )
+        } else if full {
+            snippet.push_str(&format!(
+                "\n[[amqp_permissions]]\nuser = {}\nvhost = {}\n",
+                toml_string(&p.user),
+                toml_string(&p.vhost)
+            ));
+            ("config", "access to the vhost".to_string())
+        } else {
+            // Narrower than the whole vhost in RabbitMQ; Tributary's permission is the whole
+            // vhost, so the entry is written commented out: granting it is the operator's call.
+            snippet.push_str(&format!(
+                "\n# Narrower in RabbitMQ (configure {:?}, write {:?}, read {:?}); Tributary grants the whole vhost:\n# [[amqp_permissions]]\n# user = {}\n# vhost = {}\n",
+                p.configure,
+                p.write,
+                p.read,
+                toml_string(&p.user),
+                toml_string(&p.vhost)
+            ));
+            (
+                "config (commented out)",
+                format!(
+                    "the configure/write/read patterns ({:?} {:?} {:?}) are narrower than a whole vhost, which is all Tributary grants: the entry is written commented out",
+                    p.configure, p.write, p.read
+                ),
+            )
+        };
         rows.push(Row {
             kind: "permission",
             vhost: p.vhost.clone(),
             name: p.user.clone(),
-            outcome: "config",
-            detail: if full {
-                "access to the vhost".into()
-            } else {
-                format!(
-                    "access to the vhost; the configure/write/read patterns ({:?} {:?} {:?}) are not carried: Tributary grants the whole vhost",
-                    p.configure, p.write, p.read
-                )
-            },
+            outcome,
+            detail,
         });
     }
     if let Some(out) = config_out {
@@ -477,6 +525,11 @@ pub async fn rabbitmq(
         )));
     }
     Ok(Output { table, json })
+}
+
+/// A TOML basic string (the toml crate's quoting: control characters escaped as TOML wants).
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
 }
 
 /// RabbitMQ policy patterns are regular expressions; the common ones are `^prefix`, `.*`,

@@ -15,8 +15,11 @@ impl Table {
         }
     }
 
+    /// A data row. Cells hold what clients sent (record values, client ids): control
+    /// characters are shown escaped, so a record cannot drive the operator's terminal.
     pub fn row(&mut self, cells: Vec<String>) {
-        self.rows.push(cells);
+        self.rows
+            .push(cells.into_iter().map(|c| printable(&c)).collect());
     }
 
     /// One line of text (for commands that report a single outcome).
@@ -66,6 +69,22 @@ impl Table {
     }
 }
 
+/// `text` with control characters as `\u{..}` escapes.
+fn printable(text: &str) -> String {
+    if !text.chars().any(char::is_control) {
+        return text.to_string();
+    }
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_unicode().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +99,8 @@ mod tests {
             "NAME         N\na-long-name  1\nb            22\n"
         );
         assert_eq!(Table::line("done").render(), "done\n");
+        let mut t = Table::new(&["V"]);
+        t.row(vec!["a\u{1b}[2Jb".into()]);
+        assert_eq!(t.render(), "V\na\\u{1b}[2Jb\n");
     }
 }

@@ -523,7 +523,9 @@ impl Publisher {
             let room = outstanding < self.window;
             tokio::select! {
                 biased;
-                frame = connection.reader.next(), if self.confirms => {
+                // Read without confirms too: a broker that closes the channel or the
+                // connection must fail the run, not leave it counting writes nobody takes.
+                frame = connection.reader.next() => {
                     let Event::Method(method) = frame?.event()? else { continue };
                     if let Some(error) = connection.closed_by_broker(&method).await {
                         return Err(BenchError::Refused(format!("publisher {p}: {error}")));

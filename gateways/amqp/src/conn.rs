@@ -227,6 +227,15 @@ fn authenticate(
             ));
         }
     };
+    // RabbitMQ's `loopback_users`: guest logs in from this machine only, whatever its
+    // password (an imported or configured guest included).
+    if user == "guest" && !is_loopback(peer) {
+        return Err((
+            "guest_remote",
+            user,
+            "user 'guest' can only connect via localhost".into(),
+        ));
+    }
     let configured = gw.config.users.contains(&user);
     if configured {
         if gw.config.users.verify_password(&user, &password) {

@@ -431,6 +431,8 @@ impl LoginRefusals {
         )
         .increment(1);
         if let Some(suppressed) = self.limiter.admit(Some(peer.ip()), Instant::now()) {
+            // The name is the client's to choose (MQTT allows 64 KiB): cut for the log.
+            let user: String = user.chars().take(128).collect();
             tracing::warn!(
                 listener,
                 %peer,

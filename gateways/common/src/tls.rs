@@ -251,7 +251,12 @@ pub fn incoming(
         .unwrap_or_default();
     tokio::spawn(async move {
         loop {
-            let (tcp, peer) = match listener.accept().await {
+            // The server gone (its stream dropped): stop accepting and free the port.
+            let accepted = tokio::select! {
+                () = tx.closed() => return,
+                accepted = listener.accept() => accepted,
+            };
+            let (tcp, peer) = match accepted {
                 Ok(accepted) => accepted,
                 Err(e) => {
                     // Out of file descriptors and the like: wait a little rather than spin.
@@ -278,9 +283,6 @@ pub fn incoming(
                 metrics::counter!("tributary_connections_dropped_total", "listener" => name, "reason" => reason)
                     .increment(1);
             });
-            if tx.is_closed() {
-                return;
-            }
         }
     });
     futures::stream::unfold(rx, |mut rx| async move {
