@@ -8,11 +8,9 @@
 //! simply stops appearing. Bounded by [`MAX_SERIES`] per family, so a namespace with very
 //! many queues cannot make a scrape unbounded.
 
-use std::collections::HashMap;
 use std::fmt::Write;
 
 use tributary_core::Core;
-use tributary_proto::v1;
 
 /// Series per metric family at most; beyond it the rest are left out and
 /// `tributary_metrics_series_truncated{family}` says so.
@@ -96,50 +94,21 @@ pub async fn render(core: &Core) -> String {
     }
 
     header(&mut out, "tributary_group_lag");
-    let mut ends: HashMap<(String, String), Vec<v1::PartitionInfo>> = HashMap::new();
     let mut series = 0;
     'groups: for ns in &namespaces {
-        let Ok(groups) = core.list_groups(ns).await else {
+        let Ok(groups) = core.group_lags(ns).await else {
             continue;
         };
-        for g in groups {
-            let Ok(committed) = core
-                .fetch_offsets(v1::FetchOffsetsRequest {
-                    namespace: ns.clone(),
-                    group: g.group.clone(),
-                    partitions: vec![],
-                })
-                .await
-            else {
-                continue;
-            };
-            for c in committed {
-                let Some(stream) = c.stream else { continue };
-                let key = (ns.clone(), stream.name.clone());
-                if !ends.contains_key(&key) {
-                    let info = core
-                        .describe_stream(&v1::StreamId::new(ns.clone(), stream.name.clone()))
-                        .await
-                        .map(|s| s.partition_info)
-                        .unwrap_or_default();
-                    ends.insert(key.clone(), info);
-                }
-                let Some((start, end)) = ends[&key]
-                    .iter()
-                    .find(|p| p.partition == c.partition)
-                    .map(|p| (p.start_offset, p.end_offset))
-                else {
-                    continue;
-                };
-                // Nothing committed: everything still in the log is to read.
-                let lag = (end - if c.offset < 0 { start } else { c.offset }).max(0);
+        for (g, lags) in groups {
+            for l in lags {
+                let Some(lag) = l.lag else { continue };
                 let _ = writeln!(
                     out,
                     "tributary_group_lag{{namespace=\"{}\",group=\"{}\",stream=\"{}\",partition=\"{}\"}} {lag}",
                     esc(ns),
                     esc(&g.group),
-                    esc(&stream.name),
-                    c.partition
+                    esc(&l.stream),
+                    l.partition
                 );
                 series += 1;
                 if series >= MAX_SERIES {

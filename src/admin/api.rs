@@ -2,7 +2,7 @@
 //! their messages, router addresses and bindings, MQTT sessions and users. JSON in the
 //! shapes the README's table gives; the console is their first client.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::{Path, Query, State};
@@ -93,69 +93,34 @@ pub(super) async fn stream(
 }
 
 /// Groups with their committed offsets and lag: per partition, the stream's end offset
-/// minus the committed offset (Kafka commits the next offset to read), never below 0. A
-/// partition whose stream is gone has no lag (`null`).
+/// minus the committed offset (Kafka commits the next offset to read; nothing committed:
+/// the log start), never below 0 (`Core::group_lags`). A partition whose stream is gone has
+/// no lag (`null`).
 pub(super) async fn groups(
     State(s): State<AdminState>,
     Query(q): Query<NamespaceQuery>,
 ) -> Response {
     let mut out = Vec::new();
     for ns in q.namespaces(&s) {
-        let list = match s.core.list_groups(&ns).await {
-            Ok(list) => list,
+        let groups = match s.core.group_lags(&ns).await {
+            Ok(groups) => groups,
             Err(e) => return error(e),
         };
-        // End offsets per stream, described once however many groups read it.
-        let mut ends: HashMap<String, Option<Vec<i64>>> = HashMap::new();
-        for g in list {
-            let committed = match s
-                .core
-                .fetch_offsets(v1::FetchOffsetsRequest {
-                    namespace: ns.clone(),
-                    group: g.group.clone(),
-                    ..Default::default()
+        for (g, lags) in groups {
+            let total_lag: i64 = lags.iter().filter_map(|l| l.lag).sum();
+            let offsets: Vec<Value> = lags
+                .iter()
+                .map(|l| {
+                    json!({
+                        "stream": l.stream,
+                        "partition": l.partition,
+                        "committed_offset": l.committed,
+                        "end_offset": l.end,
+                        "lag": l.lag,
+                        "commit_time_ms": l.commit_time_ms,
+                    })
                 })
-                .await
-            {
-                Ok(c) => c,
-                Err(e) => return error(e),
-            };
-            let mut offsets = Vec::with_capacity(committed.len());
-            let mut total_lag = 0i64;
-            for c in committed {
-                let stream = c.stream.map(|id| id.name).unwrap_or_default();
-                if !ends.contains_key(&stream) {
-                    let described = s
-                        .core
-                        .describe_stream(&v1::StreamId::new(&ns, &stream))
-                        .await
-                        .ok()
-                        .map(|info| {
-                            let mut e = vec![0; info.partitions as usize];
-                            for p in info.partition_info {
-                                if let Some(slot) = e.get_mut(p.partition as usize) {
-                                    *slot = p.end_offset;
-                                }
-                            }
-                            e
-                        });
-                    ends.insert(stream.clone(), described);
-                }
-                let end = ends
-                    .get(&stream)
-                    .and_then(|e| e.as_ref())
-                    .and_then(|e| e.get(c.partition as usize).copied());
-                let lag = end.map(|end| (end - c.offset.max(0)).max(0));
-                total_lag += lag.unwrap_or(0);
-                offsets.push(json!({
-                    "stream": stream,
-                    "partition": c.partition,
-                    "committed_offset": c.offset,
-                    "end_offset": end,
-                    "lag": lag,
-                    "commit_time_ms": c.commit_time_ms,
-                }));
-            }
+                .collect();
             out.push(json!({
                 "namespace": g.namespace,
                 "group": g.group,

@@ -12,7 +12,7 @@ pub mod listener;
 pub mod serve;
 pub mod tls;
 
-pub use accounting::{ConnectionGuard, Traffic, protocol_of};
+pub use accounting::{ConnectionGuard, Traffic};
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
 pub use gateway::{Accepted, Gateway};
 pub use handshake::{Handshake, Plain};

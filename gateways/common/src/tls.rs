@@ -135,11 +135,6 @@ impl CertSource {
         }
     }
 
-    /// The DER of the certificate served now (its first, end-entity one).
-    pub fn served(&self) -> CertificateDer<'static> {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).cert[0].clone()
-    }
-
     pub fn paths(&self) -> (&Path, &Path) {
         (&self.cert, &self.key)
     }
@@ -213,12 +208,6 @@ fn client_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
         roots.add(cert).map_err(|e| error(e.to_string()))?;
     }
     Ok(Arc::new(roots))
-}
-
-/// A TLS acceptor for the certificate chain and private key in these PEM files (not
-/// reloadable, no client certificates).
-pub fn acceptor(cert: &Path, key: &Path) -> Result<TlsAcceptor, TlsError> {
-    acceptor_for(&CertSource::load(cert, key)?, &ClientCerts::None, &[])
 }
 
 /// A TLS listener's connections start with the TLS handshake; its gateway gets the stream
