@@ -62,6 +62,12 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::SessionsCommand,
     },
+    /// Users kept in the core (every gateway process logs them in): list, add, passwd,
+    /// delete. The password is read from stdin.
+    Users {
+        #[command(subcommand)]
+        what: crate::cli::UsersCommand,
+    },
     /// Imports another broker's definitions (RabbitMQ's definitions.json).
     Import {
         #[command(subcommand)]
@@ -794,30 +800,13 @@ impl Settings {
             }
             // SCRAM credentials (`tributary passwd`) and, from `tributary import rabbitmq`,
             // RabbitMQ password hashes (plain-password logins only).
-            let mut creds = Vec::new();
-            let mut hash = None;
-            for c in &u.credentials {
-                match tributary_gateway_common::auth::PasswordHash::parse(c) {
-                    Some(parsed) => hash = Some(parsed.map_err(|e| invalid("users", &u.name, e))?),
-                    None => creds.push(
-                        tributary_gateway_common::auth::ScramCredential::parse(c)
-                            .map_err(|e| invalid("users", &u.name, e))?,
-                    ),
-                }
-            }
-            users.add(&u.name, creds);
-            if let Some(hash) = hash {
-                users.add_password_hash(&u.name, hash);
-            }
+            users
+                .add_credential_texts(&u.name, &u.credentials)
+                .map_err(|e| invalid("users", &u.name, e))?;
         }
         let kafka_sasl = pick!(kafka_sasl, false);
-        if kafka_sasl && users.is_empty() {
-            return Err(invalid(
-                "kafka_sasl",
-                "true",
-                "SASL needs at least one [[users]] entry in the config file (see `tributary passwd`)",
-            ));
-        }
+        // No [[users]] with SASL on is allowed: users may live in the core (`tributary users
+        // add`), and until one exists nobody logs in, which is the safe side.
         let kafka_authorizer = if pick!(kafka_authorizer, false) {
             if !kafka_sasl {
                 return Err(invalid(
@@ -831,13 +820,7 @@ impl Settings {
                 .map(|u| u.trim().to_string())
                 .filter(|u| !u.is_empty())
                 .collect();
-            if let Some(unknown) = super_users.iter().find(|u| !users.contains(u)) {
-                return Err(invalid(
-                    "kafka_super_users",
-                    unknown,
-                    "not a [[users]] name",
-                ));
-            }
+            // Super users may name users kept in the core, which the file does not know.
             Some(tributary_gateway_kafka::acl::AuthorizerConfig::new(
                 super_users,
                 pick!(kafka_allow_if_no_acl, false),
@@ -1038,13 +1021,6 @@ impl Settings {
                 vhost: p.vhost.clone(),
             });
         }
-        if !mqtt_allow_anonymous && users.is_empty() {
-            return Err(invalid(
-                "mqtt_allow_anonymous",
-                "false",
-                "without anonymous access MQTT clients need [[users]] entries in the config file (see `tributary passwd`)",
-            ));
-        }
         let kafka_listen_default = default_listen(kafka_sasl, 9092);
         let mqtt_listen_default = default_listen(!mqtt_allow_anonymous, 1883);
         let mqtt_ws_listen_default = default_listen(!mqtt_allow_anonymous, 8083);
@@ -1233,14 +1209,16 @@ mod tests {
             e.contains("kafka_authorizer") && e.contains("kafka_sasl"),
             "{e}"
         );
+        // A super user need not be in the file: it may be a user kept in the core.
         let file: FileConfig = toml::from_str(&format!(
             "kafka_sasl = true\nkafka_authorizer = true\nkafka_super_users = [\"root\"]\n{users}"
         ))
         .unwrap();
-        let e = Settings::resolve(&Options::default(), &file)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("kafka_super_users") && e.contains("root"), "{e}");
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        assert_eq!(
+            s.kafka_authorizer.expect("authorizer on").super_users,
+            vec!["root".to_string()]
+        );
         let file: FileConfig = toml::from_str(&format!(
             "kafka_sasl = true\nkafka_authorizer = true\nkafka_super_users = [\"admin\"]\n{users}"
         ))

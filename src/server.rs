@@ -27,6 +27,7 @@ use tributary_storage::{LogStore, MetaStore, StorageError};
 use crate::admin::{self, AdminState};
 use crate::auth::{CoreAuthLayer, Guard, beyond_loopback};
 use crate::config::{Listen, Settings, StorageKind};
+use tributary_gateway_common::users::UserDirectory;
 
 /// Protocols whose gateway ships in this build.
 pub const AVAILABLE_GATEWAYS: &[&str] = &[
@@ -669,6 +670,15 @@ async fn bind_kafka(
 /// Starts the Kafka gateway on its bound listeners and records their addresses. Each
 /// listener has its own gateway, so its clients are given its own address as the broker's
 /// (a client that bootstrapped over TLS stays on TLS); groups and offsets are the core's.
+/// The users a gateway checks logins against: the config file's and the core's.
+fn user_directory(settings: &Settings, client: &CoreClient) -> Arc<UserDirectory> {
+    Arc::new(UserDirectory::with_core(
+        settings.users.clone(),
+        client.clone(),
+        tributary_gateway_common::users::DEFAULT_REFRESH,
+    ))
+}
+
 fn spawn_kafka(
     settings: &Settings,
     KafkaListeners { tcp, tls }: KafkaListeners,
@@ -687,6 +697,8 @@ fn spawn_kafka(
             })
         })
     };
+    // One cache of the core's users for the plain and the TLS listener.
+    let users = user_directory(settings, &client);
     let config = |addr: SocketAddr, advertised: &Option<(String, u16)>, flag: &str| {
         let mut config = KafkaConfig::new(addr);
         match advertised {
@@ -705,7 +717,7 @@ fn spawn_kafka(
         }
         config.auto_create_topics = settings.kafka_auto_create_topics;
         if settings.kafka_sasl {
-            config.sasl = Some(Arc::new(settings.users.clone()));
+            config.sasl = Some(users.clone());
         }
         config.authorizer = settings.kafka_authorizer.clone();
         config
@@ -826,7 +838,7 @@ fn spawn_mqtt(
     let config = MqttConfig {
         allow_anonymous: settings.mqtt_allow_anonymous,
         max_keep_alive: settings.mqtt_max_keep_alive,
-        users: Arc::new(settings.users.clone()),
+        users: user_directory(settings, &client),
         acl: Arc::new(settings.mqtt_acl.clone()),
         instance: format!("mqtt@{}", first.map(|a| a.to_string()).unwrap_or_default()),
         ..MqttConfig::default()
@@ -903,7 +915,7 @@ fn spawn_amqp(
     bound.amqp = tcp.as_ref().and_then(|l| l.local_addr().ok());
     bound.amqp_tls = tls.as_ref().and_then(|(l, _)| l.local_addr().ok());
     let config = AmqpConfig {
-        users: Arc::new(settings.users.clone()),
+        users: user_directory(settings, &client),
         vhosts: settings.amqp_vhosts.clone(),
         permissions: settings.amqp_permissions.clone(),
         ..AmqpConfig::default()

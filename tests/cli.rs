@@ -376,3 +376,150 @@ fn sessions_are_listed_and_a_kick_closes_the_connection_with_0x98() {
     let unknown = cli(&core, &["sessions", "kick", "nobody"]);
     assert_eq!(unknown.status.code(), Some(1));
 }
+
+/// An MQTT 3.1.1 CONNECT with a user name and password; the CONNACK return code (0 accepted,
+/// 4 bad user name or password).
+fn mqtt_login(addr: std::net::SocketAddr, user: &str, password: &str) -> u8 {
+    use common::mqtt_raw::{packet, read_exact, string};
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut body = string("MQTT");
+    body.extend([4, 0xC2, 0, 60]); // user name, password, clean session
+    body.extend(string("login-probe"));
+    body.extend(string(user));
+    body.extend(string(password));
+    s.write_all(&packet(0x10, &body)).unwrap();
+    let connack = read_exact(&mut s, 4);
+    assert_eq!(connack[0], 0x20, "CONNACK");
+    connack[3]
+}
+
+/// Logs in until the answer is `want`: a change made through the core reaches a gateway's
+/// cache of users within a second (bounded here by 10 s).
+fn mqtt_login_until(addr: std::net::SocketAddr, user: &str, password: &str, want: u8) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let got = mqtt_login(addr, user, password);
+        if got == want {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user}: CONNACK {got}, want {want}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+fn cli_stdin(core: &str, args: &[&str], stdin: &str) -> Output {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--core", core])
+        .env("TRIBUTARY_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_added_through_the_core_log_in_to_mqtt_and_amqp_until_deleted() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    for flag in ["--mqtt-listen", "--amqp-listen"] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = "127.0.0.1:0".into();
+    }
+    // No [[users]] at all: without anonymous access nobody logs in until a user is added.
+    args.extend(["--mqtt-allow-anonymous".into(), "false".into()]);
+    let server = Server::start(&args);
+    let core = format!("http://{}", server.core);
+    let mqtt = server.mqtt.unwrap();
+    let amqp = server.listening["amqp"];
+    assert_eq!(mqtt_login(mqtt, "alice", "s3cret"), 4, "unknown user");
+
+    let added = cli_stdin(
+        &core,
+        &["users", "add", "alice", "-n", "/", "--json"],
+        "s3cret\n",
+    );
+    assert!(
+        added.status.success(),
+        "{}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    mqtt_login_until(mqtt, "alice", "s3cret", 0);
+    assert_eq!(mqtt_login(mqtt, "alice", "wrong"), 4, "bad password");
+    // The same user opens vhost "/" over AMQP (granted with `-n /`), with the same password.
+    let conn = lapin::Connection::connect(
+        &format!("amqp://alice:s3cret@{amqp}/%2f"),
+        lapin::ConnectionProperties::default(),
+    )
+    .await
+    .expect("alice logs in to AMQP");
+    conn.close(200, "bye".into()).await.unwrap();
+
+    let listed = json(&core, &["users", "list"]);
+    let alice = listed["users"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|u| u["name"] == "alice")
+        .expect("alice is listed")
+        .clone();
+    assert_eq!(alice["source"], "core");
+    assert_eq!(alice["namespaces"], serde_json::json!(["/"]));
+    assert_eq!(
+        alice["mechanisms"],
+        serde_json::json!(["SCRAM-SHA-256", "SCRAM-SHA-512"])
+    );
+    assert!(
+        !listed.to_string().contains("s3cret") && !listed.to_string().contains("4096:"),
+        "no secret or credential is printed: {listed}"
+    );
+    // The admin API lists it too (names and kinds only).
+    let (status, body) = common::http_get(server.admin.unwrap(), "/api/v1/users");
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("\"alice\"") && !body.contains("4096:"),
+        "{body}"
+    );
+
+    // Adding it again is refused (exit 1); so is a password change for nobody.
+    let again = cli_stdin(&core, &["users", "add", "alice"], "other\n");
+    assert_eq!(again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&again.stderr).contains("USER_EXISTS"));
+    let nobody = cli_stdin(&core, &["users", "passwd", "nobody"], "x\n");
+    assert_eq!(nobody.status.code(), Some(1));
+    let empty = cli_stdin(&core, &["users", "add", "carol"], "\n");
+    assert_eq!(
+        empty.status.code(),
+        Some(2),
+        "an empty password is a usage error"
+    );
+
+    // A new password replaces the old one, and the namespaces stay.
+    let changed = cli_stdin(&core, &["users", "passwd", "alice"], "n3w\n");
+    assert!(changed.status.success());
+    mqtt_login_until(mqtt, "alice", "n3w", 0);
+    assert_eq!(mqtt_login(mqtt, "alice", "s3cret"), 4);
+    let listed = json(&core, &["users", "list"]);
+    assert!(listed.to_string().contains("\"/\""), "{listed}");
+
+    let deleted = json(&core, &["users", "delete", "alice"]);
+    assert_eq!(deleted["name"], "alice");
+    mqtt_login_until(mqtt, "alice", "n3w", 4);
+    let gone = cli(&core, &["users", "delete", "alice"]);
+    assert_eq!(gone.status.code(), Some(1));
+}

@@ -62,6 +62,10 @@ pub enum CoreError {
     QueueNotFound(String),
     #[error("session not found: {0}")]
     SessionNotFound(String),
+    #[error("user '{0}' does not exist")]
+    UserNotFound(String),
+    #[error("user '{0}' already exists")]
+    UserExists(String),
     #[error("queue '{0}' already exists with a different configuration")]
     QueueExists(String),
     #[error("lease '{0}' has expired or was replaced")]
@@ -135,6 +139,8 @@ impl CoreError {
             Self::GroupNotEmpty(_) => ErrorCode::GroupNotEmpty,
             Self::QueueNotFound(_) => ErrorCode::QueueNotFound,
             Self::SessionNotFound(_) => ErrorCode::SessionNotFound,
+            Self::UserNotFound(_) => ErrorCode::UserNotFound,
+            Self::UserExists(_) => ErrorCode::UserExists,
             Self::QueueExists(_) => ErrorCode::QueueExists,
             Self::LeaseExpired(_) => ErrorCode::LeaseExpired,
             Self::QueueFull(_) => ErrorCode::QueueFull,
@@ -164,10 +170,12 @@ impl CoreError {
             | Self::GroupNotFound(_)
             | Self::QueueNotFound(_)
             | Self::SessionNotFound(_)
+            | Self::UserNotFound(_)
             | Self::AddressNotFound(_) => Code::NotFound,
-            Self::NamespaceExists(_) | Self::StreamExists(_) | Self::QueueExists(_) => {
-                Code::AlreadyExists
-            }
+            Self::NamespaceExists(_)
+            | Self::StreamExists(_)
+            | Self::QueueExists(_)
+            | Self::UserExists(_) => Code::AlreadyExists,
             Self::LeaseExpired(_) | Self::ResourceLocked(_) => Code::FailedPrecondition,
             Self::QueueFull(_) => Code::ResourceExhausted,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,

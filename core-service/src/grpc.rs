@@ -319,6 +319,30 @@ impl admin_server::Admin for CoreGrpc {
         ok(KickSessionResponse { was_connected })
     }
 
+    async fn put_user(&self, r: Request<PutUserRequest>) -> GrpcResult<PutUserResponse> {
+        let (version, created) = self.core.put_user(&r.into_inner()).await?;
+        ok(PutUserResponse { version, created })
+    }
+
+    async fn delete_user(&self, r: Request<DeleteUserRequest>) -> GrpcResult<DeleteUserResponse> {
+        let r = r.into_inner();
+        let version = self.core.delete_user(&r.name, &r.only_mechanisms).await?;
+        ok(DeleteUserResponse { version })
+    }
+
+    async fn list_users(&self, r: Request<ListUsersRequest>) -> GrpcResult<ListUsersResponse> {
+        let r = r.into_inner();
+        let (version, users) = self
+            .core
+            .list_users(r.known_version, r.include_credentials)
+            .await?;
+        ok(ListUsersResponse {
+            version,
+            unchanged: users.is_none(),
+            users: users.unwrap_or_default(),
+        })
+    }
+
     async fn list_access_rules(
         &self,
         r: Request<ListAccessRulesRequest>,

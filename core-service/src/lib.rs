@@ -24,6 +24,7 @@ mod sessions;
 mod streams;
 mod timers;
 pub mod topics;
+mod users;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

@@ -353,9 +353,32 @@ pub(super) async fn sessions(State(s): State<AdminState>) -> Response {
 }
 
 /// The users of the configuration, by name only: credentials never leave the server.
+/// The config file's users and the core's (names, credential kinds and namespaces: never
+/// the credentials).
 pub(super) async fn users(State(s): State<AdminState>) -> Response {
-    Json(json!({ "users": s.users.iter().map(|u| json!({ "name": u })).collect::<Vec<_>>() }))
-        .into_response()
+    let stored = match s.core.list_users(0, false).await {
+        Ok((_, users)) => users.unwrap_or_default(),
+        Err(e) => return error(e),
+    };
+    let mut list: Vec<Value> = s
+        .users
+        .iter()
+        .map(|u| json!({ "name": u, "source": "config" }))
+        .collect();
+    list.extend(
+        stored
+            .iter()
+            .filter(|u| !s.users.contains(&u.name))
+            .map(|u| {
+                json!({
+                    "name": u.name,
+                    "source": "core",
+                    "mechanisms": u.mechanisms,
+                    "namespaces": u.namespaces,
+                })
+            }),
+    );
+    Json(json!({ "users": list })).into_response()
 }
 
 pub(super) async fn redrives(State(s): State<AdminState>) -> Response {

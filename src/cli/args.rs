@@ -208,6 +208,65 @@ impl GroupsCommand {
     }
 }
 
+/// How a user's password is kept (`users add` and `users passwd`).
+#[derive(Debug, Clone, Args)]
+pub struct PasswordArgs {
+    /// Credential kinds to derive from the password: SCRAM-SHA-256, SCRAM-SHA-512 (both by
+    /// default; each checks plain-password logins too); repeatable.
+    #[arg(long = "mechanism", short = 'm')]
+    pub mechanisms: Vec<String>,
+    /// PBKDF2 iterations of the SCRAM credentials (Kafka's minimum is 4096).
+    #[arg(long, default_value_t = tributary_gateway_common::auth::DEFAULT_ITERATIONS)]
+    pub iterations: u32,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum UsersCommand {
+    /// The users kept in the core with their credential kinds and namespaces, and the config
+    /// file's users (which `tributary users` cannot change).
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Adds a user; its password is the first line of stdin. Exit code 1 if it exists.
+    Add {
+        name: String,
+        /// A namespace (AMQP vhost) the user may open, besides those the config file grants;
+        /// repeatable.
+        #[arg(long = "namespace", short = 'n')]
+        namespaces: Vec<String>,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Changes a user's password (stdin's first line); its namespaces stay.
+    Passwd {
+        name: String,
+        #[command(flatten)]
+        password: PasswordArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Deletes a user. Connections it opened stay open; new logins are refused.
+    Delete {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+impl UsersCommand {
+    pub fn json(&self) -> bool {
+        match self {
+            UsersCommand::List { json }
+            | UsersCommand::Add { json, .. }
+            | UsersCommand::Passwd { json, .. }
+            | UsersCommand::Delete { json, .. } => *json,
+        }
+    }
+}
+
 impl SessionsCommand {
     pub fn common(&self) -> &Common {
         match self {

@@ -15,6 +15,7 @@ mod records;
 mod sessions;
 mod streams;
 mod table;
+mod users;
 
 use std::process::ExitCode;
 
@@ -25,7 +26,7 @@ use tributary_proto::v1::ErrorCode;
 use crate::config::Settings;
 pub use args::{
     Common, ExportCommand, GroupsCommand, ImportCommand, QueuesCommand, SessionsCommand,
-    StreamsCommand,
+    StreamsCommand, UsersCommand,
 };
 
 /// Why a command failed, and the exit code that says so.
@@ -95,6 +96,7 @@ pub enum AdminCommand {
     Groups(GroupsCommand),
     Queues(QueuesCommand),
     Sessions(SessionsCommand),
+    Users(UsersCommand),
     Import(ImportCommand),
     Export(ExportCommand),
 }
@@ -117,6 +119,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Groups(c) => c.common().json,
             AdminCommand::Queues(c) => c.common().json,
             AdminCommand::Sessions(c) => c.common().json,
+            AdminCommand::Users(c) => c.json(),
             AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
             AdminCommand::Import(ImportCommand::Kafka { common, .. }) => common.json,
             AdminCommand::Export(ExportCommand::Kafka(common)) => common.json,
@@ -126,6 +129,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Groups(c) => groups::run(&connect(settings)?, c).await?,
             AdminCommand::Queues(c) => queues::run(&connect(settings)?, c).await?,
             AdminCommand::Sessions(c) => sessions::run(&connect(settings)?, c).await?,
+            AdminCommand::Users(c) => users::run(settings, c).await?,
             AdminCommand::Import(ImportCommand::Rabbitmq {
                 file,
                 dry_run,

@@ -20,6 +20,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tributary_gateway_common::Traffic;
+use tributary_gateway_common::auth::Users;
 use tributary_proto::amqp_link::{self as link, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
@@ -184,6 +185,7 @@ type LoginError = (&'static str, String, String);
 
 fn authenticate(
     gw: &Gateway,
+    users: &Users,
     peer: &SocketAddr,
     mechanism: &str,
     response: &[u8],
@@ -236,9 +238,8 @@ fn authenticate(
             "user 'guest' can only connect via localhost".into(),
         ));
     }
-    let configured = gw.config.users.contains(&user);
-    if configured {
-        if gw.config.users.verify_password(&user, &password) {
+    if users.contains(&user) {
+        if users.verify_password(&user, &password) {
             return Ok((user, false));
         }
     } else if gw.config.default_guest && user == "guest" && password == "guest" {
@@ -376,8 +377,10 @@ async fn serve(
     else {
         return Err(ConnError::Protocol("expected connection.start-ok".into()));
     };
+    let users = gw.config.users.current().await;
     let (user, default_guest) = match authenticate(
         &gw,
+        &users,
         &peer,
         start_ok.mechanism.as_str(),
         start_ok.response.as_bytes(),
@@ -435,7 +438,7 @@ async fn serve(
         return Err(ConnError::Protocol("expected connection.open".into()));
     };
     let vhost = open.virtual_host.as_str().to_owned();
-    if !cfg.may_open(&user, &vhost, default_guest) {
+    if !cfg.may_open(&user, &vhost, default_guest, &users) {
         let why = format!("NOT_ALLOWED - access to vhost '{vhost}' refused for user '{user}'");
         gw.logins.refused(listener, peer, &user, "vhost", &why);
         refuse_connection(&mut sock, &mut buf, NOT_ALLOWED, &why, (10, 40)).await?;

@@ -20,6 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::debug;
 use tributary_gateway_common::auth::Users;
+use tributary_gateway_common::users::UserDirectory;
 use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use broker::definitions;
@@ -43,7 +44,7 @@ pub struct Permission {
 #[derive(Debug, Clone)]
 pub struct AmqpConfig {
     /// Users with salted credentials.
-    pub users: Arc<Users>,
+    pub users: Arc<UserDirectory>,
     /// Vhosts clients may open.
     pub vhosts: Vec<String>,
     /// Which user may open which vhost (the default guest user may open "/").
@@ -59,7 +60,7 @@ pub struct AmqpConfig {
 impl Default for AmqpConfig {
     fn default() -> Self {
         Self {
-            users: Arc::new(Users::new()),
+            users: Arc::new(UserDirectory::fixed(Users::new())),
             vhosts: vec!["/".into()],
             permissions: Vec::new(),
             default_guest: true,
@@ -73,11 +74,13 @@ impl Default for AmqpConfig {
 impl AmqpConfig {
     /// Whether `user` (authenticated; `default_guest` for the built-in guest) may open
     /// `vhost`.
-    pub fn may_open(&self, user: &str, vhost: &str, default_guest: bool) -> bool {
+    /// `vhost`; `users` holds the vhosts granted with the users kept in the core.
+    pub fn may_open(&self, user: &str, vhost: &str, default_guest: bool, users: &Users) -> bool {
         if !self.vhosts.iter().any(|v| v == vhost) {
             return false;
         }
         (default_guest && vhost == "/")
+            || users.granted(user, vhost)
             || self
                 .permissions
                 .iter()

@@ -107,6 +107,17 @@ impl ScramCredential {
 
     pub fn derive_with_salt(hash: ScramHash, password: &str, salt: &[u8], iterations: u32) -> Self {
         let salted = hash.salted_password(password.as_bytes(), salt, iterations);
+        Self::from_salted_password(hash, &salted, salt, iterations)
+    }
+
+    /// From the SaltedPassword a client computed (Kafka's AlterUserScramCredentials sends it
+    /// instead of the password).
+    pub fn from_salted_password(
+        hash: ScramHash,
+        salted: &[u8],
+        salt: &[u8],
+        iterations: u32,
+    ) -> Self {
         let client_key = hash.hmac(&salted, b"Client Key");
         Self {
             hash,
@@ -263,6 +274,8 @@ pub struct Users {
     users: HashMap<String, Vec<ScramCredential>>,
     /// Imported password hashes, checked for plain-password logins.
     hashes: HashMap<String, PasswordHash>,
+    /// Namespaces (AMQP vhosts) granted with the user itself (users kept in the core).
+    namespaces: HashMap<String, Vec<String>>,
 }
 
 impl Users {
@@ -278,6 +291,40 @@ impl Users {
     pub fn add_password_hash(&mut self, name: &str, hash: PasswordHash) {
         self.users.entry(name.to_string()).or_default();
         self.hashes.insert(name.to_string(), hash);
+    }
+
+    /// Adds (or replaces) a user from credential texts: SCRAM credentials (`tributary
+    /// passwd`) and RabbitMQ password hashes (`tributary import rabbitmq`; plain-password
+    /// logins only).
+    pub fn add_credential_texts(&mut self, name: &str, texts: &[String]) -> Result<(), String> {
+        let mut creds = Vec::new();
+        let mut hash = None;
+        for c in texts {
+            match PasswordHash::parse(c) {
+                Some(parsed) => hash = Some(parsed?),
+                None => creds.push(ScramCredential::parse(c).map_err(|e| e.to_string())?),
+            }
+        }
+        self.add(name, creds);
+        match hash {
+            Some(hash) => self.add_password_hash(name, hash),
+            None => {
+                self.hashes.remove(name);
+            }
+        }
+        Ok(())
+    }
+
+    /// Grants `user` these namespaces (AMQP vhosts) besides what the config file grants.
+    pub fn grant_namespaces(&mut self, user: &str, namespaces: Vec<String>) {
+        self.namespaces.insert(user.to_string(), namespaces);
+    }
+
+    /// Whether `user` was granted `namespace` with the user itself.
+    pub fn granted(&self, user: &str, namespace: &str) -> bool {
+        self.namespaces
+            .get(user)
+            .is_some_and(|ns| ns.iter().any(|n| n == namespace))
     }
 
     pub fn is_empty(&self) -> bool {

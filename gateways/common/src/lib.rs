@@ -11,6 +11,7 @@ pub mod handshake;
 pub mod listener;
 pub mod serve;
 pub mod tls;
+pub mod users;
 
 pub use accounting::{ConnectionGuard, Traffic};
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};

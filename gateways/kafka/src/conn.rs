@@ -171,7 +171,9 @@ pub async fn handle_frame(
                 reason: e.to_string(),
             })?;
         if session.sasl.is_some() {
-            return sasl_gate(gateway, session, request).map(|r| r.map(|r| (r, version)));
+            return sasl_gate(gateway, session, request)
+                .await
+                .map(|r| r.map(|r| (r, version)));
         }
         Ok(crate::dispatch(gateway, session, &header, request, version)
             .await
@@ -274,7 +276,7 @@ mod anyhow_like {
 
 /// Before authentication only ApiVersions, SaslHandshake and SaslAuthenticate are served;
 /// anything else closes the connection, as Kafka's broker does.
-fn sasl_gate(
+async fn sasl_gate(
     gateway: &Gateway,
     session: &mut Session,
     request: RequestKind,
@@ -294,7 +296,7 @@ fn sasl_gate(
                 .iter()
                 .map(|m| StrBytes::from_static_str(m))
                 .collect();
-            match Conversation::start(mechanism, users.clone()) {
+            match Conversation::start(mechanism, users.current().await) {
                 Some(c) => {
                     session.sasl = Some(SaslProgress::Mechanism(c));
                     Ok(Some(ResponseKind::SaslHandshake(
@@ -390,7 +392,9 @@ fn api_of(r: &RequestKind) -> ApiKey {
         DescribeCluster,
         CreateAcls,
         DescribeAcls,
-        DeleteAcls
+        DeleteAcls,
+        DescribeUserScramCredentials,
+        AlterUserScramCredentials
     )
 }
 

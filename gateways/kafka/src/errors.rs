@@ -89,6 +89,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
             _ => K::RequestTimedOut,
         },
         ErrorCode::Unsupported => K::UnsupportedVersion,
+        ErrorCode::UserNotFound => K::ResourceNotFound,
         ErrorCode::NamespaceExists
         | ErrorCode::QueueNotFound
         | ErrorCode::QueueExists
@@ -103,6 +104,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::ResourceLocked
         | ErrorCode::AdministrativeAction
         | ErrorCode::SessionNotFound
+        | ErrorCode::UserExists
         | ErrorCode::Internal => K::UnknownServerError,
     };
     e.code()

@@ -17,6 +17,7 @@ pub mod errors;
 mod groups;
 mod metadata;
 pub mod sasl;
+mod scram_api;
 pub mod versions;
 
 use std::net::SocketAddr;
@@ -48,7 +49,7 @@ pub struct KafkaConfig {
     /// Reported as the cluster id.
     pub cluster_id: String,
     /// SASL users; `None` = SASL off, every connection is served unauthenticated.
-    pub sasl: Option<Arc<SaslUsers>>,
+    pub sasl: Option<Arc<tributary_gateway_common::users::UserDirectory>>,
     /// The ACL authorizer; `None` = off: every authenticated client may do everything, and
     /// the ACL APIs answer SECURITY_DISABLED. Needs SASL.
     pub authorizer: Option<acl::AuthorizerConfig>,
@@ -221,6 +222,12 @@ pub(crate) async fn dispatch(
         }
         RequestKind::DeleteAcls(r) => {
             ResponseKind::DeleteAcls(acl_api::delete_acls(gw, az, r).await)
+        }
+        RequestKind::DescribeUserScramCredentials(r) => {
+            ResponseKind::DescribeUserScramCredentials(scram_api::describe(gw, az, r).await)
+        }
+        RequestKind::AlterUserScramCredentials(r) => {
+            ResponseKind::AlterUserScramCredentials(scram_api::alter(gw, az, r).await)
         }
         // SASL is off (the gate in conn.rs serves it when on): refuse like Kafka does.
         RequestKind::SaslHandshake(_) => ResponseKind::SaslHandshake(

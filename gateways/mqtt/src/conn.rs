@@ -1172,13 +1172,13 @@ async fn run(
             )
             .await);
         }
-        Some(u) if !(cfg.users.is_empty() && cfg.allow_anonymous) => {
+        Some(u) if !(cfg.users.current().await.is_empty() && cfg.allow_anonymous) => {
             let password = c
                 .password
                 .as_ref()
                 .and_then(|p| std::str::from_utf8(p).ok())
                 .unwrap_or("");
-            if !cfg.users.verify_password(u, password) {
+            if !cfg.users.current().await.verify_password(u, password) {
                 gw.logins.refused(
                     listener,
                     peer,

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::warn;
 use tributary_gateway_common::auth::Users;
+use tributary_gateway_common::users::UserDirectory;
 use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use acl::{Acl, AclRule, Action};
@@ -32,7 +33,7 @@ pub struct MqttConfig {
     /// Accept clients that give no user name.
     pub allow_anonymous: bool,
     /// Users with salted credentials; a client naming a user must give its password.
-    pub users: Arc<Users>,
+    pub users: Arc<UserDirectory>,
     pub acl: Arc<Acl>,
     /// Largest packet accepted from a client (and announced as Maximum Packet Size).
     pub max_packet_size: u32,
@@ -53,7 +54,7 @@ impl Default for MqttConfig {
         Self {
             namespace: "default".into(),
             allow_anonymous: true,
-            users: Arc::new(Users::new()),
+            users: Arc::new(UserDirectory::fixed(Users::new())),
             acl: Arc::new(Acl::default()),
             max_packet_size: 16 << 20,
             receive_maximum: 1024,
