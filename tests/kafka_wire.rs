@@ -542,3 +542,112 @@ async fn produced_records_are_counted_in_the_listener_traffic_metrics() {
         .await
         .unwrap();
 }
+
+/// Logs in with SASL/PLAIN (handshake v1, authenticate v2).
+async fn sasl_plain(c: &mut Conn, user: &str, password: &str) {
+    let r = c
+        .call(
+            &SaslHandshakeRequest::default().with_mechanism(StrBytes::from_static_str("PLAIN")),
+            1,
+        )
+        .await;
+    assert_eq!(r.error_code, 0);
+    let token = format!("\0{user}\0{password}");
+    let r = c
+        .call(
+            &SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(token.into_bytes())),
+            2,
+        )
+        .await;
+    assert_eq!(r.error_code, 0, "{user} logs in: {:?}", r.error_message);
+}
+
+#[tokio::test]
+async fn scram_credential_apis_are_refused_without_alter_or_describe_on_the_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let credential = |p: &str| {
+        use tributary_gateway_common::auth::{ScramCredential, ScramHash};
+        ScramCredential::derive(ScramHash::Sha256, p, 4096).to_text()
+    };
+    let config = dir.path().join("c.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "kafka_super_users = [\"admin\"]\n[[users]]\nname = \"admin\"\ncredentials = [\"{}\"]\n[[users]]\nname = \"alice\"\ncredentials = [\"{}\"]\n",
+            credential("admin-pw"),
+            credential("alice-pw")
+        ),
+    )
+    .unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--kafka-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    args.extend([
+        "--kafka-sasl".into(),
+        "--kafka-authorizer".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ]);
+    let server = Server::start(&args);
+    let addr = server.kafka.unwrap();
+
+    let mut alice = Conn::open(addr).await;
+    sasl_plain(&mut alice, "alice", "alice-pw").await;
+    let r = alice
+        .call(&DescribeUserScramCredentialsRequest::default(), 0)
+        .await;
+    assert_eq!(r.error_code, 31, "CLUSTER_AUTHORIZATION_FAILED at the top");
+    assert!(r.results.is_empty());
+    let upsert = alter_user_scram_credentials_request::ScramCredentialUpsertion::default()
+        .with_name(StrBytes::from_static_str("mallory"))
+        .with_mechanism(1)
+        .with_iterations(4096)
+        .with_salt(Bytes::from_static(b"salt"))
+        .with_salted_password(Bytes::from_static(&[7u8; 32]));
+    let r = alice
+        .call(
+            &AlterUserScramCredentialsRequest::default().with_upsertions(vec![upsert.clone()]),
+            0,
+        )
+        .await;
+    assert_eq!(r.results.len(), 1);
+    assert_eq!(r.results[0].error_code, 31);
+
+    // The super user may; an unknown mechanism is refused per user.
+    let mut admin = Conn::open(addr).await;
+    sasl_plain(&mut admin, "admin", "admin-pw").await;
+    let r = admin
+        .call(
+            &AlterUserScramCredentialsRequest::default().with_upsertions(vec![
+                upsert.clone(),
+                upsert
+                    .clone()
+                    .with_name(StrBytes::from_static_str("bad-mech"))
+                    .with_mechanism(9),
+            ]),
+            0,
+        )
+        .await;
+    let codes: Vec<(String, i16)> = r
+        .results
+        .iter()
+        .map(|r| (r.user.to_string(), r.error_code))
+        .collect();
+    assert_eq!(
+        codes,
+        [("mallory".to_string(), 0), ("bad-mech".to_string(), 33)],
+        "UNSUPPORTED_SASL_MECHANISM for mechanism 9"
+    );
+    let r = admin
+        .call(
+            &DescribeUserScramCredentialsRequest::default().with_users(Some(vec![
+                describe_user_scram_credentials_request::UserName::default()
+                    .with_name(StrBytes::from_static_str("mallory")),
+            ])),
+            0,
+        )
+        .await;
+    assert_eq!(r.error_code, 0);
+    assert_eq!(r.results[0].credential_infos.len(), 1);
+    assert_eq!(r.results[0].credential_infos[0].iterations, 4096);
+}

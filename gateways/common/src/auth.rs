@@ -118,13 +118,13 @@ impl ScramCredential {
         salt: &[u8],
         iterations: u32,
     ) -> Self {
-        let client_key = hash.hmac(&salted, b"Client Key");
+        let client_key = hash.hmac(salted, b"Client Key");
         Self {
             hash,
             iterations,
             salt: salt.to_vec(),
             stored_key: hash.hash(&client_key),
-            server_key: hash.hmac(&salted, b"Server Key"),
+            server_key: hash.hmac(salted, b"Server Key"),
         }
     }
 

@@ -165,3 +165,41 @@ impl UserDirectory {
         merged
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::{ScramCredential, ScramHash};
+
+    fn stored(name: &str, password: &str, namespaces: &[&str]) -> v1::UserRecord {
+        v1::UserRecord {
+            name: name.into(),
+            credentials: vec![ScramCredential::derive(ScramHash::Sha256, password, 4096).to_text()],
+            namespaces: namespaces.iter().map(|n| n.to_string()).collect(),
+            mechanisms: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn the_config_files_user_wins_and_an_unreadable_credential_keeps_a_user_out() {
+        let mut configured = Users::new();
+        configured.add(
+            "admin",
+            vec![ScramCredential::derive(ScramHash::Sha256, "file-pw", 4096)],
+        );
+        let dir = UserDirectory::fixed(configured);
+        let mut odd = stored("odd", "x", &[]);
+        odd.credentials = vec!["FUTURE-HASH$abc".into()];
+        let merged = dir.merge(&[
+            stored("admin", "core-pw", &["/"]),
+            stored("alice", "alice-pw", &["/", "prod"]),
+            odd,
+        ]);
+        assert!(merged.verify_password("admin", "file-pw"));
+        assert!(!merged.verify_password("admin", "core-pw"));
+        assert!(!merged.granted("admin", "/"), "the file's admin gets no core grants");
+        assert!(merged.verify_password("alice", "alice-pw"));
+        assert!(merged.granted("alice", "prod") && !merged.granted("alice", "dev"));
+        assert!(!merged.contains("odd"));
+    }
+}

@@ -19,6 +19,11 @@ import java.util.concurrent.TimeUnit;
 import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.NewTopic;
+import org.apache.kafka.clients.admin.ScramCredentialInfo;
+import org.apache.kafka.clients.admin.ScramMechanism;
+import org.apache.kafka.clients.admin.UserScramCredentialDeletion;
+import org.apache.kafka.clients.admin.UserScramCredentialUpsertion;
+import org.apache.kafka.clients.admin.UserScramCredentialsDescription;
 import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerConfig;
 import org.apache.kafka.clients.producer.ProducerRecord;
@@ -30,6 +35,8 @@ import org.apache.kafka.common.acl.AclBindingFilter;
 import org.apache.kafka.common.acl.AclOperation;
 import org.apache.kafka.common.acl.AclPermissionType;
 import org.apache.kafka.common.errors.ClusterAuthorizationException;
+import org.apache.kafka.common.errors.ResourceNotFoundException;
+import org.apache.kafka.common.errors.SaslAuthenticationException;
 import org.apache.kafka.common.errors.TopicAuthorizationException;
 import org.apache.kafka.common.resource.PatternType;
 import org.apache.kafka.common.resource.ResourcePattern;
@@ -86,12 +93,16 @@ class KafkaAclTest {
     private final String run = UUID.randomUUID().toString().substring(0, 8);
 
     static Properties props(String user) {
+        return props(user, USERS.get(user));
+    }
+
+    static Properties props(String user, String password) {
         Properties p = new Properties();
         p.put(AdminClientConfig.BOOTSTRAP_SERVERS_CONFIG, server.address("kafka"));
         p.put("security.protocol", "SASL_PLAINTEXT");
         p.put("sasl.mechanism", "SCRAM-SHA-512");
         p.put("sasl.jaas.config", "org.apache.kafka.common.security.scram.ScramLoginModule required"
-                + " username=\"" + user + "\" password=\"" + USERS.get(user) + "\";");
+                + " username=\"" + user + "\" password=\"" + password + "\";");
         return p;
     }
 
@@ -177,6 +188,66 @@ class KafkaAclTest {
                     new AccessControlEntry("User:alice", "*", AclOperation.ALL, AclPermissionType.ALLOW));
             e = assertThrows(ExecutionException.class,
                     () -> alice.createAcls(List.of(b)).all().get(30, TimeUnit.SECONDS));
+            assertInstanceOf(ClusterAuthorizationException.class, e.getCause());
+        }
+    }
+
+    /** Whether a SASL/SCRAM-SHA-512 login as {@code user} succeeds (a cluster description). */
+    static boolean logsIn(String user, String password) throws Exception {
+        Properties p = props(user, password);
+        p.put(AdminClientConfig.DEFAULT_API_TIMEOUT_MS_CONFIG, "10000");
+        p.put(AdminClientConfig.REQUEST_TIMEOUT_MS_CONFIG, "5000");
+        try (Admin a = Admin.create(p)) {
+            a.describeCluster().clusterId().get(15, TimeUnit.SECONDS);
+            return true;
+        } catch (ExecutionException e) {
+            if (e.getCause() instanceof SaslAuthenticationException) {
+                return false;
+            }
+            throw e;
+        }
+    }
+
+    /** Polls (bounded) until a login as {@code user} succeeds or fails as wanted. */
+    static void awaitLogin(String user, String password, boolean want) throws Exception {
+        long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(20);
+        while (logsIn(user, password) != want) {
+            assertTrue(System.nanoTime() < deadline, user + " login never became " + want);
+            Thread.sleep(100);
+        }
+    }
+
+    @Test
+    @Timeout(120)
+    void scramUsersAddedAndDeletedThroughTheAdminApi() throws Exception {
+        String user = "java-" + run + "-carol";
+        try (Admin admin = Admin.create(props("admin"))) {
+            get(admin.alterUserScramCredentials(List.of(
+                    new UserScramCredentialUpsertion(user,
+                            new ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192), "carol-pw"))).all());
+            awaitLogin(user, "carol-pw", true);
+            assertTrue(!logsIn(user, "wrong"));
+            UserScramCredentialsDescription d = get(admin.describeUserScramCredentials(List.of(user)).description(user));
+            assertEquals(List.of(new ScramCredentialInfo(ScramMechanism.SCRAM_SHA_512, 8192)),
+                    d.credentialInfos());
+            assertTrue(get(admin.describeUserScramCredentials().users()).contains(user));
+
+            get(admin.alterUserScramCredentials(List.of(
+                    new UserScramCredentialDeletion(user, ScramMechanism.SCRAM_SHA_512))).all());
+            awaitLogin(user, "carol-pw", false);
+            ExecutionException e = assertThrows(ExecutionException.class,
+                    () -> admin.describeUserScramCredentials(List.of(user)).description(user)
+                            .get(30, TimeUnit.SECONDS));
+            assertInstanceOf(ResourceNotFoundException.class, e.getCause());
+        }
+        try (Admin alice = Admin.create(props("alice"))) {
+            ExecutionException e = assertThrows(ExecutionException.class,
+                    () -> alice.describeUserScramCredentials().all().get(30, TimeUnit.SECONDS));
+            assertInstanceOf(ClusterAuthorizationException.class, e.getCause());
+            e = assertThrows(ExecutionException.class,
+                    () -> alice.alterUserScramCredentials(List.of(new UserScramCredentialUpsertion(
+                            user, new ScramCredentialInfo(ScramMechanism.SCRAM_SHA_256, 4096), "x")))
+                            .all().get(30, TimeUnit.SECONDS));
             assertInstanceOf(ClusterAuthorizationException.class, e.getCause());
         }
     }
