@@ -355,7 +355,7 @@ pub struct Options {
     #[arg(long, env = "TRIBUTARY_KAFKA_AUTO_CREATE_TOPICS", global = true)]
     pub kafka_auto_create_topics: Option<bool>,
     /// Enforce Kafka ACLs (CreateAcls/DescribeAcls/DeleteAcls) on every Kafka request;
-    /// needs --kafka-sasl.
+    /// needs --kafka-sasl (or --tls-client-auth required: certificate principals).
     #[arg(long, env = "TRIBUTARY_KAFKA_AUTHORIZER", global = true, num_args = 0..=1, default_missing_value = "true")]
     pub kafka_authorizer: Option<bool>,
     /// [[users]] names allowed everything by the Kafka authorizer (comma-separated).
@@ -369,6 +369,14 @@ pub struct Options {
     /// Let everyone use a Kafka resource no ACL covers (allow.everyone.if.no.acl.found).
     #[arg(long, env = "TRIBUTARY_KAFKA_ALLOW_IF_NO_ACL", global = true)]
     pub kafka_allow_if_no_acl: Option<bool>,
+    /// Kafka's ssl.principal.mapping.rules: how a client certificate's subject becomes the
+    /// principal of a Kafka connection without SASL (e.g. "RULE:^CN=(.*?),.*$/$1/,DEFAULT").
+    #[arg(
+        long,
+        env = "TRIBUTARY_KAFKA_SSL_PRINCIPAL_MAPPING_RULES",
+        global = true
+    )]
+    pub kafka_ssl_principal_mapping_rules: Option<String>,
     /// Accept MQTT clients that give no user name (true/false).
     #[arg(long, env = "TRIBUTARY_MQTT_ALLOW_ANONYMOUS", global = true)]
     pub mqtt_allow_anonymous: Option<bool>,
@@ -474,6 +482,7 @@ pub struct FileConfig {
     pub kafka_authorizer: Option<bool>,
     pub kafka_super_users: Option<Vec<String>>,
     pub kafka_allow_if_no_acl: Option<bool>,
+    pub kafka_ssl_principal_mapping_rules: Option<String>,
     pub group_initial_rebalance_delay_ms: Option<u64>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
@@ -608,6 +617,7 @@ pub struct Settings {
     pub kafka_auto_create_topics: bool,
     /// The Kafka ACL authorizer; `None` = off.
     pub kafka_authorizer: Option<tributary_gateway_kafka::acl::AuthorizerConfig>,
+    pub kafka_ssl_principal_rules: tributary_gateway_kafka::principal::PrincipalRules,
     pub group_initial_rebalance_delay: Duration,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
@@ -807,14 +817,16 @@ impl Settings {
         let kafka_sasl = pick!(kafka_sasl, false);
         // No [[users]] with SASL on is allowed: users may live in the core (`tributary users
         // add`), and until one exists nobody logs in, which is the safe side.
+        let kafka_ssl_principal_rules =
+            match pick!(kafka_ssl_principal_mapping_rules, String::new()) {
+                r if r.trim().is_empty() => {
+                    tributary_gateway_kafka::principal::PrincipalRules::default()
+                }
+                r => tributary_gateway_kafka::principal::PrincipalRules::parse(&r)
+                    .map_err(|e| invalid("kafka_ssl_principal_mapping_rules", &r, e.to_string()))?,
+            };
+        // Whether Kafka connections have users is known once tls_client_auth is read below.
         let kafka_authorizer = if pick!(kafka_authorizer, false) {
-            if !kafka_sasl {
-                return Err(invalid(
-                    "kafka_authorizer",
-                    "true",
-                    "Kafka ACLs are per SASL user: set kafka_sasl = true (with [[users]]) too",
-                ));
-            }
             let super_users: Vec<String> = pick!(kafka_super_users, Vec::<String>::new())
                 .into_iter()
                 .map(|u| u.trim().to_string())
@@ -930,6 +942,16 @@ impl Settings {
                 ));
             }
         };
+        if kafka_authorizer.is_some()
+            && !kafka_sasl
+            && !matches!(tls_clients, ClientCerts::Required(_))
+        {
+            return Err(invalid(
+                "kafka_authorizer",
+                "true",
+                "Kafka ACLs are per user: set kafka_sasl = true (SASL users), or tls_client_auth = \"required\" (certificate principals on the Kafka TLS listener)",
+            ));
+        }
         let needs_cert = |key: &str, on: bool| -> Result<(), ConfigError> {
             if on && tls.is_none() {
                 return Err(invalid(
@@ -1048,6 +1070,7 @@ impl Settings {
             kafka_sasl,
             kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
             kafka_authorizer,
+            kafka_ssl_principal_rules,
             group_initial_rebalance_delay: Duration::from_millis(pick!(
                 group_initial_rebalance_delay_ms,
                 3000u64
@@ -1406,6 +1429,7 @@ mod tests {
             "kafka_authorizer",
             "kafka_super_users",
             "kafka_allow_if_no_acl",
+            "kafka_ssl_principal_mapping_rules",
             "group_initial_rebalance_delay_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",

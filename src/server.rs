@@ -720,6 +720,7 @@ fn spawn_kafka(
             config.sasl = Some(users.clone());
         }
         config.authorizer = settings.kafka_authorizer.clone();
+        config.ssl_principal_rules = settings.kafka_ssl_principal_rules.clone();
         config
     };
     if let Some(listener) = tcp {

@@ -176,3 +176,58 @@ def test_confluent_with_a_client_certificate_when_the_listener_requires_one(
                              "ssl.ca.location": certificate[0], **extra})
         with pytest.raises(KafkaException):
             admin.list_topics(timeout=5)
+
+
+@pytest.fixture
+def mtls_acl_cluster(make_deployment, certificate):
+    """Client certificates required, the authorizer on without SASL: each connection's
+    principal is its certificate subject through ssl.principal.mapping.rules (here: the CN,
+    lower-cased, of certificates with OU=eng; nothing else is let in)."""
+    return make_deployment("standalone", [
+        *_tls_args(certificate), "--tls-client-auth", "required",
+        "--tls-client-ca", certificate[0], "--kafka-authorizer", "--kafka-super-users", "admin",
+        "--kafka-ssl-principal-mapping-rules", "RULE:^CN=([^,]*),OU=eng$/$1/L"])
+
+
+def test_certificate_principals_are_mapped_by_the_rules_and_authorized_by_acls(
+        mtls_acl_cluster, certificate, tmp_path):
+    """Kafka's SSL principal: `CN=Admin,OU=eng` maps to the super user `admin`, `CN=alice,OU=eng`
+    to `alice`, who may write only once an ACL names `User:alice`; `CN=bob,OU=ops` matches no
+    rule and gets no Kafka answer at all."""
+    import pathlib
+
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import (AclBinding, AclOperation, AclPermissionType,
+                                       AdminClient, ResourcePatternType, ResourceType)
+    from tlscert import write_signed_client
+    b = _tls_bootstrap(mtls_acl_cluster)
+    ca = (pathlib.Path(certificate[0]), pathlib.Path(certificate[1]))
+
+    def conf(name, ou):
+        cert, key = write_signed_client(tmp_path, *ca, name, ou)
+        return {"security.protocol": "SSL", "ssl.ca.location": certificate[0],
+                "ssl.certificate.location": str(cert), "ssl.key.location": str(key)}
+
+    admin_conf, alice_conf, bob_conf = conf("Admin", "eng"), conf("alice", "eng"), conf("bob", "ops")
+    admin = AdminClient({"bootstrap.servers": b, **admin_conf})
+    t = unique("cert-principal")
+    ck_create_topic(b, t, 1, admin=admin)
+
+    def produce_error(c):
+        p = ck_producer(b, **c, **{"message.timeout.ms": 10000})
+        result = []
+        p.produce(t, b"v", on_delivery=lambda err, msg: result.append(err))
+        p.flush(20)
+        assert result, "no delivery report"
+        return result[0]
+
+    err = produce_error(alice_conf)
+    assert err is not None and err.code() == KafkaError.TOPIC_AUTHORIZATION_FAILED, err
+    grant = AclBinding(ResourceType.TOPIC, t, ResourcePatternType.LITERAL, "User:alice", "*",
+                       AclOperation.WRITE, AclPermissionType.ALLOW)
+    for f in admin.create_acls([grant]).values():
+        f.result(timeout=15)
+    assert produce_error(alice_conf) is None
+
+    with pytest.raises(KafkaException):
+        AdminClient({"bootstrap.servers": b, **bob_conf}).list_topics(timeout=5)

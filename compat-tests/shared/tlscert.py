@@ -50,8 +50,10 @@ def write_self_signed(directory: pathlib.Path) -> tuple[pathlib.Path, pathlib.Pa
 
 
 def write_signed_client(directory: pathlib.Path, ca_cert: pathlib.Path, ca_key: pathlib.Path,
-                        name: str = "client") -> tuple[pathlib.Path, pathlib.Path]:
-    """Writes NAME.pem and NAME-key.pem into `directory`: a client certificate (CN=NAME,
+                        name: str = "client",
+                        org_unit: str | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+    """Writes NAME.pem and NAME-key.pem into `directory`: a client certificate (CN=NAME, and
+    OU=ORG_UNIT after it when given, so its RFC 2253 subject is `CN=NAME,OU=ORG_UNIT`;
     clientAuth) signed by the certificate and key of `write_self_signed`, which is its own
     CA. Returns (cert path, key path)."""
     issuer = x509.load_pem_x509_certificate(ca_cert.read_bytes())
@@ -60,7 +62,10 @@ def write_signed_client(directory: pathlib.Path, ca_cert: pathlib.Path, ca_key: 
     now = datetime.datetime.now(datetime.timezone.utc)
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .subject_name(x509.Name(
+            # Encoded root first: RFC 2253 (and Kafka) write it the other way round.
+            ([x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, org_unit)] if org_unit else [])
+            + [x509.NameAttribute(NameOID.COMMON_NAME, name)]))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())

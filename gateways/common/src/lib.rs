@@ -8,6 +8,7 @@ pub mod auth;
 pub mod client;
 pub mod gateway;
 pub mod handshake;
+pub mod identity;
 pub mod listener;
 pub mod serve;
 pub mod tls;

@@ -197,7 +197,10 @@ mod tests {
         ]);
         assert!(merged.verify_password("admin", "file-pw"));
         assert!(!merged.verify_password("admin", "core-pw"));
-        assert!(!merged.granted("admin", "/"), "the file's admin gets no core grants");
+        assert!(
+            !merged.granted("admin", "/"),
+            "the file's admin gets no core grants"
+        );
         assert!(merged.verify_password("alice", "alice-pw"));
         assert!(merged.granted("alice", "prod") && !merged.granted("alice", "dev"));
         assert!(!merged.contains("odd"));

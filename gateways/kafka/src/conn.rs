@@ -47,6 +47,7 @@ pub(crate) async fn serve_connection<S>(
     socket: S,
     peer: SocketAddr,
     listener: &'static str,
+    certificate_subject: Option<String>,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) where
@@ -54,6 +55,25 @@ pub(crate) async fn serve_connection<S>(
 {
     let span = info_span!("kafka_conn", %peer, listener);
     async move {
+        // The SSL security protocol: without SASL, a verified client certificate names the
+        // principal (through ssl.principal.mapping.rules); with SASL, the login does.
+        let principal = match (&gateway.config.sasl, certificate_subject) {
+            (None, Some(subject)) => match gateway.config.ssl_principal_rules.map(&subject) {
+                Some(p) => Some(p),
+                None => {
+                    // Kafka fails the authentication (NoMatchingRule) and closes.
+                    gateway.logins.refused(
+                        listener,
+                        peer,
+                        &subject,
+                        "no_principal_rule",
+                        "no ssl.principal.mapping.rules rule applies to the certificate subject",
+                    );
+                    return;
+                }
+            },
+            _ => None,
+        };
         // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
         let (rd, wr) = tokio::io::split(socket);
         // Idle connections cost their buffers: 16 KiB each way, a large Produce frame is read
@@ -70,7 +90,7 @@ pub(crate) async fn serve_connection<S>(
                 .sasl
                 .as_ref()
                 .map(|_| SaslProgress::AwaitingHandshake),
-            principal: None,
+            principal,
             close_after: None,
         };
         let result = tokio::select! {

@@ -16,6 +16,7 @@ mod data;
 pub mod errors;
 mod groups;
 mod metadata;
+pub mod principal;
 pub mod sasl;
 mod scram_api;
 pub mod versions;
@@ -26,6 +27,7 @@ use std::sync::Arc;
 use kafka_protocol::messages::{RequestHeader, RequestKind, ResponseKind};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
+use tributary_gateway_common::identity::PeerIdentity;
 use tributary_gateway_common::{Accepted, CoreClient};
 
 pub use conn::{decode_frame, decode_request, encode_response};
@@ -53,6 +55,9 @@ pub struct KafkaConfig {
     /// The ACL authorizer; `None` = off: every authenticated client may do everything, and
     /// the ACL APIs answer SECURITY_DISABLED. Needs SASL.
     pub authorizer: Option<acl::AuthorizerConfig>,
+    /// Kafka's `ssl.principal.mapping.rules`: the principal of a connection that gave a
+    /// client certificate and no SASL login.
+    pub ssl_principal_rules: principal::PrincipalRules,
 }
 
 impl KafkaConfig {
@@ -67,6 +72,7 @@ impl KafkaConfig {
             cluster_id: "tributary-kafka-cluster".into(),
             sasl: None,
             authorizer: None,
+            ssl_principal_rules: principal::PrincipalRules::default(),
         }
     }
 }
@@ -118,12 +124,13 @@ impl Gateway {
 /// SASL_SSL security protocols).
 impl<S> tributary_gateway_common::Gateway<S> for Gateway
 where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: AsyncRead + AsyncWrite + Unpin + Send + PeerIdentity + 'static,
 {
     /// One connection: requests served in order until the client leaves or `stop` turns
     /// true.
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
-        conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
+        let subject = conn.stream.client_certificate_subject();
+        conn::serve_connection(conn.stream, conn.peer, conn.listener, subject, self, stop).await
     }
 }
 
