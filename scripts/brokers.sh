@@ -1,11 +1,13 @@
-# Reference brokers (Mosquitto, RabbitMQ) for scripts that compare or smoke-test against them.
-# Sourced, not run: `source scripts/brokers.sh`, then
+# Reference brokers (Mosquitto, RabbitMQ, Apache Kafka) for scripts that compare or smoke-test
+# against them. Sourced, not run: `source scripts/brokers.sh`, then
 #
 #   brokers_install mosquitto rabbitmq-server   # apt-get when missing (root or sudo)
 #   brokers_install chromium                    # the browser of scripts/console-test.sh
+#   brokers_install kafka                       # Apache Kafka's jars from Maven Central (mvn)
 #   brokers_init "$workdir"                     # where configs, data and logs go
 #   mosquitto_start                             # sets m_port, m_pid (restarts if running)
 #   rabbitmq_start                              # sets r_port, r_pid; up to ~2 min to boot
+#   kafka_start                                 # sets k_port, k_pid: one KRaft node, fresh
 #   brokers_stop                                # stops everything started (also from a trap)
 #
 # Every broker listens on a free loopback port and keeps its state under the work dir, so
@@ -33,6 +35,8 @@ brokers_install() { # package...
             rabbitmq-server) [[ -x /usr/lib/rabbitmq/bin/rabbitmq-server ]] || need+=(rabbitmq-server) ;;
             # Not a broker: the headless browser the console's end-to-end tests drive.
             chromium) [[ -x /usr/bin/chromium ]] || need+=(chromium) ;;
+            # Not from Debian: Maven Central, into ~/.cache/tributary.
+            kafka) kafka_install || return 1 ;;
             *) echo "brokers_install: unknown package $pkg" >&2; return 2 ;;
         esac
     done
@@ -50,6 +54,7 @@ brokers_init() { # workdir
     brokers_dir="$1"
     m_pid=""
     r_pid=""
+    k_pid=""
     rabbit_node=""
     rabbit_env=()
     mkdir -p "$brokers_dir"
@@ -125,7 +130,109 @@ rabbitmq_stop() {
     fi
 }
 
+# Apache Kafka, the broker itself from Maven Central (org.apache.kafka:kafka_2.13 and its
+# runtime dependencies, copied once into ~/.cache/tributary), run as a single KRaft node
+# (broker and controller in one JVM) with the machine's Java. Its defaults stay as they are
+# (no fsync per write: the OS flushes), apart from what one node needs.
+kafka_version=4.1.1
+kafka_home="${TRIBUTARY_KAFKA_HOME:-$HOME/.cache/tributary/apache-kafka-$kafka_version}"
+
+kafka_install() {
+    [[ -f "$kafka_home/.complete" ]] && return 0
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        echo "brokers_install kafka: needs java (17+) and mvn" >&2
+        return 2
+    fi
+    echo "== fetching Apache Kafka $kafka_version from Maven Central"
+    local pom_dir
+    pom_dir=$(mktemp -d /tmp/tributary-kafka-pom.XXXXXX)
+    cat > "$pom_dir/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.tributary</groupId>
+  <artifactId>apache-kafka-reference</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.kafka</groupId><artifactId>kafka_2.13</artifactId><version>$kafka_version</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-slf4j2-impl</artifactId><version>2.24.3</version></dependency>
+    <dependency><groupId>org.apache.logging.log4j</groupId><artifactId>log4j-core</artifactId><version>2.24.3</version></dependency>
+  </dependencies>
+</project>
+POM
+    rm -rf "${kafka_home:?}"
+    if ! mvn -q -B -f "$pom_dir/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$kafka_home/libs" >"$pom_dir/mvn.log" 2>&1; then
+        tail -20 "$pom_dir/mvn.log" >&2
+        rm -rf "$pom_dir"
+        return 1
+    fi
+    rm -rf "$pom_dir"
+    touch "$kafka_home/.complete"
+}
+
+kafka_start() {
+    kafka_stop
+    local d="$brokers_dir/kafka" controller cluster_id
+    rm -rf "$d"
+    mkdir -p "$d/data"
+    k_port=$(free_port)
+    controller=$(free_port)
+    cluster_id=$(python3 -c 'import base64, uuid; print(base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("="))')
+    cat > "$d/server.properties" <<PROPS
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$controller
+listeners=PLAINTEXT://127.0.0.1:$k_port,CONTROLLER://127.0.0.1:$controller
+advertised.listeners=PLAINTEXT://127.0.0.1:$k_port
+controller.listener.names=CONTROLLER
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+inter.broker.listener.name=PLAINTEXT
+log.dirs=$d/data
+num.partitions=1
+offsets.topic.replication.factor=1
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+PROPS
+    cat > "$d/log4j2.properties" <<LOG
+rootLogger.level=WARN
+rootLogger.appenderRef.file.ref=file
+appender.file.type=File
+appender.file.name=file
+appender.file.fileName=$d/server.log
+appender.file.layout.type=PatternLayout
+appender.file.layout.pattern=[%d] %p %m (%c)%n
+LOG
+    local java_opts=(-Xms1g -Xmx1g "-Dlog4j2.configurationFile=$d/log4j2.properties"
+        -cp "$kafka_home/libs/*")
+    if ! java "${java_opts[@]}" kafka.tools.StorageTool format -t "$cluster_id" \
+            -c "$d/server.properties" > "$d/format.log" 2>&1; then
+        cat "$d/format.log" >&2
+        return 1
+    fi
+    java "${java_opts[@]}" kafka.Kafka "$d/server.properties" > "$d/stdout" 2>&1 &
+    k_pid=$!
+    if ! wait_port 127.0.0.1 "$k_port" 90; then
+        tail -30 "$d/stdout" "$d/server.log" >&2 2>/dev/null
+        return 1
+    fi
+}
+
+kafka_stop() {
+    if [[ -n "${k_pid:-}" ]]; then
+        kill "$k_pid" 2>/dev/null
+        # A clean shutdown takes a few seconds; past 30 s it is killed.
+        timeout 30 tail --pid="$k_pid" -f /dev/null 2>/dev/null || kill -9 "$k_pid" 2>/dev/null
+        wait "$k_pid" 2>/dev/null || true
+        k_pid=""
+    fi
+}
+
 brokers_stop() {
     mosquitto_stop
     rabbitmq_stop
+    kafka_stop
 }

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: the same workloads against Tributary and the reference brokers
-# (Mosquitto for MQTT, RabbitMQ for AMQP 0-9-1; Kafka against the disk's fsync'd bandwidth),
+# (Mosquitto for MQTT, RabbitMQ for AMQP 0-9-1, Apache Kafka for Kafka, whose acks=all runs
+# also stand against the disk's fsync'd bandwidth),
 # A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
 #
 #   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka] [--out DIR] [--quick]
 #
-# Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing,
-# starts every broker on free loopback ports, stops everything it started (also on Ctrl-C), and
+# Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing
+# and Apache Kafka's jars from Maven Central (needs java and mvn), starts every broker on free
+# loopback ports, stops everything it started (also on Ctrl-C), and
 # writes DIR/results.jsonl (one `tributary bench --json` report per line), DIR/failures.txt,
 # DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>). A workload whose
 # gateway Tributary does not have yet is run against the reference only and marked so.
@@ -66,6 +68,7 @@ bin="$CARGO_TARGET_DIR/release/tributary"
 pkgs=()
 if wants mqtt; then pkgs+=(mosquitto); fi
 if wants amqp; then pkgs+=(rabbitmq-server); fi
+if wants kafka; then pkgs+=(kafka); fi
 if [[ ${#pkgs[@]} -gt 0 ]]; then brokers_install "${pkgs[@]}"; fi
 
 # The disk's fsync'd sequential write bandwidth, in the directory Tributary writes to: 512 MiB
@@ -180,8 +183,14 @@ for round in $(seq "$rounds"); do
                 tributary_start
                 run_one "$label" kafka tributary "127.0.0.1:$t_kafka" "$t_pid" $flags
                 # The target: acks=all produce at >= 70% of the disk's fsync'd bandwidth.
+                # Apache Kafka, fresh for every run like Tributary. It acknowledges acks=all
+                # once the (single) replica has the batch in its page cache: no fsync, which
+                # Tributary does before every acknowledgement.
+                tributary_stop
+                kafka_start
+                run_one "$label" kafka apache-kafka "127.0.0.1:$k_port" "$k_pid" $flags
+                kafka_stop
                 if [[ "$label" == kafka-acks-all ]]; then
-                    tributary_stop
                     disk_mb=$(measure_disk)
                     echo "   disk (dd fsync): $disk_mb MB/s"
                     printf '{"protocol":"disk","broker":"disk (dd fsync)","label":"%s","mb_per_sec":%s}\n' \
@@ -203,4 +212,5 @@ fi
 echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
     "$(uname -sr); mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | awk 'NR==1 {print $3}')," \
-    "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')"
+    "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')," \
+    "apache kafka $kafka_version (acks=all without fsync; Tributary fsyncs before acking)"
