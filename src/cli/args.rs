@@ -100,7 +100,8 @@ pub enum GroupsCommand {
 pub enum ImportCommand {
     /// RabbitMQ definitions (`rabbitmqctl export_definitions FILE`, or the management API's
     /// GET /api/definitions): vhosts, exchanges, queues with their arguments and bindings into
-    /// the core; users with their password hashes, vhost access and the vhost list as a
+    /// the core; the policies applied, once, to the queues they match (RabbitMQ's
+    /// precedence); users with their password hashes, vhost access and the vhost list as a
     /// config snippet; a report of everything, including what is not carried.
     Rabbitmq {
         file: std::path::PathBuf,

@@ -5,8 +5,9 @@
 //! Exchanges, queues (with their x-arguments) and bindings go to the core through the AMQP
 //! gateway's own mapping (`tributary_gateway_amqp::definitions`), vhosts become namespaces.
 //! Users (with their password hashes), vhost access and the vhost list belong to the config
-//! file, so they are written as a config snippet (`--config-out`). What Tributary cannot
-//! carry is reported row by row, never dropped silently.
+//! file, so they are written as a config snippet (`--config-out`). Policies are applied to
+//! the queues they match, once, here (`policies`). What Tributary cannot carry is reported
+//! row by row, never dropped silently.
 
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde::Deserialize;
