@@ -426,6 +426,27 @@ async fn rabbitmq_policies_apply_at_import_and_export_rabbitmq_round_trips() {
             json(&core, &args)
         })
     };
+    let dry = run(vec![
+        "import".into(),
+        "rabbitmq".into(),
+        path.clone(),
+        "--dry-run".into(),
+    ])
+    .await
+    .unwrap();
+    let limits = dry["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "policy" && r["name"] == "limits")
+        .unwrap()
+        .clone();
+    assert_eq!(limits["outcome"], "would apply", "{limits}");
+    let listed = run(vec!["queues".into(), "list".into()]).await.unwrap();
+    assert!(
+        listed["queues"].as_array().unwrap().is_empty(),
+        "a dry run created {listed}"
+    );
     let report = run(vec!["import".into(), "rabbitmq".into(), path.clone()])
         .await
         .unwrap();

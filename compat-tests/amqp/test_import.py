@@ -170,6 +170,9 @@ def test_policy_with_dlx_ttl_and_max_length_is_carried(rabbitmq_server, make_tri
         json.dumps({"dead-letter-exchange": "pol.dlx", "message-ttl": POLICY_TTL_MS,
                     "max-length": 2, "ha-mode": "all"}),
         "--apply-to", "queues", "--priority", "1")
+    # An operator policy's cap above the policy's: the smaller (the policy's 2) holds.
+    ctl("set_operator_policy", "-p", vhost, "op-cap", "^pol\\.", '{"max-length": 100}',
+        "--apply-to", "queues")
     rb = rabbitmq_server.broker()
     conn = pika.BlockingConnection(rb.params(user=user, password=PASSWORD, virtual_host=vhost))
     ch = conn.channel()
@@ -195,6 +198,8 @@ def test_policy_with_dlx_ttl_and_max_length_is_carried(rabbitmq_server, make_tri
     assert carried["max-length"] == {"carried": 2}
     assert "mirroring" in carried["ha-mode"]["not_carried"]
     assert "ha-mode" in pol["detail"] and "at import" in pol["detail"]
+    op = rows[("operator_policy", vhost, "op-cap")]
+    assert "kept" in op["policy"]["queues"]["pol.q"]["max-length"], op
     d.stop_clean()
     d.start()
     _policy_scenario(d.broker(), vhost, user, PASSWORD)

@@ -30,7 +30,8 @@ struct Definitions {
     parameters: Vec<Value>,
     global_parameters: Vec<Named>,
     policies: Vec<Policy>,
-    /// Present in definitions of RabbitMQ versions that export operator policies.
+    /// Operator policies, if a file lists them on their own; RabbitMQ 3.10 exports them as
+    /// runtime parameters of component `operator_policy` (see [`operator_policies`]).
     operator_policies: Vec<Policy>,
     queues: Vec<Queue>,
     exchanges: Vec<Exchange>,
@@ -246,8 +247,8 @@ pub async fn rabbitmq(
     // Policies: Tributary has none, so each queue gets, once, what the policy RabbitMQ
     // applies to it sets (see `policies`); per policy, what it carried where.
     let compiled: Vec<Compiled> = defs.policies.iter().map(Compiled::new).collect();
-    let compiled_operator: Vec<Compiled> =
-        defs.operator_policies.iter().map(Compiled::new).collect();
+    let operator = operator_policies(&defs, &mut rows);
+    let compiled_operator: Vec<Compiled> = operator.iter().map(Compiled::new).collect();
     // Per policy (operator policies after the others, by index): queue -> key -> outcome.
     let mut applied: Vec<std::collections::BTreeMap<String, Vec<(String, Outcome)>>> =
         vec![Default::default(); compiled.len() + compiled_operator.len()];
@@ -266,10 +267,18 @@ pub async fn rabbitmq(
             operator.map(|c| c.policy),
         );
         let carried = merged.carried();
+        // The policies that set something on the queue (what the queue records, and what
+        // `export rabbitmq` writes back as one policy).
         let names: Vec<&str> = [policy, operator]
             .into_iter()
             .flatten()
             .map(|c| c.policy.name.as_str())
+            .filter(|name| {
+                merged
+                    .keys
+                    .iter()
+                    .any(|(p, _, o)| p == name && matches!(o, Outcome::Carried(_)))
+            })
             .collect();
         let plain = definitions::queue(
             &q.vhost,
@@ -407,7 +416,13 @@ pub async fn rabbitmq(
     }
     for (kind, n) in [
         ("topic_permission", defs.topic_permissions.len()),
-        ("parameter", defs.parameters.len()),
+        (
+            "parameter",
+            defs.parameters
+                .iter()
+                .filter(|p| p["component"] != OPERATOR_POLICY)
+                .count(),
+        ),
     ] {
         if n > 0 {
             rows.push(Row {
@@ -591,6 +606,39 @@ pub async fn rabbitmq(
 /// A TOML basic string (the toml crate's quoting: control characters escaped as TOML wants).
 fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
+}
+
+/// The runtime-parameter component RabbitMQ keeps operator policies under.
+const OPERATOR_POLICY: &str = "operator_policy";
+
+/// The operator policies of a definitions file: its `operator_policies`, and its runtime
+/// parameters of component `operator_policy` (`{"vhost", "component", "name", "value":
+/// {"pattern", "definition", "priority", "apply-to"}}`).
+fn operator_policies(defs: &Definitions, rows: &mut Vec<Row>) -> Vec<Policy> {
+    let mut out = defs.operator_policies.clone();
+    for p in defs
+        .parameters
+        .iter()
+        .filter(|p| p["component"] == OPERATOR_POLICY)
+    {
+        let mut v = p["value"].clone();
+        if let Value::Object(m) = &mut v {
+            m.insert("vhost".into(), p["vhost"].clone());
+            m.insert("name".into(), p["name"].clone());
+        }
+        match serde_json::from_value::<Policy>(v) {
+            Ok(policy) => out.push(policy),
+            Err(e) => rows.push(Row {
+                kind: "operator_policy",
+                vhost: p["vhost"].as_str().unwrap_or_default().into(),
+                name: p["name"].as_str().unwrap_or_default().into(),
+                outcome: "not carried",
+                detail: format!("not an operator policy as RabbitMQ writes one: {e}"),
+                data: None,
+            }),
+        }
+    }
+    out
 }
 
 fn queue_row(q: &Queue, outcome: &'static str, detail: String) -> Row {

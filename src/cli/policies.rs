@@ -25,12 +25,27 @@ pub struct Policy {
     pub apply_to: String,
     #[serde(default)]
     pub priority: i64,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "definition")]
     pub definition: Map<String, Value>,
 }
 
 fn all() -> String {
     "all".into()
+}
+
+/// A definition is an object, except in the operator policies RabbitMQ 3.10 exports, where
+/// it is a list of `[key, value]` pairs (an Erlang property list written as it is).
+fn definition<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Map<String, Value>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Object(Map<String, Value>),
+        Pairs(Vec<(String, Value)>),
+    }
+    Ok(match Form::deserialize(d)? {
+        Form::Object(m) => m,
+        Form::Pairs(pairs) => pairs.into_iter().collect(),
+    })
 }
 
 /// What Tributary does with one key of a policy definition.
@@ -292,6 +307,16 @@ mod tests {
         // RabbitMQ's common "everything but amq." pattern uses look-ahead: reported, not guessed.
         let ha = policy("ha", "^(?!amq\\.).*", 0, json!({}));
         assert!(Compiled::new(&ha).pattern_error.is_some());
+    }
+
+    #[test]
+    fn a_definition_may_be_a_list_of_pairs() {
+        let p: Policy = serde_json::from_value(json!({"vhost": "v", "name": "op",
+            "pattern": "^a", "apply-to": "queues", "priority": 0,
+            "definition": [["max-length", 100], ["expires", 5]]}))
+        .unwrap();
+        assert_eq!(p.definition["max-length"], 100);
+        assert_eq!(p.definition["expires"], 5);
     }
 
     #[test]
