@@ -720,6 +720,18 @@ async fn sqs_import_with_a_dry_run_and_export_round_trips() {
             "{name}"
         );
     }
+    // Into a namespace of its own, made by the import.
+    let other = run(core2.clone(), sqs(&[copy.to_str().unwrap(), "-n", "acct"]))
+        .await
+        .unwrap();
+    assert_eq!(other["namespace_created"], true);
+    let listed = run(
+        core2.clone(),
+        vec!["queues".into(), "list".into(), "-n".into(), "acct".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed["queues"].as_array().unwrap().len(), 3, "{listed}");
     let again = run(core2.clone(), vec!["export".into(), "sqs".into()])
         .await
         .unwrap();

@@ -37,6 +37,25 @@ const DEFAULT_REGION: &str = "us-east-1";
 /// SQS FIFO queues deduplicate over five minutes.
 const FIFO_DEDUP_WINDOW_MS: i64 = 5 * 60 * 1000;
 
+/// Why a file cannot be imported at all (attribute-level problems are report rows).
+#[derive(Debug, thiserror::Error)]
+pub enum InputError {
+    #[error(
+        "not what the aws CLI prints ({{\"QueueUrls\": [...]}}, [{{\"QueueUrl\", \"Attributes\", \"Tags\"}}, ...] or {{\"Attributes\": {{...}}}}): {0}"
+    )]
+    NotAwsJson(#[from] serde_json::Error),
+    #[error("--name names one queue; the file has {0}")]
+    NameForMany(usize),
+    #[error("a queue with no QueueUrl, no QueueArn attribute and no --name")]
+    NoName,
+    #[error(
+        "queues of {} accounts ({}): import each account's queues with its own --namespace",
+        .0.len(),
+        .0.join(", ")
+    )]
+    ManyAccounts(Vec<String>),
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum Input {
@@ -137,7 +156,7 @@ fn seconds(v: &str, max: i64) -> Result<i64, String> {
 }
 
 /// The core queue for one queue of the input.
-pub fn plan(entry: &Entry, name: Option<&str>) -> Result<Plan, String> {
+pub fn plan(entry: &Entry, name: Option<&str>) -> Result<Plan, InputError> {
     let attrs = &entry.attributes;
     let from_arn_attr = attrs
         .get("QueueArn")
@@ -153,7 +172,7 @@ pub fn plan(entry: &Entry, name: Option<&str>) -> Result<Plan, String> {
             .map(str::to_string)
             .or(Some(from_url_attr.name.clone()).filter(|n| !n.is_empty()))
             .or(Some(from_arn_attr.name.clone()).filter(|n| !n.is_empty()))
-            .ok_or("a queue with no QueueUrl, no QueueArn attribute and no --name")?,
+            .ok_or(InputError::NoName)?,
         account: from_url_attr.account.or(from_arn_attr.account),
         region: from_url_attr.region.or(from_arn_attr.region),
     };
@@ -342,12 +361,8 @@ fn redrive(value: &str) -> Result<(Location, u32), String> {
 }
 
 /// The queues of an input file, each with its entry.
-fn entries(text: &str, name: Option<&str>) -> Result<Vec<Entry>, String> {
-    let input: Input = serde_json::from_str(text).map_err(|e| {
-        format!(
-            "not what the aws CLI prints ({{\"QueueUrls\": [...]}}, [{{\"QueueUrl\", \"Attributes\", \"Tags\"}}, ...] or {{\"Attributes\": {{...}}}}): {e}"
-        )
-    })?;
+fn entries(text: &str, name: Option<&str>) -> Result<Vec<Entry>, InputError> {
+    let input: Input = serde_json::from_str(text)?;
     let out = match input {
         Input::Urls { queue_urls } => queue_urls
             .into_iter()
@@ -361,10 +376,7 @@ fn entries(text: &str, name: Option<&str>) -> Result<Vec<Entry>, String> {
         Input::One(e) => vec![e],
     };
     if name.is_some() && out.len() != 1 {
-        return Err(format!(
-            "--name names one queue; the file has {}",
-            out.len()
-        ));
+        return Err(InputError::NameForMany(out.len()));
     }
     Ok(out)
 }
@@ -424,12 +436,28 @@ pub async fn import(
         .filter_map(|p| p.location.account.as_deref())
         .collect();
     if accounts.len() > 1 {
-        return Err(CliError::Usage(format!(
-            "{}: queues of {} accounts ({}): import each account's queues with its own --namespace",
-            path.display(),
-            accounts.len(),
-            accounts.into_iter().collect::<Vec<_>>().join(", ")
-        )));
+        let e = InputError::ManyAccounts(accounts.into_iter().map(str::to_string).collect());
+        return Err(CliError::Usage(format!("{}: {e}", path.display())));
+    }
+    // A namespace other than the default one is made if missing, as `import rabbitmq`
+    // does for vhosts.
+    let mut namespace_created = false;
+    if let Some(ctx) = ctx
+        && namespace != "default"
+    {
+        namespace_created = ctx
+            .client
+            .admin
+            .clone()
+            .create_namespace(v1::CreateNamespaceRequest {
+                name: namespace.into(),
+                labels: Default::default(),
+                if_not_exists: true,
+            })
+            .await
+            .map_err(|s| ctx.status(s))?
+            .into_inner()
+            .created;
     }
     let names: BTreeSet<&str> = plans.iter().map(|p| p.location.name.as_str()).collect();
     let mut table = Table::new(&["QUEUE", "ATTRIBUTE", "VALUE", "OUTCOME", "DETAIL"]);
@@ -522,6 +550,7 @@ pub async fn import(
         json: json!({
             "dry_run": ctx.is_none(),
             "namespace": namespace,
+            "namespace_created": namespace_created,
             "failed": failed,
             "queues": queues,
         }),
