@@ -247,8 +247,8 @@ pub async fn rabbitmq(
     // Policies: Tributary has none, so each queue gets, once, what the policy RabbitMQ
     // applies to it sets (see `policies`); per policy, what it carried where.
     let compiled: Vec<Compiled> = defs.policies.iter().map(Compiled::new).collect();
-    let operator = operator_policies(&defs, &mut rows);
-    let compiled_operator: Vec<Compiled> = operator.iter().map(Compiled::new).collect();
+    let operator_list = operator_policies(&defs, &mut rows);
+    let compiled_operator: Vec<Compiled> = operator_list.iter().map(Compiled::new).collect();
     // Per policy (operator policies after the others, by index): queue -> key -> outcome.
     let mut applied: Vec<std::collections::BTreeMap<String, Vec<(String, Outcome)>>> =
         vec![Default::default(); compiled.len() + compiled_operator.len()];
