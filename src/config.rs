@@ -68,13 +68,14 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::UsersCommand,
     },
-    /// Imports another broker's definitions (RabbitMQ's definitions.json).
+    /// Imports another broker's definitions (RabbitMQ's definitions.json, Kafka topics,
+    /// SQS queues as the aws CLI prints them).
     Import {
         #[command(subcommand)]
         what: crate::cli::ImportCommand,
     },
-    /// Exports definitions in another broker's format (Kafka topics as kafka-topics.sh
-    /// --describe text).
+    /// Exports definitions in another broker's format (RabbitMQ definitions, Kafka topics as
+    /// kafka-topics.sh --describe text, SQS queues as the aws CLI prints them).
     Export {
         #[command(subcommand)]
         what: crate::cli::ExportCommand,

@@ -523,3 +523,398 @@ async fn users_added_through_the_core_log_in_to_mqtt_and_amqp_until_deleted() {
     let gone = cli(&core, &["users", "delete", "alice"]);
     assert_eq!(gone.status.code(), Some(1));
 }
+
+/// RabbitMQ definitions with policies: the one with the highest priority that matches a
+/// queue applies, limits take the smallest of policy and argument, keys with no meaning are
+/// reported; the queue then behaves as on RabbitMQ (max-length dead-letters to the policy's
+/// DLX), clients redeclare it with their own arguments, and `export rabbitmq` writes it
+/// back so that another server imports the same queue.
+const POLICY_DEFS: &str = r#"{
+  "vhosts": [{"name": "/"}],
+  "exchanges": [{"name": "pol.dlx", "vhost": "/", "type": "fanout", "durable": true,
+                 "auto_delete": false, "internal": false, "arguments": {}}],
+  "queues": [
+    {"name": "pol.q", "vhost": "/", "durable": true, "auto_delete": false,
+     "arguments": {"x-max-length": 50}},
+    {"name": "pol.other", "vhost": "/", "durable": true, "auto_delete": false, "arguments": {}},
+    {"name": "pol.dead", "vhost": "/", "durable": true, "auto_delete": false, "arguments": {}}
+  ],
+  "bindings": [{"source": "pol.dlx", "vhost": "/", "destination": "pol.dead",
+                "destination_type": "queue", "routing_key": "", "arguments": {}}],
+  "policies": [
+    {"vhost": "/", "name": "limits", "pattern": "^pol\\.q$", "apply-to": "queues", "priority": 1,
+     "definition": {"dead-letter-exchange": "pol.dlx", "message-ttl": 60000, "max-length": 2,
+                    "ha-mode": "all"}},
+    {"vhost": "/", "name": "low", "pattern": "^pol\\.(q|other)$", "apply-to": "queues", "priority": 0,
+     "definition": {"max-length": 7}},
+    {"vhost": "/", "name": "nothing", "pattern": "^zzz", "apply-to": "queues", "priority": 0,
+     "definition": {"expires": 1000}}
+  ]
+}"#;
+
+#[tokio::test]
+async fn rabbitmq_policies_apply_at_import_and_export_rabbitmq_round_trips() {
+    use lapin::options::QueueDeclareOptions;
+    use lapin::types::{AMQPValue, FieldTable};
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--amqp-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    let server = Server::start(&args);
+    let core = format!("http://{}", server.core);
+    let file = dir.path().join("definitions.json");
+    std::fs::write(&file, POLICY_DEFS).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let run = |args: Vec<String>| {
+        let core = core.clone();
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            json(&core, &args)
+        })
+    };
+    let dry = run(vec![
+        "import".into(),
+        "rabbitmq".into(),
+        path.clone(),
+        "--dry-run".into(),
+    ])
+    .await
+    .unwrap();
+    let limits = dry["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "policy" && r["name"] == "limits")
+        .unwrap()
+        .clone();
+    assert_eq!(limits["outcome"], "would apply", "{limits}");
+    let listed = run(vec!["queues".into(), "list".into()]).await.unwrap();
+    assert!(
+        listed["queues"].as_array().unwrap().is_empty(),
+        "a dry run created {listed}"
+    );
+    let report = run(vec!["import".into(), "rabbitmq".into(), path.clone()])
+        .await
+        .unwrap();
+    let row = |kind: &str, name: &str| {
+        report["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["kind"] == kind && r["name"] == name)
+            .unwrap_or_else(|| panic!("no {kind} {name} in {report}"))
+            .clone()
+    };
+    let limits = row("policy", "limits");
+    assert_eq!(limits["outcome"], "applied", "{limits}");
+    let on_q = &limits["policy"]["queues"]["pol.q"];
+    assert_eq!(on_q["max-length"]["carried"], 2);
+    assert_eq!(on_q["message-ttl"]["carried"], 60000);
+    assert_eq!(on_q["dead-letter-exchange"]["carried"], "pol.dlx");
+    assert!(on_q["ha-mode"]["not_carried"].is_string(), "{on_q}");
+    let detail = limits["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("ha-mode") && detail.contains("at import"),
+        "{detail}"
+    );
+    // Lower priority: only the queue the other policy does not take.
+    let low = row("policy", "low");
+    assert!(low["policy"]["queues"].get("pol.q").is_none(), "{low}");
+    assert_eq!(
+        low["policy"]["queues"]["pol.other"]["max-length"]["carried"],
+        7
+    );
+    assert_eq!(row("policy", "nothing")["outcome"], "not carried");
+
+    let mut a = api(&server).await;
+    let q = a.info("pol.q").await.config.unwrap();
+    assert_eq!(
+        q.max_length,
+        Some(2),
+        "the smaller of argument 50 and policy 2"
+    );
+    assert_eq!(q.message_ttl_ms, Some(60_000));
+    assert_eq!(q.dead_letter_address.as_deref(), Some("pol.dlx"));
+    assert_eq!(
+        a.info("pol.other").await.config.unwrap().max_length,
+        Some(7)
+    );
+    // Three messages into a queue of two: the oldest is dead-lettered to the policy's DLX.
+    let rec = |v: &str| v1::Record {
+        value: v.as_bytes().to_vec().into(),
+        ..Default::default()
+    };
+    a.send("pol.q", vec![rec("1"), rec("2"), rec("3")]).await;
+    a.wait_info("pol.dead", "a dead letter", |i| i.messages_ready == 1)
+        .await;
+    assert_eq!(a.drain("pol.dead").await, ["1"]);
+    assert_eq!(a.info("pol.q").await.messages_ready, 2);
+
+    // A client declares the queue with its own arguments, as on RabbitMQ: equivalent.
+    let uri = format!("amqp://guest:guest@{}/%2f", server.listening["amqp"]);
+    let conn = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .unwrap();
+    let ch = conn.create_channel().await.unwrap();
+    let declare = |max: i64| {
+        let mut t = FieldTable::default();
+        t.insert("x-max-length".into(), AMQPValue::LongLongInt(max));
+        (
+            QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            },
+            t,
+        )
+    };
+    let (o, t) = declare(50);
+    let ok = ch.queue_declare("pol.q".into(), o, t).await.unwrap();
+    assert_eq!(ok.message_count(), 2);
+    let (o, t) = declare(3);
+    let refused = ch.queue_declare("pol.q".into(), o, t).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("406") || refused.to_string().contains("PRECONDITION"),
+        "{refused}"
+    );
+
+    // Exported, the policy comes back as a policy matching exactly the queues it was
+    // applied to; another server importing it gets the same queues.
+    let exported = run(vec!["export".into(), "rabbitmq".into()]).await.unwrap();
+    let defs = &exported["document"];
+    let queue = defs["queues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|q| q["name"] == "pol.q")
+        .unwrap();
+    assert_eq!(queue["arguments"], serde_json::json!({"x-max-length": 50}));
+    let policy = defs["policies"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "limits")
+        .unwrap_or_else(|| panic!("{defs}"));
+    assert_eq!(policy["pattern"], "^(?:pol\\.q)$");
+    assert_eq!(policy["definition"]["max-length"], 2);
+    assert!(
+        defs["bindings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|b| b["source"] == "pol.dlx" && b["destination"] == "pol.dead")
+    );
+    assert!(
+        defs["exchanges"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|x| x["name"] == "pol.dlx" && x["type"] == "fanout")
+    );
+    let copy = dir.path().join("exported.json");
+    std::fs::write(&copy, defs.to_string()).unwrap();
+    let (_dir2, server2, core2) = start();
+    let copy = copy.to_str().unwrap().to_string();
+    tokio::task::spawn_blocking(move || json(&core2, &["import", "rabbitmq", &copy]))
+        .await
+        .unwrap();
+    let mut b = api(&server2).await;
+    for name in ["pol.q", "pol.other", "pol.dead"] {
+        assert_eq!(
+            b.info(name).await.config,
+            a.info(name).await.config,
+            "{name} differs after export and import"
+        );
+    }
+}
+
+/// SQS queues as the aws CLI prints them (get-queue-attributes per queue, with tags): a dry
+/// run creates nothing; the import declares the dead-letter queue first, carries what the
+/// core has, stores what only an SQS gateway reads, reports the rest; the redrive policy
+/// works; `export sqs` writes what `import sqs` reads, and another server gets the same.
+const SQS_QUEUES: &str = r#"[
+  {"QueueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/jobs",
+   "Attributes": {"QueueArn": "arn:aws:sqs:eu-west-1:123456789012:jobs",
+     "VisibilityTimeout": "45", "DelaySeconds": "0", "MessageRetentionPeriod": "345600",
+     "MaximumMessageSize": "262144", "ReceiveMessageWaitTimeSeconds": "20",
+     "RedrivePolicy": "{\"deadLetterTargetArn\":\"arn:aws:sqs:eu-west-1:123456789012:jobs-dead\",\"maxReceiveCount\":1}",
+     "SqsManagedSseEnabled": "true", "ApproximateNumberOfMessages": "12"},
+   "Tags": {"team": "billing"}},
+  {"QueueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/jobs-dead",
+   "Attributes": {"MessageRetentionPeriod": "1209600",
+     "RedriveAllowPolicy": "{\"redrivePermission\":\"allowAll\"}"}},
+  {"QueueUrl": "https://sqs.eu-west-1.amazonaws.com/123456789012/orders.fifo",
+   "Attributes": {"FifoQueue": "true", "ContentBasedDeduplication": "true",
+     "DeduplicationScope": "messageGroup", "FifoThroughputLimit": "perMessageGroupId",
+     "Policy": "{\"Version\":\"2012-10-17\"}", "KmsMasterKeyId": "alias/aws/sqs"}}
+]"#;
+
+#[tokio::test]
+async fn sqs_import_with_a_dry_run_and_export_round_trips() {
+    let (dir, server, core) = start();
+    let file = dir.path().join("queues.json");
+    std::fs::write(&file, SQS_QUEUES).unwrap();
+    let path = file.to_str().unwrap().to_string();
+    let run = |core: String, args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            json(&core, &args)
+        })
+    };
+    let sqs = |args: &[&str]| {
+        let mut v: Vec<String> = vec!["import".into(), "sqs".into()];
+        v.extend(args.iter().map(|s| s.to_string()));
+        v
+    };
+    let dry = run(core.clone(), sqs(&[&path, "--dry-run"])).await.unwrap();
+    assert_eq!(dry["queues"][0]["outcome"], "would create");
+    let listed = run(core.clone(), vec!["queues".into(), "list".into()])
+        .await
+        .unwrap();
+    assert!(
+        listed["queues"].as_array().unwrap().is_empty(),
+        "a dry run created {listed}"
+    );
+
+    let done = run(core.clone(), sqs(&[&path])).await.unwrap();
+    let queues = done["queues"].as_array().unwrap();
+    let order: Vec<&str> = queues
+        .iter()
+        .map(|q| q["queue"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        ["jobs-dead", "jobs", "orders.fifo"],
+        "dead-letter queue first"
+    );
+    assert!(queues.iter().all(|q| q["outcome"] == "created"), "{done}");
+    let attr = |queue: &str, attribute: &str| {
+        queues.iter().find(|q| q["queue"] == queue).unwrap()["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["attribute"] == attribute)
+            .unwrap_or_else(|| panic!("{queue} {attribute}"))["outcome"]
+            .as_str()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(attr("jobs", "VisibilityTimeout"), "carried");
+    assert_eq!(attr("jobs", "RedrivePolicy"), "carried");
+    assert_eq!(attr("jobs", "ReceiveMessageWaitTimeSeconds"), "stored");
+    assert_eq!(attr("jobs", "SqsManagedSseEnabled"), "not carried");
+    assert_eq!(attr("jobs", "ApproximateNumberOfMessages"), "ignored");
+    assert_eq!(attr("jobs", "tag:team"), "stored");
+    assert_eq!(attr("orders.fifo", "Policy"), "not carried");
+    assert_eq!(attr("orders.fifo", "KmsMasterKeyId"), "not carried");
+    assert_eq!(attr("orders.fifo", "ContentBasedDeduplication"), "stored");
+
+    let mut a = api(&server).await;
+    let jobs = a.info("jobs").await.config.unwrap();
+    assert_eq!(jobs.visibility_timeout_ms, Some(45_000));
+    assert_eq!(jobs.dead_letter_queue.as_deref(), Some("jobs-dead"));
+    assert_eq!(jobs.max_delivery_count, Some(1));
+    assert_eq!(jobs.extra["sqs.tag.team"], "billing");
+    assert_eq!(
+        a.info("jobs-dead").await.config.unwrap().message_ttl_ms,
+        Some(1_209_600_000)
+    );
+    let fifo = a.info("orders.fifo").await.config.unwrap();
+    assert_eq!(fifo.fifo, Some(true));
+    // maxReceiveCount 1: received once and not deleted, the message moves to jobs-dead.
+    a.send(
+        "jobs",
+        vec![v1::Record {
+            value: b"job-1".to_vec().into(),
+            ..Default::default()
+        }],
+    )
+    .await;
+    let got = a
+        .receive_n("jobs", 1, 50, std::time::Duration::from_secs(10))
+        .await;
+    assert_eq!(got.len(), 1);
+    a.wait_info("jobs-dead", "the redrive policy", |i| i.messages_ready == 1)
+        .await;
+    assert_eq!(a.drain("jobs-dead").await, ["job-1"]);
+
+    // Again: the same settings, left as they are.
+    let again = run(core.clone(), sqs(&[&path])).await.unwrap();
+    assert!(
+        again["queues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|q| q["outcome"] == "exists"),
+        "{again}"
+    );
+
+    // Exported and imported into another server: the same queues, the same export.
+    let exported = run(core.clone(), vec!["export".into(), "sqs".into()])
+        .await
+        .unwrap();
+    let copy = dir.path().join("exported.json");
+    std::fs::write(&copy, exported["document"].to_string()).unwrap();
+    let (_dir2, server2, core2) = start();
+    run(core2.clone(), sqs(&[copy.to_str().unwrap()]))
+        .await
+        .unwrap();
+    let mut b = api(&server2).await;
+    for name in ["jobs", "jobs-dead", "orders.fifo"] {
+        assert_eq!(
+            b.info(name).await.config,
+            a.info(name).await.config,
+            "{name}"
+        );
+    }
+    // Into a namespace of its own, made by the import.
+    let other = run(core2.clone(), sqs(&[copy.to_str().unwrap(), "-n", "acct"]))
+        .await
+        .unwrap();
+    assert_eq!(other["namespace_created"], true);
+    let listed = run(
+        core2.clone(),
+        vec!["queues".into(), "list".into(), "-n".into(), "acct".into()],
+    )
+    .await
+    .unwrap();
+    assert_eq!(listed["queues"].as_array().unwrap().len(), 3, "{listed}");
+    let again = run(core2.clone(), vec!["export".into(), "sqs".into()])
+        .await
+        .unwrap();
+    assert_eq!(again["document"], exported["document"]);
+
+    // Queues of two accounts in one file: refused (one namespace per account), exit 2.
+    let mixed = dir.path().join("mixed.json");
+    std::fs::write(
+        &mixed,
+        r#"{"QueueUrls": ["https://sqs.us-east-1.amazonaws.com/111111111111/a",
+                          "https://sqs.us-east-1.amazonaws.com/222222222222/b"]}"#,
+    )
+    .unwrap();
+    let out = cli(&core, &["import", "sqs", mixed.to_str().unwrap()]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // list-queues output: names only, and the report says the attributes are missing.
+    let names = dir.path().join("names.json");
+    std::fs::write(
+        &names,
+        r#"{"QueueUrls": ["https://sqs.us-east-1.amazonaws.com/111111111111/plain"]}"#,
+    )
+    .unwrap();
+    let report = run(core.clone(), sqs(&[names.to_str().unwrap(), "--dry-run"]))
+        .await
+        .unwrap();
+    assert_eq!(
+        report["queues"][0]["attributes"][0]["attribute"],
+        "Attributes"
+    );
+    assert_eq!(
+        report["queues"][0]["attributes"][0]["outcome"],
+        "not carried"
+    );
+}

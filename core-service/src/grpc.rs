@@ -252,6 +252,28 @@ impl admin_server::Admin for CoreGrpc {
             bindings: self.core.list_bindings(&r.namespace, &r.source_address),
         })
     }
+    async fn list_addresses(
+        &self,
+        r: Request<ListAddressesRequest>,
+    ) -> GrpcResult<ListAddressesResponse> {
+        let namespace = r.into_inner().namespace;
+        ok(ListAddressesResponse {
+            addresses: self
+                .core
+                .list_addresses(&namespace)
+                .into_iter()
+                .map(|a| AddressInfo {
+                    namespace: a.namespace,
+                    name: a.name,
+                    kind: a.kind as i32,
+                    durable: a.durable,
+                    auto_delete: a.auto_delete,
+                    internal: a.internal,
+                    arguments: a.arguments.into_iter().collect(),
+                })
+                .collect(),
+        })
+    }
     async fn list_groups(&self, r: Request<ListGroupsRequest>) -> GrpcResult<ListGroupsResponse> {
         ok(ListGroupsResponse {
             groups: self.core.list_groups(&r.into_inner().namespace).await?,

@@ -100,7 +100,8 @@ pub enum GroupsCommand {
 pub enum ImportCommand {
     /// RabbitMQ definitions (`rabbitmqctl export_definitions FILE`, or the management API's
     /// GET /api/definitions): vhosts, exchanges, queues with their arguments and bindings into
-    /// the core; users with their password hashes, vhost access and the vhost list as a
+    /// the core; the policies applied, once, to the queues they match (RabbitMQ's
+    /// precedence); users with their password hashes, vhost access and the vhost list as a
     /// config snippet; a report of everything, including what is not carried.
     Rabbitmq {
         file: std::path::PathBuf,
@@ -126,6 +127,22 @@ pub enum ImportCommand {
         #[command(flatten)]
         common: Common,
     },
+    /// SQS queues with their attributes, redrive policies and tags, from the JSON the aws CLI
+    /// prints: an array of {"QueueUrl", "Attributes", "Tags"} (README: the loop that makes
+    /// it; `tributary export sqs` writes it too), one {"Attributes": ...} with --name, or
+    /// `aws sqs list-queues` output (names only). Every queue goes to the namespace -n; a
+    /// report row per queue and attribute says what was carried, stored or not carried.
+    Sqs {
+        file: std::path::PathBuf,
+        /// Checks every queue and attribute and reports what would be created.
+        #[arg(long)]
+        dry_run: bool,
+        /// The queue's name, for one queue's `get-queue-attributes` output (no QueueUrl).
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        common: Common,
+    },
 }
 
 #[derive(Debug, Clone, Subcommand)]
@@ -133,6 +150,18 @@ pub enum ExportCommand {
     /// The namespace's streams as `kafka-topics.sh --describe` text (what `tributary import
     /// kafka` reads), or JSON with --json.
     Kafka(Common),
+    /// RabbitMQ definitions (what `rabbitmqctl import_definitions` reads) of every
+    /// namespace: vhosts, exchanges, queues with their arguments, bindings, the policies
+    /// `import rabbitmq` applied; users with a RabbitMQ password hash in the config file and
+    /// their vhost access. What cannot be written is listed on stderr (in the document
+    /// with --json).
+    Rabbitmq {
+        #[arg(long)]
+        json: bool,
+    },
+    /// The namespace's queues as the JSON `tributary import sqs` reads (QueueUrl,
+    /// Attributes, Tags); settings SQS has no attribute for are listed on stderr.
+    Sqs(Common),
 }
 
 #[derive(Debug, Clone, Subcommand)]

@@ -5,8 +5,9 @@
 //! Exchanges, queues (with their x-arguments) and bindings go to the core through the AMQP
 //! gateway's own mapping (`tributary_gateway_amqp::definitions`), vhosts become namespaces.
 //! Users (with their password hashes), vhost access and the vhost list belong to the config
-//! file, so they are written as a config snippet (`--config-out`). What Tributary cannot
-//! carry is reported row by row, never dropped silently.
+//! file, so they are written as a config snippet (`--config-out`). Policies are applied to
+//! the queues they match, once, here (`policies`). What Tributary cannot carry is reported
+//! row by row, never dropped silently.
 
 use amq_protocol::types::{AMQPValue, FieldArray, FieldTable, LongString};
 use serde::Deserialize;
@@ -15,6 +16,7 @@ use tributary_gateway_amqp::definitions;
 use tributary_gateway_common::auth::PasswordHash;
 use tributary_proto::v1;
 
+use super::policies::{self, Compiled, Outcome, Policy};
 use super::table::Table;
 use super::{CliError, Ctx, Output};
 
@@ -28,6 +30,9 @@ struct Definitions {
     parameters: Vec<Value>,
     global_parameters: Vec<Named>,
     policies: Vec<Policy>,
+    /// Operator policies, if a file lists them on their own; RabbitMQ 3.10 exports them as
+    /// runtime parameters of component `operator_policy` (see [`operator_policies`]).
+    operator_policies: Vec<Policy>,
     queues: Vec<Queue>,
     exchanges: Vec<Exchange>,
     bindings: Vec<Binding>,
@@ -62,15 +67,6 @@ struct Permission {
 #[derive(Debug, Deserialize)]
 struct Named {
     name: String,
-}
-
-#[derive(Debug, Deserialize)]
-struct Policy {
-    vhost: String,
-    name: String,
-    pattern: String,
-    #[serde(default)]
-    definition: serde_json::Map<String, Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,13 +118,15 @@ struct Row {
     kind: &'static str,
     vhost: String,
     name: String,
-    /// created, exists, would create, failed, not carried, config.
+    /// created, exists, would create, failed, not carried, config, applied, would apply.
     outcome: &'static str,
     detail: String,
+    /// More for the JSON report (a policy's keys per queue).
+    data: Option<Value>,
 }
 
 /// A JSON value as the AMQP field value a client would have sent.
-fn amqp_value(v: &Value) -> AMQPValue {
+pub(super) fn amqp_value(v: &Value) -> AMQPValue {
     match v {
         Value::Null => AMQPValue::Void,
         Value::Bool(b) => AMQPValue::Boolean(*b),
@@ -189,6 +187,7 @@ pub async fn rabbitmq(
             name: vhost.clone(),
             outcome,
             detail,
+            data: None,
         };
         match ctx {
             None => rows.push(row("would create", "namespace".into())),
@@ -216,6 +215,7 @@ pub async fn rabbitmq(
             name: x.name.clone(),
             outcome,
             detail,
+            data: None,
         };
         if x.name.is_empty() || x.name.starts_with("amq.") {
             continue;
@@ -244,37 +244,119 @@ pub async fn rabbitmq(
         }
     }
 
+    // Policies: Tributary has none, so each queue gets, once, what the policy RabbitMQ
+    // applies to it sets (see `policies`); per policy, what it carried where.
+    let compiled: Vec<Compiled> = defs.policies.iter().map(Compiled::new).collect();
+    let operator_list = operator_policies(&defs, &mut rows);
+    let compiled_operator: Vec<Compiled> = operator_list.iter().map(Compiled::new).collect();
+    // Per policy (operator policies after the others, by index): queue -> key -> outcome.
+    let mut applied: Vec<std::collections::BTreeMap<String, Vec<(String, Outcome)>>> =
+        vec![Default::default(); compiled.len() + compiled_operator.len()];
     for q in &defs.queues {
-        let row = |outcome, detail: String| Row {
-            kind: "queue",
-            vhost: q.vhost.clone(),
-            name: q.name.clone(),
-            outcome,
-            detail,
-        };
         let args_text = if q.arguments.is_empty() {
             String::new()
         } else {
             Value::Object(q.arguments.clone()).to_string()
         };
-        let req = match definitions::queue(
+        let qtype = policies::queue_type(&q.arguments);
+        let policy = policies::choose(&compiled, &q.vhost, &q.name, qtype);
+        let operator = policies::choose(&compiled_operator, &q.vhost, &q.name, qtype);
+        let merged = policies::merge(
+            &q.arguments,
+            policy.map(|c| c.policy),
+            operator.map(|c| c.policy),
+        );
+        let carried = merged.carried();
+        // The policies that set something on the queue (what the queue records, and what
+        // `export rabbitmq` writes back as one policy).
+        let names: Vec<&str> = [policy, operator]
+            .into_iter()
+            .flatten()
+            .map(|c| c.policy.name.as_str())
+            .filter(|name| {
+                merged
+                    .keys
+                    .iter()
+                    .any(|(p, _, o)| p == name && matches!(o, Outcome::Carried(_)))
+            })
+            .collect();
+        let plain = definitions::queue(
             &q.vhost,
             &q.name,
             q.durable,
             q.auto_delete,
             &table(&q.arguments),
-        ) {
-            Ok(r) => r,
-            Err(e) => {
-                rows.push(row("failed", e));
+        );
+        let with_policy = if carried.is_empty() {
+            None
+        } else {
+            Some(definitions::queue_with_policy(
+                &q.vhost,
+                &q.name,
+                q.durable,
+                q.auto_delete,
+                &table(&q.arguments),
+                &table(&merged.arguments),
+                &names.join("+"),
+                &Value::Object(carried.clone()).to_string(),
+            ))
+        };
+        // What each matched policy's keys became for this queue; when the merge is refused
+        // (a policy's dead-letter-routing-key with no dead-letter exchange, say), none of
+        // them is carried, and the queue is imported with its own arguments.
+        let matched = policy_indexes(&compiled, policy, &compiled_operator, operator);
+        let (req, policy_note) = match (plain, with_policy) {
+            (Err(e), _) => {
+                rows.push(queue_row(q, "failed", e));
                 continue;
             }
+            (Ok(plain), Some(Err(e))) => {
+                for (i, c) in matched {
+                    applied[i].insert(
+                        q.name.clone(),
+                        c.policy
+                            .definition
+                            .keys()
+                            .map(|k| (k.clone(), Outcome::NotCarried(e.clone())))
+                            .collect(),
+                    );
+                }
+                (
+                    plain,
+                    format!("policy {} not applied: {e}", names.join("+")),
+                )
+            }
+            (Ok(plain), with) => {
+                for (i, c) in matched {
+                    applied[i].insert(
+                        q.name.clone(),
+                        merged
+                            .keys
+                            .iter()
+                            .filter(|(p, _, _)| *p == c.policy.name)
+                            .map(|(_, k, o)| (k.clone(), o.clone()))
+                            .collect(),
+                    );
+                }
+                match with {
+                    Some(Ok(with)) => (
+                        with,
+                        format!("policy {}: {}", names.join("+"), Value::Object(carried)),
+                    ),
+                    _ => (plain, String::new()),
+                }
+            }
         };
+        let detail = [args_text, policy_note]
+            .into_iter()
+            .filter(|t| !t.is_empty())
+            .collect::<Vec<_>>()
+            .join("; ");
         match ctx {
-            None => rows.push(row("would create", args_text)),
+            None => rows.push(queue_row(q, "would create", detail)),
             Some(ctx) => match ctx.client.admin.clone().declare_queue(req).await {
-                Ok(r) => rows.push(row(outcome(r.into_inner().created), args_text)),
-                Err(s) => rows.push(row("failed", ctx.status(s).to_string())),
+                Ok(r) => rows.push(queue_row(q, outcome(r.into_inner().created), detail)),
+                Err(s) => rows.push(queue_row(q, "failed", ctx.status(s).to_string())),
             },
         }
     }
@@ -290,6 +372,7 @@ pub async fn rabbitmq(
             name: name.clone(),
             outcome,
             detail,
+            data: None,
         };
         let binding = match definitions::binding(
             &b.vhost,
@@ -322,39 +405,24 @@ pub async fn rabbitmq(
         }
     }
 
-    // Policies: Tributary has none. A policy's settings (DLX, TTL, max-length...) apply to
-    // the queues its pattern matches only in RabbitMQ; baked into the queues' arguments they
-    // would make every client's redeclare without them fail (406), so they are reported.
-    for p in &defs.policies {
-        let matching: Vec<&str> = match regex_lite_match(&p.pattern) {
-            Some(m) => defs
-                .queues
-                .iter()
-                .filter(|q| q.vhost == p.vhost && m(&q.name))
-                .map(|q| q.name.as_str())
-                .collect(),
-            None => vec![],
-        };
-        rows.push(Row {
-            kind: "policy",
-            vhost: p.vhost.clone(),
-            name: p.name.clone(),
-            outcome: "not carried",
-            detail: format!(
-                "Tributary has no policies: declare {} as queue arguments (x-{}) in the clients; queues it matches: {}",
-                Value::Object(p.definition.clone()),
-                p.definition.keys().cloned().collect::<Vec<_>>().join(", x-"),
-                if matching.is_empty() {
-                    "none found".to_string()
-                } else {
-                    matching.join(", ")
-                }
-            ),
-        });
+    // Per policy: the keys carried into which queue, the ones not carried and why. A policy
+    // is applied once, here: a queue declared later is matched by nothing.
+    let all = compiled
+        .iter()
+        .map(|c| (c, "policy"))
+        .chain(compiled_operator.iter().map(|c| (c, "operator_policy")));
+    for (i, (c, kind)) in all.enumerate() {
+        rows.push(policy_row(c, kind, &applied[i], ctx.is_none()));
     }
     for (kind, n) in [
         ("topic_permission", defs.topic_permissions.len()),
-        ("parameter", defs.parameters.len()),
+        (
+            "parameter",
+            defs.parameters
+                .iter()
+                .filter(|p| p["component"] != OPERATOR_POLICY)
+                .count(),
+        ),
     ] {
         if n > 0 {
             rows.push(Row {
@@ -364,6 +432,7 @@ pub async fn rabbitmq(
                 outcome: "not carried",
                 detail: "no equivalent in Tributary (federation, shovels, topic authorisation)"
                     .into(),
+                data: None,
             });
         }
     }
@@ -378,6 +447,7 @@ pub async fn rabbitmq(
             name: g.name.clone(),
             outcome: "not carried",
             detail: "no equivalent in Tributary".into(),
+            data: None,
         });
     }
 
@@ -404,6 +474,7 @@ pub async fn rabbitmq(
                 name: u.name.clone(),
                 outcome: "not carried",
                 detail: "RabbitMQ's default guest/guest: Tributary's own guest user (AMQP, loopback only) stands in for it".into(),
+                data: None,
             }),
             Ok(hash) => {
                 snippet.push_str(&format!(
@@ -417,6 +488,7 @@ pub async fn rabbitmq(
                     name: u.name.clone(),
                     outcome: "config",
                     detail: "password hash kept (plain-password logins; for Kafka SCRAM run `tributary passwd`)".into(),
+                    data: None,
                 });
             }
             Err(e) => rows.push(Row {
@@ -425,6 +497,7 @@ pub async fn rabbitmq(
                 name: u.name.clone(),
                 outcome: "not carried",
                 detail: format!("{e}: give the user a credential with `tributary passwd`"),
+                data: None,
             }),
         }
     }
@@ -443,6 +516,7 @@ pub async fn rabbitmq(
                 name: p.user.clone(),
                 outcome: "not carried",
                 detail: "its user is not carried".into(),
+                data: None,
             });
             continue;
         }
@@ -487,6 +561,7 @@ pub async fn rabbitmq(
             name: p.user.clone(),
             outcome,
             detail,
+            data: None,
         });
     }
     if let Some(out) = config_out {
@@ -514,6 +589,7 @@ pub async fn rabbitmq(
             "name": r.name,
             "outcome": r.outcome,
             "detail": r.detail,
+            "policy": r.data,
         })).collect::<Vec<_>>(),
         "config": snippet,
     });
@@ -532,60 +608,180 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// RabbitMQ policy patterns are regular expressions; the common ones are `^prefix`, `.*`,
-/// `^name$` and plain names. Those are matched here (to list the affected queues in the
-/// report); anything else is listed as "none found" rather than guessed.
-fn regex_lite_match(pattern: &str) -> Option<impl Fn(&str) -> bool> {
-    let anchored_start = pattern.starts_with('^');
-    let body = pattern.trim_start_matches('^');
-    let anchored_end = body.ends_with('$') && !body.ends_with("\\$");
-    let body = body.trim_end_matches('$');
-    let (body, any_tail) = match body.strip_suffix(".*") {
-        Some(b) => (b, true),
-        None => (body, false),
-    };
-    // Escaped punctuation (`\.`) is literal; any other metacharacter is not matched here.
-    let mut literal = String::new();
-    let mut chars = body.chars();
-    while let Some(c) = chars.next() {
-        match c {
-            '\\' => match chars.next() {
-                Some(e) if !e.is_ascii_alphanumeric() => literal.push(e),
-                _ => return None,
-            },
-            c if ".*+?()[]{}|^$".contains(c) => return None,
-            c => literal.push(c),
+/// The runtime-parameter component RabbitMQ keeps operator policies under.
+const OPERATOR_POLICY: &str = "operator_policy";
+
+/// The operator policies of a definitions file: its `operator_policies`, and its runtime
+/// parameters of component `operator_policy` (`{"vhost", "component", "name", "value":
+/// {"pattern", "definition", "priority", "apply-to"}}`).
+fn operator_policies(defs: &Definitions, rows: &mut Vec<Row>) -> Vec<Policy> {
+    let mut out = defs.operator_policies.clone();
+    for p in defs
+        .parameters
+        .iter()
+        .filter(|p| p["component"] == OPERATOR_POLICY)
+    {
+        let mut v = p["value"].clone();
+        if let Value::Object(m) = &mut v {
+            m.insert("vhost".into(), p["vhost"].clone());
+            m.insert("name".into(), p["name"].clone());
+        }
+        match serde_json::from_value::<Policy>(v) {
+            Ok(policy) => out.push(policy),
+            Err(e) => rows.push(Row {
+                kind: "operator_policy",
+                vhost: p["vhost"].as_str().unwrap_or_default().into(),
+                name: p["name"].as_str().unwrap_or_default().into(),
+                outcome: "not carried",
+                detail: format!("not an operator policy as RabbitMQ writes one: {e}"),
+                data: None,
+            }),
         }
     }
-    let body = literal;
-    Some(move |name: &str| {
-        let end_ok = |rest: &str| any_tail || !anchored_end || rest.is_empty();
-        if anchored_start {
-            name.strip_prefix(body.as_str()).is_some_and(end_ok)
-        } else if anchored_end && !any_tail {
-            name.ends_with(body.as_str())
-        } else {
-            name.contains(body.as_str())
+    out
+}
+
+fn queue_row(q: &Queue, outcome: &'static str, detail: String) -> Row {
+    Row {
+        kind: "queue",
+        vhost: q.vhost.clone(),
+        name: q.name.clone(),
+        outcome,
+        detail,
+        data: None,
+    }
+}
+
+/// The indexes in `applied` of the policy and operator policy chosen for a queue.
+fn policy_indexes<'a, 'b>(
+    compiled: &'b [Compiled<'a>],
+    policy: Option<&'b Compiled<'a>>,
+    operator: &'b [Compiled<'a>],
+    op: Option<&'b Compiled<'a>>,
+) -> Vec<(usize, &'b Compiled<'a>)> {
+    let index = |all: &[Compiled], c: &Compiled| all.iter().position(|x| std::ptr::eq(x, c));
+    let mut out = Vec::new();
+    if let Some(c) = policy
+        && let Some(i) = index(compiled, c)
+    {
+        out.push((i, c));
+    }
+    if let Some(c) = op
+        && let Some(i) = index(operator, c)
+    {
+        out.push((compiled.len() + i, c));
+    }
+    out
+}
+
+/// The report row of one policy: per queue it applies to, the keys carried (with the
+/// value the queue got), the keys the queue's own arguments beat, and the keys not carried
+/// with the reason.
+fn policy_row(
+    c: &Compiled,
+    kind: &'static str,
+    applied: &std::collections::BTreeMap<String, Vec<(String, Outcome)>>,
+    dry_run: bool,
+) -> Row {
+    let p = c.policy;
+    let mut carried: std::collections::BTreeMap<&str, Vec<String>> = Default::default();
+    let mut kept: Vec<String> = Vec::new();
+    let mut not_carried: std::collections::BTreeMap<&str, String> = Default::default();
+    let mut data = serde_json::Map::new();
+    for (queue, keys) in applied {
+        let mut per_queue = serde_json::Map::new();
+        for (key, o) in keys {
+            match o {
+                Outcome::Carried(v) => {
+                    carried.entry(queue).or_default().push(format!("{key}={v}"));
+                    per_queue.insert(key.clone(), json!({"carried": v}));
+                }
+                Outcome::Kept(why) => {
+                    kept.push(format!("{key} on {queue} ({why})"));
+                    per_queue.insert(key.clone(), json!({"kept": why}));
+                }
+                Outcome::NotCarried(why) => {
+                    not_carried.insert(key, why.clone());
+                    per_queue.insert(key.clone(), json!({"not_carried": why}));
+                }
+            }
         }
-    })
+        data.insert(queue.clone(), Value::Object(per_queue));
+    }
+    let mut parts = Vec::new();
+    if let Some(e) = &c.pattern_error {
+        parts.push(format!(
+            "pattern {:?} cannot be matched here ({e}): applied to no queue",
+            p.pattern
+        ));
+    } else if applied.is_empty() {
+        parts.push(format!(
+            "pattern {:?} (apply-to {}) matches no imported queue",
+            p.pattern, p.apply_to
+        ));
+    }
+    if !carried.is_empty() {
+        parts.push(format!(
+            "carried into {}",
+            carried
+                .iter()
+                .map(|(q, keys)| format!("{q} ({})", keys.join(", ")))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if !kept.is_empty() {
+        parts.push(format!("not needed: {}", kept.join("; ")));
+    }
+    let unmatched_reason = "not carried: the policy applies to no imported queue";
+    for key in p.definition.keys() {
+        if applied.is_empty() {
+            not_carried
+                .entry(key)
+                .or_insert_with(|| match policies::rule(key) {
+                    policies::KeyRule::NotCarried(why) => why.to_string(),
+                    _ => unmatched_reason.to_string(),
+                });
+        }
+    }
+    if !not_carried.is_empty() {
+        parts.push(format!(
+            "not carried: {}",
+            not_carried
+                .iter()
+                .map(|(k, why)| format!("{k} ({why})"))
+                .collect::<Vec<_>>()
+                .join("; ")
+        ));
+    }
+    parts.push(
+        "applied once, at import: queues declared later are not matched (Tributary has no policies)"
+            .into(),
+    );
+    let outcome = match (carried.is_empty(), dry_run) {
+        (false, false) => "applied",
+        (false, true) => "would apply",
+        (true, _) => "not carried",
+    };
+    Row {
+        kind,
+        vhost: p.vhost.clone(),
+        name: p.name.clone(),
+        outcome,
+        detail: parts.join("; "),
+        data: Some(json!({
+            "pattern": p.pattern,
+            "apply_to": p.apply_to,
+            "priority": p.priority,
+            "queues": data,
+            "not_carried": not_carried,
+        })),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn policy_patterns_that_are_matched() {
-        let m = regex_lite_match("^orders").unwrap();
-        assert!(m("orders.eu") && !m("my.orders"));
-        let m = regex_lite_match(".*").unwrap();
-        assert!(m("anything"));
-        let m = regex_lite_match("^exact$").unwrap();
-        assert!(m("exact") && !m("exact.not"));
-        assert!(regex_lite_match("^(a|b)").is_none());
-        let m = regex_lite_match("^imp\\.q$").unwrap();
-        assert!(m("imp.q") && !m("impxq") && !m("imp.q2"));
-    }
 
     #[test]
     fn json_arguments_become_the_field_values_a_client_sends() {

@@ -10,9 +10,12 @@ pub mod args;
 mod groups;
 mod import;
 mod kafka_topics;
+mod policies;
 mod queues;
+mod rabbitmq_export;
 mod records;
 mod sessions;
+mod sqs;
 mod streams;
 mod table;
 mod users;
@@ -121,8 +124,12 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Sessions(c) => c.common().json,
             AdminCommand::Users(c) => c.json(),
             AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
-            AdminCommand::Import(ImportCommand::Kafka { common, .. }) => common.json,
+            AdminCommand::Import(ImportCommand::Kafka { common, .. })
+            | AdminCommand::Import(ImportCommand::Sqs { common, .. }) => common.json,
             AdminCommand::Export(ExportCommand::Kafka(common)) => common.json,
+            // Both exports are JSON documents already; --json adds what was left out.
+            AdminCommand::Export(ExportCommand::Rabbitmq { json }) => *json,
+            AdminCommand::Export(ExportCommand::Sqs(common)) => common.json,
         };
         let out = match command {
             AdminCommand::Streams(c) => streams::run(&connect(settings)?, c).await?,
@@ -156,6 +163,27 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
                 };
                 kafka_topics::import(ctx.as_ref(), &file, &common.namespace).await?
             }
+            AdminCommand::Import(ImportCommand::Sqs {
+                file,
+                dry_run,
+                name,
+                common,
+            }) => {
+                let ctx = if dry_run {
+                    None
+                } else {
+                    Some(connect(settings)?)
+                };
+                sqs::import(ctx.as_ref(), &file, &common.namespace, name.as_deref()).await?
+            }
+            AdminCommand::Export(ExportCommand::Rabbitmq { .. }) => {
+                let (defs, notes) = rabbitmq_export::export(&connect(settings)?, settings).await?;
+                document(defs, notes, json)
+            }
+            AdminCommand::Export(ExportCommand::Sqs(common)) => {
+                let (queues, notes) = sqs::export(&connect(settings)?, &common.namespace).await?;
+                document(queues, notes, json)
+            }
             AdminCommand::Export(ExportCommand::Kafka(common)) => {
                 let (text, json) =
                     kafka_topics::export(&connect(settings)?, &common.namespace).await?;
@@ -183,6 +211,21 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             eprintln!("error: {e}");
             e.exit_code()
         }
+    }
+}
+
+/// An exported document: as it is on stdout, with what was left out on stderr; with --json,
+/// both in one document.
+fn document(doc: Value, notes: Vec<String>, json: bool) -> Output {
+    let text = serde_json::to_string_pretty(&doc).unwrap_or_default();
+    if !json {
+        for n in &notes {
+            eprintln!("not exported: {n}");
+        }
+    }
+    Output {
+        table: table::Table::text(text),
+        json: serde_json::json!({ "document": doc, "not_exported": notes }),
     }
 }
 

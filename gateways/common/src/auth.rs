@@ -240,6 +240,19 @@ impl PasswordHash {
         Some(Self::from_rabbitmq(b64, algorithm))
     }
 
+    /// RabbitMQ's `password_hash` (base64 of salt and hash) and `hashing_algorithm`, as
+    /// its definitions hold them.
+    pub fn to_rabbitmq(&self) -> (String, &'static str) {
+        let mut raw = self.salt.to_vec();
+        raw.extend_from_slice(&self.hash);
+        let algorithm = if self.sha512 {
+            "rabbit_password_hashing_sha512"
+        } else {
+            "rabbit_password_hashing_sha256"
+        };
+        (B64.encode(raw), algorithm)
+    }
+
     pub fn to_text(&self) -> String {
         let mut raw = self.salt.to_vec();
         raw.extend_from_slice(&self.hash);
@@ -341,6 +354,12 @@ impl Users {
         let mut names: Vec<String> = self.users.keys().cloned().collect();
         names.sort();
         names
+    }
+
+    /// A user's imported RabbitMQ password hash (what `tributary export rabbitmq` can give
+    /// back to RabbitMQ; a SCRAM credential cannot be turned into one).
+    pub fn password_hash(&self, user: &str) -> Option<&PasswordHash> {
+        self.hashes.get(user)
     }
 
     pub fn credential(&self, user: &str, hash: ScramHash) -> Option<&ScramCredential> {

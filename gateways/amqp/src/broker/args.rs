@@ -30,6 +30,18 @@ const IDENTITY_ARGS: &[&str] = &[
 /// with their connection, so the core keeps them non-durable whatever the client asked).
 pub const EXTRA_DURABLE: &str = "amqp.durable";
 
+/// `extra` key of the RabbitMQ policy `tributary import rabbitmq` applied to a queue (its
+/// name), and, under `amqp.policy.definition`, the policy keys it carried (JSON). The
+/// queue's x-argument keys in `extra` stay the ones its clients declare: a policy is not
+/// part of a queue's identity in RabbitMQ, so a redeclare with the declared arguments alone
+/// is equivalent (see [`declared_equivalent`]).
+pub const EXTRA_POLICY: &str = "amqp.policy";
+pub const EXTRA_POLICY_DEFINITION: &str = "amqp.policy.definition";
+
+fn is_policy_key(k: &str) -> bool {
+    k == EXTRA_POLICY || k == EXTRA_POLICY_DEFINITION
+}
+
 /// What a queue.declare asks of the core.
 #[derive(Debug, Clone, Default)]
 pub struct QueueArgs {
@@ -142,13 +154,41 @@ impl QueueArgs {
     }
 }
 
+/// The field value a client declares an identity argument with, from its canonical text in
+/// `extra` (the inverse of [`QueueArgs::parse`] for what it keeps): integers for the limits,
+/// a boolean for x-single-active-consumer, text for the others.
+pub fn identity_value(key: &str, text: &str) -> AMQPValue {
+    match key {
+        "x-message-ttl" | "x-expires" | "x-max-length" | "x-max-length-bytes"
+        | "x-max-priority" | "x-delivery-limit" => match text.parse::<i64>() {
+            Ok(n) => AMQPValue::LongLongInt(n),
+            Err(_) => fields::long_str(text),
+        },
+        "x-single-active-consumer" => AMQPValue::Boolean(text == "true"),
+        _ => fields::long_str(text),
+    }
+}
+
+/// Whether `key` of a core queue's `extra` is an argument a client declared.
+pub fn is_identity_arg(key: &str) -> bool {
+    IDENTITY_ARGS.contains(&key)
+}
+
 /// The first identity argument in which two declarations differ (for the 406 text).
 pub fn first_difference(asked: &v1::QueueConfig, have: &v1::QueueConfig) -> Option<String> {
     let keys: std::collections::BTreeSet<&String> =
         asked.extra.keys().chain(have.extra.keys()).collect();
     keys.into_iter()
+        .filter(|k| !is_policy_key(k))
         .find(|k| asked.extra.get(*k) != have.extra.get(*k))
         .cloned()
+}
+
+/// Whether a declare the core found different from `have` only differs by the settings an
+/// imported policy added: `have` carries a policy and the declared arguments are the same.
+/// (Any other difference shows in `extra`, which holds every identity argument.)
+pub fn declared_equivalent(asked: &v1::QueueConfig, have: &v1::QueueConfig) -> bool {
+    have.extra.contains_key(EXTRA_POLICY) && first_difference(asked, have).is_none()
 }
 
 /// An exchange type: the core address kind and whether it delays (x-delayed-message).
@@ -261,6 +301,32 @@ mod tests {
                 PRECONDITION_FAILED
             );
         }
+    }
+
+    #[test]
+    fn a_policy_is_not_part_of_the_identity() {
+        let declared = QueueArgs::parse(&table(&[("x-message-ttl", AMQPValue::LongInt(500))]))
+            .unwrap()
+            .config;
+        let mut have = declared.clone();
+        have.max_length = Some(10);
+        have.extra.insert(EXTRA_POLICY.into(), "limits".into());
+        have.extra.insert(
+            EXTRA_POLICY_DEFINITION.into(),
+            r#"{"max-length":10}"#.into(),
+        );
+        assert!(declared_equivalent(&declared, &have));
+        let other = QueueArgs::parse(&table(&[("x-message-ttl", AMQPValue::LongInt(5))]))
+            .unwrap()
+            .config;
+        assert!(!declared_equivalent(&other, &have));
+        assert_eq!(
+            first_difference(&other, &have).as_deref(),
+            Some("x-message-ttl")
+        );
+        // Without a policy, settings the core found different are not waved through.
+        have.extra.remove(EXTRA_POLICY);
+        assert!(!declared_equivalent(&declared, &have));
     }
 
     #[test]

@@ -1949,6 +1949,20 @@ impl Driver {
             Ok(r) => r.into_inner(),
             Err(s) if error_code(&s) == v1::ErrorCode::QueueExists => {
                 let have = self.describe_queue(&name).await?;
+                // A queue imported with a RabbitMQ policy holds the policy's settings too;
+                // as on RabbitMQ, declaring it with its own arguments is equivalent.
+                if have.durable == durable
+                    && have.exclusive == d.exclusive
+                    && have.auto_delete == d.auto_delete
+                    && have
+                        .config
+                        .as_ref()
+                        .is_some_and(|c| args::declared_equivalent(&config, c))
+                {
+                    self.queues.insert(name.clone(), queue_meta(&have));
+                    self.declare_ok(channel, &name, &have);
+                    return Ok(());
+                }
                 let what = inequivalent(&d, durable, &config, &have);
                 return Err(refuse(
                     PRECONDITION_FAILED,
