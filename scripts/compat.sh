@@ -13,7 +13,9 @@
 # default /usr/sbin/mosquitto; Debian/Ubuntu: apt-get install mosquitto). `amqp` runs every
 # scenario against RabbitMQ too (RABBITMQ_SERVER_BIN, default
 # /usr/lib/rabbitmq/bin/rabbitmq-server; apt-get install rabbitmq-server; AMQP_REFERENCE=off
-# skips it).
+# skips it). `kafka` runs the scenarios on a shared deployment against Apache Kafka as well
+# (its jars fetched from Maven Central into ~/.cache/tributary; needs java 17+ and mvn;
+# KAFKA_REFERENCE=off skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -72,6 +74,15 @@ if [[ ! -f "$TRIBUTARY_BIN" || ! -x "$TRIBUTARY_BIN" ]]; then
 fi
 TRIBUTARY_BIN="$(cd "$(dirname "$TRIBUTARY_BIN")" && pwd)/$(basename "$TRIBUTARY_BIN")"
 export TRIBUTARY_BIN
+
+# The Kafka suite runs its scenarios against Apache Kafka too: its jars come from Maven
+# Central (java and mvn needed) unless KAFKA_REFERENCE=off.
+if [[ "$protocol" == kafka ]] && [[ ! "${KAFKA_REFERENCE:-}" =~ ^(off|0|false|no)$ ]]; then
+    # shellcheck source=scripts/brokers.sh
+    source "$root/scripts/brokers.sh"
+    brokers_install kafka
+    export KAFKA_REFERENCE_HOME="$kafka_home"
+fi
 
 echo "== pytest compat-tests/$protocol ($TRIBUTARY_BIN)"
 exec "$venv/bin/python" -m pytest -q "compat-tests/$protocol" "$@"

@@ -6,6 +6,10 @@ Each deployment runs on free loopback ports in its own data directory:
 * ``standalone``: one process, core + Kafka gateway.
 * ``split``: ``tributary core`` plus one ``tributary gateway kafka --core http://ADDR``.
 * ``split-2gw``: one core fronted by two Kafka gateways (only where a test asks for it).
+* ``apache-kafka``: the reference, Apache Kafka itself (one KRaft node, from the jars
+  scripts/compat.sh fetched into KAFKA_REFERENCE_HOME). Every test on ``cluster`` runs against
+  it too, so a scenario Kafka fails is a wrong test or a documented difference (those are
+  marked ``tributary_only`` with the reason). KAFKA_REFERENCE=off leaves it out.
 
 ``cluster`` is shared by the tests of one mode (topics and groups get unique names);
 ``fresh_cluster`` is a private deployment for tests that restart or kill the server.
@@ -13,15 +17,18 @@ Each deployment runs on free loopback ports in its own data directory:
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import pathlib
 import queue
 import re
 import signal
+import socket
 import subprocess
 import threading
 import time
+import uuid
 
 import pytest
 
@@ -173,11 +180,101 @@ class ServerProcess:
         return f"--- last {min(n, len(lines))} lines of {self.log_path}:\n" + "\n".join(lines[-n:])
 
 
+class ReferenceKafkaProcess(ServerProcess):
+    """Apache Kafka as one KRaft node (broker and controller in one JVM), fresh in its work
+    directory, ready once its Kafka port answers."""
+
+    def __init__(self, workdir: pathlib.Path):
+        home = os.environ.get("KAFKA_REFERENCE_HOME", "")
+        if not home or not (pathlib.Path(home) / ".complete").exists():
+            pytest.skip("Apache Kafka reference not installed (scripts/compat.sh kafka fetches "
+                        "it; KAFKA_REFERENCE=off skips it)")
+        self.workdir = workdir
+        self.port = _free_port()
+        self.controller = _free_port()
+        props = workdir / "server.properties"
+        props.write_text("\n".join([
+            "process.roles=broker,controller",
+            "node.id=1",
+            f"controller.quorum.voters=1@127.0.0.1:{self.controller}",
+            f"listeners=PLAINTEXT://127.0.0.1:{self.port},CONTROLLER://127.0.0.1:{self.controller}",
+            f"advertised.listeners=PLAINTEXT://127.0.0.1:{self.port}",
+            "controller.listener.names=CONTROLLER",
+            "listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT",
+            f"log.dirs={workdir / 'data'}",
+            "num.partitions=1",
+            "offsets.topic.replication.factor=1",
+            "transaction.state.log.replication.factor=1",
+            "transaction.state.log.min.isr=1",
+            "share.coordinator.state.topic.replication.factor=1",
+            "share.coordinator.state.topic.min.isr=1",
+            "group.initial.rebalance.delay.ms=0",
+            # As Tributary's auto_create_topics default.
+            "auto.create.topics.enable=true",
+            "",
+        ]))
+        log4j = workdir / "log4j2.properties"
+        log4j.write_text("\n".join([
+            "rootLogger.level=WARN",
+            "rootLogger.appenderRef.stderr.ref=stderr",
+            "appender.stderr.type=Console",
+            "appender.stderr.name=stderr",
+            "appender.stderr.target=SYSTEM_ERR",
+            "appender.stderr.layout.type=PatternLayout",
+            "appender.stderr.layout.pattern=[%d] %p %m (%c)%n",
+            "",
+        ]))
+        self.java = ["java", "-Xms512m", "-Xmx512m", f"-Dlog4j2.configurationFile={log4j}",
+                     "-cp", f"{home}/libs/*"]
+        super().__init__("apache-kafka", [*self.java, "kafka.Kafka", str(props)],
+                         workdir / "kafka.log")
+        self.props = props
+
+    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
+        if not (self.workdir / "data" / "meta.properties").exists():
+            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            r = subprocess.run([*self.java, "kafka.tools.StorageTool", "format", "-t", cluster_id,
+                                "-c", str(self.props)], capture_output=True, text=True,
+                               timeout=120)
+            if r.returncode != 0:
+                raise RuntimeError(f"kafka-storage format failed:\n{r.stdout}{r.stderr}")
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
+                                         stderr=log, preexec_fn=_die_with_parent)
+        _live_processes.append(self)
+        deadline = time.monotonic() + max(timeout, 120)
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"apache-kafka exited ({self.proc.returncode})\n"
+                                   f"{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), 1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"apache-kafka did not listen\n{self.log_tail()}")
+                time.sleep(0.2)
+        self.listeners = {"kafka": f"127.0.0.1:{self.port}"}
+        return self.listeners
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int | None:
+        rc = super().stop(sig, timeout)
+        # The JVM ends with 128 + SIGTERM once its shutdown hooks ran: Kafka's clean stop.
+        return 0 if rc == 128 + signal.SIGTERM else rc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 class Deployment:
     """A tributary deployment in one of MODES, on one data directory."""
 
     def __init__(self, mode: str, workdir: pathlib.Path, extra_args: list[str] | None = None):
-        assert mode in ("standalone", "split", "split-2gw"), mode
+        assert mode in ("standalone", "split", "split-2gw", "apache-kafka"), mode
         self.mode = mode
         self.bin = tributary_bin()
         self.workdir = workdir
@@ -196,7 +293,11 @@ class Deployment:
         n = self.starts
         self.processes = []
         self.bootstraps = []
-        if self.mode == "standalone":
+        if self.mode == "apache-kafka":
+            p = ReferenceKafkaProcess(self.workdir)
+            self.processes.append(p)
+            self.bootstraps = [p.start()["kafka"]]
+        elif self.mode == "standalone":
             p = ServerProcess(
                 "tributary standalone",
                 [
@@ -331,9 +432,18 @@ def shared_cluster(request, tmp_path_factory):
         d.stop(signal.SIGKILL)
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "tributary_only(reason): not run against Apache Kafka, for the reason given "
+        "(a documented difference, or something only Tributary has)")
+
+
 @pytest.fixture
 def cluster(shared_cluster: Deployment, request):
     """The shared deployment of this test's mode, checked alive before and after the test."""
+    marker = request.node.get_closest_marker("tributary_only")
+    if shared_cluster.mode == "apache-kafka" and marker is not None:
+        pytest.skip(f"Tributary only: {marker.kwargs.get('reason') or marker.args[0]}")
     dead = shared_cluster.dead_processes()
     if dead:
         # A previous test crashed the server: restart so later tests run, and fail this one.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 import time
 import uuid
 from collections import defaultdict
@@ -14,7 +15,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
-MODES = ["standalone", "split"]
+# The deployments every scenario on `cluster` runs against; Apache Kafka (the reference) too
+# unless KAFKA_REFERENCE=off.
+MODES = ["standalone", "split"] + (
+    [] if os.environ.get("KAFKA_REFERENCE", "").lower() in ("off", "0", "false", "no")
+    else ["apache-kafka"])
 
 # Parametrize a test over every mode, including one core behind two gateways.
 ALL_MODES_WITH_TWO_GATEWAYS = pytest.mark.parametrize(

@@ -92,6 +92,14 @@ def test_confluent_describe_configs(cluster):
     assert _src(cfg["retention.ms"]) in DEFAULT_SOURCES
 
 
+def _described(admin, topic, want: dict[str, str], timeout: float = 15):
+    """The topic's configs once every key of `want` shows its value (bounded wait)."""
+    return wait_until(
+        lambda: (lambda c: c if all(c[k].value == v for k, v in want.items()) else None)(
+            _ck_describe(admin, topic)),
+        timeout=timeout, what=f"configs of {topic} to show {want}")
+
+
 def test_confluent_alter_configs(cluster):
     from confluent_kafka.admin import AlterConfigOpType, ConfigEntry, ConfigResource, ResourceType
     admin = ck_admin(cluster.bootstrap)
@@ -105,8 +113,9 @@ def test_confluent_alter_configs(cluster):
         ConfigEntry("cleanup.policy", "delete", incremental_operation=AlterConfigOpType.SET),
     ])
     admin.incremental_alter_configs([res])[res].result(timeout=30)
-    cfg = _ck_describe(admin, t)
-    assert cfg["retention.bytes"].value == "10485760"
+    # Apache Kafka applies a config change asynchronously (through its metadata log): a
+    # describe right after the alter may still show the old value there.
+    cfg = _described(admin, t, {"retention.bytes": "10485760"})
     assert _src(cfg["retention.bytes"]) == "DYNAMIC_TOPIC_CONFIG"
     assert cfg["max.message.bytes"].value == "200000"
     assert cfg["cleanup.policy"].value == "delete"
@@ -116,8 +125,7 @@ def test_confluent_alter_configs(cluster):
     res = ConfigResource(ResourceType.TOPIC, t, incremental_configs=[
         ConfigEntry("retention.bytes", None, incremental_operation=AlterConfigOpType.DELETE)])
     admin.incremental_alter_configs([res])[res].result(timeout=30)
-    cfg = _ck_describe(admin, t)
-    assert cfg["retention.bytes"].value == "-1"
+    cfg = _described(admin, t, {"retention.bytes": "-1"})
     assert _src(cfg["retention.bytes"]) in DEFAULT_SOURCES
 
     # validate_only changes nothing.
@@ -129,8 +137,7 @@ def test_confluent_alter_configs(cluster):
     # Legacy AlterConfigs replaces the whole set: keys not named go back to their defaults.
     res = ConfigResource(ResourceType.TOPIC, t, set_config={"retention.ms": "7200000"})
     admin.alter_configs([res])[res].result(timeout=30)
-    cfg = _ck_describe(admin, t)
-    assert cfg["retention.ms"].value == "7200000"
+    cfg = _described(admin, t, {"retention.ms": "7200000"})
     assert _src(cfg["retention.ms"]) == "DYNAMIC_TOPIC_CONFIG"
     assert cfg["max.message.bytes"].value == DEFAULT_MAX_MESSAGE_BYTES, \
         "AlterConfigs must reset keys it does not name (max.message.bytes was 200000)"

@@ -311,8 +311,10 @@ async function exchangesPage() {
 async function usersPage() {
   const { users } = await api('/api/v1/users');
   return [h('h2', {}, 'Users'),
-    h('p', { class: 'muted' }, 'From the configuration file ([[users]]); credentials are never shown.'),
-    table('users', [['Name']], users.map((u) => h('tr', {}, h('td', {}, u.name))))];
+    h('p', { class: 'muted' }, 'From the configuration file ([[users]]) and kept in the core (tributary users, Kafka AlterUserScramCredentials); credentials are never shown.'),
+    table('users', [['Name'], ['Source'], ['Mechanisms'], ['Namespaces']], users.map((u) => h('tr', { 'data-user': u.name },
+      h('td', {}, u.name), h('td', {}, u.source || 'config'),
+      h('td', {}, (u.mechanisms || []).join(', ') || '–'), h('td', {}, (u.namespaces || []).join(', ') || '–'))))];
 }
 
 const PAGES = {
