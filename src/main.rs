@@ -52,6 +52,9 @@ fn main() -> ExitCode {
         Command::Groups { what } => return cli::run(&settings, AdminCommand::Groups(what)),
         Command::Queues { what } => return cli::run(&settings, AdminCommand::Queues(what)),
         Command::Sessions { what } => return cli::run(&settings, AdminCommand::Sessions(what)),
+        Command::Connections { what } => {
+            return cli::run(&settings, AdminCommand::Connections(what));
+        }
         Command::Import { what } => return cli::run(&settings, AdminCommand::Import(what)),
         Command::Export { what } => return cli::run(&settings, AdminCommand::Export(what)),
         Command::Bench { what } => return bench(*what),

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tributary_gateway_common::Traffic;
+use tributary_gateway_common::{ConnectionHandle, Traffic};
 use tributary_proto::amqp_link::{self as link, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
@@ -39,6 +39,8 @@ const ACCESS_REFUSED: u16 = 403;
 const NOT_ALLOWED: u16 = 530;
 const PRECONDITION_FAILED: u16 = 406;
 const CONNECTION_FORCED: u16 = 320;
+/// The reply text of an operator's close (RabbitMQ's says "Closed via management plugin").
+const OPERATOR_CLOSE: &str = "CONNECTION_FORCED - Closed by an operator";
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -63,16 +65,31 @@ pub(crate) async fn run(
     socket: impl Socket,
     peer: SocketAddr,
     listener: &'static str,
+    listed: ConnectionHandle,
 ) {
-    let span = info_span!("amqp_conn", %peer, listener);
+    let span = info_span!("amqp_conn", %peer, listener, connection = listed.id());
     async move {
-        match serve(gw, socket, peer, listener).await {
+        match serve(gw, socket, peer, listener, &listed).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection ended"),
             Err(e) => debug!(error = %e, "connection ended"),
         }
     }
     .instrument(span)
     .await
+}
+
+/// The name a client gave its connection (`connection_name` among its client properties,
+/// as RabbitMQ's management shows it).
+fn connection_name(properties: &FieldTable) -> Option<String> {
+    let (_, value) = properties
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "connection_name")?;
+    match value {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 fn long(s: &str) -> LongString {
@@ -347,6 +364,7 @@ async fn serve(
     mut sock: impl Socket,
     peer: SocketAddr,
     listener: &'static str,
+    listed: &ConnectionHandle,
 ) -> Result<(), ConnError> {
     let traffic = Traffic::new(listener);
     let mut hdr = [0u8; 8];
@@ -376,6 +394,9 @@ async fn serve(
     else {
         return Err(ConnError::Protocol("expected connection.start-ok".into()));
     };
+    if let Some(name) = connection_name(&start_ok.client_properties) {
+        listed.set_client_id(name);
+    }
     let (user, default_guest) = match authenticate(
         &gw,
         &peer,
@@ -396,6 +417,7 @@ async fn serve(
             return Ok(());
         }
     };
+    listed.set_user(user.as_str());
     let cfg = &gw.config;
     put_method(
         &mut out,
@@ -441,6 +463,7 @@ async fn serve(
         refuse_connection(&mut sock, &mut buf, NOT_ALLOWED, &why, (10, 40)).await?;
         return Ok(());
     }
+    listed.set_namespace(vhost.as_str());
     put_method(
         &mut out,
         0,
@@ -476,7 +499,16 @@ async fn serve(
         close_ok_pending: false,
         done: false,
     };
-    let result = session_loop(&mut s, &mut sock, &mut buf, &cmd_tx, &mut events, heartbeat).await;
+    let result = session_loop(
+        &mut s,
+        &mut sock,
+        &mut buf,
+        &cmd_tx,
+        &mut events,
+        heartbeat,
+        listed,
+    )
+    .await;
     // The command stream ends here; the core then finishes the connection's commands (a
     // publish read just before the end), closes its channels (unacked messages back to their
     // queues) and ends the event stream, which is awaited before it is dropped: dropping it
@@ -509,6 +541,7 @@ async fn session_loop(
     cmd_tx: &mpsc::Sender<link::ChannelCommand>,
     events: &mut ChannelEvents,
     heartbeat: u16,
+    listed: &ConnectionHandle,
 ) -> Result<(), ConnError> {
     let hb = (heartbeat > 0).then(|| Duration::from_secs(heartbeat as u64));
     let period = hb.map_or(Duration::from_secs(3600), |h| h / 2);
@@ -568,6 +601,13 @@ async fn session_loop(
                         s.done = true;
                     }
                 }
+            }
+            // As RabbitMQ's management close: connection.close 320, then the client's
+            // close-ok (or the closing timeout) ends it; the core puts back what was
+            // delivered and not acknowledged, as for any connection that ends.
+            () = listed.close_requested(), if !s.closing => {
+                info!(user = %s.user, "connection closed by an operator");
+                s.close_connection(fatal(CONNECTION_FORCED, OPERATOR_CLOSE, (0, 0)));
             }
             _ = tick.tick() => {
                 if let Some(h) = hb {

@@ -122,7 +122,7 @@ where
     /// One connection: requests served in order until the client leaves or `stop` turns
     /// true.
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
-        conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
+        conn::serve_connection(conn, self, stop).await
     }
 }
 
