@@ -156,7 +156,7 @@ impl Server {
         if let Mode::Gateway(protocol) = &mode {
             return Self::start_gateway(settings, protocol).await;
         }
-        check_exposure(settings)?;
+        check_exposure(settings, true)?;
         let certs = load_certs(settings)?;
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
@@ -352,7 +352,8 @@ impl Server {
             settings.core_token.as_ref().map(|t| t.expose()),
             core_client_tls(settings)?.as_ref(),
         )?;
-        check_exposure(settings)?;
+        // A gateway process has no core listener: only its admin listener is checked.
+        check_exposure(settings, false)?;
         // Bound first, like every listener: a port in use stops the start before anything
         // is served.
         let admin_listener = bind_listen(
@@ -647,14 +648,15 @@ pub fn core_client_tls(
     }))
 }
 
-/// Refuses a core or admin listener beyond loopback without a token, unless
-/// `core_insecure` accepts the risk (then warns).
-fn check_exposure(settings: &Settings) -> Result<(), StartError> {
+/// Refuses a core (when `with_core`) or admin listener beyond loopback without a token,
+/// unless `core_insecure` accepts the risk (then warns).
+fn check_exposure(settings: &Settings, with_core: bool) -> Result<(), StartError> {
     let exposed: Vec<String> = [
         ("the core gRPC API", "core_listen", settings.core_listen),
         ("the admin HTTP API", "admin_listen", settings.admin_listen),
     ]
     .into_iter()
+    .filter(|(_, key, _)| with_core || *key != "core_listen")
     // The core authenticates by client certificate as well as by token.
     .filter(|(_, key, _)| !(*key == "core_listen" && settings.core_tls_client_ca.is_some()))
     .filter_map(|(what, key, listen)| {
