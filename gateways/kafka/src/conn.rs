@@ -59,7 +59,7 @@ pub(crate) async fn serve_connection<S>(
         connection,
     } = conn;
     connection.set_namespace(gateway.config.namespace.clone());
-    let span = info_span!("kafka_conn", %peer, listener);
+    let span = info_span!("kafka_conn", %peer, listener, connection = connection.id());
     async move {
         // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
         let (rd, wr) = tokio::io::split(socket);
