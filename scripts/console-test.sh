@@ -82,9 +82,11 @@ echo "== client traffic (Kafka, MQTT, AMQP)"
 
 echo "== console in headless Chromium ($admin)"
 status=0
-# CONSOLE_BURST: how the overview test makes traffic while it watches the rate chart.
+# CONSOLE_BURST: how the overview test makes traffic while it watches the rate chart;
+# CONSOLE_HOLD: the AMQP connection the connections test closes.
 TRIBUTARY_ADMIN="http://$admin" TRIBUTARY_TOKEN="$token" CONSOLE_SCENARIO="$work/scenario.json" \
     CONSOLE_BURST="$venv/bin/python $root/compat-tests/console/traffic.py --burst $(addr mqtt)" \
+    CONSOLE_HOLD="$venv/bin/python $root/compat-tests/console/traffic.py --hold-amqp $(addr amqp)" \
     CHROMIUM_BIN="${CHROMIUM_BIN:-/usr/bin/chromium}" \
     node --test --test-concurrency=1 "$@" "$root/compat-tests/console/console.test.mjs" || status=$?
 if [[ $status -ne 0 ]]; then

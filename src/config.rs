@@ -68,6 +68,11 @@ pub enum Command {
         #[command(subcommand)]
         what: crate::cli::UsersCommand,
     },
+    /// Client connections of a running process: list, close.
+    Connections {
+        #[command(subcommand)]
+        what: crate::cli::ConnectionsCommand,
+    },
     /// Imports another broker's definitions (RabbitMQ's definitions.json, Kafka topics,
     /// SQS queues as the aws CLI prints them).
     Import {
@@ -760,7 +765,11 @@ impl Settings {
         let core_token = resolve_core_token(o, f)?;
         let (core_listen_default, admin_listen_default) = match role {
             Role::Core => ("0.0.0.0:7400", "0.0.0.0:7480"),
-            Role::Standalone | Role::Gateway => ("127.0.0.1:7400", "127.0.0.1:7480"),
+            Role::Standalone => ("127.0.0.1:7400", "127.0.0.1:7480"),
+            // A gateway process serves no core; its admin listener (health, metrics, its
+            // connections) is opt-in, so that several gateways on one host do not contend
+            // for one default port.
+            Role::Gateway => ("127.0.0.1:7400", "off"),
         };
         let core = pick!(core, "http://127.0.0.1:7400");
         if !(core.starts_with("http://") || core.starts_with("https://")) {
@@ -1325,6 +1334,23 @@ mod tests {
         assert_eq!(s.core_listen, Listen::At("0.0.0.0:7400".parse().unwrap()));
         assert_eq!(s.admin_listen, Listen::At("0.0.0.0:7480".parse().unwrap()));
         assert!(s.core_token.is_none() && !s.core_insecure);
+    }
+
+    #[test]
+    fn a_gateway_process_opens_an_admin_listener_only_when_given_one() {
+        let s = Settings::resolve_for(&Options::default(), &FileConfig::default(), Role::Gateway)
+            .unwrap();
+        assert_eq!(s.admin_listen, Listen::Off);
+        let s = Settings::resolve_for(
+            &Options::default(),
+            &FileConfig::default(),
+            Role::Standalone,
+        )
+        .unwrap();
+        assert_eq!(
+            s.admin_listen,
+            Listen::At("127.0.0.1:7480".parse().unwrap())
+        );
     }
 
     #[test]

@@ -53,6 +53,9 @@ fn main() -> ExitCode {
         Command::Queues { what } => return cli::run(&settings, AdminCommand::Queues(what)),
         Command::Sessions { what } => return cli::run(&settings, AdminCommand::Sessions(what)),
         Command::Users { what } => return cli::run(&settings, AdminCommand::Users(what)),
+        Command::Connections { what } => {
+            return cli::run(&settings, AdminCommand::Connections(what));
+        }
         Command::Import { what } => return cli::run(&settings, AdminCommand::Import(what)),
         Command::Export { what } => return cli::run(&settings, AdminCommand::Export(what)),
         Command::Bench { what } => return bench(*what),

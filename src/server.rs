@@ -14,7 +14,7 @@ use tributary_gateway_amqp::AmqpConfig;
 use tributary_gateway_common::client::LocalCall;
 use tributary_gateway_common::tls::{self, CertSource, ClientCerts, TlsAcceptor};
 use tributary_gateway_common::{
-    ConnectError, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
+    ConnectError, Connections, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
 };
 use tributary_gateway_kafka::KafkaConfig;
 use tributary_gateway_mqtt::MqttConfig;
@@ -157,7 +157,7 @@ impl Server {
         if let Mode::Gateway(protocol) = &mode {
             return Self::start_gateway(settings, protocol).await;
         }
-        check_exposure(settings)?;
+        check_exposure(settings, true)?;
         let certs = load_certs(settings)?;
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
@@ -212,6 +212,7 @@ impl Server {
         };
         let core = Core::open(log, meta, config).await?;
         let (stop, _) = watch::channel(false);
+        let connections = Connections::new();
         let ready = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
@@ -281,42 +282,29 @@ impl Server {
                 ready: ready.clone(),
                 prometheus: admin::prometheus(),
                 users: Arc::new(settings.users.names()),
+                connections: connections.clone(),
             };
-            // Beyond loopback, reads need the token too (without one, check_exposure let
-            // it start only with core_insecure, and then reads stay open); writes always
-            // need it.
-            let reads_need_token = settings.core_token.is_some()
-                && settings.admin_listen.addr().is_some_and(beyond_loopback);
-            let auth = admin::AdminAuth::new(settings.core_token.clone(), reads_need_token);
-            let router = admin::router(state, auth);
-            if let (Some(certs), true) = (&certs, settings.admin_tls) {
-                let acceptor = tls::acceptor_for(certs, &ClientCerts::None, &[b"h2", b"http/1.1"])?;
-                tasks.push(tokio::spawn(admin::serve_tls(
-                    listener,
-                    acceptor,
-                    router,
-                    stop.subscribe(),
-                )));
-            } else {
-                let app = router.into_make_service_with_connect_info::<SocketAddr>();
-                let mut stop_rx = stop.subscribe();
-                tasks.push(tokio::spawn(async move {
-                    let served = axum::serve(listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = stop_rx.wait_for(|s| *s).await;
-                        })
-                        .await;
-                    if let Err(e) = served {
-                        error!(error = %e, "admin HTTP server failed");
-                    }
-                }));
-            }
+            let router = admin::router(state, admin_auth(settings));
+            spawn_admin(
+                settings,
+                listener,
+                router,
+                certs.as_ref(),
+                &stop,
+                &mut tasks,
+            )?;
         }
         if let Some(listeners) = kafka_listeners
             && (listeners.tcp.is_some() || listeners.tls.is_some())
         {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
-            spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
+            spawn_kafka(
+                settings,
+                listeners,
+                client,
+                &mut spawn(&stop, &mut tasks, &connections),
+                &mut bound,
+            )?;
         }
         if let Some(listeners) = mqtt_listeners
             && (listeners.tcp.is_some()
@@ -326,14 +314,26 @@ impl Server {
         {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
                 .with_local_sessions(Arc::new(CoreSessions(core.clone())));
-            spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
+            spawn_mqtt(
+                settings,
+                listeners,
+                client,
+                &mut spawn(&stop, &mut tasks, &connections),
+                &mut bound,
+            );
         }
         if let Some(listeners) = amqp_listeners
             && (listeners.tcp.is_some() || listeners.tls.is_some())
         {
             let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
                 .with_local_queues(Arc::new(CoreQueues(core.clone())));
-            spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
+            spawn_amqp(
+                settings,
+                listeners,
+                client,
+                &mut spawn(&stop, &mut tasks, &connections),
+                &mut bound,
+            );
         }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
@@ -353,9 +353,21 @@ impl Server {
             settings.core_token.as_ref().map(|t| t.expose()),
             core_client_tls(settings)?.as_ref(),
         )?;
+        // A gateway process has no core listener: only its admin listener is checked.
+        check_exposure(settings, false)?;
+        // Bound first, like every listener: a port in use stops the start before anything
+        // is served.
+        let admin_listener = bind_listen(
+            settings.admin_listen,
+            "the gateway's admin HTTP API",
+            "--admin-listen",
+        )
+        .await?;
         probe_core(settings, &client).await?;
         let certs = load_certs(settings)?;
         let (stop, _) = watch::channel(false);
+        let connections = Connections::new();
+        let ready = Arc::new(AtomicBool::new(false));
         let mut tasks = Vec::new();
         let mut bound = Bound::default();
         if let Some(certs) = &certs {
@@ -369,7 +381,13 @@ impl Server {
                         "every Kafka listener is off: give --kafka-listen or --kafka-tls-listen HOST:PORT".into(),
                     ));
                 }
-                spawn_kafka(settings, listeners, client, &stop, &mut tasks, &mut bound)?;
+                spawn_kafka(
+                    settings,
+                    listeners,
+                    client,
+                    &mut spawn(&stop, &mut tasks, &connections),
+                    &mut bound,
+                )?;
             }
             "mqtt" => {
                 let listeners = bind_mqtt(settings, certs.as_ref()).await?;
@@ -382,7 +400,13 @@ impl Server {
                         "every MQTT listener is off: give --mqtt-listen, --mqtt-ws-listen, --mqtt-tls-listen or --mqtt-wss-listen HOST:PORT".into(),
                     ));
                 }
-                spawn_mqtt(settings, listeners, client, &stop, &mut tasks, &mut bound);
+                spawn_mqtt(
+                    settings,
+                    listeners,
+                    client,
+                    &mut spawn(&stop, &mut tasks, &connections),
+                    &mut bound,
+                );
             }
             "amqp" => {
                 let listeners = bind_amqp(settings, certs.as_ref()).await?;
@@ -391,10 +415,36 @@ impl Server {
                         "every AMQP listener is off: give --amqp-listen or --amqp-tls-listen HOST:PORT".into(),
                     ));
                 }
-                spawn_amqp(settings, listeners, client, &stop, &mut tasks, &mut bound);
+                spawn_amqp(
+                    settings,
+                    listeners,
+                    client,
+                    &mut spawn(&stop, &mut tasks, &connections),
+                    &mut bound,
+                );
             }
             _ => return Err(gateway_unavailable(protocol)),
         }
+        // The connections are here, not in the core, and so are this process's metrics: a
+        // gateway process serves them on an admin listener of its own.
+        if let Some(listener) = admin_listener {
+            bound.admin = listener.local_addr().ok();
+            let state = admin::GatewayAdminState {
+                ready: ready.clone(),
+                prometheus: admin::prometheus(),
+                connections: connections.clone(),
+            };
+            let router = admin::gateway_router(state, admin_auth(settings));
+            spawn_admin(
+                settings,
+                listener,
+                router,
+                certs.as_ref(),
+                &stop,
+                &mut tasks,
+            )?;
+        }
+        ready.store(true, Ordering::Release);
         info!(core = %settings.core, "{protocol} gateway started");
         Ok(Self {
             bound,
@@ -432,6 +482,50 @@ impl Server {
         closed?;
         Ok(())
     }
+}
+
+/// The admin listener's rule: writes always need the token; beyond loopback reads too
+/// (without a token, `check_exposure` let it start only with core_insecure, and then reads
+/// stay open).
+fn admin_auth(settings: &Settings) -> Arc<admin::AdminAuth> {
+    let reads_need_token =
+        settings.core_token.is_some() && settings.admin_listen.addr().is_some_and(beyond_loopback);
+    admin::AdminAuth::new(settings.core_token.clone(), reads_need_token)
+}
+
+/// Serves the admin routes on their bound listener until `stop`: HTTPS with `admin_tls`,
+/// else plain HTTP.
+fn spawn_admin(
+    settings: &Settings,
+    listener: TcpListener,
+    router: axum::Router,
+    certs: Option<&Arc<CertSource>>,
+    stop: &watch::Sender<bool>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> Result<(), StartError> {
+    if let (Some(certs), true) = (certs, settings.admin_tls) {
+        let acceptor = tls::acceptor_for(certs, &ClientCerts::None, &[b"h2", b"http/1.1"])?;
+        tasks.push(tokio::spawn(admin::serve_tls(
+            listener,
+            acceptor,
+            router,
+            stop.subscribe(),
+        )));
+    } else {
+        let app = router.into_make_service_with_connect_info::<SocketAddr>();
+        let mut stop_rx = stop.subscribe();
+        tasks.push(tokio::spawn(async move {
+            let served = axum::serve(listener, app)
+                .with_graceful_shutdown(async move {
+                    let _ = stop_rx.wait_for(|s| *s).await;
+                })
+                .await;
+            if let Err(e) = served {
+                error!(error = %e, "admin HTTP server failed");
+            }
+        }));
+    }
+    Ok(())
 }
 
 /// A Kafka listener that lets clients in without SASL and was asked to listen beyond
@@ -555,14 +649,15 @@ pub fn core_client_tls(
     }))
 }
 
-/// Refuses a core or admin listener beyond loopback without a token, unless
-/// `core_insecure` accepts the risk (then warns).
-fn check_exposure(settings: &Settings) -> Result<(), StartError> {
+/// Refuses a core (when `with_core`) or admin listener beyond loopback without a token,
+/// unless `core_insecure` accepts the risk (then warns).
+fn check_exposure(settings: &Settings, with_core: bool) -> Result<(), StartError> {
     let exposed: Vec<String> = [
         ("the core gRPC API", "core_listen", settings.core_listen),
         ("the admin HTTP API", "admin_listen", settings.admin_listen),
     ]
     .into_iter()
+    .filter(|(_, key, _)| with_core || *key != "core_listen")
     // The core authenticates by client certificate as well as by token.
     .filter(|(_, key, _)| !(*key == "core_listen" && settings.core_tls_client_ca.is_some()))
     .filter_map(|(what, key, listen)| {
@@ -618,6 +713,26 @@ async fn probe_core(settings: &Settings, client: &CoreClient) -> Result<(), Star
     }
 }
 
+/// What starting a gateway listener adds to: the tasks the server stops, and the process's
+/// connection list.
+struct Spawn<'a> {
+    stop: &'a watch::Sender<bool>,
+    tasks: &'a mut Vec<tokio::task::JoinHandle<()>>,
+    connections: &'a Arc<Connections>,
+}
+
+fn spawn<'a>(
+    stop: &'a watch::Sender<bool>,
+    tasks: &'a mut Vec<tokio::task::JoinHandle<()>>,
+    connections: &'a Arc<Connections>,
+) -> Spawn<'a> {
+    Spawn {
+        stop,
+        tasks,
+        connections,
+    }
+}
+
 /// Serves one bound gateway listener with the shared accept loop, as `name` (its metrics
 /// label), until `stop`.
 fn spawn_listener<H, G>(
@@ -626,20 +741,20 @@ fn spawn_listener<H, G>(
     name: &'static str,
     handshake: H,
     gateway: Arc<G>,
-    stop: &watch::Sender<bool>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    run: &mut Spawn<'_>,
 ) where
     H: Handshake,
     G: Gateway<H::Stream>,
 {
     let listener = Listener {
         max_connections: settings.max_connections,
+        connections: run.connections.clone(),
         ..Listener::new(socket, name, handshake)
     };
-    tasks.push(tokio::spawn(tributary_gateway_common::serve(
+    run.tasks.push(tokio::spawn(tributary_gateway_common::serve(
         listener,
         gateway,
-        stop.subscribe(),
+        run.stop.subscribe(),
     )));
 }
 
@@ -683,8 +798,7 @@ fn spawn_kafka(
     settings: &Settings,
     KafkaListeners { tcp, tls }: KafkaListeners,
     client: CoreClient,
-    stop: &watch::Sender<bool>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    run: &mut Spawn<'_>,
     bound: &mut Bound,
 ) -> Result<(), StartError> {
     let local = |l: &TcpListener, flag: &str| {
@@ -729,7 +843,7 @@ fn spawn_kafka(
             client.clone(),
             config(addr, &settings.kafka_advertised, "--kafka-advertised"),
         );
-        spawn_listener(settings, listener, "kafka", Plain, gateway, stop, tasks);
+        spawn_listener(settings, listener, "kafka", Plain, gateway, run);
         bound.kafka = Some(addr);
     }
     if let Some((listener, acceptor)) = tls {
@@ -742,15 +856,7 @@ fn spawn_kafka(
                 "--kafka-tls-advertised",
             ),
         );
-        spawn_listener(
-            settings,
-            listener,
-            "kafka-tls",
-            acceptor,
-            gateway,
-            stop,
-            tasks,
-        );
+        spawn_listener(settings, listener, "kafka-tls", acceptor, gateway, run);
         bound.kafka_tls = Some(addr);
     }
     Ok(())
@@ -821,8 +927,7 @@ fn spawn_mqtt(
     settings: &Settings,
     listeners: MqttListeners,
     client: CoreClient,
-    stop: &watch::Sender<bool>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    run: &mut Spawn<'_>,
     bound: &mut Bound,
 ) {
     let addr = |l: &Option<TcpListener>| l.as_ref().and_then(|l| l.local_addr().ok());
@@ -852,32 +957,16 @@ fn spawn_mqtt(
     let gateway = tributary_gateway_mqtt::Gateway::new(client, config);
     let MqttListeners { tcp, ws, tls, wss } = listeners;
     if let Some(l) = tcp {
-        spawn_listener(settings, l, "mqtt", Plain, gateway.clone(), stop, tasks);
+        spawn_listener(settings, l, "mqtt", Plain, gateway.clone(), run);
     }
     if let Some(l) = ws {
-        spawn_listener(
-            settings,
-            l,
-            "mqtt-ws",
-            Plain,
-            gateway.websocket(),
-            stop,
-            tasks,
-        );
+        spawn_listener(settings, l, "mqtt-ws", Plain, gateway.websocket(), run);
     }
     if let Some((l, acceptor)) = wss {
-        spawn_listener(
-            settings,
-            l,
-            "mqtt-wss",
-            acceptor,
-            gateway.websocket(),
-            stop,
-            tasks,
-        );
+        spawn_listener(settings, l, "mqtt-wss", acceptor, gateway.websocket(), run);
     }
     if let Some((l, acceptor)) = tls {
-        spawn_listener(settings, l, "mqtt-tls", acceptor, gateway, stop, tasks);
+        spawn_listener(settings, l, "mqtt-tls", acceptor, gateway, run);
     }
 }
 
@@ -909,8 +998,7 @@ fn spawn_amqp(
     settings: &Settings,
     AmqpListeners { tcp, tls }: AmqpListeners,
     client: CoreClient,
-    stop: &watch::Sender<bool>,
-    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    run: &mut Spawn<'_>,
     bound: &mut Bound,
 ) {
     bound.amqp = tcp.as_ref().and_then(|l| l.local_addr().ok());
@@ -923,10 +1011,10 @@ fn spawn_amqp(
     };
     let gateway = tributary_gateway_amqp::Gateway::new(client, config);
     if let Some(l) = tcp {
-        spawn_listener(settings, l, "amqp", Plain, gateway.clone(), stop, tasks);
+        spawn_listener(settings, l, "amqp", Plain, gateway.clone(), run);
     }
     if let Some((l, acceptor)) = tls {
-        spawn_listener(settings, l, "amqp-tls", acceptor, gateway, stop, tasks);
+        spawn_listener(settings, l, "amqp-tls", acceptor, gateway, run);
     }
 }
 

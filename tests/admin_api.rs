@@ -446,7 +446,10 @@ async fn addresses_sessions_users_and_the_console_files() {
     assert_eq!(status, 200);
     assert_eq!(
         serde_json::from_str::<Value>(&users).unwrap(),
-        serde_json::json!({ "users": [{ "name": "alice" }, { "name": "bob" }] })
+        serde_json::json!({ "users": [
+            { "name": "alice", "source": "config" },
+            { "name": "bob", "source": "config" }
+        ] })
     );
     assert!(!users.contains("SCRAM"), "credentials leaked: {users}");
 

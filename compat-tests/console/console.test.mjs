@@ -155,6 +155,28 @@ test('the purge button empties the queue', async () => {
   await waitText(`${q(queue)} td.ready`, '0');
 });
 
+test('the connections page shows a live AMQP connection, and Close ends it with 320', async () => {
+  const [cmd, ...args] = process.env.CONSOLE_HOLD.split(' ');
+  const held = spawn(cmd, args, { stdio: ['ignore', 'pipe', 'inherit'] });
+  let out = '';
+  held.stdout.on('data', (d) => { out += d; });
+  const exited = new Promise((resolve) => held.on('exit', resolve));
+  try {
+    await open('connections');
+    const row = 'tr[data-client="console-held"]';
+    await waitText(`${row} td.client`, 'console-held');
+    // The tab has the token since the redrive test: Close goes straight through.
+    page.once('dialog', (d) => d.accept());
+    await page.click(`${row} button[data-action="close"]`);
+    await waitText('#banner', /^Closed connection \d+ \(console-held\)\.$/);
+    await page.waitForSelector(row, { state: 'detached' });
+    assert.equal(await exited, 0, `the held connection was not closed by the server: ${out}`);
+    assert.match(out, /closed by the broker: 320 CONNECTION_FORCED/);
+  } finally {
+    if (held.exitCode === null) held.kill();
+  }
+});
+
 test('the users page loads, and no console errors beyond the refused write', async () => {
   await open('users');
   await page.waitForSelector('[data-testid="users"]');

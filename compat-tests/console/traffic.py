@@ -16,6 +16,11 @@ Writes what it did (names and counts) as JSON to --out, for the browser test to 
 With --burst HOST:PORT instead, it publishes MQTT QoS 0 messages to a topic nobody
 subscribes for a few seconds (BURST_S), steadily, so that a page polling every second sees
 a rate above zero.
+
+With --hold-amqp HOST:PORT instead, it opens one AMQP connection named HELD_NAME (client
+property connection_name) and keeps it until the server closes it, which the console's
+Close button does: it prints the reply code and text and exits 0, or exits non-zero if the
+connection is still open after HOLD_S.
 """
 
 from __future__ import annotations
@@ -134,9 +139,29 @@ def burst(host: str, port: int) -> None:
     c.loop_stop()
 
 
+HELD_NAME = "console-held"
+HOLD_S = 60.0
+
+
+def hold_amqp(host: str, port: int) -> None:
+    params = pika.ConnectionParameters(
+        host=host, port=port, client_properties={"connection_name": HELD_NAME})
+    conn = pika.BlockingConnection(params)
+    print("connected", flush=True)
+    deadline = time.monotonic() + HOLD_S
+    try:
+        while time.monotonic() < deadline:
+            conn.process_data_events(time_limit=0.2)
+    except pika.exceptions.ConnectionClosedByBroker as e:
+        print(f"closed by the broker: {e.reply_code} {e.reply_text}", flush=True)
+        return
+    raise SystemExit(f"the server did not close the connection within {HOLD_S} s")
+
+
 def main() -> None:
     a = argparse.ArgumentParser(description=__doc__)
     a.add_argument("--burst", help="HOST:PORT of MQTT: only publish steadily for a while")
+    a.add_argument("--hold-amqp", help="HOST:PORT of AMQP: only hold a connection until closed")
     a.add_argument("--kafka", help="HOST:PORT")
     a.add_argument("--mqtt", help="HOST:PORT")
     a.add_argument("--amqp", help="HOST:PORT")
@@ -145,6 +170,9 @@ def main() -> None:
     split = lambda hp: (hp.rsplit(":", 1)[0], int(hp.rsplit(":", 1)[1]))  # noqa: E731
     if args.burst:
         burst(*split(args.burst))
+        return
+    if args.hold_amqp:
+        hold_amqp(*split(args.hold_amqp))
         return
     if not (args.kafka and args.mqtt and args.amqp and args.out):
         a.error("--kafka, --mqtt, --amqp and --out are required without --burst")

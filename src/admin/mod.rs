@@ -1,6 +1,7 @@
 //! The admin HTTP listener: health, Prometheus metrics, a JSON API (read: streams, groups
-//! with lag, queues and their messages, addresses and bindings, MQTT sessions, users;
-//! write: purge and redrive a queue) and the web console that uses it, over plain HTTP or,
+//! with lag, queues and their messages, addresses and bindings, MQTT sessions, client
+//! connections, users; write: purge and redrive a queue, kick a session, close a
+//! connection) and the web console that uses it, over plain HTTP or,
 //! with `admin_tls`, HTTPS.
 //!
 //! Who may call what is [`auth`]'s: reads are open on loopback and need `Authorization:
@@ -8,6 +9,7 @@
 
 mod api;
 pub mod auth;
+mod connections;
 mod console;
 mod overview;
 mod write;
@@ -16,7 +18,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use axum::extract::{ConnectInfo, State};
+use axum::extract::{ConnectInfo, FromRef, State};
 use axum::http::StatusCode;
 use axum::middleware;
 use axum::response::{IntoResponse, Response};
@@ -27,7 +29,7 @@ use serde_json::json;
 use tributary_core::{Core, CoreError};
 use tributary_proto::v1;
 
-use tributary_gateway_common::tls;
+use tributary_gateway_common::{Connections, tls};
 
 pub use auth::AdminAuth;
 
@@ -38,6 +40,28 @@ pub struct AdminState {
     pub prometheus: PrometheusHandle,
     /// The configured users' names (the console lists them; credentials stay out).
     pub users: Arc<Vec<String>>,
+    /// The client connections of this process's gateway listeners.
+    pub connections: Arc<Connections>,
+}
+
+impl FromRef<AdminState> for Arc<Connections> {
+    fn from_ref(s: &AdminState) -> Self {
+        s.connections.clone()
+    }
+}
+
+/// What a gateway process's admin listener serves from (split mode: no core in process).
+#[derive(Clone)]
+pub struct GatewayAdminState {
+    pub ready: Arc<AtomicBool>,
+    pub prometheus: PrometheusHandle,
+    pub connections: Arc<Connections>,
+}
+
+impl FromRef<GatewayAdminState> for Arc<Connections> {
+    fn from_ref(s: &GatewayAdminState) -> Self {
+        s.connections.clone()
+    }
 }
 
 /// The process-wide Prometheus recorder. The `metrics` facade has exactly one recorder per
@@ -94,14 +118,43 @@ pub fn router(state: AdminState, auth: Arc<AdminAuth>) -> Router {
             "/api/v1/sessions/{namespace}/{client_id}/kick",
             post(write::kick),
         )
+        .route("/api/v1/connections", get(connections::list))
+        .route("/api/v1/connections/{id}/close", post(connections::close))
         .route("/api/v1/users", get(api::users))
         .merge(console::routes())
         .with_state(state)
         .layer(middleware::from_fn_with_state(auth, auth::require))
 }
 
+/// A gateway process's admin routes: health, its metrics, its connections; the same rule
+/// as the core's (`auth`: writes always need the token).
+pub fn gateway_router(state: GatewayAdminState, auth: Arc<AdminAuth>) -> Router {
+    Router::new()
+        .route("/healthz", get(gateway_healthz))
+        .route("/metrics", get(gateway_metrics))
+        .route("/api/v1/connections", get(connections::list))
+        .route("/api/v1/connections/{id}/close", post(connections::close))
+        .with_state(state)
+        .layer(middleware::from_fn_with_state(auth, auth::require))
+}
+
+async fn gateway_healthz(State(s): State<GatewayAdminState>) -> Response {
+    health(&s.ready)
+}
+
+/// The recorder's series only: the stream and queue gauges are the core's to serve.
+async fn gateway_metrics(State(s): State<GatewayAdminState>) -> Response {
+    s.prometheus.run_upkeep();
+    let text = s.prometheus.render();
+    ([("content-type", "text/plain; version=0.0.4")], text).into_response()
+}
+
 async fn healthz(State(s): State<AdminState>) -> Response {
-    if s.ready.load(Ordering::Acquire) {
+    health(&s.ready)
+}
+
+fn health(ready: &AtomicBool) -> Response {
+    if ready.load(Ordering::Acquire) {
         (StatusCode::OK, "ok\n").into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "starting\n").into_response()

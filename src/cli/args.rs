@@ -177,6 +177,41 @@ pub enum SessionsCommand {
     },
 }
 
+/// Where `tributary connections` asks, and how it prints.
+#[derive(Debug, Clone, Args)]
+pub struct AdminApi {
+    /// The admin HTTP API of the process whose connections these are: the standalone
+    /// server's, or a gateway process's own (`tributary gateway ... --admin-listen`).
+    #[arg(long, default_value = "http://127.0.0.1:7480")]
+    pub admin: String,
+    /// One JSON document on stdout instead of a table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Clone, Subcommand)]
+pub enum ConnectionsCommand {
+    /// The process's open client connections: id, listener, peer, TLS, user, client id,
+    /// namespace, since when.
+    List(AdminApi),
+    /// Closes a connection the way its protocol's brokers do (AMQP connection.close 320,
+    /// MQTT 5 DISCONNECT 0x98, Kafka closes the socket); needs the core token. Exit code 1
+    /// for an unknown id.
+    Close {
+        id: u64,
+        #[command(flatten)]
+        api: AdminApi,
+    },
+}
+
+impl ConnectionsCommand {
+    pub fn api(&self) -> &AdminApi {
+        match self {
+            ConnectionsCommand::List(api) | ConnectionsCommand::Close { api, .. } => api,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Subcommand)]
 pub enum QueuesCommand {
     /// Every queue of the namespace with its depth, leased and delayed messages and consumers.

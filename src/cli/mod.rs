@@ -1,12 +1,14 @@
-//! `tributary streams|groups|queues|sessions|import|export ...`: the admin CLI, in the style of rpk and
-//! rabbitmqadmin, against the core gRPC API of a local or remote server (`--core URL`, with
-//! the core token and TLS settings a split gateway uses).
+//! `tributary streams|groups|queues|sessions|connections|import|export ...`: the admin CLI, in
+//! the style of rpk and rabbitmqadmin, against the core gRPC API of a local or remote server
+//! (`--core URL`, with the core token and TLS settings a split gateway uses); `connections`
+//! asks a process's admin HTTP API instead (`--admin URL`), where the connections are.
 //!
 //! Output: an aligned table for people, or one JSON document with `--json`. Exit codes: 0 done,
 //! 1 the core refused or failed the request (the message says why), 2 a bad argument, 3 the
 //! core could not be reached, 4 the core refused the credentials.
 
 pub mod args;
+mod connections;
 mod groups;
 mod import;
 mod kafka_topics;
@@ -28,8 +30,8 @@ use tributary_proto::v1::ErrorCode;
 
 use crate::config::Settings;
 pub use args::{
-    Common, ExportCommand, GroupsCommand, ImportCommand, QueuesCommand, SessionsCommand,
-    StreamsCommand, UsersCommand,
+    AdminApi, Common, ConnectionsCommand, ExportCommand, GroupsCommand, ImportCommand,
+    QueuesCommand, SessionsCommand, StreamsCommand, UsersCommand,
 };
 
 /// Why a command failed, and the exit code that says so.
@@ -41,6 +43,8 @@ pub enum CliError {
     Refused(String),
     #[error("cannot reach the core at {core}: {message}")]
     Unreachable { core: String, message: String },
+    #[error("cannot reach the admin API at {admin}: {message}")]
+    AdminUnreachable { admin: String, message: String },
     #[error(
         "the core refused the credentials: {0} (give --core-token-file, or the core's client certificate)"
     )]
@@ -52,7 +56,7 @@ impl CliError {
         ExitCode::from(match self {
             CliError::Refused(_) => 1,
             CliError::Usage(_) => 2,
-            CliError::Unreachable { .. } => 3,
+            CliError::Unreachable { .. } | CliError::AdminUnreachable { .. } => 3,
             CliError::Unauthenticated(_) => 4,
         })
     }
@@ -100,6 +104,7 @@ pub enum AdminCommand {
     Queues(QueuesCommand),
     Sessions(SessionsCommand),
     Users(UsersCommand),
+    Connections(ConnectionsCommand),
     Import(ImportCommand),
     Export(ExportCommand),
 }
@@ -123,6 +128,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Queues(c) => c.common().json,
             AdminCommand::Sessions(c) => c.common().json,
             AdminCommand::Users(c) => c.json(),
+            AdminCommand::Connections(c) => c.api().json,
             AdminCommand::Import(ImportCommand::Rabbitmq { json, .. }) => *json,
             AdminCommand::Import(ImportCommand::Kafka { common, .. })
             | AdminCommand::Import(ImportCommand::Sqs { common, .. }) => common.json,
@@ -137,6 +143,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Queues(c) => queues::run(&connect(settings)?, c).await?,
             AdminCommand::Sessions(c) => sessions::run(&connect(settings)?, c).await?,
             AdminCommand::Users(c) => users::run(settings, c).await?,
+            AdminCommand::Connections(c) => connections::run(settings, c).await?,
             AdminCommand::Import(ImportCommand::Rabbitmq {
                 file,
                 dry_run,

@@ -19,8 +19,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{Instrument, debug, info, info_span, warn};
-use tributary_gateway_common::Traffic;
 use tributary_gateway_common::auth::Users;
+use tributary_gateway_common::{ConnectionHandle, Traffic};
 use tributary_proto::amqp_link::{self as link, channel_command::Command, channel_event::Event};
 
 use crate::frames::{self, *};
@@ -40,6 +40,8 @@ const ACCESS_REFUSED: u16 = 403;
 const NOT_ALLOWED: u16 = 530;
 const PRECONDITION_FAILED: u16 = 406;
 const CONNECTION_FORCED: u16 = 320;
+/// The reply text of an operator's close (RabbitMQ's says "Closed via management plugin").
+const OPERATOR_CLOSE: &str = "CONNECTION_FORCED - Closed by an operator";
 
 #[derive(Debug, thiserror::Error)]
 enum ConnError {
@@ -64,16 +66,31 @@ pub(crate) async fn run(
     socket: impl Socket,
     peer: SocketAddr,
     listener: &'static str,
+    listed: ConnectionHandle,
 ) {
-    let span = info_span!("amqp_conn", %peer, listener);
+    let span = info_span!("amqp_conn", %peer, listener, connection = listed.id());
     async move {
-        match serve(gw, socket, peer, listener).await {
+        match serve(gw, socket, peer, listener, &listed).await {
             Ok(()) | Err(ConnError::Eof) => debug!("connection ended"),
             Err(e) => debug!(error = %e, "connection ended"),
         }
     }
     .instrument(span)
     .await
+}
+
+/// The name a client gave its connection (`connection_name` among its client properties,
+/// as RabbitMQ's management shows it).
+fn connection_name(properties: &FieldTable) -> Option<String> {
+    let (_, value) = properties
+        .inner()
+        .iter()
+        .find(|(k, _)| k.as_str() == "connection_name")?;
+    match value {
+        AMQPValue::LongString(v) => Some(String::from_utf8_lossy(v.as_bytes()).into_owned()),
+        AMQPValue::ShortString(v) => Some(v.as_str().to_owned()),
+        _ => None,
+    }
 }
 
 fn long(s: &str) -> LongString {
@@ -348,6 +365,7 @@ async fn serve(
     mut sock: impl Socket,
     peer: SocketAddr,
     listener: &'static str,
+    listed: &ConnectionHandle,
 ) -> Result<(), ConnError> {
     let traffic = Traffic::new(listener);
     let mut hdr = [0u8; 8];
@@ -377,6 +395,9 @@ async fn serve(
     else {
         return Err(ConnError::Protocol("expected connection.start-ok".into()));
     };
+    if let Some(name) = connection_name(&start_ok.client_properties) {
+        listed.set_client_id(name);
+    }
     let users = gw.config.users.current().await;
     let (user, default_guest) = match authenticate(
         &gw,
@@ -399,6 +420,7 @@ async fn serve(
             return Ok(());
         }
     };
+    listed.set_user(user.as_str());
     let cfg = &gw.config;
     put_method(
         &mut out,
@@ -444,6 +466,7 @@ async fn serve(
         refuse_connection(&mut sock, &mut buf, NOT_ALLOWED, &why, (10, 40)).await?;
         return Ok(());
     }
+    listed.set_namespace(vhost.as_str());
     put_method(
         &mut out,
         0,
@@ -479,7 +502,16 @@ async fn serve(
         close_ok_pending: false,
         done: false,
     };
-    let result = session_loop(&mut s, &mut sock, &mut buf, &cmd_tx, &mut events, heartbeat).await;
+    let result = session_loop(
+        &mut s,
+        &mut sock,
+        &mut buf,
+        &cmd_tx,
+        &mut events,
+        heartbeat,
+        listed,
+    )
+    .await;
     // The command stream ends here; the core then finishes the connection's commands (a
     // publish read just before the end), closes its channels (unacked messages back to their
     // queues) and ends the event stream, which is awaited before it is dropped: dropping it
@@ -512,6 +544,7 @@ async fn session_loop(
     cmd_tx: &mpsc::Sender<link::ChannelCommand>,
     events: &mut ChannelEvents,
     heartbeat: u16,
+    listed: &ConnectionHandle,
 ) -> Result<(), ConnError> {
     let hb = (heartbeat > 0).then(|| Duration::from_secs(heartbeat as u64));
     let period = hb.map_or(Duration::from_secs(3600), |h| h / 2);
@@ -571,6 +604,13 @@ async fn session_loop(
                         s.done = true;
                     }
                 }
+            }
+            // As RabbitMQ's management close: connection.close 320, then the client's
+            // close-ok (or the closing timeout) ends it; the core puts back what was
+            // delivered and not acknowledged, as for any connection that ends.
+            () = listed.close_requested(), if !s.closing => {
+                info!(user = %s.user, "connection closed by an operator");
+                s.close_connection(fatal(CONNECTION_FORCED, OPERATOR_CLOSE, (0, 0)));
             }
             _ = tick.tick() => {
                 if let Some(h) = hb {

@@ -116,7 +116,7 @@ where
         // (up to its drain timeout): cut the connection here at once, as the process's exit
         // used to. RabbitMQ sends connection.close 320 first; that belongs in `conn::run`.
         tokio::select! {
-            () = conn::run(self, conn.stream, conn.peer, conn.listener) => {}
+            () = conn::run(self, conn.stream, conn.peer, conn.listener, conn.connection) => {}
             _ = stop.wait_for(|s| *s) => debug!("amqp: connection closed, the gateway stops"),
         }
     }

@@ -70,6 +70,6 @@ impl Traffic {
 }
 
 /// The protocol of a listener name (`kafka-tls` -> `kafka`).
-fn protocol_of(listener: &'static str) -> &'static str {
+pub(crate) fn protocol_of(listener: &'static str) -> &'static str {
     listener.split('-').next().unwrap_or(listener)
 }

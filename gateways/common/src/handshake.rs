@@ -11,6 +11,8 @@ use tokio::net::TcpStream;
 pub trait Handshake: Send + Sync + 'static {
     /// What the gateway is handed.
     type Stream: Send + 'static;
+    /// Whether the client talks TLS to us, as the connection list shows it.
+    const TLS: bool = false;
 
     fn handshake(
         &self,

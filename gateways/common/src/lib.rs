@@ -1,11 +1,13 @@
 //! Plumbing every gateway shares: the core client (over the network or in-process, one
 //! type either way), listeners that fail with a clear message, the accept loop every
 //! listener runs ([`serve`]: handshake, limit, metrics, stop) and the [`Gateway`] trait a
-//! protocol implements to be served by it.
+//! protocol implements to be served by it, and the registry of the connections it serves
+//! ([`Connections`]).
 
 mod accounting;
 pub mod auth;
 pub mod client;
+pub mod connections;
 pub mod gateway;
 pub mod handshake;
 pub mod identity;
@@ -16,6 +18,7 @@ pub mod users;
 
 pub use accounting::{ConnectionGuard, Traffic};
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
+pub use connections::{ConnectionHandle, ConnectionInfo, Connections};
 pub use gateway::{Accepted, Gateway};
 pub use handshake::{Handshake, Plain};
 pub use listener::{ListenError, Listener, bind};

@@ -3,9 +3,12 @@
 
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+
+use crate::connections::Connections;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ListenError {
@@ -76,12 +79,17 @@ pub struct Listener<H> {
     /// Connections served at once; one more is closed as soon as it is accepted, and
     /// counted. `None`: no limit.
     pub max_connections: Option<NonZeroUsize>,
-    /// On stop, connections still open after this are closed.
+    /// On stop, connections still open after this are closed; so is a connection an
+    /// operator closed that has not ended this long after.
     pub drain_timeout: Duration,
+    /// Where its connections are listed. A process shares one across its listeners, so its
+    /// admin API lists and closes them all.
+    pub connections: Arc<Connections>,
 }
 
 impl<H> Listener<H> {
-    /// A listener with the default timeouts and no connection limit.
+    /// A listener with the default timeouts, no connection limit and a registry of its own
+    /// (set `connections` to share the process's).
     pub fn new(socket: TcpListener, name: &'static str, handshake: H) -> Self {
         Self {
             socket,
@@ -90,6 +98,7 @@ impl<H> Listener<H> {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             max_connections: None,
             drain_timeout: DEFAULT_DRAIN_TIMEOUT,
+            connections: Connections::new(),
         }
     }
 }

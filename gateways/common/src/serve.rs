@@ -13,6 +13,7 @@ use tokio::task::{JoinError, JoinSet};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::accounting::{ConnectionGuard, count_dropped};
+use crate::connections::Registration;
 use crate::gateway::{Accepted, Gateway};
 use crate::handshake::Handshake;
 use crate::listener::Listener;
@@ -70,7 +71,9 @@ where
         handshake_timeout,
         max_connections,
         drain_timeout,
+        connections: registry,
     } = listener;
+    let local = socket.local_addr().ok();
     let handshake = Arc::new(handshake);
     let slots = max_connections.map(|max| (max, Arc::new(Semaphore::new(max.get()))));
     let mut connections = JoinSet::new();
@@ -109,11 +112,19 @@ where
         };
         // Every protocol here is request/response: small writes must not wait for Nagle.
         let _ = tcp.set_nodelay(true);
+        let registration = registry.register(
+            name,
+            peer,
+            tcp.local_addr().ok().or(local).unwrap_or(peer),
+            H::TLS,
+        );
         let connection = Connection {
             tcp,
             peer,
             listener: name,
             handshake_timeout,
+            close_grace: drain_timeout,
+            registration,
             _slot: slot,
         };
         connections.spawn(
@@ -152,6 +163,11 @@ struct Connection {
     peer: SocketAddr,
     listener: &'static str,
     handshake_timeout: Duration,
+    /// How long after an operator's close the gateway has to end the connection its
+    /// protocol's way before the connection is cut.
+    close_grace: Duration,
+    /// Its entry in the connection list, removed when this task ends (panic included).
+    registration: Registration,
     /// Its place under the connection limit, given back when the connection ends.
     _slot: Option<OwnedSemaphorePermit>,
 }
@@ -167,10 +183,13 @@ impl Connection {
             peer,
             listener,
             handshake_timeout,
+            close_grace,
+            registration,
             _slot,
         } = self;
         // Counted from accept on: a handshake in progress holds a socket too.
         let _counted = ConnectionGuard::new(listener);
+        let connection = registration.handle();
         let stream = tokio::select! {
             done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
                 Ok(Ok(stream)) => stream,
@@ -179,13 +198,30 @@ impl Connection {
             },
             // A half-done handshake is not worth holding the stop up for.
             _ = stop.wait_for(|s| *s) => return,
+            () = connection.close_requested() => return debug!("closed by an operator during the handshake"),
         };
         let accepted = Accepted {
             stream,
             peer,
             listener,
+            connection: connection.clone(),
         };
-        gateway.serve_connection(accepted, stop).await;
+        // Boxed so that it can be dropped (its socket closed) before the entry goes: a client
+        // no longer listed must not still be connected.
+        let mut served = Box::pin(gateway.serve_connection(accepted, stop));
+        tokio::select! {
+            () = &mut served => {}
+            () = async {
+                connection.close_requested().await;
+                tokio::time::sleep(close_grace).await;
+            } => {
+                // The gateway's goodbye did not end it (a request that does not return, an
+                // opening that does not watch the close): dropping it closes the socket.
+                info!(connection = connection.id(), "cut a connection that did not close within {close_grace:?} of an operator's close");
+            }
+        }
+        drop(served);
+        drop(registration);
     }
 }
 

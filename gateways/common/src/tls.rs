@@ -214,6 +214,7 @@ fn client_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 /// of plaintext on top of it.
 impl Handshake for TlsAcceptor {
     type Stream = TlsStream<TcpStream>;
+    const TLS: bool = true;
 
     fn handshake(
         &self,

@@ -20,7 +20,7 @@ use crate::Gateway;
 use crate::errors::ConnectionError;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
-use tributary_gateway_common::Traffic;
+use tributary_gateway_common::{Accepted, ConnectionHandle, Traffic};
 
 /// What the gateway knows about the connection's client.
 pub(crate) struct Session {
@@ -36,6 +36,8 @@ pub(crate) struct Session {
     /// Set when the connection must close once the current response is written (failed
     /// authentication, as Kafka's broker does).
     close_after: Option<String>,
+    /// Its entry in the process's connection list.
+    connection: ConnectionHandle,
 }
 
 enum SaslProgress {
@@ -44,16 +46,21 @@ enum SaslProgress {
 }
 
 pub(crate) async fn serve_connection<S>(
-    socket: S,
-    peer: SocketAddr,
-    listener: &'static str,
+    conn: Accepted<S>,
     certificate_subject: Option<String>,
     gateway: Arc<Gateway>,
     mut stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let span = info_span!("kafka_conn", %peer, listener);
+    let Accepted {
+        stream: socket,
+        peer,
+        listener,
+        connection,
+    } = conn;
+    connection.set_namespace(gateway.config.namespace.clone());
+    let span = info_span!("kafka_conn", %peer, listener, connection = connection.id());
     async move {
         // The SSL security protocol: without SASL, a verified client certificate names the
         // principal (through ssl.principal.mapping.rules); with SASL, the login does.
@@ -74,6 +81,9 @@ pub(crate) async fn serve_connection<S>(
             },
             _ => None,
         };
+        if let Some(p) = &principal {
+            connection.set_user(p.as_str());
+        }
         // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
         let (rd, wr) = tokio::io::split(socket);
         // Idle connections cost their buffers: 16 KiB each way, a large Produce frame is read
@@ -92,6 +102,7 @@ pub(crate) async fn serve_connection<S>(
                 .map(|_| SaslProgress::AwaitingHandshake),
             principal,
             close_after: None,
+            connection,
         };
         let result = tokio::select! {
             r = serve(&mut rd, &mut wr, &gateway, &mut session) => r,
@@ -126,7 +137,16 @@ where
     W: AsyncWrite + Unpin,
 {
     loop {
-        let size = match rd.read_i32().await {
+        // An operator's close is taken between requests: the one being served gets its
+        // answer (a produce its acknowledgement) first, and Kafka has no goodbye to send.
+        let size = tokio::select! {
+            size = rd.read_i32() => size,
+            () = session.connection.close_requested() => {
+                info!(client_id = %session.client_id, "connection closed by an operator");
+                return Ok(());
+            }
+        };
+        let size = match size {
             Ok(s) => s,
             Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
             Err(e) => return Err(e.into()),
@@ -170,6 +190,7 @@ pub async fn handle_frame(
         && session.client_id != id.as_str()
     {
         session.client_id = id.to_string();
+        session.connection.set_client_id(id.as_str());
     }
     let correlation_id = header.correlation_id;
     let span = tracing::debug_span!("kafka_request", api = ?api, version, correlation_id);
@@ -346,6 +367,7 @@ async fn sasl_gate(
                 ))),
                 Step::Done { reply, user } => {
                     info!(user = %user, "SASL authentication succeeded");
+                    session.connection.set_user(user.as_str());
                     session.principal = Some(user);
                     session.sasl = None;
                     Ok(Some(ResponseKind::SaslAuthenticate(

@@ -130,7 +130,7 @@ where
     /// true.
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
         let subject = conn.stream.client_certificate_subject();
-        conn::serve_connection(conn.stream, conn.peer, conn.listener, subject, self, stop).await
+        conn::serve_connection(conn, subject, self, stop).await
     }
 }
 

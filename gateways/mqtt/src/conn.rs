@@ -19,8 +19,8 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::codec::{Decoder, Encoder, FramedRead};
 use tracing::{Instrument, debug, info, info_span};
-use tributary_gateway_common::Traffic;
 use tributary_gateway_common::client::SessionEvents;
+use tributary_gateway_common::{ConnectionHandle, Traffic};
 use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
 
 use crate::Gateway;
@@ -857,15 +857,32 @@ pub(crate) async fn serve_connection<S>(
     socket: S,
     peer: SocketAddr,
     listener: &'static str,
+    connection: ConnectionHandle,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    let span = info_span!("mqtt_conn", %peer, listener);
+    let span = info_span!(
+        "mqtt_conn",
+        %peer,
+        listener,
+        connection = connection.id(),
+        client = tracing::field::Empty
+    );
     let (rd, wr) = tokio::io::split(socket);
     async move {
-        match run(Box::new(rd), Box::new(wr), gw, peer, listener, stop).await {
+        match run(
+            Box::new(rd),
+            Box::new(wr),
+            gw,
+            peer,
+            listener,
+            connection,
+            stop,
+        )
+        .await
+        {
             Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
             Err(e @ (ConnError::TakenOver | ConnError::Kicked | ConnError::Io(_))) => {
                 debug!(reason = %e, "connection closed")
@@ -1076,6 +1093,7 @@ async fn run(
     gw: Arc<Gateway>,
     peer: SocketAddr,
     listener: &'static str,
+    connection: ConnectionHandle,
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), ConnError> {
     let traffic = Traffic::new(listener);
@@ -1214,6 +1232,11 @@ async fn run(
         }
     }
     tracing::Span::current().record("client", c.client_id.as_str());
+    connection.set_client_id(c.client_id.as_str());
+    connection.set_namespace(cfg.namespace.as_str());
+    if let Some(user) = &c.user {
+        connection.set_user(user.as_str());
+    }
     let mut keep_alive = c.keep_alive;
     let mut server_keep_alive = None;
     if cfg.max_keep_alive > 0 && (keep_alive == 0 || keep_alive > cfg.max_keep_alive) {
@@ -1328,7 +1351,15 @@ async fn run(
         "connected"
     );
 
-    let result = session_loop(&mut client, &mut reader, &mut events, keep_alive, &mut stop).await;
+    let result = session_loop(
+        &mut client,
+        &mut reader,
+        &mut events,
+        keep_alive,
+        &mut stop,
+        &connection,
+    )
+    .await;
     if let Err(e) = &result
         && let Some(reason) = e.reason()
         && !matches!(e, ConnError::Eof | ConnError::Io(_))
@@ -1366,6 +1397,7 @@ async fn session_loop(
     events: &mut SessionEvents,
     keep_alive: u16,
     stop: &mut watch::Receiver<bool>,
+    connection: &ConnectionHandle,
 ) -> Result<(), ConnError> {
     let keep = Duration::from_millis(u64::from(keep_alive) * 1500);
     let mut deadline = Instant::now() + keep;
@@ -1434,6 +1466,12 @@ async fn session_loop(
             }
             _ = stopped(stop) => {
                 return Err(ConnError::Refused("server shutting down", 0x8B));
+            }
+            // The kick's path: DISCONNECT 0x98 to a 5.0 client, the socket closed, the will
+            // sent and the session kept as for any connection the server closes.
+            () = connection.close_requested() => {
+                info!(client = %client.client_id, "connection closed by an operator");
+                return Err(ConnError::Kicked);
             }
         }
     }

@@ -108,7 +108,15 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
-        conn::serve_connection(conn.stream, conn.peer, conn.listener, self, stop).await
+        conn::serve_connection(
+            conn.stream,
+            conn.peer,
+            conn.listener,
+            conn.connection,
+            self,
+            stop,
+        )
+        .await
     }
 }
 
@@ -121,6 +129,6 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
-        ws::serve_websocket(conn.stream, conn.peer, conn.listener, self.0.clone(), stop).await
+        ws::serve_websocket(conn, self.0.clone(), stop).await
     }
 }

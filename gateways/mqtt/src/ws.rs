@@ -2,7 +2,6 @@
 //! an in-memory pipe, so the same connection code serves TCP and WebSocket clients. MQTT
 //! packets may span or share WebSocket messages; the pipe makes that invisible.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use futures::{SinkExt, StreamExt};
@@ -12,6 +11,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tracing::debug;
+use tributary_gateway_common::Accepted;
 
 use crate::Gateway;
 use crate::conn;
@@ -49,14 +49,18 @@ fn choose_subprotocol(req: &Request, mut resp: Response) -> Result<Response, Err
 /// Upgrades `socket` (plain TCP today; a TLS stream would do as well) and serves MQTT over
 /// it as `listener`.
 pub(crate) async fn serve_websocket<S>(
-    socket: S,
-    peer: SocketAddr,
-    listener: &'static str,
+    conn: Accepted<S>,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
 ) where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
+    let Accepted {
+        stream: socket,
+        peer,
+        listener,
+        connection,
+    } = conn;
     let ws = match tokio_tungstenite::accept_hdr_async(socket, choose_subprotocol).await {
         Ok(ws) => ws,
         Err(e) => {
@@ -101,7 +105,7 @@ pub(crate) async fn serve_websocket<S>(
         }
         let _ = ws_tx.close().await;
     });
-    conn::serve_connection(theirs, peer, listener, gw, stop).await;
+    conn::serve_connection(theirs, peer, listener, connection, gw, stop).await;
     inbound.abort();
     let _ = outbound.await;
 }

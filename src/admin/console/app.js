@@ -299,6 +299,31 @@ async function sessionsPage() {
         num(s.inflight), num(s.queued, 'queued'))))];
 }
 
+async function closeConnection(c) {
+  const who = c.client_id || c.peer;
+  if (!window.confirm(`Close connection ${c.id} (${c.listener}, ${who})?`)) return;
+  try {
+    const r = await withToken(`/api/v1/connections/${encodeURIComponent(c.id)}/close`, { method: 'POST' });
+    banner(r.ended ? `Closed connection ${c.id} (${who}).` : `Asked connection ${c.id} to close; it had not ended yet.`);
+  } catch (e) {
+    banner(`Close of connection ${c.id} refused: ${e.message}`, true);
+  }
+  refresh();
+}
+
+async function connectionsPage() {
+  const { connections } = await api('/api/v1/connections');
+  return [h('h2', {}, 'Client connections'),
+    h('p', { class: 'muted' }, 'This process\'s gateway listeners. Close ends a connection the way its protocol\'s brokers do: AMQP connection.close 320, MQTT 5 DISCONNECT 0x98, Kafka closes the socket.'),
+    table('connections', [['Id', 1], ['Listener'], ['Peer'], ['TLS'], ['User'], ['Client'], ['Namespace'], ['Connected since'], ['']],
+      connections.map((c) => h('tr', { 'data-connection': c.id, 'data-client': c.client_id || '' },
+        num(c.id), h('td', {}, c.listener), h('td', {}, c.peer), h('td', {}, c.tls ? 'yes' : 'no'),
+        h('td', {}, c.user || '–'), h('td', { class: 'client' }, c.client_id || '–'), h('td', {}, c.namespace || '–'),
+        h('td', {}, new Date(c.connected_at_ms).toLocaleString('en')),
+        h('td', {}, h('button', { class: 'danger', onclick: () => closeConnection(c), 'data-action': 'close', disabled: c.closing },
+          c.closing ? 'Closing…' : 'Close')))))];
+}
+
 async function exchangesPage() {
   const { addresses } = await api('/api/v1/addresses');
   return [h('h2', {}, 'Exchanges and addresses'),
@@ -323,6 +348,7 @@ const PAGES = {
   groups: [groupsPage, 2000],
   queues: [queuesPage, 2000],
   sessions: [sessionsPage, 2000],
+  connections: [connectionsPage, 2000],
   exchanges: [exchangesPage, 2000],
   users: [usersPage, 5000],
 };

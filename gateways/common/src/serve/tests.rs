@@ -96,6 +96,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Gateway<S> for Hold {
         tokio::select! {
             _ = conn.stream.read(&mut byte) => {}
             _ = stop.wait_for(|s| *s), if !self.deaf => {}
+            () = conn.connection.close_requested(), if !self.deaf => {}
         }
         let _ = self.events.send(Event::Ended(conn.peer));
     }
@@ -381,4 +382,54 @@ async fn stop_does_not_wait_for_a_handshake_in_progress() {
         recorded.gauge("tributary_connections{listener=t-tls-stop}"),
         0.0
     );
+}
+
+#[tokio::test]
+async fn lists_each_connection_and_closes_it_on_request() {
+    let listener = Listener::new(loopback().await, "t-close", Plain);
+    let registry = listener.connections.clone();
+    let mut running = start(listener);
+    let client = TcpStream::connect(running.addr).await.unwrap();
+    let me = client.local_addr().unwrap();
+    assert_eq!(running.next().await, Event::Served(me));
+    let listed = registry.list();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(
+        (
+            listed[0].peer,
+            listed[0].local,
+            listed[0].listener,
+            listed[0].tls
+        ),
+        (me, running.addr, "t-close", false)
+    );
+    let closing = registry.close(listed[0].id, "test").unwrap();
+    // The gateway sees the close and ends the connection itself.
+    assert_eq!(running.next().await, Event::Ended(me));
+    assert!(closing.ended(WAIT).await);
+    assert!(registry.list().is_empty());
+    running.stop().await;
+}
+
+#[tokio::test]
+async fn cuts_a_closed_connection_its_gateway_does_not_end_after_the_drain_timeout() {
+    let drain = Duration::from_millis(200);
+    let mut listener = Listener::new(loopback().await, "t-cut", Plain);
+    listener.drain_timeout = drain;
+    let registry = listener.connections.clone();
+    let mut running = start_with(listener, true);
+    let mut client = TcpStream::connect(running.addr).await.unwrap();
+    assert_eq!(
+        running.next().await,
+        Event::Served(client.local_addr().unwrap())
+    );
+    let id = registry.list()[0].id;
+    let asked = Instant::now();
+    let closing = registry.close(id, "test").unwrap();
+    assert!(closing.ended(WAIT).await, "cut within the bound");
+    assert!(asked.elapsed() >= drain, "cut before the drain timeout");
+    closed_by_server(&mut client).await;
+    assert!(registry.list().is_empty());
+    let mut events = running.stop().await;
+    assert!(events.try_recv().is_err(), "the gateway was cut short");
 }

@@ -1,0 +1,309 @@
+//! The live client connections of a process, for operators: what each is (listener, peer,
+//! TLS, since when) and what its gateway learned at login (user, client id, namespace), and
+//! a way to close one.
+//!
+//! One [`Connections`] is shared by every listener of a process (it is an `Arc` handed to
+//! the listeners and to the admin API, never a global, so two servers in one test process do
+//! not see each other's clients). The accept loop registers each accepted connection and
+//! keeps the [`Registration`] for as long as the connection's task lives, so an entry cannot
+//! outlive its connection whatever the gateway does. The gateway gets a [`ConnectionHandle`]
+//! to fill in what it learns and to watch for a close.
+//!
+//! A close is a request: the gateway ends the connection the way its protocol's brokers do
+//! (AMQP connection.close 320, MQTT 5 DISCONNECT 0x98, Kafka closes the socket) at a point
+//! where nothing acknowledged is lost; the accept loop cuts a connection that has not ended
+//! within its drain timeout (one still in its handshake, or a request that does not return).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::accounting::protocol_of;
+
+/// The registry of one process's connections.
+#[derive(Default)]
+pub struct Connections {
+    /// Ids start at 1 and are never reused within the process, so an id an operator read in
+    /// a list cannot name another connection by the time the close arrives.
+    next_id: AtomicU64,
+    open: Mutex<BTreeMap<u64, Arc<Entry>>>,
+}
+
+/// One connection as an operator sees it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConnectionInfo {
+    pub id: u64,
+    /// The listener's name, e.g. `mqtt-ws`.
+    pub listener: &'static str,
+    /// `kafka`, `mqtt` or `amqp`: the listener's name up to its first `-`.
+    pub protocol: &'static str,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+    pub tls: bool,
+    /// Milliseconds since the Unix epoch, when the connection was accepted.
+    pub connected_at_ms: u64,
+    /// The authenticated user, once logged in (AMQP always, MQTT and Kafka when the client
+    /// gives one).
+    pub user: Option<String>,
+    /// MQTT client id, Kafka `client.id`, AMQP `connection_name` client property.
+    pub client_id: Option<String>,
+    /// The namespace the connection works in (an AMQP vhost is its own).
+    pub namespace: Option<String>,
+    /// An operator asked to close it and it has not ended yet.
+    pub closing: bool,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum CloseError {
+    #[error("no open connection has id {0}")]
+    NotFound(u64),
+}
+
+struct Entry {
+    info: Mutex<ConnectionInfo>,
+    /// Cancelled when an operator closes the connection.
+    close: CancellationToken,
+    /// Cancelled when the connection's task ends (its registration is dropped).
+    ended: CancellationToken,
+}
+
+/// A mutex poisoned by a panic elsewhere still guards plain data that is whole: go on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Connections {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Registers an accepted connection; it is listed until the registration is dropped.
+    pub fn register(
+        self: &Arc<Self>,
+        listener: &'static str,
+        peer: SocketAddr,
+        local: SocketAddr,
+        tls: bool,
+    ) -> Registration {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let connected_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let entry = Arc::new(Entry {
+            info: Mutex::new(ConnectionInfo {
+                id,
+                listener,
+                protocol: protocol_of(listener),
+                peer,
+                local,
+                tls,
+                connected_at_ms,
+                user: None,
+                client_id: None,
+                namespace: None,
+                closing: false,
+            }),
+            close: CancellationToken::new(),
+            ended: CancellationToken::new(),
+        });
+        lock(&self.open).insert(id, entry.clone());
+        Registration {
+            registry: self.clone(),
+            handle: ConnectionHandle { id, entry },
+        }
+    }
+
+    /// Every open connection, by id (the order they were accepted in).
+    pub fn list(&self) -> Vec<ConnectionInfo> {
+        lock(&self.open)
+            .values()
+            .map(|e| lock(&e.info).clone())
+            .collect()
+    }
+
+    pub fn get(&self, id: u64) -> Option<ConnectionInfo> {
+        lock(&self.open).get(&id).map(|e| lock(&e.info).clone())
+    }
+
+    /// Asks the connection's gateway to close it; `by` says who asked, for the log. Closing
+    /// a connection already closing asks again, harmlessly.
+    pub fn close(&self, id: u64, by: &str) -> Result<Closing, CloseError> {
+        let entry = lock(&self.open)
+            .get(&id)
+            .cloned()
+            .ok_or(CloseError::NotFound(id))?;
+        let info = {
+            let mut info = lock(&entry.info);
+            info.closing = true;
+            info.clone()
+        };
+        info!(
+            connection = id,
+            listener = info.listener,
+            peer = %info.peer,
+            user = info.user.as_deref().unwrap_or(""),
+            client_id = info.client_id.as_deref().unwrap_or(""),
+            by,
+            "closing a client connection at an operator's request"
+        );
+        entry.close.cancel();
+        Ok(Closing {
+            info,
+            ended: entry.ended.clone(),
+        })
+    }
+}
+
+/// A close under way.
+pub struct Closing {
+    /// The connection as it was when the close was asked for.
+    pub info: ConnectionInfo,
+    ended: CancellationToken,
+}
+
+impl Closing {
+    /// Waits up to `within` for the connection to end; whether it did.
+    pub async fn ended(&self, within: Duration) -> bool {
+        tokio::time::timeout(within, self.ended.cancelled())
+            .await
+            .is_ok()
+    }
+}
+
+/// Keeps a connection listed; dropping it removes the entry. Held by the accept loop's
+/// task for the connection, so the entry goes when the connection's task does (a panic
+/// included).
+pub struct Registration {
+    registry: Arc<Connections>,
+    handle: ConnectionHandle,
+}
+
+impl Registration {
+    /// What the gateway serving the connection is given.
+    pub fn handle(&self) -> ConnectionHandle {
+        self.handle.clone()
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.registry.open).remove(&self.handle.id);
+        self.handle.entry.ended.cancel();
+    }
+}
+
+/// A gateway's view of its connection's entry: fill in what login tells, watch for a close.
+#[derive(Clone)]
+pub struct ConnectionHandle {
+    id: u64,
+    entry: Arc<Entry>,
+}
+
+impl ConnectionHandle {
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn set_user(&self, user: impl Into<String>) {
+        lock(&self.entry.info).user = Some(user.into());
+    }
+
+    pub fn set_client_id(&self, client_id: impl Into<String>) {
+        lock(&self.entry.info).client_id = Some(client_id.into());
+    }
+
+    pub fn set_namespace(&self, namespace: impl Into<String>) {
+        lock(&self.entry.info).namespace = Some(namespace.into());
+    }
+
+    /// Resolves once an operator has asked to close the connection (at once if one has).
+    /// Cancel-safe: fit for a `select!` loop.
+    pub async fn close_requested(&self) {
+        self.entry.close.cancelled().await
+    }
+
+    pub fn is_close_requested(&self) -> bool {
+        self.entry.close.is_cancelled()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    #[test]
+    fn an_entry_is_listed_while_registered_with_what_its_gateway_learned() {
+        let registry = Connections::new();
+        let a = registry.register("mqtt-ws", addr(1000), addr(8083), false);
+        let b = registry.register("amqp-tls", addr(1001), addr(5671), true);
+        let handle = a.handle();
+        handle.set_user("alice");
+        handle.set_client_id("sensor-1");
+        handle.set_namespace("default");
+        let list = registry.list();
+        assert_eq!(list.len(), 2);
+        assert_eq!(list[0].id, handle.id());
+        assert_eq!(list[0].protocol, "mqtt");
+        assert_eq!(list[0].listener, "mqtt-ws");
+        assert_eq!(list[0].user.as_deref(), Some("alice"));
+        assert_eq!(list[0].client_id.as_deref(), Some("sensor-1"));
+        assert_eq!(list[0].namespace.as_deref(), Some("default"));
+        assert!(!list[0].tls);
+        assert_eq!(list[1].protocol, "amqp");
+        assert!(list[1].tls);
+        assert!(list[1].id > list[0].id, "ids grow");
+        drop(a);
+        assert_eq!(registry.list().len(), 1);
+        assert!(registry.get(handle.id()).is_none());
+        drop(b);
+        assert!(registry.list().is_empty());
+    }
+
+    #[test]
+    fn ids_are_not_reused() {
+        let registry = Connections::new();
+        let first = registry
+            .register("kafka", addr(1), addr(9092), false)
+            .handle();
+        let second = registry
+            .register("kafka", addr(2), addr(9092), false)
+            .handle();
+        assert_ne!(first.id(), second.id());
+    }
+
+    #[tokio::test]
+    async fn close_signals_the_gateway_and_reports_the_end() {
+        let registry = Connections::new();
+        let registration = registry.register("kafka", addr(1), addr(9092), false);
+        let handle = registration.handle();
+        assert!(!handle.is_close_requested());
+        assert_eq!(
+            registry.close(handle.id() + 1, "test").err(),
+            Some(CloseError::NotFound(handle.id() + 1))
+        );
+        let closing = registry.close(handle.id(), "test").unwrap();
+        assert!(closing.info.closing);
+        assert!(registry.get(handle.id()).unwrap().closing);
+        // Resolves at once: the close was asked for before anyone waited.
+        tokio::time::timeout(Duration::from_secs(5), handle.close_requested())
+            .await
+            .expect("the close is seen");
+        assert!(!closing.ended(Duration::from_millis(1)).await);
+        drop(registration);
+        assert!(closing.ended(Duration::from_secs(5)).await);
+        assert_eq!(
+            registry.close(handle.id(), "test").err(),
+            Some(CloseError::NotFound(handle.id()))
+        );
+    }
+}
