@@ -146,6 +146,11 @@ pub const METRICS: &[Metric] = &[
             &[("reason", "slow_subscriber")],
         ],
     },
+    m(
+        "tributary_session_publishes_paced_total",
+        Kind::Counter,
+        "MQTT QoS 1/2 publishes whose acknowledgement waited for a subscriber with over 1,000 messages queued (flow control: publishers go at their subscribers' pace).",
+    ),
     // Queues (AMQP and the queue API).
     m(
         "tributary_queue_enqueued_total",

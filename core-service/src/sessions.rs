@@ -46,6 +46,17 @@ pub(crate) type EventSender = mpsc::Sender<v1::SessionEvent>;
 /// (backpressure, as RabbitMQ's flow control), up to [`SLOW_SUBSCRIBER_WAIT`] per publish;
 /// after that the delivery is dropped (QoS 0 may be lost; memory must stay bounded).
 const QOS0_BACKLOG: usize = 1_000;
+
+/// A connected session with this many QoS 1/2 messages queued behind its window holds up the
+/// acknowledgements (PUBACK, PUBREC) of the publishes that reach it, until it is back under
+/// [`PACE_LOW`]: publishers then go at their subscribers' pace (their in-flight window fills)
+/// instead of queues growing without bound and latency with them.
+const PACE_HIGH: usize = 1_000;
+const PACE_LOW: usize = 500;
+/// The longest one acknowledgement waits for a lagging subscriber. One that stopped reading
+/// slows its publishers by this much and no more: its queue then fills to `max_queued`, and
+/// what overflows is dropped, logged and counted as before.
+const PACE_MAX_WAIT: Duration = Duration::from_millis(500);
 const SLOW_SUBSCRIBER_WAIT: Duration = Duration::from_secs(1);
 
 /// QoS 0 deliveries to connections over their backlog: sent with waiting, outside the lock
@@ -144,6 +155,8 @@ struct Session {
     /// When a full-queue drop was last logged (ms; 0 = never), and drops since then.
     drop_logged_ms: i64,
     drops_unlogged: u64,
+    /// Publishers waiting for this session's queue to get back under [`PACE_LOW`].
+    pacers: Option<Arc<tokio::sync::Notify>>,
 }
 
 impl Session {
@@ -161,6 +174,19 @@ impl Session {
             next_seq: 1,
             drop_logged_ms: 0,
             drops_unlogged: 0,
+            pacers: None,
+        }
+    }
+
+    /// Whether a publisher should wait for this session (connected, queue over the mark).
+    fn lagging(&self, mark: usize) -> bool {
+        !self.removed && self.conn.is_some() && self.queue.len() >= mark
+    }
+
+    /// Wakes the publishers waiting for this session's queue to shrink.
+    fn wake_pacers(&mut self) {
+        if let Some(n) = self.pacers.take() {
+            n.notify_waiters();
         }
     }
 
@@ -342,6 +368,67 @@ fn error_detail(e: &CoreError) -> ErrorDetail {
     ErrorDetail {
         code: e.code() as i32,
         message: e.to_string(),
+    }
+}
+
+/// The sessions one publish found lagging (over [`PACE_HIGH`]), its publisher excepted.
+struct Laggards<'a> {
+    publisher: Option<&'a str>,
+    cells: Vec<Arc<SessionCell>>,
+}
+
+/// A publish's answer, sent once every lagging session it reached is back under
+/// [`PACE_LOW`] (or gone), or at `deadline`.
+struct HeldReply {
+    event: v1::SessionEvent,
+    laggards: Vec<Arc<SessionCell>>,
+    deadline: tokio::time::Instant,
+}
+
+impl HeldReply {
+    fn now(event: v1::SessionEvent) -> Self {
+        Self {
+            event,
+            laggards: Vec::new(),
+            deadline: tokio::time::Instant::now(),
+        }
+    }
+
+    async fn ready(&self) {
+        for cell in &self.laggards {
+            wait_for_room(cell, self.deadline).await;
+        }
+    }
+}
+
+/// Waits until `cell`'s session is under [`PACE_LOW`], disconnected or gone, or `deadline`.
+async fn wait_for_room(cell: &SessionCell, deadline: tokio::time::Instant) {
+    loop {
+        let notify = {
+            let mut s = cell.lock();
+            if !s.lagging(PACE_LOW) {
+                return;
+            }
+            s.pacers
+                .get_or_insert_with(|| Arc::new(tokio::sync::Notify::new()))
+                .clone()
+        };
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Registered before the state is read again, so a wake-up in between is not lost.
+        notified.as_mut().enable();
+        {
+            let s = cell.lock();
+            if !s.lagging(PACE_LOW) {
+                return;
+            }
+            if !s.pacers.as_ref().is_some_and(|n| Arc::ptr_eq(n, &notify)) {
+                continue; // woken and replaced meanwhile: wait on the current one
+            }
+        }
+        if tokio::time::timeout_at(deadline, notified).await.is_err() {
+            return;
+        }
     }
 }
 
@@ -599,12 +686,27 @@ impl Broker {
 impl Broker {
     /// Queues a copy for its session and sends what the window allows. Returns the deletes
     /// of persisted copies that were dropped.
-    fn enqueue(&self, target: Target, slow: &mut SlowSends) -> Vec<Op> {
+    fn enqueue(
+        &self,
+        target: Target,
+        slow: &mut SlowSends,
+        laggards: Option<&mut Laggards<'_>>,
+    ) -> Vec<Op> {
         let mut session = target.cell.lock();
         if session.removed {
             return Vec::new();
         }
-        self.enqueue_into(target.session, &mut session, target.pending, slow)
+        // A publisher never waits for itself: its own acknowledgements drain that queue.
+        let watch = laggards.filter(|l| {
+            target.pending.message.qos > 0 && l.publisher != Some(target.session.1.as_str())
+        });
+        let ops = self.enqueue_into(target.session, &mut session, target.pending, slow);
+        if let Some(l) = watch
+            && session.lagging(PACE_HIGH)
+        {
+            l.cells.push(target.cell.clone());
+        }
+        ops
     }
 
     /// [`Self::enqueue`] into a session already locked.
@@ -678,6 +780,9 @@ impl Broker {
             }
             p.sent = true;
             session.inflight.insert(packet_id, p);
+        }
+        if session.queue.len() < PACE_LOW {
+            session.wake_pacers();
         }
         dead
     }
@@ -785,7 +890,24 @@ impl Core {
         tokio::spawn(async move {
             let mut attached: Option<Attached> = None;
             let mut closed = false;
-            while let Some(Ok(cmd)) = commands.next().await {
+            // Publish answers held back for lagging subscribers, in the order of the
+            // publishes (MQTT acknowledges in order); the commands behind them go on.
+            let mut held: VecDeque<HeldReply> = VecDeque::new();
+            loop {
+                let next = tokio::select! {
+                    biased;
+                    () = held.front().map_or_else(
+                        || futures::future::Either::Left(std::future::pending()),
+                        |h| futures::future::Either::Right(h.ready()),
+                    ) => {
+                        if let Some(h) = held.pop_front() {
+                            let _ = tx.try_send(h.event);
+                        }
+                        continue;
+                    }
+                    next = commands.next() => next,
+                };
+                let Some(Ok(cmd)) = next else { break };
                 let rid = cmd.request_id;
                 let Some(command) = cmd.command else { continue };
                 let result = match (command, &attached) {
@@ -816,7 +938,18 @@ impl Core {
                     (Command::Unsubscribe(u), Some(a)) => {
                         core.session_unsubscribe(a, u, &tx, rid).await
                     }
-                    (Command::Publish(p), Some(a)) => core.session_publish(a, p, &tx, rid).await,
+                    (Command::Publish(p), Some(a)) => match core.session_publish(a, p, rid).await {
+                        Ok(Some(reply)) if held.is_empty() && reply.laggards.is_empty() => {
+                            let _ = tx.try_send(reply.event);
+                            Ok(())
+                        }
+                        Ok(Some(reply)) => {
+                            held.push_back(reply);
+                            Ok(())
+                        }
+                        Ok(None) => Ok(()),
+                        Err(e) => Err(e),
+                    },
                     (Command::Release(r), Some(a)) => core.session_release(a, r.packet_id).await,
                     (Command::Ack(k), Some(a)) => core.session_ack(a, k, &tx).await,
                 };
@@ -1017,6 +1150,8 @@ impl Core {
             let Some(conn) = session.conn.take() else {
                 return;
             };
+            // Nobody reads this queue now: its publishers need not wait for it.
+            session.wake_pacers();
             let was_persistent = session.persistent();
             if let Some(e) = expiry {
                 session.expiry_ms = e;
@@ -1064,7 +1199,7 @@ impl Core {
                     &p.message,
                     Some(&a.id.1),
                 ) {
-                    broker.enqueue(t, &mut Vec::new());
+                    broker.enqueue(t, &mut Vec::new(), None);
                 }
             }
         }
@@ -1283,13 +1418,14 @@ impl Core {
         Ok(())
     }
 
+    /// Routes a client's publish; its answer (for QoS 1/2) is returned, not sent, so that the
+    /// stream can hold it while a subscriber lags (see [`PACE_HIGH`]).
     async fn session_publish(
         &self,
         a: &Attached,
         req: v1::SessionPublish,
-        tx: &EventSender,
         rid: u64,
-    ) -> CoreResult<()> {
+    ) -> CoreResult<Option<HeldReply>> {
         let mut message = req
             .message
             .ok_or_else(|| CoreError::InvalidArgument("publish needs a message".into()))?;
@@ -1304,14 +1440,13 @@ impl Core {
                     .then(|| session.persistent().then(|| session.record()))
             })?;
             let Some(record) = first else {
-                let _ = tx.try_send(event(
+                return Ok(Some(HeldReply::now(event(
                     rid,
                     Event::Published(v1::PublishResult {
                         matched: 0,
                         duplicate: true,
                     }),
-                ));
-                return Ok(());
+                ))));
             };
             self.persist_record(&a.id, record).await?;
         }
@@ -1321,6 +1456,10 @@ impl Core {
             .stats
             .bytes_in
             .fetch_add(payload_len(&message) as u64, Ordering::Relaxed);
+        let mut laggards = Laggards {
+            publisher: Some(a.id.1.as_str()),
+            cells: Vec::new(),
+        };
         let matched = if let Some((delay_s, real)) = delayed_topic(&topic) {
             if let Some(p) = message.record.as_mut().and_then(|r| r.properties.as_mut()) {
                 p.address = real.to_string();
@@ -1334,20 +1473,27 @@ impl Core {
             .await?;
             1
         } else {
-            self.route_checked(&a.id.0, message, Some(&a.id.1), true)
+            // QoS 0 asks for no answer (request id 0), so there is nothing to hold.
+            let pace = (rid != 0).then_some(&mut laggards);
+            self.route_checked(&a.id.0, message, Some(&a.id.1), true, pace)
                 .await?
         };
-        // Request id 0 asks for no answer (QoS 0).
-        if rid != 0 {
-            let _ = tx.try_send(event(
-                rid,
-                Event::Published(v1::PublishResult {
-                    matched,
-                    duplicate: false,
-                }),
-            ));
+        if rid == 0 {
+            return Ok(None);
         }
-        Ok(())
+        let mut reply = HeldReply::now(event(
+            rid,
+            Event::Published(v1::PublishResult {
+                matched,
+                duplicate: false,
+            }),
+        ));
+        if !laggards.cells.is_empty() {
+            metrics::counter!("tributary_session_publishes_paced_total").increment(1);
+            reply.laggards = laggards.cells;
+            reply.deadline = tokio::time::Instant::now() + PACE_MAX_WAIT;
+        }
+        Ok(Some(reply))
     }
 
     async fn session_release(&self, a: &Attached, packet_id: u32) -> CoreResult<()> {
@@ -1408,7 +1554,7 @@ impl Core {
         persist_retained: bool,
     ) -> u32 {
         match self
-            .route_checked(ns, message, publisher, persist_retained)
+            .route_checked(ns, message, publisher, persist_retained, None)
             .await
         {
             Ok(n) => n,
@@ -1421,12 +1567,14 @@ impl Core {
 
     /// Routes a message: updates the retained store, then queues a copy for every matching
     /// session. Copies for persistent sessions are written before they are queued.
+    /// With `laggards`, the connected sessions left over [`PACE_HIGH`] are collected there.
     async fn route_checked(
         &self,
         ns: &str,
         message: v1::RoutedMessage,
         publisher: Option<&str>,
         persist_retained: bool,
+        mut laggards: Option<&mut Laggards<'_>>,
     ) -> CoreResult<u32> {
         let broker = self.broker();
         let topic = topic_of(&message).to_string();
@@ -1457,7 +1605,7 @@ impl Core {
             .partition(|t| t.persistent && t.pending.message.qos > 0);
         let now_count = now.len() as u32;
         for t in now {
-            ops.extend(broker.enqueue(t, &mut slow));
+            ops.extend(broker.enqueue(t, &mut slow, laggards.as_deref_mut()));
         }
         broker.send_slow(slow).await;
         if later.is_empty() {
@@ -1500,7 +1648,7 @@ impl Core {
         let matched = now_count + later.len() as u32;
         let mut dead = Vec::new();
         for t in later {
-            dead.extend(broker.enqueue(t, &mut Vec::new()));
+            dead.extend(broker.enqueue(t, &mut Vec::new(), laggards.as_deref_mut()));
         }
         self.persist(dead).await?;
         Ok(matched)
