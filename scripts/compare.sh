@@ -83,6 +83,8 @@ measure_disk() {
 # --- Tributary ----------------------------------------------------------------------------
 # Started fresh (empty data dir) for every run, like Mosquitto: a process keeps the memory it
 # once used, and an earlier run's data would sit in the page cache.
+# No limit on an MQTT session's queue, as Mosquitto here (max_queued_messages 0): the bench
+# fails on any lost message, and what is measured is how each broker keeps queues short.
 tributary_start() {
     tributary_stop
     rm -rf "$work/tributary"
@@ -91,6 +93,7 @@ tributary_start() {
     "$bin" --data-dir "$work/tributary/data" --core-listen 127.0.0.1:0 \
         --admin-listen 127.0.0.1:0 --kafka-listen "127.0.0.1:$t_kafka" \
         --mqtt-listen "127.0.0.1:$t_mqtt" --mqtt-ws-listen off --amqp-listen "127.0.0.1:$t_amqp" --log warn \
+        --mqtt-max-queued 100000000 \
         > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
     t_pid=$!
     # `ready` is printed once every listener is bound.
@@ -129,6 +132,11 @@ if wants mqtt; then
     workloads+=("mqtt-qos1-100x100|mqtt|--producers 100 --consumers 100 --topics 100 --qos 1 --connections $idle")
     workloads+=("mqtt-qos1-100x100-10k/s|mqtt|--producers 100 --consumers 100 --topics 100 --qos 1 --rate 10000")
     workloads+=("mqtt-fanout-1x1000-50/s|mqtt|--producers 1 --consumers 1000 --topics 1 --qos 1 --rate 50")
+    # Many publishers and subscribers on one topic, and one publisher to 1,000 subscribers,
+    # unpaced: whether publishers are slowed to their subscribers' pace (flow control) or
+    # queues and latency grow.
+    workloads+=("mqtt-qos1-10x10-1topic|mqtt|--producers 10 --consumers 10 --topics 1 --qos 1")
+    workloads+=("mqtt-fanout-1x1000|mqtt|--producers 1 --consumers 1000 --topics 1 --qos 1")
 fi
 if wants amqp; then
     workloads+=("amqp-confirms-4x4|amqp|--producers 4 --consumers 4 --topics 4 --qos 1 --prefetch 100")
