@@ -23,12 +23,9 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
         } => {
             refuse_config_user(settings, &name)?;
             let credentials = credentials(&password, &read_password()?)?;
-            let ctx = connect(settings)?;
-            let r = ctx
-                .client
-                .admin
-                .clone()
-                .put_user(v1::PutUserRequest {
+            let version = put_user(
+                settings,
+                v1::PutUserRequest {
                     user: Some(v1::UserRecord {
                         name: name.clone(),
                         credentials,
@@ -37,24 +34,20 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
                     }),
                     must_not_exist: true,
                     ..Default::default()
-                })
-                .await
-                .map_err(|s| ctx.status(s))?
-                .into_inner();
+                },
+            )
+            .await?;
             Ok(Output {
                 table: Table::line(format!("added user {name}")),
-                json: json!({ "name": name, "namespaces": namespaces, "version": r.version }),
+                json: json!({ "name": name, "namespaces": namespaces, "version": version }),
             })
         }
         UsersCommand::Passwd { name, password, .. } => {
             refuse_config_user(settings, &name)?;
             let credentials = credentials(&password, &read_password()?)?;
-            let ctx = connect(settings)?;
-            let r = ctx
-                .client
-                .admin
-                .clone()
-                .put_user(v1::PutUserRequest {
+            let version = put_user(
+                settings,
+                v1::PutUserRequest {
                     user: Some(v1::UserRecord {
                         name: name.clone(),
                         credentials,
@@ -63,13 +56,12 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
                     must_exist: true,
                     keep_namespaces: true,
                     ..Default::default()
-                })
-                .await
-                .map_err(|s| ctx.status(s))?
-                .into_inner();
+                },
+            )
+            .await?;
             Ok(Output {
                 table: Table::line(format!("changed the password of {name}")),
-                json: json!({ "name": name, "version": r.version }),
+                json: json!({ "name": name, "version": version }),
             })
         }
         UsersCommand::Delete { name, .. } => {
@@ -92,6 +84,20 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
             })
         }
     }
+}
+
+/// Stores a user in the core; returns the users' new version.
+async fn put_user(settings: &Settings, request: v1::PutUserRequest) -> Result<u64, CliError> {
+    let ctx = connect(settings)?;
+    let r = ctx
+        .client
+        .admin
+        .clone()
+        .put_user(request)
+        .await
+        .map_err(|s| ctx.status(s))?
+        .into_inner();
+    Ok(r.version)
 }
 
 async fn list(settings: &Settings) -> Result<Output, CliError> {
