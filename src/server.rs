@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
 use tributary_gateway_common::client::LocalCall;
-use tributary_gateway_common::tls::{self, CertSource, ClientCerts, TlsAcceptor};
+use tributary_gateway_common::tls::{self, Acceptor, CertSource, ClientCerts};
 use tributary_gateway_common::{
     ConnectError, Connections, CoreClient, Gateway, Handshake, ListenError, Listener, Plain, bind,
 };
@@ -863,7 +863,7 @@ fn spawn_kafka(
 }
 
 /// A bound TLS listener and the acceptor holding its certificate.
-type TlsListener = (TcpListener, TlsAcceptor);
+type TlsListener = (TcpListener, Acceptor);
 
 /// Binds a TLS listener if it is on; the configuration checked that a certificate is given
 /// for every TLS listener that is on.

@@ -3,7 +3,8 @@
 //! client is served, one without a certificate or with one from another CA is not, and a
 //! split gateway reaches such a core), the admin API over HTTPS, a certificate renewed on
 //! disk served after SIGHUP and after a file change without a restart (and a broken one
-//! refused, the old one kept and the failure counted), and client certificates required on a
+//! refused, the old one kept and the failure counted), a replaced client CA file used after
+//! SIGHUP and after a file change, and client certificates required on a
 //! protocol listener.
 
 mod common;
@@ -474,4 +475,97 @@ async fn a_protocol_listener_can_require_client_certificates() {
         outcome.is_err(),
         "served without a client certificate: {outcome:?}"
     );
+}
+
+/// An MQTT CONNECT over TLS with `client`'s certificate; whether a CONNACK came back.
+async fn mqtt_tls_accepted(addr: SocketAddr, ca_pem: &str, client: &Leaf) -> bool {
+    let attempt = async {
+        let tcp = tokio::net::TcpStream::connect(addr).await?;
+        let mut tls = connector(ca_pem, Some(client))
+            .connect(ServerName::try_from("localhost").unwrap(), tcp)
+            .await?;
+        tls.write_all(&mqtt_connect("ca-reload")).await?;
+        let mut connack = [0u8; 4];
+        tls.read_exact(&mut connack).await?;
+        Ok::<_, std::io::Error>(connack)
+    };
+    let outcome = tokio::time::timeout(Duration::from_secs(10), attempt)
+        .await
+        .expect("an answer within 10 s");
+    matches!(outcome, Ok([0x20, 2, 0, 0]))
+}
+
+/// Polls (bounded) until `client` is served.
+async fn until_accepted(addr: SocketAddr, ca_pem: &str, client: &Leaf, what: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !mqtt_tls_accepted(addr, ca_pem, client).await {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_replaced_client_ca_is_used_after_sighup_and_after_a_file_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let server_ca = Ca::new("server CA");
+    let old_ca = Ca::new("old client CA");
+    let new_ca = Ca::new("new client CA");
+    let (old_client, new_client) = (old_ca.leaf("old"), new_ca.leaf("new"));
+    let ca_pem = server_ca.pem();
+    let start = |name: &str, interval_ms: &str| {
+        let sub = d.join(name);
+        std::fs::create_dir_all(&sub).unwrap();
+        let ca_file = write(&sub, "clients.pem", &old_ca.pem());
+        let node = Server::start(&args(
+            "standalone",
+            &sub,
+            &["--mqtt-tls-listen"],
+            &[
+                cert_flags(&sub, "s", &server_ca.leaf("server")),
+                vec![
+                    "--tls-client-ca".into(),
+                    s(&ca_file),
+                    "--tls-client-auth".into(),
+                    "required".into(),
+                    "--tls-reload-interval-ms".into(),
+                    interval_ms.into(),
+                ],
+            ]
+            .concat(),
+        ));
+        (node, sub)
+    };
+
+    // SIGHUP only (no periodic check): the file replaced changes nothing until the signal.
+    let (node, sub) = start("sighup", "0");
+    let addr = node.listening["mqtt-tls"];
+    assert!(mqtt_tls_accepted(addr, &ca_pem, &old_client).await);
+    assert!(!mqtt_tls_accepted(addr, &ca_pem, &new_client).await);
+    write(&sub, "clients.pem", &new_ca.pem());
+    assert!(
+        !mqtt_tls_accepted(addr, &ca_pem, &new_client).await,
+        "read again without SIGHUP"
+    );
+    sighup(&node);
+    until_accepted(addr, &ca_pem, &new_client, "the new client CA after SIGHUP").await;
+    assert!(!mqtt_tls_accepted(addr, &ca_pem, &old_client).await);
+
+    // The periodic check: a replaced file is picked up without a signal or a restart.
+    let (node, sub) = start("file-change", "100");
+    let addr = node.listening["mqtt-tls"];
+    assert!(!mqtt_tls_accepted(addr, &ca_pem, &new_client).await);
+    write(
+        &sub,
+        "clients.pem",
+        &format!("{}{}", old_ca.pem(), new_ca.pem()),
+    );
+    until_accepted(
+        addr,
+        &ca_pem,
+        &new_client,
+        "the new client CA after a file change",
+    )
+    .await;
+    assert!(mqtt_tls_accepted(addr, &ca_pem, &old_client).await);
 }

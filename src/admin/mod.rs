@@ -193,7 +193,7 @@ fn error(e: CoreError) -> Response {
 /// ALPN chose), with the peer address where the token check looks for it.
 pub async fn serve_tls(
     listener: tokio::net::TcpListener,
-    acceptor: tls::TlsAcceptor,
+    acceptor: tls::Acceptor,
     router: Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) {

@@ -68,6 +68,9 @@ pub struct CertSource {
     cert: PathBuf,
     key: PathBuf,
     current: RwLock<Arc<CertifiedKey>>,
+    /// The acceptors that verify client certificates: their CA files reload with the
+    /// certificate (weak: a listener that is gone needs no reload).
+    verifying: Mutex<Vec<std::sync::Weak<AcceptorInner>>>,
     seen: Mutex<Stamp>,
 }
 
@@ -90,6 +93,7 @@ impl CertSource {
             key: key.to_path_buf(),
             current: RwLock::new(Arc::new(certified)),
             seen: Mutex::new(seen),
+            verifying: Mutex::new(Vec::new()),
         }))
     }
 
@@ -110,29 +114,65 @@ impl CertSource {
 
     /// Reads the files again and serves what they hold from the next handshake on. On an
     /// error (a half-written file, a key that does not match) the certificate in use stays.
+    /// The client CA files of the listeners that verify client certificates are read again
+    /// too (a CA that fails to load leaves that listener's CAs as they were).
     pub fn reload(&self) -> Result<(), TlsError> {
         let seen = stamp(&self.cert, &self.key);
-        let certified = Self::read(&self.cert, &self.key)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
-        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
-        Ok(())
+        let certified = Self::read(&self.cert, &self.key);
+        if let Ok(certified) = &certified {
+            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified.clone());
+            *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
+        }
+        let cas = self.reload_client_cas(true);
+        certified.map(|_| ()).and(cas.map(|_| ()))
+    }
+
+    /// Rebuilds the acceptors whose client CA file changed (or every one, `all`); `Ok(true)`
+    /// when one was rebuilt, else the first error.
+    fn reload_client_cas(&self, all: bool) -> Result<bool, TlsError> {
+        let live: Vec<Arc<AcceptorInner>> = {
+            let mut list = self.verifying.lock().unwrap_or_else(|e| e.into_inner());
+            list.retain(|w| w.strong_count() > 0);
+            list.iter().filter_map(std::sync::Weak::upgrade).collect()
+        };
+        let mut outcome = Ok(false);
+        for acceptor in live {
+            match acceptor.reload_ca(all) {
+                Ok(false) => {}
+                Ok(true) => {
+                    if let Ok(done) = &mut outcome {
+                        *done = true;
+                    }
+                }
+                Err(e) => {
+                    if outcome.is_ok() {
+                        outcome = Err(e);
+                    }
+                }
+            }
+        }
+        outcome
     }
 
     /// [`CertSource::reload`] if either file's modification time or length changed since the
     /// last load; `Ok(true)` when it reloaded.
     pub fn reload_if_changed(&self) -> Result<bool, TlsError> {
+        let cas = self.reload_client_cas(false);
         let now = stamp(&self.cert, &self.key);
         if *self.seen.lock().unwrap_or_else(|e| e.into_inner()) == now {
-            return Ok(false);
+            return cas;
         }
-        match self.reload() {
-            Ok(()) => Ok(true),
+        let certified = match Self::read(&self.cert, &self.key) {
+            Ok(c) => c,
             Err(e) => {
                 // Not retried until the files change again: one error per change.
                 *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
-                Err(e)
+                return Err(e);
             }
-        }
+        };
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
+        *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        cas.map(|_| true)
     }
 
     pub fn paths(&self) -> (&Path, &Path) {
@@ -166,11 +206,92 @@ pub enum ClientCerts {
 
 /// A TLS acceptor serving `source`'s certificate, asking for client certificates as
 /// `clients` says, and offering these ALPN protocols (`h2` for gRPC, none for the binary
-/// protocols, whose clients send none).
+/// protocols, whose clients send none). Its client CA file reloads with `source`.
 pub fn acceptor_for(
     source: &Arc<CertSource>,
     clients: &ClientCerts,
     alpn: &[&[u8]],
+) -> Result<Acceptor, TlsError> {
+    let alpn: Vec<Vec<u8>> = alpn.iter().map(|p| p.to_vec()).collect();
+    let ca = match clients {
+        ClientCerts::None => None,
+        ClientCerts::Optional(ca) | ClientCerts::Required(ca) => Some(ca.clone()),
+    };
+    let ca_seen = ca.as_deref().map(file_stamp);
+    let inner = Arc::new(AcceptorInner {
+        current: RwLock::new(build_acceptor(source, clients, &alpn)?),
+        source: source.clone(),
+        clients: clients.clone(),
+        alpn,
+        ca,
+        ca_seen: Mutex::new(ca_seen),
+    });
+    if inner.ca.is_some() {
+        source
+            .verifying
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(Arc::downgrade(&inner));
+    }
+    Ok(Acceptor(inner))
+}
+
+fn file_stamp(p: &Path) -> (Option<SystemTime>, u64) {
+    std::fs::metadata(p)
+        .map(|m| (m.modified().ok(), m.len()))
+        .unwrap_or((None, 0))
+}
+
+/// A listener's TLS acceptor. Cloning shares it; a reload of the client CA file swaps what
+/// the next handshakes use (connections already up keep theirs).
+#[derive(Clone)]
+pub struct Acceptor(Arc<AcceptorInner>);
+
+pub struct AcceptorInner {
+    current: RwLock<TlsAcceptor>,
+    source: Arc<CertSource>,
+    clients: ClientCerts,
+    alpn: Vec<Vec<u8>>,
+    ca: Option<PathBuf>,
+    ca_seen: Mutex<Option<(Option<SystemTime>, u64)>>,
+}
+
+impl Acceptor {
+    /// What the next handshake uses.
+    pub fn current(&self) -> TlsAcceptor {
+        self.0
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
+
+impl AcceptorInner {
+    /// Reads the client CA file again when it changed (or `always`); `Ok(true)` when the
+    /// acceptor was rebuilt. On an error the CAs in use stay, until the file changes again.
+    fn reload_ca(&self, always: bool) -> Result<bool, TlsError> {
+        let Some(ca) = &self.ca else {
+            return Ok(false);
+        };
+        let now = file_stamp(ca);
+        {
+            let mut seen = self.ca_seen.lock().unwrap_or_else(|e| e.into_inner());
+            if !always && *seen == Some(now) {
+                return Ok(false);
+            }
+            *seen = Some(now);
+        }
+        let rebuilt = build_acceptor(&self.source, &self.clients, &self.alpn)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = rebuilt;
+        Ok(true)
+    }
+}
+
+fn build_acceptor(
+    source: &Arc<CertSource>,
+    clients: &ClientCerts,
+    alpn: &[Vec<u8>],
 ) -> Result<TlsAcceptor, TlsError> {
     let provider = provider();
     let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
@@ -194,7 +315,7 @@ pub fn acceptor_for(
         }
     };
     let mut config = builder.with_cert_resolver(source.clone());
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config.alpn_protocols = alpn.to_vec();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 
@@ -224,13 +345,25 @@ impl Handshake for TlsAcceptor {
     }
 }
 
+impl Handshake for Acceptor {
+    type Stream = TlsStream<TcpStream>;
+    const TLS: bool = true;
+
+    fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> impl Future<Output = std::io::Result<Self::Stream>> + Send {
+        self.current().accept(tcp)
+    }
+}
+
 /// The TLS connections of `listener` (named `name` in metrics), for a server that takes a stream of connections
 /// (tonic's `serve_with_incoming`). Each handshake runs in its own task, bounded by
 /// `handshake_timeout`, so a slow or silent client holds up nobody; a failed one is logged
 /// at debug level and counted in `tributary_connections_dropped_total` like the gateways'.
 pub fn incoming(
     listener: tokio::net::TcpListener,
-    acceptor: TlsAcceptor,
+    acceptor: Acceptor,
     handshake_timeout: std::time::Duration,
     name: &'static str,
 ) -> impl futures::Stream<Item = std::io::Result<TlsStream<TcpStream>>> + Send + 'static {
@@ -256,7 +389,7 @@ pub fn incoming(
                 }
             };
             let _ = tcp.set_nodelay(true);
-            let (acceptor, handed) = (acceptor.clone(), tx.clone());
+            let (acceptor, handed) = (acceptor.current(), tx.clone());
             tokio::spawn(async move {
                 let reason =
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
