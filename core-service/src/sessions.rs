@@ -382,7 +382,8 @@ struct Laggards<'a> {
 struct HeldReply {
     event: v1::SessionEvent,
     laggards: Vec<Arc<SessionCell>>,
-    deadline: tokio::time::Instant,
+    /// Set when there are laggards (no clock read for the common answer sent at once).
+    deadline: Option<tokio::time::Instant>,
 }
 
 impl HeldReply {
@@ -390,13 +391,16 @@ impl HeldReply {
         Self {
             event,
             laggards: Vec::new(),
-            deadline: tokio::time::Instant::now(),
+            deadline: None,
         }
     }
 
     async fn ready(&self) {
+        let Some(deadline) = self.deadline else {
+            return;
+        };
         for cell in &self.laggards {
-            wait_for_room(cell, self.deadline).await;
+            wait_for_room(cell, deadline).await;
         }
     }
 }
@@ -1491,7 +1495,7 @@ impl Core {
         if !laggards.cells.is_empty() {
             metrics::counter!("tributary_session_publishes_paced_total").increment(1);
             reply.laggards = laggards.cells;
-            reply.deadline = tokio::time::Instant::now() + PACE_MAX_WAIT;
+            reply.deadline = Some(tokio::time::Instant::now() + PACE_MAX_WAIT);
         }
         Ok(Some(reply))
     }

@@ -175,7 +175,6 @@ pub fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     http_get_with(addr, path, &[])
 }
 
-/// A GET with extra headers over HTTP/1.0. Returns (status, body).
 /// One HTTP/1.0 request with a body (the admin API's writes); answers status and body.
 pub fn http_request(
     addr: SocketAddr,
@@ -210,24 +209,9 @@ pub fn http_request(
     (status, body)
 }
 
+/// A GET with extra headers over HTTP/1.0. Returns (status, body).
 pub fn http_get_with(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> (u16, String) {
-    use std::io::{Read, Write};
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let mut req = format!("GET {path} HTTP/1.0\r\nHost: localhost\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut raw = String::new();
-    s.read_to_string(&mut raw).unwrap();
-    let status = raw.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    http_request(addr, "GET", path, headers, "")
 }
 
 /// The value of one series (`name{labels}`) in the admin listener's `/metrics`.

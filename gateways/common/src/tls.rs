@@ -118,13 +118,19 @@ impl CertSource {
     /// too (a CA that fails to load leaves that listener's CAs as they were).
     pub fn reload(&self) -> Result<(), TlsError> {
         let seen = stamp(&self.cert, &self.key);
-        let certified = Self::read(&self.cert, &self.key);
-        if let Ok(certified) = &certified {
-            *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified.clone());
+        let cert = self.serve_files();
+        if cert.is_ok() {
             *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = seen;
         }
         let cas = self.reload_client_cas(true);
-        certified.map(|_| ()).and(cas.map(|_| ()))
+        cert.and(cas.map(drop))
+    }
+
+    /// Reads the certificate and key and serves them from the next handshake on.
+    fn serve_files(&self) -> Result<(), TlsError> {
+        let certified = Self::read(&self.cert, &self.key)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
+        Ok(())
     }
 
     /// Rebuilds the acceptors whose client CA file changed (or every one, `all`); `Ok(true)`
@@ -135,23 +141,16 @@ impl CertSource {
             list.retain(|w| w.strong_count() > 0);
             list.iter().filter_map(std::sync::Weak::upgrade).collect()
         };
-        let mut outcome = Ok(false);
+        let (mut rebuilt, mut first_error) = (false, None);
         for acceptor in live {
             match acceptor.reload_ca(all) {
-                Ok(false) => {}
-                Ok(true) => {
-                    if let Ok(done) = &mut outcome {
-                        *done = true;
-                    }
-                }
+                Ok(r) => rebuilt |= r,
                 Err(e) => {
-                    if outcome.is_ok() {
-                        outcome = Err(e);
-                    }
+                    first_error.get_or_insert(e);
                 }
             }
         }
-        outcome
+        first_error.map_or(Ok(rebuilt), Err)
     }
 
     /// [`CertSource::reload`] if either file's modification time or length changed since the
@@ -162,16 +161,10 @@ impl CertSource {
         if *self.seen.lock().unwrap_or_else(|e| e.into_inner()) == now {
             return cas;
         }
-        let certified = match Self::read(&self.cert, &self.key) {
-            Ok(c) => c,
-            Err(e) => {
-                // Not retried until the files change again: one error per change.
-                *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
-                return Err(e);
-            }
-        };
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(certified);
+        // Recorded whatever the outcome: files that fail to load are not tried again until
+        // they change again (one error per change).
         *self.seen.lock().unwrap_or_else(|e| e.into_inner()) = now;
+        self.serve_files()?;
         cas.map(|_| true)
     }
 
