@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Protocol compatibility tests with the clients users run (compat-tests/).
 #
-#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp] [PYTEST ARGS...]
+#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp|sqs] [PYTEST ARGS...]
 #   scripts/compat.sh --setup-only        # only create/refresh the venv
 #
 # Creates a Python venv at ${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv} when missing and
@@ -15,7 +15,9 @@
 # /usr/lib/rabbitmq/bin/rabbitmq-server; apt-get install rabbitmq-server; AMQP_REFERENCE=off
 # skips it). `kafka` runs the scenarios on a shared deployment against Apache Kafka as well
 # (its jars fetched from Maven Central into ~/.cache/tributary; needs java 17+ and mvn;
-# KAFKA_REFERENCE=off skips it).
+# KAFKA_REFERENCE=off skips it). `sqs` runs every scenario against ElasticMQ too
+# (org.elasticmq:elasticmq-server_2.13 and its jars fetched from Maven Central into
+# ~/.cache/tributary; needs java 17+ and mvn; SQS_REFERENCE=off skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -29,9 +31,9 @@ protocol=kafka
 if [[ $# -gt 0 ]]; then
     case "$1" in
         --setup-only) setup_only=1; shift ;;
-        kafka|mqtt|amqp) protocol="$1"; shift ;;
+        kafka|mqtt|amqp|sqs) protocol="$1"; shift ;;
         -*) ;; # pytest arguments; protocol stays kafka
-        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp)" >&2; exit 2 ;;
+        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp, sqs)" >&2; exit 2 ;;
     esac
 fi
 
@@ -82,6 +84,15 @@ if [[ "$protocol" == kafka ]] && [[ ! "${KAFKA_REFERENCE:-}" =~ ^(off|0|false|no
     source "$root/scripts/brokers.sh"
     brokers_install kafka
     export KAFKA_REFERENCE_HOME="$kafka_home"
+fi
+
+# The SQS suite runs its scenarios against ElasticMQ too: its jars come from Maven Central
+# (java and mvn needed) unless SQS_REFERENCE=off; the fixtures start it on a free port.
+if [[ "$protocol" == sqs ]] && [[ ! "${SQS_REFERENCE:-}" =~ ^(off|0|false|no)$ ]]; then
+    # shellcheck source=scripts/brokers.sh
+    source "$root/scripts/brokers.sh"
+    brokers_install elasticmq
+    export ELASTICMQ_HOME="$elasticmq_home"
 fi
 
 echo "== pytest compat-tests/$protocol ($TRIBUTARY_BIN)"

@@ -2,7 +2,8 @@
 # The project's test command (README.md "Run the tests"; .ci/run calls exactly this).
 # Needs the Rust toolchain and python3; cargo fetches the crates, scripts/compat.sh the Python
 # clients (venv); mosquitto (the MQTT reference broker), rabbitmq-server and chromium (the
-# console's end-to-end tests) come from Debian, playwright-core from npm (cache in ~/.npm).
+# console's end-to-end tests) come from Debian, playwright-core from npm (cache in ~/.npm), Apache
+# Kafka and ElasticMQ (the Kafka and SQS references) from Maven Central.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,6 +24,8 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mq
 # The AMQP scenarios also run against RabbitMQ (installed from Debian when missing).
 (source scripts/brokers.sh && brokers_install rabbitmq-server)
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh amqp
+# The SQS scenarios also run against ElasticMQ (its jars fetched from Maven Central by the script).
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh sqs
 # The Java clients (kafka-clients, amqp-client, Paho MQTT; java 17 and mvn, ~/.m2 from Maven
 # Central), AMQP and MQTT also against RabbitMQ and Mosquitto (started by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
