@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Protocol compatibility tests with the Java clients (compat-tests/java: kafka-clients,
-# com.rabbitmq:amqp-client, Eclipse Paho MQTT v3), a Maven project run with JUnit 5.
+# com.rabbitmq:amqp-client, Eclipse Paho MQTT v3, AWS SDK v2 sqs), a Maven project run with
+# JUnit 5.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/compat-java.sh [MVN ARGS...]
 #   e.g. scripts/compat-java.sh -Dtest='*Amqp*'
@@ -9,7 +10,8 @@
 # the tributary binary themselves (one server per test class, on free loopback ports; logs in
 # compat-tests/java/target/tributary-logs/). The AMQP and MQTT tests also run against RabbitMQ
 # and Mosquitto, which this script installs from Debian when missing (scripts/brokers.sh),
-# starts on free loopback ports and stops on exit.
+# starts on free loopback ports and stops on exit; the SQS tests against ElasticMQ (its jars
+# from Maven Central into ~/.cache/tributary), started the same way.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -41,14 +43,15 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-brokers_install mosquitto rabbitmq-server
+brokers_install mosquitto rabbitmq-server elasticmq
 mosquitto_start
+elasticmq_start
 echo "== rabbitmq-server starting"
 rabbitmq_start
 
 reports="$root/compat-tests/java/target/surefire-reports"
 rm -rf "$reports" # the summary below is of this run only
-echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port)"
+echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port, ElasticMQ 127.0.0.1:$e_port)"
 start=$SECONDS
 rc=0
 # Not exec: the trap stops the reference brokers afterwards.
@@ -56,6 +59,7 @@ mvn -B -q -f "$root/compat-tests/java/pom.xml" test \
     -Dtributary.bin="$bin" \
     -Dreference.amqp="127.0.0.1:$r_port" \
     -Dreference.mqtt="127.0.0.1:$m_port" \
+    -Dreference.sqs="127.0.0.1:$e_port" \
     "$@" || rc=$?
 # mvn -q prints only failures: one line per test class from the surefire reports.
 python3 - "$reports" <<'EOF'
