@@ -1659,3 +1659,87 @@ async fn a_priority_above_max_priority_counts_as_max_priority() {
     let mut a = api(&server).await;
     check(&a.receive_all("prio", 3).await);
 }
+
+/// `UpdateQueue` (SQS SetQueueAttributes): the new default visibility and dead-letter limit
+/// act on the queue that exists, what its stored state depends on cannot change, and the
+/// new configuration outlives `kill -9`.
+#[tokio::test]
+async fn update_queue_changes_settings_in_place_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("upd-dlq", v1::QueueConfig::default()).await;
+    a.declare("upd", v1::QueueConfig::default()).await;
+    let config = v1::QueueConfig {
+        visibility_timeout_ms: Some(300),
+        max_delivery_count: Some(1),
+        dead_letter_queue: Some("upd-dlq".into()),
+        extra: [("sqs.tag.team".to_string(), "a".to_string())].into(),
+        ..Default::default()
+    };
+    let info = a
+        .admin
+        .update_queue(v1::UpdateQueueRequest {
+            id: qid("upd"),
+            config: Some(config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .queue
+        .unwrap();
+    assert_eq!(info.config.as_ref().unwrap(), &config);
+    a.send("upd", vec![rec("once")]).await;
+    // Received with the queue's (new) default visibility of 300 ms.
+    let got = a.receive("upd", 1, 0, 0).await;
+    assert_eq!(got.len(), 1);
+    let lease_ms = got[0].lease_expires_at_ms - now_ms();
+    assert!(lease_ms <= 300, "lease of {lease_ms} ms");
+    // Not acked: after its one delivery it goes to the dead-letter queue.
+    let dead = a
+        .receive_n("upd-dlq", 1, 30_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(text(&dead[0]), "once");
+
+    for (what, bad) in [
+        (
+            "fifo",
+            v1::QueueConfig {
+                fifo: Some(true),
+                ..config.clone()
+            },
+        ),
+        (
+            "dedup_window_ms",
+            v1::QueueConfig {
+                dedup_window_ms: Some(60_000),
+                ..config.clone()
+            },
+        ),
+    ] {
+        let err = a
+            .admin
+            .update_queue(v1::UpdateQueueRequest {
+                id: qid("upd"),
+                config: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error_code(&err), ErrorCode::InvalidArgument, "{what}");
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+    let err = a
+        .admin
+        .update_queue(v1::UpdateQueueRequest {
+            id: qid("no-such-queue"),
+            config: Some(config.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&err), ErrorCode::QueueNotFound);
+
+    server.kill9();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    assert_eq!(a.info("upd").await.config.unwrap(), config);
+}

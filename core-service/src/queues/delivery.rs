@@ -134,7 +134,7 @@ impl Core {
                 records.len()
             )));
         }
-        let settings = &h.record.settings;
+        let settings = h.settings();
         let now = now_ms();
         let window = settings.dedup_window_ms();
         let delay = settings.delivery_delay_ms.unwrap_or(0);
@@ -385,7 +385,7 @@ impl Core {
             };
             self.schedule_timer(timer).await?;
         }
-        let settings = &h.record.settings;
+        let settings = h.settings();
         if mode == EnqueueMode::Client
             && settings.overflow == Some(Overflow::DropHead)
             && (settings.max_length.is_some() || settings.max_length_bytes.is_some())
@@ -399,7 +399,7 @@ impl Core {
     /// `max_length_bytes`, become dead letters. As in RabbitMQ, a message larger than the
     /// byte limit went in and goes out with everything before it.
     async fn drop_head(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
-        let settings = &h.record.settings;
+        let settings = h.settings();
         let dead = {
             let mut g = h.guarded.lock().await;
             let mut dead = Vec::new();
@@ -559,7 +559,7 @@ impl Core {
         let h = self.queue(&id)?;
         let max = req.max_messages.clamp(1, MAX_RECEIVE) as usize;
         let vis = if req.visibility_timeout_ms == 0 {
-            h.record.settings.visibility_ms()
+            h.settings().visibility_ms()
         } else {
             req.visibility_timeout_ms
         };
@@ -789,7 +789,7 @@ impl Core {
             metrics::counter!("tributary_queue_dead_lettered_total", "reason" => d.reason)
                 .increment(1);
         }
-        let settings = &h.record.settings;
+        let settings = h.settings();
         let records: Vec<v1::Record> = dead
             .iter()
             .map(|d| {
