@@ -1743,3 +1743,40 @@ async fn update_queue_changes_settings_in_place_and_survives_kill_9() {
     let mut a = api(&server).await;
     assert_eq!(a.info("upd").await.config.unwrap(), config);
 }
+
+/// `dead_letter_expired = false` (SQS retention): a message past its TTL is discarded while
+/// one past its delivery limit still reaches the dead-letter queue.
+#[tokio::test]
+async fn expired_messages_are_discarded_when_the_queue_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("ret-dlq", v1::QueueConfig::default()).await;
+    a.declare(
+        "ret",
+        v1::QueueConfig {
+            message_ttl_ms: Some(1_000),
+            dead_letter_expired: Some(false),
+            dead_letter_queue: Some("ret-dlq".into()),
+            max_delivery_count: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    a.send("ret", vec![rec("old")]).await;
+    a.wait_info("ret", "the expired message to go", |i| {
+        i.messages_ready == 0
+    })
+    .await;
+    // Past its delivery limit: dead-lettered (behind nothing, so the DLQ's only message).
+    a.send("ret", vec![rec("tried")]).await;
+    assert_eq!(a.receive("ret", 1, 100, 0).await.len(), 1);
+    let dead = a
+        .receive_n("ret-dlq", 1, 30_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        dead.iter().map(text).collect::<Vec<_>>(),
+        vec!["tried"],
+        "the expired message was discarded, not dead-lettered"
+    );
+}

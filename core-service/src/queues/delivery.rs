@@ -784,12 +784,21 @@ impl Core {
         if dead.is_empty() {
             return Ok(());
         }
+        let settings = h.settings();
+        if settings.dead_letter_expired == Some(false) && dead.iter().any(|d| d.reason == "expired")
+        {
+            let (expired, dead): (Vec<_>, Vec<_>) =
+                dead.into_iter().partition(|d| d.reason == "expired");
+            debug!(queue = %h.label(), count = expired.len(), "expired messages discarded (the queue dead-letters no expired message)");
+            metrics::counter!("tributary_queue_discarded_total").increment(expired.len() as u64);
+            self.settle_dead_letters(h, &expired, true).await?;
+            return self.move_dead_letters(h, dead).await;
+        }
         let now = now_ms();
         for d in &dead {
             metrics::counter!("tributary_queue_dead_lettered_total", "reason" => d.reason)
                 .increment(1);
         }
-        let settings = h.settings();
         let records: Vec<v1::Record> = dead
             .iter()
             .map(|d| {
@@ -844,10 +853,20 @@ impl Core {
                 false
             }
         };
+        self.settle_dead_letters(h, &dead, settle).await
+    }
+
+    /// Dead letters out of the queue (`settle`) or back in it.
+    async fn settle_dead_letters(
+        &self,
+        h: &Arc<QueueHandle>,
+        dead: &[DeadLetter],
+        settle: bool,
+    ) -> CoreResult<()> {
         let end = {
             let mut g = h.guarded.lock().await;
             let mut ops = Vec::new();
-            for d in &dead {
+            for d in dead {
                 if settle {
                     g.st.settle_moved(d.offset, &mut ops);
                 } else {
