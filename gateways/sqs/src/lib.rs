@@ -2,3 +2,11 @@
 //! protocol (form POST, XML answers) over HTTP/1.1, SigV4-verified, serving SQS queues that
 //! are core queues (the core's queue engine gives visibility, delays, dead letters, FIFO
 //! groups and deduplication; this crate translates).
+
+pub mod actions;
+pub mod attributes;
+pub mod error;
+pub mod message;
+pub mod names;
+pub mod params;
+pub mod render;
