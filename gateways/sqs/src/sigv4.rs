@@ -1532,6 +1532,82 @@ mod tests {
         assert_eq!(claimed_access_key_id(&req.signed()), None);
     }
 
+    /// Requests captured from botocore 1.44 (boto3's signer) at 2026-12-05T09:43:19Z with the
+    /// suite's example key: an SQS client's JSON SendMessage as sent (the Host header added
+    /// as urllib3 adds it), a query-protocol form POST to a path with an escape (signed by its
+    /// SigV4Auth, which encodes the path again), and a presigned GET (SigV4QueryAuth).
+    #[test]
+    fn botocore_signed_requests_verify() {
+        let when = at(1_796_463_799);
+        let json_body = r#"{"QueueUrl": "http://localhost:9324/000000000000/q1", "MessageBody": "hello w\u00f6rld  +&=", "MessageAttributes": {"a": {"DataType": "String", "StringValue": "x"}}}"#;
+        let json = Req::new(
+            "POST",
+            "/",
+            &[
+                ("Host", "localhost:9324"),
+                ("X-Amz-Target", "AmazonSQS.SendMessage"),
+                ("Content-Type", "application/x-amz-json-1.0"),
+                ("x-amzn-query-mode", "true"),
+                (
+                    "User-Agent",
+                    "Botocore/1.44.18 ua/2.1 os/linux#6.18.44-fc-v1272 md/arch#x86_64 lang/python#3.11.7 md/pyimpl#CPython m/E,Z,N,e,b cfg/retry-mode#standard",
+                ),
+                ("X-Amz-Date", "20261205T094319Z"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261205/us-east-1/sqs/aws4_request, SignedHeaders=content-type;host;x-amz-date;x-amz-target;x-amzn-query-mode, Signature=e21fd2bb755cd2b5b37ef24e1fccfa617519ce000aa1a796491dba9234cfbb08",
+                ),
+                (
+                    "amz-sdk-invocation-id",
+                    "fbcf87f7-c5ed-444c-91dc-56cb1c791cc3",
+                ),
+                ("amz-sdk-request", "attempt=1; max=3"),
+                ("Content-Length", "165"),
+            ],
+            json_body.as_bytes(),
+        );
+        assert_eq!(ok(json.verify_at(when)).service, "sqs");
+
+        let form = Req::new(
+            "POST",
+            "/000000000000/q%201",
+            &[
+                ("Host", "localhost:9324"),
+                (
+                    "Content-Type",
+                    "application/x-www-form-urlencoded; charset=utf-8",
+                ),
+                ("X-Amz-Date", "20261205T094319Z"),
+                (
+                    "Authorization",
+                    "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20261205/us-east-1/sqs/aws4_request, SignedHeaders=content-type;host;x-amz-date, Signature=047b1cf80ef71e7aa1762d402560adbfe7c45880365b0efb77512518b7510bf5",
+                ),
+                ("Content-Length", "59"),
+            ],
+            b"Action=SendMessage&MessageBody=a%20b%2Bc&Version=2012-11-05",
+        );
+        ok(form.verify_at(when));
+        // Signed over the path encoded once more; the single-encoded reading must not pass.
+        let mut single = form;
+        single.path = "/000000000000/q 1".into();
+        assert_eq!(
+            single.verify_at(when),
+            Err(SigV4Error::SignatureDoesNotMatch)
+        );
+
+        let presigned = Req::new(
+            "GET",
+            "/000000000000/q1?Action=ReceiveMessage&MaxNumberOfMessages=10&AttributeName.1=All&X-Amz-Algorithm=AWS4-HMAC-SHA256&X-Amz-Credential=AKIDEXAMPLE%2F20261205%2Fus-east-1%2Fsqs%2Faws4_request&X-Amz-Date=20261205T094319Z&X-Amz-Expires=300&X-Amz-SignedHeaders=host&X-Amz-Signature=419491ef9c06ce3f0337a23d77acc26f59d9b7f22038a912a8526fb254c28daa",
+            &[("Host", "localhost:9324")],
+            b"",
+        );
+        ok(presigned.verify_at(when + Duration::from_secs(300)));
+        assert!(matches!(
+            presigned.verify_at(when + Duration::from_secs(301)),
+            Err(SigV4Error::Expired(_))
+        ));
+    }
+
     #[test]
     fn wrong_secret_does_not_match() {
         let mut signer = Signer::sqs(now());
