@@ -208,7 +208,13 @@ impl Api {
             .map_err(|e| SqsError::auth(e.aws_code(), e.status(), e.to_string()))
     }
 
-    fn answer(&self, protocol: Protocol, action: &str, v: &Value, rid: &str) -> Response<Full<Bytes>> {
+    fn answer(
+        &self,
+        protocol: Protocol,
+        action: &str,
+        v: &Value,
+        rid: &str,
+    ) -> Response<Full<Bytes>> {
         let (body, content_type) = match protocol {
             Protocol::Json => (v.to_string(), JSON_TYPE),
             Protocol::Query => (render::xml_response(action, v, rid), "text/xml"),
@@ -216,11 +222,23 @@ impl Api {
         respond(StatusCode::OK, content_type, body, rid, None)
     }
 
-    fn error(&self, protocol: Protocol, action: &str, e: &SqsError, rid: &str) -> Response<Full<Bytes>> {
+    fn error(
+        &self,
+        protocol: Protocol,
+        action: &str,
+        e: &SqsError,
+        rid: &str,
+    ) -> Response<Full<Bytes>> {
         let _ = action;
         let query_error = format!("{};{}", e.code, e.fault());
         match protocol {
-            Protocol::Json => respond(e.status, JSON_TYPE, render::json_error(e), rid, Some(&query_error)),
+            Protocol::Json => respond(
+                e.status,
+                JSON_TYPE,
+                render::json_error(e),
+                rid,
+                Some(&query_error),
+            ),
             Protocol::Query => respond(e.status, "text/xml", render::xml_error(e, rid), rid, None),
         }
     }
