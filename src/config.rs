@@ -300,6 +300,12 @@ pub struct Options {
     /// SQS-compatible HTTP listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_SQS_LISTEN", global = true)]
     pub sqs_listen: Option<String>,
+    /// The AWS region in SQS queue ARNs (and the one SigV4 signatures are scoped to).
+    #[arg(long, env = "TRIBUTARY_SQS_REGION", global = true)]
+    pub sqs_region: Option<String>,
+    /// The account id in SQS queue URLs and ARNs (12 digits).
+    #[arg(long, env = "TRIBUTARY_SQS_ACCOUNT_ID", global = true)]
+    pub sqs_account_id: Option<String>,
     /// RocketMQ broker listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_ROCKETMQ_LISTEN", global = true)]
     pub rocketmq_listen: Option<String>,
@@ -429,6 +435,14 @@ pub struct AclEntry {
     pub permission: String,
 }
 
+/// An `[[sqs_credentials]]` entry: an AWS access key SQS clients sign requests with.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SqsCredentialEntry {
+    pub access_key_id: String,
+    pub secret_access_key: String,
+}
+
 /// An `[[amqp_permissions]]` entry: a user may open a vhost (configure, write and read in
 /// it). A user without an entry may open "/".
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -469,6 +483,12 @@ pub struct FileConfig {
     pub core_client_key: Option<PathBuf>,
     pub amqp_listen: Option<String>,
     pub sqs_listen: Option<String>,
+    pub sqs_region: Option<String>,
+    pub sqs_account_id: Option<String>,
+    /// Access keys SQS requests are signed with (file only); none: any signature is
+    /// accepted, and the SQS listener stays on loopback unless given an address.
+    #[serde(default)]
+    pub sqs_credentials: Vec<SqsCredentialEntry>,
     pub rocketmq_listen: Option<String>,
     pub namesrv_listen: Option<String>,
     pub max_connections: Option<usize>,
@@ -601,6 +621,7 @@ pub struct Settings {
     pub amqp_vhosts: Vec<String>,
     pub amqp_permissions: Vec<tributary_gateway_amqp::Permission>,
     pub sqs_listen: Listen,
+    pub sqs: tributary_gateway_sqs::SqsConfig,
     pub rocketmq_listen: Listen,
     pub namesrv_listen: Listen,
     /// Connections each gateway listener serves at once; `None`: no limit.
@@ -1056,6 +1077,8 @@ impl Settings {
         let kafka_listen_default = default_listen(kafka_sasl, 9092);
         let mqtt_listen_default = default_listen(!mqtt_allow_anonymous, 1883);
         let mqtt_ws_listen_default = default_listen(!mqtt_allow_anonymous, 8083);
+        let sqs = sqs_settings(o, f)?;
+        let sqs_listen_default = default_listen(!sqs.credentials.is_empty(), 9324);
         let mqtt_max_queued: usize = pick!(mqtt_max_queued, 100_000usize);
         if mqtt_max_queued == 0 {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
@@ -1098,7 +1121,8 @@ impl Settings {
             mqtt_listen: listen!(mqtt_listen, mqtt_listen_default.as_str()),
             mqtt_ws_listen: listen!(mqtt_ws_listen, mqtt_ws_listen_default.as_str()),
             amqp_listen: listen!(amqp_listen, "0.0.0.0:5672"),
-            sqs_listen: listen!(sqs_listen, "0.0.0.0:9324"),
+            sqs_listen: listen!(sqs_listen, sqs_listen_default.as_str()),
+            sqs,
             rocketmq_listen: listen!(rocketmq_listen, "0.0.0.0:10911"),
             namesrv_listen: listen!(namesrv_listen, "0.0.0.0:9876"),
             max_connections: NonZeroUsize::new(pick!(max_connections, 0usize)),
@@ -1144,6 +1168,63 @@ fn default_listen(authenticated: bool, port: u16) -> String {
     } else {
         format!("127.0.0.1:{port}")
     }
+}
+
+/// The SQS gateway's account, region and access keys.
+fn sqs_settings(
+    o: &Options,
+    f: &FileConfig,
+) -> Result<tributary_gateway_sqs::SqsConfig, ConfigError> {
+    let region = o
+        .sqs_region
+        .clone()
+        .or_else(|| f.sqs_region.clone())
+        .unwrap_or_else(|| "us-east-1".into());
+    if region.is_empty()
+        || !region
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Err(invalid(
+            "sqs_region",
+            &region,
+            "expected a region name such as us-east-1",
+        ));
+    }
+    let account_id = o
+        .sqs_account_id
+        .clone()
+        .or_else(|| f.sqs_account_id.clone())
+        .unwrap_or_else(|| "000000000000".into());
+    if account_id.len() != 12 || !account_id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid("sqs_account_id", &account_id, "expected 12 digits"));
+    }
+    let mut credentials = Vec::new();
+    for c in &f.sqs_credentials {
+        if c.access_key_id.is_empty() || c.secret_access_key.is_empty() {
+            return Err(invalid(
+                "sqs_credentials",
+                &c.access_key_id,
+                "an access key needs access_key_id and secret_access_key",
+            ));
+        }
+        if credentials
+            .iter()
+            .any(|k: &tributary_gateway_sqs::Credential| k.access_key_id == c.access_key_id)
+        {
+            return Err(invalid("sqs_credentials", &c.access_key_id, "listed twice"));
+        }
+        credentials.push(tributary_gateway_sqs::Credential {
+            access_key_id: c.access_key_id.clone(),
+            secret_access_key: c.secret_access_key.clone(),
+        });
+    }
+    Ok(tributary_gateway_sqs::SqsConfig {
+        region,
+        account_id,
+        credentials,
+        ..Default::default()
+    })
 }
 
 /// `core_token`, or the first line of the file `core_token_file` (not both).

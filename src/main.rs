@@ -126,6 +126,9 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.amqp_tls {
         println!("listening amqp-tls {a}");
     }
+    if let Some(a) = server.bound.sqs {
+        println!("listening sqs {a}");
+    }
     println!("ready");
     signals.wait().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;

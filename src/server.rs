@@ -39,6 +39,7 @@ pub const AVAILABLE_GATEWAYS: &[&str] = &[
     "mqtt-wss",
     "amqp",
     "amqp-tls",
+    "sqs",
 ];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
@@ -83,6 +84,7 @@ pub struct Bound {
     pub mqtt_wss: Option<SocketAddr>,
     pub amqp: Option<SocketAddr>,
     pub amqp_tls: Option<SocketAddr>,
+    pub sqs: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -194,6 +196,10 @@ impl Server {
         };
         let amqp_listeners = match mode {
             Mode::Standalone => Some(bind_amqp(settings, certs.as_ref()).await?),
+            _ => None,
+        };
+        let sqs_listener = match mode {
+            Mode::Standalone => bind_sqs(settings).await?,
             _ => None,
         };
         let (log, meta) = open_storage(settings)?;
@@ -335,6 +341,16 @@ impl Server {
                 &mut bound,
             );
         }
+        if let Some(listener) = sqs_listener {
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            spawn_sqs(
+                settings,
+                listener,
+                client,
+                &mut spawn(&stop, &mut tasks, &connections),
+                &mut bound,
+            );
+        }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
@@ -418,6 +434,20 @@ impl Server {
                 spawn_amqp(
                     settings,
                     listeners,
+                    client,
+                    &mut spawn(&stop, &mut tasks, &connections),
+                    &mut bound,
+                );
+            }
+            "sqs" => {
+                let Some(listener) = bind_sqs(settings).await? else {
+                    return Err(StartError::Unavailable(
+                        "the SQS listener is off: give --sqs-listen HOST:PORT".into(),
+                    ));
+                };
+                spawn_sqs(
+                    settings,
+                    listener,
                     client,
                     &mut spawn(&stop, &mut tasks, &connections),
                     &mut bound,
@@ -1016,6 +1046,32 @@ fn spawn_amqp(
     if let Some((l, acceptor)) = tls {
         spawn_listener(settings, l, "amqp-tls", acceptor, gateway, run);
     }
+}
+
+async fn bind_sqs(settings: &Settings) -> Result<Option<TcpListener>, StartError> {
+    let listener = bind_listen(settings.sqs_listen, "the SQS gateway", "--sqs-listen").await?;
+    if let Some(addr) = settings.sqs_listen.addr()
+        && beyond_loopback(addr)
+        && settings.sqs.credentials.is_empty()
+    {
+        warn!(
+            "the SQS gateway listens on {addr} without access keys: anyone who reaches it can read, send and delete messages; list keys in [[sqs_credentials]] to require SigV4 signatures"
+        );
+    }
+    Ok(listener)
+}
+
+/// Starts the SQS gateway on its bound listener and records its address.
+fn spawn_sqs(
+    settings: &Settings,
+    listener: TcpListener,
+    client: CoreClient,
+    run: &mut Spawn<'_>,
+    bound: &mut Bound,
+) {
+    bound.sqs = listener.local_addr().ok();
+    let gateway = tributary_gateway_sqs::Gateway::new(client, settings.sqs.clone());
+    spawn_listener(settings, listener, "sqs", Plain, gateway, run);
 }
 
 /// `Sessions.Attach` on the core in this process, without the gRPC encoding.

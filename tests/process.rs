@@ -129,10 +129,10 @@ fn bad_config_is_refused_with_the_key_named() {
         "{stderr}"
     );
 
-    let (code, stderr) = run_expect_failure(&["gateway".into(), "sqs".into()]);
+    let (code, stderr) = run_expect_failure(&["gateway".into(), "rocketmq".into()]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("sqs gateway is not part of this build"),
+        stderr.contains("rocketmq gateway is not part of this build"),
         "{stderr}"
     );
     assert!(!dir.path().join("data").exists());

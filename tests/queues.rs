@@ -158,34 +158,43 @@ async fn fifo_groups_keep_order_while_other_groups_run() {
         ],
     )
     .await;
+    // A receive takes a group's messages in order, several at once (SQS's batches).
+    let first = a.receive("orders.fifo", 2, 30_000, 0).await;
+    assert_eq!(first.iter().map(text).collect::<Vec<_>>(), vec!["a1", "a2"]);
+    // Group a is held by a1 and a2: a3 waits; b and c go on.
     let got = a.receive("orders.fifo", 10, 30_000, 0).await;
     assert_eq!(
         got.iter().map(text).collect::<Vec<_>>(),
-        vec!["a1", "b1", "c1"],
-        "one message per group, the oldest"
+        vec!["b1", "b2", "c1"],
+        "the other groups, in order"
     );
-    // Group a is held by a1; b and c finish and go on.
-    a.ack("orders.fifo", &[&got[1], &got[2]]).await;
-    let next = a.receive("orders.fifo", 10, 30_000, 0).await;
-    assert_eq!(next.iter().map(text).collect::<Vec<_>>(), vec!["b2"]);
-    // a1 given back: it comes again before a2.
+    a.ack("orders.fifo", &[&got[0], &got[1], &got[2]]).await;
+    // a1 given back while a2 is out: nothing of group a goes.
     a.queues
         .nack(v1::NackRequest {
             queue: qid("orders.fifo"),
-            lease_ids: vec![got[0].lease_id.clone()],
+            lease_ids: vec![first[0].lease_id.clone()],
             requeue: true,
             delay_ms: 0,
         })
         .await
         .unwrap();
-    let mut order = Vec::new();
-    for _ in 0..3 {
-        let m = a.receive("orders.fifo", 10, 30_000, 0).await;
-        assert_eq!(m.len(), 1, "group a goes one at a time");
-        order.push(text(&m[0]));
-        a.ack("orders.fifo", &[&m[0]]).await;
-    }
-    assert_eq!(order, vec!["a1", "a2", "a3"]);
+    assert!(a.receive("orders.fifo", 10, 30_000, 0).await.is_empty());
+    a.queues
+        .nack(v1::NackRequest {
+            queue: qid("orders.fifo"),
+            lease_ids: vec![first[1].lease_id.clone()],
+            requeue: true,
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let m = a.receive("orders.fifo", 10, 30_000, 0).await;
+    assert_eq!(
+        m.iter().map(text).collect::<Vec<_>>(),
+        vec!["a1", "a2", "a3"],
+        "group a again, from a1, in order"
+    );
 }
 
 fn dedup(value: &str, id: &str) -> v1::Record {
@@ -630,7 +639,9 @@ async fn the_queue_engine_survives_kill_9() {
         vec![grouped("g1", "g"), grouped("g2", "g"), grouped("h1", "h")],
     )
     .await;
-    let fifo = a.receive("k.fifo", 10, 600_000, 0).await;
+    // g1 alone, then (group g held) h1.
+    let mut fifo = a.receive("k.fifo", 1, 600_000, 0).await;
+    fifo.extend(a.receive("k.fifo", 10, 600_000, 0).await);
     assert_eq!(fifo.iter().map(text).collect::<Vec<_>>(), vec!["g1", "h1"]);
     drop(a);
     server.kill9();
@@ -1658,4 +1669,125 @@ async fn a_priority_above_max_priority_counts_as_max_priority() {
     let server = start(dir.path());
     let mut a = api(&server).await;
     check(&a.receive_all("prio", 3).await);
+}
+
+/// `UpdateQueue` (SQS SetQueueAttributes): the new default visibility and dead-letter limit
+/// act on the queue that exists, what its stored state depends on cannot change, and the
+/// new configuration outlives `kill -9`.
+#[tokio::test]
+async fn update_queue_changes_settings_in_place_and_survives_kill_9() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("upd-dlq", v1::QueueConfig::default()).await;
+    a.declare("upd", v1::QueueConfig::default()).await;
+    let config = v1::QueueConfig {
+        visibility_timeout_ms: Some(300),
+        max_delivery_count: Some(1),
+        dead_letter_queue: Some("upd-dlq".into()),
+        extra: [("sqs.tag.team".to_string(), "a".to_string())].into(),
+        ..Default::default()
+    };
+    let info = a
+        .admin
+        .update_queue(v1::UpdateQueueRequest {
+            id: qid("upd"),
+            config: Some(config.clone()),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .queue
+        .unwrap();
+    assert_eq!(info.config.as_ref().unwrap(), &config);
+    a.send("upd", vec![rec("once")]).await;
+    // Received with the queue's (new) default visibility of 300 ms.
+    let got = a.receive("upd", 1, 0, 0).await;
+    assert_eq!(got.len(), 1);
+    let lease_ms = got[0].lease_expires_at_ms - now_ms();
+    assert!(lease_ms <= 300, "lease of {lease_ms} ms");
+    // Not acked: after its one delivery it goes to the dead-letter queue.
+    let dead = a
+        .receive_n("upd-dlq", 1, 30_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(text(&dead[0]), "once");
+
+    for (what, bad) in [
+        (
+            "fifo",
+            v1::QueueConfig {
+                fifo: Some(true),
+                ..config.clone()
+            },
+        ),
+        (
+            "dedup_window_ms",
+            v1::QueueConfig {
+                dedup_window_ms: Some(60_000),
+                ..config.clone()
+            },
+        ),
+    ] {
+        let err = a
+            .admin
+            .update_queue(v1::UpdateQueueRequest {
+                id: qid("upd"),
+                config: Some(bad),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(error_code(&err), ErrorCode::InvalidArgument, "{what}");
+        assert!(err.message().contains(what), "{}", err.message());
+    }
+    let err = a
+        .admin
+        .update_queue(v1::UpdateQueueRequest {
+            id: qid("no-such-queue"),
+            config: Some(config.clone()),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(error_code(&err), ErrorCode::QueueNotFound);
+
+    server.kill9();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    assert_eq!(a.info("upd").await.config.unwrap(), config);
+}
+
+/// `dead_letter_expired = false` (SQS retention): a message past its TTL is discarded while
+/// one past its delivery limit still reaches the dead-letter queue.
+#[tokio::test]
+async fn expired_messages_are_discarded_when_the_queue_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("ret-dlq", v1::QueueConfig::default()).await;
+    a.declare(
+        "ret",
+        v1::QueueConfig {
+            message_ttl_ms: Some(1_000),
+            dead_letter_expired: Some(false),
+            dead_letter_queue: Some("ret-dlq".into()),
+            max_delivery_count: Some(1),
+            ..Default::default()
+        },
+    )
+    .await;
+    a.send("ret", vec![rec("old")]).await;
+    a.wait_info("ret", "the expired message to go", |i| {
+        i.messages_ready == 0
+    })
+    .await;
+    // Past its delivery limit: dead-lettered (behind nothing, so the DLQ's only message).
+    a.send("ret", vec![rec("tried")]).await;
+    assert_eq!(a.receive("ret", 1, 100, 0).await.len(), 1);
+    let dead = a
+        .receive_n("ret-dlq", 1, 30_000, Duration::from_secs(20))
+        .await;
+    assert_eq!(
+        dead.iter().map(text).collect::<Vec<_>>(),
+        vec!["tried"],
+        "the expired message was discarded, not dead-lettered"
+    );
 }

@@ -206,6 +206,20 @@ impl admin_server::Admin for CoreGrpc {
             messages_deleted: self.core.delete_queue(r.into_inner()).await?,
         })
     }
+    async fn update_queue(
+        &self,
+        r: Request<UpdateQueueRequest>,
+    ) -> GrpcResult<UpdateQueueResponse> {
+        let r = r.into_inner();
+        let id = required(r.id, "id")?;
+        ok(UpdateQueueResponse {
+            queue: Some(
+                self.core
+                    .update_queue(&id, &r.config.unwrap_or_default())
+                    .await?,
+            ),
+        })
+    }
     async fn purge_queue(&self, r: Request<PurgeQueueRequest>) -> GrpcResult<PurgeQueueResponse> {
         let id = required(r.into_inner().id, "id")?;
         ok(PurgeQueueResponse {

@@ -179,7 +179,6 @@ pub fn plan(entry: &Entry, name: Option<&str>) -> Result<Plan, InputError> {
     let mut c = v1::QueueConfig::default();
     let mut rows = Vec::new();
     let mut dead_letter_queue = None;
-    let has_redrive = attrs.contains_key("RedrivePolicy");
     let fifo = location.name.ends_with(".fifo");
     if entry.url_only {
         rows.push(AttrRow {
@@ -221,17 +220,16 @@ pub fn plan(entry: &Entry, name: Option<&str>) -> Result<Plan, InputError> {
                 Err(e) => row("not carried", &e),
             },
             "MessageRetentionPeriod" => match seconds(&value, 1_209_600) {
-                // The core's message TTL deletes expired messages, as SQS's retention does,
-                // unless the queue has a dead-letter target: then expired messages would be
-                // dead-lettered, which SQS never does.
-                Ok(ms) if !has_redrive => {
+                // SQS deletes a message past its retention, never dead-letters it: the
+                // core's TTL with dead_letter_expired off does the same.
+                Ok(ms) => {
                     c.message_ttl_ms = Some(ms);
-                    row("carried", "message TTL (message_ttl_ms)")
+                    c.dead_letter_expired = Some(false);
+                    row(
+                        "carried",
+                        "message TTL (message_ttl_ms), expired messages discarded (dead_letter_expired = false)",
+                    )
                 }
-                Ok(_) => store(
-                    &mut c,
-                    "not enforced: with a redrive policy the core would dead-letter expired messages, SQS deletes them",
-                ),
                 Err(e) => row("not carried", &e),
             },
             "FifoQueue" => match (value.as_str(), fifo) {
@@ -700,9 +698,9 @@ mod tests {
         assert_eq!(c.dedup_window_ms, Some(FIFO_DEDUP_WINDOW_MS));
         assert_eq!(c.dead_letter_queue.as_deref(), Some("dead.fifo"));
         assert_eq!(c.max_delivery_count, Some(4));
-        // With a redrive policy, retention is stored, not turned into a dead-lettering TTL.
-        assert_eq!(c.message_ttl_ms, None);
-        assert_eq!(c.extra["sqs.MessageRetentionPeriod"], "600");
+        // Retention is a TTL whose expired messages are discarded, not dead-lettered.
+        assert_eq!(c.message_ttl_ms, Some(600_000));
+        assert_eq!(c.dead_letter_expired, Some(false));
         assert_eq!(c.extra["sqs.ReceiveMessageWaitTimeSeconds"], "20");
         assert_eq!(c.extra["sqs.tag.team"], "payments");
         let outcome = |a: &str| p.rows.iter().find(|r| r.attribute == a).unwrap().outcome;

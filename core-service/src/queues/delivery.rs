@@ -134,7 +134,7 @@ impl Core {
                 records.len()
             )));
         }
-        let settings = &h.record.settings;
+        let settings = h.settings();
         let now = now_ms();
         let window = settings.dedup_window_ms();
         let delay = settings.delivery_delay_ms.unwrap_or(0);
@@ -385,7 +385,7 @@ impl Core {
             };
             self.schedule_timer(timer).await?;
         }
-        let settings = &h.record.settings;
+        let settings = h.settings();
         if mode == EnqueueMode::Client
             && settings.overflow == Some(Overflow::DropHead)
             && (settings.max_length.is_some() || settings.max_length_bytes.is_some())
@@ -399,7 +399,7 @@ impl Core {
     /// `max_length_bytes`, become dead letters. As in RabbitMQ, a message larger than the
     /// byte limit went in and goes out with everything before it.
     async fn drop_head(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
-        let settings = &h.record.settings;
+        let settings = h.settings();
         let dead = {
             let mut g = h.guarded.lock().await;
             let mut dead = Vec::new();
@@ -559,7 +559,7 @@ impl Core {
         let h = self.queue(&id)?;
         let max = req.max_messages.clamp(1, MAX_RECEIVE) as usize;
         let vis = if req.visibility_timeout_ms == 0 {
-            h.record.settings.visibility_ms()
+            h.settings().visibility_ms()
         } else {
             req.visibility_timeout_ms
         };
@@ -784,12 +784,21 @@ impl Core {
         if dead.is_empty() {
             return Ok(());
         }
+        let settings = h.settings();
+        if settings.dead_letter_expired == Some(false) && dead.iter().any(|d| d.reason == "expired")
+        {
+            let (expired, dead): (Vec<_>, Vec<_>) =
+                dead.into_iter().partition(|d| d.reason == "expired");
+            debug!(queue = %h.label(), count = expired.len(), "expired messages discarded (the queue dead-letters no expired message)");
+            metrics::counter!("tributary_queue_discarded_total").increment(expired.len() as u64);
+            self.settle_dead_letters(h, &expired, true).await?;
+            return self.move_dead_letters(h, dead).await;
+        }
         let now = now_ms();
         for d in &dead {
             metrics::counter!("tributary_queue_dead_lettered_total", "reason" => d.reason)
                 .increment(1);
         }
-        let settings = &h.record.settings;
         let records: Vec<v1::Record> = dead
             .iter()
             .map(|d| {
@@ -844,10 +853,20 @@ impl Core {
                 false
             }
         };
+        self.settle_dead_letters(h, &dead, settle).await
+    }
+
+    /// Dead letters out of the queue (`settle`) or back in it.
+    async fn settle_dead_letters(
+        &self,
+        h: &Arc<QueueHandle>,
+        dead: &[DeadLetter],
+        settle: bool,
+    ) -> CoreResult<()> {
         let end = {
             let mut g = h.guarded.lock().await;
             let mut ops = Vec::new();
-            for d in &dead {
+            for d in dead {
                 if settle {
                     g.st.settle_moved(d.offset, &mut ops);
                 } else {

@@ -181,7 +181,10 @@ pub(crate) struct Guarded {
 }
 
 pub(crate) struct QueueHandle {
+    /// As declared; its `settings` are those at open, [`QueueHandle::settings`] the current
+    /// ones (`UpdateQueue` replaces them in place).
     pub record: QueueRecord,
+    settings: RwLock<Arc<QueueSettings>>,
     /// The messages log's end when the queue was opened (see [`shared`]).
     data_end_at_open: i64,
     /// Where the search for the oldest shared body this queue needs stands.
@@ -220,6 +223,9 @@ impl QueueHandle {
     }
     fn touch(&self) {
         self.last_used_ms.store(now_ms(), Ordering::Relaxed);
+    }
+    pub(crate) fn settings(&self) -> Arc<QueueSettings> {
+        self.settings.read().clone()
     }
 }
 
@@ -280,7 +286,7 @@ impl Core {
                 )));
             }
             if !req.passive
-                && (r.settings != settings
+                && (*h.settings() != settings
                     || r.durable != req.durable
                     || r.exclusive != req.exclusive
                     || r.auto_delete != req.auto_delete)
@@ -320,6 +326,68 @@ impl Core {
         self.start_queue_owner(&h);
         info!(queue = %h.label(), "queue declared");
         Ok((self.queue_info(&h).await, true))
+    }
+
+    /// Replaces a queue's configuration in place (SQS SetQueueAttributes and tags, policies
+    /// applied to a queue that exists). What the queue's stored state depends on cannot
+    /// change: FIFO, priorities, the dedup window and whether bytes are counted. A new
+    /// message TTL applies to messages loaded from now on; leases keep their deadlines.
+    pub async fn update_queue(
+        &self,
+        id: &v1::QueueId,
+        config: &v1::QueueConfig,
+    ) -> CoreResult<v1::QueueInfo> {
+        self.check_running()?;
+        let new = QueueSettings::from_proto(config)?;
+        let _admin = self.inner.admin.lock().await;
+        let h = self.queue(id)?;
+        let old = h.settings();
+        let fixed = [
+            (
+                "fifo",
+                old.fifo.unwrap_or(false) != new.fifo.unwrap_or(false),
+            ),
+            ("max_priority", old.max_priority != new.max_priority),
+            (
+                "dedup_window_ms",
+                old.dedup_window_ms() != new.dedup_window_ms(),
+            ),
+            (
+                "max_length_bytes (set or unset)",
+                old.max_length_bytes.is_some() != new.max_length_bytes.is_some(),
+            ),
+        ];
+        if let Some((what, _)) = fixed.iter().find(|(_, changed)| *changed) {
+            return Err(CoreError::InvalidArgument(format!(
+                "queue '{}': {what} cannot change on a queue that exists",
+                h.record.name
+            )));
+        }
+        if let Some(dl) = &new.dead_letter_queue {
+            validate_name("dead-letter queue", dl)?;
+        }
+        if *old != new {
+            let record = QueueRecord {
+                settings: new.clone(),
+                ..h.record.clone()
+            };
+            self.inner
+                .meta
+                .put(
+                    &queue_key(&record.namespace, &record.name),
+                    &to_json(&record),
+                )
+                .await?;
+            let policy = new.policy();
+            *h.settings.write() = Arc::new(new);
+            h.guarded.lock().await.st.policy = policy;
+            // Deadlines and limits may have moved: the owner task looks again, and waiting
+            // receivers try again.
+            h.wake.notify_one();
+            h.ready.notify_waiters();
+            info!(queue = %h.label(), "queue configuration updated");
+        }
+        Ok(self.queue_info(&h).await)
     }
 
     pub async fn delete_queue(&self, req: v1::DeleteQueueRequest) -> CoreResult<i64> {
@@ -457,7 +525,7 @@ impl Core {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
             }),
-            config: Some(r.settings.to_proto()),
+            config: Some(h.settings().to_proto()),
             durable: r.durable,
             exclusive: r.exclusive,
             auto_delete: r.auto_delete,
@@ -669,6 +737,7 @@ impl Core {
             next_subscriber: AtomicU64::new(0),
             last_used_ms: AtomicI64::new(now),
             task: Mutex::new(None),
+            settings: RwLock::new(Arc::new(record.settings.clone())),
             record,
         });
         {
@@ -775,7 +844,7 @@ impl Core {
             if let Err(e) = self.move_dead_letters(&h, dead).await {
                 warn!(queue = %h.label(), error = %e, "could not move dead letters");
             }
-            let expires_at = h.record.settings.expires_ms.and_then(|ms| {
+            let expires_at = h.settings().expires_ms.and_then(|ms| {
                 (h.consumers.load(Ordering::Acquire) == 0)
                     .then(|| h.last_used_ms.load(Ordering::Relaxed).saturating_add(ms))
             });
@@ -820,7 +889,7 @@ impl Core {
         g.ops_since_snapshot += ops.len();
         let data_end = h.durable_end();
         let snapshot = g.ops_since_snapshot >= SNAPSHOT_EVERY_OPS
-            || (h.record.settings.dedup_window_ms() > 0
+            || (h.settings().dedup_window_ms() > 0
                 && data_end - g.data_end_at_snapshot >= SNAPSHOT_EVERY_ENQUEUED);
         if snapshot {
             ops.push(v1::queue_state_op::Op::Snapshot(

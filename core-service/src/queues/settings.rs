@@ -46,6 +46,9 @@ pub struct QueueSettings {
     pub fifo: Option<bool>,
     pub dedup_window_ms: Option<i64>,
     pub delivery_delay_ms: Option<i64>,
+    /// `Some(false)`: expired messages are discarded even with a dead-letter target.
+    #[serde(default)]
+    pub dead_letter_expired: Option<bool>,
     pub extra: BTreeMap<String, String>,
 }
 
@@ -87,6 +90,7 @@ impl QueueSettings {
             fifo: c.fifo,
             dedup_window_ms: c.dedup_window_ms,
             delivery_delay_ms: c.delivery_delay_ms,
+            dead_letter_expired: c.dead_letter_expired,
             extra: c.extra.clone().into_iter().collect(),
         };
         s.validate()?;
@@ -154,6 +158,7 @@ impl QueueSettings {
             dedup_window_ms: self.dedup_window_ms,
             extra: self.extra.clone().into_iter().collect(),
             delivery_delay_ms: self.delivery_delay_ms,
+            dead_letter_expired: self.dead_letter_expired,
         }
     }
 

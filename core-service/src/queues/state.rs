@@ -98,7 +98,8 @@ pub(crate) struct QueueState {
     /// Leased and delayed messages by the time they change: (time, offset).
     timed: BTreeSet<(i64, i64)>,
     /// FIFO: messages per group that are live but not ready (leased, delayed, moving); a
-    /// group with any is blocked so that its messages go out one at a time, in order.
+    /// group with any is blocked so that its messages go out one batch at a time, in order
+    /// (one lease call may take several of a group, as an SQS receive does).
     busy_groups: HashMap<Arc<str>, usize>,
     next_lease_seq: u64,
     leased: usize,
@@ -409,7 +410,8 @@ impl QueueState {
             let offset = key.1;
             let m = &self.msgs[&offset];
             if let Some(g) = &m.group
-                && (self.busy_groups.contains_key(g) || taken_groups.contains(g))
+                && self.busy_groups.contains_key(g)
+                && !taken_groups.contains(g)
             {
                 continue;
             }

@@ -91,7 +91,7 @@ impl Core {
         }
         let consumer = Self::consumer_guard(&h);
         let exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
-        let single_active = h.record.settings.single_active_consumer == Some(true);
+        let single_active = h.settings().single_active_consumer == Some(true);
         let me = h.next_subscriber.fetch_add(1, Ordering::Relaxed) + 1;
         let active = single_active.then(|| ActiveGuard(h.clone(), me));
         h.touch();
