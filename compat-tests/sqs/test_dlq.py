@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sqscompat import attrs, receive_n, receive_none, wait_for
+from sqscompat import attrs, expect_error, receive_n, receive_none, wait_for
 
 
 def _dlq_pair(sqs, broker, uid, max_receives: int = 2):
@@ -139,3 +139,20 @@ def test_move_task_from_a_queue_that_is_no_dlq(broker, sqs, uid):
         sqs.start_message_move_task(SourceArn=broker.queue_arn(uid))
     assert ei.value.response["Error"]["Code"] in (
         "InvalidParameterValue", "UnsupportedOperation", "ResourceNotFoundException")
+
+
+def test_redrive_policy_to_missing_queue(broker, sqs, uid):
+    policy = json.dumps({"deadLetterTargetArn": broker.queue_arn(uid + "-nowhere"),
+                         "maxReceiveCount": "3"})
+    expect_error(("InvalidParameterValue", "AWS.SimpleQueueService.NonExistentQueue",
+                  "QueueDoesNotExist"),
+                 sqs.create_queue, QueueName=uid, Attributes={"RedrivePolicy": policy})
+
+
+@pytest.mark.differs("elasticmq", "does not keep RedriveAllowPolicy")
+def test_redrive_allow_policy(broker, sqs, uid):
+    allow = {"redrivePermission": "byQueue", "sourceQueueArns": [broker.queue_arn(uid + "-src")]}
+    url = sqs.create_queue(QueueName=uid, Attributes={
+        "RedriveAllowPolicy": json.dumps(allow)})["QueueUrl"]
+    got = json.loads(attrs(sqs, url, "RedriveAllowPolicy")["RedriveAllowPolicy"])
+    assert got == allow

@@ -5,6 +5,7 @@ MessageDeduplicationId and by ContentBasedDeduplication, SequenceNumber."""
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 
@@ -179,3 +180,39 @@ def test_receive_request_attempt_id(sqs, uid):
     # A retried attempt answers the same messages (with the same receipt handles).
     assert [m["MessageId"] for m in a["Messages"]] == [m["MessageId"] for m in b["Messages"]]
     assert a["Messages"][0]["Body"] == "m0"
+
+
+def test_fifo_dead_letter_unblocks_the_group(broker, sqs, uid):
+    dlq = sqs.create_queue(QueueName=uid + "-dlq.fifo",
+                           Attributes={"FifoQueue": "true"})["QueueUrl"]
+    policy = json.dumps({"deadLetterTargetArn": broker.queue_arn(uid + "-dlq.fifo"),
+                         "maxReceiveCount": "1"})
+    url = _fifo(sqs, uid, ContentBasedDeduplication="true", RedrivePolicy=policy)
+    sqs.send_message(QueueUrl=url, MessageBody="poison", MessageGroupId="g")
+    sqs.send_message(QueueUrl=url, MessageBody="next", MessageGroupId="g")
+    first = receive_n(sqs, url, 1, VisibilityTimeout=1)[0]
+    assert first["Body"] == "poison"
+    # Not deleted: it goes to the DLQ, and the group goes on with the next message.
+    nxt = receive_n(sqs, url, 1, timeout=20, VisibilityTimeout=60)[0]
+    assert nxt["Body"] == "next"
+    dead = receive_n(sqs, dlq, 1, timeout=10)[0]
+    assert dead["Body"] == "poison"
+
+
+@pytest.mark.differs("elasticmq", "accepts a standard dead-letter queue for a FIFO queue")
+def test_fifo_dlq_must_be_fifo(broker, sqs, uid):
+    sqs.create_queue(QueueName=uid + "-std-dlq")
+    policy = json.dumps({"deadLetterTargetArn": broker.queue_arn(uid + "-std-dlq"),
+                         "maxReceiveCount": "1"})
+    expect_error(("InvalidParameterValue", "InvalidAttributeValue"), sqs.create_queue,
+                 QueueName=uid + ".fifo",
+                 Attributes={"FifoQueue": "true", "RedrivePolicy": policy})
+
+
+@pytest.mark.differs("elasticmq", "does not keep DeduplicationScope and FifoThroughputLimit")
+def test_fifo_throughput_attributes(sqs, uid):
+    url = _fifo(sqs, uid, DeduplicationScope="messageGroup",
+                FifoThroughputLimit="perMessageGroupId")
+    a = attrs(sqs, url, "DeduplicationScope", "FifoThroughputLimit")
+    assert a == {"DeduplicationScope": "messageGroup",
+                 "FifoThroughputLimit": "perMessageGroupId"}

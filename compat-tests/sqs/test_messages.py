@@ -376,3 +376,97 @@ def test_allowed_characters(sqs, uid, body):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     sqs.send_message(QueueUrl=url, MessageBody=body)
     assert receive_n(sqs, url, 1)[0]["Body"] == body
+
+
+def test_one_message_wakes_one_of_two_long_polls(broker, uid):
+    url = broker.client().create_queue(QueueName=uid)["QueueUrl"]
+    polls = [_receive_in_thread(broker.client(), url, 10) for _ in range(2)]
+    for t, out in polls:
+        t.join(QUIET_S)
+        assert t.is_alive(), f"a long poll returned early: {out}"
+    sender = broker.client()
+    sender.send_message(QueueUrl=url, MessageBody="only one")
+    # Exactly one poll gets it; a second message then goes to the other.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and all(t.is_alive() for t, _ in polls):
+        time.sleep(0.05)
+    done = [out for t, out in polls if not t.is_alive()]
+    assert len(done) >= 1, "no long poll was woken"
+    bodies = [m["Body"] for out in done for m in out.get("r", {}).get("Messages", [])]
+    assert bodies == ["only one"], done
+    waiting = [(t, out) for t, out in polls if t.is_alive()]
+    if waiting:
+        sender.send_message(QueueUrl=url, MessageBody="second")
+        t, out = waiting[0]
+        t.join(10)
+        assert not t.is_alive()
+        assert [m["Body"] for m in out["r"]["Messages"]] == ["second"]
+
+
+def test_delete_batch_per_entry_failure(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="x")
+    m = receive_n(sqs, url, 1, VisibilityTimeout=60)[0]
+    r = sqs.delete_message_batch(QueueUrl=url, Entries=[
+        {"Id": "good", "ReceiptHandle": m["ReceiptHandle"]},
+        {"Id": "bad", "ReceiptHandle": "not-a-receipt-handle"}])
+    assert [e["Id"] for e in r["Successful"]] == ["good"]
+    assert len(r["Failed"]) == 1
+    f = r["Failed"][0]
+    assert f["Id"] == "bad"
+    assert f["SenderFault"] is True
+    assert f["Code"] == "ReceiptHandleIsInvalid"
+    assert attrs(sqs, url)["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_system_attributes_on_receive(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="x")
+    m = receive_n(sqs, url, 1, MessageSystemAttributeNames=["SentTimestamp", "SenderId"])[0]
+    assert set(m["Attributes"]) == {"SentTimestamp", "SenderId"}
+    assert abs(int(m["Attributes"]["SentTimestamp"]) - time.time() * 1000) < 60_000
+
+
+@pytest.mark.differs("elasticmq", "leaves MD5OfMessageSystemAttributes out of the SendMessage answer")
+def test_aws_trace_header_and_its_md5(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    trace = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1"
+    sent = sqs.send_message(QueueUrl=url, MessageBody="traced", MessageSystemAttributes={
+        "AWSTraceHeader": {"DataType": "String", "StringValue": trace}})
+    assert sent["MD5OfMessageSystemAttributes"] == md5_of_attributes(
+        {"AWSTraceHeader": {"DataType": "String", "StringValue": trace}})
+    m = receive_n(sqs, url, 1, MessageSystemAttributeNames=["AWSTraceHeader"])[0]
+    assert m["Attributes"]["AWSTraceHeader"] == trace
+
+
+_EAV = pytest.mark.differs("elasticmq", "answers InvalidAttributeValue, AWS InvalidParameterValue")
+
+
+@pytest.mark.parametrize("bad", [
+    pytest.param({f"a{i}": {"DataType": "String", "StringValue": "v"} for i in range(11)},
+                 id="eleven", marks=_EAV),
+    pytest.param({"x": {"DataType": "Strange", "StringValue": "v"}}, id="bad-type"),
+    pytest.param({"AWS.reserved": {"DataType": "String", "StringValue": "v"}},
+                 id="reserved-name",
+                 marks=pytest.mark.differs("elasticmq", "accepts the reserved prefix AWS.")),
+    pytest.param({"n": {"DataType": "Number", "StringValue": "not a number"}}, id="bad-number",
+                 marks=_EAV),
+    pytest.param({"e": {"DataType": "String", "StringValue": ""}}, id="empty-value",
+                 marks=_EAV),
+])
+def test_invalid_message_attributes(sqs, uid, bad):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    expect_error("InvalidParameterValue", sqs.send_message, QueueUrl=url, MessageBody="x",
+                 MessageAttributes=bad)
+    receive_none(sqs, url)
+
+
+@pytest.mark.differs("elasticmq", "answers InvalidAttributeValue (MessageTooLong), AWS BatchRequestTooLong")
+def test_batch_total_size_limit(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    # 10 x 110 KiB: each entry fits, the batch (1 MiB at most) does not.
+    entries = [{"Id": f"e{i}", "MessageBody": "x" * (110 * 1024)} for i in range(10)]
+    e = expect_error(("AWS.SimpleQueueService.BatchRequestTooLong", "BatchRequestTooLong"),
+                     sqs.send_message_batch, QueueUrl=url, Entries=entries)
+    assert isinstance(e, sqs.exceptions.BatchRequestTooLong)
+    receive_none(sqs, url)

@@ -4,6 +4,10 @@ error shape of AWS JSON 1.0 (`__type` and the `x-amzn-query-error` header the SD
 
 from __future__ import annotations
 
+import urllib.parse
+import urllib.request
+import xml.etree.ElementTree as ET
+
 import pytest
 
 from sqscompat import (
@@ -229,3 +233,71 @@ def test_json_content_type(broker, uid, action):
     a = json_call(broker.endpoint, "GetQueueUrl", {"QueueName": uid + "-missing"})
     assert a.status == 400, a
     assert a.headers["content-type"].startswith("application/x-amz-json-1.0"), a.headers
+
+
+def test_query_batch_delete_and_visibility_with_entry_errors(broker, uid):
+    sqs = broker.client()
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    for i in range(2):
+        sqs.send_message(QueueUrl=url, MessageBody=f"m{i}")
+    got = receive_n(sqs, url, 2, VisibilityTimeout=600)
+    a = query(broker.endpoint, "ChangeMessageVisibilityBatch", {
+        "QueueUrl": url,
+        "ChangeMessageVisibilityBatchRequestEntry.1.Id": "c1",
+        "ChangeMessageVisibilityBatchRequestEntry.1.ReceiptHandle": got[0]["ReceiptHandle"],
+        "ChangeMessageVisibilityBatchRequestEntry.1.VisibilityTimeout": "0",
+    })
+    assert a.status == 200, a
+    ok = a.xml().findall(
+        "ChangeMessageVisibilityBatchResult/ChangeMessageVisibilityBatchResultEntry")
+    assert [e.findtext("Id") for e in ok] == ["c1"]
+    again = receive_n(sqs, url, 1, VisibilityTimeout=600)[0]
+    assert again["MessageId"] == got[0]["MessageId"]
+    a = query(broker.endpoint, "DeleteMessageBatch", {
+        "QueueUrl": url,
+        "DeleteMessageBatchRequestEntry.1.Id": "d1",
+        "DeleteMessageBatchRequestEntry.1.ReceiptHandle": again["ReceiptHandle"],
+        "DeleteMessageBatchRequestEntry.2.Id": "d2",
+        "DeleteMessageBatchRequestEntry.2.ReceiptHandle": got[1]["ReceiptHandle"],
+        "DeleteMessageBatchRequestEntry.3.Id": "bad",
+        "DeleteMessageBatchRequestEntry.3.ReceiptHandle": "not-a-receipt-handle",
+    })
+    assert a.status == 200, a
+    root = a.xml()
+    ok = root.findall("DeleteMessageBatchResult/DeleteMessageBatchResultEntry")
+    assert sorted(e.findtext("Id") for e in ok) == ["d1", "d2"]
+    failed = root.findall("DeleteMessageBatchResult/BatchResultErrorEntry")
+    assert [e.findtext("Id") for e in failed] == ["bad"]
+    assert failed[0].findtext("Code") == "ReceiptHandleIsInvalid"
+    assert failed[0].findtext("SenderFault") == "true"
+    a = query(broker.endpoint, "GetQueueAttributes", {
+        "QueueUrl": url, "AttributeName.1": "All"})
+    got_attrs = {e.findtext("Name"): e.findtext("Value")
+                 for e in a.xml().findall("GetQueueAttributesResult/Attribute")}
+    assert got_attrs["ApproximateNumberOfMessages"] == "0"
+    assert got_attrs["ApproximateNumberOfMessagesNotVisible"] == "0"
+
+
+def test_query_tags(broker, uid):
+    url = broker.client().create_queue(QueueName=uid)["QueueUrl"]
+    a = query(broker.endpoint, "TagQueue", {"QueueUrl": url, "Tag.1.Key": "team",
+                                            "Tag.1.Value": "core"})
+    assert a.status == 200, a
+    a = query(broker.endpoint, "ListQueueTags", {"QueueUrl": url})
+    assert a.status == 200, a
+    tags = {e.findtext("Key"): e.findtext("Value")
+            for e in a.xml().findall("ListQueueTagsResult/Tag")}
+    assert tags == {"team": "core"}
+
+
+def test_query_get_request(broker, uid):
+    # The query protocol over GET, parameters in the query string.
+    broker.client().create_queue(QueueName=uid)
+    url = broker.endpoint + "/?" + urllib.parse.urlencode(
+        {"Action": "GetQueueUrl", "Version": "2012-11-05", "QueueName": uid})
+    with urllib.request.urlopen(url, timeout=30) as r:
+        assert r.status == 200
+        root = ET.fromstring(r.read())
+    for el in root.iter():
+        el.tag = el.tag.split("}", 1)[-1]
+    assert root.findtext("GetQueueUrlResult/QueueUrl") == broker.queue_url(uid)

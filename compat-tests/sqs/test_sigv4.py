@@ -5,7 +5,10 @@ InvalidClientTokenId, in both wire protocols."""
 
 from __future__ import annotations
 
+import datetime
+import urllib.error
 import urllib.parse
+import urllib.request
 
 import botocore.auth
 import botocore.awsrequest
@@ -13,8 +16,8 @@ import botocore.credentials
 import pytest
 
 from sqscompat import (
-    ACCESS_KEY, API_VERSION, REGION, SECRET_KEY, expect_error, http_post, json_call, query,
-    receive_n, xml_error,
+    ACCESS_KEY, API_VERSION, REGION, SECRET_KEY, Answer, expect_error, http_post, json_call,
+    query, receive_n, xml_error,
 )
 
 pytestmark = pytest.mark.tributary_only("ElasticMQ does not verify signatures")
@@ -112,5 +115,59 @@ def test_tampered_body(signed, uid):
     a = http_post(signed.endpoint + "/", tampered, dict(req.headers.items()))
     assert a.status == 403, a
     assert xml_error(a)[1] == "SignatureDoesNotMatch"
+    assert not signed.client().receive_message(QueueUrl=url, WaitTimeSeconds=1).get(
+        "Messages")
+
+
+def _presigned_get(endpoint: str, params: dict, key: str, secret: str,
+                   expires: int = 300) -> str:
+    """A query-protocol GET with the SigV4 signature in the query string (presigned)."""
+    url = endpoint + "/?" + urllib.parse.urlencode(
+        {"Action": params.pop("Action"), "Version": API_VERSION, **params})
+    req = botocore.awsrequest.AWSRequest(method="GET", url=url)
+    botocore.auth.SigV4QueryAuth(botocore.credentials.Credentials(key, secret), "sqs",
+                                 REGION, expires=expires).add_auth(req)
+    return req.url
+
+
+def _get(url: str) -> Answer:
+    try:
+        with urllib.request.urlopen(url, timeout=30) as r:
+            return Answer(r.status, {k.lower(): v for k, v in r.headers.items()}, r.read())
+    except urllib.error.HTTPError as e:
+        return Answer(e.code, {k.lower(): v for k, v in e.headers.items()}, e.read())
+
+
+def test_presigned_query_string(signed, uid):
+    signed.client().create_queue(QueueName=uid)
+    a = _get(_presigned_get(signed.endpoint, {"Action": "GetQueueUrl", "QueueName": uid},
+                            ACCESS_KEY, SECRET_KEY))
+    assert a.status == 200, a
+    assert a.xml().findtext("GetQueueUrlResult/QueueUrl") == signed.queue_url(uid)
+    a = _get(_presigned_get(signed.endpoint, {"Action": "GetQueueUrl", "QueueName": uid},
+                            ACCESS_KEY, "wrong"))
+    assert a.status == 403, a
+    assert xml_error(a)[1] == "SignatureDoesNotMatch"
+
+
+def test_clock_skew_beyond_15_minutes(signed, uid, monkeypatch):
+    url = signed.client().create_queue(QueueName=uid)["QueueUrl"]
+    skewed = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(minutes=20)
+    monkeypatch.setattr(botocore.auth, "get_current_datetime",
+                        lambda remove_tzinfo=True: skewed.replace(tzinfo=None)
+                        if remove_tzinfo else skewed)
+    body = urllib.parse.urlencode({"Action": "SendMessage", "Version": API_VERSION,
+                                   "QueueUrl": url, "MessageBody": "old"})
+    req = botocore.awsrequest.AWSRequest(
+        method="POST", url=signed.endpoint + "/", data=body,
+        headers={"Content-Type": "application/x-www-form-urlencoded; charset=utf-8"})
+    botocore.auth.SigV4Auth(botocore.credentials.Credentials(ACCESS_KEY, SECRET_KEY), "sqs",
+                            REGION).add_auth(req)
+    monkeypatch.undo()
+    assert req.headers["X-Amz-Date"] == skewed.strftime("%Y%m%dT%H%M%SZ")
+    a = http_post(signed.endpoint + "/", body.encode(), dict(req.headers.items()))
+    assert a.status in (400, 403), a
+    assert xml_error(a)[1] in ("SignatureDoesNotMatch", "RequestExpired",
+                               "RequestTimeTooSkewed"), a.body
     assert not signed.client().receive_message(QueueUrl=url, WaitTimeSeconds=1).get(
         "Messages")
