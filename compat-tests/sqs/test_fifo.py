@@ -109,8 +109,9 @@ def test_dedup_by_id(sqs, uid):
                           MessageDeduplicationId="same")
     r2 = sqs.send_message(QueueUrl=url, MessageBody="two", MessageGroupId="g",
                           MessageDeduplicationId="same")
-    # The duplicate is accepted and answered with the first message's id.
+    # The duplicate is accepted and answered with the first message's id and sequence number.
     assert r2["MessageId"] == r1["MessageId"]
+    assert r2["SequenceNumber"] == r1["SequenceNumber"]
     sqs.send_message(QueueUrl=url, MessageBody="three", MessageGroupId="g",
                      MessageDeduplicationId="other")
     got = receive_n(sqs, url, 2, VisibilityTimeout=60)
@@ -216,3 +217,19 @@ def test_fifo_throughput_attributes(sqs, uid):
     a = attrs(sqs, url, "DeduplicationScope", "FifoThroughputLimit")
     assert a == {"DeduplicationScope": "messageGroup",
                  "FifoThroughputLimit": "perMessageGroupId"}
+
+
+@pytest.mark.differs("elasticmq", "deduplicates queue-wide whatever DeduplicationScope says")
+def test_dedup_scope_message_group(sqs, uid):
+    url = _fifo(sqs, uid, DeduplicationScope="messageGroup",
+                FifoThroughputLimit="perMessageGroupId")
+    # The same deduplication id in two groups: two messages; again in one group: one.
+    sqs.send_message(QueueUrl=url, MessageBody="a", MessageGroupId="g1",
+                     MessageDeduplicationId="same")
+    sqs.send_message(QueueUrl=url, MessageBody="b", MessageGroupId="g2",
+                     MessageDeduplicationId="same")
+    sqs.send_message(QueueUrl=url, MessageBody="c", MessageGroupId="g1",
+                     MessageDeduplicationId="same")
+    got = receive_n(sqs, url, 2, VisibilityTimeout=60)
+    assert sorted(m["Body"] for m in got) == ["a", "b"]
+    receive_none(sqs, url)
