@@ -86,7 +86,7 @@ def test_oversize_message(sqs, uid):
     receive_none(sqs, url)
 
 
-@pytest.mark.differs("elasticmq", "ignores MaximumMessageSize (and limits to 256 KiB)")
+@pytest.mark.differs("elasticmq", "ignores MaximumMessageSize")
 def test_message_larger_than_queue_maximum(sqs, uid):
     url = sqs.create_queue(QueueName=uid, Attributes={"MaximumMessageSize": "1024"})[
         "QueueUrl"]

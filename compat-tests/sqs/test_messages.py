@@ -470,3 +470,20 @@ def test_batch_total_size_limit(sqs, uid):
                      sqs.send_message_batch, QueueUrl=url, Entries=entries)
     assert isinstance(e, sqs.exceptions.BatchRequestTooLong)
     receive_none(sqs, url)
+
+
+def test_one_mib_message(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    body = "y" * (1024 * 1024)
+    sent = sqs.send_message(QueueUrl=url, MessageBody=body)
+    assert sent["MD5OfMessageBody"] == md5_hex(body)
+    m = receive_n(sqs, url, 1)[0]
+    assert m["Body"] == body
+
+
+def test_queue_url_with_another_host(broker, sqs, uid):
+    # SDKs configured with AWS's URL forms still name the queue by its path.
+    sqs.create_queue(QueueName=uid)
+    url = f"https://sqs.us-east-1.amazonaws.com/000000000000/{uid}"
+    sqs.send_message(QueueUrl=url, MessageBody="by path")
+    assert receive_n(sqs, broker.queue_url(uid), 1)[0]["Body"] == "by path"
