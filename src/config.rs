@@ -1385,6 +1385,33 @@ mod tests {
     }
 
     #[test]
+    fn sqs_listens_on_loopback_until_it_has_access_keys() {
+        let s = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
+        assert_eq!(s.sqs_listen, Listen::At("127.0.0.1:9324".parse().unwrap()));
+        assert_eq!(
+            (s.sqs.region.as_str(), s.sqs.account_id.as_str()),
+            ("us-east-1", "000000000000")
+        );
+        let file: FileConfig = toml::from_str(
+            "sqs_region = \"eu-west-1\"\n[[sqs_credentials]]\naccess_key_id = \"AK\"\nsecret_access_key = \"s\"\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        assert_eq!(s.sqs_listen, Listen::At("0.0.0.0:9324".parse().unwrap()));
+        assert_eq!(s.sqs.region, "eu-west-1");
+        assert_eq!(s.sqs.credentials[0].access_key_id, "AK");
+        for bad in [
+            "sqs_account_id = \"12\"",
+            "sqs_region = \"Not A Region\"",
+            "[[sqs_credentials]]\naccess_key_id = \"AK\"\nsecret_access_key = \"\"",
+        ] {
+            let file: FileConfig = toml::from_str(bad).unwrap();
+            let e = Settings::resolve(&Options::default(), &file).unwrap_err();
+            assert!(e.to_string().contains("sqs_"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
     fn bad_values_name_the_setting() {
         let opts = Options {
             fsync: Some("sometimes".into()),
@@ -1518,6 +1545,8 @@ mod tests {
             "kafka_tls_listen",
             "kafka_tls_advertised",
             "sqs_listen",
+            "sqs_region",
+            "sqs_account_id",
             "rocketmq_listen",
             "namesrv_listen",
             "max_connections",

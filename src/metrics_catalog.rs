@@ -170,7 +170,13 @@ pub const METRICS: &[Metric] = &[
     m(
         "tributary_queue_discarded_total",
         Kind::Counter,
-        "Dead-lettered queue messages discarded: no dead-letter target, or it does not exist or routes nowhere.",
+        "Dead-lettered queue messages discarded: no dead-letter target, or it does not exist or routes nowhere, or (dead_letter_expired = false, SQS retention) past their TTL.",
+    ),
+    // SQS gateway.
+    m(
+        "tributary_sqs_requests_total",
+        Kind::Counter,
+        "SQS requests per action and outcome (ok, or the SQS error code answered).",
     ),
 ];
 

@@ -133,7 +133,7 @@ mod tests {
             }],
         });
         let xml = xml_response("ReceiveMessage", &v, "rid");
-        assert!(xml.contains("<ReceiveMessageResult><Message><Attributes>") == false);
+        assert!(!xml.contains("<Attributes>"));
         assert!(xml.contains(
             "<Message><Attribute><Name>SentTimestamp</Name><Value>1</Value></Attribute>"
         ));
