@@ -105,13 +105,11 @@ def test_failed_message_blocks_then_redelivers_in_order(sqs, uid):
 
 def test_dedup_by_id(sqs, uid):
     url = _fifo(sqs, uid)
-    r1 = sqs.send_message(QueueUrl=url, MessageBody="one", MessageGroupId="g",
-                          MessageDeduplicationId="same")
-    r2 = sqs.send_message(QueueUrl=url, MessageBody="two", MessageGroupId="g",
-                          MessageDeduplicationId="same")
-    # The duplicate is accepted and answered with the first message's id and sequence number.
-    assert r2["MessageId"] == r1["MessageId"]
-    assert r2["SequenceNumber"] == r1["SequenceNumber"]
+    sqs.send_message(QueueUrl=url, MessageBody="one", MessageGroupId="g",
+                     MessageDeduplicationId="same")
+    # The duplicate is accepted (no error) and not delivered.
+    sqs.send_message(QueueUrl=url, MessageBody="two", MessageGroupId="g",
+                     MessageDeduplicationId="same")
     sqs.send_message(QueueUrl=url, MessageBody="three", MessageGroupId="g",
                      MessageDeduplicationId="other")
     got = receive_n(sqs, url, 2, VisibilityTimeout=60)
@@ -119,18 +117,30 @@ def test_dedup_by_id(sqs, uid):
     receive_none(sqs, url)
 
 
+def test_duplicate_send_answers_the_original(sqs, uid):
+    url = _fifo(sqs, uid)
+    r1 = sqs.send_message(QueueUrl=url, MessageBody="one", MessageGroupId="g",
+                          MessageDeduplicationId="same")
+    r2 = sqs.send_message(QueueUrl=url, MessageBody="two", MessageGroupId="g",
+                          MessageDeduplicationId="same")
+    # SQS answers a duplicate with the first send's message id and sequence number.
+    assert r2["MessageId"] == r1["MessageId"]
+    assert r2["SequenceNumber"] == r1["SequenceNumber"]
+
+
 def test_dedup_content_based(sqs, uid):
     url = _fifo(sqs, uid, ContentBasedDeduplication="true")
     r1 = sqs.send_message(QueueUrl=url, MessageBody="same body", MessageGroupId="g")
-    r2 = sqs.send_message(QueueUrl=url, MessageBody="same body", MessageGroupId="g")
-    assert r2["MessageId"] == r1["MessageId"]
+    sqs.send_message(QueueUrl=url, MessageBody="same body", MessageGroupId="g")
     sqs.send_message(QueueUrl=url, MessageBody="other body", MessageGroupId="g")
     got = receive_n(sqs, url, 2, VisibilityTimeout=60,
                     MessageSystemAttributeNames=["MessageDeduplicationId"])
     assert [m["Body"] for m in got] == ["same body", "other body"]
+    receive_none(sqs, url)
     # The deduplication id is the SHA-256 of the body, hex.
     assert got[0]["Attributes"]["MessageDeduplicationId"] == hashlib.sha256(
         b"same body").hexdigest()
+    assert got[0]["MessageId"] == r1["MessageId"]
 
 
 def test_dedup_after_delete_still_within_window(sqs, uid):
