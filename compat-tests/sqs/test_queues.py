@@ -144,11 +144,9 @@ def test_approximate_counters_move(sqs, uid):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     for i in range(3):
         sqs.send_message(QueueUrl=url, MessageBody=f"m{i}")
-    sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=60)
     wait_for(lambda: attrs(sqs, url)["ApproximateNumberOfMessages"] == "3",
              what="3 visible messages")
     a = attrs(sqs, url)
-    assert a["ApproximateNumberOfMessagesDelayed"] == "1"
     assert a["ApproximateNumberOfMessagesNotVisible"] == "0"
     got = receive_n(sqs, url, 2, VisibilityTimeout=60)
     assert len(got) == 2
@@ -159,6 +157,22 @@ def test_approximate_counters_move(sqs, uid):
     a = attrs(sqs, url)
     assert a["ApproximateNumberOfMessagesNotVisible"] == "1"
     assert a["ApproximateNumberOfMessages"] == "1"
+
+
+def test_approximate_delayed_counter(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="later", DelaySeconds=60)
+    sqs.send_message(QueueUrl=url, MessageBody="now")
+    wait_for(lambda: attrs(sqs, url)["ApproximateNumberOfMessages"] == "1",
+             what="1 visible message")
+    a = attrs(sqs, url)
+    assert a["ApproximateNumberOfMessagesDelayed"] == "1"
+    delayed = sqs.create_queue(QueueName=uid + "-q", Attributes={"DelaySeconds": "60"})[
+        "QueueUrl"]
+    sqs.send_message(QueueUrl=delayed, MessageBody="x")
+    a = attrs(sqs, delayed)
+    assert a["ApproximateNumberOfMessagesDelayed"] == "1"
+    assert a["ApproximateNumberOfMessages"] == "0"
 
 
 def test_purge(sqs, uid):
