@@ -156,3 +156,37 @@ def test_redrive_allow_policy(broker, sqs, uid):
         "RedriveAllowPolicy": json.dumps(allow)})["QueueUrl"]
     got = json.loads(attrs(sqs, url, "RedriveAllowPolicy")["RedriveAllowPolicy"])
     assert got == allow
+
+
+def test_dead_letter_source_arn_attribute(broker, sqs, uid):
+    src, dlq = _dlq_pair(sqs, broker, uid, max_receives=1)
+    sqs.send_message(QueueUrl=src, MessageBody="marked")
+    dead = _redrive_to_dlq(sqs, src, dlq, "marked", max_receives=1)
+    assert dead["Attributes"]["DeadLetterQueueSourceArn"] == broker.queue_arn(uid)
+
+
+@pytest.mark.differs("elasticmq", "forgets a cancelled task: ListMessageMoveTasks lists nothing")
+def test_cancel_message_move_task(broker, sqs, uid):
+    src, dlq = _dlq_pair(sqs, broker, uid, max_receives=1)
+    sqs.send_message_batch(QueueUrl=src, Entries=[
+        {"Id": f"e{i}", "MessageBody": f"m{i}"} for i in range(10)])
+    receive_n(sqs, src, 10, VisibilityTimeout=1)
+
+    def in_dlq():
+        sqs.receive_message(QueueUrl=src, WaitTimeSeconds=1)
+        return attrs(sqs, dlq)["ApproximateNumberOfMessages"] == "10"
+    wait_for(in_dlq, timeout=20, what="10 messages in the dead-letter queue")
+    dlq_arn = broker.queue_arn(uid + "-dlq")
+    handle = sqs.start_message_move_task(SourceArn=dlq_arn,
+                                         MaxNumberOfMessagesPerSecond=1)["TaskHandle"]
+    r = sqs.cancel_message_move_task(TaskHandle=handle)
+    assert r["ApproximateNumberOfMessagesMoved"] < 10
+    task = wait_for(lambda: [t for t in sqs.list_message_move_tasks(SourceArn=dlq_arn)[
+        "Results"] if t.get("Status") in ("CANCELLED", "CANCELLING")], what="a cancelled task")
+    assert task[0]["ApproximateNumberOfMessagesMoved"] < 10
+    # What was not moved is still in the DLQ.
+    wait_for(lambda: [t for t in sqs.list_message_move_tasks(SourceArn=dlq_arn)["Results"]
+                      if t.get("Status") == "CANCELLED"], what="the task CANCELLED")
+    a = int(attrs(sqs, dlq)["ApproximateNumberOfMessages"])
+    b = int(attrs(sqs, src)["ApproximateNumberOfMessages"])
+    assert a > 0 and a + b == 10

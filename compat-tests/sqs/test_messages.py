@@ -486,3 +486,45 @@ def test_queue_url_with_another_host(broker, sqs, uid):
     url = f"https://sqs.us-east-1.amazonaws.com/000000000000/{uid}"
     sqs.send_message(QueueUrl=url, MessageBody="by path")
     assert receive_n(sqs, broker.queue_url(uid), 1)[0]["Body"] == "by path"
+
+
+def _stale_and_fresh(sqs, url):
+    """A message received twice: the first receipt handle (its lease over) and the second."""
+    sqs.send_message(QueueUrl=url, MessageBody="twice")
+    first = receive_n(sqs, url, 1, VisibilityTimeout=1)[0]
+    second = receive_n(sqs, url, 1, timeout=15, VisibilityTimeout=60)[0]
+    assert second["MessageId"] == first["MessageId"]
+    return first["ReceiptHandle"], second["ReceiptHandle"]
+
+
+@pytest.mark.differs("elasticmq", "answers ReceiptHandleIsInvalid to a stale receipt handle")
+def test_delete_with_a_stale_receipt_handle_deletes_nothing(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    stale, fresh = _stale_and_fresh(sqs, url)
+    # SQS: the request succeeds, but only the latest handle deletes the message.
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=stale)
+    assert attrs(sqs, url)["ApproximateNumberOfMessagesNotVisible"] == "1"
+    sqs.delete_message(QueueUrl=url, ReceiptHandle=fresh)
+    a = attrs(sqs, url)
+    assert a["ApproximateNumberOfMessagesNotVisible"] == "0"
+    assert a["ApproximateNumberOfMessages"] == "0"
+
+
+@pytest.mark.differs("elasticmq", "answers ReceiptHandleIsInvalid, AWS InvalidParameterValue "
+                     "(message not available for visibility timeout change)")
+def test_change_visibility_with_a_stale_receipt_handle(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    stale, fresh = _stale_and_fresh(sqs, url)
+    expect_error("InvalidParameterValue", sqs.change_message_visibility, QueueUrl=url,
+                 ReceiptHandle=stale, VisibilityTimeout=0)
+    receive_none(sqs, url)  # the fresh lease holds
+    sqs.change_message_visibility(QueueUrl=url, ReceiptHandle=fresh, VisibilityTimeout=0)
+    assert receive_n(sqs, url, 1)[0]["Body"] == "twice"
+
+
+def test_message_attribute_names_all_patterns(sqs, uid):
+    url = sqs.create_queue(QueueName=uid)["QueueUrl"]
+    sqs.send_message(QueueUrl=url, MessageBody="x", MessageAttributes=ORDER_ATTRS)
+    for names in (["All"], [".*"]):
+        m = receive_n(sqs, url, 1, MessageAttributeNames=names, VisibilityTimeout=0)[0]
+        assert m["MessageAttributes"] == ORDER_ATTRS, names
