@@ -78,7 +78,8 @@ def test_empty_body(sqs, uid):
                  QueueUrl=url, MessageBody="")
 
 
-@pytest.mark.differs("elasticmq", "answers InvalidAttributeValue (message MessageTooLong), AWS InvalidParameterValue")
+@pytest.mark.differs("elasticmq", "answers InvalidAttributeValue (message MessageTooLong), "
+                     "AWS InvalidParameterValue")
 def test_oversize_message(sqs, uid):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     expect_error("InvalidParameterValue", sqs.send_message, QueueUrl=url,
@@ -96,7 +97,8 @@ def test_message_larger_than_queue_maximum(sqs, uid):
     assert receive_n(sqs, url, 1)[0]["Body"] == "x" * 1024
 
 
-@pytest.mark.differs("elasticmq", "answers HTTP 500 (text/plain) to a JSON request without a required parameter")
+@pytest.mark.differs("elasticmq", "answers HTTP 500 (text/plain) to a JSON request without a "
+                     "required parameter")
 def test_missing_parameter_json(broker, sqs, uid):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     a = json_call(broker.endpoint, "SendMessage", {"QueueUrl": url})  # no MessageBody

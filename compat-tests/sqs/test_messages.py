@@ -426,7 +426,8 @@ def test_system_attributes_on_receive(sqs, uid):
     assert abs(int(m["Attributes"]["SentTimestamp"]) - time.time() * 1000) < 60_000
 
 
-@pytest.mark.differs("elasticmq", "leaves MD5OfMessageSystemAttributes out of the SendMessage answer")
+@pytest.mark.differs("elasticmq",
+                     "leaves MD5OfMessageSystemAttributes out of the SendMessage answer")
 def test_aws_trace_header_and_its_md5(sqs, uid):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     trace = "Root=1-5759e988-bd862e3fe1be46a994272793;Sampled=1"
@@ -460,7 +461,8 @@ def test_invalid_message_attributes(sqs, uid, bad):
     receive_none(sqs, url)
 
 
-@pytest.mark.differs("elasticmq", "answers InvalidAttributeValue (MessageTooLong), AWS BatchRequestTooLong")
+@pytest.mark.differs("elasticmq", "answers InvalidAttributeValue (MessageTooLong), "
+                     "AWS BatchRequestTooLong")
 def test_batch_total_size_limit(sqs, uid):
     url = sqs.create_queue(QueueName=uid)["QueueUrl"]
     # 10 x 110 KiB: each entry fits, the batch (1 MiB at most) does not.
