@@ -270,6 +270,13 @@ async fn a_delayed_message_waits_for_its_time() {
         )
         .await;
     assert_eq!(r.message_ids[0], -1, "waits in the timer service");
+    // Counted as delayed while it waits, also after a restart.
+    let info = a.info("later").await;
+    assert_eq!((info.messages_ready, info.messages_delayed), (1, 1));
+    server.kill9();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    assert_eq!(a.info("later").await.messages_delayed, 1);
     let first = a.receive("later", 10, 30_000, 0).await;
     assert_eq!(first.iter().map(text).collect::<Vec<_>>(), vec!["now"]);
     let got = a
@@ -277,6 +284,7 @@ async fn a_delayed_message_waits_for_its_time() {
         .await;
     assert_eq!(text(&got[0]), "delayed");
     assert!(now_ms() >= due, "delivered before its time");
+    assert_eq!(a.info("later").await.messages_delayed, 0);
 }
 
 #[tokio::test]
@@ -1789,5 +1797,72 @@ async fn expired_messages_are_discarded_when_the_queue_says_so() {
         dead.iter().map(text).collect::<Vec<_>>(),
         vec!["tried"],
         "the expired message was discarded, not dead-lettered"
+    );
+}
+
+/// A paced redrive cancelled while it runs stops after the message in hand: the rest stay
+/// in the source, visible (a paced move takes a second's worth at a time).
+#[tokio::test]
+async fn a_cancelled_redrive_stops_and_leaves_the_rest_visible() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare("rd-src", v1::QueueConfig::default()).await;
+    a.declare("rd-dlq", v1::QueueConfig::default()).await;
+    a.send("rd-dlq", (0..10).map(|i| rec(&format!("m{i}"))).collect())
+        .await;
+    let task = a
+        .queues
+        .start_redrive(v1::StartRedriveRequest {
+            source: qid("rd-dlq"),
+            destination: "rd-src".into(),
+            max_messages_per_second: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task_id;
+    a.wait_info("rd-src", "the first move", |i| i.messages_ready >= 1)
+        .await;
+    let cancelled = a
+        .queues
+        .cancel_redrive(v1::CancelRedriveRequest {
+            task_id: task.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .task
+        .unwrap();
+    assert!(
+        ["CANCELLING", "CANCELLED"].contains(&cancelled.status.as_str()),
+        "{cancelled:?}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let done = loop {
+        let tasks = a
+            .queues
+            .list_redrives(v1::ListRedrivesRequest {
+                source: qid("rd-dlq"),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .tasks;
+        let t = tasks.into_iter().find(|t| t.task_id == task).unwrap();
+        if t.status == "CANCELLED" {
+            break t;
+        }
+        assert!(std::time::Instant::now() < deadline, "still {t:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(done.moved < 10, "{done:?}");
+    let src = a.info("rd-src").await.messages_ready;
+    let dlq = a.info("rd-dlq").await;
+    assert_eq!(src, done.moved);
+    assert_eq!(
+        (dlq.messages_ready, dlq.messages_leased),
+        (10 - done.moved, 0),
+        "the rest back in the source queue, visible"
     );
 }

@@ -151,6 +151,16 @@ impl Core {
         let Some(due) = self.inner.meta.get(&by_id).await? else {
             return Ok(false);
         };
+        let enqueue_to = self
+            .inner
+            .meta
+            .get(&due)
+            .await?
+            .and_then(|raw| v1::Timer::decode(&raw[..]).ok())
+            .and_then(|t| match t.action {
+                Some(v1::timer::Action::Enqueue(e)) => e.queue,
+                _ => None,
+            });
         let applied = self
             .inner
             .meta
@@ -164,6 +174,9 @@ impl Core {
             .await?;
         if applied {
             metrics::gauge!("tributary_timers_pending").decrement(1.0);
+            if let Some(q) = &enqueue_to {
+                self.note_timer_delayed(q, -1);
+            }
         }
         Ok(applied)
     }
@@ -194,13 +207,22 @@ impl Core {
 
     /// Finishes timers that were firing when the previous process stopped.
     pub(crate) async fn recover_timers(&self) -> CoreResult<()> {
-        let pending = self
+        let due = self
             .inner
             .meta
             .scan_prefix(&meta::key(meta::TIMER_DUE, &[]), usize::MAX)
-            .await?
-            .len();
-        metrics::gauge!("tributary_timers_pending").set(pending as f64);
+            .await?;
+        metrics::gauge!("tributary_timers_pending").set(due.len() as f64);
+        // Delayed enqueues count among their queue's delayed messages.
+        for (_, raw) in &due {
+            if let Ok(v1::Timer {
+                action: Some(v1::timer::Action::Enqueue(e)),
+                ..
+            }) = v1::Timer::decode(&raw[..])
+            {
+                self.note_timer_delayed(&e.queue.unwrap_or_default(), 1);
+            }
+        }
         for (key, raw) in self
             .inner
             .meta
@@ -322,6 +344,9 @@ impl Core {
             return Ok(()); // cancelled meanwhile
         }
         metrics::gauge!("tributary_timers_pending").decrement(1.0);
+        if let Some(v1::timer::Action::Enqueue(e)) = &timer.action {
+            self.note_timer_delayed(&e.queue.clone().unwrap_or_default(), -1);
+        }
         self.finish_firing(firing_key, firing).await
     }
 

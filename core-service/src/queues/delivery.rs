@@ -384,6 +384,13 @@ impl Core {
                 })),
             };
             self.schedule_timer(timer).await?;
+            self.note_timer_delayed(
+                &v1::QueueId {
+                    namespace: h.record.namespace.clone(),
+                    name: h.record.name.clone(),
+                },
+                1,
+            );
         }
         let settings = h.settings();
         if mode == EnqueueMode::Client

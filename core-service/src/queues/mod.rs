@@ -235,6 +235,9 @@ pub(crate) struct QueueTable {
     /// Per namespace: the log that fan-outs store their records in once.
     shared: RwLock<HashMap<String, Arc<shared::SharedBodies>>>,
     redrives: Mutex<HashMap<String, Arc<redrive::Task>>>,
+    /// Per queue: messages waiting in the timer service for their delivery time (a delayed
+    /// enqueue), counted with the queue's delayed messages.
+    timer_delayed: Mutex<HashMap<(String, String), i64>>,
     /// The byte budget every queue's [`tail::Tail`] shares.
     tail_budget: tail::TailBudget,
 }
@@ -416,6 +419,13 @@ impl Core {
             )));
         }
         self.remove_queue(&h).await?;
+        // Its delayed enqueues still fire (into nothing, or a new queue of the name): they
+        // are no longer this queue's to count.
+        self.inner
+            .queues
+            .timer_delayed
+            .lock()
+            .remove(&(h.record.namespace.clone(), h.record.name.clone()));
         Ok(count)
     }
 
@@ -516,6 +526,27 @@ impl Core {
         Ok(out)
     }
 
+    /// A delayed enqueue into a queue was scheduled (+1), or fired or cancelled (-1).
+    pub(crate) fn note_timer_delayed(&self, queue: &v1::QueueId, delta: i64) {
+        let ns = crate::streams::namespace_or_default(&queue.namespace).to_string();
+        let mut counts = self.inner.queues.timer_delayed.lock();
+        let n = counts.entry((ns.clone(), queue.name.clone())).or_insert(0);
+        *n = (*n + delta).max(0);
+        if *n == 0 {
+            counts.remove(&(ns, queue.name.clone()));
+        }
+    }
+
+    fn timer_delayed(&self, h: &QueueHandle) -> i64 {
+        self.inner
+            .queues
+            .timer_delayed
+            .lock()
+            .get(&(h.record.namespace.clone(), h.record.name.clone()))
+            .copied()
+            .unwrap_or(0)
+    }
+
     async fn queue_info(&self, h: &QueueHandle) -> v1::QueueInfo {
         let g = h.guarded.lock().await;
         let unloaded = (h.durable_end() - g.st.cursor()).max(0);
@@ -532,7 +563,7 @@ impl Core {
             messages_ready: g.st.ready_loaded() as i64 + unloaded,
             messages_leased: g.st.leased_count() as i64,
             consumers: h.consumers.load(Ordering::Acquire),
-            messages_delayed: g.st.delayed_count() as i64,
+            messages_delayed: g.st.delayed_count() as i64 + self.timer_delayed(h),
             created_at_ms: r.created_at_ms,
         }
     }

@@ -44,7 +44,7 @@ impl Task {
         }
     }
     fn running(&self) -> bool {
-        self.status.lock().0 == "RUNNING"
+        matches!(self.status.lock().0, "RUNNING" | "CANCELLING")
     }
 }
 
@@ -106,11 +106,14 @@ impl Core {
 
     async fn run_redrive(&self, task: &Task, rate: u32) -> CoreResult<()> {
         let started = tokio::time::Instant::now();
+        // A paced move takes no more than a second's worth at a time: the rest stay visible
+        // in the source (and counted there) until their turn.
+        let batch = if rate > 0 { rate.min(BATCH) } else { BATCH };
         while !task.cancelled.load(Ordering::Acquire) {
             let got = self
                 .receive(v1::ReceiveRequest {
                     queue: Some(task.source.clone()),
-                    max_messages: BATCH,
+                    max_messages: batch,
                     visibility_timeout_ms: MOVE_LEASE_MS,
                     wait_time_ms: 0,
                     consumer: format!("redrive {}", task.id),
@@ -119,7 +122,16 @@ impl Core {
             if got.is_empty() {
                 return Ok(());
             }
-            for m in got {
+            let mut got = got.into_iter();
+            while let Some(m) = got.next() {
+                if task.cancelled.load(Ordering::Acquire) {
+                    // Cancelled mid-batch: what was not moved goes back at once.
+                    let rest: Vec<String> = std::iter::once(m.lease_id)
+                        .chain(got.map(|m| m.lease_id))
+                        .collect();
+                    self.nack(&task.source, &rest, true, 0).await?;
+                    return Ok(());
+                }
                 let mut record = m.record.unwrap_or_default();
                 let p = record.properties.get_or_insert_default();
                 let target = if task.destination.is_empty() {
@@ -176,6 +188,12 @@ impl Core {
             CoreError::InvalidArgument(format!("no redrive task '{}'", task_id.escape_debug()))
         })?;
         t.cancelled.store(true, Ordering::Release);
+        {
+            let mut status = t.status.lock();
+            if status.0 == "RUNNING" {
+                status.0 = "CANCELLING";
+            }
+        }
         Ok(t.to_proto())
     }
 }
