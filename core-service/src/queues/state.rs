@@ -101,6 +101,14 @@ pub(crate) struct QueueState {
     /// group with any is blocked so that its messages go out one batch at a time, in order
     /// (one lease call may take several of a group, as an SQS receive does).
     busy_groups: HashMap<Arc<str>, usize>,
+    /// FIFO: the ready messages of each group, in order.
+    group_ready: HashMap<Arc<str>, BTreeSet<i64>>,
+    /// FIFO: the groups that may go out now (none of theirs out, some ready), by the offset
+    /// of their first ready message; a lease starts here instead of walking past the
+    /// backlog of busy groups.
+    heads: BTreeSet<(i64, Arc<str>)>,
+    /// FIFO: each group's entry in `heads`.
+    head_of: HashMap<Arc<str>, i64>,
     next_lease_seq: u64,
     leased: usize,
     delayed: usize,
@@ -209,6 +217,21 @@ impl QueueState {
             if *n == 0 {
                 self.busy_groups.remove(g);
             }
+            self.refresh_head(g);
+        }
+    }
+
+    /// Puts the group in `heads` at its first ready message if it may go out, else out.
+    fn refresh_head(&mut self, g: &Arc<str>) {
+        if let Some(old) = self.head_of.remove(g) {
+            self.heads.remove(&(old, g.clone()));
+        }
+        if self.busy_groups.contains_key(g) {
+            return;
+        }
+        if let Some(&first) = self.group_ready.get(g).and_then(|r| r.first()) {
+            self.heads.insert((first, g.clone()));
+            self.head_of.insert(g.clone(), first);
         }
     }
 
@@ -222,6 +245,15 @@ impl QueueState {
             Phase::Ready => {
                 if self.ready.remove(&(Reverse(priority), offset)) {
                     self.ready_bytes -= size;
+                }
+                if let Some(g) = &group {
+                    if let Some(r) = self.group_ready.get_mut(g) {
+                        r.remove(&offset);
+                        if r.is_empty() {
+                            self.group_ready.remove(g);
+                        }
+                    }
+                    self.refresh_head(g);
                 }
             }
             Phase::Leased { deadline, .. } => {
@@ -249,6 +281,13 @@ impl QueueState {
             Phase::Ready => {
                 if self.ready.insert((Reverse(priority), offset)) {
                     self.ready_bytes += size;
+                }
+                if let Some(g) = &group {
+                    self.group_ready
+                        .entry(g.clone())
+                        .or_default()
+                        .insert(offset);
+                    self.refresh_head(g);
                 }
             }
             Phase::Leased { deadline, .. } => {
@@ -395,8 +434,43 @@ impl QueueState {
         self.tick(now);
         let mut out = Vec::new();
         let mut dead = Vec::new();
-        let mut taken_groups: Vec<Arc<str>> = Vec::new();
-        // Walked by key rather than copied: the ready set may be large (a FIFO backlog).
+        if self.policy.fifo {
+            // Group by group, from the one whose first ready message is oldest: a group's
+            // consecutive ready messages in order, as many as fit (an SQS batch); a group
+            // with anything out waits and costs nothing here.
+            while out.len() < max {
+                let Some((_, g)) = self.heads.first().cloned() else {
+                    break;
+                };
+                let mut taken = false;
+                while out.len() < max {
+                    let Some(&offset) = self.group_ready.get(&g).and_then(|r| r.first()) else {
+                        break;
+                    };
+                    match self.lease_one(now, offset, visibility_ms, ops) {
+                        Ok(l) => {
+                            out.push(l);
+                            taken = true;
+                        }
+                        Err(d) => {
+                            dead.push(d);
+                            // A dead head holds the group back (it is being moved); behind
+                            // messages already leased in this call the rest may follow.
+                            if !taken {
+                                break;
+                            }
+                        }
+                    }
+                }
+                // The group is busy now (or has nothing ready): it left `heads`. Should it
+                // still be there (nothing could be done with it), stop rather than spin.
+                if self.heads.first().is_some_and(|(_, h)| *h == g) {
+                    break;
+                }
+            }
+            return (out, dead);
+        }
+        // Walked by key rather than copied: the ready set may be large.
         let mut next = self.ready.first().copied();
         while let Some(key) = next {
             if out.len() >= max {
@@ -407,55 +481,58 @@ impl QueueState {
                 .range((Bound::Excluded(key), Bound::Unbounded))
                 .next()
                 .copied();
-            let offset = key.1;
-            let m = &self.msgs[&offset];
-            if let Some(g) = &m.group
-                && self.busy_groups.contains_key(g)
-                && !taken_groups.contains(g)
-            {
-                continue;
+            match self.lease_one(now, key.1, visibility_ms, ops) {
+                Ok(l) => out.push(l),
+                Err(d) => dead.push(d),
             }
-            if m.expires_at > 0 && m.expires_at <= now {
-                dead.push(self.start_move(offset, "expired"));
-                continue;
-            }
-            if self
-                .policy
-                .max_deliveries
-                .is_some_and(|limit| m.delivery_count >= limit)
-            {
-                dead.push(self.start_move(offset, "max-deliveries"));
-                continue;
-            }
-            let seq = self.next_lease_seq;
-            self.next_lease_seq += 1;
-            let deadline = now.saturating_add(visibility_ms);
-            let m = self
-                .msgs
-                .get_mut(&offset)
-                .expect("ready messages are loaded");
-            m.delivery_count += 1;
-            let delivery_count = m.delivery_count;
-            let record = m.record.clone();
-            if let Some(g) = &m.group {
-                taken_groups.push(g.clone());
-            }
-            self.set_phase(offset, Phase::Leased { seq, deadline });
-            ops.push(Op::Lease(v1::QueueLeaseOp {
-                offset,
-                lease_seq: seq,
-                deadline_ms: deadline,
-                delivery_count,
-            }));
-            out.push(Leased {
-                offset,
-                seq,
-                deadline,
-                delivery_count,
-                record,
-            });
         }
         (out, dead)
+    }
+
+    /// Leases one ready message, or starts moving it out when it is past its expiry or its
+    /// delivery limit.
+    fn lease_one(
+        &mut self,
+        now: i64,
+        offset: i64,
+        visibility_ms: i64,
+        ops: &mut Vec<Op>,
+    ) -> Result<Leased, DeadLetter> {
+        let m = &self.msgs[&offset];
+        if m.expires_at > 0 && m.expires_at <= now {
+            return Err(self.start_move(offset, "expired"));
+        }
+        if self
+            .policy
+            .max_deliveries
+            .is_some_and(|limit| m.delivery_count >= limit)
+        {
+            return Err(self.start_move(offset, "max-deliveries"));
+        }
+        let seq = self.next_lease_seq;
+        self.next_lease_seq += 1;
+        let deadline = now.saturating_add(visibility_ms);
+        let m = self
+            .msgs
+            .get_mut(&offset)
+            .expect("ready messages are loaded");
+        m.delivery_count += 1;
+        let delivery_count = m.delivery_count;
+        let record = m.record.clone();
+        self.set_phase(offset, Phase::Leased { seq, deadline });
+        ops.push(Op::Lease(v1::QueueLeaseOp {
+            offset,
+            lease_seq: seq,
+            deadline_ms: deadline,
+            delivery_count,
+        }));
+        Ok(Leased {
+            offset,
+            seq,
+            deadline,
+            delivery_count,
+            record,
+        })
     }
 
     fn start_move(&mut self, offset: i64, reason: &'static str) -> DeadLetter {

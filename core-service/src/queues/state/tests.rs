@@ -614,3 +614,99 @@ fn peek_shows_the_window_in_log_order_and_changes_nothing() {
     assert_eq!(ops.len(), before);
     assert_eq!((st.ready_loaded(), st.leased_count()), (3, 1));
 }
+
+/// One step of the FIFO model test.
+#[derive(Debug, Clone)]
+enum FifoStep {
+    Enqueue(u8),
+    Lease(usize),
+    /// Settles the n-th of the current leases (modulo their number).
+    Ack(usize),
+    /// Gives the n-th of the current leases back, ready at once.
+    Nack(usize),
+    /// Time passes: leases older than this run out.
+    Advance(i64),
+}
+
+fn fifo_step() -> impl Strategy<Value = FifoStep> {
+    prop_oneof![
+        3 => (0u8..4).prop_map(FifoStep::Enqueue),
+        3 => (1usize..6).prop_map(FifoStep::Lease),
+        2 => any::<usize>().prop_map(FifoStep::Ack),
+        1 => any::<usize>().prop_map(FifoStep::Nack),
+        1 => (1i64..30).prop_map(FifoStep::Advance),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+    /// FIFO leases against a model: a group goes out only when nothing of it is out, then
+    /// its ready messages in order, groups by their oldest ready message; an expired or
+    /// given-back message comes again before the rest of its group.
+    #[test]
+    fn fifo_leases_match_the_model(steps in proptest::collection::vec(fifo_step(), 1..150)) {
+        let mut st = QueueState::new(Policy { fifo: true, ..Policy::default() }, 0);
+        let mut ops = Vec::new();
+        // Model: offset -> (group, out until (None = ready)), and the live leases.
+        let mut model: BTreeMap<i64, (u8, Option<i64>)> = BTreeMap::new();
+        let mut leases: Vec<(i64, u64)> = Vec::new();
+        let (mut now, mut next) = (0i64, 0i64);
+        const VIS: i64 = 20;
+        for step in steps {
+            match step {
+                FifoStep::Enqueue(g) => {
+                    st.load(next, rec(&g.to_string(), 0));
+                    model.insert(next, (g, None));
+                    next += 1;
+                }
+                FifoStep::Advance(d) => now += d,
+                FifoStep::Lease(max) => {
+                    for (_, until) in model.values_mut() {
+                        if until.is_some_and(|u| u <= now) {
+                            *until = None;
+                        }
+                    }
+                    leases.retain(|(o, _)| model.get(o).is_some_and(|(_, u)| u.is_some()));
+                    let busy: BTreeSet<u8> =
+                        model.values().filter(|(_, u)| u.is_some()).map(|(g, _)| *g).collect();
+                    let mut heads: Vec<(i64, u8)> = Vec::new();
+                    for (o, (g, u)) in &model {
+                        if u.is_none() && !busy.contains(g) && !heads.iter().any(|(_, h)| h == g) {
+                            heads.push((*o, *g));
+                        }
+                    }
+                    let mut want = Vec::new();
+                    for (_, g) in heads {
+                        for (o, (mg, u)) in &model {
+                            if want.len() < max && *mg == g && u.is_none() {
+                                want.push(*o);
+                            }
+                        }
+                    }
+                    let (got, dead) = st.lease(now, max, VIS, &mut ops);
+                    prop_assert!(dead.is_empty());
+                    let offsets: Vec<i64> = got.iter().map(|l| l.offset).collect();
+                    prop_assert_eq!(&offsets, &want);
+                    for l in got {
+                        model.get_mut(&l.offset).unwrap().1 = Some(now + VIS);
+                        leases.push((l.offset, l.seq));
+                    }
+                }
+                FifoStep::Ack(n) | FifoStep::Nack(n) => {
+                    leases.retain(|(o, _)| model.get(o).is_some_and(|(_, u)| u.is_some_and(|u| u > now)));
+                    if leases.is_empty() {
+                        continue;
+                    }
+                    let (o, seq) = leases.remove(n % leases.len());
+                    if matches!(step, FifoStep::Ack(_)) {
+                        prop_assert!(st.ack(now, o, seq, &mut ops).is_ok());
+                        model.remove(&o);
+                    } else {
+                        prop_assert!(st.nack(now, o, seq, true, 0, &mut ops).unwrap().is_none());
+                        model.get_mut(&o).unwrap().1 = None;
+                    }
+                }
+            }
+        }
+    }
+}
