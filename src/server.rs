@@ -342,7 +342,8 @@ impl Server {
             );
         }
         if let Some(listener) = sqs_listener {
-            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()))
+                .with_local_queues(Arc::new(CoreQueues(core.clone())));
             spawn_sqs(
                 settings,
                 listener,
@@ -1123,6 +1124,26 @@ impl tributary_gateway_common::client::LocalQueues for CoreQueues {
             core.nack(&queue, &req.lease_ids, req.requeue, req.delay_ms)
                 .await?;
             Ok(v1::NackResponse {})
+        })
+    }
+    fn enqueue(&self, req: v1::EnqueueRequest) -> LocalCall<v1::EnqueueResponse> {
+        let core = self.0.clone();
+        Box::pin(async move { core.enqueue(req).await.map_err(Into::into) })
+    }
+    fn receive(&self, req: v1::ReceiveRequest) -> LocalCall<v1::ReceiveResponse> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let messages = core.receive(req).await?;
+            Ok(v1::ReceiveResponse { messages })
+        })
+    }
+    fn change_lease(&self, req: v1::ChangeLeaseRequest) -> LocalCall<v1::ChangeLeaseResponse> {
+        let core = self.0.clone();
+        Box::pin(async move {
+            let queue = req.queue.unwrap_or_default();
+            core.change_lease(&queue, &req.lease_ids, req.visibility_timeout_ms)
+                .await?;
+            Ok(v1::ChangeLeaseResponse {})
         })
     }
     fn subscribe(

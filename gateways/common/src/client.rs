@@ -16,11 +16,13 @@ use tonic::service::Routes;
 use std::sync::Arc;
 use tonic::transport::{Channel, Endpoint};
 use tributary_proto::v1::{
-    AckRequest, AckResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
-    PublishResponse, SessionCommand, SessionEvent, SubscribeEvent, SubscribeRequest,
-    admin_client::AdminClient, groups_client::GroupsClient, offsets_client::OffsetsClient,
-    queues_client::QueuesClient, sessions_client::SessionsClient, streams_client::StreamsClient,
-    timers_client::TimersClient, transactions_client::TransactionsClient,
+    AckRequest, AckResponse, ChangeLeaseRequest, ChangeLeaseResponse, EnqueueRequest,
+    EnqueueResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
+    PublishResponse, ReceiveRequest, ReceiveResponse, SessionCommand, SessionEvent, SubscribeEvent,
+    SubscribeRequest, admin_client::AdminClient, groups_client::GroupsClient,
+    offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
+    streams_client::StreamsClient, timers_client::TimersClient,
+    transactions_client::TransactionsClient,
 };
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -130,7 +132,8 @@ pub type SubscribeEvents =
     Pin<Box<dyn futures::Stream<Item = Result<SubscribeEvent, tonic::Status>> + Send>>;
 
 /// The queue engine's per-message calls served by a core in this process without the
-/// gRPC encoding: every publish, delivery and ack of an AMQP connection goes through them,
+/// gRPC encoding: every publish, delivery and ack of an AMQP connection (and every send,
+/// receive and delete of an SQS client) goes through them,
 /// and encoding each into protobuf and an HTTP body only to decode it again in the same
 /// process cost as much CPU as the work itself. Same messages, same semantics; over the
 /// network they are the `Streams.Publish`, `Queues.Ack`/`Nack`/`Subscribe` RPCs.
@@ -142,6 +145,9 @@ pub trait LocalQueues: Send + Sync {
     fn ack(&self, req: AckRequest) -> LocalCall<AckResponse>;
     fn nack(&self, req: NackRequest) -> LocalCall<NackResponse>;
     fn subscribe(&self, requests: SubscribeRequests) -> SubscribeEvents;
+    fn enqueue(&self, req: EnqueueRequest) -> LocalCall<EnqueueResponse>;
+    fn receive(&self, req: ReceiveRequest) -> LocalCall<ReceiveResponse>;
+    fn change_lease(&self, req: ChangeLeaseRequest) -> LocalCall<ChangeLeaseResponse>;
 }
 
 /// Clients for every service of the core API, sharing one transport.
@@ -233,6 +239,33 @@ impl CoreClient {
         match &self.local_queues {
             Some(local) => local.nack(req).await,
             None => Ok(self.queues.clone().nack(req).await?.into_inner()),
+        }
+    }
+
+    /// `Queues.Enqueue`.
+    pub async fn enqueue(&self, req: EnqueueRequest) -> Result<EnqueueResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.enqueue(req).await,
+            None => Ok(self.queues.clone().enqueue(req).await?.into_inner()),
+        }
+    }
+
+    /// `Queues.Receive` (a long poll waits in the core).
+    pub async fn receive(&self, req: ReceiveRequest) -> Result<ReceiveResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.receive(req).await,
+            None => Ok(self.queues.clone().receive(req).await?.into_inner()),
+        }
+    }
+
+    /// `Queues.ChangeLease`.
+    pub async fn change_lease(
+        &self,
+        req: ChangeLeaseRequest,
+    ) -> Result<ChangeLeaseResponse, tonic::Status> {
+        match &self.local_queues {
+            Some(local) => local.change_lease(req).await,
+            None => Ok(self.queues.clone().change_lease(req).await?.into_inner()),
         }
     }
 

@@ -811,14 +811,11 @@ impl Service {
         records: Vec<v1::Record>,
     ) -> SqsResult<v1::EnqueueResponse> {
         self.client
-            .queues
-            .clone()
             .enqueue(v1::EnqueueRequest {
                 queue: self.qid(name),
                 records,
             })
             .await
-            .map(tonic::Response::into_inner)
             .map_err(|e| self.queue_error(name, &e))
     }
 
@@ -967,8 +964,6 @@ impl Service {
         });
         let leased = self
             .client
-            .queues
-            .clone()
             .receive(v1::ReceiveRequest {
                 queue: self.qid(&name),
                 max_messages: max as u32,
@@ -980,7 +975,6 @@ impl Service {
             })
             .await
             .map_err(|e| self.queue_error(&name, &e))?
-            .into_inner()
             .messages;
         let now = now_ms();
         let messages: Vec<Value> = leased
@@ -1156,8 +1150,6 @@ impl Service {
 
     async fn ack(&self, name: &str, handles: Vec<String>) -> SqsResult<()> {
         self.client
-            .queues
-            .clone()
             .ack(v1::AckRequest {
                 queue: self.qid(name),
                 lease_ids: handles,
@@ -1204,8 +1196,6 @@ impl Service {
     async fn change_lease(&self, name: &str, handle: &str, seconds: i64) -> SqsResult<()> {
         Self::check_handle(handle)?;
         self.client
-            .queues
-            .clone()
             .change_lease(v1::ChangeLeaseRequest {
                 queue: self.qid(name),
                 lease_ids: vec![handle.to_string()],
