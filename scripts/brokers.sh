@@ -1,13 +1,15 @@
-# Reference brokers (Mosquitto, RabbitMQ, Apache Kafka) for scripts that compare or smoke-test
-# against them. Sourced, not run: `source scripts/brokers.sh`, then
+# Reference brokers (Mosquitto, RabbitMQ, Apache Kafka, ElasticMQ) for scripts that compare or
+# smoke-test against them. Sourced, not run: `source scripts/brokers.sh`, then
 #
 #   brokers_install mosquitto rabbitmq-server   # apt-get when missing (root or sudo)
 #   brokers_install chromium                    # the browser of scripts/console-test.sh
 #   brokers_install kafka                       # Apache Kafka's jars from Maven Central (mvn)
+#   brokers_install elasticmq                   # ElasticMQ's jars from Maven Central (mvn)
 #   brokers_init "$workdir"                     # where configs, data and logs go
 #   mosquitto_start                             # sets m_port, m_pid (restarts if running)
 #   rabbitmq_start                              # sets r_port, r_pid; up to ~2 min to boot
 #   kafka_start                                 # sets k_port, k_pid: one KRaft node, fresh
+#   elasticmq_start                             # sets e_port, e_pid, e_url: SQS, in memory
 #   brokers_stop                                # stops everything started (also from a trap)
 #
 # Every broker listens on a free loopback port and keeps its state under the work dir, so
@@ -37,6 +39,7 @@ brokers_install() { # package...
             chromium) [[ -x /usr/bin/chromium ]] || need+=(chromium) ;;
             # Not from Debian: Maven Central, into ~/.cache/tributary.
             kafka) kafka_install || return 1 ;;
+            elasticmq) elasticmq_install || return 1 ;;
             *) echo "brokers_install: unknown package $pkg" >&2; return 2 ;;
         esac
     done
@@ -55,6 +58,7 @@ brokers_init() { # workdir
     m_pid=""
     r_pid=""
     k_pid=""
+    e_pid=""
     rabbit_node=""
     rabbit_env=()
     mkdir -p "$brokers_dir"
@@ -231,8 +235,100 @@ kafka_stop() {
     fi
 }
 
+# ElasticMQ, the reference SQS server (org.elasticmq:elasticmq-server_2.13 and its runtime
+# dependencies from Maven Central, copied once into ~/.cache/tributary: the artifact is the
+# server's main class only, not the fat jar of its releases), run with the machine's Java,
+# in memory, with the region and account id Tributary's SQS gateway uses by default.
+# Maven Central serves it, so moto's server (PyPI) is not needed as a fallback.
+elasticmq_version=1.7.1
+elasticmq_home="${TRIBUTARY_ELASTICMQ_HOME:-$HOME/.cache/tributary/elasticmq-$elasticmq_version}"
+
+elasticmq_install() {
+    [[ -f "$elasticmq_home/.complete" ]] && return 0
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        echo "brokers_install elasticmq: needs java (17+) and mvn" >&2
+        return 2
+    fi
+    echo "== fetching ElasticMQ $elasticmq_version from Maven Central"
+    local pom_dir
+    pom_dir=$(mktemp -d /tmp/tributary-elasticmq-pom.XXXXXX)
+    cat > "$pom_dir/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.tributary</groupId>
+  <artifactId>elasticmq-reference</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.elasticmq</groupId><artifactId>elasticmq-server_2.13</artifactId><version>$elasticmq_version</version></dependency>
+  </dependencies>
+</project>
+POM
+    rm -rf "${elasticmq_home:?}"
+    if ! mvn -q -B -f "$pom_dir/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$elasticmq_home/libs" >"$pom_dir/mvn.log" 2>&1; then
+        tail -20 "$pom_dir/mvn.log" >&2
+        rm -rf "$pom_dir"
+        return 1
+    fi
+    rm -rf "$pom_dir"
+    touch "$elasticmq_home/.complete"
+}
+
+# Writes ElasticMQ's config for `port` into `dir` (also used by compat-tests/sqs, which starts
+# its own instance the same way).
+elasticmq_config() { # dir port
+    cat > "$1/elasticmq.conf" <<CONF
+include classpath("application.conf")
+node-address {
+  protocol = http
+  host = 127.0.0.1
+  port = $2
+  context-path = ""
+}
+rest-sqs {
+  enabled = true
+  bind-port = $2
+  bind-hostname = "127.0.0.1"
+  sqs-limits = strict
+}
+generate-node-address = false
+aws {
+  region = us-east-1
+  accountId = 000000000000
+}
+CONF
+}
+
+elasticmq_start() {
+    elasticmq_stop
+    local d="$brokers_dir/elasticmq"
+    rm -rf "$d"
+    mkdir -p "$d"
+    e_port=$(free_port)
+    elasticmq_config "$d" "$e_port"
+    java -Xms256m -Xmx512m "-Dconfig.file=$d/elasticmq.conf" \
+        -cp "$elasticmq_home/libs/*" org.elasticmq.server.Main > "$d/stdout" 2>&1 &
+    e_pid=$!
+    e_url="http://127.0.0.1:$e_port"
+    if ! wait_port 127.0.0.1 "$e_port" 60; then
+        tail -30 "$d/stdout" >&2
+        return 1
+    fi
+}
+
+elasticmq_stop() {
+    if [[ -n "${e_pid:-}" ]]; then
+        kill "$e_pid" 2>/dev/null
+        timeout 30 tail --pid="$e_pid" -f /dev/null 2>/dev/null || kill -9 "$e_pid" 2>/dev/null
+        wait "$e_pid" 2>/dev/null || true
+        e_pid=""
+    fi
+}
+
 brokers_stop() {
     mosquitto_stop
     rabbitmq_stop
     kafka_stop
+    elasticmq_stop
 }
