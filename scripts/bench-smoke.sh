@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Short `tributary bench mqtt|amqp` runs against the reference brokers (Mosquitto, RabbitMQ,
-# installed from Debian when missing) and against Tributary's own MQTT and AMQP gateways,
-# checking that every expected delivery arrived. The Kafka bench is covered against
+# Short `tributary bench mqtt|amqp|sqs` runs against the reference brokers (Mosquitto, RabbitMQ,
+# installed from Debian when missing; ElasticMQ from Maven Central, needs java and mvn) and
+# against Tributary's own MQTT, AMQP and SQS gateways, checking that every expected delivery
+# arrived. The Kafka bench is covered against
 # Tributary itself by tests/bench_cli.rs.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/bench-smoke.sh
@@ -23,10 +24,11 @@ cleanup() {
 }
 trap cleanup EXIT INT TERM
 
-brokers_install mosquitto rabbitmq-server
+brokers_install mosquitto rabbitmq-server elasticmq
 mosquitto_start
 echo "== rabbitmq-server starting"
 rabbitmq_start
+elasticmq_start
 
 failed=0
 check() { # name protocol target flags...
@@ -54,13 +56,14 @@ EOF
     fi
 }
 
-# Tributary standalone with only its MQTT and AMQP listeners, on free ports.
+# Tributary standalone with only its MQTT, AMQP and SQS listeners, on free ports.
 t_port=$(free_port)
 ta_port=$(free_port)
+ts_port=$(free_port)
 mkdir -p "$work/tributary"
 "$bin" --data-dir "$work/tributary/data" --core-listen off --admin-listen off \
     --kafka-listen off --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off \
-    --amqp-listen "127.0.0.1:$ta_port" --log warn \
+    --amqp-listen "127.0.0.1:$ta_port" --sqs-listen "127.0.0.1:$ts_port" --log warn \
     > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
 t_pid=$!
 deadline=$((SECONDS + 60))
@@ -88,6 +91,15 @@ for target in "$r" "$ta"; do
     [[ "$target" == "$ta" ]] && name=tributary
     check "$name amqp confirms 2x2 durable" amqp "$target" --producers 2 --consumers 2 --topics 2 --qos 1 --duration 2
     check "$name amqp no confirms transient 2x1" amqp "$target" --producers 2 --consumers 1 --qos 0 --transient --duration 2
+done
+
+ts="http://127.0.0.1:$ts_port"
+for target in "$e_url" "$ts"; do
+    name=elasticmq
+    [[ "$target" == "$ts" ]] && name=tributary
+    check "$name sqs single 2x2" sqs "$target" --producers 2 --consumers 2 --duration 2 --size 256 --wait 1
+    check "$name sqs batch 10 2x4" sqs "$target" --producers 2 --consumers 4 --batch 10 --duration 2 --size 256 --wait 1
+    check "$name sqs fifo batch 10 2x4, 3 groups" sqs "$target" --producers 2 --consumers 4 --batch 10 --fifo --groups 3 --duration 2 --size 256 --wait 1
 done
 
 # A broker that goes away mid-run: one error line and a non-zero exit, never a hang.

@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: the same workloads against Tributary and the reference brokers
 # (Mosquitto for MQTT, RabbitMQ for AMQP 0-9-1, Apache Kafka for Kafka, whose acks=all runs
-# also stand against the disk's fsync'd bandwidth),
+# also stand against the disk's fsync'd bandwidth, ElasticMQ for SQS),
 # A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
 #
-#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka] [--out DIR] [--quick]
+#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs] [--out DIR] [--quick]
 #
 # Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing
-# and Apache Kafka's jars from Maven Central (needs java and mvn), starts every broker on free
-# loopback ports, stops everything it started (also on Ctrl-C), and
+# and Apache Kafka's and ElasticMQ's jars from Maven Central (needs java and mvn), starts
+# every broker on free loopback ports, stops everything it started (also on Ctrl-C), and
 # writes DIR/results.jsonl (one `tributary bench --json` report per line), DIR/failures.txt,
 # DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>). A workload whose
 # gateway Tributary does not have yet is run against the reference only and marked so.
@@ -22,7 +22,7 @@ root="$(pwd)"
 
 rounds=3
 duration=10
-only="mqtt,amqp,kafka"
+only="mqtt,amqp,kafka,sqs"
 out=""
 quick=0
 while [[ $# -gt 0 ]]; do
@@ -69,6 +69,7 @@ pkgs=()
 if wants mqtt; then pkgs+=(mosquitto); fi
 if wants amqp; then pkgs+=(rabbitmq-server); fi
 if wants kafka; then pkgs+=(kafka); fi
+if wants sqs; then pkgs+=(elasticmq); fi
 if [[ ${#pkgs[@]} -gt 0 ]]; then brokers_install "${pkgs[@]}"; fi
 
 # The disk's fsync'd sequential write bandwidth, in the directory Tributary writes to: 512 MiB
@@ -89,10 +90,11 @@ tributary_start() {
     tributary_stop
     rm -rf "$work/tributary"
     mkdir -p "$work/tributary"
-    t_kafka=$(free_port); t_mqtt=$(free_port); t_amqp=$(free_port)
+    t_kafka=$(free_port); t_mqtt=$(free_port); t_amqp=$(free_port); t_sqs=$(free_port)
     "$bin" --data-dir "$work/tributary/data" --core-listen 127.0.0.1:0 \
         --admin-listen 127.0.0.1:0 --kafka-listen "127.0.0.1:$t_kafka" \
-        --mqtt-listen "127.0.0.1:$t_mqtt" --mqtt-ws-listen off --amqp-listen "127.0.0.1:$t_amqp" --log warn \
+        --mqtt-listen "127.0.0.1:$t_mqtt" --mqtt-ws-listen off --amqp-listen "127.0.0.1:$t_amqp" \
+        --sqs-listen "127.0.0.1:$t_sqs" --log warn \
         --mqtt-max-queued 100000000 \
         > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
     t_pid=$!
@@ -118,6 +120,16 @@ has_gateway() { grep -q "^listening $1 " "$work/tributary/stdout"; }
 if wants amqp; then
     echo "== starting rabbitmq-server"
     rabbitmq_start
+fi
+# ElasticMQ boots once too, and its JVM is warmed up with 20 s of unmeasured traffic (cold,
+# it serves a fraction of its warm rate); every SQS run creates its own queue and deletes it.
+if wants sqs; then
+    echo "== starting elasticmq (and warming its JIT up)"
+    elasticmq_start
+    for warm in "--batch 10 --duration 12" "--duration 4" "--batch 10 --fifo --duration 4"; do
+        # shellcheck disable=SC2086
+        "$bin" bench sqs --target "$e_url" --producers 4 --consumers 8 $warm > /dev/null 2>&1 || true
+    done
 fi
 
 # --- Workloads ----------------------------------------------------------------------------
@@ -148,6 +160,17 @@ if wants kafka; then
     workloads+=("kafka-acks-all|kafka|--producers 4 --consumers 2 --acks all")
     workloads+=("kafka-acks-all-20k/s|kafka|--producers 4 --consumers 2 --acks all --rate 20000 --connections $idle")
     workloads+=("kafka-consume-from-start|kafka|--producers 4 --consumers 2 --acks all --from-start")
+fi
+
+if wants sqs; then
+    # Send / receive / delete loops, one request in flight per client, long polling (20 s).
+    # Consumers make two requests (receive, delete) per batch to the producers' one, so there
+    # are twice as many. Unpaced runs measure throughput; the paced one latency at a load both
+    # brokers sustain.
+    workloads+=("sqs-single-4x8|sqs|--producers 4 --consumers 8")
+    workloads+=("sqs-batch10-4x8|sqs|--producers 4 --consumers 8 --batch 10")
+    workloads+=("sqs-fifo-batch10-4x8|sqs|--producers 4 --consumers 8 --batch 10 --fifo --groups 8")
+    workloads+=("sqs-single-500/s|sqs|--producers 4 --consumers 8 --rate 500")
 fi
 
 run_one() { # label protocol broker target pid flags...
@@ -187,6 +210,16 @@ for round in $(seq "$rounds"); do
                 else
                     run_one "$label" amqp rabbitmq "127.0.0.1:$r_port" "${r_pid:-0}" $flags
                 fi ;;
+            sqs)
+                if has_gateway sqs; then
+                    tributary_start
+                    run_one "$label" sqs tributary "http://127.0.0.1:$t_sqs" "$t_pid" $flags
+                    tributary_stop
+                elif (( round == 1 )); then
+                    echo "$label on tributary: no SQS gateway in this build" \
+                        | tee -a "$failures" >&2
+                fi
+                run_one "$label" sqs elasticmq "$e_url" "$e_pid" $flags ;;
             kafka)
                 tributary_start
                 run_one "$label" kafka tributary "127.0.0.1:$t_kafka" "$t_pid" $flags
@@ -221,4 +254,5 @@ echo
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
     "$(uname -sr); mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | awk 'NR==1 {print $3}')," \
     "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')," \
-    "apache kafka $kafka_version (acks=all without fsync; Tributary fsyncs before acking)"
+    "apache kafka $kafka_version (acks=all without fsync; Tributary fsyncs before acking)," \
+    "elasticmq $elasticmq_version (in memory)"

@@ -31,5 +31,5 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh sq
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
 echo "== web console end to end in headless Chromium (chromium from Debian, playwright-core from npm)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/console-test.sh
-echo "== tributary bench mqtt|amqp against Mosquitto and RabbitMQ (installed from Debian if missing)"
+echo "== tributary bench mqtt|amqp|sqs against Mosquitto, RabbitMQ (Debian) and ElasticMQ (Maven Central)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/bench-smoke.sh

@@ -101,6 +101,9 @@ pub enum BenchCommand {
     Mqtt(LoadArgs),
     /// AMQP 0-9-1 publishers and consumers (amq-protocol frames); default target 127.0.0.1:5672.
     Amqp(LoadArgs),
+    /// SQS producers and consumers (aws-sdk-sqs) on one queue it creates and deletes; default
+    /// target http://127.0.0.1:9324.
+    Sqs(LoadArgs),
     /// Medians and ratios of `--json` results (one per line) and a chart of them.
     Report(ReportArgs),
 }
@@ -108,8 +111,9 @@ pub enum BenchCommand {
 /// What a load run does. The first flags are the same for every protocol.
 #[derive(Debug, Clone, Args)]
 pub struct LoadArgs {
-    /// Broker address, HOST:PORT (default: the protocol's standard port on 127.0.0.1).
-    #[arg(long)]
+    /// Broker address, HOST:PORT (default: the protocol's standard port on 127.0.0.1). SQS:
+    /// also the endpoint URL, http://HOST:PORT (`--url` is the same flag).
+    #[arg(long, alias = "url")]
     pub target: Option<String>,
     /// Producers / publishers, one connection each.
     #[arg(long, default_value_t = 1)]
@@ -166,6 +170,22 @@ pub struct LoadArgs {
     /// Kafka: produce first, then measure a consumer group reading from the start.
     #[arg(long)]
     pub from_start: bool,
+    /// SQS: messages per request, 1 to 10 (1 = SendMessage / DeleteMessage, more = the Batch
+    /// actions); also ReceiveMessage's MaxNumberOfMessages.
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// SQS: a FIFO queue; each producer spreads its messages over --groups message groups.
+    #[arg(long)]
+    pub fifo: bool,
+    /// SQS FIFO: message groups.
+    #[arg(long, default_value_t = 4)]
+    pub groups: usize,
+    /// SQS: ReceiveMessage's WaitTimeSeconds (long polling), 1 to 20.
+    #[arg(long, default_value_t = 20)]
+    pub wait: u32,
+    /// SQS: name of the queue to create (and delete at the end); default a fresh name.
+    #[arg(long)]
+    pub queue: Option<String>,
     /// Process id of the broker (same machine): report its resident memory per connection.
     #[arg(long)]
     pub broker_pid: Option<u32>,

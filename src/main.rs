@@ -192,11 +192,13 @@ fn bench(what: BenchCommand) -> ExitCode {
         BenchCommand::Kafka(a) => ("kafka", a),
         BenchCommand::Mqtt(a) => ("mqtt", a),
         BenchCommand::Amqp(a) => ("amqp", a),
+        BenchCommand::Sqs(a) => ("sqs", a),
         BenchCommand::Report(r) => return bench_report(&r),
     };
     let default_target = match protocol {
         "kafka" => "127.0.0.1:9092",
         "mqtt" => "127.0.0.1:1883",
+        "sqs" => "http://127.0.0.1:9324",
         _ => "127.0.0.1:5672",
     };
     let opts = tributary_bench::BenchOptions {
@@ -221,6 +223,11 @@ fn bench(what: BenchCommand) -> ExitCode {
         durable: !args.transient,
         fanout: args.fanout,
         broker_pid: args.broker_pid,
+        batch: args.batch,
+        fifo: args.fifo,
+        groups: args.groups,
+        wait_seconds: args.wait,
+        queue: args.queue.clone(),
     };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
@@ -229,6 +236,7 @@ fn bench(what: BenchCommand) -> ExitCode {
         match protocol {
             "kafka" => tributary_bench::kafka::run(&opts).await,
             "mqtt" => tributary_bench::mqtt::run(&opts).await,
+            "sqs" => tributary_bench::sqs::run(&opts).await,
             _ => tributary_bench::amqp::run(&opts).await,
         }
     });

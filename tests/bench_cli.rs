@@ -97,9 +97,64 @@ fn kafka_bench_against_our_gateway_receives_every_message() {
     assert!(report["rss_kib_before"].as_u64().unwrap() > 0, "{report}");
 }
 
+/// `bench sqs` (aws-sdk-sqs) against our SQS gateway: standard and FIFO queues, single and
+/// batch requests, every message received (FIFO: in order per group, once), the queue deleted.
+#[test]
+fn sqs_bench_against_our_gateway_receives_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(dir.path());
+    let sqs_at = args.iter().position(|a| a == "--sqs-listen").unwrap();
+    args[sqs_at + 1] = "127.0.0.1:0".into();
+    let server = Server::start(&args);
+    let url = format!("http://{}", server.listening["sqs"]);
+    for (flags, fifo) in [
+        (&["--batch", "1"][..], false),
+        (&["--batch", "10"][..], false),
+        (&["--batch", "10", "--fifo", "--groups", "3"][..], true),
+    ] {
+        let mut run = vec![
+            "bench",
+            "sqs",
+            "--url",
+            &url,
+            "--producers",
+            "2",
+            "--consumers",
+            "3",
+            "--duration",
+            "2",
+            "--size",
+            "200",
+            "--wait",
+            "1",
+            "--queue",
+            "bench-cli",
+            "--json",
+        ];
+        run.extend_from_slice(flags);
+        let out = run_bounded(&run, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flags:?}: bench failed: {stderr}");
+        let report: serde_json::Value =
+            serde_json::from_str(String::from_utf8_lossy(&out.stdout).trim()).unwrap();
+        assert_eq!(report["protocol"], "sqs");
+        let sent = report["sent"].as_u64().unwrap();
+        assert!(sent > 0, "{flags:?}: {report}");
+        assert!(report["received"].as_u64().unwrap() >= sent, "{report}");
+        if fifo {
+            assert_eq!(report["out_of_order"], 0, "{report}");
+            assert_eq!(report["duplicates"], 0, "{report}");
+        }
+    }
+    // Every run deleted its queue.
+    let (status, queues) = common::http_get(server.admin.unwrap(), "/api/v1/queues");
+    assert_eq!(status, 200, "{queues}");
+    assert!(!queues.contains("bench-cli"), "{queues}");
+}
+
 #[test]
 fn every_protocol_reports_a_missing_broker_in_one_line() {
-    for protocol in ["kafka", "mqtt", "amqp"] {
+    for protocol in ["kafka", "mqtt", "amqp", "sqs"] {
         let target = closed_port();
         let out = run_bounded(
             &["bench", protocol, "--target", &target, "--duration", "1"],
@@ -141,6 +196,14 @@ fn bad_options_are_refused() {
                 "127.0.0.1:1",
             ],
             "--producers and --consumers must be at least 1",
+        ),
+        (
+            vec!["bench", "sqs", "--batch", "11", "--target", "127.0.0.1:1"],
+            "--batch must be 1 to 10",
+        ),
+        (
+            vec!["bench", "sqs", "--url", "https://127.0.0.1:1"],
+            "plain HTTP",
         ),
     ] {
         let out = run_bounded(&args, Duration::from_secs(30));

@@ -10,6 +10,7 @@ pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
 pub mod report;
+pub mod sqs;
 mod tally;
 mod traffic;
 
@@ -75,6 +76,17 @@ pub struct BenchOptions {
     /// and after the connections open, its CPU time before the connections open and after the
     /// run.
     pub broker_pid: Option<u32>,
+    /// SQS: messages per request, 1 to 10: 1 = SendMessage and DeleteMessage, more =
+    /// SendMessageBatch and DeleteMessageBatch; also ReceiveMessage's MaxNumberOfMessages.
+    pub batch: usize,
+    /// SQS: a FIFO queue (its name ends in `.fifo`), order checked per message group.
+    pub fifo: bool,
+    /// SQS FIFO: message groups each producer spreads its messages over.
+    pub groups: usize,
+    /// SQS: ReceiveMessage's WaitTimeSeconds (long polling), 1 to 20.
+    pub wait_seconds: u32,
+    /// SQS: name of the queue the run creates and deletes (default: a fresh name per run).
+    pub queue: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -101,6 +113,11 @@ impl Default for BenchOptions {
             durable: true,
             fanout: 0,
             broker_pid: None,
+            batch: 1,
+            fifo: false,
+            groups: 4,
+            wait_seconds: 20,
+            queue: None,
         }
     }
 }
@@ -476,7 +493,7 @@ pub(crate) fn ms(h: &Histogram<u64>, q: f64) -> f64 {
 }
 
 /// The stamp at the start of every message: producer, sequence, send time (ns since epoch).
-pub(crate) const STAMP: usize = 20;
+pub const STAMP: usize = 20;
 
 pub(crate) fn stamp(buf: &mut [u8], producer: u32, seq: u64, sent_ns: u64) {
     buf[0..4].copy_from_slice(&producer.to_be_bytes());
