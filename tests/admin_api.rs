@@ -131,6 +131,7 @@ async fn work_and_dead_letter(c: &mut CoreClient, ready: usize) {
             visibility_timeout_ms: 60_000,
             wait_time_ms: 5_000,
             consumer: String::new(),
+            no_wait_durable: false,
         })
         .await
         .unwrap()

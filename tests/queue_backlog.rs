@@ -149,6 +149,7 @@ async fn a_backlog_larger_than_memory_stays_on_disk_and_drains_in_order() {
                 visibility_timeout_ms: 60_000,
                 wait_time_ms: 5_000,
                 consumer: String::new(),
+                no_wait_durable: false,
             })
             .await
             .unwrap()

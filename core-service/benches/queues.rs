@@ -108,6 +108,7 @@ async fn drain(core: &Core, queue: &str, n: usize) {
                 visibility_timeout_ms: 60_000,
                 wait_time_ms: 5_000,
                 consumer: String::new(),
+                no_wait_durable: false,
             })
             .await
             .expect("receive");

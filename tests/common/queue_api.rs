@@ -96,6 +96,7 @@ impl Api {
                 visibility_timeout_ms: visibility_ms,
                 wait_time_ms: wait_ms,
                 consumer: String::new(),
+                no_wait_durable: false,
             })
             .await
             .unwrap()

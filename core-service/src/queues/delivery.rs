@@ -592,7 +592,7 @@ impl Core {
             tokio::pin!(notified);
             notified.as_mut().enable();
             h.check_live()?;
-            let (leased, dead) = self.lease_some(&h, max, vis).await?;
+            let (leased, dead) = self.lease_some(&h, max, vis, !req.no_wait_durable).await?;
             let had_dead = !dead.is_empty();
             self.move_dead_letters(&h, dead).await?;
             if !leased.is_empty() {
@@ -619,6 +619,7 @@ impl Core {
         h: &QueueHandle,
         max: usize,
         vis: i64,
+        durable: bool,
     ) -> CoreResult<(Vec<Leased>, Vec<DeadLetter>)> {
         let (leased, dead, end) = {
             let mut g = h.guarded.lock().await;
@@ -649,7 +650,7 @@ impl Core {
         // A lease held for a subscription's life does not outlive a restart anyway: its
         // journal entry (which only tells a restart the message was delivered) need not be
         // on disk before the message goes out. A lease with a deadline must be.
-        if vis <= MAX_VISIBILITY_MS {
+        if durable && vis <= MAX_VISIBILITY_MS {
             self.journal_durable(h, end).await?;
         }
         Ok((leased, dead))

@@ -117,6 +117,7 @@ impl Core {
                     visibility_timeout_ms: MOVE_LEASE_MS,
                     wait_time_ms: 0,
                     consumer: format!("redrive {}", task.id),
+                    no_wait_durable: false,
                 })
                 .await?;
             if got.is_empty() {

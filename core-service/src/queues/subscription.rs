@@ -134,7 +134,7 @@ impl Core {
                     v => v,
                 };
                 let max = credit.min(ROUND as u64) as usize;
-                let (leased, dead) = self.lease_some(&h, max, vis).await?;
+                let (leased, dead) = self.lease_some(&h, max, vis, true).await?;
                 // Remembered before anything below can fail: a subscription that ends on an
                 // error still releases what it leased.
                 if start.release_on_close || start.auto_ack {

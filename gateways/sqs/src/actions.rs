@@ -972,6 +972,10 @@ impl Service {
                 visibility_timeout_ms: visibility.map_or(0, |s| (s * 1000).max(1)),
                 wait_time_ms: (wait_s * 1000) as i32,
                 consumer: call.sender.to_string(),
+                // Written before the answer (a killed process loses no lease), not waited
+                // on for the fsync: only an OS crash could show a received message again
+                // before its visibility timeout, which at-least-once delivery allows.
+                no_wait_durable: true,
             })
             .await
             .map_err(|e| self.queue_error(&name, &e))?
@@ -1153,7 +1157,9 @@ impl Service {
             .ack(v1::AckRequest {
                 queue: self.qid(name),
                 lease_ids: handles,
-                no_wait_durable: false,
+                // As for receives: a delete lost to an OS crash delivers the message again,
+                // it never loses one.
+                no_wait_durable: true,
             })
             .await
             .map_err(|e| self.queue_error(name, &e))?;

@@ -1501,6 +1501,7 @@ impl Driver {
                 visibility_timeout_ms: GET_LEASE_MS,
                 wait_time_ms: 0,
                 consumer: self.owner.clone(),
+                no_wait_durable: false,
             })
             .await
             .map_err(|s| self.queue_status(&g.queue, &s))?
