@@ -93,7 +93,7 @@ pub const METRICS: &[Metric] = &[
     m(
         "tributary_messages_in_total",
         Kind::Counter,
-        "Messages received from clients, per listener and protocol (Kafka records produced, MQTT PUBLISH, AMQP basic.publish).",
+        "Messages received from clients, per listener and protocol (Kafka records produced, MQTT PUBLISH, AMQP basic.publish, SQS messages sent).",
     ),
     m(
         "tributary_message_bytes_in_total",

@@ -110,6 +110,20 @@ async fn the_rust_sdk_sends_receives_and_deletes_with_attributes() {
         "1"
     );
     assert_eq!(sys[&MessageSystemAttributeName::SenderId], "AKIDANY");
+    // Counted in the listener's traffic: one message of 5 bytes in, and out.
+    let admin = server.admin.unwrap();
+    tokio::task::spawn_blocking(move || {
+        let labels = "{listener=\"sqs\",protocol=\"sqs\"}";
+        common::wait_metric(admin, &format!("tributary_messages_in_total{labels}"), 1.0);
+        common::wait_metric(
+            admin,
+            &format!("tributary_message_bytes_in_total{labels}"),
+            5.0,
+        );
+        common::wait_metric(admin, &format!("tributary_messages_out_total{labels}"), 1.0);
+    })
+    .await
+    .unwrap();
     // Leased: invisible to a second receive, counted as not visible.
     let again = c.receive_message().queue_url(&url).send().await.unwrap();
     assert!(again.messages().is_empty());

@@ -13,7 +13,7 @@ use parking_lot::Mutex;
 use serde_json::{Map, Value, json};
 use sha2::{Digest, Sha256};
 use tracing::warn;
-use tributary_gateway_common::{CoreClient, error_code};
+use tributary_gateway_common::{CoreClient, Traffic, error_code};
 use tributary_proto::v1::{self, ErrorCode};
 
 use crate::attributes::{self as qattr, extra};
@@ -143,6 +143,8 @@ pub struct Call<'a> {
     pub path: &'a str,
     /// SenderId: the access key id, or the account id of an unsigned request.
     pub sender: &'a str,
+    /// The connection's listener's message counters.
+    pub traffic: &'a Traffic,
 }
 
 struct CachedConfig {
@@ -829,7 +831,9 @@ impl Service {
         let config = self.config(&name).await?;
         let (record, mut answer, _) =
             self.build_message(&config, call.params, call.sender, now_ms())?;
+        let bytes = record.value.len();
         let r = self.enqueue(&name, vec![record]).await?;
+        call.traffic.received(1, bytes);
         if config.fifo == Some(true)
             && let Some(id) = r.message_ids.first().filter(|id| **id >= 0)
         {
@@ -905,7 +909,10 @@ impl Service {
         let mut successful = Vec::new();
         if !ok.is_empty() {
             let (records, answers): (Vec<_>, Vec<_>) = ok.into_iter().unzip();
+            let bytes = records.iter().map(|r| r.value.len()).sum();
+            let n = records.len() as u64;
             let r = self.enqueue(&name, records).await?;
+            call.traffic.received(n, bytes);
             for (i, mut a) in answers.into_iter().enumerate() {
                 if config.fifo == Some(true)
                     && let Some(id) = r.message_ids.get(i).filter(|id| **id >= 0)
@@ -981,6 +988,13 @@ impl Service {
             .map_err(|e| self.queue_error(&name, &e))?
             .messages;
         let now = now_ms();
+        call.traffic.sent(
+            leased.len() as u64,
+            leased
+                .iter()
+                .map(|m| m.record.as_ref().map_or(0, |r| r.value.len()))
+                .sum(),
+        );
         let messages: Vec<Value> = leased
             .iter()
             .map(|m| self.render_message(m, fifo, &system_names, &attribute_names, now))

@@ -17,6 +17,7 @@ use crate::error::SqsError;
 use crate::params::Params;
 use crate::render;
 use crate::sigv4::{self, SignedRequest};
+use tributary_gateway_common::Traffic;
 
 /// Largest request body: ten messages of 1 MiB cannot be sent in one batch anyway (SQS
 /// caps a batch at 1 MiB), but their encoding (base64 binary attributes, form escapes)
@@ -57,7 +58,7 @@ impl Api {
         }
     }
 
-    pub async fn handle(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    pub async fn handle(&self, req: Request<Incoming>, traffic: &Traffic) -> Response<Full<Bytes>> {
         let rid = request_id();
         let (parts, body) = req.into_parts();
         let protocol = if parts.headers.contains_key("x-amz-target") {
@@ -79,7 +80,7 @@ impl Api {
                 return self.error(protocol, "unknown", &err, &rid);
             }
         };
-        let (action, outcome) = self.run(protocol, &parts, &body).await;
+        let (action, outcome) = self.run(protocol, &parts, &body, traffic).await;
         let label = ACTIONS
             .iter()
             .find(|a| **a == action)
@@ -110,6 +111,7 @@ impl Api {
         protocol: Protocol,
         parts: &http::request::Parts,
         body: &Bytes,
+        traffic: &Traffic,
     ) -> (String, Result<Value, SqsError>) {
         let query = parts.uri.query().unwrap_or("");
         let (action, params) = match protocol {
@@ -185,6 +187,7 @@ impl Api {
             base: &base,
             path: parts.uri.path(),
             sender: &sender,
+            traffic,
         };
         let outcome = self.service.dispatch(&action, &call).await;
         (action, outcome)

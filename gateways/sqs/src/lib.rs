@@ -19,7 +19,7 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info_span};
-use tributary_gateway_common::{Accepted, CoreClient};
+use tributary_gateway_common::{Accepted, CoreClient, Traffic};
 
 pub use actions::ACTIONS;
 pub use names::Identity;
@@ -90,10 +90,11 @@ where
         let span = info_span!("sqs_connection", %peer, id = conn.connection.id());
         let api = self.api.clone();
         let handle = conn.connection.clone();
+        let traffic = Traffic::new(conn.listener);
         async move {
             let service = hyper::service::service_fn(move |req| {
-                let api = api.clone();
-                async move { Ok::<_, std::convert::Infallible>(api.handle(req).await) }
+                let (api, traffic) = (api.clone(), traffic.clone());
+                async move { Ok::<_, std::convert::Infallible>(api.handle(req, &traffic).await) }
             });
             let served = hyper::server::conn::http1::Builder::new()
                 .keep_alive(true)
