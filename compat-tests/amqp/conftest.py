@@ -30,13 +30,9 @@ Markers:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pathlib
-import queue
-import re
 import signal
-import socket
 import subprocess
 import tempfile
 import threading
@@ -46,46 +42,29 @@ import uuid
 import pytest
 
 from amqpcompat import BROKERS, Broker
+from tributary_process import (
+    LOG_TAIL_LINES,
+    STOP_TIMEOUT_S,
+    ServerProcess,
+    die_with_parent,
+    free_port,
+    kill_live_processes,
+    listeners_off,
+    live_processes,
+    log_file_tail,
+    split_addr,
+    tributary_bin,
+)
+from tributary_process import reference_enabled as _reference_enabled
 
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
 RABBITMQ_BOOT_TIMEOUT_S = 150.0
-LOG_TAIL_LINES = 80
 RABBITMQ_SERVER_BIN = os.environ.get(
     "RABBITMQ_SERVER_BIN", "/usr/lib/rabbitmq/bin/rabbitmq-server")
 RABBITMQCTL_BIN = os.path.join(os.path.dirname(RABBITMQ_SERVER_BIN), "rabbitmqctl")
 
 
 def reference_enabled() -> bool:
-    return os.environ.get("AMQP_REFERENCE", "").lower() not in ("off", "0", "false", "no")
-
-
-_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
-_live_processes: list = []
-
-
-try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent():  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
-
-
-def tributary_bin() -> str:
-    path = os.environ.get("TRIBUTARY_BIN")
-    if not path:
-        pytest.fail(
-            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
-            "(scripts/compat.sh does this)",
-            pytrace=False,
-        )
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
-    return os.path.abspath(path)
+    return _reference_enabled("AMQP_REFERENCE")
 
 
 def tributary_credentials(password: str) -> str:
@@ -95,145 +74,6 @@ def tributary_credentials(password: str) -> str:
     line = out.stdout.strip()
     assert line.startswith("credentials = ["), line
     return line
-
-
-def _log_tail(path: pathlib.Path, n: int = LOG_TAIL_LINES) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} unreadable)"
-    return f"--- last {min(n, len(lines))} lines of {path}:\n" + "\n".join(lines[-n:])
-
-
-class ServerProcess:
-    """One tributary process: started, read until `ready`, stdout drained forever after."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.listeners: dict[str, str] = {}
-        self._lines: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
-
-    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
-        env.setdefault("TRIBUTARY_LOG", "info")
-        # A fresh queue and event per start: the previous process's stdout pump may still be
-        # draining (and then reporting EOF) after a restart, and must not reach this start.
-        self._lines = queue.Queue()
-        self._ready = threading.Event()
-        self.listeners = {}
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,  # the child writes its log (stderr) straight into the file
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        _live_processes.append(self)
-        threading.Thread(
-            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
-        ).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
-                )
-            try:
-                line = self._lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:  # stdout closed: the process exited
-                try:
-                    rc = self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    rc = "?"
-                raise RuntimeError(
-                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
-                )
-            m = _LISTEN_RE.match(line)
-            if m:
-                self.listeners[m.group(1)] = m.group(2)
-            elif line.strip() == "ready":
-                self._ready.set()
-                return self.listeners
-
-    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
-        # Keeps reading stdout so the server never blocks on a full pipe.
-        assert proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in proc.stdout:
-                log.write(b"[stdout] " + raw)
-                log.flush()
-                if not ready.is_set():
-                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        lines.put(None)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"{self.name} did not exit within {timeout:.0f}s of "
-                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
-                )
-        if self in _live_processes:
-            _live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
-
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return _log_tail(self.log_path, n)
-
-
-_flags_cache: dict[str, set[str]] = {}
-
-# Every listener flag a build may have; each one not wanted is turned off, so no test server
-# ever opens a default port.
-LISTENER_FLAGS = [
-    "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
-    "--mqtt-tls-listen", "--amqp-listen", "--amqp-tls-listen", "--sqs-listen", "--rocketmq-listen",
-    "--namesrv-listen",
-]
-
-
-def _listeners_off(binary: str, *keep: str) -> list[str]:
-    """`--X off` for every listener flag of this binary except `keep`."""
-    if binary not in _flags_cache:
-        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
-        _flags_cache[binary] = set(re.findall(r"--[a-z0-9-]+", out.stdout))
-    known = _flags_cache[binary]
-    return [a for f in LISTENER_FLAGS if f in known and f not in keep for a in (f, "off")]
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, port = addr.rsplit(":", 1)
-    return host, int(port)
 
 
 class TributaryDeployment:
@@ -265,7 +105,7 @@ class TributaryDeployment:
                 [
                     self.bin, *self._config_args(),
                     "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--amqp-listen"),
+                    *listeners_off(self.bin, "--amqp-listen"),
                     "--amqp-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "standalone.log",
@@ -280,7 +120,7 @@ class TributaryDeployment:
                 [
                     self.bin, "core", *self._config_args(),
                     "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--core-listen"),
+                    *listeners_off(self.bin, "--core-listen"),
                     "--core-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "core.log",
@@ -301,7 +141,7 @@ class TributaryDeployment:
             [
                 self.bin, "gateway", "amqp", *self._config_args(),
                 "--core", f"http://{self.core_addr}",
-                *_listeners_off(self.bin, "--amqp-listen", "--core-listen"),
+                *listeners_off(self.bin, "--amqp-listen", "--core-listen"),
                 "--amqp-listen", "127.0.0.1:0",
             ],
             self.workdir / f"gateway{i}.log",
@@ -363,7 +203,7 @@ class TributaryDeployment:
         return self
 
     def broker(self, i: int = 0) -> Broker:
-        host, port = _split_addr(self.amqp[i])
+        host, port = split_addr(self.amqp[i])
         return Broker("tributary", host, port, self)
 
     def dead_processes(self) -> list[ServerProcess]:
@@ -374,12 +214,6 @@ class TributaryDeployment:
 
     def __repr__(self):
         return f"TributaryDeployment({self.mode}, amqp={self.amqp})"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RabbitMQProcess:
@@ -456,9 +290,9 @@ class RabbitMQProcess:
                 stderr=log,
                 env=self.env,
                 cwd=self.workdir,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
-        _live_processes.append(self)
+        live_processes.append(self)
 
     def wait_ready(self, timeout: float = RABBITMQ_BOOT_TIMEOUT_S) -> "RabbitMQProcess":
         # `wait` returns once the pid file exists and the rabbit application has started.
@@ -528,15 +362,15 @@ class RabbitMQProcess:
                     pass
             self._kill_vm()
         self._epmd_kill()
-        if self in _live_processes:
-            _live_processes.remove(self)
+        if self in live_processes:
+            live_processes.remove(self)
         return self.proc.returncode
 
     def kill(self):
         self._kill_vm()
         self._epmd_kill()
-        if self in _live_processes:
-            _live_processes.remove(self)
+        if self in live_processes:
+            live_processes.remove(self)
 
     def restart(self) -> "RabbitMQProcess":
         self.stop(signal.SIGTERM)
@@ -546,9 +380,9 @@ class RabbitMQProcess:
         return Broker("rabbitmq", "127.0.0.1", self.port, self)
 
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        parts = [_log_tail(self.log_path, n)]
+        parts = [log_file_tail(self.log_path, n)]
         logs = sorted((self.workdir / "log").glob("*.log"))
-        parts += [_log_tail(p, n) for p in logs[:1]]
+        parts += [log_file_tail(p, n) for p in logs[:1]]
         return "\n".join(parts)
 
     @property
@@ -792,5 +626,4 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session, exitstatus):
     if _rabbit_boot.thread is not None and _rabbit_boot.thread.is_alive():
         _rabbit_boot.thread.join(RABBITMQ_BOOT_TIMEOUT_S + 60)  # then killed below
-    for p in list(_live_processes):
-        p.kill()
+    kill_live_processes()

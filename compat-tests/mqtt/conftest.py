@@ -24,193 +24,32 @@ Markers:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pathlib
-import queue
-import re
 import signal
 import socket
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 
 from mqttcompat import BROKERS, PROTOCOL_NAMES, Broker, Client, MQTTv311
+from tributary_process import (
+    LOG_TAIL_LINES,
+    STOP_TIMEOUT_S,
+    ServerProcess,
+    die_with_parent,
+    free_port,
+    kill_live_processes,
+    listeners_off,
+    live_processes,
+    log_file_tail,
+    split_addr,
+    tributary_bin,
+)
 
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
-LOG_TAIL_LINES = 80
 MOSQUITTO_BIN = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
-
-_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
-_live_processes: list = []
-
-
-try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent():  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
-
-
-def tributary_bin() -> str:
-    path = os.environ.get("TRIBUTARY_BIN")
-    if not path:
-        pytest.fail(
-            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
-            "(scripts/compat.sh does this)",
-            pytrace=False,
-        )
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
-    return os.path.abspath(path)
-
-
-def _log_tail(path: pathlib.Path, n: int = LOG_TAIL_LINES) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} unreadable)"
-    return f"--- last {min(n, len(lines))} lines of {path}:\n" + "\n".join(lines[-n:])
-
-
-class ServerProcess:
-    """One tributary process: started, read until `ready`, stdout drained forever after."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.listeners: dict[str, str] = {}
-        self._lines: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
-
-    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
-        env.setdefault("TRIBUTARY_LOG", "info")
-        # A fresh queue and event per start: the previous process's stdout pump may still be
-        # draining (and then reporting EOF) after a restart, and must not reach this start.
-        self._lines = queue.Queue()
-        self._ready = threading.Event()
-        self.listeners = {}
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,  # the child writes its log (stderr) straight into the file
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        _live_processes.append(self)
-        threading.Thread(
-            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
-        ).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
-                )
-            try:
-                line = self._lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:  # stdout closed: the process exited
-                try:
-                    rc = self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    rc = "?"
-                raise RuntimeError(
-                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
-                )
-            m = _LISTEN_RE.match(line)
-            if m:
-                self.listeners[m.group(1)] = m.group(2)
-            elif line.strip() == "ready":
-                self._ready.set()
-                return self.listeners
-
-    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
-        # Keeps reading stdout so the server never blocks on a full pipe.
-        assert proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in proc.stdout:
-                log.write(b"[stdout] " + raw)
-                log.flush()
-                if not ready.is_set():
-                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        lines.put(None)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"{self.name} did not exit within {timeout:.0f}s of "
-                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
-                )
-        if self in _live_processes:
-            _live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
-
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return _log_tail(self.log_path, n)
-
-
-_flags_cache: dict[str, set[str]] = {}
-
-# Every listener flag a build may have; each one not wanted is turned off, so no test server
-# ever opens a default port (e.g. MQTT over WebSocket on 0.0.0.0:8083).
-LISTENER_FLAGS = [
-    "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
-    "--mqtt-tls-listen", "--amqp-listen", "--amqp-tls-listen", "--sqs-listen", "--rocketmq-listen",
-    "--namesrv-listen",
-]
-
-
-def _listeners_off(binary: str, *keep: str) -> list[str]:
-    """`--X off` for every listener flag of this binary except `keep`."""
-    if binary not in _flags_cache:
-        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
-        _flags_cache[binary] = set(re.findall(r"--[a-z0-9-]+", out.stdout))
-    known = _flags_cache[binary]
-    return [a for f in LISTENER_FLAGS if f in known and f not in keep for a in (f, "off")]
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, port = addr.rsplit(":", 1)
-    return host, int(port)
-
 
 class TributaryDeployment:
     """Tributary serving MQTT: standalone, split (core + 1 gateway) or split-2gw."""
@@ -241,7 +80,7 @@ class TributaryDeployment:
                 [
                     self.bin, *self._config_args(),
                     "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--mqtt-listen"),
+                    *listeners_off(self.bin, "--mqtt-listen"),
                     "--mqtt-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "standalone.log",
@@ -256,7 +95,7 @@ class TributaryDeployment:
                 [
                     self.bin, "core", *self._config_args(),
                     "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--core-listen"),
+                    *listeners_off(self.bin, "--core-listen"),
                     "--core-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "core.log",
@@ -277,7 +116,7 @@ class TributaryDeployment:
             [
                 self.bin, "gateway", "mqtt", *self._config_args(),
                 "--core", f"http://{self.core_addr}",
-                *_listeners_off(self.bin, "--mqtt-listen", "--core-listen"),
+                *listeners_off(self.bin, "--mqtt-listen", "--core-listen"),
                 "--mqtt-listen", "127.0.0.1:0",
             ],
             self.workdir / f"gateway{i}.log",
@@ -338,7 +177,7 @@ class TributaryDeployment:
         return self
 
     def broker(self, i: int = 0) -> Broker:
-        host, port = _split_addr(self.mqtt[i])
+        host, port = split_addr(self.mqtt[i])
         return Broker("tributary", host, port, self)
 
     def dead_processes(self) -> list[ServerProcess]:
@@ -349,12 +188,6 @@ class TributaryDeployment:
 
     def __repr__(self):
         return f"TributaryDeployment({self.mode}, mqtt={self.mqtt})"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class MosquittoProcess:
@@ -416,9 +249,9 @@ class MosquittoProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
-        _live_processes.append(self)
+        live_processes.append(self)
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
@@ -452,16 +285,16 @@ class MosquittoProcess:
                 self.proc.kill()
                 self.proc.wait()
                 raise AssertionError(f"mosquitto did not exit within {timeout}s")
-        if self in _live_processes:
-            _live_processes.remove(self)
+        if self in live_processes:
+            live_processes.remove(self)
         return self.proc.returncode
 
     def kill(self):
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
+        if self in live_processes:
+            live_processes.remove(self)
 
     def restart(self) -> "MosquittoProcess":
         self.stop(signal.SIGTERM)
@@ -471,7 +304,7 @@ class MosquittoProcess:
         return Broker("mosquitto", "127.0.0.1", self.port, self)
 
     def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return _log_tail(self.log_path, n)
+        return log_file_tail(self.log_path, n)
 
     @property
     def processes(self):
@@ -667,5 +500,4 @@ def pytest_runtest_makereport(item, call):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    for p in list(_live_processes):
-        p.kill()
+    kill_live_processes()
