@@ -42,20 +42,14 @@ import uuid
 import pytest
 
 from amqpcompat import BROKERS, Broker
-from tributary_process import (
-    LOG_TAIL_LINES,
-    STOP_TIMEOUT_S,
-    ServerProcess,
-    die_with_parent,
-    free_port,
-    kill_live_processes,
-    listeners_off,
-    live_processes,
-    log_file_tail,
-    split_addr,
-    tributary_bin,
-)
+from tributary_process import (LOG_TAIL_LINES, STOP_TIMEOUT_S, ManagedProcess,
+                               ProtocolDeployment, deployment_fixtures, die_with_parent,
+                               free_port, kill_live_processes, live_processes, log_file_tail,
+                               mark_differences, shared_server_broker, split_addr, tributary_bin)
 from tributary_process import reference_enabled as _reference_enabled
+
+# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
+pytest_plugins = ["tributary_process"]
 
 RABBITMQ_BOOT_TIMEOUT_S = 150.0
 RABBITMQ_SERVER_BIN = os.environ.get(
@@ -76,147 +70,17 @@ def tributary_credentials(password: str) -> str:
     return line
 
 
-class TributaryDeployment:
+class TributaryDeployment(ProtocolDeployment):
     """Tributary serving AMQP 0-9-1: standalone or split (core + 1 AMQP gateway)."""
 
-    def __init__(self, mode: str, workdir: pathlib.Path, config: pathlib.Path | None = None):
-        assert mode in ("standalone", "split", "split-2gw"), mode
-        self.mode = mode
-        self.bin = tributary_bin()
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.processes: list[ServerProcess] = []
-        self.amqp: list[str] = []
-        self.core_addr: str | None = None
-        self.starts = 0
-
-    def _config_args(self) -> list[str]:
-        return ["--config", str(self.config)] if self.config else []
-
-    def start(self) -> "TributaryDeployment":
-        self.starts += 1
-        self.processes = []
-        self.amqp = []
-        if self.mode == "standalone":
-            p = ServerProcess(
-                "tributary standalone",
-                [
-                    self.bin, *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *listeners_off(self.bin, "--amqp-listen"),
-                    "--amqp-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "standalone.log",
-            )
-            self.processes.append(p)
-            listeners = p.start()
-            self._need(listeners, "amqp", p)
-            self.amqp = [listeners["amqp"]]
-        else:
-            core = ServerProcess(
-                "tributary core",
-                [
-                    self.bin, "core", *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *listeners_off(self.bin, "--core-listen"),
-                    "--core-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "core.log",
-            )
-            self.processes.append(core)
-            listeners = core.start()
-            self._need(listeners, "core", core)
-            self.core_addr = listeners["core"]
-            for i in range(2 if self.mode == "split-2gw" else 1):
-                gw = self._gateway(i)
-                self.processes.append(gw)
-                self.amqp.append(self._start_gateway(gw))
-        return self
-
-    def _gateway(self, i: int) -> ServerProcess:
-        return ServerProcess(
-            f"tributary gateway amqp #{i}",
-            [
-                self.bin, "gateway", "amqp", *self._config_args(),
-                "--core", f"http://{self.core_addr}",
-                *listeners_off(self.bin, "--amqp-listen", "--core-listen"),
-                "--amqp-listen", "127.0.0.1:0",
-            ],
-            self.workdir / f"gateway{i}.log",
-        )
-
-    def _start_gateway(self, gw: ServerProcess) -> str:
-        gl = gw.start()
-        self._need(gl, "amqp", gw)
-        return gl["amqp"]
-
-    @staticmethod
-    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
-        if name not in listeners:
-            p.kill()
-            raise RuntimeError(
-                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
-            )
-
-    @property
-    def core(self) -> ServerProcess:
-        return self.processes[0]
-
-    @property
-    def gateways(self) -> list[ServerProcess]:
-        return self.processes if self.mode == "standalone" else self.processes[1:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
-        """Stops gateways first, then the core. Returns each process's exit code."""
-        codes = {}
-        for p in reversed(self.processes):
-            codes[p.name] = p.stop(sig)
-        return codes
-
-    def stop_clean(self):
-        codes = self.stop(signal.SIGTERM)
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
-
-    def kill_core(self):
-        """SIGKILL of the process that holds the data (standalone: the only one)."""
-        self.core.stop(signal.SIGKILL)
-
-    def restart_core(self, sig: int = signal.SIGKILL) -> "TributaryDeployment":
-        """Stops the process holding the data with `sig` and starts it again on the same
-        data directory. Standalone: a new process on a new AMQP port (`.amqp` and
-        `.broker()` give the new one). Split: the core comes back on the same gRPC address
-        and the gateway keeps running (same AMQP port)."""
-        if self.mode == "standalone":
-            self.stop(sig)
-            return self.start()
-        core = self.core
-        core.stop(sig)
-        argv = list(core.argv)
-        argv[argv.index("--core-listen") + 1] = self.core_addr  # same address for gateways
-        core.argv = argv
-        listeners = core.start()
-        self._need(listeners, "core", core)
-        assert listeners["core"] == self.core_addr, listeners
-        return self
+    protocol = "amqp"
 
     def broker(self, i: int = 0) -> Broker:
-        host, port = split_addr(self.amqp[i])
+        host, port = split_addr(self.addrs[i])
         return Broker("tributary", host, port, self)
 
-    def dead_processes(self) -> list[ServerProcess]:
-        return [p for p in self.processes if not p.alive()]
 
-    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(p.log_tail(n) for p in self.processes)
-
-    def __repr__(self):
-        return f"TributaryDeployment({self.mode}, amqp={self.amqp})"
-
-
-class RabbitMQProcess:
+class RabbitMQProcess(ManagedProcess):
     """A RabbitMQ node on a free loopback port, with its own node name, epmd port, Erlang
     distribution port, Mnesia/log directories and config (as scripts/brokers.sh starts it)."""
 
@@ -320,9 +184,6 @@ class RabbitMQProcess:
                 f"rabbitmqctl {' '.join(args)} failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         return r
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
     def _epmd_kill(self):
         # epmd is started by the node on demand (on its own port here) and outlives it.
         try:
@@ -362,15 +223,13 @@ class RabbitMQProcess:
                     pass
             self._kill_vm()
         self._epmd_kill()
-        if self in live_processes:
-            live_processes.remove(self)
+        self._forget()
         return self.proc.returncode
 
     def kill(self):
         self._kill_vm()
         self._epmd_kill()
-        if self in live_processes:
-            live_processes.remove(self)
+        self._forget()
 
     def restart(self) -> "RabbitMQProcess":
         self.stop(signal.SIGTERM)
@@ -384,10 +243,6 @@ class RabbitMQProcess:
         logs = sorted((self.workdir / "log").glob("*.log"))
         parts += [log_file_tail(p, n) for p in logs[:1]]
         return "\n".join(parts)
-
-    @property
-    def processes(self):
-        return [self]
 
 
 # -- the session's RabbitMQ, booted in the background ---------------------------------------
@@ -447,15 +302,8 @@ def _rabbit_workdir(config) -> pathlib.Path:
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tributary_server(tmp_path_factory):
-    d = TributaryDeployment("standalone", tmp_path_factory.mktemp("tributary-shared"))
-    d.start()
-    yield d
-    if not d.dead_processes():
-        d.stop_clean()
-    else:
-        d.stop(signal.SIGKILL)
+# tributary_server, make_tributary, make_module_tributary: tributary_process.deployment_fixtures.
+tributary_server, make_tributary, make_module_tributary = deployment_fixtures(TributaryDeployment)
 
 
 @pytest.fixture(scope="session")
@@ -468,35 +316,12 @@ def rabbitmq_server(request) -> RabbitMQProcess:
     server.stop(signal.SIGTERM)
 
 
-def _servers(request) -> list:
-    """The servers a test uses; their logs are attached to its report when it fails."""
-    node = request.node
-    if not hasattr(node, "_amqp_servers"):
-        node._amqp_servers = []
-    return node._amqp_servers
-
-
-def _check_alive(server, when: str):
-    dead = [p for p in server.processes if not p.alive()]
-    if dead:
-        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
-        tails = "\n".join(p.log_tail() for p in server.processes)
-        # Restart so later tests run, and fail this one.
-        server.stop(signal.SIGKILL)
-        server.start()
-        pytest.fail(f"server died {when}: {info}\n{tails}", pytrace=False)
-
-
 @pytest.fixture(params=BROKERS)
 def broker(request) -> Broker:
     """The shared server of this test's broker kind, checked alive before and after."""
     if request.param == "rabbitmq" and not reference_enabled():
         pytest.skip("AMQP_REFERENCE=off: RabbitMQ is not run")
-    server = request.getfixturevalue(f"{request.param}_server")
-    _check_alive(server, "before this test")
-    _servers(request).append(server)
-    yield server.broker()
-    _check_alive(server, "during this test")
+    yield from shared_server_broker(request, request.param)
 
 
 @pytest.fixture
@@ -536,49 +361,6 @@ def raw_clients():
             pass
 
 
-@pytest.fixture
-def make_tributary(tmp_path, request):
-    """Factory for private Tributary deployments; killed after the test."""
-    made: list[TributaryDeployment] = []
-    servers = _servers(request)
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path / f"tributary{len(made)}"
-        wd.mkdir()
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        servers.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def make_module_tributary(tmp_path_factory):
-    """Like make_tributary, for servers shared by the tests of one module (e.g. a config)."""
-    made: list[TributaryDeployment] = []
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path_factory.mktemp("tributary-module")
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
 # -- markers -------------------------------------------------------------------------------
 
 
@@ -594,35 +376,18 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)  # after -k/-m deselection: boot RabbitMQ only when needed
 def pytest_collection_modifyitems(config, items):
+    mark_differences(items)
     needs_rabbit = False
     for item in items:
         params = getattr(getattr(item, "callspec", None), "params", {})
         if "rabbitmq" in params.values() or "rabbitmq_server" in getattr(
                 item, "fixturenames", ()):
             needs_rabbit = True
-        for m in item.iter_markers("differs"):
-            broker = m.kwargs.get("broker", m.args[0] if m.args else None)
-            reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
-            if params.get("broker") != broker:
-                continue
-            item.add_marker(pytest.mark.xfail(strict=True, reason=f"{broker} differs: {reason}"))
-        for m in item.iter_markers("tributary_only"):
-            if "broker" in params:
-                raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
     if needs_rabbit and reference_enabled() and not config.option.collectonly:
         _rabbit_boot.begin(_rabbit_workdir(config))  # boots while Tributary's cases run
 
 
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for s in getattr(item, "_amqp_servers", []):
-            for p in s.processes:
-                report.sections.append((f"server log {p.name}", p.log_tail()))
-
-
+@pytest.hookimpl(tryfirst=True)  # before tributary_process's, which kills every process
 def pytest_sessionfinish(session, exitstatus):
     if _rabbit_boot.thread is not None and _rabbit_boot.thread.is_alive():
         _rabbit_boot.thread.join(RABBITMQ_BOOT_TIMEOUT_S + 60)  # then killed below

@@ -21,24 +21,18 @@ import base64
 import os
 import pathlib
 import signal
-import socket
 import subprocess
-import time
 import uuid
 
 import pytest
 
 from kafkacompat import MODES
-from tributary_process import (
-    LOG_TAIL_LINES,
-    READY_TIMEOUT_S,
-    ServerProcess,
-    die_with_parent,
-    free_port,
-    kill_live_processes,
-    live_processes,
-    tributary_bin,
-)
+from tributary_process import (READY_TIMEOUT_S, BaseDeployment, ServerProcess,
+                               die_with_parent, free_port, live_processes, servers_of,
+                               stop_session_deployment, tributary_bin)
+
+# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
+pytest_plugins = ["tributary_process"]
 
 # The environment of every tributary process: Kafka's group.initial.rebalance.delay.ms (3 s by
 # default) only slows tests down. Standalone also gets the flag; the environment spelling
@@ -108,19 +102,7 @@ class ReferenceKafkaProcess(ServerProcess):
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
                                          stderr=log, preexec_fn=die_with_parent)
         live_processes.append(self)
-        deadline = time.monotonic() + max(timeout, 120)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"apache-kafka exited ({self.proc.returncode})\n"
-                                   f"{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"apache-kafka did not listen\n{self.log_tail()}")
-                time.sleep(0.2)
+        self.wait_listening(self.port, max(timeout, 120))
         self.listeners = {"kafka": f"127.0.0.1:{self.port}"}
         return self.listeners
 
@@ -130,7 +112,7 @@ class ReferenceKafkaProcess(ServerProcess):
         return 0 if rc == 128 + signal.SIGTERM else rc
 
 
-class Deployment:
+class Deployment(BaseDeployment):
     """A tributary deployment in one of MODES, on one data directory."""
 
     def __init__(self, mode: str, workdir: pathlib.Path, extra_args: list[str] | None = None):
@@ -220,27 +202,6 @@ class Deployment:
                 log.write(f"=== start #{n} ready: kafka {self.bootstraps}\n".encode())
         return self
 
-    @staticmethod
-    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
-        if name not in listeners:
-            p.kill()
-            raise RuntimeError(
-                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
-            )
-
-    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
-        """Stops gateways first, then the core. Returns each process's exit code."""
-        codes = {}
-        for p in reversed(self.processes):
-            codes[p.name] = p.stop(sig)
-        return codes
-
-    def stop_clean(self):
-        """SIGTERM; every process must exit 0 (the documented graceful stop)."""
-        codes = self.stop(signal.SIGTERM)
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
-
     def restart(self, sig: int = signal.SIGTERM) -> "Deployment":
         if sig == signal.SIGTERM:
             self.stop_clean()
@@ -258,12 +219,6 @@ class Deployment:
         for gw in gateways:
             self.bootstraps.append(gw.start()["kafka"])
         return self
-
-    def dead_processes(self) -> list[ServerProcess]:
-        return [p for p in self.processes if not p.alive()]
-
-    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(p.log_tail(n) for p in self.processes)
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -289,10 +244,7 @@ def shared_cluster(request, tmp_path_factory):
     d = Deployment(request.param, tmp_path_factory.mktemp(f"shared-{request.param}"))
     d.start()
     yield d
-    if not d.dead_processes():
-        d.stop_clean()
-    else:
-        d.stop(signal.SIGKILL)
+    stop_session_deployment(d)
 
 
 def pytest_configure(config):
@@ -315,7 +267,7 @@ def cluster(shared_cluster: Deployment, request):
         shared_cluster.stop(signal.SIGKILL)
         shared_cluster.start()
         pytest.fail(f"server died before this test: {info}\n{tails}", pytrace=False)
-    request.node._tributary_deployments = [shared_cluster]
+    servers_of(request.node).append(shared_cluster)
     yield shared_cluster
     dead = shared_cluster.dead_processes()
     if dead:
@@ -328,7 +280,7 @@ def cluster(shared_cluster: Deployment, request):
 def fresh_cluster(request, tmp_path):
     """A private deployment (own data dir) for tests that restart or kill it."""
     d = Deployment(request.param, tmp_path)
-    request.node._tributary_deployments = [d]
+    servers_of(request.node).append(d)
     d.start()
     yield d
     if d.dead_processes() and any(p.proc.returncode not in (0, -9) for p in d.dead_processes()):
@@ -343,27 +295,14 @@ def fresh_cluster(request, tmp_path):
 def make_deployment(tmp_path, request):
     """Factory for deployments with extra arguments (e.g. SASL); stopped after the test."""
     made: list[Deployment] = []
-    request.node._tributary_deployments = made
+    servers = servers_of(request.node)
 
     def make(mode: str = "standalone", extra_args: list[str] | None = None) -> Deployment:
         d = Deployment(mode, tmp_path / f"d{len(made)}", extra_args)
         made.append(d)
+        servers.append(d)
         return d.start()
 
     yield make
     for d in made:
         d.stop(signal.SIGTERM)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for d in getattr(item, "_tributary_deployments", []):
-            for p in d.processes:
-                report.sections.append((f"server log {p.name}", p.log_tail()))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    kill_live_processes()

@@ -27,7 +27,6 @@ from __future__ import annotations
 import os
 import pathlib
 import signal
-import socket
 import subprocess
 import time
 import uuid
@@ -35,162 +34,27 @@ import uuid
 import pytest
 
 from mqttcompat import BROKERS, PROTOCOL_NAMES, Broker, Client, MQTTv311
-from tributary_process import (
-    LOG_TAIL_LINES,
-    STOP_TIMEOUT_S,
-    ServerProcess,
-    die_with_parent,
-    free_port,
-    kill_live_processes,
-    listeners_off,
-    live_processes,
-    log_file_tail,
-    split_addr,
-    tributary_bin,
-)
+from tributary_process import (ManagedProcess, ProtocolDeployment, deployment_fixtures,
+                               die_with_parent, free_port, live_processes, mark_differences,
+                               servers_of, shared_server_broker, split_addr)
+
+# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
+pytest_plugins = ["tributary_process"]
 
 MOSQUITTO_BIN = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
 
-class TributaryDeployment:
+
+class TributaryDeployment(ProtocolDeployment):
     """Tributary serving MQTT: standalone, split (core + 1 gateway) or split-2gw."""
 
-    def __init__(self, mode: str, workdir: pathlib.Path, config: pathlib.Path | None = None):
-        assert mode in ("standalone", "split", "split-2gw"), mode
-        self.mode = mode
-        self.bin = tributary_bin()
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.processes: list[ServerProcess] = []
-        self.mqtt: list[str] = []
-        self.core_addr: str | None = None
-        self.starts = 0
-
-    def _config_args(self) -> list[str]:
-        return ["--config", str(self.config)] if self.config else []
-
-    def start(self) -> "TributaryDeployment":
-        self.starts += 1
-        self.processes = []
-        self.mqtt = []
-        if self.mode == "standalone":
-            p = ServerProcess(
-                "tributary standalone",
-                [
-                    self.bin, *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *listeners_off(self.bin, "--mqtt-listen"),
-                    "--mqtt-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "standalone.log",
-            )
-            self.processes.append(p)
-            listeners = p.start()
-            self._need(listeners, "mqtt", p)
-            self.mqtt = [listeners["mqtt"]]
-        else:
-            core = ServerProcess(
-                "tributary core",
-                [
-                    self.bin, "core", *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *listeners_off(self.bin, "--core-listen"),
-                    "--core-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "core.log",
-            )
-            self.processes.append(core)
-            listeners = core.start()
-            self._need(listeners, "core", core)
-            self.core_addr = listeners["core"]
-            for i in range(2 if self.mode == "split-2gw" else 1):
-                gw = self._gateway(i)
-                self.processes.append(gw)
-                self.mqtt.append(self._start_gateway(gw))
-        return self
-
-    def _gateway(self, i: int) -> ServerProcess:
-        return ServerProcess(
-            f"tributary gateway mqtt #{i}",
-            [
-                self.bin, "gateway", "mqtt", *self._config_args(),
-                "--core", f"http://{self.core_addr}",
-                *listeners_off(self.bin, "--mqtt-listen", "--core-listen"),
-                "--mqtt-listen", "127.0.0.1:0",
-            ],
-            self.workdir / f"gateway{i}.log",
-        )
-
-    def _start_gateway(self, gw: ServerProcess) -> str:
-        gl = gw.start()
-        self._need(gl, "mqtt", gw)
-        return gl["mqtt"]
-
-    @staticmethod
-    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
-        if name not in listeners:
-            p.kill()
-            raise RuntimeError(
-                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
-            )
-
-    @property
-    def core(self) -> ServerProcess:
-        return self.processes[0]
-
-    @property
-    def gateways(self) -> list[ServerProcess]:
-        return self.processes if self.mode == "standalone" else self.processes[1:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
-        """Stops gateways first, then the core. Returns each process's exit code."""
-        codes = {}
-        for p in reversed(self.processes):
-            codes[p.name] = p.stop(sig)
-        return codes
-
-    def stop_clean(self):
-        codes = self.stop(signal.SIGTERM)
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
-
-    def kill_core(self):
-        """SIGKILL of the process that holds the data (standalone: the only one)."""
-        self.core.stop(signal.SIGKILL)
-
-    def restart_core(self, sig: int = signal.SIGKILL):
-        """Stops the process holding the data with `sig` and starts it again on the same
-        data directory. Standalone: a new process on a new MQTT port. Split modes: the
-        core comes back on the same gRPC address and the gateways keep running."""
-        if self.mode == "standalone":
-            self.stop(sig)
-            return self.start()
-        core = self.core
-        core.stop(sig)
-        argv = list(core.argv)
-        argv[argv.index("--core-listen") + 1] = self.core_addr  # same address for gateways
-        core.argv = argv
-        listeners = core.start()
-        self._need(listeners, "core", core)
-        assert listeners["core"] == self.core_addr, listeners
-        return self
+    protocol = "mqtt"
 
     def broker(self, i: int = 0) -> Broker:
-        host, port = split_addr(self.mqtt[i])
+        host, port = split_addr(self.addrs[i])
         return Broker("tributary", host, port, self)
 
-    def dead_processes(self) -> list[ServerProcess]:
-        return [p for p in self.processes if not p.alive()]
 
-    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(p.log_tail(n) for p in self.processes)
-
-    def __repr__(self):
-        return f"TributaryDeployment({self.mode}, mqtt={self.mqtt})"
-
-
-class MosquittoProcess:
+class MosquittoProcess(ManagedProcess):
     """Mosquitto on a free loopback port with a generated configuration."""
 
     def __init__(self, workdir: pathlib.Path, persistence: bool = False):
@@ -252,49 +116,9 @@ class MosquittoProcess:
                 preexec_fn=die_with_parent,
             )
         live_processes.append(self)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited (code {self.proc.returncode}) before listening\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"mosquitto did not listen on {self.port} within {timeout}s\n"
-                        f"{self.log_tail()}"
-                    )
-                time.sleep(0.05)  # polling interval for the port, bounded by the deadline
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"mosquitto did not exit within {timeout}s")
-        if self in live_processes:
-            live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in live_processes:
-            live_processes.remove(self)
+        # Polls the port every 0.05 s, until the deadline.
+        self.wait_listening(self.port, timeout, interval=0.05, connect_timeout=0.5)
+        return self
 
     def restart(self) -> "MosquittoProcess":
         self.stop(signal.SIGTERM)
@@ -303,26 +127,12 @@ class MosquittoProcess:
     def broker(self) -> Broker:
         return Broker("mosquitto", "127.0.0.1", self.port, self)
 
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return log_file_tail(self.log_path, n)
-
-    @property
-    def processes(self):
-        return [self]
-
 
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tributary_server(tmp_path_factory):
-    d = TributaryDeployment("standalone", tmp_path_factory.mktemp("tributary-shared"))
-    d.start()
-    yield d
-    if not d.dead_processes():
-        d.stop_clean()
-    else:
-        d.stop(signal.SIGKILL)
+# tributary_server, make_tributary, make_module_tributary: tributary_process.deployment_fixtures.
+tributary_server, make_tributary, make_module_tributary = deployment_fixtures(TributaryDeployment)
 
 
 @pytest.fixture(scope="session")
@@ -333,33 +143,10 @@ def mosquitto_server(tmp_path_factory):
     m.stop()
 
 
-def _servers(request) -> list:
-    """The servers a test uses; their logs are attached to its report when it fails."""
-    node = request.node
-    if not hasattr(node, "_mqtt_servers"):
-        node._mqtt_servers = []
-    return node._mqtt_servers
-
-
-def _check_alive(server, when: str):
-    dead = [p for p in server.processes if not p.alive()]
-    if dead:
-        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
-        tails = "\n".join(p.log_tail() for p in server.processes)
-        # Restart so later tests run, and fail this one.
-        server.stop(signal.SIGKILL)
-        server.start()
-        pytest.fail(f"server died {when}: {info}\n{tails}", pytrace=False)
-
-
 @pytest.fixture(params=BROKERS)
 def broker(request) -> Broker:
     """The shared server of this test's broker kind, checked alive before and after."""
-    server = request.getfixturevalue(f"{request.param}_server")
-    _check_alive(server, "before this test")
-    _servers(request).append(server)
-    yield server.broker()
-    _check_alive(server, "during this test")
+    yield from shared_server_broker(request, request.param)
 
 
 @pytest.fixture
@@ -394,52 +181,9 @@ def raw_clients():
 
 
 @pytest.fixture
-def make_tributary(tmp_path, request):
-    """Factory for private Tributary deployments; stopped after the test."""
-    made: list[TributaryDeployment] = []
-    servers = _servers(request)
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path / f"tributary{len(made)}"
-        wd.mkdir()
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        servers.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def make_module_tributary(tmp_path_factory):
-    """Like make_tributary, for servers shared by the tests of one module (e.g. a config)."""
-    made: list[TributaryDeployment] = []
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path_factory.mktemp("tributary-module")
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
-@pytest.fixture
 def make_mosquitto(tmp_path, request):
     made: list[MosquittoProcess] = []
-    servers = _servers(request)
+    servers = servers_of(request.node)
 
     def make(persistence: bool = False) -> MosquittoProcess:
         m = MosquittoProcess(tmp_path / f"mosquitto{len(made)}", persistence)
@@ -467,37 +211,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        for m in item.iter_markers("differs"):
-            broker = m.kwargs.get("broker", m.args[0] if m.args else None)
-            reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
-            protocol = m.kwargs.get("protocol")
-            if params.get("broker", params.get("restartable")) != broker:
-                continue
-            if protocol is not None and params.get("protocol") != protocol:
-                continue
-            item.add_marker(pytest.mark.xfail(strict=True, reason=f"{broker} differs: {reason}"))
-        for m in item.iter_markers("tributary_only"):
-            if "broker" in params or "restartable" in params:
-                raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
+    # test_restart's `restartable` is a broker parameter too.
+    mark_differences(items, broker_params=("broker", "restartable"))
 
 
 def pytest_make_parametrize_id(config, val, argname):
     if argname == "protocol":
         return PROTOCOL_NAMES.get(val)
     return None
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for s in getattr(item, "_mqtt_servers", []):
-            for p in s.processes:
-                report.sections.append((f"server log {p.name}", p.log_tail()))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    kill_live_processes()
