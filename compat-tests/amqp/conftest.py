@@ -41,15 +41,13 @@ import uuid
 
 import pytest
 
+import tributary_process
 from amqpcompat import BROKERS, Broker
 from tributary_process import (LOG_TAIL_LINES, STOP_TIMEOUT_S, ManagedProcess,
                                ProtocolDeployment, deployment_fixtures, die_with_parent,
                                free_port, kill_live_processes, live_processes, log_file_tail,
                                mark_differences, shared_server_broker, split_addr, tributary_bin)
 from tributary_process import reference_enabled as _reference_enabled
-
-# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
-pytest_plugins = ["tributary_process"]
 
 RABBITMQ_BOOT_TIMEOUT_S = 150.0
 RABBITMQ_SERVER_BIN = os.environ.get(
@@ -365,6 +363,9 @@ def raw_clients():
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers",
         "differs(broker, reason): documented difference; strict xfail on that broker only",

@@ -26,13 +26,11 @@ import uuid
 
 import pytest
 
+import tributary_process
 from kafkacompat import MODES
 from tributary_process import (READY_TIMEOUT_S, BaseDeployment, ServerProcess,
                                die_with_parent, free_port, live_processes, servers_of,
                                stop_session_deployment, tributary_bin)
-
-# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
-pytest_plugins = ["tributary_process"]
 
 # The environment of every tributary process: Kafka's group.initial.rebalance.delay.ms (3 s by
 # default) only slows tests down. Standalone also gets the flag; the environment spelling
@@ -248,6 +246,9 @@ def shared_cluster(request, tmp_path_factory):
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers", "tributary_only(reason): not run against Apache Kafka, for the reason given "
         "(a documented difference, or something only Tributary has)")

@@ -33,13 +33,11 @@ import uuid
 
 import pytest
 
+import tributary_process
 from mqttcompat import BROKERS, PROTOCOL_NAMES, Broker, Client, MQTTv311
 from tributary_process import (ManagedProcess, ProtocolDeployment, deployment_fixtures,
                                die_with_parent, free_port, live_processes, mark_differences,
                                servers_of, shared_server_broker, split_addr)
-
-# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
-pytest_plugins = ["tributary_process"]
 
 MOSQUITTO_BIN = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
 
@@ -200,6 +198,9 @@ def make_mosquitto(tmp_path, request):
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers",
         "differs(broker, reason, protocol=None): documented difference; strict xfail on that "

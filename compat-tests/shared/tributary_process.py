@@ -22,7 +22,7 @@ still running when the session ends.
   ``stop_session_deployment``, ``mark_differences`` (the ``differs`` / ``tributary_only``
   markers).
 
-Each suite's conftest.py also loads this module as a plugin (``pytest_plugins``): a failed
+Each suite's conftest.py also registers this module as a plugin (in pytest_configure): a failed
 test's report gets the logs of the servers in its servers_of(), and whatever still runs when
 the session ends is killed.
 """
@@ -591,7 +591,7 @@ def mark_differences(items, broker_params: tuple[str, ...] = ("broker",)):
                 raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
 
 
-# -- hooks: each suite's conftest.py loads this module as a plugin (pytest_plugins) ----------
+# -- hooks: each suite's conftest.py registers this module as a plugin ----------------------
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -34,14 +34,12 @@ import uuid
 
 import pytest
 
+import tributary_process
 from sqscompat import BROKERS, Broker
 from tributary_process import (ManagedProcess, ProtocolDeployment, deployment_fixtures,
                                die_with_parent, free_port, live_processes, mark_differences,
                                shared_server_broker)
 from tributary_process import reference_enabled as _reference_enabled
-
-# tributary_process's hooks: server logs on a failed test's report, no process left at the end.
-pytest_plugins = ["tributary_process"]
 
 ELASTICMQ_BOOT_TIMEOUT_S = 90.0
 ELASTICMQ_VERSION = "1.7.1"  # as scripts/brokers.sh fetches it
@@ -171,6 +169,9 @@ def sqs(broker):
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers",
         "differs(broker, reason): documented difference; strict xfail on that broker only",
