@@ -23,7 +23,7 @@ import subprocess
 import pika
 import pytest
 
-from conftest import tributary_bin
+from tributary_process import tributary_bin
 
 PASSWORD = "imported-Pa55"
 

@@ -11,7 +11,7 @@ import pika
 import pytest
 
 from tlscert import write_self_signed
-from conftest import ServerProcess, _listeners_off, tributary_bin
+from tributary_process import ServerProcess, listeners_off, tributary_bin
 
 pytestmark = pytest.mark.tributary_only(reason="TLS listener of Tributary's own gateway")
 
@@ -32,7 +32,7 @@ def ports(tmp_path_factory, certificate):
         "tributary amqps",
         [
             binary, "--data-dir", str(wd / "data"),
-            *_listeners_off(binary, "--amqp-listen", "--amqp-tls-listen"),
+            *listeners_off(binary, "--amqp-listen", "--amqp-tls-listen"),
             "--amqp-listen", "127.0.0.1:0",
             "--amqp-tls-listen", "127.0.0.1:0",
             "--tls-cert", str(cert), "--tls-key", str(key),

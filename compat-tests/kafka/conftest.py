@@ -18,166 +18,24 @@ Each deployment runs on free loopback ports in its own data directory:
 from __future__ import annotations
 
 import base64
-import ctypes
 import os
 import pathlib
-import queue
-import re
 import signal
-import socket
 import subprocess
-import threading
-import time
 import uuid
 
 import pytest
 
+import tributary_process
 from kafkacompat import MODES
+from tributary_process import (READY_TIMEOUT_S, BaseDeployment, ServerProcess,
+                               die_with_parent, free_port, live_processes, servers_of,
+                               stop_session_deployment, tributary_bin)
 
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
-LOG_TAIL_LINES = 80
-
-_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
-_live_processes: list["ServerProcess"] = []
-
-
-try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent():  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
-
-
-def tributary_bin() -> str:
-    path = os.environ.get("TRIBUTARY_BIN")
-    if not path:
-        pytest.fail(
-            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
-            "(scripts/compat.sh does this)",
-            pytrace=False,
-        )
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
-    return os.path.abspath(path)
-
-
-class ServerProcess:
-    """One tributary process: started, read until `ready`, stdout drained forever after."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.listeners: dict[str, str] = {}
-        self._lines: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
-
-    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
-        # Only the server's own settings: TRIBUTARY_BIN / TRIBUTARY_VENV are the scripts'.
-        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
-        # Kafka's group.initial.rebalance.delay.ms (3 s by default) only slows tests down.
-        # Standalone also gets the flag; the environment spelling reaches `core` in split mode.
-        env.setdefault("TRIBUTARY_GROUP_INITIAL_REBALANCE_DELAY_MS", "0")
-        env.setdefault("TRIBUTARY_LOG", "info")
-        # A fresh queue and event per start: the previous process's stdout pump may still be
-        # draining (and then reporting EOF) after a restart, and must not reach this start.
-        self._lines = queue.Queue()
-        self._ready = threading.Event()
-        self.listeners = {}
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,  # the child writes its log (stderr) straight into the file
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        _live_processes.append(self)
-        threading.Thread(
-            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
-        ).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
-                )
-            try:
-                line = self._lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:  # stdout closed: the process exited
-                try:
-                    rc = self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    rc = "?"
-                raise RuntimeError(
-                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
-                )
-            m = _LISTEN_RE.match(line)
-            if m:
-                self.listeners[m.group(1)] = m.group(2)
-            elif line.strip() == "ready":
-                self._ready.set()
-                return self.listeners
-
-    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
-        # Keeps reading stdout so the server never blocks on a full pipe.
-        assert proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in proc.stdout:
-                log.write(b"[stdout] " + raw)
-                log.flush()
-                if not ready.is_set():
-                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        lines.put(None)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"{self.name} did not exit within {timeout:.0f}s of "
-                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
-                )
-        if self in _live_processes:
-            _live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
-
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        try:
-            lines = self.log_path.read_text(errors="replace").splitlines()
-        except OSError:
-            return f"({self.log_path} unreadable)"
-        return f"--- last {min(n, len(lines))} lines of {self.log_path}:\n" + "\n".join(lines[-n:])
+# The environment of every tributary process: Kafka's group.initial.rebalance.delay.ms (3 s by
+# default) only slows tests down. Standalone also gets the flag; the environment spelling
+# reaches `core` in split mode.
+TRIBUTARY_ENV = {"TRIBUTARY_GROUP_INITIAL_REBALANCE_DELAY_MS": "0"}
 
 
 class ReferenceKafkaProcess(ServerProcess):
@@ -190,8 +48,8 @@ class ReferenceKafkaProcess(ServerProcess):
             pytest.skip("Apache Kafka reference not installed (scripts/compat.sh kafka fetches "
                         "it; KAFKA_REFERENCE=off skips it)")
         self.workdir = workdir
-        self.port = _free_port()
-        self.controller = _free_port()
+        self.port = free_port()
+        self.controller = free_port()
         props = workdir / "server.properties"
         props.write_text("\n".join([
             "process.roles=broker,controller",
@@ -240,21 +98,9 @@ class ReferenceKafkaProcess(ServerProcess):
                 raise RuntimeError(f"kafka-storage format failed:\n{r.stdout}{r.stderr}")
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=log,
-                                         stderr=log, preexec_fn=_die_with_parent)
-        _live_processes.append(self)
-        deadline = time.monotonic() + max(timeout, 120)
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"apache-kafka exited ({self.proc.returncode})\n"
-                                   f"{self.log_tail()}")
-            try:
-                socket.create_connection(("127.0.0.1", self.port), 1).close()
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"apache-kafka did not listen\n{self.log_tail()}")
-                time.sleep(0.2)
+                                         stderr=log, preexec_fn=die_with_parent)
+        live_processes.append(self)
+        self.wait_listening(self.port, max(timeout, 120))
         self.listeners = {"kafka": f"127.0.0.1:{self.port}"}
         return self.listeners
 
@@ -264,13 +110,7 @@ class ReferenceKafkaProcess(ServerProcess):
         return 0 if rc == 128 + signal.SIGTERM else rc
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Deployment:
+class Deployment(BaseDeployment):
     """A tributary deployment in one of MODES, on one data directory."""
 
     def __init__(self, mode: str, workdir: pathlib.Path, extra_args: list[str] | None = None):
@@ -316,6 +156,7 @@ class Deployment:
                     *self.extra_args,
                 ],
                 self.workdir / "standalone.log",
+                env_defaults=TRIBUTARY_ENV,
             )
             self.processes.append(p)
             listeners = p.start()
@@ -332,6 +173,7 @@ class Deployment:
                     "--admin-listen", "127.0.0.1:0",
                 ],
                 self.workdir / "core.log",
+                env_defaults=TRIBUTARY_ENV,
             )
             self.processes.append(core)
             listeners = core.start()
@@ -347,6 +189,7 @@ class Deployment:
                         *self.extra_args,
                     ],
                     self.workdir / f"gateway{i}.log",
+                    env_defaults=TRIBUTARY_ENV,
                 )
                 self.processes.append(gw)
                 gl = gw.start()
@@ -356,27 +199,6 @@ class Deployment:
             with open(p.log_path, "ab") as log:
                 log.write(f"=== start #{n} ready: kafka {self.bootstraps}\n".encode())
         return self
-
-    @staticmethod
-    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
-        if name not in listeners:
-            p.kill()
-            raise RuntimeError(
-                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
-            )
-
-    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
-        """Stops gateways first, then the core. Returns each process's exit code."""
-        codes = {}
-        for p in reversed(self.processes):
-            codes[p.name] = p.stop(sig)
-        return codes
-
-    def stop_clean(self):
-        """SIGTERM; every process must exit 0 (the documented graceful stop)."""
-        codes = self.stop(signal.SIGTERM)
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
 
     def restart(self, sig: int = signal.SIGTERM) -> "Deployment":
         if sig == signal.SIGTERM:
@@ -395,12 +217,6 @@ class Deployment:
         for gw in gateways:
             self.bootstraps.append(gw.start()["kafka"])
         return self
-
-    def dead_processes(self) -> list[ServerProcess]:
-        return [p for p in self.processes if not p.alive()]
-
-    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(p.log_tail(n) for p in self.processes)
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -426,13 +242,13 @@ def shared_cluster(request, tmp_path_factory):
     d = Deployment(request.param, tmp_path_factory.mktemp(f"shared-{request.param}"))
     d.start()
     yield d
-    if not d.dead_processes():
-        d.stop_clean()
-    else:
-        d.stop(signal.SIGKILL)
+    stop_session_deployment(d)
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers", "tributary_only(reason): not run against Apache Kafka, for the reason given "
         "(a documented difference, or something only Tributary has)")
@@ -452,7 +268,7 @@ def cluster(shared_cluster: Deployment, request):
         shared_cluster.stop(signal.SIGKILL)
         shared_cluster.start()
         pytest.fail(f"server died before this test: {info}\n{tails}", pytrace=False)
-    request.node._tributary_deployments = [shared_cluster]
+    servers_of(request.node).append(shared_cluster)
     yield shared_cluster
     dead = shared_cluster.dead_processes()
     if dead:
@@ -465,7 +281,7 @@ def cluster(shared_cluster: Deployment, request):
 def fresh_cluster(request, tmp_path):
     """A private deployment (own data dir) for tests that restart or kill it."""
     d = Deployment(request.param, tmp_path)
-    request.node._tributary_deployments = [d]
+    servers_of(request.node).append(d)
     d.start()
     yield d
     if d.dead_processes() and any(p.proc.returncode not in (0, -9) for p in d.dead_processes()):
@@ -480,28 +296,14 @@ def fresh_cluster(request, tmp_path):
 def make_deployment(tmp_path, request):
     """Factory for deployments with extra arguments (e.g. SASL); stopped after the test."""
     made: list[Deployment] = []
-    request.node._tributary_deployments = made
+    servers = servers_of(request.node)
 
     def make(mode: str = "standalone", extra_args: list[str] | None = None) -> Deployment:
         d = Deployment(mode, tmp_path / f"d{len(made)}", extra_args)
         made.append(d)
+        servers.append(d)
         return d.start()
 
     yield make
     for d in made:
         d.stop(signal.SIGTERM)
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for d in getattr(item, "_tributary_deployments", []):
-            for p in d.processes:
-                report.sections.append((f"server log {p.name}", p.log_tail()))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    for p in list(_live_processes):
-        p.kill()

@@ -12,9 +12,9 @@ import subprocess
 
 import pytest
 
-from conftest import tributary_bin
 from kafkacompat import (ck_create_topic, ck_producer, ck_produce, ck_read_all, make_records,
                          unique, wait_until)
+from tributary_process import tributary_bin
 
 USERS = {"alice": "alice-secret", "bob": "bob-secret"}
 MECHANISMS = ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"]

@@ -24,340 +24,35 @@ Markers:
 
 from __future__ import annotations
 
-import ctypes
 import os
 import pathlib
-import queue
-import re
 import signal
-import socket
 import subprocess
-import threading
 import time
 import uuid
 
 import pytest
 
+import tributary_process
 from mqttcompat import BROKERS, PROTOCOL_NAMES, Broker, Client, MQTTv311
+from tributary_process import (ManagedProcess, ProtocolDeployment, deployment_fixtures,
+                               die_with_parent, free_port, live_processes, mark_differences,
+                               servers_of, shared_server_broker, split_addr)
 
-READY_TIMEOUT_S = 60.0
-STOP_TIMEOUT_S = 10.0
-LOG_TAIL_LINES = 80
 MOSQUITTO_BIN = os.environ.get("MOSQUITTO_BIN", "/usr/sbin/mosquitto")
 
-_LISTEN_RE = re.compile(r"^listening (\S+) (\S+)\s*$")
-_live_processes: list = []
 
-
-try:  # resolved in the parent: the child may only make the call (no dlopen after fork)
-    _prctl = ctypes.CDLL(None, use_errno=True).prctl
-except (OSError, AttributeError):
-    _prctl = None
-
-
-def _die_with_parent():  # runs in the child between fork and exec
-    if _prctl is not None:
-        _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
-
-
-def tributary_bin() -> str:
-    path = os.environ.get("TRIBUTARY_BIN")
-    if not path:
-        pytest.fail(
-            "TRIBUTARY_BIN is not set: point it at a built tributary binary "
-            "(scripts/compat.sh does this)",
-            pytrace=False,
-        )
-    if not (os.path.isfile(path) and os.access(path, os.X_OK)):
-        pytest.fail(f"TRIBUTARY_BIN={path} is not an executable file", pytrace=False)
-    return os.path.abspath(path)
-
-
-def _log_tail(path: pathlib.Path, n: int = LOG_TAIL_LINES) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} unreadable)"
-    return f"--- last {min(n, len(lines))} lines of {path}:\n" + "\n".join(lines[-n:])
-
-
-class ServerProcess:
-    """One tributary process: started, read until `ready`, stdout drained forever after."""
-
-    def __init__(self, name: str, argv: list[str], log_path: pathlib.Path):
-        self.name = name
-        self.argv = argv
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
-        self.listeners: dict[str, str] = {}
-        self._lines: queue.Queue = queue.Queue()
-        self._ready = threading.Event()
-
-    def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if k not in ("TRIBUTARY_BIN", "TRIBUTARY_VENV")}
-        env.setdefault("TRIBUTARY_LOG", "info")
-        # A fresh queue and event per start: the previous process's stdout pump may still be
-        # draining (and then reporting EOF) after a restart, and must not reach this start.
-        self._lines = queue.Queue()
-        self._ready = threading.Event()
-        self.listeners = {}
-        with open(self.log_path, "ab") as log:
-            log.write(f"=== {time.strftime('%H:%M:%S')} start: {' '.join(self.argv)}\n".encode())
-            log.flush()
-            self.proc = subprocess.Popen(
-                self.argv,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=log,  # the child writes its log (stderr) straight into the file
-                env=env,
-                preexec_fn=_die_with_parent,
-            )
-        _live_processes.append(self)
-        threading.Thread(
-            target=self._pump, args=(self.proc, self._lines, self._ready), daemon=True
-        ).start()
-        deadline = time.monotonic() + timeout
-        while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                self.kill()
-                raise RuntimeError(
-                    f"{self.name} printed no `ready` within {timeout:.0f}s\n{self.log_tail()}"
-                )
-            try:
-                line = self._lines.get(timeout=min(remaining, 0.5))
-            except queue.Empty:
-                continue
-            if line is None:  # stdout closed: the process exited
-                try:
-                    rc = self.proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    rc = "?"
-                raise RuntimeError(
-                    f"{self.name} exited (code {rc}) before `ready`\n{self.log_tail()}"
-                )
-            m = _LISTEN_RE.match(line)
-            if m:
-                self.listeners[m.group(1)] = m.group(2)
-            elif line.strip() == "ready":
-                self._ready.set()
-                return self.listeners
-
-    def _pump(self, proc: subprocess.Popen, lines: queue.Queue, ready: threading.Event):
-        # Keeps reading stdout so the server never blocks on a full pipe.
-        assert proc.stdout is not None
-        with open(self.log_path, "ab") as log:
-            for raw in proc.stdout:
-                log.write(b"[stdout] " + raw)
-                log.flush()
-                if not ready.is_set():
-                    lines.put(raw.decode("utf-8", "replace").rstrip("\r\n"))
-        lines.put(None)
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Sends `sig` and waits; returns the exit code (None if it was not running)."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(
-                    f"{self.name} did not exit within {timeout:.0f}s of "
-                    f"{signal.Signals(sig).name}\n{self.log_tail()}"
-                )
-        if self in _live_processes:
-            _live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
-
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return _log_tail(self.log_path, n)
-
-
-_flags_cache: dict[str, set[str]] = {}
-
-# Every listener flag a build may have; each one not wanted is turned off, so no test server
-# ever opens a default port (e.g. MQTT over WebSocket on 0.0.0.0:8083).
-LISTENER_FLAGS = [
-    "--core-listen", "--admin-listen", "--kafka-listen", "--mqtt-listen", "--mqtt-ws-listen",
-    "--mqtt-tls-listen", "--amqp-listen", "--amqp-tls-listen", "--sqs-listen", "--rocketmq-listen",
-    "--namesrv-listen",
-]
-
-
-def _listeners_off(binary: str, *keep: str) -> list[str]:
-    """`--X off` for every listener flag of this binary except `keep`."""
-    if binary not in _flags_cache:
-        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=30)
-        _flags_cache[binary] = set(re.findall(r"--[a-z0-9-]+", out.stdout))
-    known = _flags_cache[binary]
-    return [a for f in LISTENER_FLAGS if f in known and f not in keep for a in (f, "off")]
-
-
-def _split_addr(addr: str) -> tuple[str, int]:
-    host, port = addr.rsplit(":", 1)
-    return host, int(port)
-
-
-class TributaryDeployment:
+class TributaryDeployment(ProtocolDeployment):
     """Tributary serving MQTT: standalone, split (core + 1 gateway) or split-2gw."""
 
-    def __init__(self, mode: str, workdir: pathlib.Path, config: pathlib.Path | None = None):
-        assert mode in ("standalone", "split", "split-2gw"), mode
-        self.mode = mode
-        self.bin = tributary_bin()
-        self.workdir = workdir
-        self.data_dir = workdir / "data"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.processes: list[ServerProcess] = []
-        self.mqtt: list[str] = []
-        self.core_addr: str | None = None
-        self.starts = 0
-
-    def _config_args(self) -> list[str]:
-        return ["--config", str(self.config)] if self.config else []
-
-    def start(self) -> "TributaryDeployment":
-        self.starts += 1
-        self.processes = []
-        self.mqtt = []
-        if self.mode == "standalone":
-            p = ServerProcess(
-                "tributary standalone",
-                [
-                    self.bin, *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--mqtt-listen"),
-                    "--mqtt-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "standalone.log",
-            )
-            self.processes.append(p)
-            listeners = p.start()
-            self._need(listeners, "mqtt", p)
-            self.mqtt = [listeners["mqtt"]]
-        else:
-            core = ServerProcess(
-                "tributary core",
-                [
-                    self.bin, "core", *self._config_args(),
-                    "--data-dir", str(self.data_dir),
-                    *_listeners_off(self.bin, "--core-listen"),
-                    "--core-listen", "127.0.0.1:0",
-                ],
-                self.workdir / "core.log",
-            )
-            self.processes.append(core)
-            listeners = core.start()
-            self._need(listeners, "core", core)
-            self.core_addr = listeners["core"]
-            for i in range(2 if self.mode == "split-2gw" else 1):
-                gw = self._gateway(i)
-                self.processes.append(gw)
-                self.mqtt.append(self._start_gateway(gw))
-        return self
-
-    def _gateway(self, i: int) -> ServerProcess:
-        return ServerProcess(
-            f"tributary gateway mqtt #{i}",
-            [
-                self.bin, "gateway", "mqtt", *self._config_args(),
-                "--core", f"http://{self.core_addr}",
-                *_listeners_off(self.bin, "--mqtt-listen", "--core-listen"),
-                "--mqtt-listen", "127.0.0.1:0",
-            ],
-            self.workdir / f"gateway{i}.log",
-        )
-
-    def _start_gateway(self, gw: ServerProcess) -> str:
-        gl = gw.start()
-        self._need(gl, "mqtt", gw)
-        return gl["mqtt"]
-
-    @staticmethod
-    def _need(listeners: dict[str, str], name: str, p: ServerProcess):
-        if name not in listeners:
-            p.kill()
-            raise RuntimeError(
-                f"{p.name} printed `ready` without a `listening {name} ADDR` line\n{p.log_tail()}"
-            )
-
-    @property
-    def core(self) -> ServerProcess:
-        return self.processes[0]
-
-    @property
-    def gateways(self) -> list[ServerProcess]:
-        return self.processes if self.mode == "standalone" else self.processes[1:]
-
-    def stop(self, sig: int = signal.SIGTERM) -> dict[str, int | None]:
-        """Stops gateways first, then the core. Returns each process's exit code."""
-        codes = {}
-        for p in reversed(self.processes):
-            codes[p.name] = p.stop(sig)
-        return codes
-
-    def stop_clean(self):
-        codes = self.stop(signal.SIGTERM)
-        bad = {k: v for k, v in codes.items() if v not in (0, None)}
-        assert not bad, f"graceful stop exited non-zero: {bad}\n{self.log_tails()}"
-
-    def kill_core(self):
-        """SIGKILL of the process that holds the data (standalone: the only one)."""
-        self.core.stop(signal.SIGKILL)
-
-    def restart_core(self, sig: int = signal.SIGKILL):
-        """Stops the process holding the data with `sig` and starts it again on the same
-        data directory. Standalone: a new process on a new MQTT port. Split modes: the
-        core comes back on the same gRPC address and the gateways keep running."""
-        if self.mode == "standalone":
-            self.stop(sig)
-            return self.start()
-        core = self.core
-        core.stop(sig)
-        argv = list(core.argv)
-        argv[argv.index("--core-listen") + 1] = self.core_addr  # same address for gateways
-        core.argv = argv
-        listeners = core.start()
-        self._need(listeners, "core", core)
-        assert listeners["core"] == self.core_addr, listeners
-        return self
+    protocol = "mqtt"
 
     def broker(self, i: int = 0) -> Broker:
-        host, port = _split_addr(self.mqtt[i])
+        host, port = split_addr(self.addrs[i])
         return Broker("tributary", host, port, self)
 
-    def dead_processes(self) -> list[ServerProcess]:
-        return [p for p in self.processes if not p.alive()]
 
-    def log_tails(self, n: int = LOG_TAIL_LINES) -> str:
-        return "\n".join(p.log_tail(n) for p in self.processes)
-
-    def __repr__(self):
-        return f"TributaryDeployment({self.mode}, mqtt={self.mqtt})"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MosquittoProcess:
+class MosquittoProcess(ManagedProcess):
     """Mosquitto on a free loopback port with a generated configuration."""
 
     def __init__(self, workdir: pathlib.Path, persistence: bool = False):
@@ -416,52 +111,12 @@ class MosquittoProcess:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
-                preexec_fn=_die_with_parent,
+                preexec_fn=die_with_parent,
             )
-        _live_processes.append(self)
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"mosquitto exited (code {self.proc.returncode}) before listening\n"
-                    f"{self.log_tail()}"
-                )
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
-                    return self
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(
-                        f"mosquitto did not listen on {self.port} within {timeout}s\n"
-                        f"{self.log_tail()}"
-                    )
-                time.sleep(0.05)  # polling interval for the port, bounded by the deadline
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-                raise AssertionError(f"mosquitto did not exit within {timeout}s")
-        if self in _live_processes:
-            _live_processes.remove(self)
-        return self.proc.returncode
-
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if self in _live_processes:
-            _live_processes.remove(self)
+        live_processes.append(self)
+        # Polls the port every 0.05 s, until the deadline.
+        self.wait_listening(self.port, timeout, interval=0.05, connect_timeout=0.5)
+        return self
 
     def restart(self) -> "MosquittoProcess":
         self.stop(signal.SIGTERM)
@@ -470,26 +125,12 @@ class MosquittoProcess:
     def broker(self) -> Broker:
         return Broker("mosquitto", "127.0.0.1", self.port, self)
 
-    def log_tail(self, n: int = LOG_TAIL_LINES) -> str:
-        return _log_tail(self.log_path, n)
-
-    @property
-    def processes(self):
-        return [self]
-
 
 # -- fixtures ------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def tributary_server(tmp_path_factory):
-    d = TributaryDeployment("standalone", tmp_path_factory.mktemp("tributary-shared"))
-    d.start()
-    yield d
-    if not d.dead_processes():
-        d.stop_clean()
-    else:
-        d.stop(signal.SIGKILL)
+# tributary_server, make_tributary, make_module_tributary: tributary_process.deployment_fixtures.
+tributary_server, make_tributary, make_module_tributary = deployment_fixtures(TributaryDeployment)
 
 
 @pytest.fixture(scope="session")
@@ -500,33 +141,10 @@ def mosquitto_server(tmp_path_factory):
     m.stop()
 
 
-def _servers(request) -> list:
-    """The servers a test uses; their logs are attached to its report when it fails."""
-    node = request.node
-    if not hasattr(node, "_mqtt_servers"):
-        node._mqtt_servers = []
-    return node._mqtt_servers
-
-
-def _check_alive(server, when: str):
-    dead = [p for p in server.processes if not p.alive()]
-    if dead:
-        info = ", ".join(f"{p.name} (exit {p.proc.returncode})" for p in dead)
-        tails = "\n".join(p.log_tail() for p in server.processes)
-        # Restart so later tests run, and fail this one.
-        server.stop(signal.SIGKILL)
-        server.start()
-        pytest.fail(f"server died {when}: {info}\n{tails}", pytrace=False)
-
-
 @pytest.fixture(params=BROKERS)
 def broker(request) -> Broker:
     """The shared server of this test's broker kind, checked alive before and after."""
-    server = request.getfixturevalue(f"{request.param}_server")
-    _check_alive(server, "before this test")
-    _servers(request).append(server)
-    yield server.broker()
-    _check_alive(server, "during this test")
+    yield from shared_server_broker(request, request.param)
 
 
 @pytest.fixture
@@ -561,52 +179,9 @@ def raw_clients():
 
 
 @pytest.fixture
-def make_tributary(tmp_path, request):
-    """Factory for private Tributary deployments; stopped after the test."""
-    made: list[TributaryDeployment] = []
-    servers = _servers(request)
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path / f"tributary{len(made)}"
-        wd.mkdir()
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        servers.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
-@pytest.fixture(scope="module")
-def make_module_tributary(tmp_path_factory):
-    """Like make_tributary, for servers shared by the tests of one module (e.g. a config)."""
-    made: list[TributaryDeployment] = []
-
-    def make(mode: str = "standalone", config: str | None = None) -> TributaryDeployment:
-        wd = tmp_path_factory.mktemp("tributary-module")
-        cfg = None
-        if config is not None:
-            cfg = wd / "tributary.toml"
-            cfg.write_text(config)
-        d = TributaryDeployment(mode, wd, cfg)
-        made.append(d)
-        return d.start()
-
-    yield make
-    for d in made:
-        d.stop(signal.SIGKILL)
-
-
-@pytest.fixture
 def make_mosquitto(tmp_path, request):
     made: list[MosquittoProcess] = []
-    servers = _servers(request)
+    servers = servers_of(request.node)
 
     def make(persistence: bool = False) -> MosquittoProcess:
         m = MosquittoProcess(tmp_path / f"mosquitto{len(made)}", persistence)
@@ -623,6 +198,9 @@ def make_mosquitto(tmp_path, request):
 
 
 def pytest_configure(config):
+    # tributary_process's hooks: server logs on a failed test's report, no process left at
+    # the end (registered here, not by pytest_plugins: this conftest imported it already).
+    config.pluginmanager.register(tributary_process, "tributary_process")
     config.addinivalue_line(
         "markers",
         "differs(broker, reason, protocol=None): documented difference; strict xfail on that "
@@ -634,38 +212,11 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    for item in items:
-        params = getattr(getattr(item, "callspec", None), "params", {})
-        for m in item.iter_markers("differs"):
-            broker = m.kwargs.get("broker", m.args[0] if m.args else None)
-            reason = m.kwargs.get("reason", m.args[1] if len(m.args) > 1 else "")
-            protocol = m.kwargs.get("protocol")
-            if params.get("broker", params.get("restartable")) != broker:
-                continue
-            if protocol is not None and params.get("protocol") != protocol:
-                continue
-            item.add_marker(pytest.mark.xfail(strict=True, reason=f"{broker} differs: {reason}"))
-        for m in item.iter_markers("tributary_only"):
-            if "broker" in params or "restartable" in params:
-                raise pytest.UsageError(f"{item.nodeid}: tributary_only with a broker parameter")
+    # test_restart's `restartable` is a broker parameter too.
+    mark_differences(items, broker_params=("broker", "restartable"))
 
 
 def pytest_make_parametrize_id(config, val, argname):
     if argname == "protocol":
         return PROTOCOL_NAMES.get(val)
     return None
-
-
-@pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_makereport(item, call):
-    outcome = yield
-    report = outcome.get_result()
-    if report.failed:
-        for s in getattr(item, "_mqtt_servers", []):
-            for p in s.processes:
-                report.sections.append((f"server log {p.name}", p.log_tail()))
-
-
-def pytest_sessionfinish(session, exitstatus):
-    for p in list(_live_processes):
-        p.kill()

@@ -6,8 +6,8 @@ import subprocess
 import pytest
 
 import mqttraw
-from conftest import tributary_bin
 from mqttcompat import MQTTv311, MQTTv5
+from tributary_process import tributary_bin
 
 pytestmark = pytest.mark.tributary_only(
     reason="users and ACL come from Tributary's config file ([[users]], [[mqtt_acl]]); "

@@ -15,13 +15,13 @@ import time
 import paho.mqtt.client as mqtt
 import pytest
 
+from conftest import MOSQUITTO_BIN
 from tlscert import write_self_signed
-from conftest import (
-    MOSQUITTO_BIN,
+from tributary_process import (
     ServerProcess,
-    _die_with_parent,
-    _listeners_off,
+    die_with_parent,
     free_port,
+    listeners_off,
     tributary_bin,
 )
 
@@ -59,7 +59,7 @@ def endpoints(request, tmp_path_factory, certificate):
             "tributary transports",
             [
                 binary, "--data-dir", str(wd / "data"),
-                *_listeners_off(binary, *keep),
+                *listeners_off(binary, *keep),
                 "--mqtt-listen", "127.0.0.1:0",
                 "--mqtt-ws-listen", "127.0.0.1:0",
                 "--mqtt-tls-listen", "127.0.0.1:0",
@@ -90,7 +90,7 @@ def endpoints(request, tmp_path_factory, certificate):
     log = wd / "mosquitto.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen([MOSQUITTO_BIN, "-c", str(conf)], stdout=out, stderr=out,
-                                stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+                                stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
     for port in (tcp, ws, tls, wss):
         _wait_port(port, proc, log)
     yield {"tcp": tcp, "ws": ws, "tls": tls, "wss": wss}
