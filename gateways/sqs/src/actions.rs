@@ -91,8 +91,8 @@ fn sha256_hex(parts: &[&[u8]]) -> String {
     h.finalize().iter().map(|b| format!("{b:02x}")).collect()
 }
 
-/// A message id in SQS's form (a random UUID).
-fn new_message_id() -> String {
+/// A random (version 4) UUID: SQS's message ids and request ids.
+pub(crate) fn random_uuid() -> String {
     let b: [u8; 16] = rand::random();
     let hex: String = b
         .iter()
@@ -776,7 +776,7 @@ impl Service {
             }
             (group.unwrap_or("").to_string(), String::new())
         };
-        let message_id = new_message_id();
+        let message_id = random_uuid();
         let record = v1::Record {
             value: Bytes::from(body.to_string()),
             headers,
@@ -1277,10 +1277,10 @@ mod tests {
 
     #[test]
     fn message_ids_are_uuids_and_handles_are_checked() {
-        let id = new_message_id();
+        let id = random_uuid();
         assert_eq!(id.len(), 36);
         assert_eq!(&id[14..15], "4");
-        assert_ne!(id, new_message_id());
+        assert_ne!(id, random_uuid());
         assert!(Service::check_handle("1a-0-3").is_ok());
         for bad in ["", "x", "1-2", "1-2-3-4", "g-1-1", "1--1", &"f".repeat(40)] {
             assert_eq!(

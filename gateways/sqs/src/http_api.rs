@@ -37,19 +37,6 @@ pub struct Api {
     credentials: Vec<Credential>,
 }
 
-fn request_id() -> String {
-    let b: [u8; 16] = rand::random();
-    let h: String = b.iter().map(|b| format!("{b:02x}")).collect();
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[0..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..32]
-    )
-}
-
 impl Api {
     pub fn new(service: Service, credentials: Vec<Credential>) -> Self {
         Self {
@@ -59,7 +46,7 @@ impl Api {
     }
 
     pub async fn handle(&self, req: Request<Incoming>, traffic: &Traffic) -> Response<Full<Bytes>> {
-        let rid = request_id();
+        let rid = crate::actions::random_uuid();
         let (parts, body) = req.into_parts();
         let protocol = if parts.headers.contains_key("x-amz-target") {
             Protocol::Json
@@ -77,7 +64,7 @@ impl Api {
                     // The client went away mid-body: nobody reads this answer.
                     SqsError::serialization("The request body could not be read.")
                 };
-                return self.error(protocol, "unknown", &err, &rid);
+                return self.error(protocol, &err, &rid);
             }
         };
         let (action, outcome) = self.run(protocol, &parts, &body, traffic).await;
@@ -100,7 +87,7 @@ impl Api {
                 } else {
                     warn!(action = %action.escape_debug(), code = e.code, message = %e.message, "SQS request failed");
                 }
-                self.error(protocol, label, &e, &rid)
+                self.error(protocol, &e, &rid)
             }
         }
     }
@@ -225,14 +212,7 @@ impl Api {
         respond(StatusCode::OK, content_type, body, rid, None)
     }
 
-    fn error(
-        &self,
-        protocol: Protocol,
-        action: &str,
-        e: &SqsError,
-        rid: &str,
-    ) -> Response<Full<Bytes>> {
-        let _ = action;
+    fn error(&self, protocol: Protocol, e: &SqsError, rid: &str) -> Response<Full<Bytes>> {
         let query_error = format!("{};{}", e.code, e.fault());
         match protocol {
             Protocol::Json => respond(
