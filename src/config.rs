@@ -420,6 +420,10 @@ pub struct Options {
     /// one (announced as Server Keep Alive to 5.0 clients); 0 = take the client's.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_KEEP_ALIVE", global = true)]
     pub mqtt_max_keep_alive: Option<u16>,
+    /// Longest transaction timeout a transactional producer may ask for, in ms (Kafka's
+    /// transaction.max.timeout.ms).
+    #[arg(long, env = "TRIBUTARY_TRANSACTION_MAX_TIMEOUT_MS", global = true)]
+    pub transaction_max_timeout_ms: Option<u64>,
     /// How long the first rebalance of an empty consumer group waits for more members, in ms.
     #[arg(
         long,
@@ -529,6 +533,7 @@ pub struct FileConfig {
     pub kafka_super_users: Option<Vec<String>>,
     pub kafka_allow_if_no_acl: Option<bool>,
     pub kafka_ssl_principal_mapping_rules: Option<String>,
+    pub transaction_max_timeout_ms: Option<u64>,
     pub group_initial_rebalance_delay_ms: Option<u64>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
@@ -665,6 +670,7 @@ pub struct Settings {
     /// The Kafka ACL authorizer; `None` = off.
     pub kafka_authorizer: Option<tributary_gateway_kafka::acl::AuthorizerConfig>,
     pub kafka_ssl_principal_rules: tributary_gateway_kafka::principal::PrincipalRules,
+    pub transaction_max_timeout: Duration,
     pub group_initial_rebalance_delay: Duration,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
@@ -876,6 +882,16 @@ impl Settings {
                 r => tributary_gateway_kafka::principal::PrincipalRules::parse(&r)
                     .map_err(|e| invalid("kafka_ssl_principal_mapping_rules", &r, e.to_string()))?,
             };
+        let transaction_max_timeout = match pick!(transaction_max_timeout_ms, 900_000u64) {
+            0 => {
+                return Err(invalid(
+                    "transaction_max_timeout_ms",
+                    "0",
+                    "must be at least 1".to_string(),
+                ));
+            }
+            ms => Duration::from_millis(ms.min(i32::MAX as u64)),
+        };
         // Whether Kafka connections have users is known once tls_client_auth is read below.
         let kafka_authorizer = if pick!(kafka_authorizer, false) {
             let super_users: Vec<String> = pick!(kafka_super_users, Vec::<String>::new())
@@ -1124,6 +1140,7 @@ impl Settings {
             kafka_auto_create_topics: pick!(kafka_auto_create_topics, true),
             kafka_authorizer,
             kafka_ssl_principal_rules,
+            transaction_max_timeout,
             group_initial_rebalance_delay: Duration::from_millis(pick!(
                 group_initial_rebalance_delay_ms,
                 3000u64
@@ -1587,6 +1604,7 @@ mod tests {
             "kafka_super_users",
             "kafka_allow_if_no_acl",
             "kafka_ssl_principal_mapping_rules",
+            "transaction_max_timeout_ms",
             "group_initial_rebalance_delay_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",

@@ -213,6 +213,7 @@ impl Server {
             },
             retention_check_interval: settings.retention_check_interval,
             group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
+            transaction_max_timeout: settings.transaction_max_timeout,
             session_max_queued: settings.mqtt_max_queued,
             ..CoreConfig::default()
         };

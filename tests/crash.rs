@@ -148,6 +148,7 @@ async fn verify(client: &tributary_gateway_common::CoreClient, acked: &[(String,
                 max_bytes: 8 << 20,
                 min_bytes: 0,
                 max_wait_ms: 0,
+                read_committed: false,
             })
             .await
             .unwrap()

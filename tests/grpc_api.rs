@@ -80,6 +80,7 @@ async fn fetch_all(
             max_bytes: 64 << 20,
             min_bytes: 0,
             max_wait_ms: 0,
+            read_committed: false,
         })
         .await
         .unwrap()
@@ -180,6 +181,7 @@ async fn streams_append_fetch_and_admin_over_the_network() {
         stream: sid("orders"),
         partition: 1,
         spec: Some(spec),
+        read_committed: false,
     };
     use v1::list_offsets_request::Spec;
     assert_eq!(
@@ -461,6 +463,7 @@ async fn fetch_long_polls_until_data_arrives() {
                 min_bytes: 1,
                 // Far longer than the test's deadline: only a wake-up can make it return in time.
                 max_wait_ms: 600_000,
+                read_committed: false,
             })
             .await
             .unwrap()

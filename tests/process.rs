@@ -55,6 +55,7 @@ async fn sigterm_and_sigint_shut_down_cleanly_and_keep_data() {
                     max_bytes: 1024,
                     min_bytes: 1,
                     max_wait_ms: 600_000,
+                    read_committed: false,
                 })
                 .await;
         });

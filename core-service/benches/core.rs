@@ -238,6 +238,7 @@ fn bench_fetch(c: &mut Criterion, rt: &Runtime) {
             max_bytes: FETCH_MAX_BYTES,
             min_bytes: 0,
             max_wait_ms: 0,
+            read_committed: false,
         };
         // Every batch has the same size, so every fetch from a batch boundary returns as many
         // records as this first one; wrapping before a short tail keeps that true.

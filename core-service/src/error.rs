@@ -94,6 +94,14 @@ pub enum CoreError {
     Internal(String),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
+    #[error("invalid transaction state: {0}")]
+    InvalidTxnState(String),
+    #[error("concurrent transactions: {0}")]
+    ConcurrentTransactions(String),
+    #[error("transaction timeout {got} ms is not within 1..={max} ms (transaction_max_timeout_ms)")]
+    InvalidTransactionTimeout { got: i32, max: i64 },
+    #[error("invalid producer id mapping: {0}")]
+    InvalidProducerIdMapping(String),
 }
 
 impl From<StorageError> for CoreError {
@@ -154,6 +162,10 @@ impl CoreError {
             Self::Storage(_) => ErrorCode::StorageFailure,
             Self::Internal(_) => ErrorCode::Internal,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
+            Self::InvalidTxnState(_) => ErrorCode::InvalidTxnState,
+            Self::ConcurrentTransactions(_) => ErrorCode::ConcurrentTransactions,
+            Self::InvalidTransactionTimeout { .. } => ErrorCode::InvalidTransactionTimeout,
+            Self::InvalidProducerIdMapping(_) => ErrorCode::InvalidProducerIdMapping,
         }
     }
 
@@ -186,7 +198,11 @@ impl CoreError {
             | Self::IllegalGeneration { .. }
             | Self::RebalanceInProgress
             | Self::InconsistentGroupProtocol(_)
-            | Self::GroupNotEmpty(_) => Code::FailedPrecondition,
+            | Self::GroupNotEmpty(_)
+            | Self::InvalidTxnState(_)
+            | Self::InvalidProducerIdMapping(_) => Code::FailedPrecondition,
+            Self::ConcurrentTransactions(_) => Code::Aborted,
+            Self::InvalidTransactionTimeout { .. } => Code::InvalidArgument,
             Self::Conflict(_) => Code::Aborted,
             Self::Unsupported(_) => Code::Unimplemented,
             Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,

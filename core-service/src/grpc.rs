@@ -597,12 +597,48 @@ impl transactions_server::Transactions for CoreGrpc {
         &self,
         _: Request<BeginTransactionRequest>,
     ) -> GrpcResult<BeginTransactionResponse> {
-        unsupported("transactions")
+        unsupported("BeginTransaction (a transaction begins with AddPartitions or AddGroup)")
     }
     async fn end_transaction(
         &self,
-        _: Request<EndTransactionRequest>,
+        r: Request<EndTransactionRequest>,
     ) -> GrpcResult<EndTransactionResponse> {
-        unsupported("transactions")
+        self.core.end_transaction(r.into_inner()).await?;
+        ok(EndTransactionResponse {})
+    }
+    async fn add_partitions(
+        &self,
+        r: Request<AddPartitionsRequest>,
+    ) -> GrpcResult<AddPartitionsResponse> {
+        ok(self.core.add_txn_partitions(r.into_inner()).await?)
+    }
+    async fn add_group(&self, r: Request<AddGroupRequest>) -> GrpcResult<AddGroupResponse> {
+        self.core.add_txn_group(r.into_inner()).await?;
+        ok(AddGroupResponse {})
+    }
+    async fn commit_txn_offsets(
+        &self,
+        r: Request<CommitTxnOffsetsRequest>,
+    ) -> GrpcResult<CommitTxnOffsetsResponse> {
+        self.core.commit_txn_offsets(r.into_inner()).await?;
+        ok(CommitTxnOffsetsResponse::default())
+    }
+    async fn describe_transactions(
+        &self,
+        r: Request<DescribeTransactionsRequest>,
+    ) -> GrpcResult<DescribeTransactionsResponse> {
+        let r = r.into_inner();
+        ok(self
+            .core
+            .describe_transactions(&r.namespace, &r.transactional_ids)
+            .await?)
+    }
+    async fn list_transactions(
+        &self,
+        r: Request<ListTransactionsRequest>,
+    ) -> GrpcResult<ListTransactionsResponse> {
+        ok(ListTransactionsResponse {
+            transactions: self.core.list_transactions(&r.into_inner()).await?,
+        })
     }
 }

@@ -9,7 +9,8 @@
 //! direct, fanout, topic, headers and MQTT-topic bindings to queues, streams and addresses)
 //! and the protocol-neutral queue engine (`queues`: leases with deadlines, FIFO groups,
 //! dedup, delays, dead letters and redrive), on which the AMQP gateway keeps its channels.
-//! Transactions are in the API but answer UNIMPLEMENTED until their issue lands.
+//! and the transaction coordinator (`transactions`: Kafka's transactional producers, with
+//! markers, last stable offsets and aborted-transaction indexes per partition).
 
 mod acls;
 pub mod error;
@@ -24,6 +25,7 @@ mod sessions;
 mod streams;
 mod timers;
 pub mod topics;
+mod transactions;
 mod users;
 
 use std::collections::BTreeMap;
@@ -75,6 +77,11 @@ pub struct CoreConfig {
     /// A live message this many batches behind the end of the durable queues' journal is
     /// copied forward, so that the prefix it pinned can be truncated.
     pub queue_journal_compact_after: i64,
+    /// The longest transaction timeout a producer may ask for (Kafka's
+    /// transaction.max.timeout.ms).
+    pub transaction_max_timeout: Duration,
+    /// How often open transactions are checked against their timeout.
+    pub transaction_check_interval: Duration,
 }
 
 impl Default for CoreConfig {
@@ -89,6 +96,8 @@ impl Default for CoreConfig {
             group_initial_rebalance_delay: Duration::from_secs(3),
             session_max_queued: sessions::DEFAULT_MAX_QUEUED,
             queue_journal_compact_after: 16_384,
+            transaction_max_timeout: transactions::DEFAULT_MAX_TIMEOUT,
+            transaction_check_interval: Duration::from_secs(1),
         }
     }
 }
@@ -111,6 +120,7 @@ struct Inner {
     broker: sessions::Broker,
     queues: queues::QueueTable,
     router: router::RouterTable,
+    txns: transactions::TxnTable,
     timers_changed: Notify,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -143,6 +153,7 @@ impl Core {
                 broker: sessions::Broker::new(config.session_max_queued),
                 queues: queues::QueueTable::default(),
                 router: router::RouterTable::default(),
+                txns: transactions::TxnTable::default(),
                 config,
                 namespaces: RwLock::new(BTreeMap::new()),
                 streams: RwLock::new(BTreeMap::new()),
@@ -153,6 +164,7 @@ impl Core {
             }),
         };
         core.load_metadata().await?;
+        core.recover_transactions().await?;
         core.recover_queues().await?;
         core.recover_router().await?;
         // Only now: an owner task may dead-letter into any queue or address.
@@ -163,10 +175,11 @@ impl Core {
         let sys = tokio::spawn(core.clone().run_sys_topics());
         let retention = tokio::spawn(core.clone().run_retention());
         let groups = tokio::spawn(core.clone().run_group_timeouts());
+        let txns = tokio::spawn(core.clone().run_transaction_timeouts());
         core.inner
             .tasks
             .lock()
-            .extend([timers, retention, groups, sys]);
+            .extend([timers, retention, groups, sys, txns]);
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),

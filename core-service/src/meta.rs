@@ -49,6 +49,8 @@ pub const GROUP: &str = "group";
 pub const PRODUCER_SNAPSHOT: &str = "pstate";
 pub const PRODUCER_EPOCH: &str = "producer";
 pub const TRANSACTIONAL_ID: &str = "txnid";
+/// A partition's aborted-transaction index: `txnaborted/<stream id>\0<partition>\0<marker offset>`.
+pub const TXN_ABORTED: &str = "txnaborted";
 pub const TIMER_DUE: &str = "timer";
 pub const TIMER_BY_ID: &str = "timerid";
 pub const TIMER_FIRING: &str = "timerfiring";

@@ -146,6 +146,24 @@ impl ProducerTable {
         entry.last_write_ms = entry.last_write_ms.max(now_ms);
     }
 
+    /// Moves a producer to a newer epoch without a batch (a transaction marker written by a
+    /// coordinator that fenced it): its older epochs are refused from here on.
+    pub fn fence(&mut self, pid: i64, epoch: i32, now_ms: i64) {
+        if pid <= 0 {
+            return;
+        }
+        let entry = self.producers.entry(pid).or_insert_with(|| ProducerEntry {
+            epoch,
+            batches: VecDeque::new(),
+            last_write_ms: now_ms,
+        });
+        if epoch > entry.epoch {
+            entry.epoch = epoch;
+            entry.batches.clear();
+        }
+        entry.last_write_ms = entry.last_write_ms.max(now_ms);
+    }
+
     /// Forgets producers that have not written for `max_idle_ms` (Kafka's producer.id.expiration.ms).
     pub fn expire(&mut self, now_ms: i64, max_idle_ms: i64) {
         self.producers

@@ -20,6 +20,7 @@ use crate::meta::{
     StreamRecord, StreamSettings, from_json, to_json, validate_name,
 };
 use crate::producers::{ProducerSnapshot, ProducerTable, SequenceCheck};
+use crate::transactions::{AbortedTxn, PartitionTxns, aborted_prefix};
 use crate::{Core, DEFAULT_NAMESPACE, now_ms};
 
 /// Most partitions one stream may have.
@@ -38,7 +39,7 @@ impl StreamHandle {
         self.partitions.read().clone()
     }
 
-    fn partition(&self, p: u32) -> CoreResult<Arc<PartitionState>> {
+    pub(crate) fn partition(&self, p: u32) -> CoreResult<Arc<PartitionState>> {
         let parts = self.partitions.read();
         parts.get(p as usize).cloned().ok_or_else(|| {
             let r = self.record.read();
@@ -57,6 +58,8 @@ pub(crate) struct PartitionState {
     /// idempotent batches happen in one order.
     producers: tokio::sync::Mutex<ProducerTable>,
     snapshot_offset: AtomicI64,
+    /// Transactions open and aborted here (the coordinators are in transactions.rs).
+    pub(crate) txns: parking_lot::Mutex<PartitionTxns>,
 }
 
 /// The header fields of a stored batch, decoded without its records: prost skips the
@@ -73,6 +76,8 @@ struct StoredBatchHeader {
     append_time_ms: i64,
     #[prost(string, tag = "12")]
     timer_id: String,
+    #[prost(message, optional, tag = "13")]
+    control: Option<v1::ControlMarker>,
 }
 
 fn stream_label(id: &v1::StreamId) -> String {
@@ -183,7 +188,11 @@ impl Core {
         let mut table = snapshot.table;
         let replay_from = snapshot.offset.max(bounds.start_offset);
         self.scan_batch_headers(key, replay_from, |h, base, count| {
-            if h.producer_id > 0 {
+            if h.control.is_some() {
+                // A transaction marker carries the producer's epoch at the time (bumped
+                // when a coordinator fenced it), never a sequence.
+                table.fence(h.producer_id, h.producer_epoch, h.append_time_ms);
+            } else if h.producer_id > 0 {
                 table.record(
                     h.producer_id,
                     h.producer_epoch,
@@ -196,10 +205,21 @@ impl Core {
             true
         })
         .await?;
+        let mut aborted = Vec::new();
+        for (_, raw) in self
+            .inner
+            .meta
+            .scan_prefix(&aborted_prefix(key.stream_id, key.partition), SCAN_ALL)
+            .await?
+        {
+            let a: AbortedTxn = from_json("aborted transaction", &raw)?;
+            aborted.push(a);
+        }
         let state = Arc::new(PartitionState {
             key,
             producers: tokio::sync::Mutex::new(table),
             snapshot_offset: AtomicI64::new(snapshot.offset),
+            txns: parking_lot::Mutex::new(PartitionTxns::with_aborted(aborted)),
         });
         if bounds.end_offset - replay_from > self.inner.config.producer_snapshot_every {
             self.write_producer_snapshot(&state).await?;
@@ -743,6 +763,17 @@ impl Core {
         batch.record_count = count;
         // Producer ids start at 1, so the proto3 default 0 means "not idempotent".
         let idempotent = batch.producer_id > 0;
+        if batch.control.is_some() {
+            return Err(CoreError::InvalidArgument(
+                "control batches are written by the transaction coordinator only".into(),
+            ));
+        }
+        if batch.transactional && !idempotent {
+            return Err(CoreError::InvalidArgument(
+                "a transactional batch needs a producer id".into(),
+            ));
+        }
+        let transactional = batch.transactional;
         let (pid, epoch, seq) = (batch.producer_id, batch.producer_epoch, batch.base_sequence);
         let payload = Bytes::from(batch.encode_to_vec());
         if payload.len() as i64 > max_bytes {
@@ -778,6 +809,9 @@ impl Core {
                     });
                 }
                 SequenceCheck::Accept => {
+                    if transactional {
+                        part.txns.lock().check_append(pid, epoch)?;
+                    }
                     let base = log.append(part.key, to_append).await?;
                     table.record(pid, epoch, seq, count, base, now);
                     base
@@ -810,6 +844,32 @@ impl Core {
             append_time_ms: now,
             log_start_offset: start,
         })
+    }
+
+    /// Appends a batch the core itself builds (a transaction marker) durably, outside the
+    /// sequence checks; the marker's epoch fences older epochs of its producer here.
+    pub(crate) async fn append_control_batch(
+        &self,
+        part: &PartitionState,
+        batch: v1::RecordBatch,
+    ) -> CoreResult<i64> {
+        let (pid, epoch, now) = (
+            batch.producer_id,
+            batch.producer_epoch,
+            batch.append_time_ms,
+        );
+        let to_append = BatchToAppend {
+            record_count: 1,
+            max_timestamp_ms: batch.max_timestamp_ms,
+            payload: Bytes::from(batch.encode_to_vec()),
+        };
+        let log = &self.inner.log;
+        let mut table = part.producers.lock().await;
+        let base = log.append(part.key, to_append).await?;
+        table.fence(pid, epoch, now);
+        drop(table);
+        log.wait_durable(part.key, base + 1).await?;
+        Ok(base)
     }
 
     /// Reads from several partitions, waiting up to `max_wait_ms` for `min_bytes`.
@@ -868,9 +928,21 @@ impl Core {
                             .read_partition(part, fp.offset, limit, total == 0)
                             .await
                         {
-                            Ok((bounds, batches)) => {
+                            Ok((bounds, mut batches)) => {
                                 fetched.start_offset = bounds.start_offset;
                                 fetched.end_offset = bounds.end_offset;
+                                let txns = part.txns.lock();
+                                let lso = txns.last_stable_offset(bounds.end_offset);
+                                fetched.last_stable_offset = lso;
+                                if req.read_committed {
+                                    batches.retain(|b| b.base_offset < lso);
+                                    let upper = batches.last().map_or(fp.offset, |b| {
+                                        b.base_offset + i64::from(b.record_count)
+                                    });
+                                    fetched.aborted_transactions =
+                                        txns.aborted_between(fp.offset, upper);
+                                }
+                                drop(txns);
                                 total += batches.iter().map(|b| b.encoded_len()).sum::<usize>();
                                 fetched.batches = batches;
                             }
@@ -879,6 +951,8 @@ impl Core {
                                     self.inner.log.bounds(part.key).await.unwrap_or_default();
                                 fetched.start_offset = bounds.start_offset;
                                 fetched.end_offset = bounds.end_offset;
+                                fetched.last_stable_offset =
+                                    part.txns.lock().last_stable_offset(bounds.end_offset);
                                 fetched.error = e.code() as i32;
                                 fetched.error_message = e.to_string();
                             }
@@ -964,7 +1038,11 @@ impl Core {
         use v1::list_offsets_request::Spec;
         match req.spec {
             None | Some(Spec::Latest(_)) => Ok(v1::ListOffsetsResponse {
-                offset: bounds.end_offset,
+                offset: if req.read_committed {
+                    part.txns.lock().last_stable_offset(bounds.end_offset)
+                } else {
+                    bounds.end_offset
+                },
                 timestamp_ms: -1,
             }),
             Some(Spec::Earliest(_)) => Ok(v1::ListOffsetsResponse {
@@ -1022,39 +1100,9 @@ impl Core {
         let ns = namespace_or_default(&req.namespace).to_string();
         let meta = &self.inner.meta;
         if !req.transactional_id.is_empty() {
-            validate_name("transactional id", &req.transactional_id)?;
-            let key = meta::key(meta::TRANSACTIONAL_ID, &[&ns, &req.transactional_id]);
-            loop {
-                let current = meta.get(&key).await?;
-                let next = match &current {
-                    Some(raw) => {
-                        let r: ProducerIdRecord = from_json("transactional id", raw)?;
-                        if req.producer_id > 0
-                            && (req.producer_id != r.producer_id || req.producer_epoch != r.epoch)
-                        {
-                            return Err(CoreError::ProducerFenced {
-                                producer_id: req.producer_id,
-                                got: req.producer_epoch,
-                                current: r.epoch,
-                            });
-                        }
-                        self.next_epoch(r).await?
-                    }
-                    None => ProducerIdRecord {
-                        producer_id: self.next_counter("producer_id").await? as i64,
-                        epoch: 0,
-                    },
-                };
-                if meta
-                    .compare_and_set(&key, current.as_deref(), Some(&to_json(&next)))
-                    .await?
-                {
-                    return Ok(v1::InitProducerResponse {
-                        producer_id: next.producer_id,
-                        producer_epoch: next.epoch,
-                    });
-                }
-            }
+            return self
+                .init_transactional_producer(&ns, &req.transactional_id, &req)
+                .await;
         }
         if req.producer_id > 0 {
             let key = meta::key(meta::PRODUCER_EPOCH, &[&req.producer_id.to_string()]);
@@ -1106,7 +1154,7 @@ impl Core {
     }
 
     /// The producer's next epoch, or a new producer id once the epoch would overflow.
-    async fn next_epoch(&self, r: ProducerIdRecord) -> CoreResult<ProducerIdRecord> {
+    pub(crate) async fn next_epoch(&self, r: ProducerIdRecord) -> CoreResult<ProducerIdRecord> {
         Ok(if r.epoch >= MAX_PRODUCER_EPOCH {
             ProducerIdRecord {
                 producer_id: self.next_counter("producer_id").await? as i64,
@@ -1324,6 +1372,17 @@ impl Core {
                 let before = self.inner.log.bounds(part.key).await?.start_offset;
                 let after = self.inner.log.apply_retention(part.key, policy).await?;
                 moved += usize::from(after > before);
+                let dropped = part.txns.lock().forget_below(after);
+                for last in dropped {
+                    self.inner
+                        .meta
+                        .delete(&crate::transactions::aborted_key(
+                            part.key.stream_id,
+                            part.key.partition,
+                            last,
+                        ))
+                        .await?;
+                }
             }
         }
         Ok(moved)

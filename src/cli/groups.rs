@@ -164,6 +164,7 @@ pub async fn run(ctx: &Ctx, command: GroupsCommand) -> Result<Output, CliError> 
                                 stream: Some(id.clone()),
                                 partition: p.partition,
                                 spec: Some(v1::list_offsets_request::Spec::TimestampMs(ms)),
+                                read_committed: false,
                             })
                             .await
                             .map_err(|s| ctx.status(s))?

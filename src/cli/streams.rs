@@ -272,6 +272,7 @@ pub async fn resolve_offset(
             stream: Some(stream.clone()),
             partition,
             spec: Some(which),
+            read_committed: false,
         })
         .await
         .map_err(|s| ctx.status(s))?
@@ -306,6 +307,7 @@ async fn consume(
                 max_bytes: 1 << 20,
                 min_bytes: 0,
                 max_wait_ms: 0,
+                read_committed: false,
             })
             .await
             .map_err(|s| ctx.status(s))?
@@ -321,8 +323,13 @@ async fn consume(
                 p.error_message
             )));
         }
-        let before = shown.len();
+        let before = next;
         for batch in &p.batches {
+            if batch.control.is_some() {
+                // A transaction marker: not a record anyone sent.
+                next = next.max(batch.base_offset + 1);
+                continue;
+            }
             for r in records::decode(batch).map_err(CliError::Refused)? {
                 if r.offset >= next && shown.len() < count {
                     next = r.offset + 1;
@@ -330,7 +337,7 @@ async fn consume(
                 }
             }
         }
-        if shown.len() == before {
+        if next == before {
             // Nothing more before the partition's end.
             break;
         }

@@ -144,6 +144,9 @@ pub fn append_stored(out: &mut BytesMut, opaque: &[u8], base_offset: i64) {
 /// Encodes a batch written by another protocol (envelope records) as a Kafka v2 batch, so
 /// Kafka consumers read every stream whatever wrote it.
 pub fn encode_envelope(out: &mut BytesMut, batch: &v1::RecordBatch) -> Result<(), BatchError> {
+    if let Some(marker) = &batch.control {
+        return encode_control(out, batch, marker);
+    }
     let base_timestamp = batch.append_time_ms;
     let records: Vec<Record> = batch
         .records
@@ -179,6 +182,42 @@ pub fn encode_envelope(out: &mut BytesMut, batch: &v1::RecordBatch) -> Result<()
     };
     RecordBatchEncoder::encode(out, records.iter(), &options)
         .map_err(|e| BatchError::Malformed(format!("cannot encode envelope batch: {e}")))
+}
+
+/// A transaction marker as Kafka's control batch: one record whose key is
+/// (version 0, type 0 abort / 1 commit) and whose value is (version 0, coordinator epoch).
+fn encode_control(
+    out: &mut BytesMut,
+    batch: &v1::RecordBatch,
+    marker: &v1::ControlMarker,
+) -> Result<(), BatchError> {
+    let mut key = BytesMut::with_capacity(4);
+    key.extend_from_slice(&0i16.to_be_bytes());
+    key.extend_from_slice(&i16::from(marker.commit).to_be_bytes());
+    let mut value = BytesMut::with_capacity(6);
+    value.extend_from_slice(&0i16.to_be_bytes());
+    value.extend_from_slice(&marker.coordinator_epoch.to_be_bytes());
+    let record = Record {
+        transactional: true,
+        control: true,
+        delete_horizon: false,
+        partition_leader_epoch: -1,
+        producer_id: batch.producer_id,
+        producer_epoch: i16::try_from(batch.producer_epoch).unwrap_or(-1),
+        timestamp_type: TimestampType::Creation,
+        offset: batch.base_offset,
+        sequence: -1,
+        timestamp: batch.append_time_ms,
+        key: Some(key.freeze()),
+        value: Some(value.freeze()),
+        headers: IndexMap::new(),
+    };
+    let options = RecordEncodeOptions {
+        version: 2,
+        compression: Compression::None,
+    };
+    RecordBatchEncoder::encode(out, std::iter::once(&record), &options)
+        .map_err(|e| BatchError::Malformed(format!("cannot encode a control batch: {e}")))
 }
 
 #[cfg(test)]
@@ -267,6 +306,34 @@ mod tests {
         let set = RecordBatchDecoder::decode(&mut out.freeze()).unwrap();
         let offsets: Vec<i64> = set.records.iter().map(|r| r.offset).collect();
         assert_eq!(offsets, vec![40, 41]);
+    }
+
+    #[test]
+    fn transaction_markers_become_control_batches() {
+        let marker = v1::RecordBatch {
+            records: vec![v1::Record::default()],
+            record_count: 1,
+            producer_id: 42,
+            producer_epoch: 3,
+            base_offset: 17,
+            append_time_ms: 1_700_000_000_000,
+            transactional: true,
+            control: Some(v1::ControlMarker {
+                commit: true,
+                coordinator_epoch: 0,
+            }),
+            ..Default::default()
+        };
+        let mut out = BytesMut::new();
+        encode_envelope(&mut out, &marker).unwrap();
+        let bytes = out.freeze();
+        let (header, _) = split_batches(bytes.clone()).unwrap().remove(0);
+        assert!(header.control && header.transactional);
+        assert_eq!((header.producer_id, header.producer_epoch), (42, 3));
+        let set = kafka_protocol::records::RecordBatchDecoder::decode(&mut bytes.clone()).unwrap();
+        let rec = &set.records[0];
+        assert_eq!(rec.offset, 17);
+        assert_eq!(rec.key.as_deref(), Some(&[0u8, 0, 0, 1][..]));
     }
 
     #[test]

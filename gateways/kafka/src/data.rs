@@ -5,7 +5,7 @@ use futures::future::join_all;
 use kafka_protocol::error::ResponseError as K;
 use kafka_protocol::messages::fetch_request::FetchRequest;
 use kafka_protocol::messages::fetch_response::{
-    FetchResponse, FetchableTopicResponse, PartitionData,
+    AbortedTransaction, FetchResponse, FetchableTopicResponse, PartitionData,
 };
 use kafka_protocol::messages::init_producer_id_request::InitProducerIdRequest;
 use kafka_protocol::messages::init_producer_id_response::InitProducerIdResponse;
@@ -69,14 +69,8 @@ pub(crate) async fn produce(
                 K::InvalidRequiredAcks.code(),
                 "acks must be -1, 0 or 1",
             )
-        } else if transactional {
-            error_partition(
-                p.index,
-                K::InvalidTxnState.code(),
-                "transactions are not supported by this gateway yet",
-            )
         } else {
-            produce_partition(gw, traffic, &name, p).await
+            produce_partition(gw, traffic, &name, p, transactional).await
         };
         (name, r)
     }))
@@ -113,6 +107,7 @@ async fn produce_partition(
     traffic: &Traffic,
     topic: &TopicName,
     p: PartitionProduceData,
+    transactional_request: bool,
 ) -> PartitionProduceResponse {
     let Some(records) = p.records else {
         return error_partition(p.index, K::InvalidRecord.code(), "no records");
@@ -146,11 +141,12 @@ async fn produce_partition(
             "control batches cannot be produced",
         );
     }
-    if header.transactional {
+    // Kafka refuses a transactional batch outside a request naming its transactional id.
+    if header.transactional != transactional_request {
         return error_partition(
             p.index,
-            K::InvalidTxnState.code(),
-            "transactions are not supported by this gateway yet",
+            K::InvalidRecord.code(),
+            "a transactional batch needs the request's transactional id, and only it",
         );
     }
     let size = bytes.len();
@@ -178,6 +174,7 @@ async fn produce_partition(
             producer_id: header.producer_id.max(0),
             producer_epoch: i32::from(header.producer_epoch),
             base_sequence: header.base_sequence,
+            transactional: header.transactional,
             ..Default::default()
         }),
         auto_create: false,
@@ -257,6 +254,7 @@ pub(crate) async fn fetch(
         max_bytes: req.max_bytes.max(0),
         min_bytes: req.min_bytes.max(0),
         max_wait_ms: req.max_wait_ms.max(0),
+        read_committed: req.isolation_level == 1,
     };
     let mut topics: Vec<FetchableTopicResponse> = Vec::new();
     let mut push = |name: &str, id, pd: PartitionData| match topics.iter_mut().find(|t| {
@@ -303,8 +301,20 @@ pub(crate) async fn fetch(
                 let code = v1::ErrorCode::try_from(fp.error).unwrap_or(v1::ErrorCode::Internal);
                 let mut pd = empty_partition(*partition, kafka_code(code, Context::Fetch))
                     .with_high_watermark(fp.end_offset)
-                    .with_last_stable_offset(fp.end_offset)
+                    .with_last_stable_offset(fp.last_stable_offset)
                     .with_log_start_offset(fp.start_offset);
+                if req.isolation_level == 1 {
+                    pd = pd.with_aborted_transactions(Some(
+                        fp.aborted_transactions
+                            .iter()
+                            .map(|a| {
+                                AbortedTransaction::default()
+                                    .with_producer_id(ProducerId(a.producer_id))
+                                    .with_first_offset(a.first_offset)
+                            })
+                            .collect(),
+                    ));
+                }
                 if code == v1::ErrorCode::Unspecified {
                     let mut records = BytesMut::new();
                     for b in &fp.batches {
@@ -396,6 +406,7 @@ pub(crate) async fn list_offsets(
                     }),
                     partition: p.partition_index.max(0) as u32,
                     spec: Some(spec),
+                    read_committed: req.isolation_level == 1,
                 })
                 .await;
             partitions.push(match r {
@@ -454,6 +465,7 @@ async fn first_record_at_or_after(
             max_bytes: 1,
             min_bytes: 0,
             max_wait_ms: 0,
+            read_committed: false,
         })
         .await
         .ok()?

@@ -45,7 +45,14 @@ pub enum Context {
     Fetch,
     Group,
     Admin,
-    InitProducer { version: i16 },
+    InitProducer {
+        version: i16,
+    },
+    /// A call to the transaction coordinator (AddPartitionsToTxn, AddOffsetsToTxn,
+    /// TxnOffsetCommit, EndTxn) at this request version.
+    Txn {
+        version: i16,
+    },
 }
 
 /// The Kafka error code for a failed core call.
@@ -63,6 +70,8 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         ErrorCode::OutOfOrderSequence => K::OutOfOrderSequenceNumber,
         ErrorCode::ProducerFenced => match ctx {
             Context::InitProducer { version } if version >= 4 => K::ProducerFenced,
+            // KIP-588: coordinator calls of these versions know PRODUCER_FENCED.
+            Context::Txn { version } if version >= 2 => K::ProducerFenced,
             _ => K::InvalidProducerEpoch,
         },
         ErrorCode::UnknownProducer => K::UnknownProducerId,
@@ -84,12 +93,16 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         // Retriable: the client refreshes metadata and tries again, which is right when
         // the core restarts or is briefly unreachable.
         ErrorCode::ShuttingDown | ErrorCode::StorageFailure => match ctx {
-            Context::Group => K::CoordinatorNotAvailable,
+            Context::Group | Context::Txn { .. } => K::CoordinatorNotAvailable,
             Context::Produce | Context::Fetch => K::NotLeaderOrFollower,
             _ => K::RequestTimedOut,
         },
         ErrorCode::Unsupported => K::UnsupportedVersion,
         ErrorCode::UserNotFound => K::ResourceNotFound,
+        ErrorCode::InvalidTxnState => K::InvalidTxnState,
+        ErrorCode::ConcurrentTransactions => K::ConcurrentTransactions,
+        ErrorCode::InvalidTransactionTimeout => K::InvalidTransactionTimeout,
+        ErrorCode::InvalidProducerIdMapping => K::InvalidProducerIdMapping,
         ErrorCode::NamespaceExists
         | ErrorCode::QueueNotFound
         | ErrorCode::QueueExists

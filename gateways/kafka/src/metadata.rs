@@ -312,13 +312,14 @@ pub(crate) fn find_coordinator(
     };
     let host = StrBytes::from_string(gw.config.advertised_host.clone());
     let port = i32::from(gw.config.advertised_port);
-    // Key type 1 = transaction coordinator: transactions are not served yet.
-    let refused = req.key_type != 0;
+    // Key types 0 (group) and 1 (transaction): every gateway is the coordinator, the
+    // state being in the core. Share-group keys (2) are not served.
+    let refused = !matches!(req.key_type, 0 | 1);
     let (code, message) = if refused {
         (
             K::InvalidRequest.code(),
             Some(StrBytes::from_static_str(
-                "transactions are not supported by this gateway yet",
+                "only group and transaction coordinators are served",
             )),
         )
     } else {
