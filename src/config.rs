@@ -170,6 +170,13 @@ pub struct LoadArgs {
     /// Kafka: produce first, then measure a consumer group reading from the start.
     #[arg(long)]
     pub from_start: bool,
+    /// Kafka: transactional producers (one transactional id each) that commit every
+    /// --commit-ms; the consumers read committed.
+    #[arg(long)]
+    pub transactional: bool,
+    /// Kafka with --transactional: how often each producer commits, in ms.
+    #[arg(long, default_value_t = 100)]
+    pub commit_ms: u64,
     /// SQS: messages per request, 1 to 10 (1 = SendMessage / DeleteMessage, more = the Batch
     /// actions); also ReceiveMessage's MaxNumberOfMessages.
     #[arg(long, default_value_t = 1)]

@@ -215,6 +215,9 @@ fn bench(what: BenchCommand) -> ExitCode {
         partitions: args.partitions,
         compression: args.compression.clone(),
         from_start: args.from_start,
+        transaction_commit: args
+            .transactional
+            .then(|| std::time::Duration::from_millis(args.commit_ms)),
         qos: args.qos,
         topics: args.topics,
         idle_connections: args.connections,

@@ -99,11 +99,15 @@ impl Conn {
 }
 
 fn batch(producer: (i64, i16), base_sequence: i32, values: &[&str]) -> Bytes {
+    batch_of(producer, base_sequence, values, false)
+}
+
+fn batch_of(producer: (i64, i16), base_sequence: i32, values: &[&str], txn: bool) -> Bytes {
     let records: Vec<Record> = values
         .iter()
         .enumerate()
         .map(|(i, v)| Record {
-            transactional: false,
+            transactional: txn,
             control: false,
             delete_horizon: false,
             partition_leader_epoch: -1,
@@ -196,8 +200,10 @@ async fn api_versions_answers_unknown_versions_per_kip_511() {
     assert_eq!(r.error_code, 0);
     let produce = r.api_keys.iter().find(|k| k.api_key == 0).unwrap();
     assert_eq!((produce.min_version, produce.max_version), (3, 11));
-    // Transactions are not served, so not advertised.
-    assert!(r.api_keys.iter().all(|k| k.api_key != 24));
+    // Transactions v1 are served; v2 (KIP-890 part 2: EndTxn v5) is not advertised.
+    let end_txn = r.api_keys.iter().find(|k| k.api_key == 26).unwrap();
+    assert_eq!((end_txn.min_version, end_txn.max_version), (0, 4));
+    assert!(r.api_keys.iter().any(|k| k.api_key == 24));
 
     // A version from the future: the answer is v0 with UNSUPPORTED_VERSION and our ranges.
     let cid = c.send(&ApiVersionsRequest::default(), 3).await;
@@ -213,6 +219,111 @@ async fn api_versions_answers_unknown_versions_per_kip_511() {
     let r = ApiVersionsResponse::decode(&mut frame, 0).unwrap();
     assert_eq!(r.error_code, 35);
     assert!(!r.api_keys.is_empty());
+}
+
+#[tokio::test]
+async fn out_of_order_transaction_calls_get_kafkas_errors() {
+    let (_dir, server) = standalone();
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    create_topic(&mut c, "txw", &[]).await;
+    let tid = || TransactionalId(StrBytes::from_static_str("wire-txn"));
+    let init = |timeout| {
+        InitProducerIdRequest::default()
+            .with_transactional_id(Some(tid()))
+            .with_transaction_timeout_ms(timeout)
+    };
+    // Above transaction_max_timeout_ms (15 minutes by default).
+    let r = c.call(&init(3_600_000), 4).await;
+    assert_eq!(r.error_code, 50, "INVALID_TRANSACTION_TIMEOUT");
+    let r = c.call(&init(60_000), 4).await;
+    assert_eq!(r.error_code, 0);
+    let pid = (r.producer_id.0, r.producer_epoch);
+    let end = |p: (i64, i16), commit| {
+        EndTxnRequest::default()
+            .with_transactional_id(tid())
+            .with_producer_id(ProducerId(p.0))
+            .with_producer_epoch(p.1)
+            .with_committed(commit)
+    };
+    let add = |p: (i64, i16)| {
+        AddPartitionsToTxnRequest::default()
+            .with_v3_and_below_transactional_id(tid())
+            .with_v3_and_below_producer_id(ProducerId(p.0))
+            .with_v3_and_below_producer_epoch(p.1)
+            .with_v3_and_below_topics(vec![
+                add_partitions_to_txn_request::AddPartitionsToTxnTopic::default()
+                    .with_name(TopicName(StrBytes::from_static_str("txw")))
+                    .with_partitions(vec![0]),
+            ])
+    };
+    let add_code = |r: &AddPartitionsToTxnResponse| {
+        r.results_by_topic_v3_and_below[0].results_by_partition[0].partition_error_code
+    };
+    let txn_produce = |p: (i64, i16), seq, v: &str| {
+        produce_request("txw", batch_of(p, seq, &[v], true), -1).with_transactional_id(Some(tid()))
+    };
+    // Nothing open: EndTxn is INVALID_TXN_STATE, and so is a transactional produce to a
+    // partition not added to the transaction.
+    assert_eq!(c.call(&end(pid, true), 3).await.error_code, 48);
+    let r = c.call(&txn_produce(pid, 0, "early"), 9).await;
+    assert_eq!(partition_result(&r).error_code, 48, "INVALID_TXN_STATE");
+    // A producer id that is not the transactional id's, then an older epoch.
+    let r = c.call(&add((pid.0 + 77, pid.1)), 3).await;
+    assert_eq!(add_code(&r), 49, "INVALID_PRODUCER_ID_MAPPING");
+    let r = c.call(&add((pid.0, pid.1 - 1)), 3).await;
+    assert_eq!(add_code(&r), 90, "PRODUCER_FENCED");
+    let r = c.call(&add((pid.0, pid.1 - 1)), 1).await;
+    assert_eq!(add_code(&r), 47, "INVALID_PRODUCER_EPOCH before v2");
+
+    // In order: add, produce, commit; a read_committed fetch then sees the record and the
+    // marker, with the stable offset at the end.
+    assert_eq!(add_code(&c.call(&add(pid), 3).await), 0);
+    let r = c.call(&txn_produce(pid, 0, "kept"), 9).await;
+    assert_eq!(partition_result(&r).error_code, 0);
+    let fetch = |isolation| {
+        FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_max_bytes(1 << 20)
+            .with_isolation_level(isolation)
+            .with_topics(vec![
+                fetch_request::FetchTopic::default()
+                    .with_topic(TopicName(StrBytes::from_static_str("txw")))
+                    .with_partitions(vec![
+                        fetch_request::FetchPartition::default()
+                            .with_partition(0)
+                            .with_fetch_offset(0)
+                            .with_partition_max_bytes(1 << 20),
+                    ]),
+            ])
+    };
+    let open = c.call(&fetch(1), 11).await;
+    let p = &open.responses[0].partitions[0];
+    assert_eq!((p.high_watermark, p.last_stable_offset), (1, 0));
+    assert!(p.records.as_ref().is_none_or(|r| r.is_empty()));
+    assert_eq!(c.call(&end(pid, true), 3).await.error_code, 0);
+    // A retried commit succeeds; an abort of a committed transaction does not.
+    assert_eq!(c.call(&end(pid, true), 3).await.error_code, 0);
+    assert_eq!(c.call(&end(pid, false), 3).await.error_code, 48);
+    let done = c.call(&fetch(1), 11).await;
+    let p = &done.responses[0].partitions[0];
+    assert_eq!((p.high_watermark, p.last_stable_offset), (2, 2));
+    assert_eq!(p.aborted_transactions.as_deref(), Some(&[][..]));
+    let mut records = p.records.clone().unwrap();
+    let mut batches = Vec::new();
+    while records.has_remaining() {
+        batches.push(RecordBatchDecoder::decode(&mut records).unwrap());
+    }
+    assert_eq!(batches.len(), 2);
+    assert_eq!(batches[0].records[0].value.as_deref(), Some(&b"kept"[..]));
+    assert!(batches[1].records[0].control, "the commit marker");
+    // A transactional batch outside a transactional request is refused.
+    let r = c
+        .call(
+            &produce_request("txw", batch_of(pid, 1, &["x"], true), -1),
+            9,
+        )
+        .await;
+    assert_eq!(partition_result(&r).error_code, 87, "INVALID_RECORD");
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -68,7 +68,8 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let errors = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::new();
     for p in 0..opts.producers {
-        let producer: FutureProducer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", &opts.target)
             .set("acks", &opts.acks)
             .set("compression.type", &opts.compression)
@@ -77,9 +78,24 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
                 "enable.idempotence",
                 if opts.acks == "all" { "true" } else { "false" },
             )
-            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.messages", "1000000");
+        if opts.transaction_commit.is_some() {
+            config.set("transactional.id", format!("{topic}-producer-{p}"));
+        }
+        let producer: FutureProducer = config
             .create()
             .map_err(|e| BenchError::Refused(e.to_string()))?;
+        let commit_every = opts.transaction_commit;
+        if commit_every.is_some() {
+            let p = producer.clone();
+            tokio::task::spawn_blocking(move || {
+                p.init_transactions(CONNECT_WAIT)?;
+                p.begin_transaction()
+            })
+            .await
+            .map_err(|e| BenchError::Refused(e.to_string()))?
+            .map_err(|e| BenchError::Refused(format!("starting a transaction: {e}")))?;
+        }
         let (topic, tally, errors, remaining) = (
             topic.clone(),
             tally.clone(),
@@ -94,7 +110,22 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             let mut in_flight = FuturesUnordered::new();
             let mut seq = 0u64;
             let begun = Instant::now();
+            let mut last_commit = Instant::now();
             while Instant::now() < end_at && take_one(&remaining) {
+                if let Some(every) = commit_every
+                    && last_commit.elapsed() >= every
+                {
+                    // Every send of the transaction acked first, as a client must.
+                    while let Some((r, t)) = in_flight.next().await {
+                        note_ack(r, t, &tally, &errors);
+                    }
+                    if let Err(e) = end_transaction(&producer, true).await {
+                        eprintln!("bench: a transaction commit failed: {e}");
+                        errors.fetch_add(1, Ordering::AcqRel);
+                        break;
+                    }
+                    last_commit = Instant::now();
+                }
                 // Acks are taken as they come while waiting for the next send, so paced runs
                 // time them when they arrive, not when the window fills.
                 if let Some(rate) = per_producer_rate {
@@ -141,6 +172,12 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             }
             while let Some((r, t)) = in_flight.next().await {
                 note_ack(r, t, &tally, &errors);
+            }
+            if commit_every.is_some()
+                && let Err(e) = end_transaction(&producer, false).await
+            {
+                eprintln!("bench: the last transaction commit failed: {e}");
+                errors.fetch_add(1, Ordering::AcqRel);
             }
         }));
     }
@@ -259,6 +296,22 @@ async fn open_idle(opts: &BenchOptions) -> Result<Vec<TcpStream>, BenchError> {
         .collect()
 }
 
+/// Commits the open transaction, then (unless it is the last) begins the next. librdkafka's
+/// calls block, so they run on the blocking pool.
+async fn end_transaction(producer: &FutureProducer, begin_next: bool) -> Result<(), String> {
+    let p = producer.clone();
+    tokio::task::spawn_blocking(move || {
+        p.commit_transaction(CONNECT_WAIT)?;
+        if begin_next {
+            p.begin_transaction()?;
+        }
+        Ok::<_, rdkafka::error::KafkaError>(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| e.to_string())
+}
+
 /// Claims one message from the `--count` budget.
 fn take_one(remaining: &AtomicU64) -> bool {
     remaining
@@ -296,6 +349,14 @@ fn start_consumers(
             .set("enable.auto.commit", "true")
             .set("auto.commit.interval.ms", "1000")
             .set("fetch.wait.max.ms", "100")
+            .set(
+                "isolation.level",
+                if opts.transaction_commit.is_some() {
+                    "read_committed"
+                } else {
+                    "read_uncommitted"
+                },
+            )
             .create()
             .map_err(|e| BenchError::Refused(e.to_string()))?;
         consumer

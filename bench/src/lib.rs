@@ -50,6 +50,9 @@ pub struct BenchOptions {
     pub compression: String,
     /// Kafka: produce everything first, then measure consumers reading from the start.
     pub from_start: bool,
+    /// Kafka: transactional producers committing every this often (consumers read
+    /// committed); `None` = idempotent (acks=all) or plain producers.
+    pub transaction_commit: Option<Duration>,
     /// MQTT QoS 0/1/2. AMQP: 0 = no confirms and automatic acks, 1 = publisher confirms and
     /// manual acks (2 is refused).
     pub qos: u8,
@@ -105,6 +108,7 @@ impl Default for BenchOptions {
             partitions: 6,
             compression: "none".into(),
             from_start: false,
+            transaction_commit: None,
             qos: 1,
             topics: 1,
             idle_connections: 0,
@@ -149,6 +153,14 @@ impl BenchOptions {
                 "--qos must be 0, 1 or 2, got {}",
                 self.qos
             )));
+        }
+        if self.transaction_commit.is_some() && self.acks != "all" {
+            return Err(BenchError::Invalid(
+                "--transactional needs --acks all (transactions are idempotent)".into(),
+            ));
+        }
+        if self.transaction_commit == Some(Duration::ZERO) {
+            return Err(BenchError::Invalid("--commit-ms must be at least 1".into()));
         }
         if self.producers > u32::MAX as usize {
             return Err(BenchError::Invalid("too many producers".into()));

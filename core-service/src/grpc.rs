@@ -439,8 +439,15 @@ impl offsets_server::Offsets for CoreGrpc {
         &self,
         r: Request<FetchOffsetsRequest>,
     ) -> GrpcResult<FetchOffsetsResponse> {
+        let r = r.into_inner();
+        let unstable = if r.require_stable {
+            self.core.unstable_offsets(&r)
+        } else {
+            Vec::new()
+        };
         ok(FetchOffsetsResponse {
-            offsets: self.core.fetch_offsets(r.into_inner()).await?,
+            offsets: self.core.fetch_offsets(r).await?,
+            unstable,
         })
     }
 }

@@ -86,6 +86,7 @@ impl crate::Core {
                     namespace: namespace.to_string(),
                     group: g.group.clone(),
                     partitions: vec![],
+                    require_stable: false,
                 })
                 .await?;
             let mut lags = Vec::with_capacity(committed.len());

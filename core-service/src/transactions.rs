@@ -212,11 +212,41 @@ pub(crate) fn aborted_prefix(stream_id: u64, partition: u32) -> Vec<u8> {
 
 type Entry = Arc<tokio::sync::Mutex<Option<TxnRecord>>>;
 
+/// (namespace, group) -> (stream, partition) -> how many open transactions staged offsets.
+type PendingOffsets = HashMap<(String, String), HashMap<(String, u32), usize>>;
+
 /// The coordinators this core holds, each behind its own lock so that one transactional
 /// id's calls run one at a time while others proceed.
 #[derive(Default)]
 pub(crate) struct TxnTable {
     entries: parking_lot::Mutex<HashMap<(String, String), Entry>>,
+    /// Offsets staged by open transactions, for FetchOffsets' require_stable.
+    pending: parking_lot::Mutex<PendingOffsets>,
+}
+
+impl TxnTable {
+    /// Counts (`add`) or uncounts the staged offsets of a transaction's record.
+    fn track(&self, ns: &str, r: &TxnRecord, add: bool) {
+        let mut pending = self.pending.lock();
+        for (group, offsets) in &r.groups {
+            let key = (ns.to_string(), group.clone());
+            let slot = pending.entry(key.clone()).or_default();
+            for o in offsets {
+                let p = (o.stream.clone(), o.partition);
+                if add {
+                    *slot.entry(p).or_default() += 1;
+                } else if let Some(n) = slot.get_mut(&p) {
+                    *n -= 1;
+                    if *n == 0 {
+                        slot.remove(&p);
+                    }
+                }
+            }
+            if slot.is_empty() {
+                pending.remove(&key);
+            }
+        }
+    }
 }
 
 fn txn_key(ns: &str, id: &str) -> Vec<u8> {
@@ -304,6 +334,13 @@ impl Core {
     ) -> CoreResult<()> {
         r.updated_at_ms = now_ms();
         self.inner.meta.put(&txn_key(ns, id), &to_json(&r)).await?;
+        // The pending-offsets index follows what the store holds.
+        if let Some(old) = slot.as_ref().filter(|o| o.state.is_open()) {
+            self.inner.txns.track(ns, old, false);
+        }
+        if r.state.is_open() {
+            self.inner.txns.track(ns, &r, true);
+        }
         *slot = Some(r);
         Ok(())
     }
@@ -331,6 +368,9 @@ impl Core {
             }
             if matches!(r.state, TxnState::PrepareCommit | TxnState::PrepareAbort) {
                 finishing.push((ns.clone(), id.clone()));
+            }
+            if r.state.is_open() {
+                self.inner.txns.track(ns, &r, true);
             }
             *self.txn_entry(ns, id).lock().await = Some(r);
         }
@@ -922,6 +962,33 @@ impl Core {
                 _ = shutdown.changed() => return,
             }
         }
+    }
+
+    /// The partitions of a FetchOffsets request with offsets staged by an open transaction.
+    pub fn unstable_offsets(&self, req: &v1::FetchOffsetsRequest) -> Vec<v1::FetchPartition> {
+        let ns = namespace_or_default(&req.namespace).to_string();
+        let pending = self.inner.txns.pending.lock();
+        let Some(staged) = pending.get(&(ns.clone(), req.group.clone())) else {
+            return Vec::new();
+        };
+        staged
+            .keys()
+            .filter(|(stream, partition)| {
+                req.partitions.is_empty()
+                    || req.partitions.iter().any(|fp| {
+                        fp.partition == *partition
+                            && fp.stream.as_ref().is_some_and(|s| &s.name == stream)
+                    })
+            })
+            .map(|(stream, partition)| v1::FetchPartition {
+                stream: Some(v1::StreamId {
+                    namespace: ns.clone(),
+                    name: stream.clone(),
+                }),
+                partition: *partition,
+                ..Default::default()
+            })
+            .collect()
     }
 
     pub async fn describe_transactions(

@@ -289,6 +289,7 @@ async fn staged_offsets_are_committed_with_the_transaction_only() {
             namespace: String::new(),
             group: "g".into(),
             partitions: vec![],
+            require_stable: false,
         })
         .await
         .unwrap()
@@ -305,11 +306,25 @@ async fn staged_offsets_are_committed_with_the_transaction_only() {
     core.add_txn_group(add_group(p.me())).await.unwrap();
     core.commit_txn_offsets(offsets(5, p.me())).await.unwrap();
     assert!(committed(core.clone()).await.is_empty());
+    // Staged offsets are unstable for readers that ask (Kafka's require_stable).
+    let stable_req = |partition| v1::FetchOffsetsRequest {
+        namespace: String::new(),
+        group: "g".into(),
+        partitions: vec![v1::FetchPartition {
+            stream: Some(sid("in")),
+            partition,
+            ..Default::default()
+        }],
+        require_stable: true,
+    };
+    assert_eq!(core.unstable_offsets(&stable_req(0)).len(), 1);
+    assert!(core.unstable_offsets(&stable_req(1)).is_empty());
     p.end(&core, false).await.unwrap();
     assert!(
         committed(core.clone()).await.is_empty(),
         "abort applied offsets"
     );
+    assert!(core.unstable_offsets(&stable_req(0)).is_empty());
 
     core.add_txn_group(add_group(p.me())).await.unwrap();
     p.add(&core, "out", 0).await.unwrap();

@@ -72,6 +72,7 @@ pub async fn run(ctx: &Ctx, command: GroupsCommand) -> Result<Output, CliError> 
                     namespace: common.namespace.clone(),
                     group: group.clone(),
                     partitions: vec![],
+                    require_stable: false,
                 })
                 .await
                 .map_err(|s| ctx.status(s))?

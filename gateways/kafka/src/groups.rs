@@ -392,6 +392,7 @@ async fn fetch_group_offsets(
     az: &Authz<'_>,
     group: &str,
     wanted: WantedTopics,
+    require_stable: bool,
 ) -> Result<TopicOffsets, i16> {
     if !az.check(Operation::Describe, ResourceType::Group, group) {
         return Err(K::GroupAuthorizationFailed.code());
@@ -446,11 +447,45 @@ async fn fetch_group_offsets(
             namespace: gw.config.namespace.clone(),
             group: group.to_string(),
             partitions,
+            require_stable,
         })
         .await
-        .map_err(|status| kafka_error(&status, Context::Group))?;
+        .map_err(|status| kafka_error(&status, Context::Group))?
+        .into_inner();
     let mut out: TopicOffsets = Vec::new();
-    for c in r.into_inner().offsets {
+    // Partitions an open transaction has staged offsets for answer UNSTABLE_OFFSET_COMMIT
+    // (retriable) in entries of their own, so the client retries until it ends (KIP-447).
+    let unstable = |c: &v1::CommittedOffset| {
+        r.unstable.iter().any(|u| {
+            u.partition == c.partition
+                && u.stream.as_ref().map(|s| &s.name) == c.stream.as_ref().map(|s| &s.name)
+        })
+    };
+    for u in &r.unstable {
+        let name = u
+            .stream
+            .as_ref()
+            .map(|s| s.name.clone())
+            .unwrap_or_default();
+        let asked = match &wanted {
+            None => az.allowed(Operation::Describe, ResourceType::Topic, &name),
+            Some(topics) => topics
+                .iter()
+                .any(|(t, ps)| t.as_str() == name && ps.contains(&(u.partition as i32))),
+        };
+        if asked {
+            out.push((
+                TopicName(s(name)),
+                vec![v1::CommittedOffset {
+                    partition: u.partition,
+                    offset: -1,
+                    ..Default::default()
+                }],
+                K::UnstableOffsetCommit.code(),
+            ));
+        }
+    }
+    for c in r.offsets.iter().filter(|c| !unstable(c)).cloned() {
         let name = c
             .stream
             .as_ref()
@@ -488,7 +523,9 @@ pub(crate) async fn offset_fetch(
             });
             let group = OffsetFetchResponseGroup::default().with_group_id(g.group_id.clone());
             groups.push(
-                match fetch_group_offsets(gw, az, g.group_id.as_str(), wanted).await {
+                match fetch_group_offsets(gw, az, g.group_id.as_str(), wanted, req.require_stable)
+                    .await
+                {
                     Ok(topics) => group.with_topics(
                         topics
                             .into_iter()
@@ -522,7 +559,7 @@ pub(crate) async fn offset_fetch(
             .map(|t| (t.name.clone(), t.partition_indexes.clone()))
             .collect()
     });
-    match fetch_group_offsets(gw, az, req.group_id.as_str(), wanted).await {
+    match fetch_group_offsets(gw, az, req.group_id.as_str(), wanted, req.require_stable).await {
         Ok(topics) => OffsetFetchResponse::default().with_topics(
             topics
                 .into_iter()
