@@ -11,7 +11,9 @@
 # compat-tests/java/target/tributary-logs/). The AMQP and MQTT tests also run against RabbitMQ
 # and Mosquitto, which this script installs from Debian when missing (scripts/brokers.sh),
 # starts on free loopback ports and stops on exit; the SQS tests against ElasticMQ (its jars
-# from Maven Central into ~/.cache/tributary), started the same way.
+# from Maven Central into ~/.cache/tributary), started the same way; the Kafka transaction tests
+# against Apache Kafka (one KRaft node, its jars from Maven Central into ~/.cache/tributary;
+# KAFKA_REFERENCE=off leaves it out and those reference tests are skipped).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -46,12 +48,19 @@ trap cleanup EXIT INT TERM
 brokers_install mosquitto rabbitmq-server elasticmq
 mosquitto_start
 elasticmq_start
+kafka_ref=""
+if [[ ! "${KAFKA_REFERENCE:-}" =~ ^(off|0|false|no)$ ]]; then
+    brokers_install kafka
+    echo "== apache kafka starting"
+    kafka_start
+    kafka_ref="127.0.0.1:$k_port"
+fi
 echo "== rabbitmq-server starting"
 rabbitmq_start
 
 reports="$root/compat-tests/java/target/surefire-reports"
 rm -rf "$reports" # the summary below is of this run only
-echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port, ElasticMQ 127.0.0.1:$e_port)"
+echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port, ElasticMQ 127.0.0.1:$e_port, Apache Kafka ${kafka_ref:-off})"
 start=$SECONDS
 rc=0
 # Not exec: the trap stops the reference brokers afterwards.
@@ -60,6 +69,7 @@ mvn -B -q -f "$root/compat-tests/java/pom.xml" test \
     -Dreference.amqp="127.0.0.1:$r_port" \
     -Dreference.mqtt="127.0.0.1:$m_port" \
     -Dreference.sqs="127.0.0.1:$e_port" \
+    -Dreference.kafka="$kafka_ref" \
     "$@" || rc=$?
 # mvn -q prints only failures: one line per test class from the surefire reports.
 python3 - "$reports" <<'EOF'

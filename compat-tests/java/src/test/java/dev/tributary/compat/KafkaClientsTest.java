@@ -30,7 +30,6 @@ import org.apache.kafka.clients.producer.KafkaProducer;
 import org.apache.kafka.clients.producer.ProducerConfig;
 import org.apache.kafka.clients.producer.ProducerRecord;
 import org.apache.kafka.clients.producer.RecordMetadata;
-import org.apache.kafka.common.KafkaException;
 import org.apache.kafka.common.TopicPartition;
 import org.apache.kafka.common.TopicPartitionInfo;
 import org.apache.kafka.common.serialization.StringDeserializer;
@@ -207,40 +206,6 @@ class KafkaClientsTest {
                 total += l.get(tp).offset();
             }
             assertEquals(RECORDS, total);
-        }
-    }
-
-    /**
-     * Transactions are a documented gap (issue 15; docs/compat/kafka.md: FindCoordinator for a
-     * transaction key gets INVALID_REQUEST, AddPartitionsToTxn/EndTxn are not advertised).
-     * Observed with kafka-clients 4.1: initTransactions() fails at once (not after
-     * max.block.ms) with a plain {@link KafkaException}, "Could not find a coordinator with
-     * type TRANSACTION with key ... due to unexpected error: transactions are not supported by
-     * this gateway yet" (the client treats INVALID_REQUEST as unexpected and passes on the
-     * gateway's error message). When transactions arrive, replace this with a commit/abort
-     * scenario.
-     */
-    @Test
-    @Timeout(60)
-    void transactionalProducerIsRefusedWithAClearError() {
-        Properties pp = clientProps();
-        pp.put(ProducerConfig.TRANSACTIONAL_ID_CONFIG, "java-txn-" + run);
-        pp.put(ProducerConfig.MAX_BLOCK_MS_CONFIG, "15000");
-        pp.put(ProducerConfig.KEY_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
-        pp.put(ProducerConfig.VALUE_SERIALIZER_CLASS_CONFIG, StringSerializer.class.getName());
-        try (KafkaProducer<String, String> producer = new KafkaProducer<>(pp)) {
-            Throwable t = null;
-            try {
-                producer.initTransactions();
-            } catch (Throwable e) {
-                t = e;
-            }
-            assertNotNull(t, "initTransactions() succeeded: Tributary now supports transactions "
-                    + "(issue 15); replace this test with a commit/abort scenario");
-            assertEquals(KafkaException.class, t.getClass(), "unexpected exception: " + t);
-            assertTrue(t.getMessage().contains("type TRANSACTION")
-                    && t.getMessage().contains("transactions are not supported"),
-                    "the error does not say transactions are unsupported: " + t.getMessage());
         }
     }
 }
