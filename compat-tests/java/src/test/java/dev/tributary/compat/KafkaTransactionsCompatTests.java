@@ -21,7 +21,11 @@ import java.util.concurrent.TimeUnit;
 import java.util.function.BooleanSupplier;
 import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
+import org.apache.kafka.clients.admin.ListTransactionsOptions;
 import org.apache.kafka.clients.admin.NewTopic;
+import org.apache.kafka.clients.admin.TransactionDescription;
+import org.apache.kafka.clients.admin.TransactionListing;
+import org.apache.kafka.clients.admin.TransactionState;
 import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.clients.consumer.ConsumerRecord;
 import org.apache.kafka.clients.consumer.KafkaConsumer;
@@ -466,6 +470,43 @@ abstract class KafkaTransactionsCompatTests {
             return out;
         } catch (Exception e) {
             throw new AssertionError("listConsumerGroupOffsets(" + group + ") failed", e);
+        }
+    }
+    @Test
+    @Timeout(120)
+    void adminDescribesAndListsTransactions() throws Exception {
+        String topic = "txn-admin-" + run;
+        String txnId = "txn-admin-id-" + run;
+        createTopic(topic, PARTITIONS);
+        try (KafkaProducer<String, String> producer = transactionalProducer(txnId);
+                Admin admin = Admin.create(clientProps())) {
+            producer.beginTransaction();
+            get(producer.send(new ProducerRecord<>(topic, 1, "k", "v")));
+            TransactionDescription open = get(admin.describeTransactions(List.of(txnId)).description(txnId));
+            assertEquals(TransactionState.ONGOING, open.state());
+            assertTrue(open.topicPartitions().contains(new TopicPartition(topic, 1)), open.toString());
+            assertTrue(open.transactionStartTimeMs().isPresent(), open.toString());
+            assertTrue(open.producerId() >= 0, open.toString());
+            ListTransactionsOptions ongoing = new ListTransactionsOptions()
+                    .filterStates(List.of(TransactionState.ONGOING));
+            boolean listed = false;
+            for (TransactionListing l : get(admin.listTransactions(ongoing).all())) {
+                listed |= l.transactionalId().equals(txnId) && l.producerId() == open.producerId();
+            }
+            assertTrue(listed, "the open transaction is listed as ONGOING");
+            producer.commitTransaction();
+            waitUntil(() -> {
+                try {
+                    return get(admin.describeTransactions(List.of(txnId)).description(txnId)).state()
+                            == TransactionState.COMPLETE_COMMIT;
+                } catch (Exception e) {
+                    return false;
+                }
+            }, WAIT, txnId + " described as COMPLETE_COMMIT");
+            ExecutionException unknown = assertThrows(ExecutionException.class,
+                    () -> get(admin.describeTransactions(List.of("no-such-" + run)).description("no-such-" + run)));
+            assertTrue(unknown.getCause() instanceof org.apache.kafka.common.errors.TransactionalIdNotFoundException,
+                    unknown.toString());
         }
     }
 }
