@@ -160,6 +160,7 @@ if wants kafka; then
     workloads+=("kafka-acks-all|kafka|--producers 4 --consumers 2 --acks all")
     workloads+=("kafka-acks-all-20k/s|kafka|--producers 4 --consumers 2 --acks all --rate 20000 --connections $idle")
     workloads+=("kafka-consume-from-start|kafka|--producers 4 --consumers 2 --acks all --from-start")
+    workloads+=("kafka-transactional-100ms|kafka|--producers 4 --consumers 2 --acks all --transactional --commit-ms 100")
 fi
 
 if wants sqs; then

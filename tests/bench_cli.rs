@@ -97,6 +97,71 @@ fn kafka_bench_against_our_gateway_receives_every_message() {
     assert!(report["rss_kib_before"].as_u64().unwrap() > 0, "{report}");
 }
 
+/// `bench kafka --transactional`: transactional producers committing every 100 ms and
+/// read_committed consumers; every message arrives once.
+#[test]
+fn kafka_transactional_bench_delivers_every_committed_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(dir.path());
+    let kafka_at = args.iter().position(|a| a == "--kafka-listen").unwrap();
+    args[kafka_at + 1] = "127.0.0.1:0".into();
+    args.extend(["--group-initial-rebalance-delay-ms".into(), "0".into()]);
+    let server = Server::start(&args);
+    let target = server.kafka.unwrap().to_string();
+    let out = run_bounded(
+        &[
+            "bench",
+            "kafka",
+            "--target",
+            &target,
+            "--producers",
+            "2",
+            "--consumers",
+            "1",
+            "--duration",
+            "2",
+            "--size",
+            "256",
+            "--transactional",
+            "--commit-ms",
+            "100",
+            "--json",
+        ],
+        Duration::from_secs(120),
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "bench failed: {stderr}");
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+    let n = |k: &str| {
+        report[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("{k} in {report}"))
+    };
+    assert!(n("sent") > 0.0, "{report}");
+    assert_eq!(n("received"), n("expected"), "{report}");
+    assert_eq!(n("out_of_order"), 0.0);
+    // Without --acks all a transactional run is refused.
+    let refused = run_bounded(
+        &[
+            "bench",
+            "kafka",
+            "--target",
+            &target,
+            "--transactional",
+            "--acks",
+            "1",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("--acks all"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+}
+
 /// `bench sqs` (aws-sdk-sqs) against our SQS gateway: standard and FIFO queues, single and
 /// batch requests, every message received (FIFO: in order per group, once), the queue deleted.
 #[test]

@@ -817,3 +817,36 @@ def test_raw_wrong_epoch_and_bad_partitions(raw_txn):
         (topic, 0): OPERATION_NOT_ATTEMPTED, (topic, PARTITIONS + 4): UNKNOWN_TOPIC_OR_PARTITION}
     # Nothing was added, so there is still no transaction to end.
     assert raw.end_txn(tid, pid, epoch, True) == INVALID_TXN_STATE
+
+
+# -- one coordinator behind two gateways ------------------------------------------------------
+
+
+@pytest.mark.parametrize("shared_cluster", ["split-2gw"], indirect=True)
+def test_two_gateways_share_one_transactional_id(cluster):
+    """Producer A reaches the core through gateway 0, producer B with the same transactional.id
+    through gateway 1: B's InitProducerId fences A and aborts A's open transaction (the
+    coordinator is the core's, not a gateway's); B's commit is what a read_committed reader on
+    either gateway sees."""
+    from confluent_kafka import KafkaException
+    topic = unique("txn-2gw")
+    ck_create_topic(cluster.bootstrap_for(0), topic, PARTITIONS)
+    tid = unique("two-gateways")
+    zombie = make_records(60, n_keys=6, value_size=30, tag="z")
+    fresh = make_records(60, n_keys=6, value_size=30, tag="f")
+
+    a = _txn_producer(cluster.bootstrap_for(0), tid)
+    a.begin_transaction()
+    _produce_acked(a, topic, zombie)
+    b = _txn_producer(cluster.bootstrap_for(1), tid)
+    with pytest.raises(KafkaException) as fenced:
+        a.commit_transaction(30)
+    assert fenced.value.args[0].fatal(), f"A was not fenced: {fenced.value}"
+    b.begin_transaction()
+    acks_b = _produce_acked(b, topic, fresh)
+    b.commit_transaction(60)
+
+    for i in (0, 1):
+        hw = _wait_stable(cluster.bootstrap_for(i), topic, PARTITIONS)
+        got = _consume_to(cluster.bootstrap_for(i), topic, hw, "read_committed")
+        verify_exactly_once(fresh, got, acks_b)

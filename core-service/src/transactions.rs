@@ -773,14 +773,22 @@ impl Core {
             TxnState::PrepareAbort => false,
             _ => return Ok(r),
         };
+        let mut parts = Vec::with_capacity(r.partitions.len());
         for p in &r.partitions {
-            let Some(part) = self.enrolled_partition(p) else {
-                warn!(stream = %p.stream, partition = p.partition, "a partition of the transaction is gone; no marker written there");
-                continue;
-            };
-            self.append_marker(&part, r.producer_id, r.epoch, commit)
-                .await?;
+            match self.enrolled_partition(p) {
+                Some(part) => parts.push(part),
+                None => {
+                    warn!(stream = %p.stream, partition = p.partition, "a partition of the transaction is gone; no marker written there");
+                }
+            }
         }
+        // All markers at once: the log's group commit makes them durable together.
+        futures::future::try_join_all(
+            parts
+                .iter()
+                .map(|part| self.append_marker(part, r.producer_id, r.epoch, commit)),
+        )
+        .await?;
         if commit {
             for (group, offsets) in &r.groups {
                 if offsets.is_empty() {
