@@ -90,7 +90,10 @@ class ReferenceKafkaProcess(ServerProcess):
 
     def start(self, timeout: float = READY_TIMEOUT_S) -> dict[str, str]:
         if not (self.workdir / "data" / "meta.properties").exists():
-            cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+            # Not starting with "-": kafka-storage would take it for an option (1 run in 32).
+            cluster_id = "-"
+            while cluster_id.startswith("-"):
+                cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
             r = subprocess.run([*self.java, "kafka.tools.StorageTool", "format", "-t", cluster_id,
                                 "-c", str(self.props)], capture_output=True, text=True,
                                timeout=120)
