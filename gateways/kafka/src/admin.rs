@@ -106,12 +106,16 @@ const KEPT: &[(&str, &str, i8)] = &[
     ("local.retention.bytes", "-2", TYPE_LONG),
     ("follower.replication.throttled.replicas", "", TYPE_LIST),
     ("leader.replication.throttled.replicas", "", TYPE_LIST),
+    // Stored and described back, but batches are kept as the producer compressed them:
+    // the gateway never recompresses (docs/compat/kafka.md). Values are checked first.
+    ("compression.type", "producer", TYPE_STRING),
 ];
+
+/// The values Kafka's topic `compression.type` takes (case-sensitive, as in Kafka).
+const COMPRESSION_TYPES: &[&str] = &["uncompressed", "zstd", "lz4", "snappy", "gzip", "producer"];
 
 /// Configs with one possible value here: (name, the value, type).
 const FIXED: &[(&str, &str, i8)] = &[
-    // Batches are stored as produced, never recompressed.
-    ("compression.type", "producer", TYPE_STRING),
     // Timestamps are the producer's; the core does not rewrite batches.
     ("message.timestamp.type", "CreateTime", TYPE_STRING),
 ];
@@ -153,6 +157,12 @@ fn apply_config(cfg: &mut v1::StreamConfig, name: &str, value: &str) -> Result<(
             parts.sort_unstable();
             parts.dedup();
             cfg.cleanup_policy = Some(parts.join(","));
+        }
+        "compression.type" if !COMPRESSION_TYPES.contains(&value) => {
+            return Err(ConfigError(format!(
+                "invalid value '{value}' for compression.type: expected one of {}",
+                COMPRESSION_TYPES.join(", ")
+            )));
         }
         _ if FIXED.iter().any(|(n, v, _)| *n == name && *v == value) => {}
         _ if FIXED.iter().any(|(n, _, _)| *n == name) => {
@@ -877,13 +887,27 @@ mod tests {
         apply_config(&mut c, "min.insync.replicas", "2").unwrap();
         apply_config(&mut c, "compression.type", "producer").unwrap();
         assert_eq!(c.retention_ms, Some(1000));
+        for codec in ["uncompressed", "gzip", "snappy", "lz4", "zstd", "producer"] {
+            apply_config(&mut c, "compression.type", codec).unwrap();
+            assert_eq!(
+                c.extra.get("compression.type").map(String::as_str),
+                Some(codec)
+            );
+        }
+        for bad in ["none", "GZIP", "brotli", ""] {
+            let e = apply_config(&mut c, "compression.type", bad).unwrap_err();
+            assert!(e.0.contains("compression.type"), "{e:?}");
+        }
+        assert_eq!(
+            c.extra.get("compression.type").map(String::as_str),
+            Some("producer")
+        );
         assert_eq!(c.cleanup_policy.as_deref(), Some("delete"));
         assert_eq!(
             c.extra.get("min.insync.replicas").map(String::as_str),
             Some("2")
         );
         assert!(apply_config(&mut c, "retention.ms", "soon").is_err());
-        assert!(apply_config(&mut c, "compression.type", "gzip").is_err());
         assert!(apply_config(&mut c, "no.such.config", "1").is_err());
     }
 }
