@@ -804,3 +804,106 @@ async fn retention_by_size_removes_whole_old_segments() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A commit leaves out the partitions whose stream or partition does not exist, naming each
+/// with its code, and commits the rest; one that names only missing ones writes nothing.
+#[tokio::test]
+async fn commits_to_missing_streams_or_partitions_are_left_out_and_named() {
+    use std::sync::Arc;
+    use tributary_core::{Core, CoreConfig};
+    use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
+
+    let core = Core::open(
+        Arc::new(MemoryLogStore::new()),
+        Arc::new(MemoryMetaStore::new()),
+        CoreConfig::default(),
+    )
+    .await
+    .unwrap();
+    let mut c = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+    create(&mut c, "orders", 2).await;
+    let offset = |stream: &str, partition: u32, offset: i64| v1::CommittedOffset {
+        stream: sid(stream),
+        partition,
+        offset,
+        leader_epoch: 4,
+        ..Default::default()
+    };
+    let r = c
+        .offsets
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "billing".into(),
+            offsets: vec![
+                offset("orders", 0, 3),
+                offset("orders", 1, 1),
+                offset("orders", 2, 1),
+                offset("missing", 0, 1),
+            ],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let rejected: Vec<(String, u32, ErrorCode)> = r
+        .rejected
+        .iter()
+        .map(|x| (x.stream.clone().unwrap().name, x.partition, x.error()))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![
+            ("orders".into(), 2, ErrorCode::PartitionNotFound),
+            ("missing".into(), 0, ErrorCode::StreamNotFound),
+        ]
+    );
+    assert!(r.rejected.iter().all(|x| !x.error_message.is_empty()));
+    let committed = c
+        .offsets
+        .fetch_offsets(v1::FetchOffsetsRequest {
+            group: "billing".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .offsets;
+    let got: Vec<(String, u32, i64, i32)> = committed
+        .iter()
+        .map(|o| {
+            (
+                o.stream.clone().unwrap().name,
+                o.partition,
+                o.offset,
+                o.leader_epoch,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![("orders".into(), 0, 3, 4), ("orders".into(), 1, 1, 4)]
+    );
+
+    // Only missing partitions: nothing is written, so the group does not appear.
+    let r = c
+        .offsets
+        .commit_offsets(v1::CommitOffsetsRequest {
+            group: "ghosts".into(),
+            offsets: vec![offset("missing", 0, 1)],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.rejected.len(), 1);
+    let groups = c
+        .admin
+        .list_groups(v1::ListGroupsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        groups.groups.iter().all(|g| g.group != "ghosts"),
+        "{groups:?}"
+    );
+    core.shutdown().await.unwrap();
+}

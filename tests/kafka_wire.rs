@@ -762,3 +762,130 @@ async fn scram_credential_apis_are_refused_without_alter_or_describe_on_the_clus
     assert_eq!(r.results[0].credential_infos.len(), 1);
     assert_eq!(r.results[0].credential_infos[0].iterations, 4096);
 }
+
+/// (partition, offset, leader epoch) to commit.
+type Commit = (i32, i64, i32);
+
+fn offset_commit(group: &str, topics: &[(&str, &[Commit])]) -> OffsetCommitRequest {
+    OffsetCommitRequest::default()
+        .with_group_id(GroupId(StrBytes::from_string(group.into())))
+        .with_generation_id_or_member_epoch(-1)
+        .with_topics(
+            topics
+                .iter()
+                .map(|(name, parts)| {
+                    offset_commit_request::OffsetCommitRequestTopic::default()
+                        .with_name(TopicName(StrBytes::from_string(name.to_string())))
+                        .with_partitions(
+                            parts
+                                .iter()
+                                .map(|(p, offset, epoch)| {
+                                    offset_commit_request::OffsetCommitRequestPartition::default()
+                                        .with_partition_index(*p)
+                                        .with_committed_offset(*offset)
+                                        .with_committed_leader_epoch(*epoch)
+                                })
+                                .collect(),
+                        )
+                })
+                .collect(),
+        )
+}
+
+/// (topic, partition) -> error code of an OffsetCommit answer.
+fn commit_codes(r: &OffsetCommitResponse) -> Vec<(String, i32, i16)> {
+    r.topics
+        .iter()
+        .flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|p| (t.name.to_string(), p.partition_index, p.error_code))
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn offset_commit_refuses_unknown_topics_and_partitions_and_fetch_returns_the_epoch() {
+    let (_dir, server) = standalone();
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    create_topic(&mut c, "orders", &[]).await;
+
+    // One request: a known partition (committed), a partition beyond the topic's one, and a
+    // topic that does not exist, each UNKNOWN_TOPIC_OR_PARTITION (3) as in Kafka.
+    let req = offset_commit(
+        "billing",
+        &[
+            ("orders", &[(0, 5, 7), (1, 1, -1)]),
+            ("no-such-topic", &[(0, 2, -1)]),
+        ],
+    );
+    let r = c.call(&req, 8).await;
+    assert_eq!(
+        commit_codes(&r),
+        vec![
+            ("orders".into(), 0, 0),
+            ("orders".into(), 1, 3),
+            ("no-such-topic".into(), 0, 3),
+        ]
+    );
+
+    // The committed leader epoch comes back (v5+), -1 where nothing was committed.
+    let fetch = OffsetFetchRequest::default()
+        .with_group_id(GroupId(StrBytes::from_static_str("billing")))
+        .with_topics(Some(vec![
+            offset_fetch_request::OffsetFetchRequestTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("orders")))
+                .with_partition_indexes(vec![0, 1]),
+        ]));
+    let r = c.call(&fetch, 7).await;
+    assert_eq!(r.error_code, 0);
+    let got: Vec<(i32, i64, i32, i16)> = r.topics[0]
+        .partitions
+        .iter()
+        .map(|p| {
+            (
+                p.partition_index,
+                p.committed_offset,
+                p.committed_leader_epoch,
+                p.error_code,
+            )
+        })
+        .collect();
+    assert_eq!(got, vec![(0, 5, 7, 0), (1, -1, -1, 0)]);
+    // The same through the v8+ shape (several groups per request).
+    let fetch = OffsetFetchRequest::default().with_groups(vec![
+        offset_fetch_request::OffsetFetchRequestGroup::default()
+            .with_group_id(GroupId(StrBytes::from_static_str("billing")))
+            .with_topics(None),
+    ]);
+    let r = c.call(&fetch, 8).await;
+    let p = &r.groups[0].topics[0].partitions[0];
+    assert_eq!(
+        (
+            p.partition_index,
+            p.committed_offset,
+            p.committed_leader_epoch
+        ),
+        (0, 5, 7)
+    );
+    // A commit without an epoch (OffsetCommit before v6 has none) replaces it: -1.
+    let r = c
+        .call(&offset_commit("billing", &[("orders", &[(0, 6, -1)])]), 5)
+        .await;
+    assert_eq!(commit_codes(&r), vec![("orders".into(), 0, 0)]);
+    let r = c.call(&fetch, 8).await;
+    let p = &r.groups[0].topics[0].partitions[0];
+    assert_eq!((p.committed_offset, p.committed_leader_epoch), (6, -1));
+
+    // A commit that names only unknown topics changes nothing: no group appears.
+    let r = c
+        .call(
+            &offset_commit("ghosts", &[("no-such-topic", &[(0, 1, -1)])]),
+            8,
+        )
+        .await;
+    assert_eq!(commit_codes(&r), vec![("no-such-topic".into(), 0, 3)]);
+    let groups = c.call(&ListGroupsRequest::default(), 4).await;
+    let names: Vec<&str> = groups.groups.iter().map(|g| g.group_id.as_str()).collect();
+    assert_eq!(names, vec!["billing"]);
+}

@@ -151,3 +151,62 @@ def test_offsets_move_with_appends(cluster):
         assert c.get_watermark_offsets(TopicPartition(t, 0), timeout=10) == (0, 0)
     finally:
         c.close()
+
+
+def test_commit_to_unknown_topic_or_partition_is_refused(cluster):
+    """OffsetCommit (kafka-python's admin alter_group_offsets, one request) naming a topic
+    that does not exist, or a partition beyond the topic's count: those partitions get
+    UNKNOWN_TOPIC_OR_PARTITION and are not committed; the known partition is committed."""
+    from kafka import TopicPartition
+    from kafka.admin import KafkaAdminClient
+    from kafka.errors import NoError, UnknownTopicOrPartitionError
+    from kafka.structs import OffsetAndMetadata
+    t = unique("commit-known")
+    missing = unique("commit-missing")
+    ck_create_topic(cluster.bootstrap, t, 2)
+    group = unique("commit-g")
+    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+    try:
+        r = admin.alter_group_offsets(group, {
+            TopicPartition(t, 0): OffsetAndMetadata(3, "", -1),
+            TopicPartition(t, 5): OffsetAndMetadata(1, "", -1),
+            TopicPartition(missing, 0): OffsetAndMetadata(1, "", -1),
+        })
+        assert r == {
+            TopicPartition(t, 0): NoError,
+            TopicPartition(t, 5): UnknownTopicOrPartitionError,
+            TopicPartition(missing, 0): UnknownTopicOrPartitionError,
+        }, r
+        committed = admin.list_group_offsets({group: None})[group]
+        assert {tp: o.offset for tp, o in committed.items()} == {TopicPartition(t, 0): 3}, \
+            committed
+    finally:
+        admin.close()
+
+
+def test_committed_leader_epoch_reads_back(cluster):
+    """The leader epoch committed with an offset comes back from OffsetFetch (confluent-kafka
+    committed(), kafka-python list_group_offsets); a commit without one reads back as none."""
+    from confluent_kafka import TopicPartition
+    from kafka import TopicPartition as KpTopicPartition
+    from kafka.admin import KafkaAdminClient
+    t = unique("commit-epoch")
+    ck_create_topic(cluster.bootstrap, t, 1)
+    group = unique("epoch-g")
+    c = ck_consumer(cluster.bootstrap, **{"group.id": group})
+    admin = KafkaAdminClient(bootstrap_servers=cluster.bootstrap)
+    try:
+        c.commit(offsets=[TopicPartition(t, 0, 5, leader_epoch=3)], asynchronous=False)
+        [tp] = c.committed([TopicPartition(t, 0)], timeout=30)
+        assert (tp.offset, tp.leader_epoch) == (5, 3), tp
+        o = admin.list_group_offsets({group: None})[group][KpTopicPartition(t, 0)]
+        assert (o.offset, o.leader_epoch) == (5, 3), o
+
+        c.commit(offsets=[TopicPartition(t, 0, 6)], asynchronous=False)
+        [tp] = c.committed([TopicPartition(t, 0)], timeout=30)
+        assert (tp.offset, tp.leader_epoch) == (6, None), tp
+        o = admin.list_group_offsets({group: None})[group][KpTopicPartition(t, 0)]
+        assert (o.offset, o.leader_epoch) == (6, -1), o
+    finally:
+        c.close()
+        admin.close()

@@ -432,8 +432,9 @@ impl offsets_server::Offsets for CoreGrpc {
         &self,
         r: Request<CommitOffsetsRequest>,
     ) -> GrpcResult<CommitOffsetsResponse> {
-        self.core.commit_offsets(r.into_inner()).await?;
-        ok(CommitOffsetsResponse {})
+        ok(CommitOffsetsResponse {
+            rejected: self.core.commit_offsets(r.into_inner()).await?,
+        })
     }
     async fn fetch_offsets(
         &self,

@@ -1173,7 +1173,14 @@ impl Core {
     // ---------------------------------------------------------------------------------
 
     #[instrument(skip_all, fields(group = %req.group))]
-    pub async fn commit_offsets(&self, req: v1::CommitOffsetsRequest) -> CoreResult<()> {
+    /// Commits the request's offsets in one metadata transaction. A partition whose stream
+    /// or partition does not exist is left out and returned (STREAM_NOT_FOUND /
+    /// PARTITION_NOT_FOUND); the others are committed. When every partition is left out,
+    /// nothing is written (the group is not created).
+    pub async fn commit_offsets(
+        &self,
+        req: v1::CommitOffsetsRequest,
+    ) -> CoreResult<Vec<v1::RejectedOffset>> {
         self.check_running()?;
         let ns = namespace_or_default(&req.namespace).to_string();
         validate_name("group", &req.group)?;
@@ -1188,6 +1195,7 @@ impl Core {
         }
         let now = now_ms();
         let mut ops = Vec::with_capacity(req.offsets.len() + 1);
+        let mut rejected = Vec::new();
         for c in &req.offsets {
             let id = c
                 .stream
@@ -1199,6 +1207,16 @@ impl Core {
                     "offset must be >= -1, got {}",
                     c.offset
                 )));
+            }
+            let sid = v1::StreamId::new(&ns, &id.name);
+            if let Err(e) = self.stream(&sid).and_then(|h| h.partition(c.partition)) {
+                rejected.push(v1::RejectedOffset {
+                    stream: Some(sid),
+                    partition: c.partition,
+                    error: e.code() as i32,
+                    error_message: e.to_string(),
+                });
+                continue;
             }
             let record = OffsetRecord {
                 offset: c.offset,
@@ -1215,6 +1233,9 @@ impl Core {
                 value: to_json(&record),
             });
         }
+        if ops.is_empty() && !rejected.is_empty() {
+            return Ok(rejected);
+        }
         let group_key = meta::key(meta::GROUP, &[&ns, &req.group]);
         if self.inner.meta.get(&group_key).await?.is_none() {
             let g = GroupRecord {
@@ -1227,7 +1248,7 @@ impl Core {
             });
         }
         self.inner.meta.txn(Vec::<Check>::new(), ops).await?;
-        Ok(())
+        Ok(rejected)
     }
 
     pub async fn fetch_offsets(

@@ -38,7 +38,7 @@ use tributary_proto::v1;
 use crate::Gateway;
 use crate::acl::{Authz, CLUSTER_NAME, Operation, ResourceType};
 use crate::conn::Session;
-use crate::errors::{Context, kafka_error};
+use crate::errors::{Context, kafka_code, kafka_error};
 
 /// Kafka's offset.metadata.max.bytes default.
 const MAX_OFFSET_METADATA: usize = 4096;
@@ -362,9 +362,18 @@ pub(crate) async fn offset_commit(
             member_id: req.member_id.to_string(),
         })
         .await;
-    let code = match &r {
-        Ok(_) => 0,
-        Err(status) => kafka_error(status, Context::Group),
+    // Partitions the core left out (unknown topic or partition) get their own code.
+    let (code, rejected) = match r {
+        Ok(r) => (0, r.into_inner().rejected),
+        Err(status) => (kafka_error(&status, Context::Group), Vec::new()),
+    };
+    let rejected_code = |topic: &str, index: i32| {
+        rejected
+            .iter()
+            .find(|x| {
+                x.partition as i32 == index && x.stream.as_ref().is_some_and(|s| s.name == topic)
+            })
+            .map(|x| kafka_code(x.error(), Context::Group))
     };
     OffsetCommitResponse::default().with_topics(partition_codes(&|topic, index, metadata| {
         if denied_topics.contains(&topic) {
@@ -374,7 +383,7 @@ pub(crate) async fn offset_commit(
         } else if index < 0 {
             K::UnknownTopicOrPartition.code()
         } else {
-            code
+            rejected_code(topic, index).unwrap_or(code)
         }
     }))
 }
@@ -507,6 +516,16 @@ fn metadata_of(c: &v1::CommittedOffset) -> Option<StrBytes> {
     Some(s(c.metadata.clone()))
 }
 
+/// The leader epoch committed with the offset; -1 when none was (or nothing is committed).
+/// OffsetFetch carries it from v5; older versions do not encode the field.
+fn leader_epoch_of(c: &v1::CommittedOffset) -> i32 {
+    if c.offset < 0 || c.leader_epoch < 0 {
+        -1
+    } else {
+        c.leader_epoch
+    }
+}
+
 pub(crate) async fn offset_fetch(
     gw: &Gateway,
     az: &Authz<'_>,
@@ -540,7 +559,7 @@ pub(crate) async fn offset_fetch(
                                                     .with_error_code(code)
                                                     .with_partition_index(c.partition as i32)
                                                     .with_committed_offset(c.offset)
-                                                    .with_committed_leader_epoch(-1)
+                                                    .with_committed_leader_epoch(leader_epoch_of(c))
                                                     .with_metadata(metadata_of(c))
                                             })
                                             .collect(),
@@ -574,7 +593,7 @@ pub(crate) async fn offset_fetch(
                                         .with_error_code(code)
                                         .with_partition_index(c.partition as i32)
                                         .with_committed_offset(c.offset)
-                                        .with_committed_leader_epoch(-1)
+                                        .with_committed_leader_epoch(leader_epoch_of(c))
                                         .with_metadata(metadata_of(c))
                                 })
                                 .collect(),
