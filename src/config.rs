@@ -438,6 +438,14 @@ pub struct Options {
         global = true
     )]
     pub group_initial_rebalance_delay_ms: Option<u64>,
+    /// Shortest session timeout a Kafka consumer may ask for in JoinGroup, in ms
+    /// (group.min.session.timeout.ms); shorter ones get INVALID_SESSION_TIMEOUT.
+    #[arg(long, env = "TRIBUTARY_GROUP_MIN_SESSION_TIMEOUT_MS", global = true)]
+    pub group_min_session_timeout_ms: Option<u32>,
+    /// Longest session timeout a Kafka consumer may ask for in JoinGroup, in ms
+    /// (group.max.session.timeout.ms); longer ones get INVALID_SESSION_TIMEOUT.
+    #[arg(long, env = "TRIBUTARY_GROUP_MAX_SESSION_TIMEOUT_MS", global = true)]
+    pub group_max_session_timeout_ms: Option<u32>,
     /// Log filter (tracing EnvFilter syntax), e.g. "info" or "tributary_core=debug".
     #[arg(long, env = "TRIBUTARY_LOG", global = true)]
     pub log: Option<String>,
@@ -542,6 +550,8 @@ pub struct FileConfig {
     pub kafka_ssl_principal_mapping_rules: Option<String>,
     pub transaction_max_timeout_ms: Option<u64>,
     pub group_initial_rebalance_delay_ms: Option<u64>,
+    pub group_min_session_timeout_ms: Option<u32>,
+    pub group_max_session_timeout_ms: Option<u32>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
     pub mqtt_max_keep_alive: Option<u16>,
@@ -679,6 +689,8 @@ pub struct Settings {
     pub kafka_ssl_principal_rules: tributary_gateway_kafka::principal::PrincipalRules,
     pub transaction_max_timeout: Duration,
     pub group_initial_rebalance_delay: Duration,
+    /// The session timeouts JoinGroup accepts, in ms (Kafka's group.min/max.session.timeout.ms).
+    pub group_session_timeout_ms: std::ops::RangeInclusive<i32>,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
     pub mqtt_max_keep_alive: u16,
@@ -1122,6 +1134,32 @@ impl Settings {
         let mqtt_ws_listen_default = default_listen(!mqtt_allow_anonymous, 8083);
         let sqs = sqs_settings(o, f)?;
         let sqs_listen_default = default_listen(!sqs.credentials.is_empty(), 9324);
+        let group_session_timeout_ms = {
+            let min: u32 = pick!(group_min_session_timeout_ms, 6_000u32);
+            let max: u32 = pick!(group_max_session_timeout_ms, 1_800_000u32);
+            if min == 0 {
+                return Err(invalid(
+                    "group_min_session_timeout_ms",
+                    0,
+                    "expected at least 1",
+                ));
+            }
+            if max > i32::MAX as u32 {
+                return Err(invalid(
+                    "group_max_session_timeout_ms",
+                    max,
+                    format!("expected at most {}", i32::MAX),
+                ));
+            }
+            if max < min {
+                return Err(invalid(
+                    "group_max_session_timeout_ms",
+                    max,
+                    format!("expected at least group_min_session_timeout_ms ({min})"),
+                ));
+            }
+            min as i32..=max as i32
+        };
         let mqtt_max_queued: usize = pick!(mqtt_max_queued, 100_000usize);
         if mqtt_max_queued == 0 {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
@@ -1152,6 +1190,7 @@ impl Settings {
                 group_initial_rebalance_delay_ms,
                 3000u64
             )),
+            group_session_timeout_ms,
             users,
             amqp_vhosts,
             amqp_permissions,
@@ -1480,6 +1519,40 @@ mod tests {
     }
 
     #[test]
+    fn group_session_timeouts_default_to_kafkas_and_must_form_a_range() {
+        let s = Settings::resolve(&Options::default(), &FileConfig::default()).unwrap();
+        assert_eq!(s.group_session_timeout_ms, 6_000..=1_800_000);
+        let file = FileConfig {
+            group_min_session_timeout_ms: Some(1_000),
+            group_max_session_timeout_ms: Some(60_000),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        assert_eq!(s.group_session_timeout_ms, 1_000..=60_000);
+        let opts = Options {
+            group_min_session_timeout_ms: Some(500),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&opts, &file).unwrap();
+        assert_eq!(s.group_session_timeout_ms, 500..=60_000);
+        for (min, max, key) in [
+            (Some(0), None, "group_min_session_timeout_ms"),
+            (Some(10_000), Some(9_999), "group_max_session_timeout_ms"),
+            (None, Some(u32::MAX), "group_max_session_timeout_ms"),
+        ] {
+            let opts = Options {
+                group_min_session_timeout_ms: min,
+                group_max_session_timeout_ms: max,
+                ..Default::default()
+            };
+            let e = Settings::resolve(&opts, &FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{e}");
+        }
+    }
+
+    #[test]
     fn the_split_core_listens_on_every_interface_by_default() {
         let s =
             Settings::resolve_for(&Options::default(), &FileConfig::default(), Role::Core).unwrap();
@@ -1613,6 +1686,8 @@ mod tests {
             "kafka_ssl_principal_mapping_rules",
             "transaction_max_timeout_ms",
             "group_initial_rebalance_delay_ms",
+            "group_min_session_timeout_ms",
+            "group_max_session_timeout_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",
             "mqtt_max_keep_alive",

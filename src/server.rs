@@ -867,6 +867,7 @@ fn spawn_kafka(
         }
         config.authorizer = settings.kafka_authorizer.clone();
         config.ssl_principal_rules = settings.kafka_ssl_principal_rules.clone();
+        config.session_timeout_ms = settings.group_session_timeout_ms.clone();
         config
     };
     if let Some(listener) = tcp {

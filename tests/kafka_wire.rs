@@ -889,3 +889,36 @@ async fn offset_commit_refuses_unknown_topics_and_partitions_and_fetch_returns_t
     let names: Vec<&str> = groups.groups.iter().map(|g| g.group_id.as_str()).collect();
     assert_eq!(names, vec!["billing"]);
 }
+
+#[tokio::test]
+async fn join_group_takes_the_configured_session_timeout_bounds() {
+    let join = |timeout: i32| join_request("").with_session_timeout_ms(timeout);
+    // Kafka's defaults: 6 s to 30 min.
+    let (_dir, server) = standalone();
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    for (timeout, code) in [(5_999, 26), (6_000, 79), (1_800_000, 79), (1_800_001, 26)] {
+        let r = c.call(&join(timeout), 9).await;
+        assert_eq!(r.error_code, code, "session timeout {timeout}");
+    }
+    drop(c);
+    drop(server);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--kafka-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    args.extend([
+        "--group-min-session-timeout-ms".into(),
+        "1000".into(),
+        "--group-max-session-timeout-ms".into(),
+        "20000".into(),
+    ]);
+    let server = Server::start(&args);
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    // INVALID_SESSION_TIMEOUT (26) outside the bounds; inside, KIP-394's MEMBER_ID_REQUIRED
+    // (79) shows the session timeout passed.
+    for (timeout, code) in [(999, 26), (1_000, 79), (20_000, 79), (20_001, 26)] {
+        let r = c.call(&join(timeout), 9).await;
+        assert_eq!(r.error_code, code, "session timeout {timeout}");
+    }
+}

@@ -428,3 +428,58 @@ def test_aiokafka_group_join_leave(cluster):
             await admin.close()
 
     asyncio.run(run())
+
+
+def _ck_join(bootstrap: str, topic: str, session_timeout_ms: int, timeout: float = 60):
+    """A confluent-kafka consumer with this session.timeout.ms subscribes to `topic`: None once
+    it is assigned partitions, or the code of the consumer error its JoinGroup got."""
+    from confluent_kafka import Consumer
+    assigned = []
+    c = Consumer({
+        "bootstrap.servers": bootstrap,
+        "group.id": unique("sto-group"),
+        "session.timeout.ms": session_timeout_ms,
+        "heartbeat.interval.ms": 300,
+        "max.poll.interval.ms": max(300_000, session_timeout_ms),
+        "enable.auto.commit": False,
+        "auto.offset.reset": "earliest",
+    })
+    try:
+        c.subscribe([topic], on_assign=lambda _c, ps: assigned.extend(ps))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            m = c.poll(0.2)
+            if m is not None and m.error():
+                return m.error().code()
+            if assigned:
+                return None
+        raise AssertionError(f"session.timeout.ms={session_timeout_ms}: neither assigned nor "
+                             f"refused in {timeout}s")
+    finally:
+        c.close()
+
+
+def test_session_timeout_outside_the_bounds_is_refused(cluster):
+    """Kafka's default group.min/max.session.timeout.ms (6 s, 30 min): a consumer asking for
+    less or more gets INVALID_SESSION_TIMEOUT from JoinGroup; one inside joins."""
+    from confluent_kafka import KafkaError
+    topic = unique("sto")
+    ck_create_topic(cluster.bootstrap, topic, 1)
+    assert _ck_join(cluster.bootstrap, topic, 5_000) == KafkaError.INVALID_SESSION_TIMEOUT
+    assert _ck_join(cluster.bootstrap, topic, 1_800_001) == KafkaError.INVALID_SESSION_TIMEOUT
+    assert _ck_join(cluster.bootstrap, topic, 6_000) is None
+
+
+@pytest.mark.parametrize("mode", ["standalone", "split"])
+def test_session_timeout_bounds_are_settings(make_deployment, mode):
+    """group_min_session_timeout_ms / group_max_session_timeout_ms (here as flags; in split
+    mode given to the gateway process, which checks them)."""
+    from confluent_kafka import KafkaError
+    d = make_deployment(mode, ["--group-min-session-timeout-ms", "1000",
+                               "--group-max-session-timeout-ms", "20000"])
+    topic = unique("sto-set")
+    ck_create_topic(d.bootstrap, topic, 1)
+    assert _ck_join(d.bootstrap, topic, 2_000) is None
+    assert _ck_join(d.bootstrap, topic, 20_000) is None
+    assert _ck_join(d.bootstrap, topic, 30_000) == KafkaError.INVALID_SESSION_TIMEOUT
+    assert _ck_join(d.bootstrap, topic, 999) == KafkaError.INVALID_SESSION_TIMEOUT

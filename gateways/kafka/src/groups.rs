@@ -76,8 +76,12 @@ pub(crate) async fn join(
     if req.group_id.is_empty() {
         return fail(K::InvalidGroupId.code(), "");
     }
-    // Kafka's group.min/max.session.timeout.ms defaults.
-    if !(6_000..=1_800_000).contains(&req.session_timeout_ms) {
+    // group.min/max.session.timeout.ms (settings; Kafka's defaults 6 s and 30 min).
+    if !gw
+        .config
+        .session_timeout_ms
+        .contains(&req.session_timeout_ms)
+    {
         return fail(K::InvalidSessionTimeout.code(), req.member_id.as_str());
     }
     // KIP-394: a new member first gets an id and must rejoin with it.

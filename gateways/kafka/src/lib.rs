@@ -59,6 +59,9 @@ pub struct KafkaConfig {
     /// Kafka's `ssl.principal.mapping.rules`: the principal of a connection that gave a
     /// client certificate and no SASL login.
     pub ssl_principal_rules: principal::PrincipalRules,
+    /// Session timeouts JoinGroup accepts, in ms (group.min/max.session.timeout.ms);
+    /// others get INVALID_SESSION_TIMEOUT.
+    pub session_timeout_ms: std::ops::RangeInclusive<i32>,
 }
 
 impl KafkaConfig {
@@ -74,6 +77,7 @@ impl KafkaConfig {
             sasl: None,
             authorizer: None,
             ssl_principal_rules: principal::PrincipalRules::default(),
+            session_timeout_ms: 6_000..=1_800_000,
         }
     }
 }
