@@ -63,6 +63,18 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "Bytes of record batches produced through the Kafka gateway.",
     ),
+    // Transactions.
+    Metric {
+        name: "tributary_transactions_completed_total",
+        kind: Kind::Counter,
+        help: "Transactions the coordinator completed (markers written in every partition), per outcome.",
+        series: &[&[("outcome", "commit")], &[("outcome", "abort")]],
+    },
+    m(
+        "tributary_transactions_timed_out_total",
+        Kind::Counter,
+        "Transactions aborted by the coordinator because they outlived their timeout.",
+    ),
     // Storage.
     m(
         "tributary_storage_fsync_seconds",
