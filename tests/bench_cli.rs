@@ -41,14 +41,20 @@ fn closed_port() -> String {
     addr.to_string()
 }
 
-#[test]
-fn kafka_bench_against_our_gateway_receives_every_message() {
+/// A server whose Kafka gateway listens on a free port, groups without the initial delay.
+fn kafka_server() -> (tempfile::TempDir, Server) {
     let dir = tempfile::tempdir().unwrap();
     let mut args = free_port_args(dir.path());
     let kafka_at = args.iter().position(|a| a == "--kafka-listen").unwrap();
     args[kafka_at + 1] = "127.0.0.1:0".into();
     args.extend(["--group-initial-rebalance-delay-ms".into(), "0".into()]);
     let server = Server::start(&args);
+    (dir, server)
+}
+
+#[test]
+fn kafka_bench_against_our_gateway_receives_every_message() {
+    let (_dir, server) = kafka_server();
     let target = server.kafka.unwrap().to_string();
     let pid = server.child.id().to_string();
     let out = run_bounded(
@@ -101,12 +107,7 @@ fn kafka_bench_against_our_gateway_receives_every_message() {
 /// read_committed consumers; every message arrives once.
 #[test]
 fn kafka_transactional_bench_delivers_every_committed_message() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut args = free_port_args(dir.path());
-    let kafka_at = args.iter().position(|a| a == "--kafka-listen").unwrap();
-    args[kafka_at + 1] = "127.0.0.1:0".into();
-    args.extend(["--group-initial-rebalance-delay-ms".into(), "0".into()]);
-    let server = Server::start(&args);
+    let (_dir, server) = kafka_server();
     let target = server.kafka.unwrap().to_string();
     let out = run_bounded(
         &[

@@ -56,6 +56,11 @@ fn producer(gw: &Gateway, id: &TransactionalId, pid: ProducerId, epoch: i16) -> 
     }
 }
 
+/// Every transaction call needs WRITE on its transactional id.
+fn may_write(az: &Authz<'_>, id: &TransactionalId) -> bool {
+    az.check(Operation::Write, ResourceType::TransactionalId, id.as_str())
+}
+
 /// The coordinator errors of a transaction call at this request version.
 fn txn_error(status: &tonic::Status, version: i16) -> i16 {
     kafka_error(status, Context::Txn { version })
@@ -140,7 +145,7 @@ async fn add_one(
     verify_only: bool,
     version: i16,
 ) -> Vec<AddPartitionsToTxnTopicResult> {
-    if !az.check(Operation::Write, ResourceType::TransactionalId, id.as_str()) {
+    if !may_write(az, id) {
         return topic_results(&topics, |_, _| K::TransactionalIdAuthorizationFailed.code());
     }
     let denied: Vec<&TopicName> = topics
@@ -219,11 +224,7 @@ pub(crate) async fn add_offsets(
     req: AddOffsetsToTxnRequest,
     version: i16,
 ) -> AddOffsetsToTxnResponse {
-    let code = if !az.check(
-        Operation::Write,
-        ResourceType::TransactionalId,
-        req.transactional_id.as_str(),
-    ) {
+    let code = if !may_write(az, &req.transactional_id) {
         K::TransactionalIdAuthorizationFailed.code()
     } else if !az.check(Operation::Read, ResourceType::Group, req.group_id.as_str()) {
         K::GroupAuthorizationFailed.code()
@@ -257,11 +258,7 @@ pub(crate) async fn txn_offset_commit(
     req: TxnOffsetCommitRequest,
     version: i16,
 ) -> TxnOffsetCommitResponse {
-    let whole = if !az.check(
-        Operation::Write,
-        ResourceType::TransactionalId,
-        req.transactional_id.as_str(),
-    ) {
+    let whole = if !may_write(az, &req.transactional_id) {
         Some(K::TransactionalIdAuthorizationFailed.code())
     } else if !az.check(Operation::Read, ResourceType::Group, req.group_id.as_str()) {
         Some(K::GroupAuthorizationFailed.code())
@@ -364,11 +361,7 @@ pub(crate) async fn end_txn(
     req: EndTxnRequest,
     version: i16,
 ) -> EndTxnResponse {
-    let code = if !az.check(
-        Operation::Write,
-        ResourceType::TransactionalId,
-        req.transactional_id.as_str(),
-    ) {
+    let code = if !may_write(az, &req.transactional_id) {
         K::TransactionalIdAuthorizationFailed.code()
     } else {
         match gw
