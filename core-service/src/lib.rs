@@ -82,6 +82,9 @@ pub struct CoreConfig {
     pub transaction_max_timeout: Duration,
     /// How often open transactions are checked against their timeout.
     pub transaction_check_interval: Duration,
+    /// A transactional id with no transaction open and no call for this long is forgotten
+    /// (Kafka's transactional.id.expiration.ms).
+    pub transactional_id_expiration: Duration,
 }
 
 impl Default for CoreConfig {
@@ -98,6 +101,7 @@ impl Default for CoreConfig {
             queue_journal_compact_after: 16_384,
             transaction_max_timeout: transactions::DEFAULT_MAX_TIMEOUT,
             transaction_check_interval: Duration::from_secs(1),
+            transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

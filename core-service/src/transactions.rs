@@ -897,6 +897,7 @@ impl Core {
     /// that the producer that let it lapse is fenced (as Kafka's coordinator does).
     pub(crate) async fn abort_timed_out_transactions(&self) {
         let now = now_ms();
+        let expire_after = self.inner.config.transactional_id_expiration.as_millis() as i64;
         let entries: Vec<((String, String), Entry)> = self
             .inner
             .txns
@@ -952,12 +953,45 @@ impl Core {
                 TxnState::PrepareCommit | TxnState::PrepareAbort => {
                     self.complete_txn(&ns, &id, &mut slot, r).await.map(|_| ())
                 }
+                state if !state.is_open() && now - r.updated_at_ms > expire_after => {
+                    self.expire_transactional_id(&ns, &id, &mut slot).await
+                }
                 _ => Ok(()),
             };
             if let Err(e) = result {
                 warn!(namespace = %ns, transactional_id = %id, error = %e, "could not complete a transaction; retrying later");
             }
         }
+    }
+
+    /// Forgets an idle transactional id: its next InitProducer starts with a new producer id.
+    async fn expire_transactional_id(
+        &self,
+        ns: &str,
+        id: &str,
+        slot: &mut Option<TxnRecord>,
+    ) -> CoreResult<()> {
+        let Some(r) = slot.as_ref() else {
+            return Ok(());
+        };
+        // Only if the store still holds what this core last wrote.
+        if !self
+            .inner
+            .meta
+            .compare_and_set(&txn_key(ns, id), Some(&to_json(r)), None)
+            .await?
+        {
+            return Ok(());
+        }
+        info!(namespace = %ns, transactional_id = %id, "transactional id expired (idle)");
+        *slot = None;
+        let key = (ns.to_string(), id.to_string());
+        let mut entries = self.inner.txns.entries.lock();
+        // The table's and this round's clones only: nobody is waiting for the entry.
+        if entries.get(&key).is_some_and(|e| Arc::strong_count(e) <= 2) {
+            entries.remove(&key);
+        }
+        Ok(())
     }
 
     pub(crate) async fn run_transaction_timeouts(self) {

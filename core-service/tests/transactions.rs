@@ -570,3 +570,54 @@ async fn open_and_half_finished_transactions_survive_a_restart() {
     assert_eq!(committed_values(&f), ["o1", "o2"]);
     core.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn an_idle_transactional_id_expires_and_an_open_one_does_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = LocalLogStore::open(dir.path().join("log"), LocalLogConfig::default()).unwrap();
+    let meta = Arc::new(RedbMetaStore::open(dir.path().join("meta.redb")).unwrap());
+    let core = Core::open(
+        log,
+        meta,
+        CoreConfig {
+            transactional_id_expiration: Duration::from_millis(300),
+            ..config()
+        },
+    )
+    .await
+    .unwrap();
+    create(&core, "t", 1).await;
+    let mut idle = Producer::init(&core, "idle", 30_000).await;
+    idle.add(&core, "t", 0).await.unwrap();
+    idle.send(&core, "t", 0, &["done"]).await.unwrap();
+    idle.end(&core, true).await.unwrap();
+    let open = Producer::init(&core, "busy", 30_000).await;
+    open.add(&core, "t", 0).await.unwrap();
+
+    let ids = ["idle".to_string(), "busy".to_string()];
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = core.describe_transactions("", &ids).await.unwrap();
+        if d.not_found == ["idle"] {
+            // The open transaction is kept whatever its age (its timeout is what ends it).
+            assert_eq!(d.transactions.len(), 1);
+            assert_eq!(d.transactions[0].state, "Ongoing");
+            break;
+        }
+        assert!(d.not_found.is_empty(), "{d:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never expired: {d:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The expired id's old producer is unknown to it now; a new init starts afresh.
+    assert!(matches!(
+        idle.end(&core, true).await,
+        Err(CoreError::InvalidProducerIdMapping(_))
+    ));
+    let again = Producer::init(&core, "idle", 30_000).await;
+    assert_eq!(again.epoch, 0);
+    assert_ne!(again.pid, idle.pid);
+    core.shutdown().await.unwrap();
+}
