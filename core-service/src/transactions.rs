@@ -438,14 +438,8 @@ impl Core {
                 }
                 match r.state {
                     TxnState::Ongoing => {
-                        // Fence first, then abort under the new epoch.
-                        let bumped = self.next_epoch_of(r.producer_id, r.epoch).await?;
-                        r.producer_id = bumped.0;
-                        r.epoch = bumped.1;
-                        r.state = TxnState::PrepareAbort;
-                        self.save_txn(ns, id, &mut slot, r.clone()).await?;
                         info!(namespace = %ns, transactional_id = %id, "aborting the open transaction of a fenced producer");
-                        r = self.complete_txn(ns, id, &mut slot, r).await?;
+                        r = self.fence_and_abort(ns, id, &mut slot, r).await?;
                     }
                     TxnState::PrepareCommit | TxnState::PrepareAbort => {
                         r = self.complete_txn(ns, id, &mut slot, r).await?;
@@ -833,6 +827,32 @@ impl Core {
         Ok(r)
     }
 
+    /// Aborts the open transaction under the producer's next epoch, which fences the producer
+    /// that opened it (Kafka's coordinator does the same). The markers close the batches of
+    /// the old producer id; when the epoch overflowed into a new id, the record takes it once
+    /// the abort is complete.
+    async fn fence_and_abort(
+        &self,
+        ns: &str,
+        id: &str,
+        slot: &mut Option<TxnRecord>,
+        mut r: TxnRecord,
+    ) -> CoreResult<TxnRecord> {
+        let (pid, epoch) = self.next_epoch_of(r.producer_id, r.epoch).await?;
+        if pid == r.producer_id {
+            r.epoch = epoch;
+        }
+        r.state = TxnState::PrepareAbort;
+        self.save_txn(ns, id, slot, r.clone()).await?;
+        let mut done = self.complete_txn(ns, id, slot, r).await?;
+        if pid != done.producer_id {
+            done.producer_id = pid;
+            done.epoch = epoch;
+            self.save_txn(ns, id, slot, done.clone()).await?;
+        }
+        Ok(done)
+    }
+
     /// The next epoch of a producer id, or a new id when the epoch would overflow.
     async fn next_epoch_of(&self, producer_id: i64, epoch: i32) -> CoreResult<(i64, i32)> {
         let next = self
@@ -922,32 +942,9 @@ impl Core {
                 {
                     info!(namespace = %ns, transactional_id = %id, timeout_ms = r.timeout_ms, "transaction timed out: aborting it and fencing its producer");
                     metrics::counter!("tributary_transactions_timed_out_total").increment(1);
-                    match self.next_epoch_of(r.producer_id, r.epoch).await {
-                        Ok((pid, epoch)) => {
-                            let mut r = r.clone();
-                            // Markers go to the enrolled partitions under the old producer
-                            // id (the one whose batches they close).
-                            let old_pid = r.producer_id;
-                            r.epoch = if pid == old_pid { epoch } else { r.epoch };
-                            r.state = TxnState::PrepareAbort;
-                            match self.save_txn(&ns, &id, &mut slot, r.clone()).await {
-                                Ok(()) => {
-                                    let done = self.complete_txn(&ns, &id, &mut slot, r).await;
-                                    if pid != old_pid
-                                        && let Ok(mut d) = done
-                                    {
-                                        d.producer_id = pid;
-                                        d.epoch = epoch;
-                                        self.save_txn(&ns, &id, &mut slot, d).await.map(|_| ())
-                                    } else {
-                                        done.map(|_| ())
-                                    }
-                                }
-                                Err(e) => Err(e),
-                            }
-                        }
-                        Err(e) => Err(e),
-                    }
+                    self.fence_and_abort(&ns, &id, &mut slot, r)
+                        .await
+                        .map(|_| ())
                 }
                 // A completion that failed (storage) is retried here.
                 TxnState::PrepareCommit | TxnState::PrepareAbort => {
