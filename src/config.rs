@@ -339,6 +339,28 @@ pub struct Options {
     /// RocketMQ NameServer listener (HOST:PORT or off).
     #[arg(long, env = "TRIBUTARY_NAMESRV_LISTEN", global = true)]
     pub namesrv_listen: Option<String>,
+    /// Broker address given to RocketMQ clients in routes and message ids (IP:PORT;
+    /// default: the RocketMQ listen address, with 0.0.0.0 advertised as 127.0.0.1).
+    #[arg(long, env = "TRIBUTARY_ROCKETMQ_ADVERTISED", global = true)]
+    pub rocketmq_advertised: Option<String>,
+    /// Create a RocketMQ topic on its first send (autoCreateTopicEnable; true/false).
+    #[arg(long, env = "TRIBUTARY_ROCKETMQ_AUTO_CREATE_TOPICS", global = true)]
+    pub rocketmq_auto_create_topics: Option<bool>,
+    /// How often unresolved RocketMQ half messages are checked back with their producer, in
+    /// ms (transactionCheckInterval).
+    #[arg(
+        long,
+        env = "TRIBUTARY_ROCKETMQ_TRANSACTION_CHECK_INTERVAL_MS",
+        global = true
+    )]
+    pub rocketmq_transaction_check_interval_ms: Option<u64>,
+    /// Age of a half message before its first check-back, in ms (transactionTimeOut).
+    #[arg(long, env = "TRIBUTARY_ROCKETMQ_TRANSACTION_TIMEOUT_MS", global = true)]
+    pub rocketmq_transaction_timeout_ms: Option<u64>,
+    /// Check-backs without an answer before a half message is rolled back
+    /// (transactionCheckMax).
+    #[arg(long, env = "TRIBUTARY_ROCKETMQ_TRANSACTION_CHECK_MAX", global = true)]
+    pub rocketmq_transaction_check_max: Option<u32>,
     /// Connections each gateway listener serves at once; more are closed as they are
     /// accepted (0 = no limit).
     #[arg(long, env = "TRIBUTARY_MAX_CONNECTIONS", global = true)]
@@ -530,6 +552,11 @@ pub struct FileConfig {
     pub sqs_credentials: Vec<SqsCredentialEntry>,
     pub rocketmq_listen: Option<String>,
     pub namesrv_listen: Option<String>,
+    pub rocketmq_advertised: Option<String>,
+    pub rocketmq_auto_create_topics: Option<bool>,
+    pub rocketmq_transaction_check_interval_ms: Option<u64>,
+    pub rocketmq_transaction_timeout_ms: Option<u64>,
+    pub rocketmq_transaction_check_max: Option<u32>,
     pub max_connections: Option<usize>,
     pub core: Option<String>,
     pub storage: Option<String>,
@@ -666,6 +693,12 @@ pub struct Settings {
     pub sqs: tributary_gateway_sqs::SqsConfig,
     pub rocketmq_listen: Listen,
     pub namesrv_listen: Listen,
+    /// `None`: the RocketMQ listen address (0.0.0.0 as 127.0.0.1).
+    pub rocketmq_advertised: Option<SocketAddr>,
+    pub rocketmq_auto_create_topics: bool,
+    pub rocketmq_transaction_check_interval: Duration,
+    pub rocketmq_transaction_timeout: Duration,
+    pub rocketmq_transaction_check_max: u32,
     /// Connections each gateway listener serves at once; `None`: no limit.
     pub max_connections: Option<NonZeroUsize>,
     pub core: String,
@@ -1206,8 +1239,28 @@ impl Settings {
             amqp_listen: listen!(amqp_listen, "0.0.0.0:5672"),
             sqs_listen: listen!(sqs_listen, sqs_listen_default.as_str()),
             sqs,
-            rocketmq_listen: listen!(rocketmq_listen, "0.0.0.0:10911"),
-            namesrv_listen: listen!(namesrv_listen, "0.0.0.0:9876"),
+            // No RocketMQ ACL here: loopback unless an address is given.
+            rocketmq_listen: listen!(rocketmq_listen, "127.0.0.1:10911"),
+            namesrv_listen: listen!(namesrv_listen, "127.0.0.1:9876"),
+            rocketmq_advertised: match pick!(rocketmq_advertised, String::new()) {
+                a if a.is_empty() => None,
+                a => Some(a.parse().map_err(|_| {
+                    invalid(
+                        "rocketmq_advertised",
+                        &a,
+                        "expected IP:PORT (RocketMQ message ids carry the broker's IP address)",
+                    )
+                })?),
+            },
+            rocketmq_auto_create_topics: pick!(rocketmq_auto_create_topics, true),
+            rocketmq_transaction_check_interval: Duration::from_millis(
+                pick!(rocketmq_transaction_check_interval_ms, 60_000u64).max(1),
+            ),
+            rocketmq_transaction_timeout: Duration::from_millis(pick!(
+                rocketmq_transaction_timeout_ms,
+                6_000u64
+            )),
+            rocketmq_transaction_check_max: pick!(rocketmq_transaction_check_max, 15u32),
             max_connections: NonZeroUsize::new(pick!(max_connections, 0usize)),
             core,
             storage,
@@ -1236,7 +1289,7 @@ impl Settings {
             ("amqp-tls", "--amqp-tls-listen", self.amqp_tls_listen),
             ("sqs", "--sqs-listen", self.sqs_listen),
             ("rocketmq", "--rocketmq-listen", self.rocketmq_listen),
-            ("namesrv", "--namesrv-listen", self.namesrv_listen),
+            ("rocketmq-namesrv", "--namesrv-listen", self.namesrv_listen),
         ]
     }
 }
@@ -1666,6 +1719,11 @@ mod tests {
             "sqs_account_id",
             "rocketmq_listen",
             "namesrv_listen",
+            "rocketmq_advertised",
+            "rocketmq_auto_create_topics",
+            "rocketmq_transaction_check_interval_ms",
+            "rocketmq_transaction_timeout_ms",
+            "rocketmq_transaction_check_max",
             "max_connections",
             "core",
             "storage",

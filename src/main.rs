@@ -129,6 +129,12 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
     if let Some(a) = server.bound.sqs {
         println!("listening sqs {a}");
     }
+    if let Some(a) = server.bound.rocketmq_namesrv {
+        println!("listening rocketmq-namesrv {a}");
+    }
+    if let Some(a) = server.bound.rocketmq {
+        println!("listening rocketmq {a}");
+    }
     println!("ready");
     signals.wait().await;
     let stopping = tokio::time::timeout(std::time::Duration::from_secs(9), server.shutdown()).await;

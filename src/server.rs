@@ -40,6 +40,8 @@ pub const AVAILABLE_GATEWAYS: &[&str] = &[
     "amqp",
     "amqp-tls",
     "sqs",
+    "rocketmq",
+    "rocketmq-namesrv",
 ];
 /// Protocols a gateway is planned for.
 pub const KNOWN_GATEWAYS: &[&str] = &["kafka", "mqtt", "amqp", "sqs", "rocketmq"];
@@ -85,6 +87,8 @@ pub struct Bound {
     pub amqp: Option<SocketAddr>,
     pub amqp_tls: Option<SocketAddr>,
     pub sqs: Option<SocketAddr>,
+    pub rocketmq: Option<SocketAddr>,
+    pub rocketmq_namesrv: Option<SocketAddr>,
 }
 
 /// What the process runs.
@@ -200,6 +204,10 @@ impl Server {
         };
         let sqs_listener = match mode {
             Mode::Standalone => bind_sqs(settings).await?,
+            _ => None,
+        };
+        let rocketmq_listeners = match mode {
+            Mode::Standalone => Some(bind_rocketmq(settings).await?),
             _ => None,
         };
         let (log, meta) = open_storage(settings)?;
@@ -353,6 +361,18 @@ impl Server {
                 &mut bound,
             );
         }
+        if let Some(listeners) = rocketmq_listeners
+            && (listeners.broker.is_some() || listeners.namesrv.is_some())
+        {
+            let client = CoreClient::in_process(tributary_core::grpc::routes(core.clone()));
+            spawn_rocketmq(
+                settings,
+                listeners,
+                client,
+                &mut spawn(&stop, &mut tasks, &connections),
+                &mut bound,
+            );
+        }
         // Every listener is bound and its accept loop is spawned: connections are queued by
         // the kernel from bind on and served as soon as the loops run.
         ready.store(true, Ordering::Release);
@@ -450,6 +470,21 @@ impl Server {
                 spawn_sqs(
                     settings,
                     listener,
+                    client,
+                    &mut spawn(&stop, &mut tasks, &connections),
+                    &mut bound,
+                );
+            }
+            "rocketmq" => {
+                let listeners = bind_rocketmq(settings).await?;
+                if listeners.broker.is_none() && listeners.namesrv.is_none() {
+                    return Err(StartError::Unavailable(
+                        "every RocketMQ listener is off: give --rocketmq-listen or --namesrv-listen HOST:PORT".into(),
+                    ));
+                }
+                spawn_rocketmq(
+                    settings,
+                    listeners,
                     client,
                     &mut spawn(&stop, &mut tasks, &connections),
                     &mut bound,
@@ -1075,6 +1110,84 @@ fn spawn_sqs(
     bound.sqs = listener.local_addr().ok();
     let gateway = tributary_gateway_sqs::Gateway::new(client, settings.sqs.clone());
     spawn_listener(settings, listener, "sqs", Plain, gateway, run);
+}
+
+/// The RocketMQ listeners that are on.
+struct RocketMqListeners {
+    broker: Option<TcpListener>,
+    namesrv: Option<TcpListener>,
+}
+
+async fn bind_rocketmq(settings: &Settings) -> Result<RocketMqListeners, StartError> {
+    let broker = bind_listen(
+        settings.rocketmq_listen,
+        "the RocketMQ broker",
+        "--rocketmq-listen",
+    )
+    .await?;
+    let namesrv = bind_listen(
+        settings.namesrv_listen,
+        "the RocketMQ NameServer",
+        "--namesrv-listen",
+    )
+    .await?;
+    for (listen, what) in [
+        (settings.rocketmq_listen, "broker"),
+        (settings.namesrv_listen, "NameServer"),
+    ] {
+        if let Some(addr) = listen.addr()
+            && beyond_loopback(addr)
+        {
+            warn!(
+                "the RocketMQ {what} listens on {addr} without authentication (RocketMQ ACL is not supported): anyone who reaches it can send and consume"
+            );
+        }
+    }
+    Ok(RocketMqListeners { broker, namesrv })
+}
+
+/// Starts the RocketMQ gateway (broker and NameServer) and its background work.
+fn spawn_rocketmq(
+    settings: &Settings,
+    RocketMqListeners { broker, namesrv }: RocketMqListeners,
+    client: CoreClient,
+    run: &mut Spawn<'_>,
+    bound: &mut Bound,
+) {
+    bound.rocketmq = broker.as_ref().and_then(|l| l.local_addr().ok());
+    bound.rocketmq_namesrv = namesrv.as_ref().and_then(|l| l.local_addr().ok());
+    // Clients dial the broker address the NameServer gives; without a broker listener here
+    // that is the one advertised (another gateway process's).
+    let listen = bound
+        .rocketmq
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 10911)));
+    let advertised = settings.rocketmq_advertised.unwrap_or_else(|| {
+        if listen.ip().is_unspecified() {
+            warn!(
+                "rocketmq: listening on {listen} but advertising 127.0.0.1:{}; set --rocketmq-advertised for clients on other machines",
+                listen.port()
+            );
+            SocketAddr::from(([127, 0, 0, 1], listen.port()))
+        } else {
+            listen
+        }
+    });
+    let mut config = tributary_gateway_rocketmq::RocketMqConfig::new(advertised);
+    config.auto_create_topics = settings.rocketmq_auto_create_topics;
+    config.transaction_check_interval = settings.rocketmq_transaction_check_interval;
+    config.transaction_timeout = settings.rocketmq_transaction_timeout;
+    config.transaction_check_max = settings.rocketmq_transaction_check_max;
+    config.max_message_bytes = settings.max_message_bytes.max(1) as usize;
+    let gateway = tributary_gateway_rocketmq::Gateway::new(client, config);
+    run.tasks.push(tokio::spawn(
+        gateway.clone().run_background(run.stop.subscribe()),
+    ));
+    if let Some(l) = broker {
+        spawn_listener(settings, l, "rocketmq", Plain, gateway.clone(), run);
+    }
+    if let Some(l) = namesrv {
+        spawn_listener(settings, l, "rocketmq-namesrv", Plain, gateway, run);
+    }
 }
 
 /// `Sessions.Attach` on the core in this process, without the gRPC encoding.
