@@ -215,6 +215,104 @@ impl StoredMessage {
     }
 }
 
+fn get_host(b: &mut Bytes, v6: bool) -> Result<SocketAddr, MessageError> {
+    let need = if v6 { 20 } else { 8 };
+    if b.remaining() < need {
+        return Err(MessageError::Truncated);
+    }
+    let ip: IpAddr = if v6 {
+        let mut o = [0u8; 16];
+        b.copy_to_slice(&mut o);
+        IpAddr::V6(o.into())
+    } else {
+        let mut o = [0u8; 4];
+        b.copy_to_slice(&mut o);
+        IpAddr::V4(Ipv4Addr::from(o))
+    };
+    let port = b.get_i32();
+    Ok(SocketAddr::new(ip, port.clamp(0, 65535) as u16))
+}
+
+/// Reads the stored messages of a pull response body (what the client's
+/// `MessageDecoder.decodes` does); for tests, benchmarks and tools.
+pub fn decode_stored(mut body: Bytes) -> Result<Vec<StoredMessage>, MessageError> {
+    let mut out = Vec::new();
+    while body.has_remaining() {
+        if body.remaining() < 4 {
+            return Err(MessageError::Truncated);
+        }
+        let total = body.get_i32();
+        if total < 4 || total as usize - 4 > body.remaining() {
+            return Err(MessageError::BadLength);
+        }
+        let mut m = body.split_to(total as usize - 4);
+        if m.remaining() < 4 + 4 + 4 + 4 + 8 + 8 + 4 + 8 {
+            return Err(MessageError::Truncated);
+        }
+        let magic = m.get_i32();
+        let _crc = m.get_i32();
+        let queue_id = m.get_i32();
+        let flag = m.get_i32();
+        let queue_offset = m.get_i64();
+        let commit_log_offset = m.get_i64();
+        let sys_flag = m.get_i32();
+        let born_timestamp = m.get_i64();
+        let born_host = get_host(&mut m, sys_flag & sys_flag::BORNHOST_V6 != 0)?;
+        if m.remaining() < 8 {
+            return Err(MessageError::Truncated);
+        }
+        let store_timestamp = m.get_i64();
+        let store_host = get_host(&mut m, sys_flag & sys_flag::STOREHOST_V6 != 0)?;
+        if m.remaining() < 4 + 8 + 4 {
+            return Err(MessageError::Truncated);
+        }
+        let reconsume_times = m.get_i32();
+        let prepared_transaction_offset = m.get_i64();
+        let body_len = m.get_i32();
+        if body_len < 0 || body_len as usize > m.remaining() {
+            return Err(MessageError::BadLength);
+        }
+        let msg_body = m.split_to(body_len as usize);
+        let topic_len = if magic == MAGIC_V2 {
+            if m.remaining() < 2 {
+                return Err(MessageError::Truncated);
+            }
+            m.get_i16().max(0) as usize
+        } else {
+            if m.remaining() < 1 {
+                return Err(MessageError::Truncated);
+            }
+            m.get_u8() as usize
+        };
+        if topic_len + 2 > m.remaining() {
+            return Err(MessageError::Truncated);
+        }
+        let topic = String::from_utf8_lossy(&m.split_to(topic_len)).into_owned();
+        let props_len = m.get_i16().max(0) as usize;
+        if props_len > m.remaining() {
+            return Err(MessageError::Truncated);
+        }
+        let props = std::str::from_utf8(&m[..props_len]).map_err(|_| MessageError::Properties)?;
+        out.push(StoredMessage {
+            topic,
+            queue_id,
+            flag,
+            queue_offset,
+            commit_log_offset,
+            sys_flag,
+            born_timestamp,
+            born_host,
+            store_timestamp,
+            store_host,
+            reconsume_times,
+            prepared_transaction_offset,
+            body: msg_body,
+            properties: decode_properties(props),
+        });
+    }
+    Ok(out)
+}
+
 /// `UtilAll.crc32(body) & 0x7FFFFFFF`.
 pub fn body_crc(body: &[u8]) -> i32 {
     (crc32fast::hash(body) & 0x7fff_ffff) as i32
@@ -384,6 +482,28 @@ mod tests {
     }
 
     #[test]
+    fn stored_messages_decode_back() {
+        let mut long = sample();
+        long.topic = "t".repeat(300);
+        long.born_host = "[::1]:5".parse().unwrap();
+        let mut bytes = sample().encode();
+        long.encode_into(&mut bytes);
+        let back = decode_stored(Bytes::from(bytes.clone())).unwrap();
+        assert_eq!(
+            back,
+            vec![sample(), {
+                let mut l = long.clone();
+                l.sys_flag |= sys_flag::BORNHOST_V6;
+                l
+            }]
+        );
+        for cut in 1..bytes.len() {
+            let r = decode_stored(Bytes::from(bytes[..cut].to_vec()));
+            assert!(r.is_err() || r.unwrap().len() == 1, "cut {cut}");
+        }
+    }
+
+    #[test]
     fn message_ids_round_trip() {
         let host: SocketAddr = "127.0.0.1:10911".parse().unwrap();
         let id = message_id(&host, 123456789);
@@ -455,7 +575,8 @@ mod tests {
     proptest::proptest! {
         #[test]
         fn batch_decoder_never_panics(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..200)) {
-            let _ = decode_batch(Bytes::from(bytes));
+            let _ = decode_batch(Bytes::from(bytes.clone()));
+            let _ = decode_stored(Bytes::from(bytes));
         }
     }
 }

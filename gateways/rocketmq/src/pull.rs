@@ -213,14 +213,23 @@ pub(crate) async fn pull(
             };
         }
     };
-    if let Some(e) = v1::ErrorCode::try_from(part.error)
-        .ok()
-        .filter(|e| *e != v1::ErrorCode::Unspecified)
-    {
-        if e == v1::ErrorCode::OffsetOutOfRange {
+    match v1::ErrorCode::try_from(part.error).unwrap_or(v1::ErrorCode::Internal) {
+        v1::ErrorCode::Unspecified => {}
+        v1::ErrorCode::OffsetOutOfRange => {
             return offset_moved(gw, cmd, &topic, queue, offset).await;
         }
-        return Err(Refusal::system(format!("{e:?}: {}", part.error_message)));
+        v1::ErrorCode::StreamNotFound => {
+            return Err(Refusal::new(
+                rs::TOPIC_NOT_EXIST,
+                format!("topic[{topic}] not exist, apply first please!"),
+            ));
+        }
+        v1::ErrorCode::PartitionNotFound => {
+            return Err(Refusal::system(format!(
+                "queueId[{queue}] is illegal, topic:[{topic}] consumer:[{group}]"
+            )));
+        }
+        e => return Err(Refusal::system(format!("{e:?}: {}", part.error_message))),
     }
     let found = messages(gw, &topic, queue, &part);
     let mut body = Vec::new();
