@@ -649,4 +649,24 @@ impl transactions_server::Transactions for CoreGrpc {
             transactions: self.core.list_transactions(&r.into_inner()).await?,
         })
     }
+    async fn stage_messages(
+        &self,
+        r: Request<StageMessagesRequest>,
+    ) -> GrpcResult<StageMessagesResponse> {
+        ok(self.core.stage_messages(r.into_inner()).await?)
+    }
+    async fn resolve_staged(
+        &self,
+        r: Request<ResolveStagedRequest>,
+    ) -> GrpcResult<ResolveStagedResponse> {
+        ok(ResolveStagedResponse {
+            resolved: self.core.resolve_staged(r.into_inner()).await?,
+        })
+    }
+    async fn claim_staged_checks(
+        &self,
+        r: Request<ClaimStagedChecksRequest>,
+    ) -> GrpcResult<ClaimStagedChecksResponse> {
+        ok(self.core.claim_staged_checks(r.into_inner()).await?)
+    }
 }
