@@ -12,13 +12,15 @@
 //! and the transaction coordinator (`transactions`: Kafka's transactional producers, with
 //! markers, last stable offsets and aborted-transaction indexes per partition), staged
 //! transactions (`staged`: writes held durably until commit, RocketMQ half messages with
-//! check-backs, AMQP tx).
+//! check-backs, AMQP tx) and member leases (`member_leases`: the live consumers of a group
+//! for client-side rebalancing, RocketMQ).
 
 mod acls;
 pub mod error;
 mod groups;
 pub mod grpc;
 pub mod inspect;
+mod member_leases;
 pub mod meta;
 pub mod producers;
 mod queues;
