@@ -648,37 +648,39 @@ impl Core {
     }
 
     /// Forgets the outcomes of staged transactions that ended longer ago than
-    /// `staged_outcome_retention`.
+    /// `staged_outcome_retention`, a page per metadata transaction. An ended record never
+    /// changes again, so the deletes need no check; an open one (which has no forget entry
+    /// unless something went wrong) is left alone.
     pub(crate) async fn forget_resolved_staged(&self) -> CoreResult<()> {
         let now = now_ms();
-        let page = self
-            .inner
-            .meta
-            .scan_prefix(&meta::key(meta::STAGED_GC, &[]), SCAN_PAGE)
-            .await?;
-        for (k, _) in page {
-            let parts = meta::parts(meta::STAGED_GC, &k);
-            let [at, ns, id] = parts.as_slice() else {
-                self.inner.meta.delete(&k).await?;
-                continue;
-            };
-            if at.parse::<i64>().unwrap_or(0) > now {
-                break;
+        let prefix = meta::key(meta::STAGED_GC, &[]);
+        loop {
+            let page = self.inner.meta.scan_prefix(&prefix, SCAN_PAGE).await?;
+            let full = page.len() == SCAN_PAGE;
+            let mut ops = Vec::new();
+            let mut reached_future = false;
+            for (k, _) in page {
+                let parts = meta::parts(meta::STAGED_GC, &k);
+                if let [at, ns, id] = parts.as_slice() {
+                    if at.parse::<i64>().unwrap_or(0) > now {
+                        reached_future = true;
+                        break;
+                    }
+                    let key = staged_key(ns, id);
+                    if let Some(raw) = self.inner.meta.get(&key).await?
+                        && decode(&raw).is_ok_and(|st| st.outcome != OPEN)
+                    {
+                        ops.push(Op::Delete { key });
+                    }
+                }
+                ops.push(Op::Delete { key: k });
             }
-            let key = staged_key(ns, id);
-            let mut ops = vec![Op::Delete { key: k.clone() }];
-            let mut checks = Vec::new();
-            if let Some(raw) = self.inner.meta.get(&key).await?
-                && decode(&raw).is_ok_and(|st| st.outcome != OPEN)
-            {
-                checks.push(Check {
-                    key: key.clone(),
-                    value: Some(raw.to_vec()),
-                });
-                ops.push(Op::Delete { key });
+            if !ops.is_empty() {
+                self.inner.meta.txn(Vec::new(), ops).await?;
             }
-            self.inner.meta.txn(checks, ops).await?;
+            if reached_future || !full {
+                return Ok(());
+            }
         }
-        Ok(())
     }
 }
