@@ -495,6 +495,18 @@ async fn staged_writes_survive_a_restart_and_commit_after_it() {
     assert_eq!(code(&e), ErrorCode::TransactionAlreadyResolved);
     api.wait_timers_done().await;
     assert_eq!(api.values("t", 0).await.len(), 2);
+
+    // Committed but not made yet (a delivery time) when the core stops: made after it.
+    let mut w = append("t", 0, &["r3"]);
+    w.deliver_at_ms = now_ms() + 300;
+    let id = api.stage(stage_req(vec![w])).await.unwrap();
+    assert!(api.resolve(&id, true).await.unwrap());
+    api.core.shutdown().await.unwrap();
+    drop(api);
+    let mut api = open(dir.path()).await;
+    assert_eq!(api.wait_values("t", 0, 3).await, ["r1", "r2", "r3"]);
+    api.wait_timers_done().await;
+    assert_eq!(api.values("t", 0).await.len(), 3);
     api.core.shutdown().await.unwrap();
 }
 
