@@ -75,6 +75,26 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "Transactions aborted by the coordinator because they outlived their timeout.",
     ),
+    m(
+        "tributary_staged_transactions_total",
+        Kind::Counter,
+        "Staged transactions opened (StageMessages without a transaction id).",
+    ),
+    Metric {
+        name: "tributary_staged_transactions_completed_total",
+        kind: Kind::Counter,
+        help: "Staged transactions ended, per outcome: commit, rollback, or discard (rolled back after max_checks check-backs without an answer).",
+        series: &[
+            &[("outcome", "commit")],
+            &[("outcome", "rollback")],
+            &[("outcome", "discard")],
+        ],
+    },
+    m(
+        "tributary_staged_transaction_checks_total",
+        Kind::Counter,
+        "Check-backs of staged transactions handed out by ClaimStagedChecks.",
+    ),
     // Storage.
     m(
         "tributary_storage_fsync_seconds",

@@ -102,6 +102,10 @@ pub enum CoreError {
     InvalidTransactionTimeout { got: i32, max: i64 },
     #[error("invalid producer id mapping: {0}")]
     InvalidProducerIdMapping(String),
+    #[error("transaction '{0}' does not exist")]
+    TransactionNotFound(String),
+    #[error("transaction already resolved: {0}")]
+    TransactionAlreadyResolved(String),
 }
 
 impl From<StorageError> for CoreError {
@@ -166,6 +170,8 @@ impl CoreError {
             Self::ConcurrentTransactions(_) => ErrorCode::ConcurrentTransactions,
             Self::InvalidTransactionTimeout { .. } => ErrorCode::InvalidTransactionTimeout,
             Self::InvalidProducerIdMapping(_) => ErrorCode::InvalidProducerIdMapping,
+            Self::TransactionNotFound(_) => ErrorCode::TransactionNotFound,
+            Self::TransactionAlreadyResolved(_) => ErrorCode::TransactionAlreadyResolved,
         }
     }
 
@@ -183,7 +189,8 @@ impl CoreError {
             | Self::QueueNotFound(_)
             | Self::SessionNotFound(_)
             | Self::UserNotFound(_)
-            | Self::AddressNotFound(_) => Code::NotFound,
+            | Self::AddressNotFound(_)
+            | Self::TransactionNotFound(_) => Code::NotFound,
             Self::NamespaceExists(_)
             | Self::StreamExists(_)
             | Self::QueueExists(_)
@@ -200,7 +207,8 @@ impl CoreError {
             | Self::InconsistentGroupProtocol(_)
             | Self::GroupNotEmpty(_)
             | Self::InvalidTxnState(_)
-            | Self::InvalidProducerIdMapping(_) => Code::FailedPrecondition,
+            | Self::InvalidProducerIdMapping(_)
+            | Self::TransactionAlreadyResolved(_) => Code::FailedPrecondition,
             Self::ConcurrentTransactions(_) => Code::Aborted,
             Self::InvalidTransactionTimeout { .. } => Code::InvalidArgument,
             Self::Conflict(_) => Code::Aborted,

@@ -278,6 +278,8 @@ impl Group {
 /// All groups of all namespaces, keyed by (namespace, group).
 pub(crate) struct GroupTable {
     groups: Mutex<HashMap<(String, String), Group>>,
+    /// Member leases (client-side rebalancing, RocketMQ): see member_leases.rs.
+    pub(crate) leases: crate::member_leases::MemberLeases,
     initial_delay: Duration,
 }
 
@@ -291,6 +293,7 @@ impl GroupTable {
     pub(crate) fn new(initial_delay: Duration) -> Self {
         Self {
             groups: Mutex::new(HashMap::new()),
+            leases: Default::default(),
             initial_delay,
         }
     }
@@ -546,6 +549,7 @@ impl GroupTable {
 
     /// Evicts members whose session timed out and ends join phases whose time is up.
     pub(crate) fn tick(&self) {
+        self.leases.sweep();
         let now = Instant::now();
         let mut groups = self.groups.lock();
         for ((_, name), g) in groups.iter_mut() {

@@ -474,6 +474,24 @@ impl groups_server::Groups for CoreGrpc {
         let r = r.into_inner();
         ok(self.core.describe_group(&r.namespace, &r.group).await?)
     }
+    async fn register_member(
+        &self,
+        r: Request<RegisterMemberRequest>,
+    ) -> GrpcResult<RegisterMemberResponse> {
+        ok(self.core.register_member(r.into_inner())?)
+    }
+    async fn unregister_member(
+        &self,
+        r: Request<UnregisterMemberRequest>,
+    ) -> GrpcResult<UnregisterMemberResponse> {
+        ok(self.core.unregister_member(r.get_ref())?)
+    }
+    async fn list_members(
+        &self,
+        r: Request<ListMembersRequest>,
+    ) -> GrpcResult<ListMembersResponse> {
+        ok(self.core.list_members(r.get_ref())?)
+    }
 }
 
 type SubscribeStream = Pin<Box<dyn Stream<Item = Result<SubscribeEvent, Status>> + Send + 'static>>;
@@ -648,5 +666,25 @@ impl transactions_server::Transactions for CoreGrpc {
         ok(ListTransactionsResponse {
             transactions: self.core.list_transactions(&r.into_inner()).await?,
         })
+    }
+    async fn stage_messages(
+        &self,
+        r: Request<StageMessagesRequest>,
+    ) -> GrpcResult<StageMessagesResponse> {
+        ok(self.core.stage_messages(r.into_inner()).await?)
+    }
+    async fn resolve_staged(
+        &self,
+        r: Request<ResolveStagedRequest>,
+    ) -> GrpcResult<ResolveStagedResponse> {
+        ok(ResolveStagedResponse {
+            resolved: self.core.resolve_staged(r.into_inner()).await?,
+        })
+    }
+    async fn claim_staged_checks(
+        &self,
+        r: Request<ClaimStagedChecksRequest>,
+    ) -> GrpcResult<ClaimStagedChecksResponse> {
+        ok(self.core.claim_staged_checks(r.into_inner()).await?)
     }
 }

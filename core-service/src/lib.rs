@@ -10,18 +10,23 @@
 //! and the protocol-neutral queue engine (`queues`: leases with deadlines, FIFO groups,
 //! dedup, delays, dead letters and redrive), on which the AMQP gateway keeps its channels.
 //! and the transaction coordinator (`transactions`: Kafka's transactional producers, with
-//! markers, last stable offsets and aborted-transaction indexes per partition).
+//! markers, last stable offsets and aborted-transaction indexes per partition), staged
+//! transactions (`staged`: writes held durably until commit, RocketMQ half messages with
+//! check-backs, AMQP tx) and member leases (`member_leases`: the live consumers of a group
+//! for client-side rebalancing, RocketMQ).
 
 mod acls;
 pub mod error;
 mod groups;
 pub mod grpc;
 pub mod inspect;
+mod member_leases;
 pub mod meta;
 pub mod producers;
 mod queues;
 mod router;
 mod sessions;
+mod staged;
 mod streams;
 mod timers;
 pub mod topics;
@@ -85,6 +90,9 @@ pub struct CoreConfig {
     /// A transactional id with no transaction open and no call for this long is forgotten
     /// (Kafka's transactional.id.expiration.ms).
     pub transactional_id_expiration: Duration,
+    /// How long the outcome of an ended staged transaction is remembered, so that a retried
+    /// ResolveStaged is answered `resolved = false` rather than TRANSACTION_NOT_FOUND.
+    pub staged_outcome_retention: Duration,
 }
 
 impl Default for CoreConfig {
@@ -102,6 +110,7 @@ impl Default for CoreConfig {
             transaction_max_timeout: transactions::DEFAULT_MAX_TIMEOUT,
             transaction_check_interval: Duration::from_secs(1),
             transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
+            staged_outcome_retention: Duration::from_secs(3600),
         }
     }
 }

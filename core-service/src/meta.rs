@@ -55,6 +55,12 @@ pub const TIMER_DUE: &str = "timer";
 pub const TIMER_BY_ID: &str = "timerid";
 pub const TIMER_FIRING: &str = "timerfiring";
 pub const COUNTER: &str = "counter";
+/// A staged transaction: `staged/<ns>\0<transaction id>` (staged.rs).
+pub const STAGED: &str = "staged";
+/// A staged transaction's next check-back: `stagedcheck/<ns>\0<due ms>\0<transaction id>`.
+pub const STAGED_CHECK: &str = "stagedcheck";
+/// When an ended staged transaction's outcome is forgotten: `stagedgc/<ms>\0<ns>\0<id>`.
+pub const STAGED_GC: &str = "stagedgc";
 
 /// A stable 64-bit hash (FNV-1a): the same bytes give the same value across restarts and
 /// versions (key-to-partition placement, timer ids derived from names).

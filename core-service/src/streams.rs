@@ -1340,7 +1340,32 @@ impl Core {
                 }),
             }
         }
-        out.sort_by(|a, b| a.group.cmp(&b.group));
+        // Member-lease groups (RocketMQ): their own entry unless one of the same name is only
+        // known by its committed offsets.
+        for (group, protocol_type) in self.inner.groups.leases.groups_of(&ns) {
+            match out.iter_mut().find(|s| {
+                s.group == group
+                    && (s.protocol_type == protocol_type
+                        || (s.state == "Empty" && s.protocol_type.is_empty()))
+            }) {
+                Some(s) => {
+                    s.state = "Stable".into();
+                    s.protocol_type = protocol_type;
+                }
+                None => out.push(v1::GroupSummary {
+                    namespace: ns.clone(),
+                    group,
+                    state: "Stable".into(),
+                    protocol_type,
+                    committed_partitions: 0,
+                }),
+            }
+        }
+        out.sort_by(|a, b| {
+            a.group
+                .cmp(&b.group)
+                .then_with(|| a.protocol_type.cmp(&b.protocol_type))
+        });
         Ok(out)
     }
 

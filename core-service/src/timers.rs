@@ -28,7 +28,7 @@ struct Firing {
     timer: Vec<u8>,
 }
 
-fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
+pub(crate) fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
     meta::key(meta::TIMER_DUE, &[&format!("{:020}", due.max(0)), ns, id])
 }
 

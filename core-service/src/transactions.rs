@@ -997,7 +997,12 @@ impl Core {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = tick.tick() => self.abort_timed_out_transactions().await,
+                _ = tick.tick() => {
+                    self.abort_timed_out_transactions().await;
+                    if let Err(e) = self.forget_resolved_staged().await {
+                        warn!(error = %e, "could not forget ended staged transactions; retrying later");
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }

@@ -112,6 +112,7 @@ pub fn kafka_code(code: ErrorCode, ctx: Context) -> i16 {
         | ErrorCode::AddressNotFound
         | ErrorCode::SessionTakenOver
         | ErrorCode::TransactionNotFound
+        | ErrorCode::TransactionAlreadyResolved
         | ErrorCode::BindingNotFound
         | ErrorCode::Unauthenticated
         | ErrorCode::ResourceLocked
