@@ -1178,6 +1178,7 @@ fn spawn_rocketmq(
     config.transaction_timeout = settings.rocketmq_transaction_timeout;
     config.transaction_check_max = settings.rocketmq_transaction_check_max;
     config.max_message_bytes = settings.max_message_bytes.max(1) as usize;
+    config.serves_broker = broker.is_some();
     let gateway = tributary_gateway_rocketmq::Gateway::new(client, config);
     run.tasks.push(tokio::spawn(
         gateway.clone().run_background(run.stop.subscribe()),

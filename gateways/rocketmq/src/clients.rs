@@ -35,6 +35,9 @@ struct Inner {
     locks: HashMap<(String, String, String, i64), (String, Instant)>,
     /// Groups whose retry topic exists already.
     retry_topics: HashSet<String>,
+    /// The core's member-set version of each consumer group with a member here, as last
+    /// seen: a change made through another gateway is noticed by comparing it.
+    versions: HashMap<String, u64>,
 }
 
 struct Client {
@@ -56,7 +59,6 @@ impl Clients {
     }
 
     /// Connections of the producers of `group`.
-    #[allow(dead_code)] // the half-message check-back, wired in with staged transactions
     pub(crate) fn producers(&self, group: &str) -> Vec<Arc<ConnState>> {
         let inner = self.inner.lock();
         inner
@@ -68,7 +70,6 @@ impl Clients {
     }
 
     /// Every producer group with a client here.
-    #[allow(dead_code)] // the half-message check-back, wired in with staged transactions
     pub(crate) fn producer_groups(&self) -> Vec<String> {
         let inner = self.inner.lock();
         let set: HashSet<&String> = inner
@@ -100,9 +101,152 @@ impl Clients {
     }
 }
 
-/// The brokers of this gateway's cluster, master first.
+/// Member leases of consumers and brokers, kept apart from Kafka groups of the same name.
+const CONSUMER_LEASES: &str = "rocketmq";
+const BROKER_LEASES: &str = "rocketmq-broker";
+/// The lease group every gateway's broker renews.
+const BROKERS_GROUP: &str = "brokers";
+/// A gateway whose broker stops renewing is dropped from routes after this long.
+pub(crate) const BROKER_TTL: Duration = Duration::from_secs(30);
+
+/// The brokers of this gateway's cluster, master first: every gateway whose broker renewed
+/// its lease in the core, in address order (so every NameServer names the same master).
 pub(crate) async fn brokers(gw: &Gateway) -> Vec<String> {
-    vec![gw.config.advertised.to_string()]
+    let req = tributary_proto::v1::ListMembersRequest {
+        namespace: gw.config.namespace.clone(),
+        group: BROKERS_GROUP.into(),
+        protocol_type: BROKER_LEASES.into(),
+    };
+    let listed = match gw.core.groups.clone().list_members(req).await {
+        Ok(r) => r
+            .into_inner()
+            .members
+            .into_iter()
+            .map(|m| m.member_id)
+            .collect::<Vec<_>>(),
+        Err(s) => {
+            tracing::warn!(error = %s.message(), "listing the cluster's brokers failed");
+            Vec::new()
+        }
+    };
+    if listed.is_empty() {
+        vec![gw.config.advertised.to_string()]
+    } else {
+        listed
+    }
+}
+
+/// Renews this gateway's broker lease (when it has a broker listener).
+pub(crate) async fn register_broker(gw: &Gateway) {
+    if !gw.config.serves_broker {
+        return;
+    }
+    let req = tributary_proto::v1::RegisterMemberRequest {
+        namespace: gw.config.namespace.clone(),
+        group: BROKERS_GROUP.into(),
+        member_id: gw.config.advertised.to_string(),
+        client_host: gw.config.advertised.ip().to_string(),
+        metadata: Default::default(),
+        ttl_ms: BROKER_TTL.as_millis() as i32,
+        protocol_type: BROKER_LEASES.into(),
+    };
+    if let Err(s) = gw.core.groups.clone().register_member(req).await {
+        tracing::warn!(error = %s.message(), "renewing the broker's lease failed");
+    }
+}
+
+/// Renews `client`'s lease in each consumer group; answers the groups whose members changed.
+async fn register_consumer(
+    gw: &Gateway,
+    client: &str,
+    host: &str,
+    groups: impl Iterator<Item = &String>,
+) -> Result<HashSet<String>, Refusal> {
+    let mut changed = HashSet::new();
+    for group in groups {
+        let req = tributary_proto::v1::RegisterMemberRequest {
+            namespace: gw.config.namespace.clone(),
+            group: group.clone(),
+            member_id: client.to_string(),
+            client_host: host.to_string(),
+            metadata: Default::default(),
+            ttl_ms: CLIENT_EXPIRY.as_millis() as i32,
+            protocol_type: CONSUMER_LEASES.into(),
+        };
+        let r = gw
+            .core
+            .groups
+            .clone()
+            .register_member(req)
+            .await
+            .map_err(|s| crate::conn::core_refusal(&s))?
+            .into_inner();
+        gw.clients
+            .inner
+            .lock()
+            .versions
+            .insert(group.clone(), r.version);
+        if r.changed {
+            changed.insert(group.clone());
+        }
+    }
+    Ok(changed)
+}
+
+async fn unregister_consumer(gw: &Gateway, client: &str, group: &str) {
+    let req = tributary_proto::v1::UnregisterMemberRequest {
+        namespace: gw.config.namespace.clone(),
+        group: group.to_string(),
+        member_id: client.to_string(),
+        protocol_type: CONSUMER_LEASES.into(),
+    };
+    match gw.core.groups.clone().unregister_member(req).await {
+        Ok(r) => {
+            gw.clients
+                .inner
+                .lock()
+                .versions
+                .insert(group.to_string(), r.into_inner().version);
+        }
+        Err(s) => tracing::warn!(error = %s.message(), group, "ending a consumer's lease failed"),
+    }
+}
+
+/// Consumer groups with a member here whose member set changed in the core since last seen
+/// (through another gateway, or a lease that expired).
+async fn changed_elsewhere(gw: &Gateway) -> HashSet<String> {
+    let groups: Vec<(String, u64)> = {
+        let inner = gw.clients.inner.lock();
+        let local: HashSet<&String> = inner
+            .clients
+            .values()
+            .flat_map(|c| c.consumer_groups.keys())
+            .collect();
+        local
+            .into_iter()
+            .map(|g| (g.clone(), inner.versions.get(g).copied().unwrap_or(0)))
+            .collect()
+    };
+    let mut changed = HashSet::new();
+    for (group, seen) in groups {
+        let req = tributary_proto::v1::ListMembersRequest {
+            namespace: gw.config.namespace.clone(),
+            group: group.clone(),
+            protocol_type: CONSUMER_LEASES.into(),
+        };
+        if let Ok(r) = gw.core.groups.clone().list_members(req).await {
+            let version = r.into_inner().version;
+            if version != seen {
+                gw.clients
+                    .inner
+                    .lock()
+                    .versions
+                    .insert(group.clone(), version);
+                changed.insert(group);
+            }
+        }
+    }
+    changed
 }
 
 /// Tells the consumers of `groups` on this gateway that the group's members changed, so
@@ -157,6 +301,7 @@ pub(crate) async fn heartbeat(gw: &Gateway, conn: &Arc<ConnState>, cmd: &Command
         }
     }
     conn.connection.set_client_id(client_id.clone());
+    let registered: Vec<String>;
     let changed_groups: HashSet<String> = {
         let mut inner = gw.clients.inner.lock();
         let old: HashSet<String> = inner
@@ -165,6 +310,7 @@ pub(crate) async fn heartbeat(gw: &Gateway, conn: &Arc<ConnState>, cmd: &Command
             .map(|c| c.consumer_groups.keys().cloned().collect())
             .unwrap_or_default();
         let new: HashSet<String> = consumer_groups.keys().cloned().collect();
+        registered = new.iter().cloned().collect();
         inner.clients.insert(
             client_id.clone(),
             Client {
@@ -174,8 +320,14 @@ pub(crate) async fn heartbeat(gw: &Gateway, conn: &Arc<ConnState>, cmd: &Command
                 consumer_groups,
             },
         );
-        old.symmetric_difference(&new).cloned().collect()
+        old.difference(&new).cloned().collect()
     };
+    for group in &changed_groups {
+        unregister_consumer(gw, &client_id, group).await;
+    }
+    let host = conn.peer.to_string();
+    let mut changed_groups = changed_groups;
+    changed_groups.extend(register_consumer(gw, &client_id, &host, registered.iter()).await?);
     for group in clustering {
         let known = gw.clients.inner.lock().retry_topics.contains(&group);
         if !known {
@@ -214,13 +366,16 @@ pub(crate) async fn unregister(gw: &Gateway, _conn: &Arc<ConnState>, cmd: &Comma
             inner.locks.retain(|k, v| !(k.0 == *g && v.0 == client_id));
         }
     }
+    for group in &changed {
+        unregister_consumer(gw, &client_id, group).await;
+    }
     notify(gw, changed).await;
     Ok(ok(cmd))
 }
 
 /// The connection closed: its clients are gone.
 pub(crate) async fn disconnected(gw: &Gateway, conn: &Arc<ConnState>) {
-    let changed: HashSet<String> = {
+    let changed: Vec<(String, String)> = {
         let mut inner = gw.clients.inner.lock();
         let gone: Vec<String> = inner
             .clients
@@ -228,15 +383,18 @@ pub(crate) async fn disconnected(gw: &Gateway, conn: &Arc<ConnState>) {
             .filter(|(_, c)| c.conn.id == conn.id)
             .map(|(id, _)| id.clone())
             .collect();
-        let mut changed = HashSet::new();
+        let mut changed = Vec::new();
         for id in gone {
             if let Some(c) = inner.clients.remove(&id) {
-                changed.extend(c.consumer_groups.into_keys());
+                changed.extend(c.consumer_groups.into_keys().map(|g| (id.clone(), g)));
             }
         }
         changed
     };
-    notify(gw, changed).await;
+    for (client, group) in &changed {
+        unregister_consumer(gw, client, group).await;
+    }
+    notify(gw, changed.into_iter().map(|(_, g)| g).collect()).await;
 }
 
 /// Forgets clients that stopped heart-beating, and expired locks.
@@ -260,16 +418,29 @@ pub(crate) async fn expire(gw: &Gateway) {
         inner.locks.retain(|_, (_, until)| *until > now);
         changed
     };
+    let mut changed = changed;
+    changed.extend(changed_elsewhere(gw).await);
     notify(gw, changed).await;
 }
 
 pub(crate) async fn consumer_list(gw: &Gateway, cmd: &Command) -> Reply {
     let group = cmd.str_field("consumerGroup")?;
+    let req = tributary_proto::v1::ListMembersRequest {
+        namespace: gw.config.namespace.clone(),
+        group: group.to_string(),
+        protocol_type: CONSUMER_LEASES.into(),
+    };
     let ids: Vec<String> = gw
-        .clients
-        .consumers(group)
+        .core
+        .groups
+        .clone()
+        .list_members(req)
+        .await
+        .map_err(|s| crate::conn::core_refusal(&s))?
+        .into_inner()
+        .members
         .into_iter()
-        .map(|c| c.0)
+        .map(|m| m.member_id)
         .collect();
     if ids.is_empty() {
         return Err(Refusal::system(format!(

@@ -75,6 +75,9 @@ pub struct RocketMqConfig {
     pub transaction_timeout: Duration,
     /// Checks without an answer before a half message is rolled back (`transactionCheckMax`).
     pub transaction_check_max: u32,
+    /// This gateway has a broker listener: it renews a broker lease in the core so that
+    /// every NameServer of the cluster lists it.
+    pub serves_broker: bool,
 }
 
 impl RocketMqConfig {
@@ -90,6 +93,7 @@ impl RocketMqConfig {
             transaction_check_interval: Duration::from_secs(60),
             transaction_timeout: Duration::from_secs(6),
             transaction_check_max: 15,
+            serves_broker: true,
         }
     }
 }
@@ -118,10 +122,13 @@ impl Gateway {
         check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expire = tokio::time::interval(Duration::from_secs(10));
         expire.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut lease = tokio::time::interval(clients::BROKER_TTL / 3);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 _ = check.tick() => txn::check_back(&self).await,
                 _ = expire.tick() => clients::expire(&self).await,
+                _ = lease.tick() => clients::register_broker(&self).await,
                 _ = stopped(&mut stop) => return,
             }
         }
