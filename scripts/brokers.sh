@@ -427,12 +427,18 @@ rocketmq_start() {
     rocketmq_stop
     local d="$brokers_dir/rocketmq" n_port b_port deadline
     rm -rf "$d"
-    mkdir -p "$d/home" "$d/store"
+    mkdir -p "$d/home"
+    # The store goes on a tmpfs where there is one: the broker refuses every write while the
+    # disk holding its store is 90% full or more (a hard cap, whatever the config says), and a
+    # shared machine's disk may well be; the store of a test run is small and thrown away.
+    rocketmq_store="$d/store"
+    if [[ -d /dev/shm && -w /dev/shm ]]; then
+        rocketmq_store=$(mktemp -d /dev/shm/tributary-rocketmq.XXXXXX)
+    fi
+    mkdir -p "$rocketmq_store"
     n_port=$(free_port)
     b_port=$(rocketmq_broker_port) || return 1
     printf 'listenPort=%s\n' "$n_port" > "$d/namesrv.conf"
-    # diskSpace*: past 90% disk use (of the whole partition) the broker refuses writes by
-    # default; a shared machine's disk may be that full, and the store here is tiny.
     cat > "$d/broker.conf" <<CONF
 brokerClusterName=TributaryReference
 brokerName=broker-a
@@ -442,16 +448,13 @@ flushDiskType=ASYNC_FLUSH
 namesrvAddr=127.0.0.1:$n_port
 listenPort=$b_port
 brokerIP1=127.0.0.1
-storePathRootDir=$d/store
-storePathCommitLog=$d/store/commitlog
+storePathRootDir=$rocketmq_store
+storePathCommitLog=$rocketmq_store/commitlog
 mappedFileSizeCommitLog=67108864
 autoCreateTopicEnable=true
 autoCreateSubscriptionGroup=true
 transactionCheckInterval=2000
 transactionTimeOut=1000
-diskMaxUsedSpaceRatio=95
-diskSpaceWarningLevelRatio=98
-diskSpaceCleanForciblyRatio=97
 CONF
     # user.home: where RocketMQ's own logback configs put their logs (home/logs/rocketmqlogs).
     local java_opts=(-Xms256m -Xmx512m -XX:+UseG1GC "-Duser.home=$d/home"
@@ -489,6 +492,10 @@ rocketmq_stop() {
     done
     rb_pid=""
     rn_pid=""
+    if [[ "${rocketmq_store:-}" == /dev/shm/tributary-rocketmq.* ]]; then
+        rm -rf "$rocketmq_store"
+    fi
+    rocketmq_store=""
 }
 
 brokers_stop() {

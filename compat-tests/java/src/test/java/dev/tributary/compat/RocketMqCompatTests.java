@@ -47,6 +47,8 @@ import org.apache.rocketmq.common.consumer.ConsumeFromWhere;
 import org.apache.rocketmq.common.message.Message;
 import org.apache.rocketmq.common.message.MessageExt;
 import org.apache.rocketmq.common.message.MessageQueue;
+import org.apache.rocketmq.remoting.RPCHook;
+import org.apache.rocketmq.remoting.protocol.RemotingCommand;
 import org.apache.rocketmq.remoting.protocol.body.ClusterInfo;
 import org.apache.rocketmq.remoting.protocol.heartbeat.MessageModel;
 import org.apache.rocketmq.remoting.protocol.route.BrokerData;
@@ -109,6 +111,43 @@ abstract class RocketMqCompatTests {
     /** HOST:PORT of the NameServer under test. */
     protected abstract String namesrv();
 
+    /**
+     * With tracing on, records the Remoting request codes this test's clients send (and the
+     * requests brokers send them: "<-"), in first-seen order; printed after the test.
+     */
+    private final Set<String> requestCodes = Collections.synchronizedSet(new java.util.LinkedHashSet<>());
+    private static final Map<Integer, String> CODE_NAMES = new HashMap<>();
+
+    static {
+        for (java.lang.reflect.Field f : org.apache.rocketmq.remoting.protocol.RequestCode.class.getFields()) {
+            if (java.lang.reflect.Modifier.isStatic(f.getModifiers()) && f.getType() == int.class) {
+                try {
+                    CODE_NAMES.putIfAbsent(f.getInt(null), f.getName());
+                } catch (IllegalAccessException e) {
+                    throw new IllegalStateException(e);
+                }
+            }
+        }
+    }
+
+    private RPCHook hook() {
+        if (!TRACE) {
+            return null;
+        }
+        return new RPCHook() {
+            @Override
+            public void doBeforeRequest(String remoteAddr, RemotingCommand request) {
+                // Requests from a broker are handled on the client's executor threads.
+                boolean incoming = Thread.currentThread().getName().startsWith("NettyClientPublicExecutor");
+                requestCodes.add((incoming ? "<-" : "") + CODE_NAMES.getOrDefault(request.getCode(), "?")
+                        + "(" + request.getCode() + ")");
+            }
+
+            @Override
+            public void doAfterResponse(String remoteAddr, RemotingCommand request, RemotingCommand response) {}
+        };
+    }
+
     @AfterEach
     void shutdownClients() {
         List<Runnable> all = new ArrayList<>(shutdowns);
@@ -120,6 +159,10 @@ abstract class RocketMqCompatTests {
             } catch (RuntimeException e) {
                 System.err.println("rocketmq client shutdown: " + e);
             }
+        }
+        if (TRACE) {
+            mark("request codes: " + String.join(" ", requestCodes));
+            requestCodes.clear();
         }
     }
 
@@ -146,7 +189,7 @@ abstract class RocketMqCompatTests {
     }
 
     private DefaultMQProducer producer(String group) throws Exception {
-        DefaultMQProducer p = configure(new DefaultMQProducer(group));
+        DefaultMQProducer p = configure(new DefaultMQProducer(group, hook()));
         p.setRetryTimesWhenSendFailed(0); // a failed send fails the test, not a silent retry
         p.start();
         onShutdown("producer " + group, p::shutdown);
@@ -156,7 +199,7 @@ abstract class RocketMqCompatTests {
     /** A push consumer subscribed to {@code topic}; the caller sets its listener and starts it. */
     private DefaultMQPushConsumer pushConsumer(String group, String topic, String expression)
             throws Exception {
-        DefaultMQPushConsumer c = configure(new DefaultMQPushConsumer(group));
+        DefaultMQPushConsumer c = configure(new DefaultMQPushConsumer(group, hook()));
         c.setConsumeFromWhere(ConsumeFromWhere.CONSUME_FROM_FIRST_OFFSET);
         c.subscribe(topic, expression);
         onShutdown("push consumer " + group, c::shutdown);
@@ -164,7 +207,7 @@ abstract class RocketMqCompatTests {
     }
 
     private DefaultLitePullConsumer litePull(String group) {
-        DefaultLitePullConsumer c = configure(new DefaultLitePullConsumer(group));
+        DefaultLitePullConsumer c = configure(new DefaultLitePullConsumer(group, hook()));
         c.setConsumeFromWhere(ConsumeFromWhere.CONSUME_FROM_FIRST_OFFSET);
         c.setPollTimeoutMillis(500);
         onShutdown("lite pull consumer " + group, c::shutdown);
@@ -173,7 +216,7 @@ abstract class RocketMqCompatTests {
 
     private DefaultMQAdminExt admin() throws Exception {
         if (admin == null) {
-            DefaultMQAdminExt a = configure(new DefaultMQAdminExt());
+            DefaultMQAdminExt a = configure(new DefaultMQAdminExt(hook()));
             a.setAdminExtGroup("tributary_admin_" + run);
             a.start();
             admin = a;
@@ -660,7 +703,7 @@ abstract class RocketMqCompatTests {
         });
         consumer.start();
 
-        TransactionMQProducer producer = configure(new TransactionMQProducer(name("txn_pg")));
+        TransactionMQProducer producer = configure(new TransactionMQProducer(name("txn_pg"), hook()));
         Decisions decisions = new Decisions();
         producer.setTransactionListener(decisions);
         producer.start();
