@@ -483,10 +483,12 @@ CONF
 
 rocketmq_stop() {
     local pid
-    # The broker first (it unregisters from the NameServer), then the NameServer.
+    # Both at once (nothing of the reference outlives the run); past 30 s, killed.
+    for pid in "${rb_pid:-}" "${rn_pid:-}"; do
+        [[ -n "$pid" ]] && kill "$pid" 2>/dev/null
+    done
     for pid in "${rb_pid:-}" "${rn_pid:-}"; do
         [[ -n "$pid" ]] || continue
-        kill "$pid" 2>/dev/null
         timeout 30 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -9 "$pid" 2>/dev/null
         wait "$pid" 2>/dev/null || true
     done

@@ -769,6 +769,11 @@ abstract class RocketMqCompatTests {
         MessageExt byId = admin.viewMessage(topic, r.getMsgId());
         assertEquals("find me", body(byId), "view by message id");
         assertEquals(key, byId.getKeys());
+        // The offset message id names the broker's address and the message's place in its store.
+        assertNotNull(r.getOffsetMsgId(), "offset message id");
+        MessageExt byOffsetId = admin.viewMessage(topic, r.getOffsetMsgId());
+        assertEquals("find me", body(byOffsetId), "view by offset message id " + r.getOffsetMsgId());
+        assertEquals(r.getMsgId(), byOffsetId.getMsgId());
     }
 
     @Test
