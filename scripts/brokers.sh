@@ -1,15 +1,18 @@
-# Reference brokers (Mosquitto, RabbitMQ, Apache Kafka, ElasticMQ) for scripts that compare or
-# smoke-test against them. Sourced, not run: `source scripts/brokers.sh`, then
+# Reference brokers (Mosquitto, RabbitMQ, Apache Kafka, ElasticMQ, Apache RocketMQ) for scripts
+# that compare or smoke-test against them. Sourced, not run: `source scripts/brokers.sh`, then
 #
 #   brokers_install mosquitto rabbitmq-server   # apt-get when missing (root or sudo)
 #   brokers_install chromium                    # the browser of scripts/console-test.sh
 #   brokers_install kafka                       # Apache Kafka's jars from Maven Central (mvn)
 #   brokers_install elasticmq                   # ElasticMQ's jars from Maven Central (mvn)
+#   brokers_install rocketmq                    # Apache RocketMQ's jars from Maven Central (mvn)
 #   brokers_init "$workdir"                     # where configs, data and logs go
 #   mosquitto_start                             # sets m_port, m_pid (restarts if running)
 #   rabbitmq_start                              # sets r_port, r_pid; up to ~2 min to boot
 #   kafka_start                                 # sets k_port, k_pid: one KRaft node, fresh
 #   elasticmq_start                             # sets e_port, e_pid, e_url: SQS, in memory
+#   rocketmq_start                              # sets r_namesrv (HOST:PORT), rn_pid, rb_pid:
+#                                               # one NameServer and one broker, fresh
 #   brokers_stop                                # stops everything started (also from a trap)
 #
 # Every broker listens on a free loopback port and keeps its state under the work dir, so
@@ -40,6 +43,7 @@ brokers_install() { # package...
             # Not from Debian: Maven Central, into ~/.cache/tributary.
             kafka) kafka_install || return 1 ;;
             elasticmq) elasticmq_install || return 1 ;;
+            rocketmq) rocketmq_install || return 1 ;;
             *) echo "brokers_install: unknown package $pkg" >&2; return 2 ;;
         esac
     done
@@ -59,6 +63,8 @@ brokers_init() { # workdir
     r_pid=""
     k_pid=""
     e_pid=""
+    rn_pid=""
+    rb_pid=""
     rabbit_node=""
     rabbit_env=()
     mkdir -p "$brokers_dir"
@@ -326,9 +332,178 @@ elasticmq_stop() {
     fi
 }
 
+# Apache RocketMQ, the reference for the RocketMQ Remoting protocol: its NameServer and broker
+# (org.apache.rocketmq:rocketmq-namesrv and rocketmq-broker with their runtime dependencies from
+# Maven Central, copied once into ~/.cache/tributary), run with the machine's Java: one
+# NameServer and one master broker, each in its own JVM, with their store and logs under the
+# work dir. The broker's transaction check-back runs every 2 s for half-messages older than
+# 1 s (RocketMQ's defaults are 60 s and 6 s), so the transaction tests finish in seconds.
+rocketmq_version=5.3.3
+rocketmq_home="${TRIBUTARY_ROCKETMQ_HOME:-$HOME/.cache/tributary/rocketmq-$rocketmq_version}"
+
+rocketmq_install() {
+    [[ -f "$rocketmq_home/.complete" ]] && return 0
+    if ! command -v mvn >/dev/null 2>&1 || ! command -v java >/dev/null 2>&1; then
+        echo "brokers_install rocketmq: needs java (17+) and mvn" >&2
+        return 2
+    fi
+    echo "== fetching Apache RocketMQ $rocketmq_version from Maven Central"
+    local pom_dir
+    pom_dir=$(mktemp -d /tmp/tributary-rocketmq-pom.XXXXXX)
+    cat > "$pom_dir/pom.xml" <<POM
+<project xmlns="http://maven.apache.org/POM/4.0.0">
+  <modelVersion>4.0.0</modelVersion>
+  <groupId>dev.tributary</groupId>
+  <artifactId>apache-rocketmq-reference</artifactId>
+  <version>1</version>
+  <packaging>pom</packaging>
+  <dependencies>
+    <dependency><groupId>org.apache.rocketmq</groupId><artifactId>rocketmq-namesrv</artifactId><version>$rocketmq_version</version></dependency>
+    <dependency><groupId>org.apache.rocketmq</groupId><artifactId>rocketmq-broker</artifactId><version>$rocketmq_version</version></dependency>
+  </dependencies>
+</project>
+POM
+    rm -rf "${rocketmq_home:?}"
+    if ! mvn -q -B -f "$pom_dir/pom.xml" dependency:copy-dependencies \
+            -DincludeScope=runtime -DoutputDirectory="$rocketmq_home/libs" >"$pom_dir/mvn.log" 2>&1; then
+        tail -20 "$pom_dir/mvn.log" >&2
+        rm -rf "$pom_dir"
+        return 1
+    fi
+    rm -rf "$pom_dir"
+    touch "$rocketmq_home/.complete"
+}
+
+# A free loopback port P whose neighbours P-2 (the broker's "fast" Remoting channel) and P+1
+# (its HA listener) are free too.
+rocketmq_broker_port() {
+    python3 - <<'PY'
+import socket
+for _ in range(200):
+    s = socket.socket(); s.bind(("127.0.0.1", 0)); p = s.getsockname()[1]; s.close()
+    try:
+        for q in (p - 2, p + 1, p):
+            t = socket.socket(); t.bind(("127.0.0.1", q)); t.close()
+    except OSError:
+        continue
+    print(p)
+    break
+else:
+    raise SystemExit("no free port with free neighbours")
+PY
+}
+
+# Asks the NameServer at HOST:PORT for the cluster (Remoting request GET_BROKER_CLUSTER_INFO,
+# code 106, JSON header); exits 0 when the broker address `want` is registered.
+rocketmq_registered() { # namesrv want
+    python3 - "$1" "$2" <<'PY'
+import json, socket, struct, sys
+host, port = sys.argv[1].rsplit(":", 1)
+header = json.dumps({"code": 106, "flag": 0, "language": "JAVA", "opaque": 1,
+                     "serializeTypeCurrentRPC": "JSON", "version": 0, "extFields": {}}).encode()
+# Frame: total length (header length field + header + body), then the header length whose
+# high byte is the serialization type (0: JSON), then the header; no body.
+frame = struct.pack(">ii", 4 + len(header), len(header)) + header
+buf = b""
+try:
+    with socket.create_connection((host, int(port)), 2) as s:
+        s.settimeout(2)
+        s.sendall(frame)
+        while len(buf) < 4 or len(buf) < 4 + struct.unpack(">i", buf[:4])[0]:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            buf += chunk
+except OSError:
+    sys.exit(1)
+if len(buf) < 8:
+    sys.exit(1)
+hlen = struct.unpack(">i", buf[4:8])[0] & 0xFFFFFF
+sys.exit(0 if sys.argv[2].encode() in buf[8 + hlen:] else 1)
+PY
+}
+
+rocketmq_start() {
+    rocketmq_stop
+    local d="$brokers_dir/rocketmq" n_port b_port deadline
+    rm -rf "$d"
+    mkdir -p "$d/home"
+    # The store goes on a tmpfs where there is one: the broker refuses every write while the
+    # disk holding its store is 90% full or more (a hard cap, whatever the config says), and a
+    # shared machine's disk may well be; the store of a test run is small and thrown away.
+    rocketmq_store="$d/store"
+    if [[ -d /dev/shm && -w /dev/shm ]]; then
+        rocketmq_store=$(mktemp -d /dev/shm/tributary-rocketmq.XXXXXX)
+    fi
+    mkdir -p "$rocketmq_store"
+    n_port=$(free_port)
+    b_port=$(rocketmq_broker_port) || return 1
+    printf 'listenPort=%s\n' "$n_port" > "$d/namesrv.conf"
+    cat > "$d/broker.conf" <<CONF
+brokerClusterName=TributaryReference
+brokerName=broker-a
+brokerId=0
+brokerRole=ASYNC_MASTER
+flushDiskType=ASYNC_FLUSH
+namesrvAddr=127.0.0.1:$n_port
+listenPort=$b_port
+brokerIP1=127.0.0.1
+storePathRootDir=$rocketmq_store
+storePathCommitLog=$rocketmq_store/commitlog
+mappedFileSizeCommitLog=67108864
+autoCreateTopicEnable=true
+autoCreateSubscriptionGroup=true
+transactionCheckInterval=2000
+transactionTimeOut=1000
+CONF
+    # user.home: where RocketMQ's own logback configs put their logs (home/logs/rocketmqlogs).
+    local java_opts=(-Xms256m -Xmx512m -XX:+UseG1GC "-Duser.home=$d/home"
+        "-Drocketmq.home.dir=$rocketmq_home" -cp "$rocketmq_home/libs/*")
+    ROCKETMQ_HOME="$rocketmq_home" java "${java_opts[@]}" \
+        org.apache.rocketmq.namesrv.NamesrvStartup -c "$d/namesrv.conf" > "$d/namesrv.stdout" 2>&1 &
+    rn_pid=$!
+    if ! wait_port 127.0.0.1 "$n_port" 60; then
+        tail -30 "$d/namesrv.stdout" >&2
+        return 1
+    fi
+    ROCKETMQ_HOME="$rocketmq_home" java "${java_opts[@]}" \
+        org.apache.rocketmq.broker.BrokerStartup -c "$d/broker.conf" > "$d/broker.stdout" 2>&1 &
+    rb_pid=$!
+    r_namesrv="127.0.0.1:$n_port"
+    deadline=$((SECONDS + 90))
+    until rocketmq_registered "$r_namesrv" "127.0.0.1:$b_port"; do
+        if ((SECONDS > deadline)) || ! kill -0 "$rb_pid" 2>/dev/null; then
+            echo "rocketmq_start: the broker did not register with the NameServer" >&2
+            tail -30 "$d/broker.stdout" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
+rocketmq_stop() {
+    local pid
+    # Both at once (nothing of the reference outlives the run); past 30 s, killed.
+    for pid in "${rb_pid:-}" "${rn_pid:-}"; do
+        [[ -n "$pid" ]] && kill "$pid" 2>/dev/null
+    done
+    for pid in "${rb_pid:-}" "${rn_pid:-}"; do
+        [[ -n "$pid" ]] || continue
+        timeout 30 tail --pid="$pid" -f /dev/null 2>/dev/null || kill -9 "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null || true
+    done
+    rb_pid=""
+    rn_pid=""
+    if [[ "${rocketmq_store:-}" == /dev/shm/tributary-rocketmq.* ]]; then
+        rm -rf "$rocketmq_store"
+    fi
+    rocketmq_store=""
+}
+
 brokers_stop() {
     mosquitto_stop
     rabbitmq_stop
     kafka_stop
     elasticmq_stop
+    rocketmq_stop
 }

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Protocol compatibility tests with the Java clients (compat-tests/java: kafka-clients,
-# com.rabbitmq:amqp-client, Eclipse Paho MQTT v3, AWS SDK v2 sqs), a Maven project run with
-# JUnit 5.
+# com.rabbitmq:amqp-client, Eclipse Paho MQTT v3, AWS SDK v2 sqs, rocketmq-client), a Maven
+# project run with JUnit 5.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/compat-java.sh [MVN ARGS...]
 #   e.g. scripts/compat-java.sh -Dtest='*Amqp*'
@@ -13,7 +13,9 @@
 # starts on free loopback ports and stops on exit; the SQS tests against ElasticMQ (its jars
 # from Maven Central into ~/.cache/tributary), started the same way; the Kafka transaction tests
 # against Apache Kafka (one KRaft node, its jars from Maven Central into ~/.cache/tributary;
-# KAFKA_REFERENCE=off leaves it out and those reference tests are skipped).
+# KAFKA_REFERENCE=off leaves it out and those reference tests are skipped); the RocketMQ tests
+# against Apache RocketMQ (one NameServer and one broker, its jars from Maven Central into
+# ~/.cache/tributary; ROCKETMQ_REFERENCE=off leaves it out the same way).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -55,12 +57,19 @@ if [[ ! "${KAFKA_REFERENCE:-}" =~ ^(off|0|false|no)$ ]]; then
     kafka_start
     kafka_ref="127.0.0.1:$k_port"
 fi
+rocketmq_ref=""
+if [[ ! "${ROCKETMQ_REFERENCE:-}" =~ ^(off|0|false|no)$ ]]; then
+    brokers_install rocketmq
+    echo "== apache rocketmq starting"
+    rocketmq_start
+    rocketmq_ref="$r_namesrv"
+fi
 echo "== rabbitmq-server starting"
 rabbitmq_start
 
 reports="$root/compat-tests/java/target/surefire-reports"
 rm -rf "$reports" # the summary below is of this run only
-echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port, ElasticMQ 127.0.0.1:$e_port, Apache Kafka ${kafka_ref:-off})"
+echo "== mvn test compat-tests/java ($bin; RabbitMQ 127.0.0.1:$r_port, Mosquitto 127.0.0.1:$m_port, ElasticMQ 127.0.0.1:$e_port, Apache Kafka ${kafka_ref:-off}, Apache RocketMQ ${rocketmq_ref:-off})"
 start=$SECONDS
 rc=0
 # Not exec: the trap stops the reference brokers afterwards.
@@ -70,6 +79,7 @@ mvn -B -q -f "$root/compat-tests/java/pom.xml" test \
     -Dreference.mqtt="127.0.0.1:$m_port" \
     -Dreference.sqs="127.0.0.1:$e_port" \
     -Dreference.kafka="$kafka_ref" \
+    -Dreference.rocketmq="$rocketmq_ref" \
     "$@" || rc=$?
 # mvn -q prints only failures: one line per test class from the surefire reports.
 python3 - "$reports" <<'EOF'

@@ -22,15 +22,23 @@ import org.junit.jupiter.api.extension.ExtensionContext;
 public final class TributaryExtension
         implements BeforeAllCallback, AfterAllCallback, BeforeEachCallback, AfterEachCallback {
     private final List<String> listen;
+    private final List<String> extraArgs;
     private TributaryServer server;
 
     public TributaryExtension(String... listen) {
-        this.listen = List.of(listen);
+        this(List.of(listen), List.of());
+    }
+
+    /** @param extraArgs further server arguments (e.g. a gateway's timing flags) */
+    public TributaryExtension(List<String> listen, List<String> extraArgs) {
+        this.listen = List.copyOf(listen);
+        this.extraArgs = List.copyOf(extraArgs);
     }
 
     @Override
     public void beforeAll(ExtensionContext context) throws Exception {
-        server = new TributaryServer(context.getRequiredTestClass().getSimpleName(), listen).start();
+        server = new TributaryServer(context.getRequiredTestClass().getSimpleName(), listen, extraArgs)
+                .start();
     }
 
     @Override
