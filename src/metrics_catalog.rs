@@ -210,6 +210,62 @@ pub const METRICS: &[Metric] = &[
         Kind::Counter,
         "SQS requests per action and outcome (ok, or the SQS error code answered).",
     ),
+    // RocketMQ gateway.
+    m(
+        "tributary_rocketmq_bad_frames_total",
+        Kind::Counter,
+        "RocketMQ connections closed because a frame or header did not decode.",
+    ),
+    m(
+        "tributary_rocketmq_unsupported_requests_total",
+        Kind::Counter,
+        "RocketMQ requests answered REQUEST_CODE_NOT_SUPPORTED.",
+    ),
+    m(
+        "tributary_rocketmq_messages_pulled_total",
+        Kind::Counter,
+        "Messages RocketMQ pulls returned.",
+    ),
+    m(
+        "tributary_rocketmq_unreadable_batches_total",
+        Kind::Counter,
+        "Batches a RocketMQ pull skipped because another protocol wrote them in its own format (Kafka record batches), each also logged.",
+    ),
+    m(
+        "tributary_rocketmq_delayed_messages_total",
+        Kind::Counter,
+        "RocketMQ messages sent with a delay level or delivery time (scheduled on the core's timers).",
+    ),
+    m(
+        "tributary_rocketmq_retries_scheduled_total",
+        Kind::Counter,
+        "Messages a RocketMQ consumer sent back, scheduled on its group's retry topic.",
+    ),
+    m(
+        "tributary_rocketmq_dead_lettered_total",
+        Kind::Counter,
+        "Messages sent back past maxReconsumeTimes, put on the group's %DLQ% topic.",
+    ),
+    m(
+        "tributary_rocketmq_half_messages_total",
+        Kind::Counter,
+        "RocketMQ half (transactional) messages staged in the core.",
+    ),
+    m(
+        "tributary_rocketmq_transactions_ended_total",
+        Kind::Counter,
+        "RocketMQ half messages committed or rolled back by END_TRANSACTION, per outcome.",
+    ),
+    m(
+        "tributary_rocketmq_transaction_checks_total",
+        Kind::Counter,
+        "CHECK_TRANSACTION_STATE requests sent to producers for unresolved half messages.",
+    ),
+    m(
+        "tributary_rocketmq_transactions_discarded_total",
+        Kind::Counter,
+        "RocketMQ half messages rolled back after transaction_check_max unanswered checks.",
+    ),
 ];
 
 /// Describes every metric in [`METRICS`] and creates its series, on the installed recorder.

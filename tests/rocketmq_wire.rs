@@ -365,3 +365,261 @@ fn acknowledged_sends_and_delays_survive_kill_9() {
         );
     }
 }
+
+fn heartbeat(
+    c: &mut Client,
+    client_id: &str,
+    producer: Option<&str>,
+    consumer: Option<(&str, &str)>,
+) {
+    let producers: Vec<serde_json::Value> = producer
+        .map(|g| serde_json::json!({ "groupName": g }))
+        .into_iter()
+        .collect();
+    let consumers: Vec<serde_json::Value> = consumer
+        .map(|(g, topic)| {
+            serde_json::json!({
+                "groupName": g,
+                "consumeType": "CONSUME_PASSIVELY",
+                "messageModel": "CLUSTERING",
+                "consumeFromWhere": "CONSUME_FROM_LAST_OFFSET",
+                "subscriptionDataSet": [{ "topic": topic, "subString": "*", "expressionType": "TAG" }],
+            })
+        })
+        .into_iter()
+        .collect();
+    let body = serde_json::json!({
+        "clientID": client_id,
+        "producerDataSet": producers,
+        "consumerDataSet": consumers,
+    });
+    let r =
+        c.call(Command::request(rq::HEART_BEAT, 0).with_body(serde_json::to_vec(&body).unwrap()));
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+}
+
+fn create_topic(c: &mut Client, topic: &str, queues: u32) {
+    let r = c.call(
+        Command::request(rq::UPDATE_AND_CREATE_TOPIC, 0)
+            .with_ext("topic", topic)
+            .with_ext("readQueueNums", queues)
+            .with_ext("writeQueueNums", queues),
+    );
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+}
+
+/// Every message body of queue 0 of `topic`, from offset 0.
+fn bodies(c: &mut Client, topic: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut offset = 0;
+    loop {
+        let (r, msgs) = pull(c, topic, 0, offset, 0);
+        if msgs.is_empty() {
+            return out;
+        }
+        out.extend(
+            msgs.iter()
+                .map(|m| String::from_utf8_lossy(&m.body).into_owned()),
+        );
+        offset = r.ext["nextBeginOffset"].parse().unwrap();
+    }
+}
+
+#[test]
+fn half_messages_survive_kill_9_and_are_checked_back_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = args(dir.path());
+    a.extend(
+        [
+            "--rocketmq-transaction-check-interval-ms",
+            "300",
+            "--rocketmq-transaction-timeout-ms",
+            "100",
+        ]
+        .map(String::from),
+    );
+    let server = Server::start(&a);
+    let mut c = Client::connect(server.listening["rocketmq"]);
+    create_topic(&mut c, "txn_t", 1);
+    // Three half messages: committed, checked back then committed, rolled back.
+    let mut ids = std::collections::HashMap::new();
+    for name in ["commit", "checked", "rollback"] {
+        let props = message::encode_properties(&[
+            ("TRAN_MSG".into(), "true".into()),
+            ("PGROUP".into(), "tx_pg".into()),
+            ("UNIQ_KEY".into(), format!("U-{name}")),
+        ]);
+        let r = c.call(
+            Command::request(rq::SEND_MESSAGE, 0)
+                .with_ext("producerGroup", "tx_pg")
+                .with_ext("topic", "txn_t")
+                .with_ext("queueId", 0)
+                .with_ext("sysFlag", 4)
+                .with_ext("bornTimestamp", 1)
+                .with_ext("flag", 0)
+                .with_ext("properties", props)
+                .with_body(Bytes::from(name)),
+        );
+        assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+        ids.insert(name, r.ext["transactionId"].clone());
+    }
+    assert!(
+        bodies(&mut c, "txn_t").is_empty(),
+        "half messages are invisible"
+    );
+    server.kill9();
+
+    let server = Server::start(&a);
+    let mut c = Client::connect(server.listening["rocketmq"]);
+    heartbeat(&mut c, "tx_client", Some("tx_pg"), None);
+    let end = |id: &str, how: i32, from_check: bool| {
+        Command::request(rq::END_TRANSACTION, 0)
+            .with_ext("producerGroup", "tx_pg")
+            .with_ext("tranStateTableOffset", 0)
+            .with_ext("commitLogOffset", 0)
+            .with_ext("commitOrRollback", how)
+            .with_ext("fromTransactionCheck", from_check)
+            .with_ext("transactionId", id)
+    };
+    assert_eq!(c.call(end(&ids["commit"], 8, false)).code, rs::SUCCESS);
+    assert_eq!(c.call(end(&ids["rollback"], 12, false)).code, rs::SUCCESS);
+    // The "checked" one is asked about (the check schedule survived the kill); answer commit.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no check-back for the unresolved half message"
+        );
+        let Some(req) = c.read_frame() else {
+            panic!("connection closed")
+        };
+        if req.code != rq::CHECK_TRANSACTION_STATE {
+            continue;
+        }
+        let half = message::decode_stored(req.body.clone()).unwrap();
+        assert_eq!(half.len(), 1);
+        assert_eq!(message::get(&half[0].properties, "PGROUP"), Some("tx_pg"));
+        if req.ext["transactionId"] == ids["checked"] {
+            assert_eq!(&half[0].body[..], b"checked");
+            assert_eq!(req.ext["msgId"], "U-checked");
+            let r = c.call(end(&ids["checked"], 8, true));
+            assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+            break;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut got = bodies(&mut c, "txn_t");
+        got.sort();
+        if got == ["checked", "commit"] {
+            break;
+        }
+        assert!(
+            !got.contains(&"rollback".to_string()),
+            "a rolled-back message: {got:?}"
+        );
+        assert!(
+            Instant::now() < deadline,
+            "committed messages missing: {got:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Ending one the other way now is refused; the same way again is fine.
+    assert_eq!(
+        c.call(end(&ids["commit"], 12, false)).code,
+        rs::SYSTEM_ERROR
+    );
+    assert_eq!(c.call(end(&ids["commit"], 8, false)).code, rs::SUCCESS);
+}
+
+#[test]
+fn two_gateways_in_front_of_one_core_are_one_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = Server::start(&{
+        let mut a = vec!["core".to_string()];
+        a.extend(free_port_args(&dir.path().join("core")));
+        a
+    });
+    let gateway = |name: &str| {
+        let mut a = vec!["gateway".to_string(), "rocketmq".to_string()];
+        a.extend(args(&dir.path().join(name)));
+        a.extend(["--core".to_string(), format!("http://{}", core.core)]);
+        Server::start(&a)
+    };
+    let (g1, g2) = (gateway("g1"), gateway("g2"));
+    let (b1, b2) = (g1.listening["rocketmq"], g2.listening["rocketmq"]);
+    // Either NameServer lists both brokers (under one broker name), once both renewed
+    // their lease (at start).
+    let mut ns = Client::connect(g2.listening["rocketmq-namesrv"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = ns.call(Command::request(rq::GET_BROKER_CLUSTER_INFO, 0));
+        let info: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        let addrs: Vec<String> = info["brokerAddrTable"]["tributary"]["brokerAddrs"]
+            .as_object()
+            .unwrap()
+            .values()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect();
+        if addrs.contains(&b1.to_string()) && addrs.contains(&b2.to_string()) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "brokers listed: {addrs:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A consumer group with a member on each gateway: both gateways list both.
+    let (mut c1, mut c2) = (Client::connect(b1), Client::connect(b2));
+    create_topic(&mut c1, "two_t", 2);
+    heartbeat(&mut c1, "client-1", None, Some(("two_cg", "two_t")));
+    heartbeat(&mut c2, "client-2", None, Some(("two_cg", "two_t")));
+    for c in [&mut c1, &mut c2] {
+        let r = c.call(
+            Command::request(rq::GET_CONSUMER_LIST_BY_GROUP, 0).with_ext("consumerGroup", "two_cg"),
+        );
+        let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            list["consumerIdList"],
+            serde_json::json!(["client-1", "client-2"])
+        );
+    }
+    // A long-polled pull on one gateway wakes on a send through the other; the offset one
+    // commits is the other's.
+    let waiting = std::thread::spawn(move || {
+        let (_, msgs) = pull(&mut c1, "two_t", 0, 0, 20_000);
+        (c1, msgs)
+    });
+    let r = send(&mut c2, "two_t", 0, "across", &[]);
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+    let (mut c1, msgs) = waiting.join().unwrap();
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(&msgs[0].body[..], b"across");
+    let r = c1.call(
+        Command::request(rq::UPDATE_CONSUMER_OFFSET, 0)
+            .with_ext("consumerGroup", "two_cg")
+            .with_ext("topic", "two_t")
+            .with_ext("queueId", 0)
+            .with_ext("commitOffset", 1),
+    );
+    assert_eq!(r.code, rs::SUCCESS);
+    let r = c2.call(
+        Command::request(rq::QUERY_CONSUMER_OFFSET, 0)
+            .with_ext("consumerGroup", "two_cg")
+            .with_ext("topic", "two_t")
+            .with_ext("queueId", 0),
+    );
+    assert_eq!(r.ext["offset"], "1");
+    // A client that leaves one gateway leaves the group on the other too.
+    drop(c1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = c2.call(
+            Command::request(rq::GET_CONSUMER_LIST_BY_GROUP, 0).with_ext("consumerGroup", "two_cg"),
+        );
+        let list: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        if list["consumerIdList"] == serde_json::json!(["client-2"]) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still listed: {list}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
