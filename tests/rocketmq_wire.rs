@@ -623,3 +623,126 @@ fn two_gateways_in_front_of_one_core_are_one_cluster() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+#[test]
+fn admin_lookups_timers_and_request_reply() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(&args(dir.path()));
+    let broker = server.listening["rocketmq"];
+    let mut c = Client::connect(broker);
+    // Topic admin: create, grow, list, refuse to shrink.
+    create_topic(&mut c, "adm_t", 2);
+    create_topic(&mut c, "adm_t", 4);
+    let r = c.call(Command::request(rq::GET_ALL_TOPIC_CONFIG, 0));
+    let table: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+    assert_eq!(table["topicConfigTable"]["adm_t"]["writeQueueNums"], 4);
+    let r = c.call(
+        Command::request(rq::UPDATE_AND_CREATE_TOPIC, 0)
+            .with_ext("topic", "adm_t")
+            .with_ext("readQueueNums", 2)
+            .with_ext("writeQueueNums", 2),
+    );
+    assert_eq!(r.code, rs::SYSTEM_ERROR);
+
+    // Lookups: by time, earliest store time, by id, by unique key.
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64;
+    let r = send(
+        &mut c,
+        "adm_t",
+        1,
+        "first",
+        &[("UNIQ_KEY", "UK-1"), ("KEYS", "k1 k2")],
+    );
+    let offset_msg_id = r.ext["msgId"].clone();
+    let (_, position) = message::parse_message_id(&offset_msg_id).unwrap();
+    let q = |code: i32| {
+        Command::request(code, 0)
+            .with_ext("topic", "adm_t")
+            .with_ext("queueId", 1)
+    };
+    let r = c.call(q(rq::SEARCH_OFFSET_BY_TIMESTAMP).with_ext("timestamp", before));
+    assert_eq!(r.ext["offset"], "0");
+    let r = c.call(q(rq::SEARCH_OFFSET_BY_TIMESTAMP).with_ext("timestamp", before + 3_600_000));
+    assert_eq!(
+        r.ext["offset"], "1",
+        "past the last message: the max offset"
+    );
+    let r = c.call(q(rq::GET_EARLIEST_MSG_STORETIME));
+    let stored: i64 = r.ext["timestamp"].parse().unwrap();
+    assert!(stored >= before, "{stored} < {before}");
+    let r = c.call(Command::request(rq::VIEW_MESSAGE_BY_ID, 0).with_ext("offset", position));
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+    assert_eq!(
+        &message::decode_stored(r.body).unwrap()[0].body[..],
+        b"first"
+    );
+    for (key, unique) in [("k2", false), ("UK-1", true)] {
+        let mut query = Command::request(rq::QUERY_MESSAGE, 0)
+            .with_ext("topic", "adm_t")
+            .with_ext("key", key)
+            .with_ext("maxNum", 32)
+            .with_ext("beginTimestamp", 0)
+            .with_ext("endTimestamp", i64::MAX);
+        if unique {
+            query = query.with_ext("_UNIQUE_KEY_QUERY", "true");
+        }
+        let r = c.call(query);
+        assert_eq!(r.code, rs::SUCCESS, "{key}: {:?}", r.remark);
+        assert_eq!(message::decode_stored(r.body).unwrap().len(), 1, "{key}");
+    }
+
+    // RocketMQ 5's delivery time (TIMER_DELAY_MS) on the core's timers.
+    let r = send(&mut c, "adm_t", 0, "timed", &[("TIMER_DELAY_MS", "300")]);
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+    assert!(bodies(&mut c, "adm_t").is_empty(), "not before its time");
+    let (_, msgs) = pull(&mut c, "adm_t", 0, 0, 10_000);
+    assert_eq!(msgs.len(), 1);
+    assert_eq!(&msgs[0].body[..], b"timed");
+
+    // Request-reply: a reply is pushed to the requesting client on its connection.
+    let mut requester = Client::connect(broker);
+    heartbeat(&mut requester, "req-client", Some("req_pg"), None);
+    let replier = std::thread::spawn(move || {
+        let props = message::encode_properties(&[
+            ("REPLY_TO_CLIENT".into(), "req-client".into()),
+            ("CORRELATION_ID".into(), "corr-1".into()),
+            ("MSG_TYPE".into(), "reply".into()),
+        ]);
+        c.call(
+            Command::request(rq::SEND_REPLY_MESSAGE, 0)
+                .with_ext("producerGroup", "rep_pg")
+                .with_ext("topic", "DefaultCluster_REPLY_TOPIC")
+                .with_ext("queueId", 0)
+                .with_ext("sysFlag", 0)
+                .with_ext("bornTimestamp", 1)
+                .with_ext("flag", 0)
+                .with_ext("properties", props)
+                .with_body(&b"the answer"[..]),
+        )
+    });
+    let push = loop {
+        let f = requester.read_frame().expect("the reply is pushed");
+        if f.code == rq::PUSH_REPLY_MESSAGE_TO_CLIENT {
+            break f;
+        }
+    };
+    assert_eq!(&push.body[..], b"the answer");
+    assert!(push.ext["properties"].contains("corr-1"));
+    requester
+        .s
+        .write_all(&push.response(rs::SUCCESS).encode())
+        .unwrap();
+    let r = replier.join().unwrap();
+    assert_eq!(r.code, rs::SUCCESS, "{:?}", r.remark);
+
+    // Deleting the topic removes its route.
+    let mut c = Client::connect(broker);
+    let r = c.call(Command::request(rq::DELETE_TOPIC_IN_BROKER, 0).with_ext("topic", "adm_t"));
+    assert_eq!(r.code, rs::SUCCESS);
+    let mut ns = Client::connect(server.listening["rocketmq-namesrv"]);
+    let r = ns.call(Command::request(rq::GET_ROUTEINFO_BY_TOPIC, 0).with_ext("topic", "adm_t"));
+    assert_eq!(r.code, rs::TOPIC_NOT_EXIST);
+}
