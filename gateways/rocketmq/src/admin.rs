@@ -66,18 +66,7 @@ pub(crate) async fn delete_topic(gw: &Gateway, cmd: &Command) -> Reply {
 }
 
 pub(crate) async fn all_topic_config(gw: &Gateway, cmd: &Command) -> Reply {
-    let req = v1::ListStreamsRequest {
-        namespace: gw.config.namespace.clone(),
-    };
-    let streams = gw
-        .core
-        .admin
-        .clone()
-        .list_streams(req)
-        .await
-        .map_err(|s| core_refusal(&s))?
-        .into_inner()
-        .streams;
+    let streams = crate::namesrv::topics(gw).await?;
     let mut table = serde_json::Map::new();
     for s in streams {
         let Some(id) = s.id else { continue };

@@ -104,6 +104,38 @@ pub struct Gateway {
     pub(crate) config: RocketMqConfig,
     pub(crate) core: CoreClient,
     pub(crate) clients: Clients,
+    /// Pulls skipping batches of other formats log once per interval, not once per batch.
+    pub(crate) unreadable_log: RateLimitedLog,
+}
+
+/// A log line allowed once per interval; the events in between are counted into it.
+pub(crate) struct RateLimitedLog {
+    interval: Duration,
+    state: parking_lot::Mutex<(Option<std::time::Instant>, u64)>,
+}
+
+impl RateLimitedLog {
+    pub(crate) fn new(interval: Duration) -> Self {
+        Self {
+            interval,
+            state: parking_lot::Mutex::new((None, 0)),
+        }
+    }
+
+    /// Counts one event; `Some(events since the last line)` when a line is due now.
+    pub(crate) fn due(&self) -> Option<u64> {
+        let mut s = self.state.lock();
+        s.1 += 1;
+        let now = std::time::Instant::now();
+        if s.0
+            .is_some_and(|last| now.duration_since(last) < self.interval)
+        {
+            return None;
+        }
+        let n = s.1;
+        *s = (Some(now), 0);
+        Some(n)
+    }
 }
 
 impl Gateway {
@@ -112,6 +144,7 @@ impl Gateway {
             config,
             core,
             clients: Clients::default(),
+            unreadable_log: RateLimitedLog::new(Duration::from_secs(10)),
         })
     }
 
@@ -158,5 +191,21 @@ where
 {
     async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
         conn::serve_connection(self, conn, stop).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_limited_log_counts_what_it_holds_back() {
+        let log = RateLimitedLog::new(Duration::from_secs(3600));
+        assert_eq!(log.due(), Some(1));
+        assert_eq!(log.due(), None);
+        assert_eq!(log.due(), None);
+        let log = RateLimitedLog::new(Duration::ZERO);
+        assert_eq!(log.due(), Some(1));
+        assert_eq!(log.due(), Some(1));
     }
 }

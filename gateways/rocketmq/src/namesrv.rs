@@ -93,11 +93,12 @@ pub(crate) async fn cluster_info(gw: &Gateway, cmd: &Command) -> Reply {
     Ok(ok(cmd).with_body(json_body(&body)))
 }
 
-pub(crate) async fn topic_list(gw: &Gateway, cmd: &Command) -> Reply {
+/// Every stream of the gateway's namespace (RocketMQ's topics).
+pub(crate) async fn topics(gw: &Gateway) -> Result<Vec<tributary_proto::v1::StreamInfo>, Refusal> {
     let req = tributary_proto::v1::ListStreamsRequest {
         namespace: gw.config.namespace.clone(),
     };
-    let streams = gw
+    Ok(gw
         .core
         .admin
         .clone()
@@ -105,7 +106,11 @@ pub(crate) async fn topic_list(gw: &Gateway, cmd: &Command) -> Reply {
         .await
         .map_err(|s| core_refusal(&s))?
         .into_inner()
-        .streams;
+        .streams)
+}
+
+pub(crate) async fn topic_list(gw: &Gateway, cmd: &Command) -> Reply {
+    let streams = topics(gw).await?;
     let names: Vec<String> = streams
         .into_iter()
         .filter_map(|s| s.id.map(|i| i.name))

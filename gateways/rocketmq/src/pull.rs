@@ -92,13 +92,16 @@ pub(crate) fn messages(
         }
         if !batch.opaque.is_empty() {
             metrics::counter!("tributary_rocketmq_unreadable_batches_total").increment(1);
-            tracing::warn!(
-                topic,
-                queue,
-                offset = batch.base_offset,
-                format = batch.opaque_format,
-                "skipping a batch RocketMQ consumers cannot read (written by another protocol in its own format)"
-            );
+            if let Some(skipped) = gw.unreadable_log.due() {
+                tracing::warn!(
+                    topic,
+                    queue,
+                    offset = batch.base_offset,
+                    format = batch.opaque_format,
+                    skipped,
+                    "skipping batches RocketMQ consumers cannot read (written by another protocol in its own format); one line per 10 s, all counted in tributary_rocketmq_unreadable_batches_total"
+                );
+            }
             continue;
         }
         for (i, rec) in batch.records.iter().enumerate() {

@@ -371,18 +371,7 @@ pub(crate) async fn find_by_position(
         .map(|t| t.to_string())
         .collect();
     if candidates.is_empty() {
-        let req = v1::ListStreamsRequest {
-            namespace: gw.config.namespace.clone(),
-        };
-        let streams = gw
-            .core
-            .admin
-            .clone()
-            .list_streams(req)
-            .await
-            .map_err(|s| core_refusal(&s))?
-            .into_inner()
-            .streams;
+        let streams = crate::namesrv::topics(gw).await?;
         candidates = streams
             .into_iter()
             .filter_map(|s| s.id.map(|i| i.name))
