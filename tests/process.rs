@@ -130,10 +130,10 @@ fn bad_config_is_refused_with_the_key_named() {
         "{stderr}"
     );
 
-    let (code, stderr) = run_expect_failure(&["gateway".into(), "rocketmq".into()]);
+    let (code, stderr) = run_expect_failure(&["gateway".into(), "nats".into()]);
     assert_eq!(code, 2);
     assert!(
-        stderr.contains("rocketmq gateway is not part of this build"),
+        stderr.contains("unknown protocol 'nats'") && stderr.contains("rocketmq"),
         "{stderr}"
     );
     assert!(!dir.path().join("data").exists());

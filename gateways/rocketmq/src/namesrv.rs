@@ -30,6 +30,8 @@ fn broker_data(gw: &Gateway, brokers: &[String]) -> Value {
         "cluster": gw.config.cluster_name,
         "brokerName": gw.config.broker_name,
         "brokerAddrs": addrs,
+        // RocketMQ 5's field; rocketmq-client-rust refuses a route without it.
+        "enableActingMaster": false,
     })
 }
 
