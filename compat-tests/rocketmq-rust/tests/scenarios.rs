@@ -242,7 +242,7 @@ fn message(topic: &str, tag: &str, key: &str, body: &str, seq: usize) -> ClientR
 }
 
 fn tag_of(i: usize) -> &'static str {
-    if i % 2 == 0 { "TagA" } else { "TagB" }
+    if i.is_multiple_of(2) { "TagA" } else { "TagB" }
 }
 
 #[test]
