@@ -2,6 +2,7 @@
 # Protocol compatibility tests with the clients users run (compat-tests/).
 #
 #   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp|sqs] [PYTEST ARGS...]
+#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh rocketmq-rust [CARGO TEST ARGS...]
 #   scripts/compat.sh --setup-only        # only create/refresh the venv
 #
 # Creates a Python venv at ${TRIBUTARY_VENV:-$HOME/.cache/tributary/venv} when missing and
@@ -18,6 +19,9 @@
 # KAFKA_REFERENCE=off skips it). `sqs` runs every scenario against ElasticMQ too
 # (org.elasticmq:elasticmq-server_2.13 and its jars fetched from Maven Central into
 # ~/.cache/tributary; needs java 17+ and mvn; SQS_REFERENCE=off skips it).
+# `rocketmq-rust` needs no venv: it runs `cargo test` in compat-tests/rocketmq-rust (the Rust
+# client rocketmq-client-rust, a project of its own with its own Cargo.lock) against the binary,
+# building into $CARGO_TARGET_DIR when set; ROCKETMQ_NAMESRV=HOST:PORT aims it at another broker.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -31,10 +35,24 @@ protocol=kafka
 if [[ $# -gt 0 ]]; then
     case "$1" in
         --setup-only) setup_only=1; shift ;;
-        kafka|mqtt|amqp|sqs) protocol="$1"; shift ;;
+        kafka|mqtt|amqp|sqs|rocketmq-rust) protocol="$1"; shift ;;
         -*) ;; # pytest arguments; protocol stays kafka
-        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp, sqs)" >&2; exit 2 ;;
+        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp, sqs, rocketmq-rust)" >&2; exit 2 ;;
     esac
+fi
+
+if [[ "$protocol" == rocketmq-rust ]]; then
+    if [[ -z "${ROCKETMQ_NAMESRV:-}" ]]; then
+        if [[ -z "${TRIBUTARY_BIN:-}" || ! -x "${TRIBUTARY_BIN:-}" ]]; then
+            echo "compat.sh: set TRIBUTARY_BIN to a built tributary binary (or ROCKETMQ_NAMESRV to a running NameServer)" >&2
+            exit 2
+        fi
+        TRIBUTARY_BIN="$(cd "$(dirname "$TRIBUTARY_BIN")" && pwd)/$(basename "$TRIBUTARY_BIN")"
+        export TRIBUTARY_BIN
+    fi
+    echo "== cargo test compat-tests/rocketmq-rust (${ROCKETMQ_NAMESRV:-$TRIBUTARY_BIN})"
+    cd "$root/compat-tests/rocketmq-rust"
+    exec cargo test --locked "$@"
 fi
 
 setup_venv() {
