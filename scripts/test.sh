@@ -3,7 +3,7 @@
 # Needs the Rust toolchain and python3; cargo fetches the crates, scripts/compat.sh the Python
 # clients (venv); mosquitto (the MQTT reference broker), rabbitmq-server and chromium (the
 # console's end-to-end tests) come from Debian, playwright-core from npm (cache in ~/.npm), Apache
-# Kafka and ElasticMQ (the Kafka and SQS references) from Maven Central.
+# Kafka, Apache RocketMQ and ElasticMQ (the Kafka, RocketMQ and SQS references) from Maven Central.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,8 +26,11 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mq
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh amqp
 # The SQS scenarios also run against ElasticMQ (its jars fetched from Maven Central by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh sqs
-# The Java clients (kafka-clients, amqp-client, Paho MQTT; java 17 and mvn, ~/.m2 from Maven
-# Central), AMQP and MQTT also against RabbitMQ and Mosquitto (started by the script).
+# The RocketMQ scenarios with the Rust client (rocketmq-client-rust, a cargo project of its own).
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh rocketmq-rust
+# The Java clients (kafka-clients, amqp-client, Paho MQTT, rocketmq-client; java 17 and mvn,
+# ~/.m2 from Maven Central), AMQP, MQTT, Kafka transactions and RocketMQ also against RabbitMQ,
+# Mosquitto, Apache Kafka and Apache RocketMQ (started by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
 echo "== web console end to end in headless Chromium (chromium from Debian, playwright-core from npm)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/console-test.sh
