@@ -17,7 +17,6 @@
 # --broker-pid process, for RabbitMQ the Erlang VM from its pid file) and its ratio to
 # Tributary's: where the load generator shares the machine's cores, throughput ratios are
 # bounded by the generator's own CPU, while CPU per message compares the brokers' cost directly.
-# TRIBUTARY_BROKERS_SH=FILE sources another brokers.sh than scripts/brokers.sh (e.g. a branch's).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root="$(pwd)"
@@ -47,7 +46,7 @@ failures="$out/failures.txt"
 : > "$results"
 : > "$failures"
 # shellcheck source=scripts/brokers.sh
-source "${TRIBUTARY_BROKERS_SH:-$root/scripts/brokers.sh}"
+source "$root/scripts/brokers.sh"
 work="$(mktemp -d /tmp/tributary-compare.XXXXXX)"
 brokers_init "$work"
 t_pid=""
@@ -72,18 +71,7 @@ if wants mqtt; then pkgs+=(mosquitto); fi
 if wants amqp; then pkgs+=(rabbitmq-server); fi
 if wants kafka; then pkgs+=(kafka); fi
 if wants sqs; then pkgs+=(elasticmq); fi
-# Apache RocketMQ needs brokers.sh's rocketmq_install / rocketmq_start; without them the
-# RocketMQ workloads run against Tributary only.
-has_rocketmq_ref=0
-if wants rocketmq; then
-    if declare -F rocketmq_start >/dev/null && declare -F rocketmq_install >/dev/null; then
-        has_rocketmq_ref=1
-        pkgs+=(rocketmq)
-    else
-        echo "apache-rocketmq: this brokers.sh has no rocketmq_install / rocketmq_start" \
-            | tee -a "$failures" >&2
-    fi
-fi
+if wants rocketmq; then pkgs+=(rocketmq); fi
 if [[ ${#pkgs[@]} -gt 0 ]]; then brokers_install "${pkgs[@]}"; fi
 
 # The disk's fsync'd sequential write bandwidth, in the directory Tributary writes to: 512 MiB
@@ -151,7 +139,7 @@ fi
 # Apache RocketMQ (NameServer and broker, two JVMs) also boots once and is warmed up like
 # ElasticMQ: 15 s of unmeasured traffic, so its JIT has compiled the send and pull paths.
 # Every run creates its own topic and deletes it. Tributary starts fresh for every run.
-if wants rocketmq && (( has_rocketmq_ref )); then
+if wants rocketmq; then
     echo "== starting apache rocketmq (and warming its JIT up)"
     rocketmq_start
     "$bin" bench rocketmq --target "$r_namesrv" --producers 4 --consumers 2 --duration 15 \
@@ -281,9 +269,7 @@ for round in $(seq "$rounds"); do
                         | tee -a "$failures" >&2
                 fi
                 # The broker JVM's CPU (the NameServer only answers the route look-ups).
-                if (( has_rocketmq_ref )); then
-                    run_one "$label" rocketmq apache-rocketmq "$r_namesrv" "$rb_pid" $flags
-                fi ;;
+                run_one "$label" rocketmq apache-rocketmq "$r_namesrv" "$rb_pid" $flags ;;
         esac
     done
 done
