@@ -1,17 +1,18 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: the same workloads against Tributary and the reference brokers
 # (Mosquitto for MQTT, RabbitMQ for AMQP 0-9-1, Apache Kafka for Kafka, whose acks=all runs
-# also stand against the disk's fsync'd bandwidth, ElasticMQ for SQS),
-# A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
+# also stand against the disk's fsync'd bandwidth, ElasticMQ for SQS, Apache RocketMQ for
+# RocketMQ), A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
 #
-#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs] [--out DIR] [--quick]
+#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs,rocketmq] [--out DIR] [--quick]
 #
 # Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing
-# and Apache Kafka's and ElasticMQ's jars from Maven Central (needs java and mvn), starts
-# every broker on free loopback ports, stops everything it started (also on Ctrl-C), and
-# writes DIR/results.jsonl (one `tributary bench --json` report per line), DIR/failures.txt,
-# DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>). A workload whose
-# gateway Tributary does not have yet is run against the reference only and marked so.
+# and Apache Kafka's, ElasticMQ's and Apache RocketMQ's jars from Maven Central (needs java
+# and mvn), starts every broker on free loopback ports, stops everything it started (also on
+# Ctrl-C), and writes DIR/results.jsonl (one `tributary bench --json` report per line),
+# DIR/failures.txt, DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>).
+# A workload whose gateway Tributary does not have yet is run against the reference only and
+# marked so.
 # The table also has each broker's CPU time per delivered message (read from /proc for the
 # --broker-pid process, for RabbitMQ the Erlang VM from its pid file) and its ratio to
 # Tributary's: where the load generator shares the machine's cores, throughput ratios are
@@ -22,7 +23,7 @@ root="$(pwd)"
 
 rounds=3
 duration=10
-only="mqtt,amqp,kafka,sqs"
+only="mqtt,amqp,kafka,sqs,rocketmq"
 out=""
 quick=0
 while [[ $# -gt 0 ]]; do
@@ -32,7 +33,7 @@ while [[ $# -gt 0 ]]; do
         --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quick) quick=1; rounds=1; duration=3; shift ;;
-        -h|--help) sed -n 2,16p "$0"; exit 0 ;;
+        -h|--help) sed -n 2,20p "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -70,6 +71,7 @@ if wants mqtt; then pkgs+=(mosquitto); fi
 if wants amqp; then pkgs+=(rabbitmq-server); fi
 if wants kafka; then pkgs+=(kafka); fi
 if wants sqs; then pkgs+=(elasticmq); fi
+if wants rocketmq; then pkgs+=(rocketmq); fi
 if [[ ${#pkgs[@]} -gt 0 ]]; then brokers_install "${pkgs[@]}"; fi
 
 # The disk's fsync'd sequential write bandwidth, in the directory Tributary writes to: 512 MiB
@@ -91,10 +93,13 @@ tributary_start() {
     rm -rf "$work/tributary"
     mkdir -p "$work/tributary"
     t_kafka=$(free_port); t_mqtt=$(free_port); t_amqp=$(free_port); t_sqs=$(free_port)
+    t_rocketmq=$(free_port); t_namesrv=$(free_port)
     "$bin" --data-dir "$work/tributary/data" --core-listen 127.0.0.1:0 \
         --admin-listen 127.0.0.1:0 --kafka-listen "127.0.0.1:$t_kafka" \
         --mqtt-listen "127.0.0.1:$t_mqtt" --mqtt-ws-listen off --amqp-listen "127.0.0.1:$t_amqp" \
-        --sqs-listen "127.0.0.1:$t_sqs" --log warn \
+        --sqs-listen "127.0.0.1:$t_sqs" \
+        --rocketmq-listen "127.0.0.1:$t_rocketmq" --namesrv-listen "127.0.0.1:$t_namesrv" \
+        --log warn \
         --mqtt-max-queued 100000000 \
         > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
     t_pid=$!
@@ -130,6 +135,15 @@ if wants sqs; then
         # shellcheck disable=SC2086
         "$bin" bench sqs --target "$e_url" --producers 4 --consumers 8 $warm > /dev/null 2>&1 || true
     done
+fi
+# Apache RocketMQ (NameServer and broker, two JVMs) also boots once and is warmed up like
+# ElasticMQ: 15 s of unmeasured traffic, so its JIT has compiled the send and pull paths.
+# Every run creates its own topic and deletes it. Tributary starts fresh for every run.
+if wants rocketmq; then
+    echo "== starting apache rocketmq (and warming its JIT up)"
+    rocketmq_start
+    "$bin" bench rocketmq --target "$r_namesrv" --producers 4 --consumers 2 --duration 15 \
+        > /dev/null 2>&1 || true
 fi
 
 # --- Workloads ----------------------------------------------------------------------------
@@ -172,6 +186,13 @@ if wants sqs; then
     workloads+=("sqs-batch10-4x8|sqs|--producers 4 --consumers 8 --batch 10")
     workloads+=("sqs-fifo-batch10-4x8|sqs|--producers 4 --consumers 8 --batch 10 --fifo --groups 8")
     workloads+=("sqs-single-500/s|sqs|--producers 4 --consumers 8 --rate 500")
+fi
+if wants rocketmq; then
+    # SEND_MESSAGE_V2 round robin over 8 queues (128 sends in flight per producer) and
+    # long-polled PULL_MESSAGE per queue, as the kafka ones: unpaced throughput, and latency
+    # at a load both brokers sustain.
+    workloads+=("rocketmq-send-pull-4x2|rocketmq|--producers 4 --consumers 2 --partitions 8")
+    workloads+=("rocketmq-send-pull-20k/s|rocketmq|--producers 4 --consumers 2 --partitions 8 --rate 20000")
 fi
 
 run_one() { # label protocol broker target pid flags...
@@ -238,6 +259,17 @@ for round in $(seq "$rounds"); do
                     printf '{"protocol":"disk","broker":"disk (dd fsync)","label":"%s","mb_per_sec":%s}\n' \
                         "$label" "$disk_mb" >> "$results"
                 fi ;;
+            rocketmq)
+                if has_gateway rocketmq-namesrv; then
+                    tributary_start
+                    run_one "$label" rocketmq tributary "127.0.0.1:$t_namesrv" "$t_pid" $flags
+                    tributary_stop
+                elif (( round == 1 )); then
+                    echo "$label on tributary: no RocketMQ gateway in this build" \
+                        | tee -a "$failures" >&2
+                fi
+                # The broker JVM's CPU (the NameServer only answers the route look-ups).
+                run_one "$label" rocketmq apache-rocketmq "$r_namesrv" "$rb_pid" $flags ;;
         esac
     done
 done
@@ -256,4 +288,5 @@ echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}
     "$(uname -sr); mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | awk 'NR==1 {print $3}')," \
     "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')," \
     "apache kafka $kafka_version (acks=all without fsync; Tributary fsyncs before acking)," \
-    "elasticmq $elasticmq_version (in memory)"
+    "elasticmq $elasticmq_version (in memory)," \
+    "apache rocketmq ${rocketmq_version:-?} (ASYNC_MASTER, ASYNC_FLUSH; store on tmpfs when /dev/shm is writable)"

@@ -104,6 +104,9 @@ pub enum BenchCommand {
     /// SQS producers and consumers (aws-sdk-sqs) on one queue it creates and deletes; default
     /// target http://127.0.0.1:9324.
     Sqs(LoadArgs),
+    /// RocketMQ producers and pull consumers (Remoting, the gateway's codec) on a topic it
+    /// creates and deletes; the target is the NameServer, default 127.0.0.1:9876.
+    Rocketmq(LoadArgs),
     /// Medians and ratios of `--json` results (one per line) and a chart of them.
     Report(ReportArgs),
 }
@@ -145,7 +148,8 @@ pub struct LoadArgs {
     /// Extra idle connections held open for the whole run.
     #[arg(long, default_value_t = 0)]
     pub connections: usize,
-    /// Unacknowledged messages per producer (default: Kafka 1000, MQTT 100, AMQP 100).
+    /// Unacknowledged messages per producer (default: Kafka 1000, MQTT 100, AMQP 100,
+    /// RocketMQ 128).
     #[arg(long)]
     pub inflight: Option<usize>,
     /// AMQP prefetch per consumer.
@@ -161,9 +165,9 @@ pub struct LoadArgs {
     /// Kafka acks: all, 1 or 0.
     #[arg(long, default_value = "all")]
     pub acks: String,
-    /// Kafka partitions of the bench topic.
-    #[arg(long, default_value_t = 6)]
-    pub partitions: i32,
+    /// Kafka partitions / RocketMQ queues of the bench topic (default: Kafka 6, RocketMQ 8).
+    #[arg(long)]
+    pub partitions: Option<i32>,
     /// Kafka compression: none, gzip, snappy, lz4, zstd.
     #[arg(long, default_value = "none")]
     pub compression: String,

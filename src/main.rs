@@ -199,12 +199,14 @@ fn bench(what: BenchCommand) -> ExitCode {
         BenchCommand::Mqtt(a) => ("mqtt", a),
         BenchCommand::Amqp(a) => ("amqp", a),
         BenchCommand::Sqs(a) => ("sqs", a),
+        BenchCommand::Rocketmq(a) => ("rocketmq", a),
         BenchCommand::Report(r) => return bench_report(&r),
     };
     let default_target = match protocol {
         "kafka" => "127.0.0.1:9092",
         "mqtt" => "127.0.0.1:1883",
         "sqs" => "http://127.0.0.1:9324",
+        "rocketmq" => "127.0.0.1:9876",
         _ => "127.0.0.1:5672",
     };
     let opts = tributary_bench::BenchOptions {
@@ -218,7 +220,9 @@ fn bench(what: BenchCommand) -> ExitCode {
         warmup: std::time::Duration::from_secs(args.warmup),
         progress: !args.json && std::io::stderr().is_terminal(),
         acks: args.acks.clone(),
-        partitions: args.partitions,
+        partitions: args
+            .partitions
+            .unwrap_or(if protocol == "rocketmq" { 8 } else { 6 }),
         compression: args.compression.clone(),
         from_start: args.from_start,
         transaction_commit: args
@@ -246,6 +250,7 @@ fn bench(what: BenchCommand) -> ExitCode {
             "kafka" => tributary_bench::kafka::run(&opts).await,
             "mqtt" => tributary_bench::mqtt::run(&opts).await,
             "sqs" => tributary_bench::sqs::run(&opts).await,
+            "rocketmq" => tributary_bench::rocketmq::run(&opts).await,
             _ => tributary_bench::amqp::run(&opts).await,
         }
     });

@@ -1,5 +1,6 @@
-//! `tributary bench`: a real run against our own Kafka gateway, the one-line failure for a
-//! broker that is not there (never a hang), refused options, and `bench report`.
+//! `tributary bench`: real runs against our own Kafka, SQS and RocketMQ gateways, the
+//! one-line failure for a broker that is not there (never a hang), refused options, and
+//! `bench report`.
 
 mod common;
 
@@ -218,9 +219,79 @@ fn sqs_bench_against_our_gateway_receives_every_message() {
     assert!(!queues.contains("bench-cli"), "{queues}");
 }
 
+/// `bench rocketmq` (a raw Remoting client) against our NameServer and broker: the route
+/// look-up, the topic created and deleted, pipelined sends and long-polled pulls, every message
+/// received once; with one send in flight, in order per queue.
+#[test]
+fn rocketmq_bench_against_our_gateway_receives_every_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(dir.path());
+    for flag in ["--rocketmq-listen", "--namesrv-listen"] {
+        let at = args.iter().position(|a| a == flag).unwrap();
+        args[at + 1] = "127.0.0.1:0".into();
+    }
+    let server = Server::start(&args);
+    let namesrv = server.listening["rocketmq-namesrv"].to_string();
+    let pid = server.child.id().to_string();
+    for (flags, ordered) in [
+        (&["--inflight", "64"][..], false),
+        (&["--inflight", "1", "--partitions", "3"][..], true),
+    ] {
+        let mut run = vec![
+            "bench",
+            "rocketmq",
+            "--target",
+            &namesrv,
+            "--producers",
+            "2",
+            "--consumers",
+            "2",
+            "--duration",
+            "2",
+            "--size",
+            "256",
+            "--broker-pid",
+            &pid,
+            "--json",
+        ];
+        run.extend_from_slice(flags);
+        let out = run_bounded(&run, Duration::from_secs(120));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{flags:?}: bench failed: {stderr}");
+        assert!(!stderr.contains("warning"), "{flags:?}: {stderr}");
+        let report: serde_json::Value =
+            serde_json::from_slice(&out.stdout).expect("one JSON object on stdout");
+        let n = |k: &str| {
+            report[k]
+                .as_f64()
+                .unwrap_or_else(|| panic!("{k} in {report}"))
+        };
+        assert_eq!(report["protocol"], "rocketmq");
+        assert!(n("sent") > 0.0, "{flags:?}: {report}");
+        assert_eq!(n("received"), n("expected"), "{report}");
+        assert_eq!(n("sent"), n("expected"), "one group: one copy per message");
+        assert_eq!(n("duplicates"), 0.0, "{report}");
+        if ordered {
+            assert_eq!(n("out_of_order"), 0.0, "{report}");
+        }
+        assert!(
+            n("msgs_per_sec") > 0.0 && n("p99_ms") >= n("p50_ms"),
+            "{report}"
+        );
+        assert!(
+            report["broker_cpu_us_per_msg"].as_f64().is_some(),
+            "{report}"
+        );
+    }
+    // Every run deleted its topic.
+    let (status, streams) = common::http_get(server.admin.unwrap(), "/api/v1/streams");
+    assert_eq!(status, 200, "{streams}");
+    assert!(!streams.contains("tributary-bench-"), "{streams}");
+}
+
 #[test]
 fn every_protocol_reports_a_missing_broker_in_one_line() {
-    for protocol in ["kafka", "mqtt", "amqp", "sqs"] {
+    for protocol in ["kafka", "mqtt", "amqp", "sqs", "rocketmq"] {
         let target = closed_port();
         let out = run_bounded(
             &["bench", protocol, "--target", &target, "--duration", "1"],
@@ -270,6 +341,17 @@ fn bad_options_are_refused() {
         (
             vec!["bench", "sqs", "--url", "https://127.0.0.1:1"],
             "plain HTTP",
+        ),
+        (
+            vec![
+                "bench",
+                "rocketmq",
+                "--consumers",
+                "9",
+                "--target",
+                "127.0.0.1:1",
+            ],
+            "more than the topic's queues",
         ),
     ] {
         let out = run_bounded(&args, Duration::from_secs(30));

@@ -1,5 +1,6 @@
 //! Load generators behind `tributary bench <protocol>`. Each speaks its protocol through the
-//! client library its users run (librdkafka for Kafka), so the same run can be pointed at
+//! client library its users run (librdkafka for Kafka; RocketMQ and AMQP drive their own
+//! connections with the protocol's codec), so the same run can be pointed at
 //! Tributary or at any other broker and the numbers compare.
 //!
 //! Every message carries (producer, sequence, send time); consumers check that each one
@@ -10,6 +11,7 @@ pub mod amqp;
 pub mod kafka;
 pub mod mqtt;
 pub mod report;
+pub mod rocketmq;
 pub mod sqs;
 mod tally;
 mod traffic;
@@ -44,7 +46,7 @@ pub struct BenchOptions {
     pub progress: bool,
     /// Kafka acks: "all", "1" or "0".
     pub acks: String,
-    /// Kafka partitions of the bench topic.
+    /// Kafka partitions / RocketMQ queues of the bench topic.
     pub partitions: i32,
     /// Kafka compression codec: none, gzip, snappy, lz4, zstd.
     pub compression: String,
@@ -63,7 +65,7 @@ pub struct BenchOptions {
     /// Extra connections that only connect (Kafka: and negotiate ApiVersions) and stay idle.
     pub idle_connections: usize,
     /// Messages a producer keeps unacknowledged (Kafka sends, MQTT QoS 1/2 publishes, AMQP
-    /// unconfirmed publishes); `None` = the protocol's default. A deeper window raises
+    /// unconfirmed publishes, RocketMQ sends); `None` = the protocol's default. A deeper window raises
     /// throughput at maximum rate and, with it, the time messages spend queued.
     pub inflight: Option<usize>,
     /// AMQP prefetch (basic.qos) per consumer.
