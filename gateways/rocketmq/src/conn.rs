@@ -200,7 +200,7 @@ impl Refusal {
 pub(crate) type Reply = Result<Command, Refusal>;
 
 /// Serves one request; `None` = nothing to answer.
-async fn dispatch(gw: &Gateway, conn: &Arc<ConnState>, cmd: Command) -> Option<Command> {
+async fn dispatch(gw: &Arc<Gateway>, conn: &Arc<ConnState>, cmd: Command) -> Option<Command> {
     debug!(code = cmd.code, ext = ?cmd.ext, body = cmd.body.len(), "request");
     let result: Reply = match cmd.code {
         // NameServer

@@ -9,6 +9,7 @@
 //! subscriptions and queue locks.
 
 mod admin;
+mod appender;
 mod clients;
 pub mod codes;
 mod conn;
@@ -106,6 +107,8 @@ pub struct Gateway {
     pub(crate) clients: Clients,
     /// Pulls skipping batches of other formats log once per interval, not once per batch.
     pub(crate) unreadable_log: RateLimitedLog,
+    /// Sends to one queue coalesced into one append.
+    pub(crate) appender: appender::Appender,
 }
 
 /// A log line allowed once per interval; the events in between are counted into it.
@@ -145,6 +148,7 @@ impl Gateway {
             core,
             clients: Clients::default(),
             unreadable_log: RateLimitedLog::new(Duration::from_secs(10)),
+            appender: Default::default(),
         })
     }
 

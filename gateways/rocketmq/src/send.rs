@@ -240,7 +240,7 @@ fn strip_delay(props: &mut Vec<(String, String)>) {
     }
 }
 
-pub(crate) async fn send(gw: &Gateway, conn: &Arc<ConnState>, cmd: &Command) -> Reply {
+pub(crate) async fn send(gw: &Arc<Gateway>, conn: &Arc<ConnState>, cmd: &Command) -> Reply {
     let mut h = SendHeader::parse(cmd)?;
     validate_topic(&h.topic)?;
     let batch = cmd.code == crate::codes::request::SEND_BATCH_MESSAGE;
@@ -338,19 +338,26 @@ pub(crate) async fn send(gw: &Gateway, conn: &Arc<ConnState>, cmd: &Command) -> 
         ))]
     };
     let count = records.len();
-    let r = append(gw, &h.topic, queue_id, records, create).await?;
+    let base_offset = if count == 1 {
+        let record = records.into_iter().next().unwrap_or_default();
+        crate::appender::Appender::append(gw, &h.topic, queue_id, record, create).await?
+    } else {
+        append(gw, &h.topic, queue_id, records, create)
+            .await?
+            .base_offset
+    };
     let ids: Vec<String> = (0..count as i64)
         .map(|i| {
             message::message_id(
                 &gw.config.advertised,
-                crate::ids::encode(&h.topic, queue_id, r.base_offset + i),
+                crate::ids::encode(&h.topic, queue_id, base_offset + i),
             )
         })
         .collect();
     Ok(ok(cmd)
         .with_ext("msgId", ids.join(","))
         .with_ext("queueId", queue_id)
-        .with_ext("queueOffset", r.base_offset))
+        .with_ext("queueOffset", base_offset))
 }
 
 /// One record of the core as RocketMQ addresses it (topic, queue, offset).
