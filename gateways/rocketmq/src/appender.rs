@@ -17,8 +17,9 @@ use crate::Gateway;
 use crate::conn::Refusal;
 
 /// Records of one coalesced append at most (bytes are bounded by the core's batch limit,
-/// checked below).
-const MAX_RECORDS: usize = 512;
+/// checked below). Small enough that a pull (32 messages by default) does not read a batch
+/// many times its size: the core serves whole batches.
+const MAX_RECORDS: usize = 64;
 /// A queue's task ends after this long without a send (the next send starts a new one).
 const IDLE: Duration = Duration::from_secs(30);
 /// Sends waiting per queue before senders wait too.

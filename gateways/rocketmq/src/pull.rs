@@ -70,6 +70,51 @@ pub(crate) fn messages(
     queue: u32,
     part: &v1::FetchedPartition,
 ) -> Vec<(v1::Record, StoredMessage)> {
+    readable(gw, topic, queue, part)
+        .into_iter()
+        .map(|r| (r.record.clone(), r.to_message(gw, topic, queue)))
+        .collect()
+}
+
+/// A record of a fetch result a RocketMQ consumer can read, not yet converted (a pull
+/// converts only what it returns: a coalesced batch holds hundreds of records).
+pub(crate) struct Readable<'a> {
+    pub offset: i64,
+    pub record: &'a v1::Record,
+    append_time_ms: i64,
+}
+
+impl Readable<'_> {
+    pub(crate) fn to_message(&self, gw: &Gateway, topic: &str, queue: u32) -> StoredMessage {
+        let at = Position {
+            topic,
+            queue_id: queue,
+            offset: self.offset,
+            append_time_ms: self.append_time_ms,
+            store_host: gw.config.advertised,
+        };
+        envelope::from_record(self.record, &at)
+    }
+
+    /// The record's `TAGS` property.
+    fn tags(&self) -> Option<&[u8]> {
+        self.record
+            .headers
+            .iter()
+            .find(|h| h.name == property::TAGS)
+            .map(|h| &h.value[..])
+    }
+}
+
+/// The records of a fetch result, in offset order: control batches and aborted
+/// transactions skipped (the core's transactions, e.g. Kafka's), records of other formats
+/// counted and logged (they are the mapping's to carry, issue "cross-protocol").
+pub(crate) fn readable<'a>(
+    gw: &Gateway,
+    topic: &str,
+    queue: u32,
+    part: &'a v1::FetchedPartition,
+) -> Vec<Readable<'a>> {
     let mut out = Vec::new();
     let mut aborted: Vec<&v1::AbortedTransaction> = part.aborted_transactions.iter().collect();
     aborted.sort_by_key(|a| a.first_offset);
@@ -104,15 +149,12 @@ pub(crate) fn messages(
             }
             continue;
         }
-        for (i, rec) in batch.records.iter().enumerate() {
-            let at = Position {
-                topic,
-                queue_id: queue,
+        for (i, record) in batch.records.iter().enumerate() {
+            out.push(Readable {
                 offset: batch.base_offset + i as i64,
+                record,
                 append_time_ms: batch.append_time_ms,
-                store_host: gw.config.advertised,
-            };
-            out.push((rec.clone(), envelope::from_record(rec, &at)));
+            });
         }
     }
     out
@@ -147,20 +189,12 @@ pub(crate) async fn read_one(
             };
         }
     };
-    Ok(messages(gw, topic, queue, &part)
+    Ok(readable(gw, topic, queue, &part)
         .into_iter()
-        .find(|(_, m)| m.queue_offset == offset)
-        .map(|(_, message)| Found { message }))
-}
-
-fn tags_match(tags: &Option<Vec<String>>, m: &StoredMessage) -> bool {
-    match tags {
-        None => true,
-        Some(wanted) => match message::get(&m.properties, property::TAGS) {
-            Some(t) => wanted.iter().any(|w| w == t),
-            None => false,
-        },
-    }
+        .find(|r| r.offset == offset)
+        .map(|r| Found {
+            message: r.to_message(gw, topic, queue),
+        }))
 }
 
 pub(crate) async fn pull(
@@ -197,7 +231,10 @@ pub(crate) async fn pull(
     } else {
         0
     };
-    let part = match fetch(gw, &topic, queue, offset, FETCH_BYTES, wait).await {
+    // About what the pull returns: the core returns whole batches, and a pull converts and
+    // sends at most max_msgs records of them.
+    let want_bytes = (max_msgs * 4096).clamp(64 * 1024, FETCH_BYTES as usize) as i32;
+    let part = match fetch(gw, &topic, queue, offset, want_bytes, wait).await {
         Ok(p) => p,
         Err(s) => {
             return match tributary_gateway_common::error_code(&s) {
@@ -234,17 +271,25 @@ pub(crate) async fn pull(
         }
         e => return Err(Refusal::system(format!("{e:?}: {}", part.error_message))),
     }
-    let found = messages(gw, &topic, queue, &part);
     let mut body = Vec::new();
     let mut taken = 0usize;
     let mut next = end_of(&part).unwrap_or(offset).max(offset);
-    for (_, m) in found.iter().filter(|(_, m)| m.queue_offset >= offset) {
+    for r in readable(gw, &topic, queue, &part)
+        .iter()
+        .filter(|r| r.offset >= offset)
+    {
         if taken == max_msgs {
-            next = m.queue_offset;
+            next = r.offset;
             break;
         }
-        if tags_match(&tags, m) {
-            m.encode_into(&mut body);
+        let wanted = match &tags {
+            None => true,
+            Some(list) => r
+                .tags()
+                .is_some_and(|t| list.iter().any(|w| w.as_bytes() == t)),
+        };
+        if wanted {
+            r.to_message(gw, &topic, queue).encode_into(&mut body);
             taken += 1;
         }
     }
