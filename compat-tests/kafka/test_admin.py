@@ -346,6 +346,15 @@ def _kp_describe(admin, topic) -> dict:
     return out["topic"][topic]
 
 
+def _kp_wait_configs(admin, topic, expected: dict) -> dict:
+    """Describes until every key has its expected value: Apache Kafka (KRaft) answers
+    DescribeConfigs from the broker's metadata image, which may trail an alter's answer."""
+    def matches():
+        cfg = _kp_describe(admin, topic)
+        return cfg if all(cfg[k]["value"] == v for k, v in expected.items()) else None
+    return wait_until(matches, 15, f"configs {expected} on {topic}")
+
+
 def test_kafka_python_topics_and_configs(cluster, kp_admin):
     from kafka.admin import AlterConfigOp, ConfigResource, ConfigResourceType
     from kafka.errors import InvalidConfigurationError, TopicAlreadyExistsError
@@ -377,22 +386,18 @@ def test_kafka_python_topics_and_configs(cluster, kp_admin):
         "retention.bytes": "5000000", "cleanup.policy": "delete",
         "max.message.bytes": (AlterConfigOp.SET, "300000")})], incremental=True)
     assert r == {"topic": {t: "OK"}}, r
-    cfg = _kp_describe(admin, t)
-    assert cfg["retention.bytes"]["value"] == "5000000"
-    assert cfg["max.message.bytes"]["value"] == "300000"
-    assert cfg["retention.ms"]["value"] == "3600000"
+    _kp_wait_configs(admin, t, {"retention.bytes": "5000000", "max.message.bytes": "300000",
+                                "retention.ms": "3600000"})
     r = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t, {
         "retention.bytes": (AlterConfigOp.DELETE, None)})], incremental=True)
     assert r == {"topic": {t: "OK"}}, r
-    assert _kp_describe(admin, t)["retention.bytes"]["value"] == "-1"
+    _kp_wait_configs(admin, t, {"retention.bytes": "-1"})
 
     # Legacy AlterConfigs (kafka-python re-sends the other modified keys itself).
     r = admin.alter_configs([ConfigResource(ConfigResourceType.TOPIC, t,
                                             {"retention.ms": "7200000"})], incremental=False)
     assert r == {"topic": {t: "OK"}}, r
-    cfg = _kp_describe(admin, t)
-    assert cfg["retention.ms"]["value"] == "7200000"
-    assert cfg["max.message.bytes"]["value"] == "300000"
+    _kp_wait_configs(admin, t, {"retention.ms": "7200000", "max.message.bytes": "300000"})
 
     admin.create_partitions({t: 6})
     wait_until(lambda: len(admin.describe_topics([t])[0]["partitions"]) == 6, 20,
