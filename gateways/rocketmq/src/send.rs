@@ -228,7 +228,34 @@ pub(crate) fn delivery_time(props: &[(String, String)], now: i64) -> Result<Opti
     Ok(None)
 }
 
-fn strip_delay(props: &mut Vec<(String, String)>) {
+/// Checks that `topic` has queue `queue_id` before a write the core makes later (a timer, a
+/// staged transaction), creating the topic first when `create` says how many queues it gets.
+pub(crate) async fn check_queue(
+    gw: &Gateway,
+    topic: &str,
+    queue_id: u32,
+    create: Option<u32>,
+) -> Result<(), Refusal> {
+    let queues = match (crate::namesrv::queue_count(gw, topic).await?, create) {
+        (Some(n), _) => n,
+        (None, Some(n)) => ensure_topic(gw, topic, n).await?,
+        (None, None) => {
+            return Err(Refusal::new(
+                rs::TOPIC_NOT_EXIST,
+                format!("topic[{topic}] not exist, apply first please!"),
+            ));
+        }
+    };
+    if queue_id >= queues {
+        return Err(Refusal::system(format!(
+            "request queueId[{queue_id}] is illegal, topic {topic}"
+        )));
+    }
+    Ok(())
+}
+
+/// Removes the properties that ask for a delay: the core's timer or transaction holds it.
+pub(crate) fn strip_delay(props: &mut Vec<(String, String)>) {
     for name in [
         property::DELAY,
         property::TIMER_DELIVER_MS,
@@ -312,18 +339,7 @@ pub(crate) async fn send(gw: &Arc<Gateway>, conn: &Arc<ConnState>, cmd: &Command
             let mut props = h.properties.clone();
             strip_delay(&mut props);
             let record = envelope::to_record(&outgoing(h.flag, body, props));
-            if let Some(queues) = create {
-                ensure_topic(gw, &h.topic, queues).await?;
-            }
-            crate::namesrv::queue_count(gw, &h.topic)
-                .await?
-                .filter(|n| queue_id < *n)
-                .ok_or_else(|| {
-                    Refusal::system(format!(
-                        "request queueId[{queue_id}] is illegal, topic {}",
-                        h.topic
-                    ))
-                })?;
+            check_queue(gw, &h.topic, queue_id, create).await?;
             schedule(gw, &h.topic, queue_id, record, due).await?;
             metrics::counter!("tributary_rocketmq_delayed_messages_total").increment(1);
             return Ok(ok(cmd)

@@ -39,24 +39,7 @@ pub(crate) async fn stage_half_message(
     due: Option<i64>,
     create: Option<u32>,
 ) -> Reply {
-    let queues = match crate::namesrv::queue_count(gw, &h.topic).await? {
-        Some(n) => n,
-        None => match create {
-            Some(n) => crate::send::ensure_topic(gw, &h.topic, n).await?,
-            None => {
-                return Err(Refusal::new(
-                    crate::codes::response::TOPIC_NOT_EXIST,
-                    format!("topic[{}] not exist, apply first please!", h.topic),
-                ));
-            }
-        },
-    };
-    if queue_id >= queues {
-        return Err(Refusal::system(format!(
-            "request queueId[{queue_id}] is illegal, topic {}",
-            h.topic
-        )));
-    }
+    crate::send::check_queue(gw, &h.topic, queue_id, create).await?;
     let mut props = h.properties.clone();
     if message::get(&props, property::PRODUCER_GROUP).is_none() {
         message::set(
@@ -85,15 +68,7 @@ pub(crate) async fn stage_half_message(
     // The committed message no longer says it is prepared, as RocketMQ's broker clears it.
     let mut committed = props;
     message::remove(&mut committed, property::TRANSACTION_PREPARED);
-    for name in [
-        property::DELAY,
-        property::TIMER_DELIVER_MS,
-        property::START_DELIVER_TIME,
-        property::TIMER_DELAY_SEC,
-        property::TIMER_DELAY_MS,
-    ] {
-        message::remove(&mut committed, name);
-    }
+    crate::send::strip_delay(&mut committed);
     let record = envelope::to_record(&Outgoing {
         flag: h.flag,
         body,
