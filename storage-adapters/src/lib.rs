@@ -16,6 +16,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::watch;
 
+pub mod contract;
 pub mod local;
 pub mod memory;
 pub mod redb_meta;
