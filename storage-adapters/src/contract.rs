@@ -42,6 +42,7 @@ pub async fn meta_store(store: Arc<dyn MetaStore>) {
     compare_and_set_semantics(s).await;
     values_of_every_size(s).await;
     concurrent_compare_and_set_loses_no_update(store.clone()).await;
+    concurrent_creates_have_one_winner(store.clone()).await;
 }
 
 async fn gets_puts_and_deletes(s: &dyn MetaStore) {
@@ -311,6 +312,38 @@ async fn concurrent_compare_and_set_loses_no_update(store: Arc<dyn MetaStore>) {
         "every successful compare-and-set is one increment"
     );
     store.delete(key).await.unwrap();
+}
+
+async fn concurrent_creates_have_one_winner(store: Arc<dyn MetaStore>) {
+    // Create-if-absent races on keys that do not exist yet: exactly one writer wins each,
+    // and a txn checking several absent keys is not half-applied by a racing one.
+    for round in 0..10u8 {
+        let key = [b'w', b'/', round];
+        let other = [b'w', b'/', round, b'+'];
+        let mut tasks = Vec::new();
+        for task in 0..6u8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                store
+                    .txn(
+                        vec![check(&key, None), check(&other, None)],
+                        vec![put(&key, &[task]), put(&other, &[task])],
+                    )
+                    .await
+                    .unwrap()
+            }));
+        }
+        let mut winners = 0;
+        for t in tasks {
+            winners += usize::from(t.await.unwrap());
+        }
+        assert_eq!(winners, 1, "round {round}: one create-if-absent wins");
+        let a = value(&*store, &key).await.unwrap();
+        let b = value(&*store, &other).await.unwrap();
+        assert_eq!(a, b, "round {round}: both keys come from the winning txn");
+        store.delete(&key).await.unwrap();
+        store.delete(&other).await.unwrap();
+    }
 }
 
 #[cfg(test)]
