@@ -19,6 +19,7 @@ use tokio::sync::watch;
 pub mod contract;
 pub mod local;
 pub mod memory;
+pub mod object_log;
 pub mod redb_meta;
 
 /// One partition of one stream. Streams are known to storage only by their numeric id,
@@ -153,6 +154,8 @@ pub enum StorageError {
     Locked { path: PathBuf },
     #[error("metadata store: {0}")]
     Meta(String),
+    #[error("{store} is unavailable: {reason}")]
+    Unavailable { store: String, reason: String },
     #[error("storage is shutting down")]
     ShuttingDown,
 }

@@ -13,7 +13,7 @@
 //! it can only hold writes that were never acknowledged. After a clean shutdown (marker file)
 //! every byte was fsynced, so damage anywhere is reported as corruption instead.
 
-mod segment;
+pub(crate) mod segment;
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -206,6 +206,109 @@ impl LocalLogStore {
             .get(&key)
             .cloned()
             .ok_or(StorageError::PartitionNotFound(key))
+    }
+}
+
+/// One segment of a local partition, as [`LocalLogStore::segments`] describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSegment {
+    pub base_offset: i64,
+    pub end_offset: i64,
+    pub max_timestamp_ms: i64,
+    pub size_bytes: u64,
+    /// Sealed segments never change again; the last segment is the active one.
+    pub sealed: bool,
+    pub path: PathBuf,
+    /// The sealed segment's sparse index file (`None` for the active segment).
+    pub index_path: Option<PathBuf>,
+}
+
+impl LocalLogStore {
+    /// Creates an empty partition whose first offset is `base_offset` (a tiered store keeps
+    /// older offsets elsewhere). A no-op when the partition exists.
+    pub async fn create_partition_at(&self, key: PartitionKey, base_offset: i64) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StorageError::ShuttingDown);
+        }
+        if self.partitions.read().contains_key(&key) {
+            return Ok(());
+        }
+        let dir = self.root.join(key.to_string());
+        let root = self.root.clone();
+        let config = self.config.clone();
+        let part = blocking(move || -> Result<PartitionLog> {
+            fs::create_dir_all(&dir)
+                .map_err(|e| StorageError::io(format!("cannot create {}", dir.display()), e))?;
+            if base_offset > 0 {
+                write_file_durably(
+                    &dir.join(START_OFFSET_FILE),
+                    &encode_start_offset(base_offset),
+                )?;
+            }
+            sync_dir(&root)?;
+            PartitionLog::open(key, dir, &config, false)
+        })
+        .await?;
+        self.partitions
+            .write()
+            .entry(key)
+            .or_insert_with(|| Arc::new(part));
+        Ok(())
+    }
+
+    /// [`LogStore::append`] without the async wrapper, for callers that must order the
+    /// append with their own bookkeeping under a lock.
+    pub fn append_now(&self, key: PartitionKey, batch: &BatchToAppend) -> Result<i64> {
+        self.partition(key)?.append(batch, &self.config)
+    }
+
+    /// The partition's segments, oldest first; only durable bytes are counted.
+    pub fn segments(&self, key: PartitionKey) -> Result<Vec<LocalSegment>> {
+        let part = self.partition(key)?;
+        let inner = part.inner.lock();
+        let last = inner.segments.len().saturating_sub(1);
+        Ok(inner
+            .segments
+            .iter()
+            .enumerate()
+            .map(|(i, s)| LocalSegment {
+                base_offset: s.base,
+                end_offset: if i < last {
+                    s.end_offset
+                } else {
+                    s.end_offset.min(inner.durable_offset)
+                },
+                max_timestamp_ms: s.max_ts,
+                size_bytes: s.durable_size,
+                sealed: i < last,
+                path: s.path.clone(),
+                index_path: (i < last).then(|| index_path(&part.dir, s.base)),
+            })
+            .collect())
+    }
+
+    /// Seals the active segment when it holds any record, so that it can be shipped
+    /// elsewhere; the next append starts a new segment.
+    pub async fn seal_active(&self, key: PartitionKey) -> Result<()> {
+        let part = self.partition(key)?;
+        blocking(move || {
+            let mut inner = part.inner.lock();
+            let active = inner
+                .segments
+                .last()
+                .expect("a partition always has a segment");
+            if inner.deleted || active.size == 0 {
+                return Ok(());
+            }
+            let next = inner.next_offset;
+            if let Err(e) = part.roll(&mut inner, next) {
+                drop(inner);
+                part.poison();
+                return Err(e);
+            }
+            Ok(())
+        })
+        .await
     }
 }
 

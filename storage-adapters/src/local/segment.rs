@@ -159,6 +159,36 @@ pub(crate) fn read_frame(
     ))
 }
 
+/// Decodes the frame at the start of `buf` (a segment or object read into memory) and
+/// checks its CRC; `Truncated` when `buf` ends inside it.
+pub(crate) fn decode_frame(buf: &Bytes) -> Result<(FrameHeader, StoredBatch), FrameProblem> {
+    if buf.len() < FRAME_HEADER {
+        return Err(FrameProblem::Truncated);
+    }
+    let raw: &[u8; FRAME_HEADER] = buf[..FRAME_HEADER].try_into().expect("length checked");
+    let header = parse_header(raw).map_err(FrameProblem::Invalid)?;
+    let total = header.total_len() as usize;
+    if buf.len() < total {
+        return Err(FrameProblem::Truncated);
+    }
+    let crc = crc32c::crc32c(&buf[FRAME_PREFIX..total]);
+    if crc != header.crc {
+        return Err(FrameProblem::Invalid(format!(
+            "CRC32C mismatch (stored {:#010x}, computed {crc:#010x})",
+            header.crc
+        )));
+    }
+    Ok((
+        header,
+        StoredBatch {
+            base_offset: header.base_offset,
+            record_count: header.record_count,
+            max_timestamp_ms: header.max_ts,
+            payload: buf.slice(FRAME_HEADER..total),
+        },
+    ))
+}
+
 /// What a sealed segment's index file says about it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct SealedIndex {

@@ -1,0 +1,269 @@
+//! Object names and formats of the object-store log.
+//!
+//! ```text
+//! partitions/<stream>-<partition>.meta          incarnation u64, start offset i64, crc32c
+//! segments/<stream>-<partition>/<base>-<end>-<bytes>-<max ts hex>.log
+//!                                               a sealed local segment, byte for byte
+//! segments/<stream>-<partition>/<same stem>.idx its sparse index (optional: reads scan)
+//! wal/<sequence>.wal                            "TRBWAL01", then entries (shared ack only)
+//! ```
+//!
+//! Every fact needed to rebuild is in the names and the small marker objects, so a restart
+//! on an empty cache lists three prefixes and reads the markers and the few WAL objects.
+//! A WAL entry is `stream u64, partition u32, incarnation u64` (little-endian) followed by
+//! one frame in the segment format (its own length and CRC32C). The incarnation ties WAL
+//! entries and markers to one life of a partition, so entries of a deleted partition are
+//! never replayed into a new one with the same key.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::PartitionKey;
+use crate::local::segment::{FrameProblem, decode_frame, encode_frame};
+
+pub(crate) const WAL_MAGIC: &[u8; 8] = b"TRBWAL01";
+const WAL_ENTRY_KEY: usize = 8 + 4 + 8;
+
+pub(crate) fn marker_path(key: PartitionKey) -> String {
+    format!("partitions/{key}.meta")
+}
+
+pub(crate) fn segments_dir(key: PartitionKey) -> String {
+    format!("segments/{key}/")
+}
+
+pub(crate) fn wal_path(seq: u64) -> String {
+    format!("wal/{seq:020}.wal")
+}
+
+pub(crate) fn parse_wal_name(path: &str) -> Option<u64> {
+    path.strip_prefix("wal/")?
+        .strip_suffix(".wal")?
+        .parse()
+        .ok()
+}
+
+pub(crate) fn parse_partition(name: &str) -> Option<PartitionKey> {
+    let (s, p) = name.split_once('-')?;
+    Some(PartitionKey::new(s.parse().ok()?, p.parse().ok()?))
+}
+
+pub(crate) fn parse_marker_name(path: &str) -> Option<PartitionKey> {
+    parse_partition(path.strip_prefix("partitions/")?.strip_suffix(".meta")?)
+}
+
+/// What a partition's marker object holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Marker {
+    pub incarnation: u64,
+    pub start_offset: i64,
+}
+
+impl Marker {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20);
+        v.extend_from_slice(&self.incarnation.to_le_bytes());
+        v.extend_from_slice(&self.start_offset.to_le_bytes());
+        let crc = crc32c::crc32c(&v);
+        v.extend_from_slice(&crc.to_le_bytes());
+        v
+    }
+
+    pub fn decode(raw: &[u8]) -> Option<Self> {
+        if raw.len() != 20 || crc32c::crc32c(&raw[..16]).to_le_bytes() != raw[16..20] {
+            return None;
+        }
+        Some(Self {
+            incarnation: u64::from_le_bytes(raw[..8].try_into().ok()?),
+            start_offset: i64::from_le_bytes(raw[8..16].try_into().ok()?),
+        })
+    }
+}
+
+/// A sealed segment as named in the object store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct SegmentName {
+    pub base: i64,
+    pub end: i64,
+    pub size: u64,
+    pub max_ts: i64,
+}
+
+impl SegmentName {
+    fn stem(&self, key: PartitionKey) -> String {
+        format!(
+            "{}{:020}-{:020}-{}-{:016x}",
+            segments_dir(key),
+            self.base,
+            self.end,
+            self.size,
+            self.max_ts as u64
+        )
+    }
+
+    pub fn log_path(&self, key: PartitionKey) -> String {
+        format!("{}.log", self.stem(key))
+    }
+
+    pub fn index_path(&self, key: PartitionKey) -> String {
+        format!("{}.idx", self.stem(key))
+    }
+
+    /// Parses `segments/<key>/<stem>.log`; other names give `None`.
+    pub fn parse(path: &str) -> Option<(PartitionKey, Self)> {
+        let rest = path.strip_prefix("segments/")?;
+        let (dir, file) = rest.split_once('/')?;
+        let key = parse_partition(dir)?;
+        let stem = file.strip_suffix(".log")?;
+        let mut parts = stem.split('-');
+        let name = Self {
+            base: parts.next()?.parse().ok()?,
+            end: parts.next()?.parse().ok()?,
+            size: parts.next()?.parse().ok()?,
+            max_ts: u64::from_str_radix(parts.next()?, 16).ok()? as i64,
+        };
+        (parts.next().is_none() && name.end > name.base).then_some((key, name))
+    }
+}
+
+/// One batch of one partition inside a WAL object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct WalEntry {
+    pub key: PartitionKey,
+    pub incarnation: u64,
+    pub base_offset: i64,
+    pub record_count: u32,
+    pub max_ts: i64,
+    pub payload: Bytes,
+}
+
+impl WalEntry {
+    pub fn end_offset(&self) -> i64 {
+        self.base_offset + i64::from(self.record_count)
+    }
+}
+
+pub(crate) fn encode_wal(entries: &[WalEntry]) -> Bytes {
+    let size: usize = entries
+        .iter()
+        .map(|e| WAL_ENTRY_KEY + 64 + e.payload.len())
+        .sum();
+    let mut out = BytesMut::with_capacity(WAL_MAGIC.len() + size);
+    out.put_slice(WAL_MAGIC);
+    for e in entries {
+        out.put_u64_le(e.key.stream_id);
+        out.put_u32_le(e.key.partition);
+        out.put_u64_le(e.incarnation);
+        out.put_slice(&encode_frame(
+            e.base_offset,
+            e.record_count,
+            e.max_ts,
+            &e.payload,
+        ));
+    }
+    out.freeze()
+}
+
+/// Decodes a WAL object; an object that fails its checks is refused whole (it was written
+/// in one PUT, so damage means the store returned something else than was written).
+pub(crate) fn decode_wal(raw: Bytes) -> Result<Vec<WalEntry>, String> {
+    if raw.len() < WAL_MAGIC.len() || &raw[..WAL_MAGIC.len()] != WAL_MAGIC {
+        return Err("not a WAL object (bad magic)".into());
+    }
+    let mut pos = WAL_MAGIC.len();
+    let mut out = Vec::new();
+    while pos < raw.len() {
+        if raw.len() - pos < WAL_ENTRY_KEY {
+            return Err(format!("entry header cut at byte {pos}"));
+        }
+        let k = &raw[pos..pos + WAL_ENTRY_KEY];
+        let key = PartitionKey::new(
+            u64::from_le_bytes(k[..8].try_into().expect("8 bytes")),
+            u32::from_le_bytes(k[8..12].try_into().expect("4 bytes")),
+        );
+        let incarnation = u64::from_le_bytes(k[12..20].try_into().expect("8 bytes"));
+        pos += WAL_ENTRY_KEY;
+        let (header, batch) = decode_frame(&raw.slice(pos..)).map_err(|p| match p {
+            FrameProblem::Truncated => format!("frame cut at byte {pos}"),
+            FrameProblem::Invalid(why) => format!("bad frame at byte {pos}: {why}"),
+            FrameProblem::Io(e) => e.to_string(),
+        })?;
+        pos += header.total_len() as usize;
+        out.push(WalEntry {
+            key,
+            incarnation,
+            base_offset: batch.base_offset,
+            record_count: batch.record_count,
+            max_ts: batch.max_timestamp_ms,
+            payload: batch.payload,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        let key = PartitionKey::new(7, 3);
+        let seg = SegmentName {
+            base: 100,
+            end: 250,
+            size: 4096,
+            max_ts: i64::MIN,
+        };
+        assert_eq!(
+            SegmentName::parse(&seg.log_path(key)),
+            Some((key, seg.clone()))
+        );
+        assert_eq!(SegmentName::parse(&seg.index_path(key)), None);
+        let neg = SegmentName {
+            max_ts: -5,
+            ..seg.clone()
+        };
+        assert_eq!(SegmentName::parse(&neg.log_path(key)).unwrap().1, neg);
+        assert_eq!(parse_marker_name(&marker_path(key)), Some(key));
+        assert_eq!(parse_wal_name(&wal_path(42)), Some(42));
+        let m = Marker {
+            incarnation: 9,
+            start_offset: 77,
+        };
+        assert_eq!(Marker::decode(&m.encode()), Some(m));
+        let mut bad = m.encode();
+        bad[3] ^= 1;
+        assert_eq!(Marker::decode(&bad), None);
+    }
+
+    #[test]
+    fn wal_round_trip_and_damage() {
+        let entries = vec![
+            WalEntry {
+                key: PartitionKey::new(1, 0),
+                incarnation: 5,
+                base_offset: 10,
+                record_count: 2,
+                max_ts: 1000,
+                payload: Bytes::from_static(b"hello"),
+            },
+            WalEntry {
+                key: PartitionKey::new(2, 4),
+                incarnation: 6,
+                base_offset: 0,
+                record_count: 1,
+                max_ts: -1,
+                payload: Bytes::new(),
+            },
+        ];
+        let raw = encode_wal(&entries);
+        assert_eq!(decode_wal(raw.clone()).unwrap(), entries);
+        for cut in [3, WAL_MAGIC.len() + 5, raw.len() - 1] {
+            assert!(decode_wal(raw.slice(..cut)).is_err(), "cut at {cut}");
+        }
+        let mut flipped = raw.to_vec();
+        let last = flipped.len() - 2;
+        flipped[last] ^= 0x40;
+        assert!(decode_wal(Bytes::from(flipped)).is_err());
+        assert_eq!(decode_wal(Bytes::from_static(WAL_MAGIC)).unwrap(), vec![]);
+    }
+}

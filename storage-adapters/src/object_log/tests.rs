@@ -1,0 +1,394 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use super::*;
+
+fn batch(n: u32, ts: i64, body: &str) -> BatchToAppend {
+    BatchToAppend {
+        record_count: n,
+        max_timestamp_ms: ts,
+        payload: Bytes::from(body.to_string()),
+    }
+}
+
+fn fs_operator(dir: &std::path::Path) -> Operator {
+    Operator::via_iter("fs", [("root".to_string(), dir.display().to_string())]).unwrap()
+}
+
+fn config(ack: AckPoint) -> ObjectLogConfig {
+    ObjectLogConfig {
+        ack,
+        upload_interval: Duration::from_millis(20),
+        // Long enough that only explicit ship_all calls seal.
+        seal_interval: Duration::from_secs(3600),
+        cached_segments: 1,
+        cache: LocalLogConfig {
+            segment_bytes: 300,
+            ..LocalLogConfig::default()
+        },
+        ..ObjectLogConfig::default()
+    }
+}
+
+async fn append(store: &ObjectLogStore, key: PartitionKey, b: BatchToAppend) -> i64 {
+    let n = i64::from(b.record_count);
+    let base = store.append(key, b).await.unwrap();
+    store.wait_durable(key, base + n).await.unwrap();
+    base
+}
+
+async fn read_all(store: &ObjectLogStore, key: PartitionKey, from: i64) -> Vec<StoredBatch> {
+    let mut out = Vec::new();
+    let mut at = from;
+    loop {
+        let batches = store.read(key, at, 100).await.unwrap();
+        let Some(last) = batches.last() else { break };
+        at = last.next_offset();
+        out.extend(batches);
+    }
+    out
+}
+
+#[tokio::test]
+async fn shipped_segments_serve_reads_after_eviction() {
+    let bucket = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(1, 0);
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        config(AckPoint::Local),
+    )
+    .await
+    .unwrap();
+    store.create_partition(key).await.unwrap();
+    let mut expected = Vec::new();
+    for i in 0..40 {
+        let body = format!("record-{i:03}-{}", "x".repeat(i % 7 * 10));
+        let base = append(&store, key, batch(2, 1000 + i as i64, &body)).await;
+        assert_eq!(base, i as i64 * 2);
+        expected.push(body);
+    }
+    store.ship_all().await.unwrap();
+    let shipped = store.shipped_end(key).unwrap();
+    assert_eq!(shipped, 80, "every record is in a shipped segment");
+    let cached_start = store.shared.cache.bounds(key).await.unwrap().start_offset;
+    assert!(cached_start > 0, "old segments were evicted from the cache");
+    let got = read_all(&store, key, 0).await;
+    let bodies: Vec<String> = got
+        .iter()
+        .map(|b| String::from_utf8(b.payload.to_vec()).unwrap())
+        .collect();
+    assert_eq!(bodies, expected, "reads cross from objects into the cache");
+    // A read starting inside a batch returns that batch.
+    let mid = store.read(key, 5, 1).await.unwrap();
+    assert_eq!(mid[0].base_offset, 4);
+    assert_eq!(
+        store.offset_for_timestamp(key, 1003).await.unwrap(),
+        Some(6)
+    );
+    assert_eq!(
+        store.offset_for_timestamp(key, 1039).await.unwrap(),
+        Some(78)
+    );
+    assert_eq!(store.offset_for_timestamp(key, 5000).await.unwrap(), None);
+    let b = store.bounds(key).await.unwrap();
+    assert_eq!((b.start_offset, b.end_offset), (0, 80));
+    // Retention drops whole segments and moves the start.
+    let start = store.truncate_prefix(key, 33).await.unwrap();
+    assert_eq!(start, 33);
+    assert!(store.read(key, 10, 100).await.is_err());
+    assert_eq!(store.read(key, 33, 1).await.unwrap()[0].base_offset, 32);
+    store.close().await.unwrap();
+    drop(store);
+    // A restart on an empty cache finds everything shipped, from the new start.
+    let empty = tempfile::tempdir().unwrap();
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        empty.path(),
+        config(AckPoint::Local),
+    )
+    .await
+    .unwrap();
+    let b = store.bounds(key).await.unwrap();
+    assert_eq!((b.start_offset, b.end_offset), (33, 80));
+    let got = read_all(&store, key, 33).await;
+    assert_eq!(got.first().unwrap().base_offset, 32);
+    assert_eq!(got.last().unwrap().next_offset(), 80);
+    assert_eq!(append(&store, key, batch(1, 1, "after")).await, 80);
+    store.close().await.unwrap();
+}
+
+#[tokio::test]
+async fn shared_ack_survives_the_loss_of_the_cache() {
+    let bucket = tempfile::tempdir().unwrap();
+    let keys = [
+        PartitionKey::new(1, 0),
+        PartitionKey::new(1, 1),
+        PartitionKey::new(2, 0),
+    ];
+    {
+        let cache = tempfile::tempdir().unwrap();
+        let store = ObjectLogStore::open(
+            fs_operator(bucket.path()),
+            "fs",
+            cache.path(),
+            config(AckPoint::Shared),
+        )
+        .await
+        .unwrap();
+        for key in keys {
+            store.create_partition(key).await.unwrap();
+        }
+        // Concurrent appends across partitions share WAL objects.
+        let store = Arc::new(store);
+        let mut tasks = Vec::new();
+        for (k, key) in keys.into_iter().enumerate() {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..30 {
+                    append(&store, key, batch(1, i, &format!("{k}-{i}"))).await;
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        // Ship part of one partition so the rebuild joins segments and WAL.
+        store.ship_all().await.unwrap();
+        for i in 30..35 {
+            append(&store, keys[0], batch(1, i, &format!("0-{i}"))).await;
+        }
+        // The machine is lost: no close, the cache directory is gone.
+        drop(store);
+    }
+    let cache = tempfile::tempdir().unwrap();
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        config(AckPoint::Shared),
+    )
+    .await
+    .unwrap();
+    for (k, key) in keys.into_iter().enumerate() {
+        let want = if k == 0 { 35 } else { 30 };
+        let got = read_all(&store, key, 0).await;
+        let bodies: Vec<String> = got
+            .iter()
+            .map(|b| String::from_utf8(b.payload.to_vec()).unwrap())
+            .collect();
+        let expected: Vec<String> = (0..want).map(|i| format!("{k}-{i}")).collect();
+        assert_eq!(bodies, expected, "partition {key}");
+    }
+    assert_eq!(append(&store, keys[0], batch(1, 0, "next")).await, 35);
+    store.close().await.unwrap();
+}
+
+mod model {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    const P: PartitionKey = PartitionKey {
+        stream_id: 3,
+        partition: 1,
+    };
+
+    #[derive(Debug, Clone)]
+    enum Action {
+        Append {
+            count: u32,
+            ts: i64,
+            len: usize,
+        },
+        Read {
+            at_pct: u8,
+            max_bytes: usize,
+        },
+        Truncate {
+            at_pct: u8,
+        },
+        Retain {
+            max_bytes: u64,
+        },
+        Ship,
+        CleanRestart,
+        CrashRestart,
+        /// Shared ack only: the machine is lost, the cache directory with it.
+        LoseCache,
+    }
+
+    fn action() -> impl Strategy<Value = Action> {
+        prop_oneof![
+            8 => (1u32..5, 0i64..1000, 0usize..120).prop_map(|(count, ts, len)| Action::Append { count, ts, len }),
+            3 => (0u8..=100, 1usize..400).prop_map(|(at_pct, max_bytes)| Action::Read { at_pct, max_bytes }),
+            1 => (0u8..=100).prop_map(|at_pct| Action::Truncate { at_pct }),
+            1 => (100u64..2000).prop_map(|max_bytes| Action::Retain { max_bytes }),
+            2 => Just(Action::Ship),
+            1 => Just(Action::CleanRestart),
+            1 => Just(Action::CrashRestart),
+            1 => Just(Action::LoseCache),
+        ]
+    }
+
+    #[derive(Default)]
+    struct Model {
+        batches: Vec<StoredBatch>,
+        start: i64,
+        next: i64,
+    }
+
+    fn rt() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    async fn run(ack: AckPoint, actions: Vec<Action>) -> Result<(), TestCaseError> {
+        let bucket = tempfile::tempdir().unwrap();
+        let mut cache = tempfile::tempdir().unwrap();
+        let open = |cache: &std::path::Path| {
+            ObjectLogStore::open(
+                fs_operator(bucket.path()),
+                "fs",
+                cache.to_path_buf(),
+                config(ack),
+            )
+        };
+        let mut store = open(cache.path()).await.unwrap();
+        store.create_partition(P).await.unwrap();
+        let mut m = Model::default();
+        // A hang names its step instead of stalling the test run.
+        let progress = Arc::new(parking_lot::Mutex::new((
+            String::new(),
+            std::time::Instant::now(),
+        )));
+        let watched = Arc::downgrade(&progress);
+        std::thread::spawn(move || {
+            while let Some(p) = watched.upgrade() {
+                let (step, since) = p.lock().clone();
+                if since.elapsed() > Duration::from_secs(30) {
+                    // Output capture is inherited by this thread and lost on abort.
+                    use std::io::Write;
+                    let _ = writeln!(
+                        std::io::stderr().lock(),
+                        "object log model test hangs at {step}"
+                    );
+                    let _ = std::fs::write(
+                        std::env::temp_dir().join("object-log-model-hang.txt"),
+                        &step,
+                    );
+                    std::process::abort();
+                }
+                drop(p);
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        });
+        for (i, act) in actions.into_iter().enumerate() {
+            *progress.lock() = (format!("step {i}: {act:?}"), std::time::Instant::now());
+            match act {
+                Action::Append { count, ts, len } => {
+                    let payload: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+                    let b = BatchToAppend {
+                        record_count: count,
+                        max_timestamp_ms: ts,
+                        payload: payload.clone().into(),
+                    };
+                    let base = append(&store, P, b).await;
+                    prop_assert_eq!(base, m.next);
+                    m.batches.push(StoredBatch {
+                        base_offset: base,
+                        record_count: count,
+                        max_timestamp_ms: ts,
+                        payload: payload.into(),
+                    });
+                    m.next += i64::from(count);
+                }
+                Action::Read { at_pct, max_bytes } => {
+                    let at = m.start + (m.next - m.start) * i64::from(at_pct) / 100;
+                    let got = store.read(P, at, max_bytes).await.unwrap();
+                    let expect: Vec<_> =
+                        m.batches.iter().filter(|b| b.next_offset() > at).collect();
+                    prop_assert_eq!(got.is_empty(), expect.is_empty());
+                    for (g, e) in got.iter().zip(expect.iter()) {
+                        prop_assert_eq!(g, *e);
+                    }
+                    let total: usize = got.iter().map(|b| b.payload.len()).sum();
+                    if got.len() > 1 {
+                        prop_assert!(total <= max_bytes);
+                    }
+                }
+                Action::Truncate { at_pct } => {
+                    let at = m.start + (m.next - m.start) * i64::from(at_pct) / 100;
+                    let start = store.truncate_prefix(P, at).await.unwrap();
+                    m.start = m.start.max(at);
+                    prop_assert_eq!(start, m.start);
+                    m.batches.retain(|b| b.next_offset() > m.start);
+                }
+                Action::Retain { max_bytes } => {
+                    let policy = RetentionPolicy {
+                        max_age_ms: None,
+                        max_bytes: Some(max_bytes),
+                        now_ms: 0,
+                    };
+                    let start = store.apply_retention(P, policy).await.unwrap();
+                    prop_assert!(start >= m.start);
+                    m.start = start;
+                    m.batches.retain(|b| b.next_offset() > m.start);
+                }
+                Action::Ship => store.ship_all().await.unwrap(),
+                Action::CleanRestart => {
+                    store.close().await.unwrap();
+                    drop(store);
+                    store = open(cache.path()).await.unwrap();
+                }
+                Action::CrashRestart => {
+                    store.abandon().await;
+                    drop(store);
+                    store = open(cache.path()).await.unwrap();
+                }
+                Action::LoseCache => {
+                    if ack != AckPoint::Shared {
+                        continue;
+                    }
+                    store.abandon().await;
+                    drop(store);
+                    cache = tempfile::tempdir().unwrap();
+                    store = open(cache.path()).await.unwrap();
+                }
+            }
+            let bounds = store.bounds(P).await.unwrap();
+            prop_assert_eq!(bounds.end_offset, m.next, "end after step {}", i);
+            prop_assert_eq!(bounds.start_offset, m.start, "start after step {}", i);
+        }
+        *progress.lock() = ("final read and close".into(), std::time::Instant::now());
+        let all = read_all(&store, P, m.start).await;
+        prop_assert_eq!(all.len(), m.batches.len());
+        for (g, e) in all.iter().zip(m.batches.iter()) {
+            prop_assert_eq!(g, e);
+        }
+        store.close().await.unwrap();
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+        #[test]
+        fn local_ack_log_matches_model(actions in proptest::collection::vec(action(), 1..50)) {
+            rt().block_on(run(AckPoint::Local, actions))?;
+        }
+
+        #[test]
+        fn shared_ack_log_matches_model(actions in proptest::collection::vec(action(), 1..50)) {
+            rt().block_on(run(AckPoint::Shared, actions))?;
+        }
+    }
+}
