@@ -21,7 +21,9 @@ use bytes::Bytes;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tonic::{Code, Status};
 
-use crate::remote::{CONNECT_TIMEOUT, OP_TIMEOUT, Origin, check_namespace};
+use crate::remote::{
+    CONNECT_TIMEOUT, OP_TIMEOUT, Origin, check_namespace, one_line, unknown_outcome,
+};
 use crate::{Check, MetaStore, Op, Result, StorageError};
 
 #[allow(clippy::all, clippy::pedantic)]
@@ -98,7 +100,12 @@ impl EtcdMetaStore {
         // KV API and has a leader.
         store
             .origin
-            .deadline("connect", CONNECT_TIMEOUT, store.range_once(b"", 1))
+            .deadline("connect", CONNECT_TIMEOUT, async {
+                store
+                    .range_once(b"", 1)
+                    .await
+                    .map_err(|s| store.status_error("does not answer as an etcd v3 server", &s))
+            })
             .await?;
         tracing::info!(url = %store.origin.url, namespace, "connected to etcd");
         Ok(store)
@@ -109,19 +116,13 @@ impl EtcdMetaStore {
     }
 
     /// A Range of the single key `key` (relative to the namespace), at most `limit` entries.
-    async fn range_once(&self, key: &[u8], limit: i64) -> Result<Vec<pb::KeyValue>> {
+    async fn range_once(&self, key: &[u8], limit: i64) -> Result<Vec<pb::KeyValue>, Status> {
         let req = pb::RangeRequest {
             key: self.key(key).into(),
             limit,
             ..Default::default()
         };
-        let resp = self
-            .client
-            .clone()
-            .range(req)
-            .await
-            .map_err(|s| self.status_error("read", &s))?;
-        Ok(resp.into_inner().kvs)
+        Ok(self.client.clone().range(req).await?.into_inner().kvs)
     }
 
     fn status_error(&self, what: &str, status: &Status) -> StorageError {
@@ -134,12 +135,20 @@ impl EtcdMetaStore {
             )
         } else if status.code() == Code::Unavailable {
             format!("unavailable: {msg}{}", source_suffix(status))
-        } else if matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled) {
-            format!("{msg} (the outcome of a write is unknown)")
+        } else if status.code() == Code::DeadlineExceeded
+            // tonic's own deadline (Endpoint::timeout) surfaces as Cancelled.
+            || (status.code() == Code::Cancelled && msg.contains("Timeout expired"))
+        {
+            format!(
+                "no answer within {} s ({msg}){}",
+                OP_TIMEOUT.as_secs(),
+                unknown_outcome(what)
+            )
         } else {
             format!("{:?}: {msg}{}", status.code(), source_suffix(status))
         };
-        self.origin.error(format_args!("{what}: {reason}"))
+        self.origin
+            .error(format_args!("{what}: {}", one_line(reason)))
     }
 }
 
@@ -187,7 +196,11 @@ impl MetaStore for EtcdMetaStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
         let kvs = self
             .origin
-            .deadline("get", OP_TIMEOUT, self.range_once(key, 1))
+            .deadline("get", OP_TIMEOUT, async {
+                self.range_once(key, 1)
+                    .await
+                    .map_err(|s| self.status_error("get", &s))
+            })
             .await?;
         Ok(kvs.into_iter().next().map(|kv| kv.value))
     }

@@ -20,7 +20,9 @@ use bytes::Bytes;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 
-use crate::remote::{CONNECT_TIMEOUT, OP_TIMEOUT, Origin, check_namespace};
+use crate::remote::{
+    CONNECT_TIMEOUT, OP_TIMEOUT, Origin, check_namespace, one_line, unknown_outcome,
+};
 use crate::{Check, MetaStore, Op, Result, StorageError};
 
 // KEYS[1] is the hash of values, KEYS[2] the sorted set of keys. ARGV[1] is the number of checks;
@@ -110,11 +112,11 @@ impl RedisMetaStore {
                 let mut conn = client
                     .get_multiplexed_async_connection_with_config(&probe)
                     .await
-                    .map_err(|e| origin.error(format_args!("cannot connect: {e}")))?;
+                    .map_err(|e| origin.error(format_args!("cannot connect: {}", one_line(e))))?;
                 redis::cmd("PING")
                     .query_async::<()>(&mut conn)
                     .await
-                    .map_err(|e| origin.error(format_args!("PING: {e}")))
+                    .map_err(|e| origin.error(format_args!("PING: {}", one_line(e))))
             })
             .await?;
         // After a lost connection the manager reconnects in the background and the next call
@@ -129,7 +131,7 @@ impl RedisMetaStore {
             .deadline("connect", CONNECT_TIMEOUT, async {
                 ConnectionManager::new_with_config(client, config)
                     .await
-                    .map_err(|e| origin.error(format_args!("cannot connect: {e}")))
+                    .map_err(|e| origin.error(format_args!("cannot connect: {}", one_line(e))))
             })
             .await?;
         tracing::info!(url = %origin.url, namespace, "connected to redis");
@@ -144,12 +146,14 @@ impl RedisMetaStore {
     }
 
     fn error(&self, what: &str, e: &RedisError) -> StorageError {
-        let hint = if e.is_timeout() {
-            " (the outcome of a write is unknown)"
-        } else {
-            ""
-        };
-        self.origin.error(format_args!("{what}: {e}{hint}"))
+        if e.is_timeout() {
+            return self.origin.error(format_args!(
+                "{what}: no answer within {} s{}",
+                OP_TIMEOUT.as_secs(),
+                unknown_outcome(what)
+            ));
+        }
+        self.origin.error(format_args!("{what}: {}", one_line(e)))
     }
 }
 

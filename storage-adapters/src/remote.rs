@@ -64,11 +64,29 @@ impl Origin {
         match tokio::time::timeout(limit, fut).await {
             Ok(r) => r,
             Err(_) => Err(self.error(format_args!(
-                "{what} got no answer within {} s (the outcome of a write is unknown)",
-                limit.as_secs()
+                "{what}: no answer within {} s{}",
+                limit.as_secs(),
+                unknown_outcome(what)
             ))),
         }
     }
+}
+
+/// What a failed write leaves behind: a txn whose answer never came may have been applied.
+pub(crate) fn unknown_outcome(what: &str) -> &'static str {
+    if what == "txn" {
+        " (it may or may not have been applied)"
+    } else {
+        ""
+    }
+}
+
+/// One line, whatever a client library put in its message.
+pub(crate) fn one_line(text: impl std::fmt::Display) -> String {
+    text.to_string()
+        .split_whitespace()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 pub(crate) fn check_namespace(store: &str, namespace: &str) -> Result<()> {
