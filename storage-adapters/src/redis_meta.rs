@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use redis::{AsyncConnectionConfig, Client, RedisError, Script};
 
 use crate::remote::{
@@ -116,7 +116,8 @@ impl RedisMetaStore {
                 redis::cmd("PING")
                     .query_async::<()>(&mut conn)
                     .await
-                    .map_err(|e| origin.error(format_args!("PING: {}", one_line(e))))
+                    .map_err(|e| origin.error(format_args!("PING: {}", one_line(e))))?;
+                check_settings(&origin, &mut conn).await
             })
             .await?;
         // After a lost connection the manager reconnects in the background and the next call
@@ -155,6 +156,48 @@ impl RedisMetaStore {
         }
         self.origin.error(format_args!("{what}: {}", one_line(e)))
     }
+}
+
+/// A server setting, or `None` where CONFIG is not allowed (managed services often rename or
+/// disable it).
+async fn config_get(conn: &mut MultiplexedConnection, name: &str) -> Option<String> {
+    let pair: Vec<String> = redis::cmd("CONFIG")
+        .arg("GET")
+        .arg(name)
+        .query_async(conn)
+        .await
+        .ok()?;
+    pair.into_iter().nth(1)
+}
+
+/// Refuses a server that would evict metadata under memory pressure, and says how durable an
+/// acknowledged txn is.
+async fn check_settings(origin: &Origin, conn: &mut MultiplexedConnection) -> Result<()> {
+    let policy = config_get(conn, "maxmemory-policy").await;
+    // volatile-* policies only evict keys with a TTL, and the store sets none.
+    if let Some(p) = policy.as_deref().filter(|p| p.starts_with("allkeys-")) {
+        return Err(origin.error(format_args!(
+            "maxmemory-policy is {p}: the server may evict metadata when full; set it to noeviction"
+        )));
+    }
+    let aof = config_get(conn, "appendonly").await;
+    let fsync = config_get(conn, "appendfsync").await;
+    match (aof.as_deref(), fsync.as_deref()) {
+        (Some("yes"), Some("always")) => {}
+        (Some("yes"), Some(f)) => tracing::warn!(
+            url = %origin.url,
+            "redis runs with appendfsync {f}: it acknowledges before the append-only file is fsynced, so a machine crash can lose the last acknowledged metadata writes (set appendfsync always)"
+        ),
+        (Some(_), _) => tracing::warn!(
+            url = %origin.url,
+            "redis runs without the append-only file: a restart loses every metadata write since its last snapshot (set appendonly yes and appendfsync always)"
+        ),
+        (None, _) => tracing::info!(
+            url = %origin.url,
+            "redis does not allow CONFIG GET: its durability settings are unknown (metadata needs appendonly yes and appendfsync always)"
+        ),
+    }
+    Ok(())
 }
 
 #[async_trait]

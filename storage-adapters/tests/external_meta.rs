@@ -435,3 +435,38 @@ store_tests!(
 async fn etcd_oversized_txn_is_refused_whole() {
     etcd_refuses_an_oversized_txn_whole().await;
 }
+
+/// A Redis that evicts any key when full (allkeys-*) would drop metadata silently: connect
+/// refuses it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_refuses_a_server_that_evicts_keys() {
+    let Some(url) = Store::Redis.url() else {
+        return;
+    };
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let set = |policy: &'static str| {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .clone()
+    };
+    set("allkeys-lru")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let result = Store::Redis.connect(&url, "evicts").await;
+    set("noeviction")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let err = result
+        .err()
+        .expect("connect refuses allkeys-lru")
+        .to_string();
+    assert!(
+        err.contains("noeviction") && err.contains("allkeys-lru"),
+        "{err}"
+    );
+}
