@@ -1,4 +1,4 @@
-//! A [`MetaStore`] on Redis (or a server speaking its protocol, such as Valkey).
+//! A [`MetaStore`] on Redis.
 //!
 //! A namespace is two Redis keys: the hash `namespace/kv` (key → value) and the sorted set
 //! `namespace/keys` holding every key with score 0. Members of equal score sort by memcmp, so
@@ -6,12 +6,11 @@
 //! which Redis runs atomically: a [`MetaStore::txn`] checks all its conditions before its first
 //! write, and a scan never sees half a txn.
 //!
-//! Durability is the server's: Redis acknowledges a script once it is in memory and, with
-//! `appendonly yes`, in the append-only file. Only with `appendfsync always` is that file fsynced
-//! before the answer; with `everysec` (Redis's default) an acknowledged txn can be lost in the last
-//! second before a machine crash (a crash of the process alone loses nothing once the AOF is on),
-//! and with the AOF off everything since the last RDB snapshot is lost. Replication to replicas is
-//! asynchronous: a failover can lose acknowledged txns. docs/storage.md has the server settings.
+//! Durability is the server's configuration. Only with `appendonly yes` and `appendfsync always`
+//! does Redis fsync the append-only file before it answers; with `everysec` (Redis's default) the
+//! last second or two of acknowledged txns can be lost in a machine crash, and with the AOF off
+//! everything since the last RDB snapshot is lost. Replication to replicas is asynchronous: a
+//! failover can lose acknowledged txns. docs/storage.md has the server settings.
 
 use std::time::Duration;
 
@@ -74,7 +73,7 @@ end
 return out
 ";
 
-/// The metadata store on a Redis server (6.0 or later; one primary, not Redis Cluster).
+/// The metadata store on a Redis server (one primary, not Redis Cluster; tested with 7.0).
 #[derive(Clone)]
 pub struct RedisMetaStore {
     conn: ConnectionManager,
