@@ -6,7 +6,11 @@
 # crash test kills the server with SIGKILL and starts it again through them.
 
 etcd_install() {
-    [[ -x /usr/bin/etcd ]] || stores_apt etcd-server
+    [[ -x /usr/bin/etcd ]] && return 0
+    stores_apt etcd-server || return 1
+    # The package's service is called etcd, not etcd-server (which stores_apt stops): the tests
+    # start their own instance, so a system one is not left running on 2379.
+    as_root service etcd stop >/dev/null 2>&1 || true
 }
 
 etcd_start() {
