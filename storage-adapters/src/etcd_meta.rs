@@ -102,7 +102,7 @@ impl EtcdMetaStore {
             .origin
             .deadline("connect", CONNECT_TIMEOUT, async {
                 store
-                    .range_once(b"", 1)
+                    .get_one(b"")
                     .await
                     .map_err(|s| store.status_error("does not answer as an etcd v3 server", &s))
             })
@@ -115,14 +115,14 @@ impl EtcdMetaStore {
         [&self.prefix[..], key].concat()
     }
 
-    /// A Range of the single key `key` (relative to the namespace), at most `limit` entries.
-    async fn range_once(&self, key: &[u8], limit: i64) -> Result<Vec<pb::KeyValue>, Status> {
+    /// One key (relative to the namespace), by a linearizable Range.
+    async fn get_one(&self, key: &[u8]) -> Result<Option<Bytes>, Status> {
         let req = pb::RangeRequest {
             key: self.key(key).into(),
-            limit,
             ..Default::default()
         };
-        Ok(self.client.clone().range(req).await?.into_inner().kvs)
+        let kvs = self.client.clone().range(req).await?.into_inner().kvs;
+        Ok(kvs.into_iter().next().map(|kv| kv.value))
     }
 
     fn status_error(&self, what: &str, status: &Status) -> StorageError {
@@ -194,15 +194,13 @@ fn compare(key: Vec<u8>, expected: Option<Vec<u8>>) -> pb::Compare {
 #[async_trait]
 impl MetaStore for EtcdMetaStore {
     async fn get(&self, key: &[u8]) -> Result<Option<Bytes>> {
-        let kvs = self
-            .origin
+        self.origin
             .deadline("get", OP_TIMEOUT, async {
-                self.range_once(key, 1)
+                self.get_one(key)
                     .await
                     .map_err(|s| self.status_error("get", &s))
             })
-            .await?;
-        Ok(kvs.into_iter().next().map(|kv| kv.value))
+            .await
     }
 
     async fn scan(&self, start: &[u8], end: &[u8], limit: usize) -> Result<Vec<(Vec<u8>, Bytes)>> {
