@@ -70,11 +70,13 @@ impl EtcdMetaStore {
             .connect_timeout(CONNECT_TIMEOUT)
             // The server is told the deadline too, so it drops work nobody waits for.
             .timeout(OP_TIMEOUT)
-            // Notices a dead peer (a partitioned or killed server) on an idle connection, so
-            // the next call reconnects instead of waiting out its deadline.
-            .http2_keep_alive_interval(Duration::from_secs(10))
-            .keep_alive_timeout(Duration::from_secs(5))
-            .keep_alive_while_idle(true);
+            // Pings while a call waits notice a dead peer (a partitioned server) before the
+            // call's deadline, and the next call reconnects. Not while idle: etcd's gRPC server
+            // permits no pings without a call in flight and closes the connection of a client
+            // that keeps sending them; nor more often than its --grpc-keepalive-min-time (5 s).
+            .http2_keep_alive_interval(Duration::from_secs(6))
+            .keep_alive_timeout(Duration::from_secs(3))
+            .keep_alive_while_idle(false);
         if url.starts_with("https://") {
             endpoint = endpoint
                 .tls_config(ClientTlsConfig::new().with_native_roots())
