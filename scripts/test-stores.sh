@@ -27,6 +27,7 @@ export TRIBUTARY_REQUIRE_STORES=1
 run_etcd() {
     stores_install etcd
     etcd_start
+    etcd_cluster_start
     cargo test -p tributary-storage --locked --test external_meta -- etcd --test-threads 1 --show-output
 }
 

@@ -50,3 +50,48 @@ SH
 etcd_stop() {
     stores_kill_pidfile "$STORES_DIR/etcd/pid"
 }
+
+# A three-member cluster for the failover test: exports TRIBUTARY_TEST_ETCD_CLUSTER_URLS (the
+# members' client URLs, comma-separated) and TRIBUTARY_TEST_ETCD_CLUSTER_CTL (the directory with
+# each member's pid in m0.pid, m1.pid, m2.pid).
+etcd_cluster_start() {
+    etcd_cluster_stop
+    local d="$STORES_DIR/etcd-cluster" i init="" urls=""
+    local -a client peer
+    rm -rf "$d"
+    mkdir -p "$d"
+    for i in 0 1 2; do
+        client[i]=$(free_port)
+        peer[i]=$(free_port)
+        init+="${init:+,}m$i=http://127.0.0.1:${peer[i]}"
+        urls+="${urls:+,}http://127.0.0.1:${client[i]}"
+    done
+    # Each member from a subshell: not a job of this shell, so its kill -9 by the test is not
+    # reported here.
+    for i in 0 1 2; do
+        (nohup /usr/bin/etcd --name "m$i" --data-dir "$d/m$i" \
+            --listen-client-urls "http://127.0.0.1:${client[i]}" \
+            --advertise-client-urls "http://127.0.0.1:${client[i]}" \
+            --listen-peer-urls "http://127.0.0.1:${peer[i]}" \
+            --initial-advertise-peer-urls "http://127.0.0.1:${peer[i]}" \
+            --initial-cluster "$init" --initial-cluster-state new \
+            --max-txn-ops 65536 --max-request-bytes 10485760 \
+            --logger zap --log-outputs stderr >> "$d/m$i.log" 2>&1 < /dev/null &
+            echo $! > "$d/m$i.pid")
+    done
+    for i in 0 1 2; do
+        if ! wait_port 127.0.0.1 "${client[i]}" 30; then
+            tail -20 "$d/m$i.log" >&2
+            return 1
+        fi
+    done
+    stores_started etcd_cluster
+    export TRIBUTARY_TEST_ETCD_CLUSTER_URLS="$urls"
+    export TRIBUTARY_TEST_ETCD_CLUSTER_CTL="$d"
+    echo "== etcd cluster of three on $urls"
+}
+
+etcd_cluster_stop() {
+    local i
+    for i in 0 1 2; do stores_kill_pidfile "$STORES_DIR/etcd-cluster/m$i.pid"; done
+}

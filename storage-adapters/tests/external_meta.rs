@@ -477,3 +477,97 @@ async fn redis_refuses_a_server_that_evicts_keys() {
         "{err}"
     );
 }
+
+/// With several members in the URL, losing the member in use costs a failed call or two; the
+/// calls after go to another member. A new connect skips a dead member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_cluster_fails_over_to_another_member() {
+    let var = "TRIBUTARY_TEST_ETCD_CLUSTER_URLS";
+    let urls = match std::env::var(var) {
+        Ok(u) if !u.is_empty() => u,
+        _ if std::env::var("TRIBUTARY_REQUIRE_STORES").as_deref() == Ok("1") => {
+            panic!("{var} is not set and TRIBUTARY_REQUIRE_STORES=1")
+        }
+        _ => {
+            return skipped(&format!(
+                "{var} is not set (scripts/test-stores.sh starts a cluster)"
+            ));
+        }
+    };
+    let ctl =
+        PathBuf::from(std::env::var("TRIBUTARY_TEST_ETCD_CLUSTER_CTL").expect("CTL with URLS"));
+    let ns = fresh_namespace("failover");
+    let s = EtcdMetaStore::connect(&urls, &ns).await.unwrap();
+    let first_port = port_of(urls.split(',').next().unwrap());
+    s.put(b"n", &0u64.to_be_bytes()).await.unwrap();
+    let (mut acked, mut errors, mut n) = (0u64, 0u64, 0u64);
+    let mut killed = false;
+    let started = Instant::now();
+    // Increments until 200 have been acknowledged after the kill.
+    let mut acked_after_kill = 0;
+    while acked_after_kill < 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "failover within 60 s"
+        );
+        if acked == 100 && !killed {
+            // The store talks to the first member that answered at connect: the first listed.
+            let pid = std::fs::read_to_string(ctl.join("m0.pid")).unwrap();
+            assert!(
+                std::process::Command::new("kill")
+                    .args(["-9", pid.trim()])
+                    .status()
+                    .unwrap()
+                    .success()
+            );
+            killed = true;
+            wait_until(
+                "the killed member's port to close",
+                Duration::from_secs(10),
+                || !answers(first_port),
+            )
+            .await;
+        }
+        match s
+            .compare_and_set(b"n", Some(&n.to_be_bytes()), Some(&(n + 1).to_be_bytes()))
+            .await
+        {
+            Ok(true) => {
+                n += 1;
+                acked += 1;
+                if killed {
+                    acked_after_kill += 1;
+                }
+            }
+            // A txn that failed with an unknown outcome was applied after all.
+            Ok(false) => {
+                let cur = s.get(b"n").await.unwrap().unwrap();
+                n = u64::from_be_bytes(cur[..].try_into().unwrap());
+            }
+            Err(e) => {
+                errors += 1;
+                eprintln!("etcd cluster: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+    eprintln!(
+        "etcd cluster: {acked} increments acknowledged, {errors} failed calls around the kill"
+    );
+    assert!(
+        errors <= 3,
+        "{errors} failed calls: failover should cost one or two"
+    );
+    let end = u64::from_be_bytes(s.get(b"n").await.unwrap().unwrap()[..].try_into().unwrap());
+    assert!(
+        end >= acked && end <= acked + errors,
+        "the counter ({end}) counts every acknowledged increment ({acked}) and at most the failed ones"
+    );
+    // A new store on the same list skips the dead first member.
+    let again = EtcdMetaStore::connect(&urls, &ns).await.unwrap();
+    assert_eq!(
+        again.get(b"n").await.unwrap().as_deref(),
+        Some(&end.to_be_bytes()[..])
+    );
+    again.delete(b"n").await.unwrap();
+}
