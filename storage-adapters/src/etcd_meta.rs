@@ -239,7 +239,9 @@ impl EtcdMetaStore {
         let msg = status.message();
         let reason = if msg.contains("too many operations in txn request") {
             "etcd refused the transaction: more ops than the server's --max-txn-ops (128 by default; see docs/storage.md)".to_string()
-        } else if msg.contains("request is too large") || status.code() == Code::ResourceExhausted {
+        } else if msg.contains("database space exceeded") {
+            "etcd's database reached --quota-backend-bytes and refuses writes: compact, defragment and disarm the NOSPACE alarm (see docs/storage.md)".to_string()
+        } else if msg.contains("request is too large") || msg.contains("larger than max") {
             format!(
                 "etcd refused the request as too large ({msg}); raise the server's --max-request-bytes (1.5 MiB by default; see docs/storage.md)"
             )
