@@ -42,6 +42,21 @@ stores_apt() { # package...
 
 stores_started() { STORES_STARTED+=("$1"); }
 
+# Stops the server whose pid a NAME_start wrote to a file: a crash test may have killed and
+# restarted it, so it is not necessarily a child of this shell. SIGTERM, then SIGKILL after 5 s.
+stores_kill_pidfile() { # pidfile
+    local pid i
+    [[ -f "$1" ]] || return 0
+    pid=$(cat "$1")
+    rm -f "$1"
+    kill "$pid" 2>/dev/null || return 0
+    for i in $(seq 50); do
+        kill -0 "$pid" 2>/dev/null || return 0
+        sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+}
+
 stores_stop() {
     local s
     for s in "${STORES_STARTED[@]}"; do "${s}_stop" || true; done

@@ -5,7 +5,8 @@
 //!   transactions, for metadata, committed offsets, producer state and timers.
 //!
 //! Adapters: [`local`] (the embedded default: a segmented, CRC-checked, group-fsynced log and
-//! a redb metadata store) and [`memory`] (for tests). The traits deal only in whole batches,
+//! a redb metadata store), [`memory`] (for tests), and the metadata servers [`etcd_meta`] and
+//! [`redis_meta`]. The traits deal only in whole batches,
 //! offsets and keys, so an object-store (OpenDAL), Redis or SQL adapter can implement them
 //! without changes to the core.
 
@@ -17,10 +18,17 @@ use bytes::Bytes;
 use tokio::sync::watch;
 
 pub mod contract;
+pub mod etcd_meta;
 pub mod local;
 pub mod memory;
 pub mod object_log;
 pub mod redb_meta;
+pub mod redis_meta;
+mod remote;
+
+pub use etcd_meta::EtcdMetaStore;
+pub use redis_meta::RedisMetaStore;
+pub use remote::redact_url;
 
 /// One partition of one stream. Streams are known to storage only by their numeric id,
 /// so stream names never become file names.
