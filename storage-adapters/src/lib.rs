@@ -5,7 +5,8 @@
 //!   transactions, for metadata, committed offsets, producer state and timers.
 //!
 //! Adapters: [`local`] (the embedded default: a segmented, CRC-checked, group-fsynced log and
-//! a redb metadata store) and [`memory`] (for tests). The traits deal only in whole batches,
+//! a redb metadata store), [`memory`] (for tests) and [`sql_meta`] (metadata on PostgreSQL or
+//! MariaDB/MySQL). The traits deal only in whole batches,
 //! offsets and keys, so an object-store (OpenDAL), Redis or SQL adapter can implement them
 //! without changes to the core.
 
@@ -20,6 +21,9 @@ pub mod contract;
 pub mod local;
 pub mod memory;
 pub mod redb_meta;
+pub mod sql_meta;
+
+pub use sql_meta::{MysqlMetaStore, PostgresMetaStore};
 
 /// One partition of one stream. Streams are known to storage only by their numeric id,
 /// so stream names never become file names.
