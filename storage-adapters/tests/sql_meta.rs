@@ -8,7 +8,9 @@
 //! `TRIBUTARY_TEST_PHASE=write`, `*_crash_phase` writes keys with create-if-absent txns from
 //! several tasks and appends each acknowledged key to `TRIBUTARY_TEST_ACK_FILE` until the
 //! server dies (the script kills it with SIGKILL meanwhile); with `TRIBUTARY_TEST_PHASE=verify`
-//! (server restarted on the same data directory) every acknowledged key must be there.
+//! (server restarted on the same data directory) every acknowledged key must be there. The
+//! write phase also waits for the restarted server through the same store object, which must
+//! work again by itself.
 //! `TRIBUTARY_TEST_BENCH=1` runs `*_txn_cost`, which prints transaction rates.
 
 use std::io::Write;
@@ -254,8 +256,21 @@ async fn crash_phase(kind: Kind) {
             for t in tasks {
                 t.await.unwrap();
             }
-            let f = acks.lock().unwrap();
-            f.sync_all().unwrap();
+            acks.lock().unwrap().sync_all().unwrap();
+            // The script restarts the server meanwhile: the same store object must work
+            // again by itself (its pool drops the dead connections and makes new ones).
+            let started = Instant::now();
+            loop {
+                match store.put(b"crash/recovered", b"yes").await {
+                    Ok(()) => break,
+                    Err(e) if started.elapsed() < Duration::from_secs(120) => {
+                        eprintln!("waiting for the server: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => panic!("the store did not recover within 120 s: {e}"),
+                }
+            }
+            eprintln!("the store recovered after {:?}", started.elapsed());
         }
         "verify" => {
             let store = kind.connect(&url, CRASH_NAMESPACE).await.unwrap();
@@ -277,6 +292,11 @@ async fn crash_phase(kind: Kind) {
                     "{key} was acknowledged before the crash"
                 );
             }
+            assert_eq!(
+                store.get(b"crash/recovered").await.unwrap().as_deref(),
+                Some(&b"yes"[..]),
+                "the write made after the restart through the old connection pool"
+            );
             let present = store.scan_prefix(b"crash/", usize::MAX).await.unwrap();
             eprintln!(
                 "crash_phase verify: {} acknowledged writes all present ({} keys stored)",
