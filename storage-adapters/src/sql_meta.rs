@@ -45,6 +45,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -255,21 +256,50 @@ fn limit_param(limit: usize) -> i64 {
     i64::try_from(limit).unwrap_or(i64::MAX)
 }
 
-/// Runs a transaction attempt until it is not a deadlock or serialization failure.
-async fn with_retries<F, Fut>(mut attempt: F) -> std::result::Result<bool, sqlx::Error>
+/// Runs a transaction: `prepare` locks, checks and writes, and returns the transaction to
+/// commit (None when a check failed; it rolled back). A deadlock or serialization failure
+/// before the commit changed nothing, so `prepare` runs again. Errors say whether the
+/// transaction may have been applied: only a failure or timeout during the commit leaves
+/// that open.
+async fn run_txn<DB, F, Fut>(target: &Target, mut prepare: F) -> Result<bool>
 where
+    DB: sqlx::Database,
     F: FnMut() -> Fut,
-    Fut: Future<Output = std::result::Result<bool, sqlx::Error>>,
+    Fut: Future<Output = std::result::Result<Option<sqlx::Transaction<'static, DB>>, sqlx::Error>>,
 {
-    let mut tries = 0;
-    loop {
-        tries += 1;
-        match attempt().await {
-            Err(e) if retryable(&e) && tries < MAX_ATTEMPTS => {
-                tokio::time::sleep(Duration::from_millis(u64::from(tries))).await;
+    let committing = AtomicBool::new(false);
+    let work = async {
+        let mut tries = 0;
+        let tx = loop {
+            tries += 1;
+            match prepare().await {
+                Ok(Some(tx)) => break tx,
+                Ok(None) => return Ok(false),
+                Err(e) if retryable(&e) && tries < MAX_ATTEMPTS => {
+                    tokio::time::sleep(Duration::from_millis(u64::from(tries))).await;
+                }
+                Err(e) => return Err(target.err("txn failed, nothing applied", reason(&e))),
             }
-            other => return other,
-        }
+        };
+        committing.store(true, Ordering::Relaxed);
+        tx.commit().await.map_err(|e| {
+            target.err(
+                "txn commit failed, it may or may not have been applied",
+                reason(&e),
+            )
+        })?;
+        Ok(true)
+    };
+    match tokio::time::timeout(OP_TIMEOUT, work).await {
+        Ok(r) => r,
+        Err(_) if committing.load(Ordering::Relaxed) => Err(target.err(
+            "txn commit failed, it may or may not have been applied",
+            format!("no answer within {} s", OP_TIMEOUT.as_secs()),
+        )),
+        Err(_) => Err(target.err(
+            "txn failed, nothing applied",
+            format!("no answer within {} s", OP_TIMEOUT.as_secs()),
+        )),
     }
 }
 
@@ -417,11 +447,11 @@ impl PostgresMetaStore {
             .collect()
     }
 
-    async fn attempt(
+    async fn prepare(
         &self,
         plan: &Plan,
         lock_ids: &[i64],
-    ) -> std::result::Result<bool, sqlx::Error> {
+    ) -> std::result::Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         // In the order of `lock_ids` (ascending): unnest yields the array in order.
         sqlx::query("SELECT pg_advisory_xact_lock(id) FROM unnest($1::int8[]) AS t(id)")
@@ -432,7 +462,7 @@ impl PostgresMetaStore {
             let current = self.read_many(&mut tx, &plan.check_keys).await?;
             if !plan.holds(&current) {
                 tx.rollback().await?;
-                return Ok(false);
+                return Ok(None);
             }
         }
         if !plan.puts.is_empty() {
@@ -453,8 +483,7 @@ impl PostgresMetaStore {
                 .execute(&mut *tx)
                 .await?;
         }
-        tx.commit().await?;
-        Ok(true)
+        Ok(Some(tx))
     }
 }
 
@@ -524,12 +553,7 @@ impl MetaStore for PostgresMetaStore {
             return Ok(plan.holds(&current));
         }
         let lock_ids = self.lock_ids(&plan);
-        self.target
-            .timed(
-                "txn failed (it may or may not have been applied)",
-                with_retries(|| self.attempt(&plan, &lock_ids)),
-            )
-            .await
+        run_txn(&self.target, || self.prepare(&plan, &lock_ids)).await
     }
 }
 
@@ -722,11 +746,11 @@ impl MysqlMetaStore {
             .collect()
     }
 
-    async fn attempt(
+    async fn prepare(
         &self,
         plan: &Plan,
         stripes: &[i32],
-    ) -> std::result::Result<bool, sqlx::Error> {
+    ) -> std::result::Result<Option<sqlx::Transaction<'static, sqlx::MySql>>, sqlx::Error> {
         let mut tx = self.pool.begin().await?;
         // One statement, ascending primary key: the rows are locked in that order.
         let sql = format!(
@@ -752,7 +776,7 @@ impl MysqlMetaStore {
             let current = self.read_many(&mut tx, &plan.check_keys, true).await?;
             if !plan.holds(&current) {
                 tx.rollback().await?;
-                return Ok(false);
+                return Ok(None);
             }
         }
         for chunk in plan.puts.chunks(MYSQL_CHUNK) {
@@ -779,8 +803,7 @@ impl MysqlMetaStore {
             }
             q.execute(&mut *tx).await?;
         }
-        tx.commit().await?;
-        Ok(true)
+        Ok(Some(tx))
     }
 }
 
@@ -853,12 +876,7 @@ impl MetaStore for MysqlMetaStore {
             return Ok(plan.holds(&current));
         }
         let stripes = self.stripes(&plan);
-        self.target
-            .timed(
-                "txn failed (it may or may not have been applied)",
-                with_retries(|| self.attempt(&plan, &stripes)),
-            )
-            .await
+        run_txn(&self.target, || self.prepare(&plan, &stripes)).await
     }
 }
 

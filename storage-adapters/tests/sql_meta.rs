@@ -196,6 +196,72 @@ async fn fails_fast_on_a_wrong_password(kind: Kind) {
     .await;
 }
 
+/// A server that accepts connections and never answers: connect gives up in time.
+async fn fails_fast_on_a_silent_server(kind: Kind) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let held = tokio::spawn(async move {
+        let mut conns = Vec::new();
+        while let Ok((c, _)) = listener.accept().await {
+            conns.push(c);
+        }
+    });
+    let secret = "s3cret-silent";
+    let url = format!(
+        "{}://tributary:{secret}@127.0.0.1:{port}/tributary",
+        kind.scheme()
+    );
+    assert_fails_fast(kind, &url, secret, &["no answer within"]).await;
+    held.abort();
+}
+
+/// Another session holds what an operation needs: the operation fails within about 10 s,
+/// naming the store, and works again once the session lets go.
+async fn times_out_instead_of_hanging(kind: Kind) {
+    use sqlx::Connection;
+    let Some(url) = kind.url("times_out_instead_of_hanging") else {
+        return;
+    };
+    let ns = fresh_namespace();
+    let store = kind.connect(&url, &ns).await.unwrap();
+    store.put(b"k", b"v").await.unwrap();
+    let table = format!("tributary_meta_{ns}");
+    let started = Instant::now();
+    let err = match kind {
+        Kind::Postgres => {
+            let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut tx = other.begin().await.unwrap();
+            sqlx::query(&format!("LOCK TABLE \"{table}\" IN ACCESS EXCLUSIVE MODE"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let err = store.get(b"k").await.unwrap_err().to_string();
+            tx.rollback().await.unwrap();
+            err
+        }
+        Kind::Mysql => {
+            let mut other = sqlx::MySqlConnection::connect(&url).await.unwrap();
+            let mut tx = other.begin().await.unwrap();
+            sqlx::query(&format!("SELECT id FROM `{table}_locks` FOR UPDATE"))
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            let err = store.put(b"k", b"w").await.unwrap_err().to_string();
+            tx.rollback().await.unwrap();
+            err
+        }
+    };
+    let took = started.elapsed();
+    eprintln!("after {took:?}: {err}");
+    assert!(took < Duration::from_secs(13), "took {took:?}: {err}");
+    assert!(err.contains(kind.scheme()), "names the store: {err}");
+    store.put(b"k", b"after").await.unwrap();
+    assert_eq!(
+        store.get(b"k").await.unwrap().as_deref(),
+        Some(&b"after"[..])
+    );
+}
+
 const CRASH_NAMESPACE: &str = "crash_check";
 const CRASH_WRITERS: u64 = 4;
 
@@ -386,6 +452,16 @@ macro_rules! store_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fails_fast_on_a_wrong_password() {
                 super::fails_fast_on_a_wrong_password($kind).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn fails_fast_on_a_silent_server() {
+                super::fails_fast_on_a_silent_server($kind).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn times_out_instead_of_hanging() {
+                super::times_out_instead_of_hanging($kind).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
