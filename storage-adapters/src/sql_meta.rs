@@ -74,6 +74,10 @@ const POOL_SIZE: u32 = 16;
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
 /// Rows per INSERT / DELETE statement on MySQL (bound parameters stop at 65535).
 const MYSQL_CHUNK: usize = 500;
+/// Bytes of keys and values per INSERT on MySQL: a statement and its parameters travel as
+/// one packet, which the server bounds by `max_allowed_packet` (16 MiB by default on
+/// MariaDB). A single larger value still goes alone.
+const MYSQL_CHUNK_BYTES: usize = 4 << 20;
 const MAX_ATTEMPTS: u32 = 20;
 
 /// Which server, and where, for messages: the URL without its password.
@@ -779,7 +783,7 @@ impl MysqlMetaStore {
                 return Ok(None);
             }
         }
-        for chunk in plan.puts.chunks(MYSQL_CHUNK) {
+        for chunk in mysql_put_chunks(&plan.puts) {
             let values = vec!["(?,?)"; chunk.len()].join(",");
             let sql = format!(
                 "INSERT INTO `{}` (k, v) VALUES {values} ON DUPLICATE KEY UPDATE v = VALUES(v)",
@@ -805,6 +809,25 @@ impl MysqlMetaStore {
         }
         Ok(Some(tx))
     }
+}
+
+/// `puts` cut into runs of at most [`MYSQL_CHUNK`] rows and, unless one row alone is
+/// larger, [`MYSQL_CHUNK_BYTES`] bytes.
+fn mysql_put_chunks(puts: &[(Vec<u8>, Vec<u8>)]) -> Vec<&[(Vec<u8>, Vec<u8>)]> {
+    let mut chunks = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, (k, v)) in puts.iter().enumerate() {
+        let size = k.len() + v.len();
+        if i > start && (i - start == MYSQL_CHUNK || bytes + size > MYSQL_CHUNK_BYTES) {
+            chunks.push(&puts[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < puts.len() {
+        chunks.push(&puts[start..]);
+    }
+    chunks
 }
 
 #[async_trait]
@@ -912,6 +935,23 @@ mod tests {
         assert_eq!(fnv1a(&[]), 0xcbf2_9ce4_8422_2325);
         assert_eq!(fnv1a(&[b"a"]), 0x089b_c907_b544_c769);
         assert_ne!(fnv1a(&[b"ab", b"c"]), fnv1a(&[b"a", b"bc"]));
+    }
+
+    #[test]
+    fn mysql_statements_stay_small() {
+        let put = |n: usize| (vec![0u8; 8], vec![0u8; n]);
+        let sizes = |puts: &[(Vec<u8>, Vec<u8>)]| -> Vec<usize> {
+            mysql_put_chunks(puts).iter().map(|c| c.len()).collect()
+        };
+        assert!(mysql_put_chunks(&[]).is_empty());
+        assert_eq!(sizes(&vec![put(1); 1200]), vec![500, 500, 200]);
+        // 256 KiB values: 15 fit in 4 MiB with their keys.
+        assert_eq!(sizes(&vec![put(256 << 10); 40]), vec![15, 15, 10]);
+        // One value larger than the budget goes alone.
+        assert_eq!(
+            sizes(&[put(1), put(MYSQL_CHUNK_BYTES * 2), put(1)]),
+            vec![1, 1, 1]
+        );
     }
 
     #[test]

@@ -196,6 +196,68 @@ async fn fails_fast_on_a_wrong_password(kind: Kind) {
     .await;
 }
 
+/// The longest key, a key one byte longer (refused, naming the limit), large values and a
+/// transaction larger than one statement's packet.
+async fn limits(kind: Kind) {
+    use tributary_storage::sql_meta::MAX_KEY_LEN;
+    use tributary_storage::{Check, Op};
+    let Some(url) = kind.url("limits") else {
+        return;
+    };
+    let store = kind.connect(&url, &fresh_namespace()).await.unwrap();
+    let longest = vec![0xffu8; MAX_KEY_LEN];
+    let mut shorter = longest.clone();
+    *shorter.last_mut().unwrap() = 0xfe;
+    store.put(&longest, b"l").await.unwrap();
+    store.put(&shorter, b"s").await.unwrap();
+    assert_eq!(
+        store.get(&longest).await.unwrap().as_deref(),
+        Some(&b"l"[..])
+    );
+    let both = store
+        .scan(&shorter, &[0xff; MAX_KEY_LEN + 1], 10)
+        .await
+        .unwrap();
+    assert_eq!(both.len(), 2, "keys of the maximal length scan in order");
+    assert_eq!(both[0].0, shorter);
+    let too_long = vec![1u8; MAX_KEY_LEN + 1];
+    let err = store.put(&too_long, b"x").await.unwrap_err().to_string();
+    assert!(
+        err.contains(&MAX_KEY_LEN.to_string()),
+        "names the limit: {err}"
+    );
+    // 4 MiB in one value, and 24 MiB in one transaction (over MariaDB's default 16 MiB
+    // packet).
+    let big: Vec<u8> = (0..4u32 << 20).map(|i| (i % 253) as u8).collect();
+    store.put(b"big", &big).await.unwrap();
+    assert_eq!(store.get(b"big").await.unwrap().as_deref(), Some(&big[..]));
+    let ops: Vec<Op> = (0..96u32)
+        .map(|i| Op::Put {
+            key: format!("many/{i:03}").into_bytes(),
+            value: vec![i as u8; 256 << 10],
+        })
+        .collect();
+    assert!(
+        store
+            .txn(
+                vec![Check {
+                    key: b"many/000".to_vec(),
+                    value: None
+                }],
+                ops
+            )
+            .await
+            .unwrap()
+    );
+    let many = store.scan_prefix(b"many/", 1000).await.unwrap();
+    assert_eq!(many.len(), 96);
+    assert!(
+        many.iter()
+            .enumerate()
+            .all(|(i, (_, v))| v.len() == 256 << 10 && v[0] == i as u8)
+    );
+}
+
 /// A server that accepts connections and never answers: connect gives up in time.
 async fn fails_fast_on_a_silent_server(kind: Kind) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -452,6 +514,11 @@ macro_rules! store_tests {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn fails_fast_on_a_wrong_password() {
                 super::fails_fast_on_a_wrong_password($kind).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn limits() {
+                super::limits($kind).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
