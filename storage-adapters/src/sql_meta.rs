@@ -456,7 +456,13 @@ impl PostgresMetaStore {
         plan: &Plan,
         lock_ids: &[i64],
     ) -> std::result::Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
+        // READ COMMITTED whatever the server's default: each statement's snapshot must
+        // start after the locks are held (under REPEATABLE READ the snapshot would be the
+        // lock statement's, taken before it waited).
+        let mut tx = self
+            .pool
+            .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
+            .await?;
         // In the order of `lock_ids` (ascending): unnest yields the array in order.
         sqlx::query("SELECT pg_advisory_xact_lock(id) FROM unnest($1::int8[]) AS t(id)")
             .bind(lock_ids)
@@ -686,8 +692,8 @@ impl MysqlMetaStore {
             .test_before_acquire(false)
             .after_connect(|conn, _| {
                 Box::pin(async move {
-                    // READ COMMITTED: no gap locks (see the module docs). The lock wait
-                    // bound matches OP_TIMEOUT.
+                    // READ COMMITTED whatever the server's default: no gap locks (see the
+                    // module docs). The lock wait bound matches OP_TIMEOUT.
                     conn.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                         .await?;
                     conn.execute("SET SESSION innodb_lock_wait_timeout = 10")

@@ -98,6 +98,36 @@ async fn keeps_the_contract(kind: Kind) {
     contract::meta_store(store).await;
 }
 
+/// PostgreSQL whose sessions default to a stricter isolation level (a server or role
+/// setting): the store sets its own level, and the contract still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_keeps_the_contract_whatever_the_default_isolation() {
+    let Some(url) =
+        Kind::Postgres.url("postgres_keeps_the_contract_whatever_the_default_isolation")
+    else {
+        return;
+    };
+    use sqlx::Connection;
+    for (level, shown) in [
+        ("serializable", "serializable"),
+        ("repeatable%5C%20read", "repeatable read"),
+    ] {
+        let sep = if url.contains('?') { '&' } else { '?' };
+        let url = format!("{url}{sep}options[default_transaction_isolation]={level}");
+        let mut probe = sqlx::PgConnection::connect(&url).await.unwrap();
+        let (default,): (String,) = sqlx::query_as("SHOW default_transaction_isolation")
+            .fetch_one(&mut probe)
+            .await
+            .unwrap();
+        assert_eq!(default, shown, "the URL's option reaches the server");
+        let store = Kind::Postgres
+            .connect(&url, &fresh_namespace())
+            .await
+            .unwrap();
+        contract::meta_store(store).await;
+    }
+}
+
 async fn reopen_finds_the_data(kind: Kind) {
     let Some(url) = kind.url("reopen_finds_the_data") else {
         return;
