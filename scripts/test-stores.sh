@@ -20,9 +20,11 @@ sql_stores_crash_check() { # store test-module
     local store="$1" module="$2" acks="$STORES_DIR/$1.acks" pid
     echo "== $store: kill -9 under writes, restart, read back"
     : > "$acks"
-    TRIBUTARY_TEST_PHASE=write TRIBUTARY_TEST_ACK_FILE="$acks" \
+    # In a process group of its own (cargo and the test binary), so cleanup can end both.
+    TRIBUTARY_TEST_PHASE=write TRIBUTARY_TEST_ACK_FILE="$acks" setsid \
         cargo test -q -p tributary-storage --locked --test sql_meta -- --exact "$module::crash_phase" --nocapture &
     pid=$!
+    sql_stores_writer=$pid
     local deadline=$((SECONDS + 120))
     while (($(wc -l < "$acks") < 300)) && kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do
         sleep 0.2
@@ -33,6 +35,7 @@ sql_stores_crash_check() { # store test-module
     sleep 2
     "${store}_restart"
     wait "$pid" || { echo "$store: the write phase failed" >&2; return 1; }
+    sql_stores_writer=""
     TRIBUTARY_TEST_PHASE=verify TRIBUTARY_TEST_ACK_FILE="$acks" \
         cargo test -q -p tributary-storage --locked --test sql_meta -- --exact "$module::crash_phase" --nocapture
 }
@@ -48,11 +51,17 @@ sql_stores_test() {
     sql_stores_crash_check mariadb mysql
 }
 
+# A write phase still running when the script stops (it would wait for its server).
+sql_stores_writer=""
+sql_stores_cleanup() {
+    if [[ -n "$sql_stores_writer" ]]; then kill -- "-$sql_stores_writer" 2>/dev/null || true; fi
+}
+
 # --- main -----------------------------------------------------------------------------------
 
 stores_workdir=$(mktemp -d /tmp/tributary-stores.XXXXXX)
 stores_init "$stores_workdir"
-trap 'stores_stop; rm -rf "$stores_workdir"' EXIT
+trap 'sql_stores_cleanup; stores_stop; rm -rf "$stores_workdir"' EXIT
 
 case "${1:-all}" in
     sql | all) sql_stores_test ;;
