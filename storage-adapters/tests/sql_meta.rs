@@ -128,68 +128,110 @@ async fn postgres_keeps_the_contract_whatever_the_default_isolation() {
     }
 }
 
-/// A txn that waited for another's locks sees that one's commit in its checks, also when
-/// the session default is REPEATABLE READ (whose snapshot would predate the wait). T2 bumps
-/// an epoch key; T1, started while T2 holds the key, checks the old epoch and writes another
+/// A txn that waited for another's locks sees that one's commit in its checks. T2 bumps an
+/// epoch key; T1, started while T2 holds the key, checks the old epoch and writes another
 /// key. Once T2 has answered and the other key reads absent, T1 must fail: succeeding later
 /// would be a write by an old epoch that T2's caller was entitled to think fenced off.
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn postgres_checks_see_the_commit_they_waited_for() {
+/// Another session stops T2 midway while it holds its locks: on PostgreSQL a table lock that
+/// blocks writes (not reads, not advisory locks), on MariaDB a row lock on the epoch key
+/// (T2's check reads it FOR UPDATE after taking its stripe locks).
+async fn checks_see_the_commit_they_waited_for(kind: Kind, url: &str, label: &str) {
     use sqlx::Connection;
     use tributary_storage::{Check, Op};
+    let ns = fresh_namespace();
+    let store = kind.connect(url, &ns).await.unwrap();
+    store.put(b"epoch", b"1").await.unwrap();
+    let table = format!("tributary_meta_{ns}");
+    enum Blocker {
+        Pg(sqlx::PgConnection),
+        My(sqlx::MySqlConnection),
+    }
+    let mut blocker = match kind {
+        Kind::Postgres => {
+            let mut c = sqlx::PgConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+            sqlx::query(&format!("LOCK TABLE \"{table}\" IN SHARE MODE"))
+                .execute(&mut c)
+                .await
+                .unwrap();
+            Blocker::Pg(c)
+        }
+        Kind::Mysql => {
+            let mut c = sqlx::MySqlConnection::connect(url).await.unwrap();
+            sqlx::query("BEGIN").execute(&mut c).await.unwrap();
+            sqlx::query(&format!(
+                "SELECT v FROM `{table}` WHERE k = 'epoch' FOR UPDATE"
+            ))
+            .execute(&mut c)
+            .await
+            .unwrap();
+            Blocker::My(c)
+        }
+    };
+    let txn = |checked: &'static [u8], key: &'static [u8], value: &'static [u8]| {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .txn(
+                    vec![Check {
+                        key: b"epoch".to_vec(),
+                        value: Some(checked.to_vec()),
+                    }],
+                    vec![Op::Put {
+                        key: key.to_vec(),
+                        value: value.to_vec(),
+                    }],
+                )
+                .await
+                .unwrap()
+        })
+    };
+    let t2 = txn(b"1", b"epoch", b"2");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let t1 = txn(b"1", b"fenced", b"old epoch");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    match &mut blocker {
+        Blocker::Pg(c) => {
+            sqlx::query("ROLLBACK").execute(c).await.unwrap();
+        }
+        Blocker::My(c) => {
+            sqlx::query("ROLLBACK").execute(c).await.unwrap();
+        }
+    }
+    assert!(t2.await.unwrap(), "{label}: T2 holds");
+    let seen = store.get(b"fenced").await.unwrap();
+    let t1_applied = t1.await.unwrap();
+    assert!(
+        seen.is_some() || !t1_applied,
+        "{label}: T1 committed after T2 had answered and its key read absent: its check \
+         read a snapshot older than T2's commit"
+    );
+    assert!(
+        !t1_applied,
+        "{label}: T1 waited for T2 and must see epoch 2"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_checks_see_the_commit_they_waited_for() {
     let Some(url) = Kind::Postgres.url("postgres_checks_see_the_commit_they_waited_for") else {
         return;
     };
+    // Also with REPEATABLE READ as the session default, whose snapshot would predate the
+    // wait if the store did not begin its transactions READ COMMITTED.
     for level in ["read%5C%20committed", "repeatable%5C%20read"] {
         let sep = if url.contains('?') { '&' } else { '?' };
         let url = format!("{url}{sep}options[default_transaction_isolation]={level}");
-        let ns = fresh_namespace();
-        let store = Kind::Postgres.connect(&url, &ns).await.unwrap();
-        store.put(b"epoch", b"1").await.unwrap();
-        // Another session blocks writes to the table (not reads, not advisory locks), so
-        // T2 stops at its write while holding its key's lock.
-        let mut other = sqlx::PgConnection::connect(&url).await.unwrap();
-        let mut blocker = other.begin().await.unwrap();
-        sqlx::query(&format!("LOCK TABLE \"tributary_meta_{ns}\" IN SHARE MODE"))
-            .execute(&mut *blocker)
-            .await
-            .unwrap();
-        let txn = |checked: &'static [u8], key: &'static [u8], value: &'static [u8]| {
-            let store = store.clone();
-            tokio::spawn(async move {
-                store
-                    .txn(
-                        vec![Check {
-                            key: b"epoch".to_vec(),
-                            value: Some(checked.to_vec()),
-                        }],
-                        vec![Op::Put {
-                            key: key.to_vec(),
-                            value: value.to_vec(),
-                        }],
-                    )
-                    .await
-                    .unwrap()
-            })
-        };
-        let t2 = txn(b"1", b"epoch", b"2");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let t1 = txn(b"1", b"fenced", b"old epoch");
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        blocker.rollback().await.unwrap();
-        assert!(t2.await.unwrap(), "{level}: T2 holds");
-        let seen = store.get(b"fenced").await.unwrap();
-        let t1_applied = t1.await.unwrap();
-        assert!(
-            seen.is_some() || !t1_applied,
-            "{level}: T1 committed after T2 had answered and its key read absent: its check \
-             read a snapshot older than T2's commit"
-        );
-        assert!(
-            !t1_applied,
-            "{level}: T1 waited for T2 and must see epoch 2"
-        );
+        checks_see_the_commit_they_waited_for(Kind::Postgres, &url, level).await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_checks_see_the_commit_they_waited_for() {
+    let Some(url) = Kind::Mysql.url("mysql_checks_see_the_commit_they_waited_for") else {
+        return;
+    };
+    checks_see_the_commit_they_waited_for(Kind::Mysql, &url, "mysql").await;
 }
 
 async fn reopen_finds_the_data(kind: Kind) {
