@@ -20,10 +20,12 @@
 //! lost connection releases them with the transaction.
 //!
 //! - PostgreSQL: `pg_advisory_xact_lock(id)` with `id` a 64-bit FNV-1a hash of the namespace
-//!   and the key (a collision only makes two transactions wait for each other). READ
-//!   COMMITTED: the check reads run after the locks are held, and a statement's snapshot
-//!   includes every transaction that committed before it started, so they see the last
-//!   writer's commit (PostgreSQL makes a commit visible before it releases its locks).
+//!   and the key (a collision only makes two transactions wait for each other). Transactions
+//!   begin READ COMMITTED whatever the server's default: the check reads run after the locks
+//!   are held, and a statement's snapshot includes every transaction that committed before it
+//!   started, so they see the last writer's commit (PostgreSQL makes a commit visible before
+//!   it releases its locks). Under REPEATABLE READ the snapshot would be the lock statement's,
+//!   taken before it waited.
 //! - MariaDB/MySQL: a lock table per namespace, `tributary_meta_<namespace>_locks`, holds
 //!   [`LOCK_STRIPES`] rows made on connect; a transaction locks the rows of its keys' stripes
 //!   with `SELECT ... FOR UPDATE` (InnoDB row locks, released at commit or rollback), then reads
