@@ -5,10 +5,10 @@
 //!   transactions, for metadata, committed offsets, producer state and timers.
 //!
 //! Adapters: [`local`] (the embedded default: a segmented, CRC-checked, group-fsynced log and
-//! a redb metadata store), [`memory`] (for tests), and the metadata servers [`etcd_meta`] and
-//! [`redis_meta`]. The traits deal only in whole batches,
-//! offsets and keys, so an object-store (OpenDAL), Redis or SQL adapter can implement them
-//! without changes to the core.
+//! a redb metadata store), [`memory`] (for tests), [`object_log`] (a log on any OpenDAL object
+//! store with the local log as its cache), and the metadata servers [`etcd_meta`],
+//! [`sql_meta`] (PostgreSQL, MariaDB/MySQL) and [`redis_meta`]. The traits deal only in whole
+//! batches, offsets and keys, so the core never changes with the backend.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -25,10 +25,12 @@ pub mod object_log;
 pub mod redb_meta;
 pub mod redis_meta;
 mod remote;
+pub mod sql_meta;
 
 pub use etcd_meta::EtcdMetaStore;
 pub use redis_meta::RedisMetaStore;
 pub use remote::redact_url;
+pub use sql_meta::{MysqlMetaStore, PostgresMetaStore};
 
 /// One partition of one stream. Streams are known to storage only by their numeric id,
 /// so stream names never become file names.
