@@ -372,9 +372,36 @@ pub struct Options {
     /// Core address a standalone gateway connects to.
     #[arg(long, env = "TRIBUTARY_CORE", global = true)]
     pub core: Option<String>,
-    /// Storage adapter: local (on disk, the default) or memory (lost on exit).
+    /// Log storage: local (on disk, the default), memory (lost on exit) or opendal (an
+    /// object store configured in the config file's [opendal] table, with a local cache).
     #[arg(long, env = "TRIBUTARY_STORAGE", global = true)]
     pub storage: Option<String>,
+    /// With storage = opendal: where appends are acknowledged, "local" (once the local
+    /// cache has fsynced them) or "shared" (once the object store holds them too).
+    #[arg(long, env = "TRIBUTARY_OPENDAL_ACK", global = true)]
+    pub opendal_ack: Option<String>,
+    /// With storage = opendal: the local cache directory (default: DATA_DIR/cache).
+    #[arg(long, env = "TRIBUTARY_OPENDAL_CACHE_DIR", global = true)]
+    pub opendal_cache_dir: Option<PathBuf>,
+    /// With opendal_ack = shared: how long appends of every partition are gathered into
+    /// one object (ms).
+    #[arg(long, env = "TRIBUTARY_OPENDAL_UPLOAD_INTERVAL_MS", global = true)]
+    pub opendal_upload_interval_ms: Option<u64>,
+    /// With storage = opendal: segments holding records older than this are sealed and
+    /// uploaded (ms).
+    #[arg(long, env = "TRIBUTARY_OPENDAL_SEAL_INTERVAL_MS", global = true)]
+    pub opendal_seal_interval_ms: Option<u64>,
+    /// Metadata store: redb (embedded, the default), etcd, postgres, mysql or redis.
+    #[arg(long, env = "TRIBUTARY_META", global = true)]
+    pub meta: Option<String>,
+    /// Where the metadata store is (etcd: http://127.0.0.1:2379; postgres://user@host/db;
+    /// mysql://user:password@host/db; redis://host:6379).
+    #[arg(long, env = "TRIBUTARY_META_URL", global = true)]
+    pub meta_url: Option<String>,
+    /// Keeps this deployment's metadata apart from others in the same store (a key prefix
+    /// or table name).
+    #[arg(long, env = "TRIBUTARY_META_NAMESPACE", global = true)]
+    pub meta_namespace: Option<String>,
     /// When the local log fsyncs: "always" (group commit) or an interval such as "5ms".
     #[arg(long, env = "TRIBUTARY_FSYNC", global = true)]
     pub fsync: Option<String>,
@@ -564,6 +591,17 @@ pub struct FileConfig {
     pub max_connections: Option<usize>,
     pub core: Option<String>,
     pub storage: Option<String>,
+    pub opendal_ack: Option<String>,
+    pub opendal_cache_dir: Option<PathBuf>,
+    pub opendal_upload_interval_ms: Option<u64>,
+    pub opendal_seal_interval_ms: Option<u64>,
+    /// The object store of `storage = "opendal"` (file only): `scheme` plus that OpenDAL
+    /// service's own options (`bucket`, `endpoint`, `region`, `root`, ...).
+    #[serde(default)]
+    pub opendal: Option<toml::Table>,
+    pub meta: Option<String>,
+    pub meta_url: Option<String>,
+    pub meta_namespace: Option<String>,
     pub fsync: Option<String>,
     pub segment_bytes: Option<u64>,
     pub default_partitions: Option<u32>,
@@ -649,6 +687,82 @@ pub enum Role {
 pub enum StorageKind {
     Local,
     Memory,
+    Opendal,
+}
+
+/// Where an OpenDAL-backed log keeps its objects and its cache.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OpendalSettings {
+    pub scheme: String,
+    /// The service's own options, as OpenDAL names them.
+    pub options: Vec<(String, String)>,
+    pub cache_dir: PathBuf,
+    pub ack: tributary_storage::object_log::AckPoint,
+    pub upload_interval: Duration,
+    pub seal_interval: Duration,
+}
+
+impl OpendalSettings {
+    /// Names the store in logs and errors without credentials.
+    pub fn describe(&self) -> String {
+        let place = ["bucket", "container", "root", "endpoint"]
+            .iter()
+            .filter_map(|k| self.options.iter().find(|(n, _)| n == k))
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        format!("{} ({place})", self.scheme)
+    }
+}
+
+impl std::fmt::Debug for OpendalSettings {
+    // Options can hold secrets (secret_access_key, credential, sas_token...): only their
+    // names are shown.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpendalSettings")
+            .field("store", &self.describe())
+            .field(
+                "options",
+                &self.options.iter().map(|(k, _)| k).collect::<Vec<_>>(),
+            )
+            .field("cache_dir", &self.cache_dir)
+            .field("ack", &self.ack)
+            .field("upload_interval", &self.upload_interval)
+            .field("seal_interval", &self.seal_interval)
+            .finish()
+    }
+}
+
+/// Which metadata store the core uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaKind {
+    Redb,
+    Etcd,
+    Postgres,
+    Mysql,
+    Redis,
+}
+
+#[derive(Clone, PartialEq, Eq)]
+pub struct MetaSettings {
+    pub kind: MetaKind,
+    /// Required for every kind but redb.
+    pub url: Option<String>,
+    pub namespace: String,
+}
+
+impl std::fmt::Debug for MetaSettings {
+    // The URL may carry a password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetaSettings")
+            .field("kind", &self.kind)
+            .field(
+                "url",
+                &self.url.as_deref().map(tributary_storage::redact_url),
+            )
+            .field("namespace", &self.namespace)
+            .finish()
+    }
 }
 
 /// How a gateway process reaches its core at an `https://` address.
@@ -707,6 +821,9 @@ pub struct Settings {
     pub max_connections: Option<NonZeroUsize>,
     pub core: String,
     pub storage: StorageKind,
+    /// With `storage = opendal`: the object store and the cache.
+    pub opendal: Option<OpendalSettings>,
+    pub meta: MetaSettings,
     pub fsync: FsyncPolicy,
     pub segment_bytes: u64,
     pub default_partitions: u32,
@@ -784,6 +901,179 @@ fn parse_fsync(value: &str) -> Result<FsyncPolicy, ConfigError> {
     Ok(FsyncPolicy::Interval(Duration::from_millis(ms)))
 }
 
+fn resolve_opendal(
+    o: &Options,
+    f: &FileConfig,
+    storage: StorageKind,
+    data_dir: &std::path::Path,
+) -> Result<Option<OpendalSettings>, ConfigError> {
+    use tributary_storage::object_log::AckPoint;
+    if storage != StorageKind::Opendal {
+        return Ok(None);
+    }
+    let Some(table) = &f.opendal else {
+        return Err(invalid(
+            "storage",
+            "opendal",
+            "needs an [opendal] table in the config file with at least scheme = \"s3\" or \"fs\" and that service's options",
+        ));
+    };
+    let mut scheme = None;
+    let mut options = Vec::new();
+    for (key, value) in table {
+        let value = match value {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            other => {
+                return Err(invalid(
+                    "opendal",
+                    format!("{key} = {other}"),
+                    "expected a string, integer or boolean",
+                ));
+            }
+        };
+        if key == "scheme" {
+            scheme = Some(value);
+        } else {
+            options.push((key.clone(), value));
+        }
+    }
+    let Some(scheme) = scheme else {
+        return Err(invalid(
+            "opendal",
+            "(no scheme)",
+            "expected scheme = \"s3\", \"fs\", \"gcs\", \"azblob\" or \"memory\"",
+        ));
+    };
+    let ack = match o
+        .opendal_ack
+        .clone()
+        .or_else(|| f.opendal_ack.clone())
+        .as_deref()
+        .unwrap_or("local")
+    {
+        "local" => AckPoint::Local,
+        "shared" => AckPoint::Shared,
+        other => return Err(invalid("opendal_ack", other, "expected local or shared")),
+    };
+    let ms =
+        |value: Option<u64>, default: u64, name: &str, range: std::ops::RangeInclusive<u64>| {
+            let v = value.unwrap_or(default);
+            if range.contains(&v) {
+                Ok(Duration::from_millis(v))
+            } else {
+                Err(invalid(
+                    name,
+                    v,
+                    &format!("expected {} to {} ms", range.start(), range.end()),
+                ))
+            }
+        };
+    Ok(Some(OpendalSettings {
+        scheme,
+        options,
+        cache_dir: o
+            .opendal_cache_dir
+            .clone()
+            .or_else(|| f.opendal_cache_dir.clone())
+            .unwrap_or_else(|| data_dir.join("cache")),
+        ack,
+        upload_interval: ms(
+            o.opendal_upload_interval_ms
+                .or(f.opendal_upload_interval_ms),
+            100,
+            "opendal_upload_interval_ms",
+            1..=10_000,
+        )?,
+        seal_interval: ms(
+            o.opendal_seal_interval_ms.or(f.opendal_seal_interval_ms),
+            60_000,
+            "opendal_seal_interval_ms",
+            100..=86_400_000,
+        )?,
+    }))
+}
+
+fn resolve_meta(
+    o: &Options,
+    f: &FileConfig,
+    storage: StorageKind,
+) -> Result<MetaSettings, ConfigError> {
+    let kind = match o
+        .meta
+        .clone()
+        .or_else(|| f.meta.clone())
+        .as_deref()
+        .unwrap_or("redb")
+    {
+        "redb" => MetaKind::Redb,
+        "etcd" => MetaKind::Etcd,
+        "postgres" | "postgresql" => MetaKind::Postgres,
+        "mysql" | "mariadb" => MetaKind::Mysql,
+        "redis" => MetaKind::Redis,
+        other => {
+            return Err(invalid(
+                "meta",
+                other,
+                "expected redb, etcd, postgres, mysql or redis",
+            ));
+        }
+    };
+    let url = o
+        .meta_url
+        .clone()
+        .or_else(|| f.meta_url.clone())
+        .filter(|u| !u.is_empty());
+    match (kind, &url) {
+        (MetaKind::Redb, Some(u)) => {
+            return Err(invalid(
+                "meta_url",
+                tributary_storage::redact_url(u),
+                "is only used with meta = etcd, postgres, mysql or redis",
+            ));
+        }
+        (MetaKind::Redb, None) => {}
+        (_, None) => {
+            return Err(invalid(
+                "meta_url",
+                "(unset)",
+                "is required with this meta store, for example http://127.0.0.1:2379 (etcd), postgres://user@host/db, mysql://user:password@host/db or redis://127.0.0.1:6379",
+            ));
+        }
+        (_, Some(_)) => {}
+    }
+    if storage == StorageKind::Memory && kind != MetaKind::Redb {
+        return Err(invalid(
+            "meta",
+            format!("{kind:?}").to_lowercase(),
+            "storage = memory keeps its metadata in memory too; choose storage = local or opendal",
+        ));
+    }
+    let namespace = o
+        .meta_namespace
+        .clone()
+        .or_else(|| f.meta_namespace.clone())
+        .unwrap_or_else(|| "tributary".into());
+    if namespace.is_empty()
+        || namespace.len() > 40
+        || !namespace
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        return Err(invalid(
+            "meta_namespace",
+            &namespace,
+            "expected 1 to 40 characters of a-z, 0-9 and _",
+        ));
+    }
+    Ok(MetaSettings {
+        kind,
+        url,
+        namespace,
+    })
+}
+
 impl Settings {
     pub fn from_cli(options: &Options, role: Role) -> Result<Self, ConfigError> {
         let file = match &options.config {
@@ -815,8 +1105,18 @@ impl Settings {
         let storage = match pick!(storage, "local").as_str() {
             "local" => StorageKind::Local,
             "memory" => StorageKind::Memory,
-            other => return Err(invalid("storage", other, "expected local or memory")),
+            "opendal" => StorageKind::Opendal,
+            other => {
+                return Err(invalid(
+                    "storage",
+                    other,
+                    "expected local, memory or opendal",
+                ));
+            }
         };
+        let data_dir: PathBuf = pick!(data_dir, PathBuf::from("./data"));
+        let opendal = resolve_opendal(o, f, storage, &data_dir)?;
+        let meta = resolve_meta(o, f, storage)?;
         let segment_bytes: u64 = pick!(segment_bytes, 1u64 << 30);
         if !(1 << 20..=1 << 40).contains(&segment_bytes) {
             return Err(invalid(
@@ -1232,7 +1532,7 @@ impl Settings {
             amqp_vhosts,
             amqp_permissions,
             amqp_tls_listen,
-            data_dir: pick!(data_dir, PathBuf::from("./data")),
+            data_dir,
             core_listen: listen!(core_listen, core_listen_default),
             core_token,
             core_insecure: pick!(core_insecure, false),
@@ -1268,6 +1568,8 @@ impl Settings {
             max_connections: NonZeroUsize::new(pick!(max_connections, 0usize)),
             core,
             storage,
+            opendal,
+            meta,
             fsync: parse_fsync(&pick!(fsync, "always"))?,
             segment_bytes,
             default_partitions,
@@ -1680,6 +1982,75 @@ mod tests {
     }
 
     #[test]
+    fn opendal_and_meta_settings() {
+        use tributary_storage::object_log::AckPoint;
+        let file: FileConfig = toml::from_str(
+            "storage = \"opendal\"\nopendal_ack = \"shared\"\nmeta = \"etcd\"\nmeta_url = \"http://127.0.0.1:2379\"\n\
+             [opendal]\nscheme = \"s3\"\nbucket = \"b\"\nsecret_access_key = \"hush\"\nenable_virtual_host_style = false\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        let o = s.opendal.as_ref().unwrap();
+        assert_eq!(o.scheme, "s3");
+        assert_eq!(o.ack, AckPoint::Shared);
+        assert_eq!(o.cache_dir, PathBuf::from("./data/cache"));
+        assert!(o.options.contains(&("bucket".into(), "b".into())));
+        assert!(
+            o.options
+                .contains(&("enable_virtual_host_style".into(), "false".into()))
+        );
+        assert!(
+            !format!("{s:?}").contains("hush"),
+            "secrets stay out of Debug"
+        );
+        assert_eq!(s.meta.kind, MetaKind::Etcd);
+        assert_eq!(s.meta.namespace, "tributary");
+        // A flag beats the file.
+        let opts = Options {
+            opendal_ack: Some("local".into()),
+            meta_namespace: Some("blue_2".into()),
+            ..Default::default()
+        };
+        let s = Settings::resolve(&opts, &file).unwrap();
+        assert_eq!(s.opendal.unwrap().ack, AckPoint::Local);
+        assert_eq!(s.meta.namespace, "blue_2");
+
+        let refused = |text: &str, opts: Options, key: &str| {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = Settings::resolve(&opts, &file).unwrap_err().to_string();
+            assert!(e.contains(key), "{text}: {e}");
+        };
+        refused("storage = \"opendal\"\n", Options::default(), "[opendal]");
+        refused(
+            "storage = \"opendal\"\n[opendal]\nbucket = \"b\"\n",
+            Options::default(),
+            "scheme",
+        );
+        refused("storage = \"s4\"\n", Options::default(), "opendal");
+        refused("meta = \"etcd\"\n", Options::default(), "meta_url");
+        refused("meta = \"zookeeper\"\n", Options::default(), "redis");
+        refused("meta_url = \"redis://x\"\n", Options::default(), "meta_url");
+        refused(
+            "storage = \"memory\"\nmeta = \"redis\"\nmeta_url = \"redis://x\"\n",
+            Options::default(),
+            "storage = memory",
+        );
+        refused(
+            "",
+            Options {
+                meta_namespace: Some("Has-Caps".into()),
+                ..Default::default()
+            },
+            "meta_namespace",
+        );
+        refused(
+            "storage = \"opendal\"\nopendal_ack = \"remote\"\n[opendal]\nscheme = \"fs\"\n",
+            Options::default(),
+            "opendal_ack",
+        );
+    }
+
+    #[test]
     fn the_example_config_lists_every_key_with_its_default() {
         let text = include_str!("../tributary.example.toml");
         let uncommented: String = text
@@ -1731,6 +2102,13 @@ mod tests {
             "max_connections",
             "core",
             "storage",
+            "opendal_ack",
+            "opendal_cache_dir",
+            "opendal_upload_interval_ms",
+            "opendal_seal_interval_ms",
+            "meta",
+            "meta_url",
+            "meta_namespace",
             "fsync",
             "segment_bytes",
             "default_partitions",

@@ -21,12 +21,14 @@ use tributary_gateway_mqtt::MqttConfig;
 use tributary_proto::v1;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
+use tributary_storage::object_log::{AckPoint as ObjectAck, ObjectLogConfig, ObjectLogStore};
 use tributary_storage::redb_meta::RedbMetaStore;
+use tributary_storage::{EtcdMetaStore, MysqlMetaStore, PostgresMetaStore, RedisMetaStore};
 use tributary_storage::{LogStore, MetaStore, StorageError};
 
 use crate::admin::{self, AdminState};
 use crate::auth::{CoreAuthLayer, Guard, beyond_loopback};
-use crate::config::{Listen, Settings, StorageKind};
+use crate::config::{Listen, MetaKind, Settings, StorageKind};
 use tributary_gateway_common::users::UserDirectory;
 
 /// Protocols whose gateway ships in this build.
@@ -112,32 +114,75 @@ pub struct Server {
 /// The two stores the core runs on.
 type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
 
-fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
-    match settings.storage {
-        StorageKind::Memory => Ok((
+async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
+    if settings.storage == StorageKind::Memory {
+        return Ok((
             Arc::new(MemoryLogStore::new()),
             Arc::new(MemoryMetaStore::new()),
-        )),
-        StorageKind::Local => {
-            let dir = &settings.data_dir;
-            std::fs::create_dir_all(dir)
-                .and_then(|_| std::fs::read_dir(dir).map(|_| ()))
-                .map_err(|source| StartError::DataDir {
-                    path: dir.display().to_string(),
-                    source,
-                })?;
-            let log = LocalLogStore::open(
-                dir.join("log"),
-                LocalLogConfig {
-                    segment_bytes: settings.segment_bytes,
-                    fsync: settings.fsync,
-                    ..Default::default()
-                },
-            )?;
-            let meta = RedbMetaStore::open(dir.join("meta.redb"))?;
-            Ok((log, Arc::new(meta)))
-        }
+        ));
     }
+    // Remote stores are reached before anything is written locally: a server that cannot
+    // reach one exits with nothing changed.
+    let object_store = match &settings.opendal {
+        None => None,
+        Some(o) => Some((
+            o,
+            ObjectLogStore::operator(&o.scheme, o.options.clone(), &o.describe()).await?,
+        )),
+    };
+    let remote_meta = match settings.meta.kind {
+        MetaKind::Redb => None,
+        _ => Some(open_meta(settings).await?),
+    };
+    let dir = &settings.data_dir;
+    std::fs::create_dir_all(dir)
+        .and_then(|_| std::fs::read_dir(dir).map(|_| ()))
+        .map_err(|source| StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        })?;
+    let meta = match remote_meta {
+        Some(meta) => meta,
+        None => open_meta(settings).await?,
+    };
+    let local = LocalLogConfig {
+        segment_bytes: settings.segment_bytes,
+        fsync: settings.fsync,
+        ..Default::default()
+    };
+    let log: Arc<dyn LogStore> = match object_store {
+        None => LocalLogStore::open(dir.join("log"), local)?,
+        Some((o, op)) => {
+            if o.ack == ObjectAck::Shared && settings.meta.kind == MetaKind::Redb {
+                warn!(
+                    "opendal_ack = shared keeps every acknowledged record in the object store, but meta = redb keeps the streams' metadata in {}: a server started on an empty data directory finds no streams (use meta = etcd, postgres, mysql or redis)",
+                    dir.display()
+                );
+            }
+            let config = ObjectLogConfig {
+                ack: o.ack,
+                upload_interval: o.upload_interval,
+                seal_interval: o.seal_interval,
+                cache: local,
+                ..Default::default()
+            };
+            ObjectLogStore::open(op, o.describe(), &o.cache_dir, config).await?
+        }
+    };
+    Ok((log, meta))
+}
+
+async fn open_meta(settings: &Settings) -> Result<Arc<dyn MetaStore>, StartError> {
+    let m = &settings.meta;
+    let url = m.url.as_deref().unwrap_or_default();
+    let ns = &m.namespace;
+    Ok(match m.kind {
+        MetaKind::Redb => Arc::new(RedbMetaStore::open(settings.data_dir.join("meta.redb"))?),
+        MetaKind::Etcd => Arc::new(EtcdMetaStore::connect(url, ns).await?),
+        MetaKind::Postgres => Arc::new(PostgresMetaStore::connect(url, ns).await?),
+        MetaKind::Mysql => Arc::new(MysqlMetaStore::connect(url, ns).await?),
+        MetaKind::Redis => Arc::new(RedisMetaStore::connect(url, ns).await?),
+    })
 }
 
 async fn bind_listen(
@@ -210,7 +255,7 @@ impl Server {
             Mode::Standalone => Some(bind_rocketmq(settings).await?),
             _ => None,
         };
-        let (log, meta) = open_storage(settings)?;
+        let (log, meta) = open_storage(settings).await?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
             auto_create_streams: settings.auto_create_streams,

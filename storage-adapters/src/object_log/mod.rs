@@ -212,6 +212,23 @@ impl ObjectLogStore {
         }))
     }
 
+    /// The OpenDAL service `scheme` ("s3", "fs", "gcs", "azblob", "memory") configured with
+    /// that service's own option names, checked to answer a listing (nothing is written).
+    pub async fn operator(
+        scheme: &str,
+        options: Vec<(String, String)>,
+        name: &str,
+    ) -> Result<Operator> {
+        let op = Operator::via_iter(scheme, options)
+            .map_err(|e| object_error(name, "cannot configure it", e))?
+            .layer(::opendal::layers::TimeoutLayer::new())
+            .layer(::opendal::layers::RetryLayer::new().with_max_times(3));
+        op.check()
+            .await
+            .map_err(|e| object_error(name, "cannot list the bucket or root", e))?;
+        Ok(op)
+    }
+
     /// Seals and ships every partition's unshipped records now (tests and shutdown use it).
     pub async fn ship_all(&self) -> Result<()> {
         let parts: Vec<_> = self.shared.parts.read().values().cloned().collect();
