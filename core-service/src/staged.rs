@@ -467,8 +467,7 @@ impl Core {
                                     name: q,
                                 };
                                 // Records due at different times (x-delay) go separately.
-                                for run in records.chunk_by(|a, b| deliver_at(a) == deliver_at(b))
-                                {
+                                for run in records.chunk_by(|a, b| deliver_at(a) == deliver_at(b)) {
                                     let e = v1::EnqueueRequest {
                                         queue: Some(queue.clone()),
                                         records: run.to_vec(),
@@ -480,10 +479,9 @@ impl Core {
                             }
                             Target::Stream(name) => {
                                 let id = v1::StreamId::new(ns.to_string(), name);
-                                let partitions = self
-                                    .stream(&id)
-                                    .map_or(1, |h| h.partitions().len().max(1))
-                                    as u64;
+                                let partitions =
+                                    self.stream(&id).map_or(1, |h| h.partitions().len().max(1))
+                                        as u64;
                                 // As a publish does: by key hash, keyless ones to 0.
                                 let mut by_partition: std::collections::BTreeMap<u32, Vec<_>> =
                                     Default::default();
@@ -630,7 +628,12 @@ impl Core {
         now: i64,
         check_due: i64,
         writes: Vec<v1::StagedWrite>,
-    ) -> (Vec<Op>, Vec<Check>, Vec<v1::Timer>, Vec<v1::PublishResponse>) {
+    ) -> (
+        Vec<Op>,
+        Vec<Check>,
+        Vec<v1::Timer>,
+        Vec<v1::PublishResponse>,
+    ) {
         let key = staged_key(ns, id);
         st.writes.clear();
         st.context.clear();

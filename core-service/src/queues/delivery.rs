@@ -704,7 +704,11 @@ impl Core {
     }
 
     /// Lease ids well formed and of this incarnation of the queue (a staged ack).
-    pub(crate) fn check_lease_ids(&self, queue: &v1::QueueId, lease_ids: &[String]) -> CoreResult<()> {
+    pub(crate) fn check_lease_ids(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+    ) -> CoreResult<()> {
         let h = self.queue(queue)?;
         for (id, p) in lease_ids.iter().zip(Self::parse_leases(&h, lease_ids)?) {
             if p.is_none() {

@@ -810,9 +810,9 @@ impl Core {
                                 name: q.clone(),
                             })
                             .is_ok(),
-                        Target::Stream(s) => {
-                            self.stream(&v1::StreamId::new(ns.to_string(), s.clone())).is_ok()
-                        }
+                        Target::Stream(s) => self
+                            .stream(&v1::StreamId::new(ns.to_string(), s.clone()))
+                            .is_ok(),
                         Target::Address(_) => false,
                     })
                     .collect();

@@ -1102,7 +1102,10 @@ impl Driver {
     /// Stages a transaction's writes in the core and commits them: per publish write, how
     /// many destinations each record reached. A transaction left open (this gateway gone
     /// before the resolve) is rolled back by the core after `STAGED_TIMEOUT_MS`.
-    async fn commit_staged(&mut self, writes: Vec<v1::StagedWrite>) -> Res<Vec<v1::PublishResponse>> {
+    async fn commit_staged(
+        &mut self,
+        writes: Vec<v1::StagedWrite>,
+    ) -> Res<Vec<v1::PublishResponse>> {
         let mut txn = self.core.transactions.clone();
         let staged = txn
             .stage_messages(v1::StageMessagesRequest {
