@@ -473,3 +473,32 @@ async fn a_staged_transaction_nobody_resolves_is_rolled_back_after_its_timeout()
     assert!(api.values("a").await.is_empty());
     api.core.shutdown().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_committed_publish_into_a_full_drop_head_queue_pushes_the_oldest_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut api = open(dir.path()).await;
+    api.admin
+        .declare_queue(v1::DeclareQueueRequest {
+            id: Some(qid("capped")),
+            durable: true,
+            config: Some(v1::QueueConfig {
+                max_length: Some(2),
+                overflow: Some("drop-head".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    api.enqueue("capped", "old1").await;
+    api.enqueue("capped", "old2").await;
+    let id = api
+        .stage(vec![
+            publish("", "capped", "new1"),
+            publish("", "capped", "new2"),
+        ])
+        .await;
+    assert_eq!(api.resolve(&id, true).await.unwrap().published.len(), 2);
+    assert_eq!(api.values("capped").await, ["new1", "new2"]);
+}

@@ -953,8 +953,16 @@ impl Core {
             EnqueueMode::Internal,
             Some(timer_id),
         )
-        .await
-        .map(|_| ())
+        .await?;
+        // Overflow drop-head still holds the queue to its limits: what the timer released
+        // pushes the oldest out (a trim after the write, so the write stays exactly once).
+        let settings = h.settings();
+        if settings.overflow == Some(Overflow::DropHead)
+            && (settings.max_length.is_some() || settings.max_length_bytes.is_some())
+        {
+            self.drop_head(&h).await?;
+        }
+        Ok(())
     }
 
     /// The end of a queue's messages log (where a timer's batch will land).
