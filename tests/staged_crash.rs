@@ -29,7 +29,7 @@ fn qid(name: &str) -> Option<v1::QueueId> {
 
 async fn setup(client: &CoreClient) {
     let mut admin = client.admin.clone();
-    for q in ["out-a", "out-b", "jobs"] {
+    for q in ["out-a", "out-b"] {
         admin
             .declare_queue(v1::DeclareQueueRequest {
                 id: qid(q),
@@ -71,15 +71,37 @@ fn record(v: &str) -> v1::Record {
     }
 }
 
-/// One transaction: enqueue job `n`, lease it, stage the result + the ack, commit. Returns
+/// Each round's jobs go to a queue of its own (`jobs-<round>`): one left over by a kill
+/// (enqueued, not yet staged) does not get in the way of the next round's.
+async fn declare_jobs(client: &CoreClient, round: usize) -> String {
+    let name = format!("jobs-{round}");
+    client
+        .admin
+        .clone()
+        .declare_queue(v1::DeclareQueueRequest {
+            id: qid(&name),
+            durable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    name
+}
+
+/// One transaction: enqueue job `n` into `jobs`, lease it, stage the result + the ack, commit. Returns
 /// the staged transaction's id once staged, and whether the commit was answered.
-async fn one(client: &CoreClient, n: u64, staged: &std::sync::Mutex<Vec<(u64, String)>>) -> bool {
+async fn one(
+    client: &CoreClient,
+    jobs: &str,
+    n: u64,
+    staged: &std::sync::Mutex<Vec<(u64, String)>>,
+) -> bool {
     let mut queues = client.queues.clone();
     let mut txn = client.transactions.clone();
     let job = format!("job-{n}");
     if queues
         .enqueue(v1::EnqueueRequest {
-            queue: qid("jobs"),
+            queue: qid(jobs),
             records: vec![record(&job)],
         })
         .await
@@ -89,7 +111,7 @@ async fn one(client: &CoreClient, n: u64, staged: &std::sync::Mutex<Vec<(u64, St
     }
     let Ok(got) = queues
         .receive(v1::ReceiveRequest {
-            queue: qid("jobs"),
+            queue: qid(jobs),
             max_messages: 1,
             visibility_timeout_ms: 600_000,
             wait_time_ms: 5_000,
@@ -99,7 +121,11 @@ async fn one(client: &CoreClient, n: u64, staged: &std::sync::Mutex<Vec<(u64, St
     else {
         return false;
     };
-    let m = got.into_inner().messages.pop().expect("the job just enqueued");
+    let m = got
+        .into_inner()
+        .messages
+        .pop()
+        .expect("the job just enqueued");
     let value = m.record.unwrap_or_default().value;
     assert_eq!(&value[..], job.as_bytes(), "one job at a time");
     let Ok(r) = txn
@@ -117,7 +143,7 @@ async fn one(client: &CoreClient, n: u64, staged: &std::sync::Mutex<Vec<(u64, St
                 },
                 v1::StagedWrite {
                     write: Some(v1::staged_write::Write::Ack(v1::AckRequest {
-                        queue: qid("jobs"),
+                        queue: qid(jobs),
                         lease_ids: vec![m.lease_id],
                         no_wait_durable: false,
                     })),
@@ -164,7 +190,8 @@ async fn contents(client: &CoreClient, queue: &str) -> HashMap<String, usize> {
         }
         for m in got {
             let v = m.record.unwrap_or_default().value;
-            *out.entry(String::from_utf8_lossy(&v).into_owned()).or_default() += 1;
+            *out.entry(String::from_utf8_lossy(&v).into_owned())
+                .or_default() += 1;
             leases.push(m.lease_id);
         }
     }
@@ -187,7 +214,7 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
     let args = free_port_args(dir.path());
     let mut rng = rand::rng();
     let mut answered: Vec<u64> = Vec::new();
-    let mut all_staged: Vec<(u64, String)> = Vec::new();
+    let mut all_staged: Vec<(u64, String, usize)> = Vec::new();
     let mut next = 0u64;
 
     for round in 0..ROUNDS {
@@ -196,6 +223,7 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
         if round == 0 {
             setup(&client).await;
         }
+        let jobs = declare_jobs(&client, round).await;
         let staged = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let done = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let worker = {
@@ -203,7 +231,7 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
             let start = next;
             tokio::spawn(async move {
                 for n in start.. {
-                    if !one(&client, n, &staged).await {
+                    if !one(&client, &jobs, n, &staged).await {
                         return;
                     }
                     done.lock().unwrap().push(n);
@@ -214,7 +242,10 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
         let wanted = rng.random_range(1..20);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
         while done.lock().unwrap().len() < wanted {
-            assert!(tokio::time::Instant::now() < deadline, "transactions stalled");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "transactions stalled"
+            );
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
         tokio::time::sleep(Duration::from_micros(rng.random_range(0..20_000))).await;
@@ -222,8 +253,8 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
         worker.await.unwrap();
         answered.extend(done.lock().unwrap().iter().copied());
         let staged = std::mem::take(&mut *staged.lock().unwrap());
-        next = staged.iter().map(|(n, _)| n + 1).max().unwrap_or(next).max(next + 1000);
-        all_staged.extend(staged);
+        next += 100_000;
+        all_staged.extend(staged.into_iter().map(|(n, id)| (n, id, round)));
     }
 
     let server = Server::start(&args);
@@ -231,7 +262,7 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
     // Transactions caught between stage and resolve: committing now makes them whole (a
     // retry of one already committed answers resolved = false and writes nothing again).
     let mut txn = client.transactions.clone();
-    for (n, id) in &all_staged {
+    for (n, id, _) in &all_staged {
         let resolved = txn
             .resolve_staged(v1::ResolveStagedRequest {
                 namespace: "default".into(),
@@ -248,14 +279,25 @@ async fn staged_publish_and_ack_are_whole_across_sigkill() {
     }
     let a = contents(&client, "out-a").await;
     let b = contents(&client, "out-b").await;
-    let jobs = contents(&client, "jobs").await;
-    for (n, _) in &all_staged {
+    let mut jobs = HashMap::new();
+    for round in 0..ROUNDS {
+        jobs.insert(round, contents(&client, &format!("jobs-{round}")).await);
+    }
+    for (n, _, round) in &all_staged {
         let r = format!("result-{n}");
         assert_eq!(a.get(&r), Some(&1), "{r} in out-a exactly once");
         assert_eq!(b.get(&r), Some(&1), "{r} in out-b exactly once");
-        assert_eq!(jobs.get(&format!("job-{n}")), None, "job-{n} acked with its result");
+        assert_eq!(
+            jobs[round].get(&format!("job-{n}")),
+            None,
+            "job-{n} acked with its result"
+        );
     }
-    assert_eq!(a.len(), all_staged.len(), "no result without its transaction");
+    assert_eq!(
+        a.len(),
+        all_staged.len(),
+        "no result without its transaction"
+    );
     assert_eq!(b.len(), all_staged.len());
     assert!(
         answered.len() >= ROUNDS,
