@@ -264,7 +264,7 @@ async fn a_routed_publish_and_an_ack_commit_as_one_and_roll_back_as_one() {
         .unwrap()
         .into_inner()
         .expired;
-    assert_eq!(expired, [lease.clone()]);
+    assert_eq!(expired, std::slice::from_ref(&lease));
 
     // A retried commit makes nothing twice; the other way is refused.
     let again = api.resolve(&id, true).await.unwrap();

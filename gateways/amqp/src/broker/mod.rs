@@ -280,9 +280,12 @@ fn is_fast(c: &Command) -> bool {
 
 /// What a publish needs once it is durable: its confirm, and for a mandatory one what to
 /// return if nothing took it.
+/// What a basic.return of a mandatory publish carries: routing key, properties, body.
+type Returnable = (String, bytes::Bytes, bytes::Bytes);
+
 struct Published {
     confirm_seq: u64,
-    mandatory: Option<(String, bytes::Bytes, bytes::Bytes)>,
+    mandatory: Option<Returnable>,
 }
 
 struct PublishDone {
@@ -989,7 +992,7 @@ impl Driver {
         let now = now_ms();
         let mut writes = Vec::new();
         // Per publish write: what a return needs if it is mandatory and routed nowhere.
-        let mut returns: Vec<(String, Option<(String, bytes::Bytes, bytes::Bytes)>)> = Vec::new();
+        let mut returns: Vec<(String, Option<Returnable>)> = Vec::new();
         let mut acked: Vec<u64> = Vec::new();
         let mut others: Vec<link::BasicSettle> = Vec::new();
         let mut covered = std::collections::BTreeSet::new();
