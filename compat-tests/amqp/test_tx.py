@@ -2,6 +2,7 @@
 tx.commit and are discarded by tx.rollback; commit and rollback need tx.select first."""
 
 import pika
+import pytest
 
 from amqpcompat import PRECONDITION_FAILED, queue_count, wait_count
 from amqphelpers import channel_error, declare, get_all, get, publish
@@ -224,3 +225,30 @@ def test_fanout_publish_and_ack_commit_together(broker, amqp, uid):
     # The acks were committed: nothing comes back when the channel closes.
     assert queue_count(watcher, qin) == 0
     assert get(watcher, qin) is None
+
+
+@pytest.mark.differs("tributary", "one tx.commit is one staged transaction of the core: at most "
+                     "10 000 publishes (RabbitMQ: no limit); a larger commit is refused with "
+                     "406 and nothing of it applies")
+def test_a_transaction_of_10001_publishes_commits(broker, amqp, uid):
+    ch = amqp(broker).channel()
+    q = declare(ch, f"{uid}-q")
+    ch.tx_select()
+    publish(ch, q, [b"m"] * 10_001)
+    ch.tx_commit()
+    assert queue_count(ch, q) == 10_001
+
+
+@pytest.mark.tributary_only(reason="RabbitMQ has no limit on a transaction's size (the "
+                            "scenario above runs on both)")
+def test_too_large_a_transaction_is_refused_whole(make_tributary, amqp, uid):
+    """Tributary's refusal of a transaction over its limit: 406 at tx.commit, and not one of
+    its publishes applied."""
+    conn = amqp(make_tributary("standalone").broker())
+    ch = conn.channel()
+    q = declare(ch, f"{uid}-q")
+    ch.tx_select()
+    publish(ch, q, [b"m"] * 10_001)
+    with channel_error(PRECONDITION_FAILED, "too large"):
+        ch.tx_commit()
+    assert queue_count(conn.channel(), q) == 0

@@ -60,6 +60,12 @@ const PUBLISHES_IN_FLIGHT: usize = 32;
 /// in between) is rolled back by the core: RabbitMQ drops uncommitted work of a channel
 /// that closes.
 const STAGED_TIMEOUT_MS: i64 = 60_000;
+/// Writes (publishes, and acks per queue by 10 000) of one tx.commit: the core's limit of
+/// one staged transaction.
+const TX_MAX_WRITES: usize = 10_000;
+/// Message bytes of one tx.commit: under the core's 64 MiB per staged transaction, which
+/// also holds the messages' properties (counted here roughly) and bookkeeping.
+const TX_MAX_BYTES: usize = 60 << 20;
 /// Ack and reject calls one connection has on their way to the core at most.
 const SETTLES_IN_FLIGHT: usize = 64;
 /// How long a cancel waits for the core to end the consumer's subscription.
@@ -1056,14 +1062,51 @@ impl Driver {
             }
         }
         for (queue, lease_ids) in leases {
-            writes.push(v1::StagedWrite {
-                write: Some(v1::staged_write::Write::Ack(v1::AckRequest {
-                    queue: Some(self.queue_id(&queue)),
-                    lease_ids,
-                    no_wait_durable: false,
-                })),
-                deliver_at_ms: 0,
-            });
+            for chunk in lease_ids.chunks(TX_MAX_WRITES) {
+                writes.push(v1::StagedWrite {
+                    write: Some(v1::staged_write::Write::Ack(v1::AckRequest {
+                        queue: Some(self.queue_id(&queue)),
+                        lease_ids: chunk.to_vec(),
+                        no_wait_durable: false,
+                    })),
+                    deliver_at_ms: 0,
+                });
+            }
+        }
+        // The core's limits of one staged transaction, told in the client's terms before
+        // anything is sent (and nothing of the transaction applies).
+        let bytes: usize = writes
+            .iter()
+            .map(|w| match &w.write {
+                Some(v1::staged_write::Write::Publish(p)) => p
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let headers: usize = r
+                            .headers
+                            .iter()
+                            .map(|h| h.name.len() + h.value.len() + 8)
+                            .sum();
+                        // Properties: the headers twice at most (raw and decoded), the rest
+                        // small.
+                        r.value.len() + r.key.len() + 2 * headers + 256
+                    })
+                    .sum::<usize>()
+                    .saturating_add(p.address.len() + p.routing_key.len()),
+                Some(v1::staged_write::Write::Ack(a)) => {
+                    a.lease_ids.iter().map(|l| l.len() + 8).sum::<usize>()
+                }
+                _ => 0,
+            })
+            .sum();
+        if writes.len() > TX_MAX_WRITES || bytes > TX_MAX_BYTES {
+            return Err(refuse(
+                PRECONDITION_FAILED,
+                format!(
+                    "transaction too large: {} publishes and acks, {bytes} bytes (at most {TX_MAX_WRITES} and {TX_MAX_BYTES} bytes per tx.commit)",
+                    writes.len()
+                ),
+            ));
         }
         if !writes.is_empty() {
             let published = self.commit_staged(writes).await?;
