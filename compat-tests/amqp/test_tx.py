@@ -252,3 +252,21 @@ def test_too_large_a_transaction_is_refused_whole(make_tributary, amqp, uid):
     with channel_error(PRECONDITION_FAILED, "too large"):
         ch.tx_commit()
     assert queue_count(conn.channel(), q) == 0
+
+
+def test_ack_of_a_delivery_whose_queue_was_deleted_commits(broker, amqp, uid):
+    """The queue goes while one of its deliveries is unacked in a transaction: the commit
+    still succeeds (the ack settles nothing) and takes the transaction's publishes along."""
+    conn = amqp(broker)
+    ch = conn.channel()
+    gone = declare(ch, f"{uid}-gone")
+    out = declare(ch, f"{uid}-out")
+    publish(ch, gone, ["m"])
+    wait_count(ch, gone, 1)
+    ch.tx_select()
+    m = get(ch, gone)
+    conn.channel().queue_delete(gone)
+    ch.basic_publish("", out, b"kept")
+    ch.basic_ack(m.tag)
+    ch.tx_commit()
+    assert [x.body for x in get_all(ch, out)] == [b"kept"]

@@ -235,6 +235,16 @@ impl Core {
             .scan_prefix(&meta::key(meta::TIMER_FIRING, &[]), usize::MAX)
             .await?
         {
+            // Under the timer's lock, and only if still firing: a staged commit may be
+            // finishing it too (after a failed pass, the loop comes back here).
+            let parts = meta::parts(meta::TIMER_FIRING, &key);
+            let [ns, id] = parts.as_slice() else {
+                continue;
+            };
+            let _held = self.timer_lock(ns, id).lock().await;
+            if self.inner.meta.get(&key).await?.as_deref() != Some(&raw[..]) {
+                continue;
+            }
             let firing: Firing = from_json("firing timer", &raw)?;
             self.finish_firing(key, firing).await?;
         }

@@ -703,13 +703,25 @@ impl Core {
         Ok(expired)
     }
 
-    /// Lease ids well formed and of this incarnation of the queue (a staged ack).
+    /// Lease ids well formed and of this incarnation of the queue (a staged ack). A queue
+    /// that does not exist (deleted while its deliveries were out) has nothing to settle:
+    /// its acks are accepted and settle nothing, as RabbitMQ takes an ack of a delivery of
+    /// a deleted queue.
     pub(crate) fn check_lease_ids(
         &self,
         queue: &v1::QueueId,
         lease_ids: &[String],
     ) -> CoreResult<()> {
-        let h = self.queue(queue)?;
+        let h = match self.queue(queue) {
+            Ok(h) => h,
+            Err(CoreError::QueueNotFound(_)) => {
+                for id in lease_ids {
+                    parse_lease_id(id)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
         for (id, p) in lease_ids.iter().zip(Self::parse_leases(&h, lease_ids)?) {
             if p.is_none() {
                 return Err(CoreError::InvalidArgument(format!(
