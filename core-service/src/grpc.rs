@@ -677,9 +677,7 @@ impl transactions_server::Transactions for CoreGrpc {
         &self,
         r: Request<ResolveStagedRequest>,
     ) -> GrpcResult<ResolveStagedResponse> {
-        ok(ResolveStagedResponse {
-            resolved: self.core.resolve_staged(r.into_inner()).await?,
-        })
+        ok(self.core.resolve_staged(r.into_inner()).await?)
     }
     async fn claim_staged_checks(
         &self,

@@ -135,6 +135,9 @@ struct Inner {
     router: router::RouterTable,
     txns: transactions::TxnTable,
     timers_changed: Notify,
+    /// One timer fires under its shard's lock: the timer loop and a staged commit that
+    /// makes its writes at once never both do one.
+    timer_locks: Vec<tokio::sync::Mutex<()>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
 }
@@ -172,6 +175,7 @@ impl Core {
                 streams: RwLock::new(BTreeMap::new()),
                 admin: tokio::sync::Mutex::new(()),
                 timers_changed: Notify::new(),
+                timer_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
                 shutdown: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
             }),

@@ -26,6 +26,7 @@ use tributary_storage::{Check, Op};
 
 use crate::error::{CoreError, CoreResult};
 use crate::meta::{self, validate_name};
+use crate::router::Target;
 use crate::streams::namespace_or_default;
 use crate::{Core, now_ms};
 
@@ -70,6 +71,16 @@ fn write_timer_id(txn: &str, index: usize) -> String {
     format!("staged-{txn}-{index:06}")
 }
 
+/// The timer of one destination (`sub`) of write `index`, a publish: ordered after the
+/// writes before it and before the ones after it.
+fn sub_timer_id(txn: &str, index: usize, sub: usize) -> String {
+    format!("staged-{txn}-{index:06}-{sub:06}")
+}
+
+fn deliver_at(r: &v1::Record) -> i64 {
+    r.properties.as_ref().map_or(0, |p| p.deliver_at_ms)
+}
+
 fn decode(raw: &[u8]) -> CoreResult<v1::StagedTransactionState> {
     v1::StagedTransactionState::decode(raw)
         .map_err(|e| CoreError::Corrupt(format!("staged transaction: {e}")))
@@ -104,8 +115,48 @@ impl Core {
         };
         match &mut w.write {
             None => Err(CoreError::InvalidArgument(
-                "a staged write needs an append or an enqueue".into(),
+                "a staged write needs an append, an enqueue, a publish or an ack".into(),
             )),
+            Some(v1::staged_write::Write::Publish(p)) => {
+                same_ns("publish", &mut p.namespace)?;
+                if p.records.is_empty() || p.records.len() > MAX_ENQUEUE {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "a staged publish takes 1..={MAX_ENQUEUE} records, got {}",
+                        p.records.len()
+                    )));
+                }
+                if !p.transaction_id.is_empty() {
+                    return Err(CoreError::InvalidArgument(
+                        "a staged publish belongs to its staged transaction, not to a transaction_id of its own".into(),
+                    ));
+                }
+                // The address must exist now (as a publish would find out); what it routes
+                // to is decided when the transaction commits.
+                if !p.address.is_empty() {
+                    self.check_address(ns, &p.address)?;
+                }
+                Ok(())
+            }
+            Some(v1::staged_write::Write::Ack(a)) => {
+                let q = a.queue.as_mut().ok_or_else(|| {
+                    CoreError::InvalidArgument("a staged ack needs a queue".into())
+                })?;
+                same_ns("ack", &mut q.namespace)?;
+                validate_name("queue", &q.name)?;
+                if a.lease_ids.is_empty() || a.lease_ids.len() > MAX_ENQUEUE {
+                    return Err(CoreError::InvalidArgument(format!(
+                        "a staged ack takes 1..={MAX_ENQUEUE} lease ids, got {}",
+                        a.lease_ids.len()
+                    )));
+                }
+                if w.deliver_at_ms > 0 {
+                    return Err(CoreError::InvalidArgument(
+                        "a staged ack is made at commit; it takes no deliver_at_ms".into(),
+                    ));
+                }
+                self.check_lease_ids(q, &a.lease_ids)?;
+                Ok(())
+            }
             Some(v1::staged_write::Write::Append(a)) => {
                 let id = a.stream.as_mut().ok_or_else(|| {
                     CoreError::InvalidArgument("a staged append needs a stream".into())
@@ -206,6 +257,12 @@ impl Core {
                 req.check_after_ms
             )));
         }
+        if req.timeout_ms < 0 {
+            return Err(CoreError::InvalidArgument(format!(
+                "timeout_ms must be >= 0, got {}",
+                req.timeout_ms
+            )));
+        }
         if !req.owner.is_empty() {
             validate_name("owner", &req.owner)?;
         }
@@ -231,6 +288,11 @@ impl Core {
                 outcome: OPEN,
                 resolved_at_ms: 0,
                 check_after_ms: req.check_after_ms,
+                expires_at_ms: if req.timeout_ms > 0 {
+                    now.saturating_add(req.timeout_ms)
+                } else {
+                    0
+                },
             };
             let value = st.encode_to_vec();
             if value.len() > MAX_STAGED_BYTES {
@@ -247,6 +309,13 @@ impl Core {
             if next > 0 {
                 ops.push(Op::Put {
                     key: check_key(&ns, next, &id),
+                    value: Vec::new(),
+                });
+            }
+            if st.expires_at_ms > 0 {
+                // The sweep that forgets ended transactions rolls it back then if still open.
+                ops.push(Op::Put {
+                    key: gc_key(st.expires_at_ms, &ns, &id),
                     value: Vec::new(),
                 });
             }
@@ -344,48 +413,129 @@ impl Core {
         )))
     }
 
-    /// The durable timer that makes one write of a committed transaction.
-    fn staged_write_timer(
+    /// The durable timers that make one write of a committed transaction: one, or for a
+    /// publish one per destination (routed now) and run of records due together; with, for
+    /// a publish, how many destinations each record reached.
+    fn staged_write_timers(
         &self,
         ns: &str,
         txn: &str,
         index: usize,
         w: v1::StagedWrite,
         now: i64,
-    ) -> Option<v1::Timer> {
-        let mut due = now.max(w.deliver_at_ms);
-        let action = match w.write? {
-            v1::staged_write::Write::Append(a) => v1::timer::Action::Append(a),
-            v1::staged_write::Write::Enqueue(e) => {
-                // The timer enqueues as the queue engine releases a delayed message: per
-                // record delays and the queue's delivery delay are the timer's due time.
-                let latest = e
-                    .records
-                    .iter()
-                    .filter_map(|r| r.properties.as_ref().map(|p| p.deliver_at_ms))
-                    .max()
-                    .unwrap_or(0);
-                due = due.max(latest);
-                if let Some(q) = e.queue.as_ref()
-                    && let Ok(h) = self.queue(q)
-                    && let Some(delay) = h.settings().delivery_delay_ms.filter(|d| *d > 0)
-                {
-                    due = due.max(now.saturating_add(delay));
-                }
-                v1::timer::Action::Enqueue(e)
-            }
-        };
-        Some(v1::Timer {
-            id: write_timer_id(txn, index),
+    ) -> (Vec<v1::Timer>, Option<v1::PublishResponse>) {
+        let at = now.max(w.deliver_at_ms);
+        let timer = |id: String, due: i64, action| v1::Timer {
+            id,
             due_at_ms: due,
             action: Some(action),
             namespace: ns.to_string(),
-        })
+        };
+        let Some(write) = w.write else {
+            return (Vec::new(), None);
+        };
+        let one = |action| vec![timer(write_timer_id(txn, index), at, action)];
+        match write {
+            v1::staged_write::Write::Append(a) => (one(v1::timer::Action::Append(a)), None),
+            v1::staged_write::Write::Ack(a) => (one(v1::timer::Action::Ack(a)), None),
+            v1::staged_write::Write::Enqueue(e) => {
+                let due = self.enqueue_due(&e, at, now);
+                (
+                    vec![timer(
+                        write_timer_id(txn, index),
+                        due,
+                        v1::timer::Action::Enqueue(e),
+                    )],
+                    None,
+                )
+            }
+            v1::staged_write::Write::Publish(mut p) => {
+                let mut routed = vec![0u32; p.records.len()];
+                let groups = self.route_targets(ns, &p.address, &p.routing_key, &mut p.records);
+                let mut timers = Vec::new();
+                for (idx, targets) in groups {
+                    for i in &idx {
+                        routed[*i] += targets.len() as u32;
+                    }
+                    for t in targets {
+                        let records: Vec<v1::Record> =
+                            idx.iter().map(|i| p.records[*i].clone()).collect();
+                        match t {
+                            Target::Queue(q) => {
+                                let queue = v1::QueueId {
+                                    namespace: ns.to_string(),
+                                    name: q,
+                                };
+                                // Records due at different times (x-delay) go separately.
+                                for run in records.chunk_by(|a, b| deliver_at(a) == deliver_at(b)) {
+                                    let e = v1::EnqueueRequest {
+                                        queue: Some(queue.clone()),
+                                        records: run.to_vec(),
+                                    };
+                                    let due = self.enqueue_due(&e, at, now);
+                                    let id = sub_timer_id(txn, index, timers.len());
+                                    timers.push(timer(id, due, v1::timer::Action::Enqueue(e)));
+                                }
+                            }
+                            Target::Stream(name) => {
+                                let id = v1::StreamId::new(ns.to_string(), name);
+                                let partitions =
+                                    self.stream(&id).map_or(1, |h| h.partitions().len().max(1))
+                                        as u64;
+                                // As a publish does: by key hash, keyless ones to 0.
+                                let mut by_partition: std::collections::BTreeMap<u32, Vec<_>> =
+                                    Default::default();
+                                for r in records {
+                                    let part = if r.key.is_empty() {
+                                        0
+                                    } else {
+                                        (meta::stable_hash(&r.key) % partitions) as u32
+                                    };
+                                    by_partition.entry(part).or_default().push(r);
+                                }
+                                for (partition, records) in by_partition {
+                                    let a = v1::AppendRequest {
+                                        stream: Some(id.clone()),
+                                        partition,
+                                        batch: Some(v1::RecordBatch {
+                                            records,
+                                            ..Default::default()
+                                        }),
+                                        auto_create: false,
+                                    };
+                                    let tid = sub_timer_id(txn, index, timers.len());
+                                    timers.push(timer(tid, at, v1::timer::Action::Append(a)));
+                                }
+                            }
+                            Target::Address(_) => {}
+                        }
+                    }
+                }
+                (timers, Some(v1::PublishResponse { routed }))
+            }
+        }
     }
 
-    /// ResolveStaged: commits (the writes become timers in the same metadata transaction)
-    /// or rolls back. Returns false when it had already ended the same way.
-    pub async fn resolve_staged(&self, req: v1::ResolveStagedRequest) -> CoreResult<bool> {
+    /// When a staged enqueue is made: as the queue engine releases a delayed message, per
+    /// record delays and the queue's delivery delay are the timer's due time.
+    fn enqueue_due(&self, e: &v1::EnqueueRequest, at: i64, now: i64) -> i64 {
+        let mut due = at.max(e.records.iter().map(deliver_at).max().unwrap_or(0));
+        if let Some(q) = e.queue.as_ref()
+            && let Ok(h) = self.queue(q)
+            && let Some(delay) = h.settings().delivery_delay_ms.filter(|d| *d > 0)
+        {
+            due = due.max(now.saturating_add(delay));
+        }
+        due
+    }
+
+    /// ResolveStaged: commits (the writes become timers in the same metadata transaction,
+    /// then the ones due now are made before the answer) or rolls back. `resolved` is false
+    /// when it had already ended the same way.
+    pub async fn resolve_staged(
+        &self,
+        req: v1::ResolveStagedRequest,
+    ) -> CoreResult<v1::ResolveStagedResponse> {
         self.check_running()?;
         let ns = namespace_or_default(&req.namespace).to_string();
         if req.transaction_id.is_empty() {
@@ -403,7 +553,7 @@ impl Core {
             if st.outcome != OPEN {
                 let committed = st.outcome == COMMITTED;
                 if committed == req.commit {
-                    return Ok(false);
+                    return Ok(v1::ResolveStagedResponse::default());
                 }
                 return Err(CoreError::TransactionAlreadyResolved(format!(
                     "staged transaction '{id}' was {} and cannot be {}",
@@ -418,7 +568,7 @@ impl Core {
             let now = now_ms();
             let writes = std::mem::take(&mut st.writes);
             let next = st.next_check_at_ms;
-            let (ops, checks, timers) = self.end_staged_ops(
+            let (ops, checks, timers, published) = self.end_staged_ops(
                 &ns,
                 &id,
                 &raw,
@@ -445,8 +595,19 @@ impl Core {
                 "outcome" => if req.commit { "commit" } else { "rollback" }
             )
             .increment(1);
+            // Committed durably: the timers make the writes whatever happens now. Those due
+            // now are made here, in order, so that whoever hears of the commit finds them.
+            for t in timers.iter().filter(|t| t.due_at_ms <= now) {
+                if let Err(e) = self.fire_now(t).await {
+                    warn!(namespace = %ns, transaction = %id, timer = %t.id, error = %e, "a committed write is left to the timer service");
+                    break;
+                }
+            }
             debug!(namespace = %ns, transaction = %id, commit = req.commit, writes = timers.len(), "staged transaction resolved");
-            return Ok(true);
+            return Ok(v1::ResolveStagedResponse {
+                resolved: true,
+                published,
+            });
         }
         Err(CoreError::Conflict(format!(
             "staged transaction '{id}' keeps changing; retry"
@@ -467,7 +628,12 @@ impl Core {
         now: i64,
         check_due: i64,
         writes: Vec<v1::StagedWrite>,
-    ) -> (Vec<Op>, Vec<Check>, Vec<v1::Timer>) {
+    ) -> (
+        Vec<Op>,
+        Vec<Check>,
+        Vec<v1::Timer>,
+        Vec<v1::PublishResponse>,
+    ) {
         let key = staged_key(ns, id);
         st.writes.clear();
         st.context.clear();
@@ -495,10 +661,13 @@ impl Core {
             });
         }
         let mut timers = Vec::with_capacity(writes.len());
+        let mut published = Vec::new();
         for (i, w) in writes.into_iter().enumerate() {
-            let Some(timer) = self.staged_write_timer(ns, id, i, w, now) else {
-                continue;
-            };
+            let (made, routed) = self.staged_write_timers(ns, id, i, w, now);
+            published.extend(routed);
+            timers.extend(made);
+        }
+        for timer in &timers {
             let due = crate::timers::due_key(timer.due_at_ms, ns, &timer.id);
             let by_id = meta::key(meta::TIMER_BY_ID, &[ns, &timer.id]);
             checks.push(Check {
@@ -513,9 +682,8 @@ impl Core {
                 key: by_id,
                 value: due,
             });
-            timers.push(timer);
         }
-        (ops, checks, timers)
+        (ops, checks, timers, published)
     }
 
     /// ClaimStagedChecks: the due check-backs of a namespace, each claimed by moving its next
@@ -597,7 +765,7 @@ impl Core {
             return Ok(());
         }
         if req.max_checks > 0 && st.checks >= req.max_checks {
-            let (ops, checks, _) =
+            let (ops, checks, _, _) =
                 self.end_staged_ops(ns, id, &raw, &mut st, ROLLED_BACK, now, due, Vec::new());
             if self.inner.meta.txn(checks, ops).await? {
                 warn!(namespace = %ns, transaction = %id, checks = st.checks, "staged transaction rolled back: no answer after max_checks check-backs");
@@ -647,12 +815,36 @@ impl Core {
         Ok(())
     }
 
+    /// Rolls back an open transaction past its timeout (its gateway never resolved it).
+    async fn expire_staged(
+        &self,
+        ns: &str,
+        id: &str,
+        raw: &[u8],
+        st: &mut v1::StagedTransactionState,
+        now: i64,
+    ) -> CoreResult<()> {
+        let due = st.next_check_at_ms;
+        let (ops, checks, _, _) =
+            self.end_staged_ops(ns, id, raw, st, ROLLED_BACK, now, due, Vec::new());
+        if self.inner.meta.txn(checks, ops).await? {
+            debug!(namespace = %ns, transaction = %id, "staged transaction rolled back: not resolved within its timeout");
+            metrics::counter!(
+                "tributary_staged_transactions_completed_total",
+                "outcome" => "timeout"
+            )
+            .increment(1);
+        }
+        Ok(())
+    }
+
     /// Forgets the outcomes of staged transactions that ended longer ago than
     /// `staged_outcome_retention`, a page per metadata transaction. An ended record never
     /// changes again, so the deletes need no check; an open one (which has no forget entry
     /// unless something went wrong) is left alone.
     pub(crate) async fn forget_resolved_staged(&self) -> CoreResult<()> {
         let now = now_ms();
+        let keep = self.inner.config.staged_outcome_retention.as_millis() as i64;
         let prefix = meta::key(meta::STAGED_GC, &[]);
         loop {
             let page = self.inner.meta.scan_prefix(&prefix, SCAN_PAGE).await?;
@@ -668,9 +860,16 @@ impl Core {
                     }
                     let key = staged_key(ns, id);
                     if let Some(raw) = self.inner.meta.get(&key).await?
-                        && decode(&raw).is_ok_and(|st| st.outcome != OPEN)
+                        && let Ok(mut st) = decode(&raw)
                     {
-                        ops.push(Op::Delete { key });
+                        if st.outcome != OPEN {
+                            // An expiry entry of one resolved before it: kept for its time.
+                            if st.resolved_at_ms.saturating_add(keep) <= now {
+                                ops.push(Op::Delete { key });
+                            }
+                        } else if st.expires_at_ms > 0 && st.expires_at_ms <= now {
+                            self.expire_staged(ns, id, &raw, &mut st, now).await?;
+                        }
                     }
                 }
                 ops.push(Op::Delete { key: k });

@@ -38,7 +38,8 @@ fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
         Some(
             v1::timer::Action::Route(_)
             | v1::timer::Action::Enqueue(_)
-            | v1::timer::Action::SessionExpiry(_),
+            | v1::timer::Action::SessionExpiry(_)
+            | v1::timer::Action::Ack(_),
         )
         | None => Err(CoreError::InvalidArgument("a timer needs an action".into())),
     }
@@ -90,6 +91,11 @@ impl Core {
                         "the timer's enqueue has no records".into(),
                     ));
                 }
+            }
+            Some(v1::timer::Action::Ack(_)) => {
+                return Err(CoreError::InvalidArgument(
+                    "an ack timer is made by a staged transaction's commit only".into(),
+                ));
             }
             _ => {
                 let append = append_target(&timer)?;
@@ -229,6 +235,16 @@ impl Core {
             .scan_prefix(&meta::key(meta::TIMER_FIRING, &[]), usize::MAX)
             .await?
         {
+            // Under the timer's lock, and only if still firing: a staged commit may be
+            // finishing it too (after a failed pass, the loop comes back here).
+            let parts = meta::parts(meta::TIMER_FIRING, &key);
+            let [ns, id] = parts.as_slice() else {
+                continue;
+            };
+            let _held = self.timer_lock(ns, id).lock().await;
+            if self.inner.meta.get(&key).await?.as_deref() != Some(&raw[..]) {
+                continue;
+            }
             let firing: Firing = from_json("firing timer", &raw)?;
             self.finish_firing(key, firing).await?;
         }
@@ -294,12 +310,55 @@ impl Core {
         }
     }
 
+    /// The lock a timer fires under (see `Inner::timer_locks`).
+    fn timer_lock(&self, ns: &str, id: &str) -> &tokio::sync::Mutex<()> {
+        let locks = &self.inner.timer_locks;
+        let h = meta::stable_hash(format!("{ns}\0{id}").as_bytes());
+        &locks[(h % locks.len() as u64) as usize]
+    }
+
+    /// Fires one timer that is due now, unless something else already did: what a staged
+    /// commit does with its writes before it answers, so that a reader that hears of the
+    /// commit finds them. Waits for the timer loop if that has it in hand.
+    pub(crate) async fn fire_now(&self, timer: &v1::Timer) -> CoreResult<()> {
+        let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
+        let _held = self.timer_lock(&timer.namespace, &timer.id).lock().await;
+        if let Some(raw) = self.inner.meta.get(&due).await? {
+            return self.fire_locked(due, raw.to_vec()).await;
+        }
+        // Taken by the loop (done by now, under the lock), or a firing a failed pass left.
+        let firing_key = meta::key(meta::TIMER_FIRING, &[&timer.namespace, &timer.id]);
+        if let Some(raw) = self.inner.meta.get(&firing_key).await? {
+            let firing: Firing = from_json("firing timer", &raw)?;
+            self.finish_firing(firing_key, firing).await?;
+        }
+        Ok(())
+    }
+
     async fn fire(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
+        let parts = meta::parts(meta::TIMER_DUE, &due_key);
+        let (ns, id) = match parts.as_slice() {
+            [_, ns, id] => (ns.to_string(), id.to_string()),
+            _ => (String::new(), String::new()),
+        };
+        let _held = self.timer_lock(&ns, &id).lock().await;
+        // Fired meanwhile by a staged commit (or cancelled): nothing to do.
+        if self.inner.meta.get(&due_key).await?.as_deref() != Some(&raw[..]) {
+            return Ok(());
+        }
+        self.fire_locked(due_key, raw).await
+    }
+
+    async fn fire_locked(&self, due_key: Vec<u8>, raw: Vec<u8>) -> CoreResult<()> {
         let timer =
             v1::Timer::decode(&raw[..]).map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         if matches!(
             &timer.action,
-            Some(v1::timer::Action::Route(_) | v1::timer::Action::SessionExpiry(_))
+            Some(
+                v1::timer::Action::Route(_)
+                    | v1::timer::Action::SessionExpiry(_)
+                    | v1::timer::Action::Ack(_)
+            )
         ) {
             return self.fire_route(due_key, raw.clone(), &timer).await;
         }
@@ -366,6 +425,22 @@ impl Core {
             Some(v1::timer::Action::SessionExpiry(e)) => {
                 self.expire_disconnected_session(&timer.namespace, &e.client_id)
                     .await;
+            }
+            Some(v1::timer::Action::Ack(a)) => {
+                // Settling a settled message again does nothing: a crash before the timer
+                // is gone only repeats it.
+                let queue = a.queue.clone().unwrap_or_default();
+                match self.settle_committed(&queue, &a.lease_ids).await {
+                    Ok(missed) if missed > 0 => {
+                        debug!(timer = %timer.id, queue = %queue.name, missed, "committed acks of messages already gone")
+                    }
+                    Ok(_) => {}
+                    Err(e @ (CoreError::ShuttingDown | CoreError::Storage(_))) => return Err(e),
+                    Err(e) => {
+                        warn!(timer = %timer.id, queue = %queue.name, error = %e, "committed acks could not be applied; dropping them");
+                        metrics::counter!("tributary_timers_dropped_total").increment(1);
+                    }
+                }
             }
             _ => {}
         }

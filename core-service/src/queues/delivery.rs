@@ -703,6 +703,66 @@ impl Core {
         Ok(expired)
     }
 
+    /// Lease ids well formed and of this incarnation of the queue (a staged ack). A queue
+    /// that does not exist (deleted while its deliveries were out) has nothing to settle:
+    /// its acks are accepted and settle nothing, as RabbitMQ takes an ack of a delivery of
+    /// a deleted queue.
+    pub(crate) fn check_lease_ids(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+    ) -> CoreResult<()> {
+        let h = match self.queue(queue) {
+            Ok(h) => h,
+            Err(CoreError::QueueNotFound(_)) => {
+                for id in lease_ids {
+                    parse_lease_id(id)?;
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e),
+        };
+        for (id, p) in lease_ids.iter().zip(Self::parse_leases(&h, lease_ids)?) {
+            if p.is_none() {
+                return Err(CoreError::InvalidArgument(format!(
+                    "lease '{id}' is not of queue '{}' (or of an older queue of that name)",
+                    queue.name
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// The acks of a committed staged transaction: settles the messages the lease ids name,
+    /// whichever lease holds them now, durably. Returns how many were not there to settle.
+    /// A queue gone (or declared anew since) has nothing to settle.
+    pub(crate) async fn settle_committed(
+        &self,
+        queue: &v1::QueueId,
+        lease_ids: &[String],
+    ) -> CoreResult<usize> {
+        let h = match self.queue(queue) {
+            Ok(h) => h,
+            Err(CoreError::QueueNotFound(_)) => return Ok(lease_ids.len()),
+            Err(e) => return Err(e),
+        };
+        let parsed = Self::parse_leases(&h, lease_ids)?;
+        let mut missed = 0;
+        let end = {
+            let mut g = h.guarded.lock().await;
+            let now = now_ms();
+            let mut ops = Vec::new();
+            for p in parsed {
+                if !p.is_some_and(|(o, _)| g.st.settle_offset(now, o, &mut ops)) {
+                    missed += 1;
+                }
+            }
+            self.write_ops(&h, &mut g, ops).await?
+        };
+        self.journal_durable(&h, end).await?;
+        Ok(missed)
+    }
+
     /// Gives leased messages back (ready again after `delay_ms`) or, without requeue,
     /// dead-letters them (reason "rejected"). Stale lease ids are skipped.
     pub async fn nack(
@@ -905,8 +965,16 @@ impl Core {
             EnqueueMode::Internal,
             Some(timer_id),
         )
-        .await
-        .map(|_| ())
+        .await?;
+        // Overflow drop-head still holds the queue to its limits: what the timer released
+        // pushes the oldest out (a trim after the write, so the write stays exactly once).
+        let settings = h.settings();
+        if settings.overflow == Some(Overflow::DropHead)
+            && (settings.max_length.is_some() || settings.max_length_bytes.is_some())
+        {
+            self.drop_head(&h).await?;
+        }
+        Ok(())
     }
 
     /// The end of a queue's messages log (where a timer's batch will land).

@@ -573,6 +573,21 @@ impl QueueState {
         Ok(())
     }
 
+    /// Settles a message whatever its phase (an ack a staged transaction committed, whose
+    /// lease may have ended since): false if it is not here to settle (settled already,
+    /// being dead-lettered, or not loaded).
+    pub fn settle_offset(&mut self, now: i64, offset: i64, ops: &mut Vec<Op>) -> bool {
+        self.tick(now);
+        match self.msgs.get(&offset).map(|m| m.phase) {
+            None | Some(Phase::Moving) => false,
+            Some(_) => {
+                self.remove(offset);
+                push_settle(ops, offset);
+                true
+            }
+        }
+    }
+
     /// Gives a leased message back: ready again after `delay_ms`, or (no requeue) a dead
     /// letter with reason "rejected".
     pub fn nack(

@@ -316,6 +316,11 @@ impl Core {
             .ok_or_else(|| CoreError::AddressNotFound(name.to_string()))
     }
 
+    /// ADDRESS_NOT_FOUND unless the address exists.
+    pub(crate) fn check_address(&self, ns: &str, name: &str) -> CoreResult<()> {
+        self.address(ns, name).map(|_| ())
+    }
+
     /// Declares an address (or, passive, looks one up); the answer describes the address,
     /// new or existing, so that a passive declare tells a gateway its kind and arguments.
     pub async fn declare_address(
@@ -748,6 +753,72 @@ impl Core {
             debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
         }
         Ok(staged)
+    }
+
+    /// Where a publish's records go, without writing them: groups of record indexes with
+    /// the queues and streams they are routed to (that exist now). Each record is stamped
+    /// with the address and key it was published with, as a publish does. An address that
+    /// does not exist routes nowhere. (A staged publish, routed when its transaction
+    /// commits.)
+    pub(crate) fn route_targets(
+        &self,
+        ns: &str,
+        address: &str,
+        key: &str,
+        records: &mut [v1::Record],
+    ) -> Vec<(Vec<usize>, Vec<Target>)> {
+        for r in records.iter_mut() {
+            let p = r.properties.get_or_insert_default();
+            p.publish_address = address.to_string();
+            p.address = key.to_string();
+        }
+        let mut groups: Vec<(BTreeSet<Target>, Vec<usize>)> = Vec::new();
+        if address.is_empty() {
+            groups.push((
+                BTreeSet::from([Target::Queue(key.to_string())]),
+                (0..records.len()).collect(),
+            ));
+        } else if let Ok(a) = self.address(ns, address) {
+            let per_record = kind_of(a.record.kind).is_ok_and(|k| k == AddressKind::Headers);
+            for (i, r) in records.iter().enumerate() {
+                if i > 0 && !per_record {
+                    groups[0].1.push(i);
+                    continue;
+                }
+                let mut targets = BTreeSet::new();
+                if self
+                    .resolve(ns, address, key, &r.headers, &mut targets)
+                    .is_err()
+                {
+                    targets.clear();
+                }
+                match groups.iter_mut().find(|(t, _)| *t == targets) {
+                    Some(g) => g.1.push(i),
+                    None => groups.push((targets, vec![i])),
+                }
+            }
+        }
+        groups
+            .into_iter()
+            .map(|(targets, idx)| {
+                let live = targets
+                    .into_iter()
+                    .filter(|t| match t {
+                        Target::Queue(q) => self
+                            .queue(&v1::QueueId {
+                                namespace: ns.to_string(),
+                                name: q.clone(),
+                            })
+                            .is_ok(),
+                        Target::Stream(s) => self
+                            .stream(&v1::StreamId::new(ns.to_string(), s.clone()))
+                            .is_ok(),
+                        Target::Address(_) => false,
+                    })
+                    .collect();
+                (idx, live)
+            })
+            .collect()
     }
 
     /// Dead letters of a queue, published to its dead-letter address: with `key`, or else

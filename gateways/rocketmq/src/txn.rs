@@ -95,6 +95,8 @@ pub(crate) async fn stage_half_message(
         owner: h.producer_group.clone(),
         context: Bytes::from(half.encode()),
         check_after_ms: gw.config.transaction_timeout.as_millis() as i64,
+        // Checked back instead (and rolled back after transactionCheckMax checks).
+        timeout_ms: 0,
     };
     let r = gw
         .core

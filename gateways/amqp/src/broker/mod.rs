@@ -56,6 +56,16 @@ const FAST_BATCH: usize = 256;
 const PUBLISH_CALL_BYTES: usize = 64 << 20;
 /// Publish calls one connection has waiting for their fsync at most.
 const PUBLISHES_IN_FLIGHT: usize = 32;
+/// A tx.commit's staged transaction not resolved this long after staging (its gateway gone
+/// in between) is rolled back by the core: RabbitMQ drops uncommitted work of a channel
+/// that closes.
+const STAGED_TIMEOUT_MS: i64 = 60_000;
+/// Writes (publishes, and acks per queue by 10 000) of one tx.commit: the core's limit of
+/// one staged transaction.
+const TX_MAX_WRITES: usize = 10_000;
+/// Message bytes of one tx.commit: under the core's 64 MiB per staged transaction, which
+/// also holds the messages' properties (counted here roughly) and bookkeeping.
+const TX_MAX_BYTES: usize = 60 << 20;
 /// Ack and reject calls one connection has on their way to the core at most.
 const SETTLES_IN_FLIGHT: usize = 64;
 /// How long a cancel waits for the core to end the consumer's subscription.
@@ -276,9 +286,12 @@ fn is_fast(c: &Command) -> bool {
 
 /// What a publish needs once it is durable: its confirm, and for a mandatory one what to
 /// return if nothing took it.
+/// What a basic.return of a mandatory publish carries: routing key, properties, body.
+type Returnable = (String, bytes::Bytes, bytes::Bytes);
+
 struct Published {
     confirm_seq: u64,
-    mandatory: Option<(String, bytes::Bytes, bytes::Bytes)>,
+    mandatory: Option<Returnable>,
 }
 
 struct PublishDone {
@@ -966,6 +979,10 @@ impl Driver {
         }
     }
 
+    /// tx.commit: the transaction's publishes and acks are one staged transaction of the
+    /// core (one StageMessages, then ResolveStaged commit); commit-ok goes out once the
+    /// core has committed it durably and made its writes. Rejects and nacks, which the
+    /// staged model does not carry, are applied after it (see docs/compat/amqp.md).
     async fn tx_commit(&mut self, channel: u32) -> Res<()> {
         let Some(t) = self.chan(channel).tx.as_mut() else {
             return Err(refuse(PRECONDITION_FAILED, "channel is not transactional"));
@@ -978,24 +995,192 @@ impl Driver {
                 self.chan(channel).check_settle(s)?;
             }
         }
-        let mut publishes = Vec::new();
-        let mut settles = Vec::new();
+        let now = now_ms();
+        let mut writes = Vec::new();
+        // Per publish write: what a return needs if it is mandatory and routed nowhere.
+        let mut returns: Vec<(String, Option<Returnable>)> = Vec::new();
+        let mut acked: Vec<u64> = Vec::new();
+        let mut others: Vec<link::BasicSettle> = Vec::new();
+        let mut covered = std::collections::BTreeSet::new();
         for op in ops {
             match op {
                 TxOp::Publish(p) => {
                     let (exchange, info) = self.publish_exchange(&p.exchange).await?;
-                    publishes.push((channel, exchange, info.is_some_and(|x| x.delayed), p));
+                    let delayed = info.is_some_and(|x| x.delayed);
+                    let record = message::to_record(
+                        &p.properties,
+                        p.body.clone(),
+                        p.expiration_ms,
+                        delayed,
+                        now,
+                    );
+                    writes.push(v1::StagedWrite {
+                        write: Some(v1::staged_write::Write::Publish(v1::PublishRequest {
+                            namespace: self.ns.clone(),
+                            address: exchange.clone(),
+                            routing_key: p.routing_key.clone(),
+                            records: vec![record],
+                            ..Default::default()
+                        })),
+                        deliver_at_ms: 0,
+                    });
+                    returns.push((
+                        exchange,
+                        p.mandatory
+                            .then(|| (p.routing_key.clone(), p.properties.clone(), p.body.clone())),
+                    ));
                 }
-                TxOp::Settle(s) => settles.push(s),
+                TxOp::Settle(s) => {
+                    let tags: Vec<u64> = self
+                        .chan(channel)
+                        .tags_of(&s)
+                        .into_iter()
+                        .filter(|t| covered.insert(*t))
+                        .collect();
+                    if s.kind() == link::SettleKind::SettleAck {
+                        acked.extend(tags);
+                    } else {
+                        others.extend(tags.into_iter().map(|t| link::BasicSettle {
+                            delivery_tag: t,
+                            multiple: false,
+                            ..s
+                        }));
+                    }
+                }
             }
         }
-        self.send_publishes(publishes).await;
-        self.published_all().await;
-        for s in settles {
+        let mut leases: Vec<(String, Vec<String>)> = Vec::new();
+        {
+            let ch = self.chan(channel);
+            for t in &acked {
+                if let Some(u) = ch.unacked.get(t) {
+                    match leases.iter_mut().find(|(q, _)| *q == u.queue) {
+                        Some((_, ids)) => ids.push(u.lease.clone()),
+                        None => leases.push((u.queue.clone(), vec![u.lease.clone()])),
+                    }
+                }
+            }
+        }
+        for (queue, lease_ids) in leases {
+            for chunk in lease_ids.chunks(TX_MAX_WRITES) {
+                writes.push(v1::StagedWrite {
+                    write: Some(v1::staged_write::Write::Ack(v1::AckRequest {
+                        queue: Some(self.queue_id(&queue)),
+                        lease_ids: chunk.to_vec(),
+                        no_wait_durable: false,
+                    })),
+                    deliver_at_ms: 0,
+                });
+            }
+        }
+        // The core's limits of one staged transaction, told in the client's terms before
+        // anything is sent (and nothing of the transaction applies).
+        let bytes: usize = writes
+            .iter()
+            .map(|w| match &w.write {
+                Some(v1::staged_write::Write::Publish(p)) => p
+                    .records
+                    .iter()
+                    .map(|r| {
+                        let headers: usize = r
+                            .headers
+                            .iter()
+                            .map(|h| h.name.len() + h.value.len() + 8)
+                            .sum();
+                        // Properties: the headers twice at most (raw and decoded), the rest
+                        // small.
+                        r.value.len() + r.key.len() + 2 * headers + 256
+                    })
+                    .sum::<usize>()
+                    .saturating_add(p.address.len() + p.routing_key.len()),
+                Some(v1::staged_write::Write::Ack(a)) => {
+                    a.lease_ids.iter().map(|l| l.len() + 8).sum::<usize>()
+                }
+                _ => 0,
+            })
+            .sum();
+        if writes.len() > TX_MAX_WRITES || bytes > TX_MAX_BYTES {
+            return Err(refuse(
+                PRECONDITION_FAILED,
+                format!(
+                    "transaction too large: {} publishes and acks, {bytes} bytes (at most {TX_MAX_WRITES} and {TX_MAX_BYTES} bytes per tx.commit)",
+                    writes.len()
+                ),
+            ));
+        }
+        if !writes.is_empty() {
+            let published = self.commit_staged(writes).await?;
+            for (k, (exchange, mandatory)) in returns.into_iter().enumerate() {
+                if let Some((routing_key, properties, body)) = mandatory
+                    && published
+                        .get(k)
+                        .and_then(|p| p.routed.first())
+                        .copied()
+                        .unwrap_or(0)
+                        == 0
+                {
+                    self.emit(
+                        channel,
+                        Event::Returned(link::ChannelDelivery {
+                            exchange,
+                            routing_key,
+                            properties,
+                            body,
+                            reply_code: NO_ROUTE,
+                            reply_text: "NO_ROUTE".into(),
+                            ..Default::default()
+                        }),
+                    );
+                }
+            }
+            // Settled in the core: off the channel, their consumers' credit back.
+            let (_, credit) = self.take_unacked(channel, &acked);
+            self.give_back(channel, credit);
+            self.release_held(channel);
+        }
+        for s in others {
             self.settle(channel, s).await;
         }
         self.emit(channel, Event::Ok(ok(90, 21)));
         Ok(())
+    }
+
+    /// Stages a transaction's writes in the core and commits them: per publish write, how
+    /// many destinations each record reached. A transaction left open (this gateway gone
+    /// before the resolve) is rolled back by the core after `STAGED_TIMEOUT_MS`.
+    async fn commit_staged(
+        &mut self,
+        writes: Vec<v1::StagedWrite>,
+    ) -> Res<Vec<v1::PublishResponse>> {
+        let mut txn = self.core.transactions.clone();
+        let staged = txn
+            .stage_messages(v1::StageMessagesRequest {
+                namespace: self.ns.clone(),
+                writes,
+                timeout_ms: STAGED_TIMEOUT_MS,
+                ..Default::default()
+            })
+            .await
+            .map_err(|s| from_status(&s))?
+            .into_inner();
+        let req = v1::ResolveStagedRequest {
+            namespace: self.ns.clone(),
+            transaction_id: staged.transaction_id,
+            commit: true,
+        };
+        let mut tries = 0;
+        loop {
+            match txn.resolve_staged(req.clone()).await {
+                Ok(r) => return Ok(r.into_inner().published),
+                // The answer may be lost with the commit made: asking again is safe (a
+                // second commit answers resolved = false).
+                Err(s) if s.code() == tonic::Code::Unavailable && tries < 3 => tries += 1,
+                Err(s) => {
+                    warn!(error = %s, "amqp: tx.commit failed in the core");
+                    return Err(from_status(&s));
+                }
+            }
+        }
     }
 
     // -----------------------------------------------------------------------------------

@@ -213,6 +213,49 @@ abstract class AmqpCompatTests {
 
     @Test
     @Timeout(60)
+    void txCommitsAFanoutPublishAndAnAckTogetherAndRollbackUndoesBoth() throws Exception {
+        String ex = exchange("tx-fan");
+        String in = queue("tx-in");
+        String out1 = queue("tx-out1");
+        String out2 = queue("tx-out2");
+        Connection c = connect();
+        Channel ch = c.createChannel();
+        ch.exchangeDeclare(ex, BuiltinExchangeType.FANOUT, false);
+        for (String q : List.of(in, out1, out2)) {
+            ch.queueDeclare(q, false, false, false, null);
+        }
+        ch.queueBind(out1, ex, "");
+        ch.queueBind(out2, ex, "");
+        ch.basicPublish("", in, null, utf8("job"));
+        Channel watcher = c.createChannel();
+        ch.txSelect();
+        GetResponse job = waitGet(ch, in, false);
+        long tag = job.getEnvelope().getDeliveryTag();
+
+        // Rolled back: no copy anywhere, the ack undone (the job still unacked on ch).
+        ch.basicPublish(ex, "", null, utf8("rolled back"));
+        ch.basicAck(tag, false);
+        ch.txRollback();
+        assertEquals(0, watcher.messageCount(out1));
+        assertEquals(0, watcher.messageCount(out2));
+        assertNull(ch.basicGet(in, false), "the job is not back in its queue after the rollback");
+
+        // Committed: both copies and the ack, all there once commit-ok arrived.
+        ch.basicPublish(ex, "", null, utf8("done job"));
+        ch.basicAck(tag, false);
+        ch.txCommit();
+        for (String q : List.of(out1, out2)) {
+            GetResponse r = watcher.basicGet(q, true);
+            assertNotNull(r, "no copy in " + q + " after commit-ok");
+            assertEquals("done job", text(r.getBody()));
+            assertNull(watcher.basicGet(q, true), q + " holds more than the committed copy");
+        }
+        ch.close();
+        assertNull(watcher.basicGet(in, true), "the committed ack did not hold after close");
+    }
+
+    @Test
+    @Timeout(60)
     void topicBindingStarMatchesExactlyOneWord() throws Exception {
         String ex = exchange("topic");
         String q = queue("topic");
