@@ -113,5 +113,10 @@ if [[ "$protocol" == sqs ]] && [[ ! "${SQS_REFERENCE:-}" =~ ^(off|0|false|no)$ ]
     export ELASTICMQ_HOME="$elasticmq_home"
 fi
 
+# Test files or node ids among the arguments narrow the run to them; otherwise the whole suite.
+targets=("compat-tests/$protocol")
+for arg in "$@"; do
+    if [[ "$arg" == compat-tests/* ]]; then targets=(); break; fi
+done
 echo "== pytest compat-tests/$protocol ($TRIBUTARY_BIN)"
-exec "$venv/bin/python" -m pytest -q "compat-tests/$protocol" "$@"
+exec "$venv/bin/python" -m pytest -q "${targets[@]}" "$@"

@@ -89,9 +89,69 @@ run_sql() {
     sql_stores_test
 }
 
+# --- The object-store log (storage-adapters/src/object_log) on S3 -----------------------------
+
+run_s3() {
+    stores_install s3
+    s3_start
+    echo "== object-store log on S3: unit and model tests with the bucket on S3"
+    TRIBUTARY_REQUIRE_S3=1 cargo test -p tributary-storage --locked --lib object_log
+}
+
+# --- Kafka, MQTT and AMQP scenarios with the log on S3 and the metadata on etcd ---------------
+#
+# Every process owning a data directory gets the snippet below merged into its config
+# (compat-tests/shared/tributary_process.py, with_test_storage), {id} naming its deployment,
+# so restarts find their own objects and metadata. The scenarios chosen are the restart and
+# kill -9 ones, the transactions, and one basic file per protocol. With opendal_ack = shared
+# the restart scenarios also run on an emptied data directory (TRIBUTARY_TEST_WIPE_DATA_DIR):
+# everything acknowledged must come back from the bucket and etcd alone.
+
+compat_on_stores() { # ack extra-env...
+    local ack="$1"; shift
+    local snippet="$STORES_DIR/storage-$ack.toml"
+    cat > "$snippet" <<TOML
+storage = "opendal"
+opendal_ack = "$ack"
+opendal_seal_interval_ms = 2000
+meta = "etcd"
+meta_url = "$TRIBUTARY_TEST_ETCD_URL"
+meta_namespace = "{id}"
+
+[opendal]
+scheme = "s3"
+bucket = "$TRIBUTARY_TEST_S3_BUCKET"
+endpoint = "$TRIBUTARY_TEST_S3_ENDPOINT"
+region = "us-east-1"
+access_key_id = "$TRIBUTARY_TEST_S3_ACCESS_KEY"
+secret_access_key = "$TRIBUTARY_TEST_S3_SECRET_KEY"
+disable_config_load = "true"
+root = "/{id}"
+TOML
+    local env=(TRIBUTARY_TEST_STORAGE_TOML="$snippet" KAFKA_REFERENCE=off AMQP_REFERENCE=off "$@")
+    echo "== kafka, mqtt, amqp scenarios: storage = opendal (S3, opendal_ack = $ack), meta = etcd"
+    env "${env[@]}" scripts/compat.sh kafka -p no:randomly -k "not apache" \
+        compat-tests/kafka/test_restart.py compat-tests/kafka/test_produce_consume.py \
+        compat-tests/kafka/test_transactions_crash.py compat-tests/kafka/test_offsets.py
+    env "${env[@]}" scripts/compat.sh mqtt -p no:randomly -k "not mosquitto" \
+        compat-tests/mqtt/test_restart.py compat-tests/mqtt/test_sessions.py
+    env "${env[@]}" scripts/compat.sh amqp -p no:randomly -k "not rabbitmq" \
+        compat-tests/amqp/test_restart.py compat-tests/amqp/test_tx_restart.py \
+        compat-tests/amqp/test_basic.py
+}
+
+run_compat() {
+    [[ -x "${TRIBUTARY_BIN:-}" ]] || { echo "test-stores.sh compat: set TRIBUTARY_BIN to a built tributary" >&2; return 2; }
+    stores_install etcd s3
+    etcd_start
+    s3_start
+    compat_on_stores local
+    compat_on_stores shared TRIBUTARY_TEST_WIPE_DATA_DIR=1
+}
+
 # ---
 
-all=(etcd redis sql)
+all=(etcd redis sql s3 compat)
 stores=("$@")
 [[ ${#stores[@]} -eq 0 ]] && stores=("${all[@]}")
 for s in "${stores[@]}"; do

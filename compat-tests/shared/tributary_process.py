@@ -59,6 +59,77 @@ except (OSError, AttributeError):
     _prctl = None
 
 
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"cannot write {v!r} as TOML")
+
+
+def _toml_dump(doc: dict, prefix: str = "") -> str:
+    """Writes what tomllib read back: scalars first, then tables and arrays of tables."""
+    out = []
+    for k, v in doc.items():
+        if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict)):
+            out.append(f"{k} = {_toml_value(v)}")
+    for k, v in doc.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.append(f"\n[{name}]")
+            out.append(_toml_dump(v, name + "."))
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                out.append(f"\n[[{name}]]")
+                out.append(_toml_dump(item, name + "."))
+    return "\n".join(out)
+
+
+def with_test_storage(argv: list[str]) -> list[str]:
+    """TRIBUTARY_TEST_STORAGE_TOML (scripts/test-stores.sh) names a TOML snippet choosing the
+    storage (for example storage = "opendal" on S3 and meta = "etcd"): every process that owns
+    a data directory gets it merged into its config, with "{id}" in string values replaced by
+    an id of that data directory, so that each deployment keeps its own objects and metadata
+    and finds them again when restarted."""
+    snippet_path = os.environ.get("TRIBUTARY_TEST_STORAGE_TOML")
+    if not snippet_path or "--data-dir" not in argv:
+        return argv
+    import hashlib
+    import tomllib
+    data_dir = argv[argv.index("--data-dir") + 1]
+    ident = "t" + hashlib.sha1(str(pathlib.Path(data_dir).resolve()).encode()).hexdigest()[:16]
+
+    def substitute(v):
+        if isinstance(v, str):
+            return v.replace("{id}", ident)
+        if isinstance(v, dict):
+            return {k: substitute(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [substitute(x) for x in v]
+        return v
+
+    merged: dict = {}
+    argv = list(argv)
+    if "--config" in argv:
+        i = argv.index("--config")
+        merged = tomllib.loads(pathlib.Path(argv[i + 1]).read_text())
+        del argv[i:i + 2]
+    for k, v in substitute(tomllib.loads(pathlib.Path(snippet_path).read_text())).items():
+        if isinstance(v, dict) and isinstance(merged.get(k), dict):
+            merged[k].update(v)
+        else:
+            merged[k] = v
+    path = pathlib.Path(data_dir).parent / f"storage-{ident}.toml"
+    path.write_text(_toml_dump(merged) + "\n")
+    # Options after the subcommand: `tributary core --config F` and `tributary --config F`.
+    at = 2 if len(argv) > 1 and argv[1] in ("core", "gateway") else 1
+    return argv[:at] + ["--config", str(path)] + argv[at:]
+
+
 def die_with_parent():  # runs in the child between fork and exec
     if _prctl is not None:
         _prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: no orphaned servers if pytest dies
@@ -183,7 +254,7 @@ class ServerProcess(ManagedProcess):
     def __init__(self, name: str, argv: list[str], log_path: pathlib.Path,
                  env_defaults: dict[str, str] | None = None):
         self.name = name
-        self.argv = argv
+        self.argv = with_test_storage(argv)
         self.log_path = log_path
         self.env_defaults = dict(env_defaults or {})
         self.proc: subprocess.Popen | None = None
@@ -197,6 +268,13 @@ class ServerProcess(ManagedProcess):
         for k, v in self.env_defaults.items():
             env.setdefault(k, v)
         env.setdefault("TRIBUTARY_LOG", "info")
+        if os.environ.get("TRIBUTARY_TEST_WIPE_DATA_DIR") and "--data-dir" in self.argv:
+            # The machine was lost: only the object store and the metadata store remain
+            # (scripts/test-stores.sh, opendal_ack = shared).
+            import shutil
+            data_dir = pathlib.Path(self.argv[self.argv.index("--data-dir") + 1])
+            shutil.rmtree(data_dir, ignore_errors=True)
+            data_dir.mkdir(parents=True, exist_ok=True)
         # A fresh queue and event per start: the previous process's stdout pump may still be
         # draining (and then reporting EOF) after a restart, and must not reach this start.
         self._lines = queue.Queue()
