@@ -219,6 +219,16 @@ impl ObjectLogStore {
         options: Vec<(String, String)>,
         name: &str,
     ) -> Result<Operator> {
+        let mut options = options;
+        if scheme == "fs" && !options.iter().any(|(k, _)| k == "atomic_write_dir") {
+            // Object stores put an object whole or not at all; a filesystem does so only when
+            // writes go through a temporary file renamed into place. Without it a crash in
+            // the middle of an upload leaves half an object under its final name.
+            if let Some((_, root)) = options.iter().find(|(k, _)| k == "root") {
+                let tmp = format!("{}/.tmp", root.trim_end_matches('/'));
+                options.push(("atomic_write_dir".into(), tmp));
+            }
+        }
         let op = Operator::via_iter(scheme, options)
             .map_err(|e| object_error(name, "cannot configure it", e))?
             .layer(::opendal::layers::TimeoutLayer::new())
@@ -308,19 +318,39 @@ impl Shared {
             }
         }
         let mut wal: HashMap<PartitionKey, Vec<WalEntry>> = HashMap::new();
+        let mut wal_names: Vec<(u64, String)> = self
+            .list("wal/")
+            .await?
+            .iter()
+            .filter_map(|e| layout::parse_wal_name(e.path()).map(|seq| (seq, e.path().to_string())))
+            .collect();
+        wal_names.sort();
+        let newest = wal_names.last().map(|(seq, _)| *seq);
         let mut max_seq = 0;
-        for entry in self.list("wal/").await? {
-            let Some(seq) = layout::parse_wal_name(entry.path()) else {
-                continue;
-            };
+        for (seq, path) in wal_names {
             max_seq = max_seq.max(seq);
             let raw = self
                 .op
-                .read(entry.path())
+                .read(&path)
                 .await
                 .map_err(|e| self.err("cannot read a WAL object", e))?;
-            let entries = layout::decode_wal(raw.to_bytes())
-                .map_err(|why| self.err(&format!("WAL object {} is damaged", entry.path()), why))?;
+            let entries = match layout::decode_wal(raw.to_bytes()) {
+                Ok(entries) => entries,
+                // One upload runs at a time, so only the newest object can be one a crash
+                // interrupted (on a store whose writes are not atomic): nothing in it was
+                // acknowledged. Damage anywhere else is corruption.
+                Err(why) if Some(seq) == newest => {
+                    warn!(store = %self.name, object = %path, reason = %why, "dropping an incomplete WAL object (an upload a crash interrupted; never acknowledged)");
+                    self.op
+                        .delete(&path)
+                        .await
+                        .map_err(|e| self.err("cannot delete an incomplete WAL object", e))?;
+                    continue;
+                }
+                Err(why) => {
+                    return Err(self.err(&format!("WAL object {path} is damaged"), why));
+                }
+            };
             let ranges = entries
                 .iter()
                 .map(|e| (e.key, e.incarnation, e.end_offset()))
