@@ -32,6 +32,8 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh ro
 # ~/.m2 from Maven Central), AMQP, MQTT, Kafka transactions and RocketMQ also against RabbitMQ,
 # Mosquitto, Apache Kafka and Apache RocketMQ (started by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
+echo "== storage adapters on real servers (etcd, Redis, PostgreSQL, MariaDB from Debian; S3 from moto), and protocol scenarios on S3 + etcd"
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/test-stores.sh
 echo "== web console end to end in headless Chromium (chromium from Debian, playwright-core from npm)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/console-test.sh
 echo "== tributary bench mqtt|amqp|sqs against Mosquitto, RabbitMQ (Debian) and ElasticMQ (Maven Central)"
