@@ -51,6 +51,13 @@ def test_queue_without_max_priority_ignores_priority(broker, amqp, uid):
 SAC = {"x-single-active-consumer": True}
 
 
+def arrived(inboxes, n, conns):
+    """Drives `conns` until `n` deliveries arrived across the inboxes, whichever consumer
+    they went to (so a failure shows which one got them)."""
+    pump(conns, lambda: sum(len(i.msgs) for i in inboxes) >= n,
+         what=f"{n} deliveries to the single-active-consumer queue")
+
+
 def test_single_active_consumer_and_takeover_on_cancel(broker, amqp, uid):
     c1, c2 = amqp(broker), amqp(broker)
     ch1, ch2 = c1.channel(), c2.channel()
@@ -59,13 +66,13 @@ def test_single_active_consumer_and_takeover_on_cancel(broker, amqp, uid):
     second = Inbox(ch2, q, auto_ack=True)
     pch = amqp(broker).channel()
     publish(pch, q, [f"a{i}" for i in range(10)])
-    first.wait(10, conns=[c2])
+    arrived([first, second], 10, [c1, c2])
     quiet([c1, c2])
+    assert second.texts() == [], "only the active consumer (the first registered) receives"
     assert first.texts() == [f"a{i}" for i in range(10)]
-    assert second.msgs == [], "only the active consumer receives"
     first.cancel()
     publish(pch, q, [f"b{i}" for i in range(5)])
-    second.wait(5, conns=[c1])
+    arrived([first, second], 15, [c1, c2])
     quiet([c1, c2])
     assert second.texts() == [f"b{i}" for i in range(5)], "the waiting consumer took over"
     assert len(first.msgs) == 10
@@ -82,9 +89,10 @@ def test_single_active_consumer_takeover_requeues_unacked(broker, amqp, uid):
     first = Inbox(ch1, q)
     second = Inbox(ch2, q, auto_ack=True)
     publish(amqp(broker).channel(), q, ["m0", "m1", "m2", "m3"])
-    first.wait(2, conns=[c2])
+    arrived([first, second], 2, [c1, c2])
     quiet([c1, c2])
-    assert first.texts() == ["m0", "m1"] and second.msgs == []
+    assert second.msgs == [], "only the active consumer (the first registered) receives"
+    assert first.texts() == ["m0", "m1"]
     c1.close()  # m0 and m1 were unacked
     second.wait(4)
     quiet(c2)

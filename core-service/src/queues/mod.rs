@@ -201,8 +201,12 @@ pub(crate) struct QueueHandle {
     consumers: AtomicU32,
     /// An exclusive subscription holds the queue.
     exclusive: AtomicBool,
-    /// Single active consumer: the subscription whose turn it is (0 = nobody's).
+    /// Single active consumer: the subscription whose turn it is (0 = nobody's), always
+    /// the first of `turns`.
     active_subscriber: AtomicU64,
+    /// Single active consumer: the subscriptions in the order they started; each one's
+    /// turn comes when those before it have ended.
+    turns: Mutex<VecDeque<u64>>,
     next_subscriber: AtomicU64,
     last_used_ms: AtomicI64,
     task: Mutex<Option<JoinHandle<()>>>,
@@ -765,6 +769,7 @@ impl Core {
             consumers: AtomicU32::new(0),
             exclusive: AtomicBool::new(false),
             active_subscriber: AtomicU64::new(0),
+            turns: Mutex::new(VecDeque::new()),
             next_subscriber: AtomicU64::new(0),
             last_used_ms: AtomicI64::new(now),
             task: Mutex::new(None),

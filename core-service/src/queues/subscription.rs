@@ -89,11 +89,15 @@ impl Core {
                 queue.name
             )));
         }
-        let consumer = Self::consumer_guard(&h);
-        let exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
         let single_active = h.settings().single_active_consumer == Some(true);
         let me = h.next_subscriber.fetch_add(1, Ordering::Relaxed) + 1;
-        let active = single_active.then(|| ActiveGuard(h.clone(), me));
+        // Single active consumer: the turn goes by start order, and the place in line is
+        // taken here, before the subscription is counted or its start announced: a gateway
+        // confirms its consumer once it sees the start, so the one confirmed first is the
+        // active one (RabbitMQ's rule) however this task is scheduled from here on.
+        let active = single_active.then(|| ActiveGuard::join(h.clone(), me));
+        let consumer = Self::consumer_guard(&h);
+        let exclusive = start.exclusive.then(|| ExclusiveGuard(h.clone()));
         h.touch();
         if start.announce_start {
             let started = v1::SubscribeEvent {
@@ -123,11 +127,8 @@ impl Core {
                 break Ok(());
             }
             // Single active consumer: only the subscription that holds the queue's turn
-            // leases; the others wait for it to end.
-            let my_turn = !single_active
-                || h.active_subscriber
-                    .compare_exchange(0, me, Ordering::AcqRel, Ordering::Acquire)
-                    .map_or_else(|holder| holder == me, |_| true);
+            // leases; the others wait for those before them to end.
+            let my_turn = !single_active || h.active_subscriber.load(Ordering::Acquire) == me;
             if credit > 0 && my_turn {
                 let vis = match start.visibility_timeout_ms {
                     0 => HELD_AT_MS - now_ms(),
@@ -261,19 +262,34 @@ impl Core {
     }
 }
 
-/// Gives up the single-active-consumer turn, if this subscription had it, and wakes the
-/// waiting ones.
+/// A single-active-consumer subscription's place in line: the first one has the turn; when
+/// it goes, the turn passes to the next one in start order and the waiting ones are woken.
 struct ActiveGuard(Arc<QueueHandle>, u64);
+
+impl ActiveGuard {
+    fn join(h: Arc<QueueHandle>, me: u64) -> Self {
+        let mut turns = h.turns.lock();
+        turns.push_back(me);
+        if turns.len() == 1 {
+            h.active_subscriber.store(me, Ordering::Release);
+        }
+        drop(turns);
+        Self(h, me)
+    }
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        if self
-            .0
-            .active_subscriber
-            .compare_exchange(self.1, 0, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
-            self.0.ready.notify_waiters();
+        let h = &self.0;
+        let mut turns = h.turns.lock();
+        if turns.front() == Some(&self.1) {
+            turns.pop_front();
+            let next = turns.front().copied().unwrap_or(0);
+            h.active_subscriber.store(next, Ordering::Release);
+            drop(turns);
+            h.ready.notify_waiters();
+        } else {
+            turns.retain(|t| *t != self.1);
         }
     }
 }
