@@ -117,6 +117,17 @@ type WalRange = (PartitionKey, u64, i64);
 struct Pending {
     entries: Vec<WalEntry>,
     bytes: usize,
+    /// When the oldest entry was queued: a window closes `upload_interval` after it, so
+    /// entries that waited through the previous upload go out with the next one at once.
+    since: Option<tokio::time::Instant>,
+}
+
+impl Pending {
+    fn push(&mut self, entry: WalEntry) {
+        self.bytes += entry.payload.len();
+        self.since.get_or_insert_with(tokio::time::Instant::now);
+        self.entries.push(entry);
+    }
 }
 
 struct Part {
@@ -502,8 +513,7 @@ impl Shared {
                     break;
                 }
                 at = b.next_offset();
-                pending.bytes += b.payload.len();
-                pending.entries.push(WalEntry {
+                pending.push(WalEntry {
                     key: part.key,
                     incarnation: part.incarnation,
                     base_offset: b.base_offset,
@@ -542,7 +552,12 @@ impl Shared {
             let stopping = *stop.borrow();
             if !stopping && self.pending.lock().bytes < self.config.upload_bytes {
                 // Gather a window's worth; a full window goes at once.
-                let deadline = tokio::time::Instant::now() + self.config.upload_interval;
+                let since = self
+                    .pending
+                    .lock()
+                    .since
+                    .unwrap_or_else(tokio::time::Instant::now);
+                let deadline = since + self.config.upload_interval;
                 loop {
                     tokio::select! {
                         _ = tokio::time::sleep_until(deadline) => break,
@@ -895,8 +910,7 @@ impl LogStore for ObjectLogStore {
         }
         if s.config.ack == AckPoint::Shared {
             let mut pending = s.pending.lock();
-            pending.bytes += batch.payload.len();
-            pending.entries.push(WalEntry {
+            pending.push(WalEntry {
                 key,
                 incarnation: part.incarnation,
                 base_offset: base,
