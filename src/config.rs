@@ -966,7 +966,7 @@ fn resolve_opendal(
                 Err(invalid(
                     name,
                     v,
-                    &format!("expected {} to {} ms", range.start(), range.end()),
+                    format!("expected {} to {} ms", range.start(), range.end()),
                 ))
             }
         };
