@@ -961,27 +961,7 @@ fn read_start_offset(dir: &Path) -> Result<Option<i64>> {
 #[async_trait]
 impl LogStore for LocalLogStore {
     async fn create_partition(&self, key: PartitionKey) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StorageError::ShuttingDown);
-        }
-        if self.partitions.read().contains_key(&key) {
-            return Ok(());
-        }
-        let dir = self.root.join(key.to_string());
-        let root = self.root.clone();
-        let config = self.config.clone();
-        let part = blocking(move || -> Result<PartitionLog> {
-            fs::create_dir_all(&dir)
-                .map_err(|e| StorageError::io(format!("cannot create {}", dir.display()), e))?;
-            sync_dir(&root)?;
-            PartitionLog::open(key, dir, &config, false)
-        })
-        .await?;
-        self.partitions
-            .write()
-            .entry(key)
-            .or_insert_with(|| Arc::new(part));
-        Ok(())
+        self.create_partition_at(key, 0).await
     }
 
     async fn delete_partition(&self, key: PartitionKey) -> Result<()> {
