@@ -101,6 +101,42 @@ pub const METRICS: &[Metric] = &[
         Kind::Histogram,
         "Time one fsync of the local storage took, in seconds.",
     ),
+    m(
+        "tributary_storage_segments_shipped_total",
+        Kind::Counter,
+        "Sealed segments the object-store log uploaded (storage = opendal).",
+    ),
+    m(
+        "tributary_storage_segment_upload_seconds",
+        Kind::Histogram,
+        "Time one segment upload to the object store took, in seconds.",
+    ),
+    m(
+        "tributary_storage_wal_objects_total",
+        Kind::Counter,
+        "WAL objects written to the object store (opendal_ack = shared).",
+    ),
+    m(
+        "tributary_storage_wal_bytes_total",
+        Kind::Counter,
+        "Bytes of WAL objects written to the object store (opendal_ack = shared).",
+    ),
+    m(
+        "tributary_storage_wal_upload_seconds",
+        Kind::Histogram,
+        "Time one WAL object upload took, in seconds (opendal_ack = shared).",
+    ),
+    m(
+        "tributary_storage_cold_read_seconds",
+        Kind::Histogram,
+        "Time one read from a segment in the object store (below the local cache) took, in seconds.",
+    ),
+    Metric {
+        name: "tributary_storage_object_errors_total",
+        kind: Kind::Counter,
+        help: "Failed object-store operations of the object-store log, by operation (op: wal_put, ship); each is retried.",
+        series: &[&[("op", "wal_put")], &[("op", "ship")]],
+    },
     // Gateway listeners.
     m(
         "tributary_connections",
