@@ -448,8 +448,11 @@ async fn a_staged_transaction_nobody_resolves_is_rolled_back_after_its_timeout()
         .into_inner()
         .transaction_id;
     // The sweep rolls it back. Adding a write to it is the probe that does not end it:
-    // refused once it ended.
+    // refused once it ended. Each probe rewrites the transaction's record, which the sweep's
+    // rollback (a compare-and-set on that record) then loses to: the probes back off, so
+    // that the sweep (every 20 ms) gets quiet stretches however slow the machine is.
     let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut pause = Duration::from_millis(10);
     loop {
         let r = api
             .txn
@@ -468,7 +471,8 @@ async fn a_staged_transaction_nobody_resolves_is_rolled_back_after_its_timeout()
             tokio::time::Instant::now() < deadline,
             "never rolled back by its timeout"
         );
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(500));
     }
     // Rolled back (not committed): a commit is refused, a rollback is a retry.
     let e = api.resolve(&id, true).await.unwrap_err();
