@@ -1028,21 +1028,21 @@ impl LogStore for ObjectLogStore {
         let part = s.part(key)?;
         let local = s.cache.bounds(key).await?;
         let state = part.state.lock();
-        let remote_end = state.remote_end();
-        let remote_bytes: u64 = state.remote.values().map(|seg| seg.name.size).sum();
-        let unshipped = s
-            .cache
-            .segments(key)?
-            .iter()
-            .filter(|seg| seg.end_offset > remote_end)
-            .map(|seg| seg.size_bytes)
-            .sum::<u64>();
+        // Bounds are read on every fetch: no listing of cache segments here. Eviction is
+        // segment-aligned, so the cache holds everything from its start and the store only
+        // adds the segments below it.
+        let evicted_bytes: u64 = state
+            .remote
+            .values()
+            .filter(|seg| seg.name.end <= local.start_offset)
+            .map(|seg| seg.name.size)
+            .sum();
         Ok(PartitionBounds {
             start_offset: state.start_offset,
             end_offset: s
                 .visible_end(&part, local.end_offset)
                 .max(state.start_offset),
-            size_bytes: remote_bytes + unshipped,
+            size_bytes: evicted_bytes + local.size_bytes,
         })
     }
 
