@@ -374,20 +374,22 @@ pub struct Options {
     pub core: Option<String>,
     /// Log storage: local (on disk, the default), memory (lost on exit) or opendal (an
     /// object store configured in the config file's [opendal] table, with a local cache).
+    /// With an [opendal] table both local and opendal are available and this is the
+    /// default; a stream or queue may choose the other when it is created.
     #[arg(long, env = "TRIBUTARY_STORAGE", global = true)]
     pub storage: Option<String>,
-    /// With storage = opendal: where appends are acknowledged, "local" (once the local
+    /// With an [opendal] table: where appends are acknowledged, "local" (once the local
     /// cache has fsynced them) or "shared" (once the object store holds them too).
     #[arg(long, env = "TRIBUTARY_OPENDAL_ACK", global = true)]
     pub opendal_ack: Option<String>,
-    /// With storage = opendal: the local cache directory (default: DATA_DIR/cache).
+    /// With an [opendal] table: the object store's local cache directory (default: DATA_DIR/cache).
     #[arg(long, env = "TRIBUTARY_OPENDAL_CACHE_DIR", global = true)]
     pub opendal_cache_dir: Option<PathBuf>,
     /// With opendal_ack = shared: how long appends of every partition are gathered into
     /// one object (ms).
     #[arg(long, env = "TRIBUTARY_OPENDAL_UPLOAD_INTERVAL_MS", global = true)]
     pub opendal_upload_interval_ms: Option<u64>,
-    /// With storage = opendal: segments holding records older than this are sealed and
+    /// With an [opendal] table: segments holding records older than this are sealed and
     /// uploaded (ms).
     #[arg(long, env = "TRIBUTARY_OPENDAL_SEAL_INTERVAL_MS", global = true)]
     pub opendal_seal_interval_ms: Option<u64>,
@@ -595,7 +597,7 @@ pub struct FileConfig {
     pub opendal_cache_dir: Option<PathBuf>,
     pub opendal_upload_interval_ms: Option<u64>,
     pub opendal_seal_interval_ms: Option<u64>,
-    /// The object store of `storage = "opendal"` (file only): `scheme` plus that OpenDAL
+    /// The object store backend (file only; the default with `storage = "opendal"`): `scheme` plus that OpenDAL
     /// service's own options (`bucket`, `endpoint`, `region`, `root`, ...).
     #[serde(default)]
     pub opendal: Option<toml::Table>,
@@ -821,7 +823,7 @@ pub struct Settings {
     pub max_connections: Option<NonZeroUsize>,
     pub core: String,
     pub storage: StorageKind,
-    /// With `storage = opendal`: the object store and the cache.
+    /// With an [opendal] table: the object store backend and its cache.
     pub opendal: Option<OpendalSettings>,
     pub meta: MetaSettings,
     pub fsync: FsyncPolicy,
@@ -908,8 +910,19 @@ fn resolve_opendal(
     data_dir: &std::path::Path,
 ) -> Result<Option<OpendalSettings>, ConfigError> {
     use tributary_storage::object_log::AckPoint;
-    if storage != StorageKind::Opendal {
-        return Ok(None);
+    // With storage = local an [opendal] table adds the object store as a second backend
+    // that streams and queues may choose; storage = memory has nowhere to keep that choice.
+    match (storage, &f.opendal) {
+        (StorageKind::Local, None) => return Ok(None),
+        (StorageKind::Memory, None) => return Ok(None),
+        (StorageKind::Memory, Some(_)) => {
+            return Err(invalid(
+                "storage",
+                "memory",
+                "cannot be combined with an [opendal] table (choose storage = local or opendal)",
+            ));
+        }
+        _ => {}
     }
     let Some(table) = &f.opendal else {
         return Err(invalid(
@@ -2048,6 +2061,17 @@ mod tests {
             Options::default(),
             "opendal_ack",
         );
+        refused(
+            "storage = \"memory\"\n[opendal]\nscheme = \"fs\"\n",
+            Options::default(),
+            "[opendal]",
+        );
+        // With storage = local, an [opendal] table makes the object store a second backend.
+        let file: FileConfig =
+            toml::from_str("opendal_ack = \"shared\"\n[opendal]\nscheme = \"fs\"\n").unwrap();
+        let s = Settings::resolve(&Options::default(), &file).unwrap();
+        assert_eq!(s.storage, StorageKind::Local);
+        assert_eq!(s.opendal.unwrap().ack, AckPoint::Shared);
     }
 
     #[test]

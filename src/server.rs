@@ -23,6 +23,7 @@ use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
 use tributary_storage::object_log::{AckPoint as ObjectAck, ObjectLogConfig, ObjectLogStore};
 use tributary_storage::redb_meta::RedbMetaStore;
+use tributary_storage::routed::{Backend, RoutedLogStore};
 use tributary_storage::{EtcdMetaStore, MysqlMetaStore, PostgresMetaStore, RedisMetaStore};
 use tributary_storage::{LogStore, MetaStore, StorageError};
 
@@ -116,10 +117,12 @@ type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
 
 async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
     if settings.storage == StorageKind::Memory {
-        return Ok((
-            Arc::new(MemoryLogStore::new()),
-            Arc::new(MemoryMetaStore::new()),
-        ));
+        let log = RoutedLogStore::open(vec![Backend {
+            name: "memory".into(),
+            store: Arc::new(MemoryLogStore::new()),
+        }])
+        .await?;
+        return Ok((log, Arc::new(MemoryMetaStore::new())));
     }
     // Remote stores are reached before anything is written locally: a server that cannot
     // reach one exits with nothing changed.
@@ -150,25 +153,37 @@ async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
         fsync: settings.fsync,
         ..Default::default()
     };
-    let log: Arc<dyn LogStore> = match object_store {
-        None => LocalLogStore::open(dir.join("log"), local)?,
-        Some((o, op)) => {
-            if o.ack == ObjectAck::Shared && settings.meta.kind == MetaKind::Redb {
-                warn!(
-                    "opendal_ack = shared keeps every acknowledged record in the object store, but meta = redb keeps the streams' metadata in {}: a server started on an empty data directory finds no streams (use meta = etcd, postgres, mysql or redis)",
-                    dir.display()
-                );
-            }
-            let config = ObjectLogConfig {
-                ack: o.ack,
-                upload_interval: o.upload_interval,
-                seal_interval: o.seal_interval,
-                cache: local,
-                ..Default::default()
-            };
-            ObjectLogStore::open(op, o.describe(), &o.cache_dir, config).await?
+    // The local log is always a backend; with an [opendal] table the object store is one
+    // too, and `storage` says which is the default (streams and queues may name the other).
+    let mut backends = vec![Backend {
+        name: "local".into(),
+        store: LocalLogStore::open(dir.join("log"), local.clone())?,
+    }];
+    if let Some((o, op)) = object_store {
+        if o.ack == ObjectAck::Shared && settings.meta.kind == MetaKind::Redb {
+            warn!(
+                "opendal_ack = shared keeps every acknowledged record in the object store, but meta = redb keeps the streams' metadata in {}: a server started on an empty data directory finds no streams (use meta = etcd, postgres, mysql or redis)",
+                dir.display()
+            );
         }
-    };
+        let config = ObjectLogConfig {
+            ack: o.ack,
+            upload_interval: o.upload_interval,
+            seal_interval: o.seal_interval,
+            cache: local,
+            ..Default::default()
+        };
+        let object = Backend {
+            name: "opendal".into(),
+            store: ObjectLogStore::open(op, o.describe(), &o.cache_dir, config).await?,
+        };
+        if settings.storage == StorageKind::Opendal {
+            backends.insert(0, object);
+        } else {
+            backends.push(object);
+        }
+    }
+    let log: Arc<dyn LogStore> = RoutedLogStore::open(backends).await?;
     Ok((log, meta))
 }
 

@@ -115,6 +115,9 @@ pub struct StreamSettings {
     pub max_message_bytes: Option<i64>,
     pub cleanup_policy: Option<String>,
     pub extra: BTreeMap<String, String>,
+    /// The storage backend asked for at creation (the one used is `StreamRecord::backend`).
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 impl StreamSettings {
@@ -125,6 +128,7 @@ impl StreamSettings {
             max_message_bytes: c.max_message_bytes,
             cleanup_policy: c.cleanup_policy.clone(),
             extra: c.extra.clone().into_iter().collect(),
+            storage: c.storage.clone(),
         }
     }
 
@@ -207,6 +211,10 @@ pub struct StreamRecord {
     pub partitions: u32,
     pub settings: StreamSettings,
     pub created_at_ms: i64,
+    /// The log store backend its partitions were created on; `None` for a stream created
+    /// before backends could be chosen, or on a store with a single backend (the default).
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

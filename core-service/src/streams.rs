@@ -164,7 +164,10 @@ impl Core {
     async fn open_stream(&self, record: StreamRecord) -> CoreResult<Arc<StreamHandle>> {
         let mut parts = Vec::with_capacity(record.partitions as usize);
         for p in 0..record.partitions {
-            parts.push(self.open_partition(PartitionKey::new(record.id, p)).await?);
+            parts.push(
+                self.open_partition(PartitionKey::new(record.id, p), record.backend.as_deref())
+                    .await?,
+            );
         }
         let key = (record.namespace.clone(), record.name.clone());
         let handle = Arc::new(StreamHandle {
@@ -175,10 +178,15 @@ impl Core {
         Ok(handle)
     }
 
-    /// Creates the partition in the log if needed and rebuilds its producer state.
-    async fn open_partition(&self, key: PartitionKey) -> CoreResult<Arc<PartitionState>> {
+    /// Creates the partition in the log if needed (on `backend`, where it stays) and
+    /// rebuilds its producer state.
+    async fn open_partition(
+        &self,
+        key: PartitionKey,
+        backend: Option<&str>,
+    ) -> CoreResult<Arc<PartitionState>> {
         let log = &self.inner.log;
-        log.create_partition(key).await?;
+        log.create_partition_on(key, backend).await?;
         let snapshot_key = producer_snapshot_key(key);
         let snapshot: ProducerSnapshot = match self.inner.meta.get(&snapshot_key).await? {
             Some(raw) => from_json("producer snapshot", &raw)?,
@@ -377,6 +385,23 @@ impl Core {
             .ok_or_else(|| CoreError::StreamNotFound(stream_label(id)))
     }
 
+    /// The log store backend a new stream or queue goes to: the one asked for, else the
+    /// store's default; `None` when the store has a single backend and none was asked for.
+    pub(crate) fn resolve_backend(&self, requested: Option<&str>) -> CoreResult<Option<String>> {
+        let names = self.inner.log.backend_names();
+        match requested {
+            None => Ok(names.into_iter().next()),
+            Some(name) if names.iter().any(|n| n == name) => Ok(Some(name.to_string())),
+            Some(name) if names.is_empty() => Err(CoreError::InvalidConfig(format!(
+                "storage '{name}' cannot be chosen: this server has a single log store"
+            ))),
+            Some(name) => Err(CoreError::InvalidConfig(format!(
+                "storage '{name}' is not configured on this server (available: {})",
+                names.join(", ")
+            ))),
+        }
+    }
+
     /// Creates a stream. Returns its description and whether it was created now.
     #[instrument(skip_all, fields(stream = %stream_label(&id)))]
     pub async fn create_stream(
@@ -402,6 +427,7 @@ impl Core {
             )));
         }
         settings.validate()?;
+        let backend = self.resolve_backend(settings.storage.as_deref())?;
         let _admin = self.inner.admin.lock().await;
         if let Ok(existing) = self.stream(&id) {
             return if if_not_exists {
@@ -419,6 +445,7 @@ impl Core {
                 partitions,
                 settings,
                 created_at_ms: now_ms(),
+                backend,
             };
             return Ok((self.info_without_bounds(&record), false));
         }
@@ -431,13 +458,14 @@ impl Core {
             partitions,
             settings,
             created_at_ms: now_ms(),
+            backend,
         };
         // Partitions first, then the record: a crash in between leaves orphan partitions
         // that the next start removes, never a stream without its partitions.
         for p in 0..partitions {
             self.inner
                 .log
-                .create_partition(PartitionKey::new(stream_id, p))
+                .create_partition_on(PartitionKey::new(stream_id, p), record.backend.as_deref())
                 .await?;
         }
         self.insert_new(meta::key(meta::STREAM, &[&ns, &name]), &record, || {
@@ -527,6 +555,7 @@ impl Core {
                 max_message_bytes: Some(eff.max_message_bytes),
                 cleanup_policy: Some(eff.cleanup_policy),
                 extra: r.settings.extra.clone().into_iter().collect(),
+                storage: r.backend.clone(),
             }),
             created_at_ms: r.created_at_ms,
             partition_info: Vec::new(),
@@ -535,6 +564,7 @@ impl Core {
                 ("retention_bytes", r.settings.retention_bytes.is_some()),
                 ("max_message_bytes", r.settings.max_message_bytes.is_some()),
                 ("cleanup_policy", r.settings.cleanup_policy.is_some()),
+                ("storage", r.settings.storage.is_some()),
             ]
             .into_iter()
             .filter(|(_, set)| *set)
@@ -600,7 +630,10 @@ impl Core {
         }
         let mut added = Vec::new();
         for p in old.partitions..total {
-            added.push(self.open_partition(PartitionKey::new(old.id, p)).await?);
+            added.push(
+                self.open_partition(PartitionKey::new(old.id, p), old.backend.as_deref())
+                    .await?,
+            );
         }
         let new = StreamRecord {
             partitions: total,
@@ -630,6 +663,11 @@ impl Core {
                 "retention_bytes" => settings.retention_bytes = None,
                 "max_message_bytes" => settings.max_message_bytes = None,
                 "cleanup_policy" => settings.cleanup_policy = None,
+                "storage" => {
+                    return Err(CoreError::InvalidConfig(
+                        "storage is chosen when a stream is created and cannot be reset".into(),
+                    ));
+                }
                 other => match other.strip_prefix("extra.") {
                     Some(k) => {
                         settings.extra.remove(k);
@@ -647,6 +685,14 @@ impl Core {
         settings.max_message_bytes = set.max_message_bytes.or(settings.max_message_bytes);
         settings.cleanup_policy = set.cleanup_policy.or(settings.cleanup_policy);
         settings.extra.extend(set.extra);
+        if let Some(storage) = set.storage
+            && Some(&storage) != old.backend.as_ref()
+        {
+            return Err(CoreError::InvalidConfig(format!(
+                "storage is chosen when a stream is created and cannot change: this one is on '{}', not '{storage}'",
+                old.backend.as_deref().unwrap_or("the default store")
+            )));
+        }
         settings.validate()?;
         if validate_only {
             let mut info = self.describe_handle(&handle).await?;

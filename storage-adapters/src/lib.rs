@@ -6,7 +6,8 @@
 //!
 //! Adapters: [`local`] (the embedded default: a segmented, CRC-checked, group-fsynced log and
 //! a redb metadata store), [`memory`] (for tests), [`object_log`] (a log on any OpenDAL object
-//! store with the local log as its cache), and the metadata servers [`etcd_meta`],
+//! store with the local log as its cache), [`routed`] (several of these by name, a partition
+//! on the one its stream or queue chose), and the metadata servers [`etcd_meta`],
 //! [`sql_meta`] (PostgreSQL, MariaDB/MySQL) and [`redis_meta`]. The traits deal only in whole
 //! batches, offsets and keys, so the core never changes with the backend.
 
@@ -25,6 +26,7 @@ pub mod object_log;
 pub mod redb_meta;
 pub mod redis_meta;
 mod remote;
+pub mod routed;
 pub mod sql_meta;
 
 pub use etcd_meta::EtcdMetaStore;
@@ -168,6 +170,22 @@ pub enum StorageError {
     Unavailable { store: String, reason: String },
     #[error("storage is shutting down")]
     ShuttingDown,
+    #[error(
+        "storage backend '{name}' is not configured on this server (available: {})",
+        available.join(", ")
+    )]
+    UnknownBackend {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error(
+        "partition {partition} is stored on {stored_on}, but its stream or queue names {named}"
+    )]
+    BackendMismatch {
+        partition: PartitionKey,
+        stored_on: String,
+        named: String,
+    },
 }
 
 impl StorageError {
@@ -192,6 +210,26 @@ pub type Result<T, E = StorageError> = std::result::Result<T, E>;
 pub trait LogStore: Send + Sync + 'static {
     /// Creates an empty partition starting at offset 0. Creating an existing one is a no-op.
     async fn create_partition(&self, partition: PartitionKey) -> Result<()>;
+    /// The backends a partition can be created on, the default first; empty for a store
+    /// that is one backend only ([`routed::RoutedLogStore`] has several).
+    fn backend_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// Creates the partition on the named backend (`None`: the default). An existing
+    /// partition stays where it is.
+    async fn create_partition_on(
+        &self,
+        partition: PartitionKey,
+        backend: Option<&str>,
+    ) -> Result<()> {
+        match backend {
+            None => self.create_partition(partition).await,
+            Some(name) => Err(StorageError::UnknownBackend {
+                name: name.to_string(),
+                available: self.backend_names(),
+            }),
+        }
+    }
     /// Removes the partition and all its data.
     async fn delete_partition(&self, partition: PartitionKey) -> Result<()>;
     /// Every partition the store holds.

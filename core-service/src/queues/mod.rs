@@ -73,6 +73,9 @@ pub(crate) struct QueueRecord {
     pub auto_delete: bool,
     pub owner: String,
     pub created_at_ms: i64,
+    /// The log store backend of its partitions (see `StreamRecord::backend`).
+    #[serde(default)]
+    pub backend: Option<String>,
 }
 
 /// Dedup ids seen inside the queue's window.
@@ -309,6 +312,7 @@ impl Core {
         if let Some(dl) = &settings.dead_letter_queue {
             validate_name("dead-letter queue", dl)?;
         }
+        let backend = self.resolve_backend(settings.storage.as_deref())?;
         let record = QueueRecord {
             namespace: ns.clone(),
             name: name.clone(),
@@ -319,12 +323,14 @@ impl Core {
             auto_delete: req.auto_delete,
             owner: req.owner,
             created_at_ms: now_ms(),
+            backend,
         };
         // Partitions first, then the record: a crash in between leaves orphan partitions,
         // which the next start removes.
         let (data, journal) = partitions_of(record.id);
-        self.inner.log.create_partition(data).await?;
-        self.inner.log.create_partition(journal).await?;
+        let on = record.backend.as_deref();
+        self.inner.log.create_partition_on(data, on).await?;
+        self.inner.log.create_partition_on(journal, on).await?;
         self.inner
             .meta
             .put(&queue_key(&ns, &name), &to_json(&record))
@@ -345,10 +351,22 @@ impl Core {
         config: &v1::QueueConfig,
     ) -> CoreResult<v1::QueueInfo> {
         self.check_running()?;
-        let new = QueueSettings::from_proto(config)?;
+        let mut new = QueueSettings::from_proto(config)?;
         let _admin = self.inner.admin.lock().await;
         let h = self.queue(id)?;
         let old = h.settings();
+        // The backend is the queue's for life: an update that does not name it keeps it.
+        match &new.storage {
+            None => new.storage.clone_from(&old.storage),
+            Some(s) if Some(s) != h.record.backend.as_ref() => {
+                return Err(CoreError::InvalidArgument(format!(
+                    "queue '{}': storage cannot change on a queue that exists (it is on '{}')",
+                    h.record.name,
+                    h.record.backend.as_deref().unwrap_or("the default store")
+                )));
+            }
+            Some(_) => {}
+        }
         let fixed = [
             (
                 "fifo",
@@ -560,7 +578,10 @@ impl Core {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
             }),
-            config: Some(h.settings().to_proto()),
+            config: Some(v1::QueueConfig {
+                storage: r.backend.clone().or_else(|| h.settings().storage.clone()),
+                ..h.settings().to_proto()
+            }),
             durable: r.durable,
             exclusive: r.exclusive,
             auto_delete: r.auto_delete,
@@ -658,8 +679,10 @@ impl Core {
     async fn open_queue(&self, record: QueueRecord) -> CoreResult<Arc<QueueHandle>> {
         let log = &self.inner.log;
         let (data, journal) = partitions_of(record.id);
-        log.create_partition(data).await?;
-        log.create_partition(journal).await?;
+        log.create_partition_on(data, record.backend.as_deref())
+            .await?;
+        log.create_partition_on(journal, record.backend.as_deref())
+            .await?;
         let data_bounds = log.bounds(data).await?;
         let mut replay = Replay::new(data_bounds.start_offset, data_bounds.end_offset);
         let jb = log.bounds(journal).await?;

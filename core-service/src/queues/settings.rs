@@ -50,6 +50,9 @@ pub struct QueueSettings {
     #[serde(default)]
     pub dead_letter_expired: Option<bool>,
     pub extra: BTreeMap<String, String>,
+    /// The storage backend asked for at declaration (the one used is `QueueRecord::backend`).
+    #[serde(default)]
+    pub storage: Option<String>,
 }
 
 fn at_least(what: &str, v: Option<i64>, min: i64, max: i64) -> CoreResult<()> {
@@ -92,6 +95,7 @@ impl QueueSettings {
             delivery_delay_ms: c.delivery_delay_ms,
             dead_letter_expired: c.dead_letter_expired,
             extra: c.extra.clone().into_iter().collect(),
+            storage: c.storage.clone(),
         };
         s.validate()?;
         Ok(s)
@@ -159,6 +163,7 @@ impl QueueSettings {
             extra: self.extra.clone().into_iter().collect(),
             delivery_delay_ms: self.delivery_delay_ms,
             dead_letter_expired: self.dead_letter_expired,
+            storage: self.storage.clone(),
         }
     }
 

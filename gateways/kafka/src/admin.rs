@@ -4,8 +4,9 @@
 //! Topic configs: retention.ms, retention.bytes, max.message.bytes and cleanup.policy are the
 //! core's stream configs and take effect. Configs about replicas, segments and flushing have
 //! no meaning here (storage is the core's, durable at every ack); they are accepted, stored
-//! and described back so that scripts written for Kafka keep working. Anything else, and
-//! values the gateway cannot honour, get INVALID_CONFIG.
+//! and described back so that scripts written for Kafka keep working. `remote.storage.enable`
+//! chooses the stream's log store backend at creation (see [`REMOTE_STORAGE`]). Anything
+//! else, and values the gateway cannot honour, get INVALID_CONFIG.
 
 use std::collections::HashMap;
 
@@ -111,6 +112,13 @@ const KEPT: &[(&str, &str, i8)] = &[
     ("compression.type", "producer", TYPE_STRING),
 ];
 
+/// Kafka's tiered-storage switch (KIP-405) chooses the stream's log store backend: `true`
+/// puts the topic on the object store (`[opendal]`), `false` on the local log. Chosen at
+/// creation only: Tributary moves no data between backends, so changing it is refused.
+const REMOTE_STORAGE: &str = "remote.storage.enable";
+const OBJECT_BACKEND: &str = "opendal";
+const LOCAL_BACKEND: &str = "local";
+
 /// The values Kafka's topic `compression.type` takes (case-sensitive, as in Kafka).
 const COMPRESSION_TYPES: &[&str] = &["uncompressed", "zstd", "lz4", "snappy", "gzip", "producer"];
 
@@ -157,6 +165,25 @@ fn apply_config(cfg: &mut v1::StreamConfig, name: &str, value: &str) -> Result<(
             parts.sort_unstable();
             parts.dedup();
             cfg.cleanup_policy = Some(parts.join(","));
+        }
+        REMOTE_STORAGE => {
+            let remote = match value.trim().to_ascii_lowercase().as_str() {
+                "true" => true,
+                "false" => false,
+                _ => {
+                    return Err(ConfigError(format!(
+                        "{name} must be true or false, got '{value}'"
+                    )));
+                }
+            };
+            cfg.storage = Some(
+                if remote {
+                    OBJECT_BACKEND
+                } else {
+                    LOCAL_BACKEND
+                }
+                .into(),
+            );
         }
         "compression.type" if !COMPRESSION_TYPES.contains(&value) => {
             return Err(ConfigError(format!(
@@ -511,6 +538,19 @@ fn topic_configs(info: &v1::StreamInfo) -> Vec<DescribeConfigsResourceResult> {
     for (name, value, ty) in FIXED {
         out.push(entry(name, value.to_string(), SOURCE_DEFAULT, *ty, false));
     }
+    let remote = cfg.storage.as_deref() == Some(OBJECT_BACKEND);
+    let source = if info.explicit_configs.iter().any(|e| e == "storage") {
+        SOURCE_DYNAMIC_TOPIC
+    } else {
+        SOURCE_DEFAULT
+    };
+    out.push(entry(
+        REMOTE_STORAGE,
+        remote.to_string(),
+        source,
+        TYPE_BOOLEAN,
+        false,
+    ));
     for (name, default, ty) in KEPT {
         match cfg.extra.get(*name) {
             Some(v) => out.push(entry(name, v.clone(), SOURCE_DYNAMIC_TOPIC, *ty, false)),
@@ -670,6 +710,7 @@ async fn alter_topic(
                     reset.push(format!("extra.{name}"))
                 }
                 None if FIXED.iter().any(|(n, _, _)| *n == name) => {}
+                None if name == REMOTE_STORAGE => reset.push("storage".into()),
                 None => {
                     return Err((
                         K::InvalidConfig.code(),
@@ -909,5 +950,16 @@ mod tests {
         );
         assert!(apply_config(&mut c, "retention.ms", "soon").is_err());
         assert!(apply_config(&mut c, "no.such.config", "1").is_err());
+    }
+
+    #[test]
+    fn remote_storage_enable_chooses_the_backend() {
+        let mut c = v1::StreamConfig::default();
+        apply_config(&mut c, "remote.storage.enable", "true").unwrap();
+        assert_eq!(c.storage.as_deref(), Some("opendal"));
+        apply_config(&mut c, "remote.storage.enable", "FALSE").unwrap();
+        assert_eq!(c.storage.as_deref(), Some("local"));
+        let e = apply_config(&mut c, "remote.storage.enable", "yes").unwrap_err();
+        assert!(e.0.contains("true or false"), "{e:?}");
     }
 }

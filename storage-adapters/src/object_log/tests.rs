@@ -392,3 +392,29 @@ mod model {
         }
     }
 }
+
+/// With the `hdfs` feature the hdfs-native service is registered: a name node that does not
+/// answer is an unreachable store named in the error, not an unknown scheme.
+#[cfg(feature = "hdfs")]
+#[tokio::test]
+async fn hdfs_native_is_compiled_in_with_the_feature() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let options = vec![
+        ("name_node".to_string(), format!("hdfs://127.0.0.1:{port}")),
+        ("root".to_string(), "/tributary".to_string()),
+    ];
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        ObjectLogStore::operator("hdfs-native", options, "hdfs test"),
+    )
+    .await
+    .expect("the check of an unreachable name node ends")
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("hdfs test"), "{err}");
+    assert!(!err.contains("cannot configure it"), "{err}");
+}

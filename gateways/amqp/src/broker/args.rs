@@ -24,6 +24,7 @@ const IDENTITY_ARGS: &[&str] = &[
     "x-queue-type",
     "x-single-active-consumer",
     "x-delivery-limit",
+    "x-tributary-storage",
 ];
 
 /// `extra` key of the durability an exclusive queue was declared with (exclusive queues go
@@ -121,6 +122,20 @@ impl QueueArgs {
             .unwrap_or(false)
         {
             c.single_active_consumer = Some(true);
+        }
+        // Tributary's own argument: the log store backend the queue lives on (`local`,
+        // `opendal`), chosen at declaration. RabbitMQ ignores x-arguments it does not know,
+        // so a declaration carrying it stays portable.
+        if let Some(v) = t.inner().get("x-tributary-storage") {
+            match as_str(v) {
+                Some(name) if !name.is_empty() => c.storage = Some(name),
+                _ => {
+                    return Err(refuse(
+                        PRECONDITION_FAILED,
+                        "invalid arg 'x-tributary-storage': expected a storage backend name (local or opendal)",
+                    ));
+                }
+            }
         }
         let mut quorum = false;
         match t.inner().get("x-queue-type").and_then(as_str).as_deref() {
@@ -277,9 +292,11 @@ mod tests {
             ("x-dead-letter-exchange", long("dlx")),
             ("x-queue-type", long("quorum")),
             ("x-delivery-limit", AMQPValue::LongInt(2)),
+            ("x-tributary-storage", long("opendal")),
         ]);
         let a = QueueArgs::parse(&raw).unwrap();
         assert!(a.quorum);
+        assert_eq!(a.config.storage.as_deref(), Some("opendal"));
         assert_eq!(a.config.message_ttl_ms, Some(500));
         assert_eq!(a.config.max_length, Some(3));
         assert_eq!(a.config.overflow.as_deref(), Some("reject-publish"));
@@ -295,6 +312,8 @@ mod tests {
             table(&[("x-overflow", long("nope"))]),
             table(&[("x-dead-letter-routing-key", long("k"))]),
             table(&[("x-queue-type", long("stream"))]),
+            table(&[("x-tributary-storage", AMQPValue::LongInt(1))]),
+            table(&[("x-tributary-storage", long(""))]),
         ] {
             assert_eq!(
                 QueueArgs::parse(&raw).unwrap_err().code,
