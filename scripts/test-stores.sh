@@ -3,10 +3,10 @@
 # and started on free loopback ports with their state under a temporary work dir:
 #
 #   scripts/test-stores.sh              # every store this script knows
-#   scripts/test-stores.sh etcd redis   # some of them (etcd redis sql s3 hdfs compat)
+#   scripts/test-stores.sh etcd redis   # some of them (etcd redis sql s3 hdfs compat store_loss)
 #
 # `compat` runs Kafka, MQTT and AMQP scenarios against TRIBUTARY_BIN with the log on S3 and the
-# metadata on etcd.
+# metadata on etcd; `store_loss` cuts S3 and etcd under producing Kafka, AMQP and MQTT clients.
 #
 # TRIBUTARY_REQUIRE_STORES=1 makes a test whose store URL is missing fail instead of skip, so a
 # store that did not start cannot pass silently. Each store has its own run_<store> function;
@@ -119,8 +119,9 @@ run_hdfs() {
 # the restart scenarios also run on an emptied data directory (TRIBUTARY_TEST_WIPE_DATA_DIR):
 # everything acknowledged must come back from the bucket and etcd alone.
 
-compat_on_stores() { # ack extra-env...
-    local ack="$1"; shift
+# Writes the storage snippet for opendal_ack = ack to $STORES_DIR/storage-ack.toml.
+stores_snippet() { # ack
+    local ack="$1"
     local snippet="$STORES_DIR/storage-$ack.toml"
     cat > "$snippet" <<TOML
 storage = "opendal"
@@ -141,6 +142,12 @@ secret_access_key = "$TRIBUTARY_TEST_S3_SECRET_KEY"
 disable_config_load = "true"
 root = "/{id}"
 TOML
+}
+
+compat_on_stores() { # ack extra-env...
+    local ack="$1"; shift
+    local snippet="$STORES_DIR/storage-$ack.toml"
+    stores_snippet "$ack"
     local env=(TRIBUTARY_TEST_STORAGE_TOML="$snippet" KAFKA_REFERENCE=off AMQP_REFERENCE=off "$@")
     echo "== kafka, mqtt, amqp scenarios: storage = opendal (S3, opendal_ack = $ack), meta = etcd"
     env "${env[@]}" scripts/compat.sh kafka -p no:randomly -k "not apache" \
@@ -168,9 +175,36 @@ run_compat() {
     done
 }
 
+# --- A store lost during operation (issue 17) ---------------------------------------------------
+#
+# Kafka (confluent-kafka), AMQP (pika, publisher confirms) and MQTT (paho, QoS 1) clients
+# produce continuously while the log's S3 (through a proxy in the test: refused, then a black
+# hole) or etcd (SIGSTOP, then kill -9 and a restart) is gone for 15 s; nothing acknowledged may
+# be lost and service must resume without restarting Tributary. Each scenario's outcome (errors
+# the clients saw, time from the store's return to the first acknowledgement) is printed at
+# the end.
+
+run_store_loss() {
+    [[ -x "${TRIBUTARY_BIN:-}" ]] || { echo "test-stores.sh store_loss: set TRIBUTARY_BIN to a built tributary" >&2; return 2; }
+    stores_install etcd s3
+    etcd_start
+    s3_start
+    stores_snippet shared
+    local report="$STORES_DIR/store-loss.txt" rc=0 p
+    : > "$report"
+    for p in kafka amqp mqtt; do
+        TRIBUTARY_TEST_STORAGE_TOML="$STORES_DIR/storage-shared.toml" KAFKA_REFERENCE=off \
+            AMQP_REFERENCE=off TRIBUTARY_STORE_LOSS_REPORT="$report" \
+            scripts/compat.sh "$p" -p no:randomly "compat-tests/$p/test_store_loss.py" || rc=1
+    done
+    echo "== store loss outcomes"
+    cat "$report"
+    return "$rc"
+}
+
 # ---
 
-all=(etcd redis sql s3 hdfs compat)
+all=(etcd redis sql s3 hdfs compat store_loss)
 stores=("$@")
 [[ ${#stores[@]} -eq 0 ]] && stores=("${all[@]}")
 for s in "${stores[@]}"; do
