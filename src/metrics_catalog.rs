@@ -127,6 +127,11 @@ pub const METRICS: &[Metric] = &[
         "Time one WAL object upload took, in seconds (opendal_ack = shared).",
     ),
     m(
+        "tributary_storage_appends_refused_total",
+        Kind::Counter,
+        "Appends refused at once because the object store had stored nothing for the acknowledgement limit (opendal_ack = shared; nothing was written).",
+    ),
+    m(
         "tributary_storage_cold_read_seconds",
         Kind::Histogram,
         "Time one read from a segment in the object store (below the local cache) took, in seconds.",

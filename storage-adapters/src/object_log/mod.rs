@@ -66,6 +66,9 @@ pub struct ObjectLogConfig {
     pub cached_segments: usize,
     /// Shared ack: an append not stored in the object store by then is answered with
     /// [`StorageError::Unavailable`] (it may still be stored later; it is not acknowledged).
+    /// Once the WAL upload in progress has waited this long, the store counts as down: new
+    /// appends are refused at once (nothing written) and appends still waiting are answered
+    /// with that error, until an upload succeeds (see `Shared::store_down`).
     pub ack_timeout: Duration,
     /// The local cache's own settings (segment size, fsync policy).
     pub cache: LocalLogConfig,
@@ -101,6 +104,10 @@ struct Shared {
     config: ObjectLogConfig,
     parts: RwLock<HashMap<PartitionKey, Arc<Part>>>,
     pending: Mutex<Pending>,
+    /// When the oldest entry of the WAL upload in progress was queued (None: no upload in
+    /// progress). An upload is retried until it succeeds, so this stays set for as long as
+    /// the object store takes nothing.
+    uploading_since: Mutex<Option<tokio::time::Instant>>,
     pending_ready: Notify,
     ship_now: Notify,
     wal_seq: AtomicU64,
@@ -109,6 +116,13 @@ struct Shared {
     closed: AtomicBool,
     stop: watch::Sender<bool>,
 }
+
+/// Shared ack: how long one WAL PUT attempt may take before it is abandoned and retried,
+/// plus a second per MiB of the object (so a large object on a slow link still goes through).
+const WAL_PUT_TIMEOUT: Duration = Duration::from_secs(5);
+/// Shared ack: failed WAL uploads are retried with backoff up to this far apart, which
+/// bounds how long after the store's return the first acknowledgement comes.
+const WAL_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// A partition's entries in one WAL object: key, incarnation, end offset.
 type WalRange = (PartitionKey, u64, i64);
@@ -199,6 +213,7 @@ impl ObjectLogStore {
             config,
             parts: RwLock::new(HashMap::new()),
             pending: Mutex::new(Pending::default()),
+            uploading_since: Mutex::new(None),
             pending_ready: Notify::new(),
             ship_now: Notify::new(),
             wal_seq: AtomicU64::new(0),
@@ -528,6 +543,25 @@ impl Shared {
         Ok(count)
     }
 
+    /// Shared ack: the object store is taken to be down while the WAL upload in progress
+    /// holds an entry queued `ack_timeout` ago or more (it is retried until it succeeds).
+    /// Appends are then refused before anything is written, so a producer retrying through
+    /// the outage gets a prompt error instead of a 10 s wait per attempt, and its retries
+    /// leave no copies behind to be uploaded later.
+    fn store_down(&self) -> Option<StorageError> {
+        let since = (*self.uploading_since.lock())?;
+        let waited = since.elapsed();
+        (waited >= self.config.ack_timeout).then(|| {
+            self.err(
+                "not acknowledged",
+                format!(
+                    "the object store has stored nothing for {} ms (uploads are retried; appends are refused until one succeeds)",
+                    waited.as_millis()
+                ),
+            )
+        })
+    }
+
     /// The end offset readers may see: acknowledged data only.
     fn visible_end(&self, part: &Part, local_end: i64) -> i64 {
         match self.config.ack {
@@ -572,7 +606,9 @@ impl Shared {
             }
             let window = std::mem::take(&mut *self.pending.lock());
             if !window.entries.is_empty() {
+                *self.uploading_since.lock() = window.since;
                 self.upload_window(window.entries).await;
+                *self.uploading_since.lock() = None;
             }
             if *stop.borrow() && self.pending.lock().entries.is_empty() {
                 return;
@@ -600,9 +636,18 @@ impl Shared {
         let path = layout::wal_path(seq);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
+        let put_timeout = WAL_PUT_TIMEOUT + Duration::from_secs((body.len() >> 20) as u64);
         loop {
-            match self.op.write(&path, body.clone()).await {
-                Ok(_) => break,
+            // Each attempt is bounded: a connection the store stopped answering (a network
+            // black hole) would otherwise hold the uploader for opendal's timeouts and
+            // retries (10 s per attempt, four attempts) after the store is back.
+            let attempt =
+                match tokio::time::timeout(put_timeout, self.op.write(&path, body.clone())).await {
+                    Ok(r) => r.map(|_| ()).map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {} ms", put_timeout.as_millis())),
+                };
+            match attempt {
+                Ok(()) => break,
                 Err(e) => {
                     metrics::counter!("tributary_storage_object_errors_total", "op" => "wal_put")
                         .increment(1);
@@ -612,7 +657,7 @@ impl Shared {
                         return;
                     }
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    backoff = (backoff * 2).min(WAL_RETRY_MAX);
                 }
             }
         }
@@ -900,6 +945,12 @@ impl LogStore for ObjectLogStore {
     async fn append(&self, key: PartitionKey, batch: BatchToAppend) -> Result<i64> {
         let s = &self.shared;
         let part = s.part(key)?;
+        if s.config.ack == AckPoint::Shared
+            && let Some(e) = s.store_down()
+        {
+            metrics::counter!("tributary_storage_appends_refused_total").increment(1);
+            return Err(e);
+        }
         let _order = part.append_lock.lock();
         let base = s.cache.append_now(key, &batch)?;
         {
@@ -932,29 +983,42 @@ impl LogStore for ObjectLogStore {
         }
         let part = s.part(key)?;
         let mut rx = part.shared_end.subscribe();
-        let stored = tokio::time::timeout(s.config.ack_timeout, async {
-            loop {
-                if *rx.borrow_and_update() >= end_offset {
-                    return Ok(());
+        let deadline = tokio::time::Instant::now() + s.config.ack_timeout;
+        loop {
+            if *rx.borrow_and_update() >= end_offset {
+                return Ok(());
+            }
+            if part.state.lock().deleted {
+                return Err(StorageError::PartitionNotFound(key));
+            }
+            // Also woken when the store would be known down: waiting on would only hold the
+            // caller (and whatever is ordered behind it) for the rest of the limit.
+            let down_at = s
+                .uploading_since
+                .lock()
+                .map(|since| since + s.config.ack_timeout);
+            let wake = down_at.map_or(deadline, |d| d.min(deadline));
+            tokio::select! {
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Err(StorageError::ShuttingDown);
+                    }
                 }
-                if part.state.lock().deleted {
-                    return Err(StorageError::PartitionNotFound(key));
-                }
-                if rx.changed().await.is_err() {
-                    return Err(StorageError::ShuttingDown);
+                () = tokio::time::sleep_until(wake) => {
+                    if tokio::time::Instant::now() >= deadline {
+                        return Err(s.err(
+                            "not acknowledged",
+                            format!(
+                                "the object store did not store the write within {} ms",
+                                s.config.ack_timeout.as_millis()
+                            ),
+                        ));
+                    }
+                    if let Some(e) = s.store_down() {
+                        return Err(e);
+                    }
                 }
             }
-        })
-        .await;
-        match stored {
-            Ok(r) => r,
-            Err(_) => Err(s.err(
-                "not acknowledged",
-                format!(
-                    "the object store did not store the write within {} ms",
-                    s.config.ack_timeout.as_millis()
-                ),
-            )),
         }
     }
 

@@ -123,6 +123,71 @@ async fn shipped_segments_serve_reads_after_eviction() {
     store.close().await.unwrap();
 }
 
+/// The object store stops taking WAL objects (here: `wal` is a file, so no object can be
+/// written under it) and comes back: the append waiting then is refused after `ack_timeout`
+/// (not acknowledged, stored later), appends during the outage are refused at once with
+/// nothing written, and appends are taken again by themselves once the store is back.
+#[tokio::test]
+async fn shared_ack_refuses_appends_while_the_store_is_down_and_recovers() {
+    let bucket = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(1, 0);
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        ObjectLogConfig {
+            ack_timeout: Duration::from_millis(300),
+            ..config(AckPoint::Shared)
+        },
+    )
+    .await
+    .unwrap();
+    store.create_partition(key).await.unwrap();
+    append(&store, key, batch(1, 1, "before")).await;
+
+    let wal = bucket.path().join("wal");
+    std::fs::remove_dir_all(&wal).unwrap();
+    std::fs::write(&wal, b"not a directory").unwrap();
+    let waiting = store.append(key, batch(1, 2, "cut")).await.unwrap();
+    let started = Instant::now();
+    let e = store.wait_durable(key, waiting + 1).await.unwrap_err();
+    assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+    assert!(started.elapsed() >= Duration::from_millis(250));
+    // Known down: refused at once, nothing written.
+    let started = Instant::now();
+    for _ in 0..5 {
+        let e = store.append(key, batch(1, 3, "refused")).await.unwrap_err();
+        assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+    }
+    assert!(started.elapsed() < Duration::from_millis(200));
+    assert_eq!(store.bounds(key).await.unwrap().end_offset, 1);
+
+    std::fs::remove_file(&wal).unwrap();
+    // The uploader retries at most 1 s apart: appends are taken again within a few seconds.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let base = loop {
+        match store.append(key, batch(1, 4, "after")).await {
+            Ok(base) => break base,
+            Err(StorageError::Unavailable { .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+            }
+            Err(e) => panic!("appends not taken again after the store returned: {e}"),
+        }
+    };
+    store.wait_durable(key, base + 1).await.unwrap();
+    let bodies: Vec<_> = read_all(&store, key, 0)
+        .await
+        .into_iter()
+        .map(|b| b.payload)
+        .collect();
+    assert_eq!(
+        bodies,
+        [&b"before"[..], b"cut", b"after"].map(Bytes::from_static)
+    );
+    store.close().await.unwrap();
+}
+
 #[tokio::test]
 async fn shared_ack_survives_the_loss_of_the_cache() {
     let bucket = tempfile::tempdir().unwrap();
