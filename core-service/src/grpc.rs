@@ -581,7 +581,7 @@ impl sessions_server::Sessions for CoreGrpc {
     async fn attach(&self, req: Request<Streaming<SessionCommand>>) -> GrpcResult<AttachStream> {
         let events = self.core.attach_session(req.into_inner());
         ok(Box::pin(
-            tokio_stream::wrappers::ReceiverStream::new(events).map(Ok),
+            tokio_stream::wrappers::ReceiverStream::new(events).map(|event| Ok(*event)),
         ))
     }
 }

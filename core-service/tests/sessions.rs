@@ -23,7 +23,7 @@ async fn open(dir: &Path) -> Core {
 
 struct Conn {
     tx: mpsc::UnboundedSender<Result<v1::SessionCommand, tonic::Status>>,
-    rx: mpsc::Receiver<v1::SessionEvent>,
+    rx: mpsc::Receiver<Box<v1::SessionEvent>>,
     rid: u64,
 }
 

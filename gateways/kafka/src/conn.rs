@@ -20,6 +20,9 @@ use crate::Gateway;
 use crate::errors::ConnectionError;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
+
+/// Read and write buffer of each connection (see `serve_connection`).
+const CONNECTION_BUFFER: usize = 4 * 1024;
 use tributary_gateway_common::{Accepted, ConnectionHandle, Traffic};
 
 /// What the gateway knows about the connection's client.
@@ -86,10 +89,12 @@ pub(crate) async fn serve_connection<S>(
         }
         // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
         let (rd, wr) = tokio::io::split(socket);
-        // Idle connections cost their buffers: 16 KiB each way, a large Produce frame is read
-        // straight into its own buffer and a large Fetch response written past the buffer.
-        let mut rd = BufReader::with_capacity(16 * 1024, rd);
-        let mut wr = BufWriter::with_capacity(16 * 1024, wr);
+        // Idle connections cost their buffers (zeroed, so resident): 4 KiB each way. A Produce
+        // frame is read straight into its own buffer and a Fetch response larger than the
+        // buffer is written past it, so the buffers only batch small pipelined requests and
+        // their answers.
+        let mut rd = BufReader::with_capacity(CONNECTION_BUFFER, rd);
+        let mut wr = BufWriter::with_capacity(CONNECTION_BUFFER, wr);
         let mut session = Session {
             peer,
             listener,
@@ -159,7 +164,9 @@ where
         }
         let mut frame = BytesMut::zeroed(size as usize);
         rd.read_exact(&mut frame).await?;
-        let Some(response) = handle_frame(frame.freeze(), gateway, session).await? else {
+        // Boxed: inline, every request handler's state machine would size the connection's
+        // task, which an idle connection holds while it waits for its next request.
+        let Some(response) = Box::pin(handle_frame(frame.freeze(), gateway, session)).await? else {
             continue;
         };
         // Size prefix and body go to the writer separately: a body larger than its buffer is
