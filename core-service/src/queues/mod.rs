@@ -573,15 +573,17 @@ impl Core {
         let g = h.guarded.lock().await;
         let unloaded = (h.durable_end() - g.st.cursor()).max(0);
         let r = &h.record;
+        // Described with the backend in use (the settings hold only what was asked for).
+        let mut config = h.settings().to_proto();
+        if r.backend.is_some() {
+            config.storage.clone_from(&r.backend);
+        }
         v1::QueueInfo {
             id: Some(v1::QueueId {
                 namespace: r.namespace.clone(),
                 name: r.name.clone(),
             }),
-            config: Some(v1::QueueConfig {
-                storage: r.backend.clone().or_else(|| h.settings().storage.clone()),
-                ..h.settings().to_proto()
-            }),
+            config: Some(config),
             durable: r.durable,
             exclusive: r.exclusive,
             auto_delete: r.auto_delete,
