@@ -1068,6 +1068,16 @@ impl Core {
             b.record_count = s.record_count;
             batches.push(b);
         }
+        // An append landing between the bounds read and the data read would otherwise be
+        // returned with an end offset that does not cover it: read the bounds again.
+        let read_end = batches
+            .last()
+            .map_or(0, |b| b.base_offset + i64::from(b.record_count));
+        let bounds = if read_end > bounds.end_offset {
+            log.bounds(part.key).await?
+        } else {
+            bounds
+        };
         Ok((bounds, batches))
     }
 
