@@ -482,6 +482,11 @@ pub struct Options {
     /// one (announced as Server Keep Alive to 5.0 clients); 0 = take the client's.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_KEEP_ALIVE", global = true)]
     pub mqtt_max_keep_alive: Option<u16>,
+    /// Streams double as MQTT topics of the same name: MQTT publishes to such a topic are
+    /// appended to the stream, and records appended to it reach MQTT subscribers
+    /// (true/false; docs/compat/mapping.md).
+    #[arg(long, env = "TRIBUTARY_MQTT_STREAMS", global = true)]
+    pub mqtt_streams: Option<bool>,
     /// Longest transaction timeout a transactional producer may ask for, in ms (Kafka's
     /// transaction.max.timeout.ms).
     #[arg(long, env = "TRIBUTARY_TRANSACTION_MAX_TIMEOUT_MS", global = true)]
@@ -626,6 +631,7 @@ pub struct FileConfig {
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
     pub mqtt_max_keep_alive: Option<u16>,
+    pub mqtt_streams: Option<bool>,
     pub log: Option<String>,
     /// MQTT topic access rules, first match wins (file only).
     #[serde(default)]
@@ -850,6 +856,7 @@ pub struct Settings {
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
     pub mqtt_max_keep_alive: u16,
+    pub mqtt_streams: bool,
     pub mqtt_acl: tributary_gateway_mqtt::Acl,
     pub log: String,
     pub users: tributary_gateway_common::auth::Users,
@@ -1516,6 +1523,7 @@ impl Settings {
         }
         Ok(Self {
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
+            mqtt_streams: pick!(mqtt_streams, true),
             mqtt_tls_listen,
             mqtt_wss_listen,
             tls,
@@ -2155,6 +2163,7 @@ mod tests {
             "mqtt_allow_anonymous",
             "mqtt_max_queued",
             "mqtt_max_keep_alive",
+            "mqtt_streams",
             "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");

@@ -283,6 +283,8 @@ impl Server {
             group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
             transaction_max_timeout: settings.transaction_max_timeout,
             session_max_queued: settings.mqtt_max_queued,
+            mqtt_streams: settings.mqtt_streams,
+            record_decoders: record_decoders(),
             ..CoreConfig::default()
         };
         let core = Core::open(log, meta, config).await?;
@@ -1377,4 +1379,15 @@ pub fn gateway_unavailable(protocol: &str) -> StartError {
             KNOWN_GATEWAYS.join(", ")
         ))
     }
+}
+
+/// The opaque batch formats the core can read as records: Kafka's (the mapping crate's
+/// decoder, handed over as a function so that the core links no Kafka codec).
+fn record_decoders() -> tributary_core::RecordDecoders {
+    tributary_core::RecordDecoders::default().with(
+        tributary_mapping::kafka::OPAQUE_FORMAT,
+        std::sync::Arc::new(|opaque: &bytes::Bytes| {
+            tributary_mapping::kafka::decode_batch(opaque).map_err(|e| e.to_string())
+        }),
+    )
 }

@@ -29,6 +29,7 @@ mod sessions;
 mod staged;
 mod streams;
 mod timers;
+mod topic_streams;
 pub mod topics;
 mod transactions;
 mod users;
@@ -46,6 +47,7 @@ use tributary_storage::{LogStore, MetaStore};
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
 pub use router::StagedPublish;
+pub use topic_streams::{RecordDecoder, RecordDecoders};
 
 use meta::NamespaceRecord;
 use streams::StreamHandle;
@@ -93,6 +95,10 @@ pub struct CoreConfig {
     /// How long the outcome of an ended staged transaction is remembered, so that a retried
     /// ResolveStaged is answered `resolved = false` rather than TRANSACTION_NOT_FOUND.
     pub staged_outcome_retention: Duration,
+    /// Whether streams double as MQTT topics of the same name (topic_streams.rs).
+    pub mqtt_streams: bool,
+    /// Decoders of opaque batch formats, for readers that need records (MQTT forwarding).
+    pub record_decoders: RecordDecoders,
 }
 
 impl Default for CoreConfig {
@@ -111,6 +117,8 @@ impl Default for CoreConfig {
             transaction_check_interval: Duration::from_secs(1),
             transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
             staged_outcome_retention: Duration::from_secs(3600),
+            mqtt_streams: true,
+            record_decoders: RecordDecoders::default(),
         }
     }
 }
@@ -140,6 +148,9 @@ struct Inner {
     timer_locks: Vec<tokio::sync::Mutex<()>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
+    /// The MQTT forwarders of stream partitions (topic_streams.rs): awaited at shutdown so
+    /// that each stores its last position.
+    forwarders: Mutex<Vec<JoinHandle<()>>>,
 }
 
 pub(crate) fn now_ms() -> i64 {
@@ -178,6 +189,7 @@ impl Core {
                 timer_locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
                 shutdown: watch::channel(false).0,
                 tasks: Mutex::new(Vec::new()),
+                forwarders: Mutex::new(Vec::new()),
             }),
         };
         core.load_metadata().await?;
@@ -188,6 +200,7 @@ impl Core {
         core.start_queue_tasks();
         core.recover_timers().await?;
         core.recover_sessions().await?;
+        core.start_topic_forwarders();
         let timers = tokio::spawn(core.clone().run_timers());
         let sys = tokio::spawn(core.clone().run_sys_topics());
         let retention = tokio::spawn(core.clone().run_retention());
@@ -214,8 +227,20 @@ impl Core {
         if self.inner.shutdown.send_replace(true) {
             return Ok(());
         }
-        for task in self.inner.tasks.lock().drain(..) {
+        let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
+        for task in tasks {
             task.abort();
+            // Returns once the task is gone, with the handle on the core it held.
+            let _ = task.await;
+        }
+        let forwarders: Vec<_> = self.inner.forwarders.lock().drain(..).collect();
+        for f in forwarders {
+            if tokio::time::timeout(Duration::from_secs(5), f)
+                .await
+                .is_err()
+            {
+                warn!("an MQTT forwarder did not stop within 5 s");
+            }
         }
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         for stream in handles {

@@ -400,7 +400,7 @@ fn error_detail(e: &CoreError) -> ErrorDetail {
 }
 
 /// The sessions one publish found lagging (over [`PACE_HIGH`]), its publisher excepted.
-struct Laggards<'a> {
+pub(crate) struct Laggards<'a> {
     publisher: Option<&'a str>,
     cells: Vec<Arc<SessionCell>>,
 }
@@ -1610,7 +1610,35 @@ impl Core {
     /// Routes a message: updates the retained store, then queues a copy for every matching
     /// session. Copies for persistent sessions are written before they are queued.
     /// With `laggards`, the connected sessions left over [`PACE_HIGH`] are collected there.
+    ///
+    /// A message to a topic that names a stream is appended to the stream first
+    /// (topic_streams.rs): when that fails, nothing is routed and the error goes back.
     async fn route_checked(
+        &self,
+        ns: &str,
+        message: v1::RoutedMessage,
+        publisher: Option<&str>,
+        persist_retained: bool,
+        laggards: Option<&mut Laggards<'_>>,
+    ) -> CoreResult<u32> {
+        self.append_to_topic_stream(ns, &message).await?;
+        self.deliver_to_sessions(ns, message, publisher, persist_retained, laggards)
+            .await
+    }
+
+    /// Whether any session of `ns` subscribes to a filter that matches `topic`.
+    pub(crate) fn has_subscribers(&self, ns: &str, topic: &str) -> bool {
+        let Some(space) = self.broker().existing_namespace(ns) else {
+            return false;
+        };
+        let mut any = false;
+        space.tree.read().for_each_match(topic, |_| any = true);
+        any
+    }
+
+    /// [`Core::route_checked`] without the stream: updates the retained store, then queues
+    /// a copy for every matching session.
+    pub(crate) async fn deliver_to_sessions(
         &self,
         ns: &str,
         message: v1::RoutedMessage,

@@ -473,6 +473,7 @@ impl Core {
         })
         .await?;
         let handle = self.open_stream(record).await?;
+        self.start_stream_forwarders(&handle, 0);
         info!(partitions, "stream created");
         Ok((self.describe_handle(&handle).await?, true))
     }
@@ -642,6 +643,7 @@ impl Core {
         self.save_stream_record(&old, &new).await?;
         *handle.record.write() = new;
         handle.partitions.write().extend(added);
+        self.start_stream_forwarders(&handle, old.partitions);
         self.describe_handle(&handle).await
     }
 
@@ -1036,7 +1038,7 @@ impl Core {
         }
     }
 
-    async fn read_partition(
+    pub(crate) async fn read_partition(
         &self,
         part: &PartitionState,
         offset: i64,

@@ -142,6 +142,15 @@ impl PartitionTxns {
             .map_or(end_offset, |first| first.min(end_offset))
     }
 
+    /// Whether a transactional batch of `producer_id` at `offset` belongs to a transaction
+    /// aborted here.
+    pub(crate) fn aborted_at(&self, producer_id: i64, offset: i64) -> bool {
+        let start = self.aborted.partition_point(|a| a.last_offset < offset);
+        self.aborted[start..]
+            .iter()
+            .any(|a| a.producer_id == producer_id && a.first_offset <= offset)
+    }
+
     /// Aborted transactions overlapping offsets `from..to`.
     pub(crate) fn aborted_between(&self, from: i64, to: i64) -> Vec<v1::AbortedTransaction> {
         let start = self.aborted.partition_point(|a| a.last_offset < from);

@@ -981,7 +981,7 @@ impl Core {
     }
 
     /// Hands records to one destination; per record, whether it took it.
-    async fn deliver_to(
+    pub(crate) async fn deliver_to(
         &self,
         ns: &str,
         target: &Target,

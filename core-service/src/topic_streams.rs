@@ -1,0 +1,387 @@
+//! MQTT topics and streams of the same name (docs/compat/mapping.md, "MQTT and streams").
+//!
+//! A stream is also an MQTT topic: a message routed to topic `T` of a namespace with a
+//! stream named `T` is appended to the stream (key = the topic, so one topic keeps its
+//! order in one partition) before it reaches the sessions, and records appended to the
+//! stream by anything else (Kafka, AMQP, the core API, ...) reach the sessions whose
+//! filters match `T`, as QoS 1 messages on topic `T`.
+//!
+//! The second direction is a forwarder per partition: it waits for the partition's end to
+//! move, and when some session subscribes to a matching filter it reads what was appended
+//! (committed records only: open and aborted transactions are held back or skipped) and
+//! routes each record to the sessions. Records that MQTT itself published were routed when
+//! they were published and are skipped. With no matching subscriber it only moves its
+//! position, reading nothing, so streams no MQTT client listens to pay one wake-up per
+//! append.
+//!
+//! Delivery is at least once across a crash: the position is stored in the metadata
+//! store after the records it passes were queued for their sessions (and at most every
+//! [`SKIP_COMMIT_EVERY`] while it only skips), so a crash re-routes at most what was
+//! routed since the last store.
+//!
+//! Opaque batches (Kafka's, kept byte for byte) are turned into records by the decoder the
+//! server hands the core for their format ([`RecordDecoders`]); the core itself links no
+//! protocol codec. A batch with no decoder, or one that does not decode, is skipped, logged
+//! and counted (`tributary_mapping_undeliverable_total`).
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tracing::{debug, warn};
+use tributary_proto::v1;
+use tributary_storage::PartitionKey;
+
+use crate::error::{CoreError, CoreResult};
+use crate::meta;
+use crate::streams::{PartitionState, StreamHandle};
+use crate::{Core, topics};
+
+/// Metadata key of a forwarder's position: `mqttfwd/<stream id>\0<partition>`.
+const FORWARD_KEY: &str = "mqttfwd";
+/// How often a forwarder that only skips (no subscriber) stores its position at most.
+const SKIP_COMMIT_EVERY: Duration = Duration::from_secs(1);
+/// How often a forwarder logs records it could not deliver at most.
+const WARN_EVERY: Duration = Duration::from_secs(10);
+/// Bytes a forwarder reads at once.
+const READ_BYTES: usize = 1 << 20;
+
+/// Turns an opaque batch of one format into envelope records.
+pub type RecordDecoder =
+    Arc<dyn Fn(&Bytes) -> Result<Vec<v1::Record>, String> + Send + Sync + 'static>;
+
+/// The decoders of opaque batch formats, by format name (`kafka.record-batch.v2`).
+#[derive(Clone, Default)]
+pub struct RecordDecoders(HashMap<String, RecordDecoder>);
+
+impl RecordDecoders {
+    pub fn with(mut self, format: &str, decoder: RecordDecoder) -> Self {
+        self.0.insert(format.to_string(), decoder);
+        self
+    }
+
+    fn decode(&self, batch: &v1::RecordBatch) -> Result<Vec<v1::Record>, String> {
+        match self.0.get(&batch.opaque_format) {
+            Some(decode) => decode(&batch.opaque),
+            None => Err(format!(
+                "no decoder for batches of format '{}'",
+                batch.opaque_format
+            )),
+        }
+    }
+}
+
+impl fmt::Debug for RecordDecoders {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
+}
+
+fn position_key(key: PartitionKey) -> Vec<u8> {
+    meta::key(
+        FORWARD_KEY,
+        &[&key.stream_id.to_string(), &key.partition.to_string()],
+    )
+}
+
+impl Core {
+    /// Appends a message routed to an MQTT topic to the stream of that name, if there is
+    /// one (and the mapping is on).
+    pub(crate) async fn append_to_topic_stream(
+        &self,
+        ns: &str,
+        message: &v1::RoutedMessage,
+    ) -> CoreResult<()> {
+        if !self.inner.config.mqtt_streams {
+            return Ok(());
+        }
+        let Some(record) = &message.record else {
+            return Ok(());
+        };
+        let topic = record
+            .properties
+            .as_ref()
+            .map_or("", |p| p.address.as_str());
+        if topic.is_empty() {
+            return Ok(());
+        }
+        let id = v1::StreamId::new(ns.to_string(), topic.to_string());
+        if self.stream(&id).is_err() {
+            return Ok(());
+        }
+        let mut record = record.clone();
+        record.key = Bytes::copy_from_slice(topic.as_bytes());
+        self.deliver_to(
+            ns,
+            &crate::router::Target::Stream(topic.to_string()),
+            vec![record],
+            crate::queues::EnqueueMode::Internal,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Starts the forwarders of every stream (after the sessions are recovered).
+    pub(crate) fn start_topic_forwarders(&self) {
+        let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
+        for h in handles {
+            self.start_stream_forwarders(&h, 0);
+        }
+    }
+
+    /// Starts the forwarders of a stream's partitions from `first` on.
+    pub(crate) fn start_stream_forwarders(&self, handle: &Arc<StreamHandle>, first: u32) {
+        if !self.inner.config.mqtt_streams {
+            return;
+        }
+        let (ns, name) = {
+            let r = handle.record.read();
+            (r.namespace.clone(), r.name.clone())
+        };
+        if topics::validate_name(&name).is_err() {
+            return;
+        }
+        let mut tasks = self.inner.forwarders.lock();
+        tasks.retain(|t| !t.is_finished());
+        for part in handle.partitions().into_iter().skip(first as usize) {
+            tasks.push(tokio::spawn(self.clone().forward_partition(
+                ns.clone(),
+                name.clone(),
+                part,
+            )));
+        }
+    }
+
+    /// Whether `key` is still a partition of the stream `ns/name` (not deleted, not
+    /// deleted and created again).
+    fn forwards_live_partition(&self, ns: &str, name: &str, key: PartitionKey) -> bool {
+        self.stream(&v1::StreamId::new(ns.to_string(), name.to_string()))
+            .is_ok_and(|h| h.record.read().id == key.stream_id)
+    }
+
+    async fn forward_partition(self, ns: String, name: String, part: Arc<PartitionState>) {
+        let key = part.key;
+        let Ok(mut end) = self.inner.log.watch_end(key) else {
+            return;
+        };
+        let mut shutdown = self.inner.shutdown.subscribe();
+        let pos_key = position_key(key);
+        let stored = match self.inner.meta.get(&pos_key).await {
+            Ok(v) => v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok()),
+            Err(e) => {
+                warn!(stream = %name, partition = key.partition, error = %e, "MQTT forwarder: cannot read its position; this partition is not forwarded");
+                return;
+            }
+        };
+        let pos = match stored {
+            Some(p) => p,
+            None => match self.inner.log.bounds(key).await {
+                Ok(b) => b.end_offset,
+                Err(_) => return,
+            },
+        };
+        let mut f = Forwarder {
+            core: self,
+            ns,
+            name,
+            part,
+            pos_key,
+            pos,
+            saved: stored.unwrap_or(-1),
+            saved_at: Instant::now(),
+            warned_at: None,
+            unlogged: 0,
+        };
+        debug!(stream = %f.name, partition = key.partition, from = f.pos, "MQTT forwarder started");
+        loop {
+            end.borrow_and_update();
+            if *f.core.inner.shutdown.borrow() {
+                break;
+            }
+            if !f.core.forwards_live_partition(&f.ns, &f.name, key) {
+                let _ = f.core.inner.meta.delete(&f.pos_key).await;
+                return;
+            }
+            let routed = if f.core.has_subscribers(&f.ns, &f.name) {
+                f.forward_available().await
+            } else {
+                f.skip_to_stable().await;
+                false
+            };
+            if f.pos != f.saved && (routed || f.saved_at.elapsed() >= SKIP_COMMIT_EVERY) {
+                f.save_position().await;
+            }
+            let pending_save = f.pos != f.saved;
+            tokio::select! {
+                _ = end.changed() => {}
+                _ = shutdown.changed() => {}
+                _ = tokio::time::sleep(SKIP_COMMIT_EVERY), if pending_save => {}
+            }
+        }
+        if f.pos != f.saved {
+            f.save_position().await;
+        }
+    }
+}
+
+/// One partition's forwarder: where it is and what it has stored.
+struct Forwarder {
+    core: Core,
+    ns: String,
+    name: String,
+    part: Arc<PartitionState>,
+    pos_key: Vec<u8>,
+    /// The next offset to forward.
+    pos: i64,
+    /// The position last stored (-1: none yet).
+    saved: i64,
+    saved_at: Instant,
+    warned_at: Option<Instant>,
+    /// Undeliverable records not yet named in a log line.
+    unlogged: u64,
+}
+
+impl Forwarder {
+    async fn save_position(&mut self) {
+        let value = self.pos.to_string();
+        match self
+            .core
+            .inner
+            .meta
+            .put(&self.pos_key, value.as_bytes())
+            .await
+        {
+            Ok(()) => {
+                self.saved = self.pos;
+                self.saved_at = Instant::now();
+            }
+            Err(e) => {
+                warn!(stream = %self.name, error = %e, "MQTT forwarder: cannot store its position")
+            }
+        }
+    }
+
+    /// No subscriber: passes over what is committed without reading it.
+    async fn skip_to_stable(&mut self) {
+        match self.core.inner.log.bounds(self.part.key).await {
+            Ok(b) => {
+                let stable = self.part.txns.lock().last_stable_offset(b.end_offset);
+                self.pos = self.pos.max(stable.min(b.end_offset));
+            }
+            Err(e) => debug!(stream = %self.name, error = %e, "MQTT forwarder: bounds"),
+        }
+    }
+
+    /// Counts undeliverable records and logs them, one line per [`WARN_EVERY`] at most.
+    fn undeliverable(&mut self, records: u64, why: &str) {
+        metrics::counter!("tributary_mapping_undeliverable_total").increment(records);
+        self.unlogged += records;
+        if self.warned_at.is_none_or(|t| t.elapsed() >= WARN_EVERY) {
+            warn!(
+                stream = %self.name,
+                partition = self.part.key.partition,
+                records = self.unlogged,
+                reason = why,
+                "MQTT forwarder: records not delivered to MQTT subscribers (at most one line every {} s; all counted in tributary_mapping_undeliverable_total)",
+                WARN_EVERY.as_secs()
+            );
+            self.warned_at = Some(Instant::now());
+            self.unlogged = 0;
+        }
+    }
+
+    /// Routes the committed records from the position to the partition's last stable
+    /// offset to the sessions; whether it routed any.
+    async fn forward_available(&mut self) -> bool {
+        let mut routed = false;
+        loop {
+            let read = self
+                .core
+                .read_partition(&self.part, self.pos, READ_BYTES, true)
+                .await;
+            let (bounds, batches) = match read {
+                Ok(r) => r,
+                Err(CoreError::OffsetOutOfRange { start, .. }) if self.pos < start => {
+                    self.pos = start;
+                    continue;
+                }
+                Err(e) => {
+                    self.undeliverable(
+                        0,
+                        &format!("read failed ({e}); retried on the next append"),
+                    );
+                    return routed;
+                }
+            };
+            let stable = self.part.txns.lock().last_stable_offset(bounds.end_offset);
+            let mut progressed = false;
+            for batch in batches {
+                if batch.base_offset >= stable {
+                    break;
+                }
+                let next = batch.base_offset + i64::from(batch.record_count.max(1));
+                if next <= self.pos {
+                    continue;
+                }
+                progressed = true;
+                self.pos = next;
+                for mut record in self.records_of(&batch) {
+                    if record
+                        .properties
+                        .as_ref()
+                        .is_some_and(|p| p.origin_protocol == "mqtt")
+                    {
+                        continue;
+                    }
+                    if record.timestamp_ms <= 0 {
+                        record.timestamp_ms = batch.append_time_ms;
+                    }
+                    record.properties.get_or_insert_default().address = self.name.clone();
+                    let message = v1::RoutedMessage {
+                        record: Some(record),
+                        qos: 1,
+                        retain: false,
+                    };
+                    if let Err(e) = self
+                        .core
+                        .deliver_to_sessions(&self.ns, message, None, false, None)
+                        .await
+                    {
+                        self.undeliverable(1, &e.to_string());
+                    }
+                    routed = true;
+                }
+            }
+            if !progressed || self.pos >= stable {
+                return routed;
+            }
+        }
+    }
+
+    /// The records of a stored batch that go to MQTT: none for transaction markers and
+    /// aborted transactions, decoded ones for opaque batches.
+    fn records_of(&mut self, batch: &v1::RecordBatch) -> Vec<v1::Record> {
+        if batch.control.is_some()
+            || (batch.transactional
+                && self
+                    .part
+                    .txns
+                    .lock()
+                    .aborted_at(batch.producer_id, batch.base_offset))
+        {
+            return Vec::new();
+        }
+        if batch.opaque_format.is_empty() {
+            return batch.records.clone();
+        }
+        match self.core.inner.config.record_decoders.decode(batch) {
+            Ok(records) => records,
+            Err(e) => {
+                self.undeliverable(u64::from(batch.record_count), &e);
+                Vec::new()
+            }
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! Streams as MQTT topics of the same name, through the core's neutral API: records
+//! appended to a stream (envelope or opaque, in or out of transactions) reach the sessions
+//! that subscribe to a matching filter; a session's publish to the topic is appended to the
+//! stream and reaches subscribers once; the position survives a reopen of the core.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::UnboundedReceiverStream;
+use tributary_core::{Core, CoreConfig, RecordDecoders};
+use tributary_proto::v1::{self, session_command::Command, session_event::Event};
+use tributary_storage::StorageError;
+use tributary_storage::local::{LocalLogConfig, LocalLogStore};
+use tributary_storage::redb_meta::RedbMetaStore;
+
+/// A made-up opaque format: values separated by commas.
+const CSV_FORMAT: &str = "test.csv";
+
+async fn open(dir: &Path) -> Core {
+    // A reopen may come while the last connection's task of the previous core still holds
+    // it (and so the log's lock) for a moment: wait for the lock, with a deadline.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let log = loop {
+        match LocalLogStore::open(dir.join("log"), LocalLogConfig::default()) {
+            Ok(log) => break log,
+            Err(e) if std::time::Instant::now() < deadline => {
+                assert!(matches!(e, StorageError::Locked { .. }), "{e}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Err(e) => panic!("{e}"),
+        }
+    };
+    let meta = Arc::new(RedbMetaStore::open(dir.join("meta.redb")).unwrap());
+    let decoders = RecordDecoders::default().with(
+        CSV_FORMAT,
+        Arc::new(|b: &Bytes| {
+            let text = std::str::from_utf8(b).map_err(|e| e.to_string())?;
+            Ok(text
+                .split(',')
+                .map(|v| v1::Record {
+                    value: Bytes::from(v.to_string()),
+                    ..Default::default()
+                })
+                .collect())
+        }),
+    );
+    let config = CoreConfig {
+        record_decoders: decoders,
+        ..CoreConfig::default()
+    };
+    Core::open(log, meta, config).await.unwrap()
+}
+
+fn sid(name: &str) -> v1::StreamId {
+    v1::StreamId::new(String::new(), name.to_string())
+}
+
+struct Session {
+    tx: mpsc::UnboundedSender<Result<v1::SessionCommand, tonic::Status>>,
+    rx: mpsc::Receiver<Box<v1::SessionEvent>>,
+    rid: u64,
+}
+
+impl Session {
+    async fn open(core: &Core, client: &str, expiry_ms: i64) -> Session {
+        let (tx, cmd_rx) = mpsc::unbounded_channel();
+        let rx = core.attach_session(UnboundedReceiverStream::new(cmd_rx));
+        let mut s = Session { tx, rx, rid: 0 };
+        s.send(Command::Open(v1::SessionOpen {
+            client_id: client.into(),
+            clean_start: false,
+            expiry_interval_ms: expiry_ms,
+            receive_maximum: 1000,
+            ..Default::default()
+        }));
+        assert!(matches!(s.next().await, Event::Opened(_)));
+        s
+    }
+
+    fn send(&mut self, command: Command) {
+        self.rid += 1;
+        self.tx
+            .send(Ok(v1::SessionCommand {
+                request_id: self.rid,
+                command: Some(command),
+            }))
+            .unwrap();
+    }
+
+    async fn next(&mut self) -> Event {
+        tokio::time::timeout(Duration::from_secs(10), self.rx.recv())
+            .await
+            .expect("no event within 10 s")
+            .expect("stream ended")
+            .event
+            .unwrap()
+    }
+
+    async fn subscribe(&mut self, filter: &str) {
+        self.send(Command::Subscribe(v1::SessionSubscribe {
+            subscriptions: vec![v1::SessionSubscription {
+                filter: filter.into(),
+                qos: 1,
+                ..Default::default()
+            }],
+        }));
+        assert!(matches!(self.next().await, Event::Subscribed(_)));
+    }
+
+    /// The next delivery, acknowledged: (topic, payload, record).
+    async fn delivery(&mut self) -> (String, String, v1::Record) {
+        let d = match self.next().await {
+            Event::Delivery(d) => d,
+            other => panic!("expected a delivery, got {other:?}"),
+        };
+        let m = d.message.unwrap();
+        assert_eq!(m.qos, 1);
+        self.send(Command::Ack(v1::SessionAck {
+            packet_ids: vec![d.packet_id],
+            ..Default::default()
+        }));
+        let r = m.record.unwrap();
+        let p = r.properties.clone().unwrap_or_default();
+        (p.address, String::from_utf8_lossy(&r.value).into(), r)
+    }
+}
+
+async fn append(core: &Core, stream: &str, batch: v1::RecordBatch) {
+    core.append(v1::AppendRequest {
+        stream: Some(sid(stream)),
+        partition: 0,
+        batch: Some(batch),
+        auto_create: false,
+    })
+    .await
+    .unwrap();
+}
+
+fn records(values: &[&str]) -> v1::RecordBatch {
+    v1::RecordBatch {
+        records: values
+            .iter()
+            .map(|v| v1::Record {
+                key: Bytes::from_static(b"k"),
+                value: Bytes::from(v.to_string()),
+                headers: vec![v1::Header {
+                    name: "h".into(),
+                    value: Bytes::from_static(b"1"),
+                }],
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn appended_records_reach_matching_sessions_and_publishes_reach_the_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    core.create_stream(sid("plant/temps"), 1, Default::default(), false, false)
+        .await
+        .unwrap();
+    let mut sub = Session::open(&core, "sub", 0).await;
+    sub.subscribe("plant/+").await;
+
+    // Envelope records, then an opaque batch the decoder reads, then one it cannot.
+    append(&core, "plant/temps", records(&["a", "b"])).await;
+    append(
+        &core,
+        "plant/temps",
+        v1::RecordBatch {
+            opaque: Bytes::from_static(b"c,d"),
+            opaque_format: CSV_FORMAT.into(),
+            record_count: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    append(
+        &core,
+        "plant/temps",
+        v1::RecordBatch {
+            opaque: Bytes::from_static(b"?"),
+            opaque_format: "nobody.knows".into(),
+            record_count: 1,
+            ..Default::default()
+        },
+    )
+    .await;
+    append(&core, "plant/temps", records(&["e"])).await;
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        let (topic, value, record) = sub.delivery().await;
+        assert_eq!(topic, "plant/temps");
+        if value == "a" {
+            assert_eq!(record.headers[0].name, "h");
+            assert_eq!(record.key, Bytes::from_static(b"k"));
+            assert!(record.timestamp_ms > 0, "the append time stands in");
+        }
+        got.push(value);
+    }
+    assert_eq!(got, ["a", "b", "c", "d", "e"]);
+
+    // A publish to the topic is appended (the topic as key) and delivered once.
+    let mut publisher = Session::open(&core, "pub", 0).await;
+    publisher.send(Command::Publish(v1::SessionPublish {
+        message: Some(v1::RoutedMessage {
+            record: Some(v1::Record {
+                value: Bytes::from_static(b"from-mqtt"),
+                properties: Some(v1::SystemProperties {
+                    address: "plant/temps".into(),
+                    origin_protocol: "mqtt".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            qos: 1,
+            retain: false,
+        }),
+        packet_id: 1,
+    }));
+    assert!(matches!(publisher.next().await, Event::Published(_)));
+    let (_, value, _) = sub.delivery().await;
+    assert_eq!(value, "from-mqtt");
+    let fetched = core
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(sid("plant/temps")),
+                partition: 0,
+                offset: 6,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait_ms: 0,
+            read_committed: false,
+        })
+        .await
+        .unwrap();
+    let stored = &fetched.partitions[0].batches[0].records[0];
+    assert_eq!(stored.value, Bytes::from_static(b"from-mqtt"));
+    assert_eq!(stored.key, Bytes::from_static(b"plant/temps"));
+    // The next append shows the publish was not forwarded a second time.
+    append(&core, "plant/temps", records(&["f"])).await;
+    assert_eq!(sub.delivery().await.1, "f");
+
+    // Topics with no stream route as before and append nothing.
+    publisher.send(Command::Publish(v1::SessionPublish {
+        message: Some(v1::RoutedMessage {
+            record: Some(v1::Record {
+                value: Bytes::from_static(b"plain"),
+                properties: Some(v1::SystemProperties {
+                    address: "plant/other".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            qos: 1,
+            retain: false,
+        }),
+        packet_id: 2,
+    }));
+    assert!(matches!(publisher.next().await, Event::Published(_)));
+    assert_eq!(sub.delivery().await.0, "plant/other");
+    assert!(core.describe_stream(&sid("plant/other")).await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn aborted_transactions_are_skipped_and_the_position_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let core = open(dir.path()).await;
+        core.create_stream(sid("orders"), 1, Default::default(), false, false)
+            .await
+            .unwrap();
+        let mut sub = Session::open(&core, "durable", -1).await;
+        sub.subscribe("orders").await;
+        let p = core
+            .init_producer(v1::InitProducerRequest {
+                namespace: String::new(),
+                transactional_id: "tx".into(),
+                producer_id: -1,
+                producer_epoch: -1,
+                transaction_timeout_ms: 60_000,
+            })
+            .await
+            .unwrap();
+        for (seq, (value, commit)) in [("aborted", false), ("committed", true)]
+            .into_iter()
+            .enumerate()
+        {
+            core.add_txn_partitions(v1::AddPartitionsRequest {
+                producer: Some(v1::TxnProducer {
+                    namespace: String::new(),
+                    transactional_id: "tx".into(),
+                    producer_id: p.producer_id,
+                    producer_epoch: p.producer_epoch,
+                }),
+                partitions: vec![v1::TxnPartition {
+                    stream: Some(sid("orders")),
+                    partition: 0,
+                }],
+                verify_only: false,
+            })
+            .await
+            .unwrap();
+            let mut batch = records(&[value]);
+            batch.producer_id = p.producer_id;
+            batch.producer_epoch = p.producer_epoch;
+            batch.base_sequence = seq as i32;
+            batch.transactional = true;
+            append(&core, "orders", batch).await;
+            core.end_transaction(v1::EndTransactionRequest {
+                namespace: String::new(),
+                transaction_id: "tx".into(),
+                commit,
+                producer_id: p.producer_id,
+                producer_epoch: p.producer_epoch,
+            })
+            .await
+            .unwrap();
+        }
+        append(&core, "orders", records(&["after"])).await;
+        assert_eq!(sub.delivery().await.1, "committed");
+        assert_eq!(sub.delivery().await.1, "after");
+        // Answered after the acks before it: nothing is left to deliver again.
+        sub.subscribe("orders").await;
+        drop(sub);
+        core.shutdown().await.unwrap();
+    }
+    // Reopened: what was forwarded is not forwarded again (it would come first); what
+    // comes next is.
+    let core = open(dir.path()).await;
+    let mut sub = Session::open(&core, "durable", -1).await;
+    append(&core, "orders", records(&["reopened"])).await;
+    assert_eq!(sub.delivery().await.1, "reopened");
+}
