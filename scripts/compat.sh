@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Protocol compatibility tests with the clients users run (compat-tests/).
 #
-#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp|sqs] [PYTEST ARGS...]
+#   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh [kafka|mqtt|amqp|sqs|cross] [PYTEST ARGS...]
 #   TRIBUTARY_BIN=target/release/tributary scripts/compat.sh rocketmq-rust [CARGO TEST ARGS...]
 #   scripts/compat.sh --setup-only        # only create/refresh the venv
 #
@@ -19,7 +19,8 @@
 # KAFKA_REFERENCE=off skips it). `sqs` runs every scenario against ElasticMQ too
 # (org.elasticmq:elasticmq-server_2.13 and its jars fetched from Maven Central into
 # ~/.cache/tributary; needs java 17+ and mvn; SQS_REFERENCE=off skips it).
-# `rocketmq-rust` needs no venv: it runs `cargo test` in compat-tests/rocketmq-rust (the Rust
+# `cross` runs the cross-protocol scenarios (one protocol in, another out; no reference broker
+# serves several protocols from one store). `rocketmq-rust` needs no venv: it runs `cargo test` in compat-tests/rocketmq-rust (the Rust
 # client rocketmq-client-rust, a project of its own with its own Cargo.lock) against the binary,
 # building into $CARGO_TARGET_DIR when set; ROCKETMQ_NAMESRV=HOST:PORT aims it at another broker.
 set -euo pipefail
@@ -35,9 +36,9 @@ protocol=kafka
 if [[ $# -gt 0 ]]; then
     case "$1" in
         --setup-only) setup_only=1; shift ;;
-        kafka|mqtt|amqp|sqs|rocketmq-rust) protocol="$1"; shift ;;
+        kafka|mqtt|amqp|sqs|cross|rocketmq-rust) protocol="$1"; shift ;;
         -*) ;; # pytest arguments; protocol stays kafka
-        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp, sqs, rocketmq-rust)" >&2; exit 2 ;;
+        *) echo "compat.sh: unknown protocol '$1' (known: kafka, mqtt, amqp, sqs, cross, rocketmq-rust)" >&2; exit 2 ;;
     esac
 fi
 

@@ -27,6 +27,8 @@ TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh mq
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh amqp
 # The SQS scenarios also run against ElasticMQ (its jars fetched from Maven Central by the script).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh sqs
+# Across protocols: one protocol in, another out (no reference broker does this).
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh cross
 # The RocketMQ scenarios with the Rust client (rocketmq-client-rust, a cargo project of its own).
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat.sh rocketmq-rust
 # The Java clients (kafka-clients, amqp-client, Paho MQTT, rocketmq-client; java 17 and mvn,

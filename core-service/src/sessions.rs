@@ -1621,9 +1621,11 @@ impl Core {
         persist_retained: bool,
         laggards: Option<&mut Laggards<'_>>,
     ) -> CoreResult<u32> {
-        self.append_to_topic_stream(ns, &message).await?;
-        self.deliver_to_sessions(ns, message, publisher, persist_retained, laggards)
-            .await
+        let appended = self.append_to_topic_stream(ns, &message).await?;
+        let matched = self
+            .deliver_to_sessions(ns, message, publisher, persist_retained, laggards)
+            .await?;
+        Ok(matched + u32::from(appended))
     }
 
     /// Whether any session of `ns` subscribes to a filter that matches `topic`.

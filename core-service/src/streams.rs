@@ -473,7 +473,7 @@ impl Core {
         })
         .await?;
         let handle = self.open_stream(record).await?;
-        self.start_stream_forwarders(&handle, 0);
+        self.start_stream_forwarders(&handle, 0, true);
         info!(partitions, "stream created");
         Ok((self.describe_handle(&handle).await?, true))
     }
@@ -643,7 +643,7 @@ impl Core {
         self.save_stream_record(&old, &new).await?;
         *handle.record.write() = new;
         handle.partitions.write().extend(added);
-        self.start_stream_forwarders(&handle, old.partitions);
+        self.start_stream_forwarders(&handle, old.partitions, true);
         self.describe_handle(&handle).await
     }
 

@@ -88,28 +88,28 @@ fn position_key(key: PartitionKey) -> Vec<u8> {
 
 impl Core {
     /// Appends a message routed to an MQTT topic to the stream of that name, if there is
-    /// one (and the mapping is on).
+    /// one (and the mapping is on); whether it did.
     pub(crate) async fn append_to_topic_stream(
         &self,
         ns: &str,
         message: &v1::RoutedMessage,
-    ) -> CoreResult<()> {
+    ) -> CoreResult<bool> {
         if !self.inner.config.mqtt_streams {
-            return Ok(());
+            return Ok(false);
         }
         let Some(record) = &message.record else {
-            return Ok(());
+            return Ok(false);
         };
         let topic = record
             .properties
             .as_ref()
             .map_or("", |p| p.address.as_str());
         if topic.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let id = v1::StreamId::new(ns.to_string(), topic.to_string());
         if self.stream(&id).is_err() {
-            return Ok(());
+            return Ok(false);
         }
         let mut record = record.clone();
         record.key = Bytes::copy_from_slice(topic.as_bytes());
@@ -120,19 +120,26 @@ impl Core {
             crate::queues::EnqueueMode::Internal,
         )
         .await?;
-        Ok(())
+        Ok(true)
     }
 
     /// Starts the forwarders of every stream (after the sessions are recovered).
     pub(crate) fn start_topic_forwarders(&self) {
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         for h in handles {
-            self.start_stream_forwarders(&h, 0);
+            self.start_stream_forwarders(&h, 0, false);
         }
     }
 
-    /// Starts the forwarders of a stream's partitions from `first` on.
-    pub(crate) fn start_stream_forwarders(&self, handle: &Arc<StreamHandle>, first: u32) {
+    /// Starts the forwarders of a stream's partitions from `first` on. Those of `new`
+    /// partitions begin at the start; the others, when they have no stored position (a
+    /// stream of an earlier version), at the end.
+    pub(crate) fn start_stream_forwarders(
+        &self,
+        handle: &Arc<StreamHandle>,
+        first: u32,
+        new: bool,
+    ) {
         if !self.inner.config.mqtt_streams {
             return;
         }
@@ -150,6 +157,7 @@ impl Core {
                 ns.clone(),
                 name.clone(),
                 part,
+                new,
             )));
         }
     }
@@ -161,7 +169,13 @@ impl Core {
             .is_ok_and(|h| h.record.read().id == key.stream_id)
     }
 
-    async fn forward_partition(self, ns: String, name: String, part: Arc<PartitionState>) {
+    async fn forward_partition(
+        self,
+        ns: String,
+        name: String,
+        part: Arc<PartitionState>,
+        new: bool,
+    ) {
         let key = part.key;
         let Ok(mut end) = self.inner.log.watch_end(key) else {
             return;
@@ -178,6 +192,7 @@ impl Core {
         let pos = match stored {
             Some(p) => p,
             None => match self.inner.log.bounds(key).await {
+                Ok(b) if new => b.start_offset,
                 Ok(b) => b.end_offset,
                 Err(_) => return,
             },
@@ -194,6 +209,11 @@ impl Core {
             warned_at: None,
             unlogged: 0,
         };
+        if stored.is_none() {
+            // Stored at once: a crash before the first records are routed must not make the
+            // next start begin past them.
+            f.save_position().await;
+        }
         debug!(stream = %f.name, partition = key.partition, from = f.pos, "MQTT forwarder started");
         loop {
             end.borrow_and_update();

@@ -15,7 +15,7 @@ use kafka_protocol::records::{
 use tributary_proto::v1;
 
 /// Names the opaque format in the core: a Kafka v2 record batch.
-pub const OPAQUE_FORMAT: &str = "kafka.record-batch.v2";
+pub use tributary_mapping::kafka::OPAQUE_FORMAT;
 
 /// Bytes before the records in a v2 batch.
 pub const HEADER_LEN: usize = 61;
@@ -169,10 +169,9 @@ pub fn encode_envelope(out: &mut BytesMut, batch: &v1::RecordBatch) -> Result<()
             },
             key: (!r.key.is_empty()).then(|| r.key.clone()),
             value: Some(r.value.clone()),
-            headers: r
-                .headers
-                .iter()
-                .map(|h| (StrBytes::from_string(h.name.clone()), Some(h.value.clone())))
+            headers: tributary_mapping::kafka::headers_of(r)
+                .into_iter()
+                .map(|(name, value)| (StrBytes::from_string(name), Some(value)))
                 .collect::<IndexMap<_, _>>(),
         })
         .collect();

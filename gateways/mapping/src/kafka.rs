@@ -10,6 +10,11 @@
 //!
 //! Control batches (transaction markers) carry no records for other protocols and map to
 //! none.
+//!
+//! Envelope records to Kafka: key, value, headers and timestamp as above, and the system
+//! properties Kafka has no field for as named headers after the record's own
+//! ([`PROPERTY_HEADERS`]; only those that are set, and not when the record already has a
+//! header of that name).
 
 use bytes::Bytes;
 use kafka_protocol::records::RecordBatchDecoder;
@@ -19,6 +24,37 @@ use crate::MappingError;
 
 /// The core's name for a Kafka v2 record batch kept byte for byte.
 pub const OPAQUE_FORMAT: &str = "kafka.record-batch.v2";
+
+/// The envelope properties a Kafka record carries as headers, by header name.
+pub const PROPERTY_HEADERS: [&str; 3] = [
+    "tributary.content-type",
+    "tributary.correlation-id",
+    "tributary.reply-to",
+];
+
+/// A record's headers as a Kafka consumer sees them: its own, then the properties of
+/// [`PROPERTY_HEADERS`] that are set.
+pub fn headers_of(record: &v1::Record) -> Vec<(String, Bytes)> {
+    let mut out: Vec<(String, Bytes)> = record
+        .headers
+        .iter()
+        .map(|h| (h.name.clone(), h.value.clone()))
+        .collect();
+    let Some(p) = &record.properties else {
+        return out;
+    };
+    let values = [
+        Bytes::copy_from_slice(p.content_type.as_bytes()),
+        p.correlation_id.clone(),
+        Bytes::copy_from_slice(p.reply_to.as_bytes()),
+    ];
+    for (name, value) in PROPERTY_HEADERS.iter().zip(values) {
+        if !value.is_empty() && !record.headers.iter().any(|h| h.name == *name) {
+            out.push((name.to_string(), value));
+        }
+    }
+    out
+}
 
 /// Decodes one or more stored Kafka v2 batches (decompressing them) into envelope records,
 /// in offset order. Control records are left out.
@@ -129,6 +165,44 @@ mod tests {
             assert_eq!(got[0].headers[0].value, Bytes::from_static(b"t-1"));
             assert_eq!(got[0].properties.as_ref().unwrap().origin_protocol, "kafka");
         }
+    }
+
+    #[test]
+    fn properties_without_a_kafka_field_become_named_headers() {
+        let record = v1::Record {
+            headers: vec![
+                v1::Header {
+                    name: "site".into(),
+                    value: Bytes::from_static(b"north"),
+                },
+                v1::Header {
+                    name: "tributary.reply-to".into(),
+                    value: Bytes::from_static(b"own"),
+                },
+            ],
+            properties: Some(v1::SystemProperties {
+                content_type: "text/plain".into(),
+                correlation_id: Bytes::from_static(b"c1"),
+                reply_to: "replies".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let got: Vec<_> = headers_of(&record)
+            .into_iter()
+            .map(|(n, v)| (n, String::from_utf8(v.to_vec()).unwrap()))
+            .collect();
+        let want = [
+            ("site", "north"),
+            ("tributary.reply-to", "own"),
+            ("tributary.content-type", "text/plain"),
+            ("tributary.correlation-id", "c1"),
+        ];
+        assert_eq!(
+            got,
+            want.map(|(n, v)| (n.to_string(), v.to_string())).to_vec()
+        );
+        assert!(headers_of(&v1::Record::default()).is_empty());
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! polling loop here), tag filtering, committed offsets, offset look-ups, and the two
 //! message queries (by id, by key).
 
+use std::borrow::Cow;
 use std::collections::HashSet;
 use std::sync::Arc;
 
@@ -61,9 +62,7 @@ pub(crate) async fn fetch(
         .ok_or_else(|| tonic::Status::internal("the core answered no partition"))
 }
 
-/// The messages of a fetch result, in offset order: control batches and aborted
-/// transactions skipped (the core's transactions, e.g. Kafka's), records of other formats
-/// counted and logged (they are the mapping's to carry, issue "cross-protocol").
+/// The messages of a fetch result, in offset order (see [`readable`]).
 pub(crate) fn messages(
     gw: &Gateway,
     topic: &str,
@@ -72,7 +71,12 @@ pub(crate) fn messages(
 ) -> Vec<(v1::Record, StoredMessage)> {
     readable(gw, topic, queue, part)
         .into_iter()
-        .map(|r| (r.record.clone(), r.to_message(gw, topic, queue)))
+        .map(|r| {
+            (
+                r.record.clone().into_owned(),
+                r.to_message(gw, topic, queue),
+            )
+        })
         .collect()
 }
 
@@ -80,7 +84,8 @@ pub(crate) fn messages(
 /// converts only what it returns: a coalesced batch holds hundreds of records).
 pub(crate) struct Readable<'a> {
     pub offset: i64,
-    pub record: &'a v1::Record,
+    /// Borrowed from an envelope batch; owned when decoded from a Kafka batch.
+    pub record: Cow<'a, v1::Record>,
     append_time_ms: i64,
 }
 
@@ -93,7 +98,7 @@ impl Readable<'_> {
             append_time_ms: self.append_time_ms,
             store_host: gw.config.advertised,
         };
-        envelope::from_record(self.record, &at)
+        envelope::from_record(&self.record, &at)
     }
 
     /// The record's `TAGS` property.
@@ -107,8 +112,8 @@ impl Readable<'_> {
 }
 
 /// The records of a fetch result, in offset order: control batches and aborted
-/// transactions skipped (the core's transactions, e.g. Kafka's), records of other formats
-/// counted and logged (they are the mapping's to carry, issue "cross-protocol").
+/// transactions skipped (the core's transactions, e.g. Kafka's), Kafka batches decoded
+/// (tributary-mapping), batches of formats nobody decodes counted and logged.
 pub(crate) fn readable<'a>(
     gw: &Gateway,
     topic: &str,
@@ -135,6 +140,18 @@ pub(crate) fn readable<'a>(
         if batch.transactional && aborting.contains(&batch.producer_id) {
             continue;
         }
+        if batch.opaque_format == tributary_mapping::kafka::OPAQUE_FORMAT
+            && let Ok(records) = tributary_mapping::kafka::decode_batch(&batch.opaque)
+        {
+            for (i, record) in records.into_iter().enumerate() {
+                out.push(Readable {
+                    offset: batch.base_offset + i as i64,
+                    record: Cow::Owned(record),
+                    append_time_ms: batch.append_time_ms,
+                });
+            }
+            continue;
+        }
         if !batch.opaque.is_empty() {
             metrics::counter!("tributary_rocketmq_unreadable_batches_total").increment(1);
             if let Some(skipped) = gw.unreadable_log.due() {
@@ -152,7 +169,7 @@ pub(crate) fn readable<'a>(
         for (i, record) in batch.records.iter().enumerate() {
             out.push(Readable {
                 offset: batch.base_offset + i as i64,
-                record,
+                record: Cow::Borrowed(record),
                 append_time_ms: batch.append_time_ms,
             });
         }
