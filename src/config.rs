@@ -487,6 +487,10 @@ pub struct Options {
     /// (true/false; docs/compat/mapping.md).
     #[arg(long, env = "TRIBUTARY_MQTT_STREAMS", global = true)]
     pub mqtt_streams: Option<bool>,
+    /// Every stream is also an address (AMQP exchange of type x-stream) of its name:
+    /// publishes to it append, queues bound to it get what the stream holds (true/false).
+    #[arg(long, env = "TRIBUTARY_STREAM_EXCHANGES", global = true)]
+    pub stream_exchanges: Option<bool>,
     /// Longest transaction timeout a transactional producer may ask for, in ms (Kafka's
     /// transaction.max.timeout.ms).
     #[arg(long, env = "TRIBUTARY_TRANSACTION_MAX_TIMEOUT_MS", global = true)]
@@ -632,6 +636,7 @@ pub struct FileConfig {
     pub mqtt_max_queued: Option<usize>,
     pub mqtt_max_keep_alive: Option<u16>,
     pub mqtt_streams: Option<bool>,
+    pub stream_exchanges: Option<bool>,
     pub log: Option<String>,
     /// MQTT topic access rules, first match wins (file only).
     #[serde(default)]
@@ -857,6 +862,7 @@ pub struct Settings {
     pub mqtt_max_queued: usize,
     pub mqtt_max_keep_alive: u16,
     pub mqtt_streams: bool,
+    pub stream_exchanges: bool,
     pub mqtt_acl: tributary_gateway_mqtt::Acl,
     pub log: String,
     pub users: tributary_gateway_common::auth::Users,
@@ -1524,6 +1530,7 @@ impl Settings {
         Ok(Self {
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
             mqtt_streams: pick!(mqtt_streams, true),
+            stream_exchanges: pick!(stream_exchanges, true),
             mqtt_tls_listen,
             mqtt_wss_listen,
             tls,
@@ -2164,6 +2171,7 @@ mod tests {
             "mqtt_max_queued",
             "mqtt_max_keep_alive",
             "mqtt_streams",
+            "stream_exchanges",
             "log",
         ] {
             assert!(text.contains(&format!("# {key} = ")), "example lacks {key}");

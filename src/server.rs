@@ -284,6 +284,7 @@ impl Server {
             transaction_max_timeout: settings.transaction_max_timeout,
             session_max_queued: settings.mqtt_max_queued,
             mqtt_streams: settings.mqtt_streams,
+            stream_exchanges: settings.stream_exchanges,
             record_decoders: record_decoders(),
             ..CoreConfig::default()
         };

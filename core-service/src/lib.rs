@@ -97,6 +97,8 @@ pub struct CoreConfig {
     pub staged_outcome_retention: Duration,
     /// Whether streams double as MQTT topics of the same name (topic_streams.rs).
     pub mqtt_streams: bool,
+    /// Whether every stream has an address of its name (AMQP's x-stream exchange).
+    pub stream_exchanges: bool,
     /// Decoders of opaque batch formats, for readers that need records (MQTT forwarding).
     pub record_decoders: RecordDecoders,
 }
@@ -118,6 +120,7 @@ impl Default for CoreConfig {
             transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
             staged_outcome_retention: Duration::from_secs(3600),
             mqtt_streams: true,
+            stream_exchanges: true,
             record_decoders: RecordDecoders::default(),
         }
     }
@@ -196,6 +199,7 @@ impl Core {
         core.recover_transactions().await?;
         core.recover_queues().await?;
         core.recover_router().await?;
+        core.ensure_stream_addresses().await?;
         // Only now: an owner task may dead-letter into any queue or address.
         core.start_queue_tasks();
         core.recover_timers().await?;

@@ -473,6 +473,7 @@ impl Core {
         })
         .await?;
         let handle = self.open_stream(record).await?;
+        self.ensure_stream_address(&ns, &name).await?;
         self.start_stream_forwarders(&handle, 0, true);
         info!(partitions, "stream created");
         Ok((self.describe_handle(&handle).await?, true))
@@ -489,6 +490,7 @@ impl Core {
             .await?;
         self.forget_target(&ns, &crate::router::Target::Stream(name.clone()))
             .await?;
+        self.drop_stream_address(&ns, &name).await?;
         self.inner.streams.write().remove(&(ns, name));
         for part in handle.partitions() {
             self.inner.log.delete_partition(part.key).await?;

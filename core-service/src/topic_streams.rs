@@ -140,16 +140,14 @@ impl Core {
         first: u32,
         new: bool,
     ) {
-        if !self.inner.config.mqtt_streams {
+        let config = &self.inner.config;
+        if !config.mqtt_streams && !config.stream_exchanges {
             return;
         }
         let (ns, name) = {
             let r = handle.record.read();
             (r.namespace.clone(), r.name.clone())
         };
-        if topics::validate_name(&name).is_err() {
-            return;
-        }
         let mut tasks = self.inner.forwarders.lock();
         tasks.retain(|t| !t.is_finished());
         for part in handle.partitions().into_iter().skip(first as usize) {
@@ -197,7 +195,10 @@ impl Core {
                 Err(_) => return,
             },
         };
+        let mqtt = self.inner.config.mqtt_streams && topics::validate_name(&name).is_ok();
         let mut f = Forwarder {
+            mqtt,
+            retry: false,
             core: self,
             ns,
             name,
@@ -224,7 +225,7 @@ impl Core {
                 let _ = f.core.inner.meta.delete(&f.pos_key).await;
                 return;
             }
-            let routed = if f.core.has_subscribers(&f.ns, &f.name) {
+            let routed = if f.readers().0 || f.readers().1 {
                 f.forward_available().await
             } else {
                 f.skip_to_stable().await;
@@ -233,11 +234,13 @@ impl Core {
             if f.pos != f.saved && (routed || f.saved_at.elapsed() >= SKIP_COMMIT_EVERY) {
                 f.save_position().await;
             }
-            let pending_save = f.pos != f.saved;
+            // A position to store, or records to route again after a failure: come back
+            // without waiting for an append.
+            let again = f.pos != f.saved || f.retry;
             tokio::select! {
                 _ = end.changed() => {}
                 _ = shutdown.changed() => {}
-                _ = tokio::time::sleep(SKIP_COMMIT_EVERY), if pending_save => {}
+                _ = tokio::time::sleep(SKIP_COMMIT_EVERY), if again => {}
             }
         }
         if f.pos != f.saved {
@@ -248,6 +251,10 @@ impl Core {
 
 /// One partition's forwarder: where it is and what it has stored.
 struct Forwarder {
+    /// Whether the stream is also an MQTT topic (mapping on, a valid topic name).
+    mqtt: bool,
+    /// Routing to the bound queues failed: the position stayed, try again.
+    retry: bool,
     core: Core,
     ns: String,
     name: String,
@@ -264,6 +271,14 @@ struct Forwarder {
 }
 
 impl Forwarder {
+    /// Who reads the stream now: (MQTT sessions, queues bound to its address).
+    fn readers(&self) -> (bool, bool) {
+        (
+            self.mqtt && self.core.has_subscribers(&self.ns, &self.name),
+            self.core.stream_address_bound(&self.ns, &self.name),
+        )
+    }
+
     async fn save_position(&mut self) {
         let value = self.pos.to_string();
         match self
@@ -313,8 +328,9 @@ impl Forwarder {
     }
 
     /// Routes the committed records from the position to the partition's last stable
-    /// offset to the sessions; whether it routed any.
+    /// offset to the MQTT sessions and the bound queues; whether it routed any.
     async fn forward_available(&mut self) -> bool {
+        self.retry = false;
         let mut routed = false;
         loop {
             let read = self
@@ -328,10 +344,8 @@ impl Forwarder {
                     continue;
                 }
                 Err(e) => {
-                    self.undeliverable(
-                        0,
-                        &format!("read failed ({e}); retried on the next append"),
-                    );
+                    self.undeliverable(0, &format!("read failed ({e}); retried"));
+                    self.retry = true;
                     return routed;
                 }
             };
@@ -345,33 +359,33 @@ impl Forwarder {
                 if next <= self.pos {
                     continue;
                 }
-                progressed = true;
-                self.pos = next;
-                for mut record in self.records_of(&batch) {
-                    if record
-                        .properties
-                        .as_ref()
-                        .is_some_and(|p| p.origin_protocol == "mqtt")
-                    {
-                        continue;
+                let mut records = self.records_of(&batch);
+                for r in &mut records {
+                    if r.timestamp_ms <= 0 {
+                        r.timestamp_ms = batch.append_time_ms;
                     }
-                    if record.timestamp_ms <= 0 {
-                        record.timestamp_ms = batch.append_time_ms;
-                    }
-                    record.properties.get_or_insert_default().address = self.name.clone();
-                    let message = v1::RoutedMessage {
-                        record: Some(record),
-                        qos: 1,
-                        retain: false,
-                    };
+                }
+                let (sessions, queues) = self.readers();
+                if queues && !records.is_empty() {
                     if let Err(e) = self
                         .core
-                        .deliver_to_sessions(&self.ns, message, None, false, None)
+                        .route_to_stream_bindings(&self.ns, &self.name, records.clone())
                         .await
                     {
-                        self.undeliverable(1, &e.to_string());
+                        // The position stays before this batch: routed again, later.
+                        self.undeliverable(
+                            0,
+                            &format!("bound queues refused records ({e}); retried"),
+                        );
+                        self.retry = true;
+                        return routed;
                     }
                     routed = true;
+                }
+                progressed = true;
+                self.pos = next;
+                if sessions {
+                    routed |= self.route_to_sessions(records).await;
                 }
             }
             if !progressed || self.pos >= stable {
@@ -380,7 +394,39 @@ impl Forwarder {
         }
     }
 
-    /// The records of a stored batch that go to MQTT: none for transaction markers and
+    /// Queues records for the MQTT sessions that subscribe to the stream's topic (those
+    /// MQTT published were routed when published); whether it routed any.
+    async fn route_to_sessions(&mut self, records: Vec<v1::Record>) -> bool {
+        let mut routed = false;
+        for mut record in records {
+            if record
+                .properties
+                .as_ref()
+                .is_some_and(|p| p.origin_protocol == "mqtt")
+            {
+                continue;
+            }
+            let p = record.properties.get_or_insert_default();
+            p.address = self.name.clone();
+            p.publish_address.clear();
+            let message = v1::RoutedMessage {
+                record: Some(record),
+                qos: 1,
+                retain: false,
+            };
+            if let Err(e) = self
+                .core
+                .deliver_to_sessions(&self.ns, message, None, false, None)
+                .await
+            {
+                self.undeliverable(1, &e.to_string());
+            }
+            routed = true;
+        }
+        routed
+    }
+
+    /// The records of a stored batch that go on: none for transaction markers and
     /// aborted transactions, decoded ones for opaque batches.
     fn records_of(&mut self, batch: &v1::RecordBatch) -> Vec<v1::Record> {
         if batch.control.is_some()

@@ -339,3 +339,153 @@ async fn aborted_transactions_are_skipped_and_the_position_survives_a_reopen() {
     append(&core, "orders", records(&["reopened"])).await;
     assert_eq!(sub.delivery().await.1, "reopened");
 }
+
+fn qid(name: &str) -> v1::QueueId {
+    v1::QueueId {
+        namespace: String::new(),
+        name: name.into(),
+    }
+}
+
+/// Receives `n` messages of a queue (long polls), acknowledged.
+async fn receive(core: &Core, queue: &str, n: usize) -> Vec<v1::Record> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let msgs = core
+            .receive(v1::ReceiveRequest {
+                queue: Some(qid(queue)),
+                max_messages: 10,
+                visibility_timeout_ms: 30_000,
+                wait_time_ms: 10_000,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        assert!(!msgs.is_empty(), "{queue}: {} of {n} messages", got.len());
+        let leases: Vec<String> = msgs.iter().map(|m| m.lease_id.clone()).collect();
+        core.ack(&qid(queue), &leases).await.unwrap();
+        got.extend(msgs.into_iter().filter_map(|m| m.record));
+    }
+    got
+}
+
+fn values(records: &[v1::Record]) -> Vec<String> {
+    records
+        .iter()
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_is_an_address_that_appends_and_feeds_its_bound_queues() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    core.create_stream(sid("events"), 2, Default::default(), false, false)
+        .await
+        .unwrap();
+    // The stream's address exists with it, of kind stream; it cannot be made by hand for a
+    // name that is no stream, nor deleted on its own.
+    let described = core
+        .declare_address(v1::DeclareAddressRequest {
+            name: "events".into(),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(described.kind, v1::AddressKind::Stream as i32);
+    assert!(
+        core.declare_address(v1::DeclareAddressRequest {
+            name: "no-such-stream".into(),
+            kind: v1::AddressKind::Stream as i32,
+            durable: true,
+            ..Default::default()
+        })
+        .await
+        .is_err()
+    );
+    assert!(core.delete_address("", "events", false).await.is_err());
+
+    for q in ["audit", "billing"] {
+        core.declare_queue(v1::DeclareQueueRequest {
+            id: Some(qid(q)),
+            durable: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        core.bind(v1::Binding {
+            source_address: "events".into(),
+            destination: Some(v1::binding::Destination::Queue(q.into())),
+            pattern: "ignored".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    // A binding to a stream could loop: refused.
+    assert!(
+        core.bind(v1::Binding {
+            source_address: "events".into(),
+            destination: Some(v1::binding::Destination::Stream("events".into())),
+            ..Default::default()
+        })
+        .await
+        .is_err()
+    );
+
+    // Publishing to the address appends (routing key as key); appends reach both queues.
+    let published = core
+        .publish(v1::PublishRequest {
+            address: "events".into(),
+            routing_key: "user-7".into(),
+            records: vec![v1::Record {
+                value: Bytes::from_static(b"published"),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(published.routed, vec![1]);
+    append(
+        &core,
+        "events",
+        v1::RecordBatch {
+            opaque: Bytes::from_static(b"x,y"),
+            opaque_format: CSV_FORMAT.into(),
+            record_count: 2,
+            ..Default::default()
+        },
+    )
+    .await;
+    for q in ["audit", "billing"] {
+        let got = receive(&core, q, 3).await;
+        let mut vals = values(&got);
+        vals.sort();
+        assert_eq!(vals, ["published", "x", "y"], "{q}");
+        let p = got
+            .iter()
+            .find(|r| r.value == Bytes::from_static(b"published"))
+            .unwrap();
+        assert_eq!(p.key, Bytes::from_static(b"user-7"));
+        assert_eq!(p.properties.as_ref().unwrap().publish_address, "events");
+        assert_eq!(p.properties.as_ref().unwrap().address, "user-7");
+    }
+    // The stream holds the published record under its routing key.
+    let info = core.describe_stream(&sid("events")).await.unwrap();
+    let total: i64 = info.partition_info.iter().map(|p| p.end_offset).sum();
+    assert_eq!(total, 3);
+
+    // The address goes with the stream, and its bindings with it.
+    core.delete_stream(&sid("events")).await.unwrap();
+    assert!(
+        core.declare_address(v1::DeclareAddressRequest {
+            name: "events".into(),
+            passive: true,
+            ..Default::default()
+        })
+        .await
+        .is_err()
+    );
+}

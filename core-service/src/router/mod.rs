@@ -14,6 +14,7 @@
 //! store, written before the call answers.
 
 pub(crate) mod pattern;
+mod stream_address;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
@@ -299,7 +300,7 @@ impl StagedPublish {
 fn kind_of(raw: i32) -> CoreResult<AddressKind> {
     match AddressKind::try_from(raw) {
         Ok(AddressKind::Unspecified) | Err(_) => Err(CoreError::InvalidArgument(
-            "an address needs a kind: direct, fanout, topic, headers or mqtt-topic".into(),
+            "an address needs a kind: direct, fanout, topic, headers, mqtt-topic or stream".into(),
         )),
         Ok(k) => Ok(k),
     }
@@ -344,7 +345,12 @@ impl Core {
         if req.passive {
             return Err(CoreError::AddressNotFound(req.name));
         }
-        kind_of(req.kind)?;
+        if kind_of(req.kind)? == AddressKind::Stream {
+            return Err(CoreError::InvalidArgument(format!(
+                "no stream named '{}': an address of kind stream is a stream's own, made with it",
+                req.name
+            )));
+        }
         let mut arguments: Vec<(String, String)> = req.arguments.into_iter().collect();
         arguments.sort();
         let record = AddressRecord {
@@ -398,6 +404,11 @@ impl Core {
         let ns = namespace_or_default(namespace).to_string();
         let _admin = self.inner.admin.lock().await;
         let a = self.address(&ns, name)?;
+        if a.record.kind == AddressKind::Stream as i32 {
+            return Err(CoreError::InvalidArgument(format!(
+                "address '{name}' is stream '{name}': it goes when the stream is deleted"
+            )));
+        }
         if if_unused && !a.bindings.read().all.is_empty() {
             return Err(CoreError::Conflict(format!(
                 "address '{name}' has bindings"
@@ -497,6 +508,7 @@ impl Core {
         let (ns, record) = self.binding_from(binding)?;
         let _admin = self.inner.admin.lock().await;
         let a = self.address(&ns, &record.source)?;
+        stream_address::check_binding(a.record.kind, &record.target)?;
         match &record.target {
             Target::Queue(q) => {
                 self.queue(&v1::QueueId {
@@ -709,6 +721,11 @@ impl Core {
                         }
                     }
                 }
+                // Publishing appends to the stream; its bindings are served from the
+                // stream (stream_address.rs).
+                AddressKind::Stream => {
+                    out.insert(Target::Stream(name.clone()));
+                }
                 AddressKind::Unspecified => {}
             }
         }
@@ -879,10 +896,15 @@ impl Core {
         mut records: Vec<v1::Record>,
         mode: EnqueueMode,
     ) -> CoreResult<StagedPublish> {
+        let into_stream = self.is_stream_address(ns, address);
         for r in &mut records {
             let p = r.properties.get_or_insert_default();
             p.publish_address = address.to_string();
             p.address = key.to_string();
+            if into_stream && r.key.is_empty() {
+                // The routing key places the record, as a Kafka key does.
+                r.key = bytes::Bytes::copy_from_slice(key.as_bytes());
+            }
         }
         let mut routed = vec![0u32; records.len()];
         // Records that go to the same destinations travel together.

@@ -223,6 +223,7 @@ pub fn kind_name(kind: v1::AddressKind) -> &'static str {
         v1::AddressKind::Topic => "topic",
         v1::AddressKind::Headers => "headers",
         v1::AddressKind::MqttTopic => "mqtt-topic",
+        v1::AddressKind::Stream => "x-stream",
         v1::AddressKind::Unspecified => "unknown",
     }
 }
@@ -233,6 +234,8 @@ fn parse_kind(s: &str) -> Option<v1::AddressKind> {
         "fanout" => v1::AddressKind::Fanout,
         "topic" => v1::AddressKind::Topic,
         "headers" => v1::AddressKind::Headers,
+        // A stream's own exchange: declarable (for an existing stream), not creatable.
+        "x-stream" => v1::AddressKind::Stream,
         _ => return None,
     })
 }

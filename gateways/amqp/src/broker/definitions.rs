@@ -101,7 +101,7 @@ pub fn exchange_of(
 ) -> Option<(String, FieldTable)> {
     if matches!(
         kind,
-        v1::AddressKind::MqttTopic | v1::AddressKind::Unspecified
+        v1::AddressKind::MqttTopic | v1::AddressKind::Stream | v1::AddressKind::Unspecified
     ) {
         return None;
     }
