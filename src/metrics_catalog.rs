@@ -270,7 +270,12 @@ pub const METRICS: &[Metric] = &[
     m(
         "tributary_rocketmq_unreadable_batches_total",
         Kind::Counter,
-        "Batches a RocketMQ pull skipped because another protocol wrote them in its own format (Kafka record batches), each also logged.",
+        "Batches a RocketMQ pull skipped because they are in a format nobody decodes (or a malformed Kafka batch), each also logged.",
+    ),
+    m(
+        "tributary_mapping_undeliverable_total",
+        Kind::Counter,
+        "Records read from a stream for MQTT subscribers or the queues bound to the stream's address that could not be delivered (undecodable batch, a session refusing), each logged (rate-limited); see docs/compat/mapping.md.",
     ),
     m(
         "tributary_rocketmq_delayed_messages_total",
