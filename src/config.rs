@@ -162,6 +162,10 @@ pub struct LoadArgs {
     /// default exchange); consumer j reads queue j % N, so --consumers must be at least N.
     #[arg(long, default_value_t = 0)]
     pub fanout: usize,
+    /// MQTT: the broker's Kafka address. The bench topic is then a Kafka topic MQTT
+    /// publishers publish to, read by --consumers members of one Kafka consumer group.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub kafka_consumers: Option<String>,
     /// Kafka acks: all, 1 or 0.
     #[arg(long, default_value = "all")]
     pub acks: String,
@@ -555,6 +559,18 @@ pub struct AmqpPermissionEntry {
     pub vhost: String,
 }
 
+/// An `[[mqtt_stream_rules]]` entry: MQTT publishes whose topic matches `filter` are
+/// appended to `stream` (made if missing), the topic as key; its records whose key matches
+/// reach MQTT subscribers on that topic (docs/compat/mapping.md, "Rules").
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MqttStreamRuleEntry {
+    pub filter: String,
+    pub stream: String,
+    /// Absent: the default namespace (Kafka's and MQTT's).
+    pub namespace: Option<String>,
+}
+
 /// The config file: the same keys as the flags, snake_case.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -641,6 +657,10 @@ pub struct FileConfig {
     /// MQTT topic access rules, first match wins (file only).
     #[serde(default)]
     pub mqtt_acl: Vec<AclEntry>,
+    /// MQTT filters mapped onto streams (file only; also the core API's bindings of the
+    /// address `$mqtt`).
+    #[serde(default)]
+    pub mqtt_stream_rules: Vec<MqttStreamRuleEntry>,
     /// AMQP vhosts clients may open (file only); default ["/"].
     pub amqp_vhosts: Option<Vec<String>>,
     /// Which user may open which AMQP vhost (file only).
@@ -820,6 +840,8 @@ pub struct Settings {
     pub amqp_tls_listen: Listen,
     pub amqp_vhosts: Vec<String>,
     pub amqp_permissions: Vec<tributary_gateway_amqp::Permission>,
+    /// (namespace, filter, stream) per `[[mqtt_stream_rules]]` entry.
+    pub mqtt_stream_rules: Vec<(String, String, String)>,
     pub sqs_listen: Listen,
     pub sqs: tributary_gateway_sqs::SqsConfig,
     pub rocketmq_listen: Listen,
@@ -1492,6 +1514,31 @@ impl Settings {
                 vhost: p.vhost.clone(),
             });
         }
+        let mut mqtt_stream_rules = Vec::new();
+        for (i, r) in f.mqtt_stream_rules.iter().enumerate() {
+            let what = format!("entry {}", i + 1);
+            if !tributary_gateway_mqtt::topic::valid_filter(&r.filter)
+                || r.filter.starts_with("$share/")
+            {
+                return Err(invalid(
+                    "mqtt_stream_rules",
+                    format!("{what}: filter {}", r.filter),
+                    "expected a topic filter such as sensors/#",
+                ));
+            }
+            if r.stream.is_empty() || r.stream.len() > 255 {
+                return Err(invalid(
+                    "mqtt_stream_rules",
+                    format!("{what}: stream {}", r.stream),
+                    "a stream name is 1 to 255 bytes",
+                ));
+            }
+            mqtt_stream_rules.push((
+                r.namespace.clone().unwrap_or_else(|| "default".into()),
+                r.filter.clone(),
+                r.stream.clone(),
+            ));
+        }
         let kafka_listen_default = default_listen(kafka_sasl, 9092);
         let mqtt_listen_default = default_listen(!mqtt_allow_anonymous, 1883);
         let mqtt_ws_listen_default = default_listen(!mqtt_allow_anonymous, 8083);
@@ -1559,6 +1606,7 @@ impl Settings {
             users,
             amqp_vhosts,
             amqp_permissions,
+            mqtt_stream_rules,
             amqp_tls_listen,
             data_dir,
             core_listen: listen!(core_listen, core_listen_default),

@@ -241,6 +241,7 @@ fn bench(what: BenchCommand) -> ExitCode {
         groups: args.groups,
         wait_seconds: args.wait,
         queue: args.queue.clone(),
+        kafka_consumers: args.kafka_consumers.clone(),
     };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;

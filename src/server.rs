@@ -67,6 +67,8 @@ pub enum StartError {
     Core(#[from] CoreError),
     #[error("{0}")]
     Unavailable(String),
+    #[error("mqtt_stream_rules: {0}")]
+    MqttStreamRule(String),
     #[error("{0}")]
     Connect(#[from] ConnectError),
     #[error("{0}")]
@@ -289,6 +291,11 @@ impl Server {
             ..CoreConfig::default()
         };
         let core = Core::open(log, meta, config).await?;
+        for (ns, filter, stream) in &settings.mqtt_stream_rules {
+            core.declare_mqtt_rule(ns, filter, stream)
+                .await
+                .map_err(|e| StartError::MqttStreamRule(format!("{filter} -> {stream}: {e}")))?;
+        }
         let (stop, _) = watch::channel(false);
         let connections = Connections::new();
         let ready = Arc::new(AtomicBool::new(false));

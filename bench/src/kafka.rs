@@ -453,3 +453,52 @@ async fn create_topic(opts: &BenchOptions, topic: &str) -> Result<(), BenchError
     }
     Ok(())
 }
+
+/// A Kafka consumer group reading a topic that another protocol's bench publishes to (MQTT
+/// publishers into a Kafka topic): the topic made, the group assigned every partition.
+pub(crate) struct GroupReaders {
+    members: Vec<Member>,
+    stop: Arc<AtomicBool>,
+    sink: Arc<Mutex<Sink>>,
+}
+
+impl GroupReaders {
+    /// `opts.consumers` members on `bootstrap`, in a fresh group.
+    pub(crate) async fn start(
+        opts: &BenchOptions,
+        bootstrap: &str,
+        topic: &str,
+        tally: &Arc<Tally>,
+    ) -> Result<Self, BenchError> {
+        let kafka = BenchOptions {
+            target: bootstrap.to_string(),
+            ..opts.clone()
+        };
+        create_topic(&kafka, topic).await?;
+        let sink = Arc::new(Mutex::new(tally.sink()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let members = start_consumers(
+            &kafka,
+            topic,
+            &format!("{topic}-group"),
+            tally,
+            &sink,
+            &stop,
+        )?;
+        wait_assigned(&kafka, &members, &stop).await?;
+        Ok(Self {
+            members,
+            stop,
+            sink,
+        })
+    }
+
+    /// Stops the members and adds their latencies to the tally.
+    pub(crate) fn finish(self, tally: &Tally) {
+        self.stop.store(true, Ordering::Release);
+        for m in self.members {
+            let _ = m.join();
+        }
+        tally.absorb(&self.sink.lock());
+    }
+}

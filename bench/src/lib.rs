@@ -92,6 +92,11 @@ pub struct BenchOptions {
     pub wait_seconds: u32,
     /// SQS: name of the queue the run creates and deletes (default: a fresh name per run).
     pub queue: Option<String>,
+    /// MQTT: Kafka bootstrap address of the same broker. The bench topic is then a Kafka
+    /// topic (created with `partitions`) that MQTT publishers publish to, and `consumers`
+    /// are one Kafka consumer group reading it (the cross-protocol IoT ingestion workload;
+    /// docs/compat/mapping.md).
+    pub kafka_consumers: Option<String>,
 }
 
 impl Default for BenchOptions {
@@ -124,6 +129,7 @@ impl Default for BenchOptions {
             groups: 4,
             wait_seconds: 20,
             queue: None,
+            kafka_consumers: None,
         }
     }
 }
@@ -175,8 +181,12 @@ impl BenchOptions {
         (0..self.consumers).filter(|j| j % self.topics == t).count()
     }
 
-    /// Copies of producer `p`'s messages that must arrive (one per consumer of its topic).
+    /// Copies of producer `p`'s messages that must arrive (one per consumer of its topic; one
+    /// when a Kafka consumer group reads).
     pub fn copies_for_producer(&self, p: usize) -> u64 {
+        if self.kafka_consumers.is_some() {
+            return 1;
+        }
         self.consumers_of_topic(p % self.topics) as u64
     }
 }

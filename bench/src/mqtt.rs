@@ -51,9 +51,18 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
         _ => QoS::ExactlyOnce,
     };
     let suffix = run_suffix();
-    let topics: Vec<String> = (0..opts.topics)
-        .map(|t| format!("tributary-bench/{suffix}/{t}"))
-        .collect();
+    if opts.kafka_consumers.is_some() && opts.topics != 1 {
+        return Err(BenchError::Invalid(
+            "--kafka-consumers reads one Kafka topic: --topics must be 1".into(),
+        ));
+    }
+    // A Kafka topic name has no '/'.
+    let topics: Vec<String> = match &opts.kafka_consumers {
+        Some(_) => vec![format!("tributary-bench-{suffix}")],
+        None => (0..opts.topics)
+            .map(|t| format!("tributary-bench/{suffix}/{t}"))
+            .collect(),
+    };
     let inflight = u16::try_from(opts.inflight.unwrap_or(INFLIGHT.into())).map_err(|_| {
         BenchError::Invalid("--inflight is at most 65535 for MQTT (packet ids)".into())
     })?;
@@ -93,8 +102,17 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     }
     drop(idle);
 
+    // Or a Kafka consumer group, assigned every partition before the first publish.
+    let group = match &opts.kafka_consumers {
+        Some(bootstrap) => {
+            report.protocol = "mqtt->kafka".into();
+            Some(crate::kafka::GroupReaders::start(opts, bootstrap, &topics[0], &tally).await?)
+        }
+        None => None,
+    };
+    let mqtt_subscribers = if group.is_some() { 0 } else { opts.consumers };
     // Subscribers are all acknowledged before the first publish, so none misses a message.
-    let mut subscribers = stream::iter(0..opts.consumers)
+    let mut subscribers = stream::iter(0..mqtt_subscribers)
         .map(|j| {
             let (opener, topic) = (&opener, &topics[j % topics.len()]);
             async move {
@@ -172,6 +190,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
 
     // Every loop disconnects within CLOSE_WAIT; the extra second covers scheduling. Loops still
     // running after that are aborted when `loops` drops; their sinks only held latencies.
+    if let Some(group) = group {
+        group.finish(&tally);
+    }
     let _ = stop_tx.send(true);
     let _ = tokio::time::timeout(CLOSE_WAIT + Duration::from_secs(1), async {
         while let Some(joined) = loops.join_next().await {

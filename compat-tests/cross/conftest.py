@@ -3,6 +3,7 @@ free loopback ports, from TRIBUTARY_BIN (scripts/compat.sh cross sets it).
 
 * ``tributary``: a private standalone server per test (a test may subscribe to ``#``, so no
   other test's topics may reach it); its ``addrs`` maps listener names to addresses.
+* ``make_tributary(config)``: the same with a config file of that TOML text.
 * ``uid``: a unique suffix for names.
 
 No reference broker exists for these scenarios: no other broker serves one store to several
@@ -26,13 +27,19 @@ def pytest_configure(config):
 
 
 class Tributary:
-    def __init__(self, workdir: pathlib.Path):
+    def __init__(self, workdir: pathlib.Path, config: str | None = None):
         binary = tributary_bin()
         flags = ("--kafka-listen", "--mqtt-listen", "--amqp-listen", "--sqs-listen")
+        workdir.mkdir(parents=True, exist_ok=True)
+        config_args = []
+        if config is not None:
+            path = workdir / "tributary.toml"
+            path.write_text(config)
+            config_args = ["--config", str(path)]
         self.process = ServerProcess(
             "tributary standalone",
             [
-                binary, "--data-dir", str(workdir / "data"),
+                binary, *config_args, "--data-dir", str(workdir / "data"),
                 *listeners_off(binary, *flags),
                 *[a for f in flags for a in (f, "127.0.0.1:0")],
             ],
@@ -63,6 +70,22 @@ def tributary(request, tmp_path):
     servers_of(request.node).append(t.process)
     yield t
     t.stop()
+
+
+@pytest.fixture
+def make_tributary(request, tmp_path):
+    """A private server with a config file: make_tributary(TOML TEXT)."""
+    made = []
+
+    def make(config: str) -> Tributary:
+        t = Tributary(tmp_path / f"t{len(made)}", config)
+        made.append(t)
+        servers_of(request.node).append(t.process)
+        return t
+
+    yield make
+    for t in made:
+        t.stop()
 
 
 @pytest.fixture

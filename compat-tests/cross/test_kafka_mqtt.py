@@ -170,3 +170,27 @@ def test_a_persistent_mqtt_session_gets_kafka_records_across_kill_9(tributary, u
     tributary.kill9_and_restart()
     sub = session()
     assert [m.payload for m in sub.wait_messages(2, timeout=30)] == [b"offline-1", b"offline-2"]
+
+
+def test_rules_map_mqtt_topic_levels_onto_one_kafka_topic(make_tributary, uid):
+    """[[mqtt_stream_rules]] sensors-UID/# -> stream sensors-UID: MQTT publishes under the
+    filter land in the one Kafka topic with their MQTT topic as key, and Kafka records whose
+    key is such a topic reach MQTT subscribers on it (IoT ingestion and commands back)."""
+    stream = f"sensors-{uid}"
+    t = make_tributary(f'[[mqtt_stream_rules]]\nfilter = "{stream}/#"\nstream = "{stream}"\n')
+    sub = mqtt_client(t, f"sub-{uid}")
+    sub.subscribe(f"{stream}/+/cmd", 1)
+    pub = mqtt_client(t, f"pub-{uid}", MQTTv311)
+    for room in ("r1", "r2"):
+        assert pub.publish(f"{stream}/{room}/temp", f"{room}-21.5".encode(), 1) == 0
+    records = consume(t, stream, 2)
+    assert sorted((r.key(), r.value()) for r in records) == [
+        (f"{stream}/r1/temp".encode(), b"r1-21.5"),
+        (f"{stream}/r2/temp".encode(), b"r2-21.5"),
+    ]
+    p = Producer({"bootstrap.servers": bootstrap(t)})
+    p.produce(stream, key=f"{stream}/r1/cmd", value="heat-on")
+    p.produce(stream, key="not-a-rule-topic", value="to-the-stream-name")
+    assert p.flush(30) == 0
+    msgs = sub.wait_messages(1, timeout=30)
+    assert [(m.topic, m.payload) for m in msgs] == [(f"{stream}/r1/cmd", b"heat-on")]

@@ -46,7 +46,7 @@ use tributary_storage::{LogStore, MetaStore};
 
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
-pub use router::StagedPublish;
+pub use router::{MQTT_RULES_ADDRESS, StagedPublish};
 pub use topic_streams::{RecordDecoder, RecordDecoders};
 
 use meta::NamespaceRecord;

@@ -107,19 +107,27 @@ impl Core {
         if topic.is_empty() {
             return Ok(false);
         }
-        let id = v1::StreamId::new(ns.to_string(), topic.to_string());
-        if self.stream(&id).is_err() {
+        let mut streams = self.rule_streams(ns, topic);
+        if self
+            .stream(&v1::StreamId::new(ns.to_string(), topic.to_string()))
+            .is_ok()
+        {
+            streams.insert(topic.to_string());
+        }
+        if streams.is_empty() {
             return Ok(false);
         }
         let mut record = record.clone();
         record.key = Bytes::copy_from_slice(topic.as_bytes());
-        self.deliver_to(
-            ns,
-            &crate::router::Target::Stream(topic.to_string()),
-            vec![record],
-            crate::queues::EnqueueMode::Internal,
-        )
-        .await?;
+        for stream in streams {
+            self.deliver_to(
+                ns,
+                &crate::router::Target::Stream(stream),
+                vec![record.clone()],
+                crate::queues::EnqueueMode::Internal,
+            )
+            .await?;
+        }
         Ok(true)
     }
 
@@ -195,9 +203,9 @@ impl Core {
                 Err(_) => return,
             },
         };
-        let mqtt = self.inner.config.mqtt_streams && topics::validate_name(&name).is_ok();
         let mut f = Forwarder {
-            mqtt,
+            mqtt: self.inner.config.mqtt_streams,
+            name_is_topic: topics::validate_name(&name).is_ok(),
             retry: false,
             core: self,
             ns,
@@ -251,8 +259,10 @@ impl Core {
 
 /// One partition's forwarder: where it is and what it has stored.
 struct Forwarder {
-    /// Whether the stream is also an MQTT topic (mapping on, a valid topic name).
+    /// Whether streams are MQTT topics (`mqtt_streams`).
     mqtt: bool,
+    /// Whether the stream's name is an MQTT topic name (records go to it by default).
+    name_is_topic: bool,
     /// Routing to the bound queues failed: the position stayed, try again.
     retry: bool,
     core: Core,
@@ -273,10 +283,26 @@ struct Forwarder {
 impl Forwarder {
     /// Who reads the stream now: (MQTT sessions, queues bound to its address).
     fn readers(&self) -> (bool, bool) {
+        let sessions = self.mqtt
+            && ((self.name_is_topic && self.core.has_subscribers(&self.ns, &self.name))
+                || !self.core.rule_filters_of(&self.ns, &self.name).is_empty());
         (
-            self.mqtt && self.core.has_subscribers(&self.ns, &self.name),
+            sessions,
             self.core.stream_address_bound(&self.ns, &self.name),
         )
+    }
+
+    /// The MQTT topic a record of the stream goes to: its key, when a rule leading to the
+    /// stream matches it; otherwise the stream's name, if that is a topic name.
+    fn topic_of(&self, record: &v1::Record, rule_filters: &[String]) -> Option<String> {
+        if !rule_filters.is_empty()
+            && let Ok(key) = std::str::from_utf8(&record.key)
+            && topics::validate_name(key).is_ok()
+            && rule_filters.iter().any(|f| topics::matches(f, key))
+        {
+            return Some(key.to_string());
+        }
+        self.name_is_topic.then(|| self.name.clone())
     }
 
     async fn save_position(&mut self) {
@@ -398,6 +424,7 @@ impl Forwarder {
     /// MQTT published were routed when published); whether it routed any.
     async fn route_to_sessions(&mut self, records: Vec<v1::Record>) -> bool {
         let mut routed = false;
+        let rule_filters = self.core.rule_filters_of(&self.ns, &self.name);
         for mut record in records {
             if record
                 .properties
@@ -406,8 +433,11 @@ impl Forwarder {
             {
                 continue;
             }
+            let Some(topic) = self.topic_of(&record, &rule_filters) else {
+                continue;
+            };
             let p = record.properties.get_or_insert_default();
-            p.address = self.name.clone();
+            p.address = topic;
             p.publish_address.clear();
             let message = v1::RoutedMessage {
                 record: Some(record),

@@ -489,3 +489,89 @@ async fn a_stream_is_an_address_that_appends_and_feeds_its_bound_queues() {
         .is_err()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rules_map_mqtt_filters_onto_a_stream_and_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    // The rule makes the stream; it is a binding of the rules' address, listed as one.
+    core.declare_mqtt_rule("", "sensors/#", "sensors")
+        .await
+        .unwrap();
+    core.declare_mqtt_rule("", "sensors/#", "sensors")
+        .await
+        .unwrap();
+    let rules = core.list_bindings("", tributary_core::MQTT_RULES_ADDRESS);
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].pattern, "sensors/#");
+    assert!(
+        core.declare_mqtt_rule("", "bad/#/filter", "x")
+            .await
+            .is_err()
+    );
+
+    let mut sub = Session::open(&core, "sub", 0).await;
+    sub.subscribe("sensors/+/temp").await;
+    let mut publisher = Session::open(&core, "pub", 0).await;
+    publisher.send(Command::Publish(v1::SessionPublish {
+        message: Some(v1::RoutedMessage {
+            record: Some(v1::Record {
+                value: Bytes::from_static(b"21.5"),
+                properties: Some(v1::SystemProperties {
+                    address: "sensors/room1/temp".into(),
+                    origin_protocol: "mqtt".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            qos: 1,
+            retain: false,
+        }),
+        packet_id: 1,
+    }));
+    assert!(matches!(publisher.next().await, Event::Published(_)));
+    assert_eq!(
+        sub.delivery().await.0,
+        "sensors/room1/temp",
+        "routed to the subscriber when published"
+    );
+    // Appended to the stream, the topic as key.
+    let fetched = core
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(sid("sensors")),
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait_ms: 0,
+            read_committed: false,
+        })
+        .await
+        .unwrap();
+    let stored = &fetched.partitions[0].batches[0].records[0];
+    assert_eq!(stored.key, Bytes::from_static(b"sensors/room1/temp"));
+
+    // Records appended by others go to the topic their key names, if a rule matches it.
+    let mut batch = records(&["22.0"]);
+    batch.records[0].key = Bytes::from_static(b"sensors/room2/temp");
+    append(&core, "sensors", batch).await;
+    let (topic, value, _) = sub.delivery().await;
+    assert_eq!(
+        (topic.as_str(), value.as_str()),
+        ("sensors/room2/temp", "22.0")
+    );
+
+    // The rule survives a reopen.
+    drop((sub, publisher));
+    core.shutdown().await.unwrap();
+    drop(core);
+    let core = open(dir.path()).await;
+    assert_eq!(
+        core.list_bindings("", tributary_core::MQTT_RULES_ADDRESS)
+            .len(),
+        1
+    );
+}

@@ -13,8 +13,11 @@
 //! Each address has its own lock; addresses, bindings and their kinds are in the metadata
 //! store, written before the call answers.
 
+mod mqtt_rules;
 pub(crate) mod pattern;
 mod stream_address;
+
+pub use mqtt_rules::MQTT_RULES_ADDRESS;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
