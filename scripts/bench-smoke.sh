@@ -60,9 +60,10 @@ EOF
 t_port=$(free_port)
 ta_port=$(free_port)
 ts_port=$(free_port)
+tk_port=$(free_port)
 mkdir -p "$work/tributary"
 "$bin" --data-dir "$work/tributary/data" --core-listen off --admin-listen off \
-    --kafka-listen off --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off \
+    --kafka-listen "127.0.0.1:$tk_port" --mqtt-listen "127.0.0.1:$t_port" --mqtt-ws-listen off \
     --amqp-listen "127.0.0.1:$ta_port" --sqs-listen "127.0.0.1:$ts_port" --log warn \
     > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
 t_pid=$!
@@ -85,6 +86,8 @@ for target in "$m" "$t"; do
     check "$name mqtt qos2 2x2" mqtt "$target" --producers 2 --consumers 2 --topics 2 --qos 2 --duration 2
     check "$name mqtt fan-out 1x50 + 50 idle" mqtt "$target" --producers 1 --consumers 50 --qos 1 --rate 100 --duration 2 --connections 50
 done
+# Across protocols (no reference broker): MQTT publishers into a Kafka topic, one group.
+check "tributary mqtt into kafka 4 publishers, group of 2" mqtt "$t" --producers 4 --consumers 2 --qos 1 --duration 2 --partitions 2 --kafka-consumers "127.0.0.1:$tk_port"
 ta="127.0.0.1:$ta_port"
 for target in "$r" "$ta"; do
     name=rabbitmq

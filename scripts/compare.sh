@@ -4,7 +4,7 @@
 # also stand against the disk's fsync'd bandwidth, ElasticMQ for SQS, Apache RocketMQ for
 # RocketMQ), A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
 #
-#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs,rocketmq] [--out DIR] [--quick]
+#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs,rocketmq,cross] [--out DIR] [--quick]
 #
 # Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing
 # and Apache Kafka's, ElasticMQ's and Apache RocketMQ's jars from Maven Central (needs java
@@ -12,7 +12,8 @@
 # Ctrl-C), and writes DIR/results.jsonl (one `tributary bench --json` report per line),
 # DIR/failures.txt, DIR/table.md and DIR/chart.svg (DIR defaults to target/compare/<date>).
 # A workload whose gateway Tributary does not have yet is run against the reference only and
-# marked so.
+# marked so. `cross` workloads (one protocol in, another out: MQTT publishers into a Kafka
+# topic read by a Kafka consumer group) run on Tributary only: no reference broker does it.
 # The table also has each broker's CPU time per delivered message (read from /proc for the
 # --broker-pid process, for RabbitMQ the Erlang VM from its pid file) and its ratio to
 # Tributary's: where the load generator shares the machine's cores, throughput ratios are
@@ -23,7 +24,7 @@ root="$(pwd)"
 
 rounds=3
 duration=10
-only="mqtt,amqp,kafka,sqs,rocketmq"
+only="mqtt,amqp,kafka,sqs,rocketmq,cross"
 out=""
 quick=0
 while [[ $# -gt 0 ]]; do
@@ -194,6 +195,12 @@ if wants rocketmq; then
     workloads+=("rocketmq-send-pull-4x2|rocketmq|--producers 4 --consumers 2 --partitions 8")
     workloads+=("rocketmq-send-pull-20k/s|rocketmq|--producers 4 --consumers 2 --partitions 8 --rate 20000")
 fi
+if wants cross; then
+    # IoT ingestion: 100 MQTT publishers (QoS 1) into one Kafka topic of 6 partitions, read
+    # by a consumer group of 4 (the topic is the stream; docs/compat/mapping.md).
+    workloads+=("mqtt-into-kafka-100x4|cross|--producers 100 --consumers 4 --qos 1 --partitions 6")
+    workloads+=("mqtt-into-kafka-100x4-10k/s|cross|--producers 100 --consumers 4 --qos 1 --partitions 6 --rate 10000")
+fi
 
 run_one() { # label protocol broker target pid flags...
     local label="$1" protocol="$2" broker="$3" target="$4" pid="$5"
@@ -259,6 +266,11 @@ for round in $(seq "$rounds"); do
                     printf '{"protocol":"disk","broker":"disk (dd fsync)","label":"%s","mb_per_sec":%s}\n' \
                         "$label" "$disk_mb" >> "$results"
                 fi ;;
+            cross)
+                tributary_start
+                run_one "$label" mqtt tributary "127.0.0.1:$t_mqtt" "$t_pid" $flags \
+                    --kafka-consumers "127.0.0.1:$t_kafka"
+                tributary_stop ;;
             rocketmq)
                 if has_gateway rocketmq-namesrv; then
                     tributary_start
