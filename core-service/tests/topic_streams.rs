@@ -99,6 +99,27 @@ impl Session {
             .unwrap()
     }
 
+    /// A QoS 1 publish from this (MQTT) session, acknowledged.
+    async fn publish(&mut self, topic: &str, payload: &str, packet_id: u32) {
+        self.send(Command::Publish(v1::SessionPublish {
+            message: Some(v1::RoutedMessage {
+                record: Some(v1::Record {
+                    value: Bytes::from(payload.to_string()),
+                    properties: Some(v1::SystemProperties {
+                        address: topic.into(),
+                        origin_protocol: "mqtt".into(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }),
+                qos: 1,
+                retain: false,
+            }),
+            packet_id,
+        }));
+        assert!(matches!(self.next().await, Event::Published(_)));
+    }
+
     async fn subscribe(&mut self, filter: &str) {
         self.send(Command::Subscribe(v1::SessionSubscribe {
             subscriptions: vec![v1::SessionSubscription {
@@ -137,6 +158,26 @@ async fn append(core: &Core, stream: &str, batch: v1::RecordBatch) {
     })
     .await
     .unwrap();
+}
+
+/// The first record of partition 0 of `stream` from `offset`.
+async fn first_record(core: &Core, stream: &str, offset: i64) -> v1::Record {
+    let fetched = core
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(sid(stream)),
+                partition: 0,
+                offset,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait_ms: 0,
+            read_committed: false,
+        })
+        .await
+        .unwrap();
+    fetched.partitions[0].batches[0].records[0].clone()
 }
 
 fn records(values: &[&str]) -> v1::RecordBatch {
@@ -207,41 +248,10 @@ async fn appended_records_reach_matching_sessions_and_publishes_reach_the_stream
 
     // A publish to the topic is appended (the topic as key) and delivered once.
     let mut publisher = Session::open(&core, "pub", 0).await;
-    publisher.send(Command::Publish(v1::SessionPublish {
-        message: Some(v1::RoutedMessage {
-            record: Some(v1::Record {
-                value: Bytes::from_static(b"from-mqtt"),
-                properties: Some(v1::SystemProperties {
-                    address: "plant/temps".into(),
-                    origin_protocol: "mqtt".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            qos: 1,
-            retain: false,
-        }),
-        packet_id: 1,
-    }));
-    assert!(matches!(publisher.next().await, Event::Published(_)));
+    publisher.publish("plant/temps", "from-mqtt", 1).await;
     let (_, value, _) = sub.delivery().await;
     assert_eq!(value, "from-mqtt");
-    let fetched = core
-        .fetch(v1::FetchRequest {
-            partitions: vec![v1::FetchPartition {
-                stream: Some(sid("plant/temps")),
-                partition: 0,
-                offset: 6,
-                max_bytes: 0,
-            }],
-            max_bytes: 1 << 20,
-            min_bytes: 0,
-            max_wait_ms: 0,
-            read_committed: false,
-        })
-        .await
-        .unwrap();
-    let stored = &fetched.partitions[0].batches[0].records[0];
+    let stored = first_record(&core, "plant/temps", 6).await;
     assert_eq!(stored.value, Bytes::from_static(b"from-mqtt"));
     assert_eq!(stored.key, Bytes::from_static(b"plant/temps"));
     // The next append shows the publish was not forwarded a second time.
@@ -249,22 +259,7 @@ async fn appended_records_reach_matching_sessions_and_publishes_reach_the_stream
     assert_eq!(sub.delivery().await.1, "f");
 
     // Topics with no stream route as before and append nothing.
-    publisher.send(Command::Publish(v1::SessionPublish {
-        message: Some(v1::RoutedMessage {
-            record: Some(v1::Record {
-                value: Bytes::from_static(b"plain"),
-                properties: Some(v1::SystemProperties {
-                    address: "plant/other".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            qos: 1,
-            retain: false,
-        }),
-        packet_id: 2,
-    }));
-    assert!(matches!(publisher.next().await, Event::Published(_)));
+    publisher.publish("plant/other", "plain", 2).await;
     assert_eq!(sub.delivery().await.0, "plant/other");
     assert!(core.describe_stream(&sid("plant/other")).await.is_err());
 }
@@ -513,45 +508,14 @@ async fn rules_map_mqtt_filters_onto_a_stream_and_back() {
     let mut sub = Session::open(&core, "sub", 0).await;
     sub.subscribe("sensors/+/temp").await;
     let mut publisher = Session::open(&core, "pub", 0).await;
-    publisher.send(Command::Publish(v1::SessionPublish {
-        message: Some(v1::RoutedMessage {
-            record: Some(v1::Record {
-                value: Bytes::from_static(b"21.5"),
-                properties: Some(v1::SystemProperties {
-                    address: "sensors/room1/temp".into(),
-                    origin_protocol: "mqtt".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            qos: 1,
-            retain: false,
-        }),
-        packet_id: 1,
-    }));
-    assert!(matches!(publisher.next().await, Event::Published(_)));
+    publisher.publish("sensors/room1/temp", "21.5", 1).await;
     assert_eq!(
         sub.delivery().await.0,
         "sensors/room1/temp",
         "routed to the subscriber when published"
     );
     // Appended to the stream, the topic as key.
-    let fetched = core
-        .fetch(v1::FetchRequest {
-            partitions: vec![v1::FetchPartition {
-                stream: Some(sid("sensors")),
-                partition: 0,
-                offset: 0,
-                max_bytes: 0,
-            }],
-            max_bytes: 1 << 20,
-            min_bytes: 0,
-            max_wait_ms: 0,
-            read_committed: false,
-        })
-        .await
-        .unwrap();
-    let stored = &fetched.partitions[0].batches[0].records[0];
+    let stored = first_record(&core, "sensors", 0).await;
     assert_eq!(stored.key, Bytes::from_static(b"sensors/room1/temp"));
 
     // Records appended by others go to the topic their key names, if a rule matches it.

@@ -101,6 +101,10 @@ pub async fn export(ctx: &Ctx, settings: &Settings) -> Result<(Value, Vec<String
                         "arguments": json_table(&args),
                     }));
                 }
+                None if kind == v1::AddressKind::Stream => notes.push(format!(
+                    "address {ns}/{}: a stream's own x-stream exchange (RabbitMQ has none): not exported, nor its bindings",
+                    a.name
+                )),
                 None => notes.push(format!(
                     "address {ns}/{}: an MQTT topic tree, no exchange: not exported",
                     a.name
