@@ -151,8 +151,8 @@ struct Inner {
     timer_locks: Vec<tokio::sync::Mutex<()>>,
     shutdown: watch::Sender<bool>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
-    /// The MQTT forwarders of stream partitions (topic_streams.rs): awaited at shutdown so
-    /// that each stores its last position.
+    /// The forwarders of stream partitions (topic_streams.rs): awaited at shutdown so that
+    /// each stores its last position.
     forwarders: Mutex<Vec<JoinHandle<()>>>,
 }
 
@@ -237,14 +237,21 @@ impl Core {
             // Returns once the task is gone, with the handle on the core it held.
             let _ = task.await;
         }
+        // Together, within one deadline: each may be storing its position in a metadata
+        // store that is gone.
         let forwarders: Vec<_> = self.inner.forwarders.lock().drain(..).collect();
-        for f in forwarders {
-            if tokio::time::timeout(Duration::from_secs(5), f)
-                .await
-                .is_err()
-            {
-                warn!("an MQTT forwarder did not stop within 5 s");
-            }
+        let count = forwarders.len();
+        if tokio::time::timeout(
+            Duration::from_secs(5),
+            futures::future::join_all(forwarders),
+        )
+        .await
+        .is_err()
+        {
+            warn!(
+                forwarders = count,
+                "the stream forwarders did not all stop within 5 s; a restart forwards again what they had not stored"
+            );
         }
         let handles: Vec<_> = self.inner.streams.read().values().cloned().collect();
         for stream in handles {

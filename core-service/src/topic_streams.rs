@@ -1,22 +1,25 @@
-//! MQTT topics and streams of the same name (docs/compat/mapping.md, "MQTT and streams").
+//! MQTT topics and streams of the same name, and the forwarder that carries a stream's
+//! records to its other readers (docs/compat/mapping.md).
 //!
 //! A stream is also an MQTT topic: a message routed to topic `T` of a namespace with a
-//! stream named `T` is appended to the stream (key = the topic, so one topic keeps its
+//! stream named `T` (or with a rule leading a filter that matches `T` to a stream,
+//! router/mqtt_rules.rs) is appended to the stream (key = the topic, so one topic keeps its
 //! order in one partition) before it reaches the sessions, and records appended to the
 //! stream by anything else (Kafka, AMQP, the core API, ...) reach the sessions whose
 //! filters match `T`, as QoS 1 messages on topic `T`.
 //!
 //! The second direction is a forwarder per partition: it waits for the partition's end to
-//! move, and when some session subscribes to a matching filter it reads what was appended
-//! (committed records only: open and aborted transactions are held back or skipped) and
-//! routes each record to the sessions. Records that MQTT itself published were routed when
-//! they were published and are skipped. With no matching subscriber it only moves its
-//! position, reading nothing, so streams no MQTT client listens to pay one wake-up per
-//! append.
+//! move, and when some session subscribes to a matching filter, or some queue is bound to
+//! the stream's address (router/stream_address.rs), it reads what was appended (committed
+//! records only: open and aborted transactions are held back or skipped) and routes each
+//! record to the sessions and the bound queues. Records that MQTT itself published were
+//! routed to the sessions when they were published and are not routed to them again. With
+//! no reader it only moves its position, reading nothing, so streams nobody reads this way
+//! pay one wake-up per append.
 //!
 //! Delivery is at least once across a crash: the position is stored in the metadata
-//! store after the records it passes were queued for their sessions (and at most every
-//! [`SKIP_COMMIT_EVERY`] while it only skips), so a crash re-routes at most what was
+//! store after the records it passes were queued for their sessions and queues (and at most
+//! every [`SKIP_COMMIT_EVERY`] while it only skips), so a crash re-routes at most what was
 //! routed since the last store.
 //!
 //! Opaque batches (Kafka's, kept byte for byte) are turned into records by the decoder the
@@ -39,8 +42,8 @@ use crate::meta;
 use crate::streams::{PartitionState, StreamHandle};
 use crate::{Core, topics};
 
-/// Metadata key of a forwarder's position: `mqttfwd/<stream id>\0<partition>`.
-const FORWARD_KEY: &str = "mqttfwd";
+/// Metadata key of a forwarder's position: `streamfwd/<stream id>\0<partition>`.
+const FORWARD_KEY: &str = "streamfwd";
 /// How often a forwarder that only skips (no subscriber) stores its position at most.
 const SKIP_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// How often a forwarder logs records it could not deliver at most.
@@ -191,7 +194,7 @@ impl Core {
         let stored = match self.inner.meta.get(&pos_key).await {
             Ok(v) => v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok()),
             Err(e) => {
-                warn!(stream = %name, partition = key.partition, error = %e, "MQTT forwarder: cannot read its position; this partition is not forwarded");
+                warn!(stream = %name, partition = key.partition, error = %e, "stream forwarder: cannot read its position; this partition is not forwarded");
                 return;
             }
         };
@@ -223,7 +226,7 @@ impl Core {
             // next start begin past them.
             f.save_position().await;
         }
-        debug!(stream = %f.name, partition = key.partition, from = f.pos, "MQTT forwarder started");
+        debug!(stream = %f.name, partition = key.partition, from = f.pos, "stream forwarder started");
         loop {
             end.borrow_and_update();
             if *f.core.inner.shutdown.borrow() {
@@ -233,7 +236,8 @@ impl Core {
                 let _ = f.core.inner.meta.delete(&f.pos_key).await;
                 return;
             }
-            let routed = if f.readers().0 || f.readers().1 {
+            let (sessions, queues) = f.readers();
+            let routed = if sessions || queues {
                 f.forward_available().await
             } else {
                 f.skip_to_stable().await;
@@ -246,7 +250,14 @@ impl Core {
             // without waiting for an append.
             let again = f.pos != f.saved || f.retry;
             tokio::select! {
-                _ = end.changed() => {}
+                changed = end.changed() => {
+                    // The partition's log is gone (its stream deleted): the check above ends
+                    // the forwarder on the next turn; anything else stops it here.
+                    if changed.is_err() && f.core.forwards_live_partition(&f.ns, &f.name, key) {
+                        warn!(stream = %f.name, partition = key.partition, "stream forwarder: the partition's end can no longer be watched; stopping");
+                        break;
+                    }
+                }
                 _ = shutdown.changed() => {}
                 _ = tokio::time::sleep(SKIP_COMMIT_EVERY), if again => {}
             }
@@ -319,7 +330,7 @@ impl Forwarder {
                 self.saved_at = Instant::now();
             }
             Err(e) => {
-                warn!(stream = %self.name, error = %e, "MQTT forwarder: cannot store its position")
+                warn!(stream = %self.name, error = %e, "stream forwarder: cannot store its position")
             }
         }
     }
@@ -331,7 +342,7 @@ impl Forwarder {
                 let stable = self.part.txns.lock().last_stable_offset(b.end_offset);
                 self.pos = self.pos.max(stable.min(b.end_offset));
             }
-            Err(e) => debug!(stream = %self.name, error = %e, "MQTT forwarder: bounds"),
+            Err(e) => debug!(stream = %self.name, error = %e, "stream forwarder: bounds"),
         }
     }
 
@@ -345,7 +356,7 @@ impl Forwarder {
                 partition = self.part.key.partition,
                 records = self.unlogged,
                 reason = why,
-                "MQTT forwarder: records not delivered to MQTT subscribers (at most one line every {} s; all counted in tributary_mapping_undeliverable_total)",
+                "stream forwarder: records not delivered to MQTT subscribers (at most one line every {} s; all counted in tributary_mapping_undeliverable_total)",
                 WARN_EVERY.as_secs()
             );
             self.warned_at = Some(Instant::now());
