@@ -228,7 +228,8 @@ impl Core {
         }
         debug!(stream = %f.name, partition = key.partition, from = f.pos, "stream forwarder started");
         loop {
-            end.borrow_and_update();
+            // The durable end offset: what a reader may be given, what the skip passes over.
+            let end_offset = *end.borrow_and_update();
             if *f.core.inner.shutdown.borrow() {
                 break;
             }
@@ -240,7 +241,7 @@ impl Core {
             let routed = if sessions || queues {
                 f.forward_available().await
             } else {
-                f.skip_to_stable().await;
+                f.skip_to_stable(end_offset);
                 false
             };
             if f.pos != f.saved && (routed || f.saved_at.elapsed() >= SKIP_COMMIT_EVERY) {
@@ -296,7 +297,7 @@ impl Forwarder {
     fn readers(&self) -> (bool, bool) {
         let sessions = self.mqtt
             && ((self.name_is_topic && self.core.has_subscribers(&self.ns, &self.name))
-                || !self.core.rule_filters_of(&self.ns, &self.name).is_empty());
+                || self.core.has_rules_for(&self.ns, &self.name));
         (
             sessions,
             self.core.stream_address_bound(&self.ns, &self.name),
@@ -335,15 +336,10 @@ impl Forwarder {
         }
     }
 
-    /// No subscriber: passes over what is committed without reading it.
-    async fn skip_to_stable(&mut self) {
-        match self.core.inner.log.bounds(self.part.key).await {
-            Ok(b) => {
-                let stable = self.part.txns.lock().last_stable_offset(b.end_offset);
-                self.pos = self.pos.max(stable.min(b.end_offset));
-            }
-            Err(e) => debug!(stream = %self.name, error = %e, "stream forwarder: bounds"),
-        }
+    /// No reader: passes over what is committed below the durable `end` without reading it.
+    fn skip_to_stable(&mut self, end: i64) {
+        let stable = self.part.txns.lock().last_stable_offset(end);
+        self.pos = self.pos.max(stable);
     }
 
     /// Counts undeliverable records and logs them, one line per [`WARN_EVERY`] at most.

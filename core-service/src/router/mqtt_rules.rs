@@ -81,6 +81,17 @@ impl Core {
         out
     }
 
+    /// Whether a rule of `ns` leads to `stream` (asked on every append to it).
+    pub(crate) fn has_rules_for(&self, ns: &str, stream: &str) -> bool {
+        self.address(ns, MQTT_RULES_ADDRESS).is_ok_and(|a| {
+            a.bindings
+                .read()
+                .all
+                .iter()
+                .any(|b| matches!(&b.target, Target::Stream(s) if s == stream))
+        })
+    }
+
     /// The filters of the rules of `ns` that lead to `stream`.
     pub(crate) fn rule_filters_of(&self, ns: &str, stream: &str) -> Vec<String> {
         let Ok(a) = self.address(ns, MQTT_RULES_ADDRESS) else {
