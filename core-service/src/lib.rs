@@ -16,6 +16,7 @@
 //! for client-side rebalancing, RocketMQ).
 
 mod acls;
+mod delay_lines;
 pub mod error;
 mod groups;
 pub mod grpc;

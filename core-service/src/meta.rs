@@ -118,6 +118,9 @@ pub struct StreamSettings {
     /// The storage backend asked for at creation (the one used is `StreamRecord::backend`).
     #[serde(default)]
     pub storage: Option<String>,
+    /// The stream this one is a delay line for (`StreamConfig.delay_target`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay_target: Option<String>,
 }
 
 impl StreamSettings {
@@ -129,6 +132,7 @@ impl StreamSettings {
             cleanup_policy: c.cleanup_policy.clone(),
             extra: c.extra.clone().into_iter().collect(),
             storage: c.storage.clone(),
+            delay_target: c.delay_target.clone(),
         }
     }
 
@@ -150,6 +154,10 @@ impl StreamSettings {
             return Err(CoreError::InvalidConfig(format!(
                 "max_message_bytes must be 1..=1073741824, got {v}"
             )));
+        }
+        if let Some(target) = &self.delay_target {
+            validate_name("delay target", target)
+                .map_err(|e| CoreError::InvalidConfig(e.to_string()))?;
         }
         match self.cleanup_policy.as_deref() {
             None | Some("delete") => Ok(()),

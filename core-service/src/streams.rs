@@ -436,6 +436,7 @@ impl Core {
                 Err(CoreError::StreamExists(stream_label(&id)))
             };
         }
+        self.check_delay_target(&ns, &name, &settings)?;
         if validate_only {
             let record = StreamRecord {
                 namespace: ns,
@@ -559,6 +560,7 @@ impl Core {
                 cleanup_policy: Some(eff.cleanup_policy),
                 extra: r.settings.extra.clone().into_iter().collect(),
                 storage: r.backend.clone(),
+                delay_target: r.settings.delay_target.clone(),
             }),
             created_at_ms: r.created_at_ms,
             partition_info: Vec::new(),
@@ -568,6 +570,7 @@ impl Core {
                 ("max_message_bytes", r.settings.max_message_bytes.is_some()),
                 ("cleanup_policy", r.settings.cleanup_policy.is_some()),
                 ("storage", r.settings.storage.is_some()),
+                ("delay_target", r.settings.delay_target.is_some()),
             ]
             .into_iter()
             .filter(|(_, set)| *set)
@@ -667,6 +670,7 @@ impl Core {
                 "retention_bytes" => settings.retention_bytes = None,
                 "max_message_bytes" => settings.max_message_bytes = None,
                 "cleanup_policy" => settings.cleanup_policy = None,
+                "delay_target" => settings.delay_target = None,
                 "storage" => {
                     return Err(CoreError::InvalidConfig(
                         "storage is chosen when a stream is created and cannot be reset".into(),
@@ -689,6 +693,7 @@ impl Core {
         settings.max_message_bytes = set.max_message_bytes.or(settings.max_message_bytes);
         settings.cleanup_policy = set.cleanup_policy.or(settings.cleanup_policy);
         settings.extra.extend(set.extra);
+        settings.delay_target = set.delay_target.or(settings.delay_target);
         if let Some(storage) = set.storage
             && Some(&storage) != old.backend.as_ref()
         {
@@ -698,6 +703,7 @@ impl Core {
             )));
         }
         settings.validate()?;
+        self.check_delay_target(&old.namespace, &old.name, &settings)?;
         if validate_only {
             let mut info = self.describe_handle(&handle).await?;
             info.config = self
@@ -709,8 +715,13 @@ impl Core {
             settings,
             ..old.clone()
         };
+        let becomes_delay_line =
+            old.settings.delay_target.is_none() && new.settings.delay_target.is_some();
         self.save_stream_record(&old, &new).await?;
         *handle.record.write() = new;
+        if becomes_delay_line {
+            self.start_delay_line(&handle).await?;
+        }
         self.describe_handle(&handle).await
     }
 

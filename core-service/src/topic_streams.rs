@@ -37,6 +37,7 @@ use tracing::{debug, warn};
 use tributary_proto::v1;
 use tributary_storage::PartitionKey;
 
+use crate::delay_lines::DelayedRecord;
 use crate::error::{CoreError, CoreResult};
 use crate::meta;
 use crate::streams::{PartitionState, StreamHandle};
@@ -44,6 +45,8 @@ use crate::{Core, topics};
 
 /// Metadata key of a forwarder's position: `streamfwd/<stream id>\0<partition>`.
 const FORWARD_KEY: &str = "streamfwd";
+/// Metadata key of a delay line's position (delay_lines.rs): `streamdelay/<id>\0<partition>`.
+const DELAY_KEY: &str = "streamdelay";
 /// How often a forwarder that only skips (no subscriber) stores its position at most.
 const SKIP_COMMIT_EVERY: Duration = Duration::from_secs(1);
 /// How often a forwarder logs records it could not deliver at most.
@@ -82,9 +85,22 @@ impl fmt::Debug for RecordDecoders {
     }
 }
 
-fn position_key(key: PartitionKey) -> Vec<u8> {
+/// What a partition's forwarder does with the records it reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Role {
+    /// Routes them to MQTT sessions and to the queues bound to the stream's address.
+    Readers,
+    /// Schedules them for the stream's delay target (delay_lines.rs).
+    DelayLine,
+}
+
+fn position_key(role: Role, key: PartitionKey) -> Vec<u8> {
+    let prefix = match role {
+        Role::Readers => FORWARD_KEY,
+        Role::DelayLine => DELAY_KEY,
+    };
     meta::key(
-        FORWARD_KEY,
+        prefix,
         &[&key.stream_id.to_string(), &key.partition.to_string()],
     )
 }
@@ -152,22 +168,67 @@ impl Core {
         new: bool,
     ) {
         let config = &self.inner.config;
-        if !config.mqtt_streams && !config.stream_exchanges {
-            return;
+        let mut roles = Vec::new();
+        if config.mqtt_streams || config.stream_exchanges {
+            roles.push(Role::Readers);
         }
+        let (ns, name, delay_line) = {
+            let r = handle.record.read();
+            (
+                r.namespace.clone(),
+                r.name.clone(),
+                r.settings.delay_target.is_some(),
+            )
+        };
+        if delay_line {
+            roles.push(Role::DelayLine);
+        }
+        self.spawn_forwarders(handle, &ns, &name, first, new, &roles);
+    }
+
+    /// Starts a stream's delay-line forwarders when its config has just made it one: they
+    /// begin at the end as it is now (what was appended before was not promised a delay),
+    /// stored before this returns so that an append right after is not passed over.
+    pub(crate) async fn start_delay_line(&self, handle: &Arc<StreamHandle>) -> CoreResult<()> {
         let (ns, name) = {
             let r = handle.record.read();
             (r.namespace.clone(), r.name.clone())
         };
+        for part in handle.partitions() {
+            let key = position_key(Role::DelayLine, part.key);
+            if self.inner.meta.get(&key).await?.is_none() {
+                let end = self.inner.log.bounds(part.key).await?.end_offset;
+                self.inner
+                    .meta
+                    .put(&key, end.to_string().as_bytes())
+                    .await?;
+            }
+        }
+        self.spawn_forwarders(handle, &ns, &name, 0, false, &[Role::DelayLine]);
+        Ok(())
+    }
+
+    fn spawn_forwarders(
+        &self,
+        handle: &Arc<StreamHandle>,
+        ns: &str,
+        name: &str,
+        first: u32,
+        new: bool,
+        roles: &[Role],
+    ) {
         let mut tasks = self.inner.forwarders.lock();
         tasks.retain(|t| !t.is_finished());
         for part in handle.partitions().into_iter().skip(first as usize) {
-            tasks.push(tokio::spawn(self.clone().forward_partition(
-                ns.clone(),
-                name.clone(),
-                part,
-                new,
-            )));
+            for role in roles {
+                tasks.push(tokio::spawn(self.clone().forward_partition(
+                    ns.to_string(),
+                    name.to_string(),
+                    part.clone(),
+                    new,
+                    *role,
+                )));
+            }
         }
     }
 
@@ -184,13 +245,14 @@ impl Core {
         name: String,
         part: Arc<PartitionState>,
         new: bool,
+        role: Role,
     ) {
         let key = part.key;
         let Ok(mut end) = self.inner.log.watch_end(key) else {
             return;
         };
         let mut shutdown = self.inner.shutdown.subscribe();
-        let pos_key = position_key(key);
+        let pos_key = position_key(role, key);
         let stored = match self.inner.meta.get(&pos_key).await {
             Ok(v) => v.and_then(|v| std::str::from_utf8(&v).ok()?.parse::<i64>().ok()),
             Err(e) => {
@@ -207,6 +269,7 @@ impl Core {
             },
         };
         let mut f = Forwarder {
+            role,
             mqtt: self.inner.config.mqtt_streams,
             name_is_topic: topics::validate_name(&name).is_ok(),
             retry: false,
@@ -226,7 +289,7 @@ impl Core {
             // next start begin past them.
             f.save_position().await;
         }
-        debug!(stream = %f.name, partition = key.partition, from = f.pos, "stream forwarder started");
+        debug!(stream = %f.name, partition = key.partition, from = f.pos, role = ?role, "stream forwarder started");
         loop {
             // The durable end offset: what a reader may be given, what the skip passes over.
             let end_offset = *end.borrow_and_update();
@@ -237,12 +300,24 @@ impl Core {
                 let _ = f.core.inner.meta.delete(&f.pos_key).await;
                 return;
             }
-            let (sessions, queues) = f.readers();
-            let routed = if sessions || queues {
-                f.forward_available().await
-            } else {
-                f.skip_to_stable(end_offset);
-                false
+            let routed = match role {
+                Role::Readers => {
+                    let (sessions, queues) = f.readers();
+                    if sessions || queues {
+                        f.forward_available().await
+                    } else {
+                        f.skip_to_stable(end_offset);
+                        false
+                    }
+                }
+                Role::DelayLine => match f.core.delay_target_of(&f.ns, &f.name) {
+                    Some(target) => f.schedule_available(&target).await,
+                    None => {
+                        // No longer a delay line: what it held is scheduled already.
+                        let _ = f.core.inner.meta.delete(&f.pos_key).await;
+                        return;
+                    }
+                },
             };
             if f.pos != f.saved && (routed || f.saved_at.elapsed() >= SKIP_COMMIT_EVERY) {
                 f.save_position().await;
@@ -271,6 +346,7 @@ impl Core {
 
 /// One partition's forwarder: where it is and what it has stored.
 struct Forwarder {
+    role: Role,
     /// Whether streams are MQTT topics (`mqtt_streams`).
     mqtt: bool,
     /// Whether the stream's name is an MQTT topic name (records go to it by default).
@@ -352,7 +428,11 @@ impl Forwarder {
                 partition = self.part.key.partition,
                 records = self.unlogged,
                 reason = why,
-                "stream forwarder: records not delivered to MQTT subscribers (at most one line every {} s; all counted in tributary_mapping_undeliverable_total)",
+                "stream forwarder: records not delivered {} (at most one line every {} s; all counted in tributary_mapping_undeliverable_total)",
+                match self.role {
+                    Role::Readers => "to MQTT subscribers or bound queues",
+                    Role::DelayLine => "to the delay target",
+                },
                 WARN_EVERY.as_secs()
             );
             self.warned_at = Some(Instant::now());
@@ -423,6 +503,100 @@ impl Forwarder {
             }
             if !progressed || self.pos >= stable {
                 return routed;
+            }
+        }
+    }
+
+    /// Schedules the committed records from the position to the last stable offset for
+    /// the delay target, storing the position with them; whether it scheduled any.
+    async fn schedule_available(&mut self, target: &str) -> bool {
+        self.retry = false;
+        let mut scheduled = false;
+        loop {
+            let read = self
+                .core
+                .read_partition(&self.part, self.pos, READ_BYTES, true)
+                .await;
+            let (bounds, batches) = match read {
+                Ok(r) => r,
+                Err(CoreError::OffsetOutOfRange { start, .. }) if self.pos < start => {
+                    self.pos = start;
+                    continue;
+                }
+                Err(e) => {
+                    self.undeliverable(0, &format!("read failed ({e}); retried"));
+                    self.retry = true;
+                    return scheduled;
+                }
+            };
+            let stable = self.part.txns.lock().last_stable_offset(bounds.end_offset);
+            let mut progressed = false;
+            for batch in batches {
+                if batch.base_offset >= stable {
+                    break;
+                }
+                let next = batch.base_offset + i64::from(batch.record_count.max(1));
+                if next <= self.pos {
+                    continue;
+                }
+                let records: Vec<DelayedRecord> = self
+                    .records_of(&batch)
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, mut record)| {
+                        if record.timestamp_ms <= 0 {
+                            record.timestamp_ms = batch.append_time_ms;
+                        }
+                        DelayedRecord {
+                            offset: batch.base_offset + i as i64,
+                            record,
+                        }
+                    })
+                    // A crash between two of a batch's transactions stored a position
+                    // inside it: what is below was scheduled.
+                    .filter(|d| d.offset >= self.pos)
+                    .collect();
+                let result = self
+                    .core
+                    .schedule_delayed(
+                        &self.ns,
+                        self.part.key,
+                        target,
+                        records,
+                        next,
+                        &self.pos_key,
+                    )
+                    .await;
+                match result {
+                    Ok(()) => {
+                        self.pos = next;
+                        self.saved = next;
+                        self.saved_at = Instant::now();
+                        progressed = true;
+                        scheduled = true;
+                    }
+                    Err(CoreError::Conflict(_)) => {
+                        // Another forwarder of this partition (a config set again) got
+                        // there first: go on from the position it stored.
+                        if let Ok(Some(v)) = self.core.inner.meta.get(&self.pos_key).await
+                            && let Some(p) =
+                                std::str::from_utf8(&v).ok().and_then(|v| v.parse().ok())
+                        {
+                            self.pos = p;
+                            self.saved = p;
+                        }
+                        self.retry = true;
+                        return scheduled;
+                    }
+                    Err(e) => {
+                        self.undeliverable(0, &format!("delayed records held: {e}; retried"));
+                        self.retry = true;
+                        return scheduled;
+                    }
+                }
+            }
+            if !progressed || self.pos >= stable {
+                return scheduled;
             }
         }
     }

@@ -539,3 +539,168 @@ async fn rules_map_mqtt_filters_onto_a_stream_and_back() {
         1
     );
 }
+
+fn delayed(values: &[(&str, i64)]) -> v1::RecordBatch {
+    v1::RecordBatch {
+        records: values
+            .iter()
+            .map(|(v, at)| v1::Record {
+                key: Bytes::from(v.to_string()),
+                value: Bytes::from(v.to_string()),
+                properties: Some(v1::SystemProperties {
+                    deliver_at_ms: *at,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// The values of partition `p` of `stream` from `from`, waiting (long polls) until `want`
+/// are there or 20 s have passed.
+async fn values_of(core: &Core, stream: &str, p: u32, from: i64, want: usize) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut out = Vec::new();
+    let mut offset = from;
+    while out.len() < want && std::time::Instant::now() < deadline {
+        let fetched = core
+            .fetch(v1::FetchRequest {
+                partitions: vec![v1::FetchPartition {
+                    stream: Some(sid(stream)),
+                    partition: p,
+                    offset,
+                    max_bytes: 0,
+                }],
+                max_bytes: 1 << 20,
+                min_bytes: 1,
+                max_wait_ms: 500,
+                read_committed: false,
+            })
+            .await
+            .unwrap();
+        for b in &fetched.partitions[0].batches {
+            for r in &b.records {
+                out.push(String::from_utf8_lossy(&r.value).into_owned());
+            }
+            offset = b.base_offset + i64::from(b.record_count.max(b.records.len() as u32));
+        }
+    }
+    out
+}
+
+fn delay_line_to(target: &str) -> tributary_core::meta::StreamSettings {
+    tributary_core::meta::StreamSettings {
+        delay_target: Some(target.into()),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delay_line_appends_to_its_target_when_due_exactly_once_across_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let due;
+    {
+        let core = open(dir.path()).await;
+        core.create_stream(sid("orders"), 2, Default::default(), false, false)
+            .await
+            .unwrap();
+        core.create_stream(
+            sid("orders.later"),
+            2,
+            delay_line_to("orders"),
+            false,
+            false,
+        )
+        .await
+        .unwrap();
+        // Loops and chains are refused when declared.
+        for (name, settings) in [
+            ("self", delay_line_to("self")),
+            ("chain", delay_line_to("orders.later")),
+        ] {
+            let e = core
+                .create_stream(sid(name), 1, settings, false, false)
+                .await
+                .unwrap_err();
+            assert!(e.to_string().contains("delay"), "{e}");
+        }
+        let e = core
+            .update_stream_config(&sid("orders"), delay_line_to("x"), &[], false)
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("delay target of 'orders.later'"),
+            "{e}"
+        );
+
+        // Records due later, interleaved with records due at once, in partition 1.
+        due = now_ms() + 4_000;
+        core.append(v1::AppendRequest {
+            stream: Some(sid("orders.later")),
+            partition: 1,
+            batch: Some(delayed(&[("a", due), ("b", 0), ("c", due), ("d", 0)])),
+            auto_create: false,
+        })
+        .await
+        .unwrap();
+        // Those due at once arrive first, in order, in the same partition of the target.
+        assert_eq!(values_of(&core, "orders", 1, 0, 2).await, ["b", "d"]);
+        assert!(now_ms() < due, "the test machine was too slow to tell");
+        let nothing_yet = core
+            .fetch(v1::FetchRequest {
+                partitions: vec![v1::FetchPartition {
+                    stream: Some(sid("orders")),
+                    partition: 1,
+                    offset: 2,
+                    max_bytes: 0,
+                }],
+                max_bytes: 1 << 20,
+                min_bytes: 0,
+                max_wait_ms: 0,
+                read_committed: false,
+            })
+            .await
+            .unwrap();
+        assert!(nothing_yet.partitions[0].batches.is_empty());
+        core.shutdown().await.unwrap();
+    }
+    // The delayed ones survive the restart and arrive once, not before they are due.
+    let core = open(dir.path()).await;
+    assert_eq!(values_of(&core, "orders", 1, 2, 2).await, ["a", "c"]);
+    assert!(now_ms() >= due);
+    // A sentinel through the same line: nothing was scheduled twice.
+    core.append(v1::AppendRequest {
+        stream: Some(sid("orders.later")),
+        partition: 1,
+        batch: Some(delayed(&[("end", 0)])),
+        auto_create: false,
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        values_of(&core, "orders", 1, 0, 5).await,
+        ["b", "d", "a", "c", "end"]
+    );
+    assert!(values_of(&core, "orders", 0, 0, 0).await.is_empty());
+
+    // A stream made a delay line later begins with what is appended from then on.
+    core.create_stream(sid("plain"), 1, Default::default(), false, false)
+        .await
+        .unwrap();
+    append(&core, "plain", delayed(&[("before", 0)])).await;
+    core.update_stream_config(&sid("plain"), delay_line_to("orders"), &[], false)
+        .await
+        .unwrap();
+    append(&core, "plain", delayed(&[("after", 0)])).await;
+    assert_eq!(values_of(&core, "orders", 0, 0, 1).await, ["after"]);
+    core.shutdown().await.unwrap();
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}

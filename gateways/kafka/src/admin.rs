@@ -5,7 +5,8 @@
 //! core's stream configs and take effect. Configs about replicas, segments and flushing have
 //! no meaning here (storage is the core's, durable at every ack); they are accepted, stored
 //! and described back so that scripts written for Kafka keep working. `remote.storage.enable`
-//! chooses the stream's log store backend at creation (see [`REMOTE_STORAGE`]). Anything
+//! chooses the stream's log store backend at creation (see [`REMOTE_STORAGE`]);
+//! `tributary.delay.target.topic` makes the topic a delay line (see [`DELAY_TARGET`]). Anything
 //! else, and values the gateway cannot honour, get INVALID_CONFIG.
 
 use std::collections::HashMap;
@@ -117,6 +118,12 @@ const KEPT: &[(&str, &str, i8)] = &[
 /// creation only: Tributary moves no data between backends, so changing it is refused.
 const REMOTE_STORAGE: &str = "remote.storage.enable";
 const OBJECT_BACKEND: &str = "opendal";
+
+/// Makes the topic a delay line for the topic it names: records produced to it are
+/// appended to that topic at the time their `tributary.deliver-at-ms` or
+/// `tributary.delay-ms` header asks (docs/compat/mapping.md). Tributary's own config; the
+/// core refuses a target that is itself a delay line.
+const DELAY_TARGET: &str = "tributary.delay.target.topic";
 const LOCAL_BACKEND: &str = "local";
 
 /// The values Kafka's topic `compression.type` takes (case-sensitive, as in Kafka).
@@ -166,6 +173,10 @@ fn apply_config(cfg: &mut v1::StreamConfig, name: &str, value: &str) -> Result<(
             parts.dedup();
             cfg.cleanup_policy = Some(parts.join(","));
         }
+        DELAY_TARGET if value.trim().is_empty() => {
+            return Err(ConfigError(format!("{name} must name a topic")));
+        }
+        DELAY_TARGET => cfg.delay_target = Some(value.trim().to_string()),
         REMOTE_STORAGE => {
             let remote = match value.trim().to_ascii_lowercase().as_str() {
                 "true" => true,
@@ -551,6 +562,18 @@ fn topic_configs(info: &v1::StreamInfo) -> Vec<DescribeConfigsResourceResult> {
         TYPE_BOOLEAN,
         false,
     ));
+    let delay_source = if info.explicit_configs.iter().any(|e| e == "delay_target") {
+        SOURCE_DYNAMIC_TOPIC
+    } else {
+        SOURCE_DEFAULT
+    };
+    out.push(entry(
+        DELAY_TARGET,
+        cfg.delay_target.clone().unwrap_or_default(),
+        delay_source,
+        TYPE_STRING,
+        false,
+    ));
     for (name, default, ty) in KEPT {
         match cfg.extra.get(*name) {
             Some(v) => out.push(entry(name, v.clone(), SOURCE_DYNAMIC_TOPIC, *ty, false)),
@@ -711,6 +734,7 @@ async fn alter_topic(
                 }
                 None if FIXED.iter().any(|(n, _, _)| *n == name) => {}
                 None if name == REMOTE_STORAGE => reset.push("storage".into()),
+                None if name == DELAY_TARGET => reset.push("delay_target".into()),
                 None => {
                     return Err((
                         K::InvalidConfig.code(),
@@ -780,6 +804,9 @@ pub(crate) async fn alter_configs(
                     if !named.contains(name) {
                         changes.push(Change::Reset(name.to_string()));
                     }
+                }
+                if !named.contains(&DELAY_TARGET) {
+                    changes.push(Change::Reset(DELAY_TARGET.to_string()));
                 }
                 alter_topic(gw, r.resource_name.as_str(), changes, req.validate_only).await
             }

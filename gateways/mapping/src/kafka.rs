@@ -7,6 +7,13 @@
 //! | headers, in order | `headers` (a null value becomes empty) |
 //! | timestamp (create or log-append time) | `timestamp_ms` |
 //! | - | `properties.origin_protocol = "kafka"` |
+//! | header `tributary.deliver-at-ms` (decimal ms since the epoch) | `properties.deliver_at_ms` |
+//! | header `tributary.delay-ms` (decimal ms after the record's timestamp) | `properties.deliver_at_ms` |
+//!
+//! The delivery-time headers are kept as they are and only mean something on a delay line
+//! (a topic with `tributary.delay.target.topic`, docs/compat/mapping.md). A value that is
+//! not a decimal number is ignored (the record is due at once); `deliver-at-ms` wins when
+//! both are there.
 //!
 //! Control batches (transaction markers) carry no records for other protocols and map to
 //! none.
@@ -31,6 +38,41 @@ pub const PROPERTY_HEADERS: [&str; 3] = [
     "tributary.correlation-id",
     "tributary.reply-to",
 ];
+
+/// Header naming a record's delivery time, in ms since the Unix epoch (a decimal string).
+pub const DELIVER_AT_HEADER: &str = "tributary.deliver-at-ms";
+/// Header naming a record's delay, in ms after its timestamp (a decimal string).
+pub const DELAY_HEADER: &str = "tributary.delay-ms";
+
+/// The delivery time a record's headers ask for (0: none), relative delays counted from
+/// `timestamp` (or from `now` when the record has none).
+pub fn deliver_at<'a>(
+    headers: impl IntoIterator<Item = (&'a str, &'a [u8])>,
+    timestamp: i64,
+    now: i64,
+) -> i64 {
+    let number = |v: &[u8]| {
+        std::str::from_utf8(v)
+            .ok()
+            .and_then(|v| v.trim().parse::<i64>().ok())
+    };
+    let (mut at, mut delay) = (None, None);
+    for (name, value) in headers {
+        match name {
+            DELIVER_AT_HEADER => at = at.or(number(value)),
+            DELAY_HEADER => delay = delay.or(number(value)),
+            _ => {}
+        }
+    }
+    match (at, delay) {
+        (Some(at), _) => at.max(0),
+        (None, Some(d)) => {
+            let base = if timestamp > 0 { timestamp } else { now };
+            base.saturating_add(d.max(0))
+        }
+        (None, None) => 0,
+    }
+}
 
 /// A record's headers as a Kafka consumer sees them: its own, then the properties of
 /// [`PROPERTY_HEADERS`] that are set.
@@ -63,11 +105,21 @@ pub fn decode_batch(opaque: &Bytes) -> Result<Vec<v1::Record>, MappingError> {
     let sets = RecordBatchDecoder::decode_all(&mut buf)
         .map_err(|e| MappingError::KafkaBatch(e.to_string()))?;
     let mut out = Vec::new();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64);
     for set in sets {
         for r in set.records {
             if r.control {
                 continue;
             }
+            let deliver_at_ms = deliver_at(
+                r.headers
+                    .iter()
+                    .map(|(n, v)| (n.as_str(), v.as_deref().unwrap_or_default())),
+                r.timestamp,
+                now,
+            );
             out.push(v1::Record {
                 key: r.key.unwrap_or_default(),
                 value: r.value.unwrap_or_default(),
@@ -82,6 +134,7 @@ pub fn decode_batch(opaque: &Bytes) -> Result<Vec<v1::Record>, MappingError> {
                 timestamp_ms: r.timestamp,
                 properties: Some(v1::SystemProperties {
                     origin_protocol: "kafka".into(),
+                    deliver_at_ms,
                     ..Default::default()
                 }),
             });
@@ -93,6 +146,34 @@ pub fn decode_batch(opaque: &Bytes) -> Result<Vec<v1::Record>, MappingError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn delivery_time_headers() {
+        let h = |pairs: &[(&'static str, &'static str)]| {
+            pairs
+                .iter()
+                .map(|(n, v)| (*n, v.as_bytes()))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(deliver_at(h(&[]), 100, 5), 0);
+        assert_eq!(
+            deliver_at(h(&[(DELIVER_AT_HEADER, "1700000000000")]), 1, 5),
+            1_700_000_000_000
+        );
+        assert_eq!(deliver_at(h(&[(DELAY_HEADER, "250")]), 1_000, 5), 1_250);
+        assert_eq!(deliver_at(h(&[(DELAY_HEADER, " 250 ")]), 0, 5), 255);
+        assert_eq!(
+            deliver_at(
+                h(&[(DELAY_HEADER, "10"), (DELIVER_AT_HEADER, "7")]),
+                1_000,
+                5
+            ),
+            7
+        );
+        assert_eq!(deliver_at(h(&[(DELAY_HEADER, "soon")]), 1_000, 5), 0);
+        assert_eq!(deliver_at(h(&[(DELAY_HEADER, "-4")]), 1_000, 5), 1_000);
+        assert_eq!(deliver_at(h(&[("other", "9")]), 1_000, 5), 0);
+    }
     use bytes::BytesMut;
     use indexmap::IndexMap;
     use kafka_protocol::protocol::StrBytes;

@@ -395,4 +395,38 @@ class CrossProtocolTest {
             }
         }
     }
+
+    @Test
+    @Timeout(120)
+    void kafkaRecordsOnADelayLineReachTheTargetWhenDueWithAnIdempotentProducer() throws Exception {
+        String target = "orders-" + run;
+        String line = target + ".later";
+        try (Admin admin = Admin.create(kafkaProps())) {
+            admin.createTopics(List.of(
+                            new NewTopic(target, 1, (short) 1),
+                            new NewTopic(line, 1, (short) 1)
+                                    .configs(Map.of("tributary.delay.target.topic", target))))
+                    .all()
+                    .get(WAIT.toMillis(), TimeUnit.MILLISECONDS);
+        }
+        long dueAt = System.currentTimeMillis() + 3000;
+        ProducerRecord<String, String> late = new ProducerRecord<>(line, "k1", "late");
+        late.headers().add("tributary.deliver-at-ms", Long.toString(dueAt).getBytes(StandardCharsets.UTF_8));
+        ProducerRecord<String, String> now = new ProducerRecord<>(line, "k2", "now");
+        // Java producers are idempotent by default; one batch mixes a delayed and an
+        // undelayed record.
+        KafkaProducer<String, String> producer = producer(Map.of(ProducerConfig.LINGER_MS_CONFIG, "20"));
+        List<RecordMetadata> acked = sendAll(producer, List.of(late, now));
+        // The produce answers with the offsets in the delay line.
+        assertEquals(List.of(0L, 1L), acked.stream().map(RecordMetadata::offset).toList());
+        assertEquals(line, acked.get(0).topic());
+
+        List<ConsumerRecord<byte[], byte[]>> got = consume(target, 2);
+        long readAt = System.currentTimeMillis();
+        assertEquals(List.of("now", "late"), got.stream().map(r -> utf8(r.value())).toList());
+        assertEquals("k1", utf8(got.get(1).key()));
+        Header h = got.get(1).headers().lastHeader("tributary.deliver-at-ms");
+        assertNotNull(h, "the delivery-time header travels with the record");
+        assertTrue(readAt >= dueAt - 50, "read " + (dueAt - readAt) + " ms before it was due");
+    }
 }
