@@ -1822,6 +1822,7 @@ async fn a_cancelled_redrive_stops_and_leaves_the_rest_visible() {
             source: qid("rd-dlq"),
             destination: "rd-src".into(),
             max_messages_per_second: 1,
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -1,5 +1,5 @@
-"""Fixtures for the cross-protocol scenarios: one Tributary serving Kafka, MQTT, AMQP and SQS on
-free loopback ports, from TRIBUTARY_BIN (scripts/compat.sh cross sets it).
+"""Fixtures for the cross-protocol scenarios: one Tributary serving Kafka, MQTT, AMQP and SQS (and
+its admin HTTP API) on free loopback ports, from TRIBUTARY_BIN (scripts/compat.sh cross sets it).
 
 * ``tributary``: a private standalone server per test (a test may subscribe to ``#``, so no
   other test's topics may reach it); its ``addrs`` maps listener names to addresses.
@@ -29,7 +29,8 @@ def pytest_configure(config):
 class Tributary:
     def __init__(self, workdir: pathlib.Path, config: str | None = None):
         binary = tributary_bin()
-        flags = ("--kafka-listen", "--mqtt-listen", "--amqp-listen", "--sqs-listen")
+        flags = ("--kafka-listen", "--mqtt-listen", "--amqp-listen", "--sqs-listen",
+                 "--admin-listen")
         workdir.mkdir(parents=True, exist_ok=True)
         config_args = []
         if config is not None:

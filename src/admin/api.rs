@@ -239,6 +239,63 @@ pub(super) async fn peek(
     }
 }
 
+#[derive(Deserialize)]
+pub(super) struct DeadLetterQuery {
+    namespace: Option<String>,
+    max: Option<usize>,
+}
+
+/// The dead letters of every queue (of `?namespace=`), whatever protocol sent them and
+/// whichever dead-lettered them: up to `?max=` (default 20, at most 100) messages from each
+/// queue's head that carry a dead-letter reason, with where they came from and how often
+/// they were delivered there. Browsing leases nothing. Redrive with
+/// `POST /api/v1/queues/{namespace}/{name}/redrive`.
+pub(super) async fn dead_letters(
+    State(s): State<AdminState>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Response {
+    let max = q.max.unwrap_or(20).clamp(1, MAX_PEEK);
+    let namespaces = NamespaceQuery {
+        namespace: q.namespace,
+    }
+    .namespaces(&s);
+    let mut out = Vec::new();
+    for ns in namespaces {
+        let list = match s.core.list_queues(&ns).await {
+            Ok(list) => list,
+            Err(e) => return error(e),
+        };
+        for info in list {
+            let Some(id) = info.id else { continue };
+            let peeked = match s.core.peek_queue(&id, max).await {
+                Ok(p) => p,
+                // Deleted meanwhile.
+                Err(_) => continue,
+            };
+            let dead: Vec<Value> = peeked
+                .iter()
+                .filter(|m| {
+                    m.record
+                        .properties
+                        .as_ref()
+                        .is_some_and(|p| !p.dead_letter_reason.is_empty())
+                })
+                .map(peeked_json)
+                .collect();
+            if dead.is_empty() {
+                continue;
+            }
+            out.push(json!({
+                "namespace": id.namespace,
+                "queue": id.name,
+                "ready": info.messages_ready,
+                "messages": dead,
+            }));
+        }
+    }
+    Json(json!({ "dead_letters": out })).into_response()
+}
+
 /// Bytes as text when they are UTF-8, else base64 (with `"encoding": "base64"` beside).
 fn bytes_json(b: &[u8]) -> (Value, &'static str) {
     match std::str::from_utf8(b) {
@@ -279,6 +336,9 @@ fn peeked_json(m: &PeekedMessage) -> Value {
             "dead_letter_reason": p.dead_letter_reason,
             "dead_letter_queue": p.dead_letter_queue,
             "dead_lettered_at_ms": p.dead_lettered_at_ms,
+            "dead_letter_delivery_count": p.dead_letter_delivery_count,
+            "dead_letter_original_address": p.dead_letter_original_address,
+            "dead_letter_original_key": p.dead_letter_original_key,
         },
     })
 }

@@ -126,6 +126,11 @@ pub fn router(state: AdminState, auth: Arc<AdminAuth>) -> Router {
             post(write::redrive),
         )
         .route("/api/v1/redrives", get(api::redrives))
+        .route(
+            "/api/v1/redrives/{task_id}/cancel",
+            post(write::cancel_redrive),
+        )
+        .route("/api/v1/dead-letters", get(api::dead_letters))
         .route("/api/v1/addresses", get(api::addresses))
         .route("/api/v1/sessions", get(api::sessions))
         .route(

@@ -21,6 +21,8 @@ pub(super) fn redrive_json(t: &v1::RedriveTask) -> Value {
         "namespace": source.namespace,
         "source": source.name,
         "destination": t.destination,
+        "destination_address": t.destination_address,
+        "destination_key": t.destination_key,
         "status": t.status,
         "moved": t.moved,
         "to_move": t.to_move,
@@ -55,6 +57,13 @@ pub(super) struct RedriveBody {
     /// 0 or absent: as fast as possible.
     #[serde(default)]
     max_messages_per_second: u32,
+    /// Instead of a queue: an address (an AMQP exchange, a stream's address) each message
+    /// is published to, with `destination_key` (absent: the key it was first published
+    /// with).
+    #[serde(default)]
+    destination_address: String,
+    #[serde(default)]
+    destination_key: String,
 }
 
 /// Starts moving the queue's messages back to where they came from (or to `destination`);
@@ -74,7 +83,7 @@ pub(super) async fn redrive(
                     StatusCode::BAD_REQUEST,
                     Json(json!({
                         "error": v1::ErrorCode::InvalidArgument.as_str_name(),
-                        "message": format!("the body is not a redrive request ({{\"destination\": \"QUEUE\", \"max_messages_per_second\": N}}, both optional): {e}"),
+                        "message": format!("the body is not a redrive request ({{\"destination\": \"QUEUE\" or \"destination_address\": \"ADDRESS\" with \"destination_key\": \"KEY\", \"max_messages_per_second\": N}}, all optional): {e}"),
                     })),
                 )
                     .into_response();
@@ -88,6 +97,8 @@ pub(super) async fn redrive(
             source: Some(source.clone()),
             destination: body.destination,
             max_messages_per_second: body.max_messages_per_second,
+            destination_address: body.destination_address,
+            destination_key: body.destination_key,
         })
         .await;
     match started {
@@ -103,6 +114,21 @@ pub(super) async fn redrive(
                 None => json!({ "task_id": task_id }),
             };
             (StatusCode::ACCEPTED, Json(body)).into_response()
+        }
+        Err(e) => error(e),
+    }
+}
+
+/// Cancels a redrive: what was moved stays moved, the rest stays in the source; answers
+/// the task (CANCELLING until the message in hand is done).
+pub(super) async fn cancel_redrive(
+    State(s): State<AdminState>,
+    Path(task_id): Path<String>,
+) -> Response {
+    match s.core.cancel_redrive(&task_id) {
+        Ok(task) => {
+            info!(task = %task_id, "redrive cancelled through the admin API");
+            Json(redrive_json(&task)).into_response()
         }
         Err(e) => error(e),
     }

@@ -241,8 +241,16 @@ pub enum QueuesCommand {
     Redrive {
         name: String,
         /// Destination queue; default: each message's source.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "to_address")]
         to: Option<String>,
+        /// Publish each message to this address instead (an AMQP exchange, a stream's
+        /// address: a Kafka topic), in the queue's namespace.
+        #[arg(long)]
+        to_address: Option<String>,
+        /// Routing key with --to-address; default: the key each message was first
+        /// published with.
+        #[arg(long, requires = "to_address")]
+        key: Option<String>,
         #[command(flatten)]
         common: Common,
     },

@@ -108,13 +108,21 @@ pub async fn run(ctx: &Ctx, command: QueuesCommand) -> Result<Output, CliError> 
                 json: json!({ "queue": name, "purged": purged }),
             })
         }
-        QueuesCommand::Redrive { name, to, common } => {
+        QueuesCommand::Redrive {
+            name,
+            to,
+            to_address,
+            key,
+            common,
+        } => {
             let mut queues = ctx.client.queues.clone();
             let task_id = queues
                 .start_redrive(v1::StartRedriveRequest {
                     source: Some(id(&common.namespace, &name)),
                     destination: to.clone().unwrap_or_default(),
                     max_messages_per_second: 0,
+                    destination_address: to_address.clone().unwrap_or_default(),
+                    destination_key: key.clone().unwrap_or_default(),
                 })
                 .await
                 .map_err(|s| ctx.status(s))?

@@ -22,6 +22,8 @@ pub(crate) struct Task {
     id: String,
     source: v1::QueueId,
     destination: String,
+    destination_address: String,
+    destination_key: String,
     status: Mutex<(&'static str, String)>,
     moved: AtomicI64,
     to_move: i64,
@@ -36,6 +38,8 @@ impl Task {
             task_id: self.id.clone(),
             source: Some(self.source.clone()),
             destination: self.destination.clone(),
+            destination_address: self.destination_address.clone(),
+            destination_key: self.destination_key.clone(),
             status: status.into(),
             moved: self.moved.load(Ordering::Acquire),
             to_move: self.to_move,
@@ -56,6 +60,18 @@ impl Core {
             .ok_or_else(|| CoreError::InvalidArgument("source is required".into()))?;
         let h = self.queue(&source)?;
         source.namespace = h.record.namespace.clone();
+        if !req.destination_address.is_empty() {
+            if !req.destination.is_empty() {
+                return Err(CoreError::InvalidArgument(
+                    "a redrive goes to a destination queue or through a destination address, not both".into(),
+                ));
+            }
+            self.require_address(&source.namespace, &req.destination_address)?;
+        } else if !req.destination_key.is_empty() {
+            return Err(CoreError::InvalidArgument(
+                "a destination key needs a destination address".into(),
+            ));
+        }
         if !req.destination.is_empty() {
             self.queue(&v1::QueueId {
                 namespace: source.namespace.clone(),
@@ -78,6 +94,8 @@ impl Core {
             id: format!("r-{:016x}", rand::random::<u64>()),
             source,
             destination: req.destination,
+            destination_address: req.destination_address,
+            destination_key: req.destination_key,
             status: Mutex::new(("RUNNING", String::new())),
             moved: AtomicI64::new(0),
             to_move: info.messages_ready + info.messages_delayed,
@@ -135,6 +153,34 @@ impl Core {
                 }
                 let mut record = m.record.unwrap_or_default();
                 let p = record.properties.get_or_insert_default();
+                if !task.destination_address.is_empty() {
+                    let key = if task.destination_key.is_empty() {
+                        p.dead_letter_original_key.clone()
+                    } else {
+                        task.destination_key.clone()
+                    };
+                    clear_dead_letter(p);
+                    let routed = self
+                        .route_records(
+                            &task.source.namespace,
+                            &task.destination_address,
+                            &key,
+                            vec![record],
+                            EnqueueMode::Internal,
+                        )
+                        .await?;
+                    if routed.first().copied().unwrap_or(0) == 0 {
+                        // Never a silent drop: the message stays, the task says why.
+                        self.nack(&task.source, &[m.lease_id], true, 0).await?;
+                        return Err(CoreError::InvalidArgument(format!(
+                            "message {} routes nowhere through address '{}' with key '{}'",
+                            m.message_id, task.destination_address, key
+                        )));
+                    }
+                    self.ack(&task.source, &[m.lease_id]).await?;
+                    self.pace_redrive(task, started, rate).await;
+                    continue;
+                }
                 let target = if task.destination.is_empty() {
                     p.dead_letter_queue.clone()
                 } else {
@@ -147,10 +193,7 @@ impl Core {
                         m.message_id
                     )));
                 }
-                p.dead_letter_reason.clear();
-                p.dead_letter_queue.clear();
-                p.dead_lettered_at_ms = 0;
-                p.dead_letter_delivery_count = 0;
+                clear_dead_letter(p);
                 let dest = self.queue(&v1::QueueId {
                     namespace: task.source.namespace.clone(),
                     name: target,
@@ -158,15 +201,20 @@ impl Core {
                 self.enqueue_records(&dest, vec![record], EnqueueMode::Internal, None)
                     .await?;
                 self.ack(&task.source, &[m.lease_id]).await?;
-                let moved = task.moved.fetch_add(1, Ordering::AcqRel) + 1;
-                if rate > 0 {
-                    // Pacing, not synchronisation: hold the average at `rate` per second.
-                    let due = started + Duration::from_secs_f64(moved as f64 / f64::from(rate));
-                    tokio::time::sleep_until(due).await;
-                }
+                self.pace_redrive(task, started, rate).await;
             }
         }
         Ok(())
+    }
+
+    /// Counts a moved message; with a rate, waits until the average is back at it (pacing,
+    /// not synchronisation).
+    async fn pace_redrive(&self, task: &Task, started: tokio::time::Instant, rate: u32) {
+        let moved = task.moved.fetch_add(1, Ordering::AcqRel) + 1;
+        if rate > 0 {
+            let due = started + Duration::from_secs_f64(moved as f64 / f64::from(rate));
+            tokio::time::sleep_until(due).await;
+        }
     }
 
     pub fn list_redrives(&self, source: Option<&v1::QueueId>) -> Vec<v1::RedriveTask> {
@@ -197,4 +245,12 @@ impl Core {
         }
         Ok(t.to_proto())
     }
+}
+
+/// A message leaving its dead-letter queue is no dead letter any more.
+fn clear_dead_letter(p: &mut v1::SystemProperties) {
+    p.dead_letter_reason.clear();
+    p.dead_letter_queue.clear();
+    p.dead_lettered_at_ms = 0;
+    p.dead_letter_delivery_count = 0;
 }

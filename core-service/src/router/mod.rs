@@ -310,6 +310,11 @@ fn kind_of(raw: i32) -> CoreResult<AddressKind> {
 }
 
 impl Core {
+    /// `AddressNotFound` unless the namespace has an address of that name.
+    pub(crate) fn require_address(&self, ns: &str, name: &str) -> CoreResult<()> {
+        self.address(ns, name).map(|_| ())
+    }
+
     fn address(&self, ns: &str, name: &str) -> CoreResult<Arc<Address>> {
         self.inner
             .router
@@ -878,7 +883,7 @@ impl Core {
 
     /// Routes records published to `address` with `key`; per record, how many destinations
     /// took it. Each record is stamped with the address and key it was published with.
-    async fn route_records(
+    pub(crate) async fn route_records(
         &self,
         ns: &str,
         address: &str,

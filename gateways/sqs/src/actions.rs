@@ -607,6 +607,7 @@ impl Service {
                 source: self.qid(&source),
                 destination,
                 max_messages_per_second: rate.unwrap_or(0) as u32,
+                ..Default::default()
             })
             .await
             .map_err(|e| self.queue_error(&source, &e))?;
