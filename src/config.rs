@@ -482,6 +482,11 @@ pub struct Options {
     /// dropped beyond it.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_QUEUED", global = true)]
     pub mqtt_max_queued: Option<usize>,
+    /// Address (AMQP exchange or a stream's address, in each session's namespace) that QoS
+    /// 1/2 messages a session drops go to, with the topic as routing key: those over
+    /// mqtt_max_queued and those expired before delivery. Unset: they are only dropped.
+    #[arg(long, env = "TRIBUTARY_MQTT_DEAD_LETTER_ADDRESS", global = true)]
+    pub mqtt_dead_letter_address: Option<String>,
     /// Longest MQTT keep-alive in seconds: a client asking for more (or for none) gets this
     /// one (announced as Server Keep Alive to 5.0 clients); 0 = take the client's.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_KEEP_ALIVE", global = true)]
@@ -650,6 +655,7 @@ pub struct FileConfig {
     pub group_max_session_timeout_ms: Option<u32>,
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
+    pub mqtt_dead_letter_address: Option<String>,
     pub mqtt_max_keep_alive: Option<u16>,
     pub mqtt_streams: Option<bool>,
     pub stream_exchanges: Option<bool>,
@@ -882,6 +888,8 @@ pub struct Settings {
     pub group_session_timeout_ms: std::ops::RangeInclusive<i32>,
     pub mqtt_allow_anonymous: bool,
     pub mqtt_max_queued: usize,
+    /// Empty: none.
+    pub mqtt_dead_letter_address: Option<String>,
     pub mqtt_max_keep_alive: u16,
     pub mqtt_streams: bool,
     pub stream_exchanges: bool,
@@ -1574,7 +1582,13 @@ impl Settings {
         if mqtt_max_queued == 0 {
             return Err(invalid("mqtt_max_queued", 0, "expected at least 1"));
         }
+        let mqtt_dead_letter_address = o
+            .mqtt_dead_letter_address
+            .clone()
+            .or_else(|| f.mqtt_dead_letter_address.clone())
+            .filter(|a| !a.is_empty());
         Ok(Self {
+            mqtt_dead_letter_address,
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
             mqtt_streams: pick!(mqtt_streams, true),
             stream_exchanges: pick!(stream_exchanges, true),
@@ -2217,6 +2231,7 @@ mod tests {
             "group_max_session_timeout_ms",
             "mqtt_allow_anonymous",
             "mqtt_max_queued",
+            "mqtt_dead_letter_address",
             "mqtt_max_keep_alive",
             "mqtt_streams",
             "stream_exchanges",

@@ -275,7 +275,17 @@ pub const METRICS: &[Metric] = &[
     m(
         "tributary_mapping_undeliverable_total",
         Kind::Counter,
-        "Records read from a stream for MQTT subscribers or the queues bound to the stream's address that could not be delivered (undecodable batch, a session refusing), each logged (rate-limited); see docs/compat/mapping.md.",
+        "Records read from a stream for MQTT subscribers, the queues bound to the stream's address or its delay target that could not be delivered (undecodable batch, a session refusing; records held for a delay target are retried), each logged (rate-limited); see docs/compat/mapping.md.",
+    ),
+    m(
+        "tributary_delayed_records_total",
+        Kind::Counter,
+        "Records of delay lines (streams with a delay_target) scheduled for their target.",
+    ),
+    m(
+        "tributary_session_dead_letters_total",
+        Kind::Counter,
+        "QoS 1/2 messages MQTT sessions dropped, on their way to mqtt_dead_letter_address, by outcome: routed, failed (the address refused; logged, rate-limited), overflow (too many waiting).",
     ),
     m(
         "tributary_rocketmq_delayed_messages_total",

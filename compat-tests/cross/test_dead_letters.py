@@ -79,6 +79,12 @@ def wait_for(check, what: str, timeout: float = 20.0):
         time.sleep(0.05)
 
 
+def session_connected(t, client_id: str) -> bool:
+    status, body = api(t, "GET", "/api/v1/sessions?namespace=default")
+    assert status == 200, body
+    return next(x for x in body["sessions"] if x["client_id"] == client_id)["connected"]
+
+
 def redrive_ends(t, task_id: str) -> dict:
     found = {}
 
@@ -188,3 +194,57 @@ def test_a_paced_redrive_is_cancelled_without_losing_a_message(t, uid):
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.urlopen(req, timeout=10)
     assert e.value.code in (401, 403)
+
+
+def test_mqtt_messages_a_session_drops_are_dead_lettered_to_an_amqp_queue(make_tributary, uid):
+    from mqttcompat import MQTTv5, Broker, Client, props
+
+    t = make_tributary(f'core_token = "{TOKEN}"\nmqtt_max_queued = 3\n'
+                       'mqtt_dead_letter_address = "mqtt.dlx"\n')
+    conn, ch = amqp_channel(t)
+    ch.exchange_declare("mqtt.dlx", "topic", durable=True)
+    ch.queue_declare(f"mqtt-dead-{uid}", durable=True)
+    # AMQP topic patterns split on ".": "#" takes every MQTT topic.
+    ch.queue_bind(f"mqtt-dead-{uid}", "mqtt.dlx", "#")
+    conn.close()
+    host, port = t.host_port("mqtt")
+    broker = Broker("tributary", host, port, t)
+
+    # A persistent session, offline: it holds 3 messages, the rest overflow.
+    sub = Client(broker, f"slow-{uid}", MQTTv5, clean=False)
+    sub.connect(session_expiry=600)
+    assert sub.subscribe("plant/#", 1) == [1]
+    sub.disconnect()
+    pub = Client(broker, f"pub-{uid}", MQTTv5)
+    pub.connect()
+    for i in range(5):
+        pub.publish("plant/line-1", f"m{i}", qos=1)
+    wait_for(lambda: len(dead_letters_of(t, f"mqtt-dead-{uid}")) == 2, "2 overflow dead letters")
+    dead = dead_letters_of(t, f"mqtt-dead-{uid}")
+    assert [m["value"] for m in dead] == ["m3", "m4"]
+    assert dead[0]["properties"]["dead_letter_reason"] == "max-length"
+    assert dead[0]["properties"]["dead_letter_original_key"] == "plant/line-1"
+    assert dead[0]["properties"]["origin_protocol"] == "mqtt"
+    assert {"name": "tributary.mqtt-client-id", "value": f"slow-{uid}",
+            "encoding": "utf-8"} in dead[0]["headers"]
+
+    # The session takes its 3 and leaves; a message with a 1 s expiry waits for it and
+    # expires: dead-lettered when the session comes back.
+    sub = Client(broker, f"slow-{uid}", MQTTv5, clean=False)
+    sub.connect(session_expiry=600)
+    sub.wait_messages(3)
+    sub.disconnect()
+    # Gone for the server too, or the next message would be sent to the closing connection.
+    wait_for(lambda: not session_connected(t, f"slow-{uid}"), "the session's disconnect")
+    pub.publish("plant/line-2", "short-lived", qos=1,
+                properties=props(MessageExpiryInterval=1))
+    time.sleep(1.5)  # the message's lifetime passing, not synchronisation
+    sub = Client(broker, f"slow-{uid}", MQTTv5, clean=False)
+    sub.connect(session_expiry=600)
+    wait_for(lambda: len(dead_letters_of(t, f"mqtt-dead-{uid}")) == 3, "the expired dead letter")
+    expired = dead_letters_of(t, f"mqtt-dead-{uid}")[2]
+    assert expired["value"] == "short-lived"
+    assert expired["properties"]["dead_letter_reason"] == "expired"
+    assert sub.received() == [], "the expired message was delivered"
+    sub.close()
+    pub.close()

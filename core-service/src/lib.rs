@@ -26,6 +26,7 @@ pub mod meta;
 pub mod producers;
 mod queues;
 mod router;
+mod session_dead_letters;
 mod sessions;
 mod staged;
 mod streams;
@@ -96,6 +97,9 @@ pub struct CoreConfig {
     /// How long the outcome of an ended staged transaction is remembered, so that a retried
     /// ResolveStaged is answered `resolved = false` rather than TRANSACTION_NOT_FOUND.
     pub staged_outcome_retention: Duration,
+    /// The address (in each session's namespace) that QoS 1/2 messages a session drops go
+    /// to, with the topic as routing key (session_dead_letters.rs); `None`: they are dropped.
+    pub mqtt_dead_letter_address: Option<String>,
     /// Whether streams double as MQTT topics of the same name (topic_streams.rs).
     pub mqtt_streams: bool,
     /// Whether every stream has an address of its name (AMQP's x-stream exchange).
@@ -120,6 +124,7 @@ impl Default for CoreConfig {
             transaction_check_interval: Duration::from_secs(1),
             transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
             staged_outcome_retention: Duration::from_secs(3600),
+            mqtt_dead_letter_address: None,
             mqtt_streams: true,
             stream_exchanges: true,
             record_decoders: RecordDecoders::default(),
@@ -176,12 +181,19 @@ impl Core {
                 "default_partitions must be at least 1".into(),
             ));
         }
+        let session_dead_letters = config
+            .mqtt_dead_letter_address
+            .as_ref()
+            .map(|_| session_dead_letters::DeadLetterBuffer::new());
         let core = Self {
             inner: Arc::new(Inner {
                 log,
                 meta,
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
-                broker: sessions::Broker::new(config.session_max_queued),
+                broker: sessions::Broker::new(
+                    config.session_max_queued,
+                    session_dead_letters.clone(),
+                ),
                 queues: queues::QueueTable::default(),
                 router: router::RouterTable::default(),
                 txns: transactions::TxnTable::default(),
@@ -215,6 +227,13 @@ impl Core {
             .tasks
             .lock()
             .extend([timers, retention, groups, sys, txns]);
+        if let (Some(buffer), Some(address)) = (
+            session_dead_letters,
+            core.inner.config.mqtt_dead_letter_address.clone(),
+        ) {
+            let task = tokio::spawn(core.clone().run_session_dead_letters(buffer, address));
+            core.inner.tasks.lock().push(task);
+        }
         info!(
             namespaces = core.inner.namespaces.read().len(),
             streams = core.inner.streams.read().len(),

@@ -37,6 +37,7 @@ use tributary_storage::Op;
 
 use crate::error::{CoreError, CoreResult};
 use crate::meta::{self, from_json, to_json};
+use crate::session_dead_letters::{DeadLetterBuffer, SessionDeadLetter};
 use crate::topics::{self, Entry, SubscriptionTree};
 use crate::{Core, now_ms};
 
@@ -154,6 +155,8 @@ pub(crate) struct Broker {
     /// When a slow QoS 0 subscriber's drop was last logged (ms), and drops since then.
     slow_drop_logged_ms: AtomicI64,
     slow_drops_unlogged: AtomicU64,
+    /// Where dropped QoS 1/2 messages go when a dead-letter address is configured.
+    dead_letters: Option<Arc<DeadLetterBuffer>>,
 }
 
 type SessionCell = Mutex<Session>;
@@ -473,7 +476,7 @@ struct Target {
 }
 
 impl Broker {
-    pub(crate) fn new(max_queued: usize) -> Self {
+    pub(crate) fn new(max_queued: usize, dead_letters: Option<Arc<DeadLetterBuffer>>) -> Self {
         Self {
             sessions: RwLock::new(HashMap::new()),
             namespaces: RwLock::new(HashMap::new()),
@@ -484,6 +487,19 @@ impl Broker {
             max_queued: max_queued.max(1),
             slow_drop_logged_ms: AtomicI64::new(0),
             slow_drops_unlogged: AtomicU64::new(0),
+            dead_letters,
+        }
+    }
+
+    /// Hands a dropped QoS 1/2 message to the dead-letter address, if there is one.
+    fn dead_letter(&self, id: &SessionId, message: &v1::RoutedMessage, reason: &'static str) {
+        if let Some(buffer) = &self.dead_letters {
+            buffer.push(SessionDeadLetter {
+                namespace: id.0.to_string(),
+                client_id: id.1.to_string(),
+                message: message.clone(),
+                reason,
+            });
         }
     }
 }
@@ -778,6 +794,7 @@ impl Broker {
                 session.drop_logged_ms = now;
                 session.drops_unlogged = 0;
             }
+            self.dead_letter(&id, &pending.message, "max-length");
             let mut ops = Vec::new();
             forget_persisted(&id, &pending, &mut ops);
             return ops;
@@ -803,6 +820,7 @@ impl Broker {
                 break;
             };
             if expired(&p.message, now) {
+                self.dead_letter(id, &p.message, "expired");
                 forget_persisted(id, &p, &mut dead);
                 continue;
             }
