@@ -197,6 +197,42 @@ async fn fifo_groups_keep_order_while_other_groups_run() {
     );
 }
 
+/// FIFO with delay (docs/compat/mapping.md): a delayed message joins its message group when
+/// it is due, behind what the group holds then; until then the group's other messages go.
+#[tokio::test]
+async fn fifo_with_delay_a_delayed_message_joins_its_group_when_due() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path());
+    let mut a = api(&server).await;
+    a.declare(
+        "steps.fifo",
+        v1::QueueConfig {
+            fifo: Some(true),
+            ..Default::default()
+        },
+    )
+    .await;
+    let due = now_ms() + 2_000;
+    let mut later = grouped("a1-later", "a");
+    later.properties.as_mut().unwrap().deliver_at_ms = due;
+    a.send(
+        "steps.fifo",
+        vec![later, grouped("a2", "a"), grouped("b1", "b")],
+    )
+    .await;
+    // The delayed message holds nothing back: a2 and b1 go at once.
+    let first = a.receive("steps.fifo", 10, 60_000, 0).await;
+    assert_eq!(first.iter().map(text).collect::<Vec<_>>(), vec!["a2", "b1"]);
+    a.ack("steps.fifo", &[&first[1]]).await;
+    // Due while a2 is still out: it waits behind a2, as any message of the group would.
+    let held = a.receive("steps.fifo", 10, 60_000, 4_000).await;
+    assert!(now_ms() >= due, "the long poll ended early");
+    assert!(held.is_empty(), "delivered while its group was held");
+    a.ack("steps.fifo", &[&first[0]]).await;
+    let last = a.receive("steps.fifo", 10, 60_000, 5_000).await;
+    assert_eq!(last.iter().map(text).collect::<Vec<_>>(), vec!["a1-later"]);
+}
+
 fn dedup(value: &str, id: &str) -> v1::Record {
     rec_with(
         value,
