@@ -487,6 +487,11 @@ pub struct Options {
     /// mqtt_max_queued and those expired before delivery. Unset: they are only dropped.
     #[arg(long, env = "TRIBUTARY_MQTT_DEAD_LETTER_ADDRESS", global = true)]
     pub mqtt_dead_letter_address: Option<String>,
+    /// Exchange MQTT topics are bridged to and from, as RabbitMQ's mqtt.exchange: MQTT
+    /// publishes reach queues bound there (topic a/b as key a.b), publishes to it reach MQTT
+    /// subscribers. Empty: no bridge.
+    #[arg(long, env = "TRIBUTARY_MQTT_EXCHANGE", global = true)]
+    pub mqtt_exchange: Option<String>,
     /// Longest MQTT keep-alive in seconds: a client asking for more (or for none) gets this
     /// one (announced as Server Keep Alive to 5.0 clients); 0 = take the client's.
     #[arg(long, env = "TRIBUTARY_MQTT_MAX_KEEP_ALIVE", global = true)]
@@ -656,6 +661,7 @@ pub struct FileConfig {
     pub mqtt_allow_anonymous: Option<bool>,
     pub mqtt_max_queued: Option<usize>,
     pub mqtt_dead_letter_address: Option<String>,
+    pub mqtt_exchange: Option<String>,
     pub mqtt_max_keep_alive: Option<u16>,
     pub mqtt_streams: Option<bool>,
     pub stream_exchanges: Option<bool>,
@@ -890,6 +896,8 @@ pub struct Settings {
     pub mqtt_max_queued: usize,
     /// Empty: none.
     pub mqtt_dead_letter_address: Option<String>,
+    /// Empty: no bridge.
+    pub mqtt_exchange: Option<String>,
     pub mqtt_max_keep_alive: u16,
     pub mqtt_streams: bool,
     pub stream_exchanges: bool,
@@ -1587,8 +1595,10 @@ impl Settings {
             .clone()
             .or_else(|| f.mqtt_dead_letter_address.clone())
             .filter(|a| !a.is_empty());
+        let mqtt_exchange = Some(pick!(mqtt_exchange, "amq.topic")).filter(|e| !e.is_empty());
         Ok(Self {
             mqtt_dead_letter_address,
+            mqtt_exchange,
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
             mqtt_streams: pick!(mqtt_streams, true),
             stream_exchanges: pick!(stream_exchanges, true),
@@ -2232,6 +2242,7 @@ mod tests {
             "mqtt_allow_anonymous",
             "mqtt_max_queued",
             "mqtt_dead_letter_address",
+            "mqtt_exchange",
             "mqtt_max_keep_alive",
             "mqtt_streams",
             "stream_exchanges",

@@ -286,6 +286,7 @@ impl Server {
             transaction_max_timeout: settings.transaction_max_timeout,
             session_max_queued: settings.mqtt_max_queued,
             mqtt_dead_letter_address: settings.mqtt_dead_letter_address.clone(),
+            mqtt_exchange: settings.mqtt_exchange.clone(),
             mqtt_streams: settings.mqtt_streams,
             stream_exchanges: settings.stream_exchanges,
             record_decoders: record_decoders(),

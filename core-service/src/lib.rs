@@ -31,6 +31,7 @@ mod sessions;
 mod staged;
 mod streams;
 mod timers;
+mod topic_exchange;
 mod topic_streams;
 pub mod topics;
 mod transactions;
@@ -100,6 +101,9 @@ pub struct CoreConfig {
     /// The address (in each session's namespace) that QoS 1/2 messages a session drops go
     /// to, with the topic as routing key (session_dead_letters.rs); `None`: they are dropped.
     pub mqtt_dead_letter_address: Option<String>,
+    /// The exchange MQTT topics are bridged to and from, RabbitMQ's `mqtt.exchange`
+    /// (topic_exchange.rs); `None`: no bridge.
+    pub mqtt_exchange: Option<String>,
     /// Whether streams double as MQTT topics of the same name (topic_streams.rs).
     pub mqtt_streams: bool,
     /// Whether every stream has an address of its name (AMQP's x-stream exchange).
@@ -125,6 +129,7 @@ impl Default for CoreConfig {
             transactional_id_expiration: Duration::from_secs(7 * 24 * 3600),
             staged_outcome_retention: Duration::from_secs(3600),
             mqtt_dead_letter_address: None,
+            mqtt_exchange: None,
             mqtt_streams: true,
             stream_exchanges: true,
             record_decoders: RecordDecoders::default(),

@@ -1640,10 +1640,11 @@ impl Core {
         laggards: Option<&mut Laggards<'_>>,
     ) -> CoreResult<u32> {
         let appended = self.append_to_topic_stream(ns, &message).await?;
+        let queued = self.publish_mqtt_to_exchange(ns, &message).await?;
         let matched = self
             .deliver_to_sessions(ns, message, publisher, persist_retained, laggards)
             .await?;
-        Ok(matched + u32::from(appended))
+        Ok(matched + u32::from(appended) + queued)
     }
 
     /// Whether any session of `ns` subscribes to a filter that matches `topic`.

@@ -315,6 +315,12 @@ impl Core {
         self.address(ns, name).map(|_| ())
     }
 
+    /// Whether the namespace has an address of that name with something bound to it.
+    pub(crate) fn address_has_bindings(&self, ns: &str, name: &str) -> bool {
+        self.address(ns, name)
+            .is_ok_and(|a| !a.bindings.read().all.is_empty())
+    }
+
     fn address(&self, ns: &str, name: &str) -> CoreResult<Arc<Address>> {
         self.inner
             .router
@@ -765,6 +771,9 @@ impl Core {
         }
         let ns = namespace_or_default(&req.namespace).to_string();
         self.require_namespace(&ns)?;
+        // The topic exchange bridges to MQTT sessions (topic_exchange.rs).
+        let to_mqtt = (self.inner.config.mqtt_exchange.as_deref() == Some(req.address.as_str()))
+            .then(|| req.records.clone());
         let staged = self
             .stage_records(
                 &ns,
@@ -774,6 +783,15 @@ impl Core {
                 EnqueueMode::Client,
             )
             .await?;
+        if let Some(records) = to_mqtt {
+            self.deliver_exchange_publish_to_sessions(
+                &ns,
+                &req.address,
+                &req.routing_key,
+                &records,
+            )
+            .await;
+        }
         if req.mandatory && staged.routed.contains(&0) {
             debug!(namespace = %ns, address = %req.address, key = %req.routing_key, "unroutable publish");
         }
