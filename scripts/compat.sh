@@ -20,7 +20,8 @@
 # (org.elasticmq:elasticmq-server_2.13 and its jars fetched from Maven Central into
 # ~/.cache/tributary; needs java 17+ and mvn; SQS_REFERENCE=off skips it).
 # `cross` runs the cross-protocol scenarios (one protocol in, another out; no reference broker
-# serves several protocols from one store). `rocketmq-rust` needs no venv: it runs `cargo test` in compat-tests/rocketmq-rust (the Rust
+# serves several protocols from one store, except RabbitMQ with its MQTT plugin for MQTT and
+# AMQP through amq.topic, which runs unless AMQP_REFERENCE=off). `rocketmq-rust` needs no venv: it runs `cargo test` in compat-tests/rocketmq-rust (the Rust
 # client rocketmq-client-rust, a project of its own with its own Cargo.lock) against the binary,
 # building into $CARGO_TARGET_DIR when set; ROCKETMQ_NAMESRV=HOST:PORT aims it at another broker.
 set -euo pipefail

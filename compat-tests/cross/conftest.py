@@ -6,8 +6,9 @@ its admin HTTP API) on free loopback ports, from TRIBUTARY_BIN (scripts/compat.s
 * ``make_tributary(config)``: the same with a config file of that TOML text.
 * ``uid``: a unique suffix for names.
 
-No reference broker exists for these scenarios: no other broker serves one store to several
-protocols (the mapping they check is docs/compat/mapping.md).
+No reference broker exists for most of these scenarios: no other broker serves one store to
+several protocols (the mapping they check is docs/compat/mapping.md). The exception is MQTT and
+AMQP through amq.topic, which test_mqtt_amqp.py also runs against RabbitMQ's MQTT plugin.
 """
 
 from __future__ import annotations
