@@ -223,7 +223,9 @@ def test_mqtt_messages_a_session_drops_are_dead_lettered_to_an_amqp_queue(make_t
     dead = dead_letters_of(t, f"mqtt-dead-{uid}")
     assert [m["value"] for m in dead] == ["m3", "m4"]
     assert dead[0]["properties"]["dead_letter_reason"] == "max-length"
-    assert dead[0]["properties"]["dead_letter_original_key"] == "plant/line-1"
+    # The topic in AMQP form, as the amq.topic bridge has it.
+    assert dead[0]["properties"]["dead_letter_original_key"] == "plant.line-1"
+    assert dead[0]["properties"]["dead_letter_original_address"] == "amq.topic"
     assert dead[0]["properties"]["origin_protocol"] == "mqtt"
     assert {"name": "tributary.mqtt-client-id", "value": f"slow-{uid}",
             "encoding": "utf-8"} in dead[0]["headers"]
@@ -246,5 +248,51 @@ def test_mqtt_messages_a_session_drops_are_dead_lettered_to_an_amqp_queue(make_t
     assert expired["value"] == "short-lived"
     assert expired["properties"]["dead_letter_reason"] == "expired"
     assert sub.received() == [], "the expired message was delivered"
-    sub.close()
-    pub.close()
+
+    # Redriven through amq.topic, the bridge's exchange: back to the topics' subscribers.
+    watcher = Client(broker, f"watch-{uid}", MQTTv5)
+    watcher.connect()
+    assert watcher.subscribe("plant/#", 1) == [1]
+    status, task = api(t, "POST", f"/api/v1/queues/default/mqtt-dead-{uid}/redrive",
+                       {"destination_address": "amq.topic"})
+    assert status == 202, task
+    assert redrive_ends(t, task["task_id"])["status"] == "COMPLETED"
+    back = watcher.wait_messages(3)
+    assert [(m.topic, m.payload) for m in back] == [
+        ("plant/line-1", b"m3"), ("plant/line-1", b"m4"), ("plant/line-2", b"short-lived")]
+    for c in (watcher, sub, pub):
+        c.close()
+
+
+def test_an_sqs_dead_letter_is_redriven_into_an_amqp_queue(t, uid):
+    sqs_broker = SqsBroker("tributary", f"http://{t.addrs['sqs']}", t)
+    sqs = sqs_broker.client()
+    dlq = sqs.create_queue(QueueName=f"orders-{uid}-dlq")["QueueUrl"]
+    policy = json.dumps({"deadLetterTargetArn": sqs_broker.queue_arn(f"orders-{uid}-dlq"),
+                         "maxReceiveCount": "1"})
+    src = sqs.create_queue(QueueName=f"orders-{uid}",
+                           Attributes={"RedrivePolicy": policy})["QueueUrl"]
+    sqs.send_message(QueueUrl=src, MessageBody="order-1")
+    got = sqs.receive_message(QueueUrl=src, WaitTimeSeconds=5, VisibilityTimeout=1)
+    assert [m["Body"] for m in got["Messages"]] == ["order-1"]
+    # Its one receive used up: when its visibility timeout ends it is dead-lettered.
+    wait_for(lambda: len(dead_letters_of(t, f"orders-{uid}-dlq")) == 1, "the SQS dead letter")
+    dead = dead_letters_of(t, f"orders-{uid}-dlq")[0]
+    assert dead["properties"]["dead_letter_reason"] == "max-deliveries"
+    assert dead["properties"]["dead_letter_queue"] == f"orders-{uid}"
+    assert dead["properties"]["origin_protocol"] == "sqs"
+
+    conn, ch = amqp_channel(t)
+    try:
+        ch.queue_declare(f"manual-{uid}", durable=True)
+        status, task = api(t, "POST", f"/api/v1/queues/default/orders-{uid}-dlq/redrive",
+                           {"destination": f"manual-{uid}"})
+        assert status == 202, task
+        assert redrive_ends(t, task["task_id"])["status"] == "COMPLETED"
+        for method, _, body in ch.consume(f"manual-{uid}", inactivity_timeout=20):
+            assert method is not None, "the redriven message never reached the AMQP queue"
+            assert body == b"order-1"
+            ch.basic_ack(method.delivery_tag)
+            break
+    finally:
+        conn.close()

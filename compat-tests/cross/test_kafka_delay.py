@@ -170,3 +170,32 @@ def test_delay_lines_that_would_loop_are_refused(tributary, uid, case):
     with pytest.raises(KafkaException) as e:
         admin.create_topics([bad])[bad.topic].result(timeout=30)
     assert "INVALID_CONFIG" in str(e.value) and "delay" in str(e.value)
+
+
+def test_a_transactional_producer_delays_only_what_it_commits(tributary, uid):
+    """Transaction with delay: records are scheduled once their transaction commits; an
+    aborted transaction's records never reach the target."""
+    line, target = f"pay-{uid}.later", f"pay-{uid}"
+    delay_line(tributary, line, target)
+    p = Producer({"bootstrap.servers": bootstrap(tributary), "transactional.id": f"tx-{uid}"})
+    p.init_transactions(30)
+    due = now_ms() + 2000
+    header = [("tributary.deliver-at-ms", str(due).encode())]
+    p.begin_transaction()
+    p.produce(line, key="k", value="aborted-1", headers=header)
+    p.flush(30)
+    p.abort_transaction(30)
+    p.begin_transaction()
+    p.produce(line, key="k", value="committed-1", headers=header)
+    p.produce(line, key="k", value="committed-now")
+    p.commit_transaction(30)
+
+    reader = Reader(tributary, target)
+    got = reader.read(2)
+    assert [m.value() for _, m in got] == [b"committed-now", b"committed-1"]
+    assert got[1][0] >= due - 50
+    # A sentinel after them: the aborted record was never scheduled.
+    produce(tributary, line, [("end", [])])
+    assert [m.value() for _, m in reader.read(1)] == [b"end"]
+    reader.nothing_more()
+    reader.close()

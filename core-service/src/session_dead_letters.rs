@@ -1,9 +1,11 @@
 //! MQTT dead letters: QoS 1/2 messages a session drops (its queue full at
 //! `session_max_queued`, or their message expiry passed before they were sent) go to the
 //! namespace's address named by `mqtt_dead_letter_address` when one is configured, with
-//! the topic as routing key and the reason, like any queue's dead letters: an AMQP
+//! the topic as routing key in AMQP form (`a/b` as `a.b`, as the topic exchange bridge
+//! has it, topic_exchange.rs) and the reason, like any queue's dead letters: an AMQP
 //! exchange, or a stream's address (a Kafka topic), and from there to queues that the
-//! admin API lists and redrives (docs/compat/mapping.md).
+//! admin API lists and redrives (docs/compat/mapping.md); a redrive through the bridge's
+//! exchange with that key reaches the topic's MQTT subscribers again.
 //!
 //! Sessions drop under their lock, so the broker only notes the message in a bounded
 //! buffer ([`DeadLetterBuffer`]) and a task routes what it holds. This is at most once:
@@ -18,6 +20,7 @@ use tokio::sync::Notify;
 use tracing::warn;
 use tributary_proto::v1;
 
+use crate::topic_exchange::swap_separators;
 use crate::{Core, now_ms};
 
 /// Dead letters waiting to be routed beyond which more are only counted.
@@ -88,8 +91,13 @@ impl Core {
                 let p = record.properties.get_or_insert_default();
                 p.dead_letter_reason = d.reason.to_string();
                 p.dead_lettered_at_ms = now;
-                p.dead_letter_original_address = p.publish_address.clone();
-                p.dead_letter_original_key = p.address.clone();
+                p.dead_letter_original_address = self
+                    .inner
+                    .config
+                    .mqtt_exchange
+                    .clone()
+                    .unwrap_or_else(|| p.publish_address.clone());
+                p.dead_letter_original_key = swap_separators(&p.address);
                 // A session is no queue to go back to: a redrive names its destination.
                 p.dead_letter_queue.clear();
                 p.expires_at_ms = 0;

@@ -69,27 +69,29 @@ impl Core {
         Ok(routed.first().copied().unwrap_or(0))
     }
 
-    /// A publish to the topic exchange by anything but MQTT: delivered to the MQTT sessions
-    /// subscribed to its key as a topic (`.` and `/` swapped), as QoS 1 messages.
+    /// A publish to the topic exchange by anything but MQTT (an AMQP publish, a redrive):
+    /// delivered to the MQTT sessions subscribed to its key as a topic (`.` and `/`
+    /// swapped), as QoS 1 messages; how many sessions took the first record.
     pub(crate) async fn deliver_exchange_publish_to_sessions(
         &self,
         ns: &str,
         address: &str,
         key: &str,
         records: &[v1::Record],
-    ) {
+    ) -> u32 {
         if self.inner.config.mqtt_exchange.as_deref() != Some(address) || records.is_empty() {
-            return;
+            return 0;
         }
         let topic = swap_separators(key);
         if topics::validate_name(&topic).is_err() {
             // A key with MQTT wildcards, or none at all: no MQTT topic to deliver to.
             debug!(namespace = %ns, key, "topic exchange publish: the key is no MQTT topic name");
-            return;
+            return 0;
         }
         if !self.has_subscribers(ns, &topic) {
-            return;
+            return 0;
         }
+        let mut first = None;
         for record in records {
             let mut record = record.clone();
             let p = record.properties.get_or_insert_default();
@@ -100,14 +102,21 @@ impl Core {
                 qos: 1,
                 retain: false,
             };
-            if let Err(e) = self
+            match self
                 .deliver_to_sessions(ns, message, None, false, None)
                 .await
             {
-                metrics::counter!("tributary_mapping_undeliverable_total").increment(1);
-                debug!(namespace = %ns, topic = %topic, error = %e, "topic exchange publish not delivered to MQTT sessions");
+                Ok(n) => {
+                    first.get_or_insert(n);
+                }
+                Err(e) => {
+                    first.get_or_insert(0);
+                    metrics::counter!("tributary_mapping_undeliverable_total").increment(1);
+                    debug!(namespace = %ns, topic = %topic, error = %e, "topic exchange publish not delivered to MQTT sessions");
+                }
             }
         }
+        first.unwrap_or(0)
     }
 }
 

@@ -160,6 +160,15 @@ impl Core {
                         task.destination_key.clone()
                     };
                     clear_dead_letter(p);
+                    // Through the MQTT bridge's exchange, MQTT subscribers take it too.
+                    let sessions = self
+                        .deliver_exchange_publish_to_sessions(
+                            &task.source.namespace,
+                            &task.destination_address,
+                            &key,
+                            std::slice::from_ref(&record),
+                        )
+                        .await;
                     let routed = self
                         .route_records(
                             &task.source.namespace,
@@ -169,7 +178,7 @@ impl Core {
                             EnqueueMode::Internal,
                         )
                         .await?;
-                    if routed.first().copied().unwrap_or(0) == 0 {
+                    if routed.first().copied().unwrap_or(0) + sessions == 0 {
                         // Never a silent drop: the message stays, the task says why.
                         self.nack(&task.source, &[m.lease_id], true, 0).await?;
                         return Err(CoreError::InvalidArgument(format!(

@@ -39,6 +39,13 @@ import org.apache.kafka.clients.producer.RecordMetadata;
 import org.apache.kafka.common.header.Header;
 import org.apache.kafka.common.serialization.ByteArrayDeserializer;
 import org.apache.kafka.common.serialization.StringSerializer;
+import org.apache.rocketmq.client.consumer.DefaultLitePullConsumer;
+import org.apache.rocketmq.client.producer.DefaultMQProducer;
+import org.apache.rocketmq.client.producer.SendResult;
+import org.apache.rocketmq.client.producer.SendStatus;
+import org.apache.rocketmq.common.consumer.ConsumeFromWhere;
+import org.apache.rocketmq.common.message.Message;
+import org.apache.rocketmq.common.message.MessageExt;
 import org.eclipse.paho.client.mqttv3.IMqttDeliveryToken;
 import org.eclipse.paho.client.mqttv3.IMqttToken;
 import org.eclipse.paho.client.mqttv3.MqttCallback;
@@ -66,7 +73,8 @@ import org.junit.jupiter.api.extension.RegisterExtension;
 class CrossProtocolTest {
     @RegisterExtension
     static final TributaryExtension TRIBUTARY =
-            new TributaryExtension("--kafka-listen", "--mqtt-listen", "--amqp-listen");
+            new TributaryExtension(
+                    "--kafka-listen", "--mqtt-listen", "--amqp-listen", "--namesrv-listen", "--rocketmq-listen");
 
     static final Duration WAIT = Duration.ofSeconds(30);
 
@@ -428,5 +436,54 @@ class CrossProtocolTest {
         Header h = got.get(1).headers().lastHeader("tributary.deliver-at-ms");
         assertNotNull(h, "the delivery-time header travels with the record");
         assertTrue(readAt >= dueAt - 50, "read " + (dueAt - readAt) + " ms before it was due");
+    }
+
+    @Test
+    @Timeout(120)
+    void rocketMqSendsReachMqttSubscribersAndMqttPublishesReachRocketMqConsumers() throws Exception {
+        String topic = "rmq-" + run;
+        // A Kafka topic is a stream, which RocketMQ serves as a topic of the same name.
+        createTopic(topic, 1);
+        BlockingQueue<Received> inbox = new LinkedBlockingQueue<>();
+        MqttClient sub = mqtt("rmq-sub", inbox);
+        assertArrayEquals(new int[] {1}, sub.subscribeWithResponse(topic, 1).getGrantedQos());
+
+        DefaultMQProducer producer = new DefaultMQProducer("cross_pg_" + run);
+        producer.setNamesrvAddr(TRIBUTARY.address("rocketmq-namesrv"));
+        producer.setInstanceName("cross-p-" + run);
+        producer.setRetryTimesWhenSendFailed(0);
+        producer.start();
+        closeables.add(producer::shutdown);
+        SendResult sent = producer.send(
+                new Message(topic, "tagA", "key-1", "from-rocketmq".getBytes(StandardCharsets.UTF_8)));
+        assertEquals(SendStatus.SEND_OK, sent.getSendStatus());
+        Received got = inbox.poll(WAIT.toMillis(), TimeUnit.MILLISECONDS);
+        assertNotNull(got, "the RocketMQ message never reached the MQTT subscriber");
+        assertEquals(topic, got.topic());
+        assertEquals("from-rocketmq", got.text());
+
+        // The other way: an MQTT publish read by a RocketMQ consumer from the first offset.
+        sub.publish(topic, "from-mqtt".getBytes(StandardCharsets.UTF_8), 1, false);
+        DefaultLitePullConsumer consumer = new DefaultLitePullConsumer("cross_cg_" + run);
+        consumer.setNamesrvAddr(TRIBUTARY.address("rocketmq-namesrv"));
+        consumer.setInstanceName("cross-c-" + run);
+        consumer.setConsumeFromWhere(ConsumeFromWhere.CONSUME_FROM_FIRST_OFFSET);
+        consumer.setPollTimeoutMillis(500);
+        consumer.subscribe(topic, "*");
+        consumer.start();
+        closeables.add(consumer::shutdown);
+        List<MessageExt> read = new ArrayList<>();
+        long deadline = System.nanoTime() + WAIT.toNanos();
+        while (read.size() < 2) {
+            if (System.nanoTime() > deadline) {
+                fail("RocketMQ read " + read.size() + " of 2 messages of " + topic);
+            }
+            read.addAll(consumer.poll());
+        }
+        assertEquals(
+                List.of("from-rocketmq", "from-mqtt"),
+                read.stream().map(m -> utf8(m.getBody())).toList());
+        assertEquals("tagA", read.get(0).getTags());
+        assertEquals("key-1", read.get(0).getKeys());
     }
 }
