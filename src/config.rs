@@ -166,6 +166,11 @@ pub struct LoadArgs {
     /// publishers publish to, read by --consumers members of one Kafka consumer group.
     #[arg(long, value_name = "HOST:PORT")]
     pub kafka_consumers: Option<String>,
+    /// Kafka (Tributary only): producers write a delay line of the bench topic, every record
+    /// delayed this many ms (header tributary.delay-ms); consumers read the bench topic, so
+    /// latencies include the delay.
+    #[arg(long, value_name = "MS")]
+    pub delay_ms: Option<u64>,
     /// Kafka acks: all, 1 or 0.
     #[arg(long, default_value = "all")]
     pub acks: String,

@@ -242,6 +242,7 @@ fn bench(what: BenchCommand) -> ExitCode {
         wait_seconds: args.wait,
         queue: args.queue.clone(),
         kafka_consumers: args.kafka_consumers.clone(),
+        delay_ms: args.delay_ms,
     };
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;

@@ -11,7 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::message::Message;
+use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -33,6 +33,16 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
     let topic = format!("tributary-bench-{suffix:08x}");
     let group = format!("tributary-bench-{suffix:08x}");
     create_topic(opts, &topic).await?;
+    // With a delay the producers write the topic's delay line (docs/compat/mapping.md).
+    let produce_to = match opts.delay_ms {
+        Some(_) => {
+            let line = format!("{topic}.later");
+            create_delay_line(opts, &line, &topic).await?;
+            line
+        }
+        None => topic.clone(),
+    };
+    let delay_header = opts.delay_ms.map(|d| d.to_string());
     let rss_before = opts.broker_pid.and_then(rss_kib);
     let cpu_before = opts.broker_pid.and_then(cpu_ticks);
     let idle = open_idle(opts).await?;
@@ -96,8 +106,9 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
             .map_err(|e| BenchError::Refused(e.to_string()))?
             .map_err(|e| BenchError::Refused(format!("starting a transaction: {e}")))?;
         }
+        let delay_header = delay_header.clone();
         let (topic, tally, errors, remaining) = (
-            topic.clone(),
+            produce_to.clone(),
             tally.clone(),
             errors.clone(),
             remaining.clone(),
@@ -147,7 +158,13 @@ pub async fn run(opts: &BenchOptions) -> Result<Report, BenchError> {
                 }
                 stamp(&mut payload, p as u32, seq, now_ns());
                 loop {
-                    let record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                    let mut record = FutureRecord::to(&topic).key(&key).payload(&payload);
+                    if let Some(delay) = &delay_header {
+                        record = record.headers(OwnedHeaders::new().insert(Header {
+                            key: "tributary.delay-ms",
+                            value: Some(delay.as_bytes()),
+                        }));
+                    }
                     match producer.send_result(record) {
                         Ok(fut) => {
                             let t = Instant::now();
@@ -427,6 +444,33 @@ fn note_ack<T, E>(
             errors.fetch_add(1, Ordering::AcqRel);
         }
     }
+}
+
+/// The delay line `line` of `target` (Tributary's `tributary.delay.target.topic`).
+async fn create_delay_line(
+    opts: &BenchOptions,
+    line: &str,
+    target: &str,
+) -> Result<(), BenchError> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &opts.target)
+        .create()
+        .map_err(|e| BenchError::Refused(e.to_string()))?;
+    let new = NewTopic::new(line, opts.partitions, TopicReplication::Fixed(1))
+        .set("tributary.delay.target.topic", target);
+    let options = AdminOptions::new().request_timeout(Some(CONNECT_WAIT));
+    let results = admin
+        .create_topics([&new], &options)
+        .await
+        .map_err(|e| BenchError::Refused(format!("create delay line {line}: {e}")))?;
+    for r in results {
+        if let Err((t, code)) = r {
+            return Err(BenchError::Refused(format!(
+                "create delay line {t}: {code} (a delay line is Tributary's)"
+            )));
+        }
+    }
+    Ok(())
 }
 
 async fn create_topic(opts: &BenchOptions, topic: &str) -> Result<(), BenchError> {

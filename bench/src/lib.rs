@@ -97,6 +97,10 @@ pub struct BenchOptions {
     /// are one Kafka consumer group reading it (the cross-protocol IoT ingestion workload;
     /// docs/compat/mapping.md).
     pub kafka_consumers: Option<String>,
+    /// Kafka: producers write a delay line of the bench topic (Tributary's
+    /// `tributary.delay.target.topic`), each record with header `tributary.delay-ms` = this;
+    /// consumers read the bench topic, so latencies include the delay.
+    pub delay_ms: Option<u64>,
 }
 
 impl Default for BenchOptions {
@@ -130,6 +134,7 @@ impl Default for BenchOptions {
             wait_seconds: 20,
             queue: None,
             kafka_consumers: None,
+            delay_ms: None,
         }
     }
 }

@@ -20,6 +20,10 @@ use crate::meta::{self, from_json, to_json, validate_name};
 use crate::{Core, DEFAULT_NAMESPACE, now_ms};
 
 const FIRE_BATCH: usize = 256;
+/// Stream appends due together taken into firing in one metadata transaction, and their
+/// firing entries removed in one: a delay line's records fire at a few metadata commits
+/// per batch rather than two per timer (etcd allows 128 operations per transaction).
+const FIRE_TOGETHER: usize = 40;
 
 #[derive(Serialize, Deserialize)]
 struct Firing {
@@ -288,26 +292,43 @@ impl Core {
 
     /// Fires every timer that is due. Returns the due time of the next one, if any.
     async fn fire_due_timers(&self) -> CoreResult<Option<i64>> {
+        let prefix = meta::key(meta::TIMER_DUE, &[]);
         loop {
-            let batch = self
-                .inner
-                .meta
-                .scan_prefix(&meta::key(meta::TIMER_DUE, &[]), FIRE_BATCH)
-                .await?;
-            let full = batch.len() == FIRE_BATCH;
+            // Only the timers due by now: those waiting (a delay line holds thousands) are
+            // not read on every pass.
             let now = now_ms();
+            let end = meta::key(meta::TIMER_DUE, &[&format!("{:020}", now.max(0) + 1)]);
+            let batch = self.inner.meta.scan(&prefix, &end, FIRE_BATCH).await?;
+            let full = batch.len() == FIRE_BATCH;
+            // Stream appends go together, in due order; the others one by one.
+            let mut appends = Vec::new();
             for (key, raw) in batch {
-                let parts = meta::parts(meta::TIMER_DUE, &key);
-                let due: i64 = parts.first().and_then(|d| d.parse().ok()).unwrap_or(0);
-                if due > now {
-                    return Ok(Some(due));
+                match v1::Timer::decode(&raw[..]) {
+                    Ok(timer) if matches!(timer.action, Some(v1::timer::Action::Append(_))) => {
+                        appends.push((key, raw.to_vec(), timer));
+                        if appends.len() == FIRE_TOGETHER {
+                            self.fire_appends(std::mem::take(&mut appends)).await?;
+                        }
+                    }
+                    _ => {
+                        self.fire_appends(std::mem::take(&mut appends)).await?;
+                        self.fire(key, raw.to_vec()).await?;
+                    }
                 }
-                self.fire(key, raw.to_vec()).await?;
             }
+            self.fire_appends(appends).await?;
             if !full {
-                return Ok(None);
+                break;
             }
         }
+        // The next one to wait for.
+        let next = self.inner.meta.scan_prefix(&prefix, 1).await?;
+        Ok(next.first().map(|(key, _)| {
+            meta::parts(meta::TIMER_DUE, key)
+                .first()
+                .and_then(|d| d.parse().ok())
+                .unwrap_or(0)
+        }))
     }
 
     /// The lock a timer fires under (see `Inner::timer_locks`).
@@ -332,6 +353,80 @@ impl Core {
             let firing: Firing = from_json("firing timer", &raw)?;
             self.finish_firing(firing_key, firing).await?;
         }
+        Ok(())
+    }
+
+    /// Fires stream-append timers together: into firing in one transaction, appended one
+    /// after the other (each exactly once, as [`Self::finish_firing`] does), their firing
+    /// entries removed in one transaction. When one of them changed meanwhile (cancelled,
+    /// fired by a staged commit), each is fired on its own instead.
+    async fn fire_appends(&self, due: Vec<(Vec<u8>, Vec<u8>, v1::Timer)>) -> CoreResult<()> {
+        if due.len() <= 1 {
+            for (key, raw, _) in due {
+                self.fire(key, raw).await?;
+            }
+            return Ok(());
+        }
+        // Every lock the timers fire under, in index order (fire_now takes one at a time).
+        let locks = &self.inner.timer_locks;
+        let mut indexes: Vec<usize> = due
+            .iter()
+            .map(|(_, _, t)| {
+                (meta::stable_hash(format!("{}\0{}", t.namespace, t.id).as_bytes())
+                    % locks.len() as u64) as usize
+            })
+            .collect();
+        indexes.sort_unstable();
+        indexes.dedup();
+        let mut held = Vec::with_capacity(indexes.len());
+        for i in indexes {
+            held.push(locks[i].lock().await);
+        }
+        let mut checks = Vec::with_capacity(due.len());
+        let mut ops = Vec::with_capacity(due.len() * 3);
+        let mut firings = Vec::with_capacity(due.len());
+        for (key, raw, timer) in &due {
+            let append = append_target(timer)?;
+            let stream = append.stream.clone().unwrap_or_default();
+            let from_offset = self
+                .end_offset(&stream, append.partition)
+                .await
+                .unwrap_or(None);
+            let firing_key = meta::key(meta::TIMER_FIRING, &[&timer.namespace, &timer.id]);
+            let firing = Firing {
+                from_offset,
+                timer: raw.clone(),
+            };
+            checks.push(Check {
+                key: key.clone(),
+                value: Some(raw.clone()),
+            });
+            ops.push(Op::Delete { key: key.clone() });
+            ops.push(Op::Delete {
+                key: meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]),
+            });
+            ops.push(Op::Put {
+                key: firing_key.clone(),
+                value: to_json(&firing),
+            });
+            firings.push((firing_key, firing));
+        }
+        if !self.inner.meta.txn(checks, ops).await? {
+            drop(held);
+            for (key, raw, _) in due {
+                self.fire(key, raw).await?;
+            }
+            return Ok(());
+        }
+        metrics::gauge!("tributary_timers_pending").decrement(due.len() as f64);
+        let mut done = Vec::with_capacity(firings.len());
+        for (firing_key, firing) in firings {
+            self.deliver_append(&firing).await?;
+            done.push(Op::Delete { key: firing_key });
+        }
+        let fired = done.len() as u64;
+        self.inner.meta.txn(Vec::new(), done).await?;
+        metrics::counter!("tributary_timers_fired_total").increment(fired);
         Ok(())
     }
 
@@ -493,6 +588,17 @@ impl Core {
             metrics::counter!("tributary_timers_fired_total").increment(1);
             return Ok(());
         }
+        self.deliver_append(&firing).await?;
+        self.inner.meta.delete(&firing_key).await?;
+        metrics::counter!("tributary_timers_fired_total").increment(1);
+        Ok(())
+    }
+
+    /// A firing stream-append timer's batch appended, unless a crash left it appended
+    /// already (found stamped with the timer's id past the offset the firing recorded).
+    async fn deliver_append(&self, firing: &Firing) -> CoreResult<()> {
+        let timer = v1::Timer::decode(&firing.timer[..])
+            .map_err(|e| CoreError::Corrupt(format!("timer: {e}")))?;
         let mut append = append_target(&timer)?.clone();
         let stream = append.stream.clone().unwrap_or_default();
         let done = self
@@ -517,8 +623,6 @@ impl Core {
                 }
             }
         }
-        self.inner.meta.delete(&firing_key).await?;
-        metrics::counter!("tributary_timers_fired_total").increment(1);
         Ok(())
     }
 }
