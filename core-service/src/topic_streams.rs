@@ -440,11 +440,10 @@ impl Forwarder {
         }
     }
 
-    /// Routes the committed records from the position to the partition's last stable
-    /// offset to the MQTT sessions and the bound queues; whether it routed any.
-    async fn forward_available(&mut self) -> bool {
-        self.retry = false;
-        let mut routed = false;
+    /// The committed batches past the position, below the partition's last stable offset,
+    /// each with the offset after it, and that stable offset; `None` when the read failed
+    /// (logged; tried again).
+    async fn read_committed(&mut self) -> Option<(i64, Vec<(v1::RecordBatch, i64)>)> {
         loop {
             let read = self
                 .core
@@ -459,25 +458,35 @@ impl Forwarder {
                 Err(e) => {
                     self.undeliverable(0, &format!("read failed ({e}); retried"));
                     self.retry = true;
-                    return routed;
+                    return None;
                 }
             };
             let stable = self.part.txns.lock().last_stable_offset(bounds.end_offset);
+            let batches = batches
+                .into_iter()
+                .take_while(|b| b.base_offset < stable)
+                .map(|b| {
+                    let next = b.base_offset + i64::from(b.record_count.max(1));
+                    (b, next)
+                })
+                .filter(|(_, next)| *next > self.pos)
+                .collect();
+            return Some((stable, batches));
+        }
+    }
+
+    /// Routes the committed records from the position to the partition's last stable
+    /// offset to the MQTT sessions and the bound queues; whether it routed any.
+    async fn forward_available(&mut self) -> bool {
+        self.retry = false;
+        let mut routed = false;
+        loop {
+            let Some((stable, batches)) = self.read_committed().await else {
+                return routed;
+            };
             let mut progressed = false;
-            for batch in batches {
-                if batch.base_offset >= stable {
-                    break;
-                }
-                let next = batch.base_offset + i64::from(batch.record_count.max(1));
-                if next <= self.pos {
-                    continue;
-                }
-                let mut records = self.records_of(&batch);
-                for r in &mut records {
-                    if r.timestamp_ms <= 0 {
-                        r.timestamp_ms = batch.append_time_ms;
-                    }
-                }
+            for (batch, next) in batches {
+                let records = self.records_at(&batch);
                 let (sessions, queues) = self.readers();
                 if queues && !records.is_empty() {
                     if let Err(e) = self
@@ -513,44 +522,18 @@ impl Forwarder {
         self.retry = false;
         let mut scheduled = false;
         loop {
-            let read = self
-                .core
-                .read_partition(&self.part, self.pos, READ_BYTES, true)
-                .await;
-            let (bounds, batches) = match read {
-                Ok(r) => r,
-                Err(CoreError::OffsetOutOfRange { start, .. }) if self.pos < start => {
-                    self.pos = start;
-                    continue;
-                }
-                Err(e) => {
-                    self.undeliverable(0, &format!("read failed ({e}); retried"));
-                    self.retry = true;
-                    return scheduled;
-                }
+            let Some((stable, batches)) = self.read_committed().await else {
+                return scheduled;
             };
-            let stable = self.part.txns.lock().last_stable_offset(bounds.end_offset);
             let mut progressed = false;
-            for batch in batches {
-                if batch.base_offset >= stable {
-                    break;
-                }
-                let next = batch.base_offset + i64::from(batch.record_count.max(1));
-                if next <= self.pos {
-                    continue;
-                }
+            for (batch, next) in batches {
                 let records: Vec<DelayedRecord> = self
-                    .records_of(&batch)
+                    .records_at(&batch)
                     .into_iter()
                     .enumerate()
-                    .map(|(i, mut record)| {
-                        if record.timestamp_ms <= 0 {
-                            record.timestamp_ms = batch.append_time_ms;
-                        }
-                        DelayedRecord {
-                            offset: batch.base_offset + i as i64,
-                            record,
-                        }
+                    .map(|(i, record)| DelayedRecord {
+                        offset: batch.base_offset + i as i64,
+                        record,
                     })
                     // A crash between two of a batch's transactions stored a position
                     // inside it: what is below was scheduled.
@@ -635,6 +618,17 @@ impl Forwarder {
             routed = true;
         }
         routed
+    }
+
+    /// [`Self::records_of`], timed by the batch's append time when they carry none.
+    fn records_at(&mut self, batch: &v1::RecordBatch) -> Vec<v1::Record> {
+        let mut records = self.records_of(batch);
+        for r in &mut records {
+            if r.timestamp_ms <= 0 {
+                r.timestamp_ms = batch.append_time_ms;
+            }
+        }
+        records
     }
 
     /// The records of a stored batch that go on: none for transaction markers and
