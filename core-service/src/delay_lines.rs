@@ -12,13 +12,12 @@
 //! Delay lines do not chain: a target may not be a delay line itself, so a record is
 //! delayed once and cannot loop.
 
-use prost::Message;
 use tributary_proto::v1;
-use tributary_storage::{Check, Op, PartitionKey};
+use tributary_storage::{Op, PartitionKey};
 
 use crate::error::{CoreError, CoreResult};
-use crate::meta::{self, StreamSettings};
-use crate::timers::due_key;
+use crate::meta::StreamSettings;
+use crate::timers::schedule_ops;
 use crate::{Core, now_ms};
 
 /// The longest delay kept: a record due later is delivered after this long.
@@ -138,20 +137,7 @@ impl Core {
             let mut checks = Vec::with_capacity(chunk.len());
             let mut ops = Vec::with_capacity(chunk.len() * 2 + 1);
             for t in *chunk {
-                let due = due_key(t.due_at_ms, &t.namespace, &t.id);
-                let by_id = meta::key(meta::TIMER_BY_ID, &[&t.namespace, &t.id]);
-                checks.push(Check {
-                    key: by_id.clone(),
-                    value: None,
-                });
-                ops.push(Op::Put {
-                    key: due.clone(),
-                    value: t.encode_to_vec(),
-                });
-                ops.push(Op::Put {
-                    key: by_id,
-                    value: due,
-                });
+                schedule_ops(t, &mut checks, &mut ops);
             }
             ops.push(Op::Put {
                 key: position_key.to_vec(),

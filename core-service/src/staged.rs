@@ -668,20 +668,7 @@ impl Core {
             timers.extend(made);
         }
         for timer in &timers {
-            let due = crate::timers::due_key(timer.due_at_ms, ns, &timer.id);
-            let by_id = meta::key(meta::TIMER_BY_ID, &[ns, &timer.id]);
-            checks.push(Check {
-                key: by_id.clone(),
-                value: None,
-            });
-            ops.push(Op::Put {
-                key: due.clone(),
-                value: timer.encode_to_vec(),
-            });
-            ops.push(Op::Put {
-                key: by_id,
-                value: due,
-            });
+            crate::timers::schedule_ops(timer, &mut checks, &mut ops);
         }
         (ops, checks, timers, published)
     }

@@ -36,6 +36,26 @@ pub(crate) fn due_key(due: i64, ns: &str, id: &str) -> Vec<u8> {
     meta::key(meta::TIMER_DUE, &[&format!("{:020}", due.max(0)), ns, id])
 }
 
+/// The writes that store a new timer (its due entry and its id entry), and the check that
+/// no timer of that id exists: for callers that schedule timers inside a transaction of
+/// their own (a staged commit, a delay line with its position).
+pub(crate) fn schedule_ops(timer: &v1::Timer, checks: &mut Vec<Check>, ops: &mut Vec<Op>) {
+    let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
+    let by_id = meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]);
+    checks.push(Check {
+        key: by_id.clone(),
+        value: None,
+    });
+    ops.push(Op::Put {
+        key: due.clone(),
+        value: timer.encode_to_vec(),
+    });
+    ops.push(Op::Put {
+        key: by_id,
+        value: due,
+    });
+}
+
 fn append_target(timer: &v1::Timer) -> CoreResult<&v1::AppendRequest> {
     match &timer.action {
         Some(v1::timer::Action::Append(a)) => Ok(a),
@@ -118,28 +138,9 @@ impl Core {
                 }
             }
         }
-        let due = due_key(timer.due_at_ms, &timer.namespace, &timer.id);
-        let by_id = meta::key(meta::TIMER_BY_ID, &[&timer.namespace, &timer.id]);
-        let applied = self
-            .inner
-            .meta
-            .txn(
-                vec![Check {
-                    key: by_id.clone(),
-                    value: None,
-                }],
-                vec![
-                    Op::Put {
-                        key: due.clone(),
-                        value: timer.encode_to_vec(),
-                    },
-                    Op::Put {
-                        key: by_id,
-                        value: due,
-                    },
-                ],
-            )
-            .await?;
+        let (mut checks, mut ops) = (Vec::new(), Vec::new());
+        schedule_ops(&timer, &mut checks, &mut ops);
+        let applied = self.inner.meta.txn(checks, ops).await?;
         if !applied {
             return Err(CoreError::Conflict(format!(
                 "timer '{}' already exists",
