@@ -88,6 +88,10 @@ pub enum CoreError {
     ShuttingDown,
     #[error("corrupt data: {0}")]
     Corrupt(String),
+    #[error(
+        "the log holds {partitions} partitions (for example {example}) but the metadata store names no stream, queue or body log: refusing to start rather than delete them; check meta, meta_url and meta_namespace (to start afresh, empty the data directory and the object store's prefix)"
+    )]
+    LogWithoutMetadata { partitions: usize, example: String },
     #[error("storage failure: {0}")]
     Storage(#[source] StorageError),
     #[error("internal error: {0}")]
@@ -162,7 +166,7 @@ impl CoreError {
             Self::Unsupported(_) => ErrorCode::Unsupported,
             Self::InvalidConfig(_) => ErrorCode::InvalidConfig,
             Self::ShuttingDown => ErrorCode::ShuttingDown,
-            Self::Corrupt(_) => ErrorCode::CorruptData,
+            Self::Corrupt(_) | Self::LogWithoutMetadata { .. } => ErrorCode::CorruptData,
             Self::Storage(_) => ErrorCode::StorageFailure,
             Self::Internal(_) => ErrorCode::Internal,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
@@ -214,7 +218,7 @@ impl CoreError {
             Self::Conflict(_) => Code::Aborted,
             Self::Unsupported(_) => Code::Unimplemented,
             Self::ShuttingDown | Self::Storage(_) => Code::Unavailable,
-            Self::Corrupt(_) => Code::DataLoss,
+            Self::Corrupt(_) | Self::LogWithoutMetadata { .. } => Code::DataLoss,
             Self::Internal(_) => Code::Internal,
             Self::Unauthenticated(_) => Code::Unauthenticated,
         }

@@ -21,6 +21,7 @@ pub mod error;
 mod groups;
 pub mod grpc;
 pub mod inspect;
+mod log_intents;
 mod member_leases;
 pub mod meta;
 pub mod producers;

@@ -15,6 +15,7 @@ use tributary_storage::{BatchToAppend, Check, Op, PartitionKey, RetentionPolicy}
 
 use crate::error::{CoreError, CoreResult};
 use crate::groups::CommitCheck;
+use crate::log_intents::LogChange;
 use crate::meta::{
     self, EffectiveConfig, GroupRecord, NamespaceRecord, OffsetRecord, ProducerIdRecord,
     StreamRecord, StreamSettings, from_json, to_json, validate_name,
@@ -117,6 +118,14 @@ impl Core {
 
     pub(crate) async fn load_metadata(&self) -> CoreResult<()> {
         let meta = &self.inner.meta;
+        // First, before anything is written: a metadata store that knows nothing of a log
+        // that holds data is the wrong store, not an empty deployment.
+        self.check_log_has_metadata(&[
+            meta::STREAM,
+            crate::queues::QUEUE_KEY,
+            crate::queues::SHARED_KEY,
+        ])
+        .await?;
         for (_, raw) in meta
             .scan_prefix(&meta::key(meta::NAMESPACE, &[]), SCAN_ALL)
             .await?
@@ -150,15 +159,9 @@ impl Core {
         }
         // Queues of the queue engine own two partitions each.
         known.extend(self.queue_partitions().await?);
-        // Partitions no stream claims are left over from a create or delete that a crash
-        // interrupted: the metadata is the truth, so they go.
-        for key in self.inner.log.list_partitions().await? {
-            if !known.contains(&key) {
-                warn!(partition = %key, "removing a partition that no stream owns (interrupted create or delete)");
-                self.inner.log.delete_partition(key).await?;
-            }
-        }
-        Ok(())
+        // Partitions no record names: those of a create or delete that a crash interrupted
+        // go, anything else stays (log_intents.rs).
+        self.reconcile_log_partitions(&known).await
     }
 
     async fn open_stream(&self, record: StreamRecord) -> CoreResult<Arc<StreamHandle>> {
@@ -462,7 +465,9 @@ impl Core {
             backend,
         };
         // Partitions first, then the record: a crash in between leaves orphan partitions
-        // that the next start removes, never a stream without its partitions.
+        // that the next start removes (the intent names them), never a stream without its
+        // partitions.
+        self.begin_log_change(stream_id, LogChange::Create).await?;
         for p in 0..partitions {
             self.inner
                 .log
@@ -473,6 +478,7 @@ impl Core {
             format!("stream '{ns}/{name}'")
         })
         .await?;
+        self.end_log_change(stream_id).await?;
         let handle = self.open_stream(record).await?;
         self.ensure_stream_address(&ns, &name).await?;
         self.start_stream_forwarders(&handle, 0, true);
@@ -485,6 +491,8 @@ impl Core {
         let _admin = self.inner.admin.lock().await;
         let handle = self.stream(id)?;
         let (ns, name) = stream_key(id);
+        let stream_id = handle.record.read().id;
+        self.begin_log_change(stream_id, LogChange::Delete).await?;
         self.inner
             .meta
             .delete(&meta::key(meta::STREAM, &[&ns, &name]))
@@ -500,6 +508,7 @@ impl Core {
                 .delete(&producer_snapshot_key(part.key))
                 .await?;
         }
+        self.end_log_change(stream_id).await?;
         info!("stream deleted");
         Ok(())
     }
@@ -747,6 +756,40 @@ impl Core {
             });
         }
         Ok(self.inner.log.truncate_prefix(part.key, before).await?)
+    }
+
+    /// Moves a counter up to at least `floor` (never down), so that [`Self::next_counter`]
+    /// hands out only values above it.
+    pub(crate) async fn raise_counter_to(&self, name: &str, floor: u64) -> CoreResult<()> {
+        let key = meta::key(meta::COUNTER, &[name]);
+        loop {
+            let current = self.inner.meta.get(&key).await?;
+            let value = match &current {
+                Some(raw) => u64::from_le_bytes(
+                    raw[..]
+                        .try_into()
+                        .map_err(|_| CoreError::Corrupt(format!("counter '{name}'")))?,
+                ),
+                None => 0,
+            };
+            if value >= floor {
+                return Ok(());
+            }
+            if self
+                .inner
+                .meta
+                .compare_and_set(&key, current.as_deref(), Some(&floor.to_le_bytes()))
+                .await?
+            {
+                warn!(
+                    counter = name,
+                    from = value,
+                    to = floor,
+                    "id counter raised past the partitions in the log"
+                );
+                return Ok(());
+            }
+        }
     }
 
     pub(crate) async fn next_counter(&self, name: &str) -> CoreResult<u64> {

@@ -19,6 +19,7 @@ mod delivery;
 mod redrive;
 pub(crate) mod settings;
 mod shared;
+pub(crate) use shared::SHARED_KEY;
 pub(crate) mod state;
 mod subscription;
 mod tail;
@@ -39,6 +40,7 @@ use tributary_proto::v1;
 use tributary_storage::{BatchToAppend, PartitionKey};
 
 use crate::error::{CoreError, CoreResult};
+use crate::log_intents::LogChange;
 use crate::meta::{self, from_json, to_json, validate_name};
 use crate::{Core, now_ms};
 
@@ -47,7 +49,7 @@ use settings::QueueSettings;
 pub(crate) use shared::SharedPending;
 use state::{QueueState, Replay};
 
-const QUEUE_KEY: &str = "queue";
+pub(crate) const QUEUE_KEY: &str = "queue";
 /// Journal ops written between two snapshots at most.
 const SNAPSHOT_EVERY_OPS: usize = 8192;
 /// Messages enqueued between two snapshots of a queue that dedupes (bounds the rescan of
@@ -326,15 +328,17 @@ impl Core {
             backend,
         };
         // Partitions first, then the record: a crash in between leaves orphan partitions,
-        // which the next start removes.
+        // which the next start removes (the intent names them).
         let (data, journal) = partitions_of(record.id);
         let on = record.backend.as_deref();
+        self.begin_log_change(record.id, LogChange::Create).await?;
         self.inner.log.create_partition_on(data, on).await?;
         self.inner.log.create_partition_on(journal, on).await?;
         self.inner
             .meta
             .put(&queue_key(&ns, &name), &to_json(&record))
             .await?;
+        self.end_log_change(record.id).await?;
         let h = self.open_queue(record).await?;
         self.start_queue_owner(&h);
         info!(queue = %h.label(), "queue declared");
@@ -453,6 +457,7 @@ impl Core {
 
     pub(super) async fn remove_queue(&self, h: &Arc<QueueHandle>) -> CoreResult<()> {
         let r = &h.record;
+        self.begin_log_change(r.id, LogChange::Delete).await?;
         self.inner
             .meta
             .delete(&queue_key(&r.namespace, &r.name))
@@ -468,6 +473,7 @@ impl Core {
         h.ready.notify_waiters();
         self.inner.log.delete_partition(h.data).await?;
         self.inner.log.delete_partition(h.journal).await?;
+        self.end_log_change(r.id).await?;
         info!(queue = %h.label(), "queue deleted");
         // Last: the owner task may be the caller (an expired queue deletes itself), and an
         // abort ends it at its next await.
@@ -647,9 +653,11 @@ impl Core {
             let record: QueueRecord = from_json("queue", &raw)?;
             if !record.durable {
                 let (a, b) = partitions_of(record.id);
+                self.begin_log_change(record.id, LogChange::Delete).await?;
                 self.inner.meta.delete(&key).await?;
                 self.inner.log.delete_partition(a).await?;
                 self.inner.log.delete_partition(b).await?;
+                self.end_log_change(record.id).await?;
                 continue;
             }
             self.open_queue(record).await?;

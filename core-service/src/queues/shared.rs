@@ -26,10 +26,11 @@ use tributary_storage::{BatchToAppend, PartitionKey};
 use super::delivery::{EnqueueMode, PendingEnqueue};
 use super::{QueueHandle, decode_batch};
 use crate::error::{CoreError, CoreResult};
+use crate::log_intents::LogChange;
 use crate::meta;
 use crate::{Core, now_ms};
 
-const SHARED_KEY: &str = "sharedbodies";
+pub(crate) const SHARED_KEY: &str = "sharedbodies";
 /// Decoded body batches kept for the other queues of a fan-out, which read them soon after:
 /// at most this many, and at most this many bytes of values.
 const CACHE_BATCHES: usize = 512;
@@ -121,11 +122,13 @@ impl Core {
         }
         let id = self.next_counter("stream_id").await?;
         let key = PartitionKey::new(id, 0);
+        self.begin_log_change(id, LogChange::Create).await?;
         self.inner.log.create_partition(key).await?;
         self.inner
             .meta
             .put(&meta::key(SHARED_KEY, &[ns]), &id.to_le_bytes())
             .await?;
+        self.end_log_change(id).await?;
         let s = self.open_shared_bodies(ns, key, 0);
         self.start_shared_body_collector(ns);
         Ok(s)
