@@ -17,6 +17,141 @@ fn fs_operator(dir: &std::path::Path) -> Operator {
     Operator::via_iter("fs", [("root".to_string(), dir.display().to_string())]).unwrap()
 }
 
+/// The bucket one test's objects go to. By default a fresh directory through OpenDAL's `fs`
+/// service. With `TRIBUTARY_TEST_S3_ENDPOINT`, `_BUCKET`, `_ACCESS_KEY` and `_SECRET_KEY` set
+/// (`scripts/test-stores.sh s3` starts moto's S3 server and exports them; `_REGION` is
+/// optional, `us-east-1` by default) a fresh prefix of that S3 bucket, opened the way the
+/// server opens one (`ObjectLogStore::operator`), so that tests running in parallel, and
+/// runs against the same server, never see each other's objects. The prefixes are not
+/// removed afterwards: moto keeps them in memory until it stops.
+///
+/// `TRIBUTARY_REQUIRE_S3=1` (which that script sets) without those variables fails the test
+/// instead of falling back to the filesystem, as does a partial set.
+struct TestBucket {
+    op: Operator,
+    name: String,
+    /// The `fs` bucket's directory, removed on drop.
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl TestBucket {
+    async fn new() -> Self {
+        let Some(options) = s3_options() else {
+            let dir = tempfile::tempdir().unwrap();
+            return Self {
+                op: fs_operator(dir.path()),
+                name: "fs".into(),
+                _dir: Some(dir),
+            };
+        };
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let root = format!("/object-log-tests/{}-{nanos}-{n}/", std::process::id());
+        let bucket = options
+            .iter()
+            .find(|(k, _)| k == "bucket")
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default();
+        let name = format!("s3 {bucket}{root}");
+        let mut options = options;
+        options.push(("root".into(), root));
+        let op = ObjectLogStore::operator("s3", options, &name)
+            .await
+            .unwrap_or_else(|e| panic!("the S3 test bucket does not answer: {e}"));
+        Self {
+            op,
+            name,
+            _dir: None,
+        }
+    }
+
+    async fn open(
+        &self,
+        cache: impl Into<std::path::PathBuf>,
+        config: ObjectLogConfig,
+    ) -> Arc<ObjectLogStore> {
+        ObjectLogStore::open(self.op.clone(), self.name.clone(), cache.into(), config)
+            .await
+            .unwrap()
+    }
+
+    /// The paths of the objects under `dir` (such as `wal/`), listed from the bucket.
+    async fn objects(&self, dir: &str) -> std::collections::BTreeSet<String> {
+        match self.op.list_with(dir).recursive(true).await {
+            Ok(entries) => entries
+                .into_iter()
+                .filter(|e| e.metadata().is_file())
+                .map(|e| e.path().to_string())
+                .collect(),
+            Err(e) if e.kind() == ::opendal::ErrorKind::NotFound => Default::default(),
+            Err(e) => panic!("cannot list {dir} in {}: {e}", self.name),
+        }
+    }
+}
+
+/// The S3 service's options from `TRIBUTARY_TEST_S3_*`, or None when none is set and S3 is
+/// not required.
+fn s3_options() -> Option<Vec<(String, String)>> {
+    let var = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+    let required = var("TRIBUTARY_REQUIRE_S3").is_some_and(|v| v != "0");
+    let wanted = [
+        ("endpoint", "TRIBUTARY_TEST_S3_ENDPOINT"),
+        ("bucket", "TRIBUTARY_TEST_S3_BUCKET"),
+        ("access_key_id", "TRIBUTARY_TEST_S3_ACCESS_KEY"),
+        ("secret_access_key", "TRIBUTARY_TEST_S3_SECRET_KEY"),
+    ];
+    let found: Vec<_> = wanted.iter().map(|(_, env)| var(env)).collect();
+    if !required && found.iter().all(Option::is_none) {
+        return None;
+    }
+    let missing: Vec<&str> = wanted
+        .iter()
+        .zip(&found)
+        .filter(|(_, v)| v.is_none())
+        .map(|((_, env), _)| *env)
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "the object-log tests are to run on S3 ({}) but {} unset; \
+         scripts/test-stores.sh s3 starts an S3 server and sets them",
+        if required {
+            "TRIBUTARY_REQUIRE_S3 is set"
+        } else {
+            "some TRIBUTARY_TEST_S3_* variables are set"
+        },
+        missing.join(", ")
+    );
+    let mut options: Vec<(String, String)> = wanted
+        .iter()
+        .zip(found)
+        .map(|((key, _), v)| (key.to_string(), v.unwrap_or_default()))
+        .collect();
+    options.extend([
+        (
+            "region".into(),
+            var("TRIBUTARY_TEST_S3_REGION").unwrap_or_else(|| "us-east-1".into()),
+        ),
+        // Only what is given here: no credentials or region from the machine's AWS config.
+        ("disable_config_load".into(), "true".into()),
+    ]);
+    Some(options)
+}
+
+/// The end offset of the segment a `segments/<key>/<stem>.{log,idx}` object belongs to.
+fn segment_end(path: &str) -> i64 {
+    let log = path
+        .strip_suffix(".idx")
+        .map_or(path.to_string(), |s| format!("{s}.log"));
+    SegmentName::parse(&log)
+        .unwrap_or_else(|| panic!("{path} is not a segment object"))
+        .1
+        .end
+}
+
 fn config(ack: AckPoint) -> ObjectLogConfig {
     ObjectLogConfig {
         ack,
@@ -53,17 +188,10 @@ async fn read_all(store: &ObjectLogStore, key: PartitionKey, from: i64) -> Vec<S
 
 #[tokio::test]
 async fn shipped_segments_serve_reads_after_eviction() {
-    let bucket = tempfile::tempdir().unwrap();
+    let bucket = TestBucket::new().await;
     let cache = tempfile::tempdir().unwrap();
     let key = PartitionKey::new(1, 0);
-    let store = ObjectLogStore::open(
-        fs_operator(bucket.path()),
-        "fs",
-        cache.path(),
-        config(AckPoint::Local),
-    )
-    .await
-    .unwrap();
+    let store = bucket.open(cache.path(), config(AckPoint::Local)).await;
     store.create_partition(key).await.unwrap();
     let mut expected = Vec::new();
     for i in 0..40 {
@@ -97,23 +225,33 @@ async fn shipped_segments_serve_reads_after_eviction() {
     assert_eq!(store.offset_for_timestamp(key, 5000).await.unwrap(), None);
     let b = store.bounds(key).await.unwrap();
     assert_eq!((b.start_offset, b.end_offset), (0, 80));
-    // Retention drops whole segments and moves the start.
+    // Deleting records (DeleteRecords) drops whole segments and moves the start; the
+    // segment objects wholly below it are deleted from the bucket, the others stay.
+    let dir = layout::segments_dir(key);
+    let before = bucket.objects(&dir).await;
+    assert!(
+        before.iter().any(|p| segment_end(p) <= 33) && before.iter().any(|p| segment_end(p) > 33),
+        "segments on both sides of offset 33 are shipped: {before:?}"
+    );
     let start = store.truncate_prefix(key, 33).await.unwrap();
     assert_eq!(start, 33);
+    let kept: std::collections::BTreeSet<String> = before
+        .iter()
+        .filter(|p| segment_end(p) > 33)
+        .cloned()
+        .collect();
+    assert_eq!(
+        bucket.objects(&dir).await,
+        kept,
+        "segment objects below the new start are deleted"
+    );
     assert!(store.read(key, 10, 100).await.is_err());
     assert_eq!(store.read(key, 33, 1).await.unwrap()[0].base_offset, 32);
     store.close().await.unwrap();
     drop(store);
     // A restart on an empty cache finds everything shipped, from the new start.
     let empty = tempfile::tempdir().unwrap();
-    let store = ObjectLogStore::open(
-        fs_operator(bucket.path()),
-        "fs",
-        empty.path(),
-        config(AckPoint::Local),
-    )
-    .await
-    .unwrap();
+    let store = bucket.open(empty.path(), config(AckPoint::Local)).await;
     let b = store.bounds(key).await.unwrap();
     assert_eq!((b.start_offset, b.end_offset), (33, 80));
     let got = read_all(&store, key, 33).await;
@@ -127,6 +265,11 @@ async fn shipped_segments_serve_reads_after_eviction() {
 /// written under it) and comes back: the append waiting then is refused after `ack_timeout`
 /// (not acknowledged, stored later), appends during the outage are refused at once with
 /// nothing written, and appends are taken again by themselves once the store is back.
+///
+/// Always on a filesystem bucket, also under `TRIBUTARY_REQUIRE_S3`: the outage is made by
+/// replacing the bucket's `wal` directory with a file, which S3 has no equivalent of (moto
+/// cannot refuse writes to one prefix). An S3 endpoint that is cut (refused, then a black
+/// hole) is `scripts/test-stores.sh store_loss`.
 #[tokio::test]
 async fn shared_ack_refuses_appends_while_the_store_is_down_and_recovers() {
     let bucket = tempfile::tempdir().unwrap();
@@ -190,7 +333,7 @@ async fn shared_ack_refuses_appends_while_the_store_is_down_and_recovers() {
 
 #[tokio::test]
 async fn shared_ack_survives_the_loss_of_the_cache() {
-    let bucket = tempfile::tempdir().unwrap();
+    let bucket = TestBucket::new().await;
     let keys = [
         PartitionKey::new(1, 0),
         PartitionKey::new(1, 1),
@@ -198,14 +341,7 @@ async fn shared_ack_survives_the_loss_of_the_cache() {
     ];
     {
         let cache = tempfile::tempdir().unwrap();
-        let store = ObjectLogStore::open(
-            fs_operator(bucket.path()),
-            "fs",
-            cache.path(),
-            config(AckPoint::Shared),
-        )
-        .await
-        .unwrap();
+        let store = bucket.open(cache.path(), config(AckPoint::Shared)).await;
         for key in keys {
             store.create_partition(key).await.unwrap();
         }
@@ -232,14 +368,7 @@ async fn shared_ack_survives_the_loss_of_the_cache() {
         drop(store);
     }
     let cache = tempfile::tempdir().unwrap();
-    let store = ObjectLogStore::open(
-        fs_operator(bucket.path()),
-        "fs",
-        cache.path(),
-        config(AckPoint::Shared),
-    )
-    .await
-    .unwrap();
+    let store = bucket.open(cache.path(), config(AckPoint::Shared)).await;
     for (k, key) in keys.into_iter().enumerate() {
         let want = if k == 0 { 35 } else { 30 };
         let got = read_all(&store, key, 0).await;
@@ -251,6 +380,78 @@ async fn shared_ack_survives_the_loss_of_the_cache() {
         assert_eq!(bodies, expected, "partition {key}");
     }
     assert_eq!(append(&store, keys[0], batch(1, 0, "next")).await, 35);
+    store.close().await.unwrap();
+}
+
+/// Shared ack: a WAL object stays in the bucket while any batch in it is only there, and is
+/// deleted once its batches are in shipped segments; retention then deletes the segment
+/// objects below the new start. Each is checked by listing the bucket before and after.
+#[tokio::test]
+async fn wal_objects_are_collected_once_shipped_and_retention_deletes_segments() {
+    let bucket = TestBucket::new().await;
+    let cache = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(4, 0);
+    let mut cfg = config(AckPoint::Shared);
+    // No segment fills up: only ship_all seals and ships, so that every acknowledgement
+    // comes from a WAL object (shipping a segment also acknowledges what it holds).
+    cfg.cache.segment_bytes = 1 << 20;
+    let store = bucket.open(cache.path(), cfg).await;
+    store.create_partition(key).await.unwrap();
+    for round in 0..3i64 {
+        for i in 0..10 {
+            append(
+                &store,
+                key,
+                batch(1, round * 1000 + i, &format!("{round}-{i}")),
+            )
+            .await;
+        }
+        let held = bucket.objects("wal/").await;
+        assert!(
+            !held.is_empty(),
+            "round {round}: acknowledged batches are in WAL objects"
+        );
+        store.shared.collect_wal().await;
+        assert_eq!(
+            bucket.objects("wal/").await,
+            held,
+            "round {round}: WAL objects whose batches are in no shipped segment stay"
+        );
+        store.ship_all().await.unwrap();
+        assert_eq!(store.shipped_end(key).unwrap(), (round + 1) * 10);
+        let left = bucket.objects("wal/").await;
+        assert!(
+            left.is_empty(),
+            "round {round}: WAL objects whose batches are in shipped segments are deleted: {left:?}"
+        );
+    }
+    // Three shipped segments, [0, 10), [10, 20), [20, 30); retention by age drops the two
+    // older ones (the newest unit is never dropped).
+    let dir = layout::segments_dir(key);
+    let before = bucket.objects(&dir).await;
+    let ends: std::collections::BTreeSet<i64> = before.iter().map(|p| segment_end(p)).collect();
+    assert_eq!(ends, [10, 20, 30].into(), "{before:?}");
+    let policy = RetentionPolicy {
+        max_age_ms: Some(1000),
+        max_bytes: None,
+        now_ms: 2500,
+    };
+    assert_eq!(store.apply_retention(key, policy).await.unwrap(), 20);
+    let kept: std::collections::BTreeSet<String> = before
+        .iter()
+        .filter(|p| segment_end(p) > 20)
+        .cloned()
+        .collect();
+    assert!(!kept.is_empty());
+    assert_eq!(
+        bucket.objects(&dir).await,
+        kept,
+        "retention deletes the segment objects below the new start"
+    );
+    let got = read_all(&store, key, 20).await;
+    let bodies: Vec<_> = got.iter().map(|b| b.payload.clone()).collect();
+    let want: Vec<_> = (0..10).map(|i| Bytes::from(format!("2-{i}"))).collect();
+    assert_eq!(bodies, want);
     store.close().await.unwrap();
 }
 
@@ -317,17 +518,10 @@ mod model {
     }
 
     async fn run(ack: AckPoint, actions: Vec<Action>) -> Result<(), TestCaseError> {
-        let bucket = tempfile::tempdir().unwrap();
+        let bucket = TestBucket::new().await;
         let mut cache = tempfile::tempdir().unwrap();
-        let open = |cache: &std::path::Path| {
-            ObjectLogStore::open(
-                fs_operator(bucket.path()),
-                "fs",
-                cache.to_path_buf(),
-                config(ack),
-            )
-        };
-        let mut store = open(cache.path()).await.unwrap();
+        let open = |cache: std::path::PathBuf| bucket.open(cache, config(ack));
+        let mut store = open(cache.path().to_path_buf()).await;
         store.create_partition(P).await.unwrap();
         let mut m = Model::default();
         // A hang names its step instead of stalling the test run.
@@ -412,12 +606,12 @@ mod model {
                 Action::CleanRestart => {
                     store.close().await.unwrap();
                     drop(store);
-                    store = open(cache.path()).await.unwrap();
+                    store = open(cache.path().to_path_buf()).await;
                 }
                 Action::CrashRestart => {
                     store.abandon().await;
                     drop(store);
-                    store = open(cache.path()).await.unwrap();
+                    store = open(cache.path().to_path_buf()).await;
                 }
                 Action::LoseCache => {
                     if ack != AckPoint::Shared {
@@ -426,7 +620,7 @@ mod model {
                     store.abandon().await;
                     drop(store);
                     cache = tempfile::tempdir().unwrap();
-                    store = open(cache.path()).await.unwrap();
+                    store = open(cache.path().to_path_buf()).await;
                 }
             }
             let bounds = store.bounds(P).await.unwrap();
