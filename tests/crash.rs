@@ -31,7 +31,7 @@ fn value(round: usize, writer: usize, seq: u64) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_sigkill() {
     let dir = tempfile::tempdir().unwrap();
-    sigkill_rounds(free_port_args(dir.path())).await;
+    sigkill_rounds(free_port_args(dir.path()), ROUNDS).await;
 }
 
 /// The same on the object-store log (a filesystem bucket through OpenDAL), acknowledging
@@ -40,28 +40,64 @@ async fn acknowledged_appends_survive_sigkill() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_appends_survive_sigkill_on_the_object_store_log() {
     let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("opendal.toml");
+    sigkill_rounds(object_log_args(dir.path(), "shared"), ROUNDS).await;
+    assert_segments_shipped(dir.path());
+}
+
+/// The object-store log acknowledging once the local cache has fsynced (`opendal_ack =
+/// local`): a restart on the same data directory joins the cache (ahead of the bucket) with
+/// the segments shipped before the kill. Fewer rounds, to keep it short.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_appends_survive_sigkill_on_the_object_store_log_with_local_ack() {
+    let dir = tempfile::tempdir().unwrap();
+    sigkill_rounds(object_log_args(dir.path(), "local"), 8).await;
+    assert_segments_shipped(dir.path());
+}
+
+/// The rounds went through the object store, not only the cache: segments were shipped.
+fn assert_segments_shipped(dir: &std::path::Path) {
+    fn logs(dir: &std::path::Path) -> usize {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries
+                .map(|e| e.unwrap().path())
+                .map(|p| {
+                    if p.is_dir() {
+                        logs(&p)
+                    } else {
+                        usize::from(p.extension().is_some_and(|x| x == "log"))
+                    }
+                })
+                .sum()
+        })
+    }
+    let shipped = logs(&dir.join("bucket").join("segments"));
+    assert!(shipped > 0, "no segment object in the bucket");
+}
+
+/// Server arguments for the object-store log on a filesystem bucket under `dir`.
+fn object_log_args(dir: &std::path::Path, ack: &str) -> Vec<String> {
+    let config = dir.join("opendal.toml");
     std::fs::write(
         &config,
         format!(
-            "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_seal_interval_ms = 300\n\
+            "storage = \"opendal\"\nopendal_ack = \"{ack}\"\nopendal_seal_interval_ms = 300\n\
              opendal_upload_interval_ms = 20\n[opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
-            dir.path().join("bucket").display()
+            dir.join("bucket").display()
         ),
     )
     .unwrap();
-    let mut args = free_port_args(dir.path());
+    let mut args = free_port_args(dir);
     args.extend(["--config".into(), config.display().to_string()]);
-    sigkill_rounds(args).await;
+    args
 }
 
-async fn sigkill_rounds(mut args: Vec<String>) {
+async fn sigkill_rounds(mut args: Vec<String>, rounds: usize) {
     // Small segments so that kills also land around segment rolls.
     args.extend(["--segment-bytes".into(), "1048576".into()]);
     let mut acked_total: Vec<(String, i64)> = Vec::new();
     let mut rng = rand::rng();
 
-    for round in 0..ROUNDS {
+    for round in 0..rounds {
         let server = Server::start(&args);
         let client = server.client();
         if round == 0 {
@@ -147,7 +183,7 @@ async fn sigkill_rounds(mut args: Vec<String>) {
     let server = Server::start(&args);
     verify(&server.client(), &acked_total).await;
     assert!(
-        acked_total.len() >= ROUNDS,
+        acked_total.len() >= rounds,
         "each round acknowledged something"
     );
 }
