@@ -3,10 +3,12 @@
 # and started on free loopback ports with their state under a temporary work dir:
 #
 #   scripts/test-stores.sh              # every store this script knows
-#   scripts/test-stores.sh etcd redis   # some of them (etcd redis sql s3 hdfs compat store_loss)
+#   scripts/test-stores.sh etcd redis   # some of them (etcd redis sql s3 hdfs compat store_loss
+#                                       # bad_start)
 #
 # `compat` runs Kafka, MQTT and AMQP scenarios against TRIBUTARY_BIN with the log on S3 and the
-# metadata on etcd; `store_loss` cuts S3 and etcd under producing Kafka, AMQP and MQTT clients.
+# metadata on etcd; `store_loss` cuts S3 and etcd under producing Kafka, AMQP, MQTT and SQS
+# clients; `bad_start` starts TRIBUTARY_BIN on a missing bucket and with wrong S3 keys.
 #
 # TRIBUTARY_REQUIRE_STORES=1 makes a test whose store URL is missing fail instead of skip, so a
 # store that did not start cannot pass silently. Each store has its own run_<store> function;
@@ -177,12 +179,12 @@ run_compat() {
 
 # --- A store lost during operation (issue 17) ---------------------------------------------------
 #
-# Kafka (confluent-kafka), AMQP (pika, publisher confirms) and MQTT (paho, QoS 1) clients
-# produce continuously while the log's S3 (through a proxy in the test: refused, then a black
-# hole) or etcd (SIGSTOP, then kill -9 and a restart) is gone for 15 s; nothing acknowledged may
-# be lost and service must resume without restarting Tributary. Each scenario's outcome (errors
-# the clients saw, time from the store's return to the first acknowledgement) is printed at
-# the end.
+# Kafka (confluent-kafka), AMQP (pika, publisher confirms), MQTT (paho, QoS 1) and SQS (boto3)
+# clients produce continuously while the log's S3 (through a proxy in the test: refused, then a
+# black hole) or etcd (SIGSTOP, then kill -9 and a restart) is gone for 15 s; nothing
+# acknowledged may be lost and service must resume without restarting Tributary. Each
+# scenario's outcome (errors the clients saw, time from the store's return to the first
+# acknowledgement) is printed at the end. STORE_LOSS_PROTOCOLS="sqs amqp" runs some protocols.
 
 run_store_loss() {
     [[ -x "${TRIBUTARY_BIN:-}" ]] || { echo "test-stores.sh store_loss: set TRIBUTARY_BIN to a built tributary" >&2; return 2; }
@@ -193,10 +195,13 @@ run_store_loss() {
     local report="$STORES_DIR/store-loss.txt" rc=0 p
     : > "$report"
     # Kafka meets all four outages; AMQP and MQTT the two that differ for them (an S3 black
-    # hole: AMQP's log is on S3; etcd killed: both keep state there). STORE_LOSS_ALL=1 runs
-    # every outage for every protocol (about 3 minutes more).
-    local -A picked=([kafka]="" [amqp]="s3-blackhole etcd-kill" [mqtt]="etcd-stop etcd-kill")
-    for p in kafka amqp mqtt; do
+    # hole: AMQP's and SQS's log is on S3; etcd killed: AMQP and MQTT keep state there, SQS
+    # sends must not need it; about 20 s each). STORE_LOSS_ALL=1 runs every outage for every
+    # protocol (about 3 minutes more).
+    local -A picked=([kafka]="" [amqp]="s3-blackhole etcd-kill" [mqtt]="etcd-stop etcd-kill"
+                     [sqs]="s3-blackhole etcd-kill")
+    for p in ${STORE_LOSS_PROTOCOLS:-kafka amqp mqtt sqs}; do
+        [[ -v "picked[$p]" ]] || { echo "store_loss: unknown protocol $p" >&2; return 2; }
         local targets=() o
         if [[ -n "${STORE_LOSS_ALL:-}" || -z "${picked[$p]}" ]]; then
             targets=("compat-tests/$p/test_store_loss.py")
@@ -204,7 +209,7 @@ run_store_loss() {
             for o in ${picked[$p]}; do targets+=("compat-tests/$p/test_store_loss.py::test_store_loss[$o]"); done
         fi
         TRIBUTARY_TEST_STORAGE_TOML="$STORES_DIR/storage-shared.toml" KAFKA_REFERENCE=off \
-            AMQP_REFERENCE=off TRIBUTARY_STORE_LOSS_REPORT="$report" \
+            AMQP_REFERENCE=off SQS_REFERENCE=off TRIBUTARY_STORE_LOSS_REPORT="$report" \
             scripts/compat.sh "$p" -p no:randomly "${targets[@]}" || rc=1
     done
     echo "== store loss outcomes"
@@ -212,9 +217,105 @@ run_store_loss() {
     return "$rc"
 }
 
+# --- A bad start (issue 17): a missing bucket, wrong S3 keys ----------------------------------
+#
+# TRIBUTARY_BIN with the log on moto's S3 with IAM enforced (s3_auth_start): with the bucket
+# missing, an unknown access key id or a wrong secret it must exit non-zero by itself, print
+# one line (all of stderr) naming the store and S3's error code, and create nothing (its data
+# directory stays absent). The same configuration with the right key and bucket starts: the
+# refusals are the bucket's and the keys' doing. (An unreachable S3 or metadata store:
+# tests/process.rs, on a closed port.)
+
+bad_start_args=(--core-listen 127.0.0.1:0 --admin-listen 127.0.0.1:0)
+for _flag in kafka mqtt mqtt-ws mqtt-tls mqtt-wss kafka-tls amqp amqp-tls sqs rocketmq namesrv; do
+    bad_start_args+=("--$_flag-listen" off)
+done
+unset _flag
+
+bad_start_config() { # dir bucket access-key secret-key
+    mkdir -p "$1"
+    cat > "$1/config.toml" <<TOML
+storage = "opendal"
+opendal_ack = "shared"
+
+[opendal]
+scheme = "s3"
+bucket = "$2"
+endpoint = "$TRIBUTARY_TEST_S3_AUTH_ENDPOINT"
+region = "us-east-1"
+access_key_id = "$3"
+secret_access_key = "$4"
+disable_config_load = "true"
+TOML
+}
+
+# Starts the server and waits (60 s at most) for its `ready` line, then stops it (SIGTERM).
+bad_start_control() { # dir
+    local d="$1" pid i
+    "$TRIBUTARY_BIN" --config "$d/config.toml" --data-dir "$d/data" "${bad_start_args[@]}" \
+        > "$d/stdout" 2> "$d/stderr" &
+    pid=$!
+    for i in $(seq 600); do
+        grep -qx ready "$d/stdout" && break
+        kill -0 "$pid" 2>/dev/null || break
+        sleep 0.1
+    done
+    if ! grep -qx ready "$d/stdout"; then
+        kill "$pid" 2>/dev/null || true
+        wait "$pid" || true
+        echo "bad_start: the control (right key and bucket) did not start:" >&2
+        cat "$d/stderr" >&2
+        return 1
+    fi
+    kill "$pid"
+    wait "$pid" || { echo "bad_start: the control did not stop cleanly" >&2; return 1; }
+    echo "bad_start: right key and bucket: started"
+}
+
+bad_start_expect() { # case dir reason
+    local name="$1" d="$2" reason="$3" rc=0
+    timeout 60 "$TRIBUTARY_BIN" --config "$d/config.toml" --data-dir "$d/data" \
+        "${bad_start_args[@]}" > "$d/stdout" 2> "$d/stderr" || rc=$?
+    local err fail=()
+    err=$(cat "$d/stderr")
+    ((rc != 0)) || fail+=("it started (exit 0)")
+    ((rc != 124)) || fail+=("it did not exit within 60 s")
+    [[ $(wc -l < "$d/stderr") -eq 1 && "$err" == error:* ]] || fail+=("stderr is not one error: line")
+    [[ "$err" == *"object store s3 (bucket="*"endpoint=$TRIBUTARY_TEST_S3_AUTH_ENDPOINT)"* ]] \
+        || fail+=("the store is not named")
+    [[ "$err" == *"$reason"* ]] || fail+=("the reason ($reason) is not given")
+    [[ "$err" != *panicked* ]] || fail+=("it panicked")
+    [[ ! -e "$d/data" ]] || fail+=("it wrote $(find "$d/data" | head -5 | tr '\n' ' ')")
+    if ((${#fail[@]})); then
+        local f
+        for f in "${fail[@]}"; do echo "bad_start: $name: $f" >&2; done
+        echo "exit $rc; stderr:" >&2
+        cat "$d/stderr" >&2
+        return 1
+    fi
+    echo "bad_start: $name: exit $rc, ${err:0:110}... $reason ..."
+}
+
+run_bad_start() {
+    [[ -x "${TRIBUTARY_BIN:-}" ]] || { echo "test-stores.sh bad_start: set TRIBUTARY_BIN to a built tributary" >&2; return 2; }
+    stores_install s3
+    s3_auth_start
+    local d="$STORES_DIR/bad-start" key="$TRIBUTARY_TEST_S3_AUTH_ACCESS_KEY"
+    local secret="$TRIBUTARY_TEST_S3_AUTH_SECRET_KEY" rc=0
+    bad_start_config "$d/control" tributary "$key" "$secret"
+    bad_start_control "$d/control" || rc=1
+    bad_start_config "$d/missing-bucket" no-such-bucket "$key" "$secret"
+    bad_start_expect "missing bucket" "$d/missing-bucket" NoSuchBucket || rc=1
+    bad_start_config "$d/unknown-key" tributary AKIAUNKNOWNKEY0000000 "$secret"
+    bad_start_expect "unknown access key id" "$d/unknown-key" InvalidAccessKeyId || rc=1
+    bad_start_config "$d/wrong-secret" tributary "$key" "not-the-secret"
+    bad_start_expect "wrong secret" "$d/wrong-secret" SignatureDoesNotMatch || rc=1
+    return "$rc"
+}
+
 # ---
 
-all=(etcd redis sql s3 hdfs compat store_loss)
+all=(etcd redis sql s3 hdfs compat store_loss bad_start)
 stores=("$@")
 [[ ${#stores[@]} -eq 0 ]] && stores=("${all[@]}")
 for s in "${stores[@]}"; do

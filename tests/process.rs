@@ -214,3 +214,113 @@ async fn a_corrupt_segment_stops_start_up_without_changing_it() {
         "the damaged segment was modified"
     );
 }
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Runs the server with `config` (a TOML file's text) on `data`, expecting it to fail
+/// because a store is unreachable: non-zero exit, one `error:` line (returned) naming
+/// `store`, no panic, and `data` exactly as it was before (absent, or an empty directory).
+fn refused_at_start(
+    dir: &std::path::Path,
+    config: &str,
+    data_existed: bool,
+    store: &str,
+) -> String {
+    let data = dir.join("data");
+    let file = dir.join("store.toml");
+    std::fs::write(&file, config).unwrap();
+    let mut args = free_port_args(&data);
+    args.extend(["--config".into(), file.display().to_string()]);
+    let (code, stderr) = run_expect_failure(&args);
+    assert_ne!(code, 0, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let errors: Vec<&str> = stderr.lines().filter(|l| l.starts_with("error:")).collect();
+    assert_eq!(errors.len(), 1, "{stderr}");
+    assert!(errors[0].contains(store), "{store} not named: {stderr}");
+    if data_existed {
+        let left: Vec<_> = std::fs::read_dir(&data).unwrap().collect();
+        assert!(left.is_empty(), "written into the data directory: {left:?}");
+    } else {
+        assert!(!data.exists(), "the data directory was created");
+    }
+    errors[0].to_string()
+}
+
+#[test]
+fn an_unreachable_object_store_fails_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = format!("http://127.0.0.1:{}", closed_port());
+    let config = format!(
+        "storage = \"opendal\"\nopendal_ack = \"shared\"\n[opendal]\nscheme = \"s3\"\n\
+         bucket = \"tributary\"\nendpoint = \"{endpoint}\"\nregion = \"us-east-1\"\n\
+         access_key_id = \"test\"\nsecret_access_key = \"test\"\ndisable_config_load = \"true\"\n"
+    );
+    let line = refused_at_start(
+        dir.path(),
+        &config,
+        false,
+        &format!("object store s3 (bucket=tributary endpoint={endpoint})"),
+    );
+    assert!(
+        line.contains("is unavailable: cannot list the bucket or root")
+            && line.contains("error sending request"),
+        "{line}"
+    );
+    // The object store is also reached first when it is not the default backend.
+    std::fs::create_dir(dir.path().join("data")).unwrap();
+    let config = config.replace("storage = \"opendal\"", "storage = \"local\"");
+    refused_at_start(dir.path(), &config, true, "object store s3");
+}
+
+#[test]
+fn an_unreachable_meta_store_fails_before_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = closed_port();
+    // The password must not be printed; the store and its address must.
+    let secret = "pw-not-for-logs";
+    for (kind, url, named) in [
+        (
+            "etcd",
+            format!("http://127.0.0.1:{port}"),
+            format!("metadata store: etcd at http://127.0.0.1:{port}"),
+        ),
+        (
+            "postgres",
+            format!("postgres://tributary:{secret}@127.0.0.1:{port}/tributary"),
+            format!("metadata store: postgres at postgres://tributary@127.0.0.1:{port}/tributary"),
+        ),
+        (
+            "mysql",
+            format!("mysql://tributary:{secret}@127.0.0.1:{port}/tributary"),
+            format!("metadata store: mysql at mysql://tributary@127.0.0.1:{port}/tributary"),
+        ),
+        (
+            "redis",
+            format!("redis://:{secret}@127.0.0.1:{port}"),
+            format!("metadata store: redis at redis://:***@127.0.0.1:{port}"),
+        ),
+    ] {
+        let config = format!("meta = \"{kind}\"\nmeta_url = \"{url}\"\n");
+        // Absent, and an existing empty directory: both left as they were.
+        for existed in [false, true] {
+            let data = dir.path().join("data");
+            let _ = std::fs::remove_dir_all(&data);
+            if existed {
+                std::fs::create_dir(&data).unwrap();
+            }
+            let line = refused_at_start(dir.path(), &config, existed, &named);
+            assert!(
+                line.to_lowercase().contains("connection refused"),
+                "{kind}: no reason given: {line}"
+            );
+            assert!(
+                !line.contains(secret),
+                "{kind}: the password was printed: {line}"
+            );
+        }
+    }
+}
