@@ -922,6 +922,26 @@ struct Attached {
     epoch: i64,
 }
 
+/// What a command stream's task keeps between commands.
+#[derive(Default)]
+struct AttachedStream {
+    attached: Option<Attached>,
+    closed: bool,
+    /// Publish answers held back for lagging subscribers, in the order of the publishes
+    /// (MQTT acknowledges in order); the commands behind them go on.
+    held: VecDeque<HeldReply>,
+}
+
+/// The next command, boxed (`None` at the end of the stream or on a transport error).
+fn boxed_command(
+    next: Option<Result<v1::SessionCommand, tonic::Status>>,
+) -> Option<Box<v1::SessionCommand>> {
+    match next {
+        Some(Ok(cmd)) => Some(Box::new(cmd)),
+        _ => None,
+    }
+}
+
 impl Core {
     fn broker(&self) -> &Broker {
         &self.inner.broker
@@ -942,86 +962,90 @@ impl Core {
         // this loop, not of the largest command's state machine (kilobytes each; a
         // publish's alone is about 4 KiB). One allocation per command is the price.
         tokio::spawn(async move {
-            let mut attached: Option<Attached> = None;
-            let mut closed = false;
-            // Publish answers held back for lagging subscribers, in the order of the
-            // publishes (MQTT acknowledges in order); the commands behind them go on.
-            let mut held: VecDeque<HeldReply> = VecDeque::new();
+            let mut state = AttachedStream::default();
             loop {
+                // Commands arrive boxed from here on: a command is some 700 bytes, and every
+                // local holding one would be part of the task's resting size.
                 let next = tokio::select! {
                     biased;
-                    () = held.front().map_or_else(
+                    () = state.held.front().map_or_else(
                         || futures::future::Either::Left(std::future::pending()),
                         |h| futures::future::Either::Right(h.ready()),
                     ) => {
-                        if let Some(h) = held.pop_front() {
+                        if let Some(h) = state.held.pop_front() {
                             let _ = tx.try_send(h.event);
                         }
                         continue;
                     }
-                    next = commands.next() => next,
+                    next = commands.next() => boxed_command(next),
                 };
-                let Some(Ok(cmd)) = next else { break };
-                let rid = cmd.request_id;
-                let Some(command) = cmd.command else { continue };
-                let result = match (command, &attached) {
-                    (Command::Open(open), None) => {
-                        match Box::pin(core.session_open(open, &tx, rid)).await {
-                            Ok(a) => {
-                                attached = Some(a);
-                                Ok(())
-                            }
-                            Err(e) => Err(e),
-                        }
-                    }
-                    (Command::Open(_), Some(_)) => Err(CoreError::InvalidArgument(
-                        "the session is already open on this stream".into(),
-                    )),
-                    (_, None) => Err(CoreError::InvalidArgument("open the session first".into())),
-                    (Command::Close(c), Some(a)) => {
-                        closed = true;
-                        let expiry = c.set_expiry.then_some(c.expiry_interval_ms);
-                        Box::pin(core.session_detach(a, c.publish_will, expiry)).await;
-                        let _ = tx.try_send(event(rid, Event::Closed(true)));
-                        Ok(())
-                    }
-                    (_, Some(_)) if closed => {
-                        Err(CoreError::InvalidArgument("the session is closed".into()))
-                    }
-                    (Command::Subscribe(s), Some(a)) => {
-                        Box::pin(core.session_subscribe(a, s, &tx, rid)).await
-                    }
-                    (Command::Unsubscribe(u), Some(a)) => {
-                        Box::pin(core.session_unsubscribe(a, u, &tx, rid)).await
-                    }
-                    (Command::Publish(p), Some(a)) => {
-                        match Box::pin(core.session_publish(a, p, rid)).await {
-                            Ok(Some(reply)) if held.is_empty() && reply.laggards.is_empty() => {
-                                let _ = tx.try_send(reply.event);
-                                Ok(())
-                            }
-                            Ok(Some(reply)) => {
-                                held.push_back(reply);
-                                Ok(())
-                            }
-                            Ok(None) => Ok(()),
-                            Err(e) => Err(e),
-                        }
-                    }
-                    (Command::Release(r), Some(a)) => {
-                        Box::pin(core.session_release(a, r.packet_id)).await
-                    }
-                    (Command::Ack(k), Some(a)) => Box::pin(core.session_ack(a, k, &tx)).await,
-                };
-                if let Err(e) = result {
-                    let _ = tx.try_send(event(rid, Event::Error(error_detail(&e))));
-                }
+                let Some(cmd) = next else { break };
+                Box::pin(core.session_command(cmd, &mut state, &tx)).await;
             }
-            if let (Some(a), false) = (&attached, closed) {
+            if let (Some(a), false) = (&state.attached, state.closed) {
                 Box::pin(core.session_detach(a, true, None)).await;
             }
         });
         rx
+    }
+
+    /// Serves one command of an attached stream; errors go back to the gateway as events.
+    async fn session_command(
+        &self,
+        cmd: Box<v1::SessionCommand>,
+        state: &mut AttachedStream,
+        tx: &EventSender,
+    ) {
+        let rid = cmd.request_id;
+        let Some(command) = cmd.command else { return };
+        let result = match (command, &state.attached) {
+            (Command::Open(open), None) => match Box::pin(self.session_open(open, tx, rid)).await {
+                Ok(a) => {
+                    state.attached = Some(a);
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            },
+            (Command::Open(_), Some(_)) => Err(CoreError::InvalidArgument(
+                "the session is already open on this stream".into(),
+            )),
+            (_, None) => Err(CoreError::InvalidArgument("open the session first".into())),
+            (Command::Close(c), Some(a)) => {
+                state.closed = true;
+                let expiry = c.set_expiry.then_some(c.expiry_interval_ms);
+                Box::pin(self.session_detach(a, c.publish_will, expiry)).await;
+                let _ = tx.try_send(event(rid, Event::Closed(true)));
+                Ok(())
+            }
+            (_, Some(_)) if state.closed => {
+                Err(CoreError::InvalidArgument("the session is closed".into()))
+            }
+            (Command::Subscribe(s), Some(a)) => {
+                Box::pin(self.session_subscribe(a, s, tx, rid)).await
+            }
+            (Command::Unsubscribe(u), Some(a)) => {
+                Box::pin(self.session_unsubscribe(a, u, tx, rid)).await
+            }
+            (Command::Publish(p), Some(a)) => {
+                match Box::pin(self.session_publish(a, p, rid)).await {
+                    Ok(Some(reply)) if state.held.is_empty() && reply.laggards.is_empty() => {
+                        let _ = tx.try_send(reply.event);
+                        Ok(())
+                    }
+                    Ok(Some(reply)) => {
+                        state.held.push_back(reply);
+                        Ok(())
+                    }
+                    Ok(None) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            (Command::Release(r), Some(a)) => Box::pin(self.session_release(a, r.packet_id)).await,
+            (Command::Ack(k), Some(a)) => Box::pin(self.session_ack(a, k, tx)).await,
+        };
+        if let Err(e) = result {
+            let _ = tx.try_send(event(rid, Event::Error(error_detail(&e))));
+        }
     }
 
     async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {

@@ -11,6 +11,7 @@ pub mod connections;
 pub mod gateway;
 pub mod handshake;
 pub mod identity;
+pub mod idle_buffers;
 pub mod listener;
 pub mod serve;
 pub mod tls;

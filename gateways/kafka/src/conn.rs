@@ -12,7 +12,7 @@ use kafka_protocol::messages::{
     SaslHandshakeResponse,
 };
 use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader, BufWriter};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -21,8 +21,10 @@ use crate::errors::ConnectionError;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
 
-/// Read and write buffer of each connection (see `serve_connection`).
+/// How much room each read of a connection asks for, and the largest answer gathered
+/// with others into one write (larger ones go to the socket directly).
 const CONNECTION_BUFFER: usize = 4 * 1024;
+use tributary_gateway_common::idle_buffers::{ReadBuffer, WriteBuffer};
 use tributary_gateway_common::{Accepted, ConnectionHandle, Traffic};
 
 /// What the gateway knows about the connection's client.
@@ -87,14 +89,9 @@ pub(crate) async fn serve_connection<S>(
         if let Some(p) = &principal {
             connection.set_user(p.as_str());
         }
-        // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already).
-        let (rd, wr) = tokio::io::split(socket);
-        // Idle connections cost their buffers (zeroed, so resident): 4 KiB each way. A Produce
-        // frame is read straight into its own buffer and a Fetch response larger than the
-        // buffer is written past it, so the buffers only batch small pipelined requests and
-        // their answers.
-        let mut rd = BufReader::with_capacity(CONNECTION_BUFFER, rd);
-        let mut wr = BufWriter::with_capacity(CONNECTION_BUFFER, wr);
+        // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already),
+        // read and written in turn: a connection serves one request at a time.
+        let mut io = socket;
         let mut session = Session {
             peer,
             listener,
@@ -110,7 +107,7 @@ pub(crate) async fn serve_connection<S>(
             connection,
         };
         let result = tokio::select! {
-            r = serve(&mut rd, &mut wr, &gateway, &mut session) => r,
+            r = serve(&mut io, &gateway, &mut session) => r,
             _ = stop.wait_for(|s| *s) => Ok(()),
         };
         match result {
@@ -131,58 +128,90 @@ pub(crate) async fn serve_connection<S>(
     .await
 }
 
-async fn serve<R, W>(
-    rd: &mut BufReader<R>,
-    wr: &mut BufWriter<W>,
+async fn serve<S>(
+    io: &mut S,
     gateway: &Gateway,
     session: &mut Session,
 ) -> Result<(), ConnectionError>
 where
-    R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    S: AsyncRead + AsyncWrite + Unpin,
 {
+    // Held only while they have bytes in them (idle_buffers.rs): an idle connection keeps
+    // neither.
+    let mut input = ReadBuffer::new(CONNECTION_BUFFER);
+    let mut output = WriteBuffer::default();
     loop {
-        // An operator's close is taken between requests: the one being served gets its
-        // answer (a produce its acknowledgement) first, and Kafka has no goodbye to send.
-        let size = tokio::select! {
-            size = rd.read_i32() => size,
-            () = session.connection.close_requested() => {
-                info!(client_id = %session.client_id, "connection closed by an operator");
-                return Ok(());
+        let frame = loop {
+            let want = match next_frame(input.bytes(), gateway.config.max_request_bytes)? {
+                Frame::Whole(frame) => break frame,
+                Frame::Missing(n) => n,
+            };
+            // An operator's close is taken between requests: the one being served gets its
+            // answer (a produce its acknowledgement) first, and Kafka has no goodbye to send.
+            let read = tokio::select! {
+                n = input.fill(io, want) => n?,
+                () = session.connection.close_requested() => {
+                    info!(client_id = %session.client_id, "connection closed by an operator");
+                    return Ok(());
+                }
+            };
+            if read == 0 {
+                if input.is_empty() {
+                    return Ok(());
+                }
+                return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
         };
-        let size = match size {
-            Ok(s) => s,
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-            Err(e) => return Err(e.into()),
-        };
-        if size < 0 || size as usize > gateway.config.max_request_bytes {
-            return Err(ConnectionError::TooLarge {
-                size: size as i64,
-                limit: gateway.config.max_request_bytes,
-            });
-        }
-        let mut frame = BytesMut::zeroed(size as usize);
-        rd.read_exact(&mut frame).await?;
         // Boxed: inline, every request handler's state machine would size the connection's
         // task, which an idle connection holds while it waits for its next request.
-        let Some(response) = Box::pin(handle_frame(frame.freeze(), gateway, session)).await? else {
+        let Some(response) = Box::pin(handle_frame(frame, gateway, session)).await? else {
             continue;
         };
-        // Size prefix and body go to the writer separately: a body larger than its buffer is
-        // written straight to the socket instead of being copied once more.
-        wr.write_all(&(response.len() as i32).to_be_bytes()).await?;
-        wr.write_all(&response).await?;
-        // Flush only when no further request is already buffered: pipelined requests are
+        output.extend_from_slice(&(response.len() as i32).to_be_bytes());
+        if response.len() <= CONNECTION_BUFFER {
+            output.extend_from_slice(&response);
+        } else {
+            // A large body (a Fetch) goes straight to the socket instead of being copied once
+            // more.
+            output.flush(io).await?;
+            io.write_all(&response).await?;
+        }
+        // Flush only when no further request is already read: pipelined requests are
         // answered with one write.
-        if rd.buffer().is_empty() {
-            wr.flush().await?;
+        if input.is_empty() || session.close_after.is_some() {
+            output.flush(io).await?;
         }
         if let Some(why) = session.close_after.take() {
-            wr.flush().await?;
             return Err(ConnectionError::AuthenticationFailed(why));
         }
     }
+}
+
+enum Frame {
+    Whole(Bytes),
+    /// How many more bytes the next frame needs (0 while its size is not read yet).
+    Missing(usize),
+}
+
+/// Takes the next whole size-prefixed frame off the front of `buf`.
+fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Frame, ConnectionError> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(Frame::Missing(0));
+    };
+    let size = i32::from_be_bytes([prefix[0], prefix[1], prefix[2], prefix[3]]);
+    if size < 0 || size as usize > max {
+        return Err(ConnectionError::TooLarge {
+            size: i64::from(size),
+            limit: max,
+        });
+    }
+    let total = 4 + size as usize;
+    if buf.len() < total {
+        return Ok(Frame::Missing(total - buf.len()));
+    }
+    let mut frame = buf.split_to(total);
+    frame.advance(4);
+    Ok(Frame::Whole(frame.freeze()))
 }
 
 /// Decodes one request frame, serves it and returns the encoded response (header + body),

@@ -17,9 +17,10 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::codec::{Decoder, Encoder, FramedRead};
+use tokio_util::codec::{Decoder, Encoder};
 use tracing::{Instrument, debug, info, info_span};
 use tributary_gateway_common::client::SessionEvents;
+use tributary_gateway_common::idle_buffers::ReadBuffer;
 use tributary_gateway_common::{ConnectionHandle, Traffic};
 use tributary_proto::v1::{self, SessionCommand, session_command::Command, session_event::Event};
 
@@ -38,7 +39,8 @@ const COMMAND_WINDOW: usize = 4096;
 const READ_ROOM: usize = 512;
 
 /// Starting size of a connection's read and write buffers; they grow with the packets.
-/// Small, because most of 1,000s of connections are idle most of the time.
+/// Small, because most of 1,000s of connections are idle most of the time, and held only
+/// while they have bytes in them (idle_buffers.rs).
 const IDLE_BUFFER: usize = 2 * 1024;
 
 /// How long a client has to send CONNECT after the TCP connection opens.
@@ -263,7 +265,17 @@ impl Client {
             })
     }
 
+    /// The write buffer is given up after each flush (idle_buffers.rs); a burst of
+    /// packets starts it at its usual size instead of growing it packet by packet.
+    fn out(&mut self) -> &mut BytesMut {
+        if self.out.capacity() == 0 {
+            self.out.reserve(IDLE_BUFFER);
+        }
+        &mut self.out
+    }
+
     fn encode3(&mut self, p: v3::Packet) -> Result<(), ConnError> {
+        self.out();
         let MqttCodec::V3(c) = &mut self.codec else {
             return Err(ConnError::Protocol("codec mismatch"));
         };
@@ -273,6 +285,7 @@ impl Client {
 
     /// Encodes a 5.0 packet; `Ok(false)` when it exceeds the client's Maximum Packet Size.
     fn encode5(&mut self, p: v5::Packet) -> Result<bool, ConnError> {
+        self.out();
         let MqttCodec::V5(c) = &mut self.codec else {
             return Err(ConnError::Protocol("codec mismatch"));
         };
@@ -286,8 +299,9 @@ impl Client {
     async fn flush(&mut self) -> Result<(), ConnError> {
         if !self.out.is_empty() {
             self.writer.write_all(&self.out).await?;
-            self.out.clear();
         }
+        // An idle connection keeps no write buffer.
+        self.out = BytesMut::new();
         Ok(())
     }
 
@@ -1090,15 +1104,23 @@ async fn refuse(
     ConnError::Refused(why, v5_code)
 }
 
-async fn run(
+/// A connection whose CONNECT was accepted and whose core session is open.
+struct Connected {
+    client: Client,
+    reader: PacketReader,
+    events: SessionEvents,
+    keep_alive: u16,
+}
+
+/// CONNECT to CONNACK: checks, authentication, the core session's open.
+async fn open_session(
     rd: Reader,
     mut writer: Writer,
     gw: Arc<Gateway>,
     peer: SocketAddr,
     listener: &'static str,
-    connection: ConnectionHandle,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), ConnError> {
+    connection: &ConnectionHandle,
+) -> Result<Connected, ConnError> {
     let traffic = Traffic::new(listener);
     let max_in = gw.config.max_packet_size;
     let mut rd = rd;
@@ -1139,7 +1161,7 @@ async fn run(
             return Err(decode_error(e));
         }
     };
-    let mut reader = FramedRead::with_capacity(rd, codec, IDLE_BUFFER);
+    let reader = PacketReader::new(rd, codec, max_in);
     let mut c = connect_info(first)?;
     if let Some(clean_start) = v5_clean_start {
         c.clean_start = clean_start;
@@ -1317,7 +1339,7 @@ async fn run(
         client_id: c.client_id.clone(),
         user: c.user.clone(),
         codec,
-        out: BytesMut::with_capacity(IDLE_BUFFER),
+        out: BytesMut::new(),
         writer,
         commands,
         next_rid: 1,
@@ -1353,7 +1375,32 @@ async fn run(
         keep_alive,
         "connected"
     );
+    Ok(Connected {
+        client,
+        reader,
+        events,
+        keep_alive,
+    })
+}
 
+async fn run(
+    rd: Reader,
+    writer: Writer,
+    gw: Arc<Gateway>,
+    peer: SocketAddr,
+    listener: &'static str,
+    connection: ConnectionHandle,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), ConnError> {
+    // Boxed: the CONNECT phase's state (its futures, the CONNECT packet, the login) is
+    // given back once the session runs, so an idle connection's task rests at the size of
+    // the session loop.
+    let Connected {
+        mut client,
+        mut reader,
+        mut events,
+        keep_alive,
+    } = Box::pin(open_session(rd, writer, gw, peer, listener, &connection)).await?;
     let result = session_loop(
         &mut client,
         &mut reader,
@@ -1383,6 +1430,58 @@ async fn run(
     result
 }
 
+/// The client's packets, decoded from a read buffer that an idle connection does not hold.
+struct PacketReader {
+    rd: Reader,
+    input: ReadBuffer,
+    codec: MqttCodec,
+    /// The largest packet taken: room is never made for more on a header's word.
+    max_packet: usize,
+}
+
+impl PacketReader {
+    fn new(rd: Reader, codec: MqttCodec, max_packet: u32) -> Self {
+        Self {
+            rd,
+            input: ReadBuffer::new(IDLE_BUFFER),
+            codec,
+            max_packet: max_packet as usize,
+        }
+    }
+
+    /// The next packet, `None` at the end of the stream (a packet cut short by it too).
+    /// Cancel-safe, as `ReadBuffer::fill`: bytes read stay in the buffer.
+    async fn next(&mut self) -> Option<Result<(MqttPacket, u32), DecodeError>> {
+        loop {
+            match self.codec.decode(self.input.bytes()) {
+                Ok(Some(p)) => return Some(Ok(p)),
+                Ok(None) => {}
+                Err(e) => return Some(Err(e)),
+            }
+            let want = missing_bytes(self.input.bytes()).min(self.max_packet);
+            match self.input.fill(&mut self.rd, want).await {
+                Ok(0) => return None,
+                Ok(_) => {}
+                Err(e) => return Some(Err(e.into())),
+            }
+        }
+    }
+}
+
+/// How many more bytes the packet at the front of `buf` needs, from its fixed header (0
+/// when the header itself is not all there); the read makes room for all of it at once.
+fn missing_bytes(buf: &[u8]) -> usize {
+    let mut len = 0usize;
+    for i in 0..4 {
+        let Some(&b) = buf.get(1 + i) else { return 0 };
+        len |= usize::from(b & 0x7F) << (7 * i);
+        if b & 0x80 == 0 {
+            return (2 + i + len).saturating_sub(buf.len());
+        }
+    }
+    0
+}
+
 /// Waits (bounded) until the core ends a session stream whose commands have ended.
 async fn end_core_stream(mut events: SessionEvents) {
     let ended = tokio::time::timeout(STREAM_END_TIMEOUT, async {
@@ -1396,7 +1495,7 @@ async fn end_core_stream(mut events: SessionEvents) {
 
 async fn session_loop(
     client: &mut Client,
-    reader: &mut FramedRead<Reader, MqttCodec>,
+    reader: &mut PacketReader,
     events: &mut SessionEvents,
     keep_alive: u16,
     stop: &mut watch::Receiver<bool>,
