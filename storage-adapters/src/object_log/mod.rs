@@ -176,10 +176,18 @@ impl PartState {
     }
 }
 
-fn object_error(store: &str, what: &str, e: impl std::fmt::Display) -> StorageError {
+fn object_error(store: &str, what: &str, e: impl std::error::Error) -> StorageError {
+    // The causes too: OpenDAL's own message stops at "error sending request", and what
+    // the operator needs ("connection refused", a DNS failure) is in its sources.
+    let mut reason = format!("{what}: {e}");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        reason.push_str(&format!(": {cause}"));
+        source = cause.source();
+    }
     StorageError::Unavailable {
         store: format!("object store {store}"),
-        reason: format!("{what}: {e}"),
+        reason,
     }
 }
 
@@ -305,7 +313,10 @@ impl Shared {
     }
 
     fn err(&self, what: &str, e: impl std::fmt::Display) -> StorageError {
-        object_error(&self.name, what, e)
+        StorageError::Unavailable {
+            store: format!("object store {}", self.name),
+            reason: format!("{what}: {e}"),
+        }
     }
 
     async fn put_marker(&self, key: PartitionKey, marker: Marker) -> Result<()> {
