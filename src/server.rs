@@ -1273,7 +1273,7 @@ impl tributary_gateway_common::client::LocalSessions for CoreSessions {
     ) -> tributary_gateway_common::client::SessionEvents {
         use tokio_stream::StreamExt;
         let events = self.0.attach_session(commands.map(Ok));
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(events).map(|event| Ok(*event)))
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(events).map(Ok))
     }
 }
 

@@ -933,11 +933,11 @@ struct AttachedStream {
 }
 
 /// The next command, boxed (`None` at the end of the stream or on a transport error).
-fn boxed_command(
-    next: Option<Result<v1::SessionCommand, tonic::Status>>,
+fn boxed_command<C: Into<Box<v1::SessionCommand>>>(
+    next: Option<Result<C, tonic::Status>>,
 ) -> Option<Box<v1::SessionCommand>> {
     match next {
-        Some(Ok(cmd)) => Some(Box::new(cmd)),
+        Some(Ok(cmd)) => Some(cmd.into()),
         _ => None,
     }
 }
@@ -948,13 +948,15 @@ impl Core {
     }
 
     /// Serves one attached connection: reads commands until the gateway closes the stream.
-    pub fn attach_session(
+    /// Commands may come boxed (a gateway in this process keeps them boxed on their way) or
+    /// not (the gRPC stream).
+    pub fn attach_session<C>(
         &self,
-        mut commands: impl Stream<Item = Result<v1::SessionCommand, tonic::Status>>
-        + Send
-        + Unpin
-        + 'static,
-    ) -> mpsc::Receiver<Box<v1::SessionEvent>> {
+        mut commands: impl Stream<Item = Result<C, tonic::Status>> + Send + Unpin + 'static,
+    ) -> mpsc::Receiver<Box<v1::SessionEvent>>
+    where
+        C: Into<Box<v1::SessionCommand>> + Send + 'static,
+    {
         let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
         let tx = EventSender(tx);
         let core = self.clone();

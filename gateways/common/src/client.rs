@@ -110,10 +110,12 @@ pub struct CoreTls {
 }
 
 /// The events of one attached session, whatever the transport.
+/// Boxed both ways: a command or event is some 600-700 bytes, moved several times between
+/// the connection and the core; boxed, it is allocated once and moved as a pointer.
 pub type SessionEvents =
-    Pin<Box<dyn futures::Stream<Item = Result<SessionEvent, tonic::Status>> + Send>>;
+    Pin<Box<dyn futures::Stream<Item = Result<Box<SessionEvent>, tonic::Status>> + Send>>;
 /// The commands of one attached session.
-pub type SessionCommands = Pin<Box<dyn futures::Stream<Item = SessionCommand> + Send>>;
+pub type SessionCommands = Pin<Box<dyn futures::Stream<Item = Box<SessionCommand>> + Send>>;
 
 /// `Sessions.Attach` served by a core in this process without the gRPC encoding: one
 /// session stream per client connection carries every delivery, and encoding each one into
@@ -284,13 +286,19 @@ impl CoreClient {
     /// Attaches a session stream (`Sessions.Attach`): commands in, events out.
     pub async fn attach_session(
         &self,
-        commands: impl futures::Stream<Item = SessionCommand> + Send + 'static,
+        commands: impl futures::Stream<Item = Box<SessionCommand>> + Send + 'static,
     ) -> Result<SessionEvents, tonic::Status> {
+        use futures::StreamExt;
         if let Some(local) = &self.local_sessions {
             return Ok(local.attach(Box::pin(commands)));
         }
-        let events = self.sessions.clone().attach(commands).await?.into_inner();
-        Ok(Box::pin(events))
+        let events = self
+            .sessions
+            .clone()
+            .attach(commands.map(|command| *command))
+            .await?
+            .into_inner();
+        Ok(Box::pin(events.map(|event| event.map(Box::new))))
     }
 
     /// A client that calls the core's services in this process.

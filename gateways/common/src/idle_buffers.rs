@@ -4,10 +4,9 @@
 //! the connection and kept for its life costs every idle connection its capacity (the
 //! kernel's socket buffers are separate and not counted in the process's memory); at a few
 //! KiB each way that was most of an idle Kafka connection's 12 KiB. Here the read buffer
-//! is given up whenever it is empty and the connection waits for its next bytes with a
-//! small array on the waiting future; the write buffer is given up after each flush.
-//! A busy connection re-allocates once per burst of reads, which the allocator's
-//! thread caches make cheap next to the system calls around it.
+//! is given up when it is empty and the socket has nothing more (a busy connection keeps
+//! it), and the connection then waits for its next bytes with a small array on the
+//! waiting future; the write buffer is given up after each flush.
 
 use bytes::BytesMut;
 use futures::FutureExt;
@@ -50,6 +49,11 @@ impl ReadBuffer {
         want: usize,
     ) -> std::io::Result<usize> {
         if self.buf.is_empty() {
+            // A busy connection keeps its buffer: whatever has arrived is read into it at once.
+            self.buf.reserve(self.chunk.max(want));
+            if let Some(read) = rd.read_buf(&mut self.buf).now_or_never() {
+                return read;
+            }
             // Nothing pending: give the buffer up and wait with a few bytes on the future
             // (a read that returns nothing consumes nothing, so dropping it loses nothing).
             self.buf = BytesMut::new();

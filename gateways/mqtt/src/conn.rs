@@ -43,6 +43,9 @@ const READ_ROOM: usize = 512;
 /// while they have bytes in them (idle_buffers.rs).
 const IDLE_BUFFER: usize = 2 * 1024;
 
+/// The largest write buffer a connection keeps between batches (see `Client::flush`).
+const MAX_KEPT_WRITE_BUFFER: usize = 256 * 1024;
+
 /// How long a client has to send CONNECT after the TCP connection opens.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a connection that ended waits for the core to finish its commands.
@@ -297,11 +300,17 @@ impl Client {
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
-        if !self.out.is_empty() {
+        let written = self.out.len();
+        if written > 0 {
             self.writer.write_all(&self.out).await?;
         }
-        // An idle connection keeps no write buffer.
-        self.out = BytesMut::new();
+        // An idle connection keeps no write buffer; one that writes large batches keeps its
+        // own (up to a bound) instead of growing a new one, copy by copy, for every batch.
+        if written <= IDLE_BUFFER || self.out.capacity() > MAX_KEPT_WRITE_BUFFER {
+            self.out = BytesMut::new();
+        } else {
+            self.out.clear();
+        }
         Ok(())
     }
 
@@ -434,7 +443,7 @@ impl Client {
     }
 
     /// Answers a core event. `Ok(false)` = the session was closed normally.
-    fn on_event(&mut self, e: v1::SessionEvent) -> Result<bool, ConnError> {
+    fn on_event(&mut self, e: Box<v1::SessionEvent>) -> Result<bool, ConnError> {
         let reply = self.replies.remove(&e.request_id);
         match (e.event, reply) {
             (Some(Event::Delivery(d)), _) => self.deliver(d)?,
@@ -1297,7 +1306,7 @@ async fn open_session(
     let _ = commands.try_send(Box::new(open));
     let mut events = match gw
         .core
-        .attach_session(ReceiverStream::new(command_rx).map(|command| *command))
+        .attach_session(ReceiverStream::new(command_rx))
         .await
     {
         Ok(events) => events,
@@ -1307,15 +1316,12 @@ async fn open_session(
         }
     };
     let opened = loop {
-        match tokio::time::timeout(CONNECT_TIMEOUT, events.next()).await {
-            Ok(Some(Ok(v1::SessionEvent {
-                event: Some(Event::Opened(o)),
-                ..
-            }))) => break o,
-            Ok(Some(Ok(v1::SessionEvent {
-                event: Some(Event::Error(e)),
-                ..
-            }))) => {
+        match tokio::time::timeout(CONNECT_TIMEOUT, events.next())
+            .await
+            .map(|e| e.map(|e| e.map(|e| e.event)))
+        {
+            Ok(Some(Ok(Some(Event::Opened(o))))) => break o,
+            Ok(Some(Ok(Some(Event::Error(e))))) => {
                 let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core refused the session").await;
                 return Err(ConnError::Core(e.message));
             }
