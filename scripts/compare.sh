@@ -4,7 +4,11 @@
 # also stand against the disk's fsync'd bandwidth, ElasticMQ for SQS, Apache RocketMQ for
 # RocketMQ), A B A B for --rounds rounds, then a table of medians and ratios and an SVG chart.
 #
-#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs,rocketmq,cross] [--out DIR] [--quick]
+#   scripts/compare.sh [--rounds 3] [--duration 10] [--only mqtt,amqp,kafka,sqs,rocketmq,cross] [--out DIR] [--quick] [--no-pin]
+#
+# On a machine with two cores or more, the load generator runs on core 0 and the broker under
+# test (every thread of it, and of its child processes) on core 1 (taskset), so that neither
+# takes the other's CPU and the ratios do not depend on the scheduler; --no-pin shares them.
 #
 # Builds the release binary, installs mosquitto and rabbitmq-server from Debian when missing
 # and Apache Kafka's, ElasticMQ's and Apache RocketMQ's jars from Maven Central (needs java
@@ -27,6 +31,7 @@ duration=10
 only="mqtt,amqp,kafka,sqs,rocketmq,cross"
 out=""
 quick=0
+pin=1
 while [[ $# -gt 0 ]]; do
     case "$1" in
         --rounds) rounds="$2"; shift 2 ;;
@@ -34,7 +39,8 @@ while [[ $# -gt 0 ]]; do
         --only) only="$2"; shift 2 ;;
         --out) out="$2"; shift 2 ;;
         --quick) quick=1; rounds=1; duration=3; shift ;;
-        -h|--help) sed -n 2,20p "$0"; exit 0 ;;
+        --no-pin) pin=0; shift ;;
+        -h|--help) sed -n 2,25p "$0"; exit 0 ;;
         *) echo "compare.sh: unknown argument '$1'" >&2; exit 2 ;;
     esac
 done
@@ -57,7 +63,10 @@ cleanup() {
     tributary_stop
     rm -rf "$work"
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+# A signal ends the run: a trap that only cleaned up would let the script go on (and start
+# the brokers it just stopped again), unseen, beside the next run.
+trap 'exit 130' INT TERM
 
 # 1,000 idle connections per workload plus the active ones, for the bench and every broker.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
@@ -118,6 +127,19 @@ tributary_stop() {
     if [[ -n "$t_pid" ]]; then kill "$t_pid" 2>/dev/null; wait "$t_pid" 2>/dev/null || true; fi
     t_pid=""
 }
+cores=$(nproc)
+if (( pin )) && [[ $cores -lt 2 || -z "$(command -v taskset)" ]]; then
+    echo "one core or no taskset: the load generator and the brokers share the CPU"
+    pin=0
+fi
+bench_cpu=()
+if (( pin )); then
+    bench_cpu=(taskset -c 0)
+    # Every broker started from here on (they are children of this shell) starts on core 1,
+    # so each sizes its threads for the one core it has (tokio workers, JVM and Erlang
+    # schedulers) instead of being moved there with threads for two.
+    taskset -p -c 1 $$ > /dev/null
+fi
 echo "== starting tributary (to see which gateways this build has)"
 tributary_start
 has_gateway() { grep -q "^listening $1 " "$work/tributary/stdout"; }
@@ -202,13 +224,25 @@ if wants cross; then
     workloads+=("mqtt-into-kafka-100x4-10k/s|cross|--producers 100 --consumers 4 --qos 1 --partitions 6 --rate 10000")
 fi
 
+# Moves every thread of a process and of its descendants to core 1 (threads made later
+# inherit it from the thread that makes them).
+pin_broker() { # pid
+    (( pin )) && [[ -n "$1" && "$1" != 0 ]] || return 0
+    local p
+    for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+        taskset -a -p -c 1 "$p" > /dev/null 2>&1 || true
+        if [[ "$p" != "$1" ]]; then pin_broker "$p"; fi
+    done
+}
+
 run_one() { # label protocol broker target pid flags...
     local label="$1" protocol="$2" broker="$3" target="$4" pid="$5"
     shift 5
     local line
     echo "   $label on $broker"
+    pin_broker "$pid"
     # shellcheck disable=SC2068
-    if line=$("$bin" bench "$protocol" --target "$target" --size 1024 --duration "$duration" \
+    if line=$("${bench_cpu[@]}" "$bin" bench "$protocol" --target "$target" --size 1024 --duration "$duration" \
             --warmup 1 --broker "$broker" --label "$label" --broker-pid "$pid" --json $@ \
             2> "$work/bench.err"); then
         echo "$line" >> "$results"
@@ -296,7 +330,8 @@ if [[ -s "$failures" ]]; then
     cat "$failures"
 fi
 echo
-echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
+if (( pin )); then echo "pinned: the load generator on core 0, each broker on core 1 (taskset)"; fi
+echo "machine: $cores cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)," \
     "$(uname -sr); mosquitto $(/usr/sbin/mosquitto -h 2>/dev/null | awk 'NR==1 {print $3}')," \
     "rabbitmq $(dpkg-query -W -f='${Version}' rabbitmq-server 2>/dev/null || echo '?')," \
     "apache kafka $kafka_version (acks=all without fsync; Tributary fsyncs before acking)," \

@@ -9,7 +9,7 @@
 # The file limit is raised to the hard limit; N above what it allows is cut to fit, and the
 # output says so (this project's CI machines allow 20,000 open files per process and cannot
 # raise it). Clients are spread over processes of at most 15,000 connections each and over
-# source addresses 127.0.0.2-127.0.0.255, so the ephemeral port range is no limit.
+# source addresses 127.0.0.2-127.0.0.251, so the ephemeral port range is no limit.
 # TRIBUTARY_BIN picks the binary (default: the release build in the cargo target dir).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,7 +64,8 @@ before=$(rss)
 
 cat > "$work/idle.py" <<'PYEOF'
 import asyncio, sys
-proto, port, first, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+proto, port, first, count, spread = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
+                                     int(sys.argv[4]), int(sys.argv[5]))
 held = []
 def hello(i):
     if proto == "mqtt":
@@ -75,7 +76,9 @@ def hello(i):
     return len(head).to_bytes(4, "big") + head
 async def one(i, gate):
     async with gate:
-        src = f"127.0.0.{2 + (i // 20000) % 254}"
+        # 4,000 per source address, from a different one each run: a bound source port
+        # stays taken while the last run's connections sit in TIME_WAIT.
+        src = f"127.0.0.{2 + (i // 4000 + spread) % 250}"
         r, w = await asyncio.open_connection("127.0.0.1", port, local_addr=(src, 0))
         w.write(hello(i))
         await w.drain()
@@ -94,11 +97,12 @@ async def main():
 asyncio.run(main())
 PYEOF
 per_process=15000
+spread=$((RANDOM % 250))
 started=0
 k=0
 while (( started < n )); do
     count=$(( n - started < per_process ? n - started : per_process ))
-    python3 "$work/idle.py" "$protocol" "$port" "$started" "$count" > "$work/client.$k" 2>&1 &
+    python3 "$work/idle.py" "$protocol" "$port" "$started" "$count" "$spread" > "$work/client.$k" 2>&1 &
     pids+=("$!")
     started=$((started + count))
     k=$((k + 1))
