@@ -22,6 +22,19 @@ free_port() {
     python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
+# Waits until a starting tributary prints `ready` (every listener bound); on its exit or
+# after 30 s, prints its stderr and fails.
+wait_tributary_ready() { # stdout-file pid stderr-file
+    local deadline=$((SECONDS + 30))
+    until grep -qx ready "$1" 2>/dev/null; do
+        if ((SECONDS > deadline)) || ! kill -0 "$2" 2>/dev/null; then
+            cat "$3" >&2
+            return 1
+        fi
+        sleep 0.1
+    done
+}
+
 wait_port() { # host port seconds
     local deadline=$((SECONDS + $3))
     until python3 -c "import socket; socket.create_connection(('$1', $2), 1)" 2>/dev/null; do

@@ -113,15 +113,7 @@ tributary_start() {
         --mqtt-max-queued 100000000 \
         > "$work/tributary/stdout" 2> "$work/tributary/stderr" &
     t_pid=$!
-    # `ready` is printed once every listener is bound.
-    local deadline=$((SECONDS + 30))
-    until grep -qx ready "$work/tributary/stdout" 2>/dev/null; do
-        if ((SECONDS > deadline)) || ! kill -0 "$t_pid" 2>/dev/null; then
-            cat "$work/tributary/stderr" >&2
-            exit 1
-        fi
-        sleep 0.1
-    done
+    wait_tributary_ready "$work/tributary/stdout" "$t_pid" "$work/tributary/stderr" || exit 1
 }
 tributary_stop() {
     if [[ -n "$t_pid" ]]; then kill "$t_pid" 2>/dev/null; wait "$t_pid" 2>/dev/null || true; fi

@@ -51,14 +51,7 @@ esac
     --rocketmq-listen off --namesrv-listen off --log warn > "$work/stdout" 2> "$work/stderr" &
 server=$!
 pids+=("$server")
-deadline=$((SECONDS + 30))
-until grep -qx ready "$work/stdout" 2>/dev/null; do
-    if ((SECONDS > deadline)) || ! kill -0 "$server" 2>/dev/null; then
-        cat "$work/stderr" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
+wait_tributary_ready "$work/stdout" "$server" "$work/stderr" || exit 1
 rss() { awk '/VmRSS/ {print $2}' "/proc/$server/status"; }
 before=$(rss)
 

@@ -50,14 +50,7 @@ taskset -c 1 "$bin" --data-dir "$work/data" --core-listen 127.0.0.1:0 --admin-li
     --namesrv-listen off --log warn --mqtt-max-queued 100000000 \
     > "$work/stdout" 2> "$work/stderr" &
 server=$!
-deadline=$((SECONDS + 30))
-until grep -qx ready "$work/stdout" 2>/dev/null; do
-    if ((SECONDS > deadline)) || ! kill -0 "$server" 2>/dev/null; then
-        cat "$work/stderr" >&2
-        exit 1
-    fi
-    sleep 0.1
-done
+wait_tributary_ready "$work/stdout" "$server" "$work/stderr" || exit 1
 
 taskset -c 0 "$bin" bench "$protocol" --target "127.0.0.1:$port" --size 1024 \
     --duration "$((seconds + 2))" --warmup 1 --broker-pid "$server" "${flags[@]}" \

@@ -255,6 +255,25 @@ def ck_wait_topic(admin, topic: str, partitions: int, timeout: float = 20):
     wait_until(ready, timeout, f"topic {topic} with {partitions} partitions in metadata")
 
 
+def ck_watermarks(consumer, tp, timeout: float = 20) -> tuple[int, int]:
+    """(low, high) of one partition, retrying the errors a client retries. Apache Kafka
+    (KRaft) lists a new partition's leader in Metadata before that broker has become its
+    leader, and answers ListOffsets with NOT_LEADER_FOR_PARTITION meanwhile."""
+    from confluent_kafka import KafkaError, KafkaException
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return consumer.get_watermark_offsets(tp, timeout=10)
+        except KafkaException as e:
+            err = e.args[0]
+            retriable = err.retriable() or err.code() in (
+                KafkaError.NOT_LEADER_FOR_PARTITION, KafkaError.LEADER_NOT_AVAILABLE,
+                KafkaError.UNKNOWN_TOPIC_OR_PART)
+            if not retriable or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.1)
+
+
 def ck_high_watermarks(bootstrap: str, topic: str, partitions: int) -> dict[int, int]:
     """Latest offsets through a fresh AdminClient (ListOffsets, own connection)."""
     from confluent_kafka import TopicPartition

@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 
-from kafkacompat import ck_admin, ck_consumer, ck_create_topic, ck_producer, unique
+from kafkacompat import ck_admin, ck_consumer, ck_create_topic, ck_producer, ck_watermarks, unique
 
 T0 = 1_700_000_000_000  # fixed CreateTime base (2023-11-14); the topic has retention.ms=-1
 N = 10
@@ -142,13 +142,13 @@ def test_offsets_move_with_appends(cluster):
     ck_create_topic(cluster.bootstrap, t, 2)
     c = ck_consumer(cluster.bootstrap)
     try:
-        assert c.get_watermark_offsets(TopicPartition(t, 1), timeout=10) == (0, 0)
+        assert ck_watermarks(c, TopicPartition(t, 1)) == (0, 0)
         p = ck_producer(cluster.bootstrap)
         for i in range(7):
             p.produce(t, value=b"x", partition=1)
         assert p.flush(30) == 0
-        assert c.get_watermark_offsets(TopicPartition(t, 1), timeout=10) == (0, 7)
-        assert c.get_watermark_offsets(TopicPartition(t, 0), timeout=10) == (0, 0)
+        assert ck_watermarks(c, TopicPartition(t, 1)) == (0, 7)
+        assert ck_watermarks(c, TopicPartition(t, 0)) == (0, 0)
     finally:
         c.close()
 

@@ -761,38 +761,32 @@ impl Core {
     /// Moves a counter up to at least `floor` (never down), so that [`Self::next_counter`]
     /// hands out only values above it.
     pub(crate) async fn raise_counter_to(&self, name: &str, floor: u64) -> CoreResult<()> {
-        let key = meta::key(meta::COUNTER, &[name]);
-        loop {
-            let current = self.inner.meta.get(&key).await?;
-            let value = match &current {
-                Some(raw) => u64::from_le_bytes(
-                    raw[..]
-                        .try_into()
-                        .map_err(|_| CoreError::Corrupt(format!("counter '{name}'")))?,
-                ),
-                None => 0,
-            };
-            if value >= floor {
-                return Ok(());
-            }
-            if self
-                .inner
-                .meta
-                .compare_and_set(&key, current.as_deref(), Some(&floor.to_le_bytes()))
-                .await?
-            {
-                warn!(
-                    counter = name,
-                    from = value,
-                    to = floor,
-                    "id counter raised past the partitions in the log"
-                );
-                return Ok(());
-            }
+        let (from, raised) = self
+            .update_counter(name, |v| (v < floor).then_some(floor))
+            .await?;
+        if raised.is_some() {
+            warn!(
+                counter = name,
+                from,
+                to = floor,
+                "id counter raised past the partitions in the log"
+            );
         }
+        Ok(())
     }
 
     pub(crate) async fn next_counter(&self, name: &str) -> CoreResult<u64> {
+        let (value, next) = self.update_counter(name, |v| Some(v + 1)).await?;
+        Ok(next.unwrap_or(value + 1))
+    }
+
+    /// Compare-and-sets a counter to `change(current)` (left as it is on `None`), retrying
+    /// on a concurrent change; returns the value it saw and the one it wrote.
+    async fn update_counter(
+        &self,
+        name: &str,
+        change: impl Fn(u64) -> Option<u64>,
+    ) -> CoreResult<(u64, Option<u64>)> {
         let key = meta::key(meta::COUNTER, &[name]);
         loop {
             let current = self.inner.meta.get(&key).await?;
@@ -804,14 +798,16 @@ impl Core {
                 ),
                 None => 0,
             };
-            let next = value + 1;
+            let Some(next) = change(value) else {
+                return Ok((value, None));
+            };
             if self
                 .inner
                 .meta
                 .compare_and_set(&key, current.as_deref(), Some(&next.to_le_bytes()))
                 .await?
             {
-                return Ok(next);
+                return Ok((value, Some(next)));
             }
         }
     }
