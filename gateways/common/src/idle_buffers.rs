@@ -92,11 +92,6 @@ impl WriteBuffer {
         self.out.extend_from_slice(bytes);
     }
 
-    /// For encoders that write into a growable buffer.
-    pub fn buffer(&mut self) -> &mut Vec<u8> {
-        &mut self.out
-    }
-
     /// Writes everything out and gives the memory up.
     pub async fn flush<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
         if !self.out.is_empty() {
@@ -166,7 +161,7 @@ mod tests {
         let (mut client, mut server) = tokio::io::duplex(1 << 16);
         let mut wb = WriteBuffer::default();
         wb.extend_from_slice(b"hello ");
-        wb.buffer().extend_from_slice(b"world");
+        wb.extend_from_slice(b"world");
         wb.flush(&mut server).await.unwrap();
         assert!(wb.is_empty());
         assert_eq!(wb.out.capacity(), 0);

@@ -21,11 +21,12 @@ use crate::errors::ConnectionError;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
 
+use tributary_gateway_common::idle_buffers::{ReadBuffer, WriteBuffer};
+use tributary_gateway_common::{Accepted, ConnectionHandle, Traffic};
+
 /// How much room each read of a connection asks for, and the largest answer gathered
 /// with others into one write (larger ones go to the socket directly).
 const CONNECTION_BUFFER: usize = 4 * 1024;
-use tributary_gateway_common::idle_buffers::{ReadBuffer, WriteBuffer};
-use tributary_gateway_common::{Accepted, ConnectionHandle, Traffic};
 
 /// What the gateway knows about the connection's client.
 pub(crate) struct Session {
@@ -59,7 +60,9 @@ pub(crate) async fn serve_connection<S>(
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let Accepted {
-        stream: socket,
+        // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already),
+        // read and written in turn: a connection serves one request at a time.
+        stream: mut io,
         peer,
         listener,
         connection,
@@ -89,9 +92,6 @@ pub(crate) async fn serve_connection<S>(
         if let Some(p) = &principal {
             connection.set_user(p.as_str());
         }
-        // A plain TCP stream or a TLS session (the accept loop set TCP_NODELAY already),
-        // read and written in turn: a connection serves one request at a time.
-        let mut io = socket;
         let mut session = Session {
             peer,
             listener,

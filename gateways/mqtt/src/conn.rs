@@ -107,19 +107,9 @@ pub fn decode_stream(data: &[u8]) -> usize {
     if data.is_empty() {
         return 0;
     }
-    let mut len = 0usize;
-    let mut header = 1;
-    for i in 0..4 {
-        let Some(&b) = data.get(1 + i) else { return 0 };
-        header += 1;
-        len |= usize::from(b & 0x7F) << (7 * i);
-        if b & 0x80 == 0 {
-            break;
-        }
-        if i == 3 {
-            return 0;
-        }
-    }
+    let Some((header, len)) = fixed_header(data) else {
+        return 0;
+    };
     let Some(connect) = data.get(..header + len) else {
         return 0;
     };
@@ -1477,15 +1467,21 @@ impl PacketReader {
 /// How many more bytes the packet at the front of `buf` needs, from its fixed header (0
 /// when the header itself is not all there); the read makes room for all of it at once.
 fn missing_bytes(buf: &[u8]) -> usize {
+    fixed_header(buf).map_or(0, |(header, len)| (header + len).saturating_sub(buf.len()))
+}
+
+/// The fixed header at the start of `buf`: its own length and the remaining length it
+/// announces. `None` while it is incomplete, or when it runs past 4 length bytes.
+fn fixed_header(buf: &[u8]) -> Option<(usize, usize)> {
     let mut len = 0usize;
     for i in 0..4 {
-        let Some(&b) = buf.get(1 + i) else { return 0 };
+        let b = *buf.get(1 + i)?;
         len |= usize::from(b & 0x7F) << (7 * i);
         if b & 0x80 == 0 {
-            return (2 + i + len).saturating_sub(buf.len());
+            return Some((2 + i, len));
         }
     }
-    0
+    None
 }
 
 /// Waits (bounded) until the core ends a session stream whose commands have ended.
