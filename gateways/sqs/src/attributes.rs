@@ -270,10 +270,14 @@ pub fn all(id: &Identity, info: &v1::QueueInfo) -> BTreeMap<&'static str, String
     m.insert("CreatedTimestamp", created_s.to_string());
     m.insert(
         "LastModifiedTimestamp",
+        // The gateway stamps the config before the core stamps the queue's
+        // creation, so a create straddling a second boundary would report a
+        // modification before the creation without the max.
         c.extra
             .get(LAST_MODIFIED)
-            .cloned()
-            .unwrap_or(created_s.to_string()),
+            .and_then(|s| s.parse::<i64>().ok())
+            .map_or(created_s, |m| m.max(created_s))
+            .to_string(),
     );
     m.insert(
         "VisibilityTimeout",
