@@ -378,9 +378,20 @@ pub struct Options {
     /// accepted (0 = no limit).
     #[arg(long, env = "TRIBUTARY_MAX_CONNECTIONS", global = true)]
     pub max_connections: Option<usize>,
-    /// Core address a standalone gateway connects to.
+    /// Core address a standalone gateway connects to; in cluster mode the core nodes'
+    /// addresses, comma-separated (calls go to the one answering).
     #[arg(long, env = "TRIBUTARY_CORE", global = true)]
     pub core: Option<String>,
+    /// Cluster mode (`tributary core` only): this node's name. Nodes sharing one metadata
+    /// store (etcd or postgres) and one object store (storage = opendal, opendal_ack =
+    /// shared) serve one at a time, under a lease with a fencing epoch; the others stand by
+    /// and take over when it is lost.
+    #[arg(long, env = "TRIBUTARY_CLUSTER_NODE", global = true)]
+    pub cluster_node: Option<String>,
+    /// Cluster mode: how long a lease outlives the active node's last heartbeat (ms); a
+    /// standby takes over this long after the heartbeats stop.
+    #[arg(long, env = "TRIBUTARY_CLUSTER_LEASE_TTL_MS", global = true)]
+    pub cluster_lease_ttl_ms: Option<u64>,
     /// Log storage: local (on disk, the default), memory (lost on exit) or opendal (an
     /// object store configured in the config file's [opendal] table, with a local cache).
     /// With an [opendal] table both local and opendal are available and this is the
@@ -632,6 +643,8 @@ pub struct FileConfig {
     pub rocketmq_transaction_check_max: Option<u32>,
     pub max_connections: Option<usize>,
     pub core: Option<String>,
+    pub cluster_node: Option<String>,
+    pub cluster_lease_ttl_ms: Option<u64>,
     pub storage: Option<String>,
     pub opendal_ack: Option<String>,
     pub opendal_cache_dir: Option<PathBuf>,
@@ -738,6 +751,78 @@ pub enum StorageKind {
     Local,
     Memory,
     Opendal,
+}
+
+/// Cluster mode: this node's name and the lease it serves under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    pub node: String,
+    pub lease_ttl: Duration,
+}
+
+/// Cluster mode needs shared storage for everything a takeover reads: metadata in etcd or
+/// PostgreSQL (whose transactions fence a stale node) and every acknowledged record in the
+/// object store.
+fn resolve_cluster(
+    o: &Options,
+    f: &FileConfig,
+    role: Role,
+    storage: StorageKind,
+    opendal: Option<&OpendalSettings>,
+    meta: &MetaSettings,
+) -> Result<Option<ClusterSettings>, ConfigError> {
+    let Some(node) = o.cluster_node.clone().or_else(|| f.cluster_node.clone()) else {
+        return Ok(None);
+    };
+    if role != Role::Core {
+        return Err(invalid(
+            "cluster_node",
+            &node,
+            "cluster mode is for `tributary core` nodes; gateways take the nodes' addresses in --core, comma-separated",
+        ));
+    }
+    if node.is_empty()
+        || node.len() > 64
+        || !node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+    {
+        return Err(invalid(
+            "cluster_node",
+            &node,
+            "expected 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+        ));
+    }
+    if !matches!(meta.kind, MetaKind::Etcd | MetaKind::Postgres) {
+        return Err(invalid(
+            "meta",
+            format!("{:?}", meta.kind).to_lowercase(),
+            "cluster mode keeps its lease and fencing epoch in the metadata store: use meta = etcd or postgres",
+        ));
+    }
+    let shared = opendal.is_some_and(|o| o.ack == tributary_storage::object_log::AckPoint::Shared);
+    if storage != StorageKind::Opendal || !shared {
+        return Err(invalid(
+            "storage",
+            format!("{storage:?}").to_lowercase(),
+            "cluster mode takes over from shared storage alone: use storage = opendal with an [opendal] table and opendal_ack = shared",
+        ));
+    }
+    let ttl_ms = o
+        .cluster_lease_ttl_ms
+        .or(f.cluster_lease_ttl_ms)
+        .unwrap_or(5_000);
+    if !(1_000..=60_000).contains(&ttl_ms) {
+        return Err(invalid(
+            "cluster_lease_ttl_ms",
+            ttl_ms,
+            "expected 1000 to 60000",
+        ));
+    }
+    Ok(Some(ClusterSettings {
+        node,
+        lease_ttl: Duration::from_millis(ttl_ms),
+    }))
 }
 
 /// Where an OpenDAL-backed log keeps its objects and its cache.
@@ -872,6 +957,8 @@ pub struct Settings {
     /// Connections each gateway listener serves at once; `None`: no limit.
     pub max_connections: Option<NonZeroUsize>,
     pub core: String,
+    /// Cluster mode (`tributary core --cluster-node NAME`); `None`: one node alone.
+    pub cluster: Option<ClusterSettings>,
     pub storage: StorageKind,
     /// With an [opendal] table: the object store backend and its cache.
     pub opendal: Option<OpendalSettings>,
@@ -1186,6 +1273,7 @@ impl Settings {
         let data_dir: PathBuf = pick!(data_dir, PathBuf::from("./data"));
         let opendal = resolve_opendal(o, f, storage, &data_dir)?;
         let meta = resolve_meta(o, f, storage)?;
+        let cluster = resolve_cluster(o, f, role, storage, opendal.as_ref(), &meta)?;
         let segment_bytes: u64 = pick!(segment_bytes, 1u64 << 30);
         if !(1 << 20..=1 << 40).contains(&segment_bytes) {
             return Err(invalid(
@@ -1672,6 +1760,7 @@ impl Settings {
             rocketmq_transaction_check_max: pick!(rocketmq_transaction_check_max, 15u32),
             max_connections: NonZeroUsize::new(pick!(max_connections, 0usize)),
             core,
+            cluster,
             storage,
             opendal,
             meta,

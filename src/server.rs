@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
+use tributary_core::cluster::{LeaseConfig, NodeLease};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
 use tributary_gateway_common::client::LocalCall;
@@ -62,6 +63,8 @@ pub enum StartError {
     #[error("{0}")]
     Storage(#[from] StorageError),
     #[error("{0}")]
+    Lease(#[from] tributary_core::cluster::LeaseError),
+    #[error("{0}")]
     Listen(#[from] ListenError),
     #[error("{0}")]
     Core(#[from] CoreError),
@@ -110,6 +113,8 @@ pub struct Server {
     pub bound: Bound,
     /// `None` for a gateway process: its core is elsewhere.
     core: Option<Core>,
+    /// Cluster mode: the lease this node serves under, released on a clean stop.
+    lease: Option<Arc<NodeLease>>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -117,7 +122,11 @@ pub struct Server {
 /// The two stores the core runs on.
 type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
 
-async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
+/// `cluster`: the metadata store as the lease fences it, in cluster mode.
+async fn open_storage(
+    settings: &Settings,
+    cluster: Option<Arc<dyn MetaStore>>,
+) -> Result<Stores, StartError> {
     if settings.storage == StorageKind::Memory {
         let log = RoutedLogStore::open(vec![Backend {
             name: "memory".into(),
@@ -135,9 +144,10 @@ async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
             ObjectLogStore::operator(&o.scheme, o.options.clone(), &o.describe()).await?,
         )),
     };
-    let remote_meta = match settings.meta.kind {
-        MetaKind::Redb => None,
-        _ => Some(open_meta(settings).await?),
+    let remote_meta = match (cluster, settings.meta.kind) {
+        (Some(fenced), _) => Some(fenced),
+        (None, MetaKind::Redb) => None,
+        (None, _) => Some(open_meta(settings).await?),
     };
     let dir = &settings.data_dir;
     std::fs::create_dir_all(dir)
@@ -157,11 +167,18 @@ async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
     };
     // The local log is always a backend; with an [opendal] table the object store is one
     // too, and `storage` says which is the default (streams and queues may name the other).
-    let mut backends = vec![Backend {
-        name: "local".into(),
-        store: LocalLogStore::open(dir.join("log"), local.clone())?,
-    }];
+    // A cluster node has no local backend: what it holds, a successor could not read.
+    let mut backends = Vec::new();
+    if settings.cluster.is_none() {
+        backends.push(Backend {
+            name: "local".into(),
+            store: LocalLogStore::open(dir.join("log"), local.clone())?,
+        });
+    }
     if let Some((o, op)) = object_store {
+        if settings.cluster.is_some() {
+            clear_cache(&o.cache_dir)?;
+        }
         if o.ack == ObjectAck::Shared && settings.meta.kind == MetaKind::Redb {
             warn!(
                 "opendal_ack = shared keeps every acknowledged record in the object store, but meta = redb keeps the streams' metadata in {}: a server started on an empty data directory finds no streams (use meta = etcd, postgres, mysql or redis)",
@@ -187,6 +204,53 @@ async fn open_storage(settings: &Settings) -> Result<Stores, StartError> {
     }
     let log: Arc<dyn LogStore> = RoutedLogStore::open(backends).await?;
     Ok((log, meta))
+}
+
+/// A cluster node's cache may hold what it wrote in an earlier term as active node; others
+/// have written since, and the object store has every acknowledged record, so the cache
+/// starts empty each term.
+fn clear_cache(dir: &std::path::Path) -> Result<(), StartError> {
+    match std::fs::remove_dir_all(dir) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(StartError::DataDir {
+            path: dir.display().to_string(),
+            source,
+        }),
+    }
+}
+
+/// Cluster mode: waits, standing by, until this node holds the cluster lease, then keeps it.
+/// Losing it ends the process (exit code 3): a node that may no longer own the data must stop
+/// acknowledging at once, and a fresh start stands by again.
+async fn acquire_lease(
+    settings: &Settings,
+    cluster: &crate::config::ClusterSettings,
+) -> Result<(Arc<NodeLease>, Arc<dyn MetaStore>), StartError> {
+    let meta = open_meta(settings).await?;
+    let on_lost: tributary_core::cluster::OnLost = Arc::new(|why: &str| {
+        error!("cluster: {why}; exiting so that another node serves");
+        eprintln!("error: cluster: {why}; exiting so that another node serves");
+        std::process::exit(3);
+    });
+    let node = cluster.node.clone();
+    let lease = NodeLease::acquire(
+        meta.clone(),
+        LeaseConfig {
+            node: cluster.node.clone(),
+            ttl: cluster.lease_ttl,
+        },
+        on_lost,
+        move |leader| match leader {
+            Some(l) => info!(node = %node, active = %l, "cluster: standing by"),
+            None => info!(node = %node, "cluster: standing by"),
+        },
+    )
+    .await?;
+    lease.keep();
+    info!(node = %cluster.node, epoch = lease.leader().epoch, "cluster: this node is active");
+    let fenced = lease.fenced(meta);
+    Ok((Arc::new(lease), fenced))
 }
 
 async fn open_meta(settings: &Settings) -> Result<Arc<dyn MetaStore>, StartError> {
@@ -227,6 +291,30 @@ impl Server {
         }
         check_exposure(settings, true)?;
         let certs = load_certs(settings)?;
+        // A standby binds nothing: gateways find the active node as the one that answers.
+        let (lease, fenced_meta) = match &settings.cluster {
+            Some(cluster) if mode == Mode::CoreOnly => {
+                let (lease, meta) = acquire_lease(settings, cluster).await?;
+                (Some(lease), Some(meta))
+            }
+            _ => (None, None),
+        };
+        let started = Self::start_core(settings, mode, certs, fenced_meta, lease.clone()).await;
+        if started.is_err()
+            && let Some(lease) = &lease
+        {
+            lease.release().await;
+        }
+        started
+    }
+
+    async fn start_core(
+        settings: &Settings,
+        mode: Mode,
+        certs: Option<Arc<CertSource>>,
+        fenced_meta: Option<Arc<dyn MetaStore>>,
+        lease: Option<Arc<NodeLease>>,
+    ) -> Result<Self, StartError> {
         let core_listener =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?;
         let admin_listener = bind_listen(
@@ -272,7 +360,7 @@ impl Server {
             Mode::Standalone => Some(bind_rocketmq(settings).await?),
             _ => None,
         };
-        let (log, meta) = open_storage(settings).await?;
+        let (log, meta) = open_storage(settings, fenced_meta).await?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
             auto_create_streams: settings.auto_create_streams,
@@ -451,6 +539,7 @@ impl Server {
         Ok(Self {
             bound,
             core: Some(core),
+            lease,
             stop,
             tasks,
         })
@@ -588,6 +677,7 @@ impl Server {
         Ok(Self {
             bound,
             core: None,
+            lease: None,
             stop,
             tasks,
         })
@@ -617,6 +707,10 @@ impl Server {
             for t in aborts {
                 t.abort();
             }
+        }
+        // Released after the core has flushed: a successor reads what this node acknowledged.
+        if let Some(lease) = &self.lease {
+            lease.release().await;
         }
         closed?;
         Ok(())

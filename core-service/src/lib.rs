@@ -16,6 +16,7 @@
 //! for client-side rebalancing, RocketMQ).
 
 mod acls;
+pub mod cluster;
 mod delay_lines;
 pub mod error;
 mod groups;

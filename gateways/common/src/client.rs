@@ -14,7 +14,9 @@ use tonic::body::Body;
 use tonic::service::Routes;
 
 use std::sync::Arc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
+
+use crate::core_nodes::CoreNodes;
 use tributary_proto::v1::{
     AckRequest, AckResponse, ChangeLeaseRequest, ChangeLeaseResponse, EnqueueRequest,
     EnqueueResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
@@ -35,7 +37,7 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub enum CoreTransport {
     /// A core across the network; `authorization` (`Bearer <core_token>`) goes on every call.
     Network {
-        channel: Channel,
+        nodes: Arc<CoreNodes>,
         authorization: Option<http::HeaderValue>,
     },
     InProcess(Routes),
@@ -48,9 +50,9 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
         match self {
-            Self::Network { channel, .. } => {
-                tower::Service::poll_ready(channel, cx).map_err(Into::into)
-            }
+            // The node is picked per call (it may change between calls), so readiness is
+            // awaited in the call, on the picked node's channel.
+            Self::Network { .. } => Poll::Ready(Ok(())),
             Self::InProcess(r) => tower::Service::<http::Request<Body>>::poll_ready(r, cx)
                 .map_err(|e: Infallible| match e {}),
         }
@@ -59,15 +61,30 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
         match self {
             Self::Network {
-                channel,
+                nodes,
                 authorization,
             } => {
                 if let Some(v) = authorization {
                     req.headers_mut()
                         .insert(http::header::AUTHORIZATION, v.clone());
                 }
-                let fut = tower::Service::call(channel, req);
-                Box::pin(async move { fut.await.map_err(Into::into) })
+                let (index, channel) = nodes.pick();
+                let nodes = nodes.clone();
+                Box::pin(async move {
+                    match tower::ServiceExt::oneshot(channel, req).await {
+                        Ok(response) => Ok(response),
+                        // UNAVAILABLE, which every gateway maps to its protocol's retriable
+                        // error: the client's retry reaches the next node (or this one back).
+                        Err(e) => {
+                            let e: BoxError = e.into();
+                            nodes.unreachable(index, &e);
+                            Err(Box::new(tonic::Status::unavailable(format!(
+                                "core {} unreachable: {e}",
+                                nodes.address(index)
+                            ))) as BoxError)
+                        }
+                    }
+                })
             }
             Self::InProcess(r) => {
                 let fut = tower::Service::call(r, req);
@@ -92,6 +109,8 @@ pub enum ConnectError {
         "invalid core_token: it must be printable ASCII without spaces (it goes in an HTTP header)"
     )]
     InvalidToken,
+    #[error("no core address given")]
+    NoAddress,
     #[error("TLS to the core at '{address}': {source}")]
     Tls {
         address: String,
@@ -322,7 +341,8 @@ impl CoreClient {
     }
 
     /// [`CoreClient::connect_lazy_with_token`], over TLS when `tls` is given (the address is
-    /// then `https://`).
+    /// then `https://`). `address` may list several core nodes, comma-separated (cluster
+    /// mode): calls go to the node that answered last.
     pub fn connect_lazy_with(
         address: &str,
         token: Option<&str>,
@@ -336,37 +356,51 @@ impl CoreClient {
                 Ok(v)
             })
             .transpose()?;
-        let endpoint = Endpoint::from_shared(address.to_string())
-            .map_err(|source| ConnectError::InvalidAddress {
-                address: address.into(),
-                source,
-            })?
-            .tcp_nodelay(true)
-            .http2_adaptive_window(true);
-        let endpoint = match tls {
-            None => endpoint,
-            Some(tls) => {
-                let mut config = tonic::transport::ClientTlsConfig::new();
-                config = match &tls.ca_pem {
-                    Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-                    None => config.with_native_roots(),
-                };
-                if let Some((cert, key)) = &tls.identity_pem {
-                    config = config.identity(tonic::transport::Identity::from_pem(cert, key));
-                }
-                endpoint
-                    .tls_config(config)
-                    .map_err(|source| ConnectError::Tls {
-                        address: address.into(),
-                        source,
-                    })?
-            }
-        };
+        let endpoints = address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|a| Ok((a.to_string(), endpoint(a, tls)?)))
+            .collect::<Result<Vec<_>, ConnectError>>()?;
+        if endpoints.is_empty() {
+            return Err(ConnectError::NoAddress);
+        }
         Ok(Self::from_transport(CoreTransport::Network {
-            channel: endpoint.connect_lazy(),
+            nodes: Arc::new(CoreNodes::new(endpoints)),
             authorization,
         }))
     }
+}
+
+/// One core node's endpoint, with TLS when given.
+fn endpoint(address: &str, tls: Option<&CoreTls>) -> Result<Endpoint, ConnectError> {
+    let endpoint = Endpoint::from_shared(address.to_string())
+        .map_err(|source| ConnectError::InvalidAddress {
+            address: address.into(),
+            source,
+        })?
+        .tcp_nodelay(true)
+        .http2_adaptive_window(true);
+    let endpoint = match tls {
+        None => endpoint,
+        Some(tls) => {
+            let mut config = tonic::transport::ClientTlsConfig::new();
+            config = match &tls.ca_pem {
+                Some(ca) => config.ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                None => config.with_native_roots(),
+            };
+            if let Some((cert, key)) = &tls.identity_pem {
+                config = config.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
+            endpoint
+                .tls_config(config)
+                .map_err(|source| ConnectError::Tls {
+                    address: address.into(),
+                    source,
+                })?
+        }
+    };
+    Ok(endpoint)
 }
 
 /// The stable error code of a failed core call (`Internal` if the status carries none,

@@ -8,6 +8,7 @@ mod accounting;
 pub mod auth;
 pub mod client;
 pub mod connections;
+pub mod core_nodes;
 pub mod gateway;
 pub mod handshake;
 pub mod identity;

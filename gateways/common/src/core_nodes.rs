@@ -1,0 +1,126 @@
+//! The core nodes a gateway reaches: one address, or in cluster mode every node's.
+//!
+//! In cluster mode one node serves at a time and the others stand by without listening
+//! (see `tributary_core::cluster`), so the node to call is the one that answered last: a
+//! call that cannot reach its node moves the gateway on to the next address, and the
+//! client's retry goes there. No discovery protocol is needed, and a node that lost its
+//! lease has exited, so it refuses connections rather than answering stale.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+/// With several nodes: how long a connection attempt may take before the next node is
+/// tried (a node cut off by the network drops SYNs rather than refusing them).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+/// With several nodes: how soon a silent connection counts as dead (the node serving may
+/// have been cut off; its successor is elsewhere).
+const KEEPALIVE: Duration = Duration::from_secs(2);
+
+pub struct CoreNodes {
+    nodes: Vec<Node>,
+    current: AtomicUsize,
+}
+
+struct Node {
+    address: String,
+    channel: Channel,
+}
+
+impl CoreNodes {
+    /// Lazy channels to every endpoint; nothing is connected until the first call.
+    pub fn new(endpoints: Vec<(String, Endpoint)>) -> Self {
+        let several = endpoints.len() > 1;
+        let nodes = endpoints
+            .into_iter()
+            .map(|(address, endpoint)| {
+                let endpoint = if several {
+                    endpoint
+                        .connect_timeout(CONNECT_TIMEOUT)
+                        .http2_keep_alive_interval(KEEPALIVE)
+                        .keep_alive_timeout(KEEPALIVE)
+                        .keep_alive_while_idle(true)
+                } else {
+                    endpoint
+                };
+                Node {
+                    address,
+                    channel: endpoint.connect_lazy(),
+                }
+            })
+            .collect();
+        Self {
+            nodes,
+            current: AtomicUsize::new(0),
+        }
+    }
+
+    /// The node to call, and its index for [`CoreNodes::unreachable`].
+    pub fn pick(&self) -> (usize, Channel) {
+        let i = self.current.load(Ordering::Acquire) % self.nodes.len();
+        (i, self.nodes[i].channel.clone())
+    }
+
+    pub fn address(&self, index: usize) -> &str {
+        &self.nodes[index].address
+    }
+
+    /// A call to node `index` failed to reach it: the next call goes to the next node.
+    /// Calls failing together move the gateway on once, not once each.
+    pub fn unreachable(&self, index: usize, error: &dyn std::fmt::Display) {
+        if self.nodes.len() == 1 {
+            return;
+        }
+        let next = (index + 1) % self.nodes.len();
+        if self
+            .current
+            .compare_exchange(index, next, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            let (from, to) = (&self.nodes[index].address, &self.nodes[next].address);
+            if next == 0 {
+                warn!(from = %from, to = %to, error = %error, "no core node answered; trying them again from the first");
+            } else {
+                info!(from = %from, to = %to, error = %error, "core node unreachable; trying the next");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nodes(n: usize) -> CoreNodes {
+        CoreNodes::new(
+            (0..n)
+                .map(|i| {
+                    let a = format!("http://127.0.0.1:{}", 1 + i);
+                    (a.clone(), Endpoint::from_shared(a).unwrap())
+                })
+                .collect(),
+        )
+    }
+
+    #[tokio::test]
+    async fn failures_move_on_once_and_wrap_around() {
+        let n = nodes(3);
+        assert_eq!(n.pick().0, 0);
+        // Two calls that both went to node 0 fail: one move, to node 1.
+        n.unreachable(0, &"refused");
+        n.unreachable(0, &"refused");
+        assert_eq!(n.pick().0, 1);
+        n.unreachable(1, &"refused");
+        n.unreachable(2, &"refused");
+        assert_eq!(n.pick().0, 0);
+    }
+
+    #[tokio::test]
+    async fn one_node_stays() {
+        let n = nodes(1);
+        n.unreachable(0, &"refused");
+        assert_eq!(n.pick().0, 0);
+    }
+}
