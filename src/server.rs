@@ -22,7 +22,9 @@ use tributary_gateway_mqtt::MqttConfig;
 use tributary_proto::v1;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::{MemoryLogStore, MemoryMetaStore};
-use tributary_storage::object_log::{AckPoint as ObjectAck, ObjectLogConfig, ObjectLogStore};
+use tributary_storage::object_log::{
+    AckPoint as ObjectAck, ObjectLogConfig, ObjectLogStore, WriteGuard,
+};
 use tributary_storage::redb_meta::RedbMetaStore;
 use tributary_storage::routed::{Backend, RoutedLogStore};
 use tributary_storage::{EtcdMetaStore, MysqlMetaStore, PostgresMetaStore, RedisMetaStore};
@@ -122,11 +124,21 @@ pub struct Server {
 /// The two stores the core runs on.
 type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
 
-/// `cluster`: the metadata store as the lease fences it, in cluster mode.
+/// What a cluster node's storage is opened with: the metadata store as its lease fences it,
+/// and the lease itself, asked before every object write.
+struct ClusterStorage {
+    meta: Arc<dyn MetaStore>,
+    guard: WriteGuard,
+}
+
 async fn open_storage(
     settings: &Settings,
-    cluster: Option<Arc<dyn MetaStore>>,
+    cluster: Option<ClusterStorage>,
 ) -> Result<Stores, StartError> {
+    let (cluster_meta, write_guard) = match cluster {
+        Some(c) => (Some(c.meta), Some(c.guard)),
+        None => (None, None),
+    };
     if settings.storage == StorageKind::Memory {
         let log = RoutedLogStore::open(vec![Backend {
             name: "memory".into(),
@@ -144,7 +156,7 @@ async fn open_storage(
             ObjectLogStore::operator(&o.scheme, o.options.clone(), &o.describe()).await?,
         )),
     };
-    let remote_meta = match (cluster, settings.meta.kind) {
+    let remote_meta = match (cluster_meta, settings.meta.kind) {
         (Some(fenced), _) => Some(fenced),
         (None, MetaKind::Redb) => None,
         (None, _) => Some(open_meta(settings).await?),
@@ -190,6 +202,7 @@ async fn open_storage(
             upload_interval: o.upload_interval,
             seal_interval: o.seal_interval,
             cache: local,
+            write_guard,
             ..Default::default()
         };
         let object = Backend {
@@ -226,7 +239,7 @@ fn clear_cache(dir: &std::path::Path) -> Result<(), StartError> {
 async fn acquire_lease(
     settings: &Settings,
     cluster: &crate::config::ClusterSettings,
-) -> Result<(Arc<NodeLease>, Arc<dyn MetaStore>), StartError> {
+) -> Result<(Arc<NodeLease>, ClusterStorage), StartError> {
     let meta = open_meta(settings).await?;
     let on_lost: tributary_core::cluster::OnLost = Arc::new(|why: &str| {
         error!("cluster: {why}; exiting so that another node serves");
@@ -249,8 +262,11 @@ async fn acquire_lease(
     .await?;
     lease.keep();
     info!(node = %cluster.node, epoch = lease.leader().epoch, "cluster: this node is active");
-    let fenced = lease.fenced(meta);
-    Ok((Arc::new(lease), fenced))
+    let storage = ClusterStorage {
+        meta: lease.fenced(meta),
+        guard: WriteGuard(Arc::new(lease.holds())),
+    };
+    Ok((Arc::new(lease), storage))
 }
 
 async fn open_meta(settings: &Settings) -> Result<Arc<dyn MetaStore>, StartError> {
@@ -292,14 +308,14 @@ impl Server {
         check_exposure(settings, true)?;
         let certs = load_certs(settings)?;
         // A standby binds nothing: gateways find the active node as the one that answers.
-        let (lease, fenced_meta) = match &settings.cluster {
+        let (lease, cluster_storage) = match &settings.cluster {
             Some(cluster) if mode == Mode::CoreOnly => {
-                let (lease, meta) = acquire_lease(settings, cluster).await?;
-                (Some(lease), Some(meta))
+                let (lease, storage) = acquire_lease(settings, cluster).await?;
+                (Some(lease), Some(storage))
             }
             _ => (None, None),
         };
-        let started = Self::start_core(settings, mode, certs, fenced_meta, lease.clone()).await;
+        let started = Self::start_core(settings, mode, certs, cluster_storage, lease.clone()).await;
         if started.is_err()
             && let Some(lease) = &lease
         {
@@ -312,7 +328,7 @@ impl Server {
         settings: &Settings,
         mode: Mode,
         certs: Option<Arc<CertSource>>,
-        fenced_meta: Option<Arc<dyn MetaStore>>,
+        cluster_storage: Option<ClusterStorage>,
         lease: Option<Arc<NodeLease>>,
     ) -> Result<Self, StartError> {
         let core_listener =
@@ -360,7 +376,7 @@ impl Server {
             Mode::Standalone => Some(bind_rocketmq(settings).await?),
             _ => None,
         };
-        let (log, meta) = open_storage(settings, fenced_meta).await?;
+        let (log, meta) = open_storage(settings, cluster_storage).await?;
         let config = CoreConfig {
             default_partitions: settings.default_partitions,
             auto_create_streams: settings.auto_create_streams,

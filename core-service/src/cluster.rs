@@ -248,6 +248,13 @@ impl NodeLease {
         *self.keeper.lock() = Some(task);
     }
 
+    /// Whether this node may still write: the lease is neither lost nor past valid. Cheap
+    /// enough to ask before every object write.
+    pub fn holds(&self) -> impl Fn() -> bool + Send + Sync + 'static {
+        let state = self.state.clone();
+        move || !state.over.load(Ordering::Acquire) && Instant::now() < *state.valid_until.lock()
+    }
+
     /// The metadata store as this node must write it: every transaction fenced by its epoch.
     pub fn fenced(&self, inner: Arc<dyn MetaStore>) -> Arc<dyn MetaStore> {
         Arc::new(FencedMetaStore {

@@ -20,11 +20,13 @@
 //! lost connection releases them with the transaction.
 //!
 //! - PostgreSQL: `pg_advisory_xact_lock(id)` with `id` a 64-bit FNV-1a hash of the namespace
-//!   and the key (a collision only makes two transactions wait for each other). Transactions
-//!   begin READ COMMITTED whatever the server's default: the check reads run after the locks
-//!   are held, and a statement's snapshot includes every transaction that committed before it
-//!   started, so they see the last writer's commit (PostgreSQL makes a commit visible before
-//!   it releases its locks). Under REPEATABLE READ the snapshot would be the lock statement's,
+//!   and the key (a collision only makes two transactions wait for each other); a key that
+//!   is only checked, not written, takes `pg_advisory_xact_lock_shared(id)` instead, so
+//!   transactions checking one common key (a cluster node's fencing epoch) do not queue.
+//!   Transactions begin READ COMMITTED whatever the server's default: the check reads run
+//!   after the locks are held, and a statement's snapshot includes every transaction that
+//!   committed before it started, so they see the last writer's commit (PostgreSQL makes a
+//!   commit visible before it releases its locks). Under REPEATABLE READ the snapshot would be the lock statement's,
 //!   taken before it waited.
 //! - MariaDB/MySQL: a lock table per namespace, `tributary_meta_<namespace>_locks`, holds
 //!   [`LOCK_STRIPES`] rows made on connect; a transaction locks the rows of its keys' stripes
@@ -236,6 +238,17 @@ impl Plan {
         })
     }
 
+    /// `puts` and `deletes` are in key order (built from a `BTreeMap`).
+    fn writes_key(&self, key: &[u8]) -> bool {
+        self.puts
+            .binary_search_by(|(k, _)| k.as_slice().cmp(key))
+            .is_ok()
+            || self
+                .deletes
+                .binary_search_by(|k| k.as_slice().cmp(key))
+                .is_ok()
+    }
+
     fn writes(&self) -> bool {
         !self.puts.is_empty() || !self.deletes.is_empty()
     }
@@ -428,15 +441,18 @@ impl PostgresMetaStore {
         self.pool.close().await;
     }
 
-    fn lock_ids(&self, plan: &Plan) -> Vec<i64> {
-        let mut ids: Vec<i64> = plan
-            .lock_keys
-            .iter()
-            .map(|k| fnv1a(&[b"tributary-meta", self.namespace.as_bytes(), k]) as i64)
-            .collect();
-        ids.sort_unstable();
-        ids.dedup();
-        ids
+    /// Lock ids in ascending order, each with whether it is taken exclusively: a key only
+    /// checked takes its lock shared, so transactions that merely check one key (every write
+    /// of a cluster node checks its fencing epoch) run side by side, while a write of that
+    /// key still waits for them all and they for it.
+    fn lock_ids(&self, plan: &Plan) -> (Vec<i64>, Vec<bool>) {
+        let id = |k: &[u8]| fnv1a(&[b"tributary-meta", self.namespace.as_bytes(), k]) as i64;
+        let mut locks: BTreeMap<i64, bool> = BTreeMap::new();
+        for k in &plan.lock_keys {
+            let exclusive = plan.writes_key(k);
+            *locks.entry(id(k)).or_insert(exclusive) |= exclusive;
+        }
+        locks.into_iter().unzip()
     }
 
     async fn read_many(
@@ -456,7 +472,7 @@ impl PostgresMetaStore {
     async fn prepare(
         &self,
         plan: &Plan,
-        lock_ids: &[i64],
+        (lock_ids, exclusive): &(Vec<i64>, Vec<bool>),
     ) -> std::result::Result<Option<sqlx::Transaction<'static, sqlx::Postgres>>, sqlx::Error> {
         // READ COMMITTED whatever the server's default: each statement's snapshot must
         // start after the locks are held (under REPEATABLE READ the snapshot would be the
@@ -466,10 +482,15 @@ impl PostgresMetaStore {
             .begin_with("BEGIN ISOLATION LEVEL READ COMMITTED")
             .await?;
         // In the order of `lock_ids` (ascending): unnest yields the array in order.
-        sqlx::query("SELECT pg_advisory_xact_lock(id) FROM unnest($1::int8[]) AS t(id)")
-            .bind(lock_ids)
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(
+            "SELECT CASE WHEN x THEN pg_advisory_xact_lock(id)::text \
+             ELSE pg_advisory_xact_lock_shared(id)::text END \
+             FROM unnest($1::int8[], $2::bool[]) AS t(id, x)",
+        )
+        .bind(lock_ids)
+        .bind(exclusive)
+        .execute(&mut *tx)
+        .await?;
         if !plan.checks.is_empty() {
             let current = self.read_many(&mut tx, &plan.check_keys).await?;
             if !plan.holds(&current) {

@@ -72,6 +72,20 @@ pub struct ObjectLogConfig {
     pub ack_timeout: Duration,
     /// The local cache's own settings (segment size, fsync policy).
     pub cache: LocalLogConfig,
+    /// Asked before every object write; `false` refuses it. A cluster node passes its lease
+    /// here, so a node that resumes after a pause longer than its lease writes nothing over
+    /// its successor's objects, even before its watchdog ends it.
+    pub write_guard: Option<WriteGuard>,
+}
+
+/// See [`ObjectLogConfig::write_guard`].
+#[derive(Clone)]
+pub struct WriteGuard(pub Arc<dyn Fn() -> bool + Send + Sync>);
+
+impl std::fmt::Debug for WriteGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WriteGuard")
+    }
 }
 
 impl Default for ObjectLogConfig {
@@ -83,6 +97,7 @@ impl Default for ObjectLogConfig {
             seal_interval: Duration::from_secs(60),
             cached_segments: 2,
             ack_timeout: Duration::from_secs(10),
+            write_guard: None,
             cache: LocalLogConfig {
                 segment_bytes: 64 << 20,
                 ..LocalLogConfig::default()
@@ -319,7 +334,19 @@ impl Shared {
         }
     }
 
+    /// Refuses object writes once the write guard says this node may no longer write.
+    fn may_write(&self) -> Result<()> {
+        match &self.config.write_guard {
+            Some(guard) if !(guard.0)() => Err(self.err(
+                "refusing to write",
+                "this node no longer holds the cluster lease",
+            )),
+            _ => Ok(()),
+        }
+    }
+
     async fn put_marker(&self, key: PartitionKey, marker: Marker) -> Result<()> {
+        self.may_write()?;
         self.op
             .write(&layout::marker_path(key), marker.encode())
             .await
@@ -649,6 +676,11 @@ impl Shared {
         let mut backoff = Duration::from_millis(50);
         let put_timeout = WAL_PUT_TIMEOUT + Duration::from_secs((body.len() >> 20) as u64);
         loop {
+            if let Err(e) = self.may_write() {
+                // Never acknowledged: the node is about to stop.
+                warn!(store = %self.name, object = %path, error = %e, "WAL upload abandoned");
+                return;
+            }
             // Each attempt is bounded: a connection the store stopped answering (a network
             // black hole) would otherwise hold the uploader for opendal's timeouts and
             // retries (10 s per attempt, four attempts) after the store is back.
@@ -790,6 +822,7 @@ impl Shared {
                 max_ts: seg.max_timestamp_ms,
             };
             let started = Instant::now();
+            self.may_write()?;
             remote::upload(&self.op, part.key, &name, seg)
                 .await
                 .map_err(|e| self.err("cannot upload a segment", e))?;

@@ -270,6 +270,64 @@ async fn shipped_segments_serve_reads_after_eviction() {
 /// replacing the bucket's `wal` directory with a file, which S3 has no equivalent of (moto
 /// cannot refuse writes to one prefix). An S3 endpoint that is cut (refused, then a black
 /// hole) is `scripts/test-stores.sh store_loss`.
+/// A cluster node that lost its lease writes no object: nothing it appends after is
+/// acknowledged, and nothing lands in the bucket.
+#[tokio::test]
+async fn a_closed_write_guard_stops_every_object_write() {
+    let bucket = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(1, 0);
+    let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let guard = {
+        let open = open.clone();
+        WriteGuard(Arc::new(move || {
+            open.load(std::sync::atomic::Ordering::SeqCst)
+        }))
+    };
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        ObjectLogConfig {
+            ack_timeout: Duration::from_millis(300),
+            write_guard: Some(guard),
+            ..config(AckPoint::Shared)
+        },
+    )
+    .await
+    .unwrap();
+    store.create_partition(key).await.unwrap();
+    append(&store, key, batch(1, 1, "held")).await;
+    let listed = |dir: &str| -> Vec<_> {
+        std::fs::read_dir(bucket.path().join(dir))
+            .map(|d| d.map(|e| e.unwrap().file_name()).collect())
+            .unwrap_or_default()
+    };
+    let wal_before = listed("wal");
+    assert_eq!(wal_before.len(), 1);
+
+    open.store(false, std::sync::atomic::Ordering::SeqCst);
+    let waiting = store.append(key, batch(1, 2, "lost")).await.unwrap();
+    let e = store.wait_durable(key, waiting + 1).await.unwrap_err();
+    assert!(matches!(e, StorageError::Unavailable { .. }), "{e}");
+    let e = store
+        .create_partition(PartitionKey::new(2, 0))
+        .await
+        .unwrap_err();
+    assert!(
+        e.to_string().contains("no longer holds the cluster lease"),
+        "{e}"
+    );
+    let e = store.ship_all().await.unwrap_err();
+    assert!(
+        e.to_string().contains("no longer holds the cluster lease"),
+        "{e}"
+    );
+    assert_eq!(listed("wal"), wal_before);
+    assert!(listed("segments").is_empty());
+    assert_eq!(listed("partitions").len(), 1);
+}
+
 #[tokio::test]
 async fn shared_ack_refuses_appends_while_the_store_is_down_and_recovers() {
     let bucket = tempfile::tempdir().unwrap();
