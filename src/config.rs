@@ -392,6 +392,12 @@ pub struct Options {
     /// standby takes over this long after the heartbeats stop.
     #[arg(long, env = "TRIBUTARY_CLUSTER_LEASE_TTL_MS", global = true)]
     pub cluster_lease_ttl_ms: Option<u64>,
+    /// Kafka gateways as a fleet: this gateway's broker id (0 to 2147483647, unique in the
+    /// fleet). Each gateway with one registers in the core, and clients are given every live
+    /// one as a broker, partitions and coordinators spread over them. Unset: this gateway
+    /// is the only broker clients see.
+    #[arg(long, env = "TRIBUTARY_KAFKA_BROKER_ID", global = true)]
+    pub kafka_broker_id: Option<i32>,
     /// Log storage: local (on disk, the default), memory (lost on exit) or opendal (an
     /// object store configured in the config file's [opendal] table, with a local cache).
     /// With an [opendal] table both local and opendal are available and this is the
@@ -645,6 +651,7 @@ pub struct FileConfig {
     pub core: Option<String>,
     pub cluster_node: Option<String>,
     pub cluster_lease_ttl_ms: Option<u64>,
+    pub kafka_broker_id: Option<i32>,
     pub storage: Option<String>,
     pub opendal_ack: Option<String>,
     pub opendal_cache_dir: Option<PathBuf>,
@@ -972,6 +979,8 @@ pub struct Settings {
     pub max_message_bytes: i64,
     pub retention_check_interval: Duration,
     pub kafka_advertised: Option<(String, u16)>,
+    /// Kafka gateways as a fleet: this one's broker id.
+    pub kafka_broker_id: Option<i32>,
     /// Kafka over TLS (`kafka_tls_listen`) and the address its clients are given.
     pub kafka_tls_listen: Listen,
     pub kafka_tls_advertised: Option<(String, u16)>,
@@ -1357,6 +1366,12 @@ impl Settings {
                 Ok(Some((host.to_string(), port)))
             }
         };
+        let kafka_broker_id = o.kafka_broker_id.or(f.kafka_broker_id);
+        if let Some(id) = kafka_broker_id
+            && id < 0
+        {
+            return Err(invalid("kafka_broker_id", id, "expected 0 to 2147483647"));
+        }
         let kafka_advertised = advertised(
             "kafka_advertised",
             o.kafka_advertised
@@ -1708,6 +1723,7 @@ impl Settings {
             mqtt_max_queued,
             mqtt_acl,
             kafka_advertised,
+            kafka_broker_id,
             kafka_tls_listen,
             kafka_tls_advertised,
             kafka_sasl,

@@ -1062,8 +1062,12 @@ fn spawn_kafka(
     };
     // One cache of the core's users for the plain and the TLS listener.
     let users = user_directory(settings, &client);
-    let config = |addr: SocketAddr, advertised: &Option<(String, u16)>, flag: &str| {
+    let config = |addr: SocketAddr,
+                  advertised: &Option<(String, u16)>,
+                  flag: &str,
+                  listener: &'static str| {
         let mut config = KafkaConfig::new(addr);
+        config.fleet = settings.kafka_broker_id.map(|id| (id, listener));
         match advertised {
             Some((host, port)) => {
                 config.advertised_host = host.clone();
@@ -1091,8 +1095,14 @@ fn spawn_kafka(
         let addr = local(&listener, "--kafka-listen")?;
         let gateway = tributary_gateway_kafka::Gateway::new(
             client.clone(),
-            config(addr, &settings.kafka_advertised, "--kafka-advertised"),
+            config(
+                addr,
+                &settings.kafka_advertised,
+                "--kafka-advertised",
+                "plain",
+            ),
         );
+        run.tasks.extend(gateway.spawn_fleet(run.stop.subscribe()));
         spawn_listener(settings, listener, "kafka", Plain, gateway, run);
         bound.kafka = Some(addr);
     }
@@ -1104,8 +1114,10 @@ fn spawn_kafka(
                 addr,
                 &settings.kafka_tls_advertised,
                 "--kafka-tls-advertised",
+                "tls",
             ),
         );
+        run.tasks.extend(gateway.spawn_fleet(run.stop.subscribe()));
         spawn_listener(settings, listener, "kafka-tls", acceptor, gateway, run);
         bound.kafka_tls = Some(addr);
     }

@@ -6,6 +6,8 @@ Each deployment runs on free loopback ports in its own data directory:
 * ``standalone``: one process, core + Kafka gateway.
 * ``split``: ``tributary core`` plus one ``tributary gateway kafka --core http://ADDR``.
 * ``split-2gw``: one core fronted by two Kafka gateways (only where a test asks for it).
+* ``fleet``: like ``split-2gw`` with `--kafka-broker-id 1` and `2`: clients see both gateways
+  as brokers (test_fleet.py).
 * ``apache-kafka``: the reference, Apache Kafka itself (one KRaft node, from the jars
   scripts/compat.sh fetched into KAFKA_REFERENCE_HOME). Every test on ``cluster`` runs against
   it too, so a scenario Kafka fails is a wrong test or a documented difference (those are
@@ -117,7 +119,7 @@ class Deployment(BaseDeployment):
     """A tributary deployment in one of MODES, on one data directory."""
 
     def __init__(self, mode: str, workdir: pathlib.Path, extra_args: list[str] | None = None):
-        assert mode in ("standalone", "split", "split-2gw", "apache-kafka"), mode
+        assert mode in ("standalone", "split", "split-2gw", "fleet", "apache-kafka"), mode
         self.mode = mode
         self.bin = tributary_bin()
         self.workdir = workdir
@@ -182,13 +184,15 @@ class Deployment(BaseDeployment):
             listeners = core.start()
             self._need(listeners, "core", core)
             self.core_addr = listeners["core"]
-            for i in range(2 if self.mode == "split-2gw" else 1):
+            for i in range(2 if self.mode in ("split-2gw", "fleet") else 1):
+                fleet = ["--kafka-broker-id", str(i + 1)] if self.mode == "fleet" else []
                 gw = ServerProcess(
                     f"tributary gateway kafka #{i}",
                     [
                         self.bin, "gateway", "kafka",
                         "--core", f"http://{self.core_addr}",
                         "--kafka-listen", "127.0.0.1:0",
+                        *fleet,
                         *self.extra_args,
                     ],
                     self.workdir / f"gateway{i}.log",

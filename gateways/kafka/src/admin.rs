@@ -593,7 +593,7 @@ fn broker_configs(gw: &Gateway) -> Vec<DescribeConfigsResourceResult> {
             .with_read_only(true)
     };
     vec![
-        entry("broker.id", "0".into(), TYPE_INT),
+        entry("broker.id", gw.broker_id().to_string(), TYPE_INT),
         entry(
             "auto.create.topics.enable",
             gw.config.auto_create_topics.to_string(),

@@ -14,6 +14,7 @@ pub mod batch;
 mod conn;
 mod data;
 pub mod errors;
+pub mod fleet;
 mod groups;
 mod metadata;
 pub mod principal;
@@ -62,6 +63,9 @@ pub struct KafkaConfig {
     /// Session timeouts JoinGroup accepts, in ms (group.min/max.session.timeout.ms);
     /// others get INVALID_SESSION_TIMEOUT.
     pub session_timeout_ms: std::ops::RangeInclusive<i32>,
+    /// A fleet of gateways (`kafka_broker_id`): this gateway's broker id and the listener
+    /// kind its registration is grouped under (`plain` or `tls`). `None`: the only broker.
+    pub fleet: Option<(i32, &'static str)>,
 }
 
 impl KafkaConfig {
@@ -78,6 +82,7 @@ impl KafkaConfig {
             authorizer: None,
             ssl_principal_rules: principal::PrincipalRules::default(),
             session_timeout_ms: 6_000..=1_800_000,
+            fleet: None,
         }
     }
 }
@@ -93,6 +98,8 @@ pub struct Gateway {
     pub(crate) authorizer: Option<acl::Authorizer>,
     /// Refused SASL logins, counted and (rate-limited) logged.
     pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
+    /// The other gateways listed as brokers, when this one is part of a fleet.
+    pub(crate) fleet: Option<Arc<fleet::Fleet>>,
 }
 
 impl Gateway {
@@ -101,13 +108,68 @@ impl Gateway {
             .authorizer
             .as_ref()
             .map(|a| acl::Authorizer::new(a, &config.namespace));
+        let fleet = config.fleet.map(|(id, listener)| {
+            Arc::new(fleet::Fleet::new(
+                fleet::Broker {
+                    id,
+                    host: config.advertised_host.clone(),
+                    port: i32::from(config.advertised_port),
+                },
+                config.namespace.clone(),
+                listener,
+            ))
+        });
         Arc::new(Self {
             config,
             core,
             topic_ids: Default::default(),
             authorizer,
             logins: Default::default(),
+            fleet,
         })
+    }
+
+    /// In a fleet: registers this gateway in the core and keeps the list of brokers fresh
+    /// until `stop`. `None` for a gateway alone.
+    pub fn spawn_fleet(
+        &self,
+        stop: tokio::sync::watch::Receiver<bool>,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        self.fleet
+            .as_ref()
+            .map(|f| f.spawn(self.core.clone(), stop))
+    }
+
+    /// The brokers clients are given (this gateway alone, or the fleet).
+    pub(crate) fn brokers(&self) -> Vec<fleet::Broker> {
+        match &self.fleet {
+            Some(f) => f.brokers(),
+            None => vec![fleet::Broker {
+                id: metadata::NODE_ID,
+                host: self.config.advertised_host.clone(),
+                port: i32::from(self.config.advertised_port),
+            }],
+        }
+    }
+
+    /// This gateway's broker id.
+    pub(crate) fn broker_id(&self) -> i32 {
+        self.fleet.as_ref().map_or(metadata::NODE_ID, |f| f.me().id)
+    }
+
+    /// The leader given to clients for a partition.
+    pub(crate) fn leader(&self, topic: &str, partition: i32) -> i32 {
+        self.fleet
+            .as_ref()
+            .map_or(metadata::NODE_ID, |f| f.leader(topic, partition))
+    }
+
+    /// The coordinator given to clients for a group or transactional id.
+    pub(crate) fn coordinator(&self, key: &str) -> fleet::Broker {
+        match &self.fleet {
+            Some(f) => f.owner(key.as_bytes()),
+            None => self.brokers().remove(0),
+        }
     }
 
     /// The authorizer as this request sees it (checks the ACL cache's freshness first).

@@ -94,18 +94,24 @@ impl Gateway {
         cache.get(&id).cloned()
     }
 
-    fn broker(&self) -> MetadataResponseBroker {
-        MetadataResponseBroker::default()
-            .with_node_id(BrokerId(NODE_ID))
-            .with_host(StrBytes::from_string(self.config.advertised_host.clone()))
-            .with_port(i32::from(self.config.advertised_port))
+    fn metadata_brokers(&self) -> Vec<MetadataResponseBroker> {
+        self.brokers()
+            .into_iter()
+            .map(|b| {
+                MetadataResponseBroker::default()
+                    .with_node_id(BrokerId(b.id))
+                    .with_host(StrBytes::from_string(b.host))
+                    .with_port(b.port)
+            })
+            .collect()
     }
 }
 
-fn topic_response(info: &v1::StreamInfo, operations: i32) -> MetadataResponseTopic {
+fn topic_response(gw: &Gateway, info: &v1::StreamInfo, operations: i32) -> MetadataResponseTopic {
     let name = info.id.as_ref().map(|i| i.name.clone()).unwrap_or_default();
+    let leader = |p: i32| BrokerId(gw.leader(&name, p));
     MetadataResponseTopic::default()
-        .with_name(Some(TopicName(StrBytes::from_string(name))))
+        .with_name(Some(TopicName(StrBytes::from_string(name.clone()))))
         .with_topic_id(topic_uuid(info))
         .with_topic_authorized_operations(operations)
         .with_partitions(
@@ -113,12 +119,12 @@ fn topic_response(info: &v1::StreamInfo, operations: i32) -> MetadataResponseTop
                 .map(|p| {
                     MetadataResponsePartition::default()
                         .with_partition_index(p)
-                        .with_leader_id(BrokerId(NODE_ID))
+                        .with_leader_id(leader(p))
                         // No leader epochs: clients then skip OffsetForLeaderEpoch validation,
                         // which the gateway does not serve.
                         .with_leader_epoch(-1)
-                        .with_replica_nodes(vec![BrokerId(NODE_ID)])
-                        .with_isr_nodes(vec![BrokerId(NODE_ID)])
+                        .with_replica_nodes(vec![leader(p)])
+                        .with_isr_nodes(vec![leader(p)])
                 })
                 .collect(),
         )
@@ -168,7 +174,7 @@ pub(crate) async fn metadata(
                     .filter(|t| {
                         az.allowed(Operation::Describe, ResourceType::Topic, stream_name(t))
                     })
-                    .map(|t| topic_response(t, ops(stream_name(t)))),
+                    .map(|t| topic_response(gw, t, ops(stream_name(t)))),
             ),
             Err(status) => {
                 tracing::warn!(error = %status.message(), "metadata: cannot list topics");
@@ -209,7 +215,7 @@ pub(crate) async fn metadata(
                     continue;
                 }
                 match gw.describe_topic(&name).await {
-                    Ok(info) => topics.push(topic_response(&info, ops(&name))),
+                    Ok(info) => topics.push(topic_response(gw, &info, ops(&name))),
                     Err(s)
                         if error_code(&s) == v1::ErrorCode::StreamNotFound
                             && allow_create
@@ -242,6 +248,7 @@ pub(crate) async fn metadata(
                             Ok(r) => {
                                 tracing::info!(topic = %name, "topic auto-created");
                                 topics.push(topic_response(
+                                    gw,
                                     &r.into_inner().stream.unwrap_or_default(),
                                     ops(&name),
                                 ))
@@ -263,9 +270,9 @@ pub(crate) async fn metadata(
         }
     }
     MetadataResponse::default()
-        .with_brokers(vec![gw.broker()])
+        .with_brokers(gw.metadata_brokers())
         .with_cluster_id(Some(StrBytes::from_string(gw.config.cluster_id.clone())))
-        .with_controller_id(BrokerId(NODE_ID))
+        .with_controller_id(BrokerId(gw.brokers()[0].id))
         .with_topics(topics)
         .with_cluster_authorized_operations(
             if (8..=10).contains(&version) && req.include_cluster_authorized_operations {
@@ -310,10 +317,9 @@ pub(crate) fn find_coordinator(
             _ => None,
         }
     };
-    let host = StrBytes::from_string(gw.config.advertised_host.clone());
-    let port = i32::from(gw.config.advertised_port);
-    // Key types 0 (group) and 1 (transaction): every gateway is the coordinator, the
-    // state being in the core. Share-group keys (2) are not served.
+    // Key types 0 (group) and 1 (transaction): every gateway can coordinate, the state
+    // being in the core; in a fleet each key is given to one gateway by a hash, to spread
+    // the load. Share-group keys (2) are not served.
     let refused = !matches!(req.key_type, 0 | 1);
     let (code, message) = if refused {
         (
@@ -338,15 +344,16 @@ pub(crate) fn find_coordinator(
                         .with_port(-1)
                         .with_error_code(code);
                 }
+                let owner = gw.coordinator(key.as_str());
                 Coordinator::default()
                     .with_key(key)
-                    .with_node_id(BrokerId(if refused { -1 } else { NODE_ID }))
+                    .with_node_id(BrokerId(if refused { -1 } else { owner.id }))
                     .with_host(if refused {
                         StrBytes::default()
                     } else {
-                        host.clone()
+                        StrBytes::from_string(owner.host)
                     })
-                    .with_port(if refused { -1 } else { port })
+                    .with_port(if refused { -1 } else { owner.port })
                     .with_error_code(code)
                     .with_error_message(message.clone())
             })
@@ -360,12 +367,17 @@ pub(crate) fn find_coordinator(
             .with_host(StrBytes::default())
             .with_port(-1);
     }
+    let owner = gw.coordinator(req.key.as_str());
     FindCoordinatorResponse::default()
         .with_error_code(code)
         .with_error_message(message)
-        .with_node_id(BrokerId(if refused { -1 } else { NODE_ID }))
-        .with_host(if refused { StrBytes::default() } else { host })
-        .with_port(if refused { -1 } else { port })
+        .with_node_id(BrokerId(if refused { -1 } else { owner.id }))
+        .with_host(if refused {
+            StrBytes::default()
+        } else {
+            StrBytes::from_string(owner.host)
+        })
+        .with_port(if refused { -1 } else { owner.port })
 }
 
 pub(crate) fn describe_cluster(
@@ -375,19 +387,24 @@ pub(crate) fn describe_cluster(
 ) -> DescribeClusterResponse {
     DescribeClusterResponse::default()
         .with_cluster_id(StrBytes::from_string(gw.config.cluster_id.clone()))
-        .with_controller_id(BrokerId(NODE_ID))
+        .with_controller_id(BrokerId(gw.brokers()[0].id))
         .with_endpoint_type(1)
         .with_cluster_authorized_operations(if req.include_cluster_authorized_operations {
             cluster_operations(az)
         } else {
             NO_OPERATIONS
         })
-        .with_brokers(vec![
-            DescribeClusterBroker::default()
-                .with_broker_id(BrokerId(NODE_ID))
-                .with_host(StrBytes::from_string(gw.config.advertised_host.clone()))
-                .with_port(i32::from(gw.config.advertised_port)),
-        ])
+        .with_brokers(
+            gw.brokers()
+                .into_iter()
+                .map(|b| {
+                    DescribeClusterBroker::default()
+                        .with_broker_id(BrokerId(b.id))
+                        .with_host(StrBytes::from_string(b.host))
+                        .with_port(b.port)
+                })
+                .collect(),
+        )
 }
 
 #[cfg(test)]
