@@ -778,7 +778,12 @@ fn resolve_cluster(
     opendal: Option<&OpendalSettings>,
     meta: &MetaSettings,
 ) -> Result<Option<ClusterSettings>, ConfigError> {
-    let Some(node) = o.cluster_node.clone().or_else(|| f.cluster_node.clone()) else {
+    let Some(node) = o
+        .cluster_node
+        .clone()
+        .or_else(|| f.cluster_node.clone())
+        .filter(|n| !n.is_empty())
+    else {
         return Ok(None);
     };
     if role != Role::Core {
@@ -1366,11 +1371,19 @@ impl Settings {
                 Ok(Some((host.to_string(), port)))
             }
         };
-        let kafka_broker_id = o.kafka_broker_id.or(f.kafka_broker_id);
+        // -1 (the example's default): not part of a fleet.
+        let kafka_broker_id = o
+            .kafka_broker_id
+            .or(f.kafka_broker_id)
+            .filter(|id| *id != -1);
         if let Some(id) = kafka_broker_id
             && id < 0
         {
-            return Err(invalid("kafka_broker_id", id, "expected 0 to 2147483647"));
+            return Err(invalid(
+                "kafka_broker_id",
+                id,
+                "expected 0 to 2147483647 (or -1: not part of a fleet)",
+            ));
         }
         let kafka_advertised = advertised(
             "kafka_advertised",
@@ -2272,6 +2285,47 @@ mod tests {
     }
 
     #[test]
+    fn cluster_mode_needs_shared_storage_and_the_core_role() {
+        let base = "storage = \"opendal\"\nopendal_ack = \"shared\"\nmeta = \"etcd\"\nmeta_url = \"http://127.0.0.1:2379\"\ncluster_node = \"core-1\"\n[opendal]\nscheme = \"fs\"\nroot = \"/tmp/x\"\n";
+        let file: FileConfig = toml::from_str(base).unwrap();
+        let s = Settings::resolve_for(&Options::default(), &file, Role::Core).unwrap();
+        assert_eq!(
+            s.cluster,
+            Some(ClusterSettings {
+                node: "core-1".into(),
+                lease_ttl: Duration::from_secs(5),
+            })
+        );
+        let refused = |text: &str, role: Role, key: &str| {
+            let file: FileConfig = toml::from_str(text).unwrap();
+            let e = Settings::resolve_for(&Options::default(), &file, role).unwrap_err();
+            assert!(e.to_string().contains(key), "{key}: {e}");
+        };
+        refused(base, Role::Standalone, "cluster_node");
+        refused(base, Role::Gateway, "cluster_node");
+        refused(&base.replace("\"etcd\"", "\"redis\""), Role::Core, "meta");
+        refused(
+            &base.replace("\"shared\"", "\"local\""),
+            Role::Core,
+            "storage",
+        );
+        refused(
+            &base.replace("core-1", "core 1"),
+            Role::Core,
+            "cluster_node",
+        );
+        refused(
+            &format!("cluster_lease_ttl_ms = 10\n{base}"),
+            Role::Core,
+            "cluster_lease_ttl_ms",
+        );
+        // Empty: not a cluster node.
+        let file: FileConfig = toml::from_str(&base.replace("core-1", "")).unwrap();
+        let s = Settings::resolve_for(&Options::default(), &file, Role::Core).unwrap();
+        assert_eq!(s.cluster, None);
+    }
+
+    #[test]
     fn the_example_config_lists_every_key_with_its_default() {
         let text = include_str!("../tributary.example.toml");
         let uncommented: String = text
@@ -2322,6 +2376,9 @@ mod tests {
             "rocketmq_transaction_check_max",
             "max_connections",
             "core",
+            "cluster_node",
+            "cluster_lease_ttl_ms",
+            "kafka_broker_id",
             "storage",
             "opendal_ack",
             "opendal_cache_dir",
