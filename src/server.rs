@@ -129,15 +129,17 @@ type Stores = (Arc<dyn LogStore>, Arc<dyn MetaStore>);
 struct ClusterStorage {
     meta: Arc<dyn MetaStore>,
     guard: WriteGuard,
+    /// The lease's fencing epoch, stamped on the object-store log's WAL objects.
+    epoch: u64,
 }
 
 async fn open_storage(
     settings: &Settings,
     cluster: Option<ClusterStorage>,
 ) -> Result<Stores, StartError> {
-    let (cluster_meta, write_guard) = match cluster {
-        Some(c) => (Some(c.meta), Some(c.guard)),
-        None => (None, None),
+    let (cluster_meta, write_guard, epoch) = match cluster {
+        Some(c) => (Some(c.meta), Some(c.guard), c.epoch),
+        None => (None, None, 0),
     };
     if settings.storage == StorageKind::Memory {
         let log = RoutedLogStore::open(vec![Backend {
@@ -203,6 +205,7 @@ async fn open_storage(
             seal_interval: o.seal_interval,
             cache: local,
             write_guard,
+            epoch,
             ..Default::default()
         };
         let object = Backend {
@@ -265,6 +268,7 @@ async fn acquire_lease(
     let storage = ClusterStorage {
         meta: lease.fenced(meta),
         guard: WriteGuard(Arc::new(lease.holds())),
+        epoch: lease.leader().epoch,
     };
     Ok((Arc::new(lease), storage))
 }

@@ -6,7 +6,14 @@
 //!                                               a sealed local segment, byte for byte
 //! segments/<stream>-<partition>/<same stem>.idx its sparse index (optional: reads scan)
 //! wal/<sequence>.wal                            "TRBWAL01", then entries (shared ack only)
+//! wal/<sequence>-<epoch>.wal                    the same, written by a cluster node in that
+//!                                               fencing epoch
+//! epochs/<epoch>.start                          the first WAL sequence of that epoch (text)
 //! ```
+//!
+//! A cluster node taking over at epoch E writes `epochs/E.start` before any WAL object of its
+//! own: a WAL object of an earlier epoch at or after that sequence was written by a node that
+//! had lost its lease (paused past it, then resumed) and is never replayed.
 //!
 //! Every fact needed to rebuild is in the names and the small marker objects, so a restart
 //! on an empty cache lists three prefixes and reads the markers and the few WAL objects.
@@ -14,6 +21,8 @@
 //! one frame in the segment format (its own length and CRC32C). The incarnation ties WAL
 //! entries and markers to one life of a partition, so entries of a deleted partition are
 //! never replayed into a new one with the same key.
+
+use std::collections::BTreeMap;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -31,15 +40,41 @@ pub(crate) fn segments_dir(key: PartitionKey) -> String {
     format!("segments/{key}/")
 }
 
-pub(crate) fn wal_path(seq: u64) -> String {
-    format!("wal/{seq:020}.wal")
+/// A WAL object's name; epoch 0 (not a cluster node) keeps the name without one.
+pub(crate) fn wal_path(seq: u64, epoch: u64) -> String {
+    if epoch == 0 {
+        format!("wal/{seq:020}.wal")
+    } else {
+        format!("wal/{seq:020}-{epoch:020}.wal")
+    }
 }
 
-pub(crate) fn parse_wal_name(path: &str) -> Option<u64> {
-    path.strip_prefix("wal/")?
-        .strip_suffix(".wal")?
+/// (sequence, epoch) of a WAL object.
+pub(crate) fn parse_wal_name(path: &str) -> Option<(u64, u64)> {
+    let stem = path.strip_prefix("wal/")?.strip_suffix(".wal")?;
+    match stem.split_once('-') {
+        None => Some((stem.parse().ok()?, 0)),
+        Some((seq, epoch)) => Some((seq.parse().ok()?, epoch.parse().ok()?)),
+    }
+}
+
+pub(crate) fn epoch_start_path(epoch: u64) -> String {
+    format!("epochs/{epoch:020}.start")
+}
+
+pub(crate) fn parse_epoch_start_name(path: &str) -> Option<u64> {
+    path.strip_prefix("epochs/")?
+        .strip_suffix(".start")?
         .parse()
         .ok()
+}
+
+/// Whether a WAL object of `epoch` at `seq` was written after a later epoch began: `starts`
+/// maps each epoch that wrote a start marker to its first sequence.
+pub(crate) fn fenced_out(seq: u64, epoch: u64, starts: &BTreeMap<u64, u64>) -> bool {
+    starts
+        .range(epoch + 1..)
+        .any(|(_, first_seq)| seq >= *first_seq)
 }
 
 pub(crate) fn parse_partition(name: &str) -> Option<PartitionKey> {
@@ -224,7 +259,10 @@ mod tests {
         };
         assert_eq!(SegmentName::parse(&neg.log_path(key)).unwrap().1, neg);
         assert_eq!(parse_marker_name(&marker_path(key)), Some(key));
-        assert_eq!(parse_wal_name(&wal_path(42)), Some(42));
+        assert_eq!(parse_wal_name(&wal_path(42, 0)), Some((42, 0)));
+        assert_eq!(parse_wal_name(&wal_path(42, 7)), Some((42, 7)));
+        assert_eq!(parse_wal_name("wal/x.wal"), None);
+        assert_eq!(parse_epoch_start_name(&epoch_start_path(3)), Some(3));
         let m = Marker {
             incarnation: 9,
             start_offset: 77,
@@ -233,6 +271,19 @@ mod tests {
         let mut bad = m.encode();
         bad[3] ^= 1;
         assert_eq!(Marker::decode(&bad), None);
+    }
+
+    #[test]
+    fn objects_of_an_epoch_written_after_a_later_one_began_are_fenced_out() {
+        // Epoch 1 wrote 0..=9; epoch 2 began at 10 and epoch 3 at 15.
+        let starts = BTreeMap::from([(2, 10), (3, 15)]);
+        assert!(!fenced_out(9, 1, &starts));
+        assert!(fenced_out(10, 1, &starts), "epoch 1 after epoch 2 began");
+        assert!(!fenced_out(12, 2, &starts));
+        assert!(fenced_out(15, 2, &starts), "epoch 2 after epoch 3 began");
+        assert!(fenced_out(16, 1, &starts));
+        assert!(!fenced_out(16, 3, &starts));
+        assert!(!fenced_out(3, 0, &BTreeMap::new()));
     }
 
     #[test]

@@ -76,6 +76,10 @@ pub struct ObjectLogConfig {
     /// here, so a node that resumes after a pause longer than its lease writes nothing over
     /// its successor's objects, even before its watchdog ends it.
     pub write_guard: Option<WriteGuard>,
+    /// A cluster node's fencing epoch (0: not a cluster node). Its WAL objects carry it in
+    /// their names, and it marks where its WAL begins, so that objects an earlier epoch's
+    /// node writes after the takeover are never replayed (see `layout`).
+    pub epoch: u64,
 }
 
 /// See [`ObjectLogConfig::write_guard`].
@@ -98,6 +102,7 @@ impl Default for ObjectLogConfig {
             cached_segments: 2,
             ack_timeout: Duration::from_secs(10),
             write_guard: None,
+            epoch: 0,
             cache: LocalLogConfig {
                 segment_bytes: 64 << 20,
                 ..LocalLogConfig::default()
@@ -126,8 +131,9 @@ struct Shared {
     pending_ready: Notify,
     ship_now: Notify,
     wal_seq: AtomicU64,
-    /// WAL objects still needed: sequence -> the partition ranges they hold.
-    wal_objects: Mutex<BTreeMap<u64, Vec<WalRange>>>,
+    /// WAL objects still needed: sequence -> the epoch in their name and the partition
+    /// ranges they hold.
+    wal_objects: Mutex<BTreeMap<u64, (u64, Vec<WalRange>)>>,
     closed: AtomicBool,
     stop: watch::Sender<bool>,
 }
@@ -334,6 +340,32 @@ impl Shared {
         }
     }
 
+    /// Each epoch's first WAL sequence, from the start markers cluster nodes wrote.
+    async fn epoch_starts(&self) -> Result<BTreeMap<u64, u64>> {
+        let mut starts = BTreeMap::new();
+        for entry in self.list("epochs/").await? {
+            let Some(epoch) = layout::parse_epoch_start_name(entry.path()) else {
+                continue;
+            };
+            let raw = self
+                .op
+                .read(entry.path())
+                .await
+                .map_err(|e| self.err("cannot read an epoch start marker", e))?;
+            let first: u64 = String::from_utf8_lossy(&raw.to_bytes())
+                .trim()
+                .parse()
+                .map_err(|e| {
+                    self.err(
+                        "cannot rebuild",
+                        format!("epoch start marker {} is damaged: {e}", entry.path()),
+                    )
+                })?;
+            starts.insert(epoch, first);
+        }
+        Ok(starts)
+    }
+
     /// Refuses object writes once the write guard says this node may no longer write.
     fn may_write(&self) -> Result<()> {
         match &self.config.write_guard {
@@ -382,17 +414,42 @@ impl Shared {
             }
         }
         let mut wal: HashMap<PartitionKey, Vec<WalEntry>> = HashMap::new();
-        let mut wal_names: Vec<(u64, String)> = self
+        let mut wal_names: Vec<(u64, u64, String)> = self
             .list("wal/")
             .await?
             .iter()
-            .filter_map(|e| layout::parse_wal_name(e.path()).map(|seq| (seq, e.path().to_string())))
+            .filter_map(|e| {
+                layout::parse_wal_name(e.path())
+                    .map(|(seq, epoch)| (seq, epoch, e.path().to_string()))
+            })
             .collect();
         wal_names.sort();
-        let newest = wal_names.last().map(|(seq, _)| *seq);
-        let mut max_seq = 0;
-        for (seq, path) in wal_names {
-            max_seq = max_seq.max(seq);
+        let max_seq = wal_names.last().map_or(0, |(seq, _, _)| *seq);
+        let starts = self.epoch_starts().await?;
+        let (wal_names, fenced): (Vec<_>, Vec<_>) = wal_names
+            .into_iter()
+            .partition(|(seq, epoch, _)| !layout::fenced_out(*seq, *epoch, &starts));
+        for (_, epoch, path) in fenced {
+            // Never part of this log: the node that wrote it had lost its lease.
+            warn!(store = %self.name, object = %path, epoch, "ignoring and deleting a WAL object written after a later epoch began (a node that had lost its lease)");
+            self.op
+                .delete(&path)
+                .await
+                .map_err(|e| self.err("cannot delete a fenced-out WAL object", e))?;
+        }
+        // Before any WAL object of this epoch exists: where it begins.
+        if self.config.epoch > 0 && !starts.contains_key(&self.config.epoch) {
+            self.may_write()?;
+            self.op
+                .write(
+                    &layout::epoch_start_path(self.config.epoch),
+                    (max_seq + 1).to_string(),
+                )
+                .await
+                .map_err(|e| self.err("cannot write the epoch's start marker", e))?;
+        }
+        let newest = wal_names.last().map(|(seq, _, _)| *seq);
+        for (seq, epoch, path) in wal_names {
             let raw = self
                 .op
                 .read(&path)
@@ -419,7 +476,7 @@ impl Shared {
                 .iter()
                 .map(|e| (e.key, e.incarnation, e.end_offset()))
                 .collect();
-            self.wal_objects.lock().insert(seq, ranges);
+            self.wal_objects.lock().insert(seq, (epoch, ranges));
             for e in entries {
                 wal.entry(e.key).or_default().push(e);
             }
@@ -671,7 +728,7 @@ impl Shared {
         }
         let body = layout::encode_wal(&entries);
         let seq = self.wal_seq.fetch_add(1, Ordering::AcqRel);
-        let path = layout::wal_path(seq);
+        let path = layout::wal_path(seq, self.config.epoch);
         let started = Instant::now();
         let mut backoff = Duration::from_millis(50);
         let put_timeout = WAL_PUT_TIMEOUT + Duration::from_secs((body.len() >> 20) as u64);
@@ -712,7 +769,9 @@ impl Shared {
             .iter()
             .map(|e| (e.key, e.incarnation, e.end_offset()))
             .collect();
-        self.wal_objects.lock().insert(seq, ranges);
+        self.wal_objects
+            .lock()
+            .insert(seq, (self.config.epoch, ranges));
         let parts = self.parts.read();
         for (key, end) in ends {
             if let Some(part) = parts.get(&key) {
@@ -730,23 +789,23 @@ impl Shared {
     /// Deletes WAL objects whose every entry is in a shipped segment (or whose partition
     /// is gone).
     async fn collect_wal(&self) {
-        let done: Vec<u64> = {
+        let done: Vec<(u64, u64)> = {
             let parts = self.parts.read();
             let objects = self.wal_objects.lock();
             objects
                 .iter()
-                .filter(|(_, ranges)| {
+                .filter(|(_, (_, ranges))| {
                     ranges.iter().all(|(key, incarnation, end)| {
                         parts.get(key).is_none_or(|p| {
                             p.incarnation != *incarnation || p.state.lock().remote_end() >= *end
                         })
                     })
                 })
-                .map(|(seq, _)| *seq)
+                .map(|(seq, (epoch, _))| (*seq, *epoch))
                 .collect()
         };
-        for seq in done {
-            match self.op.delete(&layout::wal_path(seq)).await {
+        for (seq, epoch) in done {
+            match self.op.delete(&layout::wal_path(seq, epoch)).await {
                 Ok(()) => {
                     self.wal_objects.lock().remove(&seq);
                 }

@@ -270,6 +270,67 @@ async fn shipped_segments_serve_reads_after_eviction() {
 /// replacing the bucket's `wal` directory with a file, which S3 has no equivalent of (moto
 /// cannot refuse writes to one prefix). An S3 endpoint that is cut (refused, then a black
 /// hole) is `scripts/test-stores.sh store_loss`.
+/// A node that lost its lease but resumed after its write guard passed (a pause between the
+/// check and the request) still writes WAL objects: the successor's epoch start marker makes
+/// every later node ignore them, and nothing of the successor's is overwritten.
+#[tokio::test]
+async fn wal_objects_a_stale_epoch_writes_after_a_takeover_are_never_replayed() {
+    let bucket = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(1, 0);
+    let node = |epoch: u64| {
+        let cache = tempfile::tempdir().unwrap();
+        let bucket = bucket.path().to_path_buf();
+        async move {
+            let store = ObjectLogStore::open(
+                fs_operator(&bucket),
+                "fs",
+                cache.path(),
+                ObjectLogConfig {
+                    epoch,
+                    ..config(AckPoint::Shared)
+                },
+            )
+            .await
+            .unwrap();
+            (store, cache)
+        }
+    };
+    let (old, _old_cache) = node(1).await;
+    old.create_partition(key).await.unwrap();
+    append(&old, key, batch(1, 1, "epoch 1")).await;
+
+    // Epoch 2 takes over from the bucket while the old node still runs.
+    let (new, _new_cache) = node(2).await;
+    assert_eq!(read_all(&new, key, 0).await.len(), 1);
+    // The old node, unaware, appends and uploads; the new one too, at the same offset.
+    append(&old, key, batch(1, 2, "stale")).await;
+    append(&new, key, batch(1, 3, "epoch 2")).await;
+    let wal: Vec<String> = std::fs::read_dir(bucket.path().join("wal"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(wal.len(), 3, "{wal:?}");
+
+    // Epoch 3 from an empty cache: the stale object is ignored (and deleted), the rest kept.
+    let (third, _third_cache) = node(3).await;
+    let bodies: Vec<_> = read_all(&third, key, 0)
+        .await
+        .into_iter()
+        .map(|b| b.payload)
+        .collect();
+    assert_eq!(
+        bodies,
+        [&b"epoch 1"[..], b"epoch 2"].map(Bytes::from_static)
+    );
+    let wal_after = std::fs::read_dir(bucket.path().join("wal"))
+        .unwrap()
+        .count();
+    assert_eq!(wal_after, 2);
+    for store in [old, new, third] {
+        store.close().await.unwrap();
+    }
+}
+
 /// A cluster node that lost its lease writes no object: nothing it appends after is
 /// acknowledged, and nothing lands in the bucket.
 #[tokio::test]
