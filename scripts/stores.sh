@@ -7,6 +7,10 @@
 #                                 # port and exports TRIBUTARY_TEST_<NAME>_URL
 #   stores_stop                   # stops everything started (also from a trap)
 #
+# Servers listen on 127.0.0.1 unless STORES_HOST names another local address (scripts/cluster.sh
+# gives one that its network namespaces reach); STORES_CLIENTS (a CIDR) lets PostgreSQL take
+# password logins from there too.
+#
 # Each store lives in scripts/stores/NAME.sh and defines NAME_install, NAME_start and
 # NAME_stop. Every server keeps its state under the work dir and never touches a system-wide
 # instance.

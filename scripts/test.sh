@@ -46,6 +46,8 @@ section "scripts/compat-java.sh"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/compat-java.sh
 section "storage adapters on real servers (etcd, Redis, PostgreSQL, MariaDB from Debian; S3 from moto), and protocol scenarios on S3 + etcd"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/test-stores.sh
+section "cluster failover: docker-compose.yml checked, 3 core nodes on etcd and on PostgreSQL (scripts/test-cluster.sh)"
+TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/test-cluster.sh
 section "web console end to end in headless Chromium (chromium from Debian, playwright-core from npm)"
 TRIBUTARY_BIN="${CARGO_TARGET_DIR:-target}/debug/tributary" scripts/console-test.sh
 section "tributary bench mqtt|amqp|sqs against Mosquitto, RabbitMQ (Debian) and ElasticMQ (Maven Central)"

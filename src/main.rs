@@ -81,14 +81,40 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
 }
 
 async fn run(settings: Settings, mode: Mode) -> ExitCode {
-    let server = match Server::start(&settings, mode).await {
-        Ok(s) => s,
+    // A cluster node may stand by for hours before it serves: a stop meanwhile is a clean
+    // one (nothing is open yet), not a death by signal.
+    let standby_signals = if settings.cluster.is_some() && mode == Mode::CoreOnly {
+        match server::ShutdownSignals::install() {
+            Ok(s) => Some(s),
+            Err(e) => {
+                eprintln!("error: cannot install signal handlers: {e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        None
+    };
+    let started = match standby_signals {
+        None => Server::start(&settings, mode)
+            .await
+            .map(|s| Some((s, None))),
+        Some(mut signals) => tokio::select! {
+            s = Server::start(&settings, mode) => s.map(|s| Some((s, Some(signals)))),
+            () = signals.recv() => Ok(None),
+        },
+    };
+    let (server, signals) = match started {
+        Ok(Some(s)) => s,
+        Ok(None) => {
+            tracing::info!("stopped before serving");
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let signals = match server::ShutdownSignals::install() {
+    let signals = match signals.map_or_else(server::ShutdownSignals::install, Ok) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("error: cannot install signal handlers: {e}");

@@ -716,6 +716,12 @@ impl Server {
             Some(core) => core.shutdown().await,
             None => Ok(()),
         };
+        // Released once the core has flushed and takes no more writes, not after the
+        // connections drain (up to 5 s more): a successor reads what this node acknowledged,
+        // and clients wait on the takeover no longer than needed.
+        if let Some(lease) = &self.lease {
+            lease.release().await;
+        }
         let aborts: Vec<_> = self.tasks.iter().map(|t| t.abort_handle()).collect();
         let drain = futures_join_all(self.tasks);
         if tokio::time::timeout(Duration::from_secs(5), drain)
@@ -727,10 +733,6 @@ impl Server {
             for t in aborts {
                 t.abort();
             }
-        }
-        // Released after the core has flushed: a successor reads what this node acknowledged.
-        if let Some(lease) = &self.lease {
-            lease.release().await;
         }
         closed?;
         Ok(())
@@ -1496,6 +1498,11 @@ impl ShutdownSignals {
 
     /// Waits for SIGINT or SIGTERM.
     pub async fn wait(mut self) {
+        self.recv().await;
+    }
+
+    /// Waits for SIGINT or SIGTERM, the handlers staying installed.
+    pub async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => info!("SIGTERM received; shutting down"),
             _ = self.int.recv() => info!("SIGINT received; shutting down"),

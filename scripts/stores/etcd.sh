@@ -15,7 +15,7 @@ etcd_install() {
 
 etcd_start() {
     etcd_stop
-    local d="$STORES_DIR/etcd" port peer
+    local d="$STORES_DIR/etcd" port peer host="${STORES_HOST:-127.0.0.1}"
     rm -rf "$d"
     mkdir -p "$d/data"
     port=$(free_port)
@@ -28,7 +28,7 @@ etcd_start() {
 #!/usr/bin/env bash
 cd "$d"
 nohup /usr/bin/etcd --name tributary-test --data-dir "$d/data" \\
-    --listen-client-urls http://127.0.0.1:$port --advertise-client-urls http://127.0.0.1:$port \\
+    --listen-client-urls http://$host:$port --advertise-client-urls http://$host:$port \\
     --listen-peer-urls http://127.0.0.1:$peer --initial-advertise-peer-urls http://127.0.0.1:$peer \\
     --initial-cluster tributary-test=http://127.0.0.1:$peer \\
     --max-txn-ops 65536 --max-request-bytes 10485760 \\
@@ -37,12 +37,12 @@ echo \$! > "$d/pid"
 SH
     chmod +x "$d/start.sh"
     "$d/start.sh"
-    if ! wait_port 127.0.0.1 "$port" 30; then
+    if ! wait_port "$host" "$port" 30; then
         tail -20 "$d/etcd.log" >&2
         return 1
     fi
     stores_started etcd
-    export TRIBUTARY_TEST_ETCD_URL="http://127.0.0.1:$port"
+    export TRIBUTARY_TEST_ETCD_URL="http://$host:$port"
     export TRIBUTARY_TEST_ETCD_CTL="$d"
     echo "== etcd $(/usr/bin/etcd --version | head -1 | awk '{print $3}') on $TRIBUTARY_TEST_ETCD_URL (pid $(cat "$d/pid"))"
 }

@@ -53,8 +53,14 @@ postgres_start() {
     postgres_as_owner "$bin/initdb" -D "$d/data" -U postgres --auth-local=trust \
         --auth-host=scram-sha-256 -E UTF8 --locale=C >"$d/initdb.log" 2>&1 \
         || { cat "$d/initdb.log" >&2; return 1; }
+    local host="${STORES_HOST:-127.0.0.1}" listen=127.0.0.1
+    if [[ "$host" != 127.0.0.1 ]]; then listen+=",$host"; fi
+    # STORES_CLIENTS (a CIDR): host connections from there are let in too, with the password.
+    if [[ -n "${STORES_CLIENTS:-}" ]]; then
+        echo "host all all $STORES_CLIENTS scram-sha-256" >> "$d/data/pg_hba.conf"
+    fi
     cat >> "$d/data/postgresql.conf" <<EOF
-listen_addresses = '127.0.0.1'
+listen_addresses = '$listen'
 port = $PG_PORT
 unix_socket_directories = '$d/socket'
 fsync = on
@@ -68,7 +74,7 @@ EOF
 CREATE USER $PG_USER PASSWORD '$PG_PASSWORD';
 CREATE DATABASE tributary OWNER $PG_USER;
 EOF
-    export TRIBUTARY_TEST_POSTGRES_URL="postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/tributary"
+    export TRIBUTARY_TEST_POSTGRES_URL="postgres://$PG_USER:$PG_PASSWORD@$host:$PG_PORT/tributary"
     stores_started postgres
 }
 

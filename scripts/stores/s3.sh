@@ -19,17 +19,17 @@ s3_install() {
 
 s3_start() {
     s3_stop
-    local d="$STORES_DIR/s3" port
+    local d="$STORES_DIR/s3" port host="${STORES_HOST:-127.0.0.1}"
     mkdir -p "$d"
     port=$(free_port)
-    nohup "$S3_VENV/bin/moto_server" -H 127.0.0.1 -p "$port" >> "$d/moto.log" 2>&1 < /dev/null &
+    nohup "$S3_VENV/bin/moto_server" -H "$host" -p "$port" >> "$d/moto.log" 2>&1 < /dev/null &
     echo $! > "$d/pid"
-    if ! wait_port 127.0.0.1 "$port" 60; then
+    if ! wait_port "$host" "$port" 60; then
         tail -20 "$d/moto.log" >&2
         return 1
     fi
     stores_started s3
-    export TRIBUTARY_TEST_S3_ENDPOINT="http://127.0.0.1:$port"
+    export TRIBUTARY_TEST_S3_ENDPOINT="http://$host:$port"
     export TRIBUTARY_TEST_S3_BUCKET=tributary
     export TRIBUTARY_TEST_S3_ACCESS_KEY=test TRIBUTARY_TEST_S3_SECRET_KEY=test
     # Path-style PUT of the bucket: moto creates it in us-east-1 without a body.

@@ -1,0 +1,211 @@
+"""Driving scripts/cluster.sh from the failover scenarios (not a test module).
+
+* ``Cluster``: one cluster (`up` with its metadata store, `down`), its gateways' addresses,
+  its nodes' roles (each node's admin `GET /healthz` answers 200 on the serving node only;
+  a standby binds no listener), kill -9, cut, heal, SIGTERM and restarts of nodes, the exit
+  code each node's run ended with and the log of its current run.
+* ``wait_for``: polls a condition with a deadline (never a sleep in place of a condition).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+CLUSTER_SH = REPO / "scripts" / "cluster.sh"
+NODES = (1, 2, 3)
+
+_STATUS_RE = re.compile(r"^core(\d) (.+?) pid=(\S+) core=(\S+) admin=(\S+)")
+
+
+def wait_for(cond, timeout: float, what: str, interval: float = 0.05, on_timeout=None):
+    """Polls `cond()` until it returns something truthy, which is returned; fails naming
+    `what` (and what `on_timeout()` says) at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            extra = f"\n{on_timeout()}" if on_timeout else ""
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}{extra}")
+        time.sleep(interval)
+
+
+class ClusterError(AssertionError):
+    pass
+
+
+class Cluster:
+    """A cluster run by scripts/cluster.sh in a state dir of its own (under /tmp: the postgres
+    user must traverse it; pytest's own tmp dirs are closed to other users)."""
+
+    def __init__(self, meta: str, binary: str):
+        self.meta = meta
+        self.binary = binary
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"tributary-cluster-{meta}-"))
+        self.listeners: dict[str, str] = {}
+        self.nodes: dict[int, dict] = {}
+        self.cut: set[int] = set()
+        self.is_up = False
+
+    # -- the script ------------------------------------------------------------------------
+
+    def sh(self, *args: str, timeout: float = 120) -> str:
+        env = dict(os.environ, TRIBUTARY_BIN=self.binary, TRIBUTARY_CLUSTER_DIR=str(self.dir))
+        try:
+            r = subprocess.run([str(CLUSTER_SH), *args], env=env, capture_output=True,
+                               text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            raise ClusterError(f"cluster.sh {' '.join(args)} still running after {timeout:.0f}s; "
+                               f"stderr so far:\n{e.stderr}") from None
+        if r.returncode != 0:
+            raise ClusterError(f"cluster.sh {' '.join(args)} exited {r.returncode}:\n"
+                               f"{r.stdout}\n{r.stderr}")
+        return r.stdout
+
+    def up(self) -> "Cluster":
+        out = self.sh("up", "--meta", self.meta, timeout=300)
+        self.is_up = True
+        lines = out.strip().splitlines()
+        assert lines and lines[-1] == "ready", f"cluster.sh up printed no `ready`:\n{out}"
+        for line in lines[:-1]:
+            m = re.match(r"^listening (\S+) (\S+)$", line)
+            assert m, f"unexpected line from cluster.sh up: {line!r}"
+            self.listeners[m.group(1)] = m.group(2)
+        for name in ("kafka", "mqtt", "amqp", "sqs", "rocketmq"):
+            assert name in self.listeners, f"no `listening {name}` from cluster.sh up:\n{out}"
+        self.nodes = self.status()
+        return self
+
+    def down(self, keep_dir: bool):
+        if self.is_up:
+            self.sh("down", timeout=180)
+            self.is_up = False
+        if not keep_dir:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+    def status(self) -> dict[int, dict]:
+        out = self.sh("status", timeout=60)
+        nodes = {}
+        for line in out.splitlines():
+            m = _STATUS_RE.match(line)
+            if m:
+                nodes[int(m.group(1))] = {"role": m.group(2), "pid": m.group(3),
+                                          "core": m.group(4), "admin": m.group(5)}
+        assert set(nodes) == set(NODES), f"cluster.sh status:\n{out}"
+        return nodes
+
+    def kill(self, n: int):
+        self.sh("kill-core", str(n))
+
+    def stop(self, n: int):
+        self.sh("stop-core", str(n), timeout=90)
+
+    def cut_node(self, n: int):
+        self.sh("cut-core", str(n))
+        self.cut.add(n)
+
+    def heal(self, n: int):
+        self.sh("heal-core", str(n))
+        self.cut.discard(n)
+
+    def start(self, n: int) -> str:
+        return self.sh("start-core", str(n), timeout=150).strip()
+
+    # -- what the nodes do ------------------------------------------------------------------
+
+    def serving(self, n: int, timeout: float = 0.5) -> bool:
+        """Node n's admin listener answers GET /healthz with 200 (only the serving node
+        binds it)."""
+        if n in self.cut:
+            return False  # silent by construction: no need to wait out a timeout
+        try:
+            with urllib.request.urlopen(f"http://{self.nodes[n]['admin']}/healthz",
+                                        timeout=timeout) as r:
+                return r.status == 200
+        except (urllib.error.URLError, OSError, ValueError):
+            return False
+
+    def serving_nodes(self) -> list[int]:
+        return [n for n in NODES if self.serving(n)]
+
+    def wait_serving(self, timeout: float, exclude: tuple[int, ...] = ()) -> int:
+        """Waits until exactly one node serves, not one of `exclude`; returns it."""
+        def one():
+            s = self.serving_nodes()
+            return s[0] if len(s) == 1 and s[0] not in exclude else None
+        return wait_for(one, timeout, f"one serving node other than {exclude}", interval=0.05,
+                        on_timeout=self.describe)
+
+    def exit_code(self, n: int) -> int | None:
+        """How node n's current run ended (None while it runs)."""
+        try:
+            return int((self.dir / f"core{n}" / "rc").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    def log_time(self, n: int, text: str) -> float | None:
+        """When node n's current run last logged a line containing `text` (time.time())."""
+        import datetime
+        at = None
+        for line in self.run_log(n).splitlines():
+            if text in line:
+                stamp = line.split(" ", 1)[0].rstrip("Z")
+                try:
+                    at = datetime.datetime.fromisoformat(stamp).replace(
+                        tzinfo=datetime.timezone.utc).timestamp()
+                except ValueError:
+                    continue
+        return at
+
+    def exit_time(self, n: int) -> float:
+        """When node n's current run ended (time.time() of its exit code's file)."""
+        return (self.dir / f"core{n}" / "rc").stat().st_mtime
+
+    def net_mode(self) -> str:
+        """netns (each node in a network namespace; a cut is a link down) or loopback (a cut
+        is SIGSTOP)."""
+        env = (self.dir / "cluster.env").read_text()
+        m = re.search(r'NET_MODE="(\w+)"', env)
+        assert m, f"no NET_MODE in {self.dir}/cluster.env"
+        return m.group(1)
+
+    def run_log(self, n: int) -> str:
+        """Node n's log since its last start."""
+        d = self.dir / f"core{n}"
+        try:
+            mark = int((d / "log.mark").read_text().strip())
+        except (OSError, ValueError):
+            mark = 0
+        try:
+            with open(d / "log", "rb") as f:
+                f.seek(mark)
+                return f.read().decode("utf-8", "replace")
+        except OSError:
+            return ""
+
+    def gateways_alive(self) -> dict[str, bool]:
+        out = self.sh("status", timeout=60)
+        return {m.group(1): m.group(2) == "running"
+                for m in re.finditer(r"^gateway (\S+) (\S+)", out, re.M)}
+
+    def log_files(self) -> list[tuple[str, pathlib.Path]]:
+        files = [(f"core{n}", self.dir / f"core{n}" / "log") for n in NODES]
+        files += [(f"gateway {p}", self.dir / f"gateway-{p}" / "log")
+                  for p in ("kafka", "mqtt", "amqp", "sqs", "rocketmq")]
+        return files
+
+    def describe(self) -> str:
+        try:
+            return self.sh("status", timeout=60)
+        except ClusterError as e:
+            return str(e)
