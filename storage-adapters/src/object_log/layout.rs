@@ -8,12 +8,15 @@
 //! wal/<sequence>.wal                            "TRBWAL01", then entries (shared ack only)
 //! wal/<sequence>-<epoch>.wal                    the same, written by a cluster node in that
 //!                                               fencing epoch
-//! epochs/<epoch>.start                          the first WAL sequence of that epoch (text)
+//! segments/<stream>-<partition>/<stem>-<epoch>.log  the same, shipped by a cluster node
+//! epochs/<epoch>.start                          the first WAL sequence of that epoch, then
+//!                                               the shipped end of each partition (text)
 //! ```
 //!
-//! A cluster node taking over at epoch E writes `epochs/E.start` before any WAL object of its
-//! own: a WAL object of an earlier epoch at or after that sequence was written by a node that
-//! had lost its lease (paused past it, then resumed) and is never replayed.
+//! A cluster node taking over at epoch E writes `epochs/E.start` before any object of its
+//! own. A WAL object of an earlier epoch at or after the recorded sequence, or a segment of an
+//! earlier epoch ending past the recorded end of its partition, was written by a node that had
+//! lost its lease (paused past it, then resumed): it is never read.
 //!
 //! Every fact needed to rebuild is in the names and the small marker objects, so a restart
 //! on an empty cache lists three prefixes and reads the markers and the few WAL objects.
@@ -22,7 +25,7 @@
 //! entries and markers to one life of a partition, so entries of a deleted partition are
 //! never replayed into a new one with the same key.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -69,12 +72,60 @@ pub(crate) fn parse_epoch_start_name(path: &str) -> Option<u64> {
         .ok()
 }
 
-/// Whether a WAL object of `epoch` at `seq` was written after a later epoch began: `starts`
-/// maps each epoch that wrote a start marker to its first sequence.
-pub(crate) fn fenced_out(seq: u64, epoch: u64, starts: &BTreeMap<u64, u64>) -> bool {
+/// What a cluster node recorded when its epoch began: the first WAL sequence it may use, and
+/// how far each partition's shipped segments reached.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct EpochStart {
+    pub first_seq: u64,
+    pub shipped_ends: HashMap<PartitionKey, i64>,
+}
+
+impl EpochStart {
+    pub fn encode(&self) -> String {
+        let mut ends: Vec<_> = self.shipped_ends.iter().collect();
+        ends.sort();
+        let mut out = format!("{}\n", self.first_seq);
+        for (key, end) in ends {
+            out.push_str(&format!("{key} {end}\n"));
+        }
+        out
+    }
+
+    pub fn decode(text: &str) -> Option<Self> {
+        let mut lines = text.lines();
+        let first_seq = lines.next()?.trim().parse().ok()?;
+        let mut shipped_ends = HashMap::new();
+        for line in lines.filter(|l| !l.trim().is_empty()) {
+            let (key, end) = line.split_once(' ')?;
+            shipped_ends.insert(parse_partition(key)?, end.trim().parse().ok()?);
+        }
+        Some(Self {
+            first_seq,
+            shipped_ends,
+        })
+    }
+}
+
+/// Whether a WAL object of `epoch` at `seq` was written after a later epoch began.
+pub(crate) fn fenced_out(seq: u64, epoch: u64, starts: &BTreeMap<u64, EpochStart>) -> bool {
     starts
         .range(epoch + 1..)
-        .any(|(_, first_seq)| seq >= *first_seq)
+        .any(|(_, start)| seq >= start.first_seq)
+}
+
+/// Whether a segment shipped in `name.epoch` reaches past what a later epoch found shipped
+/// when it began: shipped after that takeover, by a node that had lost its lease.
+pub(crate) fn segment_fenced_out(
+    key: PartitionKey,
+    name: &SegmentName,
+    starts: &BTreeMap<u64, EpochStart>,
+) -> bool {
+    starts.range(name.epoch + 1..).any(|(_, start)| {
+        start
+            .shipped_ends
+            .get(&key)
+            .is_none_or(|shipped| name.end > *shipped)
+    })
 }
 
 pub(crate) fn parse_partition(name: &str) -> Option<PartitionKey> {
@@ -121,12 +172,19 @@ pub(crate) struct SegmentName {
     pub end: i64,
     pub size: u64,
     pub max_ts: i64,
+    /// The shipping cluster node's fencing epoch (0: not a cluster node, and not named).
+    pub epoch: u64,
 }
 
 impl SegmentName {
     fn stem(&self, key: PartitionKey) -> String {
+        let epoch = if self.epoch == 0 {
+            String::new()
+        } else {
+            format!("-{:020}", self.epoch)
+        };
         format!(
-            "{}{:020}-{:020}-{}-{:016x}",
+            "{}{:020}-{:020}-{}-{:016x}{epoch}",
             segments_dir(key),
             self.base,
             self.end,
@@ -155,6 +213,10 @@ impl SegmentName {
             end: parts.next()?.parse().ok()?,
             size: parts.next()?.parse().ok()?,
             max_ts: u64::from_str_radix(parts.next()?, 16).ok()? as i64,
+            epoch: match parts.next() {
+                None => 0,
+                Some(e) => e.parse().ok()?,
+            },
         };
         (parts.next().is_none() && name.end > name.base).then_some((key, name))
     }
@@ -247,10 +309,19 @@ mod tests {
             end: 250,
             size: 4096,
             max_ts: i64::MIN,
+            epoch: 0,
         };
         assert_eq!(
             SegmentName::parse(&seg.log_path(key)),
             Some((key, seg.clone()))
+        );
+        let fenced = SegmentName {
+            epoch: 4,
+            ..seg.clone()
+        };
+        assert_eq!(
+            SegmentName::parse(&fenced.log_path(key)),
+            Some((key, fenced.clone()))
         );
         assert_eq!(SegmentName::parse(&seg.index_path(key)), None);
         let neg = SegmentName {
@@ -276,7 +347,11 @@ mod tests {
     #[test]
     fn objects_of_an_epoch_written_after_a_later_one_began_are_fenced_out() {
         // Epoch 1 wrote 0..=9; epoch 2 began at 10 and epoch 3 at 15.
-        let starts = BTreeMap::from([(2, 10), (3, 15)]);
+        let start = |first_seq| EpochStart {
+            first_seq,
+            shipped_ends: HashMap::new(),
+        };
+        let starts = BTreeMap::from([(2, start(10)), (3, start(15))]);
         assert!(!fenced_out(9, 1, &starts));
         assert!(fenced_out(10, 1, &starts), "epoch 1 after epoch 2 began");
         assert!(!fenced_out(12, 2, &starts));
@@ -284,6 +359,36 @@ mod tests {
         assert!(fenced_out(16, 1, &starts));
         assert!(!fenced_out(16, 3, &starts));
         assert!(!fenced_out(3, 0, &BTreeMap::new()));
+    }
+
+    #[test]
+    fn segments_past_what_a_later_epoch_found_shipped_are_fenced_out() {
+        let (a, b) = (PartitionKey::new(1, 0), PartitionKey::new(2, 0));
+        let start = EpochStart {
+            first_seq: 10,
+            shipped_ends: HashMap::from([(a, 100)]),
+        };
+        assert_eq!(EpochStart::decode(&start.encode()), Some(start.clone()));
+        assert_eq!(EpochStart::decode("7\n").unwrap().first_seq, 7);
+        let starts = BTreeMap::from([(2, start)]);
+        let seg = |base, end, epoch| SegmentName {
+            base,
+            end,
+            size: 1,
+            max_ts: 0,
+            epoch,
+        };
+        assert!(!segment_fenced_out(a, &seg(50, 100, 1), &starts));
+        assert!(segment_fenced_out(a, &seg(100, 150, 1), &starts));
+        assert!(
+            segment_fenced_out(b, &seg(0, 10, 1), &starts),
+            "nothing was shipped for b"
+        );
+        assert!(
+            !segment_fenced_out(a, &seg(100, 150, 2), &starts),
+            "epoch 2's own"
+        );
+        assert!(!segment_fenced_out(a, &seg(0, 100, 0), &starts));
     }
 
     #[test]

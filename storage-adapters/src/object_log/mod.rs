@@ -341,7 +341,7 @@ impl Shared {
     }
 
     /// Each epoch's first WAL sequence, from the start markers cluster nodes wrote.
-    async fn epoch_starts(&self) -> Result<BTreeMap<u64, u64>> {
+    async fn epoch_starts(&self) -> Result<BTreeMap<u64, layout::EpochStart>> {
         let mut starts = BTreeMap::new();
         for entry in self.list("epochs/").await? {
             let Some(epoch) = layout::parse_epoch_start_name(entry.path()) else {
@@ -352,16 +352,14 @@ impl Shared {
                 .read(entry.path())
                 .await
                 .map_err(|e| self.err("cannot read an epoch start marker", e))?;
-            let first: u64 = String::from_utf8_lossy(&raw.to_bytes())
-                .trim()
-                .parse()
-                .map_err(|e| {
+            let start = layout::EpochStart::decode(&String::from_utf8_lossy(&raw.to_bytes()))
+                .ok_or_else(|| {
                     self.err(
                         "cannot rebuild",
-                        format!("epoch start marker {} is damaged: {e}", entry.path()),
+                        format!("epoch start marker {} is damaged", entry.path()),
                     )
                 })?;
-            starts.insert(epoch, first);
+            starts.insert(epoch, start);
         }
         Ok(starts)
     }
@@ -407,9 +405,21 @@ impl Shared {
             })?;
             markers.insert(key, marker);
         }
+        let starts = self.epoch_starts().await?;
         let mut segments: HashMap<PartitionKey, Vec<SegmentName>> = HashMap::new();
         for entry in self.list("segments/").await? {
             if let Some((key, name)) = SegmentName::parse(entry.path()) {
+                if layout::segment_fenced_out(key, &name, &starts) {
+                    // Never part of this log: the node that shipped it had lost its lease.
+                    warn!(store = %self.name, object = %entry.path(), epoch = name.epoch, "ignoring and deleting a segment shipped after a later epoch began (a node that had lost its lease)");
+                    for path in [name.log_path(key), name.index_path(key)] {
+                        self.op
+                            .delete(&path)
+                            .await
+                            .map_err(|e| self.err("cannot delete a fenced-out segment", e))?;
+                    }
+                    continue;
+                }
                 segments.entry(key).or_default().push(name);
             }
         }
@@ -425,7 +435,6 @@ impl Shared {
             .collect();
         wal_names.sort();
         let max_seq = wal_names.last().map_or(0, |(seq, _, _)| *seq);
-        let starts = self.epoch_starts().await?;
         let (wal_names, fenced): (Vec<_>, Vec<_>) = wal_names
             .into_iter()
             .partition(|(seq, epoch, _)| !layout::fenced_out(*seq, *epoch, &starts));
@@ -439,12 +448,16 @@ impl Shared {
         }
         // Before any WAL object of this epoch exists: where it begins.
         if self.config.epoch > 0 && !starts.contains_key(&self.config.epoch) {
+            let start = layout::EpochStart {
+                first_seq: max_seq + 1,
+                shipped_ends: segments
+                    .iter()
+                    .filter_map(|(key, names)| Some((*key, names.iter().map(|n| n.end).max()?)))
+                    .collect(),
+            };
             self.may_write()?;
             self.op
-                .write(
-                    &layout::epoch_start_path(self.config.epoch),
-                    (max_seq + 1).to_string(),
-                )
+                .write(&layout::epoch_start_path(self.config.epoch), start.encode())
                 .await
                 .map_err(|e| self.err("cannot write the epoch's start marker", e))?;
         }
@@ -582,10 +595,19 @@ impl Shared {
                 shared_end,
                 ship_lock: tokio::sync::Mutex::new(()),
             });
-            if self.config.ack == AckPoint::Shared && local.end_offset > stored_end {
+            // A cluster node writes again, under its own epoch, what earlier epochs' WAL
+            // objects hold and no segment does yet: a node that lost its lease may still
+            // collect those objects (a pause past its lease), and what it ships instead is
+            // fenced out (see layout).
+            let resend_from = if self.config.epoch > 0 {
+                seg_end.min(stored_end)
+            } else {
+                stored_end
+            };
+            if self.config.ack == AckPoint::Shared && local.end_offset > resend_from {
                 // Fsynced locally before the crash but never uploaded, so never
                 // acknowledged: upload it before anyone reads it.
-                resent += self.requeue(&part, stored_end, local.end_offset).await?;
+                resent += self.requeue(&part, resend_from, local.end_offset).await?;
             }
             self.parts.write().insert(key, part);
         }
@@ -805,6 +827,9 @@ impl Shared {
                 .collect()
         };
         for (seq, epoch) in done {
+            if self.may_write().is_err() {
+                return;
+            }
             match self.op.delete(&layout::wal_path(seq, epoch)).await {
                 Ok(()) => {
                     self.wal_objects.lock().remove(&seq);
@@ -879,6 +904,7 @@ impl Shared {
                 end: seg.end_offset,
                 size: seg.size_bytes,
                 max_ts: seg.max_timestamp_ms,
+                epoch: self.config.epoch,
             };
             let started = Instant::now();
             self.may_write()?;
@@ -961,6 +987,9 @@ impl Shared {
             gone.iter().filter_map(|b| state.remote.remove(b)).collect()
         };
         for seg in dropped {
+            if self.may_write().is_err() {
+                break; // a restart ignores segments below the start offset
+            }
             for path in [seg.name.log_path(part.key), seg.name.index_path(part.key)] {
                 if let Err(e) = self.op.delete(&path).await {
                     warn!(store = %self.name, object = %path, error = %e, "cannot delete a segment below the start offset; a restart ignores it");
@@ -1023,6 +1052,7 @@ impl LogStore for ObjectLogStore {
         part.state.lock().deleted = true;
         part.shared_end.send_modify(|_| {});
         let _turn = part.ship_lock.lock().await;
+        s.may_write()?;
         match s.op.delete(&layout::marker_path(key)).await {
             Ok(()) => {}
             Err(e) if e.kind() == ::opendal::ErrorKind::NotFound => {}
