@@ -104,8 +104,6 @@ pub enum LeaseError {
         "cluster: the leader key holds {0:?}, which is not '<epoch> <node>'; another program writes this metadata namespace"
     )]
     Unreadable(String),
-    #[error("cluster: {0}")]
-    Store(#[from] StorageError),
 }
 
 /// How the lease ends for the process: it must stop acknowledging at once.
@@ -149,9 +147,28 @@ impl NodeLease {
     ) -> Result<Self, LeaseError> {
         let mut seen: Option<(Option<Bytes>, Option<Bytes>, Instant)> = None;
         let mut told: Option<Option<Leader>> = None;
+        let mut failing = false;
         loop {
-            let leader_raw = meta.get(LEADER_KEY).await?;
-            let beat_raw = meta.get(HEARTBEAT_KEY).await?;
+            // A standby rides out a store that stops answering: it only needs to see the
+            // heartbeat again (an unchanged one still counts from when it was first seen).
+            let read = async {
+                Ok::<_, StorageError>((meta.get(LEADER_KEY).await?, meta.get(HEARTBEAT_KEY).await?))
+            };
+            let (leader_raw, beat_raw) = match read.await {
+                Ok(r) => {
+                    if std::mem::take(&mut failing) {
+                        info!(node = %config.node, "cluster: the metadata store answers again");
+                    }
+                    r
+                }
+                Err(e) => {
+                    if !std::mem::replace(&mut failing, true) {
+                        warn!(node = %config.node, error = %e, "cluster: cannot read the lease; still standing by");
+                    }
+                    tokio::time::sleep(config.poll_interval()).await;
+                    continue;
+                }
+            };
             let current = match &leader_raw {
                 None => None,
                 Some(raw) => Some(Leader::decode(raw).ok_or_else(|| {
@@ -177,7 +194,7 @@ impl NodeLease {
                     node: config.node.clone(),
                 };
                 let sent = Instant::now();
-                let won = meta
+                let won = match meta
                     .txn(
                         vec![
                             Check {
@@ -200,7 +217,18 @@ impl NodeLease {
                             },
                         ],
                     )
-                    .await?;
+                    .await
+                {
+                    Ok(won) => won,
+                    // Maybe applied, maybe not: the next read tells. If it was, this node is
+                    // named leader without serving and takes the lease again after a TTL.
+                    Err(e) => {
+                        warn!(node = %config.node, error = %e, "cluster: taking the lease over failed; trying again");
+                        seen = None;
+                        tokio::time::sleep(config.poll_interval()).await;
+                        continue;
+                    }
+                };
                 if won {
                     let lease = Self {
                         meta,
@@ -533,6 +561,76 @@ mod tests {
                 .unwrap()
         );
         assert_eq!(meta.get(b"x").await.unwrap().unwrap(), &b"2"[..]);
+    }
+
+    /// A store that fails (and counts) every call while `down` is set.
+    struct Flaky {
+        inner: MemoryMetaStore,
+        down: AtomicBool,
+        failed: AtomicUsize,
+    }
+
+    impl Flaky {
+        fn check(&self) -> StorageResult<()> {
+            if self.down.load(Ordering::SeqCst) {
+                self.failed.fetch_add(1, Ordering::SeqCst);
+                return Err(StorageError::Meta("down".into()));
+            }
+            Ok(())
+        }
+    }
+
+    #[async_trait]
+    impl MetaStore for Flaky {
+        async fn get(&self, key: &[u8]) -> StorageResult<Option<Bytes>> {
+            self.check()?;
+            self.inner.get(key).await
+        }
+        async fn scan(
+            &self,
+            start: &[u8],
+            end: &[u8],
+            limit: usize,
+        ) -> StorageResult<Vec<(Vec<u8>, Bytes)>> {
+            self.check()?;
+            self.inner.scan(start, end, limit).await
+        }
+        async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
+            self.check()?;
+            self.inner.txn(checks, ops).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_standby_rides_out_a_store_outage() {
+        let flaky = Arc::new(Flaky {
+            inner: MemoryMetaStore::new(),
+            down: AtomicBool::new(true),
+            failed: AtomicUsize::new(0),
+        });
+        let meta: Arc<dyn MetaStore> = flaky.clone();
+        let (on_lost, _) = counting();
+        let standby =
+            tokio::spawn(
+                async move { NodeLease::acquire(meta, config("a"), on_lost, |_| {}).await },
+            );
+        // Three failed polls: the standby must still be waiting, not ended with an error.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while flaky.failed.load(Ordering::SeqCst) < 3 {
+            assert!(Instant::now() < deadline, "the standby stopped polling");
+            assert!(
+                !standby.is_finished(),
+                "the standby gave up on a store outage"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // poll interval
+        }
+        assert!(
+            !standby.is_finished(),
+            "the standby gave up on a store outage"
+        );
+        flaky.down.store(false, Ordering::SeqCst);
+        let lease = standby.await.unwrap().unwrap();
+        assert_eq!(lease.leader().epoch, 1);
     }
 
     #[tokio::test]
