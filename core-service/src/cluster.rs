@@ -39,6 +39,17 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use tributary_storage::{Check, MetaStore, Op, Result as StorageResult, StorageError};
 
+/// Time since boot, counting time suspended (CLOCK_BOOTTIME). The holder measures its lease
+/// on it: `Instant` (CLOCK_MONOTONIC) stops while the machine sleeps, so a holder resumed
+/// after a suspend would count on a lease its standbys, awake meanwhile, saw run out.
+fn boot_time() -> Duration {
+    match rustix::time::clock_gettime_dynamic(rustix::time::DynamicClockId::Boottime) {
+        Ok(ts) => Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32),
+        // Kernels without it (before 2.6.39) are not supported by Rust's std either.
+        Err(_) => Duration::ZERO,
+    }
+}
+
 const LEADER_KEY: &[u8] = b"cluster/leader";
 const HEARTBEAT_KEY: &[u8] = b"cluster/heartbeat";
 const RELEASED: &str = "released";
@@ -120,8 +131,8 @@ pub struct NodeLease {
 
 /// Shared by the keeper task, the watchdog thread and the fenced store.
 struct LeaseState {
-    /// Past this instant the lease may be another node's.
-    valid_until: Mutex<Instant>,
+    /// Past this time since boot ([`boot_time`]) the lease may be another node's.
+    valid_until: Mutex<Duration>,
     /// Set once the lease is given up or lost: the watchdog and keeper stop.
     over: AtomicBool,
     on_lost: OnLost,
@@ -193,7 +204,7 @@ impl NodeLease {
                     epoch: current.as_ref().map_or(1, |l| l.epoch + 1),
                     node: config.node.clone(),
                 };
-                let sent = Instant::now();
+                let sent = boot_time();
                 let won = match meta
                     .txn(
                         vec![
@@ -280,7 +291,7 @@ impl NodeLease {
     /// enough to ask before every object write.
     pub fn holds(&self) -> impl Fn() -> bool + Send + Sync + 'static {
         let state = self.state.clone();
-        move || !state.over.load(Ordering::Acquire) && Instant::now() < *state.valid_until.lock()
+        move || !state.over.load(Ordering::Acquire) && boot_time() < *state.valid_until.lock()
     }
 
     /// The metadata store as this node must write it: every transaction fenced by its epoch.
@@ -333,14 +344,14 @@ async fn renew(
     state: Arc<LeaseState>,
 ) {
     let mut beat = 0u64;
-    let mut failing_since: Option<Instant> = None;
+    let mut failing_since: Option<Duration> = None;
     loop {
         tokio::time::sleep(config.poll_interval()).await;
         if state.over.load(Ordering::Acquire) {
             return;
         }
         beat += 1;
-        let sent = Instant::now();
+        let sent = boot_time();
         let renewal = meta.txn(
             vec![Check {
                 key: LEADER_KEY.to_vec(),
@@ -352,16 +363,13 @@ async fn renew(
             }],
         );
         // A renewal answered after the lease ran out is no use: give up waiting then.
-        let left = state
-            .valid_until
-            .lock()
-            .saturating_duration_since(Instant::now());
+        let left = state.valid_until.lock().saturating_sub(boot_time());
         match tokio::time::timeout(left.max(Duration::from_millis(1)), renewal).await {
             Ok(Ok(true)) => {
                 let mut until = state.valid_until.lock();
                 *until = (*until).max(sent + config.validity());
                 if let Some(since) = failing_since.take() {
-                    info!(leader = %leader, after = ?since.elapsed(), "cluster: lease renewals succeed again");
+                    info!(leader = %leader, after = ?boot_time().saturating_sub(since), "cluster: lease renewals succeed again");
                 }
             }
             Ok(Ok(false)) => {
@@ -391,7 +399,7 @@ fn watchdog(state: &LeaseState) {
             return;
         }
         let until = *state.valid_until.lock();
-        let now = Instant::now();
+        let now = boot_time();
         if now >= until {
             state.lose(
                 "the lease was not renewed in time: the metadata store is unreachable or too slow",
@@ -536,7 +544,7 @@ mod tests {
             leader: a.leader.clone(),
             leader_raw: a.leader.encode(),
             state: Arc::new(LeaseState {
-                valid_until: Mutex::new(Instant::now()),
+                valid_until: Mutex::new(boot_time()),
                 over: AtomicBool::new(false),
                 on_lost: {
                     let lost = lost.clone();

@@ -74,7 +74,7 @@ impl Fleet {
     pub fn leader(&self, topic: &str, partition: i32) -> i32 {
         let brokers = self.brokers.read();
         let start = fnv1a(topic.as_bytes()) as usize;
-        brokers[(start + partition as usize) % brokers.len()].id
+        brokers[start.wrapping_add(partition as usize) % brokers.len()].id
     }
 
     fn set(&self, members: &[v1::GroupMember]) {

@@ -77,28 +77,40 @@ pub(crate) fn parse_epoch_start_name(path: &str) -> Option<u64> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub(crate) struct EpochStart {
     pub first_seq: u64,
-    pub shipped_ends: HashMap<PartitionKey, i64>,
+    /// `None`: the marker was cut short (its writer died writing it, before serving), so it
+    /// fences WAL objects but no segment.
+    pub shipped_ends: Option<HashMap<PartitionKey, i64>>,
 }
 
 impl EpochStart {
+    /// The first sequence, one `<partition> <end>` line per partition, then `end`: a store
+    /// without atomic writes may keep a marker cut short, which the last line tells.
     pub fn encode(&self) -> String {
-        let mut ends: Vec<_> = self.shipped_ends.iter().collect();
+        let mut ends: Vec<_> = self.shipped_ends.iter().flatten().collect();
         ends.sort();
         let mut out = format!("{}\n", self.first_seq);
         for (key, end) in ends {
             out.push_str(&format!("{key} {end}\n"));
         }
+        out.push_str("end\n");
         out
     }
 
+    /// `None` only when not even the first sequence is readable.
     pub fn decode(text: &str) -> Option<Self> {
         let mut lines = text.lines();
-        let first_seq = lines.next()?.trim().parse().ok()?;
-        let mut shipped_ends = HashMap::new();
-        for line in lines.filter(|l| !l.trim().is_empty()) {
-            let (key, end) = line.split_once(' ')?;
-            shipped_ends.insert(parse_partition(key)?, end.trim().parse().ok()?);
-        }
+        let (first, rest) = (lines.next()?, lines.collect::<Vec<_>>());
+        let first_seq = first.trim().parse().ok()?;
+        let shipped_ends = match rest.split_last() {
+            Some((&"end", ends)) => ends
+                .iter()
+                .map(|line| {
+                    let (key, end) = line.split_once(' ')?;
+                    Some((parse_partition(key)?, end.trim().parse().ok()?))
+                })
+                .collect::<Option<HashMap<_, _>>>(),
+            _ => None,
+        };
         Some(Self {
             first_seq,
             shipped_ends,
@@ -123,8 +135,8 @@ pub(crate) fn segment_fenced_out(
     starts.range(name.epoch + 1..).any(|(_, start)| {
         start
             .shipped_ends
-            .get(&key)
-            .is_none_or(|shipped| name.end > *shipped)
+            .as_ref()
+            .is_some_and(|ends| ends.get(&key).is_none_or(|shipped| name.end > *shipped))
     })
 }
 
@@ -349,7 +361,7 @@ mod tests {
         // Epoch 1 wrote 0..=9; epoch 2 began at 10 and epoch 3 at 15.
         let start = |first_seq| EpochStart {
             first_seq,
-            shipped_ends: HashMap::new(),
+            shipped_ends: Some(HashMap::new()),
         };
         let starts = BTreeMap::from([(2, start(10)), (3, start(15))]);
         assert!(!fenced_out(9, 1, &starts));
@@ -366,10 +378,24 @@ mod tests {
         let (a, b) = (PartitionKey::new(1, 0), PartitionKey::new(2, 0));
         let start = EpochStart {
             first_seq: 10,
-            shipped_ends: HashMap::from([(a, 100)]),
+            shipped_ends: Some(HashMap::from([(a, 100)])),
         };
         assert_eq!(EpochStart::decode(&start.encode()), Some(start.clone()));
-        assert_eq!(EpochStart::decode("7\n").unwrap().first_seq, 7);
+        // Cut short: the sequence still fences WAL objects; no segment is fenced by it.
+        let torn = EpochStart::decode("7\n1-0 10").unwrap();
+        assert_eq!((torn.first_seq, torn.shipped_ends), (7, None));
+        assert!(!segment_fenced_out(
+            b,
+            &SegmentName {
+                base: 0,
+                end: 10,
+                size: 1,
+                max_ts: 0,
+                epoch: 1
+            },
+            &BTreeMap::from([(2, EpochStart::decode("7\n").unwrap())])
+        ));
+        assert_eq!(EpochStart::decode("x"), None);
         let starts = BTreeMap::from([(2, start)]);
         let seg = |base, end, epoch| SegmentName {
             base,

@@ -352,14 +352,25 @@ impl Shared {
                 .read(entry.path())
                 .await
                 .map_err(|e| self.err("cannot read an epoch start marker", e))?;
-            let start = layout::EpochStart::decode(&String::from_utf8_lossy(&raw.to_bytes()))
-                .ok_or_else(|| {
-                    self.err(
-                        "cannot rebuild",
-                        format!("epoch start marker {} is damaged", entry.path()),
-                    )
-                })?;
-            starts.insert(epoch, start);
+            match layout::EpochStart::decode(&String::from_utf8_lossy(&raw.to_bytes())) {
+                Some(start) => {
+                    if start.shipped_ends.is_none() {
+                        warn!(store = %self.name, marker = %entry.path(), "an epoch start marker was cut short (its node died writing it, before serving): it fences WAL objects only");
+                    }
+                    starts.insert(epoch, start);
+                }
+                // Cut before its first line: that node wrote nothing after it.
+                None => {
+                    warn!(store = %self.name, marker = %entry.path(), "ignoring an unreadable epoch start marker (its node died writing it, before serving)");
+                    starts.insert(
+                        epoch,
+                        layout::EpochStart {
+                            first_seq: u64::MAX,
+                            shipped_ends: None,
+                        },
+                    );
+                }
+            }
         }
         Ok(starts)
     }
@@ -406,6 +417,23 @@ impl Shared {
             markers.insert(key, marker);
         }
         let starts = self.epoch_starts().await?;
+        if let Some(newest) = starts.keys().next_back() {
+            // Fencing orders epochs: a writer outside them (epoch 0), or behind the newest
+            // (a metadata store that lost the cluster's lease), would have its own writes
+            // fenced out at the next start.
+            if self.config.epoch == 0 {
+                return Err(self.err(
+                    "refusing to open",
+                    format!("cluster nodes wrote here (epochs up to {newest}, under epochs/): open it as a cluster node (cluster_node) or use another bucket or root"),
+                ));
+            }
+            if self.config.epoch <= *newest {
+                return Err(self.err(
+                    "refusing to open",
+                    format!("this node's fencing epoch {} is not above epoch {newest} recorded under epochs/: the metadata store does not hold this cluster's lease (check meta, meta_url and meta_namespace)", self.config.epoch),
+                ));
+            }
+        }
         let mut segments: HashMap<PartitionKey, Vec<SegmentName>> = HashMap::new();
         for entry in self.list("segments/").await? {
             if let Some((key, name)) = SegmentName::parse(entry.path()) {
@@ -450,10 +478,12 @@ impl Shared {
         if self.config.epoch > 0 && !starts.contains_key(&self.config.epoch) {
             let start = layout::EpochStart {
                 first_seq: max_seq + 1,
-                shipped_ends: segments
-                    .iter()
-                    .filter_map(|(key, names)| Some((*key, names.iter().map(|n| n.end).max()?)))
-                    .collect(),
+                shipped_ends: Some(
+                    segments
+                        .iter()
+                        .filter_map(|(key, names)| Some((*key, names.iter().map(|n| n.end).max()?)))
+                        .collect(),
+                ),
             };
             self.may_write()?;
             self.op
@@ -783,6 +813,13 @@ impl Shared {
                 }
             }
         }
+        // Stored, but acknowledged only if the lease still held once the PUT was done: a
+        // successor lists the store only after this node's lease ran out, so it has every
+        // object finished before then; a later one may be ignored (see `layout`).
+        if let Err(e) = self.may_write() {
+            warn!(store = %self.name, object = %path, error = %e, "WAL object stored after the lease ran out; not acknowledged");
+            return;
+        }
         metrics::histogram!("tributary_storage_wal_upload_seconds")
             .record(started.elapsed().as_secs_f64());
         metrics::counter!("tributary_storage_wal_objects_total").increment(1);
@@ -911,6 +948,8 @@ impl Shared {
             remote::upload(&self.op, part.key, &name, seg)
                 .await
                 .map_err(|e| self.err("cannot upload a segment", e))?;
+            // Counted as shipped (and its WAL collectable) only if the lease still held.
+            self.may_write()?;
             metrics::histogram!("tributary_storage_segment_upload_seconds")
                 .record(started.elapsed().as_secs_f64());
             metrics::counter!("tributary_storage_segments_shipped_total").increment(1);

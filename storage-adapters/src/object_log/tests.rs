@@ -345,6 +345,23 @@ async fn wal_objects_a_stale_epoch_writes_after_a_takeover_are_never_replayed() 
     for store in [old, new, third] {
         store.close().await.unwrap();
     }
+    // A writer outside the epochs, or behind the newest, is refused: its own objects would
+    // be fenced out at the next start.
+    for (epoch, why) in [(0, "cluster nodes wrote here"), (3, "is not above epoch 3")] {
+        let cache = tempfile::tempdir().unwrap();
+        let refused = ObjectLogStore::open(
+            fs_operator(bucket.path()),
+            "fs",
+            cache.path(),
+            ObjectLogConfig {
+                epoch,
+                ..config(AckPoint::Shared)
+            },
+        )
+        .await;
+        let e = refused.err().expect("opened a fenced bucket");
+        assert!(e.to_string().contains(why), "epoch {epoch}: {e}");
+    }
 }
 
 /// A cluster node that lost its lease writes no object: nothing it appends after is
