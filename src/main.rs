@@ -80,46 +80,45 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
     }
 }
 
+/// SIGINT and SIGTERM handlers; on failure, says why on stderr.
+fn install_signals() -> Result<server::ShutdownSignals, ExitCode> {
+    server::ShutdownSignals::install().map_err(|e| {
+        eprintln!("error: cannot install signal handlers: {e}");
+        ExitCode::FAILURE
+    })
+}
+
 async fn run(settings: Settings, mode: Mode) -> ExitCode {
     // A cluster node may stand by for hours before it serves: a stop meanwhile is a clean
-    // one (nothing is open yet), not a death by signal.
-    let standby_signals = if settings.cluster.is_some() && mode == Mode::CoreOnly {
-        match server::ShutdownSignals::install() {
-            Ok(s) => Some(s),
-            Err(e) => {
-                eprintln!("error: cannot install signal handlers: {e}");
-                return ExitCode::FAILURE;
-            }
+    // one (nothing is open yet), not a death by signal, so its handlers go in first.
+    let mut early_signals = None;
+    if settings.cluster.is_some() && mode == Mode::CoreOnly {
+        match install_signals() {
+            Ok(s) => early_signals = Some(s),
+            Err(code) => return code,
         }
-    } else {
-        None
-    };
-    let started = match standby_signals {
-        None => Server::start(&settings, mode)
-            .await
-            .map(|s| Some((s, None))),
-        Some(mut signals) => tokio::select! {
-            s = Server::start(&settings, mode) => s.map(|s| Some((s, Some(signals)))),
-            () = signals.recv() => Ok(None),
+    }
+    let start = Server::start(&settings, mode);
+    let started = match &mut early_signals {
+        None => start.await,
+        Some(signals) => tokio::select! {
+            s = start => s,
+            () = signals.recv() => {
+                tracing::info!("stopped before serving");
+                return ExitCode::SUCCESS;
+            }
         },
     };
-    let (server, signals) = match started {
-        Ok(Some(s)) => s,
-        Ok(None) => {
-            tracing::info!("stopped before serving");
-            return ExitCode::SUCCESS;
-        }
+    let server = match started {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("error: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let signals = match signals.map_or_else(server::ShutdownSignals::install, Ok) {
+    let signals = match early_signals.map_or_else(install_signals, Ok) {
         Ok(s) => s,
-        Err(e) => {
-            eprintln!("error: cannot install signal handlers: {e}");
-            return ExitCode::FAILURE;
-        }
+        Err(code) => return code,
     };
     // Machine-readable lines on stdout, so scripts and tests learn ports picked with port 0.
     if let Some(a) = server.bound.core {

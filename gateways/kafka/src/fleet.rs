@@ -58,6 +58,11 @@ impl Fleet {
         &self.me
     }
 
+    /// This broker's member id in the core: its id, zero-padded so members sort by id.
+    fn member_id(&self) -> String {
+        format!("{:010}", self.me.id)
+    }
+
     /// The brokers to list, sorted by id.
     pub fn brokers(&self) -> Vec<Broker> {
         self.brokers.read().clone()
@@ -115,7 +120,7 @@ impl Fleet {
                 let req = v1::RegisterMemberRequest {
                     namespace: fleet.namespace.clone(),
                     group: fleet.group.clone(),
-                    member_id: format!("{:010}", fleet.me.id),
+                    member_id: fleet.member_id(),
                     client_host: fleet.me.host.clone(),
                     metadata: format!("{}:{}", fleet.me.host, fleet.me.port).into(),
                     ttl_ms: TTL.as_millis() as i32,
@@ -149,7 +154,7 @@ impl Fleet {
             let leave = groups.unregister_member(v1::UnregisterMemberRequest {
                 namespace: fleet.namespace.clone(),
                 group: fleet.group.clone(),
-                member_id: format!("{:010}", fleet.me.id),
+                member_id: fleet.member_id(),
                 protocol_type: PROTOCOL_TYPE.into(),
             });
             if let Ok(Err(s)) = tokio::time::timeout(Duration::from_secs(1), leave).await {
