@@ -309,6 +309,7 @@ async fn groups_show_committed_offsets_and_lag() {
                     ..Default::default()
                 }),
                 auto_create: false,
+                defer_durable: false,
             })
             .await
             .unwrap();

@@ -137,6 +137,7 @@ async fn sigkill_rounds(mut args: Vec<String>, rounds: usize) {
                         partition: 0,
                         batch: Some(batch),
                         auto_create: false,
+                        defer_durable: false,
                     };
                     match streams.append(req).await {
                         Ok(r) => acked

@@ -57,6 +57,7 @@ async fn append(
             partition,
             batch: Some(b),
             auto_create: false,
+            defer_durable: false,
         })
         .await
         .map(|r| r.into_inner())
@@ -376,6 +377,7 @@ async fn bad_arguments_get_invalid_argument_with_a_reason() {
                 stream: sid("x"),
                 batch: Some(v1::RecordBatch::default()),
                 auto_create: true,
+                defer_durable: false,
                 ..Default::default()
             })
             .await
@@ -541,6 +543,7 @@ async fn idempotent_producer_offsets_and_timers_survive_a_restart() {
             partition: 0,
             batch: Some(batch(&["late"])),
             auto_create: true,
+            defer_durable: false,
         })),
         ..Default::default()
     };
@@ -715,6 +718,7 @@ async fn in_process_client_uses_the_same_api() {
             partition: 0,
             batch: Some(batch(&["never"])),
             auto_create: false,
+            defer_durable: false,
         })),
         ..Default::default()
     };

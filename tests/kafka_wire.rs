@@ -922,3 +922,96 @@ async fn join_group_takes_the_configured_session_timeout_bounds() {
         assert_eq!(r.error_code, code, "session timeout {timeout}");
     }
 }
+
+/// Produce requests a client pipelines on one connection wait for durability together. With
+/// the log acknowledged in the object store (one WAL object per upload window), five
+/// idempotent produces sent back to back are made durable by one upload, not one window
+/// each; they are answered in request order with consecutive offsets, and a request sent
+/// after them is answered after them and sees what they wrote.
+#[tokio::test]
+async fn pipelined_produces_share_one_upload_and_are_answered_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let bucket = dir.path().join("bucket");
+    let file = dir.path().join("shared.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_upload_interval_ms = 2000\n\
+             [opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
+            bucket.display()
+        ),
+    )
+    .unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--kafka-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    args.extend(["--config".into(), file.display().to_string()]);
+    let server = Server::start(&args);
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    create_topic(&mut c, "piped", &[]).await;
+    let init = c
+        .call(
+            &InitProducerIdRequest::default().with_transaction_timeout_ms(60_000),
+            4,
+        )
+        .await;
+    assert_eq!(init.error_code, 0);
+    let pid = (init.producer_id.0, init.producer_epoch);
+
+    let wal_objects = || {
+        fn count(dir: &std::path::Path) -> usize {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                return 0;
+            };
+            entries
+                .flatten()
+                .map(|e| {
+                    let path = e.path();
+                    if path.is_dir() {
+                        count(&path)
+                    } else {
+                        usize::from(path.extension().is_some_and(|x| x == "wal"))
+                    }
+                })
+                .sum()
+        }
+        count(&bucket)
+    };
+    let before = wal_objects();
+    let mut sent = Vec::new();
+    for i in 0..5 {
+        let records = batch(pid, i * 2, &["a", "b"]);
+        sent.push(c.send(&produce_request("piped", records, -1), 9).await);
+    }
+    let list = ListOffsetsRequest::default()
+        .with_replica_id(BrokerId(-1))
+        .with_topics(vec![
+            list_offsets_request::ListOffsetsTopic::default()
+                .with_name(TopicName(StrBytes::from_static_str("piped")))
+                .with_partitions(vec![
+                    list_offsets_request::ListOffsetsPartition::default()
+                        .with_partition_index(0)
+                        .with_timestamp(-1),
+                ]),
+        ]);
+    let listed = c.send(&list, 6).await;
+    for (i, correlation) in sent.into_iter().enumerate() {
+        let r = c.recv::<ProduceRequest>(9, correlation).await;
+        assert_eq!(partition_result(&r).error_code, 0, "produce {i}");
+        assert_eq!(
+            partition_result(&r).base_offset,
+            i as i64 * 2,
+            "produce {i}"
+        );
+    }
+    let r = c.recv::<ListOffsetsRequest>(6, listed).await;
+    assert_eq!(
+        r.topics[0].partitions[0].offset, 10,
+        "the end after all five"
+    );
+    assert_eq!(
+        wal_objects() - before,
+        1,
+        "the five produces were made durable by one WAL upload"
+    );
+}

@@ -254,6 +254,7 @@ async fn traffic_per_listener_queue_depths_and_group_lag_are_exported() {
                 ..Default::default()
             }),
             auto_create: true,
+            defer_durable: false,
         })
         .await
         .unwrap();

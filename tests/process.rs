@@ -37,6 +37,7 @@ async fn sigterm_and_sigint_shut_down_cleanly_and_keep_data() {
                 partition: 0,
                 batch: Some(batch),
                 auto_create: false,
+                defer_durable: false,
             })
             .await
             .unwrap();
@@ -181,6 +182,7 @@ async fn a_corrupt_segment_stops_start_up_without_changing_it() {
                 partition: 0,
                 batch: Some(batch),
                 auto_create: false,
+                defer_durable: false,
             })
             .await
             .unwrap();

@@ -68,6 +68,7 @@ async fn append(api: &mut common::queue_api::Api, stream: &str, value: &str) {
                 ..Default::default()
             }),
             auto_create: false,
+            defer_durable: false,
         })
         .await
         .unwrap();

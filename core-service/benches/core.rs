@@ -116,6 +116,7 @@ fn append_request(stream: &v1::StreamId, records: &[v1::Record]) -> v1::AppendRe
             ..Default::default()
         }),
         auto_create: false,
+        defer_durable: false,
     }
 }
 

@@ -116,6 +116,7 @@ impl Core {
                         ..Default::default()
                     }),
                     auto_create: false,
+                    defer_durable: false,
                 })),
             })
             .collect::<Vec<_>>();

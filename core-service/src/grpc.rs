@@ -406,6 +406,12 @@ impl streams_server::Streams for CoreGrpc {
         }
         ok(self.core.append(r).await?)
     }
+    async fn wait_durable(
+        &self,
+        r: Request<WaitDurableRequest>,
+    ) -> GrpcResult<WaitDurableResponse> {
+        ok(self.core.wait_durable(r.into_inner()).await?)
+    }
     async fn fetch(&self, r: Request<FetchRequest>) -> GrpcResult<FetchResponse> {
         ok(self.core.fetch(r.into_inner()).await?)
     }

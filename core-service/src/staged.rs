@@ -502,6 +502,7 @@ impl Core {
                                             ..Default::default()
                                         }),
                                         auto_create: false,
+                                        defer_durable: false,
                                     };
                                     let tid = sub_timer_id(txn, index, timers.len());
                                     timers.push(timer(tid, at, v1::timer::Action::Append(a)));

@@ -59,6 +59,9 @@ pub(crate) struct PartitionState {
     /// idempotent batches happen in one order.
     producers: tokio::sync::Mutex<ProducerTable>,
     snapshot_offset: AtomicI64,
+    /// The end of everything appended here, durable or not: the furthest a WaitDurable may
+    /// ask for (waiting past it would never end).
+    appended_end: AtomicI64,
     /// Transactions open and aborted here (the coordinators are in transactions.rs).
     pub(crate) txns: parking_lot::Mutex<PartitionTxns>,
 }
@@ -230,6 +233,7 @@ impl Core {
             key,
             producers: tokio::sync::Mutex::new(table),
             snapshot_offset: AtomicI64::new(snapshot.offset),
+            appended_end: AtomicI64::new(bounds.end_offset),
             txns: parking_lot::Mutex::new(PartitionTxns::with_aborted(aborted)),
         });
         if bounds.end_offset - replay_from > self.inner.config.producer_snapshot_every {
@@ -824,6 +828,7 @@ impl Core {
             .stream
             .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
         tracing::Span::current().record("stream", stream_label(&id));
+        let defer_durable = req.defer_durable;
         let mut batch = req
             .batch
             .ok_or_else(|| CoreError::InvalidArgument("batch is required".into()))?;
@@ -898,8 +903,10 @@ impl Core {
                     record_count,
                 } => {
                     drop(table);
-                    log.wait_durable(part.key, base_offset + i64::from(record_count))
-                        .await?;
+                    if !defer_durable {
+                        log.wait_durable(part.key, base_offset + i64::from(record_count))
+                            .await?;
+                    }
                     let start = log.bounds(part.key).await?.start_offset;
                     return Ok(v1::AppendResponse {
                         base_offset,
@@ -921,12 +928,16 @@ impl Core {
             log.append(part.key, to_append).await?
         };
         let end = base + i64::from(count);
-        log.wait_durable(part.key, end).await?;
+        part.appended_end.fetch_max(end, Ordering::AcqRel);
+        if !defer_durable {
+            log.wait_durable(part.key, end).await?;
+        }
         metrics::counter!("tributary_records_in_total").increment(u64::from(count));
         metrics::counter!("tributary_bytes_in_total").increment(bytes_in as u64);
         if end - part.snapshot_offset.load(Ordering::Acquire)
             > self.inner.config.producer_snapshot_every
         {
+            // (The snapshot waits for durability itself, so a deferred append may start it.)
             // Bump first so that concurrent appends do not all start a snapshot.
             part.snapshot_offset.store(end, Ordering::Release);
             let core = self.clone();
@@ -942,6 +953,36 @@ impl Core {
             base_offset: base,
             duplicate: false,
             append_time_ms: now,
+            log_start_offset: start,
+        })
+    }
+
+    /// Waits until a partition is durable below `end_offset`: the second half of an append
+    /// made with `defer_durable`.
+    #[instrument(skip_all, fields(stream = tracing::field::Empty, partition = req.partition))]
+    pub async fn wait_durable(
+        &self,
+        req: v1::WaitDurableRequest,
+    ) -> CoreResult<v1::WaitDurableResponse> {
+        self.check_running()?;
+        let id = req
+            .stream
+            .ok_or_else(|| CoreError::InvalidArgument("stream is required".into()))?;
+        tracing::Span::current().record("stream", stream_label(&id));
+        let part = self.stream(&id)?.partition(req.partition)?;
+        let appended = part.appended_end.load(Ordering::Acquire);
+        if req.end_offset > appended {
+            return Err(CoreError::InvalidArgument(format!(
+                "end offset {} is past the partition's last append (end {appended})",
+                req.end_offset
+            )));
+        }
+        self.inner
+            .log
+            .wait_durable(part.key, req.end_offset)
+            .await?;
+        let start = self.inner.log.bounds(part.key).await?.start_offset;
+        Ok(v1::WaitDurableResponse {
             log_start_offset: start,
         })
     }

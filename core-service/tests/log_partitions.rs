@@ -36,6 +36,7 @@ fn append(stream: &str, value: &str) -> v1::AppendRequest {
             ..Default::default()
         }),
         auto_create: false,
+        defer_durable: false,
     }
 }
 

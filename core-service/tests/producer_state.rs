@@ -36,6 +36,7 @@ fn append_req(pid: i64, seq: i32) -> v1::AppendRequest {
             ..Default::default()
         }),
         auto_create: true,
+        defer_durable: false,
     }
 }
 
@@ -100,4 +101,65 @@ fn producer_state_survives_crash_and_clean_restart() {
         check_state(&core, pid, 31).await;
         core.shutdown().await.unwrap();
     });
+}
+
+/// Appends made with `defer_durable` take their offsets in call order (idempotent sequences
+/// checked as usual, a retry answered as a duplicate without waiting), and `wait_durable`
+/// makes them durable: it refuses an end past the last append (a wait that could never
+/// end), and a reopened core finds what it confirmed.
+#[tokio::test]
+async fn deferred_appends_keep_their_order_and_wait_durable_confirms_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    let deferred = |seq| v1::AppendRequest {
+        defer_durable: true,
+        ..append_req(1, seq)
+    };
+    let mut ends = Vec::new();
+    for seq in 0..6 {
+        let r = core.append(deferred(seq)).await.unwrap();
+        assert!(!r.duplicate);
+        assert_eq!(r.base_offset, i64::from(seq), "offsets in call order");
+        ends.push(r.base_offset + 1);
+    }
+    let again = core.append(deferred(2)).await.unwrap();
+    assert!(
+        again.duplicate,
+        "a retry of a deferred append is a duplicate"
+    );
+    assert_eq!(again.base_offset, 2);
+    let gap = core.append(deferred(9)).await.unwrap_err();
+    assert!(
+        matches!(gap, CoreError::OutOfOrderSequence { .. }),
+        "{gap:?}"
+    );
+
+    let wait = |end| v1::WaitDurableRequest {
+        stream: Some(v1::StreamId::new("default", "idem")),
+        partition: 0,
+        end_offset: end,
+    };
+    let past = core.wait_durable(wait(7)).await.unwrap_err();
+    assert!(matches!(past, CoreError::InvalidArgument(_)), "{past:?}");
+    let missing = core
+        .wait_durable(v1::WaitDurableRequest {
+            stream: Some(v1::StreamId::new("default", "nope")),
+            ..wait(1)
+        })
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(missing, CoreError::StreamNotFound(_)),
+        "{missing:?}"
+    );
+    let done = core
+        .wait_durable(wait(*ends.last().unwrap()))
+        .await
+        .unwrap();
+    assert_eq!(done.log_start_offset, 0);
+
+    core.shutdown().await.unwrap();
+    drop(core);
+    let core = open(dir.path()).await;
+    check_state(&core, 1, 6).await;
 }

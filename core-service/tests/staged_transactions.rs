@@ -79,6 +79,7 @@ fn append(stream: &str, partition: u32, values: &[&str]) -> v1::StagedWrite {
                 ..Default::default()
             }),
             auto_create: false,
+            defer_durable: false,
         })),
         deliver_at_ms: 0,
     }

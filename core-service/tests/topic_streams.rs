@@ -155,6 +155,7 @@ async fn append(core: &Core, stream: &str, batch: v1::RecordBatch) {
         partition: 0,
         batch: Some(batch),
         auto_create: false,
+        defer_durable: false,
     })
     .await
     .unwrap();
@@ -642,6 +643,7 @@ async fn a_delay_line_appends_to_its_target_when_due_exactly_once_across_a_reope
             partition: 1,
             batch: Some(delayed(&[("a", due), ("b", 0), ("c", due), ("d", 0)])),
             auto_create: false,
+            defer_durable: false,
         })
         .await
         .unwrap();
@@ -676,6 +678,7 @@ async fn a_delay_line_appends_to_its_target_when_due_exactly_once_across_a_reope
         partition: 1,
         batch: Some(delayed(&[("end", 0)])),
         auto_create: false,
+        defer_durable: false,
     })
     .await
     .unwrap();

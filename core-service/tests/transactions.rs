@@ -118,6 +118,7 @@ impl Producer {
                     ..Default::default()
                 }),
                 auto_create: false,
+                defer_durable: false,
             })
             .await?;
         *seq += values.len() as i32;

@@ -206,6 +206,7 @@ pub async fn run(ctx: &Ctx, command: StreamsCommand) -> Result<Output, CliError>
                         ..Default::default()
                     }),
                     auto_create: false,
+                    defer_durable: false,
                 })
                 .await
                 .map_err(|s| ctx.status(s))?

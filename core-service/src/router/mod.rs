@@ -1074,6 +1074,7 @@ impl Core {
                             ..Default::default()
                         }),
                         auto_create: false,
+                        defer_durable: false,
                     })
                     .await?;
                 }

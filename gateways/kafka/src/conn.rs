@@ -1,12 +1,18 @@
 //! One client connection: size-prefixed frames in, responses out, in request order.
 //!
-//! Requests are served one at a time per connection, as Kafka's broker does (it mutes a
-//! channel while a request is in flight), so responses keep the order clients rely on.
+//! Responses keep the order clients rely on. Requests are served one at a time per
+//! connection, as Kafka's broker does, except that up to five Produce requests wait for
+//! durability together: each is appended (its offsets taken, in request order) before the
+//! next is read, and answered once durable. Any other request waits until the produces
+//! before it are answered.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
+use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesOrdered;
 use kafka_protocol::messages::{
     ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind, SaslAuthenticateResponse,
     SaslHandshakeResponse,
@@ -128,6 +134,13 @@ pub(crate) async fn serve_connection<S>(
     .await
 }
 
+/// How many Produce requests of one connection may wait for durability at once (the
+/// Java client's and librdkafka's default `max.in.flight.requests.per.connection`).
+const PIPELINED_PRODUCES: usize = 5;
+
+/// A response still being served: a Produce waiting for durability.
+type PendingAnswer = BoxFuture<'static, Result<Option<Bytes>, ConnectionError>>;
+
 async fn serve<S>(
     io: &mut S,
     gateway: &Gateway,
@@ -140,18 +153,28 @@ where
     // neither.
     let mut input = ReadBuffer::new(CONNECTION_BUFFER);
     let mut output = WriteBuffer::default();
+    // Produces whose appends are in the log, answered in request order once durable.
+    let mut pending: FuturesOrdered<PendingAnswer> = FuturesOrdered::new();
     loop {
         let frame = loop {
             let want = match next_frame(input.bytes(), gateway.config.max_request_bytes)? {
                 Frame::Whole(frame) => break frame,
                 Frame::Missing(n) => n,
             };
-            // An operator's close is taken between requests: the one being served gets its
-            // answer (a produce its acknowledgement) first, and Kafka has no goodbye to send.
+            // An operator's close is taken between requests: the ones being served get their
+            // answers (a produce its acknowledgement) first, and Kafka has no goodbye to send.
             let read = tokio::select! {
+                biased;
+                Some(answer) = pending.next(), if !pending.is_empty() => {
+                    write_answer(&mut output, io, answer?).await?;
+                    output.flush(io).await?;
+                    continue;
+                }
                 n = input.fill(io, want) => n?,
                 () = session.connection.close_requested() => {
                     info!(client_id = %session.client_id, "connection closed by an operator");
+                    drain(&mut pending, &mut output, io).await?;
+                    output.flush(io).await?;
                     return Ok(());
                 }
             };
@@ -162,19 +185,30 @@ where
                 return Err(std::io::Error::from(std::io::ErrorKind::UnexpectedEof).into());
             }
         };
+        let produce = frame.get(..2) == Some(&(ApiKey::Produce as i16).to_be_bytes()[..]);
+        if !produce {
+            // Anything else is served once every earlier produce is answered: it may read
+            // what they wrote, and its answer comes after theirs.
+            drain(&mut pending, &mut output, io).await?;
+        } else if pending.len() >= PIPELINED_PRODUCES
+            && let Some(answer) = pending.next().await
+        {
+            write_answer(&mut output, io, answer?).await?;
+        }
         // Boxed: inline, every request handler's state machine would size the connection's
         // task, which an idle connection holds while it waits for its next request.
-        let Some(response) = Box::pin(handle_frame(frame, gateway, session)).await? else {
-            continue;
-        };
-        output.extend_from_slice(&(response.len() as i32).to_be_bytes());
-        if response.len() <= CONNECTION_BUFFER {
-            output.extend_from_slice(&response);
-        } else {
-            // A large body (a Fetch) goes straight to the socket instead of being copied once
-            // more.
+        let served = Box::pin(begin_frame(frame, gateway, session)).await;
+        if served.is_err() {
+            // The connection closes over this request: what earlier ones were answered
+            // still reaches the client.
             output.flush(io).await?;
-            io.write_all(&response).await?;
+        }
+        match served? {
+            Served::Later(answer) => pending.push_back(answer),
+            Served::Now(answer) if produce => {
+                pending.push_back(Box::pin(std::future::ready(Ok(answer))));
+            }
+            Served::Now(answer) => write_answer(&mut output, io, answer).await?,
         }
         // Flush only when no further request is already read: pipelined requests are
         // answered with one write.
@@ -185,6 +219,45 @@ where
             return Err(ConnectionError::AuthenticationFailed(why));
         }
     }
+}
+
+/// Writes every pending answer, in order.
+async fn drain<S>(
+    pending: &mut FuturesOrdered<PendingAnswer>,
+    output: &mut WriteBuffer,
+    io: &mut S,
+) -> Result<(), ConnectionError>
+where
+    S: AsyncWrite + Unpin,
+{
+    while let Some(answer) = pending.next().await {
+        write_answer(output, io, answer?).await?;
+    }
+    Ok(())
+}
+
+/// Frames one encoded answer (`None`: the request wants none).
+async fn write_answer<S>(
+    output: &mut WriteBuffer,
+    io: &mut S,
+    answer: Option<Bytes>,
+) -> Result<(), ConnectionError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let Some(response) = answer else {
+        return Ok(());
+    };
+    output.extend_from_slice(&(response.len() as i32).to_be_bytes());
+    if response.len() <= CONNECTION_BUFFER {
+        output.extend_from_slice(&response);
+    } else {
+        // A large body (a Fetch) goes straight to the socket instead of being copied once
+        // more.
+        output.flush(io).await?;
+        io.write_all(&response).await?;
+    }
+    Ok(())
 }
 
 enum Frame {
@@ -214,13 +287,20 @@ fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Frame, ConnectionError> 
     Ok(Frame::Whole(frame.freeze()))
 }
 
-/// Decodes one request frame, serves it and returns the encoded response (header + body),
-/// or `None` when the protocol wants no response (Produce with acks=0).
-pub async fn handle_frame(
+/// A request served as far as it can be without waiting for durability.
+enum Served {
+    /// The encoded answer (`None`: the protocol wants none).
+    Now(Option<Bytes>),
+    /// A Produce whose batches are appended, answering once they are durable.
+    Later(PendingAnswer),
+}
+
+/// Decodes one request frame and serves it, a Produce up to its appends.
+async fn begin_frame(
     frame: Bytes,
     gateway: &Gateway,
     session: &mut Session,
-) -> Result<Option<Bytes>, ConnectionError> {
+) -> Result<Served, ConnectionError> {
     let (api, version, mut body, header) = decode_request(frame)?;
     if let Some(id) = header.client_id.as_ref()
         && session.client_id != id.as_str()
@@ -230,14 +310,14 @@ pub async fn handle_frame(
     }
     let correlation_id = header.correlation_id;
     let span = tracing::debug_span!("kafka_request", api = ?api, version, correlation_id);
-    let response = async {
+    let begun = async {
         if !versions::supports(api, version) {
             if api == ApiKey::ApiVersions {
                 // KIP-511: answer in v0 with UNSUPPORTED_VERSION and our ranges.
-                return Ok(Some((
+                return Ok(Begun::Answer(Some((
                     ResponseKind::ApiVersions(versions::api_versions(35)),
                     0,
-                )));
+                ))));
             }
             return Err(ConnectionError::UnsupportedVersion { api, version });
         }
@@ -250,18 +330,51 @@ pub async fn handle_frame(
         if session.sasl.is_some() {
             return sasl_gate(gateway, session, request)
                 .await
-                .map(|r| r.map(|r| (r, version)));
+                .map(|r| Begun::Answer(r.map(|r| (r, version))));
         }
-        Ok(crate::dispatch(gateway, session, &header, request, version)
-            .await
-            .map(|r| (r, version)))
+        if let RequestKind::Produce(request) = request {
+            let authz = gateway.authz(session).await;
+            let in_flight =
+                crate::data::produce_begin(gateway, &authz, &session.traffic, request).await;
+            return Ok(Begun::Produce(in_flight));
+        }
+        Ok(Begun::Answer(
+            crate::dispatch(gateway, session, &header, request, version)
+                .await
+                .map(|r| (r, version)),
+        ))
     }
-    .instrument(span)
+    .instrument(span.clone())
     .await?;
-    let Some((response, version)) = response else {
-        return Ok(None);
-    };
-    encode_response(api, version, correlation_id, &response).map(Some)
+    match begun {
+        Begun::Answer(None) => Ok(Served::Now(None)),
+        Begun::Answer(Some((response, version))) => {
+            encode_response(api, version, correlation_id, &response).map(|r| Served::Now(Some(r)))
+        }
+        Begun::Produce(in_flight) => Ok(Served::Later(Box::pin(
+            async move {
+                let Some(response) = in_flight.finish().await else {
+                    return Ok(None);
+                };
+                encode_response(
+                    api,
+                    version,
+                    correlation_id,
+                    &ResponseKind::Produce(response),
+                )
+                .map(Some)
+            }
+            .instrument(span),
+        ))),
+    }
+}
+
+/// How far `begin_frame` got with a request.
+enum Begun {
+    /// Served: its answer and the version to encode it in (`None`: no answer).
+    Answer(Option<(ResponseKind, i16)>),
+    /// A Produce appended and waiting for durability.
+    Produce(crate::data::ProduceInFlight),
 }
 
 /// Decodes a whole request frame as the connection loop does: header, version check, body.

@@ -26,7 +26,8 @@ use crate::Gateway;
 use crate::acl::{Authz, Operation, ResourceType};
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
-use tributary_gateway_common::Traffic;
+use tributary_gateway_common::{CoreTransport, Traffic};
+use tributary_proto::v1::streams_client::StreamsClient;
 
 /// WRITE on the transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED for every
 /// partition) and on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
@@ -36,6 +37,40 @@ pub(crate) async fn produce(
     traffic: &Traffic,
     req: ProduceRequest,
 ) -> Option<ProduceResponse> {
+    produce_begin(gw, az, traffic, req).await.finish().await
+}
+
+/// A Produce whose batches have their offsets in the log and are not yet acknowledged:
+/// [`ProduceInFlight::finish`] waits until they are durable. The connection starts the
+/// next pipelined Produce between the two (order kept: its appends come after these), so
+/// the requests of one connection share a group commit or an object-store upload instead
+/// of each waiting out its own.
+pub(crate) struct ProduceInFlight {
+    acks: i16,
+    streams: StreamsClient<CoreTransport>,
+    traffic: Traffic,
+    partitions: Vec<(TopicName, PartitionOutcome)>,
+}
+
+enum PartitionOutcome {
+    Answered(PartitionProduceResponse),
+    Appended {
+        index: i32,
+        request: v1::WaitDurableRequest,
+        base_offset: i64,
+        record_count: u32,
+        size: usize,
+    },
+}
+
+/// Checks and appends every partition of the request, in parallel, without waiting for
+/// durability.
+pub(crate) async fn produce_begin(
+    gw: &Gateway,
+    az: &Authz<'_>,
+    traffic: &Traffic,
+    req: ProduceRequest,
+) -> ProduceInFlight {
     let acks = req.acks;
     let transactional = req.transactional_id.is_some();
     let txn_denied = req
@@ -50,46 +85,105 @@ pub(crate) async fn produce(
             work.push((topic.name.clone(), p, denied));
         }
     }
-    let results = join_all(work.into_iter().map(|(name, p, denied)| async move {
+    let partitions = join_all(work.into_iter().map(|(name, p, denied)| async move {
         let r = if txn_denied {
-            error_partition(
+            PartitionOutcome::Answered(error_partition(
                 p.index,
                 K::TransactionalIdAuthorizationFailed.code(),
                 "WRITE on the transactional id is not allowed",
-            )
+            ))
         } else if denied {
-            error_partition(
+            PartitionOutcome::Answered(error_partition(
                 p.index,
                 K::TopicAuthorizationFailed.code(),
                 "WRITE on the topic is not allowed",
-            )
+            ))
         } else if !matches!(acks, -1..=1) {
-            error_partition(
+            PartitionOutcome::Answered(error_partition(
                 p.index,
                 K::InvalidRequiredAcks.code(),
                 "acks must be -1, 0 or 1",
-            )
+            ))
         } else {
-            produce_partition(gw, traffic, &name, p, transactional).await
+            append_partition(gw, &name, p, transactional).await
         };
         (name, r)
     }))
     .await;
-    if acks == 0 {
-        return None;
+    ProduceInFlight {
+        acks,
+        streams: gw.core.streams.clone(),
+        traffic: traffic.clone(),
+        partitions,
     }
-    let mut topics: Vec<TopicProduceResponse> = Vec::new();
-    for (name, r) in results {
-        match topics.iter_mut().find(|t| t.name == name) {
-            Some(t) => t.partition_responses.push(r),
-            None => topics.push(
-                TopicProduceResponse::default()
-                    .with_name(name)
-                    .with_partition_responses(vec![r]),
-            ),
+}
+
+impl ProduceInFlight {
+    /// Waits for every appended batch to be durable and builds the answer (`None` for
+    /// acks=0, which is answered by nothing, but still waited for: the connection reads on
+    /// only as fast as the log takes its batches).
+    pub(crate) async fn finish(self) -> Option<ProduceResponse> {
+        let ProduceInFlight {
+            acks,
+            streams,
+            traffic,
+            partitions,
+        } = self;
+        let results = join_all(partitions.into_iter().map(|(name, outcome)| {
+            let mut streams = streams.clone();
+            let traffic = &traffic;
+            async move {
+                let r = match outcome {
+                    PartitionOutcome::Answered(r) => r,
+                    PartitionOutcome::Appended {
+                        index,
+                        request,
+                        base_offset,
+                        record_count,
+                        size,
+                    } => match streams.wait_durable(request).await {
+                        Ok(done) => {
+                            metrics::counter!("tributary_kafka_produced_bytes_total")
+                                .increment(size as u64);
+                            traffic.received(u64::from(record_count), size);
+                            PartitionProduceResponse::default()
+                                .with_index(index)
+                                .with_base_offset(base_offset)
+                                .with_log_append_time_ms(-1)
+                                .with_log_start_offset(done.into_inner().log_start_offset)
+                        }
+                        Err(status) => refused(&name, index, &status),
+                    },
+                };
+                (name, r)
+            }
+        }))
+        .await;
+        if acks == 0 {
+            return None;
         }
+        let mut topics: Vec<TopicProduceResponse> = Vec::new();
+        for (name, r) in results {
+            match topics.iter_mut().find(|t| t.name == name) {
+                Some(t) => t.partition_responses.push(r),
+                None => topics.push(
+                    TopicProduceResponse::default()
+                        .with_name(name)
+                        .with_partition_responses(vec![r]),
+                ),
+            }
+        }
+        Some(ProduceResponse::default().with_responses(topics))
     }
-    Some(ProduceResponse::default().with_responses(topics))
+}
+
+fn refused(topic: &TopicName, index: i32, status: &tonic::Status) -> PartitionProduceResponse {
+    debug!(topic = %topic.as_str(), partition = index, error = %status.message(), "produce refused");
+    error_partition(
+        index,
+        kafka_error(status, Context::Produce),
+        status.message(),
+    )
 }
 
 fn error_partition(index: i32, code: i16, message: &str) -> PartitionProduceResponse {
@@ -102,31 +196,28 @@ fn error_partition(index: i32, code: i16, message: &str) -> PartitionProduceResp
         .with_error_message(Some(StrBytes::from_string(message.to_string())))
 }
 
-async fn produce_partition(
+async fn append_partition(
     gw: &Gateway,
-    traffic: &Traffic,
     topic: &TopicName,
     p: PartitionProduceData,
     transactional_request: bool,
-) -> PartitionProduceResponse {
+) -> PartitionOutcome {
+    let answered = |code: i16, message: &str| {
+        PartitionOutcome::Answered(error_partition(p.index, code, message))
+    };
     let Some(records) = p.records else {
-        return error_partition(p.index, K::InvalidRecord.code(), "no records");
+        return answered(K::InvalidRecord.code(), "no records");
     };
     let batches = match batch::split_batches(records) {
         Ok(b) => b,
         Err(e @ BatchError::UnsupportedMagic(_)) => {
-            return error_partition(
-                p.index,
-                K::UnsupportedForMessageFormat.code(),
-                &e.to_string(),
-            );
+            return answered(K::UnsupportedForMessageFormat.code(), &e.to_string());
         }
-        Err(e) => return error_partition(p.index, K::CorruptMessage.code(), &e.to_string()),
+        Err(e) => return answered(K::CorruptMessage.code(), &e.to_string()),
     };
     // Kafka (produce v3+) takes exactly one batch per partition and so does the gateway.
     if batches.len() != 1 {
-        return error_partition(
-            p.index,
+        return answered(
             K::InvalidRecord.code(),
             "a produce request must hold exactly one record batch per partition",
         );
@@ -135,37 +226,30 @@ async fn produce_partition(
         unreachable!("length checked above")
     };
     if header.control {
-        return error_partition(
-            p.index,
+        return answered(
             K::InvalidRecord.code(),
             "control batches cannot be produced",
         );
     }
     // Kafka refuses a transactional batch outside a request naming its transactional id.
     if header.transactional != transactional_request {
-        return error_partition(
-            p.index,
+        return answered(
             K::InvalidRecord.code(),
             "a transactional batch needs the request's transactional id, and only it",
         );
     }
+    let Ok(partition) = u32::try_from(p.index) else {
+        return answered(K::UnknownTopicOrPartition.code(), "negative partition");
+    };
     let size = bytes.len();
     let record_count = header.record_count;
+    let stream = v1::StreamId {
+        namespace: gw.config.namespace.clone(),
+        name: topic.to_string(),
+    };
     let request = v1::AppendRequest {
-        stream: Some(v1::StreamId {
-            namespace: gw.config.namespace.clone(),
-            name: topic.to_string(),
-        }),
-        partition: match u32::try_from(p.index) {
-            Ok(i) => i,
-            Err(_) => {
-                return error_partition(
-                    p.index,
-                    K::UnknownTopicOrPartition.code(),
-                    "negative partition",
-                );
-            }
-        },
+        stream: Some(stream.clone()),
+        partition,
         batch: Some(v1::RecordBatch {
             opaque: bytes,
             opaque_format: OPAQUE_FORMAT.into(),
@@ -178,26 +262,24 @@ async fn produce_partition(
             ..Default::default()
         }),
         auto_create: false,
+        defer_durable: true,
     };
     match gw.core.streams.clone().append(request).await {
         Ok(r) => {
-            let r = r.into_inner();
-            metrics::counter!("tributary_kafka_produced_bytes_total").increment(size as u64);
-            traffic.received(u64::from(record_count), size);
-            PartitionProduceResponse::default()
-                .with_index(p.index)
-                .with_base_offset(r.base_offset)
-                .with_log_append_time_ms(-1)
-                .with_log_start_offset(r.log_start_offset)
+            let base_offset = r.into_inner().base_offset;
+            PartitionOutcome::Appended {
+                index: p.index,
+                request: v1::WaitDurableRequest {
+                    stream: Some(stream),
+                    partition,
+                    end_offset: base_offset + i64::from(record_count),
+                },
+                base_offset,
+                record_count,
+                size,
+            }
         }
-        Err(status) => {
-            debug!(topic = %topic.as_str(), partition = p.index, error = %status.message(), "produce refused");
-            error_partition(
-                p.index,
-                kafka_error(&status, Context::Produce),
-                status.message(),
-            )
-        }
+        Err(status) => PartitionOutcome::Answered(refused(topic, p.index, &status)),
     }
 }
 

@@ -123,6 +123,7 @@ pub(crate) async fn append(
             ..Default::default()
         }),
         auto_create: false,
+        defer_durable: false,
     };
     match gw.core.streams.clone().append(req.clone()).await {
         Ok(r) => Ok(r.into_inner()),
@@ -180,6 +181,7 @@ pub(crate) async fn schedule(
                     ..Default::default()
                 }),
                 auto_create: false,
+                defer_durable: false,
             })),
         }),
     };

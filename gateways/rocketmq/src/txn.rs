@@ -89,6 +89,7 @@ pub(crate) async fn stage_half_message(
                     ..Default::default()
                 }),
                 auto_create: false,
+                defer_durable: false,
             })),
             deliver_at_ms: due.unwrap_or(0),
         }],
