@@ -8,11 +8,12 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::{Buf, Bytes, BytesMut};
-use futures::StreamExt;
 use futures::future::BoxFuture;
 use futures::stream::FuturesOrdered;
+use futures::{FutureExt, StreamExt};
 use kafka_protocol::messages::{
     ApiKey, RequestHeader, RequestKind, ResponseHeader, ResponseKind, SaslAuthenticateResponse,
     SaslHandshakeResponse,
@@ -190,14 +191,26 @@ where
             // Anything else is served once every earlier produce is answered: it may read
             // what they wrote, and its answer comes after theirs.
             drain(&mut pending, &mut output, io).await?;
-        } else if pending.len() >= PIPELINED_PRODUCES
-            && let Some(answer) = pending.next().await
-        {
-            write_answer(&mut output, io, answer?).await?;
+        } else if pending.len() >= PIPELINED_PRODUCES {
+            write_next_answer(&mut pending, &mut output, io).await?;
         }
         // Boxed: inline, every request handler's state machine would size the connection's
         // task, which an idle connection holds while it waits for its next request.
-        let served = Box::pin(begin_frame(frame, gateway, session)).await;
+        let served = {
+            let mut serving = Box::pin(begin_frame(frame, gateway, session));
+            match futures::poll!(serving.as_mut()) {
+                // Answered at once (ApiVersions, a refusal) or appended at once.
+                Poll::Ready(r) => r,
+                Poll::Pending if output.is_empty() => serving.await,
+                // This request waits (for the core, for the log): the answers already made
+                // are written meanwhile, not held until it is served.
+                Poll::Pending => {
+                    let (r, written) = tokio::join!(serving, output.flush(io));
+                    written?;
+                    r
+                }
+            }
+        };
         if served.is_err() {
             // The connection closes over this request: what earlier ones were answered
             // still reaches the client.
@@ -210,9 +223,11 @@ where
             }
             Served::Now(answer) => write_answer(&mut output, io, answer).await?,
         }
-        // Flush only when no further request is already read: pipelined requests are
-        // answered with one write.
-        if input.is_empty() || session.close_after.is_some() {
+        // Pipelined requests already read whole are answered with one write; the answers
+        // are written before the connection waits for more bytes. (Waiting for the rest of a
+        // request read in part while holding them kept every answer back for as long as a
+        // pipelining client kept sending: seconds.)
+        if !whole_frame_buffered(input.bytes()) || session.close_after.is_some() {
             output.flush(io).await?;
         }
         if let Some(why) = session.close_after.take() {
@@ -230,10 +245,32 @@ async fn drain<S>(
 where
     S: AsyncWrite + Unpin,
 {
-    while let Some(answer) = pending.next().await {
-        write_answer(output, io, answer?).await?;
-    }
+    while write_next_answer(pending, output, io).await? {}
     Ok(())
+}
+
+/// Writes the oldest pending answer once it is ready (`false`: none was pending). The
+/// answers already written go to the socket while it waits.
+async fn write_next_answer<S>(
+    pending: &mut FuturesOrdered<PendingAnswer>,
+    output: &mut WriteBuffer,
+    io: &mut S,
+) -> Result<bool, ConnectionError>
+where
+    S: AsyncWrite + Unpin,
+{
+    let answer = match pending.next().now_or_never() {
+        Some(answer) => answer,
+        None => {
+            output.flush(io).await?;
+            pending.next().await
+        }
+    };
+    let Some(answer) = answer else {
+        return Ok(false);
+    };
+    write_answer(output, io, answer?).await?;
+    Ok(true)
 }
 
 /// Frames one encoded answer (`None`: the request wants none).
@@ -258,6 +295,17 @@ where
         io.write_all(&response).await?;
     }
     Ok(())
+}
+
+/// Whether the next frame is in `buf` whole, so that serving it needs no read.
+fn whole_frame_buffered(buf: &[u8]) -> bool {
+    match buf.get(..4) {
+        Some(&[a, b, c, d]) => {
+            let size = i32::from_be_bytes([a, b, c, d]);
+            size >= 0 && buf.len() - 4 >= size as usize
+        }
+        _ => false,
+    }
 }
 
 enum Frame {
@@ -605,5 +653,230 @@ mod tests {
         let frame =
             Bytes::from_static(&[0, 3, 0, 0, 0, 0, 0, 1, 0xff, 0xff, 3, 0x3c, 0x0c, 0, 0xb6]);
         assert!(decode_frame(frame).is_err());
+    }
+
+    // -- answers are not held back ----------------------------------------------------------
+
+    use std::collections::VecDeque;
+    use std::convert::Infallible;
+    use std::pin::Pin;
+    use std::task::Context;
+
+    use kafka_protocol::messages::{ApiVersionsRequest, MetadataRequest};
+    use tokio::io::ReadBuf;
+    use tokio::sync::Notify;
+    use tonic::codegen::http;
+    use tributary_gateway_common::{Connections, CoreClient};
+
+    /// A client connection whose bytes are given at the start: reads take them, then wait
+    /// for ever (saying so on `starved`); writes are kept.
+    struct Scripted {
+        input: VecDeque<u8>,
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+        starved: Arc<Notify>,
+    }
+
+    impl AsyncRead for Scripted {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<std::io::Result<()>> {
+            if self.input.is_empty() {
+                self.starved.notify_one();
+                return Poll::Pending;
+            }
+            let n = buf.remaining().min(self.input.len());
+            let bytes: Vec<u8> = self.input.drain(..n).collect();
+            buf.put_slice(&bytes);
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Scripted {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.written.lock().unwrap().extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The core's Admin service, never answering (an unreachable metadata store behind it);
+    /// says on `called` that a call came.
+    #[derive(Clone)]
+    struct StuckAdmin {
+        called: Arc<Notify>,
+    }
+
+    impl tonic::server::NamedService for StuckAdmin {
+        const NAME: &'static str = tributary_proto::v1::admin_server::SERVICE_NAME;
+    }
+
+    impl tonic::codegen::Service<http::Request<tonic::body::Body>> for StuckAdmin {
+        type Response = http::Response<tonic::body::Body>;
+        type Error = Infallible;
+        type Future = std::future::Pending<Result<Self::Response, Infallible>>;
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+            Poll::Ready(Ok(()))
+        }
+        fn call(&mut self, _: http::Request<tonic::body::Body>) -> Self::Future {
+            self.called.notify_one();
+            std::future::pending()
+        }
+    }
+
+    fn request_frame(
+        api: ApiKey,
+        version: i16,
+        correlation_id: i32,
+        body: &RequestKind,
+    ) -> Vec<u8> {
+        let mut buf = BytesMut::new();
+        RequestHeader::default()
+            .with_request_api_key(api as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(correlation_id)
+            .with_client_id(Some(StrBytes::from_static_str("test")))
+            .encode(&mut buf, api.request_header_version(version))
+            .unwrap();
+        body.encode(&mut buf, version).unwrap();
+        let mut frame = (buf.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&buf);
+        frame
+    }
+
+    fn api_versions(correlation_id: i32) -> Vec<u8> {
+        let body = RequestKind::ApiVersions(
+            ApiVersionsRequest::default()
+                .with_client_software_name(StrBytes::from_static_str("test"))
+                .with_client_software_version(StrBytes::from_static_str("1")),
+        );
+        request_frame(ApiKey::ApiVersions, 3, correlation_id, &body)
+    }
+
+    /// The correlation ids of the whole responses in `out`.
+    fn answered(out: &[u8]) -> Vec<i32> {
+        let mut ids = Vec::new();
+        let mut rest = out;
+        while rest.len() >= 8 {
+            let size = i32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+            if rest.len() < 4 + size {
+                break;
+            }
+            ids.push(i32::from_be_bytes(rest[4..8].try_into().unwrap()));
+            rest = &rest[4 + size..];
+        }
+        ids
+    }
+
+    /// Serves `input` on a gateway whose core's Admin service never answers; returns what
+    /// was written, once the connection waits for bytes (`starved`) or for the core.
+    struct Served {
+        written: Arc<std::sync::Mutex<Vec<u8>>>,
+        starved: Arc<Notify>,
+        core_called: Arc<Notify>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    fn serve_scripted(input: Vec<u8>) -> Served {
+        let written = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let starved = Arc::new(Notify::new());
+        let core_called = Arc::new(Notify::new());
+        let mut io = Scripted {
+            input: input.into(),
+            written: written.clone(),
+            starved: starved.clone(),
+        };
+        let routes = tonic::service::Routes::new(StuckAdmin {
+            called: core_called.clone(),
+        });
+        let addr: SocketAddr = "127.0.0.1:9092".parse().unwrap();
+        let gateway = Gateway::new(
+            CoreClient::in_process(routes),
+            crate::KafkaConfig::new(addr),
+        );
+        let task = tokio::spawn(async move {
+            let registration = Connections::new().register("kafka", addr, addr, false);
+            let mut session = Session {
+                peer: addr,
+                listener: "kafka",
+                traffic: Traffic::new("kafka"),
+                client_id: String::new(),
+                sasl: None,
+                principal: None,
+                close_after: None,
+                connection: registration.handle(),
+            };
+            let _ = serve(&mut io, &gateway, &mut session).await;
+        });
+        Served {
+            written,
+            starved,
+            core_called,
+            task,
+        }
+    }
+
+    #[tokio::test]
+    async fn an_answer_is_written_before_waiting_for_the_rest_of_the_next_request() {
+        // A pipelining client (librdkafka) keeps sending: the bytes read end inside the next
+        // request. The answer to the first must not wait for that request's rest (it used
+        // to wait until the client paused: seconds of acknowledgements held back).
+        let mut input = api_versions(1);
+        input.extend_from_slice(&api_versions(2)[..10]);
+        let s = serve_scripted(input);
+        s.starved.notified().await;
+        assert_eq!(answered(&s.written.lock().unwrap()), vec![1]);
+        s.task.abort();
+    }
+
+    #[tokio::test]
+    async fn answers_made_are_written_while_a_later_request_waits_for_the_core() {
+        // Two requests read together: the second waits for the core (for ever here); the
+        // first one's answer is written meanwhile, not held behind it.
+        let mut input = api_versions(1);
+        input.extend(request_frame(
+            ApiKey::Metadata,
+            12,
+            2,
+            &RequestKind::Metadata(MetadataRequest::default().with_topics(None)),
+        ));
+        let s = serve_scripted(input);
+        s.core_called.notified().await;
+        // The serving task's poll that called the core also wrote what it could.
+        tokio::task::yield_now().await;
+        assert_eq!(answered(&s.written.lock().unwrap()), vec![1]);
+        s.task.abort();
+    }
+
+    #[tokio::test]
+    async fn pipelined_requests_read_whole_are_answered_with_one_write() {
+        let mut input = Vec::new();
+        for id in 1..=3 {
+            input.extend(api_versions(id));
+        }
+        let s = serve_scripted(input);
+        s.starved.notified().await;
+        assert_eq!(answered(&s.written.lock().unwrap()), vec![1, 2, 3]);
+        s.task.abort();
+    }
+
+    #[test]
+    fn a_frame_is_whole_once_its_size_and_every_byte_are_read() {
+        let frame = api_versions(7);
+        assert!(whole_frame_buffered(&frame));
+        assert!(!whole_frame_buffered(&frame[..frame.len() - 1]));
+        assert!(!whole_frame_buffered(&frame[..3]));
+        assert!(!whole_frame_buffered(&[]));
+        assert!(!whole_frame_buffered(&[0xff, 0xff, 0xff, 0xff, 0]));
     }
 }
