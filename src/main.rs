@@ -98,12 +98,16 @@ async fn run(settings: Settings, mode: Mode) -> ExitCode {
             Err(code) => return code,
         }
     }
-    let start = Server::start(&settings, mode);
+    let lease_slot = server::LeaseSlot::default();
+    let start = Server::start(&settings, mode, &lease_slot);
     let started = match &mut early_signals {
         None => start.await,
         Some(signals) => tokio::select! {
             s = start => s,
             () = signals.recv() => {
+                // Stopped while standing by, or while opening the core under a lease just
+                // taken: that lease is given up, not left to run out.
+                lease_slot.release().await;
                 tracing::info!("stopped before serving");
                 return ExitCode::SUCCESS;
             }

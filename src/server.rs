@@ -236,6 +236,22 @@ fn clear_cache(dir: &std::path::Path) -> Result<(), StartError> {
     }
 }
 
+/// The cluster lease of a node whose start is under way (see [`Server::start`]).
+#[derive(Clone, Default)]
+pub struct LeaseSlot(Arc<std::sync::Mutex<Option<Arc<NodeLease>>>>);
+
+impl LeaseSlot {
+    /// Gives up the lease taken by a start that is abandoned (a stop while the core opens),
+    /// so that a standby takes over at once instead of after a whole TTL. Anything the
+    /// abandoned start still writes is fenced from then on.
+    pub async fn release(&self) {
+        let lease = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(lease) = lease {
+            lease.release().await;
+        }
+    }
+}
+
 /// Cluster mode: waits, standing by, until this node holds the cluster lease, then keeps it.
 /// Losing it ends the process (exit code 3): a node that may no longer own the data must stop
 /// acknowledging at once, and a fresh start stands by again.
@@ -300,7 +316,13 @@ async fn bind_listen(
 impl Server {
     /// Binds every listener first (so a port in use fails before any data is touched), then
     /// opens storage and the core, then starts serving.
-    pub async fn start(settings: &Settings, mode: Mode) -> Result<Self, StartError> {
+    /// Starts every part `mode` runs. A cluster node puts its lease in `lease_slot` as soon as
+    /// it holds it, so that a stop arriving while the core is still opening can give it up.
+    pub async fn start(
+        settings: &Settings,
+        mode: Mode,
+        lease_slot: &LeaseSlot,
+    ) -> Result<Self, StartError> {
         match &mode {
             Mode::Standalone => warn_open_kafka(settings),
             Mode::Gateway(protocol) if protocol == "kafka" => warn_open_kafka(settings),
@@ -315,6 +337,7 @@ impl Server {
         let (lease, cluster_storage) = match &settings.cluster {
             Some(cluster) if mode == Mode::CoreOnly => {
                 let (lease, storage) = acquire_lease(settings, cluster).await?;
+                *lease_slot.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(lease.clone());
                 (Some(lease), Some(storage))
             }
             _ => (None, None),
