@@ -16,7 +16,8 @@
 //! machines.
 //!
 //! **Keeping it.** The holder rewrites its heartbeat with a transaction checking the leader
-//! key. The lease is valid until the moment the last successful renewal was *sent* plus
+//! key and the heartbeat it last wrote (so a renewal applied late cannot undo a release). The
+//! lease is valid until the moment the last successful renewal was *sent* plus
 //! TTL × 4/5: a standby that saw that heartbeat saw it after it was sent and waits a full TTL
 //! from then, so the holder stops before a standby starts even if the two clocks run 20 %
 //! apart. A thread of its own (not a tokio task, which a busy runtime could starve) ends the
@@ -337,6 +338,11 @@ impl NodeLease {
 }
 
 /// Renews every TTL/5 while the lease is ours.
+///
+/// Each renewal also checks that the heartbeat still holds what this node last knows it
+/// wrote. A renewal the store applies late (its answer given up on, or still on the wire when
+/// the node released the lease) then changes nothing: it cannot overwrite a release, which
+/// would make a standby wait out a whole TTL.
 async fn renew(
     meta: Arc<dyn MetaStore>,
     config: LeaseConfig,
@@ -344,28 +350,40 @@ async fn renew(
     state: Arc<LeaseState>,
 ) {
     let mut beat = 0u64;
+    let mut expected = heartbeat(&leader, 0);
     let mut failing_since: Option<Duration> = None;
+    let mut retry_now = false;
     loop {
-        tokio::time::sleep(config.poll_interval()).await;
+        if !std::mem::take(&mut retry_now) {
+            tokio::time::sleep(config.poll_interval()).await;
+        }
         if state.over.load(Ordering::Acquire) {
             return;
         }
         beat += 1;
         let sent = boot_time();
+        let value = heartbeat(&leader, beat);
         let renewal = meta.txn(
-            vec![Check {
-                key: LEADER_KEY.to_vec(),
-                value: Some(leader.encode()),
-            }],
+            vec![
+                Check {
+                    key: LEADER_KEY.to_vec(),
+                    value: Some(leader.encode()),
+                },
+                Check {
+                    key: HEARTBEAT_KEY.to_vec(),
+                    value: Some(expected.clone()),
+                },
+            ],
             vec![Op::Put {
                 key: HEARTBEAT_KEY.to_vec(),
-                value: heartbeat(&leader, beat),
+                value: value.clone(),
             }],
         );
         // A renewal answered after the lease ran out is no use: give up waiting then.
         let left = state.valid_until.lock().saturating_sub(boot_time());
         match tokio::time::timeout(left.max(Duration::from_millis(1)), renewal).await {
             Ok(Ok(true)) => {
+                expected = value;
                 let mut until = state.valid_until.lock();
                 *until = (*until).max(sent + config.validity());
                 if let Some(since) = failing_since.take() {
@@ -373,10 +391,32 @@ async fn renew(
                 }
             }
             Ok(Ok(false)) => {
-                state.lose(&format!(
-                    "the lease of {leader} was taken over by another node"
-                ));
-                return;
+                // Taken over, or the heartbeat is a renewal of ours applied after this node
+                // stopped waiting for it: the keys tell which.
+                let read = async {
+                    Ok::<_, StorageError>((
+                        meta.get(LEADER_KEY).await?,
+                        meta.get(HEARTBEAT_KEY).await?,
+                    ))
+                };
+                match read.await {
+                    Ok((Some(l), Some(b)))
+                        if l.as_ref() == leader.encode().as_slice()
+                            && !b.ends_with(RELEASED.as_bytes()) =>
+                    {
+                        expected = b.to_vec();
+                        retry_now = true;
+                    }
+                    Ok(_) => {
+                        state.lose(&format!(
+                            "the lease of {leader} was taken over by another node"
+                        ));
+                        return;
+                    }
+                    Err(_) => {
+                        failing_since.get_or_insert(sent);
+                    }
+                }
             }
             Ok(Err(e)) => {
                 if failing_since.is_none() {
@@ -658,6 +698,120 @@ mod tests {
         assert!(started.elapsed() < Duration::from_millis(500));
         assert_eq!(b.leader().epoch, 2);
         assert!(lost.lock().is_empty(), "a release is not a loss");
+    }
+
+    /// A store that holds every renewal (a heartbeat put that is not a release) until
+    /// `gate` opens, and then applies it whether or not its caller still waits: a request
+    /// already on the wire when the node gives up on it.
+    struct LateRenewals {
+        inner: Arc<MemoryMetaStore>,
+        held: tokio::sync::Notify,
+        gate: Arc<tokio::sync::Semaphore>,
+        applied: Arc<Mutex<Vec<bool>>>,
+    }
+
+    #[async_trait]
+    impl MetaStore for LateRenewals {
+        async fn get(&self, key: &[u8]) -> StorageResult<Option<Bytes>> {
+            self.inner.get(key).await
+        }
+        async fn scan(
+            &self,
+            start: &[u8],
+            end: &[u8],
+            limit: usize,
+        ) -> StorageResult<Vec<(Vec<u8>, Bytes)>> {
+            self.inner.scan(start, end, limit).await
+        }
+        async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
+            let renewal = matches!(
+                ops.as_slice(),
+                [Op::Put { key, value }] if key == HEARTBEAT_KEY && !value.ends_with(RELEASED.as_bytes())
+            );
+            if !renewal {
+                return self.inner.txn(checks, ops).await;
+            }
+            let (inner, gate, applied) =
+                (self.inner.clone(), self.gate.clone(), self.applied.clone());
+            let on_the_wire = tokio::spawn(async move {
+                let _open = gate.acquire().await;
+                let done = inner.txn(checks, ops).await;
+                applied.lock().push(*done.as_ref().unwrap_or(&false));
+                done
+            });
+            self.held.notify_one();
+            on_the_wire.await.unwrap()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_renewal_applied_after_the_release_leaves_the_lease_released() {
+        let store = Arc::new(LateRenewals {
+            inner: Arc::new(MemoryMetaStore::new()),
+            held: tokio::sync::Notify::new(),
+            gate: Arc::new(tokio::sync::Semaphore::new(0)),
+            applied: Arc::new(Mutex::new(Vec::new())),
+        });
+        let meta: Arc<dyn MetaStore> = store.clone();
+        let (on_lost, lost) = counting();
+        let a = NodeLease::acquire(meta.clone(), config("a"), on_lost, |_| {})
+            .await
+            .unwrap();
+        a.keep();
+        // A renewal is on its way to the store when the node releases the lease.
+        store.held.notified().await;
+        a.release().await;
+        assert_eq!(
+            meta.get(HEARTBEAT_KEY).await.unwrap().unwrap(),
+            &b"1 a released"[..]
+        );
+        // Then the store applies it.
+        store.gate.add_permits(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.applied.lock().is_empty() {
+            assert!(Instant::now() < deadline, "the held renewal never ran");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(
+            *store.applied.lock(),
+            vec![false],
+            "the late renewal changed nothing"
+        );
+        assert_eq!(
+            meta.get(HEARTBEAT_KEY).await.unwrap().unwrap(),
+            &b"1 a released"[..],
+            "a standby still sees the release"
+        );
+        assert!(lost.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_renewal_the_node_gave_up_on_but_the_store_applied_does_not_end_the_lease() {
+        let meta = Arc::new(MemoryMetaStore::new());
+        let (on_lost, lost) = counting();
+        let a = NodeLease::acquire(meta.clone(), config("a"), on_lost, |_| {})
+            .await
+            .unwrap();
+        // Beat 7 was applied although its answer never came: the next renewal's check
+        // (the heartbeat this node last knew) fails, and the keys show it is still ours.
+        meta.put(HEARTBEAT_KEY, &heartbeat(a.leader(), 7))
+            .await
+            .unwrap();
+        a.keep();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let beat = meta.get(HEARTBEAT_KEY).await.unwrap().unwrap();
+            if beat.as_ref() != heartbeat(a.leader(), 7).as_slice() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no renewal after the unknown one"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await; // a renewal interval
+        }
+        assert!(lost.lock().is_empty(), "{:?}", lost.lock());
+        a.release().await;
     }
 
     #[tokio::test]
