@@ -4,8 +4,9 @@ scripts/cluster.sh starts the metadata store (etcd or PostgreSQL), moto's S3, th
 `tributary core --cluster-node coreN` nodes (core1 serves, core2 and core3 stand by), each in a
 network namespace of its own, and one gateway of each protocol given all three nodes'
 addresses. Kafka (confluent-kafka, acks=all, to a topic of 3 partitions), MQTT (paho, QoS 1, to
-a topic an offline persistent session collects) and AMQP (pika, persistent messages to a
-durable queue under publisher confirms) produce continuously through the gateways while:
+a topic an offline persistent session collects), AMQP (pika, persistent messages to a
+durable queue under publisher confirms) and SQS (boto3 SendMessage to a standard queue)
+produce continuously through the gateways while:
 
 1. the serving node is killed (SIGKILL): a standby takes over once the lease expires, a TTL
    after the last heartbeat; the killed node is started again and stands by;
@@ -22,7 +23,7 @@ next one took the lease. The contract's limits (takeover under 10 s, clients ser
 within 20 s, the handover on SIGTERM) are checked after the read-back, so that a run reports
 every outcome. At
 the end every message is read back: every acknowledged one must be there (no loss);
-duplicates, which at-least-once allows for MQTT QoS 1 and AMQP, are counted and printed; the
+duplicates, which at-least-once allows for MQTT QoS 1, AMQP and SQS, are counted and printed; the
 Kafka producer is idempotent, so it must have none. The gateways
 run from start to end without a restart. The outcome lines also go to
 TRIBUTARY_CLUSTER_REPORT when set (scripts/test-cluster.sh prints that file).
@@ -42,7 +43,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from clusterctl import NODES, Cluster, wait_for
 from kafkacompat import ck_create_topic, ck_read_all
-from producers import CkProducer, PahoProducer, PikaProducer, Runner
+from producers import Boto3Producer, CkProducer, PahoProducer, PikaProducer, Runner
 
 # Messages per second per client.
 RATE = 40
@@ -253,10 +254,13 @@ def test_failover(cluster: Cluster):
     pk = PikaProducer(amqp_host, int(amqp_port), f"failover-{uid}")
     pk.declare()
     mqtt_host, mqtt_port = c.listeners["mqtt"].rsplit(":", 1)
+    # Not the AMQP queue's name: that would be the same core queue, which SQS and AMQP share.
+    sqs = Boto3Producer(f"http://{c.listeners['sqs']}", f"failover-{uid}-sqs")
     runners = [
         Runner(CkProducer(bootstrap, topic), RATE),
         Runner(PahoProducer(mqtt_host, int(mqtt_port), f"failover-{uid}", mqtt_topic), RATE),
         Runner(pk, RATE),
+        Runner(sqs, RATE),
     ]
     events: list[Failover] = []
     # What the cluster did that its contract forbids; asserted at the end, after the
@@ -350,7 +354,7 @@ def test_failover(cluster: Cluster):
 
     # Everything back: Kafka from the partitions' start, AMQP from the queue, MQTT from the
     # persistent session.
-    kafka, mqtt, amqp = runners
+    kafka, mqtt, amqp, sqs_runner = runners
     consumed_kafka = ids_of(g.value for g in ck_read_all(bootstrap, topic, PARTITIONS))
     s = Session(c.listeners["mqtt"], sub_id)
     assert s.session_present, "the persistent MQTT session is gone after the failovers"
@@ -358,12 +362,15 @@ def test_failover(cluster: Cluster):
     consumed_mqtt = ids_of(s.got)
     s.close()
     consumed_amqp = amqp_read_all(c.listeners["amqp"], f"failover-{uid}", set(amqp.p.acked))
+    consumed_sqs = sqs.receive_all(set(sqs_runner.p.acked))
+    sqs_attributes = sqs.client.get_queue_attributes(QueueUrl=sqs.url, AttributeNames=["All"])
 
     lines = [f"cluster failover, meta = {c.meta}, {RATE} msg/s per client, {run_s:.0f}s of traffic:"]
     lines += ["  " + e.line() for e in events]
     lines.append(f"  the cut node exited by itself {cut_exit_s:.2f}s after the cut")
     problems = []
-    for r, consumed in ((kafka, consumed_kafka), (mqtt, consumed_mqtt), (amqp, consumed_amqp)):
+    for r, consumed in ((kafka, consumed_kafka), (mqtt, consumed_mqtt), (amqp, consumed_amqp),
+                        (sqs_runner, consumed_sqs)):
         line, p = check_read_back(r, consumed)
         lines.append("  " + line)
         problems += p
@@ -371,6 +378,8 @@ def test_failover(cluster: Cluster):
                    for e in events if e.serving_s > TAKEOVER_LIMIT_S]
     violations += [f"clients served again later than {CLIENT_LIMIT_S:.0f}s: {e.line()}"
                    for e in events if max(e.client_s.values()) > CLIENT_LIMIT_S]
+    if set(sqs_runner.p.acked) - set(consumed_sqs):
+        lines.append(f"  sqs queue after the read-back: {sqs_attributes['Attributes']}")
     lines += ["  FAILED: " + v.splitlines()[0] for v in problems + violations]
     report(lines)
     assert not problems, "\n".join(problems + lines)
