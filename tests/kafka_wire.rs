@@ -958,25 +958,7 @@ async fn pipelined_produces_share_one_upload_and_are_answered_in_order() {
     assert_eq!(init.error_code, 0);
     let pid = (init.producer_id.0, init.producer_epoch);
 
-    let wal_objects = || {
-        fn count(dir: &std::path::Path) -> usize {
-            let Ok(entries) = std::fs::read_dir(dir) else {
-                return 0;
-            };
-            entries
-                .flatten()
-                .map(|e| {
-                    let path = e.path();
-                    if path.is_dir() {
-                        count(&path)
-                    } else {
-                        usize::from(path.extension().is_some_and(|x| x == "wal"))
-                    }
-                })
-                .sum()
-        }
-        count(&bucket)
-    };
+    let wal_objects = || common::file_sizes_with_extension(&bucket, "wal").len();
     let before = wal_objects();
     let mut sent = Vec::new();
     for i in 0..5 {

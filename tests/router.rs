@@ -406,25 +406,9 @@ async fn dead_letters_route_through_an_address_with_their_original_key() {
 
 /// Total bytes of the log files under a data directory.
 fn log_bytes(dir: &std::path::Path) -> u64 {
-    fn walk(p: &std::path::Path) -> u64 {
-        let Ok(entries) = std::fs::read_dir(p) else {
-            return 0;
-        };
-        entries
-            .flatten()
-            .map(|e| {
-                let path = e.path();
-                if path.is_dir() {
-                    walk(&path)
-                } else if path.extension().is_some_and(|x| x == "log") {
-                    e.metadata().map_or(0, |m| m.len())
-                } else {
-                    0
-                }
-            })
-            .sum()
-    }
-    walk(&dir.join("log"))
+    common::file_sizes_with_extension(&dir.join("log"), "log")
+        .iter()
+        .sum()
 }
 
 /// A publish routed to several queues is stored once: the bytes on disk grow by about one

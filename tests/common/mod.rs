@@ -238,3 +238,20 @@ pub fn wait_metric(admin: SocketAddr, series: &str, want: f64) {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// The sizes of the files under `dir` (recursively) whose extension is `ext`.
+pub fn file_sizes_with_extension(dir: &Path, ext: &str) -> Vec<u64> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    let mut sizes = Vec::new();
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.is_dir() {
+            sizes.extend(file_sizes_with_extension(&path, ext));
+        } else if path.extension().is_some_and(|x| x == ext) {
+            sizes.push(e.metadata().map_or(0, |m| m.len()));
+        }
+    }
+    sizes
+}
