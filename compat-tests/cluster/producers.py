@@ -6,8 +6,9 @@ a thread of its own, recording what was acknowledged and when (not a test module
   connection (publishes without PUBACK then are given up: a client would send them again).
 * ``PikaProducer``: pika, persistent messages to a durable queue under publisher confirms,
   reopening the channel or connection the gateway closes.
-* ``Boto3Producer``: boto3 SendMessage to a standard queue, a few requests in flight, no SDK
-  retries (a send answered 5xx during a takeover is given up).
+* ``new_sqs_producer(endpoint, queue)``: the shared ``Boto3Producer`` (compat-tests/shared) on a
+  new standard queue, a few requests in flight, no SDK retries (a send answered 5xx during a
+  takeover is given up).
 * ``Runner``: drives one producer in a thread at a steady rate until stopped, then settles
   what is in flight (each id ends acknowledged or given up, or is counted unsettled).
 
@@ -21,12 +22,15 @@ import logging
 import threading
 import time
 
+import boto3
+import botocore.config
 import paho.mqtt.client as paho
 import pika
 import pika.exceptions
 from paho.mqtt.enums import CallbackAPIVersion
 
 from amqphelpers import PERSISTENT, Confirms
+from sqs_producer import Boto3Producer
 from store_loss import Producer
 
 # At most this many ids without an outcome per client; sends pause beyond it. Large enough
@@ -37,6 +41,8 @@ MAX_IN_FLIGHT = 2000
 # reconnects (MQTT and AMQP; librdkafka times messages out by itself, message.timeout.ms).
 STUCK_S = 30.0
 RECONNECT_DELAY_S = 0.2
+# SendMessage requests in flight at once.
+SQS_WORKERS = 4
 
 
 class CkProducer(Producer):
@@ -324,75 +330,15 @@ class PikaProducer(Producer):
         self._close_conn()
 
 
-class Boto3Producer(Producer):
-    """boto3 SendMessage to a standard queue on a pool of worker threads sharing one client,
-    without the SDK's retries, so that each request's own answer is what counts (a send
-    answered 5xx or not at all during a takeover is given up)."""
-
-    name = "sqs (boto3, standard queue)"
-    WORKERS = 4
-
-    def __init__(self, endpoint: str, queue: str):
-        super().__init__()
-        import concurrent.futures
-
-        import boto3
-        import botocore.config
-        self.futures = concurrent.futures
-        self.client = boto3.client(
-            "sqs", endpoint_url=endpoint, region_name="us-east-1",
-            aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="cluster-test-secret",
-            config=botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"},
-                                          connect_timeout=5, read_timeout=30,
-                                          max_pool_connections=self.WORKERS))
-        self.url = self.client.create_queue(QueueName=queue)["QueueUrl"]
-        self.pool = concurrent.futures.ThreadPoolExecutor(self.WORKERS)
-        self.pending: dict = {}
-
-    def send(self, i: int) -> bool:
-        if len(self.pending) >= self.WORKERS:
-            return False
-        f = self.pool.submit(self.client.send_message, QueueUrl=self.url, MessageBody=f"id-{i}")
-        self.pending[f] = i
-        return True
-
-    def service(self, secs: float):
-        if not self.pending:
-            time.sleep(secs)
-            return
-        done, _ = self.futures.wait(self.pending, timeout=secs,
-                                    return_when=self.futures.FIRST_COMPLETED)
-        for f in done:
-            i = self.pending.pop(f)
-            e = f.exception()
-            if e is None and f.result().get("MessageId"):
-                self.acked_now(i)
-            else:
-                why = getattr(e, "response", {}).get("Error", {}).get("Code") if e else None
-                self.gave_up(i, f"sqs: {why or type(e).__name__}")
-
-    def in_flight(self) -> int:
-        return len(self.pending)
-
-    def close(self):
-        self.pool.shutdown(wait=True, cancel_futures=True)
-
-    def receive_all(self, want: set[int], stall_s: float = 20.0) -> list[int]:
-        """Every id in the queue, duplicates included: receives (hiding what it got for
-        longer than the test runs) until all of `want` came and a receive comes back empty,
-        or nothing new came for `stall_s`."""
-        got: list[int] = []
-        last_new = time.monotonic()
-        while time.monotonic() - last_new < stall_s:
-            r = self.client.receive_message(QueueUrl=self.url, MaxNumberOfMessages=10,
-                                            WaitTimeSeconds=1, VisibilityTimeout=900)
-            msgs = r.get("Messages", [])
-            if not msgs and want <= set(got):
-                break
-            if msgs:
-                last_new = time.monotonic()
-            got.extend(int(m["Body"][3:]) for m in msgs)
-        return got
+def new_sqs_producer(endpoint: str, queue: str) -> Boto3Producer:
+    client = boto3.client(
+        "sqs", endpoint_url=endpoint, region_name="us-east-1",
+        aws_access_key_id="AKIDEXAMPLE", aws_secret_access_key="cluster-test-secret",
+        config=botocore.config.Config(retries={"total_max_attempts": 1, "mode": "standard"},
+                                      connect_timeout=5, read_timeout=30,
+                                      max_pool_connections=SQS_WORKERS))
+    url = client.create_queue(QueueName=queue)["QueueUrl"]
+    return Boto3Producer(client, url, SQS_WORKERS)
 
 
 class Runner:

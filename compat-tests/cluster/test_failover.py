@@ -43,7 +43,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from clusterctl import NODES, Cluster, wait_for
 from kafkacompat import ck_create_topic, ck_read_all
-from producers import Boto3Producer, CkProducer, PahoProducer, PikaProducer, Runner
+from producers import CkProducer, PahoProducer, PikaProducer, Runner, new_sqs_producer
+from sqs_producer import receive_all
 
 # Messages per second per client.
 RATE = 40
@@ -255,7 +256,7 @@ def test_failover(cluster: Cluster):
     pk.declare()
     mqtt_host, mqtt_port = c.listeners["mqtt"].rsplit(":", 1)
     # Not the AMQP queue's name: that would be the same core queue, which SQS and AMQP share.
-    sqs = Boto3Producer(f"http://{c.listeners['sqs']}", f"failover-{uid}-sqs")
+    sqs = new_sqs_producer(f"http://{c.listeners['sqs']}", f"failover-{uid}-sqs")
     runners = [
         Runner(CkProducer(bootstrap, topic), RATE),
         Runner(PahoProducer(mqtt_host, int(mqtt_port), f"failover-{uid}", mqtt_topic), RATE),
@@ -362,7 +363,8 @@ def test_failover(cluster: Cluster):
     consumed_mqtt = ids_of(s.got)
     s.close()
     consumed_amqp = amqp_read_all(c.listeners["amqp"], f"failover-{uid}", set(amqp.p.acked))
-    consumed_sqs = sqs.receive_all(set(sqs_runner.p.acked))
+    consumed_sqs = receive_all(sqs.client, sqs.url, set(sqs_runner.p.acked), stall_s=20,
+                               deadline_s=120)
     sqs_attributes = sqs.client.get_queue_attributes(QueueUrl=sqs.url, AttributeNames=["All"])
 
     lines = [f"cluster failover, meta = {c.meta}, {RATE} msg/s per client, {run_s:.0f}s of traffic:"]
