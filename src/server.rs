@@ -1423,8 +1423,7 @@ impl tributary_gateway_common::client::LocalSessions for CoreSessions {
         commands: tributary_gateway_common::client::SessionCommands,
     ) -> tributary_gateway_common::client::SessionEvents {
         use tokio_stream::StreamExt;
-        let events = self.0.attach_session(commands.map(Ok));
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(events).map(Ok))
+        Box::pin(self.0.drive_session(commands.map(Ok)).map(Ok))
     }
 }
 

@@ -29,6 +29,7 @@ pub mod producers;
 mod queues;
 mod router;
 mod session_dead_letters;
+mod session_stream;
 mod sessions;
 mod staged;
 mod streams;
@@ -52,6 +53,7 @@ use tributary_storage::{LogStore, MetaStore};
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
 pub use router::{MQTT_RULES_ADDRESS, StagedPublish};
+pub use session_stream::SessionStream;
 pub use topic_streams::{RecordDecoder, RecordDecoders};
 
 use meta::NamespaceRecord;

@@ -410,8 +410,8 @@ pub(crate) struct Laggards<'a> {
 
 /// A publish's answer, sent once every lagging session it reached is back under
 /// [`PACE_LOW`] (or gone), or at `deadline`.
-struct HeldReply {
-    event: v1::SessionEvent,
+pub(crate) struct HeldReply {
+    pub(crate) event: v1::SessionEvent,
     laggards: Vec<Arc<SessionCell>>,
     /// Set when there are laggards (no clock read for the common answer sent at once).
     deadline: Option<tokio::time::Instant>,
@@ -426,12 +426,23 @@ impl HeldReply {
         }
     }
 
-    async fn ready(&self) {
-        let Some(deadline) = self.deadline else {
-            return;
-        };
-        for cell in &self.laggards {
-            wait_for_room(cell, deadline).await;
+    /// Whether it may be sent right away (no subscriber it reached lags).
+    pub(crate) fn free(&self) -> bool {
+        self.laggards.is_empty()
+    }
+
+    /// Resolves when the reply may be sent; owns what it waits on, so the reply itself
+    /// stays free to move.
+    pub(crate) fn ready(&self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        let deadline = self.deadline;
+        let laggards = self.laggards.clone();
+        async move {
+            let Some(deadline) = deadline else {
+                return;
+            };
+            for cell in &laggards {
+                wait_for_room(cell, deadline).await;
+            }
         }
     }
 }
@@ -922,23 +933,18 @@ struct Attached {
     epoch: i64,
 }
 
-/// What a command stream's task keeps between commands.
+/// What a session stream keeps between commands.
 #[derive(Default)]
-struct AttachedStream {
+pub(crate) struct AttachedStream {
     attached: Option<Attached>,
     closed: bool,
-    /// Publish answers held back for lagging subscribers, in the order of the publishes
-    /// (MQTT acknowledges in order); the commands behind them go on.
-    held: VecDeque<HeldReply>,
 }
 
-/// The next command, boxed (`None` at the end of the stream or on a transport error).
-fn boxed_command<C: Into<Box<v1::SessionCommand>>>(
-    next: Option<Result<C, tonic::Status>>,
-) -> Option<Box<v1::SessionCommand>> {
-    match next {
-        Some(Ok(cmd)) => Some(cmd.into()),
-        _ => None,
+impl AttachedStream {
+    /// Whether the stream ends with its session still attached (it is then detached as
+    /// for a connection lost).
+    pub(crate) fn needs_detach(&self) -> bool {
+        self.attached.is_some() && !self.closed
     }
 }
 
@@ -947,59 +953,65 @@ impl Core {
         &self.inner.broker
     }
 
-    /// Serves one attached connection: reads commands until the gateway closes the stream.
-    /// Commands may come boxed (a gateway in this process keeps them boxed on their way) or
-    /// not (the gRPC stream).
+    /// Serves one attached connection on a task of its own: reads commands until the
+    /// stream ends (the gRPC transport, and tests). A gateway in this process reads
+    /// [`Core::drive_session`] instead and saves the task.
     pub fn attach_session<C>(
         &self,
-        mut commands: impl Stream<Item = Result<C, tonic::Status>> + Send + Unpin + 'static,
+        commands: impl Stream<Item = Result<C, tonic::Status>> + Send + Unpin + 'static,
     ) -> mpsc::Receiver<Box<v1::SessionEvent>>
     where
         C: Into<Box<v1::SessionCommand>> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
-        let tx = EventSender(tx);
-        let core = self.clone();
-        // Every command's work is boxed: an idle connection's task then rests at the size of
-        // this loop, not of the largest command's state machine (kilobytes each; a
-        // publish's alone is about 4 KiB). One allocation per command is the price.
+        let (out, rx) = mpsc::channel(EVENT_CAPACITY);
+        let mut events = self.drive_session(commands);
         tokio::spawn(async move {
-            let mut state = AttachedStream::default();
-            loop {
-                // Commands arrive boxed from here on: a command is some 700 bytes, and every
-                // local holding one would be part of the task's resting size.
-                let next = tokio::select! {
-                    biased;
-                    () = state.held.front().map_or_else(
-                        || futures::future::Either::Left(std::future::pending()),
-                        |h| futures::future::Either::Right(h.ready()),
-                    ) => {
-                        if let Some(h) = state.held.pop_front() {
-                            let _ = tx.try_send(h.event);
-                        }
-                        continue;
-                    }
-                    next = commands.next() => boxed_command(next),
-                };
-                let Some(cmd) = next else { break };
-                Box::pin(core.session_command(cmd, &mut state, &tx)).await;
-            }
-            if let (Some(a), false) = (&state.attached, state.closed) {
-                Box::pin(core.session_detach(a, true, None)).await;
+            // Gone readers are not a reason to stop: the commands are served to their end
+            // and the session detached, as a gateway expects.
+            while let Some(event) = events.next().await {
+                let _ = out.send(event).await;
             }
         });
         rx
     }
 
+    /// One attached connection's events; reading them serves its commands, in order, on
+    /// the reader's task (crate::session_stream). At the end of the commands the session
+    /// is detached (as for a lost connection unless it was closed) and the events end.
+    pub fn drive_session<C>(
+        &self,
+        commands: impl Stream<Item = Result<C, tonic::Status>> + Send + Unpin + 'static,
+    ) -> crate::session_stream::SessionStream
+    where
+        C: Into<Box<v1::SessionCommand>> + Send + 'static,
+    {
+        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        crate::session_stream::SessionStream::new(
+            self.clone(),
+            Box::pin(commands.map(|c| c.map(Into::into))),
+            EventSender(tx),
+            rx,
+        )
+    }
+
+    /// Detaches the session of a stream that ended without closing it.
+    pub(crate) async fn end_session_stream(&self, state: &AttachedStream) {
+        if let (Some(a), false) = (&state.attached, state.closed) {
+            Box::pin(self.session_detach(a, true, None)).await;
+        }
+    }
+
     /// Serves one command of an attached stream; errors go back to the gateway as events.
-    async fn session_command(
+    /// A publish's answer is returned, for the stream to send or hold (see [`PACE_HIGH`]).
+    pub(crate) async fn session_command(
         &self,
         cmd: Box<v1::SessionCommand>,
         state: &mut AttachedStream,
         tx: &EventSender,
-    ) {
+    ) -> Option<HeldReply> {
         let rid = cmd.request_id;
-        let Some(command) = cmd.command else { return };
+        let command = cmd.command?;
+        let mut held = None;
         let result = match (command, &state.attached) {
             (Command::Open(open), None) => match Box::pin(self.session_open(open, tx, rid)).await {
                 Ok(a) => {
@@ -1028,26 +1040,21 @@ impl Core {
             (Command::Unsubscribe(u), Some(a)) => {
                 Box::pin(self.session_unsubscribe(a, u, tx, rid)).await
             }
-            (Command::Publish(p), Some(a)) => {
-                match Box::pin(self.session_publish(a, p, rid)).await {
-                    Ok(Some(reply)) if state.held.is_empty() && reply.laggards.is_empty() => {
-                        let _ = tx.try_send(reply.event);
-                        Ok(())
-                    }
-                    Ok(Some(reply)) => {
-                        state.held.push_back(reply);
-                        Ok(())
-                    }
-                    Ok(None) => Ok(()),
-                    Err(e) => Err(e),
+            (Command::Publish(p), Some(a)) => match Box::pin(self.session_publish(a, p, rid)).await
+            {
+                Ok(reply) => {
+                    held = reply;
+                    Ok(())
                 }
-            }
+                Err(e) => Err(e),
+            },
             (Command::Release(r), Some(a)) => Box::pin(self.session_release(a, r.packet_id)).await,
             (Command::Ack(k), Some(a)) => Box::pin(self.session_ack(a, k, tx)).await,
         };
         if let Err(e) = result {
             let _ = tx.try_send(event(rid, Event::Error(error_detail(&e))));
         }
+        held
     }
 
     async fn persist(&self, ops: Vec<Op>) -> CoreResult<()> {
