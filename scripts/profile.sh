@@ -58,7 +58,7 @@ taskset -c 0 "$bin" bench "$protocol" --target "127.0.0.1:$port" --size 1024 \
 load=$!
 # Past the warm-up, for the run's steady part.
 sleep 2
-perf record -q -e cpu-clock -F 999 -g -p "$server" -o "$out/perf.data" -- sleep "$seconds" \
+perf record -q -e cpu-clock -F 999 ${PROFILE_CALL_GRAPH:--g} -p "$server" -o "$out/perf.data" -- sleep "$seconds" \
     2> "$work/perf.err" || { cat "$work/perf.err" >&2; exit 1; }
 wait "$load" || true
 perf report -i "$out/perf.data" --stdio --no-children --percent-limit 1 -g none \

@@ -255,7 +255,10 @@ struct Conn {
 #[derive(Clone)]
 struct Pending {
     seq: u64,
-    message: v1::RoutedMessage,
+    /// Shared by every copy with the same delivery flags (most of a fan-out's): a copy is
+    /// then a few words, cheap to queue, move into flight and look up, instead of the whole
+    /// message (several hundred bytes inline) moved at each step.
+    message: Arc<v1::RoutedMessage>,
     sub_ids: Vec<u32>,
     released: bool,
     /// Sent at least once: a resend carries DUP.
@@ -294,7 +297,7 @@ fn forget_persisted(id: &SessionId, p: &Pending, ops: &mut Vec<Op>) {
 
 impl Pending {
     /// A copy not yet queued, sent or stored.
-    fn new(message: v1::RoutedMessage, sub_ids: Vec<u32>, share: Option<ShareKey>) -> Self {
+    fn new(message: Arc<v1::RoutedMessage>, sub_ids: Vec<u32>, share: Option<ShareKey>) -> Self {
         Self {
             seq: 0,
             message,
@@ -347,11 +350,12 @@ fn pending_value(p: &Pending, packet_id: u16) -> Vec<u8> {
         Some(b) => (
             v1::RoutedMessage {
                 record: None,
-                ..p.message.clone()
+                qos: p.message.qos,
+                retain: p.message.retain,
             },
             b.id,
         ),
-        None => (p.message.clone(), 0),
+        None => ((*p.message).clone(), 0),
     };
     v1::PendingDelivery {
         message: Some(message),
@@ -381,11 +385,23 @@ fn expired(m: &v1::RoutedMessage, now: i64) -> bool {
         .is_some_and(|p| p.expires_at_ms > 0 && p.expires_at_ms <= now)
 }
 
-fn with_delivery_flags(m: &v1::RoutedMessage, qos: u32, retain: bool) -> v1::RoutedMessage {
+/// The message with a copy's delivery flags: the same one when they match.
+fn with_delivery_flags(
+    m: &Arc<v1::RoutedMessage>,
+    qos: u32,
+    retain: bool,
+) -> Arc<v1::RoutedMessage> {
+    if m.qos == qos && m.retain == retain {
+        return m.clone();
+    }
+    flagged_copy(m, qos, retain)
+}
+
+fn flagged_copy(m: &v1::RoutedMessage, qos: u32, retain: bool) -> Arc<v1::RoutedMessage> {
     let mut m = m.clone();
     m.qos = qos;
     m.retain = retain;
-    m
+    Arc::new(m)
 }
 
 fn event(request_id: u64, e: Event) -> v1::SessionEvent {
@@ -565,7 +581,12 @@ impl Broker {
 
     /// Works out every session a message goes to, with the QoS, retain flag and
     /// subscription ids of its copy.
-    fn targets(&self, ns: &str, msg: &v1::RoutedMessage, publisher: Option<&str>) -> Vec<Target> {
+    fn targets(
+        &self,
+        ns: &str,
+        msg: &Arc<v1::RoutedMessage>,
+        publisher: Option<&str>,
+    ) -> Vec<Target> {
         let topic = topic_of(msg);
         let Some(space) = self.existing_namespace(ns) else {
             return Vec::new();
@@ -642,7 +663,7 @@ impl Broker {
         group: &Arc<str>,
         raw: &Arc<str>,
         members: &[Arc<str>],
-        msg: &v1::RoutedMessage,
+        msg: &Arc<v1::RoutedMessage>,
         exclude: Option<&str>,
     ) -> Option<Target> {
         // Each member's cell with (ready, online), looked at one at a time.
@@ -908,7 +929,7 @@ fn delivery_event(packet_id: u16, p: &Pending, dup: bool) -> v1::SessionEvent {
         0,
         Event::Delivery(v1::SessionDelivery {
             packet_id: packet_id.into(),
-            message: Some(p.message.clone()),
+            message: Some((*p.message).clone()),
             dup,
             subscription_ids: p.sub_ids.clone(),
             release_only: false,
@@ -1464,7 +1485,7 @@ impl Core {
                 for (topic, m) in retained.iter() {
                     if topics::matches(&sub.filter, topic) && !expired(m, now) {
                         copies.push(Pending::new(
-                            with_delivery_flags(m, m.qos.min(sub.qos), true),
+                            flagged_copy(m, m.qos.min(sub.qos), true),
                             sub_ids(sub),
                             None,
                         ));
@@ -1723,6 +1744,7 @@ impl Core {
                 }
             }
         }
+        let message = Arc::new(message);
         let targets = broker.targets(ns, &message, publisher);
         let (mut later, now): (Vec<Target>, Vec<Target>) = targets
             .into_iter()
@@ -1898,7 +1920,7 @@ impl Core {
                 };
                 let p = Pending {
                     seq,
-                    message,
+                    message: Arc::new(message),
                     sub_ids: d.subscription_ids,
                     released: d.released,
                     sent: d.released,
