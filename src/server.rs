@@ -1418,12 +1418,30 @@ fn spawn_rocketmq(
 struct CoreSessions(Core);
 
 impl tributary_gateway_common::client::LocalSessions for CoreSessions {
-    fn attach(
-        &self,
-        commands: tributary_gateway_common::client::SessionCommands,
-    ) -> tributary_gateway_common::client::SessionEvents {
-        use tokio_stream::StreamExt;
-        Box::pin(self.0.drive_session(commands.map(Ok)).map(Ok))
+    fn attach(&self) -> Box<dyn tributary_gateway_common::client::LocalSession> {
+        Box::new(CoreSession(self.0.open_session()))
+    }
+}
+
+/// One session of the core in this process, served on the reading connection's task.
+struct CoreSession(tributary_core::SessionStream);
+
+impl tributary_gateway_common::client::LocalSession for CoreSession {
+    fn send(&mut self, command: Box<v1::SessionCommand>) {
+        self.0.push(command);
+    }
+    fn queued(&self) -> usize {
+        self.0.queued()
+    }
+    fn end(&mut self) {
+        self.0.end_commands();
+    }
+    fn poll_event(
+        &mut self,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Box<v1::SessionEvent>>> {
+        use futures::Stream;
+        std::pin::Pin::new(&mut self.0).poll_next(cx)
     }
 }
 

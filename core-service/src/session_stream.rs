@@ -21,7 +21,45 @@ use tributary_proto::v1;
 use crate::Core;
 use crate::sessions::{AttachedStream, EventSender, HeldReply};
 
-type Commands = Pin<Box<dyn Stream<Item = Result<Box<v1::SessionCommand>, tonic::Status>> + Send>>;
+type CommandStream =
+    Pin<Box<dyn Stream<Item = Result<Box<v1::SessionCommand>, tonic::Status>> + Send>>;
+
+/// Where the commands come from.
+pub(crate) enum Commands {
+    /// A stream (gRPC, tests), read when the events are.
+    Stream(CommandStream),
+    /// Queued by the reader itself ([`SessionStream::push`]): no channel in between.
+    Queue {
+        queue: VecDeque<Box<v1::SessionCommand>>,
+        ended: bool,
+    },
+}
+
+/// A queue emptied with more room than this gives it back: a burst does not leave an idle
+/// connection holding it.
+const KEPT_QUEUE: usize = 64;
+
+impl Commands {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Box<v1::SessionCommand>, tonic::Status>>> {
+        match self {
+            Commands::Stream(s) => s.as_mut().poll_next(cx),
+            Commands::Queue { queue, ended } => match queue.pop_front() {
+                Some(cmd) => {
+                    if queue.is_empty() && queue.capacity() > KEPT_QUEUE {
+                        *queue = VecDeque::new();
+                    }
+                    Poll::Ready(Some(Ok(cmd)))
+                }
+                None if *ended => Poll::Ready(None),
+                // The reader pushes and reads on one task: nothing to wake.
+                None => Poll::Pending,
+            },
+        }
+    }
+}
 type Running = Pin<Box<dyn Future<Output = (Driver, Option<HeldReply>)> + Send>>;
 type Waiting = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -135,7 +173,7 @@ impl SessionStream {
             let Some(commands) = &mut self.commands else {
                 return false;
             };
-            let next = match commands.as_mut().poll_next(cx) {
+            let next = match commands.poll_next(cx) {
                 Poll::Pending => return false,
                 Poll::Ready(next) => next,
             };
@@ -152,6 +190,36 @@ impl SessionStream {
             });
         }
         true
+    }
+}
+
+impl SessionStream {
+    /// Queues a command (a stream made by [`Core::open_session`] only); it is served when
+    /// the events are next read.
+    pub fn push(&mut self, command: Box<v1::SessionCommand>) {
+        if let Some(Commands::Queue {
+            queue,
+            ended: false,
+        }) = &mut self.commands
+        {
+            queue.push_back(command);
+        }
+    }
+
+    /// Commands queued and not yet served.
+    pub fn queued(&self) -> usize {
+        match &self.commands {
+            Some(Commands::Queue { queue, .. }) => queue.len(),
+            _ => 0,
+        }
+    }
+
+    /// No more commands: those queued are served, then the session is detached and the
+    /// events end.
+    pub fn end_commands(&mut self) {
+        if let Some(Commands::Queue { ended, .. }) = &mut self.commands {
+            *ended = true;
+        }
     }
 }
 

@@ -17,10 +17,11 @@ use std::sync::Arc;
 use tonic::transport::Endpoint;
 
 use crate::core_nodes::CoreNodes;
+pub use crate::session_link::{LocalSession, SessionLink};
 use tributary_proto::v1::{
     AckRequest, AckResponse, ChangeLeaseRequest, ChangeLeaseResponse, EnqueueRequest,
     EnqueueResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
-    PublishResponse, ReceiveRequest, ReceiveResponse, SessionCommand, SessionEvent, SubscribeEvent,
+    PublishResponse, ReceiveRequest, ReceiveResponse, SessionCommand, SubscribeEvent,
     SubscribeRequest, admin_client::AdminClient, groups_client::GroupsClient,
     offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
     streams_client::StreamsClient, timers_client::TimersClient,
@@ -128,21 +129,16 @@ pub struct CoreTls {
     pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
 }
 
-/// The events of one attached session, whatever the transport.
-/// Boxed both ways: a command or event is some 600-700 bytes, moved several times between
-/// the connection and the core; boxed, it is allocated once and moved as a pointer.
-pub type SessionEvents =
-    Pin<Box<dyn futures::Stream<Item = Result<Box<SessionEvent>, tonic::Status>> + Send>>;
-/// The commands of one attached session.
-pub type SessionCommands = Pin<Box<dyn futures::Stream<Item = Box<SessionCommand>> + Send>>;
-
 /// `Sessions.Attach` served by a core in this process without the gRPC encoding: one
 /// session stream per client connection carries every delivery, and encoding each one into
 /// protobuf and an HTTP body only to decode it again in the same process was most of the
 /// cost of an MQTT fan-out and of a connection's memory. Same messages, same semantics; the
 /// network transport still goes through gRPC.
+/// Commands and events travel boxed both ways: each is some 600-700 bytes, moved several
+/// times between the connection and the core; boxed, it is allocated once and moved as a
+/// pointer.
 pub trait LocalSessions: Send + Sync {
-    fn attach(&self, commands: SessionCommands) -> SessionEvents;
+    fn attach(&self) -> Box<dyn LocalSession>;
 }
 
 /// Boxed future of a local call.
@@ -302,22 +298,35 @@ impl CoreClient {
         Ok(Box::pin(events))
     }
 
-    /// Attaches a session stream (`Sessions.Attach`): commands in, events out.
+    /// Attaches a session stream (`Sessions.Attach`) that starts with `open`: commands in
+    /// (at most `window` waiting), events out.
     pub async fn attach_session(
         &self,
-        commands: impl futures::Stream<Item = Box<SessionCommand>> + Send + 'static,
-    ) -> Result<SessionEvents, tonic::Status> {
+        window: usize,
+        open: Box<SessionCommand>,
+    ) -> Result<SessionLink, tonic::Status> {
         use futures::StreamExt;
         if let Some(local) = &self.local_sessions {
-            return Ok(local.attach(Box::pin(commands)));
+            let mut link = SessionLink::local(local.attach(), window);
+            link.send(open)
+                .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+            return Ok(link);
         }
+        let (tx, rx) = tokio::sync::mpsc::channel(window.max(1));
+        let _ = tx.try_send(open);
         let events = self
             .sessions
             .clone()
-            .attach(commands.map(|command| *command))
+            .attach(futures::stream::unfold(rx, |mut rx| async move {
+                rx.recv().await.map(|command| (*command, rx))
+            }))
             .await?
             .into_inner();
-        Ok(Box::pin(events.map(|event| event.map(Box::new))))
+        Ok(SessionLink::remote(
+            tx,
+            Box::pin(events.map(|event| event.map(Box::new))),
+            window,
+        ))
     }
 
     /// A client that calls the core's services in this process.

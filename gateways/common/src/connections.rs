@@ -16,12 +16,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tracing::info;
 
 use crate::accounting::protocol_of;
@@ -67,10 +67,41 @@ pub enum CloseError {
 
 struct Entry {
     info: Mutex<ConnectionInfo>,
-    /// Cancelled when an operator closes the connection.
-    close: CancellationToken,
-    /// Cancelled when the connection's task ends (its registration is dropped).
-    ended: CancellationToken,
+    /// Set when an operator closes the connection.
+    close: Flag,
+    /// Set when the connection's task ends (its registration is dropped).
+    ended: Flag,
+}
+
+/// A flag that is set once and can be waited for. Inline in the entry: a
+/// `CancellationToken` is an allocation of its own (over 100 bytes), twice per connection.
+#[derive(Default)]
+struct Flag {
+    set: AtomicBool,
+    notify: Notify,
+}
+
+impl Flag {
+    fn set(&self) {
+        self.set.store(true, Ordering::Release);
+        self.notify.notify_waiters();
+    }
+
+    fn is_set(&self) -> bool {
+        self.set.load(Ordering::Acquire)
+    }
+
+    /// Cancel-safe.
+    async fn wait(&self) {
+        let notified = self.notify.notified();
+        tokio::pin!(notified);
+        // Registered before the flag is read, so a set in between is not missed.
+        notified.as_mut().enable();
+        if self.is_set() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// A mutex poisoned by a panic elsewhere still guards plain data that is whole: go on.
@@ -109,8 +140,8 @@ impl Connections {
                 namespace: None,
                 closing: false,
             }),
-            close: CancellationToken::new(),
-            ended: CancellationToken::new(),
+            close: Flag::default(),
+            ended: Flag::default(),
         });
         lock(&self.open).insert(id, entry.clone());
         Registration {
@@ -152,10 +183,10 @@ impl Connections {
             by,
             "closing a client connection at an operator's request"
         );
-        entry.close.cancel();
+        entry.close.set();
         Ok(Closing {
             info,
-            ended: entry.ended.clone(),
+            entry: entry.clone(),
         })
     }
 }
@@ -164,13 +195,13 @@ impl Connections {
 pub struct Closing {
     /// The connection as it was when the close was asked for.
     pub info: ConnectionInfo,
-    ended: CancellationToken,
+    entry: Arc<Entry>,
 }
 
 impl Closing {
     /// Waits up to `within` for the connection to end; whether it did.
     pub async fn ended(&self, within: Duration) -> bool {
-        tokio::time::timeout(within, self.ended.cancelled())
+        tokio::time::timeout(within, self.entry.ended.wait())
             .await
             .is_ok()
     }
@@ -194,7 +225,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         lock(&self.registry.open).remove(&self.handle.id);
-        self.handle.entry.ended.cancel();
+        self.handle.entry.ended.set();
     }
 }
 
@@ -225,11 +256,11 @@ impl ConnectionHandle {
     /// Resolves once an operator has asked to close the connection (at once if one has).
     /// Cancel-safe: fit for a `select!` loop.
     pub async fn close_requested(&self) {
-        self.entry.close.cancelled().await
+        self.entry.close.wait().await
     }
 
     pub fn is_close_requested(&self) -> bool {
-        self.entry.close.is_cancelled()
+        self.entry.close.is_set()
     }
 }
 

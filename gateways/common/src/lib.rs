@@ -15,6 +15,7 @@ pub mod identity;
 pub mod idle_buffers;
 pub mod listener;
 pub mod serve;
+pub mod session_link;
 pub mod tls;
 pub mod users;
 
