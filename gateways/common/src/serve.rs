@@ -190,15 +190,32 @@ impl Connection {
         // Counted from accept on: a handshake in progress holds a socket too.
         let _counted = ConnectionGuard::new(listener);
         let connection = registration.handle();
-        let stream = tokio::select! {
-            done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => return Dropped::HandshakeFailed(e).record(listener),
-                Err(_) => return Dropped::HandshakeTimeout(handshake_timeout).record(listener),
-            },
-            // A half-done handshake is not worth holding the stop up for.
-            _ = stop.wait_for(|s| *s) => return,
-            () = connection.close_requested() => return debug!("closed by an operator during the handshake"),
+        // Boxed, as the close below: a task rests at the size of its largest state, and
+        // this one lasts as long as the connection (a TLS handshake's state is kilobytes).
+        let handshaken = Box::pin(async {
+            tokio::select! {
+                done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
+                    Ok(Ok(stream)) => Some(stream),
+                    Ok(Err(e)) => {
+                        Dropped::HandshakeFailed(e).record(listener);
+                        None
+                    }
+                    Err(_) => {
+                        Dropped::HandshakeTimeout(handshake_timeout).record(listener);
+                        None
+                    }
+                },
+                // A half-done handshake is not worth holding the stop up for.
+                _ = stop.wait_for(|s| *s) => None,
+                () = connection.close_requested() => {
+                    debug!("closed by an operator during the handshake");
+                    None
+                }
+            }
+        })
+        .await;
+        let Some(stream) = handshaken else {
+            return;
         };
         let accepted = Accepted {
             stream,
@@ -213,7 +230,7 @@ impl Connection {
             () = &mut served => {}
             () = async {
                 connection.close_requested().await;
-                tokio::time::sleep(close_grace).await;
+                Box::pin(tokio::time::sleep(close_grace)).await;
             } => {
                 // The gateway's goodbye did not end it (a request that does not return, an
                 // opening that does not watch the close): dropping it closes the socket.

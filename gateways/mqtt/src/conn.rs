@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -1485,6 +1486,10 @@ async fn session_loop(
 ) -> Result<(), ConnError> {
     let keep = Duration::from_millis(u64::from(keep_alive) * 1500);
     let mut deadline = Instant::now() + keep;
+    // One timer for the connection's life, moved on only when it fires before the
+    // deadline: traffic just moves `deadline` (a timer made and dropped per read showed in
+    // profiles). None without keep-alive.
+    let mut keep_timer = (keep_alive > 0).then(|| Box::pin(tokio::time::sleep_until(deadline)));
     loop {
         // Reading the link serves the session's commands (in process) and makes room.
         let want_room = (client.link.room() < READ_ROOM).then_some(READ_ROOM);
@@ -1539,7 +1544,9 @@ async fn session_loop(
                 client.flush().await?;
                 if !go_on {
                     // DISCONNECT: wait until the core has closed the session.
-                    let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
+                    // Boxed: a state the connection is in once (the task rests at its
+                    // largest state).
+                    let _ = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, async {
                         loop {
                             match client.link.next(None).await {
                                 LinkEvent::Event(e) if matches!(e.event, Some(Event::Closed(_))) => {
@@ -1549,13 +1556,18 @@ async fn session_loop(
                                 _ => {}
                             }
                         }
-                    })
+                    }))
                     .await;
                     return Ok(());
                 }
             }
-            _ = tokio::time::sleep_until(deadline), if keep_alive > 0 => {
-                return Err(ConnError::KeepAlive);
+            () = keep_alive_timer(&mut keep_timer) => {
+                if Instant::now() >= deadline {
+                    return Err(ConnError::KeepAlive);
+                }
+                if let Some(t) = keep_timer.as_mut() {
+                    t.as_mut().reset(deadline);
+                }
             }
             _ = stopped(stop) => {
                 return Err(ConnError::Refused("server shutting down", 0x8B));
@@ -1567,6 +1579,14 @@ async fn session_loop(
                 return Err(ConnError::Kicked);
             }
         }
+    }
+}
+
+/// Resolves when the keep-alive timer fires (never without one).
+async fn keep_alive_timer(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
+        None => std::future::pending().await,
     }
 }
 
