@@ -181,7 +181,18 @@ impl SessionStream {
                 return false;
             };
             self.running = Some(match next {
-                Some(Ok(cmd)) => Box::pin(driver.run(cmd)),
+                Some(Ok(cmd)) => {
+                    match driver
+                        .core
+                        .session_command_now(cmd, &driver.state, &driver.tx)
+                    {
+                        Ok(()) => {
+                            self.driver = Some(driver);
+                            continue;
+                        }
+                        Err(cmd) => Box::pin(driver.run(cmd)),
+                    }
+                }
                 // The end of the commands, or a transport error: the connection is gone.
                 _ => {
                     self.commands = None;

@@ -1647,6 +1647,62 @@ impl Core {
         Ok(())
     }
 
+    /// Serves a command at once, without a future, when nothing in it waits: a PUBACK or
+    /// PUBCOMP of a session that ends with its connection (most commands of a busy
+    /// subscriber). `Err` gives the command back for [`Core::session_command`].
+    pub(crate) fn session_command_now(
+        &self,
+        cmd: Box<v1::SessionCommand>,
+        state: &AttachedStream,
+        tx: &EventSender,
+    ) -> Result<(), Box<v1::SessionCommand>> {
+        let (Some(a), false) = (&state.attached, state.closed) else {
+            return Err(cmd);
+        };
+        let Some(Command::Ack(ack)) = &cmd.command else {
+            return Err(cmd);
+        };
+        // PUBREC answers wait for their release to be durable: those take the long way.
+        if ack.received_only {
+            return Err(cmd);
+        }
+        let broker = self.broker();
+        let mut ops = Vec::new();
+        let served = broker.with_attached(a, |session| {
+            if session.persistent() {
+                return false;
+            }
+            for id in &ack.packet_ids {
+                if let Some(p) = session.inflight.remove(&(*id as u16)) {
+                    forget_persisted(&a.id, &p, &mut ops);
+                }
+            }
+            ops.extend(broker.pump(&a.id, session));
+            true
+        });
+        match served {
+            Ok(true) => {
+                // Copies stored before the session's expiry went to 0 (a reconnect that
+                // changed it): their deletes answer nobody, so they need not hold the
+                // next command.
+                if !ops.is_empty() {
+                    let core = self.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = core.persist(ops).await {
+                            warn!(error = %e, "could not delete acknowledged session messages");
+                        }
+                    });
+                }
+                Ok(())
+            }
+            Ok(false) => Err(cmd),
+            Err(e) => {
+                let _ = tx.try_send(event(cmd.request_id, Event::Error(error_detail(&e))));
+                Ok(())
+            }
+        }
+    }
+
     async fn session_ack(
         &self,
         a: &Attached,
