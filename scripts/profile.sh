@@ -8,7 +8,8 @@
 #                                                 amqp-confirms-4x4, mqtt-fanout-1x1000
 #
 # Writes target/profile/<workload>/{perf.data,self.txt,children.txt}. Needs perf (Debian's
-# linux-perf) and taskset.
+# linux-perf) and taskset. PROFILE_CALL_GRAPH replaces perf's `-g` (frame pointers, which the
+# release build mostly lacks): PROFILE_CALL_GRAPH="--call-graph dwarf,16384" gives callers.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/brokers.sh
