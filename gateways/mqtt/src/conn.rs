@@ -230,6 +230,13 @@ struct Client {
 }
 
 impl Client {
+    /// The session's link; everything else goes now, the socket's write half with it, so
+    /// the client sees its connection close before the core has finished with the session
+    /// (which waits for the metadata store when the session outlives the connection).
+    fn into_link(self) -> SessionLink {
+        self.link
+    }
+
     fn request(&mut self, command: Command, reply: Option<Reply>) -> Result<(), ConnError> {
         let request_id = match reply {
             Some(r) => {
@@ -1394,7 +1401,7 @@ async fn run(
     // the client went away) and then ends the session's stream. Dropping the event stream
     // first would cancel the whole stream on the network transport (split deployments),
     // losing the commands still on their way to the core.
-    let Client { link, .. } = client;
+    let link = client.into_link();
     drop(reader);
     end_core_stream(link).await;
     result
