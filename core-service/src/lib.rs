@@ -29,6 +29,7 @@ pub mod producers;
 mod queues;
 mod router;
 mod session_dead_letters;
+mod session_events;
 mod session_stream;
 mod sessions;
 mod staged;

@@ -15,10 +15,10 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use futures::Stream;
-use tokio::sync::mpsc;
 use tributary_proto::v1;
 
 use crate::Core;
+use crate::session_events::EventReceiver;
 use crate::sessions::{AttachedStream, EventSender, HeldReply};
 
 type CommandStream =
@@ -103,7 +103,7 @@ pub struct SessionStream {
     /// The wait of the first held answer.
     waiting: Option<Waiting>,
     tx: EventSender,
-    events: mpsc::Receiver<Box<v1::SessionEvent>>,
+    events: EventReceiver,
     ended: bool,
 }
 
@@ -112,7 +112,7 @@ impl SessionStream {
         core: Core,
         commands: Commands,
         tx: EventSender,
-        events: mpsc::Receiver<Box<v1::SessionEvent>>,
+        events: EventReceiver,
     ) -> Self {
         Self {
             commands: Some(commands),

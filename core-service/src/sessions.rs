@@ -41,35 +41,7 @@ use crate::session_dead_letters::{DeadLetterBuffer, SessionDeadLetter};
 use crate::topics::{self, Entry, SubscriptionTree};
 use crate::{Core, now_ms};
 
-/// The events of one attached connection. They travel boxed: a bounded tokio channel
-/// allocates its first block of 32 slots when it is made, and a `SessionEvent` is some
-/// 600 bytes, so every idle connection held about 20 KiB of empty slots (measured with
-/// massif); boxed, the block is 256 bytes and an event costs its size only while queued.
-#[derive(Clone)]
-pub(crate) struct EventSender(mpsc::Sender<Box<v1::SessionEvent>>);
-
-type TrySendError = mpsc::error::TrySendError<Box<v1::SessionEvent>>;
-
-impl EventSender {
-    pub(crate) fn try_send(&self, event: v1::SessionEvent) -> Result<(), TrySendError> {
-        self.0.try_send(Box::new(event))
-    }
-
-    async fn send(
-        &self,
-        event: v1::SessionEvent,
-    ) -> Result<(), mpsc::error::SendError<Box<v1::SessionEvent>>> {
-        self.0.send(Box::new(event)).await
-    }
-
-    fn max_capacity(&self) -> usize {
-        self.0.max_capacity()
-    }
-
-    fn capacity(&self) -> usize {
-        self.0.capacity()
-    }
-}
+pub(crate) use crate::session_events::EventSender;
 
 /// QoS 0 deliveries waiting for a slow connection beyond which the publisher waits for it
 /// (backpressure, as RabbitMQ's flow control), up to [`SLOW_SUBSCRIBER_WAIT`] per publish;
@@ -807,7 +779,7 @@ impl Broker {
     ) -> Vec<Op> {
         if pending.message.qos == 0 {
             if let Some(conn) = &session.conn {
-                let backlog = conn.tx.max_capacity() - conn.tx.capacity();
+                let backlog = conn.tx.backlog();
                 if backlog < QOS0_BACKLOG {
                     self.send_delivery(conn, 0, &pending, false);
                 } else {
@@ -1019,11 +991,11 @@ impl Core {
     where
         C: Into<Box<v1::SessionCommand>> + Send + 'static,
     {
-        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        let (tx, rx) = crate::session_events::event_queue(EVENT_CAPACITY);
         crate::session_stream::SessionStream::new(
             self.clone(),
             crate::session_stream::Commands::Stream(Box::pin(commands.map(|c| c.map(Into::into)))),
-            EventSender(tx),
+            tx,
             rx,
         )
     }
@@ -1031,14 +1003,14 @@ impl Core {
     /// [`Core::drive_session`] with the commands pushed by the reader
     /// ([`crate::SessionStream::push`]) instead of read from a stream.
     pub fn open_session(&self) -> crate::session_stream::SessionStream {
-        let (tx, rx) = mpsc::channel(EVENT_CAPACITY);
+        let (tx, rx) = crate::session_events::event_queue(EVENT_CAPACITY);
         crate::session_stream::SessionStream::new(
             self.clone(),
             crate::session_stream::Commands::Queue {
                 queue: std::collections::VecDeque::new(),
                 ended: false,
             },
-            EventSender(tx),
+            tx,
             rx,
         )
     }
