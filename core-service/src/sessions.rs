@@ -819,6 +819,39 @@ impl Broker {
         self.pump(&id, session)
     }
 
+    /// Applies a client's PUBACK/PUBCOMP (or PUBREC: `received_only`) to its session and
+    /// moves the next messages into flight: the writes that make it durable go to `ops`,
+    /// the packet ids to answer with PUBREL to `releases`.
+    fn apply_ack(
+        &self,
+        id: &SessionId,
+        session: &mut Session,
+        ack: &v1::SessionAck,
+        ops: &mut Vec<Op>,
+        releases: &mut Vec<u16>,
+    ) {
+        for &packet_id in &ack.packet_ids {
+            let packet_id = packet_id as u16;
+            if ack.received_only {
+                if let Some(p) = session.inflight.get_mut(&packet_id)
+                    && p.message.qos == 2
+                {
+                    p.released = true;
+                    if p.persisted {
+                        ops.push(Op::Put {
+                            key: pending_key(id, p.seq),
+                            value: pending_value(p, packet_id),
+                        });
+                    }
+                }
+                releases.push(packet_id);
+            } else if let Some(p) = session.inflight.remove(&packet_id) {
+                forget_persisted(id, &p, ops);
+            }
+        }
+        ops.extend(self.pump(id, session));
+    }
+
     /// Moves queued messages into flight while the client's window has room. Returns the
     /// deletes of the expired persisted messages it dropped on the way.
     fn pump(&self, id: &SessionId, session: &mut Session) -> Vec<Op> {
@@ -950,7 +983,11 @@ impl AttachedStream {
     /// Whether the stream ends with its session still attached (it is then detached as
     /// for a connection lost).
     pub(crate) fn needs_detach(&self) -> bool {
-        self.attached.is_some() && !self.closed
+        self.still_attached().is_some()
+    }
+
+    fn still_attached(&self) -> Option<&Attached> {
+        self.attached.as_ref().filter(|_| !self.closed)
     }
 }
 
@@ -991,33 +1028,31 @@ impl Core {
     where
         C: Into<Box<v1::SessionCommand>> + Send + 'static,
     {
-        let (tx, rx) = crate::session_events::event_queue(EVENT_CAPACITY);
-        crate::session_stream::SessionStream::new(
-            self.clone(),
-            crate::session_stream::Commands::Stream(Box::pin(commands.map(|c| c.map(Into::into)))),
-            tx,
-            rx,
-        )
+        self.session_stream(crate::session_stream::Commands::Stream(Box::pin(
+            commands.map(|c| c.map(Into::into)),
+        )))
     }
 
     /// [`Core::drive_session`] with the commands pushed by the reader
     /// ([`crate::SessionStream::push`]) instead of read from a stream.
     pub fn open_session(&self) -> crate::session_stream::SessionStream {
+        self.session_stream(crate::session_stream::Commands::Queue {
+            queue: VecDeque::new(),
+            ended: false,
+        })
+    }
+
+    fn session_stream(
+        &self,
+        commands: crate::session_stream::Commands,
+    ) -> crate::session_stream::SessionStream {
         let (tx, rx) = crate::session_events::event_queue(EVENT_CAPACITY);
-        crate::session_stream::SessionStream::new(
-            self.clone(),
-            crate::session_stream::Commands::Queue {
-                queue: std::collections::VecDeque::new(),
-                ended: false,
-            },
-            tx,
-            rx,
-        )
+        crate::session_stream::SessionStream::new(self.clone(), commands, tx, rx)
     }
 
     /// Detaches the session of a stream that ended without closing it.
     pub(crate) async fn end_session_stream(&self, state: &AttachedStream) {
-        if let (Some(a), false) = (&state.attached, state.closed) {
+        if let Some(a) = state.still_attached() {
             Box::pin(self.session_detach(a, true, None)).await;
         }
     }
@@ -1628,7 +1663,7 @@ impl Core {
         state: &AttachedStream,
         tx: &EventSender,
     ) -> Result<(), Box<v1::SessionCommand>> {
-        let (Some(a), false) = (&state.attached, state.closed) else {
+        let Some(a) = state.still_attached() else {
             return Err(cmd);
         };
         let Some(Command::Ack(ack)) = &cmd.command else {
@@ -1644,12 +1679,7 @@ impl Core {
             if session.persistent() {
                 return false;
             }
-            for id in &ack.packet_ids {
-                if let Some(p) = session.inflight.remove(&(*id as u16)) {
-                    forget_persisted(&a.id, &p, &mut ops);
-                }
-            }
-            ops.extend(broker.pump(&a.id, session));
+            broker.apply_ack(&a.id, session, ack, &mut ops, &mut Vec::new());
             true
         });
         match served {
@@ -1685,26 +1715,7 @@ impl Core {
         let mut ops = Vec::new();
         let mut releases = Vec::new();
         broker.with_attached(a, |session| {
-            for id in ack.packet_ids {
-                let id = id as u16;
-                if ack.received_only {
-                    if let Some(p) = session.inflight.get_mut(&id)
-                        && p.message.qos == 2
-                    {
-                        p.released = true;
-                        if p.persisted {
-                            ops.push(Op::Put {
-                                key: pending_key(&a.id, p.seq),
-                                value: pending_value(p, id),
-                            });
-                        }
-                    }
-                    releases.push(id);
-                } else if let Some(p) = session.inflight.remove(&id) {
-                    forget_persisted(&a.id, &p, &mut ops);
-                }
-            }
-            ops.extend(broker.pump(&a.id, session));
+            broker.apply_ack(&a.id, session, &ack, &mut ops, &mut releases);
         })?;
         // PUBREL only once "released" is durable: after a crash the client must get PUBREL,
         // never the PUBLISH again.
