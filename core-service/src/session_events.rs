@@ -123,6 +123,11 @@ impl EventReceiver {
     ) -> Poll<Option<Box<v1::SessionEvent>>> {
         let mut s = self.0.state.lock();
         let Some(event) = s.events.pop_front() else {
+            // The reader goes to wait: an idle connection holds no queue (a busy one keeps
+            // it while events come faster than it takes them).
+            if s.events.capacity() > 0 {
+                s.events = VecDeque::new();
+            }
             if !s.reader.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
                 s.reader = Some(cx.waker().clone());
             }

@@ -54,8 +54,14 @@ impl Commands {
                     Poll::Ready(Some(Ok(cmd)))
                 }
                 None if *ended => Poll::Ready(None),
-                // The reader pushes and reads on one task: nothing to wake.
-                None => Poll::Pending,
+                // The reader pushes and reads on one task: nothing to wake. It goes to
+                // wait: an idle connection holds no queue.
+                None => {
+                    if queue.capacity() > 0 {
+                        *queue = VecDeque::new();
+                    }
+                    Poll::Pending
+                }
             },
         }
     }

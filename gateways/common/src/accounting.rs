@@ -69,6 +69,29 @@ impl Traffic {
     }
 }
 
+/// The [`Traffic`] of each listener a gateway serves, looked up once per listener rather
+/// than once per connection: a connection then holds one pointer, not four counter handles
+/// (each an allocation of its own).
+#[derive(Default)]
+pub struct TrafficByListener {
+    listeners: std::sync::Mutex<Vec<(&'static str, std::sync::Arc<Traffic>)>>,
+}
+
+impl TrafficByListener {
+    pub fn get(&self, listener: &'static str) -> std::sync::Arc<Traffic> {
+        let mut listeners = self
+            .listeners
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some((_, t)) = listeners.iter().find(|(l, _)| *l == listener) {
+            return t.clone();
+        }
+        let traffic = std::sync::Arc::new(Traffic::new(listener));
+        listeners.push((listener, traffic.clone()));
+        traffic
+    }
+}
+
 /// The protocol of a listener name (`kafka-tls` -> `kafka`).
 pub(crate) fn protocol_of(listener: &'static str) -> &'static str {
     listener.split('-').next().unwrap_or(listener)

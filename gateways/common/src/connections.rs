@@ -18,7 +18,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::task::AtomicWaker;
 
 use serde::Serialize;
 use tokio::sync::Notify;
@@ -71,6 +74,27 @@ struct Entry {
     close: Flag,
     /// Set when the connection's task ends (its registration is dropped).
     ended: Flag,
+    /// Set when its listener stops ([`Connections::stop_listener`]).
+    stopping: AtomicBool,
+    /// The connection's own task, woken by a close or a stop: a gateway that polls its
+    /// connection by hand ([`ConnectionHandle::poll_ending`]) waits without a future of
+    /// its own. One waker: only the connection's task polls it.
+    task: AtomicWaker,
+}
+
+impl Entry {
+    fn wake_task(&self) {
+        self.task.wake();
+    }
+}
+
+/// Why a connection is asked to end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ending {
+    /// Its listener stops (the server shuts down).
+    Stop,
+    /// An operator closed it.
+    Close,
 }
 
 /// A flag that is set once and can be waited for. Inline in the entry: a
@@ -142,6 +166,8 @@ impl Connections {
             }),
             close: Flag::default(),
             ended: Flag::default(),
+            stopping: AtomicBool::new(false),
+            task: AtomicWaker::new(),
         });
         lock(&self.open).insert(id, entry.clone());
         Registration {
@@ -160,6 +186,20 @@ impl Connections {
 
     pub fn get(&self, id: u64) -> Option<ConnectionInfo> {
         lock(&self.open).get(&id).map(|e| lock(&e.info).clone())
+    }
+
+    /// Tells every connection of `listener` that it stops, for gateways that watch
+    /// [`ConnectionHandle::poll_ending`] rather than the `stop` they are given.
+    pub fn stop_listener(&self, listener: &str) {
+        let entries: Vec<Arc<Entry>> = lock(&self.open)
+            .values()
+            .filter(|e| lock(&e.info).listener == listener)
+            .cloned()
+            .collect();
+        for entry in entries {
+            entry.stopping.store(true, Ordering::Release);
+            entry.wake_task();
+        }
     }
 
     /// Asks the connection's gateway to close it; `by` says who asked, for the log. Closing
@@ -184,6 +224,7 @@ impl Connections {
             "closing a client connection at an operator's request"
         );
         entry.close.set();
+        entry.wake_task();
         Ok(Closing {
             info,
             entry: entry.clone(),
@@ -262,6 +303,21 @@ impl ConnectionHandle {
     pub fn is_close_requested(&self) -> bool {
         self.entry.close.is_set()
     }
+
+    /// Ready once the connection is asked to end: its listener stops, or an operator
+    /// closed it. Holds no future, so a connection waiting for it costs nothing more;
+    /// only the connection's own task may poll it (one waker is kept).
+    pub fn poll_ending(&self, cx: &mut Context<'_>) -> Poll<Ending> {
+        // Registered before the flags are read, so a set in between wakes this task.
+        self.entry.task.register(cx.waker());
+        if self.entry.stopping.load(Ordering::Acquire) {
+            Poll::Ready(Ending::Stop)
+        } else if self.entry.close.is_set() {
+            Poll::Ready(Ending::Close)
+        } else {
+            Poll::Pending
+        }
+    }
 }
 
 #[cfg(test)]
@@ -335,6 +391,49 @@ mod tests {
         assert_eq!(
             registry.close(handle.id(), "test").err(),
             Some(CloseError::NotFound(handle.id()))
+        );
+    }
+
+    #[tokio::test]
+    async fn a_polling_connection_is_woken_by_its_listener_stopping_or_a_close() {
+        let registry = Connections::new();
+        let stopped = registry.register("mqtt", addr(1), addr(1883), false);
+        let closed = registry.register("mqtt", addr(2), addr(1883), false);
+        let other = registry.register("kafka", addr(3), addr(9092), false);
+        let (stopped, closed, other) = (stopped.handle(), closed.handle(), other.handle());
+        let waits = [&stopped, &closed, &other].map(|h| {
+            let h = h.clone();
+            tokio::spawn(async move { std::future::poll_fn(|cx| h.poll_ending(cx)).await })
+        });
+        // Every task is waiting before anything is set.
+        tokio::task::yield_now().await;
+        assert!(waits.iter().all(|w| !w.is_finished()));
+        registry.stop_listener("mqtt");
+        registry.close(closed.id(), "test").unwrap();
+        let [s, c, o] = waits;
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), s)
+                .await
+                .unwrap()
+                .unwrap(),
+            Ending::Stop
+        );
+        // A stop wins over a close: the listener's stop covers every connection of it.
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), c)
+                .await
+                .unwrap()
+                .unwrap(),
+            Ending::Stop
+        );
+        assert!(!o.is_finished(), "another listener's connection goes on");
+        registry.close(other.id(), "test").unwrap();
+        assert_eq!(
+            tokio::time::timeout(Duration::from_secs(5), o)
+                .await
+                .unwrap()
+                .unwrap(),
+            Ending::Close
         );
     }
 }

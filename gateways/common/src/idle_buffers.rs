@@ -8,6 +8,9 @@
 //! it), and the connection then waits for its next bytes with a small array on the
 //! waiting future; the write buffer is given up after each flush.
 
+use std::future::Future;
+use std::task::{Context, Poll};
+
 use bytes::BytesMut;
 use futures::FutureExt;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -74,6 +77,43 @@ impl ReadBuffer {
         }
         self.buf.reserve(self.chunk.max(want));
         rd.read_buf(&mut self.buf).await
+    }
+}
+
+impl ReadBuffer {
+    /// [`ReadBuffer::fill`] for a connection polled by hand: the same reads, with nothing
+    /// kept between polls. An idle connection waits with no buffer at all (its first bytes
+    /// are read into an array on the stack), and a busy one gives its buffer up when the
+    /// socket has nothing more.
+    pub fn poll_fill<R: AsyncRead + Unpin>(
+        &mut self,
+        cx: &mut Context<'_>,
+        rd: &mut R,
+        want: usize,
+    ) -> Poll<std::io::Result<usize>> {
+        if !self.buf.is_empty() || self.buf.capacity() > 0 {
+            self.buf.reserve(self.chunk.max(want));
+            let read = std::pin::pin!(rd.read_buf(&mut self.buf)).poll(cx);
+            if read.is_pending() && self.buf.is_empty() {
+                self.buf = BytesMut::new();
+            }
+            return read;
+        }
+        let mut first = [0u8; FIRST_READ];
+        let n = match std::pin::pin!(rd.read(&mut first)).poll(cx) {
+            Poll::Ready(Ok(0)) => return Poll::Ready(Ok(0)),
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        self.buf.reserve(self.chunk.max(want));
+        self.buf.extend_from_slice(&first[..n]);
+        // Whatever else already arrived, without waiting. An end of stream or an error
+        // seen here is seen again by the next call.
+        let more = match std::pin::pin!(rd.read_buf(&mut self.buf)).poll(cx) {
+            Poll::Ready(Ok(m)) => m,
+            _ => 0,
+        };
+        Poll::Ready(Ok(n + more))
     }
 }
 
@@ -168,5 +208,31 @@ mod tests {
         let mut got = [0u8; 11];
         client.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello world");
+    }
+
+    #[tokio::test]
+    async fn a_polled_reader_holds_no_buffer_while_idle_and_loses_nothing() {
+        let (mut client, mut server) = tokio::io::duplex(1 << 16);
+        let mut rb = ReadBuffer::new(4096);
+        let poll = |rb: &mut ReadBuffer, server: &mut tokio::io::DuplexStream| {
+            let waker = futures::task::noop_waker();
+            rb.poll_fill(&mut Context::from_waker(&waker), server, 0)
+        };
+        assert!(poll(&mut rb, &mut server).is_pending());
+        assert_eq!(rb.bytes().capacity(), 0, "an idle wait holds no buffer");
+        // More than the first read's array: the rest is read in the same call.
+        let sent: Vec<u8> = (0..200u8).collect();
+        client.write_all(&sent).await.unwrap();
+        assert!(matches!(poll(&mut rb, &mut server), Poll::Ready(Ok(200))));
+        assert_eq!(&rb.bytes()[..], &sent[..]);
+        // A buffer with bytes in it is kept while the socket has nothing more.
+        assert!(poll(&mut rb, &mut server).is_pending());
+        assert_eq!(rb.bytes().len(), 200);
+        let _ = rb.bytes().split_to(200);
+        // Emptied: given up at the next wait.
+        assert!(poll(&mut rb, &mut server).is_pending());
+        assert_eq!(rb.bytes().capacity(), 0);
+        drop(client);
+        assert!(matches!(poll(&mut rb, &mut server), Poll::Ready(Ok(0))));
     }
 }

@@ -135,6 +135,8 @@ where
     }
     // Refuse new clients from here instead of letting them queue unanswered.
     drop(socket);
+    // Gateways that poll their connections by hand watch the registry, not `stop`.
+    registry.stop_listener(name);
     info!(
         listener = name,
         open = connections.len(),
@@ -223,21 +225,23 @@ impl Connection {
             listener,
             connection: connection.clone(),
         };
-        // Boxed so that it can be dropped (its socket closed) before the entry goes: a client
-        // no longer listed must not still be connected.
-        let mut served = Box::pin(gateway.serve_connection(accepted, stop));
-        tokio::select! {
-            () = &mut served => {}
-            () = async {
-                connection.close_requested().await;
-                Box::pin(tokio::time::sleep(close_grace)).await;
-            } => {
-                // The gateway's goodbye did not end it (a request that does not return, an
-                // opening that does not watch the close): dropping it closes the socket.
-                info!(connection = connection.id(), "cut a connection that did not close within {close_grace:?} of an operator's close");
+        {
+            // Inline in this task (a box of its own was one more allocation per connection),
+            // and dropped (its socket closed) at the end of this block, before the entry
+            // goes: a client no longer listed must not still be connected.
+            let served = std::pin::pin!(gateway.serve_connection(accepted, stop));
+            tokio::select! {
+                () = served => {}
+                () = async {
+                    connection.close_requested().await;
+                    Box::pin(tokio::time::sleep(close_grace)).await;
+                } => {
+                    // The gateway's goodbye did not end it (a request that does not return, an
+                    // opening that does not watch the close): dropping it closes the socket.
+                    info!(connection = connection.id(), "cut a connection that did not close within {close_grace:?} of an operator's close");
+                }
             }
         }
-        drop(served);
         drop(registration);
     }
 }

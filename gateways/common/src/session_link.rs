@@ -144,7 +144,8 @@ impl SessionLink {
         }
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>, want_room: Option<usize>) -> Poll<LinkEvent> {
+    /// [`SessionLink::next`] for a connection polled by hand.
+    pub fn poll_next(&mut self, cx: &mut Context<'_>, want_room: Option<usize>) -> Poll<LinkEvent> {
         let window = self.window;
         match &mut self.inner {
             Inner::Local(s) => {

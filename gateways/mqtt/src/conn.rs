@@ -2,15 +2,16 @@
 //! ends it.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use bytestring::ByteString;
-use futures::FutureExt;
 use rmqtt_codec::error::{DecodeError, EncodeError};
 use rmqtt_codec::types::QoS;
 use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
@@ -18,7 +19,8 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::codec::{Decoder, Encoder};
-use tracing::{Instrument, debug, info, info_span};
+use tracing::{debug, info, info_span};
+use tributary_gateway_common::connections::Ending;
 use tributary_gateway_common::idle_buffers::ReadBuffer;
 use tributary_gateway_common::session_link::{LinkEvent, SessionLink};
 use tributary_gateway_common::{ConnectionHandle, Traffic};
@@ -208,12 +210,14 @@ enum Reply {
 struct Client {
     gw: Arc<Gateway>,
     /// Messages in and out of this connection, in the listener's traffic metrics.
-    traffic: Traffic,
+    traffic: Arc<Traffic>,
     v5: bool,
     client_id: String,
     user: Option<String>,
     codec: MqttCodec,
     out: BytesMut,
+    /// How much of `out` is written, while a write waits for the socket.
+    out_pos: usize,
     writer: Writer,
     /// The session in the core: commands in, events out.
     link: SessionLink,
@@ -288,10 +292,26 @@ impl Client {
     }
 
     async fn flush(&mut self) -> Result<(), ConnError> {
+        std::future::poll_fn(|cx| self.poll_flush(cx)).await
+    }
+
+    /// Writes out what is encoded; a write cut short by a full socket goes on from where
+    /// it stopped at the next poll.
+    fn poll_flush(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         let written = self.out.len();
-        if written > 0 {
-            self.writer.write_all(&self.out).await?;
+        if written == 0 {
+            return Poll::Ready(Ok(()));
         }
+        while self.out_pos < written {
+            let n = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.out[self.out_pos..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(
+                    std::io::Error::from(std::io::ErrorKind::WriteZero).into()
+                ));
+            }
+            self.out_pos += n;
+        }
+        self.out_pos = 0;
         // An idle connection keeps no write buffer; one that writes large batches keeps its
         // own (up to a bound) instead of growing a new one, copy by copy, for every batch.
         if written <= IDLE_BUFFER || self.out.capacity() > MAX_KEPT_WRITE_BUFFER {
@@ -299,7 +319,7 @@ impl Client {
         } else {
             self.out.clear();
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     fn ack(&mut self, kind: u8, id: u16, reason: u8) -> Result<(), ConnError> {
@@ -867,16 +887,22 @@ fn expiry_ms(secs: u32) -> i64 {
 }
 
 /// Serves one connection to its end; one log line when it ends with an error.
-pub(crate) async fn serve_connection<S>(
+///
+/// `stop` is not watched: the accept loop tells its connections through the registry
+/// ([`ConnectionHandle::poll_ending`]), which a waiting connection polls without a future
+/// of its own.
+pub(crate) fn serve_connection<S>(
     socket: S,
     peer: SocketAddr,
     listener: &'static str,
     connection: ConnectionHandle,
     gw: Arc<Gateway>,
     stop: watch::Receiver<bool>,
-) where
+) -> Connection
+where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
+    drop(stop);
     let span = info_span!(
         "mqtt_conn",
         %peer,
@@ -885,27 +911,82 @@ pub(crate) async fn serve_connection<S>(
         client = tracing::field::Empty
     );
     let (rd, wr) = tokio::io::split(socket);
-    async move {
-        match run(
-            Box::new(rd),
-            Box::new(wr),
-            gw,
-            peer,
-            listener,
-            connection,
-            stop,
-        )
-        .await
-        {
-            Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
-            Err(e @ (ConnError::TakenOver | ConnError::Kicked | ConnError::Io(_))) => {
-                debug!(reason = %e, "connection closed")
+    let handle = connection.clone();
+    let opening = Box::pin(async move {
+        open_session(Box::new(rd), Box::new(wr), gw, peer, listener, &handle).await
+    });
+    Connection {
+        span,
+        connection,
+        state: State::Opening(opening),
+    }
+}
+
+/// One connection, polled by hand rather than written as an `async fn`: an idle
+/// connection's task then holds its client state and nothing else. An `async fn` with a
+/// `select!` kept every branch's future, every caller's copy of its arguments and the
+/// padding between its states, over 2 KiB per idle connection. The CONNECT phase and the
+/// end are `async` and boxed: each is a state a connection is in once.
+pub(crate) struct Connection {
+    span: tracing::Span,
+    connection: ConnectionHandle,
+    state: State,
+}
+
+type Phase<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+// Serving is the state a connection lives in; the others are a pointer each, and boxing
+// Serving would only add an allocation per connection.
+#[allow(clippy::large_enum_variant)]
+enum State {
+    Opening(Phase<Result<Connected, ConnError>>),
+    Serving(Serving),
+    Ending(Phase<()>),
+    Done,
+}
+
+impl Future for Connection {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let _entered = this.span.enter();
+        loop {
+            match &mut this.state {
+                State::Opening(opening) => match ready!(opening.as_mut().poll(cx)) {
+                    Ok(connected) => this.state = State::Serving(Serving::new(connected)),
+                    Err(e) => {
+                        log_end(&Err(e));
+                        this.state = State::Done;
+                    }
+                },
+                State::Serving(serving) => {
+                    let result = ready!(serving.poll_serve(cx, &this.connection));
+                    let State::Serving(serving) = std::mem::replace(&mut this.state, State::Done)
+                    else {
+                        unreachable!("matched above")
+                    };
+                    this.state = State::Ending(Box::pin(serving.finish(result)));
+                }
+                State::Ending(ending) => {
+                    ready!(ending.as_mut().poll(cx));
+                    this.state = State::Done;
+                }
+                State::Done => return Poll::Ready(()),
             }
-            Err(e) => info!(reason = %e, "connection closed by the gateway"),
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// The one log line of a connection's end.
+fn log_end(result: &Result<(), ConnError>) {
+    match result {
+        Ok(()) | Err(ConnError::Eof) => debug!("connection closed"),
+        Err(e @ (ConnError::TakenOver | ConnError::Kicked | ConnError::Io(_))) => {
+            debug!(reason = %e, "connection closed")
+        }
+        Err(e) => info!(reason = %e, "connection closed by the gateway"),
+    }
 }
 
 /// The first packet, read whole by the gateway before any codec sees it: the codec's own
@@ -1117,7 +1198,7 @@ async fn open_session(
     listener: &'static str,
     connection: &ConnectionHandle,
 ) -> Result<Connected, ConnError> {
-    let traffic = Traffic::new(listener);
+    let traffic = gw.traffic.get(listener);
     let max_in = gw.config.max_packet_size;
     let mut rd = rd;
     let mut packet = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut rd, max_in)).await
@@ -1327,6 +1408,7 @@ async fn open_session(
         user: c.user.clone(),
         codec,
         out: BytesMut::new(),
+        out_pos: 0,
         writer,
         link,
         next_rid: 1,
@@ -1369,44 +1451,6 @@ async fn open_session(
     })
 }
 
-async fn run(
-    rd: Reader,
-    writer: Writer,
-    gw: Arc<Gateway>,
-    peer: SocketAddr,
-    listener: &'static str,
-    connection: ConnectionHandle,
-    mut stop: watch::Receiver<bool>,
-) -> Result<(), ConnError> {
-    // Boxed: the CONNECT phase's state (its futures, the CONNECT packet, the login) is
-    // given back once the session runs, so an idle connection's task rests at the size of
-    // the session loop.
-    let Connected {
-        mut client,
-        mut reader,
-        keep_alive,
-    } = Box::pin(open_session(rd, writer, gw, peer, listener, &connection)).await?;
-    let result = session_loop(&mut client, &mut reader, keep_alive, &mut stop, &connection).await;
-    if let Err(e) = &result
-        && let Some(reason) = e.reason()
-        && !matches!(e, ConnError::Eof | ConnError::Io(_))
-    {
-        client.out.clear();
-        client.disconnect5(reason);
-        let _ = client.flush().await;
-    }
-    // The client is done: its socket closes now (both halves dropped). Then the
-    // command stream ends, and the core's event stream is awaited to its end before it is
-    // dropped: the core takes every command sent so far (a QoS 0 PUBLISH read just before
-    // the client went away) and then ends the session's stream. Dropping the event stream
-    // first would cancel the whole stream on the network transport (split deployments),
-    // losing the commands still on their way to the core.
-    let link = client.into_link();
-    drop(reader);
-    end_core_stream(link).await;
-    result
-}
-
 /// The client's packets, decoded from a read buffer that an idle connection does not hold.
 struct PacketReader {
     rd: Reader,
@@ -1427,19 +1471,21 @@ impl PacketReader {
     }
 
     /// The next packet, `None` at the end of the stream (a packet cut short by it too).
-    /// Cancel-safe, as `ReadBuffer::fill`: bytes read stay in the buffer.
-    async fn next(&mut self) -> Option<Result<(MqttPacket, u32), DecodeError>> {
+    fn poll_next(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<(MqttPacket, u32), DecodeError>>> {
         loop {
             match self.codec.decode(self.input.bytes()) {
-                Ok(Some(p)) => return Some(Ok(p)),
+                Ok(Some(p)) => return Poll::Ready(Some(Ok(p))),
                 Ok(None) => {}
-                Err(e) => return Some(Err(e)),
+                Err(e) => return Poll::Ready(Some(Err(e))),
             }
             let want = missing_bytes(self.input.bytes()).min(self.max_packet);
-            match self.input.fill(&mut self.rd, want).await {
-                Ok(0) => return None,
+            match ready!(self.input.poll_fill(cx, &mut self.rd, want)) {
+                Ok(0) => return Poll::Ready(None),
                 Ok(_) => {}
-                Err(e) => return Some(Err(e.into())),
+                Err(e) => return Poll::Ready(Some(Err(e.into()))),
             }
         }
     }
@@ -1484,120 +1530,199 @@ async fn end_core_stream(mut link: SessionLink) {
     }
 }
 
-async fn session_loop(
-    client: &mut Client,
-    reader: &mut PacketReader,
-    keep_alive: u16,
-    stop: &mut watch::Receiver<bool>,
-    connection: &ConnectionHandle,
-) -> Result<(), ConnError> {
-    let keep = Duration::from_millis(u64::from(keep_alive) * 1500);
-    let mut deadline = Instant::now() + keep;
-    // One timer for the connection's life, moved on only when it fires before the
-    // deadline: traffic just moves `deadline` (a timer made and dropped per read showed in
-    // profiles). None without keep-alive.
-    let mut keep_timer = (keep_alive > 0).then(|| Box::pin(tokio::time::sleep_until(deadline)));
-    loop {
-        // Reading the link serves the session's commands (in process) and makes room.
-        let want_room = (client.link.room() < READ_ROOM).then_some(READ_ROOM);
-        tokio::select! {
-            ev = client.link.next(want_room) => match ev {
-                LinkEvent::Event(e) => {
-                    client.on_event(e)?;
+/// Polls per wake-up at most this many rounds of events and packets before letting the
+/// other tasks run (the session's events come from a queue that has no tokio budget).
+const ROUNDS_PER_POLL: usize = 32;
+
+/// The keep-alive of a client that asked for one.
+struct KeepAlive {
+    period: Duration,
+    deadline: Instant,
+    /// One timer for the connection's life, moved on only when it fires before the
+    /// deadline: traffic just moves `deadline` (a timer made and dropped per read showed in
+    /// profiles).
+    timer: Pin<Box<tokio::time::Sleep>>,
+}
+
+impl KeepAlive {
+    fn new(keep_alive: u16) -> Option<Self> {
+        let period = Duration::from_millis(u64::from(keep_alive) * 1500);
+        let deadline = Instant::now() + period;
+        (keep_alive > 0).then(|| Self {
+            period,
+            deadline,
+            timer: Box::pin(tokio::time::sleep_until(deadline)),
+        })
+    }
+
+    fn restart(keep: &mut Option<Self>) {
+        if let Some(k) = keep {
+            k.deadline = Instant::now() + k.period;
+        }
+    }
+
+    /// Ready once the deadline has passed with nothing read.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        while self.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= self.deadline {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(self.deadline);
+        }
+        Poll::Pending
+    }
+}
+
+/// A connection between CONNACK and its end: packets in, events out.
+struct Serving {
+    client: Client,
+    reader: PacketReader,
+    keep: Option<KeepAlive>,
+}
+
+impl Serving {
+    fn new(c: Connected) -> Self {
+        Self {
+            client: c.client,
+            reader: c.reader,
+            keep: KeepAlive::new(c.keep_alive),
+        }
+    }
+
+    /// Serves until the connection ends: `Ok` after a DISCONNECT (its answers possibly
+    /// not written yet), the error otherwise.
+    fn poll_serve(
+        &mut self,
+        cx: &mut Context<'_>,
+        connection: &ConnectionHandle,
+    ) -> Poll<Result<(), ConnError>> {
+        if let Poll::Ready(ending) = connection.poll_ending(cx) {
+            return Poll::Ready(Err(match ending {
+                Ending::Stop => ConnError::Refused("server shutting down", 0x8B),
+                // The kick's path: DISCONNECT 0x98 to a 5.0 client, the socket closed, the
+                // will sent and the session kept as for any connection the server closes.
+                Ending::Close => {
+                    info!(client = %self.client.client_id, "connection closed by an operator");
+                    ConnError::Kicked
+                }
+            }));
+        }
+        if let Some(keep) = &mut self.keep
+            && keep.poll_expired(cx).is_ready()
+        {
+            return Poll::Ready(Err(ConnError::KeepAlive));
+        }
+        for _ in 0..ROUNDS_PER_POLL {
+            // Answers are written before anything more is read or taken: a client that
+            // does not read is not sent more than its socket takes.
+            ready!(self.client.poll_flush(cx))?;
+            // Reading the link serves the session's commands (in process) and makes room.
+            let want_room = (self.client.link.room() < READ_ROOM).then_some(READ_ROOM);
+            match self.client.link.poll_next(cx, want_room) {
+                Poll::Ready(LinkEvent::Event(e)) => {
+                    self.client.on_event(e)?;
                     // Batch whatever else is ready into the same write.
                     for _ in 0..256 {
-                        match client.link.next_ready() {
+                        match self.client.link.next_ready() {
                             Some(LinkEvent::Event(e)) => {
-                                client.on_event(e)?;
+                                self.client.on_event(e)?;
                             }
-                            Some(LinkEvent::End(status)) => return Err(core_ended(status)),
+                            Some(LinkEvent::End(status)) => {
+                                return Poll::Ready(Err(core_ended(status)));
+                            }
                             _ => break,
                         }
                     }
-                    client.flush().await?;
+                    continue;
                 }
-                LinkEvent::Room => {
+                Poll::Ready(LinkEvent::Room) => {
                     // The client's packets waited unread meanwhile, so its keep-alive
                     // restarts now.
-                    deadline = Instant::now() + keep;
+                    KeepAlive::restart(&mut self.keep);
+                    continue;
                 }
-                LinkEvent::End(status) => return Err(core_ended(status)),
-            },
-            pkt = reader.next(), if want_room.is_none() => {
-                let mut pkt = Some(pkt);
-                let mut go_on = true;
-                let mut handled = 0;
-                // Handle what is already decoded before writing the answers in one go.
-                while let Some(next) = pkt.take() {
-                    match next {
-                        Some(Ok((p, _))) => {
-                            if !client.on_packet(p)? {
-                                go_on = false;
-                                break;
-                            }
+                Poll::Ready(LinkEvent::End(status)) => return Poll::Ready(Err(core_ended(status))),
+                Poll::Pending if want_room.is_some() => return Poll::Pending,
+                Poll::Pending => {}
+            }
+            // Handle what is already decoded before writing the answers in one go.
+            let mut handled = 0;
+            while handled < 64 {
+                let Poll::Ready(next) = self.reader.poll_next(cx) else {
+                    break;
+                };
+                match next {
+                    Some(Ok((p, _))) => {
+                        if !self.client.on_packet(p)? {
+                            // DISCONNECT: the end writes what is pending and waits for the
+                            // core to close the session.
+                            return Poll::Ready(Ok(()));
                         }
-                        Some(Err(e)) => return Err(decode_error(e)),
-                        None => return Err(ConnError::Eof),
                     }
-                    handled += 1;
-                    if handled < 64 {
-                        pkt = reader.next().now_or_never();
-                    }
+                    Some(Err(e)) => return Poll::Ready(Err(decode_error(e))),
+                    None => return Poll::Ready(Err(ConnError::Eof)),
                 }
-                // Once per batch: a clock read per packet showed in profiles.
-                if keep_alive > 0 {
-                    deadline = Instant::now() + keep;
-                }
-                client.flush().await?;
-                if !go_on {
-                    // DISCONNECT: wait until the core has closed the session.
-                    // Boxed: a state the connection is in once (the task rests at its
-                    // largest state).
-                    let _ = Box::pin(tokio::time::timeout(CONNECT_TIMEOUT, async {
+                handled += 1;
+            }
+            if handled == 0 {
+                return Poll::Pending;
+            }
+            // Once per batch: a clock read per packet showed in profiles.
+            KeepAlive::restart(&mut self.keep);
+        }
+        // More is ready: let the other tasks run, and come back.
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+
+    /// The end of a served connection: its goodbye, then the session's stream to its end.
+    async fn finish(self, result: Result<(), ConnError>) {
+        let Serving {
+            mut client,
+            reader,
+            keep,
+        } = self;
+        drop(keep);
+        match &result {
+            Ok(()) => {
+                // DISCONNECT: the answers read before it go out, then the core closes the
+                // session.
+                if client.flush().await.is_ok() {
+                    let _ = tokio::time::timeout(CONNECT_TIMEOUT, async {
                         loop {
                             match client.link.next(None).await {
-                                LinkEvent::Event(e) if matches!(e.event, Some(Event::Closed(_))) => {
+                                LinkEvent::Event(e)
+                                    if matches!(e.event, Some(Event::Closed(_))) =>
+                                {
                                     break;
                                 }
                                 LinkEvent::End(_) => break,
                                 _ => {}
                             }
                         }
-                    }))
+                    })
                     .await;
-                    return Ok(());
                 }
             }
-            () = keep_alive_timer(&mut keep_timer) => {
-                if Instant::now() >= deadline {
-                    return Err(ConnError::KeepAlive);
+            Err(e) => {
+                if let Some(reason) = e.reason()
+                    && !matches!(e, ConnError::Eof | ConnError::Io(_))
+                {
+                    client.out.clear();
+                    client.disconnect5(reason);
+                    let _ = client.flush().await;
                 }
-                if let Some(t) = keep_timer.as_mut() {
-                    t.as_mut().reset(deadline);
-                }
-            }
-            _ = stopped(stop) => {
-                return Err(ConnError::Refused("server shutting down", 0x8B));
-            }
-            // The kick's path: DISCONNECT 0x98 to a 5.0 client, the socket closed, the will
-            // sent and the session kept as for any connection the server closes.
-            () = connection.close_requested() => {
-                info!(client = %client.client_id, "connection closed by an operator");
-                return Err(ConnError::Kicked);
             }
         }
+        // The client is done: its socket closes now (both halves dropped). Then the
+        // command stream ends, and the core's event stream is awaited to its end before it
+        // is dropped: the core takes every command sent so far (a QoS 0 PUBLISH read just
+        // before the client went away) and then ends the session's stream. Dropping the
+        // event stream first would cancel the whole stream on the network transport (split
+        // deployments), losing the commands still on their way to the core.
+        let link = client.into_link();
+        drop(reader);
+        end_core_stream(link).await;
+        log_end(&result);
     }
-}
-
-/// Resolves when the keep-alive timer fires (never without one).
-async fn keep_alive_timer(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
-    match timer {
-        Some(t) => t.as_mut().await,
-        None => std::future::pending().await,
-    }
-}
-
-/// Resolves when the gateway is told to stop (holds no borrow of the flag afterwards).
-async fn stopped(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|s| *s).await;
 }

@@ -86,6 +86,7 @@ pub struct Gateway {
     pub(crate) core: CoreClient,
     /// Refused logins, counted and (rate-limited) logged.
     pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
+    pub(crate) traffic: tributary_gateway_common::TrafficByListener,
 }
 
 impl Gateway {
@@ -94,6 +95,7 @@ impl Gateway {
             config,
             core,
             logins: Default::default(),
+            traffic: Default::default(),
         })
     }
 
@@ -107,7 +109,13 @@ impl<S> tributary_gateway_common::Gateway<S> for Gateway
 where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
-    async fn serve_connection(self: Arc<Self>, conn: Accepted<S>, stop: watch::Receiver<bool>) {
+    // Not an `async fn`: the connection's own future is what the task holds, without a
+    // wrapper keeping a second copy of its arguments.
+    fn serve_connection(
+        self: Arc<Self>,
+        conn: Accepted<S>,
+        stop: watch::Receiver<bool>,
+    ) -> impl std::future::Future<Output = ()> + Send {
         conn::serve_connection(
             conn.stream,
             conn.peer,
@@ -116,7 +124,6 @@ where
             self,
             stop,
         )
-        .await
     }
 }
 
