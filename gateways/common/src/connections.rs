@@ -304,6 +304,17 @@ impl ConnectionHandle {
         self.entry.close.is_set()
     }
 
+    /// [`ConnectionHandle::close_requested`] without a future; the same one-waker rule as
+    /// [`ConnectionHandle::poll_ending`] (the accept loop polls it on the connection's task).
+    pub fn poll_close_requested(&self, cx: &mut Context<'_>) -> Poll<()> {
+        self.entry.task.register(cx.waker());
+        if self.entry.close.is_set() {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
+    }
+
     /// Ready once the connection is asked to end: its listener stops, or an operator
     /// closed it. Holds no future, so a connection waiting for it costs nothing more;
     /// only the connection's own task may poll it (one waker is kept).

@@ -2,9 +2,12 @@
 //! run the handshake (bounded), then hand the connection to the gateway in a task of its
 //! own. On stop it accepts no more, and waits (bounded) for the open connections to end.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -175,7 +178,14 @@ struct Connection {
 }
 
 impl Connection {
-    async fn run<H, G>(self, handshake: Arc<H>, gateway: Arc<G>, mut stop: watch::Receiver<bool>)
+    /// Not an `async fn` taking `self`: its future would keep `self` and the fields taken
+    /// out of it side by side for the connection's life.
+    fn run<H, G>(
+        self,
+        handshake: Arc<H>,
+        gateway: Arc<G>,
+        mut stop: watch::Receiver<bool>,
+    ) -> impl Future<Output = ()> + Send
     where
         H: Handshake,
         G: Gateway<H::Stream>,
@@ -189,12 +199,14 @@ impl Connection {
             registration,
             _slot,
         } = self;
-        // Counted from accept on: a handshake in progress holds a socket too.
-        let _counted = ConnectionGuard::new(listener);
-        let connection = registration.handle();
-        // Boxed, as the close below: a task rests at the size of its largest state, and
-        // this one lasts as long as the connection (a TLS handshake's state is kilobytes).
-        let handshaken = Box::pin(async {
+        async move {
+            let _slot = _slot;
+            // Counted from accept on: a handshake in progress holds a socket too.
+            let _counted = ConnectionGuard::new(listener);
+            let connection = registration.handle();
+            // Boxed, as the close below: a task rests at the size of its largest state, and
+            // this one lasts as long as the connection (a TLS handshake's state is kilobytes).
+            let handshaken = Box::pin(async {
             tokio::select! {
                 done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
                     Ok(Ok(stream)) => Some(stream),
@@ -216,33 +228,46 @@ impl Connection {
             }
         })
         .await;
-        let Some(stream) = handshaken else {
-            return;
-        };
-        let accepted = Accepted {
-            stream,
-            peer,
-            listener,
-            connection: connection.clone(),
-        };
-        {
-            // Inline in this task (a box of its own was one more allocation per connection),
-            // and dropped (its socket closed) at the end of this block, before the entry
-            // goes: a client no longer listed must not still be connected.
-            let served = std::pin::pin!(gateway.serve_connection(accepted, stop));
-            tokio::select! {
-                () = served => {}
-                () = async {
-                    connection.close_requested().await;
-                    Box::pin(tokio::time::sleep(close_grace)).await;
-                } => {
+            let Some(stream) = handshaken else {
+                return;
+            };
+            let accepted = Accepted {
+                stream,
+                peer,
+                listener,
+                connection: connection.clone(),
+            };
+            {
+                // Inline in this task (a box of its own was one more allocation per connection),
+                // and dropped (its socket closed) at the end of this block, before the entry
+                // goes: a client no longer listed must not still be connected.
+                let mut served = std::pin::pin!(gateway.serve_connection(accepted, stop));
+                // Polled by hand: a `select!` kept a future per branch for the connection's life.
+                let mut cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
+                let was_cut = std::future::poll_fn(|cx| {
+                    if served.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(false);
+                    }
+                    if cut.is_none() && connection.poll_close_requested(cx).is_ready() {
+                        cut = Some(Box::pin(tokio::time::sleep(close_grace)));
+                    }
+                    match cut.as_mut().map(|timer| timer.as_mut().poll(cx)) {
+                        Some(Poll::Ready(())) => Poll::Ready(true),
+                        _ => Poll::Pending,
+                    }
+                })
+                .await;
+                if was_cut {
                     // The gateway's goodbye did not end it (a request that does not return, an
                     // opening that does not watch the close): dropping it closes the socket.
-                    info!(connection = connection.id(), "cut a connection that did not close within {close_grace:?} of an operator's close");
+                    info!(
+                        connection = connection.id(),
+                        "cut a connection that did not close within {close_grace:?} of an operator's close"
+                    );
                 }
             }
+            drop(registration);
         }
-        drop(registration);
     }
 }
 
