@@ -225,15 +225,27 @@ struct Client {
     replies: HashMap<u64, Reply>,
     /// Inbound QoS 1/2 publishes not yet acknowledged to the client (Receive Maximum).
     inbound_unacked: usize,
-    /// Inbound QoS 2 ids between PUBREC and PUBREL.
-    awaiting_rel: HashSet<u16>,
-    aliases_in: HashMap<u16, String>,
-    aliases_out: HashMap<String, u16>,
+    /// QoS 2 ids and topic aliases, made on first use.
+    rare: Option<Box<RareState>>,
     client_alias_max: u16,
     session_expiry: u32,
 }
 
+/// What only some clients use (QoS 2, MQTT 5 topic aliases): one allocation made when first
+/// needed, rather than three empty maps inline in every connection's state.
+#[derive(Default)]
+struct RareState {
+    /// Inbound QoS 2 ids between PUBREC and PUBREL.
+    awaiting_rel: HashSet<u16>,
+    aliases_in: HashMap<u16, String>,
+    aliases_out: HashMap<String, u16>,
+}
+
 impl Client {
+    fn rare(&mut self) -> &mut RareState {
+        self.rare.get_or_insert_default()
+    }
+
     /// The session's link; everything else goes now, the socket's write half with it, so
     /// the client sees its connection close before the core has finished with the session
     /// (which waits for the metadata store when the session outlives the connection).
@@ -393,12 +405,14 @@ impl Client {
         let mut topic_name: ByteString = props.address.clone().into();
         let mut alias = None;
         if self.client_alias_max > 0 {
-            if let Some(a) = self.aliases_out.get(&props.address) {
+            let max = self.client_alias_max as usize;
+            let aliases_out = &mut self.rare().aliases_out;
+            if let Some(a) = aliases_out.get(&props.address) {
                 alias = NonZeroU16::new(*a);
                 topic_name = ByteString::new();
-            } else if self.aliases_out.len() < self.client_alias_max as usize {
-                let a = self.aliases_out.len() as u16 + 1;
-                self.aliases_out.insert(props.address.clone(), a);
+            } else if aliases_out.len() < max {
+                let a = aliases_out.len() as u16 + 1;
+                aliases_out.insert(props.address.clone(), a);
                 alias = NonZeroU16::new(a);
             }
         }
@@ -487,7 +501,7 @@ impl Client {
             }
             (Some(Event::Published(r)), Some(Reply::PubRec(id))) => {
                 self.inbound_unacked = self.inbound_unacked.saturating_sub(1);
-                self.awaiting_rel.insert(id);
+                self.rare().awaiting_rel.insert(id);
                 self.ack(
                     5,
                     id,
@@ -592,12 +606,13 @@ impl Client {
                     }
                     if topic.is_empty() {
                         topic = self
+                            .rare()
                             .aliases_in
                             .get(&alias.get())
                             .cloned()
                             .ok_or(ConnError::Protocol("unknown topic alias"))?;
                     } else {
-                        self.aliases_in.insert(alias.get(), topic.clone());
+                        self.rare().aliases_in.insert(alias.get(), topic.clone());
                     }
                 } else if topic.is_empty() {
                     return Err(ConnError::Protocol("empty topic without an alias"));
@@ -690,7 +705,9 @@ impl Client {
             if self.inbound_unacked >= self.gw.config.receive_maximum as usize {
                 return Err(ConnError::Refused("receive maximum exceeded", 0x93));
             }
-            if qos == QoS::ExactlyOnce && self.awaiting_rel.len() >= 65_535 {
+            if qos == QoS::ExactlyOnce
+                && self.rare.as_ref().map_or(0, |r| r.awaiting_rel.len()) >= 65_535
+            {
                 return Err(ConnError::Refused("receive maximum exceeded", 0x93));
             }
         }
@@ -707,7 +724,7 @@ impl Client {
                 QoS::AtLeastOnce => self.ack(4, packet_id, 0x87)?,
                 QoS::ExactlyOnce => {
                     if !self.v5 {
-                        self.awaiting_rel.insert(packet_id);
+                        self.rare().awaiting_rel.insert(packet_id);
                     }
                     self.ack(5, packet_id, 0x87)?
                 }
@@ -750,7 +767,10 @@ impl Client {
     }
 
     fn release(&mut self, id: u16) -> Result<(), ConnError> {
-        let known = self.awaiting_rel.remove(&id);
+        let known = self
+            .rare
+            .as_mut()
+            .is_some_and(|r| r.awaiting_rel.remove(&id));
         self.request(
             Command::Release(v1::SessionRelease {
                 packet_id: id.into(),
@@ -1414,9 +1434,7 @@ async fn open_session(
         next_rid: 1,
         replies: HashMap::new(),
         inbound_unacked: 0,
-        awaiting_rel: HashSet::new(),
-        aliases_in: HashMap::new(),
-        aliases_out: HashMap::new(),
+        rare: None,
         client_alias_max: c.alias_max,
         session_expiry: c.session_expiry,
     };
