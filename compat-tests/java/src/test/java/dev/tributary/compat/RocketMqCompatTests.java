@@ -806,8 +806,22 @@ abstract class RocketMqCompatTests {
         long offset = consumer.offsetForTimestamp(q0, ts);
         assertEquals(firstAfter.longValue(), offset, "offset for " + ts);
         consumer.seek(q0, offset);
-        List<MessageExt> got = pollUntil(consumer, "the 5 messages after the timestamp", l -> l.size() >= 5);
-        assertEquals(List.of("after-0", "after-1", "after-2", "after-3", "after-4"), bodies(got));
+        List<String> afters = List.of("after-0", "after-1", "after-2", "after-3", "after-4");
+        // rocketmq-client's own race: a pull its task started at assign() (from the group's
+        // offset, 0 here) that answers after seek() has handed the task the seek offset is
+        // kept (DefaultLitePullConsumerImpl checks the seek offset, already reset to -1 by
+        // then), so the whole queue may come first, once; the seek's own pull follows it.
+        // Seen once in about ten CI runs.
+        List<String> wholeQueue = new java.util.ArrayList<>(List.of("before-0", "before-1", "before-2", "before-3", "before-4"));
+        wholeQueue.addAll(afters);
+        java.util.function.Function<List<MessageExt>, List<String>> fromSeek = l -> {
+            List<String> b = bodies(l);
+            return b.size() >= wholeQueue.size() && b.subList(0, wholeQueue.size()).equals(wholeQueue)
+                ? b.subList(wholeQueue.size(), b.size()) : b;
+        };
+        List<MessageExt> got = pollUntil(consumer, "the 5 messages after the timestamp",
+            l -> fromSeek.apply(l).size() >= 5);
+        assertEquals(afters, fromSeek.apply(got), "all: " + bodies(got));
     }
 
     @Test
