@@ -100,7 +100,10 @@ const RETAINED_KEY: &str = "mqttretained";
 /// How often `$SYS/` topics are refreshed.
 const SYS_INTERVAL: Duration = Duration::from_secs(10);
 
-type SessionId = (String, String);
+/// (namespace, client id). Shared strings: a session's id is copied into every message
+/// routed to it and into its connection's stream, and a copy is then two counts, not two
+/// allocations.
+type SessionId = (Arc<str>, Arc<str>);
 /// A share group and the filter string it subscribed with.
 type ShareKey = (Arc<str>, Arc<str>);
 
@@ -134,8 +137,9 @@ pub(crate) struct Broker {
 type SessionCell = Mutex<Session>;
 
 /// What one namespace shares between its sessions.
-#[derive(Default)]
 struct Namespace {
+    /// Its name, shared by the ids of its sessions.
+    name: Arc<str>,
     tree: RwLock<SubscriptionTree>,
     retained: Mutex<BTreeMap<String, v1::RoutedMessage>>,
     /// Round-robin position per (share group, filter).
@@ -551,7 +555,14 @@ impl Broker {
         self.namespaces
             .write()
             .entry(ns.to_string())
-            .or_default()
+            .or_insert_with(|| {
+                Arc::new(Namespace {
+                    name: Arc::from(ns),
+                    tree: RwLock::default(),
+                    retained: Mutex::default(),
+                    share_cursor: Mutex::default(),
+                })
+            })
             .clone()
     }
 
@@ -588,7 +599,7 @@ impl Broker {
             });
         let mut out = Vec::with_capacity(direct.len() + shared.len());
         for (client, filters) in direct {
-            let id = (ns.to_string(), client.to_string());
+            let id = (space.name.clone(), client.clone());
             let Some(cell) = self.session(&id) else {
                 continue;
             };
@@ -626,7 +637,7 @@ impl Broker {
         for ((group, raw), mut members) in shared {
             members.sort();
             members.dedup();
-            if let Some(t) = self.pick_member(ns, &space, &group, &raw, &members, msg, None) {
+            if let Some(t) = self.pick_member(&space, &group, &raw, &members, msg, None) {
                 out.push(t);
             }
         }
@@ -638,7 +649,6 @@ impl Broker {
     #[allow(clippy::too_many_arguments)]
     fn pick_member(
         &self,
-        ns: &str,
         space: &Namespace,
         group: &Arc<str>,
         raw: &Arc<str>,
@@ -651,7 +661,7 @@ impl Broker {
             .iter()
             .filter(|m| Some(&***m) != exclude)
             .filter_map(|m| {
-                let cell = self.session(&(ns.to_string(), m.to_string()))?;
+                let cell = self.session(&(space.name.clone(), (*m).clone()))?;
                 let (ready, online) = {
                     let s = cell.lock();
                     if s.removed {
@@ -687,7 +697,7 @@ impl Broker {
         let sub = session.subs.get(&**raw)?;
         Some(Target {
             persistent: session.persistent(),
-            session: (ns.to_string(), client.to_string()),
+            session: (space.name.clone(), client.clone()),
             cell: cell.clone(),
             pending: Pending::new(
                 with_delivery_flags(msg, sub.qos.min(msg.qos), false),
@@ -699,11 +709,11 @@ impl Broker {
 
     /// Members of a share group (the sessions of `ns` subscribed with `raw`).
     fn share_members(&self, ns: &str, raw: &str) -> Vec<Arc<str>> {
-        let cells: Vec<(String, Arc<SessionCell>)> = self
+        let cells: Vec<(Arc<str>, Arc<SessionCell>)> = self
             .sessions
             .read()
             .iter()
-            .filter(|((n, _), _)| n == ns)
+            .filter(|((n, _), _)| **n == *ns)
             .map(|((_, c), cell)| (c.clone(), cell.clone()))
             .collect();
         let mut out: Vec<Arc<str>> = cells
@@ -712,7 +722,7 @@ impl Broker {
                 let s = cell.lock();
                 !s.removed && s.subs.contains_key(raw)
             })
-            .map(|(c, _)| Arc::from(c.as_str()))
+            .map(|(c, _)| c)
             .collect();
         out.sort();
         out
@@ -757,9 +767,8 @@ impl Broker {
             return Vec::new();
         }
         // A publisher never waits for itself: its own acknowledgements drain that queue.
-        let watch = laggards.filter(|l| {
-            target.pending.message.qos > 0 && l.publisher != Some(target.session.1.as_str())
-        });
+        let watch = laggards
+            .filter(|l| target.pending.message.qos > 0 && l.publisher != Some(&*target.session.1));
         let ops = self.enqueue_into(target.session, &mut session, target.pending, slow);
         if let Some(l) = watch
             && session.lagging(PACE_HIGH)
@@ -1154,8 +1163,11 @@ impl Core {
         } else {
             open.namespace.clone()
         };
-        let id: SessionId = (ns.clone(), open.client_id.clone());
         let broker = self.broker();
+        let id: SessionId = (
+            broker.namespace(&ns).name.clone(),
+            Arc::from(open.client_id.as_str()),
+        );
         // A client that sends DISCONNECT and connects again at once reaches the core on two
         // streams; give the old one a moment to finish closing before this counts as a
         // takeover, so the answer does not depend on which stream is served first.
@@ -1339,15 +1351,9 @@ impl Core {
             for (group, raw, p) in redeliver {
                 let members = broker.share_members(&a.id.0, &raw);
                 // Not written for a persistent member: it was not durable for the leaver either.
-                if let Some(t) = broker.pick_member(
-                    &a.id.0,
-                    &space,
-                    &group,
-                    &raw,
-                    &members,
-                    &p.message,
-                    Some(&a.id.1),
-                ) {
+                if let Some(t) =
+                    broker.pick_member(&space, &group, &raw, &members, &p.message, Some(&a.id.1))
+                {
                     broker.enqueue(t, &mut Vec::new(), None);
                 }
             }
@@ -1376,7 +1382,7 @@ impl Core {
         }
         if expiry_ms > 0 {
             let action = v1::timer::Action::SessionExpiry(v1::SessionExpiry {
-                client_id: a.id.1.clone(),
+                client_id: a.id.1.to_string(),
             });
             self.schedule_session_timer(&a.id, EXPIRY_TIMER, now_ms() + expiry_ms, action)
                 .await;
@@ -1407,7 +1413,7 @@ impl Core {
         let timer = v1::Timer {
             id: session_timer_id(kind, id),
             due_at_ms: due_at_ms.max(1),
-            namespace: id.0.clone(),
+            namespace: id.0.to_string(),
             action: Some(action),
         };
         let scheduled = match self.schedule_timer(timer.clone()).await {
@@ -1424,7 +1430,7 @@ impl Core {
 
     /// A session's expiry timer fired: the session ends if it is still disconnected.
     pub(crate) async fn expire_disconnected_session(&self, ns: &str, client: &str) {
-        let id: SessionId = (ns.to_string(), client.to_string());
+        let id: SessionId = (Arc::from(ns), Arc::from(client));
         let Some(epoch) = self.broker().session(&id).and_then(|c| {
             let s = c.lock();
             (!s.removed && s.conn.is_none()).then_some(s.epoch)
@@ -1499,7 +1505,7 @@ impl Core {
                 tree.insert(
                     &filter,
                     Entry {
-                        client: Arc::from(a.id.1.as_str()),
+                        client: a.id.1.clone(),
                         raw_filter: Arc::from(raw.as_str()),
                         group,
                     },
@@ -1606,7 +1612,7 @@ impl Core {
             .bytes_in
             .fetch_add(payload_len(&message) as u64, Ordering::Relaxed);
         let mut laggards = Laggards {
-            publisher: Some(a.id.1.as_str()),
+            publisher: Some(&a.id.1),
             cells: Vec::new(),
         };
         let matched = if let Some((delay_s, real)) = delayed_topic(&topic) {
@@ -1617,7 +1623,7 @@ impl Core {
                 id: String::new(),
                 due_at_ms: now_ms() + (delay_s as i64) * 1000,
                 action: Some(v1::timer::Action::Route(message)),
-                namespace: a.id.0.clone(),
+                namespace: a.id.0.to_string(),
             })
             .await?;
             1
@@ -1928,7 +1934,10 @@ impl Core {
             for (k, v) in &sessions {
                 let parts = meta::parts(SESSION_KEY, k);
                 let [ns, client] = &parts[..] else { continue };
-                let id: SessionId = (ns.clone(), client.clone());
+                let id: SessionId = (
+                    broker.namespace(ns).name.clone(),
+                    Arc::from(client.as_str()),
+                );
                 let record: SessionRecord = from_json("session", v)?;
                 let since = record.disconnected_at_ms.unwrap_or(now);
                 if record.expiry_ms > 0 && since + record.expiry_ms <= now {
@@ -1964,7 +1973,10 @@ impl Core {
                 let [ns, client, seq] = &parts[..] else {
                     continue;
                 };
-                let id: SessionId = (ns.clone(), client.clone());
+                let id: SessionId = (
+                    broker.namespace(ns).name.clone(),
+                    Arc::from(client.as_str()),
+                );
                 let (Some(s), Ok(d), Ok(seq)) = (
                     recovered.get_mut(&id),
                     v1::PendingDelivery::decode(&v[..]),
@@ -2024,9 +2036,9 @@ impl Core {
             let timer = v1::Timer {
                 id: session_timer_id(EXPIRY_TIMER, &id),
                 due_at_ms: (now + left).max(1),
-                namespace: id.0.clone(),
+                namespace: id.0.to_string(),
                 action: Some(v1::timer::Action::SessionExpiry(v1::SessionExpiry {
-                    client_id: id.1.clone(),
+                    client_id: id.1.to_string(),
                 })),
             };
             match self.schedule_timer(timer).await {
@@ -2055,13 +2067,13 @@ impl Core {
             tick.tick().await;
             let broker = self.broker();
             let (namespaces, connected, total) = {
-                let cells: Vec<(String, Arc<SessionCell>)> = broker
+                let cells: Vec<(Arc<str>, Arc<SessionCell>)> = broker
                     .sessions
                     .read()
                     .iter()
                     .map(|((n, _), c)| (n.clone(), c.clone()))
                     .collect();
-                let mut ns: HashSet<String> = cells.iter().map(|(n, _)| n.clone()).collect();
+                let mut ns: HashSet<String> = cells.iter().map(|(n, _)| n.to_string()).collect();
                 ns.extend(broker.namespaces.read().keys().cloned());
                 let connected = cells
                     .iter()
@@ -2135,8 +2147,8 @@ impl Core {
             .map(|((namespace, client_id), cell)| {
                 let s = cell.lock();
                 crate::inspect::SessionSummary {
-                    namespace,
-                    client_id,
+                    namespace: namespace.to_string(),
+                    client_id: client_id.to_string(),
                     connected: s.conn.is_some(),
                     expiry_ms: s.expiry_ms,
                     subscriptions: s.subs.values().cloned().collect(),
@@ -2155,7 +2167,7 @@ impl Core {
     /// connection the server closes (will, expiry). Returns whether a connection was there.
     pub fn kick_session(&self, namespace: &str, client_id: &str) -> CoreResult<bool> {
         let ns = crate::streams::namespace_or_default(namespace).to_string();
-        let id = (ns.clone(), client_id.to_string());
+        let id: SessionId = (Arc::from(ns.as_str()), Arc::from(client_id));
         let cell = self
             .broker()
             .session(&id)
