@@ -1,24 +1,17 @@
 //! Connection metrics, per listener: how many are open, how many were accepted, and how many
 //! the accept loop closed before a gateway saw them (and why).
 
-/// Counts a live connection in `tributary_connections{listener=...}` until dropped.
-pub struct ConnectionGuard {
-    listener: &'static str,
+/// Counts an accepted connection in `tributary_connections{listener=...}` and
+/// `tributary_connections_accepted_total`; the registry does, from its registration on
+/// (a handshake in progress holds a socket too).
+pub(crate) fn count_accepted(listener: &'static str) {
+    metrics::gauge!("tributary_connections", "listener" => listener).increment(1.0);
+    metrics::counter!("tributary_connections_accepted_total", "listener" => listener).increment(1);
 }
 
-impl ConnectionGuard {
-    pub fn new(listener: &'static str) -> Self {
-        metrics::gauge!("tributary_connections", "listener" => listener).increment(1.0);
-        metrics::counter!("tributary_connections_accepted_total", "listener" => listener)
-            .increment(1);
-        Self { listener }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        metrics::gauge!("tributary_connections", "listener" => self.listener).decrement(1.0);
-    }
+/// Counts the end of a connection [`count_accepted`] counted.
+pub(crate) fn count_ended(listener: &'static str) {
+    metrics::gauge!("tributary_connections", "listener" => listener).decrement(1.0);
 }
 
 /// Counts a connection closed before its gateway served it, in

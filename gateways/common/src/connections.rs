@@ -16,7 +16,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -27,7 +27,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tracing::info;
 
-use crate::accounting::protocol_of;
+use crate::accounting::{count_accepted, count_ended, protocol_of};
 
 /// The registry of one process's connections.
 #[derive(Default)]
@@ -36,6 +36,10 @@ pub struct Connections {
     /// a list cannot name another connection by the time the close arrives.
     next_id: AtomicU64,
     open: Mutex<BTreeMap<u64, Arc<Entry>>>,
+    /// Woken on every connection's end; each waiter checks its own entry's flag. One for
+    /// the registry rather than one per entry: an end is waited for only by an operator's
+    /// close, and most of the time by nobody.
+    ends: Notify,
 }
 
 /// One connection as an operator sees it.
@@ -68,23 +72,83 @@ pub enum CloseError {
     NotFound(u64),
 }
 
+/// One registered connection. Kept lean, as there is one per open connection: what is
+/// known at accept is plain fields, what login tells is behind the lock, the flags are bits
+/// of one byte.
 struct Entry {
-    info: Mutex<ConnectionInfo>,
-    /// Set when an operator closes the connection.
-    close: Flag,
-    /// Set when the connection's task ends (its registration is dropped).
-    ended: Flag,
-    /// Set when its listener stops ([`Connections::stop_listener`]).
-    stopping: AtomicBool,
+    id: u64,
+    registry: Arc<Connections>,
+    listener: &'static str,
+    peer: SocketAddr,
+    local: SocketAddr,
+    tls: bool,
+    connected_at_ms: u64,
+    learned: Mutex<Learned>,
+    /// [`CLOSE`], [`ENDED`] and [`STOPPING`].
+    flags: AtomicU8,
+    /// Wakes the waits for a close ([`ConnectionHandle::close_requested`]). Its own, not the
+    /// registry's: gateways wait for it afresh between requests, and one shared by every
+    /// connection would be a lock they all take per request.
+    closes: Notify,
     /// The connection's own task, woken by a close or a stop: a gateway that polls its
     /// connection by hand ([`ConnectionHandle::poll_ending`]) waits without a future of
     /// its own. One waker: only the connection's task polls it.
     task: AtomicWaker,
 }
 
+/// Set when an operator closes the connection.
+const CLOSE: u8 = 1;
+/// Set when the connection's task ends (its registration is dropped).
+const ENDED: u8 = 2;
+/// Set when its listener stops ([`Connections::stop_listener`]).
+const STOPPING: u8 = 4;
+
+/// What the gateway learns at login.
+#[derive(Default)]
+struct Learned {
+    user: Option<String>,
+    client_id: Option<String>,
+    namespace: Option<String>,
+}
+
 impl Entry {
-    fn wake_task(&self) {
-        self.task.wake();
+    fn set(&self, flag: u8) {
+        self.flags.fetch_or(flag, Ordering::AcqRel);
+    }
+
+    fn is_set(&self, flag: u8) -> bool {
+        self.flags.load(Ordering::Acquire) & flag != 0
+    }
+
+    fn info(&self) -> ConnectionInfo {
+        let learned = lock(&self.learned);
+        ConnectionInfo {
+            id: self.id,
+            listener: self.listener,
+            protocol: protocol_of(self.listener),
+            peer: self.peer,
+            local: self.local,
+            tls: self.tls,
+            connected_at_ms: self.connected_at_ms,
+            user: learned.user.clone(),
+            client_id: learned.client_id.clone(),
+            namespace: learned.namespace.clone(),
+            closing: self.is_set(CLOSE),
+        }
+    }
+
+    /// Waits until `flag` is set, woken through `notify`. Cancel-safe.
+    async fn wait(&self, flag: u8, notify: &Notify) {
+        loop {
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            // Registered before the flag is read, so a set in between is not missed.
+            notified.as_mut().enable();
+            if self.is_set(flag) {
+                return;
+            }
+            notified.await;
+        }
     }
 }
 
@@ -95,37 +159,6 @@ pub enum Ending {
     Stop,
     /// An operator closed it.
     Close,
-}
-
-/// A flag that is set once and can be waited for. Inline in the entry: a
-/// `CancellationToken` is an allocation of its own (over 100 bytes), twice per connection.
-#[derive(Default)]
-struct Flag {
-    set: AtomicBool,
-    notify: Notify,
-}
-
-impl Flag {
-    fn set(&self) {
-        self.set.store(true, Ordering::Release);
-        self.notify.notify_waiters();
-    }
-
-    fn is_set(&self) -> bool {
-        self.set.load(Ordering::Acquire)
-    }
-
-    /// Cancel-safe.
-    async fn wait(&self) {
-        let notified = self.notify.notified();
-        tokio::pin!(notified);
-        // Registered before the flag is read, so a set in between is not missed.
-        notified.as_mut().enable();
-        if self.is_set() {
-            return;
-        }
-        notified.await;
-    }
 }
 
 /// A mutex poisoned by a panic elsewhere still guards plain data that is whole: go on.
@@ -151,41 +184,32 @@ impl Connections {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
         let entry = Arc::new(Entry {
-            info: Mutex::new(ConnectionInfo {
-                id,
-                listener,
-                protocol: protocol_of(listener),
-                peer,
-                local,
-                tls,
-                connected_at_ms,
-                user: None,
-                client_id: None,
-                namespace: None,
-                closing: false,
-            }),
-            close: Flag::default(),
-            ended: Flag::default(),
-            stopping: AtomicBool::new(false),
+            id,
+            registry: self.clone(),
+            listener,
+            peer,
+            local,
+            tls,
+            connected_at_ms,
+            learned: Mutex::default(),
+            flags: AtomicU8::new(0),
+            closes: Notify::new(),
             task: AtomicWaker::new(),
         });
         lock(&self.open).insert(id, entry.clone());
+        count_accepted(listener);
         Registration {
-            registry: self.clone(),
-            handle: ConnectionHandle { id, entry },
+            handle: ConnectionHandle { entry },
         }
     }
 
     /// Every open connection, by id (the order they were accepted in).
     pub fn list(&self) -> Vec<ConnectionInfo> {
-        lock(&self.open)
-            .values()
-            .map(|e| lock(&e.info).clone())
-            .collect()
+        lock(&self.open).values().map(|e| e.info()).collect()
     }
 
     pub fn get(&self, id: u64) -> Option<ConnectionInfo> {
-        lock(&self.open).get(&id).map(|e| lock(&e.info).clone())
+        lock(&self.open).get(&id).map(|e| e.info())
     }
 
     /// Tells every connection of `listener` that it stops, for gateways that watch
@@ -193,12 +217,12 @@ impl Connections {
     pub fn stop_listener(&self, listener: &str) {
         let entries: Vec<Arc<Entry>> = lock(&self.open)
             .values()
-            .filter(|e| lock(&e.info).listener == listener)
+            .filter(|e| e.listener == listener)
             .cloned()
             .collect();
         for entry in entries {
-            entry.stopping.store(true, Ordering::Release);
-            entry.wake_task();
+            entry.set(STOPPING);
+            entry.task.wake();
         }
     }
 
@@ -209,11 +233,8 @@ impl Connections {
             .get(&id)
             .cloned()
             .ok_or(CloseError::NotFound(id))?;
-        let info = {
-            let mut info = lock(&entry.info);
-            info.closing = true;
-            info.clone()
-        };
+        entry.set(CLOSE);
+        let info = entry.info();
         info!(
             connection = id,
             listener = info.listener,
@@ -223,12 +244,9 @@ impl Connections {
             by,
             "closing a client connection at an operator's request"
         );
-        entry.close.set();
-        entry.wake_task();
-        Ok(Closing {
-            info,
-            entry: entry.clone(),
-        })
+        entry.closes.notify_waiters();
+        entry.task.wake();
+        Ok(Closing { info, entry })
     }
 }
 
@@ -242,17 +260,17 @@ pub struct Closing {
 impl Closing {
     /// Waits up to `within` for the connection to end; whether it did.
     pub async fn ended(&self, within: Duration) -> bool {
-        tokio::time::timeout(within, self.entry.ended.wait())
+        let entry = &self.entry;
+        tokio::time::timeout(within, entry.wait(ENDED, &entry.registry.ends))
             .await
             .is_ok()
     }
 }
 
-/// Keeps a connection listed; dropping it removes the entry. Held by the accept loop's
+/// Keeps a connection listed and counted; dropping it removes the entry. Held by the accept loop's
 /// task for the connection, so the entry goes when the connection's task does (a panic
 /// included).
 pub struct Registration {
-    registry: Arc<Connections>,
     handle: ConnectionHandle,
 }
 
@@ -261,54 +279,62 @@ impl Registration {
     pub fn handle(&self) -> ConnectionHandle {
         self.handle.clone()
     }
+
+    /// The handle, not a copy of it, for the task holding the registration.
+    pub(crate) fn handle_ref(&self) -> &ConnectionHandle {
+        &self.handle
+    }
 }
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        lock(&self.registry.open).remove(&self.handle.id);
-        self.handle.entry.ended.set();
+        let entry = &self.handle.entry;
+        lock(&entry.registry.open).remove(&entry.id);
+        entry.set(ENDED);
+        count_ended(entry.listener);
+        entry.registry.ends.notify_waiters();
     }
 }
 
 /// A gateway's view of its connection's entry: fill in what login tells, watch for a close.
 #[derive(Clone)]
 pub struct ConnectionHandle {
-    id: u64,
     entry: Arc<Entry>,
 }
 
 impl ConnectionHandle {
     pub fn id(&self) -> u64 {
-        self.id
+        self.entry.id
     }
 
     pub fn set_user(&self, user: impl Into<String>) {
-        lock(&self.entry.info).user = Some(user.into());
+        lock(&self.entry.learned).user = Some(user.into());
     }
 
     pub fn set_client_id(&self, client_id: impl Into<String>) {
-        lock(&self.entry.info).client_id = Some(client_id.into());
+        lock(&self.entry.learned).client_id = Some(client_id.into());
     }
 
     pub fn set_namespace(&self, namespace: impl Into<String>) {
-        lock(&self.entry.info).namespace = Some(namespace.into());
+        lock(&self.entry.learned).namespace = Some(namespace.into());
     }
 
     /// Resolves once an operator has asked to close the connection (at once if one has).
     /// Cancel-safe: fit for a `select!` loop.
     pub async fn close_requested(&self) {
-        self.entry.close.wait().await
+        let entry = &self.entry;
+        entry.wait(CLOSE, &entry.closes).await
     }
 
     pub fn is_close_requested(&self) -> bool {
-        self.entry.close.is_set()
+        self.entry.is_set(CLOSE)
     }
 
     /// [`ConnectionHandle::close_requested`] without a future; the same one-waker rule as
     /// [`ConnectionHandle::poll_ending`] (the accept loop polls it on the connection's task).
     pub fn poll_close_requested(&self, cx: &mut Context<'_>) -> Poll<()> {
         self.entry.task.register(cx.waker());
-        if self.entry.close.is_set() {
+        if self.entry.is_set(CLOSE) {
             Poll::Ready(())
         } else {
             Poll::Pending
@@ -321,9 +347,10 @@ impl ConnectionHandle {
     pub fn poll_ending(&self, cx: &mut Context<'_>) -> Poll<Ending> {
         // Registered before the flags are read, so a set in between wakes this task.
         self.entry.task.register(cx.waker());
-        if self.entry.stopping.load(Ordering::Acquire) {
+        let flags = self.entry.flags.load(Ordering::Acquire);
+        if flags & STOPPING != 0 {
             Poll::Ready(Ending::Stop)
-        } else if self.entry.close.is_set() {
+        } else if flags & CLOSE != 0 {
             Poll::Ready(Ending::Close)
         } else {
             Poll::Pending

@@ -19,7 +19,7 @@ pub mod session_link;
 pub mod tls;
 pub mod users;
 
-pub use accounting::{ConnectionGuard, Traffic, TrafficByListener};
+pub use accounting::{Traffic, TrafficByListener};
 pub use client::{ConnectError, CoreClient, CoreTransport, error_code};
 pub use connections::{ConnectionHandle, ConnectionInfo, Connections};
 pub use gateway::{Accepted, Gateway};

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::num::NonZeroUsize;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{Poll, ready};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::{JoinError, JoinSet};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
-use crate::accounting::{ConnectionGuard, count_dropped};
+use crate::accounting::count_dropped;
 use crate::connections::Registration;
 use crate::gateway::{Accepted, Gateway};
 use crate::handshake::Handshake;
@@ -129,12 +129,9 @@ where
             close_grace: drain_timeout,
             registration,
             _slot: slot,
+            span,
         };
-        connections.spawn(
-            connection
-                .run(handshake.clone(), gateway.clone(), stop.clone())
-                .instrument(span),
-        );
+        connections.spawn(connection.run(handshake.clone(), gateway.clone(), stop.clone()));
     }
     // Refuse new clients from here instead of letting them queue unanswered.
     drop(socket);
@@ -175,11 +172,18 @@ struct Connection {
     registration: Registration,
     /// Its place under the connection limit, given back when the connection ends.
     _slot: Option<OwnedSemaphorePermit>,
+    /// `conn` (listener, peer): the handshake runs in it, and the gateway's own span (which
+    /// says the same and more) is made in it, so it is the parent of all the connection logs.
+    /// The task does not hold it: 40 bytes for every connection's life.
+    span: tracing::Span,
 }
 
 impl Connection {
-    /// Not an `async fn` taking `self`: its future would keep `self` and the fields taken
-    /// out of it side by side for the connection's life.
+    /// The connection's task: the handshake, then the gateway's future, then the entry's
+    /// removal. Polled by hand ([`ConnectionTask`]) rather than written as an `async` block:
+    /// such a block keeps what it captured (the socket it handed on, the peer, the
+    /// timeouts, the handshake and gateway handles) beside its own locals for the
+    /// connection's whole life.
     fn run<H, G>(
         self,
         handshake: Arc<H>,
@@ -198,75 +202,136 @@ impl Connection {
             close_grace,
             registration,
             _slot,
+            span,
         } = self;
-        async move {
-            let _slot = _slot;
-            // Counted from accept on: a handshake in progress holds a socket too.
-            let _counted = ConnectionGuard::new(listener);
-            let connection = registration.handle();
-            // Boxed, as the close below: a task rests at the size of its largest state, and
-            // this one lasts as long as the connection (a TLS handshake's state is kilobytes).
-            let handshaken = Box::pin(async {
-            tokio::select! {
+        let connection = registration.handle();
+        // Boxed: a task rests at the size of its largest state, and this one lasts as long
+        // as the connection (a TLS handshake's state is kilobytes). It ends with the
+        // gateway's future made, not yet polled.
+        let opening = Box::pin(async move {
+            let stream = tokio::select! {
                 done = tokio::time::timeout(handshake_timeout, handshake.handshake(tcp)) => match done {
-                    Ok(Ok(stream)) => Some(stream),
+                    Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => {
                         Dropped::HandshakeFailed(e).record(listener);
-                        None
+                        return None;
                     }
                     Err(_) => {
                         Dropped::HandshakeTimeout(handshake_timeout).record(listener);
-                        None
+                        return None;
                     }
                 },
                 // A half-done handshake is not worth holding the stop up for.
-                _ = stop.wait_for(|s| *s) => None,
+                _ = stop.wait_for(|s| *s) => return None,
                 () = connection.close_requested() => {
                     debug!("closed by an operator during the handshake");
-                    None
+                    return None;
                 }
-            }
-        })
-        .await;
-            let Some(stream) = handshaken else {
-                return;
             };
             let accepted = Accepted {
                 stream,
                 peer,
                 listener,
-                connection: connection.clone(),
+                connection,
             };
-            {
-                // Inline in this task (a box of its own was one more allocation per connection),
-                // and dropped (its socket closed) at the end of this block, before the entry
-                // goes: a client no longer listed must not still be connected.
-                let mut served = std::pin::pin!(gateway.serve_connection(accepted, stop));
-                // Polled by hand: a `select!` kept a future per branch for the connection's life.
-                let mut cut: Option<Pin<Box<tokio::time::Sleep>>> = None;
-                let was_cut = std::future::poll_fn(|cx| {
-                    if served.as_mut().poll(cx).is_ready() {
-                        return Poll::Ready(false);
+            Some(gateway.serve_connection(accepted, stop))
+        }
+        .instrument(span));
+        ConnectionTask {
+            stage: Stage::Opening { opening },
+            close_grace,
+            registration: Some(registration),
+            _slot,
+        }
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// One connection's task, polled by hand: an idle connection's task holds the
+    /// gateway's future (inline: a box of its own was one more allocation per connection),
+    /// its registration and its place under the limit, and nothing else.
+    struct ConnectionTask<O, F> {
+        #[pin]
+        stage: Stage<O, F>,
+        // How long after an operator's close the gateway has to end the connection its
+        // protocol's way before the connection is cut.
+        close_grace: Duration,
+        // Its entry in the connection list, removed when the gateway's future is done
+        // (or when this task is dropped, a panic included).
+        registration: Option<Registration>,
+        // Its place under the connection limit, given back when the connection ends.
+        _slot: Option<OwnedSemaphorePermit>,
+    }
+}
+
+pin_project_lite::pin_project! {
+    #[project = StageProj]
+    enum Stage<O, F> {
+        Opening { opening: Pin<Box<O>> },
+        Serving {
+            #[pin]
+            served: F,
+            // Armed by an operator's close: when it fires, the connection is cut.
+            cut: Option<Pin<Box<tokio::time::Sleep>>>,
+        },
+        Done,
+    }
+}
+
+impl<O, F> Future for ConnectionTask<O, F>
+where
+    O: Future<Output = Option<F>>,
+    F: Future<Output = ()>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut this = self.project();
+        loop {
+            match this.stage.as_mut().project() {
+                StageProj::Opening { opening } => {
+                    let next = match ready!(opening.as_mut().poll(cx)) {
+                        Some(served) => Stage::Serving { served, cut: None },
+                        None => Stage::Done,
+                    };
+                    this.stage.set(next);
+                }
+                StageProj::Serving { served, cut } => {
+                    let connection = match this.registration {
+                        Some(r) => r.handle_ref(),
+                        None => return Poll::Ready(()),
+                    };
+                    if served.poll(cx).is_ready() {
+                        // Its future dropped (its socket closed) before the entry goes: a
+                        // client no longer listed must not still be connected.
+                        this.stage.set(Stage::Done);
+                        *this.registration = None;
+                        return Poll::Ready(());
                     }
                     if cut.is_none() && connection.poll_close_requested(cx).is_ready() {
-                        cut = Some(Box::pin(tokio::time::sleep(close_grace)));
+                        *cut = Some(Box::pin(tokio::time::sleep(*this.close_grace)));
                     }
-                    match cut.as_mut().map(|timer| timer.as_mut().poll(cx)) {
-                        Some(Poll::Ready(())) => Poll::Ready(true),
-                        _ => Poll::Pending,
-                    }
-                })
-                .await;
-                if was_cut {
-                    // The gateway's goodbye did not end it (a request that does not return, an
-                    // opening that does not watch the close): dropping it closes the socket.
+                    let Some(timer) = cut.as_mut() else {
+                        return Poll::Pending;
+                    };
+                    ready!(timer.as_mut().poll(cx));
+                    // The gateway's goodbye did not end it (a request that does not
+                    // return, an opening that does not watch the close): dropping it closes
+                    // the socket.
                     info!(
                         connection = connection.id(),
-                        "cut a connection that did not close within {close_grace:?} of an operator's close"
+                        "cut a connection that did not close within {:?} of an operator's close",
+                        this.close_grace
                     );
+                    this.stage.set(Stage::Done);
+                    *this.registration = None;
+                    return Poll::Ready(());
+                }
+                StageProj::Done => {
+                    *this.registration = None;
+                    return Poll::Ready(());
                 }
             }
-            drop(registration);
         }
     }
 }

@@ -54,14 +54,18 @@ pub struct SessionLink {
     inner: Inner,
 }
 
+// The remote side is boxed: the link is inline in every connection's state, and the
+// local side (one pointer) is what most deployments run.
 enum Inner {
     Local(Box<dyn LocalSession>),
-    Remote {
-        commands: Option<mpsc::Sender<Box<SessionCommand>>>,
-        events: RemoteEvents,
-        /// A wait for room in the channel, while one is asked for.
-        room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
-    },
+    Remote(Box<Remote>),
+}
+
+struct Remote {
+    commands: Option<mpsc::Sender<Box<SessionCommand>>>,
+    events: RemoteEvents,
+    /// A wait for room in the channel, while one is asked for.
+    room: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
 }
 
 impl SessionLink {
@@ -79,11 +83,11 @@ impl SessionLink {
     ) -> Self {
         Self {
             window,
-            inner: Inner::Remote {
+            inner: Inner::Remote(Box::new(Remote {
                 commands: Some(commands),
                 events,
                 room: None,
-            },
+            })),
         }
     }
 
@@ -98,8 +102,8 @@ impl SessionLink {
                 s.send(command);
                 Ok(())
             }
-            Inner::Remote { commands, .. } => {
-                let Some(tx) = commands else {
+            Inner::Remote(remote) => {
+                let Some(tx) = &remote.commands else {
                     return Err(SendError::Closed);
                 };
                 tx.try_send(command).map_err(|e| match e {
@@ -114,7 +118,7 @@ impl SessionLink {
     pub fn room(&self) -> usize {
         match &self.inner {
             Inner::Local(s) => self.window.saturating_sub(s.queued()),
-            Inner::Remote { commands, .. } => commands.as_ref().map_or(0, |tx| tx.capacity()),
+            Inner::Remote(remote) => remote.commands.as_ref().map_or(0, |tx| tx.capacity()),
         }
     }
 
@@ -122,9 +126,9 @@ impl SessionLink {
     pub fn end(&mut self) {
         match &mut self.inner {
             Inner::Local(s) => s.end(),
-            Inner::Remote { commands, room, .. } => {
-                *commands = None;
-                *room = None;
+            Inner::Remote(remote) => {
+                remote.commands = None;
+                remote.room = None;
             }
         }
     }
@@ -160,11 +164,12 @@ impl SessionLink {
                     _ => Poll::Pending,
                 }
             }
-            Inner::Remote {
-                commands,
-                events,
-                room,
-            } => {
+            Inner::Remote(remote) => {
+                let Remote {
+                    commands,
+                    events,
+                    room,
+                } = &mut **remote;
                 if let Poll::Ready(e) = events.poll_next_unpin(cx) {
                     return Poll::Ready(match e {
                         Some(Ok(e)) => LinkEvent::Event(e),

@@ -1,7 +1,7 @@
 //! One client connection: CONNECT, then packets in and core events out until either side
 //! ends it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::{NonZeroU16, NonZeroU32};
@@ -29,9 +29,12 @@ use tributary_proto::v1::{self, SessionCommand, session_command::Command, sessio
 use crate::Gateway;
 use crate::topic;
 
-/// The two halves of whatever carries the bytes (TCP, or a WebSocket bridged to a pipe).
-type Reader = Box<dyn AsyncRead + Send + Unpin>;
-type Writer = Box<dyn AsyncWrite + Send + Unpin>;
+/// Whatever carries the bytes (TCP, TLS, or a WebSocket bridged to a pipe), whole: one task
+/// reads and writes it, so it is not split into halves (an `Arc`, a lock and two boxes per
+/// connection).
+trait Io: AsyncRead + AsyncWrite + Send {}
+impl<T: AsyncRead + AsyncWrite + Send> Io for T {}
+type Socket = Pin<Box<dyn Io>>;
 
 /// Commands on their way to the core per connection. The socket is read only while at
 /// least [`READ_ROOM`] are free, so a core that falls behind (a slow subscriber holding a
@@ -218,11 +221,13 @@ struct Client {
     out: BytesMut,
     /// How much of `out` is written, while a write waits for the socket.
     out_pos: usize,
-    writer: Writer,
+    socket: Socket,
     /// The session in the core: commands in, events out.
     link: SessionLink,
     next_rid: u64,
-    replies: HashMap<u64, Reply>,
+    /// By request id; a B-tree is a third of an empty hash map's size, inline in every
+    /// connection, and as quick for the few answers awaited at a time.
+    replies: BTreeMap<u64, Reply>,
     /// Inbound QoS 1/2 publishes not yet acknowledged to the client (Receive Maximum).
     inbound_unacked: usize,
     /// QoS 2 ids and topic aliases, made on first use.
@@ -246,7 +251,7 @@ impl Client {
         self.rare.get_or_insert_default()
     }
 
-    /// The session's link; everything else goes now, the socket's write half with it, so
+    /// The session's link; everything else goes now, the socket with it, so
     /// the client sees its connection close before the core has finished with the session
     /// (which waits for the metadata store when the session outlives the connection).
     fn into_link(self) -> SessionLink {
@@ -315,7 +320,11 @@ impl Client {
             return Poll::Ready(Ok(()));
         }
         while self.out_pos < written {
-            let n = ready!(Pin::new(&mut self.writer).poll_write(cx, &self.out[self.out_pos..]))?;
+            let n = ready!(
+                self.socket
+                    .as_mut()
+                    .poll_write(cx, &self.out[self.out_pos..])
+            )?;
             if n == 0 {
                 return Poll::Ready(Err(
                     std::io::Error::from(std::io::ErrorKind::WriteZero).into()
@@ -930,11 +939,9 @@ where
         connection = connection.id(),
         client = tracing::field::Empty
     );
-    let (rd, wr) = tokio::io::split(socket);
     let handle = connection.clone();
-    let opening = Box::pin(async move {
-        open_session(Box::new(rd), Box::new(wr), gw, peer, listener, &handle).await
-    });
+    let opening =
+        Box::pin(async move { open_session(Box::pin(socket), gw, peer, listener, &handle).await });
     Connection {
         span,
         connection,
@@ -1013,7 +1020,7 @@ fn log_end(result: &Result<(), ConnError>) {
 /// version detection waits for more bytes on a CONNECT shorter than its header instead of
 /// refusing it, and refuses a 5.0 CONNECT with an empty client id and Clean Start 0, which
 /// MQTT 5 allows (the server assigns an id).
-async fn read_packet(rd: &mut Reader, max: u32) -> Result<BytesMut, ConnError> {
+async fn read_packet(rd: &mut Socket, max: u32) -> Result<BytesMut, ConnError> {
     use tokio::io::AsyncReadExt;
     let mut head = vec![rd.read_u8().await.map_err(|_| ConnError::Eof)?];
     // Anything but CONNECT is refused at once, before waiting for a body it may not have.
@@ -1181,7 +1188,7 @@ fn connect_info(p: MqttPacket) -> Result<ConnectInfo, ConnError> {
 
 /// Writes a refusing CONNACK (v3 return code, v5 reason code) and gives the error back.
 async fn refuse(
-    writer: &mut Writer,
+    socket: &mut Socket,
     v5: bool,
     v3_code: u8,
     v5_code: u8,
@@ -1198,7 +1205,7 @@ async fn refuse(
     } else {
         out.extend_from_slice(&[0x20, 0x02, 0x00, v3_code]);
     }
-    let _ = writer.write_all(&out).await;
+    let _ = socket.write_all(&out).await;
     ConnError::Refused(why, v5_code)
 }
 
@@ -1211,8 +1218,7 @@ struct Connected {
 
 /// CONNECT to CONNACK: checks, authentication, the core session's open.
 async fn open_session(
-    rd: Reader,
-    mut writer: Writer,
+    mut socket: Socket,
     gw: Arc<Gateway>,
     peer: SocketAddr,
     listener: &'static str,
@@ -1220,18 +1226,17 @@ async fn open_session(
 ) -> Result<Connected, ConnError> {
     let traffic = gw.traffic.get(listener);
     let max_in = gw.config.max_packet_size;
-    let mut rd = rd;
-    let mut packet = match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut rd, max_in)).await
-    {
-        Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
-        Ok(r) => r?,
-    };
+    let mut packet =
+        match tokio::time::timeout(CONNECT_TIMEOUT, read_packet(&mut socket, max_in)).await {
+            Err(_) => return Err(ConnError::Protocol("no CONNECT within 10 s")),
+            Ok(r) => r?,
+        };
     let (mut codec, v5_clean_start) = match inspect_connect(&mut packet) {
         Hello::NotConnect => return Err(ConnError::Protocol("the first packet must be CONNECT")),
         Hello::NotMqtt => return Err(ConnError::Malformed("not an MQTT CONNECT".into())),
         Hello::UnknownLevel => {
             // A known protocol name with an unknown level gets CONNACK 0x01 (MQTT-3.1.2-2).
-            return Err(refuse(&mut writer, false, 0x01, 0x84, "unsupported protocol level").await);
+            return Err(refuse(&mut socket, false, 0x01, 0x84, "unsupported protocol level").await);
         }
         Hello::V3 => (MqttCodec::V3(v3::Codec::new(max_in)), None),
         Hello::V5 { clean_start } => (MqttCodec::V5(v5::Codec::new(max_in, 0)), Some(clean_start)),
@@ -1242,23 +1247,23 @@ async fn open_session(
         Ok(None) => {
             // The codec wants more than the packet's remaining length: it is too short.
             if is_v5 {
-                return Err(refuse(&mut writer, true, 0, 0x81, "malformed CONNECT").await);
+                return Err(refuse(&mut socket, true, 0, 0x81, "malformed CONNECT").await);
             }
             return Err(ConnError::Malformed(
                 "CONNECT shorter than its contents".into(),
             ));
         }
         Err(DecodeError::InvalidClientId) => {
-            return Err(refuse(&mut writer, is_v5, 0x02, 0x85, "client id not valid").await);
+            return Err(refuse(&mut socket, is_v5, 0x02, 0x85, "client id not valid").await);
         }
         Err(e) => {
             if is_v5 {
-                return Err(refuse(&mut writer, true, 0, 0x81, "malformed CONNECT").await);
+                return Err(refuse(&mut socket, true, 0, 0x81, "malformed CONNECT").await);
             }
             return Err(decode_error(e));
         }
     };
-    let reader = PacketReader::new(rd, codec, max_in);
+    let reader = PacketReader::new(max_in);
     let mut c = connect_info(first)?;
     if let Some(clean_start) = v5_clean_start {
         c.clean_start = clean_start;
@@ -1266,7 +1271,7 @@ async fn open_session(
     let cfg = &gw.config;
     if c.auth_method {
         return Err(refuse(
-            &mut writer,
+            &mut socket,
             true,
             0,
             0x8C,
@@ -1278,7 +1283,7 @@ async fn open_session(
     if c.client_id.is_empty() {
         if !c.clean_start && !c.v5 || c.level == 3 {
             return Err(refuse(
-                &mut writer,
+                &mut socket,
                 c.v5,
                 0x02,
                 0x85,
@@ -1304,7 +1309,7 @@ async fn open_session(
                 "anonymous clients are not allowed",
             );
             return Err(refuse(
-                &mut writer,
+                &mut socket,
                 c.v5,
                 0x05,
                 0x87,
@@ -1327,7 +1332,7 @@ async fn open_session(
                     "bad user name or password",
                 );
                 return Err(
-                    refuse(&mut writer, c.v5, 0x04, 0x86, "bad user name or password").await,
+                    refuse(&mut socket, c.v5, 0x04, 0x86, "bad user name or password").await,
                 );
             }
         }
@@ -1340,11 +1345,11 @@ async fn open_session(
             .and_then(|r| r.properties.as_ref())
             .map_or("", |p| p.address.as_str());
         if !topic::valid_name(t) {
-            return Err(refuse(&mut writer, c.v5, 0x02, 0x90, "invalid will topic").await);
+            return Err(refuse(&mut socket, c.v5, 0x02, 0x90, "invalid will topic").await);
         }
         if !cfg.acl.may_publish(c.user.as_deref(), &c.client_id, t) {
             return Err(refuse(
-                &mut writer,
+                &mut socket,
                 c.v5,
                 0x05,
                 0x87,
@@ -1393,7 +1398,7 @@ async fn open_session(
     let mut link = match gw.core.attach_session(COMMAND_WINDOW, Box::new(open)).await {
         Ok(link) => link,
         Err(status) => {
-            let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
+            let _ = refuse(&mut socket, c.v5, 0x03, 0x88, "core unavailable").await;
             return Err(ConnError::Core(status.message().to_string()));
         }
     };
@@ -1402,14 +1407,14 @@ async fn open_session(
             Ok(LinkEvent::Event(e)) => match e.event {
                 Some(Event::Opened(o)) => break o,
                 Some(Event::Error(e)) => {
-                    let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core refused the session").await;
+                    let _ = refuse(&mut socket, c.v5, 0x03, 0x88, "core refused the session").await;
                     return Err(ConnError::Core(e.message));
                 }
                 _ => continue,
             },
             Ok(LinkEvent::Room) => continue,
             _ => {
-                let _ = refuse(&mut writer, c.v5, 0x03, 0x88, "core unavailable").await;
+                let _ = refuse(&mut socket, c.v5, 0x03, 0x88, "core unavailable").await;
                 return Err(ConnError::Core("no answer to the session open".into()));
             }
         }
@@ -1429,10 +1434,10 @@ async fn open_session(
         codec,
         out: BytesMut::new(),
         out_pos: 0,
-        writer,
+        socket,
         link,
         next_rid: 1,
-        replies: HashMap::new(),
+        replies: BTreeMap::new(),
         inbound_unacked: 0,
         rare: None,
         client_alias_max: c.alias_max,
@@ -1471,19 +1476,15 @@ async fn open_session(
 
 /// The client's packets, decoded from a read buffer that an idle connection does not hold.
 struct PacketReader {
-    rd: Reader,
     input: ReadBuffer,
-    codec: MqttCodec,
     /// The largest packet taken: room is never made for more on a header's word.
     max_packet: usize,
 }
 
 impl PacketReader {
-    fn new(rd: Reader, codec: MqttCodec, max_packet: u32) -> Self {
+    fn new(max_packet: u32) -> Self {
         Self {
-            rd,
             input: ReadBuffer::new(IDLE_BUFFER),
-            codec,
             max_packet: max_packet as usize,
         }
     }
@@ -1492,15 +1493,17 @@ impl PacketReader {
     fn poll_next(
         &mut self,
         cx: &mut Context<'_>,
+        socket: &mut Socket,
+        codec: &mut MqttCodec,
     ) -> Poll<Option<Result<(MqttPacket, u32), DecodeError>>> {
         loop {
-            match self.codec.decode(self.input.bytes()) {
+            match codec.decode(self.input.bytes()) {
                 Ok(Some(p)) => return Poll::Ready(Some(Ok(p))),
                 Ok(None) => {}
                 Err(e) => return Poll::Ready(Some(Err(e))),
             }
             let want = missing_bytes(self.input.bytes()).min(self.max_packet);
-            match ready!(self.input.poll_fill(cx, &mut self.rd, want)) {
+            match ready!(self.input.poll_fill(cx, socket, want)) {
                 Ok(0) => return Poll::Ready(None),
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Some(Err(e.into()))),
@@ -1552,40 +1555,49 @@ async fn end_core_stream(mut link: SessionLink) {
 /// other tasks run (the session's events come from a queue that has no tokio budget).
 const ROUNDS_PER_POLL: usize = 32;
 
+pin_project_lite::pin_project! {
 /// The keep-alive of a client that asked for one.
 struct KeepAlive {
     period: Duration,
     deadline: Instant,
-    /// One timer for the connection's life, moved on only when it fires before the
-    /// deadline: traffic just moves `deadline` (a timer made and dropped per read showed in
-    /// profiles).
-    timer: Pin<Box<tokio::time::Sleep>>,
+    // One timer for the connection's life, moved on only when it fires before the
+    // deadline: traffic just moves `deadline` (a timer made and dropped per read showed in
+    // profiles).
+    #[pin]
+    timer: tokio::time::Sleep,
+}
 }
 
 impl KeepAlive {
-    fn new(keep_alive: u16) -> Option<Self> {
+    /// Boxed, the timer with it: one allocation for a client that asked for a keep-alive,
+    /// and a pointer in every connection's state.
+    fn new(keep_alive: u16) -> Option<Pin<Box<Self>>> {
         let period = Duration::from_millis(u64::from(keep_alive) * 1500);
         let deadline = Instant::now() + period;
-        (keep_alive > 0).then(|| Self {
-            period,
-            deadline,
-            timer: Box::pin(tokio::time::sleep_until(deadline)),
+        (keep_alive > 0).then(|| {
+            Box::pin(Self {
+                period,
+                deadline,
+                timer: tokio::time::sleep_until(deadline),
+            })
         })
     }
 
-    fn restart(keep: &mut Option<Self>) {
+    fn restart(keep: &mut Option<Pin<Box<Self>>>) {
         if let Some(k) = keep {
-            k.deadline = Instant::now() + k.period;
+            let k = k.as_mut().project();
+            *k.deadline = Instant::now() + *k.period;
         }
     }
 
     /// Ready once the deadline has passed with nothing read.
-    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        while self.timer.as_mut().poll(cx).is_ready() {
-            if Instant::now() >= self.deadline {
+    fn poll_expired(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let mut k = self.project();
+        while k.timer.as_mut().poll(cx).is_ready() {
+            if Instant::now() >= *k.deadline {
                 return Poll::Ready(());
             }
-            self.timer.as_mut().reset(self.deadline);
+            k.timer.as_mut().reset(*k.deadline);
         }
         Poll::Pending
     }
@@ -1595,7 +1607,7 @@ impl KeepAlive {
 struct Serving {
     client: Client,
     reader: PacketReader,
-    keep: Option<KeepAlive>,
+    keep: Option<Pin<Box<KeepAlive>>>,
 }
 
 impl Serving {
@@ -1626,7 +1638,7 @@ impl Serving {
             }));
         }
         if let Some(keep) = &mut self.keep
-            && keep.poll_expired(cx).is_ready()
+            && keep.as_mut().poll_expired(cx).is_ready()
         {
             return Poll::Ready(Err(ConnError::KeepAlive));
         }
@@ -1666,7 +1678,10 @@ impl Serving {
             // Handle what is already decoded before writing the answers in one go.
             let mut handled = 0;
             while handled < 64 {
-                let Poll::Ready(next) = self.reader.poll_next(cx) else {
+                let Poll::Ready(next) =
+                    self.reader
+                        .poll_next(cx, &mut self.client.socket, &mut self.client.codec)
+                else {
                     break;
                 };
                 match next {
@@ -1732,7 +1747,7 @@ impl Serving {
                 }
             }
         }
-        // The client is done: its socket closes now (both halves dropped). Then the
+        // The client is done: its socket closes now (dropped with it). Then the
         // command stream ends, and the core's event stream is awaited to its end before it
         // is dropped: the core takes every command sent so far (a QoS 0 PUBLISH read just
         // before the client went away) and then ends the session's stream. Dropping the
