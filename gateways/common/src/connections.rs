@@ -25,6 +25,7 @@ use futures::task::AtomicWaker;
 
 use serde::Serialize;
 use tokio::sync::Notify;
+use tokio::task::AbortHandle;
 use tracing::info;
 
 use crate::accounting::{count_accepted, count_ended, protocol_of};
@@ -103,12 +104,15 @@ const ENDED: u8 = 2;
 /// Set when its listener stops ([`Connections::stop_listener`]).
 const STOPPING: u8 = 4;
 
-/// What the gateway learns at login.
+/// What the gateway learns at login. The client id and the namespace are shared strings:
+/// the gateway keeps the same client id, and a namespace is the same for most connections.
 #[derive(Default)]
 struct Learned {
     user: Option<String>,
-    client_id: Option<String>,
-    namespace: Option<String>,
+    client_id: Option<Arc<str>>,
+    namespace: Option<Arc<str>>,
+    /// The connection's task, for [`Connections::abort_listener`].
+    abort: Option<AbortHandle>,
 }
 
 impl Entry {
@@ -131,8 +135,8 @@ impl Entry {
             tls: self.tls,
             connected_at_ms: self.connected_at_ms,
             user: learned.user.clone(),
-            client_id: learned.client_id.clone(),
-            namespace: learned.namespace.clone(),
+            client_id: learned.client_id.as_deref().map(str::to_string),
+            namespace: learned.namespace.as_deref().map(str::to_string),
             closing: self.is_set(CLOSE),
         }
     }
@@ -226,6 +230,18 @@ impl Connections {
         }
     }
 
+    /// Aborts the task of every connection of `listener`: what is left of them once their
+    /// drain timeout has passed, or when the listener is dropped.
+    pub(crate) fn abort_listener(&self, listener: &str) {
+        for entry in lock(&self.open).values() {
+            if entry.listener == listener
+                && let Some(task) = &lock(&entry.learned).abort
+            {
+                task.abort();
+            }
+        }
+    }
+
     /// Asks the connection's gateway to close it; `by` says who asked, for the log. Closing
     /// a connection already closing asks again, harmlessly.
     pub fn close(&self, id: u64, by: &str) -> Result<Closing, CloseError> {
@@ -307,15 +323,24 @@ impl ConnectionHandle {
         self.entry.id
     }
 
+    pub(crate) fn listener(&self) -> &'static str {
+        self.entry.listener
+    }
+
+    /// The task serving the connection, for [`Connections::abort_listener`].
+    pub(crate) fn set_abort(&self, task: AbortHandle) {
+        lock(&self.entry.learned).abort = Some(task);
+    }
+
     pub fn set_user(&self, user: impl Into<String>) {
         lock(&self.entry.learned).user = Some(user.into());
     }
 
-    pub fn set_client_id(&self, client_id: impl Into<String>) {
+    pub fn set_client_id(&self, client_id: impl Into<Arc<str>>) {
         lock(&self.entry.learned).client_id = Some(client_id.into());
     }
 
-    pub fn set_namespace(&self, namespace: impl Into<String>) {
+    pub fn set_namespace(&self, namespace: impl Into<Arc<str>>) {
         lock(&self.entry.learned).namespace = Some(namespace.into());
     }
 

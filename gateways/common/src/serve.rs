@@ -5,14 +5,15 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::num::NonZeroUsize;
+use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Poll, ready};
 use std::time::Duration;
 
 use tokio::net::TcpStream;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
-use tokio::task::{JoinError, JoinSet};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::accounting::count_dropped;
@@ -79,15 +80,20 @@ where
     let local = socket.local_addr().ok();
     let handshake = Arc::new(handshake);
     let slots = max_connections.map(|max| (max, Arc::new(Semaphore::new(max.get()))));
-    let mut connections = JoinSet::new();
+    // The listener's tasks are counted, not kept in a `JoinSet` (an entry of some 60 bytes per
+    // connection); each one's abort handle is in its registry entry.
+    let open = Arc::new(OpenConnections {
+        count: AtomicUsize::new(0),
+        none_left: Notify::new(),
+        close_grace: drain_timeout,
+    });
+    let _abort_on_drop = AbortOnDrop {
+        registry: registry.clone(),
+        listener: name,
+    };
     loop {
         let accepted = tokio::select! {
             accepted = socket.accept() => accepted,
-            // Reaps ended connections as they go, or the set would keep every one's result.
-            Some(ended) = connections.join_next() => {
-                reap(name, ended);
-                continue;
-            }
             _ = stop.wait_for(|s| *s) => break,
         };
         let (tcp, peer) = match accepted {
@@ -121,17 +127,19 @@ where
             tcp.local_addr().ok().or(local).unwrap_or(peer),
             H::TLS,
         );
+        let listed = registration.handle();
         let connection = Connection {
             tcp,
             peer,
             listener: name,
             handshake_timeout,
-            close_grace: drain_timeout,
             registration,
             _slot: slot,
             span,
+            open: OpenConnection::new(&open),
         };
-        connections.spawn(connection.run(handshake.clone(), gateway.clone(), stop.clone()));
+        let task = tokio::spawn(connection.run(handshake.clone(), gateway.clone(), stop.clone()));
+        listed.set_abort(task.abort_handle());
     }
     // Refuse new clients from here instead of letting them queue unanswered.
     drop(socket);
@@ -139,24 +147,84 @@ where
     registry.stop_listener(name);
     info!(
         listener = name,
-        open = connections.len(),
+        open = open.count(),
         "stopped accepting; waiting for the open connections"
     );
-    let drained = tokio::time::timeout(drain_timeout, async {
-        while let Some(ended) = connections.join_next().await {
-            reap(name, ended);
-        }
-    })
-    .await;
-    if drained.is_err() {
+    if tokio::time::timeout(drain_timeout, open.none())
+        .await
+        .is_err()
+    {
         info!(
             listener = name,
-            open = connections.len(),
+            open = open.count(),
             "closing the connections still open after {drain_timeout:?}"
         );
-        connections.shutdown().await;
+        registry.abort_listener(name);
+        open.none().await;
     }
     debug!(listener = name, "every connection ended");
+}
+
+/// How many of a listener's connection tasks are alive, and a wake-up when none is.
+struct OpenConnections {
+    count: AtomicUsize,
+    none_left: Notify,
+    /// How long after an operator's close the gateway has to end a connection its
+    /// protocol's way before the connection is cut (the listener's drain timeout): here,
+    /// once per listener, rather than in every connection's task.
+    close_grace: Duration,
+}
+
+impl OpenConnections {
+    fn count(&self) -> usize {
+        self.count.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection task is alive.
+    async fn none(&self) {
+        loop {
+            let woken = self.none_left.notified();
+            tokio::pin!(woken);
+            // Registered before the count is read, so a last end in between is not missed.
+            woken.as_mut().enable();
+            if self.count() == 0 {
+                return;
+            }
+            woken.await;
+        }
+    }
+}
+
+/// One connection task's place in [`OpenConnections`], given back when the task's future
+/// is dropped (it ended, or it was aborted).
+struct OpenConnection(Arc<OpenConnections>);
+
+impl OpenConnection {
+    fn new(open: &Arc<OpenConnections>) -> Self {
+        open.count.fetch_add(1, Ordering::AcqRel);
+        Self(open.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        if self.0.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.none_left.notify_waiters();
+        }
+    }
+}
+
+/// Aborts the listener's connection tasks when `serve` is dropped: dropping it closes them
+/// all at once, as its `JoinSet` did.
+struct AbortOnDrop {
+    registry: Arc<crate::connections::Connections>,
+    listener: &'static str,
+}
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.registry.abort_listener(self.listener);
+    }
 }
 
 /// An accepted connection on its way to its gateway.
@@ -165,9 +233,6 @@ struct Connection {
     peer: SocketAddr,
     listener: &'static str,
     handshake_timeout: Duration,
-    /// How long after an operator's close the gateway has to end the connection its
-    /// protocol's way before the connection is cut.
-    close_grace: Duration,
     /// Its entry in the connection list, removed when this task ends (panic included).
     registration: Registration,
     /// Its place under the connection limit, given back when the connection ends.
@@ -176,6 +241,7 @@ struct Connection {
     /// says the same and more) is made in it, so it is the parent of all the connection logs.
     /// The task does not hold it: 40 bytes for every connection's life.
     span: tracing::Span,
+    open: OpenConnection,
 }
 
 impl Connection {
@@ -199,10 +265,10 @@ impl Connection {
             peer,
             listener,
             handshake_timeout,
-            close_grace,
             registration,
             _slot,
             span,
+            open,
         } = self;
         let connection = registration.handle();
         // Boxed: a task rests at the size of its largest state, and this one lasts as long
@@ -239,9 +305,9 @@ impl Connection {
         .instrument(span));
         ConnectionTask {
             stage: Stage::Opening { opening },
-            close_grace,
             registration: Some(registration),
             _slot,
+            open,
         }
     }
 }
@@ -253,14 +319,14 @@ pin_project_lite::pin_project! {
     struct ConnectionTask<O, F> {
         #[pin]
         stage: Stage<O, F>,
-        // How long after an operator's close the gateway has to end the connection its
-        // protocol's way before the connection is cut.
-        close_grace: Duration,
         // Its entry in the connection list, removed when the gateway's future is done
         // (or when this task is dropped, a panic included).
         registration: Option<Registration>,
         // Its place under the connection limit, given back when the connection ends.
         _slot: Option<OwnedSemaphorePermit>,
+        // Counted among its listener's open connections while it lives; its listener's
+        // close grace with it.
+        open: OpenConnection,
     }
 }
 
@@ -285,7 +351,29 @@ where
 {
     type Output = ();
 
-    fn poll(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        // A panic ends this connection only, as it would end the task; caught here to say
+        // which listener's connection it was (the panic message went to stderr).
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.as_mut().poll_stages(cx))) {
+            Ok(poll) => poll,
+            Err(_) => {
+                let listener = self
+                    .registration
+                    .as_ref()
+                    .map_or("", |r| r.handle_ref().listener());
+                error!(listener, "a connection task panicked");
+                Poll::Ready(())
+            }
+        }
+    }
+}
+
+impl<O, F> ConnectionTask<O, F>
+where
+    O: Future<Output = Option<F>>,
+    F: Future<Output = ()>,
+{
+    fn poll_stages(self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<()> {
         let mut this = self.project();
         loop {
             match this.stage.as_mut().project() {
@@ -309,7 +397,7 @@ where
                         return Poll::Ready(());
                     }
                     if cut.is_none() && connection.poll_close_requested(cx).is_ready() {
-                        *cut = Some(Box::pin(tokio::time::sleep(*this.close_grace)));
+                        *cut = Some(Box::pin(tokio::time::sleep(this.open.0.close_grace)));
                     }
                     let Some(timer) = cut.as_mut() else {
                         return Poll::Pending;
@@ -321,7 +409,7 @@ where
                     info!(
                         connection = connection.id(),
                         "cut a connection that did not close within {:?} of an operator's close",
-                        this.close_grace
+                        this.open.0.close_grace
                     );
                     this.stage.set(Stage::Done);
                     *this.registration = None;
@@ -333,16 +421,6 @@ where
                 }
             }
         }
-    }
-}
-
-/// A connection task that panicked is logged (the panic message went to stderr); the
-/// listener and the other connections go on.
-fn reap(listener: &'static str, ended: Result<(), JoinError>) {
-    if let Err(e) = ended
-        && e.is_panic()
-    {
-        error!(listener, "a connection task panicked");
     }
 }
 

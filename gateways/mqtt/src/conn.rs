@@ -215,7 +215,8 @@ struct Client {
     /// Messages in and out of this connection, in the listener's traffic metrics.
     traffic: Arc<Traffic>,
     v5: bool,
-    client_id: String,
+    /// Shared with the connection's entry in the connection list.
+    client_id: Arc<str>,
     user: Option<String>,
     codec: MqttCodec,
     out: BytesMut,
@@ -1359,8 +1360,9 @@ async fn open_session(
         }
     }
     tracing::Span::current().record("client", c.client_id.as_str());
-    connection.set_client_id(c.client_id.as_str());
-    connection.set_namespace(cfg.namespace.as_str());
+    let client_id: Arc<str> = Arc::from(c.client_id.as_str());
+    connection.set_client_id(client_id.clone());
+    connection.set_namespace(gw.namespace.clone());
     if let Some(user) = &c.user {
         connection.set_user(user.as_str());
     }
@@ -1429,7 +1431,7 @@ async fn open_session(
         gw: gw.clone(),
         traffic,
         v5: c.v5,
-        client_id: c.client_id.clone(),
+        client_id,
         user: c.user.clone(),
         codec,
         out: BytesMut::new(),

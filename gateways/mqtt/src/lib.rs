@@ -87,11 +87,14 @@ pub struct Gateway {
     /// Refused logins, counted and (rate-limited) logged.
     pub(crate) logins: tributary_gateway_common::auth::LoginRefusals,
     pub(crate) traffic: tributary_gateway_common::TrafficByListener,
+    /// `config.namespace`, shared by every connection's entry in the connection list.
+    pub(crate) namespace: Arc<str>,
 }
 
 impl Gateway {
     pub fn new(core: CoreClient, config: MqttConfig) -> Arc<Self> {
         Arc::new(Self {
+            namespace: Arc::from(config.namespace.as_str()),
             config,
             core,
             logins: Default::default(),
