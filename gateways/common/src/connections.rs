@@ -143,16 +143,7 @@ impl Entry {
 
     /// Waits until `flag` is set, woken through `notify`. Cancel-safe.
     async fn wait(&self, flag: u8, notify: &Notify) {
-        loop {
-            let notified = notify.notified();
-            tokio::pin!(notified);
-            // Registered before the flag is read, so a set in between is not missed.
-            notified.as_mut().enable();
-            if self.is_set(flag) {
-                return;
-            }
-            notified.await;
-        }
+        wait_until(notify, || self.is_set(flag)).await
     }
 }
 
@@ -163,6 +154,20 @@ pub enum Ending {
     Stop,
     /// An operator closed it.
     Close,
+}
+
+/// Waits until `done` holds, checked again each time `notify` wakes its waiters. Cancel-safe.
+pub(crate) async fn wait_until(notify: &Notify, done: impl Fn() -> bool) {
+    loop {
+        let notified = notify.notified();
+        tokio::pin!(notified);
+        // Registered before `done` is read, so a change in between is not missed.
+        notified.as_mut().enable();
+        if done() {
+            return;
+        }
+        notified.await;
+    }
 }
 
 /// A mutex poisoned by a panic elsewhere still guards plain data that is whole: go on.

@@ -17,7 +17,7 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, watch};
 use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use crate::accounting::count_dropped;
-use crate::connections::Registration;
+use crate::connections::{Registration, wait_until};
 use crate::gateway::{Accepted, Gateway};
 use crate::handshake::Handshake;
 use crate::listener::Listener;
@@ -182,16 +182,7 @@ impl OpenConnections {
 
     /// Resolves once no connection task is alive.
     async fn none(&self) {
-        loop {
-            let woken = self.none_left.notified();
-            tokio::pin!(woken);
-            // Registered before the count is read, so a last end in between is not missed.
-            woken.as_mut().enable();
-            if self.count() == 0 {
-                return;
-            }
-            woken.await;
-        }
+        wait_until(&self.none_left, || self.count() == 0).await
     }
 }
 
@@ -385,17 +376,19 @@ where
                     this.stage.set(next);
                 }
                 StageProj::Serving { served, cut } => {
-                    let connection = match this.registration {
-                        Some(r) => r.handle_ref(),
-                        None => return Poll::Ready(()),
-                    };
+                    // Done: its future is dropped (its socket closed) before the entry goes
+                    // (`Done` below), as a client no longer listed must not still be
+                    // connected.
                     if served.poll(cx).is_ready() {
-                        // Its future dropped (its socket closed) before the entry goes: a
-                        // client no longer listed must not still be connected.
                         this.stage.set(Stage::Done);
-                        *this.registration = None;
-                        return Poll::Ready(());
+                        continue;
                     }
+                    let Some(connection) = this.registration.as_ref().map(|r| r.handle_ref())
+                    else {
+                        // Not reached: the registration goes only in `Done`.
+                        this.stage.set(Stage::Done);
+                        continue;
+                    };
                     if cut.is_none() && connection.poll_close_requested(cx).is_ready() {
                         *cut = Some(Box::pin(tokio::time::sleep(this.open.0.close_grace)));
                     }
@@ -412,8 +405,6 @@ where
                         this.open.0.close_grace
                     );
                     this.stage.set(Stage::Done);
-                    *this.registration = None;
-                    return Poll::Ready(());
                 }
                 StageProj::Done => {
                     *this.registration = None;
