@@ -73,6 +73,14 @@ pub const LOCK_STRIPES: u32 = 4096;
 pub const MAX_NAMESPACE_LEN: usize = 40;
 
 const POOL_SIZE: u32 = 16;
+/// How long PostgreSQL keeps a session that sits idle inside a transaction before it ends it
+/// (and so releases its locks). A transaction here is a few statements sent back to back, so
+/// only a client that went silent mid-transaction (killed, paused, cut off by the network)
+/// idles this long; its locks must be gone before a cluster standby, a TTL (5 s by default)
+/// after the last heartbeat it saw, tries to take the lease over. At 30 s the takeover's lock
+/// wait hit the 10 s `lock_timeout` and the standby that finally won had a lease already run
+/// out.
+const PG_IDLE_IN_TRANSACTION_TIMEOUT: &str = "2s";
 /// Pooled connections idle longer than this are pinged before use, so a server restart
 /// while the pool was idle costs no failed operation.
 const PING_AFTER_IDLE: Duration = Duration::from_secs(1);
@@ -368,7 +376,10 @@ impl PostgresMetaStore {
         let opts = opts.options([
             ("statement_timeout", "10s"),
             ("lock_timeout", "10s"),
-            ("idle_in_transaction_session_timeout", "30s"),
+            (
+                "idle_in_transaction_session_timeout",
+                PG_IDLE_IN_TRANSACTION_TIMEOUT,
+            ),
         ]);
         // One connection of our own first: its error names the reason, where the pool
         // would only report a timeout.

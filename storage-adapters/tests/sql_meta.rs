@@ -460,6 +460,128 @@ async fn times_out_instead_of_hanging(kind: Kind) {
     );
 }
 
+/// `url` with another `host:port`.
+fn with_address(url: &str, addr: std::net::SocketAddr) -> String {
+    let at = url.rfind('@').expect("the test URL has a user");
+    let slash = at + url[at..].find('/').expect("the test URL names a database");
+    format!("{}@{addr}{}", &url[..at], &url[slash..])
+}
+
+/// A TCP relay to `server` that goes silent, as a network cut does, once its client sends
+/// a chunk containing `trigger`: that chunk and everything after it from the client is
+/// dropped, and the connection to the server stays open (nothing tells the server the client
+/// is gone). `silenced` is notified when that happens.
+async fn relay_that_goes_silent(
+    server: std::net::SocketAddr,
+    trigger: &'static [u8],
+    silenced: Arc<tokio::sync::Notify>,
+) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let upstream = tokio::net::TcpStream::connect(server).await.unwrap();
+            let (mut client_rx, mut client_tx) = client.into_split();
+            let (mut server_rx, mut server_tx) = upstream.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
+            });
+            let silenced = silenced.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut silent = false;
+                while let Ok(n) = client_rx.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    if !silent && buf[..n].windows(trigger.len()).any(|w| w == trigger) {
+                        silent = true;
+                        silenced.notify_one();
+                    }
+                    if !silent && server_tx.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+                // Keep the server's end open for as long as the test runs.
+                std::future::pending::<()>().await;
+                drop(server_tx);
+            });
+        }
+    });
+    addr
+}
+
+/// A client that goes silent in the middle of a transaction (killed, paused or cut off from
+/// the server; the server sees an open connection and no more statements) holds its locks
+/// only for PostgreSQL's idle-in-transaction timeout: another client's write of the same key
+/// succeeds within the store's own 10 s lock timeout. (With the server's lock held for 30 s,
+/// a cluster standby's takeover hit that timeout and won only after its lease had run out.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn postgres_locks_of_a_client_gone_silent_mid_transaction_are_released() {
+    use tributary_storage::Op;
+    let Some(url) =
+        Kind::Postgres.url("postgres_locks_of_a_client_gone_silent_mid_transaction_are_released")
+    else {
+        return;
+    };
+    let ns = fresh_namespace();
+    let direct = Kind::Postgres.connect(&url, &ns).await.unwrap();
+    direct.put(b"k", b"before").await.unwrap();
+    let opts: sqlx::postgres::PgConnectOptions = url.parse().unwrap();
+    let server = tokio::net::lookup_host((opts.get_host(), opts.get_port()))
+        .await
+        .unwrap()
+        .next()
+        .unwrap();
+    // The relay falls silent when the write statement comes: by then the transaction holds
+    // its lock on `k` (taken first, in a statement of its own that was answered).
+    let silenced = Arc::new(tokio::sync::Notify::new());
+    let relay = relay_that_goes_silent(server, b"INSERT INTO", silenced.clone()).await;
+    let cut_off = Kind::Postgres
+        .connect(&with_address(&url, relay), &ns)
+        .await
+        .unwrap();
+    let stuck = tokio::spawn(async move {
+        cut_off
+            .txn(
+                Vec::new(),
+                vec![Op::Put {
+                    key: b"k".to_vec(),
+                    value: b"lost".to_vec(),
+                }],
+            )
+            .await
+    });
+    silenced.notified().await;
+    let started = Instant::now();
+    let written = direct
+        .txn(
+            Vec::new(),
+            vec![Op::Put {
+                key: b"k".to_vec(),
+                value: b"after".to_vec(),
+            }],
+        )
+        .await;
+    eprintln!(
+        "the write behind the silent client's lock: {written:?} after {:?}",
+        started.elapsed()
+    );
+    assert!(
+        matches!(written, Ok(true)),
+        "a write of the key the silent client had locked: {written:?}"
+    );
+    assert!(
+        stuck.await.unwrap().is_err(),
+        "the silent client's transaction cannot have succeeded"
+    );
+    assert_eq!(
+        direct.get(b"k").await.unwrap().as_deref(),
+        Some(&b"after"[..])
+    );
+}
+
 const CRASH_NAMESPACE: &str = "crash_check";
 const CRASH_WRITERS: u64 = 4;
 
