@@ -20,6 +20,12 @@ impl PeerIdentity for TcpStream {
     }
 }
 
+impl<S: PeerIdentity + ?Sized> PeerIdentity for Box<S> {
+    fn client_certificate_subject(&self) -> Option<String> {
+        (**self).client_certificate_subject()
+    }
+}
+
 impl PeerIdentity for TlsStream<TcpStream> {
     fn client_certificate_subject(&self) -> Option<String> {
         // rustls only hands out certificates its verifier accepted.

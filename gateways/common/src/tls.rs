@@ -9,7 +9,6 @@
 //! and authenticates otherwise, e.g. SASL) or required (mutual TLS).
 
 use std::fmt;
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
@@ -325,28 +324,25 @@ fn client_roots(ca: &Path) -> Result<Arc<rustls::RootCertStore>, TlsError> {
 }
 
 /// A TLS listener's connections start with the TLS handshake; its gateway gets the stream
-/// of plaintext on top of it.
+/// of plaintext on top of it, boxed: rustls' connection state is over a kilobyte, and a
+/// gateway's connection future holds its stream for the connection's life (in every state
+/// of its `async` chain that keeps it), where a box costs a pointer.
 impl Handshake for TlsAcceptor {
-    type Stream = TlsStream<TcpStream>;
+    type Stream = Box<TlsStream<TcpStream>>;
     const TLS: bool = true;
 
-    fn handshake(
-        &self,
-        tcp: TcpStream,
-    ) -> impl Future<Output = std::io::Result<Self::Stream>> + Send {
-        self.accept(tcp)
+    async fn handshake(&self, tcp: TcpStream) -> std::io::Result<Self::Stream> {
+        self.accept(tcp).await.map(Box::new)
     }
 }
 
 impl Handshake for Acceptor {
-    type Stream = TlsStream<TcpStream>;
+    type Stream = Box<TlsStream<TcpStream>>;
     const TLS: bool = true;
 
-    fn handshake(
-        &self,
-        tcp: TcpStream,
-    ) -> impl Future<Output = std::io::Result<Self::Stream>> + Send {
-        self.current().accept(tcp)
+    async fn handshake(&self, tcp: TcpStream) -> std::io::Result<Self::Stream> {
+        let accept = self.current().accept(tcp);
+        accept.await.map(Box::new)
     }
 }
 
