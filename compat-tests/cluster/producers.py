@@ -18,6 +18,7 @@ at-least-once allows), so "acknowledged" is the set the scenario must find again
 
 from __future__ import annotations
 
+import collections
 import logging
 import threading
 import time
@@ -58,7 +59,16 @@ class CkProducer(Producer):
         self.pending: set[int] = set()
         log = logging.getLogger(f"rdkafka.{topic}")
         log.propagate = False
-        log.addHandler(logging.NullHandler())
+        # librdkafka's own log lines (warnings and notices: an idempotent producer's epoch
+        # bump after an unexpected sequence error shows here), kept for the report.
+        self.client_log: collections.deque[str] = collections.deque(maxlen=400)
+        keep = self.client_log
+
+        class Keep(logging.Handler):
+            def emit(self, record):
+                keep.append(f"{time.strftime('%H:%M:%S')} {record.getMessage()}")
+        log.addHandler(Keep())
+        log.setLevel(logging.DEBUG)
         self.p = CkP({
             "bootstrap.servers": bootstrap,
             "acks": "all",
@@ -75,6 +85,8 @@ class CkProducer(Producer):
             "reconnect.backoff.ms": 100,
             "reconnect.backoff.max.ms": 1000,
             "logger": log,
+            # Idempotence state changes (producer id, epoch bumps, sequence errors).
+            "debug": "eos",
             "error_cb": lambda e: self.error(f"client: {e.name()}"),
         })
 

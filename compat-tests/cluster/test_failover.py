@@ -356,7 +356,12 @@ def test_failover(cluster: Cluster):
     # Everything back: Kafka from the partitions' start, AMQP from the queue, MQTT from the
     # persistent session.
     kafka, mqtt, amqp, sqs_runner = runners
-    consumed_kafka = ids_of(g.value for g in ck_read_all(bootstrap, topic, PARTITIONS))
+    kafka_read = ck_read_all(bootstrap, topic, PARTITIONS)
+    consumed_kafka = ids_of(g.value for g in kafka_read)
+    # Where each copy of a duplicated id sits, for the failure report.
+    kafka_places = collections.defaultdict(list)
+    for g, i in zip(kafka_read, consumed_kafka):
+        kafka_places[i].append(f"{g.partition}@{g.offset}")
     s = Session(c.listeners["mqtt"], sub_id)
     assert s.session_present, "the persistent MQTT session is gone after the failovers"
     read_until_complete(s.c.loop, lambda: set(ids_of(s.got)), set(mqtt.p.acked), "mqtt read-back")
@@ -380,6 +385,15 @@ def test_failover(cluster: Cluster):
                    for e in events if e.serving_s > TAKEOVER_LIMIT_S]
     violations += [f"clients served again later than {CLIENT_LIMIT_S:.0f}s: {e.line()}"
                    for e in events if max(e.client_s.values()) > CLIENT_LIMIT_S]
+    kafka_dups = {i: at for i, at in kafka_places.items() if len(at) > 1}
+    if kafka_dups:
+        lines.append(f"  kafka duplicates (id: partition@offset of each copy): "
+                     f"{dict(sorted(kafka_dups.items())[:20])}")
+        # The idempotence events among librdkafka's eos debug lines (not its drain notes).
+        said = [line for line in kafka.p.client_log
+                if any(w in line.lower() for w in ("epoch", "pid", "sequence", "bump", "reset",
+                                                    "order", "unknown", "fatal", "idemp"))]
+        lines += ["  librdkafka: " + line[:300] for line in said[-60:]]
     if set(sqs_runner.p.acked) - set(consumed_sqs):
         lines.append(f"  sqs queue after the read-back: {sqs_attributes['Attributes']}")
     lines += ["  FAILED: " + v.splitlines()[0] for v in problems + violations]
