@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::Gateway;
 use crate::errors::ConnectionError;
+use crate::produce_order::ProduceOrder;
 use crate::sasl::{Conversation, Step};
 use crate::versions;
 
@@ -51,6 +52,8 @@ pub(crate) struct Session {
     close_after: Option<String>,
     /// Its entry in the process's connection list.
     connection: ConnectionHandle,
+    /// The order its pipelined produces settle their answers in.
+    produce_order: ProduceOrder,
 }
 
 enum SaslProgress {
@@ -112,6 +115,7 @@ pub(crate) async fn serve_connection<S>(
             principal,
             close_after: None,
             connection,
+            produce_order: ProduceOrder::default(),
         };
         let result = tokio::select! {
             r = serve(&mut io, &gateway, &mut session) => r,
@@ -382,8 +386,10 @@ async fn begin_frame(
         }
         if let RequestKind::Produce(request) = request {
             let authz = gateway.authz(session).await;
-            let in_flight =
-                crate::data::produce_begin(gateway, &authz, &session.traffic, request).await;
+            let turn = session.produce_order.next();
+            let in_flight = crate::data::produce_begin(gateway, &authz, &session.traffic, request)
+                .await
+                .in_turn(turn);
             return Ok(Begun::Produce(in_flight));
         }
         Ok(Begun::Answer(
@@ -815,6 +821,7 @@ mod tests {
                 principal: None,
                 close_after: None,
                 connection: registration.handle(),
+                produce_order: ProduceOrder::default(),
             };
             let _ = serve(&mut io, &gateway, &mut session).await;
         });

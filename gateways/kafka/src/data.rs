@@ -26,6 +26,7 @@ use crate::Gateway;
 use crate::acl::{Authz, Operation, ResourceType};
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
+use crate::produce_order::ProduceTurn;
 use tributary_gateway_common::{CoreTransport, Traffic};
 use tributary_proto::v1::streams_client::StreamsClient;
 
@@ -50,6 +51,8 @@ pub(crate) struct ProduceInFlight {
     streams: StreamsClient<CoreTransport>,
     traffic: Traffic,
     partitions: Vec<(TopicName, PartitionOutcome)>,
+    /// Its place among the connection's produces (see [`crate::produce_order`]).
+    turn: Option<ProduceTurn>,
 }
 
 enum PartitionOutcome {
@@ -115,10 +118,17 @@ pub(crate) async fn produce_begin(
         streams: gw.core.streams.clone(),
         traffic: traffic.clone(),
         partitions,
+        turn: None,
     }
 }
 
 impl ProduceInFlight {
+    /// Settles its answers after those of the connection's earlier produces.
+    pub(crate) fn in_turn(mut self, turn: ProduceTurn) -> Self {
+        self.turn = Some(turn);
+        self
+    }
+
     /// Waits for every appended batch to be durable and builds the answer (`None` for
     /// acks=0, which is answered by nothing, but still waited for: the connection reads on
     /// only as fast as the log takes its batches).
@@ -128,8 +138,9 @@ impl ProduceInFlight {
             streams,
             traffic,
             partitions,
+            turn,
         } = self;
-        let results = join_all(partitions.into_iter().map(|(name, outcome)| {
+        let mut results = join_all(partitions.into_iter().map(|(name, outcome)| {
             let mut streams = streams.clone();
             let traffic = &traffic;
             async move {
@@ -159,6 +170,9 @@ impl ProduceInFlight {
             }
         }))
         .await;
+        if let Some(turn) = turn {
+            turn.settle(&mut results).await;
+        }
         if acks == 0 {
             return None;
         }

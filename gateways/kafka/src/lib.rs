@@ -18,6 +18,7 @@ pub mod fleet;
 mod groups;
 mod metadata;
 pub mod principal;
+mod produce_order;
 pub mod sasl;
 mod scram_api;
 mod txn;
