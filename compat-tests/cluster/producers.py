@@ -59,8 +59,9 @@ class CkProducer(Producer):
         self.pending: set[int] = set()
         log = logging.getLogger(f"rdkafka.{topic}")
         log.propagate = False
-        # librdkafka's own log lines (warnings and notices: an idempotent producer's epoch
-        # bump after an unexpected sequence error shows here), kept for the report.
+        # librdkafka's own log lines, its eos debug lines included (an idempotent producer's
+        # epoch bump after an unexpected sequence error shows there), the last 400 kept for
+        # the report.
         self.client_log: collections.deque[str] = collections.deque(maxlen=400)
         keep = self.client_log
 

@@ -503,9 +503,9 @@ async fn relay_that_goes_silent(
                         break;
                     }
                 }
-                // Keep the server's end open for as long as the test runs.
+                // The server's end stays open for as long as the test runs.
+                let _open = server_tx;
                 std::future::pending::<()>().await;
-                drop(server_tx);
             });
         }
     });

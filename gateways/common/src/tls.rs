@@ -341,8 +341,9 @@ impl Handshake for Acceptor {
     const TLS: bool = true;
 
     async fn handshake(&self, tcp: TcpStream) -> std::io::Result<Self::Stream> {
-        let accept = self.current().accept(tcp);
-        accept.await.map(Box::new)
+        // The certificate in use when the connection arrived, for its whole handshake.
+        let current = self.current();
+        current.handshake(tcp).await
     }
 }
 
