@@ -1507,10 +1507,7 @@ impl tributary_gateway_common::client::LocalQueues for CoreQueues {
         requests: tributary_gateway_common::client::SubscribeRequests,
     ) -> tributary_gateway_common::client::SubscribeEvents {
         use tokio_stream::StreamExt;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        let core = self.0.clone();
-        tokio::spawn(async move { core.run_subscription(requests.map(Ok), tx).await });
-        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+        Box::pin(self.0.subscription_served_by_reader(requests.map(Ok)))
     }
 }
 

@@ -53,6 +53,7 @@ use tributary_storage::{LogStore, MetaStore};
 
 pub use error::{CoreError, CoreResult};
 pub use meta::StreamDefaults;
+pub use queues::ReaderServedSubscription;
 pub use router::{MQTT_RULES_ADDRESS, StagedPublish};
 pub use session_stream::SessionStream;
 pub use topic_streams::{RecordDecoder, RecordDecoders};

@@ -16,6 +16,7 @@
 //! between may leave a copy in both (at least once), never in neither.
 
 mod delivery;
+mod reader_served;
 mod redrive;
 pub(crate) mod settings;
 mod shared;
@@ -23,6 +24,8 @@ pub(crate) use shared::SHARED_KEY;
 pub(crate) mod state;
 mod subscription;
 mod tail;
+
+pub use reader_served::ReaderServedSubscription;
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
