@@ -35,6 +35,8 @@ run_etcd() {
     etcd_start
     etcd_cluster_start
     cargo test -p tributary-storage --locked --test external_meta -- etcd --test-threads 1 --show-output
+    # Cluster shards spread over three nodes, failed over, moved back (core-service/src/cluster/shards.rs).
+    cargo test -p tributary-core --locked --test shard_leases -- on_etcd --show-output
 }
 
 run_redis() {
@@ -80,6 +82,7 @@ sql_stores_test() {
     export TRIBUTARY_REQUIRE_STORES=1
     echo "== PostgreSQL and MariaDB metadata stores"
     cargo test -p tributary-storage --locked --test sql_meta
+    cargo test -p tributary-core --locked --test shard_leases -- on_postgres --show-output
     sql_stores_crash_check postgres postgres
     sql_stores_crash_check mariadb mysql
 }

@@ -28,6 +28,8 @@
 //! key still names its epoch ([`FencedMetaStore`]), so the store itself refuses a node that
 //! was paused past its lease and resumes believing it still serves.
 
+pub mod shards;
+
 use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

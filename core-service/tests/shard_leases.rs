@@ -1,0 +1,392 @@
+//! Shards spread over cluster nodes (`tributary_core::cluster::shards`), through the public
+//! API: three nodes share six shards evenly; a node cut off from the metadata store loses its
+//! shards to the others, which fence it; it comes back and shards move back to it; a node
+//! leaving cleanly hands its shards over at once. Throughout, a node never starts serving a
+//! shard while another node's lease on it still holds, and every takeover raises the shard's
+//! epoch.
+//!
+//! Runs on the in-memory store, and on etcd and PostgreSQL when `TRIBUTARY_TEST_ETCD_URL` and
+//! `TRIBUTARY_TEST_POSTGRES_URL` are set (scripts/test-stores.sh starts the servers and sets
+//! them; with `TRIBUTARY_REQUIRE_STORES=1` a missing URL fails instead of skipping).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tributary_core::cluster::OnLost;
+use tributary_core::cluster::shards::{ShardConfig, ShardError, ShardHost, ShardLease, ShardNode};
+use tributary_storage::memory::MemoryMetaStore;
+use tributary_storage::{
+    Check, EtcdMetaStore, MetaStore, Op, PostgresMetaStore, Result as StorageResult, StorageError,
+};
+
+const SHARDS: u32 = 6;
+const TTL: Duration = Duration::from_millis(1_000);
+
+/// A node's own connection to the metadata store, which the test can cut.
+struct Cuttable {
+    inner: Arc<dyn MetaStore>,
+    cut: AtomicBool,
+}
+
+impl Cuttable {
+    fn check(&self) -> StorageResult<()> {
+        if self.cut.load(Ordering::SeqCst) {
+            return Err(StorageError::Meta("cut off".into()));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl MetaStore for Cuttable {
+    async fn get(&self, key: &[u8]) -> StorageResult<Option<Bytes>> {
+        self.check()?;
+        self.inner.get(key).await
+    }
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> StorageResult<Vec<(Vec<u8>, Bytes)>> {
+        self.check()?;
+        self.inner.scan(start, end, limit).await
+    }
+    async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
+        self.check()?;
+        self.inner.txn(checks, ops).await
+    }
+}
+
+/// Every node's served shards, and what went wrong.
+#[derive(Default)]
+struct Registry {
+    serving: Mutex<Vec<(String, ShardLease)>>,
+    epochs: Mutex<HashMap<u32, u64>>,
+    violations: Mutex<Vec<String>>,
+}
+
+struct Host {
+    /// The node's name and run.
+    id: String,
+    registry: Arc<Registry>,
+}
+
+#[async_trait]
+impl ShardHost for Host {
+    async fn serve(&self, lease: ShardLease) -> Result<(), String> {
+        let r = &self.registry;
+        let shard = lease.shard();
+        let mut serving = r.serving.lock();
+        for (other, held) in serving.iter() {
+            if held.shard() == shard && (held.holds())() {
+                r.violations.lock().push(format!(
+                    "{} started shard {shard} (epoch {}) while {other}'s lease (epoch {}) held",
+                    self.id,
+                    lease.epoch(),
+                    held.epoch()
+                ));
+            }
+        }
+        let mut epochs = r.epochs.lock();
+        let last = epochs.entry(shard).or_insert(0);
+        if lease.epoch() <= *last {
+            r.violations.lock().push(format!(
+                "shard {shard} taken at epoch {} after epoch {last}",
+                lease.epoch()
+            ));
+        }
+        *last = lease.epoch();
+        serving.push((self.id.clone(), lease));
+        Ok(())
+    }
+
+    async fn stop(&self, shard: u32) {
+        self.registry
+            .serving
+            .lock()
+            .retain(|(id, l)| !(*id == self.id && l.shard() == shard));
+    }
+}
+
+struct Node {
+    node: ShardNode,
+    store: Arc<Cuttable>,
+    lost: Arc<Mutex<Vec<String>>>,
+}
+
+async fn join(name: &str, store: Arc<dyn MetaStore>, registry: &Arc<Registry>) -> Node {
+    let store = Arc::new(Cuttable {
+        inner: store,
+        cut: AtomicBool::new(false),
+    });
+    let lost = Arc::new(Mutex::new(Vec::new()));
+    let on_lost: OnLost = {
+        let lost = lost.clone();
+        Arc::new(move |why: &str| lost.lock().push(why.to_string()))
+    };
+    let config = ShardConfig {
+        node: name.into(),
+        shards: SHARDS,
+        ttl: TTL,
+    };
+    // The host's id needs the run, which joining decides: the host reads it from a cell.
+    let id = Arc::new(Mutex::new(String::new()));
+    let host = Arc::new(LateHost {
+        id: id.clone(),
+        registry: registry.clone(),
+    });
+    let node = ShardNode::join(store.clone(), config, host, on_lost)
+        .await
+        .expect("joining");
+    *id.lock() = format!("{name}#{}", node.run());
+    node.start();
+    Node { node, store, lost }
+}
+
+/// A [`Host`] whose id is known once the node has joined.
+struct LateHost {
+    id: Arc<Mutex<String>>,
+    registry: Arc<Registry>,
+}
+
+#[async_trait]
+impl ShardHost for LateHost {
+    async fn serve(&self, lease: ShardLease) -> Result<(), String> {
+        self.host().serve(lease).await
+    }
+    async fn stop(&self, shard: u32) {
+        self.host().stop(shard).await
+    }
+}
+
+impl LateHost {
+    fn host(&self) -> Host {
+        Host {
+            id: self.id.lock().clone(),
+            registry: self.registry.clone(),
+        }
+    }
+}
+
+async fn counts(nodes: &[&Node]) -> Vec<usize> {
+    let mut out = Vec::new();
+    for n in nodes {
+        out.push(n.node.served().await.len());
+    }
+    out
+}
+
+/// Waits (polling, with a deadline) until the nodes serve `want` shards each.
+async fn until_spread(nodes: &[&Node], want: &[usize], what: &str) -> Duration {
+    let began = Instant::now();
+    let deadline = began + Duration::from_secs(20);
+    loop {
+        let now = counts(nodes).await;
+        if now == want {
+            return began.elapsed();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the nodes serve {now:?} shards, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the shard counts
+    }
+}
+
+async fn key(store: &Arc<dyn MetaStore>, key: &str) -> String {
+    let raw = store.get(key.as_bytes()).await.unwrap().unwrap();
+    String::from_utf8_lossy(&raw).into_owned()
+}
+
+/// The whole life of a three-node deployment on one store. `connect` opens a node's own
+/// connection to it.
+async fn spread_fail_return_leave<F, Fut>(connect: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Arc<dyn MetaStore>>,
+{
+    let registry = Arc::new(Registry::default());
+    let observer = connect().await;
+    let a = join("a", connect().await, &registry).await;
+    let b = join("b", connect().await, &registry).await;
+    let c = join("c", connect().await, &registry).await;
+    let spread = until_spread(&[&a, &b, &c], &[2, 2, 2], "three nodes joined").await;
+    println!("six shards spread 2/2/2 over three nodes in {spread:?}");
+    assert_eq!(key(&observer, "cluster/shard-count").await, "6");
+
+    // c is cut off from the metadata store: it stops (on_lost) once its heartbeat is past
+    // valid, and a and b take its shards, fencing its heartbeat.
+    let c_leases: Vec<ShardLease> = registry
+        .serving
+        .lock()
+        .iter()
+        .filter(|(id, _)| id.starts_with("c#"))
+        .map(|(_, l)| l.clone())
+        .collect();
+    assert_eq!(c_leases.len(), 2);
+    c.store.cut.store(true, Ordering::SeqCst);
+    let takeover = until_spread(&[&a, &b], &[3, 3], "c cut off").await;
+    println!("c's two shards taken over {takeover:?} after the cut (TTL {TTL:?})");
+    let c_lost = c.lost.lock().clone();
+    assert_eq!(c_lost.len(), 1, "c did not stop: {c_lost:?}");
+    for lease in &c_leases {
+        assert!(
+            !(lease.holds())(),
+            "c still counts on shard {}",
+            lease.shard()
+        );
+    }
+    assert_eq!(key(&observer, "cluster/nodes/c").await, "1 fenced");
+    // c paused, not dead, and its writes reach the store after all: the fence refuses them.
+    let stale = c_leases[0].fenced(observer.clone());
+    let refused = stale.put(b"written-by-c", b"1").await;
+    assert!(refused.is_err(), "a stale owner's write was accepted");
+    assert_eq!(observer.get(b"written-by-c").await.unwrap(), None);
+    // While the current owner's fenced writes go through.
+    let owner_lease = registry
+        .serving
+        .lock()
+        .iter()
+        .find(|(id, l)| !id.starts_with("c#") && l.shard() == c_leases[0].shard())
+        .map(|(_, l)| l.clone())
+        .expect("an owner of c's old shard");
+    assert!(owner_lease.epoch() > c_leases[0].epoch());
+    owner_lease
+        .fenced(observer.clone())
+        .put(b"written-by-owner", b"1")
+        .await
+        .unwrap();
+
+    // c comes back as a new run: shards move back to it by release, not after a TTL.
+    let c2 = join("c", connect().await, &registry).await;
+    assert_eq!(c2.node.run(), 2);
+    let back = until_spread(&[&a, &b, &c2], &[2, 2, 2], "c back").await;
+    println!("shards moved back to c in {back:?}");
+
+    // b leaves cleanly: a and c take its shards without waiting a TTL.
+    b.node.leave().await;
+    let handed = until_spread(&[&a, &c2], &[3, 3], "b left").await;
+    println!("b's shards handed over {handed:?} after it left");
+    assert_eq!(key(&observer, "cluster/nodes/b").await, "1 released");
+
+    let violations = registry.violations.lock().clone();
+    assert!(violations.is_empty(), "{violations:?}");
+    assert!(a.lost.lock().is_empty() && c2.lost.lock().is_empty());
+    a.node.leave().await;
+    c2.node.leave().await;
+    for shard in 0..SHARDS {
+        let owner = key(&observer, &format!("cluster/shards/{shard:06}")).await;
+        assert!(owner.ends_with(" released"), "shard {shard}: {owner}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_fail_over_and_move_back_in_memory() {
+    let store: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    spread_fail_return_leave(|| {
+        let store = store.clone();
+        async move { store }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_node_with_another_shard_count_is_refused() {
+    let store: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let registry = Arc::new(Registry::default());
+    let a = join("a", store.clone(), &registry).await;
+    let host = Arc::new(Host {
+        id: "b".into(),
+        registry,
+    });
+    let refused = ShardNode::join(
+        store,
+        ShardConfig {
+            node: "b".into(),
+            shards: SHARDS + 1,
+            ttl: TTL,
+        },
+        host,
+        Arc::new(|_: &str| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ShardError::ShardCount {
+                stored: 6,
+                asked: 7
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+    a.node.leave().await;
+}
+
+/// A metadata server's URL, or `None` (after saying so) when its test is skipped.
+fn store_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("TRIBUTARY_REQUIRE_STORES").as_deref() == Ok("1") => {
+            panic!("{var} is not set and TRIBUTARY_REQUIRE_STORES=1")
+        }
+        _ => {
+            println!("skipped: {var} is not set (scripts/test-stores.sh starts a server)");
+            None
+        }
+    }
+}
+
+/// A namespace no earlier run used (1 to 40 lower-case letters, digits or '_').
+fn fresh_namespace() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    format!(
+        "shards_{}_{}",
+        std::process::id(),
+        nanos % 1_000_000_000_000
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_fail_over_and_move_back_on_etcd() {
+    let Some(url) = store_url("TRIBUTARY_TEST_ETCD_URL") else {
+        return;
+    };
+    let ns = fresh_namespace();
+    spread_fail_return_leave(|| {
+        let (url, ns) = (url.clone(), ns.clone());
+        async move {
+            let store: Arc<dyn MetaStore> =
+                Arc::new(EtcdMetaStore::connect(&url, &ns).await.unwrap());
+            store
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_spread_fail_over_and_move_back_on_postgres() {
+    let Some(url) = store_url("TRIBUTARY_TEST_POSTGRES_URL") else {
+        return;
+    };
+    let ns = fresh_namespace();
+    spread_fail_return_leave(|| {
+        let (url, ns) = (url.clone(), ns.clone());
+        async move {
+            let store: Arc<dyn MetaStore> =
+                Arc::new(PostgresMetaStore::connect(&url, &ns).await.unwrap());
+            store
+        }
+    })
+    .await;
+}
