@@ -11,7 +11,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -31,9 +31,21 @@ const TTL: Duration = Duration::from_millis(1_000);
 struct Cuttable {
     inner: Arc<dyn MetaStore>,
     cut: AtomicBool,
+    /// Calls made: reads (get, scan) and transactions.
+    reads: AtomicU64,
+    txns: AtomicU64,
 }
 
 impl Cuttable {
+    fn new(inner: Arc<dyn MetaStore>) -> Self {
+        Self {
+            inner,
+            cut: AtomicBool::new(false),
+            reads: AtomicU64::new(0),
+            txns: AtomicU64::new(0),
+        }
+    }
+
     fn check(&self) -> StorageResult<()> {
         if self.cut.load(Ordering::SeqCst) {
             return Err(StorageError::Meta("cut off".into()));
@@ -46,6 +58,7 @@ impl Cuttable {
 impl MetaStore for Cuttable {
     async fn get(&self, key: &[u8]) -> StorageResult<Option<Bytes>> {
         self.check()?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.get(key).await
     }
     async fn scan(
@@ -55,10 +68,12 @@ impl MetaStore for Cuttable {
         limit: usize,
     ) -> StorageResult<Vec<(Vec<u8>, Bytes)>> {
         self.check()?;
+        self.reads.fetch_add(1, Ordering::Relaxed);
         self.inner.scan(start, end, limit).await
     }
     async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
         self.check()?;
+        self.txns.fetch_add(1, Ordering::Relaxed);
         self.inner.txn(checks, ops).await
     }
 }
@@ -121,10 +136,16 @@ struct Node {
 }
 
 async fn join(name: &str, store: Arc<dyn MetaStore>, registry: &Arc<Registry>) -> Node {
-    let store = Arc::new(Cuttable {
-        inner: store,
-        cut: AtomicBool::new(false),
-    });
+    join_with(name, store, registry, SHARDS).await
+}
+
+async fn join_with(
+    name: &str,
+    store: Arc<dyn MetaStore>,
+    registry: &Arc<Registry>,
+    shards: u32,
+) -> Node {
+    let store = Arc::new(Cuttable::new(store));
     let lost = Arc::new(Mutex::new(Vec::new()));
     let on_lost: OnLost = {
         let lost = lost.clone();
@@ -132,7 +153,7 @@ async fn join(name: &str, store: Arc<dyn MetaStore>, registry: &Arc<Registry>) -
     };
     let config = ShardConfig {
         node: name.into(),
-        shards: SHARDS,
+        shards,
         ttl: TTL,
     };
     // The host's id needs the run, which joining decides: the host reads it from a cell.
@@ -389,4 +410,106 @@ async fn shards_spread_fail_over_and_move_back_on_postgres() {
         }
     })
     .await;
+}
+
+/// What the shard leases cost the metadata store, and how long spreading and a takeover take,
+/// with many shards. By hand, on the store `TRIBUTARY_SHARD_SCALE_STORE` names (memory, etcd or
+/// postgres, with its URL variable set), `TRIBUTARY_SHARD_SCALE_SHARDS` shards (default 1,024):
+///
+/// ```sh
+/// TRIBUTARY_SHARD_SCALE_STORE=etcd TRIBUTARY_TEST_ETCD_URL=http://127.0.0.1:2379 \
+///     cargo test --release -p tributary-core --test shard_leases -- --ignored --nocapture scale
+/// ```
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, run by hand"]
+async fn scale_of_shard_leases() {
+    let shards: u32 = std::env::var("TRIBUTARY_SHARD_SCALE_SHARDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1_024);
+    let store = std::env::var("TRIBUTARY_SHARD_SCALE_STORE").unwrap_or("memory".into());
+    let ns = fresh_namespace();
+    let memory: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let connect = || async {
+        let s: Arc<dyn MetaStore> = match store.as_str() {
+            "etcd" => Arc::new(
+                EtcdMetaStore::connect(&std::env::var("TRIBUTARY_TEST_ETCD_URL").unwrap(), &ns)
+                    .await
+                    .unwrap(),
+            ),
+            "postgres" => Arc::new(
+                PostgresMetaStore::connect(
+                    &std::env::var("TRIBUTARY_TEST_POSTGRES_URL").unwrap(),
+                    &ns,
+                )
+                .await
+                .unwrap(),
+            ),
+            _ => memory.clone(),
+        };
+        s
+    };
+    let registry = Arc::new(Registry::default());
+    let a = join_with("a", connect().await, &registry, shards).await;
+    let first = until_count(&a, shards as usize).await;
+    let b = join_with("b", connect().await, &registry, shards).await;
+    let c = join_with("c", connect().await, &registry, shards).await;
+    let third = shards as usize / 3;
+    let quotas = [
+        third + usize::from(!shards.is_multiple_of(3)),
+        third + usize::from(shards % 3 > 1),
+        third,
+    ];
+    let spread = until_spread(&[&a, &b, &c], &quotas, "spreading").await;
+    // Steady state: what three nodes cost the store per second.
+    let before: Vec<(u64, u64)> = [&a, &b, &c]
+        .iter()
+        .map(|n| {
+            (
+                n.store.reads.load(Ordering::Relaxed),
+                n.store.txns.load(Ordering::Relaxed),
+            )
+        })
+        .collect();
+    let window = Duration::from_secs(5);
+    tokio::time::sleep(window).await; // the measured window, not a synchronisation
+    let mut reads = 0;
+    let mut txns = 0;
+    for (n, (r, t)) in [&a, &b, &c].iter().zip(before) {
+        reads += n.store.reads.load(Ordering::Relaxed) - r;
+        txns += n.store.txns.load(Ordering::Relaxed) - t;
+    }
+    c.store.cut.store(true, Ordering::SeqCst);
+    let takeover = until_spread(
+        &[&a, &b],
+        &[
+            shards as usize / 2 + usize::from(!shards.is_multiple_of(2)),
+            shards as usize / 2,
+        ],
+        "takeover",
+    )
+    .await;
+    println!(
+        "{store}, {shards} shards, TTL {TTL:?}: one node took them all in {first:?}, spread over three in {spread:?}; \
+         steady state {:.1} reads/s and {:.1} transactions/s for three nodes; a cut node's {} shards taken over in {takeover:?}",
+        reads as f64 / window.as_secs_f64(),
+        txns as f64 / window.as_secs_f64(),
+        quotas[2],
+    );
+    let violations = registry.violations.lock().clone();
+    assert!(violations.is_empty(), "{violations:?}");
+    a.node.leave().await;
+    b.node.leave().await;
+}
+
+async fn until_count(node: &Node, want: usize) -> Duration {
+    let began = Instant::now();
+    while node.node.served().await.len() != want {
+        assert!(
+            began.elapsed() < Duration::from_secs(60),
+            "never took {want} shards"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the shard count
+    }
+    began.elapsed()
 }
