@@ -11,72 +11,21 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
-use bytes::Bytes;
 use parking_lot::Mutex;
 use tributary_core::cluster::OnLost;
 use tributary_core::cluster::shards::{ShardConfig, ShardError, ShardHost, ShardLease, ShardNode};
 use tributary_storage::memory::MemoryMetaStore;
-use tributary_storage::{
-    Check, EtcdMetaStore, MetaStore, Op, PostgresMetaStore, Result as StorageResult, StorageError,
-};
+use tributary_storage::{EtcdMetaStore, MetaStore, PostgresMetaStore};
+
+mod cluster_common;
+use cluster_common::Cuttable;
 
 const SHARDS: u32 = 6;
 const TTL: Duration = Duration::from_millis(1_000);
-
-/// A node's own connection to the metadata store, which the test can cut.
-struct Cuttable {
-    inner: Arc<dyn MetaStore>,
-    cut: AtomicBool,
-    /// Calls made: reads (get, scan) and transactions.
-    reads: AtomicU64,
-    txns: AtomicU64,
-}
-
-impl Cuttable {
-    fn new(inner: Arc<dyn MetaStore>) -> Self {
-        Self {
-            inner,
-            cut: AtomicBool::new(false),
-            reads: AtomicU64::new(0),
-            txns: AtomicU64::new(0),
-        }
-    }
-
-    fn check(&self) -> StorageResult<()> {
-        if self.cut.load(Ordering::SeqCst) {
-            return Err(StorageError::Meta("cut off".into()));
-        }
-        Ok(())
-    }
-}
-
-#[async_trait]
-impl MetaStore for Cuttable {
-    async fn get(&self, key: &[u8]) -> StorageResult<Option<Bytes>> {
-        self.check()?;
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.get(key).await
-    }
-    async fn scan(
-        &self,
-        start: &[u8],
-        end: &[u8],
-        limit: usize,
-    ) -> StorageResult<Vec<(Vec<u8>, Bytes)>> {
-        self.check()?;
-        self.reads.fetch_add(1, Ordering::Relaxed);
-        self.inner.scan(start, end, limit).await
-    }
-    async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
-        self.check()?;
-        self.txns.fetch_add(1, Ordering::Relaxed);
-        self.inner.txn(checks, ops).await
-    }
-}
 
 /// Every node's served shards, and what went wrong.
 #[derive(Default)]

@@ -23,6 +23,7 @@ pub mod etcd_meta;
 pub mod local;
 pub mod memory;
 pub mod object_log;
+pub mod prefixed;
 pub mod redb_meta;
 pub mod redis_meta;
 mod remote;
@@ -30,6 +31,7 @@ pub mod routed;
 pub mod sql_meta;
 
 pub use etcd_meta::EtcdMetaStore;
+pub use prefixed::PrefixedMetaStore;
 pub use redis_meta::RedisMetaStore;
 pub use remote::redact_url;
 pub use sql_meta::{MysqlMetaStore, PostgresMetaStore};

@@ -28,6 +28,7 @@
 //! key still names its epoch ([`FencedMetaStore`]), so the store itself refuses a node that
 //! was paused past its lease and resumes believing it still serves.
 
+pub mod shard_cores;
 pub mod shards;
 
 use std::fmt;

@@ -1155,6 +1155,11 @@ impl LogStore for ObjectLogStore {
         }
         let part = s.part(key)?;
         let mut rx = part.shared_end.subscribe();
+        // A node whose lease is gone uploads nothing more: what is not in the store yet never
+        // will be, so say so now instead of after the whole limit.
+        if *rx.borrow() < end_offset {
+            s.may_write()?;
+        }
         let deadline = tokio::time::Instant::now() + s.config.ack_timeout;
         loop {
             if *rx.borrow_and_update() >= end_offset {

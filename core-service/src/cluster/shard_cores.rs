@@ -1,0 +1,121 @@
+//! A core per shard: what serves the shards a node owns ([`super::shards`]). Each shard's
+//! state lives in storage of its own (a metadata key prefix and an object-store prefix,
+//! which [`ShardStorage`] opens under the shard's lease), so a node that takes a shard over
+//! opens its core from shared storage and finds every acknowledged record, and the node it
+//! took the shard from is fenced out of both.
+//!
+//! The shard key of every unit is its namespace ([`shard_of`]): exchanges route to queues,
+//! MQTT topics to sessions, and transactions span partitions only inside a namespace, so one
+//! shard holds everything a namespace routes among.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use parking_lot::RwLock;
+use tracing::{info, warn};
+use tributary_storage::{LogStore, MetaStore};
+
+use super::shards::{ShardHost, ShardLease};
+use crate::{Core, CoreConfig};
+
+/// The shard a namespace's units live in, of `shards`. FNV-1a, written out because every
+/// node and gateway of a deployment, of any version, must compute the same.
+pub fn shard_of(namespace: &str, shards: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in namespace.as_bytes() {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(shards.max(1))) as u32
+}
+
+/// The metadata key prefix of a shard's core, inside the deployment's namespace.
+pub fn shard_meta_prefix(shard: u32) -> Vec<u8> {
+    format!("shards/{shard:06}/").into_bytes()
+}
+
+/// Opens the stores one shard's core runs on, fenced by its lease: the metadata store as
+/// [`ShardLease::fenced`] under [`shard_meta_prefix`], the log with the lease's epoch and
+/// [`ShardLease::holds`] asked before every object write.
+#[async_trait]
+pub trait ShardStorage: Send + Sync + 'static {
+    async fn open(
+        &self,
+        lease: &ShardLease,
+    ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String>;
+}
+
+/// The cores of the shards this node serves.
+pub struct ShardCores {
+    storage: Arc<dyn ShardStorage>,
+    config: CoreConfig,
+    cores: RwLock<BTreeMap<u32, Core>>,
+}
+
+impl ShardCores {
+    pub fn new(storage: Arc<dyn ShardStorage>, config: CoreConfig) -> Self {
+        Self {
+            storage,
+            config,
+            cores: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    /// The core of `shard`, if this node serves it.
+    pub fn core(&self, shard: u32) -> Option<Core> {
+        self.cores.read().get(&shard).cloned()
+    }
+
+    /// The shards this node serves.
+    pub fn shards(&self) -> Vec<u32> {
+        self.cores.read().keys().copied().collect()
+    }
+}
+
+#[async_trait]
+impl ShardHost for ShardCores {
+    async fn serve(&self, lease: ShardLease) -> Result<(), String> {
+        let shard = lease.shard();
+        let (log, meta) = self.storage.open(&lease).await?;
+        let core = Core::open(log, meta, self.config.clone())
+            .await
+            .map_err(|e| format!("opening the core of shard {shard}: {e}"))?;
+        info!(shard, epoch = lease.epoch(), "cluster: serving a shard");
+        self.cores.write().insert(shard, core);
+        Ok(())
+    }
+
+    async fn stop(&self, shard: u32) {
+        let core = self.cores.write().remove(&shard);
+        if let Some(core) = core {
+            if let Err(e) = core.shutdown().await {
+                warn!(shard, error = %e, "cluster: a shard's core did not shut down cleanly");
+            }
+            info!(shard, "cluster: stopped serving a shard");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn namespaces_spread_over_shards_the_same_way_everywhere() {
+        // Fixed values: a change here moves every deployment's namespaces.
+        assert_eq!(shard_of("default", 16), 14);
+        assert_eq!(shard_of("tenant-1", 16), 11);
+        assert_eq!(shard_of("vhost-a", 16), 1);
+        let mut per_shard = [0usize; 8];
+        for n in 0..800 {
+            per_shard[shard_of(&format!("tenant-{n}"), 8) as usize] += 1;
+        }
+        assert!(
+            per_shard.iter().all(|&c| (60..=140).contains(&c)),
+            "{per_shard:?}"
+        );
+        assert_eq!(shard_of("anything", 1), 0);
+        assert_eq!(shard_meta_prefix(7), b"shards/000007/".to_vec());
+    }
+}

@@ -1,0 +1,275 @@
+//! A core per shard on shared storage (`tributary_core::cluster::shard_cores`): two nodes
+//! serve four shards, each shard's core on its own metadata prefix and object-store prefix
+//! under its lease. Records are appended to streams of eight namespaces through the core of
+//! each namespace's shard; one node is cut off from the metadata store; the other takes its
+//! shards over, opens their cores from shared storage and reads back every acknowledged
+//! record, while the cut node's cores can no longer write. The cut node comes back as a new
+//! run, shards move back to it, and it reads what the other node wrote meanwhile.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tributary_core::cluster::shard_cores::{ShardCores, ShardStorage, shard_meta_prefix, shard_of};
+use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
+use tributary_core::{Core, CoreConfig};
+use tributary_proto::v1;
+use tributary_storage::memory::MemoryMetaStore;
+use tributary_storage::object_log::{AckPoint, ObjectLogConfig, ObjectLogStore, WriteGuard};
+use tributary_storage::routed::{Backend, RoutedLogStore};
+use tributary_storage::{LogStore, MetaStore, PrefixedMetaStore};
+
+mod cluster_common;
+use cluster_common::Cuttable;
+
+const SHARDS: u32 = 4;
+const TTL: Duration = Duration::from_millis(1_000);
+
+/// Each shard's log under `<bucket>/shards/<shard>` (a filesystem standing in for the object
+/// store, as in the object-log tests), its cache under the node's own directory.
+struct FsShards {
+    bucket: PathBuf,
+    cache: PathBuf,
+    meta: Arc<dyn MetaStore>,
+}
+
+#[async_trait]
+impl ShardStorage for FsShards {
+    async fn open(
+        &self,
+        lease: &ShardLease,
+    ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String> {
+        let shard = lease.shard();
+        let root = self.bucket.join(format!("shards/{shard:06}"));
+        std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
+        let op = ObjectLogStore::operator(
+            "fs",
+            vec![("root".into(), root.display().to_string())],
+            "test bucket",
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        // What an earlier term cached here is stale: the object store has what was acked.
+        let cache = self.cache.join(format!("shard-{shard}"));
+        let _ = std::fs::remove_dir_all(&cache);
+        let config = ObjectLogConfig {
+            ack: AckPoint::Shared,
+            upload_interval: Duration::from_millis(5),
+            write_guard: Some(WriteGuard(Arc::new(lease.holds()))),
+            epoch: lease.epoch(),
+            ..Default::default()
+        };
+        let store = ObjectLogStore::open(op, "test bucket", cache, config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let log = RoutedLogStore::open(vec![Backend {
+            name: "opendal".into(),
+            store,
+        }])
+        .await
+        .map_err(|e| e.to_string())?;
+        let meta: Arc<dyn MetaStore> = Arc::new(PrefixedMetaStore::new(
+            lease.fenced(self.meta.clone()),
+            shard_meta_prefix(shard),
+        ));
+        Ok((log, meta))
+    }
+}
+
+struct Node {
+    node: ShardNode,
+    cores: Arc<ShardCores>,
+    store: Arc<Cuttable>,
+    lost: Arc<Mutex<Vec<String>>>,
+}
+
+async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> Node {
+    let store = Arc::new(Cuttable::new(meta));
+    let storage = FsShards {
+        bucket: dir.join("bucket"),
+        cache: dir.join(format!("cache-{name}")),
+        meta: store.clone(),
+    };
+    let cores = Arc::new(ShardCores::new(Arc::new(storage), CoreConfig::default()));
+    let lost = Arc::new(Mutex::new(Vec::new()));
+    let on_lost = {
+        let lost = lost.clone();
+        Arc::new(move |why: &str| lost.lock().push(why.to_string()))
+    };
+    let node = ShardNode::join(
+        store.clone(),
+        ShardConfig {
+            node: name.into(),
+            shards: SHARDS,
+            ttl: TTL,
+        },
+        cores.clone(),
+        on_lost,
+    )
+    .await
+    .expect("joining");
+    node.start();
+    Node {
+        node,
+        cores,
+        store,
+        lost,
+    }
+}
+
+async fn until_serving(nodes: &[&Node], want: &[usize], what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now: Vec<usize> = nodes.iter().map(|n| n.cores.shards().len()).collect();
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the nodes serve {now:?} shards, not {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the served shards
+    }
+}
+
+/// The core serving `namespace` on any of `nodes`.
+fn owner(nodes: &[&Node], namespace: &str) -> (usize, Core) {
+    let shard = shard_of(namespace, SHARDS);
+    nodes
+        .iter()
+        .enumerate()
+        .find_map(|(i, n)| n.cores.core(shard).map(|c| (i, c)))
+        .unwrap_or_else(|| panic!("nobody serves shard {shard} of {namespace}"))
+}
+
+fn stream(namespace: &str) -> Option<v1::StreamId> {
+    Some(v1::StreamId::new(namespace, "events"))
+}
+
+async fn append(core: &Core, namespace: &str, value: &str) -> Result<(), String> {
+    core.append(v1::AppendRequest {
+        stream: stream(namespace),
+        partition: 0,
+        batch: Some(v1::RecordBatch {
+            records: vec![v1::Record {
+                value: Bytes::from(value.to_string()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        auto_create: true,
+        defer_durable: false,
+    })
+    .await
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+async fn read_all(core: &Core, namespace: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    loop {
+        let fetched = core
+            .fetch(v1::FetchRequest {
+                partitions: vec![v1::FetchPartition {
+                    stream: stream(namespace),
+                    partition: 0,
+                    offset: out.len() as i64,
+                    max_bytes: 0,
+                }],
+                max_bytes: 1 << 20,
+                min_bytes: 0,
+                max_wait_ms: 0,
+                read_committed: false,
+            })
+            .await
+            .unwrap();
+        let part = &fetched.partitions[0];
+        let before = out.len();
+        for batch in &part.batches {
+            for record in &batch.records {
+                out.push(String::from_utf8_lossy(&record.value).into_owned());
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shards_core_moves_with_its_lease_and_keeps_every_acknowledged_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let a = join("a", meta.clone(), dir.path()).await;
+    let b = join("b", meta.clone(), dir.path()).await;
+    until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
+
+    let namespaces: Vec<String> = (0..8).map(|n| format!("tenant-{n}")).collect();
+    let mut acked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut on_b = Vec::new();
+    for ns in &namespaces {
+        let (node, core) = owner(&[&a, &b], ns);
+        core.create_namespace(ns, BTreeMap::new(), true)
+            .await
+            .unwrap();
+        for i in 0..20 {
+            let value = format!("{ns}/{i}");
+            append(&core, ns, &value).await.unwrap();
+            acked.entry(ns.clone()).or_default().push(value);
+        }
+        if node == 1 {
+            on_b.push((ns.clone(), core));
+        }
+    }
+    assert!(!on_b.is_empty(), "no namespace landed on b's shards");
+
+    // b is cut off: a takes its shards and opens their cores from shared storage.
+    b.store.cut.store(true, Ordering::SeqCst);
+    until_serving(&[&a], &[4], "b cut off").await;
+    for ns in &namespaces {
+        let (_, core) = owner(&[&a], ns);
+        assert_eq!(
+            read_all(&core, ns).await,
+            acked[ns],
+            "{ns} after the takeover"
+        );
+    }
+    // b's cores, still open, can write nothing: their lease no longer holds.
+    assert_eq!(b.lost.lock().len(), 1);
+    for (ns, stale) in &on_b {
+        let refused = append(stale, ns, "written by a stale owner").await;
+        assert!(refused.is_err(), "{ns}: a stale core acknowledged a write");
+        let (_, current) = owner(&[&a], ns);
+        assert_eq!(read_all(&current, ns).await, acked[ns], "{ns}");
+    }
+
+    // a writes more; b comes back as a new run and gets two shards back, opened from
+    // storage with what a wrote.
+    for ns in &namespaces {
+        let (_, core) = owner(&[&a], ns);
+        let value = format!("{ns}/while-b-was-away");
+        append(&core, ns, &value).await.unwrap();
+        acked.get_mut(ns).unwrap().push(value);
+    }
+    let b2 = join("b", meta.clone(), dir.path()).await;
+    until_serving(&[&a, &b2], &[2, 2], "b back").await;
+    let mut read_on_b2 = 0;
+    for ns in &namespaces {
+        let (node, core) = owner(&[&a, &b2], ns);
+        read_on_b2 += usize::from(node == 1);
+        assert_eq!(
+            read_all(&core, ns).await,
+            acked[ns],
+            "{ns} after moving back"
+        );
+    }
+    assert!(read_on_b2 > 0, "no namespace moved back to b");
+    assert!(a.lost.lock().is_empty() && b2.lost.lock().is_empty());
+    a.node.leave().await;
+    b2.node.leave().await;
+}
