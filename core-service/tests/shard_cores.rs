@@ -5,87 +5,41 @@
 //! shards over, opens their cores from shared storage and reads back every acknowledged
 //! record, while the cut node's cores can no longer write. The cut node comes back as a new
 //! run, shards move back to it, and it reads what the other node wrote meanwhile.
+//!
+//! Over gRPC, each node's shard cores sit behind a `ShardRouter`: a call naming its namespace
+//! reaches the core of that namespace's shard on the node that owns it, another node answers
+//! UNAVAILABLE naming the owner, and after a takeover the new owner answers.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::Mutex;
-use tributary_core::cluster::shard_cores::{ShardCores, ShardStorage, shard_meta_prefix, shard_of};
-use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
+use tokio_stream::wrappers::TcpListenerStream;
+use tributary_core::cluster::shard_cores::{ShardCores, shard_of};
+use tributary_core::cluster::shard_router::{NAMESPACE_HEADER, OWNER_HEADER, ShardRouter};
+use tributary_core::cluster::shards::{ShardConfig, ShardNode};
 use tributary_core::{Core, CoreConfig};
 use tributary_proto::v1;
+use tributary_proto::v1::streams_client::StreamsClient;
+use tributary_storage::MetaStore;
 use tributary_storage::memory::MemoryMetaStore;
-use tributary_storage::object_log::{AckPoint, ObjectLogConfig, ObjectLogStore, WriteGuard};
-use tributary_storage::routed::{Backend, RoutedLogStore};
-use tributary_storage::{LogStore, MetaStore, PrefixedMetaStore};
 
 mod cluster_common;
-use cluster_common::Cuttable;
+use cluster_common::{Cuttable, FsShards};
 
 const SHARDS: u32 = 4;
 const TTL: Duration = Duration::from_millis(1_000);
-
-/// Each shard's log under `<bucket>/shards/<shard>` (a filesystem standing in for the object
-/// store, as in the object-log tests), its cache under the node's own directory.
-struct FsShards {
-    bucket: PathBuf,
-    cache: PathBuf,
-    meta: Arc<dyn MetaStore>,
-}
-
-#[async_trait]
-impl ShardStorage for FsShards {
-    async fn open(
-        &self,
-        lease: &ShardLease,
-    ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String> {
-        let shard = lease.shard();
-        let root = self.bucket.join(format!("shards/{shard:06}"));
-        std::fs::create_dir_all(&root).map_err(|e| e.to_string())?;
-        let op = ObjectLogStore::operator(
-            "fs",
-            vec![("root".into(), root.display().to_string())],
-            "test bucket",
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-        // What an earlier term cached here is stale: the object store has what was acked.
-        let cache = self.cache.join(format!("shard-{shard}"));
-        let _ = std::fs::remove_dir_all(&cache);
-        let config = ObjectLogConfig {
-            ack: AckPoint::Shared,
-            upload_interval: Duration::from_millis(5),
-            write_guard: Some(WriteGuard(Arc::new(lease.holds()))),
-            epoch: lease.epoch(),
-            ..Default::default()
-        };
-        let store = ObjectLogStore::open(op, "test bucket", cache, config)
-            .await
-            .map_err(|e| e.to_string())?;
-        let log = RoutedLogStore::open(vec![Backend {
-            name: "opendal".into(),
-            store,
-        }])
-        .await
-        .map_err(|e| e.to_string())?;
-        let meta: Arc<dyn MetaStore> = Arc::new(PrefixedMetaStore::new(
-            lease.fenced(self.meta.clone()),
-            shard_meta_prefix(shard),
-        ));
-        Ok((log, meta))
-    }
-}
 
 struct Node {
     node: ShardNode,
     cores: Arc<ShardCores>,
     store: Arc<Cuttable>,
     lost: Arc<Mutex<Vec<String>>>,
+    /// The node's core gRPC endpoint: its shards' cores behind a `ShardRouter`.
+    url: String,
 }
 
 async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> Node {
@@ -114,11 +68,20 @@ async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> No
     .await
     .expect("joining");
     node.start();
+    let router = ShardRouter::new(cores.clone(), SHARDS, Arc::new(node.owners()));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_routes(router.into_routes())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
     Node {
         node,
         cores,
         store,
         lost,
+        url,
     }
 }
 
@@ -272,4 +235,98 @@ async fn a_shards_core_moves_with_its_lease_and_keeps_every_acknowledged_record(
     assert!(a.lost.lock().is_empty() && b2.lost.lock().is_empty());
     a.node.leave().await;
     b2.node.leave().await;
+}
+
+fn append_request(namespace: &str, value: &str) -> tonic::Request<v1::AppendRequest> {
+    let mut req = tonic::Request::new(v1::AppendRequest {
+        stream: stream(namespace),
+        partition: 0,
+        batch: Some(v1::RecordBatch {
+            records: vec![v1::Record {
+                value: Bytes::from(value.to_string()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        auto_create: true,
+        defer_durable: false,
+    });
+    req.metadata_mut()
+        .insert(NAMESPACE_HEADER, namespace.parse().unwrap());
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_reach_the_core_of_their_namespaces_shard_on_the_node_that_owns_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let a = join("a", meta.clone(), dir.path()).await;
+    let b = join("b", meta.clone(), dir.path()).await;
+    until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
+    // The owners' view is a round behind the takes: wait until both nodes name an owner for
+    // every shard.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..SHARDS).any(|s| (a.node.owners())(s).is_none() || (b.node.owners())(s).is_none()) {
+        assert!(Instant::now() < deadline, "the nodes never saw every owner");
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
+    }
+    let mut clients = Vec::new();
+    for n in [&a, &b] {
+        clients.push(StreamsClient::connect(n.url.clone()).await.unwrap());
+    }
+    let names = ["a", "b"];
+    let mut acked: BTreeMap<String, usize> = BTreeMap::new();
+    for n in 0..8 {
+        let ns = format!("tenant-{n}");
+        let (owner, core) = owner(&[&a, &b], &ns);
+        core.create_namespace(&ns, BTreeMap::new(), true)
+            .await
+            .unwrap();
+        // The owner takes it; the other node refuses it as UNAVAILABLE, naming the owner.
+        clients[owner]
+            .append(append_request(&ns, "through the owner"))
+            .await
+            .unwrap();
+        *acked.entry(ns.clone()).or_default() += 1;
+        let other = 1 - owner;
+        let refused = clients[other]
+            .append(append_request(&ns, "through the other node"))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert_eq!(
+            refused
+                .metadata()
+                .get(OWNER_HEADER)
+                .map(|v| v.to_str().unwrap()),
+            Some(names[owner]),
+            "{refused:?}"
+        );
+    }
+    // A call that names no namespace is refused, not sent to some shard.
+    let mut nameless = append_request("tenant-0", "nameless");
+    nameless.metadata_mut().remove(NAMESPACE_HEADER);
+    let refused = clients[0].append(nameless).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+
+    // b is cut off: a takes its shards, and a's endpoint answers for every namespace with
+    // what b had acknowledged.
+    b.store.cut.store(true, Ordering::SeqCst);
+    until_serving(&[&a], &[4], "b cut off").await;
+    for (ns, count) in &acked {
+        clients[0]
+            .append(append_request(ns, "after the takeover"))
+            .await
+            .unwrap();
+        let (_, core) = owner(&[&a], ns);
+        let read = read_all(&core, ns).await;
+        assert_eq!(read.len(), count + 1, "{ns}: {read:?}");
+        assert_eq!(read[0], "through the owner");
+    }
+    assert_eq!(b.lost.lock().len(), 1);
+    a.node.leave().await;
 }

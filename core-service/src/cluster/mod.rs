@@ -29,6 +29,7 @@
 //! was paused past its lease and resumes believing it still serves.
 
 pub mod shard_cores;
+pub mod shard_router;
 pub mod shards;
 
 use std::fmt;

@@ -13,6 +13,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use parking_lot::RwLock;
+use tonic::service::Routes;
 use tracing::{info, warn};
 use tributary_storage::{LogStore, MetaStore};
 
@@ -50,7 +51,13 @@ pub trait ShardStorage: Send + Sync + 'static {
 pub struct ShardCores {
     storage: Arc<dyn ShardStorage>,
     config: CoreConfig,
-    cores: RwLock<BTreeMap<u32, Core>>,
+    cores: RwLock<BTreeMap<u32, Served>>,
+}
+
+/// A shard's core and its gRPC services, built once when the shard is taken.
+struct Served {
+    core: Core,
+    routes: Routes,
 }
 
 impl ShardCores {
@@ -64,7 +71,12 @@ impl ShardCores {
 
     /// The core of `shard`, if this node serves it.
     pub fn core(&self, shard: u32) -> Option<Core> {
-        self.cores.read().get(&shard).cloned()
+        self.cores.read().get(&shard).map(|s| s.core.clone())
+    }
+
+    /// The gRPC services of `shard`'s core, if this node serves it.
+    pub fn routes(&self, shard: u32) -> Option<Routes> {
+        self.cores.read().get(&shard).map(|s| s.routes.clone())
     }
 
     /// The shards this node serves.
@@ -82,13 +94,14 @@ impl ShardHost for ShardCores {
             .await
             .map_err(|e| format!("opening the core of shard {shard}: {e}"))?;
         info!(shard, epoch = lease.epoch(), "cluster: serving a shard");
-        self.cores.write().insert(shard, core);
+        let routes = crate::grpc::routes(core.clone());
+        self.cores.write().insert(shard, Served { core, routes });
         Ok(())
     }
 
     async fn stop(&self, shard: u32) {
-        let core = self.cores.write().remove(&shard);
-        if let Some(core) = core {
+        let served = self.cores.write().remove(&shard);
+        if let Some(Served { core, .. }) = served {
             if let Err(e) = core.shutdown().await {
                 warn!(shard, error = %e, "cluster: a shard's core did not shut down cleanly");
             }

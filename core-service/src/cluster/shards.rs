@@ -374,6 +374,8 @@ struct Shared {
     /// The shards this node serves. Held through a whole round of the assigner, so that
     /// leaving waits for a round under way.
     served: tokio::sync::Mutex<BTreeMap<u32, ShardLease>>,
+    /// Each shard's owner as the last round read it.
+    owners: Arc<Mutex<Vec<Option<String>>>>,
     leaving: AtomicBool,
 }
 
@@ -482,6 +484,7 @@ impl ShardNode {
                                 written: Mutex::new(first),
                                 host,
                                 served: tokio::sync::Mutex::new(BTreeMap::new()),
+                                owners: Arc::new(Mutex::new(Vec::new())),
                                 leaving: AtomicBool::new(false),
                             }),
                             tasks: Mutex::new(Vec::new()),
@@ -532,6 +535,13 @@ impl ShardNode {
         let renewer = tokio::spawn(renew(self.shared.clone()));
         let assigner = tokio::spawn(assign(self.shared.clone()));
         self.tasks.lock().extend([renewer, assigner]);
+    }
+
+    /// Who owns each shard, as this node last read the shard keys (`None`: nobody, or a
+    /// value this version cannot read).
+    pub fn owners(&self) -> impl Fn(u32) -> Option<String> + Send + Sync + 'static {
+        let owners = self.shared.owners.clone();
+        move |shard| owners.lock().get(shard as usize).cloned().flatten()
     }
 
     /// The shards this node serves and their epochs.
@@ -738,6 +748,14 @@ impl Shared {
             return Ok(());
         }
         let snapshot = self.snapshot(view).await?;
+        *self.owners.lock() = snapshot
+            .keys
+            .iter()
+            .map(|(_, owner)| match owner {
+                Some(ShardOwner::Held { node, .. }) => Some(node.clone()),
+                _ => None,
+            })
+            .collect();
         // A shard this node serves that its key no longer gives it was taken, so this node's
         // lease is gone: a shard is only taken from a node whose heartbeat stood still.
         for (shard, lease) in served.iter() {

@@ -1,0 +1,130 @@
+//! One gRPC endpoint in front of the cores of the shards a node serves
+//! ([`super::shard_cores`]). A call names its namespace in the `tributary-namespace` header
+//! (the core API's requests carry it in their body, which a router cannot read without
+//! decoding every message type); the router hands the call to the core of that namespace's
+//! shard, or answers UNAVAILABLE naming the node that owns it, which a gateway takes as a
+//! reason to try another node.
+//!
+//! Calls whose state belongs to no namespace (users, the list of namespaces) go to the home
+//! shard, the shard of the empty namespace, whatever header they carry: one core holds them,
+//! so every gateway sees the same users.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use tonic::body::Body;
+use tonic::service::Routes;
+
+use super::shard_cores::{ShardCores, shard_of};
+
+/// The header naming the namespace a call is about.
+pub const NAMESPACE_HEADER: &str = "tributary-namespace";
+/// Set on an UNAVAILABLE answer for a shard this node does not serve: the node that owns
+/// it, as far as this node knows (absent when nobody does, during a takeover).
+pub const OWNER_HEADER: &str = "tributary-shard-owner";
+
+/// Methods served by the home shard: their state belongs to no namespace.
+const HOME_METHODS: &[&str] = &[
+    "/tributary.core.v1.Admin/PutUser",
+    "/tributary.core.v1.Admin/DeleteUser",
+    "/tributary.core.v1.Admin/ListUsers",
+    "/tributary.core.v1.Admin/ListNamespaces",
+];
+
+/// Who owns a shard, by this node's last look at the shard keys.
+pub type ShardOwners = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
+
+#[derive(Clone)]
+pub struct ShardRouter {
+    cores: Arc<ShardCores>,
+    shards: u32,
+    owners: ShardOwners,
+}
+
+impl ShardRouter {
+    pub fn new(cores: Arc<ShardCores>, shards: u32, owners: ShardOwners) -> Self {
+        Self {
+            cores,
+            shards,
+            owners,
+        }
+    }
+
+    /// As tonic routes, to serve with `tonic::transport::Server::add_routes`.
+    pub fn into_routes(self) -> Routes {
+        Routes::from(Routes::default().into_axum_router().fallback_service(self))
+    }
+
+    /// The namespace a call is for: the home shard's for [`HOME_METHODS`].
+    fn namespace<B>(req: &http::Request<B>) -> Result<String, tonic::Status> {
+        if HOME_METHODS.contains(&req.uri().path()) {
+            return Ok(String::new());
+        }
+        match req.headers().get(NAMESPACE_HEADER) {
+            Some(v) => v.to_str().map(str::to_string).map_err(|_| {
+                tonic::Status::invalid_argument(format!(
+                    "the {NAMESPACE_HEADER} header is not ASCII"
+                ))
+            }),
+            None => Err(tonic::Status::failed_precondition(format!(
+                "this core node serves shards of a cluster: a call must name its namespace in the {NAMESPACE_HEADER} header"
+            ))),
+        }
+    }
+}
+
+fn status_response(status: tonic::Status) -> http::Response<Body> {
+    let (parts, ()) = status.into_http::<()>().into_parts();
+    http::Response::from_parts(parts, Body::empty())
+}
+
+type RouteFuture = Pin<Box<dyn Future<Output = Result<http::Response<Body>, Infallible>> + Send>>;
+
+impl<B> tower::Service<http::Request<B>> for ShardRouter
+where
+    Routes: tower::Service<
+            http::Request<B>,
+            Response = http::Response<Body>,
+            Error = Infallible,
+            Future: Send + 'static,
+        >,
+{
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = RouteFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        // Readiness is the chosen core's, awaited in the call.
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> RouteFuture {
+        let namespace = match Self::namespace(&req) {
+            Ok(ns) => ns,
+            Err(status) => return Box::pin(async move { Ok(status_response(status)) }),
+        };
+        let shard = shard_of(&namespace, self.shards);
+        match self.cores.routes(shard) {
+            // Routes (an axum router) is always ready, as its `poll_ready` says.
+            Some(mut routes) => Box::pin(tower::Service::call(&mut routes, req)),
+            None => {
+                let owner = (self.owners)(shard);
+                let mut status = tonic::Status::unavailable(format!(
+                    "shard {shard} (namespace '{namespace}') is not served by this node; {}",
+                    owner
+                        .as_deref()
+                        .map_or("nobody serves it right now".to_string(), |o| format!(
+                            "node {o} does"
+                        ))
+                ));
+                if let Some(o) = owner.and_then(|o| o.parse().ok()) {
+                    status.metadata_mut().insert(OWNER_HEADER, o);
+                }
+                Box::pin(async move { Ok(status_response(status)) })
+            }
+        }
+    }
+}
