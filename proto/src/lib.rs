@@ -18,6 +18,19 @@ pub mod amqp_link {
 /// Metadata key that carries the stable error code (the `ErrorCode` name) on every failed call.
 pub const ERROR_CODE_METADATA: &str = "tributary-error-code";
 
+/// Metadata key naming the namespace a call is about. A core node serving shards of a cluster
+/// routes each call by it to the core of that namespace's shard; a single core ignores it.
+pub const NAMESPACE_METADATA: &str = "tributary-namespace";
+
+/// Metadata key on an UNAVAILABLE answer from a core node that does not serve the shard a
+/// call's namespace belongs to: the shard's number. A gateway takes it as a reason to send
+/// that namespace's calls to another node.
+pub const SHARD_METADATA: &str = "tributary-shard";
+
+/// Metadata key next to [`SHARD_METADATA`]: the node that owns the shard, as far as the
+/// answering node knows (absent when nobody does, during a takeover).
+pub const SHARD_OWNER_METADATA: &str = "tributary-shard-owner";
+
 impl v1::StreamId {
     pub fn new(namespace: impl Into<String>, name: impl Into<String>) -> Self {
         Self {

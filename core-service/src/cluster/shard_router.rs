@@ -20,11 +20,10 @@ use tonic::service::Routes;
 
 use super::shard_cores::{ShardCores, shard_of};
 
-/// The header naming the namespace a call is about.
-pub const NAMESPACE_HEADER: &str = "tributary-namespace";
-/// Set on an UNAVAILABLE answer for a shard this node does not serve: the node that owns
-/// it, as far as this node knows (absent when nobody does, during a takeover).
-pub const OWNER_HEADER: &str = "tributary-shard-owner";
+pub use tributary_proto::{
+    NAMESPACE_METADATA as NAMESPACE_HEADER, SHARD_METADATA as SHARD_HEADER,
+    SHARD_OWNER_METADATA as OWNER_HEADER,
+};
 
 /// Methods served by the home shard: their state belongs to no namespace.
 const HOME_METHODS: &[&str] = &[
@@ -120,6 +119,7 @@ where
                             "node {o} does"
                         ))
                 ));
+                status.metadata_mut().insert(SHARD_HEADER, shard.into());
                 if let Some(o) = owner.and_then(|o| o.parse().ok()) {
                     status.metadata_mut().insert(OWNER_HEADER, o);
                 }

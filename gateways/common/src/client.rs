@@ -40,8 +40,18 @@ pub enum CoreTransport {
     Network {
         nodes: Arc<CoreNodes>,
         authorization: Option<http::HeaderValue>,
+        /// Set by [`CoreClient::scoped`].
+        scope: Option<Arc<Scope>>,
     },
     InProcess(Routes),
+}
+
+/// The namespace a client's calls are about, for core nodes that serve shards of a cluster
+/// (`tributary_core::cluster`): sent on every call, and the node serving it remembered apart
+/// from other namespaces', since another namespace's shard may be on another node.
+pub struct Scope {
+    namespace: http::HeaderValue,
+    current: std::sync::atomic::AtomicUsize,
 }
 
 impl tower::Service<http::Request<Body>> for CoreTransport {
@@ -64,24 +74,49 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
             Self::Network {
                 nodes,
                 authorization,
+                scope,
             } => {
                 if let Some(v) = authorization {
                     req.headers_mut()
                         .insert(http::header::AUTHORIZATION, v.clone());
                 }
-                let (index, channel) = nodes.pick();
+                if let Some(scope) = scope {
+                    req.headers_mut()
+                        .insert(tributary_proto::NAMESPACE_METADATA, scope.namespace.clone());
+                }
+                let (index, channel) = match scope {
+                    Some(scope) => nodes.pick_in(&scope.current),
+                    None => nodes.pick(),
+                };
+                let named = nodes.clone();
                 let nodes = nodes.clone();
+                let scope = scope.clone();
+                let unreachable = move |error: &dyn std::fmt::Display| match &scope {
+                    Some(scope) => nodes.unreachable_in(&scope.current, index, error),
+                    None => nodes.unreachable(index, error),
+                };
                 Box::pin(async move {
                     match tower::ServiceExt::oneshot(channel, req).await {
+                        // A node serving shards that does not serve this namespace's: the
+                        // answer (UNAVAILABLE) goes back as it is, and the retry goes to the
+                        // next node.
+                        Ok(response)
+                            if response
+                                .headers()
+                                .contains_key(tributary_proto::SHARD_METADATA) =>
+                        {
+                            unreachable(&"the node does not serve this namespace's shard");
+                            Ok(response)
+                        }
                         Ok(response) => Ok(response),
                         // UNAVAILABLE, which every gateway maps to its protocol's retriable
                         // error: the client's retry reaches the next node (or this one back).
                         Err(e) => {
                             let e: BoxError = e.into();
-                            nodes.unreachable(index, &e);
+                            unreachable(&e);
                             Err(Box::new(tonic::Status::unavailable(format!(
                                 "core {} unreachable: {e}",
-                                nodes.address(index)
+                                named.address(index)
                             ))) as BoxError)
                         }
                     }
@@ -181,6 +216,7 @@ pub struct CoreClient {
     /// Set for a core in this process: session streams skip the gRPC encoding.
     local_sessions: Option<Arc<dyn LocalSessions>>,
     local_queues: Option<Arc<dyn LocalQueues>>,
+    transport: CoreTransport,
 }
 
 macro_rules! client {
@@ -204,7 +240,37 @@ impl CoreClient {
             transactions: client!(TransactionsClient, t),
             local_sessions: None,
             local_queues: None,
+            transport: t,
         }
+    }
+
+    /// This client with every call about `namespace` (see [`Scope`]). A core in this process
+    /// serves every namespace, so an in-process client stays as it is; so does one for a
+    /// namespace that cannot go in a header (a sharded core then refuses its calls).
+    pub fn scoped(&self, namespace: &str) -> Self {
+        let CoreTransport::Network {
+            nodes,
+            authorization,
+            ..
+        } = &self.transport
+        else {
+            return self.clone();
+        };
+        let Ok(header) = http::HeaderValue::from_str(namespace) else {
+            return self.clone();
+        };
+        let scope = Scope {
+            namespace: header,
+            current: std::sync::atomic::AtomicUsize::new(nodes.current()),
+        };
+        let mut scoped = Self::from_transport(CoreTransport::Network {
+            nodes: nodes.clone(),
+            authorization: authorization.clone(),
+            scope: Some(Arc::new(scope)),
+        });
+        scoped.local_sessions = self.local_sessions.clone();
+        scoped.local_queues = self.local_queues.clone();
+        scoped
     }
 
     /// Session streams go straight to `local` (a core in this process).
@@ -377,6 +443,7 @@ impl CoreClient {
         Ok(Self::from_transport(CoreTransport::Network {
             nodes: Arc::new(CoreNodes::new(endpoints)),
             authorization,
+            scope: None,
         }))
     }
 }
@@ -426,4 +493,79 @@ pub fn error_code(status: &tonic::Status) -> ErrorCode {
             tonic::Code::Unauthenticated => ErrorCode::Unauthenticated,
             _ => ErrorCode::Internal,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+    use tokio_stream::wrappers::TcpListenerStream;
+
+    /// The namespace header of each call a fake core node answered.
+    type Seen = Arc<Mutex<Vec<Option<String>>>>;
+
+    /// A core node that answers every call with `status`; `shard` adds the marker of a node
+    /// that does not serve the call's namespace's shard.
+    async fn fake_node(status: tonic::Code, shard: bool) -> (String, Seen) {
+        let seen: Seen = Default::default();
+        let record = seen.clone();
+        let answer = tower::service_fn(move |req: http::Request<axum::body::Body>| {
+            record.lock().unwrap().push(
+                req.headers()
+                    .get(tributary_proto::NAMESPACE_METADATA)
+                    .map(|v| v.to_str().unwrap().to_string()),
+            );
+            let mut s = tonic::Status::new(status, "fake");
+            if shard {
+                s.metadata_mut()
+                    .insert(tributary_proto::SHARD_METADATA, 3.into());
+            }
+            let (parts, ()) = s.into_http::<()>().into_parts();
+            async move { Ok::<_, Infallible>(http::Response::from_parts(parts, Body::empty())) }
+        });
+        let routes = Routes::from(
+            Routes::default()
+                .into_axum_router()
+                .fallback_service(answer),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(
+            tonic::transport::Server::builder()
+                .add_routes(routes)
+                .serve_with_incoming(TcpListenerStream::new(listener)),
+        );
+        (url, seen)
+    }
+    #[tokio::test]
+    async fn a_scoped_client_names_its_namespace_and_moves_on_from_a_node_without_its_shard() {
+        let (without, seen_without) = fake_node(tonic::Code::Unavailable, true).await;
+        let (with, seen_with) = fake_node(tonic::Code::Unimplemented, false).await;
+        let client =
+            CoreClient::connect_lazy_with(&format!("{without},{with}"), None, None).unwrap();
+        let scoped = client.scoped("tenant-a");
+        let list = || tributary_proto::v1::ListStreamsRequest {
+            namespace: "tenant-a".into(),
+        };
+        // The first node does not serve the shard: UNAVAILABLE, and the next call goes to the
+        // next node.
+        let first = scoped.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(first.code(), tonic::Code::Unavailable, "{first:?}");
+        let second = scoped.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(second.code(), tonic::Code::Unimplemented, "{second:?}");
+        let third = scoped.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(third.code(), tonic::Code::Unimplemented, "{third:?}");
+        assert_eq!(
+            *seen_without.lock().unwrap(),
+            vec![Some("tenant-a".to_string())]
+        );
+        assert_eq!(
+            *seen_with.lock().unwrap(),
+            vec![Some("tenant-a".to_string()); 2]
+        );
+        // An unscoped call names no namespace and is not moved by the scoped client's move.
+        let unscoped = client.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(unscoped.code(), tonic::Code::Unavailable, "{unscoped:?}");
+        assert_eq!(seen_without.lock().unwrap().last(), Some(&None));
+    }
 }

@@ -59,8 +59,19 @@ impl CoreNodes {
 
     /// The node to call, and its index for [`CoreNodes::unreachable`].
     pub fn pick(&self) -> (usize, Channel) {
-        let i = self.current.load(Ordering::Acquire) % self.nodes.len();
+        self.pick_in(&self.current)
+    }
+
+    /// The node to call for a namespace whose node is remembered in `current` (a core node
+    /// serving shards serves some namespaces and not others).
+    pub fn pick_in(&self, current: &AtomicUsize) -> (usize, Channel) {
+        let i = current.load(Ordering::Acquire) % self.nodes.len();
         (i, self.nodes[i].channel.clone())
+    }
+
+    /// The node unscoped calls go to now: where a namespace's calls start.
+    pub fn current(&self) -> usize {
+        self.current.load(Ordering::Acquire)
     }
 
     pub fn address(&self, index: usize) -> &str {
@@ -70,12 +81,21 @@ impl CoreNodes {
     /// A call to node `index` failed to reach it: the next call goes to the next node.
     /// Calls failing together move the gateway on once, not once each.
     pub fn unreachable(&self, index: usize, error: &dyn std::fmt::Display) {
+        self.unreachable_in(&self.current, index, error);
+    }
+
+    /// As [`CoreNodes::unreachable`], for the node remembered in `current`.
+    pub fn unreachable_in(
+        &self,
+        current: &AtomicUsize,
+        index: usize,
+        error: &dyn std::fmt::Display,
+    ) {
         if self.nodes.len() == 1 {
             return;
         }
         let next = (index + 1) % self.nodes.len();
-        if self
-            .current
+        if current
             .compare_exchange(index, next, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
         {

@@ -105,6 +105,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(core: CoreClient, config: KafkaConfig) -> Arc<Self> {
+        let core = core.scoped(&config.namespace);
         let authorizer = config
             .authorizer
             .as_ref()

@@ -93,6 +93,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(core: CoreClient, config: MqttConfig) -> Arc<Self> {
+        let core = core.scoped(&config.namespace);
         Arc::new(Self {
             namespace: Arc::from(config.namespace.as_str()),
             config,

@@ -143,6 +143,7 @@ impl RateLimitedLog {
 
 impl Gateway {
     pub fn new(core: CoreClient, config: RocketMqConfig) -> Arc<Self> {
+        let core = core.scoped(&config.namespace);
         Arc::new(Self {
             config,
             core,

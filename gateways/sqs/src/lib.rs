@@ -67,6 +67,7 @@ pub struct Gateway {
 
 impl Gateway {
     pub fn new(client: CoreClient, config: SqsConfig) -> Arc<Self> {
+        let client = client.scoped(&config.namespace);
         let identity = Identity {
             region: config.region.clone(),
             account_id: config.account_id.clone(),

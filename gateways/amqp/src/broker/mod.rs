@@ -343,6 +343,9 @@ impl Driver {
         };
         self.vhost = open.vhost.clone();
         self.ns = namespace_of(&open.vhost);
+        // A cluster's core nodes serve shards by namespace: this connection's calls go to
+        // the node serving its virtual host's.
+        self.core = self.core.scoped(&self.ns);
         let span =
             info_span!("amqp_link", vhost = %open.vhost, user = %open.user, peer = %open.peer);
         async move {
