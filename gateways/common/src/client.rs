@@ -16,7 +16,7 @@ use tonic::service::Routes;
 use std::sync::Arc;
 use tonic::transport::Endpoint;
 
-use crate::core_nodes::CoreNodes;
+use crate::core_nodes::{CoreNodes, Scope};
 pub use crate::session_link::{LocalSession, SessionLink};
 use tributary_proto::v1::{
     AckRequest, AckResponse, ChangeLeaseRequest, ChangeLeaseResponse, EnqueueRequest,
@@ -44,14 +44,6 @@ pub enum CoreTransport {
         scope: Option<Arc<Scope>>,
     },
     InProcess(Routes),
-}
-
-/// The namespace a client's calls are about, for core nodes that serve shards of a cluster
-/// (`tributary_core::cluster`): sent on every call, and the node serving it remembered apart
-/// from other namespaces', since another namespace's shard may be on another node.
-pub struct Scope {
-    namespace: http::HeaderValue,
-    current: std::sync::atomic::AtomicUsize,
 }
 
 impl tower::Service<http::Request<Body>> for CoreTransport {
@@ -91,9 +83,21 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                 let named = nodes.clone();
                 let nodes = nodes.clone();
                 let scope = scope.clone();
-                let unreachable = move |error: &dyn std::fmt::Display| match &scope {
-                    Some(scope) => nodes.unreachable_in(&scope.current, index, error),
-                    None => nodes.unreachable(index, error),
+                // A node that cannot be reached is so for every namespace; one that does not
+                // serve a namespace's shard, for that namespace.
+                let unreachable = {
+                    let (nodes, scope) = (nodes.clone(), scope.clone());
+                    move |error: &dyn std::fmt::Display| {
+                        if let Some(scope) = &scope {
+                            nodes.unreachable_in(&scope.current, index, error);
+                        }
+                        nodes.unreachable(index, error);
+                    }
+                };
+                let not_serving = move |error: &dyn std::fmt::Display| {
+                    if let Some(scope) = &scope {
+                        nodes.unreachable_in(&scope.current, index, error);
+                    }
                 };
                 Box::pin(async move {
                     match tower::ServiceExt::oneshot(channel, req).await {
@@ -105,7 +109,7 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                                 .headers()
                                 .contains_key(tributary_proto::SHARD_METADATA) =>
                         {
-                            unreachable(&"the node does not serve this namespace's shard");
+                            not_serving(&"the node does not serve this namespace's shard");
                             Ok(response)
                         }
                         Ok(response) => Ok(response),
@@ -256,17 +260,13 @@ impl CoreClient {
         else {
             return self.clone();
         };
-        let Ok(header) = http::HeaderValue::from_str(namespace) else {
+        let Some(scope) = nodes.scope(namespace) else {
             return self.clone();
-        };
-        let scope = Scope {
-            namespace: header,
-            current: std::sync::atomic::AtomicUsize::new(nodes.current()),
         };
         let mut scoped = Self::from_transport(CoreTransport::Network {
             nodes: nodes.clone(),
             authorization: authorization.clone(),
-            scope: Some(Arc::new(scope)),
+            scope: Some(scope),
         });
         scoped.local_sessions = self.local_sessions.clone();
         scoped.local_queues = self.local_queues.clone();
@@ -563,6 +563,12 @@ mod tests {
             *seen_with.lock().unwrap(),
             vec![Some("tenant-a".to_string()); 2]
         );
+        // Another client of the same namespace (the next AMQP connection to a virtual host)
+        // starts where the first one found its shard.
+        let again = client.scoped("tenant-a");
+        let fourth = again.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(fourth.code(), tonic::Code::Unimplemented, "{fourth:?}");
+        assert_eq!(seen_with.lock().unwrap().len(), 3);
         // An unscoped call names no namespace and is not moved by the scoped client's move.
         let unscoped = client.admin.clone().list_streams(list()).await.unwrap_err();
         assert_eq!(unscoped.code(), tonic::Code::Unavailable, "{unscoped:?}");

@@ -6,7 +6,9 @@
 //! client's retry goes there. No discovery protocol is needed, and a node that lost its
 //! lease has exited, so it refuses connections rather than answering stale.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
@@ -22,6 +24,17 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 pub struct CoreNodes {
     nodes: Vec<Node>,
     current: AtomicUsize,
+    /// One scope per namespace, shared by every client scoped to it (an AMQP gateway scopes
+    /// each connection): what one finds out about its node, the next one starts from.
+    scopes: Mutex<HashMap<String, Arc<Scope>>>,
+}
+
+/// The namespace a client's calls are about, for core nodes that serve shards of a cluster
+/// (`tributary_core::cluster`): sent on every call, and the node serving it remembered apart
+/// from other namespaces', since another namespace's shard may be on another node.
+pub struct Scope {
+    pub(crate) namespace: http::HeaderValue,
+    pub(crate) current: AtomicUsize,
 }
 
 struct Node {
@@ -54,7 +67,22 @@ impl CoreNodes {
         Self {
             nodes,
             current: AtomicUsize::new(0),
+            scopes: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The scope of `namespace`, made on first use starting from the node unscoped calls go
+    /// to; `None` for a name that cannot go in a header.
+    pub fn scope(&self, namespace: &str) -> Option<Arc<Scope>> {
+        let header = http::HeaderValue::from_str(namespace).ok()?;
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        let scope = scopes.entry(namespace.to_string()).or_insert_with(|| {
+            Arc::new(Scope {
+                namespace: header,
+                current: AtomicUsize::new(self.current.load(Ordering::Acquire)),
+            })
+        });
+        Some(scope.clone())
     }
 
     /// The node to call, and its index for [`CoreNodes::unreachable`].
@@ -67,11 +95,6 @@ impl CoreNodes {
     pub fn pick_in(&self, current: &AtomicUsize) -> (usize, Channel) {
         let i = current.load(Ordering::Acquire) % self.nodes.len();
         (i, self.nodes[i].channel.clone())
-    }
-
-    /// The node unscoped calls go to now: where a namespace's calls start.
-    pub fn current(&self) -> usize {
-        self.current.load(Ordering::Acquire)
     }
 
     pub fn address(&self, index: usize) -> &str {
