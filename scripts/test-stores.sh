@@ -37,6 +37,8 @@ run_etcd() {
     cargo test -p tributary-storage --locked --test external_meta -- etcd --test-threads 1 --show-output
     # Cluster shards spread over three nodes, failed over, moved back (core-service/src/cluster/shards.rs).
     cargo test -p tributary-core --locked --test shard_leases -- on_etcd --show-output
+    # tributary core --cluster-shards: two nodes, eight namespaces, a kill -9 (tests/cluster_shards.rs).
+    cargo test --locked --test cluster_shards -- --show-output
 }
 
 run_redis() {

@@ -392,6 +392,11 @@ pub struct Options {
     /// standby takes over this long after the heartbeats stop.
     #[arg(long, env = "TRIBUTARY_CLUSTER_LEASE_TTL_MS", global = true)]
     pub cluster_lease_ttl_ms: Option<u64>,
+    /// Cluster mode: the number of shards the deployment's namespaces are spread over (1 to
+    /// 4096, fixed when the first node joins). Each node then serves its share of shards at
+    /// once instead of one node serving everything; 0 or unset: one active node.
+    #[arg(long, env = "TRIBUTARY_CLUSTER_SHARDS", global = true)]
+    pub cluster_shards: Option<u32>,
     /// Kafka gateways as a fleet: this gateway's broker id (0 to 2147483647, unique in the
     /// fleet). Each gateway with one registers in the core, and clients are given every live
     /// one as a broker, partitions and coordinators spread over them. Unset: this gateway
@@ -651,6 +656,7 @@ pub struct FileConfig {
     pub core: Option<String>,
     pub cluster_node: Option<String>,
     pub cluster_lease_ttl_ms: Option<u64>,
+    pub cluster_shards: Option<u32>,
     pub kafka_broker_id: Option<i32>,
     pub storage: Option<String>,
     pub opendal_ack: Option<String>,
@@ -765,6 +771,9 @@ pub enum StorageKind {
 pub struct ClusterSettings {
     pub node: String,
     pub lease_ttl: Duration,
+    /// Shards the namespaces are spread over, each node serving its share; `None`: one node
+    /// serves everything at a time.
+    pub shards: Option<u32>,
 }
 
 /// Cluster mode needs shared storage for everything a takeover reads: metadata in etcd or
@@ -831,9 +840,21 @@ fn resolve_cluster(
             "expected 1000 to 60000",
         ));
     }
+    // 0, like unset: one active node.
+    let shards = o.cluster_shards.or(f.cluster_shards).filter(|&n| n > 0);
+    if let Some(n) = shards
+        && n > 4096
+    {
+        return Err(invalid(
+            "cluster_shards",
+            n,
+            "expected 0 (one active node) or 1 to 4096",
+        ));
+    }
     Ok(Some(ClusterSettings {
         node,
         lease_ttl: Duration::from_millis(ttl_ms),
+        shards,
     }))
 }
 
@@ -2294,8 +2315,12 @@ mod tests {
             Some(ClusterSettings {
                 node: "core-1".into(),
                 lease_ttl: Duration::from_secs(5),
+                shards: None,
             })
         );
+        let file: FileConfig = toml::from_str(&format!("cluster_shards = 12\n{base}")).unwrap();
+        let s = Settings::resolve_for(&Options::default(), &file, Role::Core).unwrap();
+        assert_eq!(s.cluster.unwrap().shards, Some(12));
         let refused = |text: &str, role: Role, key: &str| {
             let file: FileConfig = toml::from_str(text).unwrap();
             let e = Settings::resolve_for(&Options::default(), &file, role).unwrap_err();
@@ -2318,6 +2343,11 @@ mod tests {
             &format!("cluster_lease_ttl_ms = 10\n{base}"),
             Role::Core,
             "cluster_lease_ttl_ms",
+        );
+        refused(
+            &format!("cluster_shards = 4097\n{base}"),
+            Role::Core,
+            "cluster_shards",
         );
         // Empty: not a cluster node.
         let file: FileConfig = toml::from_str(&base.replace("core-1", "")).unwrap();
@@ -2378,6 +2408,7 @@ mod tests {
             "core",
             "cluster_node",
             "cluster_lease_ttl_ms",
+            "cluster_shards",
             "kafka_broker_id",
             "storage",
             "opendal_ack",

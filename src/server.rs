@@ -9,6 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{error, info, warn};
+use tributary_core::cluster::shard_cores::{ShardCores, ShardStorage, shard_meta_prefix};
+use tributary_core::cluster::shard_router::ShardRouter;
+use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
 use tributary_core::cluster::{LeaseConfig, NodeLease};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
@@ -28,7 +31,7 @@ use tributary_storage::object_log::{
 use tributary_storage::redb_meta::RedbMetaStore;
 use tributary_storage::routed::{Backend, RoutedLogStore};
 use tributary_storage::{EtcdMetaStore, MysqlMetaStore, PostgresMetaStore, RedisMetaStore};
-use tributary_storage::{LogStore, MetaStore, StorageError};
+use tributary_storage::{LogStore, MetaStore, PrefixedMetaStore, StorageError};
 
 use crate::admin::{self, AdminState};
 use crate::auth::{CoreAuthLayer, Guard, beyond_loopback};
@@ -66,6 +69,8 @@ pub enum StartError {
     Storage(#[from] StorageError),
     #[error("{0}")]
     Lease(#[from] tributary_core::cluster::LeaseError),
+    #[error("{0}")]
+    Shards(#[from] tributary_core::cluster::shards::ShardError),
     #[error("{0}")]
     Listen(#[from] ListenError),
     #[error("{0}")]
@@ -117,6 +122,8 @@ pub struct Server {
     core: Option<Core>,
     /// Cluster mode: the lease this node serves under, released on a clean stop.
     lease: Option<Arc<NodeLease>>,
+    /// Cluster mode with shards: this node's share, given up on a clean stop.
+    shards: Option<ShardNode>,
     stop: watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -220,6 +227,150 @@ async fn open_storage(
     }
     let log: Arc<dyn LogStore> = RoutedLogStore::open(backends).await?;
     Ok((log, meta))
+}
+
+/// The core's settings, for the one core of a server or each shard's core of a cluster node.
+fn core_config(settings: &Settings) -> CoreConfig {
+    CoreConfig {
+        default_partitions: settings.default_partitions,
+        auto_create_streams: settings.auto_create_streams,
+        stream_defaults: StreamDefaults {
+            retention_ms: settings.retention_ms,
+            retention_bytes: settings.retention_bytes,
+            max_message_bytes: settings.max_message_bytes,
+        },
+        retention_check_interval: settings.retention_check_interval,
+        group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
+        transaction_max_timeout: settings.transaction_max_timeout,
+        session_max_queued: settings.mqtt_max_queued,
+        mqtt_dead_letter_address: settings.mqtt_dead_letter_address.clone(),
+        mqtt_exchange: settings.mqtt_exchange.clone(),
+        mqtt_streams: settings.mqtt_streams,
+        stream_exchanges: settings.stream_exchanges,
+        record_decoders: record_decoders(),
+        ..CoreConfig::default()
+    }
+}
+
+/// Serves `routes` on the core gRPC listener until `stop`. Only this network listener checks
+/// the token: the in-process clients of the standalone gateways are the server itself.
+fn spawn_core_grpc(
+    settings: &Settings,
+    listener: TcpListener,
+    routes: tonic::service::Routes,
+    certs: &Option<Arc<CertSource>>,
+    stop: &watch::Sender<bool>,
+) -> Result<tokio::task::JoinHandle<()>, StartError> {
+    let auth = CoreAuthLayer(
+        settings
+            .core_token
+            .clone()
+            .map(|token| Guard::new("core", token)),
+    );
+    let core_tls = match (certs, settings.core_tls) {
+        (Some(certs), true) => {
+            let clients = match &settings.core_tls_client_ca {
+                Some(ca) => ClientCerts::Required(ca.clone()),
+                None => ClientCerts::None,
+            };
+            Some(tls::acceptor_for(certs, &clients, &[b"h2"])?)
+        }
+        _ => None,
+    };
+    // With client certificates required the TLS handshake authenticates every caller; a
+    // token, when one is configured too, is still required on top (both must hold), so adding
+    // mTLS never weakens a token deployment.
+    let mut stop_rx = stop.subscribe();
+    Ok(tokio::spawn(async move {
+        let server = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .http2_adaptive_window(Some(true))
+            .layer(auth)
+            .add_routes(routes);
+        let shutdown = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        let served = match core_tls {
+            Some(acceptor) => {
+                let incoming = tls::incoming(listener, acceptor, CORE_TLS_HANDSHAKE, "core-tls");
+                server
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+            None => {
+                let incoming = TcpListenerStream::new(listener);
+                server
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+            }
+        };
+        if let Err(e) = served {
+            error!(error = %e, "core gRPC server failed");
+        }
+    }))
+}
+
+/// Each shard's storage on a cluster node serving shards: its objects under
+/// `<root>/shards/<shard>` of the object store, its cache under the cache directory's
+/// `shards/<shard>` (emptied when the shard is taken: what an earlier term cached is stale),
+/// its metadata under the shard's prefix, fenced by its epoch.
+struct ObjectShards {
+    opendal: crate::config::OpendalSettings,
+    meta: Arc<dyn MetaStore>,
+    cache: LocalLogConfig,
+}
+
+#[async_trait::async_trait]
+impl ShardStorage for ObjectShards {
+    async fn open(
+        &self,
+        lease: &ShardLease,
+    ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String> {
+        let shard = lease.shard();
+        let o = &self.opendal;
+        let mut options = o.options.clone();
+        let root = options
+            .iter()
+            .find(|(k, _)| k == "root")
+            .map_or("", |(_, v)| v.as_str())
+            .trim_end_matches('/')
+            .to_string();
+        let shard_root = format!("{root}/shards/{shard:06}");
+        if o.scheme == "fs" {
+            std::fs::create_dir_all(&shard_root).map_err(|e| format!("{shard_root}: {e}"))?;
+        }
+        options.retain(|(k, _)| k != "root");
+        options.push(("root".into(), shard_root));
+        let name = format!("{} shard {shard}", o.describe());
+        let op = ObjectLogStore::operator(&o.scheme, options, &name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let cache_dir = o.cache_dir.join(format!("shards/{shard:06}"));
+        clear_cache(&cache_dir).map_err(|e| e.to_string())?;
+        let config = ObjectLogConfig {
+            ack: o.ack,
+            upload_interval: o.upload_interval,
+            seal_interval: o.seal_interval,
+            cache: self.cache.clone(),
+            write_guard: Some(WriteGuard(Arc::new(lease.holds()))),
+            epoch: lease.epoch(),
+            ..Default::default()
+        };
+        let store = ObjectLogStore::open(op, name, &cache_dir, config)
+            .await
+            .map_err(|e| e.to_string())?;
+        let log: Arc<dyn LogStore> = RoutedLogStore::open(vec![Backend {
+            name: "opendal".into(),
+            store,
+        }])
+        .await
+        .map_err(|e| e.to_string())?;
+        let meta: Arc<dyn MetaStore> = Arc::new(PrefixedMetaStore::new(
+            lease.fenced(self.meta.clone()),
+            shard_meta_prefix(shard),
+        ));
+        Ok((log, meta))
+    }
 }
 
 /// A cluster node's cache may hold what it wrote in an earlier term as active node; others
@@ -333,6 +484,12 @@ impl Server {
         }
         check_exposure(settings, true)?;
         let certs = load_certs(settings)?;
+        if let Some(cluster) = &settings.cluster
+            && let Some(shards) = cluster.shards
+            && mode == Mode::CoreOnly
+        {
+            return Self::start_shards(settings, certs, cluster, shards).await;
+        }
         // A standby binds nothing: gateways find the active node as the one that answers.
         let (lease, cluster_storage) = match &settings.cluster {
             Some(cluster) if mode == Mode::CoreOnly => {
@@ -404,25 +561,7 @@ impl Server {
             _ => None,
         };
         let (log, meta) = open_storage(settings, cluster_storage).await?;
-        let config = CoreConfig {
-            default_partitions: settings.default_partitions,
-            auto_create_streams: settings.auto_create_streams,
-            stream_defaults: StreamDefaults {
-                retention_ms: settings.retention_ms,
-                retention_bytes: settings.retention_bytes,
-                max_message_bytes: settings.max_message_bytes,
-            },
-            retention_check_interval: settings.retention_check_interval,
-            group_initial_rebalance_delay: settings.group_initial_rebalance_delay,
-            transaction_max_timeout: settings.transaction_max_timeout,
-            session_max_queued: settings.mqtt_max_queued,
-            mqtt_dead_letter_address: settings.mqtt_dead_letter_address.clone(),
-            mqtt_exchange: settings.mqtt_exchange.clone(),
-            mqtt_streams: settings.mqtt_streams,
-            stream_exchanges: settings.stream_exchanges,
-            record_decoders: record_decoders(),
-            ..CoreConfig::default()
-        };
+        let config = core_config(settings);
         let core = Core::open(log, meta, config).await?;
         for (ns, filter, stream) in &settings.mqtt_stream_rules {
             core.declare_mqtt_rule(ns, filter, stream)
@@ -442,56 +581,7 @@ impl Server {
             let addr = listener.local_addr().ok();
             bound.core = addr;
             let routes = tributary_core::grpc::routes(core.clone());
-            // Only this network listener checks the token: the in-process clients of the
-            // standalone gateways are the server itself.
-            let auth = CoreAuthLayer(
-                settings
-                    .core_token
-                    .clone()
-                    .map(|token| Guard::new("core", token)),
-            );
-            let core_tls = match (&certs, settings.core_tls) {
-                (Some(certs), true) => {
-                    let clients = match &settings.core_tls_client_ca {
-                        Some(ca) => ClientCerts::Required(ca.clone()),
-                        None => ClientCerts::None,
-                    };
-                    Some(tls::acceptor_for(certs, &clients, &[b"h2"])?)
-                }
-                _ => None,
-            };
-            // With client certificates required the TLS handshake authenticates every
-            // caller; a token, when one is configured too, is still required on top (both
-            // must hold), so adding mTLS never weakens a token deployment.
-            let mut stop_rx = stop.subscribe();
-            tasks.push(tokio::spawn(async move {
-                let server = tonic::transport::Server::builder()
-                    .tcp_nodelay(true)
-                    .http2_adaptive_window(Some(true))
-                    .layer(auth)
-                    .add_routes(routes);
-                let shutdown = async move {
-                    let _ = stop_rx.wait_for(|s| *s).await;
-                };
-                let served = match core_tls {
-                    Some(acceptor) => {
-                        let incoming =
-                            tls::incoming(listener, acceptor, CORE_TLS_HANDSHAKE, "core-tls");
-                        server
-                            .serve_with_incoming_shutdown(incoming, shutdown)
-                            .await
-                    }
-                    None => {
-                        let incoming = TcpListenerStream::new(listener);
-                        server
-                            .serve_with_incoming_shutdown(incoming, shutdown)
-                            .await
-                    }
-                };
-                if let Err(e) = served {
-                    error!(error = %e, "core gRPC server failed");
-                }
-            }));
+            tasks.push(spawn_core_grpc(settings, listener, routes, &certs, &stop)?);
         }
         if let Some(listener) = admin_listener {
             bound.admin = listener.local_addr().ok();
@@ -583,6 +673,94 @@ impl Server {
             bound,
             core: Some(core),
             lease,
+            shards: None,
+            stop,
+            tasks,
+        })
+    }
+
+    /// A cluster node serving shards: its core gRPC listener is bound at once and answers for
+    /// the shards this node holds (each by a core of its own, on its own storage), UNAVAILABLE
+    /// for the others; gateways find each namespace's node by that answer.
+    async fn start_shards(
+        settings: &Settings,
+        certs: Option<Arc<CertSource>>,
+        cluster: &crate::config::ClusterSettings,
+        shards: u32,
+    ) -> Result<Self, StartError> {
+        let Some(core_listener) =
+            bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?
+        else {
+            return Err(StartError::Unavailable(
+                "a cluster node serving shards is reached only through its core gRPC API: give --core-listen HOST:PORT".into(),
+            ));
+        };
+        if !settings.mqtt_stream_rules.is_empty() {
+            return Err(StartError::MqttStreamRule(
+                "not supported with cluster_shards yet (each shard's core would need the rules of its namespaces)".into(),
+            ));
+        }
+        if settings.admin_listen.addr().is_some() {
+            warn!(
+                "cluster_shards: the admin HTTP API is not served by a node serving shards yet; the admin listener stays closed"
+            );
+        }
+        let Some(opendal) = settings.opendal.clone() else {
+            return Err(StartError::Unavailable(
+                "cluster mode needs an [opendal] table".into(),
+            ));
+        };
+        let meta = open_meta(settings).await?;
+        let storage = ObjectShards {
+            opendal,
+            meta: meta.clone(),
+            cache: LocalLogConfig {
+                segment_bytes: settings.segment_bytes,
+                fsync: settings.fsync,
+                ..Default::default()
+            },
+        };
+        let cores = Arc::new(ShardCores::new(Arc::new(storage), core_config(settings)));
+        let on_lost: tributary_core::cluster::OnLost = Arc::new(|why: &str| {
+            error!("cluster: {why}; exiting so that other nodes serve its shards");
+            eprintln!("error: cluster: {why}; exiting so that other nodes serve its shards");
+            std::process::exit(3);
+        });
+        let node = ShardNode::join(
+            meta,
+            ShardConfig {
+                node: cluster.node.clone(),
+                shards,
+                ttl: cluster.lease_ttl,
+            },
+            cores.clone(),
+            on_lost,
+        )
+        .await?;
+        node.start();
+        info!(node = %cluster.node, run = node.run(), shards, "cluster: serving a share of the shards");
+        let router = ShardRouter::new(cores, shards, Arc::new(node.owners()));
+        let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        let bound = Bound {
+            core: core_listener.local_addr().ok(),
+            ..Bound::default()
+        };
+        if let Some(certs) = &certs {
+            tasks.push(spawn_cert_reload(settings, certs.clone(), &stop));
+        }
+        tasks.push(spawn_core_grpc(
+            settings,
+            core_listener,
+            router.into_routes(),
+            &certs,
+            &stop,
+        )?);
+        Ok(Self {
+            bound,
+            core: None,
+            lease: None,
+            shards: Some(node),
             stop,
             tasks,
         })
@@ -721,6 +899,7 @@ impl Server {
             bound,
             core: None,
             lease: None,
+            shards: None,
             stop,
             tasks,
         })
@@ -734,6 +913,10 @@ impl Server {
     /// storage. Returns once the data directory is closed cleanly.
     pub async fn shutdown(self) -> Result<(), StartError> {
         self.stop.send_replace(true);
+        // Each shard's core flushes and its shard is released, for the other nodes to take.
+        if let Some(node) = &self.shards {
+            node.leave().await;
+        }
         // Shutting the core down first wakes long-polling fetches so the servers can drain.
         let closed = match &self.core {
             Some(core) => core.shutdown().await,

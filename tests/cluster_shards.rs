@@ -1,0 +1,271 @@
+//! `tributary core --cluster-shards`: two core nodes on etcd and a filesystem bucket spread
+//! four shards; a client scoped to each of eight namespaces (as every gateway's is) finds the
+//! node serving its namespace's shard by itself. One node is killed with SIGKILL: the other
+//! takes its shards over and every acknowledged record is read back. The killed node comes
+//! back, shards move back to it, and nothing is lost either.
+//!
+//! Runs when `TRIBUTARY_TEST_ETCD_URL` is set (scripts/test-stores.sh starts etcd and sets it;
+//! with `TRIBUTARY_REQUIRE_STORES=1` a missing URL fails instead of skipping).
+
+mod common;
+
+use std::collections::{BTreeMap, HashSet};
+use std::future::Future;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Server, free_port_args};
+use tributary_gateway_common::CoreClient;
+use tributary_proto::v1;
+
+const SHARDS: u32 = 4;
+
+fn etcd_url() -> Option<String> {
+    match std::env::var("TRIBUTARY_TEST_ETCD_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ if std::env::var("TRIBUTARY_REQUIRE_STORES").as_deref() == Ok("1") => {
+            panic!("TRIBUTARY_TEST_ETCD_URL is not set and TRIBUTARY_REQUIRE_STORES=1")
+        }
+        _ => {
+            println!(
+                "skipped: TRIBUTARY_TEST_ETCD_URL is not set (scripts/test-stores.sh starts etcd)"
+            );
+            None
+        }
+    }
+}
+
+fn start_node(dir: &Path, name: &str, etcd: &str, namespace: &str) -> Server {
+    let data = dir.join(format!("data-{name}"));
+    std::fs::create_dir_all(&data).unwrap();
+    let config = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!(
+            "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_upload_interval_ms = 5\n\
+             meta = \"etcd\"\nmeta_url = \"{etcd}\"\nmeta_namespace = \"{namespace}\"\n\
+             cluster_node = \"{name}\"\ncluster_shards = {SHARDS}\ncluster_lease_ttl_ms = 1000\n\
+             [opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
+            dir.join("bucket").display()
+        ),
+    )
+    .unwrap();
+    let mut args = vec![
+        "core".to_string(),
+        "--config".into(),
+        config.display().to_string(),
+    ];
+    args.extend(free_port_args(&data));
+    Server::start(&args)
+}
+
+/// Retries `call` while it is UNAVAILABLE (a shard on another node, or moving), up to 30 s;
+/// says whether an attempt failed first.
+async fn retried<T, F, Fut>(what: &str, mut call: F) -> (T, bool)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, tonic::Status>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut failed = false;
+    loop {
+        match call().await {
+            Ok(v) => return (v, failed),
+            Err(s) if s.code() == tonic::Code::Unavailable && Instant::now() < deadline => {
+                failed = true;
+                tokio::time::sleep(Duration::from_millis(50)).await; // the client's retry pause
+            }
+            Err(s) => panic!("{what}: {s:?}"),
+        }
+    }
+}
+
+fn stream(namespace: &str) -> Option<v1::StreamId> {
+    Some(v1::StreamId::new(namespace, "events"))
+}
+
+/// Appends `value`; whether an attempt failed first (it may have been stored all the same,
+/// as a retried write without idempotence may be: the retry then stores it twice).
+async fn append(client: &CoreClient, namespace: &str, value: &str) -> bool {
+    retried(&format!("append to {namespace}"), || {
+        let mut streams = client.streams.clone();
+        let req = v1::AppendRequest {
+            stream: stream(namespace),
+            partition: 0,
+            batch: Some(v1::RecordBatch {
+                records: vec![v1::Record {
+                    value: Bytes::from(value.to_string()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            auto_create: true,
+            defer_durable: false,
+        };
+        async move { streams.append(req).await }
+    })
+    .await
+    .1
+}
+
+async fn read_all(client: &CoreClient, namespace: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    loop {
+        let offset = out.len() as i64;
+        let fetched = retried(&format!("fetch from {namespace}"), || {
+            let mut streams = client.streams.clone();
+            let req = v1::FetchRequest {
+                partitions: vec![v1::FetchPartition {
+                    stream: stream(namespace),
+                    partition: 0,
+                    offset,
+                    max_bytes: 0,
+                }],
+                max_bytes: 1 << 20,
+                min_bytes: 0,
+                max_wait_ms: 0,
+                read_committed: false,
+            };
+            async move { streams.fetch(req).await }
+        })
+        .await
+        .0
+        .into_inner();
+        let before = out.len();
+        for batch in &fetched.partitions[0].batches {
+            for record in &batch.records {
+                out.push(String::from_utf8_lossy(&record.value).into_owned());
+            }
+        }
+        if out.len() == before {
+            return out;
+        }
+    }
+}
+
+/// What was read, with the second copy of a retried write dropped (the one duplicate the
+/// protocol allows a client without idempotence); the copies dropped are counted.
+fn without_retry_copies(
+    read: Vec<String>,
+    retried: &HashSet<String>,
+    dropped: &mut usize,
+) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for value in read {
+        if out.last() == Some(&value) && retried.contains(&value) {
+            *dropped += 1;
+            continue;
+        }
+        out.push(value);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_spread_over_core_nodes_and_survive_a_kill() {
+    let Some(etcd) = etcd_url() else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let meta_namespace = format!("shards_{}_{}", std::process::id(), nanos % 1_000_000_000);
+    let a = start_node(dir.path(), "a", &etcd, &meta_namespace);
+    let b = start_node(dir.path(), "b", &etcd, &meta_namespace);
+    let nodes = format!("http://{},http://{}", a.core, b.core);
+    let client = CoreClient::connect_lazy_with(&nodes, None, None).unwrap();
+
+    let namespaces: Vec<String> = (0..8).map(|n| format!("tenant-{n}")).collect();
+    let mut acked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut retried_values = HashSet::new();
+    let mut duplicates = 0;
+    for ns in &namespaces {
+        let scoped = client.scoped(ns);
+        retried(&format!("create {ns}"), || {
+            let mut admin = scoped.admin.clone();
+            let req = v1::CreateNamespaceRequest {
+                name: ns.clone(),
+                if_not_exists: true,
+                ..Default::default()
+            };
+            async move { admin.create_namespace(req).await }
+        })
+        .await;
+        for i in 0..10 {
+            let value = format!("{ns}/{i}");
+            if append(&scoped, ns, &value).await {
+                retried_values.insert(value.clone());
+            }
+            acked.entry(ns.clone()).or_default().push(value);
+        }
+    }
+
+    // b is killed: a takes its shards over from shared storage.
+    let killed = Instant::now();
+    b.kill9();
+    for ns in &namespaces {
+        let scoped = client.scoped(ns);
+        let read = read_all(&scoped, ns).await;
+        let read = without_retry_copies(read, &retried_values, &mut duplicates);
+        assert_eq!(read, acked[ns], "{ns} after the kill");
+        let value = format!("{ns}/after-the-kill");
+        if append(&scoped, ns, &value).await {
+            retried_values.insert(value.clone());
+        }
+        acked.get_mut(ns).unwrap().push(value);
+    }
+    println!(
+        "every namespace served again {:?} after the kill",
+        killed.elapsed()
+    );
+
+    // b comes back (the same address is not needed: clients list it anew) and gets its share
+    // back; every record is still there.
+    let b2 = start_node(dir.path(), "b", &etcd, &meta_namespace);
+    let nodes = format!("http://{},http://{}", a.core, b2.core);
+    let client = CoreClient::connect_lazy_with(&nodes, None, None).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut served_by_b2 = 0;
+    while served_by_b2 == 0 {
+        assert!(Instant::now() < deadline, "no shard moved back to b");
+        served_by_b2 = 0;
+        for ns in &namespaces {
+            let only_b2 = CoreClient::connect_lazy(&format!("http://{}", b2.core))
+                .unwrap()
+                .scoped(ns);
+            let mut streams = only_b2.streams.clone();
+            let probe = streams
+                .fetch(v1::FetchRequest {
+                    partitions: vec![v1::FetchPartition {
+                        stream: stream(ns),
+                        partition: 0,
+                        offset: 0,
+                        max_bytes: 0,
+                    }],
+                    max_bytes: 1 << 20,
+                    min_bytes: 0,
+                    max_wait_ms: 0,
+                    read_committed: false,
+                })
+                .await;
+            served_by_b2 += usize::from(probe.is_ok());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await; // a poll of b's share
+    }
+    for ns in &namespaces {
+        let scoped = client.scoped(ns);
+        let mut again = 0;
+        let read = without_retry_copies(read_all(&scoped, ns).await, &retried_values, &mut again);
+        assert_eq!(read, acked[ns], "{ns} after b came back");
+    }
+    println!("{served_by_b2} of 8 namespaces served by b after it came back");
+    println!(
+        "{} writes retried after UNAVAILABLE, {duplicates} of them stored twice",
+        retried_values.len()
+    );
+    drop(a);
+    drop(b2);
+}
