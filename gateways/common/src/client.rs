@@ -94,10 +94,11 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                         nodes.unreachable(index, error);
                     }
                 };
-                let not_serving = move |error: &dyn std::fmt::Display| {
-                    if let Some(scope) = &scope {
-                        nodes.unreachable_in(&scope.current, index, error);
-                    }
+                // Unscoped calls to a node serving shards are the home shard's (users, the
+                // namespace listing): the next one goes to the next node too.
+                let not_serving = move |error: &dyn std::fmt::Display| match &scope {
+                    Some(scope) => nodes.unreachable_in(&scope.current, index, error),
+                    None => nodes.unreachable(index, error),
                 };
                 Box::pin(async move {
                     match tower::ServiceExt::oneshot(channel, req).await {
@@ -569,9 +570,13 @@ mod tests {
         let fourth = again.admin.clone().list_streams(list()).await.unwrap_err();
         assert_eq!(fourth.code(), tonic::Code::Unimplemented, "{fourth:?}");
         assert_eq!(seen_with.lock().unwrap().len(), 3);
-        // An unscoped call names no namespace and is not moved by the scoped client's move.
+        // An unscoped call names no namespace and is not moved by the scoped client's move;
+        // answered as not served (the home shard is elsewhere), the next one moves too.
         let unscoped = client.admin.clone().list_streams(list()).await.unwrap_err();
         assert_eq!(unscoped.code(), tonic::Code::Unavailable, "{unscoped:?}");
         assert_eq!(seen_without.lock().unwrap().last(), Some(&None));
+        let moved = client.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(moved.code(), tonic::Code::Unimplemented, "{moved:?}");
+        assert_eq!(seen_with.lock().unwrap().last(), Some(&None));
     }
 }
