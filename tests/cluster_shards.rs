@@ -1,10 +1,11 @@
-//! `tributary core --cluster-shards`: two core nodes on etcd and a filesystem bucket spread
-//! four shards; a client scoped to each of eight namespaces (as every gateway's is) finds the
-//! node serving its namespace's shard by itself. One node is killed with SIGKILL: the other
+//! `tributary core --cluster-shards`: two core nodes on etcd or PostgreSQL and a filesystem
+//! bucket spread four shards; a client scoped to each of eight namespaces (as every gateway's
+//! is) finds the node serving its namespace's shard by itself. One node is killed with SIGKILL: the other
 //! takes its shards over and every acknowledged record is read back. The killed node comes
 //! back, shards move back to it, and nothing is lost either.
 //!
-//! Runs when `TRIBUTARY_TEST_ETCD_URL` is set (scripts/test-stores.sh starts etcd and sets it;
+//! Runs on etcd when `TRIBUTARY_TEST_ETCD_URL` is set and on PostgreSQL when
+//! `TRIBUTARY_TEST_POSTGRES_URL` is (scripts/test-stores.sh starts the servers and sets them;
 //! with `TRIBUTARY_REQUIRE_STORES=1` a missing URL fails instead of skipping).
 
 mod common;
@@ -21,22 +22,27 @@ use tributary_proto::v1;
 
 const SHARDS: u32 = 4;
 
-fn etcd_url() -> Option<String> {
-    match std::env::var("TRIBUTARY_TEST_ETCD_URL") {
+/// A metadata server's URL from `var`, or `None` (after saying so) when the test is skipped.
+fn store_url(var: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(url) if !url.is_empty() => Some(url),
         _ if std::env::var("TRIBUTARY_REQUIRE_STORES").as_deref() == Ok("1") => {
-            panic!("TRIBUTARY_TEST_ETCD_URL is not set and TRIBUTARY_REQUIRE_STORES=1")
+            panic!("{var} is not set and TRIBUTARY_REQUIRE_STORES=1")
         }
         _ => {
-            println!(
-                "skipped: TRIBUTARY_TEST_ETCD_URL is not set (scripts/test-stores.sh starts etcd)"
-            );
+            println!("skipped: {var} is not set (scripts/test-stores.sh starts the server)");
             None
         }
     }
 }
 
-fn start_node(dir: &Path, name: &str, etcd: &str, namespace: &str) -> Server {
+/// The metadata store the nodes share.
+struct Meta {
+    kind: &'static str,
+    url: String,
+}
+
+fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
     let data = dir.join(format!("data-{name}"));
     std::fs::create_dir_all(&data).unwrap();
     let config = dir.join(format!("{name}.toml"));
@@ -44,9 +50,11 @@ fn start_node(dir: &Path, name: &str, etcd: &str, namespace: &str) -> Server {
         &config,
         format!(
             "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_upload_interval_ms = 5\n\
-             meta = \"etcd\"\nmeta_url = \"{etcd}\"\nmeta_namespace = \"{namespace}\"\n\
+             meta = \"{}\"\nmeta_url = \"{}\"\nmeta_namespace = \"{namespace}\"\n\
              cluster_node = \"{name}\"\ncluster_shards = {SHARDS}\ncluster_lease_ttl_ms = 1000\n\
              [opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
+            meta.kind,
+            meta.url,
             dir.join("bucket").display()
         ),
     )
@@ -163,18 +171,32 @@ fn without_retry_copies(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn namespaces_spread_over_core_nodes_and_survive_a_kill() {
-    let Some(etcd) = etcd_url() else {
-        return;
-    };
+async fn namespaces_spread_over_core_nodes_and_survive_a_kill_on_etcd() {
+    if let Some(url) = store_url("TRIBUTARY_TEST_ETCD_URL") {
+        spread_kill_return(Meta { kind: "etcd", url }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespaces_spread_over_core_nodes_and_survive_a_kill_on_postgres() {
+    if let Some(url) = store_url("TRIBUTARY_TEST_POSTGRES_URL") {
+        spread_kill_return(Meta {
+            kind: "postgres",
+            url,
+        })
+        .await;
+    }
+}
+
+async fn spread_kill_return(meta: Meta) {
     let dir = tempfile::tempdir().unwrap();
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_nanos();
     let meta_namespace = format!("shards_{}_{}", std::process::id(), nanos % 1_000_000_000);
-    let a = start_node(dir.path(), "a", &etcd, &meta_namespace);
-    let b = start_node(dir.path(), "b", &etcd, &meta_namespace);
+    let a = start_node(dir.path(), "a", &meta, &meta_namespace);
+    let b = start_node(dir.path(), "b", &meta, &meta_namespace);
     let nodes = format!("http://{},http://{}", a.core, b.core);
     let client = CoreClient::connect_lazy_with(&nodes, None, None).unwrap();
 
@@ -224,7 +246,7 @@ async fn namespaces_spread_over_core_nodes_and_survive_a_kill() {
 
     // b comes back (the same address is not needed: clients list it anew) and gets its share
     // back; every record is still there.
-    let b2 = start_node(dir.path(), "b", &etcd, &meta_namespace);
+    let b2 = start_node(dir.path(), "b", &meta, &meta_namespace);
     let nodes = format!("http://{},http://{}", a.core, b2.core);
     let client = CoreClient::connect_lazy_with(&nodes, None, None).unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
