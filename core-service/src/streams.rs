@@ -907,7 +907,7 @@ impl Core {
                         log.wait_durable(part.key, base_offset + i64::from(record_count))
                             .await?;
                     }
-                    let start = log.bounds(part.key).await?.start_offset;
+                    let start = log.bounds(part.key).await.map_or(-1, |b| b.start_offset);
                     return Ok(v1::AppendResponse {
                         base_offset,
                         duplicate: true,
@@ -948,7 +948,10 @@ impl Core {
                 }
             });
         }
-        let start = log.bounds(part.key).await?.start_offset;
+        // The batch is stored: a log closing meanwhile (a shutdown, a shard handed to another
+        // node) must not turn that into a failure the client would retry, storing it twice.
+        // The log start is then unknown, which Kafka says with -1.
+        let start = log.bounds(part.key).await.map_or(-1, |b| b.start_offset);
         Ok(v1::AppendResponse {
             base_offset: base,
             duplicate: false,

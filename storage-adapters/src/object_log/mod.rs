@@ -136,6 +136,9 @@ struct Shared {
     wal_objects: Mutex<BTreeMap<u64, (u64, Vec<WalRange>)>>,
     closed: AtomicBool,
     stop: watch::Sender<bool>,
+    /// Set once a close has stopped the uploader: what is not in the store then never will
+    /// be (from this process).
+    closed_done: watch::Sender<bool>,
 }
 
 /// Shared ack: how long one WAL PUT attempt may take before it is abandoned and retried,
@@ -249,6 +252,7 @@ impl ObjectLogStore {
             wal_objects: Mutex::new(BTreeMap::new()),
             closed: AtomicBool::new(false),
             stop,
+            closed_done: watch::channel(false).0,
         });
         shared.rebuild().await?;
         // Subscribed here, not in the tasks: a close before a task first runs must still
@@ -1153,8 +1157,18 @@ impl LogStore for ObjectLogStore {
         if s.config.ack == AckPoint::Local {
             return Ok(());
         }
-        let part = s.part(key)?;
+        // Not `part()`, which refuses once a close began: the close uploads what was queued
+        // before it, so a write appended then is waited for through the close, and refused only
+        // once the close is over without it. Refused early, the write would be stored all the
+        // same, and a client's retry would store it twice.
+        let part = s
+            .parts
+            .read()
+            .get(&key)
+            .cloned()
+            .ok_or(StorageError::PartitionNotFound(key))?;
         let mut rx = part.shared_end.subscribe();
+        let mut closed_done = s.closed_done.subscribe();
         // A node whose lease is gone uploads nothing more: what is not in the store yet never
         // will be, so say so now instead of after the whole limit.
         if *rx.borrow() < end_offset {
@@ -1164,6 +1178,9 @@ impl LogStore for ObjectLogStore {
         loop {
             if *rx.borrow_and_update() >= end_offset {
                 return Ok(());
+            }
+            if *closed_done.borrow_and_update() {
+                return Err(StorageError::ShuttingDown);
             }
             if part.state.lock().deleted {
                 return Err(StorageError::PartitionNotFound(key));
@@ -1181,6 +1198,7 @@ impl LogStore for ObjectLogStore {
                         return Err(StorageError::ShuttingDown);
                     }
                 }
+                _ = closed_done.changed() => {}
                 () = tokio::time::sleep_until(wake) => {
                     if tokio::time::Instant::now() >= deadline {
                         return Err(s.err(
@@ -1384,6 +1402,7 @@ impl LogStore for ObjectLogStore {
         for t in tasks {
             let _ = t.await;
         }
+        s.closed_done.send_replace(true);
         s.cache.close().await?;
         info!(store = %s.name, "object-store log closed");
         Ok(())

@@ -829,3 +829,56 @@ async fn hdfs_native_is_compiled_in_with_the_feature() {
     assert!(err.contains("hdfs test"), "{err}");
     assert!(!err.contains("cannot configure it"), "{err}");
 }
+
+/// A write appended before a close is uploaded by the close, and waiting for it goes on
+/// through the close: it is answered durable. Refused there, it would be stored all the same,
+/// and a client's retry would store it twice (a shard handed to another node while writes
+/// were in flight did that).
+#[tokio::test]
+async fn a_write_waited_for_during_a_close_is_answered_durable() {
+    let bucket = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let key = PartitionKey::new(1, 0);
+    let store = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        ObjectLogConfig {
+            // Only the close uploads.
+            upload_interval: Duration::from_secs(3600),
+            ..config(AckPoint::Shared)
+        },
+    )
+    .await
+    .unwrap();
+    store.create_partition(key).await.unwrap();
+    let base = store.append(key, batch(1, 1, "in flight")).await.unwrap();
+    assert!(*store.shared.part(key).unwrap().shared_end.borrow() <= base);
+    let closing = tokio::spawn({
+        let store = store.clone();
+        async move { store.close().await }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !store.shared.closed.load(Ordering::Acquire) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the close never began"
+        );
+        tokio::task::yield_now().await;
+    }
+    store.wait_durable(key, base + 1).await.unwrap();
+    closing.await.unwrap().unwrap();
+    // And it is in the bucket.
+    let cache = tempfile::tempdir().unwrap();
+    let reopened = ObjectLogStore::open(
+        fs_operator(bucket.path()),
+        "fs",
+        cache.path(),
+        config(AckPoint::Shared),
+    )
+    .await
+    .unwrap();
+    let read = read_all(&reopened, key, 0).await;
+    assert_eq!(read.len(), 1);
+    assert_eq!(&read[0].payload[..], b"in flight");
+}
