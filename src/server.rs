@@ -1690,7 +1690,16 @@ impl tributary_gateway_common::client::LocalQueues for CoreQueues {
         requests: tributary_gateway_common::client::SubscribeRequests,
     ) -> tributary_gateway_common::client::SubscribeEvents {
         use tokio_stream::StreamExt;
-        Box::pin(self.0.subscription_served_by_reader(requests.map(Ok)))
+        // On a task of its own, not served by its reader (`subscription_served_by_reader`):
+        // the reader, an AMQP connection's broker, also awaits core calls that take locks
+        // the subscription's work may hold while suspended (a queue's state, the admin lock
+        // of an auto-delete), and the work resumes only when that reader polls it again. A
+        // Java client's passive declare after a prefetch consume hung the whole core that way
+        // in CI (every later declare waited on it).
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let core = self.0.clone();
+        tokio::spawn(async move { core.run_subscription(requests.map(Ok), tx).await });
+        Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
     }
 }
 

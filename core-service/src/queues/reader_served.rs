@@ -8,6 +8,13 @@
 //! subscription's work itself: reading the stream first takes what is ready, then polls
 //! the work, then takes what the work produced. The gRPC transport keeps the task
 //! ([`crate::grpc`]), so a remote gateway sees no difference.
+//!
+//! **Not used by the server.** The work can be suspended holding a lock (a queue's state,
+//! the admin lock of an auto-delete) and resumes only when its reader polls it; a reader
+//! that meanwhile awaits a core call taking that lock never polls it again. An AMQP
+//! connection's broker does both, and a Java client's passive declare after a prefetch
+//! consume hung the whole core that way. Safe only for a reader that never awaits the core
+//! while the subscription is open, or once the work holds no lock across an await.
 
 use std::future::Future;
 use std::pin::Pin;
