@@ -38,7 +38,9 @@ run_etcd() {
     # Cluster shards spread over three nodes, failed over, moved back (core-service/src/cluster/shards.rs).
     cargo test -p tributary-core --locked --test shard_leases -- on_etcd --show-output
     # tributary core --cluster-shards: two nodes, eight namespaces, a kill -9 (tests/cluster_shards.rs).
-    cargo test --locked --test cluster_shards -- on_etcd --show-output
+    # With scripts/test.sh's features: building the test rebuilds target/debug/tributary, which
+    # later stages (the bench smoke test) run.
+    cargo test --locked --features bench --test cluster_shards -- on_etcd --show-output
 }
 
 run_redis() {
@@ -85,7 +87,7 @@ sql_stores_test() {
     echo "== PostgreSQL and MariaDB metadata stores"
     cargo test -p tributary-storage --locked --test sql_meta
     cargo test -p tributary-core --locked --test shard_leases -- on_postgres --show-output
-    cargo test --locked --test cluster_shards -- on_postgres --show-output
+    cargo test --locked --features bench --test cluster_shards -- on_postgres --show-output
     sql_stores_crash_check postgres postgres
     sql_stores_crash_check mariadb mysql
 }
