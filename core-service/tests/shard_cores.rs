@@ -114,8 +114,9 @@ fn stream(namespace: &str) -> Option<v1::StreamId> {
     Some(v1::StreamId::new(namespace, "events"))
 }
 
-async fn append(core: &Core, namespace: &str, value: &str) -> Result<(), String> {
-    core.append(v1::AppendRequest {
+/// A one-record append to `namespace`'s stream.
+fn append_record(namespace: &str, value: &str) -> v1::AppendRequest {
+    v1::AppendRequest {
         stream: stream(namespace),
         partition: 0,
         batch: Some(v1::RecordBatch {
@@ -127,10 +128,14 @@ async fn append(core: &Core, namespace: &str, value: &str) -> Result<(), String>
         }),
         auto_create: true,
         defer_durable: false,
-    })
-    .await
-    .map(|_| ())
-    .map_err(|e| e.to_string())
+    }
+}
+
+async fn append(core: &Core, namespace: &str, value: &str) -> Result<(), String> {
+    core.append(append_record(namespace, value))
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 async fn read_all(core: &Core, namespace: &str) -> Vec<String> {
@@ -237,20 +242,9 @@ async fn a_shards_core_moves_with_its_lease_and_keeps_every_acknowledged_record(
     b2.node.leave().await;
 }
 
+/// [`append_record`] over gRPC, naming its namespace for the router.
 fn append_request(namespace: &str, value: &str) -> tonic::Request<v1::AppendRequest> {
-    let mut req = tonic::Request::new(v1::AppendRequest {
-        stream: stream(namespace),
-        partition: 0,
-        batch: Some(v1::RecordBatch {
-            records: vec![v1::Record {
-                value: Bytes::from(value.to_string()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        auto_create: true,
-        defer_durable: false,
-    });
+    let mut req = tonic::Request::new(append_record(namespace, value));
     req.metadata_mut()
         .insert(NAMESPACE_HEADER, namespace.parse().unwrap());
     req

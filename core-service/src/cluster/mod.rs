@@ -454,6 +454,50 @@ fn watchdog(state: &LeaseState) {
     }
 }
 
+/// What a fenced transaction came to.
+enum Fenced {
+    /// Whether the caller's checks held.
+    Applied(bool),
+    /// The fence key no longer holds this holder's value: what it holds now.
+    Refused(Option<Bytes>),
+}
+
+/// Runs a transaction with one more check: `fence` still holds `expected`. A transaction
+/// that did not apply failed on the caller's checks or on the fence, and only a re-read tells
+/// which; epochs only grow, so a fence holding this holder's value now held it when the
+/// transaction ran.
+async fn fenced_txn(
+    inner: &dyn MetaStore,
+    mut checks: Vec<Check>,
+    ops: Vec<Op>,
+    fence: &[u8],
+    expected: &[u8],
+) -> StorageResult<Fenced> {
+    checks.push(Check {
+        key: fence.to_vec(),
+        value: Some(expected.to_vec()),
+    });
+    if inner.txn(checks, ops).await? {
+        return Ok(Fenced::Applied(true));
+    }
+    let now = inner.get(fence).await?;
+    if now.as_deref() == Some(expected) {
+        return Ok(Fenced::Applied(false));
+    }
+    Ok(Fenced::Refused(now))
+}
+
+/// FNV-1a, written out because every node and gateway of a deployment, of any version (during
+/// a rolling upgrade too), must compute the same value, which std's hasher does not promise.
+fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
 /// The active node's view of the metadata store: every transaction also checks that the
 /// leader key still names this node's epoch, so a node that lost its lease writes nothing.
 struct FencedMetaStore {
@@ -478,20 +522,11 @@ impl MetaStore for FencedMetaStore {
         self.inner.scan(start, end, limit).await
     }
 
-    async fn txn(&self, mut checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
-        checks.push(Check {
-            key: LEADER_KEY.to_vec(),
-            value: Some(self.leader_raw.clone()),
-        });
-        if self.inner.txn(checks, ops).await? {
-            return Ok(true);
-        }
-        // The caller's checks or the fence: only a re-read tells which. Epochs only grow,
-        // so a leader key naming this epoch now named it when the transaction ran.
-        let now = self.inner.get(LEADER_KEY).await?;
-        if now.as_deref() == Some(self.leader_raw.as_slice()) {
-            return Ok(false);
-        }
+    async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
+        let now = match fenced_txn(&*self.inner, checks, ops, LEADER_KEY, &self.leader_raw).await? {
+            Fenced::Applied(applied) => return Ok(applied),
+            Fenced::Refused(now) => now,
+        };
         let by = now
             .as_deref()
             .and_then(Leader::decode)

@@ -20,15 +20,10 @@ use tributary_storage::{LogStore, MetaStore};
 use super::shards::{ShardHost, ShardLease};
 use crate::{Core, CoreConfig};
 
-/// The shard a namespace's units live in, of `shards`. FNV-1a, written out because every
-/// node and gateway of a deployment, of any version, must compute the same.
+/// The shard a namespace's units live in, of `shards`: the same on every node and gateway
+/// ([`super::fnv1a`]).
 pub fn shard_of(namespace: &str, shards: u32) -> u32 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in namespace.as_bytes() {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    (hash % u64::from(shards.max(1))) as u32
+    (super::fnv1a(namespace.as_bytes()) % u64::from(shards.max(1))) as u32
 }
 
 /// The metadata key prefix of a shard's core, inside the deployment's namespace.

@@ -53,7 +53,7 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 use tributary_storage::{Check, MetaStore, Op, Result as StorageResult, StorageError};
 
-use super::{LeaseState, OnLost, boot_time, watchdog};
+use super::{Fenced, LeaseState, OnLost, boot_time, fenced_txn, fnv1a, watchdog};
 
 const SHARD_COUNT_KEY: &[u8] = b"cluster/shard-count";
 const NODES_PREFIX: &str = "cluster/nodes/";
@@ -270,21 +270,13 @@ impl MetaStore for ShardFencedMetaStore {
         self.inner.scan(start, end, limit).await
     }
 
-    async fn txn(&self, mut checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
+    async fn txn(&self, checks: Vec<Check>, ops: Vec<Op>) -> StorageResult<bool> {
         let key = shard_key(self.lease.shard);
-        checks.push(Check {
-            key: key.clone(),
-            value: Some(self.lease.owner_raw.clone()),
-        });
-        if self.inner.txn(checks, ops).await? {
-            return Ok(true);
-        }
-        // The caller's checks or the fence: only a re-read tells which. Epochs only grow, so
-        // a key naming this epoch now named it when the transaction ran.
-        let now = self.inner.get(&key).await?;
-        if now.as_deref() == Some(self.lease.owner_raw.as_slice()) {
-            return Ok(false);
-        }
+        let fence = &self.lease.owner_raw;
+        let now = match fenced_txn(&*self.inner, checks, ops, &key, fence).await? {
+            Fenced::Applied(applied) => return Ok(applied),
+            Fenced::Refused(now) => now,
+        };
         let why = format!(
             "shard {} (epoch {}) is no longer this node's: its key holds {:?}",
             self.lease.shard,
@@ -341,15 +333,9 @@ pub fn assignment(live: &[&str], owners: &[Option<&str>]) -> Vec<Option<usize>> 
     meant
 }
 
-/// A node's rank for a shard. FNV-1a, written out because every node of a deployment (of any
-/// version, during a rolling upgrade) must compute the same value, which std's hasher does
-/// not promise.
+/// A node's rank for a shard: the same on every node ([`fnv1a`]).
 fn rendezvous(shard: u32, node: &str) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in shard.to_be_bytes().iter().chain(node.as_bytes()) {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
+    let mut hash = fnv1a(shard.to_be_bytes().iter().chain(node.as_bytes()));
     // FNV's low bits mix poorly for short inputs; one more round of multiply-xorshift.
     hash ^= hash >> 33;
     hash = hash.wrapping_mul(0xff51_afd7_ed55_8ccd);
