@@ -397,6 +397,11 @@ pub struct Options {
     /// once instead of one node serving everything; 0 or unset: one active node.
     #[arg(long, env = "TRIBUTARY_CLUSTER_SHARDS", global = true)]
     pub cluster_shards: Option<u32>,
+    /// The namespace the Kafka, MQTT, SQS and RocketMQ gateways serve (AMQP clients name
+    /// theirs as the virtual host). Made at start if missing. A cluster serving shards
+    /// spreads namespaces over its nodes, so gateways serving different namespaces spread.
+    #[arg(long, env = "TRIBUTARY_GATEWAY_NAMESPACE", global = true)]
+    pub gateway_namespace: Option<String>,
     /// Kafka gateways as a fleet: this gateway's broker id (0 to 2147483647, unique in the
     /// fleet). Each gateway with one registers in the core, and clients are given every live
     /// one as a broker, partitions and coordinators spread over them. Unset: this gateway
@@ -604,7 +609,7 @@ pub struct AmqpPermissionEntry {
 pub struct MqttStreamRuleEntry {
     pub filter: String,
     pub stream: String,
-    /// Absent: the default namespace (Kafka's and MQTT's).
+    /// Absent: the gateways' namespace (`gateway_namespace`, `default` unless set).
     pub namespace: Option<String>,
 }
 
@@ -657,6 +662,7 @@ pub struct FileConfig {
     pub cluster_node: Option<String>,
     pub cluster_lease_ttl_ms: Option<u64>,
     pub cluster_shards: Option<u32>,
+    pub gateway_namespace: Option<String>,
     pub kafka_broker_id: Option<i32>,
     pub storage: Option<String>,
     pub opendal_ack: Option<String>,
@@ -1005,6 +1011,8 @@ pub struct Settings {
     pub max_message_bytes: i64,
     pub retention_check_interval: Duration,
     pub kafka_advertised: Option<(String, u16)>,
+    /// The namespace the Kafka, MQTT, SQS and RocketMQ gateways serve.
+    pub gateway_namespace: String,
     /// Kafka gateways as a fleet: this one's broker id.
     pub kafka_broker_id: Option<i32>,
     /// Kafka over TLS (`kafka_tls_listen`) and the address its clients are given.
@@ -1672,6 +1680,13 @@ impl Settings {
                 vhost: p.vhost.clone(),
             });
         }
+        let gateway_namespace = o
+            .gateway_namespace
+            .clone()
+            .or_else(|| f.gateway_namespace.clone())
+            .unwrap_or_else(|| tributary_core::DEFAULT_NAMESPACE.into());
+        tributary_core::meta::validate_name("namespace", &gateway_namespace)
+            .map_err(|e| invalid("gateway_namespace", &gateway_namespace, e.to_string()))?;
         let mut mqtt_stream_rules = Vec::new();
         for (i, r) in f.mqtt_stream_rules.iter().enumerate() {
             let what = format!("entry {}", i + 1);
@@ -1692,7 +1707,9 @@ impl Settings {
                 ));
             }
             mqtt_stream_rules.push((
-                r.namespace.clone().unwrap_or_else(|| "default".into()),
+                r.namespace
+                    .clone()
+                    .unwrap_or_else(|| gateway_namespace.clone()),
                 r.filter.clone(),
                 r.stream.clone(),
             ));
@@ -1757,6 +1774,7 @@ impl Settings {
             mqtt_max_queued,
             mqtt_acl,
             kafka_advertised,
+            gateway_namespace,
             kafka_broker_id,
             kafka_tls_listen,
             kafka_tls_advertised,

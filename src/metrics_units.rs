@@ -48,20 +48,29 @@ fn header(out: &mut String, name: &str) {
     let _ = writeln!(out, "# TYPE {name} gauge");
 }
 
-/// The per-unit gauges in Prometheus text format.
+/// The per-unit gauges of one core in Prometheus text format.
 pub async fn render(core: &Core) -> String {
+    let namespaces = core.list_namespaces().into_iter().map(|n| n.name).collect();
+    render_units(&[(core.clone(), namespaces)]).await
+}
+
+/// The per-unit gauges of several cores (a cluster node's shard cores), each asked about
+/// the namespaces listed beside it, in one exposition: each family's header once, its
+/// series from every core after it.
+pub async fn render_units(units: &[(Core, Vec<String>)]) -> String {
     let mut out = String::new();
-    let namespaces: Vec<String> = core.list_namespaces().into_iter().map(|n| n.name).collect();
     let mut truncated: Vec<&str> = Vec::new();
 
     let mut queues = Vec::new();
-    for ns in &namespaces {
-        if let Ok(list) = core.list_queues(ns).await {
-            queues.extend(list.into_iter().map(|q| (ns.clone(), q)));
-        }
-        if queues.len() >= MAX_SERIES {
-            truncated.push("tributary_queue_messages");
-            break;
+    'queues: for (core, namespaces) in units {
+        for ns in namespaces {
+            if let Ok(list) = core.list_queues(ns).await {
+                queues.extend(list.into_iter().map(|q| (ns.clone(), q)));
+            }
+            if queues.len() >= MAX_SERIES {
+                truncated.push("tributary_queue_messages");
+                break 'queues;
+            }
         }
     }
     queues.truncate(MAX_SERIES);
@@ -95,7 +104,11 @@ pub async fn render(core: &Core) -> String {
 
     header(&mut out, "tributary_group_lag");
     let mut series = 0;
-    'groups: for ns in &namespaces {
+    let mut namespaces: Vec<(&Core, &String)> = Vec::new();
+    for (core, list) in units {
+        namespaces.extend(list.iter().map(|ns| (core, ns)));
+    }
+    'groups: for (core, ns) in namespaces {
         let Ok(groups) = core.group_lags(ns).await else {
             continue;
         };

@@ -8,9 +8,9 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 use tributary_core::cluster::shard_cores::{ShardCores, ShardStorage, shard_meta_prefix};
-use tributary_core::cluster::shard_router::ShardRouter;
+use tributary_core::cluster::shard_router::{ShardOwners, ShardRouter};
 use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
 use tributary_core::cluster::{LeaseConfig, NodeLease};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
@@ -563,6 +563,11 @@ impl Server {
         let (log, meta) = open_storage(settings, cluster_storage).await?;
         let config = core_config(settings);
         let core = Core::open(log, meta, config).await?;
+        if mode == Mode::Standalone {
+            // The gateways in this process serve it: made before they listen.
+            core.create_namespace(&settings.gateway_namespace, Default::default(), true)
+                .await?;
+        }
         for (ns, filter, stream) in &settings.mqtt_stream_rules {
             core.declare_mqtt_rule(ns, filter, stream)
                 .await
@@ -700,11 +705,12 @@ impl Server {
                 "not supported with cluster_shards yet (each shard's core would need the rules of its namespaces)".into(),
             ));
         }
-        if settings.admin_listen.addr().is_some() {
-            warn!(
-                "cluster_shards: the admin HTTP API is not served by a node serving shards yet; the admin listener stays closed"
-            );
-        }
+        let admin_listener = bind_listen(
+            settings.admin_listen,
+            "the admin HTTP API",
+            "--admin-listen",
+        )
+        .await?;
         let Some(opendal) = settings.opendal.clone() else {
             return Err(StartError::Unavailable(
                 "cluster mode needs an [opendal] table".into(),
@@ -739,10 +745,11 @@ impl Server {
         .await?;
         node.start();
         info!(node = %cluster.node, run = node.run(), shards, "cluster: serving a share of the shards");
-        let router = ShardRouter::new(cores, shards, Arc::new(node.owners()));
+        let owners: ShardOwners = Arc::new(node.owners());
+        let router = ShardRouter::new(cores.clone(), shards, owners.clone());
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
-        let bound = Bound {
+        let mut bound = Bound {
             core: core_listener.local_addr().ok(),
             ..Bound::default()
         };
@@ -756,6 +763,27 @@ impl Server {
             &certs,
             &stop,
         )?);
+        if let Some(listener) = admin_listener {
+            bound.admin = listener.local_addr().ok();
+            let state = admin::shards::ShardAdminState {
+                node: cluster.node.clone(),
+                shards,
+                cores,
+                owners,
+                // Joined: the node serves (its share grows as the leases spread).
+                ready: Arc::new(AtomicBool::new(true)),
+                prometheus: admin::prometheus(),
+            };
+            let router = admin::shards::router(state, admin_auth(settings));
+            spawn_admin(
+                settings,
+                listener,
+                router,
+                certs.as_ref(),
+                &stop,
+                &mut tasks,
+            )?;
+        }
         Ok(Self {
             bound,
             core: None,
@@ -786,9 +814,13 @@ impl Server {
         probe_core(settings, &client).await?;
         let certs = load_certs(settings)?;
         let (stop, _) = watch::channel(false);
+        let mut tasks = Vec::new();
+        // AMQP clients name their namespace (the virtual host); the others serve this one.
+        if protocol != "amqp" {
+            tasks.push(spawn_ensure_namespace(settings, &client, &stop));
+        }
         let connections = Connections::new();
         let ready = Arc::new(AtomicBool::new(false));
-        let mut tasks = Vec::new();
         let mut bound = Bound::default();
         if let Some(certs) = &certs {
             tasks.push(spawn_cert_reload(settings, certs.clone(), &stop));
@@ -1174,6 +1206,58 @@ async fn probe_core(settings: &Settings, client: &CoreClient) -> Result<(), Star
     }
 }
 
+/// Makes the namespace a gateway process serves (`gateway_namespace`) if it is missing,
+/// trying again until the core answers: a core that is down or taking over when the
+/// gateway starts is no reason to stop it, and its clients meet retriable errors (or an
+/// unknown namespace) until then. Asking again once made is harmless (`if_not_exists`).
+fn spawn_ensure_namespace(
+    settings: &Settings,
+    client: &CoreClient,
+    stop: &watch::Sender<bool>,
+) -> tokio::task::JoinHandle<()> {
+    let namespace = settings.gateway_namespace.clone();
+    let mut admin = client.scoped(&namespace).admin;
+    let mut stop = stop.subscribe();
+    tokio::spawn(async move {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let call = admin.create_namespace(tributary_proto::v1::CreateNamespaceRequest {
+                name: namespace.clone(),
+                if_not_exists: true,
+                ..Default::default()
+            });
+            match call.await {
+                Ok(made) => {
+                    if made.into_inner().created {
+                        info!(%namespace, "gateway namespace made");
+                    }
+                    return;
+                }
+                Err(status)
+                    if matches!(
+                        status.code(),
+                        tonic::Code::InvalidArgument
+                            | tonic::Code::PermissionDenied
+                            | tonic::Code::Unauthenticated
+                    ) =>
+                {
+                    error!(%namespace, error = %status.message(), "the core refused to make the gateway's namespace");
+                    return;
+                }
+                Err(status) => {
+                    debug!(%namespace, error = %status.message(), "gateway namespace not made yet; trying again");
+                }
+            }
+            // A retry's backoff, not a wait for something to happen.
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = stop.wait_for(|s| *s) => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    })
+}
+
 /// What starting a gateway listener adds to: the tasks the server stops, and the process's
 /// connection list.
 struct Spawn<'a> {
@@ -1279,6 +1363,7 @@ fn spawn_kafka(
                   flag: &str,
                   listener: &'static str| {
         let mut config = KafkaConfig::new(addr);
+        config.namespace = settings.gateway_namespace.clone();
         config.fleet = settings.kafka_broker_id.map(|id| (id, listener));
         match advertised {
             Some((host, port)) => {
@@ -1416,6 +1501,7 @@ fn spawn_mqtt(
         .or(bound.mqtt_tls)
         .or(bound.mqtt_wss);
     let config = MqttConfig {
+        namespace: settings.gateway_namespace.clone(),
         allow_anonymous: settings.mqtt_allow_anonymous,
         max_keep_alive: settings.mqtt_max_keep_alive,
         users: user_directory(settings, &client),
@@ -1514,7 +1600,11 @@ fn spawn_sqs(
     bound: &mut Bound,
 ) {
     bound.sqs = listener.local_addr().ok();
-    let gateway = tributary_gateway_sqs::Gateway::new(client, settings.sqs.clone());
+    let config = tributary_gateway_sqs::SqsConfig {
+        namespace: settings.gateway_namespace.clone(),
+        ..settings.sqs.clone()
+    };
+    let gateway = tributary_gateway_sqs::Gateway::new(client, config);
     spawn_listener(settings, listener, "sqs", Plain, gateway, run);
 }
 
@@ -1579,6 +1669,7 @@ fn spawn_rocketmq(
         }
     });
     let mut config = tributary_gateway_rocketmq::RocketMqConfig::new(advertised);
+    config.namespace = settings.gateway_namespace.clone();
     config.auto_create_topics = settings.rocketmq_auto_create_topics;
     config.transaction_check_interval = settings.rocketmq_transaction_check_interval;
     config.transaction_timeout = settings.rocketmq_transaction_timeout;

@@ -68,6 +68,49 @@ fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
     Server::start(&args)
 }
 
+/// A node's view of the shards (`GET /api/v1/cluster/shards`, asking where `namespace` is).
+fn shard_view(node: &Server, namespace: &str) -> serde_json::Value {
+    let (status, body) = common::http_get(
+        node.admin.expect("the node's admin listener"),
+        &format!("/api/v1/cluster/shards?namespace={namespace}"),
+    );
+    assert_eq!(status, 200, "{body}");
+    serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// The shards a view says its node serves.
+fn served_shards(view: &serde_json::Value) -> Vec<u64> {
+    view["served"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["shard"].as_u64().unwrap())
+        .collect()
+}
+
+/// Polls the nodes' admin listeners (up to 30 s) until they serve `want` shards each, every
+/// shard by exactly one of them.
+fn wait_for_split(nodes: &[&Server], want: &[usize]) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let served: Vec<Vec<u64>> = nodes
+            .iter()
+            .map(|n| served_shards(&shard_view(n, "default")))
+            .collect();
+        let mut all: Vec<u64> = served.iter().flatten().copied().collect();
+        all.sort();
+        let counts: Vec<usize> = served.iter().map(Vec::len).collect();
+        if counts == want && all == (0..u64::from(SHARDS)).collect::<Vec<_>>() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the shards did not settle as {want:?}: {served:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50)); // a poll of the leases' next round
+    }
+}
+
 /// Retries `call` while it is UNAVAILABLE (a shard on another node, or moving), up to 30 s;
 /// says whether an attempt failed first.
 async fn retried<T, F, Fut>(what: &str, mut call: F) -> (T, bool)
@@ -225,6 +268,62 @@ async fn spread_kill_return(meta: Meta) {
         }
     }
 
+    // Each node's admin listener says which shards it serves and where each namespace is:
+    // once the leases have settled (two shards each), both name the same owner, and it is
+    // the node that says it serves the namespace and lists it.
+    wait_for_split(&[&a, &b], &[2, 2]);
+    for ns in &namespaces {
+        let (va, vb) = (shard_view(&a, ns), shard_view(&b, ns));
+        let (wa, wb) = (&va["namespace"], &vb["namespace"]);
+        assert_eq!(wa["shard"], wb["shard"], "{ns}: {va} {vb}");
+        assert_eq!(wa["owner"], wb["owner"], "{ns}: {va} {vb}");
+        let (owner, view) = if wa["served_here"] == true {
+            ("a", &va)
+        } else {
+            ("b", &vb)
+        };
+        assert_ne!(wa["served_here"], wb["served_here"], "{ns}: {va} {vb}");
+        assert_eq!(wa["owner"], owner, "{ns}: {va} {vb}");
+        let listed = view["served"].as_array().unwrap().iter().any(|s| {
+            s["namespaces"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|n| n == ns.as_str())
+        });
+        assert!(listed, "{ns} is not listed by its node: {view}");
+    }
+    // The CLI finds the node serving the namespace it is asked about, whichever node is
+    // listed first.
+    let both = format!("http://{},http://{}", a.core, b.core);
+    for ns in &namespaces {
+        let out = std::process::Command::new(common::BIN)
+            .args(["streams", "list", "-n", ns, "--json", "--core", &both])
+            .env("TRIBUTARY_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{ns}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("\"events\""), "{ns}: {stdout}");
+    }
+    // Each node exports its shard cores' per-unit gauges, each family once.
+    for node in [&a, &b] {
+        let admin = node.admin.unwrap();
+        assert_eq!(common::http_get(admin, "/healthz").0, 200);
+        let (status, text) = common::http_get(admin, "/metrics");
+        assert_eq!(status, 200);
+        assert_eq!(
+            text.matches("# TYPE tributary_queue_messages gauge")
+                .count(),
+            1,
+            "{text}"
+        );
+    }
+
     // b is killed: a takes its shards over from shared storage.
     let killed = Instant::now();
     b.kill9();
@@ -243,6 +342,7 @@ async fn spread_kill_return(meta: Meta) {
         "every namespace served again {:?} after the kill",
         killed.elapsed()
     );
+    wait_for_split(&[&a], &[SHARDS as usize]);
 
     // b comes back (the same address is not needed: clients list it anew) and gets its share
     // back; every record is still there.

@@ -997,3 +997,80 @@ async fn pipelined_produces_share_one_upload_and_are_answered_in_order() {
         "the five produces were made durable by one WAL upload"
     );
 }
+
+/// The streams of `namespace`, by name, as the core lists them.
+async fn stream_names(server: &Server, namespace: &str) -> Vec<String> {
+    let mut admin = server.client().admin;
+    let mut names: Vec<String> = admin
+        .list_streams(tributary_proto::v1::ListStreamsRequest {
+            namespace: namespace.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .streams
+        .into_iter()
+        .filter_map(|s| s.id.map(|id| id.name))
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_gateway_serves_the_namespace_it_is_given() {
+    // In the server: the namespace is made before the gateway listens.
+    let dir = tempfile::tempdir().unwrap();
+    let mut args = free_port_args(&dir.path().join("data"));
+    let at = args.iter().position(|a| a == "--kafka-listen").unwrap();
+    args[at + 1] = "127.0.0.1:0".into();
+    args.extend(["--gateway-namespace".into(), "tenant_a".into()]);
+    let server = Server::start(&args);
+    let mut c = Conn::open(server.kafka.unwrap()).await;
+    create_topic(&mut c, "orders", &[]).await;
+    assert_eq!(stream_names(&server, "tenant_a").await, ["orders"]);
+    assert!(stream_names(&server, "default").await.is_empty());
+
+    // A gateway process makes its namespace in the core it is pointed at.
+    let g = Server::start(&[
+        "gateway".into(),
+        "kafka".into(),
+        "--core".into(),
+        format!("http://{}", server.core),
+        "--kafka-listen".into(),
+        "127.0.0.1:0".into(),
+        "--gateway-namespace".into(),
+        "tenant_b".into(),
+    ]);
+    let mut admin = server.client().admin;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = admin
+            .list_namespaces(tributary_proto::v1::ListNamespacesRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .namespaces;
+        if listed.iter().any(|n| n.name == "tenant_b") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the gateway did not make its namespace: {listed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mut c = Conn::open(g.kafka.unwrap()).await;
+    create_topic(&mut c, "payments", &[]).await;
+    assert_eq!(stream_names(&server, "tenant_b").await, ["payments"]);
+    assert_eq!(stream_names(&server, "tenant_a").await, ["orders"]);
+
+    // A name the core would refuse stops the start with one line naming the setting.
+    let (code, stderr) = common::run_expect_failure(&[
+        "--data-dir".into(),
+        dir.path().join("other").display().to_string(),
+        "--gateway-namespace".into(),
+        String::new(),
+    ]);
+    assert_ne!(code, 0);
+    assert!(stderr.contains("gateway_namespace"), "{stderr}");
+}

@@ -4,6 +4,8 @@
 //! connection) and the web console that uses it, over plain HTTP or,
 //! with `admin_tls`, HTTPS.
 //!
+//! A cluster node serving shards serves a part of it ([`shards`]).
+//!
 //! Who may call what is [`auth`]'s: reads are open on loopback and need `Authorization:
 //! Bearer <core_token>` beyond it; writes always need it.
 
@@ -12,6 +14,7 @@ pub mod auth;
 mod connections;
 mod console;
 mod overview;
+pub mod shards;
 mod write;
 
 use std::sync::Arc;

@@ -5,7 +5,8 @@ use clap::{Args, Subcommand};
 /// What every admin subcommand shares.
 #[derive(Debug, Clone, Args)]
 pub struct Common {
-    /// Namespace (the Kafka gateway's and MQTT's is `default`; an AMQP vhost is its own).
+    /// Namespace (the Kafka, MQTT, SQS and RocketMQ gateways serve `gateway_namespace`,
+    /// `default` unless set; an AMQP vhost is its own).
     #[arg(long, short = 'n', default_value = "default")]
     pub namespace: String,
     /// One JSON document on stdout instead of a table.

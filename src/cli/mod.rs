@@ -138,10 +138,22 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
             AdminCommand::Export(ExportCommand::Sqs(common)) => common.json,
         };
         let out = match command {
-            AdminCommand::Streams(c) => streams::run(&connect(settings)?, c).await?,
-            AdminCommand::Groups(c) => groups::run(&connect(settings)?, c).await?,
-            AdminCommand::Queues(c) => queues::run(&connect(settings)?, c).await?,
-            AdminCommand::Sessions(c) => sessions::run(&connect(settings)?, c).await?,
+            AdminCommand::Streams(c) => {
+                let ctx = connect_to(settings, &c.common().namespace).await?;
+                streams::run(&ctx, c).await?
+            }
+            AdminCommand::Groups(c) => {
+                let ctx = connect_to(settings, &c.common().namespace).await?;
+                groups::run(&ctx, c).await?
+            }
+            AdminCommand::Queues(c) => {
+                let ctx = connect_to(settings, &c.common().namespace).await?;
+                queues::run(&ctx, c).await?
+            }
+            AdminCommand::Sessions(c) => {
+                let ctx = connect_to(settings, &c.common().namespace).await?;
+                sessions::run(&ctx, c).await?
+            }
             AdminCommand::Users(c) => users::run(settings, c).await?,
             AdminCommand::Connections(c) => connections::run(settings, c).await?,
             AdminCommand::Import(ImportCommand::Rabbitmq {
@@ -166,7 +178,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
                 let ctx = if dry_run {
                     None
                 } else {
-                    Some(connect(settings)?)
+                    Some(connect_to(settings, &common.namespace).await?)
                 };
                 kafka_topics::import(ctx.as_ref(), &file, &common.namespace).await?
             }
@@ -179,7 +191,7 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
                 let ctx = if dry_run {
                     None
                 } else {
-                    Some(connect(settings)?)
+                    Some(connect_to(settings, &common.namespace).await?)
                 };
                 sqs::import(ctx.as_ref(), &file, &common.namespace, name.as_deref()).await?
             }
@@ -188,12 +200,13 @@ pub fn run(settings: &Settings, command: AdminCommand) -> ExitCode {
                 document(defs, notes, json)
             }
             AdminCommand::Export(ExportCommand::Sqs(common)) => {
-                let (queues, notes) = sqs::export(&connect(settings)?, &common.namespace).await?;
+                let ctx = connect_to(settings, &common.namespace).await?;
+                let (queues, notes) = sqs::export(&ctx, &common.namespace).await?;
                 document(queues, notes, json)
             }
             AdminCommand::Export(ExportCommand::Kafka(common)) => {
-                let (text, json) =
-                    kafka_topics::export(&connect(settings)?, &common.namespace).await?;
+                let ctx = connect_to(settings, &common.namespace).await?;
+                let (text, json) = kafka_topics::export(&ctx, &common.namespace).await?;
                 Output {
                     table: table::Table::text(text),
                     json,
@@ -234,6 +247,36 @@ fn document(doc: Value, notes: Vec<String>, json: bool) -> Output {
         table: table::Table::text(text),
         json: serde_json::json!({ "document": doc, "not_exported": notes }),
     }
+}
+
+/// A client for the commands about one namespace. Its calls name the namespace (a cluster
+/// node serving shards routes by it), and before the command starts it finds the node that
+/// serves the namespace: a node answering that another serves the shard moves the client to
+/// the next address in `--core`, at most once round them. A single core answers at once.
+async fn connect_to(settings: &Settings, namespace: &str) -> Result<Ctx, CliError> {
+    let mut ctx = connect(settings)?;
+    ctx.client = ctx.client.scoped(namespace);
+    let addresses = settings.core.split(',').count();
+    for _ in 0..addresses {
+        let probe = ctx
+            .client
+            .admin
+            .clone()
+            .list_groups(tributary_proto::v1::ListGroupsRequest {
+                namespace: namespace.into(),
+            })
+            .await;
+        match probe {
+            Err(status)
+                if status.code() == tonic::Code::Unavailable
+                    && status
+                        .metadata()
+                        .contains_key(tributary_proto::SHARD_METADATA) => {}
+            // Served here, or an answer the command itself will meet and report.
+            _ => break,
+        }
+    }
+    Ok(ctx)
 }
 
 fn connect(settings: &Settings) -> Result<Ctx, CliError> {
