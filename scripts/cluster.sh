@@ -4,10 +4,12 @@
 # serves, the others stand by and take over when its lease is lost) and one gateway of each
 # protocol in front of all three (`tributary gateway P --core URL1,URL2,URL3`).
 #
-#   scripts/cluster.sh up [--meta etcd|postgres]   # starts it; prints the gateways'
+#   scripts/cluster.sh up [--meta etcd|postgres] [--shards N]
+#                                                  # starts it; prints the gateways'
 #                                                  # `listening <protocol> ADDR` lines, then `ready`
-#   scripts/cluster.sh status                      # a line per node (active, standby, cut,
-#                                                  # exited) and per gateway
+#   scripts/cluster.sh status                      # a line per node (active, standby, serving
+#                                                  # shards, cut, exited) and per gateway
+#   scripts/cluster.sh owner NAMESPACE             # with --shards: the node serving it
 #   scripts/cluster.sh kill-core N                 # kill -9 of node N
 #   scripts/cluster.sh stop-core N                 # SIGTERM: a clean stop hands the lease over
 #   scripts/cluster.sh cut-core N                  # isolates node N from everything (see below)
@@ -30,6 +32,12 @@
 # unreachable (ENETUNREACH); from everyone else the node falls silent (packets to it are
 # dropped, connections time out), as across a real partition. `heal-core N` sets it up again.
 # K is the first cluster index free on this machine, so several state dirs can run at once.
+#
+# With `--shards N` (cluster_shards = N) every node serves its share of N shards at once
+# instead of one serving and two standing by (docs/cluster.md, "Spreading units: shards"):
+# `up` waits for all three to be ready, `status` says which shards each serves, and `owner NS`
+# prints the number of the node serving namespace NS (every gateway's namespace is `default`;
+# an AMQP virtual host is its own), asking each node's admin GET /api/v1/cluster/shards.
 #
 # Without network namespaces (not root, `ip netns add` refused, or TRIBUTARY_CLUSTER_NETNS=off)
 # everything listens on 127.0.0.1 and `cut-core N` is the closest honest thing: SIGSTOP of the
@@ -55,7 +63,7 @@ die() { echo "cluster.sh: $*" >&2; exit 1; }
 note() { echo "== $*" >&2; }
 
 usage() {
-    sed -n '7,16p' "$0" | sed 's/^# \{0,1\}//' >&2
+    sed -n '7,19p' "$0" | sed 's/^# \{0,1\}//' >&2
     exit 2
 }
 
@@ -74,7 +82,7 @@ state_file() { echo "$STATE/cluster.env"; }
 
 save_state() {
     {
-        declare -p BIN META NET_MODE NET_INDEX SVC_ADDR CORE_URLS NODES
+        declare -p BIN META SHARDS NET_MODE NET_INDEX SVC_ADDR CORE_URLS NODES
         declare -p node_addr node_host_addr node_ns node_if node_hif core_port admin_port
         declare -p PG_PID PG_DIR PG_BIN PG_PORT STORES_DIR
     } 2>/dev/null | sed 's/^declare -\([a-zA-Z-]*\) /declare -g\1 /; s/^declare -g- /declare -g /' > "$(state_file).tmp"
@@ -298,14 +306,18 @@ stop_pid() { # pid secs
 
 cmd_up() {
     META="${TRIBUTARY_CLUSTER_META:-etcd}"
+    local shards=0
     while [[ $# -gt 0 ]]; do
         case "$1" in
             --meta) META="${2:-}"; shift 2 ;;
             --meta=*) META="${1#--meta=}"; shift ;;
+            --shards) shards="${2:-}"; shift 2 ;;
+            --shards=*) shards="${1#--shards=}"; shift ;;
             *) die "up: unknown argument $1" ;;
         esac
     done
     [[ "$META" == etcd || "$META" == postgres ]] || die "--meta must be etcd or postgres, not '$META'"
+    [[ "$shards" =~ ^[0-9]+$ ]] && ((shards <= 4096)) || die "--shards must be 0 to 4096, not '$shards'"
     BIN=$(find_bin)
     grep -q -- --cluster-node <<<"$("$BIN" core --help)" \
         || die "$BIN has no --cluster-node (a build without cluster mode)"
@@ -328,6 +340,7 @@ cmd_up() {
     rm -rf "$STATE"
     mkdir -p "$STATE"
     chmod 755 "$STATE"   # the postgres user traverses it to its data directory
+    SHARDS="$shards"
     node_addr=() node_host_addr=() node_ns=() node_if=() node_hif=() core_port=() admin_port=()
     PG_PID="" PG_DIR="" PG_BIN="" PG_PORT="" NET_INDEX="" SVC_ADDR="127.0.0.1" CORE_URLS=""
     STORES_DIR="$STATE/stores"
@@ -378,6 +391,7 @@ opendal_ack = "shared"
 meta = "$META"
 meta_url = "$meta_url"
 meta_namespace = "tributary_cluster"
+cluster_shards = $SHARDS
 
 [opendal]
 scheme = "s3"
@@ -400,16 +414,23 @@ TOML
     CORE_URLS=$(IFS=,; echo "${urls[*]}")
     save_state
 
-    # core1 first, so that it is the one serving; then the standbys.
-    node_start 1
-    node_wait 1 ready 90
-    note "core1 serves on ${node_addr[1]}:${core_port[1]} (admin ${node_addr[1]}:${admin_port[1]})"
-    for n in $(seq 2 "$NODES"); do node_start "$n"; done
-    for n in $(seq 2 "$NODES"); do
-        node_wait "$n" any 60
-        if grep -qx ready "$STATE/core$n/stdout"; then die "core$n serves too, beside core1"; fi
-    done
-    note "core2..core$NODES stand by"
+    if ((SHARDS > 0)); then
+        # Every node serves at once, each its share.
+        for n in $(seq 1 "$NODES"); do node_start "$n"; done
+        for n in $(seq 1 "$NODES"); do node_wait "$n" ready 90; done
+        note "core1..core$NODES serve $SHARDS shards between them"
+    else
+        # core1 first, so that it is the one serving; then the standbys.
+        node_start 1
+        node_wait 1 ready 90
+        note "core1 serves on ${node_addr[1]}:${core_port[1]} (admin ${node_addr[1]}:${admin_port[1]})"
+        for n in $(seq 2 "$NODES"); do node_start "$n"; done
+        for n in $(seq 2 "$NODES"); do
+            node_wait "$n" any 60
+            if grep -qx ready "$STATE/core$n/stdout"; then die "core$n serves too, beside core1"; fi
+        done
+        note "core2..core$NODES stand by"
+    fi
 
     for p in "${PROTOCOLS[@]}"; do gateway_start "$p"; done
     for p in "${PROTOCOLS[@]}"; do gateway_wait "$p" 60; done
@@ -439,7 +460,9 @@ cmd_status() {
         else
             code=$(curl -s -o /dev/null -w '%{http_code}' --max-time 1 \
                 "http://${node_addr[n]}:${admin_port[n]}/healthz" 2>/dev/null || true)
-            if [[ "$code" == 200 ]]; then
+            if [[ "$code" == 200 ]] && ((${SHARDS:-0} > 0)); then
+                role="serving-shards=$(node_shards "$n" | tr ' ' ',')"
+            elif [[ "$code" == 200 ]]; then
                 role=active
             elif grep -qx ready "$d/stdout" 2>/dev/null; then
                 role="unhealthy(http ${code:-none})"
@@ -457,6 +480,33 @@ cmd_status() {
         if pid=$(pid_of "$d") && alive "$pid"; then role=running; else role=exited; fi
         echo "gateway $p $role pid=${pid:-none} $(grep '^listening ' "$d/stdout" 2>/dev/null | awk '{printf "%s=%s ", $2, $3}')"
     done
+}
+
+# Node N's view of the shards (GET /api/v1/cluster/shards), asking where NAMESPACE is.
+node_shard_view() { # N [NAMESPACE]
+    local n="$1" q=""
+    [[ -n "${2:-}" ]] && q="?namespace=$2"
+    curl -sf --max-time 1 -H "Authorization: Bearer $(cat "$STATE/token")" \
+        "http://${node_addr[n]}:${admin_port[n]}/api/v1/cluster/shards$q" 2>/dev/null
+}
+
+# The shards node N serves, space-separated.
+node_shards() { # N
+    node_shard_view "$1" | python3 -c 'import json, sys; print(" ".join(str(s["shard"]) for s in json.load(sys.stdin)["served"]))' 2>/dev/null
+}
+
+cmd_owner() { # NAMESPACE
+    load_state
+    ((${SHARDS:-0} > 0)) || die "owner: this cluster runs one active node (up --shards N spreads shards)"
+    [[ -n "${1:-}" ]] || die "owner: name a namespace"
+    local n found=()
+    for n in $(seq 1 "$NODES"); do
+        node_alive "$n" && ! node_is_cut "$n" || continue
+        if node_shard_view "$n" "$1" | grep -q '"served_here":true'; then found+=("$n"); fi
+    done
+    # None while the shard moves; two would be a broken lease, which the caller reports.
+    [[ ${#found[@]} -gt 0 ]] || die "owner: no node serves namespace $1 now"
+    echo "${found[*]}"
 }
 
 cmd_kill_core() { # N
@@ -525,6 +575,11 @@ cmd_start_core() { # N
     node_alive "$n" && die "core$n is running (pid $(pid_of "$STATE/core$n"))"
     node_is_cut "$n" && die "core$n is cut: heal-core $n first"
     node_start "$n"
+    if ((${SHARDS:-0} > 0)); then
+        node_wait "$n" ready 90
+        echo "core$n started: serving shards"
+        return
+    fi
     node_wait "$n" any 90
     if grep -qx ready "$STATE/core$n/stdout"; then
         echo "core$n started: serving"
@@ -567,6 +622,7 @@ command_name="${1:-}"
 case "$command_name" in
     up) cmd_up "$@" ;;
     status) cmd_status ;;
+    owner) cmd_owner "$@" ;;
     kill-core) cmd_kill_core "$@" ;;
     stop-core) cmd_stop_core "$@" ;;
     cut-core) cmd_cut_core "$@" ;;

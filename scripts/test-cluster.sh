@@ -7,7 +7,9 @@
 #   2. compat-tests/cluster runs scripts/cluster.sh (etcd or PostgreSQL, moto's S3, three core
 #      nodes in network namespaces, one gateway of each protocol) and fails it over under Kafka,
 #      MQTT and AMQP clients: kill -9, a network cut and SIGTERM of the serving node; once with
-#      etcd and once with PostgreSQL. The takeover times and read-back counts are printed.
+#      etcd and once with PostgreSQL. Then the same events with every node serving its share
+#      of six shards (`cluster.sh up --shards 6`), on the first store named. The takeover
+#      times and read-back counts are printed.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/test-cluster.sh [etcd|postgres ...] [-- PYTEST ARGS]
 #
@@ -85,6 +87,7 @@ trap 'rm -f "$report"' EXIT
 section "compat-tests/cluster with meta = ${metas[*]} ($TRIBUTARY_BIN)"
 rc=0
 TRIBUTARY_CLUSTER_METAS="${metas[*]}" TRIBUTARY_CLUSTER_REPORT="$report" \
+    TRIBUTARY_CLUSTER_SHARD_METAS="${TRIBUTARY_CLUSTER_SHARD_METAS:-${metas[0]}}" \
     "$venv/bin/python" -m pytest -q compat-tests/cluster "${pytest_args[@]}" || rc=$?
 section "cluster failover outcomes"
 cat "$report"

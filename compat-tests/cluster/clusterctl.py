@@ -2,13 +2,16 @@
 
 * ``Cluster``: one cluster (`up` with its metadata store, `down`), its gateways' addresses,
   its nodes' roles (each node's admin `GET /healthz` answers 200 on the serving node only;
-  a standby binds no listener), kill -9, cut, heal, SIGTERM and restarts of nodes, the exit
-  code each node's run ended with and the log of its current run.
+  a standby binds no listener; with shards, every node serves and the one serving a
+  namespace says so on `GET /api/v1/cluster/shards?namespace=NS`), kill -9, cut, heal,
+  SIGTERM and restarts of nodes, the exit code each node's run ended with and the log of its
+  current run.
 * ``wait_for``: polls a condition with a deadline (never a sleep in place of a condition).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -48,9 +51,11 @@ class Cluster:
     """A cluster run by scripts/cluster.sh in a state dir of its own (under /tmp: the postgres
     user must traverse it; pytest's own tmp dirs are closed to other users)."""
 
-    def __init__(self, meta: str, binary: str):
+    def __init__(self, meta: str, binary: str, shards: int = 0):
         self.meta = meta
         self.binary = binary
+        # 0: one node serves, the others stand by; N: every node serves its share of N shards.
+        self.shards = shards
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"tributary-cluster-{meta}-"))
         self.listeners: dict[str, str] = {}
         self.nodes: dict[int, dict] = {}
@@ -73,7 +78,7 @@ class Cluster:
         return r.stdout
 
     def up(self) -> "Cluster":
-        out = self.sh("up", "--meta", self.meta, timeout=300)
+        out = self.sh("up", "--meta", self.meta, "--shards", str(self.shards), timeout=300)
         self.is_up = True
         lines = out.strip().splitlines()
         assert lines and lines[-1] == "ready", f"cluster.sh up printed no `ready`:\n{out}"
@@ -123,11 +128,42 @@ class Cluster:
 
     # -- what the nodes do ------------------------------------------------------------------
 
+    def shard_view(self, n: int, namespace: str = "default", timeout: float = 0.5) -> dict | None:
+        """Node n's GET /api/v1/cluster/shards?namespace=NS (None if it does not answer)."""
+        if n in self.cut:
+            return None
+        token = (self.dir / "token").read_text().strip()
+        req = urllib.request.Request(
+            f"http://{self.nodes[n]['admin']}/api/v1/cluster/shards?namespace={namespace}",
+            headers={"Authorization": f"Bearer {token}"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return json.loads(r.read())
+        except (urllib.error.URLError, OSError, ValueError):
+            return None
+
+    def settled(self, live: tuple[int, ...]) -> bool:
+        """With shards: the `live` nodes serve every shard between them, each its quota
+        (the shard count split as evenly as it goes), so no shard is about to move."""
+        served = []
+        for n in live:
+            view = self.shard_view(n)
+            if view is None:
+                return False
+            served.append(sorted(s["shard"] for s in view["served"]))
+        every = sorted(x for s in served for x in s)
+        low = self.shards // len(live)
+        return every == list(range(self.shards)) and all(low <= len(s) <= low + 1 for s in served)
+
     def serving(self, n: int, timeout: float = 0.5) -> bool:
-        """Node n's admin listener answers GET /healthz with 200 (only the serving node
-        binds it)."""
+        """Node n serves the gateways' namespace: its admin listener answers GET /healthz
+        with 200 (only the serving node binds it), or with shards, it says it serves the
+        shard of `default`."""
         if n in self.cut:
             return False  # silent by construction: no need to wait out a timeout
+        if self.shards:
+            view = self.shard_view(n, timeout=timeout)
+            return bool(view and view["namespace"]["served_here"])
         try:
             with urllib.request.urlopen(f"http://{self.nodes[n]['admin']}/healthz",
                                         timeout=timeout) as r:
@@ -153,12 +189,13 @@ class Cluster:
         except (OSError, ValueError):
             return None
 
-    def log_time(self, n: int, text: str) -> float | None:
-        """When node n's current run last logged a line containing `text` (time.time())."""
+    def log_time(self, n: int, text: str, also: re.Pattern | None = None) -> float | None:
+        """When node n's current run last logged a line containing `text` (and matching
+        `also`) (time.time())."""
         import datetime
         at = None
         for line in self.run_log(n).splitlines():
-            if text in line:
+            if text in line and (also is None or also.search(line)):
                 stamp = line.split(" ", 1)[0].rstrip("Z")
                 try:
                     at = datetime.datetime.fromisoformat(stamp).replace(
@@ -166,6 +203,19 @@ class Cluster:
                 except ValueError:
                     continue
         return at
+
+    def takeover_times(self, n: int) -> tuple[float | None, float | None]:
+        """When node n last took the lease and when its core was ready (time.time()); with
+        shards, when it started serving the shard of `default` (it opens the shard's core
+        before it says so, so both are that moment)."""
+        if not self.shards:
+            return self.log_time(n, "this node is active"), self.log_time(n, "core ready")
+        view = self.shard_view(n)
+        if view is None:
+            return None, None
+        shard = re.compile(rf"\bshard={view['namespace']['shard']}\b")
+        at = self.log_time(n, "serving a shard", also=shard)
+        return at, at
 
     def exit_time(self, n: int) -> float:
         """When node n's current run ended (time.time() of its exit code's file)."""

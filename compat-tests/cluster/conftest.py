@@ -3,7 +3,10 @@ metadata, moto's S3 for the log, three core nodes in network namespaces, one gat
 protocol), from TRIBUTARY_BIN (scripts/test-cluster.sh sets it).
 
 * ``cluster``: parametrised over the metadata stores of TRIBUTARY_CLUSTER_METAS (default
-  "etcd postgres"); up before the test, down after it. Its state dir (logs, configs) is removed
+  "etcd postgres"); up before the test, down after it.
+* ``shard_cluster``: the same with every node serving its share of six shards
+  (`cluster.sh up --shards 6`), over the stores of TRIBUTARY_CLUSTER_SHARD_METAS (default
+  "etcd": tests/cluster_shards.rs covers PostgreSQL in shard mode). Its state dir (logs, configs) is removed
   when the test passes (unless TRIBUTARY_CLUSTER_KEEP is set) and kept, named in the report,
   when it fails.
 
@@ -20,11 +23,21 @@ from clusterctl import Cluster
 from tributary_process import log_file_tail, tributary_bin
 
 METAS = os.environ.get("TRIBUTARY_CLUSTER_METAS", "etcd postgres").split()
+SHARD_METAS = os.environ.get("TRIBUTARY_CLUSTER_SHARD_METAS", "etcd").split()
+SHARDS = 6
 
 
 @pytest.fixture(params=METAS)
 def cluster(request):
-    c = Cluster(request.param, tributary_bin())
+    yield from running(request, Cluster(request.param, tributary_bin()))
+
+
+@pytest.fixture(params=SHARD_METAS)
+def shard_cluster(request):
+    yield from running(request, Cluster(request.param, tributary_bin(), shards=SHARDS))
+
+
+def running(request, c: Cluster):
     request.node._cluster = c
     try:
         c.up()

@@ -16,6 +16,12 @@ produce continuously through the gateways while:
 3. the node serving now is stopped with SIGTERM: it hands its lease over, so a standby takes
    over at once, within half a TTL; then a standby is stopped with SIGTERM, and exits 0.
 
+`test_failover_with_shards` runs the same events on a cluster whose three nodes each serve
+their share of six shards (`cluster.sh up --shards 6`): each event hits the node serving the
+shard of the clients' namespace (`default`, AMQP's `/`) once the shards have settled, and the
+takeover is another node serving that shard (it says so on its admin
+`GET /api/v1/cluster/shards?namespace=default`; its log's `serving a shard` line is when).
+
 Measured for each event: the time until another node takes the lease and has its core ready
 (its log), serves (its admin GET /healthz answers 200) and, per client, until the first
 acknowledgement of a message sent after the event; the cut node must have exited before the
@@ -101,8 +107,7 @@ def fail_over(c: Cluster, runners: list[Runner], what: str, node: int, act) -> F
 
     firsts = wait_for(acked_after, WAIT_S, f"every client acknowledged after the {what}",
                       on_timeout=lambda: progress(runners) + "\n" + c.describe())
-    lease = c.log_time(new, "this node is active")
-    ready = c.log_time(new, "core ready")
+    lease, ready = c.takeover_times(new)
     return Failover(what, node, new, at, at_wall, done, serving_s,
                     None if lease is None else lease - at_wall,
                     None if ready is None else ready - at_wall,
@@ -241,7 +246,28 @@ def report(lines: list[str]):
 
 
 def test_failover(cluster: Cluster):
-    c = cluster
+    scenario(cluster)
+
+
+def test_failover_with_shards(shard_cluster: Cluster):
+    """The same events with every node serving its share of the shards (`--shards`): the
+    clients' namespace (`default`, AMQP's `/`) is one shard, served by one node; each event
+    hits the node serving it now, once the shards have settled (each node its quota: a node
+    that came back gets its share back, which can move that shard to it)."""
+    scenario(shard_cluster)
+
+
+def target(c: Cluster, exclude: tuple[int, ...] = ()) -> int:
+    """The node an event hits: the one serving the clients' namespace, once the live nodes'
+    shards have settled (with shards; at once without)."""
+    if c.shards:
+        live = tuple(n for n in NODES if n not in exclude)
+        wait_for(lambda: c.settled(live), WAIT_S, f"the shards settled over {live}",
+                 on_timeout=c.describe)
+    return c.wait_serving(WAIT_S, exclude=exclude)
+
+
+def scenario(c: Cluster):
     uid = uuid.uuid4().hex[:10]
     bootstrap = c.listeners["kafka"]
     topic = f"failover-{uid}"
@@ -278,19 +304,22 @@ def test_failover(cluster: Cluster):
             return all(len(r.p.acked) >= WARMUP_ACKS for r in runners)
         wait_for(warm, WAIT_S, f"{WARMUP_ACKS} acknowledgements per client before any failure",
                  on_timeout=lambda: progress(runners))
-        first = c.wait_serving(10)
-        assert first == 1, f"core{first} serves after `up`, not core1 (started first)"
+        first = target(c)
+        if not c.shards:
+            assert first == 1, f"core{first} serves after `up`, not core1 (started first)"
+        # What a restarted node says it does: stands by, or serves its share of the shards.
+        restarted = "serving shards" if c.shards else "standby"
 
         # 1. kill -9 of the serving node; it comes back as a standby.
         ev = fail_over(c, runners, "kill -9", first, lambda: c.kill(first))
         events.append(ev)
         assert c.exit_code(first) == 137, f"core{first} ended with {c.exit_code(first)} after kill -9"
         started = c.start(first)
-        if not started.endswith("standby"):
-            violations.append(f"core{first}, restarted after kill -9, does not stand by: {started}")
+        if not started.endswith(restarted):
+            violations.append(f"core{first}, restarted after kill -9, is not {restarted}: {started}")
 
         # 2. a network cut of the node serving now: it must stop by itself (exit 3).
-        second = ev.new
+        second = target(c)
         ev = fail_over(c, runners, "network cut", second, lambda: c.cut_node(second))
         events.append(ev)
         if c.net_mode() != "netns":
@@ -313,11 +342,11 @@ def test_failover(cluster: Cluster):
         if second in c.cut:
             c.heal(second)
         started = c.start(second)
-        if not started.endswith("standby"):
-            violations.append(f"core{second}, restarted after the cut, does not stand by: {started}")
+        if not started.endswith(restarted):
+            violations.append(f"core{second}, restarted after the cut, is not {restarted}: {started}")
 
         # 3. SIGTERM of the node serving now: it hands the lease over at once.
-        third = ev.new
+        third = target(c)
         ev = fail_over(c, runners, "SIGTERM", third, lambda: c.stop(third))
         events.append(ev)
         if c.exit_code(third) != 0:
@@ -372,7 +401,9 @@ def test_failover(cluster: Cluster):
                                deadline_s=120)
     sqs_attributes = sqs.client.get_queue_attributes(QueueUrl=sqs.url, AttributeNames=["All"])
 
-    lines = [f"cluster failover, meta = {c.meta}, {RATE} msg/s per client, {run_s:.0f}s of traffic:"]
+    mode = f"{c.shards} shards over three nodes" if c.shards else "one active node"
+    lines = [f"cluster failover, meta = {c.meta}, {mode}, {RATE} msg/s per client, "
+             f"{run_s:.0f}s of traffic:"]
     lines += ["  " + e.line() for e in events]
     lines.append(f"  the cut node exited by itself {cut_exit_s:.2f}s after the cut")
     problems = []
