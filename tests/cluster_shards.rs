@@ -310,6 +310,40 @@ async fn spread_kill_return(meta: Meta) {
         );
         assert!(stdout.contains("\"events\""), "{ns}: {stdout}");
     }
+    // Users live in the home shard: the CLI finds its node whichever is listed first.
+    let (a_url, b_url) = (format!("http://{}", a.core), format!("http://{}", b.core));
+    let mut add = std::process::Command::new(common::BIN)
+        .args(["users", "add", "alice", "--core", &both])
+        .env("TRIBUTARY_LOG", "warn")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write;
+        let mut stdin = add.stdin.take().unwrap();
+        stdin.write_all(b"alice-secret-1\n").unwrap();
+    }
+    let added = add.wait_with_output().unwrap();
+    assert!(
+        added.status.success(),
+        "users add: {}",
+        String::from_utf8_lossy(&added.stderr)
+    );
+    for order in [format!("{a_url},{b_url}"), format!("{b_url},{a_url}")] {
+        let out = std::process::Command::new(common::BIN)
+            .args(["users", "list", "--json", "--core", &order])
+            .env("TRIBUTARY_LOG", "warn")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("\"alice\""),
+            "users list --core {order}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     // Each node exports its shard cores' per-unit gauges, each family once.
     for node in [&a, &b] {
         let admin = node.admin.unwrap();

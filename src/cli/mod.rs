@@ -251,32 +251,57 @@ fn document(doc: Value, notes: Vec<String>, json: bool) -> Output {
 
 /// A client for the commands about one namespace. Its calls name the namespace (a cluster
 /// node serving shards routes by it), and before the command starts it finds the node that
-/// serves the namespace: a node answering that another serves the shard moves the client to
-/// the next address in `--core`, at most once round them. A single core answers at once.
+/// serves the namespace.
 async fn connect_to(settings: &Settings, namespace: &str) -> Result<Ctx, CliError> {
     let mut ctx = connect(settings)?;
     ctx.client = ctx.client.scoped(namespace);
-    let addresses = settings.core.split(',').count();
-    for _ in 0..addresses {
-        let probe = ctx
-            .client
-            .admin
-            .clone()
-            .list_groups(tributary_proto::v1::ListGroupsRequest {
-                namespace: namespace.into(),
-            })
-            .await;
-        match probe {
+    let request = tributary_proto::v1::ListGroupsRequest {
+        namespace: namespace.into(),
+    };
+    locate(settings, || {
+        let mut admin = ctx.client.admin.clone();
+        let request = request.clone();
+        async move { admin.list_groups(request).await.map(drop) }
+    })
+    .await;
+    Ok(ctx)
+}
+
+/// A client for the users, which a cluster serving shards keeps in its home shard: before
+/// the command starts it finds the node serving that shard.
+pub(crate) async fn connect_home(settings: &Settings) -> Result<Ctx, CliError> {
+    let ctx = connect(settings)?;
+    locate(settings, || {
+        let mut admin = ctx.client.admin.clone();
+        async move {
+            admin
+                .list_users(tributary_proto::v1::ListUsersRequest::default())
+                .await
+                .map(drop)
+        }
+    })
+    .await;
+    Ok(ctx)
+}
+
+/// Calls `probe` until a node answers other than "another node serves this shard" (each
+/// such answer moves the client to the next address in `--core`), at most once round them.
+/// A single core answers at once; any other answer the command itself meets and reports.
+async fn locate<F, Fut>(settings: &Settings, probe: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
+{
+    for _ in 0..settings.core.split(',').count() {
+        match probe().await {
             Err(status)
                 if status.code() == tonic::Code::Unavailable
                     && status
                         .metadata()
                         .contains_key(tributary_proto::SHARD_METADATA) => {}
-            // Served here, or an answer the command itself will meet and report.
-            _ => break,
+            _ => return,
         }
     }
-    Ok(ctx)
 }
 
 fn connect(settings: &Settings) -> Result<Ctx, CliError> {

@@ -9,7 +9,7 @@ use tributary_proto::v1;
 
 use super::args::PasswordArgs;
 use super::table::Table;
-use super::{CliError, Output, UsersCommand, connect};
+use super::{CliError, Output, UsersCommand, connect_home};
 use crate::config::Settings;
 
 pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, CliError> {
@@ -66,7 +66,7 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
         }
         UsersCommand::Delete { name, .. } => {
             refuse_config_user(settings, &name)?;
-            let ctx = connect(settings)?;
+            let ctx = connect_home(settings).await?;
             let r = ctx
                 .client
                 .admin
@@ -88,7 +88,7 @@ pub async fn run(settings: &Settings, command: UsersCommand) -> Result<Output, C
 
 /// Stores a user in the core; returns the users' new version.
 async fn put_user(settings: &Settings, request: v1::PutUserRequest) -> Result<u64, CliError> {
-    let ctx = connect(settings)?;
+    let ctx = connect_home(settings).await?;
     let r = ctx
         .client
         .admin
@@ -101,7 +101,7 @@ async fn put_user(settings: &Settings, request: v1::PutUserRequest) -> Result<u6
 }
 
 async fn list(settings: &Settings) -> Result<Output, CliError> {
-    let ctx = connect(settings)?;
+    let ctx = connect_home(settings).await?;
     let users = ctx
         .client
         .admin
