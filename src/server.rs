@@ -9,7 +9,9 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{debug, error, info, warn};
-use tributary_core::cluster::shard_cores::{ShardCores, ShardStorage, shard_meta_prefix};
+use tributary_core::cluster::shard_cores::{
+    OnOpen, ShardCores, ShardStorage, shard_meta_prefix, shard_of,
+};
 use tributary_core::cluster::shard_router::{ShardOwners, ShardRouter};
 use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
 use tributary_core::cluster::{LeaseConfig, NodeLease};
@@ -568,11 +570,9 @@ impl Server {
             core.create_namespace(&settings.gateway_namespace, Default::default(), true)
                 .await?;
         }
-        for (ns, filter, stream) in &settings.mqtt_stream_rules {
-            core.declare_mqtt_rule(ns, filter, stream)
-                .await
-                .map_err(|e| StartError::MqttStreamRule(format!("{filter} -> {stream}: {e}")))?;
-        }
+        declare_mqtt_rules(&core, &settings.mqtt_stream_rules)
+            .await
+            .map_err(StartError::MqttStreamRule)?;
         let (stop, _) = watch::channel(false);
         let connections = Connections::new();
         let ready = Arc::new(AtomicBool::new(false));
@@ -700,11 +700,6 @@ impl Server {
                 "a cluster node serving shards is reached only through its core gRPC API: give --core-listen HOST:PORT".into(),
             ));
         };
-        if !settings.mqtt_stream_rules.is_empty() {
-            return Err(StartError::MqttStreamRule(
-                "not supported with cluster_shards yet (each shard's core would need the rules of its namespaces)".into(),
-            ));
-        }
         let admin_listener = bind_listen(
             settings.admin_listen,
             "the admin HTTP API",
@@ -726,7 +721,19 @@ impl Server {
                 ..Default::default()
             },
         };
-        let cores = Arc::new(ShardCores::new(Arc::new(storage), core_config(settings)));
+        // Each shard's core declares the configured rules of its namespaces when it opens.
+        let rules = Arc::new(settings.mqtt_stream_rules.clone());
+        let on_open: OnOpen = Arc::new(move |core, shard| {
+            let ours: Vec<_> = rules
+                .iter()
+                .filter(|(ns, _, _)| shard_of(ns, shards) == shard)
+                .cloned()
+                .collect();
+            Box::pin(async move { declare_mqtt_rules(&core, &ours).await })
+        });
+        let cores = Arc::new(
+            ShardCores::new(Arc::new(storage), core_config(settings)).with_on_open(on_open),
+        );
         let on_lost: tributary_core::cluster::OnLost = Arc::new(|why: &str| {
             error!("cluster: {why}; exiting so that other nodes serve its shards");
             eprintln!("error: cluster: {why}; exiting so that other nodes serve its shards");
@@ -1204,6 +1211,20 @@ async fn probe_core(settings: &Settings, client: &CoreClient) -> Result<(), Star
             Ok(())
         }
     }
+}
+
+/// Declares the `[[mqtt_stream_rules]]` entries in `core`, each namespace made if missing
+/// (rules are durable bindings: declaring one again changes nothing).
+async fn declare_mqtt_rules(core: &Core, rules: &[(String, String, String)]) -> Result<(), String> {
+    for (ns, filter, stream) in rules {
+        core.create_namespace(ns, Default::default(), true)
+            .await
+            .map_err(|e| format!("{filter} -> {stream}: namespace {ns}: {e}"))?;
+        core.declare_mqtt_rule(ns, filter, stream)
+            .await
+            .map_err(|e| format!("{filter} -> {stream}: {e}"))?;
+    }
+    Ok(())
 }
 
 /// Makes the namespace a gateway process serves (`gateway_namespace`) if it is missing,

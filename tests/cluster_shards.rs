@@ -21,6 +21,8 @@ use tributary_gateway_common::CoreClient;
 use tributary_proto::v1;
 
 const SHARDS: u32 = 4;
+/// The namespace of the nodes' `[[mqtt_stream_rules]]` entry.
+const RULE_NAMESPACE: &str = "tenant-3";
 
 /// A metadata server's URL from `var`, or `None` (after saying so) when the test is skipped.
 fn store_url(var: &str) -> Option<String> {
@@ -52,6 +54,7 @@ fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
             "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_upload_interval_ms = 5\n\
              meta = \"{}\"\nmeta_url = \"{}\"\nmeta_namespace = \"{namespace}\"\n\
              cluster_node = \"{name}\"\ncluster_shards = {SHARDS}\ncluster_lease_ttl_ms = 1000\n\
+             [[mqtt_stream_rules]]\nfilter = \"sensors/#\"\nstream = \"sensors\"\nnamespace = \"{RULE_NAMESPACE}\"\n\
              [opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
             meta.kind,
             meta.url,
@@ -109,6 +112,27 @@ fn wait_for_split(nodes: &[&Server], want: &[usize]) {
         );
         std::thread::sleep(Duration::from_millis(50)); // a poll of the leases' next round
     }
+}
+
+/// The configured MQTT rule is declared in the core of its namespace's shard, on whichever
+/// node serves it: its stream exists and the rules address binds the filter to it.
+async fn assert_rule_declared(client: &CoreClient) {
+    let scoped = client.scoped(RULE_NAMESPACE);
+    let (bindings, _) = retried("list the rule bindings", || {
+        let mut admin = scoped.admin.clone();
+        let req = v1::ListBindingsRequest {
+            namespace: RULE_NAMESPACE.into(),
+            source_address: "$mqtt".into(),
+        };
+        async move { admin.list_bindings(req).await }
+    })
+    .await;
+    let bindings = bindings.into_inner().bindings;
+    assert!(
+        bindings.iter().any(|b| b.pattern == "sensors/#"
+            && b.destination == Some(v1::binding::Destination::Stream("sensors".into()))),
+        "{bindings:?}"
+    );
 }
 
 /// Retries `call` while it is UNAVAILABLE (a shard on another node, or moving), up to 30 s;
@@ -358,6 +382,8 @@ async fn spread_kill_return(meta: Meta) {
         );
     }
 
+    assert_rule_declared(&client).await;
+
     // b is killed: a takes its shards over from shared storage.
     let killed = Instant::now();
     b.kill9();
@@ -377,6 +403,7 @@ async fn spread_kill_return(meta: Meta) {
         killed.elapsed()
     );
     wait_for_split(&[&a], &[SHARDS as usize]);
+    assert_rule_declared(&client).await;
 
     // b comes back (the same address is not needed: clients list it anew) and gets its share
     // back; every record is still there.

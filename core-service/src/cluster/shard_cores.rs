@@ -42,10 +42,17 @@ pub trait ShardStorage: Send + Sync + 'static {
     ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String>;
 }
 
+/// What a node does with a shard's core once it is open and before it serves calls (the
+/// server declares its configured MQTT rules of the shard's namespaces). An error gives the
+/// shard back, as a core that cannot open does.
+pub type OnOpen =
+    Arc<dyn Fn(Core, u32) -> futures::future::BoxFuture<'static, Result<(), String>> + Send + Sync>;
+
 /// The cores of the shards this node serves.
 pub struct ShardCores {
     storage: Arc<dyn ShardStorage>,
     config: CoreConfig,
+    on_open: Option<OnOpen>,
     cores: RwLock<BTreeMap<u32, Served>>,
 }
 
@@ -60,8 +67,15 @@ impl ShardCores {
         Self {
             storage,
             config,
+            on_open: None,
             cores: RwLock::new(BTreeMap::new()),
         }
+    }
+
+    /// Runs `on_open` on each shard's core before it serves.
+    pub fn with_on_open(mut self, on_open: OnOpen) -> Self {
+        self.on_open = Some(on_open);
+        self
     }
 
     /// The core of `shard`, if this node serves it.
@@ -88,6 +102,14 @@ impl ShardHost for ShardCores {
         let core = Core::open(log, meta, self.config.clone())
             .await
             .map_err(|e| format!("opening the core of shard {shard}: {e}"))?;
+        if let Some(on_open) = &self.on_open
+            && let Err(e) = on_open(core.clone(), shard).await
+        {
+            if let Err(closed) = core.shutdown().await {
+                warn!(shard, error = %closed, "cluster: a shard's core did not shut down cleanly");
+            }
+            return Err(format!("preparing the core of shard {shard}: {e}"));
+        }
         info!(shard, epoch = lease.epoch(), "cluster: serving a shard");
         let routes = crate::grpc::routes(core.clone());
         self.cores.write().insert(shard, Served { core, routes });
