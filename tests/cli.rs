@@ -4,21 +4,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::queue_api::api;
-use common::{BIN, Server, free_port_args};
+use common::{BIN, Server, cli, cli_stdin, free_port_args};
 use serde_json::Value;
 use tributary_proto::v1;
-
-fn cli(server_core: &str, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .args(args)
-        .args(["--core", server_core])
-        .env("TRIBUTARY_LOG", "warn")
-        .output()
-        .unwrap()
-}
 
 /// Runs a command that must succeed with `--json`, and returns its document.
 fn json(core: &str, args: &[&str]) -> Value {
@@ -411,26 +402,6 @@ fn mqtt_login_until(addr: std::net::SocketAddr, user: &str, password: &str, want
         );
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-}
-
-fn cli_stdin(core: &str, args: &[&str], stdin: &str) -> Output {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .args(args)
-        .args(["--core", core])
-        .env("TRIBUTARY_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    child.wait_with_output().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

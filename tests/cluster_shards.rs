@@ -321,11 +321,7 @@ async fn spread_kill_return(meta: Meta) {
     // listed first.
     let both = format!("http://{},http://{}", a.core, b.core);
     for ns in &namespaces {
-        let out = std::process::Command::new(common::BIN)
-            .args(["streams", "list", "-n", ns, "--json", "--core", &both])
-            .env("TRIBUTARY_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = common::cli(&both, &["streams", "list", "-n", ns, "--json"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success(),
@@ -336,31 +332,14 @@ async fn spread_kill_return(meta: Meta) {
     }
     // Users live in the home shard: the CLI finds its node whichever is listed first.
     let (a_url, b_url) = (format!("http://{}", a.core), format!("http://{}", b.core));
-    let mut add = std::process::Command::new(common::BIN)
-        .args(["users", "add", "alice", "--core", &both])
-        .env("TRIBUTARY_LOG", "warn")
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    {
-        use std::io::Write;
-        let mut stdin = add.stdin.take().unwrap();
-        stdin.write_all(b"alice-secret-1\n").unwrap();
-    }
-    let added = add.wait_with_output().unwrap();
+    let added = common::cli_stdin(&both, &["users", "add", "alice"], "alice-secret-1\n");
     assert!(
         added.status.success(),
         "users add: {}",
         String::from_utf8_lossy(&added.stderr)
     );
     for order in [format!("{a_url},{b_url}"), format!("{b_url},{a_url}")] {
-        let out = std::process::Command::new(common::BIN)
-            .args(["users", "list", "--json", "--core", &order])
-            .env("TRIBUTARY_LOG", "warn")
-            .output()
-            .unwrap();
+        let out = common::cli(&order, &["users", "list", "--json"]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
             out.status.success() && stdout.contains("\"alice\""),

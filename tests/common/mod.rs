@@ -153,6 +153,37 @@ impl Drop for Server {
 }
 
 /// Runs the binary to completion, expecting it to fail; returns (exit code, stderr).
+/// Runs the CLI against the core at `core` (comma-separated for several nodes).
+pub fn cli(core: &str, args: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(args)
+        .args(["--core", core])
+        .env("TRIBUTARY_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+/// [`cli`] with `stdin` written to its standard input (a password, say).
+pub fn cli_stdin(core: &str, args: &[&str], stdin: &str) -> std::process::Output {
+    use std::io::Write;
+    let mut child = Command::new(BIN)
+        .args(args)
+        .args(["--core", core])
+        .env("TRIBUTARY_LOG", "warn")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    child.wait_with_output().unwrap()
+}
+
 pub fn run_expect_failure(args: &[String]) -> (i32, String) {
     let out = Command::new(BIN)
         .args(args)
