@@ -418,6 +418,16 @@ TOML
         # Every node serves at once, each its share.
         for n in $(seq 1 "$NODES"); do node_start "$n"; done
         for n in $(seq 1 "$NODES"); do node_wait "$n" ready 90; done
+        # Ready once the shards have spread (every shard served, each node its quota), not
+        # while they still move: a client's first call then meets a node that serves it.
+        local deadline=$((SECONDS + 90)) served
+        until shards_settled; do
+            if ((SECONDS > deadline)); then
+                for n in $(seq 1 "$NODES"); do served+=" core$n=[$(node_shards "$n")]"; done
+                die "the $SHARDS shards did not spread over the nodes within 90 s:$served"
+            fi
+            sleep 0.2
+        done
         note "core1..core$NODES serve $SHARDS shards between them"
     else
         # core1 first, so that it is the one serving; then the standbys.
@@ -493,6 +503,20 @@ node_shard_view() { # N [NAMESPACE]
 # The shards node N serves, space-separated.
 node_shards() { # N
     node_shard_view "$1" | python3 -c 'import json, sys; print(" ".join(str(s["shard"]) for s in json.load(sys.stdin)["served"]))' 2>/dev/null
+}
+
+# Every shard served by one node and each node serving its quota (the shard count split as
+# evenly as it goes): nothing is about to move.
+shards_settled() {
+    local n views=()
+    for n in $(seq 1 "$NODES"); do views+=("$(node_shards "$n")"); done
+    python3 - "$SHARDS" "${views[@]}" <<'PY'
+import sys
+shards, views = int(sys.argv[1]), [v.split() for v in sys.argv[2:]]
+served = sorted(int(s) for v in views for s in v)
+low = shards // len(views)
+sys.exit(0 if served == list(range(shards)) and all(low <= len(v) <= low + 1 for v in views) else 1)
+PY
 }
 
 cmd_owner() { # NAMESPACE

@@ -206,16 +206,15 @@ class Cluster:
 
     def takeover_times(self, n: int) -> tuple[float | None, float | None]:
         """When node n last took the lease and when its core was ready (time.time()); with
-        shards, when it started serving the shard of `default` (it opens the shard's core
-        before it says so, so both are that moment)."""
+        shards, when it took the shard of `default` and when it had opened its core."""
         if not self.shards:
             return self.log_time(n, "this node is active"), self.log_time(n, "core ready")
         view = self.shard_view(n)
         if view is None:
             return None, None
         shard = re.compile(rf"\bshard={view['namespace']['shard']}\b")
-        at = self.log_time(n, "serving a shard", also=shard)
-        return at, at
+        return (self.log_time(n, "took a shard", also=shard),
+                self.log_time(n, "serving a shard", also=shard))
 
     def exit_time(self, n: int) -> float:
         """When node n's current run ended (time.time() of its exit code's file)."""

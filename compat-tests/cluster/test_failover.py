@@ -20,7 +20,8 @@ produce continuously through the gateways while:
 their share of six shards (`cluster.sh up --shards 6`): each event hits the node serving the
 shard of the clients' namespace (`default`, AMQP's `/`) once the shards have settled, and the
 takeover is another node serving that shard (it says so on its admin
-`GET /api/v1/cluster/shards?namespace=default`; its log's `serving a shard` line is when).
+`GET /api/v1/cluster/shards?namespace=default`; its log's `took a shard` line is when it
+took the lease, `serving a shard` when it had opened the shard's core).
 
 Measured for each event: the time until another node takes the lease and has its core ready
 (its log), serves (its admin GET /healthz answers 200) and, per client, until the first

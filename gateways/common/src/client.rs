@@ -76,53 +76,35 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                     req.headers_mut()
                         .insert(tributary_proto::NAMESPACE_METADATA, scope.namespace.clone());
                 }
-                let (index, channel) = match scope {
-                    Some(scope) => nodes.pick_in(&scope.current),
-                    None => nodes.pick(),
-                };
-                let named = nodes.clone();
                 let nodes = nodes.clone();
                 let scope = scope.clone();
-                // A node that cannot be reached is so for every namespace; one that does not
-                // serve a namespace's shard, for that namespace.
-                let unreachable = {
-                    let (nodes, scope) = (nodes.clone(), scope.clone());
-                    move |error: &dyn std::fmt::Display| {
-                        if let Some(scope) = &scope {
-                            nodes.unreachable_in(&scope.current, index, error);
-                        }
-                        nodes.unreachable(index, error);
-                    }
-                };
-                // Unscoped calls to a node serving shards are the home shard's (users, the
-                // namespace listing): the next one goes to the next node too.
-                let not_serving = move |error: &dyn std::fmt::Display| match &scope {
-                    Some(scope) => nodes.unreachable_in(&scope.current, index, error),
-                    None => nodes.unreachable(index, error),
-                };
+                if nodes.len() == 1 || is_streaming(req.uri().path()) {
+                    return Box::pin(async move { send_once(&nodes, scope.as_ref(), req).await });
+                }
+                // A call that a node serving shards answers as not its shard's was not run
+                // (its router refuses before it reads the request), so it goes on to the next
+                // node, each node once, and the caller meets the answer of the node that
+                // serves it rather than a retriable error for each node in the way. That
+                // takes the request's bytes kept for a resend: unary calls only (one message
+                // each, `Bytes` kept without a copy); a streaming call (a subscription, a
+                // session) is sent once and its caller retries as for any unavailable core.
                 Box::pin(async move {
-                    match tower::ServiceExt::oneshot(channel, req).await {
-                        // A node serving shards that does not serve this namespace's: the
-                        // answer (UNAVAILABLE) goes back as it is, and the retry goes to the
-                        // next node.
-                        Ok(response)
-                            if response
+                    let (parts, body) = req.into_parts();
+                    let bytes = http_body_util::BodyExt::collect(body).await?.to_bytes();
+                    let mut left = nodes.len();
+                    loop {
+                        let req = http::Request::from_parts(
+                            parts.clone(),
+                            Body::new(http_body_util::Full::new(bytes.clone())),
+                        );
+                        let response = send_once(&nodes, scope.as_ref(), req).await?;
+                        left -= 1;
+                        if left == 0
+                            || !response
                                 .headers()
-                                .contains_key(tributary_proto::SHARD_METADATA) =>
+                                .contains_key(tributary_proto::SHARD_METADATA)
                         {
-                            not_serving(&"the node does not serve this namespace's shard");
-                            Ok(response)
-                        }
-                        Ok(response) => Ok(response),
-                        // UNAVAILABLE, which every gateway maps to its protocol's retriable
-                        // error: the client's retry reaches the next node (or this one back).
-                        Err(e) => {
-                            let e: BoxError = e.into();
-                            unreachable(&e);
-                            Err(Box::new(tonic::Status::unavailable(format!(
-                                "core {} unreachable: {e}",
-                                named.address(index)
-                            ))) as BoxError)
+                            return Ok(response);
                         }
                     }
                 })
@@ -131,6 +113,60 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                 let fut = tower::Service::call(r, req);
                 Box::pin(async move { fut.await.map_err(|e: Infallible| match e {}) })
             }
+        }
+    }
+}
+
+/// The calls whose requests are streams (a queue subscription, a session): they cannot be
+/// sent again once started.
+fn is_streaming(path: &str) -> bool {
+    use tributary_proto::v1::{queues_server, sessions_server};
+    let Some((service, method)) = path.trim_start_matches('/').split_once('/') else {
+        return false;
+    };
+    (service == queues_server::SERVICE_NAME && method == "Subscribe")
+        || (service == sessions_server::SERVICE_NAME && method == "Attach")
+}
+
+/// Sends `req` to the node `scope` (or, unscoped, the gateway) is at. A node that cannot be
+/// reached moves every namespace's calls on and the call fails UNAVAILABLE, which every
+/// gateway maps to its protocol's retriable error: the client's retry reaches the next
+/// node. A node serving shards that does not serve this namespace's answers UNAVAILABLE
+/// marked with the shard: that answer goes back as it is, and this scope's next call goes to
+/// the next node (unscoped calls are the home shard's: users, the namespace listing).
+async fn send_once(
+    nodes: &Arc<CoreNodes>,
+    scope: Option<&Arc<Scope>>,
+    req: http::Request<Body>,
+) -> Result<http::Response<Body>, BoxError> {
+    let (index, channel) = match scope {
+        Some(scope) => nodes.pick_in(&scope.current),
+        None => nodes.pick(),
+    };
+    match tower::ServiceExt::oneshot(channel, req).await {
+        Ok(response)
+            if response
+                .headers()
+                .contains_key(tributary_proto::SHARD_METADATA) =>
+        {
+            let why = &"the node does not serve this namespace's shard";
+            match scope {
+                Some(scope) => nodes.unreachable_in(&scope.current, index, why),
+                None => nodes.unreachable(index, why),
+            }
+            Ok(response)
+        }
+        Ok(response) => Ok(response),
+        Err(e) => {
+            let e: BoxError = e.into();
+            if let Some(scope) = scope {
+                nodes.unreachable_in(&scope.current, index, &e);
+            }
+            nodes.unreachable(index, &e);
+            Err(Box::new(tonic::Status::unavailable(format!(
+                "core {} unreachable: {e}",
+                nodes.address(index)
+            ))) as BoxError)
         }
     }
 }
@@ -548,14 +584,12 @@ mod tests {
         let list = || tributary_proto::v1::ListStreamsRequest {
             namespace: "tenant-a".into(),
         };
-        // The first node does not serve the shard: UNAVAILABLE, and the next call goes to the
-        // next node.
+        // The first node does not serve the shard: the call goes on to the next node, which
+        // answers it, and the scope's next calls go there at once.
         let first = scoped.admin.clone().list_streams(list()).await.unwrap_err();
-        assert_eq!(first.code(), tonic::Code::Unavailable, "{first:?}");
+        assert_eq!(first.code(), tonic::Code::Unimplemented, "{first:?}");
         let second = scoped.admin.clone().list_streams(list()).await.unwrap_err();
         assert_eq!(second.code(), tonic::Code::Unimplemented, "{second:?}");
-        let third = scoped.admin.clone().list_streams(list()).await.unwrap_err();
-        assert_eq!(third.code(), tonic::Code::Unimplemented, "{third:?}");
         assert_eq!(
             *seen_without.lock().unwrap(),
             vec![Some("tenant-a".to_string())]
@@ -567,16 +601,48 @@ mod tests {
         // Another client of the same namespace (the next AMQP connection to a virtual host)
         // starts where the first one found its shard.
         let again = client.scoped("tenant-a");
-        let fourth = again.admin.clone().list_streams(list()).await.unwrap_err();
-        assert_eq!(fourth.code(), tonic::Code::Unimplemented, "{fourth:?}");
+        let third = again.admin.clone().list_streams(list()).await.unwrap_err();
+        assert_eq!(third.code(), tonic::Code::Unimplemented, "{third:?}");
         assert_eq!(seen_with.lock().unwrap().len(), 3);
+        assert_eq!(seen_without.lock().unwrap().len(), 1);
         // An unscoped call names no namespace and is not moved by the scoped client's move;
-        // answered as not served (the home shard is elsewhere), the next one moves too.
+        // answered as not served (the home shard is elsewhere), it goes on too.
         let unscoped = client.admin.clone().list_streams(list()).await.unwrap_err();
-        assert_eq!(unscoped.code(), tonic::Code::Unavailable, "{unscoped:?}");
+        assert_eq!(unscoped.code(), tonic::Code::Unimplemented, "{unscoped:?}");
         assert_eq!(seen_without.lock().unwrap().last(), Some(&None));
+        assert_eq!(seen_with.lock().unwrap().last(), Some(&None));
         let moved = client.admin.clone().list_streams(list()).await.unwrap_err();
         assert_eq!(moved.code(), tonic::Code::Unimplemented, "{moved:?}");
-        assert_eq!(seen_with.lock().unwrap().last(), Some(&None));
+        assert_eq!(seen_without.lock().unwrap().len(), 2, "went straight on");
+    }
+
+    #[tokio::test]
+    async fn a_call_no_node_serves_is_tried_once_on_each_and_answered_unavailable() {
+        let (a, seen_a) = fake_node(tonic::Code::Unavailable, true).await;
+        let (b, seen_b) = fake_node(tonic::Code::Unavailable, true).await;
+        let client = CoreClient::connect_lazy_with(&format!("{a},{b}"), None, None).unwrap();
+        let scoped = client.scoped("moving");
+        let answer = scoped
+            .admin
+            .clone()
+            .list_streams(tributary_proto::v1::ListStreamsRequest {
+                namespace: "moving".into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(answer.code(), tonic::Code::Unavailable, "{answer:?}");
+        assert_eq!(
+            (seen_a.lock().unwrap().len(), seen_b.lock().unwrap().len()),
+            (1, 1)
+        );
+    }
+
+    #[test]
+    fn only_subscriptions_and_sessions_are_streaming_calls() {
+        assert!(is_streaming("/tributary.core.v1.Queues/Subscribe"));
+        assert!(is_streaming("/tributary.core.v1.Sessions/Attach"));
+        assert!(!is_streaming("/tributary.core.v1.Queues/Publish"));
+        assert!(!is_streaming("/tributary.core.v1.Streams/Append"));
+        assert!(!is_streaming("garbage"));
     }
 }

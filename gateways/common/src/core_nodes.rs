@@ -97,6 +97,16 @@ impl CoreNodes {
         (i, self.nodes[i].channel.clone())
     }
 
+    /// How many nodes are listed.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Never: [`CoreNodes::new`] is given at least one address by its callers.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
     pub fn address(&self, index: usize) -> &str {
         &self.nodes[index].address
     }

@@ -4,6 +4,7 @@ use tributary_gateway_common::client::error_code;
 use tributary_proto::v1::ErrorCode;
 
 pub const NO_ROUTE: u32 = 312;
+pub const CONNECTION_FORCED: u32 = 320;
 pub const ACCESS_REFUSED: u32 = 403;
 pub const NOT_FOUND: u32 = 404;
 pub const RESOURCE_LOCKED: u32 = 405;
@@ -27,6 +28,7 @@ pub type Res<T> = Result<T, Refusal>;
 
 pub fn refuse(code: u32, text: impl Into<String>) -> Refusal {
     let name = match code {
+        CONNECTION_FORCED => "CONNECTION_FORCED",
         ACCESS_REFUSED => "ACCESS_REFUSED",
         NOT_FOUND => "NOT_FOUND",
         RESOURCE_LOCKED => "RESOURCE_LOCKED",
@@ -42,7 +44,12 @@ pub fn refuse(code: u32, text: impl Into<String>) -> Refusal {
         text: format!("{name} - {}", text.into()),
         connection: matches!(
             code,
-            COMMAND_INVALID | CHANNEL_ERROR | NOT_ALLOWED | NOT_IMPLEMENTED | INTERNAL_ERROR
+            CONNECTION_FORCED
+                | COMMAND_INVALID
+                | CHANNEL_ERROR
+                | NOT_ALLOWED
+                | NOT_IMPLEMENTED
+                | INTERNAL_ERROR
         ),
     }
 }
@@ -67,11 +74,18 @@ pub fn locked(queue: &str, vhost: &str) -> Refusal {
     )
 }
 
-/// What a core call's failure means to the client: the codes a broker answers with, the
-/// rest an internal error that closes the connection.
+/// What a core call's failure means to the client: the codes a broker answers with; a core
+/// that is unavailable (restarting, taking over, or a cluster node that does not serve the
+/// vhost's shard) closes the connection 320 CONNECTION_FORCED, as RabbitMQ does when a node
+/// goes away, which clients take as "reconnect" (the Java client's automatic recovery, say);
+/// the rest an internal error that closes the connection.
 pub fn from_status(status: &tonic::Status) -> Refusal {
     let text = status.message().to_string();
     match error_code(status) {
+        ErrorCode::ShuttingDown => refuse(
+            CONNECTION_FORCED,
+            format!("the core is unavailable, reconnect: {text}"),
+        ),
         ErrorCode::QueueNotFound | ErrorCode::AddressNotFound | ErrorCode::NamespaceNotFound => {
             refuse(NOT_FOUND, text)
         }
@@ -84,5 +98,23 @@ pub fn from_status(status: &tonic::Status) -> Refusal {
         | ErrorCode::LeaseExpired => refuse(PRECONDITION_FAILED, text),
         ErrorCode::Unsupported => refuse(NOT_IMPLEMENTED, text),
         _ => refuse(INTERNAL_ERROR, format!("the core failed: {text}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unavailable_core_closes_the_connection_320_and_a_failure_541() {
+        let r = from_status(&tonic::Status::unavailable(
+            "shard 0 is not served by this node",
+        ));
+        assert_eq!((r.code, r.connection), (CONNECTION_FORCED, true));
+        assert!(r.text.starts_with("CONNECTION_FORCED - "), "{}", r.text);
+        let r = from_status(&tonic::Status::internal("disk full"));
+        assert_eq!((r.code, r.connection), (INTERNAL_ERROR, true));
+        let r = from_status(&tonic::Status::invalid_argument("bad"));
+        assert_eq!((r.code, r.connection), (PRECONDITION_FAILED, false));
     }
 }
