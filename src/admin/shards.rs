@@ -4,7 +4,6 @@
 //! core; a node serving shards has one per shard, and what it does not hold another node
 //! answers, so those routes are not served here (404) rather than answered from a part.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 
@@ -101,10 +100,8 @@ async fn cluster_shards(
         .into_iter()
         .map(|(shard, _, namespaces)| json!({ "shard": shard, "namespaces": namespaces }))
         .collect();
-    let owners: BTreeMap<u32, Option<String>> = (0..s.shards).map(|i| (i, (s.owners)(i))).collect();
-    let owners: Vec<_> = owners
-        .into_iter()
-        .map(|(shard, owner)| json!({ "shard": shard, "owner": owner }))
+    let owners: Vec<_> = (0..s.shards)
+        .map(|shard| json!({ "shard": shard, "owner": (s.owners)(shard) }))
         .collect();
     let mut body = json!({
         "node": s.node,

@@ -249,59 +249,20 @@ fn document(doc: Value, notes: Vec<String>, json: bool) -> Output {
     }
 }
 
-/// A client for the commands about one namespace. Its calls name the namespace (a cluster
-/// node serving shards routes by it), and before the command starts it finds the node that
-/// serves the namespace.
+/// A client for the commands about one namespace: its calls name the namespace, which a
+/// cluster node serving shards routes by. A node that does not serve it answers as much
+/// before running the call, and the client sends the call on to the next node itself
+/// (`tributary_gateway_common::client`), so the command reaches the node that serves it.
 async fn connect_to(settings: &Settings, namespace: &str) -> Result<Ctx, CliError> {
     let mut ctx = connect(settings)?;
     ctx.client = ctx.client.scoped(namespace);
-    let request = tributary_proto::v1::ListGroupsRequest {
-        namespace: namespace.into(),
-    };
-    locate(settings, || {
-        let mut admin = ctx.client.admin.clone();
-        let request = request.clone();
-        async move { admin.list_groups(request).await.map(drop) }
-    })
-    .await;
     Ok(ctx)
 }
 
-/// A client for the users, which a cluster serving shards keeps in its home shard: before
-/// the command starts it finds the node serving that shard.
+/// A client for the users, which a cluster serving shards keeps in its home shard: an
+/// unscoped call is sent on to the node that holds it in the same way.
 pub(crate) async fn connect_home(settings: &Settings) -> Result<Ctx, CliError> {
-    let ctx = connect(settings)?;
-    locate(settings, || {
-        let mut admin = ctx.client.admin.clone();
-        async move {
-            admin
-                .list_users(tributary_proto::v1::ListUsersRequest::default())
-                .await
-                .map(drop)
-        }
-    })
-    .await;
-    Ok(ctx)
-}
-
-/// Calls `probe` until a node answers other than "another node serves this shard" (each
-/// such answer moves the client to the next address in `--core`), at most once round them.
-/// A single core answers at once; any other answer the command itself meets and reports.
-async fn locate<F, Fut>(settings: &Settings, probe: F)
-where
-    F: Fn() -> Fut,
-    Fut: std::future::Future<Output = Result<(), tonic::Status>>,
-{
-    for _ in 0..settings.core.split(',').count() {
-        match probe().await {
-            Err(status)
-                if status.code() == tonic::Code::Unavailable
-                    && status
-                        .metadata()
-                        .contains_key(tributary_proto::SHARD_METADATA) => {}
-            _ => return,
-        }
-    }
+    connect(settings)
 }
 
 fn connect(settings: &Settings) -> Result<Ctx, CliError> {
