@@ -13,7 +13,7 @@ use tributary_core::cluster::shard_cores::{
     OnOpen, ShardCores, ShardStorage, shard_meta_prefix, shard_of,
 };
 use tributary_core::cluster::shard_router::{ShardOwners, ShardRouter};
-use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
+use tributary_core::cluster::shards::{Scheme, ShardConfig, ShardLease, ShardNode};
 use tributary_core::cluster::{LeaseConfig, NodeLease};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
@@ -693,6 +693,10 @@ impl Server {
         cluster: &crate::config::ClusterSettings,
         shards: u32,
     ) -> Result<Self, StartError> {
+        // Streams placed apart from their namespace are the next step of shard mode
+        // (docs/design/intra-namespace-spreading.md); until their cross-shard paths are built,
+        // every deployment places by namespace.
+        let scheme = Scheme::Namespace;
         let Some(core_listener) =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?
         else {
@@ -732,7 +736,8 @@ impl Server {
             Box::pin(async move { declare_mqtt_rules(&core, &ours).await })
         });
         let cores = Arc::new(
-            ShardCores::new(Arc::new(storage), core_config(settings)).with_on_open(on_open),
+            ShardCores::new(Arc::new(storage), core_config(settings), shards, scheme)
+                .with_on_open(on_open),
         );
         let on_lost: tributary_core::cluster::OnLost = Arc::new(|why: &str| {
             error!("cluster: {why}; exiting so that other nodes serve its shards");
@@ -744,6 +749,7 @@ impl Server {
             ShardConfig {
                 node: cluster.node.clone(),
                 shards,
+                scheme,
                 ttl: cluster.lease_ttl,
             },
             cores.clone(),
@@ -753,7 +759,7 @@ impl Server {
         node.start();
         info!(node = %cluster.node, run = node.run(), shards, "cluster: serving a share of the shards");
         let owners: ShardOwners = Arc::new(node.owners());
-        let router = ShardRouter::new(cores.clone(), shards, owners.clone());
+        let router = ShardRouter::new(cores.clone(), shards, scheme, owners.clone());
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = Bound {

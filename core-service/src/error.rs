@@ -96,6 +96,10 @@ pub enum CoreError {
     Storage(#[source] StorageError),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A unit asked of a core whose shard the deployment's placement does not give it: the
+    /// caller routed by another placement than the node's (a bug, or a version mismatch).
+    #[error("{0} is placed in shard {placed}, and this core serves shard {served}", placed = .1, served = .2)]
+    WrongShard(String, u32, u32),
     #[error("unauthenticated: {0}")]
     Unauthenticated(String),
     #[error("invalid transaction state: {0}")]
@@ -168,7 +172,7 @@ impl CoreError {
             Self::ShuttingDown => ErrorCode::ShuttingDown,
             Self::Corrupt(_) | Self::LogWithoutMetadata { .. } => ErrorCode::CorruptData,
             Self::Storage(_) => ErrorCode::StorageFailure,
-            Self::Internal(_) => ErrorCode::Internal,
+            Self::Internal(_) | Self::WrongShard(..) => ErrorCode::Internal,
             Self::Unauthenticated(_) => ErrorCode::Unauthenticated,
             Self::InvalidTxnState(_) => ErrorCode::InvalidTxnState,
             Self::ConcurrentTransactions(_) => ErrorCode::ConcurrentTransactions,
@@ -199,7 +203,9 @@ impl CoreError {
             | Self::StreamExists(_)
             | Self::QueueExists(_)
             | Self::UserExists(_) => Code::AlreadyExists,
-            Self::LeaseExpired(_) | Self::ResourceLocked(_) => Code::FailedPrecondition,
+            Self::LeaseExpired(_) | Self::ResourceLocked(_) | Self::WrongShard(..) => {
+                Code::FailedPrecondition
+            }
             Self::QueueFull(_) => Code::ResourceExhausted,
             Self::OffsetOutOfRange { .. } => Code::OutOfRange,
             Self::OutOfOrderSequence { .. }

@@ -57,6 +57,7 @@ pub use queues::ReaderServedSubscription;
 pub use router::{MQTT_RULES_ADDRESS, StagedPublish};
 pub use session_stream::SessionStream;
 pub use topic_streams::{RecordDecoder, RecordDecoders};
+pub use tributary_proto::placement::{Placement, Scheme};
 
 use meta::NamespaceRecord;
 use streams::StreamHandle;
@@ -116,6 +117,9 @@ pub struct CoreConfig {
     pub stream_exchanges: bool,
     /// Decoders of opaque batch formats, for readers that need records (MQTT forwarding).
     pub record_decoders: RecordDecoders,
+    /// The shard this core serves in a cluster serving shards, and how the deployment places
+    /// units (set by `cluster::shard_cores`); `None`: a single core holding every unit.
+    pub placement: Option<Placement>,
 }
 
 impl Default for CoreConfig {
@@ -139,6 +143,7 @@ impl Default for CoreConfig {
             mqtt_streams: true,
             stream_exchanges: true,
             record_decoders: RecordDecoders::default(),
+            placement: None,
         }
     }
 }

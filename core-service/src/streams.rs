@@ -136,7 +136,10 @@ impl Core {
             let ns: NamespaceRecord = from_json("namespace", &raw)?;
             self.inner.namespaces.write().insert(ns.name.clone(), ns);
         }
-        if !self.inner.namespaces.read().contains_key(DEFAULT_NAMESPACE) {
+        // In a cluster serving shards, only the default namespace's home shard makes it.
+        if !self.inner.namespaces.read().contains_key(DEFAULT_NAMESPACE)
+            && self.placed_at_home(DEFAULT_NAMESPACE).is_ok()
+        {
             self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true)
                 .await?;
         }
@@ -306,6 +309,7 @@ impl Core {
         if_not_exists: bool,
     ) -> CoreResult<(NamespaceRecord, bool)> {
         validate_name("namespace", name)?;
+        self.placed_at_home(name)?;
         let _admin = self.inner.admin.lock().await;
         if let Some(existing) = self.inner.namespaces.read().get(name) {
             return if if_not_exists {
@@ -371,6 +375,36 @@ impl Core {
         self.inner.namespaces.read().values().cloned().collect()
     }
 
+    /// Refuses a unit of `ns` other than a stream unless this core is the namespace's home
+    /// ([`crate::Placement`]); a single core is every namespace's home.
+    pub(crate) fn placed_at_home(&self, ns: &str) -> CoreResult<()> {
+        match self.inner.config.placement {
+            Some(p) if !p.is_home_of(ns) => Err(CoreError::WrongShard(
+                format!("namespace '{ns}'"),
+                tributary_proto::placement::shard_of(ns, p.shards),
+                p.shard,
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Refuses the stream `name` of `ns` unless this core's shard holds it.
+    pub(crate) fn placed_here(&self, ns: &str, name: &str) -> CoreResult<()> {
+        match self.inner.config.placement {
+            Some(p) if !p.holds_stream(ns, name) => Err(CoreError::WrongShard(
+                format!("stream '{ns}/{name}'"),
+                tributary_proto::placement::shard_of_unit(
+                    p.scheme,
+                    ns,
+                    Some(&tributary_proto::placement::stream_unit(name)),
+                    p.shards,
+                ),
+                p.shard,
+            )),
+            _ => Ok(()),
+        }
+    }
+
     pub(crate) fn require_namespace(&self, ns: &str) -> CoreResult<()> {
         if self.inner.namespaces.read().contains_key(ns) {
             Ok(())
@@ -422,6 +456,7 @@ impl Core {
         self.check_running()?;
         let (ns, name) = stream_key(&id);
         validate_name("stream", &name)?;
+        self.placed_here(&ns, &name)?;
         self.require_namespace(&ns)?;
         let partitions = if partitions == 0 {
             self.inner.config.default_partitions
@@ -777,6 +812,22 @@ impl Core {
             );
         }
         Ok(())
+    }
+
+    /// A new producer id. Each shard of a cluster counts its own, so a core serving a shard
+    /// spreads them (`count × shards + shard`): two shards never hand out the same id, which
+    /// a partition's producer table (keyed by id alone) relies on once one namespace's
+    /// producers and partitions are in different shards. A single core counts 1, 2, 3, ...
+    pub(crate) async fn next_producer_id(&self) -> CoreResult<i64> {
+        let count = self.next_counter("producer_id").await?;
+        let id = match self.inner.config.placement {
+            Some(p) => count
+                .checked_mul(u64::from(p.shards.max(1)))
+                .and_then(|v| v.checked_add(u64::from(p.shard))),
+            None => Some(count),
+        };
+        id.and_then(|v| i64::try_from(v).ok())
+            .ok_or_else(|| CoreError::Corrupt("the producer id counter overflowed".into()))
     }
 
     pub(crate) async fn next_counter(&self, name: &str) -> CoreResult<u64> {
@@ -1291,7 +1342,7 @@ impl Core {
                 producer_epoch: next.epoch,
             });
         }
-        let pid = self.next_counter("producer_id").await? as i64;
+        let pid = self.next_producer_id().await?;
         let record = ProducerIdRecord {
             producer_id: pid,
             epoch: 0,
@@ -1311,7 +1362,7 @@ impl Core {
     pub(crate) async fn next_epoch(&self, r: ProducerIdRecord) -> CoreResult<ProducerIdRecord> {
         Ok(if r.epoch >= MAX_PRODUCER_EPOCH {
             ProducerIdRecord {
-                producer_id: self.next_counter("producer_id").await? as i64,
+                producer_id: self.next_producer_id().await?,
                 epoch: 0,
             }
         } else {

@@ -425,7 +425,7 @@ impl Core {
         let current = self.load_txn(ns, id, &mut slot).await?;
         let mut next = match current {
             None => TxnRecord {
-                producer_id: self.next_counter("producer_id").await? as i64,
+                producer_id: self.next_producer_id().await?,
                 epoch: 0,
                 state: TxnState::Empty,
                 timeout_ms: req.transaction_timeout_ms,

@@ -19,9 +19,12 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio_stream::wrappers::TcpListenerStream;
 use tributary_core::cluster::shard_cores::{ShardCores, shard_of};
-use tributary_core::cluster::shard_router::{NAMESPACE_HEADER, OWNER_HEADER, ShardRouter};
-use tributary_core::cluster::shards::{ShardConfig, ShardNode};
+use tributary_core::cluster::shard_router::{
+    NAMESPACE_HEADER, OWNER_HEADER, SHARD_HEADER, ShardRouter,
+};
+use tributary_core::cluster::shards::{Scheme, ShardConfig, ShardNode};
 use tributary_core::{Core, CoreConfig};
+use tributary_proto::placement::{UNIT_METADATA, shard_of_unit, stream_unit};
 use tributary_proto::v1;
 use tributary_proto::v1::streams_client::StreamsClient;
 use tributary_storage::MetaStore;
@@ -43,13 +46,27 @@ struct Node {
 }
 
 async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> Node {
+    join_placing(name, meta, dir, Scheme::Namespace).await
+}
+
+async fn join_placing(
+    name: &str,
+    meta: Arc<dyn MetaStore>,
+    dir: &std::path::Path,
+    scheme: Scheme,
+) -> Node {
     let store = Arc::new(Cuttable::new(meta));
     let storage = FsShards {
         bucket: dir.join("bucket"),
         cache: dir.join(format!("cache-{name}")),
         meta: store.clone(),
     };
-    let cores = Arc::new(ShardCores::new(Arc::new(storage), CoreConfig::default()));
+    let cores = Arc::new(ShardCores::new(
+        Arc::new(storage),
+        CoreConfig::default(),
+        SHARDS,
+        scheme,
+    ));
     let lost = Arc::new(Mutex::new(Vec::new()));
     let on_lost = {
         let lost = lost.clone();
@@ -60,6 +77,7 @@ async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> No
         ShardConfig {
             node: name.into(),
             shards: SHARDS,
+            scheme,
             ttl: TTL,
         },
         cores.clone(),
@@ -68,7 +86,7 @@ async fn join(name: &str, meta: Arc<dyn MetaStore>, dir: &std::path::Path) -> No
     .await
     .expect("joining");
     node.start();
-    let router = ShardRouter::new(cores.clone(), SHARDS, Arc::new(node.owners()));
+    let router = ShardRouter::new(cores.clone(), SHARDS, scheme, Arc::new(node.owners()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
@@ -323,4 +341,60 @@ async fn calls_reach_the_core_of_their_namespaces_shard_on_the_node_that_owns_it
     }
     assert_eq!(b.lost.lock().len(), 1);
     a.node.leave().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_stream_scheme_a_call_naming_a_stream_goes_to_the_streams_shard() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let a = join_placing("a", meta.clone(), dir.path(), Scheme::Stream).await;
+    let b = join_placing("b", meta.clone(), dir.path(), Scheme::Stream).await;
+    until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..SHARDS).any(|s| (a.node.owners())(s).is_none() || (b.node.owners())(s).is_none()) {
+        assert!(Instant::now() < deadline, "the nodes never saw every owner");
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
+    }
+    let mut clients = Vec::new();
+    for n in [&a, &b] {
+        clients.push(StreamsClient::connect(n.url.clone()).await.unwrap());
+    }
+    let home = shard_of("default", SHARDS);
+    let mut away_from_home = 0;
+    for t in 0..8 {
+        let unit = stream_unit(&format!("topic-{t}"));
+        let shard = shard_of_unit(Scheme::Stream, "default", Some(&unit), SHARDS);
+        away_from_home += usize::from(shard != home);
+        let serving = [&a, &b]
+            .iter()
+            .position(|n| n.cores.core(shard).is_some())
+            .expect("every shard is served");
+        // The node not serving the stream's shard refuses the call, naming that shard (not
+        // the namespace's); the one serving it hands it to the shard's core.
+        let mut req = append_request("default", "x");
+        req.metadata_mut()
+            .insert(UNIT_METADATA, unit.parse().unwrap());
+        let refused = clients[1 - serving].append(req).await.unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+        assert_eq!(
+            refused
+                .metadata()
+                .get(SHARD_HEADER)
+                .map(|v| v.to_str().unwrap().to_string()),
+            Some(shard.to_string()),
+            "{refused:?}"
+        );
+        let mut req = append_request("default", "x");
+        req.metadata_mut()
+            .insert(UNIT_METADATA, unit.parse().unwrap());
+        if let Err(reached) = clients[serving].append(req).await {
+            assert!(
+                reached.metadata().get(SHARD_HEADER).is_none(),
+                "{reached:?}"
+            );
+        }
+    }
+    assert!(away_from_home > 0, "every topic landed at home");
+    a.node.leave().await;
+    b.node.leave().await;
 }

@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use async_trait::async_trait;
 use parking_lot::Mutex;
 use tributary_core::cluster::OnLost;
-use tributary_core::cluster::shards::{ShardConfig, ShardError, ShardHost, ShardLease, ShardNode};
+use tributary_core::cluster::shards::{
+    Scheme, ShardConfig, ShardError, ShardHost, ShardLease, ShardNode,
+};
 use tributary_storage::memory::MemoryMetaStore;
 use tributary_storage::{EtcdMetaStore, MetaStore, PostgresMetaStore};
 
@@ -103,6 +105,7 @@ async fn join_with(
     let config = ShardConfig {
         node: name.into(),
         shards,
+        scheme: Scheme::Namespace,
         ttl: TTL,
     };
     // The host's id needs the run, which joining decides: the host reads it from a cell.
@@ -280,6 +283,7 @@ async fn a_node_with_another_shard_count_is_refused() {
         ShardConfig {
             node: "b".into(),
             shards: SHARDS + 1,
+            scheme: Scheme::Namespace,
             ttl: TTL,
         },
         host,
@@ -298,6 +302,80 @@ async fn a_node_with_another_shard_count_is_refused() {
         refused.err()
     );
     a.node.leave().await;
+}
+
+#[tokio::test]
+async fn a_node_with_another_placement_scheme_is_refused() {
+    let store: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let registry = Arc::new(Registry::default());
+    let a = join("a", store.clone(), &registry).await;
+    assert_eq!(
+        store.get(b"cluster/shard-scheme").await.unwrap().as_deref(),
+        Some(&b"namespace"[..])
+    );
+    let host = Arc::new(Host {
+        id: "b".into(),
+        registry,
+    });
+    let refused = ShardNode::join(
+        store.clone(),
+        ShardConfig {
+            node: "b".into(),
+            shards: SHARDS,
+            scheme: Scheme::Stream,
+            ttl: TTL,
+        },
+        host,
+        Arc::new(|_: &str| {}),
+    )
+    .await;
+    assert!(
+        matches!(
+            refused,
+            Err(ShardError::Scheme {
+                stored: Scheme::Namespace,
+                asked: Scheme::Stream
+            })
+        ),
+        "{:?}",
+        refused.err()
+    );
+    a.node.leave().await;
+}
+
+#[tokio::test]
+async fn a_deployment_made_before_schemes_places_by_namespace() {
+    let store: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    // What an earlier version left: the shard count, no scheme.
+    store
+        .put(b"cluster/shard-count", SHARDS.to_string().as_bytes())
+        .await
+        .unwrap();
+    let host = Arc::new(Host {
+        id: "a".into(),
+        registry: Arc::new(Registry::default()),
+    });
+    let refused = ShardNode::join(
+        store.clone(),
+        ShardConfig {
+            node: "a".into(),
+            shards: SHARDS,
+            scheme: Scheme::Stream,
+            ttl: TTL,
+        },
+        host,
+        Arc::new(|_: &str| {}),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(ShardError::Scheme { .. })),
+        "{:?}",
+        refused.err()
+    );
+    assert_eq!(
+        store.get(b"cluster/shard-scheme").await.unwrap().as_deref(),
+        Some(&b"namespace"[..])
+    );
 }
 
 /// A metadata server's URL, or `None` (after saying so) when its test is skipped.

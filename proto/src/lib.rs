@@ -15,6 +15,8 @@ pub mod amqp_link {
     tonic::include_proto!("tributary.amqp.link.v1");
 }
 
+pub mod placement;
+
 /// Metadata key that carries the stable error code (the `ErrorCode` name) on every failed call.
 pub const ERROR_CODE_METADATA: &str = "tributary-error-code";
 

@@ -42,6 +42,7 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::task::JoinHandle;
 use tracing::{info, warn};
+use tributary_proto::placement::fnv1a;
 use tributary_storage::{Check, MetaStore, Op, Result as StorageResult, StorageError};
 
 /// Time since boot, counting time suspended (CLOCK_BOOTTIME). The holder measures its lease
@@ -485,17 +486,6 @@ async fn fenced_txn(
         return Ok(Fenced::Applied(false));
     }
     Ok(Fenced::Refused(now))
-}
-
-/// FNV-1a, written out because every node and gateway of a deployment, of any version (during
-/// a rolling upgrade too), must compute the same value, which std's hasher does not promise.
-fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in bytes {
-        hash ^= u64::from(*byte);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 /// The active node's view of the metadata store: every transaction also checks that the

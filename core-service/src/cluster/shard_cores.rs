@@ -19,12 +19,10 @@ use tributary_storage::{LogStore, MetaStore};
 
 use super::shards::{ShardHost, ShardLease};
 use crate::{Core, CoreConfig};
+use tributary_proto::placement::{Placement, Scheme};
 
-/// The shard a namespace's units live in, of `shards`: the same on every node and gateway
-/// ([`super::fnv1a`]).
-pub fn shard_of(namespace: &str, shards: u32) -> u32 {
-    (super::fnv1a(namespace.as_bytes()) % u64::from(shards.max(1))) as u32
-}
+/// The shard a namespace's units live in, of `shards`: the same on every node and gateway.
+pub use tributary_proto::placement::shard_of;
 
 /// The metadata key prefix of a shard's core, inside the deployment's namespace.
 pub fn shard_meta_prefix(shard: u32) -> Vec<u8> {
@@ -52,6 +50,8 @@ pub type OnOpen =
 pub struct ShardCores {
     storage: Arc<dyn ShardStorage>,
     config: CoreConfig,
+    shards: u32,
+    scheme: Scheme,
     on_open: Option<OnOpen>,
     cores: RwLock<BTreeMap<u32, Served>>,
 }
@@ -63,10 +63,19 @@ struct Served {
 }
 
 impl ShardCores {
-    pub fn new(storage: Arc<dyn ShardStorage>, config: CoreConfig) -> Self {
+    /// Cores for a deployment of `shards` placing units by `scheme`; each is told its shard
+    /// ([`CoreConfig::placement`]) so that it refuses units placed elsewhere.
+    pub fn new(
+        storage: Arc<dyn ShardStorage>,
+        config: CoreConfig,
+        shards: u32,
+        scheme: Scheme,
+    ) -> Self {
         Self {
             storage,
             config,
+            shards,
+            scheme,
             on_open: None,
             cores: RwLock::new(BTreeMap::new()),
         }
@@ -99,7 +108,15 @@ impl ShardHost for ShardCores {
     async fn serve(&self, lease: ShardLease) -> Result<(), String> {
         let shard = lease.shard();
         let (log, meta) = self.storage.open(&lease).await?;
-        let core = Core::open(log, meta, self.config.clone())
+        let config = CoreConfig {
+            placement: Some(Placement {
+                shard,
+                shards: self.shards,
+                scheme: self.scheme,
+            }),
+            ..self.config.clone()
+        };
+        let core = Core::open(log, meta, config)
             .await
             .map_err(|e| format!("opening the core of shard {shard}: {e}"))?;
         if let Some(on_open) = &self.on_open
@@ -132,20 +149,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn namespaces_spread_over_shards_the_same_way_everywhere() {
-        // Fixed values: a change here moves every deployment's namespaces.
-        assert_eq!(shard_of("default", 16), 14);
-        assert_eq!(shard_of("tenant-1", 16), 11);
-        assert_eq!(shard_of("vhost-a", 16), 1);
-        let mut per_shard = [0usize; 8];
-        for n in 0..800 {
-            per_shard[shard_of(&format!("tenant-{n}"), 8) as usize] += 1;
-        }
-        assert!(
-            per_shard.iter().all(|&c| (60..=140).contains(&c)),
-            "{per_shard:?}"
-        );
-        assert_eq!(shard_of("anything", 1), 0);
+    fn shard_prefixes_sort_in_shard_order() {
         assert_eq!(shard_meta_prefix(7), b"shards/000007/".to_vec());
+        assert!(shard_meta_prefix(9) < shard_meta_prefix(10));
     }
 }

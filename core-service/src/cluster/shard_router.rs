@@ -5,6 +5,9 @@
 //! shard, or answers UNAVAILABLE naming the node that owns it, which a gateway takes as a
 //! reason to try another node.
 //!
+//! Under the stream scheme ([`Scheme::Stream`]), a call about one stream also names it in the
+//! `tributary-unit` header, and goes to that stream's shard.
+//!
 //! Calls whose state belongs to no namespace (users, the list of namespaces) go to the home
 //! shard, the shard of the empty namespace, whatever header they carry: one core holds them,
 //! so every gateway sees the same users.
@@ -18,7 +21,8 @@ use std::task::{Context, Poll};
 use tonic::body::Body;
 use tonic::service::Routes;
 
-use super::shard_cores::{ShardCores, shard_of};
+use super::shard_cores::ShardCores;
+use tributary_proto::placement::{Scheme, UNIT_METADATA as UNIT_HEADER, shard_of_unit};
 
 pub use tributary_proto::{
     NAMESPACE_METADATA as NAMESPACE_HEADER, SHARD_METADATA as SHARD_HEADER,
@@ -40,14 +44,16 @@ pub type ShardOwners = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
 pub struct ShardRouter {
     cores: Arc<ShardCores>,
     shards: u32,
+    scheme: Scheme,
     owners: ShardOwners,
 }
 
 impl ShardRouter {
-    pub fn new(cores: Arc<ShardCores>, shards: u32, owners: ShardOwners) -> Self {
+    pub fn new(cores: Arc<ShardCores>, shards: u32, scheme: Scheme, owners: ShardOwners) -> Self {
         Self {
             cores,
             shards,
+            scheme,
             owners,
         }
     }
@@ -57,17 +63,23 @@ impl ShardRouter {
         Routes::from(Routes::default().into_axum_router().fallback_service(self))
     }
 
-    /// The namespace a call is for: the home shard's for [`HOME_METHODS`].
-    fn namespace<B>(req: &http::Request<B>) -> Result<String, tonic::Status> {
+    /// The namespace a call is for (the home shard's for [`HOME_METHODS`]) and the unit it
+    /// names, if any.
+    fn namespace<B>(req: &http::Request<B>) -> Result<(String, Option<String>), tonic::Status> {
         if HOME_METHODS.contains(&req.uri().path()) {
-            return Ok(String::new());
+            return Ok((String::new(), None));
         }
+        let ascii =
+            |name: &str| tonic::Status::invalid_argument(format!("the {name} header is not ASCII"));
+        let unit = match req.headers().get(UNIT_HEADER) {
+            Some(v) => Some(v.to_str().map_err(|_| ascii(UNIT_HEADER))?.to_string()),
+            None => None,
+        };
         match req.headers().get(NAMESPACE_HEADER) {
-            Some(v) => v.to_str().map(str::to_string).map_err(|_| {
-                tonic::Status::invalid_argument(format!(
-                    "the {NAMESPACE_HEADER} header is not ASCII"
-                ))
-            }),
+            Some(v) => v
+                .to_str()
+                .map(|ns| (ns.to_string(), unit))
+                .map_err(|_| ascii(NAMESPACE_HEADER)),
             None => Err(tonic::Status::failed_precondition(format!(
                 "this core node serves shards of a cluster: a call must name its namespace in the {NAMESPACE_HEADER} header"
             ))),
@@ -101,18 +113,19 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> RouteFuture {
-        let namespace = match Self::namespace(&req) {
-            Ok(ns) => ns,
+        let (namespace, unit) = match Self::namespace(&req) {
+            Ok(named) => named,
             Err(status) => return Box::pin(async move { Ok(status_response(status)) }),
         };
-        let shard = shard_of(&namespace, self.shards);
+        let shard = shard_of_unit(self.scheme, &namespace, unit.as_deref(), self.shards);
         match self.cores.routes(shard) {
             // Routes (an axum router) is always ready, as its `poll_ready` says.
             Some(mut routes) => Box::pin(tower::Service::call(&mut routes, req)),
             None => {
                 let owner = (self.owners)(shard);
                 let mut status = tonic::Status::unavailable(format!(
-                    "shard {shard} (namespace '{namespace}') is not served by this node; {}",
+                    "shard {shard} (namespace '{namespace}'{}) is not served by this node; {}",
+                    unit.as_deref().map_or(String::new(), |u| format!(", {u}")),
                     owner
                         .as_deref()
                         .map_or("nobody serves it right now".to_string(), |o| format!(

@@ -6,6 +6,8 @@
 //!
 //! ```text
 //! cluster/shard-count       "<shards>"                     written by the first node, checked by the rest
+//! cluster/shard-scheme      "namespace" | "stream"         the same (placement::Scheme); absent
+//!                                                          in deployments made before it: namespace
 //! cluster/nodes/<node>      "<run> <beat>"                 rewritten by the node every TTL/5
 //!                           "<run> released"               written by a node leaving cleanly
 //!                           "<run> fenced"                 written by a node taking a shard of it
@@ -54,8 +56,10 @@ use tracing::{info, warn};
 use tributary_storage::{Check, MetaStore, Op, Result as StorageResult, StorageError};
 
 use super::{Fenced, LeaseState, OnLost, boot_time, fenced_txn, fnv1a, watchdog};
+pub use tributary_proto::placement::Scheme;
 
 const SHARD_COUNT_KEY: &[u8] = b"cluster/shard-count";
+const SHARD_SCHEME_KEY: &[u8] = b"cluster/shard-scheme";
 const NODES_PREFIX: &str = "cluster/nodes/";
 const SHARDS_PREFIX: &str = "cluster/shards/";
 /// More keys than any deployment has nodes or shards.
@@ -152,6 +156,8 @@ pub struct ShardConfig {
     pub node: String,
     /// The deployment's number of shards: fixed when its first node joins.
     pub shards: u32,
+    /// How the deployment places units over its shards: fixed likewise.
+    pub scheme: Scheme,
     pub ttl: Duration,
 }
 
@@ -183,6 +189,10 @@ pub enum ShardError {
         "cluster: the deployment has {stored} shards and this node was started with {asked}; a deployment's shard count is fixed when its first node joins"
     )]
     ShardCount { stored: u32, asked: u32 },
+    #[error(
+        "cluster: the deployment places units by {stored} and this node was started to place them by {asked}; a deployment's placement scheme is fixed when its first node joins"
+    )]
+    Scheme { stored: Scheme, asked: Scheme },
     #[error("cluster: {0}")]
     Config(String),
 }
@@ -388,10 +398,11 @@ impl ShardNode {
         let mut told = false;
         loop {
             let read = async {
+                let scheme = Self::shard_scheme(&meta, config.scheme).await?;
                 let count = Self::shard_count(&meta, config.shards).await?;
-                Ok::<_, StorageError>((count, meta.get(&key).await?))
+                Ok::<_, StorageError>((scheme, count, meta.get(&key).await?))
             };
-            let (count, raw) = match read.await {
+            let (scheme, count, raw) = match read.await {
                 Ok(r) => {
                     if std::mem::take(&mut failing) {
                         info!(node = %config.node, "cluster: the metadata store answers again");
@@ -406,6 +417,16 @@ impl ShardNode {
                     continue;
                 }
             };
+            match scheme {
+                Ok(stored) if stored != config.scheme => {
+                    return Err(ShardError::Scheme {
+                        stored,
+                        asked: config.scheme,
+                    });
+                }
+                Err(raw) => return Err(unreadable(SHARD_SCHEME_KEY, &raw)),
+                Ok(_) => {}
+            }
             match count {
                 Some(stored) if stored != config.shards => {
                     return Err(ShardError::ShardCount {
@@ -489,6 +510,36 @@ impl ShardNode {
                 info!(node = %config.node, "cluster: an earlier run of this node still beats; waiting for it to end");
             }
             tokio::time::sleep(config.poll_interval()).await;
+        }
+    }
+
+    /// The deployment's placement scheme (or the unreadable value stored), written as `asked`
+    /// if no node has written it yet. A deployment whose shard count was written without it
+    /// was made before schemes were: every unit at its namespace's shard.
+    async fn shard_scheme(
+        meta: &Arc<dyn MetaStore>,
+        asked: Scheme,
+    ) -> StorageResult<Result<Scheme, Vec<u8>>> {
+        let parse = |raw: &[u8]| {
+            std::str::from_utf8(raw)
+                .ok()
+                .and_then(Scheme::parse)
+                .ok_or_else(|| raw.to_vec())
+        };
+        if let Some(raw) = meta.get(SHARD_SCHEME_KEY).await? {
+            return Ok(parse(&raw));
+        }
+        let first = if meta.get(SHARD_COUNT_KEY).await?.is_some() {
+            Scheme::Namespace
+        } else {
+            asked
+        };
+        meta.compare_and_set(SHARD_SCHEME_KEY, None, Some(first.as_str().as_bytes()))
+            .await?;
+        // Whoever won, the next read says what the deployment has.
+        match meta.get(SHARD_SCHEME_KEY).await? {
+            Some(raw) => Ok(parse(&raw)),
+            None => Ok(Err(Vec::new())),
         }
     }
 

@@ -290,6 +290,7 @@ impl Core {
             .id
             .ok_or_else(|| CoreError::InvalidArgument("queue id is required".into()))?;
         let (ns, name) = self.queue_ns(&id)?;
+        self.placed_at_home(&ns)?;
         self.require_namespace(&ns)?;
         let settings = QueueSettings::from_proto(&req.config.unwrap_or_default())?;
         let _admin = self.inner.admin.lock().await;

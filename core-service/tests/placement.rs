@@ -1,0 +1,173 @@
+//! A core serving one shard of a cluster refuses the units its deployment's placement gives
+//! to another shard, and hands out producer ids no other shard does.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tributary_core::meta::StreamSettings;
+use tributary_core::{Core, CoreConfig, CoreError, Placement, Scheme};
+use tributary_proto::placement::shard_of;
+use tributary_proto::v1;
+use tributary_storage::local::{LocalLogConfig, LocalLogStore};
+use tributary_storage::redb_meta::RedbMetaStore;
+
+const SHARDS: u32 = 2;
+
+async fn open(dir: &Path, placement: Option<Placement>) -> Core {
+    let log = LocalLogStore::open(dir.join("log"), LocalLogConfig::default()).unwrap();
+    let meta = Arc::new(RedbMetaStore::open(dir.join("meta.redb")).unwrap());
+    let config = CoreConfig {
+        placement,
+        ..CoreConfig::default()
+    };
+    Core::open(log, meta, config).await.unwrap()
+}
+
+fn shard(shard: u32, scheme: Scheme) -> Option<Placement> {
+    Some(Placement {
+        shard,
+        shards: SHARDS,
+        scheme,
+    })
+}
+
+async fn create_stream(core: &Core, ns: &str, name: &str) -> Result<(), CoreError> {
+    core.create_stream(
+        v1::StreamId::new(ns, name),
+        1,
+        StreamSettings::default(),
+        false,
+        false,
+    )
+    .await
+    .map(|_| ())
+}
+
+async fn new_pid(core: &Core) -> i64 {
+    core.init_producer(v1::InitProducerRequest::default())
+        .await
+        .unwrap()
+        .producer_id
+}
+
+/// A namespace whose home is `shard`.
+fn namespace_at(shard: u32) -> String {
+    (0..)
+        .map(|n| format!("tenant-{n}"))
+        .find(|ns| shard_of(ns, SHARDS) == shard)
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_shard_core_refuses_the_units_of_namespaces_placed_elsewhere() {
+    let home_of_default = shard_of("default", SHARDS);
+    let other = 1 - home_of_default;
+    let dir = tempfile::tempdir().unwrap();
+    let home = open(
+        &dir.path().join("home"),
+        shard(home_of_default, Scheme::Namespace),
+    )
+    .await;
+    let away = open(&dir.path().join("away"), shard(other, Scheme::Namespace)).await;
+
+    // Only the default namespace's home makes it.
+    let names = |core: &Core| -> Vec<String> {
+        core.list_namespaces().into_iter().map(|n| n.name).collect()
+    };
+    assert_eq!(names(&home), vec!["default".to_string()]);
+    assert!(names(&away).is_empty(), "{:?}", names(&away));
+
+    create_stream(&home, "default", "kept").await.unwrap();
+    let refused = create_stream(&away, "default", "lost").await.unwrap_err();
+    assert!(
+        matches!(refused, CoreError::WrongShard(_, placed, served) if placed == home_of_default && served == other),
+        "{refused}"
+    );
+    let refused = away
+        .create_namespace("default", Default::default(), true)
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, CoreError::WrongShard(..)), "{refused}");
+    let refused = away
+        .declare_queue(v1::DeclareQueueRequest {
+            id: Some(v1::QueueId {
+                namespace: "default".into(),
+                name: "q".into(),
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, CoreError::WrongShard(..)), "{refused}");
+    // An auto-created stream is refused the same way, never made in the wrong shard.
+    let appended = away
+        .append(v1::AppendRequest {
+            stream: Some(v1::StreamId::new("default", "auto")),
+            batch: Some(v1::RecordBatch {
+                records: vec![v1::Record::default()],
+                ..Default::default()
+            }),
+            auto_create: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(appended, CoreError::WrongShard(..)), "{appended}");
+
+    // A namespace at home in the other shard is made and used there.
+    let theirs = namespace_at(other);
+    away.create_namespace(&theirs, Default::default(), false)
+        .await
+        .unwrap();
+    create_stream(&away, &theirs, "events").await.unwrap();
+    home.shutdown().await.unwrap();
+    away.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn under_the_stream_scheme_a_shard_holds_only_its_streams() {
+    let home_of_default = shard_of("default", SHARDS);
+    let dir = tempfile::tempdir().unwrap();
+    let home = open(dir.path(), shard(home_of_default, Scheme::Stream)).await;
+    let placement = shard(home_of_default, Scheme::Stream).unwrap();
+    let (here, elsewhere): (Vec<String>, Vec<String>) = (0..16)
+        .map(|n| format!("topic-{n}"))
+        .partition(|t| placement.holds_stream("default", t));
+    assert!(!here.is_empty() && !elsewhere.is_empty());
+    create_stream(&home, "default", &here[0]).await.unwrap();
+    let refused = create_stream(&home, "default", &elsewhere[0])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(refused, CoreError::WrongShard(ref what, _, _) if what.contains(&elsewhere[0])),
+        "{refused}"
+    );
+    home.shutdown().await.unwrap();
+}
+
+#[tokio::test]
+async fn two_shards_never_hand_out_the_same_producer_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let single = open(&dir.path().join("single"), None).await;
+    assert_eq!(
+        (new_pid(&single).await, new_pid(&single).await),
+        (1, 2),
+        "a single core counts from 1 as before"
+    );
+    let a = open(&dir.path().join("a"), shard(0, Scheme::Namespace)).await;
+    let b = open(&dir.path().join("b"), shard(1, Scheme::Namespace)).await;
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..5 {
+        for core in [&a, &b] {
+            let pid = new_pid(core).await;
+            assert!(pid > 0);
+            assert!(seen.insert(pid), "producer id {pid} handed out twice");
+        }
+    }
+    // Each shard's ids are its own residue of the shard count.
+    assert_eq!(new_pid(&a).await % i64::from(SHARDS), 0);
+    assert_eq!(new_pid(&b).await % i64::from(SHARDS), 1);
+    for core in [single, a, b] {
+        core.shutdown().await.unwrap();
+    }
+}
