@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{debug, error, info, warn};
 use tributary_core::cluster::shard_cores::{
-    OnOpen, ShardCores, ShardStorage, shard_meta_prefix, shard_of,
+    OnOpen, ShardCores, ShardStorage, shard_catalog, shard_meta_prefix, shard_of,
 };
 use tributary_core::cluster::shard_router::{ShardOwners, ShardRouter};
 use tributary_core::cluster::shards::{Scheme, ShardConfig, ShardLease, ShardNode};
@@ -372,6 +372,10 @@ impl ShardStorage for ObjectShards {
             shard_meta_prefix(shard),
         ));
         Ok((log, meta))
+    }
+
+    fn catalog(&self, lease: &ShardLease) -> Arc<dyn MetaStore> {
+        shard_catalog(self.meta.clone(), lease)
     }
 }
 

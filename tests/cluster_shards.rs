@@ -330,6 +330,20 @@ async fn spread_kill_return(meta: Meta) {
         );
         assert!(stdout.contains("\"events\""), "{ns}: {stdout}");
     }
+    // Every namespace is listed, though each shard's core holds only its own (the catalog).
+    let listed = client
+        .admin
+        .clone()
+        .list_namespaces(v1::ListNamespacesRequest {})
+        .await
+        .expect("listing the namespaces")
+        .into_inner();
+    let mut names: Vec<String> = listed.namespaces.into_iter().map(|n| n.name).collect();
+    names.sort();
+    let mut want = namespaces.clone();
+    want.push("default".into());
+    want.sort();
+    assert_eq!(names, want);
     // Users live in the home shard: the CLI finds its node whichever is listed first.
     let (a_url, b_url) = (format!("http://{}", a.core), format!("http://{}", b.core));
     let added = common::cli_stdin(&both, &["users", "add", "alice"], "alice-secret-1\n");

@@ -89,7 +89,8 @@ impl admin_server::Admin for CoreGrpc {
         ok(ListNamespacesResponse {
             namespaces: self
                 .core
-                .list_namespaces()
+                .list_all_namespaces()
+                .await?
                 .iter()
                 .map(|n| n.to_proto())
                 .collect(),

@@ -16,6 +16,7 @@
 //! for client-side rebalancing, RocketMQ).
 
 mod acls;
+mod catalog;
 pub mod cluster;
 mod delay_lines;
 pub mod error;
@@ -157,6 +158,8 @@ pub struct Core {
 struct Inner {
     log: Arc<dyn LogStore>,
     meta: Arc<dyn MetaStore>,
+    /// The deployment's catalog (catalog.rs), for a core serving one shard of a cluster.
+    catalog: Option<Arc<dyn MetaStore>>,
     config: CoreConfig,
     namespaces: RwLock<BTreeMap<String, NamespaceRecord>>,
     streams: RwLock<BTreeMap<(String, String), Arc<StreamHandle>>>,
@@ -192,6 +195,26 @@ impl Core {
         meta: Arc<dyn MetaStore>,
         config: CoreConfig,
     ) -> CoreResult<Self> {
+        Self::open_with_catalog(log, meta, None, config).await
+    }
+
+    /// As [`Core::open`], for the core of one shard of a cluster: `catalog` is where it
+    /// lists the namespaces it is the home of and finds the others' (catalog.rs).
+    pub async fn open_in_shard(
+        log: Arc<dyn LogStore>,
+        meta: Arc<dyn MetaStore>,
+        catalog: Arc<dyn MetaStore>,
+        config: CoreConfig,
+    ) -> CoreResult<Self> {
+        Self::open_with_catalog(log, meta, Some(catalog), config).await
+    }
+
+    async fn open_with_catalog(
+        log: Arc<dyn LogStore>,
+        meta: Arc<dyn MetaStore>,
+        catalog: Option<Arc<dyn MetaStore>>,
+        config: CoreConfig,
+    ) -> CoreResult<Self> {
         if config.default_partitions == 0 {
             return Err(CoreError::InvalidConfig(
                 "default_partitions must be at least 1".into(),
@@ -205,6 +228,7 @@ impl Core {
             inner: Arc::new(Inner {
                 log,
                 meta,
+                catalog,
                 groups: groups::GroupTable::new(config.group_initial_rebalance_delay),
                 broker: sessions::Broker::new(
                     config.session_max_queued,

@@ -143,6 +143,7 @@ impl Core {
             self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true)
                 .await?;
         }
+        self.reconcile_catalog().await?;
         // The core's own AMQP store of earlier versions: not migrated, said so once.
         for kind in ["amqpexchange", "amqpqueue", "amqpbinding", "amqpjournal"] {
             if !meta.scan_prefix(&meta::key(kind, &[]), 1).await?.is_empty() {
@@ -311,12 +312,14 @@ impl Core {
         validate_name("namespace", name)?;
         self.placed_at_home(name)?;
         let _admin = self.inner.admin.lock().await;
-        if let Some(existing) = self.inner.namespaces.read().get(name) {
-            return if if_not_exists {
-                Ok((existing.clone(), false))
-            } else {
-                Err(CoreError::NamespaceExists(name.into()))
-            };
+        let existing = self.inner.namespaces.read().get(name).cloned();
+        if let Some(existing) = existing {
+            if !if_not_exists {
+                return Err(CoreError::NamespaceExists(name.into()));
+            }
+            // A make that failed between its record and its catalog entry ends here.
+            self.catalog_namespace(&existing).await?;
+            return Ok((existing, false));
         }
         let record = NamespaceRecord {
             name: name.into(),
@@ -331,6 +334,7 @@ impl Core {
             .namespaces
             .write()
             .insert(name.into(), record.clone());
+        self.catalog_namespace(&record).await?;
         Ok((record, true))
     }
 
@@ -363,6 +367,7 @@ impl Core {
                 "namespace '{name}' still has {queues} queues and {addresses} addresses; delete them first"
             )));
         }
+        self.uncatalog_namespace(name).await?;
         self.inner
             .meta
             .delete(&meta::key(meta::NAMESPACE, &[name]))

@@ -9,7 +9,9 @@ use tributary_core::{Core, CoreConfig, CoreError, Placement, Scheme};
 use tributary_proto::placement::shard_of;
 use tributary_proto::v1;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
+use tributary_storage::memory::MemoryMetaStore;
 use tributary_storage::redb_meta::RedbMetaStore;
+use tributary_storage::{MetaStore, PrefixedMetaStore};
 
 const SHARDS: u32 = 2;
 
@@ -170,4 +172,112 @@ async fn two_shards_never_hand_out_the_same_producer_id() {
     for core in [single, a, b] {
         core.shutdown().await.unwrap();
     }
+}
+
+/// A shard's core on its own metadata, listing namespaces in the `catalog` all shards share.
+async fn open_in_shard(
+    dir: &Path,
+    meta: Arc<dyn MetaStore>,
+    catalog: Arc<dyn MetaStore>,
+    shard: u32,
+) -> Core {
+    let log = LocalLogStore::open(dir.join("log"), LocalLogConfig::default()).unwrap();
+    let config = CoreConfig {
+        placement: Some(Placement {
+            shard,
+            shards: SHARDS,
+            scheme: Scheme::Namespace,
+        }),
+        ..CoreConfig::default()
+    };
+    Core::open_in_shard(log, meta, catalog, config)
+        .await
+        .unwrap()
+}
+
+async fn all_names(core: &Core) -> Vec<String> {
+    core.list_all_namespaces()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|n| n.name)
+        .collect()
+}
+
+#[tokio::test]
+async fn every_shard_lists_every_namespace_from_the_catalog() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let catalog: Arc<dyn MetaStore> =
+        Arc::new(PrefixedMetaStore::new(shared.clone(), b"catalog/".to_vec()));
+    let metas: Vec<Arc<dyn MetaStore>> = (0..SHARDS)
+        .map(|s| {
+            Arc::new(PrefixedMetaStore::new(
+                shared.clone(),
+                format!("shards/{s}/").into_bytes(),
+            )) as Arc<dyn MetaStore>
+        })
+        .collect();
+    let dirs: Vec<_> = (0..SHARDS)
+        .map(|s| dir.path().join(format!("shard-{s}")))
+        .collect();
+    let mut cores = Vec::new();
+    for s in 0..SHARDS {
+        cores.push(
+            open_in_shard(
+                &dirs[s as usize],
+                metas[s as usize].clone(),
+                catalog.clone(),
+                s,
+            )
+            .await,
+        );
+    }
+    let (a, b) = (namespace_at(0), namespace_at(1));
+    cores[0]
+        .create_namespace(&a, Default::default(), false)
+        .await
+        .unwrap();
+    cores[1]
+        .create_namespace(&b, Default::default(), false)
+        .await
+        .unwrap();
+    let mut want = vec!["default".to_string(), a.clone(), b.clone()];
+    want.sort();
+    for core in &cores {
+        assert_eq!(all_names(core).await, want);
+    }
+    // Each core itself holds only its own.
+    assert!(!cores[0].list_namespaces().iter().any(|n| n.name == b));
+
+    cores[1].delete_namespace(&b).await.unwrap();
+    want.retain(|n| *n != b);
+    assert_eq!(all_names(&cores[0]).await, want);
+
+    // A change that stopped between its two writes is finished when the home opens: an
+    // entry without its record goes, a record without its entry gets one back.
+    let home = shard_of("default", SHARDS);
+    let entry = |name: &str| format!("ns/{home:06}/{name}").into_bytes();
+    catalog.delete(&entry("default")).await.unwrap();
+    catalog
+        .put(
+            &entry("ghost"),
+            br#"{"name":"ghost","labels":{},"created_at_ms":0}"#,
+        )
+        .await
+        .unwrap();
+    assert!(all_names(&cores[0]).await.contains(&"ghost".to_string()));
+    for core in cores.drain(..) {
+        core.shutdown().await.unwrap();
+        drop(core);
+    }
+    let reopened = open_in_shard(
+        &dirs[home as usize],
+        metas[home as usize].clone(),
+        catalog.clone(),
+        home,
+    )
+    .await;
+    assert_eq!(all_names(&reopened).await, want);
+    reopened.shutdown().await.unwrap();
 }

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 use parking_lot::RwLock;
 use tonic::service::Routes;
 use tracing::{info, warn};
-use tributary_storage::{LogStore, MetaStore};
+use tributary_storage::{LogStore, MetaStore, PrefixedMetaStore};
 
 use super::shards::{ShardHost, ShardLease};
 use crate::{Core, CoreConfig};
@@ -38,6 +38,18 @@ pub trait ShardStorage: Send + Sync + 'static {
         &self,
         lease: &ShardLease,
     ) -> Result<(Arc<dyn LogStore>, Arc<dyn MetaStore>), String>;
+    /// The deployment's catalog (the core's catalog.rs) as `lease`'s owner writes it:
+    /// [`shard_catalog`] of the metadata store all shards share.
+    fn catalog(&self, lease: &ShardLease) -> Arc<dyn MetaStore>;
+}
+
+/// The deployment's catalog, under `catalog/` of the metadata store all shards share, fenced
+/// by `lease` as the shard's own metadata is.
+pub fn shard_catalog(shared: Arc<dyn MetaStore>, lease: &ShardLease) -> Arc<dyn MetaStore> {
+    Arc::new(PrefixedMetaStore::new(
+        lease.fenced(shared),
+        b"catalog/".to_vec(),
+    ))
 }
 
 /// What a node does with a shard's core once it is open and before it serves calls (the
@@ -116,7 +128,8 @@ impl ShardHost for ShardCores {
             }),
             ..self.config.clone()
         };
-        let core = Core::open(log, meta, config)
+        let catalog = self.storage.catalog(&lease);
+        let core = Core::open_in_shard(log, meta, catalog, config)
             .await
             .map_err(|e| format!("opening the core of shard {shard}: {e}"))?;
         if let Some(on_open) = &self.on_open

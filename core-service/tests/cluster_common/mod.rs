@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tributary_core::cluster::shard_cores::{ShardStorage, shard_meta_prefix};
+use tributary_core::cluster::shard_cores::{ShardStorage, shard_catalog, shard_meta_prefix};
 use tributary_core::cluster::shards::ShardLease;
 use tributary_storage::object_log::{AckPoint, ObjectLogConfig, ObjectLogStore, WriteGuard};
 use tributary_storage::routed::{Backend, RoutedLogStore};
@@ -115,5 +115,9 @@ impl ShardStorage for FsShards {
             shard_meta_prefix(shard),
         ));
         Ok((log, meta))
+    }
+
+    fn catalog(&self, lease: &ShardLease) -> Arc<dyn MetaStore> {
+        shard_catalog(self.meta.clone(), lease)
     }
 }
