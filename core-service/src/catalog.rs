@@ -3,25 +3,51 @@
 //! home writes an entry next to its own record, in the metadata store all shards share,
 //! fenced by the same shard lease, and any shard's core lists them from there.
 //!
+//! Streams are listed the same way by the core of the shard holding each: under the stream
+//! scheme (`placement::Scheme::Stream`) a namespace's streams are spread over shards, and its
+//! home lists them, validates offset commits and finds a namespace's streams from here.
+//!
 //! Keys, in the catalog's prefix (`catalog/` of the deployment's metadata namespace):
 //!
 //! ```text
-//! ns/<home shard, 6 digits>/<namespace>    the NamespaceRecord as JSON
+//! ns/<home shard, 6 digits>/<namespace>               the NamespaceRecord as JSON
+//! stream/ns/<namespace>\0<stream>                      the StreamRecord as JSON
+//! stream/shard/<shard, 6 digits>/<namespace>\0<stream> the same, written in the same txn
 //! ```
 //!
-//! Keyed by home shard first, so that a shard's core reads only its own entries when it
-//! opens. Entry and record are two writes (the shard's metadata has a prefix of its own), so
-//! each change is ordered to end where a retry finishes it (the record first when making,
-//! the entry first when deleting), and the home's core puts its entries right when it opens.
+//! Keyed by shard too, so that a shard's core reads only its own entries when it opens.
+//! Entry and record are two writes (the shard's metadata has a prefix of its own), so each
+//! change is ordered to end where a retry finishes it (the record first when making or
+//! changing, the entry first when deleting), and each core puts its entries right when it
+//! opens.
 
 use std::collections::BTreeMap;
 
 use tracing::info;
+use tributary_storage::{Check, Op};
 
-use crate::meta::NamespaceRecord;
-use crate::{Core, CoreResult, meta};
+use crate::meta::{NamespaceRecord, StreamRecord};
+use crate::{Core, CoreError, CoreResult, Scheme, meta};
 
 const NAMESPACES: &str = "ns/";
+const STREAMS_BY_NAMESPACE: &str = "stream/ns/";
+const STREAMS_BY_SHARD: &str = "stream/shard/";
+
+fn stream_key(ns: &str, name: &str) -> Vec<u8> {
+    format!("{STREAMS_BY_NAMESPACE}{ns}\0{name}").into_bytes()
+}
+
+fn streams_of(ns: &str) -> Vec<u8> {
+    format!("{STREAMS_BY_NAMESPACE}{ns}\0").into_bytes()
+}
+
+fn shard_stream_key(shard: u32, ns: &str, name: &str) -> Vec<u8> {
+    format!("{STREAMS_BY_SHARD}{shard:06}/{ns}\0{name}").into_bytes()
+}
+
+fn shard_streams(shard: u32) -> Vec<u8> {
+    format!("{STREAMS_BY_SHARD}{shard:06}/").into_bytes()
+}
 
 fn namespace_key(shard: u32, name: &str) -> Vec<u8> {
     format!("{NAMESPACES}{shard:06}/{name}").into_bytes()
@@ -70,6 +96,156 @@ impl Core {
         Ok(())
     }
 
+    /// Whether namespaces' streams are spread apart from their homes, so that this core lists
+    /// them, checks namespaces and validates commits from the catalog.
+    pub(crate) fn streams_spread(&self) -> bool {
+        self.inner.catalog.is_some()
+            && self
+                .inner
+                .config
+                .placement
+                .is_some_and(|p| p.scheme == Scheme::Stream)
+    }
+
+    /// Refuses `what`, a path that would cross shards while streams are spread over them and
+    /// is not built across shards yet (docs/design/intra-namespace-spreading.md).
+    pub(crate) fn refuse_when_spread(&self, what: &str) -> CoreResult<()> {
+        if self.streams_spread() {
+            return Err(CoreError::Unsupported(format!(
+                "{what} with streams spread over shards (placement scheme 'stream')"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Lists (or relists, after a change) a stream this core holds.
+    pub(crate) async fn catalog_stream(&self, record: &StreamRecord) -> CoreResult<()> {
+        let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
+            return Ok(());
+        };
+        let value = meta::to_json(record);
+        catalog
+            .txn(
+                Vec::<Check>::new(),
+                vec![
+                    Op::Put {
+                        key: stream_key(&record.namespace, &record.name),
+                        value: value.clone(),
+                    },
+                    Op::Put {
+                        key: shard_stream_key(p.shard, &record.namespace, &record.name),
+                        value,
+                    },
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Takes a stream out of the catalog, before its record goes.
+    pub(crate) async fn uncatalog_stream(&self, ns: &str, name: &str) -> CoreResult<()> {
+        let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
+            return Ok(());
+        };
+        catalog
+            .txn(
+                Vec::<Check>::new(),
+                vec![
+                    Op::Delete {
+                        key: stream_key(ns, name),
+                    },
+                    Op::Delete {
+                        key: shard_stream_key(p.shard, ns, name),
+                    },
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// The catalogued record of a stream of the deployment, wherever it is held.
+    pub(crate) async fn catalogued_stream(
+        &self,
+        ns: &str,
+        name: &str,
+    ) -> CoreResult<Option<StreamRecord>> {
+        let Some(catalog) = &self.inner.catalog else {
+            return Ok(None);
+        };
+        match catalog.get(&stream_key(ns, name)).await? {
+            Some(raw) => Ok(Some(meta::from_json("catalogued stream", &raw)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Every catalogued stream of a namespace, in name order.
+    pub(crate) async fn catalogued_streams(&self, ns: &str) -> CoreResult<Vec<StreamRecord>> {
+        let Some(catalog) = &self.inner.catalog else {
+            return Ok(Vec::new());
+        };
+        let mut out = Vec::new();
+        for (_, raw) in catalog.scan_prefix(&streams_of(ns), usize::MAX).await? {
+            out.push(meta::from_json("catalogued stream", &raw)?);
+        }
+        Ok(out)
+    }
+
+    /// Whether namespace `ns` exists: this core's own record, or, for a namespace whose home
+    /// is another shard, the catalog's.
+    pub(crate) async fn require_namespace_anywhere(&self, ns: &str) -> CoreResult<()> {
+        if self.require_namespace(ns).is_ok() {
+            return Ok(());
+        }
+        let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
+            return Err(CoreError::NamespaceNotFound(ns.into()));
+        };
+        if p.is_home_of(ns) {
+            return Err(CoreError::NamespaceNotFound(ns.into()));
+        }
+        let home = tributary_proto::placement::shard_of(ns, p.shards);
+        match catalog.get(&namespace_key(home, ns)).await? {
+            Some(_) => Ok(()),
+            None => Err(CoreError::NamespaceNotFound(ns.into())),
+        }
+    }
+
+    /// Makes this shard's stream entries say what its records do (as [`Self::reconcile_catalog`]
+    /// for namespaces).
+    async fn reconcile_stream_catalog(&self) -> CoreResult<()> {
+        let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
+            return Ok(());
+        };
+        let mut listed: BTreeMap<Vec<u8>, bytes::Bytes> = catalog
+            .scan_prefix(&shard_streams(p.shard), usize::MAX)
+            .await?
+            .into_iter()
+            .collect();
+        let records: Vec<StreamRecord> = self
+            .inner
+            .streams
+            .read()
+            .values()
+            .map(|h| h.record.read().clone())
+            .collect();
+        for record in records {
+            let key = shard_stream_key(p.shard, &record.namespace, &record.name);
+            let same = listed
+                .remove(&key)
+                .is_some_and(|v| v[..] == meta::to_json(&record)[..]);
+            if !same {
+                info!(stream = %format!("{}/{}", record.namespace, record.name), "catalog: listing a stream as its record says");
+                self.catalog_stream(&record).await?;
+            }
+        }
+        for (_, raw) in listed {
+            let record: StreamRecord = meta::from_json("catalogued stream", &raw)?;
+            info!(stream = %format!("{}/{}", record.namespace, record.name), "catalog: unlisting a stream this shard no longer has");
+            self.uncatalog_stream(&record.namespace, &record.name)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Makes this shard's catalog entries say what its records do: a change that stopped
     /// between its two writes is finished (an entry without a record goes, a record without
     /// an entry gets one). Records of namespaces whose home is another shard (every shard made
@@ -106,6 +282,6 @@ impl Core {
             info!(namespace = %name, "catalog: unlisting a namespace its home no longer has");
             catalog.delete(&key).await?;
         }
-        Ok(())
+        self.reconcile_stream_catalog().await
     }
 }

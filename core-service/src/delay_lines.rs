@@ -43,6 +43,7 @@ impl Core {
         let Some(target) = &settings.delay_target else {
             return Ok(());
         };
+        self.refuse_when_spread("a delay line (delay_target)")?;
         if target == name {
             return Err(CoreError::InvalidConfig(format!(
                 "stream '{name}' cannot be its own delay target"

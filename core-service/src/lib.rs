@@ -220,6 +220,15 @@ impl Core {
                 "default_partitions must be at least 1".into(),
             ));
         }
+        // Both make every stream a unit of its namespace's home (an MQTT topic, an address
+        // routing to it): not built across shards yet.
+        if config.placement.is_some_and(|p| p.scheme == Scheme::Stream)
+            && (config.mqtt_streams || config.stream_exchanges)
+        {
+            return Err(CoreError::InvalidConfig(
+                "with streams spread over shards (placement scheme 'stream'), mqtt_streams and stream_exchanges must be off".into(),
+            ));
+        }
         let session_dead_letters = config
             .mqtt_dead_letter_address
             .as_ref()

@@ -163,6 +163,7 @@ impl Core {
                 })?;
                 same_ns("append", &mut id.namespace)?;
                 validate_name("stream", &id.name)?;
+                self.refuse_when_spread("a staged append")?;
                 let batch = a.batch.as_mut().ok_or_else(|| {
                     CoreError::InvalidArgument("a staged append needs a batch".into())
                 })?;

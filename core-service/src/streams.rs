@@ -143,7 +143,6 @@ impl Core {
             self.create_namespace(DEFAULT_NAMESPACE, BTreeMap::new(), true)
                 .await?;
         }
-        self.reconcile_catalog().await?;
         // The core's own AMQP store of earlier versions: not migrated, said so once.
         for kind in ["amqpexchange", "amqpqueue", "amqpbinding", "amqpjournal"] {
             if !meta.scan_prefix(&meta::key(kind, &[]), 1).await?.is_empty() {
@@ -164,6 +163,7 @@ impl Core {
                 known.insert(p.key);
             }
         }
+        self.reconcile_catalog().await?;
         // Queues of the queue engine own two partitions each.
         known.extend(self.queue_partitions().await?);
         // Partitions no record names: those of a create or delete that a crash interrupted
@@ -348,13 +348,16 @@ impl Core {
         if !self.inner.namespaces.read().contains_key(name) {
             return Err(CoreError::NamespaceNotFound(name.into()));
         }
-        let streams = self
-            .inner
-            .streams
-            .read()
-            .keys()
-            .filter(|(ns, _)| ns == name)
-            .count();
+        let streams = if self.streams_spread() {
+            self.catalogued_streams(name).await?.len()
+        } else {
+            self.inner
+                .streams
+                .read()
+                .keys()
+                .filter(|(ns, _)| ns == name)
+                .count()
+        };
         if streams > 0 {
             return Err(CoreError::Conflict(format!(
                 "namespace '{name}' still has {streams} streams; delete them first"
@@ -422,6 +425,32 @@ impl Core {
     // Streams
     // ---------------------------------------------------------------------------------
 
+    /// Whether a stream has `partition`: this core's own stream, or, when streams are spread
+    /// over shards, the catalog's record of it (for a group's commits at the namespace's
+    /// home).
+    pub(crate) async fn partition_exists(
+        &self,
+        id: &v1::StreamId,
+        partition: u32,
+    ) -> CoreResult<()> {
+        let local = self
+            .stream(id)
+            .and_then(|h| h.partition(partition).map(|_| ()));
+        if local.is_ok() || !self.streams_spread() {
+            return local;
+        }
+        let (ns, name) = stream_key(id);
+        match self.catalogued_stream(&ns, &name).await? {
+            Some(r) if partition < r.partitions => Ok(()),
+            Some(r) => Err(CoreError::PartitionNotFound {
+                stream: stream_label(id),
+                partition,
+                count: r.partitions,
+            }),
+            None => Err(CoreError::StreamNotFound(stream_label(id))),
+        }
+    }
+
     pub(crate) fn stream(&self, id: &v1::StreamId) -> CoreResult<Arc<StreamHandle>> {
         self.inner
             .streams
@@ -462,7 +491,7 @@ impl Core {
         let (ns, name) = stream_key(&id);
         validate_name("stream", &name)?;
         self.placed_here(&ns, &name)?;
-        self.require_namespace(&ns)?;
+        self.require_namespace_anywhere(&ns).await?;
         let partitions = if partitions == 0 {
             self.inner.config.default_partitions
         } else {
@@ -523,6 +552,7 @@ impl Core {
         })
         .await?;
         self.end_log_change(stream_id).await?;
+        self.catalog_stream(&record).await?;
         let handle = self.open_stream(record).await?;
         self.ensure_stream_address(&ns, &name).await?;
         self.start_stream_forwarders(&handle, 0, true);
@@ -536,6 +566,7 @@ impl Core {
         let handle = self.stream(id)?;
         let (ns, name) = stream_key(id);
         let stream_id = handle.record.read().id;
+        self.uncatalog_stream(&ns, &name).await?;
         self.begin_log_change(stream_id, LogChange::Delete).await?;
         self.inner
             .meta
@@ -559,6 +590,17 @@ impl Core {
 
     pub async fn list_streams(&self, namespace: &str) -> CoreResult<Vec<v1::StreamInfo>> {
         let ns = namespace_or_default(namespace);
+        if self.streams_spread() {
+            // Held by the shards their placement gives them: listed from the catalog,
+            // without their partitions' bounds (which each stream's own shard answers).
+            self.require_namespace_anywhere(ns).await?;
+            return Ok(self
+                .catalogued_streams(ns)
+                .await?
+                .iter()
+                .map(|r| self.info_without_bounds(r))
+                .collect());
+        }
         self.require_namespace(ns)?;
         let handles: Vec<_> = self
             .inner
@@ -660,7 +702,7 @@ impl Core {
                 new.namespace, new.name
             )));
         }
-        Ok(())
+        self.catalog_stream(new).await
     }
 
     #[instrument(skip_all, fields(stream = %stream_label(id)))]
@@ -1419,7 +1461,7 @@ impl Core {
                 )));
             }
             let sid = v1::StreamId::new(&ns, &id.name);
-            if let Err(e) = self.stream(&sid).and_then(|h| h.partition(c.partition)) {
+            if let Err(e) = self.partition_exists(&sid, c.partition).await {
                 rejected.push(v1::RejectedOffset {
                     stream: Some(sid),
                     partition: c.partition,

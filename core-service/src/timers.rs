@@ -127,6 +127,7 @@ impl Core {
                     CoreError::InvalidArgument("the timer's append needs a stream".into())
                 })?;
                 validate_name("stream", &stream.name)?;
+                self.refuse_when_spread("a timer appending to a stream")?;
                 let batch = append.batch.as_ref().ok_or_else(|| {
                     CoreError::InvalidArgument("the timer's append needs a batch".into())
                 })?;

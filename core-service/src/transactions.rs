@@ -413,6 +413,7 @@ impl Core {
         req: &v1::InitProducerRequest,
     ) -> CoreResult<v1::InitProducerResponse> {
         validate_name("transactional id", id)?;
+        self.refuse_when_spread("a transactional producer")?;
         let max = self.inner.config.transaction_max_timeout.as_millis() as i64;
         if req.transaction_timeout_ms <= 0 || i64::from(req.transaction_timeout_ms) > max {
             return Err(CoreError::InvalidTransactionTimeout {

@@ -18,8 +18,11 @@ const SHARDS: u32 = 2;
 async fn open(dir: &Path, placement: Option<Placement>) -> Core {
     let log = LocalLogStore::open(dir.join("log"), LocalLogConfig::default()).unwrap();
     let meta = Arc::new(RedbMetaStore::open(dir.join("meta.redb")).unwrap());
+    let spread = placement.is_some_and(|p| p.scheme == Scheme::Stream);
     let config = CoreConfig {
         placement,
+        mqtt_streams: !spread,
+        stream_exchanges: !spread,
         ..CoreConfig::default()
     };
     Core::open(log, meta, config).await.unwrap()

@@ -26,6 +26,8 @@ use tributary_core::cluster::shards::{Scheme, ShardConfig, ShardNode};
 use tributary_core::{Core, CoreConfig};
 use tributary_proto::placement::{UNIT_METADATA, shard_of_unit, stream_unit};
 use tributary_proto::v1;
+use tributary_proto::v1::admin_client::AdminClient;
+use tributary_proto::v1::offsets_client::OffsetsClient;
 use tributary_proto::v1::streams_client::StreamsClient;
 use tributary_storage::MetaStore;
 use tributary_storage::memory::MemoryMetaStore;
@@ -61,12 +63,15 @@ async fn join_placing(
         cache: dir.join(format!("cache-{name}")),
         meta: store.clone(),
     };
-    let cores = Arc::new(ShardCores::new(
-        Arc::new(storage),
-        CoreConfig::default(),
-        SHARDS,
-        scheme,
-    ));
+    // A stream of the namespace's home as an MQTT topic or an address is not built across
+    // shards: the stream scheme needs both off.
+    let spread = scheme == Scheme::Stream;
+    let config = CoreConfig {
+        mqtt_streams: !spread,
+        stream_exchanges: !spread,
+        ..CoreConfig::default()
+    };
+    let cores = Arc::new(ShardCores::new(Arc::new(storage), config, SHARDS, scheme));
     let lost = Arc::new(Mutex::new(Vec::new()));
     let on_lost = {
         let lost = lost.clone();
@@ -397,4 +402,204 @@ async fn under_the_stream_scheme_a_call_naming_a_stream_goes_to_the_streams_shar
     assert!(away_from_home > 0, "every topic landed at home");
     a.node.leave().await;
     b.node.leave().await;
+}
+
+/// `message` for the node router: its namespace and, if given, its stream.
+fn routed<T>(message: T, namespace: &str, stream: Option<&str>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(message);
+    req.metadata_mut()
+        .insert(NAMESPACE_HEADER, namespace.parse().unwrap());
+    if let Some(s) = stream {
+        req.metadata_mut()
+            .insert(UNIT_METADATA, stream_unit(s).parse().unwrap());
+    }
+    req
+}
+
+/// Which of `nodes` serves `shard`.
+fn serving(nodes: &[&Node], shard: u32) -> usize {
+    nodes
+        .iter()
+        .position(|n| n.cores.core(shard).is_some())
+        .unwrap_or_else(|| panic!("nobody serves shard {shard}"))
+}
+
+/// Every record of partition 0 of `ns/name`, read from `core`.
+async fn read_stream(core: &Core, ns: &str, name: &str) -> Vec<String> {
+    let fetched = core
+        .fetch(v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(v1::StreamId::new(ns, name)),
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait_ms: 0,
+            read_committed: false,
+        })
+        .await
+        .unwrap();
+    fetched.partitions[0]
+        .batches
+        .iter()
+        .flat_map(|b| b.records.iter())
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_the_stream_scheme_one_namespaces_streams_spread_over_nodes_and_survive_a_cut() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let a = join_placing("a", meta.clone(), dir.path(), Scheme::Stream).await;
+    let b = join_placing("b", meta.clone(), dir.path(), Scheme::Stream).await;
+    until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
+    let urls = [a.url.clone(), b.url.clone()];
+
+    // Eight topics of one namespace, each created and written through the node serving its
+    // stream's shard.
+    let topics: Vec<String> = (0..8).map(|t| format!("topic-{t}")).collect();
+    let mut acked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut nodes_used = std::collections::BTreeSet::new();
+    for topic in &topics {
+        let shard = shard_of_unit(Scheme::Stream, "default", Some(&stream_unit(topic)), SHARDS);
+        let node = serving(&[&a, &b], shard);
+        nodes_used.insert(node);
+        let mut admin = AdminClient::connect(urls[node].clone()).await.unwrap();
+        admin
+            .create_stream(routed(
+                v1::CreateStreamRequest {
+                    id: Some(v1::StreamId::new("default", topic)),
+                    partitions: 1,
+                    ..Default::default()
+                },
+                "default",
+                Some(topic),
+            ))
+            .await
+            .unwrap();
+        let mut streams = StreamsClient::connect(urls[node].clone()).await.unwrap();
+        for i in 0..5 {
+            let value = format!("{topic}/{i}");
+            let mut append = append_record("default", &value);
+            append.stream = Some(v1::StreamId::new("default", topic));
+            append.auto_create = false;
+            streams
+                .append(routed(append, "default", Some(topic)))
+                .await
+                .unwrap();
+            acked.entry(topic.clone()).or_default().push(value);
+        }
+    }
+    assert_eq!(nodes_used.len(), 2, "every topic landed on one node");
+
+    // The namespace's home lists every topic, validates a group's commits for all of them
+    // (refusing an unknown one) and refuses what is not built across shards yet.
+    let home = serving(&[&a, &b], shard_of("default", SHARDS));
+    let mut admin = AdminClient::connect(urls[home].clone()).await.unwrap();
+    let list = |admin: &mut AdminClient<tonic::transport::Channel>| {
+        let mut admin = admin.clone();
+        async move {
+            let listed = admin
+                .list_streams(routed(
+                    v1::ListStreamsRequest {
+                        namespace: "default".into(),
+                    },
+                    "default",
+                    None,
+                ))
+                .await
+                .unwrap()
+                .into_inner();
+            let mut names: Vec<(String, u32)> = listed
+                .streams
+                .into_iter()
+                .map(|s| (s.id.unwrap().name, s.partitions))
+                .collect();
+            names.sort();
+            names
+        }
+    };
+    let want: Vec<(String, u32)> = topics.iter().map(|t| (t.clone(), 1)).collect();
+    assert_eq!(list(&mut admin).await, want);
+    let mut offsets = OffsetsClient::connect(urls[home].clone()).await.unwrap();
+    let mut commits: Vec<v1::CommittedOffset> = topics
+        .iter()
+        .map(|t| v1::CommittedOffset {
+            stream: Some(v1::StreamId::new("default", t)),
+            partition: 0,
+            offset: 5,
+            ..Default::default()
+        })
+        .collect();
+    commits.push(v1::CommittedOffset {
+        stream: Some(v1::StreamId::new("default", "no-such-topic")),
+        partition: 0,
+        offset: 1,
+        ..Default::default()
+    });
+    let committed = offsets
+        .commit_offsets(routed(
+            v1::CommitOffsetsRequest {
+                namespace: "default".into(),
+                group: "readers".into(),
+                offsets: commits,
+                ..Default::default()
+            },
+            "default",
+            None,
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let rejected: Vec<(String, i32)> = committed
+        .rejected
+        .iter()
+        .map(|r| (r.stream.clone().unwrap().name, r.error))
+        .collect();
+    assert_eq!(
+        rejected,
+        vec![(
+            "no-such-topic".to_string(),
+            v1::ErrorCode::StreamNotFound as i32
+        )]
+    );
+    let mut streams = StreamsClient::connect(urls[home].clone()).await.unwrap();
+    let refused = streams
+        .init_producer(routed(
+            v1::InitProducerRequest {
+                namespace: "default".into(),
+                transactional_id: "tx-1".into(),
+                transaction_timeout_ms: 10_000,
+                ..Default::default()
+            },
+            "default",
+            None,
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unimplemented, "{refused:?}");
+    assert!(
+        refused.message().contains("placement scheme"),
+        "{refused:?}"
+    );
+
+    // b is cut off: a takes its shards and reads back every acknowledged record of every
+    // topic, and the home (wherever it is now) still lists them all.
+    b.store.cut.store(true, Ordering::SeqCst);
+    until_serving(&[&a], &[4], "b cut off").await;
+    for topic in &topics {
+        let shard = shard_of_unit(Scheme::Stream, "default", Some(&stream_unit(topic)), SHARDS);
+        let core = a.cores.core(shard).unwrap();
+        assert_eq!(
+            read_stream(&core, "default", topic).await,
+            acked[topic],
+            "{topic}"
+        );
+    }
+    let mut admin = AdminClient::connect(urls[0].clone()).await.unwrap();
+    assert_eq!(list(&mut admin).await, want);
+    a.node.leave().await;
 }

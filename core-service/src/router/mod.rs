@@ -531,6 +531,7 @@ impl Core {
                 })?;
             }
             Target::Stream(s) => {
+                self.refuse_when_spread("a binding to a stream")?;
                 self.stream(&v1::StreamId::new(ns.clone(), s.clone()))?;
             }
             Target::Address(d) => {
