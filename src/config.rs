@@ -397,6 +397,14 @@ pub struct Options {
     /// once instead of one node serving everything; 0 or unset: one active node.
     #[arg(long, env = "TRIBUTARY_CLUSTER_SHARDS", global = true)]
     pub cluster_shards: Option<u32>,
+    /// Cluster mode with shards: how units are placed on them (fixed when the first node
+    /// joins). `namespace` (the default): every unit of a namespace in its shard. `stream`:
+    /// streams (Kafka and RocketMQ topics) by namespace and name, so one namespace's topics
+    /// spread over the nodes; it refuses what is not built across shards yet (Kafka
+    /// transactions, delay lines, timers appending to topics, streams as MQTT topics or
+    /// exchanges, mqtt_stream_rules; docs/cluster.md).
+    #[arg(long, env = "TRIBUTARY_CLUSTER_SHARD_SCHEME", global = true)]
+    pub cluster_shard_scheme: Option<String>,
     /// The namespace the Kafka, MQTT, SQS and RocketMQ gateways serve (AMQP clients name
     /// theirs as the virtual host). Made at start if missing. A cluster serving shards
     /// spreads namespaces over its nodes, so gateways serving different namespaces spread.
@@ -662,6 +670,7 @@ pub struct FileConfig {
     pub cluster_node: Option<String>,
     pub cluster_lease_ttl_ms: Option<u64>,
     pub cluster_shards: Option<u32>,
+    pub cluster_shard_scheme: Option<String>,
     pub gateway_namespace: Option<String>,
     pub kafka_broker_id: Option<i32>,
     pub storage: Option<String>,
@@ -780,6 +789,8 @@ pub struct ClusterSettings {
     /// Shards the namespaces are spread over, each node serving its share; `None`: one node
     /// serves everything at a time.
     pub shards: Option<u32>,
+    /// How units are placed on the shards.
+    pub scheme: tributary_core::Scheme,
 }
 
 /// Cluster mode needs shared storage for everything a takeover reads: metadata in etcd or
@@ -857,10 +868,27 @@ fn resolve_cluster(
             "expected 0 (one active node) or 1 to 4096",
         ));
     }
+    let scheme = match o
+        .cluster_shard_scheme
+        .clone()
+        .or_else(|| f.cluster_shard_scheme.clone())
+    {
+        None => tributary_core::Scheme::Namespace,
+        Some(s) => tributary_core::Scheme::parse(&s)
+            .ok_or_else(|| invalid("cluster_shard_scheme", &s, "expected namespace or stream"))?,
+    };
+    if scheme == tributary_core::Scheme::Stream && shards.is_none() {
+        return Err(invalid(
+            "cluster_shard_scheme",
+            scheme,
+            "a placement scheme places units on shards: set cluster_shards too",
+        ));
+    }
     Ok(Some(ClusterSettings {
         node,
         lease_ttl: Duration::from_millis(ttl_ms),
         shards,
+        scheme,
     }))
 }
 
@@ -1755,12 +1783,41 @@ impl Settings {
             .or_else(|| f.mqtt_dead_letter_address.clone())
             .filter(|a| !a.is_empty());
         let mqtt_exchange = Some(pick!(mqtt_exchange, "amq.topic")).filter(|e| !e.is_empty());
+        // Streams spread over shards cannot double as their namespace's MQTT topics or
+        // exchanges yet (both live at the namespace's home): off, and refused when asked for.
+        let streams_spread = cluster
+            .as_ref()
+            .is_some_and(|c| c.scheme == tributary_core::Scheme::Stream);
+        if streams_spread {
+            for (key, asked) in [
+                ("mqtt_streams", o.mqtt_streams.or(f.mqtt_streams)),
+                (
+                    "stream_exchanges",
+                    o.stream_exchanges.or(f.stream_exchanges),
+                ),
+            ] {
+                if asked == Some(true) {
+                    return Err(invalid(
+                        key,
+                        true,
+                        "not with cluster_shard_scheme = stream (a stream is not in its namespace's shard)",
+                    ));
+                }
+            }
+            if !mqtt_stream_rules.is_empty() {
+                return Err(invalid(
+                    "mqtt_stream_rules",
+                    format!("{} entries", mqtt_stream_rules.len()),
+                    "not with cluster_shard_scheme = stream (a rule's stream is not in its namespace's shard)",
+                ));
+            }
+        }
         Ok(Self {
             mqtt_dead_letter_address,
             mqtt_exchange,
             mqtt_max_keep_alive: pick!(mqtt_max_keep_alive, 0u16),
-            mqtt_streams: pick!(mqtt_streams, true),
-            stream_exchanges: pick!(stream_exchanges, true),
+            mqtt_streams: !streams_spread && pick!(mqtt_streams, true),
+            stream_exchanges: !streams_spread && pick!(stream_exchanges, true),
             mqtt_tls_listen,
             mqtt_wss_listen,
             tls,
@@ -2334,6 +2391,7 @@ mod tests {
                 node: "core-1".into(),
                 lease_ttl: Duration::from_secs(5),
                 shards: None,
+                scheme: tributary_core::Scheme::Namespace,
             })
         );
         let file: FileConfig = toml::from_str(&format!("cluster_shards = 12\n{base}")).unwrap();
@@ -2366,6 +2424,36 @@ mod tests {
             &format!("cluster_shards = 4097\n{base}"),
             Role::Core,
             "cluster_shards",
+        );
+        // Streams spread over shards: only with shards, and the stream-as-topic features off
+        // (refused when asked for).
+        let spread = format!("cluster_shards = 12\ncluster_shard_scheme = \"stream\"\n{base}");
+        let file: FileConfig = toml::from_str(&spread).unwrap();
+        let s = Settings::resolve_for(&Options::default(), &file, Role::Core).unwrap();
+        assert_eq!(
+            s.cluster.as_ref().unwrap().scheme,
+            tributary_core::Scheme::Stream
+        );
+        assert!(!s.mqtt_streams && !s.stream_exchanges);
+        refused(
+            &format!("cluster_shard_scheme = \"stream\"\n{base}"),
+            Role::Core,
+            "cluster_shard_scheme",
+        );
+        refused(
+            &format!("cluster_shard_scheme = \"partition\"\ncluster_shards = 12\n{base}"),
+            Role::Core,
+            "cluster_shard_scheme",
+        );
+        refused(
+            &format!("mqtt_streams = true\n{spread}"),
+            Role::Core,
+            "mqtt_streams",
+        );
+        refused(
+            &format!("{spread}[[mqtt_stream_rules]]\nfilter = \"a/#\"\nstream = \"s\"\n"),
+            Role::Core,
+            "mqtt_stream_rules",
         );
         // Empty: not a cluster node.
         let file: FileConfig = toml::from_str(&base.replace("core-1", "")).unwrap();
@@ -2427,6 +2515,7 @@ mod tests {
             "cluster_node",
             "cluster_lease_ttl_ms",
             "cluster_shards",
+            "cluster_shard_scheme",
             "kafka_broker_id",
             "storage",
             "opendal_ack",

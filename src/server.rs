@@ -13,7 +13,7 @@ use tributary_core::cluster::shard_cores::{
     OnOpen, ShardCores, ShardStorage, shard_catalog, shard_meta_prefix, shard_of,
 };
 use tributary_core::cluster::shard_router::{ShardOwners, ShardRouter};
-use tributary_core::cluster::shards::{Scheme, ShardConfig, ShardLease, ShardNode};
+use tributary_core::cluster::shards::{ShardConfig, ShardLease, ShardNode};
 use tributary_core::cluster::{LeaseConfig, NodeLease};
 use tributary_core::{Core, CoreConfig, CoreError, StreamDefaults};
 use tributary_gateway_amqp::AmqpConfig;
@@ -697,10 +697,7 @@ impl Server {
         cluster: &crate::config::ClusterSettings,
         shards: u32,
     ) -> Result<Self, StartError> {
-        // Streams placed apart from their namespace are the next step of shard mode
-        // (docs/design/intra-namespace-spreading.md); until their cross-shard paths are built,
-        // every deployment places by namespace.
-        let scheme = Scheme::Namespace;
+        let scheme = cluster.scheme;
         let Some(core_listener) =
             bind_listen(settings.core_listen, "the core gRPC API", "--core-listen").await?
         else {

@@ -45,6 +45,24 @@ struct Meta {
 }
 
 fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
+    let rule = format!(
+        "[[mqtt_stream_rules]]\nfilter = \"sensors/#\"\nstream = \"sensors\"\nnamespace = \"{RULE_NAMESPACE}\"\n"
+    );
+    start_node_with(dir, name, meta, namespace, &rule)
+}
+
+/// A node of a deployment placing streams by (namespace, stream).
+fn start_spreading_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
+    start_node_with(
+        dir,
+        name,
+        meta,
+        namespace,
+        "cluster_shard_scheme = \"stream\"\n",
+    )
+}
+
+fn start_node_with(dir: &Path, name: &str, meta: &Meta, namespace: &str, extra: &str) -> Server {
     let data = dir.join(format!("data-{name}"));
     std::fs::create_dir_all(&data).unwrap();
     let config = dir.join(format!("{name}.toml"));
@@ -54,8 +72,7 @@ fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
             "storage = \"opendal\"\nopendal_ack = \"shared\"\nopendal_upload_interval_ms = 5\n\
              meta = \"{}\"\nmeta_url = \"{}\"\nmeta_namespace = \"{namespace}\"\n\
              cluster_node = \"{name}\"\ncluster_shards = {SHARDS}\ncluster_lease_ttl_ms = 1000\n\
-             [[mqtt_stream_rules]]\nfilter = \"sensors/#\"\nstream = \"sensors\"\nnamespace = \"{RULE_NAMESPACE}\"\n\
-             [opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
+             {extra}[opendal]\nscheme = \"fs\"\nroot = \"{}\"\n",
             meta.kind,
             meta.url,
             dir.join("bucket").display()
@@ -444,4 +461,218 @@ async fn spread_kill_return(meta: Meta) {
     );
     drop(a);
     drop(b2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_of_one_namespace_spread_over_core_nodes_and_survive_a_kill_on_etcd() {
+    if let Some(url) = store_url("TRIBUTARY_TEST_ETCD_URL") {
+        topics_spread_kill(Meta { kind: "etcd", url }).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn topics_of_one_namespace_spread_over_core_nodes_and_survive_a_kill_on_postgres() {
+    if let Some(url) = store_url("TRIBUTARY_TEST_POSTGRES_URL") {
+        topics_spread_kill(Meta {
+            kind: "postgres",
+            url,
+        })
+        .await;
+    }
+}
+
+/// One stream of the `default` namespace through the gateway client, as the Kafka gateway
+/// reaches it: scoped to the namespace and the stream.
+fn topic_record(topic: &str, value: &str) -> v1::AppendRequest {
+    v1::AppendRequest {
+        stream: Some(v1::StreamId::new("default", topic)),
+        partition: 0,
+        batch: Some(v1::RecordBatch {
+            records: vec![v1::Record {
+                value: Bytes::from(value.to_string()),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        auto_create: false,
+        defer_durable: false,
+    }
+}
+
+async fn read_topic(client: &CoreClient, topic: &str) -> Vec<String> {
+    let stream = client.for_stream(topic);
+    let (fetched, _) = retried(&format!("fetch from {topic}"), || {
+        let mut streams = stream.streams.clone();
+        let req = v1::FetchRequest {
+            partitions: vec![v1::FetchPartition {
+                stream: Some(v1::StreamId::new("default", topic)),
+                partition: 0,
+                offset: 0,
+                max_bytes: 0,
+            }],
+            max_bytes: 1 << 20,
+            min_bytes: 0,
+            max_wait_ms: 0,
+            read_committed: false,
+        };
+        async move { streams.fetch(req).await }
+    })
+    .await;
+    fetched.into_inner().partitions[0]
+        .batches
+        .iter()
+        .flat_map(|b| b.records.iter())
+        .map(|r| String::from_utf8_lossy(&r.value).into_owned())
+        .collect()
+}
+
+async fn listed_topics(client: &CoreClient) -> Vec<String> {
+    let (listed, _) = retried("list the streams", || {
+        let mut admin = client.admin.clone();
+        async move {
+            admin
+                .list_streams(v1::ListStreamsRequest {
+                    namespace: "default".into(),
+                })
+                .await
+        }
+    })
+    .await;
+    let mut names: Vec<String> = listed
+        .into_inner()
+        .streams
+        .into_iter()
+        .map(|s| s.id.unwrap().name)
+        .collect();
+    names.sort();
+    names
+}
+
+/// `cluster_shard_scheme = "stream"`: the topics of one namespace spread over both nodes; the
+/// namespace's home lists them all and takes a group's commits for them; one node is killed
+/// and every acknowledged record of every topic is read back from the other.
+async fn topics_spread_kill(meta: Meta) {
+    use tributary_proto::placement::{Scheme, shard_of_unit, stream_unit};
+    let dir = tempfile::tempdir().unwrap();
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let meta_namespace = format!("topics_{}_{}", std::process::id(), nanos % 1_000_000_000);
+    let a = start_spreading_node(dir.path(), "a", &meta, &meta_namespace);
+    let b = start_spreading_node(dir.path(), "b", &meta, &meta_namespace);
+    wait_for_split(&[&a, &b], &[2, 2]);
+    let nodes = format!("http://{},http://{}", a.core, b.core);
+    let client = CoreClient::connect_lazy_with(&nodes, None, None)
+        .unwrap()
+        .scoped("default");
+
+    let topics: Vec<String> = (0..8).map(|t| format!("topic-{t}")).collect();
+    let mut acked: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let mut retried_values = HashSet::new();
+    for topic in &topics {
+        let stream = client.for_stream(topic);
+        retried(&format!("create {topic}"), || {
+            let mut admin = stream.admin.clone();
+            let req = v1::CreateStreamRequest {
+                id: Some(v1::StreamId::new("default", topic)),
+                partitions: 1,
+                if_not_exists: true,
+                ..Default::default()
+            };
+            async move { admin.create_stream(req).await }
+        })
+        .await;
+        for i in 0..5 {
+            let value = format!("{topic}/{i}");
+            let (_, failed) = retried(&format!("append to {topic}"), || {
+                let mut streams = stream.streams.clone();
+                let req = topic_record(topic, &value);
+                async move { streams.append(req).await }
+            })
+            .await;
+            if failed {
+                retried_values.insert(value.clone());
+            }
+            acked.entry(topic.clone()).or_default().push(value);
+        }
+    }
+    // The client learned the placement from the nodes' answers, and the topics' shards are
+    // served by both nodes.
+    assert_eq!(client.placement(), Some((Scheme::Stream, SHARDS)));
+    let topic_shards: HashSet<u64> = topics
+        .iter()
+        .map(|t| {
+            u64::from(shard_of_unit(
+                Scheme::Stream,
+                "default",
+                Some(&stream_unit(t)),
+                SHARDS,
+            ))
+        })
+        .collect();
+    let on_a = served_shards(&shard_view(&a, "default"));
+    let on_b = served_shards(&shard_view(&b, "default"));
+    assert!(
+        topic_shards.iter().any(|s| on_a.contains(s))
+            && topic_shards.iter().any(|s| on_b.contains(s)),
+        "the topics' shards {topic_shards:?} are not on both nodes: a {on_a:?}, b {on_b:?}"
+    );
+
+    // The namespace's home lists every topic and takes a group's commits for all of them.
+    assert_eq!(listed_topics(&client).await, topics);
+    let (committed, _) = retried("commit offsets", || {
+        let mut offsets = client.offsets.clone();
+        let req = v1::CommitOffsetsRequest {
+            namespace: "default".into(),
+            group: "readers".into(),
+            offsets: topics
+                .iter()
+                .map(|t| v1::CommittedOffset {
+                    stream: Some(v1::StreamId::new("default", t)),
+                    partition: 0,
+                    offset: 5,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        };
+        async move { offsets.commit_offsets(req).await }
+    })
+    .await;
+    assert!(
+        committed.get_ref().rejected.is_empty(),
+        "{:?}",
+        committed.get_ref().rejected
+    );
+
+    // The node serving the most topics is killed; the other takes its shards over and every
+    // acknowledged record of every topic is read back.
+    let count = |served: &[u64]| topic_shards.iter().filter(|s| served.contains(s)).count();
+    let (survivor, victim) = if count(&on_a) >= count(&on_b) {
+        (b, a)
+    } else {
+        (a, b)
+    };
+    let killed = Instant::now();
+    victim.kill9();
+    let mut duplicates = 0;
+    for topic in &topics {
+        let read = without_retry_copies(
+            read_topic(&client, topic).await,
+            &retried_values,
+            &mut duplicates,
+        );
+        assert_eq!(read, acked[topic], "{topic} after the kill");
+    }
+    println!(
+        "every topic read back {:?} after the kill",
+        killed.elapsed()
+    );
+    wait_for_split(&[&survivor], &[SHARDS as usize]);
+    assert_eq!(listed_topics(&client).await, topics);
+    println!(
+        "{} writes retried after UNAVAILABLE, {duplicates} of them stored twice",
+        retried_values.len()
+    );
 }

@@ -12,6 +12,26 @@
 /// (and for calls without it) by the namespace alone.
 pub const UNIT_METADATA: &str = "tributary-unit";
 
+/// Response metadata from a node serving shards of a deployment that spreads streams:
+/// `<scheme>/<shards>` (`stream/16`), so that a gateway can split a call over several streams
+/// (a Kafka Fetch) by shard. Absent under [`Scheme::Namespace`], where one namespace's calls
+/// all go to one shard.
+pub const PLACEMENT_METADATA: &str = "tributary-placement";
+
+/// The value of [`PLACEMENT_METADATA`].
+pub fn placement_value(scheme: Scheme, shards: u32) -> String {
+    format!("{scheme}/{shards}")
+}
+
+/// Reads a [`PLACEMENT_METADATA`] value.
+pub fn parse_placement(value: &str) -> Option<(Scheme, u32)> {
+    let (scheme, shards) = value.split_once('/')?;
+    Some((
+        Scheme::parse(scheme)?,
+        shards.parse().ok().filter(|&n| n > 0)?,
+    ))
+}
+
 /// The prefix of a stream's unit name in [`UNIT_METADATA`].
 pub const STREAM_UNIT: &str = "stream/";
 
@@ -183,6 +203,11 @@ mod tests {
         };
         assert!(namespace.holds_stream("default", "payments"));
         assert!(Scheme::parse("stream") == Some(Scheme::Stream));
+        assert_eq!(
+            parse_placement(&placement_value(Scheme::Stream, 16)),
+            Some((Scheme::Stream, 16))
+        );
+        assert_eq!(parse_placement("stream/0"), None);
         assert!(Scheme::parse("partition").is_none());
     }
 }

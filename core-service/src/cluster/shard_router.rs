@@ -22,7 +22,9 @@ use tonic::body::Body;
 use tonic::service::Routes;
 
 use super::shard_cores::ShardCores;
-use tributary_proto::placement::{Scheme, UNIT_METADATA as UNIT_HEADER, shard_of_unit};
+use tributary_proto::placement::{
+    PLACEMENT_METADATA, Scheme, UNIT_METADATA as UNIT_HEADER, placement_value, shard_of_unit,
+};
 
 pub use tributary_proto::{
     NAMESPACE_METADATA as NAMESPACE_HEADER, SHARD_METADATA as SHARD_HEADER,
@@ -113,6 +115,32 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> RouteFuture {
+        // Under the stream scheme every answer says so, for gateways to split calls by shard.
+        let placement: Option<http::HeaderValue> = (self.scheme == Scheme::Stream)
+            .then(|| placement_value(self.scheme, self.shards).parse().ok())
+            .flatten();
+        let routed = self.route(req);
+        match placement {
+            None => routed,
+            Some(value) => Box::pin(async move {
+                let mut response = routed.await?;
+                response.headers_mut().insert(PLACEMENT_METADATA, value);
+                Ok(response)
+            }),
+        }
+    }
+}
+
+impl ShardRouter {
+    fn route<B>(&mut self, req: http::Request<B>) -> RouteFuture
+    where
+        Routes: tower::Service<
+                http::Request<B>,
+                Response = http::Response<Body>,
+                Error = Infallible,
+                Future: Send + 'static,
+            >,
+    {
         let (namespace, unit) = match Self::namespace(&req) {
             Ok(named) => named,
             Err(status) => return Box::pin(async move { Ok(status_response(status)) }),

@@ -75,6 +75,10 @@ impl tower::Service<http::Request<Body>> for CoreTransport {
                 if let Some(scope) = scope {
                     req.headers_mut()
                         .insert(tributary_proto::NAMESPACE_METADATA, scope.namespace.clone());
+                    if let Some(unit) = &scope.unit {
+                        req.headers_mut()
+                            .insert(tributary_proto::placement::UNIT_METADATA, unit.clone());
+                    }
                 }
                 let nodes = nodes.clone();
                 let scope = scope.clone();
@@ -143,7 +147,11 @@ async fn send_once(
         Some(scope) => nodes.pick_in(&scope.current),
         None => nodes.pick(),
     };
-    match tower::ServiceExt::oneshot(channel, req).await {
+    let answered = tower::ServiceExt::oneshot(channel, req).await;
+    if let Ok(response) = &answered {
+        nodes.saw_placement(response.headers());
+    }
+    match answered {
         Ok(response)
             if response
                 .headers()
@@ -308,6 +316,45 @@ impl CoreClient {
         scoped.local_sessions = self.local_sessions.clone();
         scoped.local_queues = self.local_queues.clone();
         scoped
+    }
+
+    /// This client for calls about one stream of its namespace: under a deployment spreading
+    /// streams over shards, they go to the node serving the stream's shard. The same client
+    /// when unscoped or in-process.
+    pub fn for_stream(&self, stream: &str) -> Self {
+        let CoreTransport::Network {
+            nodes,
+            authorization,
+            scope: Some(scope),
+        } = &self.transport
+        else {
+            return self.clone();
+        };
+        let Some(scope) = scope
+            .namespace
+            .to_str()
+            .ok()
+            .and_then(|ns| nodes.scope_stream(ns, stream))
+        else {
+            return self.clone();
+        };
+        let mut scoped = Self::from_transport(CoreTransport::Network {
+            nodes: nodes.clone(),
+            authorization: authorization.clone(),
+            scope: Some(scope),
+        });
+        scoped.local_sessions = self.local_sessions.clone();
+        scoped.local_queues = self.local_queues.clone();
+        scoped
+    }
+
+    /// How the core nodes place units, once one has said it spreads streams over shards
+    /// (`None` before, under the namespace scheme, and in-process).
+    pub fn placement(&self) -> Option<(tributary_proto::placement::Scheme, u32)> {
+        match &self.transport {
+            CoreTransport::Network { nodes, .. } => nodes.placement(),
+            CoreTransport::InProcess(_) => None,
+        }
     }
 
     /// Session streams go straight to `local` (a core in this process).

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
+use tributary_proto::placement::{PLACEMENT_METADATA, Scheme, parse_placement, stream_unit};
 
 /// With several nodes: how long a connection attempt may take before the next node is
 /// tried (a node cut off by the network drops SYNs rather than refusing them).
@@ -24,16 +25,26 @@ const KEEPALIVE: Duration = Duration::from_secs(2);
 pub struct CoreNodes {
     nodes: Vec<Node>,
     current: AtomicUsize,
-    /// One scope per namespace, shared by every client scoped to it (an AMQP gateway scopes
-    /// each connection): what one finds out about its node, the next one starts from.
-    scopes: Mutex<HashMap<String, Arc<Scope>>>,
+    /// One scope per namespace (and per stream, for calls about one), shared by every client
+    /// scoped to it (an AMQP gateway scopes each connection): what one finds out about its
+    /// node, the next one starts from.
+    scopes: Mutex<HashMap<ScopeKey, Arc<Scope>>>,
+    /// How the deployment places units, once a node has said it spreads streams
+    /// (`tributary_proto::placement::PLACEMENT_METADATA`).
+    placement: Mutex<Option<(Scheme, u32)>>,
 }
+
+/// A scope's namespace and unit (`stream/<name>`, or none for the namespace's own calls).
+type ScopeKey = (String, Option<String>);
 
 /// The namespace a client's calls are about, for core nodes that serve shards of a cluster
 /// (`tributary_core::cluster`): sent on every call, and the node serving it remembered apart
 /// from other namespaces', since another namespace's shard may be on another node.
 pub struct Scope {
     pub(crate) namespace: http::HeaderValue,
+    /// The stream a client's calls are about (`stream/<name>`), sent with the namespace: a
+    /// deployment spreading streams over shards routes by both.
+    pub(crate) unit: Option<http::HeaderValue>,
     pub(crate) current: AtomicUsize,
 }
 
@@ -68,20 +79,66 @@ impl CoreNodes {
             nodes,
             current: AtomicUsize::new(0),
             scopes: Mutex::new(HashMap::new()),
+            placement: Mutex::new(None),
+        }
+    }
+
+    /// The deployment's placement, if a node has said it spreads streams.
+    pub fn placement(&self) -> Option<(Scheme, u32)> {
+        *self.placement.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Remembers what a node's answer says of the placement.
+    pub(crate) fn saw_placement(&self, headers: &http::HeaderMap) {
+        let Some(seen) = headers
+            .get(PLACEMENT_METADATA)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_placement)
+        else {
+            return;
+        };
+        let mut placement = self.placement.lock().unwrap_or_else(|e| e.into_inner());
+        if *placement != Some(seen) {
+            info!(scheme = %seen.0, shards = seen.1, "the core nodes spread streams over shards");
+            *placement = Some(seen);
         }
     }
 
     /// The scope of `namespace`, made on first use starting from the node unscoped calls go
     /// to; `None` for a name that cannot go in a header.
     pub fn scope(&self, namespace: &str) -> Option<Arc<Scope>> {
+        self.scope_unit(namespace, None)
+    }
+
+    /// The scope of one stream of `namespace` (`stream` = its name), made on first use
+    /// starting from the node its namespace's calls go to.
+    pub fn scope_stream(&self, namespace: &str, stream: &str) -> Option<Arc<Scope>> {
+        self.scope_unit(namespace, Some(stream_unit(stream)))
+    }
+
+    fn scope_unit(&self, namespace: &str, unit: Option<String>) -> Option<Arc<Scope>> {
         let header = http::HeaderValue::from_str(namespace).ok()?;
+        let unit_header = match &unit {
+            Some(u) => Some(http::HeaderValue::from_str(u).ok()?),
+            None => None,
+        };
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let scope = scopes.entry(namespace.to_string()).or_insert_with(|| {
-            Arc::new(Scope {
-                namespace: header,
-                current: AtomicUsize::new(self.current.load(Ordering::Acquire)),
-            })
-        });
+        let start = match unit {
+            Some(_) => scopes
+                .get(&(namespace.to_string(), None))
+                .map(|s| s.current.load(Ordering::Acquire)),
+            None => None,
+        }
+        .unwrap_or_else(|| self.current.load(Ordering::Acquire));
+        let scope = scopes
+            .entry((namespace.to_string(), unit))
+            .or_insert_with(|| {
+                Arc::new(Scope {
+                    namespace: header,
+                    unit: unit_header,
+                    current: AtomicUsize::new(start),
+                })
+            });
         Some(scope.clone())
     }
 

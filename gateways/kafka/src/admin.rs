@@ -305,8 +305,8 @@ pub(crate) async fn create_topics(
         }
         let r = gw
             .core
+            .for_stream(&name)
             .admin
-            .clone()
             .create_stream(v1::CreateStreamRequest {
                 id: Some(gw.stream_id(&name)),
                 partitions: partitions.max(0) as u32,
@@ -394,8 +394,8 @@ pub(crate) async fn delete_topics(
         }
         let r = gw
             .core
+            .for_stream(&name)
             .admin
-            .clone()
             .delete_stream(v1::DeleteStreamRequest {
                 id: Some(gw.stream_id(&name)),
             })
@@ -433,8 +433,8 @@ pub(crate) async fn create_partitions(
         }
         let r = gw
             .core
+            .for_stream(t.name.as_str())
             .admin
-            .clone()
             .create_partitions(v1::CreatePartitionsRequest {
                 id: Some(gw.stream_id(t.name.as_str())),
                 total_partitions: t.count as u32,
@@ -495,8 +495,8 @@ pub(crate) async fn delete_records(
             };
             let r = gw
                 .core
+                .for_stream(t.name.as_str())
                 .admin
-                .clone()
                 .delete_records(v1::DeleteRecordsRequest {
                     id: Some(gw.stream_id(t.name.as_str())),
                     partition: p.partition_index.max(0) as u32,
@@ -745,8 +745,8 @@ async fn alter_topic(
         }
     }
     gw.core
+        .for_stream(topic)
         .admin
-        .clone()
         .update_stream_config(v1::UpdateStreamConfigRequest {
             id: Some(gw.stream_id(topic)),
             set: Some(set),

@@ -27,8 +27,7 @@ use crate::acl::{Authz, Operation, ResourceType};
 use crate::batch::{self, BatchError, OPAQUE_FORMAT};
 use crate::errors::{Context, kafka_code, kafka_error};
 use crate::produce_order::ProduceTurn;
-use tributary_gateway_common::{CoreTransport, Traffic};
-use tributary_proto::v1::streams_client::StreamsClient;
+use tributary_gateway_common::{CoreClient, Traffic};
 
 /// WRITE on the transactional id (TRANSACTIONAL_ID_AUTHORIZATION_FAILED for every
 /// partition) and on each topic (TOPIC_AUTHORIZATION_FAILED for its partitions).
@@ -48,7 +47,8 @@ pub(crate) async fn produce(
 /// of each waiting out its own.
 pub(crate) struct ProduceInFlight {
     acks: i16,
-    streams: StreamsClient<CoreTransport>,
+    /// Boxed: the connection keeps this in an enum with small variants.
+    core: Box<CoreClient>,
     traffic: Traffic,
     partitions: Vec<(TopicName, PartitionOutcome)>,
     /// Its place among the connection's produces (see [`crate::produce_order`]).
@@ -115,7 +115,7 @@ pub(crate) async fn produce_begin(
     .await;
     ProduceInFlight {
         acks,
-        streams: gw.core.streams.clone(),
+        core: Box::new(gw.core.clone()),
         traffic: traffic.clone(),
         partitions,
         turn: None,
@@ -135,13 +135,13 @@ impl ProduceInFlight {
     pub(crate) async fn finish(self) -> Option<ProduceResponse> {
         let ProduceInFlight {
             acks,
-            streams,
+            core,
             traffic,
             partitions,
             turn,
         } = self;
         let mut results = join_all(partitions.into_iter().map(|(name, outcome)| {
-            let mut streams = streams.clone();
+            let mut streams = core.for_stream(name.as_str()).streams;
             let traffic = &traffic;
             async move {
                 let r = match outcome {
@@ -278,7 +278,7 @@ async fn append_partition(
         auto_create: false,
         defer_durable: true,
     };
-    match gw.core.streams.clone().append(request).await {
+    match gw.core.for_stream(topic).streams.append(request).await {
         Ok(r) => {
             let base_offset = r.into_inner().base_offset;
             PartitionOutcome::Appended {
@@ -389,62 +389,59 @@ pub(crate) async fn fetch(
     if wanted.is_empty() {
         return FetchResponse::default().with_responses(topics);
     }
-    match gw.core.streams.clone().fetch(core_req).await {
-        Ok(r) => {
-            for (fp, (name, id, partition, _, _)) in
-                r.into_inner().partitions.into_iter().zip(&wanted)
-            {
-                let code = v1::ErrorCode::try_from(fp.error).unwrap_or(v1::ErrorCode::Internal);
-                let mut pd = empty_partition(*partition, kafka_code(code, Context::Fetch))
-                    .with_high_watermark(fp.end_offset)
-                    .with_last_stable_offset(fp.last_stable_offset)
-                    .with_log_start_offset(fp.start_offset);
-                if req.isolation_level == 1 {
-                    pd = pd.with_aborted_transactions(Some(
-                        fp.aborted_transactions
-                            .iter()
-                            .map(|a| {
-                                AbortedTransaction::default()
-                                    .with_producer_id(ProducerId(a.producer_id))
-                                    .with_first_offset(a.first_offset)
-                            })
-                            .collect(),
-                    ));
-                }
-                if code == v1::ErrorCode::Unspecified {
-                    let mut records = BytesMut::new();
-                    for b in &fp.batches {
-                        let count = if b.opaque.is_empty() {
-                            b.records.len() as u64
-                        } else {
-                            u64::from(b.record_count)
-                        };
-                        let before = records.len();
-                        if b.opaque_format == OPAQUE_FORMAT {
-                            batch::append_stored(&mut records, &b.opaque, b.base_offset);
-                        } else if b.opaque.is_empty()
-                            && let Err(e) = batch::encode_envelope(&mut records, b)
-                        {
-                            tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
-                        }
-                        // Batches in other opaque formats are not readable by Kafka clients.
-                        if records.len() > before {
-                            traffic.sent(count, records.len() - before);
-                        }
-                    }
-                    pd = pd.with_records(Some(records.freeze()));
-                } else if version < 13 && code == v1::ErrorCode::StreamNotFound {
-                    pd = pd.with_error_code(K::UnknownTopicOrPartition.code());
-                }
-                push(name, *id, pd);
-            }
-        }
-        Err(status) => {
-            let code = kafka_error(&status, Context::Fetch);
-            for (name, id, partition, _, _) in &wanted {
+    let results = crate::fetch_spread::fetch(gw, core_req).await;
+    for (result, (name, id, partition, _, _)) in results.into_iter().zip(&wanted) {
+        let fp = match result {
+            Ok(fp) => fp,
+            Err(status) => {
+                let code = kafka_error(&status, Context::Fetch);
                 push(name, *id, empty_partition(*partition, code));
+                continue;
             }
+        };
+        let code = v1::ErrorCode::try_from(fp.error).unwrap_or(v1::ErrorCode::Internal);
+        let mut pd = empty_partition(*partition, kafka_code(code, Context::Fetch))
+            .with_high_watermark(fp.end_offset)
+            .with_last_stable_offset(fp.last_stable_offset)
+            .with_log_start_offset(fp.start_offset);
+        if req.isolation_level == 1 {
+            pd = pd.with_aborted_transactions(Some(
+                fp.aborted_transactions
+                    .iter()
+                    .map(|a| {
+                        AbortedTransaction::default()
+                            .with_producer_id(ProducerId(a.producer_id))
+                            .with_first_offset(a.first_offset)
+                    })
+                    .collect(),
+            ));
         }
+        if code == v1::ErrorCode::Unspecified {
+            let mut records = BytesMut::new();
+            for b in &fp.batches {
+                let count = if b.opaque.is_empty() {
+                    b.records.len() as u64
+                } else {
+                    u64::from(b.record_count)
+                };
+                let before = records.len();
+                if b.opaque_format == OPAQUE_FORMAT {
+                    batch::append_stored(&mut records, &b.opaque, b.base_offset);
+                } else if b.opaque.is_empty()
+                    && let Err(e) = batch::encode_envelope(&mut records, b)
+                {
+                    tracing::warn!(error = %e, "cannot serve a batch to a Kafka consumer");
+                }
+                // Batches in other opaque formats are not readable by Kafka clients.
+                if records.len() > before {
+                    traffic.sent(count, records.len() - before);
+                }
+            }
+            pd = pd.with_records(Some(records.freeze()));
+        } else if version < 13 && code == v1::ErrorCode::StreamNotFound {
+            pd = pd.with_error_code(K::UnknownTopicOrPartition.code());
+        }
+        push(name, *id, pd);
     }
     FetchResponse::default().with_responses(topics)
 }
@@ -493,8 +490,8 @@ pub(crate) async fn list_offsets(
             };
             let r = gw
                 .core
+                .for_stream(t.name.as_str())
                 .streams
-                .clone()
                 .list_offsets(v1::ListOffsetsRequest {
                     stream: Some(v1::StreamId {
                         namespace: gw.config.namespace.clone(),
@@ -549,8 +546,8 @@ async fn first_record_at_or_after(
 ) -> Option<(i64, i64)> {
     let r = gw
         .core
+        .for_stream(topic.as_str())
         .streams
-        .clone()
         .fetch(v1::FetchRequest {
             partitions: vec![v1::FetchPartition {
                 stream: Some(gw.stream_id(topic.as_str())),

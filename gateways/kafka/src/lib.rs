@@ -14,6 +14,7 @@ pub mod batch;
 mod conn;
 mod data;
 pub mod errors;
+mod fetch_spread;
 pub mod fleet;
 mod groups;
 mod metadata;

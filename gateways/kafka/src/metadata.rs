@@ -54,8 +54,8 @@ impl Gateway {
     ) -> Result<v1::StreamInfo, tonic::Status> {
         Ok(self
             .core
+            .for_stream(topic)
             .admin
-            .clone()
             .describe_stream(v1::DescribeStreamRequest {
                 id: Some(self.stream_id(topic)),
             })
@@ -235,8 +235,8 @@ pub(crate) async fn metadata(
                     Err(s) if error_code(&s) == v1::ErrorCode::StreamNotFound && allow_create => {
                         let created = gw
                             .core
+                            .for_stream(&name)
                             .admin
-                            .clone()
                             .create_stream(v1::CreateStreamRequest {
                                 id: Some(gw.stream_id(&name)),
                                 partitions: 0,

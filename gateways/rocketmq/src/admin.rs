@@ -38,8 +38,8 @@ pub(crate) async fn create_topic(gw: &Gateway, cmd: &Command) -> Reply {
             validate_only: false,
         };
         gw.core
+            .for_stream(&topic)
             .admin
-            .clone()
             .create_partitions(req)
             .await
             .map_err(|s| core_refusal(&s))?;
@@ -56,7 +56,7 @@ pub(crate) async fn delete_topic(gw: &Gateway, cmd: &Command) -> Reply {
     let req = v1::DeleteStreamRequest {
         id: Some(gw.stream(topic)),
     };
-    match gw.core.admin.clone().delete_stream(req).await {
+    match gw.core.for_stream(topic).admin.delete_stream(req).await {
         Ok(_) => Ok(ok(cmd)),
         Err(s) if tributary_gateway_common::error_code(&s) == v1::ErrorCode::StreamNotFound => {
             Ok(ok(cmd))

@@ -55,7 +55,7 @@ pub(crate) async fn queue_count(gw: &Gateway, topic: &str) -> Result<Option<u32>
     let req = tributary_proto::v1::DescribeStreamRequest {
         id: Some(gw.stream(topic)),
     };
-    match gw.core.admin.clone().describe_stream(req).await {
+    match gw.core.for_stream(topic).admin.describe_stream(req).await {
         Ok(r) => Ok(r.into_inner().stream.map(|s| s.partitions)),
         Err(s)
             if tributary_gateway_common::error_code(&s)

@@ -56,7 +56,13 @@ pub(crate) async fn fetch(
         max_wait_ms: wait_ms,
         read_committed: true,
     };
-    let mut r = gw.core.streams.clone().fetch(req).await?.into_inner();
+    let mut r = gw
+        .core
+        .for_stream(topic)
+        .streams
+        .fetch(req)
+        .await?
+        .into_inner();
     r.partitions
         .pop()
         .ok_or_else(|| tonic::Status::internal("the core answered no partition"))
@@ -409,7 +415,7 @@ pub(crate) async fn list_offset(
         }),
         read_committed: false,
     };
-    match gw.core.streams.clone().list_offsets(req).await {
+    match gw.core.for_stream(topic).streams.list_offsets(req).await {
         Ok(r) => Ok(r.into_inner().offset),
         Err(s) => Err(match tributary_gateway_common::error_code(&s) {
             v1::ErrorCode::StreamNotFound => Refusal::new(

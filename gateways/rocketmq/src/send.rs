@@ -97,8 +97,8 @@ pub(crate) async fn ensure_topic(gw: &Gateway, topic: &str, queues: u32) -> Resu
     };
     let r = gw
         .core
+        .for_stream(topic)
         .admin
-        .clone()
         .create_stream(req)
         .await
         .map_err(|s| core_refusal(&s))?
@@ -125,7 +125,7 @@ pub(crate) async fn append(
         auto_create: false,
         defer_durable: false,
     };
-    match gw.core.streams.clone().append(req.clone()).await {
+    match gw.core.for_stream(topic).streams.append(req.clone()).await {
         Ok(r) => Ok(r.into_inner()),
         Err(s) => {
             let code = tributary_gateway_common::error_code(&s);
@@ -133,8 +133,8 @@ pub(crate) async fn append(
                 (v1::ErrorCode::StreamNotFound, Some(queues)) => {
                     ensure_topic(gw, topic, queues).await?;
                     gw.core
+                        .for_stream(topic)
                         .streams
-                        .clone()
                         .append(req)
                         .await
                         .map(|r| r.into_inner())
