@@ -4,7 +4,7 @@
 # serves, the others stand by and take over when its lease is lost) and one gateway of each
 # protocol in front of all three (`tributary gateway P --core URL1,URL2,URL3`).
 #
-#   scripts/cluster.sh up [--meta etcd|postgres] [--shards N]
+#   scripts/cluster.sh up [--meta etcd|postgres] [--shards N] [--scheme namespace|stream]
 #                                                  # starts it; prints the gateways'
 #                                                  # `listening <protocol> ADDR` lines, then `ready`
 #   scripts/cluster.sh status                      # a line per node (active, standby, serving
@@ -38,6 +38,9 @@
 # `up` waits for all three to be ready, `status` says which shards each serves, and `owner NS`
 # prints the number of the node serving namespace NS (every gateway's namespace is `default`;
 # an AMQP virtual host is its own), asking each node's admin GET /api/v1/cluster/shards.
+# `--scheme stream` (cluster_shard_scheme = "stream") also spreads one namespace's topics over
+# the nodes, each placed by namespace and name (docs/cluster.md, "Spreading one namespace's
+# topics").
 #
 # Without network namespaces (not root, `ip netns add` refused, or TRIBUTARY_CLUSTER_NETNS=off)
 # everything listens on 127.0.0.1 and `cut-core N` is the closest honest thing: SIGSTOP of the
@@ -306,9 +309,11 @@ stop_pid() { # pid secs
 
 cmd_up() {
     META="${TRIBUTARY_CLUSTER_META:-etcd}"
-    local shards=0
+    local shards=0 scheme=namespace
     while [[ $# -gt 0 ]]; do
         case "$1" in
+            --scheme) scheme="${2:-}"; shift 2 ;;
+            --scheme=*) scheme="${1#--scheme=}"; shift ;;
             --meta) META="${2:-}"; shift 2 ;;
             --meta=*) META="${1#--meta=}"; shift ;;
             --shards) shards="${2:-}"; shift 2 ;;
@@ -318,6 +323,8 @@ cmd_up() {
     done
     [[ "$META" == etcd || "$META" == postgres ]] || die "--meta must be etcd or postgres, not '$META'"
     [[ "$shards" =~ ^[0-9]+$ ]] && ((shards <= 4096)) || die "--shards must be 0 to 4096, not '$shards'"
+    [[ "$scheme" == namespace || "$scheme" == stream ]] || die "--scheme must be namespace or stream, not '$scheme'"
+    [[ "$scheme" == namespace ]] || ((shards > 0)) || die "--scheme $scheme places units on shards: give --shards N"
     BIN=$(find_bin)
     grep -q -- --cluster-node <<<"$("$BIN" core --help)" \
         || die "$BIN has no --cluster-node (a build without cluster mode)"
@@ -392,6 +399,7 @@ meta = "$META"
 meta_url = "$meta_url"
 meta_namespace = "tributary_cluster"
 cluster_shards = $SHARDS
+cluster_shard_scheme = "$scheme"
 
 [opendal]
 scheme = "s3"

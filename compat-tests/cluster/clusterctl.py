@@ -51,11 +51,13 @@ class Cluster:
     """A cluster run by scripts/cluster.sh in a state dir of its own (under /tmp: the postgres
     user must traverse it; pytest's own tmp dirs are closed to other users)."""
 
-    def __init__(self, meta: str, binary: str, shards: int = 0):
+    def __init__(self, meta: str, binary: str, shards: int = 0, scheme: str = "namespace"):
         self.meta = meta
         self.binary = binary
         # 0: one node serves, the others stand by; N: every node serves its share of N shards.
         self.shards = shards
+        # With shards: "stream" places each topic by namespace and name (cluster_shard_scheme).
+        self.scheme = scheme
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"tributary-cluster-{meta}-"))
         self.listeners: dict[str, str] = {}
         self.nodes: dict[int, dict] = {}
@@ -78,7 +80,8 @@ class Cluster:
         return r.stdout
 
     def up(self) -> "Cluster":
-        out = self.sh("up", "--meta", self.meta, "--shards", str(self.shards), timeout=300)
+        out = self.sh("up", "--meta", self.meta, "--shards", str(self.shards),
+                      "--scheme", self.scheme, timeout=300)
         self.is_up = True
         lines = out.strip().splitlines()
         assert lines and lines[-1] == "ready", f"cluster.sh up printed no `ready`:\n{out}"

@@ -9,6 +9,8 @@ protocol), from TRIBUTARY_BIN (scripts/test-cluster.sh sets it).
   "etcd": tests/cluster_shards.rs covers PostgreSQL in shard mode). Its state dir (logs, configs) is removed
   when the test passes (unless TRIBUTARY_CLUSTER_KEEP is set) and kept, named in the report,
   when it fails.
+* ``spread_cluster``: six shards placing topics by namespace and name
+  (`cluster.sh up --shards 6 --scheme stream`), over the stores of TRIBUTARY_CLUSTER_SHARD_METAS.
 
 A failed test's report gets the tail of every node's and gateway's log.
 """
@@ -35,6 +37,12 @@ def cluster(request):
 @pytest.fixture(params=SHARD_METAS)
 def shard_cluster(request):
     yield from running(request, Cluster(request.param, tributary_bin(), shards=SHARDS))
+
+
+@pytest.fixture(params=SHARD_METAS)
+def spread_cluster(request):
+    yield from running(request, Cluster(request.param, tributary_bin(), shards=SHARDS,
+                                        scheme="stream"))
 
 
 def running(request, c: Cluster):
