@@ -621,6 +621,32 @@ async fn topics_spread_kill(meta: Meta) {
 
     // The namespace's home lists every topic and takes a group's commits for all of them.
     assert_eq!(listed_topics(&client).await, topics);
+    // The CLI reaches each topic on its node (and lists them all at the home).
+    let both = format!("http://{},http://{}", a.core, b.core);
+    for topic in &topics {
+        let out = common::cli(
+            &both,
+            &["streams", "describe", topic, "-n", "default", "--json"],
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "streams describe {topic}: {stdout} {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let described: serde_json::Value =
+            serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+        assert_eq!(
+            described["partition_info"][0]["end_offset"], 5,
+            "{topic}: {stdout}"
+        );
+    }
+    let out = common::cli(&both, &["streams", "list", "-n", "default", "--json"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        topics.iter().all(|t| stdout.contains(&format!("\"{t}\""))),
+        "streams list: {stdout}"
+    );
     let (committed, _) = retried("commit offsets", || {
         let mut offsets = client.offsets.clone();
         let req = v1::CommitOffsetsRequest {

@@ -127,8 +127,8 @@ pub async fn import(
             None => ("would create", String::new()),
             Some(ctx) => match ctx
                 .client
+                .for_stream(&t.name)
                 .admin
-                .clone()
                 .create_stream(v1::CreateStreamRequest {
                     id: Some(v1::StreamId {
                         namespace: namespace.into(),

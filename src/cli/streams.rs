@@ -98,7 +98,10 @@ pub async fn run(ctx: &Ctx, command: StreamsCommand) -> Result<Output, CliError>
             })
         }
         StreamsCommand::Describe { name, common } => {
-            let stream = admin
+            let stream = ctx
+                .client
+                .for_stream(&name)
+                .admin
                 .describe_stream(v1::DescribeStreamRequest {
                     id: Some(id(&common.namespace, &name)),
                 })
@@ -128,7 +131,10 @@ pub async fn run(ctx: &Ctx, command: StreamsCommand) -> Result<Output, CliError>
             common,
         } => {
             let config = parse_configs(&configs)?;
-            let stream = admin
+            let stream = ctx
+                .client
+                .for_stream(&name)
+                .admin
                 .create_stream(v1::CreateStreamRequest {
                     id: Some(id(&common.namespace, &name)),
                     partitions,
@@ -147,7 +153,9 @@ pub async fn run(ctx: &Ctx, command: StreamsCommand) -> Result<Output, CliError>
             })
         }
         StreamsCommand::Delete { name, common } => {
-            admin
+            ctx.client
+                .for_stream(&name)
+                .admin
                 .delete_stream(v1::DeleteStreamRequest {
                     id: Some(id(&common.namespace, &name)),
                 })
@@ -194,8 +202,8 @@ pub async fn run(ctx: &Ctx, command: StreamsCommand) -> Result<Output, CliError>
             let count = records.len();
             let appended = ctx
                 .client
+                .for_stream(&name)
                 .streams
-                .clone()
                 .append(v1::AppendRequest {
                     stream: Some(id(&common.namespace, &name)),
                     partition,
@@ -267,8 +275,8 @@ pub async fn resolve_offset(
     };
     Ok(ctx
         .client
+        .for_stream(&stream.name)
         .streams
-        .clone()
         .list_offsets(v1::ListOffsetsRequest {
             stream: Some(stream.clone()),
             partition,
@@ -296,8 +304,8 @@ async fn consume(
     while shown.len() < count {
         let fetched = ctx
             .client
+            .for_stream(name)
             .streams
-            .clone()
             .fetch(v1::FetchRequest {
                 partitions: vec![v1::FetchPartition {
                     stream: Some(stream.clone()),
