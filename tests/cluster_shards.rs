@@ -44,6 +44,19 @@ struct Meta {
     url: String,
 }
 
+impl Meta {
+    fn etcd() -> Option<Self> {
+        store_url("TRIBUTARY_TEST_ETCD_URL").map(|url| Self { kind: "etcd", url })
+    }
+
+    fn postgres() -> Option<Self> {
+        store_url("TRIBUTARY_TEST_POSTGRES_URL").map(|url| Self {
+            kind: "postgres",
+            url,
+        })
+    }
+}
+
 fn start_node(dir: &Path, name: &str, meta: &Meta, namespace: &str) -> Server {
     let rule = format!(
         "[[mqtt_stream_rules]]\nfilter = \"sensors/#\"\nstream = \"sensors\"\nnamespace = \"{RULE_NAMESPACE}\"\n"
@@ -256,19 +269,15 @@ fn without_retry_copies(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_spread_over_core_nodes_and_survive_a_kill_on_etcd() {
-    if let Some(url) = store_url("TRIBUTARY_TEST_ETCD_URL") {
-        spread_kill_return(Meta { kind: "etcd", url }).await;
+    if let Some(meta) = Meta::etcd() {
+        spread_kill_return(meta).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn namespaces_spread_over_core_nodes_and_survive_a_kill_on_postgres() {
-    if let Some(url) = store_url("TRIBUTARY_TEST_POSTGRES_URL") {
-        spread_kill_return(Meta {
-            kind: "postgres",
-            url,
-        })
-        .await;
+    if let Some(meta) = Meta::postgres() {
+        spread_kill_return(meta).await;
     }
 }
 
@@ -465,19 +474,15 @@ async fn spread_kill_return(meta: Meta) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_of_one_namespace_spread_over_core_nodes_and_survive_a_kill_on_etcd() {
-    if let Some(url) = store_url("TRIBUTARY_TEST_ETCD_URL") {
-        topics_spread_kill(Meta { kind: "etcd", url }).await;
+    if let Some(meta) = Meta::etcd() {
+        topics_spread_kill(meta).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn topics_of_one_namespace_spread_over_core_nodes_and_survive_a_kill_on_postgres() {
-    if let Some(url) = store_url("TRIBUTARY_TEST_POSTGRES_URL") {
-        topics_spread_kill(Meta {
-            kind: "postgres",
-            url,
-        })
-        .await;
+    if let Some(meta) = Meta::postgres() {
+        topics_spread_kill(meta).await;
     }
 }
 

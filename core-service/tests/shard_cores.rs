@@ -123,6 +123,21 @@ async fn until_serving(nodes: &[&Node], want: &[usize], what: &str) {
     }
 }
 
+/// Waits until every node names an owner for every shard (the owners' view is a round
+/// behind the takes), then connects a client to each.
+async fn owners_known(nodes: &[&Node]) -> Vec<StreamsClient<tonic::transport::Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (0..SHARDS).any(|s| nodes.iter().any(|n| (n.node.owners())(s).is_none())) {
+        assert!(Instant::now() < deadline, "the nodes never saw every owner");
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
+    }
+    let mut clients = Vec::new();
+    for n in nodes {
+        clients.push(StreamsClient::connect(n.url.clone()).await.unwrap());
+    }
+    clients
+}
+
 /// The core serving `namespace` on any of `nodes`.
 fn owner(nodes: &[&Node], namespace: &str) -> (usize, Core) {
     let shard = shard_of(namespace, SHARDS);
@@ -280,17 +295,7 @@ async fn calls_reach_the_core_of_their_namespaces_shard_on_the_node_that_owns_it
     let a = join("a", meta.clone(), dir.path()).await;
     let b = join("b", meta.clone(), dir.path()).await;
     until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
-    // The owners' view is a round behind the takes: wait until both nodes name an owner for
-    // every shard.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (0..SHARDS).any(|s| (a.node.owners())(s).is_none() || (b.node.owners())(s).is_none()) {
-        assert!(Instant::now() < deadline, "the nodes never saw every owner");
-        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
-    }
-    let mut clients = Vec::new();
-    for n in [&a, &b] {
-        clients.push(StreamsClient::connect(n.url.clone()).await.unwrap());
-    }
+    let mut clients = owners_known(&[&a, &b]).await;
     let names = ["a", "b"];
     let mut acked: BTreeMap<String, usize> = BTreeMap::new();
     for n in 0..8 {
@@ -355,15 +360,7 @@ async fn under_the_stream_scheme_a_call_naming_a_stream_goes_to_the_streams_shar
     let a = join_placing("a", meta.clone(), dir.path(), Scheme::Stream).await;
     let b = join_placing("b", meta.clone(), dir.path(), Scheme::Stream).await;
     until_serving(&[&a, &b], &[2, 2], "two nodes joined").await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (0..SHARDS).any(|s| (a.node.owners())(s).is_none() || (b.node.owners())(s).is_none()) {
-        assert!(Instant::now() < deadline, "the nodes never saw every owner");
-        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
-    }
-    let mut clients = Vec::new();
-    for n in [&a, &b] {
-        clients.push(StreamsClient::connect(n.url.clone()).await.unwrap());
-    }
+    let mut clients = owners_known(&[&a, &b]).await;
     let home = shard_of("default", SHARDS);
     let mut away_from_home = 0;
     for t in 0..8 {

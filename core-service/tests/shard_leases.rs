@@ -269,27 +269,33 @@ async fn shards_spread_fail_over_and_move_back_in_memory() {
     .await;
 }
 
+/// A node joining with `shards` and `scheme`, for the refusals: never started.
+async fn join_as(
+    name: &str,
+    store: Arc<dyn MetaStore>,
+    registry: Arc<Registry>,
+    shards: u32,
+    scheme: Scheme,
+) -> Result<ShardNode, ShardError> {
+    let host = Arc::new(Host {
+        id: name.into(),
+        registry,
+    });
+    let config = ShardConfig {
+        node: name.into(),
+        shards,
+        scheme,
+        ttl: TTL,
+    };
+    ShardNode::join(store, config, host, Arc::new(|_: &str| {})).await
+}
+
 #[tokio::test]
 async fn a_node_with_another_shard_count_is_refused() {
     let store: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
     let registry = Arc::new(Registry::default());
     let a = join("a", store.clone(), &registry).await;
-    let host = Arc::new(Host {
-        id: "b".into(),
-        registry,
-    });
-    let refused = ShardNode::join(
-        store,
-        ShardConfig {
-            node: "b".into(),
-            shards: SHARDS + 1,
-            scheme: Scheme::Namespace,
-            ttl: TTL,
-        },
-        host,
-        Arc::new(|_: &str| {}),
-    )
-    .await;
+    let refused = join_as("b", store, registry, SHARDS + 1, Scheme::Namespace).await;
     assert!(
         matches!(
             refused,
@@ -313,22 +319,7 @@ async fn a_node_with_another_placement_scheme_is_refused() {
         store.get(b"cluster/shard-scheme").await.unwrap().as_deref(),
         Some(&b"namespace"[..])
     );
-    let host = Arc::new(Host {
-        id: "b".into(),
-        registry,
-    });
-    let refused = ShardNode::join(
-        store.clone(),
-        ShardConfig {
-            node: "b".into(),
-            shards: SHARDS,
-            scheme: Scheme::Stream,
-            ttl: TTL,
-        },
-        host,
-        Arc::new(|_: &str| {}),
-    )
-    .await;
+    let refused = join_as("b", store.clone(), registry, SHARDS, Scheme::Stream).await;
     assert!(
         matches!(
             refused,
@@ -351,20 +342,12 @@ async fn a_deployment_made_before_schemes_places_by_namespace() {
         .put(b"cluster/shard-count", SHARDS.to_string().as_bytes())
         .await
         .unwrap();
-    let host = Arc::new(Host {
-        id: "a".into(),
-        registry: Arc::new(Registry::default()),
-    });
-    let refused = ShardNode::join(
+    let refused = join_as(
+        "a",
         store.clone(),
-        ShardConfig {
-            node: "a".into(),
-            shards: SHARDS,
-            scheme: Scheme::Stream,
-            ttl: TTL,
-        },
-        host,
-        Arc::new(|_: &str| {}),
+        Arc::new(Registry::default()),
+        SHARDS,
+        Scheme::Stream,
     )
     .await;
     assert!(

@@ -305,9 +305,19 @@ impl CoreClient {
         else {
             return self.clone();
         };
-        let Some(scope) = nodes.scope(namespace) else {
-            return self.clone();
-        };
+        match nodes.scope(namespace) {
+            Some(scope) => self.in_scope(nodes, authorization, scope),
+            None => self.clone(),
+        }
+    }
+
+    /// This client with its calls in `scope`.
+    fn in_scope(
+        &self,
+        nodes: &Arc<CoreNodes>,
+        authorization: &Option<http::HeaderValue>,
+        scope: Arc<Scope>,
+    ) -> Self {
         let mut scoped = Self::from_transport(CoreTransport::Network {
             nodes: nodes.clone(),
             authorization: authorization.clone(),
@@ -330,22 +340,15 @@ impl CoreClient {
         else {
             return self.clone();
         };
-        let Some(scope) = scope
+        match scope
             .namespace
             .to_str()
             .ok()
             .and_then(|ns| nodes.scope_stream(ns, stream))
-        else {
-            return self.clone();
-        };
-        let mut scoped = Self::from_transport(CoreTransport::Network {
-            nodes: nodes.clone(),
-            authorization: authorization.clone(),
-            scope: Some(scope),
-        });
-        scoped.local_sessions = self.local_sessions.clone();
-        scoped.local_queues = self.local_queues.clone();
-        scoped
+        {
+            Some(scope) => self.in_scope(nodes, authorization, scope),
+            None => self.clone(),
+        }
     }
 
     /// How the core nodes place units, once one has said it spreads streams over shards
