@@ -804,6 +804,16 @@ fn resolve_cluster(
     opendal: Option<&OpendalSettings>,
     meta: &MetaSettings,
 ) -> Result<Option<ClusterSettings>, ConfigError> {
+    // Checked first, so that a wrong value is refused even where it would not apply.
+    let scheme = match o
+        .cluster_shard_scheme
+        .clone()
+        .or_else(|| f.cluster_shard_scheme.clone())
+    {
+        None => tributary_core::Scheme::Namespace,
+        Some(s) => tributary_core::Scheme::parse(&s)
+            .ok_or_else(|| invalid("cluster_shard_scheme", &s, "expected namespace or stream"))?,
+    };
     let Some(node) = o
         .cluster_node
         .clone()
@@ -868,15 +878,6 @@ fn resolve_cluster(
             "expected 0 (one active node) or 1 to 4096",
         ));
     }
-    let scheme = match o
-        .cluster_shard_scheme
-        .clone()
-        .or_else(|| f.cluster_shard_scheme.clone())
-    {
-        None => tributary_core::Scheme::Namespace,
-        Some(s) => tributary_core::Scheme::parse(&s)
-            .ok_or_else(|| invalid("cluster_shard_scheme", &s, "expected namespace or stream"))?,
-    };
     if scheme == tributary_core::Scheme::Stream && shards.is_none() {
         return Err(invalid(
             "cluster_shard_scheme",

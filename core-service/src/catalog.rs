@@ -142,6 +142,18 @@ impl Core {
         Ok(())
     }
 
+    /// Lists a stream this core holds if its entry is missing (a create whose entry failed).
+    pub(crate) async fn catalog_stream_if_missing(&self, record: &StreamRecord) -> CoreResult<()> {
+        let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
+            return Ok(());
+        };
+        let key = shard_stream_key(p.shard, &record.namespace, &record.name);
+        if catalog.get(&key).await?.is_none() {
+            self.catalog_stream(record).await?;
+        }
+        Ok(())
+    }
+
     /// Takes a stream out of the catalog, before its record goes.
     pub(crate) async fn uncatalog_stream(&self, ns: &str, name: &str) -> CoreResult<()> {
         let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {

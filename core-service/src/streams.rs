@@ -348,21 +348,6 @@ impl Core {
         if !self.inner.namespaces.read().contains_key(name) {
             return Err(CoreError::NamespaceNotFound(name.into()));
         }
-        let streams = if self.streams_spread() {
-            self.catalogued_streams(name).await?.len()
-        } else {
-            self.inner
-                .streams
-                .read()
-                .keys()
-                .filter(|(ns, _)| ns == name)
-                .count()
-        };
-        if streams > 0 {
-            return Err(CoreError::Conflict(format!(
-                "namespace '{name}' still has {streams} streams; delete them first"
-            )));
-        }
         let queues = self.queues_of(name).len();
         let addresses = self.address_count(name);
         if queues + addresses > 0 {
@@ -370,7 +355,36 @@ impl Core {
                 "namespace '{name}' still has {queues} queues and {addresses} addresses; delete them first"
             )));
         }
-        self.uncatalog_namespace(name).await?;
+        let still_has = |streams: usize| {
+            CoreError::Conflict(format!(
+                "namespace '{name}' still has {streams} streams; delete them first"
+            ))
+        };
+        if self.streams_spread() {
+            // Its streams are made on other shards, which look the namespace up in the
+            // catalog: unlisted first, so that no new one can start, then counted.
+            self.uncatalog_namespace(name).await?;
+            let streams = self.catalogued_streams(name).await?.len();
+            if streams > 0 {
+                let record = self.inner.namespaces.read().get(name).cloned();
+                if let Some(record) = record {
+                    self.catalog_namespace(&record).await?;
+                }
+                return Err(still_has(streams));
+            }
+        } else {
+            let streams = self
+                .inner
+                .streams
+                .read()
+                .keys()
+                .filter(|(ns, _)| ns == name)
+                .count();
+            if streams > 0 {
+                return Err(still_has(streams));
+            }
+            self.uncatalog_namespace(name).await?;
+        }
         self.inner
             .meta
             .delete(&meta::key(meta::NAMESPACE, &[name]))
@@ -506,11 +520,13 @@ impl Core {
         let backend = self.resolve_backend(settings.storage.as_deref())?;
         let _admin = self.inner.admin.lock().await;
         if let Ok(existing) = self.stream(&id) {
-            return if if_not_exists {
-                Ok((self.describe_handle(&existing).await?, false))
-            } else {
-                Err(CoreError::StreamExists(stream_label(&id)))
-            };
+            if !if_not_exists {
+                return Err(CoreError::StreamExists(stream_label(&id)));
+            }
+            // A create whose catalog entry failed ends here.
+            let record = existing.record.read().clone();
+            self.catalog_stream_if_missing(&record).await?;
+            return Ok((self.describe_handle(&existing).await?, false));
         }
         self.check_delay_target(&ns, &name, &settings)?;
         if validate_only {
@@ -552,11 +568,13 @@ impl Core {
         })
         .await?;
         self.end_log_change(stream_id).await?;
-        self.catalog_stream(&record).await?;
+        let listed = record.clone();
         let handle = self.open_stream(record).await?;
         self.ensure_stream_address(&ns, &name).await?;
         self.start_stream_forwarders(&handle, 0, true);
         info!(partitions, "stream created");
+        // Last: a failure leaves a working stream that a retry (or the next open) lists.
+        self.catalog_stream(&listed).await?;
         Ok((self.describe_handle(&handle).await?, true))
     }
 
@@ -702,7 +720,7 @@ impl Core {
                 new.namespace, new.name
             )));
         }
-        self.catalog_stream(new).await
+        Ok(())
     }
 
     #[instrument(skip_all, fields(stream = %stream_label(id)))]
@@ -741,9 +759,10 @@ impl Core {
             ..old.clone()
         };
         self.save_stream_record(&old, &new).await?;
-        *handle.record.write() = new;
+        *handle.record.write() = new.clone();
         handle.partitions.write().extend(added);
         self.start_stream_forwarders(&handle, old.partitions, true);
+        self.catalog_stream(&new).await?;
         self.describe_handle(&handle).await
     }
 
@@ -813,7 +832,8 @@ impl Core {
         let becomes_delay_line =
             old.settings.delay_target.is_none() && new.settings.delay_target.is_some();
         self.save_stream_record(&old, &new).await?;
-        *handle.record.write() = new;
+        *handle.record.write() = new.clone();
+        self.catalog_stream(&new).await?;
         if becomes_delay_line {
             self.start_delay_line(&handle).await?;
         }

@@ -140,8 +140,8 @@ pub async fn run(ctx: &Ctx, command: GroupsCommand) -> Result<Output, CliError> 
             };
             let info = ctx
                 .client
+                .for_stream(&stream)
                 .admin
-                .clone()
                 .describe_stream(v1::DescribeStreamRequest {
                     id: Some(id.clone()),
                 })
@@ -159,8 +159,8 @@ pub async fn run(ctx: &Ctx, command: GroupsCommand) -> Result<Output, CliError> 
                     Target::Timestamp(ms) => {
                         let found = ctx
                             .client
+                            .for_stream(&stream)
                             .streams
-                            .clone()
                             .list_offsets(v1::ListOffsetsRequest {
                                 stream: Some(id.clone()),
                                 partition: p.partition,

@@ -67,21 +67,28 @@ impl ShardRouter {
 
     /// The namespace a call is for (the home shard's for [`HOME_METHODS`]) and the unit it
     /// names, if any.
-    fn namespace<B>(req: &http::Request<B>) -> Result<(String, Option<String>), tonic::Status> {
+    fn namespace<B>(
+        &self,
+        req: &http::Request<B>,
+    ) -> Result<(String, Option<String>), tonic::Status> {
         if HOME_METHODS.contains(&req.uri().path()) {
             return Ok((String::new(), None));
         }
-        let ascii =
-            |name: &str| tonic::Status::invalid_argument(format!("the {name} header is not ASCII"));
+        // Names are UTF-8 (a header carries their bytes as they are), not only ASCII.
+        let utf8 = |name: &str, v: &http::HeaderValue| {
+            std::str::from_utf8(v.as_bytes())
+                .map(str::to_string)
+                .map_err(|_| {
+                    tonic::Status::invalid_argument(format!("the {name} header is not UTF-8"))
+                })
+        };
+        // The unit matters only where streams are placed apart from their namespace.
         let unit = match req.headers().get(UNIT_HEADER) {
-            Some(v) => Some(v.to_str().map_err(|_| ascii(UNIT_HEADER))?.to_string()),
-            None => None,
+            Some(v) if self.scheme == Scheme::Stream => Some(utf8(UNIT_HEADER, v)?),
+            _ => None,
         };
         match req.headers().get(NAMESPACE_HEADER) {
-            Some(v) => v
-                .to_str()
-                .map(|ns| (ns.to_string(), unit))
-                .map_err(|_| ascii(NAMESPACE_HEADER)),
+            Some(v) => utf8(NAMESPACE_HEADER, v).map(|ns| (ns, unit)),
             None => Err(tonic::Status::failed_precondition(format!(
                 "this core node serves shards of a cluster: a call must name its namespace in the {NAMESPACE_HEADER} header"
             ))),
@@ -141,7 +148,7 @@ impl ShardRouter {
                 Future: Send + 'static,
             >,
     {
-        let (namespace, unit) = match Self::namespace(&req) {
+        let (namespace, unit) = match self.namespace(&req) {
             Ok(named) => named,
             Err(status) => return Box::pin(async move { Ok(status_response(status)) }),
         };

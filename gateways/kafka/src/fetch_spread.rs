@@ -3,10 +3,12 @@
 //! several core nodes, so it becomes one core Fetch per shard, sent to each stream's node.
 //!
 //! Each part waits as the client asked (`max_wait_ms`, `min_bytes`). When the first part
-//! answers, the others are dropped and asked again without waiting: reads change nothing,
-//! so a consumer gets what one shard had as soon as it has it, plus whatever the others have
-//! by then, rather than the slowest part's wait. Each part may fill `max_bytes`; Kafka
-//! treats it as a soft limit too (a first batch is always returned whole).
+//! answers with records, the others are dropped and asked again without waiting: reads
+//! change nothing, so a consumer gets what one shard had as soon as it has it, plus whatever
+//! the others have by then, rather than the slowest part's wait. A first answer without
+//! records (its wait ran out, or an error) waits for the others, so a shard that fails fast
+//! does not turn the consumer's long poll into a busy loop. The parts share `max_bytes`
+//! (each still returns a first batch whole, as Kafka does).
 
 use futures::future::{join_all, select_all};
 use tributary_proto::placement::{Scheme, shard_of_unit, stream_unit};
@@ -41,11 +43,13 @@ pub(crate) async fn fetch(
         _ => parts.push((0, (0..req.partitions.len()).collect())),
     }
     if parts.len() == 1 {
-        // A Fetch of one topic goes to its stream's node under any scheme; one of several
-        // topics (the placement not known yet, or no spreading) to the namespace's.
+        // One shard: the node of the first stream's, when streams are spread or there is one
+        // topic (right under any scheme); the namespace's when several topics are asked
+        // before the placement is known.
         let first = req.partitions.first().map(stream_of).unwrap_or_default();
         let one_stream = req.partitions.iter().all(|p| stream_of(p) == first);
-        let core = if one_stream {
+        let spread = matches!(gw.core.placement(), Some((Scheme::Stream, _)));
+        let core = if one_stream || spread {
             gw.core.for_stream(first)
         } else {
             gw.core.clone()
@@ -56,9 +60,15 @@ pub(crate) async fn fetch(
             Err(status) => (0..count).map(|_| Err(status.clone())).collect(),
         };
     }
+    let max_bytes = if req.max_bytes > 0 {
+        (req.max_bytes / parts.len() as i32).max(1)
+    } else {
+        req.max_bytes
+    };
     let part_request = |indexes: &[usize], max_wait_ms: i32| v1::FetchRequest {
         partitions: indexes.iter().map(|&i| req.partitions[i].clone()).collect(),
         max_wait_ms,
+        max_bytes,
         ..req.clone()
     };
     let send = |indexes: Vec<usize>, max_wait_ms: i32| {
@@ -79,15 +89,23 @@ pub(crate) async fn fetch(
         .map(|(_, indexes)| send(indexes.clone(), req.max_wait_ms))
         .collect();
     let (first, done, rest) = select_all(waiting).await;
-    drop(rest);
+    let has_records = first
+        .1
+        .iter()
+        .any(|r| r.as_ref().is_ok_and(|p| !p.batches.is_empty()));
     let mut answers = vec![first];
-    let again: Vec<_> = parts
-        .into_iter()
-        .enumerate()
-        .filter(|(i, _)| *i != done)
-        .map(|(_, (_, indexes))| send(indexes, 0))
-        .collect();
-    answers.extend(join_all(again).await);
+    if has_records {
+        drop(rest);
+        let again: Vec<_> = parts
+            .into_iter()
+            .enumerate()
+            .filter(|(i, _)| *i != done)
+            .map(|(_, (_, indexes))| send(indexes, 0))
+            .collect();
+        answers.extend(join_all(again).await);
+    } else {
+        answers.extend(join_all(rest).await);
+    }
     let mut out: Vec<Option<Result<v1::FetchedPartition, tonic::Status>>> =
         (0..req.partitions.len()).map(|_| None).collect();
     for (indexes, answer) in answers {
