@@ -1,6 +1,6 @@
 //! Namespaces, streams and their partitions: admin, append, fetch, offsets, producers.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
@@ -441,11 +441,13 @@ impl Core {
 
     /// Whether a stream has `partition`: this core's own stream, or, when streams are spread
     /// over shards, the catalog's record of it (for a group's commits at the namespace's
-    /// home).
+    /// home). `counts` keeps what the catalog said per stream (`None`: no such stream), so
+    /// that a commit of many partitions reads each stream's entry once.
     pub(crate) async fn partition_exists(
         &self,
         id: &v1::StreamId,
         partition: u32,
+        counts: &mut HashMap<String, Option<u32>>,
     ) -> CoreResult<()> {
         let local = self
             .stream(id)
@@ -454,12 +456,23 @@ impl Core {
             return local;
         }
         let (ns, name) = stream_key(id);
-        match self.catalogued_stream(&ns, &name).await? {
-            Some(r) if partition < r.partitions => Ok(()),
-            Some(r) => Err(CoreError::PartitionNotFound {
+        let count = match counts.get(&name) {
+            Some(count) => *count,
+            None => {
+                let count = self
+                    .catalogued_stream(&ns, &name)
+                    .await?
+                    .map(|r| r.partitions);
+                counts.insert(name, count);
+                count
+            }
+        };
+        match count {
+            Some(count) if partition < count => Ok(()),
+            Some(count) => Err(CoreError::PartitionNotFound {
                 stream: stream_label(id),
                 partition,
-                count: r.partitions,
+                count,
             }),
             None => Err(CoreError::StreamNotFound(stream_label(id))),
         }
@@ -1468,6 +1481,7 @@ impl Core {
         let now = now_ms();
         let mut ops = Vec::with_capacity(req.offsets.len() + 1);
         let mut rejected = Vec::new();
+        let mut catalogued = HashMap::new();
         for c in &req.offsets {
             let id = c
                 .stream
@@ -1481,7 +1495,10 @@ impl Core {
                 )));
             }
             let sid = v1::StreamId::new(&ns, &id.name);
-            if let Err(e) = self.partition_exists(&sid, c.partition).await {
+            if let Err(e) = self
+                .partition_exists(&sid, c.partition, &mut catalogued)
+                .await
+            {
                 rejected.push(v1::RejectedOffset {
                     stream: Some(sid),
                     partition: c.partition,

@@ -13,7 +13,9 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 use tracing::{info, warn};
-use tributary_proto::placement::{PLACEMENT_METADATA, Scheme, parse_placement, stream_unit};
+use tributary_proto::placement::{
+    PLACEMENT_METADATA, Scheme, parse_placement, shard_of_unit, stream_unit,
+};
 
 /// With several nodes: how long a connection attempt may take before the next node is
 /// tried (a node cut off by the network drops SYNs rather than refusing them).
@@ -107,23 +109,32 @@ impl CoreNodes {
     /// The scope of `namespace`, made on first use starting from the node unscoped calls go
     /// to; `None` for a name that cannot go in a header.
     pub fn scope(&self, namespace: &str) -> Option<Arc<Scope>> {
-        self.scope_unit(namespace, None)
+        self.scope_unit(namespace, None, String::new())
     }
 
     /// The scope of one stream of `namespace` (`stream` = its name), made on first use
-    /// starting from the node its namespace's calls go to.
+    /// starting from the node its namespace's calls go to. Once the nodes have said how they
+    /// place streams, the streams of one shard share a scope (the first one's name routes
+    /// them all to that shard), so there are at most as many as shards, not one per topic
+    /// name ever asked about.
     pub fn scope_stream(&self, namespace: &str, stream: &str) -> Option<Arc<Scope>> {
-        self.scope_unit(namespace, Some(stream_unit(stream)))
+        let unit = stream_unit(stream);
+        let Some((scheme @ Scheme::Stream, shards)) = self.placement() else {
+            return self.scope_unit(namespace, Some(unit.clone()), unit);
+        };
+        let shard = shard_of_unit(scheme, namespace, Some(&unit), shards);
+        self.scope_unit(namespace, Some(format!("shard/{shard}")), unit)
     }
 
-    fn scope_unit(&self, namespace: &str, unit: Option<String>) -> Option<Arc<Scope>> {
+    /// The scope keyed `(namespace, key)`, sending `unit` (when keyed) as its unit header.
+    fn scope_unit(&self, namespace: &str, key: Option<String>, unit: String) -> Option<Arc<Scope>> {
         let header = http::HeaderValue::from_str(namespace).ok()?;
-        let unit_header = match &unit {
-            Some(u) => Some(http::HeaderValue::from_str(u).ok()?),
+        let unit_header = match &key {
+            Some(_) => Some(http::HeaderValue::from_str(&unit).ok()?),
             None => None,
         };
         let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let start = match unit {
+        let start = match key {
             Some(_) => scopes
                 .get(&(namespace.to_string(), None))
                 .map(|s| s.current.load(Ordering::Acquire)),
@@ -131,7 +142,7 @@ impl CoreNodes {
         }
         .unwrap_or_else(|| self.current.load(Ordering::Acquire));
         let scope = scopes
-            .entry((namespace.to_string(), unit))
+            .entry((namespace.to_string(), key))
             .or_insert_with(|| {
                 Arc::new(Scope {
                     namespace: header,
@@ -232,5 +243,39 @@ mod tests {
         let n = nodes(1);
         n.unreachable(0, &"refused");
         assert_eq!(n.pick().0, 0);
+    }
+
+    #[tokio::test]
+    async fn stream_scopes_are_per_shard_once_the_placement_is_known() {
+        let n = nodes(2);
+        let (a, b) = (
+            n.scope_stream("default", "a").unwrap(),
+            n.scope_stream("default", "b").unwrap(),
+        );
+        assert!(
+            !Arc::ptr_eq(&a, &b),
+            "per stream before the placement is known"
+        );
+        let mut headers = http::HeaderMap::new();
+        headers.insert(PLACEMENT_METADATA, "stream/2".parse().unwrap());
+        n.saw_placement(&headers);
+        assert_eq!(n.placement(), Some((Scheme::Stream, 2)));
+        let before = n.scopes.lock().unwrap().len();
+        let scopes: Vec<_> = (0..100)
+            .map(|t| {
+                let name = format!("topic-{t}");
+                let shard = shard_of_unit(Scheme::Stream, "default", Some(&stream_unit(&name)), 2);
+                (shard, n.scope_stream("default", &name).unwrap())
+            })
+            .collect();
+        assert_eq!(n.scopes.lock().unwrap().len(), before + 2);
+        for (shard, scope) in &scopes {
+            // Whichever stream made the scope, its unit routes to the same shard.
+            let unit = scope.unit.as_ref().unwrap().to_str().unwrap();
+            assert_eq!(
+                shard_of_unit(Scheme::Stream, "default", Some(unit), 2),
+                *shard
+            );
+        }
     }
 }
