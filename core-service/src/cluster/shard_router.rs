@@ -48,15 +48,22 @@ pub struct ShardRouter {
     shards: u32,
     scheme: Scheme,
     owners: ShardOwners,
+    /// Under the stream scheme, the value every answer carries in `tributary-placement`, for
+    /// gateways to split calls by shard; made once, not per call.
+    placement: Option<http::HeaderValue>,
 }
 
 impl ShardRouter {
     pub fn new(cores: Arc<ShardCores>, shards: u32, scheme: Scheme, owners: ShardOwners) -> Self {
+        let placement = (scheme == Scheme::Stream)
+            .then(|| placement_value(scheme, shards).parse().ok())
+            .flatten();
         Self {
             cores,
             shards,
             scheme,
             owners,
+            placement,
         }
     }
 
@@ -122,10 +129,7 @@ where
     }
 
     fn call(&mut self, req: http::Request<B>) -> RouteFuture {
-        // Under the stream scheme every answer says so, for gateways to split calls by shard.
-        let placement: Option<http::HeaderValue> = (self.scheme == Scheme::Stream)
-            .then(|| placement_value(self.scheme, self.shards).parse().ok())
-            .flatten();
+        let placement = self.placement.clone();
         let routed = self.route(req);
         match placement {
             None => routed,

@@ -128,29 +128,31 @@ impl CoreNodes {
 
     /// The scope keyed `(namespace, key)`, sending `unit` (when keyed) as its unit header.
     fn scope_unit(&self, namespace: &str, key: Option<String>, unit: String) -> Option<Arc<Scope>> {
+        let key = (namespace.to_string(), key);
+        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
+        // Every call about a stream asks: the headers are made once, with the scope.
+        if let Some(scope) = scopes.get(&key) {
+            return Some(scope.clone());
+        }
         let header = http::HeaderValue::from_str(namespace).ok()?;
-        let unit_header = match &key {
+        let unit_header = match &key.1 {
             Some(_) => Some(http::HeaderValue::from_str(&unit).ok()?),
             None => None,
         };
-        let mut scopes = self.scopes.lock().unwrap_or_else(|e| e.into_inner());
-        let start = match key {
+        let start = match key.1 {
             Some(_) => scopes
                 .get(&(namespace.to_string(), None))
                 .map(|s| s.current.load(Ordering::Acquire)),
             None => None,
         }
         .unwrap_or_else(|| self.current.load(Ordering::Acquire));
-        let scope = scopes
-            .entry((namespace.to_string(), key))
-            .or_insert_with(|| {
-                Arc::new(Scope {
-                    namespace: header,
-                    unit: unit_header,
-                    current: AtomicUsize::new(start),
-                })
-            });
-        Some(scope.clone())
+        let scope = Arc::new(Scope {
+            namespace: header,
+            unit: unit_header,
+            current: AtomicUsize::new(start),
+        });
+        scopes.insert(key, scope.clone());
+        Some(scope)
     }
 
     /// The node to call, and its index for [`CoreNodes::unreachable`].
