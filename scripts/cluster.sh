@@ -5,7 +5,7 @@
 # protocol in front of all three (`tributary gateway P --core URL1,URL2,URL3`).
 #
 #   scripts/cluster.sh up [--meta etcd|postgres] [--shards N] [--scheme namespace|stream]
-#                                                  # starts it; prints the gateways'
+#                         [--kafka-per-node]       # starts it; prints the gateways'
 #                                                  # `listening <protocol> ADDR` lines, then `ready`
 #   scripts/cluster.sh status                      # a line per node (active, standby, serving
 #                                                  # shards, cut, exited) and per gateway
@@ -41,6 +41,13 @@
 # `--scheme stream` (cluster_shard_scheme = "stream") also spreads one namespace's topics over
 # the nodes, each placed by namespace and name (docs/cluster.md, "Spreading one namespace's
 # topics").
+#
+# `--kafka-per-node` (with --shards) also starts a Kafka gateway for each node N, `kafka-N`,
+# the three one fleet (`--kafka-broker-id N --kafka-broker-node coreN`, its `--core` naming
+# node N first, then the others): clients are told that the partitions of the shards node N
+# serves are led by broker N (docs/cluster.md). They run in the root namespace and listen on
+# 127.0.0.1 like the other gateways; `up` prints a `listening kafka-N ADDR` line for each,
+# after the `listening kafka` of the gateway in front of all three (no broker id), which stays.
 #
 # Without network namespaces (not root, `ip netns add` refused, or TRIBUTARY_CLUSTER_NETNS=off)
 # everything listens on 127.0.0.1 and `cut-core N` is the closest honest thing: SIGSTOP of the
@@ -85,7 +92,7 @@ state_file() { echo "$STATE/cluster.env"; }
 
 save_state() {
     {
-        declare -p BIN META SHARDS NET_MODE NET_INDEX SVC_ADDR CORE_URLS NODES
+        declare -p BIN META SHARDS KAFKA_PER_NODE NET_MODE NET_INDEX SVC_ADDR CORE_URLS NODES
         declare -p node_addr node_host_addr node_ns node_if node_hif core_port admin_port
         declare -p PG_PID PG_DIR PG_BIN PG_PORT STORES_DIR
     } 2>/dev/null | sed 's/^declare -\([a-zA-Z-]*\) /declare -g\1 /; s/^declare -g- /declare -g /' > "$(state_file).tmp"
@@ -255,9 +262,37 @@ node_wait() { # N ready|any secs
     done
 }
 
-gateway_start() { # protocol
-    local p="$1" d="$STATE/gateway-$1" keep=()
+# The gateways: one of each protocol, in front of all three nodes; with --kafka-per-node also
+# kafka-1..kafka-N, one Kafka gateway per node. Each has its state in gateway-NAME.
+gateway_names() {
+    local n
+    echo "${PROTOCOLS[@]}"
+    if [[ "${KAFKA_PER_NODE:-0}" == 1 ]]; then
+        for n in $(seq 1 "$NODES"); do echo "kafka-$n"; done
+    fi
+}
+
+# A gateway's `listening` lines, named as `up` prints them (kafka-N for node N's Kafka gateway,
+# whose own line says `kafka`).
+gateway_listening() { # name
+    local name="$1"
+    grep '^listening ' "$STATE/gateway-$name/stdout" 2>/dev/null \
+        | sed "s/^listening ${name%%-*} /listening $name /"
+}
+
+gateway_start() { # protocol | kafka-N
+    local name="$1" p="${1%%-*}" d="$STATE/gateway-$1" keep=() fleet=() core="$CORE_URLS"
     mkdir -p "$d"
+    if [[ "$name" == kafka-* ]]; then
+        # Node N's Kafka broker: broker id N, beside coreN, which it asks first.
+        local n="${name#kafka-}" m urls=()
+        urls=("http://${node_addr[n]}:${core_port[n]}")
+        for m in $(seq 1 "$NODES"); do
+            ((m == n)) || urls+=("http://${node_addr[m]}:${core_port[m]}")
+        done
+        core=$(IFS=,; echo "${urls[*]}")
+        fleet=(--kafka-broker-id "$n" --kafka-broker-node "core$n")
+    fi
     case "$p" in
         kafka) keep=(--kafka-listen 127.0.0.1:0) ;;
         mqtt) keep=(--mqtt-listen 127.0.0.1:0) ;;
@@ -267,13 +302,14 @@ gateway_start() { # protocol
     esac
     local off
     read -r -a off <<<"$(listeners_off "${keep[@]}")"
-    local cmd=("$BIN" gateway "$p" --core "$CORE_URLS" --core-token-file "$STATE/token" "${off[@]}" "${keep[@]}")
+    local cmd=("$BIN" gateway "$p" --core "$core" --core-token-file "$STATE/token" "${off[@]}" "${keep[@]}"
+        "${fleet[@]}")
     printf '=== %s start: %s\n' "$(date -u +%FT%T.%3NZ)" "${cmd[*]}" >> "$d/log"
     TRIBUTARY_LOG="${TRIBUTARY_LOG:-info}" setsid nohup "${cmd[@]}" >"$d/stdout" 2>>"$d/log" </dev/null &
     echo $! > "$d/pid"
 }
 
-gateway_wait() { # protocol secs
+gateway_wait() { # name secs
     local p="$1" d="$STATE/gateway-$1" deadline=$((SECONDS + $2)) pid
     pid=$(pid_of "$d")
     until grep -qx ready "$d/stdout" 2>/dev/null; do
@@ -309,9 +345,10 @@ stop_pid() { # pid secs
 
 cmd_up() {
     META="${TRIBUTARY_CLUSTER_META:-etcd}"
-    local shards=0 scheme=namespace
+    local shards=0 scheme=namespace kafka_per_node=0
     while [[ $# -gt 0 ]]; do
         case "$1" in
+            --kafka-per-node) kafka_per_node=1; shift ;;
             --scheme) scheme="${2:-}"; shift 2 ;;
             --scheme=*) scheme="${1#--scheme=}"; shift ;;
             --meta) META="${2:-}"; shift 2 ;;
@@ -325,16 +362,22 @@ cmd_up() {
     [[ "$shards" =~ ^[0-9]+$ ]] && ((shards <= 4096)) || die "--shards must be 0 to 4096, not '$shards'"
     [[ "$scheme" == namespace || "$scheme" == stream ]] || die "--scheme must be namespace or stream, not '$scheme'"
     [[ "$scheme" == namespace ]] || ((shards > 0)) || die "--scheme $scheme places units on shards: give --shards N"
+    ((kafka_per_node == 0 || shards > 0)) \
+        || die "--kafka-per-node puts a Kafka broker beside each node serving shards: give --shards N"
     BIN=$(find_bin)
     grep -q -- --cluster-node <<<"$("$BIN" core --help)" \
         || die "$BIN has no --cluster-node (a build without cluster mode)"
+    if ((kafka_per_node)); then
+        grep -q -- --kafka-broker-node <<<"$("$BIN" gateway kafka --help)" \
+            || die "$BIN has no --kafka-broker-node (a build from before Kafka leaders followed the shard owners)"
+    fi
     if [[ -f "$(state_file)" ]]; then
         load_state
         local n p
         for n in $(seq 1 "$NODES"); do
             if node_alive "$n"; then die "a cluster runs in $STATE (core$n, pid $(pid_of "$STATE/core$n")); run: scripts/cluster.sh down"; fi
         done
-        for p in "${PROTOCOLS[@]}"; do
+        for p in $(gateway_names); do
             pid=$(pid_of "$STATE/gateway-$p") && alive "$pid" && die "a cluster runs in $STATE (gateway $p); run: scripts/cluster.sh down"
         done
         # What a killed `up` or test left: stores, namespaces.
@@ -348,6 +391,7 @@ cmd_up() {
     mkdir -p "$STATE"
     chmod 755 "$STATE"   # the postgres user traverses it to its data directory
     SHARDS="$shards"
+    KAFKA_PER_NODE="$kafka_per_node"
     node_addr=() node_host_addr=() node_ns=() node_if=() node_hif=() core_port=() admin_port=()
     PG_PID="" PG_DIR="" PG_BIN="" PG_PORT="" NET_INDEX="" SVC_ADDR="127.0.0.1" CORE_URLS=""
     STORES_DIR="$STATE/stores"
@@ -450,11 +494,11 @@ TOML
         note "core2..core$NODES stand by"
     fi
 
-    for p in "${PROTOCOLS[@]}"; do gateway_start "$p"; done
-    for p in "${PROTOCOLS[@]}"; do gateway_wait "$p" 60; done
+    for p in $(gateway_names); do gateway_start "$p"; done
+    for p in $(gateway_names); do gateway_wait "$p" 60; done
     : > "$STATE/listeners"
-    for p in "${PROTOCOLS[@]}"; do
-        grep '^listening ' "$STATE/gateway-$p/stdout" >> "$STATE/listeners" || true
+    for p in $(gateway_names); do
+        gateway_listening "$p" >> "$STATE/listeners" || true
     done
     UP_DONE=1
     cat "$STATE/listeners"
@@ -493,10 +537,10 @@ cmd_status() {
         echo "core$n $role pid=${pid:-none} $extra"
     done
     local p
-    for p in "${PROTOCOLS[@]}"; do
+    for p in $(gateway_names); do
         d="$STATE/gateway-$p"
         if pid=$(pid_of "$d") && alive "$pid"; then role=running; else role=exited; fi
-        echo "gateway $p $role pid=${pid:-none} $(grep '^listening ' "$d/stdout" 2>/dev/null | awk '{printf "%s=%s ", $2, $3}')"
+        echo "gateway $p $role pid=${pid:-none} $(gateway_listening "$p" | awk '{printf "%s=%s ", $2, $3}')"
     done
 }
 
@@ -627,7 +671,7 @@ cmd_down() {
     fi
     load_state
     local n p pid
-    for p in "${PROTOCOLS[@]}"; do
+    for p in $(gateway_names); do
         if pid=$(pid_of "$STATE/gateway-$p"); then stop_pid "$pid" 10; fi
     done
     # Standbys first, then the serving node (no takeover on the way down); a cut node as it is.

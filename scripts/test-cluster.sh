@@ -8,8 +8,11 @@
 #      nodes in network namespaces, one gateway of each protocol) and fails it over under Kafka,
 #      MQTT and AMQP clients: kill -9, a network cut and SIGTERM of the serving node; once with
 #      etcd and once with PostgreSQL. Then the same events with every node serving its share
-#      of six shards (`cluster.sh up --shards 6`), on the first store named. The takeover
-#      times and read-back counts are printed.
+#      of six shards (`cluster.sh up --shards 6`), on the first store named; six topics of one
+#      namespace spread over them (`--scheme stream`, test_topics_spread.py); and the same with
+#      a Kafka gateway beside each node, whose partition leaders follow the shard owners
+#      through a kill -9 and the node's return (`--kafka-per-node`, test_kafka_leaders.py).
+#      The takeover times and read-back counts are printed.
 #
 #   TRIBUTARY_BIN=target/debug/tributary scripts/test-cluster.sh [etcd|postgres ...] [-- PYTEST ARGS]
 #

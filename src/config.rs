@@ -416,6 +416,12 @@ pub struct Options {
     /// is the only broker clients see.
     #[arg(long, env = "TRIBUTARY_KAFKA_BROKER_ID", global = true)]
     pub kafka_broker_id: Option<i32>,
+    /// Kafka gateways as a fleet in cluster shard mode: the core node (its --cluster-node
+    /// name) this gateway runs beside. A partition's leader is then a gateway beside the node
+    /// serving its shard, so clients follow the shards as they move. Needs
+    /// --kafka-broker-id.
+    #[arg(long, env = "TRIBUTARY_KAFKA_BROKER_NODE", global = true)]
+    pub kafka_broker_node: Option<String>,
     /// Log storage: local (on disk, the default), memory (lost on exit) or opendal (an
     /// object store configured in the config file's [opendal] table, with a local cache).
     /// With an [opendal] table both local and opendal are available and this is the
@@ -673,6 +679,7 @@ pub struct FileConfig {
     pub cluster_shard_scheme: Option<String>,
     pub gateway_namespace: Option<String>,
     pub kafka_broker_id: Option<i32>,
+    pub kafka_broker_node: Option<String>,
     pub storage: Option<String>,
     pub opendal_ack: Option<String>,
     pub opendal_cache_dir: Option<PathBuf>,
@@ -793,6 +800,15 @@ pub struct ClusterSettings {
     pub scheme: tributary_core::Scheme,
 }
 
+/// A cluster node's name, as `cluster_node` takes it and as the shard keys store it.
+fn valid_node_name(node: &str) -> bool {
+    !node.is_empty()
+        && node.len() <= 64
+        && node
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
 /// Cluster mode needs shared storage for everything a takeover reads: metadata in etcd or
 /// PostgreSQL (whose transactions fence a stale node) and every acknowledged record in the
 /// object store.
@@ -829,12 +845,7 @@ fn resolve_cluster(
             "cluster mode is for `tributary core` nodes; gateways take the nodes' addresses in --core, comma-separated",
         ));
     }
-    if node.is_empty()
-        || node.len() > 64
-        || !node
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-    {
+    if !valid_node_name(&node) {
         return Err(invalid(
             "cluster_node",
             &node,
@@ -1044,6 +1055,8 @@ pub struct Settings {
     pub gateway_namespace: String,
     /// Kafka gateways as a fleet: this one's broker id.
     pub kafka_broker_id: Option<i32>,
+    /// The cluster node this fleet gateway runs beside: partitions it leads follow it.
+    pub kafka_broker_node: Option<String>,
     /// Kafka over TLS (`kafka_tls_listen`) and the address its clients are given.
     pub kafka_tls_listen: Listen,
     pub kafka_tls_advertised: Option<(String, u16)>,
@@ -1443,6 +1456,27 @@ impl Settings {
                 "expected 0 to 2147483647 (or -1: not part of a fleet)",
             ));
         }
+        let kafka_broker_node = o
+            .kafka_broker_node
+            .clone()
+            .or_else(|| f.kafka_broker_node.clone())
+            .filter(|n| !n.is_empty());
+        if let Some(node) = &kafka_broker_node {
+            if kafka_broker_id.is_none() {
+                return Err(invalid(
+                    "kafka_broker_node",
+                    node,
+                    "the node a fleet gateway runs beside: give kafka_broker_id too",
+                ));
+            }
+            if !valid_node_name(node) {
+                return Err(invalid(
+                    "kafka_broker_node",
+                    node,
+                    "expected a cluster_node name: 1 to 64 characters of A-Z, a-z, 0-9, '-', '_' and '.'",
+                ));
+            }
+        }
         let kafka_advertised = advertised(
             "kafka_advertised",
             o.kafka_advertised
@@ -1834,6 +1868,7 @@ impl Settings {
             kafka_advertised,
             gateway_namespace,
             kafka_broker_id,
+            kafka_broker_node,
             kafka_tls_listen,
             kafka_tls_advertised,
             kafka_sasl,
@@ -2170,6 +2205,26 @@ mod tests {
             let file: FileConfig = toml::from_str(bad).unwrap();
             let e = Settings::resolve(&Options::default(), &file).unwrap_err();
             assert!(e.to_string().contains("sqs_"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn a_fleet_gateway_names_the_node_it_runs_beside() {
+        let resolve = |toml: &str| {
+            let file: FileConfig = toml::from_str(toml).unwrap();
+            Settings::resolve(&Options::default(), &file)
+        };
+        let s = resolve("kafka_broker_id = 2\nkafka_broker_node = \"core-2\"").unwrap();
+        assert_eq!(
+            (s.kafka_broker_id, s.kafka_broker_node.as_deref()),
+            (Some(2), Some("core-2"))
+        );
+        for bad in [
+            "kafka_broker_node = \"core-2\"",
+            "kafka_broker_id = 2\nkafka_broker_node = \"core 2\"",
+        ] {
+            let e = resolve(bad).unwrap_err();
+            assert!(e.to_string().contains("kafka_broker_node"), "{bad}: {e}");
         }
     }
 
@@ -2518,6 +2573,7 @@ mod tests {
             "cluster_shards",
             "cluster_shard_scheme",
             "kafka_broker_id",
+            "kafka_broker_node",
             "storage",
             "opendal_ack",
             "opendal_cache_dir",

@@ -760,7 +760,7 @@ impl Server {
         node.start();
         info!(node = %cluster.node, run = node.run(), shards, "cluster: serving a share of the shards");
         let owners: ShardOwners = Arc::new(node.owners());
-        let router = ShardRouter::new(cores.clone(), shards, scheme, owners.clone());
+        let router = ShardRouter::new(&cluster.node, cores.clone(), shards, scheme, owners.clone());
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
         let mut bound = Bound {
@@ -1392,7 +1392,14 @@ fn spawn_kafka(
                   listener: &'static str| {
         let mut config = KafkaConfig::new(addr);
         config.namespace = settings.gateway_namespace.clone();
-        config.fleet = settings.kafka_broker_id.map(|id| (id, listener));
+        config.fleet =
+            settings
+                .kafka_broker_id
+                .map(|broker_id| tributary_gateway_kafka::fleet::FleetConfig {
+                    broker_id,
+                    listener,
+                    node: settings.kafka_broker_node.clone(),
+                });
         match advertised {
             Some((host, port)) => {
                 config.advertised_host = host.clone();

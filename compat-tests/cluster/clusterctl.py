@@ -5,8 +5,11 @@
   a standby binds no listener; with shards, every node serves and the one serving a
   namespace says so on `GET /api/v1/cluster/shards?namespace=NS`), kill -9, cut, heal,
   SIGTERM and restarts of nodes, the exit code each node's run ended with and the log of its
-  current run.
+  current run. With ``kafka_per_node`` (`up --kafka-per-node`) also a Kafka gateway beside
+  each node N, broker id N (``kafka_nodes``).
 * ``wait_for``: polls a condition with a deadline (never a sleep in place of a condition).
+* ``shard_of``, ``shard_of_unit``, ``shard_of_topic``: the placement function of
+  tributary_proto::placement, to name the shard of a namespace or of a topic.
 """
 
 from __future__ import annotations
@@ -43,6 +46,39 @@ def wait_for(cond, timeout: float, what: str, interval: float = 0.05, on_timeout
         time.sleep(interval)
 
 
+# -- placement: proto/src/placement.rs --------------------------------------------------------
+
+# The prefix of a stream's unit name (placement::STREAM_UNIT).
+STREAM_UNIT = "stream/"
+
+
+def fnv1a(data: bytes) -> int:
+    """FNV-1a, 64 bits (placement::fnv1a)."""
+    h = 0xCBF29CE484222325
+    for b in data:
+        h ^= b
+        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
+    return h
+
+
+def shard_of(namespace: str, shards: int) -> int:
+    """The shard of a namespace, its home (placement::shard_of)."""
+    return fnv1a(namespace.encode()) % max(shards, 1)
+
+
+def shard_of_unit(scheme: str, namespace: str, unit: str | None, shards: int) -> int:
+    """The shard of `unit` (`stream/<name>`; None for the namespace itself) in `namespace`
+    under `scheme` ("namespace" or "stream") (placement::shard_of_unit)."""
+    if scheme == "stream" and unit is not None and unit.startswith(STREAM_UNIT):
+        return fnv1a(namespace.encode() + b"\0" + unit.encode()) % max(shards, 1)
+    return shard_of(namespace, shards)
+
+
+def shard_of_topic(namespace: str, topic: str, shards: int, scheme: str = "stream") -> int:
+    """The shard of a Kafka topic (a stream) of `namespace`."""
+    return shard_of_unit(scheme, namespace, STREAM_UNIT + topic, shards)
+
+
 class ClusterError(AssertionError):
     pass
 
@@ -51,13 +87,16 @@ class Cluster:
     """A cluster run by scripts/cluster.sh in a state dir of its own (under /tmp: the postgres
     user must traverse it; pytest's own tmp dirs are closed to other users)."""
 
-    def __init__(self, meta: str, binary: str, shards: int = 0, scheme: str = "namespace"):
+    def __init__(self, meta: str, binary: str, shards: int = 0, scheme: str = "namespace",
+                 kafka_per_node: bool = False):
         self.meta = meta
         self.binary = binary
         # 0: one node serves, the others stand by; N: every node serves its share of N shards.
         self.shards = shards
         # With shards: "stream" places each topic by namespace and name (cluster_shard_scheme).
         self.scheme = scheme
+        # With shards: a Kafka gateway beside each node N too, broker id N (`kafka-N`).
+        self.kafka_per_node = kafka_per_node
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix=f"tributary-cluster-{meta}-"))
         self.listeners: dict[str, str] = {}
         self.nodes: dict[int, dict] = {}
@@ -80,8 +119,10 @@ class Cluster:
         return r.stdout
 
     def up(self) -> "Cluster":
-        out = self.sh("up", "--meta", self.meta, "--shards", str(self.shards),
-                      "--scheme", self.scheme, timeout=300)
+        args = ["up", "--meta", self.meta, "--shards", str(self.shards), "--scheme", self.scheme]
+        if self.kafka_per_node:
+            args.append("--kafka-per-node")
+        out = self.sh(*args, timeout=300)
         self.is_up = True
         lines = out.strip().splitlines()
         assert lines and lines[-1] == "ready", f"cluster.sh up printed no `ready`:\n{out}"
@@ -89,10 +130,25 @@ class Cluster:
             m = re.match(r"^listening (\S+) (\S+)$", line)
             assert m, f"unexpected line from cluster.sh up: {line!r}"
             self.listeners[m.group(1)] = m.group(2)
-        for name in ("kafka", "mqtt", "amqp", "sqs", "rocketmq"):
+        for name in self.gateway_names():
             assert name in self.listeners, f"no `listening {name}` from cluster.sh up:\n{out}"
         self.nodes = self.status()
         return self
+
+    def gateway_names(self) -> list[str]:
+        """The gateways `up` starts: one of each protocol in front of all three nodes, and with
+        kafka_per_node `kafka-N` beside node N."""
+        names = ["kafka", "mqtt", "amqp", "sqs", "rocketmq"]
+        if self.kafka_per_node:
+            names += [f"kafka-{n}" for n in NODES]
+        return names
+
+    @property
+    def kafka_nodes(self) -> dict[int, str]:
+        """With kafka_per_node: node N's Kafka gateway (broker id N, `--kafka-broker-node
+        coreN`), N -> its address."""
+        assert self.kafka_per_node, "this cluster was not started with kafka_per_node"
+        return {n: self.listeners[f"kafka-{n}"] for n in NODES}
 
     def down(self, keep_dir: bool):
         if self.is_up:
@@ -144,6 +200,26 @@ class Cluster:
                 return json.loads(r.read())
         except (urllib.error.URLError, OSError, ValueError):
             return None
+
+    def shard_servers(self, live: tuple[int, ...] = NODES) -> dict[int, list[int]] | None:
+        """With shards: which of the `live` nodes serve each shard, as each one's GET
+        /api/v1/cluster/shards says (None if one of them does not answer)."""
+        servers: dict[int, list[int]] = {}
+        for n in live:
+            view = self.shard_view(n)
+            if view is None:
+                return None
+            for s in view["served"]:
+                servers.setdefault(s["shard"], []).append(n)
+        return servers
+
+    def node_serving(self, shard: int) -> int | None:
+        """The first node that says it serves `shard` (None: none does, or none answers)."""
+        for n in NODES:
+            view = self.shard_view(n)
+            if view and any(s["shard"] == shard for s in view["served"]):
+                return n
+        return None
 
     def settled(self, live: tuple[int, ...]) -> bool:
         """With shards: the `live` nodes serve every shard between them, each its quota
@@ -253,7 +329,7 @@ class Cluster:
     def log_files(self) -> list[tuple[str, pathlib.Path]]:
         files = [(f"core{n}", self.dir / f"core{n}" / "log") for n in NODES]
         files += [(f"gateway {p}", self.dir / f"gateway-{p}" / "log")
-                  for p in ("kafka", "mqtt", "amqp", "sqs", "rocketmq")]
+                  for p in self.gateway_names()]
         return files
 
     def describe(self) -> str:

@@ -11,6 +11,9 @@ protocol), from TRIBUTARY_BIN (scripts/test-cluster.sh sets it).
   when it fails.
 * ``spread_cluster``: six shards placing topics by namespace and name
   (`cluster.sh up --shards 6 --scheme stream`), over the stores of TRIBUTARY_CLUSTER_SHARD_METAS.
+* ``leaders_cluster``: the same with a Kafka gateway beside each node N too, broker id N, the
+  three one fleet (`cluster.sh up --shards 6 --scheme stream --kafka-per-node`; their
+  addresses in ``Cluster.kafka_nodes``).
 
 A failed test's report gets the tail of every node's and gateway's log.
 """
@@ -43,6 +46,12 @@ def shard_cluster(request):
 def spread_cluster(request):
     yield from running(request, Cluster(request.param, tributary_bin(), shards=SHARDS,
                                         scheme="stream"))
+
+
+@pytest.fixture(params=SHARD_METAS)
+def leaders_cluster(request):
+    yield from running(request, Cluster(request.param, tributary_bin(), shards=SHARDS,
+                                        scheme="stream", kafka_per_node=True))
 
 
 def running(request, c: Cluster):

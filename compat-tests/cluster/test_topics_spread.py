@@ -16,7 +16,7 @@ import collections
 import time
 import uuid
 
-from clusterctl import NODES, Cluster, wait_for
+from clusterctl import NODES, Cluster, shard_of_topic, wait_for
 from kafkacompat import ck_consumer, ck_create_topic, ck_read_all
 from producers import CkProducer, Runner
 from test_failover import check_read_back, ids_of, progress, report
@@ -29,27 +29,6 @@ AFTER_ACKS = 20
 WAIT_S = 60.0
 
 
-def fnv1a(data: bytes) -> int:
-    h = 0xCBF29CE484222325
-    for b in data:
-        h ^= b
-        h = (h * 0x100000001B3) & 0xFFFFFFFFFFFFFFFF
-    return h
-
-
-def shard_of_topic(namespace: str, topic: str, shards: int) -> int:
-    """tributary_proto::placement::shard_of_unit under the stream scheme."""
-    return fnv1a(f"{namespace}\0stream/{topic}".encode()) % shards
-
-
-def node_serving(c: Cluster, shard: int) -> int | None:
-    for n in NODES:
-        view = c.shard_view(n)
-        if view and any(s["shard"] == shard for s in view["served"]):
-            return n
-    return None
-
-
 def test_topics_of_one_namespace_spread_over_nodes(spread_cluster: Cluster):
     c = spread_cluster
     uid = uuid.uuid4().hex[:8]
@@ -58,7 +37,7 @@ def test_topics_of_one_namespace_spread_over_nodes(spread_cluster: Cluster):
     for t in topics:
         ck_create_topic(bootstrap, t, PARTITIONS)
     wait_for(lambda: c.settled(NODES), WAIT_S, "the shards settled", on_timeout=c.describe)
-    where = {t: node_serving(c, shard_of_topic("default", t, c.shards)) for t in topics}
+    where = {t: c.node_serving(shard_of_topic("default", t, c.shards)) for t in topics}
     assert None not in where.values(), where
     assert len(set(where.values())) >= 2, f"every topic is on one node: {where}"
 

@@ -42,6 +42,7 @@ pub fn routes(core: Core) -> Routes {
         .add_service(server!(sessions_server::SessionsServer<CoreGrpc>))
         .add_service(server!(timers_server::TimersServer<CoreGrpc>))
         .add_service(server!(transactions_server::TransactionsServer<CoreGrpc>))
+        .add_service(cluster_server::ClusterServer::new(svc.clone()))
 }
 
 type GrpcResult<T> = Result<Response<T>, Status>;
@@ -621,6 +622,18 @@ impl timers_server::Timers for CoreGrpc {
                 .list_timers(&r.namespace, r.limit as usize)
                 .await?,
         })
+    }
+}
+
+/// A core on its own serves no shards; in shard mode the node answers this itself
+/// ([`crate::cluster::shard_router`]) before any shard's core sees the call.
+#[tonic::async_trait]
+impl cluster_server::Cluster for CoreGrpc {
+    async fn describe_shards(
+        &self,
+        _: Request<DescribeShardsRequest>,
+    ) -> GrpcResult<DescribeShardsResponse> {
+        ok(DescribeShardsResponse::default())
     }
 }
 

@@ -27,6 +27,7 @@ use tributary_core::{Core, CoreConfig};
 use tributary_proto::placement::{UNIT_METADATA, shard_of_unit, stream_unit};
 use tributary_proto::v1;
 use tributary_proto::v1::admin_client::AdminClient;
+use tributary_proto::v1::cluster_client::ClusterClient;
 use tributary_proto::v1::offsets_client::OffsetsClient;
 use tributary_proto::v1::streams_client::StreamsClient;
 use tributary_storage::MetaStore;
@@ -91,7 +92,7 @@ async fn join_placing(
     .await
     .expect("joining");
     node.start();
-    let router = ShardRouter::new(cores.clone(), SHARDS, scheme, Arc::new(node.owners()));
+    let router = ShardRouter::new(name, cores.clone(), SHARDS, scheme, Arc::new(node.owners()));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(
@@ -325,6 +326,16 @@ async fn calls_reach_the_core_of_their_namespaces_shard_on_the_node_that_owns_it
             "{refused:?}"
         );
     }
+    // Each node answers which node serves which shard, with no namespace named, the same map
+    // as its own view of the shard keys.
+    for (n, node) in [&a, &b].iter().enumerate() {
+        let map = describe_shards(&node.url).await;
+        assert_eq!(map.node, names[n]);
+        assert_eq!((map.shards, map.scheme.as_str()), (SHARDS, "namespace"));
+        let seen: Vec<String> = (0..SHARDS).map(|s| (a.node.owners())(s).unwrap()).collect();
+        assert_eq!(map.owners, seen);
+        assert_eq!(map.owners.iter().filter(|o| *o == "a").count(), 2);
+    }
     // A call that names no namespace is refused, not sent to some shard.
     let mut nameless = append_request("tenant-0", "nameless");
     nameless.metadata_mut().remove(NAMESPACE_HEADER);
@@ -350,7 +361,26 @@ async fn calls_reach_the_core_of_their_namespaces_shard_on_the_node_that_owns_it
         assert_eq!(read[0], "through the owner");
     }
     assert_eq!(b.lost.lock().len(), 1);
+    // The survivor's map names it for every shard once its view caught up with its takes.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while describe_shards(&a.url).await.owners != vec!["a".to_string(); SHARDS as usize] {
+        assert!(
+            Instant::now() < deadline,
+            "a's map never named it everywhere"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await; // a poll of the owners' view
+    }
     a.node.leave().await;
+}
+
+async fn describe_shards(url: &str) -> v1::DescribeShardsResponse {
+    ClusterClient::connect(url.to_string())
+        .await
+        .unwrap()
+        .describe_shards(v1::DescribeShardsRequest {})
+        .await
+        .unwrap()
+        .into_inner()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -11,6 +11,9 @@
 //! Calls whose state belongs to no namespace (users, the list of namespaces) go to the home
 //! shard, the shard of the empty namespace, whatever header they carry: one core holds them,
 //! so every gateway sees the same users.
+//!
+//! The `Cluster` service (which node serves which shard) is the node's, not a shard's: the
+//! router answers it from its own view of the shard keys.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -20,6 +23,10 @@ use std::task::{Context, Poll};
 
 use tonic::body::Body;
 use tonic::service::Routes;
+use tributary_proto::v1::{
+    DescribeShardsRequest, DescribeShardsResponse, cluster_server::Cluster,
+    cluster_server::ClusterServer,
+};
 
 use super::shard_cores::ShardCores;
 use tributary_proto::placement::{
@@ -42,6 +49,35 @@ const HOME_METHODS: &[&str] = &[
 /// Who owns a shard, by this node's last look at the shard keys.
 pub type ShardOwners = Arc<dyn Fn(u32) -> Option<String> + Send + Sync>;
 
+/// The path prefix of the `Cluster` service, answered by the node.
+const CLUSTER_SERVICE: &str = "/tributary.core.v1.Cluster/";
+
+/// The node's answer to `Cluster.DescribeShards`.
+#[derive(Clone)]
+struct ShardMap {
+    node: String,
+    shards: u32,
+    scheme: Scheme,
+    owners: ShardOwners,
+}
+
+#[tonic::async_trait]
+impl Cluster for ShardMap {
+    async fn describe_shards(
+        &self,
+        _: tonic::Request<DescribeShardsRequest>,
+    ) -> Result<tonic::Response<DescribeShardsResponse>, tonic::Status> {
+        Ok(tonic::Response::new(DescribeShardsResponse {
+            shards: self.shards,
+            scheme: self.scheme.as_str().into(),
+            owners: (0..self.shards)
+                .map(|s| (self.owners)(s).unwrap_or_default())
+                .collect(),
+            node: self.node.clone(),
+        }))
+    }
+}
+
 #[derive(Clone)]
 pub struct ShardRouter {
     cores: Arc<ShardCores>,
@@ -51,19 +87,35 @@ pub struct ShardRouter {
     /// Under the stream scheme, the value every answer carries in `tributary-placement`, for
     /// gateways to split calls by shard; made once, not per call.
     placement: Option<http::HeaderValue>,
+    /// The `Cluster` service, answered by this node.
+    cluster: Routes,
 }
 
 impl ShardRouter {
-    pub fn new(cores: Arc<ShardCores>, shards: u32, scheme: Scheme, owners: ShardOwners) -> Self {
+    /// The router of node `node`, serving its share of `shards` through `cores`.
+    pub fn new(
+        node: &str,
+        cores: Arc<ShardCores>,
+        shards: u32,
+        scheme: Scheme,
+        owners: ShardOwners,
+    ) -> Self {
         let placement = (scheme == Scheme::Stream)
             .then(|| placement_value(scheme, shards).parse().ok())
             .flatten();
+        let cluster = Routes::new(ClusterServer::new(ShardMap {
+            node: node.to_string(),
+            shards,
+            scheme,
+            owners: owners.clone(),
+        }));
         Self {
             cores,
             shards,
             scheme,
             owners,
             placement,
+            cluster,
         }
     }
 
@@ -152,6 +204,9 @@ impl ShardRouter {
                 Future: Send + 'static,
             >,
     {
+        if req.uri().path().starts_with(CLUSTER_SERVICE) {
+            return Box::pin(tower::Service::call(&mut self.cluster, req));
+        }
         let (namespace, unit) = match self.namespace(&req) {
             Ok(named) => named,
             Err(status) => return Box::pin(async move { Ok(status_response(status)) }),

@@ -22,9 +22,9 @@ use tributary_proto::v1::{
     AckRequest, AckResponse, ChangeLeaseRequest, ChangeLeaseResponse, EnqueueRequest,
     EnqueueResponse, ErrorCode, ErrorDetail, NackRequest, NackResponse, PublishRequest,
     PublishResponse, ReceiveRequest, ReceiveResponse, SessionCommand, SubscribeEvent,
-    SubscribeRequest, admin_client::AdminClient, groups_client::GroupsClient,
-    offsets_client::OffsetsClient, queues_client::QueuesClient, sessions_client::SessionsClient,
-    streams_client::StreamsClient, timers_client::TimersClient,
+    SubscribeRequest, admin_client::AdminClient, cluster_client::ClusterClient,
+    groups_client::GroupsClient, offsets_client::OffsetsClient, queues_client::QueuesClient,
+    sessions_client::SessionsClient, streams_client::StreamsClient, timers_client::TimersClient,
     transactions_client::TransactionsClient,
 };
 
@@ -262,6 +262,7 @@ pub struct CoreClient {
     pub sessions: SessionsClient<CoreTransport>,
     pub timers: TimersClient<CoreTransport>,
     pub transactions: TransactionsClient<CoreTransport>,
+    pub cluster: ClusterClient<CoreTransport>,
     /// Set for a core in this process: session streams skip the gRPC encoding.
     local_sessions: Option<Arc<dyn LocalSessions>>,
     local_queues: Option<Arc<dyn LocalQueues>>,
@@ -287,6 +288,7 @@ impl CoreClient {
             sessions: client!(SessionsClient, t),
             timers: client!(TimersClient, t),
             transactions: client!(TransactionsClient, t),
+            cluster: client!(ClusterClient, t),
             local_sessions: None,
             local_queues: None,
             transport: t,

@@ -8,6 +8,14 @@
 //! dropped from the answers [`TTL`] after its last renewal, so clients' next metadata refresh
 //! moves its partitions to the others; a client still sending to an old leader is served
 //! anyway, never answered NOT_LEADER.
+//!
+//! In a cluster serving shards, a gateway started beside a core node (`kafka_broker_node`)
+//! says so in its registration, and every gateway reads which node serves which shard at each
+//! second (`Cluster.DescribeShards`). A partition's leader is then one of the gateways beside
+//! the node serving the partition's shard, and a coordinator one beside the node serving the
+//! namespace's home shard, so clients' requests reach the node holding the data without
+//! crossing to another machine, and leadership moves when a shard does. Where no gateway runs
+//! beside that node, the hash over all of them stands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,6 +25,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
 use tributary_gateway_common::CoreClient;
+use tributary_proto::placement::{Scheme, fnv1a, shard_of_unit, stream_unit};
 use tributary_proto::v1;
 
 /// How long a gateway stays listed after its last renewal.
@@ -24,6 +33,20 @@ pub const TTL: Duration = Duration::from_secs(10);
 /// How often a gateway renews its registration (a third of the TTL: two may fail).
 const RENEW: Duration = Duration::from_secs(3);
 const PROTOCOL_TYPE: &str = "kafka-broker";
+/// How often a gateway reads which node serves which shard (a node's view of it changes
+/// once per lease round, at least every second).
+const SHARDS_REFRESH: Duration = Duration::from_secs(1);
+
+/// A gateway's place in a fleet, as configured.
+#[derive(Debug, Clone)]
+pub struct FleetConfig {
+    /// `kafka_broker_id`.
+    pub broker_id: i32,
+    /// The listener kind its registration is grouped under (`plain` or `tls`).
+    pub listener: &'static str,
+    /// `kafka_broker_node`: the core node it runs beside.
+    pub node: Option<String>,
+}
 
 /// One broker as clients see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +54,42 @@ pub struct Broker {
     pub id: i32,
     pub host: String,
     pub port: i32,
+    /// The core node it runs beside, if it said (never shown to clients).
+    pub node: Option<String>,
+}
+
+impl Broker {
+    /// Its registration's metadata: `host:port`, then a line with its node if it has one
+    /// (a gateway of an older version, reading `host:port` only, drops such a member).
+    fn registration(&self) -> String {
+        match &self.node {
+            Some(node) => format!("{}:{}\n{node}", self.host, self.port),
+            None => format!("{}:{}", self.host, self.port),
+        }
+    }
+
+    fn from_registration(id: i32, metadata: &[u8]) -> Option<Self> {
+        let text = std::str::from_utf8(metadata).ok()?;
+        let (addr, node) = match text.split_once('\n') {
+            Some((addr, node)) => (addr, Some(node.to_string())),
+            None => (text, None),
+        };
+        let (host, port) = addr.rsplit_once(':')?;
+        Some(Broker {
+            id,
+            host: host.to_string(),
+            port: port.parse().ok()?,
+            node,
+        })
+    }
+}
+
+/// Which node serves which shard, as a core node last said.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ShardMap {
+    scheme: Scheme,
+    /// `owners[s]`: the node serving shard `s`, empty while nobody does.
+    owners: Vec<String>,
 }
 
 /// This gateway's place in the fleet.
@@ -42,12 +101,15 @@ pub struct Fleet {
     group: String,
     /// Sorted by id; always holds `me`.
     brokers: RwLock<Vec<Broker>>,
+    /// `None` unless the core is a cluster serving shards.
+    shards: RwLock<Option<ShardMap>>,
 }
 
 impl Fleet {
     pub fn new(me: Broker, namespace: String, listener: &str) -> Self {
         Self {
             brokers: RwLock::new(vec![me.clone()]),
+            shards: RwLock::new(None),
             me,
             namespace,
             group: format!("kafka-brokers-{listener}"),
@@ -68,33 +130,66 @@ impl Fleet {
         self.brokers.read().clone()
     }
 
-    /// The broker given `key` (a topic and partition, or a coordinator key).
+    /// The broker given a coordinator `key` (a group or transactional id): groups and
+    /// transactions live in the namespace's home shard.
     pub fn owner(&self, key: &[u8]) -> Broker {
         let brokers = self.brokers.read();
-        brokers[(fnv1a(key) % brokers.len() as u64) as usize].clone()
+        let pool = self.beside_owner(None, &brokers);
+        pool[(fnv1a(key) % pool.len() as u64) as usize].clone()
     }
 
     /// The partition's leader: partitions of one topic go round the brokers from a point
     /// the topic's name picks, so several topics do not all start on the first broker.
     pub fn leader(&self, topic: &str, partition: i32) -> i32 {
         let brokers = self.brokers.read();
+        let pool = self.beside_owner(Some(&stream_unit(topic)), &brokers);
         let start = fnv1a(topic.as_bytes()) as usize;
-        brokers[start.wrapping_add(partition as usize) % brokers.len()].id
+        pool[start.wrapping_add(partition as usize) % pool.len()].id
+    }
+
+    /// The brokers beside the node serving `unit`'s shard (the namespace's home for `None`),
+    /// or all of them when none is, or the shards are unknown. Never empty.
+    fn beside_owner<'a>(&self, unit: Option<&str>, brokers: &'a [Broker]) -> Vec<&'a Broker> {
+        if let Some(map) = &*self.shards.read() {
+            let shards = map.owners.len() as u32;
+            let shard = shard_of_unit(map.scheme, &self.namespace, unit, shards);
+            let owner = &map.owners[shard as usize];
+            let beside: Vec<&Broker> = brokers
+                .iter()
+                .filter(|b| !owner.is_empty() && b.node.as_deref() == Some(owner.as_str()))
+                .collect();
+            if !beside.is_empty() {
+                return beside;
+            }
+        }
+        brokers.iter().collect()
+    }
+
+    /// Takes a core node's answer to `DescribeShards`.
+    fn set_shards(&self, answer: Option<v1::DescribeShardsResponse>) {
+        let map = answer.and_then(|a| {
+            let scheme = Scheme::parse(&a.scheme)?;
+            (a.shards > 0 && a.owners.len() == a.shards as usize).then_some(ShardMap {
+                scheme,
+                owners: a.owners,
+            })
+        });
+        let mut current = self.shards.write();
+        if *current != map {
+            match &map {
+                Some(m) => {
+                    info!(owners = ?m.owners, "Kafka leaders follow the shards' owners")
+                }
+                None => info!("Kafka leaders spread by a hash: the core serves no shards"),
+            }
+            *current = map;
+        }
     }
 
     fn set(&self, members: &[v1::GroupMember]) {
         let mut list: Vec<Broker> = members
             .iter()
-            .filter_map(|m| {
-                let id: i32 = m.member_id.parse().ok()?;
-                let addr = std::str::from_utf8(&m.metadata).ok()?;
-                let (host, port) = addr.rsplit_once(':')?;
-                Some(Broker {
-                    id,
-                    host: host.to_string(),
-                    port: port.parse().ok()?,
-                })
-            })
+            .filter_map(|m| Broker::from_registration(m.member_id.parse().ok()?, &m.metadata))
             .filter(|b| b.id != self.me.id)
             .collect();
         list.push(self.me.clone());
@@ -106,6 +201,23 @@ impl Fleet {
         }
     }
 
+    /// Reads which node serves which shard; keeps the last map when the core cannot say.
+    async fn refresh_shards(&self, core: &CoreClient) {
+        match core
+            .cluster
+            .clone()
+            .describe_shards(v1::DescribeShardsRequest {})
+            .await
+        {
+            Ok(r) => self.set_shards(Some(r.into_inner())),
+            // A core older than the call: no shards as far as leaders go.
+            Err(s) if s.code() == tonic::Code::Unimplemented => self.set_shards(None),
+            Err(s) => {
+                debug!(error = %s.message(), "cannot read the shards' owners; keeping the last")
+            }
+        }
+    }
+
     /// Registers this gateway and keeps the broker list fresh until `stop`, then takes the
     /// registration back so the others stop listing this gateway at once.
     pub fn spawn(
@@ -114,6 +226,22 @@ impl Fleet {
         mut stop: watch::Receiver<bool>,
     ) -> JoinHandle<()> {
         let fleet = self.clone();
+        // The owners are read apart from the registration, and more often: a node's view of
+        // them changes once per lease round, and a registration stuck on a dead node must not
+        // hold the leaders back.
+        let shards = {
+            let (fleet, core, mut stop) = (fleet.clone(), core.clone(), stop.clone());
+            async move {
+                loop {
+                    fleet.refresh_shards(&core).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(SHARDS_REFRESH) => {}
+                        _ = stop.wait_for(|s| *s) => break,
+                    }
+                }
+            }
+        };
+        let shards = tokio::spawn(shards);
         tokio::spawn(async move {
             let mut failing = false;
             loop {
@@ -122,7 +250,7 @@ impl Fleet {
                     group: fleet.group.clone(),
                     member_id: fleet.member_id(),
                     client_host: fleet.me.host.clone(),
-                    metadata: format!("{}:{}", fleet.me.host, fleet.me.port).into(),
+                    metadata: fleet.me.registration().into(),
                     ttl_ms: TTL.as_millis() as i32,
                     protocol_type: PROTOCOL_TYPE.into(),
                 };
@@ -160,19 +288,9 @@ impl Fleet {
             if let Ok(Err(s)) = tokio::time::timeout(Duration::from_secs(1), leave).await {
                 debug!(error = %s.message(), "Kafka broker not unregistered; it expires by itself");
             }
+            let _ = shards.await;
         })
     }
-}
-
-/// 64-bit FNV-1a: stable across processes and versions, so every gateway of a fleet hashes
-/// a key to the same broker.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in bytes {
-        h ^= u64::from(*b);
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    h
 }
 
 #[cfg(test)]
@@ -193,6 +311,7 @@ mod tests {
                 id: 2,
                 host: "10.0.0.2".into(),
                 port: 9092,
+                node: None,
             },
             "default".into(),
             "plain",
@@ -226,6 +345,7 @@ mod tests {
                 id: 1,
                 host: "h1".into(),
                 port: 9093,
+                node: None,
             },
             "default".into(),
             "plain",
@@ -239,5 +359,90 @@ mod tests {
             assert_eq!(a.leader("orders", p), b.leader("orders", p));
         }
         assert_eq!(a.owner(b"group-x"), b.owner(b"group-x"));
+    }
+
+    fn shard_map(scheme: &str, owners: &[&str]) -> Option<v1::DescribeShardsResponse> {
+        Some(v1::DescribeShardsResponse {
+            shards: owners.len() as u32,
+            scheme: scheme.into(),
+            owners: owners.iter().map(|o| o.to_string()).collect(),
+            node: "n1".into(),
+        })
+    }
+
+    #[test]
+    fn a_registration_carries_the_node_and_reads_back() {
+        let with = Broker {
+            id: 4,
+            host: "::1".into(),
+            port: 9092,
+            node: Some("core-4".into()),
+        };
+        let read = Broker::from_registration(4, with.registration().as_bytes());
+        assert_eq!(read.as_ref(), Some(&with));
+        let without = Broker { node: None, ..with };
+        let read = Broker::from_registration(4, without.registration().as_bytes());
+        assert_eq!(read, Some(without));
+        assert_eq!(Broker::from_registration(4, b"no-port\ncore-4"), None);
+    }
+
+    #[test]
+    fn leaders_and_coordinators_follow_the_node_serving_the_shard() {
+        let f = fleet();
+        f.set(&[
+            member(1, "h1:9092\nn1"),
+            member(3, "h3:9092\nn3"),
+            member(5, "h5:9092\nn3"),
+        ]);
+        let ns = "default";
+        let shard =
+            |topic: &str| shard_of_unit(Scheme::Stream, ns, Some(&stream_unit(topic)), 4) as usize;
+        // Under the stream scheme each topic's partitions go to the gateways beside its
+        // shard's node: n1 serves shards 0 and 1, n3 shards 2 and 3.
+        f.set_shards(shard_map("stream", &["n1", "n1", "n3", "n3"]));
+        let topics: Vec<String> = (0..40).map(|i| format!("t{i}")).collect();
+        let mut on_n3 = std::collections::BTreeSet::new();
+        for t in &topics {
+            for p in 0..4 {
+                let leader = f.leader(t, p);
+                if shard(t) < 2 {
+                    assert_eq!(leader, 1, "{t}/{p}");
+                } else {
+                    assert!([3, 5].contains(&leader), "{t}/{p}: {leader}");
+                    on_n3.insert(leader);
+                }
+            }
+        }
+        assert_eq!(
+            on_n3.into_iter().collect::<Vec<_>>(),
+            [3, 5],
+            "both gateways on n3 lead"
+        );
+        // Coordinators live at the namespace's home shard.
+        let home = shard_of_unit(Scheme::Stream, ns, None, 4);
+        let expected: &[i32] = if home < 2 { &[1] } else { &[3, 5] };
+        assert!(expected.contains(&f.owner(b"group-x").id));
+
+        // The shard moves (its node died): its partitions follow the new owner.
+        let t = topics.iter().find(|t| shard(t) >= 2).unwrap();
+        f.set_shards(shard_map("stream", &["n1", "n1", "n1", "n1"]));
+        assert_eq!(f.leader(t, 0), 1);
+        // Nobody beside the owner (a node without a gateway), or no owner: the hash over all.
+        f.set_shards(shard_map("stream", &["n9", "", "n9", ""]));
+        let all: std::collections::BTreeSet<i32> = topics.iter().map(|t| f.leader(t, 0)).collect();
+        assert_eq!(all.into_iter().collect::<Vec<_>>(), [1, 2, 3, 5]);
+        // The namespace scheme: every topic of the namespace at its home.
+        f.set_shards(shard_map("namespace", &["n1", "n3", "n1", "n3"]));
+        let home_node = if shard_of_unit(Scheme::Namespace, ns, None, 4) % 2 == 0 {
+            vec![1]
+        } else {
+            vec![3, 5]
+        };
+        for t in &topics {
+            assert!(home_node.contains(&f.leader(t, 1)), "{t}");
+        }
+        // A core that serves no shards: the hash again.
+        f.set_shards(Some(v1::DescribeShardsResponse::default()));
+        assert!(f.shards.read().is_none());
     }
 }

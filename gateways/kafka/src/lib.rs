@@ -65,9 +65,8 @@ pub struct KafkaConfig {
     /// Session timeouts JoinGroup accepts, in ms (group.min/max.session.timeout.ms);
     /// others get INVALID_SESSION_TIMEOUT.
     pub session_timeout_ms: std::ops::RangeInclusive<i32>,
-    /// A fleet of gateways (`kafka_broker_id`): this gateway's broker id and the listener
-    /// kind its registration is grouped under (`plain` or `tls`). `None`: the only broker.
-    pub fleet: Option<(i32, &'static str)>,
+    /// A fleet of gateways (`kafka_broker_id`). `None`: the only broker.
+    pub fleet: Option<fleet::FleetConfig>,
 }
 
 impl KafkaConfig {
@@ -111,15 +110,16 @@ impl Gateway {
             .authorizer
             .as_ref()
             .map(|a| acl::Authorizer::new(a, &config.namespace));
-        let fleet = config.fleet.map(|(id, listener)| {
+        let fleet = config.fleet.as_ref().map(|f| {
             Arc::new(fleet::Fleet::new(
                 fleet::Broker {
-                    id,
+                    id: f.broker_id,
                     host: config.advertised_host.clone(),
                     port: i32::from(config.advertised_port),
+                    node: f.node.clone(),
                 },
                 config.namespace.clone(),
-                listener,
+                f.listener,
             ))
         });
         Arc::new(Self {
@@ -151,6 +151,7 @@ impl Gateway {
                 id: metadata::NODE_ID,
                 host: self.config.advertised_host.clone(),
                 port: i32::from(self.config.advertised_port),
+                node: None,
             }],
         }
     }
