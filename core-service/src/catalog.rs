@@ -23,7 +23,7 @@
 
 use std::collections::BTreeMap;
 
-use tracing::info;
+use tracing::{info, warn};
 use tributary_storage::{Check, Op};
 
 use crate::meta::{NamespaceRecord, StreamRecord};
@@ -119,14 +119,31 @@ impl Core {
     }
 
     /// Lists (or relists, after a change) a stream this core holds.
+    ///
+    /// A stream of a namespace homed on another shard is listed only while the namespace's
+    /// entry is there, in one transaction: its home unlists a namespace before counting its
+    /// streams here, so a create racing a delete either is counted (and the delete refused)
+    /// or finds the namespace gone (NamespaceNotFound), never leaves a stream behind it.
     pub(crate) async fn catalog_stream(&self, record: &StreamRecord) -> CoreResult<()> {
         let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
             return Ok(());
         };
+        let ns = &record.namespace;
+        let mut checks = Vec::new();
+        if !p.is_home_of(ns) {
+            let key = namespace_key(tributary_proto::placement::shard_of(ns, p.shards), ns);
+            match catalog.get(&key).await? {
+                Some(entry) => checks.push(Check {
+                    key,
+                    value: Some(entry.to_vec()),
+                }),
+                None => return Err(CoreError::NamespaceNotFound(ns.clone())),
+            }
+        }
         let value = meta::to_json(record);
-        catalog
+        let listed = catalog
             .txn(
-                Vec::<Check>::new(),
+                checks,
                 vec![
                     Op::Put {
                         key: stream_key(&record.namespace, &record.name),
@@ -139,6 +156,9 @@ impl Core {
                 ],
             )
             .await?;
+        if !listed {
+            return Err(CoreError::NamespaceNotFound(ns.clone()));
+        }
         Ok(())
     }
 
@@ -245,8 +265,16 @@ impl Core {
                 .remove(&key)
                 .is_some_and(|v| v[..] == meta::to_json(&record)[..]);
             if !same {
-                info!(stream = %format!("{}/{}", record.namespace, record.name), "catalog: listing a stream as its record says");
-                self.catalog_stream(&record).await?;
+                let label = format!("{}/{}", record.namespace, record.name);
+                info!(stream = %label, "catalog: listing a stream as its record says");
+                match self.catalog_stream(&record).await {
+                    // Made as its namespace was deleted, then stopped before it could
+                    // remove itself: kept, unlisted, for an operator to look at.
+                    Err(CoreError::NamespaceNotFound(_)) => {
+                        warn!(stream = %label, "catalog: a stream of a namespace deleted meanwhile is kept but not listed; delete it or make the namespace again");
+                    }
+                    done => done?,
+                }
             }
         }
         for (_, raw) in listed {

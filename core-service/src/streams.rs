@@ -587,13 +587,25 @@ impl Core {
         self.start_stream_forwarders(&handle, 0, true);
         info!(partitions, "stream created");
         // Last: a failure leaves a working stream that a retry (or the next open) lists.
-        self.catalog_stream(&listed).await?;
+        match self.catalog_stream(&listed).await {
+            Err(CoreError::NamespaceNotFound(ns)) => {
+                // Its namespace was deleted at its home meanwhile: nothing of it stays.
+                self.delete_stream_locked(&id).await?;
+                return Err(CoreError::NamespaceNotFound(ns));
+            }
+            done => done?,
+        }
         Ok((self.describe_handle(&handle).await?, true))
     }
 
     #[instrument(skip_all, fields(stream = %stream_label(id)))]
     pub async fn delete_stream(&self, id: &v1::StreamId) -> CoreResult<()> {
         let _admin = self.inner.admin.lock().await;
+        self.delete_stream_locked(id).await
+    }
+
+    /// [`Self::delete_stream`] with the admin lock held.
+    async fn delete_stream_locked(&self, id: &v1::StreamId) -> CoreResult<()> {
         let handle = self.stream(id)?;
         let (ns, name) = stream_key(id);
         let stream_id = handle.record.read().id;

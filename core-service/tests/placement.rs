@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use tributary_core::meta::StreamSettings;
 use tributary_core::{Core, CoreConfig, CoreError, Placement, Scheme};
-use tributary_proto::placement::shard_of;
+use tributary_proto::placement::{shard_of, shard_of_unit, stream_unit};
 use tributary_proto::v1;
 use tributary_storage::local::{LocalLogConfig, LocalLogStore};
 use tributary_storage::memory::MemoryMetaStore;
@@ -184,13 +184,26 @@ async fn open_in_shard(
     catalog: Arc<dyn MetaStore>,
     shard: u32,
 ) -> Core {
+    open_placed(dir, meta, catalog, shard, Scheme::Namespace).await
+}
+
+async fn open_placed(
+    dir: &Path,
+    meta: Arc<dyn MetaStore>,
+    catalog: Arc<dyn MetaStore>,
+    shard: u32,
+    scheme: Scheme,
+) -> Core {
     let log = LocalLogStore::open(dir.join("log"), LocalLogConfig::default()).unwrap();
+    let spread = scheme == Scheme::Stream;
     let config = CoreConfig {
         placement: Some(Placement {
             shard,
             shards: SHARDS,
-            scheme: Scheme::Namespace,
+            scheme,
         }),
+        mqtt_streams: !spread,
+        stream_exchanges: !spread,
         ..CoreConfig::default()
     };
     Core::open_in_shard(log, meta, catalog, config)
@@ -283,4 +296,117 @@ async fn every_shard_lists_every_namespace_from_the_catalog() {
     .await;
     assert_eq!(all_names(&reopened).await, want);
     reopened.shutdown().await.unwrap();
+}
+
+/// A catalog in which a namespace's home unlists `key` right after the next read of it: a
+/// delete of the namespace landing between a create's lookup and its catalog write.
+struct UnlistedAfterLookup {
+    inner: Arc<dyn MetaStore>,
+    key: Vec<u8>,
+    armed: std::sync::atomic::AtomicBool,
+}
+
+#[async_trait::async_trait]
+impl MetaStore for UnlistedAfterLookup {
+    async fn get(&self, key: &[u8]) -> tributary_storage::Result<Option<bytes::Bytes>> {
+        let value = self.inner.get(key).await?;
+        if key == self.key && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            self.inner.delete(key).await?;
+        }
+        Ok(value)
+    }
+    async fn scan(
+        &self,
+        start: &[u8],
+        end: &[u8],
+        limit: usize,
+    ) -> tributary_storage::Result<Vec<(Vec<u8>, bytes::Bytes)>> {
+        self.inner.scan(start, end, limit).await
+    }
+    async fn txn(
+        &self,
+        checks: Vec<tributary_storage::Check>,
+        ops: Vec<tributary_storage::Op>,
+    ) -> tributary_storage::Result<bool> {
+        self.inner.txn(checks, ops).await
+    }
+}
+
+#[tokio::test]
+async fn a_stream_made_as_its_namespace_is_deleted_elsewhere_does_not_outlive_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let shared: Arc<dyn MetaStore> = Arc::new(MemoryMetaStore::new());
+    let catalog: Arc<dyn MetaStore> =
+        Arc::new(PrefixedMetaStore::new(shared.clone(), b"catalog/".to_vec()));
+    let meta = |s: u32| -> Arc<dyn MetaStore> {
+        Arc::new(PrefixedMetaStore::new(
+            shared.clone(),
+            format!("shards/{s}/").into_bytes(),
+        ))
+    };
+    // A namespace homed on shard 0, and a stream of it placed on shard 1.
+    let ns = namespace_at(0);
+    let name = (0..)
+        .map(|n| format!("topic-{n}"))
+        .find(|t| shard_of_unit(Scheme::Stream, &ns, Some(&stream_unit(t)), SHARDS) == 1)
+        .unwrap();
+    let home = open_placed(
+        &dir.path().join("s0"),
+        meta(0),
+        catalog.clone(),
+        0,
+        Scheme::Stream,
+    )
+    .await;
+    home.create_namespace(&ns, Default::default(), false)
+        .await
+        .unwrap();
+    let racing = Arc::new(UnlistedAfterLookup {
+        inner: catalog.clone(),
+        key: format!("ns/{:06}/{ns}", 0).into_bytes(),
+        armed: true.into(),
+    });
+    let away = open_placed(
+        &dir.path().join("s1"),
+        meta(1),
+        racing.clone(),
+        1,
+        Scheme::Stream,
+    )
+    .await;
+
+    // The create found the namespace, then its home unlisted it (the first step of a
+    // delete): the create fails, and nothing of the stream stays to outlive the namespace.
+    let refused = create_stream(&away, &ns, &name).await.unwrap_err();
+    assert!(
+        matches!(refused, CoreError::NamespaceNotFound(_)),
+        "{refused:?}"
+    );
+    assert!(!racing.armed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(away.list_all_streams().await.unwrap().is_empty());
+    assert!(
+        catalog
+            .scan_prefix(b"stream/", usize::MAX)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    // So the home counts no stream and the delete goes through.
+    home.delete_namespace(&ns).await.unwrap();
+
+    // Without the race, the same create lists the stream at the namespace's home.
+    home.create_namespace(&ns, Default::default(), false)
+        .await
+        .unwrap();
+    create_stream(&away, &ns, &name).await.unwrap();
+    let listed: Vec<String> = home
+        .list_streams(&ns)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.id.unwrap().name)
+        .collect();
+    assert_eq!(listed, [name.clone()]);
+    home.shutdown().await.unwrap();
+    away.shutdown().await.unwrap();
 }
