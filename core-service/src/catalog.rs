@@ -96,6 +96,11 @@ impl Core {
         Ok(())
     }
 
+    /// Whether namespace `ns` is held by this core (its home, or the only core).
+    pub(crate) fn owns_namespace(&self, ns: &str) -> bool {
+        self.inner.config.placement.is_none_or(|p| p.is_home_of(ns))
+    }
+
     /// Whether namespaces' streams are spread apart from their homes, so that this core lists
     /// them, checks namespaces and validates commits from the catalog.
     pub(crate) fn streams_spread(&self) -> bool {
@@ -120,10 +125,13 @@ impl Core {
 
     /// Lists (or relists, after a change) a stream this core holds.
     ///
-    /// A stream of a namespace homed on another shard is listed only while the namespace's
-    /// entry is there, in one transaction: its home unlists a namespace before counting its
-    /// streams here, so a create racing a delete either is counted (and the delete refused)
-    /// or finds the namespace gone (NamespaceNotFound), never leaves a stream behind it.
+    /// A stream of a namespace homed on another shard is listed anew only while the
+    /// namespace's entry is there, in one transaction: its home unlists a namespace before
+    /// counting its streams here, so a create racing a delete either is counted (and the
+    /// delete refused) or finds the namespace gone (NamespaceNotFound), never leaves a stream
+    /// behind it. A stream already listed is relisted while its own entry is unchanged: the
+    /// entry already holds a delete back, and a delete that was refused (and relists the
+    /// namespace) must not fail a change made meanwhile.
     pub(crate) async fn catalog_stream(&self, record: &StreamRecord) -> CoreResult<()> {
         let (Some(catalog), Some(p)) = (&self.inner.catalog, self.inner.config.placement) else {
             return Ok(());
@@ -131,14 +139,19 @@ impl Core {
         let ns = &record.namespace;
         let mut checks = Vec::new();
         if !p.is_home_of(ns) {
-            let key = namespace_key(tributary_proto::placement::shard_of(ns, p.shards), ns);
-            match catalog.get(&key).await? {
-                Some(entry) => checks.push(Check {
-                    key,
-                    value: Some(entry.to_vec()),
-                }),
-                None => return Err(CoreError::NamespaceNotFound(ns.clone())),
-            }
+            let own = stream_key(ns, &record.name);
+            let home = namespace_key(tributary_proto::placement::shard_of(ns, p.shards), ns);
+            let check = match catalog.get(&own).await? {
+                Some(entry) => (own, entry),
+                None => match catalog.get(&home).await? {
+                    Some(entry) => (home, entry),
+                    None => return Err(CoreError::NamespaceNotFound(ns.clone())),
+                },
+            };
+            checks.push(Check {
+                key: check.0,
+                value: Some(check.1.to_vec()),
+            });
         }
         let value = meta::to_json(record);
         let listed = catalog

@@ -24,6 +24,7 @@ use crate::streams::namespace_or_default;
 const DEFAULT_TTL: Duration = Duration::from_secs(120);
 
 struct Member {
+    client_id: String,
     client_host: String,
     metadata: Bytes,
     expires: Instant,
@@ -49,6 +50,7 @@ impl LeaseGroup {
             .iter()
             .map(|(id, m)| v1::GroupMember {
                 member_id: id.clone(),
+                client_id: m.client_id.clone(),
                 client_host: m.client_host.clone(),
                 metadata: m.metadata.clone(),
                 ..Default::default()
@@ -96,7 +98,7 @@ impl MemberLeases {
         &self,
         key: Key,
         member_id: &str,
-        client_host: &str,
+        (client_id, client_host): (&str, &str),
         metadata: Bytes,
         ttl: Duration,
     ) -> Members {
@@ -105,6 +107,7 @@ impl MemberLeases {
         let g = all.by_key.entry(key.clone()).or_default();
         let mut changed = g.expire(now);
         let m = Member {
+            client_id: client_id.to_string(),
             client_host: client_host.to_string(),
             metadata,
             expires: now + ttl,
@@ -236,7 +239,7 @@ impl Core {
         let m = self.inner.groups.leases.register(
             key,
             &req.member_id,
-            &req.client_host,
+            (&req.client_id, &req.client_host),
             req.metadata,
             ttl,
         );
@@ -285,13 +288,14 @@ mod tests {
     fn versions_grow_with_changes_only_and_never_repeat() {
         let t = MemberLeases::default();
         let ttl = Duration::from_secs(60);
-        let a = t.register(key("g"), "b", "h", Bytes::new(), ttl);
+        let a = t.register(key("g"), "b", ("", "h"), Bytes::new(), ttl);
         assert!(a.changed);
-        let again = t.register(key("g"), "b", "h2", Bytes::new(), ttl);
+        let again = t.register(key("g"), "b", ("core-2", "h2"), Bytes::new(), ttl);
         assert!(!again.changed);
         assert_eq!(again.version, a.version);
         assert_eq!(again.members[0].client_host, "h2");
-        let two = t.register(key("g"), "a", "h", Bytes::new(), ttl);
+        assert_eq!(again.members[0].client_id, "core-2");
+        let two = t.register(key("g"), "a", ("", "h"), Bytes::new(), ttl);
         assert!(two.changed && two.version > a.version);
         assert_eq!(
             two.members
@@ -304,7 +308,7 @@ mod tests {
         let gone2 = t.unregister(key("g"), "b");
         assert!(gone.changed && gone2.changed && gone2.members.is_empty());
         assert_eq!(t.list(key("g")).version, 0);
-        let back = t.register(key("g"), "a", "h", Bytes::new(), ttl);
+        let back = t.register(key("g"), "a", ("", "h"), Bytes::new(), ttl);
         assert!(back.version > gone2.version);
     }
 }

@@ -532,6 +532,11 @@ impl Core {
         settings.validate()?;
         let backend = self.resolve_backend(settings.storage.as_deref())?;
         let _admin = self.inner.admin.lock().await;
+        // A delete of a namespace this core holds may have run while this waited for the lock
+        // (one held elsewhere is checked again as the stream is listed).
+        if self.owns_namespace(&ns) {
+            self.require_namespace(&ns)?;
+        }
         if let Ok(existing) = self.stream(&id) {
             if !if_not_exists {
                 return Err(CoreError::StreamExists(stream_label(&id)));

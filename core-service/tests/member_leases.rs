@@ -44,6 +44,7 @@ fn reg(group: &str, member: &str, ttl_ms: i32) -> v1::RegisterMemberRequest {
         group: group.into(),
         member_id: member.into(),
         client_host: format!("10.0.0.1@{member}"),
+        client_id: format!("client-{member}"),
         metadata: Bytes::from(format!("meta-{member}")),
         ttl_ms,
         protocol_type: "rocketmq".into(),
@@ -82,6 +83,7 @@ async fn members_register_renew_and_leave_with_a_version() {
     assert!(b.changed);
     assert_eq!(ids(&b.members), ["b"]);
     assert_eq!(b.members[0].client_host, "10.0.0.1@b");
+    assert_eq!(b.members[0].client_id, "client-b");
     assert_eq!(&b.members[0].metadata[..], b"meta-b");
     let a = g
         .register_member(reg("cg", "a", 60_000))

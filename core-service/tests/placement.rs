@@ -3,6 +3,8 @@
 
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::AtomicUsize;
+use std::sync::atomic::Ordering::SeqCst;
 
 use tributary_core::meta::StreamSettings;
 use tributary_core::{Core, CoreConfig, CoreError, Placement, Scheme};
@@ -298,19 +300,21 @@ async fn every_shard_lists_every_namespace_from_the_catalog() {
     reopened.shutdown().await.unwrap();
 }
 
-/// A catalog in which a namespace's home unlists `key` right after the next read of it: a
-/// delete of the namespace landing between a create's lookup and its catalog write.
-struct UnlistedAfterLookup {
+/// A catalog in which a namespace's home unlists `key` right after the `reads`-th next read
+/// of it: a delete of the namespace landing while a create on another shard runs.
+struct UnlistedAfterReads {
     inner: Arc<dyn MetaStore>,
     key: Vec<u8>,
-    armed: std::sync::atomic::AtomicBool,
+    /// Reads of `key` left before it goes; 0: never.
+    reads: AtomicUsize,
 }
 
 #[async_trait::async_trait]
-impl MetaStore for UnlistedAfterLookup {
+impl MetaStore for UnlistedAfterReads {
     async fn get(&self, key: &[u8]) -> tributary_storage::Result<Option<bytes::Bytes>> {
         let value = self.inner.get(key).await?;
-        if key == self.key && self.armed.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        let counted = |r: usize| r.checked_sub(1);
+        if key == self.key && self.reads.fetch_update(SeqCst, SeqCst, counted) == Ok(1) {
             self.inner.delete(key).await?;
         }
         Ok(value)
@@ -361,10 +365,10 @@ async fn a_stream_made_as_its_namespace_is_deleted_elsewhere_does_not_outlive_it
     home.create_namespace(&ns, Default::default(), false)
         .await
         .unwrap();
-    let racing = Arc::new(UnlistedAfterLookup {
+    let racing = Arc::new(UnlistedAfterReads {
         inner: catalog.clone(),
         key: format!("ns/{:06}/{ns}", 0).into_bytes(),
-        armed: true.into(),
+        reads: AtomicUsize::new(0),
     });
     let away = open_placed(
         &dir.path().join("s1"),
@@ -376,28 +380,33 @@ async fn a_stream_made_as_its_namespace_is_deleted_elsewhere_does_not_outlive_it
     .await;
 
     // The create found the namespace, then its home unlisted it (the first step of a
-    // delete): the create fails, and nothing of the stream stays to outlive the namespace.
-    let refused = create_stream(&away, &ns, &name).await.unwrap_err();
-    assert!(
-        matches!(refused, CoreError::NamespaceNotFound(_)),
-        "{refused:?}"
-    );
-    assert!(!racing.armed.load(std::sync::atomic::Ordering::SeqCst));
-    assert!(away.list_all_streams().await.unwrap().is_empty());
-    assert!(
-        catalog
-            .scan_prefix(b"stream/", usize::MAX)
+    // delete): right after the create's lookup, or between the listing's read of the entry
+    // and its transaction (which then fails its check). The create fails, and nothing of the
+    // stream stays to outlive the namespace.
+    for reads in [1, 2] {
+        racing.reads.store(reads, SeqCst);
+        let refused = create_stream(&away, &ns, &name).await.unwrap_err();
+        assert!(
+            matches!(refused, CoreError::NamespaceNotFound(_)),
+            "unlisted after {reads} reads: {refused:?}"
+        );
+        assert_eq!(racing.reads.load(SeqCst), 0, "unlisted after {reads} reads");
+        assert!(away.list_all_streams().await.unwrap().is_empty());
+        assert!(
+            catalog
+                .scan_prefix(b"stream/", usize::MAX)
+                .await
+                .unwrap()
+                .is_empty()
+        );
+        // So the home counts no stream and the delete goes through.
+        home.delete_namespace(&ns).await.unwrap();
+        home.create_namespace(&ns, Default::default(), false)
             .await
-            .unwrap()
-            .is_empty()
-    );
-    // So the home counts no stream and the delete goes through.
-    home.delete_namespace(&ns).await.unwrap();
+            .unwrap();
+    }
 
     // Without the race, the same create lists the stream at the namespace's home.
-    home.create_namespace(&ns, Default::default(), false)
-        .await
-        .unwrap();
     create_stream(&away, &ns, &name).await.unwrap();
     let listed: Vec<String> = home
         .list_streams(&ns)
@@ -407,6 +416,24 @@ async fn a_stream_made_as_its_namespace_is_deleted_elsewhere_does_not_outlive_it
         .map(|s| s.id.unwrap().name)
         .collect();
     assert_eq!(listed, [name.clone()]);
+
+    // A listed stream holds a delete back: the home unlists the namespace, finds the stream
+    // and lists the namespace again. A change to the stream made meanwhile is listed, not
+    // refused.
+    let entry = catalog.get(&racing.key).await.unwrap().unwrap();
+    catalog.delete(&racing.key).await.unwrap();
+    away.create_partitions(&v1::StreamId::new(&ns, &name), 3, false)
+        .await
+        .unwrap();
+    let partitions: Vec<u32> = home
+        .list_streams(&ns)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|s| s.partitions)
+        .collect();
+    catalog.put(&racing.key, &entry).await.unwrap();
+    assert_eq!(partitions, [3]);
     home.shutdown().await.unwrap();
     away.shutdown().await.unwrap();
 }

@@ -10,12 +10,13 @@
 //! anyway, never answered NOT_LEADER.
 //!
 //! In a cluster serving shards, a gateway started beside a core node (`kafka_broker_node`)
-//! says so in its registration, and every gateway reads which node serves which shard at each
-//! second (`Cluster.DescribeShards`). A partition's leader is then one of the gateways beside
-//! the node serving the partition's shard, and a coordinator one beside the node serving the
-//! namespace's home shard, so clients' requests reach the node holding the data without
-//! crossing to another machine, and leadership moves when a shard does. Where no gateway runs
-//! beside that node, the hash over all of them stands.
+//! gives that node as its registration's client id, and every gateway reads which node
+//! serves which shard every [`SHARDS_REFRESH`] (`Cluster.DescribeShards`). A partition's
+//! leader is then one of the gateways beside the node serving the partition's shard, and a
+//! coordinator one beside the node serving the namespace's home shard, so clients' requests
+//! reach the node holding the data without crossing to another machine, and leadership moves
+//! when a shard does. Where no gateway runs beside that node, the hash over all of them
+//! stands.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -36,6 +37,8 @@ const PROTOCOL_TYPE: &str = "kafka-broker";
 /// How often a gateway reads which node serves which shard (a node's view of it changes
 /// once per lease round, at least every second).
 const SHARDS_REFRESH: Duration = Duration::from_secs(1);
+/// How long one reading of the shards' owners may take.
+const SHARDS_ASK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A gateway's place in a fleet, as configured.
 #[derive(Debug, Clone)]
@@ -59,27 +62,16 @@ pub struct Broker {
 }
 
 impl Broker {
-    /// Its registration's metadata: `host:port`, then a line with its node if it has one
-    /// (a gateway of an older version, reading `host:port` only, drops such a member).
-    fn registration(&self) -> String {
-        match &self.node {
-            Some(node) => format!("{}:{}\n{node}", self.host, self.port),
-            None => format!("{}:{}", self.host, self.port),
-        }
-    }
-
-    fn from_registration(id: i32, metadata: &[u8]) -> Option<Self> {
-        let text = std::str::from_utf8(metadata).ok()?;
-        let (addr, node) = match text.split_once('\n') {
-            Some((addr, node)) => (addr, Some(node.to_string())),
-            None => (text, None),
-        };
-        let (host, port) = addr.rsplit_once(':')?;
+    /// Reads a member of the fleet's group: `host:port` in its metadata, its node (if any)
+    /// as its client id.
+    fn from_member(m: &v1::GroupMember) -> Option<Self> {
+        let id = m.member_id.parse().ok()?;
+        let (host, port) = std::str::from_utf8(&m.metadata).ok()?.rsplit_once(':')?;
         Some(Broker {
             id,
             host: host.to_string(),
             port: port.parse().ok()?,
-            node,
+            node: Some(m.client_id.clone()).filter(|n| !n.is_empty()),
         })
     }
 }
@@ -176,11 +168,15 @@ impl Fleet {
         });
         let mut current = self.shards.write();
         if *current != map {
-            match &map {
-                Some(m) => {
+            match (&map, &self.me.node) {
+                (Some(m), Some(node)) if !m.owners.contains(node) => {
+                    // A node that is down or still joining, or a misspelt name.
+                    warn!(owners = ?m.owners, node = %node, "Kafka leaders follow the shards' owners; this gateway's kafka_broker_node serves no shard, so it leads nothing")
+                }
+                (Some(m), _) => {
                     info!(owners = ?m.owners, "Kafka leaders follow the shards' owners")
                 }
-                None => info!("Kafka leaders spread by a hash: the core serves no shards"),
+                (None, _) => info!("Kafka leaders spread by a hash: the core serves no shards"),
             }
             *current = map;
         }
@@ -189,7 +185,7 @@ impl Fleet {
     fn set(&self, members: &[v1::GroupMember]) {
         let mut list: Vec<Broker> = members
             .iter()
-            .filter_map(|m| Broker::from_registration(m.member_id.parse().ok()?, &m.metadata))
+            .filter_map(Broker::from_member)
             .filter(|b| b.id != self.me.id)
             .collect();
         list.push(self.me.clone());
@@ -203,18 +199,19 @@ impl Fleet {
 
     /// Reads which node serves which shard; keeps the last map when the core cannot say.
     async fn refresh_shards(&self, core: &CoreClient) {
-        match core
-            .cluster
-            .clone()
-            .describe_shards(v1::DescribeShardsRequest {})
-            .await
-        {
-            Ok(r) => self.set_shards(Some(r.into_inner())),
-            // A core older than the call: no shards as far as leaders go.
-            Err(s) if s.code() == tonic::Code::Unimplemented => self.set_shards(None),
-            Err(s) => {
+        let mut cluster = core.cluster.clone();
+        let ask = cluster.describe_shards(v1::DescribeShardsRequest {});
+        // Longer than the client takes to give up on a node (2 s to connect, 2 s of silence),
+        // so that a dead node's error moves the client to the next one rather than this
+        // timeout cutting the call short each time.
+        match tokio::time::timeout(SHARDS_ASK_TIMEOUT, ask).await {
+            Ok(Ok(r)) => self.set_shards(Some(r.into_inner())),
+            // A node older than the call (during an upgrade, say) or one that does not
+            // answer: the last map stands rather than leaders flapping to the hash and back.
+            Ok(Err(s)) => {
                 debug!(error = %s.message(), "cannot read the shards' owners; keeping the last")
             }
+            Err(_) => debug!("no answer about the shards' owners; keeping the last"),
         }
     }
 
@@ -250,7 +247,8 @@ impl Fleet {
                     group: fleet.group.clone(),
                     member_id: fleet.member_id(),
                     client_host: fleet.me.host.clone(),
-                    metadata: fleet.me.registration().into(),
+                    metadata: format!("{}:{}", fleet.me.host, fleet.me.port).into(),
+                    client_id: fleet.me.node.clone().unwrap_or_default(),
                     ttl_ms: TTL.as_millis() as i32,
                     protocol_type: PROTOCOL_TYPE.into(),
                 };
@@ -288,7 +286,7 @@ impl Fleet {
             if let Ok(Err(s)) = tokio::time::timeout(Duration::from_secs(1), leave).await {
                 debug!(error = %s.message(), "Kafka broker not unregistered; it expires by itself");
             }
-            let _ = shards.await;
+            shards.abort();
         })
     }
 }
@@ -370,30 +368,22 @@ mod tests {
         })
     }
 
-    #[test]
-    fn a_registration_carries_the_node_and_reads_back() {
-        let with = Broker {
-            id: 4,
-            host: "::1".into(),
-            port: 9092,
-            node: Some("core-4".into()),
-        };
-        let read = Broker::from_registration(4, with.registration().as_bytes());
-        assert_eq!(read.as_ref(), Some(&with));
-        let without = Broker { node: None, ..with };
-        let read = Broker::from_registration(4, without.registration().as_bytes());
-        assert_eq!(read, Some(without));
-        assert_eq!(Broker::from_registration(4, b"no-port\ncore-4"), None);
+    fn member_beside(id: i32, addr: &str, node: &str) -> v1::GroupMember {
+        v1::GroupMember {
+            client_id: node.into(),
+            ..member(id, addr)
+        }
     }
 
     #[test]
     fn leaders_and_coordinators_follow_the_node_serving_the_shard() {
         let f = fleet();
         f.set(&[
-            member(1, "h1:9092\nn1"),
-            member(3, "h3:9092\nn3"),
-            member(5, "h5:9092\nn3"),
+            member_beside(1, "h1:9092", "n1"),
+            member_beside(3, "h3:9092", "n3"),
+            member_beside(5, "h5:9092", "n3"),
         ]);
+        assert_eq!(f.brokers()[0].node.as_deref(), Some("n1"));
         let ns = "default";
         let shard =
             |topic: &str| shard_of_unit(Scheme::Stream, ns, Some(&stream_unit(topic)), 4) as usize;

@@ -149,6 +149,7 @@ pub(crate) async fn register_broker(gw: &Gateway) {
         metadata: Default::default(),
         ttl_ms: BROKER_TTL.as_millis() as i32,
         protocol_type: BROKER_LEASES.into(),
+        ..Default::default()
     };
     if let Err(s) = gw.core.groups.clone().register_member(req).await {
         tracing::warn!(error = %s.message(), "renewing the broker's lease failed");
@@ -172,6 +173,7 @@ async fn register_consumer(
             metadata: Default::default(),
             ttl_ms: CLIENT_EXPIRY.as_millis() as i32,
             protocol_type: CONSUMER_LEASES.into(),
+            ..Default::default()
         };
         let r = gw
             .core
