@@ -787,6 +787,7 @@ impl Server {
                 // Joined: the node serves (its share grows as the leases spread).
                 ready: Arc::new(AtomicBool::new(true)),
                 prometheus: admin::prometheus(),
+                users: Arc::new(settings.users.names()),
             };
             let router = admin::shards::router(state, admin_auth(settings));
             spawn_admin(

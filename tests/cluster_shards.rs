@@ -186,6 +186,84 @@ where
     }
 }
 
+fn json_get(node: &Server, path: &str) -> (u16, serde_json::Value) {
+    let (status, body) = common::http_get(node.admin.expect("the node's admin listener"), path);
+    let value = serde_json::from_str(&body).unwrap_or_else(|e| panic!("{path}: {e}: {body}"));
+    (status, value)
+}
+
+/// The admin API's reads on nodes serving shards: each node answers for what it holds, a
+/// call about a namespace or stream held elsewhere is answered 503 naming its node, and the
+/// nodes' answers together are the deployment's.
+fn check_admin_reads(
+    nodes: &[&Server],
+    namespaces: &[String],
+    acked: &BTreeMap<String, Vec<String>>,
+    every_namespace: &[String],
+) {
+    let names = ["a", "b"];
+    let mut streams_listed = Vec::new();
+    let mut answers: Vec<serde_json::Value> = Vec::new();
+    for node in nodes {
+        let (status, listed) = json_get(node, "/api/v1/namespaces");
+        assert_eq!(status, 200, "{listed}");
+        let mut got: Vec<String> = listed["namespaces"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|n| n["name"].as_str().unwrap().to_string())
+            .collect();
+        got.sort();
+        assert_eq!(got, every_namespace);
+        let (status, listed) = json_get(node, "/api/v1/streams");
+        assert_eq!(status, 200, "{listed}");
+        // The namespaces' `events` streams (a configured rule makes another).
+        for s in listed["streams"].as_array().unwrap() {
+            if s["name"] == "events" {
+                streams_listed.push(s["namespace"].as_str().unwrap().to_string());
+            }
+        }
+    }
+    streams_listed.sort();
+    assert_eq!(
+        streams_listed, namespaces,
+        "each node lists the streams it holds, once"
+    );
+    for ns in namespaces {
+        let home = shard_view(nodes[0], ns)["namespace"]["owner"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        for (node, name) in nodes.iter().zip(names) {
+            let (status, stream) = json_get(node, &format!("/api/v1/streams/{ns}/events"));
+            let (queues_status, queues) = json_get(node, &format!("/api/v1/queues?namespace={ns}"));
+            if name == home {
+                assert_eq!(status, 200, "{ns} on {name}: {stream}");
+                assert_eq!(
+                    stream["partition_info"][0]["end_offset"],
+                    acked[ns].len() as u64,
+                    "{ns}: {stream}"
+                );
+                assert_eq!(queues_status, 200, "{ns} on {name}: {queues}");
+            } else {
+                assert_eq!(status, 503, "{ns} on {name}: {stream}");
+                assert_eq!(stream["owner"], home.as_str(), "{ns}: {stream}");
+                assert_eq!(queues_status, 503, "{ns} on {name}: {queues}");
+            }
+        }
+    }
+    // Users are kept by the home shard's node; the other names it.
+    let answers: Vec<(u16, serde_json::Value)> =
+        nodes.iter().map(|n| json_get(n, "/api/v1/users")).collect();
+    assert_eq!(
+        answers.iter().filter(|(s, _)| *s == 200).count(),
+        1,
+        "{answers:?}"
+    );
+    let (_, users) = answers.iter().find(|(s, _)| *s == 200).unwrap();
+    assert!(users.to_string().contains("alice"), "{users}");
+}
+
 fn stream(namespace: &str) -> Option<v1::StreamId> {
     Some(v1::StreamId::new(namespace, "events"))
 }
@@ -400,6 +478,8 @@ async fn spread_kill_return(meta: Meta) {
             "{text}"
         );
     }
+
+    check_admin_reads(&[&a, &b], &namespaces, &acked, &want);
 
     assert_rule_declared(&client).await;
 

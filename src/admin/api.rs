@@ -22,6 +22,13 @@ pub(super) struct NamespaceQuery {
 }
 
 impl NamespaceQuery {
+    /// Namespace `ns` only.
+    pub(super) fn one(ns: String) -> Self {
+        Self {
+            namespace: Some(ns),
+        }
+    }
+
     fn namespaces(&self, s: &AdminState) -> Vec<String> {
         match &self.namespace {
             Some(ns) => vec![ns.clone()],
@@ -217,7 +224,7 @@ pub(super) async fn queues(
 
 #[derive(Deserialize)]
 pub(super) struct PeekQuery {
-    max: Option<usize>,
+    pub(super) max: Option<usize>,
 }
 
 /// Most messages one peek returns.
@@ -241,8 +248,8 @@ pub(super) async fn peek(
 
 #[derive(Deserialize)]
 pub(super) struct DeadLetterQuery {
-    namespace: Option<String>,
-    max: Option<usize>,
+    pub(super) namespace: Option<String>,
+    pub(super) max: Option<usize>,
 }
 
 /// The dead letters of every queue (of `?namespace=`), whatever protocol sent them and

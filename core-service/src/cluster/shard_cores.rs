@@ -109,6 +109,11 @@ impl ShardCores {
         self.cores.read().get(&shard).map(|s| s.routes.clone())
     }
 
+    /// How the deployment places units on its shards.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
     /// The shards this node serves.
     pub fn shards(&self) -> Vec<u32> {
         self.cores.read().keys().copied().collect()
