@@ -335,6 +335,11 @@ impl Core {
         Ok(())
     }
 
+    /// Turns true when the core starts shutting down.
+    pub(crate) fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.inner.shutdown.subscribe()
+    }
+
     fn check_running(&self) -> CoreResult<()> {
         if *self.inner.shutdown.borrow() {
             return Err(CoreError::ShuttingDown);

@@ -111,6 +111,10 @@ pub struct SessionStream {
     tx: EventSender,
     events: EventReceiver,
     ended: bool,
+    /// Ready once the core shuts down: the stream then ends, so that the gateway drops the
+    /// connection and its client reconnects to whoever serves the session next (a shard's
+    /// core shuts down when the shard moves to another node, its node still running).
+    core_stopping: Option<Waiting>,
 }
 
 impl SessionStream {
@@ -120,7 +124,12 @@ impl SessionStream {
         tx: EventSender,
         events: EventReceiver,
     ) -> Self {
+        let mut shutdown = core.shutdown_signal();
+        let core_stopping: Waiting = Box::pin(async move {
+            let _ = shutdown.wait_for(|stopping| *stopping).await;
+        });
         Self {
+            core_stopping: Some(core_stopping),
             commands: Some(commands),
             driver: Some(Driver {
                 core,
@@ -231,6 +240,19 @@ impl SessionStream {
         }
     }
 
+    /// The core is shutting down: no more commands are read. The one running finishes; an
+    /// idle session is detached (as for a lost connection), and then the events end.
+    fn stop_commands(&mut self) {
+        if self.commands.take().is_none() {
+            return;
+        }
+        if self.running.is_none()
+            && let Some(driver) = self.driver.take()
+        {
+            self.running = Some(Box::pin(driver.end()));
+        }
+    }
+
     /// No more commands: those queued are served, then the session is detached and the
     /// events end.
     pub fn end_commands(&mut self) {
@@ -247,6 +269,12 @@ impl Stream for SessionStream {
         let this = self.get_mut();
         if this.ended {
             return Poll::Ready(None);
+        }
+        if let Some(stopping) = &mut this.core_stopping
+            && stopping.as_mut().poll(cx).is_ready()
+        {
+            this.core_stopping = None;
+            this.stop_commands();
         }
         if this.poll_commands(cx) {
             cx.waker().wake_by_ref();

@@ -368,3 +368,24 @@ async fn a_message_for_several_persistent_sessions_is_stored_once() {
     }
     core.shutdown().await.unwrap();
 }
+
+/// A core that shuts down (a shard moving to another node, its node still running) ends its
+/// attached sessions' streams, so that gateways drop the connections and their clients
+/// reconnect to whoever serves the sessions next, rather than go on being served by a core
+/// that no longer owns them.
+#[tokio::test]
+async fn a_core_shutting_down_ends_its_attached_session_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    let (mut sub, _) = Conn::open(&core, "sub", false, 60_000).await;
+    sub.subscribe("t/#", 1).await;
+    let (mut idle, _) = Conn::open(&core, "idle", true, 0).await;
+    core.shutdown().await.unwrap();
+    for conn in [&mut sub, &mut idle] {
+        let end = tokio::time::timeout(Duration::from_secs(5), async {
+            while conn.rx.recv().await.is_some() {}
+        })
+        .await;
+        assert!(end.is_ok(), "a session stream outlived its core's shutdown");
+    }
+}
