@@ -1583,20 +1583,21 @@ impl Core {
         req: v1::SessionPublish,
         rid: u64,
     ) -> CoreResult<Option<HeldReply>> {
-        let mut message = req
+        let message = req
             .message
             .ok_or_else(|| CoreError::InvalidArgument("publish needs a message".into()))?;
         let topic = topic_of(&message).to_string();
         topics::validate_name(&topic).map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
-        if req.packet_id > 0 {
-            let packet_id = req.packet_id as u16;
-            let first = self.broker().with_attached(a, |session| {
-                session
-                    .incoming_qos2
-                    .insert(packet_id)
-                    .then(|| session.persistent().then(|| session.record()))
-            })?;
-            let Some(record) = first else {
+        // A QoS 2 packet id is taken before the message is routed (a resend meanwhile is a
+        // duplicate) and stored after: a failed route gives it back, so the client's resend
+        // is routed, not answered as a duplicate of a message that went nowhere. A stop
+        // between the route and the store costs a duplicate on resend, never the message.
+        let qos2_id = (req.packet_id > 0).then_some(req.packet_id as u16);
+        if let Some(packet_id) = qos2_id {
+            let first = self
+                .broker()
+                .with_attached(a, |session| session.incoming_qos2.insert(packet_id))?;
+            if !first {
                 return Ok(Some(HeldReply::now(event(
                     rid,
                     Event::Published(v1::PublishResult {
@@ -1604,9 +1605,37 @@ impl Core {
                         duplicate: true,
                     }),
                 ))));
-            };
-            self.persist_record(&a.id, record).await?;
+            }
         }
+        let routed = Box::pin(self.route_publish(a, message, &topic, rid)).await;
+        if let Some(packet_id) = qos2_id {
+            let stored = match &routed {
+                Ok(_) => {
+                    let record = self.broker().with_attached(a, |session| {
+                        session.persistent().then(|| session.record())
+                    })?;
+                    self.persist_record(&a.id, record).await
+                }
+                Err(_) => Ok(()),
+            };
+            if routed.is_err() {
+                let _ = self.broker().with_attached(a, |session| {
+                    session.incoming_qos2.remove(&packet_id);
+                });
+            }
+            stored?;
+        }
+        routed
+    }
+
+    /// The routing of [`Self::session_publish`], and its answer.
+    async fn route_publish(
+        &self,
+        a: &Attached,
+        mut message: v1::RoutedMessage,
+        topic: &str,
+        rid: u64,
+    ) -> CoreResult<Option<HeldReply>> {
         let broker = self.broker();
         broker.stats.messages_in.fetch_add(1, Ordering::Relaxed);
         broker
@@ -1617,7 +1646,7 @@ impl Core {
             publisher: Some(&a.id.1),
             cells: Vec::new(),
         };
-        let matched = if let Some((delay_s, real)) = delayed_topic(&topic) {
+        let matched = if let Some((delay_s, real)) = delayed_topic(topic) {
             if let Some(p) = message.record.as_mut().and_then(|r| r.properties.as_mut()) {
                 p.address = real.to_string();
             }

@@ -389,3 +389,44 @@ async fn a_core_shutting_down_ends_its_attached_session_streams() {
         assert!(end.is_ok(), "a session stream outlived its core's shutdown");
     }
 }
+
+/// A QoS 2 publish that could not be routed leaves its packet id free: the client's resend
+/// (same id) is routed, not answered as a duplicate of a message that went nowhere.
+#[tokio::test]
+async fn a_qos2_publish_that_failed_is_routed_when_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let core = open(dir.path()).await;
+    // The topic is a stream too (mqtt_streams), one that refuses big records.
+    let id = v1::StreamId::new("default", "small");
+    let settings = tributary_core::meta::StreamSettings {
+        max_message_bytes: Some(8),
+        ..Default::default()
+    };
+    core.create_stream(id.clone(), 1, settings, false, false)
+        .await
+        .unwrap();
+    let (mut sub, _) = Conn::open(&core, "sub", true, 0).await;
+    sub.subscribe("small", 2).await;
+    let (mut publisher, _) = Conn::open(&core, "pub", false, 60_000).await;
+    publisher.send(Command::Publish(v1::SessionPublish {
+        message: Some(message("small", "more than eight bytes", 2, false)),
+        packet_id: 7,
+    }));
+    match publisher.next().await {
+        Event::Error(e) => assert!(e.message.contains("byte"), "{e:?}"),
+        other => panic!("expected the publish refused, got {other:?}"),
+    }
+    // The stream goes; the resend is routed to the subscriber.
+    core.delete_stream(&id).await.unwrap();
+    let resent = publisher
+        .publish("small", "more than eight bytes", 2, false, 7)
+        .await;
+    assert!(!resent.duplicate, "{resent:?}");
+    assert_eq!(payload(&sub.delivery().await), "more than eight bytes");
+    // A resend of a routed one is a duplicate, as before.
+    let again = publisher
+        .publish("small", "more than eight bytes", 2, false, 7)
+        .await;
+    assert!(again.duplicate, "{again:?}");
+    core.shutdown().await.unwrap();
+}
