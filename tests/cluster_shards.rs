@@ -203,7 +203,6 @@ fn check_admin_reads(
 ) {
     let names = ["a", "b"];
     let mut streams_listed = Vec::new();
-    let mut answers: Vec<serde_json::Value> = Vec::new();
     for node in nodes {
         let (status, listed) = json_get(node, "/api/v1/namespaces");
         assert_eq!(status, 200, "{listed}");

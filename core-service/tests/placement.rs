@@ -415,7 +415,7 @@ async fn a_stream_made_as_its_namespace_is_deleted_elsewhere_does_not_outlive_it
         .into_iter()
         .map(|s| s.id.unwrap().name)
         .collect();
-    assert_eq!(listed, [name.clone()]);
+    assert_eq!(listed, std::slice::from_ref(&name));
 
     // A listed stream holds a delete back: the home unlists the namespace, finds the stream
     // and lists the namespace again. A change to the stream made meanwhile is listed, not

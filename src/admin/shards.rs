@@ -75,26 +75,24 @@ impl ShardAdminState {
         }
     }
 
-    /// The core holding shard `shard` here, or a 503 naming the node that serves it.
-    fn serving(&self, shard: u32, what: &str) -> Result<Core, Response> {
+    /// The core holding shard `shard` here, or where it is.
+    fn serving(&self, shard: u32, what: &str) -> Result<Core, NotServedHere> {
         self.cores.core(shard).ok_or_else(|| {
             let owner = (self.owners)(shard);
-            let body = json!({
-                "error": "NOT_SERVED_HERE",
-                "message": format!(
+            NotServedHere {
+                message: format!(
                     "{what} is in shard {shard}, which node {} serves, not this one ({})",
                     owner.as_deref().unwrap_or("(none right now)"),
                     self.node
                 ),
-                "shard": shard,
-                "owner": owner,
-            });
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+                shard,
+                owner,
+            }
         })
     }
 
     /// Namespace `ns`'s home core (its own queues, groups, addresses, sessions).
-    fn home(&self, ns: &str) -> Result<Core, Response> {
+    fn home(&self, ns: &str) -> Result<Core, NotServedHere> {
         self.serving(shard_of(ns, self.shards), &format!("namespace '{ns}'"))
     }
 
@@ -108,7 +106,7 @@ impl ShardAdminState {
         if let Some(ns) = ns {
             return match self.home(&ns) {
                 Ok(core) => read(self.over(core), ns).await,
-                Err(refused) => refused,
+                Err(refused) => refused.into_response(),
             };
         }
         let mut reads = Vec::new();
@@ -132,6 +130,25 @@ impl ShardAdminState {
             .map(|(_, core, _)| read(self.over(core)))
             .collect();
         joined(key, reads).await
+    }
+}
+
+/// A call about something another node holds: answered 503 naming that node.
+struct NotServedHere {
+    message: String,
+    shard: u32,
+    owner: Option<String>,
+}
+
+impl IntoResponse for NotServedHere {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": "NOT_SERVED_HERE",
+            "message": self.message,
+            "shard": self.shard,
+            "owner": self.owner,
+        });
+        (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
     }
 }
 
@@ -279,7 +296,7 @@ async fn stream(
         tributary_proto::placement::shard_of_unit(scheme, &namespace, Some(&unit), s.shards);
     match s.serving(shard, &format!("stream '{namespace}/{name}'")) {
         Ok(core) => api::stream(State(s.over(core)), Path((namespace, name))).await,
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -330,7 +347,7 @@ async fn peek(
 ) -> Response {
     match s.home(&namespace) {
         Ok(core) => api::peek(State(s.over(core)), Path((namespace, name)), Query(q)).await,
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 
@@ -348,7 +365,7 @@ async fn redrives(State(s): State<ShardAdminState>) -> Response {
 async fn users(State(s): State<ShardAdminState>) -> Response {
     match s.serving(shard_of("", s.shards), "the users") {
         Ok(core) => api::users(State(s.over(core))).await,
-        Err(refused) => refused,
+        Err(refused) => refused.into_response(),
     }
 }
 

@@ -423,7 +423,7 @@ mod tests {
         assert_eq!(all.into_iter().collect::<Vec<_>>(), [1, 2, 3, 5]);
         // The namespace scheme: every topic of the namespace at its home.
         f.set_shards(shard_map("namespace", &["n1", "n3", "n1", "n3"]));
-        let home_node = if shard_of_unit(Scheme::Namespace, ns, None, 4) % 2 == 0 {
+        let home_node = if shard_of_unit(Scheme::Namespace, ns, None, 4).is_multiple_of(2) {
             vec![1]
         } else {
             vec![3, 5]
