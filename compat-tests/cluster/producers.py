@@ -423,3 +423,20 @@ class Runner:
         sent = self.p.sent.copy()
         times = [at for i, at in self.acked().items() if sent.get(i, -1.0) >= t]
         return min(times) if times else None
+
+
+def acked_each(runners: list[Runner], n: int, base: dict[str, int] | None = None) -> bool:
+    """Whether every runner has `n` acknowledgements more than `base` counted (by name and
+    topic); re-raises a producer thread's failure."""
+    for r in runners:
+        r.check()
+    return all(len(r.p.acked) >= (base or {}).get(r.p.name + r.p.topic, 0) + n
+               for r in runners)
+
+
+def stop_all(runners: list[Runner], timeout: float = 200):
+    """Stops every runner, then waits for each to settle (see Runner.join)."""
+    for r in runners:
+        r.stop()
+    for r in runners:
+        r.join(timeout)

@@ -50,7 +50,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from clusterctl import NODES, Cluster, wait_for
 from kafkacompat import ck_create_topic, ck_read_all
-from producers import CkProducer, PahoProducer, PikaProducer, Runner, new_sqs_producer
+from producers import CkProducer, PahoProducer, PikaProducer, Runner, new_sqs_producer, stop_all
 from sqs_producer import receive_all
 
 # Messages per second per client.
@@ -375,10 +375,7 @@ def scenario(c: Cluster):
                               f"after SIGTERM, not 0; its log ends:\n"
                               + "\n".join(c.run_log(standby).splitlines()[-3:]))
     finally:
-        for r in runners:
-            r.stop()
-        for r in runners:
-            r.join(200)
+        stop_all(runners)
     run_s = time.monotonic() - start
     gateways = c.gateways_alive()
     assert all(gateways.values()), f"gateways died: {gateways}\n{c.describe()}"

@@ -18,7 +18,7 @@ import uuid
 
 from clusterctl import NODES, Cluster, shard_of_topic, wait_for
 from kafkacompat import ck_consumer, ck_create_topic, ck_read_all
-from producers import CkProducer, Runner
+from producers import CkProducer, Runner, acked_each, stop_all
 from test_failover import check_read_back, ids_of, progress, report
 
 TOPICS = 6
@@ -46,12 +46,7 @@ def test_topics_of_one_namespace_spread_over_nodes(spread_cluster: Cluster):
     for r in runners:
         r.start()
     try:
-        def acked_each(n, base=None):
-            for r in runners:
-                r.check()
-            return all(len(r.p.acked) >= (base or {}).get(r.p.name + r.p.topic, 0) + n
-                       for r in runners)
-        wait_for(lambda: acked_each(WARMUP_ACKS), WAIT_S, "acknowledgements before the kill",
+        wait_for(lambda: acked_each(runners, WARMUP_ACKS), WAIT_S, "acknowledgements before the kill",
                  on_timeout=lambda: progress(runners))
 
         victim = collections.Counter(where.values()).most_common(1)[0][0]
@@ -72,14 +67,11 @@ def test_topics_of_one_namespace_spread_over_nodes(spread_cluster: Cluster):
         wait_for(lambda: c.settled(NODES), WAIT_S, "the shards settled again",
                  on_timeout=c.describe)
         base = {r.p.name + r.p.topic: len(r.p.acked) for r in runners}
-        wait_for(lambda: acked_each(AFTER_ACKS, base), WAIT_S,
+        wait_for(lambda: acked_each(runners, AFTER_ACKS, base), WAIT_S,
                  "acknowledgements after the node came back",
                  on_timeout=lambda: progress(runners))
     finally:
-        for r in runners:
-            r.stop()
-        for r in runners:
-            r.join(200)
+        stop_all(runners)
     run_s = time.monotonic() - start
 
     lines = [f"topics spread over nodes (cluster_shard_scheme = stream), meta = {c.meta}, "
