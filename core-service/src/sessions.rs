@@ -1115,7 +1115,13 @@ impl Core {
                 }
                 Err(e) => Err(e),
             },
-            (Command::Release(r), Some(a)) => Box::pin(self.session_release(a, r.packet_id)).await,
+            (Command::Release(r), Some(a)) => {
+                let released = Box::pin(self.session_release(a, r.packet_id)).await;
+                if released.is_ok() && rid != 0 {
+                    let _ = tx.try_send(event(rid, Event::Released(true)));
+                }
+                released
+            }
             (Command::Ack(k), Some(a)) => Box::pin(self.session_ack(a, k, tx)).await,
         };
         if let Err(e) = result {

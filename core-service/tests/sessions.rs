@@ -142,7 +142,12 @@ async fn routing_downgrades_qos_and_suppresses_qos2_resends() {
     // The same QoS 2 packet id again before PUBREL: not routed a second time.
     let r = publisher.publish("a/x", "two", 2, false, 7).await;
     assert!(r.duplicate);
+    // The release is answered once stored (the gateway's PUBCOMP waits for it).
     publisher.send(Command::Release(v1::SessionRelease { packet_id: 7 }));
+    match publisher.next().await {
+        Event::Released(true) => {}
+        other => panic!("expected Released, got {other:?}"),
+    }
     let r = publisher.publish("b", "nobody", 1, false, 0).await;
     assert_eq!(r.matched, 0);
 

@@ -315,16 +315,18 @@ impl Core {
         if shared.key.stream_id != r.log_id {
             return Ok(Body::Lost);
         }
+        // A reference stored before this core opened, to a body at or past the log's end
+        // then, names a body that never became durable: the offset is this core's to reuse,
+        // so whatever body is there now is another message's.
+        if written_before_open && r.offset >= shared.end_at_open {
+            return Ok(Body::Lost);
+        }
         if let Some(b) = shared.cache.lock().get(r.offset) {
             return Ok(Body::Ready(b));
         }
         let end = self.inner.log.bounds(shared.key).await?.end_offset;
         if r.offset >= end {
-            return Ok(if written_before_open && r.offset >= shared.end_at_open {
-                Body::Lost
-            } else {
-                Body::Pending
-            });
+            return Ok(Body::Pending);
         }
         let batches = self.inner.log.read(shared.key, r.offset, 1).await?;
         let Some(b) = batches.into_iter().find(|b| b.base_offset == r.offset) else {

@@ -206,6 +206,8 @@ enum Reply {
     UnsubAck(u16),
     PubAck(u16),
     PubRec(u16),
+    /// Packet id and reason code: sent once the core stored the release.
+    PubComp(u16, u8),
     Close,
 }
 
@@ -522,6 +524,9 @@ impl Client {
                     },
                 )?;
             }
+            (Some(Event::Released(_)), Some(Reply::PubComp(id, code))) => {
+                self.ack(7, id, code)?;
+            }
             (Some(Event::Closed(_)), _) => return Ok(false),
             (Some(Event::TakenOver(why)), _) => {
                 return Err(if why.code == v1::ErrorCode::AdministrativeAction as i32 {
@@ -535,6 +540,7 @@ impl Client {
                     Some(Reply::PubAck(_) | Reply::PubRec(_)) => "publish",
                     Some(Reply::SubAck(..)) => "subscribe",
                     Some(Reply::UnsubAck(_)) => "unsubscribe",
+                    Some(Reply::PubComp(..)) => "release",
                     Some(Reply::Close) => "close",
                     None => "request",
                 };
@@ -781,13 +787,16 @@ impl Client {
             .rare
             .as_mut()
             .is_some_and(|r| r.awaiting_rel.remove(&id));
+        // PUBCOMP frees the packet id for the client's next publish, so it waits for the
+        // core to have stored the release: answered earlier, a release that failed left the
+        // id taken, and the next publish reusing it was taken for a duplicate.
+        let code = if known || !self.v5 { 0 } else { 0x92 };
         self.request(
             Command::Release(v1::SessionRelease {
                 packet_id: id.into(),
             }),
-            None,
-        )?;
-        self.ack(7, id, if known || !self.v5 { 0 } else { 0x92 })
+            Some(Reply::PubComp(id, code)),
+        )
     }
 
     fn subscribe(
