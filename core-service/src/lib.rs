@@ -300,6 +300,7 @@ impl Core {
         if self.inner.shutdown.send_replace(true) {
             return Ok(());
         }
+        self.stop_attached_sessions();
         let tasks: Vec<_> = self.inner.tasks.lock().drain(..).collect();
         for task in tasks {
             task.abort();
@@ -333,11 +334,6 @@ impl Core {
         self.inner.log.close().await?;
         info!("core shut down");
         Ok(())
-    }
-
-    /// Turns true when the core starts shutting down.
-    pub(crate) fn shutdown_signal(&self) -> tokio::sync::watch::Receiver<bool> {
-        self.inner.shutdown.subscribe()
     }
 
     fn check_running(&self) -> CoreResult<()> {

@@ -33,6 +33,8 @@ struct State {
     reader: Option<Waker>,
     /// The reader is gone: nothing is taken any more.
     closed: bool,
+    /// The core is shutting down: once the events queued are taken, the reader is told.
+    stopping: bool,
     /// A sender waits for room: the reader wakes it when it takes an event.
     room_wanted: bool,
 }
@@ -109,6 +111,19 @@ impl EventSender {
         Ok(())
     }
 
+    /// Tells the reader, once it has taken the events queued, that the core is shutting
+    /// down (its [`EventReceiver::poll_recv`] then answers `None`).
+    pub(crate) fn stop(&self) {
+        let reader = {
+            let mut s = self.0.state.lock();
+            s.stopping = true;
+            s.reader.take()
+        };
+        if let Some(w) = reader {
+            w.wake();
+        }
+    }
+
     /// Events queued and not yet taken.
     pub(crate) fn backlog(&self) -> usize {
         self.0.state.lock().events.len()
@@ -116,13 +131,16 @@ impl EventSender {
 }
 
 impl EventReceiver {
-    /// The next event; never `None` (the session stream ends on its own terms).
+    /// The next event; `None` once every event is taken after [`EventSender::stop`].
     pub(crate) fn poll_recv(
         &mut self,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Box<v1::SessionEvent>>> {
         let mut s = self.0.state.lock();
         let Some(event) = s.events.pop_front() else {
+            if s.stopping {
+                return Poll::Ready(None);
+            }
             // The reader goes to wait: an idle connection holds no queue (a busy one keeps
             // it while events come faster than it takes them).
             if s.events.capacity() > 0 {
@@ -174,6 +192,17 @@ mod tests {
             Poll::Ready(e) => e.map(|e| e.request_id),
             Poll::Pending => None,
         }
+    }
+
+    #[test]
+    fn a_stop_is_seen_once_the_events_queued_are_taken() {
+        let (tx, mut rx) = event_queue(4);
+        tx.try_send(ev(1)).unwrap();
+        tx.stop();
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(Some(e)) if e.request_id == 1));
+        assert!(matches!(rx.poll_recv(&mut cx), Poll::Ready(None)));
     }
 
     #[test]

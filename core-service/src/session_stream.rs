@@ -111,10 +111,6 @@ pub struct SessionStream {
     tx: EventSender,
     events: EventReceiver,
     ended: bool,
-    /// Ready once the core shuts down: the stream then ends, so that the gateway drops the
-    /// connection and its client reconnects to whoever serves the session next (a shard's
-    /// core shuts down when the shard moves to another node, its node still running).
-    core_stopping: Option<Waiting>,
 }
 
 impl SessionStream {
@@ -124,12 +120,7 @@ impl SessionStream {
         tx: EventSender,
         events: EventReceiver,
     ) -> Self {
-        let mut shutdown = core.shutdown_signal();
-        let core_stopping: Waiting = Box::pin(async move {
-            let _ = shutdown.wait_for(|stopping| *stopping).await;
-        });
         Self {
-            core_stopping: Some(core_stopping),
             commands: Some(commands),
             driver: Some(Driver {
                 core,
@@ -240,16 +231,19 @@ impl SessionStream {
         }
     }
 
-    /// The core is shutting down: no more commands are read. The one running finishes; an
-    /// idle session is detached (as for a lost connection), and then the events end.
-    fn stop_commands(&mut self) {
-        if self.commands.take().is_none() {
-            return;
-        }
-        if self.running.is_none()
-            && let Some(driver) = self.driver.take()
-        {
-            self.running = Some(Box::pin(driver.end()));
+    /// The core is shutting down: no more commands are read. The one running finishes,
+    /// then the session is detached (as for a lost connection) and the events end. Whether
+    /// this stopped them now.
+    fn stop_commands(&mut self) -> bool {
+        match &self.commands {
+            None | Some(Commands::Queue { ended: true, .. }) => false,
+            Some(_) => {
+                self.commands = Some(Commands::Queue {
+                    queue: VecDeque::new(),
+                    ended: true,
+                });
+                true
+            }
         }
     }
 
@@ -270,17 +264,20 @@ impl Stream for SessionStream {
         if this.ended {
             return Poll::Ready(None);
         }
-        if let Some(stopping) = &mut this.core_stopping
-            && stopping.as_mut().poll(cx).is_ready()
-        {
-            this.core_stopping = None;
-            this.stop_commands();
-        }
         if this.poll_commands(cx) {
             cx.waker().wake_by_ref();
         }
-        if let Poll::Ready(Some(event)) = this.events.poll_recv(cx) {
-            return Poll::Ready(Some(event));
+        match this.events.poll_recv(cx) {
+            Poll::Ready(Some(event)) => return Poll::Ready(Some(event)),
+            // The core is shutting down (a shard's core does when the shard moves to another
+            // node, its node still running): the stream ends, so that the gateway drops the
+            // connection and its client reconnects to whoever serves the session next.
+            Poll::Ready(None) => {
+                if this.stop_commands() && this.poll_commands(cx) {
+                    cx.waker().wake_by_ref();
+                }
+            }
+            Poll::Pending => {}
         }
         if this.commands.is_none() && this.running.is_none() {
             // Detached, and every event sent before is taken.

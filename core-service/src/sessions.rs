@@ -2202,6 +2202,24 @@ impl Core {
     /// the same event as a takeover, with ADMINISTRATIVE_ACTION, and closes the connection
     /// (MQTT 5: DISCONNECT 0x98). The session stays; its connection's end is handled as any
     /// connection the server closes (will, expiry). Returns whether a connection was there.
+    /// Ends every attached session's stream, for a core shutting down: each connection is
+    /// told why (MQTT 5: DISCONNECT 0x8B, server shutting down) and its stream ends once it
+    /// has taken its events, so its client reconnects to whoever serves the session next.
+    pub(crate) fn stop_attached_sessions(&self) {
+        let cells: Vec<_> = self.broker().sessions.read().values().cloned().collect();
+        for cell in cells {
+            let s = cell.lock();
+            if let Some(conn) = &s.conn {
+                // A connection whose events queue is full learns it from its stream's end.
+                let _ = conn.tx.try_send(event(
+                    0,
+                    Event::Error(error_detail(&CoreError::ShuttingDown)),
+                ));
+                conn.tx.stop();
+            }
+        }
+    }
+
     pub fn kick_session(&self, namespace: &str, client_id: &str) -> CoreResult<bool> {
         let ns = crate::streams::namespace_or_default(namespace).to_string();
         let id: SessionId = (Arc::from(ns.as_str()), Arc::from(client_id));

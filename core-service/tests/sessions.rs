@@ -387,6 +387,11 @@ async fn a_core_shutting_down_ends_its_attached_session_streams() {
     let (mut idle, _) = Conn::open(&core, "idle", true, 0).await;
     core.shutdown().await.unwrap();
     for conn in [&mut sub, &mut idle] {
+        // Told why first (a gateway answers MQTT 5 clients DISCONNECT 0x8B), then the end.
+        match conn.next().await {
+            Event::Error(e) => assert_eq!(e.code, v1::ErrorCode::ShuttingDown as i32, "{e:?}"),
+            other => panic!("expected the shutdown, got {other:?}"),
+        }
         let end = tokio::time::timeout(Duration::from_secs(5), async {
             while conn.rx.recv().await.is_some() {}
         })

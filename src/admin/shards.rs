@@ -104,6 +104,8 @@ impl ShardAdminState {
         Fut: std::future::Future<Output = Response>,
     {
         if let Some(ns) = ns {
+            // As the core reads it: no name is the default namespace.
+            let ns = if ns.is_empty() { "default".into() } else { ns };
             return match self.home(&ns) {
                 Ok(core) => read(self.over(core), ns).await,
                 Err(refused) => refused.into_response(),
@@ -267,7 +269,9 @@ async fn cluster_shards(
 /// Every namespace of the deployment (the catalog), whichever node is asked.
 async fn namespaces(State(s): State<ShardAdminState>) -> Response {
     let Some((_, core, _)) = s.held().into_iter().next() else {
-        return internal("this node serves no shard yet".into());
+        let body =
+            json!({ "error": "NOT_SERVED_HERE", "message": "this node serves no shard yet" });
+        return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     };
     let list = match core.list_all_namespaces().await {
         Ok(list) => list,

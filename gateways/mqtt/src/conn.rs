@@ -535,6 +535,11 @@ impl Client {
                     ConnError::TakenOver
                 });
             }
+            // The core serving the session shuts down (a restart, or its shard moving to
+            // another node): the client reconnects to whoever serves it next.
+            (Some(Event::Error(err)), None) if err.code == v1::ErrorCode::ShuttingDown as i32 => {
+                return Err(ConnError::Refused("server shutting down", 0x8B));
+            }
             (Some(Event::Error(err)), reply) => {
                 let what = match reply {
                     Some(Reply::PubAck(_) | Reply::PubRec(_)) => "publish",
@@ -1739,6 +1744,14 @@ impl Serving {
                                     if matches!(e.event, Some(Event::Closed(_))) =>
                                 {
                                     break;
+                                }
+                                // A PUBREL read just before the DISCONNECT: its PUBCOMP
+                                // goes out once the core stored the release.
+                                LinkEvent::Event(e)
+                                    if matches!(e.event, Some(Event::Released(_))) =>
+                                {
+                                    let _ = client.on_event(e);
+                                    let _ = client.flush().await;
                                 }
                                 LinkEvent::End(_) => break,
                                 _ => {}
