@@ -141,7 +141,7 @@ impl Core {
         if !p.is_home_of(ns) {
             let own = stream_key(ns, &record.name);
             let home = namespace_key(tributary_proto::placement::shard_of(ns, p.shards), ns);
-            let check = match catalog.get(&own).await? {
+            let (key, entry) = match catalog.get(&own).await? {
                 Some(entry) => (own, entry),
                 None => match catalog.get(&home).await? {
                     Some(entry) => (home, entry),
@@ -149,8 +149,8 @@ impl Core {
                 },
             };
             checks.push(Check {
-                key: check.0,
-                value: Some(check.1.to_vec()),
+                key,
+                value: Some(entry.to_vec()),
             });
         }
         let value = meta::to_json(record);

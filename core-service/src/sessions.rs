@@ -1615,21 +1615,16 @@ impl Core {
         }
         let routed = Box::pin(self.route_publish(a, message, &topic, rid)).await;
         if let Some(packet_id) = qos2_id {
-            let stored = match &routed {
-                Ok(_) => {
-                    let record = self.broker().with_attached(a, |session| {
-                        session.persistent().then(|| session.record())
-                    })?;
-                    self.persist_record(&a.id, record).await
-                }
-                Err(_) => Ok(()),
-            };
-            if routed.is_err() {
+            if routed.is_ok() {
+                let record = self
+                    .broker()
+                    .with_attached(a, |session| session.persistent().then(|| session.record()))?;
+                self.persist_record(&a.id, record).await?;
+            } else {
                 let _ = self.broker().with_attached(a, |session| {
                     session.incoming_qos2.remove(&packet_id);
                 });
             }
-            stored?;
         }
         routed
     }
@@ -2198,10 +2193,6 @@ impl Core {
         out
     }
 
-    /// Closes a session's connection for an operator (Admin.KickSession): the gateway gets
-    /// the same event as a takeover, with ADMINISTRATIVE_ACTION, and closes the connection
-    /// (MQTT 5: DISCONNECT 0x98). The session stays; its connection's end is handled as any
-    /// connection the server closes (will, expiry). Returns whether a connection was there.
     /// Ends every attached session's stream, for a core shutting down: each connection is
     /// told why (MQTT 5: DISCONNECT 0x8B, server shutting down) and its stream ends once it
     /// has taken its events, so its client reconnects to whoever serves the session next.
@@ -2220,6 +2211,10 @@ impl Core {
         }
     }
 
+    /// Closes a session's connection for an operator (Admin.KickSession): the gateway gets
+    /// the same event as a takeover, with ADMINISTRATIVE_ACTION, and closes the connection
+    /// (MQTT 5: DISCONNECT 0x98). The session stays; its connection's end is handled as any
+    /// connection the server closes (will, expiry). Returns whether a connection was there.
     pub fn kick_session(&self, namespace: &str, client_id: &str) -> CoreResult<bool> {
         let ns = crate::streams::namespace_or_default(namespace).to_string();
         let id: SessionId = (Arc::from(ns.as_str()), Arc::from(client_id));

@@ -42,10 +42,13 @@ impl NamespaceQuery {
     }
 }
 
+/// Every namespace of the deployment (a shard's core reads them from the catalog).
 pub(super) async fn namespaces(State(s): State<AdminState>) -> Response {
-    let list: Vec<_> = s
-        .core
-        .list_namespaces()
+    let list = match s.core.list_all_namespaces().await {
+        Ok(list) => list,
+        Err(e) => return error(e),
+    };
+    let list: Vec<_> = list
         .into_iter()
         .map(|n| json!({ "name": n.name, "labels": n.labels, "created_at_ms": n.created_at_ms }))
         .collect();

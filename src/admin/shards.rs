@@ -273,15 +273,7 @@ async fn namespaces(State(s): State<ShardAdminState>) -> Response {
             json!({ "error": "NOT_SERVED_HERE", "message": "this node serves no shard yet" });
         return (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
     };
-    let list = match core.list_all_namespaces().await {
-        Ok(list) => list,
-        Err(e) => return super::error(e),
-    };
-    let list: Vec<_> = list
-        .into_iter()
-        .map(|n| json!({ "name": n.name, "labels": n.labels, "created_at_ms": n.created_at_ms }))
-        .collect();
-    Json(json!({ "namespaces": list })).into_response()
+    api::namespaces(State(s.over(core))).await
 }
 
 /// The streams this node holds.

@@ -230,7 +230,11 @@ impl Fleet {
             let (fleet, core, mut stop) = (fleet.clone(), core.clone(), stop.clone());
             async move {
                 loop {
-                    fleet.refresh_shards(&core).await;
+                    // Without a gateway beside a node the owners choose nothing: no call.
+                    let beside_nodes = fleet.brokers.read().iter().any(|b| b.node.is_some());
+                    if beside_nodes {
+                        fleet.refresh_shards(&core).await;
+                    }
                     tokio::select! {
                         _ = tokio::time::sleep(SHARDS_REFRESH) => {}
                         _ = stop.wait_for(|s| *s) => break,
